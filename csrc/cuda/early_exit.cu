@@ -1,0 +1,148 @@
+// CUDA kernels of the early-exit family. The per-row math is entropy.h, shared with the CPU build.
+//
+// exit_entropy: a warp per row for short rows (exit heads: C is a handful of classes), a 512-thread block per row
+// for long rows (a vocabulary row). 16-byte loads when the row start and length allow, scalar loads otherwise.
+#include <cuda_runtime.h>
+
+#include <string>
+
+#include "effbert/checks.h"
+#include "effbert/entropy.h"
+
+namespace {
+
+constexpr int kWarp = 32;
+constexpr int kShortRowMax = 2048;  // up to this many columns a warp owns the row
+constexpr int kLongRowThreads = 512;
+constexpr int kShortRowsPerBlock = 8;
+
+__device__ __forceinline__ effbert::EntropyState shfl_state(const effbert::EntropyState& s, int offset) {
+  effbert::EntropyState o;
+  o.m = __shfl_xor_sync(0xffffffffu, s.m, offset);
+  o.s = __shfl_xor_sync(0xffffffffu, s.s, offset);
+  o.t = __shfl_xor_sync(0xffffffffu, s.t, offset);
+  o.nan = __shfl_xor_sync(0xffffffffu, static_cast<int>(s.nan), offset) != 0;
+  return o;
+}
+
+__device__ __forceinline__ effbert::EntropyState warp_merge(effbert::EntropyState s) {
+#pragma unroll
+  for (int offset = kWarp / 2; offset > 0; offset /= 2) s = effbert::entropy_merge(s, shfl_state(s, offset));
+  return s;
+}
+
+// Push VEC elements packed in one 16-byte word.
+template <int DTYPE>
+__device__ __forceinline__ void push_vec(effbert::EntropyState& st, const uint4& w) {
+  const uint32_t words[4] = {w.x, w.y, w.z, w.w};
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    if (DTYPE == effbert::kFloat32) {
+      effbert::entropy_push(st, __uint_as_float(words[i]));
+    } else {
+      const uint16_t lo = static_cast<uint16_t>(words[i] & 0xffffu), hi = static_cast<uint16_t>(words[i] >> 16);
+      const float a = DTYPE == effbert::kFloat16 ? effbert::half_bits_to_float(lo) : effbert::bf16_bits_to_float(lo);
+      const float b = DTYPE == effbert::kFloat16 ? effbert::half_bits_to_float(hi) : effbert::bf16_bits_to_float(hi);
+      effbert::entropy_push(st, a);
+      effbert::entropy_push(st, b);
+    }
+  }
+}
+
+// One row's partial state over the columns this thread owns (lane, lane + threads, ...).
+template <int DTYPE>
+__device__ effbert::EntropyState row_partial(const char* row, int64_t cols, bool vector_ok, int lane, int threads) {
+  constexpr int kVec = 16 / (DTYPE == effbert::kFloat32 ? 4 : 2);
+  effbert::EntropyState st = effbert::entropy_init();
+  int64_t done = 0;
+  if (vector_ok) {
+    const int64_t n_vec = cols / kVec;
+    const uint4* v = reinterpret_cast<const uint4*>(row);
+    for (int64_t i = lane; i < n_vec; i += threads) push_vec<DTYPE>(st, __ldg(v + i));
+    done = n_vec * kVec;
+  }
+  for (int64_t c = done + lane; c < cols; c += threads) effbert::entropy_push(st, effbert::load_as_float(row, DTYPE, c));
+  return st;
+}
+
+template <int DTYPE>
+__global__ void entropy_short_rows(const char* __restrict__ logits, int64_t rows, int64_t cols, int64_t row_bytes,
+                                   bool vector_ok, float* __restrict__ out) {
+  const int lane = threadIdx.x % kWarp;
+  const int64_t r = static_cast<int64_t>(blockIdx.x) * kShortRowsPerBlock + threadIdx.x / kWarp;
+  if (r >= rows) return;  // whole warps leave together, so the shuffles below stay full-warp
+  effbert::EntropyState st = warp_merge(row_partial<DTYPE>(logits + r * row_bytes, cols, vector_ok, lane, kWarp));
+  if (lane == 0) out[r] = effbert::entropy_finish(st);
+}
+
+template <int DTYPE>
+__global__ void __launch_bounds__(kLongRowThreads) entropy_long_rows(const char* __restrict__ logits, int64_t cols,
+                                                                     int64_t row_bytes, bool vector_ok,
+                                                                     float* __restrict__ out) {
+  __shared__ effbert::EntropyState partial[kLongRowThreads / kWarp];
+  const int64_t r = blockIdx.x;
+  effbert::EntropyState st =
+      warp_merge(row_partial<DTYPE>(logits + r * row_bytes, cols, vector_ok, threadIdx.x, kLongRowThreads));
+  const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
+  if (lane == 0) partial[warp] = st;
+  __syncthreads();
+  if (warp == 0) {
+    st = lane < kLongRowThreads / kWarp ? partial[lane] : effbert::entropy_init();
+    st = warp_merge(st);
+    if (lane == 0) out[r] = effbert::entropy_finish(st);
+  }
+}
+
+void check_launch(const char* what) {
+  const cudaError_t err = cudaGetLastError();
+  if (err != cudaSuccess) throw std::runtime_error(std::string(what) + " launch failed: " + cudaGetErrorString(err));
+}
+
+template <int DTYPE>
+void launch_entropy(const char* logits, int64_t rows, int64_t cols, int64_t row_stride, float* out, cudaStream_t s) {
+  const int64_t row_bytes = row_stride * effbert::dtype_size(DTYPE);
+  const bool vector_ok = reinterpret_cast<uintptr_t>(logits) % 16 == 0 && (rows <= 1 || row_bytes % 16 == 0);
+  if (cols <= kShortRowMax) {
+    const int64_t blocks = (rows + kShortRowsPerBlock - 1) / kShortRowsPerBlock;
+    effbert::require(blocks < (int64_t(1) << 31), "too many rows for one launch");
+    entropy_short_rows<DTYPE><<<static_cast<unsigned>(blocks), kShortRowsPerBlock * kWarp, 0, s>>>(
+        logits, rows, cols, row_bytes, vector_ok, out);
+  } else {
+    effbert::require(rows < (int64_t(1) << 31), "too many rows for one launch");
+    entropy_long_rows<DTYPE><<<static_cast<unsigned>(rows), kLongRowThreads, 0, s>>>(logits, cols, row_bytes,
+                                                                                    vector_ok, out);
+  }
+  check_launch("exit_entropy");
+}
+
+void exit_entropy_cuda(uintptr_t logits, int dtype, int64_t rows, int64_t cols, int64_t row_stride, uintptr_t out,
+                       uintptr_t stream) {
+  effbert::require_dtype(dtype, "logits");
+  effbert::require(rows >= 0, "rows must be >= 0");
+  effbert::require(cols >= 1, "cols must be >= 1");
+  effbert::require(row_stride >= cols || rows <= 1, "row_stride must be >= cols");
+  if (rows == 0) return;
+  effbert::require(logits != 0 && out != 0, "logits and out must be non-null");
+  const char* src = reinterpret_cast<const char*>(logits);
+  float* dst = reinterpret_cast<float*>(out);
+  cudaStream_t s = reinterpret_cast<cudaStream_t>(stream);
+  switch (dtype) {
+    case effbert::kFloat32: launch_entropy<effbert::kFloat32>(src, rows, cols, row_stride, dst, s); break;
+    case effbert::kFloat16: launch_entropy<effbert::kFloat16>(src, rows, cols, row_stride, dst, s); break;
+    default: launch_entropy<effbert::kBFloat16>(src, rows, cols, row_stride, dst, s); break;
+  }
+}
+
+}  // namespace
+
+// The compile report builds the kernels alone (EFFBERT_KERNELS_ONLY), without the pybind11 headers.
+#ifndef EFFBERT_KERNELS_ONLY
+#include "effbert/registry.h"
+
+EFFBERT_BIND(early_exit) {
+  m.def("exit_entropy", &exit_entropy_cuda, pybind11::arg("logits"), pybind11::arg("dtype"), pybind11::arg("rows"),
+        pybind11::arg("cols"), pybind11::arg("row_stride"), pybind11::arg("out"), pybind11::arg("stream"),
+        "Entropy of softmax(logits[r, :cols]) for each row r into out[r] (float32), queued on `stream`. Addresses are "
+        "device pointers on the current device.");
+}
+#endif  // EFFBERT_KERNELS_ONLY

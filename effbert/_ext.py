@@ -1,0 +1,31 @@
+"""Loading of the compiled extensions: ``effbert._C`` (C++ CPU) and ``effbert._cuda`` (CUDA C++).
+
+Each is optional. A missing one is recorded with the reason, which the dispatcher reports to users.
+"""
+
+import importlib
+from functools import lru_cache
+
+import torch
+
+# dtype codes understood by csrc (csrc/include/effbert/common.h holds the same table).
+DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+
+_HINTS = {
+    "_C": "reinstall effbert (pip install -e .) with a C++ compiler available",
+    "_cuda": "reinstall effbert on a machine with nvcc on the PATH (EFFBERT_FORCE_CUDA_BUILD=1 makes a failed CUDA "
+    "build an error instead of a warning)",
+}
+
+
+@lru_cache(maxsize=None)
+def load(name):
+    """Return ``(module, None)`` or ``(None, reason)`` for ``name`` in {"_C", "_cuda"}."""
+    try:
+        return importlib.import_module(f"effbert.{name}"), None
+    except ImportError as exc:  # not built, or built against another CUDA/Python
+        return None, f"effbert.{name} is not available ({exc}); {_HINTS[name]}"
+
+
+def dtype_code(dtype):
+    return DTYPE_CODES[dtype]

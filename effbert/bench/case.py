@@ -1,0 +1,37 @@
+"""One benchmark case and the helpers the op modules share."""
+
+from dataclasses import dataclass, field
+from typing import Callable, List
+
+from effbert.ops._dispatch import BackendNotSupportedError
+
+
+@dataclass
+class Case:
+    op: str
+    shape: str
+    dtype: str
+    mode: str  # forward / backward / forward+backward
+    provider: str
+    fn: Callable  # fn(*inputs) -> output (forward) or runs the whole mode
+    make_inputs: Callable  # () -> tuple of inputs; called once per rotated input set
+    reference: Callable  # reference(*inputs) -> float64 output to check fn against
+    bytes: int  # the fewest bytes the op must move
+    flops: float  # the op's floating-point operations (0 when memory-bound by construction)
+    rtol: float = 1e-4
+    skip_reasons: List[str] = field(default_factory=list)
+    baseline: str = ""  # the provider speed-ups are quoted against within this (op, shape, dtype, mode)
+    check: bool = True  # compare against the reference before timing
+
+    @property
+    def key(self):
+        return f"{self.op}|{self.shape}|{self.dtype}|{self.mode}|{self.provider}"
+
+
+def provider_reasons(probe):
+    """Reasons a backend cannot serve, from a dispatch probe that raises BackendNotSupportedError."""
+    try:
+        probe()
+    except BackendNotSupportedError as exc:
+        return [str(exc).split("cannot serve these inputs: ", 1)[-1]]
+    return []

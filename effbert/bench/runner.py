@@ -1,0 +1,326 @@
+"""Suite runner: ceilings, correctness check, timing, table, JSON / Markdown / PNG, comparison with an older run.
+
+    effbert bench [--op NAME] [--quick] [--out DIR] [--compare OLD.json]
+    effbert bench --index benchmarks/results     # regenerate benchmarks/RESULTS.md from the committed runs
+"""
+
+import argparse
+import datetime as _dt
+import json
+import os
+import platform
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from . import timing
+
+FAMILIES = ("early_exit",)  # modules of effbert.bench that contribute cases
+
+
+def environment(device):
+    import effbert
+
+    env = {
+        "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "device_type": device.type,
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "cpu_count": os.cpu_count(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "effbert": effbert.__version__,
+        "python": platform.python_version(),
+        "git_commit": _git_commit(),
+    }
+    try:
+        import triton
+
+        env["triton"] = triton.__version__
+    except ImportError:
+        env["triton"] = None
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        env.update(sm_count=props.multi_processor_count, l2_bytes=props.L2_cache_size,
+                   capability=f"{props.major}.{props.minor}", driver=_driver_version())
+    return env
+
+
+def _git_commit():
+    here = Path(__file__).resolve().parents[2]
+    try:
+        out = subprocess.run(["git", "-C", str(here), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
+        dirty = subprocess.run(["git", "-C", str(here), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=5).stdout.strip()
+        return out.stdout.strip() + ("+dirty" if dirty else "") if out.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def _driver_version():
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=10)
+        return out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout.strip() else None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def collect_cases(device, quick, only=None):
+    import importlib
+
+    cases = []
+    for family in FAMILIES:
+        module = importlib.import_module(f"effbert.bench.{family}")
+        cases += [c for c in module.cases(device, quick) if only is None or c.op == only or family == only]
+    return cases
+
+
+def _rel_error(out, ref):
+    out64, ref64 = out.detach().double().cpu(), ref.detach().double().cpu()
+    finite = torch.isfinite(ref64)
+    if not torch.equal(torch.isfinite(out64), finite):
+        return float("inf")
+    return float((out64[finite] - ref64[finite]).norm() / ref64[finite].norm().clamp_min(1e-30))
+
+
+def run_case(case, device, ceilings, quick):
+    row = {"op": case.op, "shape": case.shape, "dtype": case.dtype, "mode": case.mode, "provider": case.provider,
+           "key": case.key, "bytes": case.bytes, "flops": case.flops, "baseline": case.baseline}
+    if case.skip_reasons:
+        row.update(status="skipped", reason="; ".join(case.skip_reasons))
+        return row
+    try:
+        first = case.make_inputs()
+        if case.check:
+            err = _rel_error(case.fn(*first), case.reference(*first))
+            row["rel_error"] = err
+            if not err <= case.rtol:
+                row.update(status="wrong", reason=f"relative error {err:.2e} > {case.rtol:.0e}; not timed")
+                return row
+        sets = [first] + [case.make_inputs() for _ in range(timing.rotation_count(case.bytes, device) - 1)]
+        state = {"i": 0}
+
+        def step():
+            inputs = sets[state["i"] % len(sets)]
+            state["i"] += 1
+            return case.fn(*inputs)
+
+        # Two independent timings: their disagreement is the noise a later --compare must see past.
+        ms_a, spread, n = timing.time_fn(step, device, quick=quick)
+        ms_b, _, _ = timing.time_fn(step, device, quick=quick)
+    except Exception as exc:  # a provider that breaks is reported in the table, not fatal to the run
+        row.update(status="error", reason=f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}")
+        return row
+    ms = min(ms_a, ms_b)
+    row.update(status="ok", ms=ms, noise=abs(ms_a - ms_b) / ms, spread=spread, samples=n, input_sets=len(sets))
+    row["GBps"] = case.bytes / ms / 1e6
+    row["TFLOPs"] = case.flops / ms / 1e9 if case.flops else None
+    floor_ms = case.bytes / (ceilings["copy_GBps"] * 1e6)
+    rate = ceilings.get(f"{case.dtype}_matmul_TFLOPs")
+    if case.flops and rate:
+        floor_ms = max(floor_ms, case.flops / (rate * 1e9))
+    row["floor_ms"] = floor_ms
+    row["pct_of_floor"] = 100 * floor_ms / ms
+    return row
+
+
+def add_speedups(rows):
+    groups = {}
+    for r in rows:
+        groups.setdefault((r["op"], r["shape"], r["dtype"], r["mode"]), []).append(r)
+    for group in groups.values():
+        base = next((r for r in group if r["provider"] == r["baseline"] and r["status"] == "ok"), None)
+        for r in group:
+            if r["status"] == "ok" and base is not None:
+                r["speedup_vs_baseline"] = base["ms"] / r["ms"]
+
+
+def format_tables(rows, ceilings, env):
+    lines = [f"device: {env['device']}  torch {env['torch']}  triton {env.get('triton')}  cuda {env.get('cuda')}  "
+             f"commit {env.get('git_commit')}",
+             "ceilings (measured now): " + ", ".join(f"{k} {v:,.1f}" for k, v in ceilings.items())]
+    for op in dict.fromkeys(r["op"] for r in rows):
+        lines += ["", f"== {op} ==",
+                  f"{'shape':22} {'dtype':9} {'mode':16} {'provider':18} {'ms':>9} {'GB/s':>8} {'TFLOP/s':>8} "
+                  f"{'%floor':>7} {'speedup':>8}"]
+        for r in (r for r in rows if r["op"] == op):
+            head = f"{r['shape']:22} {r['dtype']:9} {r['mode']:16} {r['provider']:18}"
+            if r["status"] != "ok":
+                lines.append(f"{head} {r['status']}: {r['reason']}")
+                continue
+            tf = f"{r['TFLOPs']:8.1f}" if r.get("TFLOPs") else f"{'-':>8}"
+            sp = f"{r['speedup_vs_baseline']:7.2f}x" if "speedup_vs_baseline" in r else f"{'-':>8}"
+            lines.append(f"{head} {r['ms']:9.4f} {r['GBps']:8.1f} {tf} {r['pct_of_floor']:6.1f}% {sp}")
+    lines.append("\n%floor: the op's floor (its fewest bytes at the measured copy bandwidth, or its FLOPs at the "
+                 "measured matrix rate, whichever is larger) over the measured time. speedup: against the row's "
+                 "baseline provider.")
+    return "\n".join(lines)
+
+
+def write_markdown(path, rows, ceilings, env, title="effbert benchmark"):
+    lines = [f"# {title}", "", f"- device: **{env['device']}** ({env['device_type']}), driver {env.get('driver')}, "
+             f"CUDA {env.get('cuda')}", f"- torch {env['torch']}, triton {env.get('triton')}, effbert "
+             f"{env['effbert']}, commit `{env.get('git_commit')}`, {env['date']}",
+             "- ceilings measured in the same run: " + ", ".join(f"{k} {v:,.1f}" for k, v in ceilings.items()), ""]
+    for op in dict.fromkeys(r["op"] for r in rows):
+        lines += [f"## {op}", "", "| shape | dtype | mode | provider | ms | GB/s | TFLOP/s | % of floor | speed-up |",
+                  "|---|---|---|---|---:|---:|---:|---:|---:|"]
+        for r in (r for r in rows if r["op"] == op):
+            if r["status"] != "ok":
+                lines.append(f"| {r['shape']} | {r['dtype']} | {r['mode']} | {r['provider']} | {r['status']}: "
+                             f"{r['reason']} | | | | |")
+                continue
+            tf = f"{r['TFLOPs']:.1f}" if r.get("TFLOPs") else "-"
+            sp = f"{r['speedup_vs_baseline']:.2f}x vs {r['baseline']}" if "speedup_vs_baseline" in r else "-"
+            lines.append(f"| {r['shape']} | {r['dtype']} | {r['mode']} | {r['provider']} | {r['ms']:.4f} | "
+                         f"{r['GBps']:.1f} | {tf} | {r['pct_of_floor']:.1f}% | {sp} |")
+        lines.append("")
+    Path(path).write_text("\n".join(lines))
+
+
+def write_plots(out_dir, rows):
+    """One PNG per op: speed-up of each provider over the baseline, per case. Returns the files written."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return []
+    written = []
+    for op in dict.fromkeys(r["op"] for r in rows):
+        ok = [r for r in rows if r["op"] == op and "speedup_vs_baseline" in r]
+        if not ok:
+            continue
+        groups = list(dict.fromkeys(f"{r['shape']}\n{r['dtype']} {r['mode']}" for r in ok))
+        providers = list(dict.fromkeys(r["provider"] for r in ok))
+        fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(groups) * max(1, len(providers)) / 3), 4))
+        width = 0.8 / len(providers)
+        for i, p in enumerate(providers):
+            xs, ys = [], []
+            for g_i, g in enumerate(groups):
+                match = [r for r in ok if r["provider"] == p and f"{r['shape']}\n{r['dtype']} {r['mode']}" == g]
+                if match:
+                    xs.append(g_i + i * width)
+                    ys.append(match[0]["speedup_vs_baseline"])
+            ax.bar(xs, ys, width, label=p)
+        ax.axhline(1.0, color="k", lw=0.8)
+        ax.set_xticks([g + 0.4 - width / 2 for g in range(len(groups))], groups, fontsize=7)
+        ax.set_ylabel(f"speed-up vs {ok[0]['baseline']} (higher is better)")
+        ax.set_yscale("log")
+        ax.set_title(op)
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        path = Path(out_dir) / f"speedup_{op}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+def compare(rows, old_path):
+    """Per-case ratio new/old time; a regression is slower by more than the noise both runs measured (>= 5%)."""
+    old = {r["key"]: r for r in json.loads(Path(old_path).read_text())["cases"] if r.get("status") == "ok"}
+    out = []
+    for r in rows:
+        o = old.get(r["key"])
+        if r["status"] != "ok" or o is None:
+            continue
+        ratio = r["ms"] / o["ms"]
+        tolerance = max(0.05, 2 * (r.get("noise", 0) + o.get("noise", 0)))
+        out.append({"key": r["key"], "old_ms": o["ms"], "new_ms": r["ms"], "ratio": ratio, "tolerance": tolerance,
+                    "regression": ratio > 1 + tolerance})
+    return out
+
+
+def write_index(results_dir):
+    """Regenerate RESULTS.md beside ``results_dir`` from the newest JSON run per device."""
+    results_dir = Path(results_dir)
+    runs = []
+    for path in sorted(results_dir.rglob("*.json")):
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        if "cases" in data and "env" in data:
+            runs.append((data["env"]["date"], path, data))
+    latest = {}
+    for date, path, data in sorted(runs, key=lambda t: t[0]):
+        latest[data["env"]["device"]] = (path, data)
+    index = results_dir.parent / "RESULTS.md"
+    lines = ["# Benchmark results", "", "Regenerated by `effbert bench --index benchmarks/results` from the committed "
+             "runs under `benchmarks/results/`; the latest run per device. Numbers are never edited by hand.", ""]
+    for device, (path, data) in sorted(latest.items()):
+        tmp = results_dir / ".section.md"
+        write_markdown(tmp, data["cases"], data["ceilings"], data["env"], title=f"{device}")
+        section = tmp.read_text().replace(f"# {device}", f"## {device}", 1).replace("\n## ", "\n### ")
+        tmp.unlink()
+        lines += [section, f"Source: `{path.relative_to(results_dir.parent)}`", ""]
+    index.write_text("\n".join(lines))
+    return index
+
+
+def _progress(items, enabled):
+    if not enabled:
+        return items
+    try:
+        from tqdm import tqdm
+
+        return tqdm(items, desc="effbert bench", unit="case", file=sys.stderr)
+    except ImportError:
+        return items
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="effbert bench", description="effbert microbenchmark suite")
+    parser.add_argument("--op", default=None, help="only this op (e.g. exit_entropy) or family (e.g. early_exit)")
+    parser.add_argument("--quick", action="store_true", help="fewer shapes and shorter timing")
+    parser.add_argument("--out", default="bench-out", help="folder for bench.json, bench.md and plots")
+    parser.add_argument("--compare", default=None, metavar="OLD.json", help="ratios against an earlier run")
+    parser.add_argument("--index", default=None, metavar="RESULTS_DIR",
+                        help="only regenerate RESULTS.md beside RESULTS_DIR from the runs in it")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    args = parser.parse_args(argv)
+    if args.index:
+        if not Path(args.index).is_dir():
+            parser.error(f"--index must be a folder of result JSON files, got {args.index!r}")
+        print(f"wrote {write_index(args.index)}")
+        return 0
+    if args.compare and not Path(args.compare).is_file():
+        parser.error(f"--compare must name an existing JSON file from an earlier run, got {args.compare!r}")
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    env = environment(device)
+    cases = collect_cases(device, args.quick, args.op)
+    if not cases:
+        parser.error(f"--op {args.op!r} matches no case; ops: {sorted({c.op for c in collect_cases(device, True)})}")
+    print(f"effbert bench on {env['device']}: measuring ceilings, then {len(cases)} cases", file=sys.stderr)
+    ceilings = timing.measure_ceilings(device, quick=args.quick)
+    rows = [run_case(c, device, ceilings, args.quick) for c in _progress(cases, not args.no_progress)]
+    add_speedups(rows)
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    result = {"env": env, "ceilings": ceilings, "quick": args.quick, "cases": rows}
+    if args.compare:
+        result["compare"] = {"against": str(args.compare), "cases": compare(rows, args.compare)}
+    (out / "bench.json").write_text(json.dumps(result, indent=1))
+    write_markdown(out / "bench.md", rows, ceilings, env)
+    plots = write_plots(out, rows)
+
+    print(format_tables(rows, ceilings, env))
+    if args.compare:
+        cmp_rows = result["compare"]["cases"]
+        bad = [c for c in cmp_rows if c["regression"]]
+        print(f"\ncompare with {args.compare}: {len(cmp_rows)} cases matched, {len(bad)} regressions")
+        for c in bad:
+            print(f"  REGRESSION {c['key']}: {c['old_ms']:.4f} -> {c['new_ms']:.4f} ms "
+                  f"({c['ratio']:.2f}x, noise allowance {c['tolerance']:.0%})")
+    wrong = [r for r in rows if r["status"] in ("wrong", "error")]
+    print(f"\nwrote {out / 'bench.json'}, {out / 'bench.md'}" + "".join(f", {p}" for p in plots)
+          + ("" if plots else " (no plots: matplotlib is not installed; pip install effbert[bench])"))
+    if wrong:
+        print(f"{len(wrong)} cases failed their correctness check or raised; see the table")
+    return 1 if any(r["status"] == "wrong" and r["provider"].startswith("effbert") for r in rows) else 0

@@ -1,0 +1,75 @@
+"""``effbert check``: every op on this machine's backends against the float64 reference, as a table.
+
+The first thing to run on a new machine: it shows which backends exist, and that each one computes the right thing.
+"""
+
+import sys
+
+import torch
+
+from . import reference
+from .ops import backends
+from .ops import early_exit as early_exit_ops
+
+
+def _rel_error(out, ref):
+    out64, ref64 = out.detach().double().cpu(), ref.detach().double().cpu()
+    if not torch.equal(torch.isnan(out64), torch.isnan(ref64)):
+        return float("inf")
+    keep = ~torch.isnan(ref64)
+    return float((out64[keep] - ref64[keep]).norm() / ref64[keep].norm().clamp_min(1e-30))
+
+
+def _devices():
+    return [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
+
+
+def check_exit_entropy():
+    rows = []
+    for device in _devices():
+        for dtype in (torch.float32, torch.float16, torch.bfloat16):
+            for shape in ((97, 3), (33, 30522)):
+                x = (torch.randn(shape) * 4).to(dtype).to(device)
+                x[0, 1] = float("nan")  # NaN in, NaN out
+                ref = reference.exit_entropy(x.double())
+                for backend in ("cuda", "triton", "cpu", "eager"):
+                    try:
+                        early_exit_ops.entropy_backend(x, backend)
+                    except Exception:
+                        continue  # not serviceable here; the backend table says why
+                    out = early_exit_ops.entropy_into(backend, x, torch.full((shape[0],), float("nan"),
+                                                                             device=device))
+                    tol = 1e-4 if device.type == "cuda" else 1e-5
+                    rows.append(("exit_entropy", backend, device.type, str(dtype).replace("torch.", ""),
+                                 "x".join(map(str, shape)), _rel_error(out, ref), tol))
+    return rows
+
+
+CHECKS = [check_exit_entropy]
+
+
+def main(argv=None):
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="effbert check", description=__doc__.split("\n")[0])
+    parser.parse_args(argv)
+    print("backends:")
+    for status in backends().values():
+        print(f"  {status}")
+    print()
+    head = f"{'op':14} {'backend':8} {'device':6} {'dtype':9} {'shape':10} {'rel. error':>11} {'tolerance':>9}  result"
+    print(head)
+    print("-" * len(head))
+    failed = 0
+    for check in CHECKS:
+        for op, backend, device, dtype, shape, err, tol in check():
+            ok = err <= tol
+            failed += not ok
+            print(f"{op:14} {backend:8} {device:6} {dtype:9} {shape:10} {err:11.2e} {tol:9.0e}  "
+                  f"{'pass' if ok else 'FAIL'}")
+    print(f"\n{'all checks passed' if not failed else f'{failed} checks FAILED'}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,28 @@
+"""The ``effbert`` command: ``effbert check`` (every op against the reference on this machine's backends) and
+``effbert bench`` (the microbenchmark suite)."""
+
+import sys
+
+COMMANDS = {
+    "check": ("every op on this machine's backends against the float64 reference", "effbert.check"),
+    "bench": ("the microbenchmark suite (see effbert bench --help)", "effbert.bench.runner"),
+}
+
+
+def main(argv=None):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+        print("usage: effbert {" + ",".join(COMMANDS) + "} [options]\n")
+        for name, (help_text, _) in COMMANDS.items():
+            print(f"  {name:6} {help_text}")
+        if argv and argv[0] not in ("-h", "--help"):
+            print(f"\neffbert: unknown command {argv[0]!r}", file=sys.stderr)
+            return 2
+        return 0 if argv else 2
+    import importlib
+
+    return importlib.import_module(COMMANDS[argv[0]][1]).main(argv[1:])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,125 @@
+"""Backend selection shared by every op (DESIGN.md, "Backends and dispatch").
+
+An op asks `select_backend` which backend serves a call. General reasons (a backend that is not installed or has no
+device) come from here; op-specific reasons (a dtype or size a kernel does not handle) come from the op. ``auto``
+takes the first backend in the op's preference order with no reason against it; an explicit request (argument or
+``EFFBERT_BACKEND``) that cannot serve raises `BackendNotSupportedError` listing the reasons, never a silent fallback.
+"""
+
+import os
+from dataclasses import dataclass, field
+
+import torch
+
+from .. import _ext
+
+BACKENDS = ("triton", "cuda", "cpu", "eager")
+ENV_VAR = "EFFBERT_BACKEND"
+
+
+class BackendNotSupportedError(RuntimeError):
+    """An explicitly requested backend cannot serve the given inputs."""
+
+
+@dataclass(frozen=True)
+class BackendStatus:
+    name: str
+    available: bool
+    reasons: tuple = field(default_factory=tuple)
+
+    def __str__(self):
+        return f"{self.name}: " + ("available" if self.available else "unavailable (" + "; ".join(self.reasons) + ")")
+
+
+def triton_interpreting():
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _general_reasons(name):
+    reasons = []
+    if name == "triton":
+        try:
+            import triton  # noqa: F401
+        except ImportError as exc:
+            reasons.append(f"triton is not installed ({exc})")
+        if not torch.cuda.is_available() and not triton_interpreting():
+            reasons.append("no CUDA device and TRITON_INTERPRET is not 1")
+    elif name == "cuda":
+        module, why = _ext.load("_cuda")
+        if module is None:
+            reasons.append(why)
+        if not torch.cuda.is_available():
+            reasons.append("torch sees no CUDA device")
+    elif name == "cpu":
+        module, why = _ext.load("_C")
+        if module is None:
+            reasons.append(why)
+    return reasons
+
+
+def backends():
+    """Every backend with whether it can run on this machine and, if not, why."""
+    out = {}
+    for name in BACKENDS:
+        reasons = tuple(_general_reasons(name))
+        out[name] = BackendStatus(name, not reasons, reasons)
+    return out
+
+
+def _device_reasons(name, device):
+    if name == "triton" and device.type != "cuda" and not (device.type == "cpu" and triton_interpreting()):
+        return [f"inputs are on {device.type}; Triton kernels run on CUDA tensors (CPU tensors only under "
+                "TRITON_INTERPRET=1)"]
+    if name == "cuda" and device.type != "cuda":
+        return [f"inputs are on {device.type}; the CUDA extension takes CUDA tensors"]
+    if name == "cpu" and device.type != "cpu":
+        return [f"inputs are on {device.type}; the C++ CPU extension takes CPU tensors"]
+    return []
+
+
+def not_supported_reasons(name, device, op_reasons=()):
+    """Why backend ``name`` cannot serve inputs on ``device`` (empty when it can)."""
+    return _general_reasons(name) + _device_reasons(name, device) + list(op_reasons)
+
+
+def requested_backend(backend):
+    """The backend a call asks for: the argument, or EFFBERT_BACKEND when the argument is "auto"."""
+    if not isinstance(backend, str) or backend not in BACKENDS + ("auto",):
+        raise ValueError(f"backend must be one of {('auto',) + BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        forced = os.environ.get(ENV_VAR, "").strip()
+        if forced and forced != "auto":
+            if forced not in BACKENDS:
+                raise ValueError(f"{ENV_VAR} must be one of {('auto',) + BACKENDS}, got {forced!r}")
+            return forced
+    return backend
+
+
+def select_backend(op, backend, device, op_reasons, preference):
+    """Pick the backend for one call of ``op``.
+
+    ``op_reasons(name)`` returns the op's own reasons against backend ``name``; ``preference(device)`` lists the
+    backends ``auto`` tries, fastest first.
+    """
+    wanted = requested_backend(backend)
+    if wanted != "auto":
+        reasons = not_supported_reasons(wanted, device, op_reasons(wanted))
+        if reasons:
+            raise BackendNotSupportedError(f"{op}: backend {wanted!r} cannot serve these inputs: " + "; ".join(reasons))
+        return wanted
+    tried = []
+    for name in preference(device):
+        reasons = not_supported_reasons(name, device, op_reasons(name))
+        if not reasons:
+            return name
+        tried.append(f"{name}: " + "; ".join(reasons))
+    raise BackendNotSupportedError(f"{op}: no backend can serve these inputs ({' | '.join(tried)})")
+
+
+def default_preference(device):
+    """Fastest first: fused kernels on the device the tensors live on, then the eager reference."""
+    if device.type == "cuda":
+        return ("cuda", "triton", "eager")
+    if device.type == "cpu":
+        return ("cpu", "eager")
+    return ("eager",)

@@ -1,0 +1,68 @@
+"""The package's shape: DESIGN.md's layout, one-way data flow, and csrc free of torch and cuBLAS headers."""
+
+import importlib
+import re
+from pathlib import Path
+
+import pytest
+
+import effbert
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def python_sources(folder):
+    return sorted((ROOT / folder).rglob("*.py"))
+
+
+def test_kernels_install_as_subpackage():
+    kernels = importlib.import_module("effbert.kernels")
+    assert Path(kernels.__file__).resolve().parent == ROOT / "kernels"
+    for path in python_sources("effbert") + python_sources("tests") + python_sources("benchmarks"):
+        text = path.read_text()
+        assert not re.search(r"^\s*(from|import)\s+kernels\b", text, re.M), f"{path} imports a top-level kernels"
+
+
+@pytest.mark.parametrize(
+    "folder,forbidden",
+    [
+        ("kernels", r"^\s*(from|import)\s+(effbert(\.ops|\.nn|\.models)?\b|\.\.ops)"),  # kernels never import ops
+        ("effbert/reference", r"^\s*(from|import)\s+(effbert\.kernels|\.\.kernels|kernels)\b"),  # nor references
+        ("effbert/ops", r"^\s*(from|import)\s+(effbert\.(nn|models)|\.\.(nn|models))\b"),  # ops never import modules
+    ],
+)
+def test_data_flows_one_way(folder, forbidden):
+    for path in python_sources(folder):
+        assert not re.search(forbidden, path.read_text(), re.M), f"{path} imports against the data flow"
+
+
+def test_csrc_has_no_torch_or_cublas_headers():
+    sources = [p for p in (ROOT / "csrc").rglob("*") if p.suffix in (".h", ".cuh", ".cpp", ".cu")]
+    assert sources
+    for path in sources:
+        includes = re.findall(r'#\s*include\s*[<"]([^>"]+)[>"]', path.read_text())
+        bad = [i for i in includes if re.match(r"(torch|ATen|c10|cublas|cusparse|cublasLt)", i, re.I)]
+        assert not bad, f"{path} includes {bad}"
+
+
+def test_cpu_extension_is_built_and_registered():
+    module, why = effbert._ext.load("_C")
+    assert module is not None, why
+    assert "early_exit" in module.families
+
+
+def test_backends_report_each_backend():
+    status = effbert.backends()
+    assert set(status) == set(effbert.BACKENDS) == {"triton", "cuda", "cpu", "eager"}
+    assert status["eager"].available and status["eager"].reasons == ()
+    for s in status.values():
+        assert s.available == (not s.reasons)
+        assert isinstance(str(s), str)
+
+
+def test_cli_lists_commands(capsys):
+    from effbert import cli
+
+    assert cli.main([]) == 2
+    assert "check" in capsys.readouterr().out
+    assert cli.main(["nonsense"]) == 2
