@@ -15,6 +15,8 @@ PY="${PYTHON:-python3}"
 SUMMARY="$OUT/summary.md"
 START=$(date +%s)
 export PYTHONUNBUFFERED=1
+# The commit under test: from git, or EFFBERT_COMMIT when the tree was copied without its .git.
+export EFFBERT_COMMIT="${EFFBERT_COMMIT:-$(git rev-parse HEAD 2>/dev/null)$(git status --porcelain --untracked-files=no 2>/dev/null | grep -q . && echo +dirty)}"
 
 step() {  # step NAME TIMEOUT_S COMMAND...: run with a time limit, log it, record its status
   local name="$1" limit="$2"; shift 2
@@ -33,7 +35,7 @@ step() {  # step NAME TIMEOUT_S COMMAND...: run with a time limit, log it, recor
   echo "# effbert GPU suite"
   echo
   echo "- date: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
-  echo "- commit: $(git rev-parse HEAD 2>/dev/null || echo unknown)$(git status --porcelain --untracked-files=no 2>/dev/null | grep -q . && echo +dirty)"
+  echo "- commit: ${EFFBERT_COMMIT:-unknown}"
   echo "- gpu: $(nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null | head -1)"
   echo "- python: $($PY -c 'import sys, torch, triton; print(sys.version.split()[0], "torch", torch.__version__, "triton", triton.__version__)' 2>&1)"
   echo "- nvcc: $(nvcc --version 2>/dev/null | tail -1)"

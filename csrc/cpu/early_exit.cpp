@@ -10,6 +10,7 @@
 namespace {
 
 constexpr int64_t kBlock = 256;
+constexpr int kChunk = 8;
 
 void entropy_rows(const char* logits, int dtype, int64_t row_begin, int64_t row_end, int64_t cols,
                   int64_t row_stride, float* out) {
@@ -22,7 +23,13 @@ void entropy_rows(const char* logits, int dtype, int64_t row_begin, int64_t row_
     for (int64_t c0 = 0; c0 < cols; c0 += kBlock) {
       effbert::EntropyState st = effbert::entropy_init();
       const int64_t c1 = std::min(cols, c0 + kBlock);
-      for (int64_t c = c0; c < c1; ++c) effbert::entropy_push(st, effbert::load_as_float(row, dtype, c));
+      int64_t c = c0;
+      for (; c + kChunk <= c1; c += kChunk) {  // chunks: one max and one rescale per kChunk values
+        float z[kChunk];
+        for (int i = 0; i < kChunk; ++i) z[i] = effbert::load_as_float(row, dtype, c + i);
+        effbert::entropy_push_chunk<kChunk>(st, z);
+      }
+      for (; c < c1; ++c) effbert::entropy_push(st, effbert::load_as_float(row, dtype, c));
       total = c0 == 0 ? st : effbert::entropy_merge(total, st);
     }
     out[r] = effbert::entropy_finish(total);

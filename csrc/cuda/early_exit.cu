@@ -31,21 +31,24 @@ __device__ __forceinline__ effbert::EntropyState warp_merge(effbert::EntropyStat
   return s;
 }
 
-// Push VEC elements packed in one 16-byte word.
+// Push the elements packed in one 16-byte word as one chunk.
 template <int DTYPE>
 __device__ __forceinline__ void push_vec(effbert::EntropyState& st, const uint4& w) {
   const uint32_t words[4] = {w.x, w.y, w.z, w.w};
+  if constexpr (DTYPE == effbert::kFloat32) {
+    float z[4];
 #pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    if (DTYPE == effbert::kFloat32) {
-      effbert::entropy_push(st, __uint_as_float(words[i]));
-    } else {
+    for (int i = 0; i < 4; ++i) z[i] = __uint_as_float(words[i]);
+    effbert::entropy_push_chunk<4>(st, z);
+  } else {
+    float z[8];
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
       const uint16_t lo = static_cast<uint16_t>(words[i] & 0xffffu), hi = static_cast<uint16_t>(words[i] >> 16);
-      const float a = DTYPE == effbert::kFloat16 ? effbert::half_bits_to_float(lo) : effbert::bf16_bits_to_float(lo);
-      const float b = DTYPE == effbert::kFloat16 ? effbert::half_bits_to_float(hi) : effbert::bf16_bits_to_float(hi);
-      effbert::entropy_push(st, a);
-      effbert::entropy_push(st, b);
+      z[2 * i] = DTYPE == effbert::kFloat16 ? effbert::half_bits_to_float(lo) : effbert::bf16_bits_to_float(lo);
+      z[2 * i + 1] = DTYPE == effbert::kFloat16 ? effbert::half_bits_to_float(hi) : effbert::bf16_bits_to_float(hi);
     }
+    effbert::entropy_push_chunk<8>(st, z);
   }
 }
 

@@ -8,6 +8,7 @@ takes the first backend in the op's preference order with no reason against it; 
 
 import os
 from dataclasses import dataclass, field
+from functools import lru_cache
 
 import torch
 
@@ -36,13 +37,19 @@ def triton_interpreting():
 
 
 def _general_reasons(name):
+    return list(_cached_general_reasons(name, triton_interpreting()))
+
+
+@lru_cache(maxsize=None)
+def _cached_general_reasons(name, interpreting):
+    """Installed-or-not facts do not change within a process; `refresh()` forgets them (tests that patch them)."""
     reasons = []
     if name == "triton":
         try:
             import triton  # noqa: F401
         except ImportError as exc:
             reasons.append(f"triton is not installed ({exc})")
-        if not torch.cuda.is_available() and not triton_interpreting():
+        if not torch.cuda.is_available() and not interpreting:
             reasons.append("no CUDA device and TRITON_INTERPRET is not 1")
     elif name == "cuda":
         module, why = _ext.load("_cuda")
@@ -54,7 +61,27 @@ def _general_reasons(name):
         module, why = _ext.load("_C")
         if module is None:
             reasons.append(why)
-    return reasons
+    return tuple(reasons)
+
+
+def refresh():
+    """Forget cached backend availability (after building an extension in a running process, or in tests)."""
+    _cached_general_reasons.cache_clear()
+
+
+def direct_call_ok(*tensors):
+    """True when an op may call its implementation directly instead of through the torch.library dispatcher.
+
+    The dispatcher costs tens of microseconds a call, as much as a small exit decision on the GPU. It is needed
+    only for autograd, torch.compile, tensor subclasses (fake tensors) and dispatch modes; with none of those the
+    direct call computes the same thing.
+    """
+    if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0:
+        return False
+    if torch._C._is_torch_function_mode_enabled():
+        return False
+    grad = torch.is_grad_enabled()
+    return all(type(t) is torch.Tensor and not (grad and t.requires_grad) for t in tensors)
 
 
 def backends():

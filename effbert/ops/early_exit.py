@@ -5,7 +5,7 @@ import torch
 from .. import _ext
 from .. import reference
 from ._checks import FLOAT_DTYPES, check_tensor
-from ._dispatch import default_preference, select_backend, requested_backend
+from ._dispatch import default_preference, direct_call_ok, requested_backend, select_backend
 
 __all__ = ["exit_entropy"]
 
@@ -66,10 +66,14 @@ def entropy_backend(logits, backend="auto"):
     return select_backend("exit_entropy", backend, logits.device, _entropy_reasons(logits), default_preference)
 
 
-@torch.library.custom_op("effbert::exit_entropy", mutates_args=())
-def _exit_entropy_op(logits: torch.Tensor, backend: str) -> torch.Tensor:
+def _exit_entropy_impl(logits, backend):
     out = torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device)
     return entropy_into(entropy_backend(logits, backend), logits, out)
+
+
+@torch.library.custom_op("effbert::exit_entropy", mutates_args=())
+def _exit_entropy_op(logits: torch.Tensor, backend: str) -> torch.Tensor:
+    return _exit_entropy_impl(logits, backend)
 
 
 @_exit_entropy_op.register_fake
@@ -103,4 +107,6 @@ def exit_entropy(logits, *, backend="auto"):
     if logits.shape[1] < 1:
         raise ValueError(f"logits must have at least one class (C >= 1), got shape {tuple(logits.shape)}")
     requested_backend(backend)  # reject a bad name here, with the argument's name, before tracing
+    if direct_call_ok(logits):
+        return _exit_entropy_impl(logits, backend)
     return torch.ops.effbert.exit_entropy(logits, backend)

@@ -31,10 +31,18 @@ _PTXAS_ENTRY = re.compile(r"Compiling entry function '([^']+)' for '(sm_\d+a?)'"
 
 
 def _triton_tool(name):
-    import triton
+    """The ptxas / cuobjdump Triton itself uses (TRITON_PTXAS_PATH and the like honoured), so the PTX version
+    Triton emitted is one this ptxas reads."""
+    from triton import knobs
 
-    path = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / name
-    return str(path) if path.exists() else shutil.which(name)
+    return knobs.nvidia.ptxas.path if name == "ptxas" else getattr(knobs.nvidia, name).path
+
+
+def _run(cmd):
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"{Path(cmd[0]).name} exited {done.returncode}: {(done.stderr or done.stdout).strip()[:500]}")
+    return done.stdout + done.stderr
 
 
 def kernel_specs(only=None):
@@ -90,12 +98,10 @@ def compile_triton(spec, cc, workdir):
     ptx, cubin = stem.with_suffix(".ptx"), stem.with_suffix(".cubin")
     ptx.write_text(compiled.asm["ptx"])
     cubin.write_bytes(compiled.asm["cubin"])
-    ptxas = subprocess.run([_triton_tool("ptxas"), "-v", f"--gpu-name=sm_{cc}{'a' if cc == 90 else ''}", str(ptx),
-                            "-o", os.devnull], capture_output=True, text=True, check=True)
-    stats = parse_ptxas(ptxas.stdout + ptxas.stderr)
+    stats = parse_ptxas(_run([_triton_tool("ptxas"), "-v", f"--gpu-name=sm_{cc}{'a' if cc == 90 else ''}", str(ptx),
+                              "-o", os.devnull]))
     row = next(iter(stats.values()), {"registers": 0, "spill_bytes": 0, "stack_bytes": 0, "smem_bytes": 0})
-    sass = subprocess.run([_triton_tool("cuobjdump"), "-sass", str(cubin)], capture_output=True, text=True,
-                          check=True).stdout
+    sass = _run([_triton_tool("cuobjdump"), "-sass", str(cubin)])
     row["smem_bytes"] = max(row["smem_bytes"], int(compiled.metadata.shared))
     row["matrix"] = sorted({op for op in ("HGMMA", "HMMA") if re.search(rf"\b{op}\b", sass)})
     row["ldg128"] = len(re.findall(r"LDG\.E\.(?:EL\.)?128", sass))
@@ -112,7 +118,7 @@ def triton_report(targets, only=None):
                 try:
                     entry.update(compile_triton(spec, cc, tmp))
                 except Exception as exc:  # report every failure, then exit non-zero
-                    entry["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+                    entry["error"] = f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}"
                     failures.append(f"{spec['name']} sm_{cc}: compile failed: {entry['error']}")
                     rows.append(entry)
                     continue

@@ -5,6 +5,7 @@
 #include <cstring>
 
 #if defined(__CUDACC__)
+#include <cuda_fp16.h>
 #define EFFBERT_HD __host__ __device__ __forceinline__
 #else
 #define EFFBERT_HD inline
@@ -27,6 +28,9 @@ EFFBERT_HD float bits_to_float(uint32_t bits) {
 
 // IEEE half -> float by bit manipulation (exact, subnormals, inf and NaN included); the host has no half type.
 EFFBERT_HD float half_bits_to_float(uint16_t h) {
+#if defined(__CUDA_ARCH__)
+  return __half2float(__ushort_as_half(h));
+#endif
   const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
   uint32_t exp = (h >> 10) & 0x1fu;
   uint32_t man = h & 0x3ffu;

@@ -37,6 +37,46 @@ EFFBERT_HD void entropy_push(EntropyState& st, float z) {
   st.t += e * d;
 }
 
+EFFBERT_HD float fast_exp(float x) {
+#if defined(__CUDA_ARCH__)
+  return __expf(x);  // ex2.approx: ~2 ulp, plenty for a 1e-4 tolerance, and no branchy slow path
+#else
+  return expf(x);
+#endif
+}
+
+// Push N consecutive values (one 16-byte vector's worth): one maximum and at most one rescale for the whole chunk,
+// then branch-free exponentials. Same result as N entropy_push calls, up to rounding.
+template <int N>
+EFFBERT_HD void entropy_push_chunk(EntropyState& st, const float (&z)[N]) {
+  float cm = -INFINITY;
+  bool bad = false;
+#pragma unroll
+  for (int i = 0; i < N; ++i) {
+    bad |= !(z[i] < INFINITY);
+    cm = z[i] > cm ? z[i] : cm;
+  }
+  if (bad) {
+    st.nan = true;
+    return;
+  }
+  if (cm == -INFINITY) return;
+  if (cm > st.m) {
+    const float shift = st.m - cm;
+    const float scale = fast_exp(shift);
+    st.t = st.s > 0.f ? scale * (st.t + shift * st.s) : 0.f;
+    st.s *= scale;
+    st.m = cm;
+  }
+#pragma unroll
+  for (int i = 0; i < N; ++i) {
+    const float d = z[i] - st.m;
+    const float e = fast_exp(d);
+    st.s += e;
+    st.t += z[i] == -INFINITY ? 0.f : e * d;
+  }
+}
+
 EFFBERT_HD EntropyState entropy_merge(const EntropyState& a, const EntropyState& b) {
   EntropyState r;
   r.nan = a.nan || b.nan;
