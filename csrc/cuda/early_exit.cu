@@ -1,7 +1,7 @@
 // CUDA kernels of the early-exit family. The per-row math is entropy.h, shared with the CPU build.
 //
 // exit_entropy: a warp per row for short rows (exit heads: C is a handful of classes), a 512-thread block per row
-// for long rows (a vocabulary row). 16-byte loads when the row start and length allow, scalar loads otherwise.
+// for long rows (a vocabulary row). 16-byte loads from each row's first 16-byte boundary on.
 #include <cuda_runtime.h>
 
 #include <string>
@@ -52,40 +52,51 @@ __device__ __forceinline__ void push_vec(effbert::EntropyState& st, const uint4&
   }
 }
 
-// One row's partial state over the columns this thread owns (lane, lane + threads, ...).
+// One row's partial state over the columns this thread owns. Scalar loads up to the first 16-byte boundary of the
+// row (rows of a [B, 30522] tensor start misaligned), 16-byte loads four at a time in flight, then a scalar tail.
 template <int DTYPE>
-__device__ effbert::EntropyState row_partial(const char* row, int64_t cols, bool vector_ok, int lane, int threads) {
-  constexpr int kVec = 16 / (DTYPE == effbert::kFloat32 ? 4 : 2);
+__device__ effbert::EntropyState row_partial(const char* row, int64_t cols, int lane, int threads) {
+  constexpr int kElem = DTYPE == effbert::kFloat32 ? 4 : 2;
+  constexpr int kVec = 16 / kElem;
   effbert::EntropyState st = effbert::entropy_init();
-  int64_t done = 0;
-  if (vector_ok) {
-    const int64_t n_vec = cols / kVec;
-    const uint4* v = reinterpret_cast<const uint4*>(row);
-    for (int64_t i = lane; i < n_vec; i += threads) push_vec<DTYPE>(st, __ldg(v + i));
-    done = n_vec * kVec;
+  const int64_t misalign = static_cast<int64_t>(reinterpret_cast<uintptr_t>(row) % 16);
+  const int64_t head = min(cols, misalign == 0 ? int64_t(0) : (16 - misalign) / kElem);
+  if (lane < head) effbert::entropy_push(st, effbert::load_as_float(row, DTYPE, lane));
+  const int64_t n_vec = (cols - head) / kVec;
+  const uint4* v = reinterpret_cast<const uint4*>(row + head * kElem);
+  int64_t i = lane;
+  for (; i + 3 * threads < n_vec; i += 4 * threads) {
+    const uint4 a = __ldg(v + i), b = __ldg(v + i + threads), c = __ldg(v + i + 2 * threads),
+                d = __ldg(v + i + 3 * threads);
+    push_vec<DTYPE>(st, a);
+    push_vec<DTYPE>(st, b);
+    push_vec<DTYPE>(st, c);
+    push_vec<DTYPE>(st, d);
   }
-  for (int64_t c = done + lane; c < cols; c += threads) effbert::entropy_push(st, effbert::load_as_float(row, DTYPE, c));
+  for (; i < n_vec; i += threads) push_vec<DTYPE>(st, __ldg(v + i));
+  for (int64_t c = head + n_vec * kVec + lane; c < cols; c += threads)
+    effbert::entropy_push(st, effbert::load_as_float(row, DTYPE, c));
   return st;
 }
 
 template <int DTYPE>
 __global__ void entropy_short_rows(const char* __restrict__ logits, int64_t rows, int64_t cols, int64_t row_bytes,
-                                   bool vector_ok, float* __restrict__ out) {
+                                   float* __restrict__ out) {
   const int lane = threadIdx.x % kWarp;
   const int64_t r = static_cast<int64_t>(blockIdx.x) * kShortRowsPerBlock + threadIdx.x / kWarp;
   if (r >= rows) return;  // whole warps leave together, so the shuffles below stay full-warp
-  effbert::EntropyState st = warp_merge(row_partial<DTYPE>(logits + r * row_bytes, cols, vector_ok, lane, kWarp));
+  effbert::EntropyState st = warp_merge(row_partial<DTYPE>(logits + r * row_bytes, cols, lane, kWarp));
   if (lane == 0) out[r] = effbert::entropy_finish(st);
 }
 
 template <int DTYPE>
 __global__ void __launch_bounds__(kLongRowThreads) entropy_long_rows(const char* __restrict__ logits, int64_t cols,
-                                                                     int64_t row_bytes, bool vector_ok,
+                                                                     int64_t row_bytes,
                                                                      float* __restrict__ out) {
   __shared__ effbert::EntropyState partial[kLongRowThreads / kWarp];
   const int64_t r = blockIdx.x;
   effbert::EntropyState st =
-      warp_merge(row_partial<DTYPE>(logits + r * row_bytes, cols, vector_ok, threadIdx.x, kLongRowThreads));
+      warp_merge(row_partial<DTYPE>(logits + r * row_bytes, cols, threadIdx.x, kLongRowThreads));
   const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
   if (lane == 0) partial[warp] = st;
   __syncthreads();
@@ -104,21 +115,19 @@ void check_launch(const char* what) {
 template <int DTYPE>
 void launch_entropy(const char* logits, int64_t rows, int64_t cols, int64_t row_stride, float* out, cudaStream_t s) {
   const int64_t row_bytes = row_stride * effbert::dtype_size(DTYPE);
-  const bool vector_ok = reinterpret_cast<uintptr_t>(logits) % 16 == 0 && (rows <= 1 || row_bytes % 16 == 0);
   if (cols <= kShortRowMax) {
     const int64_t blocks = (rows + kShortRowsPerBlock - 1) / kShortRowsPerBlock;
     effbert::require(blocks < (int64_t(1) << 31), "too many rows for one launch");
     entropy_short_rows<DTYPE><<<static_cast<unsigned>(blocks), kShortRowsPerBlock * kWarp, 0, s>>>(
-        logits, rows, cols, row_bytes, vector_ok, out);
+        logits, rows, cols, row_bytes, out);
   } else {
     effbert::require(rows < (int64_t(1) << 31), "too many rows for one launch");
-    entropy_long_rows<DTYPE><<<static_cast<unsigned>(rows), kLongRowThreads, 0, s>>>(logits, cols, row_bytes,
-                                                                                    vector_ok, out);
+    entropy_long_rows<DTYPE><<<static_cast<unsigned>(rows), kLongRowThreads, 0, s>>>(logits, cols, row_bytes, out);
   }
   check_launch("exit_entropy");
 }
 
-void exit_entropy_cuda(uintptr_t logits, int dtype, int64_t rows, int64_t cols, int64_t row_stride, uintptr_t out,
+[[maybe_unused]] void exit_entropy_cuda(uintptr_t logits, int dtype, int64_t rows, int64_t cols, int64_t row_stride, uintptr_t out,
                        uintptr_t stream) {
   effbert::require_dtype(dtype, "logits");
   effbert::require(rows >= 0, "rows must be >= 0");

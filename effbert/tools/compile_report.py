@@ -104,7 +104,7 @@ def compile_triton(spec, cc, workdir):
     sass = _run([_triton_tool("cuobjdump"), "-sass", str(cubin)])
     row["smem_bytes"] = max(row["smem_bytes"], int(compiled.metadata.shared))
     row["matrix"] = sorted({op for op in ("HGMMA", "HMMA") if re.search(rf"\b{op}\b", sass)})
-    row["ldg128"] = len(re.findall(r"LDG\.E\.(?:EL\.)?128", sass))
+    row["ldg128"] = len(re.findall(r"LDG\.E\.(?:\w+\.)?128", sass))
     return row
 
 
@@ -136,20 +136,39 @@ def csrc_report(targets, root):
     if nvcc is None:
         return [], [], "nvcc not found: csrc not compiled"
     rows, failures = [], []
+    tmp = tempfile.mkdtemp(prefix="effbert-nvcc-")
     for src in sources:
         for cc in targets:
-            cmd = [nvcc, "-c", "-std=c++17", "-O3", "-DEFFBERT_KERNELS_ONLY", f"-I{Path(root, 'csrc', 'include')}",
-                   f"-gencode=arch=compute_{cc},code=sm_{cc}", "-Xptxas", "-v", str(src), "-o", os.devnull]
+            cubin = Path(tmp, f"{src.stem}_sm{cc}.cubin")
+            cmd = [nvcc, "-cubin", "-std=c++17", "-O3", "-DEFFBERT_KERNELS_ONLY", f"-I{Path(root, 'csrc', 'include')}",
+                   f"-gencode=arch=compute_{cc},code=sm_{cc}", "-Xptxas", "-v", str(src), "-o", str(cubin)]
             done = subprocess.run(cmd, capture_output=True, text=True)
             if done.returncode != 0:
                 failures.append(f"{src.name} sm_{cc}: nvcc failed:\n{done.stderr[-2000:]}")
                 continue
+            sass = sass_by_function(_run([_triton_tool("cuobjdump"), "-sass", str(cubin)]))
             for (entry_name, arch), stats in parse_ptxas(done.stderr + done.stdout).items():
                 demangled = _demangle(entry_name)
+                text = sass.get(entry_name, "")
+                stats["matrix"] = sorted({op for op in ("HGMMA", "HMMA") if re.search(rf"\b{op}\b", text)})
+                stats["ldg128"] = len(re.findall(r"LDG\.E\.(?:\w+\.)?128", text))
                 rows.append({"kind": "csrc", "family": src.stem, "kernel": demangled, "target": arch, **stats})
                 if stats["spill_bytes"] > 0:
                     failures.append(f"{src.name}:{demangled} {arch}: {stats['spill_bytes']} bytes of spills")
     return rows, failures, None
+
+
+def sass_by_function(sass):
+    """cuobjdump -sass output split per kernel (mangled name -> its instructions)."""
+    out, current = {}, None
+    for line in sass.splitlines():
+        m = re.search(r"Function : (\S+)", line)
+        if m:
+            current = m.group(1)
+            out[current] = ""
+        elif current is not None:
+            out[current] += line + "\n"
+    return out
 
 
 def _demangle(name):
