@@ -68,12 +68,17 @@ EFFBERT_HD void entropy_push_chunk(EntropyState& st, const float (&z)[N]) {
     st.s *= scale;
     st.m = cm;
   }
+  float e[N], ed[N];
+#pragma unroll
+  for (int i = 0; i < N; ++i) {  // independent lanes first (instruction-level parallelism), then the sums
+    const float d = z[i] - st.m;
+    e[i] = fast_exp(d);
+    ed[i] = z[i] == -INFINITY ? 0.f : e[i] * d;
+  }
 #pragma unroll
   for (int i = 0; i < N; ++i) {
-    const float d = z[i] - st.m;
-    const float e = fast_exp(d);
-    st.s += e;
-    st.t += z[i] == -INFINITY ? 0.f : e * d;
+    st.s += e[i];
+    st.t += ed[i];
   }
 }
 
