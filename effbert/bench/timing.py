@@ -45,8 +45,13 @@ def synchronize(device):
 
 
 def measure_ceilings(device, *, quick=False):
-    """The device's copy bandwidth (bytes read + written) and matrix rates, measured now on random data."""
+    """The device's launch floor, copy bandwidth (bytes read + written) and matrix rates, measured now on random
+    data."""
     out = {}
+    # The cheapest op a Python caller can launch: a floor for cases too small for bytes or FLOPs to matter.
+    one = torch.zeros(1, device=device)
+    ms, _, _ = time_fn(lambda: one.add_(1.0), device, quick=quick)
+    out["launch_us"] = ms * 1e3
     n = (64 << 20) if device.type == "cpu" or quick else (1 << 30)
     src = torch.randn(n // 4, device=device)
     dst = torch.empty_like(src)
