@@ -1,13 +1,16 @@
-"""Early-exit ops: ``exit_entropy`` (the DeeBERT / RomeBERT exit criterion)."""
+"""Early-exit ops: ``exit_entropy`` (the DeeBERT / RomeBERT exit criterion) and the fused per-layer exit decision
+of batched early exit (``exit_decision``, driven by ``BatchedExit``)."""
+
+import math
 
 import torch
 
 from .. import _ext
 from .. import reference
-from ._checks import FLOAT_DTYPES, check_tensor
+from ._checks import FLOAT_DTYPES, check_same_device, check_tensor
 from ._dispatch import default_preference, direct_call_ok, requested_backend, select_backend
 
-__all__ = ["exit_entropy"]
+__all__ = ["exit_entropy", "exit_decision", "BatchedExit", "check_criterion", "CRITERIA"]
 
 _KERNEL_DTYPES = FLOAT_DTYPES
 
@@ -110,3 +113,265 @@ def exit_entropy(logits, *, backend="auto"):
     if direct_call_ok(logits):
         return _exit_entropy_impl(logits, backend)
     return torch.ops.effbert.exit_entropy(logits, backend)
+
+
+# ---- batched early exit: the fused per-layer decision ----
+
+CRITERIA = reference.CRITERIA
+# Kernel codes (kernels/early_exit.py and csrc/include/effbert/exit_decision.h hold the same table); a patience
+# criterion on a one-column (regression) head uses PABEE's regression rule.
+_CODES = {"entropy": 0, "max_prob": 1, "patience": 2}
+_PATIENCE_REGRESSION = 3
+_NAMES = {0: "entropy", 1: "max_prob", 2: "patience", 3: "patience"}
+
+
+def check_criterion(criterion, threshold=None, patience=None, classes=None):
+    """Validate an exit criterion and its parameters; returns ``(code, threshold, patience)`` for the kernels.
+
+    entropy: ``threshold > 0`` (exit when entropy < threshold). max_prob: ``0 < threshold <= 1`` (exit when the largest
+    probability >= threshold). patience: integer ``patience >= 1``; with a one-column regression head also
+    ``threshold > 0`` (a prediction counts as unchanged when |delta| < threshold), otherwise no threshold.
+    """
+    if not isinstance(criterion, str) or criterion not in CRITERIA:
+        raise ValueError(f"criterion must be one of {CRITERIA}, got {criterion!r}")
+    if threshold is not None:
+        if isinstance(threshold, bool) or not isinstance(threshold, (int, float)):
+            raise TypeError(f"threshold must be a float, got {type(threshold).__name__}")
+        threshold = float(threshold)
+        if not math.isfinite(threshold):
+            raise ValueError(f"threshold must be finite, got {threshold}")
+    if criterion != "patience":
+        if patience is not None:
+            raise ValueError(f"patience applies to criterion 'patience' only, got patience={patience!r} with "
+                             f"criterion {criterion!r}")
+        if threshold is None:
+            raise ValueError(f"criterion {criterion!r} needs a threshold")
+        if criterion == "entropy" and not threshold > 0:
+            raise ValueError(f"threshold must be > 0 for criterion 'entropy' (exit when entropy < threshold), "
+                             f"got {threshold}")
+        if criterion == "max_prob" and not 0 < threshold <= 1:
+            raise ValueError(f"threshold must be in (0, 1] for criterion 'max_prob' (exit when the largest "
+                             f"probability >= threshold), got {threshold}")
+        return _CODES[criterion], threshold, 0
+    if isinstance(patience, bool) or not isinstance(patience, int):
+        raise TypeError(f"patience must be an int >= 1 for criterion 'patience', got {patience!r}")
+    if patience < 1:
+        raise ValueError(f"patience must be >= 1, got {patience}")
+    if patience >= 2**31:
+        raise ValueError(f"patience must be < 2**31, got {patience}")
+    if classes is None:  # the head's width is not known yet: check what can be checked
+        if threshold is not None and not threshold > 0:
+            raise ValueError(f"threshold must be > 0 for criterion 'patience' (regression rule), got {threshold}")
+        return _CODES["patience"], threshold or 0.0, patience
+    if classes == 1:
+        if threshold is None or not threshold > 0:
+            raise ValueError("threshold must be > 0 for criterion 'patience' on a one-column (regression) head "
+                             f"(a prediction is unchanged when |delta| < threshold), got {threshold}")
+        return _PATIENCE_REGRESSION, threshold, patience
+    if threshold is not None:
+        raise ValueError("threshold applies to criterion 'patience' only with a one-column (regression) head; "
+                         f"got threshold={threshold} with {classes} classes")
+    return _CODES["patience"], 0.0, patience
+
+
+def _decision_reasons(logits):
+    def reasons(name):
+        if name != "eager" and logits.dtype not in _KERNEL_DTYPES:
+            return [f"{name} kernels take fp32/fp16/bf16 logits, got {str(logits.dtype).replace('torch.', '')}"]
+        return []
+
+    return reasons
+
+
+def decision_backend(logits, backend="auto"):
+    """The backend that ``exit_decision`` would run for these logits (raises if none can serve)."""
+    return select_backend("exit_decision", backend, logits.device, _decision_reasons(logits), default_preference)
+
+
+def _decision_eager(x, ids, prev, counter, out_logits, out_layer, next_rows, next_local, count, code, layer,
+                    threshold, patience, last):
+    batch = out_layer.shape[0]
+    ok = (ids >= 0) & (ids < batch)  # ids outside the batch are skipped, as the kernels do
+    local = torch.nonzero(ok).flatten()
+    x, ids = x[local], ids[local].long()
+    crit = _NAMES[code]
+    stateful = code >= 2
+    exits, pred, cnt = reference.exit_decision(
+        x, layer, crit, threshold=threshold,
+        patience=patience, prev=prev[ids].double() if stateful else None,
+        counter=counter[ids].long() if stateful else None, last=last)
+    if stateful:
+        prev[ids] = pred.to(prev.dtype)
+        counter[ids] = cnt.to(counter.dtype)
+    out_logits[ids[exits]] = x[exits].to(out_logits.dtype)
+    out_layer[ids[exits]] = layer
+    keep = ~exits
+    n = int(keep.sum())
+    next_rows[:n] = ids[keep].to(next_rows.dtype)
+    next_local[:n] = local[keep].to(next_local.dtype)
+    count.fill_(n)
+
+
+def _decision_triton(x, ids, prev, counter, out_logits, out_layer, next_rows, next_local, count, code, layer,
+                     threshold, patience, last):
+    from ..kernels import early_exit as kernels
+
+    kernels.exit_decision(x, ids, prev, counter, out_logits, out_layer, next_rows, next_local, count,
+                          criterion=code, layer=layer, threshold=threshold, patience=patience, last=last)
+
+
+def _decision_native(module_name, x, ids, prev, counter, out_logits, out_layer, next_rows, next_local, count, code,
+                     layer, threshold, patience, last):
+    module, _ = _ext.load(module_name)
+    rows, cols = x.shape
+    args = (x.data_ptr(), _ext.dtype_code(x.dtype), rows, cols, x.stride(0), ids.data_ptr(), prev.data_ptr(),
+            counter.data_ptr(), out_logits.data_ptr(), out_logits.shape[0], out_logits.stride(0),
+            out_layer.data_ptr(), next_rows.data_ptr(), next_local.data_ptr(), count.data_ptr(), code, layer,
+            threshold, patience, bool(last))
+    if module_name == "_cuda":
+        with torch.cuda.device(x.device):
+            module.exit_decision(*args, torch.cuda.current_stream(x.device).cuda_stream)
+    else:
+        module.exit_decision(*args)
+
+
+_DECISION = {
+    "eager": _decision_eager,
+    "triton": _decision_triton,
+    "cpu": lambda *a: _decision_native("_C", *a),
+    "cuda": lambda *a: _decision_native("_cuda", *a),
+}
+
+
+def _decision_impl(logits, row_ids, prev, counter, out_logits, out_layer, next_rows, next_local, count, code, layer,
+                   threshold, patience, last, backend):
+    name = decision_backend(logits, backend)
+    x = logits if logits.stride(-1) == 1 else logits.contiguous()
+    _DECISION[name](x, row_ids, prev, counter, out_logits, out_layer, next_rows, next_local, count, code, layer,
+                    threshold, patience, last)
+
+
+@torch.library.custom_op(
+    "effbert::exit_decision",
+    mutates_args=("prev", "counter", "out_logits", "out_layer", "next_rows", "next_local", "count"),
+)
+def _exit_decision_op(logits: torch.Tensor, row_ids: torch.Tensor, prev: torch.Tensor, counter: torch.Tensor,
+                      out_logits: torch.Tensor, out_layer: torch.Tensor, next_rows: torch.Tensor,
+                      next_local: torch.Tensor, count: torch.Tensor, code: int, layer: int, threshold: float,
+                      patience: int, last: bool, backend: str) -> None:
+    _decision_impl(logits, row_ids, prev, counter, out_logits, out_layer, next_rows, next_local, count, code, layer,
+                   threshold, patience, last, backend)
+
+
+@_exit_decision_op.register_fake
+def _(logits, row_ids, prev, counter, out_logits, out_layer, next_rows, next_local, count, code, layer, threshold,
+      patience, last, backend):
+    return None
+
+
+def _check_decision_args(logits, row_ids, prev, counter, out_logits, out_layer, next_rows, next_local, count, layer):
+    check_tensor("logits", logits, ndim=2, dtypes=FLOAT_DTYPES + (torch.float64,), shape_hint="[R, C]")
+    rows, cols = logits.shape
+    if cols < 1:
+        raise ValueError(f"logits must have at least one class (C >= 1), got shape {tuple(logits.shape)}")
+    check_tensor("out_logits", out_logits, ndim=2, dtypes=(logits.dtype,), shape_hint="[B, C]")
+    batch = out_logits.shape[0]
+    if out_logits.shape[1] != cols or out_logits.stride(-1) != 1:
+        raise ValueError(f"out_logits must be [B, {cols}] with unit column stride, got shape "
+                         f"{tuple(out_logits.shape)} strides {out_logits.stride()}")
+    if rows > batch:
+        raise ValueError(f"logits has {rows} rows but the batch (out_logits) has {batch}: the active rows are a subset")
+    for name, t, shape, dtype in (("row_ids", row_ids, (rows,), torch.int32), ("prev", prev, (batch,), torch.float32),
+                                  ("counter", counter, (batch,), torch.int32),
+                                  ("out_layer", out_layer, (batch,), torch.int32), ("count", count, (1,), torch.int32)):
+        check_tensor(name, t, ndim=len(shape), dtypes=(dtype,))
+        if tuple(t.shape) != shape or not t.is_contiguous():
+            raise ValueError(f"{name} must be a contiguous {list(shape)} tensor, got shape {tuple(t.shape)}")
+    for name, t in (("next_rows", next_rows), ("next_local", next_local)):
+        check_tensor(name, t, ndim=1, dtypes=(torch.int32,))
+        if t.shape[0] < rows or not t.is_contiguous():
+            raise ValueError(f"{name} must be a contiguous int32 tensor of at least {rows} elements, got shape "
+                             f"{tuple(t.shape)}")
+    check_same_device(logits=logits, row_ids=row_ids, prev=prev, counter=counter, out_logits=out_logits,
+                      out_layer=out_layer, next_rows=next_rows, next_local=next_local, count=count)
+    if isinstance(layer, bool) or not isinstance(layer, int) or layer < 1:
+        raise ValueError(f"layer must be an int >= 1 (1-based), got {layer!r}")
+    if batch >= 2**31:
+        raise ValueError(f"the batch must have fewer than 2**31 rows, got {batch}")
+
+
+def exit_decision(logits, row_ids, prev, counter, out_logits, out_layer, next_rows, next_local, count, *, layer,
+                  criterion, threshold=None, patience=None, last=False, backend="auto"):
+    """One layer's exit decision for the rows still in the batch, in one launch.
+
+    ``logits [R, C]``: this layer's off-ramp logits of the ``R`` active rows, whose batch ids are ``row_ids [R]``
+    (int32). Patience state lives per batch row in ``prev [B]`` (float32, NaN where there is none yet) and
+    ``counter [B]`` (int32), and is updated in place. Rows that exit get their logits written to ``out_logits[id]``
+    and ``layer`` to ``out_layer[id]``. The rows that go on are written in batch order to ``next_rows[:n]`` (their
+    batch ids) and ``next_local[:n]`` (their positions in ``logits``), with ``n`` in ``count[0]``. ``last=True``
+    exits every row. No host synchronisation: reading ``count`` is the caller's choice.
+    """
+    _check_decision_args(logits, row_ids, prev, counter, out_logits, out_layer, next_rows, next_local, count, layer)
+    code, threshold, patience = check_criterion(criterion, threshold, patience, classes=logits.shape[1])
+    requested_backend(backend)
+    args = (logits, row_ids, prev, counter, out_logits, out_layer, next_rows, next_local, count, code, layer,
+            threshold, patience, bool(last), backend)
+    if direct_call_ok(*args[:9]):
+        return _decision_impl(*args)
+    return torch.ops.effbert.exit_decision(*args)
+
+
+class BatchedExit:
+    """The state of one batched early-exit pass: outputs, patience state and the active rows' batch ids.
+
+    Per layer, ``step(logits, layer)`` runs the fused decision over the active rows and returns ``None`` when every
+    active row goes on (nothing to compact), else the positions (int32, in the current active batch) of the rows
+    that go on, possibly empty. It reads the new row count from the device (one 4-byte copy) only on layers where a
+    row can exit: never on the last layer (everyone exits) nor, for patience, on the first ``patience`` layers.
+    """
+
+    def __init__(self, batch, *, depth, criterion, threshold=None, patience=None, device=None, backend="auto"):
+        if isinstance(depth, bool) or not isinstance(depth, int) or depth < 1:
+            raise ValueError(f"depth must be an int >= 1, got {depth!r}")
+        check_criterion(criterion, threshold, patience)  # early message; the class count is checked per step
+        self.batch, self.depth = int(batch), depth
+        self.criterion, self.threshold, self.patience = criterion, threshold, patience
+        self.backend = backend
+        self.device = torch.device(device) if device is not None else torch.device("cpu")
+        i32 = dict(dtype=torch.int32, device=self.device)
+        self.prev = torch.full((self.batch,), float("nan"), dtype=torch.float32, device=self.device)
+        self.counter = torch.zeros(self.batch, **i32)
+        self.exit_layer = torch.zeros(self.batch, **i32)
+        self.count = torch.zeros(1, **i32)
+        self._ids = torch.arange(self.batch, **i32)  # the active rows' batch ids are self._ids[:active]
+        self._spare = torch.empty(self.batch, **i32)  # the decision writes the next ids here (never in place)
+        self._local = torch.empty(self.batch, **i32)
+        self.logits = None
+        self.active = self.batch
+
+    @property
+    def row_ids(self):
+        return self._ids[:self.active]
+
+    def step(self, logits, layer):
+        if logits.dim() != 2 or logits.shape[0] != self.active:
+            raise ValueError(f"logits must be [{self.active}, C] (one row per active sample), got shape "
+                             f"{tuple(logits.shape)}")
+        if self.logits is None:
+            self.logits = torch.full((self.batch, logits.shape[1]), float("nan"), dtype=logits.dtype,
+                                     device=self.device)
+        last = layer == self.depth
+        exit_decision(logits, self.row_ids, self.prev, self.counter, self.logits, self.exit_layer, self._spare,
+                      self._local, self.count, layer=layer, criterion=self.criterion, threshold=self.threshold,
+                      patience=self.patience, last=last, backend=self.backend)
+        if last:
+            self.active = 0
+            return self._local[:0]
+        if self.criterion == "patience" and layer <= self.patience:
+            return None  # a streak of `patience` repeats needs patience + 1 layers: nobody can exit yet
+        n = int(self.count.item())  # the one device-to-host copy of the layer
+        if n == self.active:
+            return None
+        self._ids, self._spare = self._spare, self._ids
+        self.active = n
+        return self._local[:n]

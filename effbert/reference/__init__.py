@@ -6,3 +6,8 @@ Written for clarity, not speed. They never import kernels.
 from .early_exit import exit_entropy
 
 __all__ = ["exit_entropy"]
+
+# batched early exit: criteria, one layer's decision, the per-sample loop
+from .early_exit import CRITERIA, early_exit_loop, exit_decision, exit_max_prob  # noqa: E402
+
+__all__ += ["CRITERIA", "early_exit_loop", "exit_decision", "exit_max_prob"]
