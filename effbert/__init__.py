@@ -5,3 +5,8 @@ __version__ = "0.1.0"
 from .ops import BACKENDS, BackendNotSupportedError, BackendStatus, backends, exit_entropy  # noqa: E402
 
 __all__ = ["BACKENDS", "BackendNotSupportedError", "BackendStatus", "backends", "exit_entropy", "__version__"]
+
+# early exit: multi-exit encoder, losses and calibration
+from . import calibration, losses, nn  # noqa: E402
+
+__all__ += ["calibration", "losses", "nn"]

@@ -189,12 +189,13 @@ def exit_decision_kernel(
 
 
 def exit_decision_config(cols, interpret=INTERPRET):
-    """One program; tiles of up to 1024 rows and 4096 elements (an off-ramp row is a handful of classes)."""
+    """One program; tiles of up to 1024 elements (an off-ramp row is a handful of classes; 64-class tiles of 2048
+    elements spill under the per-thread register cap)."""
     block_c = min(triton.next_power_of_2(max(cols, 1)), 64)
-    block_r = max(16, min(1024, 4096 // block_c))
+    block_r = max(16, min(1024, 1024 // block_c))
     if interpret:
         block_r = min(block_r, 64)
-    return {"BLOCK_R": block_r, "BLOCK_C": block_c, "num_warps": 1 if interpret else 8}
+    return {"BLOCK_R": block_r, "BLOCK_C": block_c, "num_warps": 1 if interpret else 4}
 
 
 def exit_decision(x, ids, prev, counter, out_logits, out_layer, next_rows, next_local, count, *, criterion, layer,
@@ -227,9 +228,107 @@ COMPILE_SPECS += [
         "must_not_spill": True,
         "matrix_instructions": False,
     }
+    # Every criterion and both tile shapes in fp32; the 16-bit dtypes change only the loads and stores, so they are
+    # covered on one criterion each (a full cross product would triple the report's time for no new code path).
     for dt, ptr in _DTYPES.items()
-    for crit in (ENTROPY, MAX_PROB, PATIENCE, PATIENCE_REGRESSION)
-    for last in (False, True)
-    for cols in ((1,) if crit == PATIENCE_REGRESSION else (2, 64))
+    for crit in ((ENTROPY, MAX_PROB, PATIENCE, PATIENCE_REGRESSION) if dt == "fp32" else (PATIENCE,))
+    for last in ((False, True) if dt == "fp32" else (False,))
+    for cols in ((1,) if crit == PATIENCE_REGRESSION else (2, 64) if dt == "fp32" else (2,))
     for cfg in [exit_decision_config(cols, interpret=False)]
+]
+
+
+# ---- RomeBERT's multi-exit loss and its gradient in one launch ----
+
+@triton.jit
+def multi_exit_loss_kernel(
+    z_ptr, labels_ptr, loss_ptr, grad_ptr,
+    n_layers, batch, cols, stride_l, stride_b, gamma, temperature,
+    BLOCK_C: tl.constexpr,
+):
+    """One program per sample: the teacher's softened distribution once, then for every exit its cross-entropy,
+    its distillation term and d(loss)/d(logits), all from one read of each logit row.
+
+    loss[b] = CE_L + sum_{i<L} (1 - gamma) CE_i + gamma T^2 KL(p_T || q_i);  grad[i, b] = w_i (softmax(z_i) - onehot)
+    + gamma T (q_i - p_T) for i < L (the teacher is detached), with p_T = softmax(z_L / T), q_i = softmax(z_i / T).
+    """
+    b = tl.program_id(0)
+    offs = tl.arange(0, BLOCK_C)
+    cmask = offs < cols
+    y = tl.load(labels_ptr + b).to(tl.int32)
+    onehot = (offs == y).to(tl.float32)
+    inv_t = 1.0 / temperature
+    b64 = b.to(tl.int64)
+    stride_l64 = stride_l.to(tl.int64)  # L * B * C may pass 2**31
+    batch64 = batch.to(tl.int64)
+    row = z_ptr + b64 * stride_b
+    zt = tl.load(row + (n_layers - 1) * stride_l64 + offs, mask=cmask, other=float("-inf")).to(tl.float32)
+    zt = zt * inv_t
+    mt = tl.max(zt, axis=0)
+    et = tl.exp(zt - mt)
+    st = tl.sum(et, axis=0)
+    pt = et / st
+    log_pt = zt - mt - tl.log(st)
+    total = 0.0
+    for l in range(0, n_layers):
+        z = tl.load(row + l * stride_l64 + offs, mask=cmask, other=float("-inf")).to(tl.float32)
+        m = tl.max(z, axis=0)
+        e = tl.exp(z - m)
+        s = tl.sum(e, axis=0)
+        ce = m + tl.log(s) - tl.sum(tl.where(offs == y, z, 0.0), axis=0)
+        p = e / s
+        zq = z * inv_t
+        mq = tl.max(zq, axis=0)
+        eq = tl.exp(zq - mq)
+        sq = tl.sum(eq, axis=0)
+        log_q = zq - mq - tl.log(sq)
+        q = eq / sq
+        kl = tl.sum(tl.where(pt > 0, pt * (log_pt - log_q), 0.0), axis=0)
+        student = l < n_layers - 1
+        w_ce = tl.where(student, 1.0 - gamma, 1.0)
+        w_kd = tl.where(student, gamma, 0.0)
+        total += w_ce * ce + w_kd * temperature * temperature * kl
+        g = w_ce * (p - onehot) + w_kd * temperature * (q - pt)
+        tl.store(grad_ptr + (l * batch64 + b64) * cols + offs, g, mask=cmask)
+    tl.store(loss_ptr + b, total)
+
+
+MULTI_EXIT_LOSS_MAX_C = 8192  # one row in registers; off-ramps are a handful of classes
+
+
+def multi_exit_loss_config(cols, interpret=INTERPRET):
+    block_c = triton.next_power_of_2(max(cols, 1))
+    return {"BLOCK_C": block_c, "num_warps": 1 if interpret else (4 if block_c <= 1024 else 8)}
+
+
+def multi_exit_loss(z, labels, loss_rows, grad, gamma, temperature):
+    """``z [L, B, C]`` (unit column stride) and int64 ``labels [B]``; writes float32 ``loss_rows [B]`` and the
+    contiguous float32 ``grad [L, B, C]`` of sum(loss_rows)."""
+    depth, batch, cols = z.shape
+    if batch == 0:
+        return loss_rows, grad
+    cfg = multi_exit_loss_config(cols)
+    multi_exit_loss_kernel[(batch,)](
+        z, labels, loss_rows, grad, depth, batch, cols, z.stride(0), z.stride(1), float(gamma), float(temperature),
+        BLOCK_C=cfg["BLOCK_C"], num_warps=cfg["num_warps"],
+    )
+    return loss_rows, grad
+
+
+COMPILE_SPECS += [
+    {
+        "name": f"multi_exit_loss[{dt},C<={cfg['BLOCK_C']}]",
+        "fn": multi_exit_loss_kernel,
+        "signature": {"z_ptr": ptr, "labels_ptr": "*i64", "loss_ptr": "*fp32", "grad_ptr": "*fp32", "n_layers": "i32",
+                      "batch": "i32", "cols": "i32", "stride_l": "i32", "stride_b": "i32", "gamma": "fp32",
+                      "temperature": "fp32"},
+        "constexprs": {"BLOCK_C": cfg["BLOCK_C"]},
+        "num_warps": cfg["num_warps"],
+        "divisible": ("z_ptr", "grad_ptr"),
+        "must_not_spill": True,
+        "matrix_instructions": False,
+    }
+    for dt, ptr in _DTYPES.items()
+    for cols in ((2, 1024, MULTI_EXIT_LOSS_MAX_C) if dt == "fp32" else (2,))
+    for cfg in [multi_exit_loss_config(cols, interpret=False)]
 ]

@@ -10,7 +10,7 @@ from .. import reference
 from ._checks import FLOAT_DTYPES, check_same_device, check_tensor
 from ._dispatch import default_preference, direct_call_ok, requested_backend, select_backend
 
-__all__ = ["exit_entropy", "exit_decision", "BatchedExit", "check_criterion", "CRITERIA"]
+__all__ = ["exit_entropy", "exit_decision", "BatchedExit", "check_criterion", "CRITERIA", "multi_exit_distillation_loss"]
 
 _KERNEL_DTYPES = FLOAT_DTYPES
 
@@ -375,3 +375,144 @@ class BatchedExit:
         self._ids, self._spare = self._spare, self._ids
         self.active = n
         return self._local[:n]
+
+
+# ---- RomeBERT's multi-exit distillation loss: loss and gradient in one pass ----
+
+def _loss_reasons(exit_logits):
+    def reasons(name):
+        out = []
+        if name == "eager":
+            return out
+        if name != "triton":
+            out.append(f"{name}: the fused multi-exit loss has a Triton kernel and the eager reference only")
+        if exit_logits.dtype not in _KERNEL_DTYPES:
+            out.append(f"{name} kernels take fp32/fp16/bf16 logits, got {str(exit_logits.dtype).replace('torch.', '')}")
+        if exit_logits.shape[-1] > _LOSS_MAX_C:
+            out.append(f"the Triton kernel keeps a row in registers: C <= {_LOSS_MAX_C}, got {exit_logits.shape[-1]}")
+        return out
+
+    return reasons
+
+
+_LOSS_MAX_C = 8192
+
+
+def _loss_preference(device):
+    return ("triton", "eager") if device.type == "cuda" else ("eager",)
+
+
+def loss_backend(exit_logits, backend="auto"):
+    """The backend ``multi_exit_distillation_loss`` would run (raises if none can serve)."""
+    return select_backend("multi_exit_distillation_loss", backend, exit_logits.device, _loss_reasons(exit_logits),
+                          _loss_preference)
+
+
+def _loss_eager(z, labels, gamma, temperature):
+    """Rows of the loss and d(sum of rows)/d(logits), closed form (the same formulas as the kernel)."""
+    x = z if z.dtype == torch.float64 else z.float()
+    depth = x.shape[0]
+    t = float(temperature)
+    logp = torch.log_softmax(x, dim=-1)
+    onehot = torch.nn.functional.one_hot(labels, x.shape[-1]).to(x.dtype)
+    ce = -(logp * onehot).sum(-1)  # [L, B]
+    log_q = torch.log_softmax(x / t, dim=-1)
+    log_pt = log_q[-1]
+    pt = log_pt.exp()
+    kl = torch.where(pt > 0, pt * (log_pt - log_q), torch.zeros_like(log_q)).sum(-1)
+    w_ce = torch.full((depth, 1), 1 - gamma, dtype=x.dtype, device=x.device)
+    w_ce[-1] = 1.0
+    w_kd = torch.full((depth, 1), gamma, dtype=x.dtype, device=x.device)
+    w_kd[-1] = 0.0
+    rows = (w_ce * ce + w_kd * t * t * kl).sum(0)
+    grad = w_ce[..., None] * (logp.exp() - onehot) + w_kd[..., None] * t * (log_q.exp() - pt)
+    return rows, grad
+
+
+def _loss_impl(exit_logits, labels, gamma, temperature, backend):
+    name = loss_backend(exit_logits, backend)
+    if name == "eager":
+        rows, grad = _loss_eager(exit_logits, labels, gamma, temperature)
+        return rows.sum() / max(labels.shape[0], 1), grad
+    from ..kernels import early_exit as kernels
+
+    z = exit_logits if exit_logits.stride(-1) == 1 else exit_logits.contiguous()
+    depth, batch, cols = z.shape
+    rows = torch.empty(batch, dtype=torch.float32, device=z.device)
+    grad = torch.empty(depth, batch, cols, dtype=torch.float32, device=z.device)
+    kernels.multi_exit_loss(z, labels, rows, grad, gamma, temperature)
+    return rows.sum() / max(batch, 1), grad
+
+
+@torch.library.custom_op("effbert::multi_exit_distillation_loss", mutates_args=())
+def _loss_op(exit_logits: torch.Tensor, labels: torch.Tensor, gamma: float, temperature: float,
+             backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    return _loss_impl(exit_logits, labels, gamma, temperature, backend)
+
+
+@_loss_op.register_fake
+def _(exit_logits, labels, gamma, temperature, backend):
+    dtype = torch.float64 if exit_logits.dtype == torch.float64 else torch.float32
+    return exit_logits.new_empty((), dtype=dtype), exit_logits.new_empty(exit_logits.shape, dtype=dtype)
+
+
+def _loss_setup_context(ctx, inputs, output):
+    ctx.save_for_backward(output[1])
+    ctx.batch = inputs[0].shape[1]
+    ctx.dtype = inputs[0].dtype
+
+
+def _loss_backward(ctx, grad_loss, _grad_of_grad):
+    (grad,) = ctx.saved_tensors
+    scale = grad_loss / max(ctx.batch, 1)
+    return (grad * scale).to(ctx.dtype), None, None, None, None
+
+
+_loss_op.register_autograd(_loss_backward, setup_context=_loss_setup_context)
+
+
+def check_exit_logits(exit_logits, labels):
+    check_tensor("exit_logits", exit_logits, ndim=3, dtypes=FLOAT_DTYPES + (torch.float64,), shape_hint="[L, B, C]")
+    depth, batch, cols = exit_logits.shape
+    if depth < 1 or cols < 1:
+        raise ValueError(f"exit_logits must have at least one exit and one class, got shape {tuple(exit_logits.shape)}")
+    check_tensor("labels", labels, ndim=1, shape_hint="[B]")
+    if labels.shape[0] != batch:
+        raise ValueError(f"labels must be [B] = [{batch}] (one per sample of exit_logits [L, B, C]), got "
+                         f"{list(labels.shape)}")
+    check_same_device(exit_logits=exit_logits, labels=labels)
+
+
+def _check_labels_in_range(labels, cols):
+    if labels.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
+        raise TypeError(f"labels must hold integer class indices, got {str(labels.dtype).replace('torch.', '')}")
+    # A host-side range check needs the values: done for CPU tensors (free) and not while tracing.
+    if labels.device.type == "cpu" and labels.numel() and not torch.compiler.is_compiling():
+        lo, hi = int(labels.min()), int(labels.max())
+        if lo < 0 or hi >= cols:
+            raise ValueError(f"labels must be class indices in [0, {cols}), got values in [{lo}, {hi}]")
+
+
+def multi_exit_distillation_loss(exit_logits, labels, gamma=0.9, temperature=3.0, *, backend="auto"):
+    """RomeBERT's joint self-distillation loss over every exit (DESIGN.md, "Early exit"), differentiable.
+
+    ``exit_logits [L, B, C]``: every exit's logits (``MultiExitEncoder.forward``); ``labels [B]``: class indices.
+    The last exit is the detached teacher, trained by cross-entropy alone; exit i < L gets
+    ``(1 - gamma) CE_i + gamma T^2 KL(softmax(z_L / T) || softmax(z_i / T))``; batch means, summed over exits.
+    On CUDA a single Triton launch computes every term and the gradient (kept for backward).
+    """
+    check_exit_logits(exit_logits, labels)
+    _check_labels_in_range(labels, exit_logits.shape[-1])
+    for name, v in (("gamma", gamma), ("temperature", temperature)):
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            raise ValueError(f"{name} must be a finite number, got {v!r}")
+    if not 0 <= gamma <= 1:
+        raise ValueError(f"gamma must be in [0, 1], got {gamma}")
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    requested_backend(backend)
+    labels = labels.long()
+    if direct_call_ok(exit_logits):
+        return _loss_impl(exit_logits, labels, float(gamma), float(temperature), backend)[0]
+    return torch.ops.effbert.multi_exit_distillation_loss(exit_logits, labels, float(gamma), float(temperature),
+                                                          backend)[0]

@@ -10,4 +10,7 @@ __all__ = ["exit_entropy"]
 # batched early exit: criteria, one layer's decision, the per-sample loop
 from .early_exit import CRITERIA, early_exit_loop, exit_decision, exit_max_prob  # noqa: E402
 
-__all__ += ["CRITERIA", "early_exit_loop", "exit_decision", "exit_max_prob"]
+from .early_exit import multi_exit_distillation_loss, pabee_loss  # noqa: E402
+
+__all__ += ["CRITERIA", "early_exit_loop", "exit_decision", "exit_max_prob", "multi_exit_distillation_loss",
+            "pabee_loss"]

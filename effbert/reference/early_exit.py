@@ -110,3 +110,39 @@ def early_exit_loop(layers, heads, hidden, key_padding_mask=None, *, criterion, 
     if not out_logits:
         return hidden.new_empty((0, 0)), torch.zeros(0, dtype=torch.int64, device=hidden.device)
     return torch.stack(out_logits), torch.tensor(out_layer, dtype=torch.int64, device=hidden.device)
+
+
+# ---- multi-exit training losses ----
+
+def multi_exit_distillation_loss(exit_logits, labels, gamma=0.9, temperature=3.0):
+    """RomeBERT's joint loss over every exit ``exit_logits [L, B, C]`` with integer ``labels [B]``.
+
+    The last exit is the teacher (detached): it is trained by cross-entropy alone. Every other exit i gets
+    ``(1 - gamma) * CE(z_i, y) + gamma * T^2 * KL(softmax(z_L / T) || softmax(z_i / T))``. Batch means, summed over
+    exits. Computed in float64 for float64 inputs, else float32.
+    """
+    x = exit_logits if exit_logits.dtype == torch.float64 else exit_logits.float()
+    t = float(temperature)
+    loss = torch.nn.functional.cross_entropy(x[-1], labels)
+    teacher = torch.log_softmax(x[-1].detach() / t, dim=-1)
+    for i in range(x.shape[0] - 1):
+        ce = torch.nn.functional.cross_entropy(x[i], labels)
+        kd = torch.nn.functional.kl_div(torch.log_softmax(x[i] / t, dim=-1), teacher, log_target=True,
+                                        reduction="batchmean")
+        loss = loss + (1 - gamma) * ce + gamma * t * t * kd
+    return loss
+
+
+def pabee_loss(exit_logits, labels):
+    """PABEE's layer-weighted loss: ``sum_i i * loss_i / sum_i i`` over exits i = 1..L, where loss_i is the
+    cross-entropy (integer labels) or, for a one-column regression head with float labels, the mean squared error."""
+    x = exit_logits if exit_logits.dtype == torch.float64 else exit_logits.float()
+    depth = x.shape[0]
+    total = x.new_zeros(())
+    for i in range(depth):
+        if x.shape[-1] == 1 and labels.is_floating_point():
+            li = torch.nn.functional.mse_loss(x[i, :, 0], labels.to(x.dtype))
+        else:
+            li = torch.nn.functional.cross_entropy(x[i], labels)
+        total = total + (i + 1) * li
+    return total / (depth * (depth + 1) / 2)
