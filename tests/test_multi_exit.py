@@ -209,3 +209,29 @@ def test_bad_shapes():
 
 def test_exports():
     assert effbert.nn.MultiExitEncoder is MultiExitEncoder
+
+
+# ---- the benchmark's synthetic setup does what its table claims ----
+
+def test_bench_exit_plan_and_cases_check_out():
+    from effbert.bench import early_exit as bench
+
+    for batch in (1, 16, 64, 256):
+        for avg in (4, 6, 8, 9):
+            plan = bench._exit_plan(batch, avg, 12)
+            assert float(plan.mean()) == avg and plan.min() >= 1 and plan.max() <= 12
+    cases = [c for c in bench.cases(torch.device("cpu"), quick=True) if not c.skip_reasons]
+    assert {c.op for c in cases} == {"exit_entropy", "exit_decision", "early_exit_inference"}
+    for c in cases:
+        if c.op == "exit_entropy":
+            continue
+        inputs = c.make_inputs()
+        if c.check:
+            out, ref = c.fn(*inputs), c.reference(*inputs)
+            assert torch.allclose(out.double(), ref.double(), rtol=max(c.rtol, 1e-6), atol=1e-6), c.key
+    # the synthetic off-ramps make every sample leave at its planned layer
+    e2e = next(c for c in cases if c.provider == "effbert-batched")
+    (hidden,) = e2e.make_inputs()
+    enc = bench._encoder(torch.device("cpu"), torch.float32, 64, 2, 128, 12)
+    _, layers = enc.early_exit(hidden, criterion="max_prob", threshold=0.9)
+    assert layers.tolist() == hidden[:, 0, -1].long().tolist()
