@@ -67,14 +67,20 @@ def test_fused_loss_and_gradient(backend, device, dtype, shape, seeded):
     ref = reference.multi_exit_distillation_loss(z64, y, gamma, t)
     (ref * w).backward()
     assert out.dtype == torch.float32 and z1.grad.dtype == dtype
+    # A confident sample's cross-entropy is a cancellation (logsumexp - z_y) near 0, so fp32 (the kernels compute
+    # in fp32 whatever the input dtype) is accurate relative to the loss scale, not to the value: the norms are
+    # floored at 1 (loss) and 1 / B (gradient, whose entries are O(1 / B)).
+    assert abs(out.item() - ref.item()) <= 1e-5 * max(abs(ref.item()), 1.0), f"{backend} loss"
+    floor = w / batch
+    g_err = float((z1.grad.double().cpu() - z64.grad.cpu()).norm() / max(float(z64.grad.norm()), floor))
     if dtype == torch.float32:
-        assert_close(out, ref, what=f"{backend} loss")
-        assert_close(z1.grad, z64.grad, what=f"{backend} gradient")
+        assert g_err <= 1e-5, f"{backend} gradient: {g_err:.3e}"
     else:
-        z16 = z.clone().float().requires_grad_()  # low-precision eager: same inputs, fp16 gradient
+        z16 = z.clone().float().requires_grad_()  # the eager reference in low precision: fp16 gradient
         (reference.multi_exit_distillation_loss(z16, y, gamma, t) * w).backward()
-        assert_close(out, ref, rtol=1e-5, what=f"{backend} fp16 loss")
-        assert_close(z1.grad, z64.grad, lowp_eager=z16.grad.to(dtype), what=f"{backend} fp16 gradient")
+        e_err = float((z16.grad.to(dtype).double().cpu() - z64.grad.cpu()).norm() / max(float(z64.grad.norm()),
+                                                                                       floor))
+        assert g_err <= 2 * e_err + 1e-5, f"{backend} fp16 gradient: {g_err:.3e} > 2 x {e_err:.3e}"
 
 
 @pytest.mark.parametrize("backend,device", LOSS_BACKENDS)
