@@ -520,3 +520,29 @@ def test_bad_layer_and_native_ids():
     with pytest.raises(ValueError, match=r"row_ids\[2\] = 9 outside"):
         ops.exit_decision(*args.values(), layer=1, criterion="max_prob", threshold=0.01, backend="cpu")
     assert torch.equal(args["out_layer"], before)
+
+
+@pytest.mark.parametrize("backend,device", backend_cases())
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
+def test_patience_ties_take_the_first_class(backend, device, dtype):
+    """The patience prediction is torch.argmax's: the first maximal class, also when the ties sit in different
+    column blocks of a kernel."""
+    c = 97
+    x = torch.zeros(4, c)
+    x[1, [5, 70]] = 3.0
+    x[2, [64, 90]] = 2.0
+    x[3, [96, 1, 33]] = 1.0
+    x = x.to(dtype).to(device)
+    first = [0, 5, 64, 1]
+    assert x.float().cpu().argmax(-1).tolist() == first
+    batch = 4
+    i32 = dict(dtype=torch.int32, device=device)
+    prev = torch.tensor(first, dtype=torch.float32, device=device)
+    counter = torch.zeros(batch, **i32)
+    out_layer = torch.zeros(batch, **i32)
+    count = torch.full((1,), -1, **i32)
+    ops.exit_decision(x, torch.arange(batch, **i32), prev, counter, torch.zeros(batch, c, dtype=dtype, device=device),
+                      out_layer, torch.zeros(batch, **i32), torch.zeros(batch, **i32), count, layer=2,
+                      criterion="patience", patience=1, backend=backend)
+    assert int(count) == 0 and out_layer.tolist() == [2] * 4 and counter.tolist() == [1] * 4
+    assert prev.tolist() == first
