@@ -235,3 +235,9 @@ def test_bench_exit_plan_and_cases_check_out():
     enc = bench._encoder(torch.device("cpu"), torch.float32, 64, 2, 128, 12)
     _, layers = enc.early_exit(hidden, criterion="max_prob", threshold=0.9)
     assert layers.tolist() == hidden[:, 0, -1].long().tolist()
+
+
+def test_head_changing_width_midway_is_an_error():
+    enc = MultiExitEncoder([MixLayer(8) for _ in range(3)], [ExitHead(8, 3), ExitHead(8, 4), ExitHead(8, 3)])
+    with pytest.raises(ValueError, match=r"logits must be \[\d+, 3\]"):
+        enc.early_exit(torch.randn(5, 4, 8), criterion="entropy", threshold=1e-9, backend="cpu")

@@ -348,6 +348,7 @@ class BatchedExit:
         self._local = torch.empty(self.batch, **i32)
         self.logits = None
         self.active = self.batch
+        self._resolved = None  # (backend, criterion code, threshold, patience) once the first layer has been checked
 
     @property
     def row_ids(self):
@@ -361,9 +362,24 @@ class BatchedExit:
             self.logits = torch.full((self.batch, logits.shape[1]), float("nan"), dtype=logits.dtype,
                                      device=self.device)
         last = layer == self.depth
-        exit_decision(logits, self.row_ids, self.prev, self.counter, self.logits, self.exit_layer, self._spare,
-                      self._local, self.count, layer=layer, criterion=self.criterion, threshold=self.threshold,
-                      patience=self.patience, last=last, backend=self.backend)
+        if self._resolved is None or logits.dtype != self.logits.dtype or logits.stride(-1) != 1 \
+                or not direct_call_ok(logits):
+            # the first layer (and anything unusual) goes through the checked public op
+            exit_decision(logits, self.row_ids, self.prev, self.counter, self.logits, self.exit_layer, self._spare,
+                          self._local, self.count, layer=layer, criterion=self.criterion, threshold=self.threshold,
+                          patience=self.patience, last=last, backend=self.backend)
+            code, threshold, patience = check_criterion(self.criterion, self.threshold, self.patience,
+                                                        classes=logits.shape[1])
+            self._resolved = (decision_backend(logits, self.backend), code, threshold, patience)
+        else:
+            # later layers: the buffers are this object's own and were checked on the first layer, so the per-layer
+            # cost is the launch alone (argument checks cost as much as the decision on a GPU)
+            if logits.shape[1] != self.logits.shape[1] or logits.device != self.device:
+                raise ValueError(f"logits must be [{self.active}, {self.logits.shape[1]}] on {self.device}, got "
+                                 f"{tuple(logits.shape)} on {logits.device}")
+            name, code, threshold, patience = self._resolved
+            _DECISION[name](logits, self.row_ids, self.prev, self.counter, self.logits, self.exit_layer, self._spare,
+                            self._local, self.count, code, layer, threshold, patience, last)
         if last:
             self.active = 0
             return self._local[:0]
