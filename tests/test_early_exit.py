@@ -439,7 +439,7 @@ def test_decision_under_torch_compile(seeded):
 
     st.logits = torch.full((batch, c), float("nan"))
     count = torch.compile(f, fullgraph=True, backend="aot_eager")(x)
-    assert int(count) == ref.active or (ref.active == batch and int(count) == batch)
+    assert int(count) == ref.active  # the rows the reference kept (all of them when nobody exited)
     assert torch.equal(st.exit_layer, ref.exit_layer)
 
 

@@ -258,9 +258,12 @@ def e2e_cases(device, quick):
                 hidden[:, 0, -1] = plan
                 return (hidden.to(dtype).to(device),)
 
-            def batched(hidden):
+            def batched(hidden, backend="auto"):
                 enc = _encoder(device, dtype, dm, heads, dff, depth)
-                return enc.early_exit(hidden, criterion="max_prob", threshold=threshold)[0]
+                return enc.early_exit(hidden, criterion="max_prob", threshold=threshold, backend=backend)[0]
+
+            def batched_triton(hidden):
+                return batched(hidden, "triton")
 
             def full_depth(hidden):
                 enc = _encoder(device, dtype, dm, heads, dff, depth)
@@ -279,9 +282,12 @@ def e2e_cases(device, quick):
             weights = 4 * dm * dm + 2 * dm * dff
             nbytes = int(plan.max()) * weights * dtype.itemsize + batch * seq * dm * dtype.itemsize
             shape = f"B={batch},N={seq},L={depth},avg_exit={avg}"
-            for name, fn, check in (("effbert-batched", batched, True), ("full-depth", full_depth, False),
-                                    ("batch-1-loop", loop, False)):
+            for name, fn, check in (("effbert-batched", batched, True), ("effbert-batched-triton", batched_triton, True),
+                                    ("full-depth", full_depth, False), ("batch-1-loop", loop, False)):
                 reasons = []
+                if name == "effbert-batched-triton":  # the decision on Triton instead of the auto pick (CUDA C++)
+                    probe = torch.empty(1, 2, device=device, dtype=torch.float32)
+                    reasons = provider_reasons(lambda p=probe: ops.decision_backend(p, "triton"))
                 if name == "batch-1-loop" and device.type == "cuda" and batch == 256 and avg != 6:
                     reasons = ["the batch-1 loop at B=256 runs at avg_exit=6 only (it takes seconds per call)"]
                 out.append(Case(
