@@ -2,5 +2,8 @@
 
 from ._dispatch import BACKENDS, BackendNotSupportedError, BackendStatus, backends
 from .early_exit import exit_entropy
+from .position_bias import t5_relative_buckets, tupe_position_bias
+from .tupe_attention import tupe_attention, tupe_attention_varlen
 
-__all__ = ["BACKENDS", "BackendNotSupportedError", "BackendStatus", "backends", "exit_entropy"]
+__all__ = ["BACKENDS", "BackendNotSupportedError", "BackendStatus", "backends", "exit_entropy",
+           "t5_relative_buckets", "tupe_position_bias", "tupe_attention", "tupe_attention_varlen"]
