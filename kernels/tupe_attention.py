@@ -52,6 +52,14 @@ def _seq_bounds(CuSeq, b, N, VARLEN: tl.constexpr):
 
 
 @triton.jit
+def _head_base(Ptr, b, h, start, sb, sn, sh, VARLEN: tl.constexpr):
+    """Address of token 0 of sequence b, head h: packed rows start at cu_seqlens[b], padded ones at row b."""
+    if VARLEN:
+        return Ptr + start * sn + h * sh
+    return Ptr + b.to(tl.int64) * sb + h * sh
+
+
+@triton.jit
 def _logits_tile(q, k, Bias, Mask, b, h, offs_m, offs_n, seqlen, smb, sbh, sbi, sbj, qk_scale,
                  HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """scale * q k^T + bias, times log2(e), with -inf at keys past the sequence end or masked out."""
@@ -84,16 +92,10 @@ def tupe_attn_fwd_kernel(
     m0 = pid_m * BLOCK_M
     if m0 >= seqlen:  # packed layout: this sequence is shorter than the longest one
         return
-    if VARLEN:
-        q_base = Q + start * sqn + h * sqh
-        k_base = K + start * skn + h * skh
-        v_base = V + start * svn + h * svh
-        o_base = Out + start * son + h * soh
-    else:
-        q_base = Q + b.to(tl.int64) * sqb + h * sqh
-        k_base = K + b.to(tl.int64) * skb + h * skh
-        v_base = V + b.to(tl.int64) * svb + h * svh
-        o_base = Out + b.to(tl.int64) * sob + h * soh
+    q_base = _head_base(Q, b, h, start, sqb, sqn, sqh, VARLEN)
+    k_base = _head_base(K, b, h, start, skb, skn, skh, VARLEN)
+    v_base = _head_base(V, b, h, start, svb, svn, svh, VARLEN)
+    o_base = _head_base(Out, b, h, start, sob, son, soh, VARLEN)
     offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, D)
     row_ok = offs_m < seqlen
@@ -178,20 +180,12 @@ def tupe_attn_bwd_dkdv_kernel(
     n0 = pid_n * BLOCK_N
     if n0 >= seqlen:
         return
-    if VARLEN:
-        q_base = Q + start * sqn + h * sqh
-        k_base = K + start * skn + h * skh
-        v_base = V + start * svn + h * svh
-        do_base = DO + start * sdon + h * sdoh
-        dk_base = DK + start * sdkn + h * sdkh
-        dv_base = DV + start * sdvn + h * sdvh
-    else:
-        q_base = Q + b.to(tl.int64) * sqb + h * sqh
-        k_base = K + b.to(tl.int64) * skb + h * skh
-        v_base = V + b.to(tl.int64) * svb + h * svh
-        do_base = DO + b.to(tl.int64) * sdob + h * sdoh
-        dk_base = DK + b.to(tl.int64) * sdkb + h * sdkh
-        dv_base = DV + b.to(tl.int64) * sdvb + h * sdvh
+    q_base = _head_base(Q, b, h, start, sqb, sqn, sqh, VARLEN)
+    k_base = _head_base(K, b, h, start, skb, skn, skh, VARLEN)
+    v_base = _head_base(V, b, h, start, svb, svn, svh, VARLEN)
+    do_base = _head_base(DO, b, h, start, sdob, sdon, sdoh, VARLEN)
+    dk_base = _head_base(DK, b, h, start, sdkb, sdkn, sdkh, VARLEN)
+    dv_base = _head_base(DV, b, h, start, sdvb, sdvn, sdvh, VARLEN)
     offs_n = n0 + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, D)
     col_ok = offs_n < seqlen
@@ -260,20 +254,13 @@ def tupe_attn_bwd_dq_kernel(
         bh = b * H + h
         start, seqlen = _seq_bounds(CuSeq, b, N, VARLEN)
         if m0 < seqlen:
-            if VARLEN:
-                q_off = start * sqn + h * sqh
-                dq_base = DQ + start * sdqn + h * sdqh
-                k_base = K + start * skn + h * skh
-                v_base = V + start * svn + h * svh
-                do_base = DO + start * sdon + h * sdoh
-            else:
-                q_off = b.to(tl.int64) * sqb + h * sqh
-                dq_base = DQ + b.to(tl.int64) * sdqb + h * sdqh
-                k_base = K + b.to(tl.int64) * skb + h * skh
-                v_base = V + b.to(tl.int64) * svb + h * svh
-                do_base = DO + b.to(tl.int64) * sdob + h * sdoh
+            q_base = _head_base(Q, b, h, start, sqb, sqn, sqh, VARLEN)
+            dq_base = _head_base(DQ, b, h, start, sdqb, sdqn, sdqh, VARLEN)
+            k_base = _head_base(K, b, h, start, skb, skn, skh, VARLEN)
+            v_base = _head_base(V, b, h, start, svb, svn, svh, VARLEN)
+            do_base = _head_base(DO, b, h, start, sdob, sdon, sdoh, VARLEN)
             row_ok = offs_m < seqlen
-            q = tl.load(Q + q_off + offs_m[:, None] * sqn + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+            q = tl.load(q_base + offs_m[:, None] * sqn + offs_d[None, :], mask=row_ok[:, None], other=0.0)
             do = tl.load(do_base + offs_m[:, None] * sdon + offs_d[None, :], mask=row_ok[:, None], other=0.0)
             lse = tl.load(Lse + h * slh + start + offs_m, mask=row_ok, other=float("inf"))
             delta = tl.load(Delta + h * slh + start + offs_m, mask=row_ok, other=0.0)

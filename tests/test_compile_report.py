@@ -5,7 +5,11 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from effbert.tools import compile_report
+
+pytestmark = pytest.mark.aot
 
 
 def run_report(*args):
