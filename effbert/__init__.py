@@ -2,9 +2,20 @@
 
 __version__ = "0.1.0"
 
-from .ops import BACKENDS, BackendNotSupportedError, BackendStatus, backends, exit_entropy  # noqa: E402
+from .ops import (  # noqa: E402
+    BACKENDS,
+    BackendNotSupportedError,
+    BackendStatus,
+    backends,
+    exit_entropy,
+    t5_relative_buckets,
+    tupe_attention,
+    tupe_attention_varlen,
+    tupe_position_bias,
+)
 
-__all__ = ["BACKENDS", "BackendNotSupportedError", "BackendStatus", "backends", "exit_entropy", "__version__"]
+__all__ = ["BACKENDS", "BackendNotSupportedError", "BackendStatus", "backends", "exit_entropy",
+           "t5_relative_buckets", "tupe_position_bias", "tupe_attention", "tupe_attention_varlen", "__version__"]
 
 # early exit: multi-exit encoder, losses and calibration
 from . import calibration, losses, nn  # noqa: E402
