@@ -1,5 +1,5 @@
 """Training losses for multi-exit encoders: RomeBERT's self-distillation loss (fused kernel on CUDA), PABEE's
-layer-weighted loss, and RomeBERT's gradient regularization as a backward helper."""
+layer-weighted loss, and RomeBERT's gradient regularization as a backward step."""
 
 import torch
 from torch import nn
