@@ -1,0 +1,343 @@
+"""TNF note-dictionary kernels: the note mix at the input and the two passes of the note update.
+
+The update runs on a plan the caller builds with torch (sorting, no host sync):
+
+* window means, one program per (sequence, column block): the 2M window boundaries of the sequence's span rows,
+  sorted by position, are walked once while a running prefix sum P of the hidden states is kept in registers. At a
+  row's ``lo`` boundary P is parked in ``means[r]``; at its ``hi`` boundary ``means[r] = (P - parked) / (hi - lo)``.
+  Every token under an open window is read once however many windows cover it; tokens under no window are skipped.
+* ordered fold, one program per (slot segment, column block) after a stable sort of the rows by slot: Horner's rule
+  over the segment in row order gives exactly the sequential EMA (occurrence r of m weighs gamma*(1-gamma)^(m-r),
+  the old note (1-gamma)^m, and a first-ever update sets the note). One program owns a note row: no races.
+
+Both update kernels read an error flag first (the first bad row, or M when every row is valid) and do nothing when
+it is set, so a bad call leaves ``notes`` and ``counts`` untouched.
+"""
+
+import triton
+import triton.language as tl
+
+from . import INTERPRET
+
+
+@triton.jit
+def note_mix_kernel(
+    x_ptr,
+    notes_ptr,
+    slots_ptr,
+    out_ptr,
+    tokens,
+    dim,
+    num_slots,
+    stride_x,
+    stride_out,
+    lam,
+    HAS_NOTES: tl.constexpr,
+    ROWS: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """out = x where slot < 0, else (1 - lam) * x + lam * notes[slot] (or (1 - lam) * x without notes: the
+    backward). A slot >= num_slots is never read; it gives NaN (the wrapper rejects such slots first)."""
+    pid_t = tl.program_id(0)
+    pid_d = tl.program_id(1)
+    offs_t = pid_t * ROWS + tl.arange(0, ROWS)
+    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    t_ok = offs_t < tokens
+    d_ok = offs_d < dim
+    mask = t_ok[:, None] & d_ok[None, :]
+    slot = tl.load(slots_ptr + offs_t, mask=t_ok, other=-1)
+    rare = slot >= 0
+    if HAS_NOTES:
+        valid = rare & (slot < num_slots)
+    else:
+        valid = rare
+    x = tl.load(x_ptr + offs_t.to(tl.int64)[:, None] * stride_x + offs_d[None, :], mask=mask, other=0.0)
+    xf = x.to(tl.float32)
+    mixed = (1.0 - lam) * xf
+    if HAS_NOTES:
+        note = tl.load(notes_ptr + slot.to(tl.int64)[:, None] * dim + offs_d[None, :],
+                       mask=mask & valid[:, None], other=0.0)
+        mixed += lam * note
+    mixed = tl.where(valid[:, None], mixed, float("nan"))
+    y = tl.where(rare[:, None], mixed, xf)
+    if out_ptr.dtype.element_ty == tl.bfloat16:
+        # Round to nearest even by hand: the interpreter's bf16 cast truncates (the GPU rounds; same bits).
+        bits = y.to(tl.uint32, bitcast=True)
+        bits += 0x7FFF + ((bits >> 16) & 1)
+        yo = (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    else:
+        yo = y.to(out_ptr.dtype.element_ty)
+    tl.store(out_ptr + offs_t.to(tl.int64)[:, None] * stride_out + offs_d[None, :], yo, mask=mask)
+
+
+@triton.jit
+def note_check_rows_kernel(
+    spans_ptr,
+    lengths_ptr,
+    flag_ptr,
+    rows,
+    batch,
+    seq,
+    num_slots,
+    CHECK_SPANS: tl.constexpr,
+    CHECK_SLOTS: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """flag = min(flag, first row that is out of range); the update kernels skip all work when flag < rows."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok_r = offs < rows
+    base = spans_ptr + offs.to(tl.int64) * 4
+    bad = tl.zeros([BLOCK], tl.int32) != 0
+    if CHECK_SPANS:
+        b = tl.load(base, mask=ok_r, other=0)
+        start = tl.load(base + 1, mask=ok_r, other=0)
+        end = tl.load(base + 2, mask=ok_r, other=1)
+        b_ok = (b >= 0) & (b < batch)
+        length = tl.load(lengths_ptr + b, mask=ok_r & b_ok, other=0)
+        bad |= ~b_ok | (start < 0) | (start >= end) | (end > length) | (length > seq)
+    if CHECK_SLOTS:
+        slot = tl.load(base + 3, mask=ok_r, other=0)
+        bad |= (slot < 0) | (slot >= num_slots)
+    bad &= ok_r
+    first = tl.min(tl.where(bad, offs, rows), axis=0)
+    tl.atomic_min(flag_ptr, first)
+
+
+@triton.jit
+def note_window_means_kernel(
+    hidden_ptr,
+    ev_off_ptr,
+    ev_pos_ptr,
+    ev_row_ptr,
+    ev_inv_ptr,
+    flag_ptr,
+    means_ptr,
+    rows,
+    seq,
+    dim,
+    stride_b,
+    stride_n,
+    BLOCK_D: tl.constexpr,
+):
+    """means[r] = mean(hidden[b, lo_r:hi_r]) for the rows of sequence b = program_id(0), by one prefix-sum walk.
+
+    Events of sequence b are ev_*[ev_off[b]:ev_off[b + 1]], sorted by position; ev_inv is 0 for a row's lo
+    boundary and 1 / (hi - lo) for its hi boundary.
+    """
+    b = tl.program_id(0)
+    pid_d = tl.program_id(1)
+    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    d_ok = offs_d < dim
+    e0 = tl.load(ev_off_ptr + b).to(tl.int32)
+    e1 = tl.load(ev_off_ptr + b + 1).to(tl.int32)
+    valid = tl.load(flag_ptr) >= rows
+    e1 = tl.where(valid, e1, e0)
+    row_base = hidden_ptr + b.to(tl.int64) * stride_b + offs_d
+    p = tl.zeros([BLOCK_D], tl.float32)
+    t = e0 * 0  # int32 tensors: their type must not change across loop iterations
+    open_rows = e0 * 0
+    for e in range(e0, e1):
+        pos = tl.load(ev_pos_ptr + e).to(tl.int32)
+        r = tl.load(ev_row_ptr + e)
+        inv = tl.load(ev_inv_ptr + e)
+        pos = tl.minimum(tl.maximum(pos, 0), seq)  # the flag guarantees this already; never read outside
+        # No window open: the tokens before this boundary belong to no row, so skip them.
+        t = tl.where(open_rows > 0, t, pos)
+        ptr = row_base + t.to(tl.int64) * stride_n
+        for _ in range(t, pos):
+            p += tl.load(ptr, mask=d_ok, other=0.0).to(tl.float32)
+            ptr += stride_n
+        t = pos
+        out = means_ptr + r * dim + offs_d
+        if inv == 0.0:
+            tl.store(out, p, mask=d_ok)  # park P(lo)
+            open_rows += 1
+        else:
+            parked = tl.load(out, mask=d_ok, other=0.0)
+            tl.store(out, (p - parked) * inv, mask=d_ok)
+            open_rows -= 1
+            # Restart the running sum when no window is open: keeps P small, so P(hi) - P(lo) loses nothing.
+            p = tl.where(open_rows == 0, 0.0, p)
+
+
+@triton.jit
+def note_fold_kernel(
+    notes_ptr,
+    counts_ptr,
+    means_ptr,
+    order_ptr,
+    sorted_slots_ptr,
+    seg_len_ptr,
+    before_ptr,
+    flag_ptr,
+    rows,
+    dim,
+    num_slots,
+    gamma,
+    BLOCK_D: tl.constexpr,
+):
+    """Fold the rows of one slot segment (rows sorted by slot, stable) into notes[slot], in row order.
+
+    seg_len[i] is the segment's length at its first sorted row and 0 elsewhere; before[i] is counts[slot] before
+    this call (read by the caller, so the column programs of a slot do not race on counts)."""
+    i = tl.program_id(0)
+    pid_d = tl.program_id(1)
+    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    d_ok = offs_d < dim
+    m = tl.load(seg_len_ptr + i).to(tl.int32)
+    slot = tl.load(sorted_slots_ptr + i)
+    n = tl.load(before_ptr + i)
+    ok = (tl.load(flag_ptr) >= rows) & (slot >= 0) & (slot < num_slots)
+    m = tl.where(ok, m, 0)
+    note_row = notes_ptr + slot * dim + offs_d
+    acc = tl.load(note_row, mask=d_ok & (m > 0), other=0.0)
+    for k in range(0, m):
+        r = tl.load(order_ptr + i + k)
+        c = tl.load(means_ptr + r * dim + offs_d, mask=d_ok, other=0.0)
+        first = (n == 0) & (k == 0)
+        acc = tl.where(first, c, (1.0 - gamma) * acc + gamma * c)
+    tl.store(note_row, acc, mask=d_ok & (m > 0))
+    if pid_d == 0:
+        tl.store(counts_ptr + slot, n + m, mask=m > 0)
+
+
+def _block_d(dim):
+    return min(256, triton.next_power_of_2(max(dim, 1)))
+
+
+def note_mix_config(dim, interpret=INTERPRET):
+    block_d = _block_d(dim)
+    rows = max(1, 4096 // block_d) if not interpret else max(1, 256 // block_d)
+    return {"BLOCK_D": block_d, "ROWS": rows, "num_warps": 1 if interpret else 4}
+
+
+def note_update_config(dim, interpret=INTERPRET):
+    return {"BLOCK_D": _block_d(dim), "num_warps": 1 if interpret else 2}
+
+
+def note_mix(x2, notes, slots1, lam, out2):
+    """x2, out2: [T, Dm] with unit column stride; slots1: [T] int64; notes: [S, Dm] float32 contiguous or None
+    (then the backward scaling)."""
+    tokens, dim = x2.shape
+    if tokens == 0 or dim == 0:
+        return out2
+    cfg = note_mix_config(dim)
+    grid = (triton.cdiv(tokens, cfg["ROWS"]), triton.cdiv(dim, cfg["BLOCK_D"]))
+    has_notes = notes is not None
+    note_mix_kernel[grid](
+        x2, notes if has_notes else x2, slots1, out2, tokens, dim, notes.shape[0] if has_notes else 0,
+        x2.stride(0), out2.stride(0), float(lam), HAS_NOTES=has_notes, ROWS=cfg["ROWS"], BLOCK_D=cfg["BLOCK_D"],
+        num_warps=cfg["num_warps"],
+    )
+    return out2
+
+
+def note_check_rows(spans, lengths, flag, batch, seq, num_slots, check_spans, check_slots):
+    rows = spans.shape[0]
+    if rows == 0:
+        return flag
+    block = 128
+    note_check_rows_kernel[(triton.cdiv(rows, block),)](
+        spans, lengths if lengths is not None else spans, flag, rows, batch, seq, num_slots,
+        CHECK_SPANS=check_spans, CHECK_SLOTS=check_slots, BLOCK=block,
+    )
+    return flag
+
+
+def note_window_means(hidden, plan, flag, means):
+    """hidden: [B, N, Dm] with unit column stride; plan: ev_off [B+1], ev_pos/ev_row [2M] int64, ev_inv [2M] fp32."""
+    batch, seq, dim = hidden.shape
+    rows = means.shape[0]
+    if rows == 0 or dim == 0:
+        return means
+    cfg = note_update_config(dim)
+    grid = (batch, triton.cdiv(dim, cfg["BLOCK_D"]))
+    note_window_means_kernel[grid](
+        hidden, plan["ev_off"], plan["ev_pos"], plan["ev_row"], plan["ev_inv"], flag, means, rows, seq, dim,
+        hidden.stride(0), hidden.stride(1), BLOCK_D=cfg["BLOCK_D"], num_warps=cfg["num_warps"],
+    )
+    return means
+
+
+def note_fold(notes, counts, means, plan, flag, gamma):
+    """plan: order, sorted_slots, seg_len, before, each [M] int64."""
+    rows = means.shape[0]
+    num_slots, dim = notes.shape
+    if rows == 0 or dim == 0:
+        return notes
+    cfg = note_update_config(dim)
+    grid = (rows, triton.cdiv(dim, cfg["BLOCK_D"]))
+    note_fold_kernel[grid](
+        notes, counts, means, plan["order"], plan["sorted_slots"], plan["seg_len"], plan["before"], flag, rows, dim,
+        num_slots, float(gamma), BLOCK_D=cfg["BLOCK_D"], num_warps=cfg["num_warps"],
+    )
+    return notes
+
+
+_DTYPES = {"fp32": "*fp32", "fp16": "*fp16", "bf16": "*bf16"}
+_DIMS = (64, 768, 4096)
+
+COMPILE_SPECS = (
+    [
+        {
+            "name": f"note_mix[{dt},{'fwd' if has_notes else 'bwd'},D={cfg['BLOCK_D']}]",
+            "fn": note_mix_kernel,
+            "signature": {"x_ptr": ptr, "notes_ptr": "*fp32", "slots_ptr": "*i64", "out_ptr": ptr, "tokens": "i32",
+                          "dim": "i32", "num_slots": "i32", "stride_x": "i32", "stride_out": "i32", "lam": "fp32"},
+            "constexprs": {"HAS_NOTES": has_notes, "ROWS": cfg["ROWS"], "BLOCK_D": cfg["BLOCK_D"]},
+            "num_warps": cfg["num_warps"],
+            "divisible": ("x_ptr", "notes_ptr", "slots_ptr", "out_ptr", "dim", "stride_x", "stride_out"),
+            "must_not_spill": True,
+            "matrix_instructions": False,
+        }
+        for dt, ptr in _DTYPES.items()
+        for has_notes in (True, False)
+        for dim in (64, 768)  # 768 and 4096 give the same block
+        for cfg in [note_mix_config(dim, interpret=False)]
+    ]
+    + [
+        {
+            "name": f"note_window_means[{dt},D={cfg['BLOCK_D']}]",
+            "fn": note_window_means_kernel,
+            "signature": {"hidden_ptr": ptr, "ev_off_ptr": "*i64", "ev_pos_ptr": "*i64", "ev_row_ptr": "*i64",
+                          "ev_inv_ptr": "*fp32", "flag_ptr": "*i32", "means_ptr": "*fp32", "rows": "i32",
+                          "seq": "i32", "dim": "i32", "stride_b": "i32", "stride_n": "i32"},
+            "constexprs": {"BLOCK_D": cfg["BLOCK_D"]},
+            "num_warps": cfg["num_warps"],
+            "divisible": ("hidden_ptr", "means_ptr", "dim", "stride_b", "stride_n"),
+            "must_not_spill": True,
+            "matrix_instructions": False,
+        }
+        for dt, ptr in _DTYPES.items()
+        for dim in (64, 768)
+        for cfg in [note_update_config(dim, interpret=False)]
+    ]
+    + [
+        {
+            "name": f"note_fold[D={cfg['BLOCK_D']}]",
+            "fn": note_fold_kernel,
+            "signature": {"notes_ptr": "*fp32", "counts_ptr": "*i64", "means_ptr": "*fp32", "order_ptr": "*i64",
+                          "sorted_slots_ptr": "*i64", "seg_len_ptr": "*i64", "before_ptr": "*i64",
+                          "flag_ptr": "*i32", "rows": "i32", "dim": "i32", "num_slots": "i32", "gamma": "fp32"},
+            "constexprs": {"BLOCK_D": cfg["BLOCK_D"]},
+            "num_warps": cfg["num_warps"],
+            "divisible": ("notes_ptr", "means_ptr", "dim"),
+            "must_not_spill": True,
+            "matrix_instructions": False,
+        }
+        for dim in (64, 768)
+        for cfg in [note_update_config(dim, interpret=False)]
+    ]
+    + [
+        {
+            "name": "note_check_rows",
+            "fn": note_check_rows_kernel,
+            "signature": {"spans_ptr": "*i64", "lengths_ptr": "*i64", "flag_ptr": "*i32", "rows": "i32",
+                          "batch": "i32", "seq": "i32", "num_slots": "i32"},
+            "constexprs": {"CHECK_SPANS": True, "CHECK_SLOTS": True, "BLOCK": 128},
+            "num_warps": 4,
+            "must_not_spill": True,
+            "matrix_instructions": False,
+        }
+    ]
+)
