@@ -573,3 +573,19 @@ def test_pretraining_shapes_on_device(backend, dtype, seeded):
     stream.synchronize()
     assert torch.equal(counts.cpu(), c64)
     assert_close(notes, n64, what=f"{backend} update at BERT-base shapes")
+
+
+@pytest.mark.slow
+def test_bench_family_runs_and_checks(tmp_path):
+    """The notes benchmark cases run on this machine, every provider checked against the reference first."""
+    import json
+
+    from effbert.bench import runner
+
+    assert runner.main(["--quick", "--no-progress", "--op", "notes", "--out", str(tmp_path)]) == 0
+    data = json.loads((tmp_path / "bench.json").read_text())
+    ok = [c for c in data["cases"] if c["status"] == "ok"]
+    assert {c["op"] for c in ok} == {"note_mix", "note_update_"}
+    assert {c["provider"] for c in ok} >= {"effbert-cpu", "torch"}
+    assert all(c["bytes"] > 0 and c["ms"] > 0 for c in ok)
+    assert not [c for c in data["cases"] if c["status"] in ("wrong", "error")]

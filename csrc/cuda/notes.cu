@@ -83,13 +83,16 @@ __global__ void note_mix_kernel(const char* __restrict__ x, int64_t tokens, int6
         *reinterpret_cast<uint4*>(orow + c * es) = w;
         continue;
       }
-      float v[V];
+      float v[V], n[V];
       unpack<DTYPE>(w, v);
 #pragma unroll
-      for (int k = 0; k < V; ++k) {
-        const float n = note ? __ldg(note + c + k) : 0.f;
-        v[k] = !valid ? NAN : (HAS_NOTES ? effbert::note_mix_value(v[k], n, lam) : (1.f - lam) * v[k]);
+      for (int k = 0; k < V; k += 4) {  // note rows are 16-byte aligned here (dim % V == 0, notes aligned)
+        const float4 q = note ? __ldg(reinterpret_cast<const float4*>(note + c + k)) : make_float4(0.f, 0.f, 0.f, 0.f);
+        n[k] = q.x, n[k + 1] = q.y, n[k + 2] = q.z, n[k + 3] = q.w;
       }
+#pragma unroll
+      for (int k = 0; k < V; ++k)
+        v[k] = !valid ? NAN : (HAS_NOTES ? effbert::note_mix_value(v[k], n[k], lam) : (1.f - lam) * v[k]);
       *reinterpret_cast<uint4*>(orow + c * es) = pack<DTYPE>(v);
     }
   } else {
