@@ -91,6 +91,7 @@ UPDATE_CASES = {
     "first-ever": (3, 12, 17, 5, 11, 2, {"fresh": True}),
     "M=0": (2, 5, 8, 3, 0, 2, {}),
     "N=1": (3, 1, 9, 2, 4, 5, {}),
+    "Dm=4096": (2, 6, 4096, 3, 5, 2, {}),
 }
 
 
@@ -165,7 +166,7 @@ def test_update_strided_hidden_and_gamma_edges(backend, device, seeded):
 
 # ---- note_mix ----
 
-MIX_SHAPES = [(1, 1, 1), (2, 7, 33), (3, 97, 16), (1, 5, 768)]
+MIX_SHAPES = [(1, 1, 1), (2, 7, 33), (3, 97, 16), (1, 5, 768), (1, 3, 4096), (0, 4, 8)]
 
 
 @pytest.mark.parametrize("backend,device", backend_cases())
