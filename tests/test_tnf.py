@@ -124,6 +124,9 @@ def test_find_matches_loop_on_random_batches(with_lengths, seeded):
     assert torch.equal(spans, want_spans)
     assert torch.equal(slots, want_slots)
     assert spans.shape[0] > 0
+    table._unique_keys = False  # the exact path taken when two rare words share a hash
+    spans2, slots2 = table.find(ids, lengths)
+    assert torch.equal(spans2, want_spans) and torch.equal(slots2, want_slots)
 
 
 def test_find_feeds_the_ops(seeded):
