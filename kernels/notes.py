@@ -1,12 +1,12 @@
 """TNF note-dictionary kernels: the note mix at the input and the two passes of the note update.
 
-The update runs on a plan the caller builds with torch (sorting, no host sync):
+The update runs on a plan the caller builds with torch (two sorts, no host sync):
 
 * window means, one program per (sequence, column block): the 2M window boundaries of the sequence's span rows,
   sorted by position, are walked once while a running prefix sum P of the hidden states is kept in registers. At a
   row's ``lo`` boundary P is parked in ``means[r]``; at its ``hi`` boundary ``means[r] = (P - parked) / (hi - lo)``.
   Every token under an open window is read once however many windows cover it; tokens under no window are skipped.
-* ordered fold, one program per (slot segment, column block) after a stable sort of the rows by slot: Horner's rule
+* ordered fold, one program per slot segment after a stable sort of the rows by slot: Horner's rule
   over the segment in row order gives exactly the sequential EMA (occurrence r of m weighs gamma*(1-gamma)^(m-r),
   the old note (1-gamma)^m, and a first-ever update sets the note). One program owns a note row: no races.
 
@@ -106,23 +106,24 @@ def note_check_rows_kernel(
 @triton.jit
 def note_window_means_kernel(
     hidden_ptr,
+    spans_ptr,
+    lengths_ptr,
     ev_off_ptr,
-    ev_pos_ptr,
-    ev_row_ptr,
-    ev_inv_ptr,
+    ev_idx_ptr,
     flag_ptr,
     means_ptr,
     rows,
     seq,
     dim,
+    window,
     stride_b,
     stride_n,
     BLOCK_D: tl.constexpr,
 ):
     """means[r] = mean(hidden[b, lo_r:hi_r]) for the rows of sequence b = program_id(0), by one prefix-sum walk.
 
-    Events of sequence b are ev_*[ev_off[b]:ev_off[b + 1]], sorted by position; ev_inv is 0 for a row's lo
-    boundary and 1 / (hi - lo) for its hi boundary.
+    The boundaries of sequence b are ev_idx[ev_off[b]:ev_off[b + 1]], sorted by position: r < rows is row r's lo
+    boundary, rows + r its hi boundary; positions come from the span row, its sequence's length and the window.
     """
     b = tl.program_id(0)
     pid_d = tl.program_id(1)
@@ -132,15 +133,19 @@ def note_window_means_kernel(
     e1 = tl.load(ev_off_ptr + b + 1).to(tl.int32)
     valid = tl.load(flag_ptr) >= rows
     e1 = tl.where(valid, e1, e0)
+    length = tl.load(lengths_ptr + b)
     row_base = hidden_ptr + b.to(tl.int64) * stride_b + offs_d
     p = tl.zeros([BLOCK_D], tl.float32)
     t = e0 * 0  # int32 tensors: their type must not change across loop iterations
     open_rows = e0 * 0
     for e in range(e0, e1):
-        pos = tl.load(ev_pos_ptr + e).to(tl.int32)
-        r = tl.load(ev_row_ptr + e)
-        inv = tl.load(ev_inv_ptr + e)
-        pos = tl.minimum(tl.maximum(pos, 0), seq)  # the flag guarantees this already; never read outside
+        ev = tl.load(ev_idx_ptr + e)
+        is_hi = ev >= rows
+        r = tl.where(is_hi, ev - rows, ev)
+        lo = tl.maximum(tl.load(spans_ptr + r * 4 + 1) - window, 0)
+        hi = tl.minimum(tl.load(spans_ptr + r * 4 + 2) + window, length)
+        pos = tl.where(is_hi, hi, lo)
+        pos = tl.minimum(tl.maximum(pos, 0), seq).to(tl.int32)  # the flag guarantees this; never read outside
         # No window open: the tokens before this boundary belong to no row, so skip them.
         t = tl.where(open_rows > 0, t, pos)
         ptr = row_base + t.to(tl.int64) * stride_n
@@ -157,15 +162,16 @@ def note_window_means_kernel(
             ptr += stride_n
         t = pos
         out = means_ptr + r * dim + offs_d
-        if inv == 0.0:
-            tl.store(out, p, mask=d_ok)  # park P(lo)
-            open_rows += 1
-        else:
+        if is_hi:
             parked = tl.load(out, mask=d_ok, other=0.0)
+            inv = 1.0 / tl.maximum(hi - lo, 1).to(tl.float32)
             tl.store(out, (p - parked) * inv, mask=d_ok)
             open_rows -= 1
             # Restart the running sum when no window is open: keeps P small, so P(hi) - P(lo) loses nothing.
             p = tl.where(open_rows == 0, 0.0, p)
+        else:
+            tl.store(out, p, mask=d_ok)  # park P(lo)
+            open_rows += 1
 
 
 @triton.jit
@@ -175,8 +181,6 @@ def note_fold_kernel(
     means_ptr,
     order_ptr,
     sorted_slots_ptr,
-    seg_len_ptr,
-    before_ptr,
     flag_ptr,
     rows,
     dim,
@@ -186,27 +190,32 @@ def note_fold_kernel(
 ):
     """Fold the rows of one slot segment (rows sorted by slot, stable) into notes[slot], in row order.
 
-    seg_len[i] is the segment's length at its first sorted row and 0 elsewhere; before[i] is counts[slot] before
-    this call (read by the caller, so the column programs of a slot do not race on counts)."""
+    Program i works only when sorted row i is the first of its slot's segment, so exactly one program reads and
+    writes each note row and count: no races. It walks every column block itself for the same reason."""
     i = tl.program_id(0)
-    pid_d = tl.program_id(1)
-    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    d_ok = offs_d < dim
-    m = tl.load(seg_len_ptr + i).to(tl.int32)
     slot = tl.load(sorted_slots_ptr + i)
-    n = tl.load(before_ptr + i)
-    ok = (tl.load(flag_ptr) >= rows) & (slot >= 0) & (slot < num_slots)
-    m = tl.where(ok, m, 0)
-    note_row = notes_ptr + slot * dim + offs_d
-    acc = tl.load(note_row, mask=d_ok & (m > 0), other=0.0)
-    for k in range(0, m):
-        r = tl.load(order_ptr + i + k)
-        c = tl.load(means_ptr + r * dim + offs_d, mask=d_ok, other=0.0)
-        first = (n == 0) & (k == 0)
-        acc = tl.where(first, c, (1.0 - gamma) * acc + gamma * c)
-    tl.store(note_row, acc, mask=d_ok & (m > 0))
-    if pid_d == 0:
-        tl.store(counts_ptr + slot, n + m, mask=m > 0)
+    prev = tl.load(sorted_slots_ptr + i - 1, mask=i > 0, other=-1)
+    ok = (tl.load(flag_ptr) >= rows) & ((i == 0) | (prev != slot)) & (slot >= 0) & (slot < num_slots)
+    # Segment length: the rows that follow with the same slot.
+    m = (i * 0).to(tl.int32)
+    go = ok
+    while go:
+        m += 1
+        nxt = tl.load(sorted_slots_ptr + i + m, mask=i + m < rows, other=-1)
+        go = (i + m < rows) & (nxt == slot)
+    n = tl.load(counts_ptr + slot, mask=m > 0, other=0)
+    for d0 in range(0, dim, BLOCK_D):
+        offs_d = d0 + tl.arange(0, BLOCK_D)
+        d_ok = offs_d < dim
+        note_row = notes_ptr + slot * dim + offs_d
+        acc = tl.load(note_row, mask=d_ok & (m > 0), other=0.0)
+        for k in range(0, m):
+            r = tl.load(order_ptr + i + k)
+            c = tl.load(means_ptr + r * dim + offs_d, mask=d_ok, other=0.0)
+            first = (n == 0) & (k == 0)
+            acc = tl.where(first, c, (1.0 - gamma) * acc + gamma * c)
+        tl.store(note_row, acc, mask=d_ok & (m > 0))
+    tl.store(counts_ptr + slot, n + m, mask=m > 0)
 
 
 def _block_d(dim):
@@ -254,8 +263,9 @@ def note_check_rows(spans, lengths, flag, batch, seq, num_slots, check_spans, ch
     return flag
 
 
-def note_window_means(hidden, plan, flag, means):
-    """hidden: [B, N, Dm] with unit column stride; plan: ev_off [B+1], ev_pos/ev_row [2M] int64, ev_inv [2M] fp32."""
+def note_window_means(hidden, spans, lengths, window, plan, flag, means):
+    """hidden: [B, N, Dm] with unit column stride; spans [M, 4] and lengths [B] int64 contiguous; plan: ev_off
+    [B+1] and ev_idx [2M] int64 (the boundaries sorted by sequence and position)."""
     batch, seq, dim = hidden.shape
     rows = means.shape[0]
     if rows == 0 or dim == 0:
@@ -263,23 +273,22 @@ def note_window_means(hidden, plan, flag, means):
     cfg = note_update_config(dim, hidden.element_size())
     grid = (batch, triton.cdiv(dim, cfg["BLOCK_D"]))
     note_window_means_kernel[grid](
-        hidden, plan["ev_off"], plan["ev_pos"], plan["ev_row"], plan["ev_inv"], flag, means, rows, seq, dim,
+        hidden, spans, lengths, plan["ev_off"], plan["ev_idx"], flag, means, rows, seq, dim, window,
         hidden.stride(0), hidden.stride(1), BLOCK_D=cfg["BLOCK_D"], num_warps=cfg["num_warps"],
     )
     return means
 
 
 def note_fold(notes, counts, means, plan, flag, gamma):
-    """plan: order, sorted_slots, seg_len, before, each [M] int64."""
+    """plan: order and sorted_slots, [M] int64 each (a stable sort of the rows' slots)."""
     rows = means.shape[0]
     num_slots, dim = notes.shape
     if rows == 0 or dim == 0:
         return notes
     cfg = note_update_config(dim)
-    grid = (rows, triton.cdiv(dim, cfg["BLOCK_D"]))
-    note_fold_kernel[grid](
-        notes, counts, means, plan["order"], plan["sorted_slots"], plan["seg_len"], plan["before"], flag, rows, dim,
-        num_slots, float(gamma), BLOCK_D=cfg["BLOCK_D"], num_warps=cfg["num_warps"],
+    note_fold_kernel[(rows,)](
+        notes, counts, means, plan["order"], plan["sorted_slots"], flag, rows, dim, num_slots, float(gamma),
+        BLOCK_D=cfg["BLOCK_D"], num_warps=cfg["num_warps"],
     )
     return notes
 
@@ -309,9 +318,9 @@ COMPILE_SPECS = (
         {
             "name": f"note_window_means[{dt},D={cfg['BLOCK_D']}]",
             "fn": note_window_means_kernel,
-            "signature": {"hidden_ptr": ptr, "ev_off_ptr": "*i64", "ev_pos_ptr": "*i64", "ev_row_ptr": "*i64",
-                          "ev_inv_ptr": "*fp32", "flag_ptr": "*i32", "means_ptr": "*fp32", "rows": "i32",
-                          "seq": "i32", "dim": "i32", "stride_b": "i32", "stride_n": "i32"},
+            "signature": {"hidden_ptr": ptr, "spans_ptr": "*i64", "lengths_ptr": "*i64", "ev_off_ptr": "*i64",
+                          "ev_idx_ptr": "*i64", "flag_ptr": "*i32", "means_ptr": "*fp32", "rows": "i32",
+                          "seq": "i32", "dim": "i32", "window": "i32", "stride_b": "i32", "stride_n": "i32"},
             "constexprs": {"BLOCK_D": cfg["BLOCK_D"]},
             "num_warps": cfg["num_warps"],
             "divisible": ("hidden_ptr", "means_ptr", "dim", "stride_b", "stride_n"),
@@ -327,8 +336,8 @@ COMPILE_SPECS = (
             "name": f"note_fold[D={cfg['BLOCK_D']}]",
             "fn": note_fold_kernel,
             "signature": {"notes_ptr": "*fp32", "counts_ptr": "*i64", "means_ptr": "*fp32", "order_ptr": "*i64",
-                          "sorted_slots_ptr": "*i64", "seg_len_ptr": "*i64", "before_ptr": "*i64",
-                          "flag_ptr": "*i32", "rows": "i32", "dim": "i32", "num_slots": "i32", "gamma": "fp32"},
+                          "sorted_slots_ptr": "*i64", "flag_ptr": "*i32", "rows": "i32", "dim": "i32",
+                          "num_slots": "i32", "gamma": "fp32"},
             "constexprs": {"BLOCK_D": cfg["BLOCK_D"]},
             "num_warps": cfg["num_warps"],
             "divisible": ("notes_ptr", "means_ptr", "dim"),

@@ -405,20 +405,24 @@ def test_native_extension_rejects_bad_plans():
     means = torch.randn(1, 4)
     order = torch.zeros(1, dtype=torch.int64)
     bad_slot = torch.tensor([5])
-    one = torch.tensor([1])
     flag = torch.tensor([1], dtype=torch.int32)
     with pytest.raises(ValueError, match="slot 5 out of range"):
         module.note_fold(notes.data_ptr(), counts.data_ptr(), 2, 4, means.data_ptr(), order.data_ptr(),
-                         bad_slot.data_ptr(), one.data_ptr(), counts.data_ptr(), flag.data_ptr(), 1, 0.5)
+                         bad_slot.data_ptr(), flag.data_ptr(), 1, 0.5)
     assert torch.equal(notes, torch.zeros(2, 4))
     hidden = torch.randn(1, 3, 4)
+    spans = torch.tensor([[0, 0, 2, 0]])
+    lengths = torch.tensor([3])
     off = torch.tensor([0, 2])
-    pos = torch.tensor([0, 9])
-    rows = torch.tensor([0, 0])
-    inv = torch.tensor([0.0, 1.0])
-    with pytest.raises(ValueError, match="window boundary 9 outside the sequence"):
-        module.note_window_means(hidden.data_ptr(), 0, 1, 3, 4, 12, 4, off.data_ptr(), pos.data_ptr(),
-                                 rows.data_ptr(), inv.data_ptr(), flag.data_ptr(), 1, means.data_ptr())
+    bad_idx = torch.tensor([0, 9])
+    with pytest.raises(ValueError, match=r"boundary index 9 out of range \[0, 2\)"):
+        module.note_window_means(hidden.data_ptr(), 0, 1, 3, 4, 12, 4, spans.data_ptr(), lengths.data_ptr(), 1,
+                                 off.data_ptr(), bad_idx.data_ptr(), flag.data_ptr(), 1, means.data_ptr())
+    bad_len, good_idx = torch.tensor([4]), torch.tensor([0, 1])
+    with pytest.raises(ValueError, match=r"lengths\[0\] = 4 out of range"):
+        module.note_window_means(hidden.data_ptr(), 0, 1, 3, 4, 12, 4, spans.data_ptr(), bad_len.data_ptr(), 1,
+                                 off.data_ptr(), good_idx.data_ptr(), flag.data_ptr(), 1,
+                                 means.data_ptr())
     x = torch.randn(1, 4)
     seven, zero = torch.tensor([7]), torch.tensor([0])  # kept alive: the extension takes raw addresses
     with pytest.raises(ValueError, match=r"slots\[0\] = 7 out of range"):
@@ -547,9 +551,12 @@ def test_data_parallel_ranks_stay_identical(tmp_path):
 
 # ---- GPU-only checks (run by the GPU suite) ----
 
+# Only the CUDA-extension cases carry cuda_ext: the GPU suite runs those under compute-sanitizer.
+DEVICE_BACKENDS = [pytest.param("cuda", marks=pytest.mark.cuda_ext), "triton"]
+
+
 @pytest.mark.gpu
-@pytest.mark.cuda_ext
-@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("backend", DEVICE_BACKENDS)
 def test_bad_rows_on_device_leave_notes_unchanged(backend):
     hidden, spans, notes, counts, lengths = (t.cuda() for t in _good())
     spans[1, 3] = 1000
@@ -561,8 +568,7 @@ def test_bad_rows_on_device_leave_notes_unchanged(backend):
 
 
 @pytest.mark.gpu
-@pytest.mark.cuda_ext
-@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("backend", DEVICE_BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=dt_id)
 def test_pretraining_shapes_on_device(backend, dtype, seeded):
     hidden, spans, lengths, notes, counts = make_update_case(batch=32, seq=512, dim=768, slots=500, rows=300,

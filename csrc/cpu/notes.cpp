@@ -79,8 +79,8 @@ constexpr int kCols = 8;  // columns walked together: one pass over the boundari
 
 template <int DTYPE>
 void means_sequences(const char* hidden, int64_t b0, int64_t b1, int64_t seq, int64_t dim, int64_t stride_b,
-                     int64_t stride_n, const int64_t* ev_off, const int64_t* ev_pos, const int64_t* ev_row,
-                     const float* ev_inv, float* means) {
+                     int64_t stride_n, const int64_t* spans, const int64_t* lengths, int64_t window,
+                     const int64_t* ev_off, const int64_t* ev_idx, int64_t rows, float* means) {
   const int64_t es = effbert::dtype_size(DTYPE);
   for (int64_t b = b0; b < b1; ++b) {
     const int64_t e0 = ev_off[b], e1 = ev_off[b + 1];
@@ -91,11 +91,11 @@ void means_sequences(const char* hidden, int64_t b0, int64_t b1, int64_t seq, in
       auto load = [&](int64_t t, int64_t c, float (&h)[kCols]) {
         effbert::load_chunk<DTYPE, kCols>(base, t * stride_n + c, h);
       };
-      effbert::note_window_walk<kCols>(load, seq, d, dim, ev_pos, ev_row, ev_inv, e0, e1, means);
+      effbert::note_window_walk<kCols>(load, seq, lengths[b], window, d, dim, spans, rows, ev_idx, e0, e1, means);
     }
     for (; d < dim; ++d) {
       auto load = [&](int64_t t, int64_t c, float (&h)[1]) { h[0] = effbert::load_as_float(base, DTYPE, t * stride_n + c); };
-      effbert::note_window_walk<1>(load, seq, d, dim, ev_pos, ev_row, ev_inv, e0, e1, means);
+      effbert::note_window_walk<1>(load, seq, lengths[b], window, d, dim, spans, rows, ev_idx, e0, e1, means);
     }
   }
 }
@@ -105,65 +105,66 @@ bool flag_set(uintptr_t flag, int64_t rows) {
 }
 
 void note_window_means_cpu(uintptr_t hidden, int dtype, int64_t batch, int64_t seq, int64_t dim, int64_t stride_b,
-                           int64_t stride_n, uintptr_t ev_off, uintptr_t ev_pos, uintptr_t ev_row, uintptr_t ev_inv,
-                           uintptr_t flag, int64_t rows, uintptr_t means) {
+                           int64_t stride_n, uintptr_t spans, uintptr_t lengths, int64_t window, uintptr_t ev_off,
+                           uintptr_t ev_idx, uintptr_t flag, int64_t rows, uintptr_t means) {
   effbert::require_dtype(dtype, "hidden");
-  effbert::require(batch >= 0 && seq >= 0 && dim >= 0 && rows >= 0, "sizes must be >= 0");
+  effbert::require(batch >= 0 && seq >= 0 && dim >= 0 && rows >= 0 && window >= 0, "sizes must be >= 0");
   if (rows == 0 || dim == 0 || batch == 0 || flag_set(flag, rows)) return;
-  effbert::require(hidden != 0 && ev_off != 0 && ev_pos != 0 && ev_row != 0 && ev_inv != 0 && means != 0,
+  effbert::require(hidden != 0 && spans != 0 && lengths != 0 && ev_off != 0 && ev_idx != 0 && means != 0,
                    "pointers must be non-null");
   const int64_t* off = reinterpret_cast<const int64_t*>(ev_off);
-  const int64_t* pos = reinterpret_cast<const int64_t*>(ev_pos);
-  const int64_t* row = reinterpret_cast<const int64_t*>(ev_row);
-  // Every index followed below, checked before the first write.
+  const int64_t* idx = reinterpret_cast<const int64_t*>(ev_idx);
+  const int64_t* sp = reinterpret_cast<const int64_t*>(spans);
+  const int64_t* len = reinterpret_cast<const int64_t*>(lengths);
+  // Every index followed below, checked before the first write (positions are clamped to [0, seq] in the walk).
   effbert::require(off[0] >= 0 && off[batch] <= 2 * rows, "ev_off out of range");
-  for (int64_t b = 0; b < batch; ++b) effbert::require(off[b] <= off[b + 1], "ev_off must be non-decreasing");
-  for (int64_t e = off[0]; e < off[batch]; ++e) {
-    effbert::require(pos[e] >= 0 && pos[e] <= seq, "window boundary " + std::to_string(pos[e]) +
-                                                        " outside the sequence [0, " + std::to_string(seq) + "]");
-    effbert::require(row[e] >= 0 && row[e] < rows, "boundary row out of range");
+  for (int64_t b = 0; b < batch; ++b) {
+    effbert::require(off[b] <= off[b + 1], "ev_off must be non-decreasing");
+    effbert::require(len[b] >= 0 && len[b] <= seq, "lengths[" + std::to_string(b) + "] = " + std::to_string(len[b]) +
+                                                       " out of range [0, " + std::to_string(seq) + "]");
   }
+  for (int64_t e = off[0]; e < off[batch]; ++e)
+    effbert::require(idx[e] >= 0 && idx[e] < 2 * rows, "boundary index " + std::to_string(idx[e]) +
+                                                             " out of range [0, " + std::to_string(2 * rows) + ")");
   const char* h = reinterpret_cast<const char*>(hidden);
-  const float* inv = reinterpret_cast<const float*>(ev_inv);
   float* out = reinterpret_cast<float*>(means);
+  window = std::min(window, seq);
   parallel_for(batch, 2 * rows * dim * 16, [&](int64_t b0, int64_t b1) {
     switch (dtype) {
-      case effbert::kFloat32: return means_sequences<effbert::kFloat32>(h, b0, b1, seq, dim, stride_b, stride_n, off, pos, row, inv, out);
-      case effbert::kFloat16: return means_sequences<effbert::kFloat16>(h, b0, b1, seq, dim, stride_b, stride_n, off, pos, row, inv, out);
-      default: return means_sequences<effbert::kBFloat16>(h, b0, b1, seq, dim, stride_b, stride_n, off, pos, row, inv, out);
+      case effbert::kFloat32: return means_sequences<effbert::kFloat32>(h, b0, b1, seq, dim, stride_b, stride_n, sp, len, window, off, idx, rows, out);
+      case effbert::kFloat16: return means_sequences<effbert::kFloat16>(h, b0, b1, seq, dim, stride_b, stride_n, sp, len, window, off, idx, rows, out);
+      default: return means_sequences<effbert::kBFloat16>(h, b0, b1, seq, dim, stride_b, stride_n, sp, len, window, off, idx, rows, out);
     }
   });
 }
 
 void note_fold_cpu(uintptr_t notes, uintptr_t counts, int64_t num_slots, int64_t dim, uintptr_t means,
-                   uintptr_t order, uintptr_t sorted_slots, uintptr_t seg_len, uintptr_t before, uintptr_t flag,
-                   int64_t rows, float gamma) {
+                   uintptr_t order, uintptr_t sorted_slots, uintptr_t flag, int64_t rows, float gamma) {
   effbert::require(num_slots >= 0 && dim >= 0 && rows >= 0, "sizes must be >= 0");
   if (rows == 0 || dim == 0 || flag_set(flag, rows)) return;
-  effbert::require(notes != 0 && counts != 0 && means != 0 && order != 0 && sorted_slots != 0 && seg_len != 0 &&
-                       before != 0, "pointers must be non-null");
+  effbert::require(notes != 0 && counts != 0 && means != 0 && order != 0 && sorted_slots != 0,
+                   "pointers must be non-null");
   const int64_t* ord = reinterpret_cast<const int64_t*>(order);
   const int64_t* ss = reinterpret_cast<const int64_t*>(sorted_slots);
-  const int64_t* len = reinterpret_cast<const int64_t*>(seg_len);
-  const int64_t* bef = reinterpret_cast<const int64_t*>(before);
   for (int64_t i = 0; i < rows; ++i) {
     effbert::require(ss[i] >= 0 && ss[i] < num_slots, "slot " + std::to_string(ss[i]) + " out of range [0, " +
                                                            std::to_string(num_slots) + ")");
     effbert::require(ord[i] >= 0 && ord[i] < rows, "order out of range");
-    effbert::require(len[i] >= 0 && i + len[i] <= rows, "segment length out of range");
   }
   float* np = reinterpret_cast<float*>(notes);
   int64_t* cp = reinterpret_cast<int64_t*>(counts);
   const float* mp = reinterpret_cast<const float*>(means);
+  // Threads split the sorted rows; only a segment's first row folds it, so each note row has one writer.
   parallel_for(rows, rows * dim * 8, [&](int64_t i0, int64_t i1) {
     for (int64_t i = i0; i < i1; ++i) {
-      const int64_t m = len[i];
-      if (m == 0) continue;  // not the first row of its slot's segment
-      float* row = np + ss[i] * dim;
+      const int64_t m = effbert::note_segment_length(ss, i, rows);
+      if (m == 0) continue;
+      const int64_t slot = ss[i], before = cp[slot];
+      float* row = np + slot * dim;
       int64_t d = 0;
-      for (; d + kCols <= dim; d += kCols) effbert::note_fold_segment<kCols>(row, mp, ord, i, m, bef[i], gamma, d, dim);
-      for (; d < dim; ++d) effbert::note_fold_segment<1>(row, mp, ord, i, m, bef[i], gamma, d, dim);
-      cp[ss[i]] = bef[i] + m;
+      for (; d + kCols <= dim; d += kCols) effbert::note_fold_segment<kCols>(row, mp, ord, i, m, before, gamma, d, dim);
+      for (; d < dim; ++d) effbert::note_fold_segment<1>(row, mp, ord, i, m, before, gamma, d, dim);
+      cp[slot] = before + m;
     }
   });
 }
@@ -186,26 +187,26 @@ EFFBERT_BIND(notes) {
   m.def(
       "note_window_means",
       [](uintptr_t hidden, int dtype, int64_t batch, int64_t seq, int64_t dim, int64_t stride_b, int64_t stride_n,
-         uintptr_t ev_off, uintptr_t ev_pos, uintptr_t ev_row, uintptr_t ev_inv, uintptr_t flag, int64_t rows,
-         uintptr_t means) {
+         uintptr_t spans, uintptr_t lengths, int64_t window, uintptr_t ev_off, uintptr_t ev_idx, uintptr_t flag,
+         int64_t rows, uintptr_t means) {
         py::gil_scoped_release release;
-        note_window_means_cpu(hidden, dtype, batch, seq, dim, stride_b, stride_n, ev_off, ev_pos, ev_row, ev_inv,
-                              flag, rows, means);
+        note_window_means_cpu(hidden, dtype, batch, seq, dim, stride_b, stride_n, spans, lengths, window, ev_off,
+                              ev_idx, flag, rows, means);
       },
       py::arg("hidden"), py::arg("dtype"), py::arg("batch"), py::arg("seq"), py::arg("dim"), py::arg("stride_b"),
-      py::arg("stride_n"), py::arg("ev_off"), py::arg("ev_pos"), py::arg("ev_row"), py::arg("ev_inv"),
-      py::arg("flag"), py::arg("rows"), py::arg("means"),
+      py::arg("stride_n"), py::arg("spans"), py::arg("lengths"), py::arg("window"), py::arg("ev_off"),
+      py::arg("ev_idx"), py::arg("flag"), py::arg("rows"), py::arg("means"),
       "Window means of span rows into float32 means[rows, dim] by a prefix-sum walk over each sequence's sorted "
-      "window boundaries. Does nothing when *flag < rows.");
+      "window boundaries (ev_idx: r = row r's lo boundary, rows + r its hi one). Does nothing when *flag < rows.");
   m.def(
       "note_fold",
       [](uintptr_t notes, uintptr_t counts, int64_t num_slots, int64_t dim, uintptr_t means, uintptr_t order,
-         uintptr_t sorted_slots, uintptr_t seg_len, uintptr_t before, uintptr_t flag, int64_t rows, float gamma) {
+         uintptr_t sorted_slots, uintptr_t flag, int64_t rows, float gamma) {
         py::gil_scoped_release release;
-        note_fold_cpu(notes, counts, num_slots, dim, means, order, sorted_slots, seg_len, before, flag, rows, gamma);
+        note_fold_cpu(notes, counts, num_slots, dim, means, order, sorted_slots, flag, rows, gamma);
       },
       py::arg("notes"), py::arg("counts"), py::arg("num_slots"), py::arg("dim"), py::arg("means"), py::arg("order"),
-      py::arg("sorted_slots"), py::arg("seg_len"), py::arg("before"), py::arg("flag"), py::arg("rows"),
-      py::arg("gamma"),
-      "Ordered EMA fold of means rows into notes, one slot segment at a time. Does nothing when *flag < rows.");
+      py::arg("sorted_slots"), py::arg("flag"), py::arg("rows"), py::arg("gamma"),
+      "Ordered EMA fold of means rows into notes, one slot segment (rows sorted by slot, stable) at a time. Does "
+      "nothing when *flag < rows.");
 }

@@ -120,8 +120,8 @@ __global__ void note_check_rows_kernel(const int64_t* __restrict__ spans, const 
 template <int DTYPE, int V>
 __global__ void __launch_bounds__(kMeansThreads)
     note_window_means_kernel(const char* __restrict__ hidden, int64_t seq, int64_t dim, int64_t stride_b,
-                             int64_t stride_n, const int64_t* __restrict__ ev_off, const int64_t* __restrict__ ev_pos,
-                             const int64_t* __restrict__ ev_row, const float* __restrict__ ev_inv,
+                             int64_t stride_n, const int64_t* __restrict__ spans, const int64_t* __restrict__ lengths,
+                             int64_t window, const int64_t* __restrict__ ev_off, const int64_t* __restrict__ ev_idx,
                              const int* __restrict__ flag, int64_t rows, float* __restrict__ means) {
   constexpr int es = DTYPE == effbert::kFloat32 ? 4 : 2;
   if (*flag < rows) return;
@@ -138,24 +138,28 @@ __global__ void __launch_bounds__(kMeansThreads)
       for (int k = 0; k < V; ++k) h[k] = effbert::load_as_float(base, DTYPE, t * stride_n + c + k);
     }
   };
-  effbert::note_window_walk<V>(load, seq, d, dim, ev_pos, ev_row, ev_inv, e0, e1, means);
+  effbert::note_window_walk<V>(load, seq, lengths[b], window, d, dim, spans, rows, ev_idx, e0, e1, means);
 }
 
+// A block per sorted row; only the first row of each slot segment works. Every thread reads the count before
+// thread 0 writes it (the barrier between), so the block owns note row and count alone.
 template <int V>
 __global__ void __launch_bounds__(kFoldThreads)
     note_fold_kernel(float* __restrict__ notes, int64_t* __restrict__ counts, int64_t num_slots, int64_t dim,
                      const float* __restrict__ means, const int64_t* __restrict__ order,
-                     const int64_t* __restrict__ sorted_slots, const int64_t* __restrict__ seg_len,
-                     const int64_t* __restrict__ before, const int* __restrict__ flag, int64_t rows, float gamma) {
+                     const int64_t* __restrict__ sorted_slots, const int* __restrict__ flag, int64_t rows,
+                     float gamma) {
   if (*flag < rows) return;
   const int64_t i = blockIdx.x;
-  const int64_t m = seg_len[i];
   const int64_t slot = sorted_slots[i];
-  if (m <= 0 || slot < 0 || slot >= num_slots) return;  // not a segment head (or a slot the check rejected)
-  const int64_t n = before[i];
+  if (slot < 0 || slot >= num_slots) return;  // the check kernel already stopped this call
+  const int64_t m = effbert::note_segment_length(sorted_slots, i, rows);
+  if (m == 0) return;  // not a segment head: the whole block leaves together
+  const int64_t n = counts[slot];
   float* row = notes + slot * dim;
   for (int64_t d = static_cast<int64_t>(threadIdx.x) * V; d < dim; d += kFoldThreads * V)
     effbert::note_fold_segment<V>(row, means, order, i, m, n, gamma, d, dim);
+  __syncthreads();
   if (threadIdx.x == 0) counts[slot] = n + m;
 }
 
@@ -223,37 +227,39 @@ void launch_mix(const char* x, int64_t tokens, int64_t dim, int64_t stride_x, co
 
 template <int DTYPE, int V>
 void launch_means(const char* h, int64_t batch, int64_t seq, int64_t dim, int64_t stride_b, int64_t stride_n,
-                  const int64_t* off, const int64_t* pos, const int64_t* row, const float* inv, const int* flag,
-                  int64_t rows, float* means, cudaStream_t s) {
+                  const int64_t* spans, const int64_t* lengths, int64_t window, const int64_t* off,
+                  const int64_t* idx, const int* flag, int64_t rows, float* means, cudaStream_t s) {
   const int64_t col_blocks = (dim + int64_t(kMeansThreads) * V - 1) / (int64_t(kMeansThreads) * V);
   effbert::require(batch < (int64_t(1) << 31) && col_blocks < 65536, "too many sequences or columns for one launch");
   note_window_means_kernel<DTYPE, V><<<dim3(static_cast<unsigned>(batch), static_cast<unsigned>(col_blocks)),
-                                       kMeansThreads, 0, s>>>(h, seq, dim, stride_b, stride_n, off, pos, row, inv,
-                                                              flag, rows, means);
+                                       kMeansThreads, 0, s>>>(h, seq, dim, stride_b, stride_n, spans, lengths, window,
+                                                              off, idx, flag, rows, means);
   check_launch("note_window_means");
 }
 
 [[maybe_unused]] void note_window_means_cuda(uintptr_t hidden, int dtype, int64_t batch, int64_t seq, int64_t dim,
-                                             int64_t stride_b, int64_t stride_n, uintptr_t ev_off, uintptr_t ev_pos,
-                                             uintptr_t ev_row, uintptr_t ev_inv, uintptr_t flag, int64_t rows,
-                                             uintptr_t means, uintptr_t stream) {
+                                             int64_t stride_b, int64_t stride_n, uintptr_t spans, uintptr_t lengths,
+                                             int64_t window, uintptr_t ev_off, uintptr_t ev_idx, uintptr_t flag,
+                                             int64_t rows, uintptr_t means, uintptr_t stream) {
   effbert::require_dtype(dtype, "hidden");
-  effbert::require(batch >= 0 && seq >= 0 && dim >= 0 && rows >= 0, "sizes must be >= 0");
+  effbert::require(batch >= 0 && seq >= 0 && dim >= 0 && rows >= 0 && window >= 0, "sizes must be >= 0");
   if (rows == 0 || dim == 0 || batch == 0) return;
-  effbert::require(hidden != 0 && ev_off != 0 && ev_pos != 0 && ev_row != 0 && ev_inv != 0 && flag != 0 &&
-                       means != 0, "pointers must be non-null (flag included: the check kernel's result)");
+  effbert::require(hidden != 0 && spans != 0 && lengths != 0 && ev_off != 0 && ev_idx != 0 && flag != 0 && means != 0,
+                   "pointers must be non-null (flag included: the check kernel's result)");
   const char* h = reinterpret_cast<const char*>(hidden);
+  const auto* sp = reinterpret_cast<const int64_t*>(spans);
+  const auto* len = reinterpret_cast<const int64_t*>(lengths);
   const auto* off = reinterpret_cast<const int64_t*>(ev_off);
-  const auto* pos = reinterpret_cast<const int64_t*>(ev_pos);
-  const auto* row = reinterpret_cast<const int64_t*>(ev_row);
-  const auto* inv = reinterpret_cast<const float*>(ev_inv);
+  const auto* idx = reinterpret_cast<const int64_t*>(ev_idx);
   const auto* fl = reinterpret_cast<const int*>(flag);
   auto* out = reinterpret_cast<float*>(means);
   cudaStream_t s = reinterpret_cast<cudaStream_t>(stream);
+  window = window < seq ? window : seq;
   const int es = effbert::dtype_size(dtype), V = 16 / es;
-  // 16-byte loads when every row start is 16-byte aligned; means rows are then V-aligned too.
+  // 16-byte loads when every row start is 16-byte aligned.
   const bool vec = dim % V == 0 && stride_b % V == 0 && stride_n % V == 0 && aligned16(h);
-#define EFFBERT_MEANS(DT, VV) launch_means<DT, VV>(h, batch, seq, dim, stride_b, stride_n, off, pos, row, inv, fl, rows, out, s)
+#define EFFBERT_MEANS(DT, VV) \
+  launch_means<DT, VV>(h, batch, seq, dim, stride_b, stride_n, sp, len, window, off, idx, fl, rows, out, s)
   switch (dtype) {
     case effbert::kFloat32: vec ? EFFBERT_MEANS(effbert::kFloat32, 4) : EFFBERT_MEANS(effbert::kFloat32, 1); break;
     case effbert::kFloat16: vec ? EFFBERT_MEANS(effbert::kFloat16, 8) : EFFBERT_MEANS(effbert::kFloat16, 1); break;
@@ -263,27 +269,25 @@ void launch_means(const char* h, int64_t batch, int64_t seq, int64_t dim, int64_
 }
 
 [[maybe_unused]] void note_fold_cuda(uintptr_t notes, uintptr_t counts, int64_t num_slots, int64_t dim,
-                                     uintptr_t means, uintptr_t order, uintptr_t sorted_slots, uintptr_t seg_len,
-                                     uintptr_t before, uintptr_t flag, int64_t rows, float gamma, uintptr_t stream) {
+                                     uintptr_t means, uintptr_t order, uintptr_t sorted_slots, uintptr_t flag,
+                                     int64_t rows, float gamma, uintptr_t stream) {
   effbert::require(num_slots >= 0 && dim >= 0 && rows >= 0, "sizes must be >= 0");
   if (rows == 0 || dim == 0) return;
   effbert::require(rows < (int64_t(1) << 31), "too many rows for one launch");
-  effbert::require(notes != 0 && counts != 0 && means != 0 && order != 0 && sorted_slots != 0 && seg_len != 0 &&
-                       before != 0 && flag != 0, "pointers must be non-null (flag included: the check kernel's result)");
+  effbert::require(notes != 0 && counts != 0 && means != 0 && order != 0 && sorted_slots != 0 && flag != 0,
+                   "pointers must be non-null (flag included: the check kernel's result)");
   auto* np = reinterpret_cast<float*>(notes);
   auto* cp = reinterpret_cast<int64_t*>(counts);
   const auto* mp = reinterpret_cast<const float*>(means);
   const auto* ord = reinterpret_cast<const int64_t*>(order);
   const auto* ss = reinterpret_cast<const int64_t*>(sorted_slots);
-  const auto* len = reinterpret_cast<const int64_t*>(seg_len);
-  const auto* bef = reinterpret_cast<const int64_t*>(before);
   const auto* fl = reinterpret_cast<const int*>(flag);
   cudaStream_t s = reinterpret_cast<cudaStream_t>(stream);
   const unsigned grid = static_cast<unsigned>(rows);
   if (dim % 4 == 0 && aligned16(np) && aligned16(mp))
-    note_fold_kernel<4><<<grid, kFoldThreads, 0, s>>>(np, cp, num_slots, dim, mp, ord, ss, len, bef, fl, rows, gamma);
+    note_fold_kernel<4><<<grid, kFoldThreads, 0, s>>>(np, cp, num_slots, dim, mp, ord, ss, fl, rows, gamma);
   else
-    note_fold_kernel<1><<<grid, kFoldThreads, 0, s>>>(np, cp, num_slots, dim, mp, ord, ss, len, bef, fl, rows, gamma);
+    note_fold_kernel<1><<<grid, kFoldThreads, 0, s>>>(np, cp, num_slots, dim, mp, ord, ss, fl, rows, gamma);
   check_launch("note_fold");
 }
 
@@ -304,12 +308,13 @@ EFFBERT_BIND(notes) {
         py::arg("check_slots"), py::arg("stream"),
         "flag = min(flag, first span row out of range); the update passes do nothing when flag < rows.");
   m.def("note_window_means", &note_window_means_cuda, py::arg("hidden"), py::arg("dtype"), py::arg("batch"),
-        py::arg("seq"), py::arg("dim"), py::arg("stride_b"), py::arg("stride_n"), py::arg("ev_off"),
-        py::arg("ev_pos"), py::arg("ev_row"), py::arg("ev_inv"), py::arg("flag"), py::arg("rows"), py::arg("means"),
-        py::arg("stream"), "Window means of span rows into float32 means[rows, dim], queued on `stream`.");
+        py::arg("seq"), py::arg("dim"), py::arg("stride_b"), py::arg("stride_n"), py::arg("spans"),
+        py::arg("lengths"), py::arg("window"), py::arg("ev_off"), py::arg("ev_idx"), py::arg("flag"), py::arg("rows"),
+        py::arg("means"), py::arg("stream"),
+        "Window means of span rows into float32 means[rows, dim], queued on `stream`.");
   m.def("note_fold", &note_fold_cuda, py::arg("notes"), py::arg("counts"), py::arg("num_slots"), py::arg("dim"),
-        py::arg("means"), py::arg("order"), py::arg("sorted_slots"), py::arg("seg_len"), py::arg("before"),
-        py::arg("flag"), py::arg("rows"), py::arg("gamma"), py::arg("stream"),
+        py::arg("means"), py::arg("order"), py::arg("sorted_slots"), py::arg("flag"), py::arg("rows"),
+        py::arg("gamma"), py::arg("stream"),
         "Ordered EMA fold of means rows into notes, a block per slot segment, queued on `stream`.");
 }
 #endif  // EFFBERT_KERNELS_ONLY

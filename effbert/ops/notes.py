@@ -1,6 +1,6 @@
 """TNF ops: ``note_mix`` (differentiable in ``x``) and ``note_update_`` (in place, no grad).
 
-``note_update_`` runs in two passes on a plan built here with torch (sorts and searches, no host sync): window
+``note_update_`` runs in two passes on a plan built here with torch (two sorts, no host sync): window
 means by a prefix-sum walk over each sequence, then the ordered EMA fold, one program per slot (kernels/notes.py).
 Rows are validated before anything is written: on the host for CPU tensors; for CUDA tensors a check kernel sets an
 error flag that makes both passes do nothing, and the wrapper raises after reading it. ``notes`` and ``counts`` are
@@ -137,40 +137,21 @@ validate_rows = _validate_rows_host
 # ---- plans: the sorting the kernels need, done with torch ----
 
 def means_plan(spans, lengths, batch, seq, window):
-    """The window boundaries of every row, sorted by (sequence, position), with per-sequence offsets."""
-    rows = spans.shape[0]
-    dev = spans.device
+    """Every row's two window boundaries sorted by (sequence, position), as indices (r: row r's lo boundary,
+    M + r: its hi boundary), with per-sequence offsets. ``lengths`` is an int64 ``[B]`` tensor."""
     b, start, end = spans[:, 0], spans[:, 1], spans[:, 2]
-    if lengths is None:
-        length = torch.full_like(b, seq)
-    else:
-        length = lengths[b.clamp(0, max(batch - 1, 0))]
-    lo = (start - window).clamp_min(0)
-    hi = torch.minimum(end + window, length)
-    pos = torch.cat([lo, hi])
-    row = torch.arange(rows, device=dev).repeat(2)
-    inv = torch.cat([torch.zeros(rows, device=dev), 1.0 / (hi - lo).clamp_min(1).float()])
-    key = b.repeat(2) * (seq + 1) + pos
-    key_sorted, idx = torch.sort(key, stable=True)  # a row's lo boundary sorts before its hi boundary
-    ev_off = torch.searchsorted(key_sorted, torch.arange(batch + 1, device=dev) * (seq + 1))
-    return {"ev_off": ev_off.contiguous(), "ev_pos": pos[idx].contiguous(), "ev_row": row[idx].contiguous(),
-            "ev_inv": inv[idx].contiguous()}
+    length = lengths.index_select(0, b.clamp(0, max(batch - 1, 0))) if batch > 0 else torch.zeros_like(b)
+    base = b * (seq + 1)
+    key = torch.cat([base + (start - window).clamp_min(0), base + torch.minimum(end + window, length)])
+    key_sorted, ev_idx = torch.sort(key, stable=True)  # a row's lo boundary sorts before its hi boundary
+    ev_off = torch.searchsorted(key_sorted, torch.arange(0, (batch + 1) * (seq + 1), seq + 1, device=spans.device))
+    return {"ev_off": ev_off, "ev_idx": ev_idx}
 
 
-def fold_plan(slots, counts):
-    """Rows sorted by slot (stable: row order kept within a slot), each segment's length at its head, and each
-    slot's count before the update."""
-    rows = slots.shape[0]
-    dev = slots.device
+def fold_plan(slots):
+    """Rows sorted by slot, stable: row order is kept within a slot."""
     sorted_slots, order = torch.sort(slots, stable=True)
-    seg_end = torch.searchsorted(sorted_slots, sorted_slots, right=True)
-    head = torch.ones(rows, dtype=torch.bool, device=dev)
-    head[1:] = sorted_slots[1:] != sorted_slots[:-1]
-    seg_len = torch.where(head, seg_end - torch.arange(rows, device=dev), torch.zeros_like(seg_end))
-    num_slots = counts.shape[0]
-    before = (counts[sorted_slots.clamp(0, num_slots - 1)] if num_slots > 0 else torch.zeros_like(sorted_slots))
-    return {"order": order.contiguous(), "sorted_slots": sorted_slots.contiguous(), "seg_len": seg_len.contiguous(),
-            "before": before.contiguous()}
+    return {"order": order, "sorted_slots": sorted_slots}
 
 
 # ---- backends ----
@@ -231,18 +212,19 @@ def _check_rows_device(backend, spans, lengths, flag, batch, seq, num_slots, che
                                              check_slots, _stream(spans))
 
 
-def _means_into(backend, hidden, plan, flag, means):
+def _means_into(backend, hidden, spans, lengths, window, plan, flag, means):
+    """spans: contiguous int64 [M, 4]; lengths: int64 [B] (always given here)."""
     if backend == "triton":
         from ..kernels import notes as kernels
 
-        return kernels.note_window_means(hidden, plan, flag, means)
+        return kernels.note_window_means(hidden, spans, lengths, window, plan, flag, means)
     batch, seq, dim = hidden.shape
     rows = means.shape[0]
     if rows == 0 or dim == 0:
         return means
     args = (hidden.data_ptr(), _ext.dtype_code(hidden.dtype), batch, seq, dim, hidden.stride(0), hidden.stride(1),
-            plan["ev_off"].data_ptr(), plan["ev_pos"].data_ptr(), plan["ev_row"].data_ptr(),
-            plan["ev_inv"].data_ptr(), flag.data_ptr(), rows, means.data_ptr())
+            spans.data_ptr(), lengths.data_ptr(), window, plan["ev_off"].data_ptr(), plan["ev_idx"].data_ptr(),
+            flag.data_ptr(), rows, means.data_ptr())
     if backend == "cuda":
         with torch.cuda.device(hidden.device):
             _native("_cuda").note_window_means(*args, _stream(hidden))
@@ -261,8 +243,7 @@ def _fold_into(backend, notes, counts, means, plan, flag, gamma):
     if rows == 0 or dim == 0:
         return notes
     args = (notes.data_ptr(), counts.data_ptr(), num_slots, dim, means.data_ptr(), plan["order"].data_ptr(),
-            plan["sorted_slots"].data_ptr(), plan["seg_len"].data_ptr(), plan["before"].data_ptr(), flag.data_ptr(),
-            rows, float(gamma))
+            plan["sorted_slots"].data_ptr(), flag.data_ptr(), rows, float(gamma))
     if backend == "cuda":
         with torch.cuda.device(notes.device):
             _native("_cuda").note_fold(*args, _stream(notes))
@@ -413,6 +394,7 @@ def _raise_from_flag(flag, spans, batch, seq, num_slots, lengths, check_spans, c
 def window_means_into(backend, hidden, spans, window, lengths, means, *, host_check=None):
     """Window means of every span row into a caller-provided float32 ``means [M, Dm]`` (float64 on eager)."""
     batch, seq, dim = hidden.shape
+    window = min(window, seq)  # a wider window covers the same tokens; keeps the kernels' int32 arithmetic safe
     host_check = _host_checks(backend, hidden.device) if host_check is None else host_check
     if host_check:
         _validate_rows_host(spans, batch, seq, 0, lengths, check_spans=True, check_slots=False)
@@ -427,7 +409,7 @@ def window_means_into(backend, hidden, spans, window, lengths, means, *, host_ch
         _check_rows_device(backend, spans_c, lengths, flag, batch, seq, 0, True, False)
     plan = means_plan(spans_c, lengths, batch, seq, window)
     h = hidden if hidden.shape[2] <= 1 or hidden.stride(2) == 1 else hidden.contiguous()
-    _means_into(backend, h, plan, flag, means)
+    _means_into(backend, h, spans_c, lengths.contiguous(), window, plan, flag, means)
     if not host_check:
         _raise_from_flag(flag, spans, batch, seq, 0, lengths, True, False)
     return means
@@ -448,7 +430,7 @@ def fold_into(backend, notes, counts, means, slots, gamma, *, host_check=None, f
         flag = _new_flag(rows, notes.device)
         if not host_check:
             _check_rows_device(backend, spans_view.contiguous(), None, flag, 1, 1, notes.shape[0], False, True)
-    plan = fold_plan(slots.contiguous(), counts)
+    plan = fold_plan(slots.contiguous())
     _fold_into(backend, notes, counts, means.contiguous(), plan, flag, gamma)
     if own_flag and not host_check:
         _raise_from_flag(flag, spans_view, 1, 1, notes.shape[0], None, False, True)
@@ -459,6 +441,7 @@ def update_into(backend, notes, counts, hidden, spans, window, gamma, lengths, *
     """One concrete backend of ``note_update_``. ``host_check=False`` forces the device-side checks (tests)."""
     batch, seq, num_slots = _dims(hidden, notes)
     rows = spans.shape[0]
+    window = min(window, seq)  # a wider window covers the same tokens; keeps the kernels' int32 arithmetic safe
     host_check = _host_checks(backend, hidden.device) if host_check is None else host_check
     if host_check:
         _validate_rows_host(spans, batch, seq, num_slots, lengths)
@@ -475,10 +458,11 @@ def update_into(backend, notes, counts, hidden, spans, window, gamma, lengths, *
         # One check of every row before either pass: both passes skip all work when it fails.
         _check_rows_device(backend, spans_c, lengths, flag, batch, seq, num_slots, True, True)
     means = torch.empty(rows, notes.shape[1], dtype=torch.float32, device=hidden.device)
+    lengths = lengths.contiguous()
     plan = means_plan(spans_c, lengths, batch, seq, window)
     h = hidden if hidden.shape[2] <= 1 or hidden.stride(2) == 1 else hidden.contiguous()
-    _means_into(backend, h, plan, flag, means)
-    _fold_into(backend, notes, counts, means, fold_plan(spans_c[:, 3].contiguous(), counts), flag, gamma)
+    _means_into(backend, h, spans_c, lengths, window, plan, flag, means)
+    _fold_into(backend, notes, counts, means, fold_plan(spans_c[:, 3].contiguous()), flag, gamma)
     if not host_check:
         _raise_from_flag(flag, spans, batch, seq, num_slots, lengths, True, True)
     return notes

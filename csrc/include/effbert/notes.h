@@ -73,19 +73,34 @@ EFFBERT_HD void load_chunk(const void* base, int64_t i, float (&out)[V]) {
   for (int k = 0; k < V; ++k) out[k] = load_as_float(base, DTYPE, i + k);
 }
 
-// Window means of one sequence's rows for columns [d, d + V), V columns at a time. `events` are the sequence's
-// boundaries sorted by position: pos (clamped to [0, seq] here as a last guard), row, and inv (0 at a lo boundary,
-// 1 / (hi - lo) at a hi boundary). `Load(t, d, out)` reads V columns of token t.
+// The window [lo, hi) of a span row (batch, start, end, slot) in a sequence of `length` real tokens.
+struct NoteWindow {
+  int64_t lo, hi;
+};
+
+EFFBERT_HD NoteWindow note_window(const int64_t* row, int64_t length, int64_t window) {
+  const int64_t lo = row[1] - window, hi = row[2] + window;
+  return NoteWindow{lo > 0 ? lo : 0, hi < length ? hi : length};
+}
+
+// Window means of one sequence's rows for columns [d, d + V). `ev_idx[e0:e1]` are the sequence's window boundaries
+// sorted by position: a value r < rows is row r's lo boundary, rows + r its hi boundary. Positions are clamped to
+// [0, seq] here as a last guard. `load(t, d, out)` reads V columns of token t.
 template <int V, typename Load>
-EFFBERT_HD void note_window_walk(Load load, int64_t seq, int64_t d, int64_t dim, const int64_t* ev_pos,
-                                 const int64_t* ev_row, const float* ev_inv, int64_t e0, int64_t e1, float* means) {
+EFFBERT_HD void note_window_walk(Load load, int64_t seq, int64_t length, int64_t window, int64_t d, int64_t dim,
+                                 const int64_t* spans, int64_t rows, const int64_t* ev_idx, int64_t e0, int64_t e1,
+                                 float* means) {
   float p[V];
 #pragma unroll
   for (int k = 0; k < V; ++k) p[k] = 0.f;
   int64_t t = 0;
   int open = 0;
   for (int64_t e = e0; e < e1; ++e) {
-    int64_t pos = ev_pos[e];
+    const int64_t ev = ev_idx[e];
+    const bool is_hi = ev >= rows;
+    const int64_t r = is_hi ? ev - rows : ev;
+    const NoteWindow w = note_window(spans + 4 * r, length, window);
+    int64_t pos = is_hi ? w.hi : w.lo;
     pos = pos < 0 ? 0 : (pos > seq ? seq : pos);
     if (open == 0) t = pos;  // no window open: the tokens before this boundary belong to no row
     for (; t < pos; ++t) {
@@ -94,13 +109,13 @@ EFFBERT_HD void note_window_walk(Load load, int64_t seq, int64_t d, int64_t dim,
 #pragma unroll
       for (int k = 0; k < V; ++k) p[k] += h[k];
     }
-    float* out = means + ev_row[e] * dim + d;
-    const float inv = ev_inv[e];
-    if (inv == 0.f) {
+    float* out = means + r * dim + d;
+    if (!is_hi) {
 #pragma unroll
       for (int k = 0; k < V; ++k) out[k] = p[k];  // park P(lo)
       ++open;
     } else {
+      const float inv = 1.f / static_cast<float>(w.hi - w.lo > 1 ? w.hi - w.lo : 1);
 #pragma unroll
       for (int k = 0; k < V; ++k) out[k] = (p[k] - out[k]) * inv;
       if (--open == 0) {
@@ -109,6 +124,16 @@ EFFBERT_HD void note_window_walk(Load load, int64_t seq, int64_t d, int64_t dim,
       }
     }
   }
+}
+
+// Rows sorted by slot (stable): the length of the slot segment that starts at sorted position i, or 0 when i is not
+// the first row of its segment. Only a segment's first row folds it, so one program owns each note row and count.
+EFFBERT_HD int64_t note_segment_length(const int64_t* sorted_slots, int64_t i, int64_t rows) {
+  const int64_t s = sorted_slots[i];
+  if (i > 0 && sorted_slots[i - 1] == s) return 0;
+  int64_t m = 1;
+  while (i + m < rows && sorted_slots[i + m] == s) ++m;
+  return m;
 }
 
 // Fold one slot segment (m rows, sorted position i onwards) into note columns [d, d + V). `before` is the slot's
