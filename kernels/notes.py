@@ -75,15 +75,21 @@ def note_check_rows_kernel(
     spans_ptr,
     lengths_ptr,
     flag_ptr,
+    keys_ptr,
     rows,
     batch,
     seq,
     num_slots,
+    window,
     CHECK_SPANS: tl.constexpr,
     CHECK_SLOTS: tl.constexpr,
+    WRITE_KEYS: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    """flag = min(flag, first row that is out of range); the update kernels skip all work when flag < rows."""
+    """flag = min(flag, first row that is out of range); the update kernels skip all work when flag < rows.
+
+    WRITE_KEYS (with CHECK_SPANS): also the sort keys of the window boundaries, b * (seq + 1) + lo at keys[r] and
+    b * (seq + 1) + hi at keys[rows + r], so the caller's plan is one sort away."""
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     ok_r = offs < rows
     base = spans_ptr + offs.to(tl.int64) * 4
@@ -95,6 +101,10 @@ def note_check_rows_kernel(
         b_ok = (b >= 0) & (b < batch)
         length = tl.load(lengths_ptr + b, mask=ok_r & b_ok, other=0)
         bad |= ~b_ok | (start < 0) | (start >= end) | (end > length) | (length > seq)
+        if WRITE_KEYS:
+            base_key = b * (seq + 1)
+            tl.store(keys_ptr + offs, base_key + tl.maximum(start - window, 0), mask=ok_r)
+            tl.store(keys_ptr + rows + offs, base_key + tl.minimum(end + window, length), mask=ok_r)
     if CHECK_SLOTS:
         slot = tl.load(base + 3, mask=ok_r, other=0)
         bad |= (slot < 0) | (slot >= num_slots)
@@ -251,14 +261,15 @@ def note_mix(x2, notes, slots1, lam, out2):
     return out2
 
 
-def note_check_rows(spans, lengths, flag, batch, seq, num_slots, check_spans, check_slots):
+def note_check_rows(spans, lengths, flag, batch, seq, num_slots, check_spans, check_slots, keys=None, window=0):
     rows = spans.shape[0]
     if rows == 0:
         return flag
     block = 128
     note_check_rows_kernel[(triton.cdiv(rows, block),)](
-        spans, lengths if lengths is not None else spans, flag, rows, batch, seq, num_slots,
-        CHECK_SPANS=check_spans, CHECK_SLOTS=check_slots, BLOCK=block,
+        spans, lengths if lengths is not None else spans, flag, keys if keys is not None else spans, rows, batch,
+        seq, num_slots, window, CHECK_SPANS=check_spans, CHECK_SLOTS=check_slots, WRITE_KEYS=keys is not None,
+        BLOCK=block,
     )
     return flag
 
@@ -351,9 +362,9 @@ COMPILE_SPECS = (
         {
             "name": "note_check_rows",
             "fn": note_check_rows_kernel,
-            "signature": {"spans_ptr": "*i64", "lengths_ptr": "*i64", "flag_ptr": "*i32", "rows": "i32",
-                          "batch": "i32", "seq": "i32", "num_slots": "i32"},
-            "constexprs": {"CHECK_SPANS": True, "CHECK_SLOTS": True, "BLOCK": 128},
+            "signature": {"spans_ptr": "*i64", "lengths_ptr": "*i64", "flag_ptr": "*i32", "keys_ptr": "*i64",
+                          "rows": "i32", "batch": "i32", "seq": "i32", "num_slots": "i32", "window": "i32"},
+            "constexprs": {"CHECK_SPANS": True, "CHECK_SLOTS": True, "WRITE_KEYS": True, "BLOCK": 128},
             "num_warps": 4,
             "must_not_spill": True,
             "matrix_instructions": False,

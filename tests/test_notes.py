@@ -324,6 +324,24 @@ def test_device_side_checks_leave_notes_unchanged(edit, pattern):
     assert torch.equal(notes, n0) and torch.equal(counts, c0)
 
 
+@pytest.mark.parametrize("case", ["random", "many-repeats-one-slot", "edges", "window-larger-than-sequence", "M=0"])
+def test_device_side_path_on_valid_rows(case, seeded):
+    """The CUDA-tensor path (check kernel writing the boundary keys, no host check), run by the Triton kernels
+    under the interpreter: the same result as the loop reference."""
+    batch, seq, dim, slots, rows, window, extra = UPDATE_CASES[case]
+    hidden, spans, lengths, notes, counts = make_update_case(batch=batch, seq=seq, dim=dim, slots=slots, rows=rows,
+                                                             dtype=torch.float32, device="cpu", window=window,
+                                                             **extra)
+    n64, c64 = run_reference(notes, counts, hidden, spans, window, 0.3, lengths)
+    ops.update_into("triton", notes, counts, hidden, spans, window, 0.3, lengths, host_check=False)
+    assert torch.equal(counts, c64)
+    assert_close(notes, n64, what=f"device path {case}")
+    means = torch.full((rows, dim), POISON)
+    ops.window_means_into("triton", hidden, spans, window, lengths, means, host_check=False)
+    assert_close(means, reference.note_window_means(hidden.double(), spans, window=window, lengths=lengths),
+                 what="device path means")
+
+
 def test_bad_lengths():
     hidden, spans, notes, counts, _ = _good()
     n0 = notes.clone()

@@ -108,13 +108,24 @@ __global__ void note_mix_kernel(const char* __restrict__ x, int64_t tokens, int6
   }
 }
 
+// Also writes the window boundaries' sort keys when `keys` is given: b * (seq + 1) + lo at keys[r], the hi one at
+// keys[rows + r] (garbage for a bad row, which the flag makes unused).
 __global__ void note_check_rows_kernel(const int64_t* __restrict__ spans, const int64_t* __restrict__ lengths,
-                                       int* __restrict__ flag, int64_t rows, int64_t batch, int64_t seq,
-                                       int64_t num_slots, bool check_spans, bool check_slots) {
+                                       int* __restrict__ flag, int64_t* __restrict__ keys, int64_t rows, int64_t batch,
+                                       int64_t seq, int64_t num_slots, int64_t window, bool check_spans,
+                                       bool check_slots) {
   const int64_t r = static_cast<int64_t>(blockIdx.x) * kCheckThreads + threadIdx.x;
   if (r >= rows) return;
-  if (effbert::note_row_problem(spans + 4 * r, lengths, batch, seq, num_slots, check_spans, check_slots) != 0)
-    atomicMin(flag, static_cast<int>(r));
+  const int64_t* row = spans + 4 * r;
+  const int problem = effbert::note_row_problem(row, lengths, batch, seq, num_slots, check_spans, check_slots);
+  if (problem != 0) atomicMin(flag, static_cast<int>(r));
+  if (keys && check_spans) {
+    const int64_t b = row[0];
+    const int64_t length = problem == 0 ? lengths[b] : 0;  // never read lengths at a bad batch index
+    const effbert::NoteWindow w = effbert::note_window(row, length, window);
+    keys[r] = b * (seq + 1) + w.lo;
+    keys[rows + r] = b * (seq + 1) + w.hi;
+  }
 }
 
 template <int DTYPE, int V>
@@ -212,16 +223,18 @@ void launch_mix(const char* x, int64_t tokens, int64_t dim, int64_t stride_x, co
 #undef EFFBERT_MIX
 }
 
-[[maybe_unused]] void note_check_rows_cuda(uintptr_t spans, uintptr_t lengths, uintptr_t flag, int64_t rows,
-                                           int64_t batch, int64_t seq, int64_t num_slots, bool check_spans,
-                                           bool check_slots, uintptr_t stream) {
+[[maybe_unused]] void note_check_rows_cuda(uintptr_t spans, uintptr_t lengths, uintptr_t flag, uintptr_t keys,
+                                           int64_t rows, int64_t batch, int64_t seq, int64_t num_slots,
+                                           int64_t window, bool check_spans, bool check_slots, uintptr_t stream) {
   effbert::require(rows >= 0 && rows < (int64_t(1) << 31), "rows must be in [0, 2^31)");
   if (rows == 0) return;
   effbert::require(spans != 0 && flag != 0, "spans and flag must be non-null");
+  effbert::require(!check_spans || lengths != 0, "lengths must be non-null when spans are checked");
   const int64_t blocks = (rows + kCheckThreads - 1) / kCheckThreads;
   note_check_rows_kernel<<<static_cast<unsigned>(blocks), kCheckThreads, 0, reinterpret_cast<cudaStream_t>(stream)>>>(
       reinterpret_cast<const int64_t*>(spans), reinterpret_cast<const int64_t*>(lengths),
-      reinterpret_cast<int*>(flag), rows, batch, seq, num_slots, check_spans, check_slots);
+      reinterpret_cast<int*>(flag), reinterpret_cast<int64_t*>(keys), rows, batch, seq, num_slots, window,
+      check_spans, check_slots);
   check_launch("note_check_rows");
 }
 
@@ -304,9 +317,10 @@ EFFBERT_BIND(notes) {
         "out[t] = x[t] where slots[t] < 0, else (1 - lam) x[t] + lam notes[slots[t]] (notes = 0: (1 - lam) x[t]), "
         "queued on `stream`. Device pointers.");
   m.def("note_check_rows", &note_check_rows_cuda, py::arg("spans"), py::arg("lengths"), py::arg("flag"),
-        py::arg("rows"), py::arg("batch"), py::arg("seq"), py::arg("num_slots"), py::arg("check_spans"),
-        py::arg("check_slots"), py::arg("stream"),
-        "flag = min(flag, first span row out of range); the update passes do nothing when flag < rows.");
+        py::arg("keys"), py::arg("rows"), py::arg("batch"), py::arg("seq"), py::arg("num_slots"), py::arg("window"),
+        py::arg("check_spans"), py::arg("check_slots"), py::arg("stream"),
+        "flag = min(flag, first span row out of range); the update passes do nothing when flag < rows. With keys "
+        "(else 0): the window boundaries' sort keys too.");
   m.def("note_window_means", &note_window_means_cuda, py::arg("hidden"), py::arg("dtype"), py::arg("batch"),
         py::arg("seq"), py::arg("dim"), py::arg("stride_b"), py::arg("stride_n"), py::arg("spans"),
         py::arg("lengths"), py::arg("window"), py::arg("ev_off"), py::arg("ev_idx"), py::arg("flag"), py::arg("rows"),

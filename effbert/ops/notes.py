@@ -136,15 +136,19 @@ validate_rows = _validate_rows_host
 
 # ---- plans: the sorting the kernels need, done with torch ----
 
-def means_plan(spans, lengths, batch, seq, window):
-    """Every row's two window boundaries sorted by (sequence, position), as indices (r: row r's lo boundary,
-    M + r: its hi boundary), with per-sequence offsets. ``lengths`` is an int64 ``[B]`` tensor."""
+def boundary_keys(spans, lengths, batch, seq, window):
+    """Sort keys of every row's window boundaries: ``b * (seq + 1) + lo`` for row r at r, ``... + hi`` at M + r."""
     b, start, end = spans[:, 0], spans[:, 1], spans[:, 2]
     length = lengths.index_select(0, b.clamp(0, max(batch - 1, 0))) if batch > 0 else torch.zeros_like(b)
     base = b * (seq + 1)
-    key = torch.cat([base + (start - window).clamp_min(0), base + torch.minimum(end + window, length)])
+    return torch.cat([base + (start - window).clamp_min(0), base + torch.minimum(end + window, length)])
+
+
+def means_plan(key, batch, seq):
+    """Every row's two window boundaries sorted by (sequence, position), as indices (r: row r's lo boundary,
+    M + r: its hi boundary), with per-sequence offsets, from their ``boundary_keys``."""
     key_sorted, ev_idx = torch.sort(key, stable=True)  # a row's lo boundary sorts before its hi boundary
-    ev_off = torch.searchsorted(key_sorted, torch.arange(0, (batch + 1) * (seq + 1), seq + 1, device=spans.device))
+    ev_off = torch.searchsorted(key_sorted, torch.arange(0, (batch + 1) * (seq + 1), seq + 1, device=key.device))
     return {"ev_off": ev_off, "ev_idx": ev_idx}
 
 
@@ -198,17 +202,19 @@ def _new_flag(rows, device):
     return torch.full((1,), rows, dtype=torch.int32, device=device)
 
 
-def _check_rows_device(backend, spans, lengths, flag, batch, seq, num_slots, check_spans, check_slots):
-    if backend == "cpu":
-        return  # the C++ CPU kernels check every index they follow before writing
+def _check_rows_device(backend, spans, lengths, flag, batch, seq, num_slots, check_spans, check_slots, keys=None,
+                       window=0):
+    """The device-side check of every row (flag = first bad row); with ``keys`` ([2M] int64) it also writes the
+    window boundaries' sort keys, which saves the plan a dozen small launches."""
     if backend == "triton":
         from ..kernels import notes as kernels
 
-        kernels.note_check_rows(spans, lengths, flag, batch, seq, num_slots, check_spans, check_slots)
+        kernels.note_check_rows(spans, lengths, flag, batch, seq, num_slots, check_spans, check_slots, keys, window)
     else:
         with torch.cuda.device(spans.device):
             _native("_cuda").note_check_rows(spans.data_ptr(), 0 if lengths is None else lengths.data_ptr(),
-                                             flag.data_ptr(), spans.shape[0], batch, seq, num_slots, check_spans,
+                                             flag.data_ptr(), 0 if keys is None else keys.data_ptr(),
+                                             spans.shape[0], batch, seq, num_slots, window, check_spans,
                                              check_slots, _stream(spans))
 
 
@@ -252,9 +258,12 @@ def _fold_into(backend, notes, counts, means, plan, flag, gamma):
     return notes
 
 
-def _host_checks(backend, device):
-    """CPU tensors and the eager backend validate on the host; CUDA kernels validate on the device."""
-    return backend == "eager" or device.type != "cuda"
+def _host_checks(backend, device, requested=None):
+    """CPU tensors and the eager and C++ CPU backends validate on the host; CUDA kernels validate on the device.
+    ``requested=False`` (tests) takes the device path wherever a device-side check exists (triton, cuda)."""
+    if backend in ("eager", "cpu"):
+        return True
+    return device.type != "cuda" if requested is None else requested
 
 
 # ---- dispatch ----
@@ -395,7 +404,7 @@ def window_means_into(backend, hidden, spans, window, lengths, means, *, host_ch
     """Window means of every span row into a caller-provided float32 ``means [M, Dm]`` (float64 on eager)."""
     batch, seq, dim = hidden.shape
     window = min(window, seq)  # a wider window covers the same tokens; keeps the kernels' int32 arithmetic safe
-    host_check = _host_checks(backend, hidden.device) if host_check is None else host_check
+    host_check = _host_checks(backend, hidden.device, host_check)
     if host_check:
         _validate_rows_host(spans, batch, seq, 0, lengths, check_spans=True, check_slots=False)
     if backend == "eager":
@@ -405,11 +414,15 @@ def window_means_into(backend, hidden, spans, window, lengths, means, *, host_ch
     flag = _new_flag(spans.shape[0], hidden.device)
     if lengths is None:  # the kernels always read a length per sequence
         lengths = torch.full((batch,), seq, dtype=torch.int64, device=hidden.device)
-    if not host_check:
-        _check_rows_device(backend, spans_c, lengths, flag, batch, seq, 0, True, False)
-    plan = means_plan(spans_c, lengths, batch, seq, window)
+    lengths = lengths.contiguous()
+    if host_check:
+        keys = boundary_keys(spans_c, lengths, batch, seq, window)
+    else:
+        keys = torch.empty(2 * spans.shape[0], dtype=torch.int64, device=hidden.device)
+        _check_rows_device(backend, spans_c, lengths, flag, batch, seq, 0, True, False, keys, window)
+    plan = means_plan(keys, batch, seq)
     h = hidden if hidden.shape[2] <= 1 or hidden.stride(2) == 1 else hidden.contiguous()
-    _means_into(backend, h, spans_c, lengths.contiguous(), window, plan, flag, means)
+    _means_into(backend, h, spans_c, lengths, window, plan, flag, means)
     if not host_check:
         _raise_from_flag(flag, spans, batch, seq, 0, lengths, True, False)
     return means
@@ -418,7 +431,7 @@ def window_means_into(backend, hidden, spans, window, lengths, means, *, host_ch
 def fold_into(backend, notes, counts, means, slots, gamma, *, host_check=None, flag=None):
     """The ordered EMA fold of ``means [M, Dm]`` into ``notes`` for ``slots [M]`` (in place)."""
     rows = slots.shape[0]
-    host_check = _host_checks(backend, notes.device) if host_check is None else host_check
+    host_check = _host_checks(backend, notes.device, host_check)
     spans_view = torch.stack([torch.zeros_like(slots)] * 3 + [slots], 1) if rows else slots.new_empty(0, 4)
     if host_check:
         _validate_rows_host(spans_view, 1, 1, notes.shape[0], None, check_spans=False, check_slots=True)
@@ -442,7 +455,7 @@ def update_into(backend, notes, counts, hidden, spans, window, gamma, lengths, *
     batch, seq, num_slots = _dims(hidden, notes)
     rows = spans.shape[0]
     window = min(window, seq)  # a wider window covers the same tokens; keeps the kernels' int32 arithmetic safe
-    host_check = _host_checks(backend, hidden.device) if host_check is None else host_check
+    host_check = _host_checks(backend, hidden.device, host_check)
     if host_check:
         _validate_rows_host(spans, batch, seq, num_slots, lengths)
     if backend == "eager":
@@ -454,12 +467,15 @@ def update_into(backend, notes, counts, hidden, spans, window, gamma, lengths, *
     flag = _new_flag(rows, hidden.device)
     if lengths is None:  # the kernels always read a length per sequence
         lengths = torch.full((batch,), seq, dtype=torch.int64, device=hidden.device)
-    if not host_check:
-        # One check of every row before either pass: both passes skip all work when it fails.
-        _check_rows_device(backend, spans_c, lengths, flag, batch, seq, num_slots, True, True)
-    means = torch.empty(rows, notes.shape[1], dtype=torch.float32, device=hidden.device)
     lengths = lengths.contiguous()
-    plan = means_plan(spans_c, lengths, batch, seq, window)
+    if host_check:
+        keys = boundary_keys(spans_c, lengths, batch, seq, window)
+    else:
+        # One check of every row before either pass (both skip all work when it fails); it writes the sort keys.
+        keys = torch.empty(2 * rows, dtype=torch.int64, device=hidden.device)
+        _check_rows_device(backend, spans_c, lengths, flag, batch, seq, num_slots, True, True, keys, window)
+    means = torch.empty(rows, notes.shape[1], dtype=torch.float32, device=hidden.device)
+    plan = means_plan(keys, batch, seq)
     h = hidden if hidden.shape[2] <= 1 or hidden.stride(2) == 1 else hidden.contiguous()
     _means_into(backend, h, spans_c, lengths, window, plan, flag, means)
     _fold_into(backend, notes, counts, means, fold_plan(spans_c[:, 3].contiguous()), flag, gamma)
