@@ -137,7 +137,7 @@ setup(
     cmdclass={"build_ext": BuildExt},
     install_requires=["torch>=2.6", "triton; platform_system == 'Linux'", "numpy"],
     extras_require={
-        "test": ["pytest>=7", "pytest-benchmark", "expecttest"],
+        "test": ["pytest>=7", "pytest-benchmark", "expecttest", "matplotlib"],
         "bench": ["matplotlib", "tqdm", "pytest-benchmark"],
     },
     entry_points={"console_scripts": ["effbert = effbert.cli:main"]},

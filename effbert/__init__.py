@@ -2,10 +2,22 @@
 
 __version__ = "0.1.0"
 
-from .ops import BACKENDS, BackendNotSupportedError, BackendStatus, backends, exit_entropy  # noqa: E402
+from .ops import (  # noqa: E402
+    BACKENDS,
+    BackendNotSupportedError,
+    BackendStatus,
+    backends,
+    exit_entropy,
+    t5_relative_buckets,
+    tupe_attention,
+    tupe_attention_varlen,
+    tupe_position_bias,
+)
+
+__all__ = ["BACKENDS", "BackendNotSupportedError", "BackendStatus", "backends", "exit_entropy",
+           "t5_relative_buckets", "tupe_position_bias", "tupe_attention", "tupe_attention_varlen", "__version__"]
 
 # TNF note dictionary
 from .ops import note_mix, note_update_  # noqa: E402
 
-__all__ = ["BACKENDS", "BackendNotSupportedError", "BackendStatus", "backends", "exit_entropy", "__version__",
-           "note_mix", "note_update_"]
+__all__ += ["note_mix", "note_update_"]

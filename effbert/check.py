@@ -7,6 +7,7 @@ import sys
 
 import torch
 
+from . import ops as effbert_ops
 from . import reference
 from .ops import backends
 from .ops import early_exit as early_exit_ops
@@ -42,6 +43,51 @@ def check_exit_entropy():
                     tol = 1e-4 if device.type == "cuda" else 1e-5
                     rows.append(("exit_entropy", backend, device.type, str(dtype).replace("torch.", ""),
                                  "x".join(map(str, shape)), _rel_error(out, ref), tol))
+    return rows
+
+
+def _serviceable(probe):
+    try:
+        probe()
+        return True
+    except Exception:
+        return False  # not serviceable here; the backend table says why
+
+
+def check_tupe():
+    """tupe_position_bias, then tupe_attention fed its P (with padding), forward, against float64."""
+    import importlib
+
+    attention_ops = importlib.import_module("effbert.ops.tupe_attention")
+    bias_ops = importlib.import_module("effbert.ops.position_bias")
+    rows = []
+    b, n, h, d = 3, 97, 4, 64
+    for device in _devices():
+        pq, pk = (torch.randn(n, h, d, dtype=torch.float64, device=device) for _ in range(2))
+        table = torch.randn(32, h, dtype=torch.float64, device=device)
+        buckets = reference.t5_relative_buckets(n, device=device)
+        cls = torch.randn(h, dtype=torch.float64, device=device)
+        q, k, v = (torch.randn(b, n, h, d, dtype=torch.float64, device=device) for _ in range(3))
+        mask = torch.arange(n, device=device)[None, :] < torch.tensor([[n], [50], [1]], device=device)
+        kw = dict(scale=(2 * d) ** -0.5, rel_table=table, rel_buckets=buckets, cls_row=cls, cls_col=-cls)
+        pos_ref = reference.tupe_position_bias(pq, pk, **kw)
+        att_ref = reference.tupe_attention(q, k, v, pos_ref, key_padding_mask=mask, scale=(2 * d) ** -0.5)
+        for dtype in (torch.float32, torch.bfloat16):
+            tol = (1e-4 if device.type == "cuda" else 1e-5) if dtype == torch.float32 else 3e-2
+            for backend in ("triton", "eager"):
+                low = lambda t: t.to(dtype)  # noqa: E731
+                if not _serviceable(lambda: bias_ops.position_bias_backend(low(pq), backend)):
+                    continue
+                pos = effbert_ops.tupe_position_bias(low(pq), low(pk), backend=backend, **dict(
+                    kw, rel_table=low(table), cls_row=low(cls), cls_col=low(-cls)))
+                rows.append(("tupe_position_bias", backend, device.type, str(dtype).replace("torch.", ""),
+                             f"{n}x{h}x{d}", _rel_error(pos, pos_ref), tol))
+                if not _serviceable(lambda: attention_ops.attention_backend(low(q), backend)):
+                    continue
+                out = effbert_ops.tupe_attention(low(q), low(k), low(v), pos_ref.float(), key_padding_mask=mask,
+                                                 scale=(2 * d) ** -0.5, backend=backend)
+                rows.append(("tupe_attention", backend, device.type, str(dtype).replace("torch.", ""),
+                             f"{b}x{n}x{h}x{d}", _rel_error(out, att_ref), tol))
     return rows
 
 
@@ -83,7 +129,7 @@ def check_notes():
     return rows
 
 
-CHECKS = [check_exit_entropy, check_notes]
+CHECKS = [check_exit_entropy, check_tupe, check_notes]
 
 
 def main(argv=None):
@@ -95,7 +141,7 @@ def main(argv=None):
     for status in backends().values():
         print(f"  {status}")
     print()
-    head = f"{'op':14} {'backend':8} {'device':6} {'dtype':9} {'shape':10} {'rel. error':>11} {'tolerance':>9}  result"
+    head = f"{'op':18} {'backend':8} {'device':6} {'dtype':9} {'shape':14} {'rel. error':>11} {'tolerance':>9}  result"
     print(head)
     print("-" * len(head))
     failed = 0
@@ -103,7 +149,7 @@ def main(argv=None):
         for op, backend, device, dtype, shape, err, tol in check():
             ok = err <= tol
             failed += not ok
-            print(f"{op:14} {backend:8} {device:6} {dtype:9} {shape:10} {err:11.2e} {tol:9.0e}  "
+            print(f"{op:18} {backend:8} {device:6} {dtype:9} {shape:14} {err:11.2e} {tol:9.0e}  "
                   f"{'pass' if ok else 'FAIL'}")
     print(f"\n{'all checks passed' if not failed else f'{failed} checks FAILED'}")
     return 1 if failed else 0

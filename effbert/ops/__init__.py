@@ -2,9 +2,13 @@
 
 from ._dispatch import BACKENDS, BackendNotSupportedError, BackendStatus, backends
 from .early_exit import exit_entropy
-
-# TNF note dictionary
-from .notes import note_fold_, note_mix, note_update_, note_window_means
+from .position_bias import t5_relative_buckets, tupe_position_bias
+from .tupe_attention import tupe_attention, tupe_attention_varlen
 
 __all__ = ["BACKENDS", "BackendNotSupportedError", "BackendStatus", "backends", "exit_entropy",
-           "note_fold_", "note_mix", "note_update_", "note_window_means"]
+           "t5_relative_buckets", "tupe_position_bias", "tupe_attention", "tupe_attention_varlen"]
+
+# TNF note dictionary
+from .notes import note_fold_, note_mix, note_update_, note_window_means  # noqa: E402
+
+__all__ += ["note_fold_", "note_mix", "note_update_", "note_window_means"]

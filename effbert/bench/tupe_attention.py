@@ -1,0 +1,252 @@
+"""Benchmark cases of TUPE attention: forward, backward and forward+backward with the positional term's gradient.
+
+Anchors: eager TUPE (the reference), SDPA's memory-efficient backend with a bias that requires grad, SDPA's flash
+backend with no bias at all (the ceiling: the positional term should be nearly free), FlexAttention (compiled)
+with the bias captured in its score_mod. Plus packed sequences (varlen) at 50% padding against the padded batch.
+
+Floor: FLOPs. The forward does two B*H*N*N*D products (4*B*H*N^2*D FLOPs), the backward five (2.5x the forward,
+the usual count for flash-style kernels); the matrix rate measured at the start of the run turns them into time.
+"""
+
+import importlib
+
+import torch
+
+import effbert
+from effbert import reference
+
+from .case import Case, provider_reasons
+
+MODES = ("forward", "backward", "forward+backward")
+
+
+def _flops(lengths, heads, d, mode):
+    fwd = sum(4 * heads * n * n * d for n in lengths)
+    return {"forward": fwd, "backward": 2.5 * fwd, "forward+backward": 3.5 * fwd}[mode]
+
+
+def _bytes(b, n, heads, d, itemsize, mode):
+    """q, k, v, out (and dout, dq, dk, dv in the backward) once each, plus the [H, N, N] bias (and its grad)."""
+    act = b * n * heads * d * itemsize
+    bias = heads * n * n * itemsize
+    return {"forward": 4 * act + bias, "backward": 8 * act + 2 * bias, "forward+backward": 12 * act + 3 * bias}[mode]
+
+
+def _sdpa(backend_name):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    backend = getattr(SDPBackend, backend_name)
+
+    def attend(q, k, v, bias):
+        # SDPA takes [B, H, N, D]; the transposes are views of our [B, N, H, D] tensors
+        with sdpa_kernel(backend):
+            out = torch.nn.functional.scaled_dot_product_attention(
+                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                attn_mask=None if bias is None else bias.unsqueeze(0), scale=q.shape[-1] ** -0.5)
+        return out.transpose(1, 2)
+
+    return attend
+
+
+_flex = {}
+
+
+def _flex_attention(q, k, v, bias):
+    from torch.nn.attention.flex_attention import flex_attention
+
+    fn = _flex.get("fn")
+    if fn is None:
+        fn = _flex["fn"] = torch.compile(flex_attention, dynamic=False)
+
+    def score_mod(score, b, h, q_idx, kv_idx):
+        return score + bias[h, q_idx, kv_idx]
+
+    out = fn(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), score_mod=score_mod,
+             scale=q.shape[-1] ** -0.5)
+    return out.transpose(1, 2)
+
+
+def _providers(device):
+    out = {
+        "effbert-triton": lambda q, k, v, bias: effbert.tupe_attention(q, k, v, bias, backend="triton"),
+        "eager-reference": lambda q, k, v, bias: reference.tupe_attention(q, k, v, bias),
+    }
+    if device.type == "cuda":
+        out.update({
+            "sdpa-mem-efficient": _sdpa("EFFICIENT_ATTENTION"),
+            "sdpa-cudnn": _sdpa("CUDNN_ATTENTION"),
+            "flexattention": _flex_attention,
+            "sdpa-flash-nobias": lambda q, k, v, bias: _sdpa("FLASH_ATTENTION")(q, k, v, None),
+        })
+    else:
+        out["sdpa-math"] = _sdpa("MATH")
+    return out
+
+
+def _mode_fn(attend, mode, bias_grad):
+    """fn(q, k, v, bias, dout): runs the mode and returns what the check compares (output, or d bias / d q)."""
+    def forward(q, k, v, bias, dout):
+        with torch.no_grad():
+            return attend(q, k, v, bias)
+
+    def both(q, k, v, bias, dout):
+        leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+        b = bias.detach().requires_grad_() if bias_grad else bias
+        out = attend(*leaves, b)
+        out.backward(dout)
+        return out
+
+    if mode == "forward":
+        return forward
+    if mode == "forward+backward":
+        return both
+    graphs = {}
+
+    def backward(q, k, v, bias, dout):
+        # the forward graph is built once per input set, outside the timed region's repeated part
+        key = id(q)
+        if key not in graphs:
+            leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+            b = bias.detach().requires_grad_() if bias_grad else bias
+            graphs[key] = (attend(*leaves, b), leaves)
+        out, leaves = graphs[key]
+        return torch.autograd.grad(out, leaves, dout, retain_graph=True)[0]
+
+    return backward
+
+
+def _reference_fn(mode):
+    def ref(q, k, v, bias, dout):
+        leaves = [t.detach().float().requires_grad_() for t in (q, k, v)]
+        out = reference.tupe_attention(*leaves, None if bias is None else bias.float())
+        if mode == "backward":
+            return torch.autograd.grad(out, leaves, dout.float())[0]
+        return out
+
+    return ref
+
+
+def cases(device, quick):
+    if device.type == "cuda":
+        shapes = [(32, 512, 12, 64), (128, 128, 12, 64)] if not quick else [(8, 512, 12, 64)]
+        dtype = torch.bfloat16
+    else:
+        shapes = [(2, 64, 2, 16)]
+        dtype = torch.float32
+    dname = str(dtype).replace("torch.", "")
+    out = []
+    probe = torch.empty(1, 1, 1, 64 if device.type == "cuda" else 16, device=device, dtype=dtype)
+    attention_ops = importlib.import_module("effbert.ops.tupe_attention")  # the package exports the function
+    triton_reasons = provider_reasons(lambda: attention_ops.attention_backend(probe, "triton"))
+    for b, n, h, d in shapes:
+        def make_inputs(b=b, n=n, h=h, d=d):
+            q, k, v, dout = (torch.randn(b, n, h, d, device=device, dtype=dtype) for _ in range(4))
+            bias = torch.randn(h, n, n, device=device, dtype=dtype)
+            return q, k, v, bias, dout
+
+        for mode in MODES if not quick or device.type == "cuda" else ("forward",):
+            for name, attend in _providers(device).items():
+                reasons = list(triton_reasons) if name == "effbert-triton" else []
+                if name == "eager-reference" and n * n * b * h > (64 << 20) and mode != "forward":
+                    reasons.append("the eager backward holds several [B, H, N, N] tensors; timed in forward only")
+                has_bias = name != "sdpa-flash-nobias"
+                out.append(Case(
+                    op="tupe_attention", shape=f"B={b},N={n},H={h},D={d}", dtype=dname, mode=mode, provider=name,
+                    fn=_mode_fn(attend, mode, has_bias), make_inputs=make_inputs, reference=_reference_fn(mode),
+                    bytes=_bytes(b, n, h, d, dtype.itemsize, mode), flops=_flops([n] * b, h, d, mode),
+                    rtol=3e-2 if dtype != torch.float32 else 1e-4, skip_reasons=reasons,
+                    baseline="sdpa-flash-nobias" if device.type == "cuda" else "eager-reference",
+                    # without the bias its output differs by construction; it is the no-bias ceiling
+                    check=has_bias,
+                ))
+    out += _varlen_cases(device, quick, dtype, triton_reasons)
+    out += _seqlen_sweep(device, quick, dtype, triton_reasons)
+    return out
+
+
+def _seqlen_sweep(device, quick, dtype, triton_reasons):
+    """Forward+backward at a fixed token count and growing N: the runner plots time against sequence length."""
+    if device.type == "cuda":
+        lengths, tokens, h, d = ((128, 256, 512, 1024) if not quick else (128, 512)), 16384, 12, 64
+        names = ("effbert-triton", "sdpa-flash-nobias", "sdpa-mem-efficient", "flexattention")
+        mode = "forward+backward"
+    else:
+        lengths, tokens, h, d = (32, 64, 128), 256, 2, 16
+        names = ("effbert-triton", "eager-reference", "sdpa-math")
+        mode = "forward"
+    providers = _providers(device)
+    dname = str(dtype).replace("torch.", "")
+    out = []
+    for n in lengths:
+        b = max(1, tokens // n)
+
+        def make_inputs(b=b, n=n):
+            q, k, v, dout = (torch.randn(b, n, h, d, device=device, dtype=dtype) for _ in range(4))
+            return q, k, v, torch.randn(h, n, n, device=device, dtype=dtype), dout
+
+        for name in names:
+            has_bias = name != "sdpa-flash-nobias"
+            out.append(Case(
+                op="tupe_attention_seqlen", shape=f"B={b},N={n},H={h},D={d}", dtype=dname, mode=mode, provider=name,
+                fn=_mode_fn(providers[name], mode, has_bias), make_inputs=make_inputs, reference=_reference_fn(mode),
+                bytes=_bytes(b, n, h, d, dtype.itemsize, mode), flops=_flops([n] * b, h, d, mode),
+                rtol=3e-2 if dtype != torch.float32 else 1e-4,
+                skip_reasons=list(triton_reasons) if name == "effbert-triton" else [],
+                baseline=names[1], check=has_bias,
+            ))
+    return out
+
+
+def _varlen_cases(device, quick, dtype, triton_reasons):
+    """Packed sequences at 50% padding against the same batch padded (with its key padding mask)."""
+    b, n, h, d = (32, 512, 12, 64) if device.type == "cuda" and not quick else (
+        (8, 512, 12, 64) if device.type == "cuda" else (2, 64, 2, 16))
+    gen = torch.Generator().manual_seed(0)
+    lengths = torch.randint(1, n + 1, (b,), generator=gen)
+    lengths = (lengths.float() * (0.5 * b * n / lengths.sum())).round().clamp(1, n).long()
+    cu = torch.zeros(b + 1, dtype=torch.int32)
+    cu[1:] = lengths.cumsum(0)
+    cu = cu.to(device)
+    mask = (torch.arange(n)[None, :] < lengths[:, None]).to(device)
+    total = int(lengths.sum())
+    flops = _flops(lengths.tolist(), h, d, "forward+backward")
+    shape = f"B={b},N={n},H={h},D={d},pad={100 * (1 - total / (b * n)):.0f}%"
+    dname = str(dtype).replace("torch.", "")
+
+    def make_padded():
+        q, k, v, dout = (torch.randn(b, n, h, d, device=device, dtype=dtype) for _ in range(4))
+        return q, k, v, torch.randn(h, n, n, device=device, dtype=dtype), dout
+
+    def make_packed():
+        q, k, v, dout = (torch.randn(total, h, d, device=device, dtype=dtype) for _ in range(4))
+        return q, k, v, torch.randn(h, n, n, device=device, dtype=dtype), dout
+
+    def run_padded(q, k, v, bias, dout):
+        leaves = [t.detach().requires_grad_() for t in (q, k, v, bias)]
+        out = effbert.tupe_attention(*leaves, key_padding_mask=mask, backend="triton")
+        out.backward(dout)
+        return out
+
+    def run_packed(q, k, v, bias, dout):
+        leaves = [t.detach().requires_grad_() for t in (q, k, v, bias)]
+        out = effbert.tupe_attention_varlen(*leaves[:3], cu, n, leaves[3], backend="triton")
+        out.backward(dout)
+        return out
+
+    def ref_padded(q, k, v, bias, dout):
+        return reference.tupe_attention(q.float(), k.float(), v.float(), bias.float(), key_padding_mask=mask)
+
+    def ref_packed(q, k, v, bias, dout):
+        return reference.tupe_attention_varlen(q.float(), k.float(), v.float(), cu, n, bias.float())
+
+    common = dict(op="tupe_attention_varlen", shape=shape, dtype=dname, mode="forward+backward", flops=flops,
+                  rtol=3e-2 if dtype != torch.float32 else 1e-4, skip_reasons=list(triton_reasons),
+                  baseline="effbert-triton-padded")
+    act = dtype.itemsize * h * d
+    return [
+        Case(provider="effbert-triton-padded", fn=run_padded, make_inputs=make_padded, reference=ref_padded,
+             bytes=12 * b * n * act + 3 * h * n * n * dtype.itemsize, **common),
+        Case(provider="effbert-triton-varlen", fn=run_packed, make_inputs=make_packed, reference=ref_packed,
+             bytes=12 * total * act + 3 * h * n * n * dtype.itemsize, **common),
+    ]
+

@@ -1,0 +1,105 @@
+"""TUPE modules: the positional term (computed once per forward pass, shared by every layer) and self-attention."""
+
+import math
+
+import torch
+from torch import nn
+
+from ..ops import t5_relative_buckets, tupe_attention, tupe_position_bias
+
+
+class TupePositionBias(nn.Module):
+    """TUPE's untied positional logits ``P [H, N, N]`` for every layer of an encoder.
+
+    Owns the absolute position embedding and its LayerNorm, the per-head projections U^Q and U^K, the T5 relative
+    table (``num_buckets=None`` for TUPE-A, absolute only) and the [CLS] scalars (``untie_cls``). ``forward(seq_len)``
+    returns ``P``, scaled by ``1/sqrt(2 * head_dim)`` as TUPE does. In eval mode with gradients off, ``P`` is cached
+    per ``(seq_len, device, dtype)`` and recomputed after any parameter changes (in place or replaced).
+    """
+
+    def __init__(self, hidden_size, num_heads, max_positions=512, num_buckets=32, max_distance=128, untie_cls=True,
+                 layer_norm_eps=1e-12, backend="auto"):
+        super().__init__()
+        if hidden_size % num_heads:
+            raise ValueError(f"hidden_size ({hidden_size}) must be a multiple of num_heads ({num_heads})")
+        if max_positions < 1:
+            raise ValueError(f"max_positions must be >= 1, got {max_positions}")
+        self.num_heads, self.head_dim, self.max_positions = num_heads, hidden_size // num_heads, max_positions
+        self.backend = backend
+        self.position_embeddings = nn.Embedding(max_positions, hidden_size)
+        self.layer_norm = nn.LayerNorm(hidden_size, eps=layer_norm_eps)
+        self.query = nn.Linear(hidden_size, hidden_size)
+        self.key = nn.Linear(hidden_size, hidden_size)
+        if num_buckets is not None:
+            self.rel_table = nn.Parameter(torch.zeros(num_buckets, num_heads))
+            self.register_buffer("rel_buckets", t5_relative_buckets(max_positions, num_buckets, max_distance),
+                                 persistent=False)
+        else:
+            self.rel_table, self.rel_buckets = None, None
+        if untie_cls:
+            self.cls_row = nn.Parameter(torch.zeros(num_heads))
+            self.cls_col = nn.Parameter(torch.zeros(num_heads))
+        else:
+            self.cls_row = self.cls_col = None
+        self._cache, self._cache_key = {}, None
+
+    def _param_state(self):
+        return tuple((p.data_ptr(), p._version) for p in self.parameters())
+
+    def compute(self, seq_len):
+        n, h, d = seq_len, self.num_heads, self.head_dim
+        pos = self.layer_norm(self.position_embeddings.weight[:n])
+        pos_q = self.query(pos).view(n, h, d)
+        pos_k = self.key(pos).view(n, h, d)
+        buckets = self.rel_buckets[:n, :n] if self.rel_table is not None else None
+        return tupe_position_bias(pos_q, pos_k, scale=(2 * d) ** -0.5, rel_table=self.rel_table,
+                                  rel_buckets=buckets, cls_row=self.cls_row, cls_col=self.cls_col,
+                                  backend=self.backend)
+
+    def forward(self, seq_len):
+        if isinstance(seq_len, bool) or not isinstance(seq_len, int) or not 1 <= seq_len <= self.max_positions:
+            raise ValueError(f"seq_len must be an int in [1, {self.max_positions}], got {seq_len!r}")
+        if self.training or torch.is_grad_enabled():
+            self._cache.clear()
+            return self.compute(seq_len)
+        state = self._param_state()
+        if state != self._cache_key:
+            self._cache, self._cache_key = {}, state
+        weight = self.position_embeddings.weight
+        key = (seq_len, weight.device, weight.dtype)
+        if key not in self._cache:
+            self._cache[key] = self.compute(seq_len)
+        return self._cache[key]
+
+
+class TupeSelfAttention(nn.Module):
+    """Fused QKV projection, ``tupe_attention`` and the output projection.
+
+    ``forward(hidden [B, N, hidden_size], pos_bias=None, key_padding_mask=None)``. The content logits are scaled
+    by ``scale``; by default ``1/sqrt(2 * head_dim)`` when a positional term is given (TUPE's two terms share the
+    scale) and ``1/sqrt(head_dim)`` without one (plain BERT). Attention dropout ``dropout`` applies in training.
+    """
+
+    def __init__(self, hidden_size, num_heads, dropout=0.0, scale=None, deterministic=False, backend="auto"):
+        super().__init__()
+        if hidden_size % num_heads:
+            raise ValueError(f"hidden_size ({hidden_size}) must be a multiple of num_heads ({num_heads})")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        self.num_heads, self.head_dim = num_heads, hidden_size // num_heads
+        self.dropout, self.scale, self.deterministic, self.backend = dropout, scale, deterministic, backend
+        self.qkv = nn.Linear(hidden_size, 3 * hidden_size)
+        self.out = nn.Linear(hidden_size, hidden_size)
+
+    def forward(self, hidden, pos_bias=None, key_padding_mask=None):
+        if hidden.dim() != 3 or hidden.shape[-1] != self.num_heads * self.head_dim:
+            raise ValueError(f"hidden must be [B, N, {self.num_heads * self.head_dim}], got {tuple(hidden.shape)}")
+        b, n, width = hidden.shape
+        q, k, v = self.qkv(hidden).view(b, n, 3, self.num_heads, self.head_dim).unbind(2)
+        scale = self.scale
+        if scale is None:
+            scale = 1.0 / math.sqrt((2 if pos_bias is not None else 1) * self.head_dim)
+        ctx = tupe_attention(q, k, v, pos_bias, key_padding_mask=key_padding_mask, scale=scale,
+                             dropout_p=self.dropout if self.training else 0.0, deterministic=self.deterministic,
+                             backend=self.backend)
+        return self.out(ctx.reshape(b, n, width))

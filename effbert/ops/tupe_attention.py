@@ -1,0 +1,277 @@
+"""TUPE attention: ``tupe_attention`` (padded) and ``tupe_attention_varlen`` (packed), DESIGN.md "TUPE".
+
+The Triton backend runs one fused forward kernel and two backward kernels (no atomics: every gradient is bitwise
+reproducible, ``deterministic`` or not); the eager backend is the reference under torch autograd. Both are
+registered so that ``torch.compile(fullgraph=True)`` traces them without a graph break.
+"""
+
+import math
+from typing import List, Optional
+
+import torch
+
+from .. import reference
+from ._checks import FLOAT_DTYPES, check_same_device, check_tensor
+from ._dispatch import direct_call_ok, select_backend
+
+__all__ = ["tupe_attention", "tupe_attention_varlen", "HEAD_DIMS"]
+
+HEAD_DIMS = (16, 32, 64, 128)  # the head dims the Triton kernels are built for
+
+
+def _preference(device):
+    return ("triton", "eager") if device.type == "cuda" else ("eager",)
+
+
+def _reasons(q):
+    def reasons(name):
+        if name in ("cuda", "cpu"):
+            return [f"no {name} kernel for tupe_attention (Triton and eager only)"]
+        out = []
+        if name == "triton":
+            interpreted_fp64 = q.dtype == torch.float64 and q.device.type == "cpu"  # gradcheck under the interpreter
+            if q.dtype not in FLOAT_DTYPES and not interpreted_fp64:
+                out.append(f"Triton kernels take fp32/fp16/bf16, got {str(q.dtype).replace('torch.', '')}")
+            if q.shape[-1] not in HEAD_DIMS:
+                out.append(f"Triton kernels take head dims {HEAD_DIMS}, got {q.shape[-1]}")
+            if q.dtype == torch.bfloat16 and q.device.type == "cpu":
+                out.append("the Triton interpreter computes bf16 dot products wrongly")
+        return out
+
+    return reasons
+
+
+def attention_backend(q, backend="auto"):
+    """The backend ``tupe_attention`` would run for ``q`` (raises if none can serve)."""
+    return select_backend("tupe_attention", backend, q.device, _reasons(q), _preference)
+
+
+def _draw_seed(device):
+    """A Philox seed from torch's generator of ``device``: ``torch.manual_seed`` reproduces the dropout mask."""
+    return torch.randint(0, 2 ** 62, (1,), dtype=torch.int64, device=device)
+
+
+def dropout_keep_mask(seed, batch, heads, seq_len, dropout_p):
+    """The keep-mask ``[B, H, N, N]`` the Triton kernels draw from ``seed`` (for tests and for checking a run)."""
+    from ..kernels import tupe_attention as kernels
+
+    return kernels.dropout_keep_mask(seed, batch, heads, seq_len, dropout_p, seed.device)
+
+
+# --- the Triton path: a forward op and a backward op, tied together by register_autograd ------------------------
+
+def _tokens(q, cu_seqlens):
+    return q.shape[0] if cu_seqlens is not None else q.shape[0] * q.shape[1]
+
+
+def _forward_triton(q, k, v, pos_bias, key_padding_mask, cu_seqlens, max_seqlen, scale, dropout_p, seed):
+    from ..kernels import tupe_attention as kernels
+
+    heads = q.shape[-2]
+    batch = cu_seqlens.shape[0] - 1 if cu_seqlens is not None else q.shape[0]
+    seq_len = max_seqlen if cu_seqlens is not None else q.shape[1]
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    lse = torch.empty(heads, _tokens(q, cu_seqlens), dtype=torch.float32, device=q.device)
+    if out.numel():
+        kernels.attention_forward(q, k, v, pos_bias, key_padding_mask, cu_seqlens, seed, out, lse, batch=batch,
+                                  seq_len=seq_len, scale=scale, dropout_p=dropout_p)
+    return out, lse
+
+
+def _backward_triton(dout, q, k, v, out, lse, pos_bias, key_padding_mask, cu_seqlens, max_seqlen, scale, dropout_p,
+                     seed, bias_grad):
+    from ..kernels import tupe_attention as kernels
+
+    heads = q.shape[-2]
+    batch = cu_seqlens.shape[0] - 1 if cu_seqlens is not None else q.shape[0]
+    seq_len = max_seqlen if cu_seqlens is not None else q.shape[1]
+    dout = dout if dout.stride(-1) == 1 else dout.contiguous()
+    # delta[h, token] = <dO, O> of each query row: the softmax backward's row term
+    delta = (dout.float() * out.float()).sum(-1).reshape(-1, heads).t().contiguous()
+    dq, dk, dv = (torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))
+    dbias_groups = None
+    if bias_grad:
+        cfg = kernels.bwd_config(q.shape[-1], kernels._DTYPE_NAME[str(q.dtype)], cu_seqlens is not None)
+        sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 1
+        # on the CPU (interpreter) two groups exercise the same summation the GPU does
+        groups = kernels.bias_grad_groups(batch, heads, seq_len, cfg["BLOCK_M"], sms) if q.is_cuda else min(batch, 2)
+        dbias_groups = torch.zeros(max(groups, 1), *pos_bias.shape, dtype=torch.float32, device=q.device)
+    if q.numel():
+        kernels.attention_backward(q, k, v, pos_bias, key_padding_mask, cu_seqlens, seed, dout, lse, delta, dq, dk,
+                                   dv, dbias_groups, batch=batch, seq_len=seq_len, scale=scale,
+                                   dropout_p=dropout_p)
+    else:
+        dq.zero_(), dk.zero_(), dv.zero_()
+    if dbias_groups is None:
+        dbias = q.new_empty(0, dtype=torch.float32)
+    else:  # the groups' partial sums, added in group order
+        dbias = dbias_groups[0] if dbias_groups.shape[0] == 1 else dbias_groups.sum(0)
+    return [dq, dk, dv, dbias]
+
+
+@torch.library.custom_op("effbert::tupe_attention", mutates_args=())
+def _attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos_bias: Optional[torch.Tensor],
+                  key_padding_mask: Optional[torch.Tensor], cu_seqlens: Optional[torch.Tensor], max_seqlen: int,
+                  scale: float, dropout_p: float, seed: Optional[torch.Tensor]) -> List[torch.Tensor]:
+    return list(_forward_triton(q, k, v, pos_bias, key_padding_mask, cu_seqlens, max_seqlen, scale, dropout_p,
+                                seed))
+
+
+@_attention_op.register_fake
+def _(q, k, v, pos_bias, key_padding_mask, cu_seqlens, max_seqlen, scale, dropout_p, seed):
+    tokens = q.shape[0] if cu_seqlens is not None else q.shape[0] * q.shape[1]
+    return [torch.empty_like(q, memory_format=torch.contiguous_format),
+            q.new_empty((q.shape[-2], tokens), dtype=torch.float32)]
+
+
+@torch.library.custom_op("effbert::tupe_attention_backward", mutates_args=())
+def _attention_bwd_op(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+                      lse: torch.Tensor, pos_bias: Optional[torch.Tensor], key_padding_mask: Optional[torch.Tensor],
+                      cu_seqlens: Optional[torch.Tensor], max_seqlen: int, scale: float, dropout_p: float,
+                      seed: Optional[torch.Tensor], bias_grad: bool) -> List[torch.Tensor]:
+    return _backward_triton(dout, q, k, v, out, lse, pos_bias, key_padding_mask, cu_seqlens, max_seqlen, scale,
+                            dropout_p, seed, bias_grad)
+
+
+@_attention_bwd_op.register_fake
+def _(dout, q, k, v, out, lse, pos_bias, key_padding_mask, cu_seqlens, max_seqlen, scale, dropout_p, seed,
+      bias_grad):
+    dbias = pos_bias.new_empty(pos_bias.shape, dtype=torch.float32) if bias_grad else q.new_empty(
+        0, dtype=torch.float32)
+    return [torch.empty_like(q, memory_format=torch.contiguous_format),
+            torch.empty_like(k, memory_format=torch.contiguous_format),
+            torch.empty_like(v, memory_format=torch.contiguous_format), dbias]
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, pos_bias, key_padding_mask, cu_seqlens, max_seqlen, scale, dropout_p, seed = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, pos_bias, key_padding_mask, cu_seqlens, seed)
+    ctx.max_seqlen, ctx.scale, ctx.dropout_p = max_seqlen, scale, dropout_p
+    ctx.bias_grad = pos_bias is not None and ctx.needs_input_grad[3]
+    ctx.bias_dtype = pos_bias.dtype if pos_bias is not None else None
+    ctx.mark_non_differentiable(lse)
+
+
+def _backward(ctx, grads):
+    dout = grads[0]  # the log-sum-exp output is not differentiable
+    q, k, v, out, lse, pos_bias, key_padding_mask, cu_seqlens, seed = ctx.saved_tensors
+    dq, dk, dv, dbias = torch.ops.effbert.tupe_attention_backward(
+        dout, q, k, v, out, lse, pos_bias, key_padding_mask, cu_seqlens, ctx.max_seqlen, ctx.scale, ctx.dropout_p,
+        seed, ctx.bias_grad)
+    dbias = dbias.to(ctx.bias_dtype) if ctx.bias_grad else None
+    return dq, dk, dv, dbias, None, None, None, None, None, None
+
+
+_attention_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# --- argument checks and the public functions --------------------------------------------------------------------
+
+def _check_common(q, k, v, pos_bias, scale, dropout_p, deterministic, layout, bias_min):
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        check_tensor(name, t, ndim=layout.count(",") + 1, dtypes=FLOAT_DTYPES + (torch.float64,), shape_hint=layout)
+    if k.shape != q.shape or v.shape != q.shape:
+        raise ValueError(f"q, k and v must have one shape {layout}, got {tuple(q.shape)}, {tuple(k.shape)}, "
+                         f"{tuple(v.shape)}")
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        raise TypeError(f"q, k and v must have one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    heads = q.shape[-2]
+    if q.shape[-1] < 1:
+        raise ValueError(f"q's head dim must be >= 1, got {q.shape[-1]}")
+    if pos_bias is not None:
+        check_tensor("pos_bias", pos_bias, ndim=3, dtypes=FLOAT_DTYPES + (torch.float64,), shape_hint="[H, N, N]")
+        if pos_bias.shape[0] != heads or pos_bias.shape[1] != pos_bias.shape[2] or pos_bias.shape[1] < bias_min:
+            want = f"[H={heads}, N, N] with N >= {bias_min}" if layout != "[B, N, H, D]" else f"[{heads}, {bias_min}, {bias_min}]"
+            raise ValueError(f"pos_bias must be {want}, got {tuple(pos_bias.shape)}")
+    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))
+                              or not math.isfinite(scale)):
+        raise ValueError(f"scale must be a finite float or None, got {scale!r}")
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p!r}")
+    if not isinstance(deterministic, bool):
+        raise TypeError(f"deterministic must be a bool, got {type(deterministic).__name__}")
+
+
+def _unit_last(t):
+    return t if t is None or t.stride(-1) == 1 else t.contiguous()
+
+
+def tupe_attention(q, k, v, pos_bias=None, *, key_padding_mask=None, scale=None, dropout_p=0.0,
+                   deterministic=False, backend="auto"):
+    """Attention with a positional term shared by the batch: ``[B, N, H, D]`` in and out.
+
+    ``logits[b, h, i, j] = scale * <q[b, i, h], k[b, j, h]> + pos_bias[h, i, j]``, softmax over ``j``, dropout
+    (``dropout_p``, inverted scaling), then ``@ v``. ``scale`` defaults to ``1/sqrt(D)`` (TUPE passes
+    ``1/sqrt(2D)``). ``pos_bias [H, N, N]`` may be a strided view of a larger cached table; its gradient is the
+    logit gradient summed over the batch, accumulated in float32. ``key_padding_mask [B, N]`` bool, True = real
+    token: masked keys get no weight, masked queries output 0, a query with no valid key outputs 0 (never NaN).
+    Dropout draws from torch's generator of q's device, so ``torch.manual_seed`` reproduces it. The Triton
+    kernels never use atomics: gradients are bitwise reproducible with ``deterministic`` True or False.
+    """
+    _check_common(q, k, v, pos_bias, scale, dropout_p, deterministic, "[B, N, H, D]", q.shape[1] if q.dim() == 4
+                  else 0)
+    batch, n = q.shape[0], q.shape[1]
+    if pos_bias is not None and pos_bias.shape[1] != n:
+        raise ValueError(f"pos_bias must be [H, N, N] = [{q.shape[2]}, {n}, {n}], got {tuple(pos_bias.shape)}")
+    if key_padding_mask is not None:
+        check_tensor("key_padding_mask", key_padding_mask, ndim=2, dtypes=(torch.bool,), shape_hint="[B, N] bool")
+        if tuple(key_padding_mask.shape) != (batch, n):
+            raise ValueError(f"key_padding_mask must be [B, N] = [{batch}, {n}], got "
+                             f"{tuple(key_padding_mask.shape)}")
+    check_same_device(**{k_: t for k_, t in dict(q=q, k=k, v=v, pos_bias=pos_bias,
+                                                 key_padding_mask=key_padding_mask).items() if t is not None})
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    chosen = attention_backend(q, backend)
+    if chosen == "eager":
+        return reference.tupe_attention(q, k, v, pos_bias, key_padding_mask=key_padding_mask, scale=scale,
+                                        dropout_p=float(dropout_p))
+    seed = _draw_seed(q.device) if dropout_p > 0 else None
+    mask = key_padding_mask.contiguous() if key_padding_mask is not None else None
+    args = (_unit_last(q), _unit_last(k), _unit_last(v), _unit_last(pos_bias), mask, None, n, scale,
+            float(dropout_p), seed)
+    if direct_call_ok(*[a for a in args if isinstance(a, torch.Tensor)]):
+        return _forward_triton(*args)[0]
+    return torch.ops.effbert.tupe_attention(*args)[0]
+
+
+def _check_cu_seqlens(cu_seqlens, total, max_seqlen):
+    check_tensor("cu_seqlens", cu_seqlens, ndim=1, dtypes=(torch.int32,), shape_hint="[B + 1] int32")
+    if cu_seqlens.shape[0] < 2:
+        raise ValueError(f"cu_seqlens must hold B + 1 >= 2 offsets, got shape {tuple(cu_seqlens.shape)}")
+    if isinstance(max_seqlen, bool) or not isinstance(max_seqlen, int) or max_seqlen < 1:
+        raise ValueError(f"max_seqlen must be an int >= 1, got {max_seqlen!r}")
+    if torch.compiler.is_compiling():
+        return  # values are not known while tracing
+    cu = cu_seqlens.tolist()  # one small copy: the kernels trust these offsets for their addresses
+    if cu[0] != 0 or any(b < a for a, b in zip(cu, cu[1:])):
+        raise ValueError(f"cu_seqlens must start at 0 and never decrease, got {cu[:8]}{'...' if len(cu) > 8 else ''}")
+    if cu[-1] != total:
+        raise ValueError(f"cu_seqlens must end at the packed length {total}, got {cu[-1]}")
+    longest = max(b - a for a, b in zip(cu, cu[1:]))
+    if longest > max_seqlen:
+        raise ValueError(f"max_seqlen must be >= the longest sequence ({longest}), got {max_seqlen}")
+
+
+def tupe_attention_varlen(q, k, v, cu_seqlens, max_seqlen, pos_bias=None, *, scale=None, dropout_p=0.0,
+                          deterministic=False, backend="auto"):
+    """``tupe_attention`` over packed tokens ``[total, H, D]``: sequence ``b`` is rows
+    ``cu_seqlens[b]:cu_seqlens[b+1]`` (int32 ``[B + 1]``), positions restart at 0 in each, so ``pos_bias [H, S, S]``
+    (``S >= max_seqlen``) is indexed by the position inside the sequence. Equal to the padded version on the real
+    tokens; padding costs nothing."""
+    _check_common(q, k, v, pos_bias, scale, dropout_p, deterministic, "[total, H, D]",
+                  max_seqlen if isinstance(max_seqlen, int) else 0)
+    _check_cu_seqlens(cu_seqlens, q.shape[0], max_seqlen)
+    check_same_device(**{k_: t for k_, t in dict(q=q, k=k, v=v, pos_bias=pos_bias, cu_seqlens=cu_seqlens).items()
+                         if t is not None})
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    chosen = attention_backend(q, backend)
+    if chosen == "eager":
+        return reference.tupe_attention_varlen(q, k, v, cu_seqlens, max_seqlen, pos_bias, scale=scale,
+                                               dropout_p=float(dropout_p))
+    seed = _draw_seed(q.device) if dropout_p > 0 else None
+    args = (_unit_last(q), _unit_last(k), _unit_last(v), _unit_last(pos_bias), None, cu_seqlens.contiguous(),
+            max_seqlen, scale, float(dropout_p), seed)
+    if direct_call_ok(*[a for a in args if isinstance(a, torch.Tensor)]):
+        return _forward_triton(*args)[0]
+    return torch.ops.effbert.tupe_attention(*args)[0]

@@ -1,0 +1,479 @@
+"""TUPE attention kernels: flash-style forward and backward with a shared positional bias and its gradient.
+
+logits[b, h, i, j] = scale * <q[b, i, h], k[b, j, h]> + bias[h, i, j]. The forward keeps a running maximum and sum
+per query (online softmax) and saves the log-sum-exp; nothing of size N*N per batch element touches memory. The
+backward recomputes the probabilities from it in two kernels, neither of which uses atomics, so every gradient is
+bitwise reproducible:
+
+- `tupe_attn_bwd_dkdv_kernel`: one program per (key block, batch, head) walks the query blocks: dK, dV.
+- `tupe_attn_bwd_dq_kernel`: one program per (query block, head, batch group) walks the batch elements of its group
+  and the key blocks: dQ per batch element, and the bias gradient of its query rows summed over its batch elements
+  in a float32 buffer that no other program touches (the wrapper sums the groups' buffers in a fixed order).
+
+Padded layout ([B, N, H, D], optional key padding mask) and packed layout ([total, H, D] with cu_seqlens) share the
+kernels: `VARLEN` reads each sequence's start and length from cu_seqlens. Log-sum-exp and the backward's row terms
+are indexed by (head, token) with token = b * N + i (padded) or cu_seqlens[b] + i (packed).
+
+Exponentials are base 2: logits are carried multiplied by log2(e), so the saved log-sum-exp is in log2 units.
+Dropout draws a Philox number per (batch, head, i, j) from a seed tensor, so the backward regenerates the mask.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from . import INTERPRET
+
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _dropout_keep(seed, bh, offs_m, offs_n, seq_stride, p_drop, TRANSPOSED: tl.constexpr = False):
+    """Keep-mask of one tile: one Philox draw per (batch * H + head, i, j); [BLOCK_M, BLOCK_N], or [BLOCK_N,
+    BLOCK_M] when TRANSPOSED."""
+    row = bh.to(tl.int64) * seq_stride + offs_m
+    if TRANSPOSED:
+        offs = row[None, :] * seq_stride + offs_n[:, None]
+    else:
+        offs = row[:, None] * seq_stride + offs_n[None, :]
+    return tl.rand(seed, offs) >= p_drop
+
+
+@triton.jit
+def _seq_bounds(CuSeq, b, N, VARLEN: tl.constexpr):
+    """(first token, length) of sequence b."""
+    if VARLEN:
+        start = tl.load(CuSeq + b).to(tl.int64)
+        seqlen = (tl.load(CuSeq + b + 1) - tl.load(CuSeq + b)).to(tl.int32)
+    else:
+        start = b.to(tl.int64) * N
+        seqlen = N
+    return start, seqlen
+
+
+@triton.jit
+def _head_base(Ptr, b, h, start, sb, sn, sh, VARLEN: tl.constexpr):
+    """Address of token 0 of sequence b, head h: packed rows start at cu_seqlens[b], padded ones at row b."""
+    if VARLEN:
+        return Ptr + start * sn + h * sh
+    return Ptr + b.to(tl.int64) * sb + h * sh
+
+
+@triton.jit
+def _logits_tile(q, k, Bias, Mask, b, h, offs_m, offs_n, seqlen, smb, sbh, sbi, sbj, qk_scale,
+                 HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """scale * q k^T + bias, times log2(e), with -inf at keys past the sequence end or masked out."""
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+    key_ok = offs_n < seqlen
+    if HAS_BIAS:
+        tile_ok = (offs_m[:, None] < seqlen) & key_ok[None, :]
+        bias = tl.load(Bias + h * sbh + offs_m[:, None] * sbi + offs_n[None, :] * sbj, mask=tile_ok, other=0.0)
+        s += bias.to(tl.float32) * 1.4426950408889634
+    if HAS_MASK:
+        key_ok = key_ok & (tl.load(Mask + b.to(tl.int64) * smb + offs_n, mask=key_ok, other=0) != 0)
+    return tl.where(key_ok[None, :], s, float("-inf"))
+
+
+@triton.jit
+def tupe_attn_fwd_kernel(
+    Q, K, V, Bias, Mask, CuSeq, Seed, Out, Lse,
+    sqb, sqn, sqh, skb, skn, skh, svb, svn, svh, sob, son, soh,
+    sbh, sbi, sbj, smb, slh,
+    H, N, scale, p_drop,
+    D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, VARLEN: tl.constexpr, DROPOUT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    start, seqlen = _seq_bounds(CuSeq, b, N, VARLEN)
+    m0 = pid_m * BLOCK_M
+    if m0 >= seqlen:  # packed layout: this sequence is shorter than the longest one
+        return
+    q_base = _head_base(Q, b, h, start, sqb, sqn, sqh, VARLEN)
+    k_base = _head_base(K, b, h, start, skb, skn, skh, VARLEN)
+    v_base = _head_base(V, b, h, start, svb, svn, svh, VARLEN)
+    o_base = _head_base(Out, b, h, start, sob, son, soh, VARLEN)
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, D)
+    row_ok = offs_m < seqlen
+    q = tl.load(q_base + offs_m[:, None] * sqn + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+    qk_scale = scale * 1.4426950408889634
+    if DROPOUT:
+        seed = tl.load(Seed)
+        keep_scale = 1.0 / (1.0 - p_drop)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, D], tl.float32)
+    for n0 in range(0, seqlen, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        col_ok = offs_n < seqlen
+        k = tl.load(k_base + offs_n[:, None] * skn + offs_d[None, :], mask=col_ok[:, None], other=0.0)
+        v = tl.load(v_base + offs_n[:, None] * svn + offs_d[None, :], mask=col_ok[:, None], other=0.0)
+        s = _logits_tile(q, k, Bias, Mask, b, h, offs_m, offs_n, seqlen, smb, sbh, sbi, sbj, qk_scale,
+                         HAS_BIAS, HAS_MASK, DOT_PRECISION)
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        # a row that has seen only -inf shifts by 0, so exp2(-inf - 0) = 0 instead of NaN
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_ref)
+        p = tl.exp2(s - m_ref[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        if DROPOUT:
+            keep = _dropout_keep(seed, bh, offs_m, offs_n, N, p_drop)
+            p = tl.where(keep, p * keep_scale, 0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        m_i = m_new
+
+    alive = l_i > 0.0  # false for a row with no valid key
+    if HAS_MASK:
+        alive = alive & (tl.load(Mask + b.to(tl.int64) * smb + offs_m, mask=row_ok, other=0) != 0)
+    out = tl.where(alive[:, None], acc / tl.where(alive, l_i, 1.0)[:, None], 0.0)
+    tl.store(o_base + offs_m[:, None] * son + offs_d[None, :], out.to(Out.dtype.element_ty), mask=row_ok[:, None])
+    # +inf log-sum-exp makes every recomputed probability of a dead or padded row 0 in the backward
+    lse = tl.where(alive, m_i + tl.log2(tl.where(alive, l_i, 1.0)), float("inf"))
+    tl.store(Lse + h * slh + start + offs_m, lse, mask=row_ok)
+
+
+@triton.jit
+def _probs_and_dlogits(q, k, v, do, lse, delta, Bias, Mask, Seed, b, h, bh, offs_m, offs_n, seqlen,
+                       smb, sbh, sbi, sbj, N, qk_scale, p_drop,
+                       HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, DROPOUT: tl.constexpr,
+                       DOT_PRECISION: tl.constexpr):
+    """Recompute one tile: (probabilities after dropout, gradient of the logits)."""
+    s = _logits_tile(q, k, Bias, Mask, b, h, offs_m, offs_n, seqlen, smb, sbh, sbi, sbj, qk_scale,
+                     HAS_BIAS, HAS_MASK, DOT_PRECISION)
+    p = tl.exp2(s - lse[:, None])
+    dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+    if DROPOUT:
+        keep = _dropout_keep(tl.load(Seed), bh, offs_m, offs_n, N, p_drop)
+        keep_scale = 1.0 / (1.0 - p_drop)
+        p_used = tl.where(keep, p * keep_scale, 0.0)
+        dp = tl.where(keep, dp * keep_scale, 0.0)
+    else:
+        p_used = p
+    ds = p * (dp - delta[:, None])
+    return p_used, ds
+
+
+@triton.jit
+def tupe_attn_bwd_dkdv_kernel(
+    Q, K, V, Bias, Mask, CuSeq, Seed, DO, Lse, Delta, DK, DV,
+    sqb, sqn, sqh, skb, skn, skh, svb, svn, svh, sdob, sdon, sdoh, sdkb, sdkn, sdkh, sdvb, sdvn, sdvh,
+    sbh, sbi, sbj, smb, slh,
+    H, N, scale, p_drop,
+    D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, VARLEN: tl.constexpr, DROPOUT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """dK, dV of one key block.
+
+    Tiles are held transposed (keys on rows) so that both accumulating products take their operands as loaded.
+    """
+    pid_n = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    start, seqlen = _seq_bounds(CuSeq, b, N, VARLEN)
+    n0 = pid_n * BLOCK_N
+    if n0 >= seqlen:
+        return
+    q_base = _head_base(Q, b, h, start, sqb, sqn, sqh, VARLEN)
+    k_base = _head_base(K, b, h, start, skb, skn, skh, VARLEN)
+    v_base = _head_base(V, b, h, start, svb, svn, svh, VARLEN)
+    do_base = _head_base(DO, b, h, start, sdob, sdon, sdoh, VARLEN)
+    dk_base = _head_base(DK, b, h, start, sdkb, sdkn, sdkh, VARLEN)
+    dv_base = _head_base(DV, b, h, start, sdvb, sdvn, sdvh, VARLEN)
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, D)
+    col_ok = offs_n < seqlen
+    key_ok = col_ok
+    if HAS_MASK:
+        key_ok = key_ok & (tl.load(Mask + b.to(tl.int64) * smb + offs_n, mask=col_ok, other=0) != 0)
+    k = tl.load(k_base + offs_n[:, None] * skn + offs_d[None, :], mask=col_ok[:, None], other=0.0)
+    v = tl.load(v_base + offs_n[:, None] * svn + offs_d[None, :], mask=col_ok[:, None], other=0.0)
+    qk_scale = scale * 1.4426950408889634
+    if DROPOUT:
+        seed = tl.load(Seed)
+        keep_scale = 1.0 / (1.0 - p_drop)
+    dk = tl.zeros([BLOCK_N, D], tl.float32)
+    dv = tl.zeros([BLOCK_N, D], tl.float32)
+    for m0 in range(0, seqlen, BLOCK_M):
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        row_ok = offs_m < seqlen
+        q_t = tl.load(q_base + offs_m[None, :] * sqn + offs_d[:, None], mask=row_ok[None, :], other=0.0)
+        do = tl.load(do_base + offs_m[:, None] * sdon + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+        lse = tl.load(Lse + h * slh + start + offs_m, mask=row_ok, other=float("inf"))
+        delta = tl.load(Delta + h * slh + start + offs_m, mask=row_ok, other=0.0)
+        s_t = tl.dot(k, q_t, input_precision=DOT_PRECISION) * qk_scale
+        if HAS_BIAS:
+            bias_t = tl.load(Bias + h * sbh + offs_m[None, :] * sbi + offs_n[:, None] * sbj,
+                             mask=col_ok[:, None] & row_ok[None, :], other=0.0)
+            s_t += bias_t.to(tl.float32) * 1.4426950408889634
+        p_t = tl.where(key_ok[:, None], tl.exp2(s_t - lse[None, :]), 0.0)
+        dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
+        if DROPOUT:
+            keep_t = _dropout_keep(seed, bh, offs_m, offs_n, N, p_drop, TRANSPOSED=True)
+            p_used = tl.where(keep_t, p_t * keep_scale, 0.0)
+            dp_t = tl.where(keep_t, dp_t * keep_scale, 0.0)
+        else:
+            p_used = p_t
+        dv += tl.dot(p_used.to(do.dtype), do, input_precision=DOT_PRECISION)
+        ds_t = p_t * (dp_t - delta[None, :])
+        dk += tl.dot(ds_t.to(q_t.dtype), tl.trans(q_t), input_precision=DOT_PRECISION)
+    tl.store(dk_base + offs_n[:, None] * sdkn + offs_d[None, :], (dk * scale).to(DK.dtype.element_ty),
+             mask=col_ok[:, None])
+    tl.store(dv_base + offs_n[:, None] * sdvn + offs_d[None, :], dv.to(DV.dtype.element_ty),
+             mask=col_ok[:, None])
+
+
+@triton.jit
+def tupe_attn_bwd_dq_kernel(
+    Q, K, V, Bias, Mask, CuSeq, Seed, DO, Lse, Delta, DQ, DBias,
+    sqb, sqn, sqh, skb, skn, skh, svb, svn, svh, sdob, sdon, sdoh, sdqb, sdqn, sdqh,
+    sbh, sbi, sbj, smb, slh, sdbg, sdbh, sdbi,
+    B, H, N, GROUPS, scale, p_drop,
+    D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, VARLEN: tl.constexpr, DROPOUT: tl.constexpr,
+    BIAS_GRAD: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """dQ of one query block for the batch elements b = g, g + GROUPS, ...; with BIAS_GRAD, their summed logit
+    gradient into DBias[g, h, rows of this block, :] (float32, owned by this program alone)."""
+    pid_m = tl.program_id(0)
+    h = tl.program_id(1)
+    g = tl.program_id(2)
+    m0 = pid_m * BLOCK_M
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, D)
+    qk_scale = scale * 1.4426950408889634
+    db_base = DBias + g * sdbg + h * sdbh
+    for step in range(0, tl.cdiv(B - g, GROUPS)):
+        b = g + step * GROUPS  # a tensor (program_id arithmetic) in the compiler and the interpreter alike
+        bh = b * H + h
+        start, seqlen = _seq_bounds(CuSeq, b, N, VARLEN)
+        if m0 < seqlen:
+            q_base = _head_base(Q, b, h, start, sqb, sqn, sqh, VARLEN)
+            dq_base = _head_base(DQ, b, h, start, sdqb, sdqn, sdqh, VARLEN)
+            k_base = _head_base(K, b, h, start, skb, skn, skh, VARLEN)
+            v_base = _head_base(V, b, h, start, svb, svn, svh, VARLEN)
+            do_base = _head_base(DO, b, h, start, sdob, sdon, sdoh, VARLEN)
+            row_ok = offs_m < seqlen
+            q = tl.load(q_base + offs_m[:, None] * sqn + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+            do = tl.load(do_base + offs_m[:, None] * sdon + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+            lse = tl.load(Lse + h * slh + start + offs_m, mask=row_ok, other=float("inf"))
+            delta = tl.load(Delta + h * slh + start + offs_m, mask=row_ok, other=0.0)
+            dq = tl.zeros([BLOCK_M, D], tl.float32)
+            for n0 in range(0, seqlen, BLOCK_N):
+                offs_n = n0 + tl.arange(0, BLOCK_N)
+                col_ok = offs_n < seqlen
+                k = tl.load(k_base + offs_n[:, None] * skn + offs_d[None, :], mask=col_ok[:, None], other=0.0)
+                v = tl.load(v_base + offs_n[:, None] * svn + offs_d[None, :], mask=col_ok[:, None], other=0.0)
+                p_used, ds = _probs_and_dlogits(q, k, v, do, lse, delta, Bias, Mask, Seed, b, h, bh, offs_m,
+                                                offs_n, seqlen, smb, sbh, sbi, sbj, N, qk_scale, p_drop,
+                                                HAS_BIAS, HAS_MASK, DROPOUT, DOT_PRECISION)
+                dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
+                if BIAS_GRAD:
+                    tile = db_base + offs_m[:, None] * sdbi + offs_n[None, :]
+                    tile_ok = row_ok[:, None] & col_ok[None, :]
+                    tl.store(tile, tl.load(tile, mask=tile_ok, other=0.0) + ds, mask=tile_ok)
+                    # the next batch element's load of this tile may come from other threads of the program
+                    tl.debug_barrier()
+            tl.store(dq_base + offs_m[:, None] * sdqn + offs_d[None, :], (dq * scale).to(DQ.dtype.element_ty),
+                     mask=row_ok[:, None])
+
+
+@triton.jit
+def dropout_keep_kernel(Seed, Keep, N, p_drop, BLOCK: tl.constexpr):
+    """The keep-mask [B * H, N, N] the attention kernels draw (for tests and for users checking a run)."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    bh = tl.program_id(2)
+    offs_m = pid_m * BLOCK + tl.arange(0, BLOCK)
+    offs_n = pid_n * BLOCK + tl.arange(0, BLOCK)
+    keep = _dropout_keep(tl.load(Seed), bh, offs_m, offs_n, N, p_drop)
+    ok = (offs_m[:, None] < N) & (offs_n[None, :] < N)
+    tl.store(Keep + (bh.to(tl.int64) * N + offs_m[:, None]) * N + offs_n[None, :], keep.to(tl.int8), mask=ok)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Configurations. One per (head dim, dtype) and kernel: chosen for H100/A100 occupancy with no spills (the compile
+# report checks every one); under the interpreter a small tile keeps tests fast.
+
+
+def fwd_config(d, dtype_name, interpret=INTERPRET):
+    if interpret:
+        return {"BLOCK_M": 16, "BLOCK_N": 16, "num_warps": 1, "num_stages": 1}
+    if dtype_name == "fp32":  # exact fp32 products run on the FMA units: small tiles keep them in registers
+        return {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 4, "num_stages": 2}
+    if d <= 64:
+        return {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 3}
+    return {"BLOCK_M": 128, "BLOCK_N": 32, "num_warps": 8, "num_stages": 2}
+
+
+def bwd_config(d, dtype_name, varlen=False, interpret=INTERPRET):
+    """32 queries a step keeps the backward's five live tiles in registers (the compile report's spill check)."""
+    if interpret:
+        return {"BLOCK_M": 16, "BLOCK_N": 16, "num_warps": 1, "num_stages": 1}
+    if dtype_name == "fp32":
+        return {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 8, "num_stages": 1}
+    if d <= 64 and not varlen:
+        return {"BLOCK_M": 32, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2}
+    return {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 4, "num_stages": 2}
+
+
+# float64 runs only under the interpreter (gradcheck); it takes the fp32 tiles and exact products
+_DTYPE_NAME = {"torch.float32": "fp32", "torch.float16": "fp16", "torch.bfloat16": "bf16", "torch.float64": "fp32"}
+
+
+def _layout_strides(x, varlen):
+    """(batch, token, head) strides of a [B, N, H, D] tensor, or of a packed [total, H, D] one (batch unused)."""
+    return (0, x.stride(0), x.stride(1)) if varlen else (x.stride(0), x.stride(1), x.stride(2))
+
+
+def _optional_args(q, pos_bias, key_padding_mask, cu_seqlens, seed):
+    """Pointers and strides of the optional inputs; absent ones point at q (never read: their flag is off)."""
+    bias_strides = pos_bias.stride() if pos_bias is not None else (0, 0, 0)
+    mask = key_padding_mask.view(torch.uint8) if key_padding_mask is not None else None
+    return (
+        pos_bias if pos_bias is not None else q,
+        mask if mask is not None else q,
+        cu_seqlens if cu_seqlens is not None else q,
+        seed if seed is not None else q,
+        bias_strides,
+        mask.stride(0) if mask is not None else 0,
+    )
+
+
+def attention_forward(q, k, v, pos_bias, key_padding_mask, cu_seqlens, seed, out, lse, *, batch, seq_len, scale,
+                      dropout_p):
+    """Launch the forward. ``seq_len``: N (padded) or the longest sequence (packed). ``lse``: float32 [H, tokens]."""
+    varlen = cu_seqlens is not None
+    heads, d = q.shape[-2], q.shape[-1]
+    name = _DTYPE_NAME[str(q.dtype)]
+    cfg = fwd_config(d, name)
+    bias, mask, cu, seed_t, (sbh, sbi, sbj), smb = _optional_args(q, pos_bias, key_padding_mask, cu_seqlens, seed)
+    grid = (triton.cdiv(seq_len, cfg["BLOCK_M"]), batch * heads)
+    tupe_attn_fwd_kernel[grid](
+        q, k, v, bias, mask, cu, seed_t, out, lse,
+        *_layout_strides(q, varlen), *_layout_strides(k, varlen), *_layout_strides(v, varlen),
+        *_layout_strides(out, varlen),
+        sbh, sbi, sbj, smb, lse.stride(0),
+        heads, seq_len, scale, dropout_p,
+        D=d, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], HAS_BIAS=pos_bias is not None,
+        HAS_MASK=key_padding_mask is not None, VARLEN=varlen, DROPOUT=dropout_p > 0.0,
+        DOT_PRECISION=dot_precision(name), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )
+
+
+def bias_grad_groups(batch, heads, seq_len, block_m, sm_count):
+    """How many batch groups the dQ kernel splits into: enough programs to fill the device twice over."""
+    programs = triton.cdiv(seq_len, block_m) * heads
+    return max(1, min(batch, triton.cdiv(2 * sm_count, programs)))
+
+
+def attention_backward(q, k, v, pos_bias, key_padding_mask, cu_seqlens, seed, dout, lse, delta, dq, dk, dv,
+                       dbias_groups, *, batch, seq_len, scale, dropout_p):
+    """Launch both backward kernels. ``dbias_groups``: None, or a zeroed float32 [G, H, S, S] buffer that receives
+    the bias gradient summed over the batch elements b with b % G == g."""
+    varlen = cu_seqlens is not None
+    heads, d = q.shape[-2], q.shape[-1]
+    name = _DTYPE_NAME[str(q.dtype)]
+    cfg = bwd_config(d, name, varlen)
+    bias, mask, cu, seed_t, (sbh, sbi, sbj), smb = _optional_args(q, pos_bias, key_padding_mask, cu_seqlens, seed)
+    flags = dict(D=d, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], HAS_BIAS=pos_bias is not None,
+                 HAS_MASK=key_padding_mask is not None, VARLEN=varlen, DROPOUT=dropout_p > 0.0,
+                 DOT_PRECISION=dot_precision(name), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    inputs = (*_layout_strides(q, varlen), *_layout_strides(k, varlen), *_layout_strides(v, varlen),
+              *_layout_strides(dout, varlen))
+    tupe_attn_bwd_dkdv_kernel[(triton.cdiv(seq_len, cfg["BLOCK_N"]), batch * heads)](
+        q, k, v, bias, mask, cu, seed_t, dout, lse, delta, dk, dv,
+        *inputs, *_layout_strides(dk, varlen), *_layout_strides(dv, varlen),
+        sbh, sbi, sbj, smb, lse.stride(0), heads, seq_len, scale, dropout_p, **flags,
+    )
+    if dbias_groups is not None:
+        groups, db, db_strides = dbias_groups.shape[0], dbias_groups, dbias_groups.stride()[:3]
+    else:
+        groups, db, db_strides = batch, lse, (0, 0, 0)
+    tupe_attn_bwd_dq_kernel[(triton.cdiv(seq_len, cfg["BLOCK_M"]), heads, groups)](
+        q, k, v, bias, mask, cu, seed_t, dout, lse, delta, dq, db,
+        *inputs, *_layout_strides(dq, varlen),
+        sbh, sbi, sbj, smb, lse.stride(0), *db_strides, batch, heads, seq_len, groups, scale, dropout_p,
+        BIAS_GRAD=dbias_groups is not None, **flags,
+    )
+
+
+def dropout_keep_mask(seed, batch, heads, seq_len, dropout_p, device):
+    """The keep-mask [B, H, N, N] (bool) the kernels draw from ``seed`` (N: the longest sequence when packed)."""
+    keep = torch.empty(batch, heads, seq_len, seq_len, dtype=torch.int8, device=device)
+    block = 16 if INTERPRET else 64
+    grid = (triton.cdiv(seq_len, block), triton.cdiv(seq_len, block), batch * heads)
+    if keep.numel():
+        dropout_keep_kernel[grid](seed, keep, seq_len, dropout_p, BLOCK=block)
+    return keep.bool()
+
+
+def dot_precision(dtype_name):
+    """fp32 inputs take exact fp32 products (TF32 would miss the 1e-4 tolerance); 16-bit inputs ignore it."""
+    return "ieee" if dtype_name == "fp32" else "tf32"
+
+
+_PTR = {"fp32": "*fp32", "fp16": "*fp16", "bf16": "*bf16"}
+_COMMON_SIG = {
+    "sqb": "i64", "sqn": "i32", "sqh": "i32", "skb": "i64", "skn": "i32", "skh": "i32",
+    "svb": "i64", "svn": "i32", "svh": "i32",
+}
+
+
+def _spec(kind, dt, d, *, varlen=False, dropout=False):
+    ptr = _PTR[dt]
+    cfg = fwd_config(d, dt, interpret=False) if kind == "fwd" else bwd_config(d, dt, varlen, interpret=False)
+    common = {"Q": ptr, "K": ptr, "V": ptr, "Bias": ptr, "Mask": "*u8", "CuSeq": "*i32", "Seed": "*i64"}
+    tail_ints = {"sbh": "i32", "sbi": "i32", "sbj": "i32", "smb": "i32", "slh": "i32"}
+    flags = {"HAS_BIAS": True, "HAS_MASK": not varlen, "VARLEN": varlen, "DROPOUT": dropout,
+             "DOT_PRECISION": dot_precision(dt), "D": d, "BLOCK_M": cfg["BLOCK_M"], "BLOCK_N": cfg["BLOCK_N"]}
+    if kind == "fwd":
+        fn = tupe_attn_fwd_kernel
+        sig = {**common, "Out": ptr, "Lse": "*fp32", **_COMMON_SIG, "sob": "i64", "son": "i32", "soh": "i32",
+               **tail_ints, "H": "i32", "N": "i32", "scale": "fp32", "p_drop": "fp32"}
+    elif kind == "dkdv":
+        fn = tupe_attn_bwd_dkdv_kernel
+        sig = {**common, "DO": ptr, "Lse": "*fp32", "Delta": "*fp32", "DK": ptr, "DV": ptr, **_COMMON_SIG,
+               "sdob": "i64", "sdon": "i32", "sdoh": "i32", "sdkb": "i64", "sdkn": "i32", "sdkh": "i32",
+               "sdvb": "i64", "sdvn": "i32", "sdvh": "i32", **tail_ints, "H": "i32", "N": "i32", "scale": "fp32",
+               "p_drop": "fp32"}
+    else:
+        fn = tupe_attn_bwd_dq_kernel
+        sig = {**common, "DO": ptr, "Lse": "*fp32", "Delta": "*fp32", "DQ": ptr, "DBias": "*fp32", **_COMMON_SIG,
+               "sdob": "i64", "sdon": "i32", "sdoh": "i32", "sdqb": "i64", "sdqn": "i32", "sdqh": "i32",
+               **tail_ints, "sdbg": "i64", "sdbh": "i64",
+               "sdbi": "i32", "B": "i32", "H": "i32", "N": "i32", "GROUPS": "i32", "scale": "fp32",
+               "p_drop": "fp32"}
+        flags["BIAS_GRAD"] = True
+    tag = ("varlen," if varlen else "") + ("dropout," if dropout else "")
+    return {
+        # torch passes a contiguous cache's unit column stride, which the runtime specialises to the constant 1
+        "constexprs": {**flags, "sbj": 1},
+        "name": f"tupe_attn_{kind}[{dt},D={d},{tag}M={cfg['BLOCK_M']},N={cfg['BLOCK_N']}]",
+        "fn": fn, "signature": sig, "num_warps": cfg["num_warps"],
+        "num_stages": cfg["num_stages"],
+        # at BERT shapes every pointer and stride but the unit ones is a multiple of 16, which the runtime
+        # specialisation sees too
+        "divisible": tuple(k for k in sig if k[0].isupper() and k not in ("Mask", "CuSeq", "Seed")
+                           or k.startswith("s") and k != "scale"),
+        # fp32 runs exact products on the FMA units (a correctness path, not a fast one): a few bytes of spills
+        # there are reported, not refused
+        "must_not_spill": d <= 64 and dt != "fp32",
+        "matrix_instructions": dt != "fp32",
+    }
+
+
+# Every configuration the launchers can pick: each kernel for each 16-bit dtype and head dim, plus the fp32
+# (exact-product) builds, the packed layout and dropout at the BERT head dim.
+COMPILE_SPECS = (
+    [_spec(kind, dt, d) for kind in ("fwd", "dkdv", "dq") for dt in ("bf16", "fp16") for d in (16, 32, 64, 128)]
+    + [_spec(kind, "fp32", 64) for kind in ("fwd", "dkdv", "dq")]
+    + [_spec(kind, "bf16", 64, varlen=True) for kind in ("fwd", "dkdv", "dq")]
+    + [_spec(kind, "bf16", 64, dropout=True) for kind in ("fwd", "dkdv", "dq")]
+)

@@ -1,0 +1,379 @@
+"""TUPE attention against the float64 reference: forward, every gradient, padding, dropout, varlen, determinism,
+the positional term end to end, torch.library and torch.compile, bad inputs."""
+
+import importlib
+
+import pytest
+import torch
+
+import effbert
+from effbert import reference
+from effbert.ops import BackendNotSupportedError
+from effbert.reference.tupe_attention import pad_packed, unpad
+
+from helpers import FP32_RTOL, assert_close
+
+attention_ops = importlib.import_module("effbert.ops.tupe_attention")  # the package exports the function
+ON_GPU = torch.cuda.is_available()
+DEVICE = "cuda" if ON_GPU else "cpu"
+GRAD_RTOL = FP32_RTOL * 4  # gradients sum longer chains of products than the forward
+
+
+def make_qkv(b, n, h, d, dtype=torch.float64):
+    return [torch.randn(b, n, h, d, dtype=dtype, device=DEVICE) for _ in range(3)]
+
+
+def padding_mask(b, n, *, dead_row=False):
+    """Random lengths per sequence (at least 1), and optionally a sequence with no valid token at all."""
+    lengths = torch.randint(1, n + 1, (b,))
+    lengths[0] = n  # one full sequence: with every length 1 the q and k gradients would all be exactly 0
+    mask = torch.arange(n)[None, :] < lengths[:, None]
+    if dead_row and b > 1:
+        mask[-1] = False
+    return mask.to(DEVICE)
+
+
+def run(fn, inputs, grad):
+    """Output and input gradients of fn(*inputs) under grad (inputs are leaves requiring grad)."""
+    out = fn(*inputs)
+    out.backward(grad)
+    return out, [t.grad for t in inputs]
+
+
+def check_against_reference(backend, b, n, h, d, *, mask=None, bias=True, dtype=torch.float32, scale=None):
+    q, k, v = make_qkv(b, n, h, d)
+    pos = torch.randn(h, n, n, dtype=torch.float64, device=DEVICE) if bias else None
+    leaves64 = [t.clone().requires_grad_() for t in (q, k, v)] + ([pos.clone().requires_grad_()] if bias else [])
+    grad = torch.randn(b, n, h, d, dtype=torch.float64, device=DEVICE)
+
+    def ref_fn(q_, k_, v_, p_=None):
+        return reference.tupe_attention(q_, k_, v_, p_, key_padding_mask=mask, scale=scale)
+
+    ref, ref_grads = run(ref_fn, leaves64, grad)
+    leaves = [t.detach().to(dtype).requires_grad_() for t in leaves64]
+    if bias:
+        leaves[3] = leaves64[3].detach().float().requires_grad_()  # the cached table stays float32
+
+    def fn(q_, k_, v_, p_=None):
+        return effbert.tupe_attention(q_, k_, v_, p_, key_padding_mask=mask, scale=scale, backend=backend)
+
+    out, grads = run(fn, leaves, grad.to(dtype))
+    assert out.dtype == dtype and out.shape == (b, n, h, d)
+    assert not torch.isnan(out).any()
+    if n == 1:  # one key: the output is v, and the logits (so q, k and pos_bias) get a zero gradient
+        for name, g in zip("q k pos_bias".split(), grads[:2] + grads[3:]):
+            assert g.abs().max() < 1e-5, f"d {name} should be 0 with one key"
+        grads, ref_grads = grads[2:3], ref_grads[2:3]
+        names = ["v"]
+    else:
+        names = "q k v pos_bias".split()
+    if dtype == torch.float32:
+        assert_close(out, ref, what="output")
+        for name, g, rg in zip(names, grads, ref_grads):
+            assert_close(g, rg, rtol=GRAD_RTOL, what=f"d {name}")
+    else:
+        low = [t.detach().to(dtype).requires_grad_() for t in leaves64[:3]]
+        if bias:
+            low.append(leaves64[3].detach().float().requires_grad_())
+        eager, eager_grads = run(ref_fn, low, grad.to(dtype))
+        assert_close(out, ref, lowp_eager=eager, what="output")
+        for name, g, rg, eg in zip(names, grads, ref_grads, eager_grads[2:3] if n == 1 else eager_grads):
+            assert_close(g, rg, lowp_eager=eg, rtol=GRAD_RTOL, what=f"d {name}")
+    if mask is not None:  # padded queries output exactly 0 and send no gradient back
+        assert (out[~mask] == 0).all()
+        assert n == 1 or (grads[0][~mask] == 0).all()
+    return out, grads
+
+
+@pytest.mark.parametrize("backend", ["eager", "triton"])
+@pytest.mark.parametrize("n", [1, 7, 64, 97, 129])
+@pytest.mark.parametrize("padded", [False, True])
+def test_forward_and_gradients_match_float64(backend, n, padded, seeded):
+    if not ON_GPU and backend == "triton" and n == 129 and padded:
+        pytest.skip("interpreter time: N=129 runs unpadded")
+    b, h, d = 2, 2, 16
+    mask = padding_mask(b, n) if padded else None
+    check_against_reference(backend, b, n, h, d, mask=mask)
+
+
+@pytest.mark.parametrize("d", [16, 32, 64, 128])
+def test_head_dims(d, seeded):
+    check_against_reference("triton", 1, 19, 1, d, mask=padding_mask(1, 19), scale=(2 * d) ** -0.5)
+
+
+def test_no_bias_and_a_query_with_no_valid_key(seeded):
+    mask = padding_mask(3, 23, dead_row=True)
+    out, grads = check_against_reference("triton", 3, 23, 2, 16, mask=mask, bias=False)
+    assert (out[-1] == 0).all() and not torch.isnan(grads[1]).any()
+
+
+def test_fp16_within_twice_eager(seeded):
+    check_against_reference("triton", 2, 41, 2, 32, mask=padding_mask(2, 41), dtype=torch.float16)
+
+
+def test_huge_logits_and_minus_inf_bias_stay_finite(seeded):
+    b, n, h, d = 2, 21, 2, 16
+    q, k, v = (t * 30 for t in make_qkv(b, n, h, d))
+    pos = torch.randn(h, n, n, dtype=torch.float64, device=DEVICE) * 1e3
+    pos[:, :, 5] = float("-inf")  # a key nobody may attend to
+    ref = reference.tupe_attention(q, k, v, pos)
+    out = effbert.tupe_attention(q.float(), k.float(), v.float(), pos.float(), backend="triton")
+    assert_close(out, ref)
+
+
+def test_strided_views_of_a_fused_qkv_and_of_a_larger_cached_table(seeded):
+    b, n, h, d = 2, 13, 2, 16
+    qkv = torch.randn(b, n, 3, h, d, device=DEVICE)
+    q, k, v = qkv.unbind(2)
+    table = torch.randn(h, 40, 40, device=DEVICE)
+    pos = table[:, :n, :n]  # rows of the cache are 40 wide
+    ref = reference.tupe_attention(q.double(), k.double(), v.double(), pos.double())
+    assert_close(effbert.tupe_attention(q, k, v, pos, backend="triton"), ref)
+
+
+def test_bias_gradient_sums_the_batch_and_is_bitwise_reproducible(seeded):
+    b, n, h, d = 5, 33, 2, 16  # odd batch: the two backward groups hold 3 and 2 elements
+    q, k, v = (t.float() for t in make_qkv(b, n, h, d))
+    pos = torch.randn(h, n, n, device=DEVICE)
+    mask = padding_mask(b, n)
+    grad = torch.randn(b, n, h, d, device=DEVICE)
+    results = []
+    for _ in range(2):
+        leaves = [t.clone().requires_grad_() for t in (q, k, v, pos)]
+        out = effbert.tupe_attention(*leaves, key_padding_mask=mask, deterministic=True, backend="triton")
+        out.backward(grad)
+        results.append([out] + [t.grad for t in leaves])
+    for first, second in zip(*results):
+        assert torch.equal(first, second)
+    # d pos_bias is the sum over the batch of each element's logit gradient
+    per_element = []
+    for i in range(b):
+        p = pos.double().clone().requires_grad_()
+        o = reference.tupe_attention(q[i:i + 1].double(), k[i:i + 1].double(), v[i:i + 1].double(), p,
+                                     key_padding_mask=mask[i:i + 1])
+        o.backward(grad[i:i + 1].double())
+        per_element.append(p.grad)
+    assert_close(results[0][4], torch.stack(per_element).sum(0), rtol=GRAD_RTOL, what="d pos_bias")
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_dropout_matches_the_reference_fed_the_same_mask(padded, seeded):
+    b, n, h, d, p = 2, 37, 2, 16, 0.3
+    q, k, v = make_qkv(b, n, h, d)
+    pos = torch.randn(h, n, n, dtype=torch.float64, device=DEVICE)
+    mask = padding_mask(b, n) if padded else None
+    grad = torch.randn(b, n, h, d, dtype=torch.float64, device=DEVICE)
+    torch.manual_seed(1234)
+    leaves = [t.float().requires_grad_() for t in (q, k, v, pos)]
+    out = effbert.tupe_attention(*leaves, key_padding_mask=mask, dropout_p=p, backend="triton")
+    out.backward(grad.float())
+    torch.manual_seed(1234)
+    seed = attention_ops._draw_seed(torch.device(DEVICE))  # the same draw the call made
+    keep = attention_ops.dropout_keep_mask(seed, b, h, n, p)
+    assert 0.6 < keep.float().mean() < 0.8  # about 1 - p of the entries kept
+    leaves64 = [t.clone().requires_grad_() for t in (q, k, v, pos)]
+    ref = reference.tupe_attention(*leaves64, key_padding_mask=mask, dropout_p=p, dropout_mask=keep)
+    ref.backward(grad)
+    assert_close(out, ref)
+    for name, t, t64 in zip("q k v pos_bias".split(), leaves, leaves64):
+        assert_close(t.grad, t64.grad, rtol=GRAD_RTOL, what=f"d {name}")
+    # torch.manual_seed reproduces the whole run
+    torch.manual_seed(1234)
+    again = effbert.tupe_attention(*[t.detach() for t in leaves], key_padding_mask=mask, dropout_p=p,
+                                   backend="triton")
+    assert torch.equal(again, out.detach())
+
+
+@pytest.mark.parametrize("backend", ["eager", "triton"])
+def test_varlen_equals_padded_on_the_real_tokens(backend, seeded):
+    lengths = [5, 1, 17, 9]
+    h, d, s = 2, 16, 20
+    cu = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32, device=DEVICE)
+    total = int(cu[-1])
+    q, k, v = (torch.randn(total, h, d, device=DEVICE) for _ in range(3))
+    pos = torch.randn(h, s, s, device=DEVICE)  # a table longer than the longest sequence
+    grad = torch.randn(total, h, d, device=DEVICE)
+    leaves = [t.clone().requires_grad_() for t in (q, k, v, pos)]
+    out = effbert.tupe_attention_varlen(*leaves[:3], cu, max(lengths), leaves[3], backend=backend)
+    out.backward(grad)
+    # the padded op on the same tokens
+    padded = [pad_packed(t.double(), cu, max(lengths))[0].requires_grad_() for t in (q, k, v)]
+    mask = pad_packed(q, cu, max(lengths))[1]
+    p64 = pos.double().clone().requires_grad_()
+    ref_pad = reference.tupe_attention(*padded, p64[:, :max(lengths), :max(lengths)], key_padding_mask=mask)
+    ref_pad.backward(pad_packed(grad.double(), cu, max(lengths))[0])
+    assert_close(out, unpad(ref_pad, cu))
+    for name, t, p in zip("qkv", leaves, padded):
+        assert_close(t.grad, unpad(p.grad, cu), rtol=GRAD_RTOL, what=f"d {name}")
+    assert_close(leaves[3].grad, p64.grad, rtol=GRAD_RTOL, what="d pos_bias")
+    assert (leaves[3].grad[:, max(lengths):, :] == 0).all()
+
+
+def test_positional_term_end_to_end_to_its_parameters(seeded):
+    """P from tupe_position_bias fed to tupe_attention: gradients reach pos_q, pos_k, the relative table and the
+    [CLS] scalars, summed over the batch."""
+    b, n, h, d = 2, 29, 2, 16
+    q, k, v = make_qkv(b, n, h, d)
+    params64 = {"pos_q": torch.randn(n, h, d, dtype=torch.float64, device=DEVICE),
+                "pos_k": torch.randn(n, h, d, dtype=torch.float64, device=DEVICE),
+                "rel_table": torch.randn(32, h, dtype=torch.float64, device=DEVICE),
+                "cls_row": torch.randn(h, dtype=torch.float64, device=DEVICE),
+                "cls_col": torch.randn(h, dtype=torch.float64, device=DEVICE)}
+    buckets = effbert.t5_relative_buckets(n, device=DEVICE)
+    mask = padding_mask(b, n)
+    grad = torch.randn(b, n, h, d, dtype=torch.float64, device=DEVICE)
+
+    def run_with(backend, params, dtype):
+        pos = effbert.tupe_position_bias(params["pos_q"], params["pos_k"], scale=(2 * d) ** -0.5,
+                                          rel_table=params["rel_table"], rel_buckets=buckets,
+                                          cls_row=params["cls_row"], cls_col=params["cls_col"], backend=backend)
+        out = effbert.tupe_attention(q.to(dtype), k.to(dtype), v.to(dtype), pos, key_padding_mask=mask,
+                                     scale=(2 * d) ** -0.5, backend=backend)
+        out.backward(grad.to(dtype))
+        return out
+
+    ref_params = {k_: t.clone().requires_grad_() for k_, t in params64.items()}
+    ref = run_with("eager", ref_params, torch.float64)
+    params = {k_: t.float().requires_grad_() for k_, t in params64.items()}
+    out = run_with("triton", params, torch.float32)
+    assert_close(out, ref)
+    for name in params:
+        if name == "cls_row":  # a constant added to a whole softmax row: its gradient is exactly 0
+            assert params[name].grad.abs().max() < 1e-5
+            continue
+        assert_close(params[name].grad, ref_params[name].grad, rtol=GRAD_RTOL, what=f"d {name}")
+
+
+def test_gradcheck_float64_eager_and_triton():
+    b, n, h, d = 1, 5, 1, 16
+    q, k, v = (t.requires_grad_() for t in make_qkv(b, n, h, d))
+    pos = torch.randn(h, n, n, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    mask = torch.tensor([[True, True, True, False, True]], device=DEVICE)
+    # float64 kernels run under the interpreter only; they keep the softmax statistics in float32, so the finite
+    # differences take a larger step and a tolerance above float32 rounding
+    tolerances = {"eager": dict(atol=1e-6), "triton": dict(eps=1e-3, atol=1e-4, rtol=1e-3)}
+    for backend in ["eager"] + ([] if ON_GPU else ["triton"]):
+        def fn(q_, k_, v_, p_, backend=backend):
+            return effbert.tupe_attention(q_, k_, v_, p_, key_padding_mask=mask, backend=backend)
+
+        assert torch.autograd.gradcheck(fn, (q, k, v, pos), **tolerances[backend])
+
+
+def test_opcheck_and_compile_fullgraph(seeded):
+    b, n, h, d = 2, 9, 2, 16
+    q, k, v = (t.float() for t in make_qkv(b, n, h, d))
+    pos = torch.randn(h, n, n, device=DEVICE)
+    mask = padding_mask(b, n)
+    torch.library.opcheck(torch.ops.effbert.tupe_attention, (q, k, v, pos, mask, None, n, 0.25, 0.0, None),
+                          test_utils=("test_schema", "test_faketensor"))
+
+    def fn(q_, k_, v_, p_):
+        return effbert.tupe_attention(q_, k_, v_, p_, key_padding_mask=mask, backend="triton")
+
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    leaves = [t.clone().requires_grad_() for t in (q, k, v, pos)]
+    out = compiled(*leaves)
+    out.sum().backward()
+    leaves64 = [t.double().requires_grad_() for t in (q, k, v, pos)]
+    ref = reference.tupe_attention(*leaves64, key_padding_mask=mask)
+    ref.sum().backward()
+    assert_close(out, ref)
+    for t, t64 in zip(leaves, leaves64):
+        assert_close(t.grad, t64.grad, rtol=GRAD_RTOL)
+
+
+def test_bad_inputs_name_the_argument():
+    q, k, v = (t.float() for t in make_qkv(2, 8, 2, 16))
+    pos = torch.randn(2, 8, 8, device=DEVICE)
+    with pytest.raises(ValueError, match="q must have 4 dimensions"):
+        effbert.tupe_attention(q[0], k, v)
+    with pytest.raises(ValueError, match="q, k and v must have one shape"):
+        effbert.tupe_attention(q, k[:, :7], v)
+    with pytest.raises(TypeError, match="q, k and v must have one dtype"):
+        effbert.tupe_attention(q, k.half(), v)
+    with pytest.raises(TypeError, match="q must have dtype"):
+        effbert.tupe_attention(q.int(), k.int(), v.int())
+    with pytest.raises(ValueError, match="pos_bias must be"):
+        effbert.tupe_attention(q, k, v, pos[:1])
+    with pytest.raises(ValueError, match="pos_bias must be"):
+        effbert.tupe_attention(q, k, v, pos[:, :7, :7])
+    with pytest.raises(TypeError, match="key_padding_mask must have dtype"):
+        effbert.tupe_attention(q, k, v, key_padding_mask=torch.ones(2, 8, device=DEVICE))
+    with pytest.raises(ValueError, match="key_padding_mask must be \\[B, N\\]"):
+        effbert.tupe_attention(q, k, v, key_padding_mask=torch.ones(2, 7, dtype=torch.bool, device=DEVICE))
+    for p in (-0.1, 1.0, 1.5):
+        with pytest.raises(ValueError, match="dropout_p must be in \\[0, 1\\)"):
+            effbert.tupe_attention(q, k, v, dropout_p=p)
+    with pytest.raises(BackendNotSupportedError, match="head dims"):
+        q24 = torch.randn(2, 8, 2, 24, device=DEVICE)
+        effbert.tupe_attention(q24, q24, q24, backend="triton")
+    flat = q.reshape(16, 2, 16)
+    cu = torch.tensor([0, 8, 16], dtype=torch.int32, device=DEVICE)
+    with pytest.raises(ValueError, match="never decrease"):
+        effbert.tupe_attention_varlen(flat, flat, flat, torch.tensor([0, 9, 8, 16], dtype=torch.int32,
+                                                                     device=DEVICE), 9)
+    with pytest.raises(ValueError, match="must end at the packed length 16"):
+        effbert.tupe_attention_varlen(flat, flat, flat, torch.tensor([0, 8, 15], dtype=torch.int32,
+                                                                     device=DEVICE), 8)
+    with pytest.raises(TypeError, match="cu_seqlens must have dtype"):
+        effbert.tupe_attention_varlen(flat, flat, flat, cu.long(), 8)
+    with pytest.raises(ValueError, match="max_seqlen must be >= the longest sequence"):
+        effbert.tupe_attention_varlen(flat, flat, flat, cu, 7)
+    with pytest.raises(ValueError, match="backend must be one of"):
+        effbert.tupe_attention(q, k, v, backend="flash")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("b,n", [(4, 512), (16, 128), (3, 200)])
+def test_gpu_bert_shapes_low_precision(dtype, b, n):
+    check_against_reference("triton", b, n, 12, 64, mask=padding_mask(b, n), dtype=dtype, scale=128 ** -0.5)
+
+
+@pytest.mark.gpu
+def test_gpu_fp32_and_dropout_statistics():
+    check_against_reference("triton", 2, 257, 4, 64, mask=padding_mask(2, 257))
+    q = torch.randn(2, 256, 4, 64, device="cuda", dtype=torch.bfloat16)
+    kept = effbert.tupe_attention(q, q, torch.ones_like(q), dropout_p=0.25)
+    # with v = 1 each output is the kept probability mass rescaled: its mean over many rows is 1
+    assert abs(kept.float().mean().item() - 1.0) < 0.02
+
+
+def test_modules_fused_equal_eager_and_the_cache_follows_the_parameters(seeded):
+    from effbert.nn import TupePositionBias, TupeSelfAttention
+
+    hidden, heads, n, b = 32, 2, 11, 2
+    pos_fused = TupePositionBias(hidden, heads, max_positions=16, backend="triton").to(DEVICE)
+    with torch.no_grad():  # non-zero relative table and [CLS] scalars, so every term is exercised
+        for p in (pos_fused.rel_table, pos_fused.cls_row, pos_fused.cls_col):
+            p.normal_()
+    attn_fused = TupeSelfAttention(hidden, heads, backend="triton").to(DEVICE)
+    pos_eager = TupePositionBias(hidden, heads, max_positions=16, backend="eager").to(DEVICE)
+    attn_eager = TupeSelfAttention(hidden, heads, backend="eager").to(DEVICE)
+    pos_eager.load_state_dict(pos_fused.state_dict())
+    attn_eager.load_state_dict(attn_fused.state_dict())
+    x = torch.randn(b, n, hidden, device=DEVICE)
+    mask = padding_mask(b, n)
+    outs = []
+    for pos_mod, attn_mod in ((pos_fused, attn_fused), (pos_eager, attn_eager)):
+        y = attn_mod(x, pos_mod(n), key_padding_mask=mask)
+        y.square().sum().backward()
+        named = list(pos_mod.named_parameters()) + list(attn_mod.named_parameters())
+        outs.append((y, {name: p.grad for name, p in named}))
+    assert_close(outs[0][0], outs[1][0].double())
+    for name, g_fused in outs[0][1].items():
+        if name == "cls_row":  # exactly 0 in exact arithmetic: a constant added to a whole softmax row
+            assert g_fused.abs().max() < 1e-4
+            continue
+        assert_close(g_fused, outs[1][1][name].double(), rtol=GRAD_RTOL * 10, what=f"d {name}")
+    # eval + no_grad: P is cached, and recomputed once a parameter changes
+    pos_fused.eval()
+    with torch.no_grad():
+        first = pos_fused(n)
+        assert pos_fused(n) is first
+        pos_fused.cls_row.add_(1.0)
+        second = pos_fused(n)
+        assert second is not first
+        assert torch.allclose(second[:, 0, :], first[:, 0, :] + 1.0)
+    with pytest.raises(ValueError, match="seq_len must be an int in \\[1, 16\\]"):
+        pos_fused(17)
