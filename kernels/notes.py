@@ -20,7 +20,7 @@ import triton.language as tl
 from . import INTERPRET
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["tokens", "num_slots"])  # sizes that vary per batch: no recompiles
 def note_mix_kernel(
     x_ptr,
     notes_ptr,
@@ -70,7 +70,7 @@ def note_mix_kernel(
     tl.store(out_ptr + offs_t.to(tl.int64)[:, None] * stride_out + offs_d[None, :], yo, mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["rows", "batch", "seq", "num_slots", "window"])
 def note_check_rows_kernel(
     spans_ptr,
     lengths_ptr,
@@ -113,7 +113,7 @@ def note_check_rows_kernel(
     tl.atomic_min(flag_ptr, first)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["rows", "seq", "window"])
 def note_window_means_kernel(
     hidden_ptr,
     spans_ptr,
@@ -184,7 +184,7 @@ def note_window_means_kernel(
             open_rows += 1
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["rows", "num_slots"])
 def note_fold_kernel(
     notes_ptr,
     counts_ptr,
@@ -229,7 +229,8 @@ def note_fold_kernel(
 
 
 def _block_d(dim):
-    return min(256, triton.next_power_of_2(max(dim, 1)))
+    # Two column blocks only: each distinct block is one more compile on the GPU, and narrow rows are rare.
+    return 64 if dim <= 64 else 256
 
 
 def note_mix_config(dim, interpret=INTERPRET):
