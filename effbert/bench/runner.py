@@ -17,7 +17,7 @@ import torch
 
 from . import timing
 
-FAMILIES = ("early_exit", "tupe_attention")  # modules of effbert.bench that contribute cases
+FAMILIES = ("early_exit", "tupe_attention", "notes")  # modules of effbert.bench that contribute cases
 
 
 def environment(device):

@@ -3,16 +3,20 @@
 Written for clarity, not speed. They never import kernels.
 """
 
-from .early_exit import exit_entropy
+from .early_exit import (
+    CRITERIA,
+    early_exit_loop,
+    exit_decision,
+    exit_entropy,
+    exit_max_prob,
+    multi_exit_distillation_loss,
+    pabee_loss,
+)
+from .notes import note_fold_, note_mix, note_mix_backward, note_update_, note_window_means
 from .position_bias import t5_relative_buckets, tupe_position_bias
 from .tupe_attention import tupe_attention, tupe_attention_varlen
 
-__all__ = ["exit_entropy", "t5_relative_buckets", "tupe_position_bias", "tupe_attention", "tupe_attention_varlen"]
-
-# batched early exit: criteria, one layer's decision, the per-sample loop
-from .early_exit import CRITERIA, early_exit_loop, exit_decision, exit_max_prob  # noqa: E402
-
-from .early_exit import multi_exit_distillation_loss, pabee_loss  # noqa: E402
-
-__all__ += ["CRITERIA", "early_exit_loop", "exit_decision", "exit_max_prob", "multi_exit_distillation_loss",
-            "pabee_loss"]
+__all__ = ["exit_entropy", "CRITERIA", "early_exit_loop", "exit_decision", "exit_max_prob",
+           "multi_exit_distillation_loss", "pabee_loss",
+           "note_mix", "note_mix_backward", "note_update_", "note_window_means", "note_fold_",
+           "t5_relative_buckets", "tupe_position_bias", "tupe_attention", "tupe_attention_varlen"]
