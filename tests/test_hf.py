@@ -284,3 +284,30 @@ def test_real_checkpoint_all_minilm_l6_v2(minilm_dir):
         sims = embed(out) @ embed(out).t()
         ref_sims = embed(ref) @ embed(ref).t()
         assert_close(sims, ref_sims, what="similarities")
+
+
+@needs_hf
+def test_from_hf_bert_pretraining_heads_and_half_precision(seeded):
+    from transformers import BertForMaskedLM, BertForPreTraining
+
+    pre = BertForPreTraining(hf_config()).eval()
+    model = hf.from_hf_bert(pre)  # the next-sentence head has no effbert counterpart and is left out
+    assert isinstance(model, TupeBertForMaskedLM)
+    ids, types, mask = (t.cpu() for t in padded_batch(61))
+    real = mask.bool()
+    with torch.no_grad():
+        ref = reference64(pre)(input_ids=ids, attention_mask=mask, token_type_ids=types).prediction_logits
+        assert_close(model(ids, mask, types).logits[real], ref[real], what="pretraining MLM logits")
+        mlm = BertForMaskedLM(hf_config()).eval()
+        ref = reference64(mlm)(input_ids=ids, attention_mask=mask, token_type_ids=types).logits
+        low = copy.deepcopy(mlm).half()(input_ids=ids, attention_mask=mask, token_type_ids=types).logits
+        half = hf.from_hf_bert(copy.deepcopy(mlm).half())
+        assert next(half.parameters()).dtype == torch.float16
+        out = half(ids, mask, types).logits
+    assert out.dtype == torch.float16
+    assert_close(out[real], ref[real], lowp_eager=low[real], what="fp16 MLM logits")
+    untied = BertForMaskedLM(hf_config(tie_word_embeddings=False))
+    with torch.no_grad():
+        untied.cls.predictions.decoder.weight.add_(1.0)
+    with pytest.raises(ValueError, match="not tied"):
+        hf.from_hf_bert(untied)

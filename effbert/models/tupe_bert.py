@@ -285,7 +285,7 @@ class TupeBertForMaskedLM(TupeBertPreTrainedModel):
         super().__init__(config)
         self.bert = TupeBertModel(config, add_pooling_layer=False)
         self.mlm_head = TupeBertMLMHead(config)
-        self.init_weights()
+        self.mlm_head.apply(self._init_weights)  # the encoder initialised itself
 
     def forward(self, input_ids, attention_mask=None, token_type_ids=None, labels=None, output_hidden_states=False):
         if labels is not None:
@@ -312,7 +312,7 @@ class TupeBertForSequenceClassification(TupeBertPreTrainedModel):
         self.bert = TupeBertModel(config, add_pooling_layer=True)
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
         self.classifier = nn.Linear(config.hidden_size, config.num_labels)
-        self.init_weights()
+        self.classifier.apply(self._init_weights)
 
     def forward(self, input_ids, attention_mask=None, token_type_ids=None, labels=None, output_hidden_states=False):
         out = self.bert(input_ids, attention_mask, token_type_ids, output_hidden_states=output_hidden_states)
