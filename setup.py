@@ -137,7 +137,7 @@ setup(
     cmdclass={"build_ext": BuildExt},
     install_requires=["torch>=2.6", "triton; platform_system == 'Linux'", "numpy"],
     extras_require={
-        "test": ["pytest>=7", "pytest-benchmark", "expecttest", "transformers>=4.40", "safetensors"],
+        "test": ["pytest>=7", "pytest-benchmark", "expecttest", "matplotlib", "transformers>=4.40", "safetensors"],
         "hf": ["transformers>=4.40", "safetensors"],
         "bench": ["matplotlib", "tqdm", "pytest-benchmark"],
     },

@@ -16,3 +16,8 @@ from .ops import (  # noqa: E402
 
 __all__ = ["BACKENDS", "BackendNotSupportedError", "BackendStatus", "backends", "exit_entropy",
            "t5_relative_buckets", "tupe_position_bias", "tupe_attention", "tupe_attention_varlen", "__version__"]
+
+# early exit: multi-exit encoder, losses and calibration
+from . import calibration, losses, nn  # noqa: E402
+
+__all__ += ["calibration", "losses", "nn"]

@@ -91,7 +91,69 @@ def check_tupe():
     return rows
 
 
-CHECKS = [check_exit_entropy, check_tupe]
+# ---- batched early exit ----
+
+def check_exit_decision():
+    """The fused decision on each backend against the reference: the error is 0 when every exit, layer, compacted id
+    and patience counter matches, inf otherwise (decisions are exact, not approximate)."""
+    rows = []
+    for device in _devices():
+        for dtype in (torch.float32, torch.float16, torch.bfloat16):
+            for criterion, kw in (("entropy", dict(threshold=0.5)), ("max_prob", dict(threshold=0.6)),
+                                  ("patience", dict(patience=1))):
+                batch, c = 97, 3
+                x = (torch.randn(batch, c) * 2).to(dtype)
+                x[5, 1] = float("nan")  # never exits early
+                prev = torch.randint(0, c, (batch,)).float()
+                exits, _, cnt = reference.exit_decision(x.double(), 2, criterion, prev=prev.double(),
+                                                        counter=torch.zeros(batch, dtype=torch.long), **kw)
+                for backend in ("cuda", "triton", "cpu", "eager"):
+                    xd = x.to(device)
+                    try:
+                        early_exit_ops.decision_backend(xd, backend)
+                    except Exception:
+                        continue
+                    i32 = dict(dtype=torch.int32, device=device)
+                    st_prev, st_cnt = prev.clone().to(device), torch.zeros(batch, **i32)  # updated in place
+                    out_logits = torch.full((batch, c), float("nan"), dtype=dtype, device=device)
+                    out_layer = torch.zeros(batch, **i32)
+                    nxt, loc, count = torch.zeros(batch, **i32), torch.zeros(batch, **i32), torch.zeros(1, **i32)
+                    early_exit_ops.exit_decision(xd, torch.arange(batch, **i32), st_prev, st_cnt, out_logits,
+                                                 out_layer, nxt, loc, count, layer=2, criterion=criterion,
+                                                 backend=backend, **kw)
+                    n = int((~exits).sum())
+                    ok = (int(count) == n and out_layer.cpu().eq(2).eq(exits).all()
+                          and nxt[:n].cpu().long().tolist() == torch.nonzero(~exits).flatten().tolist()
+                          and (criterion != "patience" or st_cnt.cpu().long().tolist() == cnt.tolist()))
+                    rows.append(("exit_decision", backend, device.type, str(dtype).replace("torch.", ""),
+                                 f"{batch}x{c},{criterion}", 0.0 if ok else float("inf"), 0.0))
+    return rows
+
+
+def check_multi_exit_loss():
+    """RomeBERT's loss and its gradient (the fused kernel where it runs) against autograd of the reference."""
+    rows = []
+    for device in _devices():
+        z = (torch.randn(4, 33, 5) * 2).to(device)
+        y = torch.randint(0, 5, (33,), device=device)
+        z64 = z.double().requires_grad_()
+        reference.multi_exit_distillation_loss(z64, y).backward()
+        for backend in ("triton", "eager"):
+            try:
+                early_exit_ops.loss_backend(z, backend)
+            except Exception:
+                continue
+            z1 = z.clone().requires_grad_()
+            loss = early_exit_ops.multi_exit_distillation_loss(z1, y, backend=backend)
+            loss.backward()
+            tol = 1e-4 if device.type == "cuda" else 1e-5
+            err = max(_rel_error(loss, reference.multi_exit_distillation_loss(z64.detach(), y)),
+                      _rel_error(z1.grad, z64.grad))
+            rows.append(("multi_exit_loss", backend, device.type, "float32", "4x33x5", err, tol))
+    return rows
+
+
+CHECKS = [check_exit_entropy, check_tupe, check_exit_decision, check_multi_exit_loss]
 
 
 def main(argv=None):

@@ -1,4 +1,5 @@
-"""Early-exit kernels: the entropy of each row's softmax (DeeBERT / RomeBERT exit criterion)."""
+"""Early-exit kernels: the entropy of each row's softmax (DeeBERT / RomeBERT exit criterion) and the fused
+per-layer exit decision of batched early exit."""
 
 import triton
 import triton.language as tl
@@ -89,4 +90,245 @@ COMPILE_SPECS = [
     for dt, ptr in _DTYPES.items()
     for cols in (2, 16, 64, 256, 1024, 2048, 4096)
     for cfg in [exit_entropy_config(cols, interpret=False)]
+]
+
+
+# ---- the fused exit decision: one launch per layer ----
+
+# Criterion codes; csrc/include/effbert/exit_decision.h and effbert/ops/early_exit.py hold the same table.
+ENTROPY, MAX_PROB, PATIENCE, PATIENCE_REGRESSION = 0, 1, 2, 3
+
+
+@triton.jit
+def exit_decision_kernel(
+    x_ptr, ids_ptr, prev_ptr, counter_ptr, out_logits_ptr, out_layer_ptr, next_rows_ptr, next_local_ptr, count_ptr,
+    rows, cols, batch, stride_x, stride_out, layer, threshold, patience,
+    CRITERION: tl.constexpr,
+    LAST: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    """A single program walks the active rows in tiles of BLOCK_R, in order: per row the criterion (and the patience
+    state at its batch id), exiting rows' logits and layer written at their ids, and a running scan of the keep flags
+    that packs continuing rows (batch ids and local positions) into next_rows / next_local in batch order."""
+    kept = tl.program_id(0) * 0  # int32 running count of continuing rows
+    for r0 in range(0, rows, BLOCK_R):
+        offs_r = r0 + tl.arange(0, BLOCK_R)
+        row_ok = offs_r < rows
+        ids = tl.load(ids_ptr + offs_r, mask=row_ok, other=0)
+        row_ok = row_ok & (ids >= 0) & (ids < batch)  # an id outside the batch is skipped, never written through
+        row_base = x_ptr + offs_r.to(tl.int64)[:, None] * stride_x
+        m = tl.full([BLOCK_R], float("-inf"), tl.float32)
+        s = tl.zeros([BLOCK_R], tl.float32)
+        t = tl.zeros([BLOCK_R], tl.float32)
+        bad = tl.zeros([BLOCK_R], tl.int32)
+        amax = tl.zeros([BLOCK_R], tl.int32)
+        for c0 in range(0, cols, BLOCK_C):
+            offs_c = c0 + tl.arange(0, BLOCK_C)
+            mask = row_ok[:, None] & (offs_c < cols)[None, :]
+            z = tl.load(row_base + offs_c[None, :], mask=mask, other=float("-inf")).to(tl.float32)
+            bad += tl.sum(((z != z) | (z == float("inf"))).to(tl.int32), axis=1)
+            cmax = tl.max(z, axis=1)
+            # first column of this chunk holding its maximum; a later chunk wins only when strictly larger
+            first = tl.min(tl.where(z == cmax[:, None], offs_c[None, :], cols), axis=1)
+            amax = tl.where(cmax > m, first, amax)
+            m_new = tl.maximum(m, cmax)
+            m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+            shift = m - m_ref
+            alpha = tl.exp(shift)
+            t = tl.where(s > 0, alpha * (t + shift * s), 0.0)
+            s = s * alpha
+            d = z - m_ref[:, None]
+            e = tl.exp(d)
+            s += tl.sum(e, axis=1)
+            t += tl.sum(tl.where(e > 0, e * d, 0.0), axis=1)
+            m = m_new
+        if CRITERION == 3:
+            v = tl.load(x_ptr + offs_r.to(tl.int64) * stride_x, mask=row_ok, other=0.0).to(tl.float32)
+            undefined = ~(tl.abs(v) < float("inf"))
+            pred = v
+        else:
+            undefined = (bad > 0) | (s <= 0)
+            pred = amax.to(tl.float32)
+        if CRITERION == 0:
+            h = tl.maximum(tl.log(s) - t / s, 0.0)
+            exits = h < threshold
+        elif CRITERION == 1:
+            exits = (1.0 / s) >= threshold
+        else:
+            pred = tl.where(undefined, float("nan"), pred)
+            prev = tl.load(prev_ptr + ids, mask=row_ok, other=float("nan"))
+            cnt = tl.load(counter_ptr + ids, mask=row_ok, other=0)
+            if CRITERION == 3:
+                same = tl.abs(pred - prev) < threshold
+            else:
+                same = pred == prev
+            same = same & (layer > 1)
+            cnt = tl.where(same, cnt + 1, 0)
+            tl.store(prev_ptr + ids, pred, mask=row_ok)
+            tl.store(counter_ptr + ids, cnt, mask=row_ok)
+            exits = cnt >= patience
+        exits = exits & ~undefined
+        if LAST:
+            exits = row_ok
+        exits = exits & row_ok
+        # exiting rows: their logits (same dtype, copied as loaded) and their layer at their batch ids
+        out_base = out_logits_ptr + ids.to(tl.int64)[:, None] * stride_out
+        for c0 in range(0, cols, BLOCK_C):
+            offs_c = c0 + tl.arange(0, BLOCK_C)
+            mask = exits[:, None] & (offs_c < cols)[None, :]
+            z = tl.load(row_base + offs_c[None, :], mask=mask)
+            tl.store(out_base + offs_c[None, :], z, mask=mask)
+        tl.store(out_layer_ptr + ids, tl.zeros([BLOCK_R], tl.int32) + layer, mask=exits)
+        keep = row_ok & ~exits
+        slot = kept + tl.cumsum(keep.to(tl.int32), axis=0) - 1
+        tl.store(next_rows_ptr + slot, ids, mask=keep)
+        tl.store(next_local_ptr + slot, offs_r, mask=keep)
+        kept += tl.sum(keep.to(tl.int32), axis=0)
+    tl.store(count_ptr, kept)
+
+
+def exit_decision_config(cols, interpret=INTERPRET):
+    """One program; tiles of up to 1024 elements (an off-ramp row is a handful of classes; 64-class tiles of 2048
+    elements spill under the per-thread register cap)."""
+    block_c = min(triton.next_power_of_2(max(cols, 1)), 64)
+    block_r = max(16, min(1024, 1024 // block_c))
+    if interpret:
+        block_r = min(block_r, 64)
+    return {"BLOCK_R": block_r, "BLOCK_C": block_c, "num_warps": 1 if interpret else 4}
+
+
+def exit_decision(x, ids, prev, counter, out_logits, out_layer, next_rows, next_local, count, *, criterion, layer,
+                  threshold, patience, last):
+    """Launch over the active rows ``x [R, C]`` (unit column stride); everything else as the op documents."""
+    rows, cols = x.shape
+    cfg = exit_decision_config(cols)
+    exit_decision_kernel[(1,)](
+        x, ids, prev, counter, out_logits, out_layer, next_rows, next_local, count,
+        rows, cols, out_layer.shape[0], x.stride(0), out_logits.stride(0), layer, threshold, patience,
+        CRITERION=criterion, LAST=bool(last), BLOCK_R=cfg["BLOCK_R"], BLOCK_C=cfg["BLOCK_C"],
+        num_warps=cfg["num_warps"],
+    )
+    return count
+
+
+COMPILE_SPECS += [
+    {
+        "name": f"exit_decision[{dt},crit={crit},last={int(last)},C<={cfg['BLOCK_C']}]",
+        "fn": exit_decision_kernel,
+        "signature": {
+            "x_ptr": ptr, "ids_ptr": "*i32", "prev_ptr": "*fp32", "counter_ptr": "*i32", "out_logits_ptr": ptr,
+            "out_layer_ptr": "*i32", "next_rows_ptr": "*i32", "next_local_ptr": "*i32", "count_ptr": "*i32",
+            "rows": "i32", "cols": "i32", "batch": "i32", "stride_x": "i32", "stride_out": "i32", "layer": "i32",
+            "threshold": "fp32", "patience": "i32",
+        },
+        "constexprs": {"CRITERION": crit, "LAST": last, "BLOCK_R": cfg["BLOCK_R"], "BLOCK_C": cfg["BLOCK_C"]},
+        "num_warps": cfg["num_warps"],
+        "divisible": ("x_ptr", "out_logits_ptr"),
+        "must_not_spill": True,
+        "matrix_instructions": False,
+    }
+    # Every criterion and both tile shapes in fp32; the 16-bit dtypes change only the loads and stores, so they are
+    # covered on one criterion each (a full cross product would triple the report's time for no new code path).
+    for dt, ptr in _DTYPES.items()
+    for crit in ((ENTROPY, MAX_PROB, PATIENCE, PATIENCE_REGRESSION) if dt == "fp32" else (PATIENCE,))
+    for last in ((False, True) if dt == "fp32" else (False,))
+    for cols in ((1,) if crit == PATIENCE_REGRESSION else (2, 64) if dt == "fp32" else (2,))
+    for cfg in [exit_decision_config(cols, interpret=False)]
+]
+
+
+# ---- RomeBERT's multi-exit loss and its gradient in one launch ----
+
+@triton.jit
+def multi_exit_loss_kernel(
+    z_ptr, labels_ptr, loss_ptr, grad_ptr,
+    n_layers, batch, cols, stride_l, stride_b, gamma, temperature,
+    BLOCK_C: tl.constexpr,
+):
+    """One program per sample: the teacher's softened distribution once, then for every exit its cross-entropy,
+    its distillation term and d(loss)/d(logits), all from one read of each logit row.
+
+    loss[b] = CE_L + sum_{i<L} (1 - gamma) CE_i + gamma T^2 KL(p_T || q_i);  grad[i, b] = w_i (softmax(z_i) - onehot)
+    + gamma T (q_i - p_T) for i < L (the teacher is detached), with p_T = softmax(z_L / T), q_i = softmax(z_i / T).
+    """
+    b = tl.program_id(0)
+    offs = tl.arange(0, BLOCK_C)
+    cmask = offs < cols
+    y = tl.load(labels_ptr + b).to(tl.int32)
+    onehot = (offs == y).to(tl.float32)
+    inv_t = 1.0 / temperature
+    b64 = b.to(tl.int64)
+    stride_l64 = stride_l.to(tl.int64)  # L * B * C may pass 2**31
+    batch64 = batch.to(tl.int64)
+    row = z_ptr + b64 * stride_b
+    zt = tl.load(row + (n_layers - 1) * stride_l64 + offs, mask=cmask, other=float("-inf")).to(tl.float32)
+    zt = zt * inv_t
+    mt = tl.max(zt, axis=0)
+    et = tl.exp(zt - mt)
+    st = tl.sum(et, axis=0)
+    pt = et / st
+    log_pt = zt - mt - tl.log(st)
+    total = 0.0
+    for l in range(0, n_layers):
+        z = tl.load(row + l * stride_l64 + offs, mask=cmask, other=float("-inf")).to(tl.float32)
+        m = tl.max(z, axis=0)
+        e = tl.exp(z - m)
+        s = tl.sum(e, axis=0)
+        ce = m + tl.log(s) - tl.sum(tl.where(offs == y, z, 0.0), axis=0)
+        p = e / s
+        zq = z * inv_t
+        mq = tl.max(zq, axis=0)
+        eq = tl.exp(zq - mq)
+        sq = tl.sum(eq, axis=0)
+        log_q = zq - mq - tl.log(sq)
+        q = eq / sq
+        kl = tl.sum(tl.where(pt > 0, pt * (log_pt - log_q), 0.0), axis=0)
+        student = l < n_layers - 1
+        w_ce = tl.where(student, 1.0 - gamma, 1.0)
+        w_kd = tl.where(student, gamma, 0.0)
+        total += w_ce * ce + w_kd * temperature * temperature * kl
+        g = w_ce * (p - onehot) + w_kd * temperature * (q - pt)
+        tl.store(grad_ptr + (l * batch64 + b64) * cols + offs, g, mask=cmask)
+    tl.store(loss_ptr + b, total)
+
+
+MULTI_EXIT_LOSS_MAX_C = 8192  # one row in registers; off-ramps are a handful of classes
+
+
+def multi_exit_loss_config(cols, interpret=INTERPRET):
+    block_c = triton.next_power_of_2(max(cols, 1))
+    return {"BLOCK_C": block_c, "num_warps": 1 if interpret else (4 if block_c <= 1024 else 8)}
+
+
+def multi_exit_loss(z, labels, loss_rows, grad, gamma, temperature):
+    """``z [L, B, C]`` (unit column stride) and int64 ``labels [B]``; writes float32 ``loss_rows [B]`` and the
+    contiguous float32 ``grad [L, B, C]`` of sum(loss_rows)."""
+    depth, batch, cols = z.shape
+    if batch == 0:
+        return loss_rows, grad
+    cfg = multi_exit_loss_config(cols)
+    multi_exit_loss_kernel[(batch,)](
+        z, labels, loss_rows, grad, depth, batch, cols, z.stride(0), z.stride(1), float(gamma), float(temperature),
+        BLOCK_C=cfg["BLOCK_C"], num_warps=cfg["num_warps"],
+    )
+    return loss_rows, grad
+
+
+COMPILE_SPECS += [
+    {
+        "name": f"multi_exit_loss[{dt},C<={cfg['BLOCK_C']}]",
+        "fn": multi_exit_loss_kernel,
+        "signature": {"z_ptr": ptr, "labels_ptr": "*i64", "loss_ptr": "*fp32", "grad_ptr": "*fp32", "n_layers": "i32",
+                      "batch": "i32", "cols": "i32", "stride_l": "i32", "stride_b": "i32", "gamma": "fp32",
+                      "temperature": "fp32"},
+        "constexprs": {"BLOCK_C": cfg["BLOCK_C"]},
+        "num_warps": cfg["num_warps"],
+        "divisible": ("z_ptr", "grad_ptr"),
+        "must_not_spill": True,
+        "matrix_instructions": False,
+    }
+    for dt, ptr in _DTYPES.items()
+    for cols in ((2, 1024, MULTI_EXIT_LOSS_MAX_C) if dt == "fp32" else (2,))
+    for cfg in [multi_exit_loss_config(cols, interpret=False)]
 ]

@@ -35,3 +35,16 @@ def test_bad_arguments_are_rejected(tmp_path, capsys):
     assert "--compare" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         runner.main(["--op", "no_such_op", "--out", str(tmp_path)])
+
+
+@pytest.mark.slow
+def test_plots_speedups_and_time_against_sequence_length(tmp_path):
+    pytest.importorskip("matplotlib")
+    out = tmp_path / "sweep"
+    assert runner.main(["--quick", "--no-progress", "--op", "tupe_attention_seqlen", "--out", str(out)]) == 0
+    data = json.loads((out / "bench.json").read_text())
+    ok = [c for c in data["cases"] if c["status"] == "ok"]
+    assert len({c["shape"] for c in ok}) >= 3  # the sweep ran at three lengths at least
+    for name in ("speedup_tupe_attention_seqlen.png", "time_vs_seqlen_tupe_attention_seqlen.png"):
+        png = (out / name).read_bytes()
+        assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 1000, name

@@ -256,3 +256,293 @@ def test_cuda_backend_missing_is_reported(monkeypatch):
     finally:
         monkeypatch.undo()
         _dispatch.refresh()
+
+
+# ==== batched early exit: criteria references and the fused per-layer decision ====
+
+CRIT_PARAMS = [
+    ("entropy", dict(threshold=0.6), 3),
+    ("max_prob", dict(threshold=0.55), 5),
+    ("patience", dict(patience=2), 3),
+    ("patience", dict(patience=1, threshold=0.4), 1),  # PABEE's regression rule
+]
+CRIT_IDS = ["entropy", "max_prob", "patience", "patience-regression"]
+
+
+def test_criteria_references_match_definitions(seeded):
+    x = torch.randn(8, 5, dtype=torch.float64) * 2
+    x[3, 1] = float("nan")
+    p = reference.exit_max_prob(x)
+    for r in range(8):
+        if r == 3:
+            assert math.isnan(p[r].item())
+            continue
+        row = x[r].tolist()
+        m = max(row)
+        assert p[r].item() == pytest.approx(1.0 / sum(math.exp(v - m) for v in row), rel=1e-12)
+    # entropy / max_prob: exit below / at-or-above the threshold; a NaN row never exits early but does at the end
+    ex, _, _ = reference.exit_decision(x, 1, "entropy", threshold=1.0)
+    h = reference.exit_entropy(x)
+    assert ex.tolist() == [(not math.isnan(v)) and v < 1.0 for v in h.tolist()]
+    ex, _, _ = reference.exit_decision(x, 4, "max_prob", threshold=0.5, last=True)
+    assert ex.all()
+
+
+def test_patience_reference_counts_repeats():
+    # one sample, argmax sequence 0 0 1 1 1 1: counter 0 1 0 1 2 3
+    preds = [0, 0, 1, 1, 1, 1]
+    prev = counter = None
+    counters, exits = [], []
+    for layer, k in enumerate(preds, 1):
+        z = torch.zeros(1, 3, dtype=torch.float64)
+        z[0, k] = 1.0
+        ex, prev, counter = reference.exit_decision(z, layer, "patience", patience=2, prev=prev, counter=counter)
+        counters.append(int(counter[0]))
+        exits.append(bool(ex[0]))
+    assert counters == [0, 1, 0, 1, 2, 3]
+    assert exits == [False, False, False, False, True, True]
+    # regression: |delta| < threshold counts as unchanged; NaN resets
+    values = [1.0, 1.05, 1.5, 1.52, float("nan"), 1.52, 1.53]
+    prev = counter = None
+    counters = []
+    for layer, v in enumerate(values, 1):
+        _, prev, counter = reference.exit_decision(torch.tensor([[v]], dtype=torch.float64), layer, "patience",
+                                                   patience=5, threshold=0.1, prev=prev, counter=counter)
+        counters.append(int(counter[0]))
+    assert counters == [0, 1, 0, 1, 0, 0, 1]
+
+
+def _decision_case(dtype, rows, batch, classes, device, nan_rows=True):
+    x = (torch.randn(rows, classes) * 2).to(dtype)
+    if nan_rows and rows > 2:
+        x[1, 0] = float("nan")
+        x[rows - 1, classes - 1] = float("nan")
+    ids = torch.randperm(batch)[:rows].to(torch.int32)
+    return x.to(device), ids.to(device)
+
+
+def _reference_step(x, ids, prev, counter, layer, criterion, kw, last):
+    """The decision from the reference, on float64 copies of the state."""
+    ids64 = ids.long().cpu()
+    exits, pred, cnt = reference.exit_decision(x.double().cpu(), layer, criterion, prev=prev[ids64].double().cpu(),
+                                               counter=counter[ids64].long().cpu(), last=last, **kw)
+    return exits, pred, cnt
+
+
+@pytest.mark.parametrize("backend,device", backend_cases())
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
+@pytest.mark.parametrize("crit", range(4), ids=CRIT_IDS)
+@pytest.mark.parametrize("rows,batch", [(1, 1), (7, 9), (97, 129)], ids=lambda v: str(v))
+def test_decision_kernels_against_reference(backend, device, dtype, crit, rows, batch, seeded):
+    require_backend(backend, device)
+    criterion, kw, classes = CRIT_PARAMS[crit]
+    if rows == 97 and crit == 1:
+        classes = 97  # several column chunks
+    i32 = dict(dtype=torch.int32, device=device)
+    prev = torch.full((batch,), float("nan"), device=device)
+    counter = torch.zeros(batch, **i32)
+    # a plausible state from earlier layers: some predictions already on record
+    prev[: batch // 2] = torch.randint(0, classes, (batch // 2,)).float() if classes > 1 else torch.randn(batch // 2)
+    counter[: batch // 2] = torch.randint(0, 2, (batch // 2,), dtype=torch.int32)
+    for layer, last in ((1, False), (3, False), (4, True)):
+        x, ids = _decision_case(dtype, rows, batch, classes, device)
+        if criterion == "patience" and classes > 1 and layer == 3:
+            x[2:6] = 0  # all-equal rows: argmax 0, a repeat for rows whose previous argmax was 0
+            x[2:6, 0] = 1
+        out_logits = torch.full((batch, classes), POISON, dtype=dtype, device=device)
+        out_layer = torch.full((batch,), -1, **i32)
+        next_rows = torch.full((rows,), -7, **i32)
+        next_local = torch.full((rows,), -7, **i32)
+        count = torch.full((1,), -1, **i32)
+        want_exits, want_pred, want_cnt = _reference_step(x, ids, prev, counter, layer, criterion, kw, last)
+        ops.exit_decision(x, ids, prev, counter, out_logits, out_layer, next_rows, next_local, count, layer=layer,
+                          criterion=criterion, last=last, backend=backend, **kw)
+        ids64 = ids.long().cpu()
+        n = int(want_exits.logical_not().sum())
+        assert int(count) == n
+        assert next_rows[:n].cpu().tolist() == ids64[~want_exits].tolist(), "continuing rows not in batch order"
+        assert next_local[:n].cpu().tolist() == torch.nonzero(~want_exits).flatten().tolist()
+        exited = ids64[want_exits]
+        assert (out_layer.cpu()[exited] == layer).all()
+        untouched = torch.ones(batch, dtype=torch.bool)
+        untouched[exited] = False
+        assert (out_layer.cpu()[untouched] == -1).all(), "a row that did not exit was written"
+        assert torch.equal(out_logits.cpu()[exited].view(torch.int16 if dtype != torch.float32 else torch.int32),
+                           x.cpu()[want_exits].view(torch.int16 if dtype != torch.float32 else torch.int32)), \
+            "exiting logits are not copied bit for bit"
+        assert torch.isnan(out_logits.cpu()[untouched]).all()
+        if criterion == "patience":
+            got_prev, got_cnt = prev.cpu()[ids64], counter.cpu()[ids64]
+            assert got_cnt.tolist() == want_cnt.tolist()
+            assert torch.equal(torch.isnan(got_prev), torch.isnan(want_pred))
+            assert torch.equal(got_prev[~torch.isnan(got_prev)].double(), want_pred[~torch.isnan(want_pred)].float()
+                               .double())
+
+
+@pytest.mark.parametrize("backend,device", backend_cases())
+def test_decision_all_or_nothing_and_empty(backend, device, seeded):
+    require_backend(backend, device)
+    batch, c = 11, 4
+    st = ops.BatchedExit(batch, depth=3, criterion="max_prob", threshold=1.0 / c, device=device, backend=backend)
+    x = torch.randn(batch, c, device=device)
+    assert st.step(x, 1).numel() == 0  # max prob >= 1/C always: everyone leaves at layer 1
+    assert st.active == 0 and st.exit_layer.tolist() == [1] * batch
+    assert torch.equal(st.logits, x)
+    st = ops.BatchedExit(batch, depth=3, criterion="entropy", threshold=1e-9, device=device, backend=backend)
+    for layer in (1, 2):
+        assert st.step(torch.randn(batch, c, device=device), layer) is None  # nobody is that sure
+    st.step(torch.randn(batch, c, device=device), 3)
+    assert st.exit_layer.tolist() == [3] * batch
+    # no active rows left: a step over zero rows writes nothing and reports zero
+    count = torch.full((1,), -1, dtype=torch.int32, device=device)
+    i32 = dict(dtype=torch.int32, device=device)
+    ops.exit_decision(torch.empty(0, c, device=device), torch.empty(0, **i32), st.prev, st.counter, st.logits,
+                      st.exit_layer, torch.empty(0, **i32), torch.empty(0, **i32), count, layer=2,
+                      criterion="entropy", threshold=0.5, backend=backend)
+    assert int(count) == 0 and st.exit_layer.tolist() == [3] * batch
+
+
+def test_patience_warmup_layers_need_no_row_count(monkeypatch):
+    """The first `patience` layers cannot exit anyone, so the step never reads the count back."""
+    st = ops.BatchedExit(5, depth=6, criterion="patience", patience=3, backend="cpu")
+    reads = []
+    real_item = torch.Tensor.item
+    monkeypatch.setattr(torch.Tensor, "item", lambda t: reads.append(1) or real_item(t))
+    for layer in (1, 2, 3):
+        assert st.step(torch.randn(5, 3), layer) is None
+    assert reads == []
+    st.step(torch.randn(5, 3), 4)
+    assert reads == [1]
+
+
+def test_decision_opcheck(seeded):
+    i32 = dict(dtype=torch.int32)
+    batch, rows, c = 9, 6, 3
+    args = (torch.randn(rows, c), torch.randperm(batch)[:rows].to(torch.int32), torch.full((batch,), float("nan")),
+            torch.zeros(batch, **i32), torch.zeros(batch, c), torch.zeros(batch, **i32), torch.zeros(rows, **i32),
+            torch.zeros(rows, **i32), torch.zeros(1, **i32), 2, 3, 0.0, 1, False, "cpu")
+    torch.library.opcheck(torch.ops.effbert.exit_decision.default, args,
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+def test_decision_under_torch_compile(seeded):
+    batch, c = 7, 3
+    st = ops.BatchedExit(batch, depth=2, criterion="entropy", threshold=0.8, backend="cpu")
+    ref = ops.BatchedExit(batch, depth=2, criterion="entropy", threshold=0.8, backend="eager")
+    x = torch.randn(batch, c)
+    ref.step(x, 1)
+
+    def f(logits):
+        ops.exit_decision(logits * 1.0, st.row_ids, st.prev, st.counter, st.logits, st.exit_layer, st._spare,
+                          st._local, st.count, layer=1, criterion="entropy", threshold=0.8, backend="cpu")
+        return st.count + 0
+
+    st.logits = torch.full((batch, c), float("nan"))
+    count = torch.compile(f, fullgraph=True, backend="aot_eager")(x)
+    assert int(count) == ref.active  # the rows the reference kept (all of them when nobody exited)
+    assert torch.equal(st.exit_layer, ref.exit_layer)
+
+
+# ---- bad inputs of the decision: each a clear error naming the argument ----
+
+@pytest.mark.parametrize(
+    "criterion,kw,classes,exc,pattern",
+    [
+        ("entropy", dict(threshold=-0.1), 3, ValueError, r"threshold must be > 0 for criterion 'entropy'"),
+        ("entropy", dict(threshold=0.0), 3, ValueError, r"threshold must be > 0"),
+        ("entropy", dict(), 3, ValueError, r"needs a threshold"),
+        ("max_prob", dict(threshold=1.5), 3, ValueError, r"threshold must be in \(0, 1\]"),
+        ("max_prob", dict(threshold=0.0), 3, ValueError, r"threshold must be in \(0, 1\]"),
+        ("max_prob", dict(threshold=float("nan")), 3, ValueError, r"threshold must be finite"),
+        ("entropy", dict(threshold="0.3"), 3, TypeError, r"threshold must be a float"),
+        ("entropy", dict(threshold=0.3, patience=2), 3, ValueError, r"patience applies to criterion 'patience'"),
+        ("patience", dict(patience=0), 3, ValueError, r"patience must be >= 1"),
+        ("patience", dict(patience=-2), 3, ValueError, r"patience must be >= 1"),
+        ("patience", dict(patience=1.5), 3, TypeError, r"patience must be an int"),
+        ("patience", dict(), 3, TypeError, r"patience must be an int"),
+        ("patience", dict(patience=2, threshold=0.1), 3, ValueError, r"one-column \(regression\) head"),
+        ("patience", dict(patience=2), 1, ValueError, r"threshold must be > 0 for criterion 'patience'"),
+        ("patience", dict(patience=2, threshold=-1.0), 1, ValueError, r"threshold must be > 0"),
+        ("deebert", dict(threshold=0.1), 3, ValueError, r"criterion must be one of"),
+    ],
+)
+def test_bad_criterion_arguments(criterion, kw, classes, exc, pattern):
+    with pytest.raises(exc, match=pattern):
+        ops.check_criterion(criterion, classes=classes, **kw)
+    batch = 4
+    i32 = dict(dtype=torch.int32)
+    with pytest.raises(exc, match=pattern):
+        ops.exit_decision(torch.randn(batch, classes), torch.arange(batch, **i32), torch.zeros(batch),
+                          torch.zeros(batch, **i32), torch.zeros(batch, classes), torch.zeros(batch, **i32),
+                          torch.zeros(batch, **i32), torch.zeros(batch, **i32), torch.zeros(1, **i32), layer=1,
+                          criterion=criterion, **kw)
+
+
+def _decision_args(batch=5, rows=4, c=3):
+    i32 = dict(dtype=torch.int32)
+    return dict(logits=torch.randn(rows, c), row_ids=torch.arange(rows, **i32), prev=torch.zeros(batch),
+                counter=torch.zeros(batch, **i32), out_logits=torch.zeros(batch, c), out_layer=torch.zeros(batch, **i32),
+                next_rows=torch.zeros(rows, **i32), next_local=torch.zeros(rows, **i32), count=torch.zeros(1, **i32))
+
+
+@pytest.mark.parametrize(
+    "change,exc,pattern",
+    [
+        (dict(logits=torch.randn(4)), ValueError, r"logits must have 2 dimensions \[R, C\]"),
+        (dict(logits=torch.randn(4, 3).long()), TypeError, r"logits must have dtype"),
+        (dict(logits=torch.randn(4, 0)), ValueError, r"at least one class"),
+        (dict(logits=torch.randn(6, 3), row_ids=torch.arange(6, dtype=torch.int32)), ValueError,
+         r"logits has 6 rows but the batch \(out_logits\) has 5"),
+        (dict(out_logits=torch.zeros(5, 4)), ValueError, r"out_logits must be \[B, 3\]"),
+        (dict(out_logits=torch.zeros(5, 3).half()), TypeError, r"out_logits must have dtype in \(float32\)"),
+        (dict(row_ids=torch.arange(4)), TypeError, r"row_ids must have dtype in \(int32\)"),
+        (dict(row_ids=torch.arange(3, dtype=torch.int32)), ValueError, r"row_ids must be a contiguous \[4\]"),
+        (dict(prev=torch.zeros(4)), ValueError, r"prev must be a contiguous \[5\]"),
+        (dict(counter=torch.zeros(5)), TypeError, r"counter must have dtype in \(int32\)"),
+        (dict(next_rows=torch.zeros(2, dtype=torch.int32)), ValueError, r"next_rows must be a contiguous int32"),
+        (dict(count=torch.zeros(2, dtype=torch.int32)), ValueError, r"count must be a contiguous \[1\]"),
+    ],
+)
+def test_bad_decision_tensors(change, exc, pattern):
+    args = _decision_args()
+    args.update(change)
+    with pytest.raises(exc, match=pattern):
+        ops.exit_decision(*args.values(), layer=1, criterion="entropy", threshold=0.5)
+
+
+def test_bad_layer_and_native_ids():
+    args = _decision_args()
+    with pytest.raises(ValueError, match=r"layer must be an int >= 1"):
+        ops.exit_decision(*args.values(), layer=0, criterion="entropy", threshold=0.5)
+    # the C++ CPU build refuses an id outside the batch before it changes any state
+    args["row_ids"] = torch.tensor([0, 1, 9, 2], dtype=torch.int32)
+    before = args["out_layer"].clone()
+    with pytest.raises(ValueError, match=r"row_ids\[2\] = 9 outside"):
+        ops.exit_decision(*args.values(), layer=1, criterion="max_prob", threshold=0.01, backend="cpu")
+    assert torch.equal(args["out_layer"], before)
+
+
+@pytest.mark.parametrize("backend,device", backend_cases())
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
+def test_patience_ties_take_the_first_class(backend, device, dtype):
+    """The patience prediction is torch.argmax's: the first maximal class, also when the ties sit in different
+    column blocks of a kernel."""
+    c = 97
+    x = torch.zeros(4, c)
+    x[1, [5, 70]] = 3.0
+    x[2, [64, 90]] = 2.0
+    x[3, [96, 1, 33]] = 1.0
+    x = x.to(dtype).to(device)
+    first = [0, 5, 64, 1]
+    assert x.float().cpu().argmax(-1).tolist() == first
+    batch = 4
+    i32 = dict(dtype=torch.int32, device=device)
+    prev = torch.tensor(first, dtype=torch.float32, device=device)
+    counter = torch.zeros(batch, **i32)
+    out_layer = torch.zeros(batch, **i32)
+    count = torch.full((1,), -1, **i32)
+    ops.exit_decision(x, torch.arange(batch, **i32), prev, counter, torch.zeros(batch, c, dtype=dtype, device=device),
+                      out_layer, torch.zeros(batch, **i32), torch.zeros(batch, **i32), count, layer=2,
+                      criterion="patience", patience=1, backend=backend)
+    assert int(count) == 0 and out_layer.tolist() == [2] * 4 and counter.tolist() == [1] * 4
+    assert prev.tolist() == first

@@ -222,6 +222,42 @@ def write_plots(out_dir, rows):
     return written
 
 
+def write_seqlen_plots(out_dir, rows):
+    """One PNG per op whose cases sweep the sequence length (N=... in the shape, three values or more): time
+    against N per provider. Returns the files written."""
+    import re
+
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return []
+    written = []
+    for op in dict.fromkeys(r["op"] for r in rows):
+        ok = [r for r in rows if r["op"] == op and r["status"] == "ok" and re.search(r"\bN=(\d+)", r["shape"])]
+        if len({re.search(r"\bN=(\d+)", r["shape"]).group(1) for r in ok}) < 3:
+            continue
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for p in dict.fromkeys(r["provider"] for r in ok):
+            pts = sorted((int(re.search(r"\bN=(\d+)", r["shape"]).group(1)), r["ms"]) for r in ok
+                         if r["provider"] == p)
+            ax.plot([n for n, _ in pts], [ms for _, ms in pts], marker="o", label=p)
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("sequence length N")
+        ax.set_ylabel(f"ms per call ({ok[0]['dtype']}, {ok[0]['mode']}; lower is better)")
+        ax.set_title(op)
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        path = Path(out_dir) / f"time_vs_seqlen_{op}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
 def compare(rows, old_path):
     """Per-case ratio new/old time; a regression is slower by more than the noise both runs measured (>= 5%)."""
     old = {r["key"]: r for r in json.loads(Path(old_path).read_text())["cases"] if r.get("status") == "ok"}
@@ -310,7 +346,7 @@ def main(argv=None):
         result["compare"] = {"against": str(args.compare), "cases": compare(rows, args.compare)}
     (out / "bench.json").write_text(json.dumps(result, indent=1))
     write_markdown(out / "bench.md", rows, ceilings, env)
-    plots = write_plots(out, rows)
+    plots = write_plots(out, rows) + write_seqlen_plots(out, rows)
 
     print(format_tables(rows, ceilings, env))
     if args.compare:

@@ -160,6 +160,40 @@ def cases(device, quick):
                     check=has_bias,
                 ))
     out += _varlen_cases(device, quick, dtype, triton_reasons)
+    out += _seqlen_sweep(device, quick, dtype, triton_reasons)
+    return out
+
+
+def _seqlen_sweep(device, quick, dtype, triton_reasons):
+    """Forward+backward at a fixed token count and growing N: the runner plots time against sequence length."""
+    if device.type == "cuda":
+        lengths, tokens, h, d = ((128, 256, 512, 1024) if not quick else (128, 512)), 16384, 12, 64
+        names = ("effbert-triton", "sdpa-flash-nobias", "sdpa-mem-efficient", "flexattention")
+        mode = "forward+backward"
+    else:
+        lengths, tokens, h, d = (32, 64, 128), 256, 2, 16
+        names = ("effbert-triton", "eager-reference", "sdpa-math")
+        mode = "forward"
+    providers = _providers(device)
+    dname = str(dtype).replace("torch.", "")
+    out = []
+    for n in lengths:
+        b = max(1, tokens // n)
+
+        def make_inputs(b=b, n=n):
+            q, k, v, dout = (torch.randn(b, n, h, d, device=device, dtype=dtype) for _ in range(4))
+            return q, k, v, torch.randn(h, n, n, device=device, dtype=dtype), dout
+
+        for name in names:
+            has_bias = name != "sdpa-flash-nobias"
+            out.append(Case(
+                op="tupe_attention_seqlen", shape=f"B={b},N={n},H={h},D={d}", dtype=dname, mode=mode, provider=name,
+                fn=_mode_fn(providers[name], mode, has_bias), make_inputs=make_inputs, reference=_reference_fn(mode),
+                bytes=_bytes(b, n, h, d, dtype.itemsize, mode), flops=_flops([n] * b, h, d, mode),
+                rtol=3e-2 if dtype != torch.float32 else 1e-4,
+                skip_reasons=list(triton_reasons) if name == "effbert-triton" else [],
+                baseline=names[1], check=has_bias,
+            ))
     return out
 
 
