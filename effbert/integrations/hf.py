@@ -1,0 +1,298 @@
+"""Hugging Face BERT interoperability (``pip install effbert[hf]``).
+
+- ``from_hf_bert(model_or_path)``: a pretrained HF BERT (a model object or a local folder holding ``config.json``
+  and ``model.safetensors``) as an effbert model in ``position_mode="absolute"``, same outputs on real tokens.
+- ``patch_bert_attention(hf_model)``: replaces, in place, the self-attention of every layer of an HF BERT with a
+  module running ``effbert.tupe_attention`` on the same ``query``/``key``/``value`` weights (the state dict, and so
+  ``save_pretrained``, is unchanged).
+
+transformers is imported only when these functions run, so effbert itself never needs it.
+"""
+
+import os
+import re
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..models import TupeBertConfig, TupeBertForMaskedLM, TupeBertForSequenceClassification, TupeBertModel
+from ..ops import tupe_attention
+
+__all__ = ["from_hf_bert", "patch_bert_attention", "EffbertBertSelfAttention", "hf_state_dict_to_effbert",
+           "config_from_hf"]
+
+_INSTALL_HINT = "transformers is needed for effbert.integrations.hf: pip install effbert[hf]"
+# HF activation names -> ours (the tanh approximations are one function under several names)
+_ACTS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu_fast": "gelu_tanh",
+         "relu": "relu"}
+
+
+def _transformers():
+    try:
+        import transformers
+    except ImportError as exc:
+        raise ImportError(_INSTALL_HINT) from exc
+    return transformers
+
+
+def config_from_hf(hf_config, *, backend="auto"):
+    """A ``TupeBertConfig`` (``position_mode="absolute"``) with the sizes of an HF ``BertConfig``."""
+    if getattr(hf_config, "model_type", None) != "bert":
+        raise ValueError(f"hf_config must be a BERT config (model_type 'bert'), got "
+                         f"{getattr(hf_config, 'model_type', None)!r}")
+    if getattr(hf_config, "position_embedding_type", "absolute") not in (None, "absolute"):
+        raise ValueError("only absolute position embeddings convert, got position_embedding_type "
+                         f"{hf_config.position_embedding_type!r}")
+    if getattr(hf_config, "is_decoder", False):
+        raise ValueError("a decoder (causal) BERT does not convert: effbert's encoder attends both ways")
+    act = hf_config.hidden_act
+    if not isinstance(act, str) or act not in _ACTS:
+        raise ValueError(f"hidden_act {act!r} has no effbert equivalent (supported: {sorted(_ACTS)})")
+    return TupeBertConfig(
+        vocab_size=hf_config.vocab_size, hidden_size=hf_config.hidden_size,
+        num_hidden_layers=hf_config.num_hidden_layers, num_attention_heads=hf_config.num_attention_heads,
+        intermediate_size=hf_config.intermediate_size, max_position_embeddings=hf_config.max_position_embeddings,
+        type_vocab_size=hf_config.type_vocab_size, hidden_dropout_prob=float(hf_config.hidden_dropout_prob),
+        attention_probs_dropout_prob=float(hf_config.attention_probs_dropout_prob),
+        layer_norm_eps=float(hf_config.layer_norm_eps), hidden_act=_ACTS[act],
+        initializer_range=float(getattr(hf_config, "initializer_range", 0.02)),
+        pad_token_id=hf_config.pad_token_id if hf_config.pad_token_id is not None else 0,
+        position_mode="absolute", num_labels=int(getattr(hf_config, "num_labels", 2)), backend=backend)
+
+
+_LAYER_NAMES = {
+    "attention.output.dense": "attention.out",
+    "attention.output.LayerNorm": "attention_norm",
+    "intermediate.dense": "intermediate",
+    "output.dense": "output",
+    "output.LayerNorm": "output_norm",
+}
+_TOP_NAMES = {
+    "embeddings.word_embeddings": "embeddings.word_embeddings",
+    "embeddings.token_type_embeddings": "embeddings.token_type_embeddings",
+    "embeddings.position_embeddings": "embeddings.position_embeddings",
+    "embeddings.LayerNorm": "embeddings.layer_norm",
+    "pooler.dense": "pooler.dense",
+}
+_IGNORED = re.compile(r"^(embeddings\.(position_ids|token_type_ids)|cls\.seq_relationship\..*)$")
+
+
+def hf_state_dict_to_effbert(state):
+    """An HF BERT state dict (with or without the ``bert.`` prefix, old ``gamma``/``beta`` LayerNorm names
+    accepted) as ``(encoder_state, head_state)``: the first for ``TupeBertModel``, the second holding the
+    classifier (``classifier.*``) or the MLM head (``mlm_head.*``) when present. Unknown keys are an error."""
+    encoder, head, qkv = {}, {}, {}
+    for raw_key, value in state.items():
+        key = raw_key[len("bert."):] if raw_key.startswith("bert.") else raw_key
+        key = re.sub(r"LayerNorm\.gamma$", "LayerNorm.weight", key)
+        key = re.sub(r"LayerNorm\.beta$", "LayerNorm.bias", key)
+        if _IGNORED.match(key):
+            continue
+        m = re.match(r"^encoder\.layer\.(\d+)\.(.+)\.(weight|bias)$", key)
+        if m:
+            index, name, kind = m.groups()
+            proj = re.match(r"^attention\.self\.(query|key|value)$", name)
+            if proj:  # separate q, k, v projections, fused into one qkv below
+                qkv.setdefault((index, kind), {})[proj.group(1)] = value
+                continue
+            if name in _LAYER_NAMES:
+                encoder[f"encoder.layers.{index}.{_LAYER_NAMES[name]}.{kind}"] = value
+                continue
+        m = re.match(r"^(.+)\.(weight|bias)$", key)
+        if m and m.group(1) in _TOP_NAMES:
+            encoder[f"{_TOP_NAMES[m.group(1)]}.{m.group(2)}"] = value
+            continue
+        if key in ("classifier.weight", "classifier.bias"):
+            head[key] = value
+            continue
+        mlm = {"cls.predictions.transform.dense.weight": "mlm_head.dense.weight",
+               "cls.predictions.transform.dense.bias": "mlm_head.dense.bias",
+               "cls.predictions.transform.LayerNorm.weight": "mlm_head.layer_norm.weight",
+               "cls.predictions.transform.LayerNorm.bias": "mlm_head.layer_norm.bias",
+               "cls.predictions.bias": "mlm_head.bias", "cls.predictions.decoder.bias": "mlm_head.bias",
+               "cls.predictions.decoder.weight": "mlm_head.decoder.weight"}
+        if key in mlm:
+            head[mlm[key]] = value
+            continue
+        raise ValueError(f"state dict key {raw_key!r} is not part of a BERT encoder, its pooler, an MLM head or a "
+                         "sequence classifier")
+    for (index, kind), parts in qkv.items():
+        missing = sorted({"query", "key", "value"} - set(parts))
+        if missing:
+            raise ValueError(f"layer {index} lacks attention.self.{missing[0]}.{kind}")
+        # our qkv Linear's outputs are [3, H, D]: q rows, then k, then v, each head-major like HF's
+        encoder[f"encoder.layers.{index}.attention.qkv.{kind}"] = torch.cat(
+            [parts["query"], parts["key"], parts["value"]], dim=0)
+    return encoder, head
+
+
+def _load_path(path):
+    transformers = _transformers()
+    path = Path(path)
+    if not path.is_dir():
+        raise ValueError(f"model_or_path must be an HF BERT model or a local folder, got {str(path)!r} "
+                         "(not a folder)")
+    hf_config = transformers.BertConfig.from_pretrained(str(path), local_files_only=True)
+    if (path / "model.safetensors").exists():
+        from safetensors.torch import load_file
+
+        state = load_file(str(path / "model.safetensors"))
+    elif (path / "pytorch_model.bin").exists():
+        state = torch.load(path / "pytorch_model.bin", map_location="cpu", weights_only=True)
+    else:
+        raise ValueError(f"{str(path)!r} holds no model.safetensors (or pytorch_model.bin)")
+    return hf_config, state
+
+
+def from_hf_bert(model_or_path, *, backend="auto"):
+    """An effbert model with the weights of a pretrained HF BERT, in ``position_mode="absolute"``.
+
+    ``model_or_path``: a transformers BERT model (``BertModel``, ``BertForSequenceClassification``,
+    ``BertForMaskedLM``, ``BertForPreTraining``) or a local folder with its ``config.json`` and ``model.safetensors``.
+    Returns ``TupeBertForSequenceClassification`` when the weights hold a classifier, ``TupeBertForMaskedLM`` when
+    they hold an MLM head, else ``TupeBertModel`` (with a pooler when the weights have one). The result is in eval
+    mode, in the dtype of the weights, on the CPU for a path and on the model's device for a model.
+    """
+    if isinstance(model_or_path, (str, os.PathLike)):
+        hf_config, state = _load_path(model_or_path)
+    elif isinstance(model_or_path, nn.Module) and hasattr(model_or_path, "config"):
+        _transformers()
+        hf_config, state = model_or_path.config, model_or_path.state_dict()
+    else:
+        raise TypeError(f"model_or_path must be an HF BERT model or a local folder path, got "
+                        f"{type(model_or_path).__name__}")
+    config = config_from_hf(hf_config, backend=backend)
+    encoder, head = hf_state_dict_to_effbert(state)
+    has_pooler = "pooler.dense.weight" in encoder
+    if "classifier.weight" in head:
+        config.num_labels = head["classifier.weight"].shape[0]
+        if not has_pooler:
+            raise ValueError("a sequence classifier needs the pooler weights, which the state dict lacks")
+        model = TupeBertForSequenceClassification(config)
+        target = {"bert." + k: v for k, v in encoder.items()} | head
+    elif any(k.startswith("mlm_head.") for k in head):
+        decoder = head.pop("mlm_head.decoder.weight", None)
+        word = encoder.get("embeddings.word_embeddings.weight")
+        if decoder is not None and word is not None and not torch.equal(decoder, word):
+            raise ValueError("the MLM decoder is not tied to the word embeddings; effbert's MLM head always is")
+        model = TupeBertForMaskedLM(config)
+        encoder.pop("pooler.dense.weight", None), encoder.pop("pooler.dense.bias", None)
+        target = {"bert." + k: v for k, v in encoder.items()} | head
+    else:
+        model = TupeBertModel(config, add_pooling_layer=has_pooler)
+        target = encoder
+    first = next(iter(target.values()))
+    model.to(device=first.device, dtype=first.dtype)
+    missing, unexpected = model.load_state_dict(target, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"the HF weights do not fill the effbert model: missing {sorted(missing)}, "
+                         f"unexpected {sorted(unexpected)}")
+    return model.eval()
+
+
+class _MaskConverter:
+    """HF's attention masks as effbert's key padding mask, converted once per forward for all layers.
+
+    transformers 5 hands each layer ``None`` (no padding), a 4-D ``[B, 1, Q, K]`` mask (bool, True = attend, for
+    sdpa; additive float for eager) that repeats one key padding row for every query, or the 2-D ``[B, K]``
+    padding mask itself (flash attention). Anything that is not a key padding mask (a causal mask, a
+    per-query pattern, a general additive bias) is refused rather than silently changed.
+    """
+
+    def __init__(self):
+        self._mask, self._version, self._out = None, None, None
+
+    def __call__(self, mask, batch, seq_len):
+        if mask is None:
+            return None
+        if self._mask is mask and self._version == mask._version:
+            return self._out  # the same mask object is handed to every layer
+        out = self._convert(mask, batch, seq_len)
+        self._mask, self._version, self._out = mask, mask._version, out  # holding it keeps its id from reuse
+        return out
+
+    @staticmethod
+    def _convert(mask, batch, seq_len):
+        if not isinstance(mask, torch.Tensor):
+            raise TypeError(f"attention_mask must be a tensor or None, got {type(mask).__name__}")
+        if mask.dtype == torch.bool:
+            valid = mask
+        elif mask.is_floating_point():
+            valid = mask == 0
+            if not torch.compiler.is_compiling() and not bool(((mask == 0) | (mask <= -1e4)).all()):
+                raise ValueError("attention_mask holds an additive bias other than 0 / large negative; effbert's "
+                                 "fused attention takes key padding masks only")
+        else:
+            valid = mask != 0
+        if valid.dim() == 2:
+            if tuple(valid.shape) != (batch, seq_len):
+                raise ValueError(f"attention_mask must be [B, N] = [{batch}, {seq_len}], got {list(valid.shape)}")
+            return valid
+        if valid.dim() != 4 or valid.shape[0] not in (1, batch) or valid.shape[-1] != seq_len \
+                or valid.shape[-2] not in (1, seq_len):
+            raise ValueError(f"attention_mask must be [B, N] or [B, 1, N or 1, N] with B = {batch}, N = {seq_len}, "
+                             f"got {list(mask.shape)}")
+        if not torch.compiler.is_compiling() and not bool((valid == valid[:, :1, :1, :]).all()):
+            raise ValueError("attention_mask differs between queries or heads (a causal or custom mask); effbert's "
+                             "fused attention takes key padding masks only")
+        return valid[:, 0, 0, :].expand(batch, seq_len).contiguous()
+
+
+class EffbertBertSelfAttention(nn.Module):
+    """Stands in for HF's ``BertSelfAttention``: the same ``query``/``key``/``value`` Linear modules (shared, not
+    copied), the attention itself through ``effbert.tupe_attention``. Returns ``(context, None)`` as HF's does
+    when attention weights are not recorded (the fused kernel never forms them). Outputs at padded query
+    positions are 0 (HF fills them with an average over the real tokens); real tokens match HF."""
+
+    def __init__(self, hf_self_attention, masks, backend="auto"):
+        super().__init__()
+        self.query, self.key, self.value = hf_self_attention.query, hf_self_attention.key, hf_self_attention.value
+        self.num_attention_heads = hf_self_attention.num_attention_heads
+        self.attention_head_size = hf_self_attention.attention_head_size
+        self.scaling = float(getattr(hf_self_attention, "scaling", self.attention_head_size ** -0.5))
+        self.dropout = hf_self_attention.dropout
+        self.backend = backend
+        self._masks = masks
+        self.train(hf_self_attention.training)  # a model patched in eval mode must not start dropping out
+
+    def forward(self, hidden_states, attention_mask=None, past_key_values=None, encoder_hidden_states=None,
+                **kwargs):
+        if past_key_values is not None or encoder_hidden_states is not None:
+            raise ValueError("effbert's patched BERT attention is encoder self-attention only (no cache, no cross "
+                             "attention)")
+        b, n, _ = hidden_states.shape
+        shape = (b, n, self.num_attention_heads, self.attention_head_size)
+        q = self.query(hidden_states).view(shape)
+        k = self.key(hidden_states).view(shape)
+        v = self.value(hidden_states).view(shape)
+        mask = self._masks(attention_mask, b, n)
+        ctx = tupe_attention(q, k, v, key_padding_mask=mask, scale=self.scaling,
+                             dropout_p=self.dropout.p if self.training else 0.0, backend=self.backend)
+        return ctx.reshape(b, n, -1), None
+
+
+def patch_bert_attention(hf_model, *, backend="auto"):
+    """Replace the self-attention of every layer of an HF BERT (``BertModel`` or any ``BertFor...``) with
+    ``EffbertBertSelfAttention``, in place and keeping the weights; returns ``hf_model``. The number of layers
+    patched is at least one, else this raises (the model is not a BERT encoder)."""
+    _transformers()
+    from transformers.models.bert.modeling_bert import BertAttention, BertSelfAttention
+
+    if not isinstance(hf_model, nn.Module):
+        raise TypeError(f"hf_model must be an HF BERT model, got {type(hf_model).__name__}")
+    if getattr(getattr(hf_model, "config", None), "is_decoder", False):
+        raise ValueError("hf_model is a decoder (causal) BERT; effbert's patched attention is bidirectional")
+    masks = _MaskConverter()  # one per model: every layer of a forward shares the conversion
+    patched = 0
+    for module in hf_model.modules():
+        if isinstance(module, BertAttention) and not getattr(module, "is_cross_attention", False):
+            if isinstance(module.self, BertSelfAttention):
+                module.self = EffbertBertSelfAttention(module.self, masks, backend=backend)
+                patched += 1
+            elif isinstance(module.self, EffbertBertSelfAttention):
+                module.self.backend = backend
+                patched += 1
+    if not patched:
+        raise ValueError(f"hf_model ({type(hf_model).__name__}) has no BERT self-attention to patch")
+    return hf_model

