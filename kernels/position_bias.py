@@ -167,7 +167,8 @@ def position_bias_backward(dp, pos_q, pos_k, rel_buckets, num_buckets, has_cls, 
         d_k.stride(0), d_k.stride(1), 0, 0,
         n, dh, 0, scale, HAS_REL=False, **common,
     )
-    rel_sum = rel_part.sum(0).t()[:num_buckets] if has_rel else None
+    # contiguous [num_buckets, H], as the op's fake promises (torch.compile checks the strides)
+    rel_sum = rel_part.sum(0).t()[:num_buckets].contiguous() if has_rel else None
     return d_q, d_k, rel_sum
 
 

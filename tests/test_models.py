@@ -274,12 +274,7 @@ def test_dropout_only_in_training(seeded):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mode", [
-    "tupe-a",
-    pytest.param("tupe-r", marks=pytest.mark.xfail(
-        strict=True, reason="the fake of effbert::tupe_position_bias_backward gives d rel_table contiguous "
-                            "strides; the kernel returns it transposed, which inductor's stride assert rejects")),
-])
+@pytest.mark.parametrize("mode", ["tupe-a", "tupe-r"])
 def test_compiled_model_fullgraph_equals_uncompiled(mode, seeded):
     cfg = tiny_config(mode, backend="triton")
     model = randomize_(TupeBertForMaskedLM(cfg)).to(DEVICE)
