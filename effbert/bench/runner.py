@@ -182,14 +182,22 @@ def write_markdown(path, rows, ceilings, env, title="effbert benchmark"):
     Path(path).write_text("\n".join(lines))
 
 
-def write_plots(out_dir, rows):
-    """One PNG per op: speed-up of each provider over the baseline, per case. Returns the files written."""
+def _pyplot():
+    """matplotlib's pyplot on a file-only backend, or None when matplotlib is not installed."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
+        return None
+    return plt
+
+
+def write_plots(out_dir, rows):
+    """One PNG per op: speed-up of each provider over the baseline, per case. Returns the files written."""
+    plt = _pyplot()
+    if plt is None:
         return []
     written = []
     for op in dict.fromkeys(r["op"] for r in rows):
@@ -227,12 +235,8 @@ def write_seqlen_plots(out_dir, rows):
     against N per provider. Returns the files written."""
     import re
 
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = _pyplot()
+    if plt is None:
         return []
     written = []
     for op in dict.fromkeys(r["op"] for r in rows):

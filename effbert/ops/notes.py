@@ -56,6 +56,19 @@ def _check_mix_args(x, notes, slots, lam):
     return _check_unit_interval("lam", lam)
 
 
+def _check_window_args(hidden, spans, window, lengths):
+    """The arguments both halves of an update share: span rows, sequence lengths, window."""
+    check_tensor("spans", spans, ndim=2, dtypes=(torch.int64,), shape_hint="[M, 4] (batch, start, end, slot)")
+    if spans.shape[1] != 4:
+        raise ValueError(f"spans must be [M, 4] rows (batch, start, end, slot), got {tuple(spans.shape)}")
+    if lengths is not None:
+        check_tensor("lengths", lengths, ndim=1, dtypes=(torch.int64,), shape_hint="[B]")
+        if lengths.shape[0] != hidden.shape[0]:
+            raise ValueError(f"lengths must be [B] = [{hidden.shape[0]}], got {tuple(lengths.shape)}")
+    if isinstance(window, bool) or not isinstance(window, numbers.Integral) or window < 0:
+        raise ValueError(f"window must be an integer >= 0, got {window!r}")
+
+
 def _check_update_args(notes, counts, hidden, spans, window, gamma, lengths):
     _check_notes(notes, inplace=True)
     check_tensor("counts", counts, ndim=1, dtypes=(torch.int64,), shape_hint="[S]")
@@ -66,15 +79,7 @@ def _check_update_args(notes, counts, hidden, spans, window, gamma, lengths):
     if hidden.shape[2] != notes.shape[1]:
         raise ValueError(f"hidden must be [B, N, Dm] with Dm = {notes.shape[1]} (notes' width), got "
                          f"{tuple(hidden.shape)}")
-    check_tensor("spans", spans, ndim=2, dtypes=(torch.int64,), shape_hint="[M, 4] (batch, start, end, slot)")
-    if spans.shape[1] != 4:
-        raise ValueError(f"spans must be [M, 4] rows (batch, start, end, slot), got {tuple(spans.shape)}")
-    if lengths is not None:
-        check_tensor("lengths", lengths, ndim=1, dtypes=(torch.int64,), shape_hint="[B]")
-        if lengths.shape[0] != hidden.shape[0]:
-            raise ValueError(f"lengths must be [B] = [{hidden.shape[0]}], got {tuple(lengths.shape)}")
-    if isinstance(window, bool) or not isinstance(window, numbers.Integral) or window < 0:
-        raise ValueError(f"window must be an integer >= 0, got {window!r}")
+    _check_window_args(hidden, spans, window, lengths)
     tensors = dict(notes=notes, counts=counts, hidden=hidden, spans=spans)
     if lengths is not None:
         tensors["lengths"] = lengths
@@ -525,15 +530,7 @@ def note_window_means(hidden, spans, *, window, lengths=None, backend="auto"):
     """The window mean of every span row, float32 ``[M, Dm]``: the first half of ``note_update_`` (data-parallel
     ranks exchange these before the fold)."""
     check_tensor("hidden", hidden, ndim=3, dtypes=_EAGER_DTYPES, shape_hint="[B, N, Dm]")
-    check_tensor("spans", spans, ndim=2, dtypes=(torch.int64,), shape_hint="[M, 4] (batch, start, end, slot)")
-    if spans.shape[1] != 4:
-        raise ValueError(f"spans must be [M, 4] rows (batch, start, end, slot), got {tuple(spans.shape)}")
-    if lengths is not None:
-        check_tensor("lengths", lengths, ndim=1, dtypes=(torch.int64,), shape_hint="[B]")
-        if lengths.shape[0] != hidden.shape[0]:
-            raise ValueError(f"lengths must be [B] = [{hidden.shape[0]}], got {tuple(lengths.shape)}")
-    if isinstance(window, bool) or not isinstance(window, numbers.Integral) or window < 0:
-        raise ValueError(f"window must be an integer >= 0, got {window!r}")
+    _check_window_args(hidden, spans, window, lengths)
     check_same_device(hidden=hidden, spans=spans, **({} if lengths is None else {"lengths": lengths}))
     name = select_backend("note_window_means", backend, hidden.device, _reasons(("hidden", hidden)),
                           default_preference)
