@@ -323,6 +323,14 @@ def bwd_config(d, dtype_name, varlen=False, interpret=INTERPRET):
     return {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 4, "num_stages": 2}
 
 
+def dq_config(d, dtype_name, varlen=False, interpret=INTERPRET):
+    """The dQ kernel's tile: at D=64 in 16 bits, 64 query rows a program, the smallest M that wgmma takes on sm_90
+    (at 32 rows it falls back to mma.sync); elsewhere the backward's shared tile."""
+    if not interpret and d == 64 and dtype_name != "fp32" and not varlen:
+        return {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 4, "num_stages": 2}
+    return bwd_config(d, dtype_name, varlen, interpret)
+
+
 # float64 runs only under the interpreter (gradcheck); it takes the fp32 tiles and exact products
 _DTYPE_NAME = {"torch.float32": "fp32", "torch.float16": "fp16", "torch.bfloat16": "bf16", "torch.float64": "fp32"}
 
@@ -396,7 +404,10 @@ def attention_backward(q, k, v, pos_bias, key_padding_mask, cu_seqlens, seed, do
         groups, db, db_strides = dbias_groups.shape[0], dbias_groups, dbias_groups.stride()[:3]
     else:
         groups, db, db_strides = batch, lse, (0, 0, 0)
-    tupe_attn_bwd_dq_kernel[(triton.cdiv(seq_len, cfg["BLOCK_M"]), heads, groups)](
+    qcfg = dq_config(d, name, varlen)
+    flags.update(BLOCK_M=qcfg["BLOCK_M"], BLOCK_N=qcfg["BLOCK_N"], num_warps=qcfg["num_warps"],
+                 num_stages=qcfg["num_stages"])
+    tupe_attn_bwd_dq_kernel[(triton.cdiv(seq_len, qcfg["BLOCK_M"]), heads, groups)](
         q, k, v, bias, mask, cu, seed_t, dout, lse, delta, dq, db,
         *inputs, *_layout_strides(dq, varlen),
         sbh, sbi, sbj, smb, lse.stride(0), *db_strides, batch, heads, seq_len, groups, scale, dropout_p,
@@ -428,7 +439,9 @@ _COMMON_SIG = {
 
 def _spec(kind, dt, d, *, varlen=False, dropout=False):
     ptr = _PTR[dt]
-    cfg = fwd_config(d, dt, interpret=False) if kind == "fwd" else bwd_config(d, dt, varlen, interpret=False)
+    configs = {"fwd": lambda: fwd_config(d, dt, interpret=False), "dkdv": lambda: bwd_config(d, dt, varlen, False),
+               "dq": lambda: dq_config(d, dt, varlen, False)}
+    cfg = configs[kind]()
     common = {"Q": ptr, "K": ptr, "V": ptr, "Bias": ptr, "Mask": "*u8", "CuSeq": "*i32", "Seed": "*i64"}
     tail_ints = {"sbh": "i32", "sbi": "i32", "sbj": "i32", "smb": "i32", "slh": "i32"}
     flags = {"HAS_BIAS": True, "HAS_MASK": not varlen, "VARLEN": varlen, "DROPOUT": dropout,

@@ -45,12 +45,12 @@ step() {  # step NAME TIMEOUT_S COMMAND...: run with a time limit, log it, recor
 } > "$SUMMARY"
 
 ARCH="${EFFBERT_CUDA_ARCHS:-$($PY -c 'import torch; p = torch.cuda.get_device_capability(); print(f"{p[0]}{p[1]}")')}"
-step build 180 env EFFBERT_FORCE_CUDA_BUILD=1 EFFBERT_CUDA_ARCHS="$ARCH" \
+step build 150 env EFFBERT_FORCE_CUDA_BUILD=1 EFFBERT_CUDA_ARCHS="$ARCH" \
   $PY -m pip install --no-build-isolation --no-deps --no-input -e . || { cat "$SUMMARY"; exit 1; }
 
 step check 60 $PY -m effbert.cli check
 # the ahead-of-time compile report tests (marker aot) need no GPU: CI runs them, the suite spends its time on the GPU
-step tests 200 $PY -m pytest tests -q -p no:cacheprovider -m "not aot" --junitxml="$OUT/logs/junit.xml"
+step tests 280 $PY -m pytest tests -q -p no:cacheprovider -m "not aot" --junitxml="$OUT/logs/junit.xml"
 SAN="compute-sanitizer --error-exitcode=3 --print-limit 20"
 step memcheck 100 $SAN --tool memcheck $PY -m pytest tests -q -p no:cacheprovider -m cuda_ext -x
 step racecheck 100 $SAN --tool racecheck --racecheck-report all $PY -m pytest tests -q -p no:cacheprovider -m cuda_ext -x

@@ -39,9 +39,11 @@ def test_every_triton_config_compiles_without_spills(tmp_path):
 
 def test_attention_kernels_use_tensor_cores(tmp_path):
     out = tmp_path / "report.json"
-    assert run_report("--no-csrc", "--only", "tupe_attn_fwd[bf16,D=64", "--json", str(out)).returncode == 0
+    # forward, dK/dV and dQ at BERT's head dim: wgmma on sm_90, mma.sync on sm_80
+    assert run_report("--no-csrc", "--only", "[bf16,D=64,M=", "--json", str(out)).returncode == 0
     rows = json.loads(out.read_text())["rows"]
     assert {r["target"] for r in rows} == {"sm_80", "sm_90"}
+    assert {r["kernel"].split("[")[0] for r in rows} == {"tupe_attn_fwd", "tupe_attn_dkdv", "tupe_attn_dq"}
     for r in rows:
         assert ("HGMMA" if r["target"] == "sm_90" else "HMMA") in r["matrix"], r
 

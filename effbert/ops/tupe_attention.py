@@ -91,7 +91,7 @@ def _backward_triton(dout, q, k, v, out, lse, pos_bias, key_padding_mask, cu_seq
     dq, dk, dv = (torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))
     dbias_groups = None
     if bias_grad:
-        cfg = kernels.bwd_config(q.shape[-1], kernels._DTYPE_NAME[str(q.dtype)], cu_seqlens is not None)
+        cfg = kernels.dq_config(q.shape[-1], kernels._DTYPE_NAME[str(q.dtype)], cu_seqlens is not None)
         sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 1
         # on the CPU (interpreter) two groups exercise the same summation the GPU does
         groups = kernels.bias_grad_groups(batch, heads, seq_len, cfg["BLOCK_M"], sms) if q.is_cuda else min(batch, 2)
