@@ -10,7 +10,6 @@ On a CUDA device it runs the fused kernels at larger sizes; on the CPU it runs a
 """
 
 import argparse
-import math
 import os
 import sys
 import time
@@ -45,7 +44,7 @@ def sizes_for(device, quick):
         return Sizes(12, 160, 3, 400, 24, 32, 3, 2, 20, 20, 16, 64)
     if device.type == "cuda":
         return Sizes(40, 4000, 4, 40000, 64, 256, 6, 4, 1500, 600, 64, 2048)
-    return Sizes(24, 600, 4, 4000, 32, 64, 6, 4, 250, 150, 32, 512)
+    return Sizes(24, 600, 4, 4000, 32, 64, 6, 4, 600, 500, 32, 512)
 
 
 class ToyCorpus:
@@ -297,9 +296,11 @@ def evaluate(model, ids, lengths, labels, sizes, device, log):
     log(f"  {'threshold':>9} {'avg exit':>9} {'layers saved':>13} {'speed-up':>9} {'accuracy':>9} {'vs full':>8}")
     log(f"  {'full':>9} {depth:9.2f} {0:12.1%} {1:8.2f}x {acc_full:9.3f} {0:+8.3f}")
     points = []
-    ln_c = math.log(sizes.topics)
-    for frac in (0.2, 0.4, 0.6, 0.8, 0.9):  # of the largest entropy, ln C
-        t = frac * ln_c
+    # thresholds at quantiles of the early exits' entropies, so each one lets a different share of samples out
+    from . import reference
+    ent = reference.exit_entropy(all_exits[:-1].reshape(-1, all_exits.shape[-1]).double())
+    qs = torch.tensor([0.1, 0.25, 0.4, 0.55, 0.7], dtype=torch.float64, device=ent.device)
+    for t in torch.quantile(ent[torch.isfinite(ent)], qs).tolist():
         z, layer, sec = _timed_early_exit(model, ids, lengths, batch, device, criterion="entropy", threshold=t)
         acc = float((z.argmax(-1) == labels_d).double().mean())
         avg = float(layer.double().mean())
