@@ -1,11 +1,13 @@
 """The ``effbert`` command: ``effbert check`` (every op against the reference on this machine's backends) and
-``effbert bench`` (the microbenchmark suite)."""
+``effbert bench`` (the microbenchmark suite) and ``effbert demo`` (pretraining with TUPE and TNF, then batched
+early exit, on a generated corpus)."""
 
 import sys
 
 COMMANDS = {
     "check": ("every op on this machine's backends against the float64 reference", "effbert.check"),
     "bench": ("the microbenchmark suite (see effbert bench --help)", "effbert.bench.runner"),
+    "demo": ("pretrain a tiny TUPE-R BERT with TNF, then early exit (see effbert demo --help)", "effbert.demo"),
 }
 
 

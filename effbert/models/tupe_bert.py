@@ -15,7 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..nn import TupePositionBias, TupeSelfAttention
+from ..losses import multi_exit_distillation_loss, pabee_loss
+from ..nn import ExitHead, MultiExitEncoder, NoteDictionary, TupePositionBias, TupeSelfAttention
 from ..ops._dispatch import BACKENDS
 from .config import TupeBertConfig
 
@@ -33,11 +34,12 @@ class MaskedLMOutput(NamedTuple):
     loss: Optional[torch.Tensor]
     logits: torch.Tensor  # [B, N, vocab]
     hidden_states: Optional[Tuple[torch.Tensor, ...]] = None
+    last_hidden_state: Optional[torch.Tensor] = None  # [B, N, hidden]: what update_notes folds into the notes
 
 
 class SequenceClassifierOutput(NamedTuple):
     loss: Optional[torch.Tensor]
-    logits: torch.Tensor  # [B, num_labels]
+    logits: torch.Tensor  # [B, num_labels]; [L, B, num_labels] (every exit) with config.multi_exit
     hidden_states: Optional[Tuple[torch.Tensor, ...]] = None
 
 
@@ -277,55 +279,177 @@ def _check_labels(labels, shape, device, what):
 
 
 class TupeBertForMaskedLM(TupeBertPreTrainedModel):
-    """``forward(input_ids, attention_mask=None, token_type_ids=None, labels=None)`` -> ``MaskedLMOutput(loss,
-    logits [B, N, vocab], hidden_states)``. The decoder is the word embedding matrix (tied). ``labels [B, N]``:
-    -100 marks positions without a target; the loss is the mean over the others (0 when there are none)."""
+    """``forward(input_ids, attention_mask=None, token_type_ids=None, labels=None, note_slots=None)`` ->
+    ``MaskedLMOutput(loss, logits [B, N, vocab], hidden_states, last_hidden_state)``. The decoder is the word
+    embedding matrix (tied). ``labels [B, N]``: -100 marks positions without a target; the loss is the mean over the
+    others (0 when there are none).
 
-    def __init__(self, config):
+    TNF: with ``note_dictionary`` (a ``NoteDictionary`` of dim ``hidden_size``), ``note_slots [B, N]`` (from
+    ``effbert.tnf.RareWordTable.find``; -1 = not a rare word) mixes each rare word's note into the embeddings fed to
+    the first layer, and the training loop calls ``update_notes(out.last_hidden_state, spans, lengths)`` after each
+    step. The notes are buffers of the submodule ``notes``, so they travel in the state dict.
+    """
+
+    def __init__(self, config, note_dictionary=None):
         super().__init__(config)
+        if note_dictionary is not None:
+            if not isinstance(note_dictionary, NoteDictionary):
+                raise TypeError(f"note_dictionary must be an effbert.nn.NoteDictionary or None, got "
+                                f"{type(note_dictionary).__name__}")
+            if note_dictionary.dim != config.hidden_size:
+                raise ValueError(f"note_dictionary must have dim == hidden_size ({config.hidden_size}), got "
+                                 f"{note_dictionary.dim}")
         self.bert = TupeBertModel(config, add_pooling_layer=False)
         self.mlm_head = TupeBertMLMHead(config)
         self.mlm_head.apply(self._init_weights)  # the encoder initialised itself
+        self.notes = note_dictionary
 
-    def forward(self, input_ids, attention_mask=None, token_type_ids=None, labels=None, output_hidden_states=False):
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None, labels=None, output_hidden_states=False,
+                note_slots=None):
         if labels is not None:
             _check_ids("labels", labels, None)
             _check_labels(labels, tuple(input_ids.shape), input_ids.device, "[B, N]")
             _values_in_range("labels", labels, 0, self.config.vocab_size, allow=-100)
-        out = self.bert(input_ids, attention_mask, token_type_ids, output_hidden_states=output_hidden_states)
-        logits = self.mlm_head(out.last_hidden_state, self.bert.embeddings.word_embeddings.weight)
+        bert = self.bert
+        token_type_ids, mask = bert.check_inputs(input_ids, attention_mask, token_type_ids)
+        hidden = bert.embed(input_ids, token_type_ids)
+        if note_slots is not None:
+            if self.notes is None:
+                raise ValueError("note_slots needs a model built with a note_dictionary")
+            if not isinstance(note_slots, torch.Tensor):
+                raise TypeError(f"note_slots must be a tensor, got {type(note_slots).__name__}")
+            if tuple(note_slots.shape) != tuple(input_ids.shape):
+                raise ValueError(f"note_slots must be [B, N] = {list(input_ids.shape)}, got {list(note_slots.shape)}")
+            if note_slots.device != input_ids.device:
+                raise ValueError(f"note_slots must be on {input_ids.device}, got {note_slots.device}")
+            hidden = self.notes.mix(hidden, note_slots, backend=self.config.backend)
+        pos_bias = bert.position_bias(input_ids.shape[1])  # once per forward, shared by every layer
+        hidden, states = bert.encoder(hidden, pos_bias=pos_bias, key_padding_mask=mask,
+                                      output_hidden_states=output_hidden_states)
+        logits = self.mlm_head(hidden, bert.embeddings.word_embeddings.weight)
         loss = None
         if labels is not None:
             flat = labels.reshape(-1).long()
             total = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), flat, ignore_index=-100,
                                     reduction="sum")
             loss = total / (flat != -100).sum().clamp_min(1)  # no NaN for a batch with no target
-        return MaskedLMOutput(loss, logits, out.hidden_states)
+        return MaskedLMOutput(loss, logits, states, hidden)
+
+    @torch.no_grad()
+    def update_notes(self, hidden, spans, lengths=None, process_group=None):
+        """TNF's note update after a training step: fold the window means of the rare-word ``spans [M, 4]`` over
+        ``hidden [B, N, hidden]`` (the last hidden state) into the notes (``NoteDictionary.update``)."""
+        if self.notes is None:
+            raise ValueError("update_notes needs a model built with a note_dictionary")
+        self.notes.update(hidden, spans, lengths, process_group=process_group, backend=self.config.backend)
+
+
+class _ExitLayer(nn.Module):
+    """A model layer with ``MultiExitEncoder``'s call shape: the shared positional term is bound once per forward,
+    and the encoder's padding mask (True = padding) is turned into the ops' (True = real token)."""
+
+    def __init__(self, layer, pos_bias):
+        super().__init__()
+        self.layer = layer
+        self.pos_bias = pos_bias
+
+    def forward(self, hidden, key_padding_mask=None):
+        real = None if key_padding_mask is None else ~key_padding_mask
+        return self.layer(hidden, pos_bias=self.pos_bias, key_padding_mask=real)
 
 
 class TupeBertForSequenceClassification(TupeBertPreTrainedModel):
     """Pooler, dropout, a linear classifier over ``config.num_labels``. ``labels [B]``: class indices with
-    cross-entropy (-100 ignored), or float targets with mean squared error when ``num_labels == 1``."""
+    cross-entropy (-100 ignored), or float targets with mean squared error when ``num_labels == 1``.
+
+    With ``config.multi_exit``: an off-ramp (``ExitHead``: pooler and classifier) after every layer and no separate
+    pooler. ``forward`` returns every exit's logits ``[L, B, C]``; with labels the loss is RomeBERT's
+    self-distillation loss (``multi_exit_distillation_loss``), or PABEE's weighted MSE for ``num_labels == 1``.
+    ``early_exit`` runs batched early-exit inference.
+    """
 
     def __init__(self, config):
         super().__init__(config)
-        self.bert = TupeBertModel(config, add_pooling_layer=True)
+        multi = config.multi_exit
+        self.bert = TupeBertModel(config, add_pooling_layer=not multi)
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
-        self.classifier = nn.Linear(config.hidden_size, config.num_labels)
-        self.classifier.apply(self._init_weights)
+        if multi:
+            self.classifier = None
+            self.exits = nn.ModuleList(ExitHead(config.hidden_size, config.num_labels, config.hidden_dropout_prob)
+                                       for _ in range(config.num_hidden_layers))
+            self.exits.apply(self._init_weights)
+        else:
+            self.exits = None
+            self.classifier = nn.Linear(config.hidden_size, config.num_labels)
+            self.classifier.apply(self._init_weights)
+
+    def multi_exit_encoder(self, pos_bias):
+        """The layers and off-ramps as a ``MultiExitEncoder`` with ``pos_bias`` bound to every layer (built per call:
+        it owns no parameters of its own)."""
+        if self.exits is None:
+            raise ValueError("the model has no off-ramps: build it with config.multi_exit=True")
+        return MultiExitEncoder([_ExitLayer(layer, pos_bias) for layer in self.bert.encoder.layers], self.exits)
+
+    def _check_class_labels(self, labels, batch, device):
+        _check_labels(labels, (batch,), device, "[B]")
+        if self.config.num_labels == 1:
+            if not labels.is_floating_point():
+                raise TypeError(f"labels must be float targets when num_labels == 1, got {labels.dtype}")
+        else:
+            _check_ids("labels", labels, None)
+            _values_in_range("labels", labels, 0, self.config.num_labels, allow=-100)
 
     def forward(self, input_ids, attention_mask=None, token_type_ids=None, labels=None, output_hidden_states=False):
+        if labels is not None:
+            self._check_class_labels(labels, input_ids.shape[0], input_ids.device)
+        if self.exits is not None:
+            return self._forward_exits(input_ids, attention_mask, token_type_ids, labels, output_hidden_states)
         out = self.bert(input_ids, attention_mask, token_type_ids, output_hidden_states=output_hidden_states)
         logits = self.classifier(self.dropout(out.pooler_output))
         loss = None
         if labels is not None:
-            _check_labels(labels, (input_ids.shape[0],), input_ids.device, "[B]")
             if self.config.num_labels == 1:
-                if not labels.is_floating_point():
-                    raise TypeError(f"labels must be float targets when num_labels == 1, got {labels.dtype}")
                 loss = F.mse_loss(logits.squeeze(-1).float(), labels.float())
             else:
-                _check_ids("labels", labels, None)
-                _values_in_range("labels", labels, 0, self.config.num_labels, allow=-100)
                 loss = F.cross_entropy(logits.float(), labels.long(), ignore_index=-100)
         return SequenceClassifierOutput(loss, logits, out.hidden_states)
+
+    def _forward_exits(self, input_ids, attention_mask, token_type_ids, labels, output_hidden_states):
+        bert = self.bert
+        token_type_ids, mask = bert.check_inputs(input_ids, attention_mask, token_type_ids)
+        hidden = bert.embed(input_ids, token_type_ids)
+        pos_bias = bert.position_bias(input_ids.shape[1])  # once per forward, shared by every layer
+        states = [hidden] if output_hidden_states else None
+        exit_logits = []
+        for layer, head in zip(bert.encoder.layers, self.exits):
+            hidden = layer(hidden, pos_bias=pos_bias, key_padding_mask=mask)
+            exit_logits.append(head(hidden))
+            if states is not None:
+                states.append(hidden)
+        exit_logits = torch.stack(exit_logits)
+        loss = None
+        if labels is not None:
+            if self.config.num_labels == 1:
+                loss = pabee_loss(exit_logits.float(), labels.float())
+            else:
+                if bool((labels == -100).any()):
+                    raise ValueError("labels must not hold -100 with config.multi_exit (the distillation loss "
+                                     "averages over every sample)")
+                loss = multi_exit_distillation_loss(exit_logits.float(), labels.long(), backend=self.config.backend)
+        return SequenceClassifierOutput(loss, exit_logits, tuple(states) if states is not None else None)
+
+    @torch.no_grad()
+    def early_exit(self, input_ids, attention_mask=None, token_type_ids=None, *, criterion, threshold=None,
+                   patience=None):
+        """Batched early-exit inference: ``(logits [B, C], exit_layer [B] int64, 1-based)``, each sample exactly
+        what it gets alone through the layers (``MultiExitEncoder.early_exit``). The positional term is computed
+        once and handed to every layer; samples that exit leave the batch. Call in eval mode."""
+        if self.exits is None:
+            raise ValueError("early_exit needs off-ramps: build the model with config.multi_exit=True")
+        bert = self.bert
+        token_type_ids, mask = bert.check_inputs(input_ids, attention_mask, token_type_ids)
+        hidden = bert.embed(input_ids, token_type_ids)
+        encoder = self.multi_exit_encoder(bert.position_bias(input_ids.shape[1]))
+        padding = None if mask is None else ~mask
+        return encoder.early_exit(hidden, padding, criterion=criterion, threshold=threshold, patience=patience,
+                                  backend=self.config.backend)

@@ -1,0 +1,49 @@
+"""``effbert demo --quick`` runs to the end through the command line: the loss is recorded, early exit ran at every
+threshold with sane numbers, and the plot is written where it says."""
+
+import importlib.util
+import math
+import os
+
+import pytest
+
+from effbert import cli, demo
+
+
+def test_demo_quick_runs_to_the_end(tmp_path, capsys):
+    assert cli.main(["demo", "--quick", "--out", str(tmp_path)]) == 0
+    text = capsys.readouterr().out
+    assert "MLM loss" in text and "batched early exit" in text and "done in" in text
+    if importlib.util.find_spec("matplotlib") is None:
+        pytest.skip("matplotlib is not installed: the plot is not written")
+    png = tmp_path / "effbert-demo.png"
+    assert str(png) in text
+    with open(png, "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    assert os.path.getsize(png) > 1000
+
+
+def test_demo_results(tmp_path):
+    res = demo.run(str(tmp_path), quick=True, seed=1, quiet=True)
+    sizes = demo.sizes_for(__import__("torch").device("cpu"), True)
+    assert len(res["losses"]) == sizes.pretrain_steps and all(math.isfinite(x) for x in res["losses"])
+    assert 0.0 <= res["full_accuracy"] <= 1.0
+    assert len(res["points"]) == 5
+    for threshold, avg_exit, speedup, acc in res["points"]:
+        assert 1.0 <= avg_exit <= sizes.layers and speedup > 0 and 0.0 <= acc <= 1.0
+    # a larger entropy threshold lets samples leave no later
+    exits = [p[1] for p in res["points"]]
+    assert all(a >= b for a, b in zip(exits, exits[1:]))
+
+
+def test_toy_corpus_tokenisation_is_consistent():
+    sizes = demo.sizes_for(__import__("torch").device("cpu"), True)
+    corpus = demo.ToyCorpus(sizes, seed=3)
+    cont = corpus.continuation()
+    for i in range(sizes.content_words):
+        p = corpus.pieces(("c", i))
+        assert not cont[p[0]] and all(cont[q] for q in p[1:]) and max(p) < corpus.vocab_size
+    pieces = {tuple(corpus.pieces(("c", i))) for i in range(sizes.content_words)}
+    assert len(pieces) == sizes.content_words  # one piece sequence per word
+    ids, lengths = corpus.encode(corpus.build(20)[0])
+    assert (ids[:, 0] == demo.CLS).all() and (ids[range(20), lengths - 1] == demo.SEP).all()
