@@ -218,7 +218,11 @@ def pretrain(corpus, ids, lengths, sizes, device, backend, gen, log):
     return model, losses
 
 
+FINETUNE_GAMMA, FINETUNE_TEMPERATURE = 0.5, 1.0
+
+
 def finetune(mlm, ids, lengths, labels, sizes, device, gen, log):
+    from .losses import multi_exit_distillation_loss
     from .models import TupeBertConfig, TupeBertForSequenceClassification
 
     values = mlm.config.to_dict()
@@ -227,7 +231,8 @@ def finetune(mlm, ids, lengths, labels, sizes, device, gen, log):
     model.bert.load_state_dict(mlm.bert.state_dict())
     model = model.to(device).train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3 if sizes.hidden <= 64 else 2e-4, weight_decay=0.01)
-    log(f"fine-tuning {sizes.layers} off-ramps on {sizes.topics}-way topic classification with RomeBERT's loss, "
+    log(f"fine-tuning {sizes.layers} off-ramps on {sizes.topics}-way topic classification with RomeBERT's loss "
+        f"(gamma {FINETUNE_GAMMA}, temperature {FINETUNE_TEMPERATURE}), "
         f"{sizes.finetune_steps} steps")
     bar = _progress(sizes.finetune_steps, "multi-exit", log.quiet)
     every = max(1, sizes.finetune_steps // 5)
@@ -238,12 +243,17 @@ def finetune(mlm, ids, lengths, labels, sizes, device, gen, log):
         n = int(b_len.max())
         b_ids = ids[rows, :n].to(device)
         mask = (torch.arange(n)[None] < b_len[:, None]).to(device)
-        out = model(b_ids, mask, labels=labels[rows].to(device))
+        out = model(b_ids, mask)
+        # RomeBERT's loss with a lighter distillation weight than its defaults (gamma 0.9, T 3): at those, the
+        # five distillation terms towards a still-untrained teacher outweigh the teacher's own cross-entropy and
+        # this small model stays at chance; gamma 0.5, T 1 trains every exit
+        loss = multi_exit_distillation_loss(out.logits, labels[rows].to(device), gamma=FINETUNE_GAMMA,
+                                            temperature=FINETUNE_TEMPERATURE)
         opt.zero_grad(set_to_none=True)
-        out.loss.backward()
+        loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-        losses.append(out.loss.item())
+        losses.append(loss.item())
         if bar is not None:
             bar.update(1)
             bar.set_postfix(loss=f"{losses[-1]:.3f}")
