@@ -240,7 +240,10 @@ def test_torchrun_two_cpu_ranks(tmp_path, corpus):
     assert torch.equal(one["notes.counts"], r0["notes.counts"])
     for k in one:
         if one[k].is_floating_point():
-            assert rel_error(r0[k], one[k].double()) <= 1e-5, k
+            # cls_row adds a constant to the whole [CLS] query row, which softmax ignores: its gradient is rounding
+            # noise and its value stays ~1e-10, so it is held to an absolute bound
+            err = rel_error(r0[k], one[k].double())
+            assert err <= 1e-5 or float((r0[k] - one[k]).abs().max()) <= 1e-8, (k, err)
     # the ranks trained on the whole batch together: one process on half of it ends elsewhere
     log_one = [json.loads(x)["loss"] for x in (tmp_path / "one" / "log.jsonl").read_text().splitlines()]
     log_ddp = [json.loads(x)["loss"] for x in (tmp_path / "ddp" / "log.jsonl").read_text().splitlines()]
