@@ -143,8 +143,7 @@ MODEL_DEFAULTS = {"layers": 12, "hidden": 768, "heads": 12, "intermediate": None
 
 
 def build_parser():
-    p = argparse.ArgumentParser(prog="effbert pretrain", description=__doc__.splitlines()[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(prog="effbert pretrain", description=__doc__.splitlines()[0].replace("``", ""))
     d = p.add_argument_group("data and vocabulary")
     d.add_argument("--data", nargs="+", metavar="FILE", help="text files, one sentence or paragraph per line")
     d.add_argument("--vocab", help="a WordPiece vocab.txt (or a folder holding one, as BERT checkpoints ship)")
@@ -171,18 +170,18 @@ def build_parser():
     t.add_argument("--tnf-gamma", type=float, help="note update rate (default 0.1)")
     t.add_argument("--tnf-lam", type=float, help="weight of the note in the input embedding (default 0.5)")
     o = p.add_argument_group("training")
-    o.add_argument("--steps", type=int, default=1000)
-    o.add_argument("--batch-size", type=int, default=32, help="lines a step, over all ranks together")
-    o.add_argument("--lr", type=float, default=1e-4, help="peak learning rate (AdamW)")
+    o.add_argument("--steps", type=int, default=1000, help="optimizer steps in all (default 1000)")
+    o.add_argument("--batch-size", type=int, default=32, help="lines a step, over all ranks together (default 32)")
+    o.add_argument("--lr", type=float, default=1e-4, help="peak learning rate of AdamW (default 1e-4)")
     o.add_argument("--warmup", type=int, default=None, help="linear warm-up steps, then linear decay to 0 "
-                   "(default 10%% of --steps)")
-    o.add_argument("--weight-decay", type=float, default=0.01)
+                   "(default: 10%% of --steps)")
+    o.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay (default 0.01)")
     o.add_argument("--seed", type=int, default=None, help="default 0")
     o.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     o.add_argument("--backend", default=None, help="effbert op backend (default: auto; eager under the Triton "
                    "interpreter)")
-    o.add_argument("--log-every", type=int, default=50, help="print and log the mean loss every N steps")
-    o.add_argument("--save-every", type=int, default=1000, help="checkpoint every N steps (0: only at the end)")
+    o.add_argument("--log-every", type=int, default=50, help="print and log the mean loss every N steps (default 50)")
+    o.add_argument("--save-every", type=int, default=1000, help="checkpoint every N steps, and at the end (default 1000; 0: only at the end)")
     o.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
     o.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--dump-state", help=argparse.SUPPRESS)  # tests: each rank's parameters and notes at the end
@@ -313,7 +312,7 @@ def _save_checkpoint(out_dir, step, model, opt, sched, config, tokenizer, table,
 
 def _load_checkpoint(path):
     try:
-        return torch.load(path, map_location="cpu", weights_only=False)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # a truncated or foreign file: say which one
         raise UsageError(f"--resume: cannot read checkpoint {path!r} ({exc})") from None
 
@@ -351,7 +350,7 @@ def load_pretrained(path, device=None, backend="auto"):
         ckpts = checkpoints(path)
         if not ckpts:
             raise FileNotFoundError(f"path: {path!r} holds neither {MODEL_FILE} nor a checkpoint")
-        state = torch.load(ckpts[-1], map_location="cpu", weights_only=False)["model"]
+        state = torch.load(ckpts[-1], map_location="cpu", weights_only=True)["model"]
     table, notes = None, None
     if run["settings"]["tnf"]:
         words = _read_lines(os.path.join(path, RARE_FILE))
@@ -506,6 +505,10 @@ def _prepare(a, env, log):
         want = dict(saved_run["config"], backend="eager")
         diff = [f"{k} {want.get(k)!r} -> {v!r}" for k, v in config.to_dict().items() if want.get(k) != v]
         _fail_if(diff, "--resume with a different model config than the run in --out: " + "; ".join(diff))
+    # record the sizes the model really has (a --config run's flags were not the source), so a resume can check them
+    s.update(layers=config.num_hidden_layers, hidden=config.hidden_size, heads=config.num_attention_heads,
+             intermediate=config.intermediate_size, max_len=config.max_position_embeddings,
+             position_mode=config.position_mode, dropout=config.hidden_dropout_prob)
     table = None
     if s["tnf"]:
         from .tnf import RareWordTable

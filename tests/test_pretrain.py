@@ -248,3 +248,22 @@ def test_torchrun_two_cpu_ranks(tmp_path, corpus):
     log_one = [json.loads(x)["loss"] for x in (tmp_path / "one" / "log.jsonl").read_text().splitlines()]
     log_ddp = [json.loads(x)["loss"] for x in (tmp_path / "ddp" / "log.jsonl").read_text().splitlines()]
     assert log_one == pytest.approx(log_ddp, rel=1e-5)
+
+
+def test_config_file_no_tnf_and_resume(tmp_path, corpus):
+    cfg = tmp_path / "config.json"
+    cfg.write_text(json.dumps({"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
+                               "intermediate_size": 40, "max_position_embeddings": 20, "position_mode": "tupe-a"}))
+    out = tmp_path / "run"
+    base = ["--data", corpus, "--out", str(out), "--vocab-size", "120", "--backend", "eager", "--quiet",
+            "--batch-size", "4", "--save-every", "2"]
+    _run([*base, "--config", str(cfg), "--no-tnf", "--steps", "2"])
+    settings = json.loads((out / "pretrain.json").read_text())["settings"]
+    assert (settings["layers"], settings["intermediate"], settings["max_len"], settings["tnf"]) == (1, 40, 20, False)
+    assert not (out / "rare_words.txt").exists()
+    _run([*base[:-2], "--resume", "--steps", "3", "--layers", "1"])  # a flag that agrees with the run is fine
+    model, tok, table = pretrain.load_pretrained(out)
+    assert table is None and model.notes is None and model.config.position_mode == "tupe-a"
+    assert model.config.intermediate_size == 40 and len(tok) == 120
+    assert [os.path.basename(p) for p in pretrain.checkpoints(out)] == ["checkpoint-00000002.pt",
+                                                                        "checkpoint-00000003.pt"]
