@@ -461,6 +461,7 @@ def _prepare(a, env, log):
     from .text import WordPieceTokenizer
 
     out = a.out
+    _fail_if(os.path.exists(out) and not os.path.isdir(out), f"--out: {out!r} exists and is not a folder")
     run_path = os.path.join(out, RUN_FILE)
     saved_run, ckpt = None, None
     env.barrier()  # no rank looks at --out while another could be writing it
@@ -545,6 +546,13 @@ def train(a, log):
 def _train(a, env, log, TupeBertForMaskedLM, NoteDictionary):
     log = log if env.main else (lambda *_: None)  # only rank 0 prints
     device = env.device
+    backend = a.backend or default_backend(device)
+    if backend != "auto":
+        from .ops import backends
+
+        status = backends().get(backend)
+        _fail_if(status is None, f"--backend must be auto or one of {sorted(backends())}, got {backend!r}")
+        _fail_if(not status.available, f"--backend {backend} cannot run here: {status}")
     lines, tokenizer, config, table, run, ckpt = _prepare(a, env, log)
     s = run["settings"]
     out = a.out
@@ -559,7 +567,6 @@ def _train(a, env, log, TupeBertForMaskedLM, NoteDictionary):
     env.barrier()  # every rank sees the run files before any rank could fail on them
 
     ids, lengths = tokenizer.encode_batch(lines, config.max_position_embeddings)
-    backend = a.backend or default_backend(device)
     torch.manual_seed(s["seed"])  # the initial weights
     notes = None
     if table is not None:

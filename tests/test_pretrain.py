@@ -193,6 +193,8 @@ def test_user_errors(tmp_path, corpus, capsys):
     _error(capsys, ["--data", corpus, *base, "--vocab-size", "7"], "vocab_size must be >= 55 for this corpus")
     _error(capsys, ["--data", corpus, *base, "--tnf-min-count", "50", "--tnf-max-count", "10"], "--tnf-min-count")
     _error(capsys, ["--data", corpus, "--out", out, "--resume"], "nothing to resume")
+    _error(capsys, ["--data", corpus, *base[2:], "--out", corpus], "is not a folder")
+    _error(capsys, ["--data", corpus, *base, "--backend", "fastest"], "--backend must be auto or one of")
     assert pretrain.main(["--data", corpus, *base]) == 0
     capsys.readouterr()
     _error(capsys, ["--data", corpus, *base], "already holds a run")
