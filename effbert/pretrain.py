@@ -616,7 +616,9 @@ def _train(a, env, log, TupeBertForMaskedLM, NoteDictionary):
         torch.manual_seed(_derived_seed(s["seed"], "dropout", step, env.rank))
         slots = slots.to(device) if slots is not None else None
         dev_len = b_len.to(device)
-        out_ = ddp(masked.to(device), real.to(device), labels=labels.to(device), note_slots=slots)
+        # the head at the masked positions only: the same loss, without the [B, N, vocab] logits
+        out_ = ddp(masked.to(device), real.to(device), labels=labels.to(device), note_slots=slots,
+                   return_logits=False)
         # the loss of the whole batch: every rank's target count, so a rank's share weighs by its targets
         local = (labels != -100).sum()
         totals = env.all_sum(torch.stack([out_.loss.detach().double().cpu() * local, local.double()]).to(device))
