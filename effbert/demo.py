@@ -171,7 +171,7 @@ def pretrain(corpus, ids, lengths, sizes, device, backend, gen, log):
         masked, labels, real = mask_tokens(b_ids, b_len, gen, mask_id=MASK, maskable=maskable)
         spans, slots = table.find(masked, b_len)  # masked rare words get no note: no peeking at the target
         masked, labels, real = masked.to(device), labels.to(device), real.to(device)
-        out = model(masked, real, labels=labels, note_slots=slots.to(device))
+        out = model(masked, real, labels=labels, note_slots=slots.to(device), return_logits=False)
         opt.zero_grad(set_to_none=True)
         out.loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
