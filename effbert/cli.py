@@ -8,6 +8,7 @@ COMMANDS = {
     "check": ("every op on this machine's backends against the float64 reference", "effbert.check"),
     "bench": ("the microbenchmark suite (see effbert bench --help)", "effbert.bench.runner"),
     "demo": ("pretrain a tiny TUPE-R BERT with TNF, then early exit (see effbert demo --help)", "effbert.demo"),
+    "finetune": ("multi-exit classification on your data, then an early-exit report (see --help)", "effbert.finetune"),
 }
 
 
