@@ -17,6 +17,7 @@ and accuracy, printed as a table and written to ``DIR/report.json`` and ``DIR/re
 """
 
 import argparse
+import glob
 import json
 import math
 import os
@@ -141,17 +142,47 @@ def _from_hf(path, num_labels, backend, cased):
 
 def _from_pretrain(path, num_labels, backend, cased):
     _fail_if(not os.path.isdir(path), f"--init: {path!r} is not a folder (an effbert pretrain output)")
-    from .pretrain import load_pretrained
-
+    try:
+        from .pretrain import load_pretrained
+    except ImportError:  # an install without the pretraining command: read its folder layout directly
+        load_pretrained = _read_pretrain_folder
     try:
         mlm, tokenizer, _ = load_pretrained(path, backend=backend)
-    except (ValueError, OSError, KeyError) as exc:
+    except (ValueError, OSError, KeyError, RuntimeError) as exc:
         raise UsageError(f"--init: {exc}") from exc
     if cased is not None and cased != (not tokenizer.lowercase):
         raise UsageError(f"--cased {'given' if cased else 'not given'}, but the pretraining run "
                          f"{'lowercased' if tokenizer.lowercase else 'kept case'}")
     # TNF's notes help pretraining only: fine-tuning runs the plain encoder (as the TNF paper does)
     return _classifier_from(mlm.bert, mlm.config, num_labels), tokenizer, not tokenizer.lowercase
+
+
+def _read_pretrain_folder(path, backend="auto"):
+    """The encoder of an ``effbert pretrain`` folder (``config.json``, ``vocab.txt``, ``pretrain.json`` and the final
+    ``model.pt`` or the latest ``checkpoint-*.pt``), as ``(TupeBertForMaskedLM without notes, tokenizer, None)``."""
+    from .models import TupeBertConfig, TupeBertForMaskedLM
+    from .text import WordPieceTokenizer
+
+    for name in (CONFIG_FILE, VOCAB_FILE, "pretrain.json"):
+        if not os.path.isfile(os.path.join(path, name)):
+            raise FileNotFoundError(f"{path!r} holds no {name}: not the folder of an effbert pretrain run")
+    with open(os.path.join(path, CONFIG_FILE), encoding="utf-8") as f:
+        config = TupeBertConfig.from_json(f.read())
+    config.backend = backend
+    with open(os.path.join(path, "pretrain.json"), encoding="utf-8") as f:
+        cased = bool(json.load(f).get("settings", {}).get("cased", False))
+    final = os.path.join(path, MODEL_FILE)
+    if os.path.isfile(final):
+        state = torch.load(final, map_location="cpu", weights_only=True)
+    else:
+        ckpts = sorted(glob.glob(os.path.join(path, "checkpoint-*.pt")))
+        if not ckpts:
+            raise FileNotFoundError(f"{path!r} holds neither {MODEL_FILE} nor a checkpoint")
+        state = torch.load(ckpts[-1], map_location="cpu", weights_only=False)["model"]
+    state = {k: v for k, v in state.items() if not k.startswith("notes.")}  # TNF's notes serve pretraining only
+    model = TupeBertForMaskedLM(config)
+    model.load_state_dict(state)
+    return model.eval(), WordPieceTokenizer.from_file(os.path.join(path, VOCAB_FILE), lowercase=not cased), None
 
 
 def save_finetuned(out, model, tokenizer, labels, settings):

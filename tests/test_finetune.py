@@ -137,6 +137,47 @@ def test_finetune_other_criteria_and_losses(hf_dir, data, tmp_path, capsys, crit
     check_reload(out, data, check_report(out, criterion, 6))
 
 
+def write_pretrain_folder(folder, tnf_notes=True):
+    """A folder in ``effbert pretrain``'s layout: config.json, vocab.txt, pretrain.json, model.pt (the masked-LM
+    model's state dict, TNF notes included)."""
+    from effbert.models import TupeBertConfig, TupeBertForMaskedLM
+    from effbert.nn import NoteDictionary
+
+    folder.mkdir()
+    cfg = TupeBertConfig(vocab_size=len(vocab()), hidden_size=32, num_hidden_layers=3, num_attention_heads=2,
+                         intermediate_size=48, max_position_embeddings=32, position_mode="tupe-r", backend="eager")
+    notes = NoteDictionary(4, 32) if tnf_notes else None
+    mlm = TupeBertForMaskedLM(cfg, note_dictionary=notes)
+    (folder / "config.json").write_text(cfg.to_json())
+    (folder / "vocab.txt").write_text("".join(v + "\n" for v in vocab()))
+    (folder / "pretrain.json").write_text(json.dumps({"settings": {"cased": False, "tnf": False}}))
+    torch.save({k: v for k, v in mlm.state_dict().items() if tnf_notes or not k.startswith("notes.")},
+               folder / "model.pt")
+    return mlm
+
+
+def test_finetune_from_a_pretrain_folder(tmp_path, data, capsys):
+    mlm = write_pretrain_folder(tmp_path / "pre", tnf_notes=False)
+    model, tokenizer, cased = finetune._from_pretrain(str(tmp_path / "pre"), 2, "eager", None)
+    assert cased is False and model.config.multi_exit and model.config.position_mode == "tupe-r"
+    want = mlm.bert.state_dict()
+    got = model.bert.state_dict()
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    assert tokenizer.tokenize("Balls") == ["ball", "##s"]
+    # the layout without load_pretrained: the folder is read directly, TNF notes left out
+    write_pretrain_folder(tmp_path / "pre-tnf")
+    enc, tok, _ = finetune._read_pretrain_folder(str(tmp_path / "pre-tnf"))
+    assert enc.notes is None and len(tok) == len(vocab())
+    out = tmp_path / "run"
+    argv = ["finetune", "--init", str(tmp_path / "pre"), "--train", str(data / "train.tsv"), "--eval",
+            str(data / "eval.tsv"), "--out", str(out), "--steps", "4", "--batch-size", "16", "--lr", "1e-3",
+            "--backend", "eager", "--device", "cpu", "--quiet", "--eval-batch-size", "16"]
+    assert cli.main(argv) == 0
+    check_reload(out, data, check_report(out, "entropy", 4))
+    assert cli.main(argv[:2] + [str(tmp_path / "missing")] + argv[3:]) == 2
+    assert "--init:" in capsys.readouterr().err
+
+
 @needs_hf
 def test_finetune_from_a_classifier_checkpoint_starts_from_its_head(tmp_path, data, hf_dir):
     from transformers import BertConfig, BertForSequenceClassification
