@@ -254,6 +254,8 @@ def _loss(a, exit_logits, labels, backend):
 
 
 def train(a, model, ids, lengths, y, device, backend, log):
+    from .losses import gradient_regularized_backward, romebert_projected_parameters
+
     gen = torch.Generator().manual_seed(a.seed)
     count = ids.shape[0]
     per_epoch = math.ceil(count / a.batch_size)
@@ -271,6 +273,9 @@ def train(a, model, ids, lengths, y, device, backend, log):
         + (f" (gamma {a.gamma}, temperature {a.temperature})" if a.loss == "romebert" else "")
         + f", backend {backend}")
     model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    reg_params = romebert_projected_parameters(model.bert.encoder) if a.grad_reg else None
+    projected = 0
     bar = _progress(steps, "finetune", a.quiet)
     write = bar.write if bar is not None else log
     losses, order = [], torch.empty(0, dtype=torch.int64)
@@ -281,9 +286,15 @@ def train(a, model, ids, lengths, y, device, backend, log):
         rows, order = order[:a.batch_size], order[a.batch_size:]
         b_ids, mask = _batches(ids, lengths, rows, device)
         out = model(b_ids, mask)
-        loss = _loss(a, out.logits, y[rows].to(device), backend)
+        b_y = y[rows].to(device)
+        loss = _loss(a, out.logits, b_y, backend)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        if a.grad_reg:
+            # the teacher is detached, so the last exit's only term is its cross-entropy: the rest is the others'
+            final = torch.nn.functional.cross_entropy(out.logits[-1].float(), b_y)
+            projected += gradient_regularized_backward(final, loss - final, params, reg_params)
+        else:
+            loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         sched.step()
@@ -298,6 +309,8 @@ def train(a, model, ids, lengths, y, device, backend, log):
             write(f"  step {step + 1:6d}  loss {sum(losses[-k:]) / k:.4f}  lr {sched.get_last_lr()[0]:.2e}")
     if bar is not None:
         bar.close()
+    if a.grad_reg:
+        log(f"gradient regularization: {projected} of {steps * len(reg_params)} layer gradients projected")
     log(f"trained in {time.perf_counter() - t0:.1f} s")
     return model.eval(), losses
 
@@ -435,6 +448,8 @@ def build_parser():
                    help="romebert: self-distillation from the last exit; pabee: layer-weighted cross-entropy")
     o.add_argument("--gamma", type=float, default=0.9, help="RomeBERT: weight of the distillation term")
     o.add_argument("--temperature", type=float, default=3.0, help="RomeBERT: distillation temperature")
+    o.add_argument("--grad-reg", action="store_true", help="RomeBERT's gradient regularization: in the lower "
+                   "layers, the other exits' gradient loses its part that conflicts with the last exit's")
     o.add_argument("--seed", type=int, default=0)
     o.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     o.add_argument("--backend", default=None, help="effbert op backend (default: auto; eager under the Triton "
@@ -460,6 +475,7 @@ def _check_args(a):
     _fail_if(not 0 <= a.gamma <= 1, f"--gamma must be in [0, 1], got {a.gamma}")
     _fail_if(not (a.temperature > 0 and math.isfinite(a.temperature)),
              f"--temperature must be > 0, got {a.temperature}")
+    _fail_if(a.grad_reg and a.loss != "romebert", "--grad-reg goes with --loss romebert")
     _fail_if(a.max_len < 3, f"--max-len must be >= 3, got {a.max_len}")
     _fail_if(a.log_every < 1, f"--log-every must be >= 1, got {a.log_every}")
     _fail_if(a.backend is not None and a.backend not in ("auto",) + BACKENDS,
@@ -501,6 +517,7 @@ def run(a, log):
         f"{model.config.num_hidden_layers} layers, hidden {model.config.hidden_size}")
     model, losses = train(a, model, ids, lengths, y, device, backend, log)
     settings = {"cased": cased, "max_len": max_len, "loss": a.loss, "gamma": a.gamma, "temperature": a.temperature,
+                "grad_reg": a.grad_reg,
                 "steps": len(losses), "batch_size": a.batch_size, "lr": a.lr, "seed": a.seed,
                 "init": a.init, "hf": a.hf, "train": a.train}
     save_finetuned(a.out, model, tokenizer, labels, settings)

@@ -129,11 +129,13 @@ def test_finetune_learns_reports_and_reloads(hf_dir, data, tmp_path, capsys):
 
 
 @needs_hf
-@pytest.mark.parametrize("criterion,loss", [("max_prob", "romebert"), ("patience", "pabee")])
+@pytest.mark.parametrize("criterion,loss", [("max_prob", "romebert"), ("patience", "pabee"),
+                                            ("entropy", "romebert --grad-reg")])
 def test_finetune_other_criteria_and_losses(hf_dir, data, tmp_path, capsys, criterion, loss):
     out = tmp_path / "run"
-    assert cli.main(args(hf_dir, data, out, "--steps", "6", "--criterion", criterion, "--loss", loss)) == 0
-    assert "batched early exit" in capsys.readouterr().out
+    assert cli.main(args(hf_dir, data, out, "--steps", "6", "--criterion", criterion, "--loss", *loss.split())) == 0
+    text = capsys.readouterr().out
+    assert "batched early exit" in text and ("gradient regularization:" in text) == ("--grad-reg" in loss)
     check_reload(out, data, check_report(out, criterion, 6))
 
 
@@ -204,6 +206,7 @@ def test_finetune_from_a_classifier_checkpoint_starts_from_its_head(tmp_path, da
     ({"--steps": "0"}, "--steps must be >= 1"),
     ({"--lr": "-1"}, "--lr must be > 0"),
     ({"--gamma": "2"}, "--gamma must be in [0, 1]"),
+    ({"--loss": "pabee --grad-reg"}, "--grad-reg goes with --loss romebert"),
     ({"--backend": "fast"}, "--backend must be one of"),
     ({"--train": "MISSING"}, "--train: no such file"),
     ({"--hf": "MISSING"}, "--hf:"),
@@ -219,7 +222,10 @@ def test_bad_arguments_exit_2_with_a_clear_message(hf_dir, data, tmp_path, capsy
              "UNKNOWN": str(tmp_path / "unknown.tsv"), "ONE": str(tmp_path / "one.tsv")}
     argv = args(hf_dir, data, tmp_path / "out", "--steps", "2")
     for flag, value in change.items():
-        argv[argv.index(flag) + 1] = files.get(value, value)
+        if flag not in argv:
+            argv += [flag, "x"]
+        i = argv.index(flag)
+        argv[i:i + 2] = [flag, *files.get(value, value).split()]
     assert cli.main(argv) == 2
     err = capsys.readouterr().err
     assert err.startswith("effbert finetune: error:") and message in err and "Traceback" not in err
