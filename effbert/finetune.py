@@ -118,7 +118,7 @@ def _from_hf(path, num_labels, backend, cased):
     _fail_if(not os.path.isfile(os.path.join(path, VOCAB_FILE)), f"--hf: {path!r} holds no {VOCAB_FILE}")
     try:
         hf = from_hf_bert(path, backend=backend)
-    except (ValueError, OSError) as exc:
+    except (ValueError, OSError, ImportError) as exc:  # ImportError: transformers missing, the message says how
         raise UsageError(f"--hf: {exc}") from exc
     pooler = classifier = None
     if isinstance(hf, TupeBertForSequenceClassification):
@@ -508,6 +508,9 @@ def run(a, log):
         model, tokenizer, cased = _from_hf(a.hf, len(labels), backend, a.cased)
     else:
         model, tokenizer, cased = _from_pretrain(a.init, len(labels), backend, a.cased)
+    source = "--hf" if a.hf is not None else "--init"
+    _fail_if(len(tokenizer) > model.config.vocab_size, f"{source}: vocab.txt has {len(tokenizer)} pieces, more than "
+             f"the model's vocab_size {model.config.vocab_size}")
     max_len = min(a.max_len, model.config.max_position_embeddings)
     model.set_backend(backend)
     model = model.to(device)

@@ -5,6 +5,7 @@ with a clear message."""
 import importlib.util
 import json
 import random
+import sys
 
 import pytest
 import torch
@@ -178,6 +179,10 @@ def test_finetune_from_a_pretrain_folder(tmp_path, data, capsys):
     check_reload(out, data, check_report(out, "entropy", 4))
     assert cli.main(argv[:2] + [str(tmp_path / "missing")] + argv[3:]) == 2
     assert "--init:" in capsys.readouterr().err
+    with open(tmp_path / "pre" / "vocab.txt", "a") as f:
+        f.write("extra\n")  # a piece id the embeddings do not have
+    assert cli.main(argv) == 2
+    assert "more than the model's vocab_size" in capsys.readouterr().err
 
 
 @needs_hf
@@ -230,6 +235,15 @@ def test_bad_arguments_exit_2_with_a_clear_message(hf_dir, data, tmp_path, capsy
     err = capsys.readouterr().err
     assert err.startswith("effbert finetune: error:") and message in err and "Traceback" not in err
     assert not (tmp_path / "out" / "model.pt").exists()
+
+
+def test_hf_without_transformers_says_how_to_install(data, tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "transformers", None)  # import transformers now raises ImportError
+    folder = tmp_path / "bert"
+    folder.mkdir()
+    (folder / "vocab.txt").write_text("".join(v + "\n" for v in vocab()))
+    assert cli.main(args(folder, data, tmp_path / "out", "--steps", "2")) == 2
+    assert "pip install effbert[hf]" in capsys.readouterr().err
 
 
 def test_usage_errors_from_argparse(capsys):

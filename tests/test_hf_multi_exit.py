@@ -119,13 +119,16 @@ def test_bert_model_without_a_classifier(seeded):
 
 
 def gap_threshold(scores):
-    """A threshold in the middle of the widest gap between the scores near their median, so a sample run alone
-    (different rounding) cannot land on the other side of it."""
-    s = torch.sort(scores.flatten()[torch.isfinite(scores.flatten())]).values.double()
-    lo, hi = len(s) // 4, max(len(s) // 4 + 1, 3 * len(s) // 4)
-    gaps = s[lo + 1:hi + 1] - s[lo:hi]
-    i = int(torch.argmax(gaps)) + lo
-    return float((s[i] + s[i + 1]) / 2)
+    """A threshold that splits the first off-ramp's scores (``scores [L, B]``) near their median, so some samples
+    leave at layer 1 and some go on, placed at the largest distance from every score of every layer, so a sample
+    run alone (different rounding) cannot land on the other side of it."""
+    first = torch.sort(scores[0].double()).values
+    every = scores.flatten().double()
+    every = every[torch.isfinite(every)]
+    b = first.numel()
+    mids = (first[b // 4:(3 * b) // 4] + first[b // 4 + 1:(3 * b) // 4 + 1]) / 2
+    margin = (mids[:, None] - every[None]).abs().min(1).values
+    return float(mids[int(torch.argmax(margin))])
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -140,9 +143,9 @@ def test_early_exit_equals_the_per_sample_loop(variant, criterion, seeded):
     if criterion == "patience":
         kw = dict(patience=1)
     elif criterion == "entropy":
-        kw = dict(threshold=gap_threshold(reference.exit_entropy(flat)))
+        kw = dict(threshold=gap_threshold(reference.exit_entropy(flat).reshape(exits.shape[:2])))
     else:
-        kw = dict(threshold=gap_threshold(reference.exit_max_prob(flat)))
+        kw = dict(threshold=gap_threshold(reference.exit_max_prob(flat).reshape(exits.shape[:2])))
     logits, layer = model.early_exit(ids, mask, types, criterion=criterion, **kw)
     with torch.no_grad():
         hidden, padding = model._inputs(ids, mask, types)
@@ -236,3 +239,31 @@ def test_bad_inputs_name_the_argument(seeded):
         hf.multi_exit_bert(clf, temperature=0.0)
     with pytest.raises(ValueError, match="decoder"):
         hf.multi_exit_bert(BertModel(hf_config(is_decoder=True)))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("patched", [False, True])
+def test_on_the_gpu_with_the_fused_kernels(patched, seeded):
+    from transformers import BertForSequenceClassification
+
+    hf_model = BertForSequenceClassification(hf_config("sdpa", num_hidden_layers=4)).cuda().eval()
+    model = hf.multi_exit_bert(hf_model)
+    sharpen(model)  # the last off-ramp is HF's classifier: copy the reference after this
+    ref = copy.deepcopy(hf_model).double()
+    if patched:
+        hf.patch_bert_attention(hf_model)  # auto: the fused kernels, in the layers the wrapper shares
+    ids, types, mask = (t.cuda() for t in padded_batch(b=13))
+    with torch.no_grad():
+        want = ref(input_ids=ids, attention_mask=mask, token_type_ids=types).logits
+        exits = model(ids, mask, types).logits
+    assert_close(exits[-1], want, what="last exit on the GPU")
+    flat = exits.reshape(-1, exits.shape[-1]).double()
+    kw = dict(threshold=gap_threshold(reference.exit_entropy(flat).reshape(exits.shape[:2])))
+    logits, layer = model.early_exit(ids, mask, types, criterion="entropy", **kw)
+    with torch.no_grad():
+        hidden, padding = model._inputs(ids, mask, types)
+    want_logits, want_layer = reference.early_exit_loop(model.encoder.layers, model.encoder.heads, hidden, padding,
+                                                        criterion="entropy", **kw)
+    assert layer.tolist() == want_layer.tolist()
+    assert_close(logits, want_logits, what="early-exit logits on the GPU")
