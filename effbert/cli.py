@@ -8,6 +8,7 @@ COMMANDS = {
     "check": ("every op on this machine's backends against the float64 reference", "effbert.check"),
     "bench": ("the microbenchmark suite (see effbert bench --help)", "effbert.bench.runner"),
     "demo": ("pretrain a tiny TUPE-R BERT with TNF, then early exit (see effbert demo --help)", "effbert.demo"),
+    "pretrain": ("masked-LM pretraining on your own text, with TNF (see effbert pretrain --help)", "effbert.pretrain"),
     "finetune": ("multi-exit classification on your data, then an early-exit report (see --help)", "effbert.finetune"),
 }
 
@@ -17,7 +18,7 @@ def main(argv=None):
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
         print("usage: effbert {" + ",".join(COMMANDS) + "} [options]\n")
         for name, (help_text, _) in COMMANDS.items():
-            print(f"  {name:6} {help_text}")
+            print(f"  {name:8} {help_text}")
         if argv and argv[0] not in ("-h", "--help"):
             print(f"\neffbert: unknown command {argv[0]!r}", file=sys.stderr)
             return 2

@@ -18,6 +18,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .pretrain import default_backend as _backend
+from .pretrain import mask_tokens
+from .pretrain import progress_bar as _progress
+
 SPECIALS = ["[PAD]", "[CLS]", "[SEP]", "[MASK]"]
 PAD, CLS, SEP, MASK = range(4)
 SUFFIXES = ["##a", "##e", "##o", "##s"]
@@ -127,36 +131,6 @@ class ToyCorpus:
         return ids, lengths
 
 
-def mask_tokens(ids, lengths, vocab_size, gen, first_word):
-    """BERT's masking: 15% of the real word pieces are targets; 80% of those become [MASK], 10% a random piece."""
-    n = ids.shape[1]
-    real = torch.arange(n)[None] < lengths[:, None]
-    words = real & (ids >= first_word)
-    target = words & (torch.rand(ids.shape, generator=gen) < 0.15)
-    labels = torch.where(target, ids, torch.full_like(ids, -100))
-    r = torch.rand(ids.shape, generator=gen)
-    masked = ids.clone()
-    masked[target & (r < 0.8)] = MASK
-    rand = target & (r >= 0.8) & (r < 0.9)
-    masked[rand] = torch.randint(first_word, vocab_size, (int(rand.sum()),), generator=gen)
-    return masked, labels, real
-
-
-def _progress(total, desc, quiet):
-    try:
-        from tqdm import tqdm
-    except ImportError:
-        return None
-    return tqdm(total=total, desc=desc, leave=True, disable=quiet, dynamic_ncols=True, file=sys.stdout)
-
-
-def _backend(device):
-    # On the CPU the Triton interpreter (TRITON_INTERPRET=1) is a correctness tool, far too slow to train with.
-    if device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") == "1":
-        return "eager"
-    return "auto"
-
-
 def pretrain(corpus, ids, lengths, sizes, device, backend, gen, log):
     from .models import TupeBertConfig, TupeBertForMaskedLM
     from .nn import NoteDictionary
@@ -185,6 +159,7 @@ def pretrain(corpus, ids, lengths, sizes, device, backend, gen, log):
         f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters) with TNF notes for "
         f"{len(table)} rare words, {sizes.pretrain_steps} steps of {sizes.batch} sentences, backend {backend}")
     losses = []
+    maskable = torch.arange(corpus.vocab_size) >= corpus.first_function  # every piece but the specials
     bar = _progress(sizes.pretrain_steps, "MLM", log.quiet)
     every = max(1, sizes.pretrain_steps // 10)
     t0 = time.perf_counter()
@@ -193,7 +168,7 @@ def pretrain(corpus, ids, lengths, sizes, device, backend, gen, log):
         b_ids, b_len = ids[rows], lengths[rows]
         n = int(b_len.max())
         b_ids = b_ids[:, :n]
-        masked, labels, real = mask_tokens(b_ids, b_len, corpus.vocab_size, gen, corpus.first_function)
+        masked, labels, real = mask_tokens(b_ids, b_len, gen, mask_id=MASK, maskable=maskable)
         spans, slots = table.find(masked, b_len)  # masked rare words get no note: no peeking at the target
         masked, labels, real = masked.to(device), labels.to(device), real.to(device)
         out = model(masked, real, labels=labels, note_slots=slots.to(device))

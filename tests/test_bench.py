@@ -35,6 +35,19 @@ def test_bad_arguments_are_rejected(tmp_path, capsys):
     assert "--compare" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         runner.main(["--op", "no_such_op", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit):
+        runner.main(["--budget", "0", "--out", str(tmp_path)])
+    assert "--budget" in capsys.readouterr().err
+
+
+def test_a_spent_budget_skips_the_remaining_cases_but_writes_the_files(tmp_path):
+    out = tmp_path / "late"
+    assert runner.main(["--quick", "--no-progress", "--op", "exit_entropy", "--budget", "1e-9", "--out",
+                        str(out)]) == 0
+    rows = json.loads((out / "bench.json").read_text())["cases"]
+    assert rows and all(r["status"] == "skipped" and r["reason"] for r in rows)
+    assert any("--budget" in r["reason"] for r in rows)
+    assert "## exit_entropy" in (out / "bench.md").read_text()
 
 
 @pytest.mark.slow
@@ -48,3 +61,74 @@ def test_plots_speedups_and_time_against_sequence_length(tmp_path):
     for name in ("speedup_tupe_attention_seqlen.png", "time_vs_seqlen_tupe_attention_seqlen.png"):
         png = (out / name).read_bytes()
         assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 1000, name
+
+
+TINY_BERT = dict(vocab_size=60, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=48,
+                 max_position_embeddings=16)
+
+
+def test_train_step_providers_train_the_same_model():
+    """The fused and eager providers of the training-step case run the same computation: with dropout off, three
+    AdamW steps give the same losses and the same TNF notes."""
+    import torch
+
+    from effbert.bench import train_step
+
+    cpu = torch.device("cpu")
+    inputs = [train_step._tnf_batch(3, 16, 4096, seed=s) for s in range(3)]
+    runs = {}
+    for provider in ("effbert", "effbert-eager"):
+        trainer = train_step._Trainer(provider, TINY_BERT, cpu, torch.float32, dropout=0.0)
+        gen = torch.Generator().manual_seed(1)
+        losses = []
+        for spans, slots, lengths in inputs:
+            ids = torch.randint(5, 60, (3, 16), generator=gen)
+            labels = torch.where(torch.rand(3, 16, generator=gen) < 0.3, ids, torch.full_like(ids, -100))
+            losses.append(trainer(ids, torch.ones(3, 16, dtype=torch.bool), labels, spans, slots, lengths))
+        runs[provider] = (torch.stack(losses), trainer.model.notes.notes.clone(), trainer.model.notes.counts.clone())
+    fused, eager = runs["effbert"], runs["effbert-eager"]
+    assert torch.allclose(fused[0], eager[0], rtol=1e-4), (fused[0], eager[0])
+    assert torch.equal(fused[2], eager[2]) and int((fused[2] > 0).sum()) > 0  # notes were taken
+    assert torch.allclose(fused[1], eager[1], rtol=1e-4, atol=1e-5)
+
+
+def test_train_step_flops_are_the_models_matrix_products():
+    """The step's counted FLOPs (its TFLOP/s and percent of floor) against torch's own count of every matrix
+    product in an eager step of plain BERT: forward, backward and all."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from effbert.bench import train_step
+
+    sizes = dict(TINY_BERT, num_hidden_layers=2)
+    trainer = train_step._Trainer("effbert-absolute", sizes, torch.device("cpu"), torch.float32, dropout=0.0)
+    trainer.build()
+    trainer.model.set_backend("eager")
+    ids = torch.randint(5, 60, (3, 16))
+    labels = torch.where(torch.rand(3, 16) < 0.3, ids, torch.full_like(ids, -100))
+    with FlopCounterMode(display=False) as counter:
+        trainer(ids, torch.ones(3, 16, dtype=torch.bool), labels, *train_step._tnf_batch(3, 16, 4096, seed=1))
+    # the training path runs the MLM head at the labelled positions only
+    assert counter.get_total_flops() == train_step.step_flops(sizes, 3, 16, head_rows=int((labels != -100).sum()))
+    assert train_step.step_flops(sizes, 3, 16) > train_step.step_flops(sizes, 3, 16, head_rows=5)
+
+
+@pytest.mark.slow
+def test_train_step_reports_tokens_per_second(tmp_path, monkeypatch):
+    import torch
+
+    from effbert.bench import train_step
+
+    monkeypatch.setattr(train_step, "_sizes", lambda device, quick: (TINY_BERT, [(2, 16)], torch.float32))
+    out = tmp_path / "e2e"
+    assert runner.main(["--quick", "--no-progress", "--op", train_step.OP, "--out", str(out)]) == 0
+    rows = {c["provider"]: c for c in json.loads((out / "bench.json").read_text())["cases"]}
+    assert set(rows) == {"effbert", "effbert-absolute", "effbert-eager", "hf-sdpa"}
+    for row in rows.values():
+        if row["status"] == "skipped":  # transformers missing: says so
+            assert row["provider"] == "hf-sdpa" and "transformers" in row["reason"]
+            continue
+        assert row["status"] == "ok", row
+        assert row["tokens_per_s"] == pytest.approx(32 / row["ms"] * 1e3)
+        assert row["TFLOPs"] > 0
+    assert "tokens/s" in (out / "bench.md").read_text()

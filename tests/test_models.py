@@ -165,6 +165,35 @@ def test_mlm_loss_ignores_minus_100_and_the_decoder_is_tied(seeded):
         assert_close(model(ids, mask, types).logits, expect, what="tied logits")
 
 
+@pytest.mark.parametrize("backend", ["eager", "triton"])
+def test_mlm_head_at_labelled_positions_only_gives_the_same_loss_and_gradients(backend, seeded):
+    cfg = tiny_config("tupe-r", backend=backend)
+    model = randomize_(TupeBertForMaskedLM(cfg)).to(DEVICE)
+    ref_model = copy.deepcopy(model).double().set_backend("eager")
+    ids, types, mask = make_batch(cfg)
+    labels = torch.where(torch.rand(ids.shape, device=DEVICE) < 0.3, ids, torch.full_like(ids, -100))
+    labels[0, 0] = ids[0, 0]
+    ref, ref_grads = run_mlm(ref_model, ids, types, mask, labels)  # the full [B, N, vocab] logits in float64
+    model.zero_grad(set_to_none=True)
+    out = model(ids, mask, types, labels=labels, return_logits=False)
+    out.loss.backward()
+    assert out.logits is None
+    assert_close(out.loss, ref.loss, what="loss")
+    grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    assert set(grads) == set(ref_grads)
+    for name, g in grads.items():
+        if not name.endswith("cls_row"):  # exactly 0 in both (see above)
+            assert_close(g, ref_grads[name], rtol=GRAD_RTOL, what=f"d {name}")
+    # no target: loss 0 and a backward that runs; no labels: refused
+    none = model(ids, mask, types, labels=torch.full_like(ids, -100), return_logits=False)
+    assert none.loss.item() == 0.0
+    none.loss.backward()
+    with pytest.raises(ValueError, match="labels"):
+        model(ids, mask, types, return_logits=False)
+    with pytest.raises(TypeError, match="return_logits"):
+        model(ids, mask, types, labels=labels, return_logits="no")
+
+
 @pytest.mark.parametrize("mode", MODES)
 def test_positional_term_once_per_forward_and_shared_by_every_layer(mode, seeded):
     cfg = tiny_config(mode, num_hidden_layers=3)

@@ -22,6 +22,7 @@ class Case:
     skip_reasons: List[str] = field(default_factory=list)
     baseline: str = ""  # the provider speed-ups are quoted against within this (op, shape, dtype, mode)
     check: bool = True  # compare against the reference before timing
+    tokens: int = 0  # tokens one call processes: end-to-end cases also report tokens/s
 
     @property
     def key(self):

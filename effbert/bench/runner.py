@@ -11,13 +11,14 @@ import os
 import platform
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import torch
 
 from . import timing
 
-FAMILIES = ("early_exit", "tupe_attention", "notes")  # modules of effbert.bench that contribute cases
+FAMILIES = ("early_exit", "train_step", "tupe_attention", "notes")  # modules of effbert.bench that contribute cases
 
 
 def environment(device):
@@ -118,6 +119,8 @@ def run_case(case, device, ceilings, quick):
     ms = min(ms_a, ms_b)
     row.update(status="ok", ms=ms, noise=abs(ms_a - ms_b) / ms, spread=spread, samples=n, input_sets=len(sets))
     row["GBps"] = case.bytes / ms / 1e6
+    if case.tokens:
+        row["tokens_per_s"] = case.tokens / ms * 1e3
     row["TFLOPs"] = case.flops / ms / 1e9 if case.flops else None
     floor_ms = max(case.bytes / (ceilings["copy_GBps"] * 1e6), ceilings["launch_us"] / 1e3)
     rate = ceilings.get(f"{case.dtype}_matmul_TFLOPs")
@@ -154,7 +157,8 @@ def format_tables(rows, ceilings, env):
                 continue
             tf = f"{r['TFLOPs']:8.1f}" if r.get("TFLOPs") else f"{'-':>8}"
             sp = f"{r['speedup_vs_baseline']:7.2f}x" if "speedup_vs_baseline" in r else f"{'-':>8}"
-            lines.append(f"{head} {r['ms']:9.4f} {r['GBps']:8.1f} {tf} {r['pct_of_floor']:6.1f}% {sp}")
+            tok = f" {r['tokens_per_s']:12,.0f} tokens/s" if "tokens_per_s" in r else ""
+            lines.append(f"{head} {r['ms']:9.4f} {r['GBps']:8.1f} {tf} {r['pct_of_floor']:6.1f}% {sp}{tok}")
     lines.append("\n%floor: the op's floor over the measured time; the floor is the largest of its fewest bytes at the "
                  "measured copy bandwidth, its FLOPs at the measured matrix rate, and the measured launch time of the "
                  "cheapest op. speedup: against the row's baseline provider.")
@@ -176,8 +180,9 @@ def write_markdown(path, rows, ceilings, env, title="effbert benchmark"):
                 continue
             tf = f"{r['TFLOPs']:.1f}" if r.get("TFLOPs") else "-"
             sp = f"{r['speedup_vs_baseline']:.2f}x vs {r['baseline']}" if "speedup_vs_baseline" in r else "-"
+            tok = f"; {r['tokens_per_s']:,.0f} tokens/s" if "tokens_per_s" in r else ""
             lines.append(f"| {r['shape']} | {r['dtype']} | {r['mode']} | {r['provider']} | {r['ms']:.4f} | "
-                         f"{r['GBps']:.1f} | {tf} | {r['pct_of_floor']:.1f}% | {sp} |")
+                         f"{r['GBps']:.1f} | {tf} | {r['pct_of_floor']:.1f}% | {sp}{tok} |")
         lines.append("")
     Path(path).write_text("\n".join(lines))
 
@@ -324,7 +329,12 @@ def main(argv=None):
     parser.add_argument("--index", default=None, metavar="RESULTS_DIR",
                         help="only regenerate RESULTS.md beside RESULTS_DIR from the runs in it")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--budget", type=float, default=None, metavar="SECONDS",
+                        help="stop starting cases after this long; the rest are listed as skipped, and the "
+                             "files are written all the same")
     args = parser.parse_args(argv)
+    if args.budget is not None and not args.budget > 0:
+        parser.error(f"--budget must be a positive number of seconds, got {args.budget}")
     if args.index:
         if not Path(args.index).is_dir():
             parser.error(f"--index must be a folder of result JSON files, got {args.index!r}")
@@ -340,7 +350,11 @@ def main(argv=None):
         parser.error(f"--op {args.op!r} matches no case; ops: {sorted({c.op for c in collect_cases(device, True)})}")
     print(f"effbert bench on {env['device']}: measuring ceilings, then {len(cases)} cases", file=sys.stderr)
     ceilings = timing.measure_ceilings(device, quick=args.quick)
-    rows = [run_case(c, device, ceilings, args.quick) for c in _progress(cases, not args.no_progress)]
+    rows, started = [], time.monotonic()
+    for case in _progress(cases, not args.no_progress):
+        if args.budget is not None and time.monotonic() - started > args.budget:
+            case.skip_reasons = case.skip_reasons or [f"the run's --budget of {args.budget:g} s was spent"]
+        rows.append(run_case(case, device, ceilings, args.quick))
     add_speedups(rows)
 
     out = Path(args.out)

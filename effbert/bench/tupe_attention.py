@@ -2,13 +2,15 @@
 
 Anchors: eager TUPE (the reference), SDPA's memory-efficient backend with a bias that requires grad, SDPA's flash
 backend with no bias at all (the ceiling: the positional term should be nearly free), FlexAttention (compiled)
-with the bias captured in its score_mod. Plus packed sequences (varlen) at 50% padding against the padded batch.
+with the bias captured in its score_mod, and when installed, flash-attn (no bias: it takes none with a gradient) and
+xformers (a bias expanded to the full [B, H, N, N], the only form it returns a gradient for). Plus packed sequences (varlen) at 50% padding against the padded batch.
 
 Floor: FLOPs. The forward does two B*H*N*N*D products (4*B*H*N^2*D FLOPs), the backward five (2.5x the forward,
 the usual count for flash-style kernels); the matrix rate measured at the start of the run turns them into time.
 """
 
 import importlib
+import importlib.util
 
 import torch
 
@@ -66,6 +68,34 @@ def _flex_attention(q, k, v, bias):
     return out.transpose(1, 2)
 
 
+def _flash_attn_nobias(q, k, v, bias):
+    from flash_attn import flash_attn_func  # takes our [B, N, H, D] layout as it is
+
+    return flash_attn_func(q, k, v, softmax_scale=q.shape[-1] ** -0.5)
+
+
+def _xformers(q, k, v, bias):
+    from xformers.ops import memory_efficient_attention
+
+    # xformers returns a bias gradient only for a bias of the full [B, H, N, N] shape: an expanded view of ours
+    full = bias.unsqueeze(0).expand(q.shape[0], *bias.shape)
+    return memory_efficient_attention(q, k, v, attn_bias=full, scale=q.shape[-1] ** -0.5)
+
+
+def _optional_reasons(name, device):
+    """Why an optional anchor (flash-attn, xformers) cannot run here, or [] when it can."""
+    if device.type != "cuda":
+        return [f"{name} runs on CUDA devices only"]
+    try:
+        found = importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):
+        found = False
+    return [] if found else [f"{name} is not installed"]
+
+
+OPTIONAL = {"flash-attn-nobias": ("flash_attn", _flash_attn_nobias), "xformers": ("xformers", _xformers)}
+
+
 def _providers(device):
     out = {
         "effbert-triton": lambda q, k, v, bias: effbert.tupe_attention(q, k, v, bias, backend="triton"),
@@ -80,6 +110,7 @@ def _providers(device):
         })
     else:
         out["sdpa-math"] = _sdpa("MATH")
+    out.update({name: fn for name, (_, fn) in OPTIONAL.items()})  # listed everywhere; skipped with a reason
     return out
 
 
@@ -147,9 +178,11 @@ def cases(device, quick):
         for mode in MODES if not quick or device.type == "cuda" else ("forward",):
             for name, attend in _providers(device).items():
                 reasons = list(triton_reasons) if name == "effbert-triton" else []
+                if name in OPTIONAL:
+                    reasons += _optional_reasons(OPTIONAL[name][0], device)
                 if name == "eager-reference" and n * n * b * h > (64 << 20) and mode != "forward":
                     reasons.append("the eager backward holds several [B, H, N, N] tensors; timed in forward only")
-                has_bias = name != "sdpa-flash-nobias"
+                has_bias = not name.endswith("-nobias")
                 out.append(Case(
                     op="tupe_attention", shape=f"B={b},N={n},H={h},D={d}", dtype=dname, mode=mode, provider=name,
                     fn=_mode_fn(attend, mode, has_bias), make_inputs=make_inputs, reference=_reference_fn(mode),
