@@ -185,6 +185,28 @@ def test_finetune_from_a_pretrain_folder(tmp_path, data, capsys):
     assert "more than the model's vocab_size" in capsys.readouterr().err
 
 
+@pytest.mark.skipif(not installed("effbert.pretrain"), reason="effbert pretrain is not in this tree")
+def test_finetune_after_a_real_pretrain_run(tmp_path, data, capsys):
+    from effbert.pretrain import load_pretrained
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("".join(line.split("\t", 1)[1] for line in open(data / "train.tsv")))
+    pre = tmp_path / "pre"
+    assert cli.main(["pretrain", "--data", str(corpus), "--out", str(pre), "--vocab-size", "120", "--layers", "3",
+                     "--hidden", "32", "--heads", "2", "--max-len", "24", "--batch-size", "8", "--steps", "3",
+                     "--backend", "eager", "--tnf-min-count", "3", "--quiet"]) == 0
+    mlm, _, _ = load_pretrained(pre)
+    model, _, _ = finetune._from_pretrain(str(pre), 2, "eager", None)
+    want, got = mlm.bert.state_dict(), model.bert.state_dict()
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    out = tmp_path / "run"
+    assert cli.main(["finetune", "--init", str(pre), "--train", str(data / "train.tsv"), "--eval",
+                     str(data / "eval.tsv"), "--out", str(out), "--steps", "4", "--batch-size", "16", "--lr", "1e-3",
+                     "--backend", "eager", "--device", "cpu", "--quiet", "--eval-batch-size", "16"]) == 0
+    capsys.readouterr()
+    check_reload(out, data, check_report(out, "entropy", 4))
+
+
 @needs_hf
 def test_finetune_from_a_classifier_checkpoint_starts_from_its_head(tmp_path, data, hf_dir):
     from transformers import BertConfig, BertForSequenceClassification
