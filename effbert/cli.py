@@ -9,6 +9,7 @@ COMMANDS = {
     "bench": ("the microbenchmark suite (see effbert bench --help)", "effbert.bench.runner"),
     "demo": ("pretrain a tiny TUPE-R BERT with TNF, then early exit (see effbert demo --help)", "effbert.demo"),
     "pretrain": ("masked-LM pretraining on your own text, with TNF (see effbert pretrain --help)", "effbert.pretrain"),
+    "finetune": ("multi-exit classification on your data, then an early-exit report (see --help)", "effbert.finetune"),
 }
 
 

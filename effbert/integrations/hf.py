@@ -5,6 +5,8 @@
 - ``patch_bert_attention(hf_model)``: replaces, in place, the self-attention of every layer of an HF BERT with a
   module running ``effbert.tupe_attention`` on the same ``query``/``key``/``value`` weights (the state dict, and so
   ``save_pretrained``, is unchanged).
+- ``multi_exit_bert(hf_model, num_labels)``: an HF BERT's embeddings and layers (shared, not copied) with an
+  off-ramp after every layer, for early-exit fine-tuning (RomeBERT / PABEE losses) and batched early exit.
 
 transformers is imported only when these functions run, so effbert itself never needs it.
 """
@@ -16,11 +18,15 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..losses import multi_exit_distillation_loss, pabee_loss
 from ..models import TupeBertConfig, TupeBertForMaskedLM, TupeBertForSequenceClassification, TupeBertModel
+from ..models.tupe_bert import SequenceClassifierOutput, _check_ids, _values_in_range
+from ..nn import BertLayerAdapter, ExitHead, MultiExitEncoder
 from ..ops import tupe_attention
+from ..ops._dispatch import BACKENDS
 
 __all__ = ["from_hf_bert", "patch_bert_attention", "EffbertBertSelfAttention", "hf_state_dict_to_effbert",
-           "config_from_hf"]
+           "config_from_hf", "multi_exit_bert", "MultiExitBert"]
 
 _INSTALL_HINT = "transformers is needed for effbert.integrations.hf: pip install effbert[hf]"
 # HF activation names -> ours (the tanh approximations are one function under several names)
@@ -296,3 +302,173 @@ def patch_bert_attention(hf_model, *, backend="auto"):
     if not patched:
         raise ValueError(f"hf_model ({type(hf_model).__name__}) has no BERT self-attention to patch")
     return hf_model
+
+
+# ---- multi-exit fine-tuning of an HF BERT ----
+
+MULTI_EXIT_LOSSES = ("romebert", "pabee")
+
+
+class MultiExitBert(nn.Module):
+    """An HF BERT with an off-ramp after every layer; build it with ``multi_exit_bert``.
+
+    ``embeddings`` is the HF model's ``BertEmbeddings`` and ``encoder.layers[i].layer`` its ``encoder.layer[i]``
+    (the same modules: training this trains the HF model, and ``hf_model.save_pretrained`` saves the encoder);
+    ``encoder.heads[i]`` is an ``ExitHead``. Inputs follow HF's conventions (``attention_mask`` 1 = real token).
+
+    - ``forward(input_ids, attention_mask=None, token_type_ids=None, labels=None)`` ->
+      ``SequenceClassifierOutput(loss, logits [L, B, C])``; with ``labels [B]`` the loss is RomeBERT's
+      self-distillation loss (``loss="romebert"``, ``gamma``, ``temperature``) or PABEE's layer-weighted
+      cross-entropy (``loss="pabee"``).
+    - ``early_exit(input_ids, attention_mask=None, token_type_ids=None, *, criterion, threshold=None,
+      patience=None)`` -> ``(logits [B, C], exit_layer [B] int64, 1-based)``: batched early exit, each sample
+      exactly what it gets alone.
+    """
+
+    def __init__(self, embeddings, layers, heads, *, hf_config, backend="auto", loss="romebert", gamma=0.9,
+                 temperature=3.0):
+        super().__init__()
+        self.embeddings = embeddings
+        self.encoder = MultiExitEncoder([BertLayerAdapter(layer) for layer in layers], heads)
+        self.hf_config = hf_config
+        self.backend = backend
+        self.loss_type, self.gamma, self.temperature = loss, gamma, temperature
+        _check_loss_args(loss, gamma, temperature)
+
+    @property
+    def depth(self):
+        return self.encoder.depth
+
+    @property
+    def num_labels(self):
+        return self.encoder.heads[-1].classifier.out_features
+
+    def _inputs(self, input_ids, attention_mask, token_type_ids):
+        """Checks HF-style inputs; returns ``(hidden [B, N, Dm], key padding mask [B, N] True = padding, or
+        None)``."""
+        _check_ids("input_ids", input_ids, None)
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be [B, N], got {list(input_ids.shape)}")
+        b, n = input_ids.shape
+        max_pos = self.hf_config.max_position_embeddings
+        if not 1 <= n <= max_pos:
+            raise ValueError(f"input_ids must have 1 <= N <= max_position_embeddings ({max_pos}), got N = {n}")
+        _values_in_range("input_ids", input_ids, 0, self.hf_config.vocab_size)
+        if token_type_ids is None:
+            token_type_ids = torch.zeros_like(input_ids)
+        else:
+            _check_ids("token_type_ids", token_type_ids, (b, n))
+            if token_type_ids.device != input_ids.device:
+                raise ValueError(f"token_type_ids must be on {input_ids.device}, got {token_type_ids.device}")
+            _values_in_range("token_type_ids", token_type_ids, 0, self.hf_config.type_vocab_size)
+        real = TupeBertModel.padding_mask(attention_mask, (b, n), input_ids.device)
+        hidden = self.embeddings(input_ids=input_ids, token_type_ids=token_type_ids)
+        # HF marks real tokens; MultiExitEncoder and its layer adapters mark padding
+        return hidden, (None if real is None else ~real)
+
+    def _check_labels(self, labels, batch, device):
+        if not isinstance(labels, torch.Tensor):
+            raise TypeError(f"labels must be a tensor, got {type(labels).__name__}")
+        if tuple(labels.shape) != (batch,):
+            raise ValueError(f"labels must be [B] = [{batch}], got {list(labels.shape)}")
+        if labels.device != device:
+            raise ValueError(f"labels must be on {device}, got {labels.device}")
+        _check_ids("labels", labels, None)
+        _values_in_range("labels", labels, 0, self.num_labels)
+
+    def compute_loss(self, exit_logits, labels):
+        """The training loss over every exit's logits ``[L, B, C]`` (float32 or wider)."""
+        x = exit_logits if exit_logits.dtype == torch.float64 else exit_logits.float()
+        if self.loss_type == "pabee":
+            return pabee_loss(x, labels.long())
+        return multi_exit_distillation_loss(x, labels.long(), gamma=self.gamma, temperature=self.temperature,
+                                            backend=self.backend)
+
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None, labels=None):
+        hidden, padding = self._inputs(input_ids, attention_mask, token_type_ids)
+        if labels is not None:
+            self._check_labels(labels, input_ids.shape[0], input_ids.device)
+        exit_logits = self.encoder(hidden, padding)
+        loss = self.compute_loss(exit_logits, labels) if labels is not None else None
+        return SequenceClassifierOutput(loss, exit_logits)
+
+    @torch.no_grad()
+    def early_exit(self, input_ids, attention_mask=None, token_type_ids=None, *, criterion, threshold=None,
+                   patience=None):
+        """Batched early-exit inference (``MultiExitEncoder.early_exit``): ``(logits [B, C], exit_layer [B])``.
+        Call in eval mode."""
+        hidden, padding = self._inputs(input_ids, attention_mask, token_type_ids)
+        return self.encoder.early_exit(hidden, padding, criterion=criterion, threshold=threshold,
+                                       patience=patience, backend=self.backend)
+
+
+def _check_loss_args(loss, gamma, temperature):
+    if loss not in MULTI_EXIT_LOSSES:
+        raise ValueError(f"loss must be one of {MULTI_EXIT_LOSSES}, got {loss!r}")
+    if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not 0.0 <= gamma <= 1.0:
+        raise ValueError(f"gamma must be a float in [0, 1], got {gamma!r}")
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature > 0 \
+            or not temperature < float("inf"):
+        raise ValueError(f"temperature must be a finite float > 0, got {temperature!r}")
+
+
+def multi_exit_bert(hf_model, num_labels=None, *, dropout=None, backend="auto", loss="romebert", gamma=0.9,
+                    temperature=3.0):
+    """Wrap an HF ``BertModel`` or ``BertForSequenceClassification`` for early-exit fine-tuning and inference.
+
+    Returns a ``MultiExitBert`` holding the model's embeddings and layers (shared, not copied; works whether or not
+    ``patch_bert_attention`` was applied) and an ``ExitHead`` (pooler, dropout, classifier) after every layer. The
+    last off-ramp *is* the model's pooler and classifier when it has them (so the full-depth exit starts as the
+    HF model's prediction); the others, and any missing part, get BERT's initialisation.
+
+    ``num_labels``: classes per exit (default: the classifier's outputs, else ``config.num_labels``); it must
+    match a classifier the model already has. ``dropout``: the off-ramps' dropout (default HF's
+    ``classifier_dropout``, else ``hidden_dropout_prob``). ``backend``: for the exit decisions and the loss.
+    The result is in the model's train/eval mode, device and dtype.
+    """
+    _transformers()
+    from transformers.models.bert.modeling_bert import BertForSequenceClassification, BertModel
+
+    if isinstance(hf_model, BertForSequenceClassification):
+        bert, classifier = hf_model.bert, hf_model.classifier
+    elif isinstance(hf_model, BertModel):
+        bert, classifier = hf_model, None
+    else:
+        raise TypeError(f"hf_model must be a transformers BertModel or BertForSequenceClassification, got "
+                        f"{type(hf_model).__name__}")
+    cfg = hf_model.config
+    if getattr(cfg, "is_decoder", False):
+        raise ValueError("hf_model is a decoder (causal) BERT; off-ramps need a bidirectional encoder")
+    if num_labels is None:
+        num_labels = classifier.out_features if classifier is not None else int(cfg.num_labels)
+    if isinstance(num_labels, bool) or not isinstance(num_labels, int) or num_labels < 1:
+        raise ValueError(f"num_labels must be an int >= 1, got {num_labels!r}")
+    if classifier is not None and classifier.out_features != num_labels:
+        raise ValueError(f"num_labels ({num_labels}) differs from hf_model's classifier ({classifier.out_features} "
+                         "outputs); wrap its .bert for a new label set")
+    if dropout is None:
+        dropout = getattr(cfg, "classifier_dropout", None)
+        dropout = cfg.hidden_dropout_prob if dropout is None else dropout
+    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
+        raise ValueError(f"dropout must be a float in [0, 1), got {dropout!r}")
+    if backend not in ("auto",) + BACKENDS:
+        raise ValueError(f"backend must be one of {('auto',) + BACKENDS}, got {backend!r}")
+    _check_loss_args(loss, gamma, temperature)
+    layers = list(bert.encoder.layer)
+    ref = next(bert.parameters())
+    std = float(getattr(cfg, "initializer_range", 0.02))
+    heads = []
+    for _ in layers:
+        head = ExitHead(cfg.hidden_size, num_labels, float(dropout))
+        for lin in (head.pooler, head.classifier):
+            nn.init.normal_(lin.weight, std=std)
+            nn.init.zeros_(lin.bias)
+        heads.append(head.to(device=ref.device, dtype=ref.dtype))
+    pooler = getattr(bert, "pooler", None)
+    if pooler is not None:
+        heads[-1].pooler = pooler.dense  # the same Linear: tanh(dense(h[:, 0])) is HF's pooler
+    if classifier is not None:
+        heads[-1].classifier = classifier
+    model = MultiExitBert(bert.embeddings, layers, heads, hf_config=cfg, backend=backend, loss=loss, gamma=gamma,
+                          temperature=temperature)
+    return model.train(hf_model.training)

@@ -1,0 +1,561 @@
+"""``effbert finetune``: multi-exit classification on a user's own labelled text, then a speed-accuracy report of
+batched early exit over exit thresholds.
+
+    effbert finetune --hf ./bert-base-uncased --train train.tsv --eval dev.tsv --out run/
+    effbert finetune --init pretrain-run/ --train train.tsv --eval dev.tsv --out run/ --epochs 3
+
+Data: one example a line, ``label<TAB>text``; labels are strings, given ids in sorted order (saved in
+``labels.json``). The encoder comes from an ``effbert pretrain`` folder (``--init``) or a local Hugging Face BERT
+folder (``--hf``: its ``config.json``, ``model.safetensors`` and ``vocab.txt``); an off-ramp (pooler and classifier)
+follows every layer, trained jointly with RomeBERT's self-distillation loss (or PABEE's layer-weighted loss).
+
+On ``--eval``: the full-depth accuracy, then for a range of thresholds of ``--criterion`` the batched early exit's
+average exit layer, layers saved, measured speed-up (wall time against a full-depth pass of the same batched loop)
+and accuracy, printed as a table and written to ``DIR/report.json`` and ``DIR/report.png`` (with matplotlib).
+``DIR`` holds the fine-tuned model (``config.json``, ``model.pt``, ``labels.json``, ``vocab.txt``,
+``finetune.json``); ``load_finetuned(DIR)`` loads it back for ``model.early_exit``.
+"""
+
+import argparse
+import glob
+import json
+import math
+import os
+import sys
+import time
+
+import torch
+
+__all__ = ["main", "load_finetuned", "read_tsv", "UsageError"]
+
+CONFIG_FILE, MODEL_FILE, LABELS_FILE, VOCAB_FILE, SETTINGS_FILE, REPORT_FILE, PLOT_FILE = (
+    "config.json", "model.pt", "labels.json", "vocab.txt", "finetune.json", "report.json", "report.png")
+LOSSES = ("romebert", "pabee")
+CRITERIA = ("entropy", "max_prob", "patience")
+
+
+class UsageError(Exception):
+    """A mistake in the command line or the files it names: reported in one line, exit code 2."""
+
+
+def _fail_if(cond, msg):
+    if cond:
+        raise UsageError(msg)
+
+
+# ------------------------------------------------------------------------------------------------------ data
+
+
+def read_tsv(path, flag="--train"):
+    """``(labels, texts)`` of a ``label<TAB>text`` file; blank lines are skipped. Errors name the flag and line."""
+    if not os.path.isfile(path):
+        raise UsageError(f"{flag}: no such file {path!r}")
+    labels, texts = [], []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            line = line.rstrip("\n").rstrip("\r")
+            if not line.strip():
+                continue
+            label, tab, text = line.partition("\t")
+            _fail_if(not tab, f"{flag}: line {n} of {path!r} has no TAB (expected label<TAB>text)")
+            label = label.strip()
+            _fail_if(not label, f"{flag}: line {n} of {path!r} has an empty label")
+            labels.append(label)
+            texts.append(text)
+    _fail_if(not texts, f"{flag}: {path!r} holds no examples")
+    return labels, texts
+
+
+def _encode(tokenizer, texts, max_len):
+    ids, lengths = tokenizer.encode_batch(texts, max_len)
+    return ids, lengths
+
+
+def _batches(ids, lengths, rows, device):
+    """One batch cut to its longest row: ``(ids [b, n], attention mask [b, n] bool)`` on ``device``."""
+    b_len = lengths[rows]
+    n = int(b_len.max())
+    mask = torch.arange(n)[None] < b_len[:, None]
+    return ids[rows, :n].to(device), mask.to(device)
+
+
+# ----------------------------------------------------------------------------------------------------- model
+
+
+def _default_backend(device):
+    # On the CPU the Triton interpreter (TRITON_INTERPRET=1) is a correctness tool, far too slow to train with.
+    if device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") == "1":
+        return "eager"
+    return "auto"
+
+
+def _classifier_from(encoder_model, config, num_labels, pooler=None, classifier=None):
+    """A multi-exit ``TupeBertForSequenceClassification`` with ``encoder_model``'s embeddings and layers; the last
+    off-ramp starts from ``pooler`` / ``classifier`` (state dicts) when given."""
+    from .models import TupeBertConfig, TupeBertForSequenceClassification
+
+    values = config.to_dict()
+    values.update(multi_exit=True, num_labels=num_labels)
+    model = TupeBertForSequenceClassification(TupeBertConfig.from_dict(values))
+    state = {k: v for k, v in encoder_model.state_dict().items() if not k.startswith("pooler.")}
+    missing, unexpected = model.bert.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise UsageError(f"the encoder weights do not fit: missing {sorted(missing)}, unexpected {sorted(unexpected)}")
+    last = model.exits[-1]
+    if pooler is not None:
+        last.pooler.load_state_dict(pooler)
+    if classifier is not None and classifier["weight"].shape[0] == num_labels:
+        last.classifier.load_state_dict(classifier)
+    return model
+
+
+def _from_hf(path, num_labels, backend, cased):
+    from .integrations.hf import from_hf_bert
+    from .models import TupeBertForSequenceClassification, TupeBertModel
+    from .text import WordPieceTokenizer
+
+    _fail_if(not os.path.isdir(path), f"--hf: {path!r} is not a folder (a local Hugging Face BERT checkpoint)")
+    _fail_if(not os.path.isfile(os.path.join(path, VOCAB_FILE)), f"--hf: {path!r} holds no {VOCAB_FILE}")
+    try:
+        hf = from_hf_bert(path, backend=backend)
+    except (ValueError, OSError, ImportError) as exc:  # ImportError: transformers missing, the message says how
+        raise UsageError(f"--hf: {exc}") from exc
+    pooler = classifier = None
+    if isinstance(hf, TupeBertForSequenceClassification):
+        encoder = hf.bert
+        classifier = hf.classifier.state_dict()
+    elif isinstance(hf, TupeBertModel):
+        encoder = hf
+    else:  # a masked-LM checkpoint: its encoder only
+        encoder = hf.bert
+    if encoder.pooler is not None:
+        pooler = encoder.pooler.dense.state_dict()
+    if cased is None:  # what the checkpoint's tokenizer says, else BERT's default (uncased)
+        cased = False
+        cfg = os.path.join(path, "tokenizer_config.json")
+        if os.path.isfile(cfg):
+            with open(cfg, encoding="utf-8") as f:
+                cased = not json.load(f).get("do_lower_case", True)
+    tokenizer = WordPieceTokenizer.from_file(path, lowercase=not cased)
+    return _classifier_from(encoder, encoder.config, num_labels, pooler, classifier), tokenizer, cased
+
+
+def _from_pretrain(path, num_labels, backend, cased):
+    _fail_if(not os.path.isdir(path), f"--init: {path!r} is not a folder (an effbert pretrain output)")
+    try:
+        from .pretrain import load_pretrained
+    except ImportError:  # an install without the pretraining command: read its folder layout directly
+        load_pretrained = _read_pretrain_folder
+    try:
+        mlm, tokenizer, _ = load_pretrained(path, backend=backend)
+    except (ValueError, OSError, KeyError, RuntimeError) as exc:
+        raise UsageError(f"--init: {exc}") from exc
+    if cased is not None and cased != (not tokenizer.lowercase):
+        raise UsageError(f"--cased {'given' if cased else 'not given'}, but the pretraining run "
+                         f"{'lowercased' if tokenizer.lowercase else 'kept case'}")
+    # TNF's notes help pretraining only: fine-tuning runs the plain encoder (as the TNF paper does)
+    return _classifier_from(mlm.bert, mlm.config, num_labels), tokenizer, not tokenizer.lowercase
+
+
+def _read_pretrain_folder(path, backend="auto"):
+    """The encoder of an ``effbert pretrain`` folder (``config.json``, ``vocab.txt``, ``pretrain.json`` and the final
+    ``model.pt`` or the latest ``checkpoint-*.pt``), as ``(TupeBertForMaskedLM without notes, tokenizer, None)``."""
+    from .models import TupeBertConfig, TupeBertForMaskedLM
+    from .text import WordPieceTokenizer
+
+    for name in (CONFIG_FILE, VOCAB_FILE, "pretrain.json"):
+        if not os.path.isfile(os.path.join(path, name)):
+            raise FileNotFoundError(f"{path!r} holds no {name}: not the folder of an effbert pretrain run")
+    with open(os.path.join(path, CONFIG_FILE), encoding="utf-8") as f:
+        config = TupeBertConfig.from_json(f.read())
+    config.backend = backend
+    with open(os.path.join(path, "pretrain.json"), encoding="utf-8") as f:
+        cased = bool(json.load(f).get("settings", {}).get("cased", False))
+    final = os.path.join(path, MODEL_FILE)
+    if os.path.isfile(final):
+        state = torch.load(final, map_location="cpu", weights_only=True)
+    else:
+        ckpts = sorted(glob.glob(os.path.join(path, "checkpoint-*.pt")))
+        if not ckpts:
+            raise FileNotFoundError(f"{path!r} holds neither {MODEL_FILE} nor a checkpoint")
+        state = torch.load(ckpts[-1], map_location="cpu", weights_only=False)["model"]
+    state = {k: v for k, v in state.items() if not k.startswith("notes.")}  # TNF's notes serve pretraining only
+    model = TupeBertForMaskedLM(config)
+    model.load_state_dict(state)
+    return model.eval(), WordPieceTokenizer.from_file(os.path.join(path, VOCAB_FILE), lowercase=not cased), None
+
+
+def save_finetuned(out, model, tokenizer, labels, settings):
+    os.makedirs(out, exist_ok=True)
+    config = dict(model.config.to_dict(), backend="auto")  # the run's backend belongs to the run, not the model
+    _write(os.path.join(out, CONFIG_FILE), json.dumps(config, indent=2, sort_keys=True) + "\n")
+    tmp = os.path.join(out, MODEL_FILE + ".tmp")
+    torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, tmp)
+    os.replace(tmp, os.path.join(out, MODEL_FILE))
+    _write(os.path.join(out, LABELS_FILE), json.dumps(list(labels), indent=2) + "\n")
+    tokenizer.save(os.path.join(out, VOCAB_FILE))
+    _write(os.path.join(out, SETTINGS_FILE), json.dumps(settings, indent=2, sort_keys=True) + "\n")
+
+
+def _write(path, text):
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(tmp, path)  # a reader never sees half a file
+
+
+def load_finetuned(path, device=None, backend="auto"):
+    """A model ``effbert finetune`` wrote to ``path``: ``(TupeBertForSequenceClassification with off-ramps, in
+    eval mode; WordPieceTokenizer; labels, a list of str indexed by class id; settings dict, with max_len)``."""
+    from .models import TupeBertConfig, TupeBertForSequenceClassification
+    from .text import WordPieceTokenizer
+
+    if not isinstance(path, (str, os.PathLike)) or not os.path.isdir(path):
+        raise FileNotFoundError(f"path must be the folder of an effbert finetune run, got {path!r}")
+    path = os.fspath(path)
+    for name in (CONFIG_FILE, MODEL_FILE, LABELS_FILE, VOCAB_FILE, SETTINGS_FILE):
+        if not os.path.isfile(os.path.join(path, name)):
+            raise FileNotFoundError(f"path: {path!r} holds no {name}: not the folder of an effbert finetune run")
+    with open(os.path.join(path, CONFIG_FILE), encoding="utf-8") as f:
+        config = TupeBertConfig.from_json(f.read())
+    config.backend = backend
+    with open(os.path.join(path, LABELS_FILE), encoding="utf-8") as f:
+        labels = json.load(f)
+    with open(os.path.join(path, SETTINGS_FILE), encoding="utf-8") as f:
+        settings = json.load(f)
+    if len(labels) != config.num_labels:
+        raise ValueError(f"path: {LABELS_FILE} lists {len(labels)} labels, the config says {config.num_labels}")
+    model = TupeBertForSequenceClassification(config)
+    model.load_state_dict(torch.load(os.path.join(path, MODEL_FILE), map_location="cpu", weights_only=True))
+    if device is not None:
+        model = model.to(device)
+    tokenizer = WordPieceTokenizer.from_file(os.path.join(path, VOCAB_FILE), lowercase=not settings["cased"])
+    return model.eval(), tokenizer, labels, settings
+
+
+# -------------------------------------------------------------------------------------------------- training
+
+
+def _progress(total, desc, quiet):
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=total, desc=desc, leave=True, disable=quiet, dynamic_ncols=True, file=sys.stdout)
+
+
+def _loss(a, exit_logits, labels, backend):
+    from .losses import multi_exit_distillation_loss, pabee_loss
+
+    if a.loss == "pabee":
+        return pabee_loss(exit_logits.float(), labels)
+    return multi_exit_distillation_loss(exit_logits.float(), labels, gamma=a.gamma, temperature=a.temperature,
+                                        backend=backend)
+
+
+def train(a, model, ids, lengths, y, device, backend, log):
+    from .losses import gradient_regularized_backward, romebert_projected_parameters
+
+    gen = torch.Generator().manual_seed(a.seed)
+    count = ids.shape[0]
+    per_epoch = math.ceil(count / a.batch_size)
+    steps = a.steps if a.steps is not None else max(1, math.ceil(a.epochs * per_epoch))
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        (no_decay if p.dim() < 2 else decay).append(p)  # no weight decay on biases and LayerNorms, as BERT
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": a.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=a.lr)
+    warmup = int(round(a.warmup * steps))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: (s + 1) / warmup if s < warmup else max(0.0, (steps - s) / max(1, steps - warmup)))
+    log(f"fine-tuning {model.config.num_hidden_layers} off-ramps, {model.config.num_labels} labels, {count} "
+        f"examples: {steps} steps of {a.batch_size} ({steps / per_epoch:.2f} epochs), loss {a.loss}"
+        + (f" (gamma {a.gamma}, temperature {a.temperature})" if a.loss == "romebert" else "")
+        + f", backend {backend}")
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    reg_params = romebert_projected_parameters(model.bert.encoder) if a.grad_reg else None
+    projected = 0
+    bar = _progress(steps, "finetune", a.quiet)
+    write = bar.write if bar is not None else log
+    losses, order = [], torch.empty(0, dtype=torch.int64)
+    t0 = time.perf_counter()
+    for step in range(steps):
+        if order.numel() < a.batch_size:  # a fresh shuffle each epoch; the last partial batch joins the next
+            order = torch.cat([order, torch.randperm(count, generator=gen)])
+        rows, order = order[:a.batch_size], order[a.batch_size:]
+        b_ids, mask = _batches(ids, lengths, rows, device)
+        out = model(b_ids, mask)
+        b_y = y[rows].to(device)
+        loss = _loss(a, out.logits, b_y, backend)
+        opt.zero_grad(set_to_none=True)
+        if a.grad_reg:
+            # the teacher is detached, so the last exit's only term is its cross-entropy: the rest is the others'
+            final = torch.nn.functional.cross_entropy(out.logits[-1].float(), b_y)
+            projected += gradient_regularized_backward(final, loss - final, params, reg_params)
+        else:
+            loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        losses.append(loss.item())
+        if not math.isfinite(losses[-1]):
+            raise UsageError(f"the loss is {losses[-1]} at step {step + 1}: lower --lr")
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{losses[-1]:.4f}")
+        if (step + 1) % a.log_every == 0 or step + 1 == steps:
+            k = min(a.log_every, len(losses))
+            write(f"  step {step + 1:6d}  loss {sum(losses[-k:]) / k:.4f}  lr {sched.get_last_lr()[0]:.2e}")
+    if bar is not None:
+        bar.close()
+    if a.grad_reg:
+        log(f"gradient regularization: {projected} of {steps * len(reg_params)} layer gradients projected")
+    log(f"trained in {time.perf_counter() - t0:.1f} s")
+    return model.eval(), losses
+
+
+# ---------------------------------------------------------------------------------------------------- report
+
+
+def _timed_early_exit(model, ids, lengths, batch, device, **kw):
+    logits, layers = [], []
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync()
+    t0 = time.perf_counter()
+    for s in range(0, ids.shape[0], batch):
+        b_ids, mask = _batches(ids, lengths, torch.arange(s, min(s + batch, ids.shape[0])), device)
+        z, layer = model.early_exit(b_ids, mask, **kw)
+        logits.append(z)
+        layers.append(layer)
+    sync()
+    return torch.cat(logits), torch.cat(layers), time.perf_counter() - t0
+
+
+def _candidates(exit_logits, criterion, depth):
+    """Thresholds at quantiles of the early off-ramps' scores, so each lets a different share of samples out."""
+    from . import reference
+
+    if criterion == "patience":
+        return list(range(depth - 1, 0, -1))  # the latest exits first, as for the thresholds
+    flat = exit_logits[:-1].reshape(-1, exit_logits.shape[-1]).double()
+    if flat.numel() == 0:
+        return []
+    scores = reference.exit_entropy(flat) if criterion == "entropy" else reference.exit_max_prob(flat)
+    scores = scores[torch.isfinite(scores)]
+    if scores.numel() == 0:
+        return []
+    qs = torch.tensor([0.05, 0.15, 0.3, 0.45, 0.6, 0.75, 0.9], dtype=torch.float64)
+    values = torch.quantile(scores.cpu(), qs).unique().tolist()
+    if criterion == "entropy":  # exit when entropy < t: a zero threshold is refused and would exit nobody
+        return sorted({v for v in values if v > 0})
+    return sorted({min(1.0, v) for v in values if v > 0}, reverse=True)  # max_prob: earliest exits last
+
+
+def evaluate(a, model, ids, lengths, y, device, log):
+    """Full-depth accuracy and the measured batched early exit at each threshold: the report dict."""
+    from .calibration import speed_accuracy_curve
+
+    depth = model.config.num_hidden_layers
+    batch = a.eval_batch_size
+    y_d = y.to(device)
+    with torch.no_grad():
+        exits = torch.cat([model(*_batches(ids, lengths, torch.arange(s, min(s + batch, ids.shape[0])),
+                                           device)).logits for s in range(0, ids.shape[0], batch)], 1)
+    # full depth through the same batched loop: a patience of L is never reached before the last layer
+    full = dict(criterion="patience", patience=depth)
+    _timed_early_exit(model, ids[:batch], lengths[:batch], batch, device, **full)  # warm-up
+    z_full, l_full, t_full = _timed_early_exit(model, ids, lengths, batch, device, **full)
+    assert bool((l_full == depth).all())
+    acc_full = float((z_full.argmax(-1) == y_d).double().mean())
+    rows = [dict(threshold=None, avg_exit_layer=float(depth), layers_saved=0.0, speedup=1.0, accuracy=acc_full,
+                 delta=0.0, seconds=t_full)]
+    for t in _candidates(exits, a.criterion, depth):
+        kw = dict(patience=int(t)) if a.criterion == "patience" else dict(threshold=float(t))
+        z, layer, sec = _timed_early_exit(model, ids, lengths, batch, device, criterion=a.criterion, **kw)
+        acc = float((z.argmax(-1) == y_d).double().mean())
+        avg = float(layer.double().mean())
+        rows.append(dict(threshold=t, avg_exit_layer=avg, layers_saved=1 - avg / depth, speedup=t_full / sec,
+                         accuracy=acc, delta=acc - acc_full, seconds=sec))
+    curve = speed_accuracy_curve(exits, y_d, criterion=a.criterion) if depth > 1 else None
+    log(f"\nbatched early exit on {ids.shape[0]} eval examples ({a.criterion}, {depth} layers, batches of {batch}):")
+    log(f"  {'threshold':>9} {'avg exit':>9} {'layers saved':>13} {'speed-up':>9} {'accuracy':>9} {'vs full':>8}")
+    for r in rows:
+        t = "full" if r["threshold"] is None else (f"{r['threshold']:d}" if a.criterion == "patience"
+                                                   else f"{r['threshold']:.5g}")
+        log(f"  {t:>9} {r['avg_exit_layer']:9.2f} {r['layers_saved']:12.1%} {r['speedup']:8.2f}x "
+            f"{r['accuracy']:9.4f} {r['delta']:+8.4f}")
+    log(f"  (speed-up: wall time of the batched full-depth pass, {t_full:.3f} s, over the early-exit pass)")
+    return {"criterion": a.criterion, "num_layers": depth, "num_examples": int(ids.shape[0]),
+            "device": str(device), "full_depth_accuracy": acc_full, "rows": rows,
+            "offline_curve": None if curve is None else {k: v.tolist() for k, v in curve.items()}}
+
+
+def plot(path, losses, report):
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    left.plot(losses, lw=0.8)
+    left.set_xlabel("step")
+    left.set_ylabel("loss")
+    left.set_title("Multi-exit fine-tuning")
+    rows = report["rows"]
+    if report["offline_curve"] is not None:
+        c = report["offline_curve"]
+        right.plot(c["speedup"], c["accuracy"], ".-", lw=1, label="layer speed-up (offline)")
+    right.plot([r["speedup"] for r in rows[1:]], [r["accuracy"] for r in rows[1:]], "o",
+               label="measured batched early exit")
+    right.axhline(report["full_depth_accuracy"], color="gray", ls="--", lw=1, label="full depth")
+    right.set_xlabel(f"speed-up over {report['num_layers']} layers")
+    right.set_ylabel("accuracy")
+    right.set_title(f"Early exit: speed vs accuracy ({report['criterion']})")
+    right.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+# ------------------------------------------------------------------------------------------------------- cli
+
+
+def build_parser():
+    p = argparse.ArgumentParser(prog="effbert finetune", description=__doc__.splitlines()[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    d = p.add_argument_group("data and model")
+    d.add_argument("--train", required=True, metavar="TSV", help="training examples, label<TAB>text a line")
+    d.add_argument("--eval", metavar="TSV", help="held-out examples for the accuracy and early-exit report")
+    src = d.add_mutually_exclusive_group(required=True)
+    src.add_argument("--init", metavar="DIR", help="an effbert pretrain output folder")
+    src.add_argument("--hf", metavar="DIR", help="a local Hugging Face BERT folder (config, weights, vocab.txt)")
+    d.add_argument("--out", required=True, metavar="DIR", help="folder for the fine-tuned model and the report")
+    d.add_argument("--max-len", type=int, default=128, help="longest input in pieces, [CLS] and [SEP] included")
+    d.add_argument("--cased", action="store_true", default=None,
+                   help="keep case and accents (default: as the checkpoint's tokenizer, else lowercase)")
+    o = p.add_argument_group("training")
+    o.add_argument("--epochs", type=float, default=3.0, help="passes over --train (unless --steps)")
+    o.add_argument("--steps", type=int, help="optimizer steps (overrides --epochs)")
+    o.add_argument("--batch-size", type=int, default=32)
+    o.add_argument("--lr", type=float, default=5e-5, help="peak learning rate (AdamW)")
+    o.add_argument("--warmup", type=float, default=0.1, help="share of the steps with a linear warm-up; then "
+                   "linear decay to 0")
+    o.add_argument("--weight-decay", type=float, default=0.01)
+    o.add_argument("--loss", choices=LOSSES, default="romebert",
+                   help="romebert: self-distillation from the last exit; pabee: layer-weighted cross-entropy")
+    o.add_argument("--gamma", type=float, default=0.9, help="RomeBERT: weight of the distillation term")
+    o.add_argument("--temperature", type=float, default=3.0, help="RomeBERT: distillation temperature")
+    o.add_argument("--grad-reg", action="store_true", help="RomeBERT's gradient regularization: in the lower "
+                   "layers, the other exits' gradient loses its part that conflicts with the last exit's")
+    o.add_argument("--seed", type=int, default=0)
+    o.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    o.add_argument("--backend", default=None, help="effbert op backend (default: auto; eager under the Triton "
+                   "interpreter)")
+    o.add_argument("--log-every", type=int, default=50, help="print the mean loss every N steps")
+    o.add_argument("--quiet", action="store_true", help="no progress bar")
+    e = p.add_argument_group("early-exit report")
+    e.add_argument("--criterion", choices=CRITERIA, default="entropy")
+    e.add_argument("--eval-batch-size", type=int, default=128)
+    return p
+
+
+def _check_args(a):
+    from .ops._dispatch import BACKENDS
+
+    _fail_if(a.steps is not None and a.steps < 1, f"--steps must be >= 1, got {a.steps}")
+    _fail_if(not (a.epochs > 0 and math.isfinite(a.epochs)), f"--epochs must be > 0, got {a.epochs}")
+    _fail_if(a.batch_size < 1, f"--batch-size must be >= 1, got {a.batch_size}")
+    _fail_if(a.eval_batch_size < 1, f"--eval-batch-size must be >= 1, got {a.eval_batch_size}")
+    _fail_if(not (a.lr > 0 and math.isfinite(a.lr)), f"--lr must be > 0, got {a.lr}")
+    _fail_if(not 0 <= a.warmup < 1, f"--warmup must be in [0, 1), got {a.warmup}")
+    _fail_if(not a.weight_decay >= 0, f"--weight-decay must be >= 0, got {a.weight_decay}")
+    _fail_if(not 0 <= a.gamma <= 1, f"--gamma must be in [0, 1], got {a.gamma}")
+    _fail_if(not (a.temperature > 0 and math.isfinite(a.temperature)),
+             f"--temperature must be > 0, got {a.temperature}")
+    _fail_if(a.grad_reg and a.loss != "romebert", "--grad-reg goes with --loss romebert")
+    _fail_if(a.max_len < 3, f"--max-len must be >= 3, got {a.max_len}")
+    _fail_if(a.log_every < 1, f"--log-every must be >= 1, got {a.log_every}")
+    _fail_if(a.backend is not None and a.backend not in ("auto",) + BACKENDS,
+             f"--backend must be one of {('auto',) + BACKENDS}, got {a.backend!r}")
+    if a.device is not None:
+        try:
+            dev = torch.device(a.device)
+        except (RuntimeError, ValueError) as exc:
+            raise UsageError(f"--device: {exc}") from exc
+        _fail_if(dev.type == "cuda" and not torch.cuda.is_available(), "--device cuda: no CUDA device here")
+
+
+def run(a, log):
+    """The whole command; returns ``(model, report or None)``."""
+    t0 = time.perf_counter()
+    device = torch.device(a.device if a.device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+    backend = a.backend if a.backend not in (None, "auto") else _default_backend(device)
+    torch.manual_seed(a.seed)
+    train_names, train_texts = read_tsv(a.train, "--train")
+    labels = sorted(set(train_names))
+    _fail_if(len(labels) < 2, f"--train: every example has the label {labels[0]!r}; classification needs two")
+    index = {name: i for i, name in enumerate(labels)}
+    eval_data = None
+    if a.eval is not None:
+        eval_names, eval_texts = read_tsv(a.eval, "--eval")
+        unknown = sorted(set(eval_names) - set(labels))
+        _fail_if(unknown, f"--eval: labels {unknown[:5]} do not occur in --train")
+        eval_data = (eval_names, eval_texts)
+    if a.hf is not None:
+        model, tokenizer, cased = _from_hf(a.hf, len(labels), backend, a.cased)
+    else:
+        model, tokenizer, cased = _from_pretrain(a.init, len(labels), backend, a.cased)
+    source = "--hf" if a.hf is not None else "--init"
+    _fail_if(len(tokenizer) > model.config.vocab_size, f"{source}: vocab.txt has {len(tokenizer)} pieces, more than "
+             f"the model's vocab_size {model.config.vocab_size}")
+    max_len = min(a.max_len, model.config.max_position_embeddings)
+    model.set_backend(backend)
+    model = model.to(device)
+    ids, lengths = _encode(tokenizer, train_texts, max_len)
+    y = torch.tensor([index[n] for n in train_names], dtype=torch.int64)
+    log(f"effbert finetune on {device}: {len(train_texts)} training examples, labels {labels}, "
+        f"{model.config.num_hidden_layers} layers, hidden {model.config.hidden_size}")
+    model, losses = train(a, model, ids, lengths, y, device, backend, log)
+    settings = {"cased": cased, "max_len": max_len, "loss": a.loss, "gamma": a.gamma, "temperature": a.temperature,
+                "grad_reg": a.grad_reg,
+                "steps": len(losses), "batch_size": a.batch_size, "lr": a.lr, "seed": a.seed,
+                "init": a.init, "hf": a.hf, "train": a.train}
+    save_finetuned(a.out, model, tokenizer, labels, settings)
+    log(f"model saved to {os.path.abspath(a.out)} ({CONFIG_FILE}, {MODEL_FILE}, {LABELS_FILE}, {VOCAB_FILE})")
+    report = None
+    if eval_data is not None:
+        e_ids, e_len = _encode(tokenizer, eval_data[1], max_len)
+        e_y = torch.tensor([index[n] for n in eval_data[0]], dtype=torch.int64)
+        report = evaluate(a, model, e_ids, e_len, e_y, device, log)
+        k = max(1, len(losses) // 10)
+        report.update(labels=labels, train_steps=len(losses), train_loss_first=sum(losses[:k]) / k,
+                      train_loss_last=sum(losses[-k:]) / k, losses=losses)
+        _write(os.path.join(a.out, REPORT_FILE), json.dumps(report, indent=2) + "\n")
+        path = os.path.abspath(os.path.join(a.out, PLOT_FILE))
+        log(f"\nreport: {os.path.abspath(os.path.join(a.out, REPORT_FILE))}")
+        log(f"plot (loss, speed-accuracy): {path}" if plot(path, losses, report)
+            else "matplotlib is not installed: no plot written (pip install matplotlib)")
+    log(f"done in {time.perf_counter() - t0:.1f} s")
+    return model, report
+
+
+def main(argv=None):
+    parser = build_parser()
+    try:
+        a = parser.parse_args(argv)
+    except SystemExit as exc:  # argparse has printed its message
+        return int(exc.code or 0)
+    try:
+        _check_args(a)
+        run(a, lambda msg: print(msg, flush=True))
+    except UsageError as exc:
+        print(f"effbert finetune: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

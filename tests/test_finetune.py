@@ -1,0 +1,282 @@
+"""``effbert finetune`` end to end on the CPU eager backend: a tiny random HF BERT folder and a generated two-class
+TSV; the report is consistent, the saved model loads back and reproduces the reported accuracy; bad arguments exit 2
+with a clear message."""
+
+import importlib.util
+import json
+import random
+import sys
+
+import pytest
+import torch
+
+from effbert import cli, finetune
+
+
+def installed(name):
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+needs_hf = pytest.mark.skipif(not installed("transformers"),
+                              reason="transformers is not installed (pip install effbert[hf])")
+SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+# two topics with their own words, and shared filler words; topic words are split in pieces for some
+WORDS = {"sport": ["ball", "goal", "team", "match", "score", "coach"],
+         "food": ["bread", "soup", "salt", "cheese", "apple", "rice"]}
+FILLER = ["the", "a", "of", "and", "then", "was", "it"]
+SUFFIXES = ["##s", "##ed"]
+
+
+def vocab():
+    words = [w for ws in WORDS.values() for w in ws] + FILLER
+    return SPECIALS + words + SUFFIXES + [".", ","]
+
+
+def write_tsv(path, n, seed):
+    rng = random.Random(seed)
+    with open(path, "w", encoding="utf-8") as f:
+        for _ in range(n):
+            label = rng.choice(sorted(WORDS))
+            words = []
+            for _ in range(rng.randint(3, 9)):
+                words.append(rng.choice(WORDS[label]) if rng.random() < 0.5 else rng.choice(FILLER))
+                if rng.random() < 0.2:
+                    words[-1] += "s"
+            f.write(f"{label}\t{' '.join(words).capitalize()}.\n")
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory):
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("tiny-bert")
+    cfg = BertConfig(vocab_size=len(vocab()), hidden_size=32, num_hidden_layers=3, num_attention_heads=2,
+                     intermediate_size=48, max_position_embeddings=32)
+    BertModel(cfg).save_pretrained(folder)
+    (folder / "vocab.txt").write_text("".join(v + "\n" for v in vocab()), encoding="utf-8")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("data")
+    write_tsv(folder / "train.tsv", 96, seed=1)
+    write_tsv(folder / "eval.tsv", 41, seed=2)
+    return folder
+
+
+def args(hf_dir, data, out, *extra):
+    return ["finetune", "--hf", str(hf_dir), "--train", str(data / "train.tsv"), "--eval", str(data / "eval.tsv"),
+            "--out", str(out), "--batch-size", "16", "--lr", "3e-3", "--gamma", "0.5",
+            "--temperature", "1.0", "--log-every", "10", "--backend", "eager", "--device", "cpu",
+            "--eval-batch-size", "16", "--quiet", *extra]
+
+
+def check_report(out, criterion, steps):
+    report = json.loads((out / "report.json").read_text())
+    depth, rows = report["num_layers"], report["rows"]
+    assert depth == 3 and report["criterion"] == criterion and report["labels"] == ["food", "sport"]
+    assert report["num_examples"] == 41 and report["train_steps"] == steps and len(report["losses"]) == steps
+    full = rows[0]
+    assert full["threshold"] is None and full["avg_exit_layer"] == depth and full["layers_saved"] == 0
+    assert full["accuracy"] == report["full_depth_accuracy"]
+    assert len(rows) > 1
+    for r in rows[1:]:
+        assert 1.0 <= r["avg_exit_layer"] <= depth and r["speedup"] > 0 and 0.0 <= r["accuracy"] <= 1.0
+        assert r["layers_saved"] == pytest.approx(1 - r["avg_exit_layer"] / depth)
+        assert r["delta"] == pytest.approx(r["accuracy"] - full["accuracy"])
+    # thresholds are listed from the latest exits to the earliest
+    exits = [r["avg_exit_layer"] for r in rows]
+    assert all(a >= b for a, b in zip(exits, exits[1:])), exits
+    if importlib.util.find_spec("matplotlib") is not None:
+        assert (out / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    return report
+
+
+def check_reload(out, data, report):
+    """The saved model reproduces the reported full-depth accuracy and every row's exits."""
+    model, tokenizer, labels, settings = finetune.load_finetuned(out, backend="eager")
+    assert labels == ["food", "sport"] and model.config.multi_exit and not model.training
+    names, texts = finetune.read_tsv(str(data / "eval.tsv"))
+    ids, lengths = tokenizer.encode_batch(texts, settings["max_len"])
+    y = torch.tensor([labels.index(n) for n in names])
+    mask = torch.arange(ids.shape[1])[None] < lengths[:, None]
+    with torch.no_grad():
+        full_logits = model(ids, mask).logits[-1]
+    assert float((full_logits.argmax(-1) == y).double().mean()) == report["full_depth_accuracy"]
+    criterion = report["criterion"]
+    for r in report["rows"][1:]:
+        kw = dict(patience=int(r["threshold"])) if criterion == "patience" else dict(threshold=r["threshold"])
+        logits, layer = model.early_exit(ids, mask, criterion=criterion, **kw)
+        assert float(layer.double().mean()) == pytest.approx(r["avg_exit_layer"])
+        assert float((logits.argmax(-1) == y).double().mean()) == pytest.approx(r["accuracy"])
+
+
+@needs_hf
+def test_finetune_learns_reports_and_reloads(hf_dir, data, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert cli.main(args(hf_dir, data, out, "--steps", "60")) == 0
+    text = capsys.readouterr().out
+    assert "step     60  loss" in text and "batched early exit" in text and "done in" in text
+    report = check_report(out, "entropy", 60)
+    # the two topics are separable by their words: the model learnt them
+    assert report["full_depth_accuracy"] >= 0.8, report["full_depth_accuracy"]
+    assert report["train_loss_last"] < report["train_loss_first"]
+    check_reload(out, data, report)
+
+
+@needs_hf
+@pytest.mark.parametrize("criterion,loss", [("max_prob", "romebert"), ("patience", "pabee"),
+                                            ("entropy", "romebert --grad-reg")])
+def test_finetune_other_criteria_and_losses(hf_dir, data, tmp_path, capsys, criterion, loss):
+    out = tmp_path / "run"
+    assert cli.main(args(hf_dir, data, out, "--steps", "6", "--criterion", criterion, "--loss", *loss.split())) == 0
+    text = capsys.readouterr().out
+    assert "batched early exit" in text and ("gradient regularization:" in text) == ("--grad-reg" in loss)
+    check_reload(out, data, check_report(out, criterion, 6))
+
+
+def write_pretrain_folder(folder, tnf_notes=True):
+    """A folder in ``effbert pretrain``'s layout: config.json, vocab.txt, pretrain.json, model.pt (the masked-LM
+    model's state dict, TNF notes included)."""
+    from effbert.models import TupeBertConfig, TupeBertForMaskedLM
+    from effbert.nn import NoteDictionary
+
+    folder.mkdir()
+    cfg = TupeBertConfig(vocab_size=len(vocab()), hidden_size=32, num_hidden_layers=3, num_attention_heads=2,
+                         intermediate_size=48, max_position_embeddings=32, position_mode="tupe-r", backend="eager")
+    notes = NoteDictionary(4, 32) if tnf_notes else None
+    mlm = TupeBertForMaskedLM(cfg, note_dictionary=notes)
+    (folder / "config.json").write_text(cfg.to_json())
+    (folder / "vocab.txt").write_text("".join(v + "\n" for v in vocab()))
+    (folder / "pretrain.json").write_text(json.dumps({"settings": {"cased": False, "tnf": False}}))
+    torch.save({k: v for k, v in mlm.state_dict().items() if tnf_notes or not k.startswith("notes.")},
+               folder / "model.pt")
+    return mlm
+
+
+def test_finetune_from_a_pretrain_folder(tmp_path, data, capsys):
+    mlm = write_pretrain_folder(tmp_path / "pre", tnf_notes=False)
+    model, tokenizer, cased = finetune._from_pretrain(str(tmp_path / "pre"), 2, "eager", None)
+    assert cased is False and model.config.multi_exit and model.config.position_mode == "tupe-r"
+    want = mlm.bert.state_dict()
+    got = model.bert.state_dict()
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    assert tokenizer.tokenize("Balls") == ["ball", "##s"]
+    # the layout without load_pretrained: the folder is read directly, TNF notes left out
+    write_pretrain_folder(tmp_path / "pre-tnf")
+    enc, tok, _ = finetune._read_pretrain_folder(str(tmp_path / "pre-tnf"))
+    assert enc.notes is None and len(tok) == len(vocab())
+    out = tmp_path / "run"
+    argv = ["finetune", "--init", str(tmp_path / "pre"), "--train", str(data / "train.tsv"), "--eval",
+            str(data / "eval.tsv"), "--out", str(out), "--steps", "4", "--batch-size", "16", "--lr", "1e-3",
+            "--backend", "eager", "--device", "cpu", "--quiet", "--eval-batch-size", "16"]
+    assert cli.main(argv) == 0
+    check_reload(out, data, check_report(out, "entropy", 4))
+    assert cli.main(argv[:2] + [str(tmp_path / "missing")] + argv[3:]) == 2
+    assert "--init:" in capsys.readouterr().err
+    with open(tmp_path / "pre" / "vocab.txt", "a") as f:
+        f.write("extra\n")  # a piece id the embeddings do not have
+    assert cli.main(argv) == 2
+    assert "more than the model's vocab_size" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not installed("effbert.pretrain"), reason="effbert pretrain is not in this tree")
+def test_finetune_after_a_real_pretrain_run(tmp_path, data, capsys):
+    from effbert.pretrain import load_pretrained
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("".join(line.split("\t", 1)[1] for line in open(data / "train.tsv")))
+    pre = tmp_path / "pre"
+    assert cli.main(["pretrain", "--data", str(corpus), "--out", str(pre), "--vocab-size", "120", "--layers", "3",
+                     "--hidden", "32", "--heads", "2", "--max-len", "24", "--batch-size", "8", "--steps", "3",
+                     "--backend", "eager", "--tnf-min-count", "3", "--quiet"]) == 0
+    mlm, _, _ = load_pretrained(pre)
+    model, _, _ = finetune._from_pretrain(str(pre), 2, "eager", None)
+    want, got = mlm.bert.state_dict(), model.bert.state_dict()
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    out = tmp_path / "run"
+    assert cli.main(["finetune", "--init", str(pre), "--train", str(data / "train.tsv"), "--eval",
+                     str(data / "eval.tsv"), "--out", str(out), "--steps", "4", "--batch-size", "16", "--lr", "1e-3",
+                     "--backend", "eager", "--device", "cpu", "--quiet", "--eval-batch-size", "16"]) == 0
+    capsys.readouterr()
+    check_reload(out, data, check_report(out, "entropy", 4))
+
+
+@needs_hf
+def test_finetune_from_a_classifier_checkpoint_starts_from_its_head(tmp_path, data, hf_dir):
+    from transformers import BertConfig, BertForSequenceClassification
+
+    folder = tmp_path / "clf"
+    cfg = BertConfig(vocab_size=len(vocab()), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                     intermediate_size=48, max_position_embeddings=32, num_labels=2, hidden_dropout_prob=0.0,
+                     attention_probs_dropout_prob=0.0)
+    hf_model = BertForSequenceClassification(cfg).eval()
+    hf_model.save_pretrained(folder)
+    (folder / "vocab.txt").write_text((hf_dir / "vocab.txt").read_text())
+    model, tokenizer, cased = finetune._from_hf(str(folder), 2, "eager", None)
+    assert cased is False and model.config.multi_exit and model.config.num_labels == 2
+    ids, lengths = tokenizer.encode_batch(["The ball and the goal.", "Soup of rice"], 16)
+    mask = torch.arange(ids.shape[1])[None] < lengths[:, None]
+    with torch.no_grad():
+        got = model.eval()(ids, mask).logits[-1]
+        want = hf_model.double()(input_ids=ids, attention_mask=mask.long()).logits
+    assert torch.allclose(got.double(), want, rtol=1e-5, atol=1e-6)
+
+
+@needs_hf
+@pytest.mark.parametrize("change,message", [
+    ({"--steps": "0"}, "--steps must be >= 1"),
+    ({"--lr": "-1"}, "--lr must be > 0"),
+    ({"--gamma": "2"}, "--gamma must be in [0, 1]"),
+    ({"--loss": "pabee --grad-reg"}, "--grad-reg goes with --loss romebert"),
+    ({"--backend": "fast"}, "--backend must be one of"),
+    ({"--train": "MISSING"}, "--train: no such file"),
+    ({"--hf": "MISSING"}, "--hf:"),
+    ({"--train": "BAD"}, "has no TAB"),
+    ({"--eval": "UNKNOWN"}, "do not occur in --train"),
+    ({"--train": "ONE"}, "classification needs two"),
+])
+def test_bad_arguments_exit_2_with_a_clear_message(hf_dir, data, tmp_path, capsys, change, message):
+    (tmp_path / "bad.tsv").write_text("sport\tthe ball\nfood the soup\n")
+    (tmp_path / "unknown.tsv").write_text("music\tthe song\n")
+    (tmp_path / "one.tsv").write_text("food\tsoup\nfood\trice\n")
+    files = {"MISSING": str(tmp_path / "nope.tsv"), "BAD": str(tmp_path / "bad.tsv"),
+             "UNKNOWN": str(tmp_path / "unknown.tsv"), "ONE": str(tmp_path / "one.tsv")}
+    argv = args(hf_dir, data, tmp_path / "out", "--steps", "2")
+    for flag, value in change.items():
+        if flag not in argv:
+            argv += [flag, "x"]
+        i = argv.index(flag)
+        argv[i:i + 2] = [flag, *files.get(value, value).split()]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("effbert finetune: error:") and message in err and "Traceback" not in err
+    assert not (tmp_path / "out" / "model.pt").exists()
+
+
+def test_hf_without_transformers_says_how_to_install(data, tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "transformers", None)  # import transformers now raises ImportError
+    folder = tmp_path / "bert"
+    folder.mkdir()
+    (folder / "vocab.txt").write_text("".join(v + "\n" for v in vocab()))
+    assert cli.main(args(folder, data, tmp_path / "out", "--steps", "2")) == 2
+    assert "pip install effbert[hf]" in capsys.readouterr().err
+
+
+def test_usage_errors_from_argparse(capsys):
+    assert finetune.main(["--train", "x.tsv", "--out", "o"]) == 2  # neither --init nor --hf
+    assert "--init" in capsys.readouterr().err
+    assert finetune.main(["--train", "x.tsv", "--out", "o", "--init", "a", "--hf", "b"]) == 2
+    assert "not allowed with" in capsys.readouterr().err
+
+
+def test_load_finetuned_refuses_other_folders(tmp_path):
+    with pytest.raises(FileNotFoundError, match="path"):
+        finetune.load_finetuned(tmp_path / "missing")
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        finetune.load_finetuned(tmp_path)
