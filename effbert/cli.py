@@ -18,7 +18,7 @@ def main(argv=None):
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
         print("usage: effbert {" + ",".join(COMMANDS) + "} [options]\n")
         for name, (help_text, _) in COMMANDS.items():
-            print(f"  {name:8} {help_text}")
+            print(f"  {name:9} {help_text}")
         if argv and argv[0] not in ("-h", "--help"):
             print(f"\neffbert: unknown command {argv[0]!r}", file=sys.stderr)
             return 2
