@@ -132,3 +132,32 @@ def test_train_step_reports_tokens_per_second(tmp_path, monkeypatch):
         assert row["tokens_per_s"] == pytest.approx(32 / row["ms"] * 1e3)
         assert row["TFLOPs"] > 0
     assert "tokens/s" in (out / "bench.md").read_text()
+
+
+@pytest.mark.slow
+def test_the_whole_quick_suite_runs_on_this_cpu(tmp_path):
+    """`effbert bench --quick` as a user runs it on a CPU machine (no interpreter): every case either runs and passes
+    its check, or says why it cannot run here; every family writes its table, JSON and plots."""
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "all"
+    env = dict(os.environ, TRITON_INTERPRET="0", CUDA_VISIBLE_DEVICES="")
+    done = subprocess.run([sys.executable, "-m", "effbert.bench", "--quick", "--no-progress", "--out", str(out)],
+                          env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    rows = json.loads((out / "bench.json").read_text())["cases"]
+    assert {r["status"] for r in rows} <= {"ok", "skipped"}, [r for r in rows if r["status"] not in ("ok", "skipped")]
+    assert all(r["reason"] for r in rows if r["status"] == "skipped")
+    from effbert.bench.runner import collect_cases
+
+    import torch
+
+    ops = {c.op for c in collect_cases(torch.device("cpu"), True)}
+    ran = {r["op"] for r in rows if r["status"] == "ok"}
+    # every op has a provider that runs here, but varlen-against-padded, whose both sides are Triton kernels
+    assert ran == ops - {"tupe_attention_varlen"}
+    markdown = (out / "bench.md").read_text()
+    assert all(f"## {op}" in markdown for op in ops)
+    assert {p.name for p in out.glob("speedup_*.png")} == {f"speedup_{op}.png" for op in ran}
