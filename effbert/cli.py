@@ -1,6 +1,6 @@
-"""The ``effbert`` command: ``effbert check`` (every op against the reference on this machine's backends) and
-``effbert bench`` (the microbenchmark suite) and ``effbert demo`` (pretraining with TUPE and TNF, then batched
-early exit, on a generated corpus)."""
+"""The ``effbert`` command: ``check`` (every op against the reference on this machine's backends), ``bench`` (the
+microbenchmark suite), ``demo`` (pretraining with TUPE and TNF, then batched early exit, on a generated corpus),
+``pretrain`` and ``finetune`` (the same on a user's own data); and what the commands share for their errors."""
 
 import sys
 
@@ -11,6 +11,26 @@ COMMANDS = {
     "pretrain": ("masked-LM pretraining on your own text, with TNF (see effbert pretrain --help)", "effbert.pretrain"),
     "finetune": ("multi-exit classification on your data, then an early-exit report (see --help)", "effbert.finetune"),
 }
+
+
+class UsageError(Exception):
+    """A mistake in a command line or in the files it names: reported in one line, exit code 2."""
+
+
+def run_command(prog, parser, check, body, argv):
+    """Parse ``argv``, ``check(args)``, then ``body(args, log)``; a ``UsageError`` from either is one line on stderr
+    and exit code 2, never a traceback."""
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # argparse has printed its message
+        return int(exc.code or 0)
+    try:
+        check(args)
+        body(args, lambda msg: print(msg, flush=True))
+    except UsageError as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
 
 
 def main(argv=None):

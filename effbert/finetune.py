@@ -26,6 +26,8 @@ import time
 
 import torch
 
+from .cli import UsageError, run_command
+
 __all__ = ["main", "load_finetuned", "read_tsv", "UsageError"]
 
 CONFIG_FILE, MODEL_FILE, LABELS_FILE, VOCAB_FILE, SETTINGS_FILE, REPORT_FILE, PLOT_FILE = (
@@ -34,8 +36,6 @@ LOSSES = ("romebert", "pabee")
 CRITERIA = ("entropy", "max_prob", "patience")
 
 
-class UsageError(Exception):
-    """A mistake in the command line or the files it names: reported in one line, exit code 2."""
 
 
 def _fail_if(cond, msg):
@@ -543,18 +543,7 @@ def run(a, log):
 
 
 def main(argv=None):
-    parser = build_parser()
-    try:
-        a = parser.parse_args(argv)
-    except SystemExit as exc:  # argparse has printed its message
-        return int(exc.code or 0)
-    try:
-        _check_args(a)
-        run(a, lambda msg: print(msg, flush=True))
-    except UsageError as exc:
-        print(f"effbert finetune: error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+    return run_command("effbert finetune", build_parser(), _check_args, run, argv)
 
 
 if __name__ == "__main__":

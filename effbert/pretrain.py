@@ -27,6 +27,8 @@ import time
 
 import torch
 
+from .cli import UsageError, run_command
+
 __all__ = ["main", "load_pretrained", "mask_tokens", "progress_bar", "default_backend", "UsageError"]
 
 CONFIG_FILE, VOCAB_FILE, RARE_FILE, RUN_FILE, MODEL_FILE, LOG_FILE = (
@@ -35,8 +37,6 @@ CHECKPOINT_GLOB = "checkpoint-*.pt"
 KEEP_CHECKPOINTS = 2
 
 
-class UsageError(Exception):
-    """A mistake in the command line or the files it names: reported in one line, exit code 2."""
 
 
 # ------------------------------------------------------------------------------------------ shared with the demo
@@ -667,18 +667,7 @@ def _train(a, env, log, TupeBertForMaskedLM, NoteDictionary):
 
 
 def main(argv=None):
-    parser = build_parser()
-    try:
-        a = parser.parse_args(argv)
-    except SystemExit as exc:  # argparse has printed its message
-        return int(exc.code or 0)
-    try:
-        _check_args(a)
-        train(a, lambda msg: print(msg, flush=True))
-    except UsageError as exc:
-        print(f"effbert pretrain: error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+    return run_command("effbert pretrain", build_parser(), _check_args, train, argv)
 
 
 if __name__ == "__main__":
