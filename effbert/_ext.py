@@ -29,3 +29,15 @@ def load(name):
 
 def dtype_code(dtype):
     return DTYPE_CODES[dtype]
+
+
+def launch(name, entry, device, *args):
+    """Call ``entry`` of the extension ``name`` ("_C" or "_cuda") with ``args``. The CUDA bindings take the stream
+    last: on "_cuda" the call runs under ``device``'s guard with its current stream appended."""
+    module, why = load(name)
+    if module is None:
+        raise RuntimeError(why)
+    if name == "_cuda":
+        with torch.cuda.device(device):
+            return getattr(module, entry)(*args, torch.cuda.current_stream(device).cuda_stream)
+    return getattr(module, entry)(*args)

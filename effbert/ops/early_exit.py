@@ -35,14 +35,9 @@ def _entropy_triton(x, out):
 
 
 def _entropy_native(x, out, module_name):
-    module, _ = _ext.load(module_name)
     rows, cols = x.shape
-    args = (x.data_ptr(), _ext.dtype_code(x.dtype), rows, cols, x.stride(0), out.data_ptr())
-    if module_name == "_cuda":
-        with torch.cuda.device(x.device):
-            module.exit_entropy(*args, torch.cuda.current_stream(x.device).cuda_stream)
-    else:
-        module.exit_entropy(*args)
+    _ext.launch(module_name, "exit_entropy", x.device, x.data_ptr(), _ext.dtype_code(x.dtype), rows, cols,
+                x.stride(0), out.data_ptr())
 
 
 # Each writes entropy(x) into a float32 `out` of x.shape[0] elements on x's device.
@@ -222,17 +217,11 @@ def _decision_triton(x, ids, prev, counter, out_logits, out_layer, next_rows, ne
 
 def _decision_native(module_name, x, ids, prev, counter, out_logits, out_layer, next_rows, next_local, count, code,
                      layer, threshold, patience, last):
-    module, _ = _ext.load(module_name)
     rows, cols = x.shape
-    args = (x.data_ptr(), _ext.dtype_code(x.dtype), rows, cols, x.stride(0), ids.data_ptr(), prev.data_ptr(),
-            counter.data_ptr(), out_logits.data_ptr(), out_logits.shape[0], out_logits.stride(0),
-            out_layer.data_ptr(), next_rows.data_ptr(), next_local.data_ptr(), count.data_ptr(), code, layer,
-            threshold, patience, bool(last))
-    if module_name == "_cuda":
-        with torch.cuda.device(x.device):
-            module.exit_decision(*args, torch.cuda.current_stream(x.device).cuda_stream)
-    else:
-        module.exit_decision(*args)
+    _ext.launch(module_name, "exit_decision", x.device, x.data_ptr(), _ext.dtype_code(x.dtype), rows, cols,
+                x.stride(0), ids.data_ptr(), prev.data_ptr(), counter.data_ptr(), out_logits.data_ptr(),
+                out_logits.shape[0], out_logits.stride(0), out_layer.data_ptr(), next_rows.data_ptr(),
+                next_local.data_ptr(), count.data_ptr(), code, layer, threshold, patience, bool(last))
 
 
 _DECISION = {

@@ -165,15 +165,8 @@ def fold_plan(slots):
 
 # ---- backends ----
 
-def _native(name):
-    module, why = _ext.load(name)
-    if module is None:
-        raise RuntimeError(why)
-    return module
-
-
-def _stream(t):
-    return torch.cuda.current_stream(t.device).cuda_stream
+def _extension(backend):
+    return "_cuda" if backend == "cuda" else "_C"
 
 
 def _mix_into(backend, x2, notes, slots1, lam, out2):
@@ -195,11 +188,7 @@ def _mix_into(backend, x2, notes, slots1, lam, out2):
     args = (x2.data_ptr(), _ext.dtype_code(x2.dtype), tokens, dim, x2.stride(0),
             0 if notes is None else notes.data_ptr(), 0 if notes is None else notes.shape[0], slots1.data_ptr(),
             float(lam), out2.data_ptr(), out2.stride(0))
-    if backend == "cuda":
-        with torch.cuda.device(x2.device):
-            _native("_cuda").note_mix(*args, _stream(x2))
-    else:
-        _native("_C").note_mix(*args)
+    _ext.launch(_extension(backend), "note_mix", x2.device, *args)
     return out2
 
 
@@ -216,11 +205,10 @@ def _check_rows_device(backend, spans, lengths, flag, batch, seq, num_slots, che
 
         kernels.note_check_rows(spans, lengths, flag, batch, seq, num_slots, check_spans, check_slots, keys, window)
     else:
-        with torch.cuda.device(spans.device):
-            _native("_cuda").note_check_rows(spans.data_ptr(), 0 if lengths is None else lengths.data_ptr(),
-                                             flag.data_ptr(), 0 if keys is None else keys.data_ptr(),
-                                             spans.shape[0], batch, seq, num_slots, window, check_spans,
-                                             check_slots, _stream(spans))
+        _ext.launch("_cuda", "note_check_rows", spans.device, spans.data_ptr(),
+                    0 if lengths is None else lengths.data_ptr(), flag.data_ptr(),
+                    0 if keys is None else keys.data_ptr(), spans.shape[0], batch, seq, num_slots, window,
+                    check_spans, check_slots)
 
 
 def _means_into(backend, hidden, spans, lengths, window, plan, flag, means):
@@ -236,11 +224,7 @@ def _means_into(backend, hidden, spans, lengths, window, plan, flag, means):
     args = (hidden.data_ptr(), _ext.dtype_code(hidden.dtype), batch, seq, dim, hidden.stride(0), hidden.stride(1),
             spans.data_ptr(), lengths.data_ptr(), window, plan["ev_off"].data_ptr(), plan["ev_idx"].data_ptr(),
             flag.data_ptr(), rows, means.data_ptr())
-    if backend == "cuda":
-        with torch.cuda.device(hidden.device):
-            _native("_cuda").note_window_means(*args, _stream(hidden))
-    else:
-        _native("_C").note_window_means(*args)
+    _ext.launch(_extension(backend), "note_window_means", hidden.device, *args)
     return means
 
 
@@ -255,11 +239,7 @@ def _fold_into(backend, notes, counts, means, plan, flag, gamma):
         return notes
     args = (notes.data_ptr(), counts.data_ptr(), num_slots, dim, means.data_ptr(), plan["order"].data_ptr(),
             plan["sorted_slots"].data_ptr(), flag.data_ptr(), rows, float(gamma))
-    if backend == "cuda":
-        with torch.cuda.device(notes.device):
-            _native("_cuda").note_fold(*args, _stream(notes))
-    else:
-        _native("_C").note_fold(*args)
+    _ext.launch(_extension(backend), "note_fold", notes.device, *args)
     return notes
 
 
