@@ -20,7 +20,7 @@ from torch import nn
 
 from ..losses import multi_exit_distillation_loss, pabee_loss
 from ..models import TupeBertConfig, TupeBertForMaskedLM, TupeBertForSequenceClassification, TupeBertModel
-from ..models.tupe_bert import SequenceClassifierOutput, _check_ids, _values_in_range
+from ..models.tupe_bert import SequenceClassifierOutput, _check_ids, _values_in_range, check_bert_inputs
 from ..nn import BertLayerAdapter, ExitHead, MultiExitEncoder
 from ..ops import tupe_attention
 from ..ops._dispatch import BACKENDS
@@ -346,22 +346,7 @@ class MultiExitBert(nn.Module):
     def _inputs(self, input_ids, attention_mask, token_type_ids):
         """Checks HF-style inputs; returns ``(hidden [B, N, Dm], key padding mask [B, N] True = padding, or
         None)``."""
-        _check_ids("input_ids", input_ids, None)
-        if input_ids.dim() != 2:
-            raise ValueError(f"input_ids must be [B, N], got {list(input_ids.shape)}")
-        b, n = input_ids.shape
-        max_pos = self.hf_config.max_position_embeddings
-        if not 1 <= n <= max_pos:
-            raise ValueError(f"input_ids must have 1 <= N <= max_position_embeddings ({max_pos}), got N = {n}")
-        _values_in_range("input_ids", input_ids, 0, self.hf_config.vocab_size)
-        if token_type_ids is None:
-            token_type_ids = torch.zeros_like(input_ids)
-        else:
-            _check_ids("token_type_ids", token_type_ids, (b, n))
-            if token_type_ids.device != input_ids.device:
-                raise ValueError(f"token_type_ids must be on {input_ids.device}, got {token_type_ids.device}")
-            _values_in_range("token_type_ids", token_type_ids, 0, self.hf_config.type_vocab_size)
-        real = TupeBertModel.padding_mask(attention_mask, (b, n), input_ids.device)
+        token_type_ids, real = check_bert_inputs(self.hf_config, input_ids, attention_mask, token_type_ids)
         hidden = self.embeddings(input_ids=input_ids, token_type_ids=token_type_ids)
         # HF marks real tokens; MultiExitEncoder and its layer adapters mark padding
         return hidden, (None if real is None else ~real)

@@ -204,22 +204,7 @@ class TupeBertModel(TupeBertPreTrainedModel):
 
     def check_inputs(self, input_ids, attention_mask=None, token_type_ids=None):
         """Checks the inputs; returns ``token_type_ids`` (zeros when None) and the bool key padding mask."""
-        _check_ids("input_ids", input_ids, None)
-        if input_ids.dim() != 2:
-            raise ValueError(f"input_ids must be [B, N], got {list(input_ids.shape)}")
-        b, n = input_ids.shape
-        if not 1 <= n <= self.config.max_position_embeddings:
-            raise ValueError(f"input_ids must have 1 <= N <= max_position_embeddings "
-                             f"({self.config.max_position_embeddings}), got N = {n}")
-        _values_in_range("input_ids", input_ids, 0, self.config.vocab_size)
-        if token_type_ids is None:
-            token_type_ids = torch.zeros_like(input_ids)
-        else:
-            _check_ids("token_type_ids", token_type_ids, (b, n))
-            if token_type_ids.device != input_ids.device:
-                raise ValueError(f"token_type_ids must be on {input_ids.device}, got {token_type_ids.device}")
-            _values_in_range("token_type_ids", token_type_ids, 0, self.config.type_vocab_size)
-        return token_type_ids, self.padding_mask(attention_mask, (b, n), input_ids.device)
+        return check_bert_inputs(self.config, input_ids, attention_mask, token_type_ids)
 
     @staticmethod
     def padding_mask(attention_mask, shape, device):
@@ -253,6 +238,27 @@ class TupeBertModel(TupeBertPreTrainedModel):
                                       output_hidden_states=output_hidden_states)
         pooled = self.pooler(hidden) if self.pooler is not None else None
         return TupeBertOutput(hidden, pooled, states)
+
+
+def check_bert_inputs(config, input_ids, attention_mask=None, token_type_ids=None):
+    """Checks a BERT's inputs against ``config`` (ours or a transformers ``BertConfig``: both name the sizes the
+    same); returns ``token_type_ids`` (zeros when None) and the bool key padding mask (True = real token)."""
+    _check_ids("input_ids", input_ids, None)
+    if input_ids.dim() != 2:
+        raise ValueError(f"input_ids must be [B, N], got {list(input_ids.shape)}")
+    b, n = input_ids.shape
+    if not 1 <= n <= config.max_position_embeddings:
+        raise ValueError(f"input_ids must have 1 <= N <= max_position_embeddings "
+                         f"({config.max_position_embeddings}), got N = {n}")
+    _values_in_range("input_ids", input_ids, 0, config.vocab_size)
+    if token_type_ids is None:
+        token_type_ids = torch.zeros_like(input_ids)
+    else:
+        _check_ids("token_type_ids", token_type_ids, (b, n))
+        if token_type_ids.device != input_ids.device:
+            raise ValueError(f"token_type_ids must be on {input_ids.device}, got {token_type_ids.device}")
+        _values_in_range("token_type_ids", token_type_ids, 0, config.type_vocab_size)
+    return token_type_ids, TupeBertModel.padding_mask(attention_mask, (b, n), input_ids.device)
 
 
 class TupeBertMLMHead(nn.Module):
