@@ -22,7 +22,7 @@ def installed(name):
 
 
 needs_hf = pytest.mark.skipif(not installed("transformers"),
-                              reason="transformers is not installed (pip install effbert[hf])")
+                              reason="transformers is not installed (pip install -e '.[hf]')")
 SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 # two topics with their own words, and shared filler words; topic words are split in pieces for some
 WORDS = {"sport": ["ball", "goal", "team", "match", "score", "coach"],
@@ -284,7 +284,8 @@ def test_hf_without_transformers_says_how_to_install(data, tmp_path, capsys, mon
     folder.mkdir()
     (folder / "vocab.txt").write_text("".join(v + "\n" for v in vocab()))
     assert cli.main(args(folder, data, tmp_path / "out", "--steps", "2")) == 2
-    assert "pip install effbert[hf]" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "pip install transformers safetensors" in err and "effbert[hf]" not in err
 
 
 def test_usage_errors_from_argparse(capsys):

@@ -376,7 +376,7 @@ def main(argv=None):
                   f"({c['ratio']:.2f}x, noise allowance {c['tolerance']:.0%})")
     wrong = [r for r in rows if r["status"] in ("wrong", "error")]
     print(f"\nwrote {out / 'bench.json'}, {out / 'bench.md'}" + "".join(f", {p}" for p in plots)
-          + ("" if plots else " (no plots: matplotlib is not installed; pip install effbert[bench])"))
+          + ("" if plots else " (no plots: matplotlib is not installed; pip install matplotlib)"))
     if wrong:
         print(f"{len(wrong)} cases failed their correctness check or raised; see the table")
     return 1 if any(r["status"] == "wrong" and r["provider"].startswith("effbert") for r in rows) else 0

@@ -1,4 +1,5 @@
-"""Hugging Face BERT interoperability (``pip install effbert[hf]``).
+"""Hugging Face BERT interoperability (needs transformers and safetensors: ``pip install -e ".[hf]"`` in the
+effbert checkout, or ``pip install transformers safetensors``).
 
 - ``from_hf_bert(model_or_path)``: a pretrained HF BERT (a model object or a local folder holding ``config.json``
   and ``model.safetensors``) as an effbert model in ``position_mode="absolute"``, same outputs on real tokens.
@@ -28,7 +29,8 @@ from ..ops._dispatch import BACKENDS
 __all__ = ["from_hf_bert", "patch_bert_attention", "EffbertBertSelfAttention", "hf_state_dict_to_effbert",
            "config_from_hf", "multi_exit_bert", "MultiExitBert"]
 
-_INSTALL_HINT = "transformers is needed for effbert.integrations.hf: pip install effbert[hf]"
+_INSTALL_HINT = ("transformers is needed for effbert.integrations.hf: pip install transformers safetensors "
+                 "(or pip install -e '.[hf]' in the effbert checkout)")
 # HF activation names -> ours (the tanh approximations are one function under several names)
 _ACTS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu_fast": "gelu_tanh",
          "relu": "relu"}
