@@ -6,7 +6,8 @@ piece), masked-LM pretraining with the TNF note dictionary, then a topic classif
 prints the loss as it falls, then layers saved, speed-up and accuracy at a few exit thresholds against the
 full-depth model, and writes a plot (loss curve, speed-accuracy curve) to ``--out``.
 
-On a CUDA device it runs the fused kernels at larger sizes; on the CPU it runs a tiny model in about two minutes.
+On a CUDA device it runs the fused kernels at larger sizes; on the CPU it runs a tiny model (README.md, Demo, gives
+its time and results).
 """
 
 import argparse
