@@ -374,3 +374,26 @@ def test_a_suspicious_label_column_warns(tmp_path, data, capsys):
     assert len(warned) == 1 and "'spoort'" in warned[0]
     finetune.check_labels(names, texts, "t.tsv", warn=warned.append)
     assert len(warned) == 1  # well-formed data is quiet
+
+
+@pytest.mark.parametrize("damage", ["config-cut", "config-bad-size", "run-file-list", "weights-cut", "weights-other",
+                                    "no-vocab", "no-weights"])
+def test_damaged_init_folder_is_one_line(tmp_path, data, capsys, damage):
+    pre = tmp_path / "pre"
+    write_pretrain_folder(pre, tnf_notes=False)
+    edit = {
+        "config-cut": lambda: (pre / "config.json").write_text('{"hidden_size": 3'),
+        "config-bad-size": lambda: (pre / "config.json").write_text(json.dumps(
+            dict(json.loads((pre / "config.json").read_text()), hidden_size=-4))),
+        "run-file-list": lambda: (pre / "pretrain.json").write_text("[]"),
+        "weights-cut": lambda: (pre / "model.pt").write_bytes((pre / "model.pt").read_bytes()[:300]),
+        "weights-other": lambda: torch.save({"embeddings.word_embeddings.weight": torch.ones(2, 2)}, pre / "model.pt"),
+        "no-vocab": lambda: os.remove(pre / "vocab.txt"),
+        "no-weights": lambda: os.remove(pre / "model.pt"),
+    }
+    edit[damage]()
+    assert cli.main(["finetune", "--init", str(pre), "--train", str(data / "train.tsv"), "--out",
+                     str(tmp_path / "run"), "--steps", "2", "--backend", "eager", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("effbert finetune: error: --init:") and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "run").exists()
