@@ -248,7 +248,9 @@ def _write(path, text):
 
 def load_finetuned(path, device=None, backend="auto"):
     """A model ``effbert finetune`` wrote to ``path``: ``(TupeBertForSequenceClassification with off-ramps, in
-    eval mode; WordPieceTokenizer; labels, a list of str indexed by class id; settings dict, with max_len)``."""
+    eval mode; WordPieceTokenizer; labels, a list of str indexed by class id; settings dict, with max_len)``.
+    Raises ``FileNotFoundError`` for a folder that is not such a run and ``ValueError`` for weights that cannot be
+    read with ``torch.load(..., weights_only=True)``."""
     from .models import TupeBertConfig, TupeBertForSequenceClassification
     from .text import WordPieceTokenizer
 
@@ -268,7 +270,12 @@ def load_finetuned(path, device=None, backend="auto"):
     if len(labels) != config.num_labels:
         raise ValueError(f"path: {LABELS_FILE} lists {len(labels)} labels, the config says {config.num_labels}")
     model = TupeBertForSequenceClassification(config)
-    model.load_state_dict(torch.load(os.path.join(path, MODEL_FILE), map_location="cpu", weights_only=True))
+    weights = os.path.join(path, MODEL_FILE)
+    try:
+        state = torch.load(weights, map_location="cpu", weights_only=True)  # tensors only: nothing else unpickled
+    except Exception as exc:  # a cut, tampered or foreign file
+        raise ValueError(f"path: cannot read {weights!r} ({' '.join(str(exc).split())[:300]})") from None
+    model.load_state_dict(state)
     if device is not None:
         model = model.to(device)
     tokenizer = WordPieceTokenizer.from_file(os.path.join(path, VOCAB_FILE), lowercase=not settings["cased"])

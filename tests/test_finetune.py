@@ -302,6 +302,18 @@ def test_load_finetuned_refuses_other_folders(tmp_path):
         finetune.load_finetuned(tmp_path)
 
 
+def test_load_finetuned_never_unpickles_code(tmp_path, data, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    write_pretrain_folder(tmp_path / "pre", tnf_notes=False)
+    out = tmp_path / "run"
+    assert cli.main(["finetune", "--init", str(tmp_path / "pre"), "--train", str(data / "train.tsv"), "--out",
+                     str(out), "--steps", "1", "--backend", "eager", "--device", "cpu", "--quiet"]) == 0
+    torch.save(_Payload(), out / "model.pt")
+    with pytest.raises(ValueError, match="cannot read .*model.pt"):
+        finetune.load_finetuned(out)
+    assert not (tmp_path / "PWNED_DIR").exists()
+
+
 def test_out_never_destroys_another_run(tmp_path, data, capsys):
     """--out equal to --init, or holding a pretraining run, an earlier fine-tuning run or foreign files, is refused
     before any work and left as it was; --overwrite replaces an earlier fine-tuning run only."""
