@@ -528,12 +528,13 @@ def _prepare(a, env, log):
             given = _tokenizer_from(a.vocab, s)
             _fail_if(given.vocab != tokenizer.vocab, f"--vocab {a.vocab!r} differs from the vocabulary of the run "
                      f"in {out!r}")
-        # the size asked for at the start (a corpus may fill fewer pieces than that); older runs recorded none
+        # the size asked for at the start, which a corpus may not fill; a run that recorded none: at least its size
         asked = saved_run.get("vocab_size")
-        _fail_if(a.vocab_size is not None and a.vocab_size != (asked if asked is not None else len(tokenizer))
-                 and not (asked is None and a.vocab_size >= len(tokenizer)),
-                 f"--vocab-size {a.vocab_size} differs from the run's "
-                 + (f"--vocab-size {asked}" if asked is not None else f"vocabulary ({len(tokenizer)} pieces)"))
+        if a.vocab_size is not None and asked is not None:
+            _fail_if(a.vocab_size != asked, f"--vocab-size {a.vocab_size} differs from the run's --vocab-size {asked}")
+        elif a.vocab_size is not None:
+            _fail_if(a.vocab_size < len(tokenizer), f"--vocab-size {a.vocab_size} differs from the run's vocabulary "
+                     f"({len(tokenizer)} pieces)")
     elif a.vocab is not None:
         tokenizer = _tokenizer_from(a.vocab, s)
     else:
@@ -652,11 +653,13 @@ def _train(a, env, log, TupeBertForMaskedLM, NoteDictionary):
         model = TupeBertForMaskedLM(config, note_dictionary=notes)
         model.set_backend(backend)
         model = model.to(device).train()
-    except (MemoryError, torch.OutOfMemoryError) as exc:
-        raise UsageError(f"the model does not fit in memory on {device} ({_one_line(exc)}); lower --max-len, "
-                         "--hidden or --layers") from None
     except ValueError as exc:
         raise UsageError(f"--backend: {exc}") from None
+    except (MemoryError, RuntimeError) as exc:  # torch's CPU allocator raises RuntimeError, CUDA's a subclass
+        if not isinstance(exc, MemoryError) and not any(w in str(exc).lower() for w in ("alloc", "out of memory")):
+            raise
+        raise UsageError(f"the model does not fit in memory on {device} ({_one_line(exc)}); lower --max-len, "
+                         "--hidden or --layers") from None
     opt = torch.optim.AdamW(_param_groups(model, a.weight_decay), lr=a.lr)
     warmup = a.warmup if a.warmup is not None else a.steps // 10
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _schedule(warmup, a.steps))
@@ -759,7 +762,8 @@ def _train(a, env, log, TupeBertForMaskedLM, NoteDictionary):
             window = []
         if done == a.steps or (a.save_every and done % a.save_every == 0):
             # a finite loss can still leave non-finite weights: they never replace a good checkpoint
-            finite = torch.stack([torch.isfinite(p).all() for p in model.parameters()]).all()
+            finite = torch.stack([torch.isfinite(t).all() for t in model.state_dict().values()
+                                  if t.is_floating_point()]).all()  # the weights and the notes
             _fail_if(not bool(finite), f"non-finite weights after step {done}: stopping (lower --lr); the "
                      f"checkpoints in {os.path.abspath(out)} are the last good ones")
             if env.main:

@@ -413,3 +413,19 @@ def test_bad_devices_sizes_and_folders_fail_first(tmp_path, corpus, capsys):
         (other / name).write_text("theirs")
     _error(capsys, [*base[:2], "--out", str(other), *base[4:]], "no pretrain.json")
     assert all((other / n).read_text() == "theirs" for n in ("config.json", "model.pt", "finetune.json"))
+
+
+def test_a_model_too_big_for_memory_leaves_no_folder(tmp_path, corpus, capsys, monkeypatch):
+    """The model is built before any file is written: an allocation failure is one line and the retry is free."""
+    import effbert.models
+
+    def too_big(*args, **kwargs):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory: you tried "
+                           "to allocate 80000000000 bytes")
+
+    monkeypatch.setattr(effbert.models, "TupeBertForMaskedLM", too_big)
+    out = tmp_path / "run"
+    _error(capsys, ["--data", corpus, "--out", str(out), *COMMON, "--steps", "2"], "does not fit in memory on cpu")
+    assert not out.exists()
+    monkeypatch.undo()
+    _run(["--data", corpus, "--out", str(out), *COMMON, "--steps", "1"])
