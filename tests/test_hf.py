@@ -278,6 +278,11 @@ def test_patched_model_under_inference_mode(seeded):
         got = model(input_ids=ids, attention_mask=mask, token_type_ids=types).last_hidden_state
         again = model(input_ids=ids, attention_mask=mask, token_type_ids=types).last_hidden_state
     assert torch.equal(got, want) and torch.equal(again, want)
+    import pickle
+
+    clone = pickle.loads(pickle.dumps(model))  # a patched model pickles (torch.save of the whole model)
+    with torch.inference_mode():
+        assert torch.equal(clone(input_ids=ids, attention_mask=mask, token_type_ids=types).last_hidden_state, want)
     with pytest.raises(ValueError, match="backend must be one of"):
         hf.patch_bert_attention(model, backend="tpu")
     assert all(m.backend == "auto" for m in model.modules() if isinstance(m, hf.EffbertBertSelfAttention))

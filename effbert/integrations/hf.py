@@ -324,9 +324,16 @@ def _patched_class():
     if _PATCHED_CLASS is None:
         from transformers.models.bert.modeling_bert import BertSelfAttention
 
-        _PATCHED_CLASS = type("EffbertBertSelfAttention", (EffbertBertSelfAttention, BertSelfAttention),
+        _PATCHED_CLASS = type("_PatchedBertSelfAttention", (EffbertBertSelfAttention, BertSelfAttention),
                               {"__module__": __name__, "__doc__": EffbertBertSelfAttention.__doc__})
     return _PATCHED_CLASS
+
+
+def __getattr__(name):
+    # pickle finds the patched class by name, also in a process that has not patched a model yet
+    if name == "_PatchedBertSelfAttention":
+        return _patched_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def patch_bert_attention(hf_model, *, backend="auto"):
