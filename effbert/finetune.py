@@ -56,10 +56,11 @@ def read_tsv(path, flag="--train"):
         with open(path, encoding="utf-8") as f:
             raw = f.read()
     except UnicodeDecodeError as exc:
-        line = raw_line_of(path, exc.start)
+        line = _line_at(path, exc.start)
         raise UsageError(f"{flag}: {path!r} is not UTF-8 text ({exc.reason} at byte {exc.start}, line {line}); "
                          "convert it, e.g. iconv -f latin1 -t utf-8") from None
-    for n, line in enumerate(raw.splitlines(), 1):
+    for n, line in enumerate(raw.split("\n"), 1):  # not splitlines(): a text may hold U+2028 and the like
+        line = line.rstrip("\r")
         if not line.strip():
             continue
         label, tab, text = line.partition("\t")
@@ -72,7 +73,8 @@ def read_tsv(path, flag="--train"):
     return labels, texts
 
 
-def raw_line_of(path, offset):
+def _line_at(path, offset):
+    """The 1-based line of byte `offset` of a file."""
     with open(path, "rb") as f:
         return f.read(offset).count(b"\n") + 1
 

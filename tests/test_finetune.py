@@ -409,3 +409,10 @@ def test_damaged_init_folder_is_one_line(tmp_path, data, capsys, damage):
     err = capsys.readouterr().err
     assert err.startswith("effbert finetune: error: --init:") and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "run").exists()
+
+
+def test_read_tsv_splits_on_newlines_only(tmp_path):
+    """A text holding U+2028 or a form feed stays one example; CRLF files read like LF ones."""
+    path = tmp_path / "t.tsv"
+    path.write_bytes("a\tone\u2028two\r\nb\tthree\x0cfour\n\n".encode("utf-8"))
+    assert finetune.read_tsv(str(path)) == (["a", "b"], ["one\u2028two", "three\x0cfour"])
