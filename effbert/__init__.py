@@ -20,3 +20,18 @@ from . import calibration, losses, nn  # noqa: E402
 __all__ = ["BACKENDS", "BackendNotSupportedError", "BackendStatus", "backends", "exit_entropy",
            "t5_relative_buckets", "tupe_position_bias", "tupe_attention", "tupe_attention_varlen", "note_mix",
            "note_update_", "calibration", "losses", "nn", "__version__"]
+
+
+def _register_auto_classes():
+    """Makes ``AutoConfig`` / ``AutoModel`` / ``AutoModelForMaskedLM`` / ``AutoModelForSequenceClassification``
+    know model type ``"tupe-bert"``. A kernels-only install (no transformers) skips it."""
+    try:
+        import transformers  # noqa: F401
+    except ImportError:
+        return
+    from .models import register_auto_classes
+
+    register_auto_classes()
+
+
+_register_auto_classes()

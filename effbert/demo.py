@@ -224,7 +224,7 @@ def finetune(mlm, ids, lengths, labels, sizes, device, gen, log):
         # RomeBERT's loss with a lighter distillation weight than its defaults (gamma 0.9, T 3): at those, the
         # five distillation terms towards a still-untrained teacher outweigh the teacher's own cross-entropy and
         # this small model stays at chance; gamma 0.5, T 1 trains every exit
-        loss = multi_exit_distillation_loss(out.logits, labels[rows].to(device), gamma=FINETUNE_GAMMA,
+        loss = multi_exit_distillation_loss(out.exit_logits, labels[rows].to(device), gamma=FINETUNE_GAMMA,
                                             temperature=FINETUNE_TEMPERATURE)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -270,7 +270,7 @@ def evaluate(model, ids, lengths, labels, sizes, device, log):
             b_len = lengths[s:s + batch]
             n = int(b_len.max())
             mask = (torch.arange(n)[None] < b_len[:, None]).to(device)
-            all_exits.append(model(ids[s:s + batch, :n].to(device), mask).logits)
+            all_exits.append(model(ids[s:s + batch, :n].to(device), mask).exit_logits)
         all_exits = torch.cat(all_exits, 1)
     curve = speed_accuracy_curve(all_exits, labels_d, criterion="entropy")
     _timed_early_exit(model, ids[:batch], lengths[:batch], batch, device, criterion="entropy", threshold=1e-30)

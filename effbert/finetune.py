@@ -338,11 +338,11 @@ def train(a, model, ids, lengths, y, device, backend, log):
         b_ids, mask = _batches(ids, lengths, rows, device)
         out = model(b_ids, mask)
         b_y = y[rows].to(device)
-        loss = _loss(a, out.logits, b_y, backend)
+        loss = _loss(a, out.exit_logits, b_y, backend)
         opt.zero_grad(set_to_none=True)
         if a.grad_reg:
             # the teacher is detached, so the last exit's only term is its cross-entropy: the rest is the others'
-            final = torch.nn.functional.cross_entropy(out.logits[-1].float(), b_y)
+            final = torch.nn.functional.cross_entropy(out.logits.float(), b_y)  # the last exit's
             projected += gradient_regularized_backward(final, loss - final, params, reg_params)
         else:
             loss.backward()
@@ -412,7 +412,7 @@ def evaluate(a, model, ids, lengths, y, device, log):
     y_d = y.to(device)
     with torch.no_grad():
         exits = torch.cat([model(*_batches(ids, lengths, torch.arange(s, min(s + batch, ids.shape[0])),
-                                           device)).logits for s in range(0, ids.shape[0], batch)], 1)
+                                           device)).exit_logits for s in range(0, ids.shape[0], batch)], 1)
     # full depth through the same batched loop: a patience of L is never reached before the last layer
     full = dict(criterion="patience", patience=depth)
     _timed_early_exit(model, ids[:batch], lengths[:batch], batch, device, **full)  # warm-up

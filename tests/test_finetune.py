@@ -107,7 +107,7 @@ def check_reload(out, data, report):
     y = torch.tensor([labels.index(n) for n in names])
     mask = torch.arange(ids.shape[1])[None] < lengths[:, None]
     with torch.no_grad():
-        full_logits = model(ids, mask).logits[-1]
+        full_logits = model(ids, mask).exit_logits[-1]
     assert float((full_logits.argmax(-1) == y).double().mean()) == report["full_depth_accuracy"]
     criterion = report["criterion"]
     for r in report["rows"][1:]:
@@ -225,7 +225,7 @@ def test_finetune_from_a_classifier_checkpoint_starts_from_its_head(tmp_path, da
     ids, lengths = tokenizer.encode_batch(["The ball and the goal.", "Soup of rice"], 16)
     mask = torch.arange(ids.shape[1])[None] < lengths[:, None]
     with torch.no_grad():
-        got = model.eval()(ids, mask).logits[-1]
+        got = model.eval()(ids, mask).exit_logits[-1]
         want = hf_model.double()(input_ids=ids, attention_mask=mask.long()).logits
     assert torch.allclose(got.double(), want, rtol=1e-5, atol=1e-6)
 

@@ -81,8 +81,8 @@ def test_last_exit_is_the_hf_classifier(variant, seeded):
     with torch.no_grad():
         want = ref(input_ids=ids, attention_mask=mask, token_type_ids=types).logits
         out = model(ids, mask, types)
-    assert out.loss is None and out.logits.shape == (3, 5, 3)
-    assert_close(out.logits[-1], want, what=f"{variant} last exit")
+    assert out.loss is None and out.exit_logits.shape == (3, 5, 3)
+    assert_close(out.exit_logits[-1], want, what=f"{variant} last exit")
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -94,7 +94,7 @@ def test_every_exit_reads_that_layers_hidden_state(variant, seeded):
         with torch.no_grad():
             states = ref.bert(input_ids=ids, attention_mask=m, token_type_ids=types,
                               output_hidden_states=True).hidden_states
-            out = model(ids, m, types).logits
+            out = model(ids, m, types).exit_logits
         for i, head in enumerate(heads64):
             with torch.no_grad():
                 assert_close(out[i], head(states[i + 1]), what=f"{variant} exit {i + 1}")
@@ -114,7 +114,7 @@ def test_bert_model_without_a_classifier(seeded):
     heads64 = copy.deepcopy(model.encoder.heads).double()
     with torch.no_grad():
         want = ref(input_ids=ids, attention_mask=mask, token_type_ids=types)
-        got = model(ids, mask, types).logits[-1]
+        got = model(ids, mask, types).exit_logits[-1]
         assert_close(got, heads64[-1].classifier(want.pooler_output), what="BertModel last exit")
 
 
@@ -138,7 +138,7 @@ def test_early_exit_equals_the_per_sample_loop(variant, criterion, seeded):
     sharpen(model)
     ids, types, mask = padded_batch(b=13)
     with torch.no_grad():
-        exits = model(ids, mask, types).logits
+        exits = model(ids, mask, types).exit_logits
     flat = exits.reshape(-1, exits.shape[-1]).double()
     if criterion == "patience":
         kw = dict(patience=1)
@@ -173,7 +173,7 @@ def test_gradients_reach_the_hf_weights(variant, seeded):
         hf.patch_bert_attention(hf_model, backend="eager")
     ids, types, mask = padded_batch()
     cotangent = torch.randn(3, 5, 3)
-    (model(ids, mask, types).logits * cotangent).sum().backward()
+    (model(ids, mask, types).exit_logits * cotangent).sum().backward()
     states = hf64.bert(input_ids=ids, attention_mask=mask, token_type_ids=types,
                        output_hidden_states=True).hidden_states
     exits = torch.stack([head(states[i + 1]) for i, head in enumerate(model64.encoder.heads)])
@@ -192,12 +192,12 @@ def test_gradients_reach_the_hf_weights(variant, seeded):
     out = model(ids, mask, types, labels=labels)
     from effbert.losses import multi_exit_distillation_loss
 
-    want = multi_exit_distillation_loss(out.logits.double(), labels, gamma=0.9, temperature=3.0, backend="eager")
+    want = multi_exit_distillation_loss(out.exit_logits.double(), labels, gamma=0.9, temperature=3.0, backend="eager")
     assert_close(out.loss, want, what="RomeBERT loss")
     model.loss_type = "pabee"
     from effbert import reference as ref_ops
 
-    assert_close(model(ids, mask, types, labels=labels).loss, ref_ops.pabee_loss(out.logits.double(), labels),
+    assert_close(model(ids, mask, types, labels=labels).loss, ref_ops.pabee_loss(out.exit_logits.double(), labels),
                  what="PABEE loss")
 
 
@@ -256,7 +256,7 @@ def test_on_the_gpu_with_the_fused_kernels(patched, seeded):
     ids, types, mask = (t.cuda() for t in padded_batch(b=13))
     with torch.no_grad():
         want = ref(input_ids=ids, attention_mask=mask, token_type_ids=types).logits
-        exits = model(ids, mask, types).logits
+        exits = model(ids, mask, types).exit_logits
     assert_close(exits[-1], want, what="last exit on the GPU")
     flat = exits.reshape(-1, exits.shape[-1]).double()
     kw = dict(threshold=gap_threshold(reference.exit_entropy(flat).reshape(exits.shape[:2])))

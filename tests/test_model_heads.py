@@ -154,12 +154,12 @@ def test_multi_exit_forward_gives_every_exit_and_romebert_loss(backend, seeded):
     ids, mask = padded_batch()
     labels = torch.randint(0, 3, (ids.shape[0],), device=DEVICE)
     out = model(ids, mask, labels=labels, output_hidden_states=True)
-    assert out.logits.shape == (cfg.num_hidden_layers, ids.shape[0], 3)
+    assert out.exit_logits.shape == (cfg.num_hidden_layers, ids.shape[0], 3)
     ref = copy.deepcopy(model).double().set_backend("eager")
     states = ref.bert(ids, mask, output_hidden_states=True).hidden_states
     for i, head in enumerate(ref.exits):  # exit i reads layer i's output, as the plain encoder computes it
-        assert_close(out.logits[i], head(states[i + 1]), what=f"exit {i + 1} logits")
-    assert_close(out.loss, reference.multi_exit_distillation_loss(out.logits.double(), labels), what="loss")
+        assert_close(out.exit_logits[i], head(states[i + 1]), what=f"exit {i + 1} logits")
+    assert_close(out.loss, reference.multi_exit_distillation_loss(out.exit_logits.double(), labels), what="loss")
     out.loss.backward()
     assert all(h.classifier.weight.grad is not None for h in model.exits)
 
@@ -171,7 +171,7 @@ def test_batched_early_exit_equals_each_sample_alone(criterion, backend, seeded)
     model = randomize_(TupeBertForSequenceClassification(cfg)).to(DEVICE).eval()
     ids, mask = padded_batch(b=7)
     with torch.no_grad():
-        full = model(ids, mask).logits  # [L, B, C]
+        full = model(ids, mask).exit_logits  # [L, B, C]
     kw = {}
     if criterion == "patience":
         kw["patience"] = 1
@@ -192,7 +192,7 @@ def test_batched_early_exit_equals_each_sample_alone(criterion, backend, seeded)
     assert logits.shape == (7, 3) and layer.dtype == torch.int64
     for b in range(ids.shape[0]):
         with torch.no_grad():
-            alone = model(ids[b:b + 1], mask[b:b + 1]).logits  # [L, 1, C]
+            alone = model(ids[b:b + 1], mask[b:b + 1]).exit_logits  # [L, 1, C]
         want = int(exit_layers(alone, criterion, **kw)[0])
         assert int(layer[b]) == want, f"sample {b}"
         assert_close(logits[b], alone[want - 1, 0], what=f"sample {b} logits")

@@ -21,7 +21,7 @@ from torch import nn
 
 from ..losses import multi_exit_distillation_loss, pabee_loss
 from ..models import TupeBertConfig, TupeBertForMaskedLM, TupeBertForSequenceClassification, TupeBertModel
-from ..models.tupe_bert import SequenceClassifierOutput, _check_ids, _values_in_range, check_bert_inputs
+from ..models.tupe_bert import MultiExitSequenceClassifierOutput, _check_ids, _values_in_range, check_bert_inputs
 from ..nn import BertLayerAdapter, ExitHead, MultiExitEncoder
 from ..ops import tupe_attention
 from ..ops._dispatch import BACKENDS
@@ -380,7 +380,7 @@ class MultiExitBert(nn.Module):
     ``encoder.heads[i]`` is an ``ExitHead``. Inputs follow HF's conventions (``attention_mask`` 1 = real token).
 
     - ``forward(input_ids, attention_mask=None, token_type_ids=None, labels=None)`` ->
-      ``SequenceClassifierOutput(loss, logits [L, B, C])``; with ``labels [B]`` the loss is RomeBERT's
+      ``MultiExitSequenceClassifierOutput(loss, logits [B, C] (the last exit's), exit_logits [L, B, C])``; with ``labels [B]`` the loss is RomeBERT's
       self-distillation loss (``loss="romebert"``, ``gamma``, ``temperature``) or PABEE's layer-weighted
       cross-entropy (``loss="pabee"``).
     - ``early_exit(input_ids, attention_mask=None, token_type_ids=None, *, criterion, threshold=None,
@@ -438,7 +438,7 @@ class MultiExitBert(nn.Module):
             self._check_labels(labels, input_ids.shape[0], input_ids.device)
         exit_logits = self.encoder(hidden, padding)
         loss = self.compute_loss(exit_logits, labels) if labels is not None else None
-        return SequenceClassifierOutput(loss, exit_logits)
+        return MultiExitSequenceClassifierOutput(loss=loss, logits=exit_logits[-1], exit_logits=exit_logits)
 
     @torch.no_grad()
     def early_exit(self, input_ids, attention_mask=None, token_type_ids=None, *, criterion, threshold=None,

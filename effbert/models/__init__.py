@@ -1,14 +1,32 @@
-"""The reference model family: a post-LN BERT encoder on effbert's TUPE ops, with MLM and classification heads."""
+"""The reference model family: a post-LN BERT encoder on effbert's TUPE ops, with MLM and classification heads, as
+``transformers`` models (model type ``"tupe-bert"``)."""
 
 from .config import POSITION_MODES, TupeBertConfig
 from .tupe_bert import (
+    BaseModelOutputWithPooling,
     MaskedLMOutput,
+    MultiExitSequenceClassifierOutput,
     SequenceClassifierOutput,
     TupeBertForMaskedLM,
     TupeBertForSequenceClassification,
     TupeBertModel,
-    TupeBertOutput,
+    TupeBertPreTrainedModel,
 )
 
-__all__ = ["POSITION_MODES", "TupeBertConfig", "TupeBertModel", "TupeBertForMaskedLM",
-           "TupeBertForSequenceClassification", "TupeBertOutput", "MaskedLMOutput", "SequenceClassifierOutput"]
+__all__ = ["POSITION_MODES", "TupeBertConfig", "TupeBertPreTrainedModel", "TupeBertModel", "TupeBertForMaskedLM",
+           "TupeBertForSequenceClassification", "BaseModelOutputWithPooling", "MaskedLMOutput",
+           "SequenceClassifierOutput", "MultiExitSequenceClassifierOutput", "register_auto_classes"]
+
+
+def register_auto_classes():
+    """Registers ``TupeBertConfig`` and the models with transformers' ``Auto*`` classes (idempotent; ``import
+    effbert`` calls it)."""
+    from transformers import (AutoConfig, AutoModel, AutoModelForMaskedLM, AutoModelForSequenceClassification)
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    if TupeBertConfig.model_type in CONFIG_MAPPING:
+        return
+    AutoConfig.register(TupeBertConfig.model_type, TupeBertConfig)
+    AutoModel.register(TupeBertConfig, TupeBertModel)
+    AutoModelForMaskedLM.register(TupeBertConfig, TupeBertForMaskedLM)
+    AutoModelForSequenceClassification.register(TupeBertConfig, TupeBertForSequenceClassification)

@@ -1,16 +1,25 @@
-"""``TupeBertConfig``: the sizes and switches of the reference model (BERT-base defaults)."""
+"""``TupeBertConfig``: the sizes and switches of the reference model (BERT-base defaults), a ``transformers``
+``PretrainedConfig`` of model type ``"tupe-bert"``."""
 
-import dataclasses
 import json
-from dataclasses import dataclass
+
+from transformers import PretrainedConfig
 
 POSITION_MODES = ("absolute", "tupe-a", "tupe-r")
 HIDDEN_ACTS = ("gelu", "gelu_tanh", "relu")
 
+# the fields of TupeBertConfig itself (not PretrainedConfig's); from_dict refuses keys outside these and
+# PretrainedConfig's own, so a typo does not pass silently
+FIELDS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+          "max_position_embeddings", "type_vocab_size", "hidden_dropout_prob", "attention_probs_dropout_prob",
+          "layer_norm_eps", "position_layer_norm_eps", "hidden_act", "initializer_range", "pad_token_id",
+          "position_mode", "num_buckets", "max_distance", "untie_cls", "num_labels", "backend", "multi_exit",
+          "tnf_num_notes", "tnf_window", "tnf_gamma", "tnf_lam")
 
-def _positive_int(name, value):
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+
+def _positive_int(name, value, low=1):
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
 
 
 def _probability(name, value):
@@ -18,86 +27,130 @@ def _probability(name, value):
         raise ValueError(f"{name} must be in [0, 1), got {value!r}")
 
 
-@dataclass
-class TupeBertConfig:
+def _positive_float(name, value):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise ValueError(f"{name} must be a float > 0, got {value!r}")
+
+
+class TupeBertConfig(PretrainedConfig):
     """Sizes of a BERT encoder and how it encodes positions.
 
     ``position_mode``: ``"absolute"`` (plain BERT: learned positions added to the token embeddings; what pretrained
-    checkpoints use), ``"tupe-a"`` (TUPE with untied absolute positions: a positional term added to every layer's
-    attention logits) or ``"tupe-r"`` (TUPE-A plus T5 relative buckets, ``num_buckets`` / ``max_distance``).
-    ``untie_cls`` gives [CLS] its own positional logits in the TUPE modes. ``multi_exit`` gives the classification
-    model an off-ramp after every layer. ``backend`` is passed to every effbert op.
+    BERT checkpoints use), ``"tupe-a"`` (TUPE with untied absolute positions: a positional term added to every
+    layer's attention logits) or ``"tupe-r"`` (TUPE-A plus T5 relative buckets, ``num_buckets`` / ``max_distance``).
+    ``untie_cls`` gives [CLS] its own positional logits in the TUPE modes. ``position_layer_norm_eps`` is the eps of
+    the LayerNorm over the TUPE position embeddings (None: ``layer_norm_eps``; TUPE's fairseq code uses 1e-5
+    everywhere). ``type_vocab_size=0``: no token-type embedding (TUPE's encoder has none). ``multi_exit`` gives the
+    classification model an off-ramp after every layer. ``backend`` is passed to every effbert op.
+
+    TNF: ``tnf_num_notes`` (None: no note dictionary) and ``tnf_window`` / ``tnf_gamma`` / ``tnf_lam`` describe the
+    masked-LM model's ``NoteDictionary``, so ``from_pretrained`` rebuilds it and loads the saved notes.
+
+    A bad value raises ``ValueError`` (``TypeError`` for a non-bool switch) naming the field.
     """
 
-    vocab_size: int = 30522
-    hidden_size: int = 768
-    num_hidden_layers: int = 12
-    num_attention_heads: int = 12
-    intermediate_size: int = 3072
-    max_position_embeddings: int = 512
-    type_vocab_size: int = 2
-    hidden_dropout_prob: float = 0.1
-    attention_probs_dropout_prob: float = 0.1
-    layer_norm_eps: float = 1e-12
-    hidden_act: str = "gelu"
-    initializer_range: float = 0.02
-    pad_token_id: int = 0
-    position_mode: str = "tupe-r"
-    num_buckets: int = 32
-    max_distance: int = 128
-    untie_cls: bool = True
-    num_labels: int = 2
-    backend: str = "auto"
-    multi_exit: bool = False  # classification: an off-ramp after every layer (batched early exit at inference)
+    model_type = "tupe-bert"
 
-    def __post_init__(self):
-        for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
-                     "max_position_embeddings", "type_vocab_size", "num_buckets", "max_distance", "num_labels"):
-            _positive_int(name, getattr(self, name))
-        if self.hidden_size % self.num_attention_heads:
-            raise ValueError(f"hidden_size ({self.hidden_size}) must be a multiple of num_attention_heads "
-                             f"({self.num_attention_heads})")
-        _probability("hidden_dropout_prob", self.hidden_dropout_prob)
-        _probability("attention_probs_dropout_prob", self.attention_probs_dropout_prob)
-        if isinstance(self.layer_norm_eps, bool) or not isinstance(self.layer_norm_eps, (int, float)) \
-                or not self.layer_norm_eps > 0:
-            raise ValueError(f"layer_norm_eps must be a float > 0, got {self.layer_norm_eps!r}")
-        if self.position_mode not in POSITION_MODES:
-            raise ValueError(f"position_mode must be one of {POSITION_MODES}, got {self.position_mode!r}")
-        if self.hidden_act not in HIDDEN_ACTS:
-            raise ValueError(f"hidden_act must be one of {HIDDEN_ACTS}, got {self.hidden_act!r}")
-        if not isinstance(self.untie_cls, bool):
-            raise TypeError(f"untie_cls must be a bool, got {type(self.untie_cls).__name__}")
-        if not isinstance(self.multi_exit, bool):
-            raise TypeError(f"multi_exit must be a bool, got {type(self.multi_exit).__name__}")
-        if isinstance(self.pad_token_id, bool) or not isinstance(self.pad_token_id, int) \
-                or not 0 <= self.pad_token_id < self.vocab_size:
-            raise ValueError(f"pad_token_id must be an int in [0, vocab_size), got {self.pad_token_id!r}")
+    def __init__(self, vocab_size=30522, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
+                 intermediate_size=3072, max_position_embeddings=512, type_vocab_size=2, hidden_dropout_prob=0.1,
+                 attention_probs_dropout_prob=0.1, layer_norm_eps=1e-12, position_layer_norm_eps=None,
+                 hidden_act="gelu", initializer_range=0.02, pad_token_id=0, position_mode="tupe-r", num_buckets=32,
+                 max_distance=128, untie_cls=True, num_labels=None, backend="auto", multi_exit=False,
+                 tnf_num_notes=None, tnf_window=16, tnf_gamma=0.1, tnf_lam=0.5, **kwargs):
+        for name, value in (("vocab_size", vocab_size), ("hidden_size", hidden_size),
+                            ("num_hidden_layers", num_hidden_layers), ("num_attention_heads", num_attention_heads),
+                            ("intermediate_size", intermediate_size),
+                            ("max_position_embeddings", max_position_embeddings), ("num_buckets", num_buckets),
+                            ("max_distance", max_distance)):
+            _positive_int(name, value)
+        if num_labels is None:  # a saved config carries its labels (id2label); 2 otherwise
+            num_labels = len(kwargs["id2label"]) if kwargs.get("id2label") else 2
+        _positive_int("num_labels", num_labels)
+        if kwargs.get("id2label") and len(kwargs["id2label"]) != num_labels:
+            kwargs.pop("id2label"), kwargs.pop("label2id", None)  # an explicit num_labels replaces stale labels
+        _positive_int("type_vocab_size", type_vocab_size, low=0)
+        if hidden_size % num_attention_heads:
+            raise ValueError(f"hidden_size ({hidden_size}) must be a multiple of num_attention_heads "
+                             f"({num_attention_heads})")
+        _probability("hidden_dropout_prob", hidden_dropout_prob)
+        _probability("attention_probs_dropout_prob", attention_probs_dropout_prob)
+        _positive_float("layer_norm_eps", layer_norm_eps)
+        if position_layer_norm_eps is None:
+            position_layer_norm_eps = layer_norm_eps
+        _positive_float("position_layer_norm_eps", position_layer_norm_eps)
+        _positive_float("initializer_range", initializer_range)
+        if position_mode not in POSITION_MODES:
+            raise ValueError(f"position_mode must be one of {POSITION_MODES}, got {position_mode!r}")
+        if hidden_act not in HIDDEN_ACTS:
+            raise ValueError(f"hidden_act must be one of {HIDDEN_ACTS}, got {hidden_act!r}")
+        if not isinstance(untie_cls, bool):
+            raise TypeError(f"untie_cls must be a bool, got {type(untie_cls).__name__}")
+        if not isinstance(multi_exit, bool):
+            raise TypeError(f"multi_exit must be a bool, got {type(multi_exit).__name__}")
+        if isinstance(pad_token_id, bool) or not isinstance(pad_token_id, int) or not 0 <= pad_token_id < vocab_size:
+            raise ValueError(f"pad_token_id must be an int in [0, vocab_size), got {pad_token_id!r}")
         from ..ops._dispatch import BACKENDS
 
-        if self.backend not in ("auto",) + BACKENDS:
-            raise ValueError(f"backend must be one of {('auto',) + BACKENDS}, got {self.backend!r}")
+        if backend not in ("auto",) + BACKENDS:
+            raise ValueError(f"backend must be one of {('auto',) + BACKENDS}, got {backend!r}")
+        if tnf_num_notes is not None:
+            _positive_int("tnf_num_notes", tnf_num_notes, low=0)
+        _positive_int("tnf_window", tnf_window, low=0)
+        for name, value in (("tnf_gamma", tnf_gamma), ("tnf_lam", tnf_lam)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+                raise ValueError(f"{name} must be a real number in [0, 1], got {value!r}")
+        self.vocab_size = vocab_size
+        self.hidden_size = hidden_size
+        self.num_hidden_layers = num_hidden_layers
+        self.num_attention_heads = num_attention_heads
+        self.intermediate_size = intermediate_size
+        self.max_position_embeddings = max_position_embeddings
+        self.type_vocab_size = type_vocab_size
+        self.hidden_dropout_prob = hidden_dropout_prob
+        self.attention_probs_dropout_prob = attention_probs_dropout_prob
+        self.layer_norm_eps = layer_norm_eps
+        self.position_layer_norm_eps = position_layer_norm_eps
+        self.hidden_act = hidden_act
+        self.initializer_range = initializer_range
+        self.position_mode = position_mode
+        self.num_buckets = num_buckets
+        self.max_distance = max_distance
+        self.untie_cls = untie_cls
+        self.backend = backend
+        self.multi_exit = multi_exit
+        self.tnf_num_notes = tnf_num_notes
+        self.tnf_window = tnf_window
+        self.tnf_gamma = tnf_gamma
+        self.tnf_lam = tnf_lam
+        super().__init__(pad_token_id=pad_token_id, num_labels=num_labels, **kwargs)
 
     @property
     def head_dim(self):
         return self.hidden_size // self.num_attention_heads
 
-    def to_dict(self):
-        return dataclasses.asdict(self)
+    @classmethod
+    def _known_keys(cls):
+        base = set(PretrainedConfig().to_dict())
+        return base | set(FIELDS) | {"id2label", "label2id", "architectures", "transformers_version", "model_type",
+                                     "auto_map", "_name_or_path", "torch_dtype", "dtype"}
 
     @classmethod
-    def from_dict(cls, values):
-        """The config from ``to_dict()``'s output; an unknown key is an error (a typo must not pass silently)."""
-        if not isinstance(values, dict):
-            raise TypeError(f"values must be a dict, got {type(values).__name__}")
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
+    def from_dict(cls, config_dict, **kwargs):
+        """The config from ``to_dict()``'s output (or a dict of the fields above); an unknown key is a
+        ``ValueError`` (a typo must not pass silently)."""
+        if not isinstance(config_dict, dict):
+            raise TypeError(f"config_dict must be a dict, got {type(config_dict).__name__}")
+        unknown = sorted(set(config_dict) - cls._known_keys())
         if unknown:
             raise ValueError(f"unknown TupeBertConfig keys: {unknown}")
-        return cls(**values)
+        mt = config_dict.get("model_type", cls.model_type)
+        if mt != cls.model_type:
+            raise ValueError(f"model_type must be {cls.model_type!r}, got {mt!r}")
+        return super().from_dict(config_dict, **kwargs)
 
     def to_json(self):
-        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+        """``to_json_string`` with every field (``from_json`` reads it back)."""
+        return self.to_json_string(use_diff=False)
 
     @classmethod
     def from_json(cls, text):

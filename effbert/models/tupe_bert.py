@@ -9,38 +9,41 @@ The pieces a later wrapper needs are separate methods of ``TupeBertModel`` (``em
 embeddings can drive the same modules without copying them.
 """
 
-from typing import NamedTuple, Optional, Tuple
+from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers import PreTrainedModel
+from transformers.modeling_outputs import BaseModelOutputWithPooling
+from transformers.modeling_outputs import MaskedLMOutput as _MaskedLMOutput
+from transformers.modeling_outputs import SequenceClassifierOutput
 
 from ..losses import multi_exit_distillation_loss, pabee_loss
 from ..nn import ExitHead, MultiExitEncoder, NoteDictionary, TupePositionBias, TupeSelfAttention
 from ..ops._dispatch import BACKENDS
 from .config import TupeBertConfig
 
-__all__ = ["TupeBertConfig", "TupeBertModel", "TupeBertForMaskedLM", "TupeBertForSequenceClassification",
-           "TupeBertOutput", "MaskedLMOutput", "SequenceClassifierOutput"]
+__all__ = ["TupeBertConfig", "TupeBertPreTrainedModel", "TupeBertModel", "TupeBertForMaskedLM",
+           "TupeBertForSequenceClassification", "BaseModelOutputWithPooling", "MaskedLMOutput",
+           "SequenceClassifierOutput", "MultiExitSequenceClassifierOutput"]
 
 
-class TupeBertOutput(NamedTuple):
-    last_hidden_state: torch.Tensor  # [B, N, hidden]
-    pooler_output: Optional[torch.Tensor] = None  # [B, hidden], tanh(dense(h[:, 0])); None without a pooler
-    hidden_states: Optional[Tuple[torch.Tensor, ...]] = None  # embeddings, then every layer's output
+@dataclass
+class MaskedLMOutput(_MaskedLMOutput):
+    """``transformers``' ``MaskedLMOutput`` plus ``last_hidden_state [B, N, hidden]``: what TNF's
+    ``update_notes`` folds into the notes after a training step."""
+
+    last_hidden_state: Optional[torch.FloatTensor] = None
 
 
-class MaskedLMOutput(NamedTuple):
-    loss: Optional[torch.Tensor]
-    logits: Optional[torch.Tensor]  # [B, N, vocab]; None when forward(return_logits=False)
-    hidden_states: Optional[Tuple[torch.Tensor, ...]] = None
-    last_hidden_state: Optional[torch.Tensor] = None  # [B, N, hidden]: what update_notes folds into the notes
+@dataclass
+class MultiExitSequenceClassifierOutput(SequenceClassifierOutput):
+    """``SequenceClassifierOutput`` of a multi-exit model: ``logits [B, C]`` are the last exit's (what a plain
+    classifier returns), ``exit_logits [L, B, C]`` every exit's, first layer first."""
 
-
-class SequenceClassifierOutput(NamedTuple):
-    loss: Optional[torch.Tensor]
-    logits: torch.Tensor  # [B, num_labels]; [L, B, num_labels] (every exit) with config.multi_exit
-    hidden_states: Optional[Tuple[torch.Tensor, ...]] = None
+    exit_logits: Optional[torch.FloatTensor] = None
 
 
 def _activation(name):
@@ -74,12 +77,14 @@ def _check_ids(name, t, shape):
 
 
 class TupeBertEmbeddings(nn.Module):
-    """Word + token type (+ learned absolute positions, in ``"absolute"`` mode only), LayerNorm, dropout."""
+    """Word + token type (none with ``type_vocab_size=0``) (+ learned absolute positions, in ``"absolute"`` mode
+    only), LayerNorm, dropout."""
 
     def __init__(self, config):
         super().__init__()
         self.word_embeddings = nn.Embedding(config.vocab_size, config.hidden_size, padding_idx=config.pad_token_id)
-        self.token_type_embeddings = nn.Embedding(config.type_vocab_size, config.hidden_size)
+        self.token_type_embeddings = (nn.Embedding(config.type_vocab_size, config.hidden_size)
+                                      if config.type_vocab_size > 0 else None)
         # TUPE keeps positions out of the token embedding: they enter every layer's logits instead
         self.position_embeddings = (nn.Embedding(config.max_position_embeddings, config.hidden_size)
                                     if config.position_mode == "absolute" else None)
@@ -87,7 +92,9 @@ class TupeBertEmbeddings(nn.Module):
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
     def forward(self, input_ids, token_type_ids):
-        x = self.word_embeddings(input_ids) + self.token_type_embeddings(token_type_ids)
+        x = self.word_embeddings(input_ids)
+        if self.token_type_embeddings is not None:
+            x = x + self.token_type_embeddings(token_type_ids)
         if self.position_embeddings is not None:
             x = x + self.position_embeddings.weight[: input_ids.shape[1]][None]
         return self.dropout(self.layer_norm(x))
@@ -121,11 +128,18 @@ class TupeBertEncoder(nn.Module):
     def __init__(self, config):
         super().__init__()
         self.layers = nn.ModuleList(TupeBertLayer(config) for _ in range(config.num_hidden_layers))
+        self.gradient_checkpointing = False  # set by PreTrainedModel.gradient_checkpointing_enable()
+
+    def run_layer(self, layer, hidden, pos_bias=None, key_padding_mask=None):
+        """One layer, recomputed in the backward pass when gradient checkpointing is on (training only)."""
+        if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+            return self._gradient_checkpointing_func(layer.__call__, hidden, pos_bias, key_padding_mask)
+        return layer(hidden, pos_bias=pos_bias, key_padding_mask=key_padding_mask)
 
     def forward(self, hidden, pos_bias=None, key_padding_mask=None, output_hidden_states=False):
         states = [hidden] if output_hidden_states else None
         for layer in self.layers:
-            hidden = layer(hidden, pos_bias=pos_bias, key_padding_mask=key_padding_mask)
+            hidden = self.run_layer(layer, hidden, pos_bias, key_padding_mask)
             if states is not None:
                 states.append(hidden)
         return hidden, (tuple(states) if states is not None else None)
@@ -140,34 +154,48 @@ class TupeBertPooler(nn.Module):
         return torch.tanh(self.dense(hidden[:, 0]))
 
 
-class TupeBertPreTrainedModel(nn.Module):
-    """Shared by the model and its heads: the config, BERT's initialisation and switching the ops' backend."""
+class TupeBertPreTrainedModel(PreTrainedModel):
+    """Shared by the model and its heads: the config, BERT's initialisation, gradient checkpointing and switching
+    the ops' backend. ``save_pretrained`` / ``from_pretrained`` (safetensors) and the ``Auto*`` classes work as for
+    any ``transformers`` model once ``effbert`` is imported."""
 
-    def __init__(self, config):
-        super().__init__()
+    config_class = TupeBertConfig
+    base_model_prefix = "bert"
+    main_input_name = "input_ids"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["TupeBertLayer"]
+
+    def __init__(self, config, *inputs, **kwargs):
         if not isinstance(config, TupeBertConfig):
             raise TypeError(f"config must be a TupeBertConfig, got {type(config).__name__}")
-        self.config = config
+        super().__init__(config, *inputs, **kwargs)
 
+    @torch.no_grad()
     def _init_weights(self, module):
+        """BERT's initialisation (normal(0, initializer_range) weights, zero biases, unit LayerNorms) and TUPE's
+        relative table normal(0, initializer_range) as TUPE's ``init_bert_params`` gives its ``nn.Embedding``
+        (guolinke/TUPE, fairseq/modules/transformer_sentence_encoder.py). The [CLS] scalars start at 0 (TUPE derives
+        them from positions 0 and 1 instead of learning them directly)."""
         std = self.config.initializer_range
         if isinstance(module, nn.Linear):
-            nn.init.normal_(module.weight, std=std)
+            module.weight.normal_(0.0, std)
             if module.bias is not None:
-                nn.init.zeros_(module.bias)
+                module.bias.zero_()
         elif isinstance(module, nn.Embedding):
-            nn.init.normal_(module.weight, std=std)
+            module.weight.normal_(0.0, std)
             if module.padding_idx is not None:
-                with torch.no_grad():
-                    module.weight[module.padding_idx].zero_()
+                module.weight[module.padding_idx].zero_()
         elif isinstance(module, nn.LayerNorm):
-            nn.init.ones_(module.weight)
-            nn.init.zeros_(module.bias)
-
-    def init_weights(self):
-        """BERT's initialisation: normal(0, initializer_range) weights, zero biases, unit LayerNorms (the TUPE
-        relative table and [CLS] scalars start at zero)."""
-        self.apply(self._init_weights)
+            module.weight.fill_(1.0)
+            module.bias.zero_()
+        elif isinstance(module, TupePositionBias):
+            if module.rel_table is not None:
+                module.rel_table.normal_(0.0, std)
+            if module.cls_row is not None:
+                module.cls_row.zero_()
+                module.cls_col.zero_()
+        elif isinstance(module, TupeBertMLMHead):
+            module.bias.zero_()
 
     def set_backend(self, backend):
         """Run every effbert op of this model on ``backend`` (``"auto"``, ``"triton"``, ``"eager"``, ...)."""
@@ -182,7 +210,8 @@ class TupeBertPreTrainedModel(nn.Module):
 
 class TupeBertModel(TupeBertPreTrainedModel):
     """The encoder: ``forward(input_ids, attention_mask=None, token_type_ids=None, output_hidden_states=False)``
-    returns ``TupeBertOutput(last_hidden_state [B, N, hidden], pooler_output [B, hidden], hidden_states)``.
+    returns ``BaseModelOutputWithPooling(last_hidden_state [B, N, hidden], pooler_output [B, hidden] (None without a
+    pooler), hidden_states (embeddings, then every layer's output))``.
 
     ``attention_mask [B, N]`` (bool or 0/1 ints, 1 = real token) keeps padding out of every softmax. The hidden
     states at padded positions carry no meaning (the fused attention writes 0 there); read real tokens only.
@@ -196,11 +225,17 @@ class TupeBertModel(TupeBertPreTrainedModel):
             self.position_encoder = TupePositionBias(
                 config.hidden_size, config.num_attention_heads, max_positions=config.max_position_embeddings,
                 num_buckets=config.num_buckets if config.position_mode == "tupe-r" else None,
-                max_distance=config.max_distance, untie_cls=config.untie_cls, layer_norm_eps=config.layer_norm_eps,
+                max_distance=config.max_distance, untie_cls=config.untie_cls, layer_norm_eps=config.position_layer_norm_eps,
                 backend=config.backend)
         self.encoder = TupeBertEncoder(config)
         self.pooler = TupeBertPooler(config) if add_pooling_layer else None
-        self.init_weights()
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.embeddings.word_embeddings
+
+    def set_input_embeddings(self, value):
+        self.embeddings.word_embeddings = value
 
     def check_inputs(self, input_ids, attention_mask=None, token_type_ids=None):
         """Checks the inputs; returns ``token_type_ids`` (zeros when None) and the bool key padding mask."""
@@ -230,14 +265,23 @@ class TupeBertModel(TupeBertPreTrainedModel):
         """The positional term ``P [H, N, N]`` every layer adds to its logits (None in ``"absolute"`` mode)."""
         return self.position_encoder(seq_len) if self.position_encoder is not None else None
 
-    def forward(self, input_ids, attention_mask=None, token_type_ids=None, output_hidden_states=False):
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None, output_hidden_states=False,
+                return_dict=None):
         token_type_ids, mask = self.check_inputs(input_ids, attention_mask, token_type_ids)
         hidden = self.embed(input_ids, token_type_ids)
         pos_bias = self.position_bias(input_ids.shape[1])  # once per forward, shared by every layer
         hidden, states = self.encoder(hidden, pos_bias=pos_bias, key_padding_mask=mask,
                                       output_hidden_states=output_hidden_states)
         pooled = self.pooler(hidden) if self.pooler is not None else None
-        return TupeBertOutput(hidden, pooled, states)
+        out = BaseModelOutputWithPooling(last_hidden_state=hidden, pooler_output=pooled, hidden_states=states)
+        return _as_requested(out, return_dict)
+
+
+def _as_requested(out, return_dict):
+    """``return_dict=False`` gives the output as a tuple (its non-None fields), as ``transformers`` models do."""
+    if return_dict is not None and not isinstance(return_dict, bool):
+        raise TypeError(f"return_dict must be a bool or None, got {type(return_dict).__name__}")
+    return out.to_tuple() if return_dict is False else out
 
 
 def check_bert_inputs(config, input_ids, attention_mask=None, token_type_ids=None):
@@ -257,7 +301,8 @@ def check_bert_inputs(config, input_ids, attention_mask=None, token_type_ids=Non
         _check_ids("token_type_ids", token_type_ids, (b, n))
         if token_type_ids.device != input_ids.device:
             raise ValueError(f"token_type_ids must be on {input_ids.device}, got {token_type_ids.device}")
-        _values_in_range("token_type_ids", token_type_ids, 0, config.type_vocab_size)
+        # without token-type embeddings (type_vocab_size 0) only all-zero ids mean anything (what tokenizers send)
+        _values_in_range("token_type_ids", token_type_ids, 0, max(config.type_vocab_size, 1))
     return token_type_ids, TupeBertModel.padding_mask(attention_mask, (b, n), input_ids.device)
 
 
@@ -294,7 +339,9 @@ class TupeBertForMaskedLM(TupeBertPreTrainedModel):
     TNF: with ``note_dictionary`` (a ``NoteDictionary`` of dim ``hidden_size``), ``note_slots [B, N]`` (from
     ``effbert.tnf.RareWordTable.find``; -1 = not a rare word) mixes each rare word's note into the embeddings fed to
     the first layer, and the training loop calls ``update_notes(out.last_hidden_state, spans, lengths)`` after each
-    step. The notes are buffers of the submodule ``notes``, so they travel in the state dict.
+    step. The notes are buffers of the submodule ``notes``, so they travel in the state dict; the dictionary's sizes
+    are written into the config (``tnf_*``), so ``from_pretrained`` rebuilds it and loads the notes. Without
+    ``note_dictionary``, a config with ``tnf_num_notes`` set builds an empty one of that size.
     """
 
     def __init__(self, config, note_dictionary=None):
@@ -306,13 +353,19 @@ class TupeBertForMaskedLM(TupeBertPreTrainedModel):
             if note_dictionary.dim != config.hidden_size:
                 raise ValueError(f"note_dictionary must have dim == hidden_size ({config.hidden_size}), got "
                                  f"{note_dictionary.dim}")
+            config.tnf_num_notes = note_dictionary.num_slots
+            config.tnf_window, config.tnf_gamma, config.tnf_lam = (note_dictionary.window, note_dictionary.gamma,
+                                                                    note_dictionary.lam)
+        elif config.tnf_num_notes is not None:
+            note_dictionary = NoteDictionary(config.tnf_num_notes, config.hidden_size, window=config.tnf_window,
+                                             gamma=config.tnf_gamma, lam=config.tnf_lam)
         self.bert = TupeBertModel(config, add_pooling_layer=False)
         self.mlm_head = TupeBertMLMHead(config)
-        self.mlm_head.apply(self._init_weights)  # the encoder initialised itself
         self.notes = note_dictionary
+        self.post_init()
 
     def forward(self, input_ids, attention_mask=None, token_type_ids=None, labels=None, output_hidden_states=False,
-                note_slots=None, return_logits=True):
+                note_slots=None, return_logits=True, return_dict=None):
         if not isinstance(return_logits, bool):
             raise TypeError(f"return_logits must be a bool, got {type(return_logits).__name__}")
         if not return_logits and labels is None:
@@ -346,7 +399,9 @@ class TupeBertForMaskedLM(TupeBertPreTrainedModel):
             rows = (flat != -100).nonzero().squeeze(1)
             picked = self.mlm_head(hidden.reshape(-1, hidden.shape[-1])[rows], words)
             total = F.cross_entropy(picked.float(), flat[rows].long(), reduction="sum")
-            return MaskedLMOutput(total / max(rows.numel(), 1), None, states, hidden)
+            out = MaskedLMOutput(loss=total / max(rows.numel(), 1), logits=None, hidden_states=states,
+                                 last_hidden_state=hidden)
+            return _as_requested(out, return_dict)
         logits = self.mlm_head(hidden, words)
         loss = None
         if labels is not None:
@@ -354,7 +409,8 @@ class TupeBertForMaskedLM(TupeBertPreTrainedModel):
             total = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), flat, ignore_index=-100,
                                     reduction="sum")
             loss = total / (flat != -100).sum().clamp_min(1)  # no NaN for a batch with no target
-        return MaskedLMOutput(loss, logits, states, hidden)
+        out = MaskedLMOutput(loss=loss, logits=logits, hidden_states=states, last_hidden_state=hidden)
+        return _as_requested(out, return_dict)
 
     @torch.no_grad()
     def update_notes(self, hidden, spans, lengths=None, process_group=None):
@@ -383,10 +439,13 @@ class TupeBertForSequenceClassification(TupeBertPreTrainedModel):
     """Pooler, dropout, a linear classifier over ``config.num_labels``. ``labels [B]``: class indices with
     cross-entropy (-100 ignored), or float targets with mean squared error when ``num_labels == 1``.
 
+    Returns ``SequenceClassifierOutput(loss, logits [B, C], hidden_states)``.
+
     With ``config.multi_exit``: an off-ramp (``ExitHead``: pooler and classifier) after every layer and no separate
-    pooler. ``forward`` returns every exit's logits ``[L, B, C]``; with labels the loss is RomeBERT's
-    self-distillation loss (``multi_exit_distillation_loss``), or PABEE's weighted MSE for ``num_labels == 1``.
-    ``early_exit`` runs batched early-exit inference.
+    pooler. ``forward`` returns ``MultiExitSequenceClassifierOutput``: ``exit_logits [L, B, C]`` (every exit) and
+    ``logits`` the last exit's; with labels the loss is RomeBERT's self-distillation loss
+    (``multi_exit_distillation_loss``), or PABEE's weighted MSE for ``num_labels == 1``. ``early_exit`` runs batched
+    early-exit inference.
     """
 
     def __init__(self, config):
@@ -398,11 +457,10 @@ class TupeBertForSequenceClassification(TupeBertPreTrainedModel):
             self.classifier = None
             self.exits = nn.ModuleList(ExitHead(config.hidden_size, config.num_labels, config.hidden_dropout_prob)
                                        for _ in range(config.num_hidden_layers))
-            self.exits.apply(self._init_weights)
         else:
             self.exits = None
             self.classifier = nn.Linear(config.hidden_size, config.num_labels)
-            self.classifier.apply(self._init_weights)
+        self.post_init()
 
     def multi_exit_encoder(self, pos_bias):
         """The layers and off-ramps as a ``MultiExitEncoder`` with ``pos_bias`` bound to every layer (built per call:
@@ -420,11 +478,13 @@ class TupeBertForSequenceClassification(TupeBertPreTrainedModel):
             _check_ids("labels", labels, None)
             _values_in_range("labels", labels, 0, self.config.num_labels, allow=-100)
 
-    def forward(self, input_ids, attention_mask=None, token_type_ids=None, labels=None, output_hidden_states=False):
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None, labels=None, output_hidden_states=False,
+                return_dict=None):
         if labels is not None:
             self._check_class_labels(labels, input_ids.shape[0], input_ids.device)
         if self.exits is not None:
-            return self._forward_exits(input_ids, attention_mask, token_type_ids, labels, output_hidden_states)
+            out = self._forward_exits(input_ids, attention_mask, token_type_ids, labels, output_hidden_states)
+            return _as_requested(out, return_dict)
         out = self.bert(input_ids, attention_mask, token_type_ids, output_hidden_states=output_hidden_states)
         logits = self.classifier(self.dropout(out.pooler_output))
         loss = None
@@ -433,7 +493,8 @@ class TupeBertForSequenceClassification(TupeBertPreTrainedModel):
                 loss = F.mse_loss(logits.squeeze(-1).float(), labels.float())
             else:
                 loss = F.cross_entropy(logits.float(), labels.long(), ignore_index=-100)
-        return SequenceClassifierOutput(loss, logits, out.hidden_states)
+        return _as_requested(SequenceClassifierOutput(loss=loss, logits=logits, hidden_states=out.hidden_states),
+                             return_dict)
 
     def _forward_exits(self, input_ids, attention_mask, token_type_ids, labels, output_hidden_states):
         bert = self.bert
@@ -443,7 +504,7 @@ class TupeBertForSequenceClassification(TupeBertPreTrainedModel):
         states = [hidden] if output_hidden_states else None
         exit_logits = []
         for layer, head in zip(bert.encoder.layers, self.exits):
-            hidden = layer(hidden, pos_bias=pos_bias, key_padding_mask=mask)
+            hidden = bert.encoder.run_layer(layer, hidden, pos_bias, mask)
             exit_logits.append(head(hidden))
             if states is not None:
                 states.append(hidden)
@@ -457,7 +518,8 @@ class TupeBertForSequenceClassification(TupeBertPreTrainedModel):
                     raise ValueError("labels must not hold -100 with config.multi_exit (the distillation loss "
                                      "averages over every sample)")
                 loss = multi_exit_distillation_loss(exit_logits.float(), labels.long(), backend=self.config.backend)
-        return SequenceClassifierOutput(loss, exit_logits, tuple(states) if states is not None else None)
+        return MultiExitSequenceClassifierOutput(loss=loss, logits=exit_logits[-1], exit_logits=exit_logits,
+                                                 hidden_states=tuple(states) if states is not None else None)
 
     @torch.no_grad()
     def early_exit(self, input_ids, attention_mask=None, token_type_ids=None, *, criterion, threshold=None,
