@@ -135,10 +135,13 @@ setup(
     package_dir={"effbert": "effbert", "effbert.kernels": "kernels"},
     ext_modules=[cpu_ext, cuda_ext],
     cmdclass={"build_ext": BuildExt},
-    install_requires=["torch>=2.6", "triton; platform_system == 'Linux'", "numpy"],
+    # the models are transformers models (effbert.models): transformers and safetensors are regular dependencies;
+    # a kernels-only user may install with --no-deps plus torch/triton/numpy, and `import effbert` still works
+    install_requires=["torch>=2.6", "triton; platform_system == 'Linux'", "numpy", "transformers>=4.40",
+                      "safetensors"],
     extras_require={
-        "test": ["pytest>=7", "pytest-benchmark", "expecttest", "matplotlib", "transformers>=4.40", "safetensors"],
-        "hf": ["transformers>=4.40", "safetensors"],
+        "test": ["pytest>=7", "pytest-benchmark", "expecttest", "matplotlib"],
+        "hf": [],  # kept so that `pip install -e ".[hf]"` still works: what it installed is now required
         "bench": ["matplotlib", "tqdm", "pytest-benchmark"],
     },
     entry_points={"console_scripts": ["effbert = effbert.cli:main"]},

@@ -224,6 +224,7 @@ def _read_pretrain_folder(path, backend="auto"):
         if not isinstance(state, dict):
             raise ValueError(f"{ckpts[-1]!r} is not a checkpoint of effbert pretrain (no model state)")
     state = {k: v for k, v in state.items() if not k.startswith("notes.")}  # TNF's notes serve pretraining only
+    config.tnf_num_notes = None
     model = TupeBertForMaskedLM(config)
     model.load_state_dict(state)
     return model.eval(), WordPieceTokenizer.from_file(os.path.join(path, VOCAB_FILE), lowercase=not cased), None

@@ -239,15 +239,27 @@ def test_config_defaults_round_trip_and_validation():
                                                                                           512, 2)
     assert (cfg.hidden_dropout_prob, cfg.attention_probs_dropout_prob, cfg.layer_norm_eps) == (0.1, 0.1, 1e-12)
     assert (cfg.num_buckets, cfg.max_distance, cfg.untie_cls, cfg.backend) == (32, 128, True, "auto")
-    custom = tiny_config("tupe-a", untie_cls=False)
-    assert TupeBertConfig.from_dict(custom.to_dict()) == custom
-    assert TupeBertConfig.from_json(custom.to_json()) == custom
+    assert cfg.model_type == "tupe-bert" and cfg.position_layer_norm_eps == cfg.layer_norm_eps
+    custom = tiny_config("tupe-a", untie_cls=False, position_layer_norm_eps=1e-5, type_vocab_size=0)
+    assert TupeBertConfig.from_dict(custom.to_dict()).to_dict() == custom.to_dict()
+    assert TupeBertConfig.from_json(custom.to_json()).to_dict() == custom.to_dict()
+    assert TupeBertConfig.from_dict(custom.to_dict()).position_layer_norm_eps == 1e-5
+    wide = custom.replace(hidden_size=64, num_attention_heads=4)
+    assert (wide.hidden_size, wide.num_attention_heads, custom.hidden_size, wide.position_mode) == (64, 4, 32, "tupe-a")
+    with pytest.raises(ValueError, match="hidden_size"):
+        custom.replace(hidden_size=33)
+    relabelled = TupeBertConfig.from_dict({**custom.to_dict(), "num_labels": 5})  # stale id2label dropped
+    assert relabelled.num_labels == 5 and len(relabelled.id2label) == 5
+    with pytest.raises(ValueError, match="model_type"):
+        TupeBertConfig.from_dict({**custom.to_dict(), "model_type": "bert"})
     with pytest.raises(ValueError, match="unknown TupeBertConfig keys"):
         TupeBertConfig.from_dict({**custom.to_dict(), "hiden_size": 3})
     bad = [(dict(position_mode="rope"), "position_mode"), (dict(hidden_size=31), "hidden_size"),
            (dict(hidden_dropout_prob=1.0), "hidden_dropout_prob"), (dict(num_labels=0), "num_labels"),
            (dict(backend="tpu"), "backend"), (dict(hidden_act="swish"), "hidden_act"),
-           (dict(layer_norm_eps=0.0), "layer_norm_eps"), (dict(pad_token_id=53), "pad_token_id")]
+           (dict(layer_norm_eps=0.0), "layer_norm_eps"), (dict(pad_token_id=53), "pad_token_id"),
+           (dict(position_layer_norm_eps=-1.0), "position_layer_norm_eps"), (dict(type_vocab_size=-1), "type_vocab_size"),
+           (dict(tnf_num_notes=-1), "tnf_num_notes"), (dict(tnf_lam=2.0), "tnf_lam")]
     for override, name in bad:
         with pytest.raises(ValueError, match=name):
             tiny_config(**override)
@@ -356,8 +368,9 @@ def test_gpu_bert_base_layers_low_precision(dtype):
         assert_close(grads[name], ref_grads[name], lowp_eager=low_grads[name], what=f"d {name}")
 
 
-def test_initialisation_is_berts():
-    cfg = tiny_config("tupe-r", hidden_size=64, vocab_size=997, initializer_range=0.05)
+def test_initialisation_is_berts_and_tupes():
+    cfg = tiny_config("tupe-r", hidden_size=64, num_attention_heads=4, vocab_size=997, initializer_range=0.05,
+                      num_buckets=64, max_distance=128)
     model = TupeBertForMaskedLM(cfg)
     word = model.bert.embeddings.word_embeddings.weight.detach()
     assert torch.all(word[cfg.pad_token_id] == 0)
@@ -366,6 +379,113 @@ def test_initialisation_is_berts():
     assert abs(float(head.dense.weight.detach().std()) - 0.05) < 0.01 and torch.all(head.dense.bias == 0)
     assert torch.all(head.layer_norm.weight == 1) and torch.all(head.bias == 0)
     enc = model.bert.position_encoder
-    assert torch.all(enc.rel_table == 0) and torch.all(enc.cls_row == 0)
+    # TUPE's init_bert_params draws its relative table (an nn.Embedding) from N(0, 0.02) like every embedding
+    assert abs(float(enc.rel_table.detach().std()) - 0.05) < 0.01 and abs(float(enc.rel_table.detach().mean())) < 0.01
+    assert torch.all(enc.cls_row == 0) and torch.all(enc.cls_col == 0)
     clf = TupeBertForSequenceClassification(cfg)
     assert abs(float(clf.classifier.weight.detach().std()) - 0.05) < 0.02 and torch.all(clf.classifier.bias == 0)
+
+
+# ---- transformers integration: Auto classes, save_pretrained / from_pretrained, outputs, checkpointing ----
+
+def test_save_pretrained_round_trips_bitwise_with_notes(tmp_path):
+    from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM
+
+    from effbert.nn import NoteDictionary
+
+    cfg = tiny_config("tupe-r", position_layer_norm_eps=1e-5)
+    model = randomize_(TupeBertForMaskedLM(cfg, note_dictionary=NoteDictionary(5, cfg.hidden_size, window=3,
+                                                                                  gamma=0.2, lam=0.4)))
+    with torch.no_grad():  # notes as pretraining leaves them: some slots seen, some not
+        model.notes.notes.copy_(torch.randn(5, cfg.hidden_size))
+        model.notes.counts.copy_(torch.tensor([3, 0, 1, 7, 0]))
+    model.save_pretrained(tmp_path)
+    assert (tmp_path / "model.safetensors").is_file() and (tmp_path / "config.json").is_file()
+    assert isinstance(AutoConfig.from_pretrained(tmp_path), TupeBertConfig)
+    loaded = AutoModelForMaskedLM.from_pretrained(tmp_path)
+    assert type(loaded) is TupeBertForMaskedLM and loaded.notes is not None
+    assert (loaded.notes.window, loaded.notes.gamma, loaded.notes.lam) == (3, 0.2, 0.4)
+    want, got = model.state_dict(), loaded.state_dict()
+    assert sorted(want) == sorted(got) and "notes.notes" in got and "notes.counts" in got
+    for name, tensor in want.items():
+        assert got[name].dtype == tensor.dtype and torch.equal(got[name], tensor), name
+    ids = torch.randint(0, cfg.vocab_size, (2, 6))
+    slots = torch.tensor([[0, -1, 2, 3, -1, 1], [-1, -1, 3, 0, 4, -1]])
+    with torch.no_grad():
+        assert torch.equal(loaded.eval()(ids, note_slots=slots).logits, model.eval()(ids, note_slots=slots).logits)
+    encoder = AutoModel.from_pretrained(tmp_path)
+    assert type(encoder) is TupeBertModel
+    assert torch.equal(encoder.embeddings.word_embeddings.weight, model.bert.embeddings.word_embeddings.weight)
+
+
+def test_sequence_classifier_round_trips_through_auto_class(tmp_path):
+    from transformers import AutoModelForSequenceClassification
+
+    for multi in (False, True):
+        model = randomize_(TupeBertForSequenceClassification(tiny_config("tupe-a", multi_exit=multi))).eval()
+        model.save_pretrained(tmp_path / str(multi))
+        loaded = AutoModelForSequenceClassification.from_pretrained(tmp_path / str(multi)).eval()
+        assert type(loaded) is TupeBertForSequenceClassification and loaded.config.multi_exit is multi
+        assert loaded.config.num_labels == 3
+        for name, tensor in model.state_dict().items():
+            assert torch.equal(loaded.state_dict()[name], tensor), name
+
+
+def test_outputs_are_transformers_classes():
+    from transformers.modeling_outputs import BaseModelOutputWithPooling
+    from transformers.modeling_outputs import MaskedLMOutput as HFMaskedLMOutput
+    from transformers.modeling_outputs import SequenceClassifierOutput
+
+    cfg = tiny_config("tupe-r", backend="eager")
+    ids, types, mask = make_batch(cfg)
+    ids, types, mask = ids.cpu(), types.cpu(), mask.cpu()
+    enc = TupeBertModel(cfg).eval()
+    out = enc(ids, mask, types)
+    assert isinstance(out, BaseModelOutputWithPooling) and out.pooler_output.shape == (3, cfg.hidden_size)
+    as_tuple = enc(ids, mask, types, return_dict=False)
+    assert isinstance(as_tuple, tuple) and torch.equal(as_tuple[0], out.last_hidden_state)
+    labels = torch.full_like(ids, -100)
+    labels[:, 1] = 4
+    mlm = TupeBertForMaskedLM(cfg).eval()(ids, mask, types, labels=labels)
+    assert isinstance(mlm, HFMaskedLMOutput) and mlm.last_hidden_state.shape == (3, 7, cfg.hidden_size)
+    clf = TupeBertForSequenceClassification(cfg).eval()(ids, mask, types, labels=torch.tensor([0, 2, 1]))
+    assert isinstance(clf, SequenceClassifierOutput) and clf.logits.shape == (3, 3) and clf.loss.ndim == 0
+    multi = TupeBertForSequenceClassification(tiny_config("tupe-r", backend="eager", multi_exit=True)).eval()
+    out = multi(ids, mask, types)
+    assert isinstance(out, SequenceClassifierOutput) and out.exit_logits.shape == (2, 3, 3)
+    assert torch.equal(out.logits, out.exit_logits[-1])
+    with pytest.raises(TypeError, match="return_dict"):
+        enc(ids, mask, types, return_dict="yes")
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    for model in (TupeBertForMaskedLM(tiny_config("tupe-r", backend="eager")),
+                  TupeBertForSequenceClassification(tiny_config("tupe-r", backend="eager", multi_exit=True))):
+        model = randomize_(model).double().train()
+        ids, types, mask = (t.cpu() for t in make_batch(model.config))
+        labels = ids.clone() if isinstance(model, TupeBertForMaskedLM) else torch.tensor([0, 1, 2])
+        grads = []
+        for on in (False, True):
+            if on:  # transformers 5 renames gradient_checkpointing_enable to activation_checkpointing_enable
+                enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+                enable()
+                assert model.bert.encoder.gradient_checkpointing
+            model.zero_grad(set_to_none=True)
+            model(ids, mask, types, labels=labels).loss.backward()
+            grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+        assert grads[0].keys() == grads[1].keys()
+        for name in grads[0]:
+            assert_close(grads[1][name], grads[0][name], rtol=1e-12, what=f"checkpointed d {name}")
+
+
+def test_no_token_type_embeddings():
+    cfg = tiny_config("tupe-r", type_vocab_size=0, backend="eager")
+    model = TupeBertModel(cfg).eval()
+    assert model.embeddings.token_type_embeddings is None
+    assert not any("token_type" in name for name in model.state_dict())
+    ids = torch.randint(0, cfg.vocab_size, (2, 5))
+    zeros = torch.zeros_like(ids)
+    with torch.no_grad():
+        assert torch.equal(model(ids, token_type_ids=zeros).last_hidden_state, model(ids).last_hidden_state)
+    with pytest.raises(ValueError, match="token_type_ids"):
+        model(ids, token_type_ids=torch.ones_like(ids))

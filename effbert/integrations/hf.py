@@ -1,5 +1,4 @@
-"""Hugging Face BERT interoperability (needs transformers and safetensors: ``pip install -e ".[hf]"`` in the
-effbert checkout, or ``pip install transformers safetensors``).
+"""Hugging Face BERT interoperability (transformers and safetensors, installed with effbert).
 
 - ``from_hf_bert(model_or_path)``: a pretrained HF BERT (a model object or a local folder holding ``config.json``
   and ``model.safetensors``) as an effbert model in ``position_mode="absolute"``, same outputs on real tokens.
@@ -8,8 +7,6 @@ effbert checkout, or ``pip install transformers safetensors``).
   ``save_pretrained``, is unchanged).
 - ``multi_exit_bert(hf_model, num_labels)``: an HF BERT's embeddings and layers (shared, not copied) with an
   off-ramp after every layer, for early-exit fine-tuning (RomeBERT / PABEE losses) and batched early exit.
-
-transformers is imported only when these functions run, so effbert itself never needs it.
 """
 
 import os

@@ -148,6 +148,10 @@ class TupeBertConfig(PretrainedConfig):
             raise ValueError(f"model_type must be {cls.model_type!r}, got {mt!r}")
         return super().from_dict(config_dict, **kwargs)
 
+    def replace(self, **changes):
+        """A new config with ``changes`` applied (checked as on construction); this one is left unchanged."""
+        return type(self).from_dict({**self.to_dict(), **changes})
+
     def to_json(self):
         """``to_json_string`` with every field (``from_json`` reads it back)."""
         return self.to_json_string(use_diff=False)

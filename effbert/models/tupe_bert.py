@@ -16,12 +16,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedModel
+
+try:  # transformers 5: initialisers that leave weights loaded by from_pretrained alone
+    from transformers import initialization as _init
+except ImportError:  # transformers 4
+    from torch.nn import init as _init
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.modeling_outputs import MaskedLMOutput as _MaskedLMOutput
 from transformers.modeling_outputs import SequenceClassifierOutput
 
 from ..losses import multi_exit_distillation_loss, pabee_loss
 from ..nn import ExitHead, MultiExitEncoder, NoteDictionary, TupePositionBias, TupeSelfAttention
+from ..ops import t5_relative_buckets
 from ..ops._dispatch import BACKENDS
 from .config import TupeBertConfig
 
@@ -176,26 +182,20 @@ class TupeBertPreTrainedModel(PreTrainedModel):
         relative table normal(0, initializer_range) as TUPE's ``init_bert_params`` gives its ``nn.Embedding``
         (guolinke/TUPE, fairseq/modules/transformer_sentence_encoder.py). The [CLS] scalars start at 0 (TUPE derives
         them from positions 0 and 1 instead of learning them directly)."""
+        super()._init_weights(module)  # Linear, Embedding (padding row 0), LayerNorm as BERT does
         std = self.config.initializer_range
-        if isinstance(module, nn.Linear):
-            module.weight.normal_(0.0, std)
-            if module.bias is not None:
-                module.bias.zero_()
-        elif isinstance(module, nn.Embedding):
-            module.weight.normal_(0.0, std)
-            if module.padding_idx is not None:
-                module.weight[module.padding_idx].zero_()
-        elif isinstance(module, nn.LayerNorm):
-            module.weight.fill_(1.0)
-            module.bias.zero_()
-        elif isinstance(module, TupePositionBias):
+        if isinstance(module, TupePositionBias):
             if module.rel_table is not None:
-                module.rel_table.normal_(0.0, std)
+                _init.normal_(module.rel_table, mean=0.0, std=std)
+                # a non-persistent buffer: from_pretrained builds the model without running its constructor's values
+                cfg = self.config
+                _init.copy_(module.rel_buckets, t5_relative_buckets(cfg.max_position_embeddings, cfg.num_buckets,
+                                                                    cfg.max_distance, device=module.rel_buckets.device))
             if module.cls_row is not None:
-                module.cls_row.zero_()
-                module.cls_col.zero_()
+                _init.zeros_(module.cls_row)
+                _init.zeros_(module.cls_col)
         elif isinstance(module, TupeBertMLMHead):
-            module.bias.zero_()
+            _init.zeros_(module.bias)
 
     def set_backend(self, backend):
         """Run every effbert op of this model on ``backend`` (``"auto"``, ``"triton"``, ``"eager"``, ...)."""
@@ -353,9 +353,9 @@ class TupeBertForMaskedLM(TupeBertPreTrainedModel):
             if note_dictionary.dim != config.hidden_size:
                 raise ValueError(f"note_dictionary must have dim == hidden_size ({config.hidden_size}), got "
                                  f"{note_dictionary.dim}")
-            config.tnf_num_notes = note_dictionary.num_slots
-            config.tnf_window, config.tnf_gamma, config.tnf_lam = (note_dictionary.window, note_dictionary.gamma,
-                                                                    note_dictionary.lam)
+            self.config.tnf_num_notes = note_dictionary.num_slots  # from_pretrained rebuilds it from these
+            self.config.tnf_window, self.config.tnf_gamma, self.config.tnf_lam = (
+                note_dictionary.window, note_dictionary.gamma, note_dictionary.lam)
         elif config.tnf_num_notes is not None:
             note_dictionary = NoteDictionary(config.tnf_num_notes, config.hidden_size, window=config.tnf_window,
                                              gamma=config.tnf_gamma, lam=config.tnf_lam)
