@@ -133,8 +133,8 @@ class RareWordTable:
         """Rare-word occurrences in a batch.
 
         ``input_ids``: int64 ``[B, N]``; ``lengths``: optional ``[B]`` real tokens per sequence, each in
-        ``[0, N]`` (the rest is padding; ``ValueError`` otherwise). Returns ``spans`` int64 ``[M, 4]`` rows ``(batch, start, end_exclusive, slot)`` in (batch,
-        position) order, and ``slots`` int64 ``[B, N]``: each piece of a rare word holds its slot, every other token
+        ``[0, N]`` (the rest is padding; ``ValueError`` otherwise). Returns ``spans`` int64 ``[M, 4]`` rows
+        ``(batch, start, end_exclusive, slot)`` in (batch, position) order, and ``slots`` int64 ``[B, N]``: each piece of a rare word holds its slot, every other token
         -1. Both are on ``input_ids``' device.
         """
         if not isinstance(input_ids, torch.Tensor) or input_ids.dtype != torch.int64 or input_ids.dim() != 2:

@@ -23,13 +23,14 @@ that magnitude has lost log(N) to rounding anyway) gets no gradient. Such rows a
 whose output gradient is 0.
 
 Non-finite values never leak from padded positions: the logits of a masked key are -inf and its logit gradient
-exactly 0, and wherever a padded position's input meets a zero weight inside a product it must be 0, since
-0 * inf is NaN: the forward reads a masked key's v as 0, and the backward wrapper passes q, k and v with padded
-positions zeroed (one copy each, which keeps the backward kernels within their register budget). So an inf or NaN in q, k or v
-at a padded position reaches no real token's output or gradient. A NaN or +inf among a real row's logits gives NaN (the row is not mistaken for
-one with no valid key). Packed sequence bounds are checked in the kernels too (an offset outside
-[0, total], a decreasing one or a sequence longer than max_seqlen makes that sequence empty), so no input reads or
-writes outside a buffer even when the op is called without its argument checks.
+exactly 0, and wherever a padded position's input meets a zero weight inside a product it must be 0, since 0 * inf
+is NaN: the forward reads a masked key's v as 0, and the backward wrapper passes q, k and v with padded positions
+zeroed (one copy each, which keeps the backward kernels within their register budget). So an inf or NaN in q, k or v
+at a padded position reaches no real token's output or gradient. A NaN or +inf among a real row's logits gives NaN
+(the row is not mistaken for one with no valid key). Packed sequence bounds are checked in the kernels too (an
+offset outside [0, total], a decreasing one or a sequence longer than max_seqlen makes that sequence empty), so no
+input reads or writes outside a buffer even when the op is called without its argument checks.
+
 Dropout draws a Philox number per (batch, head, i, j) from a seed tensor, so the backward regenerates the mask.
 """
 
