@@ -547,7 +547,8 @@ def _prepare(a, env, log):
     config = _build_config(a, s, tokenizer, saved_run["config"] if saved_run else None)
     if saved_run is not None:
         want = dict(saved_run["config"], backend="eager")
-        diff = [f"{k} {want.get(k)!r} -> {v!r}" for k, v in config.to_dict().items() if want.get(k) != v]
+        now = json.loads(config.to_json())  # as run.json holds it (JSON object keys are strings: id2label's too)
+        diff = [f"{k} {want.get(k)!r} -> {v!r}" for k, v in now.items() if want.get(k) != v]
         _fail_if(diff, "--resume with a different model config than the run in --out: " + "; ".join(diff))
     # record the sizes the model really has (a --config run's flags were not the source), so a resume can check them
     s.update(layers=config.num_hidden_layers, hidden=config.hidden_size, heads=config.num_attention_heads,

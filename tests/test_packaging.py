@@ -94,3 +94,31 @@ def test_command_backends_must_run_on_the_device():
         cli.check_backend("tpu", torch.device("cpu"))
     with pytest.raises(cli.UsageError, match="--device must be cpu, cuda or cuda:N"):
         cli.parse_device("cuda:x")
+
+
+def _run_python(code):
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+
+
+def test_import_effbert_registers_the_auto_classes():
+    done = _run_python(
+        "import effbert\n"
+        "from transformers import AutoConfig, AutoModelForMaskedLM\n"
+        "cfg = AutoConfig.for_model('tupe-bert', vocab_size=11, hidden_size=8, num_hidden_layers=1,"
+        " num_attention_heads=2, intermediate_size=8, max_position_embeddings=8)\n"
+        "print(type(cfg).__name__, type(AutoModelForMaskedLM.from_config(cfg)).__name__)\n")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["TupeBertConfig", "TupeBertForMaskedLM"]
+
+
+def test_the_ops_work_without_transformers():
+    """A kernels-only install (transformers absent) imports effbert and runs the ops."""
+    done = _run_python(
+        "import sys; sys.modules['transformers'] = None\n"
+        "import torch, effbert\n"
+        "print(float(effbert.exit_entropy(torch.zeros(1, 2))[0]))\n")
+    assert done.returncode == 0, done.stderr
+    assert abs(float(done.stdout) - 0.6931471805599453) < 1e-6

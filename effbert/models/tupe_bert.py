@@ -19,8 +19,11 @@ from transformers import PreTrainedModel
 
 try:  # transformers 5: initialisers that leave weights loaded by from_pretrained alone
     from transformers import initialization as _init
-except ImportError:  # transformers 4
-    from torch.nn import init as _init
+except ImportError:  # transformers 4: from_pretrained initialises before it loads
+    import types
+
+    _init = types.SimpleNamespace(normal_=nn.init.normal_, zeros_=nn.init.zeros_,
+                                  copy_=lambda tensor, value: tensor.copy_(value))
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.modeling_outputs import MaskedLMOutput as _MaskedLMOutput
 from transformers.modeling_outputs import SequenceClassifierOutput
