@@ -489,3 +489,18 @@ def test_no_token_type_embeddings():
         assert torch.equal(model(ids, token_type_ids=zeros).last_hidden_state, model(ids).last_hidden_state)
     with pytest.raises(ValueError, match="token_type_ids"):
         model(ids, token_type_ids=torch.ones_like(ids))
+
+
+def test_a_masked_lm_checkpoint_starts_a_classifier(tmp_path):
+    from transformers import AutoModelForSequenceClassification
+
+    from effbert.nn import NoteDictionary
+
+    cfg = tiny_config("tupe-r")
+    mlm = randomize_(TupeBertForMaskedLM(cfg, note_dictionary=NoteDictionary(4, cfg.hidden_size)))
+    mlm.save_pretrained(tmp_path)
+    clf = AutoModelForSequenceClassification.from_pretrained(tmp_path, num_labels=5, multi_exit=True)
+    assert type(clf) is TupeBertForSequenceClassification and clf.config.num_labels == 5 and clf.config.multi_exit
+    for name, tensor in mlm.bert.state_dict().items():
+        assert torch.equal(clf.bert.state_dict()[name], tensor), name
+    assert clf.exits[0].classifier.out_features == 5

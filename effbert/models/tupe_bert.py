@@ -451,6 +451,9 @@ class TupeBertForSequenceClassification(TupeBertPreTrainedModel):
     early-exit inference.
     """
 
+    # a masked-LM checkpoint (fine-tuning starts from one) holds the MLM head and TNF's notes, which serve pretraining
+    _keys_to_ignore_on_load_unexpected = [r"^mlm_head\.", r"^notes\."]
+
     def __init__(self, config):
         super().__init__(config)
         multi = config.multi_exit
