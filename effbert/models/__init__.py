@@ -1,6 +1,7 @@
-"""The reference model family: a post-LN BERT encoder on effbert's TUPE ops, with MLM and classification heads."""
+"""The reference model family: a post-LN BERT encoder on effbert's TUPE ops, with MLM, MC-BERT and classification heads."""
 
 from .config import POSITION_MODES, TupeBertConfig
+from .mc_bert import MultiChoicePretrainingOutput, TupeBertForMultiChoicePretraining, controller_config
 from .tupe_bert import (
     MaskedLMOutput,
     SequenceClassifierOutput,
@@ -11,4 +12,5 @@ from .tupe_bert import (
 )
 
 __all__ = ["POSITION_MODES", "TupeBertConfig", "TupeBertModel", "TupeBertForMaskedLM",
-           "TupeBertForSequenceClassification", "TupeBertOutput", "MaskedLMOutput", "SequenceClassifierOutput"]
+           "TupeBertForSequenceClassification", "TupeBertForMultiChoicePretraining",
+           "MultiChoicePretrainingOutput", "controller_config", "TupeBertOutput", "MaskedLMOutput", "SequenceClassifierOutput"]
