@@ -1,6 +1,9 @@
 """MC-BERT ops: the sampler and the multi-choice candidate loss against float64 references, gradients,
 reproducibility, torch.library registration, torch.compile and bad inputs."""
 
+import json
+import os
+
 import pytest
 import torch
 
@@ -249,3 +252,175 @@ def test_torch_compile_fullgraph(seeded):
     assert_close(loss, ref)
     for got, want in zip(leaves, ref_leaves):
         assert_close(got.grad, want.grad)
+
+
+# ---- the model ----
+
+def _tiny_model(backend="eager", hidden=36, **kw):
+    from effbert.models import TupeBertConfig, TupeBertForMultiChoicePretraining
+
+    cfg = TupeBertConfig(vocab_size=40, hidden_size=hidden, num_hidden_layers=2, num_attention_heads=6,
+                         intermediate_size=48, max_position_embeddings=16, hidden_dropout_prob=0.0,
+                         attention_probs_dropout_prob=0.0, backend=backend)
+    return TupeBertForMultiChoicePretraining(cfg, mask_token_id=4, **kw)
+
+
+def _masked_batch(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(5, 40, (3, 11), generator=g)
+    labels = torch.full_like(ids, -100)
+    labels[:, [2, 5]] = ids[:, [2, 5]]
+    ids[:, 2] = 4  # [MASK]
+    ids[0, 5] = 7  # a random replacement (BERT's 10%): its original is still the target
+    att = torch.ones_like(ids)
+    att[2, 8:] = 0
+    return ids, att, labels
+
+
+def test_multi_choice_inputs_by_hand():
+    from effbert.models.mc_bert import multi_choice_inputs
+
+    input_ids = torch.tensor([4, 9, 4, 7])
+    original = torch.tensor([5, 9, 6, 8])  # positions 0, 2 masked; 3 randomly replaced (7 != 8); 1 untouched
+    masked = torch.tensor([True, False, True, False])
+    draws = torch.tensor([[11, 12, 13], [21, 22, 23], [6, 32, 33], [41, 42, 43]])
+    new_ids, cand, labels = multi_choice_inputs(input_ids, original, masked, draws, reject_token_id=4)
+    assert new_ids.tolist() == [11, 9, 6, 7]  # the first draw fills [MASK]; drawing the original (6) is no change
+    assert labels.tolist() == [1, 0, 0, 1]
+    assert cand.tolist() == [[4, 5, 13], [4, 22, 23], [4, 32, 33], [4, 8, 43]]
+
+
+def test_controller_shape_and_shared_embeddings():
+    model = _tiny_model()
+    cc = model.controller_config
+    assert (cc.hidden_size, cc.num_attention_heads, cc.intermediate_size, cc.num_hidden_layers) == (12, 2, 16, 2)
+    keys = model.state_dict().keys()
+    # the controller owns no [V, hidden/3] table: it projects the main model's embeddings
+    assert not [k for k in keys if k.startswith("controller.") and k.endswith("word_embeddings.weight")]
+    assert "controller.bert.embeddings.word_embeddings.proj.weight" in keys
+    # with lambda = 0 only the controller's MLM trains, and it still moves the shared embeddings and bias
+    model.loss_lambda = 0.0
+    ids, att, labels = _masked_batch()
+    out = model(ids, att, labels=labels)
+    out.loss.backward()
+    assert model.bert.embeddings.word_embeddings.weight.grad.abs().sum() > 0
+    assert model.mlm_head.bias.grad.abs().sum() > 0
+    assert model.mlm_head.dense.weight.grad is None or model.mlm_head.dense.weight.grad.abs().sum() == 0
+
+
+def test_model_loss_and_metrics(seeded):
+    model = _tiny_model()
+    ids, att, labels = _masked_batch()
+    torch.manual_seed(3)
+    out = model(ids, att, labels=labels)
+    assert torch.allclose(out.loss, out.mlm_loss + 50.0 * out.mc_loss)
+    assert 0 <= float(out.mc_accuracy) <= 1 and float(out.replaced_fraction) > 0
+    # the controller's MLM loss by hand: cross-entropy of proj(E)-logits at the [MASK] positions
+    feats = model.controller(ids, att, None)
+    logits = torch.nn.functional.linear(feats, model.controller_weight(), model.mlm_head.bias)
+    masked = ids == 4
+    want = torch.nn.functional.cross_entropy(logits[masked].double(), labels[masked])
+    assert abs(float(out.mlm_loss) - float(want)) < 1e-5
+    out.loss.backward()
+    missing = [n for n, p in model.named_parameters() if p.grad is None]
+    assert not missing, missing
+    # the same draws (seed) give the same losses: the objective is a function of torch's RNG state
+    torch.manual_seed(3)
+    again = model(ids, att, labels=labels)
+    assert torch.equal(again.loss, out.loss)
+
+
+def test_model_kernel_backend_matches_eager_losses():
+    model = _tiny_model(hidden=96)  # head dims 16 in both models: the fused attention's sizes
+    ids, att, labels = _masked_batch(1)
+    torch.manual_seed(0)
+    eager = model(ids, att, labels=labels)
+    model.set_backend(KERNEL)
+    assert model.controller.bert.encoder.layers[0].attention.backend == KERNEL
+    torch.manual_seed(0)
+    kern = model(ids, att, labels=labels)
+    assert abs(float(kern.mlm_loss) - float(eager.mlm_loss)) < 1e-4  # before any draw: the same computation
+    assert torch.isfinite(kern.loss)
+
+
+def test_finetuning_state_drops_the_controller():
+    from effbert.models import TupeBertForMaskedLM
+
+    model = _tiny_model()
+    state = model.finetuning_state_dict()
+    assert state and not [k for k in state if k.startswith("controller.")]
+    mlm = TupeBertForMaskedLM(model.config)
+    mlm.load_state_dict(state)  # strict: exactly the masked-LM model's keys
+
+
+def test_model_bad_arguments():
+    with pytest.raises(ValueError, match="num_candidates"):
+        _tiny_model(num_candidates=1)
+    with pytest.raises(ValueError, match="reject_token_id"):
+        _tiny_model(reject_token_id=40)
+    with pytest.raises(ValueError, match="loss_lambda"):
+        _tiny_model(loss_lambda=-1.0)
+    model = _tiny_model()
+    ids, att, labels = _masked_batch()
+    with pytest.raises(ValueError, match="labels are needed"):
+        model(ids, att)
+    with pytest.raises(ValueError, match="labels must hold"):
+        model(ids, att, labels=labels.clamp(min=0) + 40)
+
+
+# ---- the command ----
+
+def _real_text(path):
+    """Lines of this machine's licence texts: real prose, not generated."""
+    import glob
+    import re
+
+    files = sorted(glob.glob("/usr/share/common-licenses/*"))
+    text = " ".join(open(f, encoding="utf-8", errors="ignore").read() for f in files[:6] if os.path.isfile(f))
+    if len(text) < 5000:
+        text = (os.__doc__ or "") + " " + " ".join(m.__doc__ or "" for m in (re, glob, pytest, torch))
+    lines = [s.strip() for s in re.split(r"(?<=[.;:])\s+", re.sub(r"\s+", " ", text)) if len(s.split()) >= 4]
+    path.write_text("\n".join(lines[:400]) + "\n")
+    return str(path)
+
+
+ARGS = ["--vocab-size", "300", "--layers", "2", "--hidden", "36", "--heads", "3", "--max-len", "24",
+        "--batch-size", "8", "--lr", "2e-3", "--backend", "eager", "--quiet", "--objective", "mcbert",
+        "--device", "cpu"]
+
+
+def test_pretrain_mcbert_resume_and_finetune(tmp_path, capsys):
+    from effbert import cli, finetune, pretrain
+
+    data = _real_text(tmp_path / "corpus.txt")
+    whole, parts = tmp_path / "whole", tmp_path / "parts"
+    assert pretrain.main(["--data", data, "--out", str(whole), *ARGS, "--steps", "4", "--save-every", "2",
+                          "--log-every", "2", "--dump-state", str(tmp_path / "whole.pt")]) == 0
+    text = capsys.readouterr().out
+    assert "objective MC-BERT (K = 10, lambda = 50" in text and "multi-choice" in text
+    log = [json.loads(line) for line in (whole / "log.jsonl").read_text().splitlines()]
+    assert {"mlm_loss", "mc_loss", "mc_accuracy", "mc_replaced_accuracy"} <= log[-1].keys()
+    # resuming after step 2 gives bitwise the run that did not stop (controller included)
+    assert pretrain.main(["--data", data, "--out", str(parts), *ARGS, "--steps", "4", "--save-every", "2"]) == 0
+    os.remove(parts / "checkpoint-00000004.pt")
+    os.remove(parts / "model.pt")
+    assert pretrain.main(["--data", data, "--out", str(parts), "--resume", "--steps", "4", "--save-every", "2",
+                          "--quiet", "--backend", "eager", "--batch-size", "8", "--lr", "2e-3", "--device", "cpu",
+                          "--dump-state", str(tmp_path / "parts.pt")]) == 0
+    a, b = torch.load(tmp_path / "whole.pt"), torch.load(tmp_path / "parts.pt")
+    assert a.keys() == b.keys() and any(k.startswith("controller.") for k in a)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    # the objective is part of the run: a resume cannot switch it
+    assert pretrain.main(["--data", data, "--out", str(parts), "--resume", "--objective", "mlm", "--quiet"]) == 2
+    assert "--objective 'mcbert' -> 'mlm'" in capsys.readouterr().err
+    # model.pt drops the controller; load_pretrained and finetune --init take it as a masked-LM run
+    saved = torch.load(whole / "model.pt")
+    assert not [k for k in saved if k.startswith("controller.")]
+    mlm, tok, _ = pretrain.load_pretrained(whole, backend="eager")
+    assert all(torch.equal(mlm.state_dict()[k], a[k]) for k in saved)
+    rows = [("gnu" if i % 2 else "other") + "\t" + line for i, line in
+            enumerate(open(data, encoding="utf-8").read().splitlines()[:40])]
+    (tmp_path / "train.tsv").write_text("\n".join(rows) + "\n")
+    assert cli.main(["finetune", "--init", str(whole), "--train", str(tmp_path / "train.tsv"), "--eval",
+                     str(tmp_path / "train.tsv"), "--out", str(tmp_path / "ft"), "--steps", "2", "--batch-size",
+                     "8", "--backend", "eager", "--device", "cpu", "--quiet"]) == 0

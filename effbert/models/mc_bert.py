@@ -37,7 +37,8 @@ from ..ops import mc_candidate_loss, mc_sample
 from .config import TupeBertConfig
 from .tupe_bert import TupeBertForMaskedLM, TupeBertModel, _activation, _check_ids, _check_labels, _values_in_range
 
-__all__ = ["TupeBertForMultiChoicePretraining", "MultiChoicePretrainingOutput", "controller_config"]
+__all__ = ["TupeBertForMultiChoicePretraining", "MultiChoicePretrainingOutput", "controller_config",
+           "multi_choice_inputs"]
 
 
 class MultiChoicePretrainingOutput(NamedTuple):
@@ -46,6 +47,7 @@ class MultiChoicePretrainingOutput(NamedTuple):
     mc_loss: torch.Tensor  # the main model's multi-choice cross-entropy (mean over real tokens)
     mc_accuracy: torch.Tensor  # fraction of real tokens whose highest-scored candidate is the label
     replaced_fraction: torch.Tensor  # fraction of real tokens whose input differs from the original (label 1)
+    mc_replaced_accuracy: torch.Tensor  # accuracy at those tokens: the original picked among K (chance 1/K)
     last_hidden_state: torch.Tensor  # the main model's [B, N, hidden] (what update_notes folds into the notes)
 
 
@@ -58,6 +60,22 @@ def controller_config(config, size_divider=3):
     hidden = max(heads, (config.hidden_size // size_divider) // heads * heads)
     return dataclasses.replace(config, hidden_size=hidden, num_attention_heads=heads,
                                intermediate_size=max(1, config.intermediate_size // size_divider), multi_exit=False)
+
+
+def multi_choice_inputs(input_ids, original, masked, draws, reject_token_id):
+    """The main model's input and its multi-choice test at R positions, as the published ``McbertModel.forward``
+    builds them: ``input_ids``, ``original`` and ``masked`` (bool) are ``[R]``, ``draws [R, K]`` the controller's.
+
+    Returns ``(new_ids [R], candidates [R, K], labels [R])``: the first draw replaces the input where ``masked``;
+    a position is "replaced" where the new input differs from the original (the 10% random tokens of BERT's
+    masking count too); candidates are the draws with slot 1 set to the original where replaced and slot 0 the
+    reject option; the label is 1 where replaced, else 0."""
+    new_ids = torch.where(masked, draws[:, 0], input_ids.long())
+    replaced = new_ids != original
+    candidates = draws.clone()
+    candidates[:, 1] = torch.where(replaced, original, draws[:, 1])
+    candidates[:, 0] = reject_token_id
+    return new_ids, candidates, replaced.long()
 
 
 class _ProjectedEmbedding(nn.Module):
@@ -179,15 +197,12 @@ class TupeBertForMultiChoicePretraining(TupeBertForMaskedLM):
             draws = mc_sample(logits, self.num_candidates, backend=backend)  # [R, K]
             if bool((draws < 0).any()):
                 raise FloatingPointError("the controller's logits hold NaN: no token can be drawn")
+            new_r, candidates, mc_labels = multi_choice_inputs(
+                input_ids.reshape(-1)[r_idx], original.reshape(-1)[r_idx],
+                masked.reshape(-1)[r_idx], draws, self.reject_token_id)
+            replaced = mc_labels == 1
             new_ids = input_ids.clone().long().reshape(-1)
-            at_mask = masked.reshape(-1)[r_idx]
-            new_ids[r_idx] = torch.where(at_mask, draws[:, 0], new_ids[r_idx])
-            orig_r = original.reshape(-1)[r_idx]
-            replaced = new_ids[r_idx] != orig_r
-            candidates = draws.clone()
-            candidates[:, 1] = torch.where(replaced, orig_r, draws[:, 1])
-            candidates[:, 0] = self.reject_token_id
-            mc_labels = replaced.long()
+            new_ids[r_idx] = new_r
             new_ids = new_ids.view_as(input_ids)
 
         # the main model on the controller's input
@@ -209,6 +224,8 @@ class TupeBertForMultiChoicePretraining(TupeBertForMaskedLM):
             correct = (scores.argmax(-1) == mc_labels).float()
             accuracy = correct.mean() if correct.numel() else correct.sum()
             replaced_frac = replaced.float().mean() if replaced.numel() else replaced.float().sum()
+            hit = correct[replaced]
+            replaced_acc = hit.mean() if hit.numel() else hit.sum()
         loss = mlm_loss + self.loss_lambda * mc_loss
         return MultiChoicePretrainingOutput(loss, mlm_loss.detach(), mc_loss.detach(), accuracy, replaced_frac,
-                                            hidden)
+                                            replaced_acc, hidden)

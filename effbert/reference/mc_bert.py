@@ -100,8 +100,10 @@ def mc_candidate_loss(hidden, embedding, bias, candidates, labels, *, reduction=
     ``[0, K)``. ``reduction``: ``"mean"`` over rows (0 for no rows), ``"sum"`` or ``"none"`` (``[M]``). Computed in
     float32 at least (float64 stays float64); differentiable in the three float inputs through autograd."""
     dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
-    w = embedding.to(dtype)[candidates]  # [M, K, D]
-    scores = torch.einsum("md,mkd->mk", hidden.to(dtype), w) + bias.to(dtype)[candidates]
+    # F.embedding rather than indexing: its CPU backward sums repeated rows in a fixed order (reproducible runs)
+    w = F.embedding(candidates, embedding.to(dtype))  # [M, K, D]
+    b = F.embedding(candidates, bias.to(dtype)[:, None]).squeeze(-1)
+    scores = torch.einsum("md,mkd->mk", hidden.to(dtype), w) + b
     rows = F.cross_entropy(scores, labels, reduction="none")
     if reduction == "none":
         return rows
