@@ -228,7 +228,7 @@ def _pow2(n):
 def sample_config(vocab, num_samples, interpret=INTERPRET):
     kg = _pow2((num_samples + 3) // 4)
     block_v = min(1024 // kg if not interpret else 128, _pow2(vocab))
-    return {"KG": kg, "BLOCK_V": max(16, block_v), "num_warps": 1 if interpret else 4}
+    return {"KG": kg, "BLOCK_V": max(16, block_v), "num_warps": 1 if interpret else 8}
 
 
 def candidate_config(dim, num_candidates, interpret=INTERPRET):

@@ -424,3 +424,17 @@ def test_pretrain_mcbert_resume_and_finetune(tmp_path, capsys):
     assert cli.main(["finetune", "--init", str(whole), "--train", str(tmp_path / "train.tsv"), "--eval",
                      str(tmp_path / "train.tsv"), "--out", str(tmp_path / "ft"), "--steps", "2", "--batch-size",
                      "8", "--backend", "eager", "--device", "cpu", "--quiet"]) == 0
+
+
+def test_check_rows_and_compile_specs():
+    from effbert import check
+    from effbert.tools import compile_report
+
+    rows = check.check_mc_bert()
+    seen = {(op, backend) for op, backend, *_ in rows}
+    assert {("mc_candidate_loss", "eager"), ("mc_candidate_loss", KERNEL), ("mc_sample (bits)", KERNEL),
+            ("mc_sample (freq.)", "eager"), ("mc_sample (freq.)", KERNEL)} <= seen
+    bad = [r for r in rows if not r[5] <= r[6]]
+    assert not bad, bad
+    names = [spec["name"] for _, spec in compile_report.kernel_specs(only="mc_")]
+    assert {n.split("[")[0] for n in names} == {"mc_sample", "mc_candidate_fwd", "mc_candidate_scatter"}
