@@ -10,6 +10,7 @@ from .ops import (  # noqa: E402
     exit_entropy,
     mc_candidate_loss,
     mc_sample,
+    mc_sample_fused,
     note_mix,
     note_update_,
     t5_relative_buckets,
@@ -20,5 +21,5 @@ from .ops import (  # noqa: E402
 from . import calibration, losses, nn  # noqa: E402
 
 __all__ = ["BACKENDS", "BackendNotSupportedError", "BackendStatus", "backends", "exit_entropy",
-           "t5_relative_buckets", "tupe_position_bias", "tupe_attention", "tupe_attention_varlen", "mc_sample", "mc_candidate_loss", "note_mix",
+           "t5_relative_buckets", "tupe_position_bias", "tupe_attention", "tupe_attention_varlen", "mc_sample", "mc_sample_fused", "mc_candidate_loss", "note_mix",
            "note_update_", "calibration", "losses", "nn", "__version__"]

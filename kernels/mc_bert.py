@@ -5,6 +5,9 @@
   ``philox(seed, v, m, k // 4, 0)``, so one Philox call serves four draws. The running maximum of
   ``logit + gumbel`` and its token stay in registers; only the ``[M, K]`` ids are written. The seed is read from a
   device tensor drawn from torch's generator: no host sync, reproducible under ``torch.manual_seed``.
+* ``mc_sample_fused_kernel``: the same draws from ``hidden @ weight.T + bias`` (the controller's output layer),
+  computed one ``[BLOCK_M, BLOCK_V]`` tile at a time with ``tl.dot`` and consumed in registers: the ``[M, V]``
+  logits never reach memory (as a fused linear cross-entropy avoids them).
 * ``mc_candidate_fwd_kernel``: one program per row gathers the K candidate embedding rows once, scores them, and
   writes the row's loss and (for training) the gradient of that loss with respect to the hidden state and the K
   scores: the forward and the backward of the gather in one pass, as a fused linear cross-entropy does.
@@ -100,6 +103,78 @@ def mc_sample_kernel(
         idx = tl.where(bad, -1, idx).to(tl.int64)  # i stays -1 when no logit beat -inf
         k = offs_g * 4 + j
         tl.store(out_row + k, idx, mask=k < K)
+
+
+@triton.jit(do_not_specialize=["rows", "vocab"])
+def mc_sample_fused_kernel(
+    hidden_ptr,
+    weight_ptr,
+    bias_ptr,
+    seed_ptr,
+    out_ptr,
+    rows,
+    vocab,
+    dim,
+    stride_h,
+    stride_w,
+    K: tl.constexpr,
+    KP: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """mc_sample_kernel's draws from logits = hidden @ weight.T + bias, computed a [BLOCK_M, BLOCK_V] tile at a time
+    and never stored: the same Philox counters (token, row, k // 4, 0), so the same ids as sampling the logits."""
+    pid = tl.program_id(0)
+    seed = tl.load(seed_ptr)
+    offs_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_ok = offs_m < rows
+    offs_k = tl.arange(0, KP)
+    offs_d0 = tl.arange(0, BLOCK_D)
+    neg = float("-inf")
+    best = tl.full([BLOCK_M, KP], neg, tl.float32)
+    best_idx = tl.full([BLOCK_M, KP], -1, tl.int32)
+    nan_seen = tl.zeros([BLOCK_M], tl.int32)
+    h_rows = hidden_ptr + offs_m.to(tl.int64)[:, None] * stride_h
+    c1 = tl.broadcast_to(offs_m[:, None], [BLOCK_M, BLOCK_V])
+    c3 = tl.zeros([BLOCK_M, BLOCK_V], tl.int32)
+    for v0 in range(0, vocab, BLOCK_V):
+        offs_v = v0 + tl.arange(0, BLOCK_V)
+        v_ok = offs_v < vocab
+        w_cols = weight_ptr + offs_v.to(tl.int64)[None, :] * stride_w
+        acc = tl.zeros([BLOCK_M, BLOCK_V], tl.float32)
+        for d0 in range(0, dim, BLOCK_D):
+            offs_d = d0 + offs_d0
+            d_ok = offs_d < dim
+            h = tl.load(h_rows + offs_d[None, :], mask=m_ok[:, None] & d_ok[None, :], other=0.0)
+            w = tl.load(w_cols + offs_d[:, None], mask=d_ok[:, None] & v_ok[None, :], other=0.0)
+            acc = tl.dot(h, w, acc)
+        x = acc + tl.load(bias_ptr + offs_v, mask=v_ok, other=0.0).to(tl.float32)[None, :]
+        nan_seen |= tl.max((x != x).to(tl.int32), axis=1)
+        x = tl.where(v_ok[None, :] & (x == x), x, neg)
+        c0 = tl.broadcast_to(offs_v[None, :], [BLOCK_M, BLOCK_V])
+        for g in tl.static_range((K + 3) // 4):
+            r0, r1, r2, r3 = tl.philox(seed, c0, c1, c3 + g, c3)
+            for j in tl.static_range(4):
+                if 4 * g + j < K:
+                    if j == 0:
+                        bits = r0
+                    elif j == 1:
+                        bits = r1
+                    elif j == 2:
+                        bits = r2
+                    else:
+                        bits = r3
+                    score = x + _gumbel(bits)
+                    blk = tl.max(score, axis=1)
+                    idx = tl.min(tl.where(score == blk[:, None], offs_v[None, :], 2147483647), axis=1)
+                    col = offs_k[None, :] == 4 * g + j
+                    take = col & (blk[:, None] > best)
+                    best = tl.where(take, blk[:, None], best)
+                    best_idx = tl.where(take, idx[:, None], best_idx)
+    best_idx = tl.where(nan_seen[:, None] > 0, -1, best_idx).to(tl.int64)
+    tl.store(out_ptr + offs_m.to(tl.int64)[:, None] * K + offs_k[None, :], best_idx,
+             mask=m_ok[:, None] & (offs_k[None, :] < K))
 
 
 @triton.jit(do_not_specialize=["rows", "vocab"])
@@ -231,6 +306,12 @@ def sample_config(vocab, num_samples, interpret=INTERPRET):
     return {"KG": kg, "BLOCK_V": max(16, block_v), "num_warps": 1 if interpret else 8}
 
 
+def sample_fused_config(dim, interpret=INTERPRET):
+    if interpret:
+        return {"BLOCK_M": 16, "BLOCK_V": 32, "BLOCK_D": 16, "num_warps": 1}
+    return {"BLOCK_M": 64, "BLOCK_V": 64, "BLOCK_D": 64 if dim >= 64 else max(16, _pow2(dim)), "num_warps": 4}
+
+
 def candidate_config(dim, num_candidates, interpret=INTERPRET):
     kp = max(2, _pow2(num_candidates))
     block_d = min(_pow2(dim), 1024 if not interpret else 256, max(16, 8192 // kp))
@@ -251,6 +332,20 @@ def mc_sample(logits, num_samples, seed, out):
     cfg = sample_config(vocab, num_samples)
     mc_sample_kernel[(rows,)](logits, seed, out, rows, vocab, logits.stride(0), K=num_samples, KG=cfg["KG"],
                               BLOCK_V=cfg["BLOCK_V"], num_warps=cfg["num_warps"])
+    return out
+
+
+def mc_sample_fused(hidden, weight, bias, num_samples, seed, out):
+    """hidden [M, D], weight [V, D] with unit column strides, same dtype; bias [V] contiguous; seed int64 [1];
+    out int64 [M, K] contiguous."""
+    rows, dim = hidden.shape
+    if rows == 0:
+        return out
+    cfg = sample_fused_config(dim)
+    mc_sample_fused_kernel[(triton.cdiv(rows, cfg["BLOCK_M"]),)](
+        hidden, weight, bias, seed, out, rows, weight.shape[0], dim, hidden.stride(0), weight.stride(0),
+        K=num_samples, KP=_pow2(num_samples), BLOCK_M=cfg["BLOCK_M"], BLOCK_V=cfg["BLOCK_V"],
+        BLOCK_D=cfg["BLOCK_D"], num_warps=cfg["num_warps"])
     return out
 
 
@@ -304,6 +399,24 @@ COMPILE_SPECS = (
         for dt, ptr in _DTYPES.items()
         for k in (10,)
         for cfg in [sample_config(30522, k, interpret=False)]
+    ]
+    + [
+        {
+            "name": f"mc_sample_fused[{dt},K={k},D=256]",
+            "fn": mc_sample_fused_kernel,
+            "signature": {"hidden_ptr": ptr, "weight_ptr": ptr, "bias_ptr": "*fp32", "seed_ptr": "*i64",
+                          "out_ptr": "*i64", "rows": "i32", "vocab": "i32", "dim": "i32", "stride_h": "i32",
+                          "stride_w": "i32"},
+            "constexprs": {"K": k, "KP": _pow2(k), "BLOCK_M": cfg["BLOCK_M"], "BLOCK_V": cfg["BLOCK_V"],
+                           "BLOCK_D": cfg["BLOCK_D"]},
+            "num_warps": cfg["num_warps"],
+            "divisible": ("hidden_ptr", "weight_ptr", "out_ptr", "dim", "stride_h", "stride_w"),
+            "must_not_spill": True,
+            "matrix_instructions": True,
+        }
+        for dt, ptr in (("fp16", "*fp16"), ("bf16", "*bf16"))
+        for k in (10,)
+        for cfg in [sample_fused_config(256, interpret=False)]
     ]
     + [
         {

@@ -104,6 +104,44 @@ def test_sample_bad_inputs():
         effbert.mc_sample(torch.zeros(2, 5), 2, generator=3)
 
 
+@pytest.mark.parametrize("m,v,d,dtype", [(1, 1, 1, torch.float32), (19, 45, 23, torch.float32),
+                                         (33, 70, 40, torch.float16)])
+def test_fused_sample_equals_sampling_the_logits(m, v, d, dtype, seeded):
+    hidden = torch.randn(m, d, device=DEV).to(dtype)
+    weight = torch.randn(v, d, device=DEV).to(dtype)
+    bias = torch.randn(v, device=DEV)
+    if m > 5:
+        hidden[5, 0] = float("nan")
+    torch.manual_seed(11)
+    got = effbert.mc_sample_fused(hidden, weight, bias, 10, backend=KERNEL)
+    torch.manual_seed(11)
+    seed = ops.new_seed(hidden.device)  # the key the op drew
+    logits = torch.nn.functional.linear(hidden.double(), weight.double(), bias.double())
+    want = reference.mc_sample_gumbel(logits, 10, int(seed))
+    # fp32 logits against float64 ones: a draw may flip only on a near-tie of two noisy scores
+    assert (got.cpu() != want.cpu()).float().mean() <= 0.01
+    if m > 5:
+        assert (got[5] == -1).all()
+    # the unfused kernel on the same logits gives the same ids, same key
+    torch.manual_seed(11)
+    unfused = effbert.mc_sample(logits.float(), 10, backend=KERNEL)
+    assert (got.cpu() != unfused.cpu()).float().mean() <= 0.01
+
+
+def test_fused_sample_eager_and_bad_inputs():
+    h, w, b = torch.randn(4, 6), torch.randn(9, 6), torch.randn(9)
+    out = effbert.mc_sample_fused(h, w, b, 3, backend="eager")
+    assert out.shape == (4, 3) and int(out.min()) >= 0 and int(out.max()) < 9
+    with pytest.raises(ValueError, match="weight must be"):
+        effbert.mc_sample_fused(h, w[:, :5], b, 3)
+    with pytest.raises(ValueError, match="bias must be"):
+        effbert.mc_sample_fused(h, w, b[:4], 3)
+    with pytest.raises(ValueError, match="num_samples"):
+        effbert.mc_sample_fused(h, w, b, 0)
+    with pytest.raises(TypeError, match="hidden must have dtype"):
+        effbert.mc_sample_fused(h.long(), w, b, 3)
+
+
 # ---- the candidate loss ----
 
 @pytest.mark.parametrize("m,v,d,k", [(1, 3, 1, 2), (7, 29, 19, 10), (9, 97, 64, 3), (5, 11, 300, 7)])
@@ -226,6 +264,10 @@ def test_opcheck(seeded):
                               (*leaves, c, y, reduction, True, KERNEL))
     logits = torch.randn(4, 19, device=DEV)
     torch.library.opcheck(torch.ops.effbert.mc_sample.default, (logits, 6, ops.new_seed(logits.device), KERNEL),
+                          test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+    hidden, weight, bias = torch.randn(5, 16, device=DEV), torch.randn(21, 16, device=DEV), torch.randn(21, device=DEV)
+    torch.library.opcheck(torch.ops.effbert.mc_sample_fused.default,
+                          (hidden, weight, bias, 5, ops.new_seed(hidden.device), KERNEL),
                           test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
 
 
@@ -437,4 +479,5 @@ def test_check_rows_and_compile_specs():
     bad = [r for r in rows if not r[5] <= r[6]]
     assert not bad, bad
     names = [spec["name"] for _, spec in compile_report.kernel_specs(only="mc_")]
-    assert {n.split("[")[0] for n in names} == {"mc_sample", "mc_candidate_fwd", "mc_candidate_scatter"}
+    assert {n.split("[")[0] for n in names} == {"mc_sample", "mc_sample_fused", "mc_candidate_fwd",
+                                                "mc_candidate_scatter"}

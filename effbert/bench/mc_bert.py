@@ -7,6 +7,9 @@
   Floor: read the hidden rows and each distinct candidate row once, write the hidden gradient and each touched
   embedding-gradient row once, read the ids (``8 * M * K`` bytes); FLOPs ``6 * M * K * D`` (scores, d hidden,
   d embedding).
+* ``mc_sample_fused``: the controller's draws from its features and output matrix, the fused kernel (the ``[M, V]``
+  logits never in memory) against the linear layer followed by either sampler. Floor: read the features, the
+  matrix and the bias, write the ids; FLOPs ``2 * M * V * D``.
 * ``mc_sample``: effbert's Gumbel-max sampler against ``torch.multinomial`` on the materialised softmax (the
   published code's way). Floor: read the ``[M, V]`` logits once, write the ``[M, K]`` int64 ids. The draws are
   random, so the rows are timed, not checked (tests/test_mc_bert.py checks them bit for bit and in distribution).
@@ -116,6 +119,37 @@ def _sample_cases(device, shapes, dtypes):
     return out
 
 
+def _fused_sample_cases(device, shapes, dtypes):
+    """The controller's draws from its features ``[M, Dc]`` and output matrix ``[V, Dc]``: the fused kernel (no
+    logits in memory) against the linear layer then either sampler."""
+    providers = {
+        "effbert-triton-fused": lambda h, w, b: effbert.mc_sample_fused(h, w, b, K, backend="triton"),
+        "effbert-triton": lambda h, w, b: effbert.mc_sample(F.linear(h, w, b.to(h.dtype)), K, backend="triton"),
+        "torch": lambda h, w, b: torch.multinomial(torch.softmax(F.linear(h, w, b.to(h.dtype)).float(), -1), K,
+                                                   replacement=True),
+    }
+    out = []
+    for m, v, d in shapes:
+        for dtype in dtypes:
+            nbytes = (m + v) * d * dtype.itemsize + 4 * v + m * K * 8
+
+            def make_inputs(m=m, v=v, d=d, dtype=dtype):
+                return (torch.randn(m, d, device=device, dtype=dtype),
+                        (torch.randn(v, d, device=device) * 0.1).to(dtype), torch.randn(v, device=device))
+
+            for name, fn in providers.items():
+                reasons = []
+                if name.startswith("effbert-"):
+                    probe = torch.empty(1, 1, device=device, dtype=dtype)
+                    reasons = provider_reasons(lambda: ops.sample_backend(probe, "triton"))
+                out.append(Case(
+                    op="mc_sample_fused", shape=f"M={m},V={v},D={d},K={K}", dtype=str(dtype).replace("torch.", ""),
+                    mode="forward", provider=name, fn=fn, make_inputs=make_inputs, reference=lambda *x: None,
+                    bytes=nbytes, flops=2.0 * m * v * d, skip_reasons=reasons, baseline="torch", check=False,
+                ))
+    return out
+
+
 def cases(device, quick):
     if device.type == "cuda":
         loss_shapes = [(32 * 512, 768, 30522)]
@@ -125,4 +159,6 @@ def cases(device, quick):
         loss_shapes = [(2048, 256, 8000)] if not quick else [(256, 64, 1000)]
         sample_shapes = [(512, 8000)] if not quick else [(64, 1000)]
         dtypes = [torch.float32]
-    return _loss_cases(device, loss_shapes, dtypes) + _sample_cases(device, sample_shapes, dtypes)
+    fused_shapes = [(m, v, 256) for m, v in sample_shapes]  # BERT-base's controller: hidden 768 / 3
+    return (_loss_cases(device, loss_shapes, dtypes) + _sample_cases(device, sample_shapes, dtypes)
+            + _fused_sample_cases(device, fused_shapes, [d for d in dtypes if d != torch.float32] or dtypes))

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..ops import mc_candidate_loss, mc_sample
+from ..ops import mc_candidate_loss, mc_sample_fused
 from .config import TupeBertConfig
 from .tupe_bert import TupeBertForMaskedLM, TupeBertModel, _activation, _check_ids, _check_labels, _values_in_range
 
@@ -193,8 +193,9 @@ class TupeBertForMultiChoicePretraining(TupeBertForMaskedLM):
         # K draws at every real token, no gradient; the first replaces the input at the [MASK] positions
         r_idx = real.reshape(-1).nonzero().squeeze(1)
         with torch.no_grad():
-            logits = F.linear(flat_feat[r_idx].detach(), c_weight.detach(), bias.detach())
-            draws = mc_sample(logits, self.num_candidates, backend=backend)  # [R, K]
+            # the fused kernel draws straight from the features and proj(E): no [R, V] logits in memory
+            draws = mc_sample_fused(flat_feat[r_idx], c_weight, bias.to(c_weight.dtype), self.num_candidates,
+                                    backend=backend)  # [R, K]
             if bool((draws < 0).any()):
                 raise FloatingPointError("the controller's logits hold NaN: no token can be drawn")
             new_r, candidates, mc_labels = multi_choice_inputs(

@@ -1,5 +1,6 @@
 """MC-BERT ops (Xu, Gong, Ke, He et al., "MC-BERT: Efficient Language Pre-Training via a Meta Controller", arXiv
-2006.05744; code: github.com/MC-BERT/MC-BERT): ``mc_sample`` (the controller's K draws per position) and
+2006.05744; code: github.com/MC-BERT/MC-BERT): ``mc_sample`` (the controller's K draws per position; ``mc_sample_fused`` draws them straight from the
+controller's hidden states and output layer) and
 ``mc_candidate_loss`` (the main model's multi-choice cross-entropy over K candidates).
 
 Backends: ``triton`` (kernels/mc_bert.py) and ``eager`` (effbert/reference/mc_bert.py). There is no C++ CPU
@@ -15,7 +16,7 @@ from .. import reference
 from ._checks import FLOAT_DTYPES, check_same_device, check_tensor
 from ._dispatch import direct_call_ok, requested_backend, select_backend
 
-__all__ = ["mc_sample", "mc_candidate_loss", "sample_backend", "loss_backend", "REDUCTIONS"]
+__all__ = ["mc_sample", "mc_sample_fused", "mc_candidate_loss", "sample_backend", "loss_backend", "REDUCTIONS"]
 
 REDUCTIONS = ("mean", "sum", "none")
 _EAGER_DTYPES = FLOAT_DTYPES + (torch.float64,)
@@ -108,6 +109,60 @@ def mc_sample(logits, num_samples, *, generator=None, backend="auto"):
     if direct_call_ok(logits, seed):
         return _sample_impl(logits, num_samples, seed, name)
     return torch.ops.effbert.mc_sample(logits, num_samples, seed, name)
+
+
+# ---- sampling fused with the controller's output layer ----
+
+def _sample_fused_impl(hidden, weight, bias, num_samples, seed, backend):
+    from ..kernels import mc_bert as kernels
+
+    out = torch.empty(hidden.shape[0], num_samples, dtype=torch.int64, device=hidden.device)
+    return kernels.mc_sample_fused(_rows(hidden), _rows(weight), bias.contiguous(), num_samples, seed, out)
+
+
+@torch.library.custom_op("effbert::mc_sample_fused", mutates_args=())
+def _mc_sample_fused_op(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, num_samples: int,
+                        seed: torch.Tensor, backend: str) -> torch.Tensor:
+    return _sample_fused_impl(hidden, weight, bias, num_samples, seed, backend)
+
+
+@_mc_sample_fused_op.register_fake
+def _(hidden, weight, bias, num_samples, seed, backend):
+    return hidden.new_empty(hidden.shape[0], num_samples, dtype=torch.int64)
+
+
+def mc_sample_fused(hidden, weight, bias, num_samples, *, generator=None, backend="auto"):
+    """``mc_sample(hidden @ weight.T + bias, num_samples)`` without the ``[M, V]`` logits in memory.
+
+    ``hidden``: ``[M, D]``; ``weight``: ``[V, D]`` (same dtype: fp32/fp16/bf16, float64 on eager); ``bias``: ``[V]``.
+    The ``triton`` kernel computes the logits a tile at a time with ``tl.dot`` (float32 accumulation) and draws with
+    the same Philox counters as ``mc_sample``'s kernel, so under one seed both give the same ids (up to ties within
+    float32 rounding of the logits). The ``eager`` backend materialises the logits and calls ``mc_sample``.
+    Returns int64 ``[M, K]``; -1 in every slot of a row whose logits hold NaN. No gradient.
+    """
+    check_tensor("hidden", hidden, ndim=2, dtypes=_EAGER_DTYPES, shape_hint="[M, D]")
+    check_tensor("weight", weight, ndim=2, dtypes=_EAGER_DTYPES, shape_hint="[V, D]")
+    check_tensor("bias", bias, ndim=1, dtypes=_EAGER_DTYPES, shape_hint="[V]")
+    num_samples = _check_count("num_samples", num_samples, 1)
+    if weight.shape[1] != hidden.shape[1] or weight.dtype != hidden.dtype:
+        raise ValueError(f"weight must be [V, D] with D = {hidden.shape[1]} and hidden's dtype {_dt(hidden.dtype)}, "
+                         f"got {tuple(weight.shape)} {_dt(weight.dtype)}")
+    if weight.shape[0] == 0 or bias.shape[0] != weight.shape[0]:
+        raise ValueError(f"bias must be [V] = [{weight.shape[0]}] (V >= 1), got {tuple(bias.shape)}")
+    check_same_device(hidden=hidden, weight=weight, bias=bias)
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+    name = select_backend("mc_sample_fused", backend, hidden.device,
+                          _reasons(("hidden", hidden), ("weight", weight)), _preference)
+    hidden, weight, bias = hidden.detach(), weight.detach(), bias.detach()
+    if name == "eager":
+        dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+        logits = torch.nn.functional.linear(hidden.to(dtype), weight.to(dtype), bias.to(dtype))
+        return reference.mc_sample(logits, num_samples, generator=generator)
+    seed = new_seed(hidden.device, generator)
+    if direct_call_ok(hidden, weight, bias, seed):
+        return _sample_fused_impl(hidden, weight, bias, num_samples, seed, name)
+    return torch.ops.effbert.mc_sample_fused(hidden, weight, bias, num_samples, seed, name)
 
 
 # ---- the multi-choice loss ----
