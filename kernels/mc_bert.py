@@ -11,10 +11,12 @@
 * ``mc_candidate_fwd_kernel``: one program per row gathers the K candidate embedding rows once, scores them, and
   writes the row's loss and (for training) the gradient of that loss with respect to the hidden state and the K
   scores: the forward and the backward of the gather in one pass, as a fused linear cross-entropy does.
-* ``mc_candidate_scatter_kernel``: the embedding-row and bias gradients, scatter-added without atomics. The
-  caller sorts the flattened candidates (stable); the program at the first entry of each token's segment sums
-  the segment in order and writes that row: one writer per row, a fixed order, bitwise reproducible (the approach
-  of the TNF note fold in ``notes.py``).
+* ``mc_candidate_scatter_kernel`` and ``mc_candidate_fold_kernel``: the embedding-row and bias gradients,
+  scatter-added without atomics. The caller sorts the flattened candidates (stable) and cuts each token's segment
+  into pieces of at most ``CHUNK`` entries; one program sums each piece in order, a short segment's program writes
+  its row, a long segment's pieces are added up in order by one more program. One writer per row, a fixed order:
+  bitwise reproducible (the approach of the TNF note fold in ``notes.py``), and the reject option, which every row
+  names, is summed by M / CHUNK programs at once instead of one.
 """
 
 import triton
@@ -257,29 +259,33 @@ def mc_candidate_scatter_kernel(
     dscore_ptr,
     order_ptr,
     sorted_ptr,
+    seg_first_ptr,
+    seg_end_ptr,
+    piece_id_ptr,
     demb_ptr,
     dbias_ptr,
+    part_ptr,
+    part_bias_ptr,
     entries,
     vocab,
     dim,
     stride_h,
     K: tl.constexpr,
+    CHUNK: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    """dE[v] = sum over entries i with c_i == v of dscore_i * h[i // K] (sorted order); dbias[v] = sum dscore_i.
-
-    Program (i, d-block) works only when sorted entry i starts its token's segment: one writer per row."""
+    """Sum one piece of a token's segment of sorted entries: at most CHUNK entries, in order. Program (i, d-block)
+    works only when sorted entry i starts a piece (its offset in the segment is a multiple of CHUNK). A segment of one
+    piece writes dE[v] and dbias[v] itself; a longer one parks its pieces' sums in part[piece_id[i]], and
+    ``mc_candidate_fold_kernel`` adds them up in order. One writer per row, a fixed order: no atomics, bitwise
+    reproducible, and a token that every row names (the reject option) costs CHUNK-long serial sums, not M-long."""
     i = tl.program_id(0)
     pid_d = tl.program_id(1)
+    first = tl.load(seg_first_ptr + i)
+    seg_end = tl.load(seg_end_ptr + i)
     tok = tl.load(sorted_ptr + i)
-    prev = tl.load(sorted_ptr + i - 1, mask=i > 0, other=-1)
-    ok = ((i == 0) | (prev != tok)) & (tok >= 0) & (tok < vocab)
-    n = (i * 0).to(tl.int32)
-    go = ok
-    while go:
-        n += 1
-        nxt = tl.load(sorted_ptr + i + n, mask=i + n < entries, other=-1)
-        go = (i + n < entries) & (nxt == tok)
+    ok = ((i - first) % CHUNK == 0) & (tok >= 0) & (tok < vocab)
+    n = tl.where(ok, tl.minimum(seg_end - i, CHUNK), 0).to(tl.int32)
     offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     d_ok = offs_d < dim
     acc = tl.zeros([BLOCK_D], tl.float32)
@@ -290,10 +296,52 @@ def mc_candidate_scatter_kernel(
         h = tl.load(hidden_ptr + (e // K) * stride_h + offs_d, mask=d_ok, other=0.0).to(tl.float32)
         acc += g * h
         acc_b += g
+    single = (seg_end - first) <= CHUNK
     tok64 = tok.to(tl.int64)
-    tl.store(demb_ptr + tok64 * dim + offs_d, acc.to(demb_ptr.dtype.element_ty), mask=d_ok & (n > 0))
-    tl.store(dbias_ptr + tok64 + tl.arange(0, 1), acc_b.to(dbias_ptr.dtype.element_ty),
-             mask=(tl.arange(0, 1) == 0) & (n > 0) & (pid_d == 0))
+    piece = tl.load(piece_id_ptr + i).to(tl.int64)
+    one = tl.arange(0, 1)
+    tl.store(demb_ptr + tok64 * dim + offs_d, acc.to(demb_ptr.dtype.element_ty), mask=d_ok & (n > 0) & single)
+    tl.store(dbias_ptr + tok64 + one, acc_b, mask=(n > 0) & single & (pid_d == 0))
+    tl.store(part_ptr + piece * dim + offs_d, acc, mask=d_ok & (n > 0) & ~single)
+    tl.store(part_bias_ptr + piece + one, acc_b, mask=(n > 0) & ~single & (pid_d == 0))
+
+
+@triton.jit(do_not_specialize=["entries", "vocab"])
+def mc_candidate_fold_kernel(
+    sorted_ptr,
+    seg_first_ptr,
+    seg_end_ptr,
+    piece_id_ptr,
+    demb_ptr,
+    dbias_ptr,
+    part_ptr,
+    part_bias_ptr,
+    entries,
+    vocab,
+    dim,
+    CHUNK: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """dE[v] = the sum, in order, of the pieces of a segment longer than CHUNK (program at its first entry)."""
+    i = tl.program_id(0)
+    pid_d = tl.program_id(1)
+    first = tl.load(seg_first_ptr + i)
+    length = tl.load(seg_end_ptr + i) - first
+    tok = tl.load(sorted_ptr + i)
+    ok = (i == first) & (length > CHUNK) & (tok >= 0) & (tok < vocab)
+    pieces = tl.where(ok, (length + CHUNK - 1) // CHUNK, 0).to(tl.int32)
+    p0 = tl.load(piece_id_ptr + i).to(tl.int64)
+    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    d_ok = offs_d < dim
+    one = tl.arange(0, 1)
+    acc = tl.zeros([BLOCK_D], tl.float32)
+    acc_b = tl.zeros([1], tl.float32)
+    for p in range(0, pieces):
+        acc += tl.load(part_ptr + (p0 + p) * dim + offs_d, mask=d_ok, other=0.0)
+        acc_b += tl.load(part_bias_ptr + p0 + p + one)
+    tok64 = tok.to(tl.int64)
+    tl.store(demb_ptr + tok64 * dim + offs_d, acc.to(demb_ptr.dtype.element_ty), mask=d_ok & (pieces > 0))
+    tl.store(dbias_ptr + tok64 + one, acc_b, mask=(pieces > 0) & (pid_d == 0))
 
 
 def _pow2(n):
@@ -366,18 +414,26 @@ def mc_candidate_forward(hidden, embedding, bias, candidates, labels, loss, dh, 
     return loss
 
 
+SCATTER_CHUNK = 64
+
+
 def mc_candidate_scatter(hidden, dscore, plan, demb, dbias):
-    """demb [V, D], dbias [V] contiguous and zeroed; dscore float32 [M, K] (already scaled by the upstream
-    gradient); plan: order and sorted ids of the flattened candidates, [M*K] int64 each."""
+    """demb [V, D] float32 and dbias [V] float32, contiguous and zeroed; dscore float32 [M, K] (already scaled by
+    the upstream gradient); plan: ``scatter_plan`` of the candidates."""
     rows, dim = hidden.shape
     entries = dscore.numel()
     if entries == 0:
         return demb
     cfg = scatter_config(dim)
     grid = (entries, triton.cdiv(dim, cfg["BLOCK_D"]))
+    part, part_bias = plan["part"], plan["part_bias"]
     mc_candidate_scatter_kernel[grid](
-        hidden, dscore, plan["order"], plan["sorted"], demb, dbias, entries, demb.shape[0], dim, hidden.stride(0),
-        K=dscore.shape[1], BLOCK_D=cfg["BLOCK_D"], num_warps=cfg["num_warps"])
+        hidden, dscore, plan["order"], plan["sorted"], plan["seg_first"], plan["seg_end"], plan["piece_id"], demb,
+        dbias, part, part_bias, entries, demb.shape[0], dim, hidden.stride(0), K=dscore.shape[1],
+        CHUNK=SCATTER_CHUNK, BLOCK_D=cfg["BLOCK_D"], num_warps=cfg["num_warps"])
+    mc_candidate_fold_kernel[grid](
+        plan["sorted"], plan["seg_first"], plan["seg_end"], plan["piece_id"], demb, dbias, part, part_bias, entries,
+        demb.shape[0], dim, CHUNK=SCATTER_CHUNK, BLOCK_D=cfg["BLOCK_D"], num_warps=cfg["num_warps"])
     return demb
 
 
@@ -443,15 +499,31 @@ COMPILE_SPECS = (
             "name": f"mc_candidate_scatter[{dt},D=768]",
             "fn": mc_candidate_scatter_kernel,
             "signature": {"hidden_ptr": ptr, "dscore_ptr": "*fp32", "order_ptr": "*i64", "sorted_ptr": "*i64",
-                          "demb_ptr": ptr, "dbias_ptr": "*fp32", "entries": "i32", "vocab": "i32", "dim": "i32",
-                          "stride_h": "i32"},
-            "constexprs": {"K": 10, "BLOCK_D": cfg["BLOCK_D"]},
+                          "seg_first_ptr": "*i64", "seg_end_ptr": "*i64", "piece_id_ptr": "*i64",
+                          "demb_ptr": "*fp32", "dbias_ptr": "*fp32", "part_ptr": "*fp32", "part_bias_ptr": "*fp32",
+                          "entries": "i32", "vocab": "i32", "dim": "i32", "stride_h": "i32"},
+            "constexprs": {"K": 10, "CHUNK": SCATTER_CHUNK, "BLOCK_D": cfg["BLOCK_D"]},
             "num_warps": cfg["num_warps"],
-            "divisible": ("hidden_ptr", "demb_ptr", "dim", "stride_h"),
+            "divisible": ("hidden_ptr", "demb_ptr", "part_ptr", "dim", "stride_h"),
             "must_not_spill": True,
             "matrix_instructions": False,
         }
         for dt, ptr in _DTYPES.items()
+        for cfg in [scatter_config(768, interpret=False)]
+    ]
+    + [
+        {
+            "name": "mc_candidate_fold[D=768]",
+            "fn": mc_candidate_fold_kernel,
+            "signature": {"sorted_ptr": "*i64", "seg_first_ptr": "*i64", "seg_end_ptr": "*i64",
+                          "piece_id_ptr": "*i64", "demb_ptr": "*fp32", "dbias_ptr": "*fp32", "part_ptr": "*fp32",
+                          "part_bias_ptr": "*fp32", "entries": "i32", "vocab": "i32", "dim": "i32"},
+            "constexprs": {"CHUNK": SCATTER_CHUNK, "BLOCK_D": cfg["BLOCK_D"]},
+            "num_warps": cfg["num_warps"],
+            "divisible": ("demb_ptr", "part_ptr", "dim"),
+            "must_not_spill": True,
+            "matrix_instructions": False,
+        }
         for cfg in [scatter_config(768, interpret=False)]
     ]
 )

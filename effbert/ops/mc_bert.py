@@ -274,10 +274,20 @@ def _loss_backward(ctx, grad, _grad_dh, _grad_dscore):
     return (d_hidden, d_emb.to(ctx.emb_dtype), d_bias.to(ctx.bias_dtype), None, None, None, None, None)
 
 
-def sort_plan(candidates):
-    """The flattened candidates sorted by token id, stable: the order of the deterministic scatter-add."""
+def scatter_plan(candidates, dim, chunk):
+    """The order of the deterministic scatter-add, with torch (no host sync): the flattened candidates sorted by
+    token (stable), each entry's segment ``[seg_first, seg_end)``, and for the pieces of segments longer than
+    ``chunk`` their slot in the partial-sum buffers ``part [P, dim]`` / ``part_bias [P]`` (P bounds their count)."""
     sorted_ids, order = torch.sort(candidates.reshape(-1), stable=True)
-    return {"order": order, "sorted": sorted_ids}
+    seg_first = torch.searchsorted(sorted_ids, sorted_ids)
+    seg_end = torch.searchsorted(sorted_ids, sorted_ids, right=True)
+    idx = torch.arange(sorted_ids.numel(), device=sorted_ids.device)
+    long_piece = ((idx - seg_first) % chunk == 0) & (seg_end - seg_first > chunk)
+    piece_id = torch.cumsum(long_piece, 0) - 1  # at a long segment's first entry: its first piece's slot
+    bound = 2 * sorted_ids.numel() // chunk + 1  # a long segment of n entries has ceil(n / chunk) < 2n / chunk
+    return {"order": order, "sorted": sorted_ids, "seg_first": seg_first, "seg_end": seg_end, "piece_id": piece_id,
+            "part": torch.empty(bound, dim, dtype=torch.float32, device=candidates.device),
+            "part_bias": torch.empty(bound, dtype=torch.float32, device=candidates.device)}
 
 
 @torch.library.custom_op("effbert::mc_candidate_loss_backward", mutates_args=())
@@ -295,7 +305,8 @@ def _mc_candidate_loss_backward_op(grad: torch.Tensor, hidden: torch.Tensor, can
     dscore_s = (dscore * scale_rows).contiguous()
     d_emb = torch.zeros(vocab, hidden.shape[1], dtype=torch.float32, device=hidden.device)
     d_bias = torch.zeros(vocab, dtype=torch.float32, device=hidden.device)
-    kernels.mc_candidate_scatter(_rows(hidden), dscore_s, sort_plan(candidates), d_emb, d_bias)
+    plan = scatter_plan(candidates, hidden.shape[1], kernels.SCATTER_CHUNK)
+    kernels.mc_candidate_scatter(_rows(hidden), dscore_s, plan, d_emb, d_bias)
     return d_hidden, d_emb, d_bias
 
 
