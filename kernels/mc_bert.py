@@ -120,7 +120,7 @@ def mc_sample_fused_kernel(
     stride_h,
     stride_w,
     K: tl.constexpr,
-    KP: tl.constexpr,
+    KP: tl.constexpr,  # >= 4 * ceil(K / 4): every draw of the last Philox block has a column
     BLOCK_M: tl.constexpr,
     BLOCK_V: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -155,25 +155,24 @@ def mc_sample_fused_kernel(
         nan_seen |= tl.max((x != x).to(tl.int32), axis=1)
         x = tl.where(v_ok[None, :] & (x == x), x, neg)
         c0 = tl.broadcast_to(offs_v[None, :], [BLOCK_M, BLOCK_V])
-        for g in tl.static_range((K + 3) // 4):
+        for g in range(0, (K + 3) // 4):  # a loop, not unrolled: one Philox block live at a time
             r0, r1, r2, r3 = tl.philox(seed, c0, c1, c3 + g, c3)
-            for j in tl.static_range(4):
-                if 4 * g + j < K:
-                    if j == 0:
-                        bits = r0
-                    elif j == 1:
-                        bits = r1
-                    elif j == 2:
-                        bits = r2
-                    else:
-                        bits = r3
-                    score = x + _gumbel(bits)
-                    blk = tl.max(score, axis=1)
-                    idx = tl.min(tl.where(score == blk[:, None], offs_v[None, :], 2147483647), axis=1)
-                    col = offs_k[None, :] == 4 * g + j
-                    take = col & (blk[:, None] > best)
-                    best = tl.where(take, blk[:, None], best)
-                    best_idx = tl.where(take, idx[:, None], best_idx)
+            for j in tl.static_range(4):  # draws k >= K land in columns the store masks off
+                if j == 0:
+                    bits = r0
+                elif j == 1:
+                    bits = r1
+                elif j == 2:
+                    bits = r2
+                else:
+                    bits = r3
+                score = x + _gumbel(bits)
+                blk = tl.max(score, axis=1)
+                idx = tl.min(tl.where(score == blk[:, None], offs_v[None, :], 2147483647), axis=1)
+                col = offs_k[None, :] == 4 * g + j
+                take = col & (blk[:, None] > best)
+                best = tl.where(take, blk[:, None], best)
+                best_idx = tl.where(take, idx[:, None], best_idx)
     best_idx = tl.where(nan_seen[:, None] > 0, -1, best_idx).to(tl.int64)
     tl.store(out_ptr + offs_m.to(tl.int64)[:, None] * K + offs_k[None, :], best_idx,
              mask=m_ok[:, None] & (offs_k[None, :] < K))
@@ -357,7 +356,8 @@ def sample_config(vocab, num_samples, interpret=INTERPRET):
 def sample_fused_config(dim, interpret=INTERPRET):
     if interpret:
         return {"BLOCK_M": 16, "BLOCK_V": 32, "BLOCK_D": 16, "num_warps": 1}
-    return {"BLOCK_M": 64, "BLOCK_V": 64, "BLOCK_D": 64 if dim >= 64 else max(16, _pow2(dim)), "num_warps": 4}
+    # [16, 32] tiles: the four Philox words, the scores and the running best of a tile stay in registers
+    return {"BLOCK_M": 16, "BLOCK_V": 32, "BLOCK_D": 64 if dim >= 64 else max(16, _pow2(dim)), "num_warps": 4}
 
 
 def candidate_config(dim, num_candidates, interpret=INTERPRET):
@@ -392,7 +392,7 @@ def mc_sample_fused(hidden, weight, bias, num_samples, seed, out):
     cfg = sample_fused_config(dim)
     mc_sample_fused_kernel[(triton.cdiv(rows, cfg["BLOCK_M"]),)](
         hidden, weight, bias, seed, out, rows, weight.shape[0], dim, hidden.stride(0), weight.stride(0),
-        K=num_samples, KP=_pow2(num_samples), BLOCK_M=cfg["BLOCK_M"], BLOCK_V=cfg["BLOCK_V"],
+        K=num_samples, KP=_pow2(4 * ((num_samples + 3) // 4)), BLOCK_M=cfg["BLOCK_M"], BLOCK_V=cfg["BLOCK_V"],
         BLOCK_D=cfg["BLOCK_D"], num_warps=cfg["num_warps"])
     return out
 
@@ -463,7 +463,7 @@ COMPILE_SPECS = (
             "signature": {"hidden_ptr": ptr, "weight_ptr": ptr, "bias_ptr": "*fp32", "seed_ptr": "*i64",
                           "out_ptr": "*i64", "rows": "i32", "vocab": "i32", "dim": "i32", "stride_h": "i32",
                           "stride_w": "i32"},
-            "constexprs": {"K": k, "KP": _pow2(k), "BLOCK_M": cfg["BLOCK_M"], "BLOCK_V": cfg["BLOCK_V"],
+            "constexprs": {"K": k, "KP": _pow2(4 * ((k + 3) // 4)), "BLOCK_M": cfg["BLOCK_M"], "BLOCK_V": cfg["BLOCK_V"],
                            "BLOCK_D": cfg["BLOCK_D"]},
             "num_warps": cfg["num_warps"],
             "divisible": ("hidden_ptr", "weight_ptr", "out_ptr", "dim", "stride_h", "stride_w"),
