@@ -480,7 +480,7 @@ def test_check_rows_and_compile_specs():
     assert not bad, bad
     names = [spec["name"] for _, spec in compile_report.kernel_specs(only="mc_")]
     assert {n.split("[")[0] for n in names} == {"mc_sample", "mc_sample_fused", "mc_candidate_fwd",
-                                                "mc_candidate_scatter"}
+                                                "mc_candidate_scatter", "mc_candidate_fold"}
 
 
 def test_scatter_long_segments_in_pieces(seeded, monkeypatch):
@@ -501,3 +501,24 @@ def test_scatter_long_segments_in_pieces(seeded, monkeypatch):
     for got, again, want in zip(grads[0], grads[1], ref_leaves):
         assert torch.equal(got, again)
         assert_close(got, want.grad)
+
+
+def test_train_step_flops_of_the_mcbert_step():
+    """The MC-BERT train-step case's FLOPs against torch's count of every matrix product in an eager step."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from effbert.bench import train_step
+    from effbert.models import TupeBertConfig, TupeBertForMultiChoicePretraining
+
+    sizes = dict(vocab_size=60, hidden_size=48, num_hidden_layers=2, num_attention_heads=6, intermediate_size=64,
+                 max_position_embeddings=16)
+    cfg = TupeBertConfig(**sizes, position_mode="absolute", hidden_dropout_prob=0.0,
+                         attention_probs_dropout_prob=0.0, backend="eager")
+    model = TupeBertForMultiChoicePretraining(cfg, mask_token_id=4)
+    ids = torch.randint(5, 60, (3, 16))
+    labels = torch.where(torch.rand(3, 16) < 0.3, ids, torch.full_like(ids, -100))
+    ids = torch.where(labels != -100, torch.full_like(ids, 4), ids)
+    with FlopCounterMode(display=False) as counter:
+        model(ids, torch.ones(3, 16, dtype=torch.bool), labels=labels).loss.backward()
+    masked = int((ids == 4).sum())
+    assert counter.get_total_flops() == train_step.mc_step_flops(sizes, 3, 16, masked)

@@ -51,17 +51,23 @@ def step_flops(model, batch, seq, head_rows=None):
 
 
 def mc_step_flops(model, batch, seq, masked_rows, num_candidates=10, divider=3):
-    """Matrix FLOPs of one MC-BERT step: the main encoder (3x forward) with its candidate head at every position
-    (transform, then K dot products), the controller (1/3 width and FFN, same depth) with its masked-LM head at the
-    masked rows (3x forward) and, forward only, its full-vocabulary logits at every position for the draws."""
-    dm, dff, vocab, layers = model["hidden_size"], model["intermediate_size"], model["vocab_size"], \
-        model["num_hidden_layers"]
+    """Matrix FLOPs of one MC-BERT step (``TupeBertForMultiChoicePretraining``, every position real).
+
+    Main model: the encoder and the candidate head's transform (3x forward), the K candidate scores (3x) and, for
+    the accuracy, once more without gradient. Controller (1/``divider`` of the width and FFN, same depth): the
+    encoder, the projection of the shared embeddings at the input and of the whole matrix for the output, the
+    transform at every position (3x each), the masked-LM logits at the ``masked_rows`` (3x) and, forward only, the
+    full-vocabulary logits at every position that the draws take (the fused sampler computes them in registers)."""
+    dm, vocab, k = model["hidden_size"], model["vocab_size"], num_candidates
+    heads = max(1, model["num_attention_heads"] // divider)
+    dc = max(heads, (dm // divider) // heads * heads)
+    small = dict(model, hidden_size=dc, intermediate_size=max(1, model["intermediate_size"] // divider))
     tokens = batch * seq
-    main = step_flops(dict(model, vocab_size=0), batch, seq, 0) + 3.0 * 2 * tokens * (dm * dm + num_candidates * dm)
-    small = dict(model, hidden_size=dm // divider, intermediate_size=dff // divider)
-    dc = dm // divider
-    controller = step_flops(small, batch, seq, masked_rows) + 3.0 * 2 * tokens * dm * dc  # the shared projection
-    return main + controller + 2.0 * tokens * (dc * dc + dc * vocab)
+    main = step_flops(model, batch, seq, 0) + 3.0 * 2 * tokens * dm * dm + 3.0 * 2 * tokens * k * dm \
+        + 2.0 * tokens * k * dm
+    controller = (step_flops(small, batch, seq, 0) + 3.0 * 2 * (tokens + vocab) * dm * dc
+                  + 3.0 * 2 * tokens * dc * dc + 3.0 * 2 * masked_rows * dc * vocab + 2.0 * tokens * dc * vocab)
+    return main + controller
 
 
 def _tnf_batch(batch, seq, num_slots, seed):
