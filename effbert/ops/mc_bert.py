@@ -1,6 +1,6 @@
 """MC-BERT ops (Xu, Gong, Ke, He et al., "MC-BERT: Efficient Language Pre-Training via a Meta Controller", arXiv
-2006.05744; code: github.com/MC-BERT/MC-BERT): ``mc_sample`` (the controller's K draws per position; ``mc_sample_fused`` draws them straight from the
-controller's hidden states and output layer) and
+2006.05744; code: github.com/MC-BERT/MC-BERT): ``mc_sample`` (the controller's K draws per position;
+``mc_sample_fused`` draws them straight from the controller's hidden states and output layer) and
 ``mc_candidate_loss`` (the main model's multi-choice cross-entropy over K candidates).
 
 Backends: ``triton`` (kernels/mc_bert.py) and ``eager`` (effbert/reference/mc_bert.py). There is no C++ CPU
@@ -250,7 +250,7 @@ def _mc_candidate_loss_op(hidden: torch.Tensor, embedding: torch.Tensor, bias: t
 def _(hidden, embedding, bias, candidates, labels, reduction, need_grad, backend):
     m, d = hidden.shape
     k = candidates.shape[1]
-    loss = hidden.new_empty(m, dtype=torch.float32) if reduction == "none" else hidden.new_empty((), dtype=torch.float32)
+    loss = hidden.new_empty(m if reduction == "none" else (), dtype=torch.float32)
     dh = hidden.new_empty(m if need_grad else 0, d)
     dscore = hidden.new_empty(m if need_grad else 0, k, dtype=torch.float32)
     return loss, dh, dscore
