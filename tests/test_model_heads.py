@@ -82,7 +82,7 @@ def test_notes_change_only_for_the_batch_rare_words(backend, seeded):
     x = bert.embed(ids, tt)
     seen = torch.where((slots >= 0) & (before_counts[slots.clamp_min(0)] > 0), slots, torch.full_like(slots, -1))
     x = reference.note_mix(x, before_notes.double(), seen, notes.lam)
-    h, _ = bert.encoder(x, pos_bias=bert.position_bias(ids.shape[1]), key_padding_mask=pad)
+    h, _ = bert.encoder(x, pos_bias=bert.position_bias(ids.shape[1]), attention_mask=pad)
     real = mask.bool()
     assert_close(out.last_hidden_state[real], h[real], what="hidden with notes mixed in")
     plain = model(ids, mask)
