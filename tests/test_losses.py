@@ -372,3 +372,12 @@ def test_calibration_bad_inputs():
         calibration.calibrate_threshold(z, criterion="max_prob", max_accuracy_drop=0.1)
     with pytest.raises(ValueError, match=r"criterion must be one of"):
         calibration.calibrate_threshold(z, y, criterion="margin", target_avg_exit=2)
+
+
+def test_calibration_accepts_the_full_depth_settings(seeded):
+    z, y = held_out(depth=4, batch=20)
+    for criterion, c in (("entropy", 0.0), ("patience", 0)):
+        curve = calibration.speed_accuracy_curve(z, y, criterion=criterion, candidates=[c])
+        assert curve["avg_exit_layer"].tolist() == [4.0] and curve["speedup"].tolist() == [1.0]
+        full = float((z[-1].argmax(-1) == y).double().mean())
+        assert curve["accuracy"].tolist() == [full]
