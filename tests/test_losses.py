@@ -381,3 +381,23 @@ def test_calibration_accepts_the_full_depth_settings(seeded):
         assert curve["avg_exit_layer"].tolist() == [4.0] and curve["speedup"].tolist() == [1.0]
         full = float((z[-1].argmax(-1) == y).double().mean())
         assert curve["accuracy"].tolist() == [full]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_gradient_regularization_never_synchronises_with_the_host(seeded):
+    """The projection decision stays on the device: no .item(), no host-side branch on a device value."""
+    enc = MultiExitEncoder([TinyLayer(8) for _ in range(3)], [ExitHead(8, 3) for _ in range(3)]).cuda()
+    hidden = torch.randn(5, 4, 8, device="cuda")
+    y = torch.randint(0, 3, (5,), device="cuda")
+    z = enc(hidden)
+    full = losses.multi_exit_distillation_loss(z, y, backend="eager")
+    final = nn.functional.cross_entropy(z[-1], y)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        did = losses.gradient_regularized_backward(final, full - final, list(enc.parameters()),
+                                                   losses.romebert_projected_parameters(enc))
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert did.device.type == "cuda"
