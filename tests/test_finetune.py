@@ -252,6 +252,9 @@ def test_finetune_from_a_pretrain_folder(tmp_path, data, capsys):
     want = mlm.bert.state_dict()
     got = model.bert.state_dict()
     assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    # no pooler in a pretraining run: every off-ramp starts from the same one, as from a checkpoint's
+    assert all(torch.equal(h.pooler.weight, model.exits[-1].pooler.weight) for h in model.exits)
+    assert len({id(h.pooler) for h in model.exits}) == 3
     assert tokenizer.tokenize("Balls") == ["ball", "##s"]
     # the layout without load_pretrained: the folder is read directly, TNF notes left out
     write_pretrain_folder(tmp_path / "pre-tnf")
