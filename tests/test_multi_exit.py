@@ -249,7 +249,8 @@ def test_head_changing_width_midway_is_an_error():
 @pytest.mark.parametrize("backend,device", [c for c in backend_cases() if "cuda" not in c.id] +
                          [c for c in backend_cases() if "cuda" in c.id])
 @pytest.mark.parametrize("criterion,kw", [("entropy", dict(threshold=0.0)), ("entropy", dict(threshold=0)),
-                                          ("patience", dict(patience=0))], ids=["entropy-0.0", "entropy-0", "patience-0"])
+                                          ("patience", dict(patience=0))],
+                         ids=["entropy-0.0", "entropy-0", "patience-0"])
 def test_zero_threshold_and_zero_patience_mean_full_depth(backend, device, criterion, kw, seeded):
     """DeeBERT's and PABEE's scripts start their sweeps at threshold 0 / patience 0: the full-depth row."""
     require_backend(backend, device)

@@ -56,10 +56,10 @@ def exit_decision(logits, layer, criterion, *, threshold=None, patience=None, pr
     where none) and ``counter [R]`` (int64): the patience state from the previous layer (ignored otherwise).
     Returns ``(exits [R] bool, prev [R], counter [R])``, the last two being the state after this layer.
 
-    entropy: exit when H(softmax) < threshold (0: never early). max_prob: exit when max softmax >= threshold. patience (PABEE): the
-    counter goes up by one when this layer's prediction equals the previous layer's (classification: argmax;
-    a one-column regression head: |delta| < threshold), else resets to 0; exit when it reaches ``patience``
-    (0: never early, PABEE's full-depth setting).
+    entropy: exit when H(softmax) < threshold (0: never early). max_prob: exit when max softmax >= threshold.
+    patience (PABEE): the counter goes up by one when this layer's prediction equals the previous layer's
+    (classification: argmax; a one-column regression head: |delta| < threshold), else resets to 0; exit when it
+    reaches ``patience`` (0: never early, PABEE's full-depth setting).
     A row whose prediction is undefined (NaN) never exits early; ``last=True`` (the final layer) exits every row.
     """
     rows = logits.shape[0]
