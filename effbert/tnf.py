@@ -132,9 +132,9 @@ class RareWordTable:
     def find(self, input_ids, lengths=None):
         """Rare-word occurrences in a batch.
 
-        ``input_ids``: int64 ``[B, N]``; ``lengths``: optional ``[B]`` real tokens per sequence (the rest is
-        padding). Returns ``spans`` int64 ``[M, 4]`` rows ``(batch, start, end_exclusive, slot)`` in (batch,
-        position) order, and ``slots`` int64 ``[B, N]``: each piece of a rare word holds its slot, every other token
+        ``input_ids``: int64 ``[B, N]``; ``lengths``: optional ``[B]`` real tokens per sequence, each in
+        ``[0, N]`` (the rest is padding; ``ValueError`` otherwise). Returns ``spans`` int64 ``[M, 4]`` rows
+        ``(batch, start, end_exclusive, slot)`` in (batch, position) order, and ``slots`` int64 ``[B, N]``: each piece of a rare word holds its slot, every other token
         -1. Both are on ``input_ids``' device.
         """
         if not isinstance(input_ids, torch.Tensor) or input_ids.dtype != torch.int64 or input_ids.dim() != 2:
@@ -152,6 +152,9 @@ class RareWordTable:
             if lengths.shape != (B,) or lengths.dtype not in (torch.int32, torch.int64):
                 raise ValueError(f"lengths must be an integer tensor [B] = [{B}], got {tuple(lengths.shape)} "
                                  f"{lengths.dtype}")
+            if B and (int(lengths.min()) < 0 or int(lengths.max()) > N):
+                bad = int(torch.nonzero((lengths < 0) | (lengths > N))[0, 0])
+                raise ValueError(f"lengths must be in [0, N = {N}], got lengths[{bad}] = {int(lengths[bad])}")
             valid = pos[None, :] < lengths[:, None]
         empty = (torch.empty(0, 4, dtype=torch.int64, device=dev), torch.full((B, N), -1, dtype=torch.int64, device=dev))
         if B * N == 0 or len(self) == 0:

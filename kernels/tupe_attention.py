@@ -14,7 +14,23 @@ Padded layout ([B, N, H, D], optional key padding mask) and packed layout ([tota
 kernels: `VARLEN` reads each sequence's start and length from cu_seqlens. Log-sum-exp and the backward's row terms
 are indexed by (head, token) with token = b * N + i (padded) or cu_seqlens[b] + i (packed).
 
-Exponentials are base 2: logits are carried multiplied by log2(e), so the saved log-sum-exp is in log2 units.
+The forward keeps logits, their running maximum and the saved log-sum-exp in natural units and takes each
+exponential as exp2((s - max) * log2(e)), after the subtraction: scaling the logits themselves by log2(e) would
+overflow a bias of float32's lowest finite value (transformers' "masked") to -inf and turn a row the reference
+softmaxes into a dead one. The backward kernels, at their register limit, carry logits times log2(e) as before; a
+row whose every logit is near float32's lowest (its log-sum-exp overflows there, and a single saved log-sum-exp of
+that magnitude has lost log(N) to rounding anyway) gets no gradient. Such rows are fully masked queries in practice,
+whose output gradient is 0.
+
+Non-finite values never leak from padded positions: the logits of a masked key are -inf and its logit gradient
+exactly 0, and wherever a padded position's input meets a zero weight inside a product it must be 0, since 0 * inf
+is NaN: the forward reads a masked key's v as 0, and the backward wrapper passes q, k and v with padded positions
+zeroed (one copy each, which keeps the backward kernels within their register budget). So an inf or NaN in q, k or v
+at a padded position reaches no real token's output or gradient. A NaN or +inf among a real row's logits gives NaN
+(the row is not mistaken for one with no valid key). Packed sequence bounds are checked in the kernels too (an
+offset outside [0, total], a decreasing one or a sequence longer than max_seqlen makes that sequence empty), so no
+input reads or writes outside a buffer even when the op is called without its argument checks.
+
 Dropout draws a Philox number per (batch, head, i, j) from a seed tensor, so the backward regenerates the mask.
 """
 
@@ -40,11 +56,15 @@ def _dropout_keep(seed, bh, offs_m, offs_n, seq_stride, p_drop, TRANSPOSED: tl.c
 
 
 @triton.jit
-def _seq_bounds(CuSeq, b, N, VARLEN: tl.constexpr):
-    """(first token, length) of sequence b."""
+def _seq_bounds(CuSeq, b, N, TOTAL, VARLEN: tl.constexpr):
+    """(first token, length) of sequence b; a packed sequence whose bounds leave [0, TOTAL], decrease or exceed N
+    rows is empty (the wrappers raise on those; this keeps every address inside the buffers regardless)."""
     if VARLEN:
-        start = tl.load(CuSeq + b).to(tl.int64)
-        seqlen = (tl.load(CuSeq + b + 1) - tl.load(CuSeq + b)).to(tl.int32)
+        lo = tl.load(CuSeq + b)
+        hi = tl.load(CuSeq + b + 1)
+        ok = (lo >= 0) & (hi >= lo) & (hi <= TOTAL) & (hi - lo <= N)
+        start = tl.where(ok, lo, 0).to(tl.int64)
+        seqlen = tl.where(ok, hi - lo, 0).to(tl.int32)
     else:
         start = b.to(tl.int64) * N
         seqlen = N
@@ -60,18 +80,30 @@ def _head_base(Ptr, b, h, start, sb, sn, sh, VARLEN: tl.constexpr):
 
 
 @triton.jit
-def _logits_tile(q, k, Bias, Mask, b, h, offs_m, offs_n, seqlen, smb, sbh, sbi, sbj, qk_scale,
-                 HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """scale * q k^T + bias, times log2(e), with -inf at keys past the sequence end or masked out."""
-    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
-    key_ok = offs_n < seqlen
+def _logits_tile(q, k, Bias, h, offs_m, offs_n, seqlen, key_real, bias_keys, sbh, sbi, sbj, scale,
+                 HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr, LOG2: tl.constexpr = False):
+    """scale * q k^T + bias (natural units; times log2(e) when LOG2, with ``scale`` already so multiplied), -inf at
+    keys that are not real tokens. The bias is read on the sequence's rows and the keys ``bias_keys`` (the forward
+    reads every key of the sequence, the backward only real ones: each keeps its kernel clear of spills); whatever a
+    masked row reads there, the callers make that row dead or its gradient 0."""
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale
     if HAS_BIAS:
-        tile_ok = (offs_m[:, None] < seqlen) & key_ok[None, :]
+        tile_ok = (offs_m[:, None] < seqlen) & bias_keys[None, :]
         bias = tl.load(Bias + h * sbh + offs_m[:, None] * sbi + offs_n[None, :] * sbj, mask=tile_ok, other=0.0)
-        s += bias.to(tl.float32) * 1.4426950408889634
+        if LOG2:
+            s += bias.to(tl.float32) * 1.4426950408889634
+        else:
+            s += bias.to(tl.float32)
+    return tl.where(key_real[None, :], s, float("-inf"))
+
+
+@triton.jit
+def _real_tokens(Mask, b, offs, seqlen, smb, HAS_MASK: tl.constexpr):
+    """Which of the positions `offs` are real tokens: inside the sequence and, with a mask, not padding."""
+    ok = offs < seqlen
     if HAS_MASK:
-        key_ok = key_ok & (tl.load(Mask + b.to(tl.int64) * smb + offs_n, mask=key_ok, other=0) != 0)
-    return tl.where(key_ok[None, :], s, float("-inf"))
+        ok = ok & (tl.load(Mask + b.to(tl.int64) * smb + offs, mask=ok, other=0) != 0)
+    return ok
 
 
 @triton.jit
@@ -79,7 +111,7 @@ def tupe_attn_fwd_kernel(
     Q, K, V, Bias, Mask, CuSeq, Seed, Out, Lse,
     sqb, sqn, sqh, skb, skn, skh, svb, svn, svh, sob, son, soh,
     sbh, sbi, sbj, smb, slh,
-    H, N, scale, p_drop,
+    H, N, TOTAL, scale, p_drop,
     D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, VARLEN: tl.constexpr, DROPOUT: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
@@ -88,7 +120,7 @@ def tupe_attn_fwd_kernel(
     bh = tl.program_id(1)
     b = bh // H
     h = bh % H
-    start, seqlen = _seq_bounds(CuSeq, b, N, VARLEN)
+    start, seqlen = _seq_bounds(CuSeq, b, N, TOTAL, VARLEN)
     m0 = pid_m * BLOCK_M
     if m0 >= seqlen:  # packed layout: this sequence is shorter than the longest one
         return
@@ -99,8 +131,8 @@ def tupe_attn_fwd_kernel(
     offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, D)
     row_ok = offs_m < seqlen
-    q = tl.load(q_base + offs_m[:, None] * sqn + offs_d[None, :], mask=row_ok[:, None], other=0.0)
-    qk_scale = scale * 1.4426950408889634
+    q = tl.load(q_base + offs_m[:, None] * sqn + offs_d[None, :],
+                mask=_real_tokens(Mask, b, offs_m, seqlen, smb, HAS_MASK)[:, None], other=0.0)
     if DROPOUT:
         seed = tl.load(Seed)
         keep_scale = 1.0 / (1.0 - p_drop)
@@ -111,15 +143,20 @@ def tupe_attn_fwd_kernel(
     for n0 in range(0, seqlen, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         col_ok = offs_n < seqlen
+        # masks that do not depend on a load keep these loads software-pipelined
         k = tl.load(k_base + offs_n[:, None] * skn + offs_d[None, :], mask=col_ok[:, None], other=0.0)
         v = tl.load(v_base + offs_n[:, None] * svn + offs_d[None, :], mask=col_ok[:, None], other=0.0)
-        s = _logits_tile(q, k, Bias, Mask, b, h, offs_m, offs_n, seqlen, smb, sbh, sbi, sbj, qk_scale,
-                         HAS_BIAS, HAS_MASK, DOT_PRECISION)
+        col_real = _real_tokens(Mask, b, offs_n, seqlen, smb, HAS_MASK)
+        if HAS_MASK:  # a masked key's k only reaches logits that become -inf; its v would meet p = 0 as 0 * inf
+            v = tl.where(col_real[:, None], v, 0.0)
+        # a masked row may read any bias (even NaN): it is made dead after the loop
+        s = _logits_tile(q, k, Bias, h, offs_m, offs_n, seqlen, col_real, col_ok, sbh, sbi, sbj, scale, HAS_BIAS,
+                         DOT_PRECISION)
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         # a row that has seen only -inf shifts by 0, so exp2(-inf - 0) = 0 instead of NaN
         m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(m_i - m_ref)
-        p = tl.exp2(s - m_ref[:, None])
+        alpha = tl.exp2((m_i - m_ref) * 1.4426950408889634)
+        p = tl.exp2((s - m_ref[:, None]) * 1.4426950408889634)
         l_i = l_i * alpha + tl.sum(p, axis=1)
         if DROPOUT:
             keep = _dropout_keep(seed, bh, offs_m, offs_n, N, p_drop)
@@ -127,24 +164,23 @@ def tupe_attn_fwd_kernel(
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
 
-    alive = l_i > 0.0  # false for a row with no valid key
-    if HAS_MASK:
-        alive = alive & (tl.load(Mask + b.to(tl.int64) * smb + offs_m, mask=row_ok, other=0) != 0)
+    # l_i is 0 only for a row with no valid key; a NaN l_i (NaN or +inf among the row's logits) stays alive, so NaN
+    # in gives NaN out
+    alive = (l_i != 0.0) & _real_tokens(Mask, b, offs_m, seqlen, smb, HAS_MASK)
     out = tl.where(alive[:, None], acc / tl.where(alive, l_i, 1.0)[:, None], 0.0)
     tl.store(o_base + offs_m[:, None] * son + offs_d[None, :], out.to(Out.dtype.element_ty), mask=row_ok[:, None])
     # +inf log-sum-exp makes every recomputed probability of a dead or padded row 0 in the backward
-    lse = tl.where(alive, m_i + tl.log2(tl.where(alive, l_i, 1.0)), float("inf"))
+    lse = tl.where(alive, m_i + tl.log(tl.where(alive, l_i, 1.0)), float("inf"))
     tl.store(Lse + h * slh + start + offs_m, lse, mask=row_ok)
 
 
 @triton.jit
-def _probs_and_dlogits(q, k, v, do, lse, delta, Bias, Mask, Seed, b, h, bh, offs_m, offs_n, seqlen,
-                       smb, sbh, sbi, sbj, N, qk_scale, p_drop,
-                       HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, DROPOUT: tl.constexpr,
-                       DOT_PRECISION: tl.constexpr):
+def _probs_and_dlogits(q, k, v, do, lse, delta, Bias, Seed, h, bh, offs_m, offs_n, seqlen, key_real,
+                       sbh, sbi, sbj, N, qk_scale, p_drop,
+                       HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """Recompute one tile: (probabilities after dropout, gradient of the logits)."""
-    s = _logits_tile(q, k, Bias, Mask, b, h, offs_m, offs_n, seqlen, smb, sbh, sbi, sbj, qk_scale,
-                     HAS_BIAS, HAS_MASK, DOT_PRECISION)
+    s = _logits_tile(q, k, Bias, h, offs_m, offs_n, seqlen, key_real, key_real, sbh, sbi, sbj, qk_scale,
+                     HAS_BIAS, DOT_PRECISION, LOG2=True)
     p = tl.exp2(s - lse[:, None])
     dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
     if DROPOUT:
@@ -154,7 +190,7 @@ def _probs_and_dlogits(q, k, v, do, lse, delta, Bias, Mask, Seed, b, h, bh, offs
         dp = tl.where(keep, dp * keep_scale, 0.0)
     else:
         p_used = p
-    ds = p * (dp - delta[:, None])
+    ds = p * (dp - delta[:, None])  # 0 at a masked key: p is 0 there and the wrapper passes its v as 0
     return p_used, ds
 
 
@@ -163,7 +199,7 @@ def tupe_attn_bwd_dkdv_kernel(
     Q, K, V, Bias, Mask, CuSeq, Seed, DO, Lse, Delta, DK, DV,
     sqb, sqn, sqh, skb, skn, skh, svb, svn, svh, sdob, sdon, sdoh, sdkb, sdkn, sdkh, sdvb, sdvn, sdvh,
     sbh, sbi, sbj, smb, slh,
-    H, N, scale, p_drop,
+    H, N, TOTAL, scale, p_drop,
     D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, VARLEN: tl.constexpr, DROPOUT: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
@@ -176,7 +212,7 @@ def tupe_attn_bwd_dkdv_kernel(
     bh = tl.program_id(1)
     b = bh // H
     h = bh % H
-    start, seqlen = _seq_bounds(CuSeq, b, N, VARLEN)
+    start, seqlen = _seq_bounds(CuSeq, b, N, TOTAL, VARLEN)
     n0 = pid_n * BLOCK_N
     if n0 >= seqlen:
         return
@@ -189,9 +225,7 @@ def tupe_attn_bwd_dkdv_kernel(
     offs_n = n0 + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, D)
     col_ok = offs_n < seqlen
-    key_ok = col_ok
-    if HAS_MASK:
-        key_ok = key_ok & (tl.load(Mask + b.to(tl.int64) * smb + offs_n, mask=col_ok, other=0) != 0)
+    key_ok = _real_tokens(Mask, b, offs_n, seqlen, smb, HAS_MASK)
     k = tl.load(k_base + offs_n[:, None] * skn + offs_d[None, :], mask=col_ok[:, None], other=0.0)
     v = tl.load(v_base + offs_n[:, None] * svn + offs_d[None, :], mask=col_ok[:, None], other=0.0)
     qk_scale = scale * 1.4426950408889634
@@ -203,6 +237,7 @@ def tupe_attn_bwd_dkdv_kernel(
     for m0 in range(0, seqlen, BLOCK_M):
         offs_m = m0 + tl.arange(0, BLOCK_M)
         row_ok = offs_m < seqlen
+        # a masked query's +inf log-sum-exp makes its probabilities 0 (the wrapper passes its q as 0)
         q_t = tl.load(q_base + offs_m[None, :] * sqn + offs_d[:, None], mask=row_ok[None, :], other=0.0)
         do = tl.load(do_base + offs_m[:, None] * sdon + offs_d[None, :], mask=row_ok[:, None], other=0.0)
         lse = tl.load(Lse + h * slh + start + offs_m, mask=row_ok, other=float("inf"))
@@ -225,8 +260,7 @@ def tupe_attn_bwd_dkdv_kernel(
         dk += tl.dot(ds_t.to(q_t.dtype), tl.trans(q_t), input_precision=DOT_PRECISION)
     tl.store(dk_base + offs_n[:, None] * sdkn + offs_d[None, :], (dk * scale).to(DK.dtype.element_ty),
              mask=col_ok[:, None])
-    tl.store(dv_base + offs_n[:, None] * sdvn + offs_d[None, :], dv.to(DV.dtype.element_ty),
-             mask=col_ok[:, None])
+    tl.store(dv_base + offs_n[:, None] * sdvn + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=col_ok[:, None])
 
 
 @triton.jit
@@ -234,7 +268,7 @@ def tupe_attn_bwd_dq_kernel(
     Q, K, V, Bias, Mask, CuSeq, Seed, DO, Lse, Delta, DQ, DBias,
     sqb, sqn, sqh, skb, skn, skh, svb, svn, svh, sdob, sdon, sdoh, sdqb, sdqn, sdqh,
     sbh, sbi, sbj, smb, slh, sdbg, sdbh, sdbi,
-    B, H, N, GROUPS, scale, p_drop,
+    B, H, N, TOTAL, GROUPS, scale, p_drop,
     D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, VARLEN: tl.constexpr, DROPOUT: tl.constexpr,
     BIAS_GRAD: tl.constexpr, DOT_PRECISION: tl.constexpr,
@@ -252,7 +286,7 @@ def tupe_attn_bwd_dq_kernel(
     for step in range(0, tl.cdiv(B - g, GROUPS)):
         b = g + step * GROUPS  # a tensor (program_id arithmetic) in the compiler and the interpreter alike
         bh = b * H + h
-        start, seqlen = _seq_bounds(CuSeq, b, N, VARLEN)
+        start, seqlen = _seq_bounds(CuSeq, b, N, TOTAL, VARLEN)
         if m0 < seqlen:
             q_base = _head_base(Q, b, h, start, sqb, sqn, sqh, VARLEN)
             dq_base = _head_base(DQ, b, h, start, sdqb, sdqn, sdqh, VARLEN)
@@ -270,9 +304,10 @@ def tupe_attn_bwd_dq_kernel(
                 col_ok = offs_n < seqlen
                 k = tl.load(k_base + offs_n[:, None] * skn + offs_d[None, :], mask=col_ok[:, None], other=0.0)
                 v = tl.load(v_base + offs_n[:, None] * svn + offs_d[None, :], mask=col_ok[:, None], other=0.0)
-                p_used, ds = _probs_and_dlogits(q, k, v, do, lse, delta, Bias, Mask, Seed, b, h, bh, offs_m,
-                                                offs_n, seqlen, smb, sbh, sbi, sbj, N, qk_scale, p_drop,
-                                                HAS_BIAS, HAS_MASK, DROPOUT, DOT_PRECISION)
+                col_real = _real_tokens(Mask, b, offs_n, seqlen, smb, HAS_MASK)
+                p_used, ds = _probs_and_dlogits(q, k, v, do, lse, delta, Bias, Seed, h, bh, offs_m, offs_n, seqlen,
+                                                col_real, sbh, sbi, sbj, N, qk_scale, p_drop,
+                                                HAS_BIAS, DROPOUT, DOT_PRECISION)
                 dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
                 if BIAS_GRAD:
                     tile = db_base + offs_m[:, None] * sdbi + offs_n[None, :]
@@ -342,6 +377,11 @@ def _layout_strides(x, varlen):
     return (0, x.stride(0), x.stride(1)) if varlen else (x.stride(0), x.stride(1), x.stride(2))
 
 
+def _tokens(q, varlen):
+    """Packed rows (the bound the kernels check packed offsets against); unused in the padded layout."""
+    return q.shape[0] if varlen else q.shape[0] * q.shape[1]
+
+
 def _optional_args(q, pos_bias, key_padding_mask, cu_seqlens, seed):
     """Pointers and strides of the optional inputs; absent ones point at q (never read: their flag is off)."""
     bias_strides = pos_bias.stride() if pos_bias is not None else (0, 0, 0)
@@ -370,7 +410,7 @@ def attention_forward(q, k, v, pos_bias, key_padding_mask, cu_seqlens, seed, out
         *_layout_strides(q, varlen), *_layout_strides(k, varlen), *_layout_strides(v, varlen),
         *_layout_strides(out, varlen),
         sbh, sbi, sbj, smb, lse.stride(0),
-        heads, seq_len, scale, dropout_p,
+        heads, seq_len, _tokens(q, varlen), scale, dropout_p,
         D=d, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], HAS_BIAS=pos_bias is not None,
         HAS_MASK=key_padding_mask is not None, VARLEN=varlen, DROPOUT=dropout_p > 0.0,
         DOT_PRECISION=dot_precision(name), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
@@ -383,10 +423,18 @@ def bias_grad_groups(batch, heads, seq_len, block_m, sm_count):
     return max(1, min(batch, triton.cdiv(2 * sm_count, programs)))
 
 
+def lse_log2(lse):
+    """The forward's (natural) log-sum-exp in the backward's log2 units. A row whose log-sum-exp overflows there (a
+    row of logits near float32's lowest) gets +inf: probability 0, so no gradient (see the module notes)."""
+    lse2 = lse * LOG2E
+    return lse2.masked_fill_(lse2 == float("-inf"), float("inf"))
+
+
 def attention_backward(q, k, v, pos_bias, key_padding_mask, cu_seqlens, seed, dout, lse, delta, dq, dk, dv,
                        dbias_groups, *, batch, seq_len, scale, dropout_p):
-    """Launch both backward kernels. ``dbias_groups``: None, or a zeroed float32 [G, H, S, S] buffer that receives
-    the bias gradient summed over the batch elements b with b % G == g."""
+    """Launch both backward kernels. ``lse``: the backward's log2 units (`lse_log2`). ``dbias_groups``: None, or a
+    zeroed float32 [G, H, S, S] buffer that receives the bias gradient summed over the batch elements b with
+    b % G == g."""
     varlen = cu_seqlens is not None
     heads, d = q.shape[-2], q.shape[-1]
     name = _DTYPE_NAME[str(q.dtype)]
@@ -400,7 +448,7 @@ def attention_backward(q, k, v, pos_bias, key_padding_mask, cu_seqlens, seed, do
     tupe_attn_bwd_dkdv_kernel[(triton.cdiv(seq_len, cfg["BLOCK_N"]), batch * heads)](
         q, k, v, bias, mask, cu, seed_t, dout, lse, delta, dk, dv,
         *inputs, *_layout_strides(dk, varlen), *_layout_strides(dv, varlen),
-        sbh, sbi, sbj, smb, lse.stride(0), heads, seq_len, scale, dropout_p, **flags,
+        sbh, sbi, sbj, smb, lse.stride(0), heads, seq_len, _tokens(q, varlen), scale, dropout_p, **flags,
     )
     if dbias_groups is not None:
         groups, db, db_strides = dbias_groups.shape[0], dbias_groups, dbias_groups.stride()[:3]
@@ -412,7 +460,8 @@ def attention_backward(q, k, v, pos_bias, key_padding_mask, cu_seqlens, seed, do
     tupe_attn_bwd_dq_kernel[(triton.cdiv(seq_len, qcfg["BLOCK_M"]), heads, groups)](
         q, k, v, bias, mask, cu, seed_t, dout, lse, delta, dq, db,
         *inputs, *_layout_strides(dq, varlen),
-        sbh, sbi, sbj, smb, lse.stride(0), *db_strides, batch, heads, seq_len, groups, scale, dropout_p,
+        sbh, sbi, sbj, smb, lse.stride(0), *db_strides, batch, heads, seq_len, _tokens(q, varlen), groups, scale,
+        dropout_p,
         BIAS_GRAD=dbias_groups is not None, **flags,
     )
 
@@ -451,19 +500,20 @@ def _spec(kind, dt, d, *, varlen=False, dropout=False):
     if kind == "fwd":
         fn = tupe_attn_fwd_kernel
         sig = {**common, "Out": ptr, "Lse": "*fp32", **_COMMON_SIG, "sob": "i64", "son": "i32", "soh": "i32",
-               **tail_ints, "H": "i32", "N": "i32", "scale": "fp32", "p_drop": "fp32"}
+               **tail_ints, "H": "i32", "N": "i32", "TOTAL": "i32", "scale": "fp32", "p_drop": "fp32"}
     elif kind == "dkdv":
         fn = tupe_attn_bwd_dkdv_kernel
         sig = {**common, "DO": ptr, "Lse": "*fp32", "Delta": "*fp32", "DK": ptr, "DV": ptr, **_COMMON_SIG,
                "sdob": "i64", "sdon": "i32", "sdoh": "i32", "sdkb": "i64", "sdkn": "i32", "sdkh": "i32",
-               "sdvb": "i64", "sdvn": "i32", "sdvh": "i32", **tail_ints, "H": "i32", "N": "i32", "scale": "fp32",
+               "sdvb": "i64", "sdvn": "i32", "sdvh": "i32", **tail_ints, "H": "i32", "N": "i32", "TOTAL": "i32",
+               "scale": "fp32",
                "p_drop": "fp32"}
     else:
         fn = tupe_attn_bwd_dq_kernel
         sig = {**common, "DO": ptr, "Lse": "*fp32", "Delta": "*fp32", "DQ": ptr, "DBias": "*fp32", **_COMMON_SIG,
                "sdob": "i64", "sdon": "i32", "sdoh": "i32", "sdqb": "i64", "sdqn": "i32", "sdqh": "i32",
                **tail_ints, "sdbg": "i64", "sdbh": "i64",
-               "sdbi": "i32", "B": "i32", "H": "i32", "N": "i32", "GROUPS": "i32", "scale": "fp32",
+               "sdbi": "i32", "B": "i32", "H": "i32", "N": "i32", "TOTAL": "i32", "GROUPS": "i32", "scale": "fp32",
                "p_drop": "fp32"}
         flags["BIAS_GRAD"] = True
     tag = ("varlen," if varlen else "") + ("dropout," if dropout else "")
@@ -475,7 +525,7 @@ def _spec(kind, dt, d, *, varlen=False, dropout=False):
         "num_stages": cfg["num_stages"],
         # at BERT shapes every pointer and stride but the unit ones is a multiple of 16, which the runtime
         # specialisation sees too
-        "divisible": tuple(k for k in sig if k[0].isupper() and k not in ("Mask", "CuSeq", "Seed")
+        "divisible": tuple(k for k in sig if k[0].isupper() and k not in ("Mask", "CuSeq", "Seed", "TOTAL")
                            or k.startswith("s") and k != "scale"),
         "must_not_spill": d <= 64,
         "matrix_instructions": dt != "fp32",

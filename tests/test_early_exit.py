@@ -522,6 +522,25 @@ def test_bad_layer_and_native_ids():
 
 
 @pytest.mark.parametrize("backend,device", backend_cases())
+@pytest.mark.parametrize("bad_id", [9, 5, -1])
+@pytest.mark.parametrize("through_op", [False, True], ids=["public", "registered-op"])
+def test_row_id_outside_the_batch_raises_on_every_backend(backend, device, bad_id, through_op):
+    """An id outside [0, B) names row_ids and leaves every buffer as it was, on every backend and when the
+    registered op is called directly (eager and Triton used to drop the sample silently)."""
+    require_backend(backend, device)
+    args = {k: v.to(device) for k, v in _decision_args().items()}
+    args["row_ids"] = torch.tensor([0, 1, bad_id, 2], dtype=torch.int32, device=device)
+    before = {k: v.clone() for k, v in args.items()}
+    with pytest.raises(ValueError, match=rf"row_ids\[2\] = {bad_id} outside \[0, 5\)"):
+        if through_op:
+            torch.ops.effbert.exit_decision(*args.values(), 2, 1, 3.0, 1, False, backend)
+        else:
+            ops.exit_decision(*args.values(), layer=1, criterion="patience", patience=1, backend=backend)
+    for k, v in args.items():
+        assert torch.equal(v, before[k]), f"{k} changed before the error"
+
+
+@pytest.mark.parametrize("backend,device", backend_cases())
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
 def test_patience_ties_take_the_first_class(backend, device, dtype):
     """The patience prediction is torch.argmax's: the first maximal class, also when the ties sit in different

@@ -624,3 +624,39 @@ def test_bench_family_runs_and_checks(tmp_path):
     assert {c["provider"] for c in ok} >= {"effbert-cpu", "torch"}
     assert all(c["bytes"] > 0 and c["ms"] > 0 for c in ok)
     assert not [c for c in data["cases"] if c["status"] in ("wrong", "error")]
+
+
+@pytest.mark.parametrize("backend,device", backend_cases())
+def test_degenerate_sizes_agree_on_every_backend(backend, device):
+    """An empty note table, a hidden size of 0, N = 0 and broadcast views: the reference's result (and the same
+    counts) on every backend, never an internal error (the eager mix used to fail on an empty table, every backend on
+    a hidden size of 0, and the C++ build on a broadcast x; the kernels left counts unchanged at hidden size 0)."""
+    require_backend(backend, device)
+    dev = torch.device(device)
+    x = torch.randn(2, 3, 4, device=dev)
+    never = torch.full((2, 3), -1, dtype=torch.int64, device=dev)
+    out = effbert.note_mix(x, torch.zeros(0, 4, device=dev), never, 0.5, backend=backend)
+    assert torch.equal(out, x)
+    slots = torch.tensor([[1, -1, 2], [0, 0, -1]], device=dev)
+    out = effbert.note_mix(torch.randn(2, 3, 0, device=dev), torch.zeros(5, 0, device=dev), slots, 0.5,
+                           backend=backend)
+    assert out.shape == (2, 3, 0)
+    assert effbert.note_mix(x[:, :0], torch.randn(5, 4, device=dev), slots[:, :0], 0.5, backend=backend).shape == \
+        (2, 0, 4)
+    notes = torch.randn(5, 4, device=dev)
+    for xv, nv, sv in ((torch.randn(1, 1, 4, device=dev).expand(2, 3, 4), notes, slots),
+                       (x, notes, torch.tensor([1, -1, 2], device=dev).expand(2, 3)),
+                       (x, torch.randn(1, 4, device=dev).expand(5, 4), slots)):
+        want = reference.note_mix(xv.double(), nv.double(), sv, 0.5)
+        assert_close(effbert.note_mix(xv, nv, sv, 0.5, backend=backend), want)
+    # hidden size 0: the update still counts every row, as the reference does
+    notes0, counts = torch.zeros(3, 0, device=dev), torch.zeros(3, dtype=torch.int64, device=dev)
+    spans = torch.tensor([[0, 0, 1, 1], [1, 1, 3, 1], [1, 0, 1, 2]], device=dev)
+    effbert.note_update_(notes0, counts, torch.randn(2, 3, 0, device=dev), spans, window=1, gamma=0.1,
+                         backend=backend)
+    assert counts.tolist() == [0, 2, 1]
+    # an empty table with no rows: nothing changes; a row into it is refused by name
+    empty, counts = torch.zeros(0, 4, device=dev), torch.zeros(0, dtype=torch.int64, device=dev)
+    effbert.note_update_(empty, counts, x, spans[:0], window=1, gamma=0.1, backend=backend)
+    with pytest.raises(ValueError, match=r"spans row 0 = \(0, 0, 1, 1\): slot 1 out of range \[0, 0\)"):
+        effbert.note_update_(empty, counts, x, spans[:1], window=1, gamma=0.1, backend=backend)

@@ -160,3 +160,14 @@ def test_find_edge_cases():
         table.find(torch.tensor([[99]]))
     with pytest.raises(TypeError, match="input_ids must be an int64 tensor"):
         table.find(torch.tensor([[1.0]]))
+
+
+@pytest.mark.parametrize("lengths,bad", [([3, 4], "lengths\\[1\\] = 4"), ([-1, 2], "lengths\\[0\\] = -1")])
+def test_find_rejects_lengths_outside_the_sequence(lengths, bad):
+    """A length past N (or negative) names the argument instead of silently treating the row as full (or empty)."""
+    table = RareWordTable.build(["cats"], wordpiece, wordpiece_continuation(VOCAB))
+    ids = torch.tensor([[IDS["cat"], IDS["##s"], IDS["cat"]]] * 2)
+    with pytest.raises(ValueError, match=rf"lengths must be in \[0, N = 3\], got {bad}"):
+        table.find(ids, torch.tensor(lengths))
+    spans, _ = table.find(ids, torch.tensor([0, 3]))  # the bounds themselves are fine
+    assert spans.tolist() == [[1, 0, 2, 0]]

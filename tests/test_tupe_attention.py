@@ -282,6 +282,187 @@ def test_opcheck_and_compile_fullgraph(seeded):
         assert_close(t.grad, t64.grad, rtol=GRAD_RTOL)
 
 
+def _packed(lengths, extra_rows=0, h=2, d=16):
+    cu = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32, device=DEVICE)
+    total = int(cu[-1]) + extra_rows
+    return cu, [torch.randn(total, h, d, device=DEVICE) for _ in range(3)]
+
+
+BAD_OFFSETS = [  # (cu_seqlens, max_seqlen, message) against 15 packed rows
+    ([0, 5, 6, 16], 10, "cu_seqlens must end at most at the packed length 15"),
+    ([0, 5, 6, 13, 99], 86, "cu_seqlens must end at most at the packed length 15"),
+    ([0, 7, 6, 13], 7, "cu_seqlens must start at 0 and never decrease"),
+    ([1, 5, 6, 13], 7, "cu_seqlens must start at 0 and never decrease"),
+    ([0, 5, 6, 13], 6, r"max_seqlen must be >= the longest sequence \(7\)"),
+]
+
+
+@pytest.mark.parametrize("backend", ["eager", "triton"])
+def test_varlen_compiles_with_inductor_and_keeps_its_checks(backend, seeded):
+    """torch.compile with inductor (not only aot_eager), forward and backward, packed rows with two trailing rows
+    in no sequence (zeros, zero gradient); the compiled function still refuses bad offsets by name."""
+    cu, (q, k, v) = _packed([5, 1, 7], extra_rows=2)
+    pos = torch.randn(2, 90, 90, device=DEVICE)  # long enough for every max_seqlen below: only the offsets are bad
+    leaves = [t.clone().requires_grad_() for t in (q, k, v, pos)]
+    grad = torch.randn_like(q)
+
+    def fn(q_, k_, v_, p_, cu_, max_seqlen):
+        return effbert.tupe_attention_varlen(q_, k_, v_, cu_, max_seqlen, p_, backend=backend)
+
+    compiled = torch.compile(fn, fullgraph=True, backend="inductor")
+    out = compiled(*leaves, cu, 7)
+    out.backward(grad)
+    leaves64 = [t.detach().double().requires_grad_() for t in (q, k, v, pos)]
+    ref = reference.tupe_attention_varlen(*leaves64[:3], cu, 7, leaves64[3])
+    ref.backward(grad.double())
+    assert (ref[13:] == 0).all()
+    assert_close(out, ref)
+    for name, t, t64 in zip(["q", "k", "v", "pos_bias"], leaves, leaves64):
+        assert_close(t.grad, t64.grad, rtol=GRAD_RTOL, what=f"d {name}")
+    assert (out[13:] == 0).all() and all((t.grad[13:] == 0).all() for t in leaves[:3])
+    for bad, max_seqlen, message in BAD_OFFSETS:
+        with pytest.raises(ValueError, match=message):
+            compiled(*[t.detach() for t in leaves], torch.tensor(bad, dtype=torch.int32, device=DEVICE),
+                     max_seqlen)
+
+
+@pytest.mark.parametrize("backend", ["eager", "triton"])
+def test_varlen_rows_after_the_last_sequence_are_zero(backend, seeded):
+    cu, (q, k, v) = _packed([4, 3], extra_rows=3)
+    out = effbert.tupe_attention_varlen(q, k, v, cu, 4, backend=backend)
+    ref = reference.tupe_attention_varlen(q.double(), k.double(), v.double(), cu, 4)
+    assert (out[7:] == 0).all()
+    assert_close(out, ref)
+
+
+@pytest.mark.parametrize("bad,max_seqlen,message", BAD_OFFSETS)
+def test_registered_op_checks_the_offsets(bad, max_seqlen, message):
+    """torch.ops.effbert.tupe_attention called directly (no public wrapper): bad offsets raise before any kernel
+    reads through them (an offset past the packed length used to read and write out of bounds)."""
+    _, (q, k, v) = _packed([5, 1, 7], extra_rows=2)
+    cu = torch.tensor(bad, dtype=torch.int32, device=DEVICE)
+    with pytest.raises(ValueError, match=message):
+        torch.ops.effbert.tupe_attention(q, k, v, None, None, cu, max_seqlen, 0.25, 0.0, None)
+    with pytest.raises(ValueError, match="q, k and v must have one shape"):
+        torch.ops.effbert.tupe_attention(q, k[:3], v, None, None, cu, max_seqlen, 0.25, 0.0, None)
+    with pytest.raises(ValueError, match="seed must be given"):
+        torch.ops.effbert.tupe_attention(q, k, v, None, None, cu, max_seqlen, 0.25, 0.1, None)
+
+
+def test_backward_op_stays_inside_its_buffers_with_bad_offsets():
+    """The backward op bounds packed offsets in the kernels: a sequence whose offsets leave the buffer is skipped
+    (zero gradient), the others are unaffected."""
+    cu, (q, k, v) = _packed([5, 1, 7])
+    out, lse = torch.ops.effbert.tupe_attention(q, k, v, None, None, cu, 7, 0.25, 0.0, None)
+    dout = torch.randn_like(q)
+    good = torch.ops.effbert.tupe_attention_backward(dout, q, k, v, out, lse, None, None, cu, 7, 0.25, 0.0, None,
+                                                     False)
+    bad = cu.clone()
+    bad[2] = 1000  # sequences 1 and 2 now claim rows far past the buffer
+    grads = torch.ops.effbert.tupe_attention_backward(dout, q, k, v, out, lse, None, None, bad, 7, 0.25, 0.0, None,
+                                                      False)
+    for g, g_ok in zip(grads[:3], good[:3]):
+        assert torch.equal(g[:5], g_ok[:5]) and (g[5:] == 0).all()
+
+
+def _nan_pattern_case(where, value, b=2, n=9, h=2, d=16):
+    q, k, v = (t.float() for t in make_qkv(b, n, h, d))
+    pos = torch.randn(h, n, n, device=DEVICE)
+    target = {"q": q, "k": k, "bias": pos}[where]
+    if where == "bias":
+        target[1, 3, 4] = value
+    else:
+        target[1, 3, 1, 2] = value
+    return q, k, v, pos
+
+
+@pytest.mark.parametrize("where,value", [("q", float("nan")), ("k", float("nan")), ("bias", float("nan")),
+                                         ("bias", float("inf"))])
+def test_nan_in_gives_nan_out_on_every_backend(where, value):
+    """NaN in q, k or the bias (or +inf in the bias) gives NaN, and NaN gradients, where eager does: the "row with
+    no valid key gives 0" rule must not swallow a NaN row (the Triton path used to return 0)."""
+    q, k, v, pos = _nan_pattern_case(where, value)
+    mask = padding_mask(2, 9)
+    mask[1, :5] = True  # the poisoned token is real
+    results = {}
+    for backend in ("eager", "triton"):
+        leaves = [t.clone().requires_grad_() for t in (q, k, v, pos)]
+        out = effbert.tupe_attention(*leaves, key_padding_mask=mask, backend=backend)
+        out.backward(torch.ones_like(out))
+        results[backend] = [out] + [t.grad for t in leaves]
+    assert torch.isnan(results["eager"][0]).any()
+    assert torch.equal(torch.isnan(results["triton"][0]), torch.isnan(results["eager"][0])), "output NaN pattern"
+    for name, a, b in zip(["d q", "d k", "d v", "d pos_bias"], results["triton"][1:], results["eager"][1:]):
+        # every NaN eager has is NaN here too (the kernels may also give NaN where only a masked pair meets it)
+        assert torch.isnan(a)[torch.isnan(b)].all(), f"{name}: a NaN gradient came back finite"
+        assert torch.isnan(b).any(), name
+
+
+@pytest.mark.parametrize("backend", ["eager", "triton"])
+def test_a_bias_row_of_float32_lowest_is_softmaxed_not_dropped(backend, seeded):
+    """transformers' "masked" value (float32's lowest finite) on a whole bias row: the reference softmaxes the row
+    (uniform weights); scaling it by log2(e) in the kernel used to overflow to -inf and return 0 for the row."""
+    b, n, h, d = 2, 11, 2, 16
+    q, k, v = make_qkv(b, n, h, d)
+    pos = torch.randn(h, n, n, dtype=torch.float64, device=DEVICE)
+    pos[:, 4, :] = torch.finfo(torch.float32).min
+    pos[0, 6, :5] = torch.finfo(torch.float32).min  # and part of a row: those keys get no weight
+    ref = reference.tupe_attention(q, k, v, pos)
+    assert_close(ref[:, 4], v.mean(1))  # uniform over the keys
+    out = effbert.tupe_attention(q.float(), k.float(), v.float(), pos.float(), backend=backend)
+    assert_close(out, ref)
+
+
+@pytest.mark.parametrize("backend", ["eager", "triton"])
+@pytest.mark.parametrize("value", [float("inf"), float("nan")])
+def test_non_finite_values_at_masked_positions_never_reach_real_tokens(backend, value, seeded):
+    """inf or NaN in q, k and v at padded positions (and in a bias column only padded keys use): the real tokens'
+    outputs and every gradient equal those of clean inputs (an inf in v at a padded key used to make every real
+    output NaN on eager and Triton)."""
+    b, n, h, d = 2, 13, 2, 16
+    q, k, v = make_qkv(b, n, h, d)
+    pos = torch.randn(h, n, n, dtype=torch.float64, device=DEVICE)
+    mask = padding_mask(b, n)
+    mask[:, 10:] = False  # positions 10 and up are padding in every sequence: the bias there is unused
+    mask[1, 9:] = False
+    grad = torch.randn(b, n, h, d, dtype=torch.float64, device=DEVICE)
+    clean = [t.clone().requires_grad_() for t in (q, k, v, pos)]
+    ref = reference.tupe_attention(*clean, key_padding_mask=mask)
+    ref.backward(grad)
+    dirty = [t.clone() for t in (q, k, v)]
+    for t in dirty:
+        t[~mask] = value
+    dirty_pos = pos.clone()
+    dirty_pos[:, :, 11] = value  # a key column only padding uses
+    dtype = torch.float64 if backend == "eager" else torch.float32
+    leaves = [t.to(dtype).requires_grad_() for t in dirty + [dirty_pos]]
+    out = effbert.tupe_attention(*leaves, key_padding_mask=mask, backend=backend)
+    out.backward(grad.to(dtype))
+    assert_close(out, ref)
+    for name, t, t_ref in zip(["q", "k", "v", "pos_bias"], leaves, clean):
+        if name == "pos_bias":  # the bias is shared: entries no batch element uses get 0 in both
+            assert_close(t.grad, t_ref.grad, rtol=GRAD_RTOL, what="d pos_bias")
+        else:
+            assert_close(t.grad, t_ref.grad, rtol=GRAD_RTOL, what=f"d {name}")
+
+
+@pytest.mark.parametrize("backend", ["eager", "triton"])
+def test_empty_sizes_give_empty_results_on_every_backend(backend):
+    """N = 0 and B = 0 (padded), and zero packed tokens: empty outputs and gradients, never an internal error (the
+    eager reference used to fail on N = 0)."""
+    for shape in ((2, 0, 2, 16), (0, 5, 2, 16)):
+        q = torch.randn(*shape, device=DEVICE, requires_grad=True)
+        pos = torch.randn(2, shape[1], shape[1], device=DEVICE, requires_grad=True)
+        out = effbert.tupe_attention(q, q, q, pos, backend=backend)
+        out.sum().backward()
+        assert out.shape == shape and q.grad.shape == shape and (pos.grad == 0).all()
+    q = torch.randn(0, 2, 16, device=DEVICE, requires_grad=True)
+    out = effbert.tupe_attention_varlen(q, q, q, torch.zeros(3, dtype=torch.int32, device=DEVICE), 1,
+                                        backend=backend)
+    out.sum().backward()
+    assert out.shape == (0, 2, 16) and q.grad.shape == (0, 2, 16)
+
+
 def test_bad_inputs_name_the_argument():
     q, k, v = (t.float() for t in make_qkv(2, 8, 2, 16))
     pos = torch.randn(2, 8, 8, device=DEVICE)
@@ -312,9 +493,9 @@ def test_bad_inputs_name_the_argument():
     with pytest.raises(ValueError, match="never decrease"):
         effbert.tupe_attention_varlen(flat, flat, flat, torch.tensor([0, 9, 8, 16], dtype=torch.int32,
                                                                      device=DEVICE), 9)
-    with pytest.raises(ValueError, match="must end at the packed length 16"):
-        effbert.tupe_attention_varlen(flat, flat, flat, torch.tensor([0, 8, 15], dtype=torch.int32,
-                                                                     device=DEVICE), 8)
+    with pytest.raises(ValueError, match="must end at most at the packed length 16"):
+        effbert.tupe_attention_varlen(flat, flat, flat, torch.tensor([0, 8, 17], dtype=torch.int32,
+                                                                     device=DEVICE), 9)
     with pytest.raises(TypeError, match="cu_seqlens must have dtype"):
         effbert.tupe_attention_varlen(flat, flat, flat, cu.long(), 8)
     with pytest.raises(ValueError, match="max_seqlen must be >= the longest sequence"):
@@ -366,14 +547,41 @@ def test_modules_fused_equal_eager_and_the_cache_follows_the_parameters(seeded):
             assert g_fused.abs().max() < 1e-4
             continue
         assert_close(g_fused, outs[1][1][name].double(), rtol=GRAD_RTOL * 10, what=f"d {name}")
-    # eval + no_grad: P is cached, and recomputed once a parameter changes
-    pos_fused.eval()
-    with torch.no_grad():
-        first = pos_fused(n)
-        assert pos_fused(n) is first
-        pos_fused.cls_row.add_(1.0)
-        second = pos_fused(n)
-        assert second is not first
-        assert torch.allclose(second[:, 0, :], first[:, 0, :] + 1.0)
     with pytest.raises(ValueError, match="seq_len must be an int in \\[1, 16\\]"):
         pos_fused(17)
+
+
+def test_position_bias_cache_is_opt_in_and_cannot_be_corrupted(seeded):
+    """Caching P across calls is off by default (a .data edit is invisible to torch's version counters); with
+    cache=True a caller's in-place edit of the returned P never reaches later calls, and an in-place edit, a
+    replacement or a load_state_dict of any parameter drops the cache."""
+    from effbert.nn import TupePositionBias
+
+    n = 9
+    mod = TupePositionBias(32, 2, max_positions=16, backend="eager").to(DEVICE).eval()
+    with torch.no_grad():
+        for p in (mod.rel_table, mod.cls_row, mod.cls_col):
+            p.normal_()
+        first = mod(n)
+        mod.query.weight.data.mul_(2.0)  # not seen by version counters: without a cache it simply takes effect
+        assert not torch.equal(mod(n), first)
+        assert torch.equal(mod(n), mod.compute(n))
+
+    cached = TupePositionBias(32, 2, max_positions=16, backend="eager", cache=True).to(DEVICE).eval()
+    with torch.no_grad():
+        truth = cached.compute(n)
+        p1 = cached(n)
+        p1.fill_(123.0)  # a caller's in-place edit of the returned tensor
+        assert torch.equal(cached(n), truth)
+        cached.cls_row.add_(1.0)  # in place
+        assert torch.allclose(cached(n)[:, 0, :], truth[:, 0, :] + 1.0)
+        other = TupePositionBias(32, 2, max_positions=16, backend="eager").to(DEVICE)
+        cached.load_state_dict(other.state_dict())  # loading
+        assert torch.equal(cached(n), other.compute(n))
+        cached.key.weight = torch.nn.Parameter(torch.randn_like(cached.key.weight))  # replaced
+        assert torch.equal(cached(n), cached.compute(n))
+        cached.query.weight.data.mul_(3.0)
+        cached.clear_cache()  # the documented step after a .data edit
+        assert torch.equal(cached(n), cached.compute(n))
+    with pytest.raises(TypeError, match="cache must be a bool"):
+        TupePositionBias(32, 2, cache="yes")

@@ -13,12 +13,19 @@ class TupePositionBias(nn.Module):
 
     Owns the absolute position embedding and its LayerNorm, the per-head projections U^Q and U^K, the T5 relative
     table (``num_buckets=None`` for TUPE-A, absolute only) and the [CLS] scalars (``untie_cls``). ``forward(seq_len)``
-    returns ``P``, scaled by ``1/sqrt(2 * head_dim)`` as TUPE does. In eval mode with gradients off, ``P`` is cached
-    per ``(seq_len, device, dtype)`` and recomputed after any parameter changes (in place or replaced).
+    returns ``P``, scaled by ``1/sqrt(2 * head_dim)`` as TUPE does (an encoder computes it once per forward pass and
+    hands it to every layer).
+
+    Caching across calls is opt-in (``cache=True``): in eval mode with gradients off, ``P`` is then kept per
+    ``(seq_len, device, dtype)``, and every call returns a fresh copy, so a caller's in-place edit of the result never
+    reaches the cache. The cache is dropped when a parameter is edited in place, replaced or loaded
+    (``load_state_dict``), all of which torch's version counters see; an edit through ``.data`` bypasses them, so
+    after one call ``clear_cache()``. Off by default because a cache that a silent ``.data`` edit can make stale
+    must be the caller's choice.
     """
 
     def __init__(self, hidden_size, num_heads, max_positions=512, num_buckets=32, max_distance=128, untie_cls=True,
-                 layer_norm_eps=1e-12, backend="auto"):
+                 layer_norm_eps=1e-12, backend="auto", cache=False):
         super().__init__()
         if hidden_size % num_heads:
             raise ValueError(f"hidden_size ({hidden_size}) must be a multiple of num_heads ({num_heads})")
@@ -41,6 +48,13 @@ class TupePositionBias(nn.Module):
             self.cls_col = nn.Parameter(torch.zeros(num_heads))
         else:
             self.cls_row = self.cls_col = None
+        if not isinstance(cache, bool):
+            raise TypeError(f"cache must be a bool, got {type(cache).__name__}")
+        self.cache = cache
+        self._cache, self._cache_key = {}, None
+
+    def clear_cache(self):
+        """Forget every cached ``P`` (needed only after a parameter edit through ``.data``)."""
         self._cache, self._cache_key = {}, None
 
     def _param_state(self):
@@ -59,8 +73,8 @@ class TupePositionBias(nn.Module):
     def forward(self, seq_len):
         if isinstance(seq_len, bool) or not isinstance(seq_len, int) or not 1 <= seq_len <= self.max_positions:
             raise ValueError(f"seq_len must be an int in [1, {self.max_positions}], got {seq_len!r}")
-        if self.training or torch.is_grad_enabled():
-            self._cache.clear()
+        if not self.cache or self.training or torch.is_grad_enabled():
+            self.clear_cache()
             return self.compute(seq_len)
         state = self._param_state()
         if state != self._cache_key:
@@ -69,7 +83,7 @@ class TupePositionBias(nn.Module):
         key = (seq_len, weight.device, weight.dtype)
         if key not in self._cache:
             self._cache[key] = self.compute(seq_len)
-        return self._cache[key]
+        return self._cache[key].clone()  # the caller's copy: editing it cannot corrupt the cache
 
 
 class TupeSelfAttention(nn.Module):

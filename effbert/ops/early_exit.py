@@ -194,7 +194,7 @@ def decision_backend(logits, backend="auto"):
 def _decision_eager(x, ids, prev, counter, out_logits, out_layer, next_rows, next_local, count, code, layer,
                     threshold, patience, last):
     batch = out_layer.shape[0]
-    ok = (ids >= 0) & (ids < batch)  # ids outside the batch are skipped, as the kernels do
+    ok = (ids >= 0) & (ids < batch)  # checked by the caller; the kernels skip such ids too (never write there)
     local = torch.nonzero(ok).flatten()
     x, ids = x[local], ids[local].long()
     crit = _NAMES[code]
@@ -240,9 +240,22 @@ _DECISION = {
 }
 
 
+def _check_row_ids(row_ids, batch):
+    """Every id must name a batch row: the same error on every backend, before any state changes. On CUDA tensors
+    this reads one flag back; `BatchedExit` owns its ids and skips it after the first layer."""
+    if row_ids.numel() == 0:
+        return
+    bad = (row_ids < 0) | (row_ids >= batch)
+    if bool(bad.any()):
+        first = int(torch.nonzero(bad)[0, 0])
+        raise ValueError(f"row_ids must hold batch ids (rows of out_logits): row_ids[{first}] = "
+                         f"{int(row_ids[first])} outside [0, {batch})")
+
+
 def _decision_impl(logits, row_ids, prev, counter, out_logits, out_layer, next_rows, next_local, count, code, layer,
                    threshold, patience, last, backend):
     name = decision_backend(logits, backend)
+    _check_row_ids(row_ids, out_layer.shape[0])
     x = logits if logits.stride(-1) == 1 else logits.contiguous()
     _DECISION[name](x, row_ids, prev, counter, out_logits, out_layer, next_rows, next_local, count, code, layer,
                     threshold, patience, last)
@@ -306,7 +319,9 @@ def exit_decision(logits, row_ids, prev, counter, out_logits, out_layer, next_ro
     ``counter [B]`` (int32), and is updated in place. Rows that exit get their logits written to ``out_logits[id]``
     and ``layer`` to ``out_layer[id]``. The rows that go on are written in batch order to ``next_rows[:n]`` (their
     batch ids) and ``next_local[:n]`` (their positions in ``logits``), with ``n`` in ``count[0]``. ``last=True``
-    exits every row. No host synchronisation: reading ``count`` is the caller's choice.
+    exits every row. A row id outside ``[0, B)`` raises ``ValueError`` on every backend before anything is written
+    (on CUDA tensors that check reads one flag back; `BatchedExit`, which owns its ids, runs the unchecked launch
+    after its first layer). Otherwise no host synchronisation: reading ``count`` is the caller's choice.
     """
     _check_decision_args(logits, row_ids, prev, counter, out_logits, out_layer, next_rows, next_local, count, layer)
     code, threshold, patience = check_criterion(criterion, threshold, patience, classes=logits.shape[1])

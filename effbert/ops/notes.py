@@ -280,19 +280,21 @@ def update_backend(notes, hidden, backend="auto"):
 
 
 def _as_rows(t):
-    """[B, N, Dm] -> [B*N, Dm] with a unit column stride (a view when possible)."""
-    t2 = t.reshape(-1, t.shape[-1])
-    if t2.shape[1] > 1 and t2.stride(1) != 1:
+    """[B, N, Dm] -> [B*N, Dm] with a unit column stride and rows that do not overlap (a view when possible; a
+    broadcast view, whose rows share memory, is copied once). Sizes are explicit: Dm may be 0."""
+    t2 = t.reshape(t.shape[0] * t.shape[1], t.shape[2])
+    if (t2.shape[1] > 1 and t2.stride(1) != 1) or (t2.shape[0] > 1 and t2.stride(0) < t2.shape[1]):
         t2 = t2.contiguous()
     return t2
 
 
 def mix_into(backend, x, notes, slots, lam, out):
     """Run one concrete backend into a caller-provided ``out`` shaped like ``x`` (tests poison it first)."""
+    rows = x.shape[0] * x.shape[1]
     if out.is_contiguous():
-        out2 = out.view(-1, x.shape[-1])
+        out2 = out.view(rows, x.shape[-1])
     else:
-        out2 = torch.empty(out.shape, dtype=out.dtype, device=out.device).view(-1, x.shape[-1])
+        out2 = torch.empty(out.shape, dtype=out.dtype, device=out.device).view(rows, x.shape[-1])
     notes_c = notes if backend == "eager" else notes.contiguous()
     _mix_into(backend, _as_rows(x), notes_c, slots.reshape(-1).contiguous(), lam, out2)
     if out2.data_ptr() != out.data_ptr():
@@ -318,7 +320,8 @@ def _note_mix_impl(x, notes, slots, lam, backend):
 def _note_mix_backward_impl(grad, slots, lam, backend):
     name = select_backend("note_mix", backend, grad.device, _reasons(("x", grad)), default_preference)
     out = torch.empty_like(grad, memory_format=torch.contiguous_format)
-    _mix_into(name, _as_rows(grad), None, slots.reshape(-1).contiguous(), lam, out.view(-1, grad.shape[-1]))
+    _mix_into(name, _as_rows(grad), None, slots.reshape(-1).contiguous(), lam,
+              out.view(grad.shape[0] * grad.shape[1], grad.shape[-1]))
     return out
 
 
@@ -390,6 +393,8 @@ def window_means_into(backend, hidden, spans, window, lengths, means, *, host_ch
     """Window means of every span row into a caller-provided float32 ``means [M, Dm]`` (float64 on eager)."""
     batch, seq, dim = hidden.shape
     window = min(window, seq)  # a wider window covers the same tokens; keeps the kernels' int32 arithmetic safe
+    if dim == 0:  # nothing to average: the reference, with its host checks, on every backend
+        backend, host_check = "eager", True
     host_check = _host_checks(backend, hidden.device, host_check)
     if host_check:
         _validate_rows_host(spans, batch, seq, 0, lengths, check_spans=True, check_slots=False)
@@ -417,6 +422,8 @@ def window_means_into(backend, hidden, spans, window, lengths, means, *, host_ch
 def fold_into(backend, notes, counts, means, slots, gamma, *, host_check=None, flag=None):
     """The ordered EMA fold of ``means [M, Dm]`` into ``notes`` for ``slots [M]`` (in place)."""
     rows = slots.shape[0]
+    if notes.shape[1] == 0:  # empty notes: only counts move, as the reference moves them, on every backend
+        backend, host_check, flag = "eager", True, None
     host_check = _host_checks(backend, notes.device, host_check)
     spans_view = torch.stack([torch.zeros_like(slots)] * 3 + [slots], 1) if rows else slots.new_empty(0, 4)
     if host_check:
@@ -441,6 +448,8 @@ def update_into(backend, notes, counts, hidden, spans, window, gamma, lengths, *
     batch, seq, num_slots = _dims(hidden, notes)
     rows = spans.shape[0]
     window = min(window, seq)  # a wider window covers the same tokens; keeps the kernels' int32 arithmetic safe
+    if notes.shape[1] == 0:  # hidden size 0: only counts move, as the reference moves them, on every backend
+        backend, host_check = "eager", True
     host_check = _host_checks(backend, hidden.device, host_check)
     if host_check:
         _validate_rows_host(spans, batch, seq, num_slots, lengths)

@@ -70,8 +70,14 @@ def _forward_triton(q, k, v, pos_bias, key_padding_mask, cu_seqlens, max_seqlen,
     heads = q.shape[-2]
     batch = cu_seqlens.shape[0] - 1 if cu_seqlens is not None else q.shape[0]
     seq_len = max_seqlen if cu_seqlens is not None else q.shape[1]
-    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    lse = torch.empty(heads, _tokens(q, cu_seqlens), dtype=torch.float32, device=q.device)
+    # packed rows after cu_seqlens[-1] belong to no sequence: no program writes them, so they start at 0 (+inf
+    # log-sum-exp: a backward that reads them sees probability 0)
+    if cu_seqlens is None:
+        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+        lse = torch.empty(heads, _tokens(q, cu_seqlens), dtype=torch.float32, device=q.device)
+    else:
+        out = torch.zeros(q.shape, dtype=q.dtype, device=q.device)
+        lse = torch.full((heads, q.shape[0]), float("inf"), dtype=torch.float32, device=q.device)
     if out.numel():
         kernels.attention_forward(q, k, v, pos_bias, key_padding_mask, cu_seqlens, seed, out, lse, batch=batch,
                                   seq_len=seq_len, scale=scale, dropout_p=dropout_p)
@@ -86,9 +92,14 @@ def _backward_triton(dout, q, k, v, out, lse, pos_bias, key_padding_mask, cu_seq
     batch = cu_seqlens.shape[0] - 1 if cu_seqlens is not None else q.shape[0]
     seq_len = max_seqlen if cu_seqlens is not None else q.shape[1]
     dout = dout if dout.stride(-1) == 1 else dout.contiguous()
+    if key_padding_mask is not None:
+        # padded positions' q, k and v meet zero weights inside the backward's products (0 * inf is NaN): zero them
+        pad = ~key_padding_mask[:, :, None, None]
+        q, k, v = q.masked_fill(pad, 0), k.masked_fill(pad, 0), v.masked_fill(pad, 0)
     # delta[h, token] = <dO, O> of each query row: the softmax backward's row term
     delta = (dout.float() * out.float()).sum(-1).reshape(-1, heads).t().contiguous()
-    dq, dk, dv = (torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))
+    alloc = torch.empty if cu_seqlens is None else torch.zeros  # packed rows in no sequence get a zero gradient
+    dq, dk, dv = (alloc(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))
     dbias_groups = None
     if bias_grad:
         cfg = kernels.dq_config(q.shape[-1], kernels._DTYPE_NAME[str(q.dtype)], cu_seqlens is not None)
@@ -97,7 +108,8 @@ def _backward_triton(dout, q, k, v, out, lse, pos_bias, key_padding_mask, cu_seq
         groups = kernels.bias_grad_groups(batch, heads, seq_len, cfg["BLOCK_M"], sms) if q.is_cuda else min(batch, 2)
         dbias_groups = torch.zeros(max(groups, 1), *pos_bias.shape, dtype=torch.float32, device=q.device)
     if q.numel():
-        kernels.attention_backward(q, k, v, pos_bias, key_padding_mask, cu_seqlens, seed, dout, lse, delta, dq, dk,
+        kernels.attention_backward(q, k, v, pos_bias, key_padding_mask, cu_seqlens, seed, dout,
+                                   kernels.lse_log2(lse), delta, dq, dk,
                                    dv, dbias_groups, batch=batch, seq_len=seq_len, scale=scale,
                                    dropout_p=dropout_p)
     else:
@@ -113,6 +125,9 @@ def _backward_triton(dout, q, k, v, out, lse, pos_bias, key_padding_mask, cu_seq
 def _attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos_bias: Optional[torch.Tensor],
                   key_padding_mask: Optional[torch.Tensor], cu_seqlens: Optional[torch.Tensor], max_seqlen: int,
                   scale: float, dropout_p: float, seed: Optional[torch.Tensor]) -> List[torch.Tensor]:
+    # the op can be called directly (torch.ops.effbert.tupe_attention) and runs with real tensors under
+    # torch.compile: the kernels trust these arguments for their addresses, so they are checked here too
+    _check_op_args(q, k, v, pos_bias, key_padding_mask, cu_seqlens, max_seqlen, scale, dropout_p, seed)
     return list(_forward_triton(q, k, v, pos_bias, key_padding_mask, cu_seqlens, max_seqlen, scale, dropout_p,
                                 seed))
 
@@ -129,6 +144,16 @@ def _attention_bwd_op(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: t
                       lse: torch.Tensor, pos_bias: Optional[torch.Tensor], key_padding_mask: Optional[torch.Tensor],
                       cu_seqlens: Optional[torch.Tensor], max_seqlen: int, scale: float, dropout_p: float,
                       seed: Optional[torch.Tensor], bias_grad: bool) -> List[torch.Tensor]:
+    _check_op_args(q, k, v, pos_bias, key_padding_mask, cu_seqlens, max_seqlen, scale, dropout_p, seed,
+                   values=False)  # the kernels bound packed offsets themselves: no device round trip here
+    tokens = _tokens(q, cu_seqlens)
+    for name, t, shape in (("dout", dout, tuple(q.shape)), ("out", out, tuple(q.shape)),
+                           ("lse", lse, (q.shape[-2], tokens))):
+        check_tensor(name, t, dtypes=(q.dtype,) if name != "lse" else (torch.float32,))
+        if tuple(t.shape) != shape or t.device != q.device:
+            raise ValueError(f"{name} must be {list(shape)} on {q.device}, got {tuple(t.shape)} on {t.device}")
+    if bias_grad and pos_bias is None:
+        raise ValueError("bias_grad needs pos_bias")
     return _backward_triton(dout, q, k, v, out, lse, pos_bias, key_padding_mask, cu_seqlens, max_seqlen, scale,
                             dropout_p, seed, bias_grad)
 
@@ -205,7 +230,9 @@ def tupe_attention(q, k, v, pos_bias=None, *, key_padding_mask=None, scale=None,
     (``dropout_p``, inverted scaling), then ``@ v``. ``scale`` defaults to ``1/sqrt(D)`` (TUPE passes
     ``1/sqrt(2D)``). ``pos_bias [H, N, N]`` may be a strided view of a larger cached table; its gradient is the
     logit gradient summed over the batch, accumulated in float32. ``key_padding_mask [B, N]`` bool, True = real
-    token: masked keys get no weight, masked queries output 0, a query with no valid key outputs 0 (never NaN).
+    token: masked keys get no weight, masked queries output 0, a query with no valid key outputs 0; an inf or NaN
+    in q, k or v at a masked position reaches no real token's output or gradient, while NaN or +inf among a real
+    query's logits gives NaN (never a silent 0). A bias of float32's lowest value is softmaxed like any other.
     Dropout draws from torch's generator of q's device, so ``torch.manual_seed`` reproduces it. The Triton
     kernels never use atomics: gradients are bitwise reproducible with ``deterministic`` True or False.
     """
@@ -235,22 +262,80 @@ def tupe_attention(q, k, v, pos_bias=None, *, key_padding_mask=None, scale=None,
     return torch.ops.effbert.tupe_attention(*args)[0]
 
 
-def _check_cu_seqlens(cu_seqlens, total, max_seqlen):
+def _check_cu_seqlens(cu_seqlens, max_seqlen):
+    """What can be checked without reading the offsets (also while tracing)."""
     check_tensor("cu_seqlens", cu_seqlens, ndim=1, dtypes=(torch.int32,), shape_hint="[B + 1] int32")
     if cu_seqlens.shape[0] < 2:
         raise ValueError(f"cu_seqlens must hold B + 1 >= 2 offsets, got shape {tuple(cu_seqlens.shape)}")
     if isinstance(max_seqlen, bool) or not isinstance(max_seqlen, int) or max_seqlen < 1:
         raise ValueError(f"max_seqlen must be an int >= 1, got {max_seqlen!r}")
-    if torch.compiler.is_compiling():
-        return  # values are not known while tracing
-    cu = cu_seqlens.tolist()  # one small copy: the kernels trust these offsets for their addresses
+
+
+def _check_cu_seqlens_values(cu_seqlens, total, max_seqlen):
+    """The offsets themselves: one small device-to-host copy. Rows after ``cu_seqlens[-1]`` are allowed (they
+    belong to no sequence and get zeros)."""
+    cu = cu_seqlens.tolist()
+    shown = f"{cu[:8]}{'...' if len(cu) > 8 else ''}"
     if cu[0] != 0 or any(b < a for a, b in zip(cu, cu[1:])):
-        raise ValueError(f"cu_seqlens must start at 0 and never decrease, got {cu[:8]}{'...' if len(cu) > 8 else ''}")
-    if cu[-1] != total:
-        raise ValueError(f"cu_seqlens must end at the packed length {total}, got {cu[-1]}")
+        raise ValueError(f"cu_seqlens must start at 0 and never decrease, got {shown}")
+    if cu[-1] > total:
+        raise ValueError(f"cu_seqlens must end at most at the packed length {total} (q.shape[0]), got {cu[-1]}")
     longest = max(b - a for a, b in zip(cu, cu[1:]))
     if longest > max_seqlen:
         raise ValueError(f"max_seqlen must be >= the longest sequence ({longest}), got {max_seqlen}")
+
+
+@torch.library.custom_op("effbert::tupe_attention_varlen_check", mutates_args=())
+def _varlen_check_op(cu_seqlens: torch.Tensor, total: int, max_seqlen: int) -> torch.Tensor:
+    """The offsets' check as an op of its own: under torch.compile it runs on the real offsets (a traced function
+    cannot read them). Returns a copy the eager path indexes with, so the check is never dropped from a graph."""
+    _check_cu_seqlens_values(cu_seqlens, total, max_seqlen)
+    return cu_seqlens.clone()
+
+
+@_varlen_check_op.register_fake
+def _(cu_seqlens, total, max_seqlen):
+    return torch.empty_like(cu_seqlens)
+
+
+def _checked_cu_seqlens(cu_seqlens, total, max_seqlen):
+    if direct_call_ok(cu_seqlens):
+        _check_cu_seqlens_values(cu_seqlens, total, max_seqlen)
+        return cu_seqlens
+    return torch.ops.effbert.tupe_attention_varlen_check(cu_seqlens, total, max_seqlen)
+
+
+def _check_op_args(q, k, v, pos_bias, key_padding_mask, cu_seqlens, max_seqlen, scale, dropout_p, seed, *,
+                   values=True):
+    """Everything the registered ops' callers could get wrong, checked inside the ops (they can be called
+    directly); ``values``: also read the packed offsets back."""
+    if cu_seqlens is None:
+        layout, bias_min = "[B, N, H, D]", q.shape[1] if q.dim() == 4 else 0
+    else:
+        layout, bias_min = "[total, H, D]", max_seqlen if isinstance(max_seqlen, int) else 0
+    _check_common(q, k, v, pos_bias, scale, dropout_p, False, layout, bias_min)
+    if cu_seqlens is None:
+        if pos_bias is not None and pos_bias.shape[1] != q.shape[1]:
+            raise ValueError(f"pos_bias must be [H, N, N] with N = {q.shape[1]}, got {tuple(pos_bias.shape)}")
+        if key_padding_mask is not None:
+            check_tensor("key_padding_mask", key_padding_mask, ndim=2, dtypes=(torch.bool,), shape_hint="[B, N]")
+            if tuple(key_padding_mask.shape) != tuple(q.shape[:2]):
+                raise ValueError(f"key_padding_mask must be [B, N] = {list(q.shape[:2])}, got "
+                                 f"{tuple(key_padding_mask.shape)}")
+    else:
+        if key_padding_mask is not None:
+            raise ValueError("key_padding_mask must be None with cu_seqlens (packed tokens are all real)")
+        _check_cu_seqlens(cu_seqlens, max_seqlen)
+    if seed is not None:
+        check_tensor("seed", seed, ndim=1, dtypes=(torch.int64,), shape_hint="[1] int64")
+        if seed.numel() != 1:
+            raise ValueError(f"seed must be [1] int64, got shape {tuple(seed.shape)}")
+    elif dropout_p > 0:
+        raise ValueError("seed must be given when dropout_p > 0")
+    check_same_device(**{n: t for n, t in dict(q=q, k=k, v=v, pos_bias=pos_bias, key_padding_mask=key_padding_mask,
+                                               cu_seqlens=cu_seqlens, seed=seed).items() if t is not None})
+    if values and cu_seqlens is not None:
+        _check_cu_seqlens_values(cu_seqlens, q.shape[0], max_seqlen)
 
 
 def tupe_attention_varlen(q, k, v, cu_seqlens, max_seqlen, pos_bias=None, *, scale=None, dropout_p=0.0,
@@ -258,20 +343,27 @@ def tupe_attention_varlen(q, k, v, cu_seqlens, max_seqlen, pos_bias=None, *, sca
     """``tupe_attention`` over packed tokens ``[total, H, D]``: sequence ``b`` is rows
     ``cu_seqlens[b]:cu_seqlens[b+1]`` (int32 ``[B + 1]``), positions restart at 0 in each, so ``pos_bias [H, S, S]``
     (``S >= max_seqlen``) is indexed by the position inside the sequence. Equal to the padded version on the real
-    tokens; padding costs nothing."""
+    tokens; padding costs nothing. ``cu_seqlens`` must start at 0, never decrease and end at most at ``total``;
+    rows after ``cu_seqlens[-1]`` belong to no sequence and get zeros (and a zero gradient). ``max_seqlen`` must be
+    at least the longest sequence. These checks read the offsets back (one small copy), in eager code, under
+    torch.compile and in the registered op alike; ``ValueError`` names the argument.
+
+    Raises ``ValueError``/``TypeError`` naming the argument for any bad input."""
     _check_common(q, k, v, pos_bias, scale, dropout_p, deterministic, "[total, H, D]",
                   max_seqlen if isinstance(max_seqlen, int) else 0)
-    _check_cu_seqlens(cu_seqlens, q.shape[0], max_seqlen)
+    _check_cu_seqlens(cu_seqlens, max_seqlen)
     check_same_device(**{k_: t for k_, t in dict(q=q, k=k, v=v, pos_bias=pos_bias, cu_seqlens=cu_seqlens).items()
                          if t is not None})
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     chosen = attention_backend(q, backend)
     if chosen == "eager":
+        cu_seqlens = _checked_cu_seqlens(cu_seqlens, q.shape[0], max_seqlen)
         return reference.tupe_attention_varlen(q, k, v, cu_seqlens, max_seqlen, pos_bias, scale=scale,
                                                dropout_p=float(dropout_p))
     seed = _draw_seed(q.device) if dropout_p > 0 else None
     args = (_unit_last(q), _unit_last(k), _unit_last(v), _unit_last(pos_bias), None, cu_seqlens.contiguous(),
             max_seqlen, scale, float(dropout_p), seed)
     if direct_call_ok(*[a for a in args if isinstance(a, torch.Tensor)]):
+        _check_cu_seqlens_values(cu_seqlens, q.shape[0], max_seqlen)
         return _forward_triton(*args)[0]
     return torch.ops.effbert.tupe_attention(*args)[0]

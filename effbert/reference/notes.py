@@ -16,6 +16,8 @@ def note_mix(x, notes, slots, lam):
     Computed in float64 when ``x`` or ``notes`` is float64, else in float32, and rounded once to ``x.dtype``.
     """
     ct = _compute_dtype(x, notes)
+    if notes.shape[0] == 0:  # an empty table: no slot can be >= 0, nothing to mix
+        return x.clone()
     rare = slots >= 0
     gathered = notes.to(ct).index_select(0, slots.clamp_min(0).reshape(-1)).view(*slots.shape, notes.shape[1])
     mixed = (1.0 - lam) * x.to(ct) + lam * gathered

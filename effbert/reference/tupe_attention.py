@@ -7,57 +7,79 @@ def tupe_attention(q, k, v, pos_bias=None, *, key_padding_mask=None, scale=None,
     """``softmax(scale * q k^T + pos_bias)`` over keys, dropout, ``@ v``; ``[B, N, H, D]`` in and out.
 
     ``key_padding_mask [B, N]`` (True = real token): masked keys get no weight, masked queries output 0, and a query
-    with no valid key outputs 0. ``dropout_mask [B, H, N, N]`` (bool, True = keep) replaces the random draw so a
-    test can feed the mask a kernel used; without it, ``torch.nn.functional.dropout`` draws one.
+    with no valid key outputs 0. Nothing at a masked position (an inf or NaN in q, k, v or in the bias's masked rows
+    and columns) reaches a real token's output or gradient. NaN or +inf among a real row's logits gives NaN.
+    ``dropout_mask [B, H, N, N]`` (bool, True = keep) replaces the random draw so a test can feed the mask a kernel
+    used; without it, ``torch.nn.functional.dropout`` draws one.
     """
     d = q.shape[-1]
     scale = d ** -0.5 if scale is None else scale
+    if key_padding_mask is not None:
+        # `where`, not a product: 0 * inf is NaN, and where's gradient at the masked entries is exactly 0
+        real = key_padding_mask[:, :, None, None]
+        q, k, v = (torch.where(real, t, torch.zeros((), dtype=t.dtype, device=t.device)) for t in (q, k, v))
     logits = scale * torch.einsum("bihd,bjhd->bhij", q, k)
     if pos_bias is not None:
         logits = logits + pos_bias.to(logits.dtype)[None]
     if key_padding_mask is not None:
-        logits = logits.masked_fill(~key_padding_mask[:, None, None, :], float("-inf"))
-    # a row with no finite logit (no valid key) gets weight 0 everywhere instead of NaN
-    row_max = logits.amax(dim=-1, keepdim=True)
-    dead = row_max == float("-inf")
+        pair = key_padding_mask[:, None, :, None] & key_padding_mask[:, None, None, :]
+        logits = logits.masked_fill(~pair, float("-inf"))
+    # a row with no finite logit (no valid key) gets weight 0 everywhere instead of NaN; a NaN row is not dead
+    dead = ~(logits != float("-inf")).any(dim=-1, keepdim=True)  # (any, not amax: N = 0 is allowed)
     weights = torch.softmax(logits.masked_fill(dead, 0.0), dim=-1).masked_fill(dead, 0.0)
     if dropout_mask is not None:
         weights = weights * dropout_mask.to(weights.dtype) / (1.0 - dropout_p)
     elif dropout_p > 0.0:
         weights = torch.nn.functional.dropout(weights, p=dropout_p)
-    out = torch.einsum("bhij,bjhd->bihd", weights, v)
-    if key_padding_mask is not None:
-        out = out * key_padding_mask[:, :, None, None].to(out.dtype)
-    return out
+    return torch.einsum("bhij,bjhd->bihd", weights, v)
+
+
+def _packed_index(cu_seqlens, total, max_seqlen):
+    """Where packed rows go in the padded ``[B, max_seqlen]`` layout, with tensor ops only (no host copy, so it
+    traces under torch.compile). Returns ``(src [B, S], mask [B, S], dst [total])``: ``src`` the packed row of each
+    padded slot (``total`` for padding), ``mask`` True at real tokens, ``dst`` the flat padded slot of each packed
+    row (``B * S`` for a row after ``cu_seqlens[-1]``, which belongs to no sequence)."""
+    cu = cu_seqlens.long()
+    batch = cu.shape[0] - 1
+    pos = torch.arange(max_seqlen, device=cu.device)
+    lengths = cu[1:] - cu[:-1]
+    mask = pos[None, :] < lengths[:, None]
+    src = torch.where(mask, cu[:-1, None] + pos[None, :], total)
+    rows = torch.arange(total, device=cu.device)
+    seq = torch.searchsorted(cu[1:], rows, right=True)  # the sequence b with cu[b] <= row < cu[b + 1]
+    inside = seq < batch
+    seq = seq.clamp(max=max(batch - 1, 0))
+    dst = torch.where(inside, seq * max_seqlen + rows - cu[seq], batch * max_seqlen)
+    return src, mask, dst
+
+
+def _with_zero_row(x):
+    return torch.cat([x, x.new_zeros((1,) + tuple(x.shape[1:]))], dim=0)
 
 
 def pad_packed(x, cu_seqlens, max_seqlen):
     """Packed ``[total, ...]`` rows to ``[B, max_seqlen, ...]`` (zeros after each sequence) and the padding mask."""
-    cu = cu_seqlens.tolist()
-    batch = len(cu) - 1
-    out = x.new_zeros((batch, max_seqlen) + tuple(x.shape[1:]))
-    mask = torch.zeros(batch, max_seqlen, dtype=torch.bool, device=x.device)
-    for b in range(batch):
-        n = cu[b + 1] - cu[b]
-        out[b, :n] = x[cu[b]:cu[b + 1]]
-        mask[b, :n] = True
-    return out, mask
+    src, mask, _ = _packed_index(cu_seqlens, x.shape[0], max_seqlen)
+    return _with_zero_row(x)[src], mask
 
 
-def unpad(x, cu_seqlens):
-    """``[B, N, ...]`` back to the packed ``[total, ...]`` rows of ``cu_seqlens``."""
-    cu = cu_seqlens.tolist()
-    return torch.cat([x[b, : cu[b + 1] - cu[b]] for b in range(len(cu) - 1)], dim=0)
+def unpad(x, cu_seqlens, total=None):
+    """``[B, N, ...]`` back to the packed ``[total, ...]`` rows of ``cu_seqlens`` (``total`` defaults to
+    ``cu_seqlens[-1]``); rows after ``cu_seqlens[-1]`` belong to no sequence and get zeros."""
+    total = int(cu_seqlens[-1]) if total is None else total
+    _, _, dst = _packed_index(cu_seqlens, total, x.shape[1])
+    return _with_zero_row(x.reshape((-1,) + tuple(x.shape[2:])))[dst]
 
 
 def tupe_attention_varlen(q, k, v, cu_seqlens, max_seqlen, pos_bias=None, *, scale=None, dropout_p=0.0,
                           dropout_mask=None):
     """Packed ``[total, H, D]`` tokens, sequences delimited by ``cu_seqlens``; positions restart at 0 in each
-    sequence. Defined as the padded reference on the real tokens."""
+    sequence. Defined as the padded reference on the real tokens; rows after ``cu_seqlens[-1]`` (in no sequence)
+    get zeros. Tensor ops only: it traces under torch.compile."""
     qp, mask = pad_packed(q, cu_seqlens, max_seqlen)
     kp, _ = pad_packed(k, cu_seqlens, max_seqlen)
     vp, _ = pad_packed(v, cu_seqlens, max_seqlen)
     bias = None if pos_bias is None else pos_bias[:, :max_seqlen, :max_seqlen]
     out = tupe_attention(qp, kp, vp, bias, key_padding_mask=mask, scale=scale, dropout_p=dropout_p,
                          dropout_mask=dropout_mask)
-    return unpad(out, cu_seqlens)
+    return unpad(out, cu_seqlens, q.shape[0])
