@@ -223,7 +223,8 @@ def test_finetune_regression_head(hf_dir, tmp_path, capsys):
     assert cli.main(argv[:-2] + ["--criterion", "entropy"]) == 2
     assert "--regression needs --criterion patience" in capsys.readouterr().err
     (folder / "bad.tsv").write_text("high\tthe ball\n")
-    assert cli.main([x if x != str(folder / "train.tsv") else str(folder / "bad.tsv") for x in argv]) == 2
+    swap = {str(folder / "train.tsv"): str(folder / "bad.tsv"), str(out): str(tmp_path / "run2")}
+    assert cli.main([swap.get(x, x) for x in argv]) == 2
     assert "not a finite number" in capsys.readouterr().err
 
 
