@@ -6,7 +6,8 @@
 
 The corpus is one sentence or paragraph per line. Each step masks 15% of the word pieces of a batch of lines as
 BERT does (80% [MASK], 10% a random piece, 10% unchanged) and trains on the masked-LM loss. With TNF, words whose
-corpus count lies in ``[--tnf-min-count, --tnf-max-count]`` get a note: the notes are mixed into the input
+corpus count lies in ``[--tnf-min-count, --tnf-max-count]`` (default 100 to 500, the TNF paper's band; the command
+says how many fell in it) get a note: the notes are mixed into the input
 embeddings where those words occur (unless masked: no peeking at a target) and updated from the encoder output
 after each step.
 
@@ -139,8 +140,8 @@ def batch_rows(step, batch_size, num_lines, seed):
 
 # Flags that define the model, its vocabulary and its notes: a resumed run inherits them and must not change them.
 MODEL_DEFAULTS = {"layers": 12, "hidden": 768, "heads": 12, "intermediate": None, "max_len": 128,
-                  "position_mode": "tupe-r", "dropout": 0.1, "tnf": True, "tnf_min_count": 5,
-                  "tnf_max_count": 100, "tnf_window": 16, "tnf_gamma": 0.1, "tnf_lam": 0.5, "cased": False,
+                  "position_mode": "tupe-r", "dropout": 0.1, "tnf": True, "tnf_min_count": 100,
+                  "tnf_max_count": 500, "tnf_window": 16, "tnf_gamma": 0.1, "tnf_lam": 0.5, "cased": False,
                   "seed": 0, "objective": "mlm"}
 
 
@@ -167,8 +168,10 @@ def build_parser():
     t = p.add_argument_group("TNF (notes for rare words)")
     t.add_argument("--tnf", dest="tnf", action="store_true", default=None, help="take notes (the default)")
     t.add_argument("--no-tnf", dest="tnf", action="store_false")
-    t.add_argument("--tnf-min-count", type=int, help="a rare word occurs at least this often (default 5)")
-    t.add_argument("--tnf-max-count", type=int, help="... and at most this often (default 100)")
+    t.add_argument("--tnf-min-count", type=int, help="a rare word occurs at least this often (default 100, the "
+                   "TNF paper's band)")
+    t.add_argument("--tnf-max-count", type=int, help="... and at most this often (default 500, the TNF paper's "
+                   "band)")
     t.add_argument("--tnf-window", type=int, help="tokens on each side of a rare word averaged into its note "
                    "(default 16)")
     t.add_argument("--tnf-gamma", type=float, help="note update rate (default 0.1)")
@@ -718,7 +721,8 @@ def _train(a, env, log, TupeBertForMaskedLM, NoteDictionary):
     log(f"pretraining a {config.num_hidden_layers}-layer {config.position_mode} BERT (hidden {config.hidden_size}, "
         f"{config.num_attention_heads} heads, {n_params / 1e6:.2f}M parameters) on {len(lines)} lines, "
         f"{len(tokenizer)} pieces, "
-        + (f"TNF notes for {len(table)} rare words, " if table is not None else "no TNF, ")
+        + (f"TNF notes for {len(table)} rare words (the words seen {s['tnf_min_count']} to {s['tnf_max_count']} "
+           "times in the corpus), " if table is not None else "no TNF, ")
         + f"{a.steps} steps of {a.batch_size} lines on {env.world} x {device}, backend {backend}"
         + (f", objective MC-BERT (K = {model.num_candidates}, lambda = {model.loss_lambda:g}, controller hidden "
            f"{model.controller_config.hidden_size})" if mcbert else ""))

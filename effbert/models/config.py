@@ -26,7 +26,8 @@ class TupeBertConfig:
     checkpoints use), ``"tupe-a"`` (TUPE with untied absolute positions: a positional term added to every layer's
     attention logits) or ``"tupe-r"`` (TUPE-A plus T5 relative buckets, ``num_buckets`` / ``max_distance``).
     ``untie_cls`` gives [CLS] its own positional logits in the TUPE modes. ``multi_exit`` gives the classification
-    model an off-ramp after every layer. ``backend`` is passed to every effbert op.
+    model an off-ramp after every layer; ``shared_exit_pooler`` makes the off-ramps share one pooler, as PABEE does
+    (by default each has its own, as in DeeBERT and RomeBERT). ``backend`` is passed to every effbert op.
     """
 
     vocab_size: int = 30522
@@ -49,6 +50,7 @@ class TupeBertConfig:
     num_labels: int = 2
     backend: str = "auto"
     multi_exit: bool = False  # classification: an off-ramp after every layer (batched early exit at inference)
+    shared_exit_pooler: bool = False  # multi_exit: one pooler for every off-ramp (PABEE) instead of one each
 
     def __post_init__(self):
         for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
@@ -68,8 +70,9 @@ class TupeBertConfig:
             raise ValueError(f"hidden_act must be one of {HIDDEN_ACTS}, got {self.hidden_act!r}")
         if not isinstance(self.untie_cls, bool):
             raise TypeError(f"untie_cls must be a bool, got {type(self.untie_cls).__name__}")
-        if not isinstance(self.multi_exit, bool):
-            raise TypeError(f"multi_exit must be a bool, got {type(self.multi_exit).__name__}")
+        for name in ("multi_exit", "shared_exit_pooler"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name} must be a bool, got {type(getattr(self, name)).__name__}")
         if isinstance(self.pad_token_id, bool) or not isinstance(self.pad_token_id, int) \
                 or not 0 <= self.pad_token_id < self.vocab_size:
             raise ValueError(f"pad_token_id must be an int in [0, vocab_size), got {self.pad_token_id!r}")
