@@ -216,7 +216,7 @@ class TupeBertForMultiChoicePretraining(TupeBertForMaskedLM):
                 raise ValueError(f"note_slots must be a [B, N] = {list(input_ids.shape)} tensor")
             hidden = self.notes.mix(hidden, note_slots, backend=backend)
         pos_bias = bert.position_bias(input_ids.shape[1])
-        hidden, _ = bert.encoder(hidden, pos_bias=pos_bias, key_padding_mask=mask)
+        hidden, _ = bert.encoder(hidden, pos_bias=pos_bias, attention_mask=mask)
         feats = self._candidate_features(hidden.reshape(-1, hidden.shape[-1])[r_idx])
         words = bert.embeddings.word_embeddings.weight
         mc_loss = mc_candidate_loss(feats, words, bias, candidates, mc_labels, backend=backend)
