@@ -1,4 +1,4 @@
-"""effbert: fused Triton and CUDA C++ kernels for BERT pretraining and inference (TUPE, TNF, early exit)."""
+"""effbert: fused Triton and CUDA C++ kernels for BERT pretraining and inference (TUPE, TNF, MC-BERT, early exit)."""
 
 __version__ = "0.1.0"
 
@@ -8,6 +8,9 @@ from .ops import (  # noqa: E402
     BackendStatus,
     backends,
     exit_entropy,
+    mc_candidate_loss,
+    mc_sample,
+    mc_sample_fused,
     note_mix,
     note_update_,
     t5_relative_buckets,
@@ -18,7 +21,7 @@ from .ops import (  # noqa: E402
 from . import calibration, losses, nn  # noqa: E402
 
 __all__ = ["BACKENDS", "BackendNotSupportedError", "BackendStatus", "backends", "exit_entropy",
-           "t5_relative_buckets", "tupe_position_bias", "tupe_attention", "tupe_attention_varlen", "note_mix",
+           "t5_relative_buckets", "tupe_position_bias", "tupe_attention", "tupe_attention_varlen", "mc_sample", "mc_sample_fused", "mc_candidate_loss", "note_mix",
            "note_update_", "calibration", "losses", "nn", "__version__"]
 
 

@@ -5,11 +5,16 @@ batched early exit over exit thresholds.
     effbert finetune --init pretrain-run/ --train train.tsv --eval dev.tsv --out run/ --epochs 3
 
 Data: one example a line, ``label<TAB>text``; labels are strings, given ids in sorted order (saved in
-``labels.json``). The encoder comes from an ``effbert pretrain`` folder (``--init``) or a local Hugging Face BERT
-folder (``--hf``: its ``config.json``, ``model.safetensors`` and ``vocab.txt``); an off-ramp (pooler and classifier)
-follows every layer, trained jointly with RomeBERT's self-distillation loss (or PABEE's layer-weighted loss).
+``labels.json``); with ``--regression`` they are numbers and the head has one output (MSE). The encoder comes from an
+``effbert pretrain`` folder (``--init``) or a local Hugging Face BERT folder (``--hf``: its ``config.json``,
+``model.safetensors`` and ``vocab.txt``); an off-ramp (pooler and classifier) follows every layer, every off-ramp's
+pooler starting from the checkpoint's pooler (DeeBERT, RomeBERT) or sharing one (``--shared-pooler``, PABEE).
+Training: RomeBERT's self-distillation loss (``--loss romebert``, gamma 0.9 and T 3 as published, with
+``--grad-reg``/``--project`` and ``--ge``), PABEE's layer-weighted loss (``--loss pabee``) or DeeBERT's two stages
+(``--loss deebert``). docs/finetune.md says which published setting each option reproduces.
 
-On ``--eval``: the full-depth accuracy, then for a range of thresholds of ``--criterion`` the batched early exit's
+On ``--eval``: every exit's accuracy (MSE for ``--regression``), then for a range of thresholds of ``--criterion`` the
+batched early exit's
 average exit layer, layers saved, measured speed-up (wall time against a full-depth pass of the same batched loop)
 and accuracy, printed as a table and written to ``DIR/report.json`` and ``DIR/report.png`` (with matplotlib).
 ``DIR`` holds the fine-tuned model (``config.json``, ``model.pt``, ``labels.json``, ``vocab.txt``,
@@ -33,7 +38,8 @@ __all__ = ["main", "load_finetuned", "read_tsv", "UsageError"]
 
 CONFIG_FILE, MODEL_FILE, LABELS_FILE, VOCAB_FILE, SETTINGS_FILE, REPORT_FILE, PLOT_FILE = (
     "config.json", "model.pt", "labels.json", "vocab.txt", "finetune.json", "report.json", "report.png")
-LOSSES = ("romebert", "pabee")
+LOSSES = ("romebert", "pabee", "deebert")
+PROJECT = ("others", "final")
 CRITERIA = ("entropy", "max_prob", "patience")
 
 
@@ -71,6 +77,20 @@ def read_tsv(path, flag="--train"):
         texts.append(text)
     _fail_if(not texts, f"{flag}: {path!r} holds no examples")
     return labels, texts
+
+
+def _numbers(names, flag):
+    """``--regression`` targets: every label a finite number, as float32 ``[B]``."""
+    out = []
+    for n, name in enumerate(names, 1):
+        try:
+            v = float(name)
+        except ValueError:
+            v = float("nan")
+        _fail_if(not math.isfinite(v), f"{flag}: example {n} has the label {name!r}, not a finite number "
+                 "(--regression)")
+        out.append(v)
+    return torch.tensor(out, dtype=torch.float32)
 
 
 def _line_at(path, offset):
@@ -130,27 +150,28 @@ def _default_backend(device):
     return "auto"
 
 
-def _classifier_from(encoder_model, config, num_labels, pooler=None, classifier=None):
-    """A multi-exit ``TupeBertForSequenceClassification`` with ``encoder_model``'s embeddings and layers; the last
-    off-ramp starts from ``pooler`` / ``classifier`` (state dicts) when given."""
+def _classifier_from(encoder_model, config, num_labels, pooler=None, classifier=None, shared_pooler=False):
+    """A multi-exit ``TupeBertForSequenceClassification`` with ``encoder_model``'s embeddings and layers. Every
+    off-ramp's pooler starts from ``pooler`` (a state dict) when given, else from the last off-ramp's fresh one, as
+    DeeBERT and RomeBERT copy the pooler into every off-ramp (``shared_pooler``: one pooler for all, PABEE); the last
+    off-ramp's classifier starts from ``classifier`` when given."""
     from .models import TupeBertConfig, TupeBertForSequenceClassification
 
     values = config.to_dict()
-    values.update(multi_exit=True, num_labels=num_labels)
+    values.update(multi_exit=True, num_labels=num_labels, shared_exit_pooler=bool(shared_pooler))
     model = TupeBertForSequenceClassification(TupeBertConfig.from_dict(values))
     state = {k: v for k, v in encoder_model.state_dict().items() if not k.startswith("pooler.")}
     missing, unexpected = model.bert.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise UsageError(f"the encoder weights do not fit: missing {sorted(missing)}, unexpected {sorted(unexpected)}")
     last = model.exits[-1]
-    if pooler is not None:
-        last.pooler.load_state_dict(pooler)
+    model.init_exit_poolers(pooler if pooler is not None else last.pooler.state_dict())
     if classifier is not None and classifier["weight"].shape[0] == num_labels:
         last.classifier.load_state_dict(classifier)
     return model
 
 
-def _from_hf(path, num_labels, backend, cased):
+def _from_hf(path, num_labels, backend, cased, shared_pooler=False):
     from .integrations.hf import from_hf_bert
     from .models import TupeBertForSequenceClassification, TupeBertModel
     from .text import WordPieceTokenizer
@@ -178,10 +199,11 @@ def _from_hf(path, num_labels, backend, cased):
             with open(cfg, encoding="utf-8") as f:
                 cased = not json.load(f).get("do_lower_case", True)
     tokenizer = WordPieceTokenizer.from_file(path, lowercase=not cased)
-    return _classifier_from(encoder, encoder.config, num_labels, pooler, classifier), tokenizer, cased
+    return (_classifier_from(encoder, encoder.config, num_labels, pooler, classifier, shared_pooler), tokenizer,
+            cased)
 
 
-def _from_pretrain(path, num_labels, backend, cased):
+def _from_pretrain(path, num_labels, backend, cased, shared_pooler=False):
     _fail_if(not os.path.isdir(path), f"--init: {path!r} is not a folder (an effbert pretrain output)")
     try:
         from .pretrain import load_pretrained
@@ -195,7 +217,8 @@ def _from_pretrain(path, num_labels, backend, cased):
         raise UsageError(f"--cased {'given' if cased else 'not given'}, but the pretraining run "
                          f"{'lowercased' if tokenizer.lowercase else 'kept case'}")
     # TNF's notes help pretraining only: fine-tuning runs the plain encoder (as the TNF paper does)
-    return _classifier_from(mlm.bert, mlm.config, num_labels), tokenizer, not tokenizer.lowercase
+    return (_classifier_from(mlm.bert, mlm.config, num_labels, shared_pooler=shared_pooler), tokenizer,
+            not tokenizer.lowercase)
 
 
 def _read_pretrain_folder(path, backend="auto"):
@@ -296,39 +319,74 @@ def _progress(total, desc, quiet):
     return tqdm(total=total, desc=desc, leave=True, disable=quiet, dynamic_ncols=True, file=sys.stdout)
 
 
-def _loss(a, exit_logits, labels, backend):
-    from .losses import multi_exit_distillation_loss, pabee_loss
+def _loss(a, exit_logits, labels, backend, stage=1):
+    from .losses import deebert_loss, multi_exit_distillation_loss, pabee_loss
 
-    if a.loss == "pabee":
-        return pabee_loss(exit_logits.float(), labels)
-    return multi_exit_distillation_loss(exit_logits.float(), labels, gamma=a.gamma, temperature=a.temperature,
-                                        backend=backend)
+    z = exit_logits.float()
+    if a.loss == "deebert":
+        return deebert_loss(z, labels, stage, gradient_equilibrium=a.ge)
+    if a.loss == "pabee" or a.regression:  # a regression head: PABEE's layer-weighted MSE (HF: MSE for 1 output)
+        return pabee_loss(z, labels, gradient_equilibrium=a.ge)
+    return multi_exit_distillation_loss(z, labels, gamma=a.gamma, temperature=a.temperature,
+                                        gradient_equilibrium=a.ge, backend=backend)
+
+
+def _set_deebert_stage(model, stage):
+    """DeeBERT's stage 2 freezes the backbone and the final classifier: only the other off-ramps learn."""
+    frozen = stage == 2
+    model.bert.requires_grad_(not frozen)
+    last = model.exits[-1]
+    last.requires_grad_(not frozen)
+    for head in list(model.exits)[:-1]:
+        for p in head.parameters():
+            p.requires_grad_(not (frozen and any(p is q for q in last.parameters())))
 
 
 def train(a, model, ids, lengths, y, device, backend, log):
+    """Fine-tunes ``model`` in place; DeeBERT's loss runs its two stages, ``a.steps`` (or epochs) each."""
+    if a.loss != "deebert":
+        return _train_stage(a, model, ids, lengths, y, device, backend, log)
+    _set_deebert_stage(model, 1)
+    log("DeeBERT stage 1: the backbone and the final classifier on the last exit's loss")
+    _, first = _train_stage(a, model, ids, lengths, y, device, backend, log, stage=1)
+    _set_deebert_stage(model, 2)
+    log("DeeBERT stage 2: backbone and final classifier frozen, the off-ramps on the sum of their losses")
+    model.train()
+    _, second = _train_stage(a, model, ids, lengths, y, device, backend, log, stage=2)
+    _set_deebert_stage(model, 1)  # unfrozen again for whoever trains it next
+    return model.eval(), first + second
+
+
+def _train_stage(a, model, ids, lengths, y, device, backend, log, stage=1):
     from .losses import gradient_regularized_backward, romebert_projected_parameters
 
-    gen = torch.Generator().manual_seed(a.seed)
+    gen = torch.Generator().manual_seed(a.seed + stage - 1)
     count = ids.shape[0]
     per_epoch = math.ceil(count / a.batch_size)
     steps = a.steps if a.steps is not None else max(1, math.ceil(a.epochs * per_epoch))
     decay, no_decay = [], []
     for name, p in model.named_parameters():
-        (no_decay if p.dim() < 2 else decay).append(p)  # no weight decay on biases and LayerNorms, as BERT
+        if p.requires_grad:
+            (no_decay if p.dim() < 2 else decay).append(p)  # no weight decay on biases and LayerNorms, as BERT
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": a.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=a.lr)
     warmup = int(round(a.warmup * steps))
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: (s + 1) / warmup if s < warmup else max(0.0, (steps - s) / max(1, steps - warmup)))
-    log(f"fine-tuning {model.config.num_hidden_layers} off-ramps, {model.config.num_labels} labels, {count} "
-        f"examples: {steps} steps of {a.batch_size} ({steps / per_epoch:.2f} epochs), loss {a.loss}"
-        + (f" (gamma {a.gamma}, temperature {a.temperature})" if a.loss == "romebert" else "")
-        + f", backend {backend}")
+    what = {"romebert": f"romebert (gamma {a.gamma}, temperature {a.temperature}"
+                        + (f", gradient projection of the {a.project} side" if a.grad_reg else "") + ")",
+            "pabee": "pabee", "deebert": f"deebert stage {stage}"}[a.loss]
+    if a.regression and a.loss == "romebert":
+        what = "pabee's mean squared error (a regression head)"
+    log(f"fine-tuning {model.config.num_hidden_layers} off-ramps, "
+        + ("a regression head" if a.regression else f"{model.config.num_labels} labels")
+        + f", {count} examples: {steps} steps of {a.batch_size} ({steps / per_epoch:.2f} epochs), loss {what}"
+        + (", gradient equilibrium" if a.ge else "") + f", backend {backend}")
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     reg_params = romebert_projected_parameters(model.bert.encoder) if a.grad_reg else None
-    projected = 0
-    bar = _progress(steps, "finetune", a.quiet)
+    projected = torch.zeros((), dtype=torch.int64, device=device)
+    bar = _progress(steps, "finetune" if a.loss != "deebert" else f"stage {stage}", a.quiet)
     write = bar.write if bar is not None else log
     losses, order = [], torch.empty(0, dtype=torch.int64)
     t0 = time.perf_counter()
@@ -339,15 +397,16 @@ def train(a, model, ids, lengths, y, device, backend, log):
         b_ids, mask = _batches(ids, lengths, rows, device)
         out = model(b_ids, mask)
         b_y = y[rows].to(device)
-        loss = _loss(a, out.exit_logits, b_y, backend)
+        loss = _loss(a, out.exit_logits, b_y, backend, stage)
         opt.zero_grad(set_to_none=True)
         if a.grad_reg:
             # the teacher is detached, so the last exit's only term is its cross-entropy: the rest is the others'
+            # (gradient equilibrium scales the last exit by 1: its cross-entropy is the same either way)
             final = torch.nn.functional.cross_entropy(out.logits.float(), b_y)  # the last exit's
-            projected += gradient_regularized_backward(final, loss - final, params, reg_params)
+            projected += gradient_regularized_backward(final, loss - final, params, reg_params, project=a.project)
         else:
             loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         sched.step()
         losses.append(loss.item())
@@ -362,7 +421,7 @@ def train(a, model, ids, lengths, y, device, backend, log):
     if bar is not None:
         bar.close()
     if a.grad_reg:
-        log(f"gradient regularization: {projected} of {steps * len(reg_params)} layer gradients projected")
+        log(f"gradient regularization: the {a.project} side projected on {int(projected)} of {steps} steps")
     log(f"trained in {time.perf_counter() - t0:.1f} s")
     return model.eval(), losses
 
@@ -404,34 +463,51 @@ def _candidates(exit_logits, criterion, depth):
     return sorted({min(1.0, v) for v in values if v > 0}, reverse=True)  # max_prob: earliest exits last
 
 
+def _score(logits, y, regression):
+    """Accuracy (classification) or mean squared error (a one-output regression head) of ``logits [B, C]``."""
+    if regression:
+        return float(((logits[:, 0].double() - y.double()) ** 2).mean())
+    return float((logits.argmax(-1) == y).double().mean())
+
+
 def evaluate(a, model, ids, lengths, y, device, log):
-    """Full-depth accuracy and the measured batched early exit at each threshold: the report dict."""
+    """Every exit's accuracy, the full-depth accuracy and the measured batched early exit at each threshold: the
+    report dict. For ``--regression`` the scores are mean squared errors (lower is better)."""
     from .calibration import speed_accuracy_curve
 
     depth = model.config.num_hidden_layers
     batch = a.eval_batch_size
     y_d = y.to(device)
+    metric = "mse" if a.regression else "accuracy"
     with torch.no_grad():
         exits = torch.cat([model(*_batches(ids, lengths, torch.arange(s, min(s + batch, ids.shape[0])),
                                            device)).exit_logits for s in range(0, ids.shape[0], batch)], 1)
-    # full depth through the same batched loop: a patience of L is never reached before the last layer
-    full = dict(criterion="patience", patience=depth)
+    per_exit = [_score(exits[i], y_d, a.regression) for i in range(depth)]
+    log(f"\nevery exit on {ids.shape[0]} eval examples ({metric}):")
+    log("  " + " ".join(f"{'exit ' + str(i + 1):>8}" for i in range(depth)))
+    log("  " + " ".join(f"{v:8.4f}" for v in per_exit))
+    # full depth through the same batched loop: patience 0 is PABEE's (and threshold 0 DeeBERT's) full-depth row
+    full = dict(criterion="patience", patience=0)
+    if a.regression:
+        full["threshold"] = a.regression_delta
     _timed_early_exit(model, ids[:batch], lengths[:batch], batch, device, **full)  # warm-up
     z_full, l_full, t_full = _timed_early_exit(model, ids, lengths, batch, device, **full)
     assert bool((l_full == depth).all())
-    acc_full = float((z_full.argmax(-1) == y_d).double().mean())
+    acc_full = _score(z_full, y_d, a.regression)
     rows = [dict(threshold=None, avg_exit_layer=float(depth), layers_saved=0.0, speedup=1.0, accuracy=acc_full,
                  delta=0.0, seconds=t_full)]
     for t in _candidates(exits, a.criterion, depth):
         kw = dict(patience=int(t)) if a.criterion == "patience" else dict(threshold=float(t))
+        if a.regression:
+            kw["threshold"] = a.regression_delta  # PABEE's rule for a regression head: |change| < delta
         z, layer, sec = _timed_early_exit(model, ids, lengths, batch, device, criterion=a.criterion, **kw)
-        acc = float((z.argmax(-1) == y_d).double().mean())
+        acc = _score(z, y_d, a.regression)
         avg = float(layer.double().mean())
         rows.append(dict(threshold=t, avg_exit_layer=avg, layers_saved=1 - avg / depth, speedup=t_full / sec,
                          accuracy=acc, delta=acc - acc_full, seconds=sec))
-    curve = speed_accuracy_curve(exits, y_d, criterion=a.criterion) if depth > 1 else None
+    curve = speed_accuracy_curve(exits, y_d, criterion=a.criterion) if depth > 1 and not a.regression else None
     log(f"\nbatched early exit on {ids.shape[0]} eval examples ({a.criterion}, {depth} layers, batches of {batch}):")
-    log(f"  {'threshold':>9} {'avg exit':>9} {'layers saved':>13} {'speed-up':>9} {'accuracy':>9} {'vs full':>8}")
+    log(f"  {'threshold':>9} {'avg exit':>9} {'layers saved':>13} {'speed-up':>9} {metric:>9} {'vs full':>8}")
     for r in rows:
         t = "full" if r["threshold"] is None else (f"{r['threshold']:d}" if a.criterion == "patience"
                                                    else f"{r['threshold']:.5g}")
@@ -439,7 +515,8 @@ def evaluate(a, model, ids, lengths, y, device, log):
             f"{r['accuracy']:9.4f} {r['delta']:+8.4f}")
     log(f"  (speed-up: wall time of the batched full-depth pass, {t_full:.3f} s, over the early-exit pass)")
     return {"criterion": a.criterion, "num_layers": depth, "num_examples": int(ids.shape[0]),
-            "device": str(device), "full_depth_accuracy": acc_full, "rows": rows,
+            "device": str(device), "metric": metric, "per_exit_accuracy": per_exit,
+            "full_depth_accuracy": acc_full, "rows": rows,
             "offline_curve": None if curve is None else {k: v.tolist() for k, v in curve.items()}}
 
 
@@ -500,11 +577,26 @@ def build_parser():
                    "linear decay to 0")
     o.add_argument("--weight-decay", type=float, default=0.01)
     o.add_argument("--loss", choices=LOSSES, default="romebert",
-                   help="romebert: self-distillation from the last exit; pabee: layer-weighted cross-entropy")
-    o.add_argument("--gamma", type=float, default=0.9, help="RomeBERT: weight of the distillation term")
-    o.add_argument("--temperature", type=float, default=3.0, help="RomeBERT: distillation temperature")
-    o.add_argument("--grad-reg", action="store_true", help="RomeBERT's gradient regularization: in the lower "
-                   "layers, the other exits' gradient loses its part that conflicts with the last exit's")
+                   help="romebert: joint training with self-distillation from the last exit (RomeBERT); pabee: "
+                   "layer-weighted loss (PABEE); deebert: two stages, backbone then off-ramps (DeeBERT)")
+    o.add_argument("--gamma", type=float, default=0.9, help="RomeBERT: weight of the distillation term "
+                   "(RomeBERT's published value)")
+    o.add_argument("--temperature", type=float, default=3.0, help="RomeBERT: distillation temperature "
+                   "(RomeBERT's published value)")
+    o.add_argument("--grad-reg", action="store_true", help="RomeBERT's gradient regularization (--gp): one "
+                   "projection of the concatenated gradients of every layer but the last")
+    o.add_argument("--project", choices=PROJECT, default="others", help="with --grad-reg, the side projected: "
+                   "others (the other exits' gradient off the last exit's: RomeBERT on MNLI/QQP) or final (the "
+                   "reverse: RomeBERT on the other GLUE tasks)")
+    o.add_argument("--ge", action="store_true", help="RomeBERT's gradient equilibrium: exit i's gradient scaled "
+                   "by 1/(L - i), the forward unchanged")
+    o.add_argument("--shared-pooler", action="store_true", help="one pooler shared by every off-ramp (PABEE); by "
+                   "default each off-ramp has its own, copied from the checkpoint's (DeeBERT, RomeBERT)")
+    o.add_argument("--regression", action="store_true", help="labels are numbers: a one-output head trained "
+                   "with mean squared error (PABEE's layer-weighted MSE, or DeeBERT's per-stage MSE); the report "
+                   "gives MSE instead of accuracy")
+    o.add_argument("--regression-delta", type=float, default=0.1, help="with --regression and --criterion "
+                   "patience: a prediction counts as unchanged when it moves by less than this (PABEE's rule)")
     o.add_argument("--seed", type=int, default=0)
     o.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     o.add_argument("--backend", default=None, help="effbert op backend (default: auto; eager under the Triton "
@@ -530,7 +622,12 @@ def _check_args(a):
     _fail_if(not 0 <= a.gamma <= 1, f"--gamma must be in [0, 1], got {a.gamma}")
     _fail_if(not (a.temperature > 0 and math.isfinite(a.temperature)),
              f"--temperature must be > 0, got {a.temperature}")
-    _fail_if(a.grad_reg and a.loss != "romebert", "--grad-reg goes with --loss romebert")
+    _fail_if(a.grad_reg and (a.loss != "romebert" or a.regression),
+             "--grad-reg goes with --loss romebert (classification)")
+    _fail_if(a.regression and a.criterion != "patience",
+             "--regression needs --criterion patience (entropy and max_prob need classes)")
+    _fail_if(not (a.regression_delta > 0 and math.isfinite(a.regression_delta)),
+             f"--regression-delta must be > 0, got {a.regression_delta}")
     _fail_if(a.max_len < 3, f"--max-len must be >= 3, got {a.max_len}")
     _fail_if(a.log_every < 1, f"--log-every must be >= 1, got {a.log_every}")
     _fail_if(a.backend is not None and a.backend not in ("auto",) + BACKENDS,
@@ -573,21 +670,28 @@ def run(a, log):
     backend = a.backend if a.backend not in (None, "auto") else _default_backend(device)
     torch.manual_seed(a.seed)
     train_names, train_texts = read_tsv(a.train, "--train")
-    check_labels(train_names, train_texts, a.train, "--train",
-                 warn=lambda msg: print(f"effbert finetune: warning: {msg}", file=sys.stderr, flush=True))
-    labels = sorted(set(train_names))
-    _fail_if(len(labels) < 2, f"--train: every example has the label {labels[0]!r}; classification needs two")
+    if a.regression:  # numeric labels: no classes to check
+        labels = ["value"]
+        targets = _numbers(train_names, "--train")
+    else:
+        check_labels(train_names, train_texts, a.train, "--train",
+                     warn=lambda msg: print(f"effbert finetune: warning: {msg}", file=sys.stderr, flush=True))
+        labels = sorted(set(train_names))
+        _fail_if(len(labels) < 2, f"--train: every example has the label {labels[0]!r}; classification needs two")
     index = {name: i for i, name in enumerate(labels)}
     eval_data = None
     if a.eval is not None:
         eval_names, eval_texts = read_tsv(a.eval, "--eval")
-        unknown = sorted(set(eval_names) - set(labels))
-        _fail_if(unknown, f"--eval: labels {unknown[:5]} do not occur in --train")
+        if a.regression:
+            _numbers(eval_names, "--eval")
+        else:
+            unknown = sorted(set(eval_names) - set(labels))
+            _fail_if(unknown, f"--eval: labels {unknown[:5]} do not occur in --train")
         eval_data = (eval_names, eval_texts)
     if a.hf is not None:
-        model, tokenizer, cased = _from_hf(a.hf, len(labels), backend, a.cased)
+        model, tokenizer, cased = _from_hf(a.hf, len(labels), backend, a.cased, a.shared_pooler)
     else:
-        model, tokenizer, cased = _from_pretrain(a.init, len(labels), backend, a.cased)
+        model, tokenizer, cased = _from_pretrain(a.init, len(labels), backend, a.cased, a.shared_pooler)
     source = "--hf" if a.hf is not None else "--init"
     _fail_if(len(tokenizer) > model.config.vocab_size, f"{source}: vocab.txt has {len(tokenizer)} pieces, more than "
              f"the model's vocab_size {model.config.vocab_size}")
@@ -595,12 +699,13 @@ def run(a, log):
     model.set_backend(backend)
     model = model.to(device)
     ids, lengths = _encode(tokenizer, train_texts, max_len)
-    y = torch.tensor([index[n] for n in train_names], dtype=torch.int64)
+    y = targets if a.regression else torch.tensor([index[n] for n in train_names], dtype=torch.int64)
     log(f"effbert finetune on {device}: {len(train_texts)} training examples, labels {labels}, "
         f"{model.config.num_hidden_layers} layers, hidden {model.config.hidden_size}")
     model, losses = train(a, model, ids, lengths, y, device, backend, log)
     settings = {"cased": cased, "max_len": max_len, "loss": a.loss, "gamma": a.gamma, "temperature": a.temperature,
-                "grad_reg": a.grad_reg,
+                "grad_reg": a.grad_reg, "project": a.project, "ge": a.ge, "shared_pooler": a.shared_pooler,
+                "regression": a.regression,
                 "steps": len(losses), "batch_size": a.batch_size, "lr": a.lr, "seed": a.seed,
                 "init": a.init, "hf": a.hf, "train": a.train}
     save_finetuned(a.out, model, tokenizer, labels, settings)
@@ -608,7 +713,8 @@ def run(a, log):
     report = None
     if eval_data is not None:
         e_ids, e_len = _encode(tokenizer, eval_data[1], max_len)
-        e_y = torch.tensor([index[n] for n in eval_data[0]], dtype=torch.int64)
+        e_y = _numbers(eval_data[0], "--eval") if a.regression else \
+            torch.tensor([index[n] for n in eval_data[0]], dtype=torch.int64)
         report = evaluate(a, model, e_ids, e_len, e_y, device, log)
         k = max(1, len(losses) // 10)
         report.update(labels=labels, train_steps=len(losses), train_loss_first=sum(losses[:k]) / k,

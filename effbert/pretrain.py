@@ -6,7 +6,8 @@
 
 The corpus is one sentence or paragraph per line. Each step masks 15% of the word pieces of a batch of lines as
 BERT does (80% [MASK], 10% a random piece, 10% unchanged) and trains on the masked-LM loss. With TNF, words whose
-corpus count lies in ``[--tnf-min-count, --tnf-max-count]`` get a note: the notes are mixed into the input
+corpus count lies in ``[--tnf-min-count, --tnf-max-count]`` (default 100 to 500, the TNF paper's band; the command
+says how many fell in it) get a note: the notes are mixed into the input
 embeddings where those words occur (unless masked: no peeking at a target) and updated from the encoder output
 after each step.
 
@@ -139,9 +140,9 @@ def batch_rows(step, batch_size, num_lines, seed):
 
 # Flags that define the model, its vocabulary and its notes: a resumed run inherits them and must not change them.
 MODEL_DEFAULTS = {"layers": 12, "hidden": 768, "heads": 12, "intermediate": None, "max_len": 128,
-                  "position_mode": "tupe-r", "dropout": 0.1, "tnf": True, "tnf_min_count": 5,
-                  "tnf_max_count": 100, "tnf_window": 16, "tnf_gamma": 0.1, "tnf_lam": 0.5, "cased": False,
-                  "seed": 0}
+                  "position_mode": "tupe-r", "dropout": 0.1, "tnf": True, "tnf_min_count": 100,
+                  "tnf_max_count": 500, "tnf_window": 16, "tnf_gamma": 0.1, "tnf_lam": 0.5, "cased": False,
+                  "seed": 0, "objective": "mlm"}
 
 
 def build_parser():
@@ -162,11 +163,15 @@ def build_parser():
     m.add_argument("--max-len", type=int, help="longest sequence in pieces, [CLS] and [SEP] included (default 128)")
     m.add_argument("--position-mode", choices=("absolute", "tupe-a", "tupe-r"), help="default tupe-r")
     m.add_argument("--dropout", type=float, help="hidden and attention dropout (default 0.1)")
+    m.add_argument("--objective", choices=("mlm", "mcbert"), help="mlm (default) or mcbert: MC-BERT's "
+                   "multi-choice cloze test with a meta controller (effbert.models.TupeBertForMultiChoicePretraining)")
     t = p.add_argument_group("TNF (notes for rare words)")
     t.add_argument("--tnf", dest="tnf", action="store_true", default=None, help="take notes (the default)")
     t.add_argument("--no-tnf", dest="tnf", action="store_false")
-    t.add_argument("--tnf-min-count", type=int, help="a rare word occurs at least this often (default 5)")
-    t.add_argument("--tnf-max-count", type=int, help="... and at most this often (default 100)")
+    t.add_argument("--tnf-min-count", type=int, help="a rare word occurs at least this often (default 100, the "
+                   "TNF paper's band)")
+    t.add_argument("--tnf-max-count", type=int, help="... and at most this often (default 500, the TNF paper's "
+                   "band)")
     t.add_argument("--tnf-window", type=int, help="tokens on each side of a rare word averaged into its note "
                    "(default 16)")
     t.add_argument("--tnf-gamma", type=float, help="note update rate (default 0.1)")
@@ -381,6 +386,7 @@ def load_pretrained(path, device=None, backend="auto"):
         if not ckpts:
             raise FileNotFoundError(f"path: {path!r} holds neither {MODEL_FILE} nor a checkpoint")
         state = read_weights(ckpts[-1], "model")
+        state = {k: v for k, v in state.items() if not k.startswith("controller.")}  # an MC-BERT run's controller
     table, notes = None, None
     words = _read_lines(os.path.join(path, RARE_FILE)) if run["settings"]["tnf"] else []
     if words:  # a run whose corpus had no word in the rare band trained without notes
@@ -515,8 +521,8 @@ def _prepare(a, env, log):
                  "this command): choose another folder")
     s = _model_settings(a, saved_run["settings"] if saved_run else None)
     if saved_run is not None:
-        diff = [f"--{k.replace('_', '-')} {saved_run['settings'][k]!r} -> {s[k]!r}" for k in MODEL_DEFAULTS
-                if saved_run["settings"].get(k) != s[k]]
+        diff = [f"--{k.replace('_', '-')} {saved_run['settings'].get(k, d)!r} -> {s[k]!r}"
+                for k, d in MODEL_DEFAULTS.items() if saved_run["settings"].get(k, d) != s[k]]
         if diff:
             raise UsageError("--resume with different model flags than the run in --out: " + "; ".join(diff))
     lines = read_corpus(a.data)
@@ -650,8 +656,15 @@ def _train(a, env, log, TupeBertForMaskedLM, NoteDictionary):
     if table is not None:
         notes = NoteDictionary(len(table), config.hidden_size, window=s["tnf_window"], gamma=s["tnf_gamma"],
                                lam=s["tnf_lam"])
+    mcbert = s["objective"] == "mcbert"
     try:  # the model exists before any file is written: a size that does not fit leaves no half-made run
-        model = TupeBertForMaskedLM(config, note_dictionary=notes)
+        if mcbert:
+            from .models import TupeBertForMultiChoicePretraining
+
+            model = TupeBertForMultiChoicePretraining(config, note_dictionary=notes,
+                                                      mask_token_id=tokenizer.mask_id)
+        else:
+            model = TupeBertForMaskedLM(config, note_dictionary=notes)
         model.set_backend(backend)
         model = model.to(device).train()
     except ValueError as exc:
@@ -709,14 +722,18 @@ def _train(a, env, log, TupeBertForMaskedLM, NoteDictionary):
     log(f"pretraining a {config.num_hidden_layers}-layer {config.position_mode} BERT (hidden {config.hidden_size}, "
         f"{config.num_attention_heads} heads, {n_params / 1e6:.2f}M parameters) on {len(lines)} lines, "
         f"{len(tokenizer)} pieces, "
-        + (f"TNF notes for {len(table)} rare words, " if table is not None else "no TNF, ")
-        + f"{a.steps} steps of {a.batch_size} lines on {env.world} x {device}, backend {backend}")
+        + (f"TNF notes for {len(table)} rare words (the words seen {s['tnf_min_count']} to {s['tnf_max_count']} "
+           "times in the corpus), " if table is not None else "no TNF, ")
+        + f"{a.steps} steps of {a.batch_size} lines on {env.world} x {device}, backend {backend}"
+        + (f", objective MC-BERT (K = {model.num_candidates}, lambda = {model.loss_lambda:g}, controller hidden "
+           f"{model.controller_config.hidden_size})" if mcbert else ""))
 
     maskable = torch.ones(len(tokenizer), dtype=torch.bool)
     maskable[[tokenizer.pad_id, tokenizer.unk_id, tokenizer.cls_id, tokenizer.sep_id, tokenizer.mask_id]] = False
     shard_of = torch.tensor_split(torch.arange(a.batch_size), env.world)[env.rank]
-    bar = progress_bar(a.steps, "MLM", a.quiet or not env.main, initial=start) if env.main else None
-    window, t0 = [], time.perf_counter()
+    bar = (progress_bar(a.steps, "MC-BERT" if mcbert else "MLM", a.quiet or not env.main, initial=start)
+           if env.main else None)
+    window, mc_window, t0 = [], [], time.perf_counter()
     for step in range(start, a.steps):
         masked, labels, real, b_len, spans, slots = step_batch(step, ids, lengths, a.batch_size, s["seed"],
                                                                tokenizer, maskable, table, shard_of)
@@ -724,13 +741,21 @@ def _train(a, env, log, TupeBertForMaskedLM, NoteDictionary):
         slots = slots.to(device) if slots is not None else None
         dev_len = b_len.to(device)
         # the head at the masked positions only: the same loss, without the [B, N, vocab] logits
-        out_ = ddp(masked.to(device), real.to(device), labels=labels.to(device), note_slots=slots,
-                   return_logits=False)
-        # the loss of the whole batch: every rank's target count, so a rank's share weighs by its targets
-        local = (labels != -100).sum()
-        totals = env.all_sum(torch.stack([out_.loss.detach().double().cpu() * local, local.double()]).to(device))
-        total_targets = max(1.0, float(totals[1]))
-        loss = out_.loss * (float(local) / total_targets) * env.world  # DDP averages gradients over ranks
+        if mcbert:  # the objective's logic lives in the model; its losses are means over each rank's tokens
+            out_ = ddp(masked.to(device), real.to(device), labels=labels.to(device), note_slots=slots)
+            parts = torch.stack([out_.loss.detach(), out_.mlm_loss, out_.mc_loss, out_.mc_accuracy,
+                                 out_.mc_replaced_accuracy, out_.replaced_fraction]).double()
+            totals = env.all_sum(parts) / env.world
+            loss, total_targets = out_.loss, 1.0
+        else:
+            out_ = ddp(masked.to(device), real.to(device), labels=labels.to(device), note_slots=slots,
+                       return_logits=False)
+            # the loss of the whole batch: every rank's target count, so a rank's share weighs by its targets
+            local = (labels != -100).sum()
+            totals = env.all_sum(torch.stack([out_.loss.detach().double().cpu() * local,
+                                              local.double()]).to(device))
+            total_targets = max(1.0, float(totals[1]))
+            loss = out_.loss * (float(local) / total_targets) * env.world  # DDP averages gradients over ranks
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -743,6 +768,8 @@ def _train(a, env, log, TupeBertForMaskedLM, NoteDictionary):
             raise UsageError(f"the loss is {batch_loss} at step {step + 1}: stopping (lower --lr); the checkpoints in "
                              f"{os.path.abspath(out)} are the last good ones, resume from them with --resume")
         window.append(batch_loss)
+        if mcbert:
+            mc_window.append([float(t) for t in totals[1:]])
         done = step + 1
         if bar is not None:
             bar.update(1)
@@ -753,14 +780,22 @@ def _train(a, env, log, TupeBertForMaskedLM, NoteDictionary):
                           "seconds": round(time.perf_counter() - t0, 3)}
                 if table is not None:
                     record["notes_taken"] = int((model.notes.counts > 0).sum())
+                if mcbert:
+                    for i, key in enumerate(("mlm_loss", "mc_loss", "mc_accuracy", "mc_replaced_accuracy",
+                                             "replaced_fraction")):
+                        record[key] = sum(w[i] for w in mc_window) / len(mc_window)
                 with open(os.path.join(out, LOG_FILE), "a", encoding="utf-8") as f:
                     f.write(json.dumps(record) + "\n")
                 line = f"  step {done:7d}  loss {record['loss']:.4f}  lr {record['lr']:.3g}"
+                if mcbert:
+                    line += (f"  mlm {record['mlm_loss']:.4f}  multi-choice {record['mc_loss']:.4f}  "
+                             f"acc {record['mc_accuracy']:.3f} (replaced {record['mc_replaced_accuracy']:.3f}, "
+                             f"{100 * record['replaced_fraction']:.1f}% of tokens)")
                 if bar is not None and not a.quiet:
                     bar.write(line, file=sys.stdout)  # above the bar, not through it
                 else:
                     log(line)
-            window = []
+            window, mc_window = [], []
         if done == a.steps or (a.save_every and done % a.save_every == 0):
             # a finite loss can still leave non-finite weights: they never replace a good checkpoint
             finite = torch.stack([torch.isfinite(t).all() for t in model.state_dict().values()
@@ -772,7 +807,8 @@ def _train(a, env, log, TupeBertForMaskedLM, NoteDictionary):
     if bar is not None:
         bar.close()
     if env.main:
-        _atomic_save(model.state_dict(), os.path.join(out, MODEL_FILE))
+        # MC-BERT's controller is dropped: model.pt holds what fine-tuning loads (TupeBertForMaskedLM's keys)
+        _atomic_save(model.finetuning_state_dict() if mcbert else model.state_dict(), os.path.join(out, MODEL_FILE))
         log(f"done: {a.steps} steps, model in {os.path.abspath(out)} (load it with "
             f"effbert.pretrain.load_pretrained)")
     if a.dump_state:

@@ -249,8 +249,9 @@ def multi_exit_loss_kernel(
     """One program per sample: the teacher's softened distribution once, then for every exit its cross-entropy,
     its distillation term and d(loss)/d(logits), all from one read of each logit row.
 
-    loss[b] = CE_L + sum_{i<L} (1 - gamma) CE_i + gamma T^2 KL(p_T || q_i);  grad[i, b] = w_i (softmax(z_i) - onehot)
-    + gamma T (q_i - p_T) for i < L (the teacher is detached), with p_T = softmax(z_L / T), q_i = softmax(z_i / T).
+    loss[b] = CE_L + sum_{i<L} (1 - gamma) CE_i + (gamma / C) T^2 KL(p_T || q_i);  grad[i, b] = w_i (softmax(z_i) -
+    onehot) + (gamma / C) T (q_i - p_T) for i < L (the teacher is detached), with p_T = softmax(z_L / T),
+    q_i = softmax(z_i / T). The 1/C makes the caller's batch mean KLDivLoss's mean over B * C (RomeBERT's KDLoss).
     """
     b = tl.program_id(0)
     offs = tl.arange(0, BLOCK_C)
@@ -286,7 +287,7 @@ def multi_exit_loss_kernel(
         kl = tl.sum(tl.where(pt > 0, pt * (log_pt - log_q), 0.0), axis=0)
         student = l < n_layers - 1
         w_ce = tl.where(student, 1.0 - gamma, 1.0)
-        w_kd = tl.where(student, gamma, 0.0)
+        w_kd = tl.where(student, gamma / cols, 0.0)
         total += w_ce * ce + w_kd * temperature * temperature * kl
         g = w_ce * (p - onehot) + w_kd * temperature * (q - pt)
         tl.store(grad_ptr + (l * batch64 + b64) * cols + offs, g, mask=cmask)

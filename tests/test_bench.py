@@ -132,7 +132,7 @@ def test_train_step_reports_tokens_per_second(tmp_path, monkeypatch):
     out = tmp_path / "e2e"
     assert runner.main(["--quick", "--no-progress", "--op", train_step.OP, "--out", str(out)]) == 0
     rows = {c["provider"]: c for c in json.loads((out / "bench.json").read_text())["cases"]}
-    assert set(rows) == {"effbert", "effbert-absolute", "effbert-eager", "hf-sdpa"}
+    assert set(rows) == {"effbert", "effbert-absolute", "effbert-eager", "hf-sdpa", "effbert-mcbert"}
     for row in rows.values():
         if row["status"] == "skipped":  # transformers missing: says so
             assert row["provider"] == "hf-sdpa" and "transformers" in row["reason"]

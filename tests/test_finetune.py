@@ -72,8 +72,8 @@ def data(tmp_path_factory):
 
 def args(hf_dir, data, out, *extra):
     return ["finetune", "--hf", str(hf_dir), "--train", str(data / "train.tsv"), "--eval", str(data / "eval.tsv"),
-            "--out", str(out), "--batch-size", "16", "--lr", "3e-3", "--gamma", "0.5",
-            "--temperature", "1.0", "--log-every", "10", "--backend", "eager", "--device", "cpu",
+            "--out", str(out), "--batch-size", "16", "--lr", "3e-3", "--log-every", "10", "--backend", "eager",
+            "--device", "cpu",
             "--eval-batch-size", "16", "--quiet", *extra]
 
 
@@ -82,6 +82,9 @@ def check_report(out, criterion, steps):
     depth, rows = report["num_layers"], report["rows"]
     assert depth == 3 and report["criterion"] == criterion and report["labels"] == ["food", "sport"]
     assert report["num_examples"] == 41 and report["train_steps"] == steps and len(report["losses"]) == steps
+    per_exit = report["per_exit_accuracy"]
+    assert len(per_exit) == depth and all(0.0 <= v <= 1.0 for v in per_exit)
+    assert per_exit[-1] == report["full_depth_accuracy"]
     full = rows[0]
     assert full["threshold"] is None and full["avg_exit_layer"] == depth and full["layers_saved"] == 0
     assert full["accuracy"] == report["full_depth_accuracy"]
@@ -107,8 +110,10 @@ def check_reload(out, data, report):
     y = torch.tensor([labels.index(n) for n in names])
     mask = torch.arange(ids.shape[1])[None] < lengths[:, None]
     with torch.no_grad():
-        full_logits = model(ids, mask).exit_logits[-1]
+        every = model(ids, mask).exit_logits
+    full_logits = every[-1]
     assert float((full_logits.argmax(-1) == y).double().mean()) == report["full_depth_accuracy"]
+    assert [float((z.argmax(-1) == y).double().mean()) for z in every] == report["per_exit_accuracy"]
     criterion = report["criterion"]
     for r in report["rows"][1:]:
         kw = dict(patience=int(r["threshold"])) if criterion == "patience" else dict(threshold=r["threshold"])
@@ -132,13 +137,95 @@ def test_finetune_learns_reports_and_reloads(hf_dir, data, tmp_path, capsys):
 
 @needs_hf
 @pytest.mark.parametrize("criterion,loss", [("max_prob", "romebert"), ("patience", "pabee"),
-                                            ("entropy", "romebert --grad-reg")])
+                                            ("entropy", "romebert --grad-reg"),
+                                            ("entropy", "romebert --grad-reg --project final --ge"),
+                                            ("patience", "pabee --shared-pooler --ge"), ("entropy", "deebert")])
 def test_finetune_other_criteria_and_losses(hf_dir, data, tmp_path, capsys, criterion, loss):
     out = tmp_path / "run"
     assert cli.main(args(hf_dir, data, out, "--steps", "6", "--criterion", criterion, "--loss", *loss.split())) == 0
     text = capsys.readouterr().out
     assert "batched early exit" in text and ("gradient regularization:" in text) == ("--grad-reg" in loss)
-    check_reload(out, data, check_report(out, criterion, 6))
+    assert "every exit on 41 eval examples (accuracy):" in text
+    if "--project final" in loss:
+        assert "the final side projected on" in text and "gradient equilibrium" in text
+    steps = 12 if loss == "deebert" else 6  # DeeBERT: both stages
+    if loss == "deebert":
+        assert "DeeBERT stage 1" in text and "DeeBERT stage 2" in text
+    check_reload(out, data, check_report(out, criterion, steps))
+    model, _, _, settings = finetune.load_finetuned(out, backend="eager")
+    pooler = model.exits[-1].pooler
+    assert all((h.pooler is pooler) == ("--shared-pooler" in loss) for h in model.exits[:-1])
+    assert settings["shared_pooler"] == ("--shared-pooler" in loss)
+
+
+@needs_hf
+def test_every_off_ramp_starts_from_the_checkpoint_pooler(hf_dir):
+    from transformers import BertModel
+
+    hf_model = BertModel.from_pretrained(hf_dir)
+    model, _, _ = finetune._from_hf(str(hf_dir), 2, "eager", None)
+    for head in model.exits:
+        assert torch.equal(head.pooler.weight, hf_model.pooler.dense.weight)
+        assert torch.equal(head.pooler.bias, hf_model.pooler.dense.bias)
+    assert len({id(h.pooler) for h in model.exits}) == 3  # one copy each
+    shared, _, _ = finetune._from_hf(str(hf_dir), 2, "eager", None, shared_pooler=True)
+    assert len({id(h.pooler) for h in shared.exits}) == 1
+    assert torch.equal(shared.exits[0].pooler.weight, hf_model.pooler.dense.weight)
+
+
+@needs_hf
+def test_deebert_stage_two_leaves_backbone_and_final_classifier_alone(hf_dir, data, tmp_path, monkeypatch):
+    """Stage 2 changes the off-ramps only: the backbone and the final exit are those stage 1 left."""
+    after_stage1 = {}
+    real_stage = finetune._set_deebert_stage
+
+    def spy(model, stage):
+        if stage == 2:
+            after_stage1.update({k: v.clone() for k, v in model.state_dict().items()})
+        real_stage(model, stage)
+
+    monkeypatch.setattr(finetune, "_set_deebert_stage", spy)
+    out = tmp_path / "run"
+    assert cli.main(args(hf_dir, data, out, "--steps", "4", "--loss", "deebert")) == 0
+    final = finetune.load_finetuned(out, backend="eager")[0].state_dict()
+    changed = {k for k in final if not torch.equal(final[k], after_stage1[k])}
+    assert changed and all(k.startswith("exits.") and not k.startswith("exits.2.") for k in changed), changed
+
+
+@needs_hf
+def test_finetune_regression_head(hf_dir, tmp_path, capsys):
+    folder = tmp_path / "data"
+    folder.mkdir()
+    rng = random.Random(3)
+    for name, n in (("train.tsv", 48), ("eval.tsv", 17)):
+        with open(folder / name, "w") as f:
+            for _ in range(n):
+                k = rng.randint(1, 6)
+                f.write(f"{k / 2}\t{' '.join(rng.choice(WORDS['sport']) for _ in range(k))}\n")
+    out = tmp_path / "run"
+    argv = ["finetune", "--hf", str(hf_dir), "--train", str(folder / "train.tsv"), "--eval",
+            str(folder / "eval.tsv"), "--out", str(out), "--steps", "8", "--batch-size", "16", "--backend", "eager",
+            "--device", "cpu", "--quiet", "--regression", "--criterion", "patience"]
+    assert cli.main(argv) == 0
+    text = capsys.readouterr().out
+    assert "every exit on 17 eval examples (mse):" in text
+    report = json.loads((out / "report.json").read_text())
+    model, tokenizer, labels, settings = finetune.load_finetuned(out, backend="eager")
+    assert model.config.num_labels == 1 and settings["regression"] and report["metric"] == "mse"
+    names, texts = finetune.read_tsv(str(folder / "eval.tsv"))
+    ids, lengths = tokenizer.encode_batch(texts, settings["max_len"])
+    mask = torch.arange(ids.shape[1])[None] < lengths[:, None]
+    y = torch.tensor([float(n) for n in names], dtype=torch.float64)
+    with torch.no_grad():
+        every = model(ids, mask).exit_logits.double()
+    want = [float(((z[:, 0] - y) ** 2).mean()) for z in every]
+    assert report["per_exit_accuracy"] == pytest.approx(want, rel=1e-6)
+    assert cli.main(argv[:-2] + ["--criterion", "entropy"]) == 2
+    assert "--regression needs --criterion patience" in capsys.readouterr().err
+    (folder / "bad.tsv").write_text("high\tthe ball\n")
+    swap = {str(folder / "train.tsv"): str(folder / "bad.tsv"), str(out): str(tmp_path / "run2")}
+    assert cli.main([swap.get(x, x) for x in argv]) == 2
+    assert "not a finite number" in capsys.readouterr().err
 
 
 def write_pretrain_folder(folder, tnf_notes=True):
@@ -167,6 +254,9 @@ def test_finetune_from_a_pretrain_folder(tmp_path, data, capsys):
     want = mlm.bert.state_dict()
     got = model.bert.state_dict()
     assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    # no pooler in a pretraining run: every off-ramp starts from the same one, as from a checkpoint's
+    assert all(torch.equal(h.pooler.weight, model.exits[-1].pooler.weight) for h in model.exits)
+    assert len({id(h.pooler) for h in model.exits}) == 3
     assert tokenizer.tokenize("Balls") == ["ball", "##s"]
     # the layout without load_pretrained: the folder is read directly, TNF notes left out
     write_pretrain_folder(tmp_path / "pre-tnf")
@@ -236,6 +326,8 @@ def test_finetune_from_a_classifier_checkpoint_starts_from_its_head(tmp_path, da
     ({"--lr": "-1"}, "--lr must be > 0"),
     ({"--gamma": "2"}, "--gamma must be in [0, 1]"),
     ({"--loss": "pabee --grad-reg"}, "--grad-reg goes with --loss romebert"),
+    ({"--loss": "deebert --grad-reg"}, "--grad-reg goes with --loss romebert"),
+    ({"--regression-delta": "0"}, "--regression-delta must be > 0"),
     ({"--backend": "fast"}, "--backend must be one of"),
     ({"--train": "MISSING"}, "--train: no such file"),
     ({"--hf": "MISSING"}, "--hf:"),

@@ -148,8 +148,8 @@ def test_early_exit_equals_the_per_sample_loop(variant, criterion, seeded):
         kw = dict(threshold=gap_threshold(reference.exit_max_prob(flat).reshape(exits.shape[:2])))
     logits, layer = model.early_exit(ids, mask, types, criterion=criterion, **kw)
     with torch.no_grad():
-        hidden, padding = model._inputs(ids, mask, types)
-    want_logits, want_layer = reference.early_exit_loop(model.encoder.layers, model.encoder.heads, hidden, padding,
+        hidden, real = model._inputs(ids, mask, types)
+    want_logits, want_layer = reference.early_exit_loop(model.encoder.layers, model.encoder.heads, hidden, real,
                                                         criterion=criterion, **kw)
     assert layer.dtype == torch.int64 and layer.tolist() == want_layer.tolist()
     assert_close(logits, want_logits, what=f"{variant} {criterion} early-exit logits")
@@ -220,7 +220,7 @@ def test_bad_inputs_name_the_argument(seeded):
     for kw, exc, pattern in cases:
         with pytest.raises(exc, match=pattern):
             model(**kw)
-    with pytest.raises(ValueError, match="threshold must be > 0"):
+    with pytest.raises(ValueError, match="threshold must be >= 0"):
         model.early_exit(ids, mask, criterion="entropy", threshold=-1.0)
     with pytest.raises(ValueError, match="criterion must be one of"):
         model.early_exit(ids, mask, criterion="softmax", threshold=0.5)
@@ -262,8 +262,85 @@ def test_on_the_gpu_with_the_fused_kernels(patched, seeded):
     kw = dict(threshold=gap_threshold(reference.exit_entropy(flat).reshape(exits.shape[:2])))
     logits, layer = model.early_exit(ids, mask, types, criterion="entropy", **kw)
     with torch.no_grad():
-        hidden, padding = model._inputs(ids, mask, types)
-    want_logits, want_layer = reference.early_exit_loop(model.encoder.layers, model.encoder.heads, hidden, padding,
+        hidden, real = model._inputs(ids, mask, types)
+    want_logits, want_layer = reference.early_exit_loop(model.encoder.layers, model.encoder.heads, hidden, real,
                                                         criterion="entropy", **kw)
     assert layer.tolist() == want_layer.tolist()
     assert_close(logits, want_logits, what="early-exit logits on the GPU")
+
+
+# ---- training as published: off-ramp poolers, regression heads, DeeBERT's stages, full depth ----
+
+def test_every_off_ramp_starts_from_the_checkpoint_pooler(seeded):
+    """DeeBERT and RomeBERT copy the pretrained pooler into every off-ramp (init_highway_pooler); PABEE shares one."""
+    from transformers import BertForSequenceClassification
+
+    hf_model = BertForSequenceClassification(hf_config()).eval()
+    pooler = hf_model.bert.pooler.dense
+    model = hf.multi_exit_bert(hf_model)
+    heads = list(model.encoder.heads)
+    assert heads[-1].pooler is pooler
+    for head in heads[:-1]:
+        assert head.pooler is not pooler  # a copy each: the off-ramps then learn their own
+        assert torch.equal(head.pooler.weight, pooler.weight) and torch.equal(head.pooler.bias, pooler.bias)
+    shared = hf.multi_exit_bert(BertForSequenceClassification(hf_config()).eval(), exit_pooler="shared")
+    first = shared.encoder.heads[-1].pooler
+    assert all(h.pooler is first for h in shared.encoder.heads)
+    with pytest.raises(ValueError, match="exit_pooler must be one of"):
+        hf.multi_exit_bert(hf_model, exit_pooler="random")
+
+
+def test_regression_head_trains_on_float_labels_with_mse(seeded):
+    from transformers import BertForSequenceClassification
+
+    hf_model = BertForSequenceClassification(hf_config(num_labels=1)).train()
+    ids, types, mask = padded_batch()
+    y = torch.randn(5)
+    for loss in ("romebert", "pabee"):
+        model = hf.multi_exit_bert(hf_model, loss=loss)
+        out = model(ids, mask, types, labels=y)
+        z = out.exit_logits.double()
+        mse = [float(((z[i, :, 0] - y.double()) ** 2).mean()) for i in range(3)]
+        want = (mse[0] + 2 * mse[1] + 3 * mse[2]) / 6  # PABEE's weighted MSE, as HF's MSE for num_labels == 1
+        assert out.loss.item() == pytest.approx(want, rel=1e-5) and out.loss.item() > 0
+        out.loss.backward()
+        assert hf_model.classifier.weight.grad is not None
+    with pytest.raises(TypeError, match="labels must be float targets for a one-output"):
+        model(ids, mask, types, labels=torch.zeros(5, dtype=torch.long))
+    model.eval()
+    logits, layer = model.early_exit(ids, mask, types, criterion="patience", patience=1, threshold=0.05)
+    assert logits.shape == (5, 1) and layer.min() >= 1
+
+
+def test_deebert_stages_train_what_deebert_trains(seeded):
+    from transformers import BertForSequenceClassification
+
+    hf_model = BertForSequenceClassification(hf_config()).train()
+    model = hf.multi_exit_bert(hf_model, loss="deebert")
+    ids, types, mask = padded_batch()
+    y = torch.randint(0, 3, (5,))
+    out = model(ids, mask, types, labels=y)  # stage 1: the final classifier's cross-entropy
+    assert out.loss.item() == pytest.approx(torch.nn.functional.cross_entropy(out.exit_logits[-1], y).item(), rel=1e-6)
+    model.set_stage(2)
+    out = model(ids, mask, types, labels=y)
+    want = sum(torch.nn.functional.cross_entropy(out.exit_logits[i], y).item() for i in range(2))
+    assert out.loss.item() == pytest.approx(want, rel=1e-6)
+    out.loss.backward()
+    for name, p in hf_model.named_parameters():  # backbone and final classifier frozen
+        assert not p.requires_grad and p.grad is None, name
+    for head in list(model.encoder.heads)[:-1]:
+        assert all(p.requires_grad and p.grad is not None for p in head.parameters())
+    model.set_stage(1)
+    assert all(p.requires_grad for p in hf_model.parameters())
+    with pytest.raises(ValueError, match="stage must be 1 or 2"):
+        model.set_stage(0)
+
+
+def test_full_depth_settings_and_float_masks(seeded):
+    _, _, model = make("eager")
+    ids, types, mask = padded_batch()
+    for kw in (dict(criterion="entropy", threshold=0.0), dict(criterion="patience", patience=0)):
+        _, layer = model.early_exit(ids, mask, types, **kw)
+        assert layer.tolist() == [3] * 5
+    with pytest.raises(TypeError, match="attention_mask must be bool or 0/1 integers"):
+        model(ids, mask.float(), types)

@@ -18,8 +18,9 @@ LOSS_BACKENDS = [c for c in backend_cases() if c.id in ("eager-cpu", "triton-int
 
 
 def loss_by_definition(z, y, gamma, t):
-    """One sample and one exit at a time, in Python floats."""
-    depth, batch, _ = z.shape
+    """One sample and one exit at a time, in Python floats; the KL term averaged over B * C as RomeBERT's
+    ``nn.KLDivLoss()`` (default reduction 'mean') does."""
+    depth, batch, c = z.shape
 
     def softmax(row, temp=1.0):
         m = max(v / temp for v in row)
@@ -38,7 +39,7 @@ def loss_by_definition(z, y, gamma, t):
                 continue
             q = softmax(z[i, b].tolist(), t)
             kl = sum(pt * (math.log(pt) - math.log(qi)) for pt, qi in zip(teacher, q) if pt > 0)
-            total += (1 - gamma) * ce + gamma * t * t * kl
+            total += (1 - gamma) * ce + gamma * t * t * kl / c
     return total / batch
 
 
@@ -48,6 +49,78 @@ def test_reference_matches_definition(seeded):
     for gamma, t in ((0.9, 3.0), (0.0, 1.0), (1.0, 0.5)):
         got = reference.multi_exit_distillation_loss(z, y, gamma, t).item()
         assert got == pytest.approx(loss_by_definition(z, y, gamma, t), rel=1e-12)
+
+
+def romebert_kdloss(z, y, gamma, t):
+    """RomeBERT's ``KDLoss.forward`` for classification, written as its published code writes it."""
+    kld, ce = nn.KLDivLoss(), nn.CrossEntropyLoss()
+    soft = z[-1].detach()
+    loss = ce(z[-1], y)
+    for i in range(z.shape[0] - 1):
+        loss = loss + (1 - gamma) * ce(z[i], y)
+        loss = loss + kld(torch.log_softmax(z[i] / t, dim=1), torch.softmax(soft / t, dim=1)) * gamma * t * t
+    return loss
+
+
+@pytest.mark.parametrize("backend,device", LOSS_BACKENDS)
+def test_distillation_term_is_romebert_kldivloss_mean(backend, device, seeded):
+    """The KL term is the mean over B * C (KLDivLoss's default), not the batch mean: C times smaller."""
+    require_backend(backend, device)
+    for c in (2, 3, 7):
+        z = (torch.randn(3, 5, c, dtype=torch.float64) * 2)
+        y = torch.randint(0, c, (5,))
+        want = romebert_kdloss(z, y, 0.9, 3.0).item()
+        got = losses.multi_exit_distillation_loss(z.float().to(device), y.to(device), backend=backend).item()
+        assert got == pytest.approx(want, rel=1e-5)
+        assert reference.multi_exit_distillation_loss(z, y).item() == pytest.approx(want, rel=1e-12)
+    # by hand, one student and its teacher, C = 2, gamma 1 (the KL term alone), T 1:
+    # p_T = softmax(ln 3, 0) = (3/4, 1/4), q = (1/2, 1/2): KL = 3/4 ln(3/2) + 1/4 ln(1/2); mean over B*C = KL / 2
+    z = torch.tensor([[[0.0, 0.0]], [[math.log(3.0), 0.0]]], dtype=torch.float64)
+    y = torch.tensor([0])
+    ce_last = -math.log(0.75)
+    kl = 0.75 * math.log(1.5) + 0.25 * math.log(0.5)
+    got = losses.multi_exit_distillation_loss(z, y, gamma=1.0, temperature=1.0, backend="eager").item()
+    assert got == pytest.approx(ce_last + kl / 2, rel=1e-12)
+
+
+def test_gradient_equilibrium_scales_exit_i_by_one_over_L_minus_i(seeded):
+    z = torch.randn(4, 3, 5, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(4, 3, 5, dtype=torch.float64)
+    out = losses.gradient_equilibrium(z)
+    assert torch.equal(out, z)  # the forward is the identity
+    (out * w).sum().backward()
+    for i in range(4):
+        assert torch.allclose(z.grad[i], w[i] / (4 - i), rtol=0, atol=1e-15)
+    # as an option of the losses: the gradient of every exit is the plain gradient over (L - i)
+    y = torch.randint(0, 5, (3,))
+    for fn in (lambda x, **k: losses.multi_exit_distillation_loss(x, y, backend="eager", **k),
+               lambda x, **k: losses.pabee_loss(x, y, **k), lambda x, **k: losses.deebert_loss(x, y, 2, **k)):
+        a = z.detach().clone().requires_grad_()
+        b = z.detach().clone().requires_grad_()
+        fn(a).backward()
+        fn(b, gradient_equilibrium=True).backward()
+        for i in range(4):
+            assert torch.allclose(b.grad[i], a.grad[i] / (4 - i), rtol=1e-12, atol=1e-15)
+    with pytest.raises(ValueError, match=r"exit_logits must be a float tensor"):
+        losses.gradient_equilibrium(torch.zeros(2, 3, dtype=torch.long))
+
+
+def test_deebert_two_stage_losses(seeded):
+    z = torch.randn(4, 6, 3, dtype=torch.float64)
+    y = torch.randint(0, 3, (6,))
+    ce = [nn.functional.cross_entropy(z[i], y).item() for i in range(4)]
+    assert losses.deebert_loss(z, y, 1).item() == pytest.approx(ce[3], rel=1e-12)
+    assert losses.deebert_loss(z, y, 2).item() == pytest.approx(ce[0] + ce[1] + ce[2], rel=1e-12)
+    zr, yr = torch.randn(3, 5, 1, dtype=torch.float64), torch.randn(5, dtype=torch.float64)
+    mse = [((zr[i, :, 0] - yr) ** 2).mean().item() for i in range(3)]
+    assert losses.deebert_loss(zr, yr, 1).item() == pytest.approx(mse[2], rel=1e-12)
+    assert losses.deebert_loss(zr, yr, 2).item() == pytest.approx(mse[0] + mse[1], rel=1e-12)
+    with pytest.raises(ValueError, match=r"stage must be 1 \(backbone\) or 2"):
+        losses.deebert_loss(z, y, 3)
+    with pytest.raises(ValueError, match=r"stage 2 .* L >= 2"):
+        losses.deebert_loss(z[:1], y, 2)
+    with pytest.raises(TypeError, match=r"labels must be integer class indices"):
+        losses.deebert_loss(z, torch.zeros(6), 1)
 
 
 @pytest.mark.parametrize("backend,device", LOSS_BACKENDS)
@@ -157,11 +230,12 @@ class TinyLayer(nn.Module):
         self.lin = nn.Linear(dm, dm)
         self.norm = nn.LayerNorm(dm)
 
-    def forward(self, hidden, key_padding_mask=None):
+    def forward(self, hidden, attention_mask=None):
         return self.norm(hidden + torch.tanh(self.lin(hidden)))
 
 
 def test_gradient_regularization_against_direct_projection(seeded):
+    """RomeBERT's --gp block: one concatenated vector of the selected gradients, one coefficient."""
     torch.manual_seed(0)
     dm, depth = 4, 3
     enc = MultiExitEncoder([TinyLayer(dm) for _ in range(depth)], [ExitHead(dm, 3) for _ in range(depth)]).double()
@@ -181,25 +255,53 @@ def test_gradient_regularization_against_direct_projection(seeded):
     final, other = split_losses()
     gf = torch.autograd.grad(final, params, retain_graph=True, allow_unused=True)
     go = torch.autograd.grad(other, params, allow_unused=True)
-    want = {}
-    n_conflicts = 0
-    for p, a, b in zip(params, gf, go):
-        a = torch.zeros_like(p) if a is None else a
-        b = torch.zeros_like(p) if b is None else b
-        if any(p is q for q in projected) and float((a * b).sum()) < 0:
-            b = b - (a * b).sum() / (a * a).sum() * a
-            n_conflicts += 1
-        want[id(p)] = a + b
-    enc.zero_grad(set_to_none=True)
-    final, other = split_losses()
-    n = losses.gradient_regularized_backward(final, other, params, projected)
-    assert n == n_conflicts
-    for p in params:
-        assert torch.allclose(p.grad, want[id(p)], rtol=1e-12, atol=1e-14), names[id(p)]
-    # where a tensor's gradients conflict the projected one is orthogonal to the final-exit gradient
-    for p, a in zip(params, gf):
-        if any(p is q for q in projected):
-            assert float(((p.grad - a) * a).sum()) >= -1e-12
+    gf = [torch.zeros_like(p) if g is None else g for p, g in zip(params, gf)]
+    go = [torch.zeros_like(p) if g is None else g for p, g in zip(params, go)]
+    sel = [i for i, p in enumerate(params) if any(p is q for q in projected)]
+    for side in ("others", "final"):
+        moved, ref = (go, gf) if side == "others" else (gf, go)
+        vm = torch.cat([moved[i].flatten() for i in sel])
+        vr = torch.cat([ref[i].flatten() for i in sel])
+        coef = min(float(vm @ vr) / float(vr @ vr), 0.0)
+        want = {}
+        for i, p in enumerate(params):
+            m = moved[i] - coef * ref[i] if i in sel else moved[i]
+            want[id(p)] = m + ref[i]
+        enc.zero_grad(set_to_none=True)
+        final, other = split_losses()
+        did = losses.gradient_regularized_backward(final, other, params, projected, project=side)
+        assert isinstance(did, torch.Tensor) and did.dtype == torch.bool and did.dim() == 0
+        assert bool(did) == (coef < 0)
+        for p in params:
+            assert torch.allclose(p.grad, want[id(p)], rtol=1e-12, atol=1e-14), (side, names[id(p)])
+
+
+def test_gradient_regularization_by_hand():
+    """Linear losses, so the gradients are the constants: g_f = (u, v, 2), g_o = (s, t, 3) over tensors (a, b, c),
+    with a and b projected."""
+    a, b, c = nn.Parameter(torch.zeros(2, dtype=torch.float64)), nn.Parameter(torch.zeros(2, dtype=torch.float64)), \
+        nn.Parameter(torch.zeros(1, dtype=torch.float64))
+    u, v = torch.tensor([1.0, 0.0], dtype=torch.float64), torch.tensor([0.0, 1.0], dtype=torch.float64)
+
+    def run(s, t, project="others"):
+        for p in (a, b, c):
+            p.grad = None
+        final = (u * a).sum() + (v * b).sum() + 2 * c.sum()
+        other = (s * a).sum() + (t * b).sum() + 3 * c.sum()
+        did = losses.gradient_regularized_backward(final, other, [a, b, c], [a, b], project=project)
+        return bool(did), a.grad.tolist(), b.grad.tolist(), c.grad.tolist()
+
+    # a's gradients conflict (-1) but b's agree (+3): the concatenation does not conflict, nothing is projected
+    # (projecting tensor by tensor would have changed a's gradient to (1, 0))
+    s, t = torch.tensor([-1.0, 0.0], dtype=torch.float64), torch.tensor([0.0, 3.0], dtype=torch.float64)
+    assert run(s, t) == (False, [0.0, 0.0], [0.0, 4.0], [5.0])
+    # <g_o, g_f> = -2 + 1 = -1, |g_f|^2 = 2: g_o + 0.5 g_f on (a, b); c takes the plain sum
+    s, t = torch.tensor([-2.0, 0.0], dtype=torch.float64), torch.tensor([0.0, 1.0], dtype=torch.float64)
+    did, ga, gb, gc = run(s, t)
+    assert did and ga == pytest.approx([-0.5, 0.0]) and gb == pytest.approx([0.0, 2.5]) and gc == [5.0]
+    # the reverse side (RomeBERT's setting outside MNLI/QQP): |g_o|^2 = 5, g_f + 0.2 g_o
+    did, ga, gb, gc = run(s, t, "final")
+    assert did and ga == pytest.approx([-1.4, 0.0]) and gb == pytest.approx([0.0, 2.2]) and gc == [5.0]
 
 
 def test_gradient_regularization_bad_inputs():
@@ -208,6 +310,8 @@ def test_gradient_regularization_bad_inputs():
         losses.gradient_regularized_backward((p ** 2).sum(), p * 2, [p], [])
     with pytest.raises(ValueError, match=r"projected must be a subset"):
         losses.gradient_regularized_backward((p ** 2).sum(), p.sum(), [p], [nn.Parameter(torch.ones(1))])
+    with pytest.raises(ValueError, match=r"project must be one of \('others', 'final'\)"):
+        losses.gradient_regularized_backward((p ** 2).sum(), p.sum(), [p], [p], project="last")
 
 
 # ---- threshold calibration ----
@@ -268,3 +372,32 @@ def test_calibration_bad_inputs():
         calibration.calibrate_threshold(z, criterion="max_prob", max_accuracy_drop=0.1)
     with pytest.raises(ValueError, match=r"criterion must be one of"):
         calibration.calibrate_threshold(z, y, criterion="margin", target_avg_exit=2)
+
+
+def test_calibration_accepts_the_full_depth_settings(seeded):
+    z, y = held_out(depth=4, batch=20)
+    for criterion, c in (("entropy", 0.0), ("patience", 0)):
+        curve = calibration.speed_accuracy_curve(z, y, criterion=criterion, candidates=[c])
+        assert curve["avg_exit_layer"].tolist() == [4.0] and curve["speedup"].tolist() == [1.0]
+        full = float((z[-1].argmax(-1) == y).double().mean())
+        assert curve["accuracy"].tolist() == [full]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_gradient_regularization_never_synchronises_with_the_host(seeded):
+    """The projection decision stays on the device: no .item(), no host-side branch on a device value."""
+    enc = MultiExitEncoder([TinyLayer(8) for _ in range(3)], [ExitHead(8, 3) for _ in range(3)]).cuda()
+    hidden = torch.randn(5, 4, 8, device="cuda")
+    y = torch.randint(0, 3, (5,), device="cuda")
+    z = enc(hidden)
+    full = losses.multi_exit_distillation_loss(z, y, backend="eager")
+    final = nn.functional.cross_entropy(z[-1], y)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        did = losses.gradient_regularized_backward(final, full - final, list(enc.parameters()),
+                                                   losses.romebert_projected_parameters(enc))
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert did.device.type == "cuda"

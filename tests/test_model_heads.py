@@ -82,7 +82,7 @@ def test_notes_change_only_for_the_batch_rare_words(backend, seeded):
     x = bert.embed(ids, tt)
     seen = torch.where((slots >= 0) & (before_counts[slots.clamp_min(0)] > 0), slots, torch.full_like(slots, -1))
     x = reference.note_mix(x, before_notes.double(), seen, notes.lam)
-    h, _ = bert.encoder(x, pos_bias=bert.position_bias(ids.shape[1]), key_padding_mask=pad)
+    h, _ = bert.encoder(x, pos_bias=bert.position_bias(ids.shape[1]), attention_mask=pad)
     real = mask.bool()
     assert_close(out.last_hidden_state[real], h[real], what="hidden with notes mixed in")
     plain = model(ids, mask)
@@ -212,3 +212,38 @@ def test_multi_exit_arguments_are_checked():
         model(ids, labels=torch.tensor([0, 5]))
     with pytest.raises(TypeError, match="multi_exit must be a bool"):
         tiny_config(multi_exit=1)
+
+
+def test_exit_poolers_start_from_one_pooler_or_share_it(seeded):
+    """DeeBERT/RomeBERT copy the checkpoint pooler into every off-ramp; PABEE shares one (shared_exit_pooler)."""
+    model = TupeBertForSequenceClassification(tiny_config(multi_exit=True, backend="eager"))
+    pooler = torch.nn.Linear(32, 32)
+    model.init_exit_poolers(pooler.state_dict())
+    assert len({id(h.pooler) for h in model.exits}) == 3
+    for h in model.exits:
+        assert torch.equal(h.pooler.weight, pooler.weight) and torch.equal(h.pooler.bias, pooler.bias)
+    shared = TupeBertForSequenceClassification(tiny_config(multi_exit=True, shared_exit_pooler=True,
+                                                           backend="eager"))
+    assert len({id(h.pooler) for h in shared.exits}) == 1
+    # sharing survives a save and a load into a fresh model of the same config
+    again = TupeBertForSequenceClassification(shared.config)
+    again.load_state_dict(shared.state_dict())
+    assert len({id(h.pooler) for h in again.exits}) == 1
+    assert torch.equal(again.exits[0].pooler.weight, shared.exits[2].pooler.weight)
+    with pytest.raises(TypeError, match="shared_exit_pooler must be a bool"):
+        tiny_config(shared_exit_pooler="yes")
+    with pytest.raises(ValueError, match="multi_exit=True"):
+        TupeBertForSequenceClassification(tiny_config(backend="eager")).init_exit_poolers(pooler.state_dict())
+
+
+def test_full_depth_and_float_masks_in_the_model(seeded):
+    model = randomize_(TupeBertForSequenceClassification(tiny_config(multi_exit=True, backend="eager"))).eval()
+    ids, mask = padded_batch(b=4)
+    for kw in (dict(criterion="entropy", threshold=0.0), dict(criterion="patience", patience=0)):
+        logits, layer = model.early_exit(ids, mask, **kw)
+        with torch.no_grad():
+            want = model(ids, mask).exit_logits[-1]
+        assert layer.tolist() == [3] * 4
+        assert_close(logits, want, what="full-depth logits")
+    with pytest.raises(TypeError, match="attention_mask must be bool or 0/1 integers"):
+        model(ids, mask.float())

@@ -504,3 +504,16 @@ def test_a_masked_lm_checkpoint_starts_a_classifier(tmp_path):
     for name, tensor in mlm.bert.state_dict().items():
         assert torch.equal(clf.bert.state_dict()[name], tensor), name
     assert clf.exits[0].classifier.out_features == 5
+
+
+def test_a_shared_exit_pooler_is_saved_once_and_tied_again(tmp_path):
+    from transformers import AutoModelForSequenceClassification
+
+    model = randomize_(TupeBertForSequenceClassification(tiny_config("tupe-r", multi_exit=True,
+                                                                     shared_exit_pooler=True))).eval()
+    assert model.exits[0].pooler is model.exits[-1].pooler
+    model.save_pretrained(tmp_path)
+    loaded = AutoModelForSequenceClassification.from_pretrained(tmp_path).eval()
+    assert loaded.exits[0].pooler is loaded.exits[-1].pooler
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], tensor), name

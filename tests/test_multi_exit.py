@@ -17,11 +17,11 @@ class MixLayer(nn.Module):
         super().__init__()
         self.lin = nn.Linear(2 * dm, dm)
 
-    def forward(self, hidden, key_padding_mask=None):
-        if key_padding_mask is None:
+    def forward(self, hidden, attention_mask=None):
+        if attention_mask is None:
             mean = hidden.mean(1, keepdim=True)
         else:
-            keep = (~key_padding_mask).to(hidden.dtype)[..., None]
+            keep = attention_mask.to(hidden.dtype)[..., None]
             mean = (hidden * keep).sum(1, keepdim=True) / keep.sum(1, keepdim=True).clamp_min(1)
         return hidden + torch.tanh(self.lin(torch.cat([hidden, mean.expand_as(hidden)], -1)))
 
@@ -60,8 +60,8 @@ def test_random_exit_patterns_equal_the_loop(backend, device, criterion, kw, see
     require_backend(backend, device)
     enc = make_encoder().to(device)
     hidden = torch.randn(23, 7, 8, device=device)
-    mask = torch.rand(23, 7, device=device) < 0.3
-    mask[:, 0] = False
+    mask = torch.rand(23, 7, device=device) >= 0.3  # True = real token
+    mask[:, 0] = True
     layers = check_against_loop(enc, hidden, mask, criterion, kw, backend)
     assert layers.min() >= 1 and layers.max() <= enc.depth
 
@@ -95,7 +95,8 @@ def test_nan_samples_never_exit_early(backend, device, criterion, kw, seeded):
 def test_float64_model_on_the_eager_backend(seeded):
     enc = make_encoder(dtype=torch.float64)
     hidden = torch.randn(13, 6, 8, dtype=torch.float64)
-    mask = torch.rand(13, 6) < 0.4
+    mask = torch.rand(13, 6) >= 0.4
+    mask[:, 0] = True
     for criterion, kw in CRITERIA:
         check_against_loop(enc, hidden, mask, criterion, kw, "auto")
 
@@ -111,8 +112,8 @@ def test_regression_head_uses_the_delta_rule(seeded):
 def test_forward_returns_every_exit(seeded):
     enc = make_encoder()
     hidden = torch.randn(4, 5, 8)
-    mask = torch.zeros(4, 5, dtype=torch.bool)
-    mask[1, 3:] = True
+    mask = torch.ones(4, 5, dtype=torch.bool)
+    mask[1, 3:] = False
     out = enc(hidden, mask)
     assert out.shape == (5, 4, 3)
     h = hidden
@@ -141,8 +142,8 @@ def test_torch_encoder_layer_stack(seeded):
               for _ in range(3)]
     enc = MultiExitEncoder(layers, [ExitHead(dm, 2) for _ in range(3)]).eval()
     hidden = torch.randn(6, 5, dm)
-    mask = torch.zeros(6, 5, dtype=torch.bool)
-    mask[2, 3:] = True
+    mask = torch.ones(6, 5, dtype=torch.bool)
+    mask[2, 3:] = False
     check_against_loop(enc, hidden, mask, "entropy", dict(threshold=0.65), "cpu")
 
 
@@ -159,7 +160,7 @@ class FakeBertLayer(nn.Module):
 def test_bert_layer_adapter_masks_padding(seeded):
     adapter = BertLayerAdapter(FakeBertLayer())
     hidden = torch.randn(2, 4, 3)
-    mask = torch.tensor([[False, False, True, True], [False] * 4])
+    mask = torch.tensor([[True, True, False, False], [True] * 4])
     out = adapter(hidden, mask)
     # the padded sample equals the same sample cut to its real tokens
     assert torch.allclose(out[0, :2], FakeBertLayer()(hidden[:1, :2])[0][0], atol=1e-6)
@@ -181,9 +182,9 @@ def test_bad_construction():
 @pytest.mark.parametrize(
     "kw,exc,pattern",
     [
-        (dict(criterion="entropy", threshold=-1.0), ValueError, r"threshold must be > 0"),
+        (dict(criterion="entropy", threshold=-1.0), ValueError, r"threshold must be >= 0"),
         (dict(criterion="max_prob", threshold=2.0), ValueError, r"threshold must be in \(0, 1\]"),
-        (dict(criterion="patience", patience=0), ValueError, r"patience must be >= 1"),
+        (dict(criterion="patience", patience=-1), ValueError, r"patience must be >= 0"),
         (dict(criterion="softmax", threshold=0.5), ValueError, r"criterion must be one of"),
     ],
 )
@@ -197,11 +198,11 @@ def test_bad_shapes():
     enc = make_encoder(depth=2)
     with pytest.raises(ValueError, match=r"hidden must have 3 dimensions \[B, N, Dm\]"):
         enc.early_exit(torch.randn(3, 8), criterion="entropy", threshold=0.5)
-    with pytest.raises(ValueError, match=r"key_padding_mask must be \[B, N\]"):
-        enc.early_exit(torch.randn(3, 4, 8), torch.zeros(3, 5, dtype=torch.bool), criterion="entropy",
+    with pytest.raises(ValueError, match=r"attention_mask must be \[B, N\]"):
+        enc.early_exit(torch.randn(3, 4, 8), torch.ones(3, 5, dtype=torch.bool), criterion="entropy",
                        threshold=0.5)
-    with pytest.raises(TypeError, match=r"key_padding_mask must have dtype in \(bool\)"):
-        enc(torch.randn(3, 4, 8), torch.zeros(3, 4))
+    with pytest.raises(TypeError, match=r"attention_mask must be bool or 0/1 integers"):
+        enc(torch.randn(3, 4, 8), torch.ones(3, 4))
     bad = MultiExitEncoder([MixLayer(8)], [nn.Linear(8, 2)])  # forgets to pool: [B, N, C] logits
     with pytest.raises(ValueError, match=r"heads\[0\] must return logits \[B, C\]"):
         bad.early_exit(torch.randn(3, 4, 8), criterion="entropy", threshold=0.5)
@@ -241,3 +242,56 @@ def test_head_changing_width_midway_is_an_error():
     enc = MultiExitEncoder([MixLayer(8) for _ in range(3)], [ExitHead(8, 3), ExitHead(8, 4), ExitHead(8, 3)])
     with pytest.raises(ValueError, match=r"logits must be \[\d+, 3\]"):
         enc.early_exit(torch.randn(5, 4, 8), criterion="entropy", threshold=1e-9, backend="cpu")
+
+
+# ---- full depth (threshold 0 / patience 0) and the mask convention ----
+
+@pytest.mark.parametrize("backend,device", [c for c in backend_cases() if "cuda" not in c.id] +
+                         [c for c in backend_cases() if "cuda" in c.id])
+@pytest.mark.parametrize("criterion,kw", [("entropy", dict(threshold=0.0)), ("entropy", dict(threshold=0)),
+                                          ("patience", dict(patience=0))],
+                         ids=["entropy-0.0", "entropy-0", "patience-0"])
+def test_zero_threshold_and_zero_patience_mean_full_depth(backend, device, criterion, kw, seeded):
+    """DeeBERT's and PABEE's scripts start their sweeps at threshold 0 / patience 0: the full-depth row."""
+    require_backend(backend, device)
+    enc = make_encoder(depth=4).to(device)
+    hidden = torch.randn(9, 5, 8, device=device)
+    with torch.no_grad():  # the first off-ramp is certain: entropy 0.0 exactly (exp underflows), equal argmaxes
+        enc.heads[0].classifier.bias.copy_(torch.tensor([1e4, 0.0, 0.0]))
+        enc.heads[0].classifier.weight.zero_()
+    layers = check_against_loop(enc, hidden, None, criterion, kw, backend)
+    assert layers.tolist() == [4] * 9
+    from effbert import calibration
+
+    z = enc(hidden).detach()
+    assert calibration.exit_layers(z, criterion, **kw).tolist() == [4] * 9
+
+
+def test_attention_mask_is_true_at_real_tokens(seeded):
+    enc = make_encoder(depth=3)
+    hidden = torch.randn(2, 5, 8)
+    real = torch.tensor([[True, True, True, False, False], [True] * 5])
+    out = enc(hidden, real)
+    # sample 0 equals itself cut to its three real tokens; 0/1 integers mean the same
+    alone = enc(hidden[:1, :3])
+    assert torch.allclose(out[:, 0], alone[:, 0], atol=1e-6)
+    assert torch.equal(enc(hidden, real.long()), out)
+    with pytest.raises(TypeError, match=r"attention_mask must be bool or 0/1 integers"):
+        enc(hidden, real.float())
+    with pytest.raises(ValueError, match=r"attention_mask must hold 0/1 values"):
+        enc(hidden, real.long() * 2)
+    # a padding mask (True = padding) passed by mistake: its first token reads as padding
+    with pytest.raises(ValueError, match=r"attention_mask\[1, 0\] is False: True/1 marks real tokens"):
+        enc.early_exit(hidden, torch.tensor([[True] * 5, [False, False, True, True, True]]), criterion="entropy",
+                       threshold=0.5)
+    with pytest.raises(ValueError, match=r"attention_mask\[0, 0\] is False"):
+        enc(hidden, ~real)
+
+
+def test_torch_layer_adapter_takes_attention_mask(seeded):
+    layer = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True).eval()
+    adapter = TorchLayerAdapter(layer)
+    hidden = torch.randn(2, 4, 8)
+    real = torch.tensor([[True, True, False, False], [True] * 4])
+    out = adapter(hidden, real)
+    assert torch.allclose(out[0, :2], layer(hidden[:1, :2])[0], atol=1e-5)

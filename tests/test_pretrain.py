@@ -18,7 +18,8 @@ from effbert.text import WordPieceTokenizer
 from helpers import rel_error
 
 COMMON = ["--vocab-size", "120", "--layers", "2", "--hidden", "32", "--heads", "2", "--max-len", "24",
-          "--batch-size", "8", "--lr", "2e-3", "--backend", "eager", "--tnf-min-count", "3", "--quiet"]
+          "--batch-size", "8", "--lr", "2e-3", "--backend", "eager", "--tnf-min-count", "3", "--tnf-max-count",
+          "100", "--quiet"]
 RARE = ["zebra", "walrus", "aardvark", "platypus", "axolotl", "narwhal"]
 
 
@@ -47,6 +48,24 @@ def _same(a, b):
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
     return _corpus(tmp_path_factory.mktemp("data") / "corpus.txt")
+
+
+def test_the_rare_word_band_defaults_to_the_papers_100_to_500(tmp_path, corpus, capsys):
+    """TNF (Wu et al., ICLR 2021) takes notes for words seen 100 to 500 times; the command says how many fell in."""
+    import collections
+
+    assert pretrain.MODEL_DEFAULTS["tnf_min_count"] == 100 and pretrain.MODEL_DEFAULTS["tnf_max_count"] == 500
+    out = tmp_path / "run"
+    base = [x for x in COMMON if x not in ("--tnf-min-count", "3", "--tnf-max-count", "100")]
+    assert cli.main(["pretrain", "--data", corpus, "--out", str(out), *base, "--steps", "1"]) == 0
+    tok = WordPieceTokenizer.from_file(str(out / "vocab.txt"))
+    counts = collections.Counter(w for line in open(corpus, encoding="utf-8") for w in tok.words(line))
+    want = {w for w, c in counts.items() if 100 <= c <= 500 and any(ch.isalnum() for ch in w)}
+    assert want and not want & set(RARE)  # the corpus's six rarest words occur ~30 times: outside the band
+    got = (out / "rare_words.txt").read_text().split()
+    assert set(got) == want
+    assert f"TNF notes for {len(want)} rare words (the words seen 100 to 500 times in the corpus)" in \
+        capsys.readouterr().out
 
 
 def test_trains_and_writes_the_run(tmp_path, corpus, capsys):

@@ -537,7 +537,7 @@ def test_modules_fused_equal_eager_and_the_cache_follows_the_parameters(seeded):
     mask = padding_mask(b, n)
     outs = []
     for pos_mod, attn_mod in ((pos_fused, attn_fused), (pos_eager, attn_eager)):
-        y = attn_mod(x, pos_mod(n), key_padding_mask=mask)
+        y = attn_mod(x, pos_mod(n), attention_mask=mask)
         y.square().sum().backward()
         named = list(pos_mod.named_parameters()) + list(attn_mod.named_parameters())
         outs.append((y, {name: p.grad for name, p in named}))

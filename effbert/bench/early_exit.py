@@ -183,8 +183,8 @@ class _PlanKeepingLayer(torch.nn.Module):
         super().__init__()
         self.layer = layer
 
-    def forward(self, hidden, key_padding_mask=None):
-        out = self.layer(hidden, src_key_padding_mask=key_padding_mask)
+    def forward(self, hidden, attention_mask=None):
+        out = self.layer(hidden, src_key_padding_mask=None if attention_mask is None else ~attention_mask)
         out[:, 0, -1] = hidden[:, 0, -1]
         return out
 

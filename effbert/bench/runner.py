@@ -18,7 +18,7 @@ import torch
 
 from . import timing
 
-FAMILIES = ("early_exit", "train_step", "tupe_attention", "notes")  # modules of effbert.bench that contribute cases
+FAMILIES = ("early_exit", "train_step", "tupe_attention", "notes", "mc_bert")  # modules of effbert.bench that contribute cases
 
 
 def environment(device):

@@ -5,7 +5,10 @@ Providers at the same size, side by side:
   backends (``backend="auto"``);
 - ``effbert-absolute``: the same model with plain BERT positions and no notes (what TUPE and TNF cost);
 - ``effbert-eager``: TUPE-R + TNF on the eager backend (the same model written in plain PyTorch);
-- ``hf-sdpa``: transformers' ``BertForMaskedLM`` with its SDPA attention: the baseline.
+- ``hf-sdpa``: transformers' ``BertForMaskedLM`` with its SDPA attention: the baseline;
+- ``effbert-mcbert``: the same TUPE-R + TNF model trained with the MC-BERT objective instead
+  (``TupeBertForMultiChoicePretraining``: the 1/3-width controller's masked-LM, its K = 10 draws at every position,
+  the main model's multi-choice head), so the two objectives compare at one model size.
 
 On a GPU: BERT-base (12 layers, 768 wide, vocabulary 30522) under bf16 autocast with fp32 master weights and fused
 AdamW, at ``B=32, N=512`` and ``B=128, N=128``. On the CPU: a tiny model in fp32, so the suite runs anywhere. The
@@ -45,6 +48,26 @@ def step_flops(model, batch, seq, head_rows=None):
     per_layer = 2 * tokens * (4 * dm * dm + 2 * dm * dff) + 2 * 2 * batch * seq * seq * dm
     head = 2 * (tokens if head_rows is None else head_rows) * (dm * dm + dm * vocab)  # transform, tied decoder
     return 3.0 * (layers * per_layer + head)
+
+
+def mc_step_flops(model, batch, seq, masked_rows, num_candidates=10, divider=3):
+    """Matrix FLOPs of one MC-BERT step (``TupeBertForMultiChoicePretraining``, every position real).
+
+    Main model: the encoder and the candidate head's transform (3x forward), the K candidate scores (3x) and, for
+    the accuracy, once more without gradient. Controller (1/``divider`` of the width and FFN, same depth): the
+    encoder, the projection of the shared embeddings at the input and of the whole matrix for the output, the
+    transform at every position (3x each), the masked-LM logits at the ``masked_rows`` (3x) and, forward only, the
+    full-vocabulary logits at every position that the draws take (the fused sampler computes them in registers)."""
+    dm, vocab, k = model["hidden_size"], model["vocab_size"], num_candidates
+    heads = max(1, model["num_attention_heads"] // divider)
+    dc = max(heads, (dm // divider) // heads * heads)
+    small = dict(model, hidden_size=dc, intermediate_size=max(1, model["intermediate_size"] // divider))
+    tokens = batch * seq
+    main = step_flops(model, batch, seq, 0) + 3.0 * 2 * tokens * dm * dm + 3.0 * 2 * tokens * k * dm \
+        + 2.0 * tokens * k * dm
+    controller = (step_flops(small, batch, seq, 0) + 3.0 * 2 * (tokens + vocab) * dm * dc
+                  + 3.0 * 2 * tokens * dc * dc + 3.0 * 2 * masked_rows * dc * vocab + 2.0 * tokens * dc * vocab)
+    return main + controller
 
 
 def _tnf_batch(batch, seq, num_slots, seed):
@@ -91,7 +114,7 @@ class _Trainer:
             cfg._attn_implementation = "sdpa"
             self.model = BertForMaskedLM(cfg)
         else:
-            from ..models import TupeBertConfig, TupeBertForMaskedLM
+            from ..models import TupeBertConfig, TupeBertForMaskedLM, TupeBertForMultiChoicePretraining
             from ..nn import NoteDictionary
 
             absolute = self.provider == "effbert-absolute"
@@ -99,7 +122,10 @@ class _Trainer:
                                  hidden_dropout_prob=self.dropout, attention_probs_dropout_prob=self.dropout,
                                  backend="eager" if self.provider == "effbert-eager" else "auto")
             notes = None if absolute else NoteDictionary(self.NUM_SLOTS, cfg.hidden_size, window=16)
-            self.model = TupeBertForMaskedLM(cfg, note_dictionary=notes)
+            if self.provider == "effbert-mcbert":
+                self.model = TupeBertForMultiChoicePretraining(cfg, note_dictionary=notes, mask_token_id=4)
+            else:
+                self.model = TupeBertForMaskedLM(cfg, note_dictionary=notes)
         self.model = self.model.to(self.device).train()
         fused = {"fused": True} if self.device.type == "cuda" else {}
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=1e-4, weight_decay=0.01, **fused)
@@ -112,13 +138,15 @@ class _Trainer:
         with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
             if self.provider == "hf-sdpa":
                 out = model(input_ids=ids, attention_mask=mask, labels=labels)
+            elif self.provider == "effbert-mcbert":
+                out = model(ids, mask, labels=labels, note_slots=slots)
             elif self.provider == "effbert-absolute":
                 out = model(ids, mask, labels=labels, return_logits=False)
             else:
                 out = model(ids, mask, labels=labels, note_slots=slots, return_logits=False)
         out.loss.backward()
         self.opt.step()
-        if self.provider in ("effbert", "effbert-eager"):
+        if self.provider in ("effbert", "effbert-eager", "effbert-mcbert"):
             model.update_notes(out.last_hidden_state, spans, lengths)
         return out.loss.detach()
 
@@ -139,13 +167,15 @@ def cases(device, quick):
         def make_inputs(batch=batch, seq=seq):
             return tuple(t.to(device) for t in _mlm_batch(model_sizes["vocab_size"], batch, seq))
 
-        labelled = int((_mlm_batch(model_sizes["vocab_size"], batch, seq)[2] != -100).sum())
+        b_ids, _, b_labels, _, _, _ = _mlm_batch(model_sizes["vocab_size"], batch, seq)
+        labelled = int((b_labels != -100).sum())
+        masked_rows = int((b_ids == 4).sum())
 
         if params is None:  # BERT's parameter count without building one: embeddings, layers, MLM head
             dm, dff, v = model_sizes["hidden_size"], model_sizes["intermediate_size"], model_sizes["vocab_size"]
             params = (v + model_sizes["max_position_embeddings"] + 2) * dm + model_sizes["num_hidden_layers"] * (
                 4 * dm * dm + 2 * dm * dff + 9 * dm + dff) + dm * dm + 4 * dm + v
-        for provider in ("effbert", "effbert-absolute", "effbert-eager", "hf-sdpa"):
+        for provider in ("effbert", "effbert-absolute", "effbert-eager", "hf-sdpa", "effbert-mcbert"):
             trainer = _Trainer(provider, model_sizes, device, dtype)
             out.append(Case(
                 op=OP, shape=f"B={batch},N={seq},L={model_sizes['num_hidden_layers']},Dm={model_sizes['hidden_size']}",
@@ -154,7 +184,8 @@ def cases(device, quick):
                 # AdamW reads weight, gradient and both moments and writes three of them back: 28 bytes per
                 # fp32 parameter is the least a step moves; the matrix products bound it long before that
                 bytes=28 * params, tokens=batch * seq,
-                flops=step_flops(model_sizes, batch, seq, None if provider == "hf-sdpa" else labelled),
+                flops=(mc_step_flops(model_sizes, batch, seq, masked_rows) if provider == "effbert-mcbert" else
+                       step_flops(model_sizes, batch, seq, None if provider == "hf-sdpa" else labelled)),
                 skip_reasons=_transformers_reason() if provider == "hf-sdpa" else [], baseline="hf-sdpa",
                 check=False,
             ))

@@ -6,7 +6,8 @@
   module running ``effbert.tupe_attention`` on the same ``query``/``key``/``value`` weights (the state dict, and so
   ``save_pretrained``, is unchanged).
 - ``multi_exit_bert(hf_model, num_labels)``: an HF BERT's embeddings and layers (shared, not copied) with an
-  off-ramp after every layer, for early-exit fine-tuning (RomeBERT / PABEE losses) and batched early exit.
+  off-ramp after every layer, for early-exit fine-tuning (RomeBERT / PABEE / DeeBERT losses) and batched
+  early exit.
 """
 
 import os
@@ -16,7 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..losses import multi_exit_distillation_loss, pabee_loss
+from ..losses import deebert_loss, multi_exit_distillation_loss, pabee_loss
 from ..models import TupeBertConfig, TupeBertForMaskedLM, TupeBertForSequenceClassification, TupeBertModel
 from ..models.tupe_bert import MultiExitSequenceClassifierOutput, _check_ids, _values_in_range, check_bert_inputs
 from ..nn import BertLayerAdapter, ExitHead, MultiExitEncoder
@@ -366,7 +367,8 @@ def patch_bert_attention(hf_model, *, backend="auto"):
 
 # ---- multi-exit fine-tuning of an HF BERT ----
 
-MULTI_EXIT_LOSSES = ("romebert", "pabee")
+MULTI_EXIT_LOSSES = ("romebert", "pabee", "deebert")
+EXIT_POOLERS = ("copy", "shared")
 
 
 class MultiExitBert(nn.Module):
@@ -377,23 +379,29 @@ class MultiExitBert(nn.Module):
     ``encoder.heads[i]`` is an ``ExitHead``. Inputs follow HF's conventions (``attention_mask`` 1 = real token).
 
     - ``forward(input_ids, attention_mask=None, token_type_ids=None, labels=None)`` ->
-      ``MultiExitSequenceClassifierOutput(loss, logits [B, C] (the last exit's), exit_logits [L, B, C])``; with ``labels [B]`` the loss is RomeBERT's
-      self-distillation loss (``loss="romebert"``, ``gamma``, ``temperature``) or PABEE's layer-weighted
-      cross-entropy (``loss="pabee"``).
+      ``MultiExitSequenceClassifierOutput(loss, logits [B, C] (the last exit's), exit_logits
+      [L, B, C])``. With integer ``labels [B]`` the loss is RomeBERT's
+      self-distillation loss (``loss="romebert"``, ``gamma``, ``temperature``), PABEE's layer-weighted
+      cross-entropy (``loss="pabee"``) or DeeBERT's loss of the current ``stage`` (``loss="deebert"``, see
+      ``set_stage``). A one-output head (``num_labels=1``) is a regression head: float ``labels``, mean squared
+      error as HF does for ``num_labels == 1`` (PABEE's layer-weighted MSE for "romebert" and "pabee", DeeBERT's
+      per-stage MSE for "deebert"). ``gradient_equilibrium=True``: RomeBERT's ``--ge`` on the exits' logits.
     - ``early_exit(input_ids, attention_mask=None, token_type_ids=None, *, criterion, threshold=None,
       patience=None)`` -> ``(logits [B, C], exit_layer [B] int64, 1-based)``: batched early exit, each sample
-      exactly what it gets alone.
+      exactly what it gets alone. ``threshold=0`` (entropy) / ``patience=0``: full depth.
     """
 
     def __init__(self, embeddings, layers, heads, *, hf_config, backend="auto", loss="romebert", gamma=0.9,
-                 temperature=3.0):
+                 temperature=3.0, gradient_equilibrium=False):
         super().__init__()
         self.embeddings = embeddings
         self.encoder = MultiExitEncoder([BertLayerAdapter(layer) for layer in layers], heads)
         self.hf_config = hf_config
         self.backend = backend
-        self.loss_type, self.gamma, self.temperature = loss, gamma, temperature
         _check_loss_args(loss, gamma, temperature)
+        self.loss_type, self.gamma, self.temperature = loss, gamma, temperature
+        self.gradient_equilibrium = bool(gradient_equilibrium)
+        self.stage = 1
 
     @property
     def depth(self):
@@ -403,13 +411,29 @@ class MultiExitBert(nn.Module):
     def num_labels(self):
         return self.encoder.heads[-1].classifier.out_features
 
+    def set_stage(self, stage):
+        """DeeBERT's training stage: 1 trains everything on the last exit's loss; 2 freezes the embeddings, the
+        layers and the last off-ramp (``requires_grad_(False)``) and trains the other off-ramps on the sum of their
+        losses. Returns ``self``. Raises ``ValueError`` for a stage other than 1 or 2."""
+        if isinstance(stage, bool) or stage not in (1, 2):
+            raise ValueError(f"stage must be 1 or 2, got {stage!r}")
+        frozen = stage == 2
+        last = self.encoder.heads[-1]
+        for mod in (self.embeddings, self.encoder.layers, last):
+            mod.requires_grad_(not frozen)
+        for head in list(self.encoder.heads)[:-1]:
+            for name, p in head.named_parameters():
+                shared = any(p is q for q in last.parameters())  # a pooler shared with the last exit stays frozen
+                p.requires_grad_(not (frozen and shared))
+        self.stage = stage
+        return self
+
     def _inputs(self, input_ids, attention_mask, token_type_ids):
-        """Checks HF-style inputs; returns ``(hidden [B, N, Dm], key padding mask [B, N] True = padding, or
+        """Checks HF-style inputs; returns ``(hidden [B, N, Dm], attention mask [B, N] bool, True = real token, or
         None)``."""
         token_type_ids, real = check_bert_inputs(self.hf_config, input_ids, attention_mask, token_type_ids)
         hidden = self.embeddings(input_ids=input_ids, token_type_ids=token_type_ids)
-        # HF marks real tokens; MultiExitEncoder and its layer adapters mark padding
-        return hidden, (None if real is None else ~real)
+        return hidden, real
 
     def _check_labels(self, labels, batch, device):
         if not isinstance(labels, torch.Tensor):
@@ -418,22 +442,31 @@ class MultiExitBert(nn.Module):
             raise ValueError(f"labels must be [B] = [{batch}], got {list(labels.shape)}")
         if labels.device != device:
             raise ValueError(f"labels must be on {device}, got {labels.device}")
+        if self.num_labels == 1:
+            if not labels.is_floating_point():
+                raise TypeError(f"labels must be float targets for a one-output (regression) head, got "
+                                f"{str(labels.dtype).replace('torch.', '')}")
+            return
         _check_ids("labels", labels, None)
         _values_in_range("labels", labels, 0, self.num_labels)
 
     def compute_loss(self, exit_logits, labels):
         """The training loss over every exit's logits ``[L, B, C]`` (float32 or wider)."""
         x = exit_logits if exit_logits.dtype == torch.float64 else exit_logits.float()
-        if self.loss_type == "pabee":
-            return pabee_loss(x, labels.long())
-        return multi_exit_distillation_loss(x, labels.long(), gamma=self.gamma, temperature=self.temperature,
-                                            backend=self.backend)
+        ge = self.gradient_equilibrium
+        y = labels.to(x.dtype) if self.num_labels == 1 else labels.long()
+        if self.loss_type == "deebert":
+            return deebert_loss(x, y, self.stage, gradient_equilibrium=ge)
+        if self.loss_type == "pabee" or self.num_labels == 1:
+            return pabee_loss(x, y, gradient_equilibrium=ge)
+        return multi_exit_distillation_loss(x, y, gamma=self.gamma, temperature=self.temperature,
+                                            gradient_equilibrium=ge, backend=self.backend)
 
     def forward(self, input_ids, attention_mask=None, token_type_ids=None, labels=None):
-        hidden, padding = self._inputs(input_ids, attention_mask, token_type_ids)
+        hidden, real = self._inputs(input_ids, attention_mask, token_type_ids)
         if labels is not None:
             self._check_labels(labels, input_ids.shape[0], input_ids.device)
-        exit_logits = self.encoder(hidden, padding)
+        exit_logits = self.encoder(hidden, real)
         loss = self.compute_loss(exit_logits, labels) if labels is not None else None
         return MultiExitSequenceClassifierOutput(loss=loss, logits=exit_logits[-1], exit_logits=exit_logits)
 
@@ -442,8 +475,8 @@ class MultiExitBert(nn.Module):
                    patience=None):
         """Batched early-exit inference (``MultiExitEncoder.early_exit``): ``(logits [B, C], exit_layer [B])``.
         Call in eval mode."""
-        hidden, padding = self._inputs(input_ids, attention_mask, token_type_ids)
-        return self.encoder.early_exit(hidden, padding, criterion=criterion, threshold=threshold,
+        hidden, real = self._inputs(input_ids, attention_mask, token_type_ids)
+        return self.encoder.early_exit(hidden, real, criterion=criterion, threshold=threshold,
                                        patience=patience, backend=self.backend)
 
 
@@ -458,18 +491,23 @@ def _check_loss_args(loss, gamma, temperature):
 
 
 def multi_exit_bert(hf_model, num_labels=None, *, dropout=None, backend="auto", loss="romebert", gamma=0.9,
-                    temperature=3.0):
+                    temperature=3.0, gradient_equilibrium=False, exit_pooler="copy"):
     """Wrap an HF ``BertModel`` or ``BertForSequenceClassification`` for early-exit fine-tuning and inference.
 
     Returns a ``MultiExitBert`` holding the model's embeddings and layers (shared, not copied; works whether or not
     ``patch_bert_attention`` was applied) and an ``ExitHead`` (pooler, dropout, classifier) after every layer. The
     last off-ramp *is* the model's pooler and classifier when it has them (so the full-depth exit starts as the
-    HF model's prediction); the others, and any missing part, get BERT's initialisation.
+    HF model's prediction); the other classifiers, and any missing part, get BERT's initialisation.
 
-    ``num_labels``: classes per exit (default: the classifier's outputs, else ``config.num_labels``); it must
-    match a classifier the model already has. ``dropout``: the off-ramps' dropout (default HF's
-    ``classifier_dropout``, else ``hidden_dropout_prob``). ``backend``: for the exit decisions and the loss.
-    The result is in the model's train/eval mode, device and dtype.
+    ``exit_pooler``: ``"copy"`` (default) starts every off-ramp's pooler as a copy of the checkpoint's pooler, as
+    DeeBERT and RomeBERT do (``init_highway_pooler``); ``"shared"`` makes every off-ramp use the one pooler, as
+    PABEE does (``self.pooler`` before every layer's classifier). ``num_labels``: classes per exit (default: the
+    classifier's outputs, else ``config.num_labels``); it must match a classifier the model already has; 1 is a
+    regression head (float labels, MSE). ``dropout``: the off-ramps' dropout (default HF's ``classifier_dropout``,
+    else ``hidden_dropout_prob``). ``loss``: ``"romebert"`` (gamma 0.9, temperature 3.0: RomeBERT's published
+    values), ``"pabee"`` or ``"deebert"`` (two stages, ``MultiExitBert.set_stage``). ``gradient_equilibrium``:
+    RomeBERT's ``--ge``. ``backend``: for the exit decisions and the loss. The result is in the model's train/eval
+    mode, device and dtype. Errors name the argument (``ValueError``/``TypeError``).
     """
     _transformers()
     from transformers.models.bert.modeling_bert import BertForSequenceClassification, BertModel
@@ -498,6 +536,8 @@ def multi_exit_bert(hf_model, num_labels=None, *, dropout=None, backend="auto", 
         raise ValueError(f"dropout must be a float in [0, 1), got {dropout!r}")
     if backend not in ("auto",) + BACKENDS:
         raise ValueError(f"backend must be one of {('auto',) + BACKENDS}, got {backend!r}")
+    if exit_pooler not in EXIT_POOLERS:
+        raise ValueError(f"exit_pooler must be one of {EXIT_POOLERS}, got {exit_pooler!r}")
     _check_loss_args(loss, gamma, temperature)
     layers = list(bert.encoder.layer)
     ref = next(bert.parameters())
@@ -510,10 +550,15 @@ def multi_exit_bert(hf_model, num_labels=None, *, dropout=None, backend="auto", 
             nn.init.zeros_(lin.bias)
         heads.append(head.to(device=ref.device, dtype=ref.dtype))
     pooler = getattr(bert, "pooler", None)
-    if pooler is not None:
-        heads[-1].pooler = pooler.dense  # the same Linear: tanh(dense(h[:, 0])) is HF's pooler
+    pooler = pooler.dense if pooler is not None else heads[-1].pooler
+    for head in heads:
+        if exit_pooler == "shared" or head is heads[-1]:
+            head.pooler = pooler  # the same Linear: tanh(dense(h[:, 0])) is HF's pooler
+        else:
+            with torch.no_grad():
+                head.pooler.load_state_dict(pooler.state_dict())
     if classifier is not None:
         heads[-1].classifier = classifier
     model = MultiExitBert(bert.embeddings, layers, heads, hf_config=cfg, backend=backend, loss=loss, gamma=gamma,
-                          temperature=temperature)
+                          temperature=temperature, gradient_equilibrium=gradient_equilibrium)
     return model.train(hf_model.training)

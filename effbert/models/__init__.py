@@ -1,7 +1,8 @@
-"""The reference model family: a post-LN BERT encoder on effbert's TUPE ops, with MLM and classification heads, as
-``transformers`` models (model type ``"tupe-bert"``)."""
+"""The reference model family: a post-LN BERT encoder on effbert's TUPE ops, with MLM, MC-BERT and classification
+heads, as ``transformers`` models (model type ``"tupe-bert"``)."""
 
 from .config import POSITION_MODES, TupeBertConfig
+from .mc_bert import MultiChoicePretrainingOutput, TupeBertForMultiChoicePretraining, controller_config
 from .tupe_bert import (
     BaseModelOutputWithPooling,
     MaskedLMOutput,
@@ -14,14 +15,15 @@ from .tupe_bert import (
 )
 
 __all__ = ["POSITION_MODES", "TupeBertConfig", "TupeBertPreTrainedModel", "TupeBertModel", "TupeBertForMaskedLM",
-           "TupeBertForSequenceClassification", "BaseModelOutputWithPooling", "MaskedLMOutput",
-           "SequenceClassifierOutput", "MultiExitSequenceClassifierOutput", "register_auto_classes"]
+           "TupeBertForSequenceClassification", "TupeBertForMultiChoicePretraining", "MultiChoicePretrainingOutput",
+           "controller_config", "BaseModelOutputWithPooling", "MaskedLMOutput", "SequenceClassifierOutput",
+           "MultiExitSequenceClassifierOutput", "register_auto_classes"]
 
 
 def register_auto_classes():
     """Registers ``TupeBertConfig`` and the models with transformers' ``Auto*`` classes (idempotent; ``import
     effbert`` calls it)."""
-    from transformers import (AutoConfig, AutoModel, AutoModelForMaskedLM, AutoModelForSequenceClassification)
+    from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM, AutoModelForSequenceClassification
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
     if TupeBertConfig.model_type in CONFIG_MAPPING:

@@ -7,6 +7,12 @@ computed once per forward pass by ``effbert.nn.TupePositionBias``, to every laye
 The pieces a later wrapper needs are separate methods of ``TupeBertModel`` (``embed``, ``position_bias``,
 ``padding_mask``, and the layers in ``encoder.layers``), so an encoder that stops early or mixes notes into the
 embeddings can drive the same modules without copying them.
+
+The models are ``transformers`` ``PreTrainedModel``s (model type ``"tupe-bert"``, registered with the ``Auto*``
+classes by ``import effbert``): ``save_pretrained`` / ``from_pretrained`` through safetensors, transformers' output
+classes, gradient checkpointing per layer. TUPE (Ke, He, Liu, ICLR 2021; code: guolinke/TUPE) initialises its
+relative table like every embedding, normal(0, 0.02); official TUPE checkpoints load through
+``effbert.integrations.tupe_fairseq``.
 """
 
 from dataclasses import dataclass
@@ -126,8 +132,8 @@ class TupeBertLayer(nn.Module):
         self.output_dropout = nn.Dropout(config.hidden_dropout_prob)
         self.output_norm = nn.LayerNorm(h, eps=config.layer_norm_eps)
 
-    def forward(self, hidden, pos_bias=None, key_padding_mask=None):
-        attn = self.attention(hidden, pos_bias=pos_bias, key_padding_mask=key_padding_mask)
+    def forward(self, hidden, pos_bias=None, attention_mask=None):
+        attn = self.attention(hidden, pos_bias=pos_bias, attention_mask=attention_mask)
         hidden = self.attention_norm(hidden + self.attention_dropout(attn))
         ffn = self.output(self.act(self.intermediate(hidden)))
         return self.output_norm(hidden + self.output_dropout(ffn))
@@ -139,16 +145,16 @@ class TupeBertEncoder(nn.Module):
         self.layers = nn.ModuleList(TupeBertLayer(config) for _ in range(config.num_hidden_layers))
         self.gradient_checkpointing = False  # set by PreTrainedModel.gradient_checkpointing_enable()
 
-    def run_layer(self, layer, hidden, pos_bias=None, key_padding_mask=None):
+    def run_layer(self, layer, hidden, pos_bias=None, attention_mask=None):
         """One layer, recomputed in the backward pass when gradient checkpointing is on (training only)."""
         if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-            return self._gradient_checkpointing_func(layer.__call__, hidden, pos_bias, key_padding_mask)
-        return layer(hidden, pos_bias=pos_bias, key_padding_mask=key_padding_mask)
+            return self._gradient_checkpointing_func(layer.__call__, hidden, pos_bias, attention_mask)
+        return layer(hidden, pos_bias=pos_bias, attention_mask=attention_mask)
 
-    def forward(self, hidden, pos_bias=None, key_padding_mask=None, output_hidden_states=False):
+    def forward(self, hidden, pos_bias=None, attention_mask=None, output_hidden_states=False):
         states = [hidden] if output_hidden_states else None
         for layer in self.layers:
-            hidden = self.run_layer(layer, hidden, pos_bias, key_padding_mask)
+            hidden = self.run_layer(layer, hidden, pos_bias, attention_mask)
             if states is not None:
                 states.append(hidden)
         return hidden, (tuple(states) if states is not None else None)
@@ -246,7 +252,8 @@ class TupeBertModel(TupeBertPreTrainedModel):
 
     @staticmethod
     def padding_mask(attention_mask, shape, device):
-        """``attention_mask`` (bool or 0/1 numbers, ``[B, N]``) as the bool key padding mask of the fused ops."""
+        """``attention_mask`` (bool or 0/1 integers, ``[B, N]``, True/1 = real token) as a bool tensor; a float mask
+        is refused (``TypeError``)."""
         if attention_mask is None:
             return None
         if not isinstance(attention_mask, torch.Tensor):
@@ -257,8 +264,12 @@ class TupeBertModel(TupeBertPreTrainedModel):
             raise ValueError(f"attention_mask must be on {device}, got {attention_mask.device}")
         if attention_mask.dtype == torch.bool:
             return attention_mask
-        if attention_mask.is_complex():
-            raise TypeError(f"attention_mask must be bool or real numbers, got {attention_mask.dtype}")
+        if attention_mask.is_complex() or attention_mask.is_floating_point():
+            # a float mask may be an additive bias (0 / -inf) as well as 1/0 weights: refused, never guessed at
+            raise TypeError(f"attention_mask must be bool or 0/1 integers (1 = real token), got {attention_mask.dtype}")
+        if not torch.compiler.is_compiling() and attention_mask.numel() and \
+                not bool(((attention_mask == 0) | (attention_mask == 1)).all()):
+            raise ValueError("attention_mask must hold 0/1 values (1 = real token)")
         return attention_mask != 0
 
     def embed(self, input_ids, token_type_ids):
@@ -273,7 +284,7 @@ class TupeBertModel(TupeBertPreTrainedModel):
         token_type_ids, mask = self.check_inputs(input_ids, attention_mask, token_type_ids)
         hidden = self.embed(input_ids, token_type_ids)
         pos_bias = self.position_bias(input_ids.shape[1])  # once per forward, shared by every layer
-        hidden, states = self.encoder(hidden, pos_bias=pos_bias, key_padding_mask=mask,
+        hidden, states = self.encoder(hidden, pos_bias=pos_bias, attention_mask=mask,
                                       output_hidden_states=output_hidden_states)
         pooled = self.pooler(hidden) if self.pooler is not None else None
         out = BaseModelOutputWithPooling(last_hidden_state=hidden, pooler_output=pooled, hidden_states=states)
@@ -391,7 +402,7 @@ class TupeBertForMaskedLM(TupeBertPreTrainedModel):
                 raise ValueError(f"note_slots must be on {input_ids.device}, got {note_slots.device}")
             hidden = self.notes.mix(hidden, note_slots, backend=self.config.backend)
         pos_bias = bert.position_bias(input_ids.shape[1])  # once per forward, shared by every layer
-        hidden, states = bert.encoder(hidden, pos_bias=pos_bias, key_padding_mask=mask,
+        hidden, states = bert.encoder(hidden, pos_bias=pos_bias, attention_mask=mask,
                                       output_hidden_states=output_hidden_states)
         words = bert.embeddings.word_embeddings.weight
         if not return_logits:
@@ -425,17 +436,16 @@ class TupeBertForMaskedLM(TupeBertPreTrainedModel):
 
 
 class _ExitLayer(nn.Module):
-    """A model layer with ``MultiExitEncoder``'s call shape: the shared positional term is bound once per forward,
-    and the encoder's padding mask (True = padding) is turned into the ops' (True = real token)."""
+    """A model layer with ``MultiExitEncoder``'s call shape ``(hidden, attention_mask)``: the shared positional term
+    is bound once per forward."""
 
     def __init__(self, layer, pos_bias):
         super().__init__()
         self.layer = layer
         self.pos_bias = pos_bias
 
-    def forward(self, hidden, key_padding_mask=None):
-        real = None if key_padding_mask is None else ~key_padding_mask
-        return self.layer(hidden, pos_bias=self.pos_bias, key_padding_mask=real)
+    def forward(self, hidden, attention_mask=None):
+        return self.layer(hidden, pos_bias=self.pos_bias, attention_mask=attention_mask)
 
 
 class TupeBertForSequenceClassification(TupeBertPreTrainedModel):
@@ -445,10 +455,11 @@ class TupeBertForSequenceClassification(TupeBertPreTrainedModel):
     Returns ``SequenceClassifierOutput(loss, logits [B, C], hidden_states)``.
 
     With ``config.multi_exit``: an off-ramp (``ExitHead``: pooler and classifier) after every layer and no separate
-    pooler. ``forward`` returns ``MultiExitSequenceClassifierOutput``: ``exit_logits [L, B, C]`` (every exit) and
-    ``logits`` the last exit's; with labels the loss is RomeBERT's self-distillation loss
-    (``multi_exit_distillation_loss``), or PABEE's weighted MSE for ``num_labels == 1``. ``early_exit`` runs batched
-    early-exit inference.
+    pooler (``config.shared_exit_pooler``: one pooler shared by every off-ramp, as PABEE). ``forward`` returns
+    ``MultiExitSequenceClassifierOutput``: ``exit_logits [L, B, C]`` (every exit) and ``logits`` the last exit's;
+    with labels the loss is RomeBERT's self-distillation loss (``multi_exit_distillation_loss``, gamma 0.9, T 3), or
+    PABEE's weighted MSE for ``num_labels == 1``. ``init_exit_poolers`` starts every off-ramp from a checkpoint's
+    pooler. ``early_exit`` runs batched early-exit inference.
     """
 
     # a masked-LM checkpoint (fine-tuning starts from one) holds the MLM head and TNF's notes, which serve pretraining
@@ -463,10 +474,27 @@ class TupeBertForSequenceClassification(TupeBertPreTrainedModel):
             self.classifier = None
             self.exits = nn.ModuleList(ExitHead(config.hidden_size, config.num_labels, config.hidden_dropout_prob)
                                        for _ in range(config.num_hidden_layers))
+            if config.shared_exit_pooler:  # PABEE: one pooler before every off-ramp's classifier
+                last = config.num_hidden_layers - 1
+                for head in self.exits:
+                    head.pooler = self.exits[last].pooler
+                # declared, so save_pretrained writes the shared pooler once and from_pretrained ties it again
+                self._tied_weights_keys = {f"exits.{i}.pooler.{w}": f"exits.{last}.pooler.{w}"
+                                           for i in range(last) for w in ("weight", "bias")}
         else:
             self.exits = None
             self.classifier = nn.Linear(config.hidden_size, config.num_labels)
         self.post_init()
+
+    def init_exit_poolers(self, pooler_state):
+        """Start every off-ramp's pooler from one pooler's weights (``pooler_state``: the state dict of a
+        ``Linear(hidden, hidden)``, e.g. a pretrained checkpoint's pooler dense layer), as DeeBERT and RomeBERT do
+        (``init_highway_pooler``). With ``shared_exit_pooler`` the one shared pooler gets them."""
+        if self.exits is None:
+            raise ValueError("the model has no off-ramps: build it with config.multi_exit=True")
+        with torch.no_grad():
+            for head in self.exits:
+                head.pooler.load_state_dict(pooler_state)
 
     def multi_exit_encoder(self, pos_bias):
         """The layers and off-ramps as a ``MultiExitEncoder`` with ``pos_bias`` bound to every layer (built per call:
@@ -539,6 +567,5 @@ class TupeBertForSequenceClassification(TupeBertPreTrainedModel):
         token_type_ids, mask = bert.check_inputs(input_ids, attention_mask, token_type_ids)
         hidden = bert.embed(input_ids, token_type_ids)
         encoder = self.multi_exit_encoder(bert.position_bias(input_ids.shape[1]))
-        padding = None if mask is None else ~mask
-        return encoder.early_exit(hidden, padding, criterion=criterion, threshold=threshold, patience=patience,
+        return encoder.early_exit(hidden, mask, criterion=criterion, threshold=threshold, patience=patience,
                                   backend=self.config.backend)

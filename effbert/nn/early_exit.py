@@ -6,7 +6,7 @@ from torch import nn
 from ..ops import early_exit as ops
 from ..ops._checks import check_tensor
 
-__all__ = ["MultiExitEncoder", "ExitHead", "BertLayerAdapter", "TorchLayerAdapter"]
+__all__ = ["MultiExitEncoder", "ExitHead", "BertLayerAdapter", "TorchLayerAdapter", "check_attention_mask"]
 
 
 class ExitHead(nn.Module):
@@ -23,38 +23,71 @@ class ExitHead(nn.Module):
 
 
 class TorchLayerAdapter(nn.Module):
-    """``torch.nn.TransformerEncoderLayer`` (batch_first) with the ``(hidden, key_padding_mask)`` call shape."""
+    """``torch.nn.TransformerEncoderLayer`` (batch_first) with the ``(hidden, attention_mask)`` call shape:
+    ``attention_mask`` (True = real token) becomes torch's ``src_key_padding_mask`` (True = ignore)."""
 
     def __init__(self, layer):
         super().__init__()
         self.layer = layer
 
-    def forward(self, hidden, key_padding_mask=None):
-        return self.layer(hidden, src_key_padding_mask=key_padding_mask)
+    def forward(self, hidden, attention_mask=None):
+        return self.layer(hidden, src_key_padding_mask=None if attention_mask is None else ~attention_mask)
 
 
 class BertLayerAdapter(nn.Module):
-    """A Hugging Face ``BertLayer`` with the ``(hidden, key_padding_mask)`` call shape: the padding mask (True at
-    padding) becomes BERT's additive attention mask ``[B, 1, 1, N]``, and the layer's first output is returned."""
+    """A Hugging Face ``BertLayer`` with the ``(hidden, attention_mask)`` call shape: ``attention_mask [B, N]`` (True =
+    real token) becomes BERT's additive attention mask ``[B, 1, 1, N]``, and the layer's first output is returned."""
 
     def __init__(self, layer):
         super().__init__()
         self.layer = layer
 
-    def forward(self, hidden, key_padding_mask=None):
+    def forward(self, hidden, attention_mask=None):
         mask = None
-        if key_padding_mask is not None:
-            mask = key_padding_mask[:, None, None, :].to(hidden.dtype) * torch.finfo(hidden.dtype).min
+        if attention_mask is not None:
+            mask = (~attention_mask)[:, None, None, :].to(hidden.dtype) * torch.finfo(hidden.dtype).min
         out = self.layer(hidden, attention_mask=mask)
         return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def check_attention_mask(attention_mask, shape, device):
+    """``attention_mask [B, N]`` (bool, or 0/1 integers; True/1 = real token, as transformers) as a bool tensor.
+
+    A float mask (an additive bias, or probabilities) is refused rather than guessed at. A row whose first token is
+    not real is refused: the off-ramps read the first token ([CLS]), and a padding mask (True = padding) passed by
+    mistake looks exactly like that. Raises ``TypeError``/``ValueError`` naming ``attention_mask``.
+    """
+    if attention_mask is None:
+        return None
+    if not isinstance(attention_mask, torch.Tensor):
+        raise TypeError(f"attention_mask must be a tensor or None, got {type(attention_mask).__name__}")
+    if attention_mask.is_floating_point() or attention_mask.is_complex():
+        raise TypeError(f"attention_mask must be bool or 0/1 integers (True/1 = real token), got "
+                        f"{str(attention_mask.dtype).replace('torch.', '')}: a float mask is ambiguous (additive "
+                        "bias or weights)")
+    if tuple(attention_mask.shape) != tuple(shape):
+        raise ValueError(f"attention_mask must be [B, N] = {list(shape)}, got {list(attention_mask.shape)}")
+    if attention_mask.device != device:
+        raise ValueError(f"attention_mask is on {attention_mask.device}, hidden on {device}")
+    if attention_mask.dtype != torch.bool:
+        if not torch.compiler.is_compiling() and attention_mask.numel() and \
+                not bool(((attention_mask == 0) | (attention_mask == 1)).all()):
+            raise ValueError("attention_mask must hold 0/1 values (1 = real token)")
+        attention_mask = attention_mask != 0
+    if not torch.compiler.is_compiling() and attention_mask.numel() and not bool(attention_mask[:, 0].all()):
+        bad = int(torch.nonzero(~attention_mask[:, 0])[0, 0])
+        raise ValueError(f"attention_mask[{bad}, 0] is False: True/1 marks real tokens and the first token ([CLS]) of "
+                         "every row must be real (a padding mask with True = padding is the inverse)")
+    return attention_mask
 
 
 class MultiExitEncoder(nn.Module):
     """A layer stack with an off-ramp after every layer.
 
-    ``layers[i](hidden [B, N, Dm], key_padding_mask [B, N] or None) -> hidden`` and ``heads[i](hidden) -> [B, C]``;
-    ``key_padding_mask`` is True at padding. ``forward`` returns every exit's logits ``[L, B, C]`` (training);
-    ``early_exit`` runs inference where each sample stops at its first confident off-ramp.
+    ``layers[i](hidden [B, N, Dm], attention_mask [B, N] or None) -> hidden`` and ``heads[i](hidden) -> [B, C]``;
+    ``attention_mask`` is True (or 1) at real tokens, as in transformers and every other effbert API (see
+    ``check_attention_mask`` for what is refused). ``forward`` returns every exit's logits ``[L, B, C]``
+    (training); ``early_exit`` runs inference where each sample stops at its first confident off-ramp.
     """
 
     def __init__(self, layers, heads):
@@ -76,42 +109,36 @@ class MultiExitEncoder(nn.Module):
     def depth(self):
         return len(self.layers)
 
-    def _check(self, hidden, key_padding_mask):
+    def _check(self, hidden, attention_mask):
         check_tensor("hidden", hidden, ndim=3, shape_hint="[B, N, Dm]")
-        if key_padding_mask is not None:
-            check_tensor("key_padding_mask", key_padding_mask, ndim=2, dtypes=(torch.bool,), shape_hint="[B, N]")
-            if tuple(key_padding_mask.shape) != tuple(hidden.shape[:2]):
-                raise ValueError(f"key_padding_mask must be [B, N] = {list(hidden.shape[:2])}, got "
-                                 f"{list(key_padding_mask.shape)}")
-            if key_padding_mask.device != hidden.device:
-                raise ValueError(f"key_padding_mask is on {key_padding_mask.device}, hidden on {hidden.device}")
+        return check_attention_mask(attention_mask, hidden.shape[:2], hidden.device)
 
-    def forward(self, hidden, key_padding_mask=None):
+    def forward(self, hidden, attention_mask=None):
         """Every exit's logits, ``[L, B, C]``."""
-        self._check(hidden, key_padding_mask)
+        mask = self._check(hidden, attention_mask)
         out = []
         for layer, head in zip(self.layers, self.heads):
-            hidden = layer(hidden, key_padding_mask)
+            hidden = layer(hidden, mask)
             out.append(head(hidden))
         return torch.stack(out)
 
     @torch.no_grad()
-    def early_exit(self, hidden, key_padding_mask=None, *, criterion, threshold=None, patience=None, backend="auto"):
+    def early_exit(self, hidden, attention_mask=None, *, criterion, threshold=None, patience=None, backend="auto"):
         """Batched early exit: ``(logits [B, C], exit_layer [B] int64, 1-based)``.
 
         Each sample gets exactly what it gets alone through the per-sample loop (``reference.early_exit_loop``).
         After every layer one fused decision launch writes the exiting samples' results at their batch positions
-        and lists the samples that go on; hidden states and padding mask are then compacted to those, so later
-        layers run on fewer rows. Criteria: ``"entropy"`` (threshold > 0), ``"max_prob"`` (threshold in (0, 1]),
-        ``"patience"`` (PABEE; ``patience >= 1``, and a ``threshold`` for a one-column regression head).
+        and lists the samples that go on; hidden states and attention mask are then compacted to those, so later
+        layers run on fewer rows. Criteria: ``"entropy"`` (threshold >= 0), ``"max_prob"`` (threshold in (0, 1]),
+        ``"patience"`` (PABEE; ``patience >= 0``, and a ``threshold`` for a one-column regression head).
+        Threshold 0 (entropy) and patience 0 mean full depth: every sample exits at the last layer.
         """
-        self._check(hidden, key_padding_mask)
+        mask = self._check(hidden, attention_mask)
         ops.check_criterion(criterion, threshold, patience)
         state = ops.BatchedExit(hidden.shape[0], depth=self.depth, criterion=criterion, threshold=threshold,
                                 patience=patience, device=hidden.device, backend=backend)
         if hidden.shape[0] == 0:
             return hidden.new_empty((0, 0)), torch.zeros(0, dtype=torch.int64, device=hidden.device)
-        mask = key_padding_mask
         for i, (layer, head) in enumerate(zip(self.layers, self.heads)):
             hidden = layer(hidden, mask)
             logits = head(hidden)

@@ -89,7 +89,8 @@ class TupePositionBias(nn.Module):
 class TupeSelfAttention(nn.Module):
     """Fused QKV projection, ``tupe_attention`` and the output projection.
 
-    ``forward(hidden [B, N, hidden_size], pos_bias=None, key_padding_mask=None)``. The content logits are scaled
+    ``forward(hidden [B, N, hidden_size], pos_bias=None, attention_mask=None)`` (``attention_mask [B, N]`` bool, True
+    = real token). The content logits are scaled
     by ``scale``; by default ``1/sqrt(2 * head_dim)`` when a positional term is given (TUPE's two terms share the
     scale) and ``1/sqrt(head_dim)`` without one (plain BERT). Attention dropout ``dropout`` applies in training.
     """
@@ -105,7 +106,7 @@ class TupeSelfAttention(nn.Module):
         self.qkv = nn.Linear(hidden_size, 3 * hidden_size)
         self.out = nn.Linear(hidden_size, hidden_size)
 
-    def forward(self, hidden, pos_bias=None, key_padding_mask=None):
+    def forward(self, hidden, pos_bias=None, attention_mask=None):
         if hidden.dim() != 3 or hidden.shape[-1] != self.num_heads * self.head_dim:
             raise ValueError(f"hidden must be [B, N, {self.num_heads * self.head_dim}], got {tuple(hidden.shape)}")
         b, n, width = hidden.shape
@@ -113,7 +114,7 @@ class TupeSelfAttention(nn.Module):
         scale = self.scale
         if scale is None:
             scale = 1.0 / math.sqrt((2 if pos_bias is not None else 1) * self.head_dim)
-        ctx = tupe_attention(q, k, v, pos_bias, key_padding_mask=key_padding_mask, scale=scale,
+        ctx = tupe_attention(q, k, v, pos_bias, key_padding_mask=attention_mask, scale=scale,
                              dropout_p=self.dropout if self.training else 0.0, deterministic=self.deterministic,
                              backend=self.backend)
         return self.out(ctx.reshape(b, n, width))

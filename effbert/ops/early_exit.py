@@ -118,14 +118,18 @@ CRITERIA = reference.CRITERIA
 _CODES = {"entropy": 0, "max_prob": 1, "patience": 2}
 _PATIENCE_REGRESSION = 3
 _NAMES = {0: "entropy", 1: "max_prob", 2: "patience", 3: "patience"}
+_NEVER = 2**31 - 1  # the kernels' patience for "patience 0": the int32 counter never reaches it
 
 
 def check_criterion(criterion, threshold=None, patience=None, classes=None):
     """Validate an exit criterion and its parameters; returns ``(code, threshold, patience)`` for the kernels.
 
-    entropy: ``threshold > 0`` (exit when entropy < threshold). max_prob: ``0 < threshold <= 1`` (exit when the largest
-    probability >= threshold). patience: integer ``patience >= 1``; with a one-column regression head also
-    ``threshold > 0`` (a prediction counts as unchanged when |delta| < threshold), otherwise no threshold.
+    entropy: ``threshold >= 0`` (exit when entropy < threshold; 0 means full depth, nobody exits early). max_prob:
+    ``0 < threshold <= 1`` (exit when the largest probability >= threshold). patience: integer ``patience >= 0``
+    (0 means full depth, PABEE's ``patience == 0`` path); with a one-column regression head also ``threshold > 0``
+    (a prediction counts as unchanged when |delta| < threshold), otherwise no threshold. DeeBERT's and PABEE's
+    scripts sweep from threshold 0 / patience 0 for the full-depth row. The kernels get a threshold of -inf
+    (entropy 0) or a patience of 2**31 - 1 (patience 0), which no row reaches.
     """
     if not isinstance(criterion, str) or criterion not in CRITERIA:
         raise ValueError(f"criterion must be one of {CRITERIA}, got {criterion!r}")
@@ -141,19 +145,23 @@ def check_criterion(criterion, threshold=None, patience=None, classes=None):
                              f"criterion {criterion!r}")
         if threshold is None:
             raise ValueError(f"criterion {criterion!r} needs a threshold")
-        if criterion == "entropy" and not threshold > 0:
-            raise ValueError(f"threshold must be > 0 for criterion 'entropy' (exit when entropy < threshold), "
-                             f"got {threshold}")
+        if criterion == "entropy" and not threshold >= 0:
+            raise ValueError(f"threshold must be >= 0 for criterion 'entropy' (exit when entropy < threshold; 0: "
+                             f"full depth), got {threshold}")
+        if criterion == "entropy" and threshold == 0:
+            return _CODES[criterion], float("-inf"), 0  # full depth: entropy is never below -inf
         if criterion == "max_prob" and not 0 < threshold <= 1:
             raise ValueError(f"threshold must be in (0, 1] for criterion 'max_prob' (exit when the largest "
                              f"probability >= threshold), got {threshold}")
         return _CODES[criterion], threshold, 0
     if isinstance(patience, bool) or not isinstance(patience, int):
-        raise TypeError(f"patience must be an int >= 1 for criterion 'patience', got {patience!r}")
-    if patience < 1:
-        raise ValueError(f"patience must be >= 1, got {patience}")
-    if patience >= 2**31:
-        raise ValueError(f"patience must be < 2**31, got {patience}")
+        raise TypeError(f"patience must be an int >= 0 for criterion 'patience', got {patience!r}")
+    if patience < 0:
+        raise ValueError(f"patience must be >= 0 (0: full depth), got {patience}")
+    if patience >= 2**31 - 1:
+        raise ValueError(f"patience must be < 2**31 - 1, got {patience}")
+    if patience == 0:
+        patience = _NEVER  # full depth: a streak never gets that long
     if classes is None:  # the head's width is not known yet: check what can be checked
         if threshold is not None and not threshold > 0:
             raise ValueError(f"threshold must be > 0 for criterion 'patience' (regression rule), got {threshold}")
@@ -340,6 +348,7 @@ class BatchedExit:
         check_criterion(criterion, threshold, patience)  # early message; the class count is checked per step
         self.batch, self.depth = int(batch), depth
         self.criterion, self.threshold, self.patience = criterion, threshold, patience
+        self.full_depth = (criterion == "entropy" and threshold == 0) or (criterion == "patience" and patience == 0)
         self.backend = backend
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         i32 = dict(dtype=torch.int32, device=self.device)
@@ -387,6 +396,8 @@ class BatchedExit:
         if last:
             self.active = 0
             return self._local[:0]
+        if self.full_depth:
+            return None  # threshold 0 / patience 0: nobody exits before the last layer
         if self.criterion == "patience" and layer <= self.patience:
             return None  # a streak of `patience` repeats needs patience + 1 layers: nobody can exit yet
         n = int(self.count.item())  # the one device-to-host copy of the layer
@@ -442,7 +453,8 @@ def _loss_eager(z, labels, gamma, temperature):
     kl = torch.where(pt > 0, pt * (log_pt - log_q), torch.zeros_like(log_q)).sum(-1)
     w_ce = torch.full((depth, 1), 1 - gamma, dtype=x.dtype, device=x.device)
     w_ce[-1] = 1.0
-    w_kd = torch.full((depth, 1), gamma, dtype=x.dtype, device=x.device)
+    # KLDivLoss's default reduction (RomeBERT's KDLoss): the mean over B * C; the op divides by B, this by C
+    w_kd = torch.full((depth, 1), gamma / x.shape[-1], dtype=x.dtype, device=x.device)
     w_kd[-1] = 0.0
     rows = (w_ce * ce + w_kd * t * t * kl).sum(0)
     grad = w_ce[..., None] * (logp.exp() - onehot) + w_kd[..., None] * t * (log_q.exp() - pt)
@@ -518,8 +530,11 @@ def multi_exit_distillation_loss(exit_logits, labels, gamma=0.9, temperature=3.0
 
     ``exit_logits [L, B, C]``: every exit's logits (``MultiExitEncoder.forward``); ``labels [B]``: class indices.
     The last exit is the detached teacher, trained by cross-entropy alone; exit i < L gets
-    ``(1 - gamma) CE_i + gamma T^2 KL(softmax(z_L / T) || softmax(z_i / T))``; batch means, summed over exits.
-    On CUDA a single Triton launch computes every term and the gradient (kept for backward).
+    ``(1 - gamma) CE_i + gamma T^2 KL(softmax(z_L / T) || softmax(z_i / T))``, summed over exits. CE is a batch
+    mean; KL is averaged over all ``B * C`` elements (``torch.nn.KLDivLoss()``'s default 'mean'), as RomeBERT's
+    published ``KDLoss`` computes it (romebert/RomeBERT, ``transformers/new_modeling_highway_bert.py``), so its
+    published gamma 0.9 and T 3 are the defaults. On CUDA a single Triton launch computes every term and the
+    gradient (kept for backward).
     """
     check_exit_logits(exit_logits, labels)
     _check_labels_in_range(labels, exit_logits.shape[-1])

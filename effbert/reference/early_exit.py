@@ -56,9 +56,10 @@ def exit_decision(logits, layer, criterion, *, threshold=None, patience=None, pr
     where none) and ``counter [R]`` (int64): the patience state from the previous layer (ignored otherwise).
     Returns ``(exits [R] bool, prev [R], counter [R])``, the last two being the state after this layer.
 
-    entropy: exit when H(softmax) < threshold. max_prob: exit when max softmax >= threshold. patience (PABEE): the
-    counter goes up by one when this layer's prediction equals the previous layer's (classification: argmax;
-    a one-column regression head: |delta| < threshold), else resets to 0; exit when it reaches ``patience``.
+    entropy: exit when H(softmax) < threshold (0: never early). max_prob: exit when max softmax >= threshold.
+    patience (PABEE): the counter goes up by one when this layer's prediction equals the previous layer's
+    (classification: argmax; a one-column regression head: |delta| < threshold), else resets to 0; exit when it
+    reaches ``patience`` (0: never early, PABEE's full-depth setting).
     A row whose prediction is undefined (NaN) never exits early; ``last=True`` (the final layer) exits every row.
     """
     rows = logits.shape[0]
@@ -69,7 +70,8 @@ def exit_decision(logits, layer, criterion, *, threshold=None, patience=None, pr
     if counter is None:
         counter = torch.zeros(rows, dtype=torch.int64, device=logits.device)
     if criterion == "entropy":
-        exits = exit_entropy(logits) < threshold
+        exits = exit_entropy(logits) < threshold if threshold > 0 else torch.zeros(rows, dtype=torch.bool,
+                                                                                    device=logits.device)
     elif criterion == "max_prob":
         exits = exit_max_prob(logits) >= threshold
     elif criterion == "patience":
@@ -79,24 +81,25 @@ def exit_decision(logits, layer, criterion, *, threshold=None, patience=None, pr
             same = pred == prev
         same = same & (layer > 1)
         counter = torch.where(same, counter + 1, torch.zeros_like(counter))
-        exits = counter >= patience
+        exits = counter >= patience if patience > 0 else torch.zeros_like(same)  # patience 0: full depth
     else:
         raise ValueError(f"criterion must be one of {CRITERIA}, got {criterion!r}")
     exits = (exits & ~bad) | last
     return exits, pred, counter
 
 
-def early_exit_loop(layers, heads, hidden, key_padding_mask=None, *, criterion, threshold=None, patience=None):
+def early_exit_loop(layers, heads, hidden, attention_mask=None, *, criterion, threshold=None, patience=None):
     """The ground truth for batched early exit: each sample alone through the layers, stopping at its first exit.
 
-    ``layers[i](hidden [1, N, Dm], mask [1, N] or None)`` and ``heads[i](hidden) -> [1, C]``. Returns
+    ``layers[i](hidden [1, N, Dm], attention_mask [1, N] (True = real token) or None)`` and
+    ``heads[i](hidden) -> [1, C]``. Returns
     ``(logits [B, C], exit_layer [B] int64, 1-based)``.
     """
     depth = len(layers)
     out_logits, out_layer = [], []
     for b in range(hidden.shape[0]):
         h = hidden[b:b + 1]
-        m = None if key_padding_mask is None else key_padding_mask[b:b + 1]
+        m = None if attention_mask is None else attention_mask[b:b + 1]
         prev = counter = None
         for i in range(depth):
             h = layers[i](h, m)
@@ -118,8 +121,10 @@ def multi_exit_distillation_loss(exit_logits, labels, gamma=0.9, temperature=3.0
     """RomeBERT's joint loss over every exit ``exit_logits [L, B, C]`` with integer ``labels [B]``.
 
     The last exit is the teacher (detached): it is trained by cross-entropy alone. Every other exit i gets
-    ``(1 - gamma) * CE(z_i, y) + gamma * T^2 * KL(softmax(z_L / T) || softmax(z_i / T))``. Batch means, summed over
-    exits. Computed in float64 for float64 inputs, else float32.
+    ``(1 - gamma) * CE(z_i, y) + gamma * T^2 * KL(softmax(z_L / T) || softmax(z_i / T))``, summed over exits. The
+    cross-entropy is a batch mean; the KL term is ``torch.nn.KLDivLoss()`` with its default reduction, the mean over
+    all ``B * C`` elements, as RomeBERT's ``KDLoss`` computes it (romebert/RomeBERT,
+    ``transformers/new_modeling_highway_bert.py``). Computed in float64 for float64 inputs, else float32.
     """
     x = exit_logits if exit_logits.dtype == torch.float64 else exit_logits.float()
     t = float(temperature)
@@ -128,7 +133,7 @@ def multi_exit_distillation_loss(exit_logits, labels, gamma=0.9, temperature=3.0
     for i in range(x.shape[0] - 1):
         ce = torch.nn.functional.cross_entropy(x[i], labels)
         kd = torch.nn.functional.kl_div(torch.log_softmax(x[i] / t, dim=-1), teacher, log_target=True,
-                                        reduction="batchmean")
+                                        reduction="mean")
         loss = loss + (1 - gamma) * ce + gamma * t * t * kd
     return loss
 
@@ -146,3 +151,23 @@ def pabee_loss(exit_logits, labels):
             li = torch.nn.functional.cross_entropy(x[i], labels)
         total = total + (i + 1) * li
     return total / (depth * (depth + 1) / 2)
+
+
+def _exit_loss(x, labels):
+    """One exit's loss: mean squared error for a one-column head with float labels, else cross-entropy."""
+    if x.shape[-1] == 1 and labels.is_floating_point():
+        return torch.nn.functional.mse_loss(x[:, 0], labels.to(x.dtype))
+    return torch.nn.functional.cross_entropy(x, labels)
+
+
+def deebert_loss(exit_logits, labels, stage):
+    """DeeBERT's two-stage training loss (castorini/DeeBERT, ``modeling_highway_bert.py``): stage 1 trains the
+    backbone with the last exit's loss; stage 2 trains the off-ramps on the sum of the other exits' losses
+    (``sum(highway_losses[:-1])``). Cross-entropy, or MSE for a one-column head with float labels."""
+    x = exit_logits if exit_logits.dtype == torch.float64 else exit_logits.float()
+    if stage == 1:
+        return _exit_loss(x[-1], labels)
+    total = x.new_zeros(())
+    for i in range(x.shape[0] - 1):
+        total = total + _exit_loss(x[i], labels)
+    return total

@@ -1,0 +1,25 @@
+"""pytest-benchmark cases for the MC-BERT family (the same cases as `effbert bench`, small on the CPU).
+
+    pytest benchmarks/bench_mc_bert.py --benchmark-json=out.json
+"""
+
+import pytest
+import torch
+
+from effbert.bench import mc_bert
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+CASES = [c for c in mc_bert.cases(DEVICE, quick=True) if not c.skip_reasons]
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c.op}-{c.shape}-{c.dtype}-{c.provider}")
+def test_mc_bert(benchmark, case):
+    inputs = case.make_inputs()
+    out = case.fn(*inputs)
+    if case.check:
+        ref = case.reference(*inputs)
+        assert torch.allclose(out.double().cpu(), ref.cpu(), rtol=case.rtol, atol=case.rtol)
+    if DEVICE.type == "cuda":
+        benchmark(lambda: (case.fn(*inputs), torch.cuda.synchronize()))
+    else:
+        benchmark(case.fn, *inputs)

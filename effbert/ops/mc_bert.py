@@ -1,0 +1,347 @@
+"""MC-BERT ops (Xu, Gong, Ke, He et al., "MC-BERT: Efficient Language Pre-Training via a Meta Controller", arXiv
+2006.05744; code: github.com/MC-BERT/MC-BERT): ``mc_sample`` (the controller's K draws per position;
+``mc_sample_fused`` draws them straight from the controller's hidden states and output layer) and
+``mc_candidate_loss`` (the main model's multi-choice cross-entropy over K candidates).
+
+Backends: ``triton`` (kernels/mc_bert.py) and ``eager`` (effbert/reference/mc_bert.py). There is no C++ CPU
+build: on the CPU the eager gather + bmm + cross-entropy and ``torch.multinomial`` are already vectorised library
+calls, and a C++ loop would not beat them.
+"""
+
+import numbers
+
+import torch
+
+from .. import reference
+from ._checks import FLOAT_DTYPES, check_same_device, check_tensor
+from ._dispatch import direct_call_ok, requested_backend, select_backend
+
+__all__ = ["mc_sample", "mc_sample_fused", "mc_candidate_loss", "sample_backend", "loss_backend", "REDUCTIONS"]
+
+REDUCTIONS = ("mean", "sum", "none")
+_EAGER_DTYPES = FLOAT_DTYPES + (torch.float64,)
+
+
+def _dt(dtype):
+    return str(dtype).replace("torch.", "")
+
+
+def _preference(device):
+    return ("triton", "eager") if device.type == "cuda" else ("eager",)
+
+
+def _reasons(*float_tensors):
+    def reasons(name):
+        if name == "eager":
+            return []
+        if name in ("cuda", "cpu"):
+            return [f"mc_bert has no {name} extension kernels (triton and eager only)"]
+        return [f"{name} kernels take fp32/fp16/bf16 {label}, got {_dt(t.dtype)}"
+                for label, t in float_tensors if t.dtype not in FLOAT_DTYPES]
+
+    return reasons
+
+
+def _check_count(name, value, low):
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
+        raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+    return int(value)
+
+
+# ---- sampling ----
+
+def sample_backend(logits, backend="auto"):
+    """The backend ``mc_sample(logits, ...)`` would run (raises if none can serve)."""
+    return select_backend("mc_sample", backend, logits.device, _reasons(("logits", logits)), _preference)
+
+
+def _sample_impl(logits, num_samples, seed, backend):
+    from ..kernels import mc_bert as kernels
+
+    lg = logits if logits.shape[1] <= 1 or logits.stride(1) == 1 else logits.contiguous()
+    out = torch.empty(logits.shape[0], num_samples, dtype=torch.int64, device=logits.device)
+    return kernels.mc_sample(lg, num_samples, seed, out)
+
+
+@torch.library.custom_op("effbert::mc_sample", mutates_args=())
+def _mc_sample_op(logits: torch.Tensor, num_samples: int, seed: torch.Tensor, backend: str) -> torch.Tensor:
+    return _sample_impl(logits, num_samples, seed, backend)
+
+
+@_mc_sample_op.register_fake
+def _(logits, num_samples, seed, backend):
+    return logits.new_empty(logits.shape[0], num_samples, dtype=torch.int64)
+
+
+def new_seed(device, generator=None):
+    """A Philox key drawn from ``generator`` (torch's default generator of ``device`` when None), kept on the
+    device: drawing it needs no host sync."""
+    return torch.randint(0, 2**62, (1,), dtype=torch.int64, device=device, generator=generator)
+
+
+def mc_sample(logits, num_samples, *, generator=None, backend="auto"):
+    """K draws per row from ``softmax(logits)``, with replacement; no gradient.
+
+    ``logits``: ``[M, V]`` fp32/fp16/bf16 (float64 on the eager backend); ``num_samples`` K >= 1; ``generator``:
+    a ``torch.Generator`` on ``logits``' device (default: torch's, so ``torch.manual_seed`` makes the draws
+    reproducible). Returns int64 ``[M, K]`` token ids in ``[0, V)``; a row holding NaN or no logit above -inf has
+    no distribution and gives ``-1`` in every slot (NaN in, invalid out: no silent token).
+
+    ``triton``: Gumbel-max on Philox noise keyed by one int64 drawn from ``generator`` on the device, each row read
+    once, only ``[M, K]`` written (``effbert.reference.mc_sample_gumbel`` gives the same ids). ``eager``:
+    ``torch.multinomial`` on the softmax, as the published code samples (the same distribution, other draws).
+    Raises ``ValueError``/``TypeError`` naming the argument for bad inputs.
+    """
+    check_tensor("logits", logits, ndim=2, dtypes=_EAGER_DTYPES, shape_hint="[M, V]")
+    num_samples = _check_count("num_samples", num_samples, 1)
+    if logits.shape[1] == 0:
+        raise ValueError(f"logits must have V >= 1 columns, got shape {tuple(logits.shape)}")
+    if generator is not None:
+        if not isinstance(generator, torch.Generator):
+            raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+        if generator.device.type != logits.device.type:
+            raise ValueError(f"generator must be on {logits.device.type} like logits, got {generator.device}")
+    name = sample_backend(logits, backend)
+    logits = logits.detach()
+    if name == "eager":
+        return reference.mc_sample(logits, num_samples, generator=generator)
+    seed = new_seed(logits.device, generator)
+    if direct_call_ok(logits, seed):
+        return _sample_impl(logits, num_samples, seed, name)
+    return torch.ops.effbert.mc_sample(logits, num_samples, seed, name)
+
+
+# ---- sampling fused with the controller's output layer ----
+
+def _sample_fused_impl(hidden, weight, bias, num_samples, seed, backend):
+    from ..kernels import mc_bert as kernels
+
+    out = torch.empty(hidden.shape[0], num_samples, dtype=torch.int64, device=hidden.device)
+    return kernels.mc_sample_fused(_rows(hidden), _rows(weight), bias.contiguous(), num_samples, seed, out)
+
+
+@torch.library.custom_op("effbert::mc_sample_fused", mutates_args=())
+def _mc_sample_fused_op(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, num_samples: int,
+                        seed: torch.Tensor, backend: str) -> torch.Tensor:
+    return _sample_fused_impl(hidden, weight, bias, num_samples, seed, backend)
+
+
+@_mc_sample_fused_op.register_fake
+def _(hidden, weight, bias, num_samples, seed, backend):
+    return hidden.new_empty(hidden.shape[0], num_samples, dtype=torch.int64)
+
+
+def mc_sample_fused(hidden, weight, bias, num_samples, *, generator=None, backend="auto"):
+    """``mc_sample(hidden @ weight.T + bias, num_samples)`` without the ``[M, V]`` logits in memory.
+
+    ``hidden``: ``[M, D]``; ``weight``: ``[V, D]`` (same dtype: fp32/fp16/bf16, float64 on eager); ``bias``: ``[V]``.
+    The ``triton`` kernel computes the logits a tile at a time with ``tl.dot`` (float32 accumulation) and draws with
+    the same Philox counters as ``mc_sample``'s kernel, so under one seed both give the same ids (up to ties within
+    float32 rounding of the logits). The ``eager`` backend materialises the logits and calls ``mc_sample``.
+    Returns int64 ``[M, K]``; -1 in every slot of a row whose logits hold NaN. No gradient.
+    """
+    check_tensor("hidden", hidden, ndim=2, dtypes=_EAGER_DTYPES, shape_hint="[M, D]")
+    check_tensor("weight", weight, ndim=2, dtypes=_EAGER_DTYPES, shape_hint="[V, D]")
+    check_tensor("bias", bias, ndim=1, dtypes=_EAGER_DTYPES, shape_hint="[V]")
+    num_samples = _check_count("num_samples", num_samples, 1)
+    if weight.shape[1] != hidden.shape[1] or weight.dtype != hidden.dtype:
+        raise ValueError(f"weight must be [V, D] with D = {hidden.shape[1]} and hidden's dtype {_dt(hidden.dtype)}, "
+                         f"got {tuple(weight.shape)} {_dt(weight.dtype)}")
+    if weight.shape[0] == 0 or bias.shape[0] != weight.shape[0]:
+        raise ValueError(f"bias must be [V] = [{weight.shape[0]}] (V >= 1), got {tuple(bias.shape)}")
+    check_same_device(hidden=hidden, weight=weight, bias=bias)
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+    name = select_backend("mc_sample_fused", backend, hidden.device,
+                          _reasons(("hidden", hidden), ("weight", weight)), _preference)
+    hidden, weight, bias = hidden.detach(), weight.detach(), bias.detach()
+    if name == "eager":
+        dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+        logits = torch.nn.functional.linear(hidden.to(dtype), weight.to(dtype), bias.to(dtype))
+        return reference.mc_sample(logits, num_samples, generator=generator)
+    seed = new_seed(hidden.device, generator)
+    if direct_call_ok(hidden, weight, bias, seed):
+        return _sample_fused_impl(hidden, weight, bias, num_samples, seed, name)
+    return torch.ops.effbert.mc_sample_fused(hidden, weight, bias, num_samples, seed, name)
+
+
+# ---- the multi-choice loss ----
+
+def _check_loss_args(hidden, embedding, bias, candidates, labels, reduction):
+    check_tensor("hidden", hidden, ndim=2, dtypes=_EAGER_DTYPES, shape_hint="[M, D]")
+    check_tensor("embedding", embedding, ndim=2, dtypes=_EAGER_DTYPES, shape_hint="[V, D]")
+    check_tensor("bias", bias, ndim=1, dtypes=_EAGER_DTYPES, shape_hint="[V]")
+    check_tensor("candidates", candidates, ndim=2, dtypes=(torch.int64,), shape_hint="[M, K]")
+    check_tensor("labels", labels, ndim=1, dtypes=(torch.int64,), shape_hint="[M]")
+    m, d = hidden.shape
+    v = embedding.shape[0]
+    if embedding.shape[1] != d:
+        raise ValueError(f"embedding must be [V, D] with D = {d} (hidden's width), got {tuple(embedding.shape)}")
+    if embedding.dtype != hidden.dtype:
+        raise TypeError(f"embedding must have hidden's dtype {_dt(hidden.dtype)}, got {_dt(embedding.dtype)}")
+    if bias.shape[0] != v:
+        raise ValueError(f"bias must be [V] = [{v}] like embedding's rows, got {tuple(bias.shape)}")
+    if candidates.shape[0] != m:
+        raise ValueError(f"candidates must be [M, K] with M = {m} (hidden's rows), got {tuple(candidates.shape)}")
+    if candidates.shape[1] < 2:
+        raise ValueError(f"candidates must have K >= 2 columns (a choice among one candidate has no loss), got "
+                         f"{tuple(candidates.shape)}")
+    if labels.shape[0] != m:
+        raise ValueError(f"labels must be [M] = [{m}], got {tuple(labels.shape)}")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    check_same_device(hidden=hidden, embedding=embedding, bias=bias, candidates=candidates, labels=labels)
+
+
+def _check_ranges(candidates, labels, vocab):
+    """Ids outside their range would read outside ``embedding``: rejected on the host (one read back on CUDA)."""
+    if candidates.numel() == 0:
+        return
+    lo_c, hi_c, lo_l, hi_l = torch.stack([candidates.min(), candidates.max(), labels.min(), labels.max()]).tolist()
+    if lo_c < 0 or hi_c >= vocab:
+        raise ValueError(f"candidates must hold token ids in [0, {vocab}) (embedding's rows), got values in "
+                         f"[{lo_c}, {hi_c}]")
+    k = candidates.shape[1]
+    if lo_l < 0 or hi_l >= k:
+        raise ValueError(f"labels must hold candidate slots in [0, {k}), got values in [{lo_l}, {hi_l}]")
+
+
+def loss_backend(hidden, embedding, bias, backend="auto"):
+    """The backend ``mc_candidate_loss(hidden, embedding, bias, ...)`` would run (raises if none can serve)."""
+    return select_backend("mc_candidate_loss", backend, hidden.device,
+                          _reasons(("hidden", hidden), ("embedding", embedding), ("bias", bias)), _preference)
+
+
+def _rows(t):
+    return t if t.shape[1] <= 1 or t.stride(1) == 1 else t.contiguous()
+
+
+def _reduce(rows, reduction):
+    if reduction == "none":
+        return rows
+    total = rows.sum()
+    return total if reduction == "sum" else total / max(rows.shape[0], 1)
+
+
+def _forward_impl(hidden, embedding, bias, candidates, labels, need_grad):
+    from ..kernels import mc_bert as kernels
+
+    _check_ranges(candidates, labels, embedding.shape[0])
+    m, d = hidden.shape
+    k = candidates.shape[1]
+    loss = torch.empty(m, dtype=torch.float32, device=hidden.device)
+    dh = torch.empty(m, d, dtype=hidden.dtype, device=hidden.device) if need_grad else hidden.new_empty(0, d)
+    dscore = (torch.empty(m, k, dtype=torch.float32, device=hidden.device) if need_grad
+              else hidden.new_empty(0, k, dtype=torch.float32))
+    kernels.mc_candidate_forward(_rows(hidden), _rows(embedding), bias.contiguous(), candidates.contiguous(),
+                                 labels.contiguous(), loss, dh if need_grad else None, dscore if need_grad else None)
+    return loss, dh, dscore
+
+
+@torch.library.custom_op("effbert::mc_candidate_loss", mutates_args=())
+def _mc_candidate_loss_op(hidden: torch.Tensor, embedding: torch.Tensor, bias: torch.Tensor,
+                          candidates: torch.Tensor, labels: torch.Tensor, reduction: str, need_grad: bool,
+                          backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    rows, dh, dscore = _forward_impl(hidden, embedding, bias, candidates, labels, need_grad)
+    return _reduce(rows, reduction), dh, dscore
+
+
+@_mc_candidate_loss_op.register_fake
+def _(hidden, embedding, bias, candidates, labels, reduction, need_grad, backend):
+    m, d = hidden.shape
+    k = candidates.shape[1]
+    loss = hidden.new_empty(m if reduction == "none" else (), dtype=torch.float32)
+    dh = hidden.new_empty(m if need_grad else 0, d)
+    dscore = hidden.new_empty(m if need_grad else 0, k, dtype=torch.float32)
+    return loss, dh, dscore
+
+
+def _loss_setup_context(ctx, inputs, output):
+    hidden, embedding, bias, candidates, labels, reduction, need_grad, backend = inputs
+    _, dh, dscore = output
+    ctx.save_for_backward(hidden, candidates, dh, dscore)
+    ctx.reduction, ctx.vocab, ctx.backend = reduction, embedding.shape[0], backend
+    ctx.emb_dtype, ctx.bias_dtype = embedding.dtype, bias.dtype
+    ctx.mark_non_differentiable(dh, dscore)
+
+
+def _loss_backward(ctx, grad, _grad_dh, _grad_dscore):
+    hidden, candidates, dh, dscore = ctx.saved_tensors
+    if dh.shape[0] != hidden.shape[0]:
+        raise RuntimeError("mc_candidate_loss: backward through a call made without need_grad")
+    d_hidden, d_emb, d_bias = torch.ops.effbert.mc_candidate_loss_backward(
+        grad, hidden, candidates, dh, dscore, ctx.vocab, ctx.reduction, ctx.backend)
+    return (d_hidden, d_emb.to(ctx.emb_dtype), d_bias.to(ctx.bias_dtype), None, None, None, None, None)
+
+
+def scatter_plan(candidates, dim, chunk):
+    """The order of the deterministic scatter-add, with torch (no host sync): the flattened candidates sorted by
+    token (stable), each entry's segment ``[seg_first, seg_end)``, and for the pieces of segments longer than
+    ``chunk`` their slot in the partial-sum buffers ``part [P, dim]`` / ``part_bias [P]`` (P bounds their count)."""
+    sorted_ids, order = torch.sort(candidates.reshape(-1), stable=True)
+    seg_first = torch.searchsorted(sorted_ids, sorted_ids)
+    seg_end = torch.searchsorted(sorted_ids, sorted_ids, right=True)
+    idx = torch.arange(sorted_ids.numel(), device=sorted_ids.device)
+    long_piece = ((idx - seg_first) % chunk == 0) & (seg_end - seg_first > chunk)
+    piece_id = torch.cumsum(long_piece, 0) - 1  # at a long segment's first entry: its first piece's slot
+    bound = 2 * sorted_ids.numel() // chunk + 1  # a long segment of n entries has ceil(n / chunk) < 2n / chunk
+    return {"order": order, "sorted": sorted_ids, "seg_first": seg_first, "seg_end": seg_end, "piece_id": piece_id,
+            "part": torch.empty(bound, dim, dtype=torch.float32, device=candidates.device),
+            "part_bias": torch.empty(bound, dtype=torch.float32, device=candidates.device)}
+
+
+@torch.library.custom_op("effbert::mc_candidate_loss_backward", mutates_args=())
+def _mc_candidate_loss_backward_op(grad: torch.Tensor, hidden: torch.Tensor, candidates: torch.Tensor,
+                                   dh: torch.Tensor, dscore: torch.Tensor, vocab: int, reduction: str,
+                                   backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    from ..kernels import mc_bert as kernels
+
+    m = hidden.shape[0]
+    scale = grad.float()
+    if reduction == "mean":
+        scale = scale / max(m, 1)
+    scale_rows = scale.reshape(-1, 1) if reduction == "none" else scale
+    d_hidden = (dh.float() * scale_rows).to(hidden.dtype)
+    dscore_s = (dscore * scale_rows).contiguous()
+    d_emb = torch.zeros(vocab, hidden.shape[1], dtype=torch.float32, device=hidden.device)
+    d_bias = torch.zeros(vocab, dtype=torch.float32, device=hidden.device)
+    plan = scatter_plan(candidates, hidden.shape[1], kernels.SCATTER_CHUNK)
+    kernels.mc_candidate_scatter(_rows(hidden), dscore_s, plan, d_emb, d_bias)
+    return d_hidden, d_emb, d_bias
+
+
+@_mc_candidate_loss_backward_op.register_fake
+def _(grad, hidden, candidates, dh, dscore, vocab, reduction, backend):
+    return (torch.empty_like(hidden), hidden.new_empty(vocab, hidden.shape[1], dtype=torch.float32),
+            hidden.new_empty(vocab, dtype=torch.float32))
+
+
+_mc_candidate_loss_op.register_autograd(_loss_backward, setup_context=_loss_setup_context)
+
+
+def mc_candidate_loss(hidden, embedding, bias, candidates, labels, *, reduction="mean", backend="auto"):
+    """The multi-choice cross-entropy of MC-BERT's main model (the published ``GenLMHead`` scoring).
+
+    ``hidden``: ``[M, D]`` (the transformed hidden states of the scored positions); ``embedding``: ``[V, D]`` (the
+    tied input embedding), same dtype; ``bias``: ``[V]`` (a scalar per token); ``candidates``: int64 ``[M, K]``
+    token ids, K >= 2; ``labels``: int64 ``[M]``, the correct slot of each row in ``[0, K)``. dtypes fp32, fp16,
+    bf16 (float64 on the eager backend); math in float32.
+
+    ``score[m, k] = <hidden[m], embedding[candidates[m, k]]> + bias[candidates[m, k]]``; returns the cross-entropy
+    of ``softmax(score[m])`` at ``labels[m]``: float32, the mean over rows (``reduction="mean"``, 0 for M = 0),
+    their sum (``"sum"``) or per row ``[M]`` (``"none"``). Gradients flow to ``hidden``, ``embedding`` and ``bias``;
+    the ``triton`` backend computes the gradient of ``hidden`` in the forward pass (the candidate rows are read
+    once) and scatter-adds the embedding-row and bias gradients in sorted order without atomics: bitwise
+    reproducible. Ids out of range raise ``ValueError`` (never read outside ``embedding``).
+    """
+    _check_loss_args(hidden, embedding, bias, candidates, labels, reduction)
+    name = loss_backend(hidden, embedding, bias, backend)
+    if name == "eager":
+        _check_ranges(candidates, labels, embedding.shape[0])
+        return reference.mc_candidate_loss(hidden, embedding, bias, candidates, labels, reduction=reduction)
+    need_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (hidden, embedding, bias))
+    if direct_call_ok(hidden, embedding, bias, candidates, labels):
+        rows, _, _ = _forward_impl(hidden, embedding, bias, candidates, labels, False)
+        return _reduce(rows, reduction)
+    return torch.ops.effbert.mc_candidate_loss(hidden, embedding, bias, candidates, labels, reduction, need_grad,
+                                               name)[0]
