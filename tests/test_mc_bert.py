@@ -522,3 +522,18 @@ def test_train_step_flops_of_the_mcbert_step():
         model(ids, torch.ones(3, 16, dtype=torch.bool), labels=labels).loss.backward()
     masked = int((ids == 4).sum())
     assert counter.get_total_flops() == train_step.mc_step_flops(sizes, 3, 16, masked)
+
+
+def test_save_pretrained_round_trips_the_controller(tmp_path):
+    from effbert.models import TupeBertForMultiChoicePretraining
+
+    model = _tiny_model()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    model.save_pretrained(tmp_path)
+    loaded = TupeBertForMultiChoicePretraining.from_pretrained(tmp_path, mask_token_id=4)
+    want, got = model.state_dict(), loaded.state_dict()
+    assert sorted(want) == sorted(got) and any(k.startswith("controller.") for k in got)
+    for name, tensor in want.items():
+        assert torch.equal(got[name], tensor), name
