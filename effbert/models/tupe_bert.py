@@ -234,7 +234,8 @@ class TupeBertModel(TupeBertPreTrainedModel):
             self.position_encoder = TupePositionBias(
                 config.hidden_size, config.num_attention_heads, max_positions=config.max_position_embeddings,
                 num_buckets=config.num_buckets if config.position_mode == "tupe-r" else None,
-                max_distance=config.max_distance, untie_cls=config.untie_cls, layer_norm_eps=config.position_layer_norm_eps,
+                max_distance=config.max_distance, untie_cls=config.untie_cls,
+                layer_norm_eps=config.position_layer_norm_eps,
                 backend=config.backend)
         self.encoder = TupeBertEncoder(config)
         self.pooler = TupeBertPooler(config) if add_pooling_layer else None
