@@ -377,3 +377,109 @@ def test_modules_fused_equal_eager_and_the_cache_follows_the_parameters(seeded):
         assert torch.allclose(second[:, 0, :], first[:, 0, :] + 1.0)
     with pytest.raises(ValueError, match="seq_len must be an int in \\[1, 16\\]"):
         pos_fused(17)
+
+
+# --- the CPU backend: PyTorch's fused CPU attention per sequence (effbert/ops/_tupe_attention_cpu.py) ----------
+
+def cpu_case(b, n, h, d, mask, *, bias=True, dtype=torch.float32, poison=False, scale=None):
+    """The cpu backend's output and gradients (q, k, v, pos_bias) against the float64 reference, on CPU tensors."""
+    q, k, v = (torch.randn(b, n, h, d, dtype=torch.float64) for _ in range(3))
+    pos = torch.randn(h, n, n, dtype=torch.float64) if bias else None
+    grad = torch.randn(b, n, h, d, dtype=torch.float64)
+    ref_leaves = [t.clone().requires_grad_() for t in (q, k, v)] + ([pos.clone().requires_grad_()] if bias else [])
+    ref = reference.tupe_attention(*ref_leaves[:3], ref_leaves[3] if bias else None, key_padding_mask=mask,
+                                   scale=scale)
+    ref.backward(grad)
+    if poison:  # padded keys' and queries' values must never reach a real token, forwards or backwards
+        for t, bad in zip((q, k, v), (float("nan"), float("inf"), float("inf"))):
+            t[~mask] = bad
+    leaves = [t.to(dtype).requires_grad_() for t in (q, k, v)] + ([pos.to(dtype).requires_grad_()] if bias else [])
+    out = effbert.tupe_attention(*leaves[:3], leaves[3] if bias else None, key_padding_mask=mask, scale=scale,
+                                 backend="cpu")
+    out.backward(grad.to(dtype))
+    assert out.dtype == dtype and out.shape == (b, n, h, d)
+    rtol = FP32_RTOL if dtype == torch.float32 else 1e-12
+    assert_close(out, ref, rtol=rtol, what="cpu output")
+    for name, t, r in zip("q k v pos_bias".split(), leaves, ref_leaves):
+        if n == 1 and name != "v":  # one key: these gradients are exactly 0 in exact arithmetic
+            assert t.grad.abs().max() < 1e-5
+            continue
+        assert_close(t.grad, r.grad, rtol=rtol * 4, what=f"cpu d {name}")
+    if mask is not None:
+        assert (out[~mask] == 0).all() and (leaves[0].grad[~mask] == 0).all()
+    return out, leaves
+
+
+@pytest.mark.parametrize("n", [1, 7, 64, 97, 129])
+@pytest.mark.parametrize("padded", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+def test_cpu_backend_forward_and_gradients_match_float64(n, padded, dtype, seeded):
+    b = 4
+    mask = None
+    if padded:
+        lengths = torch.tensor([n, max(1, n // 2), max(1, n // 2), max(1, n - 1)])  # two of one length: one call
+        mask = torch.arange(n)[None, :] < lengths[:, None]
+    cpu_case(b, n, 2, 16, mask, dtype=dtype)
+
+
+def test_cpu_backend_holes_dead_rows_no_bias_and_poisoned_padding(seeded):
+    n = 23
+    mask = torch.arange(n)[None, :] < torch.tensor([23, 9, 0, 17])[:, None]  # a sequence with no real token
+    mask[3, 4] = False  # a hole inside a sequence: not right padding
+    out, leaves = cpu_case(4, n, 2, 16, mask, poison=True)
+    assert (out[2] == 0).all()
+    for t in leaves:
+        assert torch.isfinite(t.grad).all()
+    cpu_case(4, n, 2, 32, mask, bias=False, poison=True, scale=0.3)
+
+
+def test_cpu_backend_nan_in_a_real_token_gives_nan(seeded):
+    q, k, v = (torch.randn(2, 9, 2, 16) for _ in range(3))
+    k[0, 3, 1, 5] = float("nan")
+    out = effbert.tupe_attention(q, k, v, torch.randn(2, 9, 9), backend="cpu")
+    assert torch.isnan(out[0, :, 1]).all() and torch.isfinite(out[0, :, 0]).all() and torch.isfinite(out[1]).all()
+
+
+def test_cpu_backend_varlen_equals_padded_and_auto_picks_it(seeded):
+    lengths = [5, 1, 17, 9, 9]
+    h, d, s = 2, 16, 20
+    cu = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32)
+    q, k, v = (torch.randn(int(cu[-1]), h, d) for _ in range(3))
+    pos = torch.randn(h, s, s)
+    out = effbert.tupe_attention_varlen(q, k, v, cu, max(lengths), pos, backend="cpu")
+    padded = [pad_packed(t.double(), cu, max(lengths))[0] for t in (q, k, v)]
+    mask = pad_packed(q, cu, max(lengths))[1]
+    ref = reference.tupe_attention(*padded, pos.double()[:, :max(lengths), :max(lengths)], key_padding_mask=mask)
+    assert_close(out, unpad(ref, cu))
+    assert attention_ops.attention_backend(q) == "cpu"
+    assert attention_ops.attention_backend(q.half()) == "eager"  # fp16 on the CPU: the reference
+    with pytest.raises(BackendNotSupportedError, match="fp32/fp64"):
+        effbert.tupe_attention(*(t[None].half() for t in (q, k, v)), backend="cpu")
+
+
+def test_cpu_backend_builds_no_batch_by_heads_square_tensor(seeded):
+    """Every tensor an aten op makes during the forward and backward is smaller than [B, H, N, N]: the bias is read
+    as the shared [H, N, N] and nothing materialises per sample and head pair."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    b, n, h, d = 6, 48, 3, 4
+    biggest = []
+
+    class Sizes(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            result = func(*args, **(kwargs or {}))
+            for t in torch.utils._pytree.tree_leaves(result):
+                if isinstance(t, torch.Tensor):
+                    biggest.append((t.numel(), str(func)))
+            return result
+
+    q, k, v = (torch.randn(b, n, h, d, requires_grad=True) for _ in range(3))
+    pos = torch.randn(h, n, n, requires_grad=True)
+    mask = torch.arange(n)[None, :] < torch.tensor([48, 30, 30, 12, 5, 40])[:, None]
+    with Sizes():
+        effbert.tupe_attention(q, k, v, pos, key_padding_mask=mask, backend="cpu").sum().backward()
+    assert max(biggest)[0] < b * h * n * n, max(biggest)
+    biggest.clear()
+    with Sizes():
+        effbert.tupe_attention(q, k, v, pos, key_padding_mask=mask, backend="eager")
+    assert max(biggest)[0] >= b * h * n * n  # the test can see one: the reference builds them

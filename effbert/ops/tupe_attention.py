@@ -11,6 +11,7 @@ from typing import List, Optional
 import torch
 
 from .. import reference
+from . import _tupe_attention_cpu
 from ._checks import FLOAT_DTYPES, check_same_device, check_tensor
 from ._dispatch import direct_call_ok, select_backend
 
@@ -20,13 +21,20 @@ HEAD_DIMS = (16, 32, 64, 128)  # the head dims the Triton kernels are built for
 
 
 def _preference(device):
-    return ("triton", "eager") if device.type == "cuda" else ("eager",)
+    if device.type == "cuda":
+        return ("triton", "eager")
+    return ("cpu", "eager") if device.type == "cpu" else ("eager",)
 
 
 def _reasons(q):
     def reasons(name):
-        if name in ("cuda", "cpu"):
-            return [f"no {name} kernel for tupe_attention (Triton and eager only)"]
+        if name == "cuda":
+            return ["no cuda kernel for tupe_attention (Triton on CUDA)"]
+        if name == "cpu":  # PyTorch's fused CPU attention per sequence (_tupe_attention_cpu)
+            if q.dtype not in (torch.float32, torch.float64):
+                return [f"the CPU path takes fp32/fp64 (pos_bias gradients accumulate in the input dtype), got "
+                        f"{str(q.dtype).replace('torch.', '')}"]
+            return []
         out = []
         if name == "triton":
             interpreted_fp64 = q.dtype == torch.float64 and q.device.type == "cpu"  # gradcheck under the interpreter
@@ -226,6 +234,8 @@ def tupe_attention(q, k, v, pos_bias=None, *, key_padding_mask=None, scale=None,
     if chosen == "eager":
         return reference.tupe_attention(q, k, v, pos_bias, key_padding_mask=key_padding_mask, scale=scale,
                                         dropout_p=float(dropout_p))
+    if chosen == "cpu":
+        return _tupe_attention_cpu.attention(q, k, v, pos_bias, key_padding_mask, scale, float(dropout_p))
     seed = _draw_seed(q.device) if dropout_p > 0 else None
     mask = key_padding_mask.contiguous() if key_padding_mask is not None else None
     args = (_unit_last(q), _unit_last(k), _unit_last(v), _unit_last(pos_bias), mask, None, n, scale,
@@ -269,6 +279,8 @@ def tupe_attention_varlen(q, k, v, cu_seqlens, max_seqlen, pos_bias=None, *, sca
     if chosen == "eager":
         return reference.tupe_attention_varlen(q, k, v, cu_seqlens, max_seqlen, pos_bias, scale=scale,
                                                dropout_p=float(dropout_p))
+    if chosen == "cpu":
+        return _tupe_attention_cpu.attention_varlen(q, k, v, cu_seqlens, pos_bias, scale, float(dropout_p))
     seed = _draw_seed(q.device) if dropout_p > 0 else None
     args = (_unit_last(q), _unit_last(k), _unit_last(v), _unit_last(pos_bias), None, cu_seqlens.contiguous(),
             max_seqlen, scale, float(dropout_p), seed)
