@@ -10,24 +10,12 @@
 
 #include "effbert/checks.h"
 #include "effbert/notes.h"
+#include "effbert/parallel.h"
 #include "effbert/registry.h"
 
 namespace {
 
-// Run fn(begin, end) over [0, n) on up to hardware_concurrency threads when the work is large enough.
-template <typename Fn>
-void parallel_for(int64_t n, int64_t work, Fn fn) {
-  const int64_t hw = std::max(1u, std::thread::hardware_concurrency());
-  const int64_t n_threads = std::min<int64_t>({hw, n, std::max<int64_t>(1, work >> 16)});
-  if (n_threads <= 1) {
-    fn(int64_t(0), n);
-    return;
-  }
-  std::vector<std::thread> pool;
-  const int64_t chunk = (n + n_threads - 1) / n_threads;
-  for (int64_t b = 0; b < n; b += chunk) pool.emplace_back(fn, b, std::min(n, b + chunk));
-  for (auto& t : pool) t.join();
-}
+using effbert::parallel_for;
 
 template <int DTYPE>
 void mix_rows(const char* x, int64_t t0, int64_t t1, int64_t dim, int64_t stride_x, const float* notes,

@@ -8,7 +8,7 @@ import torch
 from .. import _ext
 from .. import reference
 from ._checks import FLOAT_DTYPES, check_same_device, check_tensor
-from ._dispatch import default_preference, direct_call_ok, requested_backend, select_backend
+from ._dispatch import cached_selection, default_preference, direct_call_ok, requested_backend, select_backend
 
 __all__ = ["exit_entropy", "exit_decision", "BatchedExit", "check_criterion", "CRITERIA", "multi_exit_distillation_loss"]
 
@@ -60,9 +60,13 @@ def entropy_into(backend, logits, out):
     return out
 
 
+_ENTROPY_SELECTED = {}
+
+
 def entropy_backend(logits, backend="auto"):
     """The backend that ``exit_entropy(logits, backend=backend)`` would run (raises if none can serve)."""
-    return select_backend("exit_entropy", backend, logits.device, _entropy_reasons(logits), default_preference)
+    return cached_selection("exit_entropy", backend, logits.device, logits.dtype, _entropy_reasons(logits),
+                            default_preference, _ENTROPY_SELECTED)
 
 
 def entropy_dtype(logits):
