@@ -202,8 +202,8 @@ void exit_decision_cpu(const DecisionArgs& a) {
   const bool patience = a.criterion >= effbert::kCritPatience;
   // A bad id would write outside the outputs: refuse the call before any state changes.
   for (int64_t r = 0; r < a.rows; ++r)
-    effbert::require(ids[r] >= 0 && ids[r] < a.out_batch,
-                     "row_ids[" + std::to_string(r) + "] = " + std::to_string(ids[r]) + " outside [0, out_batch)");
+    if (!(ids[r] >= 0 && ids[r] < a.out_batch))
+      effbert::fail("row_ids[" + std::to_string(r) + "] = " + std::to_string(ids[r]) + " outside [0, out_batch)");
   int32_t kept = 0;
   for (int64_t r = 0; r < a.rows; ++r) {
     const int32_t id = ids[r];
