@@ -111,10 +111,51 @@ class TupeBertLayer(nn.Module):
         self.output_norm = nn.LayerNorm(h, eps=config.layer_norm_eps)
 
     def forward(self, hidden, pos_bias=None, key_padding_mask=None):
-        attn = self.attention(hidden, pos_bias=pos_bias, key_padding_mask=key_padding_mask)
+        packing = _packing(hidden, key_padding_mask, self.attention.backend)
+        if packing is not None:  # right-padded batch on the CPU: every matmul on real tokens only
+            rows, cu_seqlens, max_seqlen = packing
+            b, n, width = hidden.shape
+            packed = self._forward_tokens(hidden.reshape(b * n, width).index_select(0, rows), pos_bias,
+                                          (cu_seqlens, max_seqlen))
+            return hidden.new_zeros(b * n, width).index_copy(0, rows, packed).view(b, n, width)
+        return self._forward_tokens(hidden, pos_bias, key_padding_mask)
+
+    def _forward_tokens(self, hidden, pos_bias, mask_or_packing):
+        if isinstance(mask_or_packing, tuple):
+            cu_seqlens, max_seqlen = mask_or_packing
+            attn = self.attention(hidden, pos_bias=pos_bias, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
+        else:
+            attn = self.attention(hidden, pos_bias=pos_bias, key_padding_mask=mask_or_packing)
         hidden = self.attention_norm(hidden + self.attention_dropout(attn))
         ffn = self.output(self.act(self.intermediate(hidden)))
         return self.output_norm(hidden + self.output_dropout(ffn))
+
+
+def _packing(hidden, key_padding_mask, backend):
+    """``(rows, cu_seqlens, max_seqlen)`` when a layer should run on the real tokens only: CPU tensors on the CPU
+    attention backend, a right-padded batch (each sequence's real tokens first) with some padding. The layer is
+    token-wise but for attention, so packing gives the real tokens exactly what the padded batch gives them, and
+    skips the padded rows' projections and FFN (a third of a layer's work at two-thirds real tokens); the padded
+    positions come back as 0 (their hidden states carry no meaning). None otherwise."""
+    if key_padding_mask is None or hidden.device.type != "cpu" or hidden.dim() != 3:
+        return None
+    from ..ops.tupe_attention import attention_backend
+
+    try:
+        if attention_backend(hidden, backend) != "cpu":
+            return None
+    except Exception:  # the attention call itself reports what cannot serve
+        return None
+    real = key_padding_mask.bool() if key_padding_mask.dtype != torch.bool else key_padding_mask
+    if tuple(real.shape) != tuple(hidden.shape[:2]):
+        return None
+    lengths = real.sum(1)
+    n = hidden.shape[1]
+    if bool(real.all()) or not bool((real == (torch.arange(n) < lengths[:, None])).all()):
+        return None
+    cu_seqlens = torch.zeros(len(lengths) + 1, dtype=torch.int32)
+    cu_seqlens[1:] = lengths.cumsum(0)
+    return real.flatten().nonzero().squeeze(1), cu_seqlens, max(int(lengths.max()), 1)
 
 
 class TupeBertEncoder(nn.Module):
