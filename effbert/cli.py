@@ -17,6 +17,62 @@ class UsageError(Exception):
     """A mistake in a command line or in the files it names: reported in one line, exit code 2."""
 
 
+def parse_device(arg, flag="--device"):
+    """``--device``: ``cpu``, ``cuda`` or ``cuda:N`` (None: cuda when available), checked against this machine."""
+    import torch
+
+    if arg is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(arg)
+    except (RuntimeError, ValueError):
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise UsageError(f"{flag} must be cpu, cuda or cuda:N, got {arg!r}")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            why = "this torch is a CPU-only build" if torch.version.cuda is None else "torch sees no CUDA device"
+            raise UsageError(f"{flag} {arg}: no CUDA device is available ({why})")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise UsageError(f"{flag} {arg}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return device
+
+
+def check_backend(backend, device, flag="--backend"):
+    """An effbert op backend (or ``auto``) that can run on ``device``: available on this machine, and on the
+    device's kind (cpu: CPU tensors; cuda: CUDA tensors; triton: CUDA tensors, or CPU ones under
+    ``TRITON_INTERPRET=1``; eager: either)."""
+    from .ops import backends
+    from .ops._dispatch import _device_reasons
+
+    if backend in (None, "auto"):
+        return
+    status = backends().get(backend)
+    if status is None:
+        raise UsageError(f"{flag} must be auto or one of {sorted(backends())}, got {backend!r}")
+    if not status.available:
+        raise UsageError(f"{flag} {backend} cannot run here: {status}")
+    reasons = _device_reasons(backend, device)
+    if reasons:
+        raise UsageError(f"{flag} {backend} does not run with --device {device}: {'; '.join(reasons)}")
+
+
+def check_out_dir(path, flag="--out"):
+    """An output folder the command can make or write to, checked before any work: not an existing file, and
+    its nearest existing folder writable."""
+    import os
+
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise UsageError(f"{flag}: {path!r} exists and is not a folder")
+    parent = os.path.abspath(path)
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise UsageError(f"{flag}: cannot make {path!r}: {parent!r} is a file")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UsageError(f"{flag}: cannot write to {parent!r} (permission denied)")
+
+
 def run_command(prog, parser, check, body, argv):
     """Parse ``argv``, ``check(args)``, then ``body(args, log)``; a ``UsageError`` from either is one line on stderr
     and exit code 2, never a traceback."""
@@ -35,8 +91,13 @@ def run_command(prog, parser, check, body, argv):
 
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] in (["--version"], ["-V"]):
+        from . import __version__
+
+        print(f"effbert {__version__}")
+        return 0
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
-        print("usage: effbert {" + ",".join(COMMANDS) + "} [options]\n")
+        print("usage: effbert [--version] {" + ",".join(COMMANDS) + "} [options]\n")
         for name, (help_text, _) in COMMANDS.items():
             print(f"  {name:9} {help_text}")
         if argv and argv[0] not in ("-h", "--help"):

@@ -6,7 +6,8 @@ piece), masked-LM pretraining with the TNF note dictionary, then a topic classif
 prints the loss as it falls, then layers saved, speed-up and accuracy at a few exit thresholds against the
 full-depth model, and writes a plot (loss curve, speed-accuracy curve) to ``--out``.
 
-On a CUDA device it runs the fused kernels at larger sizes; on the CPU it runs a tiny model in about two minutes.
+On a CUDA device it runs the fused kernels at larger sizes; on the CPU it runs a tiny model (README.md, Demo, gives
+its time and results).
 """
 
 import argparse
@@ -18,6 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .cli import check_out_dir, parse_device, run_command
 from .pretrain import default_backend as _backend
 from .pretrain import mask_tokens
 from .pretrain import progress_bar as _progress
@@ -370,15 +372,20 @@ def run(out_dir="effbert-demo", quick=False, device=None, seed=0, quiet=False):
     return {"losses": losses, "full_accuracy": acc_full, "points": points, "plot": path}
 
 
+def _check_args(a):
+    # before minutes of training: a device this torch cannot use, an --out the plot cannot go to
+    parse_device(a.device)
+    check_out_dir(a.out)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="effbert demo", description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="effbert-demo", help="folder for the plot (default ./effbert-demo)")
     parser.add_argument("--quick", action="store_true", help="a reduced size (seconds, for tests)")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
-    run(args.out, quick=args.quick, device=args.device, seed=args.seed)
-    return 0
+    return run_command("effbert demo", parser, _check_args,
+                       lambda a, log: run(a.out, quick=a.quick, device=a.device, seed=a.seed), argv)
 
 
 if __name__ == "__main__":

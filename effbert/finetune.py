@@ -21,12 +21,13 @@ import glob
 import json
 import math
 import os
+import pickle
 import sys
 import time
 
 import torch
 
-from .cli import UsageError, run_command
+from .cli import UsageError, check_backend, check_out_dir, parse_device, run_command
 
 __all__ = ["main", "load_finetuned", "read_tsv", "UsageError"]
 
@@ -51,19 +52,59 @@ def read_tsv(path, flag="--train"):
     if not os.path.isfile(path):
         raise UsageError(f"{flag}: no such file {path!r}")
     labels, texts = [], []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            line = line.rstrip("\n").rstrip("\r")
-            if not line.strip():
-                continue
-            label, tab, text = line.partition("\t")
-            _fail_if(not tab, f"{flag}: line {n} of {path!r} has no TAB (expected label<TAB>text)")
-            label = label.strip()
-            _fail_if(not label, f"{flag}: line {n} of {path!r} has an empty label")
-            labels.append(label)
-            texts.append(text)
+    try:
+        with open(path, encoding="utf-8") as f:
+            raw = f.read()
+    except UnicodeDecodeError as exc:
+        line = _line_at(path, exc.start)
+        raise UsageError(f"{flag}: {path!r} is not UTF-8 text ({exc.reason} at byte {exc.start}, line {line}); "
+                         "convert it, e.g. iconv -f latin1 -t utf-8") from None
+    for n, line in enumerate(raw.split("\n"), 1):  # not splitlines(): a text may hold U+2028 and the like
+        line = line.rstrip("\r")
+        if not line.strip():
+            continue
+        label, tab, text = line.partition("\t")
+        _fail_if(not tab, f"{flag}: line {n} of {path!r} has no TAB (expected label<TAB>text)")
+        label = label.strip()
+        _fail_if(not label, f"{flag}: line {n} of {path!r} has an empty label")
+        labels.append(label)
+        texts.append(text)
     _fail_if(not texts, f"{flag}: {path!r} holds no examples")
     return labels, texts
+
+
+def _line_at(path, offset):
+    """The 1-based line of byte `offset` of a file."""
+    with open(path, "rb") as f:
+        return f.read(offset).count(b"\n") + 1
+
+
+# a first line whose label is one of these, seen nowhere else in the file, is a header row
+_HEADER_LABELS = {"label", "labels", "class", "category", "target", "y", "sentiment", "topic", "intent"}
+
+
+def check_labels(labels, texts, path, flag="--train", warn=None):
+    """Refuse a label column that holds text (the columns swapped: nearly one label per example) and a header row
+    taken for an example; ``warn(msg)`` hears about a label seen on one line only when others repeat."""
+    from collections import Counter
+
+    counts = Counter(labels)
+    n = len(labels)
+    if n >= 8 and len(counts) > n // 2:
+        many = f"{len(counts)} different labels in {n} examples of {path!r}"
+        wordy = sum(1 for lab in counts if len(lab.split()) > 2)
+        _fail_if(2 * wordy >= len(counts), f"{flag}: {many}, {wordy} of them several words long: is the file "
+                 "text<TAB>label? expected label<TAB>text")
+        if warn is not None:
+            warn(f"{flag}: {many}: few examples a class (is the first column the label?)")
+    first = labels[0]
+    if counts[first] == 1 and n > 1 and (first.lower() in _HEADER_LABELS
+                                         or texts[0].strip().lower() in ("text", "sentence", "texts", "review")):
+        raise UsageError(f"{flag}: line 1 of {path!r} ({first!r}<TAB>{texts[0][:20]!r}) looks like a header "
+                         "row; remove it (the file is label<TAB>text with no header)")
+    once = sorted(lab for lab, c in counts.items() if c == 1)
+    if warn is not None and once and len(once) < len(counts) and n >= 4 * len(counts):
+        warn(f"{flag}: label(s) {once[:5]} occur on one line only in {path!r}: a typo or a stray row?")
 
 
 def _encode(tokenizer, texts, max_len):
@@ -148,8 +189,8 @@ def _from_pretrain(path, num_labels, backend, cased):
         load_pretrained = _read_pretrain_folder
     try:
         mlm, tokenizer, _ = load_pretrained(path, backend=backend)
-    except (ValueError, OSError, KeyError, RuntimeError) as exc:
-        raise UsageError(f"--init: {exc}") from exc
+    except (ValueError, OSError, KeyError, RuntimeError, TypeError, EOFError, pickle.UnpicklingError) as exc:
+        raise UsageError(f"--init: {' '.join(str(exc).split())[:400]}") from None
     if cased is not None and cased != (not tokenizer.lowercase):
         raise UsageError(f"--cased {'given' if cased else 'not given'}, but the pretraining run "
                          f"{'lowercased' if tokenizer.lowercase else 'kept case'}")
@@ -178,7 +219,10 @@ def _read_pretrain_folder(path, backend="auto"):
         ckpts = sorted(glob.glob(os.path.join(path, "checkpoint-*.pt")))
         if not ckpts:
             raise FileNotFoundError(f"{path!r} holds neither {MODEL_FILE} nor a checkpoint")
-        state = torch.load(ckpts[-1], map_location="cpu", weights_only=False)["model"]
+        ckpt = torch.load(ckpts[-1], map_location="cpu", weights_only=True)  # never unpickle arbitrary objects
+        state = ckpt.get("model") if isinstance(ckpt, dict) else None
+        if not isinstance(state, dict):
+            raise ValueError(f"{ckpts[-1]!r} is not a checkpoint of effbert pretrain (no model state)")
     state = {k: v for k, v in state.items() if not k.startswith("notes.")}  # TNF's notes serve pretraining only
     model = TupeBertForMaskedLM(config)
     model.load_state_dict(state)
@@ -206,7 +250,9 @@ def _write(path, text):
 
 def load_finetuned(path, device=None, backend="auto"):
     """A model ``effbert finetune`` wrote to ``path``: ``(TupeBertForSequenceClassification with off-ramps, in
-    eval mode; WordPieceTokenizer; labels, a list of str indexed by class id; settings dict, with max_len)``."""
+    eval mode; WordPieceTokenizer; labels, a list of str indexed by class id; settings dict, with max_len)``.
+    Raises ``FileNotFoundError`` for a folder that is not such a run and ``ValueError`` for weights that cannot be
+    read with ``torch.load(..., weights_only=True)``."""
     from .models import TupeBertConfig, TupeBertForSequenceClassification
     from .text import WordPieceTokenizer
 
@@ -226,7 +272,12 @@ def load_finetuned(path, device=None, backend="auto"):
     if len(labels) != config.num_labels:
         raise ValueError(f"path: {LABELS_FILE} lists {len(labels)} labels, the config says {config.num_labels}")
     model = TupeBertForSequenceClassification(config)
-    model.load_state_dict(torch.load(os.path.join(path, MODEL_FILE), map_location="cpu", weights_only=True))
+    weights = os.path.join(path, MODEL_FILE)
+    try:
+        state = torch.load(weights, map_location="cpu", weights_only=True)  # tensors only: nothing else unpickled
+    except Exception as exc:  # a cut, tampered or foreign file
+        raise ValueError(f"path: cannot read {weights!r} ({' '.join(str(exc).split())[:300]})") from None
+    model.load_state_dict(state)
     if device is not None:
         model = model.to(device)
     tokenizer = WordPieceTokenizer.from_file(os.path.join(path, VOCAB_FILE), lowercase=not settings["cased"])
@@ -432,7 +483,10 @@ def build_parser():
     src = d.add_mutually_exclusive_group(required=True)
     src.add_argument("--init", metavar="DIR", help="an effbert pretrain output folder")
     src.add_argument("--hf", metavar="DIR", help="a local Hugging Face BERT folder (config, weights, vocab.txt)")
-    d.add_argument("--out", required=True, metavar="DIR", help="folder for the fine-tuned model and the report")
+    d.add_argument("--out", required=True, metavar="DIR", help="folder for the fine-tuned model and the report "
+                   "(new or empty)")
+    d.add_argument("--overwrite", action="store_true", help="replace an earlier effbert finetune run in --out (never "
+                   "another kind of folder)")
     d.add_argument("--max-len", type=int, default=128, help="longest input in pieces, [CLS] and [SEP] included")
     d.add_argument("--cased", action="store_true", default=None,
                    help="keep case and accents (default: as the checkpoint's tokenizer, else lowercase)")
@@ -480,21 +534,46 @@ def _check_args(a):
     _fail_if(a.log_every < 1, f"--log-every must be >= 1, got {a.log_every}")
     _fail_if(a.backend is not None and a.backend not in ("auto",) + BACKENDS,
              f"--backend must be one of {('auto',) + BACKENDS}, got {a.backend!r}")
-    if a.device is not None:
-        try:
-            dev = torch.device(a.device)
-        except (RuntimeError, ValueError) as exc:
-            raise UsageError(f"--device: {exc}") from exc
-        _fail_if(dev.type == "cuda" and not torch.cuda.is_available(), "--device cuda: no CUDA device here")
+    check_backend(a.backend, parse_device(a.device))
+    _check_out(a)
+
+
+# the files a finetune run writes: another run's (or anything's) are never overwritten
+_OUT_FILES = (CONFIG_FILE, MODEL_FILE, LABELS_FILE, VOCAB_FILE, SETTINGS_FILE, REPORT_FILE, PLOT_FILE)
+
+
+def _check_out(a):
+    """``--out`` is refused before any work when it is the model's source or holds what this command would
+    overwrite (a pretraining run, an earlier fine-tuning run without --overwrite, a file of the same name)."""
+    check_out_dir(a.out)
+    source = a.init if a.init is not None else a.hf
+    if source is not None and os.path.isdir(source) and os.path.isdir(a.out) \
+            and os.path.samefile(source, a.out):
+        raise UsageError(f"--out {a.out!r} is the folder of {'--init' if a.init else '--hf'}: fine-tuning would "
+                         "overwrite the model it starts from; choose another --out")
+    if not os.path.isdir(a.out):
+        return
+    held = [n for n in _OUT_FILES + ("pretrain.json",) if os.path.exists(os.path.join(a.out, n))]
+    if not held:
+        return
+    if os.path.exists(os.path.join(a.out, "pretrain.json")):
+        raise UsageError(f"--out: {a.out!r} holds an effbert pretrain run; choose another folder")
+    if not os.path.isfile(os.path.join(a.out, SETTINGS_FILE)):
+        raise UsageError(f"--out: {a.out!r} holds {', '.join(held)} of something else; choose another folder")
+    if not a.overwrite:
+        raise UsageError(f"--out: {a.out!r} holds an earlier effbert finetune run; pass --overwrite to replace it "
+                         "or choose another folder")
 
 
 def run(a, log):
     """The whole command; returns ``(model, report or None)``."""
     t0 = time.perf_counter()
-    device = torch.device(a.device if a.device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = parse_device(a.device)
     backend = a.backend if a.backend not in (None, "auto") else _default_backend(device)
     torch.manual_seed(a.seed)
     train_names, train_texts = read_tsv(a.train, "--train")
+    check_labels(train_names, train_texts, a.train, "--train",
+                 warn=lambda msg: print(f"effbert finetune: warning: {msg}", file=sys.stderr, flush=True))
     labels = sorted(set(train_names))
     _fail_if(len(labels) < 2, f"--train: every example has the label {labels[0]!r}; classification needs two")
     index = {name: i for i, name in enumerate(labels)}

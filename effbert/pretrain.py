@@ -27,7 +27,7 @@ import time
 
 import torch
 
-from .cli import UsageError, run_command
+from .cli import UsageError, check_backend, check_out_dir, parse_device, run_command
 
 __all__ = ["main", "load_pretrained", "mask_tokens", "progress_bar", "default_backend", "UsageError"]
 
@@ -35,6 +35,8 @@ CONFIG_FILE, VOCAB_FILE, RARE_FILE, RUN_FILE, MODEL_FILE, LOG_FILE = (
     "config.json", "vocab.txt", "rare_words.txt", "pretrain.json", "model.pt", "log.jsonl")
 CHECKPOINT_GLOB = "checkpoint-*.pt"
 KEEP_CHECKPOINTS = 2
+# The longest --max-len: TUPE-R's relative-position bucket table is max_len**2 int64 (8192: 512 MiB), and BERT's is 512
+MAX_LEN_LIMIT = 8192
 
 
 
@@ -213,6 +215,10 @@ def _check_args(a):
         v = getattr(a, k)
         _fail_if(v is not None and v < 1, f"--{k.replace('_', '-')} must be >= 1, got {v}")
     _fail_if(a.max_len is not None and a.max_len < 3, f"--max-len must be >= 3, got {a.max_len}")
+    _fail_if(a.max_len is not None and a.max_len > MAX_LEN_LIMIT,
+             f"--max-len must be <= {MAX_LEN_LIMIT} (TUPE-R keeps a max-len x max-len table), got {a.max_len}")
+    check_out_dir(a.out)
+    check_backend(a.backend, parse_device(a.device))
     _fail_if(a.tnf_window is not None and a.tnf_window < 0, f"--tnf-window must be >= 0, got {a.tnf_window}")
     for k in ("tnf_gamma", "tnf_lam"):
         v = getattr(a, k)
@@ -312,9 +318,33 @@ def _save_checkpoint(out_dir, step, model, opt, sched, config, tokenizer, table,
 
 def _load_checkpoint(path):
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # a truncated or foreign file: say which one
-        raise UsageError(f"--resume: cannot read checkpoint {path!r} ({exc})") from None
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # a truncated, tampered or foreign file: say which one
+        raise UsageError(f"--resume: cannot read checkpoint {path!r} ({_one_line(exc)})") from None
+    keys = ("step", "model", "optimizer", "scheduler", "rng")
+    ok = isinstance(ckpt, dict) and all(k in ckpt for k in keys) and isinstance(ckpt["step"], int) \
+        and ckpt["step"] >= 0 and isinstance(ckpt["model"], dict)
+    _fail_if(not ok, f"--resume: {path!r} is not a checkpoint of effbert pretrain (it lacks some of {keys})")
+    return ckpt
+
+
+def _one_line(exc):
+    return " ".join(str(exc).split())[:300]
+
+
+def read_weights(path, key=None):
+    """The tensors of a weights file (``torch.load(..., weights_only=True)``: nothing but tensors and plain
+    containers is ever unpickled), or ``file[key]``. A damaged, tampered or foreign file raises ``ValueError``
+    naming it."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # zip errors, UnpicklingError (a forbidden global), EOFError
+        raise ValueError(f"cannot read {path!r} ({_one_line(exc)})") from None
+    if key is not None:
+        state = state.get(key) if isinstance(state, dict) else None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"{path!r} holds no state dict of tensors" + (f" under {key!r}" if key else ""))
+    return state
 
 
 def _read_lines(path):
@@ -345,15 +375,15 @@ def load_pretrained(path, device=None, backend="auto"):
     tokenizer = WordPieceTokenizer.from_file(os.path.join(path, VOCAB_FILE), lowercase=not run["settings"]["cased"])
     final = os.path.join(path, MODEL_FILE)
     if os.path.isfile(final):
-        state = torch.load(final, map_location="cpu", weights_only=True)
+        state = read_weights(final)
     else:
         ckpts = checkpoints(path)
         if not ckpts:
             raise FileNotFoundError(f"path: {path!r} holds neither {MODEL_FILE} nor a checkpoint")
-        state = torch.load(ckpts[-1], map_location="cpu", weights_only=True)["model"]
+        state = read_weights(ckpts[-1], "model")
     table, notes = None, None
-    if run["settings"]["tnf"]:
-        words = _read_lines(os.path.join(path, RARE_FILE))
+    words = _read_lines(os.path.join(path, RARE_FILE)) if run["settings"]["tnf"] else []
+    if words:  # a run whose corpus had no word in the rare band trained without notes
         table = RareWordTable.build(words, tokenizer.word_ids, tokenizer.continuation)
         s = run["settings"]
         notes = NoteDictionary(len(table), config.hidden_size, window=s["tnf_window"], gamma=s["tnf_gamma"],
@@ -468,14 +498,21 @@ def _prepare(a, env, log):
     if a.resume:
         if not os.path.isfile(run_path):
             raise UsageError(f"--resume: {out!r} holds no {RUN_FILE}: nothing to resume")
-        with open(run_path, encoding="utf-8") as f:
-            saved_run = json.load(f)
+        saved_run = _read_run_file(run_path)
         ckpts = checkpoints(out)
         if ckpts:
             ckpt = _load_checkpoint(ckpts[-1])
+            _fail_if(ckpt["step"] > a.steps, f"--steps {a.steps} is below the step the run in {out!r} reached "
+                     f"({ckpt['step']}); give --steps >= {ckpt['step']}")
     elif os.path.isfile(run_path):
         raise UsageError(f"--out: {out!r} already holds a run; pass --resume to continue it or choose another "
                          "folder")
+    else:
+        # never overwrite what another command (or anything else) left there: a fine-tuned model, a config
+        others = sorted(n for n in (CONFIG_FILE, VOCAB_FILE, RARE_FILE, MODEL_FILE, LOG_FILE, "finetune.json")
+                        if os.path.exists(os.path.join(out, n))) if os.path.isdir(out) else []
+        _fail_if(others, f"--out: {out!r} holds {', '.join(others)} but no {RUN_FILE} (not a pretraining run of "
+                 "this command): choose another folder")
     s = _model_settings(a, saved_run["settings"] if saved_run else None)
     if saved_run is not None:
         diff = [f"--{k.replace('_', '-')} {saved_run['settings'][k]!r} -> {s[k]!r}" for k in MODEL_DEFAULTS
@@ -485,13 +522,19 @@ def _prepare(a, env, log):
     lines = read_corpus(a.data)
     # the vocabulary: the run's own when resuming, else the given file, else one built from the corpus
     if saved_run is not None:
-        tokenizer = WordPieceTokenizer.from_file(os.path.join(out, VOCAB_FILE), lowercase=not s["cased"])
+        tokenizer = _saved_part(out, VOCAB_FILE,
+                                lambda p: WordPieceTokenizer.from_file(p, lowercase=not s["cased"]))
         if a.vocab is not None:
             given = _tokenizer_from(a.vocab, s)
             _fail_if(given.vocab != tokenizer.vocab, f"--vocab {a.vocab!r} differs from the vocabulary of the run "
                      f"in {out!r}")
-        _fail_if(a.vocab_size is not None and a.vocab_size != len(tokenizer),
-                 f"--vocab-size {a.vocab_size} differs from the run's vocabulary ({len(tokenizer)} pieces)")
+        # the size asked for at the start, which a corpus may not fill; a run that recorded none: at least its size
+        asked = saved_run.get("vocab_size")
+        if a.vocab_size is not None and asked is not None:
+            _fail_if(a.vocab_size != asked, f"--vocab-size {a.vocab_size} differs from the run's --vocab-size {asked}")
+        elif a.vocab_size is not None:
+            _fail_if(a.vocab_size < len(tokenizer), f"--vocab-size {a.vocab_size} differs from the run's vocabulary "
+                     f"({len(tokenizer)} pieces)")
     elif a.vocab is not None:
         tokenizer = _tokenizer_from(a.vocab, s)
     else:
@@ -515,12 +558,60 @@ def _prepare(a, env, log):
         from .tnf import RareWordTable
 
         if saved_run is not None:
-            words = _read_lines(os.path.join(out, RARE_FILE))
+            words = _saved_part(out, RARE_FILE, _read_lines)
         else:
             words = rare_words(tokenizer, lines, s["tnf_min_count"], s["tnf_max_count"])
-        table = RareWordTable.build(words, tokenizer.word_ids, tokenizer.continuation)
+        if words:
+            table = RareWordTable.build(words, tokenizer.word_ids, tokenizer.continuation)
+        elif saved_run is None:
+            log(f"no word of the corpus occurs {s['tnf_min_count']} to {s['tnf_max_count']} times: training without "
+                "TNF notes (lower --tnf-min-count or raise --tnf-max-count for some)")
     run = {"settings": s, "config": config.to_dict()}
+    if saved_run is not None:
+        run["vocab_size"] = saved_run.get("vocab_size")
+    elif a.vocab is None:
+        run["vocab_size"] = a.vocab_size or 8000
     return lines, tokenizer, config, table, run, ckpt
+
+
+def _truncate_log(path, step):
+    """Drop the records after ``step`` from ``log.jsonl``: a resumed run logs those steps again."""
+    if not os.path.isfile(path):
+        return
+    with open(path, encoding="utf-8", errors="replace") as f:
+        lines = f.readlines()
+    keep = []
+    for line in lines:
+        try:
+            if int(json.loads(line)["step"]) <= step:
+                keep.append(line if line.endswith("\n") else line + "\n")
+        except (ValueError, KeyError, TypeError):
+            pass  # a line cut short by the crash
+    if len(keep) != len(lines):
+        _atomic_write("".join(keep), path)
+
+
+def _read_run_file(path):
+    """``pretrain.json`` of a run to resume: its settings and config, or a one-line error when it is damaged."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            run = json.load(f)
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise UsageError(f"--resume: cannot read {path!r} ({exc}); the run folder is damaged") from None
+    ok = isinstance(run, dict) and isinstance(run.get("settings"), dict) and isinstance(run.get("config"), dict)
+    _fail_if(not ok or any(k not in run["settings"] for k in MODEL_DEFAULTS),
+             f"--resume: {path!r} is not the run file of effbert pretrain (settings or config missing)")
+    return run
+
+
+def _saved_part(out, name, read):
+    """``read(path)`` of a file of the run in ``out``; a missing or unreadable one is a one-line error."""
+    path = os.path.join(out, name)
+    try:
+        return read(path)
+    except (OSError, UnicodeDecodeError, ValueError, TypeError) as exc:
+        raise UsageError(f"--resume: cannot read {path!r} ({exc}); the run folder is damaged or incomplete") \
+            from None
 
 
 def _tokenizer_from(path, s):
@@ -547,24 +638,10 @@ def _train(a, env, log, TupeBertForMaskedLM, NoteDictionary):
     log = log if env.main else (lambda *_: None)  # only rank 0 prints
     device = env.device
     backend = a.backend or default_backend(device)
-    if backend != "auto":
-        from .ops import backends
-
-        status = backends().get(backend)
-        _fail_if(status is None, f"--backend must be auto or one of {sorted(backends())}, got {backend!r}")
-        _fail_if(not status.available, f"--backend {backend} cannot run here: {status}")
+    check_backend(backend, device)
     lines, tokenizer, config, table, run, ckpt = _prepare(a, env, log)
     s = run["settings"]
     out = a.out
-    if env.main:
-        os.makedirs(out, exist_ok=True)
-        if ckpt is None:  # a fresh run (or a resumed one that never reached its first checkpoint)
-            _atomic_write(config.to_json() + "\n", os.path.join(out, CONFIG_FILE))
-            tokenizer.save(os.path.join(out, VOCAB_FILE))
-            if table is not None:
-                _atomic_write("".join(w + "\n" for w in table.words), os.path.join(out, RARE_FILE))
-            _atomic_write(json.dumps(run, indent=2, sort_keys=True) + "\n", os.path.join(out, RUN_FILE))
-    env.barrier()  # every rank sees the run files before any rank could fail on them
 
     ids, lengths = tokenizer.encode_batch(lines, config.max_position_embeddings)
     torch.manual_seed(s["seed"])  # the initial weights
@@ -572,25 +649,54 @@ def _train(a, env, log, TupeBertForMaskedLM, NoteDictionary):
     if table is not None:
         notes = NoteDictionary(len(table), config.hidden_size, window=s["tnf_window"], gamma=s["tnf_gamma"],
                                lam=s["tnf_lam"])
-    model = TupeBertForMaskedLM(config, note_dictionary=notes)
-    try:
+    try:  # the model exists before any file is written: a size that does not fit leaves no half-made run
+        model = TupeBertForMaskedLM(config, note_dictionary=notes)
         model.set_backend(backend)
+        model = model.to(device).train()
     except ValueError as exc:
         raise UsageError(f"--backend: {exc}") from None
-    model = model.to(device).train()
+    except (MemoryError, RuntimeError) as exc:  # torch's CPU allocator raises RuntimeError, CUDA's a subclass
+        if not isinstance(exc, MemoryError) and not any(w in str(exc).lower() for w in ("alloc", "out of memory")):
+            raise
+        raise UsageError(f"the model does not fit in memory on {device} ({_one_line(exc)}); lower --max-len, "
+                         "--hidden or --layers") from None
     opt = torch.optim.AdamW(_param_groups(model, a.weight_decay), lr=a.lr)
     warmup = a.warmup if a.warmup is not None else a.steps // 10
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _schedule(warmup, a.steps))
     start = 0
     if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
-        opt.load_state_dict(ckpt["optimizer"])
-        sched.load_state_dict(ckpt["scheduler"])
-        torch.set_rng_state(ckpt["rng"]["torch"])
-        if "cuda" in ckpt["rng"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
-        start = int(ckpt["step"])
-        log(f"resuming from step {start} ({checkpoints(out)[-1]})")
+        path = checkpoints(out)[-1]
+        try:
+            model.load_state_dict(ckpt["model"])
+            opt.load_state_dict(ckpt["optimizer"])
+            sched.load_state_dict(ckpt["scheduler"])
+            torch.set_rng_state(ckpt["rng"]["torch"])
+            if "cuda" in ckpt["rng"] and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
+        except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as exc:
+            raise UsageError(f"--resume: checkpoint {path!r} does not fit the run in {out!r} "
+                             f"({_one_line(exc)})") from None
+        _fail_if(not all(bool(torch.isfinite(p).all()) for p in model.parameters()),
+                 f"--resume: checkpoint {path!r} holds non-finite weights")
+        start = ckpt["step"]
+        # --lr and --weight-decay may change on resume: the schedule continues from the new peak
+        sched.base_lrs = [a.lr for _ in opt.param_groups]
+        for group in opt.param_groups:
+            group["initial_lr"], group["lr"] = a.lr, a.lr * _schedule(warmup, a.steps)(sched.last_epoch)
+        sched._last_lr = [group["lr"] for group in opt.param_groups]
+        opt.param_groups[0]["weight_decay"] = a.weight_decay  # group 1 (biases, norms) is never decayed
+        log(f"resuming from step {start} ({path})")
+    if env.main:
+        os.makedirs(out, exist_ok=True)
+        if ckpt is None:  # a fresh run (or a resumed one that never reached its first checkpoint)
+            _atomic_write(config.to_json() + "\n", os.path.join(out, CONFIG_FILE))
+            tokenizer.save(os.path.join(out, VOCAB_FILE))
+            if s["tnf"]:
+                words = table.words if table is not None else []
+                _atomic_write("".join(w + "\n" for w in words), os.path.join(out, RARE_FILE))
+            _atomic_write(json.dumps(run, indent=2, sort_keys=True) + "\n", os.path.join(out, RUN_FILE))
+        _truncate_log(os.path.join(out, LOG_FILE), start)
+    env.barrier()  # every rank sees the run files before any rank could fail on them
     ddp = model
     if env.group is not None:
         from torch.nn.parallel import DistributedDataParallel
@@ -632,6 +738,9 @@ def _train(a, env, log, TupeBertForMaskedLM, NoteDictionary):
         if table is not None:
             model.update_notes(out_.last_hidden_state, spans.to(device), dev_len, process_group=env.group)
         batch_loss = float(totals[0]) / total_targets
+        if not math.isfinite(batch_loss):  # every rank sees the same total, so every rank stops here
+            raise UsageError(f"the loss is {batch_loss} at step {step + 1}: stopping (lower --lr); the checkpoints in "
+                             f"{os.path.abspath(out)} are the last good ones, resume from them with --resume")
         window.append(batch_loss)
         done = step + 1
         if bar is not None:
@@ -651,8 +760,14 @@ def _train(a, env, log, TupeBertForMaskedLM, NoteDictionary):
                 else:
                     log(line)
             window = []
-        if env.main and (done == a.steps or (a.save_every and done % a.save_every == 0)):
-            _save_checkpoint(out, done, model, opt, sched, config, tokenizer, table, run)
+        if done == a.steps or (a.save_every and done % a.save_every == 0):
+            # a finite loss can still leave non-finite weights: they never replace a good checkpoint
+            finite = torch.stack([torch.isfinite(t).all() for t in model.state_dict().values()
+                                  if t.is_floating_point()]).all()  # the weights and the notes
+            _fail_if(not bool(finite), f"non-finite weights after step {done}: stopping (lower --lr); the "
+                     f"checkpoints in {os.path.abspath(out)} are the last good ones")
+            if env.main:
+                _save_checkpoint(out, done, model, opt, sched, config, tokenizer, table, run)
     if bar is not None:
         bar.close()
     if env.main:

@@ -85,6 +85,8 @@ class WordPieceTokenizer:
     """BERT's WordPiece tokenizer over ``vocab`` (a list of pieces; index = id). ``vocab`` must hold the specials
     ``[PAD] [UNK] [CLS] [SEP] [MASK]`` (anywhere) and no piece twice."""
 
+    WORD_CACHE_SIZE = 100_000  # words whose pieces are remembered (each at most MAX_WORD_CHARS long)
+
     def __init__(self, vocab, *, lowercase=True):
         if isinstance(vocab, (str, bytes)) or not hasattr(vocab, "__iter__"):
             raise TypeError(f"vocab must be a list of str, got {type(vocab).__name__}")
@@ -236,23 +238,24 @@ class WordPieceTokenizer:
         if cached is not None:
             return cached
         if len(word) > MAX_WORD_CHARS:
-            pieces = ["[UNK]"]
-        else:
-            pieces = []
-            start = 0
-            while start < len(word):
-                # the longest piece from start that the vocabulary holds
-                for end in range(len(word), start, -1):
-                    piece = word[start:end] if start == 0 else _PREFIX + word[start:end]
-                    if piece in self._index:
-                        break
-                else:
-                    pieces = ["[UNK]"]  # one uncovered character makes the whole word unknown
+            return ["[UNK]"]  # not cached: the cache's keys stay short
+        pieces = []
+        start = 0
+        while start < len(word):
+            # the longest piece from start that the vocabulary holds
+            for end in range(len(word), start, -1):
+                piece = word[start:end] if start == 0 else _PREFIX + word[start:end]
+                if piece in self._index:
                     break
-                pieces.append(piece)
-                start = end
-        if len(self._pieces_cache) < 1_000_000:
-            self._pieces_cache[word] = pieces
+            else:
+                pieces = ["[UNK]"]  # one uncovered character makes the whole word unknown
+                break
+            pieces.append(piece)
+            start = end
+        # at most WORD_CACHE_SIZE words, oldest out first: memory stays bounded however much junk text goes through
+        if len(self._pieces_cache) >= self.WORD_CACHE_SIZE:
+            del self._pieces_cache[next(iter(self._pieces_cache))]
+        self._pieces_cache[word] = pieces
         return pieces
 
     def tokenize(self, text):

@@ -38,6 +38,15 @@ def test_bad_arguments_are_rejected(tmp_path, capsys):
     with pytest.raises(SystemExit):
         runner.main(["--budget", "0", "--out", str(tmp_path)])
     assert "--budget" in capsys.readouterr().err
+    # an --out or --compare the run could not use is refused before it measures anything, not after
+    (tmp_path / "file").write_text("x")
+    (tmp_path / "cut.json").write_text('{"cases": [')
+    for argv, message in ((["--out", str(tmp_path / "file")], "exists and is not a folder"),
+                          (["--compare", str(tmp_path / "cut.json")], "is not the bench.json of an earlier run")):
+        with pytest.raises(SystemExit) as exc:
+            runner.main(["--op", "exit_entropy", "--quick", *argv])
+        err = capsys.readouterr().err
+        assert exc.value.code == 2 and message in err and "measuring" not in err
 
 
 def test_a_spent_budget_skips_the_remaining_cases_but_writes_the_files(tmp_path):

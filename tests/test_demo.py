@@ -47,3 +47,19 @@ def test_toy_corpus_tokenisation_is_consistent():
     assert len(pieces) == sizes.content_words  # one piece sequence per word
     ids, lengths = corpus.encode(corpus.build(20)[0])
     assert (ids[:, 0] == demo.CLS).all() and (ids[range(20), lengths - 1] == demo.SEP).all()
+
+
+def test_demo_bad_device_or_out_fails_first_in_one_line(tmp_path, capsys):
+    import torch
+
+    cases = [(["--device", "tpu"], "--device must be cpu, cuda or cuda:N, got 'tpu'")]
+    if not torch.cuda.is_available():
+        cases.append((["--device", "cuda"], "--device cuda: no CUDA device is available"))
+    (tmp_path / "file").write_text("x")
+    cases.append((["--out", str(tmp_path / "file")], "exists and is not a folder"))
+    for argv, message in cases:
+        assert cli.main(["demo", "--quick", *argv]) == 2
+        captured = capsys.readouterr()
+        lines = captured.err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("effbert demo: error:") and message in lines[0], lines
+        assert "MLM" not in captured.out  # nothing ran

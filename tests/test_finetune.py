@@ -4,6 +4,7 @@ with a clear message."""
 
 import importlib.util
 import json
+import os
 import random
 import sys
 
@@ -21,7 +22,7 @@ def installed(name):
 
 
 needs_hf = pytest.mark.skipif(not installed("transformers"),
-                              reason="transformers is not installed (pip install effbert[hf])")
+                              reason="transformers is not installed (pip install -e '.[hf]')")
 SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 # two topics with their own words, and shared filler words; topic words are split in pieces for some
 WORDS = {"sport": ["ball", "goal", "team", "match", "score", "coach"],
@@ -177,6 +178,7 @@ def test_finetune_from_a_pretrain_folder(tmp_path, data, capsys):
             "--backend", "eager", "--device", "cpu", "--quiet", "--eval-batch-size", "16"]
     assert cli.main(argv) == 0
     check_reload(out, data, check_report(out, "entropy", 4))
+    argv.append("--overwrite")  # the run above is in --out
     assert cli.main(argv[:2] + [str(tmp_path / "missing")] + argv[3:]) == 2
     assert "--init:" in capsys.readouterr().err
     with open(tmp_path / "pre" / "vocab.txt", "a") as f:
@@ -240,13 +242,28 @@ def test_finetune_from_a_classifier_checkpoint_starts_from_its_head(tmp_path, da
     ({"--train": "BAD"}, "has no TAB"),
     ({"--eval": "UNKNOWN"}, "do not occur in --train"),
     ({"--train": "ONE"}, "classification needs two"),
+    ({"--train": "LATIN1"}, "is not UTF-8 text (invalid continuation byte at byte 23, line 2)"),
+    ({"--train": "SWAPPED"}, "is the file text<TAB>label?"),
+    ({"--train": "HEADER"}, "looks like a header row"),
+    ({"--device": "tpu"}, "--device must be cpu, cuda or cuda:N, got 'tpu'"),
+    ({"--out": "FILE"}, "exists and is not a folder"),
+    ({"--out": "UNDER_FILE"}, "is a file"),
 ])
 def test_bad_arguments_exit_2_with_a_clear_message(hf_dir, data, tmp_path, capsys, change, message):
+    """Every mistake fails first, in one line, before any training (nothing is printed to stdout)."""
     (tmp_path / "bad.tsv").write_text("sport\tthe ball\nfood the soup\n")
     (tmp_path / "unknown.tsv").write_text("music\tthe song\n")
     (tmp_path / "one.tsv").write_text("food\tsoup\nfood\trice\n")
+    (tmp_path / "latin1.tsv").write_bytes("food\tsoup\nsport\tthe caf\u00e9 team\n".encode("latin-1"))
+    rows = (data / "train.tsv").read_text().splitlines()
+    (tmp_path / "swapped.tsv").write_text("".join("\t".join(r.split("\t")[::-1]) + "\n" for r in rows))
+    (tmp_path / "header.tsv").write_text("label\ttext\n" + "\n".join(rows) + "\n")
+    (tmp_path / "file").write_text("not a folder")
     files = {"MISSING": str(tmp_path / "nope.tsv"), "BAD": str(tmp_path / "bad.tsv"),
-             "UNKNOWN": str(tmp_path / "unknown.tsv"), "ONE": str(tmp_path / "one.tsv")}
+             "UNKNOWN": str(tmp_path / "unknown.tsv"), "ONE": str(tmp_path / "one.tsv"),
+             "LATIN1": str(tmp_path / "latin1.tsv"), "SWAPPED": str(tmp_path / "swapped.tsv"),
+             "HEADER": str(tmp_path / "header.tsv"), "FILE": str(tmp_path / "file"),
+             "UNDER_FILE": str(tmp_path / "file" / "run")}
     argv = args(hf_dir, data, tmp_path / "out", "--steps", "2")
     for flag, value in change.items():
         if flag not in argv:
@@ -254,8 +271,10 @@ def test_bad_arguments_exit_2_with_a_clear_message(hf_dir, data, tmp_path, capsy
         i = argv.index(flag)
         argv[i:i + 2] = [flag, *files.get(value, value).split()]
     assert cli.main(argv) == 2
-    err = capsys.readouterr().err
+    captured = capsys.readouterr()
+    err = captured.err
     assert err.startswith("effbert finetune: error:") and message in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1 and "fine-tuning" not in captured.out
     assert not (tmp_path / "out" / "model.pt").exists()
 
 
@@ -265,7 +284,8 @@ def test_hf_without_transformers_says_how_to_install(data, tmp_path, capsys, mon
     folder.mkdir()
     (folder / "vocab.txt").write_text("".join(v + "\n" for v in vocab()))
     assert cli.main(args(folder, data, tmp_path / "out", "--steps", "2")) == 2
-    assert "pip install effbert[hf]" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "pip install transformers safetensors" in err and "effbert[hf]" not in err
 
 
 def test_usage_errors_from_argparse(capsys):
@@ -280,3 +300,119 @@ def test_load_finetuned_refuses_other_folders(tmp_path):
         finetune.load_finetuned(tmp_path / "missing")
     with pytest.raises(FileNotFoundError, match="config.json"):
         finetune.load_finetuned(tmp_path)
+
+
+def test_load_finetuned_never_unpickles_code(tmp_path, data, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    write_pretrain_folder(tmp_path / "pre", tnf_notes=False)
+    out = tmp_path / "run"
+    assert cli.main(["finetune", "--init", str(tmp_path / "pre"), "--train", str(data / "train.tsv"), "--out",
+                     str(out), "--steps", "1", "--backend", "eager", "--device", "cpu", "--quiet"]) == 0
+    torch.save(_Payload(), out / "model.pt")
+    with pytest.raises(ValueError, match="cannot read .*model.pt"):
+        finetune.load_finetuned(out)
+    assert not (tmp_path / "PWNED_DIR").exists()
+
+
+def test_out_never_destroys_another_run(tmp_path, data, capsys):
+    """--out equal to --init, or holding a pretraining run, an earlier fine-tuning run or foreign files, is refused
+    before any work and left as it was; --overwrite replaces an earlier fine-tuning run only."""
+    write_pretrain_folder(tmp_path / "pre", tnf_notes=False)
+
+    def argv(out, *extra):
+        return ["finetune", "--init", str(tmp_path / "pre"), "--train", str(data / "train.tsv"), "--out", str(out),
+                "--steps", "2", "--batch-size", "16", "--backend", "eager", "--device", "cpu", "--quiet", *extra]
+
+    def snapshot(folder):
+        return {p.name: p.read_bytes() for p in folder.iterdir()}
+
+    before = snapshot(tmp_path / "pre")
+    for out, message in ((tmp_path / "pre", "is the folder of --init"),
+                         (tmp_path / "pre" / ".." / "pre", "is the folder of --init")):
+        assert cli.main(argv(out)) == 2
+        assert message in capsys.readouterr().err
+    write_pretrain_folder(tmp_path / "pre2", tnf_notes=False)
+    before2 = snapshot(tmp_path / "pre2")
+    assert cli.main(argv(tmp_path / "pre2", "--overwrite")) == 2
+    assert "holds an effbert pretrain run" in capsys.readouterr().err
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "config.json").write_text("{}")
+    assert cli.main(argv(foreign, "--overwrite")) == 2
+    assert "of something else" in capsys.readouterr().err
+    assert snapshot(tmp_path / "pre") == before and snapshot(tmp_path / "pre2") == before2
+    assert (foreign / "config.json").read_text() == "{}"
+    # an earlier fine-tuning run: refused, then replaced on request
+    assert cli.main(argv(tmp_path / "ft")) == 0
+    first = snapshot(tmp_path / "ft")
+    capsys.readouterr()
+    assert cli.main(argv(tmp_path / "ft", "--seed", "1")) == 2
+    assert "pass --overwrite" in capsys.readouterr().err and snapshot(tmp_path / "ft") == first
+    assert cli.main(argv(tmp_path / "ft", "--seed", "1", "--overwrite")) == 0
+    assert snapshot(tmp_path / "ft")["model.pt"] != first["model.pt"]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert cli.main(argv(empty)) == 0  # a new, empty folder is fine
+
+
+class _Payload:
+    def __reduce__(self):
+        return (os.mkdir, ("PWNED_DIR",))
+
+
+@pytest.mark.parametrize("reader", ["load_pretrained", "folder"])
+def test_tampered_pretrain_checkpoint_is_never_unpickled(tmp_path, data, capsys, monkeypatch, reader):
+    """A checkpoint that unpickles to code: the finetune command refuses it in one line and runs nothing, both
+    through load_pretrained and through the fallback that reads the folder directly."""
+    monkeypatch.chdir(tmp_path)
+    write_pretrain_folder(tmp_path / "pre", tnf_notes=False)
+    os.remove(tmp_path / "pre" / "model.pt")
+    torch.save({"step": 1, "model": _Payload()}, tmp_path / "pre" / "checkpoint-00000001.pt")
+    if reader == "folder":
+        monkeypatch.setitem(sys.modules, "effbert.pretrain", None)  # the install without the pretrain command
+        with pytest.raises(Exception, match="Weights only load failed"):
+            finetune._read_pretrain_folder(str(tmp_path / "pre"))
+    assert cli.main(["finetune", "--init", str(tmp_path / "pre"), "--train", str(data / "train.tsv"), "--out",
+                     str(tmp_path / "run"), "--steps", "2", "--backend", "eager", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("effbert finetune: error: --init:") and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "PWNED_DIR").exists() and not (tmp_path / "run" / "model.pt").exists()
+
+
+def test_a_suspicious_label_column_warns(tmp_path, data, capsys):
+    names, texts = finetune.read_tsv(str(data / "train.tsv"))
+    warned = []
+    finetune.check_labels(names + ["spoort"], texts + ["the ball"], "t.tsv", warn=warned.append)
+    assert len(warned) == 1 and "'spoort'" in warned[0]
+    finetune.check_labels(names, texts, "t.tsv", warn=warned.append)
+    assert len(warned) == 1  # well-formed data is quiet
+
+
+@pytest.mark.parametrize("damage", ["config-cut", "config-bad-size", "run-file-list", "weights-cut", "weights-other",
+                                    "no-vocab", "no-weights"])
+def test_damaged_init_folder_is_one_line(tmp_path, data, capsys, damage):
+    pre = tmp_path / "pre"
+    write_pretrain_folder(pre, tnf_notes=False)
+    edit = {
+        "config-cut": lambda: (pre / "config.json").write_text('{"hidden_size": 3'),
+        "config-bad-size": lambda: (pre / "config.json").write_text(json.dumps(
+            dict(json.loads((pre / "config.json").read_text()), hidden_size=-4))),
+        "run-file-list": lambda: (pre / "pretrain.json").write_text("[]"),
+        "weights-cut": lambda: (pre / "model.pt").write_bytes((pre / "model.pt").read_bytes()[:300]),
+        "weights-other": lambda: torch.save({"embeddings.word_embeddings.weight": torch.ones(2, 2)}, pre / "model.pt"),
+        "no-vocab": lambda: os.remove(pre / "vocab.txt"),
+        "no-weights": lambda: os.remove(pre / "model.pt"),
+    }
+    edit[damage]()
+    assert cli.main(["finetune", "--init", str(pre), "--train", str(data / "train.tsv"), "--out",
+                     str(tmp_path / "run"), "--steps", "2", "--backend", "eager", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("effbert finetune: error: --init:") and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "run").exists()
+
+
+def test_read_tsv_splits_on_newlines_only(tmp_path):
+    """A text holding U+2028 or a form feed stays one example; CRLF files read like LF ones."""
+    path = tmp_path / "t.tsv"
+    path.write_bytes("a\tone\u2028two\r\nb\tthree\x0cfour\n\n".encode("utf-8"))
+    assert finetune.read_tsv(str(path)) == (["a", "b"], ["one\u2028two", "three\x0cfour"])

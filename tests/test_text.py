@@ -250,3 +250,21 @@ def test_errors(tmp_path):
         WordPieceTokenizer.build(["ab"], 0)
     with pytest.raises(TypeError, match="texts"):
         WordPieceTokenizer.build(None, 100)
+
+
+def test_word_cache_is_bounded(monkeypatch):
+    """Junk text (many distinct words, very long words) keeps the word cache at WORD_CACHE_SIZE short entries,
+    and a word tokenized after its entry was evicted gets the same pieces."""
+    from effbert.text import MAX_WORD_CHARS
+
+    tok = WordPieceTokenizer(list(SPECIAL_TOKENS) + ["a", "b", "##a", "##b"])
+    monkeypatch.setattr(WordPieceTokenizer, "WORD_CACHE_SIZE", 8)
+    first = tok.tokenize("ab")
+    assert first == ["a", "##b"]
+    junk = " ".join("ab" * (i % 40 + 1) + "a" * (i // 40) for i in range(200))
+    tok.tokenize(junk)
+    long_word = "a" * (MAX_WORD_CHARS + 1)
+    assert tok.tokenize(long_word) == ["[UNK]"]
+    assert len(tok._pieces_cache) <= 8
+    assert all(len(w) <= MAX_WORD_CHARS for w in tok._pieces_cache)
+    assert "ab" not in tok._pieces_cache and tok.tokenize("ab") == first

@@ -328,6 +328,8 @@ def _progress(items, enabled):
 
 
 def main(argv=None):
+    from ..cli import UsageError, check_out_dir
+
     parser = argparse.ArgumentParser(prog="effbert bench", description="effbert microbenchmark suite")
     parser.add_argument("--op", default=None, help="only this op (e.g. exit_entropy) or family (e.g. early_exit)")
     parser.add_argument("--quick", action="store_true", help="fewer shapes and shorter timing")
@@ -349,6 +351,18 @@ def main(argv=None):
         return 0
     if args.compare and not Path(args.compare).is_file():
         parser.error(f"--compare must name an existing JSON file from an earlier run, got {args.compare!r}")
+    if args.compare:  # read it now, not after the whole run
+        try:
+            old = json.loads(Path(args.compare).read_text(encoding="utf-8"))
+            ok = isinstance(old, dict) and isinstance(old.get("cases"), list)
+        except (OSError, ValueError):
+            ok = False
+        if not ok:
+            parser.error(f"--compare: {args.compare!r} is not the bench.json of an earlier run")
+    try:
+        check_out_dir(args.out)
+    except UsageError as exc:
+        parser.error(str(exc))
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     env = environment(device)
@@ -383,7 +397,7 @@ def main(argv=None):
                   f"({c['ratio']:.2f}x, noise allowance {c['tolerance']:.0%})")
     wrong = [r for r in rows if r["status"] in ("wrong", "error")]
     print(f"\nwrote {out / 'bench.json'}, {out / 'bench.md'}" + "".join(f", {p}" for p in plots)
-          + ("" if plots else " (no plots: matplotlib is not installed; pip install effbert[bench])"))
+          + ("" if plots else " (no plots: matplotlib is not installed; pip install matplotlib)"))
     if wrong:
         print(f"{len(wrong)} cases failed their correctness check or raised; see the table")
     return 1 if any(r["status"] == "wrong" and r["provider"].startswith("effbert") for r in rows) else 0

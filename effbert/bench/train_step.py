@@ -126,7 +126,7 @@ class _Trainer:
 def _transformers_reason():
     try:
         return [] if importlib.util.find_spec("transformers") else [
-            "transformers is not installed (pip install effbert[hf])"]
+            "transformers is not installed (pip install transformers safetensors)"]
     except (ImportError, ValueError):
         return ["transformers is not importable"]
 

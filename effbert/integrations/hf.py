@@ -1,4 +1,5 @@
-"""Hugging Face BERT interoperability (``pip install effbert[hf]``).
+"""Hugging Face BERT interoperability (needs transformers and safetensors: ``pip install -e ".[hf]"`` in the
+effbert checkout, or ``pip install transformers safetensors``).
 
 - ``from_hf_bert(model_or_path)``: a pretrained HF BERT (a model object or a local folder holding ``config.json``
   and ``model.safetensors``) as an effbert model in ``position_mode="absolute"``, same outputs on real tokens.
@@ -28,7 +29,8 @@ from ..ops._dispatch import BACKENDS
 __all__ = ["from_hf_bert", "patch_bert_attention", "EffbertBertSelfAttention", "hf_state_dict_to_effbert",
            "config_from_hf", "multi_exit_bert", "MultiExitBert"]
 
-_INSTALL_HINT = "transformers is needed for effbert.integrations.hf: pip install effbert[hf]"
+_INSTALL_HINT = ("transformers is needed for effbert.integrations.hf: pip install transformers safetensors "
+                 "(or pip install -e '.[hf]' in the effbert checkout)")
 # HF activation names -> ours (the tanh approximations are one function under several names)
 _ACTS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu_fast": "gelu_tanh",
          "relu": "relu"}
@@ -212,6 +214,9 @@ class _MaskConverter:
     def __call__(self, mask, batch, seq_len):
         if mask is None:
             return None
+        if isinstance(mask, torch.Tensor) and mask.is_inference():
+            # an inference tensor (torch.inference_mode) has no version counter to tell an in-place edit by
+            return self._convert(mask, batch, seq_len)
         if self._mask is mask and self._version == mask._version:
             return self._out  # the same mask object is handed to every layer
         out = self._convert(mask, batch, seq_len)
@@ -249,22 +254,37 @@ class EffbertBertSelfAttention(nn.Module):
     """Stands in for HF's ``BertSelfAttention``: the same ``query``/``key``/``value`` Linear modules (shared, not
     copied), the attention itself through ``effbert.tupe_attention``. Returns ``(context, None)`` as HF's does
     when attention weights are not recorded (the fused kernel never forms them). Outputs at padded query
-    positions are 0 (HF fills them with an average over the real tokens); real tokens match HF."""
+    positions are 0 (HF fills them with an average over the real tokens); real tokens match HF.
+
+    With ``output_attentions=True`` (the call's argument or the model config's) a call computes the attention
+    probabilities ``[B, H, N, N]`` and returns ``(context, probabilities)`` from transformers' own eager attention,
+    as transformers' sdpa attention falls back to eager for such a call; transformers records them in the output's
+    ``attentions``. ``patch_bert_attention`` builds these modules as subclasses of HF's ``BertSelfAttention`` so
+    that transformers' output recording finds them."""
 
     def __init__(self, hf_self_attention, masks, backend="auto"):
-        super().__init__()
+        nn.Module.__init__(self)  # not BertSelfAttention's: the projections are the patched module's own
         self.query, self.key, self.value = hf_self_attention.query, hf_self_attention.key, hf_self_attention.value
         self.num_attention_heads = hf_self_attention.num_attention_heads
         self.attention_head_size = hf_self_attention.attention_head_size
         self.scaling = float(getattr(hf_self_attention, "scaling", self.attention_head_size ** -0.5))
         self.dropout = hf_self_attention.dropout
+        self.config = getattr(hf_self_attention, "config", None)
+        self.is_decoder, self.is_causal = False, False
+        self.layer_idx = getattr(hf_self_attention, "layer_idx", None)
         self.backend = backend
         self._masks = masks
         self.train(hf_self_attention.training)  # a model patched in eval mode must not start dropping out
 
+    def _wants_attentions(self, kwargs):
+        flag = kwargs.get("output_attentions")
+        if flag is None:
+            flag = getattr(self.config, "output_attentions", False)
+        return bool(flag)
+
     def forward(self, hidden_states, attention_mask=None, past_key_values=None, encoder_hidden_states=None,
                 **kwargs):
-        if past_key_values is not None or encoder_hidden_states is not None:
+        if past_key_values is not None or encoder_hidden_states is not None or kwargs.get("cache") is not None:
             raise ValueError("effbert's patched BERT attention is encoder self-attention only (no cache, no cross "
                              "attention)")
         b, n, _ = hidden_states.shape
@@ -273,31 +293,74 @@ class EffbertBertSelfAttention(nn.Module):
         k = self.key(hidden_states).view(shape)
         v = self.value(hidden_states).view(shape)
         mask = self._masks(attention_mask, b, n)
+        if self._wants_attentions(kwargs):
+            return self._eager_with_probabilities(q, k, v, mask)
         ctx = tupe_attention(q, k, v, key_padding_mask=mask, scale=self.scaling,
                              dropout_p=self.dropout.p if self.training else 0.0, backend=self.backend)
         return ctx.reshape(b, n, -1), None
+
+    def _eager_with_probabilities(self, q, k, v, mask):
+        """transformers' ``eager_attention_forward`` on the key padding mask: ``(context [B, N, H*D], probs)``."""
+        from transformers.models.bert.modeling_bert import eager_attention_forward
+
+        b, n = q.shape[:2]
+        additive = None
+        if mask is not None:  # HF's eager form of a padding mask: 0 to attend, the dtype's lowest to not
+            additive = torch.zeros((b, 1, 1, n), dtype=q.dtype, device=q.device)
+            additive = additive.masked_fill(~mask[:, None, None, :], torch.finfo(q.dtype).min)
+        ctx, probs = eager_attention_forward(self, q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), additive,
+                                             scaling=self.scaling, dropout=self.dropout.p if self.training else 0.0)
+        return ctx.reshape(b, n, -1), probs
+
+
+_PATCHED_CLASS = None
+
+
+def _patched_class():
+    """``EffbertBertSelfAttention`` that is also a transformers ``BertSelfAttention`` (built once, on first use, so
+    that importing effbert never imports transformers): transformers' ``output_attentions`` recording hooks
+    modules by that class."""
+    global _PATCHED_CLASS
+    if _PATCHED_CLASS is None:
+        from transformers.models.bert.modeling_bert import BertSelfAttention
+
+        _PATCHED_CLASS = type("_PatchedBertSelfAttention", (EffbertBertSelfAttention, BertSelfAttention),
+                              {"__module__": __name__, "__doc__": EffbertBertSelfAttention.__doc__})
+    return _PATCHED_CLASS
+
+
+def __getattr__(name):
+    # pickle finds the patched class by name, also in a process that has not patched a model yet
+    if name == "_PatchedBertSelfAttention":
+        return _patched_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def patch_bert_attention(hf_model, *, backend="auto"):
     """Replace the self-attention of every layer of an HF BERT (``BertModel`` or any ``BertFor...``) with
     ``EffbertBertSelfAttention``, in place and keeping the weights; returns ``hf_model``. The number of layers
-    patched is at least one, else this raises (the model is not a BERT encoder)."""
+    patched is at least one, else this raises (the model is not a BERT encoder). The patched model runs under
+    ``torch.no_grad()`` and ``torch.inference_mode()``, and ``output_attentions=True`` gives the attention
+    probabilities of that call (computed eagerly, as transformers' sdpa path does)."""
     _transformers()
     from transformers.models.bert.modeling_bert import BertAttention, BertSelfAttention
 
     if not isinstance(hf_model, nn.Module):
         raise TypeError(f"hf_model must be an HF BERT model, got {type(hf_model).__name__}")
+    if backend not in ("auto",) + BACKENDS:
+        raise ValueError(f"backend must be one of {('auto',) + BACKENDS}, got {backend!r}")
     if getattr(getattr(hf_model, "config", None), "is_decoder", False):
         raise ValueError("hf_model is a decoder (causal) BERT; effbert's patched attention is bidirectional")
     masks = _MaskConverter()  # one per model: every layer of a forward shares the conversion
+    cls = _patched_class()
     patched = 0
     for module in hf_model.modules():
         if isinstance(module, BertAttention) and not getattr(module, "is_cross_attention", False):
-            if isinstance(module.self, BertSelfAttention):
-                module.self = EffbertBertSelfAttention(module.self, masks, backend=backend)
-                patched += 1
-            elif isinstance(module.self, EffbertBertSelfAttention):
+            if isinstance(module.self, EffbertBertSelfAttention):  # patched before: the backend only
                 module.self.backend = backend
+                patched += 1
+            elif isinstance(module.self, BertSelfAttention):
+                module.self = cls(module.self, masks, backend=backend)
                 patched += 1
     if not patched:
         raise ValueError(f"hf_model ({type(hf_model).__name__}) has no BERT self-attention to patch")
