@@ -45,7 +45,9 @@ cpu_ext = Pybind11Extension(
     include_dirs=[INCLUDE],
     define_macros=[("EFFBERT_MODULE_NAME", "_C")],
     cxx_std=17,
-    extra_compile_args=["-O3"],
+    # Without trapping math, selects on float compares become branch-free blends and the row loops vectorise; NaN
+    # and inf keep their IEEE meaning (no -ffast-math), which the NaN-in, NaN-out checks rely on.
+    extra_compile_args=["-O3", "-fno-trapping-math"],
     extra_link_args=["-pthread"],
 )
 cuda_ext = CudaExtension("effbert._cuda", ["csrc/module.cpp"] + sorted(glob("csrc/cuda/*.cu")))

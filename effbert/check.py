@@ -71,7 +71,7 @@ def check_tupe():
         mask = torch.arange(n, device=device)[None, :] < torch.tensor([[n], [50], [1]], device=device)
         kw = dict(scale=(2 * d) ** -0.5, rel_table=table, rel_buckets=buckets, cls_row=cls, cls_col=-cls)
         pos_ref = reference.tupe_position_bias(pq, pk, **kw)
-        att_ref = reference.tupe_attention(q, k, v, pos_ref, key_padding_mask=mask, scale=(2 * d) ** -0.5)
+        att_ref = reference.tupe_attention(q, k, v, pos_ref, attention_mask=mask, scale=(2 * d) ** -0.5)
         for dtype in (torch.float32, torch.bfloat16):
             tol = (1e-4 if device.type == "cuda" else 1e-5) if dtype == torch.float32 else 3e-2
             for backend in ("triton", "eager"):
@@ -84,7 +84,7 @@ def check_tupe():
                              f"{n}x{h}x{d}", _rel_error(pos, pos_ref), tol))
                 if not _serviceable(lambda: attention_ops.attention_backend(low(q), backend)):
                     continue
-                out = effbert_ops.tupe_attention(low(q), low(k), low(v), pos_ref.float(), key_padding_mask=mask,
+                out = effbert_ops.tupe_attention(low(q), low(k), low(v), pos_ref.float(), attention_mask=mask,
                                                  scale=(2 * d) ** -0.5, backend=backend)
                 rows.append(("tupe_attention", backend, device.type, str(dtype).replace("torch.", ""),
                              f"{b}x{n}x{h}x{d}", _rel_error(out, att_ref), tol))

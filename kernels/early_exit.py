@@ -19,35 +19,46 @@ def exit_entropy_kernel(
 ):
     """out[r] = H(softmax(x[r, :cols])) for ROWS rows per program, one pass over each row.
 
-    Running state per row: maximum m, S = sum exp(z - m), T = sum exp(z - m) * (z - m); H = log S - T / S.
+    Running state per row (csrc/include/effbert/entropy.h): maximum m, a = sum of exp(z - m) over every element
+    but one at the maximum, u = sum exp(z - m) * (m - z); H = log1p(a) + u / (1 + a). Every term is >= 0, so
+    nothing cancels where H is tiny (large logits).
     """
     pid = tl.program_id(0)
     offs_r = pid * ROWS + tl.arange(0, ROWS)
     row_ok = offs_r < rows
     row_base = x_ptr + offs_r.to(tl.int64)[:, None] * stride_row
     m = tl.full([ROWS], float("-inf"), tl.float32)
-    s = tl.zeros([ROWS], tl.float32)
-    t = tl.zeros([ROWS], tl.float32)
+    a = tl.zeros([ROWS], tl.float32)
+    u = tl.zeros([ROWS], tl.float32)
     bad = tl.zeros([ROWS], tl.int32)  # NaN or +inf seen: the softmax is undefined
     for c0 in range(0, cols, BLOCK_C):
         offs_c = c0 + tl.arange(0, BLOCK_C)
         mask = row_ok[:, None] & (offs_c < cols)[None, :]
         z = tl.load(row_base + offs_c[None, :], mask=mask, other=float("-inf")).to(tl.float32)
         bad += tl.sum(((z != z) | (z == float("inf"))).to(tl.int32), axis=1)
-        m_new = tl.maximum(m, tl.max(z, axis=1))
-        # While a row has seen only -inf, shift by 0 so no inf - inf appears; those terms are 0 anyway.
+        cm = tl.max(z, axis=1)
+        grows = cm > m  # this block holds the new maximum: the old one joins a, the new one is excluded
+        m_new = tl.where(grows, cm, m)
+        # While a row has seen only -inf, measure from 0 so no inf - inf appears; those terms are 0 anyway.
         m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
-        shift = m - m_ref  # <= 0, -inf before the first finite element
-        alpha = tl.exp(shift)
-        t = tl.where(s > 0, alpha * (t + shift * s), 0.0)
-        s = s * alpha
-        d = z - m_ref[:, None]
-        e = tl.exp(d)
-        s += tl.sum(e, axis=1)
-        t += tl.sum(tl.where(e > 0, e * d, 0.0), axis=1)
+        gap = tl.where(m == float("-inf"), 0.0, m_ref - m)  # >= 0
+        alpha = tl.exp(-gap)
+        had = m > float("-inf")
+        u = tl.where(grows, tl.where(had, alpha * (u + gap * (1.0 + a)), 0.0), u)
+        a = tl.where(grows, tl.where(had, alpha * (1.0 + a), 0.0), a)
+        first = tl.min(tl.where(z == cm[:, None], offs_c[None, :], cols + BLOCK_C), axis=1)
+        d = m_ref[:, None] - z
+        e = tl.exp(-d)
+        keep = (z > float("-inf")) & ((offs_c[None, :] != first[:, None]) | (grows == 0)[:, None])
+        a += tl.sum(tl.where(keep, e, 0.0), axis=1)
+        u += tl.sum(tl.where(keep, e * d, 0.0), axis=1)
         m = m_new
-    h = tl.maximum(tl.log(s) - t / s, 0.0)
-    h = tl.where((bad > 0) | (s <= 0), float("nan"), h)
+    # log1p(a) without libdevice: log(w) * a / (w - 1) with w = 1 + a rounded (w - 1 is exact), accurate to a few
+    # ulp where log(1 + a) alone would lose the digits of a tiny a.
+    w = 1.0 + a
+    log1p_a = tl.where(w == 1.0, a, tl.log(w) * (a / (w - 1.0)))
+    h = log1p_a + u / w
+    h = tl.where((bad > 0) | (m == float("-inf")), float("nan"), h)
     tl.store(out_ptr + offs_r, h, mask=row_ok)
 
 

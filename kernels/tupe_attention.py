@@ -382,10 +382,10 @@ def _tokens(q, varlen):
     return q.shape[0] if varlen else q.shape[0] * q.shape[1]
 
 
-def _optional_args(q, pos_bias, key_padding_mask, cu_seqlens, seed):
+def _optional_args(q, pos_bias, attention_mask, cu_seqlens, seed):
     """Pointers and strides of the optional inputs; absent ones point at q (never read: their flag is off)."""
     bias_strides = pos_bias.stride() if pos_bias is not None else (0, 0, 0)
-    mask = key_padding_mask.view(torch.uint8) if key_padding_mask is not None else None
+    mask = attention_mask.view(torch.uint8) if attention_mask is not None else None
     return (
         pos_bias if pos_bias is not None else q,
         mask if mask is not None else q,
@@ -396,14 +396,14 @@ def _optional_args(q, pos_bias, key_padding_mask, cu_seqlens, seed):
     )
 
 
-def attention_forward(q, k, v, pos_bias, key_padding_mask, cu_seqlens, seed, out, lse, *, batch, seq_len, scale,
+def attention_forward(q, k, v, pos_bias, attention_mask, cu_seqlens, seed, out, lse, *, batch, seq_len, scale,
                       dropout_p):
     """Launch the forward. ``seq_len``: N (padded) or the longest sequence (packed). ``lse``: float32 [H, tokens]."""
     varlen = cu_seqlens is not None
     heads, d = q.shape[-2], q.shape[-1]
     name = _DTYPE_NAME[str(q.dtype)]
     cfg = fwd_config(d, name)
-    bias, mask, cu, seed_t, (sbh, sbi, sbj), smb = _optional_args(q, pos_bias, key_padding_mask, cu_seqlens, seed)
+    bias, mask, cu, seed_t, (sbh, sbi, sbj), smb = _optional_args(q, pos_bias, attention_mask, cu_seqlens, seed)
     grid = (triton.cdiv(seq_len, cfg["BLOCK_M"]), batch * heads)
     tupe_attn_fwd_kernel[grid](
         q, k, v, bias, mask, cu, seed_t, out, lse,
@@ -412,7 +412,7 @@ def attention_forward(q, k, v, pos_bias, key_padding_mask, cu_seqlens, seed, out
         sbh, sbi, sbj, smb, lse.stride(0),
         heads, seq_len, _tokens(q, varlen), scale, dropout_p,
         D=d, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], HAS_BIAS=pos_bias is not None,
-        HAS_MASK=key_padding_mask is not None, VARLEN=varlen, DROPOUT=dropout_p > 0.0,
+        HAS_MASK=attention_mask is not None, VARLEN=varlen, DROPOUT=dropout_p > 0.0,
         DOT_PRECISION=dot_precision(name), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
 
@@ -430,7 +430,7 @@ def lse_log2(lse):
     return lse2.masked_fill_(lse2 == float("-inf"), float("inf"))
 
 
-def attention_backward(q, k, v, pos_bias, key_padding_mask, cu_seqlens, seed, dout, lse, delta, dq, dk, dv,
+def attention_backward(q, k, v, pos_bias, attention_mask, cu_seqlens, seed, dout, lse, delta, dq, dk, dv,
                        dbias_groups, *, batch, seq_len, scale, dropout_p):
     """Launch both backward kernels. ``lse``: the backward's log2 units (`lse_log2`). ``dbias_groups``: None, or a
     zeroed float32 [G, H, S, S] buffer that receives the bias gradient summed over the batch elements b with
@@ -439,9 +439,9 @@ def attention_backward(q, k, v, pos_bias, key_padding_mask, cu_seqlens, seed, do
     heads, d = q.shape[-2], q.shape[-1]
     name = _DTYPE_NAME[str(q.dtype)]
     cfg = bwd_config(d, name, varlen)
-    bias, mask, cu, seed_t, (sbh, sbi, sbj), smb = _optional_args(q, pos_bias, key_padding_mask, cu_seqlens, seed)
+    bias, mask, cu, seed_t, (sbh, sbi, sbj), smb = _optional_args(q, pos_bias, attention_mask, cu_seqlens, seed)
     flags = dict(D=d, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], HAS_BIAS=pos_bias is not None,
-                 HAS_MASK=key_padding_mask is not None, VARLEN=varlen, DROPOUT=dropout_p > 0.0,
+                 HAS_MASK=attention_mask is not None, VARLEN=varlen, DROPOUT=dropout_p > 0.0,
                  DOT_PRECISION=dot_precision(name), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     inputs = (*_layout_strides(q, varlen), *_layout_strides(k, varlen), *_layout_strides(v, varlen),
               *_layout_strides(dout, varlen))

@@ -170,3 +170,32 @@ def test_the_whole_quick_suite_runs_on_this_cpu(tmp_path):
     markdown = (out / "bench.md").read_text()
     assert all(f"## {op}" in markdown for op in ops)
     assert {p.name for p in out.glob("speedup_*.png")} == {f"speedup_{op}.png" for op in ran}
+
+
+def test_cpu_inference_cases_compare_the_models_and_report_layers_saved():
+    """The cpu_inference family (quick sizes): transformers' BERT as baseline, effbert full depth checked against
+    its float64 eager run, batched early exit checked against the full-depth exits and calibrated to 6 of 12
+    layers, with FLOPs worked out from the layers actually run."""
+    import torch
+
+    from effbert.bench import cpu_inference as bench
+
+    cases = bench.cases(torch.device("cpu"), quick=True)
+    assert {c.provider for c in cases} == {"hf-sdpa", "effbert", "effbert-early-exit"}
+    assert all(c.op == "cpu_inference" and c.baseline == "hf-sdpa" for c in cases)
+    # FLOPs by hand: hidden 64, FFN 128, N 32, one sequence of 32 tokens
+    assert bench.layer_flops([32], 64, 128, 32, True) == 2 * 32 * (4 * 64 * 64 + 2 * 64 * 128) + 4 * 32 * 32 * 64
+    assert bench.layer_flops([32, 10], 64, 128, 32, False) == (2 * 64 * (4 * 64 * 64 + 2 * 64 * 128)
+                                                               + 4 * (32 * 32 + 10 * 10) * 64)
+    ids, mask, lengths = bench.make_batch(4, 32, 1000, seed=4)
+    assert lengths[0] == 32 and (mask.sum(1) == lengths).all() and (ids[mask == 0] == 0).all()
+    for case in cases:
+        if case.provider == "hf-sdpa":
+            continue
+        inputs = case.make_inputs()
+        out, ref = case.fn(*inputs), case.reference(*inputs)
+        assert (out.double() - ref.double()).norm() <= case.rtol * ref.double().norm()
+        if case.provider == "effbert-early-exit":
+            assert "average exit" in case.note and 0 < case.flops
+            avg = float(case.note.split("average exit ")[1].split(" ")[0])
+            assert avg <= 6.0 + 1e-9

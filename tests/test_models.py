@@ -517,3 +517,48 @@ def test_a_shared_exit_pooler_is_saved_once_and_tied_again(tmp_path):
     assert loaded.exits[0].pooler is loaded.exits[-1].pooler
     for name, tensor in model.state_dict().items():
         assert torch.equal(loaded.state_dict()[name], tensor), name
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_cpu_backend_runs_right_padded_layers_on_real_tokens_only(mode, seeded, monkeypatch):
+    """On CPU tensors with the cpu attention backend, each layer of a right-padded batch runs its matmuls on the
+    packed real tokens (tupe_attention_varlen): real positions, the loss and every gradient equal the float64
+    eager model's; padded positions come back as 0; a mask with a hole keeps the padded layout."""
+    from effbert.nn import TupeSelfAttention
+
+    packed_calls = []
+    original = TupeSelfAttention._forward_packed
+    monkeypatch.setattr(TupeSelfAttention, "_forward_packed",
+                        lambda self, *a, **k: packed_calls.append(1) or original(self, *a, **k))
+    cfg = tiny_config(mode, backend="cpu")  # every op of the model on its CPU path
+    model = randomize_(TupeBertForMaskedLM(cfg))
+    ref_model = copy.deepcopy(model).double().set_backend("eager")
+    ids = torch.randint(0, cfg.vocab_size, (4, 9))
+    types = torch.randint(0, cfg.type_vocab_size, (4, 9))
+    mask = (torch.arange(9)[None] < torch.tensor([9, 4, 6, 4])[:, None]).long()
+    # targets on real tokens only: the padded positions' outputs differ by design
+    labels = torch.where((torch.rand(ids.shape) < 0.5) & mask.bool(), ids, torch.full_like(ids, -100))
+    labels[0, 0] = ids[0, 0]
+    ref, ref_grads = run_mlm(ref_model, ids, types, mask, labels)
+    out, grads = run_mlm(model, ids, types, mask, labels)
+    assert len(packed_calls) == cfg.num_hidden_layers
+    real = mask.bool()
+    assert_close(out.logits[real], ref.logits[real], what="logits")
+    assert_close(out.loss, ref.loss, what="loss")
+    for h, rh in zip(out.hidden_states[1:], ref.hidden_states[1:]):
+        assert_close(h[real], rh[real], what="hidden state")
+        assert (h[~real] == 0).all()
+    assert set(grads) == set(ref_grads)
+    for name, g in grads.items():
+        if name.endswith("cls_row"):  # a constant added to a whole softmax row: its gradient is exactly 0
+            assert g.abs().max() < 1e-5
+            continue
+        assert_close(g, ref_grads[name], rtol=4e-5, what=f"d {name}")
+    packed_calls.clear()
+    holes = mask.clone()
+    holes[1, 1] = 0  # not right padding: the padded layout
+    with torch.no_grad():
+        out = model(ids, holes, types).logits
+        ref = ref_model(ids, holes, types).logits
+    assert not packed_calls
+    assert_close(out[holes.bool()], ref[holes.bool()], what="logits with a hole in the mask")

@@ -47,7 +47,7 @@ def check_against_reference(backend, b, n, h, d, *, mask=None, bias=True, dtype=
     grad = torch.randn(b, n, h, d, dtype=torch.float64, device=DEVICE)
 
     def ref_fn(q_, k_, v_, p_=None):
-        return reference.tupe_attention(q_, k_, v_, p_, key_padding_mask=mask, scale=scale)
+        return reference.tupe_attention(q_, k_, v_, p_, attention_mask=mask, scale=scale)
 
     ref, ref_grads = run(ref_fn, leaves64, grad)
     leaves = [t.detach().to(dtype).requires_grad_() for t in leaves64]
@@ -55,7 +55,7 @@ def check_against_reference(backend, b, n, h, d, *, mask=None, bias=True, dtype=
         leaves[3] = leaves64[3].detach().float().requires_grad_()  # the cached table stays float32
 
     def fn(q_, k_, v_, p_=None):
-        return effbert.tupe_attention(q_, k_, v_, p_, key_padding_mask=mask, scale=scale, backend=backend)
+        return effbert.tupe_attention(q_, k_, v_, p_, attention_mask=mask, scale=scale, backend=backend)
 
     out, grads = run(fn, leaves, grad.to(dtype))
     assert out.dtype == dtype and out.shape == (b, n, h, d)
@@ -140,7 +140,7 @@ def test_bias_gradient_sums_the_batch_and_is_bitwise_reproducible(seeded):
     results = []
     for _ in range(2):
         leaves = [t.clone().requires_grad_() for t in (q, k, v, pos)]
-        out = effbert.tupe_attention(*leaves, key_padding_mask=mask, deterministic=True, backend="triton")
+        out = effbert.tupe_attention(*leaves, attention_mask=mask, deterministic=True, backend="triton")
         out.backward(grad)
         results.append([out] + [t.grad for t in leaves])
     for first, second in zip(*results):
@@ -150,7 +150,7 @@ def test_bias_gradient_sums_the_batch_and_is_bitwise_reproducible(seeded):
     for i in range(b):
         p = pos.double().clone().requires_grad_()
         o = reference.tupe_attention(q[i:i + 1].double(), k[i:i + 1].double(), v[i:i + 1].double(), p,
-                                     key_padding_mask=mask[i:i + 1])
+                                     attention_mask=mask[i:i + 1])
         o.backward(grad[i:i + 1].double())
         per_element.append(p.grad)
     assert_close(results[0][4], torch.stack(per_element).sum(0), rtol=GRAD_RTOL, what="d pos_bias")
@@ -165,21 +165,21 @@ def test_dropout_matches_the_reference_fed_the_same_mask(padded, seeded):
     grad = torch.randn(b, n, h, d, dtype=torch.float64, device=DEVICE)
     torch.manual_seed(1234)
     leaves = [t.float().requires_grad_() for t in (q, k, v, pos)]
-    out = effbert.tupe_attention(*leaves, key_padding_mask=mask, dropout_p=p, backend="triton")
+    out = effbert.tupe_attention(*leaves, attention_mask=mask, dropout_p=p, backend="triton")
     out.backward(grad.float())
     torch.manual_seed(1234)
     seed = attention_ops._draw_seed(torch.device(DEVICE))  # the same draw the call made
     keep = attention_ops.dropout_keep_mask(seed, b, h, n, p)
     assert 0.6 < keep.float().mean() < 0.8  # about 1 - p of the entries kept
     leaves64 = [t.clone().requires_grad_() for t in (q, k, v, pos)]
-    ref = reference.tupe_attention(*leaves64, key_padding_mask=mask, dropout_p=p, dropout_mask=keep)
+    ref = reference.tupe_attention(*leaves64, attention_mask=mask, dropout_p=p, dropout_mask=keep)
     ref.backward(grad)
     assert_close(out, ref)
     for name, t, t64 in zip("q k v pos_bias".split(), leaves, leaves64):
         assert_close(t.grad, t64.grad, rtol=GRAD_RTOL, what=f"d {name}")
     # torch.manual_seed reproduces the whole run
     torch.manual_seed(1234)
-    again = effbert.tupe_attention(*[t.detach() for t in leaves], key_padding_mask=mask, dropout_p=p,
+    again = effbert.tupe_attention(*[t.detach() for t in leaves], attention_mask=mask, dropout_p=p,
                                    backend="triton")
     assert torch.equal(again, out.detach())
 
@@ -200,7 +200,7 @@ def test_varlen_equals_padded_on_the_real_tokens(backend, seeded):
     padded = [pad_packed(t.double(), cu, max(lengths))[0].requires_grad_() for t in (q, k, v)]
     mask = pad_packed(q, cu, max(lengths))[1]
     p64 = pos.double().clone().requires_grad_()
-    ref_pad = reference.tupe_attention(*padded, p64[:, :max(lengths), :max(lengths)], key_padding_mask=mask)
+    ref_pad = reference.tupe_attention(*padded, p64[:, :max(lengths), :max(lengths)], attention_mask=mask)
     ref_pad.backward(pad_packed(grad.double(), cu, max(lengths))[0])
     assert_close(out, unpad(ref_pad, cu))
     for name, t, p in zip("qkv", leaves, padded):
@@ -227,7 +227,7 @@ def test_positional_term_end_to_end_to_its_parameters(seeded):
         pos = effbert.tupe_position_bias(params["pos_q"], params["pos_k"], scale=(2 * d) ** -0.5,
                                           rel_table=params["rel_table"], rel_buckets=buckets,
                                           cls_row=params["cls_row"], cls_col=params["cls_col"], backend=backend)
-        out = effbert.tupe_attention(q.to(dtype), k.to(dtype), v.to(dtype), pos, key_padding_mask=mask,
+        out = effbert.tupe_attention(q.to(dtype), k.to(dtype), v.to(dtype), pos, attention_mask=mask,
                                      scale=(2 * d) ** -0.5, backend=backend)
         out.backward(grad.to(dtype))
         return out
@@ -254,7 +254,7 @@ def test_gradcheck_float64_eager_and_triton():
     tolerances = {"eager": dict(atol=1e-6), "triton": dict(eps=1e-3, atol=1e-4, rtol=1e-3)}
     for backend in ["eager"] + ([] if ON_GPU else ["triton"]):
         def fn(q_, k_, v_, p_, backend=backend):
-            return effbert.tupe_attention(q_, k_, v_, p_, key_padding_mask=mask, backend=backend)
+            return effbert.tupe_attention(q_, k_, v_, p_, attention_mask=mask, backend=backend)
 
         assert torch.autograd.gradcheck(fn, (q, k, v, pos), **tolerances[backend])
 
@@ -268,14 +268,14 @@ def test_opcheck_and_compile_fullgraph(seeded):
                           test_utils=("test_schema", "test_faketensor"))
 
     def fn(q_, k_, v_, p_):
-        return effbert.tupe_attention(q_, k_, v_, p_, key_padding_mask=mask, backend="triton")
+        return effbert.tupe_attention(q_, k_, v_, p_, attention_mask=mask, backend="triton")
 
     compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
     leaves = [t.clone().requires_grad_() for t in (q, k, v, pos)]
     out = compiled(*leaves)
     out.sum().backward()
     leaves64 = [t.double().requires_grad_() for t in (q, k, v, pos)]
-    ref = reference.tupe_attention(*leaves64, key_padding_mask=mask)
+    ref = reference.tupe_attention(*leaves64, attention_mask=mask)
     ref.sum().backward()
     assert_close(out, ref)
     for t, t64 in zip(leaves, leaves64):
@@ -387,7 +387,7 @@ def test_nan_in_gives_nan_out_on_every_backend(where, value):
     results = {}
     for backend in ("eager", "triton"):
         leaves = [t.clone().requires_grad_() for t in (q, k, v, pos)]
-        out = effbert.tupe_attention(*leaves, key_padding_mask=mask, backend=backend)
+        out = effbert.tupe_attention(*leaves, attention_mask=mask, backend=backend)
         out.backward(torch.ones_like(out))
         results[backend] = [out] + [t.grad for t in leaves]
     assert torch.isnan(results["eager"][0]).any()
@@ -427,7 +427,7 @@ def test_non_finite_values_at_masked_positions_never_reach_real_tokens(backend, 
     mask[1, 9:] = False
     grad = torch.randn(b, n, h, d, dtype=torch.float64, device=DEVICE)
     clean = [t.clone().requires_grad_() for t in (q, k, v, pos)]
-    ref = reference.tupe_attention(*clean, key_padding_mask=mask)
+    ref = reference.tupe_attention(*clean, attention_mask=mask)
     ref.backward(grad)
     dirty = [t.clone() for t in (q, k, v)]
     for t in dirty:
@@ -436,7 +436,7 @@ def test_non_finite_values_at_masked_positions_never_reach_real_tokens(backend, 
     dirty_pos[:, :, 11] = value  # a key column only padding uses
     dtype = torch.float64 if backend == "eager" else torch.float32
     leaves = [t.to(dtype).requires_grad_() for t in dirty + [dirty_pos]]
-    out = effbert.tupe_attention(*leaves, key_padding_mask=mask, backend=backend)
+    out = effbert.tupe_attention(*leaves, attention_mask=mask, backend=backend)
     out.backward(grad.to(dtype))
     assert_close(out, ref)
     for name, t, t_ref in zip(["q", "k", "v", "pos_bias"], leaves, clean):
@@ -478,10 +478,12 @@ def test_bad_inputs_name_the_argument():
         effbert.tupe_attention(q, k, v, pos[:1])
     with pytest.raises(ValueError, match="pos_bias must be"):
         effbert.tupe_attention(q, k, v, pos[:, :7, :7])
-    with pytest.raises(TypeError, match="key_padding_mask must have dtype"):
-        effbert.tupe_attention(q, k, v, key_padding_mask=torch.ones(2, 8, device=DEVICE))
-    with pytest.raises(ValueError, match="key_padding_mask must be \\[B, N\\]"):
-        effbert.tupe_attention(q, k, v, key_padding_mask=torch.ones(2, 7, dtype=torch.bool, device=DEVICE))
+    with pytest.raises(TypeError, match="attention_mask must be bool or 0/1 integers"):
+        effbert.tupe_attention(q, k, v, attention_mask=torch.ones(2, 8, device=DEVICE))
+    with pytest.raises(ValueError, match="attention_mask must hold 0/1 values"):
+        effbert.tupe_attention(q, k, v, attention_mask=torch.full((2, 8), 2, device=DEVICE))
+    with pytest.raises(ValueError, match="attention_mask must be \\[B, N\\]"):
+        effbert.tupe_attention(q, k, v, attention_mask=torch.ones(2, 7, dtype=torch.bool, device=DEVICE))
     for p in (-0.1, 1.0, 1.5):
         with pytest.raises(ValueError, match="dropout_p must be in \\[0, 1\\)"):
             effbert.tupe_attention(q, k, v, dropout_p=p)
@@ -585,3 +587,136 @@ def test_position_bias_cache_is_opt_in_and_cannot_be_corrupted(seeded):
         assert torch.equal(cached(n), cached.compute(n))
     with pytest.raises(TypeError, match="cache must be a bool"):
         TupePositionBias(32, 2, cache="yes")
+
+
+# --- the CPU backend: PyTorch's fused CPU attention per sequence (effbert/ops/_tupe_attention_cpu.py) ----------
+
+def cpu_case(b, n, h, d, mask, *, bias=True, dtype=torch.float32, poison=False, scale=None):
+    """The cpu backend's output and gradients (q, k, v, pos_bias) against the float64 reference, on CPU tensors."""
+    q, k, v = (torch.randn(b, n, h, d, dtype=torch.float64) for _ in range(3))
+    pos = torch.randn(h, n, n, dtype=torch.float64) if bias else None
+    grad = torch.randn(b, n, h, d, dtype=torch.float64)
+    ref_leaves = [t.clone().requires_grad_() for t in (q, k, v)] + ([pos.clone().requires_grad_()] if bias else [])
+    ref = reference.tupe_attention(*ref_leaves[:3], ref_leaves[3] if bias else None, attention_mask=mask,
+                                   scale=scale)
+    ref.backward(grad)
+    if poison:  # padded keys' and queries' values must never reach a real token, forwards or backwards
+        for t, bad in zip((q, k, v), (float("nan"), float("inf"), float("inf"))):
+            t[~mask] = bad
+    leaves = [t.to(dtype).requires_grad_() for t in (q, k, v)] + ([pos.to(dtype).requires_grad_()] if bias else [])
+    out = effbert.tupe_attention(*leaves[:3], leaves[3] if bias else None, attention_mask=mask, scale=scale,
+                                 backend="cpu")
+    out.backward(grad.to(dtype))
+    assert out.dtype == dtype and out.shape == (b, n, h, d)
+    rtol = FP32_RTOL if dtype == torch.float32 else 1e-12
+    assert_close(out, ref, rtol=rtol, what="cpu output")
+    for name, t, r in zip("q k v pos_bias".split(), leaves, ref_leaves):
+        if n == 1 and name != "v":  # one key: these gradients are exactly 0 in exact arithmetic
+            assert t.grad.abs().max() < 1e-5
+            continue
+        assert_close(t.grad, r.grad, rtol=rtol * 4, what=f"cpu d {name}")
+    if mask is not None:
+        assert (out[~mask] == 0).all() and (leaves[0].grad[~mask] == 0).all()
+    return out, leaves
+
+
+@pytest.mark.parametrize("n", [1, 7, 64, 97, 129])
+@pytest.mark.parametrize("padded", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+def test_cpu_backend_forward_and_gradients_match_float64(n, padded, dtype, seeded):
+    b = 4
+    mask = None
+    if padded:
+        lengths = torch.tensor([n, max(1, n // 2), max(1, n // 2), max(1, n - 1)])  # two of one length: one call
+        mask = torch.arange(n)[None, :] < lengths[:, None]
+    cpu_case(b, n, 2, 16, mask, dtype=dtype)
+
+
+def test_cpu_backend_holes_dead_rows_no_bias_and_poisoned_padding(seeded):
+    n = 23
+    mask = torch.arange(n)[None, :] < torch.tensor([23, 9, 0, 17])[:, None]  # a sequence with no real token
+    mask[3, 4] = False  # a hole inside a sequence: not right padding
+    out, leaves = cpu_case(4, n, 2, 16, mask, poison=True)
+    assert (out[2] == 0).all()
+    for t in leaves:
+        assert torch.isfinite(t.grad).all()
+    cpu_case(4, n, 2, 32, mask, bias=False, poison=True, scale=0.3)
+
+
+def test_cpu_backend_nan_in_a_real_token_gives_nan(seeded):
+    q, k, v = (torch.randn(2, 9, 2, 16) for _ in range(3))
+    k[0, 3, 1, 5] = float("nan")
+    out = effbert.tupe_attention(q, k, v, torch.randn(2, 9, 9), backend="cpu")
+    assert torch.isnan(out[0, :, 1]).all() and torch.isfinite(out[0, :, 0]).all() and torch.isfinite(out[1]).all()
+
+
+def test_cpu_backend_varlen_equals_padded_and_auto_picks_it(seeded):
+    lengths = [5, 1, 17, 9, 9]
+    h, d, s = 2, 16, 20
+    cu = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32)
+    q, k, v = (torch.randn(int(cu[-1]), h, d) for _ in range(3))
+    pos = torch.randn(h, s, s)
+    out = effbert.tupe_attention_varlen(q, k, v, cu, max(lengths), pos, backend="cpu")
+    padded = [pad_packed(t.double(), cu, max(lengths))[0] for t in (q, k, v)]
+    mask = pad_packed(q, cu, max(lengths))[1]
+    ref = reference.tupe_attention(*padded, pos.double()[:, :max(lengths), :max(lengths)], attention_mask=mask)
+    assert_close(out, unpad(ref, cu))
+    assert attention_ops.attention_backend(q) == "cpu"
+    assert attention_ops.attention_backend(q.half()) == "eager"  # fp16 on the CPU: the reference
+    with pytest.raises(BackendNotSupportedError, match="fp32/fp64"):
+        effbert.tupe_attention(*(t[None].half() for t in (q, k, v)), backend="cpu")
+
+
+def test_cpu_backend_builds_no_batch_by_heads_square_tensor(seeded):
+    """Every tensor an aten op makes during the forward and backward is smaller than [B, H, N, N]: the bias is read
+    as the shared [H, N, N] and nothing materialises per sample and head pair."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    b, n, h, d = 6, 48, 3, 4
+    biggest = []
+
+    class Sizes(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            result = func(*args, **(kwargs or {}))
+            for t in torch.utils._pytree.tree_leaves(result):
+                if isinstance(t, torch.Tensor):
+                    biggest.append((t.numel(), str(func)))
+            return result
+
+    q, k, v = (torch.randn(b, n, h, d, requires_grad=True) for _ in range(3))
+    pos = torch.randn(h, n, n, requires_grad=True)
+    mask = torch.arange(n)[None, :] < torch.tensor([48, 30, 30, 12, 5, 40])[:, None]
+    with Sizes():
+        effbert.tupe_attention(q, k, v, pos, attention_mask=mask, backend="cpu").sum().backward()
+    assert max(biggest)[0] < b * h * n * n, max(biggest)
+    biggest.clear()
+    with Sizes():
+        effbert.tupe_attention(q, k, v, pos, attention_mask=mask, backend="eager")
+    assert max(biggest)[0] >= b * h * n * n  # the test can see one: the reference builds them
+
+
+@pytest.mark.parametrize("backend", ["eager", "triton", "cpu"])
+def test_integer_attention_mask_equals_the_bool_mask(backend, seeded):
+    """attention_mask takes 0/1 integers as well as bools (True/1 = real token), as transformers' tokenizers give."""
+    if backend == "cpu" and DEVICE != "cpu":
+        pytest.skip("the cpu backend serves CPU tensors")
+    q, k, v = (torch.randn(2, 7, 2, 16, device=DEVICE) for _ in range(3))
+    pos = torch.randn(2, 7, 7, device=DEVICE)
+    mask = torch.arange(7, device=DEVICE)[None, :] < torch.tensor([7, 4], device=DEVICE)[:, None]
+    with_bool = effbert.tupe_attention(q, k, v, pos, attention_mask=mask, backend=backend)
+    with_int = effbert.tupe_attention(q, k, v, pos, attention_mask=mask.long(), backend=backend)
+    assert torch.equal(with_bool, with_int)
+    assert (with_int[1, 4:] == 0).all()
+
+
+@pytest.mark.parametrize("backend", ["eager", "triton", "cpu"])
+@pytest.mark.parametrize("bad,max_seqlen,message", BAD_OFFSETS)
+def test_varlen_refuses_bad_offsets_on_every_backend(backend, bad, max_seqlen, message):
+    """The public varlen function checks the offsets' values whichever backend serves it (the CPU backend slices
+    by them, so a bad offset would silently cut or drop rows)."""
+    if backend == "cpu" and DEVICE != "cpu":
+        pytest.skip("the cpu backend serves CPU tensors")
+    _, (q, k, v) = _packed([5, 1, 7], extra_rows=2)
+    cu = torch.tensor(bad, dtype=torch.int32, device=DEVICE)
+    with pytest.raises(ValueError, match=message):
+        effbert.tupe_attention_varlen(q, k, v, cu, max_seqlen, backend=backend)

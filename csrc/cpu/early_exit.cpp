@@ -9,32 +9,112 @@
 #include "effbert/checks.h"
 #include "effbert/entropy.h"
 #include "effbert/exit_decision.h"
+#include "effbert/parallel.h"
 #include "effbert/registry.h"
 
 namespace {
 
 constexpr int64_t kBlock = 256;
-constexpr int kChunk = 16;
+constexpr int kLanes = 8;
+
+// exp(x) for x <= 0, branch-free so that loops over it vectorise: Cephes' expf (degree-6 polynomial on
+// [-ln2/2, ln2/2], ~1 ulp) with 2^n applied in two halves, so results down to the subnormal range stay exact to
+// float rounding; 0 below -104 (exp(-104) rounds to 0 in float).
+inline float exp_nonpositive(float x) {
+  const float xc = x < -104.f ? -104.f : x;  // also maps -inf (and NaN, caught by the caller) into range
+  const float t = xc * 1.44269504088896341f;
+  const float n = static_cast<float>(static_cast<int32_t>(t - 0.5f));  // t <= 0: truncation of t - 1/2 rounds
+  const float r = (xc - n * 0.693359375f) + n * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  const float y = p * r * r + r + 1.f;
+  const int32_t ni = static_cast<int32_t>(n);
+  const int32_t n1 = ni >> 1, n2 = ni - n1;  // each >= -75: both powers are normal floats
+  const float s1 = effbert::bits_to_float(static_cast<uint32_t>(n1 + 127) << 23);
+  const float s2 = effbert::bits_to_float(static_cast<uint32_t>(n2 + 127) << 23);
+  const float v = y * s1 * s2;  // computed unconditionally: a select, not a branch, keeps the loop vectorisable
+  return x < -104.f ? 0.f : v;
+}
+
+// One block of at most kBlock values (already float) pushed into the entropy state of entropy.h: one maximum,
+// at most one rescale, then vectorised exponentials and lane-wise sums.
+inline void push_block(effbert::EntropyState& st, const float* z, int n) {
+  float cm = -INFINITY;
+  int bad = 0;
+  for (int i = 0; i < n; ++i) {
+    cm = z[i] > cm ? z[i] : cm;
+    bad |= z[i] < INFINITY ? 0 : 1;
+  }
+  if (bad) {
+    st.nan = true;
+    return;
+  }
+  if (cm == -INFINITY) return;
+  int skip = -1;  // the element that becomes the excluded maximum, if this block holds a new one
+  if (cm > st.m) {
+    effbert::entropy_rescale(st, cm);
+    for (skip = 0; z[skip] != cm; ++skip) {}
+  }
+  const float m = st.m;
+  float e[kBlock], ed[kBlock];
+  for (int i = 0; i < n; ++i) {  // element-wise, branch-free: vectorised
+    const float d = m - z[i];  // >= 0; +inf for a -inf logit
+    const float x = exp_nonpositive(-d);
+    const float xd = x * d;  // NaN for a -inf logit (0 * inf): selected away
+    e[i] = i == skip ? 0.f : x;  // the excluded maximum adds nothing (d = 0 there: nothing to u either)
+    ed[i] = z[i] > -INFINITY ? xd : 0.f;
+  }
+  // Sums in kLanes independent lanes (vectorisable without reassociating), then the lanes.
+  float acc_a[kLanes] = {0.f}, acc_u[kLanes] = {0.f};
+  int i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+    for (int j = 0; j < kLanes; ++j) {
+      acc_a[j] += e[i + j];
+      acc_u[j] += ed[i + j];
+    }
+  }
+  float a = 0.f, u = 0.f;
+  for (int j = 0; j < kLanes; ++j) {
+    a += acc_a[j];
+    u += acc_u[j];
+  }
+  for (; i < n; ++i) {
+    a += e[i];
+    u += ed[i];
+  }
+  st.a += a;
+  st.u += u;
+}
 
 template <int DTYPE>
 void entropy_rows(const char* logits, int64_t row_begin, int64_t row_end, int64_t cols, int64_t row_stride,
                   float* out) {
   const int64_t row_bytes = row_stride * effbert::dtype_size(DTYPE);
+  float buf[kBlock];
   for (int64_t r = row_begin; r < row_end; ++r) {
-    const void* row = logits + r * row_bytes;
-    // Blocks of kBlock columns merged into the row total keep fp32 rounding near that of a tree sum
-    // (one long running sum over a 50k-class row drifts by ~1e-5).
+    const char* row = logits + r * row_bytes;
+    // Blocks of kBlock columns merged into the row total keep fp32 rounding near that of a tree sum.
     effbert::EntropyState total = effbert::entropy_init();
+    if (cols < kLanes) {  // a few classes (an exit head): element by element, no block set-up
+      for (int64_t c = 0; c < cols; ++c) effbert::entropy_push(total, effbert::load_as_float(row, DTYPE, c));
+      out[r] = effbert::entropy_finish(total);
+      continue;
+    }
     for (int64_t c0 = 0; c0 < cols; c0 += kBlock) {
       effbert::EntropyState st = effbert::entropy_init();
-      const int64_t c1 = std::min(cols, c0 + kBlock);
-      int64_t c = c0;
-      for (; c + kChunk <= c1; c += kChunk) {  // chunks: one max and one rescale per kChunk values
-        float z[kChunk];
-        for (int i = 0; i < kChunk; ++i) z[i] = effbert::load_as_float(row, DTYPE, c + i);
-        effbert::entropy_push_chunk<kChunk>(st, z);
+      const int64_t n = std::min(cols, c0 + kBlock) - c0;
+      const float* z;
+      if (DTYPE == effbert::kFloat32) {
+        z = reinterpret_cast<const float*>(row) + c0;
+      } else {
+        for (int64_t i = 0; i < n; ++i) buf[i] = effbert::load_as_float(row, DTYPE, c0 + i);
+        z = buf;
       }
-      for (; c < c1; ++c) effbert::entropy_push(st, effbert::load_as_float(row, DTYPE, c));
+      push_block(st, z, static_cast<int>(n));
       total = c0 == 0 ? st : effbert::entropy_merge(total, st);
     }
     out[r] = effbert::entropy_finish(total);
@@ -60,18 +140,9 @@ void exit_entropy_cpu(uintptr_t logits, int dtype, int64_t rows, int64_t cols, i
   const char* src = reinterpret_cast<const char*>(logits);
   float* dst = reinterpret_cast<float*>(out);
   // Threads only pay off on large inputs; small exit decisions stay on the calling thread.
-  const int64_t work = rows * cols;
-  const int64_t hw = std::max(1u, std::thread::hardware_concurrency());
-  const int64_t n_threads = std::min<int64_t>({hw, rows, std::max<int64_t>(1, work >> 16)});
-  if (n_threads <= 1) {
-    entropy_rows_any(src, dtype, 0, rows, cols, row_stride, dst);
-    return;
-  }
-  std::vector<std::thread> pool;
-  const int64_t chunk = (rows + n_threads - 1) / n_threads;
-  for (int64_t b = 0; b < rows; b += chunk)
-    pool.emplace_back(entropy_rows_any, src, dtype, b, std::min(rows, b + chunk), cols, row_stride, dst);
-  for (auto& t : pool) t.join();
+  effbert::parallel_for(rows, rows * cols, [&](int64_t begin, int64_t end) {
+    entropy_rows_any(src, dtype, begin, end, cols, row_stride, dst);
+  });
 }
 
 // ---- the fused exit decision (one call per layer; see exit_decision.h for the per-row math) ----
@@ -131,8 +202,8 @@ void exit_decision_cpu(const DecisionArgs& a) {
   const bool patience = a.criterion >= effbert::kCritPatience;
   // A bad id would write outside the outputs: refuse the call before any state changes.
   for (int64_t r = 0; r < a.rows; ++r)
-    effbert::require(ids[r] >= 0 && ids[r] < a.out_batch,
-                     "row_ids[" + std::to_string(r) + "] = " + std::to_string(ids[r]) + " outside [0, out_batch)");
+    if (!(ids[r] >= 0 && ids[r] < a.out_batch))
+      effbert::fail("row_ids[" + std::to_string(r) + "] = " + std::to_string(ids[r]) + " outside [0, out_batch)");
   int32_t kept = 0;
   for (int64_t r = 0; r < a.rows; ++r) {
     const int32_t id = ids[r];

@@ -10,24 +10,12 @@
 
 #include "effbert/checks.h"
 #include "effbert/notes.h"
+#include "effbert/parallel.h"
 #include "effbert/registry.h"
 
 namespace {
 
-// Run fn(begin, end) over [0, n) on up to hardware_concurrency threads when the work is large enough.
-template <typename Fn>
-void parallel_for(int64_t n, int64_t work, Fn fn) {
-  const int64_t hw = std::max(1u, std::thread::hardware_concurrency());
-  const int64_t n_threads = std::min<int64_t>({hw, n, std::max<int64_t>(1, work >> 16)});
-  if (n_threads <= 1) {
-    fn(int64_t(0), n);
-    return;
-  }
-  std::vector<std::thread> pool;
-  const int64_t chunk = (n + n_threads - 1) / n_threads;
-  for (int64_t b = 0; b < n; b += chunk) pool.emplace_back(fn, b, std::min(n, b + chunk));
-  for (auto& t : pool) t.join();
-}
+using effbert::parallel_for;
 
 template <int DTYPE>
 void mix_rows(const char* x, int64_t t0, int64_t t1, int64_t dim, int64_t stride_x, const float* notes,
@@ -61,7 +49,7 @@ void note_mix_cpu(uintptr_t x, int dtype, int64_t tokens, int64_t dim, int64_t s
   const int64_t* s = reinterpret_cast<const int64_t*>(slots);
   if (notes != 0)
     for (int64_t t = 0; t < tokens; ++t)
-      effbert::require(s[t] < num_slots, "slots[" + std::to_string(t) + "] = " + std::to_string(s[t]) +
+      if (!(s[t] < num_slots)) effbert::fail("slots[" + std::to_string(t) + "] = " + std::to_string(s[t]) +
                                              " out of range [0, " + std::to_string(num_slots) + ")");
   const char* xp = reinterpret_cast<const char*>(x);
   char* op = reinterpret_cast<char*>(out);
@@ -120,11 +108,11 @@ void note_window_means_cpu(uintptr_t hidden, int dtype, int64_t batch, int64_t s
   effbert::require(off[0] >= 0 && off[batch] <= 2 * rows, "ev_off out of range");
   for (int64_t b = 0; b < batch; ++b) {
     effbert::require(off[b] <= off[b + 1], "ev_off must be non-decreasing");
-    effbert::require(len[b] >= 0 && len[b] <= seq, "lengths[" + std::to_string(b) + "] = " + std::to_string(len[b]) +
+    if (!(len[b] >= 0 && len[b] <= seq)) effbert::fail("lengths[" + std::to_string(b) + "] = " + std::to_string(len[b]) +
                                                        " out of range [0, " + std::to_string(seq) + "]");
   }
   for (int64_t e = off[0]; e < off[batch]; ++e)
-    effbert::require(idx[e] >= 0 && idx[e] < 2 * rows, "boundary index " + std::to_string(idx[e]) +
+    if (!(idx[e] >= 0 && idx[e] < 2 * rows)) effbert::fail("boundary index " + std::to_string(idx[e]) +
                                                              " out of range [0, " + std::to_string(2 * rows) + ")");
   const char* h = reinterpret_cast<const char*>(hidden);
   float* out = reinterpret_cast<float*>(means);
@@ -147,7 +135,7 @@ void note_fold_cpu(uintptr_t notes, uintptr_t counts, int64_t num_slots, int64_t
   const int64_t* ord = reinterpret_cast<const int64_t*>(order);
   const int64_t* ss = reinterpret_cast<const int64_t*>(sorted_slots);
   for (int64_t i = 0; i < rows; ++i) {
-    effbert::require(ss[i] >= 0 && ss[i] < num_slots, "slot " + std::to_string(ss[i]) + " out of range [0, " +
+    if (!(ss[i] >= 0 && ss[i] < num_slots)) effbert::fail("slot " + std::to_string(ss[i]) + " out of range [0, " +
                                                            std::to_string(num_slots) + ")");
     effbert::require(ord[i] >= 0 && ord[i] < rows, "order out of range");
   }

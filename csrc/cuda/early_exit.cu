@@ -24,8 +24,8 @@ constexpr int kShortRowsPerBlock = 8;
 __device__ __forceinline__ effbert::EntropyState shfl_state(const effbert::EntropyState& s, int offset) {
   effbert::EntropyState o;
   o.m = __shfl_xor_sync(0xffffffffu, s.m, offset);
-  o.s = __shfl_xor_sync(0xffffffffu, s.s, offset);
-  o.t = __shfl_xor_sync(0xffffffffu, s.t, offset);
+  o.a = __shfl_xor_sync(0xffffffffu, s.a, offset);
+  o.u = __shfl_xor_sync(0xffffffffu, s.u, offset);
   o.nan = __shfl_xor_sync(0xffffffffu, static_cast<int>(s.nan), offset) != 0;
   return o;
 }

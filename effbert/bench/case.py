@@ -23,6 +23,7 @@ class Case:
     baseline: str = ""  # the provider speed-ups are quoted against within this (op, shape, dtype, mode)
     check: bool = True  # compare against the reference before timing
     tokens: int = 0  # tokens one call processes: end-to-end cases also report tokens/s
+    note: str = ""  # what the row measured beyond its shape (an early-exit threshold and the layers it saved)
 
     @property
     def key(self):

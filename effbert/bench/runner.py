@@ -18,7 +18,8 @@ import torch
 
 from . import timing
 
-FAMILIES = ("early_exit", "train_step", "tupe_attention", "notes", "mc_bert")  # modules of effbert.bench that contribute cases
+# modules of effbert.bench that contribute cases
+FAMILIES = ("early_exit", "train_step", "tupe_attention", "notes", "mc_bert", "cpu_inference")
 
 
 def environment(device):
@@ -117,6 +118,10 @@ def run_case(case, device, ceilings, quick):
         row.update(status="error", reason=f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}")
         return row
     ms = min(ms_a, ms_b)
+    # a case that sets itself up lazily (in make_inputs) knows its FLOPs and note only now
+    row["flops"] = case.flops
+    if case.note:
+        row["note"] = case.note
     row.update(status="ok", ms=ms, noise=abs(ms_a - ms_b) / ms, spread=spread, samples=n, input_sets=len(sets))
     row["GBps"] = case.bytes / ms / 1e6
     if case.tokens:
@@ -158,6 +163,7 @@ def format_tables(rows, ceilings, env):
             tf = f"{r['TFLOPs']:8.1f}" if r.get("TFLOPs") else f"{'-':>8}"
             sp = f"{r['speedup_vs_baseline']:7.2f}x" if "speedup_vs_baseline" in r else f"{'-':>8}"
             tok = f" {r['tokens_per_s']:12,.0f} tokens/s" if "tokens_per_s" in r else ""
+            tok += f"  ({r['note']})" if r.get("note") else ""
             lines.append(f"{head} {r['ms']:9.4f} {r['GBps']:8.1f} {tf} {r['pct_of_floor']:6.1f}% {sp}{tok}")
     lines.append("\n%floor: the op's floor over the measured time; the floor is the largest of its fewest bytes at the "
                  "measured copy bandwidth, its FLOPs at the measured matrix rate, and the measured launch time of the "
@@ -181,6 +187,7 @@ def write_markdown(path, rows, ceilings, env, title="effbert benchmark"):
             tf = f"{r['TFLOPs']:.1f}" if r.get("TFLOPs") else "-"
             sp = f"{r['speedup_vs_baseline']:.2f}x vs {r['baseline']}" if "speedup_vs_baseline" in r else "-"
             tok = f"; {r['tokens_per_s']:,.0f} tokens/s" if "tokens_per_s" in r else ""
+            tok += f"; {r['note']}" if r.get("note") else ""
             lines.append(f"| {r['shape']} | {r['dtype']} | {r['mode']} | {r['provider']} | {r['ms']:.4f} | "
                          f"{r['GBps']:.1f} | {tf} | {r['pct_of_floor']:.1f}% | {sp}{tok} |")
         lines.append("")

@@ -37,11 +37,13 @@ def _bytes(b, n, heads, d, itemsize, mode):
 def _sdpa(backend_name):
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    backend = getattr(SDPBackend, backend_name)
+    import contextlib
+
+    backend = getattr(SDPBackend, backend_name) if backend_name else None  # None: SDPA's own choice
 
     def attend(q, k, v, bias):
         # SDPA takes [B, H, N, D]; the transposes are views of our [B, N, H, D] tensors
-        with sdpa_kernel(backend):
+        with sdpa_kernel(backend) if backend is not None else contextlib.nullcontext():
             out = torch.nn.functional.scaled_dot_product_attention(
                 q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                 attn_mask=None if bias is None else bias.unsqueeze(0), scale=q.shape[-1] ** -0.5)
@@ -109,7 +111,9 @@ def _providers(device):
             "sdpa-flash-nobias": lambda q, k, v, bias: _sdpa("FLASH_ATTENTION")(q, k, v, None),
         })
     else:
+        out["effbert-cpu"] = lambda q, k, v, bias: effbert.tupe_attention(q, k, v, bias, backend="cpu")
         out["sdpa-math"] = _sdpa("MATH")
+        out["sdpa"] = _sdpa(None)  # plain PyTorch: whichever CPU kernel SDPA picks, the bias as its attn_mask
     out.update({name: fn for name, (_, fn) in OPTIONAL.items()})  # listed everywhere; skipped with a reason
     return out
 
@@ -162,7 +166,7 @@ def cases(device, quick):
         shapes = [(32, 512, 12, 64), (128, 128, 12, 64)] if not quick else [(8, 512, 12, 64)]
         dtype = torch.bfloat16
     else:
-        shapes = [(2, 64, 2, 16)]
+        shapes = [(2, 64, 2, 16)] + ([(8, 128, 12, 64)] if not quick else [])  # the second: BERT-base inference
         dtype = torch.float32
     dname = str(dtype).replace("torch.", "")
     out = []
@@ -256,7 +260,7 @@ def _varlen_cases(device, quick, dtype, triton_reasons):
 
     def run_padded(q, k, v, bias, dout):
         leaves = [t.detach().requires_grad_() for t in (q, k, v, bias)]
-        out = effbert.tupe_attention(*leaves, key_padding_mask=mask, backend="triton")
+        out = effbert.tupe_attention(*leaves, attention_mask=mask, backend="triton")
         out.backward(dout)
         return out
 
@@ -267,7 +271,7 @@ def _varlen_cases(device, quick, dtype, triton_reasons):
         return out
 
     def ref_padded(q, k, v, bias, dout):
-        return reference.tupe_attention(q.float(), k.float(), v.float(), bias.float(), key_padding_mask=mask)
+        return reference.tupe_attention(q.float(), k.float(), v.float(), bias.float(), attention_mask=mask)
 
     def ref_packed(q, k, v, bias, dout):
         return reference.tupe_attention_varlen(q.float(), k.float(), v.float(), cu, n, bias.float())

@@ -293,7 +293,7 @@ class EffbertBertSelfAttention(nn.Module):
         mask = self._masks(attention_mask, b, n)
         if self._wants_attentions(kwargs):
             return self._eager_with_probabilities(q, k, v, mask)
-        ctx = tupe_attention(q, k, v, key_padding_mask=mask, scale=self.scaling,
+        ctx = tupe_attention(q, k, v, attention_mask=mask, scale=self.scaling,
                              dropout_p=self.dropout.p if self.training else 0.0, backend=self.backend)
         return ctx.reshape(b, n, -1), None
 

@@ -37,6 +37,7 @@ from transformers.modeling_outputs import SequenceClassifierOutput
 from ..losses import multi_exit_distillation_loss, pabee_loss
 from ..nn import ExitHead, MultiExitEncoder, NoteDictionary, TupePositionBias, TupeSelfAttention
 from ..ops import t5_relative_buckets
+from ..ops._checks import as_bool_attention_mask
 from ..ops._dispatch import BACKENDS
 from .config import TupeBertConfig
 
@@ -133,10 +134,51 @@ class TupeBertLayer(nn.Module):
         self.output_norm = nn.LayerNorm(h, eps=config.layer_norm_eps)
 
     def forward(self, hidden, pos_bias=None, attention_mask=None):
-        attn = self.attention(hidden, pos_bias=pos_bias, attention_mask=attention_mask)
+        packing = _packing(hidden, attention_mask, self.attention.backend)
+        if packing is not None:  # right-padded batch on the CPU: every matmul on real tokens only
+            rows, cu_seqlens, max_seqlen = packing
+            b, n, width = hidden.shape
+            packed = self._forward_tokens(hidden.reshape(b * n, width).index_select(0, rows), pos_bias,
+                                          (cu_seqlens, max_seqlen))
+            return hidden.new_zeros(b * n, width).index_copy(0, rows, packed).view(b, n, width)
+        return self._forward_tokens(hidden, pos_bias, attention_mask)
+
+    def _forward_tokens(self, hidden, pos_bias, mask_or_packing):
+        if isinstance(mask_or_packing, tuple):
+            cu_seqlens, max_seqlen = mask_or_packing
+            attn = self.attention(hidden, pos_bias=pos_bias, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
+        else:
+            attn = self.attention(hidden, pos_bias=pos_bias, attention_mask=mask_or_packing)
         hidden = self.attention_norm(hidden + self.attention_dropout(attn))
         ffn = self.output(self.act(self.intermediate(hidden)))
         return self.output_norm(hidden + self.output_dropout(ffn))
+
+
+def _packing(hidden, attention_mask, backend):
+    """``(rows, cu_seqlens, max_seqlen)`` when a layer should run on the real tokens only: CPU tensors on the CPU
+    attention backend, a right-padded batch (each sequence's real tokens first) with some padding. The layer is
+    token-wise but for attention, so packing gives the real tokens exactly what the padded batch gives them, and
+    skips the padded rows' projections and FFN (a third of a layer's work at two-thirds real tokens); the padded
+    positions come back as 0 (their hidden states carry no meaning). None otherwise."""
+    if attention_mask is None or hidden.device.type != "cpu" or hidden.dim() != 3:
+        return None
+    from ..ops.tupe_attention import attention_backend
+
+    try:
+        if attention_backend(hidden, backend) != "cpu":
+            return None
+    except Exception:  # the attention call itself reports what cannot serve
+        return None
+    real = attention_mask.bool() if attention_mask.dtype != torch.bool else attention_mask
+    if tuple(real.shape) != tuple(hidden.shape[:2]):
+        return None
+    lengths = real.sum(1)
+    n = hidden.shape[1]
+    if bool(real.all()) or not bool((real == (torch.arange(n) < lengths[:, None])).all()):
+        return None
+    cu_seqlens = torch.zeros(len(lengths) + 1, dtype=torch.int32)
+    cu_seqlens[1:] = lengths.cumsum(0)
+    return real.flatten().nonzero().squeeze(1), cu_seqlens, max(int(lengths.max()), 1)
 
 
 class TupeBertEncoder(nn.Module):
@@ -255,23 +297,7 @@ class TupeBertModel(TupeBertPreTrainedModel):
     def padding_mask(attention_mask, shape, device):
         """``attention_mask`` (bool or 0/1 integers, ``[B, N]``, True/1 = real token) as a bool tensor; a float mask
         is refused (``TypeError``)."""
-        if attention_mask is None:
-            return None
-        if not isinstance(attention_mask, torch.Tensor):
-            raise TypeError(f"attention_mask must be a tensor, got {type(attention_mask).__name__}")
-        if tuple(attention_mask.shape) != tuple(shape):
-            raise ValueError(f"attention_mask must be [B, N] = {list(shape)}, got {list(attention_mask.shape)}")
-        if attention_mask.device != device:
-            raise ValueError(f"attention_mask must be on {device}, got {attention_mask.device}")
-        if attention_mask.dtype == torch.bool:
-            return attention_mask
-        if attention_mask.is_complex() or attention_mask.is_floating_point():
-            # a float mask may be an additive bias (0 / -inf) as well as 1/0 weights: refused, never guessed at
-            raise TypeError(f"attention_mask must be bool or 0/1 integers (1 = real token), got {attention_mask.dtype}")
-        if not torch.compiler.is_compiling() and attention_mask.numel() and \
-                not bool(((attention_mask == 0) | (attention_mask == 1)).all()):
-            raise ValueError("attention_mask must hold 0/1 values (1 = real token)")
-        return attention_mask != 0
+        return as_bool_attention_mask(attention_mask, shape, device)
 
     def embed(self, input_ids, token_type_ids):
         return self.embeddings(input_ids, token_type_ids)

@@ -4,7 +4,7 @@ import torch
 from torch import nn
 
 from ..ops import early_exit as ops
-from ..ops._checks import check_tensor
+from ..ops._checks import as_bool_attention_mask, check_tensor
 
 __all__ = ["MultiExitEncoder", "ExitHead", "BertLayerAdapter", "TorchLayerAdapter", "check_attention_mask"]
 
@@ -57,23 +57,9 @@ def check_attention_mask(attention_mask, shape, device):
     not real is refused: the off-ramps read the first token ([CLS]), and a padding mask (True = padding) passed by
     mistake looks exactly like that. Raises ``TypeError``/``ValueError`` naming ``attention_mask``.
     """
+    attention_mask = as_bool_attention_mask(attention_mask, shape, device)
     if attention_mask is None:
         return None
-    if not isinstance(attention_mask, torch.Tensor):
-        raise TypeError(f"attention_mask must be a tensor or None, got {type(attention_mask).__name__}")
-    if attention_mask.is_floating_point() or attention_mask.is_complex():
-        raise TypeError(f"attention_mask must be bool or 0/1 integers (True/1 = real token), got "
-                        f"{str(attention_mask.dtype).replace('torch.', '')}: a float mask is ambiguous (additive "
-                        "bias or weights)")
-    if tuple(attention_mask.shape) != tuple(shape):
-        raise ValueError(f"attention_mask must be [B, N] = {list(shape)}, got {list(attention_mask.shape)}")
-    if attention_mask.device != device:
-        raise ValueError(f"attention_mask is on {attention_mask.device}, hidden on {device}")
-    if attention_mask.dtype != torch.bool:
-        if not torch.compiler.is_compiling() and attention_mask.numel() and \
-                not bool(((attention_mask == 0) | (attention_mask == 1)).all()):
-            raise ValueError("attention_mask must hold 0/1 values (1 = real token)")
-        attention_mask = attention_mask != 0
     if not torch.compiler.is_compiling() and attention_mask.numel() and not bool(attention_mask[:, 0].all()):
         bad = int(torch.nonzero(~attention_mask[:, 0])[0, 0])
         raise ValueError(f"attention_mask[{bad}, 0] is False: True/1 marks real tokens and the first token ([CLS]) of "

@@ -22,3 +22,27 @@ def check_same_device(**tensors):
     if len(set(devices.values())) > 1:
         listing = ", ".join(f"{n} on {d}" for n, d in devices.items())
         raise ValueError(f"tensors must be on one device, got {listing}")
+
+
+def as_bool_attention_mask(attention_mask, shape, device):
+    """``attention_mask [B, N]`` (bool, or 0/1 integers; True/1 = real token, as transformers and flash-attn's
+    padding helpers) as a bool tensor, or None. A float mask (an additive bias, or weights) is refused rather than
+    guessed at. Raises ``TypeError``/``ValueError`` naming ``attention_mask``."""
+    if attention_mask is None:
+        return None
+    if not isinstance(attention_mask, torch.Tensor):
+        raise TypeError(f"attention_mask must be a tensor or None, got {type(attention_mask).__name__}")
+    if attention_mask.is_floating_point() or attention_mask.is_complex():
+        raise TypeError(f"attention_mask must be bool or 0/1 integers (True/1 = real token), got "
+                        f"{str(attention_mask.dtype).replace('torch.', '')}: a float mask is ambiguous (additive "
+                        "bias or weights)")
+    if tuple(attention_mask.shape) != tuple(shape):
+        raise ValueError(f"attention_mask must be [B, N] = {list(shape)}, got {list(attention_mask.shape)}")
+    if attention_mask.device != device:
+        raise ValueError(f"attention_mask must be on {device}, got {attention_mask.device}")
+    if attention_mask.dtype == torch.bool:
+        return attention_mask
+    if not torch.compiler.is_compiling() and attention_mask.numel() and \
+            not bool(((attention_mask == 0) | (attention_mask == 1)).all()):
+        raise ValueError("attention_mask must hold 0/1 values (1 = real token)")
+    return attention_mask != 0

@@ -64,9 +64,27 @@ def _cached_general_reasons(name, interpreting):
     return tuple(reasons)
 
 
+_SELECTION_CACHES = []  # per-op caches of `select_backend` results (see `cached_selection`)
+
+
 def refresh():
     """Forget cached backend availability (after building an extension in a running process, or in tests)."""
     _cached_general_reasons.cache_clear()
+    for cache in _SELECTION_CACHES:
+        cache.clear()
+
+
+def cached_selection(op, backend, device, dtype, op_reasons, preference, cache):
+    """`select_backend` for an op whose own reasons depend on the device and dtype only, remembered in ``cache``
+    (a dict the op owns) per (backend, device, dtype, EFFBERT_BACKEND, interpreter): a small call (an exit decision
+    on a CPU) should not spend more on choosing its backend than on running it. Failures are not cached."""
+    if not any(c is cache for c in _SELECTION_CACHES):
+        _SELECTION_CACHES.append(cache)
+    key = (backend, device, dtype, os.environ.get(ENV_VAR), triton_interpreting())
+    chosen = cache.get(key)
+    if chosen is None:
+        chosen = cache[key] = select_backend(op, backend, device, op_reasons, preference)
+    return chosen
 
 
 def direct_call_ok(*tensors):

@@ -28,13 +28,17 @@ def t5_relative_buckets(seq_len, num_buckets=32, max_distance=128, device=None):
 
 
 def _preference(device):
-    return ("triton", "eager") if device.type == "cuda" else ("eager",)
+    if device.type == "cuda":
+        return ("triton", "eager")
+    return ("cpu", "eager") if device.type == "cpu" else ("eager",)
 
 
 def _reasons(pos_q):
     def reasons(name):
-        if name in ("cuda", "cpu"):
-            return [f"no {name} kernel for tupe_position_bias (Triton and eager only)"]
+        if name == "cuda":
+            return ["no cuda kernel for tupe_position_bias (Triton on CUDA)"]
+        if name == "cpu":  # P is one [H, N, N] batched matmul plus a gather: PyTorch's CPU ops are the fused path
+            return []
         if name == "triton" and pos_q.dtype not in FLOAT_DTYPES:
             return [f"Triton kernels take fp32/fp16/bf16, got {str(pos_q.dtype).replace('torch.', '')}"]
         if name == "triton" and pos_q.dtype == torch.bfloat16 and pos_q.device.type == "cpu":
@@ -174,7 +178,7 @@ def tupe_position_bias(pos_q, pos_k, *, scale, rel_table=None, rel_buckets=None,
     """
     check_position_bias_args(pos_q, pos_k, scale, rel_table, rel_buckets, cls_row, cls_col)
     chosen = position_bias_backend(pos_q, backend)
-    if chosen == "eager":
+    if chosen in ("eager", "cpu"):  # on the CPU: the reference's batched matmul and gather (no per-batch tensor)
         return reference.tupe_position_bias(pos_q, pos_k, scale=scale, rel_table=rel_table,
                                             rel_buckets=rel_buckets, cls_row=cls_row, cls_col=cls_col)
     unit = lambda t: t if t is None or t.stride(-1) == 1 else t.contiguous()  # noqa: E731

@@ -11,7 +11,8 @@ from typing import List, Optional
 import torch
 
 from .. import reference
-from ._checks import FLOAT_DTYPES, check_same_device, check_tensor
+from . import _tupe_attention_cpu
+from ._checks import FLOAT_DTYPES, as_bool_attention_mask, check_same_device, check_tensor
 from ._dispatch import direct_call_ok, select_backend
 
 __all__ = ["tupe_attention", "tupe_attention_varlen", "HEAD_DIMS"]
@@ -20,13 +21,20 @@ HEAD_DIMS = (16, 32, 64, 128)  # the head dims the Triton kernels are built for
 
 
 def _preference(device):
-    return ("triton", "eager") if device.type == "cuda" else ("eager",)
+    if device.type == "cuda":
+        return ("triton", "eager")
+    return ("cpu", "eager") if device.type == "cpu" else ("eager",)
 
 
 def _reasons(q):
     def reasons(name):
-        if name in ("cuda", "cpu"):
-            return [f"no {name} kernel for tupe_attention (Triton and eager only)"]
+        if name == "cuda":
+            return ["no cuda kernel for tupe_attention (Triton on CUDA)"]
+        if name == "cpu":  # PyTorch's fused CPU attention per sequence (_tupe_attention_cpu)
+            if q.dtype not in (torch.float32, torch.float64):
+                return [f"the CPU path takes fp32/fp64 (pos_bias gradients accumulate in the input dtype), got "
+                        f"{str(q.dtype).replace('torch.', '')}"]
+            return []
         out = []
         if name == "triton":
             interpreted_fp64 = q.dtype == torch.float64 and q.device.type == "cpu"  # gradcheck under the interpreter
@@ -64,7 +72,7 @@ def _tokens(q, cu_seqlens):
     return q.shape[0] if cu_seqlens is not None else q.shape[0] * q.shape[1]
 
 
-def _forward_triton(q, k, v, pos_bias, key_padding_mask, cu_seqlens, max_seqlen, scale, dropout_p, seed):
+def _forward_triton(q, k, v, pos_bias, attention_mask, cu_seqlens, max_seqlen, scale, dropout_p, seed):
     from ..kernels import tupe_attention as kernels
 
     heads = q.shape[-2]
@@ -79,12 +87,12 @@ def _forward_triton(q, k, v, pos_bias, key_padding_mask, cu_seqlens, max_seqlen,
         out = torch.zeros(q.shape, dtype=q.dtype, device=q.device)
         lse = torch.full((heads, q.shape[0]), float("inf"), dtype=torch.float32, device=q.device)
     if out.numel():
-        kernels.attention_forward(q, k, v, pos_bias, key_padding_mask, cu_seqlens, seed, out, lse, batch=batch,
+        kernels.attention_forward(q, k, v, pos_bias, attention_mask, cu_seqlens, seed, out, lse, batch=batch,
                                   seq_len=seq_len, scale=scale, dropout_p=dropout_p)
     return out, lse
 
 
-def _backward_triton(dout, q, k, v, out, lse, pos_bias, key_padding_mask, cu_seqlens, max_seqlen, scale, dropout_p,
+def _backward_triton(dout, q, k, v, out, lse, pos_bias, attention_mask, cu_seqlens, max_seqlen, scale, dropout_p,
                      seed, bias_grad):
     from ..kernels import tupe_attention as kernels
 
@@ -92,9 +100,9 @@ def _backward_triton(dout, q, k, v, out, lse, pos_bias, key_padding_mask, cu_seq
     batch = cu_seqlens.shape[0] - 1 if cu_seqlens is not None else q.shape[0]
     seq_len = max_seqlen if cu_seqlens is not None else q.shape[1]
     dout = dout if dout.stride(-1) == 1 else dout.contiguous()
-    if key_padding_mask is not None:
+    if attention_mask is not None:
         # padded positions' q, k and v meet zero weights inside the backward's products (0 * inf is NaN): zero them
-        pad = ~key_padding_mask[:, :, None, None]
+        pad = ~attention_mask[:, :, None, None]
         q, k, v = q.masked_fill(pad, 0), k.masked_fill(pad, 0), v.masked_fill(pad, 0)
     # delta[h, token] = <dO, O> of each query row: the softmax backward's row term
     delta = (dout.float() * out.float()).sum(-1).reshape(-1, heads).t().contiguous()
@@ -108,7 +116,7 @@ def _backward_triton(dout, q, k, v, out, lse, pos_bias, key_padding_mask, cu_seq
         groups = kernels.bias_grad_groups(batch, heads, seq_len, cfg["BLOCK_M"], sms) if q.is_cuda else min(batch, 2)
         dbias_groups = torch.zeros(max(groups, 1), *pos_bias.shape, dtype=torch.float32, device=q.device)
     if q.numel():
-        kernels.attention_backward(q, k, v, pos_bias, key_padding_mask, cu_seqlens, seed, dout,
+        kernels.attention_backward(q, k, v, pos_bias, attention_mask, cu_seqlens, seed, dout,
                                    kernels.lse_log2(lse), delta, dq, dk,
                                    dv, dbias_groups, batch=batch, seq_len=seq_len, scale=scale,
                                    dropout_p=dropout_p)
@@ -123,17 +131,17 @@ def _backward_triton(dout, q, k, v, out, lse, pos_bias, key_padding_mask, cu_seq
 
 @torch.library.custom_op("effbert::tupe_attention", mutates_args=())
 def _attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos_bias: Optional[torch.Tensor],
-                  key_padding_mask: Optional[torch.Tensor], cu_seqlens: Optional[torch.Tensor], max_seqlen: int,
+                  attention_mask: Optional[torch.Tensor], cu_seqlens: Optional[torch.Tensor], max_seqlen: int,
                   scale: float, dropout_p: float, seed: Optional[torch.Tensor]) -> List[torch.Tensor]:
     # the op can be called directly (torch.ops.effbert.tupe_attention) and runs with real tensors under
     # torch.compile: the kernels trust these arguments for their addresses, so they are checked here too
-    _check_op_args(q, k, v, pos_bias, key_padding_mask, cu_seqlens, max_seqlen, scale, dropout_p, seed)
-    return list(_forward_triton(q, k, v, pos_bias, key_padding_mask, cu_seqlens, max_seqlen, scale, dropout_p,
+    _check_op_args(q, k, v, pos_bias, attention_mask, cu_seqlens, max_seqlen, scale, dropout_p, seed)
+    return list(_forward_triton(q, k, v, pos_bias, attention_mask, cu_seqlens, max_seqlen, scale, dropout_p,
                                 seed))
 
 
 @_attention_op.register_fake
-def _(q, k, v, pos_bias, key_padding_mask, cu_seqlens, max_seqlen, scale, dropout_p, seed):
+def _(q, k, v, pos_bias, attention_mask, cu_seqlens, max_seqlen, scale, dropout_p, seed):
     tokens = q.shape[0] if cu_seqlens is not None else q.shape[0] * q.shape[1]
     return [torch.empty_like(q, memory_format=torch.contiguous_format),
             q.new_empty((q.shape[-2], tokens), dtype=torch.float32)]
@@ -141,10 +149,10 @@ def _(q, k, v, pos_bias, key_padding_mask, cu_seqlens, max_seqlen, scale, dropou
 
 @torch.library.custom_op("effbert::tupe_attention_backward", mutates_args=())
 def _attention_bwd_op(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
-                      lse: torch.Tensor, pos_bias: Optional[torch.Tensor], key_padding_mask: Optional[torch.Tensor],
+                      lse: torch.Tensor, pos_bias: Optional[torch.Tensor], attention_mask: Optional[torch.Tensor],
                       cu_seqlens: Optional[torch.Tensor], max_seqlen: int, scale: float, dropout_p: float,
                       seed: Optional[torch.Tensor], bias_grad: bool) -> List[torch.Tensor]:
-    _check_op_args(q, k, v, pos_bias, key_padding_mask, cu_seqlens, max_seqlen, scale, dropout_p, seed,
+    _check_op_args(q, k, v, pos_bias, attention_mask, cu_seqlens, max_seqlen, scale, dropout_p, seed,
                    values=False)  # the kernels bound packed offsets themselves: no device round trip here
     tokens = _tokens(q, cu_seqlens)
     for name, t, shape in (("dout", dout, tuple(q.shape)), ("out", out, tuple(q.shape)),
@@ -154,12 +162,12 @@ def _attention_bwd_op(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: t
             raise ValueError(f"{name} must be {list(shape)} on {q.device}, got {tuple(t.shape)} on {t.device}")
     if bias_grad and pos_bias is None:
         raise ValueError("bias_grad needs pos_bias")
-    return _backward_triton(dout, q, k, v, out, lse, pos_bias, key_padding_mask, cu_seqlens, max_seqlen, scale,
+    return _backward_triton(dout, q, k, v, out, lse, pos_bias, attention_mask, cu_seqlens, max_seqlen, scale,
                             dropout_p, seed, bias_grad)
 
 
 @_attention_bwd_op.register_fake
-def _(dout, q, k, v, out, lse, pos_bias, key_padding_mask, cu_seqlens, max_seqlen, scale, dropout_p, seed,
+def _(dout, q, k, v, out, lse, pos_bias, attention_mask, cu_seqlens, max_seqlen, scale, dropout_p, seed,
       bias_grad):
     dbias = pos_bias.new_empty(pos_bias.shape, dtype=torch.float32) if bias_grad else q.new_empty(
         0, dtype=torch.float32)
@@ -169,9 +177,9 @@ def _(dout, q, k, v, out, lse, pos_bias, key_padding_mask, cu_seqlens, max_seqle
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, pos_bias, key_padding_mask, cu_seqlens, max_seqlen, scale, dropout_p, seed = inputs
+    q, k, v, pos_bias, attention_mask, cu_seqlens, max_seqlen, scale, dropout_p, seed = inputs
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, pos_bias, key_padding_mask, cu_seqlens, seed)
+    ctx.save_for_backward(q, k, v, out, lse, pos_bias, attention_mask, cu_seqlens, seed)
     ctx.max_seqlen, ctx.scale, ctx.dropout_p = max_seqlen, scale, dropout_p
     ctx.bias_grad = pos_bias is not None and ctx.needs_input_grad[3]
     ctx.bias_dtype = pos_bias.dtype if pos_bias is not None else None
@@ -180,9 +188,9 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grads):
     dout = grads[0]  # the log-sum-exp output is not differentiable
-    q, k, v, out, lse, pos_bias, key_padding_mask, cu_seqlens, seed = ctx.saved_tensors
+    q, k, v, out, lse, pos_bias, attention_mask, cu_seqlens, seed = ctx.saved_tensors
     dq, dk, dv, dbias = torch.ops.effbert.tupe_attention_backward(
-        dout, q, k, v, out, lse, pos_bias, key_padding_mask, cu_seqlens, ctx.max_seqlen, ctx.scale, ctx.dropout_p,
+        dout, q, k, v, out, lse, pos_bias, attention_mask, cu_seqlens, ctx.max_seqlen, ctx.scale, ctx.dropout_p,
         seed, ctx.bias_grad)
     dbias = dbias.to(ctx.bias_dtype) if ctx.bias_grad else None
     return dq, dk, dv, dbias, None, None, None, None, None, None
@@ -222,15 +230,15 @@ def _unit_last(t):
     return t if t is None or t.stride(-1) == 1 else t.contiguous()
 
 
-def tupe_attention(q, k, v, pos_bias=None, *, key_padding_mask=None, scale=None, dropout_p=0.0,
+def tupe_attention(q, k, v, pos_bias=None, *, attention_mask=None, scale=None, dropout_p=0.0,
                    deterministic=False, backend="auto"):
     """Attention with a positional term shared by the batch: ``[B, N, H, D]`` in and out.
 
     ``logits[b, h, i, j] = scale * <q[b, i, h], k[b, j, h]> + pos_bias[h, i, j]``, softmax over ``j``, dropout
     (``dropout_p``, inverted scaling), then ``@ v``. ``scale`` defaults to ``1/sqrt(D)`` (TUPE passes
     ``1/sqrt(2D)``). ``pos_bias [H, N, N]`` may be a strided view of a larger cached table; its gradient is the
-    logit gradient summed over the batch, accumulated in float32. ``key_padding_mask [B, N]`` bool, True = real
-    token: masked keys get no weight, masked queries output 0, a query with no valid key outputs 0; an inf or NaN
+    logit gradient summed over the batch, accumulated in float32. ``attention_mask [B, N]`` bool or 0/1
+    integers, True/1 = real token (a float mask is refused): masked keys get no weight, masked queries output 0, a query with no valid key outputs 0; an inf or NaN
     in q, k or v at a masked position reaches no real token's output or gradient, while NaN or +inf among a real
     query's logits gives NaN (never a silent 0). A bias of float32's lowest value is softmaxed like any other.
     Dropout draws from torch's generator of q's device, so ``torch.manual_seed`` reproduces it. The Triton
@@ -241,20 +249,18 @@ def tupe_attention(q, k, v, pos_bias=None, *, key_padding_mask=None, scale=None,
     batch, n = q.shape[0], q.shape[1]
     if pos_bias is not None and pos_bias.shape[1] != n:
         raise ValueError(f"pos_bias must be [H, N, N] = [{q.shape[2]}, {n}, {n}], got {tuple(pos_bias.shape)}")
-    if key_padding_mask is not None:
-        check_tensor("key_padding_mask", key_padding_mask, ndim=2, dtypes=(torch.bool,), shape_hint="[B, N] bool")
-        if tuple(key_padding_mask.shape) != (batch, n):
-            raise ValueError(f"key_padding_mask must be [B, N] = [{batch}, {n}], got "
-                             f"{tuple(key_padding_mask.shape)}")
+    attention_mask = as_bool_attention_mask(attention_mask, (batch, n), q.device)
     check_same_device(**{k_: t for k_, t in dict(q=q, k=k, v=v, pos_bias=pos_bias,
-                                                 key_padding_mask=key_padding_mask).items() if t is not None})
+                                                 attention_mask=attention_mask).items() if t is not None})
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     chosen = attention_backend(q, backend)
     if chosen == "eager":
-        return reference.tupe_attention(q, k, v, pos_bias, key_padding_mask=key_padding_mask, scale=scale,
+        return reference.tupe_attention(q, k, v, pos_bias, attention_mask=attention_mask, scale=scale,
                                         dropout_p=float(dropout_p))
+    if chosen == "cpu":
+        return _tupe_attention_cpu.attention(q, k, v, pos_bias, attention_mask, scale, float(dropout_p))
     seed = _draw_seed(q.device) if dropout_p > 0 else None
-    mask = key_padding_mask.contiguous() if key_padding_mask is not None else None
+    mask = attention_mask.contiguous() if attention_mask is not None else None
     args = (_unit_last(q), _unit_last(k), _unit_last(v), _unit_last(pos_bias), mask, None, n, scale,
             float(dropout_p), seed)
     if direct_call_ok(*[a for a in args if isinstance(a, torch.Tensor)]):
@@ -305,7 +311,7 @@ def _checked_cu_seqlens(cu_seqlens, total, max_seqlen):
     return torch.ops.effbert.tupe_attention_varlen_check(cu_seqlens, total, max_seqlen)
 
 
-def _check_op_args(q, k, v, pos_bias, key_padding_mask, cu_seqlens, max_seqlen, scale, dropout_p, seed, *,
+def _check_op_args(q, k, v, pos_bias, attention_mask, cu_seqlens, max_seqlen, scale, dropout_p, seed, *,
                    values=True):
     """Everything the registered ops' callers could get wrong, checked inside the ops (they can be called
     directly); ``values``: also read the packed offsets back."""
@@ -317,14 +323,14 @@ def _check_op_args(q, k, v, pos_bias, key_padding_mask, cu_seqlens, max_seqlen, 
     if cu_seqlens is None:
         if pos_bias is not None and pos_bias.shape[1] != q.shape[1]:
             raise ValueError(f"pos_bias must be [H, N, N] with N = {q.shape[1]}, got {tuple(pos_bias.shape)}")
-        if key_padding_mask is not None:
-            check_tensor("key_padding_mask", key_padding_mask, ndim=2, dtypes=(torch.bool,), shape_hint="[B, N]")
-            if tuple(key_padding_mask.shape) != tuple(q.shape[:2]):
-                raise ValueError(f"key_padding_mask must be [B, N] = {list(q.shape[:2])}, got "
-                                 f"{tuple(key_padding_mask.shape)}")
+        if attention_mask is not None:
+            check_tensor("attention_mask", attention_mask, ndim=2, dtypes=(torch.bool,), shape_hint="[B, N]")
+            if tuple(attention_mask.shape) != tuple(q.shape[:2]):
+                raise ValueError(f"attention_mask must be [B, N] = {list(q.shape[:2])}, got "
+                                 f"{tuple(attention_mask.shape)}")
     else:
-        if key_padding_mask is not None:
-            raise ValueError("key_padding_mask must be None with cu_seqlens (packed tokens are all real)")
+        if attention_mask is not None:
+            raise ValueError("attention_mask must be None with cu_seqlens (packed tokens are all real)")
         _check_cu_seqlens(cu_seqlens, max_seqlen)
     if seed is not None:
         check_tensor("seed", seed, ndim=1, dtypes=(torch.int64,), shape_hint="[1] int64")
@@ -332,7 +338,7 @@ def _check_op_args(q, k, v, pos_bias, key_padding_mask, cu_seqlens, max_seqlen, 
             raise ValueError(f"seed must be [1] int64, got shape {tuple(seed.shape)}")
     elif dropout_p > 0:
         raise ValueError("seed must be given when dropout_p > 0")
-    check_same_device(**{n: t for n, t in dict(q=q, k=k, v=v, pos_bias=pos_bias, key_padding_mask=key_padding_mask,
+    check_same_device(**{n: t for n, t in dict(q=q, k=k, v=v, pos_bias=pos_bias, attention_mask=attention_mask,
                                                cu_seqlens=cu_seqlens, seed=seed).items() if t is not None})
     if values and cu_seqlens is not None:
         _check_cu_seqlens_values(cu_seqlens, q.shape[0], max_seqlen)
@@ -356,10 +362,13 @@ def tupe_attention_varlen(q, k, v, cu_seqlens, max_seqlen, pos_bias=None, *, sca
                          if t is not None})
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     chosen = attention_backend(q, backend)
-    if chosen == "eager":
+    if chosen in ("eager", "cpu"):
         cu_seqlens = _checked_cu_seqlens(cu_seqlens, q.shape[0], max_seqlen)
+    if chosen == "eager":
         return reference.tupe_attention_varlen(q, k, v, cu_seqlens, max_seqlen, pos_bias, scale=scale,
                                                dropout_p=float(dropout_p))
+    if chosen == "cpu":
+        return _tupe_attention_cpu.attention_varlen(q, k, v, cu_seqlens, pos_bias, scale, float(dropout_p))
     seed = _draw_seed(q.device) if dropout_p > 0 else None
     args = (_unit_last(q), _unit_last(k), _unit_last(v), _unit_last(pos_bias), None, cu_seqlens.contiguous(),
             max_seqlen, scale, float(dropout_p), seed)

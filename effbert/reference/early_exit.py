@@ -6,16 +6,23 @@ import torch
 def exit_entropy(logits):
     """Shannon entropy (natural log) of softmax(logits) over the last dimension.
 
-    Computed in float64 for float64 inputs and in float32 otherwise. Zero-probability classes (-inf logits) add
+    Computed in float64 for float64 inputs and in float32 otherwise, as ``log1p(a) + u / (1 + a)`` with ``m`` the
+    row maximum, ``a`` the sum of ``exp(z - m)`` over every class but the (first) argmax and ``u`` the sum of
+    ``exp(z - m) * (m - z)``: every term is >= 0, so the result keeps its relative precision even where the
+    entropy is tiny (large logits), where ``-sum p log p`` cancels. Zero-probability classes (-inf logits) add
     nothing; a row holding NaN or +inf, or with no finite logit, gives NaN.
     """
     x = logits if logits.dtype == torch.float64 else logits.float()
-    logp = torch.log_softmax(x, dim=-1)
-    p = logp.exp()
-    terms = torch.where(p == 0, torch.zeros_like(p), p * logp)  # NaN stays NaN (NaN == 0 is False)
-    h = -terms.sum(dim=-1)
     undefined = torch.isnan(x).any(-1) | (x == float("inf")).any(-1) | (x == float("-inf")).all(-1)
-    return torch.where(undefined, torch.full_like(h, float("nan")), h.clamp_min(0))
+    x = torch.where(undefined.unsqueeze(-1), torch.zeros_like(x), x)  # undefined rows are set to NaN below
+    m, top = x.max(dim=-1, keepdim=True)
+    d = m - x  # >= 0; +inf for a -inf logit
+    e = torch.exp(-d)
+    real = x > float("-inf")
+    a = torch.where(real, e, torch.zeros_like(e)).scatter(-1, top, 0.0).sum(-1)
+    u = torch.where(real, e * d, torch.zeros_like(e)).sum(-1)
+    h = torch.log1p(a) + u / (1 + a)
+    return torch.where(undefined, torch.full_like(h, float("nan")), h)
 
 
 # ---- exit criteria (DESIGN.md, "Early exit") ----

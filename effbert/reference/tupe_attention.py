@@ -3,10 +3,10 @@
 import torch
 
 
-def tupe_attention(q, k, v, pos_bias=None, *, key_padding_mask=None, scale=None, dropout_p=0.0, dropout_mask=None):
+def tupe_attention(q, k, v, pos_bias=None, *, attention_mask=None, scale=None, dropout_p=0.0, dropout_mask=None):
     """``softmax(scale * q k^T + pos_bias)`` over keys, dropout, ``@ v``; ``[B, N, H, D]`` in and out.
 
-    ``key_padding_mask [B, N]`` (True = real token): masked keys get no weight, masked queries output 0, and a query
+    ``attention_mask [B, N]`` (True = real token): masked keys get no weight, masked queries output 0, and a query
     with no valid key outputs 0. Nothing at a masked position (an inf or NaN in q, k, v or in the bias's masked rows
     and columns) reaches a real token's output or gradient. NaN or +inf among a real row's logits gives NaN.
     ``dropout_mask [B, H, N, N]`` (bool, True = keep) replaces the random draw so a test can feed the mask a kernel
@@ -14,15 +14,15 @@ def tupe_attention(q, k, v, pos_bias=None, *, key_padding_mask=None, scale=None,
     """
     d = q.shape[-1]
     scale = d ** -0.5 if scale is None else scale
-    if key_padding_mask is not None:
+    if attention_mask is not None:
         # `where`, not a product: 0 * inf is NaN, and where's gradient at the masked entries is exactly 0
-        real = key_padding_mask[:, :, None, None]
+        real = attention_mask[:, :, None, None]
         q, k, v = (torch.where(real, t, torch.zeros((), dtype=t.dtype, device=t.device)) for t in (q, k, v))
     logits = scale * torch.einsum("bihd,bjhd->bhij", q, k)
     if pos_bias is not None:
         logits = logits + pos_bias.to(logits.dtype)[None]
-    if key_padding_mask is not None:
-        pair = key_padding_mask[:, None, :, None] & key_padding_mask[:, None, None, :]
+    if attention_mask is not None:
+        pair = attention_mask[:, None, :, None] & attention_mask[:, None, None, :]
         logits = logits.masked_fill(~pair, float("-inf"))
     # a row with no finite logit (no valid key) gets weight 0 everywhere instead of NaN; a NaN row is not dead
     dead = ~(logits != float("-inf")).any(dim=-1, keepdim=True)  # (any, not amax: N = 0 is allowed)
@@ -80,6 +80,6 @@ def tupe_attention_varlen(q, k, v, cu_seqlens, max_seqlen, pos_bias=None, *, sca
     kp, _ = pad_packed(k, cu_seqlens, max_seqlen)
     vp, _ = pad_packed(v, cu_seqlens, max_seqlen)
     bias = None if pos_bias is None else pos_bias[:, :max_seqlen, :max_seqlen]
-    out = tupe_attention(qp, kp, vp, bias, key_padding_mask=mask, scale=scale, dropout_p=dropout_p,
+    out = tupe_attention(qp, kp, vp, bias, attention_mask=mask, scale=scale, dropout_p=dropout_p,
                          dropout_mask=dropout_mask)
     return unpad(out, cu_seqlens, q.shape[0])

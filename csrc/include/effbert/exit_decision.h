@@ -42,7 +42,7 @@ struct Decision {
 // value (regression). Such a row never exits early and breaks a patience streak.
 EFFBERT_HD bool summary_undefined(const RowSummary& s, int criterion) {
   if (criterion == kCritPatienceRegression) return !(fabsf(s.first) < INFINITY);
-  return s.ent.nan || !(s.ent.s > 0.f);
+  return s.ent.nan || entropy_empty(s.ent);
 }
 
 EFFBERT_HD Decision exit_decide(int criterion, const RowSummary& s, int32_t layer, float threshold,
@@ -52,7 +52,7 @@ EFFBERT_HD Decision exit_decide(int criterion, const RowSummary& s, int32_t laye
   if (criterion == kCritEntropy) {
     d.exits = entropy_finish(s.ent) < threshold;  // NaN compares false
   } else if (criterion == kCritMaxProb) {
-    d.exits = !undefined && 1.f / s.ent.s >= threshold;  // the largest probability is exp(0) / S
+    d.exits = !undefined && 1.f / entropy_denominator(s.ent) >= threshold;  // the largest probability is 1 / S
   } else {
     const float pred = criterion == kCritPatienceRegression ? s.first : static_cast<float>(s.argmax);
     d.pred = undefined ? NAN : pred;

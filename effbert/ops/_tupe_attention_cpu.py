@@ -1,0 +1,79 @@
+"""The CPU path of ``tupe_attention``: PyTorch's own fused CPU attention
+(``torch.nn.functional.scaled_dot_product_attention``, flash-style, threaded and vectorised) run on each sequence's
+real tokens, with the shared positional term ``pos_bias[:, :L, :L]`` passed as its additive ``attn_mask``.
+
+No ``[B, H, N, N]`` tensor is built: the bias is read as the shared ``[H, N, N]`` view, broadcast over a batch of
+one, and padded keys and queries are never computed, so real-length padding costs nothing (the padded batch of
+transformers' BERT computes every padded position). Sequences of equal length share one call; a batch with no
+padding is one call. Gradients (``q``, ``k``, ``v`` and ``pos_bias``, the last summed over the batch by autograd)
+come from PyTorch's backward of the same fused calls, so fine-tuning on a CPU does not take the eager path.
+
+Semantics are DESIGN.md's: a padded query outputs 0 and gets no gradient; padded keys are left out of the call,
+so their values (inf or NaN included) never reach a real token's output or gradient; a sequence with no real
+token outputs 0; NaN in a real token's inputs gives NaN.
+
+Measured against one call over the padded batch with a combined ``[B, H, N, N]`` mask or an extra head-dim column
+carrying the key padding: both cost more (the combined mask is read per head; a head dim of 65 misses the fast
+GEMM path) than the per-sequence calls, whose per-call overhead is small next to the padded work they skip.
+"""
+
+import torch
+import torch.nn.functional as F
+
+
+def _call(q, k, v, bias, scale, dropout_p):
+    """Attention over ``[G, L, H, D]`` with the shared ``bias [H, L, L]`` (or None): ``[G, L, H, D]``."""
+    mask = None if bias is None else bias.unsqueeze(0).to(q.dtype)
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
+                                         dropout_p=dropout_p, scale=scale)
+    return out.transpose(1, 2)
+
+
+def attention(q, k, v, pos_bias, attention_mask, scale, dropout_p):
+    """Padded ``[B, N, H, D]`` attention; ``attention_mask [B, N]`` (True/1 = real token) or None."""
+    batch, n = q.shape[0], q.shape[1]
+    if attention_mask is None:
+        return _call(q, k, v, pos_bias, scale, dropout_p)
+    real = attention_mask.bool()
+    if bool(real.all()):
+        return _call(q, k, v, pos_bias, scale, dropout_p)
+    lengths_t = real.sum(1)
+    prefix = bool((real == (torch.arange(n, device=q.device) < lengths_t[:, None])).all())
+    lengths = lengths_t.tolist()  # CPU tensors: no device synchronisation
+    out = q.new_zeros(q.shape)  # in-place writes below are recorded by autograd; padded rows stay 0
+    if prefix:  # right padding, the usual case: each sequence cut to its real length, equal lengths together
+        groups = {}
+        for b, length in enumerate(lengths):
+            groups.setdefault(length, []).append(b)
+        for length, rows in groups.items():
+            if length == 0:
+                continue
+            bias = None if pos_bias is None else pos_bias[:, :length, :length]
+            if len(rows) == 1:
+                b = rows[0]
+                out[b:b + 1, :length] = _call(q[b:b + 1, :length], k[b:b + 1, :length], v[b:b + 1, :length], bias,
+                                              scale, dropout_p)
+            else:
+                idx = torch.tensor(rows, device=q.device)
+                out[idx, :length] = _call(q[idx, :length], k[idx, :length], v[idx, :length], bias, scale,
+                                          dropout_p)
+        return out
+    for b in range(batch):  # holes in the mask: each sequence's real tokens and their bias entries, gathered
+        if lengths[b] == 0:
+            continue
+        pos = real[b].nonzero().squeeze(1)
+        bias = None if pos_bias is None else pos_bias.index_select(1, pos).index_select(2, pos)
+        out[b, pos] = _call(q[b:b + 1, pos], k[b:b + 1, pos], v[b:b + 1, pos], bias, scale, dropout_p)[0]
+    return out
+
+
+def attention_varlen(q, k, v, cu_seqlens, pos_bias, scale, dropout_p):
+    """Packed ``[total, H, D]`` attention, sequence ``b`` being rows ``cu_seqlens[b]:cu_seqlens[b + 1]``."""
+    cu = cu_seqlens.tolist()
+    out = q.new_zeros(q.shape)
+    for b in range(len(cu) - 1):
+        lo, hi = cu[b], cu[b + 1]
+        if hi > lo:
+            bias = None if pos_bias is None else pos_bias[:, :hi - lo, :hi - lo]
+            out[lo:hi] = _call(q[None, lo:hi], k[None, lo:hi], v[None, lo:hi], bias, scale, dropout_p)[0]
+    return out
