@@ -147,7 +147,7 @@ def _early_exit_case(name, target, shape, batch_inputs, sizes, seq, quick):
             from effbert.calibration import calibrate_threshold, exit_layers
 
             with torch.no_grad():
-                all_exits = multi(ids, mask).logits.float()  # [L, B, C]
+                all_exits = multi(ids, mask).exit_logits.float()  # [L, B, C]
             threshold = calibrate_threshold(all_exits, criterion="entropy", target_avg_exit=target).threshold
             layers = exit_layers(all_exits, "entropy", threshold=threshold)
             avg = float(layers.double().mean())
