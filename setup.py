@@ -132,8 +132,8 @@ setup(
     long_description=(ROOT / "README.md").read_text() if (ROOT / "README.md").exists() else "",
     long_description_content_type="text/markdown",
     python_requires=">=3.9",
-    packages=["effbert", "effbert.reference", "effbert.ops", "effbert.nn", "effbert.models", "effbert.tools", "effbert.bench",
-              "effbert.kernels", "effbert.integrations"],
+    packages=["effbert", "effbert.reference", "effbert.ops", "effbert.nn", "effbert.models", "effbert.tools",
+              "effbert.bench", "effbert.kernels", "effbert.integrations", "effbert.commands", "effbert.data"],
     package_dir={"effbert": "effbert", "effbert.kernels": "kernels"},
     ext_modules=[cpu_ext, cuda_ext],
     cmdclass={"build_ext": BuildExt},
@@ -146,6 +146,6 @@ setup(
         "hf": [],  # kept so that `pip install -e ".[hf]"` still works: what it installed is now required
         "bench": ["matplotlib", "tqdm", "pytest-benchmark"],
     },
-    entry_points={"console_scripts": ["effbert = effbert.cli:main"]},
+    entry_points={"console_scripts": ["effbert = effbert.commands:main"]},
     zip_safe=False,
 )

@@ -48,7 +48,7 @@ ARCH="${EFFBERT_CUDA_ARCHS:-$($PY -c 'import torch; p = torch.cuda.get_device_ca
 step build 150 env EFFBERT_FORCE_CUDA_BUILD=1 EFFBERT_CUDA_ARCHS="$ARCH" \
   $PY -m pip install --no-build-isolation --no-deps --no-input -e . || { cat "$SUMMARY"; exit 1; }
 
-step check 60 $PY -m effbert.cli check
+step check 60 $PY -m effbert.commands check
 # the ahead-of-time compile report tests (marker aot) need no GPU: CI runs them, the suite spends its time on the GPU
 step tests 280 $PY -m pytest tests -q -p no:cacheprovider -m "not aot" --junitxml="$OUT/logs/junit.xml"
 SAN="compute-sanitizer --error-exitcode=3 --print-limit 20"
@@ -58,7 +58,7 @@ QUICK=""; [ "${SUITE_QUICK:-0}" = 1 ] && QUICK="--quick"
 # the benchmark gets what is left of a 10-minute budget (at least a minute)
 LEFT=$(( 570 - ($(date +%s) - START) )); [ $LEFT -lt 60 ] && LEFT=60
 # cases stop starting a minute before the limit, so the files are written even when the suite runs long
-step bench $LEFT $PY -m effbert.bench $QUICK --no-progress --budget $(( LEFT - 60 > 30 ? LEFT - 60 : 30 )) --out "$OUT/bench"
+step bench $LEFT $PY -m effbert.commands bench $QUICK --no-progress --budget $(( LEFT - 60 > 30 ? LEFT - 60 : 30 )) --out "$OUT/bench"
 
 echo >> "$SUMMARY"
 echo "total: $(( $(date +%s) - START )) s" >> "$SUMMARY"

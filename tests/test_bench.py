@@ -5,12 +5,13 @@ import json
 import pytest
 
 from effbert.bench import runner
+from effbert.commands import bench as bench_command
 
 
 @pytest.mark.slow
 def test_quick_run_writes_results_and_self_compare_is_clean(tmp_path, capsys):
     out = tmp_path / "run"
-    assert runner.main(["--quick", "--no-progress", "--op", "exit_entropy", "--out", str(out)]) == 0
+    assert bench_command.main(["--quick", "--no-progress", "--op", "exit_entropy", "--out", str(out)]) == 0
     data = json.loads((out / "bench.json").read_text())
     assert data["env"]["torch"] and data["ceilings"]["copy_GBps"] > 0
     ok = [c for c in data["cases"] if c["status"] == "ok"]
@@ -19,7 +20,7 @@ def test_quick_run_writes_results_and_self_compare_is_clean(tmp_path, capsys):
     assert all(c["reason"] for c in skipped)  # providers that cannot run say why
     assert "| exit_entropy" not in (out / "bench.md").read_text() or "## exit_entropy" in (out / "bench.md").read_text()
     # Comparing a run with itself finds every case and flags none.
-    assert runner.main(["--quick", "--no-progress", "--op", "exit_entropy", "--out", str(tmp_path / "again"),
+    assert bench_command.main(["--quick", "--no-progress", "--op", "exit_entropy", "--out", str(tmp_path / "again"),
                         "--compare", str(out / "bench.json")]) == 0
     again = json.loads((tmp_path / "again" / "bench.json").read_text())
     matched = again["compare"]["cases"]
@@ -31,12 +32,12 @@ def test_quick_run_writes_results_and_self_compare_is_clean(tmp_path, capsys):
 
 def test_bad_arguments_are_rejected(tmp_path, capsys):
     with pytest.raises(SystemExit):
-        runner.main(["--compare", str(tmp_path / "missing.json")])
+        bench_command.main(["--compare", str(tmp_path / "missing.json")])
     assert "--compare" in capsys.readouterr().err
     with pytest.raises(SystemExit):
-        runner.main(["--op", "no_such_op", "--out", str(tmp_path)])
+        bench_command.main(["--op", "no_such_op", "--out", str(tmp_path)])
     with pytest.raises(SystemExit):
-        runner.main(["--budget", "0", "--out", str(tmp_path)])
+        bench_command.main(["--budget", "0", "--out", str(tmp_path)])
     assert "--budget" in capsys.readouterr().err
     # an --out or --compare the run could not use is refused before it measures anything, not after
     (tmp_path / "file").write_text("x")
@@ -44,14 +45,14 @@ def test_bad_arguments_are_rejected(tmp_path, capsys):
     for argv, message in ((["--out", str(tmp_path / "file")], "exists and is not a folder"),
                           (["--compare", str(tmp_path / "cut.json")], "is not the bench.json of an earlier run")):
         with pytest.raises(SystemExit) as exc:
-            runner.main(["--op", "exit_entropy", "--quick", *argv])
+            bench_command.main(["--op", "exit_entropy", "--quick", *argv])
         err = capsys.readouterr().err
         assert exc.value.code == 2 and message in err and "measuring" not in err
 
 
 def test_a_spent_budget_skips_the_remaining_cases_but_writes_the_files(tmp_path):
     out = tmp_path / "late"
-    assert runner.main(["--quick", "--no-progress", "--op", "exit_entropy", "--budget", "1e-9", "--out",
+    assert bench_command.main(["--quick", "--no-progress", "--op", "exit_entropy", "--budget", "1e-9", "--out",
                         str(out)]) == 0
     rows = json.loads((out / "bench.json").read_text())["cases"]
     assert rows and all(r["status"] == "skipped" and r["reason"] for r in rows)
@@ -63,7 +64,7 @@ def test_a_spent_budget_skips_the_remaining_cases_but_writes_the_files(tmp_path)
 def test_plots_speedups_and_time_against_sequence_length(tmp_path):
     pytest.importorskip("matplotlib")
     out = tmp_path / "sweep"
-    assert runner.main(["--quick", "--no-progress", "--op", "tupe_attention_seqlen", "--out", str(out)]) == 0
+    assert bench_command.main(["--quick", "--no-progress", "--op", "tupe_attention_seqlen", "--out", str(out)]) == 0
     data = json.loads((out / "bench.json").read_text())
     ok = [c for c in data["cases"] if c["status"] == "ok"]
     assert len({c["shape"] for c in ok}) >= 3  # the sweep ran at three lengths at least
@@ -130,7 +131,7 @@ def test_train_step_reports_tokens_per_second(tmp_path, monkeypatch):
 
     monkeypatch.setattr(train_step, "_sizes", lambda device, quick: (TINY_BERT, [(2, 16)], torch.float32))
     out = tmp_path / "e2e"
-    assert runner.main(["--quick", "--no-progress", "--op", train_step.OP, "--out", str(out)]) == 0
+    assert bench_command.main(["--quick", "--no-progress", "--op", train_step.OP, "--out", str(out)]) == 0
     rows = {c["provider"]: c for c in json.loads((out / "bench.json").read_text())["cases"]}
     assert set(rows) == {"effbert", "effbert-absolute", "effbert-eager", "hf-sdpa", "effbert-mcbert"}
     for row in rows.values():
@@ -153,8 +154,8 @@ def test_the_whole_quick_suite_runs_on_this_cpu(tmp_path):
 
     out = tmp_path / "all"
     env = dict(os.environ, TRITON_INTERPRET="0", CUDA_VISIBLE_DEVICES="")
-    done = subprocess.run([sys.executable, "-m", "effbert.bench", "--quick", "--no-progress", "--out", str(out)],
-                          env=env, capture_output=True, text=True, timeout=900)
+    done = subprocess.run([sys.executable, "-m", "effbert.commands", "bench", "--quick", "--no-progress",
+                           "--out", str(out)], env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     rows = json.loads((out / "bench.json").read_text())["cases"]
     assert {r["status"] for r in rows} <= {"ok", "skipped"}, [r for r in rows if r["status"] not in ("ok", "skipped")]

@@ -7,7 +7,8 @@ import os
 
 import pytest
 
-from effbert import cli, demo
+from effbert import commands as cli
+from effbert.commands import demo
 
 
 def test_demo_quick_runs_to_the_end(tmp_path, capsys):

@@ -11,7 +11,8 @@ import sys
 import pytest
 import torch
 
-from effbert import cli, finetune
+from effbert import commands as cli
+from effbert.commands import finetune
 
 
 def installed(name):
@@ -277,9 +278,9 @@ def test_finetune_from_a_pretrain_folder(tmp_path, data, capsys):
     assert "more than the model's vocab_size" in capsys.readouterr().err
 
 
-@pytest.mark.skipif(not installed("effbert.pretrain"), reason="effbert pretrain is not in this tree")
+@pytest.mark.skipif(not installed("effbert.commands.pretrain"), reason="effbert pretrain is not in this tree")
 def test_finetune_after_a_real_pretrain_run(tmp_path, data, capsys):
-    from effbert.pretrain import load_pretrained
+    from effbert.commands.pretrain import load_pretrained
 
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("".join(line.split("\t", 1)[1] for line in open(data / "train.tsv")))
@@ -461,7 +462,7 @@ def test_tampered_pretrain_checkpoint_is_never_unpickled(tmp_path, data, capsys,
     os.remove(tmp_path / "pre" / "model.pt")
     torch.save({"step": 1, "model": _Payload()}, tmp_path / "pre" / "checkpoint-00000001.pt")
     if reader == "folder":
-        monkeypatch.setitem(sys.modules, "effbert.pretrain", None)  # the install without the pretrain command
+        monkeypatch.setitem(sys.modules, "effbert.commands.pretrain", None)  # the install without the pretrain command
         with pytest.raises(Exception, match="Weights only load failed"):
             finetune._read_pretrain_folder(str(tmp_path / "pre"))
     assert cli.main(["finetune", "--init", str(tmp_path / "pre"), "--train", str(data / "train.tsv"), "--out",

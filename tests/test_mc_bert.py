@@ -432,7 +432,8 @@ ARGS = ["--vocab-size", "300", "--layers", "2", "--hidden", "36", "--heads", "3"
 
 
 def test_pretrain_mcbert_resume_and_finetune(tmp_path, capsys):
-    from effbert import cli, finetune, pretrain
+    from effbert import commands as cli
+    from effbert.commands import pretrain
 
     data = _real_text(tmp_path / "corpus.txt")
     whole, parts = tmp_path / "whole", tmp_path / "parts"
@@ -469,7 +470,7 @@ def test_pretrain_mcbert_resume_and_finetune(tmp_path, capsys):
 
 
 def test_check_rows_and_compile_specs():
-    from effbert import check
+    from effbert.commands import check
     from effbert.tools import compile_report
 
     rows = check.check_mc_bert()

@@ -12,7 +12,7 @@ from effbert.calibration import exit_layers
 from effbert.losses import multi_exit_distillation_loss
 from effbert.models import TupeBertConfig, TupeBertForMaskedLM, TupeBertForSequenceClassification
 from effbert.nn import NoteDictionary
-from effbert.tnf import RareWordTable
+from effbert.data.tnf import RareWordTable
 
 from helpers import assert_close
 

@@ -615,9 +615,9 @@ def test_bench_family_runs_and_checks(tmp_path):
     """The notes benchmark cases run on this machine, every provider checked against the reference first."""
     import json
 
-    from effbert.bench import runner
+    from effbert.commands import bench as bench_command
 
-    assert runner.main(["--quick", "--no-progress", "--op", "notes", "--out", str(tmp_path)]) == 0
+    assert bench_command.main(["--quick", "--no-progress", "--op", "notes", "--out", str(tmp_path)]) == 0
     data = json.loads((tmp_path / "bench.json").read_text())
     ok = [c for c in data["cases"] if c["status"] == "ok"]
     assert {c["op"] for c in ok} == {"note_mix", "note_update_"}

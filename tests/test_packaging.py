@@ -61,7 +61,7 @@ def test_backends_report_each_backend():
 
 
 def test_cli_lists_commands(capsys):
-    from effbert import cli
+    from effbert import commands as cli
 
     assert cli.main([]) == 2
     assert "check" in capsys.readouterr().out
@@ -69,7 +69,7 @@ def test_cli_lists_commands(capsys):
 
 
 def test_cli_version(capsys):
-    from effbert import cli
+    from effbert import commands as cli
 
     assert cli.main(["--version"]) == 0
     assert capsys.readouterr().out.strip() == f"effbert {effbert.__version__}"
@@ -81,7 +81,7 @@ def test_command_backends_must_run_on_the_device():
     its type is looked at)."""
     import torch
 
-    from effbert import cli
+    from effbert import commands as cli
 
     cli.check_backend("eager", torch.device("cuda", 0))
     cli.check_backend("auto", torch.device("cpu"))

@@ -12,8 +12,9 @@ import sys
 import pytest
 import torch
 
-from effbert import cli, pretrain
-from effbert.text import WordPieceTokenizer
+from effbert import commands as cli
+from effbert.commands import pretrain
+from effbert.data.text import WordPieceTokenizer
 
 from helpers import rel_error
 
@@ -151,7 +152,7 @@ def test_load_pretrained(tmp_path, corpus):
 def test_masking_and_no_peeking(corpus):
     lines = pretrain.read_corpus([corpus])
     tok = WordPieceTokenizer.build(lines, 120)
-    from effbert.tnf import RareWordTable
+    from effbert.data.tnf import RareWordTable
 
     table = RareWordTable.build(pretrain.rare_words(tok, lines, 3, 100), tok.word_ids, tok.continuation)
     assert sorted(table.words) == sorted(RARE)
@@ -226,7 +227,7 @@ def test_user_errors(tmp_path, corpus, capsys):
 
 
 def test_command_line_error_has_no_traceback(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "effbert.cli", "pretrain", "--data", str(tmp_path / "none.txt"),
+    proc = subprocess.run([sys.executable, "-m", "effbert.commands", "pretrain", "--data", str(tmp_path / "none.txt"),
                            "--out", str(tmp_path / "o")], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [f"effbert pretrain: error: --data: no such file "
@@ -246,7 +247,7 @@ def test_torchrun_two_cpu_ranks(tmp_path, corpus):
     args = ["--data", corpus, *COMMON, "--steps", "2", "--dropout", "0", "--log-every", "1"]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           "-m", "effbert.cli", "pretrain", *args, "--out", str(tmp_path / "ddp"),
+                           "-m", "effbert.commands", "pretrain", *args, "--out", str(tmp_path / "ddp"),
                            "--dump-state", str(tmp_path / "ddp.pt")],
                           capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

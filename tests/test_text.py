@@ -1,4 +1,4 @@
-"""``effbert.text.WordPieceTokenizer`` against transformers' ``BertTokenizer`` on the same vocab.txt (both casings,
+"""``effbert.data.text.WordPieceTokenizer`` against transformers' ``BertTokenizer`` on the same vocab.txt (both casings,
 punctuation, accents, CJK, unknown characters, very long words, empty strings), ``build``'s vocabulary, the batch
 encoding, and errors that name the argument."""
 
@@ -9,7 +9,7 @@ import unicodedata
 import pytest
 import torch
 
-from effbert.text import SPECIAL_TOKENS, WordPieceTokenizer
+from effbert.data.text import SPECIAL_TOKENS, WordPieceTokenizer
 
 HAVE_TRANSFORMERS = importlib.util.find_spec("transformers") is not None
 needs_transformers = pytest.mark.skipif(not HAVE_TRANSFORMERS, reason="transformers is not installed")
@@ -200,7 +200,7 @@ def test_ids_and_continuation():
 
 def test_continuation_finds_rare_words():
     """The tokenizer feeds TNF's rare-word table: a rare word's pieces are one word-start piece then ## pieces."""
-    from effbert.tnf import RareWordTable
+    from effbert.data.tnf import RareWordTable
 
     lines, rare = _corpus(1)
     tok = WordPieceTokenizer.build(lines, 80)
@@ -255,7 +255,7 @@ def test_errors(tmp_path):
 def test_word_cache_is_bounded(monkeypatch):
     """Junk text (many distinct words, very long words) keeps the word cache at WORD_CACHE_SIZE short entries,
     and a word tokenized after its entry was evicted gets the same pieces."""
-    from effbert.text import MAX_WORD_CHARS
+    from effbert.data.text import MAX_WORD_CHARS
 
     tok = WordPieceTokenizer(list(SPECIAL_TOKENS) + ["a", "b", "##a", "##b"])
     monkeypatch.setattr(WordPieceTokenizer, "WORD_CACHE_SIZE", 8)

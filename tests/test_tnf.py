@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from effbert.nn import NoteDictionary
-from effbert.tnf import RareWordTable, bpe_continuation, build_rare_vocab, wordpiece_continuation
+from effbert.data.tnf import RareWordTable, bpe_continuation, build_rare_vocab, wordpiece_continuation
 
 # A toy WordPiece vocabulary: specials, word-start pieces, continuation pieces.
 VOCAB = ["[PAD]", "[CLS]", "[SEP]", "the", "cat", "dog", "un", "believ", "read", "ran", "a",

@@ -1,17 +1,15 @@
 """Suite runner: ceilings, correctness check, timing, table, JSON / Markdown / PNG, comparison with an older run.
 
-    effbert bench [--op NAME] [--quick] [--out DIR] [--compare OLD.json]
+    (run through ``effbert bench``: see effbert.commands.bench)
     effbert bench --index benchmarks/results     # regenerate benchmarks/RESULTS.md from the committed runs
 """
 
-import argparse
 import datetime as _dt
 import json
 import os
 import platform
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -325,79 +323,3 @@ def _progress(items, enabled):
         return tqdm(items, desc="effbert bench", unit="case", file=sys.stderr)
     except ImportError:
         return items
-
-
-def main(argv=None):
-    from ..cli import UsageError, check_out_dir
-
-    parser = argparse.ArgumentParser(prog="effbert bench", description="effbert microbenchmark suite")
-    parser.add_argument("--op", default=None, help="only this op (e.g. exit_entropy) or family (e.g. early_exit)")
-    parser.add_argument("--quick", action="store_true", help="fewer shapes and shorter timing")
-    parser.add_argument("--out", default="bench-out", help="folder for bench.json, bench.md and plots")
-    parser.add_argument("--compare", default=None, metavar="OLD.json", help="ratios against an earlier run")
-    parser.add_argument("--index", default=None, metavar="RESULTS_DIR",
-                        help="only regenerate RESULTS.md beside RESULTS_DIR from the runs in it")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    parser.add_argument("--budget", type=float, default=None, metavar="SECONDS",
-                        help="stop starting cases after this long; the rest are listed as skipped, and the "
-                             "files are written all the same")
-    args = parser.parse_args(argv)
-    if args.budget is not None and not args.budget > 0:
-        parser.error(f"--budget must be a positive number of seconds, got {args.budget}")
-    if args.index:
-        if not Path(args.index).is_dir():
-            parser.error(f"--index must be a folder of result JSON files, got {args.index!r}")
-        print(f"wrote {write_index(args.index)}")
-        return 0
-    if args.compare and not Path(args.compare).is_file():
-        parser.error(f"--compare must name an existing JSON file from an earlier run, got {args.compare!r}")
-    if args.compare:  # read it now, not after the whole run
-        try:
-            old = json.loads(Path(args.compare).read_text(encoding="utf-8"))
-            ok = isinstance(old, dict) and isinstance(old.get("cases"), list)
-        except (OSError, ValueError):
-            ok = False
-        if not ok:
-            parser.error(f"--compare: {args.compare!r} is not the bench.json of an earlier run")
-    try:
-        check_out_dir(args.out)
-    except UsageError as exc:
-        parser.error(str(exc))
-
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    env = environment(device)
-    cases = collect_cases(device, args.quick, args.op)
-    if not cases:
-        parser.error(f"--op {args.op!r} matches no case; ops: {sorted({c.op for c in collect_cases(device, True)})}")
-    print(f"effbert bench on {env['device']}: measuring ceilings, then {len(cases)} cases", file=sys.stderr)
-    ceilings = timing.measure_ceilings(device, quick=args.quick)
-    rows, started = [], time.monotonic()
-    for case in _progress(cases, not args.no_progress):
-        if args.budget is not None and time.monotonic() - started > args.budget:
-            case.skip_reasons = case.skip_reasons or [f"the run's --budget of {args.budget:g} s was spent"]
-        rows.append(run_case(case, device, ceilings, args.quick))
-    add_speedups(rows)
-
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    result = {"env": env, "ceilings": ceilings, "quick": args.quick, "cases": rows}
-    if args.compare:
-        result["compare"] = {"against": str(args.compare), "cases": compare(rows, args.compare)}
-    (out / "bench.json").write_text(json.dumps(result, indent=1))
-    write_markdown(out / "bench.md", rows, ceilings, env)
-    plots = write_plots(out, rows) + write_seqlen_plots(out, rows)
-
-    print(format_tables(rows, ceilings, env))
-    if args.compare:
-        cmp_rows = result["compare"]["cases"]
-        bad = [c for c in cmp_rows if c["regression"]]
-        print(f"\ncompare with {args.compare}: {len(cmp_rows)} cases matched, {len(bad)} regressions")
-        for c in bad:
-            print(f"  REGRESSION {c['key']}: {c['old_ms']:.4f} -> {c['new_ms']:.4f} ms "
-                  f"({c['ratio']:.2f}x, noise allowance {c['tolerance']:.0%})")
-    wrong = [r for r in rows if r["status"] in ("wrong", "error")]
-    print(f"\nwrote {out / 'bench.json'}, {out / 'bench.md'}" + "".join(f", {p}" for p in plots)
-          + ("" if plots else " (no plots: matplotlib is not installed; pip install matplotlib)"))
-    if wrong:
-        print(f"{len(wrong)} cases failed their correctness check or raised; see the table")
-    return 1 if any(r["status"] == "wrong" and r["provider"].startswith("effbert") for r in rows) else 0

@@ -378,7 +378,7 @@ class TupeBertForMaskedLM(TupeBertPreTrainedModel):
     labelled positions only and returns ``logits=None``: the same loss, a fraction of the head's cost.
 
     TNF: with ``note_dictionary`` (a ``NoteDictionary`` of dim ``hidden_size``), ``note_slots [B, N]`` (from
-    ``effbert.tnf.RareWordTable.find``; -1 = not a rare word) mixes each rare word's note into the embeddings fed to
+    ``effbert.data.tnf.RareWordTable.find``; -1 = not a rare word) mixes each rare word's note into the embeddings fed to
     the first layer, and the training loop calls ``update_notes(out.last_hidden_state, spans, lengths)`` after each
     step. The notes are buffers of the submodule ``notes``, so they travel in the state dict; the dictionary's sizes
     are written into the config (``tnf_*``), so ``from_pretrained`` rebuilds it and loads the notes. Without

@@ -32,7 +32,7 @@ import time
 
 import torch
 
-from .cli import UsageError, check_backend, check_out_dir, parse_device, run_command
+from . import UsageError, check_backend, check_out_dir, parse_device, run_command
 
 __all__ = ["main", "load_finetuned", "read_tsv", "UsageError"]
 
@@ -155,7 +155,7 @@ def _classifier_from(encoder_model, config, num_labels, pooler=None, classifier=
     off-ramp's pooler starts from ``pooler`` (a state dict) when given, else from the last off-ramp's fresh one, as
     DeeBERT and RomeBERT copy the pooler into every off-ramp (``shared_pooler``: one pooler for all, PABEE); the last
     off-ramp's classifier starts from ``classifier`` when given."""
-    from .models import TupeBertConfig, TupeBertForSequenceClassification
+    from ..models import TupeBertConfig, TupeBertForSequenceClassification
 
     values = config.to_dict()
     values.update(multi_exit=True, num_labels=num_labels, shared_exit_pooler=bool(shared_pooler))
@@ -172,9 +172,9 @@ def _classifier_from(encoder_model, config, num_labels, pooler=None, classifier=
 
 
 def _from_hf(path, num_labels, backend, cased, shared_pooler=False):
-    from .integrations.hf import from_hf_bert
-    from .models import TupeBertForSequenceClassification, TupeBertModel
-    from .text import WordPieceTokenizer
+    from ..integrations.hf import from_hf_bert
+    from ..models import TupeBertForSequenceClassification, TupeBertModel
+    from ..data.text import WordPieceTokenizer
 
     _fail_if(not os.path.isdir(path), f"--hf: {path!r} is not a folder (a local Hugging Face BERT checkpoint)")
     _fail_if(not os.path.isfile(os.path.join(path, VOCAB_FILE)), f"--hf: {path!r} holds no {VOCAB_FILE}")
@@ -224,8 +224,8 @@ def _from_pretrain(path, num_labels, backend, cased, shared_pooler=False):
 def _read_pretrain_folder(path, backend="auto"):
     """The encoder of an ``effbert pretrain`` folder (``config.json``, ``vocab.txt``, ``pretrain.json`` and the final
     ``model.pt`` or the latest ``checkpoint-*.pt``), as ``(TupeBertForMaskedLM without notes, tokenizer, None)``."""
-    from .models import TupeBertConfig, TupeBertForMaskedLM
-    from .text import WordPieceTokenizer
+    from ..models import TupeBertConfig, TupeBertForMaskedLM
+    from ..data.text import WordPieceTokenizer
 
     for name in (CONFIG_FILE, VOCAB_FILE, "pretrain.json"):
         if not os.path.isfile(os.path.join(path, name)):
@@ -277,8 +277,8 @@ def load_finetuned(path, device=None, backend="auto"):
     eval mode; WordPieceTokenizer; labels, a list of str indexed by class id; settings dict, with max_len)``.
     Raises ``FileNotFoundError`` for a folder that is not such a run and ``ValueError`` for weights that cannot be
     read with ``torch.load(..., weights_only=True)``."""
-    from .models import TupeBertConfig, TupeBertForSequenceClassification
-    from .text import WordPieceTokenizer
+    from ..models import TupeBertConfig, TupeBertForSequenceClassification
+    from ..data.text import WordPieceTokenizer
 
     if not isinstance(path, (str, os.PathLike)) or not os.path.isdir(path):
         raise FileNotFoundError(f"path must be the folder of an effbert finetune run, got {path!r}")
@@ -320,7 +320,7 @@ def _progress(total, desc, quiet):
 
 
 def _loss(a, exit_logits, labels, backend, stage=1):
-    from .losses import deebert_loss, multi_exit_distillation_loss, pabee_loss
+    from ..losses import deebert_loss, multi_exit_distillation_loss, pabee_loss
 
     z = exit_logits.float()
     if a.loss == "deebert":
@@ -358,7 +358,7 @@ def train(a, model, ids, lengths, y, device, backend, log):
 
 
 def _train_stage(a, model, ids, lengths, y, device, backend, log, stage=1):
-    from .losses import gradient_regularized_backward, romebert_projected_parameters
+    from ..losses import gradient_regularized_backward, romebert_projected_parameters
 
     gen = torch.Generator().manual_seed(a.seed + stage - 1)
     count = ids.shape[0]
@@ -445,7 +445,7 @@ def _timed_early_exit(model, ids, lengths, batch, device, **kw):
 
 def _candidates(exit_logits, criterion, depth):
     """Thresholds at quantiles of the early off-ramps' scores, so each lets a different share of samples out."""
-    from . import reference
+    from .. import reference
 
     if criterion == "patience":
         return list(range(depth - 1, 0, -1))  # the latest exits first, as for the thresholds
@@ -473,7 +473,7 @@ def _score(logits, y, regression):
 def evaluate(a, model, ids, lengths, y, device, log):
     """Every exit's accuracy, the full-depth accuracy and the measured batched early exit at each threshold: the
     report dict. For ``--regression`` the scores are mean squared errors (lower is better)."""
-    from .calibration import speed_accuracy_curve
+    from ..calibration import speed_accuracy_curve
 
     depth = model.config.num_hidden_layers
     batch = a.eval_batch_size
@@ -610,7 +610,7 @@ def build_parser():
 
 
 def _check_args(a):
-    from .ops._dispatch import BACKENDS
+    from ..ops._dispatch import BACKENDS
 
     _fail_if(a.steps is not None and a.steps < 1, f"--steps must be >= 1, got {a.steps}")
     _fail_if(not (a.epochs > 0 and math.isfinite(a.epochs)), f"--epochs must be > 0, got {a.epochs}")

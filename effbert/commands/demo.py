@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .cli import check_out_dir, parse_device, run_command
+from . import check_out_dir, parse_device, run_command
 from .pretrain import default_backend as _backend
 from .pretrain import mask_tokens
 from .pretrain import progress_bar as _progress
@@ -134,9 +134,9 @@ class ToyCorpus:
 
 
 def pretrain(corpus, ids, lengths, sizes, device, backend, gen, log):
-    from .models import TupeBertConfig, TupeBertForMaskedLM
-    from .nn import NoteDictionary
-    from .tnf import RareWordTable, build_rare_vocab
+    from ..models import TupeBertConfig, TupeBertForMaskedLM
+    from ..nn import NoteDictionary
+    from ..data.tnf import RareWordTable, build_rare_vocab
 
     # rare words: seen a few times, but well below the typical count (TNF's band)
     counts = {}
@@ -199,8 +199,8 @@ FINETUNE_GAMMA, FINETUNE_TEMPERATURE = 0.9, 3.0  # RomeBERT's published values
 
 
 def finetune(mlm, ids, lengths, labels, sizes, device, gen, log):
-    from .losses import multi_exit_distillation_loss
-    from .models import TupeBertConfig, TupeBertForSequenceClassification
+    from ..losses import multi_exit_distillation_loss
+    from ..models import TupeBertConfig, TupeBertForSequenceClassification
 
     values = mlm.config.to_dict()
     values.update(multi_exit=True, num_labels=sizes.topics)
@@ -256,7 +256,7 @@ def _timed_early_exit(model, ids, lengths, batch, device, **kw):
 
 
 def evaluate(model, ids, lengths, labels, sizes, device, log):
-    from .calibration import speed_accuracy_curve
+    from ..calibration import speed_accuracy_curve
 
     labels_d = labels.to(device)
     depth = sizes.layers
@@ -282,7 +282,7 @@ def evaluate(model, ids, lengths, labels, sizes, device, log):
     log(f"  {'full':>9} {depth:9.2f} {0:12.1%} {1:8.2f}x {acc_full:9.3f} {0:+8.3f}")
     points = []
     # thresholds at quantiles of the early exits' entropies, so each one lets a different share of samples out
-    from . import reference
+    from .. import reference
     ent = reference.exit_entropy(all_exits[:-1].reshape(-1, all_exits.shape[-1]).double())
     qs = torch.tensor([0.1, 0.25, 0.4, 0.55, 0.7], dtype=torch.float64, device=ent.device)
     for t in torch.quantile(ent[torch.isfinite(ent)], qs).tolist():

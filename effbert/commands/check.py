@@ -7,10 +7,10 @@ import sys
 
 import torch
 
-from . import ops as effbert_ops
-from . import reference
-from .ops import backends
-from .ops import early_exit as early_exit_ops
+from .. import ops as effbert_ops
+from .. import reference
+from ..ops import backends
+from ..ops import early_exit as early_exit_ops
 
 
 def _rel_error(out, ref):
@@ -156,7 +156,7 @@ def check_multi_exit_loss():
 
 def check_notes():
     """note_mix and note_update_ (TNF) on every backend here against the float64 loop reference."""
-    from .ops import notes as notes_ops
+    from ..ops import notes as notes_ops
 
     rows = []
     for device in _devices():
@@ -195,7 +195,7 @@ def check_notes():
 def check_mc_bert():
     """mc_candidate_loss (loss and the three gradients) against float64; mc_sample: the Triton draws bit for bit
     against the Philox/Gumbel reference, every backend's draw frequencies against the softmax."""
-    from .ops import mc_bert as mc_ops
+    from ..ops import mc_bert as mc_ops
 
     rows = []
     for device in _devices():
@@ -236,7 +236,7 @@ def check_mc_bert():
             if backend == "triton":
                 x = torch.randn(33, 257, device=device)
                 seed = mc_ops.new_seed(device)
-                from .kernels import mc_bert as mc_kernels  # the op draws its own seed: the kernel on a known one
+                from ..kernels import mc_bert as mc_kernels  # the op draws its own seed: the kernel on a known one
 
                 out = mc_kernels.mc_sample(x, K, seed, torch.full((33, K), -7, dtype=torch.int64, device=device))
                 same = torch.equal(out.cpu(), reference.mc_sample_gumbel(x, K, int(seed)).cpu())

@@ -5,11 +5,11 @@ microbenchmark suite), ``demo`` (pretraining with TUPE and TNF, then batched ear
 import sys
 
 COMMANDS = {
-    "check": ("every op on this machine's backends against the float64 reference", "effbert.check"),
-    "bench": ("the microbenchmark suite (see effbert bench --help)", "effbert.bench.runner"),
-    "demo": ("pretrain a tiny TUPE-R BERT with TNF, then early exit (see effbert demo --help)", "effbert.demo"),
-    "pretrain": ("masked-LM pretraining on your own text, with TNF (see effbert pretrain --help)", "effbert.pretrain"),
-    "finetune": ("multi-exit classification on your data, then an early-exit report (see --help)", "effbert.finetune"),
+    "check": ("every op on this machine's backends against the float64 reference", "effbert.commands.check"),
+    "bench": ("the microbenchmark suite (see effbert bench --help)", "effbert.commands.bench"),
+    "demo": ("pretrain a tiny TUPE-R BERT with TNF, then early exit (see effbert demo --help)", "effbert.commands.demo"),
+    "pretrain": ("masked-LM pretraining on your own text, with TNF (see effbert pretrain --help)", "effbert.commands.pretrain"),
+    "finetune": ("multi-exit classification on your data, then an early-exit report (see --help)", "effbert.commands.finetune"),
 }
 
 
@@ -42,8 +42,8 @@ def check_backend(backend, device, flag="--backend"):
     """An effbert op backend (or ``auto``) that can run on ``device``: available on this machine, and on the
     device's kind (cpu: CPU tensors; cuda: CUDA tensors; triton: CUDA tensors, or CPU ones under
     ``TRITON_INTERPRET=1``; eager: either)."""
-    from .ops import backends
-    from .ops._dispatch import _device_reasons
+    from ..ops import backends
+    from ..ops._dispatch import _device_reasons
 
     if backend in (None, "auto"):
         return
@@ -92,7 +92,7 @@ def run_command(prog, parser, check, body, argv):
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] in (["--version"], ["-V"]):
-        from . import __version__
+        from .. import __version__
 
         print(f"effbert {__version__}")
         return 0
@@ -107,7 +107,3 @@ def main(argv=None):
     import importlib
 
     return importlib.import_module(COMMANDS[argv[0]][1]).main(argv[1:])
-
-
-if __name__ == "__main__":
-    sys.exit(main())

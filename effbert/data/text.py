@@ -190,7 +190,7 @@ class WordPieceTokenizer:
 
     @property
     def continuation(self):
-        """Bool ``[V]``: True for the ``##`` pieces (what ``effbert.tnf.RareWordTable`` needs)."""
+        """Bool ``[V]``: True for the ``##`` pieces (what ``effbert.data.tnf.RareWordTable`` needs)."""
         if self._continuation is None:
             from .tnf import wordpiece_continuation
 

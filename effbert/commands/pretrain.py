@@ -2,7 +2,7 @@
 
     effbert pretrain --data corpus.txt --vocab-size 8000 --out run1 --layers 4 --hidden 256 --heads 4 --steps 10000
     effbert pretrain --data corpus.txt --out run1 --resume          # continue from run1's latest checkpoint
-    torchrun --nproc_per_node 8 -m effbert.cli pretrain --data corpus.txt --out run1 ...   # data parallel
+    torchrun --nproc_per_node 8 -m effbert.commands pretrain --data corpus.txt --out run1 ...   # data parallel
 
 The corpus is one sentence or paragraph per line. Each step masks 15% of the word pieces of a batch of lines as
 BERT does (80% [MASK], 10% a random piece, 10% unchanged) and trains on the masked-LM loss. With TNF, words whose
@@ -28,7 +28,7 @@ import time
 
 import torch
 
-from .cli import UsageError, check_backend, check_out_dir, parse_device, run_command
+from . import UsageError, check_backend, check_out_dir, parse_device, run_command
 
 __all__ = ["main", "load_pretrained", "mask_tokens", "progress_bar", "default_backend", "UsageError"]
 
@@ -106,7 +106,7 @@ def rare_words(tokenizer, lines, min_count, max_count):
     first. Words without a letter or digit (punctuation) and words the vocabulary cannot cover are left out."""
     import collections
 
-    from .tnf import build_rare_vocab
+    from ..data.tnf import build_rare_vocab
 
     counts = collections.Counter()
     for line in lines:
@@ -246,7 +246,7 @@ def _model_settings(a, saved=None):
 
 
 def _build_config(a, s, tokenizer, saved_config=None):
-    from .models import TupeBertConfig
+    from ..models import TupeBertConfig
 
     try:
         if saved_config is not None and a.config is None and not any(
@@ -361,10 +361,10 @@ def load_pretrained(path, device=None, backend="auto"):
     """The model an ``effbert pretrain`` run wrote to ``path``: ``(TupeBertForMaskedLM, WordPieceTokenizer,
     RareWordTable or None)``. Reads the final ``model.pt``, or the latest checkpoint when the run has not finished.
     The classification model of ``effbert finetune`` takes the encoder from ``model.bert``."""
-    from .models import TupeBertConfig, TupeBertForMaskedLM
-    from .nn import NoteDictionary
-    from .text import WordPieceTokenizer
-    from .tnf import RareWordTable
+    from ..models import TupeBertConfig, TupeBertForMaskedLM
+    from ..nn import NoteDictionary
+    from ..data.text import WordPieceTokenizer
+    from ..data.tnf import RareWordTable
 
     if not isinstance(path, (str, os.PathLike)) or not os.path.isdir(path):
         raise FileNotFoundError(f"path must be the folder of an effbert pretrain run, got {path!r}")
@@ -494,7 +494,7 @@ def _schedule(warmup, total):
 
 def _prepare(a, env, log):
     """Everything before the first step: the tokenizer, the data, the rare words, the model, the saved run."""
-    from .text import WordPieceTokenizer
+    from ..data.text import WordPieceTokenizer
 
     out = a.out
     _fail_if(os.path.exists(out) and not os.path.isdir(out), f"--out: {out!r} exists and is not a folder")
@@ -562,7 +562,7 @@ def _prepare(a, env, log):
              position_mode=config.position_mode, dropout=config.hidden_dropout_prob)
     table = None
     if s["tnf"]:
-        from .tnf import RareWordTable
+        from ..data.tnf import RareWordTable
 
         if saved_run is not None:
             words = _saved_part(out, RARE_FILE, _read_lines)
@@ -622,7 +622,7 @@ def _saved_part(out, name, read):
 
 
 def _tokenizer_from(path, s):
-    from .text import WordPieceTokenizer
+    from ..data.text import WordPieceTokenizer
 
     try:
         return WordPieceTokenizer.from_file(path, lowercase=not s["cased"])
@@ -631,8 +631,8 @@ def _tokenizer_from(path, s):
 
 
 def train(a, log):
-    from .models import TupeBertForMaskedLM
-    from .nn import NoteDictionary
+    from ..models import TupeBertForMaskedLM
+    from ..nn import NoteDictionary
 
     env = _Dist(a.device)
     try:
@@ -659,7 +659,7 @@ def _train(a, env, log, TupeBertForMaskedLM, NoteDictionary):
     mcbert = s["objective"] == "mcbert"
     try:  # the model exists before any file is written: a size that does not fit leaves no half-made run
         if mcbert:
-            from .models import TupeBertForMultiChoicePretraining
+            from ..models import TupeBertForMultiChoicePretraining
 
             model = TupeBertForMultiChoicePretraining(config, note_dictionary=notes,
                                                       mask_token_id=tokenizer.mask_id)
@@ -810,7 +810,7 @@ def _train(a, env, log, TupeBertForMaskedLM, NoteDictionary):
         # MC-BERT's controller is dropped: model.pt holds what fine-tuning loads (TupeBertForMaskedLM's keys)
         _atomic_save(model.finetuning_state_dict() if mcbert else model.state_dict(), os.path.join(out, MODEL_FILE))
         log(f"done: {a.steps} steps, model in {os.path.abspath(out)} (load it with "
-            f"effbert.pretrain.load_pretrained)")
+            f"effbert.commands.pretrain.load_pretrained)")
     if a.dump_state:
         path = a.dump_state if env.world == 1 else f"{a.dump_state}.rank{env.rank}"
         torch.save({k: v.detach().cpu().clone() for k, v in model.state_dict().items()}, path)
