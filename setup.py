@@ -137,10 +137,11 @@ setup(
     package_dir={"effbert": "effbert", "effbert.kernels": "kernels"},
     ext_modules=[cpu_ext, cuda_ext],
     cmdclass={"build_ext": BuildExt},
-    # the models are transformers models (effbert.models): transformers and safetensors are regular dependencies;
+    # the models are transformers models and the commands train through Trainer on tokenizers + datasets: all regular
+    # dependencies;
     # a kernels-only user may install with --no-deps plus torch/triton/numpy, and `import effbert` still works
     install_requires=["torch>=2.6", "triton; platform_system == 'Linux'", "numpy", "transformers>=4.40",
-                      "safetensors"],
+                      "safetensors", "tokenizers", "datasets", "accelerate"],
     extras_require={
         "test": ["pytest>=7", "pytest-benchmark", "expecttest", "matplotlib"],
         "hf": [],  # kept so that `pip install -e ".[hf]"` still works: what it installed is now required
