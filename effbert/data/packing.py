@@ -9,8 +9,8 @@ of ``window`` consecutive texts are taken longest first, and each goes into the 
 smallest that still holds it, or a new row. Texts never move between windows, so memory is one window, and the
 order of texts is kept up to the window.
 
-    packed = pack(ds, max_length=512)         # packed.dataset, packed.fill_rate (log it)
-    rows, fill = pack_lengths(lengths, 512)   # the same algorithm on bare lengths (benchmarks)
+    packed = pack(ds, max_length=512)                      # packed.dataset, packed.fill_rate (log it)
+    rows, fill = pack_lengths(text_lengths(ds), 512)       # the same algorithm on bare lengths (benchmarks)
 """
 
 import bisect
@@ -19,7 +19,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-__all__ = ["pack_lengths", "pack", "Packed"]
+__all__ = ["pack_lengths", "pack", "Packed", "text_lengths"]
 
 
 def _check_int(name, value, low):
@@ -116,6 +116,22 @@ def _lengths(ds):
     return pc.list_value_length(ds.data.column("input_ids"))
 
 
+def text_lengths(dataset):
+    """The tokens of each row of ``dataset`` (a ``datasets.Dataset`` with ``input_ids``, e.g. ``load_corpus``'s
+    texts: real sentence and paragraph lengths for ``pack_lengths``), as an int64 numpy array ``[rows]``, read from
+    the Arrow offsets without touching the ids. Honours ``select`` / ``shuffle`` / ``train_test_split`` views."""
+    import datasets
+
+    if not isinstance(dataset, datasets.Dataset):
+        raise TypeError(f"dataset must be a datasets.Dataset, got {type(dataset).__name__}")
+    if "input_ids" not in dataset.column_names:
+        raise ValueError(f"dataset must have an input_ids column, got columns {dataset.column_names}")
+    lengths = np.asarray(_lengths(dataset).to_numpy(zero_copy_only=False), dtype=np.int64)
+    if dataset._indices is not None:  # a view (select, shuffle): its rows through the index mapping
+        lengths = lengths[dataset._indices.column(0).to_numpy()]
+    return lengths
+
+
 def pack(dataset, max_length, *, window=1000, num_proc=None):
     """Pack the texts of ``dataset`` (a ``datasets.Dataset`` with an ``input_ids`` column of texts of 1 to
     ``max_length`` tokens, as ``load_corpus(format="documents")`` gives) into rows of up to ``max_length`` tokens,
@@ -139,17 +155,14 @@ def pack(dataset, max_length, *, window=1000, num_proc=None):
     if other:
         raise ValueError(f"dataset must hold texts only (input_ids) to be packed, got also {other} (sentence pairs "
                          "keep one text a row)")
-    import pyarrow.compute as pc
-
     texts = len(dataset)
     if texts == 0:
         raise ValueError("dataset holds no texts")
-    lengths = _lengths(dataset)
-    tokens = int(pc.sum(lengths).as_py())
-    shortest, longest = pc.min_max(lengths).values()
-    if shortest.as_py() < 1 or longest.as_py() > max_length:
+    lengths = text_lengths(dataset)
+    tokens = int(lengths.sum())
+    if lengths.min() < 1 or lengths.max() > max_length:
         raise ValueError(f"every text must hold 1 to max_length = {max_length} tokens, got one of "
-                         f"{shortest.as_py() if shortest.as_py() < 1 else longest.as_py()}")
+                         f"{int(lengths.min()) if lengths.min() < 1 else int(lengths.max())}")
     features = datasets.Features({"input_ids": datasets.Sequence(datasets.Value("int32")),
                                   "position_ids": datasets.Sequence(datasets.Value("int16" if max_length <= 2**15 else "int32"))})
     packed = dataset.map(_Pack(max_length), batched=True, batch_size=window, features=features, num_proc=num_proc,
