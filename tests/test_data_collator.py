@@ -149,3 +149,21 @@ def test_errors(tok):
     with pytest.raises(TypeError, match="rare_words"):
         DataCollatorForTupeMLM(tok, rare_words=["word"])
     assert col.step == 0  # nothing drawn by a call that raised
+
+
+def test_dataloader_workers_draw_apart_and_repeat(tok):
+    """In DataLoader workers each worker seeds with its id: the same rows in two workers get different masks, and a
+    second run repeats the first."""
+    row = {"input_ids": [tok.cls_token_id] + _ids(tok, "the", "cat", "run", "##s") * 30 + [tok.sep_token_id]}
+    data = [row] * 16
+
+    def run():
+        col = DataCollatorForTupeMLM(tok, seed=7, rank=0)
+        loader = torch.utils.data.DataLoader(data, batch_size=4, num_workers=2, collate_fn=col,
+                                             multiprocessing_context="fork")
+        return [b["labels"] for b in loader]
+
+    first, second = run(), run()
+    assert len(first) == 4 and all(torch.equal(x, y) for x, y in zip(first, second))
+    # batches 0 and 1 are the first batch of workers 0 and 1: same rows, same step, different worker
+    assert not torch.equal(first[0], first[1])

@@ -14,6 +14,7 @@ order of texts is kept up to the window.
 """
 
 import bisect
+import heapq
 import numbers
 from typing import NamedTuple
 
@@ -28,22 +29,33 @@ def _check_int(name, value, low):
 
 
 def _best_fit_decreasing(lengths, max_length):
-    """Rows (lists of indices into ``lengths``) of one window, best-fit decreasing."""
+    """Rows (lists of indices into ``lengths``) of one window, best-fit decreasing; among rows with equally little
+    room the oldest. Open rows are kept in buckets by free room (at most ``max_length`` of them), so a text costs
+    a binary search over the room values, not a pass over the rows."""
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])  # stable: equal lengths keep their order
     rows = []
-    free = []  # sorted (free space, row index) of the rows that still have room
+    rooms = []  # sorted room values that have open rows
+    bucket = {}  # room -> heap of row indices
     for i in order:
         n = lengths[i]
-        at = bisect.bisect_left(free, (n, -1))
-        if at == len(free):
+        at = bisect.bisect_left(rooms, n)
+        if at == len(rooms):
             rows.append([i])
-            room, r = max_length - n, len(rows) - 1
+            r, room = len(rows) - 1, max_length - n
         else:
-            room, r = free.pop(at)
+            room = rooms[at]
+            heap = bucket[room]
+            r = heapq.heappop(heap)
+            if not heap:
+                del bucket[room]
+                rooms.pop(at)
             rows[r].append(i)
             room -= n
         if room > 0:
-            bisect.insort(free, (room, r))
+            if room not in bucket:
+                bucket[room] = []
+                bisect.insort(rooms, room)
+            heapq.heappush(bucket[room], r)
     return rows
 
 
