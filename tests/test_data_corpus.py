@@ -211,3 +211,11 @@ def test_argument_errors(tmp_path, tok):
         load_corpus(path, object(), 32)
     with pytest.raises(ValueError, match="paths"):
         load_corpus([], tok, 32)
+
+
+def test_tokenizer_state_does_not_leak(tmp_path, tok):
+    """A fast tokenizer keeps the truncation of its last call in its backend; load_corpus must not inherit it."""
+    path = _write_corpus(tmp_path / "c.txt", 7)
+    tok(["a long enough line of words here"], truncation=True, max_length=3)
+    ds = load_corpus(path, tok, 64, cache_dir=tmp_path / "cache")
+    assert [t[1:-1] for t in ds["input_ids"]] == _doc_sentences(_documents(path, tok), 64)

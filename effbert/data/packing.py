@@ -99,26 +99,35 @@ class Packed(NamedTuple):
 
 
 class _Pack:
-    """The batched ``datasets.map`` function of ``pack`` (a class so ``datasets`` can fingerprint it)."""
+    """The batched ``datasets.map`` function of ``pack`` on Arrow batches (a class so ``datasets`` can fingerprint
+    it): the rows are gathered with numpy, not built token by token in Python."""
 
-    def __init__(self, max_length):
+    def __init__(self, max_length, pos_type):
         self.max_length = max_length
+        self.pos_type = pos_type
 
-    def __call__(self, batch):
-        texts = batch["input_ids"]
-        lengths = [len(t) for t in texts]
-        bad = [n for n in lengths if not 1 <= n <= self.max_length]
-        if bad:
-            raise ValueError(f"every text must hold 1 to max_length = {self.max_length} tokens, got one of {bad[0]}")
-        out_ids, out_pos = [], []
-        for row in _best_fit_decreasing(lengths, self.max_length):
-            ids, pos = [], []
-            for i in row:
-                ids.extend(texts[i])
-                pos.extend(range(lengths[i]))
-            out_ids.append(ids)
-            out_pos.append(pos)
-        return {"input_ids": out_ids, "position_ids": out_pos}
+    def __call__(self, table):
+        import pyarrow as pa
+        import pyarrow.compute as pc
+
+        col = table.column("input_ids")
+        lengths = pc.list_value_length(col).to_numpy(zero_copy_only=False).astype(np.int64)
+        values = pc.list_flatten(col).to_numpy(zero_copy_only=False)
+        if lengths.size and (lengths.min() < 1 or lengths.max() > self.max_length):
+            raise ValueError(f"every text must hold 1 to max_length = {self.max_length} tokens")
+        starts = np.cumsum(lengths) - lengths
+        rows = _best_fit_decreasing(lengths.tolist(), self.max_length)
+        order = np.fromiter((i for row in rows for i in row), dtype=np.int64, count=lengths.size)
+        n = lengths[order]
+        first = np.cumsum(n) - n  # where each placed text begins in the output
+        within = np.arange(int(n.sum()), dtype=np.int64) - np.repeat(first, n)
+        ids = values[np.repeat(starts[order], n) + within]
+        row_tokens = np.add.reduceat(n, np.cumsum([0] + [len(r) for r in rows[:-1]])) if rows else n[:0]
+        offsets = pa.array(np.concatenate([[0], np.cumsum(row_tokens)]).astype(np.int32))
+        return pa.table({
+            "input_ids": pa.ListArray.from_arrays(offsets, pa.array(ids.astype(np.int32))),
+            "position_ids": pa.ListArray.from_arrays(offsets, pa.array(within.astype(self.pos_type))),
+        })
 
 
 def _lengths(ds):
@@ -175,9 +184,11 @@ def pack(dataset, max_length, *, window=1000, num_proc=None):
     if lengths.min() < 1 or lengths.max() > max_length:
         raise ValueError(f"every text must hold 1 to max_length = {max_length} tokens, got one of "
                          f"{int(lengths.min()) if lengths.min() < 1 else int(lengths.max())}")
+    pos_type = np.int16 if max_length <= 2**15 else np.int32
     features = datasets.Features({"input_ids": datasets.Sequence(datasets.Value("int32")),
-                                  "position_ids": datasets.Sequence(datasets.Value("int16" if max_length <= 2**15 else "int32"))})
-    packed = dataset.map(_Pack(max_length), batched=True, batch_size=window, features=features, num_proc=num_proc,
-                         desc="packing")
+                                  "position_ids": datasets.Sequence(datasets.Value(np.dtype(pos_type).name))})
+    packed = dataset.with_format("arrow").map(_Pack(max_length, pos_type), batched=True, batch_size=window,
+                                              features=features, num_proc=num_proc, desc="packing")
+    packed = packed.with_format(None)
     rows = len(packed)
     return Packed(packed, tokens / (rows * max_length), tokens / (texts * max_length), rows, texts, tokens)
