@@ -155,7 +155,7 @@ def text_lengths(dataset):
 
 def pack(dataset, max_length, *, window=1000, num_proc=None):
     """Pack the texts of ``dataset`` (a ``datasets.Dataset`` with an ``input_ids`` column of texts of 1 to
-    ``max_length`` tokens, as ``load_corpus(format="documents")`` gives) into rows of up to ``max_length`` tokens,
+    ``max_length`` tokens, as ``load_corpus(format="documents" | "lines")`` gives) into rows of up to ``max_length`` tokens,
     best-fit decreasing over windows of ``window`` texts (one ``datasets.map`` batch; ``num_proc`` processes).
 
     Returns ``Packed(dataset, fill_rate, unpacked_fill_rate, rows, texts, tokens)``; ``dataset`` has ``input_ids``
