@@ -138,8 +138,12 @@ def test_errors(tok):
         col([{"input_ids": []}])
     with pytest.raises(ValueError, match=r"features\[0\]\['position_ids'\] has 1 entries"):
         col([{"input_ids": [2, 3], "position_ids": [0]}])
-    with pytest.raises(ValueError, match="position_ids.*start at 0"):
+    with pytest.raises(ValueError, match="position_ids.*restarting at 0"):
         col([{"input_ids": [2, 3], "position_ids": [1, 2]}])
+    with pytest.raises(ValueError, match=r"features\[1\]\['position_ids'\].*restarting at 0"):
+        col([{"input_ids": [2, 3, 4], "position_ids": [0, 1, 0]}, {"input_ids": [2, 3, 4], "position_ids": [0, 2, 3]}])
+    with pytest.raises(ValueError, match=r"features\[0\]\['input_ids'\] must be a list of ints"):
+        col([{"input_ids": [[2, 3], [4]]}])
     with pytest.raises(ValueError, match="mlm_probability"):
         DataCollatorForTupeMLM(tok, mlm_probability=0)
     with pytest.raises(ValueError, match="seed"):
