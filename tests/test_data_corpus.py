@@ -241,3 +241,16 @@ def test_lines_format(tmp_path, tok):
             ids = ids[cut:]
         expected.append(ids)
     assert [t[1:-1] for t in texts] == expected and len(expected) > len(lines)
+
+
+def test_a_100mb_line(tmp_path, tok):
+    """The case of the issue: one line of 100 MB. It is refused from its first chunk, before the cache is touched."""
+    path = tmp_path / "huge_line.txt"
+    block = b"word " * 200_000  # 1 MB, no newline
+    with open(path, "wb") as f:
+        for _ in range(100):
+            f.write(block)
+    cache = tmp_path / "cache"
+    with pytest.raises(ValueError, match=r"huge_line.txt.*line over 1048576 bytes \(near byte 0\)"):
+        load_corpus(path, tok, 64, cache_dir=cache)
+    assert not cache.exists()
