@@ -114,6 +114,11 @@ class PeakMemory:
         self._thread.start()
         return self
 
+    def note(self, stage, seconds):
+        """One progress line, so a run cut short still tells what it measured."""
+        print(json.dumps({"stage": stage, "s": round(seconds, 1), "peak_rss_mb": round(self.peak_rss / 2**20),
+                          "peak_anon_mb": round(self.peak_anon / 2**20)}), file=sys.stderr, flush=True)
+
     def __exit__(self, *exc):
         self._stop.set()
         self._thread.join()
@@ -156,17 +161,21 @@ def main():
             tok = train_wordpiece([sample], vocab_size=a.vocab_size)
             os.remove(sample)
             stages["train_wordpiece_s"] = time.perf_counter() - t
+            mem.note("train_wordpiece", stages["train_wordpiece_s"])
             t = time.perf_counter()
             ds = load_corpus([corpus], tok, a.max_length, num_proc=a.num_proc, cache_dir=cache)
             stages["load_corpus_s"] = time.perf_counter() - t
+            mem.note("load_corpus", stages["load_corpus_s"])
             t = time.perf_counter()
             packed = pack(ds, a.max_length, num_proc=a.num_proc)
             stages["pack_s"] = time.perf_counter() - t
+            mem.note("pack", stages["pack_s"])
             t = time.perf_counter()
             counts = count_words(packed.dataset, tok)
             words = rare_words(counts, tok, 100, 500)
             table = rare_word_table(words, tok)
             stages["count_words_s"] = time.perf_counter() - t
+            mem.note("count_words", stages["count_words_s"])
             t = time.perf_counter()
             collator = DataCollatorForTupeMLM(tok, rare_words=table, seed=0)
             n = len(packed.dataset)
@@ -174,6 +183,7 @@ def main():
                 lo = (b * 7919 * 32) % max(1, n - 32)
                 collator([packed.dataset[i] for i in range(lo, min(n, lo + 32))])
             stages["collator_s"] = time.perf_counter() - t
+            mem.note("collator", stages["collator_s"])
         usage_self = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         usage_children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
         result.update({k: round(v, 1) for k, v in stages.items()})
