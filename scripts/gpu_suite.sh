@@ -21,6 +21,7 @@
 #
 # Environment: EFFBERT_CUDA_ARCHS (default: this GPU's capability); SUITE_QUICK=1 for the --quick benchmark sets;
 # SUITE_BENCH_ARGS: more `effbert bench` arguments for both stages (e.g. "--op tupe_attention");
+# SUITE_LIMIT_<STEP>: another limit in seconds for one step (SUITE_LIMIT_CHECK=20, SUITE_LIMIT_BENCH_HEADLINE=100);
 # SUITE_NO_GPU=1 leaves out the steps that need a GPU (build, GPU tests, compute-sanitizer) and runs the rest on the
 # CPU: how tests/test_gpu_suite.py checks the suite's structure on a machine without one.
 # The machine needs no network: the build uses the installed setuptools/pybind11/ninja (--no-build-isolation).
@@ -56,10 +57,15 @@ record() {  # record NAME STATUS SECONDS
   echo "=== [stage $STAGE: $1] $2"
 }
 
-step() {  # step NAME LIMIT_S COMMAND...: run with the smaller of LIMIT_S and what is left of the stage; log it
-  local name="$1" limit="$2"; shift 2
+limit_for() {  # limit_for NAME LIMIT_S: SUITE_LIMIT_<NAME> when set, else LIMIT_S; at most what is left of the stage
+  local override="SUITE_LIMIT_$(echo "$1" | tr 'a-z-' 'A-Z_')" limit="$2"
+  [ -n "${!override:-}" ] && limit="${!override}"
   local left=$(( DEADLINE - $(date +%s) ))
-  [ "$left" -lt "$limit" ] && limit="$left"
+  echo $(( left < limit ? left : limit ))
+}
+
+step() {  # step NAME LIMIT_S COMMAND...: run with limit_for NAME LIMIT_S; log it; record its status
+  local name="$1" limit; limit=$(limit_for "$1" "$2"); shift 2
   if [ "$limit" -lt 1 ]; then
     record "$name" "skipped: stage $STAGE's time was spent" 0
     FAILED=1
@@ -84,7 +90,7 @@ no_gpu() {  # no_gpu NAME: record a GPU step left out under SUITE_NO_GPU=1; true
 }
 
 bench() {  # bench NAME OUT_DIR SELECTION: effbert bench on what is left of the stage, cases stopping with a margin
-  local left=$(( DEADLINE - $(date +%s) ))
+  local left; left=$(limit_for "$1" $(( DEADLINE - $(date +%s) )))
   local margin=$(( left / 5 > 10 ? left / 5 : 10 ))  # the last case's timing and the plots
   local budget=$(( left - margin > 1 ? left - margin : 1 ))
   # shellcheck disable=SC2086
