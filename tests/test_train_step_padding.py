@@ -99,3 +99,56 @@ def test_the_committed_lengths_are_what_the_tokenizer_gives_on_the_license_texts
     assert len(fresh) == len(committed)
     same = sum(a == b for a, b in zip(fresh, committed))
     assert same >= 0.98 * len(fresh) and all(abs(a - b) <= 3 for a, b in zip(fresh, committed))
+
+
+def test_padded_rows_count_every_slot_and_unpadded_rows_the_real_tokens():
+    """torch's count of the linear layers and heads of one step on each provider (the fused attention op is not
+    in torch's count: its pairs are the formula's, B*N^2 padded, sum of l^2 unpadded): the padded model runs them
+    on every slot, the unpadded one on the real tokens only."""
+    lengths = bench.half_padded_lengths(4, 16, seed=5)
+    ids, mask, labels = bench.mlm_rows(lengths, 16, TINY["vocab_size"], seed=5)
+    head = int((labels != -100).sum())
+    for unpad, tokens in ((False, 4 * 16), (True, int(lengths.sum()))):
+        trainer = bench._Trainer(unpad, TINY, CPU, torch.float32, dropout=0.0, position_mode="absolute")
+        with FlopCounterMode(display=False) as counter:
+            trainer(ids, mask, labels)
+        assert counter.get_total_flops() == bench.matrix_flops(TINY, tokens, 0, head), unpad
+
+
+def test_the_providers_train_the_same_model_on_the_same_data():
+    """With dropout off, padded and unpadded take the same three AdamW steps (the same weights to start, the same
+    batch), and a packed row gives the loss its texts give one per row."""
+    lengths = bench.half_padded_lengths(4, 16, seed=1)
+    batch = bench.mlm_rows(lengths, 16, TINY["vocab_size"], seed=1)
+    losses = {}
+    for unpad in (False, True):
+        trainer = bench._Trainer(unpad, TINY, CPU, torch.float32, dropout=0.0)
+        losses[unpad] = torch.stack([trainer(*batch) for _ in range(3)])
+    assert torch.allclose(losses[False], losses[True], rtol=1e-5), losses
+    assert losses[True][2] < losses[True][0]  # it trains
+
+    # texts of 5, 3, 7 and 4 tokens: one per row, then packed two per row with restarting positions
+    texts = [torch.randint(5, TINY["vocab_size"], (n,), generator=torch.Generator().manual_seed(n)) for n in (5, 3, 7, 4)]
+    marks = [torch.arange(len(t)) % 2 == 0 for t in texts]
+    single = torch.zeros(4, 16, dtype=torch.int64)
+    single_labels = torch.full((4, 16), -100)
+    for r, (t, m) in enumerate(zip(texts, marks)):
+        single[r, :len(t)] = t
+        single_labels[r, :len(t)] = torch.where(m, t, -100)
+    single_mask = (single != 0).long()
+    packed = torch.zeros(2, 16, dtype=torch.int64)
+    packed_labels = torch.full((2, 16), -100)
+    position_ids = torch.zeros(2, 16, dtype=torch.int64)
+    for r, pair in enumerate(((0, 1), (2, 3))):
+        start = 0
+        for i in pair:
+            n = len(texts[i])
+            packed[r, start:start + n] = texts[i]
+            packed_labels[r, start:start + n] = single_labels[i, :n]
+            position_ids[r, start:start + n] = torch.arange(n)
+            start += n
+    packed_mask = (packed != 0).long()
+    one_per_row = bench._Trainer(True, TINY, CPU, torch.float32, dropout=0.0)(single, single_mask, single_labels)
+    two_per_row = bench._Trainer(True, TINY, CPU, torch.float32, dropout=0.0)(packed, packed_mask, packed_labels,
+                                                                              position_ids)
+    assert torch.allclose(one_per_row, two_per_row, rtol=1e-5), (one_per_row, two_per_row)
