@@ -138,8 +138,10 @@ gpu_identity > "$OUT/gpu.txt"
 stage 1 "$STAGE1_S"
 if ! no_gpu build; then
   ARCH="${EFFBERT_CUDA_ARCHS:-$($PY -c 'import torch; p = torch.cuda.get_device_capability(); print(f"{p[0]}{p[1]}")')}"
-  # a failed build costs only the cuda backend: the Triton kernels and the benchmarks still run
+  # a failed build costs only the cuda backend: installed without it, the Triton kernels and the benchmarks still run
   step build 150 env EFFBERT_FORCE_CUDA_BUILD=1 EFFBERT_CUDA_ARCHS="$ARCH" \
+    $PY -m pip install --no-build-isolation --no-deps --no-input -e . \
+  || step install-without-cuda 60 env EFFBERT_SKIP_CUDA_BUILD=1 \
     $PY -m pip install --no-build-isolation --no-deps --no-input -e .
 fi
 step check 40 $PY -m effbert.commands check
@@ -149,8 +151,9 @@ finish_stage
 # ---- stage 2: tests, sanitizers, everything else ------------------------------------------------------------------
 stage 2 "$STAGE2_S"
 if ! no_gpu tests; then
+  # a test module that cannot be imported there (a package the machine lacks) costs its own tests only
   step tests 120 $PY -m pytest tests -q -p no:cacheprovider -m "(gpu or cuda_ext) and not aot" \
-    --junitxml="$WORK/stage2/junit.xml"
+    --continue-on-collection-errors --junitxml="$WORK/stage2/junit.xml"
 fi
 SAN="compute-sanitizer --error-exitcode=3 --print-limit 20"
 no_gpu memcheck || step memcheck 60 $SAN --tool memcheck $PY -m pytest tests -q -p no:cacheprovider -m cuda_ext -x
