@@ -115,8 +115,8 @@ class _Controller(nn.Module):
         """The projection of the main model's word embeddings (``embed_linear`` of the published code)."""
         return self.bert.embeddings.word_embeddings.proj
 
-    def forward(self, input_ids, attention_mask, token_type_ids):
-        hidden = self.bert(input_ids, attention_mask, token_type_ids).last_hidden_state
+    def forward(self, input_ids, attention_mask, token_type_ids, position_ids=None):
+        hidden = self.bert(input_ids, attention_mask, token_type_ids, position_ids).last_hidden_state
         return self.layer_norm(self.act(self.dense(hidden)))
 
 
@@ -124,7 +124,8 @@ class TupeBertForMultiChoicePretraining(TupeBertForMaskedLM):
     """MC-BERT pretraining of a TUPE BERT (TUPE-A/R and TNF notes on the main model), with its meta controller
     inside (module ``controller``).
 
-    ``forward(input_ids, attention_mask=None, token_type_ids=None, labels=None, note_slots=None)``:
+    ``forward(input_ids, attention_mask=None, token_type_ids=None, labels=None, note_slots=None,
+    position_ids=None)`` (``position_ids``: several texts per row, as ``TupeBertModel``):
     ``input_ids [B, N]`` are the masked inputs (BERT's masking), ``labels [B, N]`` the original token at the masked
     positions and -100 elsewhere (as for ``TupeBertForMaskedLM``). Returns ``MultiChoicePretrainingOutput``.
     ``num_candidates`` K >= 2 (10 published), ``loss_lambda`` (50 published), ``mask_token_id`` (the positions the
@@ -170,7 +171,8 @@ class TupeBertForMultiChoicePretraining(TupeBertForMaskedLM):
         head = self.mlm_head
         return head.layer_norm(head.act(head.dense(hidden)))
 
-    def forward(self, input_ids, attention_mask=None, token_type_ids=None, labels=None, note_slots=None):
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None, labels=None, note_slots=None,
+                position_ids=None):
         if labels is None:
             raise ValueError("labels are needed: MC-BERT's controller trains on the masked positions' originals")
         _check_ids("labels", labels, None)
@@ -182,7 +184,7 @@ class TupeBertForMultiChoicePretraining(TupeBertForMaskedLM):
         original = torch.where(labels != -100, labels, input_ids).long()
 
         # the controller: MLM at the [MASK] positions (the published criterion's masked_tokens)
-        c_feat = self.controller(input_ids, attention_mask, token_type_ids)  # [B, N, Dc]
+        c_feat = self.controller(input_ids, attention_mask, token_type_ids, position_ids)  # [B, N, Dc]
         c_weight = self.controller_weight()  # [V, Dc]
         bias = self.mlm_head.bias
         masked = (input_ids == self.mask_token_id) & real
@@ -212,16 +214,15 @@ class TupeBertForMultiChoicePretraining(TupeBertForMaskedLM):
 
         # the main model on the controller's input
         bert = self.bert
-        hidden = bert.embed(new_ids, token_type_ids)
+        hidden, packing = bert.embed_packed(new_ids, attention_mask, token_type_ids, position_ids)  # real tokens
         if note_slots is not None:
             if self.notes is None:
                 raise ValueError("note_slots needs a model built with a note_dictionary")
             if not isinstance(note_slots, torch.Tensor) or tuple(note_slots.shape) != tuple(input_ids.shape):
                 raise ValueError(f"note_slots must be a [B, N] = {list(input_ids.shape)} tensor")
-            hidden = self.notes.mix(hidden, note_slots, backend=backend)
-        pos_bias = bert.position_bias(input_ids.shape[1])
-        hidden, _ = bert.encoder(hidden, pos_bias=pos_bias, attention_mask=mask)
-        feats = self._candidate_features(hidden.reshape(-1, hidden.shape[-1])[r_idx])
+            hidden = self.notes.mix(hidden[None], packing.gather(note_slots)[None], backend=backend)[0]
+        hidden, _ = bert.encode(hidden, packing)
+        feats = self._candidate_features(hidden)  # the packed real tokens, in r_idx's order
         words = bert.embeddings.word_embeddings.weight
         mc_loss = mc_candidate_loss(feats, words, bias, candidates, mc_labels, backend=backend)
         with torch.no_grad():
@@ -234,4 +235,5 @@ class TupeBertForMultiChoicePretraining(TupeBertForMaskedLM):
         loss = mlm_loss + self.loss_lambda * mc_loss
         return MultiChoicePretrainingOutput(loss=loss, mlm_loss=mlm_loss.detach(), mc_loss=mc_loss.detach(),
                                             mc_accuracy=accuracy, replaced_fraction=replaced_frac,
-                                            mc_replaced_accuracy=replaced_acc, last_hidden_state=hidden)
+                                            mc_replaced_accuracy=replaced_acc,
+                                            last_hidden_state=packing.pad(hidden))
