@@ -102,7 +102,36 @@ def _bad_position(position_ids, bad_token, indices, seq_len):
             f"{int(position_ids[b, i])}")
 
 
-@torch.compiler.disable
+@torch.library.custom_op("effbert::packing_nonzero", mutates_args=())
+def _nonzero_op(flags: torch.Tensor) -> torch.Tensor:
+    """``flags.nonzero()`` of a 1-d bool tensor, as an op whose output length is an unbacked size under
+    torch.compile: the trace goes on through the packed layers (no graph break), for any number of real tokens."""
+    return flags.nonzero().squeeze(1)
+
+
+@_nonzero_op.register_fake
+def _(flags):
+    return flags.new_empty((torch.library.get_ctx().new_dynamic_size(),), dtype=torch.int64)
+
+
+def _nonzero(flags):
+    return _nonzero_op(flags) if torch.compiler.is_compiling() else flags.nonzero().squeeze(1)
+
+
+@torch.library.custom_op("effbert::packing_check_positions", mutates_args=())
+def _check_positions_op(bad: torch.Tensor, positions: torch.Tensor, position_ids: torch.Tensor,
+                        indices: torch.Tensor) -> torch.Tensor:
+    """The position_ids check inside a compiled graph (it runs on the real values); returns ``positions``."""
+    if bool(bad.any()):
+        raise ValueError(_bad_position(position_ids, bad.nonzero()[0, 0], indices, position_ids.shape[1]))
+    return positions.clone()
+
+
+@_check_positions_op.register_fake
+def _(bad, positions, position_ids, indices):
+    return torch.empty_like(positions)
+
+
 def unpad_input(attention_mask, position_ids=None, *, shape, device, exact_max_seqlen=True):
     """The ``Packing`` of a batch: ``attention_mask [B, N]`` bool (True = real token; None = all real),
     ``position_ids [B, N]`` int (None = one text per row, positions 0..len-1 over its real tokens; given: a text
@@ -110,15 +139,17 @@ def unpad_input(attention_mask, position_ids=None, *, shape, device, exact_max_s
     up by one within a text; padded slots' values are ignored).
 
     ``exact_max_seqlen=False`` gives ``max_seqlen = N`` (a bound that does not change with the lengths; what a
-    compiled model uses so that a new length does not recompile). Runs eagerly (outside any compiled graph: the
-    number of real tokens decides the shapes that follow) and marks the packed length dynamic, so that a compiled
-    encoder does not recompile for each new ``total``. One host read besides the gather's own.
+    compiled model uses so that a new length does not recompile). In eager code: one host read besides the
+    gather's own. Under torch.compile the number of real tokens is an unbacked size (``effbert::packing_nonzero``),
+    so the whole model traces as one graph that serves every ``total`` without recompiling; ``max_seqlen`` is then
+    ``N``, ``right_padded`` False, and the ``position_ids`` check runs inside the graph on the real values.
 
     Raises ``ValueError`` naming ``position_ids`` when they do not describe texts as above.
     """
     batch, seq_len = shape
     real = attention_mask if attention_mask is not None else torch.ones(shape, dtype=torch.bool, device=device)
-    indices = real.reshape(-1).nonzero().squeeze(1)
+    compiling = torch.compiler.is_compiling()
+    indices = _nonzero(real.reshape(-1))
     total = indices.shape[0]
     lengths = real.sum(1)
     row_start = lengths.cumsum(0) - lengths
@@ -134,8 +165,13 @@ def unpad_input(attention_mask, position_ids=None, *, shape, device, exact_max_s
         starts = (positions == 0) | first
         prev = torch.cat([positions.new_full((1,), -1), positions[:-1]])
         bad = torch.where(starts, positions != 0, positions != prev + 1)
-        cu = torch.cat([starts.nonzero().squeeze(1), torch.full((1,), total, dtype=torch.int64, device=device)])
+        cu = torch.cat([_nonzero(starts), torch.full((1,), total, dtype=torch.int64, device=device)])
     cu_seqlens = cu.to(torch.int32)
+    if compiling:  # no host read: bounds that hold for any lengths
+        if bad is not None:
+            positions = torch.ops.effbert.packing_check_positions(bad, positions, position_ids, indices)
+        return Packing(indices=indices, cu_seqlens=cu_seqlens, max_seqlen=seq_len, positions=positions,
+                       row_first=row_first, batch_size=batch, seq_len=seq_len, right_padded=False)
     seqlens = cu[1:] - cu[:-1]
     prefix = (real == (torch.arange(seq_len, device=device) < lengths[:, None])).all()
     if bad is None:
@@ -151,8 +187,5 @@ def unpad_input(attention_mask, position_ids=None, *, shape, device, exact_max_s
     if is_bad:
         raise ValueError(_bad_position(position_ids, bad.nonzero()[0, 0], indices, seq_len))
     max_seqlen = max(int(longest), 1) if exact_max_seqlen else seq_len
-    torch._dynamo.maybe_mark_dynamic(indices, 0)
-    torch._dynamo.maybe_mark_dynamic(positions, 0)
-    torch._dynamo.maybe_mark_dynamic(cu_seqlens, 0)
     return Packing(indices=indices, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, positions=positions,
                    row_first=row_first, batch_size=batch, seq_len=seq_len, right_padded=bool(is_prefix and is_one))

@@ -328,24 +328,31 @@ class TupeBertModel(TupeBertPreTrainedModel):
         return unpad_input(mask, position_ids, shape=tuple(input_ids.shape), device=input_ids.device,
                            exact_max_seqlen=exact_max_seqlen)
 
-    def embed_packed(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None, *,
-                     exact_max_seqlen=None):
+    def embed_packed(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None):
         """Checks the inputs, packs them and embeds the real tokens only: ``(hidden [total, hidden], packing)``.
 
-        Under torch.compile this runs eagerly (the number of real tokens decides every shape after it) and marks
-        the packed length dynamic, so the compiled layers do not recompile for each new ``total``; ``max_seqlen``
-        is then the row length ``N`` (the default ``exact_max_seqlen=None`` decides that where the call is
-        traced)."""
-        if exact_max_seqlen is None:
-            exact_max_seqlen = not torch.compiler.is_compiling()
-        return self._embed_packed(input_ids, attention_mask, token_type_ids, position_ids, exact_max_seqlen)
+        Under torch.compile the packed length never recompiles: with ``fullgraph=True`` (or
+        ``capture_dynamic_output_shape_ops``) ``total`` is an unbacked size and the whole model is one graph;
+        otherwise this step runs eagerly at one graph break and marks ``total`` dynamic for the layers after it.
+        """
+        if torch.compiler.is_compiling():
+            if not _traces_dynamic_output_shapes():
+                return self._embed_packed_eager(input_ids, attention_mask, token_type_ids, position_ids)
+            return self._embed_packed(input_ids, attention_mask, token_type_ids, position_ids, False)
+        return self._embed_packed(input_ids, attention_mask, token_type_ids, position_ids, True)
 
-    @torch.compiler.disable
     def _embed_packed(self, input_ids, attention_mask, token_type_ids, position_ids, exact_max_seqlen):
         token_type_ids, mask = self.check_inputs(input_ids, attention_mask, token_type_ids, position_ids)
-        packing = self.packing(input_ids, mask, position_ids, exact_max_seqlen)
+        packing = self.packing(input_ids, mask, position_ids, exact_max_seqlen=exact_max_seqlen)
         hidden = self.embed(packing.gather(input_ids), packing.gather(token_type_ids), packing.positions)
-        torch._dynamo.maybe_mark_dynamic(hidden, 0)
+        return hidden, packing
+
+    @torch.compiler.disable
+    def _embed_packed_eager(self, input_ids, attention_mask, token_type_ids, position_ids):
+        # max_seqlen = N: a bound that does not change with the lengths, so the graph after it does not recompile
+        hidden, packing = self._embed_packed(input_ids, attention_mask, token_type_ids, position_ids, False)
+        for t in (hidden, packing.indices, packing.positions, packing.cu_seqlens):
+            torch._dynamo.maybe_mark_dynamic(t, 0)
         return hidden, packing
 
     def encode(self, hidden, packing, output_hidden_states=False):
@@ -363,6 +370,18 @@ class TupeBertModel(TupeBertPreTrainedModel):
             last_hidden_state=packing.pad(hidden), pooler_output=pooled,
             hidden_states=tuple(packing.pad(t) for t in states) if states is not None else None)
         return _as_requested(out, return_dict)
+
+
+@torch._dynamo.assume_constant_result
+def _traces_dynamic_output_shapes():
+    """While torch.compile traces: whether an op whose output size depends on data (nonzero) is captured in the
+    graph (``fullgraph=True`` or ``capture_dynamic_output_shape_ops``) rather than breaking it. Evaluated once at
+    trace time."""
+    ctx = torch._guards.TracingContext.try_get()
+    env = getattr(getattr(ctx, "fake_mode", None), "shape_env", None)
+    if env is not None:
+        return bool(env.allow_dynamic_output_shape_ops)
+    return bool(torch._dynamo.config.capture_dynamic_output_shape_ops)
 
 
 def _as_requested(out, return_dict):
@@ -426,18 +445,20 @@ class TupeBertForMaskedLM(TupeBertPreTrainedModel):
     """``forward(input_ids, attention_mask=None, token_type_ids=None, position_ids=None, labels=None,
     output_hidden_states=False, note_slots=None, return_logits=True, return_dict=None)`` -> ``MaskedLMOutput(loss,
     logits [B, N, vocab], hidden_states, last_hidden_state [B, N, hidden])``. The decoder is the word embedding
-    matrix (tied). ``labels [B, N]``: -100 marks positions without a target (a target at a padded position is a
-    ``ValueError``); the loss is the mean over the others (0 when there are none). ``return_logits=False``
-    (training) runs the head at the labelled positions only and returns ``logits=None``: the same loss, a fraction
-    of the head's cost; ``last_hidden_state`` is then scattered back to ``[B, N, hidden]`` only when the model has
-    notes (TNF's update reads it) or ``output_hidden_states`` is set, else None. Full logits are 0 at padded slots.
-    ``position_ids`` packs several texts per row (see ``TupeBertModel``).
+    matrix (tied). ``labels [B, N]``: -100 marks positions without a target, and a padded position has none
+    whatever its label (it has no hidden state); the loss is the mean over the others (0 when there are none).
+    ``return_logits=False`` (training) runs the head at the labelled positions only and returns ``logits=None``:
+    the same loss, a fraction of the head's cost; ``last_hidden_state`` is then scattered back to
+    ``[B, N, hidden]`` only when the model has notes (TNF's update reads it) or ``output_hidden_states`` is set,
+    else None. Full logits are 0 at padded slots. ``position_ids`` packs several texts per row (see
+    ``TupeBertModel``).
 
     TNF: with ``note_dictionary`` (a ``NoteDictionary`` of dim ``hidden_size``), ``note_slots [B, N]`` (from
-    ``effbert.data.tnf.RareWordTable.find``; -1 = not a rare word) mixes each rare word's note into the embeddings fed to
-    the first layer, and the training loop calls ``update_notes(out.last_hidden_state, spans, lengths,
-    position_ids=position_ids)`` after each step. The notes are buffers of the submodule ``notes``, so they travel in the state dict; the dictionary's sizes
-    are written into the config (``tnf_*``), so ``from_pretrained`` rebuilds it and loads the notes. Without
+    ``effbert.data.tnf.RareWordTable.find``; -1 = not a rare word) mixes each rare word's note into the embeddings
+    fed to the first layer, and the training loop calls ``update_notes(out.last_hidden_state, spans, lengths,
+    position_ids=position_ids)`` after each step. The notes are buffers of the submodule ``notes``, so they travel
+    in the state dict; the dictionary's sizes are written into the config (``tnf_*``), so ``from_pretrained``
+    rebuilds it and loads the notes. Without
     ``note_dictionary``, a config with ``tnf_num_notes`` set builds an empty one of that size.
     """
 
@@ -475,11 +496,6 @@ class TupeBertForMaskedLM(TupeBertPreTrainedModel):
             self._check_note_slots(note_slots, input_ids)
         bert = self.bert
         hidden, packing = bert.embed_packed(input_ids, attention_mask, token_type_ids, position_ids)
-        if labels is not None and attention_mask is not None and not torch.compiler.is_compiling():
-            mask = bert.padding_mask(attention_mask, tuple(input_ids.shape), input_ids.device)
-            if bool(((labels != -100) & ~mask).any()):
-                raise ValueError("labels must be -100 at padded positions (attention_mask 0): they have no hidden "
-                                 "state to predict from")
         if note_slots is not None:
             hidden = self.notes.mix(hidden[None], packing.gather(note_slots)[None], backend=self.config.backend)[0]
         hidden, states = bert.encode(hidden, packing, output_hidden_states)
