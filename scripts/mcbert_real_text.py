@@ -172,7 +172,8 @@ def main(argv=None):
              "--train", os.path.join(a.work, "ft_train.tsv"), "--eval", os.path.join(a.work, "ft_dev.tsv"),
              "--out", ft_dir, "--epochs", "5", "--lr", "1e-3", "--batch-size", "16", "--device", "cpu", "--quiet"], env)
     dev = [r.split("\t", 1)[0] for r in rows[cut:]]
-    print(f"(the majority class of the {len(dev)} dev paragraphs: {max(dev.count(c) for c in set(dev)) / len(dev):.3f})")
+    majority = max(dev.count(c) for c in set(dev)) / len(dev)
+    print(f"(the majority class of the {len(dev)} dev paragraphs: {majority:.3f})")
     return 0
 
 
