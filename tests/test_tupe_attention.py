@@ -720,3 +720,47 @@ def test_varlen_refuses_bad_offsets_on_every_backend(backend, bad, max_seqlen, m
     cu = torch.tensor(bad, dtype=torch.int32, device=DEVICE)
     with pytest.raises(ValueError, match=message):
         effbert.tupe_attention_varlen(q, k, v, cu, max_seqlen, backend=backend)
+
+
+@pytest.mark.parametrize("n", [1, 7, 97, 129, 161])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+@pytest.mark.parametrize("grad_mode", ["no_grad", "inference_mode"])
+def test_cpu_backend_inference_road_matches_float64(n, dtype, grad_mode, seeded):
+    """Without autograd or dropout, a sequence of at most MATH_MAX_LEN tokens with a bias runs through baddbmm,
+    an in-place softmax and bmm (padded batch, packed batch, and a strided view of a larger bias alike); longer
+    ones keep the fused kernel. Both equal the float64 reference; padded queries stay 0."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from effbert.ops import _tupe_attention_cpu
+
+    b, h, d = 3, 2, 16
+    lengths = torch.tensor([n, max(1, n // 2), max(1, n - 3)])
+    mask = torch.arange(n)[None, :] < lengths[:, None]
+    q, k, v = (torch.randn(b, n, h, d, dtype=torch.float64) for _ in range(3))
+    big = torch.randn(h, n + 5, n + 5, dtype=torch.float64)
+    pos = big[:, :n, :n]  # a strided view of a larger cached table
+    ref = reference.tupe_attention(q, k, v, pos, attention_mask=mask)
+    cu = torch.tensor([0] + lengths.cumsum(0).tolist(), dtype=torch.int32)
+    packed = [torch.cat([t[i, :int(lengths[i])] for i in range(b)]) for t in (q, k, v)]
+    seen = []
+
+    class Ops(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            seen.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    ctx = torch.no_grad if grad_mode == "no_grad" else torch.inference_mode
+    with ctx(), Ops():
+        out = effbert.tupe_attention(*(t.to(dtype) for t in (q, k, v)), pos.to(dtype), attention_mask=mask,
+                                     backend="cpu")
+        out_packed = effbert.tupe_attention_varlen(*(t.to(dtype) for t in packed), cu, n, pos.to(dtype),
+                                                   backend="cpu")
+    rtol = FP32_RTOL if dtype == torch.float32 else 1e-12
+    assert_close(out, ref, rtol=rtol, what="cpu inference output")
+    assert (out[~mask] == 0).all()
+    assert_close(out_packed, unpad(ref, cu), rtol=rtol, what="cpu inference packed output")
+    # the padded batch calls once per length (a length shared by several rows: one fused call over them), the
+    # packed batch once per sequence
+    short = [int(x) for x in lengths if x <= _tupe_attention_cpu.MATH_MAX_LEN]
+    expected = sum(1 for x in set(short) if short.count(x) == 1 and int((lengths == x).sum()) == 1) + len(short)
+    assert sum("baddbmm" in f for f in seen) == expected, (n, sorted(set(seen)))
