@@ -764,3 +764,34 @@ def test_cpu_backend_inference_road_matches_float64(n, dtype, grad_mode, seeded)
     short = [int(x) for x in lengths if x <= _tupe_attention_cpu.MATH_MAX_LEN]
     expected = sum(1 for x in set(short) if short.count(x) == 1 and int((lengths == x).sum()) == 1) + len(short)
     assert sum("baddbmm" in f for f in seen) == expected, (n, sorted(set(seen)))
+
+
+def test_self_attention_cpu_inference_projects_qkv_as_three_gemms(seeded):
+    """TupeSelfAttention on the CPU without autograd runs its fused QKV projection as three GEMMs over row blocks of
+    the fused weight (faster on few tokens); the result equals the fused projection's, padded and packed, and the
+    training path keeps one GEMM."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from effbert.nn import TupeSelfAttention
+
+    calls = []
+
+    class Ops(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if "addmm" in str(func) or "mm.default" in str(func):
+                calls.append(tuple(args[2].shape) if "addmm" in str(func) else tuple(args[1].shape))
+            return func(*args, **(kwargs or {}))
+
+    attn = TupeSelfAttention(32, 4).double().eval()
+    x = torch.randn(2, 9, 32, dtype=torch.float64)
+    pos = torch.randn(4, 9, 9, dtype=torch.float64)
+    mask = torch.arange(9)[None, :] < torch.tensor([9, 5])[:, None]
+    expected = attn(x, pos, mask)  # with autograd: the fused projection
+    with torch.no_grad(), Ops():
+        out = attn(x, pos, mask)
+    assert_close(out, expected, rtol=1e-12, what="three-GEMM projection")
+    assert calls[:3] == [(32, 32)] * 3, calls  # the first matmuls: q, k, v, 32 wide each
+    calls.clear()
+    with Ops():
+        attn(x, pos, mask)
+    assert calls[0] == (32, 96), calls  # one fused GEMM when gradients are wanted
