@@ -197,6 +197,8 @@ def test_cpu_inference_cases_compare_the_models_and_report_layers_saved():
         assert len({c.flops for c in group}) == 1, shape
         base = next(c for c in group if c.provider == "hf-sdpa")
         assert (base.work_flops > base.flops) == ("B=1," not in shape)  # B=1: one sequence, no padding
+    # inference caches TUPE's positional term (it depends on no input)
+    assert all(m.position_encoder.cache for m in (bench._models(True)[1], bench._models(True)[2].bert))
     ids, mask, lengths = bench.make_batch(4, 32, 1000, seed=4)
     assert lengths[0] == 32 and (mask.sum(1) == lengths).all() and (ids[mask == 0] == 0).all()
     for case in cases:
