@@ -92,9 +92,13 @@ def attention(q, k, v, pos_bias, attention_mask, scale, dropout_p):
 def attention_varlen(q, k, v, cu_seqlens, pos_bias, scale, dropout_p):
     """Packed ``[total, H, D]`` attention, sequence ``b`` being rows ``cu_seqlens[b]:cu_seqlens[b + 1]``."""
     cu = cu_seqlens.tolist()
-    out = q.new_empty(q.shape)  # every row is written below: the sequences' rows, then the tail (no sequence)
-    if cu[-1] < q.shape[0]:
+    # offsets that start at 0 and never decrease cover rows [0, cu[-1]) exactly: only the tail needs zeros; any
+    # others (a caller that skipped the offsets' check) start from zeros, so no row is left unwritten
+    if cu[0] == 0 and all(a <= b for a, b in zip(cu, cu[1:])):
+        out = q.new_empty(q.shape)
         out[cu[-1]:] = 0
+    else:
+        out = q.new_zeros(q.shape)
     for b in range(len(cu) - 1):
         lo, hi = cu[b], cu[b + 1]
         if hi > lo:
