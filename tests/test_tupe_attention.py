@@ -795,3 +795,17 @@ def test_self_attention_cpu_inference_projects_qkv_as_three_gemms(seeded):
     with Ops():
         attn(x, pos, mask)
     assert calls[0] == (32, 96), calls  # one fused GEMM when gradients are wanted
+
+
+def test_cpu_varlen_unchecked_offsets_leave_no_row_unwritten(seeded):
+    """With check_offsets=False the CPU path still writes every row: offsets that do not start at 0 leave the rows
+    before them at 0 (never uninitialised memory), and the sequence they name equals the reference."""
+    h, d = 2, 16
+    q, k, v = (torch.randn(7, h, d) for _ in range(3))
+    pos = torch.randn(h, 4, 4)
+    cu = torch.tensor([2, 5], dtype=torch.int32)
+    torch.full((7, h, d), float("nan"))  # freed at once: an uninitialised output would likely reuse its NaNs
+    out = effbert.tupe_attention_varlen(q, k, v, cu, 3, pos, backend="cpu", check_offsets=False)
+    assert (out[:2] == 0).all() and (out[5:] == 0).all()
+    ref = reference.tupe_attention(*(t[None, 2:5].double() for t in (q, k, v)), pos[:, :3, :3].double())[0]
+    assert_close(out[2:5], ref)
