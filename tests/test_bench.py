@@ -215,7 +215,6 @@ def test_cpu_inference_cases_compare_the_models_and_report_layers_saved():
             assert avg <= 6.0 + 1e-9
 
 
-<<<<<<< HEAD
 def test_row_rates_floor_is_the_ops_and_rates_are_the_providers():
     """The runner's arithmetic: the floor comes from the op's fewest FLOPs and bytes (the same for every provider),
     GB/s and TFLOP/s from the provider's own work; a provider that computes padding is below 100% of the floor by
@@ -237,7 +236,8 @@ def test_row_rates_floor_is_the_ops_and_rates_are_the_providers():
     assert row_rates(1.0, 0, 10 ** 7, ceilings, "float32")["floor_ms"] == pytest.approx(0.5)
     assert row_rates(1.0, 0, 10, ceilings, "float32")["floor_ms"] == pytest.approx(0.01)
     assert row_rates(1.0, 0, 10, ceilings, "float32")["TFLOPs"] is None
-=======
+
+
 def _case(op, shape, provider="p"):
     import torch
 
@@ -313,4 +313,3 @@ def test_a_run_stopped_midway_leaves_the_cases_it_measured(tmp_path, monkeypatch
     assert data["complete"] is False and [r["key"] for r in data["cases"]] == measured
     assert "## exit_entropy" in (out / "bench.md").read_text()
     assert not list(out.glob("*.tmp"))
->>>>>>> main

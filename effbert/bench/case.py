@@ -24,14 +24,11 @@ class Case:
     check: bool = True  # compare against the reference before timing
     tokens: int = 0  # tokens one call processes: end-to-end cases also report tokens/s
     note: str = ""  # what the row measured beyond its shape (an early-exit threshold and the layers it saved)
-<<<<<<< HEAD
     # what this provider actually computes and moves, when it differs from the op's fewest (a padded batch computes
     # its padded positions): the TFLOP/s and GB/s columns are rates of this work, "% of floor" stays the op's
     work_flops: Optional[float] = None
     work_bytes: Optional[int] = None
-=======
     ratio_target: float = 0.0  # when set, the note gives this row's time over its baseline's against this target
->>>>>>> main
 
     @property
     def key(self):
