@@ -486,12 +486,15 @@ def _tokenizer_of_files(files):
         return load_tokenizer(tmp)
 
 
-def _model_takes_position_ids():
+def _model_takes_position_ids(objective):
+    """Whether the objective's model takes packed rows (``position_ids`` restarting at each text)."""
     import inspect
 
-    from ..models.tupe_bert import TupeBertForMaskedLM
-
-    return "position_ids" in inspect.signature(TupeBertForMaskedLM.forward).parameters
+    if objective == "mcbert":
+        from ..models.mc_bert import TupeBertForMultiChoicePretraining as cls
+    else:
+        from ..models.tupe_bert import TupeBertForMaskedLM as cls
+    return "position_ids" in inspect.signature(cls.forward).parameters
 
 
 def _stderr_is_terminal():
@@ -583,8 +586,8 @@ def _train(a, env, log):
     out = a.out
     _fail_if(os.path.exists(out) and not os.path.isdir(out), f"--out: {out!r} exists and is not a folder")
 
-    # TrainingArguments first: under torchrun it starts the process group the preparation below uses
-    saved, ckpt = _prepare_out(a) if not env.world > 1 else (None, None)
+    # every rank reads the same run files (nothing writes them before the barrier below)
+    saved, ckpt = _prepare_out(a)
     s = _settings(a, MODEL_DEFAULTS, saved["settings"] if saved else None)
     tr = _settings(a, TRAINING_DEFAULTS, saved["training"] if saved else None)
     per_device, rem = divmod(tr["batch_size"], env.world * tr["grad_accum"])
@@ -592,6 +595,7 @@ def _train(a, env, log):
              f"--grad-accum ({env.world} x {tr['grad_accum']})")
     warmup = tr["warmup"] if tr["warmup"] is not None else a.steps // 10
     precision = a.precision
+    # under torchrun, TrainingArguments starts the process group the preparation below uses
     args = TrainingArguments(
         output_dir=out, max_steps=a.steps, per_device_train_batch_size=per_device,
         gradient_accumulation_steps=tr["grad_accum"], learning_rate=tr["lr"], weight_decay=tr["weight_decay"],
@@ -603,9 +607,6 @@ def _train(a, env, log):
         ddp_broadcast_buffers=False, ddp_find_unused_parameters=False, dataloader_num_workers=0,
         remove_unused_columns=False, logging_nan_inf_filter=False, fsdp=a.fsdp or "", deepspeed=a.deepspeed,
         average_tokens_across_devices=True)
-    if env.world > 1:  # every rank looks at --out only after rank 0 has, and the same way
-        saved, ckpt = env.share(lambda: _prepare_out(a))
-        s = _settings(a, MODEL_DEFAULTS, saved["settings"] if saved else None)
     if saved is not None:
         diff = [f"--{k.replace('_', '-')} {saved['settings'].get(k, d)!r} -> {s[k]!r}"
                 for k, d in MODEL_DEFAULTS.items() if saved["settings"].get(k, d) != s[k]]
@@ -627,9 +628,10 @@ def _train(a, env, log):
         tokenizer = _tokenizer(a, s, saved, out)
     config = _build_config(a, s, tokenizer, saved["config"] if saved else None)
     max_len = config.max_position_embeddings
-    _fail_if(s["pack"] and a.pack is True and not _model_takes_position_ids(),
-             "--pack: this version's models take no position_ids (give --no-pack)")
-    pack = s["pack"] and _model_takes_position_ids()
+    takes_positions = _model_takes_position_ids(s["objective"])
+    _fail_if(a.pack is True and not takes_positions, f"--pack: the {s['objective']} model of this version takes no "
+             "position_ids, so it cannot keep packed texts apart (give --no-pack)")
+    pack = s["pack"] = bool(s["pack"] and takes_positions)  # the run file records what the run did
 
     # the corpus: checked, tokenized and cached by rank 0 first; the other ranks then read its cache
     def corpus():
@@ -661,6 +663,8 @@ def _train(a, env, log):
     if pack:
         from ..data.packing import pack as pack_texts
 
+        if env.world > 1:  # rank 0 writes the packed cache; the other ranks then read it
+            env.share(lambda: pack_texts(texts, max_len, num_proc=a.num_proc).rows)
         packed = pack_texts(texts, max_len, num_proc=a.num_proc)
         dataset, fill = packed.dataset, (packed.fill_rate, packed.unpacked_fill_rate)
     else:
