@@ -549,3 +549,18 @@ def test_readme_trainer_example_runs(tmp_path, monkeypatch):
 
     again = AutoModelForMaskedLM.from_pretrained(tmp_path / "my-tupe-bert")
     _same(again.state_dict(), model.state_dict())
+
+
+def test_evaluate_before_training_gives_the_models_loss(tmp_path):
+    from transformers import TrainingArguments
+
+    from effbert.training import PretrainingTrainer
+
+    model = _tiny_mlm()
+    rows = _fixed_rows()
+    args = TrainingArguments(output_dir=str(tmp_path / "o"), per_device_eval_batch_size=8, report_to=[],
+                             disable_tqdm=True, use_cpu=True, remove_unused_columns=False)
+    trainer = PretrainingTrainer(model=model, args=args, eval_dataset=rows, data_collator=_collate)
+    metrics = trainer.evaluate()
+    with torch.no_grad():
+        assert metrics["eval_loss"] == pytest.approx(float(model(**_collate(rows)).loss), rel=1e-6)
