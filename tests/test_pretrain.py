@@ -564,3 +564,19 @@ def test_evaluate_before_training_gives_the_models_loss(tmp_path):
     metrics = trainer.evaluate()
     with torch.no_grad():
         assert metrics["eval_loss"] == pytest.approx(float(model(**_collate(rows)).loss), rel=1e-6)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("precision", ["--fp16", "--bf16"])
+def test_pretrain_on_cuda_mixed_precision(tmp_path, files, precision):
+    """Trainer's mixed precision on a GPU with effbert's fused kernels (backend auto): finite losses, fp32 weights
+    and notes saved, and the folder loads."""
+    out = tmp_path / "run"
+    args = [a for a in _args(files, out, "--steps", "6", "--log-every", "2", precision)
+            if a not in ("eager", "cpu")]
+    args = [a for a in args if a not in ("--backend", "--device")]
+    _run([*args, "--device", "cuda"])
+    log = _log(out)
+    assert [r["step"] for r in log] == [2, 4, 6] and all(r["loss"] == r["loss"] for r in log)
+    model, _, _ = pretrain.load_pretrained(out, device="cuda")
+    assert all(p.dtype == torch.float32 for p in model.parameters()) and model.notes.notes.dtype == torch.float32
