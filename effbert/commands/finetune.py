@@ -231,10 +231,14 @@ def _classifier_from(encoder_model, config, num_labels, pooler=None, classifier=
 
 def _from_hf(path, num_labels, backend, cased, shared_pooler=False):
     """A local Hugging Face BERT folder: ``(multi-exit classifier, tokenizer, cased)``."""
-    from ..integrations.hf import from_hf_bert
+    from ..integrations.hf import _transformers, from_hf_bert
     from ..models import TupeBertForSequenceClassification, TupeBertModel
 
     _fail_if(not os.path.isdir(path), f"--hf: {path!r} is not a folder (a local Hugging Face BERT checkpoint)")
+    try:
+        _transformers()
+    except ImportError as exc:  # the message says how to install it
+        raise UsageError(f"--hf: {exc}") from None
     _model_type(path, "--hf", want="bert")
     tokenizer = _tokenizer(path, "--hf", cased)
     try:
@@ -290,6 +294,9 @@ def _from_pretrain(path, num_labels, backend, cased, shared_pooler=False):
     weights = path
     if not any(os.path.isfile(os.path.join(path, n)) for n in WEIGHT_FILES):
         weights = _latest_checkpoint(path)
+        if weights is None and (os.path.isfile(os.path.join(path, "model.pt"))
+                                or glob.glob(os.path.join(glob.escape(path), "checkpoint-*.pt"))):
+            return _from_legacy_pretrain(path, num_labels, backend, cased, shared_pooler)
         _fail_if(weights is None, f"--init: {path!r} holds no weights ({' or '.join(WEIGHT_FILES)}, or a "
                  "checkpoint-N folder): not the folder of an effbert pretrain run")
     _model_type(weights, "--init", want=TupeBertConfig.model_type)
@@ -311,6 +318,41 @@ def _from_pretrain(path, num_labels, backend, cased, shared_pooler=False):
                          f"unexpected {unexpected[:5]}, mismatched {list(info.get('mismatched_keys') or [])[:5]}")
     model.init_exit_poolers(model.exits[-1].pooler.state_dict())  # no pooler in pretraining: one fresh one for all
     return model.train(), tokenizer, not _lowercases(tokenizer)
+
+
+def _from_legacy_pretrain(path, num_labels, backend, cased, shared_pooler):
+    """The folder of an earlier ``effbert pretrain`` (``config.json``, ``vocab.txt``, ``pretrain.json`` and the
+    final ``model.pt`` or the latest ``checkpoint-*.pt``), read with ``torch.load(..., weights_only=True)``."""
+    from ..models import TupeBertConfig, TupeBertForMaskedLM
+
+    try:
+        for name in (CONFIG_FILE, VOCAB_FILE, "pretrain.json"):
+            if not os.path.isfile(os.path.join(path, name)):
+                raise FileNotFoundError(f"{path!r} holds no {name}: not the folder of an effbert pretrain run")
+        with open(os.path.join(path, CONFIG_FILE), encoding="utf-8") as f:
+            config = TupeBertConfig.from_json(f.read())
+        with open(os.path.join(path, "pretrain.json"), encoding="utf-8") as f:
+            run_cased = bool(json.load(f).get("settings", {}).get("cased", False))
+        final = os.path.join(path, "model.pt")
+        if os.path.isfile(final):
+            state = torch.load(final, map_location="cpu", weights_only=True)  # never unpickle arbitrary objects
+        else:
+            ckpt = sorted(glob.glob(os.path.join(glob.escape(path), "checkpoint-*.pt")))[-1]
+            state = torch.load(ckpt, map_location="cpu", weights_only=True)
+            state = state.get("model") if isinstance(state, dict) else None
+            if not isinstance(state, dict):
+                raise ValueError(f"{ckpt!r} is not a checkpoint of effbert pretrain (no model state)")
+        config.tnf_num_notes = None
+        config.backend = backend
+        mlm = TupeBertForMaskedLM(config)
+        mlm.load_state_dict({k: v for k, v in state.items() if not k.startswith("notes.")})
+    except Exception as exc:  # a cut, tampered or foreign file: one line
+        raise UsageError(f"--init: {_one_line(exc)}") from None
+    if cased is not None and cased != run_cased:
+        raise UsageError(f"--cased {'given' if cased else 'not given'}, but the pretraining run "
+                         f"{'kept case' if run_cased else 'lowercased'}")
+    tokenizer = _tokenizer(path, "--init", run_cased)
+    return _classifier_from(mlm.bert, mlm.config, num_labels, shared_pooler=shared_pooler), tokenizer, run_cased
 
 
 def save_finetuned(out, model, tokenizer, labels, settings):
@@ -405,6 +447,11 @@ def _exit_trainer_class():
             super().__init__(*args, **kwargs)
             self.exit_loss = exit_loss
             self.projected = None  # steps on which the gradient projection acted (a device tensor, no sync)
+
+        def get_decay_parameter_names(self, model):
+            # weight decay on matrices and embeddings only, as BERT decays: never on biases, LayerNorm gains or
+            # TUPE's per-head [CLS] scalars (Trainer's default rule would decay those)
+            return [n for n, p in model.named_parameters() if p.dim() >= 2]
 
         def _losses(self, model, inputs):
             """``(loss, last exit's loss)`` of one batch: the chosen early-exit loss over every exit's logits."""
@@ -809,7 +856,9 @@ def _check_args(a):
              "--grad-reg runs on one process: its two backward passes bypass data-parallel gradient averaging")
     _fail_if(a.backend is not None and a.backend not in ("auto",) + BACKENDS,
              f"--backend must be one of {('auto',) + BACKENDS}, got {a.backend!r}")
-    check_backend(a.backend, parse_device(a.device))
+    device = parse_device(a.device)
+    check_backend(a.backend, device)
+    _fail_if(a.fp16 and device.type != "cuda", "--fp16 needs a CUDA device (--bf16 runs on a CPU)")
     _check_out(a)
 
 
@@ -856,6 +905,12 @@ def run(a, log):
     if device.type == "cuda" and device.index is not None and "LOCAL_RANK" not in os.environ:
         torch.cuda.set_device(device)  # Trainer trains on the current CUDA device
     backend = a.backend if a.backend not in (None, "auto") else _default_backend(device)
+    if not _show_progress(a):  # nor the libraries' bars (loading weights, tokenizing, saving)
+        import datasets
+        import transformers
+
+        datasets.disable_progress_bars()
+        transformers.utils.logging.disable_progress_bar()
     torch.manual_seed(a.seed)
     train_names, train_texts = read_tsv(a.train, "--train")
     if a.regression:  # numeric labels: no classes to check
@@ -885,12 +940,6 @@ def run(a, log):
              f"than the model's vocab_size {model.config.vocab_size}")
     max_len = min(a.max_len, model.config.max_position_embeddings)
     model.set_backend(backend)
-    if not _show_progress(a):
-        import datasets
-        import transformers
-
-        datasets.disable_progress_bars()
-        transformers.utils.logging.disable_progress_bar()
     _training_args(a, os.path.join(a.out, CHECKPOINTS), device, 1)  # its mistakes (e.g. --fp16 on a CPU) first
     y = targets if a.regression else torch.tensor([index[n] for n in train_names], dtype=torch.int64)
     train_ds = _dataset(tokenizer, train_texts, y, max_len)
