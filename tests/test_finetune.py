@@ -699,3 +699,44 @@ def test_grad_reg_training_step_is_romebert_projection(hf_dir, tmp_path, project
     for (name, p), q in zip(model.named_parameters(), twin.parameters()):
         assert torch.allclose(p.grad, q.grad, rtol=1e-6, atol=1e-9), name
     assert int(trainer.projected) in (0, 1)
+
+
+@needs_hf
+def test_torchrun_two_processes_write_one_run(hf_dir, data, tmp_path):
+    """Under torchrun (2 gloo processes) Trainer trains data parallel; one process prints the summary and writes the
+    folder, which loads with its report; checkpoints come from that process too."""
+    import subprocess
+
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m",
+           "effbert.commands", "finetune", "--hf", str(hf_dir), "--train", str(data / "train.tsv"), "--eval",
+           str(data / "eval.tsv"), "--out", str(out), "--steps", "2", "--save-steps", "2", "--batch-size", "8",
+           "--backend", "eager", "--device", "cpu", "--log-every", "1", "--eval-batch-size", "16"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    text = proc.stdout
+    assert text.count("done in") == 1 and text.count("step      2  loss") == 1, text
+    assert "2 steps of 16" in text  # 8 a process, 2 processes
+    report = json.loads((out / "report.json").read_text())
+    assert report["train_steps"] == 2 and (out / "checkpoints" / "checkpoint-2").is_dir()
+    model, _, labels, settings = finetune.load_finetuned(out, backend="eager")
+    assert labels == ["food", "sport"] and settings["complete"] and settings["steps"] == 2
+
+
+@needs_hf
+@pytest.mark.gpu
+@pytest.mark.parametrize("precision", ["--fp16", "--bf16"])
+def test_mixed_precision_on_cuda_with_grad_reg(hf_dir, data, tmp_path, capsys, precision):
+    """Trainer's mixed precision on a GPU, through RomeBERT's two-backward step too (fp16: both losses carry the
+    loss scale): the run learns with finite losses and its folder loads."""
+    out = tmp_path / "run"
+    argv = ["finetune", "--hf", str(hf_dir), "--train", str(data / "train.tsv"), "--eval", str(data / "eval.tsv"),
+            "--out", str(out), "--steps", "30", "--batch-size", "16", "--lr", "3e-3", "--device", "cuda", "--quiet",
+            "--grad-reg", precision]
+    assert cli.main(argv) == 0
+    assert "gradient regularization: the others side projected on" in capsys.readouterr().out
+    report = json.loads((out / "report.json").read_text())
+    assert all(torch.isfinite(torch.tensor(report["losses"])))
+    assert report["train_loss_last"] < report["train_loss_first"]
+    finetune.load_finetuned(out, device="cuda")

@@ -540,6 +540,10 @@ def _quiet_progress_class():
     return Bar
 
 
+def _main_process():
+    return int(os.environ.get("RANK", "0")) == 0  # torchrun sets RANK
+
+
 def _show_progress(a):
     # a progress bar only on a terminal: a log file gets the periodic lines, never carriage returns
     return not a.quiet and sys.stderr.isatty()
@@ -562,7 +566,9 @@ def _training_args(a, output_dir, device, stage):
             use_cpu=device.type == "cpu", logging_strategy="steps", logging_steps=1,
             save_strategy="steps" if save else "no", save_steps=a.save_steps if save else 500,
             save_total_limit=a.save_total_limit, report_to="none", disable_tqdm=not _show_progress(a),
-            remove_unused_columns=False, dataloader_drop_last=False)
+            remove_unused_columns=False, dataloader_drop_last=False,
+            # DeeBERT's stage 1 leaves the lower off-ramps without a gradient; the other losses use every weight
+            ddp_find_unused_parameters=a.loss == "deebert")
     except (ValueError, ImportError) as exc:  # e.g. --fp16 without a GPU: TrainingArguments says why
         raise UsageError(_one_line(exc)) from None
 
@@ -872,6 +878,8 @@ def _check_out(a):
     """``--out`` is refused before any work when it is the model's source or holds what this command would
     overwrite (a pretraining run, an earlier fine-tuning run without --overwrite, a file of the same name)."""
     check_out_dir(a.out)
+    if not _main_process():  # under torchrun the first process checks (and later writes) --out
+        return
     source = a.init if a.init is not None else a.hf
     if source is not None and os.path.isdir(source) and os.path.isdir(a.out) \
             and os.path.samefile(source, a.out):
@@ -947,10 +955,9 @@ def run(a, log):
                 "grad_reg": a.grad_reg, "project": a.project, "ge": a.ge, "shared_pooler": a.shared_pooler,
                 "regression": a.regression, "batch_size": a.batch_size, "grad_accum": a.grad_accum, "lr": a.lr,
                 "seed": a.seed, "init": a.init, "hf": a.hf, "train": a.train}
-    main_process = int(os.environ.get("RANK", "0")) == 0
-    if not main_process:  # under torchrun one process speaks and writes
+    if not _main_process():  # under torchrun one process speaks and writes
         log = lambda msg: None  # noqa: E731
-    if main_process:
+    else:
         if a.overwrite and not a.resume:  # the earlier run's checkpoints (--out holds a finetune run: checked)
             shutil.rmtree(os.path.join(a.out, CHECKPOINTS), ignore_errors=True)
         os.makedirs(a.out, exist_ok=True)
