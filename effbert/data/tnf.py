@@ -129,11 +129,12 @@ class RareWordTable:
     def __len__(self):
         return len(self.words)
 
-    def find(self, input_ids, lengths=None):
+    def find(self, input_ids, lengths=None, position_ids=None):
         """Rare-word occurrences in a batch.
 
         ``input_ids``: int64 ``[B, N]``; ``lengths``: optional ``[B]`` real tokens per sequence, each in
-        ``[0, N]`` (the rest is padding; ``ValueError`` otherwise). Returns ``spans`` int64 ``[M, 4]`` rows
+        ``[0, N]`` (the rest is padding; ``ValueError`` otherwise); ``position_ids``: optional integer ``[B, N]``
+        of packed rows (0 at each text's first token): a word never continues across a restart. Returns ``spans`` int64 ``[M, 4]`` rows
         ``(batch, start, end_exclusive, slot)`` in (batch, position) order, and ``slots`` int64 ``[B, N]``: each piece of a rare word holds its slot, every other token
         -1. Both are on ``input_ids``' device.
         """
@@ -156,6 +157,10 @@ class RareWordTable:
                 bad = int(torch.nonzero((lengths < 0) | (lengths > N))[0, 0])
                 raise ValueError(f"lengths must be in [0, N = {N}], got lengths[{bad}] = {int(lengths[bad])}")
             valid = pos[None, :] < lengths[:, None]
+        if position_ids is not None:
+            if not isinstance(position_ids, torch.Tensor) or position_ids.shape != (B, N) \
+                    or position_ids.dtype.is_floating_point or position_ids.dtype == torch.bool:
+                raise ValueError(f"position_ids must be an integer tensor [B, N] = [{B}, {N}]")
         empty = (torch.empty(0, 4, dtype=torch.int64, device=dev), torch.full((B, N), -1, dtype=torch.int64, device=dev))
         if B * N == 0 or len(self) == 0:
             return empty
@@ -164,6 +169,8 @@ class RareWordTable:
         # A word starts at a non-continuation piece, at each sequence's first token, and at every padding token
         # (so padding never extends a word).
         start = ~cont | ~valid | (pos == 0)[None, :]
+        if position_ids is not None:
+            start = start | (position_ids.to(dev) == 0)
         flat_start = start.reshape(-1)
         ids = input_ids.reshape(-1)
         word_of = torch.cumsum(flat_start.to(torch.int64), 0) - 1  # word index of each token

@@ -1,0 +1,151 @@
+"""``DataCollatorForTupeMLM``: padding and the batch layout of the packed-batch contract, BERT's 80/10/10 masking
+(never a special token), reproducible draws per (seed, rank, step), TNF spans on the masked ids that never cross a
+text boundary."""
+
+import pytest
+import torch
+
+from effbert.data.collator import DataCollatorForTupeMLM
+from effbert.data.corpus import rare_word_table
+from effbert.data.tokenization import SPECIAL_TOKENS, load_tokenizer
+
+PIECES = list(SPECIAL_TOKENS) + ["the", "a", "cat", "dog", "run", "##s", "##ing", "##ly", "un", "##kind", "rare",
+                                  "##word", "x", "y", "z"]
+
+
+@pytest.fixture(scope="module")
+def tok(tmp_path_factory):
+    path = tmp_path_factory.mktemp("vocab") / "vocab.txt"
+    path.write_text("".join(p + "\n" for p in PIECES), encoding="utf-8")
+    return load_tokenizer(path)
+
+
+def _ids(tok, *words):
+    return tok.convert_tokens_to_ids(list(words))
+
+
+def test_padding_and_layout(tok):
+    cls, sep, pad = tok.cls_token_id, tok.sep_token_id, tok.pad_token_id
+    a = [cls] + _ids(tok, "the", "cat") + [sep]
+    b = [cls] + _ids(tok, "a", "dog") + [sep] + [cls] + _ids(tok, "run", "##s") + [sep]
+    col = DataCollatorForTupeMLM(tok, mlm_probability=0.01, seed=0, pad_to_multiple_of=8)
+    batch = col([{"input_ids": a, "position_ids": list(range(4))},
+                 {"input_ids": b, "position_ids": list(range(4)) + list(range(4))}])
+    assert set(batch) == {"input_ids", "attention_mask", "labels", "position_ids"}
+    assert all(v.dtype == torch.int64 and v.shape == (2, 8) for v in batch.values())
+    assert batch["attention_mask"].tolist() == [[1] * 4 + [0] * 4, [1] * 8]
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 3, 0, 0, 0, 0], [0, 1, 2, 3, 0, 1, 2, 3]]
+    assert batch["input_ids"][0, 4:].tolist() == [pad] * 4  # right-padded
+    restored = torch.where(batch["labels"] >= 0, batch["labels"], batch["input_ids"])
+    assert restored.tolist() == [a + [pad] * 4, b]
+    pairs = col([{"input_ids": a, "token_type_ids": [0, 0, 0, 1], "next_sentence_label": 1},
+                 {"input_ids": a[:3], "token_type_ids": [0, 0, 1], "next_sentence_label": 0}])
+    assert pairs["next_sentence_label"].tolist() == [1, 0]
+    assert pairs["token_type_ids"].tolist() == [[0, 0, 0, 1, 0, 0, 0, 0], [0, 0, 1, 0, 0, 0, 0, 0]]
+
+
+def test_masking_is_berts(tok):
+    """Over many pieces: 15% targets among the maskable ones, of those 80% [MASK], 10% random, 10% unchanged; never
+    a special token or padding."""
+    g = torch.Generator().manual_seed(0)
+    words = torch.tensor(_ids(tok, *PIECES[5:]))
+    rows = []
+    for _ in range(400):
+        n = int(torch.randint(10, 120, (1,), generator=g))
+        body = words[torch.randint(0, len(words), (n,), generator=g)].tolist()
+        unk_at = int(torch.randint(0, n, (1,), generator=g))
+        body[unk_at] = tok.unk_token_id
+        rows.append({"input_ids": [tok.cls_token_id] + body + [tok.sep_token_id]})
+    col = DataCollatorForTupeMLM(tok, seed=3)
+    batch = col(rows)
+    ids, labels, real = batch["input_ids"], batch["labels"], batch["attention_mask"].bool()
+    original = torch.full_like(ids, tok.pad_token_id)
+    for i, r in enumerate(rows):
+        original[i, : len(r["input_ids"])] = torch.tensor(r["input_ids"])
+    target = labels != -100
+    special = torch.isin(original, torch.tensor(tok.all_special_ids))
+    assert not (target & special).any() and not (target & ~real).any()
+    assert torch.equal(labels[target], original[target])
+    assert torch.equal(ids[~target], original[~target])  # only targets change
+    maskable = real & ~special
+    share = target.sum().item() / maskable.sum().item()
+    n = target.sum().item()
+    assert abs(share - 0.15) < 0.01, share
+    to_mask = (ids[target] == tok.mask_token_id).sum().item() / n
+    kept = (ids[target] == original[target]).sum().item() / n
+    assert abs(to_mask - 0.8) < 0.03 and abs(kept - 0.1 - 1 / len(tok) * 0.1) < 0.02, (to_mask, kept)
+
+
+def test_draws_are_reproducible_per_seed_rank_step(tok):
+    rows = [{"input_ids": [tok.cls_token_id] + _ids(tok, "the", "cat", "run", "##s") * 20 + [tok.sep_token_id]}] * 8
+
+    def masks(**kw):
+        col = DataCollatorForTupeMLM(tok, **kw)
+        return [col(rows)["labels"] for _ in range(3)], col
+
+    first, col = masks(seed=5, rank=0)
+    again, _ = masks(seed=5, rank=0)
+    assert all(torch.equal(x, y) for x, y in zip(first, again))
+    assert not torch.equal(first[0], first[1])  # each step draws anew
+    other_rank, _ = masks(seed=5, rank=1)
+    other_seed, _ = masks(seed=6, rank=0)
+    assert not torch.equal(first[0], other_rank[0]) and not torch.equal(first[0], other_seed[0])
+    assert col.step == 3
+    resumed = DataCollatorForTupeMLM(tok, seed=5, rank=0)
+    resumed.step = 2  # resuming at step 2 gives step 2's masks
+    assert torch.equal(resumed(rows)["labels"], first[2])
+    state = torch.random.get_rng_state()
+    DataCollatorForTupeMLM(tok, seed=5)(rows)
+    assert torch.equal(torch.random.get_rng_state(), state)  # the global generator is left alone
+
+
+def test_tnf_spans(tok):
+    """Spans are RareWordTable.find's on the masked ids: a masked rare word gets no note; position_ids end words at a
+    text boundary even without [CLS]/[SEP] between the texts."""
+    table = rare_word_table(["rareword", "unkind", "runs"], tok)
+    cls, sep = tok.cls_token_id, tok.sep_token_id
+    row = [cls] + _ids(tok, "the", "rare", "##word", "a", "un", "##kind") + [sep]
+    col = DataCollatorForTupeMLM(tok, rare_words=table, mlm_probability=0.5, seed=0)
+    for _ in range(20):
+        batch = col([{"input_ids": row}, {"input_ids": row[:4]}])
+        spans, slots = table.find(batch["input_ids"], batch["attention_mask"].sum(1))
+        assert torch.equal(batch["note_spans"], spans) and torch.equal(batch["note_slots"], slots)
+        hit = {(int(r), int(s)) for r, s, _, _ in spans}
+        original = torch.tensor([row, row[:4] + [tok.pad_token_id] * 4])
+        changed = batch["input_ids"] != original
+        for r, start, end in ((0, 2, 4), (0, 5, 7), (1, 2, 4)):
+            # unchanged pieces (not a target, or a target kept as it is): a note; a replaced piece: none
+            assert ((r, start) in hit) == (not changed[r, start:end].any())
+    # two packed texts "run" | "##s ..." with no special token between: without position_ids "run ##s" would be
+    # one rare word spanning the boundary
+    packed = _ids(tok, "the", "run") + _ids(tok, "##s", "cat")
+    ids = torch.tensor([packed])
+    assert table.find(ids)[0][:, 3].tolist() == [table.slot_of["runs"]]
+    never = DataCollatorForTupeMLM(tok, rare_words=table, mlm_probability=1e-9, seed=0)
+    batch = never([{"input_ids": packed, "position_ids": [0, 1, 0, 1]}])
+    assert batch["note_spans"].shape == (0, 4) and (batch["note_slots"] == -1).all()
+
+
+def test_errors(tok):
+    col = DataCollatorForTupeMLM(tok)
+    with pytest.raises(ValueError, match="features must be a non-empty list"):
+        col([])
+    with pytest.raises(ValueError, match=r"features\[1\] has no 'input_ids'"):
+        col([{"input_ids": [2, 3]}, {"ids": [2, 3]}])
+    with pytest.raises(ValueError, match=r"features\[0\]\['input_ids'\] must be in \[0, 20\)"):
+        col([{"input_ids": [2, 99]}])
+    with pytest.raises(ValueError, match=r"features\[0\]\['input_ids'\] is empty"):
+        col([{"input_ids": []}])
+    with pytest.raises(ValueError, match=r"features\[0\]\['position_ids'\] has 1 entries"):
+        col([{"input_ids": [2, 3], "position_ids": [0]}])
+    with pytest.raises(ValueError, match="position_ids.*start at 0"):
+        col([{"input_ids": [2, 3], "position_ids": [1, 2]}])
+    with pytest.raises(ValueError, match="mlm_probability"):
+        DataCollatorForTupeMLM(tok, mlm_probability=0)
+    with pytest.raises(ValueError, match="seed"):
+        DataCollatorForTupeMLM(tok, seed=-1)
+    with pytest.raises(ValueError, match="pad_to_multiple_of"):
+        DataCollatorForTupeMLM(tok, pad_to_multiple_of=0)
+    with pytest.raises(TypeError, match="rare_words"):
+        DataCollatorForTupeMLM(tok, rare_words=["word"])
+    assert col.step == 0  # nothing drawn by a call that raised
