@@ -665,23 +665,22 @@ def test_gradient_accumulation_equals_the_whole_batch(tmp_path, data):
 @needs_hf
 @pytest.mark.parametrize("project", ["others", "final"])
 def test_grad_reg_training_step_is_romebert_projection(hf_dir, tmp_path, project):
-    """The Trainer's training step with --grad-reg leaves in .grad exactly what RomeBERT's projection
+    """MultiExitTrainer's training step with --grad-reg leaves in .grad exactly what RomeBERT's projection
     (gradient_regularized_backward on the last exit's cross-entropy and the rest of the loss) gives, each side
     divided by the micro-batches of the step as Trainer divides a loss."""
     import copy
 
+    from transformers import TrainingArguments
+
     from effbert.losses import (gradient_regularized_backward, multi_exit_distillation_loss,
                                 romebert_projected_parameters)
+    from effbert.training import MultiExitTrainer
 
     model, tokenizer, _ = finetune._from_hf(str(hf_dir), 2, "eager", None)
     twin = copy.deepcopy(model)
-    a = finetune.build_parser().parse_args(["--hf", str(hf_dir), "--train", "t.tsv", "--out", str(tmp_path / "o"),
-                                            "--grad-reg", "--project", project, "--ge"])
-    exit_loss = dict(loss="romebert", gamma=0.9, temperature=3.0, ge=True, stage=1, regression=False, grad_reg=True,
-                     project=project, backend="eager")
-    trainer = finetune._exit_trainer_class()(model=model, args=finetune._training_args(a, str(tmp_path / "o"),
-                                                                                       torch.device("cpu"), 1),
-                                             exit_loss=exit_loss)
+    trainer = MultiExitTrainer(model=model, args=TrainingArguments(output_dir=str(tmp_path / "o"), use_cpu=True,
+                                                                   report_to="none"),
+                               grad_reg=True, project=project, gradient_equilibrium=True)
     trainer.current_gradient_accumulation_steps = 2
     ids, mask = encode(tokenizer, ["the ball and the goal", "soup of rice and salt", "a coach"], 16)
     labels = torch.tensor([1, 0, 1])
@@ -740,3 +739,24 @@ def test_mixed_precision_on_cuda_with_grad_reg(hf_dir, data, tmp_path, capsys, p
     assert all(torch.isfinite(torch.tensor(report["losses"])))
     assert report["train_loss_last"] < report["train_loss_first"]
     finetune.load_finetuned(out, device="cuda")
+
+
+@needs_hf
+def test_multi_exit_trainer_checks_its_arguments(hf_dir, tmp_path):
+    """Each bad setting raises naming its argument, before Trainer is built."""
+    from transformers import TrainingArguments
+
+    from effbert.training import MultiExitTrainer
+
+    model, _, _ = finetune._from_hf(str(hf_dir), 2, "eager", None)
+    args = TrainingArguments(output_dir=str(tmp_path / "o"), use_cpu=True, report_to="none")
+    for kw, message in (({"loss": "kd"}, "loss must be one of"), ({"gamma": 1.5}, "gamma must be in"),
+                        ({"temperature": 0}, "temperature must be > 0"), ({"stage": 3}, "stage must be 1 or 2"),
+                        ({"project": "both"}, "project must be one of"),
+                        ({"loss": "pabee", "grad_reg": True}, "grad_reg goes with")):
+        with pytest.raises(ValueError, match=message):
+            MultiExitTrainer(model=model, args=args, **kw)
+    with pytest.raises(TypeError, match="gradient_equilibrium must be a bool"):
+        MultiExitTrainer(model=model, args=args, gradient_equilibrium=1)
+    with pytest.raises(ValueError, match="model must be a multi-exit classifier"):
+        MultiExitTrainer(model=model.bert, args=args)

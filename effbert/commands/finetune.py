@@ -433,77 +433,6 @@ def _set_deebert_stage(model, stage):
             p.requires_grad_(not (frozen and any(p is q for q in last.parameters())))
 
 
-def _exit_trainer_class():
-    """``transformers.Trainer`` with the early-exit losses as its ``compute_loss`` and RomeBERT's gradient
-    regularization (two backward passes) as its ``training_step`` (built on first use: transformers is imported
-    late so that ``--help`` and argument errors stay fast)."""
-    from transformers import Trainer
-
-    class ExitTrainer(Trainer):
-        """``exit_loss``: a dict with ``loss`` ("romebert", "pabee", "deebert"), ``gamma``, ``temperature``,
-        ``ge``, ``stage`` (DeeBERT), ``regression``, ``grad_reg``, ``project``, ``backend``."""
-
-        def __init__(self, *args, exit_loss, **kwargs):
-            super().__init__(*args, **kwargs)
-            self.exit_loss = exit_loss
-            self.projected = None  # steps on which the gradient projection acted (a device tensor, no sync)
-
-        def get_decay_parameter_names(self, model):
-            # weight decay on matrices and embeddings only, as BERT decays: never on biases, LayerNorm gains or
-            # TUPE's per-head [CLS] scalars (Trainer's default rule would decay those)
-            return [n for n, p in model.named_parameters() if p.dim() >= 2]
-
-        def _losses(self, model, inputs):
-            """``(loss, last exit's loss)`` of one batch: the chosen early-exit loss over every exit's logits."""
-            from ..losses import deebert_loss, multi_exit_distillation_loss, pabee_loss
-
-            e = self.exit_loss
-            inputs = dict(inputs)
-            labels = inputs.pop("labels")
-            z = model(**inputs).exit_logits.float()
-            if e["loss"] == "deebert":
-                loss = deebert_loss(z, labels, e["stage"], gradient_equilibrium=e["ge"])
-            elif e["loss"] == "pabee" or e["regression"]:  # a regression head: PABEE's layer-weighted MSE
-                loss = pabee_loss(z, labels, gradient_equilibrium=e["ge"])
-            else:
-                loss = multi_exit_distillation_loss(z, labels, gamma=e["gamma"], temperature=e["temperature"],
-                                                    gradient_equilibrium=e["ge"], backend=e["backend"])
-            return loss, z, labels
-
-        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            loss, z, _ = self._losses(model, inputs)
-            return (loss, {"logits": z[-1], "exit_logits": z}) if return_outputs else loss
-
-        def training_step(self, model, inputs, num_items_in_batch=None):
-            if not self.exit_loss["grad_reg"]:
-                return super().training_step(model, inputs, num_items_in_batch)
-            from ..losses import gradient_regularized_backward, romebert_projected_parameters
-
-            model.train()
-            inputs = self._prepare_inputs(inputs)
-            with self.compute_loss_context_manager():
-                loss, z, labels = self._losses(model, inputs)
-                # the teacher is detached, so the last exit's only term is its cross-entropy: the rest is the
-                # others' (gradient equilibrium scales the last exit by 1: its cross-entropy is the same either way)
-                final = torch.nn.functional.cross_entropy(z[-1], labels)
-            # as Trainer does: the mean over the accumulated micro-batches, and fp16's loss scale (the projection
-            # coefficient is the same for any common factor of both sides)
-            scale = 1.0 / self.current_gradient_accumulation_steps
-            final, other = final * scale, (loss - final) * scale
-            scaler = getattr(self.accelerator, "scaler", None)
-            if scaler is not None:
-                final, other = scaler.scale(final), scaler.scale(other)
-            inner = self.accelerator.unwrap_model(model)
-            params = [p for p in inner.parameters() if p.requires_grad]
-            did = gradient_regularized_backward(final, other, params,
-                                                romebert_projected_parameters(inner.bert.encoder),
-                                                project=self.exit_loss["project"])
-            self.projected = did.long() if self.projected is None else self.projected + did.long()
-            return (loss * scale).detach()
-
-    return ExitTrainer
-
-
 def _callbacks(a, log):
     """The summary line every ``--log-every`` steps and the NaN stop, as a ``TrainerCallback`` (Trainer logs every
     step: its log history holds each step's loss, also across a resume)."""
@@ -579,10 +508,11 @@ def train(a, model, tokenizer, train_ds, device, backend, log):
     from transformers import DataCollatorWithPadding
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
+    from ..training import MultiExitTrainer
+
     stages = [1, 2] if a.loss == "deebert" else [1]
     root = os.path.join(a.out, CHECKPOINTS)
     losses = []
-    ExitTrainer = _exit_trainer_class()
     for stage in stages:
         folder = root if a.loss != "deebert" else os.path.join(root, f"stage-{stage}")
         if a.loss == "deebert":
@@ -598,12 +528,12 @@ def train(a, model, tokenizer, train_ds, device, backend, log):
                 log("  (stage 1 finished before the resume)")
                 continue
         resume = _latest_checkpoint(folder) if a.resume else None
-        exit_loss = dict(loss=a.loss, gamma=a.gamma, temperature=a.temperature, ge=a.ge, stage=stage,
-                         regression=a.regression, grad_reg=a.grad_reg, project=a.project, backend=backend)
         lines = _callbacks(a, log)
-        trainer = ExitTrainer(model=model, args=_training_args(a, folder, device, stage), train_dataset=train_ds,
-                              data_collator=DataCollatorWithPadding(tokenizer), processing_class=tokenizer,
-                              callbacks=[lines], exit_loss=exit_loss)
+        trainer = MultiExitTrainer(
+            model=model, args=_training_args(a, folder, device, stage), train_dataset=train_ds,
+            data_collator=DataCollatorWithPadding(tokenizer), processing_class=tokenizer, callbacks=[lines],
+            loss=a.loss, gamma=a.gamma, temperature=a.temperature, gradient_equilibrium=a.ge, stage=stage,
+            grad_reg=a.grad_reg, project=a.project)
         trainer.remove_callback(PrinterCallback)
         if trainer.pop_callback(ProgressCallback) is not None:
             trainer.add_callback(_quiet_progress_class())
