@@ -760,3 +760,30 @@ def test_multi_exit_trainer_checks_its_arguments(hf_dir, tmp_path):
         MultiExitTrainer(model=model, args=args, gradient_equilibrium=1)
     with pytest.raises(ValueError, match="model must be a multi-exit classifier"):
         MultiExitTrainer(model=model.bert, args=args)
+
+
+def test_multi_exit_trainer_from_a_users_script(tmp_path):
+    """The docs' script: a pretraining folder through the Auto class with off-ramps, a dataset, Trainer's collator
+    and MultiExitTrainer with PABEE's loss train the off-ramps; no effbert command involved."""
+    import datasets
+    from transformers import AutoModelForSequenceClassification, DataCollatorWithPadding, TrainingArguments
+
+    from effbert.data.tokenization import load_tokenizer
+    from effbert.training import MultiExitTrainer
+
+    write_pretrain_folder(tmp_path / "pre")
+    model = AutoModelForSequenceClassification.from_pretrained(tmp_path / "pre", multi_exit=True, num_labels=2,
+                                                               tnf_num_notes=None, backend="eager")
+    tokenizer = load_tokenizer(tmp_path / "pre")
+    ds = datasets.Dataset.from_dict({"text": ["the ball", "the soup", "a goal", "rice"] * 4, "labels": [1, 0, 1, 0] * 4})
+    ds = ds.map(lambda b: tokenizer(b["text"], return_token_type_ids=False), batched=True, remove_columns=["text"])
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    trainer = MultiExitTrainer(model=model, args=TrainingArguments(str(tmp_path / "out"), max_steps=2,
+                                                                   per_device_train_batch_size=8, use_cpu=True,
+                                                                   report_to="none", disable_tqdm=True),
+                               train_dataset=ds, data_collator=DataCollatorWithPadding(tokenizer), loss="pabee")
+    trainer.train()
+    after = model.state_dict()
+    assert all(not torch.equal(after[f"exits.{i}.classifier.weight"], before[f"exits.{i}.classifier.weight"])
+               for i in range(3))
+    assert trainer.state.global_step == 2
