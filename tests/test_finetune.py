@@ -787,3 +787,28 @@ def test_multi_exit_trainer_from_a_users_script(tmp_path):
     assert all(not torch.equal(after[f"exits.{i}.classifier.weight"], before[f"exits.{i}.classifier.weight"])
                for i in range(3))
     assert trainer.state.global_step == 2
+
+
+def test_a_nan_loss_stops_the_run_before_its_checkpoint(tmp_path, data, capsys, monkeypatch):
+    """A non-finite loss at step 3 ends the run in one line (exit 2): the checkpoints of steps 1 and 2 stay, no
+    checkpoint of step 3 and no model are written."""
+    import effbert.losses
+
+    real, calls = effbert.losses.multi_exit_distillation_loss, []
+
+    def poisoned(*args, **kwargs):
+        calls.append(1)
+        loss = real(*args, **kwargs)
+        return loss * float("nan") if len(calls) == 3 else loss
+
+    monkeypatch.setattr(effbert.losses, "multi_exit_distillation_loss", poisoned)
+    write_pretrain_folder(tmp_path / "pre", tnf_notes=False)
+    capsys.readouterr()
+    out = tmp_path / "run"
+    assert cli.main(["finetune", "--init", str(tmp_path / "pre"), "--train", str(data / "train.tsv"), "--out",
+                     str(out), "--steps", "5", "--save-steps", "1", "--batch-size", "8", "--backend", "eager",
+                     "--device", "cpu", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "the loss is nan at step 3: lower --lr" in err and len(err.strip().splitlines()) == 1
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["checkpoint-1", "checkpoint-2"]
+    assert not (out / "model.safetensors").exists()

@@ -493,6 +493,7 @@ def _training_args(a, output_dir, device, stage):
             num_train_epochs=a.epochs, max_steps=a.steps if a.steps is not None else -1,
             seed=a.seed + stage - 1, data_seed=a.seed + stage - 1, fp16=a.fp16, bf16=a.bf16,
             use_cpu=device.type == "cpu", logging_strategy="steps", logging_steps=1,
+            logging_nan_inf_filter=False,  # a NaN loss must reach the log, which stops the run
             save_strategy="steps" if save else "no", save_steps=a.save_steps if save else 500,
             save_total_limit=a.save_total_limit, report_to="none", disable_tqdm=not _show_progress(a),
             remove_unused_columns=False, dataloader_drop_last=False,
