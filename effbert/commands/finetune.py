@@ -844,10 +844,14 @@ def run(a, log):
     if device.type == "cuda" and device.index is not None and "LOCAL_RANK" not in os.environ:
         torch.cuda.set_device(device)  # Trainer trains on the current CUDA device
     backend = a.backend if a.backend not in (None, "auto") else _default_backend(device)
-    if not _show_progress(a):  # nor the libraries' bars (loading weights, tokenizing, saving)
-        import datasets
-        import transformers
+    from ..integrations.hf import _transformers
 
+    try:
+        transformers = _transformers()
+        import datasets
+    except ImportError as exc:  # regular dependencies, but an install can lack them: the message says how
+        raise UsageError(" ".join(str(exc).split())) from None
+    if not _show_progress(a):  # nor the libraries' bars (loading weights, tokenizing, saving)
         datasets.disable_progress_bars()
         transformers.utils.logging.disable_progress_bar()
     torch.manual_seed(a.seed)
