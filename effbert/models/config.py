@@ -14,7 +14,7 @@ FIELDS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads
           "max_position_embeddings", "type_vocab_size", "hidden_dropout_prob", "attention_probs_dropout_prob",
           "layer_norm_eps", "position_layer_norm_eps", "hidden_act", "initializer_range", "pad_token_id",
           "position_mode", "num_buckets", "max_distance", "untie_cls", "num_labels", "backend", "multi_exit",
-          "shared_exit_pooler",
+          "shared_exit_pooler", "unpad_inputs",
           "tnf_num_notes", "tnf_window", "tnf_gamma", "tnf_lam")
 
 
@@ -44,7 +44,10 @@ class TupeBertConfig(PretrainedConfig):
     everywhere). ``type_vocab_size=0``: no token-type embedding (TUPE's encoder has none). ``multi_exit`` gives the
     classification model an off-ramp after every layer; ``shared_exit_pooler`` makes the off-ramps share one pooler,
     as PABEE does (by default each has its own, as in DeeBERT and RomeBERT). ``backend`` is passed to every effbert
-    op.
+    op. ``unpad_inputs`` (default True): the models gather the real tokens once after the embeddings and run every
+    layer on the packed ``[total, hidden]`` tokens (``tupe_attention_varlen``), as MosaicBERT and ModernBERT do;
+    False runs every layer on the padded ``[B, N, hidden]`` batch (the same results on the real tokens; for
+    benchmarks and equality tests).
 
     TNF: ``tnf_num_notes`` (None: no note dictionary) and ``tnf_window`` / ``tnf_gamma`` / ``tnf_lam`` describe the
     masked-LM model's ``NoteDictionary``, so ``from_pretrained`` rebuilds it and loads the saved notes.
@@ -59,7 +62,7 @@ class TupeBertConfig(PretrainedConfig):
                  attention_probs_dropout_prob=0.1, layer_norm_eps=1e-12, position_layer_norm_eps=None,
                  hidden_act="gelu", initializer_range=0.02, pad_token_id=0, position_mode="tupe-r", num_buckets=32,
                  max_distance=128, untie_cls=True, num_labels=None, backend="auto", multi_exit=False,
-                 shared_exit_pooler=False, tnf_num_notes=None, tnf_window=16, tnf_gamma=0.1, tnf_lam=0.5, **kwargs):
+                 shared_exit_pooler=False, unpad_inputs=True, tnf_num_notes=None, tnf_window=16, tnf_gamma=0.1, tnf_lam=0.5, **kwargs):
         for name, value in (("vocab_size", vocab_size), ("hidden_size", hidden_size),
                             ("num_hidden_layers", num_hidden_layers), ("num_attention_heads", num_attention_heads),
                             ("intermediate_size", intermediate_size),
@@ -88,7 +91,8 @@ class TupeBertConfig(PretrainedConfig):
             raise ValueError(f"hidden_act must be one of {HIDDEN_ACTS}, got {hidden_act!r}")
         if not isinstance(untie_cls, bool):
             raise TypeError(f"untie_cls must be a bool, got {type(untie_cls).__name__}")
-        for name, value in (("multi_exit", multi_exit), ("shared_exit_pooler", shared_exit_pooler)):
+        for name, value in (("multi_exit", multi_exit), ("shared_exit_pooler", shared_exit_pooler),
+                            ("unpad_inputs", unpad_inputs)):
             if not isinstance(value, bool):
                 raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
         if isinstance(pad_token_id, bool) or not isinstance(pad_token_id, int) or not 0 <= pad_token_id < vocab_size:
@@ -123,6 +127,7 @@ class TupeBertConfig(PretrainedConfig):
         self.backend = backend
         self.multi_exit = multi_exit
         self.shared_exit_pooler = shared_exit_pooler
+        self.unpad_inputs = unpad_inputs
         self.tnf_num_notes = tnf_num_notes
         self.tnf_window = tnf_window
         self.tnf_gamma = tnf_gamma
@@ -136,7 +141,7 @@ class TupeBertConfig(PretrainedConfig):
     @classmethod
     def _known_keys(cls):
         base = set(PretrainedConfig().to_dict())
-        # use_cache: transformers' Trainer sets it on every model's config, so its checkpoints hold it
+        # use_cache: transformers.Trainer sets it on every model's config, so every folder it saves holds it
         return base | set(FIELDS) | {"id2label", "label2id", "architectures", "transformers_version", "model_type",
                                      "auto_map", "_name_or_path", "torch_dtype", "dtype", "use_cache"}
 

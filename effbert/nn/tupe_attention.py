@@ -91,7 +91,7 @@ class TupeSelfAttention(nn.Module):
 
     ``forward(hidden [B, N, hidden_size], pos_bias=None, attention_mask=None)`` (``attention_mask [B, N]`` bool, True
     = real token), or on packed real tokens ``forward(hidden [T, hidden_size], pos_bias, cu_seqlens=...,
-    max_seqlen=...)`` (``tupe_attention_varlen``). The content logits are scaled by ``scale``; by default
+    max_seqlen=..., check_offsets=True)`` (``tupe_attention_varlen``). The content logits are scaled by ``scale``; by default
     ``1/sqrt(2 * head_dim)`` when a positional term is given (TUPE's two terms share the
     scale) and ``1/sqrt(head_dim)`` without one (plain BERT). Attention dropout ``dropout`` applies in training.
     """
@@ -107,11 +107,12 @@ class TupeSelfAttention(nn.Module):
         self.qkv = nn.Linear(hidden_size, 3 * hidden_size)
         self.out = nn.Linear(hidden_size, hidden_size)
 
-    def forward(self, hidden, pos_bias=None, attention_mask=None, cu_seqlens=None, max_seqlen=None):
+    def forward(self, hidden, pos_bias=None, attention_mask=None, cu_seqlens=None, max_seqlen=None,
+                check_offsets=True):
         if cu_seqlens is not None:
             if attention_mask is not None:
                 raise ValueError("give attention_mask (padded hidden) or cu_seqlens (packed hidden), not both")
-            return self._forward_packed(hidden, cu_seqlens, max_seqlen, pos_bias)
+            return self._forward_packed(hidden, cu_seqlens, max_seqlen, pos_bias, check_offsets)
         if hidden.dim() != 3 or hidden.shape[-1] != self.num_heads * self.head_dim:
             raise ValueError(f"hidden must be [B, N, {self.num_heads * self.head_dim}], got {tuple(hidden.shape)}")
         b, n, width = hidden.shape
@@ -124,11 +125,12 @@ class TupeSelfAttention(nn.Module):
                              backend=self.backend)
         return self.out(ctx.reshape(b, n, width))
 
-    def _forward_packed(self, hidden, cu_seqlens, max_seqlen, pos_bias=None):
+    def _forward_packed(self, hidden, cu_seqlens, max_seqlen, pos_bias=None, check_offsets=True):
         """``forward`` on packed real tokens ``hidden [T, hidden_size]``, sequence ``b`` being rows
         ``cu_seqlens[b]:cu_seqlens[b + 1]`` (int32 ``[B + 1]``, positions restarting at 0: ``pos_bias [H, S, S]``
         with ``S >= max_seqlen`` is indexed by the position inside each sequence), through
-        ``tupe_attention_varlen``: the projections run on real tokens only."""
+        ``tupe_attention_varlen``: the projections run on real tokens only. ``check_offsets=False``: the caller
+        checked ``cu_seqlens`` once (see ``tupe_attention_varlen``)."""
         if hidden.dim() != 2 or hidden.shape[-1] != self.num_heads * self.head_dim:
             raise ValueError(f"hidden must be [T, {self.num_heads * self.head_dim}], got {tuple(hidden.shape)}")
         t, width = hidden.shape
@@ -138,5 +140,6 @@ class TupeSelfAttention(nn.Module):
             scale = 1.0 / math.sqrt((2 if pos_bias is not None else 1) * self.head_dim)
         ctx = tupe_attention_varlen(q, k, v, cu_seqlens, max_seqlen, pos_bias, scale=scale,
                                     dropout_p=self.dropout if self.training else 0.0,
-                                    deterministic=self.deterministic, backend=self.backend)
+                                    deterministic=self.deterministic, backend=self.backend,
+                                    check_offsets=check_offsets)
         return self.out(ctx.reshape(t, width))

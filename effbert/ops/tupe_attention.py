@@ -345,7 +345,7 @@ def _check_op_args(q, k, v, pos_bias, attention_mask, cu_seqlens, max_seqlen, sc
 
 
 def tupe_attention_varlen(q, k, v, cu_seqlens, max_seqlen, pos_bias=None, *, scale=None, dropout_p=0.0,
-                          deterministic=False, backend="auto"):
+                          deterministic=False, backend="auto", check_offsets=True):
     """``tupe_attention`` over packed tokens ``[total, H, D]``: sequence ``b`` is rows
     ``cu_seqlens[b]:cu_seqlens[b+1]`` (int32 ``[B + 1]``), positions restart at 0 in each, so ``pos_bias [H, S, S]``
     (``S >= max_seqlen``) is indexed by the position inside the sequence. Equal to the padded version on the real
@@ -354,7 +354,14 @@ def tupe_attention_varlen(q, k, v, cu_seqlens, max_seqlen, pos_bias=None, *, sca
     at least the longest sequence. These checks read the offsets back (one small copy), in eager code, under
     torch.compile and in the registered op alike; ``ValueError`` names the argument.
 
+    ``check_offsets=False`` skips reading the offsets back: for a caller that built ``cu_seqlens`` itself and
+    checked it once (a model checks its packing once per forward, not once per layer). Nothing reads out of bounds
+    then either: the Triton kernels bound every offset (a bad one empties its sequence), the eager backend indexes
+    with bounds-checked gathers and the CPU backend slices on the host.
+
     Raises ``ValueError``/``TypeError`` naming the argument for any bad input."""
+    if not isinstance(check_offsets, bool):
+        raise TypeError(f"check_offsets must be a bool, got {type(check_offsets).__name__}")
     _check_common(q, k, v, pos_bias, scale, dropout_p, deterministic, "[total, H, D]",
                   max_seqlen if isinstance(max_seqlen, int) else 0)
     _check_cu_seqlens(cu_seqlens, max_seqlen)
@@ -362,7 +369,7 @@ def tupe_attention_varlen(q, k, v, cu_seqlens, max_seqlen, pos_bias=None, *, sca
                          if t is not None})
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     chosen = attention_backend(q, backend)
-    if chosen in ("eager", "cpu"):
+    if chosen in ("eager", "cpu") and check_offsets:
         cu_seqlens = _checked_cu_seqlens(cu_seqlens, q.shape[0], max_seqlen)
     if chosen == "eager":
         return reference.tupe_attention_varlen(q, k, v, cu_seqlens, max_seqlen, pos_bias, scale=scale,
@@ -373,6 +380,7 @@ def tupe_attention_varlen(q, k, v, cu_seqlens, max_seqlen, pos_bias=None, *, sca
     args = (_unit_last(q), _unit_last(k), _unit_last(v), _unit_last(pos_bias), None, cu_seqlens.contiguous(),
             max_seqlen, scale, float(dropout_p), seed)
     if direct_call_ok(*[a for a in args if isinstance(a, torch.Tensor)]):
-        _check_cu_seqlens_values(cu_seqlens, q.shape[0], max_seqlen)
+        if check_offsets:
+            _check_cu_seqlens_values(cu_seqlens, q.shape[0], max_seqlen)
         return _forward_triton(*args)[0]
     return torch.ops.effbert.tupe_attention(*args)[0]
