@@ -261,7 +261,10 @@ class MultiExitTrainer(Trainer):
             raise ValueError("grad_reg runs on one process: its two backward passes bypass data-parallel gradient "
                              "averaging")
         self.exit_loss = dict(loss=loss, gamma=gamma, temperature=temperature, ge=gradient_equilibrium,
-                              stage=stage, regression=config.num_labels == 1, backend=config.backend)
+                              stage=stage, regression=config.num_labels == 1,
+                              # the fused loss has a Triton kernel and the eager path: the C++ backends the model
+                              # may run on (cpu, cuda) leave the loss to the dispatcher
+                              backend=config.backend if config.backend in ("eager", "triton") else "auto")
         self.grad_reg, self.project = grad_reg, project
         self.projected = None
 

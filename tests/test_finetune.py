@@ -151,6 +151,15 @@ def test_finetune_learns_reports_and_reloads(hf_dir, data, tmp_path, capsys):
 
 
 @needs_hf
+def test_finetune_on_the_cpu_backend(hf_dir, data, tmp_path):
+    """--backend cpu (the C++ CPU backend for the model's ops) trains: the loss, which has no such backend, goes to
+    the dispatcher."""
+    out = tmp_path / "run"
+    assert cli.main(args(hf_dir, data, out, "--steps", "2", "--backend", "cpu")) == 0
+    assert json.loads((out / "finetune.json").read_text())["complete"]
+
+
+@needs_hf
 @pytest.mark.parametrize("criterion,loss", [("max_prob", "romebert"), ("patience", "pabee"),
                                             ("entropy", "romebert --grad-reg"),
                                             ("entropy", "romebert --grad-reg --project final --ge"),
