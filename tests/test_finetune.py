@@ -784,7 +784,8 @@ def test_multi_exit_trainer_from_a_users_script(tmp_path):
     model = AutoModelForSequenceClassification.from_pretrained(tmp_path / "pre", multi_exit=True, num_labels=2,
                                                                tnf_num_notes=None, backend="eager")
     tokenizer = load_tokenizer(tmp_path / "pre")
-    ds = datasets.Dataset.from_dict({"text": ["the ball", "the soup", "a goal", "rice"] * 4, "labels": [1, 0, 1, 0] * 4})
+    ds = datasets.Dataset.from_dict({"text": ["the ball", "the soup", "a goal", "rice"] * 4,
+                                     "labels": [1, 0, 1, 0] * 4})
     ds = ds.map(lambda b: tokenizer(b["text"], return_token_type_ids=False), batched=True, remove_columns=["text"])
     before = {k: v.clone() for k, v in model.state_dict().items()}
     trainer = MultiExitTrainer(model=model, args=TrainingArguments(str(tmp_path / "out"), max_steps=2,
@@ -821,3 +822,46 @@ def test_a_nan_loss_stops_the_run_before_its_checkpoint(tmp_path, data, capsys, 
     assert "the loss is nan at step 3: lower --lr" in err and len(err.strip().splitlines()) == 1
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["checkpoint-1", "checkpoint-2"]
     assert not (out / "model.safetensors").exists()
+
+
+def test_deebert_resume_in_its_second_stage(tmp_path, data, capsys):
+    """DeeBERT stopped in stage 2 resumes there (stage 1 is not run again, its losses come from its last
+    checkpoint) and ends with the weights and losses of the run that was never stopped."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    write_pretrain_folder(tmp_path / "pre", tnf_notes=False)
+
+    def argv(out, *extra):
+        return ["finetune", "--init", str(tmp_path / "pre"), "--train", str(data / "train.tsv"), "--eval",
+                str(data / "eval.tsv"), "--out", str(out), "--steps", "2", "--save-steps", "1", "--batch-size", "8",
+                "--loss", "deebert", "--backend", "eager", "--device", "cpu", "--quiet", *extra]
+
+    assert cli.main(argv(tmp_path / "whole")) == 0
+    assert cli.main(argv(tmp_path / "cut")) == 0
+    cut = tmp_path / "cut"
+    shutil.rmtree(cut / "checkpoints" / "stage-2" / "checkpoint-2")  # stopped after stage 2's first step
+    os.remove(cut / "model.safetensors")
+    capsys.readouterr()
+    assert cli.main(argv(cut, "--resume")) == 0
+    text = capsys.readouterr().out
+    assert "stage 1 finished before the resume" in text and "resumed from" in text
+    want, got = load_file(tmp_path / "whole" / "model.safetensors"), load_file(cut / "model.safetensors")
+    assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
+    losses = [json.loads((d / "report.json").read_text())["losses"] for d in (tmp_path / "whole", cut)]
+    assert len(losses[0]) == 4 and losses[0] == losses[1]
+
+
+def test_bf16_mixed_precision_on_the_cpu(tmp_path, data):
+    """--bf16 runs Trainer's autocast on the CPU too; the saved weights stay float32 and finite."""
+    from safetensors.torch import load_file
+
+    write_pretrain_folder(tmp_path / "pre", tnf_notes=False)
+    out = tmp_path / "run"
+    assert cli.main(["finetune", "--init", str(tmp_path / "pre"), "--train", str(data / "train.tsv"), "--out",
+                     str(out), "--steps", "2", "--batch-size", "8", "--bf16", "--backend", "eager", "--device", "cpu",
+                     "--quiet"]) == 0
+    weights = load_file(out / "model.safetensors")
+    assert all(w.dtype == torch.float32 and bool(torch.isfinite(w).all()) for w in weights.values())
+    assert json.loads((out / "finetune.json").read_text())["complete"]

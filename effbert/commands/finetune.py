@@ -505,7 +505,7 @@ def _training_args(a, output_dir, device, stage):
 
 def train(a, model, tokenizer, train_ds, device, backend, log):
     """Fine-tunes ``model`` in place through ``transformers.Trainer``; DeeBERT's loss runs its two stages,
-    ``a.steps`` (or epochs) each. Returns ``(model in eval mode, every optimizer step's loss)``."""
+    ``a.steps`` (or epochs) each. Returns ``(model in eval mode, every optimizer step's loss, the last Trainer)``."""
     from transformers import DataCollatorWithPadding
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
@@ -546,12 +546,12 @@ def train(a, model, tokenizer, train_ds, device, backend, log):
         if a.regression and a.loss == "romebert":
             what = "pabee's mean squared error (a regression head)"
         if trainer.is_world_process_zero():
-            log(f"fine-tuning {model.config.num_hidden_layers} off-ramps, "
-                + ("a regression head" if a.regression else f"{model.config.num_labels} labels")
-                + f", {count} examples: {steps} steps of {a.batch_size * a.grad_accum * trainer.args.world_size} "
-                f"({steps * a.grad_accum / per_epoch:.2f} epochs), loss {what}" + (", gradient equilibrium" if a.ge
-                                                                                   else "")
-                + f", backend {backend}" + (f", resumed from {resume}" if resume else ""))
+            head = "a regression head" if a.regression else f"{model.config.num_labels} labels"
+            batch = a.batch_size * a.grad_accum * trainer.args.world_size  # examples an optimizer step
+            log(f"fine-tuning {model.config.num_hidden_layers} off-ramps, {head}, {count} examples: {steps} steps "
+                f"of {batch} ({steps * a.grad_accum / per_epoch:.2f} epochs), loss {what}"
+                + (", gradient equilibrium" if a.ge else "") + f", backend {backend}"
+                + (f", resumed from {resume}" if resume else ""))
         t0 = time.perf_counter()
         trainer.train(resume_from_checkpoint=resume)
         if lines.bad is not None:
