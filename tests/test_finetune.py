@@ -608,6 +608,7 @@ def test_progress_bar_only_on_a_terminal(tmp_path, data, capsys, monkeypatch, te
     else:
         assert "\r" not in captured.out + captured.err and "it/s" not in captured.err
         assert "{'loss'" not in captured.out  # Trainer's own log dicts are not printed
+        assert "MISSING" not in captured.out + captured.err  # the new off-ramps are no loading problem to report
 
 
 def test_resume_from_a_checkpoint_gives_the_uninterrupted_run(tmp_path, data, capsys):

@@ -305,12 +305,18 @@ def _from_pretrain(path, num_labels, backend, cased, shared_pooler=False):
     if cased is not None and cased == _lowercases(tokenizer):
         raise UsageError(f"--cased {'given' if cased else 'not given'}, but the pretraining run "
                          f"{'lowercased' if _lowercases(tokenizer) else 'kept case'}")
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # the off-ramps are new by design: checked below, not reported as missing
     try:
         config = _multi_exit_config(TupeBertConfig.from_pretrained(weights), num_labels, shared_pooler, backend)
         model, info = TupeBertForSequenceClassification.from_pretrained(weights, config=config,
                                                                         output_loading_info=True)
     except Exception as exc:  # a cut or foreign weights file, a config that fails its checks: one line
         raise UsageError(f"--init: {_one_line(exc)}") from None
+    finally:
+        hf_logging.set_verbosity(verbosity)
     missing = [k for k in info["missing_keys"] if not k.startswith("exits.")]
     unexpected = [k for k in info["unexpected_keys"] if not k.startswith(("mlm_head.", "notes."))]
     if missing or unexpected or info.get("mismatched_keys") or info.get("error_msgs"):
