@@ -138,8 +138,12 @@ def test_errors(tok):
         col([{"input_ids": []}])
     with pytest.raises(ValueError, match=r"features\[0\]\['position_ids'\] has 1 entries"):
         col([{"input_ids": [2, 3], "position_ids": [0]}])
-    with pytest.raises(ValueError, match="position_ids.*start at 0"):
+    with pytest.raises(ValueError, match="position_ids.*restarting at 0"):
         col([{"input_ids": [2, 3], "position_ids": [1, 2]}])
+    with pytest.raises(ValueError, match=r"features\[1\]\['position_ids'\].*restarting at 0"):
+        col([{"input_ids": [2, 3, 4], "position_ids": [0, 1, 0]}, {"input_ids": [2, 3, 4], "position_ids": [0, 2, 3]}])
+    with pytest.raises(ValueError, match=r"features\[0\]\['input_ids'\] must be a list of ints"):
+        col([{"input_ids": [[2, 3], [4]]}])
     with pytest.raises(ValueError, match="mlm_probability"):
         DataCollatorForTupeMLM(tok, mlm_probability=0)
     with pytest.raises(ValueError, match="seed"):
@@ -149,3 +153,21 @@ def test_errors(tok):
     with pytest.raises(TypeError, match="rare_words"):
         DataCollatorForTupeMLM(tok, rare_words=["word"])
     assert col.step == 0  # nothing drawn by a call that raised
+
+
+def test_dataloader_workers_draw_apart_and_repeat(tok):
+    """In DataLoader workers each worker seeds with its id: the same rows in two workers get different masks, and a
+    second run repeats the first."""
+    row = {"input_ids": [tok.cls_token_id] + _ids(tok, "the", "cat", "run", "##s") * 30 + [tok.sep_token_id]}
+    data = [row] * 16
+
+    def run():
+        col = DataCollatorForTupeMLM(tok, seed=7, rank=0)
+        loader = torch.utils.data.DataLoader(data, batch_size=4, num_workers=2, collate_fn=col,
+                                             multiprocessing_context="fork")
+        return [b["labels"] for b in loader]
+
+    first, second = run(), run()
+    assert len(first) == 4 and all(torch.equal(x, y) for x, y in zip(first, second))
+    # batches 0 and 1 are the first batch of workers 0 and 1: same rows, same step, different worker
+    assert not torch.equal(first[0], first[1])

@@ -198,7 +198,7 @@ def test_line_cap_at_the_default(tmp_path):
 def test_argument_errors(tmp_path, tok):
     path = _write_corpus(tmp_path / "c.txt", 6)
     with pytest.raises(ValueError, match="format"):
-        load_corpus(path, tok, 32, format="lines")
+        load_corpus(path, tok, 32, format="sentences")
     with pytest.raises(ValueError, match="max_length"):
         load_corpus(path, tok, 2)
     with pytest.raises(ValueError, match="max_length"):
@@ -211,3 +211,46 @@ def test_argument_errors(tmp_path, tok):
         load_corpus(path, object(), 32)
     with pytest.raises(ValueError, match="paths"):
         load_corpus([], tok, 32)
+
+
+def test_tokenizer_state_does_not_leak(tmp_path, tok):
+    """A fast tokenizer keeps the truncation of its last call in its backend; load_corpus must not inherit it."""
+    path = _write_corpus(tmp_path / "c.txt", 7)
+    tok(["a long enough line of words here"], truncation=True, max_length=3)
+    ds = load_corpus(path, tok, 64, cache_dir=tmp_path / "cache")
+    assert [t[1:-1] for t in ds["input_ids"]] == _doc_sentences(_documents(path, tok), 64)
+
+
+def test_lines_format(tmp_path, tok):
+    path = _write_corpus(tmp_path / "c.txt", 8)
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(" ".join(["unbelievable quietly"] * 30) + "\n")
+    ds = load_corpus(path, tok, 16, format="lines", cache_dir=tmp_path / "cache")
+    cls, sep = tok.cls_token_id, tok.sep_token_id
+    cont = [p.startswith("##") for p in tok.convert_ids_to_tokens(list(range(len(tok))))]
+    lines = [ln for ln in path.read_text(encoding="utf-8").split("\n") if ln.strip()]
+    texts = list(ds["input_ids"])
+    assert all(t[0] == cls and t[-1] == sep and 3 <= len(t) <= 16 and not cont[t[1]] for t in texts)
+    assert [i for t in texts for i in t[1:-1]] == [i for ln in lines for i in tok.encode(ln, add_special_tokens=False)]
+    expected = []  # a text per line; a long line cut before the last word start that fits
+    for ln in lines:
+        ids = tok.encode(ln, add_special_tokens=False)
+        while len(ids) > 14:
+            cut = max(k for k in range(1, 15) if not cont[ids[k]])
+            expected.append(ids[:cut])
+            ids = ids[cut:]
+        expected.append(ids)
+    assert [t[1:-1] for t in texts] == expected and len(expected) > len(lines)
+
+
+def test_a_100mb_line(tmp_path, tok):
+    """The case of the issue: one line of 100 MB. It is refused from its first chunk, before the cache is touched."""
+    path = tmp_path / "huge_line.txt"
+    block = b"word " * 200_000  # 1 MB, no newline
+    with open(path, "wb") as f:
+        for _ in range(100):
+            f.write(block)
+    cache = tmp_path / "cache"
+    with pytest.raises(ValueError, match=r"huge_line.txt.*line over 1048576 bytes \(near byte 0\)"):
+        load_corpus(path, tok, 64, cache_dir=cache)
+    assert not cache.exists()

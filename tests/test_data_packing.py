@@ -6,7 +6,7 @@ import random
 import datasets
 import pytest
 
-from effbert.data.packing import pack, pack_lengths
+from effbert.data.packing import pack, pack_lengths, text_lengths
 
 
 def _bfd_reference(lengths, max_length):
@@ -102,3 +102,16 @@ def test_pack_errors():
         pack(ds, 0)
     with pytest.raises(ValueError, match="no texts"):
         pack(datasets.Dataset.from_dict({"input_ids": []}), 16)
+
+
+def test_text_lengths_follow_views(seeded):
+    rng = random.Random(seeded)
+    texts = [[2] * rng.randint(1, 30) for _ in range(50)]
+    ds = datasets.Dataset.from_dict({"input_ids": texts})
+    assert text_lengths(ds).tolist() == [len(t) for t in texts]
+    view = ds.shuffle(seed=seeded % 1000).select(range(10))
+    assert text_lengths(view).tolist() == [len(t) for t in view["input_ids"]]
+    packed = pack(view, 32)  # a view packs its own rows only
+    assert packed.texts == 10 and packed.tokens == sum(len(t) for t in view["input_ids"])
+    with pytest.raises(ValueError, match="input_ids"):
+        text_lengths(datasets.Dataset.from_dict({"text": ["a"]}))

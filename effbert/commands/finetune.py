@@ -231,10 +231,14 @@ def _classifier_from(encoder_model, config, num_labels, pooler=None, classifier=
 
 def _from_hf(path, num_labels, backend, cased, shared_pooler=False):
     """A local Hugging Face BERT folder: ``(multi-exit classifier, tokenizer, cased)``."""
-    from ..integrations.hf import from_hf_bert
+    from ..integrations.hf import _transformers, from_hf_bert
     from ..models import TupeBertForSequenceClassification, TupeBertModel
 
     _fail_if(not os.path.isdir(path), f"--hf: {path!r} is not a folder (a local Hugging Face BERT checkpoint)")
+    try:
+        _transformers()
+    except ImportError as exc:  # the message says how to install it
+        raise UsageError(f"--hf: {exc}") from None
     _model_type(path, "--hf", want="bert")
     tokenizer = _tokenizer(path, "--hf", cased)
     try:
@@ -290,6 +294,9 @@ def _from_pretrain(path, num_labels, backend, cased, shared_pooler=False):
     weights = path
     if not any(os.path.isfile(os.path.join(path, n)) for n in WEIGHT_FILES):
         weights = _latest_checkpoint(path)
+        if weights is None and (os.path.isfile(os.path.join(path, "model.pt"))
+                                or glob.glob(os.path.join(glob.escape(path), "checkpoint-*.pt"))):
+            return _from_legacy_pretrain(path, num_labels, backend, cased, shared_pooler)
         _fail_if(weights is None, f"--init: {path!r} holds no weights ({' or '.join(WEIGHT_FILES)}, or a "
                  "checkpoint-N folder): not the folder of an effbert pretrain run")
     _model_type(weights, "--init", want=TupeBertConfig.model_type)
@@ -298,12 +305,18 @@ def _from_pretrain(path, num_labels, backend, cased, shared_pooler=False):
     if cased is not None and cased == _lowercases(tokenizer):
         raise UsageError(f"--cased {'given' if cased else 'not given'}, but the pretraining run "
                          f"{'lowercased' if _lowercases(tokenizer) else 'kept case'}")
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # the off-ramps are new by design: checked below, not reported as missing
     try:
         config = _multi_exit_config(TupeBertConfig.from_pretrained(weights), num_labels, shared_pooler, backend)
         model, info = TupeBertForSequenceClassification.from_pretrained(weights, config=config,
                                                                         output_loading_info=True)
     except Exception as exc:  # a cut or foreign weights file, a config that fails its checks: one line
         raise UsageError(f"--init: {_one_line(exc)}") from None
+    finally:
+        hf_logging.set_verbosity(verbosity)
     missing = [k for k in info["missing_keys"] if not k.startswith("exits.")]
     unexpected = [k for k in info["unexpected_keys"] if not k.startswith(("mlm_head.", "notes."))]
     if missing or unexpected or info.get("mismatched_keys") or info.get("error_msgs"):
@@ -311,6 +324,41 @@ def _from_pretrain(path, num_labels, backend, cased, shared_pooler=False):
                          f"unexpected {unexpected[:5]}, mismatched {list(info.get('mismatched_keys') or [])[:5]}")
     model.init_exit_poolers(model.exits[-1].pooler.state_dict())  # no pooler in pretraining: one fresh one for all
     return model.train(), tokenizer, not _lowercases(tokenizer)
+
+
+def _from_legacy_pretrain(path, num_labels, backend, cased, shared_pooler):
+    """The folder of an earlier ``effbert pretrain`` (``config.json``, ``vocab.txt``, ``pretrain.json`` and the
+    final ``model.pt`` or the latest ``checkpoint-*.pt``), read with ``torch.load(..., weights_only=True)``."""
+    from ..models import TupeBertConfig, TupeBertForMaskedLM
+
+    try:
+        for name in (CONFIG_FILE, VOCAB_FILE, "pretrain.json"):
+            if not os.path.isfile(os.path.join(path, name)):
+                raise FileNotFoundError(f"{path!r} holds no {name}: not the folder of an effbert pretrain run")
+        with open(os.path.join(path, CONFIG_FILE), encoding="utf-8") as f:
+            config = TupeBertConfig.from_json(f.read())
+        with open(os.path.join(path, "pretrain.json"), encoding="utf-8") as f:
+            run_cased = bool(json.load(f).get("settings", {}).get("cased", False))
+        final = os.path.join(path, "model.pt")
+        if os.path.isfile(final):
+            state = torch.load(final, map_location="cpu", weights_only=True)  # never unpickle arbitrary objects
+        else:
+            ckpt = sorted(glob.glob(os.path.join(glob.escape(path), "checkpoint-*.pt")))[-1]
+            state = torch.load(ckpt, map_location="cpu", weights_only=True)
+            state = state.get("model") if isinstance(state, dict) else None
+            if not isinstance(state, dict):
+                raise ValueError(f"{ckpt!r} is not a checkpoint of effbert pretrain (no model state)")
+        config.tnf_num_notes = None
+        config.backend = backend
+        mlm = TupeBertForMaskedLM(config)
+        mlm.load_state_dict({k: v for k, v in state.items() if not k.startswith("notes.")})
+    except Exception as exc:  # a cut, tampered or foreign file: one line
+        raise UsageError(f"--init: {_one_line(exc)}") from None
+    if cased is not None and cased != run_cased:
+        raise UsageError(f"--cased {'given' if cased else 'not given'}, but the pretraining run "
+                         f"{'kept case' if run_cased else 'lowercased'}")
+    tokenizer = _tokenizer(path, "--init", run_cased)
+    return _classifier_from(mlm.bert, mlm.config, num_labels, shared_pooler=shared_pooler), tokenizer, run_cased
 
 
 def save_finetuned(out, model, tokenizer, labels, settings):
@@ -391,72 +439,6 @@ def _set_deebert_stage(model, stage):
             p.requires_grad_(not (frozen and any(p is q for q in last.parameters())))
 
 
-def _exit_trainer_class():
-    """``transformers.Trainer`` with the early-exit losses as its ``compute_loss`` and RomeBERT's gradient
-    regularization (two backward passes) as its ``training_step`` (built on first use: transformers is imported
-    late so that ``--help`` and argument errors stay fast)."""
-    from transformers import Trainer
-
-    class ExitTrainer(Trainer):
-        """``exit_loss``: a dict with ``loss`` ("romebert", "pabee", "deebert"), ``gamma``, ``temperature``,
-        ``ge``, ``stage`` (DeeBERT), ``regression``, ``grad_reg``, ``project``, ``backend``."""
-
-        def __init__(self, *args, exit_loss, **kwargs):
-            super().__init__(*args, **kwargs)
-            self.exit_loss = exit_loss
-            self.projected = None  # steps on which the gradient projection acted (a device tensor, no sync)
-
-        def _losses(self, model, inputs):
-            """``(loss, last exit's loss)`` of one batch: the chosen early-exit loss over every exit's logits."""
-            from ..losses import deebert_loss, multi_exit_distillation_loss, pabee_loss
-
-            e = self.exit_loss
-            inputs = dict(inputs)
-            labels = inputs.pop("labels")
-            z = model(**inputs).exit_logits.float()
-            if e["loss"] == "deebert":
-                loss = deebert_loss(z, labels, e["stage"], gradient_equilibrium=e["ge"])
-            elif e["loss"] == "pabee" or e["regression"]:  # a regression head: PABEE's layer-weighted MSE
-                loss = pabee_loss(z, labels, gradient_equilibrium=e["ge"])
-            else:
-                loss = multi_exit_distillation_loss(z, labels, gamma=e["gamma"], temperature=e["temperature"],
-                                                    gradient_equilibrium=e["ge"], backend=e["backend"])
-            return loss, z, labels
-
-        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            loss, z, _ = self._losses(model, inputs)
-            return (loss, {"logits": z[-1], "exit_logits": z}) if return_outputs else loss
-
-        def training_step(self, model, inputs, num_items_in_batch=None):
-            if not self.exit_loss["grad_reg"]:
-                return super().training_step(model, inputs, num_items_in_batch)
-            from ..losses import gradient_regularized_backward, romebert_projected_parameters
-
-            model.train()
-            inputs = self._prepare_inputs(inputs)
-            with self.compute_loss_context_manager():
-                loss, z, labels = self._losses(model, inputs)
-                # the teacher is detached, so the last exit's only term is its cross-entropy: the rest is the
-                # others' (gradient equilibrium scales the last exit by 1: its cross-entropy is the same either way)
-                final = torch.nn.functional.cross_entropy(z[-1], labels)
-            # as Trainer does: the mean over the accumulated micro-batches, and fp16's loss scale (the projection
-            # coefficient is the same for any common factor of both sides)
-            scale = 1.0 / self.current_gradient_accumulation_steps
-            final, other = final * scale, (loss - final) * scale
-            scaler = getattr(self.accelerator, "scaler", None)
-            if scaler is not None:
-                final, other = scaler.scale(final), scaler.scale(other)
-            inner = self.accelerator.unwrap_model(model)
-            params = [p for p in inner.parameters() if p.requires_grad]
-            did = gradient_regularized_backward(final, other, params,
-                                                romebert_projected_parameters(inner.bert.encoder),
-                                                project=self.exit_loss["project"])
-            self.projected = did.long() if self.projected is None else self.projected + did.long()
-            return (loss * scale).detach()
-
-    return ExitTrainer
-
-
 def _callbacks(a, log):
     """The summary line every ``--log-every`` steps and the NaN stop, as a ``TrainerCallback`` (Trainer logs every
     step: its log history holds each step's loss, also across a resume)."""
@@ -493,6 +475,10 @@ def _quiet_progress_class():
     return Bar
 
 
+def _main_process():
+    return int(os.environ.get("RANK", "0")) == 0  # torchrun sets RANK
+
+
 def _show_progress(a):
     # a progress bar only on a terminal: a log file gets the periodic lines, never carriage returns
     return not a.quiet and sys.stderr.isatty()
@@ -513,23 +499,27 @@ def _training_args(a, output_dir, device, stage):
             num_train_epochs=a.epochs, max_steps=a.steps if a.steps is not None else -1,
             seed=a.seed + stage - 1, data_seed=a.seed + stage - 1, fp16=a.fp16, bf16=a.bf16,
             use_cpu=device.type == "cpu", logging_strategy="steps", logging_steps=1,
+            logging_nan_inf_filter=False,  # a NaN loss must reach the log, which stops the run
             save_strategy="steps" if save else "no", save_steps=a.save_steps if save else 500,
             save_total_limit=a.save_total_limit, report_to="none", disable_tqdm=not _show_progress(a),
-            remove_unused_columns=False, dataloader_drop_last=False)
+            remove_unused_columns=False, dataloader_drop_last=False,
+            # DeeBERT's stage 1 leaves the lower off-ramps without a gradient; the other losses use every weight
+            ddp_find_unused_parameters=a.loss == "deebert")
     except (ValueError, ImportError) as exc:  # e.g. --fp16 without a GPU: TrainingArguments says why
         raise UsageError(_one_line(exc)) from None
 
 
 def train(a, model, tokenizer, train_ds, device, backend, log):
     """Fine-tunes ``model`` in place through ``transformers.Trainer``; DeeBERT's loss runs its two stages,
-    ``a.steps`` (or epochs) each. Returns ``(model in eval mode, every optimizer step's loss)``."""
+    ``a.steps`` (or epochs) each. Returns ``(model in eval mode, every optimizer step's loss, the last Trainer)``."""
     from transformers import DataCollatorWithPadding
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    from ..training import MultiExitTrainer
 
     stages = [1, 2] if a.loss == "deebert" else [1]
     root = os.path.join(a.out, CHECKPOINTS)
     losses = []
-    ExitTrainer = _exit_trainer_class()
     for stage in stages:
         folder = root if a.loss != "deebert" else os.path.join(root, f"stage-{stage}")
         if a.loss == "deebert":
@@ -545,12 +535,12 @@ def train(a, model, tokenizer, train_ds, device, backend, log):
                 log("  (stage 1 finished before the resume)")
                 continue
         resume = _latest_checkpoint(folder) if a.resume else None
-        exit_loss = dict(loss=a.loss, gamma=a.gamma, temperature=a.temperature, ge=a.ge, stage=stage,
-                         regression=a.regression, grad_reg=a.grad_reg, project=a.project, backend=backend)
         lines = _callbacks(a, log)
-        trainer = ExitTrainer(model=model, args=_training_args(a, folder, device, stage), train_dataset=train_ds,
-                              data_collator=DataCollatorWithPadding(tokenizer), processing_class=tokenizer,
-                              callbacks=[lines], exit_loss=exit_loss)
+        trainer = MultiExitTrainer(
+            model=model, args=_training_args(a, folder, device, stage), train_dataset=train_ds,
+            data_collator=DataCollatorWithPadding(tokenizer), processing_class=tokenizer, callbacks=[lines],
+            loss=a.loss, gamma=a.gamma, temperature=a.temperature, gradient_equilibrium=a.ge, stage=stage,
+            grad_reg=a.grad_reg, project=a.project)
         trainer.remove_callback(PrinterCallback)
         if trainer.pop_callback(ProgressCallback) is not None:
             trainer.add_callback(_quiet_progress_class())
@@ -562,12 +552,12 @@ def train(a, model, tokenizer, train_ds, device, backend, log):
         if a.regression and a.loss == "romebert":
             what = "pabee's mean squared error (a regression head)"
         if trainer.is_world_process_zero():
-            log(f"fine-tuning {model.config.num_hidden_layers} off-ramps, "
-                + ("a regression head" if a.regression else f"{model.config.num_labels} labels")
-                + f", {count} examples: {steps} steps of {a.batch_size * a.grad_accum * trainer.args.world_size} "
-                f"({steps * a.grad_accum / per_epoch:.2f} epochs), loss {what}" + (", gradient equilibrium" if a.ge
-                                                                                   else "")
-                + f", backend {backend}" + (f", resumed from {resume}" if resume else ""))
+            head = "a regression head" if a.regression else f"{model.config.num_labels} labels"
+            batch = a.batch_size * a.grad_accum * trainer.args.world_size  # examples an optimizer step
+            log(f"fine-tuning {model.config.num_hidden_layers} off-ramps, {head}, {count} examples: {steps} steps "
+                f"of {batch} ({steps * a.grad_accum / per_epoch:.2f} epochs), loss {what}"
+                + (", gradient equilibrium" if a.ge else "") + f", backend {backend}"
+                + (f", resumed from {resume}" if resume else ""))
         t0 = time.perf_counter()
         trainer.train(resume_from_checkpoint=resume)
         if lines.bad is not None:
@@ -809,7 +799,9 @@ def _check_args(a):
              "--grad-reg runs on one process: its two backward passes bypass data-parallel gradient averaging")
     _fail_if(a.backend is not None and a.backend not in ("auto",) + BACKENDS,
              f"--backend must be one of {('auto',) + BACKENDS}, got {a.backend!r}")
-    check_backend(a.backend, parse_device(a.device))
+    device = parse_device(a.device)
+    check_backend(a.backend, device)
+    _fail_if(a.fp16 and device.type != "cuda", "--fp16 needs a CUDA device (--bf16 runs on a CPU)")
     _check_out(a)
 
 
@@ -823,6 +815,8 @@ def _check_out(a):
     """``--out`` is refused before any work when it is the model's source or holds what this command would
     overwrite (a pretraining run, an earlier fine-tuning run without --overwrite, a file of the same name)."""
     check_out_dir(a.out)
+    if not _main_process():  # under torchrun the first process checks (and later writes) --out
+        return
     source = a.init if a.init is not None else a.hf
     if source is not None and os.path.isdir(source) and os.path.isdir(a.out) \
             and os.path.samefile(source, a.out):
@@ -856,6 +850,16 @@ def run(a, log):
     if device.type == "cuda" and device.index is not None and "LOCAL_RANK" not in os.environ:
         torch.cuda.set_device(device)  # Trainer trains on the current CUDA device
     backend = a.backend if a.backend not in (None, "auto") else _default_backend(device)
+    from ..integrations.hf import _transformers
+
+    try:
+        transformers = _transformers()
+        import datasets
+    except ImportError as exc:  # regular dependencies, but an install can lack them: the message says how
+        raise UsageError(" ".join(str(exc).split())) from None
+    if not _show_progress(a):  # nor the libraries' bars (loading weights, tokenizing, saving)
+        datasets.disable_progress_bars()
+        transformers.utils.logging.disable_progress_bar()
     torch.manual_seed(a.seed)
     train_names, train_texts = read_tsv(a.train, "--train")
     if a.regression:  # numeric labels: no classes to check
@@ -885,12 +889,6 @@ def run(a, log):
              f"than the model's vocab_size {model.config.vocab_size}")
     max_len = min(a.max_len, model.config.max_position_embeddings)
     model.set_backend(backend)
-    if not _show_progress(a):
-        import datasets
-        import transformers
-
-        datasets.disable_progress_bars()
-        transformers.utils.logging.disable_progress_bar()
     _training_args(a, os.path.join(a.out, CHECKPOINTS), device, 1)  # its mistakes (e.g. --fp16 on a CPU) first
     y = targets if a.regression else torch.tensor([index[n] for n in train_names], dtype=torch.int64)
     train_ds = _dataset(tokenizer, train_texts, y, max_len)
@@ -898,10 +896,9 @@ def run(a, log):
                 "grad_reg": a.grad_reg, "project": a.project, "ge": a.ge, "shared_pooler": a.shared_pooler,
                 "regression": a.regression, "batch_size": a.batch_size, "grad_accum": a.grad_accum, "lr": a.lr,
                 "seed": a.seed, "init": a.init, "hf": a.hf, "train": a.train}
-    main_process = int(os.environ.get("RANK", "0")) == 0
-    if not main_process:  # under torchrun one process speaks and writes
+    if not _main_process():  # under torchrun one process speaks and writes
         log = lambda msg: None  # noqa: E731
-    if main_process:
+    else:
         if a.overwrite and not a.resume:  # the earlier run's checkpoints (--out holds a finetune run: checked)
             shutil.rmtree(os.path.join(a.out, CHECKPOINTS), ignore_errors=True)
         os.makedirs(a.out, exist_ok=True)

@@ -104,7 +104,11 @@ class DataCollatorForTupeMLM:
         if key not in feature:
             raise ValueError(f"features[{i}] has no {key!r}")
         value = feature[key]
-        t = value.to(torch.int64) if isinstance(value, torch.Tensor) else torch.as_tensor(np.asarray(value, np.int64))
+        try:
+            t = value.to(torch.int64) if isinstance(value, torch.Tensor) else torch.as_tensor(
+                np.asarray(value, np.int64))
+        except (TypeError, ValueError, OverflowError):
+            raise ValueError(f"features[{i}][{key!r}] must be a list of ints, got {type(value).__name__}") from None
         if t.dim() != 1:
             raise ValueError(f"features[{i}][{key!r}] must be 1-D, got shape {tuple(t.shape)}")
         return t
@@ -131,8 +135,10 @@ class DataCollatorForTupeMLM:
                     raise ValueError(f"features[{i}][{k!r}] has {r.numel()} entries, input_ids {t.numel()}")
         if "position_ids" in extra:
             for i, r in enumerate(extra["position_ids"]):
-                if int(r[0]) != 0 or int(r.min()) < 0:
-                    raise ValueError(f"features[{i}]['position_ids'] must start at 0 and be >= 0")
+                step_ok = (r[1:] == 0) | (r[1:] == r[:-1] + 1)
+                if int(r[0]) != 0 or not bool(step_ok.all()):
+                    raise ValueError(f"features[{i}]['position_ids'] must be 0, 1, 2, ... restarting at 0 at each "
+                                     "text's first token")
         lengths = torch.tensor([t.numel() for t in ids], dtype=torch.int64)
         N = int(lengths.max())
         if self.pad_to_multiple_of:

@@ -12,6 +12,8 @@ paragraph) a line, a blank line between documents. Three formats of examples:
   ``break_mode="complete_doc"``): each document's lines are concatenated into texts ``[CLS] ... [SEP]`` of at most
   ``max_length`` pieces, whole lines at a time; a text never spans two documents; a line longer than a text is cut
   at a word start. Columns: ``input_ids``.
+- ``"lines"``: a text ``[CLS] line [SEP]`` per non-blank line (a line longer than ``max_length`` is cut at word
+  starts into several): sentence-level data, and the real length distribution of a one-sentence-a-line corpus.
 - ``"nsp"``: BERT's sentence pairs ``[CLS] A [SEP] B [SEP]`` with ``next_sentence_label`` (0 = B follows A in the
   document, 1 = B comes from another document), ``create_instances_from_document`` of google-research/bert.
 - ``"sop"``: ALBERT's sentence-order pairs with ``sentence_order_label`` (0 = A then B as in the document, 1 =
@@ -43,7 +45,7 @@ __all__ = ["MAX_LINE_BYTES", "FORMATS", "check_text_file", "load_corpus", "count
 # A line is a sentence or a paragraph; 1 MiB is already ~150,000 words. Longer lines mean a file that is not text
 # in this format (a dump without newlines, minified data), and one such line would be held whole in memory.
 MAX_LINE_BYTES = 1 << 20
-FORMATS = ("documents", "nsp", "sop")
+FORMATS = ("documents", "lines", "nsp", "sop")
 _CHUNK = 1 << 24
 
 
@@ -144,22 +146,44 @@ def _documents_of(lines, encoded):
     return docs
 
 
-class _Texts:
-    """The batched ``datasets.map`` function of ``format="documents"`` (a class so ``datasets`` can fingerprint it
-    for the cache)."""
+class _Encoder:
+    """The tokenizer's ``tokenizers.Tokenizer`` without truncation or padding (a fast tokenizer keeps whatever a
+    previous call with ``truncation=True`` set), called directly: the batch call of ``transformers`` adds about a
+    third to the time for dictionaries this never reads."""
 
-    def __init__(self, tokenizer, max_length):
-        self.tokenizer = tokenizer
+    def __init__(self, tokenizer):
+        from tokenizers import Tokenizer
+
+        self.backend = Tokenizer.from_str(tokenizer.backend_tokenizer.to_str())
+        self.backend.no_truncation()
+        self.backend.no_padding()
+
+    def __call__(self, lines):
+        return [e.ids for e in self.backend.encode_batch(lines, add_special_tokens=False)]
+
+
+class _Texts:
+    """The batched ``datasets.map`` function of ``format="documents"`` and ``"lines"`` (a class so ``datasets`` can
+    fingerprint it for the cache)."""
+
+    def __init__(self, tokenizer, max_length, per_line=False):
+        self.encode = _Encoder(tokenizer)
         self.max_length = max_length
+        self.per_line = per_line
         self.cont = _continuation(tokenizer)
         self.cls, self.sep = tokenizer.cls_token_id, tokenizer.sep_token_id
 
     def __call__(self, batch):
         lines = batch["text"]
-        encoded = self.tokenizer(lines, add_special_tokens=False, return_attention_mask=False,
-                                 return_token_type_ids=False)["input_ids"]
+        encoded = self.encode(lines)
         budget = self.max_length - 2
         out = []
+        if self.per_line:  # format="lines": a text per line, a longer line cut before word starts
+            for ids in encoded:
+                if ids:
+                    parts, ids = _cut(ids, budget, self.cont)
+                    out.extend([self.cls] + p + [self.sep] for p in parts + [ids])
+            return {"input_ids": out}
         for doc in _documents_of(lines, encoded):
             cur = []
             for ids in doc:
@@ -181,7 +205,7 @@ class _Pairs:
     google-research/bert (``nsp``) and google-research/albert (``sop``), on the documents of one batch."""
 
     def __init__(self, tokenizer, max_length, fmt, seed, short_seq_prob):
-        self.tokenizer = tokenizer
+        self.encode = _Encoder(tokenizer)
         self.max_length = max_length
         self.fmt = fmt
         self.seed = seed
@@ -190,8 +214,7 @@ class _Pairs:
 
     def __call__(self, batch, indices):
         lines = batch["text"]
-        encoded = self.tokenizer(lines, add_special_tokens=False, return_attention_mask=False,
-                                 return_token_type_ids=False)["input_ids"]
+        encoded = self.encode(lines)
         docs = _documents_of(lines, encoded)
         rng = random.Random(f"{self.seed}:{indices[0] if len(indices) else 0}")
         label = "next_sentence_label" if self.fmt == "nsp" else "sentence_order_label"
@@ -256,7 +279,8 @@ def load_corpus(paths, tokenizer, max_length, *, format="documents", num_proc=No
 
     ``paths``: a path or a list of paths to UTF-8 text (one sentence or paragraph a line, blank lines between
     documents); ``tokenizer``: a ``BertTokenizerFast`` (``load_tokenizer`` / ``train_wordpiece``); ``max_length``:
-    the most pieces of a text, [CLS] and [SEP] included (>= 4 for the pair formats, >= 3 otherwise);
+    the most pieces of a text, [CLS] and [SEP] included (>= 4 for the pair formats, >= 3 otherwise); ``format``:
+    ``"documents"``, ``"lines"``, ``"nsp"`` or ``"sop"``;
     ``num_proc``: processes for tokenization (None = this process); ``cache_dir``: where ``datasets`` keeps the
     Arrow files (None = its default, ``~/.cache/huggingface/datasets``); a second call with the same files,
     tokenizer and arguments reuses them; ``seed``: the pair formats' random draws; ``short_seq_prob``: the pair
@@ -274,7 +298,7 @@ def load_corpus(paths, tokenizer, max_length, *, format="documents", num_proc=No
     check_tokenizer(tokenizer)
     if format not in FORMATS:
         raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
-    _check_int("max_length", max_length, 3 if format == "documents" else 4)
+    _check_int("max_length", max_length, 3 if format in ("documents", "lines") else 4)
     _check_int("num_proc", num_proc, 1, allow_none=True)
     _check_int("seed", seed, 0)
     _check_int("batch_size", batch_size, 1)
@@ -286,8 +310,8 @@ def load_corpus(paths, tokenizer, max_length, *, format="documents", num_proc=No
         check_text_file(p)
     cache_dir = None if cache_dir is None else os.fspath(cache_dir)
     raw = datasets.load_dataset("text", data_files={"train": paths}, split="train", cache_dir=cache_dir)
-    if format == "documents":
-        fn, with_indices = _Texts(tokenizer, max_length), False
+    if format in ("documents", "lines"):
+        fn, with_indices = _Texts(tokenizer, max_length, per_line=format == "lines"), False
         features = datasets.Features({"input_ids": datasets.Sequence(datasets.Value("int32"))})
     else:
         fn, with_indices = _Pairs(tokenizer, max_length, format, seed, float(short_seq_prob)), True

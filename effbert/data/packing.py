@@ -9,17 +9,18 @@ of ``window`` consecutive texts are taken longest first, and each goes into the 
 smallest that still holds it, or a new row. Texts never move between windows, so memory is one window, and the
 order of texts is kept up to the window.
 
-    packed = pack(ds, max_length=512)         # packed.dataset, packed.fill_rate (log it)
-    rows, fill = pack_lengths(lengths, 512)   # the same algorithm on bare lengths (benchmarks)
+    packed = pack(ds, max_length=512)                      # packed.dataset, packed.fill_rate (log it)
+    rows, fill = pack_lengths(text_lengths(ds), 512)       # the same algorithm on bare lengths (benchmarks)
 """
 
 import bisect
+import heapq
 import numbers
 from typing import NamedTuple
 
 import numpy as np
 
-__all__ = ["pack_lengths", "pack", "Packed"]
+__all__ = ["pack_lengths", "pack", "Packed", "text_lengths"]
 
 
 def _check_int(name, value, low):
@@ -28,22 +29,33 @@ def _check_int(name, value, low):
 
 
 def _best_fit_decreasing(lengths, max_length):
-    """Rows (lists of indices into ``lengths``) of one window, best-fit decreasing."""
+    """Rows (lists of indices into ``lengths``) of one window, best-fit decreasing; among rows with equally little
+    room the oldest. Open rows are kept in buckets by free room (at most ``max_length`` of them), so a text costs
+    a binary search over the room values, not a pass over the rows."""
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])  # stable: equal lengths keep their order
     rows = []
-    free = []  # sorted (free space, row index) of the rows that still have room
+    rooms = []  # sorted room values that have open rows
+    bucket = {}  # room -> heap of row indices
     for i in order:
         n = lengths[i]
-        at = bisect.bisect_left(free, (n, -1))
-        if at == len(free):
+        at = bisect.bisect_left(rooms, n)
+        if at == len(rooms):
             rows.append([i])
-            room, r = max_length - n, len(rows) - 1
+            r, room = len(rows) - 1, max_length - n
         else:
-            room, r = free.pop(at)
+            room = rooms[at]
+            heap = bucket[room]
+            r = heapq.heappop(heap)
+            if not heap:
+                del bucket[room]
+                rooms.pop(at)
             rows[r].append(i)
             room -= n
         if room > 0:
-            bisect.insort(free, (room, r))
+            if room not in bucket:
+                bucket[room] = []
+                bisect.insort(rooms, room)
+            heapq.heappush(bucket[room], r)
     return rows
 
 
@@ -87,26 +99,35 @@ class Packed(NamedTuple):
 
 
 class _Pack:
-    """The batched ``datasets.map`` function of ``pack`` (a class so ``datasets`` can fingerprint it)."""
+    """The batched ``datasets.map`` function of ``pack`` on Arrow batches (a class so ``datasets`` can fingerprint
+    it): the rows are gathered with numpy, not built token by token in Python."""
 
-    def __init__(self, max_length):
+    def __init__(self, max_length, pos_type):
         self.max_length = max_length
+        self.pos_type = pos_type
 
-    def __call__(self, batch):
-        texts = batch["input_ids"]
-        lengths = [len(t) for t in texts]
-        bad = [n for n in lengths if not 1 <= n <= self.max_length]
-        if bad:
-            raise ValueError(f"every text must hold 1 to max_length = {self.max_length} tokens, got one of {bad[0]}")
-        out_ids, out_pos = [], []
-        for row in _best_fit_decreasing(lengths, self.max_length):
-            ids, pos = [], []
-            for i in row:
-                ids.extend(texts[i])
-                pos.extend(range(lengths[i]))
-            out_ids.append(ids)
-            out_pos.append(pos)
-        return {"input_ids": out_ids, "position_ids": out_pos}
+    def __call__(self, table):
+        import pyarrow as pa
+        import pyarrow.compute as pc
+
+        col = table.column("input_ids")
+        lengths = pc.list_value_length(col).to_numpy(zero_copy_only=False).astype(np.int64)
+        values = pc.list_flatten(col).to_numpy(zero_copy_only=False)
+        if lengths.size and (lengths.min() < 1 or lengths.max() > self.max_length):
+            raise ValueError(f"every text must hold 1 to max_length = {self.max_length} tokens")
+        starts = np.cumsum(lengths) - lengths
+        rows = _best_fit_decreasing(lengths.tolist(), self.max_length)
+        order = np.fromiter((i for row in rows for i in row), dtype=np.int64, count=lengths.size)
+        n = lengths[order]
+        first = np.cumsum(n) - n  # where each placed text begins in the output
+        within = np.arange(int(n.sum()), dtype=np.int64) - np.repeat(first, n)
+        ids = values[np.repeat(starts[order], n) + within]
+        row_tokens = np.add.reduceat(n, np.cumsum([0] + [len(r) for r in rows[:-1]])) if rows else n[:0]
+        offsets = pa.array(np.concatenate([[0], np.cumsum(row_tokens)]).astype(np.int32))
+        return pa.table({
+            "input_ids": pa.ListArray.from_arrays(offsets, pa.array(ids.astype(np.int32))),
+            "position_ids": pa.ListArray.from_arrays(offsets, pa.array(within.astype(self.pos_type))),
+        })
 
 
 def _lengths(ds):
@@ -116,9 +137,25 @@ def _lengths(ds):
     return pc.list_value_length(ds.data.column("input_ids"))
 
 
+def text_lengths(dataset):
+    """The tokens of each row of ``dataset`` (a ``datasets.Dataset`` with ``input_ids``, e.g. ``load_corpus``'s
+    texts: real sentence and paragraph lengths for ``pack_lengths``), as an int64 numpy array ``[rows]``, read from
+    the Arrow offsets without touching the ids. Honours ``select`` / ``shuffle`` / ``train_test_split`` views."""
+    import datasets
+
+    if not isinstance(dataset, datasets.Dataset):
+        raise TypeError(f"dataset must be a datasets.Dataset, got {type(dataset).__name__}")
+    if "input_ids" not in dataset.column_names:
+        raise ValueError(f"dataset must have an input_ids column, got columns {dataset.column_names}")
+    lengths = np.asarray(_lengths(dataset).to_numpy(zero_copy_only=False), dtype=np.int64)
+    if dataset._indices is not None:  # a view (select, shuffle): its rows through the index mapping
+        lengths = lengths[dataset._indices.column(0).to_numpy()]
+    return lengths
+
+
 def pack(dataset, max_length, *, window=1000, num_proc=None):
     """Pack the texts of ``dataset`` (a ``datasets.Dataset`` with an ``input_ids`` column of texts of 1 to
-    ``max_length`` tokens, as ``load_corpus(format="documents")`` gives) into rows of up to ``max_length`` tokens,
+    ``max_length`` tokens, as ``load_corpus(format="documents" | "lines")`` gives) into rows of up to ``max_length`` tokens,
     best-fit decreasing over windows of ``window`` texts (one ``datasets.map`` batch; ``num_proc`` processes).
 
     Returns ``Packed(dataset, fill_rate, unpacked_fill_rate, rows, texts, tokens)``; ``dataset`` has ``input_ids``
@@ -139,20 +176,19 @@ def pack(dataset, max_length, *, window=1000, num_proc=None):
     if other:
         raise ValueError(f"dataset must hold texts only (input_ids) to be packed, got also {other} (sentence pairs "
                          "keep one text a row)")
-    import pyarrow.compute as pc
-
     texts = len(dataset)
     if texts == 0:
         raise ValueError("dataset holds no texts")
-    lengths = _lengths(dataset)
-    tokens = int(pc.sum(lengths).as_py())
-    shortest, longest = pc.min_max(lengths).values()
-    if shortest.as_py() < 1 or longest.as_py() > max_length:
+    lengths = text_lengths(dataset)
+    tokens = int(lengths.sum())
+    if lengths.min() < 1 or lengths.max() > max_length:
         raise ValueError(f"every text must hold 1 to max_length = {max_length} tokens, got one of "
-                         f"{shortest.as_py() if shortest.as_py() < 1 else longest.as_py()}")
+                         f"{int(lengths.min()) if lengths.min() < 1 else int(lengths.max())}")
+    pos_type = np.int16 if max_length <= 2**15 else np.int32
     features = datasets.Features({"input_ids": datasets.Sequence(datasets.Value("int32")),
-                                  "position_ids": datasets.Sequence(datasets.Value("int16" if max_length <= 2**15 else "int32"))})
-    packed = dataset.map(_Pack(max_length), batched=True, batch_size=window, features=features, num_proc=num_proc,
-                         desc="packing")
+                                  "position_ids": datasets.Sequence(datasets.Value(np.dtype(pos_type).name))})
+    packed = dataset.with_format("arrow").map(_Pack(max_length, pos_type), batched=True, batch_size=window,
+                                              features=features, num_proc=num_proc, desc="packing")
+    packed = packed.with_format(None)
     rows = len(packed)
     return Packed(packed, tokens / (rows * max_length), tokens / (texts * max_length), rows, texts, tokens)
