@@ -200,3 +200,80 @@ def test_cpu_inference_cases_compare_the_models_and_report_layers_saved():
             assert "average exit" in case.note and 0 < case.flops
             avg = float(case.note.split("average exit ")[1].split(" ")[0])
             assert avg <= 6.0 + 1e-9
+
+
+def _case(op, shape, provider="p"):
+    import torch
+
+    from effbert.bench.case import Case
+
+    return Case(op=op, shape=shape, dtype="bfloat16", mode="forward", provider=provider, fn=torch.zeros,
+                make_inputs=tuple, reference=torch.zeros, bytes=1, flops=0)
+
+
+def test_headline_takes_one_shape_per_op_family_and_rest_the_others():
+    """--headline: every provider of one BERT-base shape per headline op, the most wanted op first; --rest: the
+    other cases; together every case once."""
+    cases = [_case("exit_entropy", "B=64,C=2"), _case("exit_entropy", "B=4096,C=30522"),
+             _case("tupe_attention", "B=32,N=512,H=12,D=64", "a"), _case("tupe_attention", "B=32,N=512,H=12,D=64", "b"),
+             _case("tupe_attention", "B=128,N=128,H=12,D=64"), _case("exit_decision", "R=64,C=2"),
+             _case("train_step_padding", "B=128,N=128,real=8192,L=12,Dm=768"),
+             _case("train_step_padding", "B=32,N=512,real=8192,L=12,Dm=768", "padded"),
+             _case("train_step_padding", "B=32,N=512,real=8192,L=12,Dm=768", "unpadded"),
+             _case("mc_sample_fused", "M=16384,V=30522,D=256,K=10")]
+    head = runner.select(cases, "headline")
+    assert [(c.op, c.shape, c.provider) for c in head] == [
+        ("train_step_padding", "B=32,N=512,real=8192,L=12,Dm=768", "padded"),
+        ("train_step_padding", "B=32,N=512,real=8192,L=12,Dm=768", "unpadded"),
+        ("tupe_attention", "B=32,N=512,H=12,D=64", "a"), ("tupe_attention", "B=32,N=512,H=12,D=64", "b"),
+        ("exit_entropy", "B=4096,C=30522", "p"),
+        ("mc_sample_fused", "M=16384,V=30522,D=256,K=10", "p")]  # no pattern: the op's first shape
+    rest = runner.select(cases, "rest")
+    assert sorted(map(id, head + rest)) == sorted(map(id, cases))
+    assert {c.op for c in rest} == {"exit_entropy", "tupe_attention", "exit_decision", "train_step_padding"}
+    assert runner.select(cases, "all") == cases
+    with pytest.raises(ValueError, match="which"):
+        runner.select(cases, "most")
+
+
+def test_speedups_compare_throughput_and_a_ratio_target_is_noted():
+    rows = [{"op": "o", "shape": "s", "dtype": "d", "mode": "m", "provider": "padded", "baseline": "padded",
+             "status": "ok", "ms": 10.0, "tokens_per_s": 100.0},
+            {"op": "o", "shape": "s", "dtype": "d", "mode": "m", "provider": "unpadded", "baseline": "padded",
+             "status": "ok", "ms": 5.5, "tokens_per_s": 100.0 * 10 / 5.5, "ratio_target": 0.6, "note": "n"},
+            {"op": "o", "shape": "s", "dtype": "d", "mode": "m", "provider": "packed", "baseline": "padded",
+             "status": "ok", "ms": 20.0, "tokens_per_s": 300.0}]  # twice the time, three times the tokens
+    runner.add_speedups(rows)
+    runner.add_speedups(rows)  # the runner calls it after every case: notes are not repeated
+    assert rows[1]["speedup_vs_baseline"] == pytest.approx(10 / 5.5)
+    assert rows[2]["speedup_vs_baseline"] == pytest.approx(3.0)
+    assert rows[1]["time_ratio"] == pytest.approx(0.55)
+    assert rows[1]["ratio_note"] == "time ratio unpadded/padded 0.55 (meets the target <= 0.6)"
+    assert runner._notes(rows[1]) == "n; time ratio unpadded/padded 0.55 (meets the target <= 0.6)"
+    rows[1]["ms"] = 7.0
+    runner.add_speedups(rows)
+    assert "0.70 (misses the target <= 0.6)" in rows[1]["ratio_note"]
+    assert "ratio_note" not in rows[0] and "ratio_note" not in rows[2]
+
+
+def test_a_run_stopped_midway_leaves_the_cases_it_measured(tmp_path, monkeypatch):
+    """bench.json and bench.md are rewritten after every case: a run stopped from outside (the GPU suite's time
+    limit) still leaves the rows it measured, marked incomplete."""
+    measured = []
+
+    def run_case(case, device, ceilings, quick):
+        if len(measured) == 2:
+            raise KeyboardInterrupt  # what a kill looks like to the run: nothing after this line happens
+        measured.append(case.key)
+        return {"op": case.op, "shape": case.shape, "dtype": case.dtype, "mode": case.mode, "key": case.key,
+                "provider": case.provider, "baseline": case.baseline, "status": "skipped", "reason": "stub"}
+
+    monkeypatch.setattr(bench_command, "run_case", run_case)
+    monkeypatch.setattr(bench_command, "measure_ceilings", lambda device, quick: {"launch_us": 1.0})
+    out = tmp_path / "cut"
+    with pytest.raises(KeyboardInterrupt):
+        bench_command.main(["--quick", "--no-progress", "--op", "exit_entropy", "--out", str(out)])
+    data = json.loads((out / "bench.json").read_text())
+    assert data["complete"] is False and [r["key"] for r in data["cases"]] == measured
+    assert "## exit_entropy" in (out / "bench.md").read_text()
+    assert not list(out.glob("*.tmp"))

@@ -24,6 +24,7 @@ class Case:
     check: bool = True  # compare against the reference before timing
     tokens: int = 0  # tokens one call processes: end-to-end cases also report tokens/s
     note: str = ""  # what the row measured beyond its shape (an early-exit threshold and the layers it saved)
+    ratio_target: float = 0.0  # when set, the note gives this row's time over its baseline's against this target
 
     @property
     def key(self):
