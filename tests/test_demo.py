@@ -1,5 +1,6 @@
 """``effbert demo --quick`` runs to the end through the command line: the loss is recorded, early exit ran at every
-threshold with sane numbers, and the plot is written where it says."""
+threshold with sane numbers, the plot is written where it says, and output that is not a terminal gets lines, not
+progress bars."""
 
 import importlib.util
 import math
@@ -13,8 +14,11 @@ from effbert.commands import demo
 
 def test_demo_quick_runs_to_the_end(tmp_path, capsys):
     assert cli.main(["demo", "--quick", "--out", str(tmp_path)]) == 0
-    text = capsys.readouterr().out
+    captured = capsys.readouterr()
+    text = captured.out
     assert "MLM loss" in text and "batched early exit" in text and "done in" in text
+    # stderr is not a terminal here: periodic lines, no progress bar's carriage returns
+    assert "\r" not in captured.out + captured.err and "  step " in text
     if importlib.util.find_spec("matplotlib") is None:
         pytest.skip("matplotlib is not installed: the plot is not written")
     png = tmp_path / "effbert-demo.png"

@@ -22,12 +22,42 @@ import torch
 
 from . import check_out_dir, parse_device, run_command
 from .pretrain import default_backend as _backend
-from .pretrain import mask_tokens
-from .pretrain import progress_bar as _progress
 
 SPECIALS = ["[PAD]", "[CLS]", "[SEP]", "[MASK]"]
 PAD, CLS, SEP, MASK = range(4)
 SUFFIXES = ["##a", "##e", "##o", "##s"]
+
+
+def mask_tokens(ids, lengths, gen, *, mask_id, maskable, prob=0.15):
+    """BERT's masking (Devlin et al. 2019): ``prob`` of the real maskable pieces become targets; 80% of those become
+    ``mask_id``, 10% a random maskable piece, 10% stay. ``maskable``: bool ``[V]`` (False for the special tokens).
+    Returns ``(masked ids, labels (-100 = no target), real-token mask)``."""
+    n = ids.shape[1]
+    real = torch.arange(n)[None] < lengths[:, None]
+    words = real & maskable[ids]
+    target = words & (torch.rand(ids.shape, generator=gen) < prob)
+    labels = torch.where(target, ids, torch.full_like(ids, -100))
+    r = torch.rand(ids.shape, generator=gen)
+    masked = ids.clone()
+    masked[target & (r < 0.8)] = mask_id
+    rand = target & (r >= 0.8) & (r < 0.9)
+    choices = torch.nonzero(maskable).squeeze(1)
+    masked[rand] = choices[torch.randint(0, choices.numel(), (int(rand.sum()),), generator=gen)]
+    return masked, labels, real
+
+
+def _progress(total, desc, quiet=False):
+    """A tqdm bar on stderr when stderr is a terminal, else None: callers print periodic lines instead (a log file
+    gets lines, never a bar's carriage returns)."""
+    try:
+        terminal = sys.stderr.isatty()
+    except (AttributeError, ValueError):
+        terminal = False
+    if quiet or not terminal:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, leave=True, dynamic_ncols=True)
 
 
 @dataclass
