@@ -75,8 +75,10 @@ def test_from_hf_bert_matches_transformers(head, backend, seeded):
     for left in (False, True):
         ids, types, mask = padded_batch(61, left=left)
         real = mask.bool()
+        # positions count from each row's first real token (transformers counts from slot 0 unless given them)
+        positions = (mask.cumsum(1) - 1).clamp_min(0)
         with torch.no_grad():
-            ref = ref_model(input_ids=ids, attention_mask=mask, token_type_ids=types)
+            ref = ref_model(input_ids=ids, attention_mask=mask, token_type_ids=types, position_ids=positions)
             out = model(ids, mask, types)
         if head == "BertModel":
             assert_close(out.last_hidden_state[real], ref.last_hidden_state[real], what="last hidden state")

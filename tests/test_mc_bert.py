@@ -372,6 +372,36 @@ def test_model_loss_and_metrics(seeded):
     assert torch.equal(again.loss, out.loss)
 
 
+def test_model_choice_metrics_by_hand(monkeypatch):
+    """The cloze part at the replaced tokens: the original (slot 1) against the other non-reject candidates, and
+    the chance level of a uniform pick among the distinct ones, worked out from the candidates and the scores."""
+    import effbert.models.mc_bert as mc
+
+    model = _tiny_model().eval()
+    ids, att, labels = _masked_batch()
+    g = torch.Generator().manual_seed(5)
+    real = int(att.sum())
+    draws = torch.randint(5, 40, (real, 10), generator=g)
+    draws[:, 3] = draws[:, 2]  # a repeated draw: one option, not two
+    monkeypatch.setattr(mc, "mc_sample_fused", lambda *args, **kw: draws.clone())
+    out = model(ids, att, labels=labels)
+    flat_real = att.reshape(-1).bool()
+    original = torch.where(labels != -100, labels, ids).reshape(-1)[flat_real]
+    masked = (ids == 4).reshape(-1)[flat_real]
+    new, cand, lab = mc.multi_choice_inputs(ids.reshape(-1)[flat_real], original, masked, draws, 4)
+    feats = model._candidate_features(out.last_hidden_state.reshape(-1, 36)[flat_real]).double()
+    words, bias = model.bert.embeddings.word_embeddings.weight.double(), model.mlm_head.bias.double()
+    hits, chances = [], []
+    for row in (lab == 1).nonzero().squeeze(1).tolist():
+        s = [float(feats[row] @ words[c] + bias[c]) for c in cand[row].tolist()]
+        hits.append(all(s[1] >= s[k] for k in range(2, 10)))
+        chances.append(1.0 / len(set(cand[row, 1:].tolist())))
+    assert len(hits) >= 4  # the [MASK] positions, the random replacement
+    assert abs(float(out.mc_choice_accuracy) - sum(hits) / len(hits)) < 1e-6
+    assert abs(float(out.mc_choice_chance) - sum(chances) / len(chances)) < 1e-6
+    assert float(out.mc_choice_chance) > 1 / 9  # the repeated draw leaves at most 8 options
+
+
 def test_model_kernel_backend_matches_eager_losses():
     model = _tiny_model(hidden=96)  # head dims 16 in both models: the fused attention's sizes
     ids, att, labels = _masked_batch(1)

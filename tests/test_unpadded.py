@@ -338,6 +338,10 @@ def test_offsets_checked_once_per_forward(monkeypatch):
     cu = torch.tensor([0, 2, 5], dtype=torch.int32)
     attn_ops.tupe_attention_varlen(q, q, q, cu, 3, backend="eager")
     assert len(calls) == 1
+    # unchecked bad offsets on the eager backend: an indexing error, never a read past q
+    with pytest.raises(IndexError):
+        attn_ops.tupe_attention_varlen(q, q, q, torch.tensor([0, 2, 9], dtype=torch.int32), 7, backend="eager",
+                                       check_offsets=False)
     with pytest.raises(TypeError, match="check_offsets must be a bool"):
         attn_ops.tupe_attention_varlen(q, q, q, cu, 3, backend="eager", check_offsets=1)
 

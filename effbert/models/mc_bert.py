@@ -18,12 +18,31 @@ As the published code does it:
   and the loss is ``mlm_loss + lambda * multi_choice_loss`` with both means (masked positions; real tokens) and
   ``lambda = 50`` (``--loss-lamda``).
 
+Checked against that code line by line, the same too: a draw equal to the original at a [MASK] position leaves
+the token unreplaced (label 0); draws may repeat each other, the original or the reject token, and are kept as
+they are (a repeat shares its score; the loss targets the labelled slot); the multi-choice loss counts every real
+token, [CLS] and [SEP] included (the published ``not_pad_tokens``); the controller's output bias is the main
+model's candidate bias itself (so the reject option's bias, which the multi-choice loss raises, also raises the
+controller's odds of drawing the reject token, as ``<neither>``'s does there); the draws and the input they make
+carry no gradient; the controller gets gradient from its masked-LM loss only. What the model does not fix, the
+caller chooses: the published task masks every one of its 15% targets with ``[MASK]`` (``--mask-prob 0.15``,
+``MaskTokensDataset2`` with no random or kept tokens; a random replacement here counts as replaced, as it would
+there) and trains with Adam (0.9, 0.98), eps 1e-6, weight decay 0.01, peak learning rate 1e-4 after 10,000
+warm-up steps, no gradient clipping, 256 sequences of 512 tokens a step.
+
 Deviations, each for a reason: the reject option is the ``[MASK]`` row of the word embeddings, where the published
-code adds a ``<neither>`` token to the dictionary (after replacement the main model never sees ``[MASK]`` in its
-input, so the row is free, and vocabularies stay as they are; ``reject_token_id`` chooses another row); draws are
+code adds a ``<neither>`` token to the dictionary (after replacement the main model sees ``[MASK]`` only where the
+controller drew it, as the published controller can draw ``<neither>``, so the row is nearly free, and vocabularies
+stay as they are; ``reject_token_id`` chooses another row); draws are
 made at the real tokens only, not at padding (the published code draws at padding too and never uses those); the
 controller's positions follow the main model's ``position_mode`` (TUPE-A/R or absolute) instead of fairseq's
-learned absolute positions.
+learned absolute positions; the candidate bias starts at 0 (it is the masked-LM head's bias, so the main model
+loads as a ``TupeBertForMaskedLM``), where the published ``nn.Embedding(V, 1)`` starts at normal(0, 0.02).
+
+Metrics (no gradient): ``mc_accuracy`` over real tokens (always choosing the reject option scores the unreplaced
+fraction), ``mc_replaced_accuracy`` at the replaced tokens (the published ``replace_acc``), and the cloze part
+alone there: ``mc_choice_accuracy`` (the original outscores the other non-reject candidates) beside its chance
+level ``mc_choice_chance`` (a uniform pick among the distinct non-reject candidates).
 """
 
 from dataclasses import dataclass
@@ -51,7 +70,11 @@ class MultiChoicePretrainingOutput(ModelOutput):
     mc_loss: Optional[torch.Tensor] = None  # the main model's multi-choice cross-entropy (mean over real tokens)
     mc_accuracy: Optional[torch.Tensor] = None  # fraction of real tokens whose highest-scored candidate is the label
     replaced_fraction: Optional[torch.Tensor] = None  # fraction of real tokens whose input differs from the original
-    mc_replaced_accuracy: Optional[torch.Tensor] = None  # accuracy at those tokens (chance 1/K)
+    mc_replaced_accuracy: Optional[torch.Tensor] = None  # accuracy at those tokens (reject counts as wrong there)
+    # at the replaced tokens, the cloze part alone: how often the original outscores the other non-reject
+    # candidates, and what a uniform pick among the distinct non-reject candidates would score (its chance level)
+    mc_choice_accuracy: Optional[torch.Tensor] = None
+    mc_choice_chance: Optional[torch.Tensor] = None
     last_hidden_state: Optional[torch.Tensor] = None  # the main model's [B, N, hidden] (what update_notes folds in)
 
 
@@ -80,6 +103,19 @@ def multi_choice_inputs(input_ids, original, masked, draws, reject_token_id):
     candidates[:, 1] = torch.where(replaced, original, draws[:, 1])
     candidates[:, 0] = reject_token_id
     return new_ids, candidates, replaced.long()
+
+
+def _choice_metrics(scores, candidates):
+    """At replaced rows (``scores``, ``candidates`` ``[R, K]``, the original in slot 1): the fraction whose slot 1
+    outscores slots 2..K-1 (ties to the lower slot, as ``argmax``), and the mean of ``1 / (distinct tokens in slots
+    1..K-1)``: the accuracy of a uniform pick among the distinct non-reject candidates. Both 0 for no rows."""
+    if scores.shape[0] == 0:
+        zero = scores.new_zeros(())
+        return zero, zero.clone()
+    accuracy = (scores[:, 1:].argmax(-1) == 0).float().mean()
+    rest = candidates[:, 1:].sort(-1).values
+    distinct = 1 + (rest[:, 1:] != rest[:, :-1]).sum(-1)
+    return accuracy, (1.0 / distinct.float()).mean()
 
 
 class _ProjectedEmbedding(nn.Module):
@@ -115,8 +151,8 @@ class _Controller(nn.Module):
         """The projection of the main model's word embeddings (``embed_linear`` of the published code)."""
         return self.bert.embeddings.word_embeddings.proj
 
-    def forward(self, input_ids, attention_mask, token_type_ids):
-        hidden = self.bert(input_ids, attention_mask, token_type_ids).last_hidden_state
+    def forward(self, input_ids, attention_mask, token_type_ids, position_ids=None):
+        hidden = self.bert(input_ids, attention_mask, token_type_ids, position_ids).last_hidden_state
         return self.layer_norm(self.act(self.dense(hidden)))
 
 
@@ -124,7 +160,8 @@ class TupeBertForMultiChoicePretraining(TupeBertForMaskedLM):
     """MC-BERT pretraining of a TUPE BERT (TUPE-A/R and TNF notes on the main model), with its meta controller
     inside (module ``controller``).
 
-    ``forward(input_ids, attention_mask=None, token_type_ids=None, labels=None, note_slots=None)``:
+    ``forward(input_ids, attention_mask=None, token_type_ids=None, labels=None, note_slots=None,
+    position_ids=None)`` (``position_ids``: several texts per row, as ``TupeBertModel``):
     ``input_ids [B, N]`` are the masked inputs (BERT's masking), ``labels [B, N]`` the original token at the masked
     positions and -100 elsewhere (as for ``TupeBertForMaskedLM``). Returns ``MultiChoicePretrainingOutput``.
     ``num_candidates`` K >= 2 (10 published), ``loss_lambda`` (50 published), ``mask_token_id`` (the positions the
@@ -170,7 +207,8 @@ class TupeBertForMultiChoicePretraining(TupeBertForMaskedLM):
         head = self.mlm_head
         return head.layer_norm(head.act(head.dense(hidden)))
 
-    def forward(self, input_ids, attention_mask=None, token_type_ids=None, labels=None, note_slots=None):
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None, labels=None, note_slots=None,
+                position_ids=None):
         if labels is None:
             raise ValueError("labels are needed: MC-BERT's controller trains on the masked positions' originals")
         _check_ids("labels", labels, None)
@@ -182,7 +220,7 @@ class TupeBertForMultiChoicePretraining(TupeBertForMaskedLM):
         original = torch.where(labels != -100, labels, input_ids).long()
 
         # the controller: MLM at the [MASK] positions (the published criterion's masked_tokens)
-        c_feat = self.controller(input_ids, attention_mask, token_type_ids)  # [B, N, Dc]
+        c_feat = self.controller(input_ids, attention_mask, token_type_ids, position_ids)  # [B, N, Dc]
         c_weight = self.controller_weight()  # [V, Dc]
         bias = self.mlm_head.bias
         masked = (input_ids == self.mask_token_id) & real
@@ -212,16 +250,15 @@ class TupeBertForMultiChoicePretraining(TupeBertForMaskedLM):
 
         # the main model on the controller's input
         bert = self.bert
-        hidden = bert.embed(new_ids, token_type_ids)
+        hidden, packing = bert.embed_packed(new_ids, attention_mask, token_type_ids, position_ids)  # real tokens
         if note_slots is not None:
             if self.notes is None:
                 raise ValueError("note_slots needs a model built with a note_dictionary")
             if not isinstance(note_slots, torch.Tensor) or tuple(note_slots.shape) != tuple(input_ids.shape):
                 raise ValueError(f"note_slots must be a [B, N] = {list(input_ids.shape)} tensor")
-            hidden = self.notes.mix(hidden, note_slots, backend=backend)
-        pos_bias = bert.position_bias(input_ids.shape[1])
-        hidden, _ = bert.encoder(hidden, pos_bias=pos_bias, attention_mask=mask)
-        feats = self._candidate_features(hidden.reshape(-1, hidden.shape[-1])[r_idx])
+            hidden = self.notes.mix(hidden[None], packing.gather(note_slots)[None], backend=backend)[0]
+        hidden, _ = bert.encode(hidden, packing)
+        feats = self._candidate_features(hidden)  # the packed real tokens, in r_idx's order
         words = bert.embeddings.word_embeddings.weight
         mc_loss = mc_candidate_loss(feats, words, bias, candidates, mc_labels, backend=backend)
         with torch.no_grad():
@@ -231,7 +268,9 @@ class TupeBertForMultiChoicePretraining(TupeBertForMaskedLM):
             replaced_frac = replaced.float().mean() if replaced.numel() else replaced.float().sum()
             hit = correct[replaced]
             replaced_acc = hit.mean() if hit.numel() else hit.sum()
+            choice_acc, choice_chance = _choice_metrics(scores[replaced], candidates[replaced])
         loss = mlm_loss + self.loss_lambda * mc_loss
         return MultiChoicePretrainingOutput(loss=loss, mlm_loss=mlm_loss.detach(), mc_loss=mc_loss.detach(),
                                             mc_accuracy=accuracy, replaced_fraction=replaced_frac,
-                                            mc_replaced_accuracy=replaced_acc, last_hidden_state=hidden)
+                                            mc_replaced_accuracy=replaced_acc, mc_choice_accuracy=choice_acc,
+                                            mc_choice_chance=choice_chance, last_hidden_state=packing.pad(hidden))

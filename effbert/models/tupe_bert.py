@@ -446,17 +446,19 @@ class TupeBertForMaskedLM(TupeBertPreTrainedModel):
     output_hidden_states=False, note_slots=None, return_logits=True, return_dict=None)`` -> ``MaskedLMOutput(loss,
     logits [B, N, vocab], hidden_states, last_hidden_state [B, N, hidden])``. The decoder is the word embedding
     matrix (tied). ``labels [B, N]``: -100 marks positions without a target, and a padded position has none
-    whatever its label (it has no hidden state); the loss is the mean over the others (0 when there are none). ``return_logits=False``
-    (training) runs the head at the labelled positions only and returns ``logits=None``: the same loss, a fraction
-    of the head's cost; ``last_hidden_state`` is then scattered back to ``[B, N, hidden]`` only when the model has
-    notes (TNF's update reads it) or ``output_hidden_states`` is set, else None. Full logits are 0 at padded slots.
-    ``position_ids`` packs several texts per row (see ``TupeBertModel``).
+    whatever its label (it has no hidden state); the loss is the mean over the others (0 when there are none).
+    ``return_logits=False`` (training) runs the head at the labelled positions only and returns ``logits=None``:
+    the same loss, a fraction of the head's cost; ``last_hidden_state`` is then scattered back to
+    ``[B, N, hidden]`` only when the model has notes (TNF's update reads it) or ``output_hidden_states`` is set,
+    else None. Full logits are 0 at padded slots. ``position_ids`` packs several texts per row (see
+    ``TupeBertModel``).
 
     TNF: with ``note_dictionary`` (a ``NoteDictionary`` of dim ``hidden_size``), ``note_slots [B, N]`` (from
-    ``effbert.data.tnf.RareWordTable.find``; -1 = not a rare word) mixes each rare word's note into the embeddings fed to
-    the first layer, and the training loop calls ``update_notes(out.last_hidden_state, spans, lengths,
-    position_ids=position_ids)`` after each step. The notes are buffers of the submodule ``notes``, so they travel in the state dict; the dictionary's sizes
-    are written into the config (``tnf_*``), so ``from_pretrained`` rebuilds it and loads the notes. Without
+    ``effbert.data.tnf.RareWordTable.find``; -1 = not a rare word) mixes each rare word's note into the embeddings
+    fed to the first layer, and the training loop calls ``update_notes(out.last_hidden_state, spans, lengths,
+    position_ids=position_ids)`` after each step. The notes are buffers of the submodule ``notes``, so they travel
+    in the state dict; the dictionary's sizes are written into the config (``tnf_*``), so ``from_pretrained``
+    rebuilds it and loads the notes. Without
     ``note_dictionary``, a config with ``tnf_num_notes`` set builds an empty one of that size.
     """
 

@@ -356,8 +356,9 @@ def tupe_attention_varlen(q, k, v, cu_seqlens, max_seqlen, pos_bias=None, *, sca
 
     ``check_offsets=False`` skips reading the offsets back: for a caller that built ``cu_seqlens`` itself and
     checked it once (a model checks its packing once per forward, not once per layer). Nothing reads out of bounds
-    then either: the Triton kernels bound every offset (a bad one empties its sequence), the eager backend indexes
-    with bounds-checked gathers and the CPU backend slices on the host.
+    then either: the Triton kernels bound every offset (a bad one empties its sequence), the CPU backend slices on
+    the host, and the eager reference checks anyway on a GPU (a bad gather index there would be a device assert)
+    and raises ``IndexError`` on a CPU.
 
     Raises ``ValueError``/``TypeError`` naming the argument for any bad input."""
     if not isinstance(check_offsets, bool):
@@ -369,7 +370,7 @@ def tupe_attention_varlen(q, k, v, cu_seqlens, max_seqlen, pos_bias=None, *, sca
                          if t is not None})
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     chosen = attention_backend(q, backend)
-    if chosen in ("eager", "cpu") and check_offsets:
+    if chosen in ("eager", "cpu") and (check_offsets or (chosen == "eager" and q.device.type != "cpu")):
         cu_seqlens = _checked_cu_seqlens(cu_seqlens, q.shape[0], max_seqlen)
     if chosen == "eager":
         return reference.tupe_attention_varlen(q, k, v, cu_seqlens, max_seqlen, pos_bias, scale=scale,
