@@ -129,10 +129,11 @@ class PretrainingTrainer(Trainer):
         loss = outputs["loss"] if isinstance(outputs, dict) else outputs[0]
         if loss is None:
             raise ValueError("the model returned no loss: the batch needs labels")
-        if model.training:
-            hidden = outputs.get("last_hidden_state") if isinstance(outputs, dict) else None
-            self._last_hidden = hidden.detach() if hidden is not None else None
-            self._record_metrics(core, outputs, multi_choice)
+        if not model.training:  # evaluation: the model's own mean over the batch
+            return (loss, outputs) if return_outputs else loss
+        hidden = outputs.get("last_hidden_state") if isinstance(outputs, dict) else None
+        self._last_hidden = hidden.detach() if hidden is not None else None
+        self._record_metrics(core, outputs, multi_choice)
         if multi_choice or num_items_in_batch is None:
             # the model's own means, averaged over the micro-batches of the step (and over ranks by DDP)
             loss = loss / self.current_gradient_accumulation_steps

@@ -207,7 +207,7 @@ def test_user_errors(tmp_path, files, capsys):
     _error(capsys, [*base, "--tnf-min-count", "50", "--tnf-max-count", "10"], "--tnf-min-count")
     _error(capsys, [*base, "--batch-size", "6", "--grad-accum", "4"], "--batch-size (6) must be a multiple")
     _error(capsys, [*base, "--vocab-size", "300"], "give --vocab or --vocab-size, not both")
-    _error(capsys, [*base, "--precision", "fp16"], "--precision fp16 needs --device cuda")
+    _error(capsys, [*base, "--fp16"], "--fp16 needs --device cuda")
     _error(capsys, [*base, "--resume"], "nothing to resume")
     _error(capsys, [*base, "--backend", "fastest"], "--backend must be auto or one of")
     _error(capsys, [*base, "--steps", "0"], "--steps must be >= 1")
@@ -275,10 +275,12 @@ def test_config_file_no_tnf_no_word_in_band_and_resume(tmp_path, files, capsys):
     base = ["--data", files["corpus"], "--vocab", files["tok"], "--cache-dir", files["cache"], "--out", str(out),
             "--backend", "eager", "--quiet", "--batch-size", "4", "--save-every", "2", "--config", str(cfg)]
     _run([*base, "--no-tnf", "--no-pack", "--steps", "2"])
+    assert [r["step"] for r in _log(out)] == [2]  # the last step is logged even off the --log-every grid
     settings = json.loads((out / "pretrain.json").read_text())["settings"]
     assert settings["tnf"] is False and settings["pack"] is False and not (out / "rare_words.txt").exists()
     assert "fill_rate" not in json.loads((out / "report.json").read_text())
-    _run([*base, "--resume", "--steps", "3"])
+    _run([*base, "--resume", "--steps", "3", "--bf16"])  # Trainer's bf16 autocast, on the CPU too
+    assert all(r["loss"] == r["loss"] for r in _log(out)) and _log(out)[-1]["step"] == 3
     model, tok, table = pretrain.load_pretrained(out)
     assert table is None and model.notes is None and model.config.position_mode == "tupe-a"
     assert model.config.intermediate_size == 40 and model.config.max_position_embeddings == 20
@@ -547,3 +549,34 @@ def test_readme_trainer_example_runs(tmp_path, monkeypatch):
 
     again = AutoModelForMaskedLM.from_pretrained(tmp_path / "my-tupe-bert")
     _same(again.state_dict(), model.state_dict())
+
+
+def test_evaluate_before_training_gives_the_models_loss(tmp_path):
+    from transformers import TrainingArguments
+
+    from effbert.training import PretrainingTrainer
+
+    model = _tiny_mlm()
+    rows = _fixed_rows()
+    args = TrainingArguments(output_dir=str(tmp_path / "o"), per_device_eval_batch_size=8, report_to=[],
+                             disable_tqdm=True, use_cpu=True, remove_unused_columns=False)
+    trainer = PretrainingTrainer(model=model, args=args, eval_dataset=rows, data_collator=_collate)
+    metrics = trainer.evaluate()
+    with torch.no_grad():
+        assert metrics["eval_loss"] == pytest.approx(float(model(**_collate(rows)).loss), rel=1e-6)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("precision", ["--fp16", "--bf16"])
+def test_pretrain_on_cuda_mixed_precision(tmp_path, files, precision):
+    """Trainer's mixed precision on a GPU with effbert's fused kernels (backend auto): finite losses, fp32 weights
+    and notes saved, and the folder loads."""
+    out = tmp_path / "run"
+    args = [a for a in _args(files, out, "--steps", "6", "--log-every", "2", precision)
+            if a not in ("eager", "cpu")]
+    args = [a for a in args if a not in ("--backend", "--device")]
+    _run([*args, "--device", "cuda"])
+    log = _log(out)
+    assert [r["step"] for r in log] == [2, 4, 6] and all(r["loss"] == r["loss"] for r in log)
+    model, _, _ = pretrain.load_pretrained(out, device="cuda")
+    assert all(p.dtype == torch.float32 for p in model.parameters()) and model.notes.notes.dtype == torch.float32

@@ -115,8 +115,9 @@ def build_parser():
     o.add_argument("--lr", type=float, help="peak learning rate of AdamW (default 1e-4)")
     o.add_argument("--warmup", type=int, help="linear warm-up steps, then linear decay to 0 (default: 10%% of --steps)")
     o.add_argument("--weight-decay", type=float, help="AdamW weight decay (default 0.01)")
-    o.add_argument("--precision", choices=("fp32", "fp16", "bf16"), default="fp32",
-                   help="mixed precision (Trainer's fp16 / bf16; default fp32)")
+    mp = o.add_mutually_exclusive_group()
+    mp.add_argument("--fp16", action="store_true", help="fp16 mixed precision (Trainer's; needs a GPU)")
+    mp.add_argument("--bf16", action="store_true", help="bf16 mixed precision (Trainer's; default fp32)")
     o.add_argument("--fsdp", default=None, help="Trainer's --fsdp option string, e.g. 'full_shard auto_wrap'")
     o.add_argument("--deepspeed", default=None, metavar="JSON", help="a DeepSpeed config file (Trainer's switch)")
     o.add_argument("--seed", type=int, default=None, help="default 0")
@@ -169,8 +170,7 @@ def _check_args(a):
     check_out_dir(a.out)
     device = parse_device(a.device)
     check_backend(a.backend, device)
-    _fail_if(a.precision == "fp16" and device.type != "cuda", "--precision fp16 needs --device cuda (use bf16 or "
-             "fp32 on the CPU)")
+    _fail_if(a.fp16 and device.type != "cuda", "--fp16 needs --device cuda (use --bf16 or fp32 on the CPU)")
     _fail_if(a.deepspeed is not None and not os.path.isfile(a.deepspeed), f"--deepspeed: no such file {a.deepspeed!r}")
     _fail_if(a.tnf_window is not None and a.tnf_window < 0, f"--tnf-window must be >= 0, got {a.tnf_window}")
     for k in ("tnf_gamma", "tnf_lam"):
@@ -511,6 +511,11 @@ class _RunLog:
         self.out, self.mcbert, self.t0 = out, mcbert, t0
         self.records = []
 
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step >= state.max_steps:
+            control.should_log = True  # the last step is logged whatever --log-every is (every rank logs together)
+        return control
+
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not state.is_world_process_zero or not logs or "loss" not in logs:
             return control
@@ -594,7 +599,7 @@ def _train(a, env, log):
     _fail_if(rem or per_device < 1, f"--batch-size ({tr['batch_size']}) must be a multiple of the ranks x "
              f"--grad-accum ({env.world} x {tr['grad_accum']})")
     warmup = tr["warmup"] if tr["warmup"] is not None else a.steps // 10
-    precision = a.precision
+    precision = "fp16" if a.fp16 else "bf16" if a.bf16 else "fp32"
     # under torchrun, TrainingArguments starts the process group the preparation below uses
     args = TrainingArguments(
         output_dir=out, max_steps=a.steps, per_device_train_batch_size=per_device,
