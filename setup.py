@@ -135,6 +135,7 @@ setup(
     packages=["effbert", "effbert.reference", "effbert.ops", "effbert.nn", "effbert.models", "effbert.tools",
               "effbert.bench", "effbert.kernels", "effbert.integrations", "effbert.commands", "effbert.data"],
     package_dir={"effbert": "effbert", "effbert.kernels": "kernels"},
+    package_data={"effbert.bench": ["sentence_lengths.txt"]},  # the packing benchmark's real lengths
     ext_modules=[cpu_ext, cuda_ext],
     cmdclass={"build_ext": BuildExt},
     # the models are transformers models and the commands train through Trainer on tokenizers + datasets: all regular

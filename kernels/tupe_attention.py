@@ -38,7 +38,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import INTERPRET
+from . import INTERPRET, device_arch
 
 LOG2E = 1.4426950408889634
 
@@ -333,39 +333,52 @@ def dropout_keep_kernel(Seed, Keep, N, p_drop, BLOCK: tl.constexpr):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Configurations. One per (head dim, dtype) and kernel: chosen for H100/A100 occupancy with no spills (the compile
-# report checks every one); under the interpreter a small tile keeps tests fast.
+# Configurations. One per (head dim, dtype, target) and kernel, chosen for occupancy with no spills (the compile
+# report builds every one for the target it serves and checks it); under the interpreter a small tile keeps tests
+# fast. ``arch``: the compute capability as an integer (None: the current device's). sm_90 (H100 and H200: the same
+# SM, register file and 228 KB of shared memory; the H200 differs in memory only) takes tiles whose products have
+# 64 rows per warpgroup, the least that wgmma takes, wherever they fit without spills: the backward at every head
+# dim, packed (varlen) included, and the forward at D=128; sm_80 keeps the tiles that fit its mma.sync.
 
 
-def fwd_config(d, dtype_name, interpret=INTERPRET):
+def fwd_config(d, dtype_name, interpret=INTERPRET, arch=None):
     if interpret:
         return {"BLOCK_M": 16, "BLOCK_N": 16, "num_warps": 1, "num_stages": 1}
     if dtype_name == "fp32":  # exact fp32 products run on the FMA units: small tiles keep them in registers
         return {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 4, "num_stages": 2}
     if d <= 64:
         return {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 3}
+    if device_arch(arch) >= 90:  # 196 registers, 112 KB of shared memory on sm_90
+        return {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 2}
     return {"BLOCK_M": 128, "BLOCK_N": 32, "num_warps": 8, "num_stages": 2}
 
 
-def bwd_config(d, dtype_name, varlen=False, interpret=INTERPRET):
-    """32 queries a step keeps the backward's five live tiles in registers (the compile report's spill check)."""
+def bwd_config(d, dtype_name, varlen=False, interpret=INTERPRET, arch=None):
+    """The dK/dV kernel's tile: 32 queries a step keeps the backward's five live tiles in registers (the compile
+    report's spill check). On sm_90, 64 keys a program (the rows of dK and dV: wgmma's 64) at every head dim, with
+    8 warps at D=128."""
     if interpret:
         return {"BLOCK_M": 16, "BLOCK_N": 16, "num_warps": 1, "num_stages": 1}
     if dtype_name == "fp32":
         return {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 8, "num_stages": 1}
+    if device_arch(arch) >= 90:
+        return {"BLOCK_M": 32, "BLOCK_N": 64, "num_warps": 4 if d <= 64 else 8, "num_stages": 2}
     if d <= 64 and not varlen:
         return {"BLOCK_M": 32, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2}
     return {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 4, "num_stages": 2}
 
 
-def dq_config(d, dtype_name, varlen=False, interpret=INTERPRET):
+def dq_config(d, dtype_name, varlen=False, interpret=INTERPRET, arch=None):
     """The dQ kernel's tile: at D=64 in 16 bits, 64 query rows a program, the smallest M that wgmma takes on sm_90
-    (at 32 rows it falls back to mma.sync); elsewhere the backward's shared tile."""
+    (at 32 rows it falls back to mma.sync); on sm_90 so at every head dim and packed too (8 warps at D=128);
+    elsewhere the backward's shared tile."""
+    if not interpret and dtype_name != "fp32" and device_arch(arch) >= 90:
+        return {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 4 if d <= 64 else 8, "num_stages": 2}
     if not interpret and d == 64 and dtype_name != "fp32" and not varlen:
         return {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 4, "num_stages": 2}
     if not interpret and dtype_name == "fp32":  # 8 warps leave ptxas spilling a few bytes on sm_90
         return {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 4, "num_stages": 1}
-    return bwd_config(d, dtype_name, varlen, interpret)
+    return bwd_config(d, dtype_name, varlen, interpret, arch)
 
 
 # float64 runs only under the interpreter (gradcheck); it takes the fp32 tiles and exact products
@@ -488,11 +501,24 @@ _COMMON_SIG = {
 }
 
 
-def _spec(kind, dt, d, *, varlen=False, dropout=False):
+def _config(kind, dt, d, varlen, arch):
+    if kind == "fwd":
+        return fwd_config(d, dt, interpret=False, arch=arch)
+    return (bwd_config if kind == "dkdv" else dq_config)(d, dt, varlen, False, arch)
+
+
+def _specs(kind, dt, d, *, varlen=False, dropout=False):
+    """The build of each configuration the launchers pick for sm_80 and sm_90: one spec serving both targets
+    when they pick the same tile, else one per target."""
+    cfg80, cfg90 = _config(kind, dt, d, varlen, 80), _config(kind, dt, d, varlen, 90)
+    if cfg80 == cfg90:
+        return [_spec(kind, dt, d, cfg80, (80, 90), varlen=varlen, dropout=dropout)]
+    return [_spec(kind, dt, d, cfg80, (80,), varlen=varlen, dropout=dropout),
+            _spec(kind, dt, d, cfg90, (90,), varlen=varlen, dropout=dropout)]
+
+
+def _spec(kind, dt, d, cfg, targets, *, varlen=False, dropout=False):
     ptr = _PTR[dt]
-    configs = {"fwd": lambda: fwd_config(d, dt, interpret=False), "dkdv": lambda: bwd_config(d, dt, varlen, False),
-               "dq": lambda: dq_config(d, dt, varlen, False)}
-    cfg = configs[kind]()
     common = {"Q": ptr, "K": ptr, "V": ptr, "Bias": ptr, "Mask": "*u8", "CuSeq": "*i32", "Seed": "*i64"}
     tail_ints = {"sbh": "i32", "sbi": "i32", "sbj": "i32", "smb": "i32", "slh": "i32"}
     flags = {"HAS_BIAS": True, "HAS_MASK": not varlen, "VARLEN": varlen, "DROPOUT": dropout,
@@ -522,21 +548,24 @@ def _spec(kind, dt, d, *, varlen=False, dropout=False):
         "constexprs": {**flags, "sbj": 1},
         "name": f"tupe_attn_{kind}[{dt},D={d},{tag}M={cfg['BLOCK_M']},N={cfg['BLOCK_N']}]",
         "fn": fn, "signature": sig, "num_warps": cfg["num_warps"],
-        "num_stages": cfg["num_stages"],
+        "num_stages": cfg["num_stages"], "targets": targets,
         # at BERT shapes every pointer and stride but the unit ones is a multiple of 16, which the runtime
         # specialisation sees too
         "divisible": tuple(k for k in sig if k[0].isupper() and k not in ("Mask", "CuSeq", "Seed", "TOTAL")
                            or k.startswith("s") and k != "scale"),
-        "must_not_spill": d <= 64,
+        "must_not_spill": d <= 64 or targets == (90,),  # the sm_90 tiles at D=128 were chosen to fit
         "matrix_instructions": dt != "fp32",
     }
 
 
-# Every configuration the launchers can pick: each kernel for each 16-bit dtype and head dim, plus the fp32
-# (exact-product) builds, the packed layout and dropout at the BERT head dim.
-COMPILE_SPECS = (
-    [_spec(kind, dt, d) for kind in ("fwd", "dkdv", "dq") for dt in ("bf16", "fp16") for d in (16, 32, 64, 128)]
-    + [_spec(kind, "fp32", 64) for kind in ("fwd", "dkdv", "dq")]
-    + [_spec(kind, "bf16", 64, varlen=True) for kind in ("fwd", "dkdv", "dq")]
-    + [_spec(kind, "bf16", 64, dropout=True) for kind in ("fwd", "dkdv", "dq")]
-)
+# Every configuration the launchers can pick, for the target(s) it serves: each kernel for each 16-bit dtype and
+# head dim, plus the fp32 (exact-product) builds, the packed layout (what the unpadded model runs) at D=64 and 128
+# and dropout at the BERT head dim.
+COMPILE_SPECS = [
+    spec
+    for kind in ("fwd", "dkdv", "dq")
+    for args, flags in ([((dt, d), {}) for dt in ("bf16", "fp16") for d in (16, 32, 64, 128)]
+                        + [(("fp32", 64), {}), (("bf16", 64), {"varlen": True}), (("bf16", 128), {"varlen": True}),
+                           (("bf16", 64), {"dropout": True})])
+    for spec in _specs(kind, *args, **flags)
+]

@@ -182,17 +182,30 @@ def test_cpu_inference_cases_compare_the_models_and_report_layers_saved():
     from effbert.bench import cpu_inference as bench
 
     cases = bench.cases(torch.device("cpu"), quick=True)
-    assert {c.provider for c in cases} == {"hf-sdpa", "effbert", "effbert-early-exit"}
+    assert {c.provider for c in cases} == {"hf-sdpa", "effbert", "effbert-early-exit", "hf-sdpa-patched"}
     assert all(c.op == "cpu_inference" and c.baseline == "hf-sdpa" for c in cases)
     # FLOPs by hand: hidden 64, FFN 128, N 32, one sequence of 32 tokens
     assert bench.layer_flops([32], 64, 128, 32, True) == 2 * 32 * (4 * 64 * 64 + 2 * 64 * 128) + 4 * 32 * 32 * 64
-    assert bench.layer_flops([32, 10], 64, 128, 32, False) == (2 * 64 * (4 * 64 * 64 + 2 * 64 * 128)
+    # real tokens only: 42 tokens' matmuls, 32^2 + 10^2 query-key pairs; padded: 2 x 32 tokens, 2 x 32^2 pairs
+    assert bench.layer_flops([32, 10], 64, 128, 32, False) == (2 * 42 * (4 * 64 * 64 + 2 * 64 * 128)
                                                                + 4 * (32 * 32 + 10 * 10) * 64)
+    assert bench.layer_flops([32, 10], 64, 128, 32, True) == (2 * 64 * (4 * 64 * 64 + 2 * 64 * 128)
+                                                              + 4 * 2 * 32 * 32 * 64)
+    # one floor per shape (the real tokens' FLOPs); the padded baseline's own work is more
+    for shape in {c.shape for c in cases}:
+        group = [c for c in cases if c.shape == shape and not c.provider.startswith("effbert-early-exit")]
+        assert len({c.flops for c in group}) == 1, shape
+        base = next(c for c in group if c.provider == "hf-sdpa")
+        assert (base.work_flops > base.flops) == ("B=1," not in shape)  # B=1: one sequence, no padding
+    # inference caches TUPE's positional term (it depends on no input)
+    assert all(m.position_encoder.cache for m in (bench._models(True)[1], bench._models(True)[2].bert))
     ids, mask, lengths = bench.make_batch(4, 32, 1000, seed=4)
     assert lengths[0] == 32 and (mask.sum(1) == lengths).all() and (ids[mask == 0] == 0).all()
     for case in cases:
         if case.provider == "hf-sdpa":
             continue
+        if case.provider == "hf-sdpa-patched":
+            assert case.shape.startswith("all-MiniLM-L6-v2,")
         inputs = case.make_inputs()
         out, ref = case.fn(*inputs), case.reference(*inputs)
         assert (out.double() - ref.double()).norm() <= case.rtol * ref.double().norm()
@@ -200,3 +213,103 @@ def test_cpu_inference_cases_compare_the_models_and_report_layers_saved():
             assert "average exit" in case.note and 0 < case.flops
             avg = float(case.note.split("average exit ")[1].split(" ")[0])
             assert avg <= 6.0 + 1e-9
+
+
+def test_row_rates_floor_is_the_ops_and_rates_are_the_providers():
+    """The runner's arithmetic: the floor comes from the op's fewest FLOPs and bytes (the same for every provider),
+    GB/s and TFLOP/s from the provider's own work; a provider that computes padding is below 100% of the floor by
+    the padding it computes, never above it."""
+    from effbert.bench.runner import row_rates
+
+    ceilings = {"launch_us": 10.0, "copy_GBps": 20.0, "float32_matmul_TFLOPs": 0.1}
+    # 2e9 FLOPs at 0.1 TFLOP/s: a 20 ms floor; bytes (1e6 / 20 GB/s = 0.05 ms) and launch (0.01 ms) are below it
+    exact = row_rates(40.0, 2e9, 10 ** 6, ceilings, "float32")
+    assert exact["floor_ms"] == pytest.approx(20.0) and exact["pct_of_floor"] == pytest.approx(50.0)
+    assert exact["TFLOPs"] == pytest.approx(2e9 / 40.0 / 1e9) and exact["GBps"] == pytest.approx(1e6 / 40.0 / 1e6)
+    # a padded provider doing twice the work in the same time: the same % of floor, twice the FLOP rate
+    padded = row_rates(40.0, 2e9, 10 ** 6, ceilings, "float32", work_flops=4e9, work_bytes=3 * 10 ** 6)
+    assert padded["pct_of_floor"] == pytest.approx(50.0) and padded["TFLOPs"] == pytest.approx(2 * exact["TFLOPs"])
+    assert padded["GBps"] == pytest.approx(3 * exact["GBps"]) and padded["work_flops"] == 4e9
+    # a provider at the ceiling on the real work is at 100%, however much padding another computes
+    assert row_rates(20.0, 2e9, 10 ** 6, ceilings, "float32")["pct_of_floor"] == pytest.approx(100.0)
+    # memory-bound (no FLOPs): the bytes set the floor; tiny: the launch does
+    assert row_rates(1.0, 0, 10 ** 7, ceilings, "float32")["floor_ms"] == pytest.approx(0.5)
+    assert row_rates(1.0, 0, 10, ceilings, "float32")["floor_ms"] == pytest.approx(0.01)
+    assert row_rates(1.0, 0, 10, ceilings, "float32")["TFLOPs"] is None
+
+
+def _case(op, shape, provider="p"):
+    import torch
+
+    from effbert.bench.case import Case
+
+    return Case(op=op, shape=shape, dtype="bfloat16", mode="forward", provider=provider, fn=torch.zeros,
+                make_inputs=tuple, reference=torch.zeros, bytes=1, flops=0)
+
+
+def test_headline_takes_one_shape_per_op_family_and_rest_the_others():
+    """--headline: every provider of one BERT-base shape per headline op, the most wanted op first; --rest: the
+    other cases; together every case once."""
+    cases = [_case("exit_entropy", "B=64,C=2"), _case("exit_entropy", "B=4096,C=30522"),
+             _case("tupe_attention", "B=32,N=512,H=12,D=64", "a"), _case("tupe_attention", "B=32,N=512,H=12,D=64", "b"),
+             _case("tupe_attention", "B=128,N=128,H=12,D=64"), _case("exit_decision", "R=64,C=2"),
+             _case("train_step_padding", "B=128,N=128,real=8192,L=12,Dm=768"),
+             _case("train_step_padding", "B=32,N=512,real=8192,L=12,Dm=768", "padded"),
+             _case("train_step_padding", "B=32,N=512,real=8192,L=12,Dm=768", "unpadded"),
+             _case("mc_sample_fused", "M=16384,V=30522,D=256,K=10")]
+    head = runner.select(cases, "headline")
+    assert [(c.op, c.shape, c.provider) for c in head] == [
+        ("train_step_padding", "B=32,N=512,real=8192,L=12,Dm=768", "padded"),
+        ("train_step_padding", "B=32,N=512,real=8192,L=12,Dm=768", "unpadded"),
+        ("tupe_attention", "B=32,N=512,H=12,D=64", "a"), ("tupe_attention", "B=32,N=512,H=12,D=64", "b"),
+        ("exit_entropy", "B=4096,C=30522", "p"),
+        ("mc_sample_fused", "M=16384,V=30522,D=256,K=10", "p")]  # no pattern: the op's first shape
+    rest = runner.select(cases, "rest")
+    assert sorted(map(id, head + rest)) == sorted(map(id, cases))
+    assert {c.op for c in rest} == {"exit_entropy", "tupe_attention", "exit_decision", "train_step_padding"}
+    assert runner.select(cases, "all") == cases
+    with pytest.raises(ValueError, match="which"):
+        runner.select(cases, "most")
+
+
+def test_speedups_compare_throughput_and_a_ratio_target_is_noted():
+    rows = [{"op": "o", "shape": "s", "dtype": "d", "mode": "m", "provider": "padded", "baseline": "padded",
+             "status": "ok", "ms": 10.0, "tokens_per_s": 100.0},
+            {"op": "o", "shape": "s", "dtype": "d", "mode": "m", "provider": "unpadded", "baseline": "padded",
+             "status": "ok", "ms": 5.5, "tokens_per_s": 100.0 * 10 / 5.5, "ratio_target": 0.6, "note": "n"},
+            {"op": "o", "shape": "s", "dtype": "d", "mode": "m", "provider": "packed", "baseline": "padded",
+             "status": "ok", "ms": 20.0, "tokens_per_s": 300.0}]  # twice the time, three times the tokens
+    runner.add_speedups(rows)
+    runner.add_speedups(rows)  # the runner calls it after every case: notes are not repeated
+    assert rows[1]["speedup_vs_baseline"] == pytest.approx(10 / 5.5)
+    assert rows[2]["speedup_vs_baseline"] == pytest.approx(3.0)
+    assert rows[1]["time_ratio"] == pytest.approx(0.55)
+    assert rows[1]["ratio_note"] == "time ratio unpadded/padded 0.55 (meets the target <= 0.6)"
+    assert runner._notes(rows[1]) == "n; time ratio unpadded/padded 0.55 (meets the target <= 0.6)"
+    rows[1]["ms"] = 7.0
+    runner.add_speedups(rows)
+    assert "0.70 (misses the target <= 0.6)" in rows[1]["ratio_note"]
+    assert "ratio_note" not in rows[0] and "ratio_note" not in rows[2]
+
+
+def test_a_run_stopped_midway_leaves_the_cases_it_measured(tmp_path, monkeypatch):
+    """bench.json and bench.md are rewritten after every case: a run stopped from outside (the GPU suite's time
+    limit) still leaves the rows it measured, marked incomplete."""
+    measured = []
+
+    def run_case(case, device, ceilings, quick):
+        if len(measured) == 2:
+            raise KeyboardInterrupt  # what a kill looks like to the run: nothing after this line happens
+        measured.append(case.key)
+        return {"op": case.op, "shape": case.shape, "dtype": case.dtype, "mode": case.mode, "key": case.key,
+                "provider": case.provider, "baseline": case.baseline, "status": "skipped", "reason": "stub"}
+
+    monkeypatch.setattr(bench_command, "run_case", run_case)
+    monkeypatch.setattr(bench_command, "measure_ceilings", lambda device, quick: {"launch_us": 1.0})
+    out = tmp_path / "cut"
+    with pytest.raises(KeyboardInterrupt):
+        bench_command.main(["--quick", "--no-progress", "--op", "exit_entropy", "--out", str(out)])
+    data = json.loads((out / "bench.json").read_text())
+    assert data["complete"] is False and [r["key"] for r in data["cases"]] == measured
+    assert "## exit_entropy" in (out / "bench.md").read_text()
+    assert not list(out.glob("*.tmp"))

@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from effbert.tools import compile_report
 
@@ -27,14 +28,19 @@ def test_every_triton_config_compiles_without_spills(tmp_path):
     assert "0 problems" in done.stdout
     rows = data["rows"]
     specs = compile_report.kernel_specs()
-    assert len(rows) == 2 * len(specs) and specs
+    # each spec is built for the targets whose launchers pick it, and only for those
+    assert sorted((r["kernel"], r["target"]) for r in rows) == sorted(
+        (spec["name"], f"sm_{cc}") for _, spec in specs for cc in spec.get("targets", (80, 90))) and specs
     assert {r["target"] for r in rows} == {"sm_80", "sm_90"}
     strict = {spec["name"] for _, spec in specs if spec.get("must_not_spill", True)}
     assert strict
     for r in rows:
         assert "error" not in r and 0 < r["registers"] <= 255, r
-        if r["kernel"] in strict:  # D=128 attention builds may spill; the rest may not
+        if r["kernel"] in strict:  # sm_80's D=128 attention builds may spill; the rest may not
             assert r["spill_bytes"] == 0, r
+        if r["target"] == "sm_90" and r["kernel"].startswith("tupe_attn") and "fp32" not in r["kernel"]:
+            # H100/H200: every 16-bit attention build on wgmma, without spills, in the SM's 227 KB per block
+            assert "HGMMA" in r["matrix"] and r["spill_bytes"] == 0 and r["smem_bytes"] <= 227 * 1024, r
 
 
 def test_attention_kernels_use_tensor_cores(tmp_path):
@@ -79,3 +85,57 @@ def test_bad_targets_are_rejected(capsys):
     with pytest.raises(SystemExit):
         compile_report.main(["--targets", "75"])
     assert "--targets" in capsys.readouterr().err
+
+
+def test_sm90_takes_its_own_attention_tiles_and_the_report_builds_what_each_target_picks():
+    """The launchers pick the tile by the device's compute capability; COMPILE_SPECS holds, for each target, the
+    very configuration the launchers pick there, so the report checks what runs on an H100/H200 and on an A100."""
+    from effbert.kernels import tupe_attention as ta
+
+    # sm_90 differs where wgmma needs 64 rows: the backward (packed too) and the forward at D=128
+    assert ta.bwd_config(64, "bf16", True, False, arch=90)["BLOCK_N"] == 64
+    assert ta.bwd_config(64, "bf16", True, False, arch=80)["BLOCK_N"] == 32
+    assert ta.dq_config(64, "bf16", True, False, arch=90)["BLOCK_M"] == 64
+    assert ta.dq_config(128, "fp16", False, False, arch=90) == {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 8,
+                                                               "num_stages": 2}
+    assert ta.fwd_config(128, "bf16", False, arch=90)["BLOCK_N"] == 64
+    assert ta.fwd_config(128, "bf16", False, arch=80)["BLOCK_N"] == 32
+    # fp32 (exact products on the FMA units) and the interpreter's tiles do not depend on the target
+    for kind in (lambda a: ta.fwd_config(64, "fp32", False, arch=a), lambda a: ta.dq_config(64, "fp32", False, False, a),
+                 lambda a: ta.bwd_config(64, "bf16", False, True, a)):
+        assert kind(80) == kind(90)
+
+    seen = set()
+    for spec in ta.COMPILE_SPECS:
+        kind = spec["name"].split("[")[0].removeprefix("tupe_attn_")
+        c = spec["constexprs"]
+        dt = {"ieee": "fp32"}.get(c["DOT_PRECISION"], spec["signature"]["Q"].lstrip("*"))
+        for cc in spec["targets"]:
+            cfg = ta._config(kind, dt, c["D"], c["VARLEN"], cc)
+            assert (c["BLOCK_M"], c["BLOCK_N"], spec["num_warps"], spec["num_stages"]) == (
+                cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["num_warps"], cfg["num_stages"]), (spec["name"], cc)
+            key = (kind, dt, c["D"], c["VARLEN"], c["DROPOUT"], cc)
+            assert key not in seen, key  # one build per target
+            seen.add(key)
+    # every build is there for both targets
+    assert {k[:5] for k in seen if k[5] == 80} == {k[:5] for k in seen if k[5] == 90}
+
+
+def test_the_launchers_read_the_current_devices_capability(monkeypatch):
+    """device_arch: the current CUDA device's capability (cached per device), 80 with no CUDA device."""
+    import effbert.kernels as kernels
+    from effbert.kernels import tupe_attention as ta
+
+    monkeypatch.setattr(kernels, "INTERPRET", False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert kernels.device_arch() == 80 and kernels.device_arch(90) == 90
+    kernels._capability.cache_clear()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index: (9, 0))
+    try:
+        assert kernels.device_arch() == 90
+        assert ta.bwd_config(64, "bf16", True, False) == ta.bwd_config(64, "bf16", True, False, arch=90)
+        assert ta.fwd_config(128, "bf16", False) == ta.fwd_config(128, "bf16", False, arch=90)
+    finally:
+        kernels._capability.cache_clear()

@@ -17,7 +17,7 @@ import torch
 from . import timing
 
 # modules of effbert.bench that contribute cases
-FAMILIES = ("early_exit", "train_step", "tupe_attention", "notes", "mc_bert", "cpu_inference")
+FAMILIES = ("early_exit", "train_step", "train_step_padding", "tupe_attention", "notes", "mc_bert", "cpu_inference")
 
 
 def environment(device):
@@ -120,29 +120,98 @@ def run_case(case, device, ceilings, quick):
     row["flops"] = case.flops
     if case.note:
         row["note"] = case.note
+    if case.ratio_target:
+        row["ratio_target"] = case.ratio_target
     row.update(status="ok", ms=ms, noise=abs(ms_a - ms_b) / ms, spread=spread, samples=n, input_sets=len(sets))
-    row["GBps"] = case.bytes / ms / 1e6
     if case.tokens:
         row["tokens_per_s"] = case.tokens / ms * 1e3
-    row["TFLOPs"] = case.flops / ms / 1e9 if case.flops else None
-    floor_ms = max(case.bytes / (ceilings["copy_GBps"] * 1e6), ceilings["launch_us"] / 1e3)
-    rate = ceilings.get(f"{case.dtype}_matmul_TFLOPs")
-    if case.flops and rate:
-        floor_ms = max(floor_ms, case.flops / (rate * 1e9))
-    row["floor_ms"] = floor_ms
-    row["pct_of_floor"] = 100 * floor_ms / ms
+    row.update(row_rates(ms, case.flops, case.bytes, ceilings, case.dtype, case.work_flops, case.work_bytes))
     return row
 
 
+def row_rates(ms, flops, nbytes, ceilings, dtype, work_flops=None, work_bytes=None):
+    """A timed row's rates and floor.
+
+    ``flops`` and ``nbytes`` are the fewest the op needs (the same for every provider of one op and shape, e.g. the
+    real tokens of a padded batch); ``work_flops`` / ``work_bytes`` what this provider computes and moves (a padded
+    provider's padded positions included; None: the fewest). GB/s and TFLOP/s are rates of the provider's work (how
+    busy it keeps the machine); the floor is the largest of the fewest bytes at the measured copy bandwidth, the
+    fewest FLOPs at the measured matrix rate of ``dtype`` and the measured launch time, and ``pct_of_floor`` is
+    floor over measured time: at most 100% unless the ceilings were measured low, whatever work a provider wastes.
+    """
+    work_flops = flops if work_flops is None else work_flops
+    work_bytes = nbytes if work_bytes is None else work_bytes
+    out = {"work_flops": work_flops, "work_bytes": work_bytes, "GBps": work_bytes / ms / 1e6,
+           "TFLOPs": work_flops / ms / 1e9 if work_flops else None}
+    floor_ms = max(nbytes / (ceilings["copy_GBps"] * 1e6), ceilings["launch_us"] / 1e3)
+    rate = ceilings.get(f"{dtype}_matmul_TFLOPs")
+    if flops and rate:
+        floor_ms = max(floor_ms, flops / (rate * 1e9))
+    out.update(floor_ms=floor_ms, pct_of_floor=100 * floor_ms / ms)
+    return out
+
+
 def add_speedups(rows):
+    """Each row's speed-up over its baseline: the ratio of tokens/s where both report it (rows may process
+    different numbers of tokens, as packed and unpacked batches do), else of times. A row with a ``ratio_target``
+    also gets ``time_ratio`` (its time over the baseline's) and a note saying whether it meets the target."""
     groups = {}
     for r in rows:
         groups.setdefault((r["op"], r["shape"], r["dtype"], r["mode"]), []).append(r)
     for group in groups.values():
         base = next((r for r in group if r["provider"] == r["baseline"] and r["status"] == "ok"), None)
         for r in group:
-            if r["status"] == "ok" and base is not None:
+            if r["status"] != "ok" or base is None:
+                continue
+            if r.get("tokens_per_s") and base.get("tokens_per_s"):
+                r["speedup_vs_baseline"] = r["tokens_per_s"] / base["tokens_per_s"]
+            else:
                 r["speedup_vs_baseline"] = base["ms"] / r["ms"]
+            if r.get("ratio_target") and r is not base:
+                r["time_ratio"] = r["ms"] / base["ms"]
+                verdict = "meets" if r["time_ratio"] <= r["ratio_target"] else "misses"
+                r["ratio_note"] = (f"time ratio {r['provider']}/{base['provider']} {r['time_ratio']:.2f} ({verdict} "
+                                   f"the target <= {r['ratio_target']:g})")
+
+
+# What stage 1 of the GPU suite measures (`effbert bench --headline`): one shape per op family at BERT-base sizes,
+# in this order. op -> a pattern its shape should match (the first that does; the op's first shape when none does).
+HEADLINE = {
+    "train_step_padding": r"^B=32,N=512,",
+    "tupe_attention": r"^B=32,N=512,H=12,D=64$",
+    "tupe_attention_varlen": None,
+    "early_exit_inference": r"^B=64,.*avg_exit=6$",
+    "exit_entropy": r"^B=4096,C=30522|^B=512,C=30522",
+    "note_mix": r"^B=32,N=512,Dm=768$",
+    "note_update_": r"^B=32,N=512,Dm=768,",
+    "mc_sample_fused": None,
+    "mc_candidate_loss": None,
+}
+
+
+def select(cases, which):
+    """``which``: ``"all"``, ``"headline"`` (the HEADLINE cases: every provider, dtype and mode of one shape per
+    op) or ``"rest"`` (all but those)."""
+    if which == "all":
+        return list(cases)
+    if which not in ("headline", "rest"):
+        raise ValueError(f"which must be 'all', 'headline' or 'rest', got {which!r}")
+    import re
+
+    chosen = {}
+    for op, pattern in HEADLINE.items():
+        shapes = list(dict.fromkeys(c.shape for c in cases if c.op == op))
+        match = [s for s in shapes if pattern and re.search(pattern, s)]
+        if match or shapes:
+            chosen[op] = (match or shapes)[0]
+    if which == "rest":
+        return [c for c in cases if chosen.get(c.op) != c.shape]
+    order = list(HEADLINE)  # the most wanted figures first: a stage that runs out of time has measured them
+    return sorted((c for c in cases if chosen.get(c.op) == c.shape), key=lambda c: order.index(c.op))
+
+
+def _notes(row):
+    return "; ".join(filter(None, [row.get("note"), row.get("ratio_note")]))
 
 
 def format_tables(rows, ceilings, env):
@@ -161,11 +230,13 @@ def format_tables(rows, ceilings, env):
             tf = f"{r['TFLOPs']:8.1f}" if r.get("TFLOPs") else f"{'-':>8}"
             sp = f"{r['speedup_vs_baseline']:7.2f}x" if "speedup_vs_baseline" in r else f"{'-':>8}"
             tok = f" {r['tokens_per_s']:12,.0f} tokens/s" if "tokens_per_s" in r else ""
-            tok += f"  ({r['note']})" if r.get("note") else ""
+            tok += f"  ({_notes(r)})" if _notes(r) else ""
             lines.append(f"{head} {r['ms']:9.4f} {r['GBps']:8.1f} {tf} {r['pct_of_floor']:6.1f}% {sp}{tok}")
     lines.append("\n%floor: the op's floor over the measured time; the floor is the largest of its fewest bytes at the "
-                 "measured copy bandwidth, its FLOPs at the measured matrix rate, and the measured launch time of the "
-                 "cheapest op. speedup: against the row's baseline provider.")
+                 "measured copy bandwidth, its fewest FLOPs at the measured matrix rate, and the measured launch time "
+                 "of the cheapest op (padded positions a provider computes are its own work, not the op's, so they "
+                 "lower its %floor). GB/s, TFLOP/s: rates of the work each provider does. speedup: against the "
+                 "row's baseline provider.")
     return "\n".join(lines)
 
 
@@ -185,7 +256,7 @@ def write_markdown(path, rows, ceilings, env, title="effbert benchmark"):
             tf = f"{r['TFLOPs']:.1f}" if r.get("TFLOPs") else "-"
             sp = f"{r['speedup_vs_baseline']:.2f}x vs {r['baseline']}" if "speedup_vs_baseline" in r else "-"
             tok = f"; {r['tokens_per_s']:,.0f} tokens/s" if "tokens_per_s" in r else ""
-            tok += f"; {r['note']}" if r.get("note") else ""
+            tok += f"; {_notes(r)}" if _notes(r) else ""
             lines.append(f"| {r['shape']} | {r['dtype']} | {r['mode']} | {r['provider']} | {r['ms']:.4f} | "
                          f"{r['GBps']:.1f} | {tf} | {r['pct_of_floor']:.1f}% | {sp}{tok} |")
         lines.append("")

@@ -1,6 +1,6 @@
 """``effbert bench``: the microbenchmark suite (the cases live in :mod:`effbert.bench`).
 
-    effbert bench [--op NAME] [--quick] [--out DIR] [--compare OLD.json] [--budget SECONDS]
+    effbert bench [--op NAME] [--quick] [--headline | --rest] [--out DIR] [--compare OLD.json] [--budget SECONDS]
     effbert bench --index benchmarks/results     # regenerate benchmarks/RESULTS.md from the committed runs
 """
 
@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from ..bench.runner import (_progress, add_speedups, collect_cases, compare, environment, format_tables, run_case,
-                            write_index, write_markdown, write_plots, write_seqlen_plots)
+                            select, write_index, write_markdown, write_plots, write_seqlen_plots)
 from ..bench.timing import measure_ceilings
 from . import UsageError, check_out_dir
 
@@ -27,6 +27,11 @@ def main(argv=None):
     parser.add_argument("--index", default=None, metavar="RESULTS_DIR",
                         help="only regenerate RESULTS.md beside RESULTS_DIR from the runs in it")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    which = parser.add_mutually_exclusive_group()
+    which.add_argument("--headline", action="store_true",
+                       help="only the headline cases: one shape per op family at BERT-base sizes (the GPU suite's "
+                            "first stage)")
+    which.add_argument("--rest", action="store_true", help="every case but the headline ones")
     parser.add_argument("--budget", type=float, default=None, metavar="SECONDS",
                         help="stop starting cases after this long; the rest are listed as skipped, and the "
                              "files are written all the same")
@@ -58,22 +63,25 @@ def main(argv=None):
     cases = collect_cases(device, args.quick, args.op)
     if not cases:
         parser.error(f"--op {args.op!r} matches no case; ops: {sorted({c.op for c in collect_cases(device, True)})}")
+    cases = select(cases, "headline" if args.headline else "rest" if args.rest else "all")
+    if not cases:
+        parser.error(f"{'--headline' if args.headline else '--rest'} leaves no case of --op {args.op!r}")
     print(f"effbert bench on {env['device']}: measuring ceilings, then {len(cases)} cases", file=sys.stderr)
     ceilings = measure_ceilings(device, quick=args.quick)
-    rows, started = [], time.monotonic()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    result = {"env": env, "ceilings": ceilings, "quick": args.quick, "complete": False, "cases": []}
+    rows, started = result["cases"], time.monotonic()
     for case in _progress(cases, not args.no_progress):
         if args.budget is not None and time.monotonic() - started > args.budget:
             case.skip_reasons = case.skip_reasons or [f"the run's --budget of {args.budget:g} s was spent"]
         rows.append(run_case(case, device, ceilings, args.quick))
-    add_speedups(rows)
-
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    result = {"env": env, "ceilings": ceilings, "quick": args.quick, "cases": rows}
+        add_speedups(rows)
+        _write(out, result)  # after every case: a run stopped from outside still leaves what it measured
+    result["complete"] = True
     if args.compare:
         result["compare"] = {"against": str(args.compare), "cases": compare(rows, args.compare)}
-    (out / "bench.json").write_text(json.dumps(result, indent=1))
-    write_markdown(out / "bench.md", rows, ceilings, env)
+    _write(out, result)
     plots = write_plots(out, rows) + write_seqlen_plots(out, rows)
 
     print(format_tables(rows, ceilings, env))
@@ -90,3 +98,12 @@ def main(argv=None):
     if wrong:
         print(f"{len(wrong)} cases failed their correctness check or raised; see the table")
     return 1 if any(r["status"] == "wrong" and r["provider"].startswith("effbert") for r in rows) else 0
+
+
+def _write(out, result):
+    """bench.json and bench.md, each replaced whole (written beside, then renamed) so a reader never sees half."""
+    tmp = out / "bench.json.tmp"
+    tmp.write_text(json.dumps(result, indent=1))
+    tmp.replace(out / "bench.json")
+    write_markdown(out / "bench.md.tmp", result["cases"], result["ceilings"], result["env"])
+    (out / "bench.md.tmp").replace(out / "bench.md")

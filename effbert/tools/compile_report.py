@@ -1,7 +1,9 @@
 """Ahead-of-time compile report: registers, spills, shared memory and matrix instructions, with no GPU needed.
 
-Every Triton kernel configuration listed in ``effbert.kernels.<family>.COMPILE_SPECS`` is compiled for each target
-(sm_80, sm_90 by default) with ``triton.compile``; its PTX goes through ptxas for the register and spill counts and
+Every Triton kernel configuration listed in ``effbert.kernels.<family>.COMPILE_SPECS`` is compiled with
+``triton.compile`` for each asked target (sm_80, sm_90 by default) that it serves: a spec's ``targets`` names the
+compute capabilities whose launchers pick that configuration (every one when absent), so where a kernel takes its own
+tile on sm_90 (H100, H200) the report builds and lists that tile for sm_90 and the other for sm_80; its PTX goes through ptxas for the register and spill counts and
 its cubin through cuobjdump for the SASS. Every ``csrc/cuda/*.cu`` file goes through ``nvcc -Xptxas -v``.
 
 Exit status: 1 on a compile failure, on spills in a kernel marked must-not-spill (every csrc kernel is), or on a
@@ -113,6 +115,8 @@ def triton_report(targets, only=None):
     with tempfile.TemporaryDirectory(prefix="effbert-aot-") as tmp:
         for family, spec in kernel_specs(only):
             for cc in targets:
+                if cc not in spec.get("targets", targets):
+                    continue  # the launchers on that target pick another configuration
                 entry = {"kind": "triton", "family": family, "kernel": spec["name"], "target": f"sm_{cc}",
                          "num_warps": spec.get("num_warps", 4), "num_stages": spec.get("num_stages", 3)}
                 try:
@@ -180,18 +184,25 @@ def _demangle(name):
 
 
 def format_table(rows):
-    head = f"{'kind':6} {'kernel':58} {'target':6} {'regs':>4} {'spill':>5} {'stack':>5} {'smem':>6} {'mma':>6} note"
+    head = (f"{'kind':6} {'kernel':58} {'target':6} {'w/s':>4} {'regs':>4} {'spill':>5} {'stack':>5} {'smem':>6} "
+            f"{'mma':>6} note")
     lines = [head, "-" * len(head)]
     for r in rows:
         if "error" in r:
-            lines.append(f"{r['kind']:6} {r['kernel'][:58]:58} {r['target']:6} {'-':>4} {'-':>5} {'-':>5} {'-':>6} "
-                         f"{'-':>6} {r['error']}")
+            lines.append(f"{r['kind']:6} {r['kernel'][:58]:58} {r['target']:6} {_warps(r):>4} {'-':>4} {'-':>5} "
+                         f"{'-':>5} {'-':>6} {'-':>6} {r['error']}")
             continue
         mma = ",".join(r.get("matrix", [])) or "-"
         note = f"{r['ldg128']}xLDG.128" if r.get("ldg128") else ""
-        lines.append(f"{r['kind']:6} {r['kernel'][:58]:58} {r['target']:6} {r['registers']:>4} {r['spill_bytes']:>5} "
-                     f"{r['stack_bytes']:>5} {r['smem_bytes']:>6} {mma:>6} {note}")
+        lines.append(f"{r['kind']:6} {r['kernel'][:58]:58} {r['target']:6} {_warps(r):>4} {r['registers']:>4} "
+                     f"{r['spill_bytes']:>5} {r['stack_bytes']:>5} {r['smem_bytes']:>6} {mma:>6} {note}")
+    lines.append("w/s: warps per program / pipeline stages (Triton builds); a kernel named once per target takes its "
+                 "own tile there")
     return "\n".join(lines)
+
+
+def _warps(row):
+    return f"{row['num_warps']}/{row['num_stages']}" if "num_warps" in row else "-"
 
 
 def main(argv=None):
