@@ -33,11 +33,13 @@ def dtype_code(dtype):
 
 def launch(name, entry, device, *args):
     """Call ``entry`` of the extension ``name`` ("_C" or "_cuda") with ``args``. The CUDA bindings take the stream
-    last: on "_cuda" the call runs under ``device``'s guard with its current stream appended."""
+    last: on "_cuda" the call runs under ``device``'s guard with its current stream appended. The CPU bindings take
+    the thread count last: on "_C" it is ``torch.get_num_threads()``, so the C++ kernels use the threads torch is
+    allowed (``torch.set_num_threads``, ``OMP_NUM_THREADS``), not every hardware thread of a shared machine."""
     module, why = load(name)
     if module is None:
         raise RuntimeError(why)
     if name == "_cuda":
         with torch.cuda.device(device):
             return getattr(module, entry)(*args, torch.cuda.current_stream(device).cuda_stream)
-    return getattr(module, entry)(*args)
+    return getattr(module, entry)(*args, torch.get_num_threads())

@@ -182,17 +182,30 @@ def test_cpu_inference_cases_compare_the_models_and_report_layers_saved():
     from effbert.bench import cpu_inference as bench
 
     cases = bench.cases(torch.device("cpu"), quick=True)
-    assert {c.provider for c in cases} == {"hf-sdpa", "effbert", "effbert-early-exit"}
+    assert {c.provider for c in cases} == {"hf-sdpa", "effbert", "effbert-early-exit", "hf-sdpa-patched"}
     assert all(c.op == "cpu_inference" and c.baseline == "hf-sdpa" for c in cases)
     # FLOPs by hand: hidden 64, FFN 128, N 32, one sequence of 32 tokens
     assert bench.layer_flops([32], 64, 128, 32, True) == 2 * 32 * (4 * 64 * 64 + 2 * 64 * 128) + 4 * 32 * 32 * 64
-    assert bench.layer_flops([32, 10], 64, 128, 32, False) == (2 * 64 * (4 * 64 * 64 + 2 * 64 * 128)
+    # real tokens only: 42 tokens' matmuls, 32^2 + 10^2 query-key pairs; padded: 2 x 32 tokens, 2 x 32^2 pairs
+    assert bench.layer_flops([32, 10], 64, 128, 32, False) == (2 * 42 * (4 * 64 * 64 + 2 * 64 * 128)
                                                                + 4 * (32 * 32 + 10 * 10) * 64)
+    assert bench.layer_flops([32, 10], 64, 128, 32, True) == (2 * 64 * (4 * 64 * 64 + 2 * 64 * 128)
+                                                              + 4 * 2 * 32 * 32 * 64)
+    # one floor per shape (the real tokens' FLOPs); the padded baseline's own work is more
+    for shape in {c.shape for c in cases}:
+        group = [c for c in cases if c.shape == shape and not c.provider.startswith("effbert-early-exit")]
+        assert len({c.flops for c in group}) == 1, shape
+        base = next(c for c in group if c.provider == "hf-sdpa")
+        assert (base.work_flops > base.flops) == ("B=1," not in shape)  # B=1: one sequence, no padding
+    # inference caches TUPE's positional term (it depends on no input)
+    assert all(m.position_encoder.cache for m in (bench._models(True)[1], bench._models(True)[2].bert))
     ids, mask, lengths = bench.make_batch(4, 32, 1000, seed=4)
     assert lengths[0] == 32 and (mask.sum(1) == lengths).all() and (ids[mask == 0] == 0).all()
     for case in cases:
         if case.provider == "hf-sdpa":
             continue
+        if case.provider == "hf-sdpa-patched":
+            assert case.shape.startswith("all-MiniLM-L6-v2,")
         inputs = case.make_inputs()
         out, ref = case.fn(*inputs), case.reference(*inputs)
         assert (out.double() - ref.double()).norm() <= case.rtol * ref.double().norm()
@@ -200,6 +213,29 @@ def test_cpu_inference_cases_compare_the_models_and_report_layers_saved():
             assert "average exit" in case.note and 0 < case.flops
             avg = float(case.note.split("average exit ")[1].split(" ")[0])
             assert avg <= 6.0 + 1e-9
+
+
+def test_row_rates_floor_is_the_ops_and_rates_are_the_providers():
+    """The runner's arithmetic: the floor comes from the op's fewest FLOPs and bytes (the same for every provider),
+    GB/s and TFLOP/s from the provider's own work; a provider that computes padding is below 100% of the floor by
+    the padding it computes, never above it."""
+    from effbert.bench.runner import row_rates
+
+    ceilings = {"launch_us": 10.0, "copy_GBps": 20.0, "float32_matmul_TFLOPs": 0.1}
+    # 2e9 FLOPs at 0.1 TFLOP/s: a 20 ms floor; bytes (1e6 / 20 GB/s = 0.05 ms) and launch (0.01 ms) are below it
+    exact = row_rates(40.0, 2e9, 10 ** 6, ceilings, "float32")
+    assert exact["floor_ms"] == pytest.approx(20.0) and exact["pct_of_floor"] == pytest.approx(50.0)
+    assert exact["TFLOPs"] == pytest.approx(2e9 / 40.0 / 1e9) and exact["GBps"] == pytest.approx(1e6 / 40.0 / 1e6)
+    # a padded provider doing twice the work in the same time: the same % of floor, twice the FLOP rate
+    padded = row_rates(40.0, 2e9, 10 ** 6, ceilings, "float32", work_flops=4e9, work_bytes=3 * 10 ** 6)
+    assert padded["pct_of_floor"] == pytest.approx(50.0) and padded["TFLOPs"] == pytest.approx(2 * exact["TFLOPs"])
+    assert padded["GBps"] == pytest.approx(3 * exact["GBps"]) and padded["work_flops"] == 4e9
+    # a provider at the ceiling on the real work is at 100%, however much padding another computes
+    assert row_rates(20.0, 2e9, 10 ** 6, ceilings, "float32")["pct_of_floor"] == pytest.approx(100.0)
+    # memory-bound (no FLOPs): the bytes set the floor; tiny: the launch does
+    assert row_rates(1.0, 0, 10 ** 7, ceilings, "float32")["floor_ms"] == pytest.approx(0.5)
+    assert row_rates(1.0, 0, 10, ceilings, "float32")["floor_ms"] == pytest.approx(0.01)
+    assert row_rates(1.0, 0, 10, ceilings, "float32")["TFLOPs"] is None
 
 
 def _case(op, shape, provider="p"):

@@ -1,5 +1,6 @@
 """``effbert demo --quick`` runs to the end through the command line: the loss is recorded, early exit ran at every
-threshold with sane numbers, and the plot is written where it says."""
+threshold with sane numbers, the plot is written where it says, and output that is not a terminal gets lines, not
+progress bars."""
 
 import importlib.util
 import math
@@ -13,8 +14,11 @@ from effbert.commands import demo
 
 def test_demo_quick_runs_to_the_end(tmp_path, capsys):
     assert cli.main(["demo", "--quick", "--out", str(tmp_path)]) == 0
-    text = capsys.readouterr().out
+    captured = capsys.readouterr()
+    text = captured.out
     assert "MLM loss" in text and "batched early exit" in text and "done in" in text
+    # stderr is not a terminal here: periodic lines, no progress bar's carriage returns
+    assert "\r" not in captured.out + captured.err and "  step " in text
     if importlib.util.find_spec("matplotlib") is None:
         pytest.skip("matplotlib is not installed: the plot is not written")
     png = tmp_path / "effbert-demo.png"
@@ -64,3 +68,34 @@ def test_demo_bad_device_or_out_fails_first_in_one_line(tmp_path, capsys):
         lines = captured.err.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("effbert demo: error:") and message in lines[0], lines
         assert "MLM" not in captured.out  # nothing ran
+
+
+def test_demo_speedup_is_the_median_of_back_to_back_pairs(monkeypatch):
+    """Each threshold's speed-up is the median of TIMING_ROUNDS full-depth / early-exit pairs timed back to back, so
+    one pass slowed by another job on a shared CPU does not decide the printed figure."""
+    import types
+
+    import torch
+
+    depth, n, classes = 6, 40, 4
+    gen = torch.Generator().manual_seed(0)
+    exits = torch.randn(depth, n, classes, generator=gen)
+
+    def model(ids, mask):
+        return types.SimpleNamespace(exit_logits=exits[:, :ids.shape[0]])
+
+    slow = iter([0.5, 10.0, 0.5] * 10)  # the second early-exit pass of every threshold hits a load spike
+
+    def timed(model, ids, lengths, batch, device, criterion, threshold):
+        layers = torch.full((ids.shape[0],), depth if threshold == 0.0 else 3)
+        return exits[-1, :ids.shape[0]], layers, 1.0 if threshold == 0.0 else next(slow)
+
+    monkeypatch.setattr(demo, "_timed_early_exit", timed)
+    monkeypatch.setattr(demo, "TIMING_ROUNDS", 3)
+    sizes = types.SimpleNamespace(layers=depth)
+    lines = []
+    _, points, _ = demo.evaluate(model, torch.ones(n, 8, dtype=torch.long), torch.full((n,), 8),
+                                 torch.randint(0, classes, (n,), generator=gen), sizes, torch.device("cpu"),
+                                 lines.append)
+    assert len(points) == 5 and all(p[2] == 2.0 for p in points), points
+    assert any("median of 3 pairs" in line for line in lines)

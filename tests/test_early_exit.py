@@ -251,13 +251,13 @@ def test_native_extension_rejects_bad_arguments():
     x = torch.randn(2, 3)
     out = torch.empty(2)
     with pytest.raises(ValueError, match="dtype code"):
-        module.exit_entropy(x.data_ptr(), 7, 2, 3, 3, out.data_ptr())
+        module.exit_entropy(x.data_ptr(), 7, 2, 3, 3, out.data_ptr(), 1)
     with pytest.raises(ValueError, match="cols must be >= 1"):
-        module.exit_entropy(x.data_ptr(), 0, 2, 0, 3, out.data_ptr())
+        module.exit_entropy(x.data_ptr(), 0, 2, 0, 3, out.data_ptr(), 1)
     with pytest.raises(ValueError, match="row_stride"):
-        module.exit_entropy(x.data_ptr(), 0, 2, 3, 1, out.data_ptr())
+        module.exit_entropy(x.data_ptr(), 0, 2, 3, 1, out.data_ptr(), 1)
     with pytest.raises(ValueError, match="non-null"):
-        module.exit_entropy(0, 0, 2, 3, 3, out.data_ptr())
+        module.exit_entropy(0, 0, 2, 3, 3, out.data_ptr(), 1)
 
 
 # ---- GPU-only checks (run by the GPU suite) ----
@@ -596,3 +596,39 @@ def test_patience_ties_take_the_first_class(backend, device, dtype):
                       criterion="patience", patience=1, backend=backend)
     assert int(count) == 0 and out_layer.tolist() == [2] * 4 and counter.tolist() == [1] * 4
     assert prev.tolist() == first
+
+
+def test_cpu_kernels_use_torchs_thread_count_not_the_hardwares(monkeypatch):
+    """The C++ CPU kernels start at most torch.get_num_threads() threads (passed in by every launch), so a process
+    limited to one thread, or sharing the machine, never gets more from effbert."""
+    module, why = effbert._ext.load("_C")
+    assert module is not None, why
+    big = 1 << 30  # enough work for every thread allowed
+    assert module.parallel_threads_used(64, big, 1) == 1
+    assert module.parallel_threads_used(64, big, 2) == 2
+    assert module.parallel_threads_used(64, big, 5) == 5  # what torch allows, even above this machine's cores
+    assert module.parallel_threads_used(3, big, 8) == 3  # never more threads than items
+    assert module.parallel_threads_used(64, 1000, 8) == 1  # small work stays on the calling thread
+    seen = []
+
+    class Recording:
+        def __getattr__(self, entry):
+            def call(*args):
+                seen.append((entry, args[-1]))
+                return getattr(module, entry)(*args)
+            return call
+
+    monkeypatch.setattr(effbert._ext, "load", lambda name: (Recording(), None) if name == "_C" else (None, "no"))
+    before = torch.get_num_threads()
+    try:
+        for threads in (1, 3):
+            torch.set_num_threads(threads)
+            x = torch.randn(4, 1000)
+            assert_close(effbert.exit_entropy(x, backend="cpu"), reference.exit_entropy(x.double()))
+            effbert.note_mix(torch.randn(2, 3, 8), torch.randn(4, 8), torch.tensor([[0, -1, 1], [3, -1, -1]]), 0.5,
+                             backend="cpu")
+            assert seen and all(t == threads for _, t in seen), seen
+            assert {"exit_entropy", "note_mix"} <= {e for e, _ in seen}
+            seen.clear()
+    finally:
+        torch.set_num_threads(before)

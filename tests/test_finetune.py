@@ -3,6 +3,7 @@ TSV; the report is consistent, the saved model loads back and reproduces the rep
 with a clear message."""
 
 import importlib.util
+import io
 import json
 import os
 import random
@@ -102,16 +103,29 @@ def check_report(out, criterion, steps):
     return report
 
 
+def encode(tokenizer, texts, max_len):
+    """Right-padded ids and the attention mask (True = real token) of ``texts``, as the fast tokenizer gives them."""
+    enc = tokenizer(texts, truncation=True, max_length=max_len, padding=True, return_tensors="pt",
+                    return_token_type_ids=False)
+    return enc["input_ids"], enc["attention_mask"].bool()
+
+
 def check_reload(out, data, report):
-    """The saved model reproduces the reported full-depth accuracy and every row's exits."""
+    """The saved model reproduces the reported full-depth accuracy and every row's exits; transformers' Auto class
+    loads the same multi-exit model from the folder."""
+    from transformers import AutoModelForSequenceClassification
+
     model, tokenizer, labels, settings = finetune.load_finetuned(out, backend="eager")
     assert labels == ["food", "sport"] and model.config.multi_exit and not model.training
     names, texts = finetune.read_tsv(str(data / "eval.tsv"))
-    ids, lengths = tokenizer.encode_batch(texts, settings["max_len"])
+    ids, mask = encode(tokenizer, texts, settings["max_len"])
     y = torch.tensor([labels.index(n) for n in names])
-    mask = torch.arange(ids.shape[1])[None] < lengths[:, None]
     with torch.no_grad():
         every = model(ids, mask).exit_logits
+        auto = AutoModelForSequenceClassification.from_pretrained(out).eval()
+        auto.set_backend("eager")
+        assert type(auto) is type(model) and auto.config.id2label == {0: "food", 1: "sport"}
+        assert torch.equal(auto(input_ids=ids, attention_mask=mask.long()).exit_logits, every)
     full_logits = every[-1]
     assert float((full_logits.argmax(-1) == y).double().mean()) == report["full_depth_accuracy"]
     assert [float((z.argmax(-1) == y).double().mean()) for z in every] == report["per_exit_accuracy"]
@@ -134,6 +148,15 @@ def test_finetune_learns_reports_and_reloads(hf_dir, data, tmp_path, capsys):
     assert report["full_depth_accuracy"] >= 0.8, report["full_depth_accuracy"]
     assert report["train_loss_last"] < report["train_loss_first"]
     check_reload(out, data, report)
+
+
+@needs_hf
+def test_finetune_on_the_cpu_backend(hf_dir, data, tmp_path):
+    """--backend cpu (the C++ CPU backend for the model's ops) trains: the loss, which has no such backend, goes to
+    the dispatcher."""
+    out = tmp_path / "run"
+    assert cli.main(args(hf_dir, data, out, "--steps", "2", "--backend", "cpu")) == 0
+    assert json.loads((out / "finetune.json").read_text())["complete"]
 
 
 @needs_hf
@@ -214,8 +237,7 @@ def test_finetune_regression_head(hf_dir, tmp_path, capsys):
     model, tokenizer, labels, settings = finetune.load_finetuned(out, backend="eager")
     assert model.config.num_labels == 1 and settings["regression"] and report["metric"] == "mse"
     names, texts = finetune.read_tsv(str(folder / "eval.tsv"))
-    ids, lengths = tokenizer.encode_batch(texts, settings["max_len"])
-    mask = torch.arange(ids.shape[1])[None] < lengths[:, None]
+    ids, mask = encode(tokenizer, texts, settings["max_len"])
     y = torch.tensor([float(n) for n in names], dtype=torch.float64)
     with torch.no_grad():
         every = model(ids, mask).exit_logits.double()
@@ -229,22 +251,21 @@ def test_finetune_regression_head(hf_dir, tmp_path, capsys):
     assert "not a finite number" in capsys.readouterr().err
 
 
-def write_pretrain_folder(folder, tnf_notes=True):
-    """A folder in ``effbert pretrain``'s layout: config.json, vocab.txt, pretrain.json, model.pt (the masked-LM
-    model's state dict, TNF notes included)."""
+def write_pretrain_folder(folder, tnf_notes=True, weights_in=None):
+    """A folder in ``effbert pretrain``'s layout: the masked-LM model's ``save_pretrained`` (config.json,
+    model.safetensors, TNF notes included), its tokenizer (vocab.txt) and pretrain.json; ``weights_in``: a
+    subfolder (``checkpoint-N``, a run stopped early) that holds the config and weights instead."""
     from effbert.models import TupeBertConfig, TupeBertForMaskedLM
-    from effbert.nn import NoteDictionary
 
     folder.mkdir()
     cfg = TupeBertConfig(vocab_size=len(vocab()), hidden_size=32, num_hidden_layers=3, num_attention_heads=2,
-                         intermediate_size=48, max_position_embeddings=32, position_mode="tupe-r", backend="eager")
-    notes = NoteDictionary(4, 32) if tnf_notes else None
-    mlm = TupeBertForMaskedLM(cfg, note_dictionary=notes)
-    (folder / "config.json").write_text(cfg.to_json())
+                         intermediate_size=48, max_position_embeddings=32, position_mode="tupe-r", backend="eager",
+                         tnf_num_notes=4 if tnf_notes else None)
+    mlm = TupeBertForMaskedLM(cfg)
+    assert (mlm.notes is not None) == tnf_notes
+    mlm.save_pretrained(folder / weights_in if weights_in else folder)
     (folder / "vocab.txt").write_text("".join(v + "\n" for v in vocab()))
-    (folder / "pretrain.json").write_text(json.dumps({"settings": {"cased": False, "tnf": False}}))
-    torch.save({k: v for k, v in mlm.state_dict().items() if tnf_notes or not k.startswith("notes.")},
-               folder / "model.pt")
+    (folder / "pretrain.json").write_text(json.dumps({"settings": {"tnf": tnf_notes}}))
     return mlm
 
 
@@ -259,10 +280,13 @@ def test_finetune_from_a_pretrain_folder(tmp_path, data, capsys):
     assert all(torch.equal(h.pooler.weight, model.exits[-1].pooler.weight) for h in model.exits)
     assert len({id(h.pooler) for h in model.exits}) == 3
     assert tokenizer.tokenize("Balls") == ["ball", "##s"]
-    # the layout without load_pretrained: the folder is read directly, TNF notes left out
-    write_pretrain_folder(tmp_path / "pre-tnf")
-    enc, tok, _ = finetune._read_pretrain_folder(str(tmp_path / "pre-tnf"))
-    assert enc.notes is None and len(tok) == len(vocab())
+    # TNF's notes are left out; a run stopped early starts from its latest checkpoint-N folder
+    tnf = write_pretrain_folder(tmp_path / "pre-tnf", weights_in="checkpoint-7")
+    (tmp_path / "pre-tnf" / "checkpoint-3").mkdir()  # an older one, never read
+    enc, tok, _ = finetune._from_pretrain(str(tmp_path / "pre-tnf"), 2, "eager", None)
+    assert enc.config.tnf_num_notes is None and not any(k.startswith("notes.") for k in enc.state_dict())
+    assert len(tok) == len(vocab())
+    assert all(torch.equal(enc.bert.state_dict()[k], v) for k, v in tnf.bert.state_dict().items())
     out = tmp_path / "run"
     argv = ["finetune", "--init", str(tmp_path / "pre"), "--train", str(data / "train.tsv"), "--eval",
             str(data / "eval.tsv"), "--out", str(out), "--steps", "4", "--batch-size", "16", "--lr", "1e-3",
@@ -276,6 +300,28 @@ def test_finetune_from_a_pretrain_folder(tmp_path, data, capsys):
         f.write("extra\n")  # a piece id the embeddings do not have
     assert cli.main(argv) == 2
     assert "more than the model's vocab_size" in capsys.readouterr().err
+
+
+def test_finetune_from_an_earlier_pretrain_layout(tmp_path):
+    """The folder of an earlier effbert pretrain (config.json, vocab.txt, pretrain.json, model.pt with TNF's notes)
+    still starts a run: its encoder's weights, notes left out, casing from pretrain.json."""
+    from effbert.models import TupeBertConfig, TupeBertForMaskedLM
+
+    folder = tmp_path / "old"
+    folder.mkdir()
+    cfg = TupeBertConfig(vocab_size=len(vocab()), hidden_size=32, num_hidden_layers=3, num_attention_heads=2,
+                         intermediate_size=48, max_position_embeddings=32, position_mode="tupe-r", tnf_num_notes=4)
+    mlm = TupeBertForMaskedLM(cfg)
+    (folder / "config.json").write_text(cfg.to_json())
+    (folder / "vocab.txt").write_text("".join(v + "\n" for v in vocab()))
+    (folder / "pretrain.json").write_text(json.dumps({"settings": {"cased": True}}))
+    torch.save(mlm.state_dict(), folder / "model.pt")
+    model, tokenizer, cased = finetune._from_pretrain(str(folder), 2, "eager", None)
+    assert cased is True and tokenizer.tokenize("Ball") == ["[UNK]"] and tokenizer.tokenize("ball") == ["ball"]
+    want, got = mlm.bert.state_dict(), model.bert.state_dict()
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    with pytest.raises(cli.UsageError, match="kept case"):
+        finetune._from_pretrain(str(folder), 2, "eager", False)
 
 
 @pytest.mark.skipif(not installed("effbert.commands.pretrain"), reason="effbert pretrain is not in this tree")
@@ -313,8 +359,7 @@ def test_finetune_from_a_classifier_checkpoint_starts_from_its_head(tmp_path, da
     (folder / "vocab.txt").write_text((hf_dir / "vocab.txt").read_text())
     model, tokenizer, cased = finetune._from_hf(str(folder), 2, "eager", None)
     assert cased is False and model.config.multi_exit and model.config.num_labels == 2
-    ids, lengths = tokenizer.encode_batch(["The ball and the goal.", "Soup of rice"], 16)
-    mask = torch.arange(ids.shape[1])[None] < lengths[:, None]
+    ids, mask = encode(tokenizer, ["The ball and the goal.", "Soup of rice"], 16)
     with torch.no_grad():
         got = model.eval()(ids, mask).exit_logits[-1]
         want = hf_model.double()(input_ids=ids, attention_mask=mask.long()).logits
@@ -401,8 +446,9 @@ def test_load_finetuned_never_unpickles_code(tmp_path, data, monkeypatch):
     out = tmp_path / "run"
     assert cli.main(["finetune", "--init", str(tmp_path / "pre"), "--train", str(data / "train.tsv"), "--out",
                      str(out), "--steps", "1", "--backend", "eager", "--device", "cpu", "--quiet"]) == 0
-    torch.save(_Payload(), out / "model.pt")
-    with pytest.raises(ValueError, match="cannot read .*model.pt"):
+    os.remove(out / "model.safetensors")  # weights in torch's pickle format: read as tensors only
+    torch.save(_Payload(), out / "pytorch_model.bin")
+    with pytest.raises(ValueError, match="cannot read the model"):
         finetune.load_finetuned(out)
     assert not (tmp_path / "PWNED_DIR").exists()
 
@@ -442,7 +488,7 @@ def test_out_never_destroys_another_run(tmp_path, data, capsys):
     assert cli.main(argv(tmp_path / "ft", "--seed", "1")) == 2
     assert "pass --overwrite" in capsys.readouterr().err and snapshot(tmp_path / "ft") == first
     assert cli.main(argv(tmp_path / "ft", "--seed", "1", "--overwrite")) == 0
-    assert snapshot(tmp_path / "ft")["model.pt"] != first["model.pt"]
+    assert snapshot(tmp_path / "ft")["model.safetensors"] != first["model.safetensors"]
     empty = tmp_path / "empty"
     empty.mkdir()
     assert cli.main(argv(empty)) == 0  # a new, empty folder is fine
@@ -453,23 +499,21 @@ class _Payload:
         return (os.mkdir, ("PWNED_DIR",))
 
 
-@pytest.mark.parametrize("reader", ["load_pretrained", "folder"])
-def test_tampered_pretrain_checkpoint_is_never_unpickled(tmp_path, data, capsys, monkeypatch, reader):
-    """A checkpoint that unpickles to code: the finetune command refuses it in one line and runs nothing, both
-    through load_pretrained and through the fallback that reads the folder directly."""
+@pytest.mark.parametrize("where", ["top", "checkpoint"])
+def test_tampered_pretrain_checkpoint_is_never_unpickled(tmp_path, data, capsys, monkeypatch, where):
+    """Weights that unpickle to code (torch's pickle format, in the folder or in the latest checkpoint-N of a run
+    stopped early): the finetune command refuses them in one line and runs nothing."""
     monkeypatch.chdir(tmp_path)
-    write_pretrain_folder(tmp_path / "pre", tnf_notes=False)
-    os.remove(tmp_path / "pre" / "model.pt")
-    torch.save({"step": 1, "model": _Payload()}, tmp_path / "pre" / "checkpoint-00000001.pt")
-    if reader == "folder":
-        monkeypatch.setitem(sys.modules, "effbert.commands.pretrain", None)  # the install without the pretrain command
-        with pytest.raises(Exception, match="Weights only load failed"):
-            finetune._read_pretrain_folder(str(tmp_path / "pre"))
-    assert cli.main(["finetune", "--init", str(tmp_path / "pre"), "--train", str(data / "train.tsv"), "--out",
+    pre = tmp_path / "pre"
+    write_pretrain_folder(pre, tnf_notes=False, weights_in=None if where == "top" else "checkpoint-1")
+    folder = pre if where == "top" else pre / "checkpoint-1"
+    os.remove(folder / "model.safetensors")
+    torch.save({"embeddings.word_embeddings.weight": _Payload()}, folder / "pytorch_model.bin")
+    assert cli.main(["finetune", "--init", str(pre), "--train", str(data / "train.tsv"), "--out",
                      str(tmp_path / "run"), "--steps", "2", "--backend", "eager", "--device", "cpu"]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("effbert finetune: error: --init:") and len(err.strip().splitlines()) == 1
-    assert not (tmp_path / "PWNED_DIR").exists() and not (tmp_path / "run" / "model.pt").exists()
+    assert err.startswith("effbert finetune: error: --init:") and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "PWNED_DIR").exists() and not (tmp_path / "run").exists()
 
 
 def test_a_suspicious_label_column_warns(tmp_path, data, capsys):
@@ -481,27 +525,56 @@ def test_a_suspicious_label_column_warns(tmp_path, data, capsys):
     assert len(warned) == 1  # well-formed data is quiet
 
 
-@pytest.mark.parametrize("damage", ["config-cut", "config-bad-size", "run-file-list", "weights-cut", "weights-other",
-                                    "no-vocab", "no-weights"])
+@pytest.mark.parametrize("damage", ["config-cut", "config-bad-size", "other-model-type", "weights-cut",
+                                    "weights-other", "no-vocab", "tokenizer-bad", "no-weights"])
 def test_damaged_init_folder_is_one_line(tmp_path, data, capsys, damage):
+    """A damaged pretraining folder, a checkpoint of another model type or a tokenizer that does not load: one line
+    naming --init, exit 2, no --out folder."""
+    from safetensors.torch import save_file
+
     pre = tmp_path / "pre"
     write_pretrain_folder(pre, tnf_notes=False)
+    config = json.loads((pre / "config.json").read_text())
     edit = {
         "config-cut": lambda: (pre / "config.json").write_text('{"hidden_size": 3'),
-        "config-bad-size": lambda: (pre / "config.json").write_text(json.dumps(
-            dict(json.loads((pre / "config.json").read_text()), hidden_size=-4))),
-        "run-file-list": lambda: (pre / "pretrain.json").write_text("[]"),
-        "weights-cut": lambda: (pre / "model.pt").write_bytes((pre / "model.pt").read_bytes()[:300]),
-        "weights-other": lambda: torch.save({"embeddings.word_embeddings.weight": torch.ones(2, 2)}, pre / "model.pt"),
+        "config-bad-size": lambda: (pre / "config.json").write_text(json.dumps(dict(config, hidden_size=-4))),
+        "other-model-type": lambda: (pre / "config.json").write_text(json.dumps(dict(config, model_type="bert"))),
+        "weights-cut": lambda: (pre / "model.safetensors").write_bytes(
+            (pre / "model.safetensors").read_bytes()[:300]),
+        "weights-other": lambda: save_file({"embeddings.word_embeddings.weight": torch.ones(2, 2)},
+                                           pre / "model.safetensors"),
         "no-vocab": lambda: os.remove(pre / "vocab.txt"),
-        "no-weights": lambda: os.remove(pre / "model.pt"),
+        "tokenizer-bad": lambda: (pre / "tokenizer.json").write_text('{"model": {"type": "WordPiece", "vocab": 3'),
+        "no-weights": lambda: os.remove(pre / "model.safetensors"),
     }
     edit[damage]()
     assert cli.main(["finetune", "--init", str(pre), "--train", str(data / "train.tsv"), "--out",
                      str(tmp_path / "run"), "--steps", "2", "--backend", "eager", "--device", "cpu"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("effbert finetune: error: --init:") and len(err.strip().splitlines()) == 1, err
+    assert "Traceback" not in err
+    if damage == "other-model-type":
+        assert "model type 'bert', not 'tupe-bert'" in err and "--hf" in err
+    if damage == "tokenizer-bad":
+        assert "the tokenizer in" in err and "does not load" in err
     assert not (tmp_path / "run").exists()
+
+
+def test_hf_folder_of_another_model_type_or_a_bad_tokenizer_is_one_line(hf_dir, data, tmp_path, capsys):
+    """--hf given an effbert checkpoint, or a BERT whose tokenizer does not load: one line, exit 2."""
+    import shutil
+
+    write_pretrain_folder(tmp_path / "pre", tnf_notes=False)
+    assert cli.main(args(tmp_path / "pre", data, tmp_path / "out", "--steps", "2")) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "model type 'tupe-bert', not 'bert'" in err and "--init" in err
+    bad = tmp_path / "bert"
+    shutil.copytree(hf_dir, bad)
+    (bad / "vocab.txt").write_bytes(b"\xff\xfe\x00binary")
+    assert cli.main(args(bad, data, tmp_path / "out", "--steps", "2")) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("effbert finetune: error: --hf: the tokenizer in") and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()
 
 
 def test_read_tsv_splits_on_newlines_only(tmp_path):
@@ -509,3 +582,287 @@ def test_read_tsv_splits_on_newlines_only(tmp_path):
     path = tmp_path / "t.tsv"
     path.write_bytes("a\tone\u2028two\r\nb\tthree\x0cfour\n\n".encode("utf-8"))
     assert finetune.read_tsv(str(path)) == (["a", "b"], ["one\u2028two", "three\x0cfour"])
+
+
+class _Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+@pytest.mark.parametrize("terminal", [False, True])
+def test_progress_bar_only_on_a_terminal(tmp_path, data, capsys, monkeypatch, terminal):
+    """stderr not a terminal (a log file): periodic summary lines, never a carriage return; on a terminal, Trainer's
+    progress bar."""
+    write_pretrain_folder(tmp_path / "pre", tnf_notes=False)
+    capsys.readouterr()
+    screen = _Terminal()
+    if terminal:
+        monkeypatch.setattr(sys, "stderr", screen)
+    assert cli.main(["finetune", "--init", str(tmp_path / "pre"), "--train", str(data / "train.tsv"), "--out",
+                     str(tmp_path / "run"), "--steps", "4", "--log-every", "2", "--batch-size", "16", "--backend",
+                     "eager", "--device", "cpu"]) == 0
+    captured = capsys.readouterr()
+    assert "step      2  loss" in captured.out and "step      4  loss" in captured.out
+    if terminal:
+        assert "\r" in screen.getvalue() and "4/4" in screen.getvalue()
+    else:
+        assert "\r" not in captured.out + captured.err and "it/s" not in captured.err
+        assert "{'loss'" not in captured.out  # Trainer's own log dicts are not printed
+        assert "MISSING" not in captured.out + captured.err  # the new off-ramps are no loading problem to report
+
+
+def test_resume_from_a_checkpoint_gives_the_uninterrupted_run(tmp_path, data, capsys):
+    """A run stopped after its step-3 checkpoint and resumed with --resume ends with the weights and per-step losses
+    of the run that was never stopped (Trainer restores the optimizer, schedule, data order and random state)."""
+    from safetensors.torch import load_file
+
+    write_pretrain_folder(tmp_path / "pre", tnf_notes=False)
+
+    def argv(out, *extra):
+        return ["finetune", "--init", str(tmp_path / "pre"), "--train", str(data / "train.tsv"), "--eval",
+                str(data / "eval.tsv"), "--out", str(out), "--steps", "6", "--save-steps", "3", "--batch-size", "8",
+                "--lr", "1e-3", "--backend", "eager", "--device", "cpu", "--quiet", *extra]
+
+    assert cli.main(argv(tmp_path / "whole")) == 0
+    assert cli.main(argv(tmp_path / "cut")) == 0
+    cut = tmp_path / "cut"
+    assert sorted(p.name for p in (cut / "checkpoints").iterdir()) == ["checkpoint-3", "checkpoint-6"]
+    import shutil
+
+    shutil.rmtree(cut / "checkpoints" / "checkpoint-6")  # as if stopped after step 3
+    for name in ("model.safetensors", "report.json"):
+        os.remove(cut / name)
+    capsys.readouterr()
+    assert cli.main(argv(cut, "--resume")) == 0
+    assert "resumed from" in capsys.readouterr().out
+    want, got = load_file(tmp_path / "whole" / "model.safetensors"), load_file(cut / "model.safetensors")
+    assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
+    losses = [json.loads((d / "report.json").read_text())["losses"] for d in (tmp_path / "whole", cut)]
+    assert len(losses[0]) == 6 and losses[0] == losses[1]
+    assert cli.main(argv(tmp_path / "new", "--resume")) == 2
+    assert "there is no run to resume" in capsys.readouterr().err
+
+
+def test_gradient_accumulation_equals_the_whole_batch(tmp_path, data):
+    """--grad-accum 2 of 8 examples takes the steps of one batch of 16: the same weights (without dropout, to
+    rounding), as Trainer averages the micro-batches' losses."""
+    from safetensors.torch import load_file
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    bert = tmp_path / "bert"
+    BertModel(BertConfig(vocab_size=len(vocab()), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                         intermediate_size=48, max_position_embeddings=32, hidden_dropout_prob=0.0,
+                         attention_probs_dropout_prob=0.0)).save_pretrained(bert)
+    (bert / "vocab.txt").write_text("".join(v + "\n" for v in vocab()))
+    runs = {}
+    for name, extra in (("whole", ["--batch-size", "16"]), ("accum", ["--batch-size", "8", "--grad-accum", "2"])):
+        argv = ["finetune", "--hf", str(bert), "--train", str(data / "train.tsv"), "--out", str(tmp_path / name),
+                "--steps", "3", "--lr", "1e-3", "--warmup", "0", "--backend", "eager", "--device", "cpu", "--quiet",
+                *extra]
+        assert cli.main(argv) == 0
+        runs[name] = load_file(tmp_path / name / "model.safetensors")
+    start = finetune._from_hf(str(bert), 2, "eager", None)[0].state_dict()
+    assert runs["whole"].keys() == runs["accum"].keys()
+    for k in runs["whole"]:
+        assert torch.allclose(runs["whole"][k], runs["accum"][k], rtol=1e-4, atol=2e-6), k
+    encoder = [k for k in start if k.startswith("bert.")]
+    moved = max(float((runs["whole"][k] - start[k]).abs().max()) for k in encoder)
+    apart = max(float((runs["whole"][k] - runs["accum"][k]).abs().max()) for k in encoder)
+    assert moved > 100 * apart, (moved, apart)  # training moved the weights; the two runs moved them alike
+
+
+@needs_hf
+@pytest.mark.parametrize("project", ["others", "final"])
+def test_grad_reg_training_step_is_romebert_projection(hf_dir, tmp_path, project):
+    """MultiExitTrainer's training step with --grad-reg leaves in .grad exactly what RomeBERT's projection
+    (gradient_regularized_backward on the last exit's cross-entropy and the rest of the loss) gives, each side
+    divided by the micro-batches of the step as Trainer divides a loss."""
+    import copy
+
+    from transformers import TrainingArguments
+
+    from effbert.losses import (gradient_regularized_backward, multi_exit_distillation_loss,
+                                romebert_projected_parameters)
+    from effbert.training import MultiExitTrainer
+
+    model, tokenizer, _ = finetune._from_hf(str(hf_dir), 2, "eager", None)
+    twin = copy.deepcopy(model)
+    trainer = MultiExitTrainer(model=model, args=TrainingArguments(output_dir=str(tmp_path / "o"), use_cpu=True,
+                                                                   report_to="none"),
+                               grad_reg=True, project=project, gradient_equilibrium=True)
+    trainer.current_gradient_accumulation_steps = 2
+    ids, mask = encode(tokenizer, ["the ball and the goal", "soup of rice and salt", "a coach"], 16)
+    labels = torch.tensor([1, 0, 1])
+    torch.manual_seed(5)
+    got_loss = trainer.training_step(model, {"input_ids": ids, "attention_mask": mask.long(), "labels": labels})
+    torch.manual_seed(5)  # the same dropout masks
+    twin.train()
+    z = twin(ids, mask.long()).exit_logits.float()
+    loss = multi_exit_distillation_loss(z, labels, gradient_equilibrium=True, backend="eager")
+    final = torch.nn.functional.cross_entropy(z[-1], labels)
+    params = [p for p in twin.parameters() if p.requires_grad]
+    gradient_regularized_backward(final / 2, (loss - final) / 2, params,
+                                  romebert_projected_parameters(twin.bert.encoder), project=project)
+    assert torch.equal(got_loss, (loss / 2).detach())
+    for (name, p), q in zip(model.named_parameters(), twin.parameters()):
+        assert torch.allclose(p.grad, q.grad, rtol=1e-6, atol=1e-9), name
+    assert int(trainer.projected) in (0, 1)
+
+
+@needs_hf
+def test_torchrun_two_processes_write_one_run(hf_dir, data, tmp_path):
+    """Under torchrun (2 gloo processes) Trainer trains data parallel; one process prints the summary and writes the
+    folder, which loads with its report; checkpoints come from that process too."""
+    import subprocess
+
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m",
+           "effbert.commands", "finetune", "--hf", str(hf_dir), "--train", str(data / "train.tsv"), "--eval",
+           str(data / "eval.tsv"), "--out", str(out), "--steps", "2", "--save-steps", "2", "--batch-size", "8",
+           "--backend", "eager", "--device", "cpu", "--log-every", "1", "--eval-batch-size", "16"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    text = proc.stdout
+    assert text.count("done in") == 1 and text.count("step      2  loss") == 1, text
+    assert "2 steps of 16" in text  # 8 a process, 2 processes
+    report = json.loads((out / "report.json").read_text())
+    assert report["train_steps"] == 2 and (out / "checkpoints" / "checkpoint-2").is_dir()
+    model, _, labels, settings = finetune.load_finetuned(out, backend="eager")
+    assert labels == ["food", "sport"] and settings["complete"] and settings["steps"] == 2
+
+
+@needs_hf
+@pytest.mark.gpu
+@pytest.mark.parametrize("precision", ["--fp16", "--bf16"])
+def test_mixed_precision_on_cuda_with_grad_reg(hf_dir, data, tmp_path, capsys, precision):
+    """Trainer's mixed precision on a GPU, through RomeBERT's two-backward step too (fp16: both losses carry the
+    loss scale): the run learns with finite losses and its folder loads."""
+    out = tmp_path / "run"
+    argv = ["finetune", "--hf", str(hf_dir), "--train", str(data / "train.tsv"), "--eval", str(data / "eval.tsv"),
+            "--out", str(out), "--steps", "30", "--batch-size", "16", "--lr", "3e-3", "--device", "cuda", "--quiet",
+            "--grad-reg", precision]
+    assert cli.main(argv) == 0
+    assert "gradient regularization: the others side projected on" in capsys.readouterr().out
+    report = json.loads((out / "report.json").read_text())
+    assert all(torch.isfinite(torch.tensor(report["losses"])))
+    assert report["train_loss_last"] < report["train_loss_first"]
+    finetune.load_finetuned(out, device="cuda")
+
+
+@needs_hf
+def test_multi_exit_trainer_checks_its_arguments(hf_dir, tmp_path):
+    """Each bad setting raises naming its argument, before Trainer is built."""
+    from transformers import TrainingArguments
+
+    from effbert.training import MultiExitTrainer
+
+    model, _, _ = finetune._from_hf(str(hf_dir), 2, "eager", None)
+    args = TrainingArguments(output_dir=str(tmp_path / "o"), use_cpu=True, report_to="none")
+    for kw, message in (({"loss": "kd"}, "loss must be one of"), ({"gamma": 1.5}, "gamma must be in"),
+                        ({"temperature": 0}, "temperature must be > 0"), ({"stage": 3}, "stage must be 1 or 2"),
+                        ({"project": "both"}, "project must be one of"),
+                        ({"loss": "pabee", "grad_reg": True}, "grad_reg goes with")):
+        with pytest.raises(ValueError, match=message):
+            MultiExitTrainer(model=model, args=args, **kw)
+    with pytest.raises(TypeError, match="gradient_equilibrium must be a bool"):
+        MultiExitTrainer(model=model, args=args, gradient_equilibrium=1)
+    with pytest.raises(ValueError, match="model must be a multi-exit classifier"):
+        MultiExitTrainer(model=model.bert, args=args)
+
+
+def test_multi_exit_trainer_from_a_users_script(tmp_path):
+    """The docs' script: a pretraining folder through the Auto class with off-ramps, a dataset, Trainer's collator
+    and MultiExitTrainer with PABEE's loss train the off-ramps; no effbert command involved."""
+    import datasets
+    from transformers import AutoModelForSequenceClassification, DataCollatorWithPadding, TrainingArguments
+
+    from effbert.data.tokenization import load_tokenizer
+    from effbert.training import MultiExitTrainer
+
+    write_pretrain_folder(tmp_path / "pre")
+    model = AutoModelForSequenceClassification.from_pretrained(tmp_path / "pre", multi_exit=True, num_labels=2,
+                                                               tnf_num_notes=None, backend="eager")
+    tokenizer = load_tokenizer(tmp_path / "pre")
+    ds = datasets.Dataset.from_dict({"text": ["the ball", "the soup", "a goal", "rice"] * 4,
+                                     "labels": [1, 0, 1, 0] * 4})
+    ds = ds.map(lambda b: tokenizer(b["text"], return_token_type_ids=False), batched=True, remove_columns=["text"])
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    trainer = MultiExitTrainer(model=model, args=TrainingArguments(str(tmp_path / "out"), max_steps=2,
+                                                                   per_device_train_batch_size=8, use_cpu=True,
+                                                                   report_to="none", disable_tqdm=True),
+                               train_dataset=ds, data_collator=DataCollatorWithPadding(tokenizer), loss="pabee")
+    trainer.train()
+    after = model.state_dict()
+    assert all(not torch.equal(after[f"exits.{i}.classifier.weight"], before[f"exits.{i}.classifier.weight"])
+               for i in range(3))
+    assert trainer.state.global_step == 2
+
+
+def test_a_nan_loss_stops_the_run_before_its_checkpoint(tmp_path, data, capsys, monkeypatch):
+    """A non-finite loss at step 3 ends the run in one line (exit 2): the checkpoints of steps 1 and 2 stay, no
+    checkpoint of step 3 and no model are written."""
+    import effbert.losses
+
+    real, calls = effbert.losses.multi_exit_distillation_loss, []
+
+    def poisoned(*args, **kwargs):
+        calls.append(1)
+        loss = real(*args, **kwargs)
+        return loss * float("nan") if len(calls) == 3 else loss
+
+    monkeypatch.setattr(effbert.losses, "multi_exit_distillation_loss", poisoned)
+    write_pretrain_folder(tmp_path / "pre", tnf_notes=False)
+    capsys.readouterr()
+    out = tmp_path / "run"
+    assert cli.main(["finetune", "--init", str(tmp_path / "pre"), "--train", str(data / "train.tsv"), "--out",
+                     str(out), "--steps", "5", "--save-steps", "1", "--batch-size", "8", "--backend", "eager",
+                     "--device", "cpu", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "the loss is nan at step 3: lower --lr" in err and len(err.strip().splitlines()) == 1
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["checkpoint-1", "checkpoint-2"]
+    assert not (out / "model.safetensors").exists()
+
+
+def test_deebert_resume_in_its_second_stage(tmp_path, data, capsys):
+    """DeeBERT stopped in stage 2 resumes there (stage 1 is not run again, its losses come from its last
+    checkpoint) and ends with the weights and losses of the run that was never stopped."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    write_pretrain_folder(tmp_path / "pre", tnf_notes=False)
+
+    def argv(out, *extra):
+        return ["finetune", "--init", str(tmp_path / "pre"), "--train", str(data / "train.tsv"), "--eval",
+                str(data / "eval.tsv"), "--out", str(out), "--steps", "2", "--save-steps", "1", "--batch-size", "8",
+                "--loss", "deebert", "--backend", "eager", "--device", "cpu", "--quiet", *extra]
+
+    assert cli.main(argv(tmp_path / "whole")) == 0
+    assert cli.main(argv(tmp_path / "cut")) == 0
+    cut = tmp_path / "cut"
+    shutil.rmtree(cut / "checkpoints" / "stage-2" / "checkpoint-2")  # stopped after stage 2's first step
+    os.remove(cut / "model.safetensors")
+    capsys.readouterr()
+    assert cli.main(argv(cut, "--resume")) == 0
+    text = capsys.readouterr().out
+    assert "stage 1 finished before the resume" in text and "resumed from" in text
+    want, got = load_file(tmp_path / "whole" / "model.safetensors"), load_file(cut / "model.safetensors")
+    assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
+    losses = [json.loads((d / "report.json").read_text())["losses"] for d in (tmp_path / "whole", cut)]
+    assert len(losses[0]) == 4 and losses[0] == losses[1]
+
+
+def test_bf16_mixed_precision_on_the_cpu(tmp_path, data):
+    """--bf16 runs Trainer's autocast on the CPU too; the saved weights stay float32 and finite."""
+    from safetensors.torch import load_file
+
+    write_pretrain_folder(tmp_path / "pre", tnf_notes=False)
+    out = tmp_path / "run"
+    assert cli.main(["finetune", "--init", str(tmp_path / "pre"), "--train", str(data / "train.tsv"), "--out",
+                     str(out), "--steps", "2", "--batch-size", "8", "--bf16", "--backend", "eager", "--device", "cpu",
+                     "--quiet"]) == 0
+    weights = load_file(out / "model.safetensors")
+    assert all(w.dtype == torch.float32 and bool(torch.isfinite(w).all()) for w in weights.values())
+    assert json.loads((out / "finetune.json").read_text())["complete"]

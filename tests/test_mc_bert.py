@@ -456,41 +456,54 @@ def _real_text(path):
     return str(path)
 
 
-ARGS = ["--vocab-size", "300", "--layers", "2", "--hidden", "36", "--heads", "3", "--max-len", "24",
-        "--batch-size", "8", "--lr", "2e-3", "--backend", "eager", "--quiet", "--objective", "mcbert",
-        "--device", "cpu"]
+ARGS = ["--layers", "2", "--hidden", "36", "--heads", "3", "--max-len", "24", "--batch-size", "8", "--lr", "2e-3",
+        "--backend", "eager", "--quiet", "--objective", "mcbert", "--device", "cpu"]
 
 
 def test_pretrain_mcbert_resume_and_finetune(tmp_path, capsys):
+    """``effbert pretrain --objective mcbert`` under Trainer: both losses and the multi-choice accuracy are logged,
+    resuming gives bitwise the run that did not stop (controller included), the objective cannot change on resume,
+    the final folder holds the main model only (a masked-LM model), and fine-tuning starts from it."""
+    import shutil
+
+    from safetensors.torch import load_file
+
     from effbert import commands as cli
     from effbert.commands import pretrain
+    from effbert.data.tokenization import train_wordpiece
 
     data = _real_text(tmp_path / "corpus.txt")
+    train_wordpiece([data], vocab_size=300).save_pretrained(tmp_path / "tok")  # one vocabulary for every run
+    common = ["--data", data, "--vocab", str(tmp_path / "tok"), "--cache-dir", str(tmp_path / "cache"), *ARGS,
+              "--steps", "4", "--save-every", "2", "--log-every", "2"]
     whole, parts = tmp_path / "whole", tmp_path / "parts"
-    assert pretrain.main(["--data", data, "--out", str(whole), *ARGS, "--steps", "4", "--save-every", "2",
-                          "--log-every", "2", "--dump-state", str(tmp_path / "whole.pt")]) == 0
+    assert pretrain.main([*common, "--out", str(whole), "--dump-state", str(tmp_path / "whole.pt")]) == 0
     text = capsys.readouterr().out
     assert "objective MC-BERT (K = 10, lambda = 50" in text and "multi-choice" in text
     log = [json.loads(line) for line in (whole / "log.jsonl").read_text().splitlines()]
-    assert {"mlm_loss", "mc_loss", "mc_accuracy", "mc_replaced_accuracy"} <= log[-1].keys()
+    assert {"mlm_loss", "mc_loss", "mc_accuracy", "mc_replaced_accuracy", "replaced_fraction"} <= log[-1].keys()
+    for r in log:  # the logged loss is the objective's: controller MLM + 50 x multi-choice
+        assert r["loss"] == pytest.approx(r["mlm_loss"] + 50 * r["mc_loss"], rel=1e-4)
+        assert 0 <= r["mc_accuracy"] <= 1
     # resuming after step 2 gives bitwise the run that did not stop (controller included)
-    assert pretrain.main(["--data", data, "--out", str(parts), *ARGS, "--steps", "4", "--save-every", "2"]) == 0
-    os.remove(parts / "checkpoint-00000004.pt")
-    os.remove(parts / "model.pt")
-    assert pretrain.main(["--data", data, "--out", str(parts), "--resume", "--steps", "4", "--save-every", "2",
-                          "--quiet", "--backend", "eager", "--batch-size", "8", "--lr", "2e-3", "--device", "cpu",
-                          "--dump-state", str(tmp_path / "parts.pt")]) == 0
+    assert pretrain.main([*common, "--out", str(parts)]) == 0
+    shutil.rmtree(parts / "checkpoint-4")
+    os.remove(parts / "model.safetensors")
+    assert pretrain.main([*common, "--out", str(parts), "--resume", "--dump-state", str(tmp_path / "parts.pt")]) == 0
     a, b = torch.load(tmp_path / "whole.pt"), torch.load(tmp_path / "parts.pt")
     assert a.keys() == b.keys() and any(k.startswith("controller.") for k in a)
     assert all(torch.equal(a[k], b[k]) for k in a)
     # the objective is part of the run: a resume cannot switch it
-    assert pretrain.main(["--data", data, "--out", str(parts), "--resume", "--objective", "mlm", "--quiet"]) == 2
+    capsys.readouterr()
+    assert pretrain.main([*common, "--out", str(parts), "--resume", "--objective", "mlm"]) == 2
     assert "--objective 'mcbert' -> 'mlm'" in capsys.readouterr().err
-    # model.pt drops the controller; load_pretrained and finetune --init take it as a masked-LM run
-    saved = torch.load(whole / "model.pt")
-    assert not [k for k in saved if k.startswith("controller.")]
+    # checkpoints keep the controller (for --resume); the final model drops it and loads as a masked-LM model
+    assert any(k.startswith("controller.") for k in load_file(whole / "checkpoint-4" / "model.safetensors"))
+    saved = load_file(whole / "model.safetensors")
+    assert saved and not [k for k in saved if k.startswith("controller.")]
     mlm, tok, _ = pretrain.load_pretrained(whole, backend="eager")
-    assert all(torch.equal(mlm.state_dict()[k], a[k]) for k in saved)
+    assert type(mlm).__name__ == "TupeBertForMaskedLM"
+    assert all(torch.equal(mlm.state_dict()[k], a[k]) for k in mlm.state_dict())
     rows = [("gnu" if i % 2 else "other") + "\t" + line for i, line in
             enumerate(open(data, encoding="utf-8").read().splitlines()[:40])]
     (tmp_path / "train.tsv").write_text("\n".join(rows) + "\n")

@@ -436,7 +436,7 @@ def test_native_extension_rejects_bad_plans():
     flag = torch.tensor([1], dtype=torch.int32)
     with pytest.raises(ValueError, match="slot 5 out of range"):
         module.note_fold(notes.data_ptr(), counts.data_ptr(), 2, 4, means.data_ptr(), order.data_ptr(),
-                         bad_slot.data_ptr(), flag.data_ptr(), 1, 0.5)
+                         bad_slot.data_ptr(), flag.data_ptr(), 1, 0.5, 1)
     assert torch.equal(notes, torch.zeros(2, 4))
     hidden = torch.randn(1, 3, 4)
     spans = torch.tensor([[0, 0, 2, 0]])
@@ -445,18 +445,18 @@ def test_native_extension_rejects_bad_plans():
     bad_idx = torch.tensor([0, 9])
     with pytest.raises(ValueError, match=r"boundary index 9 out of range \[0, 2\)"):
         module.note_window_means(hidden.data_ptr(), 0, 1, 3, 4, 12, 4, spans.data_ptr(), lengths.data_ptr(), 1,
-                                 off.data_ptr(), bad_idx.data_ptr(), flag.data_ptr(), 1, means.data_ptr())
+                                 off.data_ptr(), bad_idx.data_ptr(), flag.data_ptr(), 1, means.data_ptr(), 1)
     bad_len, good_idx = torch.tensor([4]), torch.tensor([0, 1])
     with pytest.raises(ValueError, match=r"lengths\[0\] = 4 out of range"):
         module.note_window_means(hidden.data_ptr(), 0, 1, 3, 4, 12, 4, spans.data_ptr(), bad_len.data_ptr(), 1,
                                  off.data_ptr(), good_idx.data_ptr(), flag.data_ptr(), 1,
-                                 means.data_ptr())
+                                 means.data_ptr(), 1)
     x = torch.randn(1, 4)
     seven, zero = torch.tensor([7]), torch.tensor([0])  # kept alive: the extension takes raw addresses
     with pytest.raises(ValueError, match=r"slots\[0\] = 7 out of range"):
-        module.note_mix(x.data_ptr(), 0, 1, 4, 4, notes.data_ptr(), 2, seven.data_ptr(), 0.5, x.data_ptr(), 4)
+        module.note_mix(x.data_ptr(), 0, 1, 4, 4, notes.data_ptr(), 2, seven.data_ptr(), 0.5, x.data_ptr(), 4, 1)
     with pytest.raises(ValueError, match="dtype code"):
-        module.note_mix(x.data_ptr(), 9, 1, 4, 4, notes.data_ptr(), 2, zero.data_ptr(), 0.5, x.data_ptr(), 4)
+        module.note_mix(x.data_ptr(), 9, 1, 4, 4, notes.data_ptr(), 2, zero.data_ptr(), 0.5, x.data_ptr(), 4, 1)
 
 
 def test_half_and_bf16_rounding_of_cpu_extension(seeded):

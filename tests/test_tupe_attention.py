@@ -720,3 +720,92 @@ def test_varlen_refuses_bad_offsets_on_every_backend(backend, bad, max_seqlen, m
     cu = torch.tensor(bad, dtype=torch.int32, device=DEVICE)
     with pytest.raises(ValueError, match=message):
         effbert.tupe_attention_varlen(q, k, v, cu, max_seqlen, backend=backend)
+
+
+@pytest.mark.parametrize("n", [1, 7, 97, 129, 161])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+@pytest.mark.parametrize("grad_mode", ["no_grad", "inference_mode"])
+def test_cpu_backend_inference_road_matches_float64(n, dtype, grad_mode, seeded):
+    """Without autograd or dropout, a sequence of at most MATH_MAX_LEN tokens with a bias runs through baddbmm,
+    an in-place softmax and bmm (padded batch, packed batch, and a strided view of a larger bias alike); longer
+    ones keep the fused kernel. Both equal the float64 reference; padded queries stay 0."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from effbert.ops import _tupe_attention_cpu
+
+    b, h, d = 3, 2, 16
+    lengths = torch.tensor([n, max(1, n // 2), max(1, n - 3)])
+    mask = torch.arange(n)[None, :] < lengths[:, None]
+    q, k, v = (torch.randn(b, n, h, d, dtype=torch.float64) for _ in range(3))
+    big = torch.randn(h, n + 5, n + 5, dtype=torch.float64)
+    pos = big[:, :n, :n]  # a strided view of a larger cached table
+    ref = reference.tupe_attention(q, k, v, pos, attention_mask=mask)
+    cu = torch.tensor([0] + lengths.cumsum(0).tolist(), dtype=torch.int32)
+    packed = [torch.cat([t[i, :int(lengths[i])] for i in range(b)]) for t in (q, k, v)]
+    seen = []
+
+    class Ops(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            seen.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    ctx = torch.no_grad if grad_mode == "no_grad" else torch.inference_mode
+    with ctx(), Ops():
+        out = effbert.tupe_attention(*(t.to(dtype) for t in (q, k, v)), pos.to(dtype), attention_mask=mask,
+                                     backend="cpu")
+        out_packed = effbert.tupe_attention_varlen(*(t.to(dtype) for t in packed), cu, n, pos.to(dtype),
+                                                   backend="cpu")
+    rtol = FP32_RTOL if dtype == torch.float32 else 1e-12
+    assert_close(out, ref, rtol=rtol, what="cpu inference output")
+    assert (out[~mask] == 0).all()
+    assert_close(out_packed, unpad(ref, cu), rtol=rtol, what="cpu inference packed output")
+    # the padded batch calls once per length (a length shared by several rows: one fused call over them), the
+    # packed batch once per sequence
+    short = [int(x) for x in lengths if x <= _tupe_attention_cpu.MATH_MAX_LEN]
+    expected = sum(1 for x in set(short) if short.count(x) == 1 and int((lengths == x).sum()) == 1) + len(short)
+    assert sum("baddbmm" in f for f in seen) == expected, (n, sorted(set(seen)))
+
+
+def test_self_attention_cpu_inference_projects_qkv_as_three_gemms(seeded):
+    """TupeSelfAttention on the CPU without autograd runs its fused QKV projection as three GEMMs over row blocks of
+    the fused weight (faster on few tokens); the result equals the fused projection's, padded and packed, and the
+    training path keeps one GEMM."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from effbert.nn import TupeSelfAttention
+
+    calls = []
+
+    class Ops(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if "addmm" in str(func) or "mm.default" in str(func):
+                calls.append(tuple(args[2].shape) if "addmm" in str(func) else tuple(args[1].shape))
+            return func(*args, **(kwargs or {}))
+
+    attn = TupeSelfAttention(32, 4).double().eval()
+    x = torch.randn(2, 9, 32, dtype=torch.float64)
+    pos = torch.randn(4, 9, 9, dtype=torch.float64)
+    mask = torch.arange(9)[None, :] < torch.tensor([9, 5])[:, None]
+    expected = attn(x, pos, mask)  # with autograd: the fused projection
+    with torch.no_grad(), Ops():
+        out = attn(x, pos, mask)
+    assert_close(out, expected, rtol=1e-12, what="three-GEMM projection")
+    assert calls[:3] == [(32, 32)] * 3, calls  # the first matmuls: q, k, v, 32 wide each
+    calls.clear()
+    with Ops():
+        attn(x, pos, mask)
+    assert calls[0] == (32, 96), calls  # one fused GEMM when gradients are wanted
+
+
+def test_cpu_varlen_unchecked_offsets_leave_no_row_unwritten(seeded):
+    """With check_offsets=False the CPU path still writes every row: offsets that do not start at 0 leave the rows
+    before them at 0 (never uninitialised memory), and the sequence they name equals the reference."""
+    h, d = 2, 16
+    q, k, v = (torch.randn(7, h, d) for _ in range(3))
+    pos = torch.randn(h, 4, 4)
+    cu = torch.tensor([2, 5], dtype=torch.int32)
+    torch.full((7, h, d), float("nan"))  # freed at once: an uninitialised output would likely reuse its NaNs
+    out = effbert.tupe_attention_varlen(q, k, v, cu, 3, pos, backend="cpu", check_offsets=False)
+    assert (out[:2] == 0).all() and (out[5:] == 0).all()
+    ref = reference.tupe_attention(*(t[None, 2:5].double() for t in (q, k, v)), pos[:, :3, :3].double())[0]
+    assert_close(out[2:5], ref)

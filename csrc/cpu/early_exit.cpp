@@ -130,7 +130,8 @@ void entropy_rows_any(const char* logits, int dtype, int64_t row_begin, int64_t 
   }
 }
 
-void exit_entropy_cpu(uintptr_t logits, int dtype, int64_t rows, int64_t cols, int64_t row_stride, uintptr_t out) {
+void exit_entropy_cpu(uintptr_t logits, int dtype, int64_t rows, int64_t cols, int64_t row_stride, uintptr_t out,
+                      int64_t threads) {
   effbert::require_dtype(dtype, "logits");
   effbert::require(rows >= 0, "rows must be >= 0");
   effbert::require(cols >= 1, "cols must be >= 1");
@@ -140,7 +141,7 @@ void exit_entropy_cpu(uintptr_t logits, int dtype, int64_t rows, int64_t cols, i
   const char* src = reinterpret_cast<const char*>(logits);
   float* dst = reinterpret_cast<float*>(out);
   // Threads only pay off on large inputs; small exit decisions stay on the calling thread.
-  effbert::parallel_for(rows, rows * cols, [&](int64_t begin, int64_t end) {
+  effbert::parallel_for(rows, rows * cols, threads, [&](int64_t begin, int64_t end) {
     entropy_rows_any(src, dtype, begin, end, cols, row_stride, dst);
   });
 }
@@ -238,7 +239,8 @@ EFFBERT_BIND(early_exit) {
       [](uintptr_t logits, int dtype, int64_t rows, int64_t cols, int64_t row_stride, uintptr_t row_ids,
          uintptr_t prev, uintptr_t counter, uintptr_t out_logits, int64_t out_batch, int64_t out_stride,
          uintptr_t out_layer, uintptr_t next_rows, uintptr_t next_local, uintptr_t count, int criterion,
-         int32_t layer, float threshold, int32_t patience, bool last) {
+         int32_t layer, float threshold, int32_t patience, bool last, int64_t threads) {
+        (void)threads;  // one pass in row order on the calling thread: a layer's decision is too small to split
         pybind11::gil_scoped_release release;
         exit_decision_cpu(DecisionArgs{logits, dtype, rows, cols, row_stride, row_ids, prev, counter, out_logits,
                                        out_batch, out_stride, out_layer, next_rows, next_local, count, criterion,
@@ -249,17 +251,18 @@ EFFBERT_BIND(early_exit) {
       pybind11::arg("out_logits"), pybind11::arg("out_batch"), pybind11::arg("out_stride"),
       pybind11::arg("out_layer"), pybind11::arg("next_rows"), pybind11::arg("next_local"), pybind11::arg("count"),
       pybind11::arg("criterion"), pybind11::arg("layer"), pybind11::arg("threshold"), pybind11::arg("patience"),
-      pybind11::arg("last"),
+      pybind11::arg("last"), pybind11::arg("threads"),
       "One layer's exit decision over the active rows (int32 ids into the batch): patience state update, exiting "
       "rows' logits and layer written at their ids, continuing rows compacted into next_rows / next_local, their "
       "number into count[0]. Addresses are host pointers.");
   m.def(
       "exit_entropy",
-      [](uintptr_t logits, int dtype, int64_t rows, int64_t cols, int64_t row_stride, uintptr_t out) {
+      [](uintptr_t logits, int dtype, int64_t rows, int64_t cols, int64_t row_stride, uintptr_t out,
+         int64_t threads) {
         pybind11::gil_scoped_release release;
-        exit_entropy_cpu(logits, dtype, rows, cols, row_stride, out);
+        exit_entropy_cpu(logits, dtype, rows, cols, row_stride, out, threads);
       },
       pybind11::arg("logits"), pybind11::arg("dtype"), pybind11::arg("rows"), pybind11::arg("cols"),
-      pybind11::arg("row_stride"), pybind11::arg("out"),
-      "Entropy of softmax(logits[r, :cols]) for each row r into out[r] (float32). Addresses are host pointers.");
+      pybind11::arg("row_stride"), pybind11::arg("out"), pybind11::arg("threads"),
+      "Entropy of softmax(logits[r, :cols]) for each row r into out[r] (float32), on at most `threads` threads. Addresses are host pointers.");
 }

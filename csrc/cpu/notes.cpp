@@ -40,7 +40,7 @@ void mix_rows(const char* x, int64_t t0, int64_t t1, int64_t dim, int64_t stride
 }
 
 void note_mix_cpu(uintptr_t x, int dtype, int64_t tokens, int64_t dim, int64_t stride_x, uintptr_t notes,
-                  int64_t num_slots, uintptr_t slots, float lam, uintptr_t out, int64_t stride_out) {
+                  int64_t num_slots, uintptr_t slots, float lam, uintptr_t out, int64_t stride_out, int64_t threads) {
   effbert::require_dtype(dtype, "x");
   effbert::require(tokens >= 0 && dim >= 0 && num_slots >= 0, "tokens, dim and num_slots must be >= 0");
   effbert::require(tokens <= 1 || (stride_x >= dim && stride_out >= dim), "row strides must be >= dim");
@@ -54,7 +54,7 @@ void note_mix_cpu(uintptr_t x, int dtype, int64_t tokens, int64_t dim, int64_t s
   const char* xp = reinterpret_cast<const char*>(x);
   char* op = reinterpret_cast<char*>(out);
   const float* np = reinterpret_cast<const float*>(notes);
-  parallel_for(tokens, tokens * dim, [&](int64_t t0, int64_t t1) {
+  parallel_for(tokens, tokens * dim, threads, [&](int64_t t0, int64_t t1) {
     switch (dtype) {
       case effbert::kFloat32: return mix_rows<effbert::kFloat32>(xp, t0, t1, dim, stride_x, np, num_slots, s, lam, op, stride_out);
       case effbert::kFloat16: return mix_rows<effbert::kFloat16>(xp, t0, t1, dim, stride_x, np, num_slots, s, lam, op, stride_out);
@@ -94,7 +94,7 @@ bool flag_set(uintptr_t flag, int64_t rows) {
 
 void note_window_means_cpu(uintptr_t hidden, int dtype, int64_t batch, int64_t seq, int64_t dim, int64_t stride_b,
                            int64_t stride_n, uintptr_t spans, uintptr_t lengths, int64_t window, uintptr_t ev_off,
-                           uintptr_t ev_idx, uintptr_t flag, int64_t rows, uintptr_t means) {
+                           uintptr_t ev_idx, uintptr_t flag, int64_t rows, uintptr_t means, int64_t threads) {
   effbert::require_dtype(dtype, "hidden");
   effbert::require(batch >= 0 && seq >= 0 && dim >= 0 && rows >= 0 && window >= 0, "sizes must be >= 0");
   if (rows == 0 || dim == 0 || batch == 0 || flag_set(flag, rows)) return;
@@ -117,7 +117,7 @@ void note_window_means_cpu(uintptr_t hidden, int dtype, int64_t batch, int64_t s
   const char* h = reinterpret_cast<const char*>(hidden);
   float* out = reinterpret_cast<float*>(means);
   window = std::min(window, seq);
-  parallel_for(batch, 2 * rows * dim * 16, [&](int64_t b0, int64_t b1) {
+  parallel_for(batch, 2 * rows * dim * 16, threads, [&](int64_t b0, int64_t b1) {
     switch (dtype) {
       case effbert::kFloat32: return means_sequences<effbert::kFloat32>(h, b0, b1, seq, dim, stride_b, stride_n, sp, len, window, off, idx, rows, out);
       case effbert::kFloat16: return means_sequences<effbert::kFloat16>(h, b0, b1, seq, dim, stride_b, stride_n, sp, len, window, off, idx, rows, out);
@@ -127,7 +127,8 @@ void note_window_means_cpu(uintptr_t hidden, int dtype, int64_t batch, int64_t s
 }
 
 void note_fold_cpu(uintptr_t notes, uintptr_t counts, int64_t num_slots, int64_t dim, uintptr_t means,
-                   uintptr_t order, uintptr_t sorted_slots, uintptr_t flag, int64_t rows, float gamma) {
+                   uintptr_t order, uintptr_t sorted_slots, uintptr_t flag, int64_t rows, float gamma,
+                   int64_t threads) {
   effbert::require(num_slots >= 0 && dim >= 0 && rows >= 0, "sizes must be >= 0");
   if (rows == 0 || dim == 0 || flag_set(flag, rows)) return;
   effbert::require(notes != 0 && counts != 0 && means != 0 && order != 0 && sorted_slots != 0,
@@ -143,7 +144,7 @@ void note_fold_cpu(uintptr_t notes, uintptr_t counts, int64_t num_slots, int64_t
   int64_t* cp = reinterpret_cast<int64_t*>(counts);
   const float* mp = reinterpret_cast<const float*>(means);
   // Threads split the sorted rows; only a segment's first row folds it, so each note row has one writer.
-  parallel_for(rows, rows * dim * 8, [&](int64_t i0, int64_t i1) {
+  parallel_for(rows, rows * dim * 8, threads, [&](int64_t i0, int64_t i1) {
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t m = effbert::note_segment_length(ss, i, rows);
       if (m == 0) continue;
@@ -164,37 +165,37 @@ EFFBERT_BIND(notes) {
   m.def(
       "note_mix",
       [](uintptr_t x, int dtype, int64_t tokens, int64_t dim, int64_t stride_x, uintptr_t notes, int64_t num_slots,
-         uintptr_t slots, float lam, uintptr_t out, int64_t stride_out) {
+         uintptr_t slots, float lam, uintptr_t out, int64_t stride_out, int64_t threads) {
         py::gil_scoped_release release;
-        note_mix_cpu(x, dtype, tokens, dim, stride_x, notes, num_slots, slots, lam, out, stride_out);
+        note_mix_cpu(x, dtype, tokens, dim, stride_x, notes, num_slots, slots, lam, out, stride_out, threads);
       },
       py::arg("x"), py::arg("dtype"), py::arg("tokens"), py::arg("dim"), py::arg("stride_x"), py::arg("notes"),
-      py::arg("num_slots"), py::arg("slots"), py::arg("lam"), py::arg("out"), py::arg("stride_out"),
+      py::arg("num_slots"), py::arg("slots"), py::arg("lam"), py::arg("out"), py::arg("stride_out"), py::arg("threads"),
       "out[t] = x[t] where slots[t] < 0, else (1 - lam) x[t] + lam notes[slots[t]] (notes = 0: (1 - lam) x[t]). "
-      "Host pointers; x and out of `dtype`, notes float32, slots int64.");
+      "Host pointers; x and out of `dtype`, notes float32, slots int64; at most `threads` threads.");
   m.def(
       "note_window_means",
       [](uintptr_t hidden, int dtype, int64_t batch, int64_t seq, int64_t dim, int64_t stride_b, int64_t stride_n,
          uintptr_t spans, uintptr_t lengths, int64_t window, uintptr_t ev_off, uintptr_t ev_idx, uintptr_t flag,
-         int64_t rows, uintptr_t means) {
+         int64_t rows, uintptr_t means, int64_t threads) {
         py::gil_scoped_release release;
         note_window_means_cpu(hidden, dtype, batch, seq, dim, stride_b, stride_n, spans, lengths, window, ev_off,
-                              ev_idx, flag, rows, means);
+                              ev_idx, flag, rows, means, threads);
       },
       py::arg("hidden"), py::arg("dtype"), py::arg("batch"), py::arg("seq"), py::arg("dim"), py::arg("stride_b"),
       py::arg("stride_n"), py::arg("spans"), py::arg("lengths"), py::arg("window"), py::arg("ev_off"),
-      py::arg("ev_idx"), py::arg("flag"), py::arg("rows"), py::arg("means"),
+      py::arg("ev_idx"), py::arg("flag"), py::arg("rows"), py::arg("means"), py::arg("threads"),
       "Window means of span rows into float32 means[rows, dim] by a prefix-sum walk over each sequence's sorted "
       "window boundaries (ev_idx: r = row r's lo boundary, rows + r its hi one). Does nothing when *flag < rows.");
   m.def(
       "note_fold",
       [](uintptr_t notes, uintptr_t counts, int64_t num_slots, int64_t dim, uintptr_t means, uintptr_t order,
-         uintptr_t sorted_slots, uintptr_t flag, int64_t rows, float gamma) {
+         uintptr_t sorted_slots, uintptr_t flag, int64_t rows, float gamma, int64_t threads) {
         py::gil_scoped_release release;
-        note_fold_cpu(notes, counts, num_slots, dim, means, order, sorted_slots, flag, rows, gamma);
+        note_fold_cpu(notes, counts, num_slots, dim, means, order, sorted_slots, flag, rows, gamma, threads);
       },
       py::arg("notes"), py::arg("counts"), py::arg("num_slots"), py::arg("dim"), py::arg("means"), py::arg("order"),
-      py::arg("sorted_slots"), py::arg("flag"), py::arg("rows"), py::arg("gamma"),
+      py::arg("sorted_slots"), py::arg("flag"), py::arg("rows"), py::arg("gamma"), py::arg("threads"),
       "Ordered EMA fold of means rows into notes, one slot segment (rows sorted by slot, stable) at a time. Does "
       "nothing when *flag < rows.");
 }

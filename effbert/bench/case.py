@@ -1,7 +1,7 @@
 """One benchmark case and the helpers the op modules share."""
 
 from dataclasses import dataclass, field
-from typing import Callable, List
+from typing import Callable, List, Optional
 
 from effbert.ops._dispatch import BackendNotSupportedError
 
@@ -16,14 +16,18 @@ class Case:
     fn: Callable  # fn(*inputs) -> output (forward) or runs the whole mode
     make_inputs: Callable  # () -> tuple of inputs; called once per rotated input set
     reference: Callable  # reference(*inputs) -> float64 output to check fn against
-    bytes: int  # the fewest bytes the op must move
-    flops: float  # the op's floating-point operations (0 when memory-bound by construction)
+    bytes: int  # the fewest bytes the op must move (its floor)
+    flops: float  # the fewest floating-point operations the op needs (0 when memory-bound by construction)
     rtol: float = 1e-4
     skip_reasons: List[str] = field(default_factory=list)
     baseline: str = ""  # the provider speed-ups are quoted against within this (op, shape, dtype, mode)
     check: bool = True  # compare against the reference before timing
     tokens: int = 0  # tokens one call processes: end-to-end cases also report tokens/s
     note: str = ""  # what the row measured beyond its shape (an early-exit threshold and the layers it saved)
+    # what this provider actually computes and moves, when it differs from the op's fewest (a padded batch computes
+    # its padded positions): the TFLOP/s and GB/s columns are rates of this work, "% of floor" stays the op's
+    work_flops: Optional[float] = None
+    work_bytes: Optional[int] = None
     ratio_target: float = 0.0  # when set, the note gives this row's time over its baseline's against this target
 
     @property

@@ -12,12 +12,18 @@ Providers, per batch (BERT-base sizes, 128 tokens, random weights, real-length p
   run, which is what the timing measures.
 
 Padding: lengths drawn once per batch from 16..128 (the longest set to 128, so the batch is padded to 128), as a
-tokenized corpus's sentences are; ``hf-sdpa`` computes the padded positions, effbert's CPU attention skips them
-(its linear layers still run on the padded batch, as transformers' do).
+tokenized corpus's sentences are; ``hf-sdpa`` computes the padded positions, effbert's CPU path runs every layer
+on the real tokens only. effbert's models run with the positional term cached (``TupePositionBias(cache=True)``:
+inference in eval mode, the term depends on no input), as a deployment would.
 
-Floors: the FLOPs of the layers run (the linear layers on the padded batch, attention on real tokens for effbert and
-on the padded batch for transformers; for early exit only the layers each sample reaches) at the measured fp32
-matrix rate. The models are built when the first case runs, so listing the suite costs nothing.
+Plus ``patch_bert_attention`` on transformers' BERT at all-MiniLM-L6-v2's sizes (6 layers, hidden 384, 12 heads,
+random weights; shape ``all-MiniLM-L6-v2,B=...``): ``hf-sdpa`` against ``hf-sdpa-patched``, the same model with
+effbert's attention in every layer, checked against the unpatched model in float64.
+
+Floors: the fewest FLOPs of the layers a row must run (linear layers and attention on the real tokens only; for
+early exit only the layers each sample reaches) at the measured fp32 matrix rate, the same for every provider of a
+shape; each provider's own work (``hf-sdpa``: the padded batch) gives its TFLOP/s. The models are built when the
+first case runs, so listing the suite costs nothing.
 """
 
 from functools import lru_cache
@@ -49,11 +55,13 @@ def make_batch(batch, seq, vocab, seed):
     return ids.masked_fill(~mask, 0), mask.long(), lengths
 
 
-def layer_flops(lengths, hidden, inter, seq, padded_attention):
-    """FLOPs of one encoder layer over the batch: the QKV, output and FFN matmuls on the padded batch, attention
-    (two matmuls per query-key pair) on the padded batch or on real tokens only."""
-    tokens = seq * len(lengths)
-    pairs = seq * seq * len(lengths) if padded_attention else sum(int(n) ** 2 for n in lengths)
+def layer_flops(lengths, hidden, inter, seq, padded):
+    """FLOPs of one encoder layer over the batch: the QKV, output and FFN matmuls and attention (two matmuls per
+    query-key pair), on the padded batch (``padded``: every sequence ``seq`` tokens) or on the real tokens only."""
+    if padded:
+        tokens, pairs = seq * len(lengths), seq * seq * len(lengths)
+    else:
+        tokens, pairs = sum(int(n) for n in lengths), sum(int(n) ** 2 for n in lengths)
     return 2 * tokens * (4 * hidden * hidden + 2 * hidden * inter) + 4 * pairs * hidden
 
 
@@ -83,7 +91,31 @@ def _models(quick):
         hf = transformers.BertModel(cfg).eval()
     model = TupeBertModel(_effbert_config(sizes, False)).eval()
     multi = TupeBertForSequenceClassification(_effbert_config(sizes, True)).eval()
+    for m in (model, multi.bert):  # inference: the positional term depends on no input, computed once
+        m.position_encoder.cache = True
     return hf, model, multi
+
+
+MINILM = dict(hidden=384, heads=12, inter=1536, vocab=30522, layers=6)  # all-MiniLM-L6-v2's sizes
+
+
+@lru_cache(maxsize=2)
+def _minilm(quick):
+    """transformers' BertModel at all-MiniLM-L6-v2's sizes (random weights, eval mode, SDPA) and a copy patched
+    with ``patch_bert_attention``."""
+    import transformers
+
+    from effbert.integrations.hf import patch_bert_attention
+
+    sizes = dict(MINILM, hidden=64, heads=4, inter=128, vocab=1000) if quick else MINILM
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(vocab_size=sizes["vocab"], hidden_size=sizes["hidden"],
+                                  num_hidden_layers=sizes["layers"], num_attention_heads=sizes["heads"],
+                                  intermediate_size=sizes["inter"], attn_implementation="sdpa")
+    hf = transformers.BertModel(cfg).eval()
+    patched = transformers.BertModel(cfg).eval()
+    patched.load_state_dict(hf.state_dict())
+    return hf, patch_bert_attention(patched)
 
 
 def _threaded(fn):
@@ -108,15 +140,15 @@ def _transformers_reason():
     return []
 
 
-def _hf_case(shape, make_inputs, flops, tokens, quick):
+def _hf_case(shape, make_inputs, flops, work_flops, tokens, quick):
     def fn(ids, mask):
         hf = _models(quick)[0]
         return hf(input_ids=ids, attention_mask=mask).last_hidden_state[mask.bool()]
 
     return Case(op="cpu_inference", shape=shape, dtype="float32", mode="forward", provider="hf-sdpa",
                 fn=_threaded(fn), make_inputs=make_inputs, reference=None, bytes=0, flops=flops,
-                skip_reasons=_transformers_reason(), baseline="hf-sdpa", check=False, tokens=tokens,
-                note="transformers BertModel, full depth, padded batch")
+                work_flops=work_flops, skip_reasons=_transformers_reason(), baseline="hf-sdpa", check=False,
+                tokens=tokens, note="transformers BertModel, full depth, padded batch")
 
 
 def _effbert_case(shape, make_inputs, flops, tokens, quick):
@@ -133,7 +165,41 @@ def _effbert_case(shape, make_inputs, flops, tokens, quick):
 
     return Case(op="cpu_inference", shape=shape, dtype="float32", mode="forward", provider="effbert",
                 fn=_threaded(fn), make_inputs=make_inputs, reference=reference, bytes=0, flops=flops, rtol=1e-4,
-                baseline="hf-sdpa", tokens=tokens, note="TupeBertModel (TUPE-R), full depth")
+                baseline="hf-sdpa", tokens=tokens, note="TupeBertModel (TUPE-R), full depth, real tokens only")
+
+
+def _minilm_cases(batch, quick):
+    """``hf-sdpa`` and ``hf-sdpa-patched`` (``patch_bert_attention``) at all-MiniLM-L6-v2's sizes."""
+    sizes = dict(MINILM, hidden=64, heads=4, inter=128, vocab=1000) if quick else MINILM
+    seq = 32 if quick else SEQ
+    ids, mask, lengths = make_batch(batch, seq, sizes["vocab"], seed=100 + batch)
+    shape = f"all-MiniLM-L6-v2,B={batch},N={seq}"
+    per_layer = layer_flops(lengths, sizes["hidden"], sizes["inter"], seq, False)
+    padded = layer_flops(lengths, sizes["hidden"], sizes["inter"], seq, True)
+    real_attention = 4 * sum(int(n) ** 2 for n in lengths) * sizes["hidden"]
+    # patched: the linear layers still on the padded batch (only attention is replaced), attention on real tokens
+    patched_work = padded - 4 * seq * seq * batch * sizes["hidden"] + real_attention
+
+    def run(which):
+        def fn(ids, mask):
+            model = _minilm(quick)[which]
+            return model(input_ids=ids, attention_mask=mask).last_hidden_state[mask.bool()]
+        return fn
+
+    def reference(ids, mask):  # the unpatched model's weights in float64
+        hf = _minilm(quick)[0]
+        ref = type(hf)(hf.config).double().eval()
+        ref.load_state_dict(hf.state_dict())
+        with torch.no_grad():
+            return ref(input_ids=ids, attention_mask=mask).last_hidden_state[mask.bool()]
+
+    common = dict(op="cpu_inference", shape=shape, dtype="float32", mode="forward", make_inputs=lambda: (ids, mask),
+                  reference=reference, bytes=0, flops=per_layer * sizes["layers"], rtol=1e-4,
+                  skip_reasons=_transformers_reason(), baseline="hf-sdpa", tokens=int(lengths.sum()))
+    return [Case(provider="hf-sdpa", fn=_threaded(run(0)), work_flops=padded * sizes["layers"], check=False,
+                 note="transformers BertModel, SDPA, padded batch", **common),
+            Case(provider="hf-sdpa-patched", fn=_threaded(run(1)), work_flops=patched_work * sizes["layers"],
+                 note="the same model after patch_bert_attention", **common)]
 
 
 def _early_exit_case(name, target, shape, batch_inputs, sizes, seq, quick):
@@ -151,8 +217,9 @@ def _early_exit_case(name, target, shape, batch_inputs, sizes, seq, quick):
             threshold = calibrate_threshold(all_exits, criterion="entropy", target_avg_exit=target).threshold
             layers = exit_layers(all_exits, "entropy", threshold=threshold)
             avg = float(layers.double().mean())
-            per_layer = layer_flops(lengths, sizes["hidden"], sizes["inter"], seq, False) / len(lengths)
-            case.flops = per_layer * float(layers.sum())  # each sample's share of a layer, times the layers it ran
+            # each sample's layer on its real tokens, times the layers it ran
+            case.flops = float(sum(layer_flops([int(n)], sizes["hidden"], sizes["inter"], seq, False) * int(l)
+                                   for n, l in zip(lengths, layers)))
             case.note = (f"entropy < {threshold:.6g}: average exit {avg:.2f} of {DEPTH}, "
                          f"{100 * (1 - avg / DEPTH):.0f}% of layer runs saved")
             state.update(threshold=threshold, expected=all_exits[layers - 1, torch.arange(len(layers))])
@@ -185,10 +252,12 @@ def cases(device, quick):
 
         padded = layer_flops(lengths, sizes["hidden"], sizes["inter"], seq, True) * DEPTH
         real = layer_flops(lengths, sizes["hidden"], sizes["inter"], seq, False) * DEPTH
-        out.append(_hf_case(shape, make_inputs, padded, tokens, quick))
+        out.append(_hf_case(shape, make_inputs, real, padded, tokens, quick))
         out.append(_effbert_case(shape, make_inputs, real, tokens, quick))
         for name, target in TARGETS.items():
             if name != "effbert-early-exit" and (quick or batch != 8):  # the threshold sweep at one batch size
                 continue
             out.append(_early_exit_case(name, target, shape, (ids, mask, lengths), sizes, seq, quick))
+    for batch in batches:
+        out += _minilm_cases(batch, quick)
     return out

@@ -123,17 +123,32 @@ def run_case(case, device, ceilings, quick):
     if case.ratio_target:
         row["ratio_target"] = case.ratio_target
     row.update(status="ok", ms=ms, noise=abs(ms_a - ms_b) / ms, spread=spread, samples=n, input_sets=len(sets))
-    row["GBps"] = case.bytes / ms / 1e6
     if case.tokens:
         row["tokens_per_s"] = case.tokens / ms * 1e3
-    row["TFLOPs"] = case.flops / ms / 1e9 if case.flops else None
-    floor_ms = max(case.bytes / (ceilings["copy_GBps"] * 1e6), ceilings["launch_us"] / 1e3)
-    rate = ceilings.get(f"{case.dtype}_matmul_TFLOPs")
-    if case.flops and rate:
-        floor_ms = max(floor_ms, case.flops / (rate * 1e9))
-    row["floor_ms"] = floor_ms
-    row["pct_of_floor"] = 100 * floor_ms / ms
+    row.update(row_rates(ms, case.flops, case.bytes, ceilings, case.dtype, case.work_flops, case.work_bytes))
     return row
+
+
+def row_rates(ms, flops, nbytes, ceilings, dtype, work_flops=None, work_bytes=None):
+    """A timed row's rates and floor.
+
+    ``flops`` and ``nbytes`` are the fewest the op needs (the same for every provider of one op and shape, e.g. the
+    real tokens of a padded batch); ``work_flops`` / ``work_bytes`` what this provider computes and moves (a padded
+    provider's padded positions included; None: the fewest). GB/s and TFLOP/s are rates of the provider's work (how
+    busy it keeps the machine); the floor is the largest of the fewest bytes at the measured copy bandwidth, the
+    fewest FLOPs at the measured matrix rate of ``dtype`` and the measured launch time, and ``pct_of_floor`` is
+    floor over measured time: at most 100% unless the ceilings were measured low, whatever work a provider wastes.
+    """
+    work_flops = flops if work_flops is None else work_flops
+    work_bytes = nbytes if work_bytes is None else work_bytes
+    out = {"work_flops": work_flops, "work_bytes": work_bytes, "GBps": work_bytes / ms / 1e6,
+           "TFLOPs": work_flops / ms / 1e9 if work_flops else None}
+    floor_ms = max(nbytes / (ceilings["copy_GBps"] * 1e6), ceilings["launch_us"] / 1e3)
+    rate = ceilings.get(f"{dtype}_matmul_TFLOPs")
+    if flops and rate:
+        floor_ms = max(floor_ms, flops / (rate * 1e9))
+    out.update(floor_ms=floor_ms, pct_of_floor=100 * floor_ms / ms)
+    return out
 
 
 def add_speedups(rows):
@@ -218,8 +233,10 @@ def format_tables(rows, ceilings, env):
             tok += f"  ({_notes(r)})" if _notes(r) else ""
             lines.append(f"{head} {r['ms']:9.4f} {r['GBps']:8.1f} {tf} {r['pct_of_floor']:6.1f}% {sp}{tok}")
     lines.append("\n%floor: the op's floor over the measured time; the floor is the largest of its fewest bytes at the "
-                 "measured copy bandwidth, its FLOPs at the measured matrix rate, and the measured launch time of the "
-                 "cheapest op. speedup: against the row's baseline provider.")
+                 "measured copy bandwidth, its fewest FLOPs at the measured matrix rate, and the measured launch time "
+                 "of the cheapest op (padded positions a provider computes are its own work, not the op's, so they "
+                 "lower its %floor). GB/s, TFLOP/s: rates of the work each provider does. speedup: against the "
+                 "row's baseline provider.")
     return "\n".join(lines)
 
 

@@ -3,7 +3,8 @@
 Anchors: eager TUPE (the reference), SDPA's memory-efficient backend with a bias that requires grad, SDPA's flash
 backend with no bias at all (the ceiling: the positional term should be nearly free), FlexAttention (compiled)
 with the bias captured in its score_mod, and when installed, flash-attn (no bias: it takes none with a gradient) and
-xformers (a bias expanded to the full [B, H, N, N], the only form it returns a gradient for). Plus packed sequences (varlen) at 50% padding against the padded batch.
+xformers (a bias expanded to the full [B, H, N, N], the only form it returns a gradient for). Plus packed sequences (varlen) at 50% padding against the padded batch, and on the CPU a padded batch in
+inference, where effbert's CPU path skips the padding that plain PyTorch computes.
 
 Floor: FLOPs. The forward does two B*H*N*N*D products (4*B*H*N^2*D FLOPs), the backward five (2.5x the forward,
 the usual count for flash-style kernels); the matrix rate measured at the start of the run turns them into time.
@@ -198,7 +199,62 @@ def cases(device, quick):
                 ))
     out += _varlen_cases(device, quick, dtype, triton_reasons)
     out += _seqlen_sweep(device, quick, dtype, triton_reasons)
+    out += _padded_cpu_cases(device, quick)
     return out
+
+
+def _padded_cpu_cases(device, quick):
+    """CPU inference on a padded batch (lengths drawn from N/8..N, the first N): effbert's CPU path computes the
+    real tokens only; plain PyTorch (SDPA with the bias and the key padding added into one ``[B, H, N, N]`` mask)
+    and the eager reference compute the padded batch. Compared on the real tokens. The floor is the real tokens'
+    FLOPs (and bytes: q, k, v, out of the real tokens, the bias once); each provider's own work gives its rates."""
+    if device.type != "cpu":
+        return []
+    b, n, h, d = (2, 32, 2, 16) if quick else (8, 128, 12, 64)
+    gen = torch.Generator().manual_seed(b)
+    lengths = torch.randint(max(1, n // 8), n + 1, (b,), generator=gen)
+    lengths[0] = n
+    mask = torch.arange(n)[None, :] < lengths[:, None]
+    real = int(lengths.sum())
+    shape = f"B={b},N={n},H={h},D={d},pad={100 * (1 - real / (b * n)):.0f}%"
+    scale = (2 * d) ** -0.5  # TUPE's
+    act, bias_bytes = h * d * 4, h * n * n * 4
+
+    def make_inputs():
+        q, k, v = (torch.randn(b, n, h, d) for _ in range(3))
+        return q, k, v, torch.randn(h, n, n)
+
+    def effbert_cpu(q, k, v, bias):
+        return effbert.tupe_attention(q, k, v, bias, attention_mask=mask, scale=scale, backend="cpu")[mask]
+
+    def plain(q, k, v, bias):
+        keys = torch.zeros(b, 1, 1, n).masked_fill(~mask[:, None, None, :], float("-inf"))
+        out = torch.nn.functional.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=bias.unsqueeze(0) + keys, scale=scale)
+        return out.transpose(1, 2)[mask]
+
+    def eager(q, k, v, bias):
+        return reference.tupe_attention(q, k, v, bias, attention_mask=mask, scale=scale)[mask]
+
+    def ref(q, k, v, bias):
+        return eager(q.double(), k.double(), v.double(), bias.double())
+
+    flops, padded_flops = _flops(lengths.tolist(), h, d, "forward"), _flops([n] * b, h, d, "forward")
+    common = dict(op="tupe_attention", shape=shape, dtype="float32", mode="forward", make_inputs=make_inputs,
+                  reference=ref, bytes=4 * real * act + bias_bytes, flops=flops, rtol=1e-4,
+                  baseline="eager-reference")
+
+    def run(fn):
+        def timed(*inputs):
+            with torch.no_grad():
+                return fn(*inputs)
+        return timed
+
+    return [Case(provider="effbert-cpu", fn=run(effbert_cpu), **common),
+            Case(provider="sdpa", fn=run(plain), work_flops=padded_flops, work_bytes=4 * b * n * act + bias_bytes,
+                 **common),
+            Case(provider="eager-reference", fn=run(eager), work_flops=padded_flops,
+                 work_bytes=4 * b * n * act + bias_bytes, **common)]
 
 
 def _seqlen_sweep(device, quick, dtype, triton_reasons):

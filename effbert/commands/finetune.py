@@ -1,32 +1,39 @@
-"""``effbert finetune``: multi-exit classification on a user's own labelled text, then a speed-accuracy report of
-batched early exit over exit thresholds.
+"""``effbert finetune``: multi-exit classification on a user's own labelled text through ``transformers.Trainer``,
+then a speed-accuracy report of batched early exit over exit thresholds.
 
     effbert finetune --hf ./bert-base-uncased --train train.tsv --eval dev.tsv --out run/
     effbert finetune --init pretrain-run/ --train train.tsv --eval dev.tsv --out run/ --epochs 3
 
-Data: one example a line, ``label<TAB>text``; labels are strings, given ids in sorted order (saved in
-``labels.json``); with ``--regression`` they are numbers and the head has one output (MSE). The encoder comes from an
-``effbert pretrain`` folder (``--init``) or a local Hugging Face BERT folder (``--hf``: its ``config.json``,
-``model.safetensors`` and ``vocab.txt``); an off-ramp (pooler and classifier) follows every layer, every off-ramp's
-pooler starting from the checkpoint's pooler (DeeBERT, RomeBERT) or sharing one (``--shared-pooler``, PABEE).
-Training: RomeBERT's self-distillation loss (``--loss romebert``, gamma 0.9 and T 3 as published, with
-``--grad-reg``/``--project`` and ``--ge``), PABEE's layer-weighted loss (``--loss pabee``) or DeeBERT's two stages
-(``--loss deebert``). docs/finetune.md says which published setting each option reproduces.
+Data: one example a line, ``label<TAB>text``; labels are strings, given ids in sorted order (the model config's
+``id2label``); with ``--regression`` they are numbers and the head has one output (MSE). The examples become a
+``datasets.Dataset`` tokenized in batches by a ``BertTokenizerFast``. The encoder comes from an ``effbert pretrain``
+folder (``--init``: a ``save_pretrained`` folder of ``TupeBertForMaskedLM`` with its tokenizer) or a local Hugging
+Face BERT folder (``--hf``: its ``config.json``, ``model.safetensors`` and ``vocab.txt`` or ``tokenizer.json``); an
+off-ramp (pooler and classifier) follows every layer, every off-ramp's pooler starting from the checkpoint's pooler
+(DeeBERT, RomeBERT) or sharing one (``--shared-pooler``, PABEE).
+
+Training is ``transformers.Trainer`` (mixed precision, gradient accumulation, checkpoints and ``--resume``,
+logging, torchrun data parallelism) with the early-exit loss as its ``compute_loss``: RomeBERT's self-distillation
+loss (``--loss romebert``, gamma 0.9 and T 3 as published, with ``--ge``), PABEE's layer-weighted loss (``--loss
+pabee``) or DeeBERT's two stages (``--loss deebert``: two Trainer runs, the second with the backbone and final
+classifier frozen). RomeBERT's gradient regularization (``--grad-reg``/``--project``) needs two backward passes: it
+is the Trainer's ``training_step``. docs/finetune.md says which published setting each option reproduces.
 
 On ``--eval``: every exit's accuracy (MSE for ``--regression``), then for a range of thresholds of ``--criterion`` the
-batched early exit's
-average exit layer, layers saved, measured speed-up (wall time against a full-depth pass of the same batched loop)
-and accuracy, printed as a table and written to ``DIR/report.json`` and ``DIR/report.png`` (with matplotlib).
-``DIR`` holds the fine-tuned model (``config.json``, ``model.pt``, ``labels.json``, ``vocab.txt``,
-``finetune.json``); ``load_finetuned(DIR)`` loads it back for ``model.early_exit``.
+batched early exit's average exit layer, layers saved, measured speed-up (wall time against a full-depth pass of the
+same batched loop) and accuracy, printed as a table and written to ``DIR/report.json`` and ``DIR/report.png`` (with
+matplotlib). ``DIR`` is a ``save_pretrained`` folder (``config.json``, ``model.safetensors``, the tokenizer files)
+plus ``finetune.json``: ``AutoModelForSequenceClassification.from_pretrained(DIR)`` loads the multi-exit model, and
+``load_finetuned(DIR)`` gives it with its tokenizer, labels and settings for ``model.early_exit``.
 """
 
 import argparse
+import dataclasses
 import glob
 import json
 import math
 import os
-import pickle
+import shutil
 import sys
 import time
 
@@ -36,13 +43,13 @@ from . import UsageError, check_backend, check_out_dir, parse_device, run_comman
 
 __all__ = ["main", "load_finetuned", "read_tsv", "UsageError"]
 
-CONFIG_FILE, MODEL_FILE, LABELS_FILE, VOCAB_FILE, SETTINGS_FILE, REPORT_FILE, PLOT_FILE = (
-    "config.json", "model.pt", "labels.json", "vocab.txt", "finetune.json", "report.json", "report.png")
+CONFIG_FILE, SETTINGS_FILE, REPORT_FILE, PLOT_FILE = "config.json", "finetune.json", "report.json", "report.png"
+TOKENIZER_FILE, TOKENIZER_CONFIG_FILE, VOCAB_FILE = "tokenizer.json", "tokenizer_config.json", "vocab.txt"
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")  # save_pretrained's; the second from older checkpoints
+CHECKPOINTS = "checkpoints"  # Trainer's checkpoint-N folders (--save-steps), under --out
 LOSSES = ("romebert", "pabee", "deebert")
 PROJECT = ("others", "final")
 CRITERIA = ("entropy", "max_prob", "patience")
-
-
 
 
 def _fail_if(cond, msg):
@@ -128,7 +135,14 @@ def check_labels(labels, texts, path, flag="--train", warn=None):
 
 
 def _encode(tokenizer, texts, max_len):
-    ids, lengths = tokenizer.encode_batch(texts, max_len)
+    """``(ids [B, n] int64 right-padded with the pad id, lengths [B] int64)``: each text as the tokenizer gives it
+    ([CLS] ... [SEP]), cut to ``max_len`` pieces."""
+    enc = tokenizer(list(texts), truncation=True, max_length=max_len, return_token_type_ids=False,
+                    return_attention_mask=False)["input_ids"]
+    lengths = torch.tensor([len(x) for x in enc], dtype=torch.int64)
+    ids = torch.full((len(enc), int(lengths.max()) if enc else 0), tokenizer.pad_token_id or 0, dtype=torch.int64)
+    for i, x in enumerate(enc):
+        ids[i, :len(x)] = torch.tensor(x, dtype=torch.int64)
     return ids, lengths
 
 
@@ -138,6 +152,16 @@ def _batches(ids, lengths, rows, device):
     n = int(b_len.max())
     mask = torch.arange(n)[None] < b_len[:, None]
     return ids[rows, :n].to(device), mask.to(device)
+
+
+def _dataset(tokenizer, texts, targets, max_len):
+    """The training examples as a ``datasets.Dataset`` (``input_ids``, ``attention_mask``, ``labels``), tokenized in
+    batches by the fast tokenizer; the collator pads each batch to its longest row."""
+    import datasets
+
+    ds = datasets.Dataset.from_dict({"text": list(texts), "labels": targets.tolist()})
+    return ds.map(lambda b: tokenizer(b["text"], truncation=True, max_length=max_len, return_token_type_ids=False),
+                  batched=True, remove_columns=["text"])
 
 
 # ----------------------------------------------------------------------------------------------------- model
@@ -150,16 +174,50 @@ def _default_backend(device):
     return "auto"
 
 
+def _one_line(exc, limit=400):
+    return " ".join(str(exc).split())[:limit]
+
+
+def _tokenizer(path, flag, cased):
+    """``BertTokenizerFast`` of a folder (``tokenizer.json`` or ``vocab.txt``, ``tokenizer_config.json``);
+    ``cased`` None keeps the folder's casing. A tokenizer that does not load is a one-line ``UsageError``."""
+    from transformers import BertTokenizerFast
+
+    if not any(os.path.isfile(os.path.join(path, n)) for n in (TOKENIZER_FILE, VOCAB_FILE)):
+        raise UsageError(f"{flag}: {path!r} holds neither {TOKENIZER_FILE} nor {VOCAB_FILE} (the tokenizer)")
+    kw = {} if cased is None else {"do_lower_case": not cased}
+    try:
+        tok = BertTokenizerFast.from_pretrained(path, **kw)
+    except Exception as exc:  # a damaged tokenizer.json / vocab.txt: whatever the library raises
+        raise UsageError(f"{flag}: the tokenizer in {path!r} does not load ({_one_line(exc, 300)})") from None
+    if tok.pad_token_id is None or tok.cls_token_id is None or tok.sep_token_id is None:
+        raise UsageError(f"{flag}: the tokenizer in {path!r} lacks [PAD], [CLS] or [SEP]")
+    return tok
+
+
+def _lowercases(tokenizer):
+    return bool(getattr(tokenizer, "do_lower_case", True))
+
+
+def _multi_exit_config(config, num_labels, shared_pooler, backend):
+    values = config.to_dict()
+    values.update(multi_exit=True, num_labels=num_labels, shared_exit_pooler=bool(shared_pooler), backend=backend,
+                  tnf_num_notes=None)  # TNF's notes help pretraining only: fine-tuning runs the plain encoder
+    for key in ("id2label", "label2id", "architectures", "transformers_version", "model_type"):
+        values.pop(key, None)
+    from ..models import TupeBertConfig
+
+    return TupeBertConfig.from_dict(values)
+
+
 def _classifier_from(encoder_model, config, num_labels, pooler=None, classifier=None, shared_pooler=False):
     """A multi-exit ``TupeBertForSequenceClassification`` with ``encoder_model``'s embeddings and layers. Every
     off-ramp's pooler starts from ``pooler`` (a state dict) when given, else from the last off-ramp's fresh one, as
     DeeBERT and RomeBERT copy the pooler into every off-ramp (``shared_pooler``: one pooler for all, PABEE); the last
     off-ramp's classifier starts from ``classifier`` when given."""
-    from ..models import TupeBertConfig, TupeBertForSequenceClassification
+    from ..models import TupeBertForSequenceClassification
 
-    values = config.to_dict()
-    values.update(multi_exit=True, num_labels=num_labels, shared_exit_pooler=bool(shared_pooler))
-    model = TupeBertForSequenceClassification(TupeBertConfig.from_dict(values))
+    model = TupeBertForSequenceClassification(_multi_exit_config(config, num_labels, shared_pooler, config.backend))
     state = {k: v for k, v in encoder_model.state_dict().items() if not k.startswith("pooler.")}
     missing, unexpected = model.bert.load_state_dict(state, strict=False)
     if missing or unexpected:
@@ -172,16 +230,21 @@ def _classifier_from(encoder_model, config, num_labels, pooler=None, classifier=
 
 
 def _from_hf(path, num_labels, backend, cased, shared_pooler=False):
-    from ..integrations.hf import from_hf_bert
+    """A local Hugging Face BERT folder: ``(multi-exit classifier, tokenizer, cased)``."""
+    from ..integrations.hf import _transformers, from_hf_bert
     from ..models import TupeBertForSequenceClassification, TupeBertModel
-    from ..data.text import WordPieceTokenizer
 
     _fail_if(not os.path.isdir(path), f"--hf: {path!r} is not a folder (a local Hugging Face BERT checkpoint)")
-    _fail_if(not os.path.isfile(os.path.join(path, VOCAB_FILE)), f"--hf: {path!r} holds no {VOCAB_FILE}")
+    try:
+        _transformers()
+    except ImportError as exc:  # the message says how to install it
+        raise UsageError(f"--hf: {exc}") from None
+    _model_type(path, "--hf", want="bert")
+    tokenizer = _tokenizer(path, "--hf", cased)
     try:
         hf = from_hf_bert(path, backend=backend)
-    except (ValueError, OSError, ImportError) as exc:  # ImportError: transformers missing, the message says how
-        raise UsageError(f"--hf: {exc}") from exc
+    except (ValueError, OSError, ImportError, KeyError) as exc:  # ImportError: transformers missing, it says how
+        raise UsageError(f"--hf: {_one_line(exc)}") from exc
     pooler = classifier = None
     if isinstance(hf, TupeBertForSequenceClassification):
         encoder = hf.bert
@@ -192,76 +255,128 @@ def _from_hf(path, num_labels, backend, cased, shared_pooler=False):
         encoder = hf.bert
     if encoder.pooler is not None:
         pooler = encoder.pooler.dense.state_dict()
-    if cased is None:  # what the checkpoint's tokenizer says, else BERT's default (uncased)
-        cased = False
-        cfg = os.path.join(path, "tokenizer_config.json")
-        if os.path.isfile(cfg):
-            with open(cfg, encoding="utf-8") as f:
-                cased = not json.load(f).get("do_lower_case", True)
-    tokenizer = WordPieceTokenizer.from_file(path, lowercase=not cased)
-    return (_classifier_from(encoder, encoder.config, num_labels, pooler, classifier, shared_pooler), tokenizer,
-            cased)
+    model = _classifier_from(encoder, encoder.config, num_labels, pooler, classifier, shared_pooler)
+    return model, tokenizer, not _lowercases(tokenizer)
+
+
+def _model_type(path, flag, want):
+    """The ``model_type`` of a checkpoint folder's ``config.json``: a one-line ``UsageError`` when the file is
+    missing, not JSON, or names another model type than ``want``."""
+    cfg = os.path.join(path, CONFIG_FILE)
+    if not os.path.isfile(cfg):
+        raise UsageError(f"{flag}: {path!r} holds no {CONFIG_FILE}: not a checkpoint folder")
+    try:
+        with open(cfg, encoding="utf-8") as f:
+            found = json.load(f).get("model_type")
+    except (ValueError, UnicodeDecodeError, AttributeError) as exc:
+        raise UsageError(f"{flag}: {cfg!r} is not a JSON config ({_one_line(exc, 200)})") from None
+    if found != want:
+        hint = ("an effbert (tupe-bert) checkpoint goes with --init" if flag == "--hf" else
+                "a Hugging Face BERT goes with --hf")
+        raise UsageError(f"{flag}: {cfg!r} is a checkpoint of model type {found!r}, not {want!r} ({hint})")
+    return found
+
+
+def _latest_checkpoint(folder):
+    """The ``checkpoint-N`` subfolder of ``folder`` with the largest N, or None."""
+    found = [d for d in glob.glob(os.path.join(glob.escape(folder), "checkpoint-*")) if os.path.isdir(d)
+             and d.rsplit("-", 1)[-1].isdigit()]
+    return max(found, key=lambda d: int(d.rsplit("-", 1)[-1])) if found else None
 
 
 def _from_pretrain(path, num_labels, backend, cased, shared_pooler=False):
+    """An ``effbert pretrain`` output (a ``save_pretrained`` folder of ``TupeBertForMaskedLM`` with its tokenizer; a
+    run stopped early: its latest ``checkpoint-N``): ``(multi-exit classifier, tokenizer, cased)``. The masked-LM
+    head and TNF's notes are left out (the TNF paper fine-tunes the plain encoder)."""
+    from ..models import TupeBertConfig, TupeBertForSequenceClassification
+
     _fail_if(not os.path.isdir(path), f"--init: {path!r} is not a folder (an effbert pretrain output)")
-    try:
-        from .pretrain import load_pretrained
-    except ImportError:  # an install without the pretraining command: read its folder layout directly
-        load_pretrained = _read_pretrain_folder
-    try:
-        mlm, tokenizer, _ = load_pretrained(path, backend=backend)
-    except (ValueError, OSError, KeyError, RuntimeError, TypeError, EOFError, pickle.UnpicklingError) as exc:
-        raise UsageError(f"--init: {' '.join(str(exc).split())[:400]}") from None
-    if cased is not None and cased != (not tokenizer.lowercase):
+    weights = path
+    if not any(os.path.isfile(os.path.join(path, n)) for n in WEIGHT_FILES):
+        weights = _latest_checkpoint(path)
+        if weights is None and (os.path.isfile(os.path.join(path, "model.pt"))
+                                or glob.glob(os.path.join(glob.escape(path), "checkpoint-*.pt"))):
+            return _from_legacy_pretrain(path, num_labels, backend, cased, shared_pooler)
+        _fail_if(weights is None, f"--init: {path!r} holds no weights ({' or '.join(WEIGHT_FILES)}, or a "
+                 "checkpoint-N folder): not the folder of an effbert pretrain run")
+    _model_type(weights, "--init", want=TupeBertConfig.model_type)
+    tokenizer = _tokenizer(path if os.path.isfile(os.path.join(path, TOKENIZER_FILE))
+                           or os.path.isfile(os.path.join(path, VOCAB_FILE)) else weights, "--init", None)
+    if cased is not None and cased == _lowercases(tokenizer):
         raise UsageError(f"--cased {'given' if cased else 'not given'}, but the pretraining run "
-                         f"{'lowercased' if tokenizer.lowercase else 'kept case'}")
-    # TNF's notes help pretraining only: fine-tuning runs the plain encoder (as the TNF paper does)
-    return (_classifier_from(mlm.bert, mlm.config, num_labels, shared_pooler=shared_pooler), tokenizer,
-            not tokenizer.lowercase)
+                         f"{'lowercased' if _lowercases(tokenizer) else 'kept case'}")
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # the off-ramps are new by design: checked below, not reported as missing
+    try:
+        config = _multi_exit_config(TupeBertConfig.from_pretrained(weights), num_labels, shared_pooler, backend)
+        model, info = TupeBertForSequenceClassification.from_pretrained(weights, config=config,
+                                                                        output_loading_info=True)
+    except Exception as exc:  # a cut or foreign weights file, a config that fails its checks: one line
+        raise UsageError(f"--init: {_one_line(exc)}") from None
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    missing = [k for k in info["missing_keys"] if not k.startswith("exits.")]
+    unexpected = [k for k in info["unexpected_keys"] if not k.startswith(("mlm_head.", "notes."))]
+    if missing or unexpected or info.get("mismatched_keys") or info.get("error_msgs"):
+        raise UsageError(f"--init: the weights in {weights!r} do not fit the model: missing {missing[:5]}, "
+                         f"unexpected {unexpected[:5]}, mismatched {list(info.get('mismatched_keys') or [])[:5]}")
+    model.init_exit_poolers(model.exits[-1].pooler.state_dict())  # no pooler in pretraining: one fresh one for all
+    return model.train(), tokenizer, not _lowercases(tokenizer)
 
 
-def _read_pretrain_folder(path, backend="auto"):
-    """The encoder of an ``effbert pretrain`` folder (``config.json``, ``vocab.txt``, ``pretrain.json`` and the final
-    ``model.pt`` or the latest ``checkpoint-*.pt``), as ``(TupeBertForMaskedLM without notes, tokenizer, None)``."""
+def _from_legacy_pretrain(path, num_labels, backend, cased, shared_pooler):
+    """The folder of an earlier ``effbert pretrain`` (``config.json``, ``vocab.txt``, ``pretrain.json`` and the
+    final ``model.pt`` or the latest ``checkpoint-*.pt``), read with ``torch.load(..., weights_only=True)``."""
     from ..models import TupeBertConfig, TupeBertForMaskedLM
-    from ..data.text import WordPieceTokenizer
 
-    for name in (CONFIG_FILE, VOCAB_FILE, "pretrain.json"):
-        if not os.path.isfile(os.path.join(path, name)):
-            raise FileNotFoundError(f"{path!r} holds no {name}: not the folder of an effbert pretrain run")
-    with open(os.path.join(path, CONFIG_FILE), encoding="utf-8") as f:
-        config = TupeBertConfig.from_json(f.read())
-    config.backend = backend
-    with open(os.path.join(path, "pretrain.json"), encoding="utf-8") as f:
-        cased = bool(json.load(f).get("settings", {}).get("cased", False))
-    final = os.path.join(path, MODEL_FILE)
-    if os.path.isfile(final):
-        state = torch.load(final, map_location="cpu", weights_only=True)
-    else:
-        ckpts = sorted(glob.glob(os.path.join(path, "checkpoint-*.pt")))
-        if not ckpts:
-            raise FileNotFoundError(f"{path!r} holds neither {MODEL_FILE} nor a checkpoint")
-        ckpt = torch.load(ckpts[-1], map_location="cpu", weights_only=True)  # never unpickle arbitrary objects
-        state = ckpt.get("model") if isinstance(ckpt, dict) else None
-        if not isinstance(state, dict):
-            raise ValueError(f"{ckpts[-1]!r} is not a checkpoint of effbert pretrain (no model state)")
-    state = {k: v for k, v in state.items() if not k.startswith("notes.")}  # TNF's notes serve pretraining only
-    config.tnf_num_notes = None
-    model = TupeBertForMaskedLM(config)
-    model.load_state_dict(state)
-    return model.eval(), WordPieceTokenizer.from_file(os.path.join(path, VOCAB_FILE), lowercase=not cased), None
+    try:
+        for name in (CONFIG_FILE, VOCAB_FILE, "pretrain.json"):
+            if not os.path.isfile(os.path.join(path, name)):
+                raise FileNotFoundError(f"{path!r} holds no {name}: not the folder of an effbert pretrain run")
+        with open(os.path.join(path, CONFIG_FILE), encoding="utf-8") as f:
+            config = TupeBertConfig.from_json(f.read())
+        with open(os.path.join(path, "pretrain.json"), encoding="utf-8") as f:
+            run_cased = bool(json.load(f).get("settings", {}).get("cased", False))
+        final = os.path.join(path, "model.pt")
+        if os.path.isfile(final):
+            state = torch.load(final, map_location="cpu", weights_only=True)  # never unpickle arbitrary objects
+        else:
+            ckpt = sorted(glob.glob(os.path.join(glob.escape(path), "checkpoint-*.pt")))[-1]
+            state = torch.load(ckpt, map_location="cpu", weights_only=True)
+            state = state.get("model") if isinstance(state, dict) else None
+            if not isinstance(state, dict):
+                raise ValueError(f"{ckpt!r} is not a checkpoint of effbert pretrain (no model state)")
+        config.tnf_num_notes = None
+        config.backend = backend
+        mlm = TupeBertForMaskedLM(config)
+        mlm.load_state_dict({k: v for k, v in state.items() if not k.startswith("notes.")})
+    except Exception as exc:  # a cut, tampered or foreign file: one line
+        raise UsageError(f"--init: {_one_line(exc)}") from None
+    if cased is not None and cased != run_cased:
+        raise UsageError(f"--cased {'given' if cased else 'not given'}, but the pretraining run "
+                         f"{'kept case' if run_cased else 'lowercased'}")
+    tokenizer = _tokenizer(path, "--init", run_cased)
+    return _classifier_from(mlm.bert, mlm.config, num_labels, shared_pooler=shared_pooler), tokenizer, run_cased
 
 
 def save_finetuned(out, model, tokenizer, labels, settings):
+    """The run's folder: ``save_pretrained`` of the model (labels as ``id2label``) and the tokenizer, then
+    ``finetune.json`` (the settings) last, so a folder with it is complete."""
     os.makedirs(out, exist_ok=True)
-    config = dict(model.config.to_dict(), backend="auto")  # the run's backend belongs to the run, not the model
-    _write(os.path.join(out, CONFIG_FILE), json.dumps(config, indent=2, sort_keys=True) + "\n")
-    tmp = os.path.join(out, MODEL_FILE + ".tmp")
-    torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, tmp)
-    os.replace(tmp, os.path.join(out, MODEL_FILE))
-    _write(os.path.join(out, LABELS_FILE), json.dumps(list(labels), indent=2) + "\n")
-    tokenizer.save(os.path.join(out, VOCAB_FILE))
+    config = model.config
+    backend = config.backend
+    config.backend = "auto"  # the run's backend belongs to the run, not the model
+    config.id2label = {i: name for i, name in enumerate(labels)}
+    config.label2id = {name: i for i, name in enumerate(labels)}
+    if settings.get("regression"):
+        config.problem_type = "regression"
+    try:
+        model.save_pretrained(out)
+    finally:
+        config.backend = backend
+    tokenizer.save_pretrained(out)
     _write(os.path.join(out, SETTINGS_FILE), json.dumps(settings, indent=2, sort_keys=True) + "\n")
 
 
@@ -274,61 +389,43 @@ def _write(path, text):
 
 def load_finetuned(path, device=None, backend="auto"):
     """A model ``effbert finetune`` wrote to ``path``: ``(TupeBertForSequenceClassification with off-ramps, in
-    eval mode; WordPieceTokenizer; labels, a list of str indexed by class id; settings dict, with max_len)``.
-    Raises ``FileNotFoundError`` for a folder that is not such a run and ``ValueError`` for weights that cannot be
-    read with ``torch.load(..., weights_only=True)``."""
-    from ..models import TupeBertConfig, TupeBertForSequenceClassification
-    from ..data.text import WordPieceTokenizer
+    eval mode; BertTokenizerFast; labels, a list of str indexed by class id; settings dict, with max_len)``.
+    The folder is also a ``transformers`` checkpoint: ``AutoModelForSequenceClassification.from_pretrained(path)``
+    gives the same model. Raises ``FileNotFoundError`` for a folder that is not such a run and ``ValueError`` for
+    weights or a tokenizer that cannot be read (weights are read as safetensors, or with
+    ``torch.load(..., weights_only=True)``: never unpickled code)."""
+    from transformers import BertTokenizerFast
+
+    from ..models import TupeBertForSequenceClassification
 
     if not isinstance(path, (str, os.PathLike)) or not os.path.isdir(path):
         raise FileNotFoundError(f"path must be the folder of an effbert finetune run, got {path!r}")
     path = os.fspath(path)
-    for name in (CONFIG_FILE, MODEL_FILE, LABELS_FILE, VOCAB_FILE, SETTINGS_FILE):
+    for name in (CONFIG_FILE, SETTINGS_FILE):
         if not os.path.isfile(os.path.join(path, name)):
             raise FileNotFoundError(f"path: {path!r} holds no {name}: not the folder of an effbert finetune run")
-    with open(os.path.join(path, CONFIG_FILE), encoding="utf-8") as f:
-        config = TupeBertConfig.from_json(f.read())
-    config.backend = backend
-    with open(os.path.join(path, LABELS_FILE), encoding="utf-8") as f:
-        labels = json.load(f)
+    if not any(os.path.isfile(os.path.join(path, n)) for n in WEIGHT_FILES):
+        raise FileNotFoundError(f"path: {path!r} holds no {WEIGHT_FILES[0]}: not the folder of an effbert "
+                                "finetune run")
     with open(os.path.join(path, SETTINGS_FILE), encoding="utf-8") as f:
         settings = json.load(f)
-    if len(labels) != config.num_labels:
-        raise ValueError(f"path: {LABELS_FILE} lists {len(labels)} labels, the config says {config.num_labels}")
-    model = TupeBertForSequenceClassification(config)
-    weights = os.path.join(path, MODEL_FILE)
     try:
-        state = torch.load(weights, map_location="cpu", weights_only=True)  # tensors only: nothing else unpickled
+        model = TupeBertForSequenceClassification.from_pretrained(path, backend=backend)
     except Exception as exc:  # a cut, tampered or foreign file
-        raise ValueError(f"path: cannot read {weights!r} ({' '.join(str(exc).split())[:300]})") from None
-    model.load_state_dict(state)
+        raise ValueError(f"path: cannot read the model in {path!r} ({_one_line(exc, 300)})") from None
+    if not model.config.multi_exit:
+        raise ValueError(f"path: {path!r} holds a model without off-ramps (config.multi_exit is false)")
+    labels = [model.config.id2label[i] for i in range(model.config.num_labels)]
+    try:
+        tokenizer = BertTokenizerFast.from_pretrained(path)
+    except Exception as exc:
+        raise ValueError(f"path: the tokenizer in {path!r} does not load ({_one_line(exc, 300)})") from None
     if device is not None:
         model = model.to(device)
-    tokenizer = WordPieceTokenizer.from_file(os.path.join(path, VOCAB_FILE), lowercase=not settings["cased"])
     return model.eval(), tokenizer, labels, settings
 
 
 # -------------------------------------------------------------------------------------------------- training
-
-
-def _progress(total, desc, quiet):
-    try:
-        from tqdm import tqdm
-    except ImportError:
-        return None
-    return tqdm(total=total, desc=desc, leave=True, disable=quiet, dynamic_ncols=True, file=sys.stdout)
-
-
-def _loss(a, exit_logits, labels, backend, stage=1):
-    from ..losses import deebert_loss, multi_exit_distillation_loss, pabee_loss
-
-    z = exit_logits.float()
-    if a.loss == "deebert":
-        return deebert_loss(z, labels, stage, gradient_equilibrium=a.ge)
-    if a.loss == "pabee" or a.regression:  # a regression head: PABEE's layer-weighted MSE (HF: MSE for 1 output)
-        return pabee_loss(z, labels, gradient_equilibrium=a.ge)
-    return multi_exit_distillation_loss(z, labels, gamma=a.gamma, temperature=a.temperature,
-                                        gradient_equilibrium=a.ge, backend=backend)
 
 
 def _set_deebert_stage(model, stage):
@@ -342,88 +439,142 @@ def _set_deebert_stage(model, stage):
             p.requires_grad_(not (frozen and any(p is q for q in last.parameters())))
 
 
-def train(a, model, ids, lengths, y, device, backend, log):
-    """Fine-tunes ``model`` in place; DeeBERT's loss runs its two stages, ``a.steps`` (or epochs) each."""
-    if a.loss != "deebert":
-        return _train_stage(a, model, ids, lengths, y, device, backend, log)
-    _set_deebert_stage(model, 1)
-    log("DeeBERT stage 1: the backbone and the final classifier on the last exit's loss")
-    _, first = _train_stage(a, model, ids, lengths, y, device, backend, log, stage=1)
-    _set_deebert_stage(model, 2)
-    log("DeeBERT stage 2: backbone and final classifier frozen, the off-ramps on the sum of their losses")
-    model.train()
-    _, second = _train_stage(a, model, ids, lengths, y, device, backend, log, stage=2)
-    _set_deebert_stage(model, 1)  # unfrozen again for whoever trains it next
-    return model.eval(), first + second
+def _callbacks(a, log):
+    """The summary line every ``--log-every`` steps and the NaN stop, as a ``TrainerCallback`` (Trainer logs every
+    step: its log history holds each step's loss, also across a resume)."""
+    from transformers import TrainerCallback
+
+    class Lines(TrainerCallback):
+        def __init__(self):
+            self.bad = None
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if not logs or "loss" not in logs:
+                return
+            if not math.isfinite(logs["loss"]):
+                self.bad = (logs["loss"], state.global_step)
+                control.should_training_stop = True
+                control.should_save = False  # a non-finite model is never checkpointed
+                return
+            step = state.global_step
+            if state.is_world_process_zero and (step % a.log_every == 0 or step == state.max_steps):
+                recent = [h["loss"] for h in state.log_history if "loss" in h][-a.log_every:]
+                log(f"  step {step:6d}  loss {sum(recent) / len(recent):.4f}  lr {logs.get('learning_rate', 0):.2e}")
+
+    return Lines()
 
 
-def _train_stage(a, model, ids, lengths, y, device, backend, log, stage=1):
-    from ..losses import gradient_regularized_backward, romebert_projected_parameters
+def _quiet_progress_class():
+    """Trainer's tqdm bar without its per-log dict lines (the summary lines say the loss)."""
+    from transformers.trainer_callback import ProgressCallback
 
-    gen = torch.Generator().manual_seed(a.seed + stage - 1)
-    count = ids.shape[0]
-    per_epoch = math.ceil(count / a.batch_size)
-    steps = a.steps if a.steps is not None else max(1, math.ceil(a.epochs * per_epoch))
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            (no_decay if p.dim() < 2 else decay).append(p)  # no weight decay on biases and LayerNorms, as BERT
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": a.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=a.lr)
-    warmup = int(round(a.warmup * steps))
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: (s + 1) / warmup if s < warmup else max(0.0, (steps - s) / max(1, steps - warmup)))
-    what = {"romebert": f"romebert (gamma {a.gamma}, temperature {a.temperature}"
-                        + (f", gradient projection of the {a.project} side" if a.grad_reg else "") + ")",
-            "pabee": "pabee", "deebert": f"deebert stage {stage}"}[a.loss]
-    if a.regression and a.loss == "romebert":
-        what = "pabee's mean squared error (a regression head)"
-    log(f"fine-tuning {model.config.num_hidden_layers} off-ramps, "
-        + ("a regression head" if a.regression else f"{model.config.num_labels} labels")
-        + f", {count} examples: {steps} steps of {a.batch_size} ({steps / per_epoch:.2f} epochs), loss {what}"
-        + (", gradient equilibrium" if a.ge else "") + f", backend {backend}")
-    model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    reg_params = romebert_projected_parameters(model.bert.encoder) if a.grad_reg else None
-    projected = torch.zeros((), dtype=torch.int64, device=device)
-    bar = _progress(steps, "finetune" if a.loss != "deebert" else f"stage {stage}", a.quiet)
-    write = bar.write if bar is not None else log
-    losses, order = [], torch.empty(0, dtype=torch.int64)
-    t0 = time.perf_counter()
-    for step in range(steps):
-        if order.numel() < a.batch_size:  # a fresh shuffle each epoch; the last partial batch joins the next
-            order = torch.cat([order, torch.randperm(count, generator=gen)])
-        rows, order = order[:a.batch_size], order[a.batch_size:]
-        b_ids, mask = _batches(ids, lengths, rows, device)
-        out = model(b_ids, mask)
-        b_y = y[rows].to(device)
-        loss = _loss(a, out.exit_logits, b_y, backend, stage)
-        opt.zero_grad(set_to_none=True)
-        if a.grad_reg:
-            # the teacher is detached, so the last exit's only term is its cross-entropy: the rest is the others'
-            # (gradient equilibrium scales the last exit by 1: its cross-entropy is the same either way)
-            final = torch.nn.functional.cross_entropy(out.logits.float(), b_y)  # the last exit's
-            projected += gradient_regularized_backward(final, loss - final, params, reg_params, project=a.project)
-        else:
-            loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
-        losses.append(loss.item())
-        if not math.isfinite(losses[-1]):
-            raise UsageError(f"the loss is {losses[-1]} at step {step + 1}: lower --lr")
-        if bar is not None:
-            bar.update(1)
-            bar.set_postfix(loss=f"{losses[-1]:.4f}")
-        if (step + 1) % a.log_every == 0 or step + 1 == steps:
-            k = min(a.log_every, len(losses))
-            write(f"  step {step + 1:6d}  loss {sum(losses[-k:]) / k:.4f}  lr {sched.get_last_lr()[0]:.2e}")
-    if bar is not None:
-        bar.close()
-    if a.grad_reg:
-        log(f"gradient regularization: the {a.project} side projected on {int(projected)} of {steps} steps")
-    log(f"trained in {time.perf_counter() - t0:.1f} s")
-    return model.eval(), losses
+    class Bar(ProgressCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            pass
+
+    return Bar
+
+
+def _main_process():
+    return int(os.environ.get("RANK", "0")) == 0  # torchrun sets RANK
+
+
+def _show_progress(a):
+    # a progress bar only on a terminal: a log file gets the periodic lines, never carriage returns
+    return not a.quiet and sys.stderr.isatty()
+
+
+def _training_args(a, output_dir, device, stage):
+    from transformers import TrainingArguments
+
+    save = a.save_steps > 0
+    # transformers 5 takes the warm-up share as a float warmup_steps; transformers 4 as warmup_ratio
+    names = {f.name for f in dataclasses.fields(TrainingArguments)}
+    warmup = {"warmup_ratio": a.warmup} if "warmup_ratio" in names else {"warmup_steps": a.warmup}
+    try:
+        return TrainingArguments(
+            output_dir=output_dir, per_device_train_batch_size=a.batch_size,
+            gradient_accumulation_steps=a.grad_accum, learning_rate=a.lr, weight_decay=a.weight_decay,
+            lr_scheduler_type="linear", max_grad_norm=1.0, **warmup,
+            num_train_epochs=a.epochs, max_steps=a.steps if a.steps is not None else -1,
+            seed=a.seed + stage - 1, data_seed=a.seed + stage - 1, fp16=a.fp16, bf16=a.bf16,
+            use_cpu=device.type == "cpu", logging_strategy="steps", logging_steps=1,
+            logging_nan_inf_filter=False,  # a NaN loss must reach the log, which stops the run
+            save_strategy="steps" if save else "no", save_steps=a.save_steps if save else 500,
+            save_total_limit=a.save_total_limit, report_to="none", disable_tqdm=not _show_progress(a),
+            remove_unused_columns=False, dataloader_drop_last=False,
+            # DeeBERT's stage 1 leaves the lower off-ramps without a gradient; the other losses use every weight
+            ddp_find_unused_parameters=a.loss == "deebert")
+    except (ValueError, ImportError) as exc:  # e.g. --fp16 without a GPU: TrainingArguments says why
+        raise UsageError(_one_line(exc)) from None
+
+
+def train(a, model, tokenizer, train_ds, device, backend, log):
+    """Fine-tunes ``model`` in place through ``transformers.Trainer``; DeeBERT's loss runs its two stages,
+    ``a.steps`` (or epochs) each. Returns ``(model in eval mode, every optimizer step's loss, the last Trainer)``."""
+    from transformers import DataCollatorWithPadding
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    from ..training import MultiExitTrainer
+
+    stages = [1, 2] if a.loss == "deebert" else [1]
+    root = os.path.join(a.out, CHECKPOINTS)
+    losses = []
+    for stage in stages:
+        folder = root if a.loss != "deebert" else os.path.join(root, f"stage-{stage}")
+        if a.loss == "deebert":
+            _set_deebert_stage(model, stage)
+            log("DeeBERT stage 1: the backbone and the final classifier on the last exit's loss" if stage == 1 else
+                "DeeBERT stage 2: backbone and final classifier frozen, the off-ramps on the sum of their losses")
+            later = os.path.join(root, "stage-2")
+            if stage == 1 and a.resume and _latest_checkpoint(later) is not None:
+                done = _latest_checkpoint(folder)  # stage 1 ended: its losses are in its last checkpoint
+                if done is not None:
+                    with open(os.path.join(done, "trainer_state.json"), encoding="utf-8") as f:
+                        losses += [h["loss"] for h in json.load(f)["log_history"] if "loss" in h]
+                log("  (stage 1 finished before the resume)")
+                continue
+        resume = _latest_checkpoint(folder) if a.resume else None
+        lines = _callbacks(a, log)
+        trainer = MultiExitTrainer(
+            model=model, args=_training_args(a, folder, device, stage), train_dataset=train_ds,
+            data_collator=DataCollatorWithPadding(tokenizer), processing_class=tokenizer, callbacks=[lines],
+            loss=a.loss, gamma=a.gamma, temperature=a.temperature, gradient_equilibrium=a.ge, stage=stage,
+            grad_reg=a.grad_reg, project=a.project)
+        trainer.remove_callback(PrinterCallback)
+        if trainer.pop_callback(ProgressCallback) is not None:
+            trainer.add_callback(_quiet_progress_class())
+        count, per_epoch = len(train_ds), trainer.get_train_dataloader().__len__()
+        steps = a.steps if a.steps is not None else max(1, math.ceil(a.epochs * per_epoch / a.grad_accum))
+        what = {"romebert": f"romebert (gamma {a.gamma}, temperature {a.temperature}"
+                            + (f", gradient projection of the {a.project} side" if a.grad_reg else "") + ")",
+                "pabee": "pabee", "deebert": f"deebert stage {stage}"}[a.loss]
+        if a.regression and a.loss == "romebert":
+            what = "pabee's mean squared error (a regression head)"
+        if trainer.is_world_process_zero():
+            head = "a regression head" if a.regression else f"{model.config.num_labels} labels"
+            batch = a.batch_size * a.grad_accum * trainer.args.world_size  # examples an optimizer step
+            log(f"fine-tuning {model.config.num_hidden_layers} off-ramps, {head}, {count} examples: {steps} steps "
+                f"of {batch} ({steps * a.grad_accum / per_epoch:.2f} epochs), loss {what}"
+                + (", gradient equilibrium" if a.ge else "") + f", backend {backend}"
+                + (f", resumed from {resume}" if resume else ""))
+        t0 = time.perf_counter()
+        trainer.train(resume_from_checkpoint=resume)
+        if lines.bad is not None:
+            raise UsageError(f"the loss is {lines.bad[0]} at step {lines.bad[1]}: lower --lr")
+        losses += [h["loss"] for h in trainer.state.log_history if "loss" in h]
+        if a.grad_reg and trainer.is_world_process_zero():
+            n = 0 if trainer.projected is None else int(trainer.projected)
+            log(f"gradient regularization: the {a.project} side projected on {n} of {trainer.state.global_step} "
+                "steps" + (" (since the resume)" if resume else ""))
+        if trainer.is_world_process_zero():
+            log(f"trained in {time.perf_counter() - t0:.1f} s")
+    if a.loss == "deebert":
+        _set_deebert_stage(model, 1)  # unfrozen again for whoever trains it next
+    for folder in (os.path.join(root, "stage-1"), os.path.join(root, "stage-2"), root):
+        if os.path.isdir(folder) and not os.listdir(folder):
+            os.rmdir(folder)  # Trainer makes its output folder even when it keeps no checkpoint
+    return model.eval(), losses, trainer
 
 
 # ---------------------------------------------------------------------------------------------------- report
@@ -601,8 +752,19 @@ def build_parser():
     o.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     o.add_argument("--backend", default=None, help="effbert op backend (default: auto; eager under the Triton "
                    "interpreter)")
+    o.add_argument("--grad-accum", type=int, default=1, help="micro-batches of --batch-size per optimizer step "
+                   "(Trainer's gradient_accumulation_steps)")
+    prec = o.add_mutually_exclusive_group()
+    prec.add_argument("--fp16", action="store_true", help="fp16 mixed precision with loss scaling (CUDA)")
+    prec.add_argument("--bf16", action="store_true", help="bf16 mixed precision")
+    o.add_argument("--save-steps", type=int, default=0, help="keep a checkpoint every N steps in DIR/checkpoints "
+                   "(0: none); --resume continues from the latest")
+    o.add_argument("--save-total-limit", type=int, default=2, help="checkpoints kept (the oldest go)")
+    o.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint "
+                   "(the same command line, plus --resume)")
     o.add_argument("--log-every", type=int, default=50, help="print the mean loss every N steps")
-    o.add_argument("--quiet", action="store_true", help="no progress bar")
+    o.add_argument("--quiet", action="store_true", help="no progress bar (there is none when stderr is not a "
+                   "terminal)")
     e = p.add_argument_group("early-exit report")
     e.add_argument("--criterion", choices=CRITERIA, default="entropy")
     e.add_argument("--eval-batch-size", type=int, default=128)
@@ -630,44 +792,74 @@ def _check_args(a):
              f"--regression-delta must be > 0, got {a.regression_delta}")
     _fail_if(a.max_len < 3, f"--max-len must be >= 3, got {a.max_len}")
     _fail_if(a.log_every < 1, f"--log-every must be >= 1, got {a.log_every}")
+    _fail_if(a.grad_accum < 1, f"--grad-accum must be >= 1, got {a.grad_accum}")
+    _fail_if(a.save_steps < 0, f"--save-steps must be >= 0, got {a.save_steps}")
+    _fail_if(a.save_total_limit < 1, f"--save-total-limit must be >= 1, got {a.save_total_limit}")
+    _fail_if(a.grad_reg and int(os.environ.get("WORLD_SIZE", "1")) > 1,
+             "--grad-reg runs on one process: its two backward passes bypass data-parallel gradient averaging")
     _fail_if(a.backend is not None and a.backend not in ("auto",) + BACKENDS,
              f"--backend must be one of {('auto',) + BACKENDS}, got {a.backend!r}")
-    check_backend(a.backend, parse_device(a.device))
+    device = parse_device(a.device)
+    check_backend(a.backend, device)
+    _fail_if(a.fp16 and device.type != "cuda", "--fp16 needs a CUDA device (--bf16 runs on a CPU)")
     _check_out(a)
 
 
-# the files a finetune run writes: another run's (or anything's) are never overwritten
-_OUT_FILES = (CONFIG_FILE, MODEL_FILE, LABELS_FILE, VOCAB_FILE, SETTINGS_FILE, REPORT_FILE, PLOT_FILE)
+# the files a finetune run writes (and those of its earlier layout): another run's (or anything's) are never
+# overwritten
+_OUT_FILES = (CONFIG_FILE, SETTINGS_FILE, REPORT_FILE, PLOT_FILE, TOKENIZER_FILE, TOKENIZER_CONFIG_FILE,
+              CHECKPOINTS) + WEIGHT_FILES + ("model.pt", "labels.json", VOCAB_FILE)
 
 
 def _check_out(a):
     """``--out`` is refused before any work when it is the model's source or holds what this command would
     overwrite (a pretraining run, an earlier fine-tuning run without --overwrite, a file of the same name)."""
     check_out_dir(a.out)
+    if not _main_process():  # under torchrun the first process checks (and later writes) --out
+        return
     source = a.init if a.init is not None else a.hf
     if source is not None and os.path.isdir(source) and os.path.isdir(a.out) \
             and os.path.samefile(source, a.out):
         raise UsageError(f"--out {a.out!r} is the folder of {'--init' if a.init else '--hf'}: fine-tuning would "
                          "overwrite the model it starts from; choose another --out")
     if not os.path.isdir(a.out):
+        _fail_if(a.resume, f"--resume: {a.out!r} does not exist: there is no run to resume")
         return
     held = [n for n in _OUT_FILES + ("pretrain.json",) if os.path.exists(os.path.join(a.out, n))]
     if not held:
+        _fail_if(a.resume, f"--resume: {a.out!r} holds no effbert finetune run")
         return
     if os.path.exists(os.path.join(a.out, "pretrain.json")):
         raise UsageError(f"--out: {a.out!r} holds an effbert pretrain run; choose another folder")
     if not os.path.isfile(os.path.join(a.out, SETTINGS_FILE)):
         raise UsageError(f"--out: {a.out!r} holds {', '.join(held)} of something else; choose another folder")
+    if a.resume:
+        _fail_if(not any(_latest_checkpoint(d) for d in (os.path.join(a.out, CHECKPOINTS),
+                                                        os.path.join(a.out, CHECKPOINTS, "stage-1"))),
+                 f"--resume: {a.out!r} holds no checkpoint (--save-steps keeps them)")
+        return
     if not a.overwrite:
         raise UsageError(f"--out: {a.out!r} holds an earlier effbert finetune run; pass --overwrite to replace it "
-                         "or choose another folder")
+                         "(or --resume to continue it) or choose another folder")
 
 
 def run(a, log):
     """The whole command; returns ``(model, report or None)``."""
     t0 = time.perf_counter()
     device = parse_device(a.device)
+    if device.type == "cuda" and device.index is not None and "LOCAL_RANK" not in os.environ:
+        torch.cuda.set_device(device)  # Trainer trains on the current CUDA device
     backend = a.backend if a.backend not in (None, "auto") else _default_backend(device)
+    from ..integrations.hf import _transformers
+
+    try:
+        transformers = _transformers()
+        import datasets
+    except ImportError as exc:  # regular dependencies, but an install can lack them: the message says how
+        raise UsageError(" ".join(str(exc).split())) from None
+    if not _show_progress(a):  # nor the libraries' bars (loading weights, tokenizing, saving)
+        datasets.disable_progress_bars()
+        transformers.utils.logging.disable_progress_bar()
     torch.manual_seed(a.seed)
     train_names, train_texts = read_tsv(a.train, "--train")
     if a.regression:  # numeric labels: no classes to check
@@ -693,23 +885,36 @@ def run(a, log):
     else:
         model, tokenizer, cased = _from_pretrain(a.init, len(labels), backend, a.cased, a.shared_pooler)
     source = "--hf" if a.hf is not None else "--init"
-    _fail_if(len(tokenizer) > model.config.vocab_size, f"{source}: vocab.txt has {len(tokenizer)} pieces, more than "
-             f"the model's vocab_size {model.config.vocab_size}")
+    _fail_if(len(tokenizer) > model.config.vocab_size, f"{source}: the tokenizer has {len(tokenizer)} pieces, more "
+             f"than the model's vocab_size {model.config.vocab_size}")
     max_len = min(a.max_len, model.config.max_position_embeddings)
     model.set_backend(backend)
-    model = model.to(device)
-    ids, lengths = _encode(tokenizer, train_texts, max_len)
+    _training_args(a, os.path.join(a.out, CHECKPOINTS), device, 1)  # its mistakes (e.g. --fp16 on a CPU) first
     y = targets if a.regression else torch.tensor([index[n] for n in train_names], dtype=torch.int64)
-    log(f"effbert finetune on {device}: {len(train_texts)} training examples, labels {labels}, "
-        f"{model.config.num_hidden_layers} layers, hidden {model.config.hidden_size}")
-    model, losses = train(a, model, ids, lengths, y, device, backend, log)
+    train_ds = _dataset(tokenizer, train_texts, y, max_len)
     settings = {"cased": cased, "max_len": max_len, "loss": a.loss, "gamma": a.gamma, "temperature": a.temperature,
                 "grad_reg": a.grad_reg, "project": a.project, "ge": a.ge, "shared_pooler": a.shared_pooler,
-                "regression": a.regression,
-                "steps": len(losses), "batch_size": a.batch_size, "lr": a.lr, "seed": a.seed,
-                "init": a.init, "hf": a.hf, "train": a.train}
+                "regression": a.regression, "batch_size": a.batch_size, "grad_accum": a.grad_accum, "lr": a.lr,
+                "seed": a.seed, "init": a.init, "hf": a.hf, "train": a.train}
+    if not _main_process():  # under torchrun one process speaks and writes
+        log = lambda msg: None  # noqa: E731
+    else:
+        if a.overwrite and not a.resume:  # the earlier run's checkpoints (--out holds a finetune run: checked)
+            shutil.rmtree(os.path.join(a.out, CHECKPOINTS), ignore_errors=True)
+        os.makedirs(a.out, exist_ok=True)
+        # written first, so that an interrupted run's folder is known as this command's and can be resumed
+        _write(os.path.join(a.out, SETTINGS_FILE), json.dumps(dict(settings, complete=False), indent=2,
+                                                              sort_keys=True) + "\n")
+        log(f"effbert finetune on {device}: {len(train_texts)} training examples, labels {labels}, "
+            f"{model.config.num_hidden_layers} layers, hidden {model.config.hidden_size}")
+    model, losses, trainer = train(a, model, tokenizer, train_ds, device, backend, log)
+    if not trainer.is_world_process_zero():
+        return model, None
+    model = model.to(device)
+    settings.update(steps=len(losses), complete=True)
     save_finetuned(a.out, model, tokenizer, labels, settings)
-    log(f"model saved to {os.path.abspath(a.out)} ({CONFIG_FILE}, {MODEL_FILE}, {LABELS_FILE}, {VOCAB_FILE})")
+    log(f"model saved to {os.path.abspath(a.out)} ({CONFIG_FILE}, {WEIGHT_FILES[0]}, {TOKENIZER_FILE}, "
+        f"{SETTINGS_FILE}); AutoModelForSequenceClassification.from_pretrained loads it")
     report = None
     if eval_data is not None:
         e_ids, e_len = _encode(tokenizer, eval_data[1], max_len)

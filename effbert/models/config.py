@@ -141,8 +141,9 @@ class TupeBertConfig(PretrainedConfig):
     @classmethod
     def _known_keys(cls):
         base = set(PretrainedConfig().to_dict())
+        # use_cache: transformers.Trainer sets it on every model's config, so every folder it saves holds it
         return base | set(FIELDS) | {"id2label", "label2id", "architectures", "transformers_version", "model_type",
-                                     "auto_map", "_name_or_path", "torch_dtype", "dtype"}
+                                     "auto_map", "_name_or_path", "torch_dtype", "dtype", "use_cache"}
 
     @classmethod
     def from_dict(cls, config_dict, **kwargs):

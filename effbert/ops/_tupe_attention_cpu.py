@@ -15,18 +15,40 @@ token outputs 0; NaN in a real token's inputs gives NaN.
 Measured against one call over the padded batch with a combined ``[B, H, N, N]`` mask or an extra head-dim column
 carrying the key padding: both cost more (the combined mask is read per head; a head dim of 65 misses the fast
 GEMM path) than the per-sequence calls, whose per-call overhead is small next to the padded work they skip.
+
+Inference (no gradient wanted, no dropout) of one sequence with a bias and at most ``MATH_MAX_LEN`` tokens takes
+a shorter road: ``baddbmm`` (the bias as its addend, the content logits scaled on the way), an in-place softmax and
+``bmm``, one ``[H, L, L]`` buffer for that sequence only. The fused kernel adds the bias tile by tile, which at
+these lengths costs more than the three BLAS-backed calls (8% less time at L = 128, 1 and 2 threads); beyond
+about 200 tokens the fused kernel's blocking wins and is used.
 """
 
 import torch
 import torch.nn.functional as F
 
 
+MATH_MAX_LEN = 160  # the longest sequence the inference road takes (measured crossover: 128 faster, 200 slower)
+
+
 def _call(q, k, v, bias, scale, dropout_p):
     """Attention over ``[G, L, H, D]`` with the shared ``bias [H, L, L]`` (or None): ``[G, L, H, D]``."""
+    if (bias is not None and q.shape[0] == 1 and q.shape[1] <= MATH_MAX_LEN and dropout_p == 0.0
+            and not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad
+                                                  or bias.requires_grad))):
+        return _call_inference(q, k, v, bias.to(q.dtype), scale)
     mask = None if bias is None else bias.unsqueeze(0).to(q.dtype)
     out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
                                          dropout_p=dropout_p, scale=scale)
     return out.transpose(1, 2)
+
+
+def _call_inference(q, k, v, bias, scale):
+    """One sequence ``[1, L, H, D]``, no autograd: ``softmax(bias + scale * q k^T) v`` through BLAS batched over
+    the heads (strided views in, no copies of q, k or v)."""
+    qh, kh, vh = q[0].transpose(0, 1), k[0].transpose(0, 1), v[0].transpose(0, 1)  # [H, L, D] views
+    logits = torch.baddbmm(bias, qh, kh.transpose(1, 2), alpha=scale)
+    torch.softmax(logits, -1, out=logits)
+    return torch.bmm(logits, vh).transpose(0, 1).unsqueeze(0)
 
 
 def attention(q, k, v, pos_bias, attention_mask, scale, dropout_p):
@@ -70,7 +92,13 @@ def attention(q, k, v, pos_bias, attention_mask, scale, dropout_p):
 def attention_varlen(q, k, v, cu_seqlens, pos_bias, scale, dropout_p):
     """Packed ``[total, H, D]`` attention, sequence ``b`` being rows ``cu_seqlens[b]:cu_seqlens[b + 1]``."""
     cu = cu_seqlens.tolist()
-    out = q.new_zeros(q.shape)
+    # offsets that start at 0 and never decrease cover rows [0, cu[-1]) exactly: only the tail needs zeros; any
+    # others (a caller that skipped the offsets' check) start from zeros, so no row is left unwritten
+    if cu[0] == 0 and all(a <= b for a, b in zip(cu, cu[1:])):
+        out = q.new_empty(q.shape)
+        out[cu[-1]:] = 0
+    else:
+        out = q.new_zeros(q.shape)
     for b in range(len(cu) - 1):
         lo, hi = cu[b], cu[b + 1]
         if hi > lo:

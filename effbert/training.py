@@ -1,0 +1,321 @@
+"""Pretraining effbert's models with ``transformers.Trainer``: the pieces a plain ``Trainer`` lacks.
+
+``PretrainingTrainer`` is a ``Trainer`` for ``TupeBertForMaskedLM`` and ``TupeBertForMultiChoicePretraining``
+(MC-BERT). Everything else (mixed precision, gradient accumulation, checkpoints and resuming, logging, torchrun DDP,
+FSDP, DeepSpeed) is Trainer's own, driven by its ``TrainingArguments``. What it adds:
+
+* **TNF's note update** (Wu et al., "Taking Notes on the Fly Helps Language Pre-Training", ICLR 2021): after the
+  backward pass of every micro-batch, the rare-word spans of the batch (``note_spans``, from
+  ``effbert.data``'s collator) fold the last hidden state into the model's notes (``model.update_notes``). Under
+  data parallel every rank applies every rank's spans in rank order (``process_group``), so the notes stay identical
+  on all ranks without broadcasting them (pass ``ddp_broadcast_buffers=False``).
+* **The masked-LM loss at the labelled positions only** (``return_logits=False``: no ``[B, N, vocab]`` logits), as
+  the mean over all masked tokens of the optimizer step: each rank's sum divided by the step's target count over
+  every micro-batch and rank, so the update equals the one of a single process on the whole batch. MC-BERT's loss is
+  the model's own (controller MLM + lambda x multi-choice cross-entropy, means per micro-batch), averaged.
+* **Logged metrics**: ``notes_taken`` with TNF; with MC-BERT ``mlm_loss``, ``mc_loss``, ``mc_accuracy``,
+  ``mc_replaced_accuracy`` and ``replaced_fraction`` (means over the steps since the last log and over ranks).
+* **A stop on non-finite values**: a NaN or infinite loss raises ``NonFiniteError`` at that step on every rank
+  (Trainer would silently replace it in the logged mean and go on), and ``StopOnNonFinite`` (added by default)
+  refuses to write a checkpoint of non-finite weights or notes.
+
+    from transformers import TrainingArguments
+    from effbert.training import PretrainingTrainer
+    trainer = PretrainingTrainer(model=model, args=TrainingArguments(...), train_dataset=dataset,
+                                 data_collator=DataCollatorForTupeMLM(tokenizer, rare_words=table))
+    trainer.train()
+
+Weight decay: on every parameter of two or more dimensions (matrices, embeddings), as BERT decays; never on biases,
+LayerNorm gains or TUPE's per-head [CLS] scalars (Trainer's default rule would decay those scalars).
+"""
+
+import inspect
+
+import torch
+from transformers import Trainer, TrainerCallback
+
+__all__ = ["PretrainingTrainer", "StopOnNonFinite", "NonFiniteError", "MC_METRICS", "MultiExitTrainer", "EXIT_LOSSES"]
+
+MC_METRICS = ("mlm_loss", "mc_loss", "mc_accuracy", "mc_replaced_accuracy", "replaced_fraction")
+
+
+class NonFiniteError(FloatingPointError):
+    """Training met a NaN or infinite loss or weights; ``step`` is the optimizer step (1-based) where it did."""
+
+    def __init__(self, message, step):
+        super().__init__(message)
+        self.step = step
+
+
+def _unwrap(model):
+    while hasattr(model, "module"):  # DDP, FSDP wrappers
+        model = model.module
+    return model
+
+
+def _all_finite(model):
+    """True when every floating-point parameter and buffer (TNF's notes included) is finite."""
+    tensors = [t for t in list(model.parameters()) + list(model.buffers()) if t.is_floating_point() and t.numel()]
+    if not tensors:
+        return True
+    return bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())
+
+
+class StopOnNonFinite(TrainerCallback):
+    """Before Trainer writes a checkpoint, check that the weights and notes are finite; if not, raise
+    ``NonFiniteError``, so the checkpoints already written stay the last good ones. Every rank holds the same
+    weights under data parallel, so every rank raises at the same step."""
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if control.should_save and model is not None and not _all_finite(_unwrap(model)):
+            raise NonFiniteError(f"non-finite weights after step {state.global_step}", state.global_step)
+        return control
+
+
+class PretrainingTrainer(Trainer):
+    """A ``transformers.Trainer`` for effbert's pretraining models (see the module docstring).
+
+    Batches are the dicts of ``effbert.data``'s ``DataCollatorForTupeMLM``: ``input_ids``, ``attention_mask``,
+    ``labels`` (-100 = no target), and optionally ``position_ids`` (packed rows), ``note_slots [B, N]`` and
+    ``note_spans [M, 4]`` (TNF). ``note_spans`` never reaches the model's forward: it feeds the note update.
+    ``stop_on_nonfinite=True`` raises ``NonFiniteError`` on a non-finite loss and adds ``StopOnNonFinite``.
+    Other arguments are ``Trainer``'s.
+    """
+
+    # compute_loss normalises by the step's target count (MLM) or the number of micro-batches (MC-BERT) itself
+    loss_is_scaled_for_ga = True
+
+    def __init__(self, *args, stop_on_nonfinite=True, **kwargs):
+        if not isinstance(stop_on_nonfinite, bool):
+            raise TypeError(f"stop_on_nonfinite must be a bool, got {type(stop_on_nonfinite).__name__}")
+        super().__init__(*args, **kwargs)
+        self.stop_on_nonfinite = stop_on_nonfinite
+        if stop_on_nonfinite and not any(isinstance(c, StopOnNonFinite) for c in self.callback_handler.callbacks):
+            self.add_callback(StopOnNonFinite())
+        self._metric_sums = {}
+        self._metric_count = 0
+        self._last_hidden = None
+
+    # ---------------------------------------------------------------------------------------------- the loss
+
+    def get_decay_parameter_names(self, model):
+        return [n for n, p in model.named_parameters() if p.dim() >= 2]
+
+    def get_batch_samples(self, epoch_iterator, num_batches, device):
+        # the masked targets of the whole optimizer step, over every micro-batch and (with average_tokens_across_
+        # devices, Trainer's default) every rank: the divisor of the masked-LM loss
+        batches, _ = super().get_batch_samples(epoch_iterator, num_batches, device)
+        count = None
+        if batches and all(isinstance(b, dict) and "labels" in b for b in batches):
+            count = sum(b["labels"].ne(-100).sum() for b in batches).to(device)
+            if self.args.average_tokens_across_devices and self.args.world_size > 1:
+                count = self.accelerator.gather(count.reshape(1)).sum()
+        return batches, count
+
+    def _is_multi_choice(self, model):
+        from .models import TupeBertForMultiChoicePretraining
+
+        return isinstance(_unwrap(model), TupeBertForMultiChoicePretraining)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        inputs = dict(inputs)
+        inputs.pop("note_spans", None)
+        core = _unwrap(model)
+        multi_choice = self._is_multi_choice(model)
+        if not multi_choice and "return_logits" in inspect.signature(core.forward).parameters and \
+                inputs.get("labels") is not None and not return_outputs:
+            inputs["return_logits"] = False  # the head at the labelled positions only
+        outputs = model(**inputs)
+        loss = outputs["loss"] if isinstance(outputs, dict) else outputs[0]
+        if loss is None:
+            raise ValueError("the model returned no loss: the batch needs labels")
+        if not model.training:  # evaluation: the model's own mean over the batch
+            return (loss, outputs) if return_outputs else loss
+        hidden = outputs.get("last_hidden_state") if isinstance(outputs, dict) else None
+        self._last_hidden = hidden.detach() if hidden is not None else None
+        self._record_metrics(core, outputs, multi_choice)
+        if multi_choice or num_items_in_batch is None:
+            # the model's own means, averaged over the micro-batches of the step (and over ranks by DDP)
+            loss = loss / self.current_gradient_accumulation_steps
+        else:
+            targets = inputs["labels"].ne(-100).sum()
+            loss = loss * targets / torch.as_tensor(num_items_in_batch, device=loss.device).clamp_min(1)
+            if self.args.average_tokens_across_devices and self.args.world_size > 1:
+                loss = loss * self.args.world_size  # DDP averages the gradients over ranks; the divisor held all
+        return (loss, outputs) if return_outputs else loss
+
+    def _record_metrics(self, core, outputs, multi_choice):
+        sums = self._metric_sums
+        if multi_choice:
+            for key in MC_METRICS:
+                value = outputs.get(key)
+                if value is not None:
+                    v = value.detach().double().reshape(())
+                    sums[key] = sums[key] + v if key in sums else v
+        self._metric_count += 1
+
+    # ------------------------------------------------------------------------------------- the training step
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        spans = inputs.get("note_spans") if isinstance(inputs, dict) else None
+        if spans is not None:
+            inputs = {k: v for k, v in inputs.items() if k != "note_spans"}
+        self._last_hidden = None
+        loss = super().training_step(model, inputs, num_items_in_batch)  # forward and backward
+        step = self.state.global_step + 1
+        if self.stop_on_nonfinite:
+            bad = (~torch.isfinite(loss)).to(torch.float32).reshape(1)
+            if self.args.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+                torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MAX)  # every rank stops together
+            if bool(bad.item()):
+                value = float(loss) if not bool(torch.isfinite(loss)) else float("nan")
+                raise NonFiniteError(f"the loss is {value} at step {step}", step)
+        core = _unwrap(model)
+        if spans is not None and getattr(core, "notes", None) is not None:
+            if self._last_hidden is None:
+                raise ValueError("note_spans need the model's last_hidden_state (TupeBertForMaskedLM returns it)")
+            self._update_notes(core, self._last_hidden, spans, inputs)
+        self._last_hidden = None
+        return loss
+
+    def _update_notes(self, core, hidden, spans, inputs):
+        group = None
+        if self.args.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+            group = torch.distributed.group.WORLD
+        mask = inputs.get("attention_mask")
+        lengths = mask.sum(1).to(hidden.device) if mask is not None else None  # right-padded rows
+        kwargs = {}
+        if inputs.get("position_ids") is not None and \
+                "position_ids" in inspect.signature(core.update_notes).parameters:
+            kwargs["position_ids"] = inputs["position_ids"].to(hidden.device)
+        core.update_notes(hidden, spans.to(hidden.device), lengths, process_group=group, **kwargs)
+
+    # ---------------------------------------------------------------------------------------------- logging
+
+    def log(self, logs, start_time=None):
+        if "loss" in logs and self._metric_count:  # a training log: add the means since the last one
+            keys = sorted(self._metric_sums)
+            if keys:
+                device = self._metric_sums[keys[0]].device
+                means = torch.stack([self._metric_sums[k] for k in keys]).to(device) / self._metric_count
+                if self.args.world_size > 1:
+                    means = self.accelerator.gather(means.reshape(1, -1)).mean(0)
+                logs.update({k: float(v) for k, v in zip(keys, means.tolist())})
+            self._metric_sums, self._metric_count = {}, 0
+            notes = getattr(_unwrap(self.model), "notes", None)
+            if notes is not None:
+                logs["notes_taken"] = int((notes.counts > 0).sum())
+        super().log(logs, start_time)
+
+
+# ------------------------------------------------------------------------------------------------ early exit
+
+EXIT_LOSSES = ("romebert", "pabee", "deebert")
+
+
+class MultiExitTrainer(Trainer):
+    """A ``transformers.Trainer`` for a multi-exit classifier (``TupeBertForSequenceClassification`` with
+    ``config.multi_exit``): the early-exit loss over every exit's logits is its ``compute_loss``, and RomeBERT's
+    gradient regularization, which needs two backward passes, its ``training_step``.
+
+    ``loss``: ``"romebert"`` (``multi_exit_distillation_loss``: RomeBERT's self-distillation, ``gamma`` 0.9 and
+    ``temperature`` 3 as published), ``"pabee"`` (PABEE's layer-weighted loss) or ``"deebert"`` (DeeBERT's loss of
+    ``stage`` 1 or 2; for stage 2 set ``requires_grad_(False)`` on the backbone and the last exit before building
+    the Trainer, whose optimizer holds the trainable weights only). A one-output model (``num_labels == 1``) trains on
+    PABEE's layer-weighted mean squared error (DeeBERT's per-stage MSE with ``"deebert"``).
+    ``gradient_equilibrium``: RomeBERT's ``--ge`` (exit i's gradient scaled by 1/(L - i)).
+    ``grad_reg``: RomeBERT's ``--gp`` (``effbert.losses.gradient_regularized_backward``, one projection of the
+    concatenated gradients of every layer but the last; ``project`` "others" or "final"); classification with
+    ``loss="romebert"`` only, on one process (its two backward passes bypass data-parallel gradient averaging).
+    ``projected`` counts the steps whose gradients were projected (a device tensor: no host sync).
+    Batches are ``input_ids``, ``attention_mask`` and ``labels [B]`` (``DataCollatorWithPadding``'s).
+    Weight decay goes on matrices and embeddings only, as for ``PretrainingTrainer``.
+    Raises ``ValueError`` naming the argument for a value outside these. Sources: romebert/RomeBERT
+    (``new_run_highway_glue.py``), JetRunner/PABEE, castorini/DeeBERT.
+    """
+
+    def __init__(self, *args, loss="romebert", gamma=0.9, temperature=3.0, gradient_equilibrium=False, stage=1,
+                 grad_reg=False, project="others", **kwargs):
+        from .losses import PROJECT_SIDES
+
+        if loss not in EXIT_LOSSES:
+            raise ValueError(f"loss must be one of {EXIT_LOSSES}, got {loss!r}")
+        if not 0 <= gamma <= 1:
+            raise ValueError(f"gamma must be in [0, 1], got {gamma!r}")
+        if not temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {temperature!r}")
+        if stage not in (1, 2):
+            raise ValueError(f"stage must be 1 or 2, got {stage!r}")
+        if project not in PROJECT_SIDES:
+            raise ValueError(f"project must be one of {PROJECT_SIDES}, got {project!r}")
+        for name, value in (("gradient_equilibrium", gradient_equilibrium), ("grad_reg", grad_reg)):
+            if not isinstance(value, bool):
+                raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+        model = kwargs.get("model", args[0] if args else None)
+        config = getattr(model, "config", None)
+        if not getattr(config, "multi_exit", False) or getattr(_unwrap(model), "exits", None) is None:
+            raise ValueError("model must be a multi-exit classifier (config.multi_exit=True)")
+        if grad_reg and (loss != "romebert" or config.num_labels == 1):
+            raise ValueError("grad_reg goes with loss='romebert' and a classification head")
+        super().__init__(*args, **kwargs)
+        if grad_reg and self.args.world_size > 1:
+            raise ValueError("grad_reg runs on one process: its two backward passes bypass data-parallel gradient "
+                             "averaging")
+        self.exit_loss = dict(loss=loss, gamma=gamma, temperature=temperature, ge=gradient_equilibrium,
+                              stage=stage, regression=config.num_labels == 1,
+                              # the fused loss has a Triton kernel and the eager path: the C++ backends the model
+                              # may run on (cpu, cuda) leave the loss to the dispatcher
+                              backend=config.backend if config.backend in ("eager", "triton") else "auto")
+        self.grad_reg, self.project = grad_reg, project
+        self.projected = None
+
+    def get_decay_parameter_names(self, model):
+        # never on biases, LayerNorm gains or TUPE's per-head [CLS] scalars (Trainer's default rule decays those)
+        return [n for n, p in model.named_parameters() if p.dim() >= 2]
+
+    def _losses(self, model, inputs):
+        """``(loss, every exit's logits [L, B, C] float32, labels)`` of one batch."""
+        from .losses import deebert_loss, multi_exit_distillation_loss, pabee_loss
+
+        e = self.exit_loss
+        inputs = dict(inputs)
+        labels = inputs.pop("labels")
+        z = model(**inputs).exit_logits.float()
+        if e["loss"] == "deebert":
+            loss = deebert_loss(z, labels, e["stage"], gradient_equilibrium=e["ge"])
+        elif e["loss"] == "pabee" or e["regression"]:  # a regression head: PABEE's layer-weighted MSE
+            loss = pabee_loss(z, labels, gradient_equilibrium=e["ge"])
+        else:
+            loss = multi_exit_distillation_loss(z, labels, gamma=e["gamma"], temperature=e["temperature"],
+                                                gradient_equilibrium=e["ge"], backend=e["backend"])
+        return loss, z, labels
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        loss, z, _ = self._losses(model, inputs)
+        return (loss, {"logits": z[-1], "exit_logits": z}) if return_outputs else loss
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        if not self.grad_reg:
+            return super().training_step(model, inputs, num_items_in_batch)
+        from .losses import gradient_regularized_backward, romebert_projected_parameters
+
+        model.train()
+        inputs = self._prepare_inputs(inputs)
+        with self.compute_loss_context_manager():
+            loss, z, labels = self._losses(model, inputs)
+            # the teacher is detached, so the last exit's only term is its cross-entropy: the rest is the others'
+            # (gradient equilibrium scales the last exit by 1: its cross-entropy is the same either way)
+            final = torch.nn.functional.cross_entropy(z[-1], labels)
+        # as Trainer does: the mean over the step's micro-batches, and fp16's loss scale (the projection coefficient
+        # is the same for any common factor of both sides)
+        scale = 1.0 / self.current_gradient_accumulation_steps
+        final, other = final * scale, (loss - final) * scale
+        scaler = getattr(self.accelerator, "scaler", None)
+        if scaler is not None:
+            final, other = scaler.scale(final), scaler.scale(other)
+        core = _unwrap(model)
+        params = [p for p in core.parameters() if p.requires_grad]
+        did = gradient_regularized_backward(final, other, params, romebert_projected_parameters(core.bert.encoder),
+                                            project=self.project).long()
+        self.projected = did if self.projected is None else self.projected + did
+        return (loss * scale).detach()
