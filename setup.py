@@ -146,7 +146,7 @@ setup(
     extras_require={
         "test": ["pytest>=7", "pytest-benchmark", "expecttest", "matplotlib"],
         "hf": [],  # kept so that `pip install -e ".[hf]"` still works: what it installed is now required
-        "bench": ["matplotlib", "tqdm", "pytest-benchmark"],
+        "bench": ["matplotlib", "tqdm", "pytest-benchmark", "psutil"],
     },
     entry_points={"console_scripts": ["effbert = effbert.commands:main"]},
     zip_safe=False,

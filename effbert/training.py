@@ -96,6 +96,22 @@ class PretrainingTrainer(Trainer):
         self._metric_count = 0
         self._last_hidden = None
 
+    def _get_train_sampler(self, train_dataset=None):
+        # Trainer's RandomSampler holds every row index of an epoch as a Python list (about 36 bytes a row):
+        # memory that grows with the corpus. ShuffleSampler computes its permutation on the fly, keyed by
+        # (data_seed, epoch), identical on every rank. Other strategies (group_by_length, ...) stay Trainer's.
+        dataset = train_dataset if train_dataset is not None else self.train_dataset
+        if getattr(self.args, "train_sampling_strategy", "random") != "random" or dataset is None:
+            return super()._get_train_sampler(train_dataset)
+        try:
+            len(dataset)
+        except TypeError:
+            return super()._get_train_sampler(train_dataset)
+        from .data.sampler import ShuffleSampler
+
+        seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
+        return ShuffleSampler(dataset, seed=seed)
+
     # ---------------------------------------------------------------------------------------------- the loss
 
     def get_decay_parameter_names(self, model):
