@@ -13,6 +13,8 @@ kept and reused when ``--work`` already holds it), trains a WordPiece vocabulary
   (``/proc/PID/status``) and Pss (``/proc/PID/smaps_rollup``; a page shared by k processes counts 1/k in each);
 - ``main_peak_rss_mb`` / ``main_peak_anon_mb``: the same for the command's own process alone, and
   ``main_vmhwm_mb``: its VmHWM (the kernel's peak RSS, read at the last sample);
+- ``main_peak_anon_training_mb``: the command's anonymous peak once it has printed its ``pretraining a ...`` line
+  (the data is tokenized, counted and packed; the Trainer runs);
 - ``stage_at_main_anon_peak``: the last line the command had printed when its anonymous peak was sampled.
 
 RSS counts the clean pages of the memory-mapped Arrow cache the process has touched (reclaimable: the kernel drops
@@ -52,8 +54,10 @@ class TreeSampler:
 
     def __init__(self, proc, interval, log_path):
         self.proc, self.interval, self.log_path = proc, interval, log_path
-        self.peak = {"rss": 0, "anon": 0, "pss": 0, "main_rss": 0, "main_anon": 0, "main_vmhwm": 0, "procs": 0}
+        self.peak = {"rss": 0, "anon": 0, "pss": 0, "main_rss": 0, "main_anon": 0, "main_vmhwm": 0, "procs": 0,
+                     "main_anon_training": 0}
         self.stage_at_main_anon_peak = ""
+        self.training = False  # the command printed its "pretraining a ..." line: the data is ready
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -68,6 +72,8 @@ class TreeSampler:
             return ""
 
     def _sample(self):
+        if not self.training:
+            self.training = self._last_line().startswith(("pretraining a", "step", "done:"))
         try:
             procs = [self.proc] + self.proc.children(recursive=True)
         except psutil.NoSuchProcess:
@@ -85,6 +91,8 @@ class TreeSampler:
             if p.pid == self.proc.pid:
                 self.peak["main_rss"] = max(self.peak["main_rss"], st["VmRSS"])
                 self.peak["main_vmhwm"] = max(self.peak["main_vmhwm"], st["VmHWM"])
+                if self.training:
+                    self.peak["main_anon_training"] = max(self.peak["main_anon_training"], st["RssAnon"])
                 if st["RssAnon"] > self.peak["main_anon"]:
                     self.peak["main_anon"] = st["RssAnon"]
                     self.stage_at_main_anon_peak = self._last_line()
@@ -108,7 +116,8 @@ class TreeSampler:
         mb = {k: round(v / 2**20) for k, v in self.peak.items() if k != "procs"}
         return {"peak_rss_mb": mb["rss"], "peak_anon_mb": mb["anon"], "peak_pss_mb": mb["pss"],
                 "main_peak_rss_mb": mb["main_rss"], "main_peak_anon_mb": mb["main_anon"],
-                "main_vmhwm_mb": mb["main_vmhwm"], "max_processes": self.peak["procs"],
+                "main_vmhwm_mb": mb["main_vmhwm"], "main_peak_anon_training_mb": mb["main_anon_training"],
+                "max_processes": self.peak["procs"],
                 "stage_at_main_anon_peak": self.stage_at_main_anon_peak}
 
 
