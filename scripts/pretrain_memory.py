@@ -132,6 +132,8 @@ def main():
     p.add_argument("--note-every", type=float, default=60, help="seconds between progress lines (default 60)")
     p.add_argument("--work", default="/tmp/effbert_pretrain_memory", help="folder for the corpus, cache and run")
     p.add_argument("--keep", action="store_true", help="keep the corpus and the cache")
+    p.add_argument("--reuse-cache", action="store_true", help="keep the tokenized cache of an earlier --keep run "
+                   "(measures the run after the data is ready, not the tokenization)")
     p.add_argument("rest", nargs=argparse.REMAINDER, help="-- then more arguments of effbert pretrain")
     a = p.parse_args()
     rest = a.rest[1:] if a.rest[:1] == ["--"] else a.rest
@@ -155,8 +157,10 @@ def main():
         train_wordpiece([sample], vocab_size=a.vocab_size).backend_tokenizer.save(vocab)
         os.remove(sample)
     result["prepare_s"] = round(time.perf_counter() - t, 1)
-    shutil.rmtree(cache, ignore_errors=True)
+    if not a.reuse_cache:
+        shutil.rmtree(cache, ignore_errors=True)
     shutil.rmtree(out, ignore_errors=True)
+    result["reuse_cache"] = a.reuse_cache
     cmd = [sys.executable, "-m", "effbert.commands", "pretrain", "--data", corpus, "--vocab", vocab, "--out", out,
            "--max-len", str(a.max_len), "--num-proc", str(a.num_proc), "--cache-dir", cache, "--device", "cpu",
            "--backend", "eager", *rest]
