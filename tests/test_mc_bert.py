@@ -557,7 +557,7 @@ def test_pretrain_mcbert_masking(tmp_path, monkeypatch, capsys):
         return (run["mask_replace_prob"], run["random_replace_prob"], int(target.sum()),
                 float((ids == mask_id).float().mean()), float((ids == orig).float().mean()))
 
-    mask_p, random_p, n, masked, kept = shares("mc")
+    mask_p, random_p, n, masked, kept = shares("mc", "--save-every", "3")
     assert (mask_p, random_p) == (1.0, 0.0) and n > 200 and masked == 1.0
     mask_p, random_p, n, masked, kept = shares("mc811", "--mask-replace-prob", "0.8", "--random-replace-prob", "0.1")
     assert (mask_p, random_p) == (0.8, 0.1) and n > 200 and 0.65 < masked < 0.93 and 0.03 < kept < 0.2
@@ -567,6 +567,17 @@ def test_pretrain_mcbert_masking(tmp_path, monkeypatch, capsys):
     args = [*common, "--out", str(tmp_path / "mc"), "--resume", "--steps", "4", "--mask-replace-prob", "0.8"]
     assert pretrain.main(args) == 2
     assert "--mask-replace-prob 1.0 -> 0.8" in capsys.readouterr().err
+    # a run file written before the shares were recorded resumes with what that version did: 80/10/10
+    run_file = tmp_path / "mc" / "pretrain.json"
+    run = json.loads(run_file.read_text())
+    del run["settings"]["mask_replace_prob"], run["settings"]["random_replace_prob"]
+    run_file.write_text(json.dumps(run))
+    os.remove(tmp_path / "mc" / "model.safetensors")
+    batches.clear()
+    assert pretrain.main([*common, "--out", str(tmp_path / "mc"), "--resume", "--steps", "4"]) == 0
+    target = torch.cat([(b["labels"] != -100).reshape(-1) for b, _ in batches])
+    ids = torch.cat([b["input_ids"].reshape(-1) for b, _ in batches])[target]
+    assert target.sum() > 100 and 0.65 < float((ids == mask_id).float().mean()) < 0.93
     assert pretrain.main([*common, "--out", str(tmp_path / "bad"), "--mask-replace-prob", "0.5",
                           "--random-replace-prob", "0.6"]) == 2
     assert "must be <= 1" in capsys.readouterr().err

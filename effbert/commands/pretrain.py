@@ -67,8 +67,8 @@ MODEL_DEFAULTS = {"layers": 12, "hidden": 768, "heads": 12, "intermediate": None
 # The share of masked targets that become [MASK] / a random piece, per objective: BERT's 80/10/10 for mlm; MC-BERT's
 # published task (github.com/MC-BERT/MC-BERT, MaskTokensDataset2) masks every target with [MASK]
 MASKING_DEFAULTS = {"mlm": (0.8, 0.1), "mcbert": (1.0, 0.0)}
-# settings a run file of an older version may lack (they take the objective's default)
-OPTIONAL_SETTINGS = ("mask_replace_prob", "random_replace_prob")
+# settings a run file of an older version may lack, and what that version did: BERT's 80/10/10 for every objective
+OPTIONAL_SETTINGS = {"mask_replace_prob": 0.8, "random_replace_prob": 0.1}
 TRAINING_DEFAULTS = {"batch_size": 32, "grad_accum": 1, "lr": 1e-4, "warmup": None, "weight_decay": 0.01}
 
 
@@ -608,6 +608,8 @@ def _train(a, env, log):
 
     # every rank reads the same run files (nothing writes them before the barrier below)
     saved, ckpt = _prepare_out(a)
+    if saved is not None:
+        saved["settings"] = {**OPTIONAL_SETTINGS, **saved["settings"]}
     s = _settings(a, MODEL_DEFAULTS, saved["settings"] if saved else None)
     tr = _settings(a, TRAINING_DEFAULTS, saved["training"] if saved else None)
     per_device, rem = divmod(tr["batch_size"], env.world * tr["grad_accum"])
@@ -634,7 +636,7 @@ def _train(a, env, log):
                  for k, d in TRAINING_DEFAULTS.items() if saved["training"].get(k, d) != tr[k]]
         _fail_if(diff, "--resume with different flags than the run in --out: " + "; ".join(diff))
     masking = MASKING_DEFAULTS[s["objective"]]
-    for i, k in enumerate(OPTIONAL_SETTINGS):  # the run file records the shares the run used
+    for i, k in enumerate(OPTIONAL_SETTINGS):  # a new run: the objective's shares (the run file records them)
         s[k] = masking[i] if s[k] is None else float(s[k])
     _fail_if(s["mask_replace_prob"] + s["random_replace_prob"] > 1, f"--mask-replace-prob ({s['mask_replace_prob']}) "
              f"+ --random-replace-prob ({s['random_replace_prob']}) must be <= 1")
