@@ -9,11 +9,13 @@ sample, not every repetition), ``load_corpus`` (``--num-proc``
 processes), ``pack``, ``count_words`` + ``rare_words`` + ``rare_word_table``, and the collator over
 ``--batches`` batches. It prints one JSON line: the time of each stage, the fill rate, and peak memory:
 
-- ``peak_rss_mb``: the most resident memory of this process and its worker processes together, sampled every 50 ms
-  (``psutil``), all pages included;
-- ``peak_anon_mb``: the same for anonymous memory only (heap, Python objects: what does not come back when the
-  kernel needs memory); the rest of the RSS is clean file pages of the memory-mapped Arrow cache, which the kernel
-  drops under pressure;
+- ``peak_pss_mb``: the most memory this process and its worker processes use together, sampled every 50 ms as the
+  sum of their proportional set sizes (a page shared by k processes counts 1/k in each: the worker processes share
+  the parent's imported libraries and map the same Arrow files), all pages included;
+- ``peak_pss_anon_mb``: the same for anonymous memory only (heap, Python objects: what does not come back when the
+  kernel needs memory); the rest is clean file pages of the memory-mapped Arrow cache and of the libraries, which
+  the kernel drops under pressure;
+- ``peak_rss_mb`` / ``peak_anon_mb``: the same sums with RSS, which counts a shared page once per process;
 - ``maxrss_self_mb`` / ``maxrss_children_mb``: ``getrusage``'s peak RSS of this process / of the largest worker.
 
 The corpus and the cache are deleted at the end unless ``--keep``.
@@ -81,38 +83,48 @@ class PeakMemory:
 
     def __init__(self, interval=0.05):
         self.interval = interval
-        self.peak_rss = self.peak_anon = 0
+        self.peak_rss = self.peak_anon = self.peak_pss = self.peak_pss_anon = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     @staticmethod
-    def _anon(proc):
+    def _fields(pid, path, names):
+        got = dict.fromkeys(names, 0)
         try:
-            with open(f"/proc/{proc.pid}/status") as f:
+            with open(f"/proc/{pid}/{path}") as f:
                 for line in f:
-                    if line.startswith("RssAnon:"):
-                        return int(line.split()[1]) * 1024
+                    key = line.split(":", 1)[0]
+                    if key in got:
+                        got[key] = int(line.split()[1]) * 1024
         except OSError:
             pass
-        return 0
+        return got
 
     def _run(self):
         me = psutil.Process()
         while not self._stop.is_set():
-            procs = [me] + me.children(recursive=True)
-            rss = anon = 0
-            for p in procs:
-                try:
-                    rss += p.memory_info().rss
-                    anon += self._anon(p)
-                except psutil.Error:
-                    pass
-            self.peak_rss, self.peak_anon = max(self.peak_rss, rss), max(self.peak_anon, anon)
+            total = dict.fromkeys(("VmRSS", "RssAnon", "Pss", "Pss_Anon"), 0)
+            for p in [me] + me.children(recursive=True):
+                for path, names in (("status", ("VmRSS", "RssAnon")), ("smaps_rollup", ("Pss", "Pss_Anon"))):
+                    for k, v in self._fields(p.pid, path, names).items():
+                        total[k] += v
+            self.peak_rss = max(self.peak_rss, total["VmRSS"])
+            self.peak_anon = max(self.peak_anon, total["RssAnon"])
+            self.peak_pss = max(self.peak_pss, total["Pss"])
+            self.peak_pss_anon = max(self.peak_pss_anon, total["Pss_Anon"])
             self._stop.wait(self.interval)
 
     def __enter__(self):
         self._thread.start()
         return self
+
+    def note(self, stage, seconds):
+        """One progress line, so a run cut short still tells what it measured."""
+        print(json.dumps({"stage": stage, "s": round(seconds, 1), **self.peaks()}), file=sys.stderr, flush=True)
+
+    def peaks(self):
+        return {"peak_pss_mb": round(self.peak_pss / 2**20), "peak_pss_anon_mb": round(self.peak_pss_anon / 2**20),
+                "peak_rss_mb": round(self.peak_rss / 2**20), "peak_anon_mb": round(self.peak_anon / 2**20)}
 
     def __exit__(self, *exc):
         self._stop.set()
@@ -156,17 +168,21 @@ def main():
             tok = train_wordpiece([sample], vocab_size=a.vocab_size)
             os.remove(sample)
             stages["train_wordpiece_s"] = time.perf_counter() - t
+            mem.note("train_wordpiece", stages["train_wordpiece_s"])
             t = time.perf_counter()
             ds = load_corpus([corpus], tok, a.max_length, num_proc=a.num_proc, cache_dir=cache)
             stages["load_corpus_s"] = time.perf_counter() - t
+            mem.note("load_corpus", stages["load_corpus_s"])
             t = time.perf_counter()
             packed = pack(ds, a.max_length, num_proc=a.num_proc)
             stages["pack_s"] = time.perf_counter() - t
+            mem.note("pack", stages["pack_s"])
             t = time.perf_counter()
             counts = count_words(packed.dataset, tok)
             words = rare_words(counts, tok, 100, 500)
             table = rare_word_table(words, tok)
             stages["count_words_s"] = time.perf_counter() - t
+            mem.note("count_words", stages["count_words_s"])
             t = time.perf_counter()
             collator = DataCollatorForTupeMLM(tok, rare_words=table, seed=0)
             n = len(packed.dataset)
@@ -174,6 +190,7 @@ def main():
                 lo = (b * 7919 * 32) % max(1, n - 32)
                 collator([packed.dataset[i] for i in range(lo, min(n, lo + 32))])
             stages["collator_s"] = time.perf_counter() - t
+            mem.note("collator", stages["collator_s"])
         usage_self = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         usage_children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
         result.update({k: round(v, 1) for k, v in stages.items()})
@@ -181,7 +198,7 @@ def main():
             "texts": packed.texts, "rows": packed.rows, "tokens": packed.tokens,
             "fill_rate": round(packed.fill_rate, 4), "unpacked_fill_rate": round(packed.unpacked_fill_rate, 4),
             "distinct_words": len(counts), "rare_words": len(table),
-            "peak_rss_mb": round(mem.peak_rss / 2**20), "peak_anon_mb": round(mem.peak_anon / 2**20),
+            **mem.peaks(),
             "maxrss_self_mb": round(usage_self / 1024), "maxrss_children_mb": round(usage_children / 1024),
         })
     finally:

@@ -313,3 +313,19 @@ def test_a_run_stopped_midway_leaves_the_cases_it_measured(tmp_path, monkeypatch
     assert data["complete"] is False and [r["key"] for r in data["cases"]] == measured
     assert "## exit_entropy" in (out / "bench.md").read_text()
     assert not list(out.glob("*.tmp"))
+
+
+def test_op_selects_several_ops_or_families_joined_by_commas():
+    import torch
+
+    from effbert.bench.runner import collect_cases
+
+    cpu = torch.device("cpu")
+    everything = collect_cases(cpu, True)
+    one = {c.op for c in collect_cases(cpu, True, "exit_entropy")}
+    family = {c.op for c in collect_cases(cpu, True, "notes")}
+    both = collect_cases(cpu, True, "exit_entropy, notes")
+    assert one == {"exit_entropy"} and family and "exit_entropy" not in family
+    assert {c.op for c in both} == one | family
+    assert len(both) == sum(c.op in one | family for c in everything)
+    assert collect_cases(cpu, True, "no_such_op,other") == []

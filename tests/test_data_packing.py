@@ -115,3 +115,17 @@ def test_text_lengths_follow_views(seeded):
     assert packed.texts == 10 and packed.tokens == sum(len(t) for t in view["input_ids"])
     with pytest.raises(ValueError, match="input_ids"):
         text_lengths(datasets.Dataset.from_dict({"text": ["a"]}))
+
+
+def test_length_stats_stream(monkeypatch):
+    """pack reads the token count and the extremes batch by batch (memory flat in the number of texts), and they
+    equal the whole-array figures, views included."""
+    from effbert.data import packing
+
+    texts = [[2] * n for n in [3, 1, 7, 2, 5, 4, 6]]
+    ds = datasets.Dataset.from_dict({"input_ids": texts})
+    assert packing._length_stats(ds, batch_size=2) == (28, 1, 7)
+    view = ds.select([0, 2, 4])
+    assert packing._length_stats(view, batch_size=2) == (15, 3, 7)
+    monkeypatch.setattr(packing, "text_lengths", lambda d: (_ for _ in ()).throw(AssertionError("whole array")))
+    assert pack(ds, 8).tokens == 28

@@ -70,12 +70,14 @@ def _driver_version():
 
 
 def collect_cases(device, quick, only=None):
+    """Every family's cases; ``only``: an op or family name, or several joined by commas."""
     import importlib
 
+    names = None if only is None else {n.strip() for n in only.split(",")}
     cases = []
     for family in FAMILIES:
         module = importlib.import_module(f"effbert.bench.{family}")
-        cases += [c for c in module.cases(device, quick) if only is None or c.op == only or family == only]
+        cases += [c for c in module.cases(device, quick) if names is None or c.op in names or family in names]
     return cases
 
 

@@ -20,7 +20,7 @@ from . import UsageError, check_out_dir
 
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="effbert bench", description="effbert microbenchmark suite")
-    parser.add_argument("--op", default=None, help="only this op (e.g. exit_entropy) or family (e.g. early_exit)")
+    parser.add_argument("--op", default=None, help="only this op (e.g. exit_entropy) or family (e.g. early_exit); several joined by commas")
     parser.add_argument("--quick", action="store_true", help="fewer shapes and shorter timing")
     parser.add_argument("--out", default="bench-out", help="folder for bench.json, bench.md and plots")
     parser.add_argument("--compare", default=None, metavar="OLD.json", help="ratios against an earlier run")

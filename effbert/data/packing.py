@@ -137,6 +137,21 @@ def _lengths(ds):
     return pc.list_value_length(ds.data.column("input_ids"))
 
 
+def _length_stats(dataset, batch_size=100_000):
+    """(tokens, shortest, longest) of a dataset's texts, streamed a batch of rows at a time: memory does not grow
+    with the number of texts (an array of every length would, by 8 bytes a text, in every forked worker too)."""
+    import pyarrow.compute as pc
+
+    tokens, shortest, longest = 0, None, 0
+    for table in dataset.with_format("arrow").iter(batch_size=batch_size):
+        lengths = pc.list_value_length(table.column("input_ids"))
+        lo, hi = pc.min_max(lengths).values()
+        tokens += int(pc.sum(lengths).as_py() or 0)
+        shortest = lo.as_py() if shortest is None else min(shortest, lo.as_py())
+        longest = max(longest, hi.as_py())
+    return tokens, shortest, longest
+
+
 def text_lengths(dataset):
     """The tokens of each row of ``dataset`` (a ``datasets.Dataset`` with ``input_ids``, e.g. ``load_corpus``'s
     texts: real sentence and paragraph lengths for ``pack_lengths``), as an int64 numpy array ``[rows]``, read from
@@ -179,11 +194,10 @@ def pack(dataset, max_length, *, window=1000, num_proc=None):
     texts = len(dataset)
     if texts == 0:
         raise ValueError("dataset holds no texts")
-    lengths = text_lengths(dataset)
-    tokens = int(lengths.sum())
-    if lengths.min() < 1 or lengths.max() > max_length:
+    tokens, shortest, longest = _length_stats(dataset)
+    if shortest < 1 or longest > max_length:
         raise ValueError(f"every text must hold 1 to max_length = {max_length} tokens, got one of "
-                         f"{int(lengths.min()) if lengths.min() < 1 else int(lengths.max())}")
+                         f"{shortest if shortest < 1 else longest}")
     pos_type = np.int16 if max_length <= 2**15 else np.int32
     features = datasets.Features({"input_ids": datasets.Sequence(datasets.Value("int32")),
                                   "position_ids": datasets.Sequence(datasets.Value(np.dtype(pos_type).name))})
