@@ -329,3 +329,32 @@ def test_op_selects_several_ops_or_families_joined_by_commas():
     assert {c.op for c in both} == one | family
     assert len(both) == sum(c.op in one | family for c in everything)
     assert collect_cases(cpu, True, "no_such_op,other") == []
+
+
+def test_index_takes_each_op_from_the_newest_run_that_measured_it(tmp_path):
+    """A newer run of a few ops replaces those ops only; the device's other ops keep their latest figures."""
+    from pathlib import Path
+
+    from effbert.bench.runner import write_index
+
+    committed = sorted((Path(__file__).resolve().parents[1] / "benchmarks" / "results").glob("*/*.json"))
+    src = json.loads(committed[0].read_text())
+    first = src["cases"][0]["op"]  # a run of two ops: the committed cases, and the same rows under a second name
+    src["cases"] = [c for c in src["cases"] if c["op"] == first]
+    src["cases"] += [dict(c, op="second_op") for c in src["cases"]]
+    ops = [first, "second_op"]
+    old = dict(src, env=dict(src["env"], date="2026-01-01T00:00:00Z"))
+    new = dict(src, env=dict(src["env"], date="2026-02-01T00:00:00Z"),
+               cases=[c for c in src["cases"] if c["op"] == ops[0]])
+    results = tmp_path / "results"
+    for name, run in (("a_old", old), ("b_new", new)):
+        (results / name).mkdir(parents=True)
+        (results / name / "bench.json").write_text(json.dumps(run))
+    text = write_index(results).read_text()
+    newer, older = text.split("Source: `results/b_new/bench.json`")
+    assert "Source: `results/a_old/bench.json`" in older
+    assert f"### {ops[0]}\n" in newer and all(f"### {op}\n" not in newer for op in ops[1:])
+    assert f"### {ops[0]}\n" not in older and all(f"### {op}\n" in older for op in ops[1:])
+    (results / "b_new" / "bench.json").unlink()  # without the newer run, every op comes from the older one
+    again = write_index(results).read_text()
+    assert "b_new" not in again and all(f"### {op}\n" in again for op in ops)
