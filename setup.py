@@ -139,9 +139,9 @@ setup(
     ext_modules=[cpu_ext, cuda_ext],
     cmdclass={"build_ext": BuildExt},
     # the models are transformers models and the commands train through Trainer on tokenizers + datasets: all regular
-    # dependencies;
-    # a kernels-only user may install with --no-deps plus torch/triton/numpy, and `import effbert` still works
-    install_requires=["torch>=2.6", "triton; platform_system == 'Linux'", "numpy", "transformers>=4.40",
+    # dependencies (transformers >= 4.51: the masked-LM collator's mask_replace_prob / random_replace_prob and its seeded
+    # generator); a kernels-only user may install with --no-deps plus torch/triton/numpy, and `import effbert` works
+    install_requires=["torch>=2.6", "triton; platform_system == 'Linux'", "numpy", "transformers>=4.51",
                       "safetensors", "tokenizers", "datasets", "accelerate"],
     extras_require={
         "test": ["pytest>=7", "pytest-benchmark", "expecttest", "matplotlib"],

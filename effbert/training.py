@@ -14,7 +14,8 @@ FSDP, DeepSpeed) is Trainer's own, driven by its ``TrainingArguments``. What it 
   every micro-batch and rank, so the update equals the one of a single process on the whole batch. MC-BERT's loss is
   the model's own (controller MLM + lambda x multi-choice cross-entropy, means per micro-batch), averaged.
 * **Logged metrics**: ``notes_taken`` with TNF; with MC-BERT ``mlm_loss``, ``mc_loss``, ``mc_accuracy``,
-  ``mc_replaced_accuracy`` and ``replaced_fraction`` (means over the steps since the last log and over ranks).
+  ``mc_replaced_accuracy``, ``replaced_fraction``, and the cloze part at the replaced tokens, ``mc_choice_accuracy``
+  beside its chance level ``mc_choice_chance`` (means over the micro-batches since the last log and over ranks).
 * **A stop on non-finite values**: a NaN or infinite loss raises ``NonFiniteError`` at that step on every rank
   (Trainer would silently replace it in the logged mean and go on), and ``StopOnNonFinite`` (added by default)
   refuses to write a checkpoint of non-finite weights or notes.
@@ -36,7 +37,8 @@ from transformers import Trainer, TrainerCallback
 
 __all__ = ["PretrainingTrainer", "StopOnNonFinite", "NonFiniteError", "MC_METRICS", "MultiExitTrainer", "EXIT_LOSSES"]
 
-MC_METRICS = ("mlm_loss", "mc_loss", "mc_accuracy", "mc_replaced_accuracy", "replaced_fraction")
+MC_METRICS = ("mlm_loss", "mc_loss", "mc_accuracy", "mc_replaced_accuracy", "replaced_fraction",
+              "mc_choice_accuracy", "mc_choice_chance")
 
 
 class NonFiniteError(FloatingPointError):

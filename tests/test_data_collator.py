@@ -1,5 +1,5 @@
 """``DataCollatorForTupeMLM``: padding and the batch layout of the packed-batch contract, BERT's 80/10/10 masking
-(never a special token), reproducible draws per (seed, rank, step), TNF spans on the masked ids that never cross a
+(never a special token) and other replacement shares (MC-BERT's all-[MASK]), reproducible draws per (seed, rank, step), TNF spans on the masked ids that never cross a
 text boundary."""
 
 import pytest
@@ -76,6 +76,38 @@ def test_masking_is_berts(tok):
     assert abs(to_mask - 0.8) < 0.03 and abs(kept - 0.1 - 1 / len(tok) * 0.1) < 0.02, (to_mask, kept)
 
 
+def _rows(tok, count, seed):
+    g = torch.Generator().manual_seed(seed)
+    words = torch.tensor(_ids(tok, *PIECES[5:]))
+    return [{"input_ids": [tok.cls_token_id] + words[torch.randint(0, len(words), (60,), generator=g)].tolist()
+             + [tok.sep_token_id]} for _ in range(count)]
+
+
+@pytest.mark.parametrize("mask_p,random_p", [(1.0, 0.0), (0.5, 0.3), (0.0, 0.0)])
+def test_replace_probs(tok, mask_p, random_p):
+    """``mask_replace_prob`` / ``random_replace_prob`` (transformers' names): MC-BERT's published task (1, 0) masks
+    every target with [MASK]; other shares give [MASK] / a random piece / the piece kept in those proportions (a
+    random draw may give the piece itself or [MASK]: 1/V of the random share each)."""
+    rows = _rows(tok, 300, 1)
+    col = DataCollatorForTupeMLM(tok, seed=5, mask_replace_prob=mask_p, random_replace_prob=random_p)
+    batch = col(rows)
+    ids, labels = batch["input_ids"], batch["labels"]
+    original = torch.tensor([r["input_ids"] for r in rows])
+    target = labels != -100
+    n = target.sum().item()
+    assert abs(n / (300 * 60) - 0.15) < 0.01
+    assert torch.equal(ids[~target], original[~target]) and torch.equal(labels[target], original[target])
+    to_mask = (ids[target] == tok.mask_token_id).float().mean().item()
+    kept = (ids[target] == original[target]).float().mean().item()
+    if mask_p == 1.0:
+        assert to_mask == 1.0
+    elif mask_p == 0.0 and random_p == 0.0:
+        assert kept == 1.0  # targets, none of them changed
+    else:
+        want_mask, want_kept = mask_p + random_p / len(tok), 1 - mask_p - random_p + random_p / len(tok)
+        assert abs(to_mask - want_mask) < 0.025 and abs(kept - want_kept) < 0.025, (to_mask, kept)
+
+
 def test_draws_are_reproducible_per_seed_rank_step(tok):
     rows = [{"input_ids": [tok.cls_token_id] + _ids(tok, "the", "cat", "run", "##s") * 20 + [tok.sep_token_id]}] * 8
 
@@ -150,6 +182,12 @@ def test_errors(tok):
         DataCollatorForTupeMLM(tok, seed=-1)
     with pytest.raises(ValueError, match="pad_to_multiple_of"):
         DataCollatorForTupeMLM(tok, pad_to_multiple_of=0)
+    with pytest.raises(ValueError, match="mask_replace_prob must be a number in \\[0, 1\\]"):
+        DataCollatorForTupeMLM(tok, mask_replace_prob=1.5)
+    with pytest.raises(ValueError, match="random_replace_prob must be a number"):
+        DataCollatorForTupeMLM(tok, random_replace_prob=-0.1)
+    with pytest.raises(ValueError, match="mask_replace_prob \\+ random_replace_prob must be <= 1"):
+        DataCollatorForTupeMLM(tok, mask_replace_prob=0.9, random_replace_prob=0.2)
     with pytest.raises(TypeError, match="rare_words"):
         DataCollatorForTupeMLM(tok, rare_words=["word"])
     assert col.step == 0  # nothing drawn by a call that raised

@@ -481,10 +481,17 @@ def test_pretrain_mcbert_resume_and_finetune(tmp_path, capsys):
     text = capsys.readouterr().out
     assert "objective MC-BERT (K = 10, lambda = 50" in text and "multi-choice" in text
     log = [json.loads(line) for line in (whole / "log.jsonl").read_text().splitlines()]
-    assert {"mlm_loss", "mc_loss", "mc_accuracy", "mc_replaced_accuracy", "replaced_fraction"} <= log[-1].keys()
+    assert {"mlm_loss", "mc_loss", "mc_accuracy", "mc_replaced_accuracy", "replaced_fraction", "mc_choice_accuracy",
+            "mc_choice_chance"} <= log[-1].keys()
+    assert "cloze " in text and "chance " in text
+    report = json.loads((whole / "report.json").read_text())
+    assert report["mc_choice_accuracy"] == log[-1]["mc_choice_accuracy"]
+    assert report["mc_choice_chance"] == log[-1]["mc_choice_chance"]
     for r in log:  # the logged loss is the objective's: controller MLM + 50 x multi-choice
         assert r["loss"] == pytest.approx(r["mlm_loss"] + 50 * r["mc_loss"], rel=1e-4)
         assert 0 <= r["mc_accuracy"] <= 1
+        # a uniform pick among at most K - 1 distinct non-reject candidates: chance in [1/9, 1] when any was replaced
+        assert r["replaced_fraction"] == 0 or 1 / 9 <= r["mc_choice_chance"] <= 1
     # resuming after step 2 gives bitwise the run that did not stop (controller included)
     assert pretrain.main([*common, "--out", str(parts)]) == 0
     shutil.rmtree(parts / "checkpoint-4")
@@ -510,6 +517,73 @@ def test_pretrain_mcbert_resume_and_finetune(tmp_path, capsys):
     assert cli.main(["finetune", "--init", str(whole), "--train", str(tmp_path / "train.tsv"), "--eval",
                      str(tmp_path / "train.tsv"), "--out", str(tmp_path / "ft"), "--steps", "2", "--batch-size",
                      "8", "--backend", "eager", "--device", "cpu", "--quiet"]) == 0
+
+
+def test_pretrain_mcbert_masking(tmp_path, monkeypatch, capsys):
+    """``--objective mcbert`` masks every target with [MASK] by default (the published task), ``--mask-replace-prob
+    0.8 --random-replace-prob 0.1`` gives BERT's 80/10/10, ``--objective mlm`` keeps 80/10/10; the run file records
+    the shares, a resume cannot change them, a sum above 1 is refused."""
+    from effbert.commands import pretrain
+    from effbert.data import collator as collator_module
+    from effbert.data.tokenization import load_tokenizer, train_wordpiece
+
+    data = _real_text(tmp_path / "corpus.txt")
+    train_wordpiece([data], vocab_size=300).save_pretrained(tmp_path / "tok")
+    mask_id = load_tokenizer(tmp_path / "tok").mask_token_id
+    common = ["--data", data, "--vocab", str(tmp_path / "tok"), "--cache-dir", str(tmp_path / "cache"), *ARGS,
+              "--steps", "3", "--save-every", "0", "--batch-size", "32", "--max-len", "48"]
+    batches = []
+    call = collator_module.DataCollatorForTupeMLM.__call__
+
+    def spy(self, features):
+        batch = call(self, features)
+        original = torch.zeros_like(batch["input_ids"])
+        for i, f in enumerate(features):
+            original[i, :len(f["input_ids"])] = torch.as_tensor(f["input_ids"])
+        batches.append((batch, original))
+        return batch
+
+    monkeypatch.setattr(collator_module.DataCollatorForTupeMLM, "__call__", spy)
+
+    def shares(out, *extra, objective="mcbert"):
+        batches.clear()
+        args = [*common, "--out", str(tmp_path / out), *extra]
+        args[args.index("--objective") + 1] = objective
+        assert pretrain.main(args) == 0
+        run = json.loads((tmp_path / out / "pretrain.json").read_text())["settings"]
+        target = torch.cat([(b["labels"] != -100).reshape(-1) for b, _ in batches])
+        ids = torch.cat([b["input_ids"].reshape(-1) for b, _ in batches])[target]
+        orig = torch.cat([o.reshape(-1) for _, o in batches])[target]
+        return (run["mask_replace_prob"], run["random_replace_prob"], int(target.sum()),
+                float((ids == mask_id).float().mean()), float((ids == orig).float().mean()))
+
+    mask_p, random_p, n, masked, kept = shares("mc", "--save-every", "3")
+    assert (mask_p, random_p) == (1.0, 0.0) and n > 200 and masked == 1.0
+    mask_p, random_p, n, masked, kept = shares("mc811", "--mask-replace-prob", "0.8", "--random-replace-prob", "0.1")
+    assert (mask_p, random_p) == (0.8, 0.1) and n > 200 and 0.65 < masked < 0.93 and 0.03 < kept < 0.2
+    mask_p, random_p, n, masked, kept = shares("mlm", objective="mlm")
+    assert (mask_p, random_p) == (0.8, 0.1) and 0.65 < masked < 0.93 and 0.03 < kept < 0.2
+    capsys.readouterr()
+    args = [*common, "--out", str(tmp_path / "mc"), "--resume", "--steps", "4", "--mask-replace-prob", "0.8"]
+    assert pretrain.main(args) == 2
+    assert "--mask-replace-prob 1.0 -> 0.8" in capsys.readouterr().err
+    # a run file written before the shares were recorded resumes with what that version did: 80/10/10
+    run_file = tmp_path / "mc" / "pretrain.json"
+    run = json.loads(run_file.read_text())
+    del run["settings"]["mask_replace_prob"], run["settings"]["random_replace_prob"]
+    run_file.write_text(json.dumps(run))
+    os.remove(tmp_path / "mc" / "model.safetensors")
+    batches.clear()
+    assert pretrain.main([*common, "--out", str(tmp_path / "mc"), "--resume", "--steps", "4"]) == 0
+    target = torch.cat([(b["labels"] != -100).reshape(-1) for b, _ in batches])
+    ids = torch.cat([b["input_ids"].reshape(-1) for b, _ in batches])[target]
+    assert target.sum() > 100 and 0.65 < float((ids == mask_id).float().mean()) < 0.93
+    assert pretrain.main([*common, "--out", str(tmp_path / "bad"), "--mask-replace-prob", "0.5",
+                          "--random-replace-prob", "0.6"]) == 2
+    assert "must be <= 1" in capsys.readouterr().err
+    assert pretrain.main([*common, "--out", str(tmp_path / "bad"), "--random-replace-prob", "2"]) == 2
+    assert "--random-replace-prob must be in [0, 1], got 2.0" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()  # refused before anything was written
 
 
 def test_check_rows_and_compile_specs():

@@ -7,8 +7,8 @@
 A thin command over ``transformers.Trainer`` (``effbert.training.PretrainingTrainer``): the tokenizer is trained
 with ``tokenizers`` (or loaded), the corpus read, tokenized and cached by ``datasets`` (``effbert.data.corpus``:
 one sentence or paragraph a line, a blank line between documents, texts of up to ``--max-len`` pieces), and
-batches made by ``effbert.data.collator.DataCollatorForTupeMLM`` (BERT's 80/10/10 masking of 15% of the pieces,
-TNF's rare-word spans). With TNF, words whose corpus count lies in ``[--tnf-min-count, --tnf-max-count]`` (default
+batches made by ``effbert.data.collator.DataCollatorForTupeMLM`` (BERT's 80/10/10 masking of 15% of the pieces, or
+with ``--objective mcbert`` MC-BERT's published masking, every target [MASK]; TNF's rare-word spans). With TNF, words whose corpus count lies in ``[--tnf-min-count, --tnf-max-count]`` (default
 100 to 500, the TNF paper's band; the command says how many fell in it) get a note, mixed into the input embeddings
 where those words occur (unless masked) and updated from the encoder output after each backward pass.
 
@@ -63,7 +63,12 @@ def checkpoints(out_dir):
 MODEL_DEFAULTS = {"layers": 12, "hidden": 768, "heads": 12, "intermediate": None, "max_len": 128,
                   "position_mode": "tupe-r", "dropout": 0.1, "tnf": True, "tnf_min_count": 100,
                   "tnf_max_count": 500, "tnf_window": 16, "tnf_gamma": 0.1, "tnf_lam": 0.5, "cased": False,
-                  "seed": 0, "objective": "mlm", "pack": True}
+                  "seed": 0, "objective": "mlm", "pack": True, "mask_replace_prob": None, "random_replace_prob": None}
+# The share of masked targets that become [MASK] / a random piece, per objective: BERT's 80/10/10 for mlm; MC-BERT's
+# published task (github.com/MC-BERT/MC-BERT, MaskTokensDataset2) masks every target with [MASK]
+MASKING_DEFAULTS = {"mlm": (0.8, 0.1), "mcbert": (1.0, 0.0)}
+# settings a run file of an older version may lack, and what that version did: BERT's 80/10/10 for every objective
+OPTIONAL_SETTINGS = {"mask_replace_prob": 0.8, "random_replace_prob": 0.1}
 TRAINING_DEFAULTS = {"batch_size": 32, "grad_accum": 1, "lr": 1e-4, "warmup": None, "weight_decay": 0.01}
 
 
@@ -81,6 +86,11 @@ def build_parser():
                    help="several texts a row, attention kept within each text (the default when the model takes "
                    "position_ids)")
     d.add_argument("--no-pack", dest="pack", action="store_false", help="one text a row")
+    d.add_argument("--mask-replace-prob", type=float, help="the share of the 15%% masked targets replaced by [MASK] "
+                   "(default 0.8 with --objective mlm, BERT's; 1 with mcbert, MC-BERT's published task)")
+    d.add_argument("--random-replace-prob", type=float, help="the share replaced by a random piece (default 0.1 with "
+                   "mlm, 0 with mcbert); the rest keep their piece (--mask-replace-prob 0.8 --random-replace-prob "
+                   "0.1 gives BERT's 80/10/10 for mcbert too)")
     d.add_argument("--num-proc", type=int, default=None, help="processes that tokenize the corpus (default 1)")
     d.add_argument("--cache-dir", default=None, help="where datasets caches the tokenized corpus (default: its own, "
                    "~/.cache/huggingface/datasets)")
@@ -177,6 +187,9 @@ def _check_args(a):
         v = getattr(a, k)
         _fail_if(v is not None and not 0 <= v <= 1, f"--{k.replace('_', '-')} must be in [0, 1], got {v}")
     _fail_if(a.dropout is not None and not 0 <= a.dropout < 1, f"--dropout must be in [0, 1), got {a.dropout}")
+    for k in ("mask_replace_prob", "random_replace_prob"):
+        v = getattr(a, k)
+        _fail_if(v is not None and not 0 <= v <= 1, f"--{k.replace('_', '-')} must be in [0, 1], got {v}")
 
 
 def _settings(a, defaults, saved=None):
@@ -315,7 +328,7 @@ def _read_run_file(path):
         raise UsageError(f"--resume: cannot read {path!r} ({_one_line(exc)}); the run folder is damaged") from None
     ok = isinstance(run, dict) and isinstance(run.get("settings"), dict) and isinstance(run.get("config"), dict) \
         and isinstance(run.get("training"), dict)
-    _fail_if(not ok or any(k not in run["settings"] for k in MODEL_DEFAULTS),
+    _fail_if(not ok or any(k not in run["settings"] for k in MODEL_DEFAULTS if k not in OPTIONAL_SETTINGS),
              f"--resume: {path!r} is not the run file of effbert pretrain (settings, training or config missing)")
     return run
 
@@ -521,8 +534,9 @@ class _RunLog:
             return control
         record = {"step": state.global_step, "loss": logs["loss"], "lr": logs.get("learning_rate"),
                   "seconds": round(time.perf_counter() - self.t0, 3)}
-        for key in ("grad_norm", "notes_taken", "mlm_loss", "mc_loss", "mc_accuracy", "mc_replaced_accuracy",
-                    "replaced_fraction"):
+        from ..training import MC_METRICS
+
+        for key in ("grad_norm", "notes_taken") + MC_METRICS:
             if key in logs:
                 record[key] = logs[key]
         self.records.append(record)
@@ -532,7 +546,8 @@ class _RunLog:
         if self.mcbert and "mc_loss" in record:
             line += (f"  mlm {record['mlm_loss']:.4f}  multi-choice {record['mc_loss']:.4f}  "
                      f"acc {record['mc_accuracy']:.3f} (replaced {record['mc_replaced_accuracy']:.3f}, "
-                     f"{100 * record['replaced_fraction']:.1f}% of tokens)")
+                     f"{100 * record['replaced_fraction']:.1f}% of tokens; cloze {record['mc_choice_accuracy']:.3f}"
+                     f", chance {record['mc_choice_chance']:.3f})")
         bar = getattr(self, "bar", None)
         if bar is not None and bar.training_bar is not None:
             bar.training_bar.write(line, file=sys.stdout)  # above the bar, not through it
@@ -593,6 +608,8 @@ def _train(a, env, log):
 
     # every rank reads the same run files (nothing writes them before the barrier below)
     saved, ckpt = _prepare_out(a)
+    if saved is not None:
+        saved["settings"] = {**OPTIONAL_SETTINGS, **saved["settings"]}
     s = _settings(a, MODEL_DEFAULTS, saved["settings"] if saved else None)
     tr = _settings(a, TRAINING_DEFAULTS, saved["training"] if saved else None)
     per_device, rem = divmod(tr["batch_size"], env.world * tr["grad_accum"])
@@ -618,6 +635,11 @@ def _train(a, env, log):
         diff += [f"--{k.replace('_', '-')} {saved['training'].get(k, d)!r} -> {tr[k]!r}"
                  for k, d in TRAINING_DEFAULTS.items() if saved["training"].get(k, d) != tr[k]]
         _fail_if(diff, "--resume with different flags than the run in --out: " + "; ".join(diff))
+    masking = MASKING_DEFAULTS[s["objective"]]
+    for i, k in enumerate(OPTIONAL_SETTINGS):  # a new run: the objective's shares (the run file records them)
+        s[k] = masking[i] if s[k] is None else float(s[k])
+    _fail_if(s["mask_replace_prob"] + s["random_replace_prob"] > 1, f"--mask-replace-prob ({s['mask_replace_prob']}) "
+             f"+ --random-replace-prob ({s['random_replace_prob']}) must be <= 1")
     _fail_if(s["tnf_min_count"] > s["tnf_max_count"], f"--tnf-min-count ({s['tnf_min_count']}) must be <= "
              f"--tnf-max-count ({s['tnf_max_count']})")
     start = _checkpoint_step(ckpt) if ckpt is not None else 0
@@ -714,7 +736,9 @@ def _train(a, env, log):
         _truncate_log(os.path.join(out, LOG_FILE), start)
     env.barrier()
 
-    collator = DataCollatorForTupeMLM(tokenizer, rare_words=table, seed=s["seed"])
+    collator = DataCollatorForTupeMLM(tokenizer, rare_words=table, seed=s["seed"],
+                                      mask_replace_prob=s["mask_replace_prob"],
+                                      random_replace_prob=s["random_replace_prob"])
     collator.step = start * tr["grad_accum"]  # the masks continue where the checkpoint left them
     t0 = time.perf_counter()
     run_log, bar = _callbacks(out, mcbert, t0, show_bar)
@@ -779,7 +803,9 @@ def _report(out, records, result, start, steps, fill, table):
               "notes_taken": every[-1].get("notes_taken") if every else None}
     if fill:
         report.update(fill_rate=fill[0], unpacked_fill_rate=fill[1])
-    for key in ("mlm_loss", "mc_loss", "mc_accuracy", "mc_replaced_accuracy"):
+    from ..training import MC_METRICS
+
+    for key in MC_METRICS:
         if every and key in every[-1]:
             report[key] = every[-1][key]
     _atomic_write(json.dumps(report, indent=2) + "\n", os.path.join(out, REPORT_FILE))

@@ -19,7 +19,9 @@ Masking is BERT's (Devlin et al. 2019; google-research/bert ``create_masked_lm_p
 ``DataCollatorForLanguageModeling.torch_mask_tokens`` implements it: each real piece that is not a special token
 ([CLS], [SEP], [PAD], [UNK], [MASK]) is a target with probability ``mlm_probability``; a target becomes [MASK] 80% of
 the time, a random piece of the vocabulary 10%, stays 10%. (BERT picks exactly ``round(15% * len)`` targets per
-sequence; transformers, RoBERTa and this collator draw each piece independently.)
+sequence; transformers, RoBERTa and this collator draw each piece independently.) ``mask_replace_prob`` and
+``random_replace_prob`` (transformers' names) change the 80% and 10%: MC-BERT's published task
+(github.com/MC-BERT/MC-BERT, ``MaskTokensDataset2``) masks every target with [MASK], ``mask_replace_prob=1``.
 
 TNF's spans are found on the masked ids, so a rare word with a masked piece gets no note (the model must not see its
 target through the note; Wu et al. 2021, "Taking Notes on the Fly"); with ``position_ids`` a word never spans a text
@@ -50,7 +52,8 @@ class DataCollatorForTupeMLM:
     """See the module docstring.
 
     ``tokenizer``: a ``BertTokenizerFast`` with BERT's five specials; ``mlm_probability``: the share of targets, in
-    (0, 1); ``rare_words``: a ``RareWordTable`` (TNF) or None; ``pad_to_multiple_of``: pad ``N`` up to a multiple of
+    (0, 1); ``mask_replace_prob`` (default 0.8) / ``random_replace_prob`` (default 0.1): the share of targets that
+    become [MASK] / a random piece (each in [0, 1], their sum <= 1; the rest keep their piece); ``rare_words``: a ``RareWordTable`` (TNF) or None; ``pad_to_multiple_of``: pad ``N`` up to a multiple of
     it (None = the longest row); ``seed``: int >= 0; ``rank``: None (``torch.distributed``'s rank) or an int >= 0.
     ``__call__(features)``: ``features`` a non-empty list of mappings with ``input_ids`` (a list or 1-D tensor of ids)
     and optionally ``position_ids``, ``token_type_ids``, ``next_sentence_label`` / ``sentence_order_label``;
@@ -58,13 +61,20 @@ class DataCollatorForTupeMLM:
     ids outside the vocabulary or ``position_ids`` of another length.
     """
 
-    def __init__(self, tokenizer, mlm_probability=0.15, rare_words=None, pad_to_multiple_of=None, seed=0, rank=None):
+    def __init__(self, tokenizer, mlm_probability=0.15, rare_words=None, pad_to_multiple_of=None, seed=0, rank=None,
+                 mask_replace_prob=0.8, random_replace_prob=0.1):
         from transformers import DataCollatorForLanguageModeling
 
         check_tokenizer(tokenizer)
         if isinstance(mlm_probability, bool) or not isinstance(mlm_probability, numbers.Real) \
                 or not 0 < mlm_probability < 1:
             raise ValueError(f"mlm_probability must be a number in (0, 1), got {mlm_probability!r}")
+        for name, value in (("mask_replace_prob", mask_replace_prob), ("random_replace_prob", random_replace_prob)):
+            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 <= value <= 1:
+                raise ValueError(f"{name} must be a number in [0, 1], got {value!r}")
+        if mask_replace_prob + random_replace_prob > 1:
+            raise ValueError(f"mask_replace_prob + random_replace_prob must be <= 1, got {mask_replace_prob!r} + "
+                             f"{random_replace_prob!r}")
         if rare_words is not None and not isinstance(rare_words, RareWordTable):
             raise TypeError(f"rare_words must be None or a RareWordTable, got {type(rare_words).__name__}")
         for name, value in (("pad_to_multiple_of", pad_to_multiple_of), ("rank", rank)):
@@ -84,7 +94,11 @@ class DataCollatorForTupeMLM:
         self.seed = int(seed)
         self.rank = rank
         self.step = 0
-        self._mlm = DataCollatorForLanguageModeling(tokenizer, mlm=True, mlm_probability=self.mlm_probability)
+        self.mask_replace_prob = float(mask_replace_prob)
+        self.random_replace_prob = float(random_replace_prob)
+        self._mlm = DataCollatorForLanguageModeling(tokenizer, mlm=True, mlm_probability=self.mlm_probability,
+                                                    mask_replace_prob=self.mask_replace_prob,
+                                                    random_replace_prob=self.random_replace_prob)
         special = torch.zeros(len(tokenizer), dtype=torch.bool)
         special[[i for i in tokenizer.all_special_ids if 0 <= i < len(tokenizer)]] = True
         self._special = special
