@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from . import check_out_dir, parse_device, run_command
+from .finetune import _timed_early_exit  # the same timing as finetune's report
 from .pretrain import default_backend as _backend
 
 SPECIALS = ["[PAD]", "[CLS]", "[SEP]", "[MASK]"]
@@ -271,22 +272,6 @@ def finetune(mlm, ids, lengths, labels, sizes, device, gen, log):
 
 
 TIMING_ROUNDS = 3  # full-depth / early-exit pairs timed per threshold
-
-
-def _timed_early_exit(model, ids, lengths, batch, device, **kw):
-    logits, layers = [], []
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    sync()
-    t0 = time.perf_counter()
-    for s in range(0, ids.shape[0], batch):
-        b_len = lengths[s:s + batch]
-        n = int(b_len.max())
-        mask = (torch.arange(n)[None] < b_len[:, None]).to(device)
-        z, l = model.early_exit(ids[s:s + batch, :n].to(device), mask, **kw)
-        logits.append(z)
-        layers.append(l)
-    sync()
-    return torch.cat(logits), torch.cat(layers), time.perf_counter() - t0
 
 
 def evaluate(model, ids, lengths, labels, sizes, device, log):
