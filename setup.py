@@ -16,7 +16,7 @@ from glob import glob
 from pathlib import Path
 
 from pybind11.setup_helpers import Pybind11Extension
-from setuptools import Extension, setup
+from setuptools import Extension, find_packages, setup
 from setuptools.command.build_ext import build_ext
 
 ROOT = Path(__file__).parent.resolve()
@@ -132,9 +132,7 @@ setup(
     long_description=(ROOT / "README.md").read_text() if (ROOT / "README.md").exists() else "",
     long_description_content_type="text/markdown",
     python_requires=">=3.9",
-    packages=["effbert", "effbert.reference", "effbert.ops", "effbert.nn", "effbert.models", "effbert.tools",
-              "effbert.bench", "effbert.kernels", "effbert.integrations", "effbert.commands", "effbert.data"],
-    package_dir={"effbert": "effbert", "effbert.kernels": "kernels"},
+    packages=find_packages(include=["effbert", "effbert.*"]),
     package_data={"effbert.bench": ["sentence_lengths.txt"]},  # the packing benchmark's real lengths
     ext_modules=[cpu_ext, cuda_ext],
     cmdclass={"build_ext": BuildExt},

@@ -2,6 +2,8 @@
 
 import importlib
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -15,18 +17,37 @@ def python_sources(folder):
     return sorted((ROOT / folder).rglob("*.py"))
 
 
-def test_kernels_install_as_subpackage():
+def test_kernels_are_a_subpackage_and_shadow_nothing():
     kernels = importlib.import_module("effbert.kernels")
-    assert Path(kernels.__file__).resolve().parent == ROOT / "kernels"
+    assert Path(kernels.__file__).resolve().parent == ROOT / "effbert" / "kernels"
+    # a top-level folder named like a real package shadows it for anyone running from the checkout's root
+    # (Hugging Face's `kernels`, which transformers >= 5.25 imports)
+    top_level = {p.name for p in ROOT.iterdir() if (p / "__init__.py").exists() or p.suffix == ".py"}
+    assert top_level <= {"effbert", "setup.py"}, f"top-level importable names besides effbert: {top_level}"
     for path in python_sources("effbert") + python_sources("tests") + python_sources("benchmarks"):
         text = path.read_text()
         assert not re.search(r"^\s*(from|import)\s+kernels\b", text, re.M), f"{path} imports a top-level kernels"
 
 
+def test_import_from_the_checkout_root_keeps_real_packages():
+    """From the root (``python -c``, ``python -m pytest``), the cwd comes first on sys.path: nothing of ours may stand
+    in for an installed package there. Hugging Face's ``kernels`` is the one transformers imports."""
+    code = ("import importlib.util, effbert; spec = importlib.util.find_spec('kernels'); "
+            "print(spec.origin if spec else 'absent')")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    origin = out.stdout.strip().splitlines()[-1]
+    assert origin == "absent" or not Path(origin).resolve().is_relative_to(ROOT), origin
+    if origin != "absent":  # installed: it must import as itself, beside effbert
+        out = subprocess.run([sys.executable, "-c", "import effbert, kernels; print(kernels.__file__)"], cwd=ROOT,
+                             capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0 and Path(out.stdout.strip()).resolve() == Path(origin).resolve(), out.stderr
+
+
 @pytest.mark.parametrize(
     "folder,forbidden",
     [
-        ("kernels", r"^\s*(from|import)\s+(effbert(\.ops|\.nn|\.models)?\b|\.\.ops)"),  # kernels never import ops
+        ("effbert/kernels", r"^\s*(from|import)\s+(effbert(\.ops|\.nn|\.models)?\b|\.\.ops)"),  # kernels never import ops
         ("effbert/reference", r"^\s*(from|import)\s+(effbert\.kernels|\.\.kernels|kernels)\b"),  # nor references
         ("effbert/ops", r"^\s*(from|import)\s+(effbert\.(nn|models)|\.\.(nn|models))\b"),  # ops never import modules
     ],

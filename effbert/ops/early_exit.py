@@ -127,7 +127,7 @@ def exit_entropy(logits, *, backend="auto"):
 # ---- batched early exit: the fused per-layer decision ----
 
 CRITERIA = reference.CRITERIA
-# Kernel codes (kernels/early_exit.py and csrc/include/effbert/exit_decision.h hold the same table); a patience
+# Kernel codes (effbert/kernels/early_exit.py and csrc/include/effbert/exit_decision.h hold the same table); a patience
 # criterion on a one-column (regression) head uses PABEE's regression rule.
 _CODES = {"entropy": 0, "max_prob": 1, "patience": 2}
 _PATIENCE_REGRESSION = 3

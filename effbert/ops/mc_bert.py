@@ -3,7 +3,7 @@
 ``mc_sample_fused`` draws them straight from the controller's hidden states and output layer) and
 ``mc_candidate_loss`` (the main model's multi-choice cross-entropy over K candidates).
 
-Backends: ``triton`` (kernels/mc_bert.py) and ``eager`` (effbert/reference/mc_bert.py). There is no C++ CPU
+Backends: ``triton`` (effbert/kernels/mc_bert.py) and ``eager`` (effbert/reference/mc_bert.py). There is no C++ CPU
 build: on the CPU the eager gather + bmm + cross-entropy and ``torch.multinomial`` are already vectorised library
 calls, and a C++ loop would not beat them.
 """

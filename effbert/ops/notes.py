@@ -1,7 +1,7 @@
 """TNF ops: ``note_mix`` (differentiable in ``x``) and ``note_update_`` (in place, no grad).
 
 ``note_update_`` runs in two passes on a plan built here with torch (two sorts, no host sync): window
-means by a prefix-sum walk over each sequence, then the ordered EMA fold, one program per slot (kernels/notes.py).
+means by a prefix-sum walk over each sequence, then the ordered EMA fold, one program per slot (effbert/kernels/notes.py).
 Rows are validated before anything is written: on the host for CPU tensors; for CUDA tensors a check kernel sets an
 error flag that makes both passes do nothing, and the wrapper raises after reading it. ``notes`` and ``counts`` are
 left unchanged by any error.

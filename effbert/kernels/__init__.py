@@ -1,4 +1,4 @@
-"""Triton kernels (installed as ``effbert.kernels``).
+"""Triton kernels.
 
 Kernels only: no autograd, no argument checks. Every module lists the configurations its launchers can pick in
 ``COMPILE_SPECS`` so that ``python -m effbert.tools.compile_report`` can build each one ahead of time.
