@@ -41,6 +41,24 @@ MC_METRICS = ("mlm_loss", "mc_loss", "mc_accuracy", "mc_replaced_accuracy", "rep
               "mc_choice_accuracy", "mc_choice_chance")
 
 
+# transformers >= 5.2x asks a Trainer whose compute_loss already takes its share of the optimizer step to say so
+# (``loss_is_scaled_for_ga``); earlier 5.x releases decide from the model's signature and the step's item count
+# whether to divide the loss by the micro-batch count. Both trainers below return the loss already divided, so they
+# must know which rule the installed Trainer follows, not assume one (found on transformers 5.17, where an update with
+# gradient accumulation was 1/4 of the whole-batch one).
+_TRAINER_HAS_SCALED_FLAG = hasattr(Trainer, "loss_is_scaled_for_ga")
+
+
+def _undo_trainer_division(trainer, loss, num_items_in_batch):
+    """``loss``, already this micro-batch's share of the step, times what the installed Trainer's ``training_step``
+    will divide it by afterwards (1 where it divides by nothing), so that exactly ``loss`` is backpropagated."""
+    if _TRAINER_HAS_SCALED_FLAG:
+        return loss  # the class attribute loss_is_scaled_for_ga = True: Trainer leaves it as it is
+    divides = (not trainer.model_accepts_loss_kwargs or num_items_in_batch is None) and \
+        trainer.compute_loss_func is None
+    return loss * trainer.current_gradient_accumulation_steps if divides else loss
+
+
 class NonFiniteError(FloatingPointError):
     """Training met a NaN or infinite loss or weights; ``step`` is the optimizer step (1-based) where it did."""
 
@@ -160,6 +178,7 @@ class PretrainingTrainer(Trainer):
             loss = loss * targets / torch.as_tensor(num_items_in_batch, device=loss.device).clamp_min(1)
             if self.args.average_tokens_across_devices and self.args.world_size > 1:
                 loss = loss * self.args.world_size  # DDP averages the gradients over ranks; the divisor held all
+        loss = _undo_trainer_division(self, loss, num_items_in_batch)
         return (loss, outputs) if return_outputs else loss
 
     def _record_metrics(self, core, outputs, multi_choice):
@@ -308,8 +327,13 @@ class MultiExitTrainer(Trainer):
                                                 gradient_equilibrium=e["ge"], backend=e["backend"])
         return loss, z, labels
 
+    # compute_loss returns each micro-batch's mean divided by the step's micro-batch count, as Trainer would divide it
+    loss_is_scaled_for_ga = True
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         loss, z, _ = self._losses(model, inputs)
+        if model.training:
+            loss = _undo_trainer_division(self, loss / self.current_gradient_accumulation_steps, num_items_in_batch)
         return (loss, {"logits": z[-1], "exit_logits": z}) if return_outputs else loss
 
     def training_step(self, model, inputs, num_items_in_batch=None):

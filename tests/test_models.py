@@ -255,6 +255,9 @@ def test_config_defaults_round_trip_and_validation():
         TupeBertConfig.from_dict({**custom.to_dict(), "model_type": "bert"})
     with pytest.raises(ValueError, match="unknown TupeBertConfig keys"):
         TupeBertConfig.from_dict({**custom.to_dict(), "hiden_size": 3})
+    # transformers' own private keys (5.17 passes _commit_hash on every from_pretrained) are not a user's typo
+    private = TupeBertConfig.from_dict({**custom.to_dict(), "_commit_hash": None, "_attn_implementation_autoset": True})
+    assert private.hidden_size == custom.hidden_size
     bad = [(dict(position_mode="rope"), "position_mode"), (dict(hidden_size=31), "hidden_size"),
            (dict(hidden_dropout_prob=1.0), "hidden_dropout_prob"), (dict(num_labels=0), "num_labels"),
            (dict(backend="tpu"), "backend"), (dict(hidden_act="swish"), "hidden_act"),

@@ -148,10 +148,12 @@ class TupeBertConfig(PretrainedConfig):
     @classmethod
     def from_dict(cls, config_dict, **kwargs):
         """The config from ``to_dict()``'s output (or a dict of the fields above); an unknown key is a
-        ``ValueError`` (a typo must not pass silently)."""
+        ``ValueError`` (a typo must not pass silently). Keys that start with ``_`` are transformers' own bookkeeping
+        (``_commit_hash``, ``_name_or_path``, ...; which ones it passes differs between versions): they go to
+        ``PretrainedConfig`` as they came."""
         if not isinstance(config_dict, dict):
             raise TypeError(f"config_dict must be a dict, got {type(config_dict).__name__}")
-        unknown = sorted(set(config_dict) - cls._known_keys())
+        unknown = sorted(k for k in set(config_dict) - cls._known_keys() if not str(k).startswith("_"))
         if unknown:
             raise ValueError(f"unknown TupeBertConfig keys: {unknown}")
         mt = config_dict.get("model_type", cls.model_type)
