@@ -136,13 +136,25 @@ setup(
     package_data={"effbert.bench": ["sentence_lengths.txt"]},  # the packing benchmark's real lengths
     ext_modules=[cpu_ext, cuda_ext],
     cmdclass={"build_ext": BuildExt},
-    # the models are transformers models and the commands train through Trainer on tokenizers + datasets: all regular
-    # dependencies (transformers >= 4.51: the masked-LM collator's mask_replace_prob / random_replace_prob and its seeded
-    # generator); a kernels-only user may install with --no-deps plus torch/triton/numpy, and `import effbert` works
-    install_requires=["torch>=2.6", "triton; platform_system == 'Linux'", "numpy", "transformers>=4.51",
-                      "safetensors", "tokenizers", "datasets", "accelerate"],
+    # The supported range of each runtime dependency. Both ends are tested by .ci/run: the newest set
+    # (.ci/constraints.txt) and the floor set (.ci/constraints-floor.txt: transformers 5.17, the GPU image's). The
+    # floor of torch is the GPU image's 2.11, exercised by the GPU suite only: PyPI's Linux wheels of torch before
+    # 2.13 are CUDA builds of several GB, so CI's CPU floor runs 2.13.0. transformers' Trainer needs accelerate and
+    # the data side needs datasets: `import effbert`, the ops and the models work without either (the GPU image
+    # lacks them), and `effbert pretrain` / `finetune` name what is missing.
+    install_requires=[
+        "torch>=2.11",
+        "triton>=3.6; platform_system == 'Linux'",
+        "numpy>=2.0,<3",
+        "transformers>=5.17,<6",
+        "tokenizers>=0.23.1,<0.24",
+        "safetensors>=0.8,<1",
+        "datasets>=4.0,<6",
+        "accelerate>=1.5.2,<2",
+    ],
     extras_require={
-        "test": ["pytest>=7", "pytest-benchmark", "expecttest", "matplotlib"],
+        # numpy < 2.4: the Triton 3.6 interpreter, which runs the kernels in the tests, breaks on numpy 2.4
+        "test": ["pytest>=7", "pytest-benchmark", "expecttest", "matplotlib", "numpy<2.4"],
         "hf": [],  # kept so that `pip install -e ".[hf]"` still works: what it installed is now required
         "bench": ["matplotlib", "tqdm", "pytest-benchmark", "psutil"],
     },

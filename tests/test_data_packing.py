@@ -3,8 +3,9 @@ once, rows within ``max_length``, ``position_ids`` restarting per text, the fill
 
 import random
 
-import datasets
 import pytest
+
+datasets = pytest.importorskip("datasets", reason="the data side needs datasets, which is not installed here")
 
 from effbert.data.packing import pack, pack_lengths, text_lengths
 

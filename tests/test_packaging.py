@@ -1,6 +1,7 @@
 """The package's shape: DESIGN.md's layout, one-way data flow, and csrc free of torch and cuBLAS headers."""
 
 import importlib
+import importlib.util
 import re
 import subprocess
 import sys
@@ -87,6 +88,37 @@ def test_cli_lists_commands(capsys):
     assert cli.main([]) == 2
     assert "check" in capsys.readouterr().out
     assert cli.main(["nonsense"]) == 2
+
+
+@pytest.mark.parametrize("command", ["pretrain", "finetune"])
+def test_a_command_names_the_package_it_lacks(command, monkeypatch, capsys, tmp_path):
+    """The GPU image has no datasets (and at times no accelerate): the command says which, in one line, exit 2,
+    before parsing or writing anything."""
+    import importlib.util
+
+    from effbert import commands as cli
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name in ("datasets", "accelerate") else real(name, *a))
+    assert cli.main([command, "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"effbert {command}: error: needs datasets and accelerate, not installed here " \
+                  "(pip install datasets accelerate)"
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.skipif(importlib.util.find_spec("datasets") is not None, reason="datasets is installed here")
+def test_without_datasets_the_library_imports_and_pretrain_says_so():
+    """Where datasets really is absent (CI's venv shaped like the GPU image): the models and the training floor
+    import, and the real command line names the package."""
+    code = "import effbert, effbert.models, effbert.training, effbert.data; print('ok')"
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+    out = subprocess.run([sys.executable, "-m", "effbert.commands", "pretrain", "--help"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1, out.stderr
+    assert "needs datasets" in out.stderr
 
 
 def test_cli_version(capsys):

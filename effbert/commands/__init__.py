@@ -13,6 +13,18 @@ COMMANDS = {
 }
 
 
+# What a command needs besides torch and transformers: regular dependencies of effbert that an install can still lack
+# (the GPU image has no datasets, and at times no accelerate, which transformers' Trainer needs).
+NEEDS = {"pretrain": ("datasets", "accelerate"), "finetune": ("datasets", "accelerate")}
+
+
+def missing_packages(command):
+    """The packages ``NEEDS[command]`` names that are not installed, in that order."""
+    import importlib.util
+
+    return [name for name in NEEDS.get(command, ()) if importlib.util.find_spec(name) is None]
+
+
 class UsageError(Exception):
     """A mistake in a command line or in the files it names: reported in one line, exit code 2."""
 
@@ -104,6 +116,11 @@ def main(argv=None):
             print(f"\neffbert: unknown command {argv[0]!r}", file=sys.stderr)
             return 2
         return 0 if argv else 2
+    missing = missing_packages(argv[0])
+    if missing:
+        print(f"effbert {argv[0]}: error: needs {' and '.join(missing)}, not installed here "
+              f"(pip install {' '.join(missing)})", file=sys.stderr)
+        return 2
     import importlib
 
     return importlib.import_module(COMMANDS[argv[0]][1]).main(argv[1:])
