@@ -12,6 +12,8 @@ from effbert.data import corpus as corpus_mod
 from effbert.data.corpus import check_text_file, count_words, load_corpus, rare_word_table, rare_words
 from effbert.data.tokenization import train_wordpiece
 
+pytestmark = pytest.mark.requires("datasets")
+
 WORDS = ("the a of cat dog runs running house tree walked talking quietly because under over green blue "
          "unbelievable rarest zebra").split()
 

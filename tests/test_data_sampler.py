@@ -73,6 +73,7 @@ class _Rows:
         return {"input_ids": [i]}
 
 
+@pytest.mark.requires("accelerate")  # Trainer
 def test_pretraining_trainer_sampler_is_bounded(tmp_path):
     from transformers import TrainingArguments
 

@@ -15,6 +15,8 @@ import torch
 from effbert import commands as cli
 from effbert.commands import finetune
 
+pytestmark = pytest.mark.requires("datasets", "accelerate")  # corpora and Trainer
+
 
 def installed(name):
     try:

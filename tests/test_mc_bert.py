@@ -460,6 +460,7 @@ ARGS = ["--layers", "2", "--hidden", "36", "--heads", "3", "--max-len", "24", "-
         "--backend", "eager", "--quiet", "--objective", "mcbert", "--device", "cpu"]
 
 
+@pytest.mark.requires("datasets", "accelerate")
 def test_pretrain_mcbert_resume_and_finetune(tmp_path, capsys):
     """``effbert pretrain --objective mcbert`` under Trainer: both losses and the multi-choice accuracy are logged,
     resuming gives bitwise the run that did not stop (controller included), the objective cannot change on resume,
@@ -519,6 +520,7 @@ def test_pretrain_mcbert_resume_and_finetune(tmp_path, capsys):
                      "8", "--backend", "eager", "--device", "cpu", "--quiet"]) == 0
 
 
+@pytest.mark.requires("datasets", "accelerate")
 def test_pretrain_mcbert_masking(tmp_path, monkeypatch, capsys):
     """``--objective mcbert`` masks every target with [MASK] by default (the published task), ``--mask-replace-prob
     0.8 --random-replace-prob 0.1`` gives BERT's 80/10/10, ``--objective mlm`` keeps 80/10/10; the run file records

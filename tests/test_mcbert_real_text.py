@@ -9,6 +9,8 @@ import os
 import pytest
 import torch
 
+pytestmark = pytest.mark.requires("datasets", "accelerate")  # corpora and Trainer
+
 SCRIPT = os.path.join(os.path.dirname(__file__), os.pardir, "scripts", "mcbert_real_text.py")
 
 

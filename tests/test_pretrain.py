@@ -17,6 +17,8 @@ import torch
 from effbert import commands as cli
 from effbert.commands import pretrain
 
+pytestmark = pytest.mark.requires("datasets", "accelerate")  # corpora and Trainer
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODEL = ["--layers", "2", "--hidden", "32", "--heads", "2", "--max-len", "24", "--batch-size", "8", "--lr", "2e-3",
          "--backend", "eager", "--device", "cpu", "--quiet"]
