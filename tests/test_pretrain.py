@@ -459,12 +459,12 @@ def _collate(rows):
     return batch
 
 
-def _train_once(tmp_path, batch, accum):
+def _train_once(tmp_path, batch, accum, make=_tiny_mlm):
     from transformers import TrainingArguments
 
     from effbert.training import PretrainingTrainer
 
-    model = _tiny_mlm()
+    model = make()
     args = TrainingArguments(output_dir=str(tmp_path / f"o{batch}x{accum}"), max_steps=1,
                              per_device_train_batch_size=batch, gradient_accumulation_steps=accum, learning_rate=1.0, optim="sgd",
                              lr_scheduler_type="constant", weight_decay=0.0, max_grad_norm=0.0, report_to=[],
@@ -580,3 +580,50 @@ def test_pretrain_on_cuda_mixed_precision(tmp_path, files, precision):
     assert [r["step"] for r in log] == [2, 4, 6] and all(r["loss"] == r["loss"] for r in log)
     model, _, _ = pretrain.load_pretrained(out, device="cuda")
     assert all(p.dtype == torch.float32 for p in model.parameters()) and model.notes.notes.dtype == torch.float32
+
+
+# ------------------------------------------------------------ MC-BERT's step weighting, optimizer flags, --recipe
+
+
+def _tiny_mcbert(seed=0):
+    from effbert.models import TupeBertConfig, TupeBertForMultiChoicePretraining
+
+    torch.manual_seed(seed)
+    cfg = TupeBertConfig(vocab_size=40, hidden_size=18, num_hidden_layers=1, num_attention_heads=3,
+                         intermediate_size=24, max_position_embeddings=16, hidden_dropout_prob=0.0,
+                         attention_probs_dropout_prob=0.0, backend="eager")
+    return TupeBertForMultiChoicePretraining(cfg, mask_token_id=4, num_candidates=4)
+
+
+def _row_draws(monkeypatch):
+    """MC-BERT's draws as a function of each token's controller features alone (its top-K pieces), so any batching
+    of the same rows draws the same candidates (the sampler's random stream would not)."""
+    import effbert.models.mc_bert as mc
+
+    def draws(feats, weight, bias, k, **kw):
+        return torch.topk(feats.double() @ weight.double().T + bias.double(), k, dim=1).indices
+
+    monkeypatch.setattr(mc, "mc_sample_fused", draws)
+
+
+def test_mcbert_accumulated_step_equals_the_whole_batch(tmp_path, monkeypatch):
+    """MC-BERT's step is weighted over the whole step, micro-batches and ranks together: the controller's masked-LM
+    loss summed over the step's [MASK] tokens / their count (fairseq's sample_size), the multi-choice loss summed over
+    the step's real tokens / their count. So 4 micro-batches of 2 rows, whose [MASK] and real-token counts differ,
+    give the loss and the SGD update of one batch of 8; the mean of the micro-batches' own losses would not."""
+    _row_draws(monkeypatch)
+    whole, loss_whole = _train_once(tmp_path, 8, 1, make=_tiny_mcbert)
+    accum, loss_accum = _train_once(tmp_path, 2, 4, make=_tiny_mcbert)
+    model = _tiny_mcbert()
+    rows = _fixed_rows()
+    with torch.no_grad():
+        want = float(model(**_collate(rows)).loss)  # the model's means over the whole batch
+        parts = [float(model(**_collate(rows[i:i + 2])).loss) for i in range(0, 8, 2)]
+    assert loss_whole == pytest.approx(want, rel=1e-6)
+    assert loss_accum == pytest.approx(want, rel=1e-5)
+    assert abs(sum(parts) / 4 - want) > 1e-3 * want  # the uneven counts matter: averaging the means is another loss
+    for (name, a), b in zip(whole.named_parameters(), accum.parameters()):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-6), name
+    assert not torch.equal(whole.mlm_head.dense.weight, model.mlm_head.dense.weight)
+    assert not torch.equal(whole.controller_weight(), model.controller_weight())  # both losses stepped
+
