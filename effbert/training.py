@@ -11,8 +11,11 @@ FSDP, DeepSpeed) is Trainer's own, driven by its ``TrainingArguments``. What it 
   on all ranks without broadcasting them (pass ``ddp_broadcast_buffers=False``).
 * **The masked-LM loss at the labelled positions only** (``return_logits=False``: no ``[B, N, vocab]`` logits), as
   the mean over all masked tokens of the optimizer step: each rank's sum divided by the step's target count over
-  every micro-batch and rank, so the update equals the one of a single process on the whole batch. MC-BERT's loss is
-  the model's own (controller MLM + lambda x multi-choice cross-entropy, means per micro-batch), averaged.
+  every micro-batch and rank, so the update equals the one of a single process on the whole batch. MC-BERT's loss
+  likewise: the controller's masked-LM loss summed over the step's ``[MASK]`` tokens and divided by their count (as
+  the published fairseq criterion's ``sample_size`` divides it), plus lambda x the multi-choice cross-entropy summed
+  over the step's real tokens and divided by their count (fairseq weights each micro-batch's multi-choice mean by
+  its share of the step's ``[MASK]`` tokens instead: the same for a step of one micro-batch; docs/pretrain.md).
 * **Logged metrics**: ``notes_taken`` with TNF; with MC-BERT ``mlm_loss``, ``mc_loss``, ``mc_accuracy``,
   ``mc_replaced_accuracy``, ``replaced_fraction``, and the cloze part at the replaced tokens, ``mc_choice_accuracy``
   beside its chance level ``mc_choice_chance`` (means over the micro-batches since the last log and over ranks).
@@ -59,6 +62,15 @@ def _undo_trainer_division(trainer, loss, num_items_in_batch):
     return loss * trainer.current_gradient_accumulation_steps if divides else loss
 
 
+def _mc_counts(batch, mask_token_id):
+    """MC-BERT's two divisors in one batch: its ``[MASK]`` tokens (where the controller's masked-LM loss is taken)
+    and its real tokens (where the multi-choice loss is), as ``TupeBertForMultiChoicePretraining`` counts them."""
+    ids = batch["input_ids"]
+    mask = batch.get("attention_mask")
+    real = mask.bool() if mask is not None else torch.ones_like(ids, dtype=torch.bool)
+    return ((ids == mask_token_id) & real).sum(), real.sum()
+
+
 class NonFiniteError(FloatingPointError):
     """Training met a NaN or infinite loss or weights; ``step`` is the optimizer step (1-based) where it did."""
 
@@ -102,7 +114,7 @@ class PretrainingTrainer(Trainer):
     Other arguments are ``Trainer``'s.
     """
 
-    # compute_loss normalises by the step's target count (MLM) or the number of micro-batches (MC-BERT) itself
+    # compute_loss normalises by the step's target counts itself
     loss_is_scaled_for_ga = True
 
     def __init__(self, *args, stop_on_nonfinite=True, **kwargs):
@@ -115,6 +127,7 @@ class PretrainingTrainer(Trainer):
         self._metric_sums = {}
         self._metric_count = 0
         self._last_hidden = None
+        self._step_tokens = None  # MC-BERT: the real tokens of the step (the multi-choice loss's divisor)
 
     def _get_train_sampler(self, train_dataset=None):
         # Trainer's RandomSampler holds every row index of an epoch as a Python list (about 36 bytes a row):
@@ -140,12 +153,20 @@ class PretrainingTrainer(Trainer):
     def get_batch_samples(self, epoch_iterator, num_batches, device):
         # the masked targets of the whole optimizer step, over every micro-batch and (with average_tokens_across_
         # devices, Trainer's default) every rank: the divisor of the masked-LM loss
+        # (MC-BERT: the [MASK] tokens, its controller's targets, and the real tokens, the multi-choice targets)
         batches, _ = super().get_batch_samples(epoch_iterator, num_batches, device)
-        count = None
+        count = self._step_tokens = None
         if batches and all(isinstance(b, dict) and "labels" in b for b in batches):
-            count = sum(b["labels"].ne(-100).sum() for b in batches).to(device)
+            if self._is_multi_choice(self.model):
+                mask_id = _unwrap(self.model).mask_token_id
+                count = torch.stack([torch.stack(_mc_counts(b, mask_id)) for b in batches]).sum(0).to(device)
+            else:
+                count = sum(b["labels"].ne(-100).sum() for b in batches).to(device).reshape(1)
             if self.args.average_tokens_across_devices and self.args.world_size > 1:
-                count = self.accelerator.gather(count.reshape(1)).sum()
+                count = self.accelerator.gather(count.reshape(1, -1)).sum(0)
+            if count.numel() == 2:
+                self._step_tokens = count[1]
+            count = count[0]
         return batches, count
 
     def _is_multi_choice(self, model):
@@ -170,12 +191,17 @@ class PretrainingTrainer(Trainer):
         hidden = outputs.get("last_hidden_state") if isinstance(outputs, dict) else None
         self._last_hidden = hidden.detach() if hidden is not None else None
         self._record_metrics(core, outputs, multi_choice)
-        if multi_choice or num_items_in_batch is None:
+        if num_items_in_batch is None or (multi_choice and self._step_tokens is None):
             # the model's own means, averaged over the micro-batches of the step (and over ranks by DDP)
             loss = loss / self.current_gradient_accumulation_steps
         else:
-            targets = inputs["labels"].ne(-100).sum()
-            loss = loss * targets / torch.as_tensor(num_items_in_batch, device=loss.device).clamp_min(1)
+            step = torch.as_tensor(num_items_in_batch, device=loss.device).clamp_min(1)
+            if multi_choice:  # each term over its own targets of the whole step
+                masked, real = _mc_counts(inputs, core.mask_token_id)
+                loss = outputs["mlm_loss"] * masked / step + \
+                    core.loss_lambda * outputs["mc_loss"] * real / self._step_tokens.to(loss.device).clamp_min(1)
+            else:
+                loss = loss * inputs["labels"].ne(-100).sum() / step
             if self.args.average_tokens_across_devices and self.args.world_size > 1:
                 loss = loss * self.args.world_size  # DDP averages the gradients over ranks; the divisor held all
         loss = _undo_trainer_division(self, loss, num_items_in_batch)

@@ -376,6 +376,13 @@ def test_finetune_from_a_classifier_checkpoint_starts_from_its_head(tmp_path, da
     ({"--loss": "pabee --grad-reg"}, "--grad-reg goes with --loss romebert"),
     ({"--loss": "deebert --grad-reg"}, "--grad-reg goes with --loss romebert"),
     ({"--regression-delta": "0"}, "--regression-delta must be > 0"),
+    ({"--adam-beta1": "1"}, "--adam-beta1 must be in [0, 1), got 1.0"),
+    ({"--adam-beta2": "1.5"}, "--adam-beta2 must be in [0, 1), got 1.5"),
+    ({"--adam-epsilon": "0"}, "--adam-epsilon must be > 0, got 0.0"),
+    ({"--max-grad-norm": "nan"}, "--max-grad-norm must be >= 0 (0: no clipping), got nan"),
+    ({"--recipe": "tupe"}, "--recipe tupe is a recipe of effbert pretrain, not finetune (effbert finetune's: "
+                           "deebert, pabee, romebert)"),
+    ({"--recipe": "rome"}, "--recipe 'rome': no such recipe"),
     ({"--backend": "fast"}, "--backend must be one of"),
     ({"--train": "MISSING"}, "--train: no such file"),
     ({"--hf": "MISSING"}, "--hf:"),
@@ -868,3 +875,72 @@ def test_bf16_mixed_precision_on_the_cpu(tmp_path, data):
     weights = load_file(out / "model.safetensors")
     assert all(w.dtype == torch.float32 and bool(torch.isfinite(w).all()) for w in weights.values())
     assert json.loads((out / "finetune.json").read_text())["complete"]
+
+
+# The published values, stated here (not read from effbert.commands.recipes), so a wrong table fails. Each code's
+# AdamW is transformers' (betas (0.9, 0.999)) with its script's --adam_epsilon 1e-8, --max_grad_norm 1.0,
+# --weight_decay 0.0 and --warmup_steps 0 (the defaults its run script keeps).
+FINETUNE_RECIPES = {
+    # castorini/DeeBERT scripts/train_highway.sh (bert): lr 2e-5, batch 8, 3 epochs (a stage), max_seq_length 128
+    "deebert": {"loss": "deebert", "criterion": "entropy", "lr": 2e-5, "warmup": 0.0, "adam_beta1": 0.9,
+                "adam_beta2": 0.999, "adam_epsilon": 1e-8, "weight_decay": 0.0, "max_grad_norm": 1.0,
+                "batch_size": 8, "epochs": 3.0, "max_len": 128},
+    # JetRunner/PABEE finetune_bert.sh: lr 2e-5, batch 32, 5 epochs, max_seq_length 128; one shared pooler; patience
+    "pabee": {"loss": "pabee", "shared_pooler": True, "criterion": "patience", "lr": 2e-5, "warmup": 0.0,
+              "adam_beta1": 0.9, "adam_beta2": 0.999, "adam_epsilon": 1e-8, "weight_decay": 0.0,
+              "max_grad_norm": 1.0, "batch_size": 32, "epochs": 5.0, "max_len": 128},
+    # romebert/RomeBERT scripts/train_high.sh (bert): lr 2e-5, batch 8, 3 epochs, max_seq_length 128, gamma 0.9,
+    # temper 3.0
+    "romebert": {"loss": "romebert", "gamma": 0.9, "temperature": 3.0, "criterion": "entropy", "lr": 2e-5,
+                 "warmup": 0.0, "adam_beta1": 0.9, "adam_beta2": 0.999, "adam_epsilon": 1e-8, "weight_decay": 0.0,
+                 "max_grad_norm": 1.0, "batch_size": 8, "epochs": 3.0, "max_len": 128},
+}
+
+
+@pytest.mark.parametrize("name", sorted(FINETUNE_RECIPES))
+def test_each_recipe_sets_exactly_the_published_values(name):
+    from effbert.commands import recipes
+
+    base = ["--hf", "b", "--train", "t.tsv", "--out", "o"]
+    plain = vars(finetune.build_parser().parse_args(base))
+    argv = [*base, "--recipe", name]
+    a = finetune.build_parser().parse_args(argv)
+    line = recipes.apply(a, "finetune", finetune.build_parser, argv)
+    want = FINETUNE_RECIPES[name]
+    assert {k: getattr(a, k) for k in want} == want
+    assert {k: v for k, v in vars(a).items() if k not in want and k != "recipe"} == \
+        {k: v for k, v in plain.items() if k not in want and k != "recipe"}  # nothing else
+    assert line.startswith(f"recipe {name}, ") and "--lr 2e-05" in line and "--warmup 0 " in line
+
+
+@needs_hf
+def test_a_recipe_under_the_users_flags_reaches_trainer(hf_dir, data, tmp_path, capsys, monkeypatch):
+    """--recipe pabee with the user's --lr, --batch-size and --adam-beta2: theirs win, the recipe sets the rest,
+    one line says which; Trainer and its AdamW get them; finetune.json records them."""
+    from effbert.training import MultiExitTrainer
+
+    seen = []
+    init = MultiExitTrainer.__init__
+
+    def record(trainer, *a, **kw):
+        init(trainer, *a, **kw)
+        seen.append(trainer)
+
+    monkeypatch.setattr(MultiExitTrainer, "__init__", record)
+    out = tmp_path / "run"
+    assert cli.main(args(hf_dir, data, out, "--steps", "2", "--recipe", "pabee", "--adam-beta2", "0.98")) == 0
+    text = capsys.readouterr().out
+    assert [x for x in text.splitlines() if x.startswith("recipe ")] == [
+        "recipe pabee, PABEE (Zhou et al., NeurIPS 2020): --loss pabee --shared-pooler --criterion patience "
+        "--warmup 0 --adam-beta1 0.9 --adam-epsilon 1e-08 --weight-decay 0 --max-grad-norm 1 --epochs 5 "
+        "--max-len 128; yours kept: --lr 0.003 --adam-beta2 0.98 --batch-size 16"]
+    t = seen[-1]
+    assert (t.args.learning_rate, t.args.adam_beta1, t.args.adam_beta2, t.args.adam_epsilon, t.args.weight_decay,
+            t.args.max_grad_norm, t.args.per_device_train_batch_size) == (3e-3, 0.9, 0.98, 1e-8, 0.0, 1.0, 16)
+    group = t.optimizer.param_groups[0]
+    assert group["betas"] == (0.9, 0.98) and group["eps"] == 1e-8
+    assert t.exit_loss["loss"] == "pabee"
+    settings = json.loads((out / "finetune.json").read_text())
+    assert (settings["recipe"], settings["loss"], settings["shared_pooler"], settings["adam_beta2"]) == \
+        ("pabee", "pabee", True, 0.98)
+    assert "batched early exit" in text and "patience" in text

@@ -461,12 +461,12 @@ def _collate(rows):
     return batch
 
 
-def _train_once(tmp_path, batch, accum):
+def _train_once(tmp_path, batch, accum, make=_tiny_mlm):
     from transformers import TrainingArguments
 
     from effbert.training import PretrainingTrainer
 
-    model = _tiny_mlm()
+    model = make()
     args = TrainingArguments(output_dir=str(tmp_path / f"o{batch}x{accum}"), max_steps=1,
                              per_device_train_batch_size=batch, gradient_accumulation_steps=accum, learning_rate=1.0, optim="sgd",
                              lr_scheduler_type="constant", weight_decay=0.0, max_grad_norm=0.0, report_to=[],
@@ -582,3 +582,163 @@ def test_pretrain_on_cuda_mixed_precision(tmp_path, files, precision):
     assert [r["step"] for r in log] == [2, 4, 6] and all(r["loss"] == r["loss"] for r in log)
     model, _, _ = pretrain.load_pretrained(out, device="cuda")
     assert all(p.dtype == torch.float32 for p in model.parameters()) and model.notes.notes.dtype == torch.float32
+
+
+# ------------------------------------------------------------ MC-BERT's step weighting, optimizer flags, --recipe
+
+
+def _tiny_mcbert(seed=0):
+    from effbert.models import TupeBertConfig, TupeBertForMultiChoicePretraining
+
+    torch.manual_seed(seed)
+    cfg = TupeBertConfig(vocab_size=40, hidden_size=18, num_hidden_layers=1, num_attention_heads=3,
+                         intermediate_size=24, max_position_embeddings=16, hidden_dropout_prob=0.0,
+                         attention_probs_dropout_prob=0.0, backend="eager")
+    return TupeBertForMultiChoicePretraining(cfg, mask_token_id=4, num_candidates=4)
+
+
+def _row_draws(monkeypatch):
+    """MC-BERT's draws as a function of each token's controller features alone (its top-K pieces), so any batching
+    of the same rows draws the same candidates (the sampler's random stream would not)."""
+    import effbert.models.mc_bert as mc
+
+    def draws(feats, weight, bias, k, **kw):
+        return torch.topk(feats.double() @ weight.double().T + bias.double(), k, dim=1).indices
+
+    monkeypatch.setattr(mc, "mc_sample_fused", draws)
+
+
+def test_mcbert_accumulated_step_equals_the_whole_batch(tmp_path, monkeypatch):
+    """MC-BERT's step is weighted over the whole step, micro-batches and ranks together: the controller's masked-LM
+    loss summed over the step's [MASK] tokens / their count (fairseq's sample_size), the multi-choice loss summed over
+    the step's real tokens / their count. So 4 micro-batches of 2 rows, whose [MASK] and real-token counts differ,
+    give the loss and the SGD update of one batch of 8; the mean of the micro-batches' own losses would not."""
+    _row_draws(monkeypatch)
+    whole, loss_whole = _train_once(tmp_path, 8, 1, make=_tiny_mcbert)
+    accum, loss_accum = _train_once(tmp_path, 2, 4, make=_tiny_mcbert)
+    model = _tiny_mcbert()
+    rows = _fixed_rows()
+    with torch.no_grad():
+        want = float(model(**_collate(rows)).loss)  # the model's means over the whole batch
+        parts = [float(model(**_collate(rows[i:i + 2])).loss) for i in range(0, 8, 2)]
+    assert loss_whole == pytest.approx(want, rel=1e-6)
+    assert loss_accum == pytest.approx(want, rel=1e-5)
+    assert abs(sum(parts) / 4 - want) > 1e-3 * want  # the uneven counts matter: averaging the means is another loss
+    for (name, a), b in zip(whole.named_parameters(), accum.parameters()):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-6), name
+    assert not torch.equal(whole.mlm_head.dense.weight, model.mlm_head.dense.weight)
+    assert not torch.equal(whole.controller_weight(), model.controller_weight())  # both losses stepped
+
+
+class _Seen:
+    """The PretrainingTrainer a command built (its args and optimizer)."""
+
+    def __init__(self, monkeypatch, cls):
+        self.trainers = []
+        init = cls.__init__
+
+        def record(trainer, *args, **kwargs):
+            init(trainer, *args, **kwargs)
+            self.trainers.append(trainer)
+
+        monkeypatch.setattr(cls, "__init__", record)
+
+    def optimizer(self):
+        args, group = self.trainers[-1].args, self.trainers[-1].optimizer.param_groups[0]
+        return (args.adam_beta1, args.adam_beta2, args.adam_epsilon, args.max_grad_norm, args.learning_rate,
+                args.warmup_steps, group["betas"], group["eps"])
+
+
+def test_optimizer_flags_reach_adamw_and_a_resume_keeps_them(tmp_path, files, capsys, monkeypatch):
+    from effbert.training import PretrainingTrainer
+
+    seen = _Seen(monkeypatch, PretrainingTrainer)
+    out = tmp_path / "run"
+    base = _args(files, out, "--steps", "2", "--save-every", "2", "--adam-beta1", "0.8", "--adam-beta2", "0.95",
+                 "--adam-epsilon", "1e-6", "--max-grad-norm", "0")
+    _run(base)
+    assert seen.optimizer() == (0.8, 0.95, 1e-6, 0.0, 2e-3, 0, (0.8, 0.95), 1e-6)
+    run = json.loads((out / "pretrain.json").read_text())["training"]
+    assert (run["adam_beta1"], run["adam_beta2"], run["adam_epsilon"], run["max_grad_norm"]) == (0.8, 0.95, 1e-6, 0)
+    capsys.readouterr()
+    # the optimizer's state comes back from the checkpoint: its settings cannot change on a resume
+    _error(capsys, [*base, "--steps", "3", "--resume", "--adam-beta2", "0.9"], "--adam-beta2 0.95 -> 0.9")
+    _error(capsys, [*base, "--steps", "3", "--resume", "--max-grad-norm", "1"], "--max-grad-norm 0.0 -> 1.0")
+    _error(capsys, [*base, "--steps", "3", "--resume", "--recipe", "tupe"], "--recipe None -> 'tupe'")
+    _run(_args(files, out, "--steps", "3", "--resume"))  # the flags left out: the run's values
+    assert seen.optimizer() == (0.8, 0.95, 1e-6, 0.0, 2e-3, 0, (0.8, 0.95), 1e-6)
+
+
+@pytest.mark.parametrize("flag, value, message", [
+    ("--adam-beta1", "1", "--adam-beta1 must be in [0, 1), got 1.0"),
+    ("--adam-beta2", "-0.1", "--adam-beta2 must be in [0, 1), got -0.1"),
+    ("--adam-epsilon", "0", "--adam-epsilon must be > 0, got 0.0"),
+    ("--adam-epsilon", "nan", "--adam-epsilon must be > 0, got nan"),
+    ("--max-grad-norm", "-1", "--max-grad-norm must be >= 0 (0: no clipping), got -1.0"),
+    ("--max-grad-norm", "inf", "--max-grad-norm must be >= 0 (0: no clipping), got inf"),
+    ("--recipe", "deebert", "--recipe deebert is a recipe of effbert finetune, not pretrain (effbert pretrain's: "
+                            "tupe, mcbert, tnf)"),
+    ("--recipe", "bert", "--recipe 'bert': no such recipe (pretrain: tupe, mcbert, tnf; finetune: deebert, pabee, "
+                         "romebert)"),
+])
+def test_bad_optimizer_flags_and_recipes_exit_2(tmp_path, files, capsys, flag, value, message):
+    out = tmp_path / "run"
+    _error(capsys, _args(files, out, "--steps", "1", flag, value), message)
+    assert not out.exists() and not capsys.readouterr().out
+
+
+# The published values, stated here (not read from effbert.commands.recipes), so a wrong table fails.
+PRETRAIN_RECIPES = {
+    # guolinke/TUPE README: lr 1e-4, 10k warm-up of 1M updates, betas (0.9, 0.999), eps 1e-6, clip 1.0, wd 0.01,
+    # fairseq masked_lm's 80/10/10
+    "tupe": {"objective": "mlm", "tnf": False, "lr": 1e-4, "warmup": 20, "adam_beta1": 0.9, "adam_beta2": 0.999,
+             "adam_epsilon": 1e-6, "weight_decay": 0.01, "max_grad_norm": 1.0, "mask_replace_prob": 0.8,
+             "random_replace_prob": 0.1},
+    # MC-BERT/MC-BERT README: lr 1e-4, 10k of 1M, betas (0.9, 0.98), eps 1e-6, no clipping, wd 0.01; every target
+    # [MASK] (its mcbert task's leave-unmasked and random-token probabilities 0)
+    "mcbert": {"objective": "mcbert", "tnf": False, "lr": 1e-4, "warmup": 20, "adam_beta1": 0.9,
+               "adam_beta2": 0.98, "adam_epsilon": 1e-6, "weight_decay": 0.01, "max_grad_norm": 0.0,
+               "mask_replace_prob": 1.0, "random_replace_prob": 0.0},
+    # TNF paper, Sec. 4.1: Adam eps 1e-6, betas (0.9, 0.98), peak lr 1e-4, 10k warm-up of 1000k steps, wd 0.01
+    "tnf": {"objective": "mlm", "tnf": True, "lr": 1e-4, "warmup": 20, "adam_beta1": 0.9, "adam_beta2": 0.98,
+            "adam_epsilon": 1e-6, "weight_decay": 0.01},
+}
+
+
+@pytest.mark.parametrize("name", sorted(PRETRAIN_RECIPES))
+def test_each_recipe_sets_exactly_the_published_values(name, capsys):
+    from effbert.commands import recipes
+
+    base = ["--data", "c.txt", "--out", "o", "--steps", "2000"]
+    plain = vars(pretrain.build_parser().parse_args(base))
+    argv = [*base, "--recipe", name]
+    a = pretrain.build_parser().parse_args(argv)
+    line = recipes.apply(a, "pretrain", pretrain.build_parser, argv)
+    got = {k: v for k, v in vars(a).items() if v != plain[k] and k != "recipe"}
+    assert got == PRETRAIN_RECIPES[name]
+    assert type(got["warmup"]) is int  # 1% of --steps, in steps
+    assert line.startswith(f"recipe {name}, ") and "--warmup 20 (1% of --steps)" in line and "yours" not in line
+
+
+def test_a_recipe_under_the_users_flags_and_its_line(tmp_path, files, capsys, monkeypatch):
+    """--recipe mcbert with the user's --lr and --max-grad-norm: theirs win, the rest is the recipe's, one line says
+    which; the run file records the recipe and its values, a resume keeps them and refuses another recipe."""
+    from effbert.training import PretrainingTrainer
+
+    seen = _Seen(monkeypatch, PretrainingTrainer)
+    out = tmp_path / "run"
+    argv = _args(files, out, "--steps", "2", "--save-every", "2", "--recipe", "mcbert", "--lr", "5e-4",
+                 "--max-grad-norm", "2")
+    _run(argv)  # the warm-up: 1% of 2 steps
+    lines = [x for x in capsys.readouterr().out.splitlines() if x.startswith("recipe ")]
+    assert lines == ["recipe mcbert, MC-BERT (Xu et al., 2020): --objective mcbert --no-tnf --warmup 0 (1% of "
+                     "--steps) --adam-beta1 0.9 --adam-beta2 0.98 --adam-epsilon 1e-06 --weight-decay 0.01 "
+                     "--mask-replace-prob 1 --random-replace-prob 0; yours kept: --lr 0.0005 --max-grad-norm 2"]
+    assert seen.optimizer() == (0.9, 0.98, 1e-6, 2.0, 5e-4, 0, (0.9, 0.98), 1e-6)
+    run = json.loads((out / "pretrain.json").read_text())
+    assert run["training"]["recipe"] == "mcbert" and run["settings"]["objective"] == "mcbert"
+    assert not run["settings"]["tnf"] and run["settings"]["mask_replace_prob"] == 1.0
+    _error(capsys, [*argv, "--steps", "3", "--resume", "--recipe", "tnf"], "--recipe 'mcbert' -> 'tnf'")
+    _run([*argv, "--steps", "3", "--resume"])  # the same command line: the run's values, no line printed
+    assert seen.optimizer() == (0.9, 0.98, 1e-6, 2.0, 5e-4, 0, (0.9, 0.98), 1e-6)
+    assert "recipe " not in capsys.readouterr().out

@@ -40,6 +40,7 @@ import time
 import torch
 
 from . import UsageError, check_backend, check_out_dir, parse_device, run_command
+from .recipes import check_optimizer_flags, checker
 
 __all__ = ["main", "load_finetuned", "read_tsv", "UsageError"]
 
@@ -495,7 +496,8 @@ def _training_args(a, output_dir, device, stage):
         return TrainingArguments(
             output_dir=output_dir, per_device_train_batch_size=a.batch_size,
             gradient_accumulation_steps=a.grad_accum, learning_rate=a.lr, weight_decay=a.weight_decay,
-            lr_scheduler_type="linear", max_grad_norm=1.0, **warmup,
+            lr_scheduler_type="linear", max_grad_norm=a.max_grad_norm, **warmup, adam_beta1=a.adam_beta1,
+            adam_beta2=a.adam_beta2, adam_epsilon=a.adam_epsilon,
             num_train_epochs=a.epochs, max_steps=a.steps if a.steps is not None else -1,
             seed=a.seed + stage - 1, data_seed=a.seed + stage - 1, fp16=a.fp16, bf16=a.bf16,
             use_cpu=device.type == "cpu", logging_strategy="steps", logging_steps=1,
@@ -727,6 +729,12 @@ def build_parser():
     o.add_argument("--warmup", type=float, default=0.1, help="share of the steps with a linear warm-up; then "
                    "linear decay to 0")
     o.add_argument("--weight-decay", type=float, default=0.01)
+    o.add_argument("--adam-beta1", type=float, default=0.9, help="AdamW beta1")
+    o.add_argument("--adam-beta2", type=float, default=0.999, help="AdamW beta2")
+    o.add_argument("--adam-epsilon", type=float, default=1e-8, help="AdamW epsilon")
+    o.add_argument("--max-grad-norm", type=float, default=1.0, help="clip the gradient norm to this (0: no clipping)")
+    o.add_argument("--recipe", help="a paper's published settings for the flags not given: deebert, pabee or "
+                   "romebert (docs/finetune.md lists each value and its source)")
     o.add_argument("--loss", choices=LOSSES, default="romebert",
                    help="romebert: joint training with self-distillation from the last exit (RomeBERT); pabee: "
                    "layer-weighted loss (PABEE); deebert: two stages, backbone then off-ramps (DeeBERT)")
@@ -781,6 +789,7 @@ def _check_args(a):
     _fail_if(not (a.lr > 0 and math.isfinite(a.lr)), f"--lr must be > 0, got {a.lr}")
     _fail_if(not 0 <= a.warmup < 1, f"--warmup must be in [0, 1), got {a.warmup}")
     _fail_if(not a.weight_decay >= 0, f"--weight-decay must be >= 0, got {a.weight_decay}")
+    check_optimizer_flags(a)
     _fail_if(not 0 <= a.gamma <= 1, f"--gamma must be in [0, 1], got {a.gamma}")
     _fail_if(not (a.temperature > 0 and math.isfinite(a.temperature)),
              f"--temperature must be > 0, got {a.temperature}")
@@ -895,7 +904,9 @@ def run(a, log):
     settings = {"cased": cased, "max_len": max_len, "loss": a.loss, "gamma": a.gamma, "temperature": a.temperature,
                 "grad_reg": a.grad_reg, "project": a.project, "ge": a.ge, "shared_pooler": a.shared_pooler,
                 "regression": a.regression, "batch_size": a.batch_size, "grad_accum": a.grad_accum, "lr": a.lr,
-                "seed": a.seed, "init": a.init, "hf": a.hf, "train": a.train}
+                "seed": a.seed, "init": a.init, "hf": a.hf, "train": a.train, "recipe": a.recipe,
+                "adam_beta1": a.adam_beta1, "adam_beta2": a.adam_beta2, "adam_epsilon": a.adam_epsilon,
+                "max_grad_norm": a.max_grad_norm, "weight_decay": a.weight_decay, "warmup": a.warmup}
     if not _main_process():  # under torchrun one process speaks and writes
         log = lambda msg: None  # noqa: E731
     else:
@@ -934,7 +945,9 @@ def run(a, log):
 
 
 def main(argv=None):
-    return run_command("effbert finetune", build_parser(), _check_args, run, argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    return run_command("effbert finetune", build_parser(), checker("finetune", build_parser, argv, _check_args),
+                       run, argv)
 
 
 if __name__ == "__main__":

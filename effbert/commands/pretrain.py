@@ -29,6 +29,7 @@ import time
 import torch
 
 from . import UsageError, check_backend, check_out_dir, parse_device, run_command
+from .recipes import check_optimizer_flags, checker
 
 __all__ = ["main", "load_pretrained", "checkpoints", "default_backend", "UsageError"]
 
@@ -69,7 +70,9 @@ MODEL_DEFAULTS = {"layers": 12, "hidden": 768, "heads": 12, "intermediate": None
 MASKING_DEFAULTS = {"mlm": (0.8, 0.1), "mcbert": (1.0, 0.0)}
 # settings a run file of an older version may lack, and what that version did: BERT's 80/10/10 for every objective
 OPTIONAL_SETTINGS = {"mask_replace_prob": 0.8, "random_replace_prob": 0.1}
-TRAINING_DEFAULTS = {"batch_size": 32, "grad_accum": 1, "lr": 1e-4, "warmup": None, "weight_decay": 0.01}
+TRAINING_DEFAULTS = {"batch_size": 32, "grad_accum": 1, "lr": 1e-4, "warmup": None, "weight_decay": 0.01,
+                     # Trainer's own defaults (and what runs before these flags existed used); --recipe names a preset
+                     "adam_beta1": 0.9, "adam_beta2": 0.999, "adam_epsilon": 1e-8, "max_grad_norm": 1.0, "recipe": None}
 
 
 def build_parser():
@@ -125,6 +128,12 @@ def build_parser():
     o.add_argument("--lr", type=float, help="peak learning rate of AdamW (default 1e-4)")
     o.add_argument("--warmup", type=int, help="linear warm-up steps, then linear decay to 0 (default: 10%% of --steps)")
     o.add_argument("--weight-decay", type=float, help="AdamW weight decay (default 0.01)")
+    o.add_argument("--adam-beta1", type=float, help="AdamW beta1 (default 0.9)")
+    o.add_argument("--adam-beta2", type=float, help="AdamW beta2 (default 0.999)")
+    o.add_argument("--adam-epsilon", type=float, help="AdamW epsilon (default 1e-8)")
+    o.add_argument("--max-grad-norm", type=float, help="clip the gradient norm to this (default 1; 0: no clipping)")
+    o.add_argument("--recipe", help="a paper's published settings for the flags not given: tupe, mcbert or tnf "
+                   "(docs/pretrain.md lists each value and its source)")
     mp = o.add_mutually_exclusive_group()
     mp.add_argument("--fp16", action="store_true", help="fp16 mixed precision (Trainer's; needs a GPU)")
     mp.add_argument("--bf16", action="store_true", help="bf16 mixed precision (Trainer's; default fp32)")
@@ -162,6 +171,7 @@ def _check_args(a):
     _fail_if(a.warmup is not None and a.warmup < 0, f"--warmup must be >= 0, got {a.warmup}")
     _fail_if(a.weight_decay is not None and not a.weight_decay >= 0,
              f"--weight-decay must be >= 0, got {a.weight_decay}")
+    check_optimizer_flags(a)
     _fail_if(a.log_every < 1, f"--log-every must be >= 1, got {a.log_every}")
     _fail_if(a.save_every < 0, f"--save-every must be >= 0, got {a.save_every}")
     _fail_if(a.num_proc is not None and a.num_proc < 1, f"--num-proc must be >= 1, got {a.num_proc}")
@@ -621,7 +631,8 @@ def _train(a, env, log):
     args = TrainingArguments(
         output_dir=out, max_steps=a.steps, per_device_train_batch_size=per_device,
         gradient_accumulation_steps=tr["grad_accum"], learning_rate=tr["lr"], weight_decay=tr["weight_decay"],
-        warmup_steps=warmup, lr_scheduler_type="linear", max_grad_norm=1.0, optim="adamw_torch",
+        warmup_steps=warmup, lr_scheduler_type="linear", max_grad_norm=tr["max_grad_norm"], optim="adamw_torch",
+        adam_beta1=tr["adam_beta1"], adam_beta2=tr["adam_beta2"], adam_epsilon=tr["adam_epsilon"],
         logging_strategy="steps", logging_steps=a.log_every, logging_first_step=False,
         save_strategy="steps" if a.save_every else "no", save_steps=a.save_every or 1,
         save_total_limit=KEEP_CHECKPOINTS, seed=s["seed"], data_seed=s["seed"], fp16=precision == "fp16",
@@ -828,7 +839,9 @@ def _report(out, records, result, start, steps, fill, table):
 
 
 def main(argv=None):
-    return run_command("effbert pretrain", build_parser(), _check_args, train, argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    return run_command("effbert pretrain", build_parser(), checker("pretrain", build_parser, argv, _check_args),
+                       train, argv)
 
 
 if __name__ == "__main__":

@@ -66,6 +66,7 @@ class MultiChoicePretrainingOutput(ModelOutput):
     """A ``transformers`` output (attribute access, ``.to_tuple()``) of MC-BERT's pretraining step."""
 
     loss: Optional[torch.Tensor] = None  # mlm_loss + loss_lambda * mc_loss
+    # the two terms keep their graphs, so a trainer can weight each over a whole step (effbert.training does)
     mlm_loss: Optional[torch.Tensor] = None  # the controller's masked-LM loss (mean over [MASK] positions; 0 if none)
     mc_loss: Optional[torch.Tensor] = None  # the main model's multi-choice cross-entropy (mean over real tokens)
     mc_accuracy: Optional[torch.Tensor] = None  # fraction of real tokens whose highest-scored candidate is the label
@@ -270,7 +271,7 @@ class TupeBertForMultiChoicePretraining(TupeBertForMaskedLM):
             replaced_acc = hit.mean() if hit.numel() else hit.sum()
             choice_acc, choice_chance = _choice_metrics(scores[replaced], candidates[replaced])
         loss = mlm_loss + self.loss_lambda * mc_loss
-        return MultiChoicePretrainingOutput(loss=loss, mlm_loss=mlm_loss.detach(), mc_loss=mc_loss.detach(),
+        return MultiChoicePretrainingOutput(loss=loss, mlm_loss=mlm_loss, mc_loss=mc_loss,
                                             mc_accuracy=accuracy, replaced_fraction=replaced_frac,
                                             mc_replaced_accuracy=replaced_acc, mc_choice_accuracy=choice_acc,
                                             mc_choice_chance=choice_chance, last_hidden_state=packing.pad(hidden))
