@@ -632,3 +632,29 @@ def test_cpu_kernels_use_torchs_thread_count_not_the_hardwares(monkeypatch):
             seen.clear()
     finally:
         torch.set_num_threads(before)
+
+
+def test_decision_kernel_touches_only_its_tensors():
+    """Below the op's checks (the kernel launcher itself), with patience state shorter than the batch (views whose
+    memory goes on with sentinels): a row whose id lies past prev/counter is skipped, nothing is written past
+    any tensor, and continuing rows past next_rows' length are counted, not written."""
+    from effbert.kernels import early_exit as kernels
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    i32 = dict(dtype=torch.int32, device=device)
+    batch, c = 9, 3
+    logits = torch.randn(6, c, device=device)
+    ids = torch.tensor([0, 6, 2, 7, 3, 1], **i32)
+    prev_store = torch.full((batch,), 123.0, device=device)
+    prev_store[:5] = float("nan")
+    counter_store = torch.full((batch,), 77, **i32)
+    counter_store[:5] = 0
+    next_store = torch.full((batch,), -5, **i32)
+    out_logits, out_layer = torch.zeros(batch, c, device=device), torch.zeros(batch, **i32)
+    next_local, count = torch.zeros(batch, **i32), torch.zeros(1, **i32)
+    kernels.exit_decision(logits, ids, prev_store[:5], counter_store[:5], out_logits, out_layer, next_store[:2],
+                          next_local, count, criterion=kernels.PATIENCE, layer=1, threshold=0.0, patience=3,
+                          last=False)
+    assert (prev_store[5:] == 123.0).all() and (counter_store[5:] == 77).all()
+    assert (next_store[2:] == -5).all() and next_store[:2].tolist() == [0, 2]
+    assert int(count) == 4  # ids 6 and 7 are past the state: skipped

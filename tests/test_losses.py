@@ -401,3 +401,18 @@ def test_gradient_regularization_never_synchronises_with_the_host(seeded):
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert did.device.type == "cuda"
+
+
+def test_fused_loss_kernel_reads_only_inside_the_labels():
+    """Below the op's checks (the kernel launcher itself), with fewer labels than samples: a sample past them gets
+    a NaN loss instead of a label read from past the tensor."""
+    from effbert.kernels import early_exit as kernels
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    z = torch.randn(3, 5, 4, device=device)
+    labels = torch.tensor([1, 0, 3, 2, 2], device=device)
+    rows, grad = torch.full((5,), -7.0, device=device), torch.empty(3, 5, 4, device=device)
+    kernels.multi_exit_loss(z, labels[:3], rows, grad, 0.9, 3.0)
+    full = torch.full((5,), -7.0, device=device)
+    kernels.multi_exit_loss(z, labels, full, torch.empty_like(grad), 0.9, 3.0)
+    assert torch.equal(rows[:3], full[:3]) and torch.isnan(rows[3:]).all()

@@ -254,6 +254,207 @@ def test_no_cpp_backend_is_said_clearly():
         effbert.mc_candidate_loss(h, e, b, c, y, backend="cpu")
 
 
+
+# ---- +inf logits: uniform among the +inf entries, on every backend ----
+
+def _inf_logits(rows=4, v=9):
+    logits = torch.randn(rows, v, device=DEV) * 3
+    logits[:, 2] = float("inf")
+    logits[:, 6] = float("inf")
+    logits[1, 4] = 1e30  # a huge finite logit still loses to +inf
+    return logits
+
+
+@pytest.mark.parametrize("backend", ["eager", KERNEL])
+def test_sample_inf_logits_draw_uniformly_among_them(backend, seeded):
+    """Gumbel-max on the limit of the softmax as the +inf logits grow together: each +inf entry scores its noise
+    alone, ahead of every finite one, so the draws are uniform over the +inf entries (eager raised torch's
+    'invalid multinomial distribution'; the kernel drew the first +inf entry every time)."""
+    logits = _inf_logits()
+    draws = effbert.mc_sample(logits, 500, backend=backend)
+    assert ((draws == 2) | (draws == 6)).all()
+    share = float((draws == 2).double().mean())
+    assert abs(share - 0.5) <= 5 * (0.25 / draws.numel()) ** 0.5, share
+    # +inf with NaN: no distribution, -1 as for NaN alone; a single +inf entry is always drawn
+    bad = logits.clone()
+    bad[0, 0] = float("nan")
+    bad[3, 6] = 0.0
+    out = effbert.mc_sample(bad, 50, backend=backend)
+    assert (out[0] == -1).all() and (out[3] == 2).all()
+
+
+@pytest.mark.parametrize("backend", ["eager", KERNEL])
+def test_fused_sample_inf_logits_draw_uniformly_among_them(backend, seeded):
+    hidden, weight = torch.randn(3, 16, device=DEV), torch.randn(9, 16, device=DEV)
+    bias = torch.randn(9, device=DEV)
+    bias[[1, 7]] = float("inf")
+    draws = effbert.mc_sample_fused(hidden, weight, bias, 400, backend=backend)
+    assert ((draws == 1) | (draws == 7)).all()
+    share = float((draws == 1).double().mean())
+    assert abs(share - 0.5) <= 5 * (0.25 / draws.numel()) ** 0.5, share
+
+
+def test_sample_kernel_inf_rows_equal_gumbel_reference(seeded):
+    from effbert.kernels import mc_bert as kernels
+
+    logits = _inf_logits(rows=5, v=300)  # several blocks: a +inf entry in a later block still wins
+    logits[2, 250] = float("inf")
+    logits[4] = torch.randn(300)
+    seed = ops.new_seed(logits.device)
+    out = torch.full((5, 9), -7, dtype=torch.int64, device=DEV)
+    kernels.mc_sample(logits, 9, seed, out)
+    assert torch.equal(out.cpu(), reference.mc_sample_gumbel(logits, 9, int(seed)).cpu())
+    assert set(out[2].tolist()) <= {2, 6, 250}
+
+
+# ---- the registered ops check their own arguments; the kernels read inside their tensors ----
+
+def _run_isolated(code):
+    """Run ``code`` in a fresh interpreter (a crash there is a failed test, not a dead test run)."""
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    return subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_registered_mc_sample_with_an_empty_seed_raises_instead_of_crashing():
+    done = _run_isolated(
+        "import torch, effbert\n"
+        f"dev = {DEV!r}\n"
+        "try:\n"
+        "    torch.ops.effbert.mc_sample(torch.randn(3, 5, device=dev), 2,\n"
+        "                                torch.empty(0, dtype=torch.int64, device=dev), 'triton')\n"
+        "except ValueError as e:\n"
+        "    print('ValueError:', e)\n")
+    assert done.returncode == 0, (done.returncode, done.stderr[-2000:])
+    assert "ValueError: seed must be [1] int64" in done.stdout
+
+
+def test_registered_fused_sample_checks_the_weight_width():
+    h, w, b = torch.randn(4, 64, device=DEV), torch.randn(9, 16, device=DEV), torch.randn(9, device=DEV)
+    with pytest.raises(ValueError, match="weight must be"):
+        torch.ops.effbert.mc_sample_fused(h, w, b, 3, ops.new_seed(h.device), KERNEL)
+    with pytest.raises(ValueError, match="bias must be"):
+        torch.ops.effbert.mc_sample_fused(h[:, :16], w, b[:5], 3, ops.new_seed(h.device), KERNEL)
+
+
+def test_fused_sample_kernel_reads_only_inside_weight_and_bias(seeded):
+    """Called below the op's checks, with a weight narrower than hidden (a view whose row tails hold NaN) and a
+    short bias: the kernel masks each load by its own tensor's extent, as if both were zero-padded."""
+    from effbert.kernels import mc_bert as kernels
+
+    hidden = torch.randn(5, 32, device=DEV)
+    store = torch.full((9, 32), float("nan"), device=DEV)
+    store[:, :16] = torch.randn(9, 16, device=DEV)
+    weight = store[:, :16]  # stride 32: reading past a row's 16 columns meets NaN
+    bias_store = torch.full((9,), float("nan"), device=DEV)
+    bias_store[:7] = torch.randn(7, device=DEV)
+    seed = ops.new_seed(hidden.device)
+    got = kernels.mc_sample_fused(hidden, weight, bias_store[:7], 6, seed,
+                                  torch.full((5, 6), -7, dtype=torch.int64, device=DEV))
+    padded = torch.cat([weight, torch.zeros(9, 16, device=DEV)], 1)
+    want = kernels.mc_sample_fused(hidden, padded, torch.cat([bias_store[:7], torch.zeros(2, device=DEV)]), 6, seed,
+                                   torch.full((5, 6), -7, dtype=torch.int64, device=DEV))
+    assert (got >= 0).all() and torch.equal(got, want)
+
+
+def test_registered_loss_ops_check_hidden_against_the_candidates():
+    h, e, b, c, y = _loss_inputs(50, 7, 8, 3)
+    with pytest.raises(ValueError, match=r"candidates must be \[M, K\] with M = 2"):
+        torch.ops.effbert.mc_candidate_loss(h[:2], e, b, c, y, "mean", True, KERNEL)
+    with pytest.raises(ValueError, match=r"candidates must be \[M, K\] with M = 2"):
+        torch.ops.effbert.mc_candidate_loss_backward(torch.tensor(1.0, device=DEV), h[:2], c,
+                                                     torch.zeros(50, 8, device=DEV),
+                                                     torch.ones(50, 3, device=DEV), 7, "mean", KERNEL)
+
+
+def test_candidate_kernels_read_only_inside_their_tensors(seeded):
+    """Below the ops' checks: the forward with an embedding narrower than hidden (row tails NaN) and fewer
+    candidate and label rows than hidden rows; the scatter with fewer hidden rows than candidates (rows past them
+    NaN). Each load is masked by its own tensor: the narrow embedding reads as zero-padded, rows past the
+    candidates or labels give a NaN loss, entries past hidden add nothing."""
+    from effbert.kernels import mc_bert as kernels
+
+    h, e, b, c, y = _loss_inputs(6, 11, 24, 3)
+    store = torch.full((11, 24), float("nan"), device=DEV)
+    store[:, :16] = e[:, :16]
+    narrow = store[:, :16]
+    loss = torch.full((6,), -7.0, device=DEV)
+    kernels.mc_candidate_forward(h, narrow, b, c[:4], y[:5], loss, None, None)
+    ref = reference.mc_candidate_loss(h[:4], torch.cat([e[:, :16], torch.zeros(11, 8, device=DEV)], 1), b, c[:4],
+                                      y[:4], reduction="none")
+    assert_close(loss[:4], ref)
+    assert torch.isnan(loss[4:]).all()
+
+    h_store = torch.full((6, 24), float("nan"), device=DEV)
+    h_store[:2] = h[:2]
+    dscore = torch.randn(6, 3, device=DEV)
+    grads = []
+    for hid in (h_store[:2], torch.cat([h[:2], torch.zeros(4, 24, device=DEV)])):
+        d_emb, d_bias = torch.zeros(11, 24, device=DEV), torch.zeros(11, device=DEV)
+        kernels.mc_candidate_scatter(hid, dscore, ops.scatter_plan(c, 24, kernels.SCATTER_CHUNK), d_emb, d_bias)
+        grads.append(d_emb)
+    assert torch.isfinite(grads[0]).all() and torch.equal(grads[0], grads[1])
+
+
+# ---- padding_idx: [PAD] drawn as a candidate gets no embedding gradient (MC-BERT's published lookup) ----
+
+@pytest.mark.parametrize("backend", ["eager", KERNEL])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_loss_padding_idx_gives_the_pad_row_no_gradient(backend, reduction, seeded):
+    pad = 3
+    h, e, b, c, y = _loss_inputs(9, 13, 8, 4)
+    c[::2, 1] = pad
+    c[1, :] = pad  # a row of [PAD] only
+    leaves = [t.clone().requires_grad_() for t in (h, e, b)]
+    out = effbert.mc_candidate_loss(*leaves, c, y, reduction=reduction, padding_idx=pad, backend=backend)
+    ref_leaves = [t.double().requires_grad_() for t in (h, e, b)]
+    ref = reference.mc_candidate_loss(*ref_leaves, c, y, reduction=reduction)  # every row gets its gradient
+    assert_close(out, ref, what="loss (the pad row's score still counts)")
+    w = torch.randn(out.shape, device=DEV)
+    (out * w).sum().backward()
+    (ref * w.double()).sum().backward()
+    d_h, d_e, d_b = (t.grad for t in leaves)
+    assert (d_e[pad] == 0).all() and (ref_leaves[1].grad[pad] != 0).any()
+    keep = torch.arange(13, device=DEV) != pad
+    assert_close(d_e[keep], ref_leaves[1].grad[keep], what="d embedding off the pad row")
+    assert_close(d_h, ref_leaves[0].grad, what="d hidden")
+    assert_close(d_b, ref_leaves[2].grad, what="d bias (the pad entry keeps its gradient)")
+    assert d_b[pad] != 0
+    # the reference with padding_idx is nn.Embedding's: the same zero row
+    ref_pad = [t.double().requires_grad_() for t in (h, e, b)]
+    (reference.mc_candidate_loss(*ref_pad, c, y, reduction=reduction, padding_idx=pad) * w.double()).sum().backward()
+    assert (ref_pad[1].grad[pad] == 0).all()
+    assert_close(d_e, ref_pad[1].grad, what="d embedding against the padding_idx reference")
+
+
+def test_loss_padding_idx_bad_values():
+    h, e, b, c, y = _loss_inputs(3, 7, 4, 3)
+    for bad in (7, -1, 1.0, True):
+        with pytest.raises(ValueError, match=r"padding_idx must be None or a token id in \[0, 7\)"):
+            effbert.mc_candidate_loss(h, e, b, c, y, padding_idx=bad, backend="eager")
+
+
+def test_model_passes_its_pad_token_id(monkeypatch):
+    from effbert.models import mc_bert as model_module
+
+    seen = []
+    real = model_module.mc_candidate_loss
+
+    def spy(*args, **kw):
+        seen.append(kw.get("padding_idx"))
+        return real(*args, **kw)
+
+    monkeypatch.setattr(model_module, "mc_candidate_loss", spy)
+    model = _tiny_model()
+    ids, att, labels = _masked_batch()
+    model(ids, att, labels=labels)
+    assert seen == [model.config.pad_token_id] == [0]
+
+
 # ---- registration and compilation ----
 
 def test_opcheck(seeded):

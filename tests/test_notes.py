@@ -660,3 +660,24 @@ def test_degenerate_sizes_agree_on_every_backend(backend, device):
     effbert.note_update_(empty, counts, x, spans[:0], window=1, gamma=0.1, backend=backend)
     with pytest.raises(ValueError, match=r"spans row 0 = \(0, 0, 1, 1\): slot 1 out of range \[0, 0\)"):
         effbert.note_update_(empty, counts, x, spans[:1], window=1, gamma=0.1, backend=backend)
+
+
+def test_mix_kernel_reads_only_inside_notes_and_slots(seeded):
+    """Below the op's checks (the kernel launcher itself), with notes narrower than x (their storage going on with
+    NaN) and fewer slots than tokens: each load is masked by its own tensor's extent (a column past the notes
+    mixes in 0, a token past the slots keeps x)."""
+    from effbert.kernels import notes as kernels
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    x = torch.randn(7, 16, device=device)
+    store = torch.full((3 * 16,), float("nan"), device=device)
+    store[:24] = torch.randn(24, device=device)
+    notes = store[:24].view(3, 8)  # contiguous, as the kernel takes them; its storage goes on with NaN
+    slots = torch.tensor([0, -1, 2, 1, 0, 2, 1], device=device)
+    out = torch.full_like(x, float("nan"))
+    kernels.note_mix(x, notes, slots[:5], 0.25, out)
+    padded = torch.cat([notes, torch.zeros(3, 8, device=device)], 1)
+    want = reference.note_mix(x[None, :5], padded, slots[None, :5], 0.25)[0]
+    assert torch.isfinite(out).all()
+    assert_close(out[:5], want)
+    assert torch.equal(out[5:], x[5:])

@@ -97,6 +97,33 @@ def test_forward_and_every_gradient(backend, n, rel, cls, seeded):
             assert_close(t.grad, args64[name].grad, rtol=FP32_RTOL * 4, what=f"d {name}")
 
 
+@pytest.mark.parametrize("backend", ["eager", "cpu", "triton"])
+@pytest.mark.parametrize("rel,cls", [(True, True), (False, False), (False, True)])
+def test_zero_positions_give_an_empty_bias(backend, rel, cls):
+    """N = 0: an empty [H, 0, 0] on every backend (the eager path raised IndexError with [CLS] untying), and zero
+    gradients for every float input."""
+    args = {k: (v.float().requires_grad_() if v.is_floating_point() else v)
+            for k, v in make_inputs(0, 3, 8, rel=rel, cls=cls).items()}
+    out = effbert.tupe_position_bias(**args, scale=0.5, backend=backend)
+    assert out.shape == (3, 0, 0) and out.dtype == torch.float32
+    (out.sum() + sum(t.sum() * 0 for t in args.values() if t.is_floating_point())).backward()
+    for name, t in args.items():
+        if t.is_floating_point():
+            assert t.grad is not None and t.grad.shape == t.shape and (t.grad == 0).all(), name
+
+
+def test_triton_takes_at_most_64_buckets():
+    """The Triton backward sums the relative buckets in a 64-wide register array: a bigger table is refused by
+    name (auto takes the eager path), where it used to give a wrong gradient for buckets 64 and up."""
+    a = make_inputs(5, 2, 8, rel=True, cls=False, dtype=torch.float32, num_buckets=100)
+    a["rel_buckets"] = a["rel_buckets"] % 25 + 60  # buckets 60..84: past the kernel's 64
+    with pytest.raises(BackendNotSupportedError, match="at most 64 relative buckets"):
+        effbert.tupe_position_bias(**a, scale=1.0, backend="triton")
+    with pytest.raises(ValueError, match="num_buckets must be an int in"):
+        torch.ops.effbert.tupe_position_bias_backward(torch.zeros(2, 5, 5, device=DEVICE), a["pos_q"], a["pos_k"],
+                                                      a["rel_buckets"], 100, False, 1.0)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16] + ([torch.bfloat16] if ON_GPU else []))
 def test_low_precision_within_twice_eager(dtype):
     args64 = make_inputs(64, 2, 32, rel=True, cls=True)
@@ -179,3 +206,25 @@ def test_gpu_bert_size_bf16_with_every_term():
     low = {k: (v.to(torch.bfloat16) if v.is_floating_point() else v) for k, v in args64.items()}
     eager = reference.tupe_position_bias(**low, scale=0.125)
     assert_close(effbert.tupe_position_bias(**low, scale=0.125, backend="triton"), ref, lowp_eager=eager)
+
+
+def test_forward_kernel_reads_only_inside_each_input(seeded):
+    """Below the op's checks (the kernel launcher itself), with pos_k holding fewer positions than pos_q (its rows
+    past them NaN in memory) and cls_row/cls_col holding fewer heads: each load is masked by its own tensor's
+    extents, as if those were zero-padded."""
+    from effbert.kernels import position_bias as kernels
+
+    n, h, dh = 6, 2, 16
+    pos_q = torch.randn(n, h, dh, device=DEVICE)
+    store = torch.full((n, h, dh), float("nan"), device=DEVICE)
+    store[:4] = torch.randn(4, h, dh, device=DEVICE)
+    cls_store = torch.tensor([0.5, float("nan")], device=DEVICE)
+    rel = torch.randn(32, h, device=DEVICE)
+    buckets = effbert.t5_relative_buckets(n, device=DEVICE)
+    got = torch.full((h, n, n), float("nan"), device=DEVICE)
+    kernels.position_bias_forward(pos_q, store[:4], rel, buckets, cls_store[:1], cls_store[:1], got, 0.3)
+    padded = torch.cat([store[:4], torch.zeros(2, h, dh, device=DEVICE)])
+    cls = torch.tensor([0.5, 0.0], device=DEVICE)
+    want = reference.tupe_position_bias(pos_q, padded, scale=0.3, rel_table=rel, rel_buckets=buckets, cls_row=cls,
+                                        cls_col=cls)
+    assert_close(got, want)

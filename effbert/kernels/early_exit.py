@@ -1,5 +1,9 @@
 """Early-exit kernels: the entropy of each row's softmax (DeeBERT / RomeBERT exit criterion) and the fused
-per-layer exit decision of batched early exit."""
+per-layer exit decision of batched early exit.
+
+Every load and store is masked by the extent of the tensor it touches, passed by the launchers from that tensor's
+own shape (the row ids', the per-sample state's, the outputs', the labels' lengths), never by another tensor's: a
+caller that skips the ops' checks gets wrong numbers, not accesses outside a buffer."""
 
 import triton
 import triton.language as tl
@@ -113,7 +117,7 @@ ENTROPY, MAX_PROB, PATIENCE, PATIENCE_REGRESSION = 0, 1, 2, 3
 @triton.jit
 def exit_decision_kernel(
     x_ptr, ids_ptr, prev_ptr, counter_ptr, out_logits_ptr, out_layer_ptr, next_rows_ptr, next_local_ptr, count_ptr,
-    rows, cols, batch, stride_x, stride_out, layer, threshold, patience,
+    rows, cols, batch, stride_x, stride_out, layer, threshold, patience, out_cols, next_len,
     CRITERION: tl.constexpr,
     LAST: tl.constexpr,
     BLOCK_R: tl.constexpr,
@@ -121,8 +125,14 @@ def exit_decision_kernel(
 ):
     """A single program walks the active rows in tiles of BLOCK_R, in order: per row the criterion (and the patience
     state at its batch id), exiting rows' logits and layer written at their ids, and a running scan of the keep flags
-    that packs continuing rows (batch ids and local positions) into next_rows / next_local in batch order."""
+    that packs continuing rows (batch ids and local positions) into next_rows / next_local in batch order.
+
+    rows: the fewest rows of x and ids (the launcher's minimum); x: cols columns; batch: the fewest rows of prev,
+    counter, out_logits and out_layer (an id at or past it is skipped); out_logits: out_cols columns (an exiting
+    row's logits past them are not copied); next_rows and next_local: at least next_len entries each (continuing
+    rows past them are counted, not written)."""
     kept = tl.program_id(0) * 0  # int32 running count of continuing rows
+    store_cols = tl.minimum(cols, out_cols)
     for r0 in range(0, rows, BLOCK_R):
         offs_r = r0 + tl.arange(0, BLOCK_R)
         row_ok = offs_r < rows
@@ -187,14 +197,14 @@ def exit_decision_kernel(
         out_base = out_logits_ptr + ids.to(tl.int64)[:, None] * stride_out
         for c0 in range(0, cols, BLOCK_C):
             offs_c = c0 + tl.arange(0, BLOCK_C)
-            mask = exits[:, None] & (offs_c < cols)[None, :]
+            mask = exits[:, None] & (offs_c < store_cols)[None, :]
             z = tl.load(row_base + offs_c[None, :], mask=mask)
             tl.store(out_base + offs_c[None, :], z, mask=mask)
         tl.store(out_layer_ptr + ids, tl.zeros([BLOCK_R], tl.int32) + layer, mask=exits)
         keep = row_ok & ~exits
         slot = kept + tl.cumsum(keep.to(tl.int32), axis=0) - 1
-        tl.store(next_rows_ptr + slot, ids, mask=keep)
-        tl.store(next_local_ptr + slot, offs_r, mask=keep)
+        tl.store(next_rows_ptr + slot, ids, mask=keep & (slot < next_len))
+        tl.store(next_local_ptr + slot, offs_r, mask=keep & (slot < next_len))
         kept += tl.sum(keep.to(tl.int32), axis=0)
     tl.store(count_ptr, kept)
 
@@ -214,9 +224,11 @@ def exit_decision(x, ids, prev, counter, out_logits, out_layer, next_rows, next_
     """Launch over the active rows ``x [R, C]`` (unit column stride); everything else as the op documents."""
     rows, cols = x.shape
     cfg = exit_decision_config(cols)
+    batch = min(prev.shape[0], counter.shape[0], out_logits.shape[0], out_layer.shape[0])
     exit_decision_kernel[(1,)](
         x, ids, prev, counter, out_logits, out_layer, next_rows, next_local, count,
-        rows, cols, out_layer.shape[0], x.stride(0), out_logits.stride(0), layer, threshold, patience,
+        min(rows, ids.shape[0]), cols, batch, x.stride(0), out_logits.stride(0), layer, threshold, patience,
+        out_logits.shape[1], min(next_rows.shape[0], next_local.shape[0]),
         CRITERION=criterion, LAST=bool(last), BLOCK_R=cfg["BLOCK_R"], BLOCK_C=cfg["BLOCK_C"],
         num_warps=cfg["num_warps"],
     )
@@ -231,7 +243,7 @@ COMPILE_SPECS += [
             "x_ptr": ptr, "ids_ptr": "*i32", "prev_ptr": "*fp32", "counter_ptr": "*i32", "out_logits_ptr": ptr,
             "out_layer_ptr": "*i32", "next_rows_ptr": "*i32", "next_local_ptr": "*i32", "count_ptr": "*i32",
             "rows": "i32", "cols": "i32", "batch": "i32", "stride_x": "i32", "stride_out": "i32", "layer": "i32",
-            "threshold": "fp32", "patience": "i32",
+            "threshold": "fp32", "patience": "i32", "out_cols": "i32", "next_len": "i32",
         },
         "constexprs": {"CRITERION": crit, "LAST": last, "BLOCK_R": cfg["BLOCK_R"], "BLOCK_C": cfg["BLOCK_C"]},
         "num_warps": cfg["num_warps"],
@@ -254,7 +266,7 @@ COMPILE_SPECS += [
 @triton.jit
 def multi_exit_loss_kernel(
     z_ptr, labels_ptr, loss_ptr, grad_ptr,
-    n_layers, batch, cols, stride_l, stride_b, gamma, temperature,
+    n_layers, batch, cols, stride_l, stride_b, gamma, temperature, n_labels,
     BLOCK_C: tl.constexpr,
 ):
     """One program per sample: the teacher's softened distribution once, then for every exit its cross-entropy,
@@ -263,11 +275,12 @@ def multi_exit_loss_kernel(
     loss[b] = CE_L + sum_{i<L} (1 - gamma) CE_i + (gamma / C) T^2 KL(p_T || q_i);  grad[i, b] = w_i (softmax(z_i) -
     onehot) + (gamma / C) T (q_i - p_T) for i < L (the teacher is detached), with p_T = softmax(z_L / T),
     q_i = softmax(z_i / T). The 1/C makes the caller's batch mean KLDivLoss's mean over B * C (RomeBERT's KDLoss).
+    A sample past the labels' n_labels, or a label outside [0, C), gets a NaN loss (the wrappers reject both).
     """
     b = tl.program_id(0)
     offs = tl.arange(0, BLOCK_C)
     cmask = offs < cols
-    y = tl.load(labels_ptr + b).to(tl.int32)
+    y = tl.load(labels_ptr + b, mask=b < n_labels, other=-1).to(tl.int32)
     onehot = (offs == y).to(tl.float32)
     inv_t = 1.0 / temperature
     b64 = b.to(tl.int64)
@@ -302,7 +315,7 @@ def multi_exit_loss_kernel(
         total += w_ce * ce + w_kd * temperature * temperature * kl
         g = w_ce * (p - onehot) + w_kd * temperature * (q - pt)
         tl.store(grad_ptr + (l * batch64 + b64) * cols + offs, g, mask=cmask)
-    tl.store(loss_ptr + b, total)
+    tl.store(loss_ptr + b, tl.where((y >= 0) & (y < cols), total, float("nan")))
 
 
 MULTI_EXIT_LOSS_MAX_C = 8192  # one row in registers; off-ramps are a handful of classes
@@ -322,7 +335,7 @@ def multi_exit_loss(z, labels, loss_rows, grad, gamma, temperature):
     cfg = multi_exit_loss_config(cols)
     multi_exit_loss_kernel[(batch,)](
         z, labels, loss_rows, grad, depth, batch, cols, z.stride(0), z.stride(1), float(gamma), float(temperature),
-        BLOCK_C=cfg["BLOCK_C"], num_warps=cfg["num_warps"],
+        labels.shape[0], BLOCK_C=cfg["BLOCK_C"], num_warps=cfg["num_warps"],
     )
     return loss_rows, grad
 
@@ -333,7 +346,7 @@ COMPILE_SPECS += [
         "fn": multi_exit_loss_kernel,
         "signature": {"z_ptr": ptr, "labels_ptr": "*i64", "loss_ptr": "*fp32", "grad_ptr": "*fp32", "n_layers": "i32",
                       "batch": "i32", "cols": "i32", "stride_l": "i32", "stride_b": "i32", "gamma": "fp32",
-                      "temperature": "fp32"},
+                      "temperature": "fp32", "n_labels": "i32"},
         "constexprs": {"BLOCK_C": cfg["BLOCK_C"]},
         "num_warps": cfg["num_warps"],
         "divisible": ("z_ptr", "grad_ptr"),

@@ -17,6 +17,15 @@
   its row, a long segment's pieces are added up in order by one more program. One writer per row, a fixed order:
   bitwise reproducible (the approach of the TNF note fold in ``notes.py``), and the reject option, which every row
   names, is summed by M / CHUNK programs at once instead of one.
+
+A row holding +inf (and no NaN) draws uniformly among its +inf entries: from the first block holding one, the
+finite entries drop out and each +inf entry scores its Gumbel noise alone, which is Gumbel-max on the limit of the
+softmax as those logits grow together.
+
+Every load is masked by the extent of the tensor it reads, passed by the launcher from that tensor's own shape
+(``weight``'s width, ``bias``' length, ``candidates``' and ``hidden``'s rows, ...), never by another tensor's: a
+caller that skips the ops' checks gets wrong numbers, not reads outside a buffer. The one unmasked load is the
+seed's single element, which the registered ops check is there.
 """
 
 import triton
@@ -58,7 +67,7 @@ def mc_sample_kernel(
     BLOCK_V: tl.constexpr,
 ):
     """out[m, k] = argmax_v(logits[m, v] + gumbel(philox(seed, v, m, k // 4, 0)[k % 4])); -1 for a row holding NaN
-    or no logit above -inf."""
+    or no logit above -inf; among the +inf entries only (by their noise) for a row holding +inf."""
     m = tl.program_id(0)
     seed = tl.load(seed_ptr)
     offs_g = tl.arange(0, KG)
@@ -73,6 +82,7 @@ def mc_sample_kernel(
     i2 = tl.full([KG], -1, tl.int32)
     i3 = tl.full([KG], -1, tl.int32)
     nan_seen = tl.zeros([BLOCK_V], tl.int32)
+    inf_seen = m * 0  # a +inf logit has been seen: from then on only +inf entries can win
     c1 = tl.full([KG, BLOCK_V], 0, tl.int32) + m
     c2 = tl.broadcast_to(offs_g[:, None], [KG, BLOCK_V])
     c3 = tl.zeros([KG, BLOCK_V], tl.int32)
@@ -82,6 +92,17 @@ def mc_sample_kernel(
         x = tl.load(row + offs_v, mask=ok, other=neg).to(tl.float32)
         nan_seen |= (x != x).to(tl.int32)
         x = tl.where(x != x, neg, x)
+        # +inf: from the first block holding one, only the +inf entries count, each scoring its noise alone (the
+        # finite bests so far are dropped once)
+        pinf = x == float("inf")
+        blk_inf = tl.max(pinf.to(tl.int32), axis=0)
+        fresh = blk_inf > inf_seen
+        b0 = tl.where(fresh, neg, b0)
+        b1 = tl.where(fresh, neg, b1)
+        b2 = tl.where(fresh, neg, b2)
+        b3 = tl.where(fresh, neg, b3)
+        inf_seen = tl.maximum(inf_seen, blk_inf)
+        x = tl.where(pinf, 0.0, tl.where(inf_seen > 0, neg, x))
         c0 = tl.broadcast_to(offs_v[None, :], [KG, BLOCK_V])
         r0, r1, r2, r3 = tl.philox(seed, c0, c1, c2, c3)
         b0, i0 = _update_best(b0, i0, x[None, :] + _gumbel(r0), offs_v)
@@ -107,7 +128,7 @@ def mc_sample_kernel(
         tl.store(out_row + k, idx, mask=k < K)
 
 
-@triton.jit(do_not_specialize=["rows", "vocab"])
+@triton.jit(do_not_specialize=["rows", "vocab", "bias_len"])
 def mc_sample_fused_kernel(
     hidden_ptr,
     weight_ptr,
@@ -117,6 +138,8 @@ def mc_sample_fused_kernel(
     rows,
     vocab,
     dim,
+    w_dim,
+    bias_len,
     stride_h,
     stride_w,
     K: tl.constexpr,
@@ -126,7 +149,9 @@ def mc_sample_fused_kernel(
     BLOCK_D: tl.constexpr,
 ):
     """mc_sample_kernel's draws from logits = hidden @ weight.T + bias, computed a [BLOCK_M, BLOCK_V] tile at a time
-    and never stored: the same Philox counters (token, row, k // 4, 0), so the same ids as sampling the logits."""
+    and never stored: the same Philox counters (token, row, k // 4, 0), so the same ids as sampling the logits.
+    ``dim``/``w_dim``: hidden's and weight's widths, ``bias_len``: bias' length (each load masked by its own; the op
+    makes them agree)."""
     pid = tl.program_id(0)
     seed = tl.load(seed_ptr)
     offs_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -136,6 +161,7 @@ def mc_sample_fused_kernel(
     neg = float("-inf")
     best = tl.full([BLOCK_M, KP], neg, tl.float32)
     best_idx = tl.full([BLOCK_M, KP], -1, tl.int32)
+    inf_seen = tl.zeros([BLOCK_M], tl.int32)  # a row has met a +inf logit: from then on only those count
     nan_seen = tl.zeros([BLOCK_M], tl.int32)
     h_rows = hidden_ptr + offs_m.to(tl.int64)[:, None] * stride_h
     c1 = tl.broadcast_to(offs_m[:, None], [BLOCK_M, BLOCK_V])
@@ -149,11 +175,18 @@ def mc_sample_fused_kernel(
             offs_d = d0 + offs_d0
             d_ok = offs_d < dim
             h = tl.load(h_rows + offs_d[None, :], mask=m_ok[:, None] & d_ok[None, :], other=0.0)
-            w = tl.load(w_cols + offs_d[:, None], mask=d_ok[:, None] & v_ok[None, :], other=0.0)
+            w = tl.load(w_cols + offs_d[:, None], mask=(offs_d < w_dim)[:, None] & v_ok[None, :], other=0.0)
             acc = tl.dot(h, w, acc)
-        x = acc + tl.load(bias_ptr + offs_v, mask=v_ok, other=0.0).to(tl.float32)[None, :]
+        x = acc + tl.load(bias_ptr + offs_v, mask=v_ok & (offs_v < bias_len), other=0.0).to(tl.float32)[None, :]
         nan_seen |= tl.max((x != x).to(tl.int32), axis=1)
         x = tl.where(v_ok[None, :] & (x == x), x, neg)
+        # +inf, as in mc_sample_kernel: a row's first block holding one drops its finite bests, and from then on
+        # only its +inf entries count, each scoring its noise alone
+        is_inf = x == float("inf")
+        blk_inf = tl.max(is_inf.to(tl.int32), axis=1)
+        best = tl.where((blk_inf > inf_seen)[:, None], neg, best)
+        inf_seen = tl.maximum(inf_seen, blk_inf)
+        x = tl.where(is_inf, 0.0, tl.where(inf_seen[:, None] > 0, neg, x))
         c0 = tl.broadcast_to(offs_v[None, :], [BLOCK_M, BLOCK_V])
         for g in range(0, (K + 3) // 4):  # a loop, not unrolled: one Philox block live at a time
             r0, r1, r2, r3 = tl.philox(seed, c0, c1, c3 + g, c3)
@@ -178,7 +211,7 @@ def mc_sample_fused_kernel(
              mask=m_ok[:, None] & (offs_k[None, :] < K))
 
 
-@triton.jit(do_not_specialize=["rows", "vocab"])
+@triton.jit(do_not_specialize=["rows", "vocab", "bias_len", "cand_rows", "label_len"])
 def mc_candidate_fwd_kernel(
     hidden_ptr,
     emb_ptr,
@@ -191,6 +224,10 @@ def mc_candidate_fwd_kernel(
     rows,
     vocab,
     dim,
+    e_dim,
+    bias_len,
+    cand_rows,
+    label_len,
     stride_h,
     stride_e,
     K: tl.constexpr,
@@ -200,13 +237,17 @@ def mc_candidate_fwd_kernel(
     NEED_GRAD: tl.constexpr,
 ):
     """loss[m] = logsumexp_k(s) - s[label], s[k] = <h[m], E[c[m, k]]> + bias[c[m, k]]; with NEED_GRAD also
-    dscore[m, k] = softmax(s)[k] - [k == label] and dh[m] = sum_k dscore[m, k] E[c[m, k]]. An id outside
-    [0, vocab) is never read: it scores NaN (the wrapper rejects such ids first)."""
+    dscore[m, k] = softmax(s)[k] - [k == label] and dh[m] = sum_k dscore[m, k] E[c[m, k]]. ``rows``/``dim``:
+    hidden's shape, ``vocab``/``e_dim``: embedding's, ``bias_len``, ``cand_rows``, ``label_len``: the others'
+    extents; every load is masked by its own tensor's. An id outside [0, vocab) (or past bias) is never read: it
+    scores NaN; a row past candidates or labels, or a label outside [0, K), gives a NaN loss (the wrappers reject
+    all of these first)."""
     m = tl.program_id(0)
     offs_k = tl.arange(0, KP)
     k_ok = offs_k < K
-    cand = tl.load(cand_ptr + m.to(tl.int64) * K + offs_k, mask=k_ok, other=0)
-    c_ok = (cand >= 0) & (cand < vocab)
+    row_ok = m < cand_rows
+    cand = tl.load(cand_ptr + m.to(tl.int64) * K + offs_k, mask=k_ok & row_ok, other=-1)
+    c_ok = (cand >= 0) & (cand < vocab) & (cand < bias_len)
     ld = k_ok & c_ok
     e_rows = emb_ptr + cand.to(tl.int64) * stride_e
     h_row = hidden_ptr + m.to(tl.int64) * stride_h
@@ -214,7 +255,7 @@ def mc_candidate_fwd_kernel(
     if ONE_BLOCK:
         d_ok = offs_d0 < dim
         h = tl.load(h_row + offs_d0, mask=d_ok, other=0.0).to(tl.float32)
-        e = tl.load(e_rows[:, None] + offs_d0[None, :], mask=ld[:, None] & d_ok[None, :], other=0.0)
+        e = tl.load(e_rows[:, None] + offs_d0[None, :], mask=ld[:, None] & (offs_d0 < e_dim)[None, :], other=0.0)
         e = e.to(tl.float32)
         s = tl.sum(e * h[None, :], axis=1)
     else:
@@ -223,18 +264,19 @@ def mc_candidate_fwd_kernel(
             offs_d = d0 + offs_d0
             d_ok = offs_d < dim
             h = tl.load(h_row + offs_d, mask=d_ok, other=0.0).to(tl.float32)
-            e = tl.load(e_rows[:, None] + offs_d[None, :], mask=ld[:, None] & d_ok[None, :], other=0.0)
+            e = tl.load(e_rows[:, None] + offs_d[None, :], mask=ld[:, None] & (offs_d < e_dim)[None, :], other=0.0)
             s += tl.sum(e.to(tl.float32) * h[None, :], axis=1)
     s += tl.load(bias_ptr + cand, mask=ld, other=0.0).to(tl.float32)
     s = tl.where(c_ok, s, float("nan"))
     s = tl.where(k_ok, s, float("-inf"))
-    label = tl.load(labels_ptr + m)
+    label = tl.load(labels_ptr + m, mask=m < label_len, other=-1)
     mx = tl.max(s, axis=0)
     p = tl.exp(s - mx)
     denom = tl.sum(p, axis=0)
     lse = mx + tl.log(denom)
     s_label = tl.sum(tl.where(offs_k == label, s, 0.0), axis=0)
-    tl.store(loss_ptr + m, lse - s_label)
+    label_ok = (label >= 0) & (label < K)
+    tl.store(loss_ptr + m, tl.where(label_ok, lse - s_label, float("nan")))
     if NEED_GRAD:
         g = p / denom - (offs_k == label).to(tl.float32)
         g = tl.where(k_ok, g, 0.0)
@@ -247,12 +289,13 @@ def mc_candidate_fwd_kernel(
             for d0 in range(0, dim, BLOCK_D):
                 offs_d = d0 + offs_d0
                 d_ok = offs_d < dim
-                e = tl.load(e_rows[:, None] + offs_d[None, :], mask=ld[:, None] & d_ok[None, :], other=0.0)
+                e = tl.load(e_rows[:, None] + offs_d[None, :], mask=ld[:, None] & (offs_d < e_dim)[None, :],
+                            other=0.0)
                 dh = tl.sum(g[:, None] * e.to(tl.float32), axis=0)
                 tl.store(dh_row + offs_d, dh.to(dh_ptr.dtype.element_ty), mask=d_ok)
 
 
-@triton.jit(do_not_specialize=["entries", "vocab"])
+@triton.jit(do_not_specialize=["entries", "vocab", "h_rows", "n_dscore", "parts"])
 def mc_candidate_scatter_kernel(
     hidden_ptr,
     dscore_ptr,
@@ -268,6 +311,9 @@ def mc_candidate_scatter_kernel(
     entries,
     vocab,
     dim,
+    h_rows,
+    n_dscore,
+    parts,
     stride_h,
     K: tl.constexpr,
     CHUNK: tl.constexpr,
@@ -277,11 +323,13 @@ def mc_candidate_scatter_kernel(
     works only when sorted entry i starts a piece (its offset in the segment is a multiple of CHUNK). A segment of one
     piece writes dE[v] and dbias[v] itself; a longer one parks its pieces' sums in part[piece_id[i]], and
     ``mc_candidate_fold_kernel`` adds them up in order. One writer per row, a fixed order: no atomics, bitwise
-    reproducible, and a token that every row names (the reject option) costs CHUNK-long serial sums, not M-long."""
+    reproducible, and a token that every row names (the reject option) costs CHUNK-long serial sums, not M-long.
+    ``entries``: the plan's length; ``h_rows``, ``n_dscore``, ``parts``: hidden's rows, dscore's elements and the
+    partial-sum buffers' rows, each load and store masked by its own (an entry past hidden or dscore adds 0)."""
     i = tl.program_id(0)
     pid_d = tl.program_id(1)
     first = tl.load(seg_first_ptr + i)
-    seg_end = tl.load(seg_end_ptr + i)
+    seg_end = tl.minimum(tl.load(seg_end_ptr + i), entries)
     tok = tl.load(sorted_ptr + i)
     ok = ((i - first) % CHUNK == 0) & (tok >= 0) & (tok < vocab)
     n = tl.where(ok, tl.minimum(seg_end - i, CHUNK), 0).to(tl.int32)
@@ -291,21 +339,23 @@ def mc_candidate_scatter_kernel(
     acc_b = tl.zeros([1], tl.float32)
     for j in range(0, n):
         e = tl.load(order_ptr + i + j)
-        g = tl.load(dscore_ptr + e)
-        h = tl.load(hidden_ptr + (e // K) * stride_h + offs_d, mask=d_ok, other=0.0).to(tl.float32)
+        e_ok = (e >= 0) & (e < n_dscore) & (e // K < h_rows)
+        g = tl.load(dscore_ptr + e, mask=e_ok, other=0.0)
+        h = tl.load(hidden_ptr + (e // K) * stride_h + offs_d, mask=d_ok & e_ok, other=0.0).to(tl.float32)
         acc += g * h
         acc_b += g
     single = (seg_end - first) <= CHUNK
     tok64 = tok.to(tl.int64)
     piece = tl.load(piece_id_ptr + i).to(tl.int64)
+    piece_ok = (piece >= 0) & (piece < parts)
     one = tl.arange(0, 1)
     tl.store(demb_ptr + tok64 * dim + offs_d, acc.to(demb_ptr.dtype.element_ty), mask=d_ok & (n > 0) & single)
     tl.store(dbias_ptr + tok64 + one, acc_b, mask=(n > 0) & single & (pid_d == 0))
-    tl.store(part_ptr + piece * dim + offs_d, acc, mask=d_ok & (n > 0) & ~single)
-    tl.store(part_bias_ptr + piece + one, acc_b, mask=(n > 0) & ~single & (pid_d == 0))
+    tl.store(part_ptr + piece * dim + offs_d, acc, mask=d_ok & (n > 0) & ~single & piece_ok)
+    tl.store(part_bias_ptr + piece + one, acc_b, mask=(n > 0) & ~single & (pid_d == 0) & piece_ok)
 
 
-@triton.jit(do_not_specialize=["entries", "vocab"])
+@triton.jit(do_not_specialize=["entries", "vocab", "parts"])
 def mc_candidate_fold_kernel(
     sorted_ptr,
     seg_first_ptr,
@@ -318,10 +368,12 @@ def mc_candidate_fold_kernel(
     entries,
     vocab,
     dim,
+    parts,
     CHUNK: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    """dE[v] = the sum, in order, of the pieces of a segment longer than CHUNK (program at its first entry)."""
+    """dE[v] = the sum, in order, of the pieces of a segment longer than CHUNK (program at its first entry);
+    ``parts``: the partial-sum buffers' rows (a piece past them adds 0)."""
     i = tl.program_id(0)
     pid_d = tl.program_id(1)
     first = tl.load(seg_first_ptr + i)
@@ -336,8 +388,9 @@ def mc_candidate_fold_kernel(
     acc = tl.zeros([BLOCK_D], tl.float32)
     acc_b = tl.zeros([1], tl.float32)
     for p in range(0, pieces):
-        acc += tl.load(part_ptr + (p0 + p) * dim + offs_d, mask=d_ok, other=0.0)
-        acc_b += tl.load(part_bias_ptr + p0 + p + one)
+        p_ok = (p0 + p >= 0) & (p0 + p < parts)
+        acc += tl.load(part_ptr + (p0 + p) * dim + offs_d, mask=d_ok & p_ok, other=0.0)
+        acc_b += tl.load(part_bias_ptr + p0 + p + one, mask=p_ok, other=0.0)
     tok64 = tok.to(tl.int64)
     tl.store(demb_ptr + tok64 * dim + offs_d, acc.to(demb_ptr.dtype.element_ty), mask=d_ok & (pieces > 0))
     tl.store(dbias_ptr + tok64 + one, acc_b, mask=(pieces > 0) & (pid_d == 0))
@@ -391,7 +444,8 @@ def mc_sample_fused(hidden, weight, bias, num_samples, seed, out):
         return out
     cfg = sample_fused_config(dim)
     mc_sample_fused_kernel[(triton.cdiv(rows, cfg["BLOCK_M"]),)](
-        hidden, weight, bias, seed, out, rows, weight.shape[0], dim, hidden.stride(0), weight.stride(0),
+        hidden, weight, bias, seed, out, rows, weight.shape[0], dim, weight.shape[1], bias.shape[0],
+        hidden.stride(0), weight.stride(0),
         K=num_samples, KP=_pow2(4 * ((num_samples + 3) // 4)), BLOCK_M=cfg["BLOCK_M"], BLOCK_V=cfg["BLOCK_V"],
         BLOCK_D=cfg["BLOCK_D"], num_warps=cfg["num_warps"])
     return out
@@ -408,7 +462,8 @@ def mc_candidate_forward(hidden, embedding, bias, candidates, labels, loss, dh, 
     need_grad = dh is not None
     mc_candidate_fwd_kernel[(rows,)](
         hidden, embedding, bias, candidates, labels, loss, dh if need_grad else loss,
-        dscore if need_grad else loss, rows, embedding.shape[0], dim, hidden.stride(0), embedding.stride(0), K=k,
+        dscore if need_grad else loss, rows, embedding.shape[0], dim, embedding.shape[1], bias.shape[0],
+        candidates.shape[0], labels.shape[0], hidden.stride(0), embedding.stride(0), K=k,
         KP=cfg["KP"], BLOCK_D=cfg["BLOCK_D"], ONE_BLOCK=cfg["ONE_BLOCK"], NEED_GRAD=need_grad,
         num_warps=cfg["num_warps"])
     return loss
@@ -421,7 +476,7 @@ def mc_candidate_scatter(hidden, dscore, plan, demb, dbias):
     """demb [V, D] float32 and dbias [V] float32, contiguous and zeroed; dscore float32 [M, K] (already scaled by
     the upstream gradient); plan: ``scatter_plan`` of the candidates."""
     rows, dim = hidden.shape
-    entries = dscore.numel()
+    entries = plan["sorted"].shape[0]  # one program per entry of the plan (the candidates', like dscore's)
     if entries == 0:
         return demb
     cfg = scatter_config(dim)
@@ -429,11 +484,11 @@ def mc_candidate_scatter(hidden, dscore, plan, demb, dbias):
     part, part_bias = plan["part"], plan["part_bias"]
     mc_candidate_scatter_kernel[grid](
         hidden, dscore, plan["order"], plan["sorted"], plan["seg_first"], plan["seg_end"], plan["piece_id"], demb,
-        dbias, part, part_bias, entries, demb.shape[0], dim, hidden.stride(0), K=dscore.shape[1],
-        CHUNK=SCATTER_CHUNK, BLOCK_D=cfg["BLOCK_D"], num_warps=cfg["num_warps"])
+        dbias, part, part_bias, entries, demb.shape[0], dim, rows, dscore.numel(), part.shape[0], hidden.stride(0),
+        K=dscore.shape[1], CHUNK=SCATTER_CHUNK, BLOCK_D=cfg["BLOCK_D"], num_warps=cfg["num_warps"])
     mc_candidate_fold_kernel[grid](
         plan["sorted"], plan["seg_first"], plan["seg_end"], plan["piece_id"], demb, dbias, part, part_bias, entries,
-        demb.shape[0], dim, CHUNK=SCATTER_CHUNK, BLOCK_D=cfg["BLOCK_D"], num_warps=cfg["num_warps"])
+        demb.shape[0], dim, part.shape[0], CHUNK=SCATTER_CHUNK, BLOCK_D=cfg["BLOCK_D"], num_warps=cfg["num_warps"])
     return demb
 
 
@@ -461,12 +516,12 @@ COMPILE_SPECS = (
             "name": f"mc_sample_fused[{dt},K={k},D=256]",
             "fn": mc_sample_fused_kernel,
             "signature": {"hidden_ptr": ptr, "weight_ptr": ptr, "bias_ptr": "*fp32", "seed_ptr": "*i64",
-                          "out_ptr": "*i64", "rows": "i32", "vocab": "i32", "dim": "i32", "stride_h": "i32",
-                          "stride_w": "i32"},
+                          "out_ptr": "*i64", "rows": "i32", "vocab": "i32", "dim": "i32", "w_dim": "i32",
+                          "bias_len": "i32", "stride_h": "i32", "stride_w": "i32"},
             "constexprs": {"K": k, "KP": _pow2(4 * ((k + 3) // 4)), "BLOCK_M": cfg["BLOCK_M"],
                            "BLOCK_V": cfg["BLOCK_V"], "BLOCK_D": cfg["BLOCK_D"]},
             "num_warps": cfg["num_warps"],
-            "divisible": ("hidden_ptr", "weight_ptr", "out_ptr", "dim", "stride_h", "stride_w"),
+            "divisible": ("hidden_ptr", "weight_ptr", "out_ptr", "dim", "w_dim", "stride_h", "stride_w"),
             "must_not_spill": True,
             "matrix_instructions": True,
         }
@@ -480,11 +535,12 @@ COMPILE_SPECS = (
             "fn": mc_candidate_fwd_kernel,
             "signature": {"hidden_ptr": ptr, "emb_ptr": ptr, "bias_ptr": "*fp32", "cand_ptr": "*i64",
                           "labels_ptr": "*i64", "loss_ptr": "*fp32", "dh_ptr": ptr, "dscore_ptr": "*fp32",
-                          "rows": "i32", "vocab": "i32", "dim": "i32", "stride_h": "i32", "stride_e": "i32"},
+                          "rows": "i32", "vocab": "i32", "dim": "i32", "e_dim": "i32", "bias_len": "i32",
+                          "cand_rows": "i32", "label_len": "i32", "stride_h": "i32", "stride_e": "i32"},
             "constexprs": {"K": k, "KP": cfg["KP"], "BLOCK_D": cfg["BLOCK_D"], "ONE_BLOCK": cfg["ONE_BLOCK"],
                            "NEED_GRAD": grad},
             "num_warps": cfg["num_warps"],
-            "divisible": ("hidden_ptr", "emb_ptr", "dh_ptr", "dim", "stride_h", "stride_e"),
+            "divisible": ("hidden_ptr", "emb_ptr", "dh_ptr", "dim", "e_dim", "stride_h", "stride_e"),
             "must_not_spill": True,
             "matrix_instructions": False,
         }
@@ -501,7 +557,8 @@ COMPILE_SPECS = (
             "signature": {"hidden_ptr": ptr, "dscore_ptr": "*fp32", "order_ptr": "*i64", "sorted_ptr": "*i64",
                           "seg_first_ptr": "*i64", "seg_end_ptr": "*i64", "piece_id_ptr": "*i64",
                           "demb_ptr": "*fp32", "dbias_ptr": "*fp32", "part_ptr": "*fp32", "part_bias_ptr": "*fp32",
-                          "entries": "i32", "vocab": "i32", "dim": "i32", "stride_h": "i32"},
+                          "entries": "i32", "vocab": "i32", "dim": "i32", "h_rows": "i32", "n_dscore": "i32",
+                          "parts": "i32", "stride_h": "i32"},
             "constexprs": {"K": 10, "CHUNK": SCATTER_CHUNK, "BLOCK_D": cfg["BLOCK_D"]},
             "num_warps": cfg["num_warps"],
             "divisible": ("hidden_ptr", "demb_ptr", "part_ptr", "dim", "stride_h"),
@@ -517,7 +574,8 @@ COMPILE_SPECS = (
             "fn": mc_candidate_fold_kernel,
             "signature": {"sorted_ptr": "*i64", "seg_first_ptr": "*i64", "seg_end_ptr": "*i64",
                           "piece_id_ptr": "*i64", "demb_ptr": "*fp32", "dbias_ptr": "*fp32", "part_ptr": "*fp32",
-                          "part_bias_ptr": "*fp32", "entries": "i32", "vocab": "i32", "dim": "i32"},
+                          "part_bias_ptr": "*fp32", "entries": "i32", "vocab": "i32", "dim": "i32",
+                          "parts": "i32"},
             "constexprs": {"CHUNK": SCATTER_CHUNK, "BLOCK_D": cfg["BLOCK_D"]},
             "num_warps": cfg["num_warps"],
             "divisible": ("demb_ptr", "part_ptr", "dim"),

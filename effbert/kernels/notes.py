@@ -12,6 +12,10 @@ The update runs on a plan the caller builds with torch (two sorts, no host sync)
 
 Both update kernels read an error flag first (the first bad row, or M when every row is valid) and do nothing when
 it is set, so a bad call leaves ``notes`` and ``counts`` untouched.
+
+Every load is masked by the extent of the tensor it reads, passed by the launchers from that tensor's own shape
+(the notes' width, the slots', lengths' and counts' lengths, the means' width), never by another tensor's: a caller
+that skips the ops' checks gets wrong numbers, not reads outside a buffer.
 """
 
 import triton
@@ -20,7 +24,7 @@ import triton.language as tl
 from . import INTERPRET
 
 
-@triton.jit(do_not_specialize=["tokens", "num_slots"])  # sizes that vary per batch: no recompiles
+@triton.jit(do_not_specialize=["tokens", "num_slots", "slot_len"])  # sizes that vary per batch: no recompiles
 def note_mix_kernel(
     x_ptr,
     notes_ptr,
@@ -29,6 +33,8 @@ def note_mix_kernel(
     tokens,
     dim,
     num_slots,
+    notes_dim,
+    slot_len,
     stride_x,
     stride_out,
     lam,
@@ -37,7 +43,9 @@ def note_mix_kernel(
     BLOCK_D: tl.constexpr,
 ):
     """out = x where slot < 0, else (1 - lam) * x + lam * notes[slot] (or (1 - lam) * x without notes: the
-    backward). A slot >= num_slots is never read; it gives NaN (the wrapper rejects such slots first)."""
+    backward). x and out: [tokens, dim]; notes: [num_slots, notes_dim] contiguous; slots: [slot_len]. A slot >=
+    num_slots is never read; it gives NaN (the wrapper rejects such slots first); a token past the slots keeps x,
+    a column past the notes mixes in 0."""
     pid_t = tl.program_id(0)
     pid_d = tl.program_id(1)
     offs_t = pid_t * ROWS + tl.arange(0, ROWS)
@@ -45,7 +53,7 @@ def note_mix_kernel(
     t_ok = offs_t < tokens
     d_ok = offs_d < dim
     mask = t_ok[:, None] & d_ok[None, :]
-    slot = tl.load(slots_ptr + offs_t, mask=t_ok, other=-1)
+    slot = tl.load(slots_ptr + offs_t, mask=t_ok & (offs_t < slot_len), other=-1)
     rare = slot >= 0
     if HAS_NOTES:
         valid = rare & (slot < num_slots)
@@ -55,8 +63,8 @@ def note_mix_kernel(
     xf = x.to(tl.float32)
     mixed = (1.0 - lam) * xf
     if HAS_NOTES:
-        note = tl.load(notes_ptr + slot.to(tl.int64)[:, None] * dim + offs_d[None, :],
-                       mask=mask & valid[:, None], other=0.0)
+        note = tl.load(notes_ptr + slot.to(tl.int64)[:, None] * notes_dim + offs_d[None, :],
+                       mask=mask & valid[:, None] & (offs_d < notes_dim)[None, :], other=0.0)
         mixed += lam * note
     mixed = tl.where(valid[:, None], mixed, float("nan"))
     y = tl.where(rare[:, None], mixed, xf)
@@ -70,7 +78,7 @@ def note_mix_kernel(
     tl.store(out_ptr + offs_t.to(tl.int64)[:, None] * stride_out + offs_d[None, :], yo, mask=mask)
 
 
-@triton.jit(do_not_specialize=["rows", "batch", "seq", "num_slots", "window"])
+@triton.jit(do_not_specialize=["rows", "batch", "seq", "num_slots", "window", "n_lengths"])
 def note_check_rows_kernel(
     spans_ptr,
     lengths_ptr,
@@ -81,6 +89,7 @@ def note_check_rows_kernel(
     seq,
     num_slots,
     window,
+    n_lengths,
     CHECK_SPANS: tl.constexpr,
     CHECK_SLOTS: tl.constexpr,
     WRITE_KEYS: tl.constexpr,
@@ -98,7 +107,7 @@ def note_check_rows_kernel(
         b = tl.load(base, mask=ok_r, other=0)
         start = tl.load(base + 1, mask=ok_r, other=0)
         end = tl.load(base + 2, mask=ok_r, other=1)
-        b_ok = (b >= 0) & (b < batch)
+        b_ok = (b >= 0) & (b < batch) & (b < n_lengths)  # a batch index past the lengths is a bad row
         length = tl.load(lengths_ptr + b, mask=ok_r & b_ok, other=0)
         bad |= ~b_ok | (start < 0) | (start >= end) | (end > length) | (length > seq)
         if WRITE_KEYS:
@@ -113,7 +122,7 @@ def note_check_rows_kernel(
     tl.atomic_min(flag_ptr, first)
 
 
-@triton.jit(do_not_specialize=["rows", "seq", "window"])
+@triton.jit(do_not_specialize=["rows", "seq", "window", "n_lengths"])
 def note_window_means_kernel(
     hidden_ptr,
     spans_ptr,
@@ -126,6 +135,7 @@ def note_window_means_kernel(
     seq,
     dim,
     window,
+    n_lengths,
     stride_b,
     stride_n,
     BLOCK_D: tl.constexpr,
@@ -143,7 +153,7 @@ def note_window_means_kernel(
     e1 = tl.load(ev_off_ptr + b + 1).to(tl.int32)
     valid = tl.load(flag_ptr) >= rows
     e1 = tl.where(valid, e1, e0)
-    length = tl.load(lengths_ptr + b)
+    length = tl.load(lengths_ptr + b, mask=b < n_lengths, other=0)
     row_base = hidden_ptr + b.to(tl.int64) * stride_b + offs_d
     p = tl.zeros([BLOCK_D], tl.float32)
     t = e0 * 0  # int32 tensors: their type must not change across loop iterations
@@ -184,7 +194,7 @@ def note_window_means_kernel(
             open_rows += 1
 
 
-@triton.jit(do_not_specialize=["rows", "num_slots"])
+@triton.jit(do_not_specialize=["rows", "num_slots", "n_counts"])
 def note_fold_kernel(
     notes_ptr,
     counts_ptr,
@@ -196,16 +206,21 @@ def note_fold_kernel(
     dim,
     num_slots,
     gamma,
+    n_counts,
+    means_dim,
     BLOCK_D: tl.constexpr,
 ):
     """Fold the rows of one slot segment (rows sorted by slot, stable) into notes[slot], in row order.
 
     Program i works only when sorted row i is the first of its slot's segment, so exactly one program reads and
-    writes each note row and count: no races. It walks every column block itself for the same reason."""
+    writes each note row and count: no races. It walks every column block itself for the same reason. notes:
+    [num_slots, dim]; counts: [n_counts] (a slot past them is skipped); means: [rows, means_dim] (columns past
+    them fold in 0)."""
     i = tl.program_id(0)
     slot = tl.load(sorted_slots_ptr + i)
     prev = tl.load(sorted_slots_ptr + i - 1, mask=i > 0, other=-1)
-    ok = (tl.load(flag_ptr) >= rows) & ((i == 0) | (prev != slot)) & (slot >= 0) & (slot < num_slots)
+    ok = (tl.load(flag_ptr) >= rows) & ((i == 0) | (prev != slot)) & (slot >= 0) & (slot < num_slots) & \
+        (slot < n_counts)
     # Segment length: the rows that follow with the same slot.
     m = (i * 0).to(tl.int32)
     go = ok
@@ -221,7 +236,7 @@ def note_fold_kernel(
         acc = tl.load(note_row, mask=d_ok & (m > 0), other=0.0)
         for k in range(0, m):
             r = tl.load(order_ptr + i + k)
-            c = tl.load(means_ptr + r * dim + offs_d, mask=d_ok, other=0.0)
+            c = tl.load(means_ptr + r * means_dim + offs_d, mask=d_ok & (offs_d < means_dim), other=0.0)
             first = (n == 0) & (k == 0)
             acc = tl.where(first, c, (1.0 - gamma) * acc + gamma * c)
         tl.store(note_row, acc, mask=d_ok & (m > 0))
@@ -256,8 +271,8 @@ def note_mix(x2, notes, slots1, lam, out2):
     has_notes = notes is not None
     note_mix_kernel[grid](
         x2, notes if has_notes else x2, slots1, out2, tokens, dim, notes.shape[0] if has_notes else 0,
-        x2.stride(0), out2.stride(0), float(lam), HAS_NOTES=has_notes, ROWS=cfg["ROWS"], BLOCK_D=cfg["BLOCK_D"],
-        num_warps=cfg["num_warps"],
+        notes.shape[1] if has_notes else 0, slots1.shape[0], x2.stride(0), out2.stride(0), float(lam),
+        HAS_NOTES=has_notes, ROWS=cfg["ROWS"], BLOCK_D=cfg["BLOCK_D"], num_warps=cfg["num_warps"],
     )
     return out2
 
@@ -269,8 +284,8 @@ def note_check_rows(spans, lengths, flag, batch, seq, num_slots, check_spans, ch
     block = 128
     note_check_rows_kernel[(triton.cdiv(rows, block),)](
         spans, lengths if lengths is not None else spans, flag, keys if keys is not None else spans, rows, batch,
-        seq, num_slots, window, CHECK_SPANS=check_spans, CHECK_SLOTS=check_slots, WRITE_KEYS=keys is not None,
-        BLOCK=block,
+        seq, num_slots, window, lengths.shape[0] if lengths is not None else 0, CHECK_SPANS=check_spans,
+        CHECK_SLOTS=check_slots, WRITE_KEYS=keys is not None, BLOCK=block,
     )
     return flag
 
@@ -286,7 +301,7 @@ def note_window_means(hidden, spans, lengths, window, plan, flag, means):
     grid = (batch, triton.cdiv(dim, cfg["BLOCK_D"]))
     note_window_means_kernel[grid](
         hidden, spans, lengths, plan["ev_off"], plan["ev_idx"], flag, means, rows, seq, dim, window,
-        hidden.stride(0), hidden.stride(1), BLOCK_D=cfg["BLOCK_D"], num_warps=cfg["num_warps"],
+        lengths.shape[0], hidden.stride(0), hidden.stride(1), BLOCK_D=cfg["BLOCK_D"], num_warps=cfg["num_warps"],
     )
     return means
 
@@ -300,7 +315,7 @@ def note_fold(notes, counts, means, plan, flag, gamma):
     cfg = note_update_config(dim)
     note_fold_kernel[(rows,)](
         notes, counts, means, plan["order"], plan["sorted_slots"], flag, rows, dim, num_slots, float(gamma),
-        BLOCK_D=cfg["BLOCK_D"], num_warps=cfg["num_warps"],
+        counts.shape[0], means.shape[1], BLOCK_D=cfg["BLOCK_D"], num_warps=cfg["num_warps"],
     )
     return notes
 
@@ -314,10 +329,12 @@ COMPILE_SPECS = (
             "name": f"note_mix[{dt},{'fwd' if has_notes else 'bwd'},D={cfg['BLOCK_D']}]",
             "fn": note_mix_kernel,
             "signature": {"x_ptr": ptr, "notes_ptr": "*fp32", "slots_ptr": "*i64", "out_ptr": ptr, "tokens": "i32",
-                          "dim": "i32", "num_slots": "i32", "stride_x": "i32", "stride_out": "i32", "lam": "fp32"},
+                          "dim": "i32", "num_slots": "i32", "notes_dim": "i32", "slot_len": "i32", "stride_x": "i32",
+                          "stride_out": "i32", "lam": "fp32"},
             "constexprs": {"HAS_NOTES": has_notes, "ROWS": cfg["ROWS"], "BLOCK_D": cfg["BLOCK_D"]},
             "num_warps": cfg["num_warps"],
-            "divisible": ("x_ptr", "notes_ptr", "slots_ptr", "out_ptr", "dim", "stride_x", "stride_out"),
+            "divisible": ("x_ptr", "notes_ptr", "slots_ptr", "out_ptr", "dim", "notes_dim", "stride_x",
+                          "stride_out"),
             "must_not_spill": True,
             "matrix_instructions": False,
         }
@@ -332,7 +349,8 @@ COMPILE_SPECS = (
             "fn": note_window_means_kernel,
             "signature": {"hidden_ptr": ptr, "spans_ptr": "*i64", "lengths_ptr": "*i64", "ev_off_ptr": "*i64",
                           "ev_idx_ptr": "*i64", "flag_ptr": "*i32", "means_ptr": "*fp32", "rows": "i32",
-                          "seq": "i32", "dim": "i32", "window": "i32", "stride_b": "i32", "stride_n": "i32"},
+                          "seq": "i32", "dim": "i32", "window": "i32", "n_lengths": "i32", "stride_b": "i32",
+                          "stride_n": "i32"},
             "constexprs": {"BLOCK_D": cfg["BLOCK_D"]},
             "num_warps": cfg["num_warps"],
             "divisible": ("hidden_ptr", "means_ptr", "dim", "stride_b", "stride_n"),
@@ -349,10 +367,10 @@ COMPILE_SPECS = (
             "fn": note_fold_kernel,
             "signature": {"notes_ptr": "*fp32", "counts_ptr": "*i64", "means_ptr": "*fp32", "order_ptr": "*i64",
                           "sorted_slots_ptr": "*i64", "flag_ptr": "*i32", "rows": "i32", "dim": "i32",
-                          "num_slots": "i32", "gamma": "fp32"},
+                          "num_slots": "i32", "gamma": "fp32", "n_counts": "i32", "means_dim": "i32"},
             "constexprs": {"BLOCK_D": cfg["BLOCK_D"]},
             "num_warps": cfg["num_warps"],
-            "divisible": ("notes_ptr", "means_ptr", "dim"),
+            "divisible": ("notes_ptr", "means_ptr", "dim", "means_dim"),
             "must_not_spill": True,
             "matrix_instructions": False,
         }
@@ -364,7 +382,8 @@ COMPILE_SPECS = (
             "name": "note_check_rows",
             "fn": note_check_rows_kernel,
             "signature": {"spans_ptr": "*i64", "lengths_ptr": "*i64", "flag_ptr": "*i32", "keys_ptr": "*i64",
-                          "rows": "i32", "batch": "i32", "seq": "i32", "num_slots": "i32", "window": "i32"},
+                          "rows": "i32", "batch": "i32", "seq": "i32", "num_slots": "i32", "window": "i32",
+                          "n_lengths": "i32"},
             "constexprs": {"CHECK_SPANS": True, "CHECK_SLOTS": True, "WRITE_KEYS": True, "BLOCK": 128},
             "num_warps": 4,
             "must_not_spill": True,

@@ -14,9 +14,10 @@ As the published code does it:
   the ``[MASK]`` positions the first draw replaces the input token;
 * candidates: slot 0 is the reject option, slot 1 the original token where the input differs from it (else a
   draw), slots 2..K-1 draws; the label is 1 where the input differs from the original, else 0;
-* the main model scores candidate c at a position as ``<dense-act-LayerNorm(h), E[c]> + bias[c]`` (``GenLMHead``)
-  and the loss is ``mlm_loss + lambda * multi_choice_loss`` with both means (masked positions; real tokens) and
-  ``lambda = 50`` (``--loss-lamda``).
+* the main model scores candidate c at a position as ``<dense-act-LayerNorm(h), E[c]> + bias[c]`` (``GenLMHead``,
+  which looks the candidates up in the input's ``nn.Embedding`` with ``padding_idx``: a drawn [PAD] sends no
+  gradient to its embedding row, only to its bias entry) and the loss is ``mlm_loss + lambda *
+  multi_choice_loss`` with both means (masked positions; real tokens) and ``lambda = 50`` (``--loss-lamda``).
 
 Checked against that code line by line, the same too: a draw equal to the original at a [MASK] position leaves
 the token unreplaced (label 0); draws may repeat each other, the original or the reject token, and are kept as
@@ -261,7 +262,9 @@ class TupeBertForMultiChoicePretraining(TupeBertForMaskedLM):
         hidden, _ = bert.encode(hidden, packing)
         feats = self._candidate_features(hidden)  # the packed real tokens, in r_idx's order
         words = bert.embeddings.word_embeddings.weight
-        mc_loss = mc_candidate_loss(feats, words, bias, candidates, mc_labels, backend=backend)
+        # [PAD] drawn as a candidate: no gradient to its embedding row, as the published lookup with padding_idx
+        mc_loss = mc_candidate_loss(feats, words, bias, candidates, mc_labels, padding_idx=self.config.pad_token_id,
+                                    backend=backend)
         with torch.no_grad():
             scores = torch.einsum("md,mkd->mk", feats.float(), words.float()[candidates]) + bias.float()[candidates]
             correct = (scores.argmax(-1) == mc_labels).float()

@@ -106,6 +106,9 @@ def _bad_position(position_ids, bad_token, indices, seq_len):
 def _nonzero_op(flags: torch.Tensor) -> torch.Tensor:
     """``flags.nonzero()`` of a 1-d bool tensor, as an op whose output length is an unbacked size under
     torch.compile: the trace goes on through the packed layers (no graph break), for any number of real tokens."""
+    if not isinstance(flags, torch.Tensor) or flags.dim() != 1 or flags.dtype != torch.bool:
+        got = f"{tuple(flags.shape)} {flags.dtype}" if isinstance(flags, torch.Tensor) else type(flags).__name__
+        raise ValueError(f"flags must be a 1-d bool tensor, got {got}")
     return flags.nonzero().squeeze(1)
 
 
@@ -118,10 +121,38 @@ def _nonzero(flags):
     return _nonzero_op(flags) if torch.compiler.is_compiling() else flags.nonzero().squeeze(1)
 
 
+def _check_positions_args(bad, positions, position_ids, indices):
+    for name, t, ndim in (("bad", bad, 1), ("positions", positions, 1), ("position_ids", position_ids, 2),
+                          ("indices", indices, 1)):
+        if not isinstance(t, torch.Tensor) or t.dim() != ndim:
+            got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+            raise ValueError(f"{name} must be a {ndim}-d tensor, got {got}")
+    if bad.dtype != torch.bool:
+        raise TypeError(f"bad must be a bool tensor, got {bad.dtype}")
+    for name, t in (("positions", positions), ("indices", indices)):
+        if t.dtype != torch.int64:
+            raise TypeError(f"{name} must be int64, got {t.dtype}")
+    if position_ids.is_floating_point() or position_ids.is_complex() or position_ids.dtype == torch.bool:
+        raise TypeError(f"position_ids must hold integers, got {position_ids.dtype}")
+    total = bad.shape[0]
+    if positions.shape[0] != total or indices.shape[0] != total:
+        raise ValueError(f"bad, positions and indices must all be [total] = [{total}], got {tuple(positions.shape)} "
+                         f"and {tuple(indices.shape)}")
+    devices = {t.device for t in (bad, positions, position_ids, indices)}
+    if len(devices) > 1:
+        raise ValueError(f"bad, positions, position_ids and indices must be on one device, got "
+                         f"{sorted(map(str, devices))}")
+    if total and bool(((indices < 0) | (indices >= position_ids.numel())).any()):
+        raise ValueError(f"indices must index position_ids' {position_ids.numel()} slots")
+
+
 @torch.library.custom_op("effbert::packing_check_positions", mutates_args=())
 def _check_positions_op(bad: torch.Tensor, positions: torch.Tensor, position_ids: torch.Tensor,
                         indices: torch.Tensor) -> torch.Tensor:
-    """The position_ids check inside a compiled graph (it runs on the real values); returns ``positions``."""
+    """The position_ids check inside a compiled graph (it runs on the real values); returns ``positions``. Its own
+    arguments are checked first (it can be called directly): ``bad`` bool and ``positions`` int64, both ``[total]``;
+    ``position_ids [B, N]`` integers; ``indices`` int64 ``[total]`` in ``[0, B * N)``."""
+    _check_positions_args(bad, positions, position_ids, indices)
     if bool(bad.any()):
         raise ValueError(_bad_position(position_ids, bad.nonzero()[0, 0], indices, position_ids.shape[1]))
     return positions.clone()

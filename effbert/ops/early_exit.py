@@ -79,8 +79,17 @@ def _exit_entropy_impl(logits, backend):
     return entropy_into(entropy_backend(logits, backend), logits, out)
 
 
+def _check_entropy_args(logits, backend):
+    check_tensor("logits", logits, ndim=2, dtypes=FLOAT_DTYPES + (torch.float64,), shape_hint="[B, C]")
+    if logits.shape[1] < 1:
+        raise ValueError(f"logits must have at least one class (C >= 1), got shape {tuple(logits.shape)}")
+    requested_backend(backend)  # reject a bad name here, with the argument's name, before tracing
+
+
 @torch.library.custom_op("effbert::exit_entropy", mutates_args=())
 def _exit_entropy_op(logits: torch.Tensor, backend: str) -> torch.Tensor:
+    # callable directly and run on real tensors under torch.compile: checked here, not only in the wrapper
+    _check_entropy_args(logits, backend)
     return _exit_entropy_impl(logits, backend)
 
 
@@ -115,10 +124,7 @@ def exit_entropy(logits, *, backend="auto"):
     ``-sum p log p`` cancels. A row holding NaN or +inf, or with no finite logit, gives NaN. Differentiable.
     Raises ``ValueError`` for a tensor that is not ``[B, C]`` float with ``C >= 1``.
     """
-    check_tensor("logits", logits, ndim=2, dtypes=FLOAT_DTYPES + (torch.float64,), shape_hint="[B, C]")
-    if logits.shape[1] < 1:
-        raise ValueError(f"logits must have at least one class (C >= 1), got shape {tuple(logits.shape)}")
-    requested_backend(backend)  # reject a bad name here, with the argument's name, before tracing
+    _check_entropy_args(logits, backend)
     if direct_call_ok(logits):
         return _exit_entropy_impl(logits, backend)
     return torch.ops.effbert.exit_entropy(logits, backend)
@@ -275,6 +281,25 @@ def _decision_impl(logits, row_ids, prev, counter, out_logits, out_layer, next_r
                     threshold, patience, last)
 
 
+def _check_decision_code(code, threshold, patience, last, cols):
+    """The kernels' form of a criterion (what `check_criterion` returns), for callers of the registered op."""
+    if isinstance(code, bool) or not isinstance(code, int) or code not in _NAMES:
+        raise ValueError(f"code must be a criterion code in {sorted(_NAMES)} (check_criterion's), got {code!r}")
+    if code == _PATIENCE_REGRESSION and cols != 1:
+        raise ValueError(f"code {code} (patience, regression rule) needs a one-column head, got {cols} columns")
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or math.isnan(threshold):
+        raise ValueError(f"threshold must be a float, got {threshold!r}")
+    ok = {0: threshold == float("-inf") or (math.isfinite(threshold) and threshold >= 0),  # -inf: full depth
+          1: 0 < threshold <= 1, 2: math.isfinite(threshold), 3: math.isfinite(threshold) and threshold > 0}[code]
+    if not ok:
+        raise ValueError(f"threshold {threshold} is out of range for criterion code {code} ({_NAMES[code]}; see "
+                         "check_criterion)")
+    if isinstance(patience, bool) or not isinstance(patience, int) or not 0 <= patience <= _NEVER:
+        raise ValueError(f"patience must be an int in [0, 2**31 - 1], got {patience!r}")
+    if not isinstance(last, bool):
+        raise TypeError(f"last must be a bool, got {type(last).__name__}")
+
+
 @torch.library.custom_op(
     "effbert::exit_decision",
     mutates_args=("prev", "counter", "out_logits", "out_layer", "next_rows", "next_local", "count"),
@@ -283,8 +308,13 @@ def _exit_decision_op(logits: torch.Tensor, row_ids: torch.Tensor, prev: torch.T
                       out_logits: torch.Tensor, out_layer: torch.Tensor, next_rows: torch.Tensor,
                       next_local: torch.Tensor, count: torch.Tensor, code: int, layer: int, threshold: float,
                       patience: int, last: bool, backend: str) -> None:
+    # callable directly and run on real tensors under torch.compile: every argument is checked here, the row ids'
+    # range too (in _decision_impl), before any state changes
+    _check_decision_args(logits, row_ids, prev, counter, out_logits, out_layer, next_rows, next_local, count, layer)
+    _check_decision_code(code, threshold, patience, last, logits.shape[1])
+    requested_backend(backend)
     _decision_impl(logits, row_ids, prev, counter, out_logits, out_layer, next_rows, next_local, count, code, layer,
-                   threshold, patience, last, backend)
+                   float(threshold), patience, last, backend)
 
 
 @_exit_decision_op.register_fake
@@ -493,6 +523,14 @@ def _loss_impl(exit_logits, labels, gamma, temperature, backend):
 @torch.library.custom_op("effbert::multi_exit_distillation_loss", mutates_args=())
 def _loss_op(exit_logits: torch.Tensor, labels: torch.Tensor, gamma: float, temperature: float,
              backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    # callable directly and run on real tensors under torch.compile: checked here, not only in the wrapper
+    check_exit_logits(exit_logits, labels)
+    if labels.dtype != torch.int64:
+        raise TypeError(f"labels must be int64 class indices here (the wrapper converts), got "
+                        f"{str(labels.dtype).replace('torch.', '')}")
+    _check_labels_in_range(labels, exit_logits.shape[-1])
+    gamma, temperature = _check_loss_params(gamma, temperature)
+    requested_backend(backend)
     return _loss_impl(exit_logits, labels, gamma, temperature, backend)
 
 
@@ -539,6 +577,17 @@ def _check_labels_in_range(labels, cols):
             raise ValueError(f"labels must be class indices in [0, {cols}), got values in [{lo}, {hi}]")
 
 
+def _check_loss_params(gamma, temperature):
+    for name, v in (("gamma", gamma), ("temperature", temperature)):
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            raise ValueError(f"{name} must be a finite number, got {v!r}")
+    if not 0 <= gamma <= 1:
+        raise ValueError(f"gamma must be in [0, 1], got {gamma}")
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    return float(gamma), float(temperature)
+
+
 def multi_exit_distillation_loss(exit_logits, labels, gamma=0.9, temperature=3.0, *, backend="auto"):
     """RomeBERT's joint self-distillation loss over every exit (DESIGN.md, "Early exit"), differentiable.
 
@@ -552,13 +601,7 @@ def multi_exit_distillation_loss(exit_logits, labels, gamma=0.9, temperature=3.0
     """
     check_exit_logits(exit_logits, labels)
     _check_labels_in_range(labels, exit_logits.shape[-1])
-    for name, v in (("gamma", gamma), ("temperature", temperature)):
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-            raise ValueError(f"{name} must be a finite number, got {v!r}")
-    if not 0 <= gamma <= 1:
-        raise ValueError(f"gamma must be in [0, 1], got {gamma}")
-    if not temperature > 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
+    gamma, temperature = _check_loss_params(gamma, temperature)
     requested_backend(backend)
     labels = labels.long()
     if direct_call_ok(exit_logits):

@@ -6,9 +6,15 @@
 Backends: ``triton`` (effbert/kernels/mc_bert.py) and ``eager`` (effbert/reference/mc_bert.py). There is no C++ CPU
 build: on the CPU the eager gather + bmm + cross-entropy and ``torch.multinomial`` are already vectorised library
 calls, and a C++ loop would not beat them.
+
+The registered ops (``torch.ops.effbert.mc_*``) run the Triton kernels and check every argument themselves (shapes,
+dtypes, devices, id ranges, the seed, the backend), in eager calls, under ``torch.compile`` (where they run on the
+real tensors) and when called directly, raising ``ValueError``/``TypeError`` naming the argument; their fake
+implementations only give the output shapes, so a bad call fails in the op, with its own message.
 """
 
 import numbers
+from typing import Optional
 
 import torch
 
@@ -48,11 +54,55 @@ def _check_count(name, value, low):
     return int(value)
 
 
+def _rows(t):
+    return t if t.shape[1] <= 1 or t.stride(1) == 1 else t.contiguous()
+
+
+def _size(t, dim):
+    """``t.shape[dim]``, or 0 where ``t`` has no such dimension (the fake implementations never raise: a bad call
+    fails in the op itself, with its own message)."""
+    return t.shape[dim] if t.dim() > dim else 0
+
+
+def _check_seed(seed, device):
+    check_tensor("seed", seed, ndim=1, dtypes=(torch.int64,), shape_hint="[1] int64 (the Philox key)")
+    if seed.shape[0] != 1:
+        raise ValueError(f"seed must be [1] int64 (the Philox key), got shape {tuple(seed.shape)}")
+    if seed.device != device:
+        raise ValueError(f"seed must be on {device} like the other tensors, got {seed.device}")
+
+
+def _check_op_backend(op, backend, device, reasons):
+    """The registered ops run the Triton kernels (the eager backend runs outside them, in ``effbert.<op>``).
+    ``ValueError`` for a bad name or another backend, ``BackendNotSupportedError`` where Triton cannot run."""
+    wanted = requested_backend(backend)
+    if wanted not in ("auto", "triton"):
+        raise ValueError(f"backend must be 'triton' for the registered op effbert::{op} (the {wanted} backend "
+                         f"runs in effbert.{op.replace('_backward', '')}, outside it), got {backend!r}")
+    select_backend(op, "triton", device, reasons, _preference)
+
+
+def _check_padding_idx(padding_idx, vocab):
+    if padding_idx is None:
+        return None
+    if isinstance(padding_idx, bool) or not isinstance(padding_idx, numbers.Integral) or \
+            not 0 <= padding_idx < vocab:
+        raise ValueError(f"padding_idx must be None or a token id in [0, {vocab}) (embedding's rows), got "
+                         f"{padding_idx!r}")
+    return int(padding_idx)
+
+
 # ---- sampling ----
 
 def sample_backend(logits, backend="auto"):
     """The backend ``mc_sample(logits, ...)`` would run (raises if none can serve)."""
     return select_backend("mc_sample", backend, logits.device, _reasons(("logits", logits)), _preference)
+
+
+def _check_sample_logits(logits, dtypes):
+    check_tensor("logits", logits, ndim=2, dtypes=dtypes, shape_hint="[M, V]")
+    if logits.shape[1] == 0:
+        raise ValueError(f"logits must have V >= 1 columns, got shape {tuple(logits.shape)}")
 
 
 def _sample_impl(logits, num_samples, seed, backend):
@@ -65,12 +115,17 @@ def _sample_impl(logits, num_samples, seed, backend):
 
 @torch.library.custom_op("effbert::mc_sample", mutates_args=())
 def _mc_sample_op(logits: torch.Tensor, num_samples: int, seed: torch.Tensor, backend: str) -> torch.Tensor:
+    # callable directly and run on real tensors under torch.compile: the kernel trusts these for its addresses
+    _check_sample_logits(logits, FLOAT_DTYPES)
+    num_samples = _check_count("num_samples", num_samples, 1)
+    _check_seed(seed, logits.device)
+    _check_op_backend("mc_sample", backend, logits.device, _reasons(("logits", logits)))
     return _sample_impl(logits, num_samples, seed, backend)
 
 
 @_mc_sample_op.register_fake
 def _(logits, num_samples, seed, backend):
-    return logits.new_empty(logits.shape[0], num_samples, dtype=torch.int64)
+    return logits.new_empty(_size(logits, 0), max(num_samples, 0), dtype=torch.int64)
 
 
 def new_seed(device, generator=None):
@@ -85,17 +140,17 @@ def mc_sample(logits, num_samples, *, generator=None, backend="auto"):
     ``logits``: ``[M, V]`` fp32/fp16/bf16 (float64 on the eager backend); ``num_samples`` K >= 1; ``generator``:
     a ``torch.Generator`` on ``logits``' device (default: torch's, so ``torch.manual_seed`` makes the draws
     reproducible). Returns int64 ``[M, K]`` token ids in ``[0, V)``; a row holding NaN or no logit above -inf has
-    no distribution and gives ``-1`` in every slot (NaN in, invalid out: no silent token).
+    no distribution and gives ``-1`` in every slot (NaN in, invalid out: no silent token). A row holding +inf (and
+    no NaN) draws uniformly among its +inf entries, on every backend: the limit of the softmax as those logits grow
+    together, which Gumbel-max gives when each +inf entry scores its noise alone, ahead of every finite entry.
 
     ``triton``: Gumbel-max on Philox noise keyed by one int64 drawn from ``generator`` on the device, each row read
     once, only ``[M, K]`` written (``effbert.reference.mc_sample_gumbel`` gives the same ids). ``eager``:
     ``torch.multinomial`` on the softmax, as the published code samples (the same distribution, other draws).
     Raises ``ValueError``/``TypeError`` naming the argument for bad inputs.
     """
-    check_tensor("logits", logits, ndim=2, dtypes=_EAGER_DTYPES, shape_hint="[M, V]")
+    _check_sample_logits(logits, _EAGER_DTYPES)
     num_samples = _check_count("num_samples", num_samples, 1)
-    if logits.shape[1] == 0:
-        raise ValueError(f"logits must have V >= 1 columns, got shape {tuple(logits.shape)}")
     if generator is not None:
         if not isinstance(generator, torch.Generator):
             raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
@@ -113,6 +168,20 @@ def mc_sample(logits, num_samples, *, generator=None, backend="auto"):
 
 # ---- sampling fused with the controller's output layer ----
 
+def _check_fused_args(hidden, weight, bias, num_samples, dtypes):
+    check_tensor("hidden", hidden, ndim=2, dtypes=dtypes, shape_hint="[M, D]")
+    check_tensor("weight", weight, ndim=2, dtypes=dtypes, shape_hint="[V, D]")
+    check_tensor("bias", bias, ndim=1, dtypes=_EAGER_DTYPES, shape_hint="[V]")
+    num_samples = _check_count("num_samples", num_samples, 1)
+    if weight.shape[1] != hidden.shape[1] or weight.dtype != hidden.dtype:
+        raise ValueError(f"weight must be [V, D] with D = {hidden.shape[1]} and hidden's dtype {_dt(hidden.dtype)}, "
+                         f"got {tuple(weight.shape)} {_dt(weight.dtype)}")
+    if weight.shape[0] == 0 or bias.shape[0] != weight.shape[0]:
+        raise ValueError(f"bias must be [V] = [{weight.shape[0]}] (V >= 1), got {tuple(bias.shape)}")
+    check_same_device(hidden=hidden, weight=weight, bias=bias)
+    return num_samples
+
+
 def _sample_fused_impl(hidden, weight, bias, num_samples, seed, backend):
     from ..kernels import mc_bert as kernels
 
@@ -123,12 +192,15 @@ def _sample_fused_impl(hidden, weight, bias, num_samples, seed, backend):
 @torch.library.custom_op("effbert::mc_sample_fused", mutates_args=())
 def _mc_sample_fused_op(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, num_samples: int,
                         seed: torch.Tensor, backend: str) -> torch.Tensor:
+    num_samples = _check_fused_args(hidden, weight, bias, num_samples, FLOAT_DTYPES)
+    _check_seed(seed, hidden.device)
+    _check_op_backend("mc_sample_fused", backend, hidden.device, _reasons(("hidden", hidden), ("weight", weight)))
     return _sample_fused_impl(hidden, weight, bias, num_samples, seed, backend)
 
 
 @_mc_sample_fused_op.register_fake
 def _(hidden, weight, bias, num_samples, seed, backend):
-    return hidden.new_empty(hidden.shape[0], num_samples, dtype=torch.int64)
+    return hidden.new_empty(_size(hidden, 0), max(num_samples, 0), dtype=torch.int64)
 
 
 def mc_sample_fused(hidden, weight, bias, num_samples, *, generator=None, backend="auto"):
@@ -138,18 +210,11 @@ def mc_sample_fused(hidden, weight, bias, num_samples, *, generator=None, backen
     The ``triton`` kernel computes the logits a tile at a time with ``tl.dot`` (float32 accumulation) and draws with
     the same Philox counters as ``mc_sample``'s kernel, so under one seed both give the same ids (up to ties within
     float32 rounding of the logits). The ``eager`` backend materialises the logits and calls ``mc_sample``.
-    Returns int64 ``[M, K]``; -1 in every slot of a row whose logits hold NaN. No gradient.
+    Returns int64 ``[M, K]``; -1 in every slot of a row whose logits hold NaN (or no logit above -inf); a row with
+    +inf logits draws uniformly among them, as ``mc_sample``. No gradient. Raises ``ValueError``/``TypeError``
+    naming the argument for bad inputs.
     """
-    check_tensor("hidden", hidden, ndim=2, dtypes=_EAGER_DTYPES, shape_hint="[M, D]")
-    check_tensor("weight", weight, ndim=2, dtypes=_EAGER_DTYPES, shape_hint="[V, D]")
-    check_tensor("bias", bias, ndim=1, dtypes=_EAGER_DTYPES, shape_hint="[V]")
-    num_samples = _check_count("num_samples", num_samples, 1)
-    if weight.shape[1] != hidden.shape[1] or weight.dtype != hidden.dtype:
-        raise ValueError(f"weight must be [V, D] with D = {hidden.shape[1]} and hidden's dtype {_dt(hidden.dtype)}, "
-                         f"got {tuple(weight.shape)} {_dt(weight.dtype)}")
-    if weight.shape[0] == 0 or bias.shape[0] != weight.shape[0]:
-        raise ValueError(f"bias must be [V] = [{weight.shape[0]}] (V >= 1), got {tuple(bias.shape)}")
-    check_same_device(hidden=hidden, weight=weight, bias=bias)
+    num_samples = _check_fused_args(hidden, weight, bias, num_samples, _EAGER_DTYPES)
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
     name = select_backend("mc_sample_fused", backend, hidden.device,
@@ -167,10 +232,11 @@ def mc_sample_fused(hidden, weight, bias, num_samples, *, generator=None, backen
 
 # ---- the multi-choice loss ----
 
-def _check_loss_args(hidden, embedding, bias, candidates, labels, reduction):
-    check_tensor("hidden", hidden, ndim=2, dtypes=_EAGER_DTYPES, shape_hint="[M, D]")
-    check_tensor("embedding", embedding, ndim=2, dtypes=_EAGER_DTYPES, shape_hint="[V, D]")
-    check_tensor("bias", bias, ndim=1, dtypes=_EAGER_DTYPES, shape_hint="[V]")
+def _check_loss_args(hidden, embedding, bias, candidates, labels, reduction, padding_idx=None,
+                     dtypes=_EAGER_DTYPES):
+    check_tensor("hidden", hidden, ndim=2, dtypes=dtypes, shape_hint="[M, D]")
+    check_tensor("embedding", embedding, ndim=2, dtypes=dtypes, shape_hint="[V, D]")
+    check_tensor("bias", bias, ndim=1, dtypes=dtypes, shape_hint="[V]")
     check_tensor("candidates", candidates, ndim=2, dtypes=(torch.int64,), shape_hint="[M, K]")
     check_tensor("labels", labels, ndim=1, dtypes=(torch.int64,), shape_hint="[M]")
     m, d = hidden.shape
@@ -188,21 +254,27 @@ def _check_loss_args(hidden, embedding, bias, candidates, labels, reduction):
                          f"{tuple(candidates.shape)}")
     if labels.shape[0] != m:
         raise ValueError(f"labels must be [M] = [{m}], got {tuple(labels.shape)}")
-    if reduction not in REDUCTIONS:
+    if not isinstance(reduction, str) or reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
     check_same_device(hidden=hidden, embedding=embedding, bias=bias, candidates=candidates, labels=labels)
+    return _check_padding_idx(padding_idx, v)
 
 
 def _check_ranges(candidates, labels, vocab):
-    """Ids outside their range would read outside ``embedding``: rejected on the host (one read back on CUDA)."""
+    """Ids outside their range would read outside ``embedding``: rejected on the host (one read back on CUDA).
+    ``labels`` None: the candidates alone (the backward)."""
     if candidates.numel() == 0:
         return
-    lo_c, hi_c, lo_l, hi_l = torch.stack([candidates.min(), candidates.max(), labels.min(), labels.max()]).tolist()
+    if labels is None:
+        lo_c, hi_c = torch.stack([candidates.min(), candidates.max()]).tolist()
+    else:
+        lo_c, hi_c, lo_l, hi_l = torch.stack([candidates.min(), candidates.max(), labels.min(),
+                                              labels.max()]).tolist()
     if lo_c < 0 or hi_c >= vocab:
         raise ValueError(f"candidates must hold token ids in [0, {vocab}) (embedding's rows), got values in "
                          f"[{lo_c}, {hi_c}]")
     k = candidates.shape[1]
-    if lo_l < 0 or hi_l >= k:
+    if labels is not None and (lo_l < 0 or hi_l >= k):
         raise ValueError(f"labels must hold candidate slots in [0, {k}), got values in [{lo_l}, {hi_l}]")
 
 
@@ -210,10 +282,6 @@ def loss_backend(hidden, embedding, bias, backend="auto"):
     """The backend ``mc_candidate_loss(hidden, embedding, bias, ...)`` would run (raises if none can serve)."""
     return select_backend("mc_candidate_loss", backend, hidden.device,
                           _reasons(("hidden", hidden), ("embedding", embedding), ("bias", bias)), _preference)
-
-
-def _rows(t):
-    return t if t.shape[1] <= 1 or t.stride(1) == 1 else t.contiguous()
 
 
 def _reduce(rows, reduction):
@@ -241,15 +309,22 @@ def _forward_impl(hidden, embedding, bias, candidates, labels, need_grad):
 @torch.library.custom_op("effbert::mc_candidate_loss", mutates_args=())
 def _mc_candidate_loss_op(hidden: torch.Tensor, embedding: torch.Tensor, bias: torch.Tensor,
                           candidates: torch.Tensor, labels: torch.Tensor, reduction: str, need_grad: bool,
-                          backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    rows, dh, dscore = _forward_impl(hidden, embedding, bias, candidates, labels, need_grad)
+                          backend: str, padding_idx: Optional[int] = None
+                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    # callable directly and run on real tensors under torch.compile: the kernel trusts these for its addresses
+    _check_loss_args(hidden, embedding, bias, candidates, labels, reduction, padding_idx, dtypes=FLOAT_DTYPES)
+    if not isinstance(need_grad, bool):
+        raise TypeError(f"need_grad must be a bool, got {type(need_grad).__name__}")
+    _check_op_backend("mc_candidate_loss", backend, hidden.device,
+                      _reasons(("hidden", hidden), ("embedding", embedding), ("bias", bias)))
+    rows, dh, dscore = _forward_impl(hidden, embedding, bias, candidates, labels, need_grad)  # checks the ids
     return _reduce(rows, reduction), dh, dscore
 
 
 @_mc_candidate_loss_op.register_fake
-def _(hidden, embedding, bias, candidates, labels, reduction, need_grad, backend):
-    m, d = hidden.shape
-    k = candidates.shape[1]
+def _(hidden, embedding, bias, candidates, labels, reduction, need_grad, backend, padding_idx=None):
+    m, d = _size(hidden, 0), _size(hidden, 1)
+    k = _size(candidates, 1)
     loss = hidden.new_empty(m if reduction == "none" else (), dtype=torch.float32)
     dh = hidden.new_empty(m if need_grad else 0, d)
     dscore = hidden.new_empty(m if need_grad else 0, k, dtype=torch.float32)
@@ -257,10 +332,10 @@ def _(hidden, embedding, bias, candidates, labels, reduction, need_grad, backend
 
 
 def _loss_setup_context(ctx, inputs, output):
-    hidden, embedding, bias, candidates, labels, reduction, need_grad, backend = inputs
+    hidden, embedding, bias, candidates, labels, reduction, need_grad, backend, padding_idx = inputs
     _, dh, dscore = output
     ctx.save_for_backward(hidden, candidates, dh, dscore)
-    ctx.reduction, ctx.vocab, ctx.backend = reduction, embedding.shape[0], backend
+    ctx.reduction, ctx.vocab, ctx.backend, ctx.padding_idx = reduction, embedding.shape[0], backend, padding_idx
     ctx.emb_dtype, ctx.bias_dtype = embedding.dtype, bias.dtype
     ctx.mark_non_differentiable(dh, dscore)
 
@@ -270,8 +345,8 @@ def _loss_backward(ctx, grad, _grad_dh, _grad_dscore):
     if dh.shape[0] != hidden.shape[0]:
         raise RuntimeError("mc_candidate_loss: backward through a call made without need_grad")
     d_hidden, d_emb, d_bias = torch.ops.effbert.mc_candidate_loss_backward(
-        grad, hidden, candidates, dh, dscore, ctx.vocab, ctx.reduction, ctx.backend)
-    return (d_hidden, d_emb.to(ctx.emb_dtype), d_bias.to(ctx.bias_dtype), None, None, None, None, None)
+        grad, hidden, candidates, dh, dscore, ctx.vocab, ctx.reduction, ctx.backend, ctx.padding_idx)
+    return (d_hidden, d_emb.to(ctx.emb_dtype), d_bias.to(ctx.bias_dtype), None, None, None, None, None, None)
 
 
 def scatter_plan(candidates, dim, chunk):
@@ -290,12 +365,45 @@ def scatter_plan(candidates, dim, chunk):
             "part_bias": torch.empty(bound, dtype=torch.float32, device=candidates.device)}
 
 
+def _check_backward_args(grad, hidden, candidates, dh, dscore, vocab, reduction, backend, padding_idx):
+    check_tensor("hidden", hidden, ndim=2, dtypes=FLOAT_DTYPES, shape_hint="[M, D]")
+    m, d = hidden.shape
+    check_tensor("candidates", candidates, ndim=2, dtypes=(torch.int64,), shape_hint="[M, K]")
+    if candidates.shape[0] != m or candidates.shape[1] < 2:
+        raise ValueError(f"candidates must be [M, K] with M = {m} (hidden's rows) and K >= 2, got "
+                         f"{tuple(candidates.shape)}")
+    k = candidates.shape[1]
+    if not isinstance(reduction, str) or reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    check_tensor("grad", grad, dtypes=_EAGER_DTYPES)
+    want = (m,) if reduction == "none" else ()
+    if tuple(grad.shape) != want:
+        raise ValueError(f"grad must be the loss' gradient, shape {list(want)} for reduction {reduction!r}, got "
+                         f"{list(grad.shape)}")
+    check_tensor("dh", dh, ndim=2, dtypes=(hidden.dtype,), shape_hint="[M, D] in hidden's dtype")
+    if tuple(dh.shape) != (m, d):
+        raise ValueError(f"dh must be [M, D] = [{m}, {d}] (the forward's, with need_grad), got {tuple(dh.shape)}")
+    check_tensor("dscore", dscore, ndim=2, dtypes=(torch.float32,), shape_hint="[M, K] float32")
+    if tuple(dscore.shape) != (m, k):
+        raise ValueError(f"dscore must be [M, K] = [{m}, {k}] (the forward's, with need_grad), got "
+                         f"{tuple(dscore.shape)}")
+    vocab = _check_count("vocab", vocab, 1)
+    padding_idx = _check_padding_idx(padding_idx, vocab)
+    check_same_device(grad=grad, hidden=hidden, candidates=candidates, dh=dh, dscore=dscore)
+    _check_op_backend("mc_candidate_loss_backward", backend, hidden.device, _reasons(("hidden", hidden)))
+    _check_ranges(candidates, None, vocab)
+    return vocab, padding_idx
+
+
 @torch.library.custom_op("effbert::mc_candidate_loss_backward", mutates_args=())
 def _mc_candidate_loss_backward_op(grad: torch.Tensor, hidden: torch.Tensor, candidates: torch.Tensor,
                                    dh: torch.Tensor, dscore: torch.Tensor, vocab: int, reduction: str,
-                                   backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                                   backend: str, padding_idx: Optional[int] = None
+                                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     from ..kernels import mc_bert as kernels
 
+    vocab, padding_idx = _check_backward_args(grad, hidden, candidates, dh, dscore, vocab, reduction, backend,
+                                              padding_idx)
     m = hidden.shape[0]
     scale = grad.float()
     if reduction == "mean":
@@ -307,19 +415,23 @@ def _mc_candidate_loss_backward_op(grad: torch.Tensor, hidden: torch.Tensor, can
     d_bias = torch.zeros(vocab, dtype=torch.float32, device=hidden.device)
     plan = scatter_plan(candidates, hidden.shape[1], kernels.SCATTER_CHUNK)
     kernels.mc_candidate_scatter(_rows(hidden), dscore_s, plan, d_emb, d_bias)
+    if padding_idx is not None:  # nn.Embedding's padding_idx: the row gets no gradient (its bias entry does)
+        d_emb[padding_idx] = 0.0
     return d_hidden, d_emb, d_bias
 
 
 @_mc_candidate_loss_backward_op.register_fake
-def _(grad, hidden, candidates, dh, dscore, vocab, reduction, backend):
-    return (torch.empty_like(hidden), hidden.new_empty(vocab, hidden.shape[1], dtype=torch.float32),
+def _(grad, hidden, candidates, dh, dscore, vocab, reduction, backend, padding_idx=None):
+    vocab = max(vocab, 0)
+    return (torch.empty_like(hidden), hidden.new_empty(vocab, _size(hidden, 1), dtype=torch.float32),
             hidden.new_empty(vocab, dtype=torch.float32))
 
 
 _mc_candidate_loss_op.register_autograd(_loss_backward, setup_context=_loss_setup_context)
 
 
-def mc_candidate_loss(hidden, embedding, bias, candidates, labels, *, reduction="mean", backend="auto"):
+def mc_candidate_loss(hidden, embedding, bias, candidates, labels, *, reduction="mean", padding_idx=None,
+                      backend="auto"):
     """The multi-choice cross-entropy of MC-BERT's main model (the published ``GenLMHead`` scoring).
 
     ``hidden``: ``[M, D]`` (the transformed hidden states of the scored positions); ``embedding``: ``[V, D]`` (the
@@ -332,16 +444,22 @@ def mc_candidate_loss(hidden, embedding, bias, candidates, labels, *, reduction=
     their sum (``"sum"``) or per row ``[M]`` (``"none"``). Gradients flow to ``hidden``, ``embedding`` and ``bias``;
     the ``triton`` backend computes the gradient of ``hidden`` in the forward pass (the candidate rows are read
     once) and scatter-adds the embedding-row and bias gradients in sorted order without atomics: bitwise
-    reproducible. Ids out of range raise ``ValueError`` (never read outside ``embedding``).
+    reproducible. ``padding_idx`` (None, or a token id in ``[0, V)``): that token's embedding row gets no gradient,
+    as in MC-BERT's published code, whose ``GenLMHead`` looks candidates up in the input's
+    ``nn.Embedding(..., padding_idx=pad)`` (a controller may draw [PAD]); its score still counts, and its bias
+    entry (an ``nn.Embedding(V, 1)`` there, with no ``padding_idx``) keeps its gradient. None: every row gets its
+    gradient. Ids out of range raise ``ValueError`` (never read outside ``embedding``), as do bad shapes, dtypes,
+    devices, ``reduction`` and ``padding_idx`` (``TypeError`` for a wrong dtype), naming the argument.
     """
-    _check_loss_args(hidden, embedding, bias, candidates, labels, reduction)
+    padding_idx = _check_loss_args(hidden, embedding, bias, candidates, labels, reduction, padding_idx)
     name = loss_backend(hidden, embedding, bias, backend)
     if name == "eager":
         _check_ranges(candidates, labels, embedding.shape[0])
-        return reference.mc_candidate_loss(hidden, embedding, bias, candidates, labels, reduction=reduction)
+        return reference.mc_candidate_loss(hidden, embedding, bias, candidates, labels, reduction=reduction,
+                                           padding_idx=padding_idx)
     need_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (hidden, embedding, bias))
     if direct_call_ok(hidden, embedding, bias, candidates, labels):
         rows, _, _ = _forward_impl(hidden, embedding, bias, candidates, labels, False)
         return _reduce(rows, reduction)
     return torch.ops.effbert.mc_candidate_loss(hidden, embedding, bias, candidates, labels, reduction, need_grad,
-                                               name)[0]
+                                               name, padding_idx)[0]

@@ -327,6 +327,9 @@ def _note_mix_backward_impl(grad, slots, lam, backend):
 
 @torch.library.custom_op("effbert::note_mix", mutates_args=())
 def _note_mix_op(x: torch.Tensor, notes: torch.Tensor, slots: torch.Tensor, lam: float, backend: str) -> torch.Tensor:
+    # callable directly and run on real tensors under torch.compile: checked here too (the slots' range in the impl)
+    lam = _check_mix_args(x, notes, slots, lam)
+    requested_backend(backend)
     return _note_mix_impl(x, notes, slots, lam, backend)
 
 
@@ -347,8 +350,19 @@ def _mix_backward(ctx, grad):
     return torch.ops.effbert.note_mix_backward(grad.contiguous(), slots, ctx.lam, ctx.backend), None, None, None, None
 
 
+def _check_mix_backward_args(grad, slots, lam, backend):
+    check_tensor("grad", grad, ndim=3, dtypes=_EAGER_DTYPES, shape_hint="[B, N, Dm]")
+    check_tensor("slots", slots, ndim=2, dtypes=(torch.int64,), shape_hint="[B, N]")
+    if tuple(slots.shape) != tuple(grad.shape[:2]):
+        raise ValueError(f"slots must be [B, N] = {tuple(grad.shape[:2])} like grad, got {tuple(slots.shape)}")
+    check_same_device(grad=grad, slots=slots)
+    requested_backend(backend)
+    return _check_unit_interval("lam", lam)
+
+
 @torch.library.custom_op("effbert::note_mix_backward", mutates_args=())
 def _note_mix_backward_op(grad: torch.Tensor, slots: torch.Tensor, lam: float, backend: str) -> torch.Tensor:
+    lam = _check_mix_backward_args(grad, slots, lam, backend)
     return _note_mix_backward_impl(grad, slots, lam, backend)
 
 
@@ -489,6 +503,10 @@ def _note_update_impl(notes, counts, hidden, spans, window, gamma, lengths, back
 @torch.library.custom_op("effbert::note_update_", mutates_args=("notes", "counts"))
 def _note_update_op(notes: torch.Tensor, counts: torch.Tensor, hidden: torch.Tensor, spans: torch.Tensor,
                     window: int, gamma: float, lengths: Optional[torch.Tensor], backend: str) -> None:
+    # callable directly and run on real tensors under torch.compile: every argument is checked here, and the rows'
+    # ranges before anything is written (update_into), so a bad call leaves notes and counts as they were
+    window, gamma = _check_update_args(notes, counts, hidden, spans, window, gamma, lengths)
+    requested_backend(backend)
     _note_update_impl(notes, counts, hidden, spans, window, gamma, lengths, backend)
 
 

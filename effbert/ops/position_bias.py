@@ -33,7 +33,7 @@ def _preference(device):
     return ("cpu", "eager") if device.type == "cpu" else ("eager",)
 
 
-def _reasons(pos_q):
+def _reasons(pos_q, num_buckets=0):
     def reasons(name):
         if name == "cuda":
             return ["no cuda kernel for tupe_position_bias (Triton on CUDA)"]
@@ -43,9 +43,15 @@ def _reasons(pos_q):
             return [f"Triton kernels take fp32/fp16/bf16, got {str(pos_q.dtype).replace('torch.', '')}"]
         if name == "triton" and pos_q.dtype == torch.bfloat16 and pos_q.device.type == "cpu":
             return ["the Triton interpreter computes bf16 dot products wrongly"]
+        if name == "triton" and num_buckets > _MAX_BUCKETS:
+            return [f"the Triton backward sums at most {_MAX_BUCKETS} relative buckets in registers, got "
+                    f"rel_table with {num_buckets} rows"]
         return []
 
     return reasons
+
+
+_MAX_BUCKETS = 64  # effbert.kernels.position_bias.MAX_BUCKETS (not imported here: kernels load with triton)
 
 
 def _empty_if_none(t, like):
@@ -62,17 +68,55 @@ def _position_bias_triton(pos_q, pos_k, rel_table, rel_buckets, cls_row, cls_col
     return out
 
 
+def _check_triton(op, pos_q, num_buckets):
+    """The registered ops run the Triton kernels: ``BackendNotSupportedError`` where they cannot."""
+    select_backend(op, "triton", pos_q.device, _reasons(pos_q, num_buckets), _preference)
+
+
+def _dim(t, i):
+    return t.shape[i] if t.dim() > i else 0
+
+
 @torch.library.custom_op("effbert::tupe_position_bias", mutates_args=())
 def _position_bias_op(pos_q: torch.Tensor, pos_k: torch.Tensor, rel_table: Optional[torch.Tensor],
                       rel_buckets: Optional[torch.Tensor], cls_row: Optional[torch.Tensor],
                       cls_col: Optional[torch.Tensor], scale: float) -> torch.Tensor:
-    return _position_bias_triton(pos_q, pos_k, rel_table, rel_buckets, cls_row, cls_col, scale)
+    # callable directly and run on real tensors under torch.compile: checked here, not only in the wrapper
+    check_position_bias_args(pos_q, pos_k, scale, rel_table, rel_buckets, cls_row, cls_col, dtypes=FLOAT_DTYPES)
+    _check_triton("tupe_position_bias", pos_q, 0 if rel_table is None else rel_table.shape[0])
+    return _position_bias_triton(pos_q, pos_k, rel_table, rel_buckets, cls_row, cls_col, float(scale))
 
 
 @_position_bias_op.register_fake
 def _(pos_q, pos_k, rel_table, rel_buckets, cls_row, cls_col, scale):
-    n, heads, _ = pos_q.shape
+    n, heads = _dim(pos_q, 0), _dim(pos_q, 1)  # never raises: a bad call fails in the op, with its own message
     return pos_q.new_empty((heads, n, n))
+
+
+def _check_backward_args(grad, pos_q, pos_k, rel_buckets, num_buckets, has_cls, scale):
+    check_tensor("pos_q", pos_q, ndim=3, dtypes=FLOAT_DTYPES, shape_hint="[N, H, Dh]")
+    check_tensor("pos_k", pos_k, ndim=3, dtypes=(pos_q.dtype,), shape_hint="[N, H, Dh]")
+    if pos_k.shape != pos_q.shape:
+        raise ValueError(f"pos_k must have pos_q's shape {tuple(pos_q.shape)}, got {tuple(pos_k.shape)}")
+    n, heads, _ = pos_q.shape
+    check_tensor("grad", grad, ndim=3, dtypes=FLOAT_DTYPES + (torch.float64,), shape_hint="[H, N, N]")
+    if tuple(grad.shape) != (heads, n, n):
+        raise ValueError(f"grad must be [H, N, N] = [{heads}, {n}, {n}] (P's gradient), got {tuple(grad.shape)}")
+    if isinstance(num_buckets, bool) or not isinstance(num_buckets, int) or not 0 <= num_buckets <= _MAX_BUCKETS:
+        raise ValueError(f"num_buckets must be an int in [0, {_MAX_BUCKETS}] (rel_table's rows; 0 without one), "
+                         f"got {num_buckets!r}")
+    if rel_buckets is not None:
+        if num_buckets < 1:
+            raise ValueError("num_buckets must be >= 1 with rel_buckets (rel_table's rows)")
+        check_tensor("rel_buckets", rel_buckets, ndim=2, dtypes=(torch.int64, torch.int32), shape_hint="[N, N]")
+        if tuple(rel_buckets.shape) != (n, n):
+            raise ValueError(f"rel_buckets must be [N, N] = [{n}, {n}], got {tuple(rel_buckets.shape)}")
+    if not isinstance(has_cls, bool):
+        raise TypeError(f"has_cls must be a bool, got {type(has_cls).__name__}")
+    _check_scale(scale)
+    check_same_device(**{k: v for k, v in dict(grad=grad, pos_q=pos_q, pos_k=pos_k,
+                                                rel_buckets=rel_buckets).items() if v is not None})
+    _check_triton("tupe_position_bias_backward", pos_q, num_buckets)
 
 
 @torch.library.custom_op("effbert::tupe_position_bias_backward", mutates_args=())
@@ -82,6 +126,8 @@ def _position_bias_bwd_op(grad: torch.Tensor, pos_q: torch.Tensor, pos_k: torch.
     """[d pos_q, d pos_k, d rel_table [num_buckets, H] (empty without a table), d cls_row, d cls_col]."""
     from ..kernels import position_bias as kernels
 
+    _check_backward_args(grad, pos_q, pos_k, rel_buckets, num_buckets, has_cls, scale)
+    scale = float(scale)
     n, heads, _ = pos_q.shape
     dp = grad.float()
     if n == 0:
@@ -99,10 +145,10 @@ def _position_bias_bwd_op(grad: torch.Tensor, pos_q: torch.Tensor, pos_k: torch.
 
 @_position_bias_bwd_op.register_fake
 def _(grad, pos_q, pos_k, rel_buckets, num_buckets, has_cls, scale):
-    heads = pos_q.shape[1]
+    heads = _dim(pos_q, 1)
     f32 = torch.float32
     return [torch.empty_like(pos_q), torch.empty_like(pos_k),
-            grad.new_empty((num_buckets, heads) if rel_buckets is not None else (0,), dtype=f32),
+            grad.new_empty((max(num_buckets, 0), heads) if rel_buckets is not None else (0,), dtype=f32),
             grad.new_empty((heads if has_cls else 0,), dtype=f32),
             grad.new_empty((heads if has_cls else 0,), dtype=f32)]
 
@@ -129,14 +175,21 @@ def _pb_backward(ctx, grad):
 _position_bias_op.register_autograd(_pb_backward, setup_context=_pb_setup_context)
 
 
-def check_position_bias_args(pos_q, pos_k, scale, rel_table, rel_buckets, cls_row, cls_col):
-    check_tensor("pos_q", pos_q, ndim=3, dtypes=FLOAT_DTYPES + (torch.float64,), shape_hint="[N, H, Dh]")
+def _check_scale(scale):
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+        raise ValueError(f"scale must be a finite float, got {scale!r}")
+
+
+def check_position_bias_args(pos_q, pos_k, scale, rel_table, rel_buckets, cls_row, cls_col,
+                             dtypes=FLOAT_DTYPES + (torch.float64,)):
+    """Every argument of ``tupe_position_bias`` (``dtypes``: pos_q's allowed dtypes; the registered op, which runs
+    the Triton kernel, takes fp32/fp16/bf16); ``ValueError``/``TypeError`` naming the argument."""
+    check_tensor("pos_q", pos_q, ndim=3, dtypes=dtypes, shape_hint="[N, H, Dh]")
     check_tensor("pos_k", pos_k, ndim=3, dtypes=(pos_q.dtype,), shape_hint="[N, H, Dh]")
     if pos_k.shape != pos_q.shape:
         raise ValueError(f"pos_k must have pos_q's shape {tuple(pos_q.shape)}, got {tuple(pos_k.shape)}")
     n, heads, _ = pos_q.shape
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
-        raise ValueError(f"scale must be a finite float, got {scale!r}")
+    _check_scale(scale)
     if (rel_table is None) != (rel_buckets is None):
         raise ValueError("rel_table and rel_buckets must be given together")
     if rel_table is not None:
@@ -163,8 +216,9 @@ def check_position_bias_args(pos_q, pos_k, scale, rel_table, rel_buckets, cls_ro
     check_same_device(**given)
 
 
-def position_bias_backend(pos_q, backend="auto"):
-    return select_backend("tupe_position_bias", backend, pos_q.device, _reasons(pos_q), _preference)
+def position_bias_backend(pos_q, backend="auto", rel_table=None):
+    num_buckets = 0 if rel_table is None else rel_table.shape[0]
+    return select_backend("tupe_position_bias", backend, pos_q.device, _reasons(pos_q, num_buckets), _preference)
 
 
 def tupe_position_bias(pos_q, pos_k, *, scale, rel_table=None, rel_buckets=None, cls_row=None, cls_col=None,
@@ -175,9 +229,12 @@ def tupe_position_bias(pos_q, pos_k, *, scale, rel_table=None, rel_buckets=None,
     with ``rel_table [num_buckets, H]`` and ``rel_buckets [N, N]``), then, with ``cls_row``/``cls_col`` ``[H]``,
     ``P[h, 0, :] = cls_row[h]`` and ``P[h, 1:, 0] = cls_col[h]``. ``pos_q``/``pos_k``: ``[N, H, Dh]``, the
     position embeddings after the per-head projections. Differentiable in every float input; P has pos_q's dtype.
+    N = 0 gives an empty ``[H, 0, 0]`` on every backend (and zero gradients). The Triton backward takes at most 64
+    relative buckets (``auto`` falls back to the eager path beyond). Raises ``ValueError``/``TypeError`` naming
+    the argument for bad inputs, here and in the registered op (``torch.ops.effbert.tupe_position_bias``).
     """
     check_position_bias_args(pos_q, pos_k, scale, rel_table, rel_buckets, cls_row, cls_col)
-    chosen = position_bias_backend(pos_q, backend)
+    chosen = position_bias_backend(pos_q, backend, rel_table)
     if chosen in ("eager", "cpu"):  # on the CPU: the reference's batched matmul and gather (no per-batch tensor)
         return reference.tupe_position_bias(pos_q, pos_k, scale=scale, rel_table=rel_table,
                                             rel_buckets=rel_buckets, cls_row=cls_row, cls_col=cls_col)

@@ -295,6 +295,9 @@ def _check_cu_seqlens_values(cu_seqlens, total, max_seqlen):
 def _varlen_check_op(cu_seqlens: torch.Tensor, total: int, max_seqlen: int) -> torch.Tensor:
     """The offsets' check as an op of its own: under torch.compile it runs on the real offsets (a traced function
     cannot read them). Returns a copy the eager path indexes with, so the check is never dropped from a graph."""
+    _check_cu_seqlens(cu_seqlens, max_seqlen)  # callable directly: the tensor and the sizes too, not only the values
+    if isinstance(total, bool) or not isinstance(total, int) or total < 0:
+        raise ValueError(f"total must be the packed length, an int >= 0, got {total!r}")
     _check_cu_seqlens_values(cu_seqlens, total, max_seqlen)
     return cu_seqlens.clone()
 

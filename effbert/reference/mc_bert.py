@@ -2,8 +2,11 @@
 Meta Controller", arXiv 2006.05744; code: github.com/MC-BERT/MC-BERT, fairseq/models/mcbert/model.py).
 
 * ``mc_sample``: K draws with replacement per row from ``softmax(logits)``, as the published code draws them
-  (``torch.multinomial(softmax(logits), K, replacement=True)``). A row holding NaN (or no finite logit) has no
-  distribution: it gives ``-1`` in every slot instead of an error, so one bad row cannot stop a batch.
+  (``torch.multinomial(softmax(logits), K, replacement=True)``). A row holding NaN (or no logit above -inf) has
+  no distribution: it gives ``-1`` in every slot instead of an error, so one bad row cannot stop a batch. A row
+  holding +inf (and no NaN) draws uniformly among its +inf entries: the limit of the softmax as those logits grow
+  together, and what Gumbel-max gives when each +inf entry scores its noise alone, ahead of every finite entry
+  (``softmax`` itself gives NaN there, and ``torch.multinomial`` an error).
 * ``mc_sample_gumbel``: the same distribution by Gumbel-max on counter-based Philox noise, bit for bit what the
   Triton kernel computes (its ground truth in the tests).
 * ``mc_candidate_loss``: the main model's multi-choice head, ``GenLMHead``'s ``baddbmm`` of the published code:
@@ -25,10 +28,20 @@ def _bad_rows(logits):
     return torch.isnan(logits).any(-1) | ~(logits > float("-inf")).any(-1)
 
 
+def _inf_rows(logits):
+    """``(rows holding +inf, where the +inf entries are)``: such a row draws among its +inf entries only."""
+    pinf = logits == float("inf")
+    return pinf.any(-1), pinf
+
+
 def mc_sample(logits, num_samples, *, generator=None):
     """``LongTensor[M, K]``: K draws per row of ``logits [M, V]`` from ``softmax(logits)`` (with replacement);
-    ``-1`` in every slot of a row holding NaN or no finite logit."""
-    probs = torch.softmax(logits.detach().float(), dim=-1)
+    ``-1`` in every slot of a row holding NaN or no logit above -inf; a row holding +inf (and no NaN) draws
+    uniformly among its +inf entries."""
+    x = logits.detach()
+    inf_row, pinf = _inf_rows(x)
+    probs = torch.softmax(x.float().masked_fill(inf_row[:, None], 0.0), dim=-1)
+    probs = torch.where(inf_row[:, None], pinf.float(), probs)  # uniform over the +inf entries
     bad = _bad_rows(logits)
     probs = torch.where(bad[:, None], torch.ones_like(probs), probs)  # any valid row; overwritten below
     if probs.shape[0] == 0:
@@ -76,9 +89,12 @@ def philox_uniform(bits):
 def mc_sample_gumbel(logits, num_samples, seed):
     """The Triton kernel's draws, exactly: sample k of row m is ``argmax_v(logits[m, v] + g)`` with Gumbel noise
     ``g = -log(-log(u))``, ``u`` from word ``k % 4`` of ``philox(seed, v, m, k // 4, 0)``. Ties go to the lowest
-    ``v``. ``-1`` for rows holding NaN or no finite logit. Memory ``O(M * K * V)``: small inputs only."""
+    ``v``. ``-1`` for rows holding NaN or no logit above -inf; in a row holding +inf, each +inf entry scores its
+    noise ``g`` alone and the other entries drop out. Memory ``O(M * K * V)``: small inputs only."""
     m_rows, vocab = logits.shape
     x = logits.detach().float()
+    inf_row, pinf = _inf_rows(x)
+    x = torch.where(pinf, 0.0, x.masked_fill(inf_row[:, None], float("-inf")))
     groups = (num_samples + 3) // 4
     v = torch.arange(vocab, dtype=torch.int64).view(1, 1, vocab).expand(m_rows, groups, vocab)
     m = torch.arange(m_rows, dtype=torch.int64).view(m_rows, 1, 1).expand_as(v)
@@ -93,15 +109,18 @@ def mc_sample_gumbel(logits, num_samples, seed):
     return out.masked_fill(_bad_rows(logits)[:, None], -1)
 
 
-def mc_candidate_loss(hidden, embedding, bias, candidates, labels, *, reduction="mean"):
+def mc_candidate_loss(hidden, embedding, bias, candidates, labels, *, reduction="mean", padding_idx=None):
     """Cross-entropy over the K candidate scores ``<hidden[m], embedding[c]> + bias[c]``.
 
     ``hidden [M, D]``, ``embedding [V, D]``, ``bias [V]``, ``candidates [M, K]`` int64, ``labels [M]`` int64 in
     ``[0, K)``. ``reduction``: ``"mean"`` over rows (0 for no rows), ``"sum"`` or ``"none"`` (``[M]``). Computed in
-    float32 at least (float64 stays float64); differentiable in the three float inputs through autograd."""
+    float32 at least (float64 stays float64); differentiable in the three float inputs through autograd.
+    ``padding_idx``: a token whose embedding row gets no gradient (its score still counts), as the published
+    ``GenLMHead`` looks candidates up in the ``nn.Embedding(..., padding_idx=pad)`` of the input; its bias entry
+    (an ``nn.Embedding(V, 1)`` without ``padding_idx`` there) keeps its gradient."""
     dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
     # F.embedding rather than indexing: its CPU backward sums repeated rows in a fixed order (reproducible runs)
-    w = F.embedding(candidates, embedding.to(dtype))  # [M, K, D]
+    w = F.embedding(candidates, embedding.to(dtype), padding_idx=padding_idx)  # [M, K, D]
     b = F.embedding(candidates, bias.to(dtype)[:, None]).squeeze(-1)
     scores = torch.einsum("md,mkd->mk", hidden.to(dtype), w) + b
     rows = F.cross_entropy(scores, labels, reduction="none")

@@ -29,15 +29,15 @@ def t5_relative_buckets(seq_len, num_buckets=32, max_distance=128, device=None):
 
 def tupe_position_bias(pos_q, pos_k, *, scale, rel_table=None, rel_buckets=None, cls_row=None, cls_col=None):
     """``P[h, i, j] = scale * <pos_q[i, h], pos_k[j, h]> + rel_table[rel_buckets[i, j], h]``, then [CLS] untying:
-    ``P[h, 0, :] = cls_row[h]`` and ``P[h, 1:, 0] = cls_col[h]``. Differentiable in every float input."""
+    ``P[h, 0, :] = cls_row[h]`` and ``P[h, 1:, 0] = cls_col[h]``. Differentiable in every float input. N = 0 gives
+    an empty ``[H, 0, 0]`` (zero gradients)."""
     p = scale * torch.einsum("ihd,jhd->hij", pos_q, pos_k)
     if rel_table is not None:
         p = p + rel_table[rel_buckets].permute(2, 0, 1).to(p.dtype)
     if cls_row is not None:
-        n = p.shape[-1]
-        row0 = torch.zeros(n, dtype=torch.bool, device=p.device)
-        row0[0] = True
-        col0 = row0.clone()
+        # position 0 by comparison, not by indexing: N = 0 gives an empty P with cls_row/cls_col still in the graph
+        row0 = torch.arange(p.shape[-1], device=p.device) == 0
+        col0 = row0
         # out-of-place so autograd sees the override: first row from cls_row, then column 0 below it from cls_col
         p = torch.where(row0[None, :, None], cls_row[:, None, None].to(p.dtype), p)
         p = torch.where(col0[None, None, :] & ~row0[None, :, None], cls_col[:, None, None].to(p.dtype), p)
