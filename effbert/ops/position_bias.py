@@ -43,6 +43,12 @@ def _reasons(pos_q):
             return [f"Triton kernels take fp32/fp16/bf16, got {str(pos_q.dtype).replace('torch.', '')}"]
         if name == "triton" and pos_q.dtype == torch.bfloat16 and pos_q.device.type == "cpu":
             return ["the Triton interpreter computes bf16 dot products wrongly"]
+        if name == "triton" and pos_q.dim() == 3:
+            from ..kernels import MAX_GRID_YZ  # the package's constants only: no Triton import here
+
+            if pos_q.shape[1] > MAX_GRID_YZ:
+                return [f"Triton kernels take at most {MAX_GRID_YZ} heads (a grid axis of one row per head), got "
+                        f"{pos_q.shape[1]}"]
         return []
 
     return reasons
