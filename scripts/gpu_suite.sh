@@ -268,6 +268,11 @@ install() {  # the CUDA extension's build and the editable install, unless this 
     skip build "this machine's install of the same csrc/, setup.py and torch is there (SUITE_CACHE/install)"
     return 0
   fi
+  if [ "$STAGE" = 2 ] && [ "$(cat "$CACHE/install" 2> /dev/null)" = "$hash without-cuda" ]; then
+    # stage 1's CUDA build failed on this tree: stage 2 does not spend its time failing it again
+    skip build "this machine's install without the CUDA extension (its build failed in stage 1; see its log)"
+    return 0
+  fi
   local arch="${EFFBERT_CUDA_ARCHS:-$($PY -c 'import torch; p = torch.cuda.get_device_capability(); print(f"{p[0]}{p[1]}")')}"
   rm -f "$CACHE/install"
   # a failed build costs only the cuda backend: installed without it, the Triton kernels and the benchmarks still run
@@ -415,8 +420,8 @@ if [ "$STAGES" != 1 ]; then
 fi
 
 { echo; echo "total: $(( $(date +%s) - START )) s"; } >> "$SUMMARY"
-# the stage tables and their last lines (the per-case details stay in the file)
-awk '/^<details>/ {skip = 1} !skip {print} /^<\/details>/ {skip = 0}' "$SUMMARY"
+# the stage tables, each step's counts and failures, and the stages' last lines (the per-case rows stay in the file)
+awk '/^<details>/ {skip = 1; next} /^<\/details>/ {skip = 0; next} !skip || /^#### / || /^- FAILED/' "$SUMMARY"
 echo
 echo "results: $RUN_DIR"
 exit $FAILED

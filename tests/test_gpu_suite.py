@@ -314,3 +314,98 @@ def test_junit_report_counts_and_lists_failures(tmp_path):
     with pytest.raises(ValueError, match="stage_dir must be an existing folder"):
         suite_report.stage_files(tmp_path / "nope")
     assert suite_report.main(["bench", "only-two"]) == 2
+
+
+# ---- the GPU path, on this CPU: a stand-in interpreter and compute-sanitizer record what the suite runs ---------------
+
+STUB_PYTHON = r'''#!/usr/bin/env bash
+# Stands in for the GPU machine's python: says it sees an H100, records each call, and writes the files the
+# suite's steps would (bench.json into --out, the junit file); runs the suite's report script for real.
+echo "$* | caching=${PYTORCH_NO_CUDA_MEMORY_CACHING:-} | triton_cache=${TRITON_CACHE_DIR:-}" >> "$STUB_LOG"
+arg() { local want="$1"; shift; while [ $# -gt 0 ]; do [ "$1" = "$want" ] && { echo "$2"; return; }; shift; done; }
+case "$1" in
+  -c) case "$2" in
+        *get_device_properties*) echo "torch: NVIDIA H100 80GB HBM3, capability 9.0, 132 SMs, cuda 13.0" ;;
+        *get_device_name*) echo H100 ;;
+        *get_device_capability*) echo 90 ;;
+        *sys.executable*) echo "stub 2.11.0+cu130 13.0" ;;
+        *triton.__version__*) echo "3.12.3 torch 2.11.0+cu130 triton 3.6.0" ;;
+        *transformers*) echo 5.17.0 ;;
+        *) echo "stub python: unexpected -c" >&2; exit 3 ;;
+      esac ;;
+  -m) case "$2" in
+        pip) exit 0 ;;
+        effbert.commands)
+          [ "$3" = check ] && { echo "all checks passed"; exit 0; }
+          out="$(arg --out "$@")"; sel=all
+          case " $* " in *" --headline "*) sel=headline ;; *" --rest "*) sel=rest ;; esac
+          mkdir -p "$out"
+          printf '{"selection": "%s", "complete": true, "planned": ["op|s|d|m|%s"], "cases": [{"key": "op|s|d|m|%s", "status": "ok", "ms": 1.0}]}' "$sel" "$sel" "$sel" > "$out/bench.json"
+          echo "# bench" > "$out/bench.md" ;;
+        pytest)
+          for a in "$@"; do case "$a" in --junitxml=*) junit="${a#--junitxml=}" ;; esac; done
+          echo '<testsuite tests="2" failures="1" errors="0" skipped="0"><testcase classname="t" name="ok"/><testcase classname="t" name="bad"><failure message="boom"/></testcase></testsuite>' > "$junit"
+          exit 1 ;;
+      esac ;;
+  *) exec "$REAL_PYTHON" "$@" ;;
+esac
+'''
+
+STUB_SANITIZER = r'''#!/usr/bin/env bash
+echo "compute-sanitizer $* | caching=${PYTORCH_NO_CUDA_MEMORY_CACHING:-}" >> "$STUB_LOG"
+while [ $# -gt 0 ] && [ "$1" != "$STUB_PYTHON" ]; do shift; done
+exec "$@"
+'''
+
+
+def test_the_gpu_path_runs_its_steps_in_order_with_their_arguments(tmp_path):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    stub, sanitizer = bin_dir / "python-gpu", bin_dir / "compute-sanitizer"
+    stub.write_text(STUB_PYTHON)
+    sanitizer.write_text(STUB_SANITIZER)
+    stub.chmod(0o755), sanitizer.chmod(0o755)
+    log, out, cache = tmp_path / "calls.log", tmp_path / "out", tmp_path / "cache"
+    env = dict(os.environ, PYTHON=str(stub), STUB_PYTHON=str(stub), REAL_PYTHON=sys.executable, STUB_LOG=str(log),
+               SUITE_CACHE=str(cache), EFFBERT_COMMIT="0123456789abcdef", PATH=f"{bin_dir}:{os.environ['PATH']}")
+    env.pop("TRITON_CACHE_DIR", None)
+    done = subprocess.run(["bash", str(SCRIPT), "--out", str(out)], env=env, capture_output=True, text=True,
+                          timeout=300, cwd=ROOT)
+    assert done.returncode == 1, done.stdout[-3000:] + done.stderr[-3000:]  # the stub's tests fail one test each
+    folder, files = run_folder(out)
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d{4}Z_H100_0123456", folder.name) and files == ALL_FILES
+    summary = (folder / "summary.md").read_text()
+    stages = summary_rows(summary)
+    assert stages[1] == {"build": "ok", "check": "ok", "bench-headline": "ok"}
+    assert stages[2] == {"tests": "FAILED (exit 1)", "tests-marked": "FAILED (exit 1)", "memcheck": "FAILED (exit 1)",
+                         "racecheck": "FAILED (exit 1)", "bench-rest": "ok"}
+    assert "#### tests: 2 tests: 1 passed, 1 failed, 0 errors, 0 skipped (the step: FAILED (exit 1))" in summary
+    assert "- FAILED `t::bad`: boom" in summary
+    assert "#### tests: 2 tests: 1 passed, 1 failed" in done.stdout  # the counts reach the console too
+    calls = log.read_text().splitlines()
+    steps = [c for c in calls if c.startswith(("-m ", "compute-sanitizer "))]  # not -c probes nor the reports
+    kernel_tests = ("tests/test_tupe_attention.py tests/test_position_bias.py tests/test_notes.py "
+                    "tests/test_early_exit.py tests/test_mc_bert.py")
+    assert steps[0].startswith("-m pip install --no-build-isolation --no-deps --no-input -e .")
+    assert steps[1].startswith("-m effbert.commands check --quick |")
+    assert steps[2].startswith("-m effbert.commands bench --headline --no-progress --budget ")
+    assert re.match(r"-m pytest -q -p no:cacheprovider --maxfail=20 --junitxml=\S+/tests.junit.xml "
+                    + re.escape(kernel_tests) + " -m not aot \\|", steps[3])
+    assert "--ignore=tests/test_mc_bert.py" in steps[4] and "-m (gpu or cuda_ext) and not aot" in steps[4]
+    sanitized = [c for c in steps if c.startswith("compute-sanitizer")]
+    assert "--tool memcheck" in sanitized[0] and sanitized[0].endswith("caching=1")  # no caching allocator
+    assert "--tool racecheck" in sanitized[1]
+    assert re.match(r"-m effbert.commands bench --rest --after \S+/stage1/bench.json --no-progress", steps[-1])
+    assert all(f"triton_cache={cache}/triton" in c for c in steps if c.startswith("-m "))
+    assert (cache / "install").read_text().endswith(" ok\n")
+
+    # stage 2 again, as a command of its own on the same machine: the install is reused, not rebuilt
+    log.unlink()
+    again = subprocess.run(["bash", str(SCRIPT), "--stage", "2", "--out", str(tmp_path / "out2")], env=env,
+                           capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert again.returncode == 1
+    folder2, _ = run_folder(tmp_path / "out2")
+    assert folder2.name == folder.name
+    stages = summary_rows((folder2 / "summary.md").read_text())
+    assert stages[2]["build"].startswith("skipped: this machine's install of the same csrc/")
+    assert not any(c.startswith("-m pip") for c in log.read_text().splitlines())
