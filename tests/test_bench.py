@@ -248,28 +248,130 @@ def _case(op, shape, provider="p"):
 
 
 def test_headline_takes_one_shape_per_op_family_and_rest_the_others():
-    """--headline: every provider of one BERT-base shape per headline op, the most wanted op first; --rest: the
-    other cases; together every case once."""
+    """--headline: every provider but the compiled ones of one BERT-base shape per headline op, the fused kernels
+    first and the training step last; --rest: the other cases; together every case once."""
     cases = [_case("exit_entropy", "B=64,C=2"), _case("exit_entropy", "B=4096,C=30522"),
+             _case("exit_entropy", "B=4096,C=30522", "torch.compile"),
              _case("tupe_attention", "B=32,N=512,H=12,D=64", "a"), _case("tupe_attention", "B=32,N=512,H=12,D=64", "b"),
+             _case("tupe_attention", "B=32,N=512,H=12,D=64", "flexattention"),
              _case("tupe_attention", "B=128,N=128,H=12,D=64"), _case("exit_decision", "R=64,C=2"),
              _case("train_step_padding", "B=128,N=128,real=8192,L=12,Dm=768"),
              _case("train_step_padding", "B=32,N=512,real=8192,L=12,Dm=768", "padded"),
              _case("train_step_padding", "B=32,N=512,real=8192,L=12,Dm=768", "unpadded"),
-             _case("mc_sample_fused", "M=16384,V=30522,D=256,K=10")]
+             _case("mc_sample_fused", "M=16384,V=30522,D=256,K=10"),
+             _case("early_exit_inference", "B=64,N=128,L=12,avg_exit=6")]
     head = runner.select(cases, "headline")
     assert [(c.op, c.shape, c.provider) for c in head] == [
-        ("train_step_padding", "B=32,N=512,real=8192,L=12,Dm=768", "padded"),
-        ("train_step_padding", "B=32,N=512,real=8192,L=12,Dm=768", "unpadded"),
-        ("tupe_attention", "B=32,N=512,H=12,D=64", "a"), ("tupe_attention", "B=32,N=512,H=12,D=64", "b"),
         ("exit_entropy", "B=4096,C=30522", "p"),
-        ("mc_sample_fused", "M=16384,V=30522,D=256,K=10", "p")]  # no pattern: the op's first shape
+        ("mc_sample_fused", "M=16384,V=30522,D=256,K=10", "p"),  # no pattern: the op's first shape
+        ("early_exit_inference", "B=64,N=128,L=12,avg_exit=6", "p"),
+        ("tupe_attention", "B=32,N=512,H=12,D=64", "a"), ("tupe_attention", "B=32,N=512,H=12,D=64", "b"),
+        ("train_step_padding", "B=32,N=512,real=8192,L=12,Dm=768", "padded"),
+        ("train_step_padding", "B=32,N=512,real=8192,L=12,Dm=768", "unpadded")]
     rest = runner.select(cases, "rest")
     assert sorted(map(id, head + rest)) == sorted(map(id, cases))
     assert {c.op for c in rest} == {"exit_entropy", "tupe_attention", "exit_decision", "train_step_padding"}
+    # the compiled providers time PyTorch's compiler from cold: with the rest, never in the headline
+    assert {c.provider for c in rest} >= {"torch.compile", "flexattention"}
     assert runner.select(cases, "all") == cases
     with pytest.raises(ValueError, match="which"):
         runner.select(cases, "most")
+
+    # --rest after a headline run that settled only some cases: the ones it left come first, in headline order
+    settled = {head[0].key, head[3].key, head[4].key}
+    after = runner.select(cases, "rest", settled)
+    left = [c for c in head if c.key not in settled]
+    assert after[:len(left)] == left and after[len(left):] == rest
+    assert runner.select(cases, "rest", {c.key for c in head}) == rest
+    with pytest.raises(ValueError, match="measured is only for which='rest'"):
+        runner.select(cases, "headline", settled)
+    with pytest.raises(ValueError, match="measured must be a collection of case keys"):
+        runner.select(cases, "rest", "exit_entropy|B=4096")
+
+
+def test_settled_keys_leave_what_the_budget_skipped():
+    rows = [{"key": "ran", "status": "ok"}, {"key": "wrong", "status": "wrong"}, {"key": "broke", "status": "error"},
+            {"key": "cannot", "status": "skipped", "reason": "no CUDA device"},
+            {"key": "late", "status": "skipped", "reason": "the run's --budget of 5 s was spent",
+             "skipped_for": runner.BUDGET_SKIP}]
+    assert runner.settled_keys({"cases": rows, "planned": ["ran", "never"]}) == {"ran", "wrong", "broke", "cannot"}
+    for bad in ([], {"cases": None}, {"planned": []}):
+        with pytest.raises(ValueError, match="result must be a parsed bench.json"):
+            runner.settled_keys(bad)
+
+
+def _stub_bench(monkeypatch, stop_after=None):
+    """effbert bench's timing replaced by a stub row per case (and, with stop_after, a kill after that many)."""
+    ran = []
+
+    def run_case(case, device, ceilings, quick):
+        if stop_after is not None and len(ran) == stop_after:
+            raise KeyboardInterrupt
+        ran.append(case.key)
+        row = {"op": case.op, "shape": case.shape, "dtype": case.dtype, "mode": case.mode, "key": case.key,
+               "provider": case.provider, "baseline": case.baseline}
+        if case.skip_reasons:
+            return dict(row, status="skipped", reason="; ".join(case.skip_reasons))
+        return dict(row, status="ok", ms=1.0, GBps=1.0, TFLOPs=None, pct_of_floor=1.0)
+
+    monkeypatch.setattr(bench_command, "run_case", run_case)
+    monkeypatch.setattr(bench_command, "measure_ceilings", lambda device, quick: {"launch_us": 1.0})
+    monkeypatch.setattr(bench_command, "write_plots", lambda out, rows: [])
+    monkeypatch.setattr(bench_command, "write_seqlen_plots", lambda out, rows: [])
+    return ran
+
+
+def test_rest_after_a_headline_run_takes_the_headline_cases_it_left(tmp_path, monkeypatch):
+    """The GPU suite's stage 1 runs --headline with a --budget; stage 2's --rest --after its bench.json measures
+    the headline cases stage 1 skipped for its budget (not those that cannot run here), then the rest."""
+    import torch
+
+    ops = "exit_entropy,notes"
+    cases = runner.collect_cases(torch.device("cpu"), True, ops)
+    head, rest = runner.select(cases, "headline"), runner.select(cases, "rest")
+    ran = _stub_bench(monkeypatch)
+    first = tmp_path / "stage1"
+    assert bench_command.main(["--quick", "--no-progress", "--op", ops, "--headline", "--budget", "1e-9",
+                               "--out", str(first)]) == 0
+    data = json.loads((first / "bench.json").read_text())
+    assert data["selection"] == "headline" and data["planned"] == [c.key for c in head] and data["complete"]
+    late = [r["key"] for r in data["cases"] if r.get("skipped_for") == runner.BUDGET_SKIP]
+    cannot = [r["key"] for r in data["cases"] if r["status"] == "skipped" and "skipped_for" not in r]
+    assert late and cannot and sorted(late + cannot) == sorted(c.key for c in head)
+    ran.clear()
+    second = tmp_path / "stage2"
+    assert bench_command.main(["--quick", "--no-progress", "--op", ops, "--rest", "--after",
+                               str(first / "bench.json"), "--out", str(second)]) == 0
+    assert ran == late + [c.key for c in rest]
+    # without --after, --rest leaves the headline cases to the headline run
+    ran.clear()
+    assert bench_command.main(["--quick", "--no-progress", "--op", ops, "--rest", "--out", str(tmp_path / "r")]) == 0
+    assert ran == [c.key for c in rest]
+
+
+def test_after_needs_rest_and_a_bench_json(tmp_path, capsys):
+    (tmp_path / "cut.json").write_text('{"cases": [')
+    for argv, message in ((["--after", str(tmp_path / "cut.json")], "--after goes with --rest"),
+                          (["--rest", "--after", str(tmp_path / "cut.json")], "is not the bench.json of a --headline"),
+                          (["--rest", "--after", str(tmp_path / "none.json")], "is not the bench.json of a --headline")):
+        with pytest.raises(SystemExit) as exc:
+            bench_command.main(["--op", "exit_entropy", "--quick", "--out", str(tmp_path / "o"), *argv])
+        assert exc.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_commit_comes_from_effbert_commit_else_from_this_trees_own_git(tmp_path, monkeypatch):
+    monkeypatch.setenv("EFFBERT_COMMIT", "abc1234def")
+    assert runner._git_commit() == "abc1234def" and runner._git_commit(tmp_path) == "abc1234def"
+    monkeypatch.delenv("EFFBERT_COMMIT")
+    # a copy of the tree without .git, even inside another repository: unknown, not that repository's commit
+    inner = tmp_path / "copy"
+    inner.mkdir()
+    import subprocess
+
+    subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)
+    assert runner._git_commit(inner) is None
+    with pytest.raises(ValueError, match="root must be an existing folder"):
+        runner._git_commit(tmp_path / "missing")
 
 
 def test_speedups_compare_throughput_and_a_ratio_target_is_noted():
@@ -293,26 +395,24 @@ def test_speedups_compare_throughput_and_a_ratio_target_is_noted():
 
 
 def test_a_run_stopped_midway_leaves_the_cases_it_measured(tmp_path, monkeypatch):
-    """bench.json and bench.md are rewritten after every case: a run stopped from outside (the GPU suite's time
-    limit) still leaves the rows it measured, marked incomplete."""
-    measured = []
-
-    def run_case(case, device, ceilings, quick):
-        if len(measured) == 2:
-            raise KeyboardInterrupt  # what a kill looks like to the run: nothing after this line happens
-        measured.append(case.key)
-        return {"op": case.op, "shape": case.shape, "dtype": case.dtype, "mode": case.mode, "key": case.key,
-                "provider": case.provider, "baseline": case.baseline, "status": "skipped", "reason": "stub"}
-
-    monkeypatch.setattr(bench_command, "run_case", run_case)
-    monkeypatch.setattr(bench_command, "measure_ceilings", lambda device, quick: {"launch_us": 1.0})
+    """bench.json and bench.md are written before the first case (with the cases the run plans) and rewritten after
+    every case: a run stopped from outside (the GPU suite's time limit) still leaves the rows it measured, marked
+    incomplete, and which cases it never reached."""
+    measured = _stub_bench(monkeypatch, stop_after=2)
     out = tmp_path / "cut"
     with pytest.raises(KeyboardInterrupt):
         bench_command.main(["--quick", "--no-progress", "--op", "exit_entropy", "--out", str(out)])
     data = json.loads((out / "bench.json").read_text())
     assert data["complete"] is False and [r["key"] for r in data["cases"]] == measured
+    assert len(data["planned"]) > len(measured) and data["planned"][:2] == measured
     assert "## exit_entropy" in (out / "bench.md").read_text()
     assert not list(out.glob("*.tmp"))
+    # stopped before its first case: the file is there, with every case planned and none measured
+    _stub_bench(monkeypatch, stop_after=0)
+    with pytest.raises(KeyboardInterrupt):
+        bench_command.main(["--quick", "--no-progress", "--op", "exit_entropy", "--out", str(tmp_path / "early")])
+    early = json.loads((tmp_path / "early" / "bench.json").read_text())
+    assert early["cases"] == [] and early["planned"] == data["planned"] and early["ceilings"] == {"launch_us": 1.0}
 
 
 def test_op_selects_several_ops_or_families_joined_by_commas():

@@ -809,3 +809,101 @@ def test_cpu_varlen_unchecked_offsets_leave_no_row_unwritten(seeded):
     assert (out[:2] == 0).all() and (out[5:] == 0).all()
     ref = reference.tupe_attention(*(t[None, 2:5].double() for t in (q, k, v)), pos[:, :3, :3].double())[0]
     assert_close(out[2:5], ref)
+
+
+
+def test_batch_chunks_keep_batch_times_heads_within_cudas_grid_axis():
+    from effbert.kernels import MAX_GRID_YZ, batch_chunks
+
+    assert batch_chunks(5461, 12) == [(0, 5461)]  # 65532 programs a column: one launch, as always
+    chunks = batch_chunks(8192, 12)  # 98304 > 65535: what failed on grid.y
+    assert chunks == [(0, 5461), (5461, 8192)]
+    assert all((b1 - b0) * 12 <= MAX_GRID_YZ for b0, b1 in chunks)
+    assert batch_chunks(0, 12) == [] and batch_chunks(3, 0) == [(0, 3)]
+    assert len(batch_chunks(200_000, 1)) == 4 and batch_chunks(200_000, 1)[-1] == (196_605, 200_000)
+    for args, message in (((-1, 2), "batch must be a non-negative integer, got -1"),
+                          ((2.0, 2), "batch must be a non-negative integer, got 2.0"),
+                          ((2, True), "heads must be a non-negative integer, got True"),
+                          ((2, MAX_GRID_YZ + 1), f"heads must be at most {MAX_GRID_YZ}")):
+        with pytest.raises(ValueError, match=message):
+            batch_chunks(*args)
+
+
+class _RecordGrid:
+    """Stands in for a Triton kernel: records the grid of each launch, runs nothing."""
+
+    def __init__(self):
+        self.grids = []
+
+    def __getitem__(self, grid):
+        self.grids.append(tuple(grid))
+        return lambda *args, **kwargs: None
+
+
+def test_attention_launchers_split_batch_times_heads_above_65535(monkeypatch):
+    """B * H = 70000 rows of grid axis 1 fail on a GPU: every TUPE attention launcher splits the batch into
+    launches of at most 65535 rows there (and one launch when it fits)."""
+    from effbert.kernels import MAX_GRID_YZ
+    from effbert.kernels import tupe_attention as kernels
+
+    fwd, dkdv, dq, keep = (_RecordGrid() for _ in range(4))
+    for name, fake in (("tupe_attn_fwd_kernel", fwd), ("tupe_attn_bwd_dkdv_kernel", dkdv),
+                       ("tupe_attn_bwd_dq_kernel", dq), ("dropout_keep_kernel", keep)):
+        monkeypatch.setattr(kernels, name, fake)
+    b, n, h, d = 35_000, 3, 2, 16
+    q = torch.zeros(b, n, h, d)
+    lse = torch.zeros(h, b * n)
+    kernels.attention_forward(q, q, q, None, None, None, None, q, lse, batch=b, seq_len=n, scale=0.25,
+                              dropout_p=0.0)
+    kernels.attention_backward(q, q, q, None, None, None, None, q, lse, lse, q, q, q, None, batch=b, seq_len=n,
+                               scale=0.25, dropout_p=0.0)
+    kernels.dropout_keep_mask(torch.zeros(1, dtype=torch.int64), 35_000, 2, 1, 0.5, "cpu")
+    rows = [(0, 32_767), (32_767, 35_000)]  # 65535 // 2 batch elements a launch
+    assert [g[1] for g in fwd.grids] == [(b1 - b0) * h for b0, b1 in rows]
+    assert [g[1] for g in dkdv.grids] == [(b1 - b0) * h for b0, b1 in rows]
+    # no bias gradient: one batch group per batch element of the launch, on axis 2
+    assert [g[1:] for g in dq.grids] == [(h, b1 - b0) for b0, b1 in rows]
+    assert [g[2] for g in keep.grids] == [(b1 - b0) * h for b0, b1 in rows]
+    assert all(max(g[1:]) <= MAX_GRID_YZ for g in fwd.grids + dkdv.grids + dq.grids + keep.grids)
+    fwd.grids.clear()
+    kernels.attention_forward(q[:9], q[:9], q[:9], None, None, None, None, q[:9], lse[:, :27], batch=9, seq_len=n,
+                              scale=0.25, dropout_p=0.0)
+    assert len(fwd.grids) == 1 and fwd.grids[0][1] == 9 * h
+
+
+@pytest.mark.parametrize("layout", ["padded", "packed"])
+def test_a_batch_split_into_several_launches_equals_the_reference(layout, monkeypatch, seeded):
+    """The split above, run for real under a grid limit of 5 rows (2 heads: two batch elements a launch): output
+    and every gradient, the bias gradient summed over all launches, and dropout drawn per launch the way
+    dropout_keep_mask draws it."""
+    import effbert.kernels
+
+    monkeypatch.setattr(effbert.kernels, "MAX_GRID_YZ", 5)
+    b, n, h, d, p = 5, 7, 2, 16, 0.25
+    q, k, v = make_qkv(b, n, h, d)
+    pos = torch.randn(h, n, n, dtype=torch.float64, device=DEVICE)
+    mask = padding_mask(b, n)
+    grad = torch.randn(b, n, h, d, dtype=torch.float64, device=DEVICE)
+    torch.manual_seed(99)
+    seed = attention_ops._draw_seed(torch.device(DEVICE))
+    keep = attention_ops.dropout_keep_mask(seed, b, h, n, p)
+    assert not torch.equal(keep[0], keep[2])  # the second launch draws from its own seed
+    leaves = [t.float().requires_grad_() for t in (q, k, v, pos)]
+    torch.manual_seed(99)
+    if layout == "padded":
+        out = effbert.tupe_attention(*leaves, attention_mask=mask, dropout_p=p, backend="triton")
+        out.backward(grad.float())
+    else:
+        cu = torch.tensor([0] + mask.sum(1).cumsum(0).tolist(), dtype=torch.int32, device=DEVICE)
+        packed = [unpad(t, cu) for t in leaves[:3]]
+        out = pad_packed(effbert.tupe_attention_varlen(*packed, cu, n, leaves[3], dropout_p=p, backend="triton"),
+                         cu, n)[0]
+        out.backward(grad.float())
+    leaves64 = [t.clone().requires_grad_() for t in (q, k, v, pos)]
+    ref = reference.tupe_attention(*leaves64, attention_mask=mask, dropout_p=p, dropout_mask=keep)
+    ref.backward(grad)
+    real = mask[:, :, None, None]
+    assert_close(out * real, ref * real)
+    for name, t, t64 in zip("q k v pos_bias".split(), leaves, leaves64):
+        g, g64 = (t.grad, t64.grad) if name == "pos_bias" else (t.grad * real, t64.grad * real)
+        assert_close(g, g64, rtol=GRAD_RTOL, what=f"d {name}")

@@ -47,10 +47,18 @@ def environment(device):
     return env
 
 
-def _git_commit():
-    if os.environ.get("EFFBERT_COMMIT"):  # a copy of the tree without .git (the GPU suite passes it in)
+def _git_commit(root=None):
+    """The commit under test: ``EFFBERT_COMMIT`` when set (a copy of the tree without its .git: the GPU suite passes
+    it in), else git's HEAD of ``root`` (default: the checkout effbert was imported from) with "+dirty" for
+    uncommitted changes, when ``root`` has a .git of its own (not a repository above it, which an installed copy
+    may sit in); else None."""
+    if os.environ.get("EFFBERT_COMMIT"):
         return os.environ["EFFBERT_COMMIT"]
-    here = Path(__file__).resolve().parents[2]
+    here = Path(__file__).resolve().parents[2] if root is None else Path(root)
+    if not here.is_dir():
+        raise ValueError(f"root must be an existing folder, got {str(root)!r}")
+    if not (here / ".git").exists():
+        return None
     try:
         out = subprocess.run(["git", "-C", str(here), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
         dirty = subprocess.run(["git", "-C", str(here), "status", "--porcelain", "--untracked-files=no"],
@@ -177,27 +185,41 @@ def add_speedups(rows):
 
 
 # What stage 1 of the GPU suite measures (`effbert bench --headline`): one shape per op family at BERT-base sizes,
-# in this order. op -> a pattern its shape should match (the first that does; the op's first shape when none does).
+# in this order: the fused kernels against their baselines first (each case takes seconds), then the training step
+# (a BERT-base model built per provider: the longest cases), so that a stage that runs out of time has measured the
+# most figures. op -> a pattern its shape should match (the first that does; the op's first shape when none does).
 HEADLINE = {
-    "train_step_padding": r"^B=32,N=512,",
-    "tupe_attention": r"^B=32,N=512,H=12,D=64$",
-    "tupe_attention_varlen": None,
-    "early_exit_inference": r"^B=64,.*avg_exit=6$",
     "exit_entropy": r"^B=4096,C=30522|^B=512,C=30522",
     "note_mix": r"^B=32,N=512,Dm=768$",
     "note_update_": r"^B=32,N=512,Dm=768,",
     "mc_sample_fused": None,
     "mc_candidate_loss": None,
+    "early_exit_inference": r"^B=64,.*avg_exit=6$",
+    "tupe_attention": r"^B=32,N=512,H=12,D=64$",
+    "tupe_attention_varlen": None,
+    "train_step_padding": r"^B=32,N=512,",
 }
+# Providers that time PyTorch's compiler from cold (tens of seconds on a fresh machine before the first figure):
+# never in the headline, measured with the rest.
+COMPILED_PROVIDERS = ("torch.compile", "flexattention")
+
+MEASURED_STATUSES = ("ok", "wrong", "error")  # a row with one of these ran; "skipped" did not
+BUDGET_SKIP = "budget"  # a row's "skipped_for" when the run's --budget was spent before it (not a reason of its own)
 
 
-def select(cases, which):
-    """``which``: ``"all"``, ``"headline"`` (the HEADLINE cases: every provider, dtype and mode of one shape per
-    op) or ``"rest"`` (all but those)."""
+def select(cases, which, measured=None):
+    """``which``: ``"all"``, ``"headline"`` (the HEADLINE cases: every provider but the compiled ones, every dtype
+    and mode of one shape per op, the most wanted op first) or ``"rest"`` (all but those). ``measured``: with
+    ``"rest"``, the keys an earlier ``"headline"`` run settled (`settled_keys`; None: all of them); the headline
+    cases it left (skipped for its budget, or never reached) come first, in headline order."""
     if which == "all":
         return list(cases)
     if which not in ("headline", "rest"):
         raise ValueError(f"which must be 'all', 'headline' or 'rest', got {which!r}")
+    if measured is not None and (isinstance(measured, str) or not all(isinstance(k, str) for k in measured)):
+        raise ValueError(f"measured must be a collection of case keys (str), got {measured!r:.80}")
+    if measured is not None and which != "rest":
+        raise ValueError("measured is only for which='rest' (the headline cases an earlier run left)")
     import re
 
     chosen = {}
@@ -206,10 +228,27 @@ def select(cases, which):
         match = [s for s in shapes if pattern and re.search(pattern, s)]
         if match or shapes:
             chosen[op] = (match or shapes)[0]
-    if which == "rest":
-        return [c for c in cases if chosen.get(c.op) != c.shape]
+
+    def headline(c):
+        return chosen.get(c.op) == c.shape and c.provider not in COMPILED_PROVIDERS
+
     order = list(HEADLINE)  # the most wanted figures first: a stage that runs out of time has measured them
-    return sorted((c for c in cases if chosen.get(c.op) == c.shape), key=lambda c: order.index(c.op))
+    head = sorted((c for c in cases if headline(c)), key=lambda c: order.index(c.op))
+    if which == "headline":
+        return head
+    left = [] if measured is None else [c for c in head if c.key not in set(measured)]
+    return left + [c for c in cases if not headline(c)]
+
+
+def settled_keys(result):
+    """The keys of the cases a bench.json (its parsed dict) settled: rows that ran, whatever their verdict, and
+    rows skipped for a reason of their own (a provider that cannot run here); not rows skipped because the run's
+    --budget was spent, nor cases the run never reached."""
+    if not isinstance(result, dict) or not isinstance(result.get("cases"), list):
+        raise ValueError("result must be a parsed bench.json (a dict with a 'cases' list)")
+    return {r["key"] for r in result["cases"] if isinstance(r, dict) and "key" in r
+            and (r.get("status") in MEASURED_STATUSES
+                 or r.get("status") == "skipped" and r.get("skipped_for") != BUDGET_SKIP)}
 
 
 def _notes(row):

@@ -1,6 +1,7 @@
 """``effbert bench``: the microbenchmark suite (the cases live in :mod:`effbert.bench`).
 
-    effbert bench [--op NAME] [--quick] [--headline | --rest] [--out DIR] [--compare OLD.json] [--budget SECONDS]
+    effbert bench [--op NAME] [--quick] [--headline | --rest [--after HEADLINE.json]] [--out DIR]
+                  [--compare OLD.json] [--budget SECONDS]
     effbert bench --index benchmarks/results     # regenerate benchmarks/RESULTS.md from the committed runs
 """
 
@@ -12,8 +13,9 @@ from pathlib import Path
 
 import torch
 
-from ..bench.runner import (_progress, add_speedups, collect_cases, compare, environment, format_tables, run_case,
-                            select, write_index, write_markdown, write_plots, write_seqlen_plots)
+from ..bench.runner import (BUDGET_SKIP, _progress, add_speedups, collect_cases, compare, environment,
+                            format_tables, run_case, select, settled_keys, write_index, write_markdown, write_plots,
+                            write_seqlen_plots)
 from ..bench.timing import measure_ceilings
 from . import UsageError, check_out_dir
 
@@ -32,9 +34,13 @@ def main(argv=None):
                        help="only the headline cases: one shape per op family at BERT-base sizes (the GPU suite's "
                             "first stage)")
     which.add_argument("--rest", action="store_true", help="every case but the headline ones")
+    parser.add_argument("--after", default=None, metavar="HEADLINE.json",
+                        help="with --rest: the bench.json of the --headline run this one follows; the headline cases "
+                             "it did not measure (its --budget was spent, or it was stopped) run first")
     parser.add_argument("--budget", type=float, default=None, metavar="SECONDS",
-                        help="stop starting cases after this long; the rest are listed as skipped, and the "
-                             "files are written all the same")
+                        help="stop starting cases this long after the command started; the rest are listed as "
+                             "skipped, and the files are written all the same")
+    started = time.monotonic()  # --budget counts from here: the ceilings and the setup are part of the run
     args = parser.parse_args(argv)
     if args.budget is not None and not args.budget > 0:
         parser.error(f"--budget must be a positive number of seconds, got {args.budget}")
@@ -43,6 +49,14 @@ def main(argv=None):
             parser.error(f"--index must be a folder of result JSON files, got {args.index!r}")
         print(f"wrote {write_index(args.index)}")
         return 0
+    measured = None
+    if args.after is not None:
+        if not args.rest:
+            parser.error("--after goes with --rest (the headline cases an earlier --headline run left)")
+        try:
+            measured = settled_keys(json.loads(Path(args.after).read_text(encoding="utf-8")))
+        except (OSError, ValueError) as exc:
+            parser.error(f"--after: {args.after!r} is not the bench.json of a --headline run ({exc})")
     if args.compare and not Path(args.compare).is_file():
         parser.error(f"--compare must name an existing JSON file from an earlier run, got {args.compare!r}")
     if args.compare:  # read it now, not after the whole run
@@ -63,19 +77,28 @@ def main(argv=None):
     cases = collect_cases(device, args.quick, args.op)
     if not cases:
         parser.error(f"--op {args.op!r} matches no case; ops: {sorted({c.op for c in collect_cases(device, True)})}")
-    cases = select(cases, "headline" if args.headline else "rest" if args.rest else "all")
+    which = "headline" if args.headline else "rest" if args.rest else "all"
+    cases = select(cases, which, measured)
     if not cases:
         parser.error(f"{'--headline' if args.headline else '--rest'} leaves no case of --op {args.op!r}")
     print(f"effbert bench on {env['device']}: measuring ceilings, then {len(cases)} cases", file=sys.stderr)
-    ceilings = measure_ceilings(device, quick=args.quick)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    result = {"env": env, "ceilings": ceilings, "quick": args.quick, "complete": False, "cases": []}
-    rows, started = result["cases"], time.monotonic()
+    # what the run means to measure, written before anything is measured: a run stopped from outside still says
+    # which cases it never reached
+    result = {"env": env, "ceilings": {}, "quick": args.quick, "selection": which,
+              "planned": [c.key for c in cases], "complete": False, "cases": []}
+    _write(out, result)
+    ceilings = result["ceilings"] = measure_ceilings(device, quick=args.quick)
+    _write(out, result)
+    rows = result["cases"]
     for case in _progress(cases, not args.no_progress):
-        if args.budget is not None and time.monotonic() - started > args.budget:
-            case.skip_reasons = case.skip_reasons or [f"the run's --budget of {args.budget:g} s was spent"]
+        spent = not case.skip_reasons and args.budget is not None and time.monotonic() - started > args.budget
+        if spent:
+            case.skip_reasons = [f"the run's --budget of {args.budget:g} s was spent"]
         rows.append(run_case(case, device, ceilings, args.quick))
+        if spent:
+            rows[-1]["skipped_for"] = BUDGET_SKIP  # a later --rest --after this file runs it
         add_speedups(rows)
         _write(out, result)  # after every case: a run stopped from outside still leaves what it measured
     result["complete"] = True

@@ -1,9 +1,13 @@
 """``effbert check``: every op on this machine's backends against the float64 reference, as a table.
 
 The first thing to run on a new machine: it shows which backends exist, and that each one computes the right thing.
+An install that cannot serve (the Triton kernels or the C++ CPU extension missing, no Triton result on a GPU) fails
+the command with one line saying what is missing, instead of passing on the eager reference alone.
 """
 
+import importlib
 import sys
+import time
 
 import torch
 
@@ -25,10 +29,23 @@ def _devices():
     return [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
 
 
-def check_exit_entropy():
+ALL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _dtypes(full, quick, one=torch.float32):
+    """The dtypes a check runs: ``full``, or ``(one,)`` under ``--quick`` (each dtype is one more JIT compile of
+    every Triton kernel on a GPU: about a second each)."""
+    if not isinstance(quick, bool):
+        raise ValueError(f"quick must be a bool, got {quick!r}")
+    if one not in full:
+        raise ValueError(f"one must be one of {full}, got {one}")
+    return (one,) if quick else tuple(full)
+
+
+def check_exit_entropy(quick=False):
     rows = []
     for device in _devices():
-        for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        for dtype in _dtypes(ALL_DTYPES, quick):
             for shape in ((97, 3), (33, 30522)):
                 x = (torch.randn(shape) * 4).to(dtype).to(device)
                 x[0, 1] = float("nan")  # NaN in, NaN out
@@ -54,10 +71,9 @@ def _serviceable(probe):
         return False  # not serviceable here; the backend table says why
 
 
-def check_tupe():
-    """tupe_position_bias, then tupe_attention fed its P (with padding), forward, against float64."""
-    import importlib
-
+def check_tupe(quick=False):
+    """tupe_position_bias, then tupe_attention fed its P (with padding), forward, against float64 (``quick``: bf16
+    on a GPU, the dtype BERT trains in, and fp32 on the CPU)."""
     attention_ops = importlib.import_module("effbert.ops.tupe_attention")
     bias_ops = importlib.import_module("effbert.ops.position_bias")
     rows = []
@@ -72,7 +88,8 @@ def check_tupe():
         kw = dict(scale=(2 * d) ** -0.5, rel_table=table, rel_buckets=buckets, cls_row=cls, cls_col=-cls)
         pos_ref = reference.tupe_position_bias(pq, pk, **kw)
         att_ref = reference.tupe_attention(q, k, v, pos_ref, attention_mask=mask, scale=(2 * d) ** -0.5)
-        for dtype in (torch.float32, torch.bfloat16):
+        for dtype in _dtypes((torch.float32, torch.bfloat16), quick,
+                             torch.bfloat16 if device.type == "cuda" else torch.float32):
             tol = (1e-4 if device.type == "cuda" else 1e-5) if dtype == torch.float32 else 3e-2
             for backend in ("triton", "eager"):
                 low = lambda t: t.to(dtype)  # noqa: E731
@@ -93,12 +110,12 @@ def check_tupe():
 
 # ---- batched early exit ----
 
-def check_exit_decision():
+def check_exit_decision(quick=False):
     """The fused decision on each backend against the reference: the error is 0 when every exit, layer, compacted id
     and patience counter matches, inf otherwise (decisions are exact, not approximate)."""
     rows = []
     for device in _devices():
-        for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        for dtype in _dtypes(ALL_DTYPES, quick):
             for criterion, kw in (("entropy", dict(threshold=0.5)), ("max_prob", dict(threshold=0.6)),
                                   ("patience", dict(patience=1))):
                 batch, c = 97, 3
@@ -130,8 +147,10 @@ def check_exit_decision():
     return rows
 
 
-def check_multi_exit_loss():
-    """RomeBERT's loss and its gradient (the fused kernel where it runs) against autograd of the reference."""
+def check_multi_exit_loss(quick=False):
+    """RomeBERT's loss and its gradient (the fused kernel where it runs) against autograd of the reference (float32
+    only, ``quick`` or not)."""
+    _dtypes((torch.float32,), quick)
     rows = []
     for device in _devices():
         z = (torch.randn(4, 33, 5) * 2).to(device)
@@ -154,14 +173,14 @@ def check_multi_exit_loss():
 
 
 
-def check_notes():
+def check_notes(quick=False):
     """note_mix and note_update_ (TNF) on every backend here against the float64 loop reference."""
     from ..ops import notes as notes_ops
 
     rows = []
     for device in _devices():
         tol = 1e-4 if device.type == "cuda" else 1e-5
-        for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        for dtype in _dtypes(ALL_DTYPES, quick):
             B, N, D, S = 5, 97, 129, 11
             x = torch.randn(B, N, D).to(dtype).to(device)
             notes = torch.randn(S, D, device=device)
@@ -192,7 +211,7 @@ def check_notes():
     return rows
 
 
-def check_mc_bert():
+def check_mc_bert(quick=False):
     """mc_candidate_loss (loss and the three gradients) against float64; mc_sample: the Triton draws bit for bit
     against the Philox/Gumbel reference, every backend's draw frequencies against the softmax."""
     from ..ops import mc_bert as mc_ops
@@ -200,7 +219,7 @@ def check_mc_bert():
     rows = []
     for device in _devices():
         tol = 1e-4 if device.type == "cuda" else 1e-5
-        for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        for dtype in _dtypes(ALL_DTYPES, quick):
             M, V, D, K = 33, 101, 65, 10  # odd sizes; small enough for the Triton interpreter
             h, e = torch.randn(M, D).to(dtype).to(device), (torch.randn(V, D) * 0.3).to(dtype).to(device)
             b = torch.randn(V, device=device)
@@ -247,27 +266,90 @@ def check_mc_bert():
 
 CHECKS = [check_exit_entropy, check_tupe, check_notes, check_exit_decision, check_multi_exit_loss, check_mc_bert]
 
+# the ops each check covers: on a GPU every one must have a Triton row on cuda, or the install is not serving
+KERNEL_MODULES = ("tupe_attention", "position_bias", "notes", "early_exit", "mc_bert")
+TRITON_OPS = ("exit_entropy", "tupe_position_bias", "tupe_attention", "note_mix", "note_update_", "exit_decision",
+              "multi_exit_loss", "mc_candidate_loss")
+
+
+def install_problems():
+    """What makes this install unfit to check, as one-line messages (empty when none): the Triton kernels
+    (``effbert.kernels``) missing or broken while triton itself imports, or the C++ CPU extension (``effbert._C``,
+    which every ``pip install`` builds) missing."""
+    problems = []
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        triton = None  # the backend table says so; a machine without triton runs the other backends
+    if triton is not None:
+        for name in KERNEL_MODULES:
+            try:
+                importlib.import_module(f"effbert.kernels.{name}")
+            except Exception as exc:  # noqa: BLE001 - whatever breaks the import, the install is unfit
+                problems.append(f"the Triton kernels cannot be imported (effbert.kernels.{name}: "
+                                f"{type(exc).__name__}: {exc}); reinstall effbert (pip install -e .)")
+                break
+    from .. import _ext
+
+    module, why = _ext.load("_C")
+    if module is None:
+        problems.append(f"the install failed or never ran: {why}")
+    return problems
+
+
+def missing_gpu_rows(rows, cuda_available):
+    """On a machine with CUDA, the ops of TRITON_OPS that have no Triton row on cuda (a check that passed there on
+    the eager backend alone proved nothing about the kernels). Empty without CUDA."""
+    if not isinstance(cuda_available, bool):
+        raise ValueError(f"cuda_available must be a bool, got {cuda_available!r}")
+    if not cuda_available:
+        return []
+    served = {op for op, backend, device, *_ in rows if backend == "triton" and device == "cuda"}
+    return [op for op in TRITON_OPS if op not in served]
+
 
 def main(argv=None):
     import argparse
 
     parser = argparse.ArgumentParser(prog="effbert check", description=__doc__.split("\n")[0])
-    parser.parse_args(argv)
+    parser.add_argument("--quick", action="store_true",
+                        help="one dtype per op (bf16 for TUPE attention on a GPU, fp32 elsewhere): a fraction of the "
+                             "Triton JIT compiles, for a first look at a fresh GPU machine")
+    args = parser.parse_args(argv)
+    started = time.monotonic()
+    problems = install_problems()
     print("backends:")
     for status in backends().values():
         print(f"  {status}")
+    if problems:
+        for problem in problems:
+            print(f"effbert check: error: {problem}", file=sys.stderr)
+        return 1
     print()
     head = f"{'op':18} {'backend':8} {'device':6} {'dtype':9} {'shape':14} {'rel. error':>11} {'tolerance':>9}  result"
     print(head)
     print("-" * len(head))
-    failed = 0
+    failed, rows = 0, []
     for check in CHECKS:
-        for op, backend, device, dtype, shape, err, tol in check():
+        try:
+            found = check(quick=args.quick)
+        except Exception as exc:  # noqa: BLE001 - a check that crashes is a failure to report, not a traceback
+            failed += 1
+            print(f"{check.__name__:18} ERROR: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+            continue
+        for op, backend, device, dtype, shape, err, tol in found:
             ok = err <= tol
             failed += not ok
             print(f"{op:18} {backend:8} {device:6} {dtype:9} {shape:14} {err:11.2e} {tol:9.0e}  "
                   f"{'pass' if ok else 'FAIL'}")
-    print(f"\n{'all checks passed' if not failed else f'{failed} checks FAILED'}")
+        rows += found
+    print(f"\n({len(rows)} results in {time.monotonic() - started:.1f} s{', --quick' if args.quick else ''})")
+    missing = missing_gpu_rows(rows, torch.cuda.is_available())
+    if missing:
+        print(f"effbert check: error: no Triton result on cuda for {', '.join(missing)}: the GPU is not served by "
+              f"the kernels (see the backends above)", file=sys.stderr)
+        return 1
+    print(f"{'all checks passed' if not failed else f'{failed} checks FAILED'}")
     return 1 if failed else 0
 
 

@@ -32,13 +32,19 @@ offset outside [0, total], a decreasing one or a sequence longer than max_seqlen
 input reads or writes outside a buffer even when the op is called without its argument checks.
 
 Dropout draws a Philox number per (batch, head, i, j) from a seed tensor, so the backward regenerates the mask.
+
+The attention grids put batch * heads on axis 1, which CUDA caps at 65535 (the query or key block stays on axis 0,
+so that the programs of one head run side by side and share its keys and values in L2). A larger batch is launched
+in consecutive chunks of batch elements (`batch_chunks`), each kernel on views of its chunk (packed: on its slice of
+cu_seqlens); chunk c draws its dropout from seed + c, the same in the forward, both backward kernels and
+`dropout_keep_mask`. A batch that fits is one launch, as it always was.
 """
 
 import torch
 import triton
 import triton.language as tl
 
-from . import INTERPRET, device_arch
+from . import INTERPRET, MAX_GRID_YZ, batch_chunks, device_arch
 
 LOG2E = 1.4426950408889634
 
@@ -409,6 +415,19 @@ def _optional_args(q, pos_bias, attention_mask, cu_seqlens, seed):
     )
 
 
+def _chunk_views(c, b0, b1, seq_len, cu_seqlens, attention_mask, seed, per_batch, per_token):
+    """Chunk ``c`` (batch elements b0..b1-1) of a launch: (cu_seqlens, attention_mask, seed, per_batch views,
+    per_token views). Padded: ``per_batch`` tensors ([B, N, H, D]) and ``per_token`` ones ([H, B * N]) cut to the
+    chunk; packed: cu_seqlens cut (its offsets stay absolute) and the tensors whole. The whole batch when it is one
+    chunk; chunk c > 0 draws its dropout from seed + c."""
+    if seed is not None and c:
+        seed = seed + c
+    if cu_seqlens is not None:
+        return cu_seqlens[b0:b1 + 1], attention_mask, seed, per_batch, per_token
+    return (None, None if attention_mask is None else attention_mask[b0:b1], seed,
+            [t[b0:b1] for t in per_batch], [t[:, b0 * seq_len:b1 * seq_len] for t in per_token])
+
+
 def attention_forward(q, k, v, pos_bias, attention_mask, cu_seqlens, seed, out, lse, *, batch, seq_len, scale,
                       dropout_p):
     """Launch the forward. ``seq_len``: N (padded) or the longest sequence (packed). ``lse``: float32 [H, tokens]."""
@@ -416,24 +435,28 @@ def attention_forward(q, k, v, pos_bias, attention_mask, cu_seqlens, seed, out, 
     heads, d = q.shape[-2], q.shape[-1]
     name = _DTYPE_NAME[str(q.dtype)]
     cfg = fwd_config(d, name)
-    bias, mask, cu, seed_t, (sbh, sbi, sbj), smb = _optional_args(q, pos_bias, attention_mask, cu_seqlens, seed)
-    grid = (triton.cdiv(seq_len, cfg["BLOCK_M"]), batch * heads)
-    tupe_attn_fwd_kernel[grid](
-        q, k, v, bias, mask, cu, seed_t, out, lse,
-        *_layout_strides(q, varlen), *_layout_strides(k, varlen), *_layout_strides(v, varlen),
-        *_layout_strides(out, varlen),
-        sbh, sbi, sbj, smb, lse.stride(0),
-        heads, seq_len, _tokens(q, varlen), scale, dropout_p,
-        D=d, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], HAS_BIAS=pos_bias is not None,
-        HAS_MASK=attention_mask is not None, VARLEN=varlen, DROPOUT=dropout_p > 0.0,
-        DOT_PRECISION=dot_precision(name), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
-    )
+    for c, (b0, b1) in enumerate(batch_chunks(batch, heads)):
+        cu_c, mask_c, seed_c, (q_c, k_c, v_c, out_c), (lse_c,) = _chunk_views(
+            c, b0, b1, seq_len, cu_seqlens, attention_mask, seed, [q, k, v, out], [lse])
+        bias, mask, cu, seed_t, (sbh, sbi, sbj), smb = _optional_args(q_c, pos_bias, mask_c, cu_c, seed_c)
+        grid = (triton.cdiv(seq_len, cfg["BLOCK_M"]), (b1 - b0) * heads)
+        tupe_attn_fwd_kernel[grid](
+            q_c, k_c, v_c, bias, mask, cu, seed_t, out_c, lse_c,
+            *_layout_strides(q_c, varlen), *_layout_strides(k_c, varlen), *_layout_strides(v_c, varlen),
+            *_layout_strides(out_c, varlen),
+            sbh, sbi, sbj, smb, lse_c.stride(0),
+            heads, seq_len, _tokens(q_c, varlen), scale, dropout_p,
+            D=d, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], HAS_BIAS=pos_bias is not None,
+            HAS_MASK=attention_mask is not None, VARLEN=varlen, DROPOUT=dropout_p > 0.0,
+            DOT_PRECISION=dot_precision(name), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        )
 
 
 def bias_grad_groups(batch, heads, seq_len, block_m, sm_count):
-    """How many batch groups the dQ kernel splits into: enough programs to fill the device twice over."""
+    """How many batch groups the dQ kernel splits into: enough programs to fill the device twice over (grid axis 2:
+    at most 65535)."""
     programs = triton.cdiv(seq_len, block_m) * heads
-    return max(1, min(batch, triton.cdiv(2 * sm_count, programs)))
+    return max(1, min(batch, triton.cdiv(2 * sm_count, programs), MAX_GRID_YZ))
 
 
 def lse_log2(lse):
@@ -452,40 +475,45 @@ def attention_backward(q, k, v, pos_bias, attention_mask, cu_seqlens, seed, dout
     heads, d = q.shape[-2], q.shape[-1]
     name = _DTYPE_NAME[str(q.dtype)]
     cfg = bwd_config(d, name, varlen)
-    bias, mask, cu, seed_t, (sbh, sbi, sbj), smb = _optional_args(q, pos_bias, attention_mask, cu_seqlens, seed)
-    flags = dict(D=d, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], HAS_BIAS=pos_bias is not None,
-                 HAS_MASK=attention_mask is not None, VARLEN=varlen, DROPOUT=dropout_p > 0.0,
-                 DOT_PRECISION=dot_precision(name), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
-    inputs = (*_layout_strides(q, varlen), *_layout_strides(k, varlen), *_layout_strides(v, varlen),
-              *_layout_strides(dout, varlen))
-    tupe_attn_bwd_dkdv_kernel[(triton.cdiv(seq_len, cfg["BLOCK_N"]), batch * heads)](
-        q, k, v, bias, mask, cu, seed_t, dout, lse, delta, dk, dv,
-        *inputs, *_layout_strides(dk, varlen), *_layout_strides(dv, varlen),
-        sbh, sbi, sbj, smb, lse.stride(0), heads, seq_len, _tokens(q, varlen), scale, dropout_p, **flags,
-    )
-    if dbias_groups is not None:
-        groups, db, db_strides = dbias_groups.shape[0], dbias_groups, dbias_groups.stride()[:3]
-    else:
-        groups, db, db_strides = batch, lse, (0, 0, 0)
     qcfg = dq_config(d, name, varlen)
-    flags.update(BLOCK_M=qcfg["BLOCK_M"], BLOCK_N=qcfg["BLOCK_N"], num_warps=qcfg["num_warps"],
-                 num_stages=qcfg["num_stages"])
-    tupe_attn_bwd_dq_kernel[(triton.cdiv(seq_len, qcfg["BLOCK_M"]), heads, groups)](
-        q, k, v, bias, mask, cu, seed_t, dout, lse, delta, dq, db,
-        *inputs, *_layout_strides(dq, varlen),
-        sbh, sbi, sbj, smb, lse.stride(0), *db_strides, batch, heads, seq_len, _tokens(q, varlen), groups, scale,
-        dropout_p,
-        BIAS_GRAD=dbias_groups is not None, **flags,
-    )
+    for c, (b0, b1) in enumerate(batch_chunks(batch, heads)):
+        # a later chunk's dQ kernel adds its bias gradient into the same group buffers, after the earlier chunk's
+        cu_c, mask_c, seed_c, (q_c, k_c, v_c, dout_c, dq_c, dk_c, dv_c), (lse_c, delta_c) = _chunk_views(
+            c, b0, b1, seq_len, cu_seqlens, attention_mask, seed, [q, k, v, dout, dq, dk, dv], [lse, delta])
+        bias, mask, cu, seed_t, (sbh, sbi, sbj), smb = _optional_args(q_c, pos_bias, mask_c, cu_c, seed_c)
+        flags = dict(D=d, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], HAS_BIAS=pos_bias is not None,
+                     HAS_MASK=attention_mask is not None, VARLEN=varlen, DROPOUT=dropout_p > 0.0,
+                     DOT_PRECISION=dot_precision(name), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        inputs = (*_layout_strides(q_c, varlen), *_layout_strides(k_c, varlen), *_layout_strides(v_c, varlen),
+                  *_layout_strides(dout_c, varlen))
+        tupe_attn_bwd_dkdv_kernel[(triton.cdiv(seq_len, cfg["BLOCK_N"]), (b1 - b0) * heads)](
+            q_c, k_c, v_c, bias, mask, cu, seed_t, dout_c, lse_c, delta_c, dk_c, dv_c,
+            *inputs, *_layout_strides(dk_c, varlen), *_layout_strides(dv_c, varlen),
+            sbh, sbi, sbj, smb, lse_c.stride(0), heads, seq_len, _tokens(q_c, varlen), scale, dropout_p, **flags,
+        )
+        if dbias_groups is not None:
+            groups, db, db_strides = dbias_groups.shape[0], dbias_groups, dbias_groups.stride()[:3]
+        else:
+            groups, db, db_strides = b1 - b0, lse_c, (0, 0, 0)
+        flags.update(BLOCK_M=qcfg["BLOCK_M"], BLOCK_N=qcfg["BLOCK_N"], num_warps=qcfg["num_warps"],
+                     num_stages=qcfg["num_stages"])
+        tupe_attn_bwd_dq_kernel[(triton.cdiv(seq_len, qcfg["BLOCK_M"]), heads, groups)](
+            q_c, k_c, v_c, bias, mask, cu, seed_t, dout_c, lse_c, delta_c, dq_c, db,
+            *inputs, *_layout_strides(dq_c, varlen),
+            sbh, sbi, sbj, smb, lse_c.stride(0), *db_strides, b1 - b0, heads, seq_len, _tokens(q_c, varlen), groups,
+            scale, dropout_p,
+            BIAS_GRAD=dbias_groups is not None, **flags,
+        )
 
 
 def dropout_keep_mask(seed, batch, heads, seq_len, dropout_p, device):
     """The keep-mask [B, H, N, N] (bool) the kernels draw from ``seed`` (N: the longest sequence when packed)."""
     keep = torch.empty(batch, heads, seq_len, seq_len, dtype=torch.int8, device=device)
     block = 16 if INTERPRET else 64
-    grid = (triton.cdiv(seq_len, block), triton.cdiv(seq_len, block), batch * heads)
     if keep.numel():
-        dropout_keep_kernel[grid](seed, keep, seq_len, dropout_p, BLOCK=block)
+        for c, (b0, b1) in enumerate(batch_chunks(batch, heads)):  # the attention launches' chunks and seeds
+            grid = (triton.cdiv(seq_len, block), triton.cdiv(seq_len, block), (b1 - b0) * heads)
+            dropout_keep_kernel[grid](seed if c == 0 else seed + c, keep[b0:b1], seq_len, dropout_p, BLOCK=block)
     return keep.bool()
 
 

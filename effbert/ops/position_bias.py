@@ -46,6 +46,12 @@ def _reasons(pos_q, num_buckets=0):
         if name == "triton" and num_buckets > _MAX_BUCKETS:
             return [f"the Triton backward sums at most {_MAX_BUCKETS} relative buckets in registers, got "
                     f"rel_table with {num_buckets} rows"]
+        if name == "triton" and pos_q.dim() == 3:
+            from ..kernels import MAX_GRID_YZ  # the package's constants only: no Triton import here
+
+            if pos_q.shape[1] > MAX_GRID_YZ:
+                return [f"Triton kernels take at most {MAX_GRID_YZ} heads (a grid axis of one row per head), got "
+                        f"{pos_q.shape[1]}"]
         return []
 
     return reasons

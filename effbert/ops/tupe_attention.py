@@ -44,6 +44,11 @@ def _reasons(q):
                 out.append(f"Triton kernels take head dims {HEAD_DIMS}, got {q.shape[-1]}")
             if q.dtype == torch.bfloat16 and q.device.type == "cpu":
                 out.append("the Triton interpreter computes bf16 dot products wrongly")
+            from ..kernels import MAX_GRID_YZ  # the package's constants only: no Triton import here
+
+            if q.dim() >= 3 and q.shape[-2] > MAX_GRID_YZ:
+                out.append(f"Triton kernels take at most {MAX_GRID_YZ} heads (a grid axis of one row per head), got "
+                           f"{q.shape[-2]}")
         return out
 
     return reasons
