@@ -258,6 +258,8 @@ def tupe_attention(q, k, v, pos_bias=None, *, attention_mask=None, scale=None, d
         return reference.tupe_attention(q, k, v, pos_bias, attention_mask=attention_mask, scale=scale,
                                         dropout_p=float(dropout_p))
     if chosen == "cpu":
+        if torch.compiler.is_compiling():  # the per-sequence split reads lengths on the host: one call instead
+            return _tupe_attention_cpu.attention_traced(q, k, v, pos_bias, attention_mask, scale, float(dropout_p))
         return _tupe_attention_cpu.attention(q, k, v, pos_bias, attention_mask, scale, float(dropout_p))
     seed = _draw_seed(q.device) if dropout_p > 0 else None
     mask = attention_mask.contiguous() if attention_mask is not None else None
@@ -376,6 +378,9 @@ def tupe_attention_varlen(q, k, v, cu_seqlens, max_seqlen, pos_bias=None, *, sca
         return reference.tupe_attention_varlen(q, k, v, cu_seqlens, max_seqlen, pos_bias, scale=scale,
                                                dropout_p=float(dropout_p))
     if chosen == "cpu":
+        if torch.compiler.is_compiling():  # the per-sequence loop reads the offsets on the host: padded rows instead
+            return _tupe_attention_cpu.attention_varlen_traced(q, k, v, cu_seqlens, max_seqlen, pos_bias, scale,
+                                                               float(dropout_p))
         return _tupe_attention_cpu.attention_varlen(q, k, v, cu_seqlens, pos_bias, scale, float(dropout_p))
     seed = _draw_seed(q.device) if dropout_p > 0 else None
     args = (_unit_last(q), _unit_last(k), _unit_last(v), _unit_last(pos_bias), None, cu_seqlens.contiguous(),
