@@ -279,7 +279,7 @@ def load_corpus(paths, tokenizer, max_length, *, format="documents", num_proc=No
 
     ``paths``: a path or a list of paths to UTF-8 text (one sentence or paragraph a line, blank lines between
     documents); ``tokenizer``: a ``BertTokenizerFast`` (``load_tokenizer`` / ``train_wordpiece``); ``max_length``:
-    the most pieces of a text, [CLS] and [SEP] included (>= 4 for the pair formats, >= 3 otherwise); ``format``:
+    the most pieces of a text, [CLS] and [SEP] included (>= 5 for the pair formats, >= 3 otherwise); ``format``:
     ``"documents"``, ``"lines"``, ``"nsp"`` or ``"sop"``;
     ``num_proc``: processes for tokenization (None = this process); ``cache_dir``: where ``datasets`` keeps the
     Arrow files (None = its default, ``~/.cache/huggingface/datasets``); a second call with the same files,
@@ -298,7 +298,9 @@ def load_corpus(paths, tokenizer, max_length, *, format="documents", num_proc=No
     check_tokenizer(tokenizer)
     if format not in FORMATS:
         raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
-    _check_int("max_length", max_length, 3 if format in ("documents", "lines") else 4)
+    # a pair needs [CLS] A [SEP] B [SEP] with a piece in each of A and B: 5. BERT's create_instances_from_document
+    # fails below that too (its short target is randint(2, max_length - 3); it asserts A and B each keep a piece)
+    _check_int("max_length", max_length, 3 if format in ("documents", "lines") else 5)
     _check_int("num_proc", num_proc, 1, allow_none=True)
     _check_int("seed", seed, 0)
     _check_int("batch_size", batch_size, 1)
