@@ -176,7 +176,8 @@ def test_count_words(tmp_path, tok):
     assert table.words == words
 
 
-@pytest.mark.parametrize("case", ["empty", "blank", "latin1", "binary", "long line", "truncated utf-8", "missing"])
+@pytest.mark.parametrize("case", ["empty", "blank", "latin1", "binary", "long line", "truncated utf-8", "missing",
+                                  "directory", "fifo"])
 def test_bad_files(tmp_path, tok, case, monkeypatch):
     path = tmp_path / "bad.txt"
     good = _write_corpus(tmp_path / "good.txt", 5)
@@ -200,6 +201,14 @@ def test_bad_files(tmp_path, tok, case, monkeypatch):
     elif case == "truncated utf-8":
         path.write_bytes("caf\u00e9".encode()[:-1])
         match = "not UTF-8.*end of the file"
+    elif case == "directory":  # not "no such file": it is there, and it is a directory
+        path.mkdir()
+        match = "bad.txt' is a directory"
+    elif case == "fifo":  # reading one would block: refused before it is opened
+        if not hasattr(os, "mkfifo"):
+            pytest.skip("no fifos on this system")
+        os.mkfifo(path)
+        match = "bad.txt' is not a regular file"
     else:
         match = "no such file"
     cache = tmp_path / "cache"
