@@ -34,11 +34,10 @@ import collections
 import numbers
 import os
 import random
-import stat
 
 import numpy as np
 
-from .tokenization import check_tokenizer
+from .tokenization import check_tokenizer, path_problem
 
 __all__ = ["MAX_LINE_BYTES", "FORMATS", "check_text_file", "load_corpus", "count_words", "rare_words",
            "rare_word_table"]
@@ -56,16 +55,9 @@ def check_text_file(path, max_line_bytes=None):
     holds no text (empty or only whitespace). Memory stays at one chunk whatever the file's size."""
     path = os.fspath(path)
     max_line_bytes = MAX_LINE_BYTES if max_line_bytes is None else max_line_bytes
-    try:
-        mode = os.stat(path).st_mode
-    except FileNotFoundError:
-        raise ValueError(f"{path!r}: no such file") from None
-    except OSError as exc:  # a permission, a loop of links, a name too long: what the system says
-        raise ValueError(f"{path!r}: cannot be read ({exc.strerror or exc})") from None
-    if stat.S_ISDIR(mode):
-        raise ValueError(f"{path!r} is a directory, not a text file")
-    if not stat.S_ISREG(mode):  # a fifo or a device would block or never end: not a corpus file
-        raise ValueError(f"{path!r} is not a regular file (a fifo, socket or device), not a text file")
+    problem = path_problem(path)
+    if problem is not None:
+        raise ValueError(f"{path!r}: {problem}" if problem == "no such file" else f"{path!r} {problem}")
     decoder = codecs.getincrementaldecoder("utf-8")("strict")
     offset, line, has_text = 0, 0, False  # line: bytes since the last newline
     with open(path, "rb") as f:
