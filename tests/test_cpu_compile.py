@@ -1,6 +1,7 @@
 """``torch.compile(fullgraph=True)`` on the CPU backend, the default on a machine without a GPU: every op with a CPU
-backend (and the multi-exit loss, eager on the CPU) and every model but MC-BERT's traces as one graph, compiles with inductor and gives, forward and backward, what it gives uncompiled; and
-dispatch compiles without dynamo's warning about a ``functools.lru_cache`` it would trace through."""
+backend (and the multi-exit loss, eager on the CPU) and every model but MC-BERT's traces as one graph, compiles
+with inductor and gives, forward and backward, what it gives uncompiled; and dispatch compiles without dynamo's
+warning about a ``functools.lru_cache`` it would trace through."""
 
 import importlib
 import warnings

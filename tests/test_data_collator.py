@@ -254,4 +254,5 @@ def test_floating_ids_are_refused_not_truncated(tok):
     batch = col([{"input_ids": np.array([2, 3], dtype=np.int16), "sentence_order_label": np.int64(1)},
                  {"input_ids": torch.tensor([4, 5, 6], dtype=torch.int32), "sentence_order_label": torch.tensor(0)}])
     restored = torch.where(batch["labels"] >= 0, batch["labels"], batch["input_ids"])
-    assert restored.tolist() == [[2, 3, tok.pad_token_id], [4, 5, 6]] and batch["sentence_order_label"].tolist() == [1, 0]
+    assert restored.tolist() == [[2, 3, tok.pad_token_id], [4, 5, 6]]
+    assert batch["sentence_order_label"].tolist() == [1, 0]

@@ -51,8 +51,9 @@ _CHUNK = 1 << 24
 
 def check_text_file(path, max_line_bytes=None):
     """Read ``path`` once in 16 MiB chunks and raise ``ValueError`` (one line naming the file) if it is missing, a
-    directory or not a regular file (a fifo, socket or device), not UTF-8, binary (holds a NUL byte), has a line over ``max_line_bytes`` bytes (None = ``MAX_LINE_BYTES``), or
-    holds no text (empty or only whitespace). Memory stays at one chunk whatever the file's size."""
+    directory or not a regular file (a fifo, socket or device), not UTF-8, binary (holds a NUL byte), has a line
+    over ``max_line_bytes`` bytes (None = ``MAX_LINE_BYTES``), or holds no text (empty or only whitespace). Memory
+    stays at one chunk whatever the file's size."""
     path = os.fspath(path)
     max_line_bytes = MAX_LINE_BYTES if max_line_bytes is None else max_line_bytes
     problem = path_problem(path)
@@ -290,8 +291,8 @@ def load_corpus(paths, tokenizer, max_length, *, format="documents", num_proc=No
     Returns a memory-mapped ``datasets.Dataset`` with ``input_ids`` (int32 lists) and, for the pair formats,
     ``token_type_ids`` (int8 lists) and ``next_sentence_label`` / ``sentence_order_label`` (int64).
     Raises ``ValueError`` (one line naming the file) for a file that is missing, a directory or not a regular file,
-    empty, not UTF-8, binary or has a line over ``MAX_LINE_BYTES`` (1 MiB): every file is checked before anything is written to the cache; and
-    ``ValueError`` for bad arguments or a corpus that yields no text.
+    empty, not UTF-8, binary or has a line over ``MAX_LINE_BYTES`` (1 MiB): every file is checked before anything
+    is written to the cache; and ``ValueError`` for bad arguments or a corpus that yields no text.
     """
     import datasets
 

@@ -35,8 +35,8 @@ def _splitmix64(x):
 
 
 def _integer(name, value, low, high=None):
-    """``value`` as a Python int in ``[low, high)`` (``high`` a power of 2 or None): any integral type (numpy's too, through ``operator.index``),
-    never a bool; ``ValueError`` naming ``name`` otherwise."""
+    """``value`` as a Python int in ``[low, high)`` (``high`` a power of 2 or None): any integral type (numpy's
+    too, through ``operator.index``), never a bool; ``ValueError`` naming ``name`` otherwise."""
     try:
         v = None if isinstance(value, (bool, np.bool_)) else operator.index(value)
     except TypeError:

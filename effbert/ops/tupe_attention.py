@@ -359,8 +359,9 @@ def tupe_attention_varlen(q, k, v, cu_seqlens, max_seqlen, pos_bias=None, *, sca
     ``check_offsets=False`` skips reading the offsets back: for a caller that built ``cu_seqlens`` itself and
     checked it once (a model checks its packing once per forward, not once per layer). Nothing reads out of bounds
     then either: the Triton kernels bound every offset (a bad one empties its sequence), the CPU backend slices on
-    the host, and the eager reference checks anyway on a GPU (a bad gather index there would be a device assert)
-    and raises ``IndexError`` on a CPU.
+    the host (under torch.compile it gathers with the eager reference's index arithmetic instead, whose
+    out-of-range index is an error, never a read), and the eager reference checks anyway on a GPU (a bad gather
+    index there would be a device assert) and raises ``IndexError`` on a CPU.
 
     Raises ``ValueError``/``TypeError`` naming the argument for any bad input."""
     if not isinstance(check_offsets, bool):
