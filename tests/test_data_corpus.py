@@ -122,6 +122,30 @@ def test_pair_formats(tmp_path, tok, fmt):
     assert max(len(t) for t in list(short["input_ids"])) <= 12  # truncate_seq_pair
 
 
+@pytest.mark.parametrize("fmt", ["nsp", "sop"])
+def test_pair_formats_at_the_smallest_max_length(tmp_path, tok, fmt):
+    """max_length 4 leaves no room for a piece in both A and B: refused up front by name (it used to fail at
+    random, "empty range for randrange()", when a short target was drawn, and yield nothing otherwise). From 5 on
+    every seed works, with a short target drawn every time (short_seq_prob=1) or at the published rate."""
+    path = _write_corpus(tmp_path / "c.txt", 7, docs=20)
+    for max_length in (4, 3, 0):
+        with pytest.raises(ValueError, match=r"max_length must be an int >= 5, got " + str(max_length)):
+            load_corpus(path, tok, max_length, format=fmt, cache_dir=tmp_path / "refused")
+    assert not (tmp_path / "refused").exists()
+    docs = _documents(path, tok)
+    lines = [tok.decode(ids) for d in docs for ids in d + [[]]]  # blank lines between documents, as read
+    for max_length in (5, 6):
+        for short_seq_prob in (1.0, 0.1):
+            for seed in range(100):
+                pairs = corpus_mod._Pairs(tok, max_length, fmt, seed, short_seq_prob)
+                out = pairs({"text": lines}, list(range(len(lines))))
+                assert out["input_ids"] and all(len(ids) <= max_length for ids in out["input_ids"])
+                assert all(types.count(0) >= 3 and types.count(1) >= 2 for types in out["token_type_ids"])
+    for seed in range(3):
+        ds = load_corpus(path, tok, 5, format=fmt, seed=seed, short_seq_prob=0.5, cache_dir=tmp_path / f"c{seed}")
+        assert len(ds) and max(len(t) for t in ds["input_ids"]) <= 5
+
+
 def test_cache_and_processes(tmp_path, tok):
     path = _write_corpus(tmp_path / "c.txt", 3)
     cache = tmp_path / "cache"
@@ -154,7 +178,8 @@ def test_count_words(tmp_path, tok):
     assert table.words == words
 
 
-@pytest.mark.parametrize("case", ["empty", "blank", "latin1", "binary", "long line", "truncated utf-8", "missing"])
+@pytest.mark.parametrize("case", ["empty", "blank", "latin1", "binary", "long line", "truncated utf-8", "missing",
+                                  "directory", "fifo"])
 def test_bad_files(tmp_path, tok, case, monkeypatch):
     path = tmp_path / "bad.txt"
     good = _write_corpus(tmp_path / "good.txt", 5)
@@ -178,6 +203,14 @@ def test_bad_files(tmp_path, tok, case, monkeypatch):
     elif case == "truncated utf-8":
         path.write_bytes("caf\u00e9".encode()[:-1])
         match = "not UTF-8.*end of the file"
+    elif case == "directory":  # not "no such file": it is there, and it is a directory
+        path.mkdir()
+        match = "bad.txt' is a directory"
+    elif case == "fifo":  # reading one would block: refused before it is opened
+        if not hasattr(os, "mkfifo"):
+            pytest.skip("no fifos on this system")
+        os.mkfifo(path)
+        match = "bad.txt' is not a regular file"
     else:
         match = "no such file"
     cache = tmp_path / "cache"

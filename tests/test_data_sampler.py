@@ -32,6 +32,43 @@ def test_order_keyed_by_seed_and_epoch():
     assert list(ShuffleSampler(1000, seed=1, chunk=7)) == a
 
 
+def test_every_seed_and_epoch_pair_has_its_own_keys():
+    """The key derivation is injective over (seed, epoch) in [0, 2**64) each: (seed << 32) ^ epoch gave seed 0 at
+    epoch 2**32 the order of seed 1 at epoch 0. Pairs that a shift, xor or sum of the two would confuse, and a
+    grid of small and large values, all have distinct round keys and (the colliding pairs) distinct orders."""
+    def order(seed, epoch):
+        s = ShuffleSampler(1000, seed=seed)
+        s.set_epoch(epoch)
+        return list(s)
+
+    assert order(0, 2**32) != order(1, 0)
+    assert order(2**32, 0) != order(0, 1)
+    top = 2**64 - 1
+    assert order(top, top) != order(top, top - 1) and order(0, top) != order(top, 0)
+    from effbert.data.sampler import _round_keys
+
+    values = list(range(40)) + [2**31, 2**32, 2**32 + 1, 2**33, 2**63, top - 1, top]
+    keys = {tuple(_round_keys(seed, epoch)) for seed in values for epoch in values}
+    assert len(keys) == len(values) ** 2
+    assert all(0 <= k < 2**64 for ks in keys for k in ks)
+    for name, bad in (("seed", 2**64), ("epoch", 2**64), ("seed", -1)):
+        with pytest.raises(ValueError, match=rf"{name} must be an int in \[0, 2\*\*64\)"):
+            ShuffleSampler(3, seed=bad) if name == "seed" else ShuffleSampler(3).set_epoch(bad)
+
+
+def test_numpy_integers_are_taken():
+    """Any integral type (numpy's from a config or an index computation) is an int here; a bool is not."""
+    want = ShuffleSampler(1000, seed=3, chunk=7)
+    want.set_epoch(2)
+    got = ShuffleSampler(np.int64(1000), seed=np.uint32(3), chunk=np.int16(7))
+    got.set_epoch(np.int64(2))
+    assert list(got) == list(want) and got.epoch == 2 and type(got.seed) is int
+    with pytest.raises(ValueError, match="seed"):
+        ShuffleSampler(10, seed=np.True_)
+    with pytest.raises(ValueError, match="epoch"):
+        ShuffleSampler(10).set_epoch(np.float64(1.0))
+
+
 def test_marginals_uniform_and_neighbours_uncorrelated():
     n, draws = 8, 4000
     counts = np.zeros((n, n))

@@ -2,6 +2,7 @@
 tokenizer.json / a folder tokenize as transformers' pure-Python ``BertTokenizer`` (BERT's own algorithm) does on the
 same vocab.txt; errors name the file."""
 
+import os
 import random
 import unicodedata
 
@@ -200,6 +201,17 @@ def test_errors(tmp_path):
         train_wordpiece([corpus, tmp_path / "missing.txt"])
     with pytest.raises(ValueError, match="bin.txt.*binary"):
         train_wordpiece([binary])
+    with pytest.raises(ValueError, match=r"files: no such file .*missing.txt"):
+        train_wordpiece([corpus, tmp_path / "missing.txt"])
+    folder = tmp_path / "folder.txt"
+    folder.mkdir()
+    with pytest.raises(ValueError, match=r"folder.txt' is a directory"):  # there, but not a file
+        train_wordpiece([corpus, folder])
+    if hasattr(os, "mkfifo"):
+        fifo = tmp_path / "fifo.txt"
+        os.mkfifo(fifo)
+        with pytest.raises(ValueError, match=r"fifo.txt' is not a regular file"):
+            train_wordpiece([corpus, fifo], check=False)  # refused before the trainer opens (and blocks on) it
     with pytest.raises(TypeError, match="lowercase"):
         train_wordpiece(corpus, lowercase="yes")
     with pytest.raises(TypeError, match="tokenizer"):

@@ -273,6 +273,29 @@ def test_config_defaults_round_trip_and_validation():
         TupeBertModel(custom.to_dict())
 
 
+FLOAT_FIELDS = ("hidden_dropout_prob", "attention_probs_dropout_prob", "layer_norm_eps", "position_layer_norm_eps",
+                "initializer_range", "tnf_gamma", "tnf_lam")
+
+
+@pytest.mark.parametrize("value", [float("inf"), float("-inf"), float("nan"), -0.01])
+@pytest.mark.parametrize("name", FLOAT_FIELDS)
+def test_config_refuses_non_finite_floats(name, value):
+    """Every float field of the config is finite (inf passed the `> 0` checks of initializer_range and the
+    LayerNorm eps) and none is negative; a refused value names its field, whether built or loaded."""
+    with pytest.raises(ValueError, match=name):
+        tiny_config(**{name: value})
+    with pytest.raises(ValueError, match=name):
+        TupeBertConfig.from_dict({**tiny_config().to_dict(), name: value})
+
+
+def test_config_float_fields_are_all_checked():
+    """FLOAT_FIELDS above is every float field of TupeBertConfig (a new one is added to the test, and checked)."""
+    from effbert.models.config import FIELDS
+
+    floats = {k for k in FIELDS if isinstance(getattr(TupeBertConfig(), k), float)}
+    assert floats == set(FLOAT_FIELDS)
+
+
 def test_bad_inputs_name_the_argument():
     cfg = tiny_config("tupe-r")
     model = TupeBertForMaskedLM(cfg).to(DEVICE)

@@ -314,6 +314,47 @@ def test_packing_of_a_batch():
         unpad_input(mask, torch.tensor([[0, 1, 2, 3], [0, 0, 1, 0], [0, 1, 2, 3]]), shape=(3, 4), device="cpu")
 
 
+def _shapes(out):
+    return {k: (tuple(v.shape) if isinstance(v, torch.Tensor) else tuple(tuple(t.shape) for t in v))
+            for k, v in out.items() if v is not None}
+
+
+@pytest.mark.parametrize("unpad", [True, False], ids=["unpadded", "padded-layers"])
+@pytest.mark.parametrize("backend,device", CPU_CASES)
+def test_zero_rows_give_empty_outputs(backend, device, unpad):
+    """A batch of 0 rows (and one with only padding) runs like any other, as transformers' models run it: empty
+    outputs of the right shapes, never a complaint about cu_seqlens (which the caller never passed)."""
+    from effbert.models.mc_bert import TupeBertForMultiChoicePretraining
+
+    # "auto": the distillation loss and MC-BERT's ops have no CPU kernel (attention runs on the CPU backend)
+    cfg = config("tupe-r", "auto" if backend == "cpu" else backend, unpad_inputs=unpad)
+    h, n, c, v = cfg.hidden_size, 5, cfg.num_labels, cfg.vocab_size
+    ids = torch.zeros(0, n, dtype=torch.int64)
+    none = torch.zeros(0, dtype=torch.int64)
+    for extra in ({}, dict(attention_mask=ids), dict(position_ids=ids), dict(attention_mask=ids, position_ids=ids)):
+        out = TupeBertModel(cfg)(ids, output_hidden_states=True, **extra)
+        assert _shapes(out) == {"last_hidden_state": (0, n, h), "pooler_output": (0, h),
+                                "hidden_states": ((0, n, h),) * (cfg.num_hidden_layers + 1)}, extra
+    mlm = TupeBertForMaskedLM(cfg)
+    assert _shapes(mlm(ids)) == {"logits": (0, n, v), "last_hidden_state": (0, n, h)}
+    out = mlm(ids, labels=ids, return_logits=False)
+    assert out.logits is None and float(out.loss.detach()) == 0.0  # no target: loss 0, as for any batch without one
+    out.loss.backward()
+    assert _shapes(TupeBertForSequenceClassification(cfg)(ids)) == {"logits": (0, c)}
+    multi = TupeBertForSequenceClassification(cfg.replace(multi_exit=True))
+    assert _shapes(multi(ids, labels=none)) == {"loss": (), "logits": (0, c), "exit_logits": (2, 0, c)}
+    logits, layers = multi.eval().early_exit(ids, criterion="entropy", threshold=0.5)
+    assert logits.shape == (0, c) and layers.shape == (0,)
+    mc = TupeBertForMultiChoicePretraining(cfg, mask_token_id=3, num_candidates=3)
+    assert _shapes(mc(ids, labels=ids))["last_hidden_state"] == (0, n, h)
+    # rows that are all padding, packed or not: zeros at every slot
+    rows = torch.ones(2, n, dtype=torch.int64)
+    for extra in (dict(attention_mask=torch.zeros_like(rows)),
+                  dict(attention_mask=torch.zeros_like(rows), position_ids=torch.zeros_like(rows))):
+        out = TupeBertModel(cfg)(rows, **extra)
+        assert out.last_hidden_state.shape == (2, n, h) and not out.last_hidden_state.any(), extra
+
+
 def test_model_refuses_bad_position_ids():
     model, _ = pair(TupeBertModel, config())
     ids = torch.randint(1, 41, (2, 5))

@@ -55,10 +55,13 @@ class DataCollatorForTupeMLM:
     (0, 1); ``mask_replace_prob`` (default 0.8) / ``random_replace_prob`` (default 0.1): the share of targets that
     become [MASK] / a random piece (each in [0, 1], their sum <= 1; the rest keep their piece); ``rare_words``: a ``RareWordTable`` (TNF) or None; ``pad_to_multiple_of``: pad ``N`` up to a multiple of
     it (None = the longest row); ``seed``: int >= 0; ``rank``: None (``torch.distributed``'s rank) or an int >= 0.
-    ``__call__(features)``: ``features`` a non-empty list of mappings with ``input_ids`` (a list or 1-D tensor of ids)
-    and optionally ``position_ids``, ``token_type_ids``, ``next_sentence_label`` / ``sentence_order_label``;
-    returns a dict of tensors. Raises ``ValueError`` naming the feature and key for a missing key, an empty row,
-    ids outside the vocabulary or ``position_ids`` of another length.
+    ``__call__(features)``: ``features`` a non-empty list of mappings with ``input_ids`` (a list, numpy array or 1-D
+    tensor of integer ids) and optionally ``position_ids``, ``token_type_ids`` (the same), ``next_sentence_label`` /
+    ``sentence_order_label`` (an int); every feature is read, and an optional key must be in every feature or in
+    none. Returns a dict of tensors. Raises ``ValueError`` naming the feature and key for a missing key (an
+    optional key some features have and others lack included), an empty row, ids outside the vocabulary or
+    ``position_ids`` of another length; ``TypeError`` naming them for floating-point ids (never truncated) or a
+    pair label that is not an int.
     """
 
     def __init__(self, tokenizer, mlm_probability=0.15, rare_words=None, pad_to_multiple_of=None, seed=0, rank=None,
@@ -118,14 +121,48 @@ class DataCollatorForTupeMLM:
         if key not in feature:
             raise ValueError(f"features[{i}] has no {key!r}")
         value = feature[key]
-        try:
-            t = value.to(torch.int64) if isinstance(value, torch.Tensor) else torch.as_tensor(
-                np.asarray(value, np.int64))
-        except (TypeError, ValueError, OverflowError):
-            raise ValueError(f"features[{i}][{key!r}] must be a list of ints, got {type(value).__name__}") from None
+        # floating-point ids would be truncated to ints without a word (2.7 -> 2): refused, whatever holds them
+        if isinstance(value, torch.Tensor):
+            if value.is_floating_point() or value.is_complex():
+                raise TypeError(f"features[{i}][{key!r}] must hold integer ids, got a {value.dtype} tensor")
+            t = value.to(torch.int64)
+        else:
+            try:
+                arr = np.asarray(value)
+                floating = arr.dtype.kind in "fc" and arr.size > 0  # ([] is float64 to numpy: no id, no harm)
+                t = None if floating else torch.as_tensor(np.asarray(value, np.int64))
+            except (TypeError, ValueError, OverflowError):
+                raise ValueError(f"features[{i}][{key!r}] must be a list of ints, got {type(value).__name__}") \
+                    from None
+            if floating:
+                raise TypeError(f"features[{i}][{key!r}] must hold integer ids, got {arr.dtype} values")
         if t.dim() != 1:
             raise ValueError(f"features[{i}][{key!r}] must be 1-D, got shape {tuple(t.shape)}")
         return t
+
+    @staticmethod
+    def _label(feature, key, i):
+        value = feature[key]
+        if isinstance(value, torch.Tensor) and value.numel() == 1 and not (value.is_floating_point()
+                                                                           or value.is_complex()):
+            value = value.item()
+        if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
+            raise TypeError(f"features[{i}][{key!r}] must be an int, got {value!r}")
+        return int(value)
+
+    @staticmethod
+    def _present(features, keys):
+        """The optional ``keys`` the batch has: each one in every feature or in none (``ValueError`` naming the key
+        and a feature without it otherwise: rows read as texts of another layout must not pass silently)."""
+        present = []
+        for key in keys:
+            have = [key in f for f in features]
+            if all(have):
+                present.append(key)
+            elif any(have):
+                raise ValueError(f"features[{have.index(False)}] has no {key!r} while features[{have.index(True)}] "
+                                 f"has one: {key!r} must be in every feature of a batch or in none")
+        return present
 
     def __call__(self, features):
         if not isinstance(features, (list, tuple)) or not features:
@@ -140,8 +177,8 @@ class DataCollatorForTupeMLM:
                 raise ValueError(f"features[{i}]['input_ids'] is empty")
             if int(t.min()) < 0 or int(t.max()) >= V:
                 raise ValueError(f"features[{i}]['input_ids'] must be in [0, {V}) (the tokenizer's vocabulary)")
-        keys = set(features[0].keys())
-        optional = [k for k in ("position_ids", "token_type_ids") if k in keys]
+        optional = self._present(features, ("position_ids", "token_type_ids"))
+        labels = self._present(features, _PAIR_LABELS)
         extra = {k: [self._row(f, k, i) for i, f in enumerate(features)] for k in optional}
         for k, rows in extra.items():
             for i, (t, r) in enumerate(zip(ids, rows)):
@@ -167,9 +204,8 @@ class DataCollatorForTupeMLM:
             t = torch.zeros(B, N, dtype=torch.int64)
             t[real] = torch.cat(rows)
             batch[k] = t
-        for k in _PAIR_LABELS:
-            if k in keys:
-                batch[k] = torch.tensor([int(f[k]) for f in features], dtype=torch.int64)
+        for k in labels:
+            batch[k] = torch.tensor([self._label(f, k, i) for i, f in enumerate(features)], dtype=torch.int64)
 
         self._mlm.generator = self._generator()
         self.step += 1

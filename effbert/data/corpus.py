@@ -37,7 +37,7 @@ import random
 
 import numpy as np
 
-from .tokenization import check_tokenizer
+from .tokenization import check_tokenizer, path_problem
 
 __all__ = ["MAX_LINE_BYTES", "FORMATS", "check_text_file", "load_corpus", "count_words", "rare_words",
            "rare_word_table"]
@@ -50,13 +50,15 @@ _CHUNK = 1 << 24
 
 
 def check_text_file(path, max_line_bytes=None):
-    """Read ``path`` once in 16 MiB chunks and raise ``ValueError`` (one line naming the file) if it is missing,
-    not UTF-8, binary (holds a NUL byte), has a line over ``max_line_bytes`` bytes (None = ``MAX_LINE_BYTES``), or
-    holds no text (empty or only whitespace). Memory stays at one chunk whatever the file's size."""
+    """Read ``path`` once in 16 MiB chunks and raise ``ValueError`` (one line naming the file) if it is missing, a
+    directory or not a regular file (a fifo, socket or device), not UTF-8, binary (holds a NUL byte), has a line
+    over ``max_line_bytes`` bytes (None = ``MAX_LINE_BYTES``), or holds no text (empty or only whitespace). Memory
+    stays at one chunk whatever the file's size."""
     path = os.fspath(path)
     max_line_bytes = MAX_LINE_BYTES if max_line_bytes is None else max_line_bytes
-    if not os.path.isfile(path):
-        raise ValueError(f"{path!r}: no such file")
+    problem = path_problem(path)
+    if problem is not None:
+        raise ValueError(f"{path!r}: {problem}" if problem == "no such file" else f"{path!r} {problem}")
     decoder = codecs.getincrementaldecoder("utf-8")("strict")
     offset, line, has_text = 0, 0, False  # line: bytes since the last newline
     with open(path, "rb") as f:
@@ -279,7 +281,7 @@ def load_corpus(paths, tokenizer, max_length, *, format="documents", num_proc=No
 
     ``paths``: a path or a list of paths to UTF-8 text (one sentence or paragraph a line, blank lines between
     documents); ``tokenizer``: a ``BertTokenizerFast`` (``load_tokenizer`` / ``train_wordpiece``); ``max_length``:
-    the most pieces of a text, [CLS] and [SEP] included (>= 4 for the pair formats, >= 3 otherwise); ``format``:
+    the most pieces of a text, [CLS] and [SEP] included (>= 5 for the pair formats, >= 3 otherwise); ``format``:
     ``"documents"``, ``"lines"``, ``"nsp"`` or ``"sop"``;
     ``num_proc``: processes for tokenization (None = this process); ``cache_dir``: where ``datasets`` keeps the
     Arrow files (None = its default, ``~/.cache/huggingface/datasets``); a second call with the same files,
@@ -288,9 +290,9 @@ def load_corpus(paths, tokenizer, max_length, *, format="documents", num_proc=No
 
     Returns a memory-mapped ``datasets.Dataset`` with ``input_ids`` (int32 lists) and, for the pair formats,
     ``token_type_ids`` (int8 lists) and ``next_sentence_label`` / ``sentence_order_label`` (int64).
-    Raises ``ValueError`` (one line naming the file) for a file that is missing, empty, not UTF-8, binary or has a
-    line over ``MAX_LINE_BYTES`` (1 MiB): every file is checked before anything is written to the cache; and
-    ``ValueError`` for bad arguments or a corpus that yields no text.
+    Raises ``ValueError`` (one line naming the file) for a file that is missing, a directory or not a regular file,
+    empty, not UTF-8, binary or has a line over ``MAX_LINE_BYTES`` (1 MiB): every file is checked before anything
+    is written to the cache; and ``ValueError`` for bad arguments or a corpus that yields no text.
     """
     import datasets
 
@@ -298,7 +300,9 @@ def load_corpus(paths, tokenizer, max_length, *, format="documents", num_proc=No
     check_tokenizer(tokenizer)
     if format not in FORMATS:
         raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
-    _check_int("max_length", max_length, 3 if format in ("documents", "lines") else 4)
+    # a pair needs [CLS] A [SEP] B [SEP] with a piece in each of A and B: 5. BERT's create_instances_from_document
+    # fails below that too (its short target is randint(2, max_length - 3); it asserts A and B each keep a piece)
+    _check_int("max_length", max_length, 3 if format in ("documents", "lines") else 5)
     _check_int("num_proc", num_proc, 1, allow_none=True)
     _check_int("seed", seed, 0)
     _check_int("batch_size", batch_size, 1)

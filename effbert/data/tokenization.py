@@ -13,12 +13,30 @@ it: ``BertNormalizer`` (clean control characters, spaces around CJK ideographs, 
 import codecs
 import numbers
 import os
+import stat
 
 __all__ = ["SPECIAL_TOKENS", "train_wordpiece", "load_tokenizer", "save_tokenizer", "check_tokenizer"]
 
 # [PAD] first, so a trained vocabulary has pad id 0 as BERT's vocab.txt does.
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 _ATTRS = ("pad_token", "unk_token", "cls_token", "sep_token", "mask_token")
+
+
+def path_problem(path):
+    """Why ``path`` cannot be read as a text file, in a few words (``"no such file"``, ``"is a directory"``, ``"is
+    not a regular file (a fifo, socket or device)"``, ``"cannot be read (...)"``), or None when it is a regular
+    file. A fifo or a device is refused: reading one blocks or never ends."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return "no such file"
+    except OSError as exc:  # a permission, a loop of links, a name too long: what the system says
+        return f"cannot be read ({exc.strerror or exc})"
+    if stat.S_ISDIR(mode):
+        return "is a directory"
+    if not stat.S_ISREG(mode):
+        return "is not a regular file (a fifo, socket or device)"
+    return None
 
 
 def _check_files(files):
@@ -30,8 +48,9 @@ def _check_files(files):
     if not files:
         raise ValueError("files must name at least one text file")
     for f in files:
-        if not os.path.isfile(f):
-            raise ValueError(f"files: no such file {f!r}")
+        problem = path_problem(f)
+        if problem is not None:
+            raise ValueError(f"files: {f!r} {problem}" if problem != "no such file" else f"files: no such file {f!r}")
     return files
 
 

@@ -2,6 +2,7 @@
 ``PretrainedConfig`` of model type ``"tupe-bert"``."""
 
 import json
+import math
 
 from transformers import PretrainedConfig
 
@@ -29,8 +30,9 @@ def _probability(name, value):
 
 
 def _positive_float(name, value):
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-        raise ValueError(f"{name} must be a float > 0, got {value!r}")
+    # inf would pass `> 0` (an infinite init std or LayerNorm eps gives NaN or zeros everywhere): finite only
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+        raise ValueError(f"{name} must be a finite float > 0, got {value!r}")
 
 
 class TupeBertConfig(PretrainedConfig):
@@ -52,7 +54,9 @@ class TupeBertConfig(PretrainedConfig):
     TNF: ``tnf_num_notes`` (None: no note dictionary) and ``tnf_window`` / ``tnf_gamma`` / ``tnf_lam`` describe the
     masked-LM model's ``NoteDictionary``, so ``from_pretrained`` rebuilds it and loads the saved notes.
 
-    A bad value raises ``ValueError`` (``TypeError`` for a non-bool switch) naming the field.
+    A bad value raises ``ValueError`` (``TypeError`` for a non-bool switch) naming the field; every float field
+    must be finite (NaN and inf are refused): the probabilities in [0, 1) (``tnf_gamma`` / ``tnf_lam`` in [0, 1]),
+    ``layer_norm_eps``, ``position_layer_norm_eps`` and ``initializer_range`` > 0.
     """
 
     model_type = "tupe-bert"

@@ -26,6 +26,8 @@ class Packing:
     ``max_seqlen``: an int >= the longest text (the longest text in eager code; ``N`` under torch.compile, so that a
     new length does not recompile). ``positions [total]`` int64: each token's position inside its text.
     ``row_first [B]`` int64: the packed row of each batch row's first real token (``total`` for a row with none).
+    A row without real tokens is an empty text when the rows are one text each; a batch without any real token
+    (no row at all, or only padding) holds one empty text at least, so ``cu_seqlens`` always has >= 2 offsets.
     ``right_padded``: one text per row, its real tokens first (the padded layout runs the batch as it is).
     """
 
@@ -187,6 +189,8 @@ def unpad_input(attention_mask, position_ids=None, *, shape, device, exact_max_s
     row_first = torch.where(lengths > 0, row_start, torch.full_like(row_start, total))
     if position_ids is None:
         cu = torch.nn.functional.pad(lengths.cumsum(0), (1, 0))
+        if batch == 0:  # no row: one empty text, so that cu_seqlens holds the two offsets attention takes
+            cu = torch.zeros(2, dtype=torch.int64, device=device)
         positions = (real.long().cumsum(1) - 1).reshape(-1).index_select(0, indices)
         bad = None
     else:
@@ -196,7 +200,10 @@ def unpad_input(attention_mask, position_ids=None, *, shape, device, exact_max_s
         starts = (positions == 0) | first
         prev = torch.cat([positions.new_full((1,), -1), positions[:-1]])
         bad = torch.where(starts, positions != 0, positions != prev + 1)
-        cu = torch.cat([_nonzero(starts), torch.full((1,), total, dtype=torch.int64, device=device)])
+        # the first real token is always a start (packed row 0): the offsets are 0, the other starts, total; with
+        # no real token at all that is [0, 0], one empty text (written so that it traces: no branch on total)
+        zero = torch.zeros(1, dtype=torch.int64, device=device)
+        cu = torch.cat([zero, _nonzero(starts[1:]) + 1, zero + total])
     cu_seqlens = cu.to(torch.int32)
     if compiling:  # no host read: bounds that hold for any lengths
         if bad is not None:

@@ -4,11 +4,17 @@ An op asks `select_backend` which backend serves a call. General reasons (a back
 device) come from here; op-specific reasons (a dtype or size a kernel does not handle) come from the op. ``auto``
 takes the first backend in the op's preference order with no reason against it; an explicit request (argument or
 ``EFFBERT_BACKEND``) that cannot serve raises `BackendNotSupportedError` listing the reasons, never a silent fallback.
+
+Dispatch is traced by ``torch.compile`` (``fullgraph=True`` included) on every backend: the installed-or-not facts
+(importing triton, loading the extensions) are looked up outside the traced region, by ``_general_reasons_of``,
+which dynamo runs eagerly while tracing and keeps as a constant (``torch.compiler.assume_constant_result``); they
+live in a plain dict, not a ``functools.lru_cache``, whose wrapper dynamo would trace through (importing inside a
+graph, and warning that the cache may be silently ignored). Everything else dispatch reads (the device, dtype and
+shapes, ``EFFBERT_BACKEND``) is plain Python that dynamo traces and guards on.
 """
 
 import os
 from dataclasses import dataclass, field
-from functools import lru_cache
 
 import torch
 
@@ -36,13 +42,29 @@ def triton_interpreting():
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+_GENERAL_REASONS = {}  # (name, interpreting) -> tuple of reasons: what `_general_reasons_of` has found out
+
+
 def _general_reasons(name):
-    return list(_cached_general_reasons(name, triton_interpreting()))
+    return list(_general_reasons_of(name, triton_interpreting()))
 
 
-@lru_cache(maxsize=None)
-def _cached_general_reasons(name, interpreting):
-    """Installed-or-not facts do not change within a process; `refresh()` forgets them (tests that patch them)."""
+@torch.compiler.assume_constant_result
+def _general_reasons_of(name, interpreting):
+    """Why backend ``name`` cannot run on this machine at all (a tuple of strings; empty when it can).
+
+    Installed-or-not facts do not change within a process, so they are found out once and kept in
+    ``_GENERAL_REASONS``; `refresh()` forgets them (tests that patch them). Under torch.compile this runs eagerly
+    at trace time and its result is a constant of the graph (a compiled graph keeps the backend it was traced
+    with: call ``torch._dynamo.reset()`` after `refresh()` for a compiled function to see a change)."""
+    key = (name, interpreting)
+    reasons = _GENERAL_REASONS.get(key)
+    if reasons is None:
+        reasons = _GENERAL_REASONS[key] = _find_general_reasons(name, interpreting)
+    return reasons
+
+
+def _find_general_reasons(name, interpreting):
     reasons = []
     if name == "triton":
         try:
@@ -69,7 +91,7 @@ _SELECTION_CACHES = []  # per-op caches of `select_backend` results (see `cached
 
 def refresh():
     """Forget cached backend availability (after building an extension in a running process, or in tests)."""
-    _cached_general_reasons.cache_clear()
+    _GENERAL_REASONS.clear()
     for cache in _SELECTION_CACHES:
         cache.clear()
 
@@ -77,7 +99,11 @@ def refresh():
 def cached_selection(op, backend, device, dtype, op_reasons, preference, cache):
     """`select_backend` for an op whose own reasons depend on the device and dtype only, remembered in ``cache``
     (a dict the op owns) per (backend, device, dtype, EFFBERT_BACKEND, interpreter): a small call (an exit decision
-    on a CPU) should not spend more on choosing its backend than on running it. Failures are not cached."""
+    on a CPU) should not spend more on choosing its backend than on running it. Failures are not cached. While
+    torch.compile traces, the choice is made afresh (it costs nothing at run time there, and a traced write to
+    ``cache`` would only make dynamo guard on the dict's contents and recompile)."""
+    if torch.compiler.is_compiling():
+        return select_backend(op, backend, device, op_reasons, preference)
     if not any(c is cache for c in _SELECTION_CACHES):
         _SELECTION_CACHES.append(cache)
     key = (backend, device, dtype, os.environ.get(ENV_VAR), triton_interpreting())

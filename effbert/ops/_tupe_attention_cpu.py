@@ -21,10 +21,20 @@ a shorter road: ``baddbmm`` (the bias as its addend, the content logits scaled o
 ``bmm``, one ``[H, L, L]`` buffer for that sequence only. The fused kernel adds the bias tile by tile, which at
 these lengths costs more than the three BLAS-backed calls (8% less time at L = 128, 1 and 2 threads); beyond
 about 200 tokens the fused kernel's blocking wins and is used.
+
+Under ``torch.compile`` the per-sequence split cannot be traced (it reads the lengths or offsets on the host and
+loops over them), so a traced call takes ``attention_traced`` / ``attention_varlen_traced`` instead: one fused call
+over the padded batch (packed tokens laid out as ``[B, max_seqlen]`` rows with tensor ops only), the positional
+term and the padding folded into one additive ``[B, H, L, L]`` mask. Same semantics (padded q, k and v are
+zeroed first, so an inf or NaN there reaches nothing; a padded query attends uniformly to zeros and is then set to
+0, so its row is finite and passes no gradient on), at the cost of the padded work and that mask: one graph
+(``fullgraph=True``) on the CPU backend, not the fastest CPU path.
 """
 
 import torch
 import torch.nn.functional as F
+
+from ..reference.tupe_attention import _packed_index, _with_zero_row
 
 
 MATH_MAX_LEN = 160  # the longest sequence the inference road takes (measured crossover: 128 faster, 200 slower)
@@ -105,3 +115,37 @@ def attention_varlen(q, k, v, cu_seqlens, pos_bias, scale, dropout_p):
             bias = None if pos_bias is None else pos_bias[:, :hi - lo, :hi - lo]
             out[lo:hi] = _call(q[None, lo:hi], k[None, lo:hi], v[None, lo:hi], bias, scale, dropout_p)[0]
     return out
+
+
+def attention_traced(q, k, v, pos_bias, attention_mask, scale, dropout_p):
+    """``attention`` with tensor ops only (no host read, no loop over the batch): what torch.compile traces.
+    ``attention_mask [B, N]`` bool (True = real token) or None."""
+    bias = None if pos_bias is None else pos_bias[None].to(q.dtype)  # [1, H, N, N]
+    if attention_mask is not None:
+        real = attention_mask.bool()
+        zero = torch.zeros((), dtype=q.dtype, device=q.device)
+        token = real[:, :, None, None]  # [B, N, 1, 1]
+        q, k, v = (torch.where(token, t, zero) for t in (q, k, v))  # `where`: 0 * inf would be NaN
+        pair = (real[:, :, None] & real[:, None, :])[:, None]  # [B, 1, N, N]: both real
+        padded_query = ~real[:, None, :, None]  # [B, 1, N, 1]
+        # real pairs: the bias; a real query's padded keys: -inf (no weight); a padded query: 0 everywhere (it
+        # attends uniformly to zeroed values, a finite row that is discarded and passes no gradient on)
+        outside = torch.where(padded_query, zero, torch.full((), float("-inf"), dtype=q.dtype, device=q.device))
+        bias = torch.where(pair, bias if bias is not None else zero, outside)
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=bias,
+                                         dropout_p=dropout_p, scale=scale).transpose(1, 2)
+    if attention_mask is not None:
+        out = torch.where(token, out, zero)
+    return out
+
+
+def attention_varlen_traced(q, k, v, cu_seqlens, max_seqlen, pos_bias, scale, dropout_p):
+    """``attention_varlen`` with tensor ops only: the packed tokens laid out as ``[B, max_seqlen]`` rows (the
+    reference's index arithmetic, no host read), ``attention_traced`` on them, and back; rows after
+    ``cu_seqlens[-1]`` get zeros."""
+    heads, dim = q.shape[-2], q.shape[-1]
+    src, mask, dst = _packed_index(cu_seqlens, q.shape[0], max_seqlen)
+    qp, kp, vp = (_with_zero_row(t)[src] for t in (q, k, v))
+    bias = None if pos_bias is None else pos_bias[:, :max_seqlen, :max_seqlen]
+    out = attention_traced(qp, kp, vp, bias, mask, scale, dropout_p)
+    return _with_zero_row(out.reshape(-1, heads, dim))[dst]

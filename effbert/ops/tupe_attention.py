@@ -263,6 +263,8 @@ def tupe_attention(q, k, v, pos_bias=None, *, attention_mask=None, scale=None, d
         return reference.tupe_attention(q, k, v, pos_bias, attention_mask=attention_mask, scale=scale,
                                         dropout_p=float(dropout_p))
     if chosen == "cpu":
+        if torch.compiler.is_compiling():  # the per-sequence split reads lengths on the host: one call instead
+            return _tupe_attention_cpu.attention_traced(q, k, v, pos_bias, attention_mask, scale, float(dropout_p))
         return _tupe_attention_cpu.attention(q, k, v, pos_bias, attention_mask, scale, float(dropout_p))
     seed = _draw_seed(q.device) if dropout_p > 0 else None
     mask = attention_mask.contiguous() if attention_mask is not None else None
@@ -365,8 +367,9 @@ def tupe_attention_varlen(q, k, v, cu_seqlens, max_seqlen, pos_bias=None, *, sca
     ``check_offsets=False`` skips reading the offsets back: for a caller that built ``cu_seqlens`` itself and
     checked it once (a model checks its packing once per forward, not once per layer). Nothing reads out of bounds
     then either: the Triton kernels bound every offset (a bad one empties its sequence), the CPU backend slices on
-    the host, and the eager reference checks anyway on a GPU (a bad gather index there would be a device assert)
-    and raises ``IndexError`` on a CPU.
+    the host (under torch.compile it gathers with the eager reference's index arithmetic instead, whose
+    out-of-range index is an error, never a read), and the eager reference checks anyway on a GPU (a bad gather
+    index there would be a device assert) and raises ``IndexError`` on a CPU.
 
     Raises ``ValueError``/``TypeError`` naming the argument for any bad input."""
     if not isinstance(check_offsets, bool):
@@ -384,6 +387,9 @@ def tupe_attention_varlen(q, k, v, cu_seqlens, max_seqlen, pos_bias=None, *, sca
         return reference.tupe_attention_varlen(q, k, v, cu_seqlens, max_seqlen, pos_bias, scale=scale,
                                                dropout_p=float(dropout_p))
     if chosen == "cpu":
+        if torch.compiler.is_compiling():  # the per-sequence loop reads the offsets on the host: padded rows instead
+            return _tupe_attention_cpu.attention_varlen_traced(q, k, v, cu_seqlens, max_seqlen, pos_bias, scale,
+                                                               float(dropout_p))
         return _tupe_attention_cpu.attention_varlen(q, k, v, cu_seqlens, pos_bias, scale, float(dropout_p))
     seed = _draw_seed(q.device) if dropout_p > 0 else None
     args = (_unit_last(q), _unit_last(k), _unit_last(v), _unit_last(pos_bias), None, cu_seqlens.contiguous(),
