@@ -1,0 +1,160 @@
+"""Token-level early exit for sequence labeling (Li et al., ACL 2021): per packed token the normalised entropy of its
+logits, the maximum of that uncertainty over a window of its sequence, and the exit decision, in one launch.
+
+One program per (sequence, block of positions). A block computes the uncertainty of BLOCK_E consecutive positions:
+its CORE = BLOCK_E - 2 * HALF own positions plus HALF positions of halo on each side, recomputed rather than
+exchanged between programs (C is small in sequence labeling, so the halo's entropies cost little), and the window
+maximum is a masked [BLOCK_E, BLOCK_E] reduction in registers.
+
+Every load and store is masked by the extent of the tensor it touches: the sequence offsets are clamped to the
+token count the launcher passes from the logits' shape, so offsets a caller failed to check give wrong numbers, not
+accesses outside a buffer."""
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from . import INTERPRET
+
+# token_threshold rules; effbert/ops/token_exit.py and csrc/include/effbert/token_exit.h hold the same table
+RULE_NONE, RULE_AND, RULE_OR = 0, 1, 2
+
+
+@triton.jit
+def token_exit_kernel(
+    x_ptr, cu_ptr, active_ptr, layer_in_ptr, keep_ptr, active_out_ptr, layer_out_ptr, u_ptr,
+    total, cols, stride_x, log_c, threshold, token_threshold, layer,
+    HALF: tl.constexpr,
+    BLOCK_E: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    HAS_KEEP: tl.constexpr,
+    RULE: tl.constexpr,
+    EXCLUDE_EXITED: tl.constexpr,
+):
+    seq = tl.program_id(0)
+    CORE: tl.constexpr = BLOCK_E - 2 * HALF
+    start = tl.load(cu_ptr + seq)
+    end = tl.load(cu_ptr + seq + 1)
+    start = tl.minimum(tl.maximum(start, 0), total)
+    end = tl.minimum(tl.maximum(end, start), total)
+    offs = tl.arange(0, BLOCK_E)
+    pos = tl.program_id(1) * CORE - HALF + offs  # position inside the sequence; the core starts at lane HALF
+    row = start + pos
+    ok = (pos >= 0) & (row < end)
+    base = x_ptr + row.to(tl.int64)[:, None] * stride_x
+
+    # entropy in one pass (as exit_entropy_kernel): maximum m, a = sum exp(z - m) over all but one argmax,
+    # w = sum exp(z - m) * (m - z); H = log1p(a) + w / (1 + a), every term >= 0
+    m = tl.full([BLOCK_E], float("-inf"), tl.float32)
+    a = tl.zeros([BLOCK_E], tl.float32)
+    w = tl.zeros([BLOCK_E], tl.float32)
+    bad = tl.zeros([BLOCK_E], tl.int32)  # NaN or +inf seen
+    for c0 in range(0, cols, BLOCK_C):
+        offs_c = c0 + tl.arange(0, BLOCK_C)
+        z = tl.load(base + offs_c[None, :], mask=ok[:, None] & (offs_c < cols)[None, :],
+                    other=float("-inf")).to(tl.float32)
+        bad += tl.sum(((z != z) | (z == float("inf"))).to(tl.int32), axis=1)
+        cm = tl.max(z, axis=1)
+        grows = cm > m
+        m_new = tl.where(grows, cm, m)
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # no inf - inf while only -inf was seen
+        gap = tl.where(m == float("-inf"), 0.0, m_ref - m)
+        alpha = tl.exp(-gap)
+        had = m > float("-inf")
+        w = tl.where(grows, tl.where(had, alpha * (w + gap * (1.0 + a)), 0.0), w)
+        a = tl.where(grows, tl.where(had, alpha * (1.0 + a), 0.0), a)
+        first = tl.min(tl.where(z == cm[:, None], offs_c[None, :], cols + BLOCK_C), axis=1)
+        d = m_ref[:, None] - z
+        e = tl.exp(-d)
+        take = (z > float("-inf")) & ((offs_c[None, :] != first[:, None]) | (grows == 0)[:, None])
+        a += tl.sum(tl.where(take, e, 0.0), axis=1)
+        w += tl.sum(tl.where(take, e * d, 0.0), axis=1)
+        m = m_new
+    s = 1.0 + a
+    log1p_a = tl.where(s == 1.0, a, tl.log(s) * (a / (s - 1.0)))  # log1p without libdevice
+    u = (log1p_a + w / s) / log_c
+    u = tl.where((bad > 0) | (m == float("-inf")), float("nan"), u)
+
+    active = tl.load(active_ptr + row, mask=ok, other=0) != 0
+    if HAS_KEEP:
+        keep = tl.load(keep_ptr + row, mask=ok, other=1) != 0
+    else:
+        keep = (pos == 0) | (row == end - 1)  # [CLS] and [SEP]
+    takes_part = ok & ~keep
+    if EXCLUDE_EXITED:
+        takes_part = takes_part & active
+    # a NaN neighbour counts as +inf: an undefined prediction never lets its neighbours exit
+    val = tl.where(takes_part, tl.where(u != u, float("inf"), u), float("-inf"))
+    dist = offs[:, None] - offs[None, :]
+    near = (dist <= HALF) & (dist >= -HALF)
+    u_win = tl.max(tl.where(near, val[None, :], float("-inf")), axis=1)
+
+    exits = u_win < threshold
+    if RULE == 1:
+        exits = exits & (u < token_threshold)
+    elif RULE == 2:
+        exits = exits | (u < token_threshold)
+    core = ok & (offs >= HALF) & (offs < HALF + CORE)
+    exits = exits & active & ~keep & core
+    layer_in = tl.load(layer_in_ptr + row, mask=core, other=0)
+    tl.store(u_ptr + row, u, mask=core)
+    tl.store(active_out_ptr + row, (active & ~exits).to(tl.int8), mask=core)
+    tl.store(layer_out_ptr + row, tl.where(exits, layer, layer_in), mask=core)
+
+
+MAX_WINDOW = 65  # the window's halo lives in one tile of at most 128 positions
+
+
+def token_exit_config(window, cols, interpret=INTERPRET):
+    half = window // 2
+    block_e = 64 if half <= 16 else 128
+    block_c = min(triton.next_power_of_2(max(cols, 1)), 2048 // block_e)
+    return {"HALF": half, "BLOCK_E": block_e, "BLOCK_C": block_c,
+            "num_warps": 1 if interpret else (4 if block_e == 64 else 8)}
+
+
+def token_exit(x, cu_seqlens, max_seqlen, active, exit_layer, keep, active_out, exit_layer_out, u_out, *, threshold,
+               window, token_threshold, rule, layer, exclude_exited):
+    """Launch over packed logits [T, C] (last dimension contiguous). active / keep / active_out are bool tensors,
+    passed as bytes; exit_layer / exit_layer_out int32; u_out float32."""
+    total, cols = x.shape
+    seqs = cu_seqlens.shape[0] - 1
+    if total == 0 or seqs == 0 or max_seqlen == 0:
+        return
+    cfg = token_exit_config(window, cols)
+    core = cfg["BLOCK_E"] - 2 * cfg["HALF"]
+    grid = (seqs, triton.cdiv(max_seqlen, core))
+    token_exit_kernel[grid](
+        x, cu_seqlens, active.view(torch.uint8), exit_layer, (active if keep is None else keep).view(torch.uint8),
+        active_out.view(torch.uint8), exit_layer_out, u_out,
+        total, cols, x.stride(0), math.log(cols), threshold, 0.0 if token_threshold is None else token_threshold,
+        layer, HALF=cfg["HALF"], BLOCK_E=cfg["BLOCK_E"], BLOCK_C=cfg["BLOCK_C"], HAS_KEEP=keep is not None,
+        RULE=rule, EXCLUDE_EXITED=bool(exclude_exited), num_warps=cfg["num_warps"],
+    )
+
+
+_DTYPES = {"fp32": "*fp32", "fp16": "*fp16", "bf16": "*bf16"}
+
+# Every configuration token_exit_config can return (two tiles, by window; a few class counts), for each logits
+# dtype, with the default keep and the published rule (the other constexprs only add or drop a few selects).
+COMPILE_SPECS = [
+    {
+        "name": f"token_exit[{dt},window={window},C<={cfg['BLOCK_C'] if cols <= cfg['BLOCK_C'] else 'any'}]",
+        "fn": token_exit_kernel,
+        "signature": {"x_ptr": ptr, "cu_ptr": "*i32", "active_ptr": "*u8", "layer_in_ptr": "*i32",
+                      "keep_ptr": "*u8", "active_out_ptr": "*u8", "layer_out_ptr": "*i32", "u_ptr": "*fp32",
+                      "total": "i32", "cols": "i32", "stride_x": "i32", "log_c": "fp32", "threshold": "fp32",
+                      "token_threshold": "fp32", "layer": "i32"},
+        "constexprs": {"HALF": cfg["HALF"], "BLOCK_E": cfg["BLOCK_E"], "BLOCK_C": cfg["BLOCK_C"],
+                       "HAS_KEEP": False, "RULE": RULE_NONE, "EXCLUDE_EXITED": False},
+        "num_warps": cfg["num_warps"],
+        "divisible": ("x_ptr", "u_ptr"),
+        "must_not_spill": True,
+        "matrix_instructions": False,
+    }
+    for dt, ptr in _DTYPES.items()
+    for window, cols in ((3, 9), (15, 9), (3, 64), (65, 9))
+    for cfg in [token_exit_config(window, cols, interpret=False)]
+]
