@@ -99,6 +99,14 @@ def _exit_decision(backend):
             torch.zeros(1, dtype=i32, device=d), 2, 3, 0.0, 1, False, backend)
 
 
+def _token_exit(backend, keep=False, token_threshold=None):
+    d = _dev(backend)
+    cu = torch.tensor([0, 1, 4, 11], dtype=i32, device=d)
+    return (torch.randn(11, 3, device=d) * 3, cu, 7, torch.rand(11, device=d) < 0.8,
+            torch.zeros(11, dtype=i32, device=d), (torch.rand(11, device=d) < 0.3) if keep else None, 0.6, 3,
+            token_threshold, "or", 2, False, backend)
+
+
 def _multi_exit_loss(backend):
     d = _dev(backend)
     return (torch.randn(3, 5, 4, device=d, requires_grad=True), torch.randint(0, 4, (5,), device=d), 0.9, 3.0,
@@ -162,6 +170,9 @@ CASES = {
     "exit_entropy": [(b, b, _exit_entropy, ALL) for b in HOST_BACKENDS + ["triton"]],
     "exit_decision": [(b, b, _exit_decision, NO_AUTOGRAD) for b in HOST_BACKENDS + ["triton"]],
     "multi_exit_distillation_loss": [(b, b, _multi_exit_loss, ALL) for b in ("eager", "triton")],
+    "token_exit_decision": [(b, b, _token_exit, NO_AUTOGRAD) for b in HOST_BACKENDS + ["triton"]]
+    + [(f"{b}-keep+token_threshold", b, lambda b: _token_exit(b, keep=True, token_threshold=0.4), NO_AUTOGRAD)
+       for b in HOST_BACKENDS + ["triton"]],
     "mc_sample": [("triton", "triton", _mc_sample, NO_AUTOGRAD)],
     "mc_sample_fused": [("triton", "triton", _mc_sample_fused, NO_AUTOGRAD)],
     "mc_candidate_loss": [("mean", "triton", _mc_loss, ALL),
@@ -261,6 +272,17 @@ BAD_CALLS = {
         ("max_prob threshold", lambda: tuple(_exit_decision("eager")[:9]) + (1, 3, 2.0, 0, False, "eager"),
          ValueError, "threshold"),
     ],
+    "token_exit_decision": [
+        ("offsets past T", _with(_token_exit, 1, torch.tensor([0, 1, 4, 12], dtype=i32), "eager"), ValueError,
+         "cu_seqlens must end at the token count"),
+        ("decreasing offsets", _with(_token_exit, 1, torch.tensor([0, 4, 1, 11], dtype=i32), "eager"), ValueError,
+         "cu_seqlens must start at 0 and never decrease"),
+        ("max_seqlen too small", _with(_token_exit, 2, 6, "cpu"), ValueError, "max_seqlen must be >="),
+        ("active too short", _with(_token_exit, 3, lambda a: a[3][:5], "eager"), ValueError, "active must be"),
+        ("even window", _with(_token_exit, 7, 2, "eager"), ValueError, "window must be an odd int"),
+        ("layer 0", _with(_token_exit, 10, 0, "eager"), ValueError, "layer must be"),
+        ("inf threshold", _with(_token_exit, 6, float("inf"), "eager"), ValueError, "threshold must be a finite"),
+    ],
     "multi_exit_distillation_loss": [
         ("label out of range", _with(_multi_exit_loss, 1, lambda a: a[1] + 4, "eager"), ValueError,
          "labels must be class indices"),
@@ -333,7 +355,8 @@ def test_direct_call_checks_its_arguments(name, what, make, exc, pattern):
 COMPILED = [("mc_sample", "empty seed"), ("mc_sample_fused", "weight narrower than hidden"),
             ("mc_candidate_loss_backward", "hidden shorter than the candidates"),
             ("mc_candidate_loss", "candidate past the vocabulary"), ("tupe_position_bias", "bucket past the table"),
-            ("note_update_", "slot past the notes"), ("exit_decision", "row id outside the batch")]
+            ("note_update_", "slot past the notes"), ("exit_decision", "row id outside the batch"),
+            ("token_exit_decision", "offsets past T")]
 
 
 @pytest.mark.parametrize("name,what", COMPILED, ids=[f"{n}-{w}" for n, w in COMPILED])
