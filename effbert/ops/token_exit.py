@@ -18,30 +18,34 @@ _RULE_CODES = {None: 0, "and": 1, "or": 2}
 
 # what each backend takes (the op's capabilities; tests derive their matrices from them)
 SUPPORTED_DTYPES = {"eager": FLOAT_DTYPES + (torch.float64,), "triton": FLOAT_DTYPES, "cpu": FLOAT_DTYPES,
-                    "cuda": ()}
-TRITON_MAX_WINDOW = 65  # effbert.kernels.token_exit.MAX_WINDOW: the window's halo lives in one 128-token tile
+                    "cuda": FLOAT_DTYPES}
+# the widest window each kernel takes: Triton keeps a window's halo in one 128-token tile
+# (effbert.kernels.token_exit.MAX_WINDOW); the CUDA kernel keeps it in shared memory (csrc/cuda/token_exit.cu)
+MAX_WINDOW = {"triton": 65, "cuda": 1025}
+CUDA_MAX_SEQLEN = 65535 * 256  # grid axis 1 holds a sequence's blocks of 256 tokens
 
 
-def _reasons(dtype, window):
+def _reasons(dtype, window, max_seqlen):
     def reasons(name):
         out = []
         if name == "eager":
             return out
-        if name == "cuda":
-            return ["no CUDA C++ kernel for token_exit_decision (the Triton kernel serves CUDA tensors)"]
         if dtype not in SUPPORTED_DTYPES[name]:
             out.append(f"{name} kernels take fp32/fp16/bf16 logits, got {str(dtype).replace('torch.', '')}")
-        if name == "triton" and window > TRITON_MAX_WINDOW:
-            out.append(f"the Triton kernel keeps a window's halo in one tile: window <= {TRITON_MAX_WINDOW}, got "
-                       f"{window}")
+        if window > MAX_WINDOW.get(name, window):
+            out.append(f"the {name} kernel keeps a window's halo on chip: window <= {MAX_WINDOW[name]}, got {window}")
+        if name == "cuda" and max_seqlen > CUDA_MAX_SEQLEN:
+            out.append(f"the cuda kernel takes max_seqlen <= {CUDA_MAX_SEQLEN}, got {max_seqlen}")
         return out
 
     return reasons
 
 
 def _preference(device):
+    # Triton first on CUDA: its programs load [positions, classes] tiles, where the CUDA kernel reads a row per
+    # thread; no GPU measurement has ordered them yet
     if device.type == "cuda":
-        return ("triton", "eager")
+        return ("triton", "cuda", "eager")
     if device.type == "cpu":
         return ("cpu", "eager")
     return ("eager",)
@@ -50,11 +54,13 @@ def _preference(device):
 _SELECTED = {}
 
 
-def token_exit_backend(logits, window=3, backend="auto"):
-    """The backend ``token_exit_decision`` would run for these logits and window (raises if none can serve)."""
-    big = window > TRITON_MAX_WINDOW  # the only size the reasons depend on: cache per side of it
-    return cached_selection("token_exit_decision", backend, logits.device, (logits.dtype, big),
-                            _reasons(logits.dtype, window), _preference, _SELECTED)
+def token_exit_backend(logits, window=3, backend="auto", max_seqlen=0):
+    """The backend ``token_exit_decision`` would run for these logits, window and longest sequence (raises if none
+    can serve)."""
+    # the reasons depend on sizes only through these limits: cache per side of each
+    sizes = tuple(window > w for w in MAX_WINDOW.values()) + (max_seqlen > CUDA_MAX_SEQLEN,)
+    return cached_selection("token_exit_decision", backend, logits.device, (logits.dtype,) + sizes,
+                            _reasons(logits.dtype, window, max_seqlen), _preference, _SELECTED)
 
 
 def _u_dtype(logits):
@@ -90,7 +96,17 @@ def _run_cpu(x, cu, max_seqlen, active, exit_layer, keep, out, p):
                 p["exclude_exited"])
 
 
-_RUN = {"eager": _run_eager, "triton": _run_triton, "cpu": _run_cpu}
+def _run_cuda(x, cu, max_seqlen, active, exit_layer, keep, out, p):
+    total, cols = x.shape
+    token_threshold = 0.0 if p["token_threshold"] is None else p["token_threshold"]
+    _ext.launch("_cuda", "token_exit_decision", x.device, x.data_ptr(), _ext.dtype_code(x.dtype), total, cols,
+                x.stride(0), cu.data_ptr(), cu.shape[0] - 1, max_seqlen, active.data_ptr(), exit_layer.data_ptr(),
+                0 if keep is None else keep.data_ptr(), out[0].data_ptr(), out[1].data_ptr(), out[2].data_ptr(),
+                p["threshold"], p["window"], token_threshold, _RULE_CODES[p["rule"]], p["layer"],
+                p["exclude_exited"])
+
+
+_RUN = {"eager": _run_eager, "triton": _run_triton, "cpu": _run_cpu, "cuda": _run_cuda}
 
 
 def run_into(backend, logits, cu_seqlens, max_seqlen, active, exit_layer, keep, out, **params):
@@ -160,7 +176,7 @@ def _check_packed(logits, cu_seqlens, max_seqlen, active, exit_layer, keep):
 
 def _impl(logits, cu_seqlens, max_seqlen, active, exit_layer, keep, threshold, window, token_threshold, token_rule,
           layer, exclude_exited, backend):
-    name = token_exit_backend(logits, window, backend)
+    name = token_exit_backend(logits, window, backend, max_seqlen)
     total = logits.shape[0]
     out = (torch.empty(total, dtype=torch.bool, device=logits.device),
            torch.empty(total, dtype=torch.int32, device=logits.device),
@@ -246,8 +262,8 @@ def token_exit_decision(logits, active, exit_layer, *, threshold, layer, window=
         max_seqlen: int, packed form only: at least the longest sequence (default: read from ``cu_seqlens``).
         attention_mask: ``[B, N]`` bool or 0/1 integers (True/1 = real token), padded form only. The real tokens of
             a row, in order, form its sequence.
-        backend: ``"auto"``, ``"triton"`` (CUDA, or CPU under ``TRITON_INTERPRET=1``; window <= 65), ``"cpu"`` (the
-            C++ CPU build), ``"eager"`` (the reference). There is no CUDA C++ kernel for this op.
+        backend: ``"auto"``, ``"triton"`` (CUDA, or CPU under ``TRITON_INTERPRET=1``; window <= 65), ``"cuda"``
+            (the CUDA C++ build; window <= 1025), ``"cpu"`` (the C++ CPU build), ``"eager"`` (the reference).
 
     Returns:
         ``(active, exit_layer, u)`` shaped like ``logits``' tokens: the bool mask of tokens still running after this

@@ -29,6 +29,21 @@ def default_keep(cu_seqlens, total, device=None):
     return keep
 
 
+def window_max(u, cu_seqlens, takes_part, window):
+    """``u_win [T]``: per token, the largest ``u`` over the tokens of its sequence within ``window // 2`` positions
+    that take part (``takes_part [T]`` bool), a NaN ``u`` counting as +inf; -inf where none takes part, NaN for
+    tokens outside every sequence."""
+    value = torch.where(takes_part, torch.nan_to_num(u, nan=float("inf")), torch.full_like(u, float("-inf")))
+    u_win = torch.full_like(u, float("nan"))
+    cu = cu_seqlens.tolist()
+    for start, end in zip(cu, cu[1:]):
+        if end > start:
+            # max_pool1d pads with -inf: positions outside the sequence never contribute
+            u_win[start:end] = F.max_pool1d(value[None, None, start:end], kernel_size=window, stride=1,
+                                            padding=window // 2)[0, 0]
+    return u_win
+
+
 def token_exit_decision(logits, cu_seqlens, active, exit_layer, *, threshold, window=3, token_threshold=None,
                         token_rule="and", layer, keep=None, exclude_exited=False):
     """One layer's token-level exit decision over packed tokens, written for clarity.
@@ -48,17 +63,10 @@ def token_exit_decision(logits, cu_seqlens, active, exit_layer, *, threshold, wi
     if keep is None:
         keep = default_keep(cu_seqlens, total, logits.device)
     in_seq = torch.zeros(total, dtype=torch.bool, device=logits.device)
-    u_win = torch.full_like(u, float("nan"))
-    contributes = ~keep & (active if exclude_exited else torch.ones_like(active))
-    value = torch.where(contributes, torch.nan_to_num(u, nan=float("inf")), torch.full_like(u, float("-inf")))
-    cu = cu_seqlens.tolist()
-    for start, end in zip(cu, cu[1:]):
-        if end == start:
-            continue
+    for start, end in zip(cu_seqlens.tolist(), cu_seqlens.tolist()[1:]):
         in_seq[start:end] = True
-        # max_pool1d pads with -inf: positions outside the sequence never contribute
-        u_win[start:end] = F.max_pool1d(value[None, None, start:end], kernel_size=window, stride=1,
-                                        padding=window // 2)[0, 0]
+    takes_part = ~keep & (active if exclude_exited else torch.ones_like(active))
+    u_win = window_max(u, cu_seqlens, takes_part, window)
     exits = u_win < threshold
     if token_threshold is not None:
         own = u < token_threshold
