@@ -17,7 +17,7 @@ import torch
 from . import timing
 
 # modules of effbert.bench that contribute cases
-FAMILIES = ("early_exit", "train_step", "train_step_padding", "tupe_attention", "notes", "mc_bert", "cpu_inference")
+FAMILIES = ("early_exit", "token_exit", "train_step", "train_step_padding", "tupe_attention", "notes", "mc_bert", "cpu_inference")
 
 
 def environment(device):
