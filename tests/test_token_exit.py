@@ -415,3 +415,31 @@ def test_gpu_many_sequences_long_and_wide_windows(backend, dtype):
     with torch.cuda.stream(stream):
         many_sequences(backend, "cuda", dtype, windows, count=64, longest=700)
     stream.synchronize()
+
+
+def test_torch_compile_fullgraph_packed_and_padded(seeded):
+    """Traces as one graph in both layouts and gives what the uncompiled call gives."""
+    torch._dynamo.reset()
+    cu = offsets([3, 7])
+    x = make_logits(10, 4, "cpu")
+    active, layers = torch.ones(10, dtype=torch.bool), torch.zeros(10, dtype=i32)
+
+    def packed(x, active, layers, cu):
+        return effbert.token_exit_decision(x, active, layers, cu_seqlens=cu, max_seqlen=7, threshold=0.5, layer=1)
+
+    mask = torch.ones(2, 7, dtype=torch.bool)
+    mask[0, 3:] = False
+
+    def padded(x, active, layers, mask):
+        return effbert.token_exit_decision(x, active, layers, attention_mask=mask, threshold=0.5, layer=1)
+
+    xp = make_logits(14, 4, "cpu").view(2, 7, 4)
+    for fn, args in ((packed, (x, active, layers, cu)),
+                     (padded, (xp, active.new_ones(2, 7), layers.new_zeros(2, 7), mask))):
+        want = fn(*args)
+        got = torch.compile(fn, fullgraph=True, backend="aot_eager")(*args)
+        for g, w in zip(got, want):
+            assert torch.equal(g.isnan() if g.is_floating_point() else g, w.isnan() if w.is_floating_point() else w)
+            if g.is_floating_point():
+                assert torch.equal(g.nan_to_num(), w.nan_to_num())
+    torch._dynamo.reset()
