@@ -443,3 +443,23 @@ def test_torch_compile_fullgraph_packed_and_padded(seeded):
             if g.is_floating_point():
                 assert torch.equal(g.nan_to_num(), w.nan_to_num())
     torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("backend,device", backend_cases())
+def test_unchecked_call_stays_in_bounds(backend, device):
+    """Below the checks (run_into, as a caller who skips them): offsets past the tokens and a short active mask give
+    wrong numbers at worst, never an access outside a buffer; tokens past the shortest tensor are not written."""
+    require_backend(backend, device)
+    x = make_logits(9, 3, device)
+    cu = torch.tensor([0, 4, 50, 2], dtype=i32, device=device)  # past T, then decreasing
+    active = torch.ones(6, dtype=torch.bool, device=device)
+    out = (torch.ones(9, dtype=torch.bool, device=device), torch.full((9,), -7, dtype=i32, device=device),
+           torch.full((9,), float("nan"), device=device))
+    args = (backend, x, cu, 50, active, torch.zeros(9, dtype=i32, device=device), None, out)
+    kw = dict(threshold=0.5, window=3, token_threshold=None, token_rule="and", layer=1, exclude_exited=False)
+    if backend == "eager":  # torch's indexing: an out-of-range offset is an error, never a read
+        with pytest.raises(IndexError):
+            ops.run_into(*args, **kw)
+        return
+    ops.run_into(*args, **kw)
+    assert (out[1][6:] == -7).all() and out[2][6:].isnan().all()

@@ -6,9 +6,10 @@ its CORE = BLOCK_E - 2 * HALF own positions plus HALF positions of halo on each 
 exchanged between programs (C is small in sequence labeling, so the halo's entropies cost little), and the window
 maximum is a masked [BLOCK_E, BLOCK_E] reduction in registers.
 
-Every load and store is masked by the extent of the tensor it touches: the sequence offsets are clamped to the
-token count the launcher passes from the logits' shape, so offsets a caller failed to check give wrong numbers, not
-accesses outside a buffer."""
+Every load and store is masked by the extents of the tensors it touches: the sequence offsets are clamped to the
+fewest tokens of any per-token tensor (the launcher's minimum of their shapes), and the offsets' own loads stay
+inside cu_seqlens (one program per sequence, from its shape), so offsets a caller failed to check give wrong
+numbers, not accesses outside a buffer."""
 
 import math
 
@@ -118,11 +119,13 @@ def token_exit_config(window, cols, interpret=INTERPRET):
             "num_warps": 1 if interpret else (4 if block_e == 64 else 8)}
 
 
-def token_exit(x, cu_seqlens, max_seqlen, active, exit_layer, keep, active_out, exit_layer_out, u_out, *, threshold,
-               window, token_threshold, rule, layer, exclude_exited):
+def token_exit(x, cu_seqlens, max_seqlen, active, exit_layer, keep, active_out, exit_layer_out, u_out, *, total,
+               threshold, window, token_threshold, rule, layer, exclude_exited):
     """Launch over packed logits [T, C] (last dimension contiguous). active / keep / active_out are bool tensors,
-    passed as bytes; exit_layer / exit_layer_out int32; u_out float32."""
-    total, cols = x.shape
+    passed as bytes; exit_layer / exit_layer_out int32; u_out float32. total: the fewest tokens of any of them (the
+    launcher's minimum), which bounds every access. Each window width compiles its own kernel (HALF is a constant):
+    a model uses one or two."""
+    cols = x.shape[1]
     seqs = cu_seqlens.shape[0] - 1
     if total == 0 or seqs == 0 or max_seqlen == 0:
         return

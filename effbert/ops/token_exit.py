@@ -78,16 +78,23 @@ def _run_eager(x, cu, max_seqlen, active, exit_layer, keep, out, p):
         o.copy_(v)
 
 
+def _tokens(x, active, exit_layer, keep, out):
+    """The kernels' token count: the fewest of every per-token tensor's (the op checks they agree; a caller that
+    skips the checks gets tokens left unwritten, never an access outside a buffer)."""
+    return min(t.shape[0] for t in (x, active, exit_layer, keep, *out) if t is not None)
+
+
 def _run_triton(x, cu, max_seqlen, active, exit_layer, keep, out, p):
     from ..kernels import token_exit as kernels
 
-    kernels.token_exit(x, cu, max_seqlen, active, exit_layer, keep, *out, threshold=p["threshold"],
+    kernels.token_exit(x, cu, max_seqlen, active, exit_layer, keep, *out, total=_tokens(x, active, exit_layer, keep,
+                                                                                      out), threshold=p["threshold"],
                        window=p["window"], token_threshold=p["token_threshold"], rule=_RULE_CODES[p["rule"]],
                        layer=p["layer"], exclude_exited=p["exclude_exited"])
 
 
 def _run_cpu(x, cu, max_seqlen, active, exit_layer, keep, out, p):
-    total, cols = x.shape
+    total, cols = _tokens(x, active, exit_layer, keep, out), x.shape[1]
     token_threshold = 0.0 if p["token_threshold"] is None else p["token_threshold"]
     _ext.launch("_C", "token_exit_decision", x.device, x.data_ptr(), _ext.dtype_code(x.dtype), total, cols,
                 x.stride(0), cu.data_ptr(), cu.shape[0] - 1, active.data_ptr(), exit_layer.data_ptr(),
@@ -97,7 +104,7 @@ def _run_cpu(x, cu, max_seqlen, active, exit_layer, keep, out, p):
 
 
 def _run_cuda(x, cu, max_seqlen, active, exit_layer, keep, out, p):
-    total, cols = x.shape
+    total, cols = _tokens(x, active, exit_layer, keep, out), x.shape[1]
     token_threshold = 0.0 if p["token_threshold"] is None else p["token_threshold"]
     _ext.launch("_cuda", "token_exit_decision", x.device, x.data_ptr(), _ext.dtype_code(x.dtype), total, cols,
                 x.stride(0), cu.data_ptr(), cu.shape[0] - 1, max_seqlen, active.data_ptr(), exit_layer.data_ptr(),
