@@ -463,3 +463,20 @@ def test_unchecked_call_stays_in_bounds(backend, device):
         return
     ops.run_into(*args, **kw)
     assert (out[1][6:] == -7).all() and out[2][6:].isnan().all()
+
+
+@pytest.mark.parametrize("backend,device", backend_cases())
+def test_padding_only_rows(backend, device):
+    """A row of padding only is an empty sequence; a batch of padding only gives its inputs back and NaN u."""
+    require_backend(backend, device)
+    x = make_logits(12, 3, device).view(3, 4, 3)
+    mask = torch.tensor([[1, 1, 1, 0], [0, 0, 0, 0], [1, 1, 1, 1]], dtype=torch.bool, device=device)
+    active = torch.ones(3, 4, dtype=torch.bool, device=device)
+    layers = torch.zeros(3, 4, dtype=i32, device=device)
+    a, layer, u = effbert.token_exit_decision(x, active, layers, attention_mask=mask, threshold=1.5, layer=1,
+                                              backend=backend)
+    assert a.cpu().tolist() == [[True, False, True, True], [True] * 4, [True, False, False, True]]
+    assert u[1].isnan().all() and not u[0, :3].isnan().any()
+    a, layer, u = effbert.token_exit_decision(x, active, layers, attention_mask=torch.zeros_like(mask),
+                                              threshold=1.5, layer=1, backend=backend)
+    assert a.all() and (layer == 0).all() and u.isnan().all()
