@@ -480,3 +480,19 @@ def test_padding_only_rows(backend, device):
     a, layer, u = effbert.token_exit_decision(x, active, layers, attention_mask=torch.zeros_like(mask),
                                               threshold=1.5, layer=1, backend=backend)
     assert a.all() and (layer == 0).all() and u.isnan().all()
+
+
+def test_token_rule_defaults_to_the_published_or(seeded):
+    """The published code lets a token out when its window test passes or its own u is below t_level_t."""
+    cu = offsets(LENGTHS, "cpu")
+    total = cu[-1].item()
+    x = make_logits(total, 6, "cpu")
+    active = torch.ones(total, dtype=torch.bool)
+    layers = torch.zeros(total, dtype=i32)
+    thr, tok = safe_threshold(x, cu, 5), safe_threshold(x, cu, 1, q=0.6)
+    common = dict(threshold=thr, window=5, token_threshold=tok, layer=2, cu_seqlens=cu, backend="eager")
+    default = effbert.token_exit_decision(x, active, layers, **common)
+    either = effbert.token_exit_decision(x, active, layers, token_rule="or", **common)
+    both = effbert.token_exit_decision(x, active, layers, token_rule="and", **common)
+    assert torch.equal(default[0], either[0])
+    assert not torch.equal(default[0], both[0]), "the case must tell the two rules apart"

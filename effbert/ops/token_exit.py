@@ -223,7 +223,7 @@ def _packed(logits, cu_seqlens, max_seqlen, active, exit_layer, keep, *scalars):
 
 
 def token_exit_decision(logits, active, exit_layer, *, threshold, layer, window=3, token_threshold=None,
-                        token_rule="and", keep=None, exclude_exited=False, cu_seqlens=None, max_seqlen=None,
+                        token_rule="or", keep=None, exclude_exited=False, cu_seqlens=None, max_seqlen=None,
                         attention_mask=None, backend="auto"):
     """One layer's token-level early-exit decision for sequence labeling, with window-based uncertainty.
 
@@ -259,8 +259,8 @@ def token_exit_decision(logits, active, exit_layer, *, threshold, layer, window=
         window: odd int >= 1 (default 3): the window width; 1 is the token's own ``u``.
         token_threshold: float or None: also test the token's own ``u < token_threshold``, combined with the window
             test by ``token_rule``.
-        token_rule: ``"and"`` (default: both tests must pass) or ``"or"`` (either suffices; the published code's
-            ``t_level_t``, which it disables with -1).
+        token_rule: ``"or"`` (default, the published code's ``t_level_t`` rule, which that code disables with -1:
+            either test suffices) or ``"and"`` (both tests must pass, a stricter variant).
         keep: bool, ``[T]`` or ``[B, N]``, or None: tokens that never exit and take no part in windows. None: the
             first and the last real token of each sequence ([CLS] and [SEP]).
         exclude_exited: bool: keep tokens that are no longer active out of the windows (see above).

@@ -45,7 +45,7 @@ def window_max(u, cu_seqlens, takes_part, window):
 
 
 def token_exit_decision(logits, cu_seqlens, active, exit_layer, *, threshold, window=3, token_threshold=None,
-                        token_rule="and", layer, keep=None, exclude_exited=False):
+                        token_rule="or", layer, keep=None, exclude_exited=False):
     """One layer's token-level exit decision over packed tokens, written for clarity.
 
     ``logits [T, C]``, ``cu_seqlens [B + 1]`` (sequence b is tokens ``cu_seqlens[b]:cu_seqlens[b + 1]``),
