@@ -12,6 +12,39 @@ from . import INTERPRET
 
 
 @triton.jit
+def entropy_step(z, offs_c, cols, m, a, u, BLOCK_C: tl.constexpr):
+    """Fold one [rows, BLOCK_C] block of logits ``z`` (-inf where masked) into each row's running entropy state:
+    maximum m, a = sum of exp(z - m) over every element but one at the maximum, u = sum exp(z - m) * (m - z)
+    (csrc/include/effbert/entropy.h). Every term is >= 0, so nothing cancels where H is tiny (large logits)."""
+    cm = tl.max(z, axis=1)
+    grows = cm > m  # this block holds the new maximum: the old one joins a, the new one is excluded
+    m_new = tl.where(grows, cm, m)
+    # While a row has seen only -inf, measure from 0 so no inf - inf appears; those terms are 0 anyway.
+    m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+    gap = tl.where(m == float("-inf"), 0.0, m_ref - m)  # >= 0
+    alpha = tl.exp(-gap)
+    had = m > float("-inf")
+    u = tl.where(grows, tl.where(had, alpha * (u + gap * (1.0 + a)), 0.0), u)
+    a = tl.where(grows, tl.where(had, alpha * (1.0 + a), 0.0), a)
+    first = tl.min(tl.where(z == cm[:, None], offs_c[None, :], cols + BLOCK_C), axis=1)
+    d = m_ref[:, None] - z
+    e = tl.exp(-d)
+    keep = (z > float("-inf")) & ((offs_c[None, :] != first[:, None]) | (grows == 0)[:, None])
+    a += tl.sum(tl.where(keep, e, 0.0), axis=1)
+    u += tl.sum(tl.where(keep, e * d, 0.0), axis=1)
+    return m_new, a, u
+
+
+@triton.jit
+def entropy_finish(a, u):
+    """H = log1p(a) + u / (1 + a) from the running state. log1p(a) without libdevice: log(w) * a / (w - 1) with
+    w = 1 + a rounded (w - 1 is exact), accurate to a few ulp where log(1 + a) alone would lose a tiny a."""
+    w = 1.0 + a
+    log1p_a = tl.where(w == 1.0, a, tl.log(w) * (a / (w - 1.0)))
+    return log1p_a + u / w
+
+
+@triton.jit
 def exit_entropy_kernel(
     x_ptr,
     out_ptr,
@@ -21,12 +54,7 @@ def exit_entropy_kernel(
     BLOCK_C: tl.constexpr,
     ROWS: tl.constexpr,
 ):
-    """out[r] = H(softmax(x[r, :cols])) for ROWS rows per program, one pass over each row.
-
-    Running state per row (csrc/include/effbert/entropy.h): maximum m, a = sum of exp(z - m) over every element
-    but one at the maximum, u = sum exp(z - m) * (m - z); H = log1p(a) + u / (1 + a). Every term is >= 0, so
-    nothing cancels where H is tiny (large logits).
-    """
+    """out[r] = H(softmax(x[r, :cols])) for ROWS rows per program, one pass over each row (``entropy_step``)."""
     pid = tl.program_id(0)
     offs_r = pid * ROWS + tl.arange(0, ROWS)
     row_ok = offs_r < rows
@@ -40,28 +68,8 @@ def exit_entropy_kernel(
         mask = row_ok[:, None] & (offs_c < cols)[None, :]
         z = tl.load(row_base + offs_c[None, :], mask=mask, other=float("-inf")).to(tl.float32)
         bad += tl.sum(((z != z) | (z == float("inf"))).to(tl.int32), axis=1)
-        cm = tl.max(z, axis=1)
-        grows = cm > m  # this block holds the new maximum: the old one joins a, the new one is excluded
-        m_new = tl.where(grows, cm, m)
-        # While a row has seen only -inf, measure from 0 so no inf - inf appears; those terms are 0 anyway.
-        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
-        gap = tl.where(m == float("-inf"), 0.0, m_ref - m)  # >= 0
-        alpha = tl.exp(-gap)
-        had = m > float("-inf")
-        u = tl.where(grows, tl.where(had, alpha * (u + gap * (1.0 + a)), 0.0), u)
-        a = tl.where(grows, tl.where(had, alpha * (1.0 + a), 0.0), a)
-        first = tl.min(tl.where(z == cm[:, None], offs_c[None, :], cols + BLOCK_C), axis=1)
-        d = m_ref[:, None] - z
-        e = tl.exp(-d)
-        keep = (z > float("-inf")) & ((offs_c[None, :] != first[:, None]) | (grows == 0)[:, None])
-        a += tl.sum(tl.where(keep, e, 0.0), axis=1)
-        u += tl.sum(tl.where(keep, e * d, 0.0), axis=1)
-        m = m_new
-    # log1p(a) without libdevice: log(w) * a / (w - 1) with w = 1 + a rounded (w - 1 is exact), accurate to a few
-    # ulp where log(1 + a) alone would lose the digits of a tiny a.
-    w = 1.0 + a
-    log1p_a = tl.where(w == 1.0, a, tl.log(w) * (a / (w - 1.0)))
-    h = log1p_a + u / w
+        m, a, u = entropy_step(z, offs_c, cols, m, a, u, BLOCK_C)
+    h = entropy_finish(a, u)
     h = tl.where((bad > 0) | (m == float("-inf")), float("nan"), h)
     tl.store(out_ptr + offs_r, h, mask=row_ok)
 

@@ -18,6 +18,7 @@ import triton
 import triton.language as tl
 
 from . import INTERPRET
+from .early_exit import entropy_finish, entropy_step
 
 # token_threshold rules; effbert/ops/token_exit.py and csrc/include/effbert/token_exit.h hold the same table
 RULE_NONE, RULE_AND, RULE_OR = 0, 1, 2
@@ -46,8 +47,7 @@ def token_exit_kernel(
     ok = (pos >= 0) & (row < end)
     base = x_ptr + row.to(tl.int64)[:, None] * stride_x
 
-    # entropy in one pass (as exit_entropy_kernel): maximum m, a = sum exp(z - m) over all but one argmax,
-    # w = sum exp(z - m) * (m - z); H = log1p(a) + w / (1 + a), every term >= 0
+    # entropy in one pass over the classes (entropy_step's running state, as exit_entropy_kernel)
     m = tl.full([BLOCK_E], float("-inf"), tl.float32)
     a = tl.zeros([BLOCK_E], tl.float32)
     w = tl.zeros([BLOCK_E], tl.float32)
@@ -57,25 +57,8 @@ def token_exit_kernel(
         z = tl.load(base + offs_c[None, :], mask=ok[:, None] & (offs_c < cols)[None, :],
                     other=float("-inf")).to(tl.float32)
         bad += tl.sum(((z != z) | (z == float("inf"))).to(tl.int32), axis=1)
-        cm = tl.max(z, axis=1)
-        grows = cm > m
-        m_new = tl.where(grows, cm, m)
-        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # no inf - inf while only -inf was seen
-        gap = tl.where(m == float("-inf"), 0.0, m_ref - m)
-        alpha = tl.exp(-gap)
-        had = m > float("-inf")
-        w = tl.where(grows, tl.where(had, alpha * (w + gap * (1.0 + a)), 0.0), w)
-        a = tl.where(grows, tl.where(had, alpha * (1.0 + a), 0.0), a)
-        first = tl.min(tl.where(z == cm[:, None], offs_c[None, :], cols + BLOCK_C), axis=1)
-        d = m_ref[:, None] - z
-        e = tl.exp(-d)
-        take = (z > float("-inf")) & ((offs_c[None, :] != first[:, None]) | (grows == 0)[:, None])
-        a += tl.sum(tl.where(take, e, 0.0), axis=1)
-        w += tl.sum(tl.where(take, e * d, 0.0), axis=1)
-        m = m_new
-    s = 1.0 + a
-    log1p_a = tl.where(s == 1.0, a, tl.log(s) * (a / (s - 1.0)))  # log1p without libdevice
-    u = (log1p_a + w / s) / log_c
+        m, a, w = entropy_step(z, offs_c, cols, m, a, w, BLOCK_C)
+    u = entropy_finish(a, w) / log_c
     u = tl.where((bad > 0) | (m == float("-inf")), float("nan"), u)
 
     active = tl.load(active_ptr + row, mask=ok, other=0) != 0
