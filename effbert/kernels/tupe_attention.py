@@ -607,7 +607,7 @@ _COMMON_SIG = {
 
 
 def _config(kind, dt, d, varlen, arch):
-    if kind == "fwd":
+    if kind in ("fwd", "fwd_subset"):  # the query-subset forward takes the forward's tiles
         return fwd_config(d, dt, interpret=False, arch=arch)
     return (bwd_config if kind == "dkdv" else dq_config)(d, dt, varlen, False, arch)
 
@@ -674,3 +674,34 @@ COMPILE_SPECS = [
                            (("bf16", 64), {"dropout": True})])
     for spec in _specs(kind, *args, **flags)
 ]
+
+
+def _subset_spec(dt, d, cfg, targets):
+    """The query-subset forward (``tupe_attn_fwd_subset_kernel``), packed, with int32 positions."""
+    ptr = _PTR[dt]
+    ints = ("sqn", "sqh", "skn", "skh", "svn", "svh", "son", "soh", "sbh", "sbi", "sbj",
+            "H", "NQ", "NK", "TOTAL_Q", "TOTAL_K", "BIAS_I", "BIAS_J")
+    sig = {"Q": ptr, "K": ptr, "V": ptr, "Bias": ptr, "CuSeqQ": "*i32", "CuSeqK": "*i32", "PosQ": "*i32",
+           "Out": ptr, **{k: "i32" for k in ints}, "scale": "fp32"}
+    return {
+        "constexprs": {"D": d, "BLOCK_M": cfg["BLOCK_M"], "BLOCK_N": cfg["BLOCK_N"],
+                       "DOT_PRECISION": dot_precision(dt), "sbj": 1},
+        "name": f"tupe_attn_fwd_subset[{dt},D={d},subset,M={cfg['BLOCK_M']},N={cfg['BLOCK_N']}]",
+        "fn": tupe_attn_fwd_subset_kernel, "signature": sig, "num_warps": cfg["num_warps"],
+        "num_stages": cfg["num_stages"], "targets": targets,
+        "divisible": tuple(k for k in sig if k in ("Q", "K", "V", "Bias", "Out") or k.startswith("s") and k != "scale"),
+        "must_not_spill": d <= 64 or targets == (90,),
+        "matrix_instructions": dt != "fp32",
+    }
+
+
+def _subset_specs(dt, d):
+    cfg80, cfg90 = _config("fwd_subset", dt, d, True, 80), _config("fwd_subset", dt, d, True, 90)
+    if cfg80 == cfg90:
+        return [_subset_spec(dt, d, cfg80, (80, 90))]
+    return [_subset_spec(dt, d, cfg80, (80,)), _subset_spec(dt, d, cfg90, (90,))]
+
+
+# the query-subset forward (token-level early exit, inference) at BERT's head dims, 16-bit and fp32
+COMPILE_SPECS += [spec for dt, d in (("bf16", 64), ("fp16", 64), ("bf16", 128), ("fp32", 64))
+                  for spec in _subset_specs(dt, d)]
