@@ -222,3 +222,14 @@ def test_gpu_low_precision(dtype, seeded):
     lowp = reference.tupe_attention_varlen_subset(*low, cu_q, cu_k, pos_ids, pos_bias.float())
     out = effbert.tupe_attention_varlen_subset(*low, cu_q, cu_k, pos_ids, pos_bias.float(), backend="triton")
     assert_close(out, ref, lowp_eager=lowp)
+
+
+def test_backends_that_cannot_serve_say_why():
+    from effbert.ops import BackendNotSupportedError
+
+    _, k, v, cu_k, pos_bias, q, cu_q, pos_ids = make_case([7, 3], [[1, 5], [0, 2]])
+    with pytest.raises(BackendNotSupportedError, match="no cuda kernel for tupe_attention_varlen_subset"):
+        effbert.tupe_attention_varlen_subset(q, k, v, cu_q, cu_k, pos_ids, pos_bias, backend="cuda")
+    half = [t.half() for t in (q, k, v)]
+    with pytest.raises(BackendNotSupportedError, match="the CPU path takes fp32/fp64"):
+        effbert.tupe_attention_varlen_subset(*half, cu_q, cu_k, pos_ids, pos_bias, backend="cpu")

@@ -475,6 +475,8 @@ def _subset_reasons(q):
     general = _reasons(q)
 
     def reasons(name):
+        if name == "cuda":
+            return ["no cuda kernel for tupe_attention_varlen_subset (Triton on CUDA)"]
         if name == "cpu" and q.dtype not in (torch.float32, torch.float64):
             return [f"the CPU path takes fp32/fp64, got {str(q.dtype).replace('torch.', '')}"]
         return general(name)
@@ -553,7 +555,7 @@ def tupe_attention_varlen_subset(q, k, v, cu_seqlens_q, cu_seqlens_k, position_i
         pos_bias: ``[H, S, S']`` float, ``S, S' >= max_seqlen_k``, shared by the batch (a strided view of a cached
             table is fine); the TUPE positional term ``P``.
         max_seqlen_q, max_seqlen_k: ints ``>=`` the most queries / keys of any sequence; ``None`` reads them from the
-            offsets (one small copy each).
+            offsets (one small copy each; under ``torch.compile(fullgraph=True)`` pass both).
         scale: the content logits' factor, ``1/sqrt(D)`` by default (TUPE passes ``1/sqrt(2D)``).
         backend: ``"auto"``, ``"triton"``, ``"cpu"`` (per-sequence ``baddbmm`` + softmax + ``bmm``) or ``"eager"``.
         check_offsets: ``False`` skips reading the offsets and positions back, for a caller that checked them
