@@ -51,6 +51,17 @@ def _attention_backward(backend):
     return (torch.randn_like(out), *args[:3], out, lse, *args[3:], True)
 
 
+def _attention_subset(backend):
+    d = torch.device(_dev(backend))
+    h, dh = 2, 16
+    cu_q = torch.tensor([0, 2, 2, 3], dtype=i32, device=d)  # the second sequence has no active query
+    cu_k = torch.tensor([0, 3, 7, 8], dtype=i32, device=d)
+    q = torch.randn(3, h, dh, device=d)
+    k, v = (torch.randn(8, h, dh, device=d) for _ in range(2))
+    return (q, k, v, cu_q, cu_k, torch.tensor([0, 2, 0], dtype=i32, device=d), torch.randn(h, 5, 5, device=d), 2, 4,
+            0.25, True, backend)
+
+
 def _position_bias(backend, grad=True):
     d = torch.device(_dev(backend))
     n, h = 6, 2
@@ -162,6 +173,7 @@ CASES = {
                        ("dropout", "triton", lambda b: _attention(b, dropout=0.2), NO_AUTOGRAD)],
     "tupe_attention_backward": [("padded", "triton", _attention_backward, NO_AUTOGRAD)],
     "tupe_attention_varlen_check": [("offsets", None, _varlen_check, NO_AUTOGRAD)],
+    "tupe_attention_varlen_subset": [(b, b, _attention_subset, NO_AUTOGRAD) for b in HOST_BACKENDS + ["triton"]],
     "tupe_position_bias": [("rel+cls", "triton", _position_bias, ALL)],
     "tupe_position_bias_backward": [("rel+cls", "triton", _position_bias_backward, NO_AUTOGRAD)],
     "note_mix": [(b, b, _note_mix, ALL) for b in HOST_BACKENDS + ["triton"]],
@@ -230,6 +242,14 @@ BAD_CALLS = {
         ("int64 offsets", _with(_varlen_check, 0, torch.tensor([0, 3, 7])), TypeError, "cu_seqlens must have dtype"),
         ("negative total", _with(_varlen_check, 1, -1), ValueError, "total must be"),
         ("offsets past total", _with(_varlen_check, 1, 5), ValueError, "cu_seqlens must end at most"),
+    ],
+    "tupe_attention_varlen_subset": [
+        ("position past its keys", _with(_attention_subset, 5, lambda a: a[5] + 1, "eager"), ValueError,
+         "position_ids_q must be in"),
+        ("offsets past Tk", _with(_attention_subset, 4, torch.tensor([0, 3, 7, 9], dtype=i32), "eager"),
+         ValueError, "cu_seqlens_k must end at"),
+        ("pos_bias too small", _with(_attention_subset, 6, _t(2, 3, 3)), ValueError, "pos_bias must be at least"),
+        ("max_seqlen_q too small", _with(_attention_subset, 7, 1), ValueError, "max_seqlen_q must be >="),
     ],
     "tupe_position_bias": [
         ("pos_k shorter", _with(_position_bias, 1, lambda a: a[1][:4].detach()), ValueError, "pos_k must have"),
@@ -356,7 +376,7 @@ COMPILED = [("mc_sample", "empty seed"), ("mc_sample_fused", "weight narrower th
             ("mc_candidate_loss_backward", "hidden shorter than the candidates"),
             ("mc_candidate_loss", "candidate past the vocabulary"), ("tupe_position_bias", "bucket past the table"),
             ("note_update_", "slot past the notes"), ("exit_decision", "row id outside the batch"),
-            ("token_exit_decision", "offsets past T")]
+            ("token_exit_decision", "offsets past T"), ("tupe_attention_varlen_subset", "position past its keys")]
 
 
 @pytest.mark.parametrize("name,what", COMPILED, ids=[f"{n}-{w}" for n, w in COMPILED])

@@ -181,6 +181,64 @@ def tupe_attn_fwd_kernel(
 
 
 @triton.jit
+def tupe_attn_fwd_subset_kernel(
+    Q, K, V, Bias, CuSeqQ, CuSeqK, PosQ, Out,
+    sqn, sqh, skn, skh, svn, svh, son, soh, sbh, sbi, sbj,
+    H, NQ, NK, TOTAL_Q, TOTAL_K, BIAS_I, BIAS_J, scale,
+    D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """Forward of packed attention whose queries are a subset of each sequence's tokens (token-level early exit):
+    one program per (query block, sequence * head) walks all the sequence's keys; each query's bias row is
+    ``Bias[h, PosQ[query], :]``. No log-sum-exp, no dropout: inference only."""
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    start_q, len_q = _seq_bounds(CuSeqQ, b, NQ, TOTAL_Q, True)
+    start_k, len_k = _seq_bounds(CuSeqK, b, NK, TOTAL_K, True)
+    m0 = pid_m * BLOCK_M
+    if m0 >= len_q:  # this sequence has fewer active queries than the most active one
+        return
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, D)
+    row_ok = offs_m < len_q
+    q = tl.load(Q + start_q * sqn + h * sqh + offs_m[:, None] * sqn + offs_d[None, :], mask=row_ok[:, None],
+                other=0.0)
+    # a position outside the bias reads nothing (the op refuses it; a caller that skipped the check gets bias 0)
+    pos = tl.load(PosQ + start_q + offs_m, mask=row_ok, other=0).to(tl.int64)
+    pos_ok = row_ok & (pos >= 0) & (pos < BIAS_I)
+    bias_rows = Bias + h * sbh + pos * sbi
+    k_base = K + start_k * skn + h * skh
+    v_base = V + start_k * svn + h * svh
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, D], tl.float32)
+    for n0 in range(0, len_k, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        col_ok = offs_n < len_k
+        k = tl.load(k_base + offs_n[:, None] * skn + offs_d[None, :], mask=col_ok[:, None], other=0.0)
+        v = tl.load(v_base + offs_n[:, None] * svn + offs_d[None, :], mask=col_ok[:, None], other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale
+        bias = tl.load(bias_rows[:, None] + offs_n[None, :] * sbj,
+                       mask=pos_ok[:, None] & (col_ok & (offs_n < BIAS_J))[None, :], other=0.0)
+        s = tl.where(col_ok[None, :], s + bias.to(tl.float32), float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        # a row that has seen only -inf shifts by 0, so exp2(-inf - 0) = 0 instead of NaN
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2((m_i - m_ref) * 1.4426950408889634)
+        p = tl.exp2((s - m_ref[:, None]) * 1.4426950408889634)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        m_i = m_new
+    # l_i is 0 only with no key at all; NaN stays NaN
+    alive = l_i != 0.0
+    out = tl.where(alive[:, None], acc / tl.where(alive, l_i, 1.0)[:, None], 0.0)
+    tl.store(Out + start_q * son + h * soh + offs_m[:, None] * son + offs_d[None, :], out.to(Out.dtype.element_ty),
+             mask=row_ok[:, None])
+
+
+@triton.jit
 def _probs_and_dlogits(q, k, v, do, lse, delta, Bias, Seed, h, bh, offs_m, offs_n, seqlen, key_real,
                        sbh, sbi, sbj, N, qk_scale, p_drop,
                        HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr):
@@ -452,6 +510,25 @@ def attention_forward(q, k, v, pos_bias, attention_mask, cu_seqlens, seed, out, 
         )
 
 
+def attention_forward_subset(q, k, v, pos_bias, cu_seqlens_q, cu_seqlens_k, position_ids_q, out, *, max_seqlen_q,
+                             max_seqlen_k, scale):
+    """Launch the query-subset forward into ``out`` (zeroed by the caller: rows in no sequence stay 0)."""
+    heads, d = q.shape[-2], q.shape[-1]
+    name = _DTYPE_NAME[str(q.dtype)]
+    cfg = fwd_config(d, name)
+    for b0, b1 in batch_chunks(cu_seqlens_q.shape[0] - 1, heads):
+        # a chunk's offsets stay absolute: its slices of cu_seqlens address the whole packed tensors
+        grid = (triton.cdiv(max_seqlen_q, cfg["BLOCK_M"]), (b1 - b0) * heads)
+        tupe_attn_fwd_subset_kernel[grid](
+            q, k, v, pos_bias, cu_seqlens_q[b0:b1 + 1], cu_seqlens_k[b0:b1 + 1], position_ids_q, out,
+            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0),
+            out.stride(1), *pos_bias.stride(),
+            heads, max_seqlen_q, max_seqlen_k, q.shape[0], k.shape[0], pos_bias.shape[1], pos_bias.shape[2], scale,
+            D=d, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], DOT_PRECISION=dot_precision(name),
+            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        )
+
+
 def bias_grad_groups(batch, heads, seq_len, block_m, sm_count):
     """How many batch groups the dQ kernel splits into: enough programs to fill the device twice over (grid axis 2:
     at most 65535)."""
@@ -530,7 +607,7 @@ _COMMON_SIG = {
 
 
 def _config(kind, dt, d, varlen, arch):
-    if kind == "fwd":
+    if kind in ("fwd", "fwd_subset"):  # the query-subset forward takes the forward's tiles
         return fwd_config(d, dt, interpret=False, arch=arch)
     return (bwd_config if kind == "dkdv" else dq_config)(d, dt, varlen, False, arch)
 
@@ -597,3 +674,34 @@ COMPILE_SPECS = [
                            (("bf16", 64), {"dropout": True})])
     for spec in _specs(kind, *args, **flags)
 ]
+
+
+def _subset_spec(dt, d, cfg, targets):
+    """The query-subset forward (``tupe_attn_fwd_subset_kernel``), packed, with int32 positions."""
+    ptr = _PTR[dt]
+    ints = ("sqn", "sqh", "skn", "skh", "svn", "svh", "son", "soh", "sbh", "sbi", "sbj",
+            "H", "NQ", "NK", "TOTAL_Q", "TOTAL_K", "BIAS_I", "BIAS_J")
+    sig = {"Q": ptr, "K": ptr, "V": ptr, "Bias": ptr, "CuSeqQ": "*i32", "CuSeqK": "*i32", "PosQ": "*i32",
+           "Out": ptr, **{k: "i32" for k in ints}, "scale": "fp32"}
+    return {
+        "constexprs": {"D": d, "BLOCK_M": cfg["BLOCK_M"], "BLOCK_N": cfg["BLOCK_N"],
+                       "DOT_PRECISION": dot_precision(dt), "sbj": 1},
+        "name": f"tupe_attn_fwd_subset[{dt},D={d},subset,M={cfg['BLOCK_M']},N={cfg['BLOCK_N']}]",
+        "fn": tupe_attn_fwd_subset_kernel, "signature": sig, "num_warps": cfg["num_warps"],
+        "num_stages": cfg["num_stages"], "targets": targets,
+        "divisible": tuple(k for k in sig if k in ("Q", "K", "V", "Bias", "Out") or k.startswith("s") and k != "scale"),
+        "must_not_spill": d <= 64 or targets == (90,),
+        "matrix_instructions": dt != "fp32",
+    }
+
+
+def _subset_specs(dt, d):
+    cfg80, cfg90 = _config("fwd_subset", dt, d, True, 80), _config("fwd_subset", dt, d, True, 90)
+    if cfg80 == cfg90:
+        return [_subset_spec(dt, d, cfg80, (80, 90))]
+    return [_subset_spec(dt, d, cfg80, (80,)), _subset_spec(dt, d, cfg90, (90,))]
+
+
+# the query-subset forward (token-level early exit, inference) at BERT's head dims, 16-bit and fp32
+COMPILE_SPECS += [spec for dt, d in (("bf16", 64), ("fp16", 64), ("bf16", 128), ("fp32", 64))
+                  for spec in _subset_specs(dt, d)]

@@ -149,3 +149,23 @@ def attention_varlen_traced(q, k, v, cu_seqlens, max_seqlen, pos_bias, scale, dr
     bias = None if pos_bias is None else pos_bias[:, :max_seqlen, :max_seqlen]
     out = attention_traced(qp, kp, vp, bias, mask, scale, dropout_p)
     return _with_zero_row(out.reshape(-1, heads, dim))[dst]
+
+
+def attention_varlen_subset(q, k, v, cu_seqlens_q, cu_seqlens_k, position_ids_q, pos_bias, scale):
+    """Inference of ``tupe_attention_varlen_subset``: per sequence, ``baddbmm`` with the gathered rows
+    ``pos_bias[:, position_ids_q, :Lk]`` as its addend, an in-place softmax and ``bmm`` (the gathered ``[H, Lq, Lk]``
+    bias is as large as the logits, so a fused call with it as a mask would save nothing). Rows of q in no sequence
+    and sequences with no key give 0."""
+    cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+    out = q.new_zeros(q.shape)
+    for b in range(len(cq) - 1):
+        q_lo, q_hi, k_lo, k_hi = cq[b], cq[b + 1], ck[b], ck[b + 1]
+        if q_hi <= q_lo or k_hi <= k_lo:
+            continue
+        # index_select copies: baddbmm's addend is then overwritten by the softmax without touching pos_bias
+        bias = pos_bias[:, :, :k_hi - k_lo].index_select(1, position_ids_q[q_lo:q_hi]).to(q.dtype)
+        qh, kh, vh = q[q_lo:q_hi].transpose(0, 1), k[k_lo:k_hi].transpose(0, 1), v[k_lo:k_hi].transpose(0, 1)
+        logits = torch.baddbmm(bias, qh, kh.transpose(1, 2), alpha=scale)
+        torch.softmax(logits, -1, out=logits)
+        out[q_lo:q_hi] = torch.bmm(logits, vh).transpose(0, 1)
+    return out

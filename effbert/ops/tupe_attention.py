@@ -15,7 +15,7 @@ from . import _tupe_attention_cpu
 from ._checks import FLOAT_DTYPES, as_bool_attention_mask, check_same_device, check_tensor
 from ._dispatch import direct_call_ok, select_backend
 
-__all__ = ["tupe_attention", "tupe_attention_varlen", "HEAD_DIMS"]
+__all__ = ["tupe_attention", "tupe_attention_varlen", "tupe_attention_varlen_subset", "HEAD_DIMS"]
 
 HEAD_DIMS = (16, 32, 64, 128)  # the head dims the Triton kernels are built for
 
@@ -399,3 +399,198 @@ def tupe_attention_varlen(q, k, v, cu_seqlens, max_seqlen, pos_bias=None, *, sca
             _check_cu_seqlens_values(cu_seqlens, q.shape[0], max_seqlen)
         return _forward_triton(*args)[0]
     return torch.ops.effbert.tupe_attention(*args)[0]
+
+
+# --- queries a subset of the tokens, keys all of them (token-level early exit): forward only ---------------------
+
+def _check_subset_args(q, k, v, cu_seqlens_q, cu_seqlens_k, position_ids_q, pos_bias, max_seqlen_q, max_seqlen_k,
+                       scale):
+    """What can be checked without reading a tensor back (also while tracing)."""
+    check_tensor("q", q, ndim=3, dtypes=FLOAT_DTYPES + (torch.float64,), shape_hint="[Tq, H, D]")
+    for name, t in (("k", k), ("v", v)):
+        check_tensor(name, t, ndim=3, dtypes=(q.dtype,), shape_hint="[Tk, H, D] of q's dtype")
+    if k.shape != v.shape or k.shape[1:] != q.shape[1:]:
+        raise ValueError(f"k and v must be [Tk, H, D] with q's H and D ({tuple(q.shape[1:])}), got "
+                         f"{tuple(k.shape)} and {tuple(v.shape)}")
+    if q.shape[-1] < 1:
+        raise ValueError(f"q's head dim must be >= 1, got {q.shape[-1]}")
+    for name, t in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
+        check_tensor(name, t, ndim=1, dtypes=(torch.int32,), shape_hint="[B + 1] int32")
+        if t.shape[0] < 2:
+            raise ValueError(f"{name} must hold B + 1 >= 2 offsets, got shape {tuple(t.shape)}")
+    if cu_seqlens_q.shape != cu_seqlens_k.shape:
+        raise ValueError(f"cu_seqlens_q and cu_seqlens_k must describe the same sequences ([B + 1] each), got "
+                         f"{tuple(cu_seqlens_q.shape)} and {tuple(cu_seqlens_k.shape)}")
+    check_tensor("position_ids_q", position_ids_q, ndim=1, dtypes=(torch.int32, torch.int64), shape_hint="[Tq]")
+    if position_ids_q.shape[0] != q.shape[0]:
+        raise ValueError(f"position_ids_q must be [Tq] = [{q.shape[0]}] (one position per query), got "
+                         f"{tuple(position_ids_q.shape)}")
+    for name, n in (("max_seqlen_q", max_seqlen_q), ("max_seqlen_k", max_seqlen_k)):
+        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+            raise ValueError(f"{name} must be an int >= 0, got {n!r}")
+    check_tensor("pos_bias", pos_bias, ndim=3, dtypes=FLOAT_DTYPES + (torch.float64,), shape_hint="[H, S, S]")
+    if pos_bias.shape[0] != q.shape[1] or pos_bias.shape[1] < max_seqlen_k or pos_bias.shape[2] < max_seqlen_k:
+        raise ValueError(f"pos_bias must be at least [H, max_seqlen_k, max_seqlen_k] = [{q.shape[1]}, {max_seqlen_k}, "
+                         f"{max_seqlen_k}], got {tuple(pos_bias.shape)}")
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+        raise ValueError(f"scale must be a finite float, got {scale!r}")
+    check_same_device(q=q, k=k, v=v, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
+                      position_ids_q=position_ids_q, pos_bias=pos_bias)
+
+
+def _subset_offsets(cu_seqlens_q, cu_seqlens_k, tq, tk):
+    """The offsets read back (one small copy each), checked: start at 0, never decrease, end at Tq / Tk."""
+    out = []
+    for name, cu, total, rows in (("cu_seqlens_q", cu_seqlens_q, tq, "q.shape[0]"),
+                                  ("cu_seqlens_k", cu_seqlens_k, tk, "k.shape[0]")):
+        c = cu.tolist()
+        shown = f"{c[:8]}{'...' if len(c) > 8 else ''}"
+        if c[0] != 0 or any(b < a for a, b in zip(c, c[1:])):
+            raise ValueError(f"{name} must start at 0 and never decrease, got {shown}")
+        if c[-1] != total:
+            raise ValueError(f"{name} must end at {rows} = {total}, got {c[-1]}")
+        out.append(c)
+    return out
+
+
+def _check_subset_values(q, k, cu_seqlens_q, cu_seqlens_k, position_ids_q, max_seqlen_q, max_seqlen_k):
+    cq, ck = _subset_offsets(cu_seqlens_q, cu_seqlens_k, q.shape[0], k.shape[0])
+    lens_q = [b - a for a, b in zip(cq, cq[1:])]
+    lens_k = [b - a for a, b in zip(ck, ck[1:])]
+    for name, lens, given in (("max_seqlen_q", lens_q, max_seqlen_q), ("max_seqlen_k", lens_k, max_seqlen_k)):
+        if max(lens) > given:
+            raise ValueError(f"{name} must be >= the longest sequence ({max(lens)}), got {given}")
+    if q.shape[0]:
+        # each query's bound: its sequence's key count
+        bound = torch.repeat_interleave(torch.tensor(lens_k), torch.tensor(lens_q)).to(position_ids_q.device)
+        bad = ((position_ids_q < 0) | (position_ids_q >= bound)).nonzero()
+        if bad.numel():
+            i = int(bad[0, 0])
+            b = next(s for s in range(len(lens_q)) if cq[s] <= i < cq[s + 1])
+            raise ValueError(f"position_ids_q must be in [0, that sequence's key count): query {i} (sequence {b}, "
+                             f"{lens_k[b]} keys) has position {int(position_ids_q[i])}")
+
+
+def _subset_reasons(q):
+    general = _reasons(q)
+
+    def reasons(name):
+        if name == "cuda":
+            return ["no cuda kernel for tupe_attention_varlen_subset (Triton on CUDA)"]
+        if name == "cpu" and q.dtype not in (torch.float32, torch.float64):
+            return [f"the CPU path takes fp32/fp64, got {str(q.dtype).replace('torch.', '')}"]
+        return general(name)
+
+    return reasons
+
+
+def subset_attention_backend(q, backend="auto"):
+    """The backend ``tupe_attention_varlen_subset`` would run for ``q`` (raises if none can serve)."""
+    return select_backend("tupe_attention_varlen_subset", backend, q.device, _subset_reasons(q), _preference)
+
+
+def _subset_checked(q, k, v, cu_seqlens_q, cu_seqlens_k, position_ids_q, pos_bias, max_seqlen_q, max_seqlen_k,
+                    scale, check_offsets, backend):
+    """The op's body: every check, then the chosen backend."""
+    _check_subset_args(q, k, v, cu_seqlens_q, cu_seqlens_k, position_ids_q, pos_bias, max_seqlen_q, max_seqlen_k,
+                       scale)
+    if not isinstance(check_offsets, bool):
+        raise TypeError(f"check_offsets must be a bool, got {type(check_offsets).__name__}")
+    chosen = subset_attention_backend(q, backend)
+    # the eager reference on a GPU would turn a bad gather index into a device assert: it checks regardless
+    if check_offsets or (chosen == "eager" and q.device.type != "cpu"):
+        _check_subset_values(q, k, cu_seqlens_q, cu_seqlens_k, position_ids_q, max_seqlen_q, max_seqlen_k)
+    if chosen == "eager":
+        return reference.tupe_attention_varlen_subset(q, k, v, cu_seqlens_q, cu_seqlens_k, position_ids_q, pos_bias,
+                                                      scale=scale)
+    if chosen == "cpu":
+        return _tupe_attention_cpu.attention_varlen_subset(q, k, v, cu_seqlens_q, cu_seqlens_k, position_ids_q,
+                                                           pos_bias, scale)
+    from ..kernels import tupe_attention as kernels
+
+    out = torch.zeros(q.shape, dtype=q.dtype, device=q.device)  # rows in no sequence are never written
+    if q.numel() and max_seqlen_q:
+        kernels.attention_forward_subset(_unit_last(q), _unit_last(k), _unit_last(v), _unit_last(pos_bias),
+                                         cu_seqlens_q.contiguous(), cu_seqlens_k.contiguous(),
+                                         position_ids_q.contiguous(), out, max_seqlen_q=max_seqlen_q,
+                                         max_seqlen_k=max_seqlen_k, scale=scale)
+    return out
+
+
+@torch.library.custom_op("effbert::tupe_attention_varlen_subset", mutates_args=())
+def _subset_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
+               cu_seqlens_k: torch.Tensor, position_ids_q: torch.Tensor, pos_bias: torch.Tensor, max_seqlen_q: int,
+               max_seqlen_k: int, scale: float, check_offsets: bool, backend: str) -> torch.Tensor:
+    # callable directly and run on real tensors under torch.compile: checked here, not only in the wrapper. No
+    # autograd is registered: a backward through it raises torch's "autograd not implemented" error
+    return _subset_checked(q, k, v, cu_seqlens_q, cu_seqlens_k, position_ids_q, pos_bias, max_seqlen_q,
+                           max_seqlen_k, scale, check_offsets, backend)
+
+
+@_subset_op.register_fake
+def _(q, k, v, cu_seqlens_q, cu_seqlens_k, position_ids_q, pos_bias, max_seqlen_q, max_seqlen_k, scale,
+      check_offsets, backend):
+    return torch.empty_like(q, memory_format=torch.contiguous_format)
+
+
+def tupe_attention_varlen_subset(q, k, v, cu_seqlens_q, cu_seqlens_k, position_ids_q, pos_bias, *, max_seqlen_q=None,
+                                 max_seqlen_k=None, scale=None, backend="auto", check_offsets=True):
+    """TUPE attention over packed sequences whose queries are a subset of their tokens and whose keys and values
+    are all of them: the attention of a layer after token-level early exit, where exited tokens stop being
+    queries but stay keys and values. Forward only (inference); flash-attn's varlen naming.
+
+    ``logits[h, i, j] = scale * <q_i, k_j> + pos_bias[h, position_ids_q[i], j]`` for query ``i`` and key ``j`` of
+    the same sequence (``j`` its position in the sequence), softmax over ``j``, then ``@ v``. Each query reads the
+    positional row of its own position, so with every token active (``cu_seqlens_q == cu_seqlens_k``,
+    ``position_ids_q`` = 0, 1, ... in each sequence) this is ``tupe_attention_varlen``.
+
+    Args:
+        q: ``[Tq, H, D]``, fp32/fp16/bf16 (float64 on the eager and cpu backends): the active tokens, packed per
+            sequence; sequence ``b``'s are ``q[cu_seqlens_q[b]:cu_seqlens_q[b+1]]``.
+        k, v: ``[Tk, H, D]``, q's dtype: every token; sequence ``b``'s are rows ``cu_seqlens_k[b]:cu_seqlens_k[b+1]``.
+        cu_seqlens_q, cu_seqlens_k: int32 ``[B + 1]`` each: start at 0, never decrease, end at ``Tq`` / ``Tk``. A
+            sequence may have no active query.
+        position_ids_q: int32 or int64 ``[Tq]``: each query's 0-based position among its sequence's keys, in
+            ``[0, that sequence's key count)``.
+        pos_bias: ``[H, S, S']`` float, ``S, S' >= max_seqlen_k``, shared by the batch (a strided view of a cached
+            table is fine); the TUPE positional term ``P``.
+        max_seqlen_q, max_seqlen_k: ints ``>=`` the most queries / keys of any sequence; ``None`` reads them from the
+            offsets (one small copy each; under ``torch.compile(fullgraph=True)`` pass both).
+        scale: the content logits' factor, ``1/sqrt(D)`` by default (TUPE passes ``1/sqrt(2D)``).
+        backend: ``"auto"``, ``"triton"``, ``"cpu"`` (per-sequence ``baddbmm`` + softmax + ``bmm``) or ``"eager"``.
+        check_offsets: ``False`` skips reading the offsets and positions back, for a caller that checked them
+            once; the Triton kernel still bounds every offset and position (a bad one empties its sequence or
+            drops its bias), and the host backends raise ``IndexError`` rather than read out of bounds.
+
+    Returns:
+        ``[Tq, H, D]`` in q's dtype: each active query's output; a query of a sequence with no key gets 0.
+
+    Raises:
+        ``ValueError``/``TypeError`` naming the argument (shapes, dtypes, devices, offsets, positions out of range,
+        ``max_seqlen_*`` too small, ``pos_bias`` too small); ``BackendNotSupportedError`` for an explicit backend
+        that cannot serve; ``RuntimeError`` when called with inputs that require grad while grad is enabled (no
+        backward).
+
+    TUPE: Ke, He, Liu, "Rethinking Positional Encoding in Language Pre-training" (ICLR 2021). Token-level early exit:
+    Li et al., "Accelerating BERT Inference for Sequence Labeling via Early-Exit" (ACL 2021).
+    """
+    for name, t in (("q", q), ("k", k), ("v", v), ("pos_bias", pos_bias)):
+        if torch.is_grad_enabled() and isinstance(t, torch.Tensor) and t.requires_grad:
+            raise RuntimeError(f"tupe_attention_varlen_subset is forward only (inference), but {name} requires grad: "
+                               "call it under torch.no_grad() or torch.inference_mode()")
+    if not isinstance(check_offsets, bool):
+        raise TypeError(f"check_offsets must be a bool, got {type(check_offsets).__name__}")
+    for name, cu, given in (("cu_seqlens_q", cu_seqlens_q, max_seqlen_q), ("cu_seqlens_k", cu_seqlens_k, max_seqlen_k)):
+        if given is None:
+            check_tensor(name, cu, ndim=1, dtypes=(torch.int32,), shape_hint="[B + 1] int32")
+    if max_seqlen_q is None:
+        max_seqlen_q = int((cu_seqlens_q[1:] - cu_seqlens_q[:-1]).max()) if cu_seqlens_q.shape[0] > 1 else 0
+    if max_seqlen_k is None:
+        max_seqlen_k = int((cu_seqlens_k[1:] - cu_seqlens_k[:-1]).max()) if cu_seqlens_k.shape[0] > 1 else 0
+    scale = q.shape[-1] ** -0.5 if scale is None and isinstance(q, torch.Tensor) else scale
+    scale = float(scale) if isinstance(scale, int) and not isinstance(scale, bool) else scale
+    args = (q, k, v, cu_seqlens_q, cu_seqlens_k, position_ids_q, pos_bias, max_seqlen_q, max_seqlen_k, scale,
+            check_offsets, backend)
+    if direct_call_ok(*[a for a in args if isinstance(a, torch.Tensor)]):
+        return _subset_checked(*args)  # the op's body without the dispatcher's tens of microseconds
+    return torch.ops.effbert.tupe_attention_varlen_subset(*args)

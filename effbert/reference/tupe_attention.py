@@ -83,3 +83,25 @@ def tupe_attention_varlen(q, k, v, cu_seqlens, max_seqlen, pos_bias=None, *, sca
     out = tupe_attention(qp, kp, vp, bias, attention_mask=mask, scale=scale, dropout_p=dropout_p,
                          dropout_mask=dropout_mask)
     return unpad(out, cu_seqlens, q.shape[0])
+
+
+def tupe_attention_varlen_subset(q, k, v, cu_seqlens_q, cu_seqlens_k, position_ids_q, pos_bias, *, scale=None):
+    """Packed attention where the queries are a subset of each sequence's tokens and the keys are all of them.
+
+    Sequence ``b``'s queries are ``q[cu_seqlens_q[b]:cu_seqlens_q[b+1]]``, its keys and values
+    ``k, v[cu_seqlens_k[b]:cu_seqlens_k[b+1]]``. ``logits[h, i, j] = scale * <q_i, k_j> + pos_bias[h, pos(i), j]``
+    with ``pos(i) = position_ids_q[i]``, the query's own position among its sequence's keys; softmax over ``j``, then
+    ``@ v``. A sequence with no key gives 0 to its queries; rows of q after ``cu_seqlens_q[-1]`` get 0. One loop
+    over the sequences, in the inputs' dtype (float64 for tests); reads the offsets on the host."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    out = torch.zeros_like(q)
+    cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+    for b in range(len(cq) - 1):
+        q_lo, q_hi, k_lo, k_hi = cq[b], cq[b + 1], ck[b], ck[b + 1]
+        if q_hi <= q_lo or k_hi <= k_lo:
+            continue
+        pos = position_ids_q[q_lo:q_hi].long()
+        bias = pos_bias[:, pos, :k_hi - k_lo].to(q.dtype)  # [H, Lq, Lk]: each query's own row of P
+        logits = scale * torch.einsum("ihd,jhd->hij", q[q_lo:q_hi], k[k_lo:k_hi]) + bias
+        out[q_lo:q_hi] = torch.einsum("hij,jhd->ihd", torch.softmax(logits, dim=-1), v[k_lo:k_hi])
+    return out
