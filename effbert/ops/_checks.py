@@ -46,3 +46,23 @@ def as_bool_attention_mask(attention_mask, shape, device):
             not bool(((attention_mask == 0) | (attention_mask == 1)).all()):
         raise ValueError("attention_mask must hold 0/1 values (1 = real token)")
     return attention_mask != 0
+
+
+def check_offsets(name, offsets, total, *, what, exact=True, max_seqlen=None, max_name="max_seqlen"):
+    """Check cumulative sequence offsets on the host (one small device-to-host copy) and return them as a list.
+
+    They must start at 0 and never decrease; end at ``total`` (``exact``) or at most there (rows after the last
+    offset then belong to no sequence); and, when ``max_seqlen`` is given, no sequence may be longer. ``what`` names
+    ``total`` and its value in the error message (e.g. "the packed length 15 (q.shape[0])")."""
+    cu = offsets.tolist()
+    shown = f"{cu[:8]}{'...' if len(cu) > 8 else ''}"
+    if cu[0] != 0 or any(b < a for a, b in zip(cu, cu[1:])):
+        raise ValueError(f"{name} must start at 0 and never decrease, got {shown}")
+    if cu[-1] > total or (exact and cu[-1] != total):
+        bound = "at" if exact else "at most at"
+        raise ValueError(f"{name} must end {bound} {what}, got {cu[-1]}")
+    if max_seqlen is not None:
+        longest = max(b - a for a, b in zip(cu, cu[1:]))
+        if longest > max_seqlen:
+            raise ValueError(f"{max_name} must be >= the longest sequence ({longest}), got {max_seqlen}")
+    return cu

@@ -7,7 +7,7 @@ import torch
 
 from .. import _ext
 from ..reference import token_exit as reference
-from ._checks import FLOAT_DTYPES, as_bool_attention_mask, check_same_device, check_tensor
+from ._checks import FLOAT_DTYPES, as_bool_attention_mask, check_offsets, check_same_device, check_tensor
 from ._dispatch import cached_selection, direct_call_ok, requested_backend
 
 __all__ = ["token_exit_decision", "token_exit_backend", "TOKEN_RULES"]
@@ -170,15 +170,8 @@ def _check_packed(logits, cu_seqlens, max_seqlen, active, exit_layer, keep):
     check_same_device(logits=logits, cu_seqlens=cu_seqlens, active=active, exit_layer=exit_layer,
                       **({} if keep is None else {"keep": keep}))
     # the offsets themselves: one small device-to-host copy
-    cu = cu_seqlens.tolist()
-    shown = f"{cu[:8]}{'...' if len(cu) > 8 else ''}"
-    if cu[0] != 0 or any(b < a for a, b in zip(cu, cu[1:])):
-        raise ValueError(f"cu_seqlens must start at 0 and never decrease, got {shown}")
-    if cu[-1] != total:
-        raise ValueError(f"cu_seqlens must end at the token count T = {total} (logits.shape[0]), got {cu[-1]}")
-    longest = max(b - a for a, b in zip(cu, cu[1:]))
-    if longest > max_seqlen:
-        raise ValueError(f"max_seqlen must be >= the longest sequence ({longest}), got {max_seqlen}")
+    check_offsets("cu_seqlens", cu_seqlens, total, what=f"the token count T = {total} (logits.shape[0])",
+                  max_seqlen=max_seqlen)
 
 
 def _impl(logits, cu_seqlens, max_seqlen, active, exit_layer, keep, threshold, window, token_threshold, token_rule,

@@ -12,7 +12,7 @@ import torch
 
 from .. import reference
 from . import _tupe_attention_cpu
-from ._checks import FLOAT_DTYPES, as_bool_attention_mask, check_same_device, check_tensor
+from ._checks import FLOAT_DTYPES, as_bool_attention_mask, check_offsets, check_same_device, check_tensor
 from ._dispatch import direct_call_ok, select_backend
 
 __all__ = ["tupe_attention", "tupe_attention_varlen", "tupe_attention_varlen_subset", "HEAD_DIMS"]
@@ -287,15 +287,8 @@ def _check_cu_seqlens(cu_seqlens, max_seqlen):
 def _check_cu_seqlens_values(cu_seqlens, total, max_seqlen):
     """The offsets themselves: one small device-to-host copy. Rows after ``cu_seqlens[-1]`` are allowed (they
     belong to no sequence and get zeros)."""
-    cu = cu_seqlens.tolist()
-    shown = f"{cu[:8]}{'...' if len(cu) > 8 else ''}"
-    if cu[0] != 0 or any(b < a for a, b in zip(cu, cu[1:])):
-        raise ValueError(f"cu_seqlens must start at 0 and never decrease, got {shown}")
-    if cu[-1] > total:
-        raise ValueError(f"cu_seqlens must end at most at the packed length {total} (q.shape[0]), got {cu[-1]}")
-    longest = max(b - a for a, b in zip(cu, cu[1:]))
-    if longest > max_seqlen:
-        raise ValueError(f"max_seqlen must be >= the longest sequence ({longest}), got {max_seqlen}")
+    check_offsets("cu_seqlens", cu_seqlens, total, what=f"the packed length {total} (q.shape[0])", exact=False,
+                  max_seqlen=max_seqlen)
 
 
 @torch.library.custom_op("effbert::tupe_attention_varlen_check", mutates_args=())
@@ -440,17 +433,8 @@ def _check_subset_args(q, k, v, cu_seqlens_q, cu_seqlens_k, position_ids_q, pos_
 
 def _subset_offsets(cu_seqlens_q, cu_seqlens_k, tq, tk):
     """The offsets read back (one small copy each), checked: start at 0, never decrease, end at Tq / Tk."""
-    out = []
-    for name, cu, total, rows in (("cu_seqlens_q", cu_seqlens_q, tq, "q.shape[0]"),
-                                  ("cu_seqlens_k", cu_seqlens_k, tk, "k.shape[0]")):
-        c = cu.tolist()
-        shown = f"{c[:8]}{'...' if len(c) > 8 else ''}"
-        if c[0] != 0 or any(b < a for a, b in zip(c, c[1:])):
-            raise ValueError(f"{name} must start at 0 and never decrease, got {shown}")
-        if c[-1] != total:
-            raise ValueError(f"{name} must end at {rows} = {total}, got {c[-1]}")
-        out.append(c)
-    return out
+    return [check_offsets("cu_seqlens_q", cu_seqlens_q, tq, what=f"q.shape[0] = {tq}"),
+            check_offsets("cu_seqlens_k", cu_seqlens_k, tk, what=f"k.shape[0] = {tk}")]
 
 
 def _check_subset_values(q, k, cu_seqlens_q, cu_seqlens_k, position_ids_q, max_seqlen_q, max_seqlen_k):
