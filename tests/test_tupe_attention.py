@@ -695,6 +695,93 @@ def test_cpu_backend_builds_no_batch_by_heads_square_tensor(seeded):
     assert max(biggest)[0] >= b * h * n * n  # the test can see one: the reference builds them
 
 
+def _zero_filled_elements(fn):
+    """Elements that ``fn()`` zero-fills (aten fill_ and zero_, as the torch profiler records them)."""
+    import math
+
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        fn()
+    return sum(math.prod(e.input_shapes[0]) for e in prof.events()
+               if e.name in ("aten::fill_", "aten::zero_") and e.input_shapes and e.input_shapes[0]
+               and not (e.cpu_parent is not None and e.cpu_parent.name == "aten::zero_"))  # zero_ may call fill_
+
+
+@pytest.mark.parametrize("layout", ["right-padded", "holes", "packed"])
+def test_cpu_backward_zero_fills_no_gradient_per_sequence(layout, seeded):
+    """The backward of the CPU path zero-fills about the input's size once, not once per sequence: cutting each
+    sequence out of q, k, v or pos_bias by slicing or indexing, or writing its result into a zero tensor in place,
+    makes autograd build a zero gradient of the whole tensor per sequence (most of the backward's time on a padded
+    batch). Eight sequences: that pattern fills about 9x the inputs."""
+    b, n, h, d = 8, 32, 2, 16
+    lengths = torch.tensor([n // 2 + i for i in range(b)]) % n + 1
+    mask = torch.arange(n)[None, :] < lengths[:, None]
+    if layout == "holes":
+        mask[:, 0] = False
+    shape = (int(lengths.sum()) + 3, h, d) if layout == "packed" else (b, n, h, d)  # + rows of no sequence
+    q, k, v = (torch.randn(shape, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    pos = torch.randn(h, n, n, dtype=torch.float64, requires_grad=True)
+    if layout == "packed":
+        cu = torch.zeros(b + 1, dtype=torch.int32)
+        cu[1:] = lengths.cumsum(0)
+        out = effbert.tupe_attention_varlen(q, k, v, cu, n, pos, backend="cpu")
+    else:
+        out = effbert.tupe_attention(q, k, v, pos, attention_mask=mask, backend="cpu")
+    grad = torch.randn_like(out)
+    inputs = sum(t.numel() for t in (q, k, v, pos))
+    filled = _zero_filled_elements(lambda: out.backward(grad))
+    assert filled <= 2 * inputs, (filled, inputs)
+    # the count sees autograd's own zero gradients: one slice's backward fills all of q
+    assert _zero_filled_elements(lambda: q[:1].sum().backward()) >= q.numel()
+
+
+@pytest.mark.parametrize("layout", ["packed", "packed-unchecked", "strided-rows"])
+def test_cpu_backend_gradients_match_float64_packed_and_strided(layout, seeded):
+    """Gradients of the packed path (empty sequences, rows before and after every sequence) and of a padded batch
+    whose rows are not back to back in memory (each row cut on its own), against the float64 reference."""
+    h, d = 2, 16
+    if layout == "strided-rows":
+        n = 19
+        lengths = torch.tensor([19, 7, 0, 12, 7])
+        mask = torch.arange(n)[None, :] < lengths[:, None]
+        q, k, v = (torch.randn(n, len(lengths), h, d, dtype=torch.float64).transpose(0, 1).requires_grad_()
+                   for _ in range(3))  # [B, N, H, D] views of [N, B, H, D]: rows interleaved
+        pos = torch.randn(h, n, n, dtype=torch.float64, requires_grad=True)
+        out = effbert.tupe_attention(q, k, v, pos, attention_mask=mask, backend="cpu")
+        grad = torch.randn_like(out)
+        out.backward(grad)
+        leaves = [t.detach().clone().requires_grad_() for t in (q, k, v, pos)]
+        ref = reference.tupe_attention(*leaves, attention_mask=mask)
+        ref.backward(grad)
+        assert_close(out, ref, rtol=1e-12)
+        for t, r in zip((q, k, v, pos), leaves):
+            assert_close(t.grad, r.grad, rtol=1e-10)
+        assert (q.grad[~mask] == 0).all()
+        return
+    lengths = [5, 0, 17, 9, 9, 1]
+    lead = 2 if layout == "packed-unchecked" else 0  # offsets starting past row 0: only without the check
+    cu = torch.tensor([lead] + (lead + torch.tensor(lengths).cumsum(0)).tolist(), dtype=torch.int32)
+    total = int(cu[-1]) + 3
+    q, k, v = (torch.randn(total, h, d, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    pos = torch.randn(h, 20, 20, dtype=torch.float64, requires_grad=True)
+    out = effbert.tupe_attention_varlen(q, k, v, cu, max(lengths), pos, backend="cpu",
+                                        check_offsets=layout == "packed")
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    leaves = [t.detach().clone().requires_grad_() for t in (q, k, v, pos)]
+    rows = slice(lead, int(cu[-1]))
+    cu0 = cu - lead
+    ref = reference.tupe_attention_varlen(*(t[rows] for t in leaves[:3]), cu0, max(lengths), leaves[3])
+    ref.backward(grad[rows])
+    assert_close(out[rows], ref, rtol=1e-12)
+    assert (out[:lead] == 0).all() and (out[int(cu[-1]):] == 0).all()
+    for t, r in zip((q, k, v), leaves):
+        assert_close(t.grad[rows], r.grad[rows], rtol=1e-10)
+        assert (t.grad[:lead] == 0).all() and (t.grad[int(cu[-1]):] == 0).all()
+    assert_close(pos.grad, leaves[3].grad, rtol=1e-10)
+
+
 @pytest.mark.parametrize("backend", ["eager", "triton", "cpu"])
 def test_integer_attention_mask_equals_the_bool_mask(backend, seeded):
     """attention_mask takes 0/1 integers as well as bools (True/1 = real token), as transformers' tokenizers give."""

@@ -4,7 +4,8 @@ Anchors: eager TUPE (the reference), SDPA's memory-efficient backend with a bias
 backend with no bias at all (the ceiling: the positional term should be nearly free), FlexAttention (compiled)
 with the bias captured in its score_mod, and when installed, flash-attn (no bias: it takes none with a gradient) and
 xformers (a bias expanded to the full [B, H, N, N], the only form it returns a gradient for). Plus packed sequences (varlen) at 50% padding against the padded batch, and on the CPU a padded batch in
-inference, where effbert's CPU path skips the padding that plain PyTorch computes.
+inference, where effbert's CPU path skips the padding that plain PyTorch computes, and the same in forward+backward at
+50% padding, padded and packed.
 
 Floor: FLOPs. The forward does two B*H*N*N*D products (4*B*H*N^2*D FLOPs), the backward five (2.5x the forward,
 the usual count for flash-style kernels); the matrix rate measured at the start of the run turns them into time.
@@ -200,6 +201,7 @@ def cases(device, quick):
     out += _varlen_cases(device, quick, dtype, triton_reasons)
     out += _seqlen_sweep(device, quick, dtype, triton_reasons)
     out += _padded_cpu_cases(device, quick)
+    out += _padded_cpu_training_cases(device, quick)
     return out
 
 
@@ -255,6 +257,71 @@ def _padded_cpu_cases(device, quick):
                  **common),
             Case(provider="eager-reference", fn=run(eager), work_flops=padded_flops,
                  work_bytes=4 * b * n * act + bias_bytes, **common)]
+
+
+def _padded_cpu_training_cases(device, quick):
+    """CPU forward+backward (gradients of q, k, v and the bias) at 50% padding (``half_padded_lengths``): effbert's
+    CPU path on the padded batch and on the same tokens packed (varlen), against plain PyTorch (SDPA with the bias
+    and the key padding added into one ``[B, H, N, N]`` mask) on the padded batch. Compared on the real tokens'
+    output; the floor is the real tokens' FLOPs."""
+    if device.type != "cpu":
+        return []
+    from .train_step_padding import half_padded_lengths
+
+    b, n, h, d = (2, 32, 2, 16) if quick else (16, 128, 12, 64)
+    lengths = half_padded_lengths(b, n)
+    mask = torch.arange(n)[None, :] < lengths[:, None]
+    cu = torch.zeros(b + 1, dtype=torch.int32)
+    cu[1:] = lengths.cumsum(0)
+    real = int(lengths.sum())
+    scale = (2 * d) ** -0.5
+    act, bias_bytes = h * d * 4, h * n * n * 4
+    keys = torch.zeros(b, 1, 1, n).masked_fill(~mask[:, None, None, :], float("-inf"))
+
+    def make_padded():
+        q, k, v, dout = (torch.randn(b, n, h, d) for _ in range(4))
+        return q, k, v, torch.randn(h, n, n), dout
+
+    def make_packed():
+        q, k, v, dout = (torch.randn(real, h, d) for _ in range(4))
+        return q, k, v, torch.randn(h, n, n), dout
+
+    def train(attend, packed=False):
+        def fn(q, k, v, bias, dout):
+            leaves = [t.detach().requires_grad_() for t in (q, k, v, bias)]
+            out = attend(*leaves)
+            out.backward(dout)
+            return out.detach() if packed else out.detach()[mask]
+        return fn
+
+    def effbert_cpu(q, k, v, bias):
+        return effbert.tupe_attention(q, k, v, bias, attention_mask=mask, scale=scale, backend="cpu")
+
+    def effbert_varlen(q, k, v, bias):
+        return effbert.tupe_attention_varlen(q, k, v, cu, n, bias, scale=scale, backend="cpu")
+
+    def plain(q, k, v, bias):
+        out = torch.nn.functional.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=bias.unsqueeze(0) + keys, scale=scale)
+        return out.transpose(1, 2)
+
+    def ref_padded(q, k, v, bias, dout):
+        return reference.tupe_attention(q.double(), k.double(), v.double(), bias.double(), attention_mask=mask,
+                                        scale=scale)[mask]
+
+    def ref_packed(q, k, v, bias, dout):
+        return reference.tupe_attention_varlen(q.double(), k.double(), v.double(), cu, n, bias.double(), scale=scale)
+
+    common = dict(op="tupe_attention", shape=f"B={b},N={n},H={h},D={d},pad=50%", dtype="float32",
+                  mode="forward+backward", bytes=12 * real * act + 3 * bias_bytes,
+                  flops=_flops(lengths.tolist(), h, d, "forward+backward"), rtol=1e-4, baseline="sdpa")
+    return [Case(provider="effbert-cpu", fn=train(effbert_cpu), make_inputs=make_padded, reference=ref_padded,
+                 **common),
+            Case(provider="effbert-cpu-varlen", fn=train(effbert_varlen, packed=True), make_inputs=make_packed,
+                 reference=ref_packed, **common),
+            Case(provider="sdpa", fn=train(plain), make_inputs=make_padded, reference=ref_padded,
+                 work_flops=_flops([n] * b, h, d, "forward+backward"), work_bytes=12 * b * n * act + 3 * bias_bytes,
+                 **common)]
 
 
 def _seqlen_sweep(device, quick, dtype, triton_reasons):
