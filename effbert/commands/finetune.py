@@ -41,7 +41,8 @@ import torch
 
 from . import UsageError, check_backend, check_out_dir, parse_device, run_command
 from .recipes import check_optimizer_flags, checker
-from .run_folder import MODEL_FILES, RunFolder, atomic_write, check_same_data, fingerprint, newest_complete
+from .run_folder import (MODEL_FILES, RunFolder, atomic_write, check_same_data, checkpoint_max_steps, fingerprint,
+                         newest_complete, schedule_line, with_schedule)
 
 __all__ = ["main", "load_finetuned", "read_tsv", "UsageError"]
 
@@ -524,8 +525,10 @@ def train(a, model, tokenizer, train_ds, device, backend, log):
                 log("  (stage 1 finished before the resume)")
                 continue
         resume = newest_complete(folder, log) if a.resume else None
+        # a resume keeps the schedule the run started with (Trainer's state records its length) unless reshaped
+        kept = checkpoint_max_steps(resume) if resume is not None and not a.reshape_schedule else None
         lines = _callbacks(a, log)
-        trainer = MultiExitTrainer(
+        trainer = with_schedule(MultiExitTrainer, kept)(
             model=model, args=_training_args(a, folder, device, stage), train_dataset=train_ds,
             data_collator=DataCollatorWithPadding(tokenizer), processing_class=tokenizer, callbacks=[lines],
             loss=a.loss, gamma=a.gamma, temperature=a.temperature, gradient_equilibrium=a.ge, stage=stage,
@@ -547,6 +550,8 @@ def train(a, model, tokenizer, train_ds, device, backend, log):
                 f"of {batch} ({steps * a.grad_accum / per_epoch:.2f} epochs), loss {what}"
                 + (", gradient equilibrium" if a.ge else "") + f", backend {backend}"
                 + (f", resumed from {resume}" if resume else ""))
+            if resume is not None:
+                log("  " + schedule_line(kept or checkpoint_max_steps(resume) or steps, steps, a.reshape_schedule))
         t0 = time.perf_counter()
         run_folder = getattr(a, "run_folder", None)  # held by the first process
         if run_folder is not None:
@@ -760,8 +765,10 @@ def build_parser():
     o.add_argument("--save-steps", type=int, default=0, help="keep a checkpoint every N steps in DIR/checkpoints "
                    "(0: none); --resume continues from the latest")
     o.add_argument("--save-total-limit", type=int, default=2, help="checkpoints kept (the oldest go)")
-    o.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint "
-                   "(the same command line, plus --resume)")
+    o.add_argument("--resume", action="store_true", help="continue the run in --out from its newest complete "
+                   "checkpoint (the same command line, plus --resume)")
+    o.add_argument("--reshape-schedule", action="store_true", help="with --resume and more --steps (or --epochs): "
+                   "stretch the learning-rate schedule to them (default: keep the run's)")
     o.add_argument("--log-every", type=int, default=50, help="print the mean loss every N steps")
     o.add_argument("--quiet", action="store_true", help="no progress bar (there is none when stderr is not a "
                    "terminal)")
@@ -795,6 +802,7 @@ def _check_args(a):
     _fail_if(a.log_every < 1, f"--log-every must be >= 1, got {a.log_every}")
     _fail_if(a.grad_accum < 1, f"--grad-accum must be >= 1, got {a.grad_accum}")
     _fail_if(a.save_steps < 0, f"--save-steps must be >= 0, got {a.save_steps}")
+    _fail_if(a.reshape_schedule and not a.resume, "--reshape-schedule goes with --resume")
     _fail_if(a.save_total_limit < 1, f"--save-total-limit must be >= 1, got {a.save_total_limit}")
     _fail_if(a.grad_reg and int(os.environ.get("WORLD_SIZE", "1")) > 1,
              "--grad-reg runs on one process: its two backward passes bypass data-parallel gradient averaging")

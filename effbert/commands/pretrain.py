@@ -1,7 +1,7 @@
 """``effbert pretrain``: masked-LM pretraining of a TUPE BERT on your own text, with TNF notes for rare words.
 
     effbert pretrain --data corpus.txt --vocab-size 8000 --out run1 --layers 4 --hidden 256 --heads 4 --steps 10000
-    effbert pretrain --data corpus.txt --out run1 --resume          # continue from run1's latest checkpoint
+    effbert pretrain --data corpus.txt --out run1 --resume          # continue from run1's newest complete checkpoint
     torchrun --nproc_per_node 8 -m effbert.commands pretrain --data corpus.txt --out run1 ...   # data parallel
 
 A thin command over ``transformers.Trainer`` (``effbert.training.PretrainingTrainer``): the tokenizer is trained
@@ -28,7 +28,8 @@ import torch
 
 from . import UsageError, check_backend, check_out_dir, parse_device, run_command
 from .recipes import check_optimizer_flags, checker
-from .run_folder import MODEL_FILES, RunFolder, atomic_write, check_same_data, checkpoints, fingerprint, newest_complete
+from .run_folder import (MODEL_FILES, RunFolder, atomic_write, check_same_data, checkpoint_max_steps, checkpoints,
+                         fingerprint, newest_complete, schedule_line, with_schedule)
 
 __all__ = ["main", "load_pretrained", "checkpoints", "default_backend", "UsageError"]
 
@@ -585,24 +586,8 @@ def _schedule(a, tr, saved, ckpt):
         return {"steps": a.steps, "warmup": tr["warmup"] if tr["warmup"] is not None else a.steps // 10}
     if saved.get("schedule"):
         return dict(saved["schedule"])
-    steps = a.steps
-    if ckpt is not None:
-        try:
-            with open(os.path.join(ckpt, "trainer_state.json"), encoding="utf-8") as f:
-                steps = int(json.load(f)["max_steps"])
-        except (OSError, ValueError, KeyError, TypeError):
-            pass
+    steps = (checkpoint_max_steps(ckpt) if ckpt is not None else None) or a.steps
     return {"steps": steps, "warmup": tr["warmup"] if tr["warmup"] is not None else steps // 10}
-
-
-def _with_schedule(cls, steps):
-    """``cls`` (a Trainer) whose linear schedule ends at ``steps``, whatever its ``max_steps``; the scheduler's
-    state (its step) still comes from the checkpoint."""
-    class Scheduled(cls):
-        def create_scheduler(self, num_training_steps, optimizer=None):
-            return super().create_scheduler(steps, optimizer)
-
-    return Scheduled
 
 
 def train(a, log):
@@ -757,12 +742,8 @@ def _train(a, env, log):
         _check_checkpoint(ckpt, model)
         log(f"resuming from step {start} ({ckpt})")
     if saved is not None:
-        was = saved.get("schedule") or schedule
-        log(f"reshaping the learning-rate schedule (--reshape-schedule): linear decay to 0 at step {a.steps}, was "
-            f"{was['steps']}" if a.reshape_schedule else
-            f"keeping the run's learning-rate schedule: warm-up {schedule['warmup']} steps, linear decay to 0 at step "
-            f"{schedule['steps']}" + (f" (the steps after it train at lr 0; --reshape-schedule stretches it to "
-                                      f"--steps {a.steps})" if a.steps > schedule["steps"] else ""))
+        log(schedule_line((saved.get("schedule") or schedule)["steps"], a.steps, a.reshape_schedule,
+                          schedule["warmup"]))
 
     run = {"settings": s, "training": tr, "config": json.loads(config.to_json()), "schedule": schedule}
     run["vocab_size"] = saved.get("vocab_size") if saved else (None if a.vocab else a.vocab_size or 8000)
@@ -788,7 +769,7 @@ def _train(a, env, log):
     collator.step = start * tr["grad_accum"]  # the masks continue where the checkpoint left them
     t0 = time.perf_counter()
     run_log, bar = _callbacks(out, mcbert, t0, show_bar)
-    trainer = _with_schedule(PretrainingTrainer, schedule["steps"])(model=model, args=args, train_dataset=dataset, data_collator=collator,
+    trainer = with_schedule(PretrainingTrainer, schedule["steps"])(model=model, args=args, train_dataset=dataset, data_collator=collator,
                                  processing_class=tokenizer, callbacks=[run_log])
     trainer.remove_callback(PrinterCallback)
     trainer.remove_callback(ProgressCallback)

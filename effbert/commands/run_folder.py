@@ -255,3 +255,47 @@ class RunFolder:
             return st.f_bavail * st.f_frsize < _MIB
         except OSError:
             return False
+
+
+# ------------------------------------------------------------------------------- the learning-rate schedule
+
+
+def with_schedule(cls, steps=None):
+    """``cls`` (a Trainer) whose linear schedule ends at ``steps`` (None: at its ``max_steps``), whatever its
+    ``max_steps``, so that a longer resume keeps the run's schedule; the scheduler's state (its step) comes from the
+    checkpoint."""
+    class Scheduled(cls):
+        def create_scheduler(self, num_training_steps, optimizer=None):
+            return super().create_scheduler(steps or num_training_steps, optimizer)
+
+        def _load_optimizer_and_scheduler(self, checkpoint):
+            super()._load_optimizer_and_scheduler(checkpoint)
+            if checkpoint is None:
+                return
+            # the optimizer's saved lr is the old schedule's until the scheduler's next step: the first step after
+            # a --reshape-schedule would train at it, so the lr is set from this schedule at once
+            sched = self.lr_scheduler
+            lrs = [base * fn(sched.last_epoch) for base, fn in zip(sched.base_lrs, sched.lr_lambdas)]
+            for group, lr in zip(self.optimizer.param_groups, lrs):
+                group["lr"] = lr
+            sched._last_lr = lrs
+
+    return Scheduled
+
+
+def schedule_line(kept, steps, reshape, warmup=None):
+    """The one line a resume prints about its schedule: kept (ending at step ``kept``) or reshaped to ``steps``."""
+    if reshape:
+        return f"reshaping the learning-rate schedule (--reshape-schedule): linear decay to 0 at step {steps}, was {kept}"
+    return ("keeping the run's learning-rate schedule: " + (f"warm-up {warmup} steps, " if warmup is not None else "")
+            + f"linear decay to 0 at step {kept}" + (f" (the steps after it train at lr 0; --reshape-schedule "
+                                                     f"stretches it to --steps {steps})" if steps > kept else ""))
+
+
+def checkpoint_max_steps(ckpt):
+    """The ``max_steps`` of the run that wrote ``ckpt`` (Trainer's state records it), or None."""
+    try:
+        with open(os.path.join(ckpt, "trainer_state.json"), encoding="utf-8") as f:
+            return int(json.load(f)["max_steps"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
