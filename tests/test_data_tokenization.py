@@ -149,10 +149,32 @@ def test_train_wordpiece(tmp_path):
     for text in SENTENCES + lines[:20]:
         assert tok.encode(text) == ref.encode(text), text
     assert load_tokenizer(tmp_path / "out").get_vocab() == tok.get_vocab()
-    # tokenizers' trainer breaks ties between equally frequent merges in hash order: same size, not the same pieces
-    assert len(train_wordpiece(corpus, vocab_size=120, min_frequency=1)) == len(tok)
+    assert train_wordpiece(corpus, vocab_size=120, min_frequency=1).get_vocab() == tok.get_vocab()
     big = train_wordpiece(corpus, vocab_size=100_000, min_frequency=1)  # stops at what the corpus offers
     assert len(big) < 100_000
+
+
+def test_the_same_corpus_gives_the_same_vocabulary_in_every_process(tmp_path):
+    """tokenizers' trainer walks a hash map whose order differs per process (and breaks ties between equally frequent
+    merges by the order it met the pieces): two processes with other hash seeds must still write the same vocab.txt,
+    byte for byte."""
+    import subprocess
+    import sys
+
+    lines, _ = _corpus(0)
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(lines * 3) + "\n", encoding="utf-8")
+    code = ("import sys; from effbert.data.tokenization import save_tokenizer, train_wordpiece; "
+            "save_tokenizer(train_wordpiece([sys.argv[1]], vocab_size=200), sys.argv[2])")
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    for seed in ("1", "2", "3"):
+        env = dict(os.environ, PYTHONHASHSEED=seed, PYTHONPATH=repo)
+        proc = subprocess.run([sys.executable, "-c", code, str(corpus), str(tmp_path / seed)], env=env,
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+    first = (tmp_path / "1" / "vocab.txt").read_bytes()
+    assert (tmp_path / "2" / "vocab.txt").read_bytes() == first
+    assert (tmp_path / "3" / "vocab.txt").read_bytes() == first
 
 
 def test_train_cased_keeps_case(tmp_path):

@@ -498,6 +498,16 @@ def test_out_never_destroys_another_run(tmp_path, data, capsys):
     assert "pass --overwrite" in capsys.readouterr().err and snapshot(tmp_path / "ft") == first
     assert cli.main(argv(tmp_path / "ft", "--seed", "1", "--overwrite")) == 0
     assert snapshot(tmp_path / "ft")["model.safetensors"] != first["model.safetensors"]
+    # the user's own files: --out must be new or empty (or a run of this command)
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "my-notes.txt").write_text("mine")
+    assert cli.main(argv(notes)) == 2
+    assert "holds files effbert finetune did not write (my-notes.txt)" in capsys.readouterr().err
+    assert sorted(os.listdir(notes)) == ["my-notes.txt"]
+    (tmp_path / "ft" / "my-notes.txt").write_text("mine")
+    assert cli.main(argv(tmp_path / "ft", "--overwrite")) == 2
+    assert "did not write (my-notes.txt)" in capsys.readouterr().err
     empty = tmp_path / "empty"
     empty.mkdir()
     assert cli.main(argv(empty)) == 0  # a new, empty folder is fine
@@ -650,6 +660,58 @@ def test_resume_from_a_checkpoint_gives_the_uninterrupted_run(tmp_path, data, ca
     assert len(losses[0]) == 6 and losses[0] == losses[1]
     assert cli.main(argv(tmp_path / "new", "--resume")) == 2
     assert "there is no run to resume" in capsys.readouterr().err
+
+
+def test_resume_on_another_train_file_is_refused_by_name(tmp_path, data, capsys):
+    """finetune.json records the --train file's fingerprint: a --resume on other examples is refused."""
+    import shutil
+
+    write_pretrain_folder(tmp_path / "pre", tnf_notes=False)
+    train = tmp_path / "train.tsv"
+    shutil.copy(data / "train.tsv", train)
+
+    def argv(*extra):
+        return ["finetune", "--init", str(tmp_path / "pre"), "--train", str(train), "--out", str(tmp_path / "run"),
+                "--steps", "2", "--save-steps", "1", "--batch-size", "16", "--backend", "eager", "--device", "cpu",
+                "--quiet", *extra]
+
+    assert cli.main(argv()) == 0
+    assert json.loads((tmp_path / "run" / "finetune.json").read_text())["train_data"]["size"] == train.stat().st_size
+    with open(train, "a", encoding="utf-8") as f:
+        f.write("sport\tOne more goal.\n")
+    capsys.readouterr()
+    assert cli.main(argv("--steps", "3", "--resume")) == 2
+    err = capsys.readouterr().err
+    assert "--train:" in err and "train.tsv" in err and "bytes then" in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_longer_resume_keeps_the_schedule_unless_reshaped(tmp_path, data, capsys):
+    """--resume with more --steps keeps the run's linear schedule (steps past its end train at lr 0) and says so;
+    --reshape-schedule stretches it to the new --steps (from the first step after the checkpoint on)."""
+    import shutil
+
+    write_pretrain_folder(tmp_path / "pre", tnf_notes=False)
+
+    def argv(out, *extra):
+        return ["finetune", "--init", str(tmp_path / "pre"), "--train", str(data / "train.tsv"), "--out", str(out),
+                "--batch-size", "16", "--warmup", "0", "--save-steps", "2", "--backend", "eager", "--device", "cpu",
+                "--quiet", *extra]
+
+    def lrs(out, step):
+        with open(out / "checkpoints" / f"checkpoint-{step}" / "trainer_state.json", encoding="utf-8") as f:
+            return [h["learning_rate"] for h in json.load(f)["log_history"] if "learning_rate" in h]
+
+    assert cli.main(argv(tmp_path / "kept", "--steps", "2")) == 0
+    shutil.copytree(tmp_path / "kept", tmp_path / "reshaped")
+    capsys.readouterr()
+    assert cli.main(argv(tmp_path / "kept", "--steps", "4", "--resume")) == 0
+    assert "keeping the run's learning-rate schedule: linear decay to 0 at step 2" in capsys.readouterr().out
+    assert lrs(tmp_path / "kept", 4)[2:] == [0.0, 0.0]
+    assert cli.main(argv(tmp_path / "reshaped", "--steps", "4", "--resume", "--reshape-schedule")) == 0
+    assert "reshaping the learning-rate schedule (--reshape-schedule): linear decay to 0 at step 4, was 2" in \
+        capsys.readouterr().out
+    assert cli.main(argv(tmp_path / "long", "--steps", "4")) == 0
+    assert lrs(tmp_path / "reshaped", 4)[2:] == lrs(tmp_path / "long", 4)[2:] and lrs(tmp_path / "long", 4)[2] > 0
 
 
 def test_gradient_accumulation_equals_the_whole_batch(tmp_path, data):

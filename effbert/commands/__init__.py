@@ -28,6 +28,8 @@ def missing_packages(command):
 class UsageError(Exception):
     """A mistake in a command line or in the files it names: reported in one line, exit code 2."""
 
+    code = 2
+
 
 def parse_device(arg, flag="--device"):
     """``--device``: ``cpu``, ``cuda`` or ``cuda:N`` (None: cuda when available), checked against this machine."""
@@ -87,17 +89,28 @@ def check_out_dir(path, flag="--out"):
 
 def run_command(prog, parser, check, body, argv):
     """Parse ``argv``, ``check(args)``, then ``body(args, log)``; a ``UsageError`` from either is one line on stderr
-    and exit code 2, never a traceback."""
+    and exit code 2 (its ``code``), never a traceback. Either may set ``args.run_folder`` (a locked
+    ``run_folder.RunFolder``): ctrl-C then ends in its one line, and its lock is released at the end."""
     try:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # argparse has printed its message
         return int(exc.code or 0)
     try:
-        check(args)
-        body(args, lambda msg: print(msg, flush=True))
+        try:
+            check(args)
+            body(args, lambda msg: print(msg, flush=True))
+        except KeyboardInterrupt as exc:  # ctrl-C, or SIGTERM while a run folder is held
+            folder = getattr(args, "run_folder", None)
+            if folder is None:
+                raise
+            raise folder.stopped(exc) from None
     except UsageError as exc:
-        print(f"{prog}: error: {exc}", file=sys.stderr)
-        return 2
+        print(f"{prog}: {'error: ' if exc.code == 2 else ''}{exc}", file=sys.stderr, flush=True)
+        return exc.code
+    finally:
+        folder = getattr(args, "run_folder", None)
+        if folder is not None:
+            folder.release()
     return 0
 
 

@@ -41,6 +41,8 @@ import torch
 
 from . import UsageError, check_backend, check_out_dir, parse_device, run_command
 from .recipes import check_optimizer_flags, checker
+from .run_folder import (MODEL_FILES, RunFolder, atomic_write, check_same_data, checkpoint_max_steps, fingerprint,
+                         newest_complete, schedule_line, with_schedule)
 
 __all__ = ["main", "load_finetuned", "read_tsv", "UsageError"]
 
@@ -278,13 +280,6 @@ def _model_type(path, flag, want):
     return found
 
 
-def _latest_checkpoint(folder):
-    """The ``checkpoint-N`` subfolder of ``folder`` with the largest N, or None."""
-    found = [d for d in glob.glob(os.path.join(glob.escape(folder), "checkpoint-*")) if os.path.isdir(d)
-             and d.rsplit("-", 1)[-1].isdigit()]
-    return max(found, key=lambda d: int(d.rsplit("-", 1)[-1])) if found else None
-
-
 def _from_pretrain(path, num_labels, backend, cased, shared_pooler=False):
     """An ``effbert pretrain`` output (a ``save_pretrained`` folder of ``TupeBertForMaskedLM`` with its tokenizer; a
     run stopped early: its latest ``checkpoint-N``): ``(multi-exit classifier, tokenizer, cased)``. The masked-LM
@@ -294,7 +289,7 @@ def _from_pretrain(path, num_labels, backend, cased, shared_pooler=False):
     _fail_if(not os.path.isdir(path), f"--init: {path!r} is not a folder (an effbert pretrain output)")
     weights = path
     if not any(os.path.isfile(os.path.join(path, n)) for n in WEIGHT_FILES):
-        weights = _latest_checkpoint(path)
+        weights = newest_complete(path, need=MODEL_FILES)
         if weights is None and (os.path.isfile(os.path.join(path, "model.pt"))
                                 or glob.glob(os.path.join(glob.escape(path), "checkpoint-*.pt"))):
             return _from_legacy_pretrain(path, num_labels, backend, cased, shared_pooler)
@@ -378,14 +373,7 @@ def save_finetuned(out, model, tokenizer, labels, settings):
     finally:
         config.backend = backend
     tokenizer.save_pretrained(out)
-    _write(os.path.join(out, SETTINGS_FILE), json.dumps(settings, indent=2, sort_keys=True) + "\n")
-
-
-def _write(path, text):
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)  # a reader never sees half a file
+    atomic_write(json.dumps(settings, indent=2, sort_keys=True) + "\n", os.path.join(out, SETTINGS_FILE))
 
 
 def load_finetuned(path, device=None, backend="auto"):
@@ -529,16 +517,18 @@ def train(a, model, tokenizer, train_ds, device, backend, log):
             log("DeeBERT stage 1: the backbone and the final classifier on the last exit's loss" if stage == 1 else
                 "DeeBERT stage 2: backbone and final classifier frozen, the off-ramps on the sum of their losses")
             later = os.path.join(root, "stage-2")
-            if stage == 1 and a.resume and _latest_checkpoint(later) is not None:
-                done = _latest_checkpoint(folder)  # stage 1 ended: its losses are in its last checkpoint
+            if stage == 1 and a.resume and newest_complete(later) is not None:
+                done = newest_complete(folder)  # stage 1 ended: its losses are in its last checkpoint
                 if done is not None:
                     with open(os.path.join(done, "trainer_state.json"), encoding="utf-8") as f:
                         losses += [h["loss"] for h in json.load(f)["log_history"] if "loss" in h]
                 log("  (stage 1 finished before the resume)")
                 continue
-        resume = _latest_checkpoint(folder) if a.resume else None
+        resume = newest_complete(folder, log) if a.resume else None
+        # a resume keeps the schedule the run started with (Trainer's state records its length) unless reshaped
+        kept = checkpoint_max_steps(resume) if resume is not None and not a.reshape_schedule else None
         lines = _callbacks(a, log)
-        trainer = MultiExitTrainer(
+        trainer = with_schedule(MultiExitTrainer, kept)(
             model=model, args=_training_args(a, folder, device, stage), train_dataset=train_ds,
             data_collator=DataCollatorWithPadding(tokenizer), processing_class=tokenizer, callbacks=[lines],
             loss=a.loss, gamma=a.gamma, temperature=a.temperature, gradient_equilibrium=a.ge, stage=stage,
@@ -560,8 +550,15 @@ def train(a, model, tokenizer, train_ds, device, backend, log):
                 f"of {batch} ({steps * a.grad_accum / per_epoch:.2f} epochs), loss {what}"
                 + (", gradient equilibrium" if a.ge else "") + f", backend {backend}"
                 + (f", resumed from {resume}" if resume else ""))
+            if resume is not None:
+                log("  " + schedule_line(kept or checkpoint_max_steps(resume) or steps, steps, a.reshape_schedule))
         t0 = time.perf_counter()
-        trainer.train(resume_from_checkpoint=resume)
+        run_folder = getattr(a, "run_folder", None)  # held by the first process
+        if run_folder is not None:
+            run_folder.checkpoint_root = folder  # a stop names this stage's intact checkpoint
+            run_folder.train(trainer, resume)  # a full disk during a save: one line naming the intact checkpoint
+        else:
+            trainer.train(resume_from_checkpoint=resume)
         if lines.bad is not None:
             raise UsageError(f"the loss is {lines.bad[0]} at step {lines.bad[1]}: lower --lr")
         losses += [h["loss"] for h in trainer.state.log_history if "loss" in h]
@@ -768,8 +765,10 @@ def build_parser():
     o.add_argument("--save-steps", type=int, default=0, help="keep a checkpoint every N steps in DIR/checkpoints "
                    "(0: none); --resume continues from the latest")
     o.add_argument("--save-total-limit", type=int, default=2, help="checkpoints kept (the oldest go)")
-    o.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint "
-                   "(the same command line, plus --resume)")
+    o.add_argument("--resume", action="store_true", help="continue the run in --out from its newest complete "
+                   "checkpoint (the same command line, plus --resume)")
+    o.add_argument("--reshape-schedule", action="store_true", help="with --resume and more --steps (or --epochs): "
+                   "stretch the learning-rate schedule to them (default: keep the run's)")
     o.add_argument("--log-every", type=int, default=50, help="print the mean loss every N steps")
     o.add_argument("--quiet", action="store_true", help="no progress bar (there is none when stderr is not a "
                    "terminal)")
@@ -803,6 +802,7 @@ def _check_args(a):
     _fail_if(a.log_every < 1, f"--log-every must be >= 1, got {a.log_every}")
     _fail_if(a.grad_accum < 1, f"--grad-accum must be >= 1, got {a.grad_accum}")
     _fail_if(a.save_steps < 0, f"--save-steps must be >= 0, got {a.save_steps}")
+    _fail_if(a.reshape_schedule and not a.resume, "--reshape-schedule goes with --resume")
     _fail_if(a.save_total_limit < 1, f"--save-total-limit must be >= 1, got {a.save_total_limit}")
     _fail_if(a.grad_reg and int(os.environ.get("WORLD_SIZE", "1")) > 1,
              "--grad-reg runs on one process: its two backward passes bypass data-parallel gradient averaging")
@@ -818,6 +818,8 @@ def _check_args(a):
 # overwritten
 _OUT_FILES = (CONFIG_FILE, SETTINGS_FILE, REPORT_FILE, PLOT_FILE, TOKENIZER_FILE, TOKENIZER_CONFIG_FILE,
               CHECKPOINTS) + WEIGHT_FILES + ("model.pt", "labels.json", VOCAB_FILE)
+# what a run writes at the top of --out (save_pretrained's files included): anything else is not ours
+_WRITES = _OUT_FILES + ("special_tokens_map.json",)
 
 
 def _check_out(a):
@@ -831,25 +833,42 @@ def _check_out(a):
             and os.path.samefile(source, a.out):
         raise UsageError(f"--out {a.out!r} is the folder of {'--init' if a.init else '--hf'}: fine-tuning would "
                          "overwrite the model it starts from; choose another --out")
+    folder = RunFolder(a.out, "effbert finetune", _WRITES, checkpoint_root=os.path.join(a.out, CHECKPOINTS))
     if not os.path.isdir(a.out):
         _fail_if(a.resume, f"--resume: {a.out!r} does not exist: there is no run to resume")
+        a.run_folder = folder.lock()  # held until the run ends; released at once if it stops before writing
         return
+    a.run_folder = folder.lock()
     held = [n for n in _OUT_FILES + ("pretrain.json",) if os.path.exists(os.path.join(a.out, n))]
     if not held:
         _fail_if(a.resume, f"--resume: {a.out!r} holds no effbert finetune run")
+        folder.refuse_foreign()  # new or empty, as the docs say: the user's own files stay theirs
         return
     if os.path.exists(os.path.join(a.out, "pretrain.json")):
         raise UsageError(f"--out: {a.out!r} holds an effbert pretrain run; choose another folder")
     if not os.path.isfile(os.path.join(a.out, SETTINGS_FILE)):
         raise UsageError(f"--out: {a.out!r} holds {', '.join(held)} of something else; choose another folder")
+    folder.refuse_foreign()
     if a.resume:
-        _fail_if(not any(_latest_checkpoint(d) for d in (os.path.join(a.out, CHECKPOINTS),
+        _fail_if(not any(newest_complete(d) for d in (os.path.join(a.out, CHECKPOINTS),
                                                         os.path.join(a.out, CHECKPOINTS, "stage-1"))),
                  f"--resume: {a.out!r} holds no checkpoint (--save-steps keeps them)")
         return
     if not a.overwrite:
         raise UsageError(f"--out: {a.out!r} holds an earlier effbert finetune run; pass --overwrite to replace it "
                          "(or --resume to continue it) or choose another folder")
+
+
+def _check_same_train(a):
+    """--resume on the --train file the run started with (a run of an older version recorded none)."""
+    path = os.path.join(a.out, SETTINGS_FILE)
+    try:
+        with open(path, encoding="utf-8") as f:
+            saved = json.load(f)
+        recorded = saved.get("train_data")
+    except (OSError, UnicodeDecodeError, ValueError, AttributeError) as exc:
+        raise UsageError(f"--resume: cannot read {path!r} ({_one_line(exc, 200)}); the run folder is damaged") from None
+    check_same_data("--train", None if recorded is None else [recorded], [a.train], a.out)
 
 
 def run(a, log):
@@ -871,6 +890,8 @@ def run(a, log):
         transformers.utils.logging.disable_progress_bar()
     torch.manual_seed(a.seed)
     train_names, train_texts = read_tsv(a.train, "--train")
+    if a.resume and _main_process():
+        _check_same_train(a)
     if a.regression:  # numeric labels: no classes to check
         labels = ["value"]
         targets = _numbers(train_names, "--train")
@@ -906,7 +927,9 @@ def run(a, log):
                 "regression": a.regression, "batch_size": a.batch_size, "grad_accum": a.grad_accum, "lr": a.lr,
                 "seed": a.seed, "init": a.init, "hf": a.hf, "train": a.train, "recipe": a.recipe,
                 "adam_beta1": a.adam_beta1, "adam_beta2": a.adam_beta2, "adam_epsilon": a.adam_epsilon,
-                "max_grad_norm": a.max_grad_norm, "weight_decay": a.weight_decay, "warmup": a.warmup}
+                "max_grad_norm": a.max_grad_norm, "weight_decay": a.weight_decay, "warmup": a.warmup,
+                # what a resume checks it is given again (run_folder.fingerprint: size and the ends' SHA-256)
+                "train_data": fingerprint(a.train)}
     if not _main_process():  # under torchrun one process speaks and writes
         log = lambda msg: None  # noqa: E731
     else:
@@ -914,8 +937,8 @@ def run(a, log):
             shutil.rmtree(os.path.join(a.out, CHECKPOINTS), ignore_errors=True)
         os.makedirs(a.out, exist_ok=True)
         # written first, so that an interrupted run's folder is known as this command's and can be resumed
-        _write(os.path.join(a.out, SETTINGS_FILE), json.dumps(dict(settings, complete=False), indent=2,
-                                                              sort_keys=True) + "\n")
+        atomic_write(json.dumps(dict(settings, complete=False), indent=2, sort_keys=True) + "\n",
+                     os.path.join(a.out, SETTINGS_FILE))
         log(f"effbert finetune on {device}: {len(train_texts)} training examples, labels {labels}, "
             f"{model.config.num_hidden_layers} layers, hidden {model.config.hidden_size}")
     model, losses, trainer = train(a, model, tokenizer, train_ds, device, backend, log)
@@ -935,7 +958,7 @@ def run(a, log):
         k = max(1, len(losses) // 10)
         report.update(labels=labels, train_steps=len(losses), train_loss_first=sum(losses[:k]) / k,
                       train_loss_last=sum(losses[-k:]) / k, losses=losses)
-        _write(os.path.join(a.out, REPORT_FILE), json.dumps(report, indent=2) + "\n")
+        atomic_write(json.dumps(report, indent=2) + "\n", os.path.join(a.out, REPORT_FILE))
         path = os.path.abspath(os.path.join(a.out, PLOT_FILE))
         log(f"\nreport: {os.path.abspath(os.path.join(a.out, REPORT_FILE))}")
         log(f"plot (loss, speed-accuracy): {path}" if plot(path, losses, report)

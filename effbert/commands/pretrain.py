@@ -1,7 +1,7 @@
 """``effbert pretrain``: masked-LM pretraining of a TUPE BERT on your own text, with TNF notes for rare words.
 
     effbert pretrain --data corpus.txt --vocab-size 8000 --out run1 --layers 4 --hidden 256 --heads 4 --steps 10000
-    effbert pretrain --data corpus.txt --out run1 --resume          # continue from run1's latest checkpoint
+    effbert pretrain --data corpus.txt --out run1 --resume          # continue from run1's newest complete checkpoint
     torchrun --nproc_per_node 8 -m effbert.commands pretrain --data corpus.txt --out run1 ...   # data parallel
 
 A thin command over ``transformers.Trainer`` (``effbert.training.PretrainingTrainer``): the tokenizer is trained
@@ -18,11 +18,9 @@ the rare-word table; ``AutoModelForMaskedLM.from_pretrained(DIR)`` (after ``impo
 """
 
 import argparse
-import glob
 import json
 import math
 import os
-import re
 import sys
 import time
 
@@ -30,6 +28,8 @@ import torch
 
 from . import UsageError, check_backend, check_out_dir, parse_device, run_command
 from .recipes import check_optimizer_flags, checker
+from .run_folder import (MODEL_FILES, RunFolder, atomic_write, check_same_data, checkpoint_max_steps, checkpoints,
+                         fingerprint, newest_complete, schedule_line, with_schedule)
 
 __all__ = ["main", "load_pretrained", "checkpoints", "default_backend", "UsageError"]
 
@@ -41,6 +41,9 @@ MAX_LEN_LIMIT = 8192
 # What a finished or running pretraining folder holds besides the run file: never overwritten by a fresh run
 OWN_FILES = ("config.json", "model.safetensors", "tokenizer.json", "vocab.txt", RARE_FILE, LOG_FILE, REPORT_FILE,
              "model.pt", "finetune.json")
+# What a run writes at the top of --out (the tokenizer's files are save_pretrained's): anything else is not ours
+WRITES = (RUN_FILE, RARE_FILE, LOG_FILE, REPORT_FILE, PLOT_FILE, "config.json", "model.safetensors", "tokenizer.json",
+          "tokenizer_config.json", "special_tokens_map.json", "vocab.txt", "checkpoint-*")
 
 
 def default_backend(device):
@@ -48,13 +51,6 @@ def default_backend(device):
     if device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") == "1":
         return "eager"
     return "auto"
-
-
-def checkpoints(out_dir):
-    """The ``checkpoint-N`` folders Trainer wrote to ``out_dir``, oldest first."""
-    found = [p for p in glob.glob(os.path.join(out_dir, "checkpoint-*"))
-             if os.path.isdir(p) and re.fullmatch(r"checkpoint-\d+", os.path.basename(p))]
-    return sorted(found, key=lambda p: int(os.path.basename(p).split("-")[1]))
 
 
 # ---------------------------------------------------------------------------------------------- the command line
@@ -146,7 +142,10 @@ def build_parser():
     o.add_argument("--log-every", type=int, default=50, help="print and log the mean loss every N steps (default 50)")
     o.add_argument("--save-every", type=int, default=1000, help="checkpoint every N steps, and at the end "
                    "(default 1000; 0: no checkpoints, only the final model)")
-    o.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+    o.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in --out")
+    o.add_argument("--reshape-schedule", action="store_true", help="with --resume and another --steps: stretch the "
+                   "learning-rate schedule to the new --steps (default: keep the run's, which ends at the --steps it "
+                   "started with)")
     o.add_argument("--quiet", action="store_true", help="no progress bar (there is none when stderr is not a "
                    "terminal)")
     p.add_argument("--dump-state", help=argparse.SUPPRESS)  # tests: each rank's parameters and notes at the end
@@ -200,6 +199,9 @@ def _check_args(a):
     for k in ("mask_replace_prob", "random_replace_prob"):
         v = getattr(a, k)
         _fail_if(v is not None and not 0 <= v <= 1, f"--{k.replace('_', '-')} must be in [0, 1], got {v}")
+    _fail_if(a.reshape_schedule and not a.resume, "--reshape-schedule goes with --resume")
+    if int(os.environ.get("RANK", "0")) == 0:  # the first process holds --out for the whole run (torchrun: rank 0)
+        a.run_folder = RunFolder(a.out, "effbert pretrain", WRITES).lock()
 
 
 def _settings(a, defaults, saved=None):
@@ -257,13 +259,6 @@ def _one_line(exc):
     return " ".join(str(exc).split())[:300]
 
 
-def _atomic_write(text, path):
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)  # a crash mid-write leaves the previous file whole
-
-
 def _read_lines(path):
     with open(path, encoding="utf-8") as f:
         return [line.rstrip("\n") for line in f]
@@ -307,10 +302,9 @@ def load_pretrained(path, device=None, backend="auto"):
         run = json.load(f)
     where = path
     if not os.path.isfile(os.path.join(path, "model.safetensors")):
-        ckpts = checkpoints(path)
-        if not ckpts:
-            raise FileNotFoundError(f"path: {path!r} holds neither model.safetensors nor a checkpoint")
-        where = ckpts[-1]
+        where = newest_complete(path, need=MODEL_FILES)
+        if where is None:
+            raise FileNotFoundError(f"path: {path!r} holds neither model.safetensors nor a complete checkpoint")
     _check_model_folder(where, "path")
     tokenizer = load_tokenizer(path, lowercase=not run["settings"]["cased"])
     try:
@@ -357,7 +351,7 @@ def _truncate_log(path, step):
         except (ValueError, KeyError, TypeError):
             pass  # a line cut short by the crash
     if len(keep) != len(lines):
-        _atomic_write("".join(keep), path)
+        atomic_write("".join(keep), path)
 
 
 def _checkpoint_step(path):
@@ -431,16 +425,17 @@ class _Dist:
             torch.distributed.barrier()
 
 
-def _prepare_out(a):
-    """The run to resume (its run file and latest checkpoint), or None for a fresh run; refuses a folder that
-    holds another run or another command's files."""
+def _prepare_out(a, log):
+    """The run to resume (its run file and newest complete checkpoint), or None for a fresh run; refuses a folder
+    that holds another run, another command's files or the user's."""
     out = a.out
     run_path = os.path.join(out, RUN_FILE)
     if a.resume:
         _fail_if(not os.path.isfile(run_path), f"--resume: {out!r} holds no {RUN_FILE}: nothing to resume")
         saved = _read_run_file(run_path)
-        ckpts = checkpoints(out)
-        return saved, (ckpts[-1] if ckpts else None)
+        RunFolder(out, "effbert pretrain", WRITES).refuse_foreign()
+        check_same_data("--data", saved.get("data"), a.data, out)
+        return saved, newest_complete(out, log)
     _fail_if(os.path.isfile(run_path), f"--out: {out!r} already holds a run; pass --resume to continue it or choose "
              "another folder")
     if os.path.isdir(out):
@@ -448,6 +443,7 @@ def _prepare_out(a):
         others += [os.path.basename(p) for p in checkpoints(out)]
         _fail_if(others, f"--out: {out!r} holds {', '.join(others)} but no {RUN_FILE} (not a pretraining run of "
                  "this command): choose another folder")
+        RunFolder(out, "effbert pretrain", WRITES).refuse_foreign()
     return None, None
 
 
@@ -582,6 +578,18 @@ def _callbacks(out, mcbert, t0, show_bar):
     return log, bar
 
 
+def _schedule(a, tr, saved, ckpt):
+    """The learning-rate schedule, ``{"steps", "warmup"}``: a fresh run's from --steps and --warmup; a resumed
+    run's as it started (the run file's; a run file of an older version: the checkpoint's max_steps), so that a
+    longer --steps does not re-shape it, unless --reshape-schedule stretches it to the new --steps."""
+    if saved is None or a.reshape_schedule:
+        return {"steps": a.steps, "warmup": tr["warmup"] if tr["warmup"] is not None else a.steps // 10}
+    if saved.get("schedule"):
+        return dict(saved["schedule"])
+    steps = (checkpoint_max_steps(ckpt) if ckpt is not None else None) or a.steps
+    return {"steps": steps, "warmup": tr["warmup"] if tr["warmup"] is not None else steps // 10}
+
+
 def train(a, log):
     env = _Dist()
     try:
@@ -617,7 +625,7 @@ def _train(a, env, log):
     _fail_if(os.path.exists(out) and not os.path.isdir(out), f"--out: {out!r} exists and is not a folder")
 
     # every rank reads the same run files (nothing writes them before the barrier below)
-    saved, ckpt = _prepare_out(a)
+    saved, ckpt = _prepare_out(a, log)
     if saved is not None:
         saved["settings"] = {**OPTIONAL_SETTINGS, **saved["settings"]}
     s = _settings(a, MODEL_DEFAULTS, saved["settings"] if saved else None)
@@ -625,13 +633,13 @@ def _train(a, env, log):
     per_device, rem = divmod(tr["batch_size"], env.world * tr["grad_accum"])
     _fail_if(rem or per_device < 1, f"--batch-size ({tr['batch_size']}) must be a multiple of the ranks x "
              f"--grad-accum ({env.world} x {tr['grad_accum']})")
-    warmup = tr["warmup"] if tr["warmup"] is not None else a.steps // 10
+    schedule = _schedule(a, tr, saved, ckpt)
     precision = "fp16" if a.fp16 else "bf16" if a.bf16 else "fp32"
     # under torchrun, TrainingArguments starts the process group the preparation below uses
     args = TrainingArguments(
         output_dir=out, max_steps=a.steps, per_device_train_batch_size=per_device,
         gradient_accumulation_steps=tr["grad_accum"], learning_rate=tr["lr"], weight_decay=tr["weight_decay"],
-        warmup_steps=warmup, lr_scheduler_type="linear", max_grad_norm=tr["max_grad_norm"], optim="adamw_torch",
+        warmup_steps=schedule["warmup"], lr_scheduler_type="linear", max_grad_norm=tr["max_grad_norm"], optim="adamw_torch",
         adam_beta1=tr["adam_beta1"], adam_beta2=tr["adam_beta2"], adam_epsilon=tr["adam_epsilon"],
         logging_strategy="steps", logging_steps=a.log_every, logging_first_step=False,
         save_strategy="steps" if a.save_every else "no", save_steps=a.save_every or 1,
@@ -733,17 +741,25 @@ def _train(a, env, log):
     if ckpt is not None:
         _check_checkpoint(ckpt, model)
         log(f"resuming from step {start} ({ckpt})")
+    if saved is not None:
+        log(schedule_line((saved.get("schedule") or schedule)["steps"], a.steps, a.reshape_schedule,
+                          schedule["warmup"]))
 
-    run = {"settings": s, "training": tr, "config": json.loads(config.to_json())}
+    run = {"settings": s, "training": tr, "config": json.loads(config.to_json()), "schedule": schedule}
     run["vocab_size"] = saved.get("vocab_size") if saved else (None if a.vocab else a.vocab_size or 8000)
+    # what a resume checks it is given again (run_folder.fingerprint: size and the ends' SHA-256)
+    run["data"] = saved.get("data") if saved else [fingerprint(f) for f in a.data]
     if env.main:
         os.makedirs(out, exist_ok=True)
+        if saved is not None and a.reshape_schedule:  # later resumes keep the reshaped schedule
+            atomic_write(json.dumps({**saved, "schedule": schedule}, indent=2, sort_keys=True) + "\n",
+                         os.path.join(out, RUN_FILE))
         if saved is None:
             tokenizer.save_pretrained(out)
             if s["tnf"]:
-                _atomic_write("".join(w + "\n" for w in (table.words if table is not None else [])),
+                atomic_write("".join(w + "\n" for w in (table.words if table is not None else [])),
                               os.path.join(out, RARE_FILE))
-            _atomic_write(json.dumps(run, indent=2, sort_keys=True) + "\n", os.path.join(out, RUN_FILE))
+            atomic_write(json.dumps(run, indent=2, sort_keys=True) + "\n", os.path.join(out, RUN_FILE))
         _truncate_log(os.path.join(out, LOG_FILE), start)
     env.barrier()
 
@@ -753,7 +769,7 @@ def _train(a, env, log):
     collator.step = start * tr["grad_accum"]  # the masks continue where the checkpoint left them
     t0 = time.perf_counter()
     run_log, bar = _callbacks(out, mcbert, t0, show_bar)
-    trainer = PretrainingTrainer(model=model, args=args, train_dataset=dataset, data_collator=collator,
+    trainer = with_schedule(PretrainingTrainer, schedule["steps"])(model=model, args=args, train_dataset=dataset, data_collator=collator,
                                  processing_class=tokenizer, callbacks=[run_log])
     trainer.remove_callback(PrinterCallback)
     trainer.remove_callback(ProgressCallback)
@@ -771,8 +787,13 @@ def _train(a, env, log):
         + (f", precision {precision}" if precision != "fp32" else "")
         + (f", objective MC-BERT (K = {model.num_candidates}, lambda = {model.loss_lambda:g}, controller hidden "
            f"{model.controller_config.hidden_size})" if mcbert else ""))
+    folder = getattr(a, "run_folder", None)  # held by the first process
     try:
-        result = trainer.train(resume_from_checkpoint=ckpt)
+        if folder is not None:
+            folder.step = start
+            result = folder.train(trainer, ckpt)  # a full disk during a save: one line naming the intact checkpoint
+        else:
+            result = trainer.train(resume_from_checkpoint=ckpt)
     except NonFiniteError as exc:
         raise UsageError(f"{exc}: stopping (lower --lr); the checkpoints in {os.path.abspath(out)} are the last "
                          "good ones, resume from them with --resume") from None
@@ -819,7 +840,7 @@ def _report(out, records, result, start, steps, fill, table):
     for key in MC_METRICS:
         if every and key in every[-1]:
             report[key] = every[-1][key]
-    _atomic_write(json.dumps(report, indent=2) + "\n", os.path.join(out, REPORT_FILE))
+    atomic_write(json.dumps(report, indent=2) + "\n", os.path.join(out, REPORT_FILE))
     if len(every) < 2:
         return
     try:

@@ -81,15 +81,33 @@ def train_wordpiece(files, vocab_size=30522, lowercase=True, min_frequency=2, *,
 
         for f in files:
             check_text_file(f)
-    tok = Tokenizer(models.WordPiece(unk_token="[UNK]", continuing_subword_prefix="##", max_input_chars_per_word=100))
-    tok.normalizer = normalizers.BertNormalizer(clean_text=True, handle_chinese_chars=True, strip_accents=None,
-                                                lowercase=lowercase)
-    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    tok.decoder = decoders.WordPiece(prefix="##")
-    trainer = trainers.WordPieceTrainer(vocab_size=int(vocab_size), min_frequency=int(min_frequency),
-                                        special_tokens=list(SPECIAL_TOKENS), limit_alphabet=int(limit_alphabet),
-                                        continuing_subword_prefix="##", show_progress=False)
-    tok.train(files, trainer)
+    def bert(vocab=None):  # BERT's pipeline around a WordPiece model
+        tok = Tokenizer(models.WordPiece(vocab=vocab, unk_token="[UNK]", continuing_subword_prefix="##",
+                                         max_input_chars_per_word=100))
+        tok.normalizer = normalizers.BertNormalizer(clean_text=True, handle_chinese_chars=True, strip_accents=None,
+                                                    lowercase=lowercase)
+        tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+        tok.decoder = decoders.WordPiece(prefix="##")
+        return tok
+
+    def trained(specials):
+        tok = bert()
+        trainer = trainers.WordPieceTrainer(vocab_size=int(vocab_size), min_frequency=int(min_frequency),
+                                            special_tokens=specials, limit_alphabet=int(limit_alphabet),
+                                            continuing_subword_prefix="##", show_progress=False)
+        tok.train(files, trainer)
+        return tok
+
+    # The trainer numbers the ``##x`` pieces in the order it walks its hash map of words, which differs from process
+    # to process, and breaks ties between equally frequent merges by those numbers: the same corpus gave different
+    # vocabularies. So a first pass finds the ``##x`` pieces, and the second numbers them first, sorted (as
+    # "special" tokens, which the trainer numbers in the order given), so every tie breaks the same way.
+    continuing = sorted(p for p in trained(list(SPECIAL_TOKENS)).get_vocab(with_added_tokens=False)
+                        if p.startswith("##") and len(p) == 3)
+    vocab = trained(list(SPECIAL_TOKENS) + continuing).get_vocab(with_added_tokens=True)
+    # the same pieces in a tokenizer where only BERT's five are special (a "##x" in a text is no added token)
+    tok = bert(vocab)
+    tok.add_special_tokens(list(SPECIAL_TOKENS))
     cls_id, sep_id = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
     tok.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", cls_id),
