@@ -58,18 +58,25 @@ def uncertainty(logits):
 
 
 def published_loop(model, ids, label_mask, *, mode, thresholds, window=3, pool="max", copy_wordpieces="all",
-                   freeze=True):
+                   freeze=True, hf=None):
     """One sentence (its real tokens ``ids [n]``) as ``BertModel_EE.forward`` runs it with batch size 1
     (``s_level_ee`` / ``t_level_win_ee_copy``): every layer on the full ``[1, n, hidden]`` states, then
     ``h = where(running, layer(h), h)`` (exited word pieces keep their state and still give keys and values);
     after layer i, the words' ``u`` from classifier i, window max (``max_pool1d``) or sentence pooling, exit
     when below ``thresholds[i]``. Returns per word (label, exit layer 1-based) and the token-layers run.
-    ``freeze=False`` lets exited pieces run on (not the method: it shows that the tests see the copy rule)."""
+    ``freeze=False`` lets exited pieces run on (not the method: it shows that the tests see the copy rule).
+    ``hf``: a transformers ``BertModel`` whose own embeddings and ``BertLayer``s run the sentence (the published
+    code's encoder), with ``model.exits`` as the classifiers."""
     bert = model.bert
     n = ids.shape[0]
-    h = bert.embed(ids[None], torch.zeros_like(ids)[None])
-    pos_bias = bert.position_bias(n)
-    full = torch.ones(1, n, dtype=torch.bool)
+    if hf is None:
+        h = bert.embed(ids[None], torch.zeros_like(ids)[None])
+        pos_bias = bert.position_bias(n)
+        full = torch.ones(1, n, dtype=torch.bool)
+        layers = [lambda x, layer=layer: layer(x, pos_bias, full) for layer in bert.encoder.layers]
+    else:
+        h = hf.embeddings(input_ids=ids[None])
+        layers = [lambda x, layer=layer: _first(layer(x)) for layer in hf.encoder.layer]
     first = label_mask.nonzero().flatten().tolist()
     # word pieces: from the labelled token up to the next one or the last token ([SEP]), exclusive
     ends = first[1:] + [n - 1]
@@ -80,9 +87,9 @@ def published_loop(model, ids, label_mask, *, mode, thresholds, window=3, pool="
     pred, exit_layer = [None] * len(first), [0] * len(first)
     exit_logits = [None] * len(first)
     token_layers = 0
-    depth = len(bert.encoder.layers)
-    for i, (layer, head) in enumerate(zip(bert.encoder.layers, model.exits)):
-        out = layer(h, pos_bias, full)
+    depth = len(layers)
+    for i, (layer, head) in enumerate(zip(layers, model.exits)):
+        out = layer(h)
         token_layers += int(running.sum()) if mode == "tokee" else n
         h = torch.where(running[None, :, None], out, h)
         if not first:
@@ -129,7 +136,11 @@ def quantile_thresholds(model, ids, mask, label_mask, q, window=3):
     return out
 
 
-def check_against_loop(model, ids, mask, label_mask, **kw):
+def _first(out):
+    return out[0] if isinstance(out, tuple) else out
+
+
+def check_against_loop(model, ids, mask, label_mask, hf=None, **kw):
     labels, layers, token_layers, logits = model.early_exit_token_labels(ids, mask, label_mask=label_mask, **kw)
     assert labels.dtype == torch.int64 and layers.dtype == torch.int64
     assert torch.equal(labels[label_mask], logits[label_mask].argmax(-1))
@@ -137,7 +148,8 @@ def check_against_loop(model, ids, mask, label_mask, **kw):
     total, mismatches, all_layers = 0, 0, []
     for r in range(ids.shape[0]):
         real = mask[r]
-        want, want_layers, want_cost, want_logits = published_loop(model, ids[r][real], label_mask[r][real], **kw)
+        want, want_layers, want_cost, want_logits = published_loop(model, ids[r][real], label_mask[r][real], hf=hf,
+                                                                   **kw)
         got, got_layers = labels[r][label_mask[r]].tolist(), layers[r][label_mask[r]].tolist()
         mismatches += sum(a != b for a, b in zip(got, want)) + sum(a != b for a, b in zip(got_layers, want_layers))
         assert got_layers == want_layers, f"row {r}: exit layers {got_layers}, the loop gives {want_layers}"
@@ -307,3 +319,51 @@ def test_published_threshold_schedule_and_argument_checks():
         model(ids, mask, labels=torch.full_like(ids, 7))
     loss = multi_exit_token_loss(torch.zeros(2, 3, 4), torch.tensor([0, -100, 3]))
     assert loss.item() == pytest.approx(math.log(4))
+
+
+@pytest.mark.parametrize("mode", ["tokee", "sentee"])
+def test_hf_bert_encoder_equals_the_published_loop_on_its_own_layers(mode):
+    """A transformers ``BertModel`` converted by ``token_classifier_from_hf_bert``: the batched inference equals the
+    published loop run on the HF model's own embeddings and ``BertLayer``s (the encoder the published code uses)."""
+    transformers = pytest.importorskip("transformers")
+    from effbert.integrations.hf import token_classifier_from_hf_bert
+
+    torch.manual_seed(7)
+    hf_config = transformers.BertConfig(vocab_size=53, hidden_size=32, num_hidden_layers=DEPTH, num_attention_heads=2,
+                                        intermediate_size=37, max_position_embeddings=24, hidden_dropout_prob=0.0,
+                                        attention_probs_dropout_prob=0.0, attn_implementation="eager")
+    hf = transformers.BertModel(hf_config, add_pooling_layer=False).double().eval()
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    model = token_classifier_from_hf_bert(hf, num_labels=5, backend="eager")
+    assert model.config.position_mode == "absolute" and model.config.multi_exit and model.dtype == torch.float64
+    with torch.no_grad():
+        for head in model.exits:
+            head.weight.normal_(0.0, 0.3)
+    ids, mask, label_mask = make_batch(model.config)
+    q = 0.35 if mode == "tokee" else 0.8
+    for thresholds in ([0.0] * DEPTH, [1.01] * DEPTH, quantile_thresholds(model, ids, mask, label_mask, q)):
+        check_against_loop(model, ids, mask, label_mask, hf=hf, mode=mode, thresholds=thresholds, window=3)
+
+
+def test_hf_token_classifier_weights_carry_over():
+    transformers = pytest.importorskip("transformers")
+    from effbert.integrations.hf import token_classifier_from_hf_bert
+
+    torch.manual_seed(8)
+    hf_config = transformers.BertConfig(vocab_size=53, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                        intermediate_size=37, max_position_embeddings=24, num_labels=3,
+                                        attn_implementation="eager")
+    hf = transformers.BertForTokenClassification(hf_config).double().eval()
+    ids = torch.randint(1, 53, (2, 6))
+    mask = torch.tensor([[1] * 6, [1] * 4 + [0] * 2])
+    single = token_classifier_from_hf_bert(hf, multi_exit=False, backend="eager")
+    want = hf(input_ids=ids, attention_mask=mask).logits
+    torch.testing.assert_close(single(ids, mask).logits[mask.bool()], want[mask.bool()])
+    multi = token_classifier_from_hf_bert(hf, backend="eager")
+    assert multi.config.num_labels == 3 and multi.config.id2label == {0: "LABEL_0", 1: "LABEL_1", 2: "LABEL_2"}
+    assert torch.equal(multi.exits[-1].weight, hf.classifier.weight)
+    torch.testing.assert_close(multi(ids, mask).logits[mask.bool()], want[mask.bool()])
+    with pytest.raises(ValueError, match="num_labels"):
+        token_classifier_from_hf_bert(hf, num_labels=5)
