@@ -367,3 +367,22 @@ def test_hf_token_classifier_weights_carry_over():
     torch.testing.assert_close(multi(ids, mask).logits[mask.bool()], want[mask.bool()])
     with pytest.raises(ValueError, match="num_labels"):
         token_classifier_from_hf_bert(hf, num_labels=5)
+
+
+@pytest.mark.parametrize("mode", ["tokee", "sentee"])
+def test_rows_without_words_or_tokens_and_an_empty_batch(mode):
+    torch.manual_seed(9)
+    model = make_model()
+    ids = torch.randint(1, 53, (3, 6))
+    mask = torch.tensor([[1] * 6, [0] * 6, [1] * 2 + [0] * 4]).bool()  # a row of padding, a row of [CLS] [SEP]
+    label_mask = mask.clone()
+    label_mask[0, [0, 5]] = False
+    label_mask[2] = False
+    check_against_loop(model, ids[[0, 2]], mask[[0, 2]], label_mask[[0, 2]], mode=mode, thresholds=[0.5] * DEPTH)
+    labels, layers, cost, logits = model.early_exit_token_labels(ids, mask, mode=mode, thresholds=0.5)
+    assert (labels[1:] == -100).all() and (layers[1:] == 0).all() and (logits[1:] == 0).all()
+    # only rows without words: one layer runs (the published loop returns after it), nothing is labelled
+    labels, layers, cost, logits = model.early_exit_token_labels(ids[2:], mask[2:], mode=mode, thresholds=0.5)
+    assert cost == 2 and (labels == -100).all()
+    labels, layers, cost, logits = model.early_exit_token_labels(ids[:0], mask[:0], mode=mode, thresholds=0.5)
+    assert labels.shape == (0, 6) and logits.shape == (0, 6, 5) and cost == 0

@@ -258,7 +258,7 @@ class TupeBertForTokenClassification(TupeBertPreTrainedModel):
         logits_out = torch.zeros(b * n, self.config.num_labels, dtype=dtype, device=device)
         if b == 0:
             return TokenExitOutput(labels=labels_out.view(b, n), exit_layer=layers_out.view(b, n), token_layers=0,
-                                   logits=logits_out.view(b, n, -1))
+                                   logits=logits_out.view(b, n, self.config.num_labels))
 
         packing = bert.packing(input_ids, real, None)
         hidden = bert.embed(packing.gather(input_ids), packing.gather(token_type_ids), packing.positions)
@@ -282,8 +282,8 @@ class TupeBertForTokenClassification(TupeBertPreTrainedModel):
             cu_k = _cu(lengths[live])
             max_k = int(lengths[live].max())
             if mode == "tokee":
-                running = live_tok & ((owner < 0) | word_active[owner.clamp_min(0)] if words
-                                      else torch.ones_like(live_tok))
+                # a token runs while its word does; [CLS], [SEP] and tokens of no word always run
+                running = live_tok if not words else live_tok & ((owner < 0) | word_active[owner.clamp_min(0)])
                 q_idx = running.nonzero().flatten()
                 q_counts = torch.bincount(tok_sent[q_idx], minlength=texts)[live]
                 new = layer.forward_subset(hidden[q_idx], hidden[tok_idx], _cu(q_counts), cu_k,
@@ -340,4 +340,4 @@ class TupeBertForTokenClassification(TupeBertPreTrainedModel):
         layers_out[slots] = word_exit.long()
         logits_out[slots] = word_logits
         return TokenExitOutput(labels=labels_out.view(b, n), exit_layer=layers_out.view(b, n),
-                               token_layers=token_layers, logits=logits_out.view(b, n, -1))
+                               token_layers=token_layers, logits=logits_out.view(b, n, self.config.num_labels))
