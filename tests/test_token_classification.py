@@ -122,8 +122,8 @@ def published_loop(model, ids, label_mask, *, mode, thresholds, window=3, pool="
 def quantile_thresholds(model, ids, mask, label_mask, q, window=3):
     """Per layer, about the ``q`` quantile of the words' window uncertainty in a full forward: thresholds that let
     words leave at every layer (the states change once words exit, so the spread is approximate). Each threshold
-    is the midpoint of two neighbouring distinct values, never a value itself: until a word exits the states are the full
-    forward's, and a threshold equal to a word's ``u`` would let rounding decide."""
+    is the midpoint of two neighbouring distinct values, never a value itself: until a word exits the states are
+    the full forward's, and a threshold equal to a word's ``u`` would let rounding decide."""
     with torch.no_grad():
         z = model(ids, mask).exit_logits
     out = []
@@ -386,3 +386,26 @@ def test_rows_without_words_or_tokens_and_an_empty_batch(mode):
     assert cost == 2 and (labels == -100).all()
     labels, layers, cost, logits = model.early_exit_token_labels(ids[:0], mask[:0], mode=mode, thresholds=0.5)
     assert labels.shape == (0, 6) and logits.shape == (0, 6, 5) and cost == 0
+
+
+@pytest.mark.parametrize("position_mode", ["tupe-r", "absolute"])
+@torch.no_grad()
+def test_layer_forward_subset_equals_the_full_layer_on_the_running_rows(position_mode):
+    """``TupeBertLayer.forward_subset``: the running rows of the full layer run on the same states, exited rows
+    being keys and values only."""
+    torch.manual_seed(10)
+    model = make_model(position_mode)
+    layer, bert = model.bert.encoder.layers[1], model.bert
+    lengths = torch.tensor([5, 1, 8])
+    cu = torch.nn.functional.pad(lengths.cumsum(0, dtype=torch.int32), (1, 0))
+    hidden = torch.randn(int(lengths.sum()), 32, dtype=torch.float64)
+    pos_bias = bert.position_bias(8)
+    full = layer(hidden, pos_bias, None, cu, 8)
+    running = torch.rand(hidden.shape[0]) < 0.5
+    running[5] = False  # a sentence with no query at all
+    sent = torch.repeat_interleave(torch.arange(3), lengths)
+    positions = torch.arange(hidden.shape[0]) - cu[:-1].long()[sent]
+    q = running.nonzero().flatten()
+    cu_q = torch.nn.functional.pad(torch.bincount(sent[q], minlength=3).cumsum(0).int(), (1, 0))
+    out = layer.forward_subset(hidden[q], hidden, cu_q, cu, positions[q], pos_bias)
+    torch.testing.assert_close(out, full[q], rtol=1e-12, atol=1e-12)

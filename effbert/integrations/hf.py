@@ -27,8 +27,8 @@ from ..nn import BertLayerAdapter, ExitHead, MultiExitEncoder
 from ..ops import tupe_attention
 from ..ops._dispatch import BACKENDS
 
-__all__ = ["from_hf_bert", "token_classifier_from_hf_bert", "patch_bert_attention", "EffbertBertSelfAttention", "hf_state_dict_to_effbert",
-           "config_from_hf", "multi_exit_bert", "MultiExitBert"]
+__all__ = ["from_hf_bert", "token_classifier_from_hf_bert", "patch_bert_attention", "EffbertBertSelfAttention",
+           "hf_state_dict_to_effbert", "config_from_hf", "multi_exit_bert", "MultiExitBert"]
 
 _INSTALL_HINT = ("transformers is needed for effbert.integrations.hf: pip install transformers safetensors "
                  "(or pip install -e '.[hf]' in the effbert checkout)")

@@ -27,8 +27,8 @@ __all__ = ["POSITION_MODES", "TupeBertConfig", "TupeBertPreTrainedModel", "TupeB
            "TupeBertForSequenceClassification", "TupeBertForMultiChoicePretraining", "MultiChoicePretrainingOutput",
            "controller_config", "BaseModelOutputWithPooling", "MaskedLMOutput", "SequenceClassifierOutput",
            "MultiExitSequenceClassifierOutput", "TupeBertForTokenClassification", "MultiExitTokenClassifierOutput",
-           "TokenClassifierOutput", "TokenExitOutput", "TOKEN_EXIT_MODES", "multi_exit_token_loss", "published_token_thresholds",
-           "register_auto_classes"]
+           "TokenClassifierOutput", "TokenExitOutput", "TOKEN_EXIT_MODES", "multi_exit_token_loss",
+           "published_token_thresholds", "register_auto_classes"]
 
 
 def register_auto_classes():

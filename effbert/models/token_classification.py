@@ -22,8 +22,8 @@ from ..ops import exit_entropy, token_exit_decision
 from .tupe_bert import (TupeBertModel, TupeBertPreTrainedModel, _as_requested, _check_ids, _check_labels,
                         _values_in_range)
 
-__all__ = ["TupeBertForTokenClassification", "MultiExitTokenClassifierOutput", "TokenClassifierOutput", "TokenExitOutput",
-           "published_token_thresholds", "multi_exit_token_loss", "TOKEN_EXIT_MODES"]
+__all__ = ["TupeBertForTokenClassification", "MultiExitTokenClassifierOutput", "TokenClassifierOutput",
+           "TokenExitOutput", "published_token_thresholds", "multi_exit_token_loss", "TOKEN_EXIT_MODES"]
 
 TOKEN_EXIT_MODES = ("tokee", "sentee")
 
