@@ -58,7 +58,7 @@ def uncertainty(logits):
 
 
 def published_loop(model, ids, label_mask, *, mode, thresholds, window=3, pool="max", copy_wordpieces="all",
-                   freeze=True, hf=None):
+                   freeze=True, hf=None, token_thresholds=None):
     """One sentence (its real tokens ``ids [n]``) as ``BertModel_EE.forward`` runs it with batch size 1
     (``s_level_ee`` / ``t_level_win_ee_copy``): every layer on the full ``[1, n, hidden]`` states, then
     ``h = where(running, layer(h), h)`` (exited word pieces keep their state and still give keys and values);
@@ -110,7 +110,8 @@ def published_loop(model, ids, label_mask, *, mode, thresholds, window=3, pool="
             continue
         win = F.max_pool1d(u[None, None], kernel_size=window, stride=1, padding=window // 2)[0, 0]
         for j in range(len(first)):
-            if pred[j] is None and win[j] < thresholds[i]:
+            own = token_thresholds is not None and u[j] < token_thresholds[i]  # --t_level_t
+            if pred[j] is None and (win[j] < thresholds[i] or own):
                 pred[j], exit_layer[j], exit_logits[j] = labels[j], i + 1, logits[j]
                 running[pieces[j]] = not freeze
         if all(p is not None for p in pred):
@@ -409,3 +410,19 @@ def test_layer_forward_subset_equals_the_full_layer_on_the_running_rows(position
     cu_q = torch.nn.functional.pad(torch.bincount(sent[q], minlength=3).cumsum(0).int(), (1, 0))
     out = layer.forward_subset(hidden[q], hidden, cu_q, cu, positions[q], pos_bias)
     torch.testing.assert_close(out, full[q], rtol=1e-12, atol=1e-12)
+
+
+def test_token_thresholds_as_published_t_level_t():
+    """``--t_level_t``: a word also exits on its own ``u``; the published single-value form disables it in the first
+    half of the layers (-1) and applies it in the second."""
+    torch.manual_seed(11)
+    model = make_model()
+    ids, mask, label_mask = make_batch(model.config)
+    thresholds = quantile_thresholds(model, ids, mask, label_mask, 0.2)
+    token_thresholds = [-1.0] * (DEPTH // 2) + [0.6] * (DEPTH - DEPTH // 2)
+    base = model.early_exit_token_labels(ids, mask, label_mask=label_mask, thresholds=thresholds)
+    layers = check_against_loop(model, ids, mask, label_mask, mode="tokee", thresholds=thresholds,
+                                token_thresholds=token_thresholds)
+    assert sum(layers) < int(base.exit_layer.sum())  # the token rule lets words leave earlier
+    with pytest.raises(ValueError, match="token_thresholds"):
+        model.early_exit_token_labels(ids, mask, thresholds=0.1, token_thresholds=[0.1])

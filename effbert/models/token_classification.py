@@ -78,14 +78,14 @@ def multi_exit_token_loss(exit_logits, labels):
     return (weights * losses).sum() / weights.sum()
 
 
-def _check_thresholds(thresholds, depth):
+def _check_thresholds(thresholds, depth, name="thresholds"):
     if isinstance(thresholds, (int, float)) and not isinstance(thresholds, bool):
         thresholds = [thresholds] * depth
     if not isinstance(thresholds, (list, tuple)) or len(thresholds) != depth:
-        raise ValueError(f"thresholds must be a float or a list of {depth} floats (one per layer), got {thresholds!r}")
+        raise ValueError(f"{name} must be a float or a list of {depth} floats (one per layer), got {thresholds!r}")
     for t in thresholds:
         if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t):
-            raise ValueError(f"thresholds must hold finite floats, got {thresholds!r}")
+            raise ValueError(f"{name} must hold finite floats, got {thresholds!r}")
     return [float(t) for t in thresholds]
 
 
@@ -178,7 +178,8 @@ class TupeBertForTokenClassification(TupeBertPreTrainedModel):
 
     @torch.no_grad()
     def early_exit_token_labels(self, input_ids, attention_mask=None, token_type_ids=None, *, label_mask=None,
-                                mode="tokee", thresholds, window=3, pool="max", copy_wordpieces="all"):
+                                mode="tokee", thresholds, window=3, pool="max", copy_wordpieces="all",
+                                token_thresholds=None):
         """Batched early-exit sequence labeling on packed tokens: SENTEE or TOKEE of Li et al. (ACL 2021), each
         sentence getting exactly what the published per-sentence loop gives it (batch size 1, every layer on the
         full hidden states, exited tokens' states copied forward).
@@ -198,7 +199,8 @@ class TupeBertForTokenClassification(TupeBertPreTrainedModel):
           (``tupe_attention_varlen_subset``). [CLS], [SEP] and tokens of no word never stop.
 
         Words still running after the last layer take its labels. A sentence leaves the batch once all its words
-        have exited (a sentence without words leaves after layer 1, as the published loop returns there).
+        have exited (a sentence without words leaves after layer 1, as the published loop returns there). Call in
+        eval mode (dropout would make the layers random); gradients are off inside.
 
         Arguments:
             input_ids: int ``[B, N]``; attention_mask: ``[B, N]`` bool or 0/1 ints (True = real token), None = all
@@ -211,6 +213,9 @@ class TupeBertForTokenClassification(TupeBertPreTrainedModel):
             window: odd int >= 1, TOKEE's window over words (published scripts: ``--win_size``, default 5).
             pool: ``"max"`` or ``"mean"``, SENTEE's pooling over a sentence's words.
             copy_wordpieces: ``"all"`` or ``"first"``, which pieces of an exited word stop (TOKEE).
+            token_thresholds: None or a float or one per layer (TOKEE): a word also exits when its own ``u`` is
+                below it (the published ``--t_level_t``, ``token_exit_decision``'s ``token_threshold`` with
+                ``token_rule="or"``; the published default -1 disables it, as does None).
 
         Returns:
             ``TokenExitOutput(labels [B, N] int64, exit_layer [B, N] int64, token_layers int, logits [B, N, C])``
@@ -234,6 +239,8 @@ class TupeBertForTokenClassification(TupeBertPreTrainedModel):
             raise ValueError(f"window must be an odd int >= 1, got {window!r}")
         depth = len(self.exits)
         thresholds = _check_thresholds(thresholds, depth)
+        if token_thresholds is not None:
+            token_thresholds = _check_thresholds(token_thresholds, depth, "token_thresholds")
         bert = self.bert
         token_type_ids, mask = bert.check_inputs(input_ids, attention_mask, token_type_ids)
         b, n = input_ids.shape
@@ -310,6 +317,7 @@ class TupeBertForTokenClassification(TupeBertPreTrainedModel):
                 active, exit_layer, _ = token_exit_decision(
                     logits, word_active[live_words], word_exit[live_words], threshold=thresholds[i], layer=step,
                     window=window, keep=no_keep[live_words], cu_seqlens=_cu(live_counts),
+                    token_threshold=None if token_thresholds is None else token_thresholds[i], token_rule="or",
                     max_seqlen=int(live_counts.max()), backend=self.config.backend)
                 now = word_active[live_words] & ~active
                 word_label[live_words[now]] = pred[now]
