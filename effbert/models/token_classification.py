@@ -109,7 +109,7 @@ class TupeBertForTokenClassification(TupeBertPreTrainedModel):
     ``early_exit_token_labels(...)``: batched SENTEE / TOKEE inference (see there).
     """
 
-    # a masked-LM checkpoint holds the MLM head and TNF's notes, which serve pretraining only
+    # fine-tuning starts from a masked-LM or base checkpoint: its MLM head, TNF notes and pooler are not used here
     _keys_to_ignore_on_load_unexpected = [r"^mlm_head\.", r"^notes\.", r"^bert\.pooler\."]
 
     def __init__(self, config):
@@ -157,8 +157,9 @@ class TupeBertForTokenClassification(TupeBertPreTrainedModel):
     # ---- early-exit inference ------------------------------------------------------------------------------
 
     def _word_layout(self, packing, label_mask):
-        """Per packed token: whether it is labelled, the packed index of each word's labelled token, each word's
-        sentence, and the word owning each token (-1: none, e.g. [CLS], [SEP])."""
+        """``(tok_sent, lengths, labelled, word_tok, word_sent, owner)``: each packed token's sentence, the
+        sentence lengths, whether each token is labelled, the packed index of each word's labelled token, each
+        word's sentence, and the word owning each token (-1: none, e.g. [CLS], [SEP])."""
         lengths = (packing.cu_seqlens[1:] - packing.cu_seqlens[:-1]).long()
         texts = lengths.shape[0]
         device = packing.indices.device
