@@ -2,6 +2,8 @@
 
 - ``from_hf_bert(model_or_path)``: a pretrained HF BERT (a model object or a local folder holding ``config.json``
   and ``model.safetensors``) as an effbert model in ``position_mode="absolute"``, same outputs on real tokens.
+- ``token_classifier_from_hf_bert(model_or_path, num_labels)``: the same encoder as a
+  ``TupeBertForTokenClassification`` with a classifier per layer, for SENTEE / TOKEE early exit (Li et al., ACL 2021).
 - ``patch_bert_attention(hf_model)``: replaces, in place, the self-attention of every layer of an HF BERT with a
   module running ``effbert.tupe_attention`` on the same ``query``/``key``/``value`` weights (the state dict, and so
   ``save_pretrained``, is unchanged).
@@ -18,14 +20,15 @@ import torch
 from torch import nn
 
 from ..losses import deebert_loss, multi_exit_distillation_loss, pabee_loss
-from ..models import TupeBertConfig, TupeBertForMaskedLM, TupeBertForSequenceClassification, TupeBertModel
+from ..models import (TupeBertConfig, TupeBertForMaskedLM, TupeBertForSequenceClassification,
+                      TupeBertForTokenClassification, TupeBertModel)
 from ..models.tupe_bert import MultiExitSequenceClassifierOutput, _check_ids, _values_in_range, check_bert_inputs
 from ..nn import BertLayerAdapter, ExitHead, MultiExitEncoder
 from ..ops import tupe_attention
 from ..ops._dispatch import BACKENDS
 
-__all__ = ["from_hf_bert", "patch_bert_attention", "EffbertBertSelfAttention", "hf_state_dict_to_effbert",
-           "config_from_hf", "multi_exit_bert", "MultiExitBert"]
+__all__ = ["from_hf_bert", "token_classifier_from_hf_bert", "patch_bert_attention", "EffbertBertSelfAttention",
+           "hf_state_dict_to_effbert", "config_from_hf", "multi_exit_bert", "MultiExitBert"]
 
 _INSTALL_HINT = ("transformers is needed for effbert.integrations.hf: pip install transformers safetensors "
                  "(or pip install -e '.[hf]' in the effbert checkout)")
@@ -160,14 +163,7 @@ def from_hf_bert(model_or_path, *, backend="auto"):
     they hold an MLM head, else ``TupeBertModel`` (with a pooler when the weights have one). The result is in eval
     mode, in the dtype of the weights, on the CPU for a path and on the model's device for a model.
     """
-    if isinstance(model_or_path, (str, os.PathLike)):
-        hf_config, state = _load_path(model_or_path)
-    elif isinstance(model_or_path, nn.Module) and hasattr(model_or_path, "config"):
-        _transformers()
-        hf_config, state = model_or_path.config, model_or_path.state_dict()
-    else:
-        raise TypeError(f"model_or_path must be an HF BERT model or a local folder path, got "
-                        f"{type(model_or_path).__name__}")
+    hf_config, state = _hf_weights(model_or_path)
     config = config_from_hf(hf_config, backend=backend)
     encoder, head = hf_state_dict_to_effbert(state)
     has_pooler = "pooler.dense.weight" in encoder
@@ -193,6 +189,61 @@ def from_hf_bert(model_or_path, *, backend="auto"):
     missing, unexpected = model.load_state_dict(target, strict=False)
     if missing or unexpected:
         raise ValueError(f"the HF weights do not fill the effbert model: missing {sorted(missing)}, "
+                         f"unexpected {sorted(unexpected)}")
+    return model.eval()
+
+
+def _hf_weights(model_or_path):
+    """``(hf_config, state_dict)`` of an HF BERT model object or a local folder."""
+    if isinstance(model_or_path, (str, os.PathLike)):
+        return _load_path(model_or_path)
+    if isinstance(model_or_path, nn.Module) and hasattr(model_or_path, "config"):
+        _transformers()
+        return model_or_path.config, model_or_path.state_dict()
+    raise TypeError(f"model_or_path must be an HF BERT model or a local folder path, got "
+                    f"{type(model_or_path).__name__}")
+
+
+def token_classifier_from_hf_bert(model_or_path, num_labels=None, *, multi_exit=True, backend="auto"):
+    """A ``TupeBertForTokenClassification`` (``position_mode="absolute"``) on the encoder of a pretrained HF BERT,
+    for sequence labeling with early exit (Li et al., ACL 2021, start from a pretrained BERT this way).
+
+    ``model_or_path``: as ``from_hf_bert`` (``BertModel``, ``BertForTokenClassification``, ``BertForMaskedLM``, ... or
+    a local folder). ``num_labels``: the classes (None: the HF classifier's, else the HF config's). With
+    ``multi_exit`` (default) every layer gets a classifier, freshly initialised except the last one, which takes the
+    HF token classifier's weights when there is one; ``multi_exit=False`` gives one classifier (the HF one when
+    present). The pooler and an MLM head are dropped. ``id2label`` comes from the HF config when its size matches.
+    Returns the model in eval mode, in the dtype of the weights, on their device.
+
+    Raises ``ValueError`` when ``num_labels`` disagrees with the HF classifier, and the errors of ``from_hf_bert``.
+    """
+    hf_config, state = _hf_weights(model_or_path)
+    config = config_from_hf(hf_config, backend=backend)
+    encoder, head = hf_state_dict_to_effbert(state)
+    for key in ("pooler.dense.weight", "pooler.dense.bias"):
+        encoder.pop(key, None)
+    classifier = {k: v for k, v in head.items() if k.startswith("classifier.")}
+    if classifier:
+        found = classifier["classifier.weight"].shape[0]
+        if num_labels is not None and num_labels != found:
+            raise ValueError(f"num_labels ({num_labels}) must match the HF classifier's {found} classes, or be None")
+        num_labels = found
+    config.num_labels = int(num_labels if num_labels is not None else config.num_labels)
+    id2label = getattr(hf_config, "id2label", None)
+    if id2label and len(id2label) == config.num_labels:
+        config.id2label = {int(k): v for k, v in id2label.items()}
+        config.label2id = {v: int(k) for k, v in id2label.items()}
+    config.multi_exit = bool(multi_exit)
+    model = TupeBertForTokenClassification(config)
+    target = {"bert." + k: v for k, v in encoder.items()}
+    prefix = f"exits.{config.num_hidden_layers - 1}." if multi_exit else "classifier."
+    target |= {prefix + k[len("classifier."):]: v for k, v in classifier.items()}
+    first = next(iter(target.values()))
+    model.to(device=first.device, dtype=first.dtype)
+    missing, unexpected = model.load_state_dict(target, strict=False)
+    fresh = {k for k in model.state_dict() if k.startswith(("exits.", "classifier."))}
+    if set(missing) - fresh or unexpected:
+        raise ValueError(f"the HF weights do not fill the effbert encoder: missing {sorted(set(missing) - fresh)}, "
                          f"unexpected {sorted(unexpected)}")
     return model.eval()
 

@@ -13,17 +13,29 @@ from .tupe_bert import (
     TupeBertModel,
     TupeBertPreTrainedModel,
 )
+from .token_classification import (
+    TOKEN_EXIT_MODES,
+    MultiExitTokenClassifierOutput,
+    TokenClassifierOutput,
+    TokenExitOutput,
+    TupeBertForTokenClassification,
+    multi_exit_token_loss,
+    published_token_thresholds,
+)
 
 __all__ = ["POSITION_MODES", "TupeBertConfig", "TupeBertPreTrainedModel", "TupeBertModel", "TupeBertForMaskedLM",
            "TupeBertForSequenceClassification", "TupeBertForMultiChoicePretraining", "MultiChoicePretrainingOutput",
            "controller_config", "BaseModelOutputWithPooling", "MaskedLMOutput", "SequenceClassifierOutput",
-           "MultiExitSequenceClassifierOutput", "register_auto_classes"]
+           "MultiExitSequenceClassifierOutput", "TupeBertForTokenClassification", "MultiExitTokenClassifierOutput",
+           "TokenClassifierOutput", "TokenExitOutput", "TOKEN_EXIT_MODES", "multi_exit_token_loss",
+           "published_token_thresholds", "register_auto_classes"]
 
 
 def register_auto_classes():
     """Registers ``TupeBertConfig`` and the models with transformers' ``Auto*`` classes (idempotent; ``import
     effbert`` calls it)."""
-    from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM, AutoModelForSequenceClassification
+    from transformers import (AutoConfig, AutoModel, AutoModelForMaskedLM, AutoModelForSequenceClassification,
+                              AutoModelForTokenClassification)
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
     if TupeBertConfig.model_type in CONFIG_MAPPING:
@@ -32,3 +44,4 @@ def register_auto_classes():
     AutoModel.register(TupeBertConfig, TupeBertModel)
     AutoModelForMaskedLM.register(TupeBertConfig, TupeBertForMaskedLM)
     AutoModelForSequenceClassification.register(TupeBertConfig, TupeBertForSequenceClassification)
+    AutoModelForTokenClassification.register(TupeBertConfig, TupeBertForTokenClassification)

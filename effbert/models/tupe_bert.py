@@ -153,6 +153,20 @@ class TupeBertLayer(nn.Module):
         ffn = self.output(self.act(self.intermediate(hidden)))
         return self.output_norm(hidden + self.output_dropout(ffn))
 
+    def forward_subset(self, hidden_q, hidden_kv, cu_seqlens_q, cu_seqlens_k, position_ids_q, pos_bias=None,
+                       max_seqlen_q=None, max_seqlen_k=None, check_offsets=True):
+        """The layer for the active tokens only (token-level early exit, inference): ``hidden_q [Tq, hidden]``
+        are the queries and the only rows that go through the residuals, LayerNorms and FFN; ``hidden_kv
+        [Tk, hidden]`` (every token, exited ones frozen) gives the keys and values. Offsets and positions as
+        ``TupeSelfAttention.forward_subset``. Returns the active tokens' new states ``[Tq, hidden]``. Forward only:
+        call it under ``torch.no_grad()`` (the subset attention has no autograd and refuses inputs that need grad)."""
+        attn = self.attention.forward_subset(hidden_q, hidden_kv, cu_seqlens_q, cu_seqlens_k, position_ids_q,
+                                             pos_bias, max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k,
+                                             check_offsets=check_offsets)
+        hidden = self.attention_norm(hidden_q + self.attention_dropout(attn))
+        ffn = self.output(self.act(self.intermediate(hidden)))
+        return self.output_norm(hidden + self.output_dropout(ffn))
+
 
 class TupeBertEncoder(nn.Module):
     """The layer stack. On a ``Packing`` (``packing=``) it takes and returns packed ``[total, hidden]`` tokens and

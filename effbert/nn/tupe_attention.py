@@ -5,7 +5,8 @@ import math
 import torch
 from torch import nn
 
-from ..ops import t5_relative_buckets, tupe_attention, tupe_attention_varlen, tupe_position_bias
+from ..ops import (t5_relative_buckets, tupe_attention, tupe_attention_varlen, tupe_attention_varlen_subset,
+                   tupe_position_bias)
 
 
 class TupePositionBias(nn.Module):
@@ -154,3 +155,34 @@ class TupeSelfAttention(nn.Module):
                                     deterministic=self.deterministic, backend=self.backend,
                                     check_offsets=check_offsets)
         return self.out(ctx.reshape(t, width))
+
+    def forward_subset(self, hidden_q, hidden_kv, cu_seqlens_q, cu_seqlens_k, position_ids_q, pos_bias=None, *,
+                       max_seqlen_q=None, max_seqlen_k=None, check_offsets=True):
+        """Inference after token-level early exit: queries from the active tokens ``hidden_q [Tq, hidden_size]``,
+        keys and values from every token ``hidden_kv [Tk, hidden_size]`` (exited tokens' frozen states included,
+        projected by this layer's K/V weights, as Li et al.'s published code computes them), through
+        ``tupe_attention_varlen_subset``. ``cu_seqlens_q`` / ``cu_seqlens_k`` int32 ``[B + 1]``, ``position_ids_q
+        [Tq]`` each query's position in its sequence. ``pos_bias`` None (plain BERT) attends with a zero positional
+        term and scale ``1/sqrt(head_dim)``. Returns ``[Tq, hidden_size]``. No dropout, no autograd."""
+        width = self.num_heads * self.head_dim
+        for name, x in (("hidden_q", hidden_q), ("hidden_kv", hidden_kv)):
+            if x.dim() != 2 or x.shape[-1] != width:
+                raise ValueError(f"{name} must be [T, {width}], got {tuple(x.shape)}")
+        w = self.qkv.weight.chunk(3)
+        bias = self.qkv.bias.chunk(3) if self.qkv.bias is not None else (None,) * 3
+        # Q for the active tokens only; K and V for all of them
+        q = nn.functional.linear(hidden_q, w[0], bias[0]).view(-1, self.num_heads, self.head_dim)
+        k, v = (nn.functional.linear(hidden_kv, w[i], bias[i]).view(-1, self.num_heads, self.head_dim)
+                for i in (1, 2))
+        scale = self.scale
+        if scale is None:
+            scale = 1.0 / math.sqrt((2 if pos_bias is not None else 1) * self.head_dim)
+        if pos_bias is None:  # the op always takes a positional term: a zero one is plain BERT attention
+            n = hidden_kv.shape[0] if max_seqlen_k is None else max_seqlen_k
+            pos_bias = hidden_kv.new_zeros(1, 1, 1).expand(self.num_heads, max(n, 1), max(n, 1))
+        # no CUDA C++ kernel for the subset form: a model set to "cuda" takes the best one that serves
+        backend = "auto" if self.backend == "cuda" else self.backend
+        ctx = tupe_attention_varlen_subset(q, k, v, cu_seqlens_q, cu_seqlens_k, position_ids_q, pos_bias,
+                                           max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, scale=scale,
+                                           backend=backend, check_offsets=check_offsets)
+        return self.out(ctx.reshape(-1, width))
