@@ -275,10 +275,11 @@ def test_config_defaults_round_trip_and_validation():
 
 FLOAT_FIELDS = ("hidden_dropout_prob", "attention_probs_dropout_prob", "layer_norm_eps", "position_layer_norm_eps",
                 "initializer_range", "tnf_gamma", "tnf_lam")
+OPTIONAL_FLOAT_FIELDS = ("classifier_dropout",)  # None by default (then hidden_dropout_prob applies)
 
 
 @pytest.mark.parametrize("value", [float("inf"), float("-inf"), float("nan"), -0.01])
-@pytest.mark.parametrize("name", FLOAT_FIELDS)
+@pytest.mark.parametrize("name", FLOAT_FIELDS + OPTIONAL_FLOAT_FIELDS)
 def test_config_refuses_non_finite_floats(name, value):
     """Every float field of the config is finite (inf passed the `> 0` checks of initializer_range and the
     LayerNorm eps) and none is negative; a refused value names its field, whether built or loaded."""

@@ -282,6 +282,19 @@ def test_single_classifier_without_multi_exit():
         model.early_exit_token_labels(ids, mask, thresholds=0.1)
 
 
+def test_classifier_dropout_sets_the_exit_dropout():
+    """config.classifier_dropout (the published code's 0.3) drives the classifiers' dropout; None falls back to
+    hidden_dropout_prob, as transformers' BERT does."""
+    assert make_model(classifier_dropout=0.3).dropout.p == 0.3
+    assert make_model(hidden_dropout_prob=0.2).dropout.p == 0.2
+    torch.manual_seed(7)
+    model = make_model(dtype=torch.float32, classifier_dropout=0.5, hidden_dropout_prob=0.0,
+                       attention_probs_dropout_prob=0.0).train()
+    ids, mask, _ = make_batch(model.config)
+    first, second = model(ids, mask).exit_logits, model(ids, mask).exit_logits
+    assert not torch.equal(first, second), "the classifiers' dropout is active in training"
+
+
 def test_save_load_and_auto_class(tmp_path):
     from transformers import AutoModelForTokenClassification
 

@@ -15,7 +15,7 @@ FIELDS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads
           "max_position_embeddings", "type_vocab_size", "hidden_dropout_prob", "attention_probs_dropout_prob",
           "layer_norm_eps", "position_layer_norm_eps", "hidden_act", "initializer_range", "pad_token_id",
           "position_mode", "num_buckets", "max_distance", "untie_cls", "num_labels", "backend", "multi_exit",
-          "shared_exit_pooler", "unpad_inputs",
+          "shared_exit_pooler", "unpad_inputs", "classifier_dropout",
           "tnf_num_notes", "tnf_window", "tnf_gamma", "tnf_lam")
 
 
@@ -54,6 +54,9 @@ class TupeBertConfig(PretrainedConfig):
     TNF: ``tnf_num_notes`` (None: no note dictionary) and ``tnf_window`` / ``tnf_gamma`` / ``tnf_lam`` describe the
     masked-LM model's ``NoteDictionary``, so ``from_pretrained`` rebuilds it and loads the saved notes.
 
+    ``classifier_dropout`` (transformers' name): the dropout before the token classifiers of
+    ``TupeBertForTokenClassification`` (None: ``hidden_dropout_prob``; Li et al.'s published code uses 0.3).
+
     A bad value raises ``ValueError`` (``TypeError`` for a non-bool switch) naming the field; every float field
     must be finite (NaN and inf are refused): the probabilities in [0, 1) (``tnf_gamma`` / ``tnf_lam`` in [0, 1]),
     ``layer_norm_eps``, ``position_layer_norm_eps`` and ``initializer_range`` > 0.
@@ -66,7 +69,8 @@ class TupeBertConfig(PretrainedConfig):
                  attention_probs_dropout_prob=0.1, layer_norm_eps=1e-12, position_layer_norm_eps=None,
                  hidden_act="gelu", initializer_range=0.02, pad_token_id=0, position_mode="tupe-r", num_buckets=32,
                  max_distance=128, untie_cls=True, num_labels=None, backend="auto", multi_exit=False,
-                 shared_exit_pooler=False, unpad_inputs=True, tnf_num_notes=None, tnf_window=16, tnf_gamma=0.1, tnf_lam=0.5, **kwargs):
+                 shared_exit_pooler=False, unpad_inputs=True, tnf_num_notes=None, tnf_window=16, tnf_gamma=0.1, tnf_lam=0.5,
+                 classifier_dropout=None, **kwargs):
         for name, value in (("vocab_size", vocab_size), ("hidden_size", hidden_size),
                             ("num_hidden_layers", num_hidden_layers), ("num_attention_heads", num_attention_heads),
                             ("intermediate_size", intermediate_size),
@@ -84,6 +88,8 @@ class TupeBertConfig(PretrainedConfig):
                              f"({num_attention_heads})")
         _probability("hidden_dropout_prob", hidden_dropout_prob)
         _probability("attention_probs_dropout_prob", attention_probs_dropout_prob)
+        if classifier_dropout is not None:
+            _probability("classifier_dropout", classifier_dropout)
         _positive_float("layer_norm_eps", layer_norm_eps)
         if position_layer_norm_eps is None:
             position_layer_norm_eps = layer_norm_eps
@@ -120,6 +126,7 @@ class TupeBertConfig(PretrainedConfig):
         self.type_vocab_size = type_vocab_size
         self.hidden_dropout_prob = hidden_dropout_prob
         self.attention_probs_dropout_prob = attention_probs_dropout_prob
+        self.classifier_dropout = classifier_dropout
         self.layer_norm_eps = layer_norm_eps
         self.position_layer_norm_eps = position_layer_norm_eps
         self.hidden_act = hidden_act

@@ -115,7 +115,8 @@ class TupeBertForTokenClassification(TupeBertPreTrainedModel):
     def __init__(self, config):
         super().__init__(config)
         self.bert = TupeBertModel(config, add_pooling_layer=False)
-        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+        dropout = config.classifier_dropout
+        self.dropout = nn.Dropout(config.hidden_dropout_prob if dropout is None else dropout)
         if config.multi_exit:
             self.classifier = None
             self.exits = nn.ModuleList(nn.Linear(config.hidden_size, config.num_labels)
