@@ -8,7 +8,7 @@ import torch
 from . import reference
 from .ops.early_exit import check_criterion, check_exit_logits
 
-__all__ = ["Calibration", "exit_layers", "speed_accuracy_curve", "calibrate_threshold"]
+__all__ = ["Calibration", "exit_layers", "speed_accuracy_curve", "calibrate_threshold", "exits_at_chance"]
 
 
 @dataclass
@@ -134,3 +134,25 @@ def calibrate_threshold(exit_logits, labels=None, *, criterion, target_avg_exit=
     return Calibration(criterion=criterion, threshold=int(t) if criterion == "patience" else t,
                        avg_exit_layer=float(avg[best]), accuracy=float(acc[best]), full_depth_accuracy=full,
                        curve=curve)
+
+
+def exits_at_chance(exit_logits, labels, margin=0.01):
+    """The off-ramps (1-based) whose accuracy on ``labels`` is at most the majority class's share plus ``margin``:
+    a head that does no better than always answering the commonest class, whose exits are guesses.
+
+    ``exit_logits [L, B, C]`` float, ``labels [B]`` int class indices. Returns ``(off-ramps, majority share)``.
+    Raises ``ValueError`` on mismatched shapes, labels outside ``[0, C)`` or a negative ``margin``; ``TypeError``
+    on non-integer labels."""
+    check_exit_logits(exit_logits, labels)
+    if labels.dtype.is_floating_point or labels.dtype == torch.bool:
+        raise TypeError(f"labels must hold integer class indices, got {str(labels.dtype).replace('torch.', '')}")
+    if labels.numel() and not 0 <= int(labels.min()) <= int(labels.max()) < exit_logits.shape[-1]:
+        raise ValueError(f"labels must be class indices in [0, {exit_logits.shape[-1]}), got values in "
+                         f"[{int(labels.min())}, {int(labels.max())}]")
+    if not margin >= 0:
+        raise ValueError(f"margin must be >= 0, got {margin}")
+    if labels.numel() == 0:
+        return [], 0.0
+    chance = float(torch.bincount(labels.long().flatten()).max()) / labels.numel()
+    accuracy = (exit_logits.argmax(-1) == labels[None]).double().mean(1)
+    return [i + 1 for i, acc in enumerate(accuracy.tolist()) if acc <= chance + margin], chance

@@ -7,6 +7,7 @@ import math
 import os
 
 import pytest
+import torch
 
 from effbert import commands as cli
 from effbert.commands import demo
@@ -70,32 +71,56 @@ def test_demo_bad_device_or_out_fails_first_in_one_line(tmp_path, capsys):
         assert "MLM" not in captured.out  # nothing ran
 
 
-def test_demo_speedup_is_the_median_of_back_to_back_pairs(monkeypatch):
-    """Each threshold's speed-up is the median of TIMING_ROUNDS full-depth / early-exit pairs timed back to back, so
-    one pass slowed by another job on a shared CPU does not decide the printed figure."""
+def _fake_demo_eval(monkeypatch, early_costs, early_layer=3, depth=6, n=40, classes=4):
+    """demo.evaluate on fixed exit logits, each pass charged a set cost on a fake clock: a full-depth pass 1.0 s,
+    the early-exit passes ``early_costs`` in turn."""
     import types
 
-    import torch
+    from effbert.commands import finetune
 
-    depth, n, classes = 6, 40, 4
     gen = torch.Generator().manual_seed(0)
     exits = torch.randn(depth, n, classes, generator=gen)
+    now, costs, order = [0.0], iter(early_costs), []
 
     def model(ids, mask):
         return types.SimpleNamespace(exit_logits=exits[:, :ids.shape[0]])
 
-    slow = iter([0.5, 10.0, 0.5] * 10)  # the second early-exit pass of every threshold hits a load spike
+    def run(model, ids, lengths, batch, device, criterion, threshold):
+        order.append("full" if threshold == 0.0 else "early")
+        now[0] += 1.0 if threshold == 0.0 else next(costs)
+        return exits[-1, :ids.shape[0]], torch.full((ids.shape[0],), depth if threshold == 0.0 else early_layer)
 
-    def timed(model, ids, lengths, batch, device, criterion, threshold):
-        layers = torch.full((ids.shape[0],), depth if threshold == 0.0 else 3)
-        return exits[-1, :ids.shape[0]], layers, 1.0 if threshold == 0.0 else next(slow)
-
-    monkeypatch.setattr(demo, "_timed_early_exit", timed)
+    monkeypatch.setattr(finetune, "_run_early_exit", run)
+    monkeypatch.setattr(demo, "_run_early_exit", run)
+    monkeypatch.setattr(finetune, "cost_clock", lambda device: lambda: now[0])
     monkeypatch.setattr(demo, "TIMING_ROUNDS", 3)
-    sizes = types.SimpleNamespace(layers=depth)
     lines = []
     _, points, _ = demo.evaluate(model, torch.ones(n, 8, dtype=torch.long), torch.full((n,), 8),
-                                 torch.randint(0, classes, (n,), generator=gen), sizes, torch.device("cpu"),
-                                 lines.append)
+                                 torch.randint(0, classes, (n,), generator=gen), types.SimpleNamespace(layers=depth),
+                                 torch.device("cpu"), lines.append)
+    return points, lines, order
+
+
+def test_demo_speedup_is_the_median_of_interleaved_pairs(monkeypatch):
+    """Each threshold's speed-up is the median of TIMING_ROUNDS full-depth / early-exit pairs, the order alternating,
+    so one pass slowed by another job on a shared CPU does not decide the printed figure."""
+    points, lines, order = _fake_demo_eval(monkeypatch, [0.5, 10.0, 0.5] * 5)
     assert len(points) == 5 and all(p[2] == 2.0 for p in points), points
-    assert any("median of 3 pairs" in line for line in lines)
+    assert order[2:8] == ["full", "early", "early", "full", "full", "early"], order  # after the two untimed passes
+    assert any("median of 3 interleaved pairs" in line for line in lines)
+    assert not any(line.lstrip().startswith("*") for line in lines), "2.0x at 3 of 6 layers is within the bound"
+
+
+def test_demo_flags_a_speedup_above_the_layers_bound(monkeypatch):
+    """3 of 6 layers can give at most 2x: a measured 4x is marked as noise, with the footnote that says why."""
+    points, lines, _ = _fake_demo_eval(monkeypatch, [0.25] * 15)
+    assert all(p[2] == 4.0 for p in points)
+    rows = [line for line in lines if "4.00x" in line]
+    assert len(rows) == 5 and all(row.rstrip().endswith("*") for row in rows), rows
+    assert any("above the bound the layers set" in line for line in lines)
+
+
+def test_demo_warns_of_off_ramps_at_chance(monkeypatch):
+    """Random exit logits on 4 classes: the off-ramps do no better than the majority class, and the demo says so."""
+    _, lines, _ = _fake_demo_eval(monkeypatch, [0.5] * 15)
+    assert any("at chance" in line for line in lines), lines

@@ -21,7 +21,8 @@ import numpy as np
 import torch
 
 from . import check_out_dir, parse_device, run_command
-from .finetune import _timed_early_exit  # the same timing as finetune's report
+# the timing of finetune's report
+from .finetune import NOISE_FOOTNOTE, TIMING_ROUNDS, _run_early_exit, paired_speedup, speedup_note
 from .pretrain import default_backend as _backend
 
 SPECIALS = ["[PAD]", "[CLS]", "[SEP]", "[MASK]"]
@@ -271,11 +272,8 @@ def finetune(mlm, ids, lengths, labels, sizes, device, gen, log):
     return model.eval()
 
 
-TIMING_ROUNDS = 3  # full-depth / early-exit pairs timed per threshold
-
-
 def evaluate(model, ids, lengths, labels, sizes, device, log):
-    from ..calibration import speed_accuracy_curve
+    from ..calibration import exits_at_chance, speed_accuracy_curve
 
     labels_d = labels.to(device)
     depth = sizes.layers
@@ -290,37 +288,40 @@ def evaluate(model, ids, lengths, labels, sizes, device, log):
             all_exits.append(model(ids[s:s + batch, :n].to(device), mask).exit_logits)
         all_exits = torch.cat(all_exits, 1)
     curve = speed_accuracy_curve(all_exits, labels_d, criterion="entropy")
-    _timed_early_exit(model, ids[:batch], lengths[:batch], batch, device, criterion="entropy", threshold=0.0)
     # full depth: the same batched loop with threshold 0, which no sample passes (DeeBERT's full-depth row)
-    z_full, l_full, t_full = _timed_early_exit(model, ids, lengths, batch, device, criterion="entropy",
-                                               threshold=0.0)
+    full = dict(criterion="entropy", threshold=0.0)
+    _run_early_exit(model, ids[:batch], lengths[:batch], batch, device, **full)  # warm-up
+    z_full, l_full = _run_early_exit(model, ids, lengths, batch, device, **full)
     assert bool((l_full == depth).all())
     acc_full = float((z_full.argmax(-1) == labels_d).double().mean())
     log(f"\nbatched early exit on {ids.shape[0]} held-out sentences (entropy criterion, {depth} layers):")
     log(f"  {'threshold':>9} {'avg exit':>9} {'layers saved':>13} {'speed-up':>9} {'accuracy':>9} {'vs full':>8}")
     log(f"  {'full':>9} {depth:9.2f} {0:12.1%} {1:8.2f}x {acc_full:9.3f} {0:+8.3f}")
-    points = []
+    points, full_times, noisy = [], [], False
     # thresholds at quantiles of the early exits' entropies, so each one lets a different share of samples out
     from .. import reference
     ent = reference.exit_entropy(all_exits[:-1].reshape(-1, all_exits.shape[-1]).double())
     qs = torch.tensor([0.1, 0.25, 0.4, 0.55, 0.7], dtype=torch.float64, device=ent.device)
-    full_times = [t_full]
     for t in torch.quantile(ent[torch.isfinite(ent)], qs).tolist():
-        # each threshold's pass timed right after a full-depth pass, TIMING_ROUNDS times: the median of the paired
-        # ratios sees past a machine whose load changes between passes (a shared CPU)
-        ratios = []
-        for _ in range(TIMING_ROUNDS):
-            full_times.append(_timed_early_exit(model, ids, lengths, batch, device, criterion="entropy",
-                                                threshold=0.0)[2])
-            z, layer, sec = _timed_early_exit(model, ids, lengths, batch, device, criterion="entropy", threshold=t)
-            ratios.append(full_times[-1] / sec)
+        speed, t_full, z, layer = paired_speedup(model, ids, lengths, batch, device, full,
+                                                 dict(criterion="entropy", threshold=t), rounds=TIMING_ROUNDS)
+        full_times.append(t_full)
         acc = float((z.argmax(-1) == labels_d).double().mean())
         avg = float(layer.double().mean())
-        speed = statistics.median(ratios)
         points.append((t, avg, speed, acc))
-        log(f"  {t:9.3f} {avg:9.2f} {1 - avg / depth:12.1%} {speed:8.2f}x {acc:9.3f} {acc - acc_full:+8.3f}")
-    log(f"  (speed-up: wall time of the batched full-depth pass over the early-exit pass, the median of "
-        f"{TIMING_ROUNDS} pairs run back to back; {statistics.median(full_times):.2f} s full)")
+        mark = speedup_note(speed, avg, depth)
+        noisy = noisy or bool(mark)
+        log(f"  {t:9.5g} {avg:9.2f} {1 - avg / depth:12.1%} {speed:8.2f}x {acc:9.3f} {acc - acc_full:+8.3f}"
+            f"{'  ' + mark if mark else ''}")
+    log(f"  (speed-up: {'wall' if device.type == 'cuda' else 'CPU'} time of the batched full-depth pass over the "
+        f"early-exit pass, the median of {TIMING_ROUNDS} interleaved pairs; "
+        f"{statistics.median(full_times):.2f} s full)")
+    if noisy:
+        log("  " + NOISE_FOOTNOTE)
+    at_chance, chance = exits_at_chance(all_exits, labels_d)
+    if at_chance:
+        log(f"  warning: off-ramp{'s' if len(at_chance) > 1 else ''} {', '.join(map(str, at_chance))} at chance "
+            f"(accuracy at most the majority class's share, {chance:.3f}): their exits are guesses")
     return acc_full, points, curve
 
 

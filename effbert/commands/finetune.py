@@ -34,6 +34,7 @@ import json
 import math
 import os
 import shutil
+import statistics
 import sys
 import time
 
@@ -579,18 +580,58 @@ def train(a, model, tokenizer, train_ds, device, backend, log):
 # ---------------------------------------------------------------------------------------------------- report
 
 
-def _timed_early_exit(model, ids, lengths, batch, device, **kw):
+TIMING_ROUNDS = 3  # full-depth / early-exit pairs timed per threshold
+
+
+def _run_early_exit(model, ids, lengths, batch, device, **kw):
+    """Batched early exit over every row, ``batch`` rows at a time: ``(logits [n, C], exit layers [n])``."""
     logits, layers = [], []
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    sync()
-    t0 = time.perf_counter()
     for s in range(0, ids.shape[0], batch):
         b_ids, mask = _batches(ids, lengths, torch.arange(s, min(s + batch, ids.shape[0])), device)
         z, layer = model.early_exit(b_ids, mask, **kw)
         logits.append(z)
         layers.append(layer)
-    sync()
-    return torch.cat(logits), torch.cat(layers), time.perf_counter() - t0
+    return torch.cat(logits), torch.cat(layers)
+
+
+def cost_clock(device):
+    """The clock a pass is charged on: on a CPU the process's CPU time over all its threads (a pass waiting while
+    other jobs hold the cores accrues none, so a shared machine moves it far less than wall time); on a GPU the wall
+    time between synchronisations."""
+    return time.perf_counter if device.type == "cuda" else time.process_time
+
+
+def paired_speedup(model, ids, lengths, batch, device, full, early, rounds=None):
+    """Speed-up of early exit (``model.early_exit(**early)``) over full depth (``**full``) on the same rows, robust
+    to a shared machine: ``rounds`` pairs (``TIMING_ROUNDS``) with the order alternating (full, early), (early,
+    full), ..., each pair's ratio of costs on ``cost_clock``; the median ratio is the speed-up. Returns
+    ``(speed-up, median full-depth seconds, early logits, early exit layers)``."""
+    clock = cost_clock(device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    ratios, fulls = [], []
+    for r in range(rounds or TIMING_ROUNDS):
+        cost = {}
+        for name in (("full", "early") if r % 2 == 0 else ("early", "full")):
+            sync()
+            t0 = clock()
+            out = _run_early_exit(model, ids, lengths, batch, device, **(full if name == "full" else early))
+            sync()
+            cost[name] = max(clock() - t0, 1e-9)
+            if name == "early":
+                z, layer = out
+        ratios.append(cost["full"] / cost["early"])
+        fulls.append(cost["full"])
+    return statistics.median(ratios), statistics.median(fulls), z, layer
+
+
+def speedup_note(speedup, avg_exit_layer, depth):
+    """``"*"`` when a measured speed-up exceeds what the layers allow (``depth / avg_exit_layer``, by 5%): the
+    figure is timing noise, not a speed-up; ``""`` otherwise."""
+    return "*" if speedup > 1.05 * depth / avg_exit_layer else ""
+
+
+NOISE_FOOTNOTE = ("* above the bound the layers set (full depth / average exit layer): timing noise on a busy "
+                  "machine, not a real speed-up")
 
 
 def _candidates(exit_logits, criterion, depth):
@@ -623,7 +664,7 @@ def _score(logits, y, regression):
 def evaluate(a, model, ids, lengths, y, device, log):
     """Every exit's accuracy, the full-depth accuracy and the measured batched early exit at each threshold: the
     report dict. For ``--regression`` the scores are mean squared errors (lower is better)."""
-    from ..calibration import speed_accuracy_curve
+    from ..calibration import exits_at_chance, speed_accuracy_curve
 
     depth = model.config.num_hidden_layers
     batch = a.eval_batch_size
@@ -640,21 +681,24 @@ def evaluate(a, model, ids, lengths, y, device, log):
     full = dict(criterion="patience", patience=0)
     if a.regression:
         full["threshold"] = a.regression_delta
-    _timed_early_exit(model, ids[:batch], lengths[:batch], batch, device, **full)  # warm-up
-    z_full, l_full, t_full = _timed_early_exit(model, ids, lengths, batch, device, **full)
+    _run_early_exit(model, ids[:batch], lengths[:batch], batch, device, **full)  # warm-up
+    z_full, l_full = _run_early_exit(model, ids, lengths, batch, device, **full)
     assert bool((l_full == depth).all())
     acc_full = _score(z_full, y_d, a.regression)
-    rows = [dict(threshold=None, avg_exit_layer=float(depth), layers_saved=0.0, speedup=1.0, accuracy=acc_full,
-                 delta=0.0, seconds=t_full)]
+    rows = [dict(threshold=None, avg_exit_layer=float(depth), layers_saved=0.0, speedup=1.0, speedup_bound=1.0,
+                 above_bound=False, accuracy=acc_full, delta=0.0, seconds=None)]
     for t in _candidates(exits, a.criterion, depth):
         kw = dict(patience=int(t)) if a.criterion == "patience" else dict(threshold=float(t))
         if a.regression:
             kw["threshold"] = a.regression_delta  # PABEE's rule for a regression head: |change| < delta
-        z, layer, sec = _timed_early_exit(model, ids, lengths, batch, device, criterion=a.criterion, **kw)
+        speed, t_full, z, layer = paired_speedup(model, ids, lengths, batch, device, full,
+                                                 dict(criterion=a.criterion, **kw))
         acc = _score(z, y_d, a.regression)
         avg = float(layer.double().mean())
-        rows.append(dict(threshold=t, avg_exit_layer=avg, layers_saved=1 - avg / depth, speedup=t_full / sec,
-                         accuracy=acc, delta=acc - acc_full, seconds=sec))
+        rows.append(dict(threshold=t, avg_exit_layer=avg, layers_saved=1 - avg / depth, speedup=speed,
+                         speedup_bound=depth / avg, above_bound=bool(speedup_note(speed, avg, depth)),
+                         accuracy=acc, delta=acc - acc_full, seconds=t_full / speed))
+        rows[0]["seconds"] = t_full
     curve = speed_accuracy_curve(exits, y_d, criterion=a.criterion) if depth > 1 and not a.regression else None
     log(f"\nbatched early exit on {ids.shape[0]} eval examples ({a.criterion}, {depth} layers, batches of {batch}):")
     log(f"  {'threshold':>9} {'avg exit':>9} {'layers saved':>13} {'speed-up':>9} {metric:>9} {'vs full':>8}")
@@ -662,8 +706,17 @@ def evaluate(a, model, ids, lengths, y, device, log):
         t = "full" if r["threshold"] is None else (f"{r['threshold']:d}" if a.criterion == "patience"
                                                    else f"{r['threshold']:.5g}")
         log(f"  {t:>9} {r['avg_exit_layer']:9.2f} {r['layers_saved']:12.1%} {r['speedup']:8.2f}x "
-            f"{r['accuracy']:9.4f} {r['delta']:+8.4f}")
-    log(f"  (speed-up: wall time of the batched full-depth pass, {t_full:.3f} s, over the early-exit pass)")
+            f"{r['accuracy']:9.4f} {r['delta']:+8.4f}{'  *' if r['above_bound'] else ''}")
+    log(f"  (speed-up: {'wall' if device.type == 'cuda' else 'CPU'} time of the batched full-depth pass over the "
+        f"early-exit pass, the median of {TIMING_ROUNDS} interleaved pairs)")
+    if any(r["above_bound"] for r in rows):
+        log("  " + NOISE_FOOTNOTE)
+    if not a.regression:
+        at_chance, chance = exits_at_chance(exits, y_d)
+        if at_chance:
+            log(f"  warning: off-ramp{'s' if len(at_chance) > 1 else ''} {', '.join(map(str, at_chance))} "
+                f"{'are' if len(at_chance) > 1 else 'is'} at chance (accuracy at most the majority class's share, "
+                f"{chance:.4f}): {'their' if len(at_chance) > 1 else 'its'} exits are guesses")
     return {"criterion": a.criterion, "num_layers": depth, "num_examples": int(ids.shape[0]),
             "device": str(device), "metric": metric, "per_exit_accuracy": per_exit,
             "full_depth_accuracy": acc_full, "rows": rows,
