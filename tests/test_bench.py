@@ -314,7 +314,11 @@ def _stub_bench(monkeypatch, stop_after=None):
             return dict(row, status="skipped", reason="; ".join(case.skip_reasons))
         return dict(row, status="ok", ms=1.0, GBps=1.0, TFLOPs=None, pct_of_floor=1.0)
 
-    monkeypatch.setattr(bench_command, "run_case", run_case)
+    def run_group(cases, device, ceilings, quick, emit, rounds=None):
+        for case in cases:
+            emit(run_case(case, device, ceilings, quick))
+
+    monkeypatch.setattr(bench_command, "run_group", run_group)
     monkeypatch.setattr(bench_command, "measure_ceilings", lambda device, quick: {"launch_us": 1.0})
     monkeypatch.setattr(bench_command, "write_plots", lambda out, rows: [])
     monkeypatch.setattr(bench_command, "write_seqlen_plots", lambda out, rows: [])
