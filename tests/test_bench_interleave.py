@@ -68,9 +68,9 @@ def test_run_group_interleaves_checks_and_records_load(monkeypatch):
     monkeypatch.setattr(timing, "MIN_ROUNDS", 3)
     rows = runner.run_group(cases, torch.device("cpu"), {"launch_us": 1.0, "copy_GBps": 1.0}, True,
                             emitted.append, rounds=3)
-    assert rows == emitted and [r["provider"] for r in rows] == ["B", "A", "C"]  # the skipped one is settled first
-    assert rows[0]["status"] == "skipped" and rows[0]["reason"] == "not here"
-    for r in rows[1:]:
+    assert rows == emitted and [r["provider"] for r in rows] == ["A", "B", "C"]  # the cases' order
+    assert rows[1]["status"] == "skipped" and rows[1]["reason"] == "not here"
+    for r in (rows[0], rows[2]):
         assert r["status"] == "ok" and r["timing"] == "interleaved" and r["rounds"] == 3
         assert r["loadavg_1min"] >= 0 and "cpu_ms" in r and isinstance(r["noisy"], bool)
     # check, warm-up (two calls each), then one call of each per round

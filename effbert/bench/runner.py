@@ -192,40 +192,34 @@ def groups(cases):
 
 
 def run_group(cases, device, ceilings, quick, emit=None, rounds=None):
-    """The rows of one group's cases, each passed to ``emit`` as soon as it is settled. On the CPU the providers
-    that pass their check are timed interleaved (``timing.interleave``) and each row gets the median of its
-    rounds, its process CPU time, the spread, the noisy flag and the 1-minute load average while it ran; elsewhere
-    each case is timed on its own (``run_case``)."""
-    rows = []
-
-    def out(row):
-        rows.append(row)
+    """The rows of one group's cases, in the cases' order, each passed to ``emit``. On the CPU the providers that
+    pass their check are timed interleaved (``timing.interleave``) and each row gets the median of its rounds, its
+    process CPU time, the spread, the noisy flag and the 1-minute load average while it ran; elsewhere each case is
+    timed on its own (``run_case``) and emitted as soon as it is."""
+    if device.type != "cpu":
+        rows = []
+        for case in cases:
+            rows.append(run_case(case, device, ceilings, quick))
+            if emit is not None:
+                emit(rows[-1])
+        return rows
+    prepared = [(case, *_prepare(case, device)) for case in cases]
+    ready = [(case, row, step) for case, row, step in prepared if step is not None]
+    if ready:
+        load_before = os.getloadavg()[0]
+        wall, cpu, errors = timing.interleave([step for _, _, step in ready], quick=quick, rounds=rounds)
+        load = max(load_before, os.getloadavg()[0])
+        for i, (case, row, _) in enumerate(ready):
+            if i in errors:
+                _error(row, errors[i])
+                continue
+            row.update(status="ok", timing="interleaved", samples=len(wall[i]), loadavg_1min=load,
+                       **timing.summarize(wall[i], cpu[i]))
+            _finish(case, row, ceilings)
+    rows = [row for _, row, _ in prepared]
+    for row in rows:
         if emit is not None:
             emit(row)
-
-    if device.type != "cpu":
-        for case in cases:
-            out(run_case(case, device, ceilings, quick))
-        return rows
-    ready = []
-    for case in cases:
-        row, step = _prepare(case, device)
-        if step is None:
-            out(row)
-        else:
-            ready.append((case, row, step))
-    if not ready:
-        return rows
-    load_before = os.getloadavg()[0]
-    wall, cpu, errors = timing.interleave([step for _, _, step in ready], quick=quick, rounds=rounds)
-    load = max(load_before, os.getloadavg()[0])
-    for i, (case, row, _) in enumerate(ready):
-        if i in errors:
-            out(_error(row, errors[i]))
-            continue
-        row.update(status="ok", timing="interleaved", samples=len(wall[i]), loadavg_1min=load,
-                   **timing.summarize(wall[i], cpu[i]))
-        out(_finish(case, row, ceilings))
     return rows
 
 
