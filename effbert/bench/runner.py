@@ -33,6 +33,8 @@ def environment(device):
         "effbert": effbert.__version__,
         "python": platform.python_version(),
         "git_commit": _git_commit(),
+        # the 1, 5 and 15-minute load averages when the run started: other work on the machine while it timed
+        "loadavg": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
     }
     try:
         import triton
@@ -97,46 +99,128 @@ def _rel_error(out, ref):
     return float((out64[finite] - ref64[finite]).norm() / ref64[finite].norm().clamp_min(1e-30))
 
 
-def run_case(case, device, ceilings, quick):
+def _prepare(case, device):
+    """A case's row so far and its timed step (rotating its input sets), or ``(row, None)`` when the row is
+    settled already: skipped, wrong, or raised before timing."""
     row = {"op": case.op, "shape": case.shape, "dtype": case.dtype, "mode": case.mode, "provider": case.provider,
            "key": case.key, "bytes": case.bytes, "flops": case.flops, "baseline": case.baseline}
     if case.skip_reasons:
         row.update(status="skipped", reason="; ".join(case.skip_reasons))
-        return row
+        return row, None
     try:
         first = case.make_inputs()
-        if case.check:
+        if case.check and case.atol is not None:
+            out, ref = case.fn(*first), case.reference(*first)
+            diff = float((out.detach().double().cpu() - ref.detach().double().cpu()).abs().max())
+            row["max_abs_diff"] = diff
+            if not diff <= case.atol:
+                row.update(status="wrong", reason=f"max abs diff {diff:.2e} > {case.atol:.0e}; not timed")
+                return row, None
+        elif case.check:
             err = _rel_error(case.fn(*first), case.reference(*first))
             row["rel_error"] = err
             if not err <= case.rtol:
                 row.update(status="wrong", reason=f"relative error {err:.2e} > {case.rtol:.0e}; not timed")
-                return row
+                return row, None
         sets = [first] + [case.make_inputs() for _ in range(timing.rotation_count(case.bytes, device) - 1)]
-        state = {"i": 0}
+    except Exception as exc:  # a provider that breaks is reported in the table, not fatal to the run
+        return _error(row, exc), None
+    row["input_sets"] = len(sets)
+    state = {"i": 0}
 
-        def step():
-            inputs = sets[state["i"] % len(sets)]
-            state["i"] += 1
-            return case.fn(*inputs)
+    def step():
+        inputs = sets[state["i"] % len(sets)]
+        state["i"] += 1
+        return case.fn(*inputs)
 
+    return row, step
+
+
+def _error(row, exc):
+    row.update(status="error", reason=f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}")
+    return row
+
+
+def _finish(case, row, ceilings):
+    """A timed row's figures beyond its time: note, tokens/s, rates and floor."""
+    # a case that sets itself up lazily (in make_inputs) knows its FLOPs and note only now
+    row["flops"] = case.flops
+    note = case.note
+    if "max_abs_diff" in row:
+        note = "; ".join(filter(None, [note, f"max abs diff {row['max_abs_diff']:.1e} (<= {case.atol:g})"]))
+    if row.get("noisy"):
+        note = "; ".join(filter(None, [note, f"NOISY: rounds spread {row['spread']:.2f}x"]))
+    if note:
+        row["note"] = note
+    if case.ratio_target:
+        row["ratio_target"] = case.ratio_target
+    if case.tokens:
+        row["tokens_per_s"] = case.tokens / row["ms"] * 1e3
+    row.update(row_rates(row["ms"], case.flops, case.bytes, ceilings, case.dtype, case.work_flops, case.work_bytes))
+    return row
+
+
+def run_case(case, device, ceilings, quick):
+    """One case timed on its own (the GPU path: ``triton.testing.do_bench``, twice)."""
+    row, step = _prepare(case, device)
+    if step is None:
+        return row
+    try:
         # Two independent timings: their disagreement is the noise a later --compare must see past.
         ms_a, spread, n = timing.time_fn(step, device, quick=quick)
         ms_b, _, _ = timing.time_fn(step, device, quick=quick)
-    except Exception as exc:  # a provider that breaks is reported in the table, not fatal to the run
-        row.update(status="error", reason=f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}")
-        return row
+    except Exception as exc:
+        return _error(row, exc)
     ms = min(ms_a, ms_b)
-    # a case that sets itself up lazily (in make_inputs) knows its FLOPs and note only now
-    row["flops"] = case.flops
-    if case.note:
-        row["note"] = case.note
-    if case.ratio_target:
-        row["ratio_target"] = case.ratio_target
-    row.update(status="ok", ms=ms, noise=abs(ms_a - ms_b) / ms, spread=spread, samples=n, input_sets=len(sets))
-    if case.tokens:
-        row["tokens_per_s"] = case.tokens / ms * 1e3
-    row.update(row_rates(ms, case.flops, case.bytes, ceilings, case.dtype, case.work_flops, case.work_bytes))
-    return row
+    row.update(status="ok", ms=ms, noise=abs(ms_a - ms_b) / ms, spread=spread, samples=n)
+    return _finish(case, row, ceilings)
+
+
+def group_key(case):
+    return case.op, case.shape, case.dtype, case.mode
+
+
+def groups(cases):
+    """Consecutive cases of one (op, shape, dtype, mode): the providers timed against each other."""
+    out = []
+    for case in cases:
+        if out and group_key(out[-1][0]) == group_key(case):
+            out[-1].append(case)
+        else:
+            out.append([case])
+    return out
+
+
+def run_group(cases, device, ceilings, quick, emit=None, rounds=None):
+    """The rows of one group's cases, in the cases' order, each passed to ``emit``. On the CPU the providers that
+    pass their check are timed interleaved (``timing.interleave``) and each row gets the median of its rounds, its
+    process CPU time, the spread, the noisy flag and the 1-minute load average while it ran; elsewhere each case is
+    timed on its own (``run_case``) and emitted as soon as it is."""
+    if device.type != "cpu":
+        rows = []
+        for case in cases:
+            rows.append(run_case(case, device, ceilings, quick))
+            if emit is not None:
+                emit(rows[-1])
+        return rows
+    prepared = [(case, *_prepare(case, device)) for case in cases]
+    ready = [(case, row, step) for case, row, step in prepared if step is not None]
+    if ready:
+        load_before = os.getloadavg()[0]
+        wall, cpu, errors = timing.interleave([step for _, _, step in ready], quick=quick, rounds=rounds)
+        load = max(load_before, os.getloadavg()[0])
+        for i, (case, row, _) in enumerate(ready):
+            if i in errors:
+                _error(row, errors[i])
+                continue
+            row.update(status="ok", timing="interleaved", samples=len(wall[i]), loadavg_1min=load,
+                       **timing.summarize(wall[i], cpu[i]))
+            _finish(case, row, ceilings)
+    rows = [row for _, row, _ in prepared]
+    for row in rows:
+        if emit is not None:
+            emit(row)
+    return rows
 
 
 def row_rates(ms, flops, nbytes, ceilings, dtype, work_flops=None, work_bytes=None):

@@ -1,9 +1,20 @@
-"""Timing with the discipline of DESIGN.md: warm up, rotate inputs larger than the cache, take the median."""
+"""Timing with the discipline of DESIGN.md: warm up, rotate inputs larger than the cache, take the median.
+
+On the CPU, the providers of one shape are timed interleaved (``interleave``: round by round, one call of each per
+round), so that load from other processes, which comes and goes over seconds, falls on every provider alike and the
+ratios of their medians stay honest; timing them one after another in blocks let a loaded machine report 1.89x for
+0.95x. Beside the wall time each call's process CPU time is recorded (``time.process_time``: it counts every
+thread of the process, the runtimes' worker threads included).
+"""
 
 import statistics
 import time
 
 import torch
+
+NOISY_SPREAD = 1.25  # a timed row whose middle half of rounds spans more than this (max/min) is marked noisy
+MIN_ROUNDS = 5  # interleaved rounds at least, however long a call takes (`effbert bench --rounds` raises it)
+CPU_CLOCK = "process_time"  # the CPU-time clock of interleaved rows, named in their JSON
 
 
 def rotation_count(bytes_per_set, device, cache_bytes=None):
@@ -35,8 +46,73 @@ def time_fn(fn, device, *, quick=False):
             fn()
             times.append((time.perf_counter() - t0) * 1e3)
         times.sort()
+    return statistics.median(times), spread(times), len(times)
+
+
+def spread(times):
+    """max/min of the middle half of ``times``: how much the typical samples disagree."""
+    times = sorted(times)
     mid = times[len(times) // 4: max(len(times) // 4 + 1, 3 * len(times) // 4)]
-    return statistics.median(times), (mid[-1] / mid[0] if mid[0] > 0 else 1.0), len(times)
+    return mid[-1] / mid[0] if mid[0] > 0 else 1.0
+
+
+def interleave(fns, *, quick=False, rounds=None, budget_s=None, min_block_s=1e-3):
+    """Time ``fns`` round by round (A B C A B C ...): each round times every fn once, in order, after warm-up
+    calls. Runs ``rounds`` rounds when given, else at least MIN_ROUNDS and then until ``budget_s`` (default 0.5 s
+    per fn, 0.05 s with ``quick``) is spent, at most 1000. A fn faster than ``min_block_s`` is called in a block of
+    back-to-back calls per round (sized in the warm-up) and the round records the block's time per call: the
+    clocks' own cost and resolution would otherwise be what is measured.
+
+    Returns ``(wall, cpu, errors)``: per fn the list of wall milliseconds and of process CPU milliseconds per call,
+    one per round, and ``{index: exception}`` for fns that raised (dropped from later rounds, so one broken
+    provider does not stop the others being timed)."""
+    errors = {}
+    wall, cpu = [[] for _ in fns], [[] for _ in fns]
+    reps = [1] * len(fns)
+
+    def call(i):
+        if i in errors:
+            return None
+        try:
+            c0, t0 = time.process_time(), time.perf_counter()
+            for _ in range(reps[i]):
+                fns[i]()
+            t1, c1 = time.perf_counter(), time.process_time()
+        except Exception as exc:  # reported in that provider's row
+            errors[i] = exc
+            return None
+        return (t1 - t0) * 1e3 / reps[i], (c1 - c0) * 1e3 / reps[i]
+
+    for i in range(len(fns)):  # warm-up (first-call costs: allocation, lazy imports, compilation), then block size
+        once = call(i)
+        if once is not None and once[0] < 10 * min_block_s * 1e3:  # maybe fast: a second call to size the block
+            once = call(i)
+        if once is not None and once[0] > 0:
+            reps[i] = int(min(10000, max(1, min_block_s * 1e3 / once[0])))
+    if budget_s is None:
+        budget_s = (0.05 if quick else 0.5) * len(fns)
+    done, start = 0, time.perf_counter()
+    while (done < rounds if rounds is not None
+           else done < MIN_ROUNDS or (time.perf_counter() - start < budget_s and done < 1000)):
+        for i in range(len(fns)):
+            got = call(i)
+            if got is not None:
+                wall[i].append(got[0])
+                cpu[i].append(got[1])
+        done += 1
+        if len(errors) == len(fns):
+            break
+    return wall, cpu, errors
+
+
+def summarize(wall, cpu):
+    """A provider's interleaved figures: median wall and CPU ms, the spread, the noisy flag, and ``noise``, the
+    disagreement of the medians of the even and the odd rounds (what ``--compare`` must see past)."""
+    ms = statistics.median(wall)
+    halves = [statistics.median(wall[k::2]) for k in (0, 1)] if len(wall) > 1 else [ms, ms]
+    s = spread(wall)
+    return {"ms": ms, "cpu_ms": statistics.median(cpu), "cpu_clock": CPU_CLOCK, "rounds": len(wall),
+            "spread": s, "noisy": s > NOISY_SPREAD, "noise": abs(halves[0] - halves[1]) / ms if ms > 0 else 0.0}
 
 
 def synchronize(device):
@@ -46,7 +122,10 @@ def synchronize(device):
 
 def measure_ceilings(device, *, quick=False):
     """The device's launch floor, copy bandwidth (bytes read + written) and matrix rates, measured now on random
-    data."""
+    data. On the CPU they are timed interleaved and each takes its best round: load from other processes can only
+    make a round slower, and a ceiling measured too low would put rows above 100% of their floor."""
+    if device.type == "cpu":
+        return _cpu_ceilings(quick)
     out = {}
     # The cheapest op a Python caller can launch: a floor for cases too small for bytes or FLOPs to matter.
     one = torch.zeros(1, device=device)
@@ -71,4 +150,25 @@ def measure_ceilings(device, *, quick=False):
         finally:
             torch.backends.cuda.matmul.allow_tf32 = prev
         out[f"{str(dtype).replace('torch.', '')}_matmul_TFLOPs"] = 2 * size**3 / ms / 1e9
+    return out
+
+
+def _cpu_ceilings(quick, rounds=None):
+    one = torch.zeros(1)
+    n = 64 << 20
+    src, dst = torch.randn(n // 4), torch.empty(n // 4)
+    size = {torch.float32: 1024, torch.bfloat16: 512}
+    mats = {dtype: (torch.randn(s // (2 if quick else 1), s // (2 if quick else 1), dtype=dtype),) * 2
+            for dtype, s in size.items()}
+    fns = {"launch_us": lambda: one.add_(1.0), "copy_GBps": lambda: dst.copy_(src)}
+    fns.update({f"{str(d).replace('torch.', '')}_matmul_TFLOPs": (lambda a=a, b=b: a @ b) for d, (a, b) in mats.items()})
+    wall, _, errors = interleave(list(fns.values()), quick=quick, rounds=rounds)
+    if errors:
+        raise next(iter(errors.values()))
+    best = dict(zip(fns, (min(w) for w in wall)))
+    out = {"launch_us": best["launch_us"] * 1e3, "copy_GBps": 2 * n / best["copy_GBps"] / 1e6}
+    for dtype, (a, _) in mats.items():
+        key = f"{str(dtype).replace('torch.', '')}_matmul_TFLOPs"
+        out[key] = 2 * a.shape[0] ** 3 / best[key] / 1e9
+    out["threads"] = torch.get_num_threads()  # the matrix rates are at this many threads
     return out

@@ -1,12 +1,13 @@
 """``effbert bench``: the microbenchmark suite (the cases live in :mod:`effbert.bench`).
 
     effbert bench [--op NAME] [--quick] [--headline | --rest [--after HEADLINE.json]] [--out DIR]
-                  [--compare OLD.json] [--budget SECONDS]
+                  [--compare OLD.json] [--budget SECONDS] [--rounds N]
     effbert bench --index benchmarks/results     # regenerate benchmarks/RESULTS.md from the committed runs
 """
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -14,8 +15,8 @@ from pathlib import Path
 import torch
 
 from ..bench.runner import (BUDGET_SKIP, _progress, add_speedups, collect_cases, compare, environment,
-                            format_tables, run_case, select, settled_keys, write_index, write_markdown, write_plots,
-                            write_seqlen_plots)
+                            format_tables, groups, run_group, select, settled_keys, write_index, write_markdown,
+                            write_plots, write_seqlen_plots)
 from ..bench.timing import measure_ceilings
 from . import UsageError, check_out_dir
 
@@ -40,10 +41,15 @@ def main(argv=None):
     parser.add_argument("--budget", type=float, default=None, metavar="SECONDS",
                         help="stop starting cases this long after the command started; the rest are listed as "
                              "skipped, and the files are written all the same")
+    parser.add_argument("--rounds", type=int, default=None, metavar="N",
+                        help="on the CPU: exactly N interleaved rounds per shape (default: at least 5, then until "
+                             "0.5 s per provider is spent)")
     started = time.monotonic()  # --budget counts from here: the ceilings and the setup are part of the run
     args = parser.parse_args(argv)
     if args.budget is not None and not args.budget > 0:
         parser.error(f"--budget must be a positive number of seconds, got {args.budget}")
+    if args.rounds is not None and args.rounds < 1:
+        parser.error(f"--rounds must be at least 1, got {args.rounds}")
     if args.index:
         if not Path(args.index).is_dir():
             parser.error(f"--index must be a folder of result JSON files, got {args.index!r}")
@@ -92,15 +98,24 @@ def main(argv=None):
     ceilings = result["ceilings"] = measure_ceilings(device, quick=args.quick)
     _write(out, result)
     rows = result["cases"]
-    for case in _progress(cases, not args.no_progress):
-        spent = not case.skip_reasons and args.budget is not None and time.monotonic() - started > args.budget
-        if spent:
-            case.skip_reasons = [f"the run's --budget of {args.budget:g} s was spent"]
-        rows.append(run_case(case, device, ceilings, args.quick))
-        if spent:
-            rows[-1]["skipped_for"] = BUDGET_SKIP  # a later --rest --after this file runs it
+    budget_skipped = set()
+
+    def emit(row):
+        if row["key"] in budget_skipped:
+            row["skipped_for"] = BUDGET_SKIP  # a later --rest --after this file runs it
+        rows.append(row)
         add_speedups(rows)
         _write(out, result)  # after every case: a run stopped from outside still leaves what it measured
+
+    # the providers of one shape go together: on the CPU they are timed interleaved, against each other
+    for group in _progress(groups(cases), not args.no_progress):
+        spent = args.budget is not None and time.monotonic() - started > args.budget
+        for case in group:
+            if spent and not case.skip_reasons:
+                case.skip_reasons = [f"the run's --budget of {args.budget:g} s was spent"]
+                budget_skipped.add(case.key)
+        run_group(group, device, ceilings, args.quick, emit, rounds=args.rounds)
+    result["loadavg_end"] = list(os.getloadavg())
     result["complete"] = True
     if args.compare:
         result["compare"] = {"against": str(args.compare), "cases": compare(rows, args.compare)}
