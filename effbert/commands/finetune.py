@@ -20,8 +20,9 @@ classifier frozen). RomeBERT's gradient regularization (``--grad-reg``/``--proje
 is the Trainer's ``training_step``. docs/finetune.md says which published setting each option reproduces.
 
 On ``--eval``: every exit's accuracy (MSE for ``--regression``), then for a range of thresholds of ``--criterion`` the
-batched early exit's average exit layer, layers saved, measured speed-up (wall time against a full-depth pass of the
-same batched loop) and accuracy, printed as a table and written to ``DIR/report.json`` and ``DIR/report.png`` (with
+batched early exit's average exit layer, layers saved, measured speed-up (CPU time on a CPU, wall time on a GPU,
+against a full-depth pass of the same batched loop: the median of interleaved pairs, marked when above the bound the
+layers set) and accuracy, printed as a table and written to ``DIR/report.json`` and ``DIR/report.png`` (with
 matplotlib). ``DIR`` is a ``save_pretrained`` folder (``config.json``, ``model.safetensors``, the tokenizer files)
 plus ``finetune.json``: ``AutoModelForSequenceClassification.from_pretrained(DIR)`` loads the multi-exit model, and
 ``load_finetuned(DIR)`` gives it with its tokenizer, labels and settings for ``model.early_exit``.
