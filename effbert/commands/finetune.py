@@ -995,12 +995,17 @@ def run(a, log):
                      os.path.join(a.out, SETTINGS_FILE))
         log(f"effbert finetune on {device}: {len(train_texts)} training examples, labels {labels}, "
             f"{model.config.num_hidden_layers} layers, hidden {model.config.hidden_size}")
+    def distributed():
+        return torch.distributed.is_available() and torch.distributed.is_initialized()
+
     try:
         model, losses, trainer = train(a, model, tokenizer, train_ds, device, backend, log)
+        if distributed():
+            torch.distributed.barrier()  # every process is here before any leaves the group
     finally:
-        # every process leaves the group once training is over (as pretrain does): a process that exits with its
-        # group alive while the first one still saves and evaluates aborted at its shutdown under torchrun
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
+        # every process leaves the group once training is over, as pretrain does: a process that exited with its
+        # group alive while the first one still saved and evaluated aborted at its shutdown under torchrun
+        if distributed():
             torch.distributed.destroy_process_group()
     if not _main_process():  # (the process group is gone: Trainer is not asked)
         return model, None
