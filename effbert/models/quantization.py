@@ -83,7 +83,8 @@ def quantize_for_cpu(model, dtype=torch.qint8, *, engine=None, keep_float=KEEP_F
         ValueError: ``model`` has a parameter off the CPU (CUDA: dynamic quantisation has CPU kernels only) or not
             fp32, or is in training mode; ``engine`` is not supported here; no linear layer is left to quantise.
 
-    Source: PyTorch's dynamic quantisation (``torch.ao.quantization.quantize_dynamic``, ``per_channel_dynamic_qconfig``).
+    Source: PyTorch's dynamic quantisation (``torch.ao.quantization.quantize_dynamic`` with
+    ``per_channel_dynamic_qconfig``; https://pytorch.org/docs/stable/quantization.html).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
