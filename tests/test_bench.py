@@ -39,6 +39,10 @@ def test_bad_arguments_are_rejected(tmp_path, capsys):
     with pytest.raises(SystemExit):
         bench_command.main(["--budget", "0", "--out", str(tmp_path)])
     assert "--budget" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        bench_command.main(["--op", "exit_entropy", "--quick", "--providers", "nope", "--out", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert "--providers names no provider" in err and "'nope'" in err
     # an --out or --compare the run could not use is refused before it measures anything, not after
     (tmp_path / "file").write_text("x")
     (tmp_path / "cut.json").write_text('{"cases": [')
