@@ -206,3 +206,21 @@ def test_bf16_cpu_attention_error_is_at_most_twice_the_eager_bf16_error(n):
     assert out.dtype == torch.bfloat16
     err, eager_err = (float((t.double() - ref).abs().max()) for t in (out, eager))
     assert err <= 2 * eager_err + 1e-6, (err, eager_err)
+
+
+def test_int8_multi_exit_bert_on_transformers_layers_keeps_early_exit():
+    transformers = pytest.importorskip("transformers")
+    from effbert.integrations.hf import multi_exit_bert
+
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(vocab_size=200, hidden_size=64, num_hidden_layers=3, num_attention_heads=4,
+                                  intermediate_size=128)
+    model = multi_exit_bert(transformers.BertModel(cfg), num_labels=3).eval()
+    q = quantize_for_cpu(model)
+    assert any(type(m) is QLinear for m in q.modules()) and not any(type(m) is QLinear for m in model.modules())
+    ids, mask = _batch()
+    for threshold, layer in ((0.0, 3), (10.0, 1)):
+        ref, ref_layer = model.early_exit(ids, mask, criterion="entropy", threshold=threshold)
+        got, got_layer = q.early_exit(ids, mask, criterion="entropy", threshold=threshold)
+        assert got_layer.tolist() == ref_layer.tolist() == [layer] * 5
+        assert float((got - ref).abs().max()) < 0.01

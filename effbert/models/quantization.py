@@ -72,7 +72,9 @@ def quantize_for_cpu(model, dtype=torch.qint8, *, engine=None, keep_float=KEEP_F
             ``torch.backends.quantized.engine``). The packed weights keep their engine's kernels; the global
             setting is restored afterwards.
         keep_float: names (the last part of a module's name: ``"output"``, ``"intermediate"``, ``"qkv"``, ...) of
-            linear layers to leave in fp32; ``()`` quantises every linear but the positional projections.
+            linear layers to leave in fp32; ``()`` quantises every linear but the positional projections. The
+            default names effbert's own layer (``TupeBertLayer.output``); a model built on transformers' layers
+            (``multi_exit_bert``: ``...output.dense``) has every linear quantised by it.
 
     Returns: the quantised copy, in eval mode. For inference only: not trainable, CPU only, saved with
     ``torch.save`` (its state dict holds packed weights, not a transformers checkpoint).
