@@ -151,6 +151,13 @@ def test_bf16_runs_on_the_cpu_backend_in_inference_and_follows_fp32():
         assert exit_layer.tolist() == [1] * 5 and logits.dtype == torch.bfloat16
         logits, exit_layer = low.early_exit(ids, mask, criterion="patience", patience=2)
         assert logits.shape == (5, 3)
+    # token-level exit: the subset attention's CPU path in bf16 (forward only)
+    torch.manual_seed(0)
+    tok = TupeBertForTokenClassification(_config(multi_exit=True)).eval()
+    ref = tok.early_exit_token_labels(ids, mask, thresholds=0.0)
+    got = tok.to(torch.bfloat16).early_exit_token_labels(ids, mask, thresholds=0.0)
+    assert got.logits.dtype == torch.bfloat16 and torch.equal(got.exit_layer, ref.exit_layer)
+    assert float((got.logits.float() - ref.logits).abs().max()) < 0.05
 
 
 def _license_sentences(count=16):
