@@ -39,6 +39,10 @@ def test_bad_arguments_are_rejected(tmp_path, capsys):
     with pytest.raises(SystemExit):
         bench_command.main(["--budget", "0", "--out", str(tmp_path)])
     assert "--budget" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        bench_command.main(["--op", "exit_entropy", "--quick", "--providers", "nope", "--out", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert "--providers names no provider" in err and "'nope'" in err
     # an --out or --compare the run could not use is refused before it measures anything, not after
     (tmp_path / "file").write_text("x")
     (tmp_path / "cut.json").write_text('{"cases": [')
@@ -183,7 +187,11 @@ def test_cpu_inference_cases_compare_the_models_and_report_layers_saved():
 
     cases = bench.cases(torch.device("cpu"), quick=True)
     assert {c.provider for c in cases} == {"hf-sdpa", "hf-compile", "onnxruntime", "openvino", "effbert",
-                                           "effbert-early-exit", "hf-sdpa-patched"}
+                                           "effbert-early-exit", "hf-sdpa-patched", "onnxruntime-int8",
+                                           "effbert-int8", "effbert-bf16"}
+    # the low-precision rows share their shape's dtype column (timed interleaved with fp32) and check by cosine
+    lowp = [c for c in cases if c.provider in ("onnxruntime-int8", "effbert-int8", "effbert-bf16")]
+    assert all(c.dtype == "float32" and c.min_cosine and c.atol for c in lowp)
     assert all(c.op == "cpu_inference" and c.baseline == "hf-sdpa" for c in cases)
     # FLOPs by hand: hidden 64, FFN 128, N 32, one sequence of 32 tokens
     assert bench.layer_flops([32], 64, 128, 32, True) == 2 * 32 * (4 * 64 * 64 + 2 * 64 * 128) + 4 * 32 * 32 * 64
@@ -203,10 +211,15 @@ def test_cpu_inference_cases_compare_the_models_and_report_layers_saved():
     ids, mask, lengths = bench.make_batch([7, 3, 5], 1000, seed=4)
     assert ids.shape == (3, 7) and (mask.sum(1) == lengths).all() and (ids[mask == 0] == 0).all()
     for case in cases:
-        if case.provider not in ("effbert", "effbert-early-exit") or case.shape.startswith("all-MiniLM"):
+        if case.provider not in ("effbert", "effbert-early-exit", "effbert-int8", "effbert-bf16") \
+                or case.shape.startswith("all-MiniLM"):
             continue
         inputs = case.make_inputs()
         out, ref = case.fn(*inputs), case.reference(*inputs)
+        if case.provider in ("effbert-int8", "effbert-bf16"):  # loose bounds; the runner notes the figures
+            assert out.dtype == torch.float32 and (out - ref).abs().max() <= case.atol
+            assert torch.nn.functional.cosine_similarity(out.double(), ref.double(), dim=-1).min() >= 0.99
+            continue
         assert (out.double() - ref.double()).norm() <= case.rtol * ref.double().norm()
         if case.provider == "effbert-early-exit":
             assert "average exit" in case.note and 0 < case.flops
@@ -461,3 +474,25 @@ def test_index_takes_each_op_from_the_newest_run_that_measured_it(tmp_path):
     (results / "b_new" / "bench.json").unlink()  # without the newer run, every op comes from the older one
     again = write_index(results).read_text()
     assert "b_new" not in again and all(f"### {op}\n" in again for op in ops)
+
+
+def test_a_low_precision_row_is_checked_by_cosine_and_noted():
+    import torch
+
+    from effbert.bench import runner
+    from effbert.bench.case import Case
+
+    ref = torch.tensor([[1.0, 0.0], [0.0, 2.0]])
+
+    def case(out, **kw):
+        return Case(op="x", shape="s", dtype="float32", mode="forward", provider="p", fn=lambda: out,
+                    make_inputs=lambda: (), reference=lambda: ref, bytes=0, flops=0, atol=2.0, min_cosine=0.99,
+                    **kw)
+
+    row, step = runner._prepare(case(ref + 0.01), torch.device("cpu"))
+    assert step is not None and row["min_cosine"] > 0.99 and row["max_abs_diff"] == pytest.approx(0.01)
+    row.update(ms=1.0)
+    ceilings = {"copy_GBps": 1.0, "launch_us": 1.0}
+    assert "cosine >= 1.0000 per token (>= 0.99)" in runner._finish(case(ref + 0.01), row, ceilings)["note"]
+    row, step = runner._prepare(case(torch.tensor([[1.0, 1.0], [0.0, 2.0]])), torch.device("cpu"))
+    assert step is None and row["status"] == "wrong" and "cosine 0.7071 < 0.99" in row["reason"]

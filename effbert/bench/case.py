@@ -32,6 +32,10 @@ class Case:
     # when set, the check is the largest absolute difference from ``reference`` (a peer runtime against transformers'
     # eager output, in the same precision), given in the row's note; the row fails above it
     atol: Optional[float] = None
+    # a lower-precision provider (int8, bf16) against the fp32 output: the smallest cosine similarity of an output
+    # row (a token's hidden state) with the reference's, given in the note beside the max abs difference (which
+    # ``atol`` then bounds loosely); the row fails below it
+    min_cosine: Optional[float] = None
 
     @property
     def key(self):

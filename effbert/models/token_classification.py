@@ -263,7 +263,7 @@ class TupeBertForTokenClassification(TupeBertPreTrainedModel):
                 raise ValueError("label_mask must not mark padding (attention_mask 0) as labelled")
         labels_out = torch.full((b * n,), -100, dtype=torch.int64, device=device)
         layers_out = torch.zeros(b * n, dtype=torch.int64, device=device)
-        dtype = self.exits[0].weight.dtype
+        dtype = self.bert.embeddings.word_embeddings.weight.dtype  # exits may be quantised linears (no .weight)
         logits_out = torch.zeros(b * n, self.config.num_labels, dtype=dtype, device=device)
         if b == 0:
             return TokenExitOutput(labels=labels_out.view(b, n), exit_layer=layers_out.view(b, n), token_layers=0,

@@ -113,6 +113,8 @@ class TupeSelfAttention(nn.Module):
         on row blocks of the fused weight (views, no copy): on few tokens the three are faster than one three times
         as wide (5% at 128 tokens with MKL on two cores; equal from about 600 tokens), and the CPU attention takes
         the three outputs as they are."""
+        if type(self.qkv) is not nn.Linear:  # a quantised linear (quantize_for_cpu): one int8 GEMM, no weights to cut
+            return self.qkv(hidden).unflatten(-1, (3, -1)).unbind(-2)
         if hidden.device.type == "cpu" and not (torch.is_grad_enabled() and (
                 hidden.requires_grad or self.qkv.weight.requires_grad)):
             w, bias = self.qkv.weight.chunk(3), (self.qkv.bias.chunk(3) if self.qkv.bias is not None else (None,) * 3)
@@ -168,12 +170,17 @@ class TupeSelfAttention(nn.Module):
         for name, x in (("hidden_q", hidden_q), ("hidden_kv", hidden_kv)):
             if x.dim() != 2 or x.shape[-1] != width:
                 raise ValueError(f"{name} must be [T, {width}], got {tuple(x.shape)}")
-        w = self.qkv.weight.chunk(3)
-        bias = self.qkv.bias.chunk(3) if self.qkv.bias is not None else (None,) * 3
-        # Q for the active tokens only; K and V for all of them
-        q = nn.functional.linear(hidden_q, w[0], bias[0]).view(-1, self.num_heads, self.head_dim)
-        k, v = (nn.functional.linear(hidden_kv, w[i], bias[i]).view(-1, self.num_heads, self.head_dim)
-                for i in (1, 2))
+        if type(self.qkv) is nn.Linear:
+            w = self.qkv.weight.chunk(3)
+            bias = self.qkv.bias.chunk(3) if self.qkv.bias is not None else (None,) * 3
+            # Q for the active tokens only; K and V for all of them
+            q = nn.functional.linear(hidden_q, w[0], bias[0]).view(-1, self.num_heads, self.head_dim)
+            k, v = (nn.functional.linear(hidden_kv, w[i], bias[i]).view(-1, self.num_heads, self.head_dim)
+                    for i in (1, 2))
+        else:  # a quantised linear (quantize_for_cpu) has no float weight rows to cut: the fused int8 GEMM, sliced
+            q = self.qkv(hidden_q)[:, :width].reshape(-1, self.num_heads, self.head_dim)
+            k, v = (x.reshape(-1, self.num_heads, self.head_dim)
+                    for x in self.qkv(hidden_kv)[:, width:].chunk(2, -1))
         scale = self.scale
         if scale is None:
             scale = 1.0 / math.sqrt((2 if pos_bias is not None else 1) * self.head_dim)

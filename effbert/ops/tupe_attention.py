@@ -26,14 +26,27 @@ def _preference(device):
     return ("cpu", "eager") if device.type == "cpu" else ("eager",)
 
 
-def _reasons(q):
+CPU_DTYPES = (torch.float32, torch.float64)  # the CPU path's dtypes with autograd
+CPU_INFERENCE_DTYPES = CPU_DTYPES + (torch.bfloat16,)  # ... and in inference (no gradient wanted)
+
+
+def _wants_grad(*tensors):
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def _reasons(q, wants_grad=None):
+    """``wants_grad``: whether the call builds a graph (None: ``q`` alone decides)."""
+    if wants_grad is None:
+        wants_grad = _wants_grad(q)
+
     def reasons(name):
         if name == "cuda":
             return ["no cuda kernel for tupe_attention (Triton on CUDA)"]
         if name == "cpu":  # PyTorch's fused CPU attention per sequence (_tupe_attention_cpu)
-            if q.dtype not in (torch.float32, torch.float64):
-                return [f"the CPU path takes fp32/fp64 (pos_bias gradients accumulate in the input dtype), got "
-                        f"{str(q.dtype).replace('torch.', '')}"]
+            if q.dtype not in (CPU_DTYPES if wants_grad else CPU_INFERENCE_DTYPES):
+                return [f"the CPU path takes fp32/fp64, and bf16 in inference only (pos_bias gradients would "
+                        f"accumulate in bf16), got {str(q.dtype).replace('torch.', '')}"
+                        + (" with a gradient wanted" if wants_grad and q.dtype == torch.bfloat16 else "")]
             return []
         out = []
         if name == "triton":
@@ -54,9 +67,10 @@ def _reasons(q):
     return reasons
 
 
-def attention_backend(q, backend="auto"):
-    """The backend ``tupe_attention`` would run for ``q`` (raises if none can serve)."""
-    return select_backend("tupe_attention", backend, q.device, _reasons(q), _preference)
+def attention_backend(q, backend="auto", wants_grad=None):
+    """The backend ``tupe_attention`` would run for ``q`` (raises if none can serve); ``wants_grad`` as
+    ``_reasons``."""
+    return select_backend("tupe_attention", backend, q.device, _reasons(q, wants_grad), _preference)
 
 
 def _draw_seed(device):
@@ -258,7 +272,7 @@ def tupe_attention(q, k, v, pos_bias=None, *, attention_mask=None, scale=None, d
     check_same_device(**{k_: t for k_, t in dict(q=q, k=k, v=v, pos_bias=pos_bias,
                                                  attention_mask=attention_mask).items() if t is not None})
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    chosen = attention_backend(q, backend)
+    chosen = attention_backend(q, backend, _wants_grad(q, k, v, pos_bias))
     if chosen == "eager":
         return reference.tupe_attention(q, k, v, pos_bias, attention_mask=attention_mask, scale=scale,
                                         dropout_p=float(dropout_p))
@@ -373,7 +387,7 @@ def tupe_attention_varlen(q, k, v, cu_seqlens, max_seqlen, pos_bias=None, *, sca
     check_same_device(**{k_: t for k_, t in dict(q=q, k=k, v=v, pos_bias=pos_bias, cu_seqlens=cu_seqlens).items()
                          if t is not None})
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    chosen = attention_backend(q, backend)
+    chosen = attention_backend(q, backend, _wants_grad(q, k, v, pos_bias))
     if chosen in ("eager", "cpu") and (check_offsets or (chosen == "eager" and q.device.type != "cpu")):
         cu_seqlens = _checked_cu_seqlens(cu_seqlens, q.shape[0], max_seqlen)
     if chosen == "eager":
@@ -456,13 +470,13 @@ def _check_subset_values(q, k, cu_seqlens_q, cu_seqlens_k, position_ids_q, max_s
 
 
 def _subset_reasons(q):
-    general = _reasons(q)
+    general = _reasons(q, wants_grad=False)  # forward only: the op refuses inputs that need grad
 
     def reasons(name):
         if name == "cuda":
             return ["no cuda kernel for tupe_attention_varlen_subset (Triton on CUDA)"]
-        if name == "cpu" and q.dtype not in (torch.float32, torch.float64):
-            return [f"the CPU path takes fp32/fp64, got {str(q.dtype).replace('torch.', '')}"]
+        if name == "cpu" and q.dtype not in CPU_INFERENCE_DTYPES:
+            return [f"the CPU path takes fp32/fp64/bf16, got {str(q.dtype).replace('torch.', '')}"]
         return general(name)
 
     return reasons

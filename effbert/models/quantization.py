@@ -1,0 +1,124 @@
+"""Lower-precision CPU inference for effbert's models: int8 dynamic quantisation of the linear layers.
+
+``quantize_for_cpu(model)`` is PyTorch's own dynamic quantisation (``torch.ao.quantization.quantize_dynamic``,
+https://pytorch.org/docs/stable/quantization.html#dynamic-quantization and the tutorial "Dynamic Quantization on
+BERT") applied to a copy of an effbert model: every ``nn.Linear`` of the encoder and heads stores int8 weights
+(per output channel) and quantises its input per call, which the x86 engine runs with VNNI int8 dot products.
+It lives beside the models because it transforms one (and knows which of their modules must stay in float); it
+works on ``from_hf_bert`` conversions alike, since they are the same classes.
+
+Left in float: embeddings and LayerNorms (``quantize_dynamic`` only replaces the linears it is given), the TUPE
+positional projections U^Q / U^K (``TupePositionBias``: they run once per forward on ``N`` positions, so quantising
+them saves nothing, and their product is added unnormalised to every layer's logits) and, by default, the FFN down
+projection (``KEEP_FLOAT``: measured, it costs the most accuracy).
+
+bf16 needs no function of its own: ``model.to(torch.bfloat16)`` runs end to end on the CPU path (the CPU attention
+backend takes bf16 in inference).
+"""
+
+import copy
+import warnings
+
+import torch
+from torch import nn
+
+__all__ = ["quantize_for_cpu", "QUANTIZED_DTYPES", "KEEP_FLOAT"]
+
+QUANTIZED_DTYPES = (torch.qint8,)  # what quantize_for_cpu takes (float16 dynamic linears are slower than fp32 here)
+# Linear layers left in fp32 by default, by the last part of their name: the FFN's down projection
+# (``TupeBertLayer.output``), whose input (after GELU) has outliers that one per-call activation scale flattens. On
+# all-MiniLM-L6-v2 and 16 license sentences: every linear in int8 gives a worst sentence-embedding cosine of 0.96
+# against fp32 (onednn; 0.92 with fbgemm's reduced range); this one kept fp32, 0.985.
+KEEP_FLOAT = ("output",)
+
+
+def _linear_names(model, keep_float):
+    """Names of the ``nn.Linear`` modules to quantise: all but those inside a ``TupePositionBias`` and those whose
+    name ends in a ``keep_float`` part."""
+    from ..nn import TupePositionBias
+
+    positional = {name for name, m in model.named_modules() if isinstance(m, TupePositionBias)}
+    return [name for name, m in model.named_modules()
+            if type(m) is nn.Linear and name.rsplit(".", 1)[-1] not in keep_float
+            and not any(name == k or name.startswith(k + ".") for k in positional)]
+
+
+def _default_engine():
+    # onednn: VNNI kernels with the full 8-bit activation range (fbgemm, and x86 packing through it, quantise
+    # activations to 7 bits, reduce_range, for CPUs without VNNI: worse cosines on MiniLM, no faster here)
+    supported = torch.backends.quantized.supported_engines
+    return "onednn" if "onednn" in supported else torch.backends.quantized.engine
+
+
+def quantize_for_cpu(model, dtype=torch.qint8, *, engine=None, keep_float=KEEP_FLOAT):
+    """A copy of ``model`` whose linear layers run in int8 on the CPU (dynamic quantisation); ``model`` is left
+    unchanged.
+
+    Semantics: each ``nn.Linear`` (attention QKV and output, FFN up projection, pooler, off-ramps and classifiers,
+    MLM head) is replaced by ``torch.ao.nn.quantized.dynamic.Linear``: weights quantised once to int8, symmetric per
+    output channel; activations quantised to 8 bits per call from their own min/max; int32 accumulation, fp32
+    output. Embeddings, LayerNorms, the TUPE positional projections and the linears named in ``keep_float``
+    (default: the FFN down projection) stay fp32. Inputs and outputs keep their shapes and dtypes
+    (``input_ids [B, N]`` int64 in, fp32 hidden states / logits out); ``forward`` and ``early_exit`` work as on the
+    float model. Expect the outputs to differ from fp32 by the int8 rounding (on all-MiniLM-L6-v2, mean-pooled
+    sentence embeddings at cosine >= 0.98 of fp32's with the defaults; see ``KEEP_FLOAT``).
+
+    Args:
+        model: an ``nn.Module`` (an effbert ``TupeBert*`` model, e.g. from ``from_hf_bert``) with fp32 parameters,
+            on the CPU, in eval mode.
+        dtype: ``torch.qint8`` (the only one taken; see ``QUANTIZED_DTYPES``).
+        engine: the quantised engine that packs the weights (``torch.backends.quantized.supported_engines``:
+            ``"x86"``, ``"fbgemm"``, ``"onednn"``); None takes ``"onednn"`` where supported (else the current
+            ``torch.backends.quantized.engine``). The packed weights keep their engine's kernels; the global
+            setting is restored afterwards.
+        keep_float: names (the last part of a module's name: ``"output"``, ``"intermediate"``, ``"qkv"``, ...) of
+            linear layers to leave in fp32; ``()`` quantises every linear but the positional projections. The
+            default names effbert's own layer (``TupeBertLayer.output``); a model built on transformers' layers
+            (``multi_exit_bert``: ``...output.dense``) has every linear quantised by it.
+
+    Returns: the quantised copy, in eval mode. For inference only: not trainable, CPU only, saved with
+    ``torch.save`` (its state dict holds packed weights, not a transformers checkpoint).
+
+    Raises:
+        TypeError: ``model`` is not an ``nn.Module``; ``dtype`` is not in ``QUANTIZED_DTYPES``; ``keep_float`` is
+            not a tuple of str.
+        ValueError: ``model`` has a parameter off the CPU (CUDA: dynamic quantisation has CPU kernels only) or not
+            fp32, or is in training mode; ``engine`` is not supported here; no linear layer is left to quantise.
+
+    Source: PyTorch's dynamic quantisation (``torch.ao.quantization.quantize_dynamic`` with
+    ``per_channel_dynamic_qconfig``; https://pytorch.org/docs/stable/quantization.html).
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if dtype not in QUANTIZED_DTYPES:
+        raise TypeError(f"dtype must be one of {QUANTIZED_DTYPES}, got {dtype}")
+    for name, p in model.named_parameters():
+        if p.device.type != "cpu":
+            raise ValueError(f"model must be on the CPU (dynamic quantisation has CPU kernels only), but parameter "
+                             f"{name} is on {p.device}")
+        if p.dtype != torch.float32:
+            raise ValueError(f"model must be fp32 to quantise, but parameter {name} is {p.dtype}")
+    if model.training:
+        raise ValueError("model must be in eval mode (model.eval()): a dynamically quantised model is for inference")
+    supported = torch.backends.quantized.supported_engines
+    if engine is not None and engine not in supported:
+        raise ValueError(f"engine must be one of {supported}, got {engine!r}")
+    if not isinstance(keep_float, (tuple, list, set, frozenset)) or not all(isinstance(k, str) for k in keep_float):
+        raise TypeError(f"keep_float must be a tuple of module names (str), got {keep_float!r}")
+    names = _linear_names(model, set(keep_float))
+    if not names:
+        raise ValueError(f"model has no nn.Linear layer to quantise (keep_float={tuple(keep_float)})")
+    from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
+
+    before = torch.backends.quantized.engine
+    try:
+        torch.backends.quantized.engine = _default_engine() if engine is None else engine
+        with warnings.catch_warnings():
+            # torch.ao.quantization warns that it moves to torchao; it is what this torch ships and maintains
+            warnings.simplefilter("ignore", DeprecationWarning)
+            warnings.filterwarnings("ignore", message=".*quantized tensor creation functions.*")
+            quantized = quantize_dynamic(copy.deepcopy(model), {name: per_channel_dynamic_qconfig for name in names},
+                                         dtype=dtype)
+    finally:
+        torch.backends.quantized.engine = before
+    return quantized.eval()
