@@ -6,7 +6,7 @@ from dataclasses import dataclass
 import torch
 
 from . import reference
-from .ops.early_exit import check_criterion, check_exit_logits
+from .ops.early_exit import check_criterion, check_exit_logits, check_labels_in_range
 
 __all__ = ["Calibration", "exit_layers", "speed_accuracy_curve", "calibrate_threshold", "exits_at_chance"]
 
@@ -144,11 +144,7 @@ def exits_at_chance(exit_logits, labels, margin=0.01):
     Raises ``ValueError`` on mismatched shapes, labels outside ``[0, C)`` or a negative ``margin``; ``TypeError``
     on non-integer labels."""
     check_exit_logits(exit_logits, labels)
-    if labels.dtype.is_floating_point or labels.dtype == torch.bool:
-        raise TypeError(f"labels must hold integer class indices, got {str(labels.dtype).replace('torch.', '')}")
-    if labels.numel() and not 0 <= int(labels.min()) <= int(labels.max()) < exit_logits.shape[-1]:
-        raise ValueError(f"labels must be class indices in [0, {exit_logits.shape[-1]}), got values in "
-                         f"[{int(labels.min())}, {int(labels.max())}]")
+    check_labels_in_range(labels.cpu(), exit_logits.shape[-1])  # on the host: the range is checked on any device
     if not margin >= 0:
         raise ValueError(f"margin must be >= 0, got {margin}")
     if labels.numel() == 0:

@@ -22,7 +22,8 @@ import torch
 
 from . import check_out_dir, parse_device, run_command
 # the timing of finetune's report
-from .finetune import NOISE_FOOTNOTE, TIMING_ROUNDS, _run_early_exit, paired_speedup, speedup_note
+from .finetune import (NOISE_FOOTNOTE, TIMING_ROUNDS, _run_early_exit, chance_warning, paired_speedup,
+                       speedup_note)
 from .pretrain import default_backend as _backend
 
 SPECIALS = ["[PAD]", "[CLS]", "[SEP]", "[MASK]"]
@@ -273,7 +274,7 @@ def finetune(mlm, ids, lengths, labels, sizes, device, gen, log):
 
 
 def evaluate(model, ids, lengths, labels, sizes, device, log):
-    from ..calibration import exits_at_chance, speed_accuracy_curve
+    from ..calibration import speed_accuracy_curve
 
     labels_d = labels.to(device)
     depth = sizes.layers
@@ -318,10 +319,9 @@ def evaluate(model, ids, lengths, labels, sizes, device, log):
         f"{statistics.median(full_times):.2f} s full)")
     if noisy:
         log("  " + NOISE_FOOTNOTE)
-    at_chance, chance = exits_at_chance(all_exits, labels_d)
-    if at_chance:
-        log(f"  warning: off-ramp{'s' if len(at_chance) > 1 else ''} {', '.join(map(str, at_chance))} at chance "
-            f"(accuracy at most the majority class's share, {chance:.3f}): their exits are guesses")
+    warning = chance_warning(all_exits, labels_d)
+    if warning:
+        log("  " + warning)
     return acc_full, points, curve
 
 

@@ -631,6 +631,19 @@ def speedup_note(speedup, avg_exit_layer, depth):
     return "*" if speedup > 1.05 * depth / avg_exit_layer else ""
 
 
+def chance_warning(exit_logits, labels):
+    """The report's line naming the off-ramps at chance (``calibration.exits_at_chance``), or None."""
+    from ..calibration import exits_at_chance
+
+    at_chance, chance = exits_at_chance(exit_logits, labels)
+    if not at_chance:
+        return None
+    many = len(at_chance) > 1
+    return (f"warning: off-ramp{'s' if many else ''} {', '.join(map(str, at_chance))} {'are' if many else 'is'} at "
+            f"chance (accuracy at most the majority class's share, {chance:.4f}): "
+            f"{'their' if many else 'its'} exits are guesses")
+
+
 NOISE_FOOTNOTE = ("* above the bound the layers set (full depth / average exit layer): timing noise on a busy "
                   "machine, not a real speed-up")
 
@@ -665,7 +678,7 @@ def _score(logits, y, regression):
 def evaluate(a, model, ids, lengths, y, device, log):
     """Every exit's accuracy, the full-depth accuracy and the measured batched early exit at each threshold: the
     report dict. For ``--regression`` the scores are mean squared errors (lower is better)."""
-    from ..calibration import exits_at_chance, speed_accuracy_curve
+    from ..calibration import speed_accuracy_curve
 
     depth = model.config.num_hidden_layers
     batch = a.eval_batch_size
@@ -712,12 +725,9 @@ def evaluate(a, model, ids, lengths, y, device, log):
         f"early-exit pass, the median of {TIMING_ROUNDS} interleaved pairs)")
     if any(r["above_bound"] for r in rows):
         log("  " + NOISE_FOOTNOTE)
-    if not a.regression:
-        at_chance, chance = exits_at_chance(exits, y_d)
-        if at_chance:
-            log(f"  warning: off-ramp{'s' if len(at_chance) > 1 else ''} {', '.join(map(str, at_chance))} "
-                f"{'are' if len(at_chance) > 1 else 'is'} at chance (accuracy at most the majority class's share, "
-                f"{chance:.4f}): {'their' if len(at_chance) > 1 else 'its'} exits are guesses")
+    warning = None if a.regression else chance_warning(exits, y_d)
+    if warning:
+        log("  " + warning)
     return {"criterion": a.criterion, "num_layers": depth, "num_examples": int(ids.shape[0]),
             "device": str(device), "metric": metric, "per_exit_accuracy": per_exit,
             "full_depth_accuracy": acc_full, "rows": rows,

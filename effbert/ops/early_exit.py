@@ -528,7 +528,7 @@ def _loss_op(exit_logits: torch.Tensor, labels: torch.Tensor, gamma: float, temp
     if labels.dtype != torch.int64:
         raise TypeError(f"labels must be int64 class indices here (the wrapper converts), got "
                         f"{str(labels.dtype).replace('torch.', '')}")
-    _check_labels_in_range(labels, exit_logits.shape[-1])
+    check_labels_in_range(labels, exit_logits.shape[-1])
     gamma, temperature = _check_loss_params(gamma, temperature)
     requested_backend(backend)
     return _loss_impl(exit_logits, labels, gamma, temperature, backend)
@@ -567,7 +567,8 @@ def check_exit_logits(exit_logits, labels):
     check_same_device(exit_logits=exit_logits, labels=labels)
 
 
-def _check_labels_in_range(labels, cols):
+def check_labels_in_range(labels, cols):
+    """Integer class indices (TypeError otherwise) in ``[0, cols)`` (ValueError; checked for CPU tensors)."""
     if labels.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
         raise TypeError(f"labels must hold integer class indices, got {str(labels.dtype).replace('torch.', '')}")
     # A host-side range check needs the values: done for CPU tensors (free) and not while tracing.
@@ -600,7 +601,7 @@ def multi_exit_distillation_loss(exit_logits, labels, gamma=0.9, temperature=3.0
     gradient (kept for backward).
     """
     check_exit_logits(exit_logits, labels)
-    _check_labels_in_range(labels, exit_logits.shape[-1])
+    check_labels_in_range(labels, exit_logits.shape[-1])
     gamma, temperature = _check_loss_params(gamma, temperature)
     requested_backend(backend)
     labels = labels.long()
