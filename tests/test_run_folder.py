@@ -1,4 +1,4 @@
-"""The run folder of ``effbert pretrain`` (``effbert.commands.run_folder``), with real child processes: one run per
+"""The run folder of ``effbert pretrain`` (``effbert.training.run_folder``), with real child processes: one run per
 folder (a second writer stops at once, names the holder's pid, writes nothing); a kill at each file of a checkpoint
 save, then ``--resume`` from the checkpoint before it; a full disk during a save; ctrl-C and SIGTERM; a resume on
 other data; a longer resume keeps the learning-rate schedule unless ``--reshape-schedule``."""
@@ -15,7 +15,7 @@ import time
 import pytest
 
 from effbert.commands import pretrain
-from effbert.commands.run_folder import LOCK_FILE, RunFolder, missing_files, newest_complete
+from effbert.training.run_folder import LOCK_FILE, RunFolder, missing_files, newest_complete
 
 pytestmark = pytest.mark.requires("datasets", "accelerate")  # corpora and Trainer
 
@@ -81,7 +81,7 @@ def _lrs(out):
 
 def test_a_second_run_on_a_held_folder_stops_at_once_and_writes_nothing(tmp_path, files, capsys):
     out = tmp_path / "run"
-    holder = subprocess.Popen([sys.executable, "-c", "import sys; from effbert.commands.run_folder import RunFolder; "
+    holder = subprocess.Popen([sys.executable, "-c", "import sys; from effbert.training.run_folder import RunFolder; "
                                "RunFolder(sys.argv[1], 'effbert pretrain', ()).lock(); print('held', flush=True); "
                                "sys.stdin.read()", str(out)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                               text=True, env=_env())
@@ -107,7 +107,7 @@ def test_a_second_run_on_a_held_folder_stops_at_once_and_writes_nothing(tmp_path
 
 def test_the_lock_is_held_for_the_whole_run_and_left_with_nothing_behind(tmp_path, files, monkeypatch):
     """Every write happens under the lock; the finished folder keeps no lock file, a refused run no folder."""
-    from effbert.commands import run_folder
+    from effbert.training import run_folder
 
     seen = []
     train = run_folder.RunFolder.train

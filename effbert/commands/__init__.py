@@ -25,10 +25,7 @@ def missing_packages(command):
     return [name for name in NEEDS.get(command, ()) if importlib.util.find_spec(name) is None]
 
 
-class UsageError(Exception):
-    """A mistake in a command line or in the files it names: reported in one line, exit code 2."""
-
-    code = 2
+from ..training.run_folder import UsageError  # noqa: E402  (raised by the training floor too)
 
 
 def parse_device(arg, flag="--device"):

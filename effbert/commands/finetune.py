@@ -43,7 +43,7 @@ import torch
 
 from . import UsageError, check_backend, check_out_dir, parse_device, run_command
 from .recipes import check_optimizer_flags, checker
-from .run_folder import (MODEL_FILES, RunFolder, atomic_write, check_same_data, checkpoint_max_steps, fingerprint,
+from ..training.run_folder import (MODEL_FILES, RunFolder, atomic_write, check_same_data, checkpoint_max_steps, fingerprint,
                          newest_complete, schedule_line, with_schedule)
 
 __all__ = ["main", "load_finetuned", "read_tsv", "UsageError"]

@@ -28,7 +28,7 @@ import torch
 
 from . import UsageError, check_backend, check_out_dir, parse_device, run_command
 from .recipes import check_optimizer_flags, checker
-from .run_folder import (MODEL_FILES, RunFolder, atomic_write, check_same_data, checkpoint_max_steps, checkpoints,
+from ..training.run_folder import (MODEL_FILES, RunFolder, atomic_write, check_same_data, checkpoint_max_steps, checkpoints,
                          fingerprint, newest_complete, schedule_line, with_schedule)
 
 __all__ = ["main", "load_pretrained", "checkpoints", "default_backend", "UsageError"]
@@ -797,7 +797,7 @@ def _train(a, env, log):
     except NonFiniteError as exc:
         raise UsageError(f"{exc}: stopping (lower --lr); the checkpoints in {os.path.abspath(out)} are the last "
                          "good ones, resume from them with --resume") from None
-    from ..training import _all_finite
+    from ..training.trainers import _all_finite
 
     _fail_if(not _all_finite(model), f"non-finite weights after step {a.steps}: stopping (lower --lr); the "
              f"checkpoints in {os.path.abspath(out)} are the last good ones")

@@ -140,7 +140,7 @@ class PretrainingTrainer(Trainer):
             len(dataset)
         except TypeError:
             return super()._get_train_sampler(train_dataset)
-        from .data.sampler import ShuffleSampler
+        from ..data.sampler import ShuffleSampler
 
         seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
         return ShuffleSampler(dataset, seed=seed)
@@ -170,7 +170,7 @@ class PretrainingTrainer(Trainer):
         return batches, count
 
     def _is_multi_choice(self, model):
-        from .models import TupeBertForMultiChoicePretraining
+        from ..models import TupeBertForMultiChoicePretraining
 
         return isinstance(_unwrap(model), TupeBertForMultiChoicePretraining)
 
@@ -299,7 +299,7 @@ class MultiExitTrainer(Trainer):
 
     def __init__(self, *args, loss="romebert", gamma=0.9, temperature=3.0, gradient_equilibrium=False, stage=1,
                  grad_reg=False, project="others", **kwargs):
-        from .losses import PROJECT_SIDES
+        from ..losses import PROJECT_SIDES
 
         if loss not in EXIT_LOSSES:
             raise ValueError(f"loss must be one of {EXIT_LOSSES}, got {loss!r}")
@@ -338,7 +338,7 @@ class MultiExitTrainer(Trainer):
 
     def _losses(self, model, inputs):
         """``(loss, every exit's logits [L, B, C] float32, labels)`` of one batch."""
-        from .losses import deebert_loss, multi_exit_distillation_loss, pabee_loss
+        from ..losses import deebert_loss, multi_exit_distillation_loss, pabee_loss
 
         e = self.exit_loss
         inputs = dict(inputs)
@@ -365,7 +365,7 @@ class MultiExitTrainer(Trainer):
     def training_step(self, model, inputs, num_items_in_batch=None):
         if not self.grad_reg:
             return super().training_step(model, inputs, num_items_in_batch)
-        from .losses import gradient_regularized_backward, romebert_projected_parameters
+        from ..losses import gradient_regularized_backward, romebert_projected_parameters
 
         model.train()
         inputs = self._prepare_inputs(inputs)

@@ -21,7 +21,6 @@ import os
 import re
 import signal
 
-from . import UsageError
 
 LOCK_FILE = ".effbert.lock"
 # What Trainer writes into checkpoint-N, in its order: the model, optimizer, scheduler, RNG, state (last)
@@ -29,6 +28,12 @@ CHECKPOINT_FILES = ("config.json", "model.safetensors", "optimizer.pt", "schedul
                     "trainer_state.json")
 MODEL_FILES = CHECKPOINT_FILES[:2]  # what loading the model alone needs
 _MIB = 1 << 20
+
+
+class UsageError(Exception):
+    """A mistake in a command line or in the files it names: reported in one line, exit code 2."""
+
+    code = 2
 
 
 class Stopped(UsageError):

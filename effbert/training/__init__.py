@@ -1,0 +1,19 @@
+"""The training floor, below the commands: ``transformers.Trainer`` subclasses for pretraining and multi-exit
+fine-tuning (``trainers``) and the run folder both commands write (``run_folder``).
+
+Importing this package is light: the trainers (which import ``transformers.Trainer`` and with it ``accelerate``) load
+on first use, so ``effbert check`` and ``effbert bench`` run where ``accelerate`` is not installed.
+"""
+
+_TRAINERS = ("PretrainingTrainer", "StopOnNonFinite", "NonFiniteError", "MC_METRICS", "MultiExitTrainer",
+             "EXIT_LOSSES")
+
+__all__ = list(_TRAINERS)
+
+
+def __getattr__(name):
+    if name in _TRAINERS:
+        from . import trainers
+
+        return getattr(trainers, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
