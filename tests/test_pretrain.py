@@ -2,7 +2,7 @@
 that ``AutoModel`` loads; stopping and resuming gives bitwise the run that did not stop; ``load_pretrained`` gives the
 model back; no carriage return reaches a log file; user errors exit with 2 and one line, before any file is
 written; two gloo ranks under torchrun keep identical parameters and notes. ``effbert.training.PretrainingTrainer``:
-the loss over an accumulated step equals the loss of the whole batch, and the README's Trainer example runs."""
+the loss over an accumulated step equals the loss of the whole batch, and docs/pretrain.md's Trainer example runs."""
 
 import collections
 import json
@@ -529,10 +529,10 @@ def test_non_finite_loss_raises_at_its_step(tmp_path):
         PretrainingTrainer(model=model, args=args, stop_on_nonfinite="yes")
 
 
-def test_readme_trainer_example_runs(tmp_path, monkeypatch):
-    """The README's "Pretraining with Trainer" example, as written, on a tiny model and a real text file."""
-    readme = open(os.path.join(REPO, "README.md"), encoding="utf-8").read()
-    section = readme.split("### Pretraining with transformers.Trainer", 1)[1]
+def test_docs_trainer_example_runs(tmp_path, monkeypatch):
+    """docs/pretrain.md's "Pretraining with Trainer" example, as written, on a tiny model and a real text file."""
+    doc = open(os.path.join(REPO, "docs", "pretrain.md"), encoding="utf-8").read()
+    section = doc.split("## Pretraining with transformers.Trainer", 1)[1]
     code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
     corpus = _real_text(tmp_path / "corpus.txt", lines=200)
     monkeypatch.chdir(tmp_path)
@@ -545,7 +545,7 @@ def test_readme_trainer_example_runs(tmp_path, monkeypatch):
         assert old in code, old
         code = code.replace(old, new)
     scope = {}
-    exec(compile(code.replace("corpus.txt", corpus), "README.md", "exec"), scope)
+    exec(compile(code.replace("corpus.txt", corpus), "docs/pretrain.md", "exec"), scope)
     trainer = scope["trainer"]
     assert trainer.state.global_step == 2
     model = scope["model"]
