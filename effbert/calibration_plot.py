@@ -1,18 +1,19 @@
-"""The picture of a training run with early exit (matplotlib, imported only here): the loss curve, and the
-speed-accuracy of the off-ramps (``calibration.speed_accuracy_curve`` offline, the measured batched early exit,
-full depth)."""
+"""The picture of a training run with early exit (matplotlib, imported only here): the loss curve,
+and the speed-accuracy of the off-ramps (``calibration.speed_accuracy_curve`` offline, the measured
+batched early exit, full depth)."""
 
 __all__ = ["plot_run"]
 
 
-def plot_run(path, losses, *, points, full_accuracy, depth, criterion, curve=None, loss_title="Training",
-             loss_label="loss", smooth=False):
-    """Write a two-panel PNG to ``path``; returns False (writing nothing) when matplotlib is not installed.
+def plot_run(path, losses, *, points, full_accuracy, depth, criterion, curve=None,
+             loss_title="Training", loss_label="loss", smooth=False):
+    """Write a two-panel PNG to ``path``; returns False (writing nothing) when matplotlib is not
+    installed.
 
-    ``losses``: one float per step. ``points``: ``(speed-up, accuracy)`` pairs of the measured early exit.
-    ``full_accuracy``: the full-depth accuracy (a horizontal line). ``depth``: the number of layers. ``curve``: the
-    offline curve (a dict with ``speedup`` and ``accuracy`` sequences) or None. ``smooth``: also draw the running
-    mean of about a twentieth of the steps."""
+    ``losses``: one float per step. ``points``: ``(speed-up, accuracy)`` pairs of the measured early
+    exit. ``full_accuracy``: the full-depth accuracy (a horizontal line). ``depth``: the number of
+    layers. ``curve``: the offline curve (a dict with ``speedup`` and ``accuracy`` sequences) or
+    None. ``smooth``: also draw the running mean of about a twentieth of the steps."""
     try:
         import matplotlib
 
@@ -35,7 +36,8 @@ def plot_run(path, losses, *, points, full_accuracy, depth, criterion, curve=Non
     if curve is not None:
         right.plot(np.asarray(curve["speedup"]), np.asarray(curve["accuracy"]), ".-", lw=1,
                    label="layer speed-up (offline)")
-    right.plot([p[0] for p in points], [p[1] for p in points], "o", label="measured batched early exit")
+    right.plot([p[0] for p in points], [p[1] for p in points], "o",
+               label="measured batched early exit")
     right.axhline(full_accuracy, color="gray", ls="--", lw=1, label="full depth")
     right.set_xlabel(f"speed-up over {depth} layers")
     right.set_ylabel("accuracy")

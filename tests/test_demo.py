@@ -128,8 +128,8 @@ def test_demo_warns_of_off_ramps_at_chance(monkeypatch):
 
 
 def test_thresholds_print_with_the_digits_that_tell_them_apart():
-    """Thresholds that agree to 5 significant digits (the entropies of off-ramps near chance) print with as many
-    digits as it takes to differ; patiences print as integers."""
+    """Thresholds that agree to 5 significant digits (the entropies of off-ramps near chance) print
+    with as many digits as it takes to differ; patiences print as integers."""
     from effbert.calibration import threshold_texts
 
     close = [1.0986122886681098, 1.0986123, 1.09861235, 0.5]

@@ -80,7 +80,8 @@ def data(tmp_path_factory):
 
 def args(hf_dir, data, out, *extra):
     return ["finetune", "--hf", str(hf_dir), "--train", str(data / "train.tsv"), "--eval", str(data / "eval.tsv"),
-            "--out", str(out), "--per-device-train-batch-size", "16", "--learning-rate", "3e-3", "--logging-steps", "10", "--backend", "eager",
+            "--out", str(out), "--per-device-train-batch-size", "16", "--learning-rate", "3e-3",
+            "--logging-steps", "10", "--backend", "eager",
             "--device", "cpu",
             "--per-device-eval-batch-size", "16", "--quiet", *extra]
 
@@ -172,7 +173,8 @@ def test_finetune_on_the_cpu_backend(hf_dir, data, tmp_path):
                                             ("patience", "pabee --shared-pooler --ge"), ("entropy", "deebert")])
 def test_finetune_other_criteria_and_losses(hf_dir, data, tmp_path, capsys, criterion, loss):
     out = tmp_path / "run"
-    assert cli.main(args(hf_dir, data, out, "--max-steps", "6", "--criterion", criterion, "--loss", *loss.split())) == 0
+    assert cli.main(args(hf_dir, data, out, "--max-steps", "6", "--criterion", criterion, "--loss",
+                         *loss.split())) == 0
     text = capsys.readouterr().out
     assert "batched early exit" in text and ("gradient regularization:" in text) == ("--grad-reg" in loss)
     assert "every exit on 41 eval examples (accuracy):" in text
@@ -234,7 +236,8 @@ def test_finetune_regression_head(hf_dir, tmp_path, capsys):
                 f.write(f"{k / 2}\t{' '.join(rng.choice(WORDS['sport']) for _ in range(k))}\n")
     out = tmp_path / "run"
     argv = ["finetune", "--hf", str(hf_dir), "--train", str(folder / "train.tsv"), "--eval",
-            str(folder / "eval.tsv"), "--out", str(out), "--max-steps", "8", "--per-device-train-batch-size", "16", "--backend", "eager",
+            str(folder / "eval.tsv"), "--out", str(out), "--max-steps", "8",
+            "--per-device-train-batch-size", "16", "--backend", "eager",
             "--device", "cpu", "--quiet", "--regression", "--criterion", "patience"]
     assert cli.main(argv) == 0
     text = capsys.readouterr().out
@@ -295,8 +298,10 @@ def test_finetune_from_a_pretrain_folder(tmp_path, data, capsys):
     assert all(torch.equal(enc.bert.state_dict()[k], v) for k, v in tnf.bert.state_dict().items())
     out = tmp_path / "run"
     argv = ["finetune", "--init", str(tmp_path / "pre"), "--train", str(data / "train.tsv"), "--eval",
-            str(data / "eval.tsv"), "--out", str(out), "--max-steps", "4", "--per-device-train-batch-size", "16", "--learning-rate", "1e-3",
-            "--backend", "eager", "--device", "cpu", "--quiet", "--per-device-eval-batch-size", "16"]
+            str(data / "eval.tsv"), "--out", str(out), "--max-steps", "4",
+            "--per-device-train-batch-size", "16", "--learning-rate", "1e-3",
+            "--backend", "eager", "--device", "cpu", "--quiet", "--per-device-eval-batch-size",
+            "16"]
     assert cli.main(argv) == 0
     check_reload(out, data, check_report(out, "entropy", 4))
     argv.append("--overwrite")  # the run above is in --out
@@ -309,8 +314,9 @@ def test_finetune_from_a_pretrain_folder(tmp_path, data, capsys):
 
 
 def test_a_pretrain_layout_that_never_shipped_is_refused_in_one_line(tmp_path, data, capsys):
-    """A folder of config.json, vocab.txt, pretrain.json and a model.pt (a layout effbert pretrain never wrote) is
-    not a pretraining run: one line naming --init and what it lacks, exit 2, nothing unpickled."""
+    """A folder of config.json, vocab.txt, pretrain.json and a model.pt (a layout effbert pretrain
+    never wrote) is not a pretraining run: one line naming --init and what it lacks, exit 2, nothing
+    unpickled."""
     from effbert.models import TupeBertConfig, TupeBertForMaskedLM
 
     folder = tmp_path / "old"
@@ -322,10 +328,12 @@ def test_a_pretrain_layout_that_never_shipped_is_refused_in_one_line(tmp_path, d
     (folder / "pretrain.json").write_text(json.dumps({"settings": {"cased": True}}))
     torch.save(TupeBertForMaskedLM(cfg).state_dict(), folder / "model.pt")
     assert cli.main(["finetune", "--init", str(folder), "--train", str(data / "train.tsv"), "--out",
-                     str(tmp_path / "run"), "--max-steps", "1", "--backend", "eager", "--device", "cpu"]) == 2
+                     str(tmp_path / "run"), "--max-steps", "1", "--backend", "eager", "--device",
+                     "cpu"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("effbert finetune: error: --init:") and "holds no weights" in err, err
-    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "run" / "model.safetensors").exists()
+    assert len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "run" / "model.safetensors").exists()
 
 
 @pytest.mark.skipif(not installed("effbert.commands.pretrain"), reason="effbert pretrain is not in this tree")
@@ -344,8 +352,10 @@ def test_finetune_after_a_real_pretrain_run(tmp_path, data, capsys):
     assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
     out = tmp_path / "run"
     assert cli.main(["finetune", "--init", str(pre), "--train", str(data / "train.tsv"), "--eval",
-                     str(data / "eval.tsv"), "--out", str(out), "--max-steps", "4", "--per-device-train-batch-size", "16", "--learning-rate", "1e-3",
-                     "--backend", "eager", "--device", "cpu", "--quiet", "--per-device-eval-batch-size", "16"]) == 0
+                     str(data / "eval.tsv"), "--out", str(out), "--max-steps", "4",
+                     "--per-device-train-batch-size", "16", "--learning-rate", "1e-3",
+                     "--backend", "eager", "--device", "cpu", "--quiet",
+                     "--per-device-eval-batch-size", "16"]) == 0
     capsys.readouterr()
     check_reload(out, data, check_report(out, "entropy", 4))
 
@@ -456,7 +466,8 @@ def test_load_finetuned_never_unpickles_code(tmp_path, data, monkeypatch):
     write_pretrain_folder(tmp_path / "pre", tnf_notes=False)
     out = tmp_path / "run"
     assert cli.main(["finetune", "--init", str(tmp_path / "pre"), "--train", str(data / "train.tsv"), "--out",
-                     str(out), "--max-steps", "1", "--backend", "eager", "--device", "cpu", "--quiet"]) == 0
+                     str(out), "--max-steps", "1", "--backend", "eager", "--device", "cpu",
+                     "--quiet"]) == 0
     os.remove(out / "model.safetensors")  # weights in torch's pickle format: read as tensors only
     torch.save(_Payload(), out / "pytorch_model.bin")
     with pytest.raises(ValueError, match="cannot read the model"):
@@ -471,7 +482,8 @@ def test_out_never_destroys_another_run(tmp_path, data, capsys):
 
     def argv(out, *extra):
         return ["finetune", "--init", str(tmp_path / "pre"), "--train", str(data / "train.tsv"), "--out", str(out),
-                "--max-steps", "2", "--per-device-train-batch-size", "16", "--save-steps", "0", "--backend", "eager",
+                "--max-steps", "2", "--per-device-train-batch-size", "16", "--save-steps", "0",
+                "--backend", "eager",
                 "--device", "cpu", "--quiet", *extra]
 
     def snapshot(folder):
@@ -532,7 +544,8 @@ def test_tampered_pretrain_checkpoint_is_never_unpickled(tmp_path, data, capsys,
     os.remove(folder / "model.safetensors")
     torch.save({"embeddings.word_embeddings.weight": _Payload()}, folder / "pytorch_model.bin")
     assert cli.main(["finetune", "--init", str(pre), "--train", str(data / "train.tsv"), "--out",
-                     str(tmp_path / "run"), "--max-steps", "2", "--backend", "eager", "--device", "cpu"]) == 2
+                     str(tmp_path / "run"), "--max-steps", "2", "--backend", "eager", "--device",
+                     "cpu"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("effbert finetune: error: --init:") and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "PWNED_DIR").exists() and not (tmp_path / "run").exists()
@@ -571,7 +584,8 @@ def test_damaged_init_folder_is_one_line(tmp_path, data, capsys, damage):
     }
     edit[damage]()
     assert cli.main(["finetune", "--init", str(pre), "--train", str(data / "train.tsv"), "--out",
-                     str(tmp_path / "run"), "--max-steps", "2", "--backend", "eager", "--device", "cpu"]) == 2
+                     str(tmp_path / "run"), "--max-steps", "2", "--backend", "eager", "--device",
+                     "cpu"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("effbert finetune: error: --init:") and len(err.strip().splitlines()) == 1, err
     assert "Traceback" not in err
@@ -621,7 +635,8 @@ def test_progress_bar_only_on_a_terminal(tmp_path, data, capsys, monkeypatch, te
     if terminal:
         monkeypatch.setattr(sys, "stderr", screen)
     assert cli.main(["finetune", "--init", str(tmp_path / "pre"), "--train", str(data / "train.tsv"), "--out",
-                     str(tmp_path / "run"), "--max-steps", "4", "--logging-steps", "2", "--per-device-train-batch-size", "16", "--backend",
+                     str(tmp_path / "run"), "--max-steps", "4", "--logging-steps", "2",
+                     "--per-device-train-batch-size", "16", "--backend",
                      "eager", "--device", "cpu"]) == 0
     captured = capsys.readouterr()
     assert "step      2  loss" in captured.out and "step      4  loss" in captured.out
@@ -642,8 +657,10 @@ def test_resume_from_a_checkpoint_gives_the_uninterrupted_run(tmp_path, data, ca
 
     def argv(out, *extra):
         return ["finetune", "--init", str(tmp_path / "pre"), "--train", str(data / "train.tsv"), "--eval",
-                str(data / "eval.tsv"), "--out", str(out), "--max-steps", "6", "--save-steps", "3", "--per-device-train-batch-size", "8",
-                "--learning-rate", "1e-3", "--backend", "eager", "--device", "cpu", "--quiet", *extra]
+                str(data / "eval.tsv"), "--out", str(out), "--max-steps", "6", "--save-steps", "3",
+                "--per-device-train-batch-size", "8",
+                "--learning-rate", "1e-3", "--backend", "eager", "--device", "cpu", "--quiet",
+                *extra]
 
     assert cli.main(argv(tmp_path / "whole")) == 0
     assert cli.main(argv(tmp_path / "cut")) == 0
@@ -675,7 +692,8 @@ def test_resume_on_another_train_file_is_refused_by_name(tmp_path, data, capsys)
 
     def argv(*extra):
         return ["finetune", "--init", str(tmp_path / "pre"), "--train", str(train), "--out", str(tmp_path / "run"),
-                "--max-steps", "2", "--save-steps", "1", "--per-device-train-batch-size", "16", "--backend", "eager", "--device", "cpu",
+                "--max-steps", "2", "--save-steps", "1", "--per-device-train-batch-size", "16",
+                "--backend", "eager", "--device", "cpu",
                 "--quiet", *extra]
 
     assert cli.main(argv()) == 0
@@ -697,7 +715,8 @@ def test_a_longer_resume_keeps_the_schedule_unless_reshaped(tmp_path, data, caps
 
     def argv(out, *extra):
         return ["finetune", "--init", str(tmp_path / "pre"), "--train", str(data / "train.tsv"), "--out", str(out),
-                "--per-device-train-batch-size", "16", "--warmup-ratio", "0", "--save-steps", "2", "--backend", "eager", "--device", "cpu",
+                "--per-device-train-batch-size", "16", "--warmup-ratio", "0", "--save-steps", "2",
+                "--backend", "eager", "--device", "cpu",
                 "--quiet", *extra]
 
     def lrs(out, step):
@@ -710,7 +729,8 @@ def test_a_longer_resume_keeps_the_schedule_unless_reshaped(tmp_path, data, caps
     assert cli.main(argv(tmp_path / "kept", "--max-steps", "4", "--resume")) == 0
     assert "keeping the run's learning-rate schedule: linear decay to 0 at step 2" in capsys.readouterr().out
     assert lrs(tmp_path / "kept", 4)[2:] == [0.0, 0.0]
-    assert cli.main(argv(tmp_path / "reshaped", "--max-steps", "4", "--resume", "--reshape-schedule")) == 0
+    assert cli.main(argv(tmp_path / "reshaped", "--max-steps", "4", "--resume",
+                         "--reshape-schedule")) == 0
     assert "reshaping the learning-rate schedule (--reshape-schedule): linear decay to 0 at step 4, was 2" in \
         capsys.readouterr().out
     assert cli.main(argv(tmp_path / "long", "--max-steps", "4")) == 0
@@ -730,9 +750,11 @@ def test_gradient_accumulation_equals_the_whole_batch(tmp_path, data):
                          attention_probs_dropout_prob=0.0)).save_pretrained(bert)
     (bert / "vocab.txt").write_text("".join(v + "\n" for v in vocab()))
     runs = {}
-    for name, extra in (("whole", ["--per-device-train-batch-size", "16"]), ("accum", ["--per-device-train-batch-size", "8", "--gradient-accumulation-steps", "2"])):
+    accum = ["--per-device-train-batch-size", "8", "--gradient-accumulation-steps", "2"]
+    for name, extra in (("whole", ["--per-device-train-batch-size", "16"]), ("accum", accum)):
         argv = ["finetune", "--hf", str(bert), "--train", str(data / "train.tsv"), "--out", str(tmp_path / name),
-                "--max-steps", "3", "--learning-rate", "1e-3", "--warmup-ratio", "0", "--backend", "eager", "--device", "cpu", "--quiet",
+                "--max-steps", "3", "--learning-rate", "1e-3", "--warmup-ratio", "0", "--backend",
+                "eager", "--device", "cpu", "--quiet",
                 *extra]
         assert cli.main(argv) == 0
         runs[name] = load_file(tmp_path / name / "model.safetensors")
@@ -793,8 +815,10 @@ def test_torchrun_two_processes_write_one_run(hf_dir, data, tmp_path):
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m",
            "effbert.commands", "finetune", "--hf", str(hf_dir), "--train", str(data / "train.tsv"), "--eval",
-           str(data / "eval.tsv"), "--out", str(out), "--max-steps", "2", "--save-steps", "2", "--per-device-train-batch-size", "8",
-           "--backend", "eager", "--device", "cpu", "--logging-steps", "1", "--per-device-eval-batch-size", "16"]
+           str(data / "eval.tsv"), "--out", str(out), "--max-steps", "2", "--save-steps", "2",
+           "--per-device-train-batch-size", "8",
+           "--backend", "eager", "--device", "cpu", "--logging-steps", "1",
+           "--per-device-eval-batch-size", "16"]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -815,7 +839,8 @@ def test_mixed_precision_on_cuda_with_grad_reg(hf_dir, data, tmp_path, capsys, p
     loss scale): the run learns with finite losses and its folder loads."""
     out = tmp_path / "run"
     argv = ["finetune", "--hf", str(hf_dir), "--train", str(data / "train.tsv"), "--eval", str(data / "eval.tsv"),
-            "--out", str(out), "--max-steps", "30", "--per-device-train-batch-size", "16", "--learning-rate", "3e-3", "--device", "cuda", "--quiet",
+            "--out", str(out), "--max-steps", "30", "--per-device-train-batch-size", "16",
+            "--learning-rate", "3e-3", "--device", "cuda", "--quiet",
             "--grad-reg", precision]
     assert cli.main(argv) == 0
     assert "gradient regularization: the others side projected on" in capsys.readouterr().out
@@ -891,10 +916,12 @@ def test_a_nan_loss_stops_the_run_before_its_checkpoint(tmp_path, data, capsys, 
     capsys.readouterr()
     out = tmp_path / "run"
     assert cli.main(["finetune", "--init", str(tmp_path / "pre"), "--train", str(data / "train.tsv"), "--out",
-                     str(out), "--max-steps", "5", "--save-steps", "1", "--per-device-train-batch-size", "8", "--backend", "eager",
+                     str(out), "--max-steps", "5", "--save-steps", "1",
+                     "--per-device-train-batch-size", "8", "--backend", "eager",
                      "--device", "cpu", "--quiet"]) == 2
     err = capsys.readouterr().err
-    assert "the loss is nan at step 3: lower --learning-rate" in err and len(err.strip().splitlines()) == 1
+    assert "the loss is nan at step 3: lower --learning-rate" in err
+    assert len(err.strip().splitlines()) == 1
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["checkpoint-1", "checkpoint-2"]
     assert not (out / "model.safetensors").exists()
 
@@ -910,7 +937,8 @@ def test_deebert_resume_in_its_second_stage(tmp_path, data, capsys):
 
     def argv(out, *extra):
         return ["finetune", "--init", str(tmp_path / "pre"), "--train", str(data / "train.tsv"), "--eval",
-                str(data / "eval.tsv"), "--out", str(out), "--max-steps", "2", "--save-steps", "1", "--per-device-train-batch-size", "8",
+                str(data / "eval.tsv"), "--out", str(out), "--max-steps", "2", "--save-steps", "1",
+                "--per-device-train-batch-size", "8",
                 "--loss", "deebert", "--backend", "eager", "--device", "cpu", "--quiet", *extra]
 
     assert cli.main(argv(tmp_path / "whole")) == 0
@@ -935,7 +963,8 @@ def test_bf16_mixed_precision_on_the_cpu(tmp_path, data):
     write_pretrain_folder(tmp_path / "pre", tnf_notes=False)
     out = tmp_path / "run"
     assert cli.main(["finetune", "--init", str(tmp_path / "pre"), "--train", str(data / "train.tsv"), "--out",
-                     str(out), "--max-steps", "2", "--per-device-train-batch-size", "8", "--bf16", "--backend", "eager", "--device", "cpu",
+                     str(out), "--max-steps", "2", "--per-device-train-batch-size", "8", "--bf16",
+                     "--backend", "eager", "--device", "cpu",
                      "--quiet"]) == 0
     weights = load_file(out / "model.safetensors")
     assert all(w.dtype == torch.float32 and bool(torch.isfinite(w).all()) for w in weights.values())
@@ -952,7 +981,8 @@ FINETUNE_RECIPES = {
                 "max_grad_norm": 1.0, "per_device_train_batch_size": 8, "num_train_epochs": 3.0,
                 "max_seq_length": 128},
     # JetRunner/PABEE finetune_bert.sh: lr 2e-5, batch 32, 5 epochs, max_seq_length 128; one shared pooler; patience
-    "pabee": {"loss": "pabee", "shared_pooler": True, "criterion": "patience", "learning_rate": 2e-5,
+    "pabee": {"loss": "pabee", "shared_pooler": True, "criterion": "patience",
+              "learning_rate": 2e-5,
               "warmup_steps": 0, "adam_beta1": 0.9, "adam_beta2": 0.999, "adam_epsilon": 1e-8,
               "weight_decay": 0.0, "max_grad_norm": 1.0, "per_device_train_batch_size": 32,
               "num_train_epochs": 5.0, "max_seq_length": 128},
@@ -978,7 +1008,8 @@ def test_each_recipe_sets_exactly_the_published_values(name):
     assert {k: getattr(a, k) for k in want} == want
     assert {k: v for k, v in vars(a).items() if k not in want and k != "recipe"} == \
         {k: v for k, v in plain.items() if k not in want and k != "recipe"}  # nothing else
-    assert line.startswith(f"recipe {name}, ") and "--learning-rate 2e-05" in line and "--warmup-steps 0 " in line
+    assert line.startswith(f"recipe {name}, ") and "--learning-rate 2e-05" in line
+    assert "--warmup-steps 0 " in line
 
 
 @needs_hf
@@ -996,12 +1027,14 @@ def test_a_recipe_under_the_users_flags_reaches_trainer(hf_dir, data, tmp_path, 
 
     monkeypatch.setattr(MultiExitTrainer, "__init__", record)
     out = tmp_path / "run"
-    assert cli.main(args(hf_dir, data, out, "--max-steps", "2", "--recipe", "pabee", "--adam-beta2", "0.98")) == 0
+    assert cli.main(args(hf_dir, data, out, "--max-steps", "2", "--recipe", "pabee", "--adam-beta2",
+                         "0.98")) == 0
     text = capsys.readouterr().out
     assert [x for x in text.splitlines() if x.startswith("recipe ")] == [
         "recipe pabee, PABEE (Zhou et al., NeurIPS 2020): --loss pabee --shared-pooler --criterion patience "
         "--warmup-steps 0 --adam-beta1 0.9 --adam-epsilon 1e-08 --weight-decay 0 --max-grad-norm 1 "
-        "--num-train-epochs 5 --max-seq-length 128; yours kept: --learning-rate 0.003 --adam-beta2 0.98 "
+        "--num-train-epochs 5 --max-seq-length 128; yours kept: --learning-rate 0.003 --adam-beta2 "
+        "0.98 "
         "--per-device-train-batch-size 16"]
     t = seen[-1]
     assert (t.args.learning_rate, t.args.adam_beta1, t.args.adam_beta2, t.args.adam_epsilon, t.args.weight_decay,
@@ -1015,29 +1048,34 @@ def test_a_recipe_under_the_users_flags_reaches_trainer(hf_dir, data, tmp_path, 
     assert "batched early exit" in text and "patience" in text
 
 
-# ------------------------------------------------------------------------------- the flag vocabulary and steps
+# ------------------------------------------------------------------------------- the flag
+# vocabulary and steps
 
 
 @pytest.mark.parametrize("old,new", [("--lr", "--learning-rate"), ("--steps", "--max-steps"),
                                      ("--epochs", "--num-train-epochs"),
                                      ("--grad-accum", "--gradient-accumulation-steps"),
-                                     ("--warmup", "--warmup-steps"), ("--save-every", "--save-steps"),
+                                     ("--warmup", "--warmup-steps"), ("--save-every",
+                                                                      "--save-steps"),
                                      ("--log-every", "--logging-steps"),
                                      ("--eval-batch-size", "--per-device-eval-batch-size"),
                                      ("--max-len", "--max-seq-length")])
 def test_old_spellings_are_refused_with_the_new_name(tmp_path, capsys, old, new):
-    """Each old flag (also as --flag=value) is one line naming its new spelling, before anything runs."""
+    """Each old flag (also as --flag=value) is one line naming its new spelling, before anything
+    runs."""
     for spelled in ([old, "3"], [f"{old}=3"]):
         argv = ["finetune", "--hf", "b", "--train", "t.tsv", "--out", str(tmp_path / "o"), *spelled]
         assert cli.main(argv) == 2
         err = capsys.readouterr().err
         assert err.strip() == f"effbert finetune: error: {old} is now {new}" or \
-            (err.startswith(f"effbert finetune: error: {old} is now {new}") and len(err.splitlines()) == 1), err
+            (err.startswith(f"effbert finetune: error: {old} is now {new}")
+             and len(err.splitlines()) == 1), err
     assert not (tmp_path / "o").exists()
 
 
 def _checked(tmp_path, *extra):
-    s = finetune.build_parser().parse_args(["--hf", "b", "--train", "t.tsv", "--out", str(tmp_path / "o"),
+    s = finetune.build_parser().parse_args(["--hf", "b", "--train", "t.tsv", "--out",
+                                            str(tmp_path / "o"),
                                             "--device", "cpu", *extra])
     try:
         finetune.check(s)
@@ -1048,14 +1086,19 @@ def _checked(tmp_path, *extra):
 
 
 def test_global_batch_size_and_warmup_are_resolved_once(tmp_path):
-    """--batch-size is global rows an optimizer step (processes x accumulation x per-device); the per-device batch
-    defaults to 32 and the warm-up to a 0.1 share; each exclusive pair is refused together."""
+    """--batch-size is global rows an optimizer step (processes x accumulation x per-device); the
+    per-device batch defaults to 32 and the warm-up to a 0.1 share; each exclusive pair is refused
+    together."""
     s = _checked(tmp_path)
     assert (s.per_device_train_batch_size, s.warmup_ratio, s.warmup_steps) == (32, 0.1, None)
-    s = _checked(tmp_path, "--batch-size", "48", "--gradient-accumulation-steps", "3", "--warmup-steps", "7")
+    s = _checked(tmp_path, "--batch-size", "48", "--gradient-accumulation-steps", "3",
+                 "--warmup-steps", "7")
     assert (s.per_device_train_batch_size, s.warmup_ratio, s.warmup_steps) == (16, None, 7)
-    for extra, message in ((["--batch-size", "10", "--gradient-accumulation-steps", "4"], "not a multiple"),
-                           (["--batch-size", "8", "--per-device-train-batch-size", "8"], "exclude each other"),
+    for extra, message in ((["--batch-size", "10", "--gradient-accumulation-steps", "4"],
+                            "not a multiple"),
+                           (["--batch-size", "8", "--per-device-train-batch-size", "8"], "exclude "
+                                                                                         "each "
+                                                                                         "other"),
                            (["--warmup-steps", "1", "--warmup-ratio", "0.1"], "exclude each other"),
                            (["--warmup-ratio", "1"], "--warmup-ratio must be in [0, 1)")):
         with pytest.raises(cli.UsageError, match=re.escape(message)):
@@ -1073,29 +1116,34 @@ def test_help_has_a_line_for_every_option_and_each_default_once(capsys):
     text = capsys.readouterr().out
     assert "``" not in text and "--per-device-train-batch-size" in text and "--report-to" in text
     blocks = re.split(r"\n  (?=-)", text)
-    assert all(b.count("default") <= 1 for b in blocks), [b for b in blocks if b.count("default") > 1]
-    assert "(default: 500)" in text and "(default: 0)" in text  # --save-steps, --seed (0 and 1 are shown)
+    assert all(b.count("default") <= 1 for b in blocks), [b for b in blocks
+                                                          if b.count("default") > 1]
+    # --save-steps, --seed (0 and 1 are shown)
+    assert "(default: 500)" in text and "(default: 0)" in text
 
 
 def _settings(tmp_path, data, **kw):
     import types
 
-    base = dict(train=str(data / "train.tsv"), eval=str(data / "eval.tsv"), out=str(tmp_path / "o"), resume=False,
+    base = dict(train=str(data / "train.tsv"), eval=str(data / "eval.tsv"), out=str(tmp_path / "o"),
+                resume=False,
                 regression=False)
     return types.SimpleNamespace(**{**base, **kw})
 
 
 def test_read_examples_step(tmp_path, data):
-    """training.finetune.read_examples on its own: sorted labels, class ids, --eval mapped by --train's labels;
-    an --eval label --train lacks is a one-line UsageError naming --eval."""
+    """training.finetune.read_examples on its own: sorted labels, class ids, --eval mapped by
+    --train's labels; an --eval label --train lacks is a one-line UsageError naming --eval."""
     ex = finetune_run.read_examples(_settings(tmp_path, data))
     names, texts = tsv.read_tsv(str(data / "train.tsv"))
     assert ex.labels == ["food", "sport"] and ex.train_texts == texts
-    assert ex.train_targets.dtype == torch.int64 and ex.train_targets.tolist() == [ex.labels.index(n) for n in names]
+    assert ex.train_targets.dtype == torch.int64
+    assert ex.train_targets.tolist() == [ex.labels.index(n) for n in names]
     e_names, _ = tsv.read_tsv(str(data / "eval.tsv"))
     assert ex.eval_targets.tolist() == [ex.labels.index(n) for n in e_names]
     (tmp_path / "u.tsv").write_text("music\tthe song\n")
-    with pytest.raises(cli.UsageError, match="--eval: labels \\['music'\\] do not occur in --train"):
+    with pytest.raises(cli.UsageError,
+                       match="--eval: labels \\['music'\\] do not occur in --train"):
         finetune_run.read_examples(_settings(tmp_path, data, eval=str(tmp_path / "u.tsv")))
     (tmp_path / "bin.tsv").write_bytes(b"a\tx\0y\n")
     with pytest.raises(cli.UsageError, match="--train: .* is binary, not text"):
@@ -1103,11 +1151,14 @@ def test_read_examples_step(tmp_path, data):
 
 
 def test_training_args_step(tmp_path, data):
-    """training.finetune.training_args on its own: the settled flags reach TrainingArguments by Trainer's names."""
-    s = _checked(tmp_path, "--batch-size", "24", "--gradient-accumulation-steps", "2", "--warmup-steps", "5",
+    """training.finetune.training_args on its own: the settled flags reach TrainingArguments by
+    Trainer's names."""
+    s = _checked(tmp_path, "--batch-size", "24", "--gradient-accumulation-steps", "2",
+                 "--warmup-steps", "5",
                  "--save-steps", "0", "--learning-rate", "1e-4", "--max-steps", "9")
     t = finetune_run.training_args(s, str(tmp_path / "ck"), torch.device("cpu"), 1)
-    assert (t.per_device_train_batch_size, t.gradient_accumulation_steps, t.warmup_steps, t.learning_rate,
+    assert (t.per_device_train_batch_size, t.gradient_accumulation_steps, t.warmup_steps,
+            t.learning_rate,
             t.max_steps, t.save_strategy, t.report_to) == (12, 2, 5, 1e-4, 9, "no", [])
     s = _checked(tmp_path)
     t = finetune_run.training_args(s, str(tmp_path / "ck"), torch.device("cpu"), 2)
@@ -1116,7 +1167,8 @@ def test_training_args_step(tmp_path, data):
 
 @needs_hf
 def test_saved_files_are_mode_0644(hf_dir, tmp_path):
-    """save_finetuned writes every file readable by all (0644), the weights included, whatever its writer does."""
+    """save_finetuned writes every file readable by all (0644), the weights included, whatever its
+    writer does."""
     import stat
 
     model, tokenizer, _ = loading.from_hf_folder(str(hf_dir), 2, "eager")

@@ -56,16 +56,17 @@ def spread(times):
     return mid[-1] / mid[0] if mid[0] > 0 else 1.0
 
 
-def interleave(fns, *, quick=False, rounds=None, budget_s=None, min_block_s=1e-3, warmup=True, alternate=False,
-               device=None):
-    """Time ``fns`` round by round (A B C A B C ...): each round times every fn once, in order, after warm-up
-    calls. Runs ``rounds`` rounds when given, else at least MIN_ROUNDS and then until ``budget_s`` (default 0.5 s
-    per fn, 0.05 s with ``quick``) is spent, at most 1000. A fn faster than ``min_block_s`` is called in a block of
-    back-to-back calls per round (sized in the warm-up) and the round records the block's time per call: the
-    clocks' own cost and resolution would otherwise be what is measured. ``warmup=False``: no warm-up calls (the
-    caller warmed up), one call a round. ``alternate``: every other round runs the fns in reverse order (A B, B A,
-    A B, ...), so that neither is always the one that runs first. ``device`` a CUDA device: each call is timed
-    between synchronisations.
+def interleave(fns, *, quick=False, rounds=None, budget_s=None, min_block_s=1e-3, warmup=True,
+               alternate=False, device=None):
+    """Time ``fns`` round by round (A B C A B C ...): each round times every fn once, in order,
+    after warm-up calls. Runs ``rounds`` rounds when given, else at least MIN_ROUNDS and then until
+    ``budget_s`` (default 0.5 s per fn, 0.05 s with ``quick``) is spent, at most 1000. A fn faster
+    than ``min_block_s`` is called in a block of back-to-back calls per round (sized in the warm-up)
+    and the round records the block's time per call: the clocks' own cost and resolution would
+    otherwise be what is measured. ``warmup=False``: no warm-up calls (the caller warmed up), one
+    call a round. ``alternate``: every other round runs the fns in reverse order (A B, B A, A B,
+    ...), so that neither is always the one that runs first. ``device`` a CUDA device: each call is
+    timed between synchronisations.
 
     Returns ``(wall, cpu, errors)``: per fn the list of wall milliseconds and of process CPU milliseconds per call,
     one per round, and ``{index: exception}`` for fns that raised (dropped from later rounds, so one broken
@@ -89,7 +90,8 @@ def interleave(fns, *, quick=False, rounds=None, budget_s=None, min_block_s=1e-3
             return None
         return (t1 - t0) * 1e3 / reps[i], (c1 - c0) * 1e3 / reps[i]
 
-    for i in range(len(fns) if warmup else 0):  # warm-up (first-call costs: allocation, compilation), block size
+    # warm-up (first-call costs: allocation, compilation), block size
+    for i in range(len(fns) if warmup else 0):
         once = call(i)
         if once is not None and once[0] < 10 * min_block_s * 1e3:  # maybe fast: a second call to size the block
             once = call(i)
@@ -122,15 +124,16 @@ def summarize(wall, cpu):
 
 
 def paired_speedup(baseline, candidate, device, rounds):
-    """The speed-up of ``candidate()`` over ``baseline()`` robust to a shared machine: ``rounds`` interleaved pairs
-    with the order alternating (``interleave(..., alternate=True)``, no warm-up: warm up first), each pair's ratio
-    of costs, the median ratio. The cost is process CPU time on a CPU (a pass that waits while other jobs hold the
-    cores accrues none) and wall time between synchronisations on a GPU. Returns ``(speed-up, median baseline
-    seconds)``; an exception of either fn propagates."""
+    """The speed-up of ``candidate()`` over ``baseline()`` robust to a shared machine: ``rounds``
+    interleaved pairs with the order alternating (``interleave(..., alternate=True)``, no warm-up:
+    warm up first), each pair's ratio of costs, the median ratio. The cost is process CPU time on a
+    CPU (a pass that waits while other jobs hold the cores accrues none) and wall time between
+    synchronisations on a GPU. Returns ``(speed-up, median baseline seconds)``; an exception of
+    either fn propagates."""
     if not (isinstance(rounds, int) and rounds >= 1):
         raise ValueError(f"rounds must be an int >= 1, got {rounds!r}")
-    wall, cpu, errors = interleave([baseline, candidate], rounds=rounds, warmup=False, alternate=True,
-                                   device=device)
+    wall, cpu, errors = interleave([baseline, candidate], rounds=rounds, warmup=False,
+                                   alternate=True, device=device)
     if errors:
         raise next(iter(errors.values()))
     base, cand = wall if device.type == "cuda" else cpu

@@ -1,13 +1,14 @@
-"""``effbert finetune``: multi-exit classification on a user's own labelled text through ``transformers.Trainer``,
-then a speed-accuracy report of batched early exit over exit thresholds.
+"""``effbert finetune``: multi-exit classification on a user's own labelled text through
+``transformers.Trainer``, then a speed-accuracy report of batched early exit over exit thresholds.
 
     effbert finetune --hf ./bert-base-uncased --train train.tsv --eval dev.tsv --out run/
-    effbert finetune --init pretrain-run/ --train train.tsv --eval dev.tsv --out run/ --num-train-epochs 3
+    effbert finetune --init pretrain-run/ --train train.tsv --eval dev.tsv --out run/ \
+        --num-train-epochs 3
 
-This module is the command line only: the settings (each flag's default and help, once), their validation in
-``check``, then ``effbert.training.finetune.run``, which reads in the order the run goes (docs/finetune.md says
-which published setting each option reproduces). The folder it writes is ``load_finetuned``'s
-(``effbert.models.loading``).
+This module is the command line only: the settings (each flag's default and help, once), their
+validation in ``check``, then ``effbert.training.finetune.run``, which reads in the order the run
+goes (docs/finetune.md says which published setting each option reproduces). The folder it writes is
+``load_finetuned``'s (``effbert.models.loading``).
 """
 
 import math
@@ -33,93 +34,124 @@ class FinetuneSettings:
     """What ``effbert finetune`` is told: one field a flag (``--per-device-train-batch-size`` is
     ``per_device_train_batch_size``), Trainer's names where Trainer has the concept."""
 
-    train: str = option(help="training examples, label<TAB>text a line", metavar="TSV")
-    out: str = option(help="folder for the fine-tuned model and the report (new or empty)", metavar="DIR")
-    eval: Optional[str] = option(None, help="held-out examples for the accuracy and early-exit report",
-                                 metavar="TSV")
-    init: Optional[str] = option(None, help="an effbert pretrain output folder (or --hf)", metavar="DIR")
-    hf: Optional[str] = option(None, help="a local Hugging Face BERT folder: config, weights, vocab.txt (or "
-                               "--init)", metavar="DIR")
-    overwrite: bool = option(False, help="replace an earlier effbert finetune run in --out (never another kind "
-                             "of folder)")
-    max_seq_length: int = option(128, help="longest input in pieces, [CLS] and [SEP] included", metavar="N")
-    cased: Optional[bool] = option(None, help="keep case and accents (default: as the checkpoint's tokenizer, "
-                                   "else lowercase)", nargs="?", const=True)
-    num_train_epochs: float = option(3.0, help="passes over --train (unless --max-steps)", metavar="X")
-    max_steps: Optional[int] = option(None, help="optimizer steps in all (overrides --num-train-epochs)", metavar="N")
-    batch_size: Optional[int] = option(None, help="global examples an optimizer step (all processes x "
-                                       "accumulation); or --per-device-train-batch-size", metavar="N")
-    per_device_train_batch_size: Optional[int] = option(None, help="examples a micro-batch on each device "
-                                                        f"(default {DEFAULT_PER_DEVICE_BATCH}); or --batch-size", metavar="N")
-    gradient_accumulation_steps: int = option(1, help="micro-batches an optimizer step", metavar="N")
-    learning_rate: float = option(5e-5, help="peak AdamW learning rate; linear decay to 0", metavar="X")
-    warmup_steps: Optional[int] = option(None, help="optimizer steps of linear warm-up; or --warmup-ratio", metavar="N")
-    warmup_ratio: Optional[float] = option(None, help="share of the steps with a linear warm-up (default "
-                                           f"{DEFAULT_WARMUP_RATIO}); or --warmup-steps", metavar="X")
-    weight_decay: float = option(0.01, help="AdamW weight decay", metavar="X")
-    adam_beta1: float = option(0.9, help="AdamW beta1", metavar="X")
-    adam_beta2: float = option(0.999, help="AdamW beta2", metavar="X")
-    adam_epsilon: float = option(1e-8, help="AdamW epsilon", metavar="X")
-    max_grad_norm: float = option(1.0, help="clip the gradient norm to this (0: no clipping)", metavar="X")
-    recipe: Optional[str] = option(None, help="a paper's published settings for the flags not given: deebert, "
-                                   "pabee or romebert (docs/finetune.md lists each value and its source)")
-    loss: str = option("romebert", choices=LOSSES, help="romebert: joint training with self-distillation from "
-                       "the last exit (RomeBERT); pabee: layer-weighted loss (PABEE); deebert: two stages, "
-                       "backbone then off-ramps (DeeBERT)")
-    gamma: float = option(0.9, help="RomeBERT: weight of the distillation term (its published value)", metavar="X")
-    temperature: float = option(3.0, help="RomeBERT: distillation temperature (its published value)", metavar="X")
-    grad_reg: bool = option(False, help="RomeBERT's gradient regularization (--gp): one projection of the "
-                            "concatenated gradients of every layer but the last")
-    project: str = option("others", choices=PROJECT, help="with --grad-reg, the side projected: others (the "
-                          "other exits' gradient off the last exit's: RomeBERT on MNLI/QQP) or final (the reverse)")
-    ge: bool = option(False, help="RomeBERT's gradient equilibrium: exit i's gradient scaled by 1/(L - i)")
-    shared_pooler: bool = option(False, help="one pooler shared by every off-ramp (PABEE); by default each has "
-                                 "its own, copied from the checkpoint's (DeeBERT, RomeBERT)")
-    regression: bool = option(False, help="labels are numbers: a one-output head trained with mean squared "
-                              "error; the report gives MSE instead of accuracy")
-    regression_delta: float = option(0.1, help="with --regression: a prediction counts as unchanged when it "
-                                     "moves by less than this (PABEE's rule)", metavar="X")
-    seed: int = option(0, help="seed of the weights' initialisation, the data order and dropout", metavar="N")
+    train: str = option(metavar="TSV", help="training examples, label<TAB>text a line")
+    out: str = option(metavar="DIR",
+        help="folder for the fine-tuned model and the report (new or empty)")
+    eval: Optional[str] = option(None, metavar="TSV",
+        help="held-out examples for the accuracy and early-exit report")
+    init: Optional[str] = option(None, metavar="DIR",
+        help="an effbert pretrain output folder (or --hf)")
+    hf: Optional[str] = option(None, metavar="DIR",
+        help="a local Hugging Face BERT folder: config, weights, vocab.txt (or --init)")
+    overwrite: bool = option(False,
+        help="replace an earlier effbert finetune run in --out (never another kind of folder)")
+    max_seq_length: int = option(128, metavar="N",
+        help="longest input in pieces, [CLS] and [SEP] included")
+    cased: Optional[bool] = option(None, nargs="?", const=True,
+        help="keep case and accents (default: as the checkpoint's tokenizer, else lowercase)")
+    num_train_epochs: float = option(3.0, metavar="X",
+        help="passes over --train (unless --max-steps)")
+    max_steps: Optional[int] = option(None, metavar="N",
+        help="optimizer steps in all (overrides --num-train-epochs)")
+    batch_size: Optional[int] = option(None, metavar="N",
+        help="global examples an optimizer step (all processes x accumulation); or "
+             "--per-device-train-batch-size")
+    per_device_train_batch_size: Optional[int] = option(None, metavar="N",
+        help="examples a micro-batch on each device (default 32); or --batch-size")
+    gradient_accumulation_steps: int = option(1, metavar="N",
+        help="micro-batches an optimizer step")
+    learning_rate: float = option(5e-5, metavar="X",
+        help="peak AdamW learning rate; linear decay to 0")
+    warmup_steps: Optional[int] = option(None, metavar="N",
+        help="optimizer steps of linear warm-up; or --warmup-ratio")
+    warmup_ratio: Optional[float] = option(None, metavar="X",
+        help="share of the steps with a linear warm-up (default 0.1); or --warmup-steps")
+    weight_decay: float = option(0.01, metavar="X", help="AdamW weight decay")
+    adam_beta1: float = option(0.9, metavar="X", help="AdamW beta1")
+    adam_beta2: float = option(0.999, metavar="X", help="AdamW beta2")
+    adam_epsilon: float = option(1e-8, metavar="X", help="AdamW epsilon")
+    max_grad_norm: float = option(1.0, metavar="X",
+        help="clip the gradient norm to this (0: no clipping)")
+    recipe: Optional[str] = option(None,
+        help="a paper's published settings for the flags not given: deebert, pabee or romebert "
+             "(docs/finetune.md lists each value and its source)")
+    loss: str = option("romebert", choices=LOSSES,
+        help="romebert: joint training with self-distillation from the last exit (RomeBERT); "
+             "pabee: layer-weighted loss (PABEE); deebert: two stages, backbone then off-ramps "
+             "(DeeBERT)")
+    gamma: float = option(0.9, metavar="X",
+        help="RomeBERT: weight of the distillation term (its published value)")
+    temperature: float = option(3.0, metavar="X",
+        help="RomeBERT: distillation temperature (its published value)")
+    grad_reg: bool = option(False,
+        help="RomeBERT's gradient regularization (--gp): one projection of the concatenated "
+             "gradients of every layer but the last")
+    project: str = option("others", choices=PROJECT,
+        help="with --grad-reg, the side projected: others (the other exits' gradient off the last "
+             "exit's: RomeBERT on MNLI/QQP) or final (the reverse)")
+    ge: bool = option(False,
+        help="RomeBERT's gradient equilibrium: exit i's gradient scaled by 1/(L - i)")
+    shared_pooler: bool = option(False,
+        help="one pooler shared by every off-ramp (PABEE); by default each has its own, copied "
+             "from the checkpoint's (DeeBERT, RomeBERT)")
+    regression: bool = option(False,
+        help="labels are numbers: a one-output head trained with mean squared error; the report "
+             "gives MSE instead of accuracy")
+    regression_delta: float = option(0.1, metavar="X",
+        help="with --regression: a prediction counts as unchanged when it moves by less than this "
+             "(PABEE's rule)")
+    seed: int = option(0, metavar="N",
+        help="seed of the weights' initialisation, the data order and dropout")
     device: Optional[str] = option(None, help="cpu, cuda or cuda:N (default: cuda when available)")
-    backend: Optional[str] = option(None, help="effbert op backend (default: auto; eager under the Triton "
-                                    "interpreter)")
+    backend: Optional[str] = option(None,
+        help="effbert op backend (default: auto; eager under the Triton interpreter)")
     fp16: bool = option(False, help="fp16 mixed precision with loss scaling (CUDA)")
     bf16: bool = option(False, help="bf16 mixed precision")
-    logging_steps: int = option(50, help="print the mean loss every N steps", metavar="N")
-    save_steps: int = option(500, help="keep a checkpoint every N steps in DIR/checkpoints (0: none)", metavar="N")
-    save_total_limit: int = option(2, help="newest complete checkpoints kept (the oldest go)", metavar="N")
-    resume: bool = option(False, help="continue the run in --out from its newest complete checkpoint (the same "
-                          "command line, plus --resume)")
-    reshape_schedule: bool = option(False, help="with --resume and more steps: stretch the learning-rate "
-                                    "schedule to them (default: keep the run's)")
-    report_to: Optional[list[str]] = option(None, help="Trainer's report_to: tensorboard, wandb, ... (default: "
-                                            "none)", metavar="NAME")
-    quiet: bool = option(False, help="no progress bar (there is none when stderr is not a terminal)")
-    criterion: str = option("entropy", choices=CRITERIA, help="the early-exit report's exit rule")
-    per_device_eval_batch_size: int = option(128, help="examples a batch in the early-exit report", metavar="N")
+    logging_steps: int = option(50, metavar="N", help="print the mean loss every N steps")
+    save_steps: int = option(500, metavar="N",
+        help="keep a checkpoint every N steps and at the end, in DIR/checkpoints (0: none)")
+    save_total_limit: int = option(2, metavar="N",
+        help="newest complete checkpoints kept (the oldest go)")
+    resume: bool = option(False,
+        help="continue the run in --out from its newest complete checkpoint (the same command "
+             "line, plus --resume)")
+    reshape_schedule: bool = option(False,
+        help="with --resume and more steps: stretch the learning-rate schedule to them (default: "
+             "keep the run's)")
+    report_to: Optional[list[str]] = option(None, metavar="NAME",
+        help="Trainer's report_to: tensorboard, wandb, ... (default: none)")
+    quiet: bool = option(False,
+        help="no progress bar (there is none when stderr is not a terminal)")
+    criterion: str = option("entropy", choices=CRITERIA,
+        help="the early-exit report's exit rule")
+    per_device_eval_batch_size: int = option(128, metavar="N",
+        help="examples a batch in the early-exit report")
 
 
 def build_parser():
     """The ``effbert finetune`` parser: ``parse_args`` returns a ``FinetuneSettings``."""
-    return parser(FinetuneSettings, "effbert finetune", "Multi-exit classification on your labelled text, then "
-                  "an early-exit report.")
+    return parser(FinetuneSettings, "effbert finetune",
+                  "Multi-exit classification on your labelled text, then an early-exit report.")
 
 
 def _check_numbers(s):
     """Every number in its range, each rule one line naming its flag."""
-    fail_if(s.max_steps is not None and s.max_steps < 1, f"--max-steps must be >= 1, got {s.max_steps}")
+    fail_if(s.max_steps is not None and s.max_steps < 1,
+            f"--max-steps must be >= 1, got {s.max_steps}")
     fail_if(not (s.num_train_epochs > 0 and math.isfinite(s.num_train_epochs)),
             f"--num-train-epochs must be > 0, got {s.num_train_epochs}")
-    for flag, v in (("--batch-size", s.batch_size), ("--per-device-train-batch-size",
-                                                      s.per_device_train_batch_size),
+    for flag, v in (("--batch-size", s.batch_size),
+                    ("--per-device-train-batch-size", s.per_device_train_batch_size),
                     ("--per-device-eval-batch-size", s.per_device_eval_batch_size),
                     ("--gradient-accumulation-steps", s.gradient_accumulation_steps),
-                    ("--logging-steps", s.logging_steps), ("--save-total-limit", s.save_total_limit)):
+                    ("--logging-steps", s.logging_steps),
+                    ("--save-total-limit", s.save_total_limit)):
         fail_if(v is not None and v < 1, f"{flag} must be >= 1, got {v}")
     fail_if(s.save_steps < 0, f"--save-steps must be >= 0, got {s.save_steps}")
     fail_if(not (s.learning_rate > 0 and math.isfinite(s.learning_rate)),
             f"--learning-rate must be > 0, got {s.learning_rate}")
-    fail_if(s.warmup_steps is not None and s.warmup_steps < 0, f"--warmup-steps must be >= 0, got {s.warmup_steps}")
+    fail_if(s.warmup_steps is not None and s.warmup_steps < 0,
+            f"--warmup-steps must be >= 0, got {s.warmup_steps}")
     fail_if(s.warmup_ratio is not None and not 0 <= s.warmup_ratio < 1,
             f"--warmup-ratio must be in [0, 1), got {s.warmup_ratio}")
     fail_if(not s.weight_decay >= 0, f"--weight-decay must be >= 0, got {s.weight_decay}")
@@ -133,15 +165,16 @@ def _check_numbers(s):
 
 
 def _resolve_batch_and_warmup(s):
-    """One of each exclusive pair, then the per-device batch and the warm-up share Trainer is given."""
+    """One of each exclusive pair, then the per-device batch and the warm-up share Trainer is
+    given."""
     fail_if(s.batch_size is not None and s.per_device_train_batch_size is not None,
             "--batch-size (global) and --per-device-train-batch-size exclude each other: give one")
     fail_if(s.warmup_steps is not None and s.warmup_ratio is not None,
             "--warmup-steps and --warmup-ratio exclude each other: give one")
     if s.batch_size is not None:
         share = int(os.environ.get("WORLD_SIZE", "1")) * s.gradient_accumulation_steps
-        fail_if(s.batch_size % share, f"--batch-size {s.batch_size} is not a multiple of processes x "
-                f"--gradient-accumulation-steps ({share})")
+        fail_if(s.batch_size % share, f"--batch-size {s.batch_size} is not a multiple of "
+                f"processes x --gradient-accumulation-steps ({share})")
         s.per_device_train_batch_size = s.batch_size // share
     elif s.per_device_train_batch_size is None:
         s.per_device_train_batch_size = DEFAULT_PER_DEVICE_BATCH
@@ -150,13 +183,16 @@ def _resolve_batch_and_warmup(s):
 
 
 def check(s):
-    """Validate ``s`` (a ``FinetuneSettings``) before any work, in one place, and settle what the flags leave
-    open (the per-device batch, the warm-up, the backend, the progress bar); then take the run folder."""
+    """Validate ``s`` (a ``FinetuneSettings``) before any work, in one place, and settle what the
+    flags leave open (the per-device batch, the warm-up, the backend, the progress bar); then take
+    the run folder."""
     from ..training.finetune import open_run_folder
 
-    fail_if(s.init is None and s.hf is None, "give one of --init DIR (an effbert pretrain output) or --hf DIR "
-            "(a Hugging Face BERT folder)")
-    fail_if(s.init is not None and s.hf is not None, "--hf not allowed with --init: give one of them")
+    fail_if(s.init is None and s.hf is None,
+            "give one of --init DIR (an effbert pretrain output) or --hf DIR (a Hugging Face BERT "
+            "folder)")
+    fail_if(s.init is not None and s.hf is not None,
+            "--hf not allowed with --init: give one of them")
     _check_numbers(s)
     _resolve_batch_and_warmup(s)
     fail_if(s.fp16 and s.bf16, "--fp16 and --bf16 exclude each other: give one")
@@ -166,7 +202,8 @@ def check(s):
             "--regression needs --criterion patience (entropy and max_prob need classes)")
     fail_if(s.reshape_schedule and not s.resume, "--reshape-schedule goes with --resume")
     fail_if(s.grad_reg and int(os.environ.get("WORLD_SIZE", "1")) > 1,
-            "--grad-reg runs on one process: its two backward passes bypass data-parallel gradient averaging")
+            "--grad-reg runs on one process: its two backward passes bypass data-parallel gradient "
+            "averaging")
     device = parse_device(s.device)
     check_backend(s.backend, device)
     fail_if(s.fp16 and device.type != "cuda", "--fp16 needs a CUDA device (--bf16 runs on a CPU)")
@@ -180,8 +217,8 @@ def main(argv=None):
     from ..training import finetune
 
     argv = sys.argv[1:] if argv is None else list(argv)
-    return run_command("effbert finetune", build_parser(), checker("finetune", build_parser, argv, check),
-                       finetune.run, argv)
+    check_all = checker("finetune", build_parser, argv, check)  # the recipe first, then check
+    return run_command("effbert finetune", build_parser(), check_all, finetune.run, argv)
 
 
 if __name__ == "__main__":

@@ -1,13 +1,16 @@
-"""``effbert demo``: pretrain a tiny TUPE-R BERT with TNF, fine-tune multi-exit off-ramps, run batched early exit.
+"""``effbert demo``: pretrain a tiny TUPE-R BERT with TNF, fine-tune multi-exit off-ramps, run
+batched early exit.
 
-Everything it needs is generated here (no download): a toy grammar over a Zipfian vocabulary (so rare words exist),
-a WordPiece-like tokenisation (frequent words are one piece; tail words are a stem piece plus a ``##`` suffix
-piece), masked-LM pretraining with the TNF note dictionary, then a topic classification task for the off-ramps. It
-prints the loss as it falls, then layers saved, speed-up and accuracy at a few exit thresholds against the
-full-depth model, and writes a plot (loss curve, speed-accuracy curve) to ``--out``.
+Everything it needs is generated here (no download): a toy grammar over a Zipfian vocabulary (so
+rare words exist), a WordPiece-like tokenisation (frequent words are one piece; tail words are a
+stem piece plus a ``##`` suffix piece), masked-LM pretraining with the TNF note dictionary, then a
+topic classification task for the off-ramps. It prints the loss as it falls, then layers saved,
+speed-up and accuracy at a few exit thresholds against the full-depth model, and writes a plot (loss
+curve, speed-accuracy curve) to ``--out``.
 
-On a CUDA device it runs the fused kernels at larger sizes; on the CPU it runs a tiny model (README.md, Demo, gives
-its time and results). The command line is ``effbert.commands.demo``; this module is the run, each step a function.
+On a CUDA device it runs the fused kernels at larger sizes; on the CPU it runs a tiny model
+(README.md, Demo, gives its time and results). The command line is ``effbert.commands.demo``; this
+module is the run, each step a function.
 """
 
 import os
@@ -26,9 +29,10 @@ SUFFIXES = ["##a", "##e", "##o", "##s"]
 
 
 def mask_tokens(ids, lengths, gen, *, mask_id, maskable, prob=0.15):
-    """BERT's masking (Devlin et al. 2019): ``prob`` of the real maskable pieces become targets; 80% of those become
-    ``mask_id``, 10% a random maskable piece, 10% stay. ``maskable``: bool ``[V]`` (False for the special tokens).
-    Returns ``(masked ids, labels (-100 = no target), real-token mask)``."""
+    """BERT's masking (Devlin et al. 2019): ``prob`` of the real maskable pieces become targets; 80%
+    of those become ``mask_id``, 10% a random maskable piece, 10% stay. ``maskable``: bool ``[V]``
+    (False for the special tokens). Returns ``(masked ids, labels (-100 = no target), real-token
+    mask)``."""
     n = ids.shape[1]
     real = torch.arange(n)[None] < lengths[:, None]
     words = real & maskable[ids]
@@ -44,8 +48,8 @@ def mask_tokens(ids, lengths, gen, *, mask_id, maskable, prob=0.15):
 
 
 def _progress(total, desc, show):
-    """A tqdm bar on stderr when ``show`` (a person watches), else None: callers print periodic lines instead (a
-    log file gets lines, never a bar's carriage returns)."""
+    """A tqdm bar on stderr when ``show`` (a person watches), else None: callers print periodic
+    lines instead (a log file gets lines, never a bar's carriage returns)."""
     if not show:
         return None
     from tqdm import tqdm
@@ -78,9 +82,9 @@ def sizes_for(device, quick):
 
 
 class ToyCorpus:
-    """Sentences of phrases "function word, one or two content words"; each sentence has a topic (its label) that
-    tilts its content words towards the topic's own Zipfian ranking by a per-sentence strength, so some sentences
-    are easy to classify and some are not."""
+    """Sentences of phrases "function word, one or two content words"; each sentence has a topic
+    (its label) that tilts its content words towards the topic's own Zipfian ranking by a
+    per-sentence strength, so some sentences are easy to classify and some are not."""
 
     def __init__(self, sizes, seed=0):
         self.s = sizes
@@ -98,7 +102,8 @@ class ToyCorpus:
             self.topic_p.append(p / p.sum())
         fz = 1.0 / (np.arange(sizes.function_words) + 1.0)
         self.function_p = fz / fz.sum()
-        # tokenisation: the 60% most frequent content words are single pieces, the tail stem + suffix
+        # tokenisation: the 60% most frequent content words are single pieces, the tail stem +
+        # suffix
         self.head = int(sizes.content_words * 0.6)
         tail = sizes.content_words - self.head
         self.stems = (tail + len(SUFFIXES) - 1) // len(SUFFIXES)
@@ -157,6 +162,23 @@ class ToyCorpus:
         return ids, lengths
 
 
+def mlm_step(model, opt, sched, table, ids, lengths, maskable, device, gen):
+    """One masked-LM optimizer step on the rows ``ids [b, N]`` (``lengths [b]`` real pieces), then
+    TNF's note update; returns the step's loss."""
+    n = int(lengths.max())
+    masked, labels, real = mask_tokens(ids[:, :n], lengths, gen, mask_id=MASK, maskable=maskable)
+    spans, slots = table.find(masked, lengths)  # masked rare words get no note: no peeking
+    masked, labels, real = masked.to(device), labels.to(device), real.to(device)
+    out = model(masked, real, labels=labels, note_slots=slots.to(device), return_logits=False)
+    opt.zero_grad(set_to_none=True)
+    out.loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    sched.step()
+    model.update_notes(out.last_hidden_state, spans.to(device), lengths.to(device))
+    return out.loss.item()
+
+
 def pretrain(corpus, ids, lengths, sizes, device, backend, gen, log):
     from ..models import TupeBertConfig, TupeBertForMaskedLM
     from ..nn import NoteDictionary
@@ -170,41 +192,35 @@ def pretrain(corpus, ids, lengths, sizes, device, backend, gen, log):
     vals = np.array(sorted(counts.values()))
     max_count = max(3, int(np.percentile(vals, 50)))
     rare = build_rare_vocab(counts, min_count=3, max_count=max_count)
-    table = RareWordTable.build(rare, lambda w: corpus.pieces(("c", int(w[1:]))), corpus.continuation())
-    cfg = TupeBertConfig(vocab_size=corpus.vocab_size, hidden_size=sizes.hidden, num_hidden_layers=sizes.layers,
-                         num_attention_heads=sizes.heads, intermediate_size=4 * sizes.hidden,
-                         max_position_embeddings=sizes.max_len, position_mode="tupe-r", num_buckets=32,
-                         max_distance=128, hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.0,
+    table = RareWordTable.build(rare, lambda w: corpus.pieces(("c", int(w[1:]))),
+                                corpus.continuation())
+    cfg = TupeBertConfig(vocab_size=corpus.vocab_size, hidden_size=sizes.hidden,
+                         num_hidden_layers=sizes.layers, num_attention_heads=sizes.heads,
+                         intermediate_size=4 * sizes.hidden, max_position_embeddings=sizes.max_len,
+                         position_mode="tupe-r", num_buckets=32, max_distance=128,
+                         hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.0,
                          backend=backend)
     notes = NoteDictionary(len(table), sizes.hidden, window=4, gamma=0.1, lam=0.5)
     model = TupeBertForMaskedLM(cfg, note_dictionary=notes).to(device).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=2e-3 if sizes.hidden <= 64 else 5e-4, weight_decay=0.01)
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-3 if sizes.hidden <= 64 else 5e-4,
+                            weight_decay=0.01)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=opt.param_groups[0]["lr"],
                                                 total_steps=sizes.pretrain_steps, pct_start=0.1)
-    log(f"pretraining a {sizes.layers}-layer TUPE-R BERT (hidden {sizes.hidden}, {sizes.heads} heads, "
-        f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters) with TNF notes for "
-        f"{len(table)} rare words, {sizes.pretrain_steps} steps of {sizes.batch} sentences, backend {backend}")
+    millions = sum(p.numel() for p in model.parameters()) / 1e6
+    log(f"pretraining a {sizes.layers}-layer TUPE-R BERT (hidden {sizes.hidden}, {sizes.heads} "
+        f"heads, {millions:.2f}M parameters) with TNF notes for "
+        f"{len(table)} rare words, {sizes.pretrain_steps} steps of {sizes.batch} sentences, "
+        f"backend {backend}")
     losses = []
-    maskable = torch.arange(corpus.vocab_size) >= corpus.first_function  # every piece but the specials
+    # every piece but the specials
+    maskable = torch.arange(corpus.vocab_size) >= corpus.first_function
     bar = _progress(sizes.pretrain_steps, "MLM", log.progress)
     every = max(1, sizes.pretrain_steps // 10)
     t0 = time.perf_counter()
     for step in range(sizes.pretrain_steps):
         rows = torch.randint(0, ids.shape[0], (sizes.batch,), generator=gen)
-        b_ids, b_len = ids[rows], lengths[rows]
-        n = int(b_len.max())
-        b_ids = b_ids[:, :n]
-        masked, labels, real = mask_tokens(b_ids, b_len, gen, mask_id=MASK, maskable=maskable)
-        spans, slots = table.find(masked, b_len)  # masked rare words get no note: no peeking at the target
-        masked, labels, real = masked.to(device), labels.to(device), real.to(device)
-        out = model(masked, real, labels=labels, note_slots=slots.to(device), return_logits=False)
-        opt.zero_grad(set_to_none=True)
-        out.loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        model.update_notes(out.last_hidden_state, spans.to(device), b_len.to(device))
-        losses.append(out.loss.item())
+        losses.append(mlm_step(model, opt, sched, table, ids[rows], lengths[rows], maskable, device,
+                               gen))
         if bar is not None:
             bar.update(1)
             bar.set_postfix(loss=f"{losses[-1]:.3f}")
@@ -213,8 +229,8 @@ def pretrain(corpus, ids, lengths, sizes, device, backend, gen, log):
     if bar is not None:
         bar.close()
     k = max(1, len(losses) // 10)
-    log(f"MLM loss {np.mean(losses[:k]):.3f} -> {np.mean(losses[-k:]):.3f} (first / last {k} steps), "
-        f"{int((model.notes.counts > 0).sum())} of {len(table)} notes taken, "
+    log(f"MLM loss {np.mean(losses[:k]):.3f} -> {np.mean(losses[-k:]):.3f} (first / last {k} "
+        f"steps), {int((model.notes.counts > 0).sum())} of {len(table)} notes taken, "
         f"{time.perf_counter() - t0:.1f} s")
     return model, losses
 
@@ -231,9 +247,10 @@ def finetune(mlm, ids, lengths, labels, sizes, device, gen, log):
     model = TupeBertForSequenceClassification(TupeBertConfig.from_dict(values))
     model.bert.load_state_dict(mlm.bert.state_dict())
     model = model.to(device).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3 if sizes.hidden <= 64 else 2e-4, weight_decay=0.01)
-    log(f"fine-tuning {sizes.layers} off-ramps on {sizes.topics}-way topic classification with RomeBERT's loss "
-        f"(gamma {FINETUNE_GAMMA}, temperature {FINETUNE_TEMPERATURE}), "
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3 if sizes.hidden <= 64 else 2e-4,
+                            weight_decay=0.01)
+    log(f"fine-tuning {sizes.layers} off-ramps on {sizes.topics}-way topic classification with "
+        f"RomeBERT's loss (gamma {FINETUNE_GAMMA}, temperature {FINETUNE_TEMPERATURE}), "
         f"{sizes.finetune_steps} steps")
     bar = _progress(sizes.finetune_steps, "multi-exit", log.progress)
     every = max(1, sizes.finetune_steps // 5)
@@ -245,9 +262,10 @@ def finetune(mlm, ids, lengths, labels, sizes, device, gen, log):
         b_ids = ids[rows, :n].to(device)
         mask = (torch.arange(n)[None] < b_len[:, None]).to(device)
         out = model(b_ids, mask)
-        # RomeBERT's loss at its published values, with its KL averaged over B * C as its KDLoss does
-        loss = multi_exit_distillation_loss(out.exit_logits, labels[rows].to(device), gamma=FINETUNE_GAMMA,
-                                            temperature=FINETUNE_TEMPERATURE)
+        # RomeBERT's loss at its published values, with its KL averaged over B * C as its KDLoss
+        # does
+        loss = multi_exit_distillation_loss(out.exit_logits, labels[rows].to(device),
+                                            gamma=FINETUNE_GAMMA, temperature=FINETUNE_TEMPERATURE)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -264,21 +282,25 @@ def finetune(mlm, ids, lengths, labels, sizes, device, gen, log):
 
 
 def evaluate(model, ids, lengths, labels, sizes, device, log):
-    """The offline speed-accuracy curve of every exit's logits, then the batched early exit measured at entropy
-    thresholds (quantiles of the early exits' entropies) against full depth: ``(full-depth accuracy, points
-    (threshold, avg exit layer, speed-up, accuracy), curve)``."""
+    """The offline speed-accuracy curve of every exit's logits, then the batched early exit measured
+    at entropy thresholds (quantiles of the early exits' entropies) against full depth:
+    ``(full-depth accuracy, points (threshold, avg exit layer, speed-up, accuracy), curve)``."""
     from .. import calibration as cal
 
     labels_d = labels.to(device)
     depth, batch = sizes.layers, 128
     all_exits = cal.every_exit_logits(model, ids, lengths, batch, device)
     curve = cal.speed_accuracy_curve(all_exits, labels_d, criterion="entropy")
-    thresholds = cal.threshold_candidates(all_exits, "entropy", quantiles=(0.1, 0.25, 0.4, 0.55, 0.7))
-    # full depth: the same batched loop with threshold 0, which no sample passes (DeeBERT's full-depth row)
+    thresholds = cal.threshold_candidates(all_exits, "entropy",
+                                          quantiles=(0.1, 0.25, 0.4, 0.55, 0.7))
+    # full depth: the same batched loop with threshold 0, which no sample passes (DeeBERT's
+    # full-depth row)
+    full = dict(criterion="entropy", threshold=0.0)
     rows = cal.early_exit_rows(model, ids, lengths, labels_d, device, criterion="entropy",
-                               thresholds=thresholds, batch=batch, full=dict(criterion="entropy", threshold=0.0),
-                               depth=depth, rounds=TIMING_ROUNDS)
-    log(f"\nbatched early exit on {ids.shape[0]} held-out sentences (entropy criterion, {depth} layers):")
+                               thresholds=thresholds, batch=batch, full=full, depth=depth,
+                               rounds=TIMING_ROUNDS)
+    log(f"\nbatched early exit on {ids.shape[0]} held-out sentences (entropy criterion, "
+        f"{depth} layers):")
     for line in cal.report_lines(rows, criterion="entropy", metric="accuracy", device=device,
                                  rounds=TIMING_ROUNDS):
         log(line)
@@ -290,11 +312,14 @@ def evaluate(model, ids, lengths, labels, sizes, device, log):
 
 
 def plot(path, losses, acc_full, points, curve, depth):
-    """The loss curve and the speed-accuracy of early exit, as a PNG at ``path`` (False: no matplotlib)."""
+    """The loss curve and the speed-accuracy of early exit, as a PNG at ``path`` (False: no
+    matplotlib)."""
     from ..calibration_plot import plot_run
 
-    return plot_run(path, losses, points=[(p[2], p[3]) for p in points], full_accuracy=acc_full, depth=depth,
-                    criterion="entropy", curve={k: curve[k].numpy() for k in ("speedup", "accuracy")},
+    return plot_run(path, losses, points=[(p[2], p[3]) for p in points], full_accuracy=acc_full,
+                    depth=depth,
+                    criterion="entropy", curve={k: curve[k].numpy() for k in ("speedup",
+                                                                              "accuracy")},
                     loss_title="Pretraining (TUPE-R + TNF)", loss_label="MLM loss", smooth=True)
 
 
@@ -306,11 +331,14 @@ class _Log:
         print(msg, flush=True)
 
 
-def run(out_dir="effbert-demo", quick=False, device=None, seed=0, quiet=False, backend=None, progress=False):
-    """Runs the whole demo; returns a dict with the losses, the early-exit points and the plot path (or None).
-    ``progress``: tqdm bars on stderr (the command passes whether a person watches); ``quiet`` turns them off.
-    ``backend`` None: ``auto`` (``eager`` under the Triton interpreter)."""
-    device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+def run(out_dir="effbert-demo", quick=False, device=None, seed=0, quiet=False, backend=None,
+        progress=False):
+    """Runs the whole demo; returns a dict with the losses, the early-exit points and the plot path
+    (or None). ``progress``: tqdm bars on stderr (the command passes whether a person watches);
+    ``quiet`` turns them off. ``backend`` None: ``auto`` (``eager`` under the Triton
+    interpreter)."""
+    device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available()
+                                                             else "cpu"))
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     sizes = sizes_for(device, quick)
@@ -324,8 +352,10 @@ def run(out_dir="effbert-demo", quick=False, device=None, seed=0, quiet=False, b
         for w in words:
             corpus.word_counts[w] = corpus.word_counts.get(w, 0) + 1
     ids, lengths = corpus.encode(sentences)
-    log(f"effbert demo on {device}{' (quick)' if quick else ''}: {len(sentences)} generated sentences, "
-        f"{corpus.vocab_size} pieces ({sizes.content_words} Zipfian content words, the rarer ones split into "
+    log(f"effbert demo on {device}{' (quick)' if quick else ''}: {len(sentences)} generated "
+        "sentences, "
+        f"{corpus.vocab_size} pieces ({sizes.content_words} Zipfian content words, the rarer ones "
+        "split into "
         f"stem + ##suffix)")
     mlm, losses = pretrain(corpus, ids, lengths, sizes, device, backend, gen, log)
     train_s, train_y = corpus.build(sizes.sentences // 2)
