@@ -1,5 +1,8 @@
-"""Exit threshold calibration from held-out off-ramp logits: the speed-accuracy curve of a criterion, and the
-threshold (or patience) that reaches a target average exit layer or a target accuracy drop."""
+"""Exit threshold calibration from held-out off-ramp logits: the speed-accuracy curve of a
+criterion, and the threshold (or patience) that reaches a target average exit layer or a target
+accuracy drop; and the early-exit report of ``effbert finetune`` and ``effbert demo``: every exit's
+score, then the batched early exit measured at a range of thresholds against a full-depth pass of
+the same batched loop (``early_exit_rows``, ``report_lines``)."""
 
 from dataclasses import dataclass
 
@@ -8,7 +11,10 @@ import torch
 from . import reference
 from .ops.early_exit import check_criterion, check_exit_logits, check_labels_in_range
 
-__all__ = ["Calibration", "exit_layers", "speed_accuracy_curve", "calibrate_threshold", "exits_at_chance"]
+__all__ = ["Calibration", "exit_layers", "speed_accuracy_curve", "calibrate_threshold",
+           "exits_at_chance", "run_early_exit", "every_exit_logits", "threshold_candidates",
+           "early_exit_rows", "report_lines", "threshold_texts", "score", "chance_warning",
+           "speedup_note", "TIMING_ROUNDS", "NOISE_FOOTNOTE"]
 
 
 @dataclass
@@ -152,3 +158,170 @@ def exits_at_chance(exit_logits, labels, margin=0.01):
     chance = float(torch.bincount(labels.long().flatten()).max()) / labels.numel()
     accuracy = (exit_logits.argmax(-1) == labels[None]).double().mean(1)
     return [i + 1 for i, acc in enumerate(accuracy.tolist()) if acc <= chance + margin], chance
+
+
+# ---------------------------------------------------------------------------- the early-exit report
+
+TIMING_ROUNDS = 3  # full-depth / early-exit pairs timed per threshold
+NOISE_FOOTNOTE = ("* above the bound the layers set (full depth / average exit layer): timing "
+                  "noise on a busy machine, not a real speed-up")
+
+
+def _batches(input_ids, lengths, batch, device):
+    """``(input_ids [b, n], attention_mask [b, n] bool)`` on ``device``, ``batch`` rows at a time,
+    each cut to its longest row."""
+    from .data.tsv import batch_rows
+
+    for s in range(0, input_ids.shape[0], batch):
+        rows = torch.arange(s, min(s + batch, input_ids.shape[0]))
+        yield batch_rows(input_ids, lengths, rows, device)
+
+
+def run_early_exit(model, input_ids, lengths, batch, device, **criterion):
+    """Batched early exit (``model.early_exit(ids, mask, **criterion)``) over every row of
+    ``input_ids [n, N]`` (``lengths [n]`` real pieces each), ``batch`` rows at a time:
+    ``(logits [n, C], exit layers [n] int64)``."""
+    logits, layers = [], []
+    for ids, mask in _batches(input_ids, lengths, batch, device):
+        z, layer = model.early_exit(ids, mask, **criterion)
+        logits.append(z)
+        layers.append(layer)
+    return torch.cat(logits), torch.cat(layers)
+
+
+def every_exit_logits(model, input_ids, lengths, batch, device):
+    """Every off-ramp's logits ``[L, n, C]`` of a multi-exit model's full forward, ``batch`` rows at
+    a time."""
+    with torch.no_grad():
+        batches = _batches(input_ids, lengths, batch, device)
+        return torch.cat([model(ids, mask).exit_logits for ids, mask in batches],
+                         1)
+
+
+def threshold_candidates(exit_logits, criterion, quantiles=(0.05, 0.15, 0.3, 0.45, 0.6, 0.75, 0.9)):
+    """Thresholds at ``quantiles`` of the early off-ramps' scores (``exit_logits [L, B, C]``), so
+    each lets a different share of samples out, the latest exits first; for "patience" every
+    patience from ``L - 1`` to 1."""
+    depth = exit_logits.shape[0]
+    if criterion == "patience":
+        return list(range(depth - 1, 0, -1))
+    flat = exit_logits[:-1].reshape(-1, exit_logits.shape[-1]).double()
+    if flat.numel() == 0:
+        return []
+    score_of = reference.exit_entropy if criterion == "entropy" else reference.exit_max_prob
+    scores = score_of(flat)
+    scores = scores[torch.isfinite(scores)]
+    if scores.numel() == 0:
+        return []
+    q = torch.tensor(quantiles, dtype=torch.float64)
+    values = torch.quantile(scores.cpu(), q).unique().tolist()
+    if criterion == "entropy":  # exit when entropy < t: a zero threshold would exit nobody
+        return sorted({v for v in values if v > 0})
+    # max_prob: earliest exits last
+    return sorted({min(1.0, v) for v in values if v > 0}, reverse=True)
+
+
+def score(logits, y, regression=False):
+    """Accuracy (classification) or mean squared error (a one-output regression head) of
+    ``logits [B, C]``."""
+    if regression:
+        return float(((logits[:, 0].double() - y.double()) ** 2).mean())
+    return float((logits.argmax(-1) == y).double().mean())
+
+
+def speedup_note(speedup, avg_exit_layer, depth):
+    """``"*"`` when a measured speed-up exceeds what the layers allow (``depth / avg_exit_layer``,
+    by 5%): the figure is timing noise, not a speed-up; ``""`` otherwise."""
+    return "*" if speedup > 1.05 * depth / avg_exit_layer else ""
+
+
+def early_exit_rows(model, input_ids, lengths, y, device, *, criterion, thresholds, batch, full,
+                    regression_delta=None, depth=None, rounds=TIMING_ROUNDS):
+    """The batched early exit measured at each of ``thresholds`` (patiences for "patience") against
+    ``full`` (the keyword arguments of a full-depth pass of the same loop: patience 0 or entropy
+    threshold 0), one dict a row, the full-depth row first: threshold, avg_exit_layer, layers_saved,
+    speedup (``bench.timing.paired_speedup``: the median of ``rounds`` interleaved pairs),
+    speedup_bound, above_bound, accuracy (the mean squared error with ``regression_delta``, PABEE's
+    rule for a regression head), delta, seconds. ``depth``: the number of layers (None:
+    ``model.config.num_hidden_layers``). Raises ``ValueError`` when ``full`` lets a sample out
+    early."""
+    from .bench.timing import paired_speedup
+
+    depth = model.config.num_hidden_layers if depth is None else depth
+    regression = regression_delta is not None
+    run_early_exit(model, input_ids[:batch], lengths[:batch], batch, device, **full)  # warm-up
+    z_full, l_full = run_early_exit(model, input_ids, lengths, batch, device, **full)
+    if not bool((l_full == depth).all()):
+        raise ValueError(f"full={full} let samples exit early: not a full-depth pass")
+    acc_full = score(z_full, y, regression)
+    rows = [dict(threshold=None, avg_exit_layer=float(depth), layers_saved=0.0, speedup=1.0,
+                 speedup_bound=1.0, above_bound=False, accuracy=acc_full, delta=0.0,
+                 seconds=None)]
+    for t in thresholds:
+        kw = dict(patience=int(t)) if criterion == "patience" else dict(threshold=float(t))
+        if regression:
+            # a prediction is unchanged when it moves by less than this
+            kw["threshold"] = regression_delta
+        out = {}
+
+        def early():
+            out["z"], out["layer"] = run_early_exit(model, input_ids, lengths, batch, device,
+                                                    criterion=criterion, **kw)
+
+        def full_depth():
+            run_early_exit(model, input_ids, lengths, batch, device, **full)
+
+        speed, t_full = paired_speedup(full_depth, early, device, rounds)
+        acc, avg = score(out["z"], y, regression), float(out["layer"].double().mean())
+        marked = bool(speedup_note(speed, avg, depth))
+        rows.append(dict(threshold=t, avg_exit_layer=avg, layers_saved=1 - avg / depth,
+                         speedup=speed, speedup_bound=depth / avg, above_bound=marked,
+                         accuracy=acc, delta=acc - acc_full, seconds=t_full / speed))
+        rows[0]["seconds"] = t_full
+    return rows
+
+
+def threshold_texts(thresholds, criterion, digits=5):
+    """Each threshold as printed: patiences as integers; other thresholds with ``digits``
+    significant digits, or as many more as it takes for distinct values to print distinct (at most
+    17)."""
+    if criterion == "patience":
+        return [f"{int(t):d}" for t in thresholds]
+    for d in range(digits, 18):
+        texts = [f"{float(t):.{d}g}" for t in thresholds]
+        if len(set(texts)) == len(set(float(t) for t in thresholds)):
+            return texts
+    return texts
+
+
+def report_lines(rows, *, criterion, metric, device, rounds=TIMING_ROUNDS):
+    """The early-exit table of ``early_exit_rows``' rows as lines: threshold, average exit layer,
+    layers saved, speed-up (``*`` when above the layers' bound), ``metric`` and its change from full
+    depth, then how the speed-up was measured and, when a row is marked, the footnote saying why."""
+    lines = [f"  {'threshold':>9} {'avg exit':>9} {'layers saved':>13} {'speed-up':>9} {metric:>9} "
+             f"{'vs full':>8}"]
+    texts = ["full"] + threshold_texts([r["threshold"] for r in rows[1:]], criterion)
+    for t, r in zip(texts, rows):
+        lines.append(f"  {t:>9} {r['avg_exit_layer']:9.2f} {r['layers_saved']:12.1%} "
+                     f"{r['speedup']:8.2f}x "
+                     f"{r['accuracy']:9.4f} {r['delta']:+8.4f}{'  *' if r['above_bound'] else ''}")
+    full_s = rows[0]["seconds"]
+    lines.append(f"  (speed-up: {'wall' if device.type == 'cuda' else 'CPU'} time of the batched "
+                 "full-depth pass "
+                 f"over the early-exit pass, the median of {rounds} interleaved pairs"
+                 + (f"; {full_s:.2f} s full)" if full_s is not None else ")"))
+    if any(r["above_bound"] for r in rows):
+        lines.append("  " + NOISE_FOOTNOTE)
+    return lines
+
+
+def chance_warning(exit_logits, labels):
+    """The report's line naming the off-ramps at chance (``exits_at_chance``), or None."""
+    at_chance, chance = exits_at_chance(exit_logits, labels)
+    if not at_chance:
+        return None
+    many = len(at_chance) > 1
+    return (f"warning: off-ramp{'s' if many else ''} {', '.join(map(str, at_chance))} "
+            f"{'are' if many else 'is'} at "
+            f"chance (accuracy at most the majority class's share, {chance:.4f}): "
+            f"{'their' if many else 'its'} exits are guesses")

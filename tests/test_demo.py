@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from effbert import commands as cli
-from effbert.commands import demo
+from effbert.training import demo
 
 
 def test_demo_quick_runs_to_the_end(tmp_path, capsys):
@@ -76,7 +76,8 @@ def _fake_demo_eval(monkeypatch, early_costs, early_layer=3, depth=6, n=40, clas
     the early-exit passes ``early_costs`` in turn."""
     import types
 
-    from effbert.commands import finetune
+    from effbert import calibration
+    from effbert.bench import timing
 
     gen = torch.Generator().manual_seed(0)
     exits = torch.randn(depth, n, classes, generator=gen)
@@ -90,9 +91,9 @@ def _fake_demo_eval(monkeypatch, early_costs, early_layer=3, depth=6, n=40, clas
         now[0] += 1.0 if threshold == 0.0 else next(costs)
         return exits[-1, :ids.shape[0]], torch.full((ids.shape[0],), depth if threshold == 0.0 else early_layer)
 
-    monkeypatch.setattr(finetune, "_run_early_exit", run)
-    monkeypatch.setattr(demo, "_run_early_exit", run)
-    monkeypatch.setattr(finetune, "cost_clock", lambda device: lambda: now[0])
+    monkeypatch.setattr(calibration, "run_early_exit", run)
+    monkeypatch.setattr(timing, "time", types.SimpleNamespace(perf_counter=lambda: now[0],
+                                                              process_time=lambda: now[0]))
     monkeypatch.setattr(demo, "TIMING_ROUNDS", 3)
     lines = []
     _, points, _ = demo.evaluate(model, torch.ones(n, 8, dtype=torch.long), torch.full((n,), 8),
@@ -124,3 +125,26 @@ def test_demo_warns_of_off_ramps_at_chance(monkeypatch):
     """Random exit logits on 4 classes: the off-ramps do no better than the majority class, and the demo says so."""
     _, lines, _ = _fake_demo_eval(monkeypatch, [0.5] * 15)
     assert any("at chance" in line for line in lines), lines
+
+
+def test_thresholds_print_with_the_digits_that_tell_them_apart():
+    """Thresholds that agree to 5 significant digits (the entropies of off-ramps near chance) print
+    with as many digits as it takes to differ; patiences print as integers."""
+    from effbert.calibration import threshold_texts
+
+    close = [1.0986122886681098, 1.0986123, 1.09861235, 0.5]
+    texts = threshold_texts(close, "entropy")
+    assert texts == ["1.09861229", "1.0986123", "1.09861235", "0.5"]
+    assert [float(t) for t in texts] == pytest.approx(close, rel=1e-7)
+    assert threshold_texts([3, 2, 1], "patience") == ["3", "2", "1"]
+    assert threshold_texts([0.25, 0.5], "max_prob") == ["0.25", "0.5"]
+
+
+def test_demo_prints_distinct_thresholds(tmp_path, capsys):
+    """The quick demo's table has one row a threshold, each printed as a different number."""
+    res = demo.run(str(tmp_path), quick=True, seed=0, quiet=True)
+    text = capsys.readouterr().out
+    table = text[text.index("batched early exit"):].splitlines()[2:]
+    printed = [line.split()[0] for line in table[1:1 + len(res["points"])]]
+    assert table[0].split()[0] == "full" and len(printed) == len(res["points"])
+    assert len(set(printed)) == len({p[0] for p in res["points"]}), printed

@@ -7,6 +7,7 @@ import io
 import json
 import os
 import random
+import re
 import sys
 
 import pytest
@@ -14,6 +15,9 @@ import torch
 
 from effbert import commands as cli
 from effbert.commands import finetune
+from effbert.data import tsv
+from effbert.models import loading
+from effbert.training import finetune as finetune_run
 
 pytestmark = pytest.mark.requires("datasets", "accelerate")  # corpora and Trainer
 
@@ -76,9 +80,10 @@ def data(tmp_path_factory):
 
 def args(hf_dir, data, out, *extra):
     return ["finetune", "--hf", str(hf_dir), "--train", str(data / "train.tsv"), "--eval", str(data / "eval.tsv"),
-            "--out", str(out), "--batch-size", "16", "--lr", "3e-3", "--log-every", "10", "--backend", "eager",
+            "--out", str(out), "--per-device-train-batch-size", "16", "--learning-rate", "3e-3",
+            "--logging-steps", "10", "--backend", "eager",
             "--device", "cpu",
-            "--eval-batch-size", "16", "--quiet", *extra]
+            "--per-device-eval-batch-size", "16", "--quiet", *extra]
 
 
 def check_report(out, criterion, steps):
@@ -117,9 +122,9 @@ def check_reload(out, data, report):
     loads the same multi-exit model from the folder."""
     from transformers import AutoModelForSequenceClassification
 
-    model, tokenizer, labels, settings = finetune.load_finetuned(out, backend="eager")
+    model, tokenizer, labels, settings = loading.load_finetuned(out, backend="eager")
     assert labels == ["food", "sport"] and model.config.multi_exit and not model.training
-    names, texts = finetune.read_tsv(str(data / "eval.tsv"))
+    names, texts = tsv.read_tsv(str(data / "eval.tsv"))
     ids, mask = encode(tokenizer, texts, settings["max_len"])
     y = torch.tensor([labels.index(n) for n in names])
     with torch.no_grad():
@@ -142,7 +147,7 @@ def check_reload(out, data, report):
 @needs_hf
 def test_finetune_learns_reports_and_reloads(hf_dir, data, tmp_path, capsys):
     out = tmp_path / "run"
-    assert cli.main(args(hf_dir, data, out, "--steps", "60")) == 0
+    assert cli.main(args(hf_dir, data, out, "--max-steps", "60")) == 0
     text = capsys.readouterr().out
     assert "step     60  loss" in text and "batched early exit" in text and "done in" in text
     report = check_report(out, "entropy", 60)
@@ -157,7 +162,7 @@ def test_finetune_on_the_cpu_backend(hf_dir, data, tmp_path):
     """--backend cpu (the C++ CPU backend for the model's ops) trains: the loss, which has no such backend, goes to
     the dispatcher."""
     out = tmp_path / "run"
-    assert cli.main(args(hf_dir, data, out, "--steps", "2", "--backend", "cpu")) == 0
+    assert cli.main(args(hf_dir, data, out, "--max-steps", "2", "--backend", "cpu")) == 0
     assert json.loads((out / "finetune.json").read_text())["complete"]
 
 
@@ -168,7 +173,8 @@ def test_finetune_on_the_cpu_backend(hf_dir, data, tmp_path):
                                             ("patience", "pabee --shared-pooler --ge"), ("entropy", "deebert")])
 def test_finetune_other_criteria_and_losses(hf_dir, data, tmp_path, capsys, criterion, loss):
     out = tmp_path / "run"
-    assert cli.main(args(hf_dir, data, out, "--steps", "6", "--criterion", criterion, "--loss", *loss.split())) == 0
+    assert cli.main(args(hf_dir, data, out, "--max-steps", "6", "--criterion", criterion, "--loss",
+                         *loss.split())) == 0
     text = capsys.readouterr().out
     assert "batched early exit" in text and ("gradient regularization:" in text) == ("--grad-reg" in loss)
     assert "every exit on 41 eval examples (accuracy):" in text
@@ -178,7 +184,7 @@ def test_finetune_other_criteria_and_losses(hf_dir, data, tmp_path, capsys, crit
     if loss == "deebert":
         assert "DeeBERT stage 1" in text and "DeeBERT stage 2" in text
     check_reload(out, data, check_report(out, criterion, steps))
-    model, _, _, settings = finetune.load_finetuned(out, backend="eager")
+    model, _, _, settings = loading.load_finetuned(out, backend="eager")
     pooler = model.exits[-1].pooler
     assert all((h.pooler is pooler) == ("--shared-pooler" in loss) for h in model.exits[:-1])
     assert settings["shared_pooler"] == ("--shared-pooler" in loss)
@@ -189,12 +195,12 @@ def test_every_off_ramp_starts_from_the_checkpoint_pooler(hf_dir):
     from transformers import BertModel
 
     hf_model = BertModel.from_pretrained(hf_dir)
-    model, _, _ = finetune._from_hf(str(hf_dir), 2, "eager", None)
+    model, _, _ = loading.from_hf_folder(str(hf_dir), 2, "eager", None)
     for head in model.exits:
         assert torch.equal(head.pooler.weight, hf_model.pooler.dense.weight)
         assert torch.equal(head.pooler.bias, hf_model.pooler.dense.bias)
     assert len({id(h.pooler) for h in model.exits}) == 3  # one copy each
-    shared, _, _ = finetune._from_hf(str(hf_dir), 2, "eager", None, shared_pooler=True)
+    shared, _, _ = loading.from_hf_folder(str(hf_dir), 2, "eager", None, shared_pooler=True)
     assert len({id(h.pooler) for h in shared.exits}) == 1
     assert torch.equal(shared.exits[0].pooler.weight, hf_model.pooler.dense.weight)
 
@@ -203,17 +209,17 @@ def test_every_off_ramp_starts_from_the_checkpoint_pooler(hf_dir):
 def test_deebert_stage_two_leaves_backbone_and_final_classifier_alone(hf_dir, data, tmp_path, monkeypatch):
     """Stage 2 changes the off-ramps only: the backbone and the final exit are those stage 1 left."""
     after_stage1 = {}
-    real_stage = finetune._set_deebert_stage
+    real_stage = finetune_run.set_deebert_stage
 
     def spy(model, stage):
         if stage == 2:
             after_stage1.update({k: v.clone() for k, v in model.state_dict().items()})
         real_stage(model, stage)
 
-    monkeypatch.setattr(finetune, "_set_deebert_stage", spy)
+    monkeypatch.setattr(finetune_run, "set_deebert_stage", spy)
     out = tmp_path / "run"
-    assert cli.main(args(hf_dir, data, out, "--steps", "4", "--loss", "deebert")) == 0
-    final = finetune.load_finetuned(out, backend="eager")[0].state_dict()
+    assert cli.main(args(hf_dir, data, out, "--max-steps", "4", "--loss", "deebert")) == 0
+    final = loading.load_finetuned(out, backend="eager")[0].state_dict()
     changed = {k for k in final if not torch.equal(final[k], after_stage1[k])}
     assert changed and all(k.startswith("exits.") and not k.startswith("exits.2.") for k in changed), changed
 
@@ -230,15 +236,16 @@ def test_finetune_regression_head(hf_dir, tmp_path, capsys):
                 f.write(f"{k / 2}\t{' '.join(rng.choice(WORDS['sport']) for _ in range(k))}\n")
     out = tmp_path / "run"
     argv = ["finetune", "--hf", str(hf_dir), "--train", str(folder / "train.tsv"), "--eval",
-            str(folder / "eval.tsv"), "--out", str(out), "--steps", "8", "--batch-size", "16", "--backend", "eager",
+            str(folder / "eval.tsv"), "--out", str(out), "--max-steps", "8",
+            "--per-device-train-batch-size", "16", "--backend", "eager",
             "--device", "cpu", "--quiet", "--regression", "--criterion", "patience"]
     assert cli.main(argv) == 0
     text = capsys.readouterr().out
     assert "every exit on 17 eval examples (mse):" in text
     report = json.loads((out / "report.json").read_text())
-    model, tokenizer, labels, settings = finetune.load_finetuned(out, backend="eager")
+    model, tokenizer, labels, settings = loading.load_finetuned(out, backend="eager")
     assert model.config.num_labels == 1 and settings["regression"] and report["metric"] == "mse"
-    names, texts = finetune.read_tsv(str(folder / "eval.tsv"))
+    names, texts = tsv.read_tsv(str(folder / "eval.tsv"))
     ids, mask = encode(tokenizer, texts, settings["max_len"])
     y = torch.tensor([float(n) for n in names], dtype=torch.float64)
     with torch.no_grad():
@@ -273,7 +280,7 @@ def write_pretrain_folder(folder, tnf_notes=True, weights_in=None):
 
 def test_finetune_from_a_pretrain_folder(tmp_path, data, capsys):
     mlm = write_pretrain_folder(tmp_path / "pre", tnf_notes=False)
-    model, tokenizer, cased = finetune._from_pretrain(str(tmp_path / "pre"), 2, "eager", None)
+    model, tokenizer, cased = loading.from_pretrain_folder(str(tmp_path / "pre"), 2, "eager", None)
     assert cased is False and model.config.multi_exit and model.config.position_mode == "tupe-r"
     want = mlm.bert.state_dict()
     got = model.bert.state_dict()
@@ -285,14 +292,16 @@ def test_finetune_from_a_pretrain_folder(tmp_path, data, capsys):
     # TNF's notes are left out; a run stopped early starts from its latest checkpoint-N folder
     tnf = write_pretrain_folder(tmp_path / "pre-tnf", weights_in="checkpoint-7")
     (tmp_path / "pre-tnf" / "checkpoint-3").mkdir()  # an older one, never read
-    enc, tok, _ = finetune._from_pretrain(str(tmp_path / "pre-tnf"), 2, "eager", None)
+    enc, tok, _ = loading.from_pretrain_folder(str(tmp_path / "pre-tnf"), 2, "eager", None)
     assert enc.config.tnf_num_notes is None and not any(k.startswith("notes.") for k in enc.state_dict())
     assert len(tok) == len(vocab())
     assert all(torch.equal(enc.bert.state_dict()[k], v) for k, v in tnf.bert.state_dict().items())
     out = tmp_path / "run"
     argv = ["finetune", "--init", str(tmp_path / "pre"), "--train", str(data / "train.tsv"), "--eval",
-            str(data / "eval.tsv"), "--out", str(out), "--steps", "4", "--batch-size", "16", "--lr", "1e-3",
-            "--backend", "eager", "--device", "cpu", "--quiet", "--eval-batch-size", "16"]
+            str(data / "eval.tsv"), "--out", str(out), "--max-steps", "4",
+            "--per-device-train-batch-size", "16", "--learning-rate", "1e-3",
+            "--backend", "eager", "--device", "cpu", "--quiet", "--per-device-eval-batch-size",
+            "16"]
     assert cli.main(argv) == 0
     check_reload(out, data, check_report(out, "entropy", 4))
     argv.append("--overwrite")  # the run above is in --out
@@ -304,26 +313,27 @@ def test_finetune_from_a_pretrain_folder(tmp_path, data, capsys):
     assert "more than the model's vocab_size" in capsys.readouterr().err
 
 
-def test_finetune_from_an_earlier_pretrain_layout(tmp_path):
-    """The folder of an earlier effbert pretrain (config.json, vocab.txt, pretrain.json, model.pt with TNF's notes)
-    still starts a run: its encoder's weights, notes left out, casing from pretrain.json."""
+def test_a_pretrain_layout_that_never_shipped_is_refused_in_one_line(tmp_path, data, capsys):
+    """A folder of config.json, vocab.txt, pretrain.json and a model.pt (a layout effbert pretrain
+    never wrote) is not a pretraining run: one line naming --init and what it lacks, exit 2, nothing
+    unpickled."""
     from effbert.models import TupeBertConfig, TupeBertForMaskedLM
 
     folder = tmp_path / "old"
     folder.mkdir()
     cfg = TupeBertConfig(vocab_size=len(vocab()), hidden_size=32, num_hidden_layers=3, num_attention_heads=2,
                          intermediate_size=48, max_position_embeddings=32, position_mode="tupe-r", tnf_num_notes=4)
-    mlm = TupeBertForMaskedLM(cfg)
     (folder / "config.json").write_text(cfg.to_json())
     (folder / "vocab.txt").write_text("".join(v + "\n" for v in vocab()))
     (folder / "pretrain.json").write_text(json.dumps({"settings": {"cased": True}}))
-    torch.save(mlm.state_dict(), folder / "model.pt")
-    model, tokenizer, cased = finetune._from_pretrain(str(folder), 2, "eager", None)
-    assert cased is True and tokenizer.tokenize("Ball") == ["[UNK]"] and tokenizer.tokenize("ball") == ["ball"]
-    want, got = mlm.bert.state_dict(), model.bert.state_dict()
-    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
-    with pytest.raises(cli.UsageError, match="kept case"):
-        finetune._from_pretrain(str(folder), 2, "eager", False)
+    torch.save(TupeBertForMaskedLM(cfg).state_dict(), folder / "model.pt")
+    assert cli.main(["finetune", "--init", str(folder), "--train", str(data / "train.tsv"), "--out",
+                     str(tmp_path / "run"), "--max-steps", "1", "--backend", "eager", "--device",
+                     "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("effbert finetune: error: --init:") and "holds no weights" in err, err
+    assert len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "run" / "model.safetensors").exists()
 
 
 @pytest.mark.skipif(not installed("effbert.commands.pretrain"), reason="effbert pretrain is not in this tree")
@@ -337,13 +347,15 @@ def test_finetune_after_a_real_pretrain_run(tmp_path, data, capsys):
                      "--hidden", "32", "--heads", "2", "--max-len", "24", "--batch-size", "8", "--steps", "3",
                      "--backend", "eager", "--tnf-min-count", "3", "--quiet"]) == 0
     mlm, _, _ = load_pretrained(pre)
-    model, _, _ = finetune._from_pretrain(str(pre), 2, "eager", None)
+    model, _, _ = loading.from_pretrain_folder(str(pre), 2, "eager", None)
     want, got = mlm.bert.state_dict(), model.bert.state_dict()
     assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
     out = tmp_path / "run"
     assert cli.main(["finetune", "--init", str(pre), "--train", str(data / "train.tsv"), "--eval",
-                     str(data / "eval.tsv"), "--out", str(out), "--steps", "4", "--batch-size", "16", "--lr", "1e-3",
-                     "--backend", "eager", "--device", "cpu", "--quiet", "--eval-batch-size", "16"]) == 0
+                     str(data / "eval.tsv"), "--out", str(out), "--max-steps", "4",
+                     "--per-device-train-batch-size", "16", "--learning-rate", "1e-3",
+                     "--backend", "eager", "--device", "cpu", "--quiet",
+                     "--per-device-eval-batch-size", "16"]) == 0
     capsys.readouterr()
     check_reload(out, data, check_report(out, "entropy", 4))
 
@@ -359,7 +371,7 @@ def test_finetune_from_a_classifier_checkpoint_starts_from_its_head(tmp_path, da
     hf_model = BertForSequenceClassification(cfg).eval()
     hf_model.save_pretrained(folder)
     (folder / "vocab.txt").write_text((hf_dir / "vocab.txt").read_text())
-    model, tokenizer, cased = finetune._from_hf(str(folder), 2, "eager", None)
+    model, tokenizer, cased = loading.from_hf_folder(str(folder), 2, "eager", None)
     assert cased is False and model.config.multi_exit and model.config.num_labels == 2
     ids, mask = encode(tokenizer, ["The ball and the goal.", "Soup of rice"], 16)
     with torch.no_grad():
@@ -370,8 +382,8 @@ def test_finetune_from_a_classifier_checkpoint_starts_from_its_head(tmp_path, da
 
 @needs_hf
 @pytest.mark.parametrize("change,message", [
-    ({"--steps": "0"}, "--steps must be >= 1"),
-    ({"--lr": "-1"}, "--lr must be > 0"),
+    ({"--max-steps": "0"}, "--max-steps must be >= 1"),
+    ({"--learning-rate": "-1"}, "--learning-rate must be > 0"),
     ({"--gamma": "2"}, "--gamma must be in [0, 1]"),
     ({"--loss": "pabee --grad-reg"}, "--grad-reg goes with --loss romebert"),
     ({"--loss": "deebert --grad-reg"}, "--grad-reg goes with --loss romebert"),
@@ -383,13 +395,13 @@ def test_finetune_from_a_classifier_checkpoint_starts_from_its_head(tmp_path, da
     ({"--recipe": "tupe"}, "--recipe tupe is a recipe of effbert pretrain, not finetune (effbert finetune's: "
                            "deebert, pabee, romebert)"),
     ({"--recipe": "rome"}, "--recipe 'rome': no such recipe"),
-    ({"--backend": "fast"}, "--backend must be one of"),
+    ({"--backend": "fast"}, "--backend must be auto or one of"),
     ({"--train": "MISSING"}, "--train: no such file"),
     ({"--hf": "MISSING"}, "--hf:"),
     ({"--train": "BAD"}, "has no TAB"),
     ({"--eval": "UNKNOWN"}, "do not occur in --train"),
     ({"--train": "ONE"}, "classification needs two"),
-    ({"--train": "LATIN1"}, "is not UTF-8 text (invalid continuation byte at byte 23, line 2)"),
+    ({"--train": "LATIN1"}, "is not UTF-8 text (invalid continuation byte at byte 23"),
     ({"--train": "SWAPPED"}, "is the file text<TAB>label?"),
     ({"--train": "HEADER"}, "looks like a header row"),
     ({"--device": "tpu"}, "--device must be cpu, cuda or cuda:N, got 'tpu'"),
@@ -411,7 +423,7 @@ def test_bad_arguments_exit_2_with_a_clear_message(hf_dir, data, tmp_path, capsy
              "LATIN1": str(tmp_path / "latin1.tsv"), "SWAPPED": str(tmp_path / "swapped.tsv"),
              "HEADER": str(tmp_path / "header.tsv"), "FILE": str(tmp_path / "file"),
              "UNDER_FILE": str(tmp_path / "file" / "run")}
-    argv = args(hf_dir, data, tmp_path / "out", "--steps", "2")
+    argv = args(hf_dir, data, tmp_path / "out", "--max-steps", "2")
     for flag, value in change.items():
         if flag not in argv:
             argv += [flag, "x"]
@@ -430,7 +442,7 @@ def test_hf_without_transformers_says_how_to_install(data, tmp_path, capsys, mon
     folder = tmp_path / "bert"
     folder.mkdir()
     (folder / "vocab.txt").write_text("".join(v + "\n" for v in vocab()))
-    assert cli.main(args(folder, data, tmp_path / "out", "--steps", "2")) == 2
+    assert cli.main(args(folder, data, tmp_path / "out", "--max-steps", "2")) == 2
     err = capsys.readouterr().err
     assert "pip install transformers safetensors" in err and "effbert[hf]" not in err
 
@@ -444,9 +456,9 @@ def test_usage_errors_from_argparse(capsys):
 
 def test_load_finetuned_refuses_other_folders(tmp_path):
     with pytest.raises(FileNotFoundError, match="path"):
-        finetune.load_finetuned(tmp_path / "missing")
+        loading.load_finetuned(tmp_path / "missing")
     with pytest.raises(FileNotFoundError, match="config.json"):
-        finetune.load_finetuned(tmp_path)
+        loading.load_finetuned(tmp_path)
 
 
 def test_load_finetuned_never_unpickles_code(tmp_path, data, monkeypatch):
@@ -454,11 +466,12 @@ def test_load_finetuned_never_unpickles_code(tmp_path, data, monkeypatch):
     write_pretrain_folder(tmp_path / "pre", tnf_notes=False)
     out = tmp_path / "run"
     assert cli.main(["finetune", "--init", str(tmp_path / "pre"), "--train", str(data / "train.tsv"), "--out",
-                     str(out), "--steps", "1", "--backend", "eager", "--device", "cpu", "--quiet"]) == 0
+                     str(out), "--max-steps", "1", "--backend", "eager", "--device", "cpu",
+                     "--quiet"]) == 0
     os.remove(out / "model.safetensors")  # weights in torch's pickle format: read as tensors only
     torch.save(_Payload(), out / "pytorch_model.bin")
     with pytest.raises(ValueError, match="cannot read the model"):
-        finetune.load_finetuned(out)
+        loading.load_finetuned(out)
     assert not (tmp_path / "PWNED_DIR").exists()
 
 
@@ -469,7 +482,9 @@ def test_out_never_destroys_another_run(tmp_path, data, capsys):
 
     def argv(out, *extra):
         return ["finetune", "--init", str(tmp_path / "pre"), "--train", str(data / "train.tsv"), "--out", str(out),
-                "--steps", "2", "--batch-size", "16", "--backend", "eager", "--device", "cpu", "--quiet", *extra]
+                "--max-steps", "2", "--per-device-train-batch-size", "16", "--save-steps", "0",
+                "--backend", "eager",
+                "--device", "cpu", "--quiet", *extra]
 
     def snapshot(folder):
         return {p.name: p.read_bytes() for p in folder.iterdir()}
@@ -529,18 +544,19 @@ def test_tampered_pretrain_checkpoint_is_never_unpickled(tmp_path, data, capsys,
     os.remove(folder / "model.safetensors")
     torch.save({"embeddings.word_embeddings.weight": _Payload()}, folder / "pytorch_model.bin")
     assert cli.main(["finetune", "--init", str(pre), "--train", str(data / "train.tsv"), "--out",
-                     str(tmp_path / "run"), "--steps", "2", "--backend", "eager", "--device", "cpu"]) == 2
+                     str(tmp_path / "run"), "--max-steps", "2", "--backend", "eager", "--device",
+                     "cpu"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("effbert finetune: error: --init:") and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "PWNED_DIR").exists() and not (tmp_path / "run").exists()
 
 
 def test_a_suspicious_label_column_warns(tmp_path, data, capsys):
-    names, texts = finetune.read_tsv(str(data / "train.tsv"))
+    names, texts = tsv.read_tsv(str(data / "train.tsv"))
     warned = []
-    finetune.check_labels(names + ["spoort"], texts + ["the ball"], "t.tsv", warn=warned.append)
+    tsv.check_labels(names + ["spoort"], texts + ["the ball"], "t.tsv", warn=warned.append)
     assert len(warned) == 1 and "'spoort'" in warned[0]
-    finetune.check_labels(names, texts, "t.tsv", warn=warned.append)
+    tsv.check_labels(names, texts, "t.tsv", warn=warned.append)
     assert len(warned) == 1  # well-formed data is quiet
 
 
@@ -568,7 +584,8 @@ def test_damaged_init_folder_is_one_line(tmp_path, data, capsys, damage):
     }
     edit[damage]()
     assert cli.main(["finetune", "--init", str(pre), "--train", str(data / "train.tsv"), "--out",
-                     str(tmp_path / "run"), "--steps", "2", "--backend", "eager", "--device", "cpu"]) == 2
+                     str(tmp_path / "run"), "--max-steps", "2", "--backend", "eager", "--device",
+                     "cpu"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("effbert finetune: error: --init:") and len(err.strip().splitlines()) == 1, err
     assert "Traceback" not in err
@@ -584,13 +601,13 @@ def test_hf_folder_of_another_model_type_or_a_bad_tokenizer_is_one_line(hf_dir, 
     import shutil
 
     write_pretrain_folder(tmp_path / "pre", tnf_notes=False)
-    assert cli.main(args(tmp_path / "pre", data, tmp_path / "out", "--steps", "2")) == 2
+    assert cli.main(args(tmp_path / "pre", data, tmp_path / "out", "--max-steps", "2")) == 2
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and "model type 'tupe-bert', not 'bert'" in err and "--init" in err
     bad = tmp_path / "bert"
     shutil.copytree(hf_dir, bad)
     (bad / "vocab.txt").write_bytes(b"\xff\xfe\x00binary")
-    assert cli.main(args(bad, data, tmp_path / "out", "--steps", "2")) == 2
+    assert cli.main(args(bad, data, tmp_path / "out", "--max-steps", "2")) == 2
     err = capsys.readouterr().err
     assert err.startswith("effbert finetune: error: --hf: the tokenizer in") and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "out").exists()
@@ -600,7 +617,7 @@ def test_read_tsv_splits_on_newlines_only(tmp_path):
     """A text holding U+2028 or a form feed stays one example; CRLF files read like LF ones."""
     path = tmp_path / "t.tsv"
     path.write_bytes("a\tone\u2028two\r\nb\tthree\x0cfour\n\n".encode("utf-8"))
-    assert finetune.read_tsv(str(path)) == (["a", "b"], ["one\u2028two", "three\x0cfour"])
+    assert tsv.read_tsv(str(path)) == (["a", "b"], ["one\u2028two", "three\x0cfour"])
 
 
 class _Terminal(io.StringIO):
@@ -618,7 +635,8 @@ def test_progress_bar_only_on_a_terminal(tmp_path, data, capsys, monkeypatch, te
     if terminal:
         monkeypatch.setattr(sys, "stderr", screen)
     assert cli.main(["finetune", "--init", str(tmp_path / "pre"), "--train", str(data / "train.tsv"), "--out",
-                     str(tmp_path / "run"), "--steps", "4", "--log-every", "2", "--batch-size", "16", "--backend",
+                     str(tmp_path / "run"), "--max-steps", "4", "--logging-steps", "2",
+                     "--per-device-train-batch-size", "16", "--backend",
                      "eager", "--device", "cpu"]) == 0
     captured = capsys.readouterr()
     assert "step      2  loss" in captured.out and "step      4  loss" in captured.out
@@ -639,8 +657,10 @@ def test_resume_from_a_checkpoint_gives_the_uninterrupted_run(tmp_path, data, ca
 
     def argv(out, *extra):
         return ["finetune", "--init", str(tmp_path / "pre"), "--train", str(data / "train.tsv"), "--eval",
-                str(data / "eval.tsv"), "--out", str(out), "--steps", "6", "--save-steps", "3", "--batch-size", "8",
-                "--lr", "1e-3", "--backend", "eager", "--device", "cpu", "--quiet", *extra]
+                str(data / "eval.tsv"), "--out", str(out), "--max-steps", "6", "--save-steps", "3",
+                "--per-device-train-batch-size", "8",
+                "--learning-rate", "1e-3", "--backend", "eager", "--device", "cpu", "--quiet",
+                *extra]
 
     assert cli.main(argv(tmp_path / "whole")) == 0
     assert cli.main(argv(tmp_path / "cut")) == 0
@@ -672,7 +692,8 @@ def test_resume_on_another_train_file_is_refused_by_name(tmp_path, data, capsys)
 
     def argv(*extra):
         return ["finetune", "--init", str(tmp_path / "pre"), "--train", str(train), "--out", str(tmp_path / "run"),
-                "--steps", "2", "--save-steps", "1", "--batch-size", "16", "--backend", "eager", "--device", "cpu",
+                "--max-steps", "2", "--save-steps", "1", "--per-device-train-batch-size", "16",
+                "--backend", "eager", "--device", "cpu",
                 "--quiet", *extra]
 
     assert cli.main(argv()) == 0
@@ -680,7 +701,7 @@ def test_resume_on_another_train_file_is_refused_by_name(tmp_path, data, capsys)
     with open(train, "a", encoding="utf-8") as f:
         f.write("sport\tOne more goal.\n")
     capsys.readouterr()
-    assert cli.main(argv("--steps", "3", "--resume")) == 2
+    assert cli.main(argv("--max-steps", "3", "--resume")) == 2
     err = capsys.readouterr().err
     assert "--train:" in err and "train.tsv" in err and "bytes then" in err and len(err.strip().splitlines()) == 1
 
@@ -694,23 +715,25 @@ def test_a_longer_resume_keeps_the_schedule_unless_reshaped(tmp_path, data, caps
 
     def argv(out, *extra):
         return ["finetune", "--init", str(tmp_path / "pre"), "--train", str(data / "train.tsv"), "--out", str(out),
-                "--batch-size", "16", "--warmup", "0", "--save-steps", "2", "--backend", "eager", "--device", "cpu",
+                "--per-device-train-batch-size", "16", "--warmup-ratio", "0", "--save-steps", "2",
+                "--backend", "eager", "--device", "cpu",
                 "--quiet", *extra]
 
     def lrs(out, step):
         with open(out / "checkpoints" / f"checkpoint-{step}" / "trainer_state.json", encoding="utf-8") as f:
             return [h["learning_rate"] for h in json.load(f)["log_history"] if "learning_rate" in h]
 
-    assert cli.main(argv(tmp_path / "kept", "--steps", "2")) == 0
+    assert cli.main(argv(tmp_path / "kept", "--max-steps", "2")) == 0
     shutil.copytree(tmp_path / "kept", tmp_path / "reshaped")
     capsys.readouterr()
-    assert cli.main(argv(tmp_path / "kept", "--steps", "4", "--resume")) == 0
+    assert cli.main(argv(tmp_path / "kept", "--max-steps", "4", "--resume")) == 0
     assert "keeping the run's learning-rate schedule: linear decay to 0 at step 2" in capsys.readouterr().out
     assert lrs(tmp_path / "kept", 4)[2:] == [0.0, 0.0]
-    assert cli.main(argv(tmp_path / "reshaped", "--steps", "4", "--resume", "--reshape-schedule")) == 0
+    assert cli.main(argv(tmp_path / "reshaped", "--max-steps", "4", "--resume",
+                         "--reshape-schedule")) == 0
     assert "reshaping the learning-rate schedule (--reshape-schedule): linear decay to 0 at step 4, was 2" in \
         capsys.readouterr().out
-    assert cli.main(argv(tmp_path / "long", "--steps", "4")) == 0
+    assert cli.main(argv(tmp_path / "long", "--max-steps", "4")) == 0
     assert lrs(tmp_path / "reshaped", 4)[2:] == lrs(tmp_path / "long", 4)[2:] and lrs(tmp_path / "long", 4)[2] > 0
 
 
@@ -727,13 +750,15 @@ def test_gradient_accumulation_equals_the_whole_batch(tmp_path, data):
                          attention_probs_dropout_prob=0.0)).save_pretrained(bert)
     (bert / "vocab.txt").write_text("".join(v + "\n" for v in vocab()))
     runs = {}
-    for name, extra in (("whole", ["--batch-size", "16"]), ("accum", ["--batch-size", "8", "--grad-accum", "2"])):
+    accum = ["--per-device-train-batch-size", "8", "--gradient-accumulation-steps", "2"]
+    for name, extra in (("whole", ["--per-device-train-batch-size", "16"]), ("accum", accum)):
         argv = ["finetune", "--hf", str(bert), "--train", str(data / "train.tsv"), "--out", str(tmp_path / name),
-                "--steps", "3", "--lr", "1e-3", "--warmup", "0", "--backend", "eager", "--device", "cpu", "--quiet",
+                "--max-steps", "3", "--learning-rate", "1e-3", "--warmup-ratio", "0", "--backend",
+                "eager", "--device", "cpu", "--quiet",
                 *extra]
         assert cli.main(argv) == 0
         runs[name] = load_file(tmp_path / name / "model.safetensors")
-    start = finetune._from_hf(str(bert), 2, "eager", None)[0].state_dict()
+    start = loading.from_hf_folder(str(bert), 2, "eager", None)[0].state_dict()
     assert runs["whole"].keys() == runs["accum"].keys()
     for k in runs["whole"]:
         assert torch.allclose(runs["whole"][k], runs["accum"][k], rtol=1e-4, atol=2e-6), k
@@ -757,7 +782,7 @@ def test_grad_reg_training_step_is_romebert_projection(hf_dir, tmp_path, project
                                 romebert_projected_parameters)
     from effbert.training import MultiExitTrainer
 
-    model, tokenizer, _ = finetune._from_hf(str(hf_dir), 2, "eager", None)
+    model, tokenizer, _ = loading.from_hf_folder(str(hf_dir), 2, "eager", None)
     twin = copy.deepcopy(model)
     trainer = MultiExitTrainer(model=model, args=TrainingArguments(output_dir=str(tmp_path / "o"), use_cpu=True,
                                                                    report_to="none"),
@@ -790,8 +815,10 @@ def test_torchrun_two_processes_write_one_run(hf_dir, data, tmp_path):
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m",
            "effbert.commands", "finetune", "--hf", str(hf_dir), "--train", str(data / "train.tsv"), "--eval",
-           str(data / "eval.tsv"), "--out", str(out), "--steps", "2", "--save-steps", "2", "--batch-size", "8",
-           "--backend", "eager", "--device", "cpu", "--log-every", "1", "--eval-batch-size", "16"]
+           str(data / "eval.tsv"), "--out", str(out), "--max-steps", "2", "--save-steps", "2",
+           "--per-device-train-batch-size", "8",
+           "--backend", "eager", "--device", "cpu", "--logging-steps", "1",
+           "--per-device-eval-batch-size", "16"]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -800,7 +827,7 @@ def test_torchrun_two_processes_write_one_run(hf_dir, data, tmp_path):
     assert "2 steps of 16" in text  # 8 a process, 2 processes
     report = json.loads((out / "report.json").read_text())
     assert report["train_steps"] == 2 and (out / "checkpoints" / "checkpoint-2").is_dir()
-    model, _, labels, settings = finetune.load_finetuned(out, backend="eager")
+    model, _, labels, settings = loading.load_finetuned(out, backend="eager")
     assert labels == ["food", "sport"] and settings["complete"] and settings["steps"] == 2
 
 
@@ -812,14 +839,15 @@ def test_mixed_precision_on_cuda_with_grad_reg(hf_dir, data, tmp_path, capsys, p
     loss scale): the run learns with finite losses and its folder loads."""
     out = tmp_path / "run"
     argv = ["finetune", "--hf", str(hf_dir), "--train", str(data / "train.tsv"), "--eval", str(data / "eval.tsv"),
-            "--out", str(out), "--steps", "30", "--batch-size", "16", "--lr", "3e-3", "--device", "cuda", "--quiet",
+            "--out", str(out), "--max-steps", "30", "--per-device-train-batch-size", "16",
+            "--learning-rate", "3e-3", "--device", "cuda", "--quiet",
             "--grad-reg", precision]
     assert cli.main(argv) == 0
     assert "gradient regularization: the others side projected on" in capsys.readouterr().out
     report = json.loads((out / "report.json").read_text())
     assert all(torch.isfinite(torch.tensor(report["losses"])))
     assert report["train_loss_last"] < report["train_loss_first"]
-    finetune.load_finetuned(out, device="cuda")
+    loading.load_finetuned(out, device="cuda")
 
 
 @needs_hf
@@ -829,7 +857,7 @@ def test_multi_exit_trainer_checks_its_arguments(hf_dir, tmp_path):
 
     from effbert.training import MultiExitTrainer
 
-    model, _, _ = finetune._from_hf(str(hf_dir), 2, "eager", None)
+    model, _, _ = loading.from_hf_folder(str(hf_dir), 2, "eager", None)
     args = TrainingArguments(output_dir=str(tmp_path / "o"), use_cpu=True, report_to="none")
     for kw, message in (({"loss": "kd"}, "loss must be one of"), ({"gamma": 1.5}, "gamma must be in"),
                         ({"temperature": 0}, "temperature must be > 0"), ({"stage": 3}, "stage must be 1 or 2"),
@@ -888,10 +916,12 @@ def test_a_nan_loss_stops_the_run_before_its_checkpoint(tmp_path, data, capsys, 
     capsys.readouterr()
     out = tmp_path / "run"
     assert cli.main(["finetune", "--init", str(tmp_path / "pre"), "--train", str(data / "train.tsv"), "--out",
-                     str(out), "--steps", "5", "--save-steps", "1", "--batch-size", "8", "--backend", "eager",
+                     str(out), "--max-steps", "5", "--save-steps", "1",
+                     "--per-device-train-batch-size", "8", "--backend", "eager",
                      "--device", "cpu", "--quiet"]) == 2
     err = capsys.readouterr().err
-    assert "the loss is nan at step 3: lower --lr" in err and len(err.strip().splitlines()) == 1
+    assert "the loss is nan at step 3: lower --learning-rate" in err
+    assert len(err.strip().splitlines()) == 1
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["checkpoint-1", "checkpoint-2"]
     assert not (out / "model.safetensors").exists()
 
@@ -907,7 +937,8 @@ def test_deebert_resume_in_its_second_stage(tmp_path, data, capsys):
 
     def argv(out, *extra):
         return ["finetune", "--init", str(tmp_path / "pre"), "--train", str(data / "train.tsv"), "--eval",
-                str(data / "eval.tsv"), "--out", str(out), "--steps", "2", "--save-steps", "1", "--batch-size", "8",
+                str(data / "eval.tsv"), "--out", str(out), "--max-steps", "2", "--save-steps", "1",
+                "--per-device-train-batch-size", "8",
                 "--loss", "deebert", "--backend", "eager", "--device", "cpu", "--quiet", *extra]
 
     assert cli.main(argv(tmp_path / "whole")) == 0
@@ -932,7 +963,8 @@ def test_bf16_mixed_precision_on_the_cpu(tmp_path, data):
     write_pretrain_folder(tmp_path / "pre", tnf_notes=False)
     out = tmp_path / "run"
     assert cli.main(["finetune", "--init", str(tmp_path / "pre"), "--train", str(data / "train.tsv"), "--out",
-                     str(out), "--steps", "2", "--batch-size", "8", "--bf16", "--backend", "eager", "--device", "cpu",
+                     str(out), "--max-steps", "2", "--per-device-train-batch-size", "8", "--bf16",
+                     "--backend", "eager", "--device", "cpu",
                      "--quiet"]) == 0
     weights = load_file(out / "model.safetensors")
     assert all(w.dtype == torch.float32 and bool(torch.isfinite(w).all()) for w in weights.values())
@@ -944,18 +976,22 @@ def test_bf16_mixed_precision_on_the_cpu(tmp_path, data):
 # --weight_decay 0.0 and --warmup_steps 0 (the defaults its run script keeps).
 FINETUNE_RECIPES = {
     # castorini/DeeBERT scripts/train_highway.sh (bert): lr 2e-5, batch 8, 3 epochs (a stage), max_seq_length 128
-    "deebert": {"loss": "deebert", "criterion": "entropy", "lr": 2e-5, "warmup": 0.0, "adam_beta1": 0.9,
-                "adam_beta2": 0.999, "adam_epsilon": 1e-8, "weight_decay": 0.0, "max_grad_norm": 1.0,
-                "batch_size": 8, "epochs": 3.0, "max_len": 128},
+    "deebert": {"loss": "deebert", "criterion": "entropy", "learning_rate": 2e-5, "warmup_steps": 0,
+                "adam_beta1": 0.9, "adam_beta2": 0.999, "adam_epsilon": 1e-8, "weight_decay": 0.0,
+                "max_grad_norm": 1.0, "per_device_train_batch_size": 8, "num_train_epochs": 3.0,
+                "max_seq_length": 128},
     # JetRunner/PABEE finetune_bert.sh: lr 2e-5, batch 32, 5 epochs, max_seq_length 128; one shared pooler; patience
-    "pabee": {"loss": "pabee", "shared_pooler": True, "criterion": "patience", "lr": 2e-5, "warmup": 0.0,
-              "adam_beta1": 0.9, "adam_beta2": 0.999, "adam_epsilon": 1e-8, "weight_decay": 0.0,
-              "max_grad_norm": 1.0, "batch_size": 32, "epochs": 5.0, "max_len": 128},
+    "pabee": {"loss": "pabee", "shared_pooler": True, "criterion": "patience",
+              "learning_rate": 2e-5,
+              "warmup_steps": 0, "adam_beta1": 0.9, "adam_beta2": 0.999, "adam_epsilon": 1e-8,
+              "weight_decay": 0.0, "max_grad_norm": 1.0, "per_device_train_batch_size": 32,
+              "num_train_epochs": 5.0, "max_seq_length": 128},
     # romebert/RomeBERT scripts/train_high.sh (bert): lr 2e-5, batch 8, 3 epochs, max_seq_length 128, gamma 0.9,
     # temper 3.0
-    "romebert": {"loss": "romebert", "gamma": 0.9, "temperature": 3.0, "criterion": "entropy", "lr": 2e-5,
-                 "warmup": 0.0, "adam_beta1": 0.9, "adam_beta2": 0.999, "adam_epsilon": 1e-8, "weight_decay": 0.0,
-                 "max_grad_norm": 1.0, "batch_size": 8, "epochs": 3.0, "max_len": 128},
+    "romebert": {"loss": "romebert", "gamma": 0.9, "temperature": 3.0, "criterion": "entropy",
+                 "learning_rate": 2e-5, "warmup_steps": 0, "adam_beta1": 0.9, "adam_beta2": 0.999,
+                 "adam_epsilon": 1e-8, "weight_decay": 0.0, "max_grad_norm": 1.0,
+                 "per_device_train_batch_size": 8, "num_train_epochs": 3.0, "max_seq_length": 128},
 }
 
 
@@ -972,7 +1008,8 @@ def test_each_recipe_sets_exactly_the_published_values(name):
     assert {k: getattr(a, k) for k in want} == want
     assert {k: v for k, v in vars(a).items() if k not in want and k != "recipe"} == \
         {k: v for k, v in plain.items() if k not in want and k != "recipe"}  # nothing else
-    assert line.startswith(f"recipe {name}, ") and "--lr 2e-05" in line and "--warmup 0 " in line
+    assert line.startswith(f"recipe {name}, ") and "--learning-rate 2e-05" in line
+    assert "--warmup-steps 0 " in line
 
 
 @needs_hf
@@ -990,12 +1027,15 @@ def test_a_recipe_under_the_users_flags_reaches_trainer(hf_dir, data, tmp_path, 
 
     monkeypatch.setattr(MultiExitTrainer, "__init__", record)
     out = tmp_path / "run"
-    assert cli.main(args(hf_dir, data, out, "--steps", "2", "--recipe", "pabee", "--adam-beta2", "0.98")) == 0
+    assert cli.main(args(hf_dir, data, out, "--max-steps", "2", "--recipe", "pabee", "--adam-beta2",
+                         "0.98")) == 0
     text = capsys.readouterr().out
     assert [x for x in text.splitlines() if x.startswith("recipe ")] == [
         "recipe pabee, PABEE (Zhou et al., NeurIPS 2020): --loss pabee --shared-pooler --criterion patience "
-        "--warmup 0 --adam-beta1 0.9 --adam-epsilon 1e-08 --weight-decay 0 --max-grad-norm 1 --epochs 5 "
-        "--max-len 128; yours kept: --lr 0.003 --adam-beta2 0.98 --batch-size 16"]
+        "--warmup-steps 0 --adam-beta1 0.9 --adam-epsilon 1e-08 --weight-decay 0 --max-grad-norm 1 "
+        "--num-train-epochs 5 --max-seq-length 128; yours kept: --learning-rate 0.003 --adam-beta2 "
+        "0.98 "
+        "--per-device-train-batch-size 16"]
     t = seen[-1]
     assert (t.args.learning_rate, t.args.adam_beta1, t.args.adam_beta2, t.args.adam_epsilon, t.args.weight_decay,
             t.args.max_grad_norm, t.args.per_device_train_batch_size) == (3e-3, 0.9, 0.98, 1e-8, 0.0, 1.0, 16)
@@ -1006,3 +1046,135 @@ def test_a_recipe_under_the_users_flags_reaches_trainer(hf_dir, data, tmp_path, 
     assert (settings["recipe"], settings["loss"], settings["shared_pooler"], settings["adam_beta2"]) == \
         ("pabee", "pabee", True, 0.98)
     assert "batched early exit" in text and "patience" in text
+
+
+# ------------------------------------------------------------------------------- the flag
+# vocabulary and steps
+
+
+@pytest.mark.parametrize("old,new", [("--lr", "--learning-rate"), ("--steps", "--max-steps"),
+                                     ("--epochs", "--num-train-epochs"),
+                                     ("--grad-accum", "--gradient-accumulation-steps"),
+                                     ("--warmup", "--warmup-steps"), ("--save-every",
+                                                                      "--save-steps"),
+                                     ("--log-every", "--logging-steps"),
+                                     ("--eval-batch-size", "--per-device-eval-batch-size"),
+                                     ("--max-len", "--max-seq-length")])
+def test_old_spellings_are_refused_with_the_new_name(tmp_path, capsys, old, new):
+    """Each old flag (also as --flag=value) is one line naming its new spelling, before anything
+    runs."""
+    for spelled in ([old, "3"], [f"{old}=3"]):
+        argv = ["finetune", "--hf", "b", "--train", "t.tsv", "--out", str(tmp_path / "o"), *spelled]
+        assert cli.main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.strip() == f"effbert finetune: error: {old} is now {new}" or \
+            (err.startswith(f"effbert finetune: error: {old} is now {new}")
+             and len(err.splitlines()) == 1), err
+    assert not (tmp_path / "o").exists()
+
+
+def _checked(tmp_path, *extra):
+    s = finetune.build_parser().parse_args(["--hf", "b", "--train", "t.tsv", "--out",
+                                            str(tmp_path / "o"),
+                                            "--device", "cpu", *extra])
+    try:
+        finetune.check(s)
+    finally:
+        if getattr(s, "run_folder", None) is not None:
+            s.run_folder.release()
+    return s
+
+
+def test_global_batch_size_and_warmup_are_resolved_once(tmp_path):
+    """--batch-size is global rows an optimizer step (processes x accumulation x per-device); the
+    per-device batch defaults to 32 and the warm-up to a 0.1 share; each exclusive pair is refused
+    together."""
+    s = _checked(tmp_path)
+    assert (s.per_device_train_batch_size, s.warmup_ratio, s.warmup_steps) == (32, 0.1, None)
+    s = _checked(tmp_path, "--batch-size", "48", "--gradient-accumulation-steps", "3",
+                 "--warmup-steps", "7")
+    assert (s.per_device_train_batch_size, s.warmup_ratio, s.warmup_steps) == (16, None, 7)
+    for extra, message in ((["--batch-size", "10", "--gradient-accumulation-steps", "4"],
+                            "not a multiple"),
+                           (["--batch-size", "8", "--per-device-train-batch-size", "8"], "exclude "
+                                                                                         "each "
+                                                                                         "other"),
+                           (["--warmup-steps", "1", "--warmup-ratio", "0.1"], "exclude each other"),
+                           (["--warmup-ratio", "1"], "--warmup-ratio must be in [0, 1)")):
+        with pytest.raises(cli.UsageError, match=re.escape(message)):
+            _checked(tmp_path, *extra)
+
+
+def test_help_has_a_line_for_every_option_and_each_default_once(capsys):
+    """finetune --help: every option has help, no RST backticks, a default printed at most once."""
+    p = finetune.build_parser()
+    for action in p._actions:
+        if action.option_strings and action.dest != "help":
+            assert action.help, action.option_strings
+    with pytest.raises(SystemExit):
+        p.parse_args(["--help"])
+    text = capsys.readouterr().out
+    assert "``" not in text and "--per-device-train-batch-size" in text and "--report-to" in text
+    blocks = re.split(r"\n  (?=-)", text)
+    assert all(b.count("default") <= 1 for b in blocks), [b for b in blocks
+                                                          if b.count("default") > 1]
+    # --save-steps, --seed (0 and 1 are shown)
+    assert "(default: 500)" in text and "(default: 0)" in text
+
+
+def _settings(tmp_path, data, **kw):
+    import types
+
+    base = dict(train=str(data / "train.tsv"), eval=str(data / "eval.tsv"), out=str(tmp_path / "o"),
+                resume=False,
+                regression=False)
+    return types.SimpleNamespace(**{**base, **kw})
+
+
+def test_read_examples_step(tmp_path, data):
+    """training.finetune.read_examples on its own: sorted labels, class ids, --eval mapped by
+    --train's labels; an --eval label --train lacks is a one-line UsageError naming --eval."""
+    ex = finetune_run.read_examples(_settings(tmp_path, data))
+    names, texts = tsv.read_tsv(str(data / "train.tsv"))
+    assert ex.labels == ["food", "sport"] and ex.train_texts == texts
+    assert ex.train_targets.dtype == torch.int64
+    assert ex.train_targets.tolist() == [ex.labels.index(n) for n in names]
+    e_names, _ = tsv.read_tsv(str(data / "eval.tsv"))
+    assert ex.eval_targets.tolist() == [ex.labels.index(n) for n in e_names]
+    (tmp_path / "u.tsv").write_text("music\tthe song\n")
+    with pytest.raises(cli.UsageError,
+                       match="--eval: labels \\['music'\\] do not occur in --train"):
+        finetune_run.read_examples(_settings(tmp_path, data, eval=str(tmp_path / "u.tsv")))
+    (tmp_path / "bin.tsv").write_bytes(b"a\tx\0y\n")
+    with pytest.raises(cli.UsageError, match="--train: .* is binary, not text"):
+        finetune_run.read_examples(_settings(tmp_path, data, train=str(tmp_path / "bin.tsv")))
+
+
+def test_training_args_step(tmp_path, data):
+    """training.finetune.training_args on its own: the settled flags reach TrainingArguments by
+    Trainer's names."""
+    s = _checked(tmp_path, "--batch-size", "24", "--gradient-accumulation-steps", "2",
+                 "--warmup-steps", "5",
+                 "--save-steps", "0", "--learning-rate", "1e-4", "--max-steps", "9")
+    t = finetune_run.training_args(s, str(tmp_path / "ck"), torch.device("cpu"), 1)
+    assert (t.per_device_train_batch_size, t.gradient_accumulation_steps, t.warmup_steps,
+            t.learning_rate,
+            t.max_steps, t.save_strategy, t.report_to) == (12, 2, 5, 1e-4, 9, "no", [])
+    s = _checked(tmp_path)
+    t = finetune_run.training_args(s, str(tmp_path / "ck"), torch.device("cpu"), 2)
+    assert (t.save_steps, t.save_total_limit, t.seed) == (500, 2, 1)
+
+
+@needs_hf
+def test_saved_files_are_mode_0644(hf_dir, tmp_path):
+    """save_finetuned writes every file readable by all (0644), the weights included, whatever its
+    writer does."""
+    import stat
+
+    model, tokenizer, _ = loading.from_hf_folder(str(hf_dir), 2, "eager")
+    loading.save_finetuned(tmp_path / "run", model, tokenizer, ["a", "b"], {"max_len": 32})
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in (tmp_path / "run").iterdir()}
+    assert "model.safetensors" in modes and "finetune.json" in modes
+    assert all(m == 0o644 for m in modes.values()), modes
+    with pytest.raises(ValueError, match="labels must name the model's 2 outputs"):
+        loading.save_finetuned(tmp_path / "run2", model, tokenizer, ["a"], {})

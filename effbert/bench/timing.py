@@ -56,12 +56,17 @@ def spread(times):
     return mid[-1] / mid[0] if mid[0] > 0 else 1.0
 
 
-def interleave(fns, *, quick=False, rounds=None, budget_s=None, min_block_s=1e-3):
-    """Time ``fns`` round by round (A B C A B C ...): each round times every fn once, in order, after warm-up
-    calls. Runs ``rounds`` rounds when given, else at least MIN_ROUNDS and then until ``budget_s`` (default 0.5 s
-    per fn, 0.05 s with ``quick``) is spent, at most 1000. A fn faster than ``min_block_s`` is called in a block of
-    back-to-back calls per round (sized in the warm-up) and the round records the block's time per call: the
-    clocks' own cost and resolution would otherwise be what is measured.
+def interleave(fns, *, quick=False, rounds=None, budget_s=None, min_block_s=1e-3, warmup=True,
+               alternate=False, device=None):
+    """Time ``fns`` round by round (A B C A B C ...): each round times every fn once, in order,
+    after warm-up calls. Runs ``rounds`` rounds when given, else at least MIN_ROUNDS and then until
+    ``budget_s`` (default 0.5 s per fn, 0.05 s with ``quick``) is spent, at most 1000. A fn faster
+    than ``min_block_s`` is called in a block of back-to-back calls per round (sized in the warm-up)
+    and the round records the block's time per call: the clocks' own cost and resolution would
+    otherwise be what is measured. ``warmup=False``: no warm-up calls (the caller warmed up), one
+    call a round. ``alternate``: every other round runs the fns in reverse order (A B, B A, A B,
+    ...), so that neither is always the one that runs first. ``device`` a CUDA device: each call is
+    timed between synchronisations.
 
     Returns ``(wall, cpu, errors)``: per fn the list of wall milliseconds and of process CPU milliseconds per call,
     one per round, and ``{index: exception}`` for fns that raised (dropped from later rounds, so one broken
@@ -74,16 +79,19 @@ def interleave(fns, *, quick=False, rounds=None, budget_s=None, min_block_s=1e-3
         if i in errors:
             return None
         try:
+            synchronize(device)
             c0, t0 = time.process_time(), time.perf_counter()
             for _ in range(reps[i]):
                 fns[i]()
+            synchronize(device)
             t1, c1 = time.perf_counter(), time.process_time()
         except Exception as exc:  # reported in that provider's row
             errors[i] = exc
             return None
         return (t1 - t0) * 1e3 / reps[i], (c1 - c0) * 1e3 / reps[i]
 
-    for i in range(len(fns)):  # warm-up (first-call costs: allocation, lazy imports, compilation), then block size
+    # warm-up (first-call costs: allocation, compilation), block size
+    for i in range(len(fns) if warmup else 0):
         once = call(i)
         if once is not None and once[0] < 10 * min_block_s * 1e3:  # maybe fast: a second call to size the block
             once = call(i)
@@ -94,7 +102,7 @@ def interleave(fns, *, quick=False, rounds=None, budget_s=None, min_block_s=1e-3
     done, start = 0, time.perf_counter()
     while (done < rounds if rounds is not None
            else done < MIN_ROUNDS or (time.perf_counter() - start < budget_s and done < 1000)):
-        for i in range(len(fns)):
+        for i in (reversed(range(len(fns))) if alternate and done % 2 else range(len(fns))):
             got = call(i)
             if got is not None:
                 wall[i].append(got[0])
@@ -115,8 +123,26 @@ def summarize(wall, cpu):
             "spread": s, "noisy": s > NOISY_SPREAD, "noise": abs(halves[0] - halves[1]) / ms if ms > 0 else 0.0}
 
 
+def paired_speedup(baseline, candidate, device, rounds):
+    """The speed-up of ``candidate()`` over ``baseline()`` robust to a shared machine: ``rounds``
+    interleaved pairs with the order alternating (``interleave(..., alternate=True)``, no warm-up:
+    warm up first), each pair's ratio of costs, the median ratio. The cost is process CPU time on a
+    CPU (a pass that waits while other jobs hold the cores accrues none) and wall time between
+    synchronisations on a GPU. Returns ``(speed-up, median baseline seconds)``; an exception of
+    either fn propagates."""
+    if not (isinstance(rounds, int) and rounds >= 1):
+        raise ValueError(f"rounds must be an int >= 1, got {rounds!r}")
+    wall, cpu, errors = interleave([baseline, candidate], rounds=rounds, warmup=False,
+                                   alternate=True, device=device)
+    if errors:
+        raise next(iter(errors.values()))
+    base, cand = wall if device.type == "cuda" else cpu
+    ratios = [b / max(c, 1e-6) for b, c in zip(base, cand)]
+    return statistics.median(ratios), statistics.median(base) / 1e3
+
+
 def synchronize(device):
-    if device.type == "cuda":
+    if device is not None and device.type == "cuda":
         torch.cuda.synchronize(device)
 
 

@@ -1,418 +1,53 @@
-"""``effbert demo``: pretrain a tiny TUPE-R BERT with TNF, fine-tune multi-exit off-ramps, run batched early exit.
+"""``effbert demo``: pretrain a tiny TUPE-R BERT with TNF, fine-tune multi-exit off-ramps, run
+batched early exit.
 
-Everything it needs is generated here (no download): a toy grammar over a Zipfian vocabulary (so rare words exist),
-a WordPiece-like tokenisation (frequent words are one piece; tail words are a stem piece plus a ``##`` suffix
-piece), masked-LM pretraining with the TNF note dictionary, then a topic classification task for the off-ramps. It
-prints the loss as it falls, then layers saved, speed-up and accuracy at a few exit thresholds against the
-full-depth model, and writes a plot (loss curve, speed-accuracy curve) to ``--out``.
-
-On a CUDA device it runs the fused kernels at larger sizes; on the CPU it runs a tiny model (README.md, Demo, gives
-its time and results).
+Everything it needs is generated (no download); ``effbert.training.demo`` is the run. This module is
+its command line: the settings (each flag's default and help, once) and their check before any work.
 """
 
-import argparse
-import os
-import statistics
 import sys
-import time
 from dataclasses import dataclass
-
-import numpy as np
-import torch
+from typing import Optional
 
 from . import check_out_dir, parse_device, run_command
-# the timing of finetune's report
-from .finetune import (NOISE_FOOTNOTE, TIMING_ROUNDS, _run_early_exit, chance_warning, paired_speedup,
-                       speedup_note)
-from .pretrain import default_backend as _backend
-
-SPECIALS = ["[PAD]", "[CLS]", "[SEP]", "[MASK]"]
-PAD, CLS, SEP, MASK = range(4)
-SUFFIXES = ["##a", "##e", "##o", "##s"]
-
-
-def mask_tokens(ids, lengths, gen, *, mask_id, maskable, prob=0.15):
-    """BERT's masking (Devlin et al. 2019): ``prob`` of the real maskable pieces become targets; 80% of those become
-    ``mask_id``, 10% a random maskable piece, 10% stay. ``maskable``: bool ``[V]`` (False for the special tokens).
-    Returns ``(masked ids, labels (-100 = no target), real-token mask)``."""
-    n = ids.shape[1]
-    real = torch.arange(n)[None] < lengths[:, None]
-    words = real & maskable[ids]
-    target = words & (torch.rand(ids.shape, generator=gen) < prob)
-    labels = torch.where(target, ids, torch.full_like(ids, -100))
-    r = torch.rand(ids.shape, generator=gen)
-    masked = ids.clone()
-    masked[target & (r < 0.8)] = mask_id
-    rand = target & (r >= 0.8) & (r < 0.9)
-    choices = torch.nonzero(maskable).squeeze(1)
-    masked[rand] = choices[torch.randint(0, choices.numel(), (int(rand.sum()),), generator=gen)]
-    return masked, labels, real
-
-
-def _progress(total, desc, quiet=False):
-    """A tqdm bar on stderr when stderr is a terminal, else None: callers print periodic lines instead (a log file
-    gets lines, never a bar's carriage returns)."""
-    try:
-        terminal = sys.stderr.isatty()
-    except (AttributeError, ValueError):
-        terminal = False
-    if quiet or not terminal:
-        return None
-    from tqdm import tqdm
-
-    return tqdm(total=total, desc=desc, leave=True, dynamic_ncols=True)
+from .settings import option, parser, stderr_is_terminal
 
 
 @dataclass
-class Sizes:
-    function_words: int
-    content_words: int
-    topics: int
-    sentences: int
-    max_len: int
-    hidden: int
-    layers: int
-    heads: int
-    pretrain_steps: int
-    finetune_steps: int
-    batch: int
-    eval_sentences: int
+class DemoSettings:
+    """What ``effbert demo`` is told."""
+
+    out: str = option("effbert-demo", help="folder for the plot")
+    quick: bool = option(False, help="a reduced size (seconds, for tests)")
+    device: Optional[str] = option(None, help="cpu, cuda or cuda:N (default: cuda when available)")
+    seed: int = option(0, help="seed of the generated corpus, the weights and the batches")
+    quiet: bool = option(False,
+                         help="no progress bar (there is none when stderr is not a terminal)")
 
 
-def sizes_for(device, quick):
-    if quick:
-        return Sizes(12, 160, 3, 400, 24, 32, 3, 2, 20, 20, 16, 64)
-    if device.type == "cuda":
-        return Sizes(40, 4000, 4, 40000, 64, 256, 6, 4, 1500, 600, 64, 2048)
-    return Sizes(24, 600, 4, 4000, 32, 64, 6, 4, 600, 500, 32, 512)
+def build_parser():
+    """The ``effbert demo`` parser: ``parse_args`` returns a ``DemoSettings``."""
+    return parser(DemoSettings, "effbert demo", "Pretrain a tiny TUPE-R BERT with TNF, fine-tune "
+                  "multi-exit off-ramps, run batched early exit.")
 
 
-class ToyCorpus:
-    """Sentences of phrases "function word, one or two content words"; each sentence has a topic (its label) that
-    tilts its content words towards the topic's own Zipfian ranking by a per-sentence strength, so some sentences
-    are easy to classify and some are not."""
-
-    def __init__(self, sizes, seed=0):
-        self.s = sizes
-        rng = np.random.default_rng(seed)
-        self.rng = rng
-        ranks = np.arange(sizes.content_words)
-        zipf = 1.0 / (ranks + 1.0) ** 1.1
-        self.global_p = zipf / zipf.sum()
-        # each topic ranks the content words in its own order
-        self.topic_p = []
-        for _ in range(sizes.topics):
-            perm = rng.permutation(sizes.content_words)
-            p = np.empty_like(zipf)
-            p[perm] = zipf
-            self.topic_p.append(p / p.sum())
-        fz = 1.0 / (np.arange(sizes.function_words) + 1.0)
-        self.function_p = fz / fz.sum()
-        # tokenisation: the 60% most frequent content words are single pieces, the tail stem + suffix
-        self.head = int(sizes.content_words * 0.6)
-        tail = sizes.content_words - self.head
-        self.stems = (tail + len(SUFFIXES) - 1) // len(SUFFIXES)
-        self.first_function = len(SPECIALS)
-        self.first_content = self.first_function + sizes.function_words
-        self.first_stem = self.first_content + self.head
-        self.first_suffix = self.first_stem + self.stems
-        self.vocab_size = self.first_suffix + len(SUFFIXES)
-
-    def continuation(self):
-        cont = torch.zeros(self.vocab_size, dtype=torch.bool)
-        cont[self.first_suffix:] = True
-        return cont
-
-    def pieces(self, word):
-        """Piece ids of a word: ``("f", i)`` a function word, ``("c", i)`` a content word."""
-        kind, i = word
-        if kind == "f":
-            return [self.first_function + i]
-        if i < self.head:
-            return [self.first_content + i]
-        t = i - self.head
-        return [self.first_stem + t // len(SUFFIXES), self.first_suffix + t % len(SUFFIXES)]
-
-    def sentence(self, topic):
-        rng, s = self.rng, self.s
-        strength = rng.uniform(0.1, 0.9)
-        p = strength * self.topic_p[topic] + (1 - strength) * self.global_p
-        words = []
-        target = rng.integers(s.max_len // 3, s.max_len // 2 + 1)
-        while len(words) < target:
-            words.append(("f", int(rng.choice(s.function_words, p=self.function_p))))
-            for _ in range(rng.integers(1, 3)):
-                words.append(("c", int(rng.choice(s.content_words, p=p))))
-        return words
-
-    def build(self, n):
-        topics = self.rng.integers(0, self.s.topics, n)
-        return [self.sentence(int(t)) for t in topics], torch.from_numpy(topics).long()
-
-    def encode(self, sentences):
-        """``[CLS] pieces [SEP]`` padded to ``max_len``: ``(ids [S, N], lengths [S])``."""
-        n = self.s.max_len
-        ids = torch.full((len(sentences), n), PAD, dtype=torch.int64)
-        lengths = torch.zeros(len(sentences), dtype=torch.int64)
-        for r, words in enumerate(sentences):
-            toks = [CLS]
-            for w in words:
-                p = self.pieces(w)
-                if len(toks) + len(p) > n - 1:
-                    break
-                toks.extend(p)
-            toks.append(SEP)
-            ids[r, : len(toks)] = torch.tensor(toks)
-            lengths[r] = len(toks)
-        return ids, lengths
+def check(s):
+    """Before minutes of training: a device this torch cannot use, an --out the plot cannot go
+    to."""
+    parse_device(s.device)
+    check_out_dir(s.out)
 
 
-def pretrain(corpus, ids, lengths, sizes, device, backend, gen, log):
-    from ..models import TupeBertConfig, TupeBertForMaskedLM
-    from ..nn import NoteDictionary
-    from ..data.tnf import RareWordTable, build_rare_vocab
+def body(s, log):
+    """The run (``effbert.training.demo.run``), with progress bars when a person watches."""
+    from ..training import demo
 
-    # rare words: seen a few times, but well below the typical count (TNF's band)
-    counts = {}
-    for (kind, i), c in corpus.word_counts.items():
-        if kind == "c":
-            counts[f"w{i}"] = c
-    vals = np.array(sorted(counts.values()))
-    max_count = max(3, int(np.percentile(vals, 50)))
-    rare = build_rare_vocab(counts, min_count=3, max_count=max_count)
-    table = RareWordTable.build(rare, lambda w: corpus.pieces(("c", int(w[1:]))), corpus.continuation())
-    cfg = TupeBertConfig(vocab_size=corpus.vocab_size, hidden_size=sizes.hidden, num_hidden_layers=sizes.layers,
-                         num_attention_heads=sizes.heads, intermediate_size=4 * sizes.hidden,
-                         max_position_embeddings=sizes.max_len, position_mode="tupe-r", num_buckets=32,
-                         max_distance=128, hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.0,
-                         backend=backend)
-    notes = NoteDictionary(len(table), sizes.hidden, window=4, gamma=0.1, lam=0.5)
-    model = TupeBertForMaskedLM(cfg, note_dictionary=notes).to(device).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=2e-3 if sizes.hidden <= 64 else 5e-4, weight_decay=0.01)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=opt.param_groups[0]["lr"],
-                                                total_steps=sizes.pretrain_steps, pct_start=0.1)
-    log(f"pretraining a {sizes.layers}-layer TUPE-R BERT (hidden {sizes.hidden}, {sizes.heads} heads, "
-        f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters) with TNF notes for "
-        f"{len(table)} rare words, {sizes.pretrain_steps} steps of {sizes.batch} sentences, backend {backend}")
-    losses = []
-    maskable = torch.arange(corpus.vocab_size) >= corpus.first_function  # every piece but the specials
-    bar = _progress(sizes.pretrain_steps, "MLM", log.quiet)
-    every = max(1, sizes.pretrain_steps // 10)
-    t0 = time.perf_counter()
-    for step in range(sizes.pretrain_steps):
-        rows = torch.randint(0, ids.shape[0], (sizes.batch,), generator=gen)
-        b_ids, b_len = ids[rows], lengths[rows]
-        n = int(b_len.max())
-        b_ids = b_ids[:, :n]
-        masked, labels, real = mask_tokens(b_ids, b_len, gen, mask_id=MASK, maskable=maskable)
-        spans, slots = table.find(masked, b_len)  # masked rare words get no note: no peeking at the target
-        masked, labels, real = masked.to(device), labels.to(device), real.to(device)
-        out = model(masked, real, labels=labels, note_slots=slots.to(device), return_logits=False)
-        opt.zero_grad(set_to_none=True)
-        out.loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        model.update_notes(out.last_hidden_state, spans.to(device), b_len.to(device))
-        losses.append(out.loss.item())
-        if bar is not None:
-            bar.update(1)
-            bar.set_postfix(loss=f"{losses[-1]:.3f}")
-        elif (step + 1) % every == 0:
-            log(f"  step {step + 1:5d}  loss {np.mean(losses[-every:]):.3f}")
-    if bar is not None:
-        bar.close()
-    k = max(1, len(losses) // 10)
-    log(f"MLM loss {np.mean(losses[:k]):.3f} -> {np.mean(losses[-k:]):.3f} (first / last {k} steps), "
-        f"{int((model.notes.counts > 0).sum())} of {len(table)} notes taken, "
-        f"{time.perf_counter() - t0:.1f} s")
-    return model, losses
-
-
-FINETUNE_GAMMA, FINETUNE_TEMPERATURE = 0.9, 3.0  # RomeBERT's published values
-
-
-def finetune(mlm, ids, lengths, labels, sizes, device, gen, log):
-    from ..losses import multi_exit_distillation_loss
-    from ..models import TupeBertConfig, TupeBertForSequenceClassification
-
-    values = mlm.config.to_dict()
-    values.update(multi_exit=True, num_labels=sizes.topics)
-    model = TupeBertForSequenceClassification(TupeBertConfig.from_dict(values))
-    model.bert.load_state_dict(mlm.bert.state_dict())
-    model = model.to(device).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3 if sizes.hidden <= 64 else 2e-4, weight_decay=0.01)
-    log(f"fine-tuning {sizes.layers} off-ramps on {sizes.topics}-way topic classification with RomeBERT's loss "
-        f"(gamma {FINETUNE_GAMMA}, temperature {FINETUNE_TEMPERATURE}), "
-        f"{sizes.finetune_steps} steps")
-    bar = _progress(sizes.finetune_steps, "multi-exit", log.quiet)
-    every = max(1, sizes.finetune_steps // 5)
-    losses = []
-    for step in range(sizes.finetune_steps):
-        rows = torch.randint(0, ids.shape[0], (sizes.batch,), generator=gen)
-        b_len = lengths[rows]
-        n = int(b_len.max())
-        b_ids = ids[rows, :n].to(device)
-        mask = (torch.arange(n)[None] < b_len[:, None]).to(device)
-        out = model(b_ids, mask)
-        # RomeBERT's loss at its published values, with its KL averaged over B * C as its KDLoss does
-        loss = multi_exit_distillation_loss(out.exit_logits, labels[rows].to(device), gamma=FINETUNE_GAMMA,
-                                            temperature=FINETUNE_TEMPERATURE)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        losses.append(loss.item())
-        if bar is not None:
-            bar.update(1)
-            bar.set_postfix(loss=f"{losses[-1]:.3f}")
-        elif (step + 1) % every == 0:
-            log(f"  step {step + 1:5d}  loss {np.mean(losses[-every:]):.3f}")
-    if bar is not None:
-        bar.close()
-    return model.eval()
-
-
-def evaluate(model, ids, lengths, labels, sizes, device, log):
-    from ..calibration import speed_accuracy_curve
-
-    labels_d = labels.to(device)
-    depth = sizes.layers
-    batch = 128
-    # every exit's logits for the offline speed-accuracy curve
-    with torch.no_grad():
-        all_exits = []
-        for s in range(0, ids.shape[0], batch):
-            b_len = lengths[s:s + batch]
-            n = int(b_len.max())
-            mask = (torch.arange(n)[None] < b_len[:, None]).to(device)
-            all_exits.append(model(ids[s:s + batch, :n].to(device), mask).exit_logits)
-        all_exits = torch.cat(all_exits, 1)
-    curve = speed_accuracy_curve(all_exits, labels_d, criterion="entropy")
-    # full depth: the same batched loop with threshold 0, which no sample passes (DeeBERT's full-depth row)
-    full = dict(criterion="entropy", threshold=0.0)
-    _run_early_exit(model, ids[:batch], lengths[:batch], batch, device, **full)  # warm-up
-    z_full, l_full = _run_early_exit(model, ids, lengths, batch, device, **full)
-    assert bool((l_full == depth).all())
-    acc_full = float((z_full.argmax(-1) == labels_d).double().mean())
-    log(f"\nbatched early exit on {ids.shape[0]} held-out sentences (entropy criterion, {depth} layers):")
-    log(f"  {'threshold':>9} {'avg exit':>9} {'layers saved':>13} {'speed-up':>9} {'accuracy':>9} {'vs full':>8}")
-    log(f"  {'full':>9} {depth:9.2f} {0:12.1%} {1:8.2f}x {acc_full:9.3f} {0:+8.3f}")
-    points, full_times, noisy = [], [], False
-    # thresholds at quantiles of the early exits' entropies, so each one lets a different share of samples out
-    from .. import reference
-    ent = reference.exit_entropy(all_exits[:-1].reshape(-1, all_exits.shape[-1]).double())
-    qs = torch.tensor([0.1, 0.25, 0.4, 0.55, 0.7], dtype=torch.float64, device=ent.device)
-    for t in torch.quantile(ent[torch.isfinite(ent)], qs).tolist():
-        speed, t_full, z, layer = paired_speedup(model, ids, lengths, batch, device, full,
-                                                 dict(criterion="entropy", threshold=t), rounds=TIMING_ROUNDS)
-        full_times.append(t_full)
-        acc = float((z.argmax(-1) == labels_d).double().mean())
-        avg = float(layer.double().mean())
-        points.append((t, avg, speed, acc))
-        mark = speedup_note(speed, avg, depth)
-        noisy = noisy or bool(mark)
-        log(f"  {t:9.5g} {avg:9.2f} {1 - avg / depth:12.1%} {speed:8.2f}x {acc:9.3f} {acc - acc_full:+8.3f}"
-            f"{'  ' + mark if mark else ''}")
-    log(f"  (speed-up: {'wall' if device.type == 'cuda' else 'CPU'} time of the batched full-depth pass over the "
-        f"early-exit pass, the median of {TIMING_ROUNDS} interleaved pairs; "
-        f"{statistics.median(full_times):.2f} s full)")
-    if noisy:
-        log("  " + NOISE_FOOTNOTE)
-    warning = chance_warning(all_exits, labels_d)
-    if warning:
-        log("  " + warning)
-    return acc_full, points, curve
-
-
-def plot(path, losses, acc_full, points, curve, depth):
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return False
-    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
-    a.plot(losses, lw=0.6, alpha=0.5, label="per step")
-    k = max(1, len(losses) // 20)
-    smooth = np.convolve(losses, np.ones(k) / k, mode="valid")
-    a.plot(np.arange(k - 1, len(losses)), smooth, lw=1.5, label=f"mean of {k}")
-    a.set_xlabel("step")
-    a.set_ylabel("MLM loss")
-    a.set_title("Pretraining (TUPE-R + TNF)")
-    a.legend()
-    b.plot(curve["speedup"].numpy(), curve["accuracy"].numpy(), ".-", lw=1, label="layer speed-up (offline)")
-    b.plot([p[2] for p in points], [p[3] for p in points], "o", label="measured batched early exit")
-    b.axhline(acc_full, color="gray", ls="--", lw=1, label="full depth")
-    b.set_xlabel(f"speed-up over {depth} layers")
-    b.set_ylabel("accuracy")
-    b.set_title("Early exit: speed vs accuracy (entropy)")
-    b.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True
-
-
-class _Log:
-    def __init__(self, quiet):
-        self.quiet = quiet
-
-    def __call__(self, msg):
-        print(msg, flush=True)
-
-
-def run(out_dir="effbert-demo", quick=False, device=None, seed=0, quiet=False):
-    """Runs the whole demo; returns a dict with the losses, the early-exit points and the plot path (or None)."""
-    device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
-    torch.manual_seed(seed)
-    gen = torch.Generator().manual_seed(seed)
-    sizes = sizes_for(device, quick)
-    backend = _backend(device)
-    log = _Log(quiet)
-    t0 = time.perf_counter()
-    corpus = ToyCorpus(sizes, seed)
-    sentences, _ = corpus.build(sizes.sentences)
-    corpus.word_counts = {}
-    for words in sentences:
-        for w in words:
-            corpus.word_counts[w] = corpus.word_counts.get(w, 0) + 1
-    ids, lengths = corpus.encode(sentences)
-    log(f"effbert demo on {device}{' (quick)' if quick else ''}: {len(sentences)} generated sentences, "
-        f"{corpus.vocab_size} pieces ({sizes.content_words} Zipfian content words, the rarer ones split into "
-        f"stem + ##suffix)")
-    mlm, losses = pretrain(corpus, ids, lengths, sizes, device, backend, gen, log)
-    train_s, train_y = corpus.build(sizes.sentences // 2)
-    eval_s, eval_y = corpus.build(sizes.eval_sentences)
-    tr_ids, tr_len = corpus.encode(train_s)
-    ev_ids, ev_len = corpus.encode(eval_s)
-    clf = finetune(mlm, tr_ids, tr_len, train_y, sizes, device, gen, log)
-    acc_full, points, curve = evaluate(clf, ev_ids, ev_len, eval_y, sizes, device, log)
-    os.makedirs(out_dir, exist_ok=True)
-    path = os.path.abspath(os.path.join(out_dir, "effbert-demo.png"))
-    if plot(path, losses, acc_full, points, curve, sizes.layers):
-        log(f"\nplot (loss curve, speed-accuracy curve): {path}")
-    else:
-        path = None
-        log("\nmatplotlib is not installed: no plot written (pip install matplotlib)")
-    log(f"done in {time.perf_counter() - t0:.1f} s")
-    return {"losses": losses, "full_accuracy": acc_full, "points": points, "plot": path}
-
-
-def _check_args(a):
-    # before minutes of training: a device this torch cannot use, an --out the plot cannot go to
-    parse_device(a.device)
-    check_out_dir(a.out)
+    demo.run(s.out, quick=s.quick, device=s.device, seed=s.seed, quiet=s.quiet,
+             progress=stderr_is_terminal())
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="effbert demo", description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default="effbert-demo", help="folder for the plot (default ./effbert-demo)")
-    parser.add_argument("--quick", action="store_true", help="a reduced size (seconds, for tests)")
-    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    parser.add_argument("--seed", type=int, default=0)
-    return run_command("effbert demo", parser, _check_args,
-                       lambda a, log: run(a.out, quick=a.quick, device=a.device, seed=a.seed), argv)
+    return run_command("effbert demo", build_parser(), check, body, argv)
 
 
 if __name__ == "__main__":

@@ -53,8 +53,9 @@ RECIPES = {
     }),
     "deebert": ("finetune", "DeeBERT (Xin et al., ACL 2020)", {
         "loss": "deebert", "criterion": "entropy",
-        "lr": 2e-5, "warmup": 0.0, "adam_beta1": 0.9, "adam_beta2": 0.999, "adam_epsilon": 1e-8,
-        "weight_decay": 0.0, "max_grad_norm": 1.0, "batch_size": 8, "epochs": 3.0, "max_len": 128,
+        "learning_rate": 2e-5, "warmup_steps": 0, "adam_beta1": 0.9, "adam_beta2": 0.999,
+        "adam_epsilon": 1e-8, "weight_decay": 0.0, "max_grad_norm": 1.0,
+        "per_device_train_batch_size": 8, "num_train_epochs": 3.0, "max_seq_length": 128,
     }, {
         "*": "castorini/DeeBERT scripts/train_highway.sh (bert: --learning_rate 2e-5 --per_gpu_train_batch_size=8 on "
              "one GPU, EPOCHS=3, --max_seq_length 128) and examples/run_highway_glue.py defaults (--weight_decay 0.0 "
@@ -63,8 +64,9 @@ RECIPES = {
     }),
     "pabee": ("finetune", "PABEE (Zhou et al., NeurIPS 2020)", {
         "loss": "pabee", "shared_pooler": True, "criterion": "patience",
-        "lr": 2e-5, "warmup": 0.0, "adam_beta1": 0.9, "adam_beta2": 0.999, "adam_epsilon": 1e-8,
-        "weight_decay": 0.0, "max_grad_norm": 1.0, "batch_size": 32, "epochs": 5.0, "max_len": 128,
+        "learning_rate": 2e-5, "warmup_steps": 0, "adam_beta1": 0.9, "adam_beta2": 0.999,
+        "adam_epsilon": 1e-8, "weight_decay": 0.0, "max_grad_norm": 1.0,
+        "per_device_train_batch_size": 32, "num_train_epochs": 5.0, "max_seq_length": 128,
     }, {
         "*": "JetRunner/PABEE finetune_bert.sh (--learning_rate 2e-5 --per_gpu_train_batch_size 32 "
              "--num_train_epochs 5 --max_seq_length 128) and run_glue.py defaults (--weight_decay 0.0 --adam_epsilon "
@@ -73,8 +75,9 @@ RECIPES = {
     }),
     "romebert": ("finetune", "RomeBERT (Geng et al., 2021)", {
         "loss": "romebert", "gamma": 0.9, "temperature": 3.0, "criterion": "entropy",
-        "lr": 2e-5, "warmup": 0.0, "adam_beta1": 0.9, "adam_beta2": 0.999, "adam_epsilon": 1e-8,
-        "weight_decay": 0.0, "max_grad_norm": 1.0, "batch_size": 8, "epochs": 3.0, "max_len": 128,
+        "learning_rate": 2e-5, "warmup_steps": 0, "adam_beta1": 0.9, "adam_beta2": 0.999,
+        "adam_epsilon": 1e-8, "weight_decay": 0.0, "max_grad_norm": 1.0,
+        "per_device_train_batch_size": 8, "num_train_epochs": 3.0, "max_seq_length": 128,
     }, {
         "*": "romebert/RomeBERT scripts/train_high.sh and new_scripts/train_high.sh (bert: --learning_rate 2e-5 "
              "--per_gpu_train_batch_size=8 on one GPU, EPOCHS=3, --max_seq_length 128, --gamma 0.9 --temper 3.0 "
@@ -114,12 +117,20 @@ def explicit_dests(build_parser, argv):
     return set(vars(p.parse_known_args(argv)[0]))
 
 
+# settings that say one thing two ways: a recipe's value for one is not set when the user gave the
+# other
+ALTERNATIVES = {"warmup_steps": "warmup_ratio", "warmup_ratio": "warmup_steps",
+                "per_device_train_batch_size": "batch_size",
+                "batch_size": "per_device_train_batch_size"}
+
+
 def _flag(parser, dest, value):
     """``value`` of ``dest`` as it would be typed: ``--no-tnf``, ``--shared-pooler``, ``--lr 2e-05``."""
     for action in parser._actions:
         if action.dest != dest or not action.option_strings:
             continue
-        if action.nargs == 0:  # store_true / store_false / store_const
+        # store_true, or a settings switch
+        if action.nargs == 0 or getattr(action, "is_switch", False):
             if action.const == value:
                 return action.option_strings[0]
             continue
@@ -150,6 +161,8 @@ def apply(a, command, build_parser, argv):
     for dest, value in values.items():
         if dest in given:
             kept.append(_flag(parser, dest, getattr(a, dest)))
+            continue
+        if ALTERNATIVES.get(dest) in given:  # the user said it the other way
             continue
         shown = None
         if isinstance(value, Share):

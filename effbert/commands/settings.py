@@ -14,7 +14,7 @@ import sys
 
 from transformers import HfArgumentParser
 
-from ..training.run_folder import UsageError
+from ..training.run_folder import UsageError, fail_if, one_line  # noqa: F401  (shared below)
 
 # The one vocabulary (docs/commands.md has the table): old spellings, and what replaced each.
 RENAMED = {
@@ -66,7 +66,9 @@ class _HelpFormatter(argparse.HelpFormatter):
 
     def _get_help_string(self, action):
         text = action.help or ""
-        shown = action.default not in (None, False, True, argparse.SUPPRESS, dataclasses.MISSING, [])
+        default = action.default  # by identity: 1 == True and 0 == False, but 1 and 0 are shown
+        shown = not (default is None or default is True or default is False
+                     or default in (argparse.SUPPRESS, dataclasses.MISSING, []))
         if shown and action.option_strings and "default" not in text:
             text += " (default: %(default)s)"
         return text
@@ -74,7 +76,7 @@ class _HelpFormatter(argparse.HelpFormatter):
 
 class SettingsParser(HfArgumentParser):
     """``HfArgumentParser`` for one settings dataclass: ``parse_args`` returns its instance, after refusing the old
-    spellings (a one-line ``UsageError``)."""
+    spellings (one line on stderr and ``SystemExit(2)``, as argparse does for its own errors)."""
 
     def __init__(self, settings_class, prog, description, renamed=RENAMED):
         super().__init__(settings_class, prog=prog, description=description, allow_abbrev=False,
@@ -88,7 +90,10 @@ class SettingsParser(HfArgumentParser):
 
     def parse_args(self, args=None, namespace=None):
         argv = list(sys.argv[1:] if args is None else args)
-        refuse_renamed(argv, self._renamed)
+        try:
+            refuse_renamed(argv, self._renamed)
+        except UsageError as exc:  # argparse's way for a command line's mistake: one line, exit 2
+            self.exit(exc.code, f"{self.prog}: error: {exc}\n")
         (settings,) = self.parse_args_into_dataclasses(args=argv, look_for_args_file=False)
         return settings
 
@@ -96,20 +101,6 @@ class SettingsParser(HfArgumentParser):
 def parser(settings_class, prog, description, renamed=RENAMED):
     """The command-line parser of ``settings_class`` (a dataclass of :func:`option` fields)."""
     return SettingsParser(settings_class, prog, description, renamed)
-
-
-def one_line(exc, limit=400):
-    """An exception as one line of at most ``limit`` characters: its message's first line (its type's name when it
-    has no message)."""
-    text = str(exc).strip().splitlines()
-    line = text[0] if text else type(exc).__name__
-    return line if len(line) <= limit else line[: limit - 3] + "..."
-
-
-def fail_if(condition, message):
-    """Raise ``UsageError(message)`` when ``condition`` holds: validation reads as one line a rule."""
-    if condition:
-        raise UsageError(message)
 
 
 def stderr_is_terminal():

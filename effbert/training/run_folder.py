@@ -304,3 +304,33 @@ def checkpoint_max_steps(ckpt):
             return int(json.load(f)["max_steps"])
     except (OSError, ValueError, KeyError, TypeError):
         return None
+
+
+def one_line(exc, limit=400):
+    """An exception as one line of at most ``limit`` characters: its message's first line (its
+    type's name when it has no message)."""
+    text = str(exc).strip().splitlines()
+    line = text[0] if text else type(exc).__name__
+    return line if len(line) <= limit else line[: limit - 3] + "..."
+
+
+def fail_if(condition, message):
+    """Raise ``UsageError(message)`` when ``condition`` holds: validation reads as one line a
+    rule."""
+    if condition:
+        raise UsageError(message)
+
+
+def default_backend(device):
+    """The effbert op backend a run uses when ``--backend`` is not given: ``auto``, but ``eager`` on
+    a CPU under the Triton interpreter (``TRITON_INTERPRET=1``), a correctness tool far too slow to
+    train with."""
+    if device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") == "1":
+        return "eager"
+    return "auto"
+
+
+def is_main_process():
+    """Whether this is the process that speaks and writes: the first under torchrun (which sets
+    ``RANK``)."""
+    return int(os.environ.get("RANK", "0")) == 0

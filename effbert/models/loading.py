@@ -1,0 +1,274 @@
+"""Multi-exit classifiers from checkpoints, and the folder ``effbert finetune`` writes.
+
+- ``from_hf_folder``: a local Hugging Face BERT folder (``config.json``, ``model.safetensors``,
+  ``vocab.txt`` or ``tokenizer.json``); a classifier checkpoint's head starts the last off-ramp.
+- ``from_pretrain_folder``: an ``effbert pretrain`` output (a ``save_pretrained`` folder of
+  ``TupeBertForMaskedLM`` with its tokenizer, or its newest complete ``checkpoint-N``); the
+  masked-LM head and TNF's notes are left out (the TNF paper fine-tunes the plain encoder).
+- ``save_finetuned`` / ``load_finetuned``: ``save_pretrained`` of the model and tokenizer plus
+  ``finetune.json``.
+
+Every off-ramp's pooler starts from the checkpoint's pooler (DeeBERT, RomeBERT copy it into each
+off-ramp) or one pooler serves all (``shared_pooler``, PABEE). Errors are ``ValueError``
+(``FileNotFoundError`` for a missing folder) whose one-line message names the flag the folder came
+from.
+"""
+
+import json
+import os
+
+CONFIG_FILE, SETTINGS_FILE = "config.json", "finetune.json"
+TOKENIZER_FILE, TOKENIZER_CONFIG_FILE = "tokenizer.json", "tokenizer_config.json"
+VOCAB_FILE = "vocab.txt"
+# save_pretrained's; the second from older checkpoints
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+FILE_MODE = 0o644  # what every file of the run folder is written with
+
+__all__ = ["from_hf_folder", "from_pretrain_folder", "save_finetuned", "load_finetuned",
+           "load_tokenizer",
+           "WEIGHT_FILES", "SETTINGS_FILE"]
+
+
+def _brief(exc, limit=300):
+    return " ".join(str(exc).split())[:limit] or type(exc).__name__
+
+
+def load_tokenizer(path, flag, cased=None):
+    """``BertTokenizerFast`` of a folder (``tokenizer.json`` or ``vocab.txt``); ``cased`` None keeps
+    the folder's casing. Raises ``ValueError`` naming ``flag`` when it is missing, does not load or
+    lacks [PAD]/[CLS]/[SEP]."""
+    from transformers import BertTokenizerFast
+
+    if not any(os.path.isfile(os.path.join(path, n)) for n in (TOKENIZER_FILE, VOCAB_FILE)):
+        raise ValueError(f"{flag}: {path!r} holds neither {TOKENIZER_FILE} nor {VOCAB_FILE} (the "
+                         "tokenizer)")
+    kw = {} if cased is None else {"do_lower_case": not cased}
+    try:
+        tok = BertTokenizerFast.from_pretrained(path, **kw)
+    except Exception as exc:  # a damaged tokenizer.json / vocab.txt: whatever the library raises
+        why = _brief(exc)
+        raise ValueError(f"{flag}: the tokenizer in {path!r} does not load ({why})") from None
+    if tok.pad_token_id is None or tok.cls_token_id is None or tok.sep_token_id is None:
+        raise ValueError(f"{flag}: the tokenizer in {path!r} lacks [PAD], [CLS] or [SEP]")
+    return tok
+
+
+def lowercases(tokenizer):
+    """Whether ``tokenizer`` lowercases its input (BERT's uncased models)."""
+    return bool(getattr(tokenizer, "do_lower_case", True))
+
+
+def check_model_type(path, flag, want):
+    """The ``model_type`` of a checkpoint folder's ``config.json``; ``ValueError`` naming ``flag``
+    when the file is missing, not JSON, or names another model type than ``want``."""
+    cfg = os.path.join(path, CONFIG_FILE)
+    if not os.path.isfile(cfg):
+        raise ValueError(f"{flag}: {path!r} holds no {CONFIG_FILE}: not a checkpoint folder")
+    try:
+        with open(cfg, encoding="utf-8") as f:
+            found = json.load(f).get("model_type")
+    except (ValueError, UnicodeDecodeError, AttributeError) as exc:
+        raise ValueError(f"{flag}: {cfg!r} is not a JSON config ({_brief(exc, 200)})") from None
+    if found != want:
+        hint = ("an effbert (tupe-bert) checkpoint goes with --init" if flag == "--hf" else
+                "a Hugging Face BERT goes with --hf")
+        raise ValueError(f"{flag}: {cfg!r} is a checkpoint of model type {found!r}, not {want!r} "
+                         f"({hint})")
+    return found
+
+
+def multi_exit_config(config, num_labels, shared_pooler, backend):
+    """``config`` (a ``TupeBertConfig``) with an off-ramp after every layer, ``num_labels`` outputs
+    and no TNF notes (they help pretraining only)."""
+    from .config import TupeBertConfig
+
+    values = config.to_dict()
+    values.update(multi_exit=True, num_labels=num_labels, shared_exit_pooler=bool(shared_pooler),
+                  backend=backend,
+                  tnf_num_notes=None)
+    for key in ("id2label", "label2id", "architectures", "transformers_version", "model_type"):
+        values.pop(key, None)
+    return TupeBertConfig.from_dict(values)
+
+
+def classifier_from(encoder_model, config, num_labels, pooler=None, classifier=None,
+                    shared_pooler=False):
+    """A multi-exit ``TupeBertForSequenceClassification`` with ``encoder_model``'s embeddings and
+    layers; every off-ramp's pooler starts from ``pooler`` (a state dict) when given, else from the
+    last off-ramp's fresh one; the last off-ramp's classifier from ``classifier`` when its shape
+    fits."""
+    from .tupe_bert import TupeBertForSequenceClassification
+
+    model = TupeBertForSequenceClassification(multi_exit_config(config, num_labels, shared_pooler,
+                                                                config.backend))
+    state = {k: v for k, v in encoder_model.state_dict().items() if not k.startswith("pooler.")}
+    missing, unexpected = model.bert.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"the encoder weights do not fit: missing {sorted(missing)}, unexpected "
+                         f"{sorted(unexpected)}")
+    last = model.exits[-1]
+    model.init_exit_poolers(pooler if pooler is not None else last.pooler.state_dict())
+    if classifier is not None and classifier["weight"].shape[0] == num_labels:
+        last.classifier.load_state_dict(classifier)
+    return model
+
+
+def from_hf_folder(path, num_labels, backend, cased=None, shared_pooler=False):
+    """A local Hugging Face BERT folder: ``(multi-exit classifier, tokenizer, cased)``. ``cased``
+    None keeps the tokenizer's casing."""
+    from ..integrations.hf import _transformers, from_hf_bert
+    from .tupe_bert import TupeBertForSequenceClassification, TupeBertModel
+
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"--hf: {path!r} is not a folder (a local Hugging Face BERT "
+                                "checkpoint)")
+    try:
+        _transformers()
+    except ImportError as exc:  # the message says how to install it
+        raise ValueError(f"--hf: {exc}") from None
+    check_model_type(path, "--hf", want="bert")
+    tokenizer = load_tokenizer(path, "--hf", cased)
+    try:
+        hf = from_hf_bert(path, backend=backend)
+    except (ValueError, OSError, ImportError, KeyError) as exc:
+        raise ValueError(f"--hf: {_brief(exc, 400)}") from None
+    pooler = classifier = None
+    if isinstance(hf, TupeBertForSequenceClassification):
+        encoder, classifier = hf.bert, hf.classifier.state_dict()
+    else:  # a bare encoder, or a masked-LM checkpoint's encoder
+        encoder = hf if isinstance(hf, TupeBertModel) else hf.bert
+    if encoder.pooler is not None:
+        pooler = encoder.pooler.dense.state_dict()
+    model = classifier_from(encoder, encoder.config, num_labels, pooler, classifier, shared_pooler)
+    return model, tokenizer, not lowercases(tokenizer)
+
+
+def from_pretrain_folder(path, num_labels, backend, cased=None, shared_pooler=False):
+    """An ``effbert pretrain`` output: ``(multi-exit classifier in train mode, tokenizer, cased)``.
+    The weights are the run's own, or (a run stopped early) those of its newest complete
+    ``checkpoint-N``; the tokenizer is the run's, else the checkpoint's. ``cased`` must match the
+    run's tokenizer when given."""
+    from transformers.utils import logging as hf_logging
+
+    # the run folder's checkpoint rules (what makes a checkpoint-N complete), one copy of them
+    from ..training.run_folder import MODEL_FILES, newest_complete
+    from .config import TupeBertConfig
+    from .tupe_bert import TupeBertForSequenceClassification
+
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"--init: {path!r} is not a folder (an effbert pretrain output)")
+    weights = path
+    if not any(os.path.isfile(os.path.join(path, n)) for n in WEIGHT_FILES):
+        weights = newest_complete(path, need=MODEL_FILES)
+    if weights is None:
+        raise ValueError(f"--init: {path!r} holds no weights ({' or '.join(WEIGHT_FILES)}, or a "
+                         "checkpoint-N "
+                         "folder): not the folder of an effbert pretrain run")
+    check_model_type(weights, "--init", want=TupeBertConfig.model_type)
+    own = any(os.path.isfile(os.path.join(path, n)) for n in (TOKENIZER_FILE, VOCAB_FILE))
+    tokenizer = load_tokenizer(path if own else weights, "--init")
+    if cased is not None and cased == lowercases(tokenizer):
+        raise ValueError(f"--cased {'given' if cased else 'not given'}, but the pretraining run "
+                         f"{'lowercased' if lowercases(tokenizer) else 'kept case'}")
+    verbosity = hf_logging.get_verbosity()
+    # the off-ramps are new by design: checked below, not reported as missing
+    hf_logging.set_verbosity_error()
+    try:
+        config = multi_exit_config(TupeBertConfig.from_pretrained(weights), num_labels,
+                                   shared_pooler, backend)
+        model, info = TupeBertForSequenceClassification.from_pretrained(weights, config=config,
+                                                                        output_loading_info=True)
+    # a cut or foreign weights file, a config that fails its checks: one line
+    except Exception as exc:
+        raise ValueError(f"--init: {_brief(exc, 400)}") from None
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    missing = [k for k in info["missing_keys"] if not k.startswith("exits.")]
+    unexpected = [k for k in info["unexpected_keys"] if not k.startswith(("mlm_head.", "notes."))]
+    mismatched = list(info.get("mismatched_keys") or [])
+    if missing or unexpected or mismatched or info.get("error_msgs"):
+        raise ValueError(f"--init: the weights in {weights!r} do not fit the model: missing "
+                         f"{missing[:5]}, "
+                         f"unexpected {unexpected[:5]}, mismatched {mismatched[:5]}")
+    # no pooler in pretraining: one fresh one for all
+    model.init_exit_poolers(model.exits[-1].pooler.state_dict())
+    return model.train(), tokenizer, not lowercases(tokenizer)
+
+
+def save_finetuned(out, model, tokenizer, labels, settings):
+    """Write a fine-tuned multi-exit classifier to the folder ``out``: ``save_pretrained`` of
+    ``model`` (``labels``, a list of str indexed by class id, as ``id2label``; ``config.backend``
+    saved as ``auto``) and of ``tokenizer``, then ``finetune.json`` (``settings``, a
+    JSON-serialisable dict) last, so a folder with it is complete. Every file is written mode 0644.
+    Raises ``ValueError`` when ``labels`` does not match the model's outputs."""
+    config = model.config
+    if not isinstance(settings, dict):
+        raise TypeError(f"settings must be a dict, got {type(settings).__name__}")
+    if len(labels) != config.num_labels:
+        raise ValueError(f"labels must name the model's {config.num_labels} outputs, got "
+                         f"{len(labels)}")
+    os.makedirs(out, exist_ok=True)
+    backend = config.backend
+    config.backend = "auto"  # the run's backend belongs to the run, not the model
+    config.id2label = {i: name for i, name in enumerate(labels)}
+    config.label2id = {name: i for i, name in enumerate(labels)}
+    if settings.get("regression"):
+        config.problem_type = "regression"
+    try:
+        model.save_pretrained(out)
+    finally:
+        config.backend = backend
+    written = {os.path.basename(os.fspath(p)) for p in tokenizer.save_pretrained(out)}
+    for name in written | set(WEIGHT_FILES) | {CONFIG_FILE, "generation_config.json"}:
+        # the weights come from a temporary file of mode 0600
+        if os.path.isfile(os.path.join(out, name)):
+            os.chmod(os.path.join(out, name), FILE_MODE)
+    # finetune.json whole or not at all (a temporary file renamed), as the run folder writes its
+    # files
+    tmp = os.path.join(out, SETTINGS_FILE + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(json.dumps(settings, indent=2, sort_keys=True) + "\n")
+    os.chmod(tmp, FILE_MODE)
+    os.replace(tmp, os.path.join(out, SETTINGS_FILE))
+
+
+def load_finetuned(path, device=None, backend="auto"):
+    """A model ``effbert finetune`` wrote to ``path``: ``(TupeBertForSequenceClassification with
+    off-ramps, in eval mode; BertTokenizerFast; labels, a list of str indexed by class id; settings
+    dict, with max_len)``. The folder is also a ``transformers`` checkpoint:
+    ``AutoModelForSequenceClassification.from_pretrained(path)`` gives the same model. Raises
+    ``FileNotFoundError`` for a folder that is not such a run and ``ValueError`` for weights or a
+    tokenizer that cannot be read (weights are read as safetensors, or with ``torch.load(...,
+    weights_only=True)``: never unpickled code)."""
+    from transformers import BertTokenizerFast
+
+    from .tupe_bert import TupeBertForSequenceClassification
+
+    if not isinstance(path, (str, os.PathLike)) or not os.path.isdir(path):
+        raise FileNotFoundError(f"path must be the folder of an effbert finetune run, got {path!r}")
+    path = os.fspath(path)
+    for name in (CONFIG_FILE, SETTINGS_FILE):
+        if not os.path.isfile(os.path.join(path, name)):
+            raise FileNotFoundError(f"path: {path!r} holds no {name}: not the folder of an effbert "
+                                    "finetune run")
+    if not any(os.path.isfile(os.path.join(path, n)) for n in WEIGHT_FILES):
+        raise FileNotFoundError(f"path: {path!r} holds no {WEIGHT_FILES[0]}: not the folder of an "
+                                "effbert "
+                                "finetune run")
+    with open(os.path.join(path, SETTINGS_FILE), encoding="utf-8") as f:
+        settings = json.load(f)
+    try:
+        model = TupeBertForSequenceClassification.from_pretrained(path, backend=backend)
+    except Exception as exc:  # a cut, tampered or foreign file
+        raise ValueError(f"path: cannot read the model in {path!r} ({_brief(exc)})") from None
+    if not model.config.multi_exit:
+        raise ValueError(f"path: {path!r} holds a model without off-ramps (config.multi_exit is "
+                         "false)")
+    labels = [model.config.id2label[i] for i in range(model.config.num_labels)]
+    try:
+        tokenizer = BertTokenizerFast.from_pretrained(path)
+    except Exception as exc:
+        raise ValueError(f"path: the tokenizer in {path!r} does not load ({_brief(exc)})") from None
+    if device is not None:
+        model = model.to(device)
+    return model.eval(), tokenizer, labels, settings

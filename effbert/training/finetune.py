@@ -1,0 +1,551 @@
+"""Multi-exit fine-tuning as ``effbert finetune`` runs it, top to bottom in ``run``: read the
+labelled examples, load the encoder with an off-ramp after every layer, train through
+``transformers.Trainer`` with the early-exit loss (``MultiExitTrainer``: RomeBERT's
+self-distillation, PABEE's layer-weighted loss or DeeBERT's two stages), save the model, then
+measure batched early exit over a range of thresholds (``effbert.calibration``).
+
+``settings`` is the command's ``FinetuneSettings`` already checked
+(``effbert.commands.finetune.check``): the per-device batch, the warm-up, the backend and
+``progress`` settled. Each step is a function a test can call.
+"""
+
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+
+from .run_folder import (RunFolder, UsageError, atomic_write, check_same_data, checkpoint_max_steps,
+                         fail_if, fingerprint, is_main_process, newest_complete, one_line,
+                         schedule_line, with_schedule)
+from ..models.loading import (CONFIG_FILE, SETTINGS_FILE, TOKENIZER_CONFIG_FILE, TOKENIZER_FILE,
+                              VOCAB_FILE, WEIGHT_FILES)
+
+REPORT_FILE, PLOT_FILE = "report.json", "report.png"
+CHECKPOINTS = "checkpoints"  # Trainer's checkpoint-N folders (--save-steps), under --out
+# the files a finetune run writes: another run's (or anything's) are never overwritten
+OUT_FILES = (CONFIG_FILE, SETTINGS_FILE, REPORT_FILE, PLOT_FILE, TOKENIZER_FILE,
+             TOKENIZER_CONFIG_FILE, CHECKPOINTS, VOCAB_FILE) + WEIGHT_FILES
+WRITES = OUT_FILES + ("special_tokens_map.json",)
+
+
+@dataclass
+class Examples:
+    """The labelled examples: class names (sorted; ``["value"]`` for regression), then texts and
+    targets (int64 class ids, or float32 numbers) of --train and of --eval (None without it)."""
+
+    labels: list
+    train_texts: list
+    train_targets: torch.Tensor
+    eval_texts: list = None
+    eval_targets: torch.Tensor = None
+
+
+def run(s, log):
+    """The whole run; returns ``(model, report dict or None)``."""
+    t0 = time.perf_counter()
+    # where it runs: the device, and the libraries' progress bars only for a person watching
+    device = setup(s)
+    # the examples, their labels checked (and, on a resume, the same --train as before)
+    data = read_examples(s)
+    # the encoder from --init or --hf, with an off-ramp after every layer
+    model, tokenizer, cased = load_model(s, len(data.labels))
+    max_len = min(s.max_seq_length, model.config.max_position_embeddings)
+    # Trainer's settings, so that its refusals (e.g. --fp16 on a CPU) come before any work
+    training_args(s, os.path.join(s.out, CHECKPOINTS), device, 1)
+    # the training examples, tokenized
+    train_ds = to_dataset_of(tokenizer, data, max_len)
+    # the settings, written first so that an interrupted run's folder is known as this command's
+    record = settings_record(s, cased, max_len)
+    log = start_folder(s, record, data, model, device, log)
+    # training (DeeBERT: two stages), every process leaving the group at its end
+    model, losses = train_in_group(s, model, tokenizer, train_ds, device, log)
+    if not is_main_process():
+        return model, None
+    # the model, its tokenizer and finetune.json (last: a folder with it is complete)
+    record = dict(record, steps=len(losses), complete=True)
+    save(s, model.to(device), tokenizer, data.labels, record, log)
+    # the early-exit report on --eval
+    report = None
+    if data.eval_texts is not None:
+        report = report_on_eval(s, model, tokenizer, data, max_len, losses, device, log)
+    log(f"done in {time.perf_counter() - t0:.1f} s")
+    return model, report
+
+
+# ----------------------------------------------------------------------------------- the run folder
+
+
+def open_run_folder(s):
+    """Lock ``--out`` (a ``RunFolder``) before any work, refusing the model's own folder and
+    anything this run would overwrite: a pretraining run, an earlier fine-tuning run without
+    --overwrite, foreign files. None on a process other than the first under torchrun (the first
+    checks, and later writes, --out)."""
+    if not is_main_process():
+        return None
+    source = s.init if s.init is not None else s.hf
+    if source is not None and os.path.isdir(source) and os.path.isdir(s.out) \
+            and os.path.samefile(source, s.out):
+        raise UsageError(f"--out {s.out!r} is the folder of {'--init' if s.init else '--hf'}: "
+                         "fine-tuning would overwrite the model it starts from; choose another "
+                         "--out")
+    root = os.path.join(s.out, CHECKPOINTS)
+    folder = RunFolder(s.out, "effbert finetune", WRITES, checkpoint_root=root)
+    if not os.path.isdir(s.out):
+        fail_if(s.resume, f"--resume: {s.out!r} does not exist: there is no run to resume")
+        return folder.lock()  # released at once if the run stops before writing
+    folder.lock()
+    try:
+        _check_folder_contents(s, folder)
+    except UsageError:
+        folder.release()
+        raise
+    return folder
+
+
+def _check_folder_contents(s, folder):
+    """What an existing --out may hold: nothing of anything else's, a finetune run only with
+    --overwrite or --resume (which needs a checkpoint)."""
+    held = [n for n in OUT_FILES + ("pretrain.json",) if os.path.exists(os.path.join(s.out, n))]
+    if not held:
+        fail_if(s.resume, f"--resume: {s.out!r} holds no effbert finetune run")
+        folder.refuse_foreign()  # new or empty, as the docs say: the user's own files stay theirs
+        return
+    fail_if(os.path.exists(os.path.join(s.out, "pretrain.json")),
+            f"--out: {s.out!r} holds an effbert pretrain run; choose another folder")
+    fail_if(not os.path.isfile(os.path.join(s.out, SETTINGS_FILE)),
+            f"--out: {s.out!r} holds {', '.join(held)} of something else; choose another folder")
+    folder.refuse_foreign()
+    root = os.path.join(s.out, CHECKPOINTS)
+    if s.resume:
+        fail_if(not any(newest_complete(d) for d in (root, os.path.join(root, "stage-1"))),
+                f"--resume: {s.out!r} holds no checkpoint (--save-steps keeps them)")
+        return
+    fail_if(not s.overwrite, f"--out: {s.out!r} holds an earlier effbert finetune run; pass "
+            "--overwrite to replace it (or --resume to continue it) or choose another folder")
+
+
+# --------------------------------------------------------------------------------- the steps of run
+
+
+def setup(s):
+    """The training device (made current on CUDA, as Trainer trains there) and the seed; the
+    libraries' own progress bars off unless ``s.progress``. A missing library is a one-line
+    ``UsageError`` that says how to install it."""
+    from ..integrations.hf import _transformers
+
+    default = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(s.device or default)
+    if device.type == "cuda" and device.index is not None and "LOCAL_RANK" not in os.environ:
+        torch.cuda.set_device(device)
+    try:
+        transformers = _transformers()
+        import datasets
+    # regular dependencies, but an install can lack them: the message says how
+    except ImportError as exc:
+        raise UsageError(" ".join(str(exc).split())) from None
+    if not getattr(s, "progress", False):
+        datasets.disable_progress_bars()
+        transformers.utils.logging.disable_progress_bar()
+    torch.manual_seed(s.seed)
+    return device
+
+
+def _warn(msg):
+    print(f"effbert finetune: warning: {msg}", file=sys.stderr, flush=True)
+
+
+def read_examples(s):
+    """``Examples`` of --train and --eval: labels checked (a swapped or headed file refused,
+    --eval's labels among --train's), or numbers with --regression; on a resume, --train must be the
+    file the run started with."""
+    from ..data.tsv import check_labels, label_numbers, read_tsv
+
+    try:
+        names, texts = read_tsv(s.train, "--train")
+        if s.resume and is_main_process():
+            check_same_train(s)
+        if s.regression:  # numeric labels: no classes to check
+            labels, targets = ["value"], label_numbers(names, "--train")
+        else:
+            check_labels(names, texts, s.train, "--train", warn=_warn)
+            labels = sorted(set(names))
+            fail_if(len(labels) < 2, f"--train: every example has the label {labels[0]!r}; "
+                    "classification needs two")
+            index = {name: i for i, name in enumerate(labels)}
+            targets = torch.tensor([index[n] for n in names], dtype=torch.int64)
+        data = Examples(labels, texts, targets)
+        if s.eval is not None:
+            e_names, data.eval_texts = read_tsv(s.eval, "--eval")
+            unknown = [] if s.regression else sorted(set(e_names) - set(labels))
+            fail_if(unknown, f"--eval: labels {unknown[:5]} do not occur in --train")
+            data.eval_targets = label_numbers(e_names, "--eval") if s.regression else \
+                torch.tensor([labels.index(n) for n in e_names], dtype=torch.int64)
+    except (ValueError, TypeError) as exc:  # the data module's errors name the flag
+        raise UsageError(one_line(exc)) from None
+    return data
+
+
+def check_same_train(s):
+    """--resume on the --train file the run started with (a run of an older version recorded
+    none)."""
+    path = os.path.join(s.out, SETTINGS_FILE)
+    try:
+        with open(path, encoding="utf-8") as f:
+            recorded = json.load(f).get("train_data")
+    except (OSError, UnicodeDecodeError, ValueError, AttributeError) as exc:
+        why = one_line(exc, 200)
+        raise UsageError(f"--resume: cannot read {path!r} ({why}); the run folder is damaged") \
+            from None
+    check_same_data("--train", None if recorded is None else [recorded], [s.train], s.out)
+
+
+def load_model(s, num_labels):
+    """``(multi-exit classifier on s.backend, tokenizer, cased)`` from --hf or --init (a pretraining
+    run stopped early: its newest complete checkpoint); a tokenizer larger than the embeddings is
+    refused."""
+    from ..models.loading import from_hf_folder, from_pretrain_folder
+
+    load = from_hf_folder if s.hf is not None else from_pretrain_folder
+    try:
+        model, tokenizer, cased = load(s.hf or s.init, num_labels, s.backend, s.cased,
+                                       s.shared_pooler)
+    except (ValueError, OSError) as exc:  # the loaders' errors name the flag
+        raise UsageError(one_line(exc)) from None
+    source = "--hf" if s.hf is not None else "--init"
+    fail_if(len(tokenizer) > model.config.vocab_size, f"{source}: the tokenizer has "
+            f"{len(tokenizer)} pieces, more than the model's vocab_size {model.config.vocab_size}")
+    model.set_backend(s.backend)
+    return model, tokenizer, cased
+
+
+def to_dataset_of(tokenizer, data, max_len):
+    """The training examples as a tokenized ``datasets.Dataset``."""
+    from ..data.tsv import to_dataset
+
+    return to_dataset(tokenizer, data.train_texts, data.train_targets, max_len)
+
+
+# what finetune.json records of the settings (with cased, max_len, the --train fingerprint, steps,
+# complete)
+RECORDED = ("loss", "gamma", "temperature", "grad_reg", "project", "ge", "shared_pooler",
+            "regression", "per_device_train_batch_size", "gradient_accumulation_steps",
+            "learning_rate", "seed", "init", "hf", "train", "recipe", "adam_beta1", "adam_beta2",
+            "adam_epsilon", "max_grad_norm", "weight_decay", "warmup_steps", "warmup_ratio")
+
+
+def settings_record(s, cased, max_len):
+    """The run's settings as ``finetune.json`` records them (``complete`` False until the model is
+    saved)."""
+    record = {name: getattr(s, name) for name in RECORDED}
+    # what a resume checks it is given again (run_folder.fingerprint: size and the ends' SHA-256)
+    record.update(cased=cased, max_len=max_len, train_data=fingerprint(s.train), complete=False)
+    return record
+
+
+def start_folder(s, record, data, model, device, log):
+    """On the first process: clear an overwritten run's checkpoints, write ``finetune.json``
+    (incomplete) and say what runs. Returns the log to use: silent on the other processes under
+    torchrun."""
+    if not is_main_process():
+        return lambda msg: None
+    # the earlier run's checkpoints (--out holds a finetune run: checked)
+    if s.overwrite and not s.resume:
+        shutil.rmtree(os.path.join(s.out, CHECKPOINTS), ignore_errors=True)
+    os.makedirs(s.out, exist_ok=True)
+    text = json.dumps(record, indent=2, sort_keys=True) + "\n"
+    atomic_write(text, os.path.join(s.out, SETTINGS_FILE))
+    labels = "a regression head" if s.regression else f"labels {data.labels}"
+    log(f"effbert finetune on {device}: {len(data.train_texts)} training examples, {labels}, "
+        f"{model.config.num_hidden_layers} layers, hidden {model.config.hidden_size}")
+    return log
+
+
+def train_in_group(s, model, tokenizer, train_ds, device, log):
+    """``train``, then every process leaves the process group (as pretrain does: a process that
+    exited with its group alive while the first still saved and evaluated aborted at its shutdown
+    under torchrun)."""
+    def distributed():
+        return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+    try:
+        model, losses = train(s, model, tokenizer, train_ds, device, log)
+        if distributed():
+            torch.distributed.barrier()  # every process is here before any leaves the group
+    finally:
+        if distributed():
+            torch.distributed.destroy_process_group()
+    return model, losses
+
+
+def save(s, model, tokenizer, labels, record, log):
+    """``save_finetuned`` into --out, and the line that says where."""
+    from ..models.loading import save_finetuned
+
+    save_finetuned(s.out, model, tokenizer, labels, record)
+    log(f"model saved to {os.path.abspath(s.out)} ({CONFIG_FILE}, {WEIGHT_FILES[0]}, "
+        f"{TOKENIZER_FILE}, {SETTINGS_FILE}); AutoModelForSequenceClassification.from_pretrained "
+        "loads it")
+
+
+# ----------------------------------------------------------------------------------------- training
+
+
+def set_deebert_stage(model, stage):
+    """DeeBERT's stage 2 freezes the backbone and the final classifier: only the other off-ramps
+    learn."""
+    frozen = stage == 2
+    model.bert.requires_grad_(not frozen)
+    last = model.exits[-1]
+    last.requires_grad_(not frozen)
+    for head in list(model.exits)[:-1]:
+        for p in head.parameters():
+            p.requires_grad_(not (frozen and any(p is q for q in last.parameters())))
+
+
+def loss_lines(s, log):
+    """The summary line every --logging-steps steps and the stop on a non-finite loss, as a
+    ``TrainerCallback`` (Trainer logs every step: its log history holds each step's loss, also
+    across a resume)."""
+    from transformers import TrainerCallback
+
+    class Lines(TrainerCallback):
+        bad = None
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if not logs or "loss" not in logs:
+                return
+            if not math.isfinite(logs["loss"]):
+                self.bad = (logs["loss"], state.global_step)
+                control.should_training_stop = True
+                control.should_save = False  # a non-finite model is never checkpointed
+                return
+            step, every = state.global_step, s.logging_steps
+            if state.is_world_process_zero and (step % every == 0 or step == state.max_steps):
+                recent = [h["loss"] for h in state.log_history if "loss" in h][-every:]
+                log(f"  step {step:6d}  loss {sum(recent) / len(recent):.4f}  lr "
+                    f"{logs.get('learning_rate', 0):.2e}")
+
+    return Lines()
+
+
+def training_args(s, output_dir, device, stage):
+    """``TrainingArguments`` of one stage (a one-line ``UsageError`` where Trainer refuses them)."""
+    import dataclasses
+
+    from transformers import TrainingArguments
+
+    save = s.save_steps > 0
+    names = {f.name for f in dataclasses.fields(TrainingArguments)}
+    if s.warmup_steps is not None:
+        warmup = {"warmup_steps": s.warmup_steps}
+    # transformers 5 takes the warm-up share as a float warmup_steps; transformers 4 as warmup_ratio
+    else:
+        warmup = {"warmup_ratio" if "warmup_ratio" in names else "warmup_steps": s.warmup_ratio}
+    try:
+        return TrainingArguments(
+            output_dir=output_dir, per_device_train_batch_size=s.per_device_train_batch_size,
+            gradient_accumulation_steps=s.gradient_accumulation_steps,
+            learning_rate=s.learning_rate,
+            weight_decay=s.weight_decay, lr_scheduler_type="linear", max_grad_norm=s.max_grad_norm,
+            **warmup,
+            adam_beta1=s.adam_beta1, adam_beta2=s.adam_beta2, adam_epsilon=s.adam_epsilon,
+            num_train_epochs=s.num_train_epochs,
+            max_steps=s.max_steps if s.max_steps is not None else -1,
+            seed=s.seed + stage - 1, data_seed=s.seed + stage - 1, fp16=s.fp16, bf16=s.bf16,
+            use_cpu=device.type == "cpu", logging_strategy="steps", logging_steps=1,
+            logging_nan_inf_filter=False,  # a NaN loss must reach the log, which stops the run
+            save_strategy="steps" if save else "no", save_steps=s.save_steps if save else 500,
+            save_total_limit=s.save_total_limit, report_to=s.report_to or "none",
+            disable_tqdm=not getattr(s, "progress", False), remove_unused_columns=False,
+            dataloader_drop_last=False,
+            # DeeBERT's stage 1 leaves the lower off-ramps without a gradient; the other losses use
+            # every weight
+            ddp_find_unused_parameters=s.loss == "deebert")
+    # e.g. --fp16 without a GPU: TrainingArguments says why
+    except (ValueError, ImportError) as exc:
+        raise UsageError(one_line(exc)) from None
+
+
+def make_trainer(s, model, tokenizer, train_ds, folder, device, stage, resume, lines):
+    """The stage's ``MultiExitTrainer`` (keeping the run's schedule on a resume unless reshaped),
+    with the quiet progress bar and without Trainer's per-log dict lines."""
+    from transformers import DataCollatorWithPadding
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    from . import MultiExitTrainer
+
+    # Trainer's tqdm bar, without its per-log lines (the summary lines say the loss)
+    class Bar(ProgressCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            pass
+
+    kept = checkpoint_max_steps(resume) if resume is not None and not s.reshape_schedule else None
+    trainer = with_schedule(MultiExitTrainer, kept)(
+        model=model, args=training_args(s, folder, device, stage), train_dataset=train_ds,
+        data_collator=DataCollatorWithPadding(tokenizer), processing_class=tokenizer,
+        callbacks=[lines], loss=s.loss, gamma=s.gamma, temperature=s.temperature,
+        gradient_equilibrium=s.ge, stage=stage, grad_reg=s.grad_reg, project=s.project)
+    trainer.remove_callback(PrinterCallback)
+    if trainer.pop_callback(ProgressCallback) is not None:
+        trainer.add_callback(Bar())
+    return trainer, kept
+
+
+def describe_stage(s, trainer, model, stage, resume, kept, log):
+    """The line that says what a stage trains (steps, batch, epochs, loss), and the schedule kept on
+    a resume."""
+    count, per_epoch = len(trainer.train_dataset), len(trainer.get_train_dataloader())
+    accum = s.gradient_accumulation_steps
+    steps = s.max_steps
+    if steps is None:
+        steps = max(1, math.ceil(s.num_train_epochs * per_epoch / accum))
+    what = {"romebert": f"romebert (gamma {s.gamma}, temperature {s.temperature}"
+                        + (f", gradient projection of the {s.project} side" if s.grad_reg else "")
+                        + ")",
+            "pabee": "pabee", "deebert": f"deebert stage {stage}"}[s.loss]
+    if s.regression and s.loss == "romebert":
+        what = "pabee's mean squared error (a regression head)"
+    head = "a regression head" if s.regression else f"{model.config.num_labels} labels"
+    # examples an optimizer step
+    batch = s.per_device_train_batch_size * accum * trainer.args.world_size
+    log(f"fine-tuning {model.config.num_hidden_layers} off-ramps, {head}, {count} examples: "
+        f"{steps} steps of {batch} ({steps * accum / per_epoch:.2f} epochs), loss {what}"
+        + (", gradient equilibrium" if s.ge else "") + f", backend {s.backend}"
+        + (f", resumed from {resume}" if resume else ""))
+    if resume is not None:
+        log("  " + schedule_line(kept or checkpoint_max_steps(resume) or steps, steps,
+                                 s.reshape_schedule))
+
+
+def train_stage(s, model, tokenizer, train_ds, folder, device, stage, log):
+    """One Trainer run into ``folder`` (resumed from its newest complete checkpoint with --resume);
+    its per-step losses. A non-finite loss is a one-line ``UsageError``."""
+    resume = newest_complete(folder, log) if s.resume else None
+    lines = loss_lines(s, log)
+    trainer, kept = make_trainer(s, model, tokenizer, train_ds, folder, device, stage, resume,
+                                 lines)
+    if trainer.is_world_process_zero():
+        describe_stage(s, trainer, model, stage, resume, kept, log)
+    t0 = time.perf_counter()
+    run_folder = getattr(s, "run_folder", None)  # held by the first process
+    if run_folder is not None:
+        run_folder.checkpoint_root = folder  # a stop names this stage's intact checkpoint
+        # a full disk during a save: one line naming the intact checkpoint
+        run_folder.train(trainer, resume)
+    else:
+        trainer.train(resume_from_checkpoint=resume)
+    if lines.bad is not None:
+        bad, step = lines.bad
+        raise UsageError(f"the loss is {bad} at step {step}: lower --learning-rate")
+    if s.grad_reg and trainer.is_world_process_zero():
+        n = 0 if trainer.projected is None else int(trainer.projected)
+        log(f"gradient regularization: the {s.project} side projected on {n} of "
+            f"{trainer.state.global_step} steps" + (" (since the resume)" if resume else ""))
+    if trainer.is_world_process_zero():
+        log(f"trained in {time.perf_counter() - t0:.1f} s")
+    return [h["loss"] for h in trainer.state.log_history if "loss" in h]
+
+
+def _finished_stage_losses(folder):
+    """The per-step losses of a DeeBERT stage that ended before a resume, from its last
+    checkpoint."""
+    done = newest_complete(folder)
+    if done is None:
+        return []
+    with open(os.path.join(done, "trainer_state.json"), encoding="utf-8") as f:
+        return [h["loss"] for h in json.load(f)["log_history"] if "loss" in h]
+
+
+def train(s, model, tokenizer, train_ds, device, log):
+    """Fine-tunes ``model`` in place; DeeBERT's loss runs its two stages, --max-steps (or epochs)
+    each, into ``checkpoints/stage-N``. Returns ``(model in eval mode, every optimizer step's
+    loss)``."""
+    root = os.path.join(s.out, CHECKPOINTS)
+    losses = []
+    for stage in ([1, 2] if s.loss == "deebert" else [1]):
+        folder = root if s.loss != "deebert" else os.path.join(root, f"stage-{stage}")
+        if s.loss == "deebert":
+            set_deebert_stage(model, stage)
+            log("DeeBERT stage 1: the backbone and the final classifier on the last exit's loss"
+                if stage == 1 else
+                "DeeBERT stage 2: backbone and final classifier frozen, the off-ramps on the sum "
+                "of their losses")
+            later = newest_complete(os.path.join(root, "stage-2"))
+            if stage == 1 and s.resume and later is not None:
+                losses += _finished_stage_losses(folder)
+                log("  (stage 1 finished before the resume)")
+                continue
+        losses += train_stage(s, model, tokenizer, train_ds, folder, device, stage, log)
+    if s.loss == "deebert":
+        set_deebert_stage(model, 1)  # unfrozen again for whoever trains it next
+    for folder in (os.path.join(root, "stage-1"), os.path.join(root, "stage-2"), root):
+        if os.path.isdir(folder) and not os.listdir(folder):
+            os.rmdir(folder)  # Trainer makes its output folder even when it keeps no checkpoint
+    return model.eval(), losses
+
+
+# ------------------------------------------------------------------------------------------- report
+
+
+def evaluate(s, model, input_ids, lengths, y, device, log):
+    """Every exit's score, then the batched early exit measured at each threshold of --criterion
+    (``calibration.early_exit_rows``), printed and returned as the report dict. With --regression
+    the scores are mean squared errors (lower is better)."""
+    from .. import calibration as cal
+
+    depth, batch, y = model.config.num_hidden_layers, s.per_device_eval_batch_size, y.to(device)
+    metric = "mse" if s.regression else "accuracy"
+    exits = cal.every_exit_logits(model, input_ids, lengths, batch, device)
+    per_exit = [cal.score(exits[i], y, s.regression) for i in range(depth)]
+    log(f"\nevery exit on {input_ids.shape[0]} eval examples ({metric}):")
+    log("  " + " ".join(f"{'exit ' + str(i + 1):>8}" for i in range(depth)))
+    log("  " + " ".join(f"{v:8.4f}" for v in per_exit))
+    # full depth through the same batched loop: patience 0 is PABEE's full-depth row
+    full = dict(criterion="patience", patience=0,
+                **({"threshold": s.regression_delta} if s.regression else {}))
+    rows = cal.early_exit_rows(model, input_ids, lengths, y, device, criterion=s.criterion,
+                               thresholds=cal.threshold_candidates(exits, s.criterion),
+                               batch=batch, full=full,
+                               regression_delta=s.regression_delta if s.regression else None)
+    curve = None
+    if depth > 1 and not s.regression:
+        curve = cal.speed_accuracy_curve(exits, y, criterion=s.criterion)
+    log(f"\nbatched early exit on {input_ids.shape[0]} eval examples ({s.criterion}, {depth} "
+        f"layers, batches of {batch}):")
+    for line in cal.report_lines(rows, criterion=s.criterion, metric=metric, device=device):
+        log(line)
+    warning = None if s.regression else cal.chance_warning(exits, y)
+    if warning:
+        log("  " + warning)
+    return {"criterion": s.criterion, "num_layers": depth, "num_examples": int(input_ids.shape[0]),
+            "device": str(device), "metric": metric, "per_exit_accuracy": per_exit,
+            "full_depth_accuracy": rows[0]["accuracy"], "rows": rows,
+            "offline_curve": None if curve is None else {k: v.tolist() for k, v in curve.items()}}
+
+
+def report_on_eval(s, model, tokenizer, data, max_len, losses, device, log):
+    """``evaluate`` on --eval, written to ``report.json`` with the training losses, and its plot."""
+    from ..calibration_plot import plot_run
+    from ..data.tsv import encode
+
+    input_ids, lengths = encode(tokenizer, data.eval_texts, max_len)
+    report = evaluate(s, model, input_ids, lengths, data.eval_targets, device, log)
+    k = max(1, len(losses) // 10)
+    report.update(labels=data.labels, train_steps=len(losses), train_loss_first=sum(losses[:k]) / k,
+                  train_loss_last=sum(losses[-k:]) / k, losses=losses)
+    atomic_write(json.dumps(report, indent=2) + "\n", os.path.join(s.out, REPORT_FILE))
+    path = os.path.abspath(os.path.join(s.out, PLOT_FILE))
+    log(f"\nreport: {os.path.abspath(os.path.join(s.out, REPORT_FILE))}")
+    drawn = plot_run(
+        path, losses, points=[(r["speedup"], r["accuracy"]) for r in report["rows"][1:]],
+        full_accuracy=report["full_depth_accuracy"], depth=report["num_layers"],
+        criterion=report["criterion"],
+        curve=report["offline_curve"], loss_title="Multi-exit fine-tuning")
+    log(f"plot (loss, speed-accuracy): {path}" if drawn
+        else "matplotlib is not installed: no plot written (pip install matplotlib)")
+    return report
