@@ -4,9 +4,9 @@
   and ``model.safetensors``) as an effbert model in ``position_mode="absolute"``, same outputs on real tokens.
 - ``token_classifier_from_hf_bert(model_or_path, num_labels)``: the same encoder as a
   ``TupeBertForTokenClassification`` with a classifier per layer, for SENTEE / TOKEE early exit (Li et al., ACL 2021).
-- ``patch_bert_attention(hf_model)``: replaces, in place, the self-attention of every layer of an HF BERT with a
-  module running ``effbert.tupe_attention`` on the same ``query``/``key``/``value`` weights (the state dict, and so
-  ``save_pretrained``, is unchanged).
+- ``patch_bert_attention(hf_model)``: runs the self-attention of every layer of an HF BERT through
+  ``effbert.tupe_attention``, registered as the ``"effbert"`` implementation of transformers' ``AttentionInterface``
+  (the modules and state dict, and so ``save_pretrained``, are unchanged).
 - ``multi_exit_bert(hf_model, num_labels)``: an HF BERT's embeddings and layers (shared, not copied) with an
   off-ramp after every layer, for early-exit fine-tuning (RomeBERT / PABEE / DeeBERT losses) and batched
   early exit.
@@ -27,7 +27,8 @@ from ..nn import BertLayerAdapter, ExitHead, MultiExitEncoder
 from ..ops import tupe_attention
 from ..ops._dispatch import BACKENDS
 
-__all__ = ["from_hf_bert", "token_classifier_from_hf_bert", "patch_bert_attention", "EffbertBertSelfAttention",
+__all__ = ["from_hf_bert", "token_classifier_from_hf_bert", "patch_bert_attention", "effbert_attention_forward",
+           "effbert_mask", "ATTN_IMPLEMENTATION",
            "hf_state_dict_to_effbert", "config_from_hf", "multi_exit_bert", "MultiExitBert"]
 
 _INSTALL_HINT = ("transformers is needed for effbert.integrations.hf: pip install transformers safetensors "
@@ -248,151 +249,132 @@ def token_classifier_from_hf_bert(model_or_path, num_labels=None, *, multi_exit=
     return model.eval()
 
 
-class _MaskConverter:
-    """HF's attention masks as effbert's key padding mask, converted once per forward for all layers.
+# ---- effbert's attention inside an HF BERT, through transformers' AttentionInterface ----
 
-    transformers 5 hands each layer ``None`` (no padding), a 4-D ``[B, 1, Q, K]`` mask (bool, True = attend, for
-    sdpa; additive float for eager) that repeats one key padding row for every query, or the 2-D ``[B, K]``
-    padding mask itself (flash attention). Anything that is not a key padding mask (a causal mask, a
-    per-query pattern, a general additive bias) is refused rather than silently changed.
-    """
+ATTN_IMPLEMENTATION = "effbert"
 
-    def __init__(self):
-        self._mask, self._version, self._out = None, None, None
 
-    def __call__(self, mask, batch, seq_len):
-        if mask is None:
-            return None
-        if isinstance(mask, torch.Tensor) and mask.is_inference():
-            # an inference tensor (torch.inference_mode) has no version counter to tell an in-place edit by
-            return self._convert(mask, batch, seq_len)
-        if self._mask is mask and self._version == mask._version:
-            return self._out  # the same mask object is handed to every layer
-        out = self._convert(mask, batch, seq_len)
-        self._mask, self._version, self._out = mask, mask._version, out  # holding it keeps its id from reuse
-        return out
+class _Backend(str):
+    """The backend a patched layer runs (a ``str``): its class lives here, so unpickling a patched model imports
+    this module, which registers the ``"effbert"`` attention implementation."""
 
-    @staticmethod
-    def _convert(mask, batch, seq_len):
-        if not isinstance(mask, torch.Tensor):
-            raise TypeError(f"attention_mask must be a tensor or None, got {type(mask).__name__}")
-        if mask.dtype == torch.bool:
-            valid = mask
-        elif mask.is_floating_point():
-            valid = mask == 0
-            if not torch.compiler.is_compiling() and not bool(((mask == 0) | (mask <= -1e4)).all()):
-                raise ValueError("attention_mask holds an additive bias other than 0 / large negative; effbert's "
-                                 "fused attention takes key padding masks only")
-        else:
-            valid = mask != 0
-        if valid.dim() == 2:
-            if tuple(valid.shape) != (batch, seq_len):
-                raise ValueError(f"attention_mask must be [B, N] = [{batch}, {seq_len}], got {list(valid.shape)}")
-            return valid
-        if valid.dim() != 4 or valid.shape[0] not in (1, batch) or valid.shape[-1] != seq_len \
-                or valid.shape[-2] not in (1, seq_len):
-            raise ValueError(f"attention_mask must be [B, N] or [B, 1, N or 1, N] with B = {batch}, N = {seq_len}, "
-                             f"got {list(mask.shape)}")
-        if not torch.compiler.is_compiling() and not bool((valid == valid[:, :1, :1, :]).all()):
-            raise ValueError("attention_mask differs between queries or heads (a causal or custom mask); effbert's "
+
+def _key_padding_mask(mask, batch, seq_len):
+    """A mask as transformers hands it to a layer as effbert's key padding mask ``[B, N]`` bool (True = real token)
+    or None: ``None``; the ``[B, N]`` mask itself (``effbert_mask``'s output, as flash attention's); or a prepared
+    ``[B, 1, N or 1, N]`` mask (bool, True = attend, or additive float) that repeats one key padding row for every
+    query. Anything else (a causal or per-query pattern, a general additive bias) is refused, never changed."""
+    if mask is None:
+        return None
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(f"attention_mask must be a tensor or None, got {type(mask).__name__}")
+    if mask.dtype == torch.bool:
+        valid = mask
+    elif mask.is_floating_point():
+        valid = mask == 0
+        if not torch.compiler.is_compiling() and not bool(((mask == 0) | (mask <= -1e4)).all()):
+            raise ValueError("attention_mask holds an additive bias other than 0 / large negative; effbert's "
                              "fused attention takes key padding masks only")
-        return valid[:, 0, 0, :].expand(batch, seq_len).contiguous()
+    else:
+        valid = mask != 0
+    if valid.dim() == 2:
+        if tuple(valid.shape) != (batch, seq_len):
+            raise ValueError(f"attention_mask must be [B, N] = [{batch}, {seq_len}], got {list(valid.shape)}")
+        return valid
+    if valid.dim() != 4 or valid.shape[0] not in (1, batch) or valid.shape[-1] != seq_len \
+            or valid.shape[-2] not in (1, seq_len):
+        raise ValueError(f"attention_mask must be [B, N] or [B, 1, N or 1, N] with B = {batch}, N = {seq_len}, "
+                         f"got {list(mask.shape)}")
+    if not torch.compiler.is_compiling() and not bool((valid == valid[:, :1, :1, :]).all()):
+        raise ValueError("attention_mask differs between queries or heads (a causal or custom mask); effbert's "
+                         "fused attention takes key padding masks only")
+    return valid[:, 0, 0, :].expand(batch, seq_len).contiguous()
 
 
-class EffbertBertSelfAttention(nn.Module):
-    """Stands in for HF's ``BertSelfAttention``: the same ``query``/``key``/``value`` Linear modules (shared, not
-    copied), the attention itself through ``effbert.tupe_attention``. Returns ``(context, None)`` as HF's does
-    when attention weights are not recorded (the fused kernel never forms them). Outputs at padded query
-    positions are 0 (HF fills them with an average over the real tokens); real tokens match HF.
+def effbert_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_function=None,
+                 attention_mask=None, **kwargs):
+    """transformers' ``AttentionMaskInterface`` function of the ``"effbert"`` implementation: the key padding mask
+    ``attention_mask [B, K]`` bool (True = real token), built once per forward for every layer, or None when no
+    key is padding. Only BERT's plain bidirectional pattern is served: a causal, packed-sequence or overlaid
+    ``mask_function`` raises ``ValueError`` (the patch refuses decoders beforehand)."""
+    from transformers.masking_utils import bidirectional_mask_function
 
-    With ``output_attentions=True`` (the call's argument or the model config's) a call computes the attention
-    probabilities ``[B, H, N, N]`` and returns ``(context, probabilities)`` from transformers' own eager attention,
-    as transformers' sdpa attention falls back to eager for such a call; transformers records them in the output's
-    ``attentions``. ``patch_bert_attention`` builds these modules as subclasses of HF's ``BertSelfAttention`` so
-    that transformers' output recording finds them."""
+    if mask_function is not bidirectional_mask_function or q_offset or kv_offset:
+        raise ValueError("effbert's patched BERT attention takes key padding masks only (bidirectional, no packed "
+                         "sequences through position_ids, no cache offsets)")
+    if attention_mask is None:
+        return None
+    mask = attention_mask[:, -kv_length:].to(torch.bool)
+    if not torch.compiler.is_compiling() and bool(mask.all()):
+        return None  # no padding: as transformers' sdpa mask skips it
+    return mask
 
-    def __init__(self, hf_self_attention, masks, backend="auto"):
-        nn.Module.__init__(self)  # not BertSelfAttention's: the projections are the patched module's own
-        self.query, self.key, self.value = hf_self_attention.query, hf_self_attention.key, hf_self_attention.value
-        self.num_attention_heads = hf_self_attention.num_attention_heads
-        self.attention_head_size = hf_self_attention.attention_head_size
-        self.scaling = float(getattr(hf_self_attention, "scaling", self.attention_head_size ** -0.5))
-        self.dropout = hf_self_attention.dropout
-        self.config = getattr(hf_self_attention, "config", None)
-        self.is_decoder, self.is_causal = False, False
-        self.layer_idx = getattr(hf_self_attention, "layer_idx", None)
-        self.backend = backend
-        self._masks = masks
-        self.train(hf_self_attention.training)  # a model patched in eval mode must not start dropping out
 
-    def _wants_attentions(self, kwargs):
-        flag = kwargs.get("output_attentions")
-        if flag is None:
-            flag = getattr(self.config, "output_attentions", False)
-        return bool(flag)
+def effbert_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """transformers' ``AttentionInterface`` function of the ``"effbert"`` implementation: ``query``, ``key``,
+    ``value`` ``[B, H, N, D]`` (transformers' layout) -> ``(output [B, N, H, D], None)`` through
+    ``effbert.tupe_attention`` (absolute positions: plain softmax attention, no positional term) on the key padding
+    mask, ``scaling`` the logit scale, ``dropout`` the attention dropout (transformers passes 0 in eval mode).
+    Outputs at padded queries are 0 (eager BERT gives them an average over the real tokens); real tokens match.
 
-    def forward(self, hidden_states, attention_mask=None, past_key_values=None, encoder_hidden_states=None,
-                **kwargs):
-        if past_key_values is not None or encoder_hidden_states is not None or kwargs.get("cache") is not None:
-            raise ValueError("effbert's patched BERT attention is encoder self-attention only (no cache, no cross "
-                             "attention)")
-        b, n, _ = hidden_states.shape
-        shape = (b, n, self.num_attention_heads, self.attention_head_size)
-        q = self.query(hidden_states).view(shape)
-        k = self.key(hidden_states).view(shape)
-        v = self.value(hidden_states).view(shape)
-        mask = self._masks(attention_mask, b, n)
-        if self._wants_attentions(kwargs):
-            return self._eager_with_probabilities(q, k, v, mask)
-        ctx = tupe_attention(q, k, v, attention_mask=mask, scale=self.scaling,
-                             dropout_p=self.dropout.p if self.training else 0.0, backend=self.backend)
-        return ctx.reshape(b, n, -1), None
-
-    def _eager_with_probabilities(self, q, k, v, mask):
-        """transformers' ``eager_attention_forward`` on the key padding mask: ``(context [B, N, H*D], probs)``."""
+    ``output_attentions`` (the call's keyword or ``module.config``'s): that call runs transformers' own
+    ``eager_attention_forward`` and returns ``(output, probabilities [B, H, N, N])``, as transformers' sdpa path
+    does for eager. The backend is the layer's ``effbert_backend`` (set by ``patch_bert_attention``; ``"auto"``).
+    Raises ``ValueError`` for cross-attention, a causal layer or a mask that is not a key padding mask."""
+    if kwargs.get("encoder_hidden_states") is not None or getattr(module, "is_causal", False) \
+            or key.shape[2] != query.shape[2]:
+        raise ValueError("effbert's patched BERT attention is encoder self-attention only (no cache, no cross "
+                         "attention, not causal)")
+    b, _, n, _ = query.shape
+    mask = _key_padding_mask(attention_mask, b, n)
+    wants = kwargs.get("output_attentions")
+    if wants is None:
+        wants = getattr(getattr(module, "config", None), "output_attentions", False)
+    if wants:
         from transformers.models.bert.modeling_bert import eager_attention_forward
 
-        b, n = q.shape[:2]
         additive = None
         if mask is not None:  # HF's eager form of a padding mask: 0 to attend, the dtype's lowest to not
-            additive = torch.zeros((b, 1, 1, n), dtype=q.dtype, device=q.device)
-            additive = additive.masked_fill(~mask[:, None, None, :], torch.finfo(q.dtype).min)
-        ctx, probs = eager_attention_forward(self, q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), additive,
-                                             scaling=self.scaling, dropout=self.dropout.p if self.training else 0.0)
-        return ctx.reshape(b, n, -1), probs
+            additive = torch.zeros((b, 1, 1, n), dtype=query.dtype, device=query.device)
+            additive = additive.masked_fill(~mask[:, None, None, :], torch.finfo(query.dtype).min)
+        return eager_attention_forward(module, query, key, value, additive, scaling=scaling, dropout=dropout)
+    # [B, H, N, D] -> [B, N, H, D]: the projections' own layout, no copy
+    out = tupe_attention(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), attention_mask=mask,
+                         scale=scaling, dropout_p=dropout, backend=str(getattr(module, "effbert_backend", "auto")))
+    return out, None
 
 
-_PATCHED_CLASS = None
+def _register():
+    """Registers the ``"effbert"`` attention and mask functions with transformers (idempotent)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    AttentionInterface.register(ATTN_IMPLEMENTATION, effbert_attention_forward)
+    AttentionMaskInterface.register(ATTN_IMPLEMENTATION, effbert_mask)
 
 
-def _patched_class():
-    """``EffbertBertSelfAttention`` that is also a transformers ``BertSelfAttention`` (built once, on first use, so
-    that importing effbert never imports transformers): transformers' ``output_attentions`` recording hooks
-    modules by that class."""
-    global _PATCHED_CLASS
-    if _PATCHED_CLASS is None:
-        from transformers.models.bert.modeling_bert import BertSelfAttention
-
-        _PATCHED_CLASS = type("_PatchedBertSelfAttention", (EffbertBertSelfAttention, BertSelfAttention),
-                              {"__module__": __name__, "__doc__": EffbertBertSelfAttention.__doc__})
-    return _PATCHED_CLASS
-
-
-def __getattr__(name):
-    # pickle finds the patched class by name, also in a process that has not patched a model yet
-    if name == "_PatchedBertSelfAttention":
-        return _patched_class()
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+try:  # at import: unpickling a patched model imports this module (``_Backend``) before its first forward
+    _register()
+except ImportError:  # transformers missing: patch_bert_attention says how to install it
+    pass
 
 
 def patch_bert_attention(hf_model, *, backend="auto"):
-    """Replace the self-attention of every layer of an HF BERT (``BertModel`` or any ``BertFor...``) with
-    ``EffbertBertSelfAttention``, in place and keeping the weights; returns ``hf_model``. The number of layers
-    patched is at least one, else this raises (the model is not a BERT encoder). The patched model runs under
-    ``torch.no_grad()`` and ``torch.inference_mode()``, and ``output_attentions=True`` gives the attention
-    probabilities of that call (computed eagerly, as transformers' sdpa path does)."""
+    """Run the self-attention of every layer of an HF BERT (``BertModel``, any ``BertFor...``, or a module holding
+    one) through ``effbert.tupe_attention``, in place; returns ``hf_model``.
+
+    Registers ``effbert_attention_forward`` and ``effbert_mask`` with transformers' ``AttentionInterface`` and
+    ``AttentionMaskInterface`` as the ``"effbert"`` implementation and sets ``config._attn_implementation`` to it
+    (as ModernBERT and every transformers 5 model dispatch attention); the modules and weights are untouched, so
+    ``save_pretrained`` writes the same files (the saved config does not carry the implementation) and the model
+    pickles. ``backend``: effbert's backend for these layers (``"auto"``, or one of ``effbert.ops`` backends);
+    patching again changes only the backend. ``output_attentions=True`` on a call gives that call's attention
+    probabilities from transformers' eager attention (transformers refuses ``config.output_attentions = True`` on a
+    model whose implementation is not eager; a config that already has it is honoured). Raises ``TypeError`` for a
+    non-module, ``ValueError`` for an unknown backend, a decoder BERT or a module without BERT self-attention.
+    transformers 5.17 and later (effbert's range) have both interfaces."""
     _transformers()
-    from transformers.models.bert.modeling_bert import BertAttention, BertSelfAttention
+    from transformers.models.bert.modeling_bert import BertSelfAttention
 
     if not isinstance(hf_model, nn.Module):
         raise TypeError(f"hf_model must be an HF BERT model, got {type(hf_model).__name__}")
@@ -400,19 +382,15 @@ def patch_bert_attention(hf_model, *, backend="auto"):
         raise ValueError(f"backend must be one of {('auto',) + BACKENDS}, got {backend!r}")
     if getattr(getattr(hf_model, "config", None), "is_decoder", False):
         raise ValueError("hf_model is a decoder (causal) BERT; effbert's patched attention is bidirectional")
-    masks = _MaskConverter()  # one per model: every layer of a forward shares the conversion
-    cls = _patched_class()
-    patched = 0
-    for module in hf_model.modules():
-        if isinstance(module, BertAttention) and not getattr(module, "is_cross_attention", False):
-            if isinstance(module.self, EffbertBertSelfAttention):  # patched before: the backend only
-                module.self.backend = backend
-                patched += 1
-            elif isinstance(module.self, BertSelfAttention):
-                module.self = cls(module.self, masks, backend=backend)
-                patched += 1
-    if not patched:
+    layers = [m for m in hf_model.modules() if isinstance(m, BertSelfAttention)]
+    if not layers:
         raise ValueError(f"hf_model ({type(hf_model).__name__}) has no BERT self-attention to patch")
+    if any(getattr(m.config, "is_decoder", False) for m in layers):
+        raise ValueError("hf_model holds a decoder (causal) BERT; effbert's patched attention is bidirectional")
+    _register()
+    for module in layers:
+        module.effbert_backend = _Backend(backend)
+        module.config._attn_implementation = ATTN_IMPLEMENTATION  # the model's own config object
     return hf_model
 
 
