@@ -19,9 +19,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..losses import deebert_loss, multi_exit_distillation_loss, pabee_loss
 from ..models import (TupeBertConfig, TupeBertForMaskedLM, TupeBertForSequenceClassification,
                       TupeBertForTokenClassification, TupeBertModel)
+from ..models.multi_exit import MultiExitMixin, check_exit_loss_settings
 from ..models.tupe_bert import MultiExitSequenceClassifierOutput, _check_ids, _values_in_range, check_bert_inputs
 from ..nn import BertLayerAdapter, ExitHead, MultiExitEncoder
 from ..ops import tupe_attention
@@ -396,11 +396,10 @@ def patch_bert_attention(hf_model, *, backend="auto"):
 
 # ---- multi-exit fine-tuning of an HF BERT ----
 
-MULTI_EXIT_LOSSES = ("romebert", "pabee", "deebert")
 EXIT_POOLERS = ("copy", "shared")
 
 
-class MultiExitBert(nn.Module):
+class MultiExitBert(MultiExitMixin, nn.Module):
     """An HF BERT with an off-ramp after every layer; build it with ``multi_exit_bert``.
 
     ``embeddings`` is the HF model's ``BertEmbeddings`` and ``encoder.layers[i].layer`` its ``encoder.layer[i]``
@@ -409,10 +408,10 @@ class MultiExitBert(nn.Module):
 
     - ``forward(input_ids, attention_mask=None, token_type_ids=None, labels=None)`` ->
       ``MultiExitSequenceClassifierOutput(loss, logits [B, C] (the last exit's), exit_logits
-      [L, B, C])``. With integer ``labels [B]`` the loss is RomeBERT's
-      self-distillation loss (``loss="romebert"``, ``gamma``, ``temperature``), PABEE's layer-weighted
-      cross-entropy (``loss="pabee"``) or DeeBERT's loss of the current ``stage`` (``loss="deebert"``, see
-      ``set_stage``). A one-output head (``num_labels=1``) is a regression head: float ``labels``, mean squared
+      [L, B, C])``. With integer ``labels [B]`` the loss (``effbert.models.multi_exit.exit_loss``, settings from
+      the constructor) is RomeBERT's self-distillation loss (``loss="romebert"``, ``gamma``, ``temperature``),
+      PABEE's layer-weighted cross-entropy (``loss="pabee"``) or DeeBERT's loss of the current stage
+      (``loss="deebert"``, see ``set_deebert_stage``). A one-output head (``num_labels=1``) is a regression head: float ``labels``, mean squared
       error as HF does for ``num_labels == 1`` (PABEE's layer-weighted MSE for "romebert" and "pabee", DeeBERT's
       per-stage MSE for "deebert"). ``gradient_equilibrium=True``: RomeBERT's ``--ge`` on the exits' logits.
     - ``early_exit(input_ids, attention_mask=None, token_type_ids=None, *, criterion, threshold=None,
@@ -427,10 +426,9 @@ class MultiExitBert(nn.Module):
         self.encoder = MultiExitEncoder([BertLayerAdapter(layer) for layer in layers], heads)
         self.hf_config = hf_config
         self.backend = backend
-        _check_loss_args(loss, gamma, temperature)
+        check_exit_loss_settings(loss, gamma, temperature, bool(gradient_equilibrium))
         self.loss_type, self.gamma, self.temperature = loss, gamma, temperature
         self.gradient_equilibrium = bool(gradient_equilibrium)
-        self.stage = 1
 
     @property
     def depth(self):
@@ -440,22 +438,21 @@ class MultiExitBert(nn.Module):
     def num_labels(self):
         return self.encoder.heads[-1].classifier.out_features
 
+    def exit_loss_settings(self):
+        return dict(loss=self.loss_type, gamma=self.gamma, temperature=self.temperature,
+                    gradient_equilibrium=self.gradient_equilibrium, backend=self.backend)
+
+    def deebert_parts(self):
+        return [self.embeddings, self.encoder.layers], self.encoder.heads
+
+    @property
+    def stage(self):
+        """DeeBERT's current stage (``deebert_stage``)."""
+        return self.deebert_stage
+
     def set_stage(self, stage):
-        """DeeBERT's training stage: 1 trains everything on the last exit's loss; 2 freezes the embeddings, the
-        layers and the last off-ramp (``requires_grad_(False)``) and trains the other off-ramps on the sum of their
-        losses. Returns ``self``. Raises ``ValueError`` for a stage other than 1 or 2."""
-        if isinstance(stage, bool) or stage not in (1, 2):
-            raise ValueError(f"stage must be 1 or 2, got {stage!r}")
-        frozen = stage == 2
-        last = self.encoder.heads[-1]
-        for mod in (self.embeddings, self.encoder.layers, last):
-            mod.requires_grad_(not frozen)
-        for head in list(self.encoder.heads)[:-1]:
-            for name, p in head.named_parameters():
-                shared = any(p is q for q in last.parameters())  # a pooler shared with the last exit stays frozen
-                p.requires_grad_(not (frozen and shared))
-        self.stage = stage
-        return self
+        """``set_deebert_stage`` under its earlier name."""
+        return self.set_deebert_stage(stage)
 
     def _inputs(self, input_ids, attention_mask, token_type_ids):
         """Checks HF-style inputs; returns ``(hidden [B, N, Dm], attention mask [B, N] bool, True = real token, or
@@ -480,16 +477,8 @@ class MultiExitBert(nn.Module):
         _values_in_range("labels", labels, 0, self.num_labels)
 
     def compute_loss(self, exit_logits, labels):
-        """The training loss over every exit's logits ``[L, B, C]`` (float32 or wider)."""
-        x = exit_logits if exit_logits.dtype == torch.float64 else exit_logits.float()
-        ge = self.gradient_equilibrium
-        y = labels.to(x.dtype) if self.num_labels == 1 else labels.long()
-        if self.loss_type == "deebert":
-            return deebert_loss(x, y, self.stage, gradient_equilibrium=ge)
-        if self.loss_type == "pabee" or self.num_labels == 1:
-            return pabee_loss(x, y, gradient_equilibrium=ge)
-        return multi_exit_distillation_loss(x, y, gamma=self.gamma, temperature=self.temperature,
-                                            gradient_equilibrium=ge, backend=self.backend)
+        """The training loss over every exit's logits ``[L, B, C]`` (``compute_exit_loss``)."""
+        return self.compute_exit_loss(exit_logits, labels)
 
     def forward(self, input_ids, attention_mask=None, token_type_ids=None, labels=None):
         hidden, real = self._inputs(input_ids, attention_mask, token_type_ids)
@@ -509,16 +498,6 @@ class MultiExitBert(nn.Module):
                                        patience=patience, backend=self.backend)
 
 
-def _check_loss_args(loss, gamma, temperature):
-    if loss not in MULTI_EXIT_LOSSES:
-        raise ValueError(f"loss must be one of {MULTI_EXIT_LOSSES}, got {loss!r}")
-    if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not 0.0 <= gamma <= 1.0:
-        raise ValueError(f"gamma must be a float in [0, 1], got {gamma!r}")
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature > 0 \
-            or not temperature < float("inf"):
-        raise ValueError(f"temperature must be a finite float > 0, got {temperature!r}")
-
-
 def multi_exit_bert(hf_model, num_labels=None, *, dropout=None, backend="auto", loss="romebert", gamma=0.9,
                     temperature=3.0, gradient_equilibrium=False, exit_pooler="copy"):
     """Wrap an HF ``BertModel`` or ``BertForSequenceClassification`` for early-exit fine-tuning and inference.
@@ -534,7 +513,7 @@ def multi_exit_bert(hf_model, num_labels=None, *, dropout=None, backend="auto", 
     classifier's outputs, else ``config.num_labels``); it must match a classifier the model already has; 1 is a
     regression head (float labels, MSE). ``dropout``: the off-ramps' dropout (default HF's ``classifier_dropout``,
     else ``hidden_dropout_prob``). ``loss``: ``"romebert"`` (gamma 0.9, temperature 3.0: RomeBERT's published
-    values), ``"pabee"`` or ``"deebert"`` (two stages, ``MultiExitBert.set_stage``). ``gradient_equilibrium``:
+    values), ``"pabee"`` or ``"deebert"`` (two stages, ``MultiExitBert.set_deebert_stage``). ``gradient_equilibrium``:
     RomeBERT's ``--ge``. ``backend``: for the exit decisions and the loss. The result is in the model's train/eval
     mode, device and dtype. Errors name the argument (``ValueError``/``TypeError``).
     """
@@ -567,7 +546,9 @@ def multi_exit_bert(hf_model, num_labels=None, *, dropout=None, backend="auto", 
         raise ValueError(f"backend must be one of {('auto',) + BACKENDS}, got {backend!r}")
     if exit_pooler not in EXIT_POOLERS:
         raise ValueError(f"exit_pooler must be one of {EXIT_POOLERS}, got {exit_pooler!r}")
-    _check_loss_args(loss, gamma, temperature)
+    if not isinstance(gradient_equilibrium, bool):
+        raise TypeError(f"gradient_equilibrium must be a bool, got {type(gradient_equilibrium).__name__}")
+    check_exit_loss_settings(loss, gamma, temperature, gradient_equilibrium)
     layers = list(bert.encoder.layer)
     ref = next(bert.parameters())
     std = float(getattr(cfg, "initializer_range", 0.02))
