@@ -5,8 +5,8 @@
 - ``token_classifier_from_hf_bert(model_or_path, num_labels)``: the same encoder as a
   ``TupeBertForTokenClassification`` with a classifier per layer, for SENTEE / TOKEE early exit (Li et al., ACL 2021).
 - ``patch_bert_attention(hf_model)``: runs the self-attention of every layer of an HF BERT through
-  ``effbert.tupe_attention``, registered as the ``"effbert"`` implementation of transformers' ``AttentionInterface``
-  (the modules and state dict, and so ``save_pretrained``, are unchanged).
+  ``effbert.tupe_attention``, registered as the ``"effbert"`` implementation of transformers'
+  ``AttentionInterface`` (the modules and state dict, and so ``save_pretrained``, are unchanged).
 - ``multi_exit_bert(hf_model, num_labels)``: an HF BERT's embeddings and layers (shared, not copied) with an
   off-ramp after every layer, for early-exit fine-tuning (RomeBERT / PABEE / DeeBERT losses) and batched
   early exit.
@@ -27,8 +27,8 @@ from ..nn import BertLayerAdapter, ExitHead, MultiExitEncoder
 from ..ops import tupe_attention
 from ..ops._dispatch import BACKENDS
 
-__all__ = ["from_hf_bert", "token_classifier_from_hf_bert", "patch_bert_attention", "effbert_attention_forward",
-           "effbert_mask", "ATTN_IMPLEMENTATION",
+__all__ = ["from_hf_bert", "token_classifier_from_hf_bert", "patch_bert_attention",
+           "effbert_attention_forward", "effbert_mask", "ATTN_IMPLEMENTATION",
            "hf_state_dict_to_effbert", "config_from_hf", "multi_exit_bert", "MultiExitBert"]
 
 _INSTALL_HINT = ("transformers is needed for effbert.integrations.hf: pip install transformers safetensors "
@@ -255,15 +255,16 @@ ATTN_IMPLEMENTATION = "effbert"
 
 
 class _Backend(str):
-    """The backend a patched layer runs (a ``str``): its class lives here, so unpickling a patched model imports
-    this module, which registers the ``"effbert"`` attention implementation."""
+    """The backend a patched layer runs (a ``str``): its class lives here, so unpickling a patched
+    model imports this module, which registers the ``"effbert"`` attention implementation."""
 
 
 def _key_padding_mask(mask, batch, seq_len):
-    """A mask as transformers hands it to a layer as effbert's key padding mask ``[B, N]`` bool (True = real token)
-    or None: ``None``; the ``[B, N]`` mask itself (``effbert_mask``'s output, as flash attention's); or a prepared
-    ``[B, 1, N or 1, N]`` mask (bool, True = attend, or additive float) that repeats one key padding row for every
-    query. Anything else (a causal or per-query pattern, a general additive bias) is refused, never changed."""
+    """A mask as transformers hands it to a layer as effbert's key padding mask ``[B, N]`` bool
+    (True = real token) or None: ``None``; the ``[B, N]`` mask itself (``effbert_mask``'s output, as
+    flash attention's); or a prepared ``[B, 1, N or 1, N]`` mask (bool, True = attend, or additive
+    float) that repeats one key padding row for every query. Anything else (a causal or per-query
+    pattern, a general additive bias) is refused, never changed."""
     if mask is None:
         return None
     if not isinstance(mask, torch.Tensor):
@@ -273,35 +274,38 @@ def _key_padding_mask(mask, batch, seq_len):
     elif mask.is_floating_point():
         valid = mask == 0
         if not torch.compiler.is_compiling() and not bool(((mask == 0) | (mask <= -1e4)).all()):
-            raise ValueError("attention_mask holds an additive bias other than 0 / large negative; effbert's "
-                             "fused attention takes key padding masks only")
+            raise ValueError("attention_mask holds an additive bias other than 0 / large negative; "
+                             "effbert's fused attention takes key padding masks only")
     else:
         valid = mask != 0
     if valid.dim() == 2:
         if tuple(valid.shape) != (batch, seq_len):
-            raise ValueError(f"attention_mask must be [B, N] = [{batch}, {seq_len}], got {list(valid.shape)}")
+            raise ValueError(f"attention_mask must be [B, N] = [{batch}, {seq_len}], got "
+                             f"{list(valid.shape)}")
         return valid
     if valid.dim() != 4 or valid.shape[0] not in (1, batch) or valid.shape[-1] != seq_len \
             or valid.shape[-2] not in (1, seq_len):
-        raise ValueError(f"attention_mask must be [B, N] or [B, 1, N or 1, N] with B = {batch}, N = {seq_len}, "
-                         f"got {list(mask.shape)}")
+        raise ValueError(f"attention_mask must be [B, N] or [B, 1, N or 1, N] with B = {batch}, "
+                         f"N = {seq_len}, got {list(mask.shape)}")
     if not torch.compiler.is_compiling() and not bool((valid == valid[:, :1, :1, :]).all()):
-        raise ValueError("attention_mask differs between queries or heads (a causal or custom mask); effbert's "
-                         "fused attention takes key padding masks only")
+        raise ValueError("attention_mask differs between queries or heads (a causal or custom "
+                         "mask); effbert's fused attention takes key padding masks only")
     return valid[:, 0, 0, :].expand(batch, seq_len).contiguous()
 
 
 def effbert_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_function=None,
                  attention_mask=None, **kwargs):
-    """transformers' ``AttentionMaskInterface`` function of the ``"effbert"`` implementation: the key padding mask
-    ``attention_mask [B, K]`` bool (True = real token), built once per forward for every layer, or None when no
-    key is padding. Only BERT's plain bidirectional pattern is served: a causal, packed-sequence or overlaid
-    ``mask_function`` raises ``ValueError`` (the patch refuses decoders beforehand)."""
+    """transformers' ``AttentionMaskInterface`` function of the ``"effbert"`` implementation: the
+    key padding mask ``attention_mask [B, K]`` bool (True = real token), built once per forward for
+    every layer, or None when no key is padding. Only BERT's plain bidirectional pattern is served:
+    a causal, packed-sequence or overlaid ``mask_function`` raises ``ValueError`` (the patch refuses
+    decoders beforehand)."""
     from transformers.masking_utils import bidirectional_mask_function
 
     if mask_function is not bidirectional_mask_function or q_offset or kv_offset:
-        raise ValueError("effbert's patched BERT attention takes key padding masks only (bidirectional, no packed "
-                         "sequences through position_ids, no cache offsets)")
+        raise ValueError("effbert's patched BERT attention takes key padding masks only "
+                         "(bidirectional, no packed sequences through position_ids, no cache "
+                         "offsets)")
     if attention_mask is None:
         return None
     mask = attention_mask[:, -kv_length:].to(torch.bool)
@@ -310,21 +314,24 @@ def effbert_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_
     return mask
 
 
-def effbert_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    """transformers' ``AttentionInterface`` function of the ``"effbert"`` implementation: ``query``, ``key``,
-    ``value`` ``[B, H, N, D]`` (transformers' layout) -> ``(output [B, N, H, D], None)`` through
-    ``effbert.tupe_attention`` (absolute positions: plain softmax attention, no positional term) on the key padding
-    mask, ``scaling`` the logit scale, ``dropout`` the attention dropout (transformers passes 0 in eval mode).
-    Outputs at padded queries are 0 (eager BERT gives them an average over the real tokens); real tokens match.
+def effbert_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
+                              **kwargs):
+    """transformers' ``AttentionInterface`` function of the ``"effbert"`` implementation: ``query``,
+    ``key``, ``value`` ``[B, H, N, D]`` (transformers' layout) -> ``(output [B, N, H, D], None)``
+    through ``effbert.tupe_attention`` (absolute positions: plain softmax attention, no positional
+    term) on the key padding mask, ``scaling`` the logit scale, ``dropout`` the attention dropout
+    (transformers passes 0 in eval mode). Outputs at padded queries are 0 (eager BERT gives them an
+    average over the real tokens); real tokens match.
 
-    ``output_attentions`` (the call's keyword or ``module.config``'s): that call runs transformers' own
-    ``eager_attention_forward`` and returns ``(output, probabilities [B, H, N, N])``, as transformers' sdpa path
-    does for eager. The backend is the layer's ``effbert_backend`` (set by ``patch_bert_attention``; ``"auto"``).
-    Raises ``ValueError`` for cross-attention, a causal layer or a mask that is not a key padding mask."""
+    ``output_attentions`` (the call's keyword or ``module.config``'s): that call runs transformers'
+    own ``eager_attention_forward`` and returns ``(output, probabilities [B, H, N, N])``, as
+    transformers' sdpa path does for eager. The backend is the layer's ``effbert_backend`` (set by
+    ``patch_bert_attention``; ``"auto"``). Raises ``ValueError`` for cross-attention, a causal layer
+    or a mask that is not a key padding mask."""
     if kwargs.get("encoder_hidden_states") is not None or getattr(module, "is_causal", False) \
             or key.shape[2] != query.shape[2]:
-        raise ValueError("effbert's patched BERT attention is encoder self-attention only (no cache, no cross "
-                         "attention, not causal)")
+        raise ValueError("effbert's patched BERT attention is encoder self-attention only "
+                         "(no cache, no cross attention, not causal)")
     b, _, n, _ = query.shape
     mask = _key_padding_mask(attention_mask, b, n)
     wants = kwargs.get("output_attentions")
@@ -337,10 +344,12 @@ def effbert_attention_forward(module, query, key, value, attention_mask, scaling
         if mask is not None:  # HF's eager form of a padding mask: 0 to attend, the dtype's lowest to not
             additive = torch.zeros((b, 1, 1, n), dtype=query.dtype, device=query.device)
             additive = additive.masked_fill(~mask[:, None, None, :], torch.finfo(query.dtype).min)
-        return eager_attention_forward(module, query, key, value, additive, scaling=scaling, dropout=dropout)
+        return eager_attention_forward(module, query, key, value, additive, scaling=scaling,
+                                       dropout=dropout)
     # [B, H, N, D] -> [B, N, H, D]: the projections' own layout, no copy
-    out = tupe_attention(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), attention_mask=mask,
-                         scale=scaling, dropout_p=dropout, backend=str(getattr(module, "effbert_backend", "auto")))
+    backend = str(getattr(module, "effbert_backend", "auto"))
+    out = tupe_attention(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2),
+                         attention_mask=mask, scale=scaling, dropout_p=dropout, backend=backend)
     return out, None
 
 
@@ -353,26 +362,29 @@ def _register():
     AttentionMaskInterface.register(ATTN_IMPLEMENTATION, effbert_mask)
 
 
-try:  # at import: unpickling a patched model imports this module (``_Backend``) before its first forward
+# at import: unpickling a patched model imports this module (``_Backend``) before its first forward
+try:
     _register()
 except ImportError:  # transformers missing: patch_bert_attention says how to install it
     pass
 
 
 def patch_bert_attention(hf_model, *, backend="auto"):
-    """Run the self-attention of every layer of an HF BERT (``BertModel``, any ``BertFor...``, or a module holding
-    one) through ``effbert.tupe_attention``, in place; returns ``hf_model``.
+    """Run the self-attention of every layer of an HF BERT (``BertModel``, any ``BertFor...``, or a
+    module holding one) through ``effbert.tupe_attention``, in place; returns ``hf_model``.
 
-    Registers ``effbert_attention_forward`` and ``effbert_mask`` with transformers' ``AttentionInterface`` and
-    ``AttentionMaskInterface`` as the ``"effbert"`` implementation and sets ``config._attn_implementation`` to it
-    (as ModernBERT and every transformers 5 model dispatch attention); the modules and weights are untouched, so
-    ``save_pretrained`` writes the same files (the saved config does not carry the implementation) and the model
-    pickles. ``backend``: effbert's backend for these layers (``"auto"``, or one of ``effbert.ops`` backends);
-    patching again changes only the backend. ``output_attentions=True`` on a call gives that call's attention
-    probabilities from transformers' eager attention (transformers refuses ``config.output_attentions = True`` on a
-    model whose implementation is not eager; a config that already has it is honoured). Raises ``TypeError`` for a
-    non-module, ``ValueError`` for an unknown backend, a decoder BERT or a module without BERT self-attention.
-    transformers 5.17 and later (effbert's range) have both interfaces."""
+    Registers ``effbert_attention_forward`` and ``effbert_mask`` with transformers'
+    ``AttentionInterface`` and ``AttentionMaskInterface`` as the ``"effbert"`` implementation and
+    sets ``config._attn_implementation`` to it (as ModernBERT and every transformers 5 model
+    dispatch attention); the modules and weights are untouched, so ``save_pretrained`` writes the
+    same files (the saved config does not carry the implementation) and the model pickles.
+    ``backend``: effbert's backend for these layers (``"auto"``, or one of ``effbert.ops``
+    backends); patching again changes only the backend. ``output_attentions=True`` on a call gives
+    that call's attention probabilities from transformers' eager attention (transformers refuses
+    ``config.output_attentions = True`` on a model whose implementation is not eager; a config that
+    already has it is honoured). Raises ``TypeError`` for a non-module, ``ValueError`` for an
+    unknown backend, a decoder BERT or a module without BERT self-attention. transformers 5.17 and
+    later (effbert's range) have both interfaces."""
     _transformers()
     from transformers.models.bert.modeling_bert import BertSelfAttention
 
@@ -386,7 +398,8 @@ def patch_bert_attention(hf_model, *, backend="auto"):
     if not layers:
         raise ValueError(f"hf_model ({type(hf_model).__name__}) has no BERT self-attention to patch")
     if any(getattr(m.config, "is_decoder", False) for m in layers):
-        raise ValueError("hf_model holds a decoder (causal) BERT; effbert's patched attention is bidirectional")
+        raise ValueError("hf_model holds a decoder (causal) BERT; effbert's patched attention is "
+                         "bidirectional")
     _register()
     for module in layers:
         module.effbert_backend = _Backend(backend)
@@ -408,12 +421,14 @@ class MultiExitBert(MultiExitMixin, nn.Module):
 
     - ``forward(input_ids, attention_mask=None, token_type_ids=None, labels=None)`` ->
       ``MultiExitSequenceClassifierOutput(loss, logits [B, C] (the last exit's), exit_logits
-      [L, B, C])``. With integer ``labels [B]`` the loss (``effbert.models.multi_exit.exit_loss``, settings from
-      the constructor) is RomeBERT's self-distillation loss (``loss="romebert"``, ``gamma``, ``temperature``),
-      PABEE's layer-weighted cross-entropy (``loss="pabee"``) or DeeBERT's loss of the current stage
-      (``loss="deebert"``, see ``set_deebert_stage``). A one-output head (``num_labels=1``) is a regression head: float ``labels``, mean squared
-      error as HF does for ``num_labels == 1`` (PABEE's layer-weighted MSE for "romebert" and "pabee", DeeBERT's
-      per-stage MSE for "deebert"). ``gradient_equilibrium=True``: RomeBERT's ``--ge`` on the exits' logits.
+      [L, B, C])``. With integer ``labels [B]`` the loss (``effbert.models.multi_exit.exit_loss``,
+      settings from the constructor) is RomeBERT's self-distillation loss (``loss="romebert"``,
+      ``gamma``, ``temperature``), PABEE's layer-weighted cross-entropy (``loss="pabee"``) or
+      DeeBERT's loss of the current stage (``loss="deebert"``, see ``set_deebert_stage``). A
+      one-output head (``num_labels=1``) is a regression head: float ``labels``, mean squared error
+      as HF does for ``num_labels == 1`` (PABEE's layer-weighted MSE for "romebert" and "pabee",
+      DeeBERT's per-stage MSE for "deebert"). ``gradient_equilibrium=True``: RomeBERT's ``--ge`` on
+      the exits' logits.
     - ``early_exit(input_ids, attention_mask=None, token_type_ids=None, *, criterion, threshold=None,
       patience=None)`` -> ``(logits [B, C], exit_layer [B] int64, 1-based)``: batched early exit, each sample
       exactly what it gets alone. ``threshold=0`` (entropy) / ``patience=0``: full depth.
@@ -513,9 +528,10 @@ def multi_exit_bert(hf_model, num_labels=None, *, dropout=None, backend="auto", 
     classifier's outputs, else ``config.num_labels``); it must match a classifier the model already has; 1 is a
     regression head (float labels, MSE). ``dropout``: the off-ramps' dropout (default HF's ``classifier_dropout``,
     else ``hidden_dropout_prob``). ``loss``: ``"romebert"`` (gamma 0.9, temperature 3.0: RomeBERT's published
-    values), ``"pabee"`` or ``"deebert"`` (two stages, ``MultiExitBert.set_deebert_stage``). ``gradient_equilibrium``:
-    RomeBERT's ``--ge``. ``backend``: for the exit decisions and the loss. The result is in the model's train/eval
-    mode, device and dtype. Errors name the argument (``ValueError``/``TypeError``).
+    values), ``"pabee"`` or ``"deebert"`` (two stages, ``MultiExitBert.set_deebert_stage``).
+    ``gradient_equilibrium``: RomeBERT's ``--ge``. ``backend``: for the exit decisions and the loss.
+    The result is in the model's train/eval mode, device and dtype. Errors name the argument
+    (``ValueError``/``TypeError``).
     """
     _transformers()
     from transformers.models.bert.modeling_bert import BertForSequenceClassification, BertModel
@@ -547,7 +563,8 @@ def multi_exit_bert(hf_model, num_labels=None, *, dropout=None, backend="auto", 
     if exit_pooler not in EXIT_POOLERS:
         raise ValueError(f"exit_pooler must be one of {EXIT_POOLERS}, got {exit_pooler!r}")
     if not isinstance(gradient_equilibrium, bool):
-        raise TypeError(f"gradient_equilibrium must be a bool, got {type(gradient_equilibrium).__name__}")
+        raise TypeError(f"gradient_equilibrium must be a bool, got "
+                        f"{type(gradient_equilibrium).__name__}")
     check_exit_loss_settings(loss, gamma, temperature, gradient_equilibrium)
     layers = list(bert.encoder.layer)
     ref = next(bert.parameters())

@@ -104,11 +104,11 @@ class TupeBertForTokenClassification(MultiExitMixin, TupeBertPreTrainedModel):
     (every word piece but a word's first, [CLS], [SEP], padding; a label at a padded slot is no target). Returns
     ``TokenClassifierOutput(loss, logits [B, N, C], hidden_states)``; with ``multi_exit``
     ``MultiExitTokenClassifierOutput`` with ``exit_logits [L, B, N, C]`` and ``logits`` the last layer's, and the
-    loss ``multi_exit_token_loss`` (the published joint loss, weights ``i + 1``: PABEE's, the default
-    ``config.exit_loss``), or, for another ``config.exit_loss`` (``"romebert"``, ``"deebert"`` of the stage
-    ``set_deebert_stage`` set) or with ``exit_gradient_equilibrium``, ``effbert.models.multi_exit.exit_loss`` over
-    the labelled tokens as a batch. Without multi-exit the loss is the cross-entropy of the one classifier. The
-    layers run on the packed real tokens.
+    loss ``multi_exit_token_loss`` (the published joint loss, weights ``i + 1``: PABEE's, the
+    default ``config.exit_loss``), or, for another ``config.exit_loss`` (``"romebert"``,
+    ``"deebert"`` of the stage ``set_deebert_stage`` set) or with ``exit_gradient_equilibrium``,
+    ``effbert.models.multi_exit.exit_loss`` over the labelled tokens as a batch. Without multi-exit
+    the loss is the cross-entropy of the one classifier. The layers run on the packed real tokens.
 
     ``early_exit_token_labels(...)``: batched SENTEE / TOKEE inference (see there).
     """
@@ -132,19 +132,23 @@ class TupeBertForTokenClassification(MultiExitMixin, TupeBertPreTrainedModel):
 
     def exit_loss_settings(self):
         c = self.config
-        return dict(loss=c.exit_loss or "pabee", gamma=c.exit_loss_gamma, temperature=c.exit_loss_temperature,
+        return dict(loss=c.exit_loss or "pabee", gamma=c.exit_loss_gamma,
+                    temperature=c.exit_loss_temperature,
                     gradient_equilibrium=c.exit_gradient_equilibrium, backend=c.backend)
 
     def deebert_parts(self):
         if self.exits is None:
-            raise ValueError("the model has no per-layer classifiers: build it with config.multi_exit=True")
+            raise ValueError("the model has no per-layer classifiers: build it with "
+                             "config.multi_exit=True")
         return [self.bert], self.exits
 
     def _token_loss(self, packed, labels):
-        """The loss of the per-layer logits ``packed [L, T, C]`` at the packed tokens' ``labels [T]`` (-100: none)."""
+        """The loss of the per-layer logits ``packed [L, T, C]`` at the packed tokens' ``labels
+        [T]`` (-100: none)."""
         settings = self.exit_loss_settings()
-        if self.exits is None or (settings["loss"] == "pabee" and not settings["gradient_equilibrium"]):
-            return multi_exit_token_loss(packed, labels)  # the published joint loss (ignore_index -100)
+        joint = settings["loss"] == "pabee" and not settings["gradient_equilibrium"]
+        if self.exits is None or joint:  # the published joint loss (ignore_index -100)
+            return multi_exit_token_loss(packed, labels)
         keep = labels != -100  # the labelled tokens as the batch of every exit
         return self.compute_exit_loss(packed[:, keep], labels[keep])
 

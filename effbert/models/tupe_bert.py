@@ -641,10 +641,10 @@ class TupeBertForSequenceClassification(MultiExitMixin, TupeBertPreTrainedModel)
     With ``config.multi_exit``: an off-ramp (``ExitHead``: pooler and classifier) after every layer and no separate
     pooler (``config.shared_exit_pooler``: one pooler shared by every off-ramp, as PABEE). ``forward`` returns
     ``MultiExitSequenceClassifierOutput``: ``exit_logits [L, B, C]`` (every exit) and ``logits`` the last exit's;
-    with labels the loss the config names (``effbert.models.multi_exit.exit_loss``; by default RomeBERT's
-    self-distillation loss, gamma 0.9, T 3, or PABEE's weighted MSE for ``num_labels == 1``).
-    ``set_deebert_stage`` freezes for DeeBERT's second stage. ``init_exit_poolers`` starts every off-ramp from a
-    checkpoint's pooler. ``early_exit`` runs batched early-exit inference.
+    with labels the loss the config names (``effbert.models.multi_exit.exit_loss``; by default
+    RomeBERT's self-distillation loss, gamma 0.9, T 3, or PABEE's weighted MSE for ``num_labels ==
+    1``). ``set_deebert_stage`` freezes for DeeBERT's second stage. ``init_exit_poolers`` starts
+    every off-ramp from a checkpoint's pooler. ``early_exit`` runs batched early-exit inference.
     """
 
     # a masked-LM checkpoint (fine-tuning starts from one) holds the MLM head and TNF's notes, which serve pretraining
@@ -683,7 +683,8 @@ class TupeBertForSequenceClassification(MultiExitMixin, TupeBertPreTrainedModel)
 
     def exit_loss_settings(self):
         c = self.config
-        return dict(loss=c.exit_loss or "romebert", gamma=c.exit_loss_gamma, temperature=c.exit_loss_temperature,
+        return dict(loss=c.exit_loss or "romebert", gamma=c.exit_loss_gamma,
+                    temperature=c.exit_loss_temperature,
                     gradient_equilibrium=c.exit_gradient_equilibrium, backend=c.backend)
 
     def deebert_parts(self):
@@ -740,10 +741,11 @@ class TupeBertForSequenceClassification(MultiExitMixin, TupeBertPreTrainedModel)
         states = tuple(packing.pad(t) for t in states) if output_hidden_states else None
         loss = None
         if labels is not None:
-            # a host read, like the other value checks not made while torch.compile traces (one graph)
-            if self.config.num_labels > 1 and not torch.compiler.is_compiling() and bool((labels == -100).any()):
-                raise ValueError("labels must not hold -100 with config.multi_exit (the exit losses average over "
-                                 "every sample)")
+            # a host read, like the other value checks not made while torch.compile traces
+            classes = self.config.num_labels > 1
+            if classes and not torch.compiler.is_compiling() and bool((labels == -100).any()):
+                raise ValueError("labels must not hold -100 with config.multi_exit (the exit "
+                                 "losses average over every sample)")
             loss = self.compute_exit_loss(exit_logits, labels)
         return MultiExitSequenceClassifierOutput(loss=loss, logits=exit_logits[-1], exit_logits=exit_logits,
                                                  hidden_states=states)

@@ -277,30 +277,32 @@ class PretrainingTrainer(Trainer):
 
 class MultiExitTrainer(Trainer):
     """A ``transformers.Trainer`` for a multi-exit classifier (``TupeBertForSequenceClassification`` with
-    ``config.multi_exit``) that adds what a plain ``Trainer`` cannot do: RomeBERT's gradient regularization, which
-    needs two backward passes (``training_step``). The loss is the model's own, as for any transformers model:
-    ``model(..., labels=...)`` returns the loss its config names (``effbert.models.multi_exit``: RomeBERT's
-    self-distillation, PABEE's layer-weighted loss or DeeBERT's loss of the model's stage); this Trainer only
-    divides it over the micro-batches of a step.
+    ``config.multi_exit``) that adds what a plain ``Trainer`` cannot do: RomeBERT's gradient
+    regularization, which needs two backward passes (``training_step``). The loss is the model's
+    own, as for any transformers model: ``model(..., labels=...)`` returns the loss its config names
+    (``effbert.models.multi_exit``: RomeBERT's self-distillation, PABEE's layer-weighted loss or
+    DeeBERT's loss of the model's stage); this Trainer only divides it over the micro-batches of a
+    step.
 
     ``loss``, ``gamma``, ``temperature``, ``gradient_equilibrium``: when given, set the model's
-    ``config.exit_loss``, ``exit_loss_gamma``, ``exit_loss_temperature``, ``exit_gradient_equilibrium`` (None:
-    the config's as they are). ``stage``: with the DeeBERT loss, ``model.set_deebert_stage(stage)`` (stage 2
-    freezes the backbone and the last exit before the optimizer, built by ``train``, collects the trainable
-    weights); ignored for the other losses.
-    ``grad_reg``: RomeBERT's ``--gp`` (``effbert.losses.gradient_regularized_backward``, one projection of the
-    concatenated gradients of every layer but the last; ``project`` "others" or "final"); classification with
-    the ``"romebert"`` loss only, on one process (its two backward passes bypass data-parallel gradient
-    averaging). ``projected`` counts the steps whose gradients were projected (a device tensor: no host sync).
-    ``exit_loss``: the model's loss settings (a dict, read from the model).
-    Batches are ``input_ids``, ``attention_mask`` and ``labels [B]`` (``DataCollatorWithPadding``'s).
-    Weight decay goes on matrices and embeddings only, as for ``PretrainingTrainer``.
-    Raises ``ValueError`` / ``TypeError`` naming the argument for a value outside these, before changing the
-    model. Sources: romebert/RomeBERT (``new_run_highway_glue.py``), JetRunner/PABEE, castorini/DeeBERT.
+    ``config.exit_loss``, ``exit_loss_gamma``, ``exit_loss_temperature``,
+    ``exit_gradient_equilibrium`` (None: the config's as they are). ``stage``: with the DeeBERT
+    loss, ``model.set_deebert_stage(stage)`` (stage 2 freezes the backbone and the last exit before
+    the optimizer, built by ``train``, collects the trainable weights); ignored for the other
+    losses. ``grad_reg``: RomeBERT's ``--gp`` (``effbert.losses.gradient_regularized_backward``, one
+    projection of the concatenated gradients of every layer but the last; ``project`` "others" or
+    "final"); classification with the ``"romebert"`` loss only, on one process (its two backward
+    passes bypass data-parallel gradient averaging). ``projected`` counts the steps whose gradients
+    were projected (a device tensor: no host sync). ``exit_loss``: the model's loss settings (a
+    dict, read from the model). Batches are ``input_ids``, ``attention_mask`` and ``labels [B]``
+    (``DataCollatorWithPadding``'s). Weight decay goes on matrices and embeddings only, as for
+    ``PretrainingTrainer``. Raises ``ValueError`` / ``TypeError`` naming the argument for a value
+    outside these, before changing the model. Sources: romebert/RomeBERT
+    (``new_run_highway_glue.py``), JetRunner/PABEE, castorini/DeeBERT.
     """
 
-    def __init__(self, *args, loss=None, gamma=None, temperature=None, gradient_equilibrium=None, stage=None,
-                 grad_reg=False, project="others", **kwargs):
+    def __init__(self, *args, loss=None, gamma=None, temperature=None, gradient_equilibrium=None,
+                 stage=None, grad_reg=False, project="others", **kwargs):
         from ..losses import PROJECT_SIDES
         from ..models.multi_exit import check_deebert_stage, check_exit_loss_settings
 
@@ -311,10 +313,11 @@ class MultiExitTrainer(Trainer):
                      exit_gradient_equilibrium=gradient_equilibrium)
         given = {k: v for k, v in given.items() if v is not None}
         # every argument is checked before the model's config or parameters change
-        if loss is not None or gamma is not None or temperature is not None or gradient_equilibrium is not None:
-            check_exit_loss_settings("romebert" if loss is None else loss, 0.9 if gamma is None else gamma,
+        if given:
+            check_exit_loss_settings("romebert" if loss is None else loss,
+                                     0.9 if gamma is None else gamma,
                                      3.0 if temperature is None else temperature,
-                                     False if gradient_equilibrium is None else gradient_equilibrium)
+                                     given.get("exit_gradient_equilibrium", False))
         if stage is not None:
             check_deebert_stage(stage)
         if project not in PROJECT_SIDES:
@@ -339,8 +342,8 @@ class MultiExitTrainer(Trainer):
 
     @property
     def exit_loss(self):
-        """The model's loss settings: ``loss``, ``gamma``, ``temperature``, ``gradient_equilibrium``, ``backend``
-        and DeeBERT's ``stage``."""
+        """The model's loss settings: ``loss``, ``gamma``, ``temperature``,
+        ``gradient_equilibrium``, ``backend`` and DeeBERT's ``stage``."""
         core = _unwrap(self.model)
         return dict(core.exit_loss_settings(), stage=core.deebert_stage)
 
