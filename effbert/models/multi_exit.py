@@ -5,8 +5,8 @@ DeeBERT's two training stages (``MultiExitMixin.set_deebert_stage``), shared by
 
 As transformers models own their loss, the model decides it: its config names the loss and its
 settings (``TupeBertConfig.exit_loss``, ``exit_loss_gamma``, ``exit_loss_temperature``,
-``exit_gradient_equilibrium``; ``MultiExitBert`` takes them as arguments), and ``model(...,
-labels=...)`` returns it. A ``Trainer`` then needs no loss of its own;
+``exit_gradient_equilibrium``; ``MultiExitBert`` takes them as arguments), and
+``model(..., labels=...)`` returns it. A ``Trainer`` then needs no loss of its own;
 ``effbert.training.MultiExitTrainer`` adds only RomeBERT's gradient regularization.
 
 Sources: RomeBERT (romebert/RomeBERT, ``new_modeling_highway_bert.py``: self-distillation,
@@ -57,12 +57,12 @@ def exit_loss(exit_logits, labels, *, loss="romebert", gamma=0.9, temperature=3.
     ``exit_logits [L, B, C]`` float (first exit first; computed in float32, or float64 for float64
     logits); ``labels [B]`` integer classes in ``[0, C)``, or float targets for a one-output
     (regression) head, ``C == 1``. ``loss``: ``"romebert"``
-    (``effbert.losses.multi_exit_distillation_loss``: every exit's cross-entropy plus ``gamma T^2
-    KL`` from the detached last exit, RomeBERT's published gamma 0.9 and ``temperature`` 3),
-    ``"pabee"`` (``pabee_loss``: ``sum_i i * loss_i / sum_i i``) or ``"deebert"`` (``deebert_loss``
-    of ``stage``: 1 the last exit's loss, 2 the sum of the others'). A regression head trains on
-    PABEE's layer-weighted mean squared error under ``"romebert"`` and ``"pabee"`` (RomeBERT has no
-    regression loss of its own), on DeeBERT's per-stage MSE under ``"deebert"``.
+    (``effbert.losses.multi_exit_distillation_loss``: every exit's cross-entropy plus
+    ``gamma T^2 KL`` from the detached last exit, RomeBERT's published gamma 0.9 and ``temperature``
+    3), ``"pabee"`` (``pabee_loss``: ``sum_i i * loss_i / sum_i i``) or ``"deebert"``
+    (``deebert_loss`` of ``stage``: 1 the last exit's loss, 2 the sum of the others'). A regression
+    head trains on PABEE's layer-weighted mean squared error under ``"romebert"`` and ``"pabee"``
+    (RomeBERT has no regression loss of its own), on DeeBERT's per-stage MSE under ``"deebert"``.
     ``gradient_equilibrium``: RomeBERT's ``--ge`` (exit i's gradient scaled by ``1 / (L - i)``).
     ``backend``: the distillation loss's (``"eager"`` and ``"triton"`` as given; the attention
     backends without a loss kernel, ``"cpu"`` and ``"cuda"``, leave it to ``"auto"``). Returns a

@@ -143,8 +143,8 @@ class TupeBertForTokenClassification(MultiExitMixin, TupeBertPreTrainedModel):
         return [self.bert], self.exits
 
     def _token_loss(self, packed, labels):
-        """The loss of the per-layer logits ``packed [L, T, C]`` at the packed tokens' ``labels
-        [T]`` (-100: none)."""
+        """The loss of the per-layer logits ``packed [L, T, C]`` at the packed tokens'
+        ``labels [T]`` (-100: none)."""
         settings = self.exit_loss_settings()
         joint = settings["loss"] == "pabee" and not settings["gradient_equilibrium"]
         if self.exits is None or joint:  # the published joint loss (ignore_index -100)

@@ -642,9 +642,10 @@ class TupeBertForSequenceClassification(MultiExitMixin, TupeBertPreTrainedModel)
     pooler (``config.shared_exit_pooler``: one pooler shared by every off-ramp, as PABEE). ``forward`` returns
     ``MultiExitSequenceClassifierOutput``: ``exit_logits [L, B, C]`` (every exit) and ``logits`` the last exit's;
     with labels the loss the config names (``effbert.models.multi_exit.exit_loss``; by default
-    RomeBERT's self-distillation loss, gamma 0.9, T 3, or PABEE's weighted MSE for ``num_labels ==
-    1``). ``set_deebert_stage`` freezes for DeeBERT's second stage. ``init_exit_poolers`` starts
-    every off-ramp from a checkpoint's pooler. ``early_exit`` runs batched early-exit inference.
+    RomeBERT's self-distillation loss, gamma 0.9, T 3, or PABEE's weighted MSE for
+    ``num_labels == 1``). ``set_deebert_stage`` freezes for DeeBERT's second stage.
+    ``init_exit_poolers`` starts every off-ramp from a checkpoint's pooler. ``early_exit`` runs
+    batched early-exit inference.
     """
 
     # a masked-LM checkpoint (fine-tuning starts from one) holds the MLM head and TNF's notes, which serve pretraining
