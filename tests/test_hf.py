@@ -175,8 +175,9 @@ def test_patch_bert_attention_keeps_outputs_and_gradients(impl, backend, seeded)
     keys = list(hf_model.state_dict())
     assert hf.patch_bert_attention(hf_model, backend=backend) is hf_model
     assert list(hf_model.state_dict()) == keys  # same weights, same names: save_pretrained is unaffected
-    patched = [m for m in hf_model.modules() if isinstance(m, hf.EffbertBertSelfAttention)]
+    patched = [m for m in hf_model.modules() if getattr(m, "effbert_backend", None) == backend]
     assert len(patched) == 2 and all(m.training for m in patched)
+    assert hf_model.config._attn_implementation == hf.ATTN_IMPLEMENTATION
     for masked in (False, True):
         ids, types, mask = padded_batch(61)
         if not masked:
@@ -243,14 +244,14 @@ def test_patched_model_returns_attention_probabilities(how, seeded):
     # transformers refuses config.output_attentions on an sdpa model, so that case starts from an eager one
     model = BertModel(hf_config("sdpa" if how == "argument" else "eager")).to(DEVICE).eval()
     model.load_state_dict(ref.state_dict())
-    hf.patch_bert_attention(model, backend="eager")
     ids, types, mask = padded_batch(61)
     kw = dict(input_ids=ids, attention_mask=mask, token_type_ids=types)
     if how == "argument":
         kw["output_attentions"] = True
-    else:
+    else:  # set before patching: transformers refuses the flag unless the implementation is eager
         for m in (ref, model):
             m.config.output_attentions = True
+    hf.patch_bert_attention(model, backend="eager")
     with torch.no_grad():
         want, got = ref(**kw), model(**kw)
     assert len(got.attentions) == 2 and len(want.attentions) == 2
@@ -288,7 +289,8 @@ def test_patched_model_under_inference_mode(seeded):
         assert torch.equal(clone(input_ids=ids, attention_mask=mask, token_type_ids=types).last_hidden_state, want)
     with pytest.raises(ValueError, match="backend must be one of"):
         hf.patch_bert_attention(model, backend="tpu")
-    assert all(m.backend == "auto" for m in model.modules() if isinstance(m, hf.EffbertBertSelfAttention))
+    backends = [m.effbert_backend for m in model.modules() if hasattr(m, "effbert_backend")]
+    assert backends == ["auto", "auto"]
 
 
 def test_missing_transformers_says_how_to_install(monkeypatch):
@@ -375,3 +377,158 @@ def test_from_hf_bert_pretraining_heads_and_half_precision(seeded):
         untied.cls.predictions.decoder.weight.add_(1.0)
     with pytest.raises(ValueError, match="not tied"):
         hf.from_hf_bert(untied)
+
+
+@needs_hf
+@pytest.mark.parametrize("impl", ["eager", "sdpa"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_patched_model_equals_hf_attention_on_real_tokens(impl, dtype, seeded):
+    """The "effbert" implementation against transformers' eager and sdpa BERT of the same weights,
+    in float64 (to rounding) and in fp32 (against the float64 eager model, at most 2x HF's own fp32
+    error, as every kernel)."""
+    from transformers import BertForSequenceClassification
+
+    hf_model = BertForSequenceClassification(hf_config(impl)).to(DEVICE, dtype).eval()
+    ref64 = reference64(hf_model)
+    patched = hf.patch_bert_attention(copy.deepcopy(hf_model))
+    assert patched.config._attn_implementation == "effbert"
+    assert hf_model.config._attn_implementation == impl
+    ids, types, mask = padded_batch(61)
+    real = mask.bool()
+    kw = dict(input_ids=ids, attention_mask=mask, token_type_ids=types, output_hidden_states=True)
+    with torch.no_grad():
+        want, plain, got = ref64(**kw), hf_model(**kw), patched(**kw)
+    for name in ("logits", "last"):
+        pick = (lambda o: o.logits) if name == "logits" else (lambda o: o.hidden_states[-1][real])
+        if dtype == torch.float64:
+            assert_close(pick(got), pick(plain), rtol=1e-12, what=f"float64 {impl} {name}")
+        else:
+            assert_close(pick(got), pick(want), lowp_eager=pick(plain), what=f"fp32 {impl} {name}")
+
+
+@needs_hf
+def test_packed_position_ids_are_refused_where_transformers_packs(seeded):
+    """Restarting position_ids without a mask: transformers >= 5.2x builds a packed-sequence mask,
+    which the patched attention refuses rather than attending across the texts; 5.17 treats the row
+    as one text (its sdpa and eager masks ignore the positions), and the patched model then gives
+    what eager gives."""
+    from transformers import BertModel
+
+    ref = BertModel(hf_config("eager")).to(DEVICE).eval()
+    model = hf.patch_bert_attention(copy.deepcopy(ref))
+    ids = torch.randint(1, 61, (1, 5), device=DEVICE)
+    pos = torch.tensor([[0, 1, 2, 0, 1]], device=DEVICE)
+    with torch.no_grad():
+        want = ref(input_ids=ids, position_ids=pos).last_hidden_state
+        one_text = reference64(ref)(input_ids=ids, position_ids=pos,
+                                    attention_mask=torch.ones_like(ids))
+        try:
+            got = model(input_ids=ids, position_ids=pos).last_hidden_state
+        except ValueError as exc:
+            assert "key padding masks only" in str(exc)
+            gap = (want - one_text.last_hidden_state.to(want.dtype)).abs().max()
+            assert float(gap) > 1e-4  # transformers did mask the row as two texts
+        else:
+            assert_close(got, want, what="position_ids as one text")
+
+
+@needs_hf
+def test_patched_model_is_what_a_plain_hf_model_saves_and_loads(tmp_path, seeded):
+    """save_pretrained of a patched model writes transformers' files without the implementation:
+    they load as a plain BERT with the same weights and outputs."""
+    from transformers import BertModel
+
+    model = BertModel(hf_config("sdpa")).eval()
+    hf.patch_bert_attention(model)
+    model.save_pretrained(tmp_path)
+    loaded = BertModel.from_pretrained(tmp_path).eval()
+    assert loaded.config._attn_implementation != "effbert"
+    ids, types, mask = (t.cpu() for t in padded_batch(61))
+    real = mask.bool()
+    with torch.no_grad():
+        a = model(input_ids=ids, attention_mask=mask, token_type_ids=types).last_hidden_state
+        b = loaded(input_ids=ids, attention_mask=mask, token_type_ids=types).last_hidden_state
+    assert_close(a[real], b[real], what="saved and loaded")
+
+
+@needs_hf
+def test_patched_model_unpickles_in_a_fresh_process(tmp_path, seeded):
+    """A pickled patched model (torch.save of the whole model) runs in a process that never patched
+    one."""
+    import pickle
+    import subprocess
+
+    from transformers import BertModel
+
+    model = hf.patch_bert_attention(BertModel(hf_config("sdpa")).eval())
+    ids, types, mask = (t.cpu() for t in padded_batch(61))
+    with torch.no_grad():
+        want = model(input_ids=ids, attention_mask=mask, token_type_ids=types).last_hidden_state
+    (tmp_path / "m.pkl").write_bytes(pickle.dumps(model))
+    torch.save({"ids": ids, "types": types, "mask": mask, "want": want}, tmp_path / "io.pt")
+    code = ("import pickle, torch; m = pickle.loads(open('m.pkl', 'rb').read()); "
+            "d = torch.load('io.pt'); assert m.config._attn_implementation == 'effbert'; "
+            "out = m(input_ids=d['ids'], attention_mask=d['mask'], token_type_ids=d['types']); "
+            "assert torch.equal(out.last_hidden_state, d['want'])")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+@needs_hf
+def test_patched_attention_dropout_in_training(seeded):
+    """Training mode: on the eager backend the patched model draws the attention dropout as HF's
+    eager attention does, so one seed gives HF's outputs; on the default backend the dropout is
+    unbiased (the mean over many draws is the output without dropout) and drops about p of the
+    weights (the draws differ from the mean)."""
+    from transformers import BertModel
+
+    cfg = hf_config("eager", attention_probs_dropout_prob=0.3, hidden_dropout_prob=0.2)
+    ref = BertModel(cfg).train()
+    model = copy.deepcopy(ref)
+    hf.patch_bert_attention(model, backend="eager")
+    ids, types, mask = (t.cpu() for t in padded_batch(61))
+    real = mask.bool()
+    outs = []
+    for m in (ref, model):
+        torch.manual_seed(11)
+        outs.append(m(input_ids=ids, attention_mask=mask, token_type_ids=types).last_hidden_state)
+    assert_close(outs[1][real], outs[0][real], what="eager-backend dropout against HF eager")
+    layer = copy.deepcopy(model.encoder.layer[0].attention.self)
+    layer.effbert_backend = "auto"
+    draws, b, n, h, d = 4000, 2, 6, 2, 16
+    q, k, v = (torch.randn(b, h, n, d, dtype=torch.float64) for _ in range(3))
+    keep = torch.tensor([[1] * 6, [1] * 4 + [0] * 2]).bool()
+    rep = (lambda t: t.repeat(draws, *([1] * (t.dim() - 1))))
+    with torch.no_grad():
+        scale = d ** -0.5
+        clean, _ = hf.effbert_attention_forward(layer, q, k, v, keep, scaling=scale, dropout=0.0)
+        noisy, _ = hf.effbert_attention_forward(layer, rep(q), rep(k), rep(v), rep(keep),
+                                                scaling=scale, dropout=0.3)
+    noisy = noisy.view(draws, b, n, h, d)
+    spread = noisy.std(0) / draws ** 0.5  # the standard error of the mean, per element
+    err = (noisy.mean(0) - clean)[keep]
+    worst = float((err.abs() / spread[keep]).max())
+    assert bool((err.abs() <= 6 * spread[keep] + 1e-12).all()), worst
+    assert float(noisy.std(0)[keep].min()) > 0.01  # every real output varies between draws
+
+
+@needs_hf
+def test_torch_compile_of_a_patched_model(seeded):
+    """torch.compile of a patched model runs (transformers' masks and the "effbert" function trace)
+    and gives the uncompiled model's outputs and gradients."""
+    from transformers import BertForSequenceClassification
+
+    model = hf.patch_bert_attention(BertForSequenceClassification(hf_config("sdpa")).eval())
+    twin = copy.deepcopy(model)
+    ids, types, mask = (t.cpu() for t in padded_batch(61))
+    kw = dict(input_ids=ids, attention_mask=mask, token_type_ids=types)
+    want = model(**kw).logits
+    torch._dynamo.reset()
+    got = torch.compile(twin)(**kw).logits
+    assert_close(got, want, what="compiled logits")
+    want.sum().backward()
+    got.sum().backward()
+    for (name, p), q in zip(model.named_parameters(), twin.parameters()):
+        if not name.endswith("self.key.bias"):  # 0 up to rounding in both (see above)
+            assert_close(q.grad, p.grad, rtol=GRAD_RTOL, what=f"compiled d {name}")

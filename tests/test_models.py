@@ -274,7 +274,8 @@ def test_config_defaults_round_trip_and_validation():
 
 
 FLOAT_FIELDS = ("hidden_dropout_prob", "attention_probs_dropout_prob", "layer_norm_eps", "position_layer_norm_eps",
-                "initializer_range", "tnf_gamma", "tnf_lam")
+                "initializer_range", "tnf_gamma", "tnf_lam", "exit_loss_gamma",
+                "exit_loss_temperature")
 OPTIONAL_FLOAT_FIELDS = ("classifier_dropout",)  # None by default (then hidden_dropout_prob applies)
 
 

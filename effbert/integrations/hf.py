@@ -4,9 +4,9 @@
   and ``model.safetensors``) as an effbert model in ``position_mode="absolute"``, same outputs on real tokens.
 - ``token_classifier_from_hf_bert(model_or_path, num_labels)``: the same encoder as a
   ``TupeBertForTokenClassification`` with a classifier per layer, for SENTEE / TOKEE early exit (Li et al., ACL 2021).
-- ``patch_bert_attention(hf_model)``: replaces, in place, the self-attention of every layer of an HF BERT with a
-  module running ``effbert.tupe_attention`` on the same ``query``/``key``/``value`` weights (the state dict, and so
-  ``save_pretrained``, is unchanged).
+- ``patch_bert_attention(hf_model)``: runs the self-attention of every layer of an HF BERT through
+  ``effbert.tupe_attention``, registered as the ``"effbert"`` implementation of transformers'
+  ``AttentionInterface`` (the modules and state dict, and so ``save_pretrained``, are unchanged).
 - ``multi_exit_bert(hf_model, num_labels)``: an HF BERT's embeddings and layers (shared, not copied) with an
   off-ramp after every layer, for early-exit fine-tuning (RomeBERT / PABEE / DeeBERT losses) and batched
   early exit.
@@ -19,15 +19,16 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..losses import deebert_loss, multi_exit_distillation_loss, pabee_loss
 from ..models import (TupeBertConfig, TupeBertForMaskedLM, TupeBertForSequenceClassification,
                       TupeBertForTokenClassification, TupeBertModel)
+from ..models.multi_exit import MultiExitMixin, check_exit_loss_settings
 from ..models.tupe_bert import MultiExitSequenceClassifierOutput, _check_ids, _values_in_range, check_bert_inputs
 from ..nn import BertLayerAdapter, ExitHead, MultiExitEncoder
 from ..ops import tupe_attention
 from ..ops._dispatch import BACKENDS
 
-__all__ = ["from_hf_bert", "token_classifier_from_hf_bert", "patch_bert_attention", "EffbertBertSelfAttention",
+__all__ = ["from_hf_bert", "token_classifier_from_hf_bert", "patch_bert_attention",
+           "effbert_attention_forward", "effbert_mask", "ATTN_IMPLEMENTATION",
            "hf_state_dict_to_effbert", "config_from_hf", "multi_exit_bert", "MultiExitBert"]
 
 _INSTALL_HINT = ("transformers is needed for effbert.integrations.hf: pip install transformers safetensors "
@@ -248,151 +249,144 @@ def token_classifier_from_hf_bert(model_or_path, num_labels=None, *, multi_exit=
     return model.eval()
 
 
-class _MaskConverter:
-    """HF's attention masks as effbert's key padding mask, converted once per forward for all layers.
+# ---- effbert's attention inside an HF BERT, through transformers' AttentionInterface ----
 
-    transformers 5 hands each layer ``None`` (no padding), a 4-D ``[B, 1, Q, K]`` mask (bool, True = attend, for
-    sdpa; additive float for eager) that repeats one key padding row for every query, or the 2-D ``[B, K]``
-    padding mask itself (flash attention). Anything that is not a key padding mask (a causal mask, a
-    per-query pattern, a general additive bias) is refused rather than silently changed.
-    """
-
-    def __init__(self):
-        self._mask, self._version, self._out = None, None, None
-
-    def __call__(self, mask, batch, seq_len):
-        if mask is None:
-            return None
-        if isinstance(mask, torch.Tensor) and mask.is_inference():
-            # an inference tensor (torch.inference_mode) has no version counter to tell an in-place edit by
-            return self._convert(mask, batch, seq_len)
-        if self._mask is mask and self._version == mask._version:
-            return self._out  # the same mask object is handed to every layer
-        out = self._convert(mask, batch, seq_len)
-        self._mask, self._version, self._out = mask, mask._version, out  # holding it keeps its id from reuse
-        return out
-
-    @staticmethod
-    def _convert(mask, batch, seq_len):
-        if not isinstance(mask, torch.Tensor):
-            raise TypeError(f"attention_mask must be a tensor or None, got {type(mask).__name__}")
-        if mask.dtype == torch.bool:
-            valid = mask
-        elif mask.is_floating_point():
-            valid = mask == 0
-            if not torch.compiler.is_compiling() and not bool(((mask == 0) | (mask <= -1e4)).all()):
-                raise ValueError("attention_mask holds an additive bias other than 0 / large negative; effbert's "
-                                 "fused attention takes key padding masks only")
-        else:
-            valid = mask != 0
-        if valid.dim() == 2:
-            if tuple(valid.shape) != (batch, seq_len):
-                raise ValueError(f"attention_mask must be [B, N] = [{batch}, {seq_len}], got {list(valid.shape)}")
-            return valid
-        if valid.dim() != 4 or valid.shape[0] not in (1, batch) or valid.shape[-1] != seq_len \
-                or valid.shape[-2] not in (1, seq_len):
-            raise ValueError(f"attention_mask must be [B, N] or [B, 1, N or 1, N] with B = {batch}, N = {seq_len}, "
-                             f"got {list(mask.shape)}")
-        if not torch.compiler.is_compiling() and not bool((valid == valid[:, :1, :1, :]).all()):
-            raise ValueError("attention_mask differs between queries or heads (a causal or custom mask); effbert's "
-                             "fused attention takes key padding masks only")
-        return valid[:, 0, 0, :].expand(batch, seq_len).contiguous()
+ATTN_IMPLEMENTATION = "effbert"
 
 
-class EffbertBertSelfAttention(nn.Module):
-    """Stands in for HF's ``BertSelfAttention``: the same ``query``/``key``/``value`` Linear modules (shared, not
-    copied), the attention itself through ``effbert.tupe_attention``. Returns ``(context, None)`` as HF's does
-    when attention weights are not recorded (the fused kernel never forms them). Outputs at padded query
-    positions are 0 (HF fills them with an average over the real tokens); real tokens match HF.
+class _Backend(str):
+    """The backend a patched layer runs (a ``str``): its class lives here, so unpickling a patched
+    model imports this module, which registers the ``"effbert"`` attention implementation."""
 
-    With ``output_attentions=True`` (the call's argument or the model config's) a call computes the attention
-    probabilities ``[B, H, N, N]`` and returns ``(context, probabilities)`` from transformers' own eager attention,
-    as transformers' sdpa attention falls back to eager for such a call; transformers records them in the output's
-    ``attentions``. ``patch_bert_attention`` builds these modules as subclasses of HF's ``BertSelfAttention`` so
-    that transformers' output recording finds them."""
 
-    def __init__(self, hf_self_attention, masks, backend="auto"):
-        nn.Module.__init__(self)  # not BertSelfAttention's: the projections are the patched module's own
-        self.query, self.key, self.value = hf_self_attention.query, hf_self_attention.key, hf_self_attention.value
-        self.num_attention_heads = hf_self_attention.num_attention_heads
-        self.attention_head_size = hf_self_attention.attention_head_size
-        self.scaling = float(getattr(hf_self_attention, "scaling", self.attention_head_size ** -0.5))
-        self.dropout = hf_self_attention.dropout
-        self.config = getattr(hf_self_attention, "config", None)
-        self.is_decoder, self.is_causal = False, False
-        self.layer_idx = getattr(hf_self_attention, "layer_idx", None)
-        self.backend = backend
-        self._masks = masks
-        self.train(hf_self_attention.training)  # a model patched in eval mode must not start dropping out
+def _key_padding_mask(mask, batch, seq_len):
+    """A mask as transformers hands it to a layer as effbert's key padding mask ``[B, N]`` bool
+    (True = real token) or None: ``None``; the ``[B, N]`` mask itself (``effbert_mask``'s output, as
+    flash attention's); or a prepared ``[B, 1, N or 1, N]`` mask (bool, True = attend, or additive
+    float) that repeats one key padding row for every query. Anything else (a causal or per-query
+    pattern, a general additive bias) is refused, never changed."""
+    if mask is None:
+        return None
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(f"attention_mask must be a tensor or None, got {type(mask).__name__}")
+    if mask.dtype == torch.bool:
+        valid = mask
+    elif mask.is_floating_point():
+        valid = mask == 0
+        if not torch.compiler.is_compiling() and not bool(((mask == 0) | (mask <= -1e4)).all()):
+            raise ValueError("attention_mask holds an additive bias other than 0 / large negative; "
+                             "effbert's fused attention takes key padding masks only")
+    else:
+        valid = mask != 0
+    if valid.dim() == 2:
+        if tuple(valid.shape) != (batch, seq_len):
+            raise ValueError(f"attention_mask must be [B, N] = [{batch}, {seq_len}], got "
+                             f"{list(valid.shape)}")
+        return valid
+    if valid.dim() != 4 or valid.shape[0] not in (1, batch) or valid.shape[-1] != seq_len \
+            or valid.shape[-2] not in (1, seq_len):
+        raise ValueError(f"attention_mask must be [B, N] or [B, 1, N or 1, N] with B = {batch}, "
+                         f"N = {seq_len}, got {list(mask.shape)}")
+    if not torch.compiler.is_compiling() and not bool((valid == valid[:, :1, :1, :]).all()):
+        raise ValueError("attention_mask differs between queries or heads (a causal or custom "
+                         "mask); effbert's fused attention takes key padding masks only")
+    return valid[:, 0, 0, :].expand(batch, seq_len).contiguous()
 
-    def _wants_attentions(self, kwargs):
-        flag = kwargs.get("output_attentions")
-        if flag is None:
-            flag = getattr(self.config, "output_attentions", False)
-        return bool(flag)
 
-    def forward(self, hidden_states, attention_mask=None, past_key_values=None, encoder_hidden_states=None,
-                **kwargs):
-        if past_key_values is not None or encoder_hidden_states is not None or kwargs.get("cache") is not None:
-            raise ValueError("effbert's patched BERT attention is encoder self-attention only (no cache, no cross "
-                             "attention)")
-        b, n, _ = hidden_states.shape
-        shape = (b, n, self.num_attention_heads, self.attention_head_size)
-        q = self.query(hidden_states).view(shape)
-        k = self.key(hidden_states).view(shape)
-        v = self.value(hidden_states).view(shape)
-        mask = self._masks(attention_mask, b, n)
-        if self._wants_attentions(kwargs):
-            return self._eager_with_probabilities(q, k, v, mask)
-        ctx = tupe_attention(q, k, v, attention_mask=mask, scale=self.scaling,
-                             dropout_p=self.dropout.p if self.training else 0.0, backend=self.backend)
-        return ctx.reshape(b, n, -1), None
+def effbert_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_function=None,
+                 attention_mask=None, **kwargs):
+    """transformers' ``AttentionMaskInterface`` function of the ``"effbert"`` implementation: the
+    key padding mask ``attention_mask [B, K]`` bool (True = real token), built once per forward for
+    every layer, or None when no key is padding. Only BERT's plain bidirectional pattern is served:
+    a causal, packed-sequence or overlaid ``mask_function`` raises ``ValueError`` (the patch refuses
+    decoders beforehand)."""
+    from transformers.masking_utils import bidirectional_mask_function
 
-    def _eager_with_probabilities(self, q, k, v, mask):
-        """transformers' ``eager_attention_forward`` on the key padding mask: ``(context [B, N, H*D], probs)``."""
+    if mask_function is not bidirectional_mask_function or q_offset or kv_offset:
+        raise ValueError("effbert's patched BERT attention takes key padding masks only "
+                         "(bidirectional, no packed sequences through position_ids, no cache "
+                         "offsets)")
+    if attention_mask is None:
+        return None
+    mask = attention_mask[:, -kv_length:].to(torch.bool)
+    if not torch.compiler.is_compiling() and bool(mask.all()):
+        return None  # no padding: as transformers' sdpa mask skips it
+    return mask
+
+
+def effbert_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
+                              **kwargs):
+    """transformers' ``AttentionInterface`` function of the ``"effbert"`` implementation: ``query``,
+    ``key``, ``value`` ``[B, H, N, D]`` (transformers' layout) -> ``(output [B, N, H, D], None)``
+    through ``effbert.tupe_attention`` (absolute positions: plain softmax attention, no positional
+    term) on the key padding mask, ``scaling`` the logit scale, ``dropout`` the attention dropout
+    (transformers passes 0 in eval mode). Outputs at padded queries are 0 (eager BERT gives them an
+    average over the real tokens); real tokens match.
+
+    ``output_attentions`` (the call's keyword or ``module.config``'s): that call runs transformers'
+    own ``eager_attention_forward`` and returns ``(output, probabilities [B, H, N, N])``, as
+    transformers' sdpa path does for eager. The backend is the layer's ``effbert_backend`` (set by
+    ``patch_bert_attention``; ``"auto"``). Raises ``ValueError`` for cross-attention, a causal layer
+    or a mask that is not a key padding mask."""
+    if kwargs.get("encoder_hidden_states") is not None or getattr(module, "is_causal", False) \
+            or key.shape[2] != query.shape[2]:
+        raise ValueError("effbert's patched BERT attention is encoder self-attention only "
+                         "(no cache, no cross attention, not causal)")
+    b, _, n, _ = query.shape
+    mask = _key_padding_mask(attention_mask, b, n)
+    wants = kwargs.get("output_attentions")
+    if wants is None:
+        wants = getattr(getattr(module, "config", None), "output_attentions", False)
+    if wants:
         from transformers.models.bert.modeling_bert import eager_attention_forward
 
-        b, n = q.shape[:2]
         additive = None
         if mask is not None:  # HF's eager form of a padding mask: 0 to attend, the dtype's lowest to not
-            additive = torch.zeros((b, 1, 1, n), dtype=q.dtype, device=q.device)
-            additive = additive.masked_fill(~mask[:, None, None, :], torch.finfo(q.dtype).min)
-        ctx, probs = eager_attention_forward(self, q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), additive,
-                                             scaling=self.scaling, dropout=self.dropout.p if self.training else 0.0)
-        return ctx.reshape(b, n, -1), probs
+            additive = torch.zeros((b, 1, 1, n), dtype=query.dtype, device=query.device)
+            additive = additive.masked_fill(~mask[:, None, None, :], torch.finfo(query.dtype).min)
+        return eager_attention_forward(module, query, key, value, additive, scaling=scaling,
+                                       dropout=dropout)
+    # [B, H, N, D] -> [B, N, H, D]: the projections' own layout, no copy
+    backend = str(getattr(module, "effbert_backend", "auto"))
+    out = tupe_attention(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2),
+                         attention_mask=mask, scale=scaling, dropout_p=dropout, backend=backend)
+    return out, None
 
 
-_PATCHED_CLASS = None
+def _register():
+    """Registers the ``"effbert"`` attention and mask functions with transformers (idempotent)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    AttentionInterface.register(ATTN_IMPLEMENTATION, effbert_attention_forward)
+    AttentionMaskInterface.register(ATTN_IMPLEMENTATION, effbert_mask)
 
 
-def _patched_class():
-    """``EffbertBertSelfAttention`` that is also a transformers ``BertSelfAttention`` (built once, on first use, so
-    that importing effbert never imports transformers): transformers' ``output_attentions`` recording hooks
-    modules by that class."""
-    global _PATCHED_CLASS
-    if _PATCHED_CLASS is None:
-        from transformers.models.bert.modeling_bert import BertSelfAttention
-
-        _PATCHED_CLASS = type("_PatchedBertSelfAttention", (EffbertBertSelfAttention, BertSelfAttention),
-                              {"__module__": __name__, "__doc__": EffbertBertSelfAttention.__doc__})
-    return _PATCHED_CLASS
-
-
-def __getattr__(name):
-    # pickle finds the patched class by name, also in a process that has not patched a model yet
-    if name == "_PatchedBertSelfAttention":
-        return _patched_class()
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+# at import: unpickling a patched model imports this module (``_Backend``) before its first forward
+try:
+    _register()
+except ImportError:  # transformers missing: patch_bert_attention says how to install it
+    pass
 
 
 def patch_bert_attention(hf_model, *, backend="auto"):
-    """Replace the self-attention of every layer of an HF BERT (``BertModel`` or any ``BertFor...``) with
-    ``EffbertBertSelfAttention``, in place and keeping the weights; returns ``hf_model``. The number of layers
-    patched is at least one, else this raises (the model is not a BERT encoder). The patched model runs under
-    ``torch.no_grad()`` and ``torch.inference_mode()``, and ``output_attentions=True`` gives the attention
-    probabilities of that call (computed eagerly, as transformers' sdpa path does)."""
+    """Run the self-attention of every layer of an HF BERT (``BertModel``, any ``BertFor...``, or a
+    module holding one) through ``effbert.tupe_attention``, in place; returns ``hf_model``.
+
+    Registers ``effbert_attention_forward`` and ``effbert_mask`` with transformers'
+    ``AttentionInterface`` and ``AttentionMaskInterface`` as the ``"effbert"`` implementation and
+    sets ``config._attn_implementation`` to it (as ModernBERT and every transformers 5 model
+    dispatch attention); the modules and weights are untouched, so ``save_pretrained`` writes the
+    same files (the saved config does not carry the implementation) and the model pickles.
+    ``backend``: effbert's backend for these layers (``"auto"``, or one of ``effbert.ops``
+    backends); patching again changes only the backend. ``output_attentions=True`` on a call gives
+    that call's attention probabilities from transformers' eager attention (transformers refuses
+    ``config.output_attentions = True`` on a model whose implementation is not eager; a config that
+    already has it is honoured). Raises ``TypeError`` for a non-module, ``ValueError`` for an
+    unknown backend, a decoder BERT or a module without BERT self-attention. transformers 5.17 and
+    later (effbert's range) have both interfaces."""
     _transformers()
-    from transformers.models.bert.modeling_bert import BertAttention, BertSelfAttention
+    from transformers.models.bert.modeling_bert import BertSelfAttention
 
     if not isinstance(hf_model, nn.Module):
         raise TypeError(f"hf_model must be an HF BERT model, got {type(hf_model).__name__}")
@@ -400,29 +394,25 @@ def patch_bert_attention(hf_model, *, backend="auto"):
         raise ValueError(f"backend must be one of {('auto',) + BACKENDS}, got {backend!r}")
     if getattr(getattr(hf_model, "config", None), "is_decoder", False):
         raise ValueError("hf_model is a decoder (causal) BERT; effbert's patched attention is bidirectional")
-    masks = _MaskConverter()  # one per model: every layer of a forward shares the conversion
-    cls = _patched_class()
-    patched = 0
-    for module in hf_model.modules():
-        if isinstance(module, BertAttention) and not getattr(module, "is_cross_attention", False):
-            if isinstance(module.self, EffbertBertSelfAttention):  # patched before: the backend only
-                module.self.backend = backend
-                patched += 1
-            elif isinstance(module.self, BertSelfAttention):
-                module.self = cls(module.self, masks, backend=backend)
-                patched += 1
-    if not patched:
+    layers = [m for m in hf_model.modules() if isinstance(m, BertSelfAttention)]
+    if not layers:
         raise ValueError(f"hf_model ({type(hf_model).__name__}) has no BERT self-attention to patch")
+    if any(getattr(m.config, "is_decoder", False) for m in layers):
+        raise ValueError("hf_model holds a decoder (causal) BERT; effbert's patched attention is "
+                         "bidirectional")
+    _register()
+    for module in layers:
+        module.effbert_backend = _Backend(backend)
+        module.config._attn_implementation = ATTN_IMPLEMENTATION  # the model's own config object
     return hf_model
 
 
 # ---- multi-exit fine-tuning of an HF BERT ----
 
-MULTI_EXIT_LOSSES = ("romebert", "pabee", "deebert")
 EXIT_POOLERS = ("copy", "shared")
 
 
-class MultiExitBert(nn.Module):
+class MultiExitBert(MultiExitMixin, nn.Module):
     """An HF BERT with an off-ramp after every layer; build it with ``multi_exit_bert``.
 
     ``embeddings`` is the HF model's ``BertEmbeddings`` and ``encoder.layers[i].layer`` its ``encoder.layer[i]``
@@ -431,12 +421,14 @@ class MultiExitBert(nn.Module):
 
     - ``forward(input_ids, attention_mask=None, token_type_ids=None, labels=None)`` ->
       ``MultiExitSequenceClassifierOutput(loss, logits [B, C] (the last exit's), exit_logits
-      [L, B, C])``. With integer ``labels [B]`` the loss is RomeBERT's
-      self-distillation loss (``loss="romebert"``, ``gamma``, ``temperature``), PABEE's layer-weighted
-      cross-entropy (``loss="pabee"``) or DeeBERT's loss of the current ``stage`` (``loss="deebert"``, see
-      ``set_stage``). A one-output head (``num_labels=1``) is a regression head: float ``labels``, mean squared
-      error as HF does for ``num_labels == 1`` (PABEE's layer-weighted MSE for "romebert" and "pabee", DeeBERT's
-      per-stage MSE for "deebert"). ``gradient_equilibrium=True``: RomeBERT's ``--ge`` on the exits' logits.
+      [L, B, C])``. With integer ``labels [B]`` the loss (``effbert.models.multi_exit.exit_loss``,
+      settings from the constructor) is RomeBERT's self-distillation loss (``loss="romebert"``,
+      ``gamma``, ``temperature``), PABEE's layer-weighted cross-entropy (``loss="pabee"``) or
+      DeeBERT's loss of the current stage (``loss="deebert"``, see ``set_deebert_stage``). A
+      one-output head (``num_labels=1``) is a regression head: float ``labels``, mean squared error
+      as HF does for ``num_labels == 1`` (PABEE's layer-weighted MSE for "romebert" and "pabee",
+      DeeBERT's per-stage MSE for "deebert"). ``gradient_equilibrium=True``: RomeBERT's ``--ge`` on
+      the exits' logits.
     - ``early_exit(input_ids, attention_mask=None, token_type_ids=None, *, criterion, threshold=None,
       patience=None)`` -> ``(logits [B, C], exit_layer [B] int64, 1-based)``: batched early exit, each sample
       exactly what it gets alone. ``threshold=0`` (entropy) / ``patience=0``: full depth.
@@ -449,10 +441,9 @@ class MultiExitBert(nn.Module):
         self.encoder = MultiExitEncoder([BertLayerAdapter(layer) for layer in layers], heads)
         self.hf_config = hf_config
         self.backend = backend
-        _check_loss_args(loss, gamma, temperature)
+        check_exit_loss_settings(loss, gamma, temperature, bool(gradient_equilibrium))
         self.loss_type, self.gamma, self.temperature = loss, gamma, temperature
         self.gradient_equilibrium = bool(gradient_equilibrium)
-        self.stage = 1
 
     @property
     def depth(self):
@@ -462,22 +453,21 @@ class MultiExitBert(nn.Module):
     def num_labels(self):
         return self.encoder.heads[-1].classifier.out_features
 
+    def exit_loss_settings(self):
+        return dict(loss=self.loss_type, gamma=self.gamma, temperature=self.temperature,
+                    gradient_equilibrium=self.gradient_equilibrium, backend=self.backend)
+
+    def deebert_parts(self):
+        return [self.embeddings, self.encoder.layers], self.encoder.heads
+
+    @property
+    def stage(self):
+        """DeeBERT's current stage (``deebert_stage``)."""
+        return self.deebert_stage
+
     def set_stage(self, stage):
-        """DeeBERT's training stage: 1 trains everything on the last exit's loss; 2 freezes the embeddings, the
-        layers and the last off-ramp (``requires_grad_(False)``) and trains the other off-ramps on the sum of their
-        losses. Returns ``self``. Raises ``ValueError`` for a stage other than 1 or 2."""
-        if isinstance(stage, bool) or stage not in (1, 2):
-            raise ValueError(f"stage must be 1 or 2, got {stage!r}")
-        frozen = stage == 2
-        last = self.encoder.heads[-1]
-        for mod in (self.embeddings, self.encoder.layers, last):
-            mod.requires_grad_(not frozen)
-        for head in list(self.encoder.heads)[:-1]:
-            for name, p in head.named_parameters():
-                shared = any(p is q for q in last.parameters())  # a pooler shared with the last exit stays frozen
-                p.requires_grad_(not (frozen and shared))
-        self.stage = stage
-        return self
+        """``set_deebert_stage`` under its earlier name."""
+        return self.set_deebert_stage(stage)
 
     def _inputs(self, input_ids, attention_mask, token_type_ids):
         """Checks HF-style inputs; returns ``(hidden [B, N, Dm], attention mask [B, N] bool, True = real token, or
@@ -502,16 +492,8 @@ class MultiExitBert(nn.Module):
         _values_in_range("labels", labels, 0, self.num_labels)
 
     def compute_loss(self, exit_logits, labels):
-        """The training loss over every exit's logits ``[L, B, C]`` (float32 or wider)."""
-        x = exit_logits if exit_logits.dtype == torch.float64 else exit_logits.float()
-        ge = self.gradient_equilibrium
-        y = labels.to(x.dtype) if self.num_labels == 1 else labels.long()
-        if self.loss_type == "deebert":
-            return deebert_loss(x, y, self.stage, gradient_equilibrium=ge)
-        if self.loss_type == "pabee" or self.num_labels == 1:
-            return pabee_loss(x, y, gradient_equilibrium=ge)
-        return multi_exit_distillation_loss(x, y, gamma=self.gamma, temperature=self.temperature,
-                                            gradient_equilibrium=ge, backend=self.backend)
+        """The training loss over every exit's logits ``[L, B, C]`` (``compute_exit_loss``)."""
+        return self.compute_exit_loss(exit_logits, labels)
 
     def forward(self, input_ids, attention_mask=None, token_type_ids=None, labels=None):
         hidden, real = self._inputs(input_ids, attention_mask, token_type_ids)
@@ -531,16 +513,6 @@ class MultiExitBert(nn.Module):
                                        patience=patience, backend=self.backend)
 
 
-def _check_loss_args(loss, gamma, temperature):
-    if loss not in MULTI_EXIT_LOSSES:
-        raise ValueError(f"loss must be one of {MULTI_EXIT_LOSSES}, got {loss!r}")
-    if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not 0.0 <= gamma <= 1.0:
-        raise ValueError(f"gamma must be a float in [0, 1], got {gamma!r}")
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature > 0 \
-            or not temperature < float("inf"):
-        raise ValueError(f"temperature must be a finite float > 0, got {temperature!r}")
-
-
 def multi_exit_bert(hf_model, num_labels=None, *, dropout=None, backend="auto", loss="romebert", gamma=0.9,
                     temperature=3.0, gradient_equilibrium=False, exit_pooler="copy"):
     """Wrap an HF ``BertModel`` or ``BertForSequenceClassification`` for early-exit fine-tuning and inference.
@@ -556,9 +528,10 @@ def multi_exit_bert(hf_model, num_labels=None, *, dropout=None, backend="auto", 
     classifier's outputs, else ``config.num_labels``); it must match a classifier the model already has; 1 is a
     regression head (float labels, MSE). ``dropout``: the off-ramps' dropout (default HF's ``classifier_dropout``,
     else ``hidden_dropout_prob``). ``loss``: ``"romebert"`` (gamma 0.9, temperature 3.0: RomeBERT's published
-    values), ``"pabee"`` or ``"deebert"`` (two stages, ``MultiExitBert.set_stage``). ``gradient_equilibrium``:
-    RomeBERT's ``--ge``. ``backend``: for the exit decisions and the loss. The result is in the model's train/eval
-    mode, device and dtype. Errors name the argument (``ValueError``/``TypeError``).
+    values), ``"pabee"`` or ``"deebert"`` (two stages, ``MultiExitBert.set_deebert_stage``).
+    ``gradient_equilibrium``: RomeBERT's ``--ge``. ``backend``: for the exit decisions and the loss.
+    The result is in the model's train/eval mode, device and dtype. Errors name the argument
+    (``ValueError``/``TypeError``).
     """
     _transformers()
     from transformers.models.bert.modeling_bert import BertForSequenceClassification, BertModel
@@ -589,7 +562,10 @@ def multi_exit_bert(hf_model, num_labels=None, *, dropout=None, backend="auto", 
         raise ValueError(f"backend must be one of {('auto',) + BACKENDS}, got {backend!r}")
     if exit_pooler not in EXIT_POOLERS:
         raise ValueError(f"exit_pooler must be one of {EXIT_POOLERS}, got {exit_pooler!r}")
-    _check_loss_args(loss, gamma, temperature)
+    if not isinstance(gradient_equilibrium, bool):
+        raise TypeError(f"gradient_equilibrium must be a bool, got "
+                        f"{type(gradient_equilibrium).__name__}")
+    check_exit_loss_settings(loss, gamma, temperature, gradient_equilibrium)
     layers = list(bert.encoder.layer)
     ref = next(bert.parameters())
     std = float(getattr(cfg, "initializer_range", 0.02))

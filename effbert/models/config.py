@@ -16,6 +16,7 @@ FIELDS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads
           "layer_norm_eps", "position_layer_norm_eps", "hidden_act", "initializer_range", "pad_token_id",
           "position_mode", "num_buckets", "max_distance", "untie_cls", "num_labels", "backend", "multi_exit",
           "shared_exit_pooler", "unpad_inputs", "classifier_dropout",
+          "exit_loss", "exit_loss_gamma", "exit_loss_temperature", "exit_gradient_equilibrium",
           "tnf_num_notes", "tnf_window", "tnf_gamma", "tnf_lam")
 
 
@@ -54,6 +55,14 @@ class TupeBertConfig(PretrainedConfig):
     TNF: ``tnf_num_notes`` (None: no note dictionary) and ``tnf_window`` / ``tnf_gamma`` / ``tnf_lam`` describe the
     masked-LM model's ``NoteDictionary``, so ``from_pretrained`` rebuilds it and loads the saved notes.
 
+    Multi-exit training (``effbert.models.multi_exit``; the model owns its loss, as transformers
+    models do): ``exit_loss`` names the loss ``model(..., labels=...)`` returns: ``"romebert"``
+    (self-distillation with ``exit_loss_gamma`` 0.9 and ``exit_loss_temperature`` 3.0, RomeBERT's
+    published values), ``"pabee"`` or ``"deebert"`` (of the model's stage, ``set_deebert_stage``);
+    None (default) is each head's published loss: RomeBERT's for sequence classification, Li et
+    al.'s joint loss (PABEE's layer weights) for token classification.
+    ``exit_gradient_equilibrium``: RomeBERT's ``--ge``.
+
     ``classifier_dropout`` (transformers' name): the dropout before the token classifiers of
     ``TupeBertForTokenClassification`` (None: ``hidden_dropout_prob``; Li et al.'s published code uses 0.3).
 
@@ -70,7 +79,8 @@ class TupeBertConfig(PretrainedConfig):
                  hidden_act="gelu", initializer_range=0.02, pad_token_id=0, position_mode="tupe-r", num_buckets=32,
                  max_distance=128, untie_cls=True, num_labels=None, backend="auto", multi_exit=False,
                  shared_exit_pooler=False, unpad_inputs=True, tnf_num_notes=None, tnf_window=16, tnf_gamma=0.1, tnf_lam=0.5,
-                 classifier_dropout=None, **kwargs):
+                 classifier_dropout=None, exit_loss=None, exit_loss_gamma=0.9,
+                 exit_loss_temperature=3.0, exit_gradient_equilibrium=False, **kwargs):
         for name, value in (("vocab_size", vocab_size), ("hidden_size", hidden_size),
                             ("num_hidden_layers", num_hidden_layers), ("num_attention_heads", num_attention_heads),
                             ("intermediate_size", intermediate_size),
@@ -105,6 +115,18 @@ class TupeBertConfig(PretrainedConfig):
                             ("unpad_inputs", unpad_inputs)):
             if not isinstance(value, bool):
                 raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+        from .multi_exit import EXIT_LOSSES
+
+        if exit_loss is not None and exit_loss not in EXIT_LOSSES:
+            raise ValueError(f"exit_loss must be None or one of {EXIT_LOSSES}, got {exit_loss!r}")
+        if isinstance(exit_loss_gamma, bool) or not isinstance(exit_loss_gamma, (int, float)) \
+                or not 0.0 <= exit_loss_gamma <= 1.0:
+            raise ValueError(f"exit_loss_gamma must be a real number in [0, 1], got "
+                             f"{exit_loss_gamma!r}")
+        _positive_float("exit_loss_temperature", exit_loss_temperature)
+        if not isinstance(exit_gradient_equilibrium, bool):
+            raise TypeError(f"exit_gradient_equilibrium must be a bool, got "
+                            f"{type(exit_gradient_equilibrium).__name__}")
         if isinstance(pad_token_id, bool) or not isinstance(pad_token_id, int) or not 0 <= pad_token_id < vocab_size:
             raise ValueError(f"pad_token_id must be an int in [0, vocab_size), got {pad_token_id!r}")
         from ..ops._dispatch import BACKENDS
@@ -139,6 +161,10 @@ class TupeBertConfig(PretrainedConfig):
         self.multi_exit = multi_exit
         self.shared_exit_pooler = shared_exit_pooler
         self.unpad_inputs = unpad_inputs
+        self.exit_loss = exit_loss
+        self.exit_loss_gamma = exit_loss_gamma
+        self.exit_loss_temperature = exit_loss_temperature
+        self.exit_gradient_equilibrium = exit_gradient_equilibrium
         self.tnf_num_notes = tnf_num_notes
         self.tnf_window = tnf_window
         self.tnf_gamma = tnf_gamma

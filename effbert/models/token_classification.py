@@ -19,6 +19,7 @@ from torch import nn
 from transformers.modeling_outputs import TokenClassifierOutput
 
 from ..ops import exit_entropy, token_exit_decision
+from .multi_exit import MultiExitMixin
 from .tupe_bert import (TupeBertModel, TupeBertPreTrainedModel, _as_requested, _check_ids, _check_labels,
                         _values_in_range)
 
@@ -94,7 +95,7 @@ def _cu(counts):
     return F.pad(counts.cumsum(0, dtype=torch.int32), (1, 0))
 
 
-class TupeBertForTokenClassification(TupeBertPreTrainedModel):
+class TupeBertForTokenClassification(MultiExitMixin, TupeBertPreTrainedModel):
     """Dropout and a linear classifier over ``config.num_labels`` on every token's final state, or, with
     ``config.multi_exit``, one such classifier after every layer (``exits``), as Li et al. (ACL 2021) train them.
 
@@ -103,8 +104,11 @@ class TupeBertForTokenClassification(TupeBertPreTrainedModel):
     (every word piece but a word's first, [CLS], [SEP], padding; a label at a padded slot is no target). Returns
     ``TokenClassifierOutput(loss, logits [B, N, C], hidden_states)``; with ``multi_exit``
     ``MultiExitTokenClassifierOutput`` with ``exit_logits [L, B, N, C]`` and ``logits`` the last layer's, and the
-    loss ``multi_exit_token_loss`` (the published joint loss, weights ``i + 1``). Without multi-exit the loss is
-    the cross-entropy of the one classifier. The layers run on the packed real tokens.
+    loss ``multi_exit_token_loss`` (the published joint loss, weights ``i + 1``: PABEE's, the
+    default ``config.exit_loss``), or, for another ``config.exit_loss`` (``"romebert"``,
+    ``"deebert"`` of the stage ``set_deebert_stage`` set) or with ``exit_gradient_equilibrium``,
+    ``effbert.models.multi_exit.exit_loss`` over the labelled tokens as a batch. Without multi-exit
+    the loss is the cross-entropy of the one classifier. The layers run on the packed real tokens.
 
     ``early_exit_token_labels(...)``: batched SENTEE / TOKEE inference (see there).
     """
@@ -126,6 +130,28 @@ class TupeBertForTokenClassification(TupeBertPreTrainedModel):
             self.classifier = nn.Linear(config.hidden_size, config.num_labels)
         self.post_init()
 
+    def exit_loss_settings(self):
+        c = self.config
+        return dict(loss=c.exit_loss or "pabee", gamma=c.exit_loss_gamma,
+                    temperature=c.exit_loss_temperature,
+                    gradient_equilibrium=c.exit_gradient_equilibrium, backend=c.backend)
+
+    def deebert_parts(self):
+        if self.exits is None:
+            raise ValueError("the model has no per-layer classifiers: build it with "
+                             "config.multi_exit=True")
+        return [self.bert], self.exits
+
+    def _token_loss(self, packed, labels):
+        """The loss of the per-layer logits ``packed [L, T, C]`` at the packed tokens'
+        ``labels [T]`` (-100: none)."""
+        settings = self.exit_loss_settings()
+        joint = settings["loss"] == "pabee" and not settings["gradient_equilibrium"]
+        if self.exits is None or joint:  # the published joint loss (ignore_index -100)
+            return multi_exit_token_loss(packed, labels)
+        keep = labels != -100  # the labelled tokens as the batch of every exit
+        return self.compute_exit_loss(packed[:, keep], labels[keep])
+
     def _check_token_labels(self, labels, shape, device):
         _check_labels(labels, shape, device, "[B, N]")
         _check_ids("labels", labels, None)
@@ -145,7 +171,7 @@ class TupeBertForTokenClassification(TupeBertPreTrainedModel):
             packed = self.classifier(self.dropout(hidden))[None]
         loss = None
         if labels is not None:
-            loss = multi_exit_token_loss(packed, packing.gather(labels).long())
+            loss = self._token_loss(packed, packing.gather(labels).long())
         logits = torch.stack([packing.pad(z) for z in packed])
         states = tuple(packing.pad(t) for t in states) if output_hidden_states else None
         if self.exits is None:

@@ -34,13 +34,13 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.modeling_outputs import MaskedLMOutput as _MaskedLMOutput
 from transformers.modeling_outputs import SequenceClassifierOutput
 
-from ..losses import multi_exit_distillation_loss, pabee_loss
 from ..nn import ExitHead, MultiExitEncoder, NoteDictionary, TupePositionBias, TupeSelfAttention
 from ..ops import t5_relative_buckets
 from ..ops._checks import as_bool_attention_mask
 from ..ops import early_exit as ee_ops
 from ..ops._dispatch import BACKENDS
 from .config import TupeBertConfig
+from .multi_exit import MultiExitMixin
 from .packing import Packing, unpad_input
 
 __all__ = ["TupeBertConfig", "TupeBertPreTrainedModel", "TupeBertModel", "TupeBertForMaskedLM",
@@ -632,7 +632,7 @@ class _ExitLayer(nn.Module):
         return self.layer(hidden, pos_bias=self.pos_bias, attention_mask=attention_mask)
 
 
-class TupeBertForSequenceClassification(TupeBertPreTrainedModel):
+class TupeBertForSequenceClassification(MultiExitMixin, TupeBertPreTrainedModel):
     """Pooler, dropout, a linear classifier over ``config.num_labels``. ``labels [B]``: class indices with
     cross-entropy (-100 ignored), or float targets with mean squared error when ``num_labels == 1``.
 
@@ -641,9 +641,11 @@ class TupeBertForSequenceClassification(TupeBertPreTrainedModel):
     With ``config.multi_exit``: an off-ramp (``ExitHead``: pooler and classifier) after every layer and no separate
     pooler (``config.shared_exit_pooler``: one pooler shared by every off-ramp, as PABEE). ``forward`` returns
     ``MultiExitSequenceClassifierOutput``: ``exit_logits [L, B, C]`` (every exit) and ``logits`` the last exit's;
-    with labels the loss is RomeBERT's self-distillation loss (``multi_exit_distillation_loss``, gamma 0.9, T 3), or
-    PABEE's weighted MSE for ``num_labels == 1``. ``init_exit_poolers`` starts every off-ramp from a checkpoint's
-    pooler. ``early_exit`` runs batched early-exit inference.
+    with labels the loss the config names (``effbert.models.multi_exit.exit_loss``; by default
+    RomeBERT's self-distillation loss, gamma 0.9, T 3, or PABEE's weighted MSE for
+    ``num_labels == 1``). ``set_deebert_stage`` freezes for DeeBERT's second stage.
+    ``init_exit_poolers`` starts every off-ramp from a checkpoint's pooler. ``early_exit`` runs
+    batched early-exit inference.
     """
 
     # a masked-LM checkpoint (fine-tuning starts from one) holds the MLM head and TNF's notes, which serve pretraining
@@ -679,6 +681,17 @@ class TupeBertForSequenceClassification(TupeBertPreTrainedModel):
         with torch.no_grad():
             for head in self.exits:
                 head.pooler.load_state_dict(pooler_state)
+
+    def exit_loss_settings(self):
+        c = self.config
+        return dict(loss=c.exit_loss or "romebert", gamma=c.exit_loss_gamma,
+                    temperature=c.exit_loss_temperature,
+                    gradient_equilibrium=c.exit_gradient_equilibrium, backend=c.backend)
+
+    def deebert_parts(self):
+        if self.exits is None:
+            raise ValueError("the model has no off-ramps: build it with config.multi_exit=True")
+        return [self.bert], self.exits
 
     def multi_exit_encoder(self, pos_bias):
         """The layers and off-ramps as a ``MultiExitEncoder`` with ``pos_bias`` bound to every layer (built per call:
@@ -729,14 +742,12 @@ class TupeBertForSequenceClassification(TupeBertPreTrainedModel):
         states = tuple(packing.pad(t) for t in states) if output_hidden_states else None
         loss = None
         if labels is not None:
-            if self.config.num_labels == 1:
-                loss = pabee_loss(exit_logits.float(), labels.float())
-            else:
-                # a host read, like the other value checks not made while torch.compile traces (one graph)
-                if not torch.compiler.is_compiling() and bool((labels == -100).any()):
-                    raise ValueError("labels must not hold -100 with config.multi_exit (the distillation loss "
-                                     "averages over every sample)")
-                loss = multi_exit_distillation_loss(exit_logits.float(), labels.long(), backend=self.config.backend)
+            # a host read, like the other value checks not made while torch.compile traces
+            classes = self.config.num_labels > 1
+            if classes and not torch.compiler.is_compiling() and bool((labels == -100).any()):
+                raise ValueError("labels must not hold -100 with config.multi_exit (the exit "
+                                 "losses average over every sample)")
+            loss = self.compute_exit_loss(exit_logits, labels)
         return MultiExitSequenceClassifierOutput(loss=loss, logits=exit_logits[-1], exit_logits=exit_logits,
                                                  hidden_states=states)
 

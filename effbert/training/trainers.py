@@ -38,6 +38,8 @@ import inspect
 import torch
 from transformers import Trainer, TrainerCallback
 
+from ..models.multi_exit import EXIT_LOSSES
+
 __all__ = ["PretrainingTrainer", "StopOnNonFinite", "NonFiniteError", "MC_METRICS", "MultiExitTrainer", "EXIT_LOSSES"]
 
 MC_METRICS = ("mlm_loss", "mc_loss", "mc_accuracy", "mc_replaced_accuracy", "replaced_fraction",
@@ -273,93 +275,93 @@ class PretrainingTrainer(Trainer):
 
 # ------------------------------------------------------------------------------------------------ early exit
 
-EXIT_LOSSES = ("romebert", "pabee", "deebert")
-
-
 class MultiExitTrainer(Trainer):
     """A ``transformers.Trainer`` for a multi-exit classifier (``TupeBertForSequenceClassification`` with
-    ``config.multi_exit``): the early-exit loss over every exit's logits is its ``compute_loss``, and RomeBERT's
-    gradient regularization, which needs two backward passes, its ``training_step``.
+    ``config.multi_exit``) that adds what a plain ``Trainer`` cannot do: RomeBERT's gradient
+    regularization, which needs two backward passes (``training_step``). The loss is the model's
+    own, as for any transformers model: ``model(..., labels=...)`` returns the loss its config names
+    (``effbert.models.multi_exit``: RomeBERT's self-distillation, PABEE's layer-weighted loss or
+    DeeBERT's loss of the model's stage); this Trainer only divides it over the micro-batches of a
+    step.
 
-    ``loss``: ``"romebert"`` (``multi_exit_distillation_loss``: RomeBERT's self-distillation, ``gamma`` 0.9 and
-    ``temperature`` 3 as published), ``"pabee"`` (PABEE's layer-weighted loss) or ``"deebert"`` (DeeBERT's loss of
-    ``stage`` 1 or 2; for stage 2 set ``requires_grad_(False)`` on the backbone and the last exit before building
-    the Trainer, whose optimizer holds the trainable weights only). A one-output model (``num_labels == 1``) trains on
-    PABEE's layer-weighted mean squared error (DeeBERT's per-stage MSE with ``"deebert"``).
-    ``gradient_equilibrium``: RomeBERT's ``--ge`` (exit i's gradient scaled by 1/(L - i)).
-    ``grad_reg``: RomeBERT's ``--gp`` (``effbert.losses.gradient_regularized_backward``, one projection of the
-    concatenated gradients of every layer but the last; ``project`` "others" or "final"); classification with
-    ``loss="romebert"`` only, on one process (its two backward passes bypass data-parallel gradient averaging).
-    ``projected`` counts the steps whose gradients were projected (a device tensor: no host sync).
-    Batches are ``input_ids``, ``attention_mask`` and ``labels [B]`` (``DataCollatorWithPadding``'s).
-    Weight decay goes on matrices and embeddings only, as for ``PretrainingTrainer``.
-    Raises ``ValueError`` naming the argument for a value outside these. Sources: romebert/RomeBERT
+    ``loss``, ``gamma``, ``temperature``, ``gradient_equilibrium``: when given, set the model's
+    ``config.exit_loss``, ``exit_loss_gamma``, ``exit_loss_temperature``,
+    ``exit_gradient_equilibrium`` (None: the config's as they are). ``stage``: with the DeeBERT
+    loss, ``model.set_deebert_stage(stage)`` (stage 2 freezes the backbone and the last exit before
+    the optimizer, built by ``train``, collects the trainable weights); ignored for the other
+    losses. ``grad_reg``: RomeBERT's ``--gp`` (``effbert.losses.gradient_regularized_backward``, one
+    projection of the concatenated gradients of every layer but the last; ``project`` "others" or
+    "final"); classification with the ``"romebert"`` loss only, on one process (its two backward
+    passes bypass data-parallel gradient averaging). ``projected`` counts the steps whose gradients
+    were projected (a device tensor: no host sync). ``exit_loss``: the model's loss settings (a
+    dict, read from the model). Batches are ``input_ids``, ``attention_mask`` and ``labels [B]``
+    (``DataCollatorWithPadding``'s). Weight decay goes on matrices and embeddings only, as for
+    ``PretrainingTrainer``. Raises ``ValueError`` / ``TypeError`` naming the argument for a value
+    outside these, before changing the model. Sources: romebert/RomeBERT
     (``new_run_highway_glue.py``), JetRunner/PABEE, castorini/DeeBERT.
     """
 
-    def __init__(self, *args, loss="romebert", gamma=0.9, temperature=3.0, gradient_equilibrium=False, stage=1,
-                 grad_reg=False, project="others", **kwargs):
+    def __init__(self, *args, loss=None, gamma=None, temperature=None, gradient_equilibrium=None,
+                 stage=None, grad_reg=False, project="others", **kwargs):
         from ..losses import PROJECT_SIDES
+        from ..models.multi_exit import check_deebert_stage, check_exit_loss_settings
 
-        if loss not in EXIT_LOSSES:
-            raise ValueError(f"loss must be one of {EXIT_LOSSES}, got {loss!r}")
-        if not 0 <= gamma <= 1:
-            raise ValueError(f"gamma must be in [0, 1], got {gamma!r}")
-        if not temperature > 0:
-            raise ValueError(f"temperature must be > 0, got {temperature!r}")
-        if stage not in (1, 2):
-            raise ValueError(f"stage must be 1 or 2, got {stage!r}")
-        if project not in PROJECT_SIDES:
-            raise ValueError(f"project must be one of {PROJECT_SIDES}, got {project!r}")
-        for name, value in (("gradient_equilibrium", gradient_equilibrium), ("grad_reg", grad_reg)):
-            if not isinstance(value, bool):
-                raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
         model = kwargs.get("model", args[0] if args else None)
         config = getattr(model, "config", None)
-        if not getattr(config, "multi_exit", False) or getattr(_unwrap(model), "exits", None) is None:
+        core = _unwrap(model)
+        given = dict(exit_loss=loss, exit_loss_gamma=gamma, exit_loss_temperature=temperature,
+                     exit_gradient_equilibrium=gradient_equilibrium)
+        given = {k: v for k, v in given.items() if v is not None}
+        # every argument is checked before the model's config or parameters change
+        if given:
+            check_exit_loss_settings("romebert" if loss is None else loss,
+                                     0.9 if gamma is None else gamma,
+                                     3.0 if temperature is None else temperature,
+                                     given.get("exit_gradient_equilibrium", False))
+        if stage is not None:
+            check_deebert_stage(stage)
+        if project not in PROJECT_SIDES:
+            raise ValueError(f"project must be one of {PROJECT_SIDES}, got {project!r}")
+        if not isinstance(grad_reg, bool):
+            raise TypeError(f"grad_reg must be a bool, got {type(grad_reg).__name__}")
+        if not getattr(config, "multi_exit", False) or getattr(core, "exits", None) is None:
             raise ValueError("model must be a multi-exit classifier (config.multi_exit=True)")
-        if grad_reg and (loss != "romebert" or config.num_labels == 1):
+        effective = given.get("exit_loss", config.exit_loss) or "romebert"
+        if grad_reg and (effective != "romebert" or config.num_labels == 1):
             raise ValueError("grad_reg goes with loss='romebert' and a classification head")
         super().__init__(*args, **kwargs)
         if grad_reg and self.args.world_size > 1:
             raise ValueError("grad_reg runs on one process: its two backward passes bypass data-parallel gradient "
                              "averaging")
-        self.exit_loss = dict(loss=loss, gamma=gamma, temperature=temperature, ge=gradient_equilibrium,
-                              stage=stage, regression=config.num_labels == 1,
-                              # the fused loss has a Triton kernel and the eager path: the C++ backends the model
-                              # may run on (cpu, cuda) leave the loss to the dispatcher
-                              backend=config.backend if config.backend in ("eager", "triton") else "auto")
+        for key, value in given.items():
+            setattr(config, key, value)
+        if stage is not None and effective == "deebert":
+            core.set_deebert_stage(stage)
         self.grad_reg, self.project = grad_reg, project
         self.projected = None
+
+    @property
+    def exit_loss(self):
+        """The model's loss settings: ``loss``, ``gamma``, ``temperature``,
+        ``gradient_equilibrium``, ``backend`` and DeeBERT's ``stage``."""
+        core = _unwrap(self.model)
+        return dict(core.exit_loss_settings(), stage=core.deebert_stage)
 
     def get_decay_parameter_names(self, model):
         # never on biases, LayerNorm gains or TUPE's per-head [CLS] scalars (Trainer's default rule decays those)
         return [n for n, p in model.named_parameters() if p.dim() >= 2]
 
-    def _losses(self, model, inputs):
-        """``(loss, every exit's logits [L, B, C] float32, labels)`` of one batch."""
-        from ..losses import deebert_loss, multi_exit_distillation_loss, pabee_loss
-
-        e = self.exit_loss
-        inputs = dict(inputs)
-        labels = inputs.pop("labels")
-        z = model(**inputs).exit_logits.float()
-        if e["loss"] == "deebert":
-            loss = deebert_loss(z, labels, e["stage"], gradient_equilibrium=e["ge"])
-        elif e["loss"] == "pabee" or e["regression"]:  # a regression head: PABEE's layer-weighted MSE
-            loss = pabee_loss(z, labels, gradient_equilibrium=e["ge"])
-        else:
-            loss = multi_exit_distillation_loss(z, labels, gamma=e["gamma"], temperature=e["temperature"],
-                                                gradient_equilibrium=e["ge"], backend=e["backend"])
-        return loss, z, labels
-
     # compute_loss returns each micro-batch's mean divided by the step's micro-batch count, as Trainer would divide it
     loss_is_scaled_for_ga = True
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        loss, z, _ = self._losses(model, inputs)
+        outputs = model(**inputs)  # the model's own loss, from the labels in the batch
+        loss = outputs["loss"]
+        if loss is None:
+            raise ValueError("the model returned no loss: the batch needs labels")
         if model.training:
             loss = _undo_trainer_division(self, loss / self.current_gradient_accumulation_steps, num_items_in_batch)
+        z = outputs["exit_logits"]
         return (loss, {"logits": z[-1], "exit_logits": z}) if return_outputs else loss
 
     def training_step(self, model, inputs, num_items_in_batch=None):
@@ -370,10 +372,11 @@ class MultiExitTrainer(Trainer):
         model.train()
         inputs = self._prepare_inputs(inputs)
         with self.compute_loss_context_manager():
-            loss, z, labels = self._losses(model, inputs)
+            outputs = model(**inputs)
+            loss, z = outputs["loss"], outputs["exit_logits"].float()
             # the teacher is detached, so the last exit's only term is its cross-entropy: the rest is the others'
             # (gradient equilibrium scales the last exit by 1: its cross-entropy is the same either way)
-            final = torch.nn.functional.cross_entropy(z[-1], labels)
+            final = torch.nn.functional.cross_entropy(z[-1], inputs["labels"])
         # as Trainer does: the mean over the step's micro-batches, and fp16's loss scale (the projection coefficient
         # is the same for any common factor of both sides)
         scale = 1.0 / self.current_gradient_accumulation_steps
