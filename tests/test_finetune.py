@@ -209,14 +209,16 @@ def test_every_off_ramp_starts_from_the_checkpoint_pooler(hf_dir):
 def test_deebert_stage_two_leaves_backbone_and_final_classifier_alone(hf_dir, data, tmp_path, monkeypatch):
     """Stage 2 changes the off-ramps only: the backbone and the final exit are those stage 1 left."""
     after_stage1 = {}
-    real_stage = finetune_run.set_deebert_stage
+    from effbert.models.multi_exit import MultiExitMixin
+
+    real_stage = MultiExitMixin.set_deebert_stage
 
     def spy(model, stage):
         if stage == 2:
             after_stage1.update({k: v.clone() for k, v in model.state_dict().items()})
-        real_stage(model, stage)
+        return real_stage(model, stage)
 
-    monkeypatch.setattr(finetune_run, "set_deebert_stage", spy)
+    monkeypatch.setattr(MultiExitMixin, "set_deebert_stage", spy)
     out = tmp_path / "run"
     assert cli.main(args(hf_dir, data, out, "--max-steps", "4", "--loss", "deebert")) == 0
     final = loading.load_finetuned(out, backend="eager")[0].state_dict()

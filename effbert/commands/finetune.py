@@ -23,7 +23,7 @@ from .settings import fail_if, option, parser, stderr_is_terminal
 from ..models.loading import load_finetuned  # noqa: F401  (the public loader, where it was)
 from ..training.run_folder import default_backend
 
-LOSSES = ("romebert", "pabee", "deebert")
+from ..models.multi_exit import EXIT_LOSSES as LOSSES
 PROJECT = ("others", "final")
 CRITERIA = ("entropy", "max_prob", "patience")
 DEFAULT_PER_DEVICE_BATCH, DEFAULT_WARMUP_RATIO = 32, 0.1

@@ -295,18 +295,6 @@ def save(s, model, tokenizer, labels, record, log):
 # ----------------------------------------------------------------------------------------- training
 
 
-def set_deebert_stage(model, stage):
-    """DeeBERT's stage 2 freezes the backbone and the final classifier: only the other off-ramps
-    learn."""
-    frozen = stage == 2
-    model.bert.requires_grad_(not frozen)
-    last = model.exits[-1]
-    last.requires_grad_(not frozen)
-    for head in list(model.exits)[:-1]:
-        for p in head.parameters():
-            p.requires_grad_(not (frozen and any(p is q for q in last.parameters())))
-
-
 def loss_lines(s, log):
     """The summary line every --logging-steps steps and the stop on a non-finite loss, as a
     ``TrainerCallback`` (Trainer logs every step: its log history holds each step's loss, also
@@ -470,7 +458,7 @@ def train(s, model, tokenizer, train_ds, device, log):
     for stage in ([1, 2] if s.loss == "deebert" else [1]):
         folder = root if s.loss != "deebert" else os.path.join(root, f"stage-{stage}")
         if s.loss == "deebert":
-            set_deebert_stage(model, stage)
+            model.set_deebert_stage(stage)
             log("DeeBERT stage 1: the backbone and the final classifier on the last exit's loss"
                 if stage == 1 else
                 "DeeBERT stage 2: backbone and final classifier frozen, the off-ramps on the sum "
@@ -482,7 +470,7 @@ def train(s, model, tokenizer, train_ds, device, log):
                 continue
         losses += train_stage(s, model, tokenizer, train_ds, folder, device, stage, log)
     if s.loss == "deebert":
-        set_deebert_stage(model, 1)  # unfrozen again for whoever trains it next
+        model.set_deebert_stage(1)  # unfrozen again for whoever trains it next
     for folder in (os.path.join(root, "stage-1"), os.path.join(root, "stage-2"), root):
         if os.path.isdir(folder) and not os.listdir(folder):
             os.rmdir(folder)  # Trainer makes its output folder even when it keeps no checkpoint
