@@ -1,7 +1,8 @@
 """EarlyBERT (effbert.models.early_bird, effbert.training.early_bird) against its authors' code
-(VITA-Group/EarlyBERT, finetune/): the pruned model equals the masked unpruned one (float64, absolute and TUPE
-positions), the draw equals the published quantile rule, the head coefficient's gradient equals autograd of the
-published form (probabilities scaled before ``@ V``), the L1 term's gradient, and the early-bird stop."""
+(VITA-Group/EarlyBERT, finetune/): the pruned model equals the masked unpruned one (float64,
+absolute and TUPE positions), the draw equals the published quantile rule, the head coefficient's
+gradient equals autograd of the published form (probabilities scaled before ``@ V``), the L1 term's
+gradient, and the early-bird stop."""
 
 import math
 
@@ -17,13 +18,24 @@ L, H, D, INTER = 3, 4, 8, 24
 
 
 def small_config(position_mode, **kw):
-    return TupeBertConfig(vocab_size=40, hidden_size=H * D, num_hidden_layers=L, num_attention_heads=H,
-                          intermediate_size=INTER, max_position_embeddings=32, position_mode=position_mode,
-                          hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, backend="eager", **kw)
+    return TupeBertConfig(
+        vocab_size=40,
+        hidden_size=H * D,
+        num_hidden_layers=L,
+        num_attention_heads=H,
+        intermediate_size=INTER,
+        max_position_embeddings=32,
+        position_mode=position_mode,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+        backend="eager",
+        **kw
+    )
 
 
 def randomised(model, seed=0):
-    """Every parameter perturbed (biases, relative table and [CLS] scalars included, which start at 0)."""
+    """Every parameter perturbed (biases, relative table and [CLS] scalars included, which start at
+    0)."""
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in model.parameters():
@@ -41,21 +53,28 @@ def batch(seed=1):
 
 
 def ticket():
-    """Per-layer head sets that differ (head 3 kept by no layer; layer 2 keeps every head some layer uses)."""
-    heads = torch.tensor([[True, False, True, False], [False, True, False, False], [True, True, True, False]])
+    """Per-layer head sets that differ (head 3 kept by no layer; layer 2 keeps every head some layer
+    uses)."""
+    heads = torch.tensor(
+        [[True, False, True, False], [False, True, False, False], [True, True, True, False]]
+    )
     gen = torch.Generator().manual_seed(3)
     ffn = torch.rand(L, INTER, generator=gen) > 0.4
-    ffn[1] = False  # a layer may lose every neuron under the global rule: its FFN adds only the output bias
+    # a layer may lose every neuron under the global rule: its FFN adds only the output bias
+    ffn[1] = False
     return heads, ffn
 
 
 # ---------------------------------------------------------------- pruned == masked
 
+
 @pytest.mark.parametrize("unpad", [True, False])
 @pytest.mark.parametrize("position_mode", ["absolute", "tupe-a", "tupe-r"])
 def test_pruned_model_equals_masked_model(position_mode, unpad):
     torch.manual_seed(0)
-    model = randomised(TupeBertModel(small_config(position_mode, unpad_inputs=unpad)).double().eval())
+    model = randomised(
+        TupeBertModel(small_config(position_mode, unpad_inputs=unpad)).double().eval()
+    )
     ids, mask = batch()
     heads, ffn = ticket()
     eb.add_coefficients(model)
@@ -66,13 +85,17 @@ def test_pruned_model_equals_masked_model(position_mode, unpad):
     eb.prune_model(model, heads, ffn)
     with torch.no_grad():
         pruned = model(ids, attention_mask=mask)
-    torch.testing.assert_close(pruned.last_hidden_state, masked.last_hidden_state, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(
+        pruned.last_hidden_state, masked.last_hidden_state, rtol=1e-12, atol=1e-12
+    )
     torch.testing.assert_close(pruned.pooler_output, masked.pooler_output, rtol=1e-12, atol=1e-12)
-    # physically smaller: each pruned head takes 3*D*(H*D) + 3*D QKV weights and biases and D*(H*D) output
-    # columns; each pruned neuron H*D + 1 intermediate and H*D output weights
+    # physically smaller: each pruned head takes 3*D*(H*D) + 3*D QKV weights and biases and D*(H*D)
+    # output columns; each pruned neuron H*D + 1 intermediate and H*D output weights
     per_head = 4 * D * H * D + 3 * D
     removed = int((~heads).sum()) * per_head + int((~ffn).sum()) * (2 * H * D + 1)
-    if position_mode != "absolute":  # head 3 is used by no layer: its U^Q / U^K rows (and columns) go
+    if (
+        position_mode != "absolute"
+    ):  # head 3 is used by no layer: its U^Q / U^K rows (and columns) go
         removed += 2 * (D * H * D + D)
         removed += (model.position_encoder.cls_row is not None) * 2
         removed += model.config.num_buckets if position_mode == "tupe-r" else 0
@@ -84,7 +107,9 @@ def test_pruned_model_equals_masked_model(position_mode, unpad):
         assert layer.attention.head_coef is None and layer.ffn_coef is None
     if position_mode != "absolute":
         assert model.position_encoder.num_heads == 3
-        assert model.encoder.layers[2].attention.pos_heads is None  # keeps the whole union: no gather
+        assert (
+            model.encoder.layers[2].attention.pos_heads is None
+        )  # keeps the whole union: no gather
         assert model.encoder.layers[0].attention.pos_heads.tolist() == [0, 2]
     assert model.config.early_bird_ticket["heads"] == [[0, 2], [1], [0, 1, 2]]
 
@@ -101,14 +126,20 @@ def test_pruned_classifier_trains_and_matches_masked_gradients():
     eb.add_coefficients(base, head_l1=0.0, ffn_l1=0.0)
     eb.masked_coefficients(base, heads, ffn)
     base(ids, attention_mask=mask, labels=labels).loss.backward()
-    pruned = TupeBertForSequenceClassification(small_config("tupe-r", num_labels=3)).double().train()
+    pruned = (
+        TupeBertForSequenceClassification(small_config("tupe-r", num_labels=3)).double().train()
+    )
     pruned.load_state_dict(state)
     eb.prune_model(pruned, heads, ffn)
     pruned(ids, attention_mask=mask, labels=labels).loss.backward()
     keep = heads[0].nonzero().squeeze(1)
-    rows = torch.cat([(keep[:, None] * D + torch.arange(D)).flatten() + p * H * D for p in range(3)])
+    rows = torch.cat(
+        [(keep[:, None] * D + torch.arange(D)).flatten() + p * H * D for p in range(3)]
+    )
     full, small = base.bert.encoder.layers[0], pruned.bert.encoder.layers[0]
-    torch.testing.assert_close(small.attention.qkv.weight.grad, full.attention.qkv.weight.grad[rows])
+    torch.testing.assert_close(
+        small.attention.qkv.weight.grad, full.attention.qkv.weight.grad[rows]
+    )
     neurons = ffn[0].nonzero().squeeze(1)
     torch.testing.assert_close(small.output.weight.grad, full.output.weight.grad[:, neurons])
     torch.testing.assert_close(pruned.classifier.weight.grad, base.classifier.weight.grad)
@@ -135,19 +166,20 @@ def test_prune_model_refuses_bad_tickets():
 
 # ---------------------------------------------------------------- the draw
 
+
 def published_quantile(x, q):
-    """np.quantile's default ("linear") along the last dim, written out in torch: sorted values v, position
-    q * (n - 1), interpolated between its two neighbours."""
+    """np.quantile's default ("linear") along the last dim, written out in torch: sorted values v,
+    position q * (n - 1), interpolated between its two neighbours."""
     v = x.sort(-1).values
     pos = q * (v.shape[-1] - 1)
     lo = math.floor(pos)
     hi = min(lo + 1, v.shape[-1] - 1)
-    return v[..., lo:lo + 1] + (pos - lo) * (v[..., hi:hi + 1] - v[..., lo:lo + 1])
+    return v[..., lo : lo + 1] + (pos - lo) * (v[..., hi : hi + 1] - v[..., lo : lo + 1])
 
 
 def published_draw(coefs, ratio, method):
-    """run_glue_earlybert_draw_and_train.py: quantile over the last axis ("layerwise") or all (else), keep
-    coefs > threshold."""
+    """run_glue_earlybert_draw_and_train.py: quantile over the last axis ("layerwise") or all
+    (else), keep coefs > threshold."""
     if method == "layerwise":
         return coefs > published_quantile(coefs, ratio)
     return coefs > published_quantile(coefs.flatten(), ratio)
@@ -164,15 +196,16 @@ def test_draw_equals_published_quantile_rule(seed):
     assert (head_keep.sum(1) == 8).all()  # 12 heads: 4 pruned in every layer
     assert int((~ffn_keep).sum()) == math.ceil(0.4 * 12 * 3072)
     # the other methods, as the published flags allow
-    head_keep, ffn_keep = eb.draw_ticket(heads, ffn, head_method="global", ffn_method="layerwise",
-                                         head_ratio=0.5, ffn_ratio=0.25)
+    head_keep, ffn_keep = eb.draw_ticket(
+        heads, ffn, head_method="global", ffn_method="layerwise", head_ratio=0.5, ffn_ratio=0.25
+    )
     assert torch.equal(head_keep, published_draw(heads, 0.5, "global"))
     assert torch.equal(ffn_keep, published_draw(ffn, 0.25, "layerwise"))
 
 
 def test_draw_with_ties_keeps_strictly_greater():
-    """Ties at the threshold are pruned (strict >), as the published rule does: coefficients that never moved
-    from 1.0 all go."""
+    """Ties at the threshold are pruned (strict >), as the published rule does: coefficients that
+    never moved from 1.0 all go."""
     heads = torch.tensor([[1.0, 1.0, 1.0], [0.5, 1.0, 1.0]])
     ffn = torch.tensor([[0.0, 0.2, 0.2, 0.2], [0.2, 0.2, 0.9, 1.0]])
     head_keep, ffn_keep = eb.draw_ticket(heads, ffn)
@@ -194,9 +227,11 @@ def test_draw_refuses_bad_inputs():
 
 # ---------------------------------------------------------------- coefficients: gradient and L1
 
+
 def published_attention_layer(layer, hidden, mask):
-    """One layer as the published BertSelfAttention computes it: coefficients on the probabilities before
-    ``@ V`` (absolute positions, padded batch), then our layer's output projection, norms and FFN."""
+    """One layer as the published BertSelfAttention computes it: coefficients on the probabilities
+    before ``@ V`` (absolute positions, padded batch), then our layer's output projection, norms and
+    FFN."""
     attn = layer.attention
     b, n, _ = hidden.shape
     q, k, v = attn.qkv(hidden).view(b, n, 3, H, D).permute(2, 0, 3, 1, 4)
@@ -230,8 +265,8 @@ def test_coefficient_gradients_equal_autograd_of_the_published_form():
 
 @pytest.mark.parametrize("accumulation", [1, 3])
 def test_l1_gradient_equals_published_loss_term(accumulation):
-    """trainer.py _training_step: loss / accumulation + 1e-4 * sum |c| per micro-batch. The hook adds that
-    term's gradient on every backward, whatever the trainer divides."""
+    """trainer.py _training_step: loss / accumulation + 1e-4 * sum |c| per micro-batch. The hook
+    adds that term's gradient on every backward, whatever the trainer divides."""
     torch.manual_seed(0)
     cfg = small_config("tupe-r", num_labels=2)
     model = randomised(TupeBertForSequenceClassification(cfg).double())
@@ -240,7 +275,10 @@ def test_l1_gradient_equals_published_loss_term(accumulation):
     eb.add_coefficients(model)  # published 1e-4 and 1e-4, as a gradient hook
     eb.add_coefficients(reference, head_l1=0.0, ffn_l1=0.0)
     with torch.no_grad():
-        for m in (model, reference):  # signs of both kinds, and a zero (sign 0, as |c|'s gradient in torch)
+        for m in (
+            model,
+            reference,
+        ):  # signs of both kinds, and a zero (sign 0, as |c|'s gradient in torch)
             m.bert.encoder.layers[0].attention.head_coef.copy_(torch.tensor([0.5, -0.2, 0.0, 1.0]))
     ids, mask = batch()
     labels = torch.tensor([0, 1, 1])
@@ -252,7 +290,9 @@ def test_l1_gradient_equals_published_loss_term(accumulation):
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-12, atol=1e-15, msg=name)
     value = eb.l1_penalty(model)
     heads, ffn = eb.coefficients(model)
-    torch.testing.assert_close(value, 1e-4 * heads.double().abs().sum() + 1e-4 * ffn.double().abs().sum())
+    torch.testing.assert_close(
+        value, 1e-4 * heads.double().abs().sum() + 1e-4 * ffn.double().abs().sum()
+    )
 
 
 def test_coefficients_start_at_one_and_leave_the_model_unchanged():
@@ -276,6 +316,7 @@ def test_coefficients_start_at_one_and_leave_the_model_unchanged():
 
 # ---------------------------------------------------------------- the early-bird stop
 
+
 def test_mask_distance():
     a = (torch.tensor([[True, False]]), torch.tensor([[True, True, False, False]]))
     b = (torch.tensor([[True, True]]), torch.tensor([[False, True, False, False]]))
@@ -292,8 +333,8 @@ def _state(step):
 
 
 def test_early_bird_callback_stops_when_distances_stay_below_threshold(tmp_path):
-    """Tickets drawn from scripted coefficients: the stop comes at the first draw after `patience` successive
-    distances below the threshold, not before, and a jump resets the window."""
+    """Tickets drawn from scripted coefficients: the stop comes at the first draw after `patience`
+    successive distances below the threshold, not before, and a jump resets the window."""
     torch.manual_seed(0)
     model = TupeBertModel(small_config("absolute"))
     eb.add_coefficients(model)
@@ -304,9 +345,14 @@ def test_early_bird_callback_stops_when_distances_stay_below_threshold(tmp_path)
     assert set(cb.initial_state) == set(model.state_dict())
     gen = torch.Generator().manual_seed(0)
     base_h, base_f = torch.rand(L, H, generator=gen), torch.rand(L, INTER, generator=gen)
-    # a schedule of coefficient states: random (large distances), then a stable ticket with one flip, ...
-    schedule = [torch.rand(L, INTER, generator=gen) for _ in range(3)] + [base_f] * 2 + \
-        [torch.rand(L, INTER, generator=gen)] + [base_f] * 4
+    # a schedule of coefficient states: random (large distances), then a stable ticket with one
+    # flip, ...
+    schedule = (
+        [torch.rand(L, INTER, generator=gen) for _ in range(3)]
+        + [base_f] * 2
+        + [torch.rand(L, INTER, generator=gen)]
+        + [base_f] * 4
+    )
     stopped = None
     for i, f in enumerate(schedule):
         step = 2 * (i + 1)
@@ -359,8 +405,13 @@ def test_ticket_model_retrains_from_the_pre_search_weights(tmp_path):
     heads, ffn = ticket()
     ticket_model(model, cb.initial_state, (heads, ffn))
     keep = heads[1].nonzero().squeeze(1)
-    rows = torch.cat([(keep[:, None] * D + torch.arange(D)).flatten() + p * H * D for p in range(3)])
-    torch.testing.assert_close(model.encoder.layers[1].attention.qkv.weight,
-                               reference["encoder.layers.1.attention.qkv.weight"][rows])
-    torch.testing.assert_close(model.embeddings.word_embeddings.weight,
-                               reference["embeddings.word_embeddings.weight"])
+    rows = torch.cat(
+        [(keep[:, None] * D + torch.arange(D)).flatten() + p * H * D for p in range(3)]
+    )
+    torch.testing.assert_close(
+        model.encoder.layers[1].attention.qkv.weight,
+        reference["encoder.layers.1.attention.qkv.weight"][rows],
+    )
+    torch.testing.assert_close(
+        model.embeddings.word_embeddings.weight, reference["embeddings.word_embeddings.weight"]
+    )

@@ -1,32 +1,35 @@
-"""EarlyBERT: structured lottery tickets drawn early in training (Chen et al., "EarlyBERT: Efficient BERT Training
-via Early-bird Lottery Tickets", ACL 2021; official code VITA-Group/EarlyBERT, ``finetune/``).
+"""EarlyBERT: structured lottery tickets drawn early in training (Chen et al., "EarlyBERT: Efficient
+BERT Training via Early-bird Lottery Tickets", ACL 2021; official code VITA-Group/EarlyBERT,
+``finetune/``).
 
 The method, as its code runs it:
 
-1. **Search.** Every attention head gets a learnable coefficient (init 1.0) multiplying its attention
-   probabilities after softmax and dropout, before ``@ V`` (``modeling_bert.py``, ``BertSelfAttention``:
-   ``attention_probs *= self.slimming_coef``), and every FFN neuron one multiplying its activation after GELU
-   (``BertLayer``: ``intermediate_output *= self.slimming_coef``). Each micro-batch's loss, after the division by
-   the gradient accumulation steps, gets ``1e-4 * sum |head coefficients| + 1e-4 * sum |FFN coefficients|``
-   (``trainer.py``, ``_training_step``; launcher ``l1_loss_self_coef`` / ``l1_loss_inter_coef``).
-2. **Draw.** ``threshold = np.quantile(coefs, ratio, axis=-1 if layerwise else None, keepdims=True)``,
-   ``keep = coefs > threshold`` (``run_glue_earlybert_draw_and_train.py``): heads layerwise with ratio 0.333333,
-   FFN neurons globally with ratio 0.4 (the launcher's values). The raw coefficients are compared, not their
-   absolute values, as there.
-3. **Prune and retrain.** The model saved before the search (``checkpoint-0``) is pruned (``prune_heads``,
-   ``prune_inter_neurons``: smaller linear layers) and trained again.
+1. **Search.** Every attention head gets a learnable coefficient (init 1.0) multiplying its
+   attention probabilities after softmax and dropout, before ``@ V`` (``modeling_bert.py``,
+   ``BertSelfAttention``: ``attention_probs *= self.slimming_coef``), and every FFN neuron one
+   multiplying its activation after GELU (``BertLayer``: ``intermediate_output *=
+   self.slimming_coef``). Each micro-batch's loss, after the division by the gradient accumulation
+   steps, gets ``1e-4 * sum |head coefficients| + 1e-4 * sum |FFN coefficients|`` (``trainer.py``,
+   ``_training_step``; launcher ``l1_loss_self_coef`` / ``l1_loss_inter_coef``).
+2. **Draw.** ``threshold = np.quantile(coefs, ratio, axis=-1 if layerwise else None,
+   keepdims=True)``, ``keep = coefs > threshold`` (``run_glue_earlybert_draw_and_train.py``): heads
+   layerwise with ratio 0.333333, FFN neurons globally with ratio 0.4 (the launcher's values). The
+   raw coefficients are compared, not their absolute values, as there.
+3. **Prune and retrain.** The model saved before the search (``checkpoint-0``) is pruned
+   (``prune_heads``, ``prune_inter_neurons``: smaller linear layers) and trained again.
 
-Here a head's coefficient scales that head's slice of the attention output instead of its probabilities:
-``(c * P) @ V == c * (P @ V)``, so the fused attention runs once and the coefficient's gradient is a reduction
-(``TupeSelfAttention._project_out``). The L1 term enters as its gradient, ``l1 * sign(c)`` added to each
-coefficient's gradient on every backward pass (a hook): the same gradient as the published loss term, whatever
-the trainer does to its loss (``l1_penalty`` gives the term's value). Deviation: the published retraining keeps
-the (pre-search, all 1.0) coefficients as parameters when its config asks for slimming; the pruned model here has
-none (they are 1.0, so the function is the same; ``prune_model`` drops them).
+Here a head's coefficient scales that head's slice of the attention output instead of its
+probabilities: ``(c * P) @ V == c * (P @ V)``, so the fused attention runs once and the
+coefficient's gradient is a reduction (``TupeSelfAttention._project_out``). The L1 term enters as
+its gradient, ``l1 * sign(c)`` added to each coefficient's gradient on every backward pass (a hook):
+the same gradient as the published loss term, whatever the trainer does to its loss (``l1_penalty``
+gives the term's value). Deviation: the published retraining keeps the (pre-search, all 1.0)
+coefficients as parameters when its config asks for slimming; the pruned model here has none (they
+are 1.0, so the function is the same; ``prune_model`` drops them).
 
-TUPE: all layers share one positional term ``P [H, N, N]``. A pruned layer reads only its kept heads' rows of it
-(``TupeSelfAttention.pos_heads``), and the positional projections (and relative-table and [CLS] columns) of heads
-no layer keeps are removed from ``TupePositionBias``.
+TUPE: all layers share one positional term ``P [H, N, N]``. A pruned layer reads only its kept
+heads' rows of it (``TupeSelfAttention.pos_heads``), and the positional projections (and
+relative-table and [CLS] columns) of heads no layer keeps are removed from ``TupePositionBias``.
 """
 
 import warnings
@@ -35,9 +38,21 @@ import numpy as np
 import torch
 from torch import nn
 
-__all__ = ["add_coefficients", "remove_coefficients", "coefficients", "l1_penalty", "draw_ticket",
-           "mask_distance", "masked_coefficients", "prune_model", "count_parameters", "encoder_flops",
-           "HEAD_RATIO", "FFN_RATIO", "L1_COEF"]
+__all__ = [
+    "add_coefficients",
+    "remove_coefficients",
+    "coefficients",
+    "l1_penalty",
+    "draw_ticket",
+    "mask_distance",
+    "masked_coefficients",
+    "prune_model",
+    "count_parameters",
+    "encoder_flops",
+    "HEAD_RATIO",
+    "FFN_RATIO",
+    "L1_COEF",
+]
 
 HEAD_RATIO = 0.333333  # launch_earlybert_glue.sh: self_pruning_ratio, "layerwise"
 FFN_RATIO = 0.4  # inter_pruning_ratio, "global"
@@ -54,7 +69,9 @@ def _encoder(model):
     bert = getattr(model, "bert", None)
     if isinstance(bert, TupeBertModel):
         return bert
-    raise TypeError(f"model must be a TupeBertModel or hold one as .bert, got {type(model).__name__}")
+    raise TypeError(
+        f"model must be a TupeBertModel or hold one as .bert, got {type(model).__name__}"
+    )
 
 
 def _layers(model):
@@ -67,12 +84,13 @@ def _check_l1(name, value):
 
 
 def add_coefficients(model, head_l1=L1_COEF, ffn_l1=L1_COEF):
-    """Give every layer of ``model`` (a ``TupeBertModel`` or a model holding one as ``.bert``) EarlyBERT's search
-    coefficients: ``attention.head_coef [H]`` and ``ffn_coef [intermediate]``, parameters set to 1.0 with the layers'
-    device and dtype, so the model's function is unchanged. ``head_l1`` / ``ffn_l1`` (default 1e-4 each, as
-    published; 0 turns a term off) add the L1 term's gradient ``l1 * sign(c)`` on every backward pass, i.e. the
-    gradient of the published ``l1 * sum |c|`` added to each micro-batch's loss after its division by the gradient
-    accumulation steps. Returns the new parameters (heads' first). Raises ``ValueError`` if the model already has
+    """Give every layer of ``model`` (a ``TupeBertModel`` or a model holding one as ``.bert``)
+    EarlyBERT's search coefficients: ``attention.head_coef [H]`` and ``ffn_coef [intermediate]``,
+    parameters set to 1.0 with the layers' device and dtype, so the model's function is unchanged.
+    ``head_l1`` / ``ffn_l1`` (default 1e-4 each, as published; 0 turns a term off) add the L1 term's
+    gradient ``l1 * sign(c)`` on every backward pass, i.e. the gradient of the published ``l1 * sum
+    |c|`` added to each micro-batch's loss after its division by the gradient accumulation steps.
+    Returns the new parameters (heads' first). Raises ``ValueError`` if the model already has
     coefficients or for a negative ``l1``, ``TypeError`` for another model."""
     _check_l1("head_l1", head_l1)
     _check_l1("ffn_l1", ffn_l1)
@@ -96,6 +114,7 @@ def add_coefficients(model, head_l1=L1_COEF, ffn_l1=L1_COEF):
 def _l1_gradient(param, l1):
     def hook(grad):
         return grad + l1 * torch.sign(param.detach()).to(grad.dtype)
+
     return hook
 
 
@@ -109,8 +128,9 @@ def remove_coefficients(model):
 
 
 def coefficients(model):
-    """The coefficients now: ``(heads [L, H], ffn [L, intermediate])`` float32 CPU copies (the draw's input).
-    Raises ``ValueError`` when the model has none or its layers differ in size (a pruned model)."""
+    """The coefficients now: ``(heads [L, H], ffn [L, intermediate])`` float32 CPU copies (the
+    draw's input). Raises ``ValueError`` when the model has none or its layers differ in size (a
+    pruned model)."""
     layers = _layers(model)
     if any(layer.attention.head_coef is None or layer.ffn_coef is None for layer in layers):
         raise ValueError("model has no EarlyBERT coefficients (add_coefficients first)")
@@ -118,14 +138,17 @@ def coefficients(model):
         heads = torch.stack([layer.attention.head_coef.detach().float().cpu() for layer in layers])
         ffn = torch.stack([layer.ffn_coef.detach().float().cpu() for layer in layers])
     except RuntimeError as exc:
-        raise ValueError(f"the layers' coefficients differ in size (a pruned model?): {exc}") from None
+        raise ValueError(
+            f"the layers' coefficients differ in size (a pruned model?): {exc}"
+        ) from None
     return heads, ffn
 
 
 def l1_penalty(model, head_l1=L1_COEF, ffn_l1=L1_COEF):
-    """The published L1 term, ``head_l1 * sum |head_coef| + ffn_l1 * sum |ffn_coef|`` over every layer (a scalar
-    tensor with autograd; trainer.py ``_training_step``). ``add_coefficients`` already adds its gradient: this is
-    for logging it, or for a loop that adds the term to its loss instead (then pass ``head_l1=ffn_l1=0`` there)."""
+    """The published L1 term, ``head_l1 * sum |head_coef| + ffn_l1 * sum |ffn_coef|`` over every
+    layer (a scalar tensor with autograd; trainer.py ``_training_step``). ``add_coefficients``
+    already adds its gradient: this is for logging it, or for a loop that adds the term to its loss
+    instead (then pass ``head_l1=ffn_l1=0`` there)."""
     _check_l1("head_l1", head_l1)
     _check_l1("ffn_l1", ffn_l1)
     layers = _layers(model)
@@ -143,33 +166,49 @@ def _threshold_mask(coefs, ratio, method, name):
         raise ValueError(f"{name[:-6]}_ratio must be in [0, 1], got {ratio!r}")
     if method not in _METHODS:
         raise ValueError(f"{name[:-6]}_method must be one of {_METHODS}, got {method!r}")
-    # the published call itself, on the coefficients as its records hold them (float32 numpy arrays): numpy's
-    # linear interpolation in float32, so a threshold that rounds onto a coefficient compares as it does there
+    # the published call itself, on the coefficients as its records hold them (float32 numpy
+    # arrays): numpy's linear interpolation in float32, so a threshold that rounds onto a
+    # coefficient compares as it does there
     x = coefs.detach().to("cpu", torch.float32).numpy()
     threshold = np.quantile(x, ratio, axis=-1 if method == "layerwise" else None, keepdims=True)
     return torch.from_numpy(x > threshold)
 
 
-def draw_ticket(head_coefs, ffn_coefs, *, head_ratio=HEAD_RATIO, head_method="layerwise", ffn_ratio=FFN_RATIO,
-                ffn_method="global"):
-    """EarlyBERT's ticket from the coefficients (``coefficients(model)``): ``(head_keep [L, H], ffn_keep
-    [L, intermediate])`` bool CPU tensors, True = kept.
+def draw_ticket(
+    head_coefs,
+    ffn_coefs,
+    *,
+    head_ratio=HEAD_RATIO,
+    head_method="layerwise",
+    ffn_ratio=FFN_RATIO,
+    ffn_method="global",
+):
+    """EarlyBERT's ticket from the coefficients (``coefficients(model)``): ``(head_keep [L, H],
+    ffn_keep [L, intermediate])`` bool CPU tensors, True = kept.
 
-    As ``run_glue_earlybert_draw_and_train.py`` draws it: ``threshold = quantile(coefs, ratio)`` with linear
-    interpolation (numpy's default; computed by ``np.quantile`` on float32 as there) over each layer (``"layerwise"``) or all layers at once
-    (``"global"``), and ``keep = coefs > threshold`` (strict, on the raw values). Defaults are the launcher's:
-    heads 0.333333 layerwise, FFN 0.4 global. Raises ``ValueError`` for a non-float or non-2-D input, a ratio
-    outside [0, 1] or an unknown method."""
-    return (_threshold_mask(head_coefs, head_ratio, head_method, "head_coefs"),
-            _threshold_mask(ffn_coefs, ffn_ratio, ffn_method, "ffn_coefs"))
+    As ``run_glue_earlybert_draw_and_train.py`` draws it: ``threshold = quantile(coefs, ratio)``
+    with linear interpolation (numpy's default; computed by ``np.quantile`` on float32 as there)
+    over each layer (``"layerwise"``) or all layers at once (``"global"``), and ``keep = coefs >
+    threshold`` (strict, on the raw values). Defaults are the launcher's: heads 0.333333 layerwise,
+    FFN 0.4 global. Raises ``ValueError`` for a non-float or non-2-D input, a ratio outside [0, 1]
+    or an unknown method."""
+    return (
+        _threshold_mask(head_coefs, head_ratio, head_method, "head_coefs"),
+        _threshold_mask(ffn_coefs, ffn_ratio, ffn_method, "ffn_coefs"),
+    )
 
 
 def mask_distance(ticket_a, ticket_b):
-    """Normalised Hamming distance between two tickets ``(head_keep, ffn_keep)`` (from ``draw_ticket``): the
-    fraction of all head and neuron entries whose keep bit differs, in [0, 1] (You et al., "Drawing Early-Bird
-    Tickets", ICLR 2020, the mask distance EarlyBERT's paper uses). Raises ``ValueError`` on differing shapes."""
+    """Normalised Hamming distance between two tickets ``(head_keep, ffn_keep)`` (from
+    ``draw_ticket``): the fraction of all head and neuron entries whose keep bit differs, in [0, 1]
+    (You et al., "Drawing Early-Bird Tickets", ICLR 2020, the mask distance EarlyBERT's paper uses).
+    Raises ``ValueError`` on differing shapes."""
     for t in (ticket_a, ticket_b):
-        if not isinstance(t, (tuple, list)) or len(t) != 2 or not all(isinstance(m, torch.Tensor) for m in t):
+        if (
+            not isinstance(t, (tuple, list))
+            or len(t) != 2
+            or not all(isinstance(m, torch.Tensor) for m in t)
+        ):
             raise ValueError("each ticket must be a (head_keep, ffn_keep) pair of tensors")
     diff, total = 0, 0
     for a, b in zip(ticket_a, ticket_b):
@@ -182,13 +221,16 @@ def mask_distance(ticket_a, ticket_b):
 
 @torch.no_grad()
 def masked_coefficients(model, head_keep, ffn_keep):
-    """Set the coefficients of a model with coefficients to the ticket's 0/1 masks: the unpruned model computing
-    what the pruned one computes (the reference ``prune_model`` is tested against). Returns ``model``."""
+    """Set the coefficients of a model with coefficients to the ticket's 0/1 masks: the unpruned
+    model computing what the pruned one computes (the reference ``prune_model`` is tested against).
+    Returns ``model``."""
     layers = _layers(model)
     heads, ffn = coefficients(model)
     if tuple(head_keep.shape) != tuple(heads.shape) or tuple(ffn_keep.shape) != tuple(ffn.shape):
-        raise ValueError(f"head_keep / ffn_keep must be {list(heads.shape)} / {list(ffn.shape)}, got "
-                         f"{list(head_keep.shape)} / {list(ffn_keep.shape)}")
+        raise ValueError(
+            f"head_keep / ffn_keep must be {list(heads.shape)} / {list(ffn.shape)}, got "
+            f"{list(head_keep.shape)} / {list(ffn_keep.shape)}"
+        )
     for i, layer in enumerate(layers):
         layer.attention.head_coef.copy_(head_keep[i].to(layer.attention.head_coef))
         layer.ffn_coef.copy_(ffn_keep[i].to(layer.ffn_coef))
@@ -196,17 +238,24 @@ def masked_coefficients(model, head_keep, ffn_keep):
 
 
 def _linear_rows(linear, rows, cols=None):
-    """A new ``nn.Linear`` holding ``linear``'s weight rows ``rows`` (output features; None = all) and columns
-    ``cols`` (input features; None = all)."""
+    """A new ``nn.Linear`` holding ``linear``'s weight rows ``rows`` (output features; None = all)
+    and columns ``cols`` (input features; None = all)."""
     w = linear.weight
     if rows is not None:
         w = w.index_select(0, rows)
     if cols is not None:
         w = w.index_select(1, cols)
-    with warnings.catch_warnings():  # a layer may lose every neuron: torch warns that a 0-size init is a no-op
+    # a layer may lose every neuron: torch warns that initialising a 0-size weight is a no-op
+    with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
-        new = torch.nn.utils.skip_init(nn.Linear, w.shape[1], w.shape[0], bias=linear.bias is not None,
-                                       device=w.device, dtype=w.dtype)  # every value is copied in below
+        new = torch.nn.utils.skip_init(
+            nn.Linear,
+            w.shape[1],
+            w.shape[0],
+            bias=linear.bias is not None,
+            device=w.device,
+            dtype=w.dtype,
+        )  # every value is copied in below
     new.weight.copy_(w)
     if linear.bias is not None:
         new.bias.copy_(linear.bias if rows is None else linear.bias.index_select(0, rows))
@@ -214,34 +263,40 @@ def _linear_rows(linear, rows, cols=None):
 
 
 def _head_rows(keep, num_heads, head_dim, parts=1):
-    """Row indices of heads ``keep`` in a ``[parts * num_heads * head_dim, ...]`` weight (q, k, v blocks)."""
+    """Row indices of heads ``keep`` in a ``[parts * num_heads * head_dim, ...]`` weight (q, k, v
+    blocks)."""
     per = (keep[:, None] * head_dim + torch.arange(head_dim, device=keep.device)).flatten()
     return torch.cat([per + p * num_heads * head_dim for p in range(parts)])
 
 
 @torch.no_grad()
 def prune_model(model, head_keep, ffn_keep):
-    """Physically prune ``model`` (in place) to the ticket ``head_keep [L, H]`` / ``ffn_keep [L, intermediate]``
-    (bool, True = kept; from ``draw_ticket``), as the published ``prune_heads`` / ``prune_inter_neurons`` do:
-    each layer's fused QKV keeps its kept heads' rows and the output projection their columns, the FFN's
-    ``intermediate`` its kept neurons' rows and ``output`` their columns. In TUPE modes the shared positional
-    encoder keeps the heads some layer still uses (its U^Q / U^K rows, relative-table and [CLS] columns), and
-    each layer reads its own rows of ``P`` (``pos_heads``). Coefficients, if any, are dropped (see module notes).
-    The ticket is recorded in ``config.early_bird_ticket`` (kept indices per layer). Returns ``model``.
+    """Physically prune ``model`` (in place) to the ticket ``head_keep [L, H]`` / ``ffn_keep [L,
+    intermediate]`` (bool, True = kept; from ``draw_ticket``), as the published ``prune_heads`` /
+    ``prune_inter_neurons`` do: each layer's fused QKV keeps its kept heads' rows and the output
+    projection their columns, the FFN's ``intermediate`` its kept neurons' rows and ``output`` their
+    columns. In TUPE modes the shared positional encoder keeps the heads some layer still uses (its
+    U^Q / U^K rows, relative-table and [CLS] columns), and each layer reads its own rows of ``P``
+    (``pos_heads``). Coefficients, if any, are dropped (see module notes). The ticket is recorded in
+    ``config.early_bird_ticket`` (kept indices per layer). Returns ``model``.
 
-    Raises ``ValueError`` if the model was pruned already, the masks' shapes do not match the model, or a layer
-    would keep no head (a layer without heads has no attention to run)."""
+    Raises ``ValueError`` if the model was pruned already, the masks' shapes do not match the model,
+    or a layer would keep no head (a layer without heads has no attention to run)."""
     bert = _encoder(model)
     layers = list(bert.encoder.layers)
     if getattr(bert.config, "early_bird_ticket", None):
         raise ValueError("model is pruned already (config.early_bird_ticket is set)")
     heads0 = bert.config.num_attention_heads
-    for name, mask, width in (("head_keep", head_keep, heads0),
-                              ("ffn_keep", ffn_keep, bert.config.intermediate_size)):
+    for name, mask, width in (
+        ("head_keep", head_keep, heads0),
+        ("ffn_keep", ffn_keep, bert.config.intermediate_size),
+    ):
         if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
             raise ValueError(f"{name} must be a bool tensor")
         if tuple(mask.shape) != (len(layers), width):
-            raise ValueError(f"{name} must be [L, {width}] = {[len(layers), width]}, got {list(mask.shape)}")
+            raise ValueError(
+                f"{name} must be [L, {width}] = {[len(layers), width]}, got {list(mask.shape)}"
+            )
     if not bool(head_keep.any(1).all()):
         bad = int((~head_keep.any(1)).nonzero()[0, 0])
         raise ValueError(f"head_keep[{bad}] keeps no head: a layer needs at least one")
@@ -293,9 +348,9 @@ def count_parameters(model):
 
 
 def encoder_flops(model, seq_len):
-    """Multiply-add FLOPs (2 per multiply-add) of one ``seq_len``-token sequence through the encoder layers: the
-    QKV, output and FFN projections and the two attention products (the positional term once, if any). Embeddings
-    and heads are left out (pruning does not change them)."""
+    """Multiply-add FLOPs (2 per multiply-add) of one ``seq_len``-token sequence through the encoder
+    layers: the QKV, output and FFN projections and the two attention products (the positional term
+    once, if any). Embeddings and heads are left out (pruning does not change them)."""
     if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 1:
         raise ValueError(f"seq_len must be an int >= 1, got {seq_len!r}")
     bert = _encoder(model)
