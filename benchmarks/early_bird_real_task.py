@@ -289,15 +289,14 @@ def main():
     saving_cpu = 1 - cpu_eb / cpu_full
     result = {
         "what": "EarlyBERT (search + pruned retrain) against a full fine-tune, all-MiniLM-L6-v2 on "
-        "Debian fortunes "
-        "(computers/science/food/law, 576 train / 144 dev)",
+        "Debian fortunes (computers/science/food/law, 576 train / 144 dev)",
         "machine": {
             "device": "CPU",
             "threads": 1,
             "cpu": platform.processor() or platform.machine(),
-            "note": "2 CPU cores shared with 7 other engineers' jobs: the machine is loaded; "
-            "process CPU "
-            "seconds (time.process_time) are the figure to compare, wall seconds are noisy",
+            "note": "2 CPU cores shared with other jobs running at the same time: the machine is "
+            "loaded; process CPU seconds (time.process_time) are the figure to compare, wall seconds "
+            "are noisy",
         },
         "commit": sha,
         "torch": torch.__version__,
