@@ -145,6 +145,31 @@ def test_pruned_classifier_trains_and_matches_masked_gradients():
     torch.testing.assert_close(pruned.classifier.weight.grad, base.classifier.weight.grad)
 
 
+@pytest.mark.parametrize("position_mode", ["absolute", "tupe-r"])
+def test_pruned_model_saves_and_loads(position_mode, tmp_path):
+    """save_pretrained / from_pretrained of a pruned classifier: the config's ticket rebuilds the
+    pruned shapes (and each layer's rows of the positional term), the outputs are the same."""
+    torch.manual_seed(0)
+    model = randomised(TupeBertForSequenceClassification(small_config(position_mode, num_labels=3)))
+    heads, ffn = ticket()
+    eb.prune_model(model.eval(), heads, ffn)
+    model.save_pretrained(tmp_path)
+    loaded = TupeBertForSequenceClassification.from_pretrained(tmp_path).eval()
+    ids, mask = batch()
+    with torch.no_grad():
+        torch.testing.assert_close(
+            loaded(ids, attention_mask=mask).logits, model(ids, attention_mask=mask).logits
+        )
+    assert loaded.config.early_bird_ticket == model.config.early_bird_ticket
+    assert eb.count_parameters(loaded) == eb.count_parameters(model)
+    if position_mode != "absolute":
+        assert loaded.bert.encoder.layers[1].attention.pos_heads.tolist() == [1]
+    bad = small_config(position_mode, num_labels=3)
+    bad.early_bird_ticket = {"heads": [[0], [], [1]], "ffn": [[0]] * L}
+    with pytest.raises(ValueError, match="no head"):
+        TupeBertForSequenceClassification(bad)
+
+
 def test_prune_model_refuses_bad_tickets():
     model = TupeBertModel(small_config("absolute"))
     heads, ffn = ticket()

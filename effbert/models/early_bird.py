@@ -47,6 +47,7 @@ __all__ = [
     "mask_distance",
     "masked_coefficients",
     "prune_model",
+    "apply_ticket_shapes",
     "count_parameters",
     "encoder_flops",
     "HEAD_RATIO",
@@ -278,7 +279,8 @@ def prune_model(model, head_keep, ffn_keep):
     columns. In TUPE modes the shared positional encoder keeps the heads some layer still uses (its
     U^Q / U^K rows, relative-table and [CLS] columns), and each layer reads its own rows of ``P``
     (``pos_heads``). Coefficients, if any, are dropped (see module notes). The ticket is recorded in
-    ``config.early_bird_ticket`` (kept indices per layer). Returns ``model``.
+    ``config.early_bird_ticket`` (kept indices per layer), so ``save_pretrained`` /
+    ``from_pretrained`` rebuild the pruned shapes (``apply_ticket_shapes``). Returns ``model``.
 
     Raises ``ValueError`` if the model was pruned already, the masks' shapes do not match the model,
     or a layer would keep no head (a layer without heads has no attention to run)."""
@@ -340,6 +342,82 @@ def prune_model(model, head_keep, ffn_keep):
             attn.pos_heads = None if full else local
     bert.config.early_bird_ticket = {"heads": kept_heads, "ffn": kept_ffn}
     return model
+
+
+def _check_ticket(ticket, num_layers, num_heads, intermediate):
+    """The kept-index lists of ``config.early_bird_ticket``, checked against the unpruned sizes."""
+    if not isinstance(ticket, dict) or set(ticket) != {"heads", "ffn"}:
+        raise ValueError("config.early_bird_ticket must be a dict with keys 'heads' and 'ffn'")
+    for key, width in (("heads", num_heads), ("ffn", intermediate)):
+        rows = ticket[key]
+        if not isinstance(rows, (list, tuple)) or len(rows) != num_layers:
+            raise ValueError(
+                f"config.early_bird_ticket[{key!r}] must hold {num_layers} index lists"
+            )
+        for row in rows:
+            if list(row) != sorted(set(row)) or any(not 0 <= int(i) < width for i in row):
+                raise ValueError(
+                    f"config.early_bird_ticket[{key!r}] must hold sorted distinct indices "
+                    f"in [0, {width})"
+                )
+    if any(len(row) == 0 for row in ticket["heads"]):
+        raise ValueError("config.early_bird_ticket['heads'] has a layer with no head")
+    return [list(map(int, r)) for r in ticket["heads"]], [list(map(int, r)) for r in ticket["ffn"]]
+
+
+def _empty_linear(in_features, out_features, like):
+    with warnings.catch_warnings():  # 0-size weights: torch warns that their init is a no-op
+        warnings.simplefilter("ignore", UserWarning)
+        return nn.Linear(
+            in_features,
+            out_features,
+            bias=like.bias is not None,
+            device=like.weight.device,
+            dtype=like.weight.dtype,
+        )
+
+
+@torch.no_grad()
+def apply_ticket_shapes(bert):
+    """Give a freshly built ``TupeBertModel`` the layer sizes of ``config.early_bird_ticket`` (what
+    ``prune_model`` recorded), with freshly initialised values: ``TupeBertModel.__init__`` calls it,
+    so ``from_pretrained`` of a pruned model's ``save_pretrained`` folder builds the pruned shapes
+    and loads the weights into them. Raises ``ValueError`` for a ticket that does not fit the
+    config."""
+    cfg = bert.config
+    heads, ffn = _check_ticket(
+        cfg.early_bird_ticket, cfg.num_hidden_layers, cfg.num_attention_heads, cfg.intermediate_size
+    )
+    layers = list(bert.encoder.layers)
+    for layer, keep, neurons in zip(layers, heads, ffn):
+        attn = layer.attention
+        width = len(keep) * attn.head_dim
+        attn.qkv = _empty_linear(attn.hidden_size, 3 * width, attn.qkv)
+        attn.out = _empty_linear(width, attn.hidden_size, attn.out)
+        attn.num_heads = len(keep)
+        layer.intermediate = _empty_linear(cfg.hidden_size, len(neurons), layer.intermediate)
+        layer.output = _empty_linear(len(neurons), cfg.hidden_size, layer.output)
+    pos = bert.position_encoder
+    if pos is None:
+        return bert
+    union = sorted(set().union(*heads))
+    width = len(union) * pos.head_dim
+    pos.query = _empty_linear(pos.query.in_features, width, pos.query)
+    pos.key = _empty_linear(pos.key.in_features, width, pos.key)
+    if pos.rel_table is not None:
+        pos.rel_table = nn.Parameter(pos.rel_table.new_zeros(pos.rel_table.shape[0], len(union)))
+    if pos.cls_row is not None:
+        pos.cls_row = nn.Parameter(pos.cls_row.new_zeros(len(union)))
+        pos.cls_col = nn.Parameter(pos.cls_col.new_zeros(len(union)))
+    pos.num_heads = len(union)
+    pos.clear_cache()
+    for layer, keep in zip(layers, heads):
+        if len(keep) != len(union):
+            local = [union.index(h) for h in keep]
+            layer.attention.pos_heads = torch.tensor(
+                local, device=layer.attention.qkv.weight.device
+            )
+    return bert
 
 
 def count_parameters(model):

@@ -317,6 +317,10 @@ class TupeBertModel(TupeBertPreTrainedModel):
                 layer_norm_eps=config.position_layer_norm_eps,
                 backend=config.backend)
         self.encoder = TupeBertEncoder(config)
+        if getattr(config, "early_bird_ticket", None):  # EarlyBERT-pruned: the ticket's layer sizes
+            from .early_bird import apply_ticket_shapes
+
+            apply_ticket_shapes(self)
         self.pooler = TupeBertPooler(config) if add_pooling_layer else None
         self.post_init()
 

@@ -114,7 +114,7 @@ class TupeSelfAttention(nn.Module):
         # EarlyBERT (effbert.models.early_bird): per-head coefficients [H] scaling each head's slice of the
         # attention output, and which rows of a shared positional term this layer's heads read (None: all)
         self.register_parameter("head_coef", None)
-        self.register_buffer("pos_heads", None, persistent=False)
+        self.register_buffer("pos_heads", None)  # saved: from_pretrained of a pruned model loads it
 
     def _heads_pos_bias(self, pos_bias):
         """This layer's rows of the shared positional term (all of them unless heads were pruned)."""
