@@ -440,3 +440,17 @@ def test_ticket_model_retrains_from_the_pre_search_weights(tmp_path):
     torch.testing.assert_close(
         model.embeddings.word_embeddings.weight, reference["embeddings.word_embeddings.weight"]
     )
+
+
+def test_head_pruned_attention_sizes():
+    """A head-pruned TupeSelfAttention: fewer heads than hidden_size / head_dim, the input still
+    hidden_size wide."""
+    from effbert.nn import TupeSelfAttention
+
+    attn = TupeSelfAttention(32, 2, head_dim=8, backend="eager")
+    assert attn.qkv.weight.shape == (48, 32) and attn.out.weight.shape == (32, 16)
+    assert attn(torch.randn(2, 5, 32)).shape == (2, 5, 32)
+    with pytest.raises(ValueError, match="head_dim"):
+        TupeSelfAttention(32, 4, head_dim=0)
+    with pytest.raises(ValueError, match=r"hidden must be \[B, N, 32\]"):
+        attn(torch.randn(2, 5, 16))

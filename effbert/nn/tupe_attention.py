@@ -100,6 +100,9 @@ class TupeSelfAttention(nn.Module):
     def __init__(self, hidden_size, num_heads, dropout=0.0, scale=None, deterministic=False, backend="auto",
                  head_dim=None):
         super().__init__()
+        if head_dim is not None and (isinstance(head_dim, bool) or not isinstance(head_dim, int)
+                                     or head_dim < 1):
+            raise ValueError(f"head_dim must be an int >= 1 or None, got {head_dim!r}")
         if head_dim is None and hidden_size % num_heads:
             raise ValueError(f"hidden_size ({hidden_size}) must be a multiple of num_heads ({num_heads})")
         if not 0.0 <= dropout < 1.0:
