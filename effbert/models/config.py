@@ -58,9 +58,8 @@ class TupeBertConfig(PretrainedConfig):
     ``TupeBertForTokenClassification`` (None: ``hidden_dropout_prob``; Li et al.'s published code uses 0.3).
 
     ``early_bird_ticket`` (None: unpruned): ``{"heads": [[kept head indices] per layer],
-    "ffn": [[kept neuron indices] per layer]}``, written by
-    ``effbert.models.early_bird.prune_model`` so that
-    ``from_pretrained`` builds an EarlyBERT-pruned model's smaller layers.
+    "ffn": [[kept neuron indices] per layer]}``, written by ``models.early_bird.prune_model`` so
+    that ``from_pretrained`` builds an EarlyBERT-pruned model's smaller layers.
 
     A bad value raises ``ValueError`` (``TypeError`` for a non-bool switch) naming the field; every float field
     must be finite (NaN and inf are refused): the probabilities in [0, 1) (``tnf_gamma`` / ``tnf_lam`` in [0, 1]),
