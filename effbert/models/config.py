@@ -17,7 +17,7 @@ FIELDS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads
           "position_mode", "num_buckets", "max_distance", "untie_cls", "num_labels", "backend", "multi_exit",
           "shared_exit_pooler", "unpad_inputs", "classifier_dropout",
           "exit_loss", "exit_loss_gamma", "exit_loss_temperature", "exit_gradient_equilibrium",
-          "tnf_num_notes", "tnf_window", "tnf_gamma", "tnf_lam")
+          "tnf_num_notes", "tnf_window", "tnf_gamma", "tnf_lam", "early_bird_ticket")
 
 
 def _positive_int(name, value, low=1):
@@ -66,6 +66,10 @@ class TupeBertConfig(PretrainedConfig):
     ``classifier_dropout`` (transformers' name): the dropout before the token classifiers of
     ``TupeBertForTokenClassification`` (None: ``hidden_dropout_prob``; Li et al.'s published code uses 0.3).
 
+    ``early_bird_ticket`` (None: unpruned): ``{"heads": [[kept head indices] per layer],
+    "ffn": [[kept neuron indices] per layer]}``, written by ``models.early_bird.prune_model`` so
+    that ``from_pretrained`` builds an EarlyBERT-pruned model's smaller layers.
+
     A bad value raises ``ValueError`` (``TypeError`` for a non-bool switch) naming the field; every float field
     must be finite (NaN and inf are refused): the probabilities in [0, 1) (``tnf_gamma`` / ``tnf_lam`` in [0, 1]),
     ``layer_norm_eps``, ``position_layer_norm_eps`` and ``initializer_range`` > 0.
@@ -80,7 +84,8 @@ class TupeBertConfig(PretrainedConfig):
                  max_distance=128, untie_cls=True, num_labels=None, backend="auto", multi_exit=False,
                  shared_exit_pooler=False, unpad_inputs=True, tnf_num_notes=None, tnf_window=16, tnf_gamma=0.1, tnf_lam=0.5,
                  classifier_dropout=None, exit_loss=None, exit_loss_gamma=0.9,
-                 exit_loss_temperature=3.0, exit_gradient_equilibrium=False, **kwargs):
+                 exit_loss_temperature=3.0, exit_gradient_equilibrium=False, early_bird_ticket=None,
+                 **kwargs):
         for name, value in (("vocab_size", vocab_size), ("hidden_size", hidden_size),
                             ("num_hidden_layers", num_hidden_layers), ("num_attention_heads", num_attention_heads),
                             ("intermediate_size", intermediate_size),
@@ -169,6 +174,10 @@ class TupeBertConfig(PretrainedConfig):
         self.tnf_window = tnf_window
         self.tnf_gamma = tnf_gamma
         self.tnf_lam = tnf_lam
+        if early_bird_ticket is not None and not isinstance(early_bird_ticket, dict):
+            raise TypeError(f"early_bird_ticket must be a dict or None, got "
+                            f"{type(early_bird_ticket).__name__}")
+        self.early_bird_ticket = early_bird_ticket
         super().__init__(pad_token_id=pad_token_id, num_labels=num_labels, **kwargs)
 
     @property

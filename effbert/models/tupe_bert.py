@@ -139,6 +139,12 @@ class TupeBertLayer(nn.Module):
         self.output = nn.Linear(config.intermediate_size, h)
         self.output_dropout = nn.Dropout(config.hidden_dropout_prob)
         self.output_norm = nn.LayerNorm(h, eps=config.layer_norm_eps)
+        self.register_parameter("ffn_coef", None)  # EarlyBERT's per-neuron coefficients (models/early_bird.py)
+
+    def _ffn_inner(self, hidden):
+        """The activated FFN neurons ``[..., intermediate]``, scaled by ``ffn_coef`` when set."""
+        inner = self.act(self.intermediate(hidden))
+        return inner if self.ffn_coef is None else inner * self.ffn_coef.to(inner.dtype)
 
     def forward(self, hidden, pos_bias=None, attention_mask=None, cu_seqlens=None, max_seqlen=None,
                 check_offsets=True):
@@ -150,7 +156,7 @@ class TupeBertLayer(nn.Module):
         else:
             attn = self.attention(hidden, pos_bias=pos_bias, attention_mask=attention_mask)
         hidden = self.attention_norm(hidden + self.attention_dropout(attn))
-        ffn = self.output(self.act(self.intermediate(hidden)))
+        ffn = self.output(self._ffn_inner(hidden))
         return self.output_norm(hidden + self.output_dropout(ffn))
 
     def forward_subset(self, hidden_q, hidden_kv, cu_seqlens_q, cu_seqlens_k, position_ids_q, pos_bias=None,
@@ -164,7 +170,7 @@ class TupeBertLayer(nn.Module):
                                              pos_bias, max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k,
                                              check_offsets=check_offsets)
         hidden = self.attention_norm(hidden_q + self.attention_dropout(attn))
-        ffn = self.output(self.act(self.intermediate(hidden)))
+        ffn = self.output(self._ffn_inner(hidden))
         return self.output_norm(hidden + self.output_dropout(ffn))
 
 
@@ -311,6 +317,10 @@ class TupeBertModel(TupeBertPreTrainedModel):
                 layer_norm_eps=config.position_layer_norm_eps,
                 backend=config.backend)
         self.encoder = TupeBertEncoder(config)
+        if getattr(config, "early_bird_ticket", None):  # EarlyBERT-pruned: the ticket's layer sizes
+            from .early_bird import apply_ticket_shapes
+
+            apply_ticket_shapes(self)
         self.pooler = TupeBertPooler(config) if add_pooling_layer else None
         self.post_init()
 

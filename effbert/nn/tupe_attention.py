@@ -97,16 +97,40 @@ class TupeSelfAttention(nn.Module):
     scale) and ``1/sqrt(head_dim)`` without one (plain BERT). Attention dropout ``dropout`` applies in training.
     """
 
-    def __init__(self, hidden_size, num_heads, dropout=0.0, scale=None, deterministic=False, backend="auto"):
+    def __init__(self, hidden_size, num_heads, dropout=0.0, scale=None, deterministic=False, backend="auto",
+                 head_dim=None):
         super().__init__()
-        if hidden_size % num_heads:
+        if head_dim is not None and (isinstance(head_dim, bool) or not isinstance(head_dim, int)
+                                     or head_dim < 1):
+            raise ValueError(f"head_dim must be an int >= 1 or None, got {head_dim!r}")
+        if head_dim is None and hidden_size % num_heads:
             raise ValueError(f"hidden_size ({hidden_size}) must be a multiple of num_heads ({num_heads})")
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout}")
-        self.num_heads, self.head_dim = num_heads, hidden_size // num_heads
+        # head_dim given: a head-pruned layer (effbert.models.early_bird), num_heads * head_dim < hidden_size
+        self.hidden_size, self.num_heads = hidden_size, num_heads
+        self.head_dim = hidden_size // num_heads if head_dim is None else head_dim
         self.dropout, self.scale, self.deterministic, self.backend = dropout, scale, deterministic, backend
-        self.qkv = nn.Linear(hidden_size, 3 * hidden_size)
-        self.out = nn.Linear(hidden_size, hidden_size)
+        width = self.num_heads * self.head_dim
+        self.qkv = nn.Linear(hidden_size, 3 * width)
+        self.out = nn.Linear(width, hidden_size)
+        # EarlyBERT (effbert.models.early_bird): per-head coefficients [H] scaling each head's slice of the
+        # attention output, and which rows of a shared positional term this layer's heads read (None: all)
+        self.register_parameter("head_coef", None)
+        self.register_buffer("pos_heads", None)  # saved: from_pretrained of a pruned model loads it
+
+    def _heads_pos_bias(self, pos_bias):
+        """This layer's rows of the shared positional term (all of them unless heads were pruned)."""
+        if pos_bias is None or self.pos_heads is None:
+            return pos_bias
+        return pos_bias.index_select(0, self.pos_heads)
+
+    def _project_out(self, ctx):
+        """The output projection of ``ctx [..., H, head_dim]``; with ``head_coef`` each head's slice is scaled
+        first (equal to scaling that head's attention probabilities before ``@ V``)."""
+        if self.head_coef is not None:
+            ctx = ctx * self.head_coef.to(ctx.dtype)[:, None]
+        return self.out(ctx.flatten(-2))
 
     def _project_qkv(self, hidden):
         """``q, k, v`` (each ``[..., hidden_size]``) from the fused projection. CPU inference runs it as three GEMMs
@@ -127,17 +151,18 @@ class TupeSelfAttention(nn.Module):
             if attention_mask is not None:
                 raise ValueError("give attention_mask (padded hidden) or cu_seqlens (packed hidden), not both")
             return self._forward_packed(hidden, cu_seqlens, max_seqlen, pos_bias, check_offsets)
-        if hidden.dim() != 3 or hidden.shape[-1] != self.num_heads * self.head_dim:
-            raise ValueError(f"hidden must be [B, N, {self.num_heads * self.head_dim}], got {tuple(hidden.shape)}")
-        b, n, width = hidden.shape
+        if hidden.dim() != 3 or hidden.shape[-1] != self.hidden_size:
+            raise ValueError(f"hidden must be [B, N, {self.hidden_size}], got {tuple(hidden.shape)}")
+        b, n, _ = hidden.shape
         q, k, v = (t.view(b, n, self.num_heads, self.head_dim) for t in self._project_qkv(hidden))
+        pos_bias = self._heads_pos_bias(pos_bias)
         scale = self.scale
         if scale is None:
             scale = 1.0 / math.sqrt((2 if pos_bias is not None else 1) * self.head_dim)
         ctx = tupe_attention(q, k, v, pos_bias, attention_mask=attention_mask, scale=scale,
                              dropout_p=self.dropout if self.training else 0.0, deterministic=self.deterministic,
                              backend=self.backend)
-        return self.out(ctx.reshape(b, n, width))
+        return self._project_out(ctx.reshape(b, n, self.num_heads, self.head_dim))
 
     def _forward_packed(self, hidden, cu_seqlens, max_seqlen, pos_bias=None, check_offsets=True):
         """``forward`` on packed real tokens ``hidden [T, hidden_size]``, sequence ``b`` being rows
@@ -145,10 +170,11 @@ class TupeSelfAttention(nn.Module):
         with ``S >= max_seqlen`` is indexed by the position inside each sequence), through
         ``tupe_attention_varlen``: the projections run on real tokens only. ``check_offsets=False``: the caller
         checked ``cu_seqlens`` once (see ``tupe_attention_varlen``)."""
-        if hidden.dim() != 2 or hidden.shape[-1] != self.num_heads * self.head_dim:
-            raise ValueError(f"hidden must be [T, {self.num_heads * self.head_dim}], got {tuple(hidden.shape)}")
-        t, width = hidden.shape
+        if hidden.dim() != 2 or hidden.shape[-1] != self.hidden_size:
+            raise ValueError(f"hidden must be [T, {self.hidden_size}], got {tuple(hidden.shape)}")
+        t = hidden.shape[0]
         q, k, v = (x.view(t, self.num_heads, self.head_dim) for x in self._project_qkv(hidden))
+        pos_bias = self._heads_pos_bias(pos_bias)
         scale = self.scale
         if scale is None:
             scale = 1.0 / math.sqrt((2 if pos_bias is not None else 1) * self.head_dim)
@@ -156,7 +182,7 @@ class TupeSelfAttention(nn.Module):
                                     dropout_p=self.dropout if self.training else 0.0,
                                     deterministic=self.deterministic, backend=self.backend,
                                     check_offsets=check_offsets)
-        return self.out(ctx.reshape(t, width))
+        return self._project_out(ctx.reshape(t, self.num_heads, self.head_dim))
 
     def forward_subset(self, hidden_q, hidden_kv, cu_seqlens_q, cu_seqlens_k, position_ids_q, pos_bias=None, *,
                        max_seqlen_q=None, max_seqlen_k=None, check_offsets=True):
@@ -168,8 +194,9 @@ class TupeSelfAttention(nn.Module):
         term and scale ``1/sqrt(head_dim)``. Returns ``[Tq, hidden_size]``. No dropout, no autograd."""
         width = self.num_heads * self.head_dim
         for name, x in (("hidden_q", hidden_q), ("hidden_kv", hidden_kv)):
-            if x.dim() != 2 or x.shape[-1] != width:
-                raise ValueError(f"{name} must be [T, {width}], got {tuple(x.shape)}")
+            if x.dim() != 2 or x.shape[-1] != self.hidden_size:
+                raise ValueError(f"{name} must be [T, {self.hidden_size}], got {tuple(x.shape)}")
+        pos_bias = self._heads_pos_bias(pos_bias)
         if type(self.qkv) is nn.Linear:
             w = self.qkv.weight.chunk(3)
             bias = self.qkv.bias.chunk(3) if self.qkv.bias is not None else (None,) * 3
@@ -192,4 +219,4 @@ class TupeSelfAttention(nn.Module):
         ctx = tupe_attention_varlen_subset(q, k, v, cu_seqlens_q, cu_seqlens_k, position_ids_q, pos_bias,
                                            max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, scale=scale,
                                            backend=backend, check_offsets=check_offsets)
-        return self.out(ctx.reshape(-1, width))
+        return self._project_out(ctx.reshape(-1, self.num_heads, self.head_dim))
