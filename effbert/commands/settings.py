@@ -89,7 +89,10 @@ class SettingsParser(HfArgumentParser):
     def parse_args(self, args=None, namespace=None):
         argv = list(sys.argv[1:] if args is None else args)
         refuse_renamed(argv, self._renamed)
-        (settings,) = self.parse_args_into_dataclasses(args=argv, look_for_args_file=False)
+        settings, rest = self.parse_args_into_dataclasses(args=argv, look_for_args_file=False,
+                                                          return_remaining_strings=True)
+        if rest:  # argparse's own message and exit code 2, not HfArgumentParser's ValueError
+            self.error(f"unrecognized arguments: {' '.join(rest)}")
         return settings
 
 
