@@ -5,19 +5,11 @@ checkpoint of a run still going)."""
 import json
 import os
 
-__all__ = [
-    "RUN_FILE",
-    "RARE_FILE",
-    "CHECKPOINT_DIR",
-    "check_model_folder",
-    "load_pretrained",
-    "read_lines",
-]
+__all__ = ["RUN_FILE", "RARE_FILE", "CHECKPOINT_DIR", "check_model_folder", "load_pretrained",
+           "newest_checkpoint", "read_lines"]
 
 RUN_FILE, RARE_FILE = "pretrain.json", "rare_words.txt"
-CHECKPOINT_DIR = (
-    "checkpoints"  # DIR/checkpoints/checkpoint-N (runs of earlier versions: DIR/checkpoint-N)
-)
+CHECKPOINT_DIR = "checkpoints"  # DIR/checkpoints/checkpoint-N (earlier versions: DIR/checkpoint-N)
 
 
 def _one_line(exc):
@@ -43,16 +35,17 @@ def check_model_folder(path, what):
         raise ValueError(f"{what}: cannot read {cfg!r} ({_one_line(exc)})") from None
     kind = values.get("model_type") if isinstance(values, dict) else None
     if kind != "tupe-bert":
-        raise ValueError(
-            f"{what}: {cfg!r} is a model of type {kind!r}, not 'tupe-bert' (effbert's TUPE BERT)"
-        )
+        raise ValueError(f"{what}: {cfg!r} is a model of type {kind!r}, not 'tupe-bert' (effbert's "
+                         "TUPE BERT)")
     return values
 
 
-def _newest_checkpoint(path):
+def newest_checkpoint(path):
+    """The newest checkpoint of the pretraining run in ``path`` whose model loads (config and
+    weights whole): ``DIR/checkpoints/checkpoint-N``, or ``DIR/checkpoint-N`` for a run of an
+    earlier version; None when there is none."""
     from ..training.run_folder import MODEL_FILES, newest_complete
 
-    # runs of earlier versions kept their checkpoints at the top of the folder
     return (newest_complete(os.path.join(path, CHECKPOINT_DIR), need=MODEL_FILES)
             or newest_complete(path, need=MODEL_FILES))
 
@@ -73,18 +66,16 @@ def load_pretrained(path, device=None, backend="auto"):
         raise FileNotFoundError(f"path must be the folder of an effbert pretrain run, got {path!r}")
     path = os.fspath(path)
     if not os.path.isfile(os.path.join(path, RUN_FILE)):
-        raise FileNotFoundError(
-            f"path: {path!r} holds no {RUN_FILE}: not the folder of an effbert pretrain run"
-        )
+        raise FileNotFoundError(f"path: {path!r} holds no {RUN_FILE}: not the folder of an effbert "
+                                "pretrain run")
     with open(os.path.join(path, RUN_FILE), encoding="utf-8") as f:
         run = json.load(f)
     where = path
     if not os.path.isfile(os.path.join(path, "model.safetensors")):
-        where = _newest_checkpoint(path)
+        where = newest_checkpoint(path)
         if where is None:
-            raise FileNotFoundError(
-                f"path: {path!r} holds neither model.safetensors nor a complete checkpoint"
-            )
+            raise FileNotFoundError(f"path: {path!r} holds neither model.safetensors nor a "
+                                    "complete checkpoint")
     check_model_folder(where, "path")
     tokenizer = load_tokenizer(path, lowercase=not run["settings"]["cased"])
     try:
@@ -94,9 +85,7 @@ def load_pretrained(path, device=None, backend="auto"):
     table = None
     rare = os.path.join(path, RARE_FILE)
     words = read_lines(rare) if os.path.isfile(rare) else []
-    if (
-        words and model.notes is not None
-    ):  # a run whose corpus had no word in the rare band trained without notes
+    if words and model.notes is not None:  # a corpus without rare-band words: trained without notes
         table = rare_word_table(words, tokenizer)
     if device is not None:
         model = model.to(device)
