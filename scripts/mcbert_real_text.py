@@ -29,9 +29,11 @@ import re
 import subprocess
 import sys
 
-PRETRAIN = ["--vocab-size", "800", "--layers", "2", "--hidden", "96", "--heads", "6", "--max-len", "64",
-            "--steps", "1200", "--batch-size", "32", "--lr", "1e-3", "--warmup", "100", "--dropout", "0",
-            "--objective", "mcbert", "--log-every", "100", "--save-every", "400", "--device", "cpu", "--quiet"]
+PRETRAIN = ["--vocab-size", "800", "--layers", "2", "--hidden", "96", "--heads", "6",
+            "--max-seq-length", "64", "--max-steps", "1200", "--batch-size", "32",
+            "--learning-rate", "1e-3", "--warmup-steps", "100", "--dropout", "0",
+            "--objective", "mcbert", "--logging-steps", "100", "--save-steps", "400",
+            "--device", "cpu", "--quiet"]
 
 
 def paragraphs():
@@ -64,18 +66,20 @@ def load_run(run_dir):
     import transformers
     from safetensors.torch import load_file
 
-    from effbert.commands import pretrain
-    from effbert.models import TupeBertForMultiChoicePretraining
+    from effbert.models import TupeBertForMultiChoicePretraining, load_pretrained
+    from effbert.models.loader import CHECKPOINT_DIR, RUN_FILE
     from effbert.nn import NoteDictionary
+    from effbert.training.run_folder import checkpoints
 
     transformers.utils.logging.disable_progress_bar()  # a printed table, no loading bars
-    mlm, tokenizer, table = pretrain.load_pretrained(run_dir, backend="eager")  # the config, tokenizer, rare words
+    mlm, tokenizer, table = load_pretrained(run_dir, backend="eager")  # config, tokenizer, rare words
     config = mlm.config
-    with open(os.path.join(run_dir, pretrain.RUN_FILE), encoding="utf-8") as f:
+    with open(os.path.join(run_dir, RUN_FILE), encoding="utf-8") as f:
         settings = json.load(f)["settings"]
-    ckpts = pretrain.checkpoints(run_dir)
+    ckpts = checkpoints(os.path.join(run_dir, CHECKPOINT_DIR))
     if not ckpts:
-        raise FileNotFoundError(f"{run_dir!r} holds no checkpoint-N folder (run it with --save-every > 0)")
+        raise FileNotFoundError(f"{run_dir!r} holds no checkpoints/checkpoint-N folder (run it with "
+                                "--save-steps > 0)")
 
     def build():  # as effbert pretrain builds it: the run's initial weights
         torch.manual_seed(settings["seed"])
@@ -193,7 +197,7 @@ def main(argv=None):
     run_dir = os.path.join(a.work, "mcbert-801010" if a.bert_masking else "mcbert")
     args = list(PRETRAIN) + (["--mask-replace-prob", "0.8", "--random-replace-prob", "0.1"] if a.bert_masking else [])
     if a.steps:
-        args[args.index("--steps") + 1] = a.steps
+        args[args.index("--max-steps") + 1] = a.steps
     if not os.path.isfile(os.path.join(run_dir, "model.safetensors")):
         run([sys.executable, "-m", "effbert.commands", "pretrain", "--data", corpus, "--out", run_dir, *args], env)
     print("\ntraining log (means over each window of steps):")

@@ -1,12 +1,13 @@
 """Peak memory of the real ``effbert pretrain`` command on a corpus of a given size: does it grow with the corpus?
 
-    python scripts/pretrain_memory.py --mb 100 --work /tmp/pretrain_mem -- --steps 10 --layers 2 --hidden 64 ...
+    python scripts/pretrain_memory.py --mb 100 --work /tmp/pretrain_mem -- --max-steps 10 --layers 2 ...
 
 Builds an ``--mb`` MB corpus from the real text on this machine by repetition (``corpus_memory.build_corpus``;
 kept and reused when ``--work`` already holds it), trains a WordPiece vocabulary on its first ``--train-mb`` MB
 (``--vocab`` for the command, so the vocabulary is the same for every corpus size), then runs
-``effbert pretrain --data CORPUS --vocab VOCAB --out OUT --max-len 128 --num-proc 2 --cache-dir CACHE --device cpu
---backend eager`` plus the arguments after ``--`` as a child process, and samples the child's process tree every
+``effbert pretrain --data CORPUS --vocab VOCAB --out OUT --max-seq-length 128 --num-proc 2
+--cache-dir CACHE --device cpu --backend eager`` plus the arguments after ``--`` as a child process,
+and samples the child's process tree every
 ``--interval`` seconds (100 ms). It prints one JSON line with, over the run:
 
 - ``peak_rss_mb`` / ``peak_anon_mb`` / ``peak_pss_mb``: the largest sum over the process tree of VmRSS, RssAnon
@@ -125,7 +126,8 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--mb", type=int, default=100, help="corpus size in MB (default 100)")
     p.add_argument("--num-proc", type=int, default=2, help="tokenization processes (default 2)")
-    p.add_argument("--max-len", type=int, default=128, help="--max-len of the command (default 128)")
+    p.add_argument("--max-seq-length", type=int, default=128,
+                   help="--max-seq-length of the command (default 128)")
     p.add_argument("--vocab-size", type=int, default=8000, help="WordPiece vocabulary (default 8000)")
     p.add_argument("--train-mb", type=int, default=20, help="MB of the corpus the vocabulary is trained on (20)")
     p.add_argument("--interval", type=float, default=0.1, help="seconds between samples (default 0.1)")
@@ -143,7 +145,7 @@ def main():
     cache, out = os.path.join(a.work, f"cache_{a.mb}mb"), os.path.join(a.work, f"run_{a.mb}mb")
     vocab = os.path.join(a.work, "tokenizer.json")
     log_path = os.path.join(a.work, f"log_{a.mb}mb.txt")
-    result = {"mb": a.mb, "num_proc": a.num_proc, "max_len": a.max_len}
+    result = {"mb": a.mb, "num_proc": a.num_proc, "max_len": a.max_seq_length}
     t = time.perf_counter()
     if not os.path.isfile(corpus):
         result.update(build_corpus(corpus, a.mb))
@@ -162,7 +164,8 @@ def main():
     shutil.rmtree(out, ignore_errors=True)
     result["reuse_cache"] = a.reuse_cache
     cmd = [sys.executable, "-m", "effbert.commands", "pretrain", "--data", corpus, "--vocab", vocab, "--out", out,
-           "--max-len", str(a.max_len), "--num-proc", str(a.num_proc), "--cache-dir", cache, "--device", "cpu",
+           "--max-seq-length", str(a.max_seq_length), "--num-proc", str(a.num_proc),
+           "--cache-dir", cache, "--device", "cpu",
            "--backend", "eager", *rest]
     result["command"] = " ".join(cmd[2:])
     t = time.perf_counter()

@@ -38,10 +38,6 @@ def test_padding_and_layout(tok):
     assert batch["input_ids"][0, 4:].tolist() == [pad] * 4  # right-padded
     restored = torch.where(batch["labels"] >= 0, batch["labels"], batch["input_ids"])
     assert restored.tolist() == [a + [pad] * 4, b]
-    pairs = col([{"input_ids": a, "token_type_ids": [0, 0, 0, 1], "next_sentence_label": 1},
-                 {"input_ids": a[:3], "token_type_ids": [0, 0, 1], "next_sentence_label": 0}])
-    assert pairs["next_sentence_label"].tolist() == [1, 0]
-    assert pairs["token_type_ids"].tolist() == [[0, 0, 0, 1, 0, 0, 0, 0], [0, 0, 1, 0, 0, 0, 0, 0]]
 
 
 def test_masking_is_berts(tok):
@@ -212,9 +208,9 @@ def test_dataloader_workers_draw_apart_and_repeat(tok):
 
 
 def test_optional_keys_are_read_from_every_feature(tok):
-    """position_ids, token_type_ids and the pair labels come from every feature, not the first one only: a packed
-    row after an unpacked one would be read as one text (its attention crossing its texts), a row without its pair
-    label would be a bare KeyError. A key some rows have and others lack is refused by name, in either order."""
+    """position_ids come from every feature, not the first one only: a packed row after an unpacked
+    one would be read as one text (its attention crossing its texts). A key some rows have and
+    others lack is refused by name, in either order."""
     col = DataCollatorForTupeMLM(tok, seed=0)
     cls, sep = tok.cls_token_id, tok.sep_token_id
     one = {"input_ids": [cls] + _ids(tok, "the", "cat") + [sep]}
@@ -222,15 +218,7 @@ def test_optional_keys_are_read_from_every_feature(tok):
     for features in ([one, packed], [packed, one]):
         with pytest.raises(ValueError, match=r"features\[\d\] has no 'position_ids'.*must be in every feature"):
             col(features)
-    pair = {**one, "token_type_ids": [0, 0, 0, 1], "next_sentence_label": 1}
-    for key in ("next_sentence_label", "token_type_ids"):
-        partial = {k: v for k, v in pair.items() if k != key}
-        for features in ([pair, partial], [partial, pair]):
-            with pytest.raises(ValueError, match=rf"has no '{key}'"):
-                col(features)
     assert col.step == 0  # nothing drawn by a call that raised
-    batch = col([pair, dict(pair, next_sentence_label=0)])
-    assert batch["next_sentence_label"].tolist() == [1, 0]
 
 
 def test_floating_ids_are_refused_not_truncated(tok):
@@ -245,14 +233,8 @@ def test_floating_ids_are_refused_not_truncated(tok):
             col([{"input_ids": [2, 3]}, {"input_ids": bad}])
     with pytest.raises(TypeError, match=r"features\[0\]\['position_ids'\] must hold integer ids"):
         col([{"input_ids": [2, 3], "position_ids": [0.0, 1.0]}])
-    with pytest.raises(TypeError, match=r"features\[0\]\['token_type_ids'\] must hold integer ids"):
-        col([{"input_ids": [2, 3], "token_type_ids": torch.zeros(2)}])
-    for label in (1.5, 1.0, True, torch.tensor(1.0)):
-        with pytest.raises(TypeError, match=r"features\[0\]\['sentence_order_label'\] must be an int"):
-            col([{"input_ids": [2, 3], "sentence_order_label": label}])
     assert col.step == 0
-    batch = col([{"input_ids": np.array([2, 3], dtype=np.int16), "sentence_order_label": np.int64(1)},
-                 {"input_ids": torch.tensor([4, 5, 6], dtype=torch.int32), "sentence_order_label": torch.tensor(0)}])
+    batch = col([{"input_ids": np.array([2, 3], dtype=np.int16)},
+                 {"input_ids": torch.tensor([4, 5, 6], dtype=torch.int32)}])
     restored = torch.where(batch["labels"] >= 0, batch["labels"], batch["input_ids"])
     assert restored.tolist() == [[2, 3, tok.pad_token_id], [4, 5, 6]]
-    assert batch["sentence_order_label"].tolist() == [1, 0]

@@ -346,7 +346,8 @@ def test_finetune_after_a_real_pretrain_run(tmp_path, data, capsys):
     corpus.write_text("".join(line.split("\t", 1)[1] for line in open(data / "train.tsv")))
     pre = tmp_path / "pre"
     assert cli.main(["pretrain", "--data", str(corpus), "--out", str(pre), "--vocab-size", "120", "--layers", "3",
-                     "--hidden", "32", "--heads", "2", "--max-len", "24", "--batch-size", "8", "--steps", "3",
+                     "--hidden", "32", "--heads", "2", "--max-seq-length", "24", "--batch-size", "8",
+                     "--max-steps", "3",
                      "--backend", "eager", "--tnf-min-count", "3", "--quiet"]) == 0
     mlm, _, _ = load_pretrained(pre)
     model, _, _ = loading.from_pretrain_folder(str(pre), 2, "eager", None)

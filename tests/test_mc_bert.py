@@ -657,7 +657,8 @@ def _real_text(path):
     return str(path)
 
 
-ARGS = ["--layers", "2", "--hidden", "36", "--heads", "3", "--max-len", "24", "--batch-size", "8", "--lr", "2e-3",
+ARGS = ["--layers", "2", "--hidden", "36", "--heads", "3", "--max-seq-length", "24", "--batch-size",
+        "8", "--learning-rate", "2e-3",
         "--backend", "eager", "--quiet", "--objective", "mcbert", "--device", "cpu"]
 
 
@@ -677,7 +678,7 @@ def test_pretrain_mcbert_resume_and_finetune(tmp_path, capsys):
     data = _real_text(tmp_path / "corpus.txt")
     train_wordpiece([data], vocab_size=300).save_pretrained(tmp_path / "tok")  # one vocabulary for every run
     common = ["--data", data, "--vocab", str(tmp_path / "tok"), "--cache-dir", str(tmp_path / "cache"), *ARGS,
-              "--steps", "4", "--save-every", "2", "--log-every", "2"]
+              "--max-steps", "4", "--save-steps", "2", "--logging-steps", "2"]
     whole, parts = tmp_path / "whole", tmp_path / "parts"
     assert pretrain.main([*common, "--out", str(whole), "--dump-state", str(tmp_path / "whole.pt")]) == 0
     text = capsys.readouterr().out
@@ -696,7 +697,7 @@ def test_pretrain_mcbert_resume_and_finetune(tmp_path, capsys):
         assert r["replaced_fraction"] == 0 or 1 / 9 <= r["mc_choice_chance"] <= 1
     # resuming after step 2 gives bitwise the run that did not stop (controller included)
     assert pretrain.main([*common, "--out", str(parts)]) == 0
-    shutil.rmtree(parts / "checkpoint-4")
+    shutil.rmtree(parts / "checkpoints" / "checkpoint-4")
     os.remove(parts / "model.safetensors")
     assert pretrain.main([*common, "--out", str(parts), "--resume", "--dump-state", str(tmp_path / "parts.pt")]) == 0
     a, b = torch.load(tmp_path / "whole.pt"), torch.load(tmp_path / "parts.pt")
@@ -707,10 +708,11 @@ def test_pretrain_mcbert_resume_and_finetune(tmp_path, capsys):
     assert pretrain.main([*common, "--out", str(parts), "--resume", "--objective", "mlm"]) == 2
     assert "--objective 'mcbert' -> 'mlm'" in capsys.readouterr().err
     # checkpoints keep the controller (for --resume); the final model drops it and loads as a masked-LM model
-    assert any(k.startswith("controller.") for k in load_file(whole / "checkpoint-4" / "model.safetensors"))
+    in_checkpoint = load_file(whole / "checkpoints" / "checkpoint-4" / "model.safetensors")
+    assert any(k.startswith("controller.") for k in in_checkpoint)
     saved = load_file(whole / "model.safetensors")
     assert saved and not [k for k in saved if k.startswith("controller.")]
-    mlm, tok, _ = pretrain.load_pretrained(whole, backend="eager")
+    mlm, tok, _ = effbert.models.load_pretrained(whole, backend="eager")
     assert type(mlm).__name__ == "TupeBertForMaskedLM"
     assert all(torch.equal(mlm.state_dict()[k], a[k]) for k in mlm.state_dict())
     rows = [("gnu" if i % 2 else "other") + "\t" + line for i, line in
@@ -734,7 +736,8 @@ def test_pretrain_mcbert_masking(tmp_path, monkeypatch, capsys):
     train_wordpiece([data], vocab_size=300).save_pretrained(tmp_path / "tok")
     mask_id = load_tokenizer(tmp_path / "tok").mask_token_id
     common = ["--data", data, "--vocab", str(tmp_path / "tok"), "--cache-dir", str(tmp_path / "cache"), *ARGS,
-              "--steps", "3", "--save-every", "0", "--batch-size", "32", "--max-len", "48"]
+              "--max-steps", "3", "--save-steps", "0", "--batch-size", "32",
+              "--max-seq-length", "48"]
     batches = []
     call = collator_module.DataCollatorForTupeMLM.__call__
 
@@ -760,14 +763,15 @@ def test_pretrain_mcbert_masking(tmp_path, monkeypatch, capsys):
         return (run["mask_replace_prob"], run["random_replace_prob"], int(target.sum()),
                 float((ids == mask_id).float().mean()), float((ids == orig).float().mean()))
 
-    mask_p, random_p, n, masked, kept = shares("mc", "--save-every", "3")
+    mask_p, random_p, n, masked, kept = shares("mc", "--save-steps", "3")
     assert (mask_p, random_p) == (1.0, 0.0) and n > 200 and masked == 1.0
     mask_p, random_p, n, masked, kept = shares("mc811", "--mask-replace-prob", "0.8", "--random-replace-prob", "0.1")
     assert (mask_p, random_p) == (0.8, 0.1) and n > 200 and 0.65 < masked < 0.93 and 0.03 < kept < 0.2
     mask_p, random_p, n, masked, kept = shares("mlm", objective="mlm")
     assert (mask_p, random_p) == (0.8, 0.1) and 0.65 < masked < 0.93 and 0.03 < kept < 0.2
     capsys.readouterr()
-    args = [*common, "--out", str(tmp_path / "mc"), "--resume", "--steps", "4", "--mask-replace-prob", "0.8"]
+    args = [*common, "--out", str(tmp_path / "mc"), "--resume", "--max-steps", "4",
+            "--mask-replace-prob", "0.8"]
     assert pretrain.main(args) == 2
     assert "--mask-replace-prob 1.0 -> 0.8" in capsys.readouterr().err
     # a run file written before the shares were recorded resumes with what that version did: 80/10/10
@@ -777,7 +781,8 @@ def test_pretrain_mcbert_masking(tmp_path, monkeypatch, capsys):
     run_file.write_text(json.dumps(run))
     os.remove(tmp_path / "mc" / "model.safetensors")
     batches.clear()
-    assert pretrain.main([*common, "--out", str(tmp_path / "mc"), "--resume", "--steps", "4"]) == 0
+    assert pretrain.main([*common, "--out", str(tmp_path / "mc"), "--resume", "--max-steps",
+                          "4"]) == 0
     target = torch.cat([(b["labels"] != -100).reshape(-1) for b, _ in batches])
     ids = torch.cat([b["input_ids"].reshape(-1) for b, _ in batches])[target]
     assert target.sum() > 100 and 0.65 < float((ids == mask_id).float().mean()) < 0.93

@@ -48,8 +48,8 @@ def test_script_pieces(script, tmp_path, capsys):
     corpus = tmp_path / "train.txt"
     corpus.write_text("".join(p + "\n" for p in lines[12:200]), encoding="utf-8")
     run_dir = tmp_path / "mcbert"
-    args = _flags(script, vocab_size=200, layers=1, hidden=36, heads=3, max_len=32, steps=4, batch_size=8,
-                  warmup=1, log_every=2, save_every=2)
+    args = _flags(script, vocab_size=200, layers=1, hidden=36, heads=3, max_seq_length=32,
+                  max_steps=4, batch_size=8, warmup_steps=1, logging_steps=2, save_steps=2)
     assert pretrain.main(["--data", str(corpus), "--out", str(run_dir), "--cache-dir", str(tmp_path / "cache"),
                           "--backend", "eager", *args]) == 0
     run = json.loads((run_dir / "pretrain.json").read_text())["settings"]

@@ -14,6 +14,7 @@ import time
 
 import pytest
 
+from effbert import commands as cli
 from effbert.commands import pretrain
 from effbert.training.run_folder import LOCK_FILE, RunFolder, missing_files, newest_complete
 
@@ -21,8 +22,9 @@ pytestmark = pytest.mark.requires("datasets", "accelerate")  # corpora and Train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KILLPOINT = os.path.join(REPO, "tests", "killpoint")
-MODEL = ["--layers", "1", "--hidden", "16", "--heads", "2", "--max-len", "16", "--batch-size", "4", "--lr", "2e-3",
-         "--backend", "eager", "--device", "cpu", "--quiet", "--no-tnf", "--log-every", "1"]
+MODEL = ["--layers", "1", "--hidden", "16", "--heads", "2", "--max-seq-length", "16",
+         "--batch-size", "4", "--learning-rate", "2e-3",
+         "--backend", "eager", "--device", "cpu", "--quiet", "--no-tnf", "--logging-steps", "1"]
 STOP_LINE = re.compile(r"^effbert pretrain: interrupted at step (\d+); (checkpoint-(\d+) is intact|no checkpoint yet);"
                        r" resume with --resume$")
 
@@ -89,14 +91,14 @@ def test_a_second_run_on_a_held_folder_stops_at_once_and_writes_nothing(tmp_path
         assert holder.stdout.readline().strip() == "held"
         before = _listing(out)
         assert before == {LOCK_FILE: f"{holder.pid}\n".encode()}
-        second = _child(_args(files, out, "--steps", "2"))
+        second = _child(_args(files, out, "--max-steps", "2"))
         stdout, stderr = second.communicate(timeout=300)
         assert second.returncode == 2, stderr
         lines = stderr.strip().splitlines()
         assert len(lines) == 1 and f"pid {holder.pid}" in lines[0] and str(out) in lines[0], stderr
         assert _listing(out) == before
         # a resume is refused the same way, in this process too
-        assert pretrain.main(_args(files, out, "--steps", "2", "--resume")) == 2
+        assert pretrain.main(_args(files, out, "--max-steps", "2", "--resume")) == 2
         assert f"pid {holder.pid}" in capsys.readouterr().err and _listing(out) == before
     finally:
         holder.kill()
@@ -114,16 +116,17 @@ def test_the_lock_is_held_for_the_whole_run_and_left_with_nothing_behind(tmp_pat
 
     def spy(self, trainer, resume):
         probe = RunFolder(self.path, "effbert pretrain", ())
-        with pytest.raises(pretrain.UsageError, match=f"pid {os.getpid()}"):
+        with pytest.raises(cli.UsageError, match=f"pid {os.getpid()}"):
             probe.lock()
         seen.append(True)
         return train(self, trainer, resume)
 
     monkeypatch.setattr(run_folder.RunFolder, "train", spy)
     out = tmp_path / "run"
-    assert pretrain.main(_args(files, out, "--steps", "1")) == 0
+    assert pretrain.main(_args(files, out, "--max-steps", "1")) == 0
     assert seen and not (out / LOCK_FILE).exists()
-    assert pretrain.main(_args(files, tmp_path / "refused", "--steps", "1", "--heads", "3")) == 2
+    assert pretrain.main(_args(files, tmp_path / "refused", "--max-steps", "1", "--heads",
+                               "3")) == 2
     assert not (tmp_path / "refused").exists()
 
 
@@ -131,7 +134,7 @@ def test_an_out_holding_the_users_files_is_refused(tmp_path, files, capsys):
     out = tmp_path / "mine"
     out.mkdir()
     (out / "notes.txt").write_text("mine")
-    assert pretrain.main(_args(files, out, "--steps", "1")) == 2
+    assert pretrain.main(_args(files, out, "--max-steps", "1")) == 2
     err = capsys.readouterr().err
     assert "holds files effbert pretrain did not write (notes.txt)" in err and len(err.strip().splitlines()) == 1
     assert sorted(os.listdir(out)) == ["notes.txt"]
@@ -149,7 +152,7 @@ def killed(files, tmp_path_factory):
     root = tmp_path_factory.mktemp("killed")
     procs = {}
     for point in KILL_POINTS:
-        procs[point] = _child(_args(files, root / point, "--steps", "3", "--save-every", "1"),
+        procs[point] = _child(_args(files, root / point, "--max-steps", "3", "--save-steps", "1"),
                               PYTHONPATH=KILLPOINT, EFFBERT_KILL_AT=f"checkpoint-2/{point}")
     done = {}
     for point, proc in procs.items():
@@ -163,29 +166,33 @@ def killed(files, tmp_path_factory):
 def test_a_kill_during_a_save_resumes_from_the_checkpoint_before(killed, files, point, capsys):
     rc, stderr, out = killed[point]
     assert rc == 9, stderr[-2000:]  # ended where the kill point is
-    assert missing_files(out / "checkpoint-1") == [] and missing_files(out / "checkpoint-2") != []
+    ckpts = out / "checkpoints"
+    assert missing_files(ckpts / "checkpoint-1") == [] and missing_files(ckpts / "checkpoint-2") != []
     assert not (out / "model.safetensors").exists()
-    assert pretrain.main(_args(files, out, "--steps", "3", "--save-every", "1", "--resume")) == 0
+    assert pretrain.main(_args(files, out, "--max-steps", "3", "--save-steps", "1",
+                               "--resume")) == 0
     text = capsys.readouterr().out
     assert re.search(r"skipping incomplete checkpoint-2 \(no [^)]+\): a save that did not finish, left in place",
                      text), text
     assert "resuming from step 1" in text and "done: 3 steps" in text
     assert _log_steps(out)[-2:] == [2, 3]
-    assert missing_files(out / "checkpoint-3") == []
+    assert missing_files(out / "checkpoints" / "checkpoint-3") == []
 
 
 def test_an_older_incomplete_checkpoint_is_never_deleted_by_the_resume(tmp_path, files, capsys):
     """Only Trainer's own rotation (the last two kept) removes checkpoints: the resume itself deletes nothing."""
     out = tmp_path / "run"
-    assert pretrain.main(_args(files, out, "--steps", "2", "--save-every", "1")) == 0
-    os.remove(out / "checkpoint-2" / "trainer_state.json")
+    assert pretrain.main(_args(files, out, "--max-steps", "2", "--save-steps", "1")) == 0
+    os.remove(out / "checkpoints" / "checkpoint-2" / "trainer_state.json")
     os.remove(out / "model.safetensors")
-    (out / "checkpoint-7").mkdir()  # a stray, empty: not a save of this run, left alone
+    (out / "checkpoints" / "checkpoint-7").mkdir()  # a stray, empty: not a save of this run
     capsys.readouterr()
-    assert pretrain.main(_args(files, out, "--steps", "2", "--save-every", "1", "--resume")) == 0
+    assert pretrain.main(_args(files, out, "--max-steps", "2", "--save-steps", "1",
+                               "--resume")) == 0
     text = capsys.readouterr().out
     assert "skipping incomplete checkpoint-7 (no config.json" in text and "checkpoint-2 (no trainer_state.json)" in text
-    assert (out / "checkpoint-7").is_dir() and missing_files(out / "checkpoint-2") == []
+    ckpts = out / "checkpoints"
+    assert (ckpts / "checkpoint-7").is_dir() and missing_files(ckpts / "checkpoint-2") == []
 
 
 # --------------------------------------------------------------------------------------------------- a full disk
@@ -202,16 +209,17 @@ def test_a_full_disk_during_a_save_is_one_line(tmp_path, files):
     mnt, copy = tmp_path / "mnt", tmp_path / "copy"
     mnt.mkdir()
     # what the run writes before its first save and one checkpoint take, in tmpfs pages, from a run on the disk
-    assert pretrain.main(_args(files, tmp_path / "probe", "--steps", "1", "--save-every", "1")) == 0
+    assert pretrain.main(_args(files, tmp_path / "probe", "--max-steps", "1", "--save-steps",
+                               "1")) == 0
 
     def pages(names):
         return sum(-(-len(v) // 4096) * 4096 for k, v in _listing(tmp_path / "probe").items() if names(k))
 
-    ckpt = pages(lambda k: k.startswith("checkpoint-1"))
+    ckpt = pages(lambda k: k.startswith(os.path.join("checkpoints", "checkpoint-1")))
     first = pages(lambda k: k in ("tokenizer.json", "tokenizer_config.json", "pretrain.json", "log.jsonl"))
     fill = 20 * 2 ** 20 - first - int(1.5 * ckpt) - 16 * 4096
     cmd = [sys.executable, "-m", "effbert.commands", "pretrain",
-           *_args(files, mnt / "run", "--steps", "6", "--save-every", "1")]
+           *_args(files, mnt / "run", "--max-steps", "6", "--save-steps", "1")]
     script = (f"mount -t tmpfs -o size=20m tmpfs {mnt} && head -c {fill} /dev/zero > {mnt}/filler && "
               f"{subprocess.list2cmdline(cmd)} 2> {tmp_path}/stderr; echo $? > {tmp_path}/rc; "
               f"cp -r {mnt}/run {copy}")
@@ -223,19 +231,20 @@ def test_a_full_disk_during_a_save_is_one_line(tmp_path, files):
     m = re.fullmatch(r"effbert pretrain: error: no space left on device while saving checkpoint-(\d+); "
                      r"checkpoint-(\d+) is intact", lines[0])
     assert m and int(m[2]) < int(m[1]), lines[0]
-    assert missing_files(copy / f"checkpoint-{m[2]}") == []
+    assert missing_files(copy / "checkpoints" / f"checkpoint-{m[2]}") == []
 
 
 # ----------------------------------------------------------------------------------------------- ctrl-C, SIGTERM
 
 
 def test_ctrl_c_and_sigterm_end_in_one_line(tmp_path, files):
-    procs = {sig: _child(_args(files, tmp_path / sig.name, "--steps", "100000", "--save-every", "2"),
+    procs = {sig: _child(_args(files, tmp_path / sig.name, "--max-steps", "100000", "--save-steps",
+                               "2"),
                          stdout=subprocess.DEVNULL) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         for sig, proc in procs.items():  # wait for a whole checkpoint, then stop the run
             deadline = time.monotonic() + 300
-            while newest_complete(str(tmp_path / sig.name)) is None:
+            while newest_complete(str(tmp_path / sig.name / "checkpoints")) is None:
                 assert proc.poll() is None and time.monotonic() < deadline, f"rc {proc.poll()}"
                 time.sleep(0.2)
             proc.send_signal(sig)
@@ -246,7 +255,7 @@ def test_ctrl_c_and_sigterm_end_in_one_line(tmp_path, files):
             assert len(lines) == 1 and "Traceback" not in stderr, stderr[-3000:]
             m = STOP_LINE.match(lines[0])
             assert m and m[3] is not None and 2 <= int(m[3]) <= int(m[1]), lines[0]
-            assert missing_files(tmp_path / sig.name / f"checkpoint-{m[3]}") == []
+            assert missing_files(tmp_path / sig.name / "checkpoints" / f"checkpoint-{m[3]}") == []
             assert not (tmp_path / sig.name / LOCK_FILE).exists()
     finally:
         for proc in procs.values():
@@ -261,10 +270,11 @@ def test_resume_on_other_data_is_refused_by_name(tmp_path, files, capsys):
     corpus = tmp_path / "corpus.txt"
     shutil.copy(files["corpus"], corpus)
     out = tmp_path / "run"
-    assert pretrain.main(_args(files, out, "--steps", "1", "--save-every", "1", data=str(corpus))) == 0
+    assert pretrain.main(_args(files, out, "--max-steps", "1", "--save-steps", "1",
+                               data=str(corpus))) == 0
     recorded = json.loads((out / "pretrain.json").read_text())["data"]
     assert recorded[0]["size"] == corpus.stat().st_size and len(recorded[0]["sha256_ends"]) == 64
-    resume = _args(files, out, "--steps", "2", "--resume", data=str(corpus))
+    resume = _args(files, out, "--max-steps", "2", "--resume", data=str(corpus))
     text = corpus.read_text()
     corpus.write_text(text + "One more line of text here.\n")
     capsys.readouterr()
@@ -279,32 +289,66 @@ def test_resume_on_other_data_is_refused_by_name(tmp_path, files, capsys):
     corpus.write_text(text)  # the same data again (the path need not be the same)
     moved = tmp_path / "moved.txt"
     shutil.copy(corpus, moved)
-    assert pretrain.main(_args(files, out, "--steps", "2", "--resume", data=str(moved))) == 0
+    assert pretrain.main(_args(files, out, "--max-steps", "2", "--resume", data=str(moved))) == 0
 
 
 # ----------------------------------------------------------------------------------------- a longer resume
 
 
 def test_a_longer_resume_keeps_the_schedule_unless_reshaped(tmp_path, files, capsys):
-    """4 steps (linear decay to 0 at step 4), then --resume --steps 8: the run's schedule, so steps 5-8 train at lr
-    0; with --reshape-schedule the schedule of a run started with --steps 8."""
+    """4 steps (linear decay to 0 at step 4), then --resume --max-steps 8: the run's schedule, so
+    steps 5-8 train at lr 0; with --reshape-schedule the schedule of a run started with --max-steps
+    8."""
     base = tmp_path / "base"
-    assert pretrain.main(_args(files, base, "--steps", "4", "--save-every", "4")) == 0
+    assert pretrain.main(_args(files, base, "--max-steps", "4", "--save-steps", "4")) == 0
     os.remove(base / "model.safetensors")
     kept, reshaped, long = tmp_path / "kept", tmp_path / "reshaped", tmp_path / "long"
     shutil.copytree(base, kept)
     shutil.copytree(base, reshaped)
     capsys.readouterr()
-    assert pretrain.main(_args(files, kept, "--steps", "8", "--resume")) == 0
-    assert "keeping the run's learning-rate schedule: warm-up 0 steps, linear decay to 0 at step 4 (the steps after " \
-        "it train at lr 0; --reshape-schedule stretches it to --steps 8)" in capsys.readouterr().out
+    assert pretrain.main(_args(files, kept, "--max-steps", "8", "--resume")) == 0
+    assert ("keeping the run's learning-rate schedule: warm-up 0 steps, linear decay to 0 at step 4 "
+            "(the steps after it train at lr 0; --reshape-schedule stretches it to --max-steps 8)"
+            in capsys.readouterr().out)
     lr = _lrs(kept)
     assert lr[3] == _lrs(base)[3] > 0 and all(lr[s] == 0 for s in (5, 6, 7, 8))
-    assert pretrain.main(_args(files, reshaped, "--steps", "8", "--resume", "--reshape-schedule")) == 0
+    assert pretrain.main(_args(files, reshaped, "--max-steps", "8", "--resume",
+                               "--reshape-schedule")) == 0
     assert "reshaping the learning-rate schedule (--reshape-schedule): linear decay to 0 at step 8, was 4" in \
         capsys.readouterr().out
-    assert pretrain.main(_args(files, long, "--steps", "8")) == 0
+    assert pretrain.main(_args(files, long, "--max-steps", "8")) == 0
     assert all(_lrs(reshaped)[s] == _lrs(long)[s] > 0 for s in (5, 6, 7, 8))
     assert json.loads((reshaped / "pretrain.json").read_text())["schedule"] == {"steps": 8, "warmup": 0}
-    assert pretrain.main(_args(files, tmp_path / "new", "--steps", "2", "--reshape-schedule")) == 2
+    assert pretrain.main(_args(files, tmp_path / "new", "--max-steps", "2",
+                               "--reshape-schedule")) == 2
     assert "--reshape-schedule goes with --resume" in capsys.readouterr().err
+
+def test_make_readable_gives_files_the_mode_open_gives(tmp_path):
+    """safetensors' save_file writes 0600 (a private temporary file renamed); make_readable gives
+    every file under a folder 0666 less the umask (0644 under 022), as open() would, and names what
+    it changed."""
+    import torch
+    from safetensors.torch import save_file
+
+    from effbert.training.run_folder import make_readable
+
+    old = os.umask(0o022)
+    try:
+        (tmp_path / "ckpt").mkdir()
+        save_file({"x": torch.ones(2)}, str(tmp_path / "ckpt" / "model.safetensors"))
+        (tmp_path / "plain.json").write_text("{}")
+        def modes():
+            return {p.name: p.stat().st_mode & 0o777 for p in tmp_path.rglob("*") if p.is_file()}
+
+        assert modes() == {"model.safetensors": 0o600, "plain.json": 0o644}  # the cause
+        assert make_readable(str(tmp_path)) == [str(tmp_path / "ckpt" / "model.safetensors")]
+        assert modes() == {"model.safetensors": 0o644, "plain.json": 0o644}
+        assert make_readable(str(tmp_path / "plain.json")) == []
+        os.umask(0o077)
+        os.chmod(tmp_path / "plain.json", 0o644)
+        make_readable(str(tmp_path / "plain.json"))
+        assert modes()["plain.json"] == 0o600  # the umask decides, as for open()
+    finally:
+        os.umask(old)
+    with pytest.raises(FileNotFoundError, match="path"):
+        make_readable(str(tmp_path / "missing"))

@@ -92,6 +92,9 @@ def run_command(prog, parser, check, body, argv):
         args = parser.parse_args(argv)
     except SystemExit as exc:  # argparse has printed its message
         return int(exc.code or 0)
+    except UsageError as exc:  # an old spelling (settings.RENAMED)
+        print(f"{prog}: error: {exc}", file=sys.stderr, flush=True)
+        return exc.code
     try:
         try:
             check(args)

@@ -16,15 +16,16 @@ __all__ = ["RECIPES", "Share", "apply", "explicit_dests", "checker", "check_opti
 
 
 class Share(float):
-    """A warm-up given as a share of the run's steps (fairseq's 10k of 1M updates): ``effbert pretrain`` takes
-    ``--warmup`` in steps, so the recipe's value becomes ``round(share * --steps)`` there."""
+    """A warm-up given as a share of the run's steps (fairseq's 10k of 1M updates): the recipe's
+    value becomes ``--warmup-steps round(share * --max-steps)``, the count the line shows."""
 
 
 # name: (command, method, {argparse dest: value}, {dest: source}). Only what the source states.
 RECIPES = {
     "tupe": ("pretrain", "TUPE (Ke, He, Liu, ICLR 2021)", {
         "objective": "mlm", "tnf": False,
-        "lr": 1e-4, "warmup": Share(0.01), "adam_beta1": 0.9, "adam_beta2": 0.999, "adam_epsilon": 1e-6,
+        "learning_rate": 1e-4, "warmup_steps": Share(0.01), "adam_beta1": 0.9, "adam_beta2": 0.999,
+        "adam_epsilon": 1e-6,
         "weight_decay": 0.01, "max_grad_norm": 1.0, "mask_replace_prob": 0.8, "random_replace_prob": 0.1,
     }, {
         "*": "guolinke/TUPE README.md, Pre-Training: --lr 0.0001 --warmup-updates 10000 --total-num-update 1000000 "
@@ -34,7 +35,8 @@ RECIPES = {
     }),
     "mcbert": ("pretrain", "MC-BERT (Xu et al., 2020)", {
         "objective": "mcbert", "tnf": False,
-        "lr": 1e-4, "warmup": Share(0.01), "adam_beta1": 0.9, "adam_beta2": 0.98, "adam_epsilon": 1e-6,
+        "learning_rate": 1e-4, "warmup_steps": Share(0.01), "adam_beta1": 0.9, "adam_beta2": 0.98,
+        "adam_epsilon": 1e-6,
         "weight_decay": 0.01, "max_grad_norm": 0.0, "mask_replace_prob": 1.0, "random_replace_prob": 0.0,
     }, {
         "*": "MC-BERT/MC-BERT README.md, MC-BERT pre-training: --lr 0.0001 --warmup-updates 10000 "
@@ -45,7 +47,8 @@ RECIPES = {
     }),
     "tnf": ("pretrain", "TNF (Wu et al., ICLR 2021)", {
         "objective": "mlm", "tnf": True,
-        "lr": 1e-4, "warmup": Share(0.01), "adam_beta1": 0.9, "adam_beta2": 0.98, "adam_epsilon": 1e-6,
+        "learning_rate": 1e-4, "warmup_steps": Share(0.01), "adam_beta1": 0.9, "adam_beta2": 0.98,
+        "adam_epsilon": 1e-6,
         "weight_decay": 0.01,
     }, {
         "*": "TNF paper, Sec. 4.1 (experimental setup): Adam, eps 1e-6, (beta1, beta2) = (0.9, 0.98), peak lr 1e-4 "
@@ -166,8 +169,8 @@ def apply(a, command, build_parser, argv):
             continue
         shown = None
         if isinstance(value, Share):
-            shown = f"{100 * value:g}% of --steps"
-            value = round(value * a.steps)
+            shown = f"{100 * value:g}% of --max-steps"
+            value = round(value * a.max_steps)
         setattr(a, dest, value)
         used.append(_flag(parser, dest, value) + (f" ({shown})" if shown else ""))
     line = f"recipe {name}, {method}: {' '.join(used)}"

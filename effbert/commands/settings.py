@@ -93,8 +93,12 @@ class SettingsParser(HfArgumentParser):
         try:
             refuse_renamed(argv, self._renamed)
         except UsageError as exc:  # argparse's way for a command line's mistake: one line, exit 2
-            self.exit(exc.code, f"{self.prog}: error: {exc}\n")
-        (settings,) = self.parse_args_into_dataclasses(args=argv, look_for_args_file=False)
+            self.exit(exc.code, f"{self.prog}: error: {exc}
+")
+        settings, rest = self.parse_args_into_dataclasses(args=argv, look_for_args_file=False,
+                                                          return_remaining_strings=True)
+        if rest:  # argparse's own message and exit code 2, not HfArgumentParser's ValueError
+            self.error(f"unrecognized arguments: {' '.join(rest)}")
         return settings
 
 

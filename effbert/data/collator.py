@@ -10,8 +10,6 @@ A batch (the names and layout of transformers):
 - ``labels [B, N]`` int64, the original piece at masked positions, -100 elsewhere;
 - ``position_ids [B, N]`` int64 when the rows are packed (the features have ``position_ids``): restarts at 0 at
   each text's first token, 0 on padding;
-- ``token_type_ids [B, N]`` int64 and ``next_sentence_label`` / ``sentence_order_label [B]`` int64 when the
-  features have them (``load_corpus(format="nsp" | "sop")``);
 - with ``rare_words``: ``note_slots [B, N]`` int64 (the rare word's slot at each of its pieces, -1 elsewhere) and
   ``note_spans [M, 4]`` int64 rows ``(row, start, end_exclusive, slot)`` (``RareWordTable.find``).
 
@@ -45,9 +43,6 @@ from .tokenization import check_tokenizer
 
 __all__ = ["DataCollatorForTupeMLM"]
 
-_PAIR_LABELS = ("next_sentence_label", "sentence_order_label")
-
-
 class DataCollatorForTupeMLM:
     """See the module docstring.
 
@@ -56,12 +51,12 @@ class DataCollatorForTupeMLM:
     become [MASK] / a random piece (each in [0, 1], their sum <= 1; the rest keep their piece); ``rare_words``: a ``RareWordTable`` (TNF) or None; ``pad_to_multiple_of``: pad ``N`` up to a multiple of
     it (None = the longest row); ``seed``: int >= 0; ``rank``: None (``torch.distributed``'s rank) or an int >= 0.
     ``__call__(features)``: ``features`` a non-empty list of mappings with ``input_ids`` (a list, numpy array or 1-D
-    tensor of integer ids) and optionally ``position_ids``, ``token_type_ids`` (the same), ``next_sentence_label`` /
-    ``sentence_order_label`` (an int); every feature is read, and an optional key must be in every feature or in
-    none. Returns a dict of tensors. Raises ``ValueError`` naming the feature and key for a missing key (an
-    optional key some features have and others lack included), an empty row, ids outside the vocabulary or
-    ``position_ids`` of another length; ``TypeError`` naming them for floating-point ids (never truncated) or a
-    pair label that is not an int.
+    tensor of integer ids) and optionally ``position_ids`` (the same); every feature is read, and
+    ``position_ids`` must be in every feature or in none. Returns a dict of tensors. Raises
+    ``ValueError`` naming the feature and key for a missing key (``position_ids`` that some
+    features have and others lack included), an empty row, ids outside the vocabulary or
+    ``position_ids`` of another length; ``TypeError`` naming them for floating-point ids (never
+    truncated).
     """
 
     def __init__(self, tokenizer, mlm_probability=0.15, rare_words=None, pad_to_multiple_of=None, seed=0, rank=None,
@@ -141,16 +136,6 @@ class DataCollatorForTupeMLM:
         return t
 
     @staticmethod
-    def _label(feature, key, i):
-        value = feature[key]
-        if isinstance(value, torch.Tensor) and value.numel() == 1 and not (value.is_floating_point()
-                                                                           or value.is_complex()):
-            value = value.item()
-        if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
-            raise TypeError(f"features[{i}][{key!r}] must be an int, got {value!r}")
-        return int(value)
-
-    @staticmethod
     def _present(features, keys):
         """The optional ``keys`` the batch has: each one in every feature or in none (``ValueError`` naming the key
         and a feature without it otherwise: rows read as texts of another layout must not pass silently)."""
@@ -177,8 +162,7 @@ class DataCollatorForTupeMLM:
                 raise ValueError(f"features[{i}]['input_ids'] is empty")
             if int(t.min()) < 0 or int(t.max()) >= V:
                 raise ValueError(f"features[{i}]['input_ids'] must be in [0, {V}) (the tokenizer's vocabulary)")
-        optional = self._present(features, ("position_ids", "token_type_ids"))
-        labels = self._present(features, _PAIR_LABELS)
+        optional = self._present(features, ("position_ids",))
         extra = {k: [self._row(f, k, i) for i, f in enumerate(features)] for k in optional}
         for k, rows in extra.items():
             for i, (t, r) in enumerate(zip(ids, rows)):
@@ -204,8 +188,6 @@ class DataCollatorForTupeMLM:
             t = torch.zeros(B, N, dtype=torch.int64)
             t[real] = torch.cat(rows)
             batch[k] = t
-        for k in labels:
-            batch[k] = torch.tensor([self._label(f, k, i) for i, f in enumerate(features)], dtype=torch.int64)
 
         self._mlm.generator = self._generator()
         self.step += 1

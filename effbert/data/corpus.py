@@ -6,7 +6,7 @@ and cached memory-mapped (Arrow) on disk, so memory does not grow with the corpu
     counts = count_words(ds, tok)                                           # for TNF's rare words
 
 The files are BERT's pretraining format (google-research/bert ``create_pretraining_data.py``): one sentence (or
-paragraph) a line, a blank line between documents. Three formats of examples:
+paragraph) a line, a blank line between documents. Two formats of examples:
 
 - ``"documents"`` (default): RoBERTa's DOC-SENTENCES (Liu et al. 2019; fairseq ``TokenBlockDataset`` with
   ``break_mode="complete_doc"``): each document's lines are concatenated into texts ``[CLS] ... [SEP]`` of at most
@@ -14,26 +14,19 @@ paragraph) a line, a blank line between documents. Three formats of examples:
   at a word start. Columns: ``input_ids``.
 - ``"lines"``: a text ``[CLS] line [SEP]`` per non-blank line (a line longer than ``max_length`` is cut at word
   starts into several): sentence-level data, and the real length distribution of a one-sentence-a-line corpus.
-- ``"nsp"``: BERT's sentence pairs ``[CLS] A [SEP] B [SEP]`` with ``next_sentence_label`` (0 = B follows A in the
-  document, 1 = B comes from another document), ``create_instances_from_document`` of google-research/bert.
-- ``"sop"``: ALBERT's sentence-order pairs with ``sentence_order_label`` (0 = A then B as in the document, 1 =
-  swapped), ``create_instances_from_document`` of google-research/albert (``random_next_sentence=False``; as
-  there, a chunk of a single sentence still takes B from another document, labelled 1).
-  Both pair formats add ``token_type_ids`` (0 for [CLS] A [SEP], 1 for B [SEP]) and draw ``short_seq_prob`` shorter
-  targets as the published code does. Masking is left to the collator (dynamic, as RoBERTa), so there is no
-  ``dupe_factor``.
+
+Masking is left to the collator (dynamic, as RoBERTa), so there is no ``dupe_factor``. (BERT's
+NSP and ALBERT's SOP sentence pairs are not offered: no effbert model has their head.)
 
 Deviations, for bounded memory: the corpus is read in batches of ``batch_size`` lines, and a batch boundary ends a
-document (one extra text boundary per batch, and per process with ``num_proc``); the pair formats take a random
-"next" document from the same batch, not from the whole corpus. So the texts depend on ``batch_size`` and
-``num_proc`` (not on anything else: the random draws are seeded by ``seed`` and the batch's first line).
+document (one extra text boundary per batch, and per process with ``num_proc``). So the texts
+depend on ``batch_size`` and ``num_proc`` (and on nothing else).
 """
 
 import codecs
 import collections
 import numbers
 import os
-import random
 
 import numpy as np
 
@@ -45,7 +38,7 @@ __all__ = ["MAX_LINE_BYTES", "FORMATS", "check_text_file", "load_corpus", "count
 # A line is a sentence or a paragraph; 1 MiB is already ~150,000 words. Longer lines mean a file that is not text
 # in this format (a dump without newlines, minified data), and one such line would be held whole in memory.
 MAX_LINE_BYTES = 1 << 20
-FORMATS = ("documents", "lines", "nsp", "sop")
+FORMATS = ("documents", "lines")
 _CHUNK = 1 << 24
 
 
@@ -202,94 +195,19 @@ class _Texts:
         return {"input_ids": out}
 
 
-class _Pairs:
-    """The batched map function of ``format="nsp"`` / ``"sop"``: ``create_instances_from_document`` of
-    google-research/bert (``nsp``) and google-research/albert (``sop``), on the documents of one batch."""
-
-    def __init__(self, tokenizer, max_length, fmt, seed, short_seq_prob):
-        self.encode = _Encoder(tokenizer)
-        self.max_length = max_length
-        self.fmt = fmt
-        self.seed = seed
-        self.short_seq_prob = short_seq_prob
-        self.cls, self.sep = tokenizer.cls_token_id, tokenizer.sep_token_id
-
-    def __call__(self, batch, indices):
-        lines = batch["text"]
-        encoded = self.encode(lines)
-        docs = _documents_of(lines, encoded)
-        rng = random.Random(f"{self.seed}:{indices[0] if len(indices) else 0}")
-        label = "next_sentence_label" if self.fmt == "nsp" else "sentence_order_label"
-        out = {"input_ids": [], "token_type_ids": [], label: []}
-        for d in range(len(docs)):
-            for a, b, is_random in self._instances(docs, d, rng):
-                out["input_ids"].append([self.cls] + a + [self.sep] + b + [self.sep])
-                out["token_type_ids"].append([0] * (len(a) + 2) + [1] * (len(b) + 1))
-                out[label].append(int(is_random))
-        return out
-
-    def _instances(self, docs, d, rng):
-        document = docs[d]
-        max_num_tokens = self.max_length - 3  # [CLS], [SEP], [SEP]
-        target = max_num_tokens
-        if rng.random() < self.short_seq_prob:
-            target = rng.randint(2, max_num_tokens)
-        chunk, length, i = [], 0, 0
-        while i < len(document):
-            segment = document[i]
-            chunk.append(segment)
-            length += len(segment)
-            if i == len(document) - 1 or length >= target:
-                a_end = rng.randint(1, len(chunk) - 1) if len(chunk) >= 2 else 1
-                tokens_a = [t for seg in chunk[:a_end] for t in seg]
-                tokens_b = []
-                if len(chunk) == 1 or (self.fmt == "nsp" and rng.random() < 0.5):
-                    is_random = True
-                    target_b = target - len(tokens_a)
-                    for _ in range(10):
-                        r = rng.randint(0, len(docs) - 1)
-                        if r != d:
-                            break
-                    other = docs[r]
-                    for j in range(rng.randint(0, len(other) - 1), len(other)):
-                        tokens_b.extend(other[j])
-                        if len(tokens_b) >= target_b:
-                            break
-                    i -= len(chunk) - a_end  # the unused segments go back
-                elif self.fmt == "sop" and rng.random() < 0.5:
-                    is_random = True
-                    tokens_b = [t for seg in chunk[a_end:] for t in seg]
-                    tokens_a, tokens_b = tokens_b, tokens_a
-                else:
-                    is_random = False
-                    tokens_b = [t for seg in chunk[a_end:] for t in seg]
-                while len(tokens_a) + len(tokens_b) > max_num_tokens:  # truncate_seq_pair
-                    longer = tokens_a if len(tokens_a) > len(tokens_b) else tokens_b
-                    if rng.random() < 0.5:
-                        del longer[0]
-                    else:
-                        longer.pop()
-                if tokens_a and tokens_b:  # the published code asserts this; a one-piece corpus can break it
-                    yield tokens_a, tokens_b, is_random
-                chunk, length = [], 0
-            i += 1
-
-
-def load_corpus(paths, tokenizer, max_length, *, format="documents", num_proc=None, cache_dir=None, seed=0,
-                short_seq_prob=0.1, batch_size=1000):
+def load_corpus(paths, tokenizer, max_length, *, format="documents", num_proc=None, cache_dir=None,
+                batch_size=1000):
     """Text files -> a ``datasets.Dataset`` of tokenized texts (see the module docstring for the formats).
 
     ``paths``: a path or a list of paths to UTF-8 text (one sentence or paragraph a line, blank lines between
     documents); ``tokenizer``: a ``BertTokenizerFast`` (``load_tokenizer`` / ``train_wordpiece``); ``max_length``:
-    the most pieces of a text, [CLS] and [SEP] included (>= 5 for the pair formats, >= 3 otherwise); ``format``:
-    ``"documents"``, ``"lines"``, ``"nsp"`` or ``"sop"``;
+    the most pieces of a text, [CLS] and [SEP] included (>= 3); ``format``: ``"documents"`` or
+    ``"lines"``;
     ``num_proc``: processes for tokenization (None = this process); ``cache_dir``: where ``datasets`` keeps the
     Arrow files (None = its default, ``~/.cache/huggingface/datasets``); a second call with the same files,
-    tokenizer and arguments reuses them; ``seed``: the pair formats' random draws; ``short_seq_prob``: the pair
-    formats' chance of a shorter target length (0.1 as published); ``batch_size``: lines tokenized at once.
+    tokenizer and arguments reuses them; ``batch_size``: lines tokenized at once.
 
-    Returns a memory-mapped ``datasets.Dataset`` with ``input_ids`` (int32 lists) and, for the pair formats,
-    ``token_type_ids`` (int8 lists) and ``next_sentence_label`` / ``sentence_order_label`` (int64).
+    Returns a memory-mapped ``datasets.Dataset`` with ``input_ids`` (int32 lists).
     Raises ``ValueError`` (one line naming the file) for a file that is missing, a directory or not a regular file,
     empty, not UTF-8, binary or has a line over ``MAX_LINE_BYTES`` (1 MiB): every file is checked before anything
     is written to the cache; and ``ValueError`` for bad arguments or a corpus that yields no text.
@@ -300,30 +218,18 @@ def load_corpus(paths, tokenizer, max_length, *, format="documents", num_proc=No
     check_tokenizer(tokenizer)
     if format not in FORMATS:
         raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
-    # a pair needs [CLS] A [SEP] B [SEP] with a piece in each of A and B: 5. BERT's create_instances_from_document
-    # fails below that too (its short target is randint(2, max_length - 3); it asserts A and B each keep a piece)
-    _check_int("max_length", max_length, 3 if format in ("documents", "lines") else 5)
+    _check_int("max_length", max_length, 3)
     _check_int("num_proc", num_proc, 1, allow_none=True)
-    _check_int("seed", seed, 0)
     _check_int("batch_size", batch_size, 1)
-    if isinstance(short_seq_prob, bool) or not isinstance(short_seq_prob, numbers.Real) or not 0 <= short_seq_prob <= 1:
-        raise ValueError(f"short_seq_prob must be a number in [0, 1], got {short_seq_prob!r}")
     if cache_dir is not None and not isinstance(cache_dir, (str, os.PathLike)):
         raise TypeError(f"cache_dir must be None or a path, got {type(cache_dir).__name__}")
     for p in paths:
         check_text_file(p)
     cache_dir = None if cache_dir is None else os.fspath(cache_dir)
     raw = datasets.load_dataset("text", data_files={"train": paths}, split="train", cache_dir=cache_dir)
-    if format in ("documents", "lines"):
-        fn, with_indices = _Texts(tokenizer, max_length, per_line=format == "lines"), False
-        features = datasets.Features({"input_ids": datasets.Sequence(datasets.Value("int32"))})
-    else:
-        fn, with_indices = _Pairs(tokenizer, max_length, format, seed, float(short_seq_prob)), True
-        label = "next_sentence_label" if format == "nsp" else "sentence_order_label"
-        features = datasets.Features({"input_ids": datasets.Sequence(datasets.Value("int32")),
-                                      "token_type_ids": datasets.Sequence(datasets.Value("int8")),
-                                      label: datasets.Value("int64")})
-    ds = raw.map(fn, batched=True, batch_size=batch_size, with_indices=with_indices, remove_columns=["text"],
+    fn = _Texts(tokenizer, max_length, per_line=format == "lines")
+    features = datasets.Features({"input_ids": datasets.Sequence(datasets.Value("int32"))})
+    ds = raw.map(fn, batched=True, batch_size=batch_size, remove_columns=["text"],
                  features=features, num_proc=num_proc, desc=f"tokenizing ({format})")
     if len(ds) == 0:
         raise ValueError(f"{paths[0]!r}{' and the other files' if len(paths) > 1 else ''}: no text left after "

@@ -13,6 +13,7 @@ from .tupe_bert import (
     TupeBertModel,
     TupeBertPreTrainedModel,
 )
+from .loader import load_pretrained
 from .quantization import QUANTIZED_DTYPES, quantize_for_cpu
 from .token_classification import (
     TOKEN_EXIT_MODES,
@@ -29,7 +30,8 @@ __all__ = ["POSITION_MODES", "TupeBertConfig", "TupeBertPreTrainedModel", "TupeB
            "controller_config", "BaseModelOutputWithPooling", "MaskedLMOutput", "SequenceClassifierOutput",
            "MultiExitSequenceClassifierOutput", "TupeBertForTokenClassification", "MultiExitTokenClassifierOutput",
            "TokenClassifierOutput", "TokenExitOutput", "TOKEN_EXIT_MODES", "multi_exit_token_loss",
-           "published_token_thresholds", "register_auto_classes", "quantize_for_cpu", "QUANTIZED_DTYPES"]
+           "published_token_thresholds", "register_auto_classes", "quantize_for_cpu",
+           "QUANTIZED_DTYPES", "load_pretrained"]
 
 
 def register_auto_classes():

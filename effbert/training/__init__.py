@@ -1,5 +1,6 @@
 """The training floor, below the commands: ``transformers.Trainer`` subclasses for pretraining and multi-exit
-fine-tuning (``trainers``) and the run folder both commands write (``run_folder``).
+fine-tuning (``trainers``), the run folder both commands write (``run_folder``), their log and
+progress bar (``progress.RunLog``) and ``effbert pretrain``'s run, step by step (``pretrain.run``).
 
 Importing this package is light: the trainers (which import ``transformers.Trainer`` and with it ``accelerate``) load
 on first use, so ``effbert check`` and ``effbert bench`` run where ``accelerate`` is not installed.

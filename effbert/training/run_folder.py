@@ -294,7 +294,8 @@ def schedule_line(kept, steps, reshape, warmup=None):
         return f"reshaping the learning-rate schedule (--reshape-schedule): linear decay to 0 at step {steps}, was {kept}"
     return ("keeping the run's learning-rate schedule: " + (f"warm-up {warmup} steps, " if warmup is not None else "")
             + f"linear decay to 0 at step {kept}" + (f" (the steps after it train at lr 0; --reshape-schedule "
-                                                     f"stretches it to --steps {steps})" if steps > kept else ""))
+                                                     f"stretches it to --max-steps {steps})"
+                                                     if steps > kept else ""))
 
 
 def checkpoint_max_steps(ckpt):
@@ -334,3 +335,31 @@ def is_main_process():
     """Whether this is the process that speaks and writes: the first under torchrun (which sets
     ``RANK``)."""
     return int(os.environ.get("RANK", "0")) == 0
+
+
+# -------------------------------------------------------------------------------- file permissions
+
+
+def _umask():
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def make_readable(path):
+    """Give every file at ``path`` (a file, or a folder walked whole) the mode a plain ``open``
+    would (``0o666`` less the umask: 0644 under the usual 022). safetensors' ``save_file`` writes
+    through a private temporary file, mode 0600, which ``save_pretrained`` and Trainer's checkpoints
+    inherit; every other file a run writes is 0644.
+    Returns the paths changed. Raises ``FileNotFoundError`` when ``path`` does not exist."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"path: {path!r} does not exist")
+    mode = 0o666 & ~_umask()
+    files = [path] if not os.path.isdir(path) else \
+        [os.path.join(root, n) for root, _, names in os.walk(path) for n in names]
+    changed = []
+    for f in files:
+        if not os.path.islink(f) and (os.stat(f).st_mode & 0o777) != mode:
+            os.chmod(f, mode)
+            changed.append(f)
+    return changed
