@@ -67,7 +67,7 @@ def load_run(run_dir):
     from safetensors.torch import load_file
 
     from effbert.models import TupeBertForMultiChoicePretraining, load_pretrained
-    from effbert.models.loader import CHECKPOINT_DIR, RUN_FILE
+    from effbert.models.loading import CHECKPOINT_DIR, RUN_FILE
     from effbert.nn import NoteDictionary
     from effbert.training.run_folder import checkpoints
 

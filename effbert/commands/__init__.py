@@ -25,28 +25,7 @@ def missing_packages(command):
     return [name for name in NEEDS.get(command, ()) if importlib.util.find_spec(name) is None]
 
 
-from ..training.run_folder import UsageError  # noqa: E402  (raised by the training floor too)
-
-
-def parse_device(arg, flag="--device"):
-    """``--device``: ``cpu``, ``cuda`` or ``cuda:N`` (None: cuda when available), checked against this machine."""
-    import torch
-
-    if arg is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(arg)
-    except (RuntimeError, ValueError):
-        device = None
-    if device is None or device.type not in ("cpu", "cuda"):
-        raise UsageError(f"{flag} must be cpu, cuda or cuda:N, got {arg!r}")
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            why = "this torch is a CPU-only build" if torch.version.cuda is None else "torch sees no CUDA device"
-            raise UsageError(f"{flag} {arg}: no CUDA device is available ({why})")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise UsageError(f"{flag} {arg}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-    return device
+from ..training.run_folder import UsageError, parse_device  # noqa: E402,F401  (the training floor's)
 
 
 def check_backend(backend, device, flag="--backend"):

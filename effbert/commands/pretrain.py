@@ -24,8 +24,8 @@ from . import check_backend, check_out_dir, parse_device, run_command
 from . import settings as flags
 from .recipes import check_optimizer_flags, checker
 from .settings import fail_if, option
-from ..models.loader import load_pretrained  # noqa: F401  (its home is effbert.models)
-from ..training.pretrain import default_backend  # noqa: F401  (demo's)
+from ..models.loading import load_pretrained  # noqa: F401  (its home is effbert.models)
+
 from ..training.run_folder import RunFolder
 
 __all__ = ["PretrainSettings", "build_parser", "check", "main"]

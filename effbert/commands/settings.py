@@ -14,7 +14,7 @@ import sys
 
 from transformers import HfArgumentParser
 
-from ..training.run_folder import UsageError, fail_if, one_line  # noqa: F401  (shared below)
+from ..training.run_folder import UsageError, fail_if, one_line, stderr_is_terminal  # noqa: F401
 
 # The one vocabulary (docs/commands.md has the table): old spellings, and what replaced each.
 RENAMED = {
@@ -93,8 +93,7 @@ class SettingsParser(HfArgumentParser):
         try:
             refuse_renamed(argv, self._renamed)
         except UsageError as exc:  # argparse's way for a command line's mistake: one line, exit 2
-            self.exit(exc.code, f"{self.prog}: error: {exc}
-")
+            self.exit(exc.code, f"{self.prog}: error: {exc}\n")
         settings, rest = self.parse_args_into_dataclasses(args=argv, look_for_args_file=False,
                                                           return_remaining_strings=True)
         if rest:  # argparse's own message and exit code 2, not HfArgumentParser's ValueError
@@ -105,11 +104,3 @@ class SettingsParser(HfArgumentParser):
 def parser(settings_class, prog, description, renamed=RENAMED):
     """The command-line parser of ``settings_class`` (a dataclass of :func:`option` fields)."""
     return SettingsParser(settings_class, prog, description, renamed)
-
-
-def stderr_is_terminal():
-    """Whether a progress bar belongs on stderr (a person watching, not a log file or a pipe)."""
-    try:
-        return sys.stderr.isatty()
-    except (AttributeError, ValueError):  # replaced or closed
-        return False

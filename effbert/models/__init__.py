@@ -13,7 +13,7 @@ from .tupe_bert import (
     TupeBertModel,
     TupeBertPreTrainedModel,
 )
-from .loader import load_pretrained
+from .loading import load_pretrained
 from .quantization import QUANTIZED_DTYPES, quantize_for_cpu
 from .token_classification import (
     TOKEN_EXIT_MODES,

@@ -7,6 +7,11 @@
   masked-LM head and TNF's notes are left out (the TNF paper fine-tunes the plain encoder).
 - ``save_finetuned`` / ``load_finetuned``: ``save_pretrained`` of the model and tokenizer plus
   ``finetune.json``.
+- ``load_pretrained``: the masked-LM model, its tokenizer and its rare-word table from an
+  ``effbert pretrain`` run folder (the final model, or the newest complete checkpoint of a run
+  still going).
+- Trainer's ``checkpoint-N`` folders: which is complete (``newest_complete``), the rule the run
+  folder's resume uses too.
 
 Every off-ramp's pooler starts from the checkpoint's pooler (DeeBERT, RomeBERT copy it into each
 off-ramp) or one pooler serves all (``shared_pooler``, PABEE). Errors are ``ValueError``
@@ -14,8 +19,10 @@ off-ramp) or one pooler serves all (``shared_pooler``, PABEE). Errors are ``Valu
 from.
 """
 
+import fnmatch
 import json
 import os
+import re
 
 CONFIG_FILE, SETTINGS_FILE = "config.json", "finetune.json"
 TOKENIZER_FILE, TOKENIZER_CONFIG_FILE = "tokenizer.json", "tokenizer_config.json"
@@ -25,8 +32,14 @@ WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 FILE_MODE = 0o644  # what every file of the run folder is written with
 
 __all__ = ["from_hf_folder", "from_pretrain_folder", "save_finetuned", "load_finetuned",
-           "load_tokenizer",
-           "WEIGHT_FILES", "SETTINGS_FILE"]
+           "load_tokenizer", "load_pretrained", "newest_checkpoint", "newest_complete",
+           "check_model_folder", "read_lines", "WEIGHT_FILES", "SETTINGS_FILE", "RUN_FILE",
+           "RARE_FILE", "CHECKPOINT_DIR"]
+
+# What Trainer writes into checkpoint-N, in its order: the model, optimizer, scheduler, RNG, state (last)
+CHECKPOINT_FILES = ("config.json", "model.safetensors", "optimizer.pt", "scheduler.pt", "rng_state*.pth",
+                    "trainer_state.json")
+MODEL_FILES = CHECKPOINT_FILES[:2]  # what loading the model alone needs
 
 
 def _brief(exc, limit=300):
@@ -150,8 +163,6 @@ def from_pretrain_folder(path, num_labels, backend, cased=None, shared_pooler=Fa
     run's tokenizer when given."""
     from transformers.utils import logging as hf_logging
 
-    # the run folder's checkpoint rules (what makes a checkpoint-N complete), one copy of them
-    from ..training.run_folder import MODEL_FILES, newest_complete
     from .config import TupeBertConfig
     from .tupe_bert import TupeBertForSequenceClassification
 
@@ -159,7 +170,7 @@ def from_pretrain_folder(path, num_labels, backend, cased=None, shared_pooler=Fa
         raise FileNotFoundError(f"--init: {path!r} is not a folder (an effbert pretrain output)")
     weights = path
     if not any(os.path.isfile(os.path.join(path, n)) for n in WEIGHT_FILES):
-        weights = newest_complete(path, need=MODEL_FILES)
+        weights = newest_checkpoint(path)
     if weights is None:
         raise ValueError(f"--init: {path!r} holds no weights ({' or '.join(WEIGHT_FILES)}, or a "
                          "checkpoint-N "
@@ -272,3 +283,134 @@ def load_finetuned(path, device=None, backend="auto"):
     if device is not None:
         model = model.to(device)
     return model.eval(), tokenizer, labels, settings
+
+
+# ------------------------------------------------------------------ Trainer's checkpoint folders
+
+
+def checkpoints(root):
+    """The ``checkpoint-N`` folders in ``root``, oldest first (complete or not)."""
+    try:
+        names = os.listdir(root)
+    except OSError:
+        return []
+    found = [n for n in names if re.fullmatch(r"checkpoint-\d+", n) and os.path.isdir(os.path.join(root, n))]
+    return [os.path.join(root, n) for n in sorted(found, key=lambda n: int(n.split("-")[1]))]
+
+
+def missing_files(ckpt, need=CHECKPOINT_FILES):
+    """What a checkpoint lacks to be a whole save: the names (patterns) of ``need`` absent or empty, and
+    ``trainer_state.json`` when it does not read as Trainer's state. Empty: complete."""
+    try:
+        names = [n for n in os.listdir(ckpt) if os.path.getsize(os.path.join(ckpt, n)) > 0]
+    except OSError:
+        return list(need)
+    if "pytorch_model.bin" in names:  # a checkpoint saved without safetensors
+        names.append("model.safetensors")
+    missing = [p for p in need if not fnmatch.filter(names, p)]
+    if "trainer_state.json" in need and "trainer_state.json" not in missing:
+        try:
+            with open(os.path.join(ckpt, "trainer_state.json"), encoding="utf-8") as f:
+                if not isinstance(json.load(f).get("global_step"), int):
+                    raise ValueError
+        except (OSError, ValueError, AttributeError):
+            missing.append("a readable trainer_state.json")
+    return missing
+
+
+def newest_complete(root, log=None, need=CHECKPOINT_FILES):
+    """The newest complete checkpoint in ``root`` (None: none); ``log`` hears one line naming the incomplete ones
+    skipped, which stay where they are. ``need``: the files that make it complete (``MODEL_FILES``: to load the
+    model only)."""
+    skipped = []
+    for ckpt in reversed(checkpoints(root)):
+        missing = missing_files(ckpt, need)
+        if not missing:
+            break
+        skipped.append(f"{os.path.basename(ckpt)} (no {', '.join(missing)})")
+    else:
+        ckpt = None
+    if skipped and log is not None:
+        log(f"skipping incomplete {'; '.join(skipped)}: a save that did not finish, left in place")
+    return ckpt
+
+
+# -------------------------------------------------------------------- an effbert pretrain run
+
+
+RUN_FILE, RARE_FILE = "pretrain.json", "rare_words.txt"
+CHECKPOINT_DIR = "checkpoints"  # DIR/checkpoints/checkpoint-N (earlier versions: DIR/checkpoint-N)
+
+
+def read_lines(path):
+    """The lines of the UTF-8 text file ``path``, without their line ends."""
+    with open(path, encoding="utf-8") as f:
+        return [line.rstrip("\n") for line in f]
+
+
+def check_model_folder(path, what):
+    """``path`` holds a tupe-bert ``config.json``: its values, else a ``ValueError`` that starts
+    with ``what`` and names the file and what it holds."""
+    cfg = os.path.join(path, "config.json")
+    if not os.path.isfile(cfg):
+        raise ValueError(f"{what}: {path!r} holds no config.json (not a save_pretrained folder)")
+    try:
+        with open(cfg, encoding="utf-8") as f:
+            values = json.load(f)
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise ValueError(f"{what}: cannot read {cfg!r} ({_brief(exc)})") from None
+    kind = values.get("model_type") if isinstance(values, dict) else None
+    if kind != "tupe-bert":
+        raise ValueError(f"{what}: {cfg!r} is a model of type {kind!r}, not 'tupe-bert' (effbert's "
+                         "TUPE BERT)")
+    return values
+
+
+def newest_checkpoint(path):
+    """The newest checkpoint of the pretraining run in ``path`` whose model loads (config and
+    weights whole): ``DIR/checkpoints/checkpoint-N``, or ``DIR/checkpoint-N`` for a run of an
+    earlier version; None when there is none."""
+    return (newest_complete(os.path.join(path, CHECKPOINT_DIR), need=MODEL_FILES)
+            or newest_complete(path, need=MODEL_FILES))
+
+
+def load_pretrained(path, device=None, backend="auto"):
+    """The model an ``effbert pretrain`` run wrote to ``path``: ``(TupeBertForMaskedLM,
+    BertTokenizerFast, RareWordTable or None)``, in eval mode, on ``device`` (None: the CPU) with
+    the op ``backend``. Reads the final model (``model.safetensors``), or the newest complete
+    checkpoint (``DIR/checkpoints/checkpoint-N``) when the run has not finished (an MC-BERT
+    checkpoint's controller is left out). The classification model of ``effbert finetune`` takes
+    the encoder from ``model.bert``. Raises ``FileNotFoundError`` for a folder that is not a
+    pretraining run and ``ValueError`` for a model of another type or damaged files."""
+    from ..data.corpus import rare_word_table
+    from ..data.tokenization import load_tokenizer
+    from .tupe_bert import TupeBertForMaskedLM
+
+    if not isinstance(path, (str, os.PathLike)) or not os.path.isdir(path):
+        raise FileNotFoundError(f"path must be the folder of an effbert pretrain run, got {path!r}")
+    path = os.fspath(path)
+    if not os.path.isfile(os.path.join(path, RUN_FILE)):
+        raise FileNotFoundError(f"path: {path!r} holds no {RUN_FILE}: not the folder of an effbert "
+                                "pretrain run")
+    with open(os.path.join(path, RUN_FILE), encoding="utf-8") as f:
+        run = json.load(f)
+    where = path
+    if not os.path.isfile(os.path.join(path, "model.safetensors")):
+        where = newest_checkpoint(path)
+        if where is None:
+            raise FileNotFoundError(f"path: {path!r} holds neither model.safetensors nor a "
+                                    "complete checkpoint")
+    check_model_folder(where, "path")
+    tokenizer = load_tokenizer(path, lowercase=not run["settings"]["cased"])
+    try:
+        model = TupeBertForMaskedLM.from_pretrained(where, backend=backend)
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise ValueError(f"path: cannot load the model in {where!r} ({_brief(exc)})") from None
+    table = None
+    rare = os.path.join(path, RARE_FILE)
+    words = read_lines(rare) if os.path.isfile(rare) else []
+    if words and model.notes is not None:  # a corpus without rare-band words: trained without notes
+        table = rare_word_table(words, tokenizer)
+    if device is not None:
+        model = model.to(device)
+    return model.eval(), tokenizer, table

@@ -16,14 +16,14 @@ from collections import namedtuple
 
 import torch
 
-from ..commands.settings import fail_if, one_line, stderr_is_terminal
-from ..models.loader import CHECKPOINT_DIR, RARE_FILE, RUN_FILE, check_model_folder, read_lines
+from ..models.loading import CHECKPOINT_DIR, RARE_FILE, RUN_FILE, check_model_folder, read_lines
 from .progress import RunLog, perplexity, quiet_libraries
-from .run_folder import (RunFolder, UsageError, atomic_write, check_same_data,
+from .run_folder import (RunFolder, UsageError, default_backend, fail_if, one_line, parse_device,
+                         stderr_is_terminal, atomic_write, check_same_data,
                          checkpoint_max_steps, checkpoints, fingerprint, make_readable,
                          newest_complete, schedule_line, with_schedule)
 
-__all__ = ["run", "WRITES", "MODEL_DEFAULTS", "TRAINING_DEFAULTS", "default_backend"]
+__all__ = ["run", "WRITES", "MODEL_DEFAULTS", "TRAINING_DEFAULTS"]
 
 LOG_FILE, REPORT_FILE, PLOT_FILE = "log.jsonl", "report.json", "loss.png"
 # What a finished or running pretraining folder holds besides the run file: never overwritten by a
@@ -59,14 +59,6 @@ OPTIONAL_SETTINGS = {"mask_replace_prob": 0.8, "random_replace_prob": 0.1}
 # The data of a run: the training texts and rows, the packing's fill rates (None: unpacked), TNF's
 # rare-word table (None: no notes) and the held-out texts (None: no --eval)
 Data = namedtuple("Data", "texts rows fill table held_out")
-
-
-def default_backend(device):
-    """``auto``; ``eager`` on the CPU under the Triton interpreter (a correctness tool, far too slow
-    to train with)."""
-    if device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") == "1":
-        return "eager"
-    return "auto"
 
 
 def _flag(key):
@@ -761,8 +753,6 @@ def run(settings, log):
 def _setup(settings, env):
     """The device, the backend, and whether a progress bar shows (a person watching a terminal)."""
     import transformers
-
-    from ..commands import parse_device
 
     device = parse_device(settings.device)
     show_bar = env.main and not settings.quiet and stderr_is_terminal()

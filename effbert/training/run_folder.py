@@ -18,15 +18,15 @@ import fnmatch
 import hashlib
 import json
 import os
-import re
 import signal
+import sys
+
+# Trainer's checkpoint folders: what makes one complete (one copy of the rule, beside the loaders)
+from ..models.loading import (CHECKPOINT_FILES, MODEL_FILES, checkpoints,  # noqa: F401
+                              missing_files, newest_complete)
 
 
 LOCK_FILE = ".effbert.lock"
-# What Trainer writes into checkpoint-N, in its order: the model, optimizer, scheduler, RNG, state (last)
-CHECKPOINT_FILES = ("config.json", "model.safetensors", "optimizer.pt", "scheduler.pt", "rng_state*.pth",
-                    "trainer_state.json")
-MODEL_FILES = CHECKPOINT_FILES[:2]  # what loading the model alone needs
 _MIB = 1 << 20
 
 
@@ -58,53 +58,6 @@ def atomic_write(text, path):
     with open(tmp, "w", encoding="utf-8") as f:
         f.write(text)
     os.replace(tmp, path)
-
-
-def checkpoints(root):
-    """The ``checkpoint-N`` folders in ``root``, oldest first (complete or not)."""
-    try:
-        names = os.listdir(root)
-    except OSError:
-        return []
-    found = [n for n in names if re.fullmatch(r"checkpoint-\d+", n) and os.path.isdir(os.path.join(root, n))]
-    return [os.path.join(root, n) for n in sorted(found, key=lambda n: int(n.split("-")[1]))]
-
-
-def missing_files(ckpt, need=CHECKPOINT_FILES):
-    """What a checkpoint lacks to be a whole save: the names (patterns) of ``need`` absent or empty, and
-    ``trainer_state.json`` when it does not read as Trainer's state. Empty: complete."""
-    try:
-        names = [n for n in os.listdir(ckpt) if os.path.getsize(os.path.join(ckpt, n)) > 0]
-    except OSError:
-        return list(need)
-    if "pytorch_model.bin" in names:  # a checkpoint saved without safetensors
-        names.append("model.safetensors")
-    missing = [p for p in need if not fnmatch.filter(names, p)]
-    if "trainer_state.json" in need and "trainer_state.json" not in missing:
-        try:
-            with open(os.path.join(ckpt, "trainer_state.json"), encoding="utf-8") as f:
-                if not isinstance(json.load(f).get("global_step"), int):
-                    raise ValueError
-        except (OSError, ValueError, AttributeError):
-            missing.append("a readable trainer_state.json")
-    return missing
-
-
-def newest_complete(root, log=None, need=CHECKPOINT_FILES):
-    """The newest complete checkpoint in ``root`` (None: none); ``log`` hears one line naming the incomplete ones
-    skipped, which stay where they are. ``need``: the files that make it complete (``MODEL_FILES``: to load the
-    model only)."""
-    skipped = []
-    for ckpt in reversed(checkpoints(root)):
-        missing = missing_files(ckpt, need)
-        if not missing:
-            break
-        skipped.append(f"{os.path.basename(ckpt)} (no {', '.join(missing)})")
-    else:
-        ckpt = None
-    if skipped and log is not None:
-        log(f"skipping incomplete {'; '.join(skipped)}: a save that did not finish, left in place")
-    return ckpt
 
 
 def fingerprint(path):
@@ -363,3 +316,32 @@ def make_readable(path):
             os.chmod(f, mode)
             changed.append(f)
     return changed
+
+
+def stderr_is_terminal():
+    """Whether a progress bar belongs on stderr (a person watching, not a log file or a pipe)."""
+    try:
+        return sys.stderr.isatty()
+    except (AttributeError, ValueError):  # replaced or closed
+        return False
+
+
+def parse_device(arg, flag="--device"):
+    """``--device``: ``cpu``, ``cuda`` or ``cuda:N`` (None: cuda when available), checked against this machine."""
+    import torch
+
+    if arg is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(arg)
+    except (RuntimeError, ValueError):
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise UsageError(f"{flag} must be cpu, cuda or cuda:N, got {arg!r}")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            why = "this torch is a CPU-only build" if torch.version.cuda is None else "torch sees no CUDA device"
+            raise UsageError(f"{flag} {arg}: no CUDA device is available ({why})")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise UsageError(f"{flag} {arg}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return device
