@@ -215,7 +215,7 @@ def main(argv=None):
     if not os.path.isdir(ft_dir):
         run([sys.executable, "-m", "effbert.commands", "finetune", "--init", run_dir,
              "--train", os.path.join(a.work, "ft_train.tsv"), "--eval", os.path.join(a.work, "ft_dev.tsv"),
-             "--out", ft_dir, "--epochs", "5", "--lr", "1e-3", "--batch-size", "16", "--device", "cpu", "--quiet"], env)
+             "--out", ft_dir, "--num-train-epochs", "5", "--learning-rate", "1e-3", "--per-device-train-batch-size", "16", "--device", "cpu", "--quiet"], env)
     majority = max(dev.count(c) for c in set(dev)) / len(dev)
     print(f"(the majority class of the {len(dev)} dev paragraphs: {majority:.3f})")
     return 0

@@ -719,7 +719,7 @@ def test_pretrain_mcbert_resume_and_finetune(tmp_path, capsys):
             enumerate(open(data, encoding="utf-8").read().splitlines()[:40])]
     (tmp_path / "train.tsv").write_text("\n".join(rows) + "\n")
     assert cli.main(["finetune", "--init", str(whole), "--train", str(tmp_path / "train.tsv"), "--eval",
-                     str(tmp_path / "train.tsv"), "--out", str(tmp_path / "ft"), "--steps", "2", "--batch-size",
+                     str(tmp_path / "train.tsv"), "--out", str(tmp_path / "ft"), "--max-steps", "2", "--per-device-train-batch-size",
                      "8", "--backend", "eager", "--device", "cpu", "--quiet"]) == 0
 
 
