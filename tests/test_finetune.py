@@ -586,6 +586,7 @@ def test_damaged_init_folder_is_one_line(tmp_path, data, capsys, damage):
         "no-weights": lambda: os.remove(pre / "model.safetensors"),
     }
     edit[damage]()
+    capsys.readouterr()  # what building the folder printed (save_pretrained's progress bar) is not the command's
     assert cli.main(["finetune", "--init", str(pre), "--train", str(data / "train.tsv"), "--out",
                      str(tmp_path / "run"), "--max-steps", "2", "--backend", "eager", "--device",
                      "cpu"]) == 2

@@ -301,6 +301,8 @@ def loss_lines(s, log):
     across a resume)."""
     from transformers import TrainerCallback
 
+    from .progress import make_checkpoint_readable
+
     class Lines(TrainerCallback):
         bad = None
 
@@ -317,6 +319,9 @@ def loss_lines(s, log):
                 recent = [h["loss"] for h in state.log_history if "loss" in h][-every:]
                 log(f"  step {step:6d}  loss {sum(recent) / len(recent):.4f}  lr "
                     f"{logs.get('learning_rate', 0):.2e}")
+
+        def on_save(self, args, state, control, **kwargs):
+            make_checkpoint_readable(args, state)
 
     return Lines()
 
@@ -366,11 +371,7 @@ def make_trainer(s, model, tokenizer, train_ds, folder, device, stage, resume, l
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
     from . import MultiExitTrainer
-
-    # Trainer's tqdm bar, without its per-log lines (the summary lines say the loss)
-    class Bar(ProgressCallback):
-        def on_log(self, args, state, control, logs=None, **kwargs):
-            pass
+    from .progress import LogOnlyBar
 
     kept = checkpoint_max_steps(resume) if resume is not None and not s.reshape_schedule else None
     trainer = with_schedule(MultiExitTrainer, kept)(
@@ -380,7 +381,7 @@ def make_trainer(s, model, tokenizer, train_ds, folder, device, stage, resume, l
         gradient_equilibrium=s.ge, stage=stage, grad_reg=s.grad_reg, project=s.project)
     trainer.remove_callback(PrinterCallback)
     if trainer.pop_callback(ProgressCallback) is not None:
-        trainer.add_callback(Bar())
+        trainer.add_callback(LogOnlyBar())  # the summary lines say the loss
     return trainer, kept
 
 

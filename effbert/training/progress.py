@@ -11,7 +11,7 @@ import time
 
 from transformers import PrinterCallback, ProgressCallback, TrainerCallback
 
-__all__ = ["RunLog", "quiet_libraries", "perplexity"]
+__all__ = ["RunLog", "LogOnlyBar", "make_checkpoint_readable", "quiet_libraries", "perplexity"]
 
 
 def quiet_libraries():
@@ -26,9 +26,21 @@ def quiet_libraries():
     huggingface_hub.utils.disable_progress_bars()
 
 
-class _Bar(ProgressCallback):
+class LogOnlyBar(ProgressCallback):
+    """Trainer's tqdm bar without its per-log dict lines (the run prints its own lines above it)."""
+
     def on_log(self, args, state, control, logs=None, **kwargs):
-        return control  # RunLog prints the records above the bar
+        return control
+
+
+def make_checkpoint_readable(args, state):
+    """Give ``checkpoint-<step>`` in ``args.output_dir`` mode 0644 files (safetensors writes 0600;
+    every other file of a run is 0644); call from a callback's ``on_save``."""
+    from .run_folder import make_readable
+
+    ckpt = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+    if state.is_world_process_zero and os.path.isdir(ckpt):
+        make_readable(ckpt)
 
 
 class RunLog(TrainerCallback):
@@ -51,7 +63,7 @@ class RunLog(TrainerCallback):
             raise TypeError(f"describe must be callable, got {type(describe).__name__}")
         self.path, self.keys, self.describe, self.last_step = path, tuple(keys), describe, last_step
         self.t0 = time.perf_counter() if t0 is None else t0
-        self.bar = _Bar() if show_bar else None
+        self.bar = LogOnlyBar() if show_bar else None
         self.records = []
 
     def install(self, trainer):
@@ -70,11 +82,7 @@ class RunLog(TrainerCallback):
         return control
 
     def on_save(self, args, state, control, **kwargs):
-        from .run_folder import make_readable
-
-        ckpt = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
-        if state.is_world_process_zero and os.path.isdir(ckpt):
-            make_readable(ckpt)  # safetensors writes 0600; every other file of the run is 0644
+        make_checkpoint_readable(args, state)
         return control
 
     def on_log(self, args, state, control, logs=None, **kwargs):
