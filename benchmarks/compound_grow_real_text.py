@@ -200,6 +200,11 @@ def main(argv=None):
     from effbert.data.collator import DataCollatorForTupeMLM
     from effbert.data.tokenization import train_wordpiece
 
+    # the code that runs: read before training, so a commit made meanwhile does not rename the result
+    sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                         text=True).stdout.strip() or "nogit"
+    dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                                capture_output=True, text=True).stdout.strip())
     paras = paragraphs()
     held = [x for i, x in enumerate(paras) if i % 20 == 19]
     train_paras = [x for i, x in enumerate(paras) if i % 20 != 19]
@@ -244,10 +249,6 @@ def main(argv=None):
                                  and summary["speedup_wall_s"] and summary["speedup_wall_s"] >= 1.3)
     print(json.dumps(summary, indent=2))
 
-    sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                         text=True).stdout.strip() or "nogit"
-    dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
-                                capture_output=True, text=True).stdout.strip())
     stamp = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H%MZ")
     folder = os.path.join(args.results, f"{stamp}_CPU_{sha}_compound_grow")
     os.makedirs(folder, exist_ok=False)
