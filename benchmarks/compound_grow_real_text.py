@@ -1,20 +1,23 @@
 """CompoundGrow against the same model trained without growth, on real text, on this CPU.
 
 Corpus: the distinct paragraphs (>= 8 words, mostly letters) of /usr/share/common-licenses/* and
-/usr/share/doc/*/copyright; every 20th paragraph is held out (5%). A WordPiece vocabulary is trained on the training
-paragraphs, which are tokenized and cut into rows of ``--seq`` pieces ([CLS] ... [SEP]).
+/usr/share/doc/*/copyright; every 20th paragraph is held out (5%). A WordPiece vocabulary is trained
+on the training paragraphs, which are tokenized and cut into rows of ``--seq`` pieces ([CLS] ...
+[SEP]).
 
-Both runs: the same final model (``TupeBertForMaskedLM``, TUPE-R), data order, masking seed, AdamW and linear
-schedule, ``--steps`` optimizer steps under ``PretrainingTrainer``. The grown run starts with the SPEC's first sizes
-and grows by ``effbert.training.growth.GrowthCallback`` (fresh optimizer state at each growth, the published way).
-Every ``--eval-every`` steps the held-out MLM loss is measured with the full (unpooled) model on one fixed masking;
-evaluation time is left out of both clocks. Reported: the training wall-clock and process-CPU time each run takes
-to first reach the baseline's final held-out loss, and their ratio (target >= 1.3x), the parameter and FLOP counts
-of each stage, and a plot of held-out loss against time for both runs.
+Both runs: the same final model (``TupeBertForMaskedLM``, TUPE-R), data order, masking seed, AdamW
+and linear schedule, ``--steps`` optimizer steps under ``PretrainingTrainer``. The grown run starts
+with the SPEC's first sizes and grows by ``effbert.training.growth.GrowthCallback`` (fresh optimizer
+state at each growth, the published way). Every ``--eval-every`` steps the held-out MLM loss is
+measured with the full (unpooled) model on one fixed masking; evaluation time is left out of both
+clocks. Reported: the training wall-clock and process-CPU time each run takes to first reach the
+baseline's final held-out loss, and their ratio (target >= 1.3x), the parameter and FLOP counts of
+each stage, and a plot of held-out loss against time for both runs.
 
-The machine is shared and loaded (2 cores, several other jobs): wall time is noisy, process CPU time less so;
-one thread (``torch.set_num_threads(1)``). Writes ``benchmarks/results/<UTC>_CPU_<sha>_compound_grow/`` (a new
-folder) with ``compound_grow.json`` and ``loss_vs_time.png``.
+The machine is shared and loaded (2 cores, several other jobs): wall time is noisy, process CPU time
+less so; one thread (``torch.set_num_threads(1)``). Writes
+``benchmarks/results/<UTC>_CPU_<sha>_compound_grow/`` (a new folder) with ``compound_grow.json`` and
+``loss_vs_time.png``.
 
     PYTHONPATH=. OMP_NUM_THREADS=1 python benchmarks/compound_grow_real_text.py
 """
@@ -36,8 +39,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def paragraphs():
-    """Distinct paragraphs (>= 8 words, mostly letters) of the licence and copyright texts, in file order."""
-    files = sorted(glob.glob("/usr/share/common-licenses/*")) + sorted(glob.glob("/usr/share/doc/*/copyright"))
+    """Distinct paragraphs (>= 8 words, mostly letters) of the licence and copyright texts, in file
+    order."""
+    files = sorted(glob.glob("/usr/share/common-licenses/*"))
+    files += sorted(glob.glob("/usr/share/doc/*/copyright"))
     seen, out = set(), []
     for path in files:
         try:
@@ -47,14 +52,16 @@ def paragraphs():
             continue
         for para in re.split(r"\n\s*\n", text):
             para = " ".join(para.split())
-            if len(para.split()) >= 8 and sum(c.isalpha() for c in para) > 0.6 * len(para) and para not in seen:
+            letters = sum(c.isalpha() for c in para)
+            if len(para.split()) >= 8 and letters > 0.6 * len(para) and para not in seen:
                 seen.add(para)
                 out.append(para)
     return out
 
 
 def rows(tokenizer, paras, seq):
-    """The paragraphs' pieces, concatenated and cut into rows of ``seq - 2`` pieces plus [CLS] / [SEP]."""
+    """The paragraphs' pieces, concatenated and cut into rows of ``seq - 2`` pieces plus [CLS] /
+    [SEP]."""
     ids = []
     for enc in tokenizer(paras, add_special_tokens=False)["input_ids"]:
         ids.extend(enc)
@@ -79,7 +86,8 @@ def build_config(args, vocab):
 
     return TupeBertConfig(vocab_size=vocab, hidden_size=args.hidden, num_hidden_layers=args.layers,
                           num_attention_heads=args.heads, intermediate_size=args.ffn,
-                          max_position_embeddings=args.seq, type_vocab_size=0, position_mode="tupe-r",
+                          max_position_embeddings=args.seq, type_vocab_size=0,
+                          position_mode="tupe-r",
                           hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1)
 
 
@@ -102,7 +110,8 @@ def run(name, args, config, train, eval_batches, collator, spec):
         return {"from_step": step, "layers": model.config.num_hidden_layers,
                 "ffn": model.config.intermediate_size, "pool": pool,
                 "parameters": ops.count_parameters(model),
-                "forward_flops_per_token": round(ops.mlm_flops_per_token(model.config, args.seq, pool))}
+                "forward_flops_per_token": round(ops.mlm_flops_per_token(model.config, args.seq,
+                                                                         pool))}
 
     class Clock(TrainerCallback):
         """Training time only: the held-out evaluation's own time is taken off both clocks."""
@@ -117,7 +126,8 @@ def run(name, args, config, train, eval_batches, collator, spec):
         def on_step_end(self, a, state, control, model=None, **kw):
             step = state.global_step
             if stages and (ops.input_pooling(model), model.config.num_hidden_layers,
-                           model.config.intermediate_size) != (stages[-1]["pool"], stages[-1]["layers"],
+                           model.config.intermediate_size) != (stages[-1]["pool"],
+                                                               stages[-1]["layers"],
                                                                stages[-1]["ffn"]):
                 stages.append(stage_record(step, model))
             if step % args.eval_every and step != args.steps:
@@ -130,20 +140,25 @@ def run(name, args, config, train, eval_batches, collator, spec):
             self.eval_cpu += time.process_time() - c
             curve.append({"step": step, "wall_s": round(wall, 3), "cpu_s": round(cpu, 3),
                           "held_out_loss": round(loss, 5)})
-            print(f"[{name}] step {step:4d}  wall {wall:7.1f}s  cpu {cpu:7.1f}s  held-out {loss:.4f}", flush=True)
+            print(f"[{name}] step {step:4d}  wall {wall:7.1f}s  cpu {cpu:7.1f}s  "
+                  f"held-out {loss:.4f}", flush=True)
 
     callbacks = [Clock()]
     grow_cb = None
     if schedule:
-        # the callbacks run in order: the growth first, so the clock records the new stage at the growth step
+        # the callbacks run in order: the growth first, so the clock records the new stage at the
+        # growth step
         grow_cb = GrowthCallback(schedule, optimizer_state=args.optimizer_state)
         callbacks.insert(0, grow_cb)
     out = tempfile.mkdtemp(prefix=f"grow_{name}_")
-    targs = TrainingArguments(output_dir=out, max_steps=args.steps, per_device_train_batch_size=args.batch,
-                              learning_rate=args.lr, warmup_steps=max(1, args.steps // 10), weight_decay=0.01, save_strategy="no",
-                              logging_steps=50, report_to=[], seed=args.seed, use_cpu=True, disable_tqdm=True,
+    targs = TrainingArguments(output_dir=out, max_steps=args.steps,
+                              per_device_train_batch_size=args.batch,
+                              learning_rate=args.lr, warmup_steps=max(1, args.steps // 10),
+                              weight_decay=0.01, save_strategy="no", logging_steps=50,
+                              report_to=[], seed=args.seed, use_cpu=True, disable_tqdm=True,
                               dataloader_num_workers=0)
-    trainer = PretrainingTrainer(model=model, args=targs, train_dataset=train, data_collator=collator,
+    trainer = PretrainingTrainer(model=model, args=targs, train_dataset=train,
+                                 data_collator=collator,
                                  callbacks=callbacks)
     if schedule:
         ops.set_input_pooling(model, schedule.sizes_at(0).get("pool", 1))
@@ -155,14 +170,16 @@ def run(name, args, config, train, eval_batches, collator, spec):
 
 @torch.no_grad()
 def held_out_loss(model, batches):
-    """Mean MLM cross-entropy over every held-out target, the full model (its own forward, never pooled)."""
+    """Mean MLM cross-entropy over every held-out target, the full model (its own forward, never
+    pooled)."""
     from effbert.models import TupeBertForMaskedLM
 
     was = model.training
     model.eval()
     total, count = 0.0, 0
     for b in batches:
-        out = TupeBertForMaskedLM.forward(model, b["input_ids"], b["attention_mask"], labels=b["labels"])
+        out = TupeBertForMaskedLM.forward(model, b["input_ids"], b["attention_mask"],
+                                          labels=b["labels"])
         n = int(b["labels"].ne(-100).sum())
         total += float(out.loss) * n
         count += n
@@ -190,7 +207,8 @@ def main(argv=None):
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--eval-every", type=int, default=20)
-    p.add_argument("--eval-rows", type=int, default=256, help="held-out rows evaluated (the first ones)")
+    p.add_argument("--eval-rows", type=int, default=256,
+                   help="held-out rows evaluated (the first ones)")
     p.add_argument("--optimizer-state", default="fresh", choices=("fresh", "grow"))
     p.add_argument("--grow", default="pool=2->1@100,layers=2->4@200,ffn=256->512@200")
     p.add_argument("--results", default=os.path.join(ROOT, "benchmarks", "results"))
@@ -200,7 +218,8 @@ def main(argv=None):
     from effbert.data.collator import DataCollatorForTupeMLM
     from effbert.data.tokenization import train_wordpiece
 
-    # the code that runs: read before training, so a commit made meanwhile does not rename the result
+    # the code that runs: read before training, so a commit made meanwhile does not rename the
+    # result
     sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
                          text=True).stdout.strip() or "nogit"
     dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
@@ -220,7 +239,8 @@ def main(argv=None):
     eval_batches = [eval_collator([{"input_ids": r} for r in eval_rows[i:i + 32]])
                     for i in range(0, len(eval_rows), 32)]
     config = build_config(args, len(tokenizer))
-    print(f"{len(paras)} paragraphs, {len(train_rows)} training rows, {len(eval_rows)} held-out rows of "
+    print(f"{len(paras)} paragraphs, {len(train_rows)} training rows, "
+          f"{len(eval_rows)} held-out rows of "
           f"{args.seq} pieces; vocabulary {len(tokenizer)}", flush=True)
 
     results = {}
@@ -240,7 +260,8 @@ def main(argv=None):
         summary[f"compound_grow_{key}_to_target"] = grown
         summary[f"compound_grow_step_at_target"] = grown_step
         summary[f"speedup_{key}"] = round(base / grown, 3) if grown else None
-    summary["compound_grow_final_held_out_loss"] = results["compound_grow"]["curve"][-1]["held_out_loss"]
+    grown_final = results["compound_grow"]["curve"][-1]["held_out_loss"]
+    summary["compound_grow_final_held_out_loss"] = grown_final
     for key in ("wall_s", "cpu_s"):  # the whole budget: how much cheaper the same steps were
         summary[f"same_steps_time_ratio_{key}"] = round(
             results["baseline"]["curve"][-1][key] / results["compound_grow"]["curve"][-1][key], 3)
@@ -257,18 +278,24 @@ def main(argv=None):
     except OSError:
         load = None
     record = {
-        "what": "CompoundGrow (Gu et al., NAACL 2021) against the same model without growth: training time to "
+        "what": "CompoundGrow (Gu et al., NAACL 2021) against the same model without growth: "
+                "training time to "
                 "the baseline's final held-out MLM loss",
-        "machine": {"device": "CPU", "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-                    "loadavg_at_end": load, "python": sys.version.split()[0], "torch": torch.__version__,
-                    "note": "shared, loaded machine (2 cores, other jobs running): wall time is noisy; process CPU "
+        "machine": {"device": "CPU", "cpus": os.cpu_count(),
+                    "torch_threads": torch.get_num_threads(),
+                    "loadavg_at_end": load, "python": sys.version.split()[0],
+                    "torch": torch.__version__,
+                    "note": "shared, loaded machine (2 cores, other jobs running): wall time is "
+                            "noisy; process CPU "
                             "time is reported beside it"},
         "git": {"sha": sha, "dirty": dirty},
-        "corpus": {"source": "distinct paragraphs of /usr/share/common-licenses/* and /usr/share/doc/*/copyright",
+        "corpus": {"source": "distinct paragraphs of /usr/share/common-licenses/* and "
+                             "/usr/share/doc/*/copyright",
                    "paragraphs": len(paras), "held_out_every": 20, "train_rows": len(train_rows),
                    "held_out_rows": len(eval_rows), "seq": args.seq, "vocab": len(tokenizer)},
         "settings": vars(args) | {"results": None},
-        "final_model": {k: getattr(config, k) for k in ("hidden_size", "num_hidden_layers", "num_attention_heads",
+        "final_model": {k: getattr(config, k) for k in ("hidden_size", "num_hidden_layers",
+                                                        "num_attention_heads",
                                                          "intermediate_size", "position_mode")},
         "summary": summary,
         "runs": results,
@@ -291,7 +318,8 @@ def main(argv=None):
             at = [c[key] for c in results["compound_grow"]["curve"] if c["step"] >= event["step"]]
             if at:
                 ax.axvline(at[0], color="grey", linestyle="--", linewidth=0.8)
-                ax.annotate(event["growth"], (at[0], 1.0), xycoords=("data", "axes fraction"), fontsize=7,
+                ax.annotate(event["growth"], (at[0], 1.0), xycoords=("data", "axes fraction"),
+                            fontsize=7,
                             rotation=90, va="top", ha="right")
         ax.axhline(target, color="black", linewidth=0.6, linestyle=":")
         ax.set_xlabel(label)

@@ -14,14 +14,17 @@ MODES = ("absolute", "tupe-a", "tupe-r")
 
 
 def tiny(mode="tupe-r", **overrides):
-    values = dict(vocab_size=41, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=12,
+    values = dict(vocab_size=41, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                  intermediate_size=12,
                   max_position_embeddings=24, type_vocab_size=2, hidden_dropout_prob=0.0,
-                  attention_probs_dropout_prob=0.0, position_mode=mode, num_buckets=8, max_distance=12,
+                  attention_probs_dropout_prob=0.0, position_mode=mode, num_buckets=8,
+                  max_distance=12,
                   backend="eager")
     values.update(overrides)
     torch.manual_seed(0)
     model = TupeBertForMaskedLM(TupeBertConfig(**values)).double().eval()
-    with torch.no_grad():  # every parameter non-trivial (the zero-initialised TUPE scalars and biases too)
+    # every parameter non-trivial (the zero-initialised TUPE scalars and biases too)
+    with torch.no_grad():
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.05)
     return model
@@ -71,17 +74,20 @@ def test_depth_stacking_copies_layer_i_mod_small(mode, tmp_path):
         assert torch.equal(dst.attention_norm.weight, src.attention_norm.weight)
         assert torch.equal(dst.intermediate.weight, src.intermediate.weight.repeat(2, 1))
         assert torch.equal(dst.output.weight, src.output.weight.repeat(1, 2) * (1 / 2))
-        assert mapping[f"bert.encoder.layers.{i}.output.weight"].source == f"bert.encoder.layers.{i % 3}.output.weight"
+        rule = mapping[f"bert.encoder.layers.{i}.output.weight"]
+        assert rule.source == f"bert.encoder.layers.{i % 3}.output.weight"
     for name, p in old.items():  # embeddings, TUPE's positional parameters and the head are kept
         if not name.startswith("bert.encoder."):
             assert torch.equal(big[name], p), name
     for name, rule in mapping.items():  # every rule rebuilds its parameter from the small model
         assert torch.equal(rule.apply(old[rule.source]), big[name]), name
-    assert len(set(map(id, model.parameters()))) == len(list(model.parameters()))  # no shared copies
+    assert len(set(map(id,
+                       model.parameters()))) == len(list(model.parameters()))  # no shared copies
     model.save_pretrained(tmp_path)
     loaded = TupeBertForMaskedLM.from_pretrained(tmp_path).double().eval()
     ids, mask, labels = batch()
-    torch.testing.assert_close(loaded(ids, mask).logits, model(ids, mask).logits, rtol=1e-12, atol=1e-15)
+    torch.testing.assert_close(loaded(ids, mask).logits, model(ids, mask).logits, rtol=1e-12,
+                               atol=1e-15)
 
 
 def test_operators_check_their_arguments():
@@ -97,7 +103,7 @@ def test_operators_check_their_arguments():
         growth.set_input_pooling(model, 0)
 
 
-# ------------------------------------------------------------------------------------------ the pooled stage
+# ------------------------------------------------------------------------------- the pooled stage
 
 def _layer_ref(layer, hq, hkv, pb):
     """One post-LN layer, query by query, head by head (float64)."""
@@ -111,7 +117,8 @@ def _layer_ref(layer, hq, hkv, pb):
     for h in range(heads):
         sl = slice(h * d, (h + 1) * d)
         for i in range(hq.shape[0]):
-            logits = torch.stack([q[i, sl] @ k[j, sl] * scale + (pb[h, i, j] if pb is not None else 0)
+            logits = torch.stack([q[i, sl] @ k[j, sl] * scale + (pb[h, i, j] if pb is not None
+                                                                 else 0)
                                   for j in range(hkv.shape[0])])
             ctx[i, sl] = torch.softmax(logits, 0) @ v[:, sl]
     x = layer.attention_norm(hq + att.out(ctx))
@@ -119,9 +126,9 @@ def _layer_ref(layer, hq, hkv, pb):
 
 
 def _pooled_reference(model, ids, mask, labels, k):
-    """grow_bert's pooled forward written out per row: [CLS], the mean of each group's real tokens, then the
-    targets as queries; every real token then the targets as layer 0's keys; the positional term of a set of
-    tokens to another is the mean of its members' terms."""
+    """grow_bert's pooled forward written out per row: [CLS], the mean of each group's real tokens,
+    then the targets as queries; every real token then the targets as layer 0's keys; the positional
+    term of a set of tokens to another is the mean of its members' terms."""
     bert = model.bert
     b, n = ids.shape
     emb = bert.embed(ids, torch.zeros_like(ids))
@@ -141,13 +148,15 @@ def _pooled_reference(model, ids, mask, labels, k):
         def pb(qs, ks):
             if pos is None:
                 return None
-            return torch.stack([torch.stack([pos[:, a][:, :, b_].mean((1, 2)) for b_ in ks], -1) for a in qs], 1)
+            return torch.stack([torch.stack([pos[:, a][:, :, b_].mean((1, 2)) for b_ in ks], -1)
+                                for a in qs], 1)
 
         hidden = _layer_ref(bert.encoder.layers[0], vec(qsets), vec(ksets), pb(qsets, ksets))
         bias = pb(qsets, qsets)
         for layer in bert.encoder.layers[1:]:
             hidden = _layer_ref(layer, hidden, hidden, bias)
-        logits = model.mlm_head(hidden[len(hidden) - len(targets):], bert.embeddings.word_embeddings.weight)
+        logits = model.mlm_head(hidden[len(hidden) - len(targets):],
+                                bert.embeddings.word_embeddings.weight)
         total = total + F.cross_entropy(logits, labels[r, targets], reduction="sum")
         count += len(targets)
     return total / count
@@ -161,28 +170,32 @@ def test_pooled_forward_matches_grow_bert_per_row(mode, k):
     ref = _pooled_reference(model, ids, mask, labels, k)
     out = growth.pooled_mlm_forward(model, ids, mask, labels=labels, pool_size=k)
     torch.testing.assert_close(out.loss, ref, rtol=1e-10, atol=1e-12)
-    growth.set_input_pooling(model, k)  # the model's forward is the pooled one (k > 1) or its own (k = 1)
+    growth.set_input_pooling(model,
+                             k)  # the model's forward is the pooled one (k > 1) or its own (k = 1)
     assert growth.input_pooling(model) == k
     if k > 1:
-        torch.testing.assert_close(model(ids, mask, labels=labels).loss, ref, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(model(ids, mask, labels=labels).loss, ref, rtol=1e-10,
+                                   atol=1e-12)
     else:
         assert "forward" not in vars(model)
 
 
 @pytest.mark.parametrize("mode", ("absolute", "tupe-r"))
 def test_pooled_layers_without_targets_are_the_model(mode):
-    """pool_size 1 without targets: the pooled path's layers and positional term are the model's own."""
+    """pool_size 1 without targets: the pooled path's layers and positional term are the model's
+    own."""
     model = tiny(mode)
     ids, mask, _ = batch()
     emb = model.bert.embed(ids, torch.zeros_like(ids))
-    q, kk, qmask, kmask, order, tmask = growth.pooling_matrices(mask.bool(), torch.full_like(ids, -100), 1)
+    no_targets = torch.full_like(ids, -100)
+    q, kk, qmask, kmask, order, tmask = growth.pooling_matrices(mask.bool(), no_targets, 1)
     assert order.shape[1] == 0 and torch.equal(kmask, mask.bool())
     pos = model.bert.position_bias(ids.shape[1])
     bias = growth.pooled_position_bias(pos, q.double(), kk.double())
     real = mask.bool()
     if pos is not None:  # at the real queries (a padded one is an empty group, masked)
-        torch.testing.assert_close(bias.transpose(1, 2)[real], pos.expand_as(bias).transpose(1, 2)[real],
-                                   rtol=0, atol=0)
+        want = pos.expand_as(bias).transpose(1, 2)[real]
+        torch.testing.assert_close(bias.transpose(1, 2)[real], want, rtol=0, atol=0)
     hidden = emb
     for layer in model.bert.encoder.layers:
         hidden = growth._attend(layer, hidden, hidden, bias, kmask)
@@ -215,7 +228,7 @@ def test_pooled_forward_needs_labels_and_one_text_per_row():
         model(ids, mask, labels=labels, position_ids=torch.zeros_like(ids))
 
 
-# ---------------------------------------------------------------------------------------------- Adam's state
+# --------------------------------------------------------------------------------- Adam's state
 
 def _grads(model, ids, mask, labels):
     model.zero_grad()
@@ -224,15 +237,16 @@ def _grads(model, ids, mask, labels):
 
 
 def test_ffn_gradients_follow_the_operator():
-    """The grown model's gradients are the small model's transformed by grad_scale: the premise of growing
-    Adam's moments."""
+    """The grown model's gradients are the small model's transformed by grad_scale: the premise of
+    growing Adam's moments."""
     model = tiny()
     ids, mask, labels = batch()
     small = _grads(model, ids, mask, labels)
     mapping = growth.grow_ffn(model, 36)
     big = _grads(model, ids, mask, labels)
     for name, rule in mapping.items():
-        torch.testing.assert_close(big[name], rule.apply(small[rule.source], "exp_avg"), rtol=1e-9, atol=1e-13)
+        torch.testing.assert_close(big[name], rule.apply(small[rule.source], "exp_avg"), rtol=1e-9,
+                                   atol=1e-13)
 
 
 def test_grown_adam_state_equals_a_real_adamw_step_on_the_grown_model():

@@ -1,31 +1,36 @@
 """CompoundGrow's schedule under ``transformers.Trainer`` (Gu et al., NAACL 2021; official code:
-google-research/google-research ``grow_bert/progressive``, a ``ProgressivePolicy`` whose stages each build a
-model, transform the previous stage's weights into it and build a fresh optimizer).
+google-research/google-research ``grow_bert/progressive``, a ``ProgressivePolicy`` whose stages each
+build a model, transform the previous stage's weights into it and build a fresh optimizer).
 
-The SPEC (``effbert pretrain --grow SPEC``) is a comma-separated list of growths ``DIM=FROM->TO@STEP``:
+The SPEC (``effbert pretrain --grow SPEC``) is a comma-separated list of growths
+``DIM=FROM->TO@STEP``:
 
 - ``layers=3->6@500``: the encoder is stacked from 3 to 6 layers after optimizer step 500;
 - ``ffn=512->1024@500``: every layer's FFN is tiled from 512 to 1024 hidden units (a multiple);
-- ``pool=4->1@800``: the input is pooled by 4 (``effbert.models.growth.pooled_mlm_forward``) until step 800,
-  then runs at full length (``TO`` must be 1: pooling is dropped, as ``grow_bert``'s last stage does).
+- ``pool=4->1@800``: the input is pooled by 4 (``effbert.models.growth.pooled_mlm_forward``) until
+  step 800, then runs at full length (``TO`` must be 1: pooling is dropped, as ``grow_bert``'s last
+  stage does).
 
 Growths sharing a step happen together (the compound growth); one dimension may grow several times
-(``layers=2->4@300,layers=4->8@600``), each ``FROM`` the previous ``TO``. The model is built with the first
-``FROM`` of each dimension (``GrowthSchedule.initial_config``) and ends at the given config's sizes.
+(``layers=2->4@300,layers=4->8@600``), each ``FROM`` the previous ``TO``. The model is built with
+the first ``FROM`` of each dimension (``GrowthSchedule.initial_config``) and ends at the given
+config's sizes.
 
-``GrowthCallback`` grows the model in place at the end of the step (the same ``nn.Module``, so the Trainer's
-references stay valid) and rebuilds the optimizer's parameter groups in place: with ``optimizer_state="fresh"``
-(the default, as the published code starts a new optimizer each stage) Adam's moments and step counts restart;
-with ``"grow"`` they grow with the same operators as the weights (``effbert.models.growth.grow_adam_state``;
-allenai/staged-training's way), exact for the function-preserving FFN tiling and a copy for stacked layers. The
-learning-rate schedule is the Trainer's one schedule over the whole run (``grow_bert`` builds a schedule per
-stage; a single one keeps ``--max-steps`` and ``--warmup-*`` meaning what they mean without growth).
+``GrowthCallback`` grows the model in place at the end of the step (the same ``nn.Module``, so the
+Trainer's references stay valid) and rebuilds the optimizer's parameter groups in place: with
+``optimizer_state="fresh"`` (the default, as the published code starts a new optimizer each stage)
+Adam's moments and step counts restart; with ``"grow"`` they grow with the same operators as the
+weights (``effbert.models.growth.grow_adam_state``; allenai/staged-training's way), exact for the
+function-preserving FFN tiling and a copy for stacked layers. The learning-rate schedule is the
+Trainer's one schedule over the whole run (``grow_bert`` builds a schedule per stage; a single one
+keeps ``--max-steps`` and ``--warmup-*`` meaning what they mean without growth).
 
 Checkpoints saved after a growth hold the grown model (its config too); to resume, call
-``prepare_for_resume(model, schedule, checkpoint)`` before ``trainer.train(resume_from_checkpoint=...)``: it
-grows the freshly built small model to the checkpoint's shape so the Trainer can load the weights and the
-optimizer state into it. Each growth is appended to ``OUT/growth.jsonl`` (``read_growth_log``), which the loss plot
-marks (``mark_growth``).
+``prepare_for_resume(model, schedule, checkpoint)`` before
+``trainer.train(resume_from_checkpoint=...)``: it grows the freshly built small model to the
+checkpoint's shape so the Trainer can load the weights and the optimizer state into it. Each growth
+is appended to ``OUT/growth.jsonl`` (``read_growth_log``), which the loss plot marks
+(``mark_growth``).
 """
 
 import dataclasses
@@ -60,8 +65,8 @@ class Growth:
 
 
 class GrowthSchedule:
-    """The parsed SPEC (see the module docstring). ``growths`` in step order; ``steps`` the distinct growth steps.
-    Raises ``ValueError`` naming the item for a malformed or inconsistent SPEC."""
+    """The parsed SPEC (see the module docstring). ``growths`` in step order; ``steps`` the distinct
+    growth steps. Raises ``ValueError`` naming the item for a malformed or inconsistent SPEC."""
 
     def __init__(self, growths):
         growths = sorted(growths, key=lambda g: (g.step, DIMENSIONS.index(g.dim)))
@@ -79,15 +84,18 @@ class GrowthSchedule:
                 if prev.step == g.step:
                     raise ValueError(f"spec item {item!r}: {g.dim} already grows at step {g.step}")
                 if prev.end != g.start:
-                    raise ValueError(f"spec item {item!r}: {g.dim} starts at {g.start}, but the previous growth "
+                    raise ValueError(f"spec item {item!r}: {g.dim} starts at {g.start}, but the "
+                                     f"previous growth "
                                      f"ends at {prev.end}")
             if g.dim == "pool":
                 if g.end != 1 or g.start < 2:
-                    raise ValueError(f"spec item {item!r}: pool grows from a pooling size >= 2 to 1 (no pooling)")
+                    raise ValueError(f"spec item {item!r}: pool grows from a pooling size "
+                                     f">= 2 to 1 (no pooling)")
             elif g.end <= g.start:
                 raise ValueError(f"spec item {item!r}: {g.dim} must grow (TO > FROM)")
             elif g.dim == "ffn" and g.end % g.start:
-                raise ValueError(f"spec item {item!r}: ffn grows by tiling: TO must be a multiple of FROM")
+                raise ValueError(f"spec item {item!r}: ffn grows by tiling: TO must be a multiple "
+                                 f"of FROM")
             last[g.dim] = g
         self.growths = tuple(growths)
         self.steps = tuple(sorted({g.step for g in growths}))
@@ -101,20 +109,23 @@ class GrowthSchedule:
         for raw in spec.split(","):
             m = _ITEM.match(raw)
             if not m:
-                raise ValueError(f"spec item {raw.strip()!r} must read DIM=FROM->TO@STEP (DIM one of "
+                raise ValueError(f"spec item {raw.strip()!r} must read DIM=FROM->TO@STEP "
+                                 f"(DIM one of "
                                  f"{', '.join(DIMENSIONS)}), e.g. 'layers=3->6@500'")
             dim, start, end, step = m.group(1), int(m.group(2)), int(m.group(3)), int(m.group(4))
             if dim not in DIMENSIONS:
-                raise ValueError(f"spec item {raw.strip()!r}: DIM must be one of {', '.join(DIMENSIONS)}")
+                raise ValueError(f"spec item {raw.strip()!r}: DIM must be one of "
+                                 f"{', '.join(DIMENSIONS)}")
             growths.append(Growth(dim, start, end, step))
         return cls(growths)
 
     def __repr__(self):
-        return "GrowthSchedule(" + ",".join(f"{g.dim}={g.start}->{g.end}@{g.step}" for g in self.growths) + ")"
+        return "GrowthSchedule(" + ",".join(f"{g.dim}={g.start}->{g.end}@{g.step}"
+                                            for g in self.growths) + ")"
 
     def sizes_at(self, step):
-        """``{dim: size}`` in force after optimizer step ``step`` (growths at ``step`` included); a dimension
-        that never grows is absent."""
+        """``{dim: size}`` in force after optimizer step ``step`` (growths at ``step`` included); a
+        dimension that never grows is absent."""
         sizes = {}
         for g in self.growths:
             sizes.setdefault(g.dim, g.start)
@@ -127,8 +138,8 @@ class GrowthSchedule:
         return [g for g in self.growths if g.step == step]
 
     def initial_config(self, config):
-        """A copy of ``config`` (the final model's ``TupeBertConfig``) with the first sizes of the schedule.
-        Raises ``ValueError`` if the schedule does not end at ``config``'s sizes."""
+        """A copy of ``config`` (the final model's ``TupeBertConfig``) with the first sizes of the
+        schedule. Raises ``ValueError`` if the schedule does not end at ``config``'s sizes."""
         final = self.sizes_at(max(self.steps))
         fields = {"layers": "num_hidden_layers", "ffn": "intermediate_size"}
         for dim, field in fields.items():
@@ -149,7 +160,8 @@ def parse_grow_spec(spec):
 
 
 def _apply(model, growths):
-    """The growths (one step's) on ``model`` in place; returns the parameter map (``grow_model``)."""
+    """The growths (one step's) on ``model`` in place; returns the parameter map
+    (``grow_model``)."""
     sizes = {g.dim: g for g in growths}
     mapping = ops.grow_model(model, num_layers=sizes["layers"].end if "layers" in sizes else None,
                              intermediate_size=sizes["ffn"].end if "ffn" in sizes else None)
@@ -164,10 +176,12 @@ def _shape(model):
 
 
 def prepare_for_resume(model, schedule, checkpoint):
-    """Grows a freshly built small ``model`` (in place) to the shape it has after the step of ``checkpoint`` (a
-    Trainer checkpoint folder, read from its ``trainer_state.json``; or an int step), and sets the input pooling in
-    force then, so ``trainer.train(resume_from_checkpoint=checkpoint)`` loads into it. Returns the step. Raises
-    ``ValueError`` / ``FileNotFoundError`` for a bad checkpoint, ``TypeError`` for a bad model or schedule."""
+    """Grows a freshly built small ``model`` (in place) to the shape it has after the step of
+    ``checkpoint`` (a Trainer checkpoint folder, read from its ``trainer_state.json``; or an int
+    step), and sets the input pooling in force then, so
+    ``trainer.train(resume_from_checkpoint=checkpoint)`` loads into it. Returns the step. Raises
+    ``ValueError`` / ``FileNotFoundError`` for a bad checkpoint, ``TypeError`` for a bad model or
+    schedule."""
     if not isinstance(schedule, GrowthSchedule):
         raise TypeError(f"schedule must be a GrowthSchedule, got {type(schedule).__name__}")
     if isinstance(checkpoint, bool) or not isinstance(checkpoint, (int, str, os.PathLike)):
@@ -195,10 +209,12 @@ def prepare_for_resume(model, schedule, checkpoint):
 
 
 def _regroup(optimizer, model, old_named, mapping, optimizer_state):
-    """The optimizer's groups rebuilt in place for the grown ``model``: each new parameter joins its source's
-    group, in ``model.named_parameters()`` order (the order Trainer's ``create_optimizer`` gives, so a checkpoint's
-    optimizer state loads by index after a resume); the state restarts or grows."""
-    opt = getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer wraps the torch one
+    """The optimizer's groups rebuilt in place for the grown ``model``: each new parameter joins its
+    source's group, in ``model.named_parameters()`` order (the order Trainer's ``create_optimizer``
+    gives, so a checkpoint's optimizer state loads by index after a resume); the state restarts or
+    grows."""
+    opt = getattr(optimizer, "optimizer",
+                  optimizer)  # accelerate's AcceleratedOptimizer wraps the torch one
     group_of = {id(p): i for i, g in enumerate(opt.param_groups) for p in g["params"]}
     groups = [[] for _ in opt.param_groups]
     new_named = {}
@@ -208,7 +224,8 @@ def _regroup(optimizer, model, old_named, mapping, optimizer_state):
             continue  # frozen: not in the optimizer
         groups[group_of[id(source)]].append(p)
         new_named[name] = p
-    state = ops.grow_adam_state(opt.state, old_named, new_named, mapping) if optimizer_state == "grow" else {}
+    state = ops.grow_adam_state(opt.state, old_named, new_named,
+                                mapping) if optimizer_state == "grow" else {}
     for group, params in zip(opt.param_groups, groups):
         group["params"] = params
     opt.state = defaultdict(dict, state)
@@ -217,18 +234,20 @@ def _regroup(optimizer, model, old_named, mapping, optimizer_state):
 class GrowthCallback(TrainerCallback):
     """Grows the model at the schedule's steps (see the module docstring).
 
-    ``schedule``: a ``GrowthSchedule`` (or a SPEC string); ``optimizer_state``: ``"fresh"`` (default; the published
-    code's new optimizer per stage) or ``"grow"``. ``events`` lists the growths done in this process, each
-    ``{"step", "growth", "params_before", "params_after"}``; ``growth_steps`` the schedule's steps. Each event is
-    appended to ``OUTPUT_DIR/growth.jsonl`` on the main process. The model must be a ``TupeBertForMaskedLM`` built
-    with the schedule's first sizes (and, when resuming, grown by ``prepare_for_resume``): ``on_train_begin``
-    checks it and raises ``ValueError`` otherwise."""
+    ``schedule``: a ``GrowthSchedule`` (or a SPEC string); ``optimizer_state``: ``"fresh"``
+    (default; the published code's new optimizer per stage) or ``"grow"``. ``events`` lists the
+    growths done in this process, each ``{"step", "growth", "params_before", "params_after"}``;
+    ``growth_steps`` the schedule's steps. Each event is appended to ``OUTPUT_DIR/growth.jsonl`` on
+    the main process. The model must be a ``TupeBertForMaskedLM`` built with the schedule's first
+    sizes (and, when resuming, grown by ``prepare_for_resume``): ``on_train_begin`` checks it and
+    raises ``ValueError`` otherwise."""
 
     def __init__(self, schedule, optimizer_state="fresh"):
         if isinstance(schedule, str):
             schedule = GrowthSchedule.parse(schedule)
         if not isinstance(schedule, GrowthSchedule):
-            raise TypeError(f"schedule must be a GrowthSchedule or a SPEC string, got {type(schedule).__name__}")
+            raise TypeError(f"schedule must be a GrowthSchedule or a SPEC string, "
+                            f"got {type(schedule).__name__}")
         if optimizer_state not in ("fresh", "grow"):
             raise ValueError(f"optimizer_state must be 'fresh' or 'grow', got {optimizer_state!r}")
         self.schedule, self.optimizer_state = schedule, optimizer_state
@@ -245,8 +264,10 @@ class GrowthCallback(TrainerCallback):
             ops.set_input_pooling(model, self.schedule.sizes_at(0)["pool"])
         want = {**_shape(model), **self.schedule.sizes_at(step)}
         if _shape(model) != want:
-            raise ValueError(f"model must have the sizes {want} at step {step}, got {_shape(model)}: build it with "
-                             f"GrowthSchedule.initial_config and, to resume, call prepare_for_resume first")
+            raise ValueError(f"model must have the sizes {want} at step {step}, "
+                             f"got {_shape(model)}: build it with GrowthSchedule.initial_config "
+                             f"and, to resume, call "
+                             f"prepare_for_resume first")
         return control
 
     def on_step_end(self, args, state, control, model=None, optimizer=None, **kwargs):
@@ -261,7 +282,8 @@ class GrowthCallback(TrainerCallback):
             _regroup(optimizer, model, old_named, mapping, self.optimizer_state)
         text = ",".join(f"{g.dim}={g.start}->{g.end}" for g in growths)
         event = {"step": state.global_step, "growth": text, "params_before": before,
-                 "params_after": ops.count_parameters(model), "optimizer_state": self.optimizer_state}
+                 "params_after": ops.count_parameters(model),
+                 "optimizer_state": self.optimizer_state}
         self.events.append(event)
         logger.info("growth at step %d: %s (%d -> %d parameters)", state.global_step, text, before,
                     event["params_after"])
@@ -279,8 +301,8 @@ def _unwrap(model):
 
 
 def read_growth_log(out):
-    """The growth events of run folder ``out`` (``growth.jsonl``), one per step (a step re-run after a resume
-    counts once), in step order; ``[]`` when there is none."""
+    """The growth events of run folder ``out`` (``growth.jsonl``), one per step (a step re-run after
+    a resume counts once), in step order; ``[]`` when there is none."""
     path = os.path.join(os.fspath(out), GROWTH_LOG)
     if not os.path.isfile(path):
         return []
@@ -294,8 +316,9 @@ def read_growth_log(out):
 
 
 def mark_growth(ax, events, **kwargs):
-    """Draws a dashed vertical line on matplotlib ``ax`` at each growth step (``events``: ints or the dicts of
-    ``read_growth_log``, whose text labels the line). ``kwargs`` go to ``ax.axvline``."""
+    """Draws a dashed vertical line on matplotlib ``ax`` at each growth step (``events``: ints or
+    the dicts of ``read_growth_log``, whose text labels the line). ``kwargs`` go to
+    ``ax.axvline``."""
     style = dict(color="grey", linestyle="--", linewidth=0.8)
     style.update(kwargs)
     for e in events:
@@ -304,5 +327,6 @@ def mark_growth(ax, events, **kwargs):
             raise TypeError(f"events must hold steps or growth records, got {e!r}")
         ax.axvline(step, **style)
         if isinstance(e, dict):
-            ax.annotate(e.get("growth", ""), (step, 1.0), xycoords=("data", "axes fraction"), fontsize=7,
+            ax.annotate(e.get("growth", ""), (step, 1.0), xycoords=("data", "axes fraction"),
+                        fontsize=7,
                         rotation=90, va="top", ha="right")
