@@ -16,11 +16,11 @@ Three dimensions grow, each as ``grow_bert`` runs it:
   every layer grows (a mixed model would not save or load).
 - **input length** (``set_input_pooling`` / ``pooled_mlm_forward``): while ``pool_size > 1``, layer
   0's queries are [CLS] plus the mean of each group of ``pool_size`` following tokens, then the MLM
-  targets appended as extra queries (their own embeddings), with keys and values over every token
-  plus the targets; the later layers run on the pooled length (groups + targets) and the head reads
-  the target rows (``lowcost/models/transformer_encoder.py``, ``EmbedPoolLayer('mean')``,
-  ``MaskPoolLayer``). Pooling has no parameters, so growth just drops it (the full model uses the
-  same weights).
+  targets appended as extra queries (the embedding rows at their positions), with keys and values
+  over every token plus the targets; the later layers run on the pooled length (groups + targets)
+  and the head reads the target rows (``lowcost/models/transformer_encoder.py``,
+  ``EmbedPoolLayer('mean')``, ``MaskPoolLayer``). Pooling has no parameters, so growth just drops it
+  (the full model uses the same weights).
 
 Deliberate deviations: a group averages its real tokens only (the official inputs are fixed-length
 rows with padding averaged in; here a row's result must not depend on the batch's padding); a target
