@@ -3,7 +3,7 @@
 from dataclasses import dataclass, field
 from typing import Callable, List, Optional
 
-from effbert.ops._dispatch import BackendNotSupportedError
+from effbert.ops import BackendNotSupportedError
 
 
 @dataclass

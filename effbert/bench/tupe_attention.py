@@ -11,13 +11,13 @@ Floor: FLOPs. The forward does two B*H*N*N*D products (4*B*H*N^2*D FLOPs), the b
 the usual count for flash-style kernels); the matrix rate measured at the start of the run turns them into time.
 """
 
-import importlib
 import importlib.util
 
 import torch
 
 import effbert
 from effbert import reference
+from effbert.ops import attention as attention_ops
 
 from .case import Case, provider_reasons
 
@@ -173,7 +173,6 @@ def cases(device, quick):
     dname = str(dtype).replace("torch.", "")
     out = []
     probe = torch.empty(1, 1, 1, 64 if device.type == "cuda" else 16, device=device, dtype=dtype)
-    attention_ops = importlib.import_module("effbert.ops.tupe_attention")  # the package exports the function
     triton_reasons = provider_reasons(lambda: attention_ops.attention_backend(probe, "triton"))
     for b, n, h, d in shapes:
         def make_inputs(b=b, n=n, h=h, d=d):

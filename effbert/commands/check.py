@@ -14,6 +14,8 @@ import torch
 from .. import ops as effbert_ops
 from .. import reference
 from ..ops import backends
+from ..ops import attention as attention_ops
+from ..ops import position_bias as bias_ops
 from ..ops import early_exit as early_exit_ops
 
 
@@ -74,8 +76,6 @@ def _serviceable(probe):
 def check_tupe(quick=False):
     """tupe_position_bias, then tupe_attention fed its P (with padding), forward, against float64 (``quick``: bf16
     on a GPU, the dtype BERT trains in, and fp32 on the CPU)."""
-    attention_ops = importlib.import_module("effbert.ops.tupe_attention")
-    bias_ops = importlib.import_module("effbert.ops.position_bias")
     rows = []
     b, n, h, d = 3, 97, 4, 64
     for device in _devices():
