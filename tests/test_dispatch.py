@@ -32,7 +32,7 @@ def toy(monkeypatch):
                                                 "got {value}")}),
         "cpu": Support(dtypes=(torch.float32, torch.float64, torch.bfloat16),
                        grad_dtypes=(torch.float32,),
-                       tensor_dtypes={"notes": (torch.float32,)}, supports_backward=True),
+                       tensor_dtypes={"notes": (torch.float32,)}, why="as the toy needs"),
         "eager": Support(supports_backward=False)},
         {"cpu": ("cpu", "eager")}, absent="toy has no {backend} kernel")
 
@@ -49,10 +49,12 @@ def test_reasons_come_from_the_declaration(toy, monkeypatch):
 
     assert why("cpu") == [] and why("eager") == []
     assert why("cuda") == ["toy has no cuda kernel"]
-    assert why("cpu", torch.float16) == ["cpu kernels take fp32/fp64/bf16 q, got float16"]
+    assert why("cpu", torch.float16) == [
+        "cpu kernels take fp32/fp64/bf16 q (as the toy needs), got float16"]
     assert why("cpu", torch.float64, grad=True) == [
-        "cpu kernels take float32 q with a gradient wanted, got float64"]
-    assert why("cpu", notes=torch.float64) == ["cpu kernels take float32 notes, got float64"]
+        "cpu kernels take float32 q with a gradient wanted (as the toy needs), got float64"]
+    assert why("cpu", notes=torch.float64) == [
+        "cpu kernels take float32 notes (as the toy needs), got float64"]
     assert why("eager", grad=True) == ["eager computes no gradients for toy_op"]
     # the Triton interpreter on CPU tensors: its own dtypes, and a dtype the GPU takes named as
     # computed wrongly

@@ -189,6 +189,7 @@ class Support:
     supports_backward: whether the backend computes gradients (a call that wants them is refused
         otherwise).
     takes: how a reason names the backend, before the dtypes ("{backend} kernels take").
+    why: why the dtypes are what they are, given in the dtype reason ("" for none).
     """
     dtypes: tuple = None
     grad_dtypes: tuple = None
@@ -198,6 +199,7 @@ class Support:
     limits: dict = field(default_factory=dict)
     supports_backward: bool = True
     takes: str = "{backend} kernels take"
+    why: str = ""
 
 
 @dataclass(frozen=True)
@@ -271,7 +273,8 @@ def _op_reasons(spec, name, inputs):
         else:
             listed = support.dtypes if allowed is support.interpreter_dtypes else allowed
             out.append(f"{takes} {_dtype_list(listed)} {label}"
-                       f"{' with a gradient wanted' if with_grad else ''}, got {dtype_name(dtype)}")
+                       f"{' with a gradient wanted' if with_grad else ''}"
+                       f"{f' ({support.why})' if support.why else ''}, got {dtype_name(dtype)}")
     sizes = inputs.sizes
     if support.head_dims is not None and sizes.get("head_dim") not in support.head_dims:
         out.append(f"{takes} head dims {support.head_dims}, got {sizes.get('head_dim')}")

@@ -32,11 +32,11 @@ _TRITON = Support(
     limits={"heads": (MAX_GRID_YZ, "Triton kernels take at most {limit} heads (a grid axis of one "
                                    "row per head), got {value}")})
 _PREFERENCE = {"cuda": ("triton", "eager"), "cpu": ("cpu", "eager")}
-# the CPU path: PyTorch's fused CPU attention per sequence (_attention_cpu); bf16 in inference only,
-# since pos_bias gradients would accumulate in bf16
+# the CPU path: PyTorch's fused CPU attention per sequence (_attention_cpu)
 declare("tupe_attention", {
     "triton": _TRITON,
-    "cpu": Support(dtypes=CPU_INFERENCE_DTYPES, grad_dtypes=CPU_DTYPES, takes="the CPU path takes"),
+    "cpu": Support(dtypes=CPU_INFERENCE_DTYPES, grad_dtypes=CPU_DTYPES, takes="the CPU path takes",
+                   why="bf16 in inference only: pos_bias gradients would accumulate in bf16"),
     "eager": Support()}, _PREFERENCE, absent="no {backend} kernel for {op} (Triton on CUDA)")
 # forward only: the op refuses inputs that need grad
 declare("tupe_attention_varlen_subset", {
