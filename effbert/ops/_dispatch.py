@@ -101,19 +101,20 @@ def refresh():
     _SELECTED.clear()
 
 
-def cached_selection(op, backend, inputs, key):
+def cached_selection(op, backend, key, inputs):
     """`select_backend` for an op whose reasons depend on ``key`` only (the device and dtype, and
-    which side of each size limit the inputs are on), remembered per (op, backend, key,
-    EFFBERT_BACKEND, interpreter): a small call (an exit decision on a CPU) should not spend more on
-    choosing its backend than on running it. Failures are not cached. While torch.compile traces,
-    the choice is made afresh (it costs nothing at run time there, and a traced write to the cache
-    would only make dynamo guard on the dict's contents and recompile)."""
+    which side of each size limit the inputs are on); ``inputs``: a callable that builds the
+    `Inputs`, called on a miss only. Remembered per (op, backend, key, EFFBERT_BACKEND,
+    interpreter): a small call (an exit decision on a CPU) should not spend more on choosing its
+    backend than on running it. Failures are not cached. While torch.compile traces, the choice is
+    made afresh (it costs nothing at run time there, and a traced write to the cache would only
+    make dynamo guard on the dict's contents and recompile)."""
     if torch.compiler.is_compiling():
-        return select_backend(op, backend, inputs)
+        return select_backend(op, backend, inputs())
     full = (op, backend, key, os.environ.get(ENV_VAR), triton_interpreting())
     chosen = _SELECTED.get(full)
     if chosen is None:
-        chosen = _SELECTED[full] = select_backend(op, backend, inputs)
+        chosen = _SELECTED[full] = select_backend(op, backend, inputs())
     return chosen
 
 
@@ -253,35 +254,37 @@ def _op_reasons(spec, name, inputs):
     if support is None:
         return [spec.absent.format(backend=name, op=spec.op)]
     out = []
-    interpreted = name == "triton" and inputs.device.type == "cpu"
-    takes = support.takes.format(backend=name)
-    for label, dtype in inputs.tensors:
-        with_grad = False
-        if label in support.tensor_dtypes:
-            allowed = support.tensor_dtypes[label]
-        elif inputs.wants_grad and support.grad_dtypes is not None:
-            allowed, with_grad = support.grad_dtypes, True
-        elif interpreted and support.interpreter_dtypes is not None:
-            allowed = support.interpreter_dtypes
-        else:
-            allowed = support.dtypes
-        if allowed is None or dtype in allowed:
-            continue
-        if interpreted and support.dtypes is not None and dtype in support.dtypes:
-            short = _SHORT_DTYPE.get(dtype, dtype_name(dtype))
-            out.append(f"the Triton interpreter computes {short} dot products wrongly")
-        else:
-            listed = support.dtypes if allowed is support.interpreter_dtypes else allowed
-            out.append(f"{takes} {_dtype_list(listed)} {label}"
-                       f"{' with a gradient wanted' if with_grad else ''}"
-                       f"{f' ({support.why})' if support.why else ''}, got {dtype_name(dtype)}")
+    if support.dtypes is not None or support.tensor_dtypes or support.grad_dtypes is not None:
+        interpreted = name == "triton" and inputs.device.type == "cpu"
+        for label, dtype in inputs.tensors:
+            with_grad = False
+            if label in support.tensor_dtypes:
+                allowed = support.tensor_dtypes[label]
+            elif inputs.wants_grad and support.grad_dtypes is not None:
+                allowed, with_grad = support.grad_dtypes, True
+            elif interpreted and support.interpreter_dtypes is not None:
+                allowed = support.interpreter_dtypes
+            else:
+                allowed = support.dtypes
+            if allowed is None or dtype in allowed:
+                continue
+            if interpreted and support.dtypes is not None and dtype in support.dtypes:
+                short = _SHORT_DTYPE.get(dtype, dtype_name(dtype))
+                out.append(f"the Triton interpreter computes {short} dot products wrongly")
+            else:
+                listed = support.dtypes if allowed is support.interpreter_dtypes else allowed
+                out.append(f"{support.takes.format(backend=name)} {_dtype_list(listed)} {label}"
+                           f"{' with a gradient wanted' if with_grad else ''}"
+                           f"{f' ({support.why})' if support.why else ''}, got {dtype_name(dtype)}")
     sizes = inputs.sizes
     if support.head_dims is not None and sizes.get("head_dim") not in support.head_dims:
-        out.append(f"{takes} head dims {support.head_dims}, got {sizes.get('head_dim')}")
-    for size, (largest, why) in support.limits.items():
-        value = sizes.get(size, 0)
-        if value > largest:
-            out.append(why.format(limit=largest, value=value))
+        out.append(f"{support.takes.format(backend=name)} head dims {support.head_dims}, got "
+                   f"{sizes.get('head_dim')}")
+    if support.limits:
+        for size, (largest, why) in support.limits.items():
+            value = sizes.get(size, 0)
+            if value > largest:
+                out.append(why.format(limit=largest, value=value))
     if inputs.wants_grad and not support.supports_backward:
         out.append(f"{name} computes no gradients for {spec.op}")
     return out

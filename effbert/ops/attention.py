@@ -15,7 +15,8 @@ from .. import reference
 from . import _attention_cpu
 from ._checks import FLOAT_DTYPES, as_bool_attention_mask, check_offsets, check_same_device, check_tensor
 from ..kernels import MAX_GRID_YZ  # the package's constants only: no Triton import here
-from ._dispatch import Inputs, Support, declare, direct_call_ok, select_backend
+from ._dispatch import (Inputs, Support, cached_selection, declare, direct_call_ok,
+                        select_backend)
 
 __all__ = ["tupe_attention", "tupe_attention_varlen", "tupe_attention_varlen_subset", "HEAD_DIMS"]
 
@@ -62,7 +63,9 @@ def attention_backend(q, backend="auto", wants_grad=None):
     ``wants_grad``: whether the call builds a graph (None: ``q`` alone decides)."""
     if wants_grad is None:
         wants_grad = _wants_grad(q)
-    return select_backend("tupe_attention", backend, _inputs(q, wants_grad))
+    heads = q.shape[-2] if q.dim() >= 3 else 0
+    key = (q.device, q.dtype, wants_grad, q.shape[-1] if q.dim() else None, heads > MAX_GRID_YZ)
+    return cached_selection("tupe_attention", backend, key, lambda: _inputs(q, wants_grad))
 
 
 def _draw_seed(device):

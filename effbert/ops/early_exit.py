@@ -63,7 +63,8 @@ def entropy_into(backend, logits, out):
 
 def entropy_backend(logits, backend="auto"):
     """The backend that ``exit_entropy(logits, backend=backend)`` would run (raises if none can serve)."""
-    return cached_selection("exit_entropy", backend, _logits(logits), (logits.device, logits.dtype))
+    return cached_selection("exit_entropy", backend, (logits.device, logits.dtype),
+                            lambda: _logits(logits))
 
 
 def entropy_dtype(logits):
@@ -196,7 +197,8 @@ def check_criterion(criterion, threshold=None, patience=None, classes=None):
 
 def decision_backend(logits, backend="auto"):
     """The backend that ``exit_decision`` would run for these logits (raises if none can serve)."""
-    return select_backend("exit_decision", backend, _logits(logits))
+    return cached_selection("exit_decision", backend, (logits.device, logits.dtype),
+                            lambda: _logits(logits))
 
 
 def _decision_eager(x, ids, prev, counter, out_logits, out_layer, next_rows, next_local, count, code, layer,
@@ -454,7 +456,9 @@ declare("multi_exit_distillation_loss", {
 
 def loss_backend(exit_logits, backend="auto"):
     """The backend ``multi_exit_distillation_loss`` would run (raises if none can serve)."""
-    return select_backend("multi_exit_distillation_loss", backend, _logits(exit_logits))
+    key = (exit_logits.device, exit_logits.dtype, exit_logits.shape[-1] > _LOSS_MAX_C)
+    return cached_selection("multi_exit_distillation_loss", backend, key,
+                            lambda: _logits(exit_logits))
 
 
 def _loss_eager(z, labels, gamma, temperature):

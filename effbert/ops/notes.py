@@ -15,7 +15,8 @@ import torch
 from .. import _ext
 from .. import reference
 from ._checks import FLOAT_DTYPES, check_same_device, check_tensor
-from ._dispatch import Inputs, Support, declare, direct_call_ok, requested_backend, select_backend
+from ._dispatch import (Inputs, Support, cached_selection, declare, direct_call_ok,
+                        requested_backend, select_backend)
 
 __all__ = ["note_mix", "note_update_", "note_window_means", "note_fold_"]
 
@@ -265,12 +266,14 @@ def _inputs(*float_tensors):
 
 def mix_backend(x, notes, backend="auto"):
     """The backend ``note_mix(x, notes, ...)`` would run (raises if none can serve)."""
-    return select_backend("note_mix", backend, _inputs(("x", x), ("notes", notes)))
+    return cached_selection("note_mix", backend, (x.device, x.dtype, notes.dtype),
+                            lambda: _inputs(("x", x), ("notes", notes)))
 
 
 def update_backend(notes, hidden, backend="auto"):
     """The backend ``note_update_(notes, counts, hidden, ...)`` would run (raises if none can serve)."""
-    return select_backend("note_update_", backend, _inputs(("hidden", hidden), ("notes", notes)))
+    return cached_selection("note_update_", backend, (hidden.device, hidden.dtype, notes.dtype),
+                            lambda: _inputs(("hidden", hidden), ("notes", notes)))
 
 
 def _as_rows(t):

@@ -8,7 +8,8 @@ import torch
 from .. import reference
 from ..kernels import MAX_GRID_YZ  # the package's constants only: no Triton import here
 from ._checks import FLOAT_DTYPES, check_same_device, check_tensor
-from ._dispatch import Inputs, Support, declare, direct_call_ok, select_backend
+from ._dispatch import (Inputs, Support, cached_selection, declare, direct_call_ok,
+                        select_backend)
 
 __all__ = ["t5_relative_buckets", "tupe_position_bias"]
 
@@ -216,7 +217,9 @@ def check_position_bias_args(pos_q, pos_k, scale, rel_table, rel_buckets, cls_ro
 
 def position_bias_backend(pos_q, backend="auto", rel_table=None):
     num_buckets = 0 if rel_table is None else rel_table.shape[0]
-    return select_backend("tupe_position_bias", backend, _inputs(pos_q, num_buckets))
+    heads = pos_q.shape[1] if pos_q.dim() == 3 else 0
+    key = (pos_q.device, pos_q.dtype, num_buckets > _MAX_BUCKETS, heads > MAX_GRID_YZ)
+    return cached_selection("tupe_position_bias", backend, key, lambda: _inputs(pos_q, num_buckets))
 
 
 def tupe_position_bias(pos_q, pos_k, *, scale, rel_table=None, rel_buckets=None, cls_row=None, cls_col=None,

@@ -45,10 +45,9 @@ def token_exit_backend(logits, window=3, backend="auto", max_seqlen=0):
     can serve)."""
     # the reasons depend on sizes only through these limits: cache per side of each
     sizes = tuple(window > w for w in MAX_WINDOW.values()) + (max_seqlen > CUDA_MAX_SEQLEN,)
-    inputs = Inputs(logits.device, (("logits", logits.dtype),),
-                    {"window": window, "max_seqlen": max_seqlen})
-    return cached_selection("token_exit_decision", backend, inputs,
-                            (logits.device, logits.dtype) + sizes)
+    return cached_selection("token_exit_decision", backend, (logits.device, logits.dtype) + sizes,
+                            lambda: Inputs(logits.device, (("logits", logits.dtype),),
+                                           {"window": window, "max_seqlen": max_seqlen}))
 
 
 def _u_dtype(logits):
