@@ -250,28 +250,31 @@ def test_row_rates_floor_is_the_ops_and_rates_are_the_providers():
     assert row_rates(1.0, 0, 10, ceilings, "float32")["TFLOPs"] is None
 
 
-def _case(op, shape, provider="p"):
+def _case(op, params, provider="p"):
     import torch
 
     from effbert.bench.case import Case
 
-    return Case(op=op, shape=shape, dtype="bfloat16", mode="forward", provider=provider, fn=torch.zeros,
-                make_inputs=tuple, reference=torch.zeros, bytes=1, flops=0)
+    return Case(op=op, params=params, dtype="bfloat16", mode="forward", provider=provider,
+                fn=torch.zeros, make_inputs=tuple, reference=torch.zeros, bytes=1, flops=0)
 
 
 def test_headline_takes_one_shape_per_op_family_and_rest_the_others():
     """--headline: every provider but the compiled ones of one BERT-base shape per headline op, the fused kernels
     first and the training step last; --rest: the other cases; together every case once."""
-    cases = [_case("exit_entropy", "B=64,C=2"), _case("exit_entropy", "B=4096,C=30522"),
-             _case("exit_entropy", "B=4096,C=30522", "torch.compile"),
-             _case("tupe_attention", "B=32,N=512,H=12,D=64", "a"), _case("tupe_attention", "B=32,N=512,H=12,D=64", "b"),
-             _case("tupe_attention", "B=32,N=512,H=12,D=64", "flexattention"),
-             _case("tupe_attention", "B=128,N=128,H=12,D=64"), _case("exit_decision", "R=64,C=2"),
-             _case("train_step_padding", "B=128,N=128,real=8192,L=12,Dm=768"),
-             _case("train_step_padding", "B=32,N=512,real=8192,L=12,Dm=768", "padded"),
-             _case("train_step_padding", "B=32,N=512,real=8192,L=12,Dm=768", "unpadded"),
-             _case("mc_sample_fused", "M=16384,V=30522,D=256,K=10"),
-             _case("early_exit_inference", "B=64,N=128,L=12,avg_exit=6")]
+    base = dict(B=32, N=512, H=12, D=64)
+    step = dict(B=32, N=512, real=8192, L=12, Dm=768)
+    cases = [_case("exit_entropy", dict(B=64, C=2)), _case("exit_entropy", dict(B=4096, C=30522)),
+             _case("exit_entropy", dict(B=4096, C=30522), "torch.compile"),
+             _case("tupe_attention", base, "a"), _case("tupe_attention", base, "b"),
+             _case("tupe_attention", base, "flexattention"),
+             _case("tupe_attention", dict(B=128, N=128, H=12, D=64)),
+             _case("exit_decision", dict(R=64, C=2)),
+             _case("train_step_padding", dict(B=128, N=128, real=8192, L=12, Dm=768)),
+             _case("train_step_padding", step, "padded"),
+             _case("train_step_padding", step, "unpadded"),
+             _case("mc_sample_fused", dict(M=16384, V=30522, D=256, K=10)),
+             _case("early_exit_inference", dict(B=64, N=128, L=12, avg_exit=6))]
     head = runner.select(cases, "headline")
     assert [(c.op, c.shape, c.provider) for c in head] == [
         ("exit_entropy", "B=4096,C=30522", "p"),

@@ -3,7 +3,6 @@ backend (and the multi-exit loss, eager on the CPU) and every model but MC-BERT'
 with inductor and gives, forward and backward, what it gives uncompiled; and dispatch compiles without dynamo's
 warning about a ``functools.lru_cache`` it would trace through."""
 
-import importlib
 import warnings
 
 import pytest
@@ -12,12 +11,12 @@ import torch
 import effbert
 from effbert import losses
 from effbert import ops as effbert_ops
+from effbert.ops import attention as attn_ops
 from effbert.models import (TupeBertConfig, TupeBertForMaskedLM, TupeBertForSequenceClassification,
                             TupeBertModel)
 
 from helpers import assert_close
 
-attn_ops = importlib.import_module("effbert.ops.tupe_attention")  # the module: effbert.ops.tupe_attention is the op
 
 pytestmark = pytest.mark.skipif(not effbert.backends()["cpu"].available,
                                 reason="the C++ CPU extension is not built")

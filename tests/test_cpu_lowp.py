@@ -12,7 +12,7 @@ from torch import nn
 import effbert
 from effbert.models import (TupeBertConfig, TupeBertForSequenceClassification, TupeBertForTokenClassification,
                             TupeBertModel, quantize_for_cpu)
-from effbert.ops.tupe_attention import attention_backend
+from effbert.ops.attention import attention_backend
 
 QLinear = torch.ao.nn.quantized.dynamic.Linear
 

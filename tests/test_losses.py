@@ -13,8 +13,7 @@ from effbert.nn import ExitHead, MultiExitEncoder
 from effbert.ops import early_exit as ops
 from helpers import assert_close, backend_cases, require_backend
 
-LOSS_BACKENDS = [c for c in backend_cases() if c.id in ("eager-cpu", "triton-interpreter", "triton-cuda",
-                                                          "eager-cuda")]
+LOSS_BACKENDS = backend_cases("multi_exit_distillation_loss")
 
 
 def loss_by_definition(z, y, gamma, t):

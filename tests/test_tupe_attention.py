@@ -1,19 +1,17 @@
 """TUPE attention against the float64 reference: forward, every gradient, padding, dropout, varlen, determinism,
 the positional term end to end, torch.library and torch.compile, bad inputs."""
 
-import importlib
-
 import pytest
 import torch
 
 import effbert
 from effbert import reference
 from effbert.ops import BackendNotSupportedError
+from effbert.ops import attention as attention_ops
 from effbert.reference.tupe_attention import pad_packed, unpad
 
 from helpers import FP32_RTOL, assert_close
 
-attention_ops = importlib.import_module("effbert.ops.tupe_attention")  # the package exports the function
 ON_GPU = torch.cuda.is_available()
 DEVICE = "cuda" if ON_GPU else "cpu"
 GRAD_RTOL = FP32_RTOL * 4  # gradients sum longer chains of products than the forward
@@ -589,7 +587,7 @@ def test_position_bias_cache_is_opt_in_and_cannot_be_corrupted(seeded):
         TupePositionBias(32, 2, cache="yes")
 
 
-# --- the CPU backend: PyTorch's fused CPU attention per sequence (effbert/ops/_tupe_attention_cpu.py) ----------
+# --- the CPU backend: PyTorch's fused CPU attention per sequence (effbert/ops/_attention_cpu.py) --
 
 def cpu_case(b, n, h, d, mask, *, bias=True, dtype=torch.float32, poison=False, scale=None):
     """The cpu backend's output and gradients (q, k, v, pos_bias) against the float64 reference, on CPU tensors."""
@@ -818,7 +816,7 @@ def test_cpu_backend_inference_road_matches_float64(n, dtype, grad_mode, seeded)
     ones keep the fused kernel. Both equal the float64 reference; padded queries stay 0."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
-    from effbert.ops import _tupe_attention_cpu
+    from effbert.ops import _attention_cpu
 
     b, h, d = 3, 2, 16
     lengths = torch.tensor([n, max(1, n // 2), max(1, n - 3)])
@@ -848,7 +846,7 @@ def test_cpu_backend_inference_road_matches_float64(n, dtype, grad_mode, seeded)
     assert_close(out_packed, unpad(ref, cu), rtol=rtol, what="cpu inference packed output")
     # the padded batch calls once per length (a length shared by several rows: one fused call over them), the
     # packed batch once per sequence
-    short = [int(x) for x in lengths if x <= _tupe_attention_cpu.MATH_MAX_LEN]
+    short = [int(x) for x in lengths if x <= _attention_cpu.MATH_MAX_LEN]
     expected = sum(1 for x in set(short) if short.count(x) == 1 and int((lengths == x).sum()) == 1) + len(short)
     assert sum("baddbmm" in f for f in seen) == expected, (n, sorted(set(seen)))
 

@@ -10,9 +10,7 @@ import torch
 from effbert.models import TupeBertConfig, TupeBertForMaskedLM, TupeBertForSequenceClassification, TupeBertModel
 from effbert.models.packing import unpad_input
 from effbert.nn import NoteDictionary
-import importlib
-
-attn_ops = importlib.import_module("effbert.ops.tupe_attention")
+from effbert.ops import attention as attn_ops
 
 from helpers import backend_cases
 

@@ -3,13 +3,30 @@
 from dataclasses import dataclass, field
 from typing import Callable, List, Optional
 
-from effbert.ops._dispatch import BackendNotSupportedError
+import torch
+
+from effbert.ops import BackendNotSupportedError
+from effbert.reference.compare import compare
 
 
-@dataclass
+def format_params(params):
+    """``{"B": 32, "N": 512}`` -> ``"B=32,N=512"``: a case's shape label, in the order of
+    ``params``."""
+    return ",".join(f"{name}={value}" for name, value in params.items())
+
+
+@dataclass(kw_only=True)
 class Case:
+    """One provider of one op at one size, dtype and mode: what the runner times and checks.
+
+    ``params``: the case's parameters as data (``{"B": 32, "N": 512, "H": 12, "D": 64}``), which
+    plots and the headline selection read; ``shape``: its label in tables and keys,
+    ``format_params(params)`` unless given (a label with words, such as "real lengths", is given).
+    Raises ``ValueError`` when both are empty and ``TypeError`` for params that are not a dict with
+    str keys."""
     op: str
-    shape: str
+    shape: str = ""
+    params: dict = field(default_factory=dict)
     dtype: str
     mode: str  # forward / backward / forward+backward
     provider: str
@@ -37,6 +54,20 @@ class Case:
     # ``atol`` then bounds loosely); the row fails below it
     min_cosine: Optional[float] = None
 
+    def __post_init__(self):
+        if not isinstance(self.params, dict) or not all(isinstance(k, str) for k in self.params):
+            raise TypeError(f"params must be a dict with str keys, got {self.params!r:.80}")
+        if not self.shape:
+            if not self.params:
+                raise ValueError(f"a Case needs params or a shape label, got neither for op "
+                                 f"{self.op!r}")
+            self.shape = format_params(self.params)
+
+    def matches(self, wanted):
+        """Whether ``params`` holds every ``name: value`` of ``wanted`` (a value of None: the name
+        is absent)."""
+        return all(self.params.get(name) == value for name, value in wanted.items())
+
     @property
     def key(self):
         return f"{self.op}|{self.shape}|{self.dtype}|{self.mode}|{self.provider}"
@@ -49,3 +80,40 @@ def provider_reasons(probe):
     except BackendNotSupportedError as exc:
         return [str(exc).split("cannot serve these inputs: ", 1)[-1]]
     return []
+
+
+def _min_cosine(out, ref):
+    """The smallest cosine similarity between matching rows (last dim) of ``out`` and ``ref``, in
+    float64."""
+    a, b = (t.detach().double().cpu().reshape(-1, t.shape[-1]) for t in (out, ref))
+    return float(torch.nn.functional.cosine_similarity(a, b, dim=-1).min()) if a.numel() else 1.0
+
+
+def check_output(case, inputs):
+    """``case.fn(*inputs)`` against ``case.reference(*inputs)``, the check the bench runs before
+    timing a case (``effbert bench`` and the ``benchmarks/`` wrappers alike): ``(fields, problem)``,
+    the row fields it measured (``rel_error``; or ``max_abs_diff`` and ``min_cosine`` for a peer
+    runtime's case with ``atol``) and None, or the reason the output is wrong. The relative error
+    follows ``effbert.reference.compare`` (float64 reference, its message names the worst entry).
+    Raises ``TypeError`` for a ``case`` that is not a `Case`."""
+    if not isinstance(case, Case):
+        raise TypeError(f"case must be a Case, got {type(case).__name__}")
+    out, ref = case.fn(*inputs), case.reference(*inputs)
+    if case.atol is not None:
+        diff = float((out.detach().double().cpu() - ref.detach().double().cpu()).abs().max())
+        fields = {"max_abs_diff": diff}
+        if not diff <= case.atol:
+            return fields, f"max abs diff {diff:.2e} > {case.atol:.0e}"
+        if case.min_cosine is not None:
+            cos = fields["min_cosine"] = _min_cosine(out, ref)
+            if not cos >= case.min_cosine:
+                return fields, f"cosine {cos:.4f} < {case.min_cosine:g}"
+        return fields, None
+    result = compare(out, ref, rtol=case.rtol, what=case.key)
+    fields = {"rel_error": result.error}
+    if not result.ok:
+        where = ""
+        if result.index:
+            where = f"; worst at {list(result.index)}: {result.got!r} vs {result.want!r}"
+        return fields, f"relative error {result.error:.2e} > {case.rtol:.0e}{where}"
+    return fields, None

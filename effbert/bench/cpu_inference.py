@@ -270,12 +270,13 @@ def _bert_cases(batch, quick):
     lengths = real_lengths(batch, seed=batch)
     ids, mask, lengths = make_batch(lengths, sizes["vocab"], seed=batch)
     seq = ids.shape[1]
-    shape = f"B={batch},real lengths,Nmax={seq}"
+    shape, params = f"B={batch},real lengths,Nmax={seq}", {"B": batch, "Nmax": seq}
     tokens = int(lengths.sum())
     padded = layer_flops(lengths, sizes["hidden"], sizes["inter"], seq, True) * DEPTH
     real = layer_flops(lengths, sizes["hidden"], sizes["inter"], seq, False) * DEPTH
-    common = dict(op="cpu_inference", shape=shape, dtype="float32", mode="forward", make_inputs=lambda: (ids, mask),
-                  bytes=0, flops=real, baseline="hf-sdpa", tokens=tokens)
+    common = dict(op="cpu_inference", shape=shape, params=params, dtype="float32", mode="forward",
+                  make_inputs=lambda: (ids, mask), bytes=0, flops=real, baseline="hf-sdpa",
+                  tokens=tokens)
 
     def hf(ids, mask):
         return _models(quick)[0](input_ids=ids, attention_mask=mask).last_hidden_state[mask.bool()]
@@ -301,7 +302,8 @@ def _bert_cases(batch, quick):
     for name, target in TARGETS.items():
         if name != "effbert-early-exit" and (quick or batch != 8):  # the threshold sweep at one batch size
             continue
-        out.append(_early_exit_case(name, target, shape, (ids, mask, lengths), sizes, seq, quick))
+        out.append(_early_exit_case(name, target, shape, params, (ids, mask, lengths), sizes, seq,
+                                    quick))
     return out
 
 
@@ -312,6 +314,7 @@ def _minilm_cases(batch, quick):
     ids, mask, lengths = make_batch(lengths, MINILM["vocab"], seed=100 + batch)
     seq = ids.shape[1]
     shape = f"all-MiniLM-L6-v2,B={batch},real lengths,Nmax={seq}"
+    params = {"model": "all-MiniLM-L6-v2", "B": batch, "Nmax": seq}
     per_layer = layer_flops(lengths, MINILM["hidden"], MINILM["inter"], seq, False)
     padded = layer_flops(lengths, MINILM["hidden"], MINILM["inter"], seq, True)
     real_attention = 4 * sum(int(n) ** 2 for n in lengths) * MINILM["hidden"]
@@ -328,7 +331,8 @@ def _minilm_cases(batch, quick):
             return model(input_ids=ids, attention_mask=mask).last_hidden_state[mask.bool()]
         return fn
 
-    common = dict(op="cpu_inference", shape=shape, dtype="float32", mode="forward", make_inputs=lambda: (ids, mask),
+    common = dict(op="cpu_inference", shape=shape, params=params, dtype="float32", mode="forward",
+                  make_inputs=lambda: (ids, mask),
                   bytes=0, flops=per_layer * MINILM["layers"], baseline="hf-sdpa", tokens=int(lengths.sum()))
     out = [Case(provider="hf-sdpa", fn=_threaded(run(0)), reference=None, work_flops=padded * MINILM["layers"],
                 check=False, skip_reasons=reason, note="transformers BertModel from the checkpoint, SDPA, padded batch",
@@ -376,7 +380,7 @@ def _lowp_cases(models_of, reference, common, what):
                  note=f"{what} in bf16, real tokens only", **common)]
 
 
-def _early_exit_case(name, target, shape, batch_inputs, sizes, seq, quick):
+def _early_exit_case(name, target, shape, params, batch_inputs, sizes, seq, quick):
     """Calibrates its threshold on the batch when it first runs (make_inputs), then sets its FLOPs and note."""
     ids, mask, lengths = batch_inputs
     state = {}
@@ -405,7 +409,8 @@ def _early_exit_case(name, target, shape, batch_inputs, sizes, seq, quick):
     def reference(ids, mask):  # each sample's logits at its exit layer, from the full-depth forward
         return state["expected"]
 
-    case = Case(op="cpu_inference", shape=shape, dtype="float32", mode="forward", provider=name,
+    case = Case(op="cpu_inference", shape=shape, params=params,
+                dtype="float32", mode="forward", provider=name,
                 fn=_threaded(fn), make_inputs=make_inputs, reference=reference, bytes=0, flops=0, rtol=1e-4,
                 baseline="hf-sdpa", tokens=int(lengths.sum()))
     return case

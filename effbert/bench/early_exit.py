@@ -65,7 +65,8 @@ def cases(device, quick):
                 if name == "torch.compile" and device.type == "cpu" and quick:
                     reasons = ["skipped in --quick on the CPU (compile time dominates)"]
                 out.append(Case(
-                    op="exit_entropy", shape=f"B={rows},C={cols}", dtype=str(dtype).replace("torch.", ""),
+                    op="exit_entropy", params={"B": rows, "C": cols},
+                    dtype=str(dtype).replace("torch.", ""),
                     mode="forward", provider=name, fn=fn, make_inputs=make_inputs,
                     reference=lambda x: reference.exit_entropy(x.double()), bytes=nbytes, flops=0,
                     rtol=1e-4, skip_reasons=reasons, baseline="torch",
@@ -165,7 +166,9 @@ def _decision_cases_for(device, rows, cols, dtype, criterion, kw, layer):
             backend = name.split("-", 1)[1]
             reasons = provider_reasons(lambda b=backend: ops.decision_backend(probe[0][:1], b))
         out.append(Case(
-            op="exit_decision", shape=f"R={rows},C={cols},{criterion},layer={layer}", dtype=str(dtype).replace("torch.", ""),
+            op="exit_decision", shape=f"R={rows},C={cols},{criterion},layer={layer}",
+            params={"R": rows, "C": cols, "criterion": criterion, "layer": layer},
+            dtype=str(dtype).replace("torch.", ""),
             mode="forward", provider=name, fn=fn, make_inputs=make_inputs, reference=reference_count,
             bytes=nbytes, flops=0, rtol=0.0, skip_reasons=reasons, baseline="torch",
         ))
@@ -281,7 +284,7 @@ def e2e_cases(device, quick):
             flops = float(plan.sum()) * _layer_flops(seq, dm, dff)
             weights = 4 * dm * dm + 2 * dm * dff
             nbytes = int(plan.max()) * weights * dtype.itemsize + batch * seq * dm * dtype.itemsize
-            shape = f"B={batch},N={seq},L={depth},avg_exit={avg}"
+            params = {"B": batch, "N": seq, "L": depth, "avg_exit": avg}
             for name, fn, check in (("effbert-batched", batched, True), ("effbert-batched-triton", batched_triton, True),
                                     ("full-depth", full_depth, False), ("batch-1-loop", loop, False)):
                 reasons = []
@@ -291,7 +294,8 @@ def e2e_cases(device, quick):
                 if name == "batch-1-loop" and device.type == "cuda" and batch == 256 and avg != 6:
                     reasons = ["the batch-1 loop at B=256 runs at avg_exit=6 only (it takes seconds per call)"]
                 out.append(Case(
-                    op="early_exit_inference", shape=shape, dtype=str(dtype).replace("torch.", ""), mode="forward",
+                    op="early_exit_inference", params=params,
+                    dtype=str(dtype).replace("torch.", ""), mode="forward",
                     provider=name, fn=fn, make_inputs=make_inputs, reference=loop, bytes=nbytes, flops=flops,
                     rtol=1e-2, skip_reasons=reasons, baseline="full-depth", check=check,
                 ))

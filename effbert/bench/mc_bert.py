@@ -83,7 +83,8 @@ def _loss_cases(device, shapes, dtypes):
                         lambda: ops.loss_backend(probe, probe, torch.empty(1, device=device), "triton"))
                 flops = 6.0 * m * K * d if name != "mlm-head" else 6.0 * m * v * d
                 out.append(Case(
-                    op="mc_candidate_loss", shape=f"M={m},K={K},D={d},V={v}", dtype=str(dtype).replace("torch.", ""),
+                    op="mc_candidate_loss", params={"M": m, "K": K, "D": d, "V": v},
+                    dtype=str(dtype).replace("torch.", ""),
                     mode="forward+backward", provider=name, fn=fn, make_inputs=make_inputs,
                     reference=lambda h, e, b, c, y: reference.mc_candidate_loss(h.double(), e.double(), b.double(),
                                                                                 c, y),
@@ -112,7 +113,8 @@ def _sample_cases(device, shapes, dtypes):
                     probe = torch.empty(1, 1, device=device, dtype=dtype)
                     reasons = provider_reasons(lambda: ops.sample_backend(probe, "triton"))
                 out.append(Case(
-                    op="mc_sample", shape=f"M={m},V={v},K={K}", dtype=str(dtype).replace("torch.", ""),
+                    op="mc_sample", params={"M": m, "V": v, "K": K},
+                    dtype=str(dtype).replace("torch.", ""),
                     mode="forward", provider=name, fn=fn, make_inputs=make_inputs, reference=lambda x: None,
                     bytes=nbytes, flops=0, skip_reasons=reasons, baseline="torch", check=False,
                 ))
@@ -143,7 +145,8 @@ def _fused_sample_cases(device, shapes, dtypes):
                     probe = torch.empty(1, 1, device=device, dtype=dtype)
                     reasons = provider_reasons(lambda: ops.sample_backend(probe, "triton"))
                 out.append(Case(
-                    op="mc_sample_fused", shape=f"M={m},V={v},D={d},K={K}", dtype=str(dtype).replace("torch.", ""),
+                    op="mc_sample_fused", params={"M": m, "V": v, "D": d, "K": K},
+                    dtype=str(dtype).replace("torch.", ""),
                     mode="forward", provider=name, fn=fn, make_inputs=make_inputs, reference=lambda *x: None,
                     bytes=nbytes, flops=2.0 * m * v * d, skip_reasons=reasons, baseline="torch", check=False,
                 ))

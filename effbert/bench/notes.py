@@ -116,7 +116,8 @@ def _mix_cases(device, shapes, dtypes):
                     probe_n = torch.empty(1, 1, device=device)
                     reasons = provider_reasons(lambda b=name.split("-", 1)[1]: ops.mix_backend(probe_x, probe_n, b))
                 out.append(Case(
-                    op="note_mix", shape=f"B={B},N={N},Dm={D}", dtype=str(dtype).replace("torch.", ""),
+                    op="note_mix", params={"B": B, "N": N, "Dm": D},
+                    dtype=str(dtype).replace("torch.", ""),
                     mode="forward", provider=name, fn=fn, make_inputs=make_inputs,
                     reference=lambda x, n, s: reference.note_mix(x.double(), n.double(), s, LAM), bytes=nbytes,
                     flops=0, rtol=1e-2 if dtype != torch.float32 else 1e-4, skip_reasons=reasons, baseline="torch",
@@ -168,7 +169,7 @@ def _update_cases(device, shapes, dtypes, quick):
                 if name == "eager-reference" and quick and device.type == "cpu":
                     reasons = ["skipped in --quick on the CPU (a Python loop over rows)"]
                 out.append(Case(
-                    op="note_update_", shape=f"B={B},N={N},Dm={D},M={spans_cpu.shape[0]}",
+                    op="note_update_", params={"B": B, "N": N, "Dm": D, "M": spans_cpu.shape[0]},
                     dtype=str(dtype).replace("torch.", ""), mode="forward", provider=name, fn=fn,
                     make_inputs=make_inputs, reference=ref, bytes=nbytes, flops=0, rtol=1e-4, skip_reasons=reasons,
                     baseline="torch",

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from . import timing
+from .case import check_output
 
 # modules of effbert.bench that contribute cases
 FAMILIES = ("early_exit", "token_exit", "train_step", "train_step_padding", "tupe_attention", "notes", "mc_bert", "cpu_inference")
@@ -91,48 +92,22 @@ def collect_cases(device, quick, only=None):
     return cases
 
 
-def _rel_error(out, ref):
-    out64, ref64 = out.detach().double().cpu(), ref.detach().double().cpu()
-    finite = torch.isfinite(ref64)
-    if not torch.equal(torch.isfinite(out64), finite):
-        return float("inf")
-    return float((out64[finite] - ref64[finite]).norm() / ref64[finite].norm().clamp_min(1e-30))
-
-
-def _min_cosine(out, ref):
-    """The smallest cosine similarity between matching rows (last dim) of ``out`` and ``ref``, in float64."""
-    a, b = (t.detach().double().cpu().reshape(-1, t.shape[-1]) for t in (out, ref))
-    return float(torch.nn.functional.cosine_similarity(a, b, dim=-1).min()) if a.numel() else 1.0
-
-
 def _prepare(case, device):
     """A case's row so far and its timed step (rotating its input sets), or ``(row, None)`` when the row is
     settled already: skipped, wrong, or raised before timing."""
-    row = {"op": case.op, "shape": case.shape, "dtype": case.dtype, "mode": case.mode, "provider": case.provider,
+    row = {"op": case.op, "shape": case.shape, "params": dict(case.params), "dtype": case.dtype,
+           "mode": case.mode, "provider": case.provider,
            "key": case.key, "bytes": case.bytes, "flops": case.flops, "baseline": case.baseline}
     if case.skip_reasons:
         row.update(status="skipped", reason="; ".join(case.skip_reasons))
         return row, None
     try:
         first = case.make_inputs()
-        if case.check and case.atol is not None:
-            out, ref = case.fn(*first), case.reference(*first)
-            diff = float((out.detach().double().cpu() - ref.detach().double().cpu()).abs().max())
-            row["max_abs_diff"] = diff
-            if not diff <= case.atol:
-                row.update(status="wrong", reason=f"max abs diff {diff:.2e} > {case.atol:.0e}; not timed")
-                return row, None
-            if case.min_cosine is not None:
-                cos = _min_cosine(out, ref)
-                row["min_cosine"] = cos
-                if not cos >= case.min_cosine:
-                    row.update(status="wrong", reason=f"cosine {cos:.4f} < {case.min_cosine:g}; not timed")
-                    return row, None
-        elif case.check:
-            err = _rel_error(case.fn(*first), case.reference(*first))
-            row["rel_error"] = err
-            if not err <= case.rtol:
-                row.update(status="wrong", reason=f"relative error {err:.2e} > {case.rtol:.0e}; not timed")
+        if case.check:
+            fields, problem = check_output(case, first)
+            row.update(fields)
+            if problem is not None:
+                row.update(status="wrong", reason=f"{problem}; not timed")
                 return row, None
         sets = [first] + [case.make_inputs() for _ in range(timing.rotation_count(case.bytes, device) - 1)]
     except Exception as exc:  # a provider that breaks is reported in the table, not fatal to the run
@@ -282,20 +257,22 @@ def add_speedups(rows):
                                    f"the target <= {r['ratio_target']:g})")
 
 
-# What stage 1 of the GPU suite measures (`effbert bench --headline`): one shape per op family at BERT-base sizes,
-# in this order: the fused kernels against their baselines first (each case takes seconds), then the training step
-# (a BERT-base model built per provider: the longest cases), so that a stage that runs out of time has measured the
-# most figures. op -> a pattern its shape should match (the first that does; the op's first shape when none does).
+# What stage 1 of the GPU suite measures (`effbert bench --headline`): one shape per op family at
+# BERT-base sizes, in this order: the fused kernels against their baselines first (each case takes
+# seconds), then the training step (a BERT-base model built per provider: the longest cases), so
+# that a stage that runs out of time has measured the most figures. op -> the params its shape
+# should have (`Case.matches`: None for a param it must not have; the first case that matches one of
+# them, the op's first shape when none does).
 HEADLINE = {
-    "exit_entropy": r"^B=4096,C=30522|^B=512,C=30522",
-    "note_mix": r"^B=32,N=512,Dm=768$",
-    "note_update_": r"^B=32,N=512,Dm=768,",
-    "mc_sample_fused": None,
-    "mc_candidate_loss": None,
-    "early_exit_inference": r"^B=64,.*avg_exit=6$",
-    "tupe_attention": r"^B=32,N=512,H=12,D=64$",
-    "tupe_attention_varlen": None,
-    "train_step_padding": r"^B=32,N=512,",
+    "exit_entropy": ({"B": 4096, "C": 30522}, {"B": 512, "C": 30522}),
+    "note_mix": ({"B": 32, "N": 512, "Dm": 768},),
+    "note_update_": ({"B": 32, "N": 512, "Dm": 768},),
+    "mc_sample_fused": (),
+    "mc_candidate_loss": (),
+    "early_exit_inference": ({"B": 64, "avg_exit": 6},),
+    "tupe_attention": ({"B": 32, "N": 512, "H": 12, "D": 64, "pad": None},),
+    "tupe_attention_varlen": (),
+    "train_step_padding": ({"B": 32, "N": 512},),
 }
 # Providers that time PyTorch's compiler from cold (tens of seconds on a fresh machine before the first figure):
 # never in the headline, measured with the rest.
@@ -318,14 +295,12 @@ def select(cases, which, measured=None):
         raise ValueError(f"measured must be a collection of case keys (str), got {measured!r:.80}")
     if measured is not None and which != "rest":
         raise ValueError("measured is only for which='rest' (the headline cases an earlier run left)")
-    import re
-
     chosen = {}
-    for op, pattern in HEADLINE.items():
-        shapes = list(dict.fromkeys(c.shape for c in cases if c.op == op))
-        match = [s for s in shapes if pattern and re.search(pattern, s)]
-        if match or shapes:
-            chosen[op] = (match or shapes)[0]
+    for op, wanted in HEADLINE.items():
+        mine = [c for c in cases if c.op == op]
+        match = [c.shape for c in mine if any(c.matches(w) for w in wanted)]
+        if match or mine:
+            chosen[op] = (match or [mine[0].shape])[0]
 
     def headline(c):
         return chosen.get(c.op) == c.shape and c.provider not in COMPILED_PROVIDERS
@@ -451,22 +426,21 @@ def write_plots(out_dir, rows):
 
 
 def write_seqlen_plots(out_dir, rows):
-    """One PNG per op whose cases sweep the sequence length (N=... in the shape, three values or more): time
-    against N per provider. Returns the files written."""
-    import re
-
+    """One PNG per op whose cases sweep the sequence length (the ``N`` of the rows' params, three
+    values or more):
+    time against N per provider. Returns the files written."""
     plt = _pyplot()
     if plt is None:
         return []
     written = []
     for op in dict.fromkeys(r["op"] for r in rows):
-        ok = [r for r in rows if r["op"] == op and r["status"] == "ok" and re.search(r"\bN=(\d+)", r["shape"])]
-        if len({re.search(r"\bN=(\d+)", r["shape"]).group(1) for r in ok}) < 3:
+        ok = [r for r in rows
+              if r["op"] == op and r["status"] == "ok" and "N" in r.get("params", {})]
+        if len({r["params"]["N"] for r in ok}) < 3:
             continue
         fig, ax = plt.subplots(figsize=(6, 4))
         for p in dict.fromkeys(r["provider"] for r in ok):
-            pts = sorted((int(re.search(r"\bN=(\d+)", r["shape"]).group(1)), r["ms"]) for r in ok
-                         if r["provider"] == p)
+            pts = sorted((int(r["params"]["N"]), r["ms"]) for r in ok if r["provider"] == p)
             ax.plot([n for n, _ in pts], [ms for _, ms in pts], marker="o", label=p)
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
@@ -532,7 +506,10 @@ def write_index(results_dir):
     return index
 
 
-def _progress(items, enabled):
+def progress(items, enabled):
+    """``items`` wrapped in a tqdm bar on stderr ("effbert bench", one step a case group) when
+    ``enabled`` and tqdm
+    is installed; ``items`` unchanged otherwise."""
     if not enabled:
         return items
     try:

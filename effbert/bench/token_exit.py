@@ -100,6 +100,7 @@ def cases(device, quick):
                     reasons = provider_reasons(lambda b=backend: ops.token_exit_backend(probe[0][:1], WINDOW, b))
                 out.append(Case(
                     op="token_exit_decision", shape=f"B={batch},N<={seq},T={total},C={cols},window={WINDOW}",
+                    params={"B": batch, "Nmax": seq, "T": total, "C": cols, "window": WINDOW},
                     dtype=str(dtype).replace("torch.", ""), mode="forward", provider=name, fn=fn,
                     make_inputs=make_inputs, reference=_reference, bytes=nbytes, flops=0, rtol=0.0,
                     skip_reasons=reasons, baseline="torch", tokens=total,

@@ -178,7 +178,8 @@ def cases(device, quick):
         for provider in ("effbert", "effbert-absolute", "effbert-eager", "hf-sdpa", "effbert-mcbert"):
             trainer = _Trainer(provider, model_sizes, device, dtype)
             out.append(Case(
-                op=OP, shape=f"B={batch},N={seq},L={model_sizes['num_hidden_layers']},Dm={model_sizes['hidden_size']}",
+                op=OP, params={"B": batch, "N": seq, "L": model_sizes["num_hidden_layers"],
+                               "Dm": model_sizes["hidden_size"]},
                 dtype=str(dtype).replace("torch.", ""), mode="train step", provider=provider, fn=trainer,
                 make_inputs=make_inputs, reference=lambda *inputs: None,
                 # AdamW reads weight, gradient and both moments and writes three of them back: 28 bytes per

@@ -229,8 +229,8 @@ def padding_cases(device, quick):
         def make_inputs(lengths=lengths, seq=seq, batch=batch):
             return tuple(t.to(device) for t in mlm_rows(lengths, seq, sizes["vocab_size"], seed=batch * seq))
 
-        common = dict(op=OP, shape=f"B={batch},N={seq},real={real},L={sizes['num_hidden_layers']},"
-                                    f"Dm={sizes['hidden_size']}",
+        common = dict(op=OP, params={"B": batch, "N": seq, "real": real,
+                                     "L": sizes["num_hidden_layers"], "Dm": sizes["hidden_size"]},
                       dtype=dname, mode="train step", make_inputs=make_inputs, reference=lambda *a: None,
                       bytes=_param_bytes(sizes), tokens=real, baseline="padded", check=False)
         out.append(Case(provider="padded", fn=_Trainer(False, sizes, device, dtype),
@@ -258,8 +258,11 @@ def packing_cases(device, quick):
     rows = [[stream[i] for i in packed[r]] for r in torch.randperm(len(packed), generator=gen)[:batch].tolist()]
     texts = [n for r in rows for n in r]
     common = dict(op=PACKING_OP, dtype=dname, mode="train step", reference=lambda *a: None, bytes=_param_bytes(sizes),
-                  baseline="padded", check=False, shape=f"B={batch},N={seq},real-lengths,L={sizes['num_hidden_layers']},"
-                                                        f"Dm={sizes['hidden_size']}")
+                  baseline="padded", check=False,
+                  shape=f"B={batch},N={seq},real-lengths,L={sizes['num_hidden_layers']},"
+                        f"Dm={sizes['hidden_size']}",
+                  params={"B": batch, "N": seq, "L": sizes["num_hidden_layers"],
+                          "Dm": sizes["hidden_size"]})
     single_labels = mlm_rows(single, seq, sizes["vocab_size"], seed=1)[2]
     packed_labels = packed_rows(rows, seq, sizes["vocab_size"], seed=2)[2]
 

@@ -11,13 +11,13 @@ Floor: FLOPs. The forward does two B*H*N*N*D products (4*B*H*N^2*D FLOPs), the b
 the usual count for flash-style kernels); the matrix rate measured at the start of the run turns them into time.
 """
 
-import importlib
 import importlib.util
 
 import torch
 
 import effbert
 from effbert import reference
+from effbert.ops import attention as attention_ops
 
 from .case import Case, provider_reasons
 
@@ -173,7 +173,6 @@ def cases(device, quick):
     dname = str(dtype).replace("torch.", "")
     out = []
     probe = torch.empty(1, 1, 1, 64 if device.type == "cuda" else 16, device=device, dtype=dtype)
-    attention_ops = importlib.import_module("effbert.ops.tupe_attention")  # the package exports the function
     triton_reasons = provider_reasons(lambda: attention_ops.attention_backend(probe, "triton"))
     for b, n, h, d in shapes:
         def make_inputs(b=b, n=n, h=h, d=d):
@@ -190,7 +189,8 @@ def cases(device, quick):
                     reasons.append("the eager backward holds several [B, H, N, N] tensors; timed in forward only")
                 has_bias = not name.endswith("-nobias")
                 out.append(Case(
-                    op="tupe_attention", shape=f"B={b},N={n},H={h},D={d}", dtype=dname, mode=mode, provider=name,
+                    op="tupe_attention", params={"B": b, "N": n, "H": h, "D": d},
+                    dtype=dname, mode=mode, provider=name,
                     fn=_mode_fn(attend, mode, has_bias), make_inputs=make_inputs, reference=_reference_fn(mode),
                     bytes=_bytes(b, n, h, d, dtype.itemsize, mode), flops=_flops([n] * b, h, d, mode),
                     rtol=3e-2 if dtype != torch.float32 else 1e-4, skip_reasons=reasons,
@@ -218,7 +218,7 @@ def _padded_cpu_cases(device, quick):
     lengths[0] = n
     mask = torch.arange(n)[None, :] < lengths[:, None]
     real = int(lengths.sum())
-    shape = f"B={b},N={n},H={h},D={d},pad={100 * (1 - real / (b * n)):.0f}%"
+    params = {"B": b, "N": n, "H": h, "D": d, "pad": f"{100 * (1 - real / (b * n)):.0f}%"}
     scale = (2 * d) ** -0.5  # TUPE's
     act, bias_bytes = h * d * 4, h * n * n * 4
 
@@ -242,7 +242,8 @@ def _padded_cpu_cases(device, quick):
         return eager(q.double(), k.double(), v.double(), bias.double())
 
     flops, padded_flops = _flops(lengths.tolist(), h, d, "forward"), _flops([n] * b, h, d, "forward")
-    common = dict(op="tupe_attention", shape=shape, dtype="float32", mode="forward", make_inputs=make_inputs,
+    common = dict(op="tupe_attention", params=params,
+                  dtype="float32", mode="forward", make_inputs=make_inputs,
                   reference=ref, bytes=4 * real * act + bias_bytes, flops=flops, rtol=1e-4,
                   baseline="eager-reference")
 
@@ -312,7 +313,8 @@ def _padded_cpu_training_cases(device, quick):
     def ref_packed(q, k, v, bias, dout):
         return reference.tupe_attention_varlen(q.double(), k.double(), v.double(), cu, n, bias.double(), scale=scale)
 
-    common = dict(op="tupe_attention", shape=f"B={b},N={n},H={h},D={d},pad=50%", dtype="float32",
+    common = dict(op="tupe_attention", params={"B": b, "N": n, "H": h, "D": d, "pad": "50%"},
+                  dtype="float32",
                   mode="forward+backward", bytes=12 * real * act + 3 * bias_bytes,
                   flops=_flops(lengths.tolist(), h, d, "forward+backward"), rtol=1e-4, baseline="sdpa")
     return [Case(provider="effbert-cpu", fn=train(effbert_cpu), make_inputs=make_padded, reference=ref_padded,
@@ -347,7 +349,8 @@ def _seqlen_sweep(device, quick, dtype, triton_reasons):
         for name in names:
             has_bias = name != "sdpa-flash-nobias"
             out.append(Case(
-                op="tupe_attention_seqlen", shape=f"B={b},N={n},H={h},D={d}", dtype=dname, mode=mode, provider=name,
+                op="tupe_attention_seqlen", params={"B": b, "N": n, "H": h, "D": d},
+                dtype=dname, mode=mode, provider=name,
                 fn=_mode_fn(providers[name], mode, has_bias), make_inputs=make_inputs, reference=_reference_fn(mode),
                 bytes=_bytes(b, n, h, d, dtype.itemsize, mode), flops=_flops([n] * b, h, d, mode),
                 rtol=3e-2 if dtype != torch.float32 else 1e-4,
@@ -370,7 +373,7 @@ def _varlen_cases(device, quick, dtype, triton_reasons):
     mask = (torch.arange(n)[None, :] < lengths[:, None]).to(device)
     total = int(lengths.sum())
     flops = _flops(lengths.tolist(), h, d, "forward+backward")
-    shape = f"B={b},N={n},H={h},D={d},pad={100 * (1 - total / (b * n)):.0f}%"
+    params = {"B": b, "N": n, "H": h, "D": d, "pad": f"{100 * (1 - total / (b * n)):.0f}%"}
     dname = str(dtype).replace("torch.", "")
 
     def make_padded():
@@ -399,7 +402,8 @@ def _varlen_cases(device, quick, dtype, triton_reasons):
     def ref_packed(q, k, v, bias, dout):
         return reference.tupe_attention_varlen(q.float(), k.float(), v.float(), cu, n, bias.float())
 
-    common = dict(op="tupe_attention_varlen", shape=shape, dtype=dname, mode="forward+backward", flops=flops,
+    common = dict(op="tupe_attention_varlen", params=params,
+                  dtype=dname, mode="forward+backward", flops=flops,
                   rtol=3e-2 if dtype != torch.float32 else 1e-4, skip_reasons=list(triton_reasons),
                   baseline="effbert-triton-padded")
     act = dtype.itemsize * h * d

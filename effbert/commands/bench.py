@@ -14,9 +14,9 @@ from pathlib import Path
 
 import torch
 
-from ..bench.runner import (BUDGET_SKIP, _progress, add_speedups, collect_cases, compare, environment,
+from ..bench.runner import (BUDGET_SKIP, add_speedups, collect_cases, compare, environment,
                             format_tables, groups, run_group, select, settled_keys, write_index, write_markdown,
-                            write_plots, write_seqlen_plots)
+                            write_plots, write_seqlen_plots, progress)
 from ..bench.timing import measure_ceilings
 from . import UsageError, check_out_dir
 
@@ -119,7 +119,7 @@ def main(argv=None):
         _write(out, result)  # after every case: a run stopped from outside still leaves what it measured
 
     # the providers of one shape go together: on the CPU they are timed interleaved, against each other
-    for group in _progress(groups(cases), not args.no_progress):
+    for group in progress(groups(cases), not args.no_progress):
         spent = args.budget is not None and time.monotonic() - started > args.budget
         for case in group:
             if spent and not case.skip_reasons:

@@ -13,16 +13,11 @@ import torch
 
 from .. import ops as effbert_ops
 from .. import reference
+from ..reference.compare import relative_error
 from ..ops import backends
+from ..ops import attention as attention_ops
+from ..ops import position_bias as bias_ops
 from ..ops import early_exit as early_exit_ops
-
-
-def _rel_error(out, ref):
-    out64, ref64 = out.detach().double().cpu(), ref.detach().double().cpu()
-    if not torch.equal(torch.isnan(out64), torch.isnan(ref64)):
-        return float("inf")
-    keep = ~torch.isnan(ref64)
-    return float((out64[keep] - ref64[keep]).norm() / ref64[keep].norm().clamp_min(1e-30))
 
 
 def _devices():
@@ -59,7 +54,7 @@ def check_exit_entropy(quick=False):
                                                                              device=device))
                     tol = 1e-4 if device.type == "cuda" else 1e-5
                     rows.append(("exit_entropy", backend, device.type, str(dtype).replace("torch.", ""),
-                                 "x".join(map(str, shape)), _rel_error(out, ref), tol))
+                                 "x".join(map(str, shape)), relative_error(out, ref), tol))
     return rows
 
 
@@ -74,8 +69,6 @@ def _serviceable(probe):
 def check_tupe(quick=False):
     """tupe_position_bias, then tupe_attention fed its P (with padding), forward, against float64 (``quick``: bf16
     on a GPU, the dtype BERT trains in, and fp32 on the CPU)."""
-    attention_ops = importlib.import_module("effbert.ops.tupe_attention")
-    bias_ops = importlib.import_module("effbert.ops.position_bias")
     rows = []
     b, n, h, d = 3, 97, 4, 64
     for device in _devices():
@@ -98,13 +91,13 @@ def check_tupe(quick=False):
                 pos = effbert_ops.tupe_position_bias(low(pq), low(pk), backend=backend, **dict(
                     kw, rel_table=low(table), cls_row=low(cls), cls_col=low(-cls)))
                 rows.append(("tupe_position_bias", backend, device.type, str(dtype).replace("torch.", ""),
-                             f"{n}x{h}x{d}", _rel_error(pos, pos_ref), tol))
+                             f"{n}x{h}x{d}", relative_error(pos, pos_ref), tol))
                 if not _serviceable(lambda: attention_ops.attention_backend(low(q), backend)):
                     continue
                 out = effbert_ops.tupe_attention(low(q), low(k), low(v), pos_ref.float(), attention_mask=mask,
                                                  scale=(2 * d) ** -0.5, backend=backend)
                 rows.append(("tupe_attention", backend, device.type, str(dtype).replace("torch.", ""),
-                             f"{b}x{n}x{h}x{d}", _rel_error(out, att_ref), tol))
+                             f"{b}x{n}x{h}x{d}", relative_error(out, att_ref), tol))
     return rows
 
 
@@ -166,8 +159,8 @@ def check_multi_exit_loss(quick=False):
             loss = early_exit_ops.multi_exit_distillation_loss(z1, y, backend=backend)
             loss.backward()
             tol = 1e-4 if device.type == "cuda" else 1e-5
-            err = max(_rel_error(loss, reference.multi_exit_distillation_loss(z64.detach(), y)),
-                      _rel_error(z1.grad, z64.grad))
+            err = max(relative_error(loss, reference.multi_exit_distillation_loss(z64.detach(), y)),
+                      relative_error(z1.grad, z64.grad))
             rows.append(("multi_exit_loss", backend, device.type, "float32", "4x33x5", err, tol))
     return rows
 
@@ -199,13 +192,13 @@ def check_notes(quick=False):
                 except Exception:
                     continue  # not serviceable here; the backend table says why
                 out = notes_ops.mix_into(backend, x, notes, slots, 0.5, torch.full_like(x, float("nan")))
-                low = tol if dtype == torch.float32 else 2 * _rel_error(reference.note_mix(x, notes, slots, 0.5),
-                                                                       mix_ref) + tol
+                eager = reference.note_mix(x, notes, slots, 0.5)
+                low = tol if dtype == torch.float32 else 2 * relative_error(eager, mix_ref) + tol
                 rows.append(("note_mix", backend, device.type, str(dtype).replace("torch.", ""),
-                             f"{B}x{N}x{D}", _rel_error(out, mix_ref), low))
+                             f"{B}x{N}x{D}", relative_error(out, mix_ref), low))
                 upd, cnt = notes.clone(), counts0.clone()
                 notes_ops.update_into(backend, upd, cnt, x, spans, 16, 0.1, lengths)
-                err = _rel_error(upd, n64) if torch.equal(cnt.cpu(), c64) else float("inf")
+                err = relative_error(upd, n64) if torch.equal(cnt.cpu(), c64) else float("inf")
                 rows.append(("note_update_", backend, device.type, str(dtype).replace("torch.", ""),
                              f"{B}x{N}x{D}", err, tol))
     return rows
@@ -235,7 +228,8 @@ def check_mc_bert(quick=False):
                 leaves = [t.clone().requires_grad_() for t in (h, e, b)]
                 out = effbert_ops.mc_candidate_loss(*leaves, c, y, backend=backend)
                 out.backward()
-                err = max([_rel_error(out, ref)] + [_rel_error(t.grad, r.grad) for t, r in zip(leaves, ref_in)])
+                err = max([relative_error(out, ref)]
+                          + [relative_error(t.grad, r.grad) for t, r in zip(leaves, ref_in)])
                 # 16-bit inputs: float32 math, so the only error is rounding the gradients to 16 bits once
                 low = tol if dtype == torch.float32 else (2e-3 if dtype == torch.float16 else 1e-2)
                 rows.append(("mc_candidate_loss", backend, device.type, str(dtype).replace("torch.", ""),

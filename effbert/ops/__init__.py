@@ -6,7 +6,7 @@ from .mc_bert import mc_candidate_loss, mc_sample, mc_sample_fused
 from .notes import note_fold_, note_mix, note_update_, note_window_means
 from .position_bias import t5_relative_buckets, tupe_position_bias
 from .token_exit import token_exit_decision
-from .tupe_attention import tupe_attention, tupe_attention_varlen, tupe_attention_varlen_subset
+from .attention import tupe_attention, tupe_attention_varlen, tupe_attention_varlen_subset
 
 __all__ = ["BACKENDS", "BackendNotSupportedError", "BackendStatus", "backends",
            "exit_entropy", "exit_decision", "multi_exit_distillation_loss", "token_exit_decision",

@@ -1,9 +1,13 @@
 """Backend selection shared by every op (DESIGN.md, "Backends and dispatch").
 
-An op asks `select_backend` which backend serves a call. General reasons (a backend that is not installed or has no
-device) come from here; op-specific reasons (a dtype or size a kernel does not handle) come from the op. ``auto``
-takes the first backend in the op's preference order with no reason against it; an explicit request (argument or
-``EFFBERT_BACKEND``) that cannot serve raises `BackendNotSupportedError` listing the reasons, never a silent fallback.
+Each op declares what its backends take as data (`declare`, a `Support` per backend: dtypes, head
+dims, size limits, gradients; and its preference order per device type), as xformers'
+``SUPPORTED_*`` attributes do, and asks `select_backend` which backend serves a call. One
+`not_supported_reasons` reads those declarations beside the machine facts (a backend that is not
+installed or has no device), and tests derive their matrices from the same `OPS`. ``auto`` takes the
+first backend in the op's preference order with no reason against it; an explicit request (argument
+or ``EFFBERT_BACKEND``) that cannot serve raises `BackendNotSupportedError` listing the reasons,
+never a silent fallback.
 
 Dispatch is traced by ``torch.compile`` (``fullgraph=True`` included) on every backend: the installed-or-not facts
 (importing triton, loading the extensions) are looked up outside the traced region, by ``_general_reasons_of``,
@@ -15,6 +19,7 @@ shapes, ``EFFBERT_BACKEND``) is plain Python that dynamo traces and guards on.
 
 import os
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 
@@ -86,30 +91,30 @@ def _find_general_reasons(name, interpreting):
     return tuple(reasons)
 
 
-_SELECTION_CACHES = []  # per-op caches of `select_backend` results (see `cached_selection`)
+# (op, backend, key, EFFBERT_BACKEND, interpreter) -> backend: see `cached_selection`
+_SELECTED = {}
 
 
 def refresh():
     """Forget cached backend availability (after building an extension in a running process, or in tests)."""
     _GENERAL_REASONS.clear()
-    for cache in _SELECTION_CACHES:
-        cache.clear()
+    _SELECTED.clear()
 
 
-def cached_selection(op, backend, device, dtype, op_reasons, preference, cache):
-    """`select_backend` for an op whose own reasons depend on the device and dtype only, remembered in ``cache``
-    (a dict the op owns) per (backend, device, dtype, EFFBERT_BACKEND, interpreter): a small call (an exit decision
-    on a CPU) should not spend more on choosing its backend than on running it. Failures are not cached. While
-    torch.compile traces, the choice is made afresh (it costs nothing at run time there, and a traced write to
-    ``cache`` would only make dynamo guard on the dict's contents and recompile)."""
+def cached_selection(op, backend, key, inputs):
+    """`select_backend` for an op whose reasons depend on ``key`` only (the device and dtype, and
+    which side of each size limit the inputs are on); ``inputs``: a callable that builds the
+    `Inputs`, called on a miss only. Remembered per (op, backend, key, EFFBERT_BACKEND,
+    interpreter): a small call (an exit decision on a CPU) should not spend more on choosing its
+    backend than on running it. Failures are not cached. While torch.compile traces, the choice is
+    made afresh (it costs nothing at run time there, and a traced write to the cache would only
+    make dynamo guard on the dict's contents and recompile)."""
     if torch.compiler.is_compiling():
-        return select_backend(op, backend, device, op_reasons, preference)
-    if not any(c is cache for c in _SELECTION_CACHES):
-        _SELECTION_CACHES.append(cache)
-    key = (backend, device, dtype, os.environ.get(ENV_VAR), triton_interpreting())
-    chosen = cache.get(key)
+        return select_backend(op, backend, inputs())
+    full = (op, backend, key, os.environ.get(ENV_VAR), triton_interpreting())
+    chosen = _SELECTED.get(full)
     if chosen is None:
-        chosen = cache[key] = select_backend(op, backend, device, op_reasons, preference)
+        chosen = _SELECTED[full] = select_backend(op, backend, inputs())
     return chosen
 
 
@@ -148,9 +153,149 @@ def _device_reasons(name, device):
     return []
 
 
-def not_supported_reasons(name, device, op_reasons=()):
-    """Why backend ``name`` cannot serve inputs on ``device`` (empty when it can)."""
-    return _general_reasons(name) + _device_reasons(name, device) + list(op_reasons)
+
+# ---- what each op's backends take, declared as data (xformers' SUPPORTED_DTYPES, ...) ----
+
+_SHORT_DTYPE = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16",
+                torch.float64: "fp64"}
+
+
+def dtype_name(dtype):
+    """``torch.float32`` -> ``"float32"`` (as error messages spell a dtype they got)."""
+    return str(dtype).replace("torch.", "")
+
+
+def _dtype_list(dtypes):
+    """``(float32, float16, bfloat16)`` -> ``"fp32/fp16/bf16"``; one dtype in full
+    (``"float32"``)."""
+    if len(dtypes) == 1:
+        return dtype_name(dtypes[0])
+    return "/".join(_SHORT_DTYPE.get(d, dtype_name(d)) for d in dtypes)
+
+
+@dataclass(frozen=True)
+class Support:
+    """What one backend of one op takes: the facts `not_supported_reasons` checks, one record per
+    (op, backend).
+
+    dtypes: the dtypes of the op's floating inputs (None: any that the op's own argument checks
+        let through).
+    grad_dtypes: the dtypes when the call builds a graph (None: as ``dtypes``).
+    interpreter_dtypes: the dtypes under the Triton interpreter, on CPU tensors (None: as
+        ``dtypes``); a dtype in ``dtypes`` but not here is one the interpreter computes wrongly.
+    tensor_dtypes: exceptions for named inputs, e.g. ``{"notes": (torch.float32,)}``.
+    head_dims: the head dims (``q.shape[-1]``) the kernels are built for (None: any).
+    limits: ``{size: (largest, why)}`` for the sizes an op reports (``heads``, ``window``, ...);
+        ``why`` is the reason, with ``{limit}`` and ``{value}`` filled in.
+    supports_backward: whether the backend computes gradients (a call that wants them is refused
+        otherwise).
+    takes: how a reason names the backend, before the dtypes ("{backend} kernels take").
+    why: why the dtypes are what they are, given in the dtype reason ("" for none).
+    """
+    dtypes: tuple = None
+    grad_dtypes: tuple = None
+    interpreter_dtypes: tuple = None
+    tensor_dtypes: dict = field(default_factory=dict)
+    head_dims: tuple = None
+    limits: dict = field(default_factory=dict)
+    supports_backward: bool = True
+    takes: str = "{backend} kernels take"
+    why: str = ""
+
+
+@dataclass(frozen=True)
+class OpSupport:
+    """One op's dispatch as data: its backends (``{name: Support}``; a backend absent there has no
+    kernel for the op, and ``absent`` says so), and the order ``auto`` tries them in per device
+    type, fastest first."""
+    op: str
+    backends: dict
+    preference: dict
+    absent: str = "no {backend} kernel for {op}"
+
+    def preferred(self, device):
+        return self.preference.get(device.type, ("eager",))
+
+
+class Inputs(NamedTuple):
+    """What dispatch needs to know of one call: the device, ``tensors`` as ``((label, dtype), ...)``
+    (the op's floating inputs), ``sizes`` as ``{name: value}`` (those that some backend limits) and
+    whether the call builds a graph."""
+    device: torch.device
+    tensors: tuple
+    sizes: dict = {}
+    wants_grad: bool = False
+
+
+# Fastest first: fused kernels on the device the tensors live on, then the eager reference.
+DEFAULT_PREFERENCE = {"cuda": ("cuda", "triton", "eager"), "cpu": ("cpu", "eager")}
+
+OPS = {}  # op name -> OpSupport: every op's declaration (`declare`)
+
+
+def declare(ops, backends, preference=DEFAULT_PREFERENCE, absent="no {backend} kernel for {op}"):
+    """Declare what the backends of ``ops`` (an op name, or several sharing one declaration) take.
+    Raises
+    ``ValueError`` for a backend name outside BACKENDS or an op declared twice."""
+    names = (ops,) if isinstance(ops, str) else tuple(ops)
+    unknown = [b for b in backends if b not in BACKENDS] + \
+        [b for order in preference.values() for b in order if b not in backends]
+    if unknown:
+        raise ValueError(f"declare: backends must be declared ones of {BACKENDS}, got {unknown}")
+    for op in names:
+        if op in OPS:
+            raise ValueError(f"declare: {op} is declared already")
+        OPS[op] = OpSupport(op, dict(backends), dict(preference), absent)
+    return OPS[names[0]]
+
+
+def _op_reasons(spec, name, inputs):
+    support = spec.backends.get(name)
+    if support is None:
+        return [spec.absent.format(backend=name, op=spec.op)]
+    out = []
+    if support.dtypes is not None or support.tensor_dtypes or support.grad_dtypes is not None:
+        interpreted = name == "triton" and inputs.device.type == "cpu"
+        for label, dtype in inputs.tensors:
+            with_grad = False
+            if label in support.tensor_dtypes:
+                allowed = support.tensor_dtypes[label]
+            elif inputs.wants_grad and support.grad_dtypes is not None:
+                allowed, with_grad = support.grad_dtypes, True
+            elif interpreted and support.interpreter_dtypes is not None:
+                allowed = support.interpreter_dtypes
+            else:
+                allowed = support.dtypes
+            if allowed is None or dtype in allowed:
+                continue
+            if interpreted and support.dtypes is not None and dtype in support.dtypes:
+                short = _SHORT_DTYPE.get(dtype, dtype_name(dtype))
+                out.append(f"the Triton interpreter computes {short} dot products wrongly")
+            else:
+                listed = support.dtypes if allowed is support.interpreter_dtypes else allowed
+                out.append(f"{support.takes.format(backend=name)} {_dtype_list(listed)} {label}"
+                           f"{' with a gradient wanted' if with_grad else ''}"
+                           f"{f' ({support.why})' if support.why else ''}, got {dtype_name(dtype)}")
+    sizes = inputs.sizes
+    if support.head_dims is not None and sizes.get("head_dim") not in support.head_dims:
+        out.append(f"{support.takes.format(backend=name)} head dims {support.head_dims}, got "
+                   f"{sizes.get('head_dim')}")
+    if support.limits:
+        for size, (largest, why) in support.limits.items():
+            value = sizes.get(size, 0)
+            if value > largest:
+                out.append(why.format(limit=largest, value=value))
+    if inputs.wants_grad and not support.supports_backward:
+        out.append(f"{name} computes no gradients for {spec.op}")
+    return out
+
+
+def not_supported_reasons(op, backend, inputs):
+    """Why ``backend`` cannot serve a call of ``op`` on ``inputs`` (an `Inputs`): a list of strings,
+    empty when it can. Machine facts first (installed, a device), then the op's declaration in
+    `OPS`. Raises ``KeyError`` for an op never declared."""
+    return _general_reasons(backend) + _device_reasons(backend, inputs.device) + \
+        _op_reasons(OPS[op], backend, inputs)
 
 
 def requested_backend(backend):
@@ -166,31 +311,36 @@ def requested_backend(backend):
     return backend
 
 
-def select_backend(op, backend, device, op_reasons, preference):
-    """Pick the backend for one call of ``op``.
+def select_backend(op, backend, inputs, called=None):
+    """Pick the backend for one call of ``op`` (declared in `OPS`) on ``inputs`` (an `Inputs`).
 
-    ``op_reasons(name)`` returns the op's own reasons against backend ``name``; ``preference(device)`` lists the
-    backends ``auto`` tries, fastest first.
-    """
+    ``backend``: "auto" (EFFBERT_BACKEND, or the first backend of the op's preference for the device
+    with no reason against it) or one of BACKENDS, which must then serve. ``called`` names the op in
+    errors (a registered op sharing ``op``'s declaration). Raises `BackendNotSupportedError` listing
+    the reasons, ``ValueError`` for a backend name outside BACKENDS."""
+    called = called or op
+    spec = OPS[op]
     wanted = requested_backend(backend)
     if wanted != "auto":
-        reasons = not_supported_reasons(wanted, device, op_reasons(wanted))
+        reasons = _general_reasons(wanted) + _device_reasons(wanted, inputs.device) + \
+            _op_reasons(spec, wanted, inputs)
         if reasons:
-            raise BackendNotSupportedError(f"{op}: backend {wanted!r} cannot serve these inputs: " + "; ".join(reasons))
+            raise BackendNotSupportedError(
+                f"{called}: backend {wanted!r} cannot serve these inputs: " + "; ".join(reasons))
         return wanted
     tried = []
-    for name in preference(device):
-        reasons = not_supported_reasons(name, device, op_reasons(name))
+    for name in spec.preferred(inputs.device):
+        reasons = _general_reasons(name) + _device_reasons(name, inputs.device) + \
+            _op_reasons(spec, name, inputs)
         if not reasons:
             return name
         tried.append(f"{name}: " + "; ".join(reasons))
-    raise BackendNotSupportedError(f"{op}: no backend can serve these inputs ({' | '.join(tried)})")
+    raise BackendNotSupportedError(
+        f"{called}: no backend can serve these inputs ({' | '.join(tried)})")
 
 
-def default_preference(device):
-    """Fastest first: fused kernels on the device the tensors live on, then the eager reference."""
-    if device.type == "cuda":
-        return ("cuda", "triton", "eager")
-    if device.type == "cpu":
-        return ("cpu", "eager")
-    return ("eager",)
+def supported_backends(op, inputs):
+    """The backends that can serve ``op`` on ``inputs`` on this machine, in BACKENDS order (tests
+    derive their
+    matrices from this)."""
+    return [name for name in BACKENDS if not not_supported_reasons(op, name, inputs)]

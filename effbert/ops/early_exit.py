@@ -8,20 +8,21 @@ import torch
 from .. import _ext
 from .. import reference
 from ._checks import FLOAT_DTYPES, check_same_device, check_tensor
-from ._dispatch import cached_selection, default_preference, direct_call_ok, requested_backend, select_backend
+from ._dispatch import (Inputs, Support, cached_selection, declare, direct_call_ok,
+                        requested_backend, select_backend)
 
 __all__ = ["exit_entropy", "exit_decision", "BatchedExit", "check_criterion", "CRITERIA", "multi_exit_distillation_loss"]
 
 _KERNEL_DTYPES = FLOAT_DTYPES
 
 
-def _entropy_reasons(logits):
-    def reasons(name):
-        if name != "eager" and logits.dtype not in _KERNEL_DTYPES:
-            return [f"{name} kernels take fp32/fp16/bf16 logits, got {str(logits.dtype).replace('torch.', '')}"]
-        return []
+_KERNELS = Support(dtypes=_KERNEL_DTYPES)
+declare(("exit_entropy", "exit_decision"),
+        {"triton": _KERNELS, "cuda": _KERNELS, "cpu": _KERNELS, "eager": Support()})
 
-    return reasons
+
+def _logits(logits):
+    return Inputs(logits.device, (("logits", logits.dtype),), {"classes": logits.shape[-1]})
 
 
 def _entropy_eager(x, out):
@@ -60,13 +61,10 @@ def entropy_into(backend, logits, out):
     return out
 
 
-_ENTROPY_SELECTED = {}
-
-
 def entropy_backend(logits, backend="auto"):
     """The backend that ``exit_entropy(logits, backend=backend)`` would run (raises if none can serve)."""
-    return cached_selection("exit_entropy", backend, logits.device, logits.dtype, _entropy_reasons(logits),
-                            default_preference, _ENTROPY_SELECTED)
+    return cached_selection("exit_entropy", backend, (logits.device, logits.dtype),
+                            lambda: _logits(logits))
 
 
 def entropy_dtype(logits):
@@ -197,18 +195,10 @@ def check_criterion(criterion, threshold=None, patience=None, classes=None):
     return _CODES["patience"], 0.0, patience
 
 
-def _decision_reasons(logits):
-    def reasons(name):
-        if name != "eager" and logits.dtype not in _KERNEL_DTYPES:
-            return [f"{name} kernels take fp32/fp16/bf16 logits, got {str(logits.dtype).replace('torch.', '')}"]
-        return []
-
-    return reasons
-
-
 def decision_backend(logits, backend="auto"):
     """The backend that ``exit_decision`` would run for these logits (raises if none can serve)."""
-    return select_backend("exit_decision", backend, logits.device, _decision_reasons(logits), default_preference)
+    return cached_selection("exit_decision", backend, (logits.device, logits.dtype),
+                            lambda: _logits(logits))
 
 
 def _decision_eager(x, ids, prev, counter, out_logits, out_layer, next_rows, next_local, count, code, layer,
@@ -454,33 +444,21 @@ class BatchedExit:
 
 # ---- RomeBERT's multi-exit distillation loss: loss and gradient in one pass ----
 
-def _loss_reasons(exit_logits):
-    def reasons(name):
-        out = []
-        if name == "eager":
-            return out
-        if name != "triton":
-            out.append(f"{name}: the fused multi-exit loss has a Triton kernel and the eager reference only")
-        if exit_logits.dtype not in _KERNEL_DTYPES:
-            out.append(f"{name} kernels take fp32/fp16/bf16 logits, got {str(exit_logits.dtype).replace('torch.', '')}")
-        if exit_logits.shape[-1] > _LOSS_MAX_C:
-            out.append(f"the Triton kernel keeps a row in registers: C <= {_LOSS_MAX_C}, got {exit_logits.shape[-1]}")
-        return out
-
-    return reasons
-
-
 _LOSS_MAX_C = 8192
 
-
-def _loss_preference(device):
-    return ("triton", "eager") if device.type == "cuda" else ("eager",)
+declare("multi_exit_distillation_loss", {
+    "triton": Support(dtypes=_KERNEL_DTYPES, limits={
+        "classes": (_LOSS_MAX_C, "the Triton kernel keeps a row in registers: C <= {limit}, "
+                                 "got {value}")}),
+    "eager": Support()}, {"cuda": ("triton", "eager")},
+    absent="{backend}: the fused multi-exit loss has a Triton kernel and the eager reference only")
 
 
 def loss_backend(exit_logits, backend="auto"):
     """The backend ``multi_exit_distillation_loss`` would run (raises if none can serve)."""
-    return select_backend("multi_exit_distillation_loss", backend, exit_logits.device, _loss_reasons(exit_logits),
-                          _loss_preference)
+    key = (exit_logits.device, exit_logits.dtype, exit_logits.shape[-1] > _LOSS_MAX_C)
+    return cached_selection("multi_exit_distillation_loss", backend, key,
+                            lambda: _logits(exit_logits))
 
 
 def _loss_eager(z, labels, gamma, temperature):

@@ -20,7 +20,7 @@ import torch
 
 from .. import reference
 from ._checks import FLOAT_DTYPES, check_same_device, check_tensor
-from ._dispatch import direct_call_ok, requested_backend, select_backend
+from ._dispatch import Inputs, Support, declare, direct_call_ok, requested_backend, select_backend
 
 __all__ = ["mc_sample", "mc_sample_fused", "mc_candidate_loss", "sample_backend", "loss_backend", "REDUCTIONS"]
 
@@ -32,20 +32,16 @@ def _dt(dtype):
     return str(dtype).replace("torch.", "")
 
 
-def _preference(device):
-    return ("triton", "eager") if device.type == "cuda" else ("eager",)
+# no C++ build: on the CPU the eager gather + bmm + cross-entropy and torch.multinomial are
+# vectorised already
+declare(("mc_sample", "mc_sample_fused", "mc_candidate_loss"),
+        {"triton": Support(dtypes=FLOAT_DTYPES), "eager": Support()}, {"cuda": ("triton", "eager")},
+        absent="mc_bert has no {backend} extension kernels (triton and eager only)")
 
 
-def _reasons(*float_tensors):
-    def reasons(name):
-        if name == "eager":
-            return []
-        if name in ("cuda", "cpu"):
-            return [f"mc_bert has no {name} extension kernels (triton and eager only)"]
-        return [f"{name} kernels take fp32/fp16/bf16 {label}, got {_dt(t.dtype)}"
-                for label, t in float_tensors if t.dtype not in FLOAT_DTYPES]
-
-    return reasons
+def _inputs(*float_tensors):
+    """``Inputs`` of ``(label, tensor)`` pairs, on the first one's device."""
+    return Inputs(float_tensors[0][1].device, tuple((label, t.dtype) for label, t in float_tensors))
 
 
 def _check_count(name, value, low):
@@ -72,14 +68,15 @@ def _check_seed(seed, device):
         raise ValueError(f"seed must be on {device} like the other tensors, got {seed.device}")
 
 
-def _check_op_backend(op, backend, device, reasons):
+def _check_op_backend(op, backend, inputs, called=None):
     """The registered ops run the Triton kernels (the eager backend runs outside them, in ``effbert.<op>``).
     ``ValueError`` for a bad name or another backend, ``BackendNotSupportedError`` where Triton cannot run."""
+    called = called or op
     wanted = requested_backend(backend)
     if wanted not in ("auto", "triton"):
-        raise ValueError(f"backend must be 'triton' for the registered op effbert::{op} (the {wanted} backend "
-                         f"runs in effbert.{op.replace('_backward', '')}, outside it), got {backend!r}")
-    select_backend(op, "triton", device, reasons, _preference)
+        raise ValueError(f"backend must be 'triton' for the registered op effbert::{called} (the "
+                         f"{wanted} backend runs in effbert.{op}, outside it), got {backend!r}")
+    select_backend(op, "triton", inputs, called=called)
 
 
 def _check_padding_idx(padding_idx, vocab):
@@ -96,7 +93,7 @@ def _check_padding_idx(padding_idx, vocab):
 
 def sample_backend(logits, backend="auto"):
     """The backend ``mc_sample(logits, ...)`` would run (raises if none can serve)."""
-    return select_backend("mc_sample", backend, logits.device, _reasons(("logits", logits)), _preference)
+    return select_backend("mc_sample", backend, _inputs(("logits", logits)))
 
 
 def _check_sample_logits(logits, dtypes):
@@ -119,7 +116,7 @@ def _mc_sample_op(logits: torch.Tensor, num_samples: int, seed: torch.Tensor, ba
     _check_sample_logits(logits, FLOAT_DTYPES)
     num_samples = _check_count("num_samples", num_samples, 1)
     _check_seed(seed, logits.device)
-    _check_op_backend("mc_sample", backend, logits.device, _reasons(("logits", logits)))
+    _check_op_backend("mc_sample", backend, _inputs(("logits", logits)))
     return _sample_impl(logits, num_samples, seed, backend)
 
 
@@ -194,7 +191,7 @@ def _mc_sample_fused_op(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.
                         seed: torch.Tensor, backend: str) -> torch.Tensor:
     num_samples = _check_fused_args(hidden, weight, bias, num_samples, FLOAT_DTYPES)
     _check_seed(seed, hidden.device)
-    _check_op_backend("mc_sample_fused", backend, hidden.device, _reasons(("hidden", hidden), ("weight", weight)))
+    _check_op_backend("mc_sample_fused", backend, _inputs(("hidden", hidden), ("weight", weight)))
     return _sample_fused_impl(hidden, weight, bias, num_samples, seed, backend)
 
 
@@ -217,8 +214,8 @@ def mc_sample_fused(hidden, weight, bias, num_samples, *, generator=None, backen
     num_samples = _check_fused_args(hidden, weight, bias, num_samples, _EAGER_DTYPES)
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
-    name = select_backend("mc_sample_fused", backend, hidden.device,
-                          _reasons(("hidden", hidden), ("weight", weight)), _preference)
+    name = select_backend("mc_sample_fused", backend,
+                          _inputs(("hidden", hidden), ("weight", weight)))
     hidden, weight, bias = hidden.detach(), weight.detach(), bias.detach()
     if name == "eager":
         dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
@@ -280,8 +277,8 @@ def _check_ranges(candidates, labels, vocab):
 
 def loss_backend(hidden, embedding, bias, backend="auto"):
     """The backend ``mc_candidate_loss(hidden, embedding, bias, ...)`` would run (raises if none can serve)."""
-    return select_backend("mc_candidate_loss", backend, hidden.device,
-                          _reasons(("hidden", hidden), ("embedding", embedding), ("bias", bias)), _preference)
+    return select_backend("mc_candidate_loss", backend,
+                          _inputs(("hidden", hidden), ("embedding", embedding), ("bias", bias)))
 
 
 def _reduce(rows, reduction):
@@ -315,8 +312,8 @@ def _mc_candidate_loss_op(hidden: torch.Tensor, embedding: torch.Tensor, bias: t
     _check_loss_args(hidden, embedding, bias, candidates, labels, reduction, padding_idx, dtypes=FLOAT_DTYPES)
     if not isinstance(need_grad, bool):
         raise TypeError(f"need_grad must be a bool, got {type(need_grad).__name__}")
-    _check_op_backend("mc_candidate_loss", backend, hidden.device,
-                      _reasons(("hidden", hidden), ("embedding", embedding), ("bias", bias)))
+    _check_op_backend("mc_candidate_loss", backend,
+                      _inputs(("hidden", hidden), ("embedding", embedding), ("bias", bias)))
     rows, dh, dscore = _forward_impl(hidden, embedding, bias, candidates, labels, need_grad)  # checks the ids
     return _reduce(rows, reduction), dh, dscore
 
@@ -390,7 +387,8 @@ def _check_backward_args(grad, hidden, candidates, dh, dscore, vocab, reduction,
     vocab = _check_count("vocab", vocab, 1)
     padding_idx = _check_padding_idx(padding_idx, vocab)
     check_same_device(grad=grad, hidden=hidden, candidates=candidates, dh=dh, dscore=dscore)
-    _check_op_backend("mc_candidate_loss_backward", backend, hidden.device, _reasons(("hidden", hidden)))
+    _check_op_backend("mc_candidate_loss", backend, _inputs(("hidden", hidden)),
+                      called="mc_candidate_loss_backward")
     _check_ranges(candidates, None, vocab)
     return vocab, padding_idx
 

@@ -15,7 +15,8 @@ import torch
 from .. import _ext
 from .. import reference
 from ._checks import FLOAT_DTYPES, check_same_device, check_tensor
-from ._dispatch import default_preference, direct_call_ok, requested_backend, select_backend
+from ._dispatch import (Inputs, Support, cached_selection, declare, direct_call_ok,
+                        requested_backend, select_backend)
 
 __all__ = ["note_mix", "note_update_", "note_window_means", "note_fold_"]
 
@@ -253,30 +254,26 @@ def _host_checks(backend, device, requested=None):
 
 # ---- dispatch ----
 
-def _reasons(*float_tensors, notes=None):
-    def reasons(name):
-        out = []
-        if name == "eager":
-            return out
-        for label, t in float_tensors:
-            if t.dtype not in _KERNEL_DTYPES:
-                out.append(f"{name} kernels take fp32/fp16/bf16 {label}, got {_dt(t.dtype)}")
-        if notes is not None and notes.dtype != torch.float32:
-            out.append(f"{name} kernels take float32 notes, got {_dt(notes.dtype)}")
-        return out
+_KERNELS = Support(dtypes=_KERNEL_DTYPES, tensor_dtypes={"notes": (torch.float32,)})
+declare(("note_mix", "note_update_", "note_window_means"),
+        {"triton": _KERNELS, "cuda": _KERNELS, "cpu": _KERNELS, "eager": Support()})
 
-    return reasons
+
+def _inputs(*float_tensors):
+    """``Inputs`` of ``(label, tensor)`` pairs, on the first one's device."""
+    return Inputs(float_tensors[0][1].device, tuple((label, t.dtype) for label, t in float_tensors))
 
 
 def mix_backend(x, notes, backend="auto"):
     """The backend ``note_mix(x, notes, ...)`` would run (raises if none can serve)."""
-    return select_backend("note_mix", backend, x.device, _reasons(("x", x), notes=notes), default_preference)
+    return cached_selection("note_mix", backend, (x.device, x.dtype, notes.dtype),
+                            lambda: _inputs(("x", x), ("notes", notes)))
 
 
 def update_backend(notes, hidden, backend="auto"):
     """The backend ``note_update_(notes, counts, hidden, ...)`` would run (raises if none can serve)."""
-    return select_backend("note_update_", backend, hidden.device, _reasons(("hidden", hidden), notes=notes),
-                          default_preference)
+    return cached_selection("note_update_", backend, (hidden.device, hidden.dtype, notes.dtype),
+                            lambda: _inputs(("hidden", hidden), ("notes", notes)))
 
 
 def _as_rows(t):
@@ -318,7 +315,7 @@ def _note_mix_impl(x, notes, slots, lam, backend):
 
 
 def _note_mix_backward_impl(grad, slots, lam, backend):
-    name = select_backend("note_mix", backend, grad.device, _reasons(("x", grad)), default_preference)
+    name = select_backend("note_mix", backend, _inputs(("x", grad)))
     out = torch.empty_like(grad, memory_format=torch.contiguous_format)
     _mix_into(name, _as_rows(grad), None, slots.reshape(-1).contiguous(), lam,
               out.view(grad.shape[0] * grad.shape[1], grad.shape[-1]))
@@ -539,8 +536,7 @@ def note_window_means(hidden, spans, *, window, lengths=None, backend="auto"):
     check_tensor("hidden", hidden, ndim=3, dtypes=_EAGER_DTYPES, shape_hint="[B, N, Dm]")
     _check_window_args(hidden, spans, window, lengths)
     check_same_device(hidden=hidden, spans=spans, **({} if lengths is None else {"lengths": lengths}))
-    name = select_backend("note_window_means", backend, hidden.device, _reasons(("hidden", hidden)),
-                          default_preference)
+    name = select_backend("note_window_means", backend, _inputs(("hidden", hidden)))
     dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
     means = torch.empty(spans.shape[0], hidden.shape[2], dtype=dtype, device=hidden.device)
     with torch.no_grad():

@@ -6,8 +6,10 @@ from typing import List, Optional
 import torch
 
 from .. import reference
+from ..kernels import MAX_GRID_YZ  # the package's constants only: no Triton import here
 from ._checks import FLOAT_DTYPES, check_same_device, check_tensor
-from ._dispatch import direct_call_ok, select_backend
+from ._dispatch import (Inputs, Support, cached_selection, declare, direct_call_ok,
+                        select_backend)
 
 __all__ = ["t5_relative_buckets", "tupe_position_bias"]
 
@@ -27,37 +29,28 @@ def t5_relative_buckets(seq_len, num_buckets=32, max_distance=128, device=None):
     return reference.t5_relative_buckets(seq_len, num_buckets, max_distance, device=device)
 
 
-def _preference(device):
-    if device.type == "cuda":
-        return ("triton", "eager")
-    return ("cpu", "eager") if device.type == "cpu" else ("eager",)
+# effbert.kernels.position_bias.MAX_BUCKETS (not imported here: kernels load with triton)
+_MAX_BUCKETS = 64
+
+# P is one [H, N, N] batched matmul plus a gather: on the CPU, PyTorch's ops are the fused path
+# ("cpu" runs them)
+declare("tupe_position_bias", {
+    "triton": Support(
+        dtypes=FLOAT_DTYPES, interpreter_dtypes=(torch.float32, torch.float16),
+        takes="Triton kernels take",
+        limits={"num_buckets": (_MAX_BUCKETS, "the Triton backward sums at most {limit} relative "
+                                "buckets in registers, got rel_table with {value} rows"),
+                "heads": (MAX_GRID_YZ, "Triton kernels take at most {limit} heads (a grid axis "
+                          "of one row per head), got {value}")}),
+    "cpu": Support(),
+    "eager": Support()}, {"cuda": ("triton", "eager"), "cpu": ("cpu", "eager")},
+    absent="no {backend} kernel for {op} (Triton on CUDA)")
 
 
-def _reasons(pos_q, num_buckets=0):
-    def reasons(name):
-        if name == "cuda":
-            return ["no cuda kernel for tupe_position_bias (Triton on CUDA)"]
-        if name == "cpu":  # P is one [H, N, N] batched matmul plus a gather: PyTorch's CPU ops are the fused path
-            return []
-        if name == "triton" and pos_q.dtype not in FLOAT_DTYPES:
-            return [f"Triton kernels take fp32/fp16/bf16, got {str(pos_q.dtype).replace('torch.', '')}"]
-        if name == "triton" and pos_q.dtype == torch.bfloat16 and pos_q.device.type == "cpu":
-            return ["the Triton interpreter computes bf16 dot products wrongly"]
-        if name == "triton" and num_buckets > _MAX_BUCKETS:
-            return [f"the Triton backward sums at most {_MAX_BUCKETS} relative buckets in registers, got "
-                    f"rel_table with {num_buckets} rows"]
-        if name == "triton" and pos_q.dim() == 3:
-            from ..kernels import MAX_GRID_YZ  # the package's constants only: no Triton import here
-
-            if pos_q.shape[1] > MAX_GRID_YZ:
-                return [f"Triton kernels take at most {MAX_GRID_YZ} heads (a grid axis of one row per head), got "
-                        f"{pos_q.shape[1]}"]
-        return []
-
-    return reasons
-
-
-_MAX_BUCKETS = 64  # effbert.kernels.position_bias.MAX_BUCKETS (not imported here: kernels load with triton)
+def _inputs(pos_q, num_buckets):
+    heads = pos_q.shape[1] if pos_q.dim() == 3 else 0
+    return Inputs(pos_q.device, (("pos_q", pos_q.dtype),),
+                  {"num_buckets": num_buckets, "heads": heads})
 
 
 def _empty_if_none(t, like):
@@ -76,7 +69,7 @@ def _position_bias_triton(pos_q, pos_k, rel_table, rel_buckets, cls_row, cls_col
 
 def _check_triton(op, pos_q, num_buckets):
     """The registered ops run the Triton kernels: ``BackendNotSupportedError`` where they cannot."""
-    select_backend(op, "triton", pos_q.device, _reasons(pos_q, num_buckets), _preference)
+    select_backend("tupe_position_bias", "triton", _inputs(pos_q, num_buckets), called=op)
 
 
 def _dim(t, i):
@@ -224,7 +217,9 @@ def check_position_bias_args(pos_q, pos_k, scale, rel_table, rel_buckets, cls_ro
 
 def position_bias_backend(pos_q, backend="auto", rel_table=None):
     num_buckets = 0 if rel_table is None else rel_table.shape[0]
-    return select_backend("tupe_position_bias", backend, pos_q.device, _reasons(pos_q, num_buckets), _preference)
+    heads = pos_q.shape[1] if pos_q.dim() == 3 else 0
+    key = (pos_q.device, pos_q.dtype, num_buckets > _MAX_BUCKETS, heads > MAX_GRID_YZ)
+    return cached_selection("tupe_position_bias", backend, key, lambda: _inputs(pos_q, num_buckets))
 
 
 def tupe_position_bias(pos_q, pos_k, *, scale, rel_table=None, rel_buckets=None, cls_row=None, cls_col=None,

@@ -8,7 +8,7 @@ import torch
 from .. import _ext
 from ..reference import token_exit as reference
 from ._checks import FLOAT_DTYPES, as_bool_attention_mask, check_offsets, check_same_device, check_tensor
-from ._dispatch import cached_selection, direct_call_ok, requested_backend
+from ._dispatch import Inputs, Support, cached_selection, declare, direct_call_ok, requested_backend
 
 __all__ = ["token_exit_decision", "token_exit_backend", "TOKEN_RULES"]
 
@@ -16,42 +16,28 @@ TOKEN_RULES = reference.TOKEN_RULES
 # token_threshold rules as kernel codes (effbert/kernels/token_exit.py and csrc/include/effbert/token_exit.h)
 _RULE_CODES = {None: 0, "and": 1, "or": 2}
 
-# what each backend takes (the op's capabilities; tests derive their matrices from them)
-SUPPORTED_DTYPES = {"eager": FLOAT_DTYPES + (torch.float64,), "triton": FLOAT_DTYPES, "cpu": FLOAT_DTYPES,
-                    "cuda": FLOAT_DTYPES}
 # the widest window each kernel takes: Triton keeps a window's halo in one 128-token tile
 # (effbert.kernels.token_exit.MAX_WINDOW); the CUDA kernel keeps it in shared memory (csrc/cuda/token_exit.cu)
 MAX_WINDOW = {"triton": 65, "cuda": 1025}
 CUDA_MAX_SEQLEN = 65535 * 256  # grid axis 1 holds a sequence's blocks of 256 tokens
 
 
-def _reasons(dtype, window, max_seqlen):
-    def reasons(name):
-        out = []
-        if name == "eager":
-            return out
-        if dtype not in SUPPORTED_DTYPES[name]:
-            out.append(f"{name} kernels take fp32/fp16/bf16 logits, got {str(dtype).replace('torch.', '')}")
-        if window > MAX_WINDOW.get(name, window):
-            out.append(f"the {name} kernel keeps a window's halo on chip: window <= {MAX_WINDOW[name]}, got {window}")
-        if name == "cuda" and max_seqlen > CUDA_MAX_SEQLEN:
-            out.append(f"the cuda kernel takes max_seqlen <= {CUDA_MAX_SEQLEN}, got {max_seqlen}")
-        return out
-
-    return reasons
+def _window(name):
+    why = f"the {name} kernel keeps a window's halo on chip: window <= {{limit}}, got {{value}}"
+    return {"window": (MAX_WINDOW[name], why)}
 
 
-def _preference(device):
-    # Triton first on CUDA: its programs load [positions, classes] tiles, where the CUDA kernel reads a row per
-    # thread; no GPU measurement has ordered them yet
-    if device.type == "cuda":
-        return ("triton", "cuda", "eager")
-    if device.type == "cpu":
-        return ("cpu", "eager")
-    return ("eager",)
-
-
-_SELECTED = {}
+# Triton first on CUDA: its programs load [positions, classes] tiles, where the CUDA kernel reads a
+# row per thread; no GPU measurement has ordered them yet
+SUPPORT = declare("token_exit_decision", {
+    "triton": Support(dtypes=FLOAT_DTYPES, limits=_window("triton")),
+    "cuda": Support(dtypes=FLOAT_DTYPES, limits={**_window("cuda"), "max_seqlen": (
+        CUDA_MAX_SEQLEN, "the cuda kernel takes max_seqlen <= {limit}, got {value}")}),
+    "cpu": Support(dtypes=FLOAT_DTYPES),
+    "eager": Support(dtypes=FLOAT_DTYPES + (torch.float64,))},
+    {"cuda": ("triton", "cuda", "eager"), "cpu": ("cpu", "eager")})
+# what each backend takes (tests derive their matrices from it)
+SUPPORTED_DTYPES = {name: support.dtypes for name, support in SUPPORT.backends.items()}
 
 
 def token_exit_backend(logits, window=3, backend="auto", max_seqlen=0):
@@ -59,8 +45,9 @@ def token_exit_backend(logits, window=3, backend="auto", max_seqlen=0):
     can serve)."""
     # the reasons depend on sizes only through these limits: cache per side of each
     sizes = tuple(window > w for w in MAX_WINDOW.values()) + (max_seqlen > CUDA_MAX_SEQLEN,)
-    return cached_selection("token_exit_decision", backend, logits.device, (logits.dtype,) + sizes,
-                            _reasons(logits.dtype, window, max_seqlen), _preference, _SELECTED)
+    return cached_selection("token_exit_decision", backend, (logits.device, logits.dtype) + sizes,
+                            lambda: Inputs(logits.device, (("logits", logits.dtype),),
+                                           {"window": window, "max_seqlen": max_seqlen}))
 
 
 def _u_dtype(logits):

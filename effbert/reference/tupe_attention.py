@@ -34,7 +34,7 @@ def tupe_attention(q, k, v, pos_bias=None, *, attention_mask=None, scale=None, d
     return torch.einsum("bhij,bjhd->bihd", weights, v)
 
 
-def _packed_index(cu_seqlens, total, max_seqlen):
+def packed_index(cu_seqlens, total, max_seqlen):
     """Where packed rows go in the padded ``[B, max_seqlen]`` layout, with tensor ops only (no host copy, so it
     traces under torch.compile). Returns ``(src [B, S], mask [B, S], dst [total])``: ``src`` the packed row of each
     padded slot (``total`` for padding), ``mask`` True at real tokens, ``dst`` the flat padded slot of each packed
@@ -53,22 +53,25 @@ def _packed_index(cu_seqlens, total, max_seqlen):
     return src, mask, dst
 
 
-def _with_zero_row(x):
+def with_zero_row(x):
+    """``x [R, ...]`` with one row of zeros appended (``[R + 1, ...]``): the slot that
+    `packed_index` sends padding
+    to."""
     return torch.cat([x, x.new_zeros((1,) + tuple(x.shape[1:]))], dim=0)
 
 
 def pad_packed(x, cu_seqlens, max_seqlen):
     """Packed ``[total, ...]`` rows to ``[B, max_seqlen, ...]`` (zeros after each sequence) and the padding mask."""
-    src, mask, _ = _packed_index(cu_seqlens, x.shape[0], max_seqlen)
-    return _with_zero_row(x)[src], mask
+    src, mask, _ = packed_index(cu_seqlens, x.shape[0], max_seqlen)
+    return with_zero_row(x)[src], mask
 
 
 def unpad(x, cu_seqlens, total=None):
     """``[B, N, ...]`` back to the packed ``[total, ...]`` rows of ``cu_seqlens`` (``total`` defaults to
     ``cu_seqlens[-1]``); rows after ``cu_seqlens[-1]`` belong to no sequence and get zeros."""
     total = int(cu_seqlens[-1]) if total is None else total
-    _, _, dst = _packed_index(cu_seqlens, total, x.shape[1])
-    return _with_zero_row(x.reshape((-1,) + tuple(x.shape[2:])))[dst]
+    _, _, dst = packed_index(cu_seqlens, total, x.shape[1])
+    return with_zero_row(x.reshape((-1,) + tuple(x.shape[2:])))[dst]
 
 
 def tupe_attention_varlen(q, k, v, cu_seqlens, max_seqlen, pos_bias=None, *, scale=None, dropout_p=0.0,

@@ -39,7 +39,7 @@ zeroed first, so an inf or NaN there reaches nothing; a padded query attends uni
 import torch
 import torch.nn.functional as F
 
-from ..reference.tupe_attention import _packed_index, _with_zero_row
+from ..reference.tupe_attention import packed_index, with_zero_row
 
 
 MATH_MAX_LEN = 160  # the longest sequence the inference road takes (measured crossover: 128 faster, 200 slower)
@@ -226,11 +226,11 @@ def attention_varlen_traced(q, k, v, cu_seqlens, max_seqlen, pos_bias, scale, dr
     reference's index arithmetic, no host read), ``attention_traced`` on them, and back; rows after
     ``cu_seqlens[-1]`` get zeros."""
     heads, dim = q.shape[-2], q.shape[-1]
-    src, mask, dst = _packed_index(cu_seqlens, q.shape[0], max_seqlen)
-    qp, kp, vp = (_with_zero_row(t)[src] for t in (q, k, v))
+    src, mask, dst = packed_index(cu_seqlens, q.shape[0], max_seqlen)
+    qp, kp, vp = (with_zero_row(t)[src] for t in (q, k, v))
     bias = None if pos_bias is None else pos_bias[:, :max_seqlen, :max_seqlen]
     out = attention_traced(qp, kp, vp, bias, mask, scale, dropout_p)
-    return _with_zero_row(out.reshape(-1, heads, dim))[dst]
+    return with_zero_row(out.reshape(-1, heads, dim))[dst]
 
 
 def attention_varlen_subset(q, k, v, cu_seqlens_q, cu_seqlens_k, position_ids_q, pos_bias, scale):

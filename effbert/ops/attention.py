@@ -6,71 +6,66 @@ registered so that ``torch.compile(fullgraph=True)`` traces them without a graph
 """
 
 import math
+from dataclasses import replace
 from typing import List, Optional
 
 import torch
 
 from .. import reference
-from . import _tupe_attention_cpu
+from . import _attention_cpu
 from ._checks import FLOAT_DTYPES, as_bool_attention_mask, check_offsets, check_same_device, check_tensor
-from ._dispatch import direct_call_ok, select_backend
+from ..kernels import MAX_GRID_YZ  # the package's constants only: no Triton import here
+from ._dispatch import (Inputs, Support, cached_selection, declare, direct_call_ok,
+                        select_backend)
 
 __all__ = ["tupe_attention", "tupe_attention_varlen", "tupe_attention_varlen_subset", "HEAD_DIMS"]
 
 HEAD_DIMS = (16, 32, 64, 128)  # the head dims the Triton kernels are built for
 
 
-def _preference(device):
-    if device.type == "cuda":
-        return ("triton", "eager")
-    return ("cpu", "eager") if device.type == "cpu" else ("eager",)
-
-
 CPU_DTYPES = (torch.float32, torch.float64)  # the CPU path's dtypes with autograd
 CPU_INFERENCE_DTYPES = CPU_DTYPES + (torch.bfloat16,)  # ... and in inference (no gradient wanted)
+
+_TRITON = Support(
+    dtypes=FLOAT_DTYPES, head_dims=HEAD_DIMS, takes="Triton kernels take",
+    # fp64 under the interpreter for gradcheck; the interpreter computes bf16 dot products wrongly
+    interpreter_dtypes=(torch.float32, torch.float16, torch.float64),
+    limits={"heads": (MAX_GRID_YZ, "Triton kernels take at most {limit} heads (a grid axis of one "
+                                   "row per head), got {value}")})
+_PREFERENCE = {"cuda": ("triton", "eager"), "cpu": ("cpu", "eager")}
+# the CPU path: PyTorch's fused CPU attention per sequence (_attention_cpu)
+declare("tupe_attention", {
+    "triton": _TRITON,
+    "cpu": Support(dtypes=CPU_INFERENCE_DTYPES, grad_dtypes=CPU_DTYPES, takes="the CPU path takes",
+                   why="bf16 in inference only: pos_bias gradients would accumulate in bf16"),
+    "eager": Support()}, _PREFERENCE, absent="no {backend} kernel for {op} (Triton on CUDA)")
+# forward only: the op refuses inputs that need grad
+declare("tupe_attention_varlen_subset", {
+    "triton": replace(_TRITON, supports_backward=False),
+    "cpu": Support(dtypes=CPU_INFERENCE_DTYPES, supports_backward=False,
+                   takes="the CPU path takes"),
+    "eager": Support()}, _PREFERENCE, absent="no {backend} kernel for {op} (Triton on CUDA)")
 
 
 def _wants_grad(*tensors):
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
-def _reasons(q, wants_grad=None):
-    """``wants_grad``: whether the call builds a graph (None: ``q`` alone decides)."""
-    if wants_grad is None:
-        wants_grad = _wants_grad(q)
-
-    def reasons(name):
-        if name == "cuda":
-            return ["no cuda kernel for tupe_attention (Triton on CUDA)"]
-        if name == "cpu":  # PyTorch's fused CPU attention per sequence (_tupe_attention_cpu)
-            if q.dtype not in (CPU_DTYPES if wants_grad else CPU_INFERENCE_DTYPES):
-                return [f"the CPU path takes fp32/fp64, and bf16 in inference only (pos_bias gradients would "
-                        f"accumulate in bf16), got {str(q.dtype).replace('torch.', '')}"
-                        + (" with a gradient wanted" if wants_grad and q.dtype == torch.bfloat16 else "")]
-            return []
-        out = []
-        if name == "triton":
-            interpreted_fp64 = q.dtype == torch.float64 and q.device.type == "cpu"  # gradcheck under the interpreter
-            if q.dtype not in FLOAT_DTYPES and not interpreted_fp64:
-                out.append(f"Triton kernels take fp32/fp16/bf16, got {str(q.dtype).replace('torch.', '')}")
-            if q.shape[-1] not in HEAD_DIMS:
-                out.append(f"Triton kernels take head dims {HEAD_DIMS}, got {q.shape[-1]}")
-            if q.dtype == torch.bfloat16 and q.device.type == "cpu":
-                out.append("the Triton interpreter computes bf16 dot products wrongly")
-            from ..kernels import MAX_GRID_YZ  # the package's constants only: no Triton import here
-
-            if q.dim() >= 3 and q.shape[-2] > MAX_GRID_YZ:
-                out.append(f"Triton kernels take at most {MAX_GRID_YZ} heads (a grid axis of one row per head), got "
-                           f"{q.shape[-2]}")
-        return out
-
-    return reasons
+def _inputs(q, wants_grad):
+    return Inputs(q.device, (("q", q.dtype),),
+                  {"head_dim": q.shape[-1], "heads": q.shape[-2] if q.dim() >= 3 else 0},
+                  wants_grad)
 
 
 def attention_backend(q, backend="auto", wants_grad=None):
-    """The backend ``tupe_attention`` would run for ``q`` (raises if none can serve); ``wants_grad`` as
-    ``_reasons``."""
-    return select_backend("tupe_attention", backend, q.device, _reasons(q, wants_grad), _preference)
+    """The backend ``tupe_attention`` would run for ``q`` (raises `BackendNotSupportedError` if none
+    can serve);
+    ``wants_grad``: whether the call builds a graph (None: ``q`` alone decides)."""
+    if wants_grad is None:
+        wants_grad = _wants_grad(q)
+    heads = q.shape[-2] if q.dim() >= 3 else 0
+    key = (q.device, q.dtype, wants_grad, q.shape[-1] if q.dim() else None, heads > MAX_GRID_YZ)
+    return cached_selection("tupe_attention", backend, key, lambda: _inputs(q, wants_grad))
 
 
 def _draw_seed(device):
@@ -278,8 +273,9 @@ def tupe_attention(q, k, v, pos_bias=None, *, attention_mask=None, scale=None, d
                                         dropout_p=float(dropout_p))
     if chosen == "cpu":
         if torch.compiler.is_compiling():  # the per-sequence split reads lengths on the host: one call instead
-            return _tupe_attention_cpu.attention_traced(q, k, v, pos_bias, attention_mask, scale, float(dropout_p))
-        return _tupe_attention_cpu.attention(q, k, v, pos_bias, attention_mask, scale, float(dropout_p))
+            return _attention_cpu.attention_traced(q, k, v, pos_bias, attention_mask, scale,
+                                                   float(dropout_p))
+        return _attention_cpu.attention(q, k, v, pos_bias, attention_mask, scale, float(dropout_p))
     seed = _draw_seed(q.device) if dropout_p > 0 else None
     mask = attention_mask.contiguous() if attention_mask is not None else None
     args = (_unit_last(q), _unit_last(k), _unit_last(v), _unit_last(pos_bias), mask, None, n, scale,
@@ -395,9 +391,10 @@ def tupe_attention_varlen(q, k, v, cu_seqlens, max_seqlen, pos_bias=None, *, sca
                                                dropout_p=float(dropout_p))
     if chosen == "cpu":
         if torch.compiler.is_compiling():  # the per-sequence loop reads the offsets on the host: padded rows instead
-            return _tupe_attention_cpu.attention_varlen_traced(q, k, v, cu_seqlens, max_seqlen, pos_bias, scale,
-                                                               float(dropout_p))
-        return _tupe_attention_cpu.attention_varlen(q, k, v, cu_seqlens, pos_bias, scale, float(dropout_p))
+            return _attention_cpu.attention_varlen_traced(q, k, v, cu_seqlens, max_seqlen, pos_bias,
+                                                          scale, float(dropout_p))
+        return _attention_cpu.attention_varlen(q, k, v, cu_seqlens, pos_bias, scale,
+                                               float(dropout_p))
     seed = _draw_seed(q.device) if dropout_p > 0 else None
     args = (_unit_last(q), _unit_last(k), _unit_last(v), _unit_last(pos_bias), None, cu_seqlens.contiguous(),
             max_seqlen, scale, float(dropout_p), seed)
@@ -469,22 +466,9 @@ def _check_subset_values(q, k, cu_seqlens_q, cu_seqlens_k, position_ids_q, max_s
                              f"{lens_k[b]} keys) has position {int(position_ids_q[i])}")
 
 
-def _subset_reasons(q):
-    general = _reasons(q, wants_grad=False)  # forward only: the op refuses inputs that need grad
-
-    def reasons(name):
-        if name == "cuda":
-            return ["no cuda kernel for tupe_attention_varlen_subset (Triton on CUDA)"]
-        if name == "cpu" and q.dtype not in CPU_INFERENCE_DTYPES:
-            return [f"the CPU path takes fp32/fp64/bf16, got {str(q.dtype).replace('torch.', '')}"]
-        return general(name)
-
-    return reasons
-
-
 def subset_attention_backend(q, backend="auto"):
     """The backend ``tupe_attention_varlen_subset`` would run for ``q`` (raises if none can serve)."""
-    return select_backend("tupe_attention_varlen_subset", backend, q.device, _subset_reasons(q), _preference)
+    return select_backend("tupe_attention_varlen_subset", backend, _inputs(q, False))
 
 
 def _subset_checked(q, k, v, cu_seqlens_q, cu_seqlens_k, position_ids_q, pos_bias, max_seqlen_q, max_seqlen_k,
@@ -502,8 +486,8 @@ def _subset_checked(q, k, v, cu_seqlens_q, cu_seqlens_k, position_ids_q, pos_bia
         return reference.tupe_attention_varlen_subset(q, k, v, cu_seqlens_q, cu_seqlens_k, position_ids_q, pos_bias,
                                                       scale=scale)
     if chosen == "cpu":
-        return _tupe_attention_cpu.attention_varlen_subset(q, k, v, cu_seqlens_q, cu_seqlens_k, position_ids_q,
-                                                           pos_bias, scale)
+        return _attention_cpu.attention_varlen_subset(q, k, v, cu_seqlens_q, cu_seqlens_k,
+                                                      position_ids_q, pos_bias, scale)
     from ..kernels import tupe_attention as kernels
 
     out = torch.zeros(q.shape, dtype=q.dtype, device=q.device)  # rows in no sequence are never written
