@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from . import reference
-from .ops._checks import check_tensor
+from .ops.checks import check_tensor
 from .ops.early_exit import check_exit_logits
 from .ops.early_exit import multi_exit_distillation_loss as _distillation_op
 

@@ -43,7 +43,7 @@ def test_reasons_come_from_the_declaration(toy, monkeypatch):
     def why(backend, dtype=torch.float32, sizes=None, grad=False, notes=torch.float32):
         inputs = Inputs(CPU, (("q", dtype), ("notes", notes)), sizes or {"head_dim": 16}, grad)
         reasons = not_supported_reasons("toy_op", backend, inputs)
-        machine = _dispatch._general_reasons(backend) + _dispatch._device_reasons(backend, CPU)
+        machine = _dispatch._general_reasons(backend) + _dispatch.device_reasons(backend, CPU)
         assert reasons[:len(machine)] == machine  # this machine's facts first
         return reasons[len(machine):]
 

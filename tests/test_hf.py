@@ -295,8 +295,8 @@ def test_patched_model_under_inference_mode(seeded):
 
 def test_missing_transformers_says_how_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "transformers", None)  # import transformers now raises ImportError
-    # effbert is not on PyPI: the hint names the packages themselves, or the checkout's extra
-    with pytest.raises(ImportError, match=r"pip install transformers safetensors .or pip install -e '\.\[hf\]' in "):
+    # effbert is not on PyPI: the hint names the packages themselves, and that effbert's checkout installs both
+    with pytest.raises(ImportError, match=r"pip install transformers safetensors \(both come with effbert: pip install -e \. "):
         hf.from_hf_bert("/nonexistent")
     with pytest.raises(ImportError, match=r"pip install transformers safetensors"):
         hf.patch_bert_attention(torch.nn.Linear(2, 2))

@@ -33,7 +33,7 @@ def check_backend(backend, device, flag="--backend"):
     device's kind (cpu: CPU tensors; cuda: CUDA tensors; triton: CUDA tensors, or CPU ones under
     ``TRITON_INTERPRET=1``; eager: either)."""
     from ..ops import backends
-    from ..ops._dispatch import _device_reasons
+    from ..ops import device_reasons
 
     if backend in (None, "auto"):
         return
@@ -42,7 +42,7 @@ def check_backend(backend, device, flag="--backend"):
         raise UsageError(f"{flag} must be auto or one of {sorted(backends())}, got {backend!r}")
     if not status.available:
         raise UsageError(f"{flag} {backend} cannot run here: {status}")
-    reasons = _device_reasons(backend, device)
+    reasons = device_reasons(backend, device)
     if reasons:
         raise UsageError(f"{flag} {backend} does not run with --device {device}: {'; '.join(reasons)}")
 

@@ -25,7 +25,7 @@ from ..models.multi_exit import MultiExitMixin, check_exit_loss_settings
 from ..models.tupe_bert import MultiExitSequenceClassifierOutput, _check_ids, _values_in_range, check_bert_inputs
 from ..nn import BertLayerAdapter, ExitHead, MultiExitEncoder
 from ..ops import tupe_attention
-from ..ops._dispatch import BACKENDS
+from ..ops import BACKENDS
 
 __all__ = ["from_hf_bert", "token_classifier_from_hf_bert", "patch_bert_attention",
            "effbert_attention_forward", "effbert_mask", "ATTN_IMPLEMENTATION",
@@ -38,7 +38,7 @@ _ACTS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tan
          "relu": "relu"}
 
 
-def _transformers():
+def require_transformers():
     try:
         import transformers
     except ImportError as exc:
@@ -138,7 +138,7 @@ def hf_state_dict_to_effbert(state):
 
 
 def _load_path(path):
-    transformers = _transformers()
+    transformers = require_transformers()
     path = Path(path)
     if not path.is_dir():
         raise ValueError(f"model_or_path must be an HF BERT model or a local folder, got {str(path)!r} "
@@ -199,7 +199,7 @@ def _hf_weights(model_or_path):
     if isinstance(model_or_path, (str, os.PathLike)):
         return _load_path(model_or_path)
     if isinstance(model_or_path, nn.Module) and hasattr(model_or_path, "config"):
-        _transformers()
+        require_transformers()
         return model_or_path.config, model_or_path.state_dict()
     raise TypeError(f"model_or_path must be an HF BERT model or a local folder path, got "
                     f"{type(model_or_path).__name__}")
@@ -385,7 +385,7 @@ def patch_bert_attention(hf_model, *, backend="auto"):
     already has it is honoured). Raises ``TypeError`` for a non-module, ``ValueError`` for an
     unknown backend, a decoder BERT or a module without BERT self-attention. transformers 5.17 and
     later (effbert's range) have both interfaces."""
-    _transformers()
+    require_transformers()
     from transformers.models.bert.modeling_bert import BertSelfAttention
 
     if not isinstance(hf_model, nn.Module):
@@ -533,7 +533,7 @@ def multi_exit_bert(hf_model, num_labels=None, *, dropout=None, backend="auto", 
     The result is in the model's train/eval mode, device and dtype. Errors name the argument
     (``ValueError``/``TypeError``).
     """
-    _transformers()
+    require_transformers()
     from transformers.models.bert.modeling_bert import BertForSequenceClassification, BertModel
 
     if isinstance(hf_model, BertForSequenceClassification):

@@ -134,7 +134,7 @@ class TupeBertConfig(PretrainedConfig):
                             f"{type(exit_gradient_equilibrium).__name__}")
         if isinstance(pad_token_id, bool) or not isinstance(pad_token_id, int) or not 0 <= pad_token_id < vocab_size:
             raise ValueError(f"pad_token_id must be an int in [0, vocab_size), got {pad_token_id!r}")
-        from ..ops._dispatch import BACKENDS
+        from ..ops import BACKENDS
 
         if backend not in ("auto",) + BACKENDS:
             raise ValueError(f"backend must be one of {('auto',) + BACKENDS}, got {backend!r}")

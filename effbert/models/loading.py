@@ -129,14 +129,14 @@ def classifier_from(encoder_model, config, num_labels, pooler=None, classifier=N
 def from_hf_folder(path, num_labels, backend, cased=None, shared_pooler=False):
     """A local Hugging Face BERT folder: ``(multi-exit classifier, tokenizer, cased)``. ``cased``
     None keeps the tokenizer's casing."""
-    from ..integrations.hf import _transformers, from_hf_bert
+    from ..integrations.hf import from_hf_bert, require_transformers
     from .tupe_bert import TupeBertForSequenceClassification, TupeBertModel
 
     if not os.path.isdir(path):
         raise FileNotFoundError(f"--hf: {path!r} is not a folder (a local Hugging Face BERT "
                                 "checkpoint)")
     try:
-        _transformers()
+        require_transformers()
     except ImportError as exc:  # the message says how to install it
         raise ValueError(f"--hf: {exc}") from None
     check_model_type(path, "--hf", want="bert")

@@ -36,9 +36,9 @@ from transformers.modeling_outputs import SequenceClassifierOutput
 
 from ..nn import ExitHead, MultiExitEncoder, NoteDictionary, TupePositionBias, TupeSelfAttention
 from ..ops import t5_relative_buckets
-from ..ops._checks import as_bool_attention_mask
+from ..ops.checks import as_bool_attention_mask
 from ..ops import early_exit as ee_ops
-from ..ops._dispatch import BACKENDS
+from ..ops import BACKENDS
 from .config import TupeBertConfig
 from .multi_exit import MultiExitMixin
 from .packing import Packing, unpad_input

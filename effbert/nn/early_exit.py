@@ -4,7 +4,7 @@ import torch
 from torch import nn
 
 from ..ops import early_exit as ops
-from ..ops._checks import as_bool_attention_mask, check_tensor
+from ..ops.checks import as_bool_attention_mask, check_tensor
 
 __all__ = ["MultiExitEncoder", "ExitHead", "BertLayerAdapter", "TorchLayerAdapter", "check_attention_mask"]
 

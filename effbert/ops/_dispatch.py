@@ -142,7 +142,7 @@ def backends():
     return out
 
 
-def _device_reasons(name, device):
+def device_reasons(name, device):
     if name == "triton" and device.type != "cuda" and not (device.type == "cpu" and triton_interpreting()):
         return [f"inputs are on {device.type}; Triton kernels run on CUDA tensors (CPU tensors only under "
                 "TRITON_INTERPRET=1)"]
@@ -294,7 +294,7 @@ def not_supported_reasons(op, backend, inputs):
     """Why ``backend`` cannot serve a call of ``op`` on ``inputs`` (an `Inputs`): a list of strings,
     empty when it can. Machine facts first (installed, a device), then the op's declaration in
     `OPS`. Raises ``KeyError`` for an op never declared."""
-    return _general_reasons(backend) + _device_reasons(backend, inputs.device) + \
+    return _general_reasons(backend) + device_reasons(backend, inputs.device) + \
         _op_reasons(OPS[op], backend, inputs)
 
 
@@ -322,7 +322,7 @@ def select_backend(op, backend, inputs, called=None):
     spec = OPS[op]
     wanted = requested_backend(backend)
     if wanted != "auto":
-        reasons = _general_reasons(wanted) + _device_reasons(wanted, inputs.device) + \
+        reasons = _general_reasons(wanted) + device_reasons(wanted, inputs.device) + \
             _op_reasons(spec, wanted, inputs)
         if reasons:
             raise BackendNotSupportedError(
@@ -330,7 +330,7 @@ def select_backend(op, backend, inputs, called=None):
         return wanted
     tried = []
     for name in spec.preferred(inputs.device):
-        reasons = _general_reasons(name) + _device_reasons(name, inputs.device) + \
+        reasons = _general_reasons(name) + device_reasons(name, inputs.device) + \
             _op_reasons(spec, name, inputs)
         if not reasons:
             return name

@@ -13,7 +13,7 @@ import torch
 
 from .. import reference
 from . import _attention_cpu
-from ._checks import FLOAT_DTYPES, as_bool_attention_mask, check_offsets, check_same_device, check_tensor
+from .checks import FLOAT_DTYPES, as_bool_attention_mask, check_offsets, check_same_device, check_tensor
 from ..kernels import MAX_GRID_YZ  # the package's constants only: no Triton import here
 from ._dispatch import (Inputs, Support, cached_selection, declare, direct_call_ok,
                         select_backend)

@@ -7,7 +7,7 @@ import torch
 
 from .. import _ext
 from .. import reference
-from ._checks import FLOAT_DTYPES, check_same_device, check_tensor
+from .checks import FLOAT_DTYPES, check_same_device, check_tensor
 from ._dispatch import (Inputs, Support, cached_selection, declare, direct_call_ok,
                         requested_backend, select_backend)
 

@@ -19,7 +19,7 @@ from typing import Optional
 import torch
 
 from .. import reference
-from ._checks import FLOAT_DTYPES, check_same_device, check_tensor
+from .checks import FLOAT_DTYPES, check_same_device, check_tensor
 from ._dispatch import Inputs, Support, declare, direct_call_ok, requested_backend, select_backend
 
 __all__ = ["mc_sample", "mc_sample_fused", "mc_candidate_loss", "sample_backend", "loss_backend", "REDUCTIONS"]

@@ -7,7 +7,7 @@ import torch
 
 from .. import reference
 from ..kernels import MAX_GRID_YZ  # the package's constants only: no Triton import here
-from ._checks import FLOAT_DTYPES, check_same_device, check_tensor
+from .checks import FLOAT_DTYPES, check_same_device, check_tensor
 from ._dispatch import (Inputs, Support, cached_selection, declare, direct_call_ok,
                         select_backend)
 

@@ -7,7 +7,7 @@ import torch
 
 from .. import _ext
 from ..reference import token_exit as reference
-from ._checks import FLOAT_DTYPES, as_bool_attention_mask, check_offsets, check_same_device, check_tensor
+from .checks import FLOAT_DTYPES, as_bool_attention_mask, check_offsets, check_same_device, check_tensor
 from ._dispatch import Inputs, Support, cached_selection, declare, direct_call_ok, requested_backend
 
 __all__ = ["token_exit_decision", "token_exit_backend", "TOKEN_RULES"]

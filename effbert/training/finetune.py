@@ -136,14 +136,15 @@ def setup(s):
     """The training device (made current on CUDA, as Trainer trains there) and the seed; the
     libraries' own progress bars off unless ``s.progress``. A missing library is a one-line
     ``UsageError`` that says how to install it."""
-    from ..integrations.hf import _transformers
 
     default = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(s.device or default)
     if device.type == "cuda" and device.index is not None and "LOCAL_RANK" not in os.environ:
         torch.cuda.set_device(device)
     try:
-        transformers = _transformers()
+        from ..integrations.hf import require_transformers
+
+        transformers = require_transformers()
         import datasets
     # regular dependencies, but an install can lack them: the message says how
     except ImportError as exc:
