@@ -52,9 +52,9 @@ the mixin works with a plain ``Trainer`` and with ``effbert.training.MultiExitTr
                                                  adversarial=AdversarialConfig("fgm", epsilon=1.0))
 
 The loss a step returns (what Trainer logs) is the clean loss where one is computed (FGM, PGD,
-FreeLB with ``keep_clean``), else FreeLB's mean adversarial loss (what the published code logs). One
-process is what is tested; under data parallelism every backward pass synchronises gradients as
-Trainer's own does.
+FreeLB with ``keep_clean``), else FreeLB's mean adversarial loss (what the published code logs).
+Tested on one process; data-parallel runs (where each extra backward pass would also reduce the
+gradients) are not tested yet.
 """
 
 from dataclasses import dataclass
