@@ -575,9 +575,9 @@ def growth_lines(grower, log):
 
         def on_step_end(self, args, state, control, **kwargs):
             for e in grower.events[self.seen:]:
-                log(f"  growth after step {e['step']}: {e['growth']} ({e['params_before'] / 1e6:.3f}M"
-                    f" -> {e['params_after'] / 1e6:.3f}M parameters, optimizer state "
-                    f"{e['optimizer_state']})")
+                log(f"  growth after step {e['step']}: {e['growth']} "
+                    f"({e['params_before'] / 1e6:.3f}M -> {e['params_after'] / 1e6:.3f}M "
+                    f"parameters, optimizer state {e['optimizer_state']})")
             self.seen = len(grower.events)
 
     return Lines()
@@ -623,7 +623,8 @@ def early_bird_search(args, model, data, tokenizer, s, show_bar, env, log, out):
                         threshold=s["early_bird_threshold"], patience=s["early_bird_patience"],
                         head_ratio=s["early_bird_head_ratio"], ffn_ratio=s["early_bird_ffn_ratio"])
     except NonFiniteError as exc:
-        raise UsageError(f"{exc} in the EarlyBERT search: stopping (lower --learning-rate)") from None
+        raise UsageError(f"{exc} in the EarlyBERT search: stopping (lower --learning-rate)") \
+            from None
     except ValueError as exc:  # e.g. a ticket that leaves a layer no head
         raise UsageError(f"--early-bird: {one_line(exc, 300)}") from None
     log(search_line(result))
