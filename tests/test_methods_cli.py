@@ -142,6 +142,20 @@ def test_pretrain_early_bird_saves_a_pruned_model_and_a_resume_does_not_search(t
     assert "EarlyBERT search" not in text and "resuming from step 2" in text
     assert load_pretrained(out)[0].config.early_bird_ticket == searched["ticket"]
     assert [r["step"] for r in _log(out)] == [1, 2, 3, 4]
+    # finetune --init takes the pruned model as it is, and refuses to search a second ticket in it
+    tsv = tmp_path / "train.tsv"
+    tsv.write_text("".join(f"{'ab'[i % 2]}\tthe licence {'is' if i % 2 else 'was'} here\n"
+                           for i in range(16)))
+    ft = ["--init", str(out), "--train", str(tsv), "--max-steps", "2", "--backend", "eager",
+          "--device", "cpu", "--quiet", "--save-steps", "0"]
+    assert finetune.main([*ft, "--out", str(tmp_path / "ft")]) == 0
+    tuned = load_finetuned(tmp_path / "ft", backend="eager")[0]
+    assert tuned.config.early_bird_ticket == searched["ticket"]
+    capsys.readouterr()
+    assert finetune.main([*ft, "--out", str(tmp_path / "ft2"), "--early-bird"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1
+    assert "--early-bird: the model of --init is pruned already" in err
 
 
 def test_finetune_early_bird_saves_a_model_load_finetuned_loads(hf_dir, data,  # noqa: F811

@@ -524,6 +524,9 @@ def train(s, model, tokenizer, train_ds, device, log):
     # --early-bird: a resume finds the pruned shapes in its checkpoint's config; else the search
     # (once, before DeeBERT's first stage) prunes the model the stages train
     if not prune_for_resume(s, model, root) and s.early_bird:
+        fail_if(getattr(model.config, "early_bird_ticket", None), f"--early-bird: the model of "
+                f"{'--init' if s.init else '--hf'} is pruned already (an EarlyBERT ticket); "
+                "fine-tune it without --early-bird")
         if s.loss == "deebert":
             model.set_deebert_stage(1)
         early_bird_search(s, model, tokenizer, train_ds, root, device, log)

@@ -765,6 +765,7 @@ def announce(log, model, data, tokenizer, s, tr, settings, world, device, backen
         + (f", packed {len(data.rows)} rows (fill {100 * fill[0]:.1f}%, {100 * fill[1]:.1f}% "
            "unpacked)" if fill else "")
         + (f", precision {precision}" if precision != "fp32" else "")
+        + (f", growing by --grow {s['grow']}" if s["grow"] else "")
         + (f", objective MC-BERT (K = {model.num_candidates}, lambda = {model.loss_lambda:g}, "
            f"controller hidden {model.controller_config.hidden_size})"
            if s["objective"] == "mcbert" else ""))
