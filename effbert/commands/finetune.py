@@ -122,6 +122,19 @@ class FinetuneSettings:
         help="Trainer's report_to: tensorboard, wandb, ... (default: none)")
     quiet: bool = option(False,
         help="no progress bar (there is none when stderr is not a terminal)")
+    early_bird: bool = option(False,
+        help="EarlyBERT (docs/early_bird.md): search a ticket of heads and FFN neurons, then "
+             "fine-tune the pruned model from the pre-search weights")
+    early_bird_search_steps: int = option(0, metavar="N",
+        help="steps of the search at most (0: one epoch)")
+    early_bird_l1: float = option(1e-4, metavar="X", help="L1 on the head and FFN coefficients")
+    early_bird_head_ratio: float = option(0.333333, metavar="X",
+        help="share of each layer's heads pruned")
+    early_bird_ffn_ratio: float = option(0.4, metavar="X", help="share of all FFN neurons pruned")
+    early_bird_draw_every: int = option(10, metavar="N", help="draw a ticket every N search steps")
+    early_bird_threshold: float = option(0.1, metavar="X",
+        help="stop when successive tickets differ by less than this (normalised Hamming)")
+    early_bird_patience: int = option(5, metavar="N", help="... that many draws in a row")
     criterion: str = option("entropy", choices=CRITERIA,
         help="the early-exit report's exit rule")
     per_device_eval_batch_size: int = option(128, metavar="N",
@@ -162,6 +175,22 @@ def _check_numbers(s):
     fail_if(not (s.regression_delta > 0 and math.isfinite(s.regression_delta)),
             f"--regression-delta must be > 0, got {s.regression_delta}")
     fail_if(s.max_seq_length < 3, f"--max-seq-length must be >= 3, got {s.max_seq_length}")
+    _check_early_bird(s)
+
+
+def _check_early_bird(s):
+    """The ``--early-bird-*`` numbers in their ranges."""
+    for flag, v, low in (("--early-bird-search-steps", s.early_bird_search_steps, 0),
+                         ("--early-bird-draw-every", s.early_bird_draw_every, 1),
+                         ("--early-bird-patience", s.early_bird_patience, 1)):
+        fail_if(v < low, f"{flag} must be >= {low}, got {v}")
+    fail_if(not (s.early_bird_l1 >= 0 and math.isfinite(s.early_bird_l1)),
+            f"--early-bird-l1 must be >= 0, got {s.early_bird_l1}")
+    for flag, v in (("--early-bird-head-ratio", s.early_bird_head_ratio),
+                    ("--early-bird-ffn-ratio", s.early_bird_ffn_ratio)):
+        fail_if(not 0 <= v < 1, f"{flag} must be in [0, 1), got {v}")
+    fail_if(not 0 <= s.early_bird_threshold <= 1,
+            f"--early-bird-threshold must be in [0, 1], got {s.early_bird_threshold}")
 
 
 def _resolve_batch_and_warmup(s):

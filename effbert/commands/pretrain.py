@@ -79,6 +79,25 @@ class PretrainSettings:
     tnf_window: int = option(None, help="tokens each side of a rare word in its note (default 16)")
     tnf_gamma: float = option(None, help="note update rate (default 0.1)")
     tnf_lam: float = option(None, help="weight of the note in the input embedding (default 0.5)")
+    # CompoundGrow (docs/growth.md) and EarlyBERT (docs/early_bird.md)
+    grow: str = option(None, metavar="SPEC", help="CompoundGrow: grow the model during the run, "
+                       "e.g. 'layers=2->4@300,ffn=512->1024@300'; it ends at the model's sizes")
+    grow_optimizer_state: str = option(None, choices=("fresh", "grow"), help="with --grow, Adam's "
+                                       "state at a growth: fresh (default, the published code's) "
+                                       "or grown with the weights")
+    early_bird: bool = option(None, help="EarlyBERT: search a ticket of heads and FFN neurons, "
+                              "then train the pruned model from the pre-search weights")
+    early_bird_search_steps: int = option(None, help="steps of the search at most (default 0: "
+                                          "one epoch)")
+    early_bird_l1: float = option(None, help="L1 on the head and FFN coefficients (default 1e-4)")
+    early_bird_head_ratio: float = option(None, help="share of each layer's heads pruned "
+                                          "(default 0.333333)")
+    early_bird_ffn_ratio: float = option(None, help="share of all FFN neurons pruned (default 0.4)")
+    early_bird_draw_every: int = option(None, help="draw a ticket every N search steps "
+                                        "(default 10)")
+    early_bird_threshold: float = option(None, help="stop when successive tickets differ by less "
+                                         "than this (normalised Hamming; default 0.1)")
+    early_bird_patience: int = option(None, help="... that many draws in a row (default 5)")
     # training (transformers.TrainingArguments' names)
     max_steps: int = option(1000, help="optimizer steps in all")
     batch_size: int = option(None, help="rows an optimizer step, all ranks and accumulation steps "
@@ -137,10 +156,13 @@ RANGES = {
     **dict.fromkeys(("max_steps", "batch_size", "per_device_train_batch_size", "layers", "hidden",
                      "gradient_accumulation_steps", "logging_steps", "num_proc", "eval_steps",
                      "per_device_eval_batch_size", "heads", "intermediate", "tnf_min_count",
-                     "tnf_max_count", "save_total_limit"), (1, None)),
-    **dict.fromkeys(("warmup_steps", "save_steps", "tnf_window", "weight_decay"), (0, None)),
+                     "tnf_max_count", "save_total_limit", "early_bird_draw_every",
+                     "early_bird_patience"), (1, None)),
+    **dict.fromkeys(("warmup_steps", "save_steps", "tnf_window", "weight_decay",
+                     "early_bird_search_steps", "early_bird_l1"), (0, None)),
     **dict.fromkeys(("warmup_ratio", "tnf_gamma", "tnf_lam", "mask_replace_prob",
-                     "random_replace_prob"), (0, 1)),
+                     "random_replace_prob", "early_bird_threshold"), (0, 1)),
+    **dict.fromkeys(("early_bird_head_ratio", "early_bird_ffn_ratio"), (0, 1, "excluded")),
     "dropout": (0, 1, "excluded"), "vocab_size": (6, None), "max_seq_length": (3, None),
 }
 EXCLUSIVE = (("batch_size", "per_device_train_batch_size", "--batch-size (global)"),
@@ -190,6 +212,7 @@ def check(s):
         fail_if(given, "give --config or the model size flags, not both (got --config and "
                 f"{', '.join(given)})")
     fail_if(s.reshape_schedule and not s.resume, "--reshape-schedule goes with --resume")
+    _check_methods(s)
     _check_report_to(s.report_to)
     check_out_dir(s.out)
     device = parse_device(s.device)
@@ -202,6 +225,23 @@ def check(s):
         from ..training.pretrain import WRITES
 
         s.run_folder = RunFolder(s.out, "effbert pretrain", WRITES).lock()
+
+
+def _check_methods(s):
+    """``--grow`` and ``--early-bird`` with the other flags (a resume checks them again once it
+    knows the run's own settings)."""
+    from ..training.pretrain import METHOD_DEFAULTS, MODEL_DEFAULTS, check_methods
+
+    if s.resume:
+        return
+    for key in METHOD_DEFAULTS:
+        if key.startswith("early_bird_") and getattr(s, key) is not None:
+            fail_if(not s.early_bird, f"{_dashed(key)} goes with --early-bird")
+    fail_if(s.grow_optimizer_state is not None and s.grow is None,
+            "--grow-optimizer-state goes with --grow")
+    given = {k: d if getattr(s, k, None) is None else getattr(s, k)
+             for k, d in MODEL_DEFAULTS.items()}
+    check_methods(given)
 
 
 def _check_report_to(names):

@@ -18,7 +18,8 @@ from transformers import TrainerCallback
 
 from ..models import early_bird as eb
 
-__all__ = ["EarlyBirdCallback", "ticket_model"]
+__all__ = ["EarlyBirdCallback", "ticket_model", "ticket_masks", "prune_like_checkpoint", "search",
+           "search_line"]
 
 
 def _unwrap(model):
@@ -122,3 +123,84 @@ def ticket_model(model, initial_state, ticket):
         model.load_state_dict(initial_state)
     eb.remove_coefficients(model)
     return eb.prune_model(model, *ticket)
+
+
+def ticket_masks(ticket, num_heads, intermediate_size):
+    """The bool masks ``(head_keep [L, H], ffn_keep [L, intermediate])`` of a recorded ticket
+    (``config.early_bird_ticket``: kept indices per layer) for a model of ``num_heads`` heads and
+    ``intermediate_size`` FFN neurons a layer. Raises ``ValueError`` for a malformed ticket."""
+    if not isinstance(ticket, dict) or set(ticket) != {"heads", "ffn"}:
+        raise ValueError("ticket must be a dict with keys 'heads' and 'ffn'")
+    layers = len(ticket["heads"])
+    if len(ticket["ffn"]) != layers:
+        raise ValueError("ticket['heads'] and ticket['ffn'] must list the same layers")
+    masks = []
+    for rows, width in ((ticket["heads"], num_heads), (ticket["ffn"], intermediate_size)):
+        mask = torch.zeros(layers, width, dtype=torch.bool)
+        for i, row in enumerate(rows):
+            if any(not 0 <= int(j) < width for j in row):
+                raise ValueError(f"ticket indices must be in [0, {width}), got {list(row)}")
+            mask[i, [int(j) for j in row]] = True
+        masks.append(mask)
+    return tuple(masks)
+
+
+def prune_like_checkpoint(model, checkpoint):
+    """Prune the freshly built, unpruned ``model`` (in place) to the ticket recorded in the
+    ``config.json`` of ``checkpoint`` (a Trainer checkpoint folder), so that the Trainer can load
+    the checkpoint's pruned weights into it. Returns the ticket, or None when the checkpoint's model
+    is unpruned (``model`` left as it is). Raises ``ValueError`` for an unreadable config or a
+    ticket that does not fit ``model``."""
+    import json
+    import os
+
+    path = os.path.join(os.fspath(checkpoint), "config.json")
+    try:
+        with open(path, encoding="utf-8") as f:
+            ticket = json.load(f).get("early_bird_ticket")
+    except (OSError, ValueError, AttributeError) as exc:
+        raise ValueError(f"cannot read the config of checkpoint {path!r}: {exc}") from None
+    if not ticket:
+        return None
+    cfg = _unwrap(model).config
+    eb.prune_model(model, *ticket_masks(ticket, cfg.num_attention_heads, cfg.intermediate_size))
+    return ticket
+
+
+def search(model, make_trainer, *, head_l1=eb.L1_COEF, ffn_l1=eb.L1_COEF, **callback_kwargs):
+    """EarlyBERT's search on ``model``, then the model pruned to its ticket from the pre-search
+    weights (in place; the command-line runs' step, ``effbert pretrain|finetune --early-bird``).
+
+    ``make_trainer(callback)`` builds the search's Trainer (the run's Trainer class, its own
+    arguments: no checkpoints, the search's steps) with ``callback`` (an ``EarlyBirdCallback`` made
+    from ``callback_kwargs``) among its callbacks; the coefficients are added
+    (``add_coefficients(model, head_l1=..., ffn_l1=...)``) before it is built. Returns a dict:
+    ``stopped_at`` (the early-bird step, None when the search ran to its end), ``search_steps``,
+    ``heads_kept`` / ``heads_total``, ``ffn_kept`` / ``ffn_total``, ``params_before`` /
+    ``params_after``, ``ticket`` (kept indices per layer) and ``distances`` (``[step, distance]``
+    pairs). Raises what ``EarlyBirdCallback``, ``add_coefficients`` and ``prune_model`` raise."""
+    bird = EarlyBirdCallback(**callback_kwargs)
+    model = _unwrap(model)
+    before = eb.count_parameters(model)
+    eb.add_coefficients(model, head_l1=head_l1, ffn_l1=ffn_l1)
+    trainer = make_trainer(bird)
+    trainer.train()
+    steps = trainer.state.global_step
+    ticket_model(model, bird.initial_state, bird.ticket)
+    heads, ffn = bird.ticket
+    return {"stopped_at": bird.stopped_at, "search_steps": steps,
+            "heads_kept": int(heads.sum()), "heads_total": heads.numel(),
+            "ffn_kept": int(ffn.sum()), "ffn_total": ffn.numel(),
+            "params_before": before, "params_after": eb.count_parameters(model),
+            "ticket": eb._encoder(model).config.early_bird_ticket,
+            "distances": [[step, d] for step, d in bird.distances]}
+
+
+def search_line(summary):
+    """The one line a run logs after its search (``search``'s dict)."""
+    r = summary
+    stop = (f"stopped at step {r['stopped_at']} (early-bird test)" if r["stopped_at"] is not None
+            else f"ran its {r['search_steps']} steps (no early-bird stop)")
+    return (f"EarlyBERT search {stop}: heads kept {r['heads_kept']}/{r['heads_total']}, FFN kept "
+            f"{r['ffn_kept']}/{r['ffn_total']}, parameters {r['params_before'] / 1e6:.3f}M -> "
+            f"{r['params_after'] / 1e6:.3f}M")

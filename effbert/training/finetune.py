@@ -26,10 +26,11 @@ from ..models.loading import (CONFIG_FILE, SETTINGS_FILE, TOKENIZER_CONFIG_FILE,
                               VOCAB_FILE, WEIGHT_FILES)
 
 REPORT_FILE, PLOT_FILE = "report.json", "report.png"
+EARLY_BIRD_FILE = "early_bird.json"  # --early-bird: the search's stop, the ticket, the distances
 CHECKPOINTS = "checkpoints"  # Trainer's checkpoint-N folders (--save-steps), under --out
 # the files a finetune run writes: another run's (or anything's) are never overwritten
 OUT_FILES = (CONFIG_FILE, SETTINGS_FILE, REPORT_FILE, PLOT_FILE, TOKENIZER_FILE,
-             TOKENIZER_CONFIG_FILE, CHECKPOINTS, VOCAB_FILE) + WEIGHT_FILES
+             TOKENIZER_CONFIG_FILE, CHECKPOINTS, VOCAB_FILE, EARLY_BIRD_FILE) + WEIGHT_FILES
 WRITES = OUT_FILES + ("special_tokens_map.json",)
 
 
@@ -236,7 +237,8 @@ def to_dataset_of(tokenizer, data, max_len):
 RECORDED = ("loss", "gamma", "temperature", "grad_reg", "project", "ge", "shared_pooler",
             "regression", "per_device_train_batch_size", "gradient_accumulation_steps",
             "learning_rate", "seed", "init", "hf", "train", "recipe", "adam_beta1", "adam_beta2",
-            "adam_epsilon", "max_grad_norm", "weight_decay", "warmup_steps", "warmup_ratio")
+            "adam_epsilon", "max_grad_norm", "weight_decay", "warmup_steps", "warmup_ratio",
+            "early_bird")
 
 
 def settings_record(s, cased, max_len):
@@ -257,6 +259,8 @@ def start_folder(s, record, data, model, device, log):
     # the earlier run's checkpoints (--out holds a finetune run: checked)
     if s.overwrite and not s.resume:
         shutil.rmtree(os.path.join(s.out, CHECKPOINTS), ignore_errors=True)
+        if os.path.isfile(os.path.join(s.out, EARLY_BIRD_FILE)):
+            os.remove(os.path.join(s.out, EARLY_BIRD_FILE))
     os.makedirs(s.out, exist_ok=True)
     text = json.dumps(record, indent=2, sort_keys=True) + "\n"
     atomic_write(text, os.path.join(s.out, SETTINGS_FILE))
@@ -451,12 +455,82 @@ def _finished_stage_losses(folder):
         return [h["loss"] for h in json.load(f)["log_history"] if "loss" in h]
 
 
+def prune_for_resume(s, model, root):
+    """With --resume, ``model`` pruned to the ticket of the newest checkpoint's config (any
+    stage's), so the Trainer loads the pruned weights into it; True when it was."""
+    from .early_bird import prune_like_checkpoint
+
+    if not s.resume:
+        return False
+    found = [newest_complete(d) for d in (os.path.join(root, "stage-2"),
+                                          os.path.join(root, "stage-1"), root)]
+    ckpt = next((c for c in found if c is not None), None)
+    if ckpt is None:
+        return False
+    try:
+        pruned = prune_like_checkpoint(model, ckpt) is not None
+    except ValueError as exc:
+        raise UsageError(f"--resume: {one_line(exc, 300)}") from None
+    fail_if(s.early_bird and not pruned, f"--resume --early-bird: {ckpt!r} holds an unpruned "
+            "model (the run did not use --early-bird)")
+    return pruned
+
+
+def early_bird_search(s, model, tokenizer, train_ds, root, device, log):
+    """EarlyBERT's search (``effbert.training.early_bird.search``) with the run's
+    ``MultiExitTrainer`` and loss: no checkpoints, ``--early-bird-search-steps`` steps (0: one
+    epoch); then ``model`` is pruned to the ticket from its pre-search weights. Logs one line and
+    writes ``early_bird.json``."""
+    import copy
+
+    from .early_bird import search, search_line
+
+    plan = copy.copy(s)  # the run's settings, for the search's Trainer
+    plan.max_steps = s.early_bird_search_steps or None
+    plan.num_train_epochs, plan.save_steps, plan.report_to, plan.resume = 1.0, 0, None, False
+    lines = loss_lines(plan, lambda msg: None)
+    log("EarlyBERT search: " + (f"at most {plan.max_steps} steps" if plan.max_steps
+                                else "at most one epoch")
+        + f", L1 {s.early_bird_l1:g} on the head and FFN coefficients, a ticket drawn every "
+        f"{s.early_bird_draw_every} steps")
+
+    def make(bird):
+        trainer, _ = make_trainer(plan, model, tokenizer, train_ds, root, device, 1, None, lines)
+        trainer.add_callback(bird)
+        return trainer
+
+    try:
+        result = search(model, make, head_l1=s.early_bird_l1, ffn_l1=s.early_bird_l1,
+                        draw_every=s.early_bird_draw_every, threshold=s.early_bird_threshold,
+                        patience=s.early_bird_patience, head_ratio=s.early_bird_head_ratio,
+                        ffn_ratio=s.early_bird_ffn_ratio)
+    except ValueError as exc:  # e.g. a ticket that leaves a layer no head
+        raise UsageError(f"--early-bird: {one_line(exc, 300)}") from None
+    if lines.bad is not None:
+        bad, step = lines.bad
+        raise UsageError(f"the loss is {bad} at step {step} of the EarlyBERT search: lower "
+                         "--learning-rate")
+    log(search_line(result))
+    if is_main_process():
+        atomic_write(json.dumps(result, indent=2) + "\n", os.path.join(s.out, EARLY_BIRD_FILE))
+    return result
+
+
 def train(s, model, tokenizer, train_ds, device, log):
     """Fine-tunes ``model`` in place; DeeBERT's loss runs its two stages, --max-steps (or epochs)
     each, into ``checkpoints/stage-N``. Returns ``(model in eval mode, every optimizer step's
     loss)``."""
     root = os.path.join(s.out, CHECKPOINTS)
     losses = []
+    # --early-bird: a resume finds the pruned shapes in its checkpoint's config; else the search
+    # (once, before DeeBERT's first stage) prunes the model the stages train
+    if not prune_for_resume(s, model, root) and s.early_bird:
+        fail_if(getattr(model.config, "early_bird_ticket", None), f"--early-bird: the model of "
+                f"{'--init' if s.init else '--hf'} is pruned already (an EarlyBERT ticket); "
+                "fine-tune it without --early-bird")
+        if s.loss == "deebert":
+            model.set_deebert_stage(1)
+        early_bird_search(s, model, tokenizer, train_ds, root, device, log)
     for stage in ([1, 2] if s.loss == "deebert" else [1]):
         folder = root if s.loss != "deebert" else os.path.join(root, f"stage-{stage}")
         if s.loss == "deebert":
@@ -528,6 +602,10 @@ def report_on_eval(s, model, tokenizer, data, max_len, losses, device, log):
     k = max(1, len(losses) // 10)
     report.update(labels=data.labels, train_steps=len(losses), train_loss_first=sum(losses[:k]) / k,
                   train_loss_last=sum(losses[-k:]) / k, losses=losses)
+    searched = os.path.join(s.out, EARLY_BIRD_FILE)
+    if os.path.isfile(searched):  # --early-bird: the search and its ticket
+        with open(searched, encoding="utf-8") as f:
+            report["early_bird"] = json.load(f)
     atomic_write(json.dumps(report, indent=2) + "\n", os.path.join(s.out, REPORT_FILE))
     path = os.path.abspath(os.path.join(s.out, PLOT_FILE))
     log(f"\nreport: {os.path.abspath(os.path.join(s.out, REPORT_FILE))}")

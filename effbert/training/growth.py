@@ -240,12 +240,13 @@ class GrowthCallback(TrainerCallback):
     ``schedule``: a ``GrowthSchedule`` (or a SPEC string); ``optimizer_state``: ``"fresh"``
     (default; the published code's new optimizer per stage) or ``"grow"``. ``events`` lists the
     growths done in this process, each ``{"step", "growth", "params_before", "params_after"}``;
-    ``growth_steps`` the schedule's steps. Each event is appended to ``OUTPUT_DIR/growth.jsonl`` on
-    the main process. The model must be a ``TupeBertForMaskedLM`` built with the schedule's first
+    ``growth_steps`` the schedule's steps. Each event is appended to ``LOG_DIR/growth.jsonl`` on
+    the main process (``log_dir``: default the Trainer's ``output_dir``; ``effbert pretrain`` gives
+    its run folder). The model must be a ``TupeBertForMaskedLM`` built with the schedule's first
     sizes (and, when resuming, grown by ``prepare_for_resume``): ``on_train_begin`` checks it and
     raises ``ValueError`` otherwise."""
 
-    def __init__(self, schedule, optimizer_state="fresh"):
+    def __init__(self, schedule, optimizer_state="fresh", log_dir=None):
         if isinstance(schedule, str):
             schedule = GrowthSchedule.parse(schedule)
         if not isinstance(schedule, GrowthSchedule):
@@ -253,7 +254,10 @@ class GrowthCallback(TrainerCallback):
                             f"got {type(schedule).__name__}")
         if optimizer_state not in ("fresh", "grow"):
             raise ValueError(f"optimizer_state must be 'fresh' or 'grow', got {optimizer_state!r}")
+        if log_dir is not None and not isinstance(log_dir, (str, os.PathLike)):
+            raise TypeError(f"log_dir must be a folder path or None, got {type(log_dir).__name__}")
         self.schedule, self.optimizer_state = schedule, optimizer_state
+        self.log_dir = log_dir
         self.events = []
 
     @property
@@ -290,9 +294,10 @@ class GrowthCallback(TrainerCallback):
         self.events.append(event)
         logger.info("growth at step %d: %s (%d -> %d parameters)", state.global_step, text, before,
                     event["params_after"])
-        if state.is_world_process_zero and args.output_dir:
-            os.makedirs(args.output_dir, exist_ok=True)
-            with open(os.path.join(args.output_dir, GROWTH_LOG), "a") as f:
+        where = self.log_dir if self.log_dir is not None else args.output_dir
+        if state.is_world_process_zero and where:
+            os.makedirs(where, exist_ok=True)
+            with open(os.path.join(where, GROWTH_LOG), "a") as f:
                 f.write(json.dumps(event) + "\n")
         return control
 

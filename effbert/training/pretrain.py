@@ -6,7 +6,9 @@ final model, the report), and each step is a function a test can call.
 run folder (``--out``) holds the run file ``pretrain.json`` (the settings a resume must keep, the
 config, the learning-rate schedule, the data's fingerprints), the tokenizer, ``rare_words.txt``
 (TNF), ``log.jsonl``, ``report.json``, ``loss.png``, the final ``save_pretrained`` model and
-Trainer's ``checkpoints/checkpoint-N``.
+Trainer's ``checkpoints/checkpoint-N``; with ``--grow``, ``growth.jsonl`` (CompoundGrow's growths,
+``effbert.training.growth``); with ``--early-bird``, ``early_bird.json`` (EarlyBERT's search and
+ticket, ``effbert.training.early_bird``).
 """
 
 import json
@@ -26,15 +28,16 @@ from .run_folder import (RunFolder, UsageError, default_backend, fail_if, one_li
 __all__ = ["run", "WRITES", "MODEL_DEFAULTS", "TRAINING_DEFAULTS"]
 
 LOG_FILE, REPORT_FILE, PLOT_FILE = "log.jsonl", "report.json", "loss.png"
+GROWTH_FILE, EARLY_BIRD_FILE = "growth.jsonl", "early_bird.json"  # --grow's and --early-bird's
 # What a finished or running pretraining folder holds besides the run file: never overwritten by a
 # fresh run
 OWN_FILES = ("config.json", "model.safetensors", "tokenizer.json", "vocab.txt", RARE_FILE, LOG_FILE,
-             REPORT_FILE, "finetune.json")
+             REPORT_FILE, "finetune.json", GROWTH_FILE, EARLY_BIRD_FILE)
 # What a run writes at the top of --out (the tokenizer's files are save_pretrained's); anything else
 # is not ours (checkpoint-*: the checkpoints of runs of earlier versions)
 WRITES = (RUN_FILE, RARE_FILE, LOG_FILE, REPORT_FILE, PLOT_FILE, "config.json", "model.safetensors",
           "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt",
-          CHECKPOINT_DIR, "checkpoint-*")
+          CHECKPOINT_DIR, "checkpoint-*", GROWTH_FILE, EARLY_BIRD_FILE)
 # Settings that define the model, its vocabulary, its notes and the data: a resumed run inherits
 # them and must not change them. Nor the training settings Trainer restores from a checkpoint.
 MODEL_DEFAULTS = {"layers": 12, "hidden": 768, "heads": 12, "intermediate": None,
@@ -42,6 +45,14 @@ MODEL_DEFAULTS = {"layers": 12, "hidden": 768, "heads": 12, "intermediate": None
                   "tnf_min_count": 100, "tnf_max_count": 500, "tnf_window": 16, "tnf_gamma": 0.1,
                   "tnf_lam": 0.5, "cased": False, "seed": 0, "objective": "mlm", "pack": True,
                   "mask_replace_prob": None, "random_replace_prob": None}
+# CompoundGrow (--grow) and EarlyBERT (--early-bird): kept by a resume like the model's settings;
+# a run file of an older version lacks them (it ran neither)
+METHOD_DEFAULTS = {"grow": None, "grow_optimizer_state": "fresh", "early_bird": False,
+                   "early_bird_search_steps": 0, "early_bird_l1": 1e-4,
+                   "early_bird_head_ratio": 0.333333, "early_bird_ffn_ratio": 0.4,
+                   "early_bird_draw_every": 10, "early_bird_threshold": 0.1,
+                   "early_bird_patience": 5}
+MODEL_DEFAULTS.update(METHOD_DEFAULTS)
 # Trainer's own defaults for the optimizer (what runs before these flags existed used)
 TRAINING_DEFAULTS = {"batch_size": 32, "gradient_accumulation_steps": 1, "learning_rate": 1e-4,
                      "warmup_steps": None, "warmup_ratio": None, "weight_decay": 0.01,
@@ -120,7 +131,7 @@ def read_run_file(path):
     if ok:
         for part in ("settings", "training"):
             run[part] = {OLD_KEYS.get(k, k): v for k, v in run[part].items()}
-        run["settings"] = {**OPTIONAL_SETTINGS, **run["settings"]}
+        run["settings"] = {**OPTIONAL_SETTINGS, **METHOD_DEFAULTS, **run["settings"]}
     fail_if(not ok or any(k not in run["settings"] for k in MODEL_DEFAULTS), f"--resume: {path!r} "
             "is not the run file of effbert pretrain (settings, training or config missing)")
     return run
@@ -243,7 +254,30 @@ def resolve(settings, saved, world):
             "must be <= 1")
     fail_if(s["tnf_min_count"] > s["tnf_max_count"], f"--tnf-min-count ({s['tnf_min_count']}) "
             f"must be <= --tnf-max-count ({s['tnf_max_count']})")
+    check_methods(s)
     return s, tr
+
+
+def check_methods(s):
+    """``--grow`` and ``--early-bird`` against the run's other settings (``s``: a dict of
+    ``MODEL_DEFAULTS``' keys); returns the parsed ``GrowthSchedule`` (None without ``--grow``).
+    Each refusal is a one-line ``UsageError``."""
+    from .growth import GrowthSchedule
+
+    if s["grow"] is None:
+        return None
+    fail_if(s["early_bird"], "--early-bird and --grow exclude each other: give one")
+    fail_if(s["objective"] == "mcbert", "--grow grows the masked-LM model: not with --objective "
+            "mcbert")
+    try:
+        schedule = GrowthSchedule.parse(s["grow"])
+    except (TypeError, ValueError) as exc:
+        raise UsageError(f"--grow: {exc}") from None
+    if "pool" in schedule.sizes_at(0):
+        fail_if(s["pack"], "--grow pool=...: the pooled stage runs one text a row, so it cannot "
+                "pack (add --no-pack)")
+        fail_if(s["tnf"], "--grow pool=...: the pooled stage takes no TNF notes (add --no-tnf)")
+    return schedule
 
 
 def per_device_batch(tr, world):
@@ -499,6 +533,106 @@ def build_model(config, s, table, tokenizer, backend, device):
     return model
 
 
+def initial_config(growth, config):
+    """The config the model is built with: ``config``, or with ``--grow`` the schedule's first
+    sizes (``GrowthSchedule.initial_config``; a SPEC that does not end at ``config``'s sizes is a
+    ``UsageError``)."""
+    if growth is None:
+        return config
+    try:
+        return growth.initial_config(config)
+    except ValueError as exc:
+        raise UsageError(f"--grow: {exc} (end the SPEC at the model's sizes)") from None
+
+
+def config_of(model):
+    """The encoder's config (the one ``prune_model`` records the ticket in)."""
+    return getattr(model, "bert", model).config
+
+
+def fit_to_checkpoint(model, growth, ckpt):
+    """Before the Trainer loads ``ckpt`` into the freshly built ``model``: grown to the checkpoint's
+    step (``prepare_for_resume``, with ``--grow``) or pruned to the ticket its config records
+    (``--early-bird``: the search is not run again)."""
+    from .early_bird import prune_like_checkpoint
+    from .growth import prepare_for_resume
+
+    try:
+        if growth is not None:
+            prepare_for_resume(model, growth, ckpt)
+        prune_like_checkpoint(model, ckpt)
+    except (ValueError, FileNotFoundError) as exc:
+        raise UsageError(f"--resume: {one_line(exc, 300)}") from None
+
+
+def growth_lines(grower, log):
+    """A ``TrainerCallback`` that logs one line at each growth ``grower`` (a ``GrowthCallback``
+    added before it) makes."""
+    from transformers import TrainerCallback
+
+    class Lines(TrainerCallback):
+        seen = 0
+
+        def on_step_end(self, args, state, control, **kwargs):
+            for e in grower.events[self.seen:]:
+                log(f"  growth after step {e['step']}: {e['growth']} "
+                    f"({e['params_before'] / 1e6:.3f}M -> {e['params_after'] / 1e6:.3f}M "
+                    f"parameters, optimizer state {e['optimizer_state']})")
+            self.seen = len(grower.events)
+
+    return Lines()
+
+
+def early_bird_search(args, model, data, tokenizer, s, show_bar, env, log, out):
+    """EarlyBERT's search (``effbert.training.early_bird.search``) with the run's Trainer class on
+    the run's data: no checkpoints, no evaluation, ``--early-bird-search-steps`` steps (0: one
+    epoch) under the run's learning rate and warm-up share; then ``model`` is pruned to the ticket
+    from its pre-search weights. The line it logs; its result in ``early_bird.json``."""
+    import dataclasses
+
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    from ..data.collator import DataCollatorForTupeMLM
+    from .early_bird import search, search_line
+    from .trainers import NonFiniteError
+
+    steps = s["early_bird_search_steps"]
+    share = args.warmup_steps / max(args.max_steps, 1) if args.warmup_steps >= 1 else 0.0
+    search_args = dataclasses.replace(
+        args, max_steps=steps or -1, num_train_epochs=1, save_strategy="no", eval_strategy="no",
+        logging_strategy="no", report_to=[], warmup_steps=min(share, 0.999))
+
+    def make(bird):
+        collator = DataCollatorForTupeMLM(tokenizer, rare_words=data.table, seed=s["seed"],
+                                          mask_replace_prob=s["mask_replace_prob"],
+                                          random_replace_prob=s["random_replace_prob"])
+        trainer = trainer_class(None, s["objective"] != "mcbert")(
+            model=model, args=search_args, train_dataset=data.rows, data_collator=collator,
+            processing_class=tokenizer, callbacks=[bird])
+        trainer.remove_callback(PrinterCallback)
+        if not show_bar:
+            trainer.remove_callback(ProgressCallback)
+        return trainer
+
+    log("EarlyBERT search: " + (f"at most {steps} steps" if steps else "at most one epoch")
+        + f", L1 {s['early_bird_l1']:g} on the head and FFN coefficients, a ticket drawn every "
+        f"{s['early_bird_draw_every']} steps")
+    try:
+        result = search(model, make, head_l1=s["early_bird_l1"], ffn_l1=s["early_bird_l1"],
+                        draw_every=s["early_bird_draw_every"],
+                        threshold=s["early_bird_threshold"], patience=s["early_bird_patience"],
+                        head_ratio=s["early_bird_head_ratio"], ffn_ratio=s["early_bird_ffn_ratio"])
+    except NonFiniteError as exc:
+        raise UsageError(f"{exc} in the EarlyBERT search: stopping (lower --learning-rate)") \
+            from None
+    except ValueError as exc:  # e.g. a ticket that leaves a layer no head
+        raise UsageError(f"--early-bird: {one_line(exc, 300)}") from None
+    log(search_line(result))
+    if env.main:
+        atomic_write(json.dumps(result, indent=2) + "\n", os.path.join(out, EARLY_BIRD_FILE))
+    return result
+
+
 def write_run_files(settings, run, saved, tokenizer, table, start):
     """A fresh run's files (tokenizer, rare words, run file); a reshaped resume's schedule; the log
     cut at ``start``."""
@@ -514,6 +648,7 @@ def write_run_files(settings, run, saved, tokenizer, table, start):
                          os.path.join(out, RARE_FILE))
         atomic_write(json.dumps(run, indent=2, sort_keys=True) + "\n", os.path.join(out, RUN_FILE))
     truncate_log(os.path.join(out, LOG_FILE), start)
+    truncate_log(os.path.join(out, GROWTH_FILE), start)  # growths after the checkpoint happen again
 
 
 # ------------------------------------------------------------------------------------- the trainer
@@ -630,6 +765,7 @@ def announce(log, model, data, tokenizer, s, tr, settings, world, device, backen
         + (f", packed {len(data.rows)} rows (fill {100 * fill[0]:.1f}%, {100 * fill[1]:.1f}% "
            "unpacked)" if fill else "")
         + (f", precision {precision}" if precision != "fp32" else "")
+        + (f", growing by --grow {s['grow']}" if s["grow"] else "")
         + (f", objective MC-BERT (K = {model.num_candidates}, lambda = {model.loss_lambda:g}, "
            f"controller hidden {model.controller_config.hidden_size})"
            if s["objective"] == "mcbert" else ""))
@@ -704,14 +840,35 @@ def report(out, result, start, steps, data):
     if evals:
         rep.update((k, v) for k, v in evals[-1].items() if k.startswith("eval_"))
         rep["eval_step"] = evals[-1]["step"]
+    rep.update(method_report(out))
     atomic_write(json.dumps(rep, indent=2) + "\n", os.path.join(out, REPORT_FILE))
-    plot_losses(losses, evals, os.path.join(out, PLOT_FILE))
+    plot_losses(losses, evals, os.path.join(out, PLOT_FILE), rep.get("growths"))
     return rep
 
 
-def plot_losses(losses, evals, path):
+def method_report(out):
+    """The report's entries of ``--grow`` (``growths``: each growth's step and parameter counts
+    before and after; ``parameters_before`` / ``parameters_after`` of the whole run) and of
+    ``--early-bird`` (``early_bird``: the search's stop, the ticket, the distances and the
+    parameter counts)."""
+    from .growth import read_growth_log
+
+    rep = {}
+    events = read_growth_log(out)
+    if events:
+        rep.update(growths=events, parameters_before=events[0]["params_before"],
+                   parameters_after=events[-1]["params_after"])
+    path = os.path.join(out, EARLY_BIRD_FILE)
+    if os.path.isfile(path):
+        with open(path, encoding="utf-8") as f:
+            rep["early_bird"] = json.load(f)
+    return rep
+
+
+def plot_losses(losses, evals, path, growths=None):
     """The training loss and the held-out loss against the step, in ``path`` (nothing without
-    matplotlib or with fewer than two points)."""
+    matplotlib or with fewer than two points); ``growths`` (``read_growth_log``'s records) marked
+    as dashed lines."""
     if len(losses) + len(evals) < 2:
         return
     try:
@@ -726,6 +883,10 @@ def plot_losses(losses, evals, path):
         ax.plot([r["step"] for r in evals], [r["eval_loss"] for r in evals], "o-",
                 label="held-out loss (--eval)")
         ax.legend()
+    if growths:
+        from .growth import mark_growth
+
+        mark_growth(ax, growths)
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
     ax.set_title("effbert pretrain")
@@ -782,11 +943,15 @@ def _run(settings, env, log):
     tokenizer = tokenizer_of_run(settings, s, saved, env, log)
     config = build_config(settings, s, tokenizer, saved["config"] if saved else None)
     s["pack"] = packs(settings, s)  # the run file records what the run did
+    # --grow: the model starts at the schedule's first sizes and ends at the config's
+    growth = check_methods(s)
+    first = initial_config(growth, config)
     # the data: training rows, TNF's rare words, the held-out texts
     data = load_data(settings, s, tokenizer, config.max_position_embeddings, saved, env, log)
     # the model, and the checkpoint it resumes from
-    model = build_model(config, s, data.table, tokenizer, backend, device)
+    model = build_model(first, s, data.table, tokenizer, backend, device)
     if ckpt is not None:
+        fit_to_checkpoint(model, growth, ckpt)  # grown or pruned as the checkpoint's model is
         check_checkpoint(ckpt, model)
         log(f"resuming from step {start} ({ckpt})")
     if saved is not None:
@@ -797,8 +962,18 @@ def _run(settings, env, log):
         write_run_files(settings, run_file(settings, s, tr, config, schedule, saved), saved,
                         tokenizer, data.table, start)
     env.barrier()
+    # --early-bird: EarlyBERT's search and the pruned model the run trains (a resume: pruned above)
+    if s["early_bird"] and not getattr(config_of(model), "early_bird_ticket", None):
+        early_bird_search(args, model, data, tokenizer, s, show_bar, env, log, settings.out)
     trainer, _ = build_trainer(args, model, data, tokenizer, s, schedule, start, show_bar,
                                settings.out)
+    if growth is not None:
+        from .growth import GrowthCallback
+
+        grower = GrowthCallback(growth, optimizer_state=s["grow_optimizer_state"],
+                                log_dir=settings.out if env.main else None)
+        trainer.add_callback(grower)
+        trainer.add_callback(growth_lines(grower, log))
     announce(log, model, data, tokenizer, s, tr, settings, env.world, device, backend)
     # train, evaluate the held-out text at the end, save the model, report
     t0 = time.perf_counter()
