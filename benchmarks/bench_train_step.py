@@ -6,20 +6,11 @@ backend, and transformers' BertForMaskedLM with SDPA.
 """
 
 import pytest
-import torch
 
 from effbert.bench import train_step
-
-DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-CASES = [c for c in train_step.cases(DEVICE, quick=True) if not c.skip_reasons]
+from effbert.bench.case import case_id, quick_cases, run_benchmark
 
 
-@pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c.shape}-{c.dtype}-{c.provider}")
+@pytest.mark.parametrize("case", quick_cases(train_step), ids=case_id)
 def test_bert_mlm_train_step(benchmark, case):
-    inputs = case.make_inputs()
-    loss = case.fn(*inputs)
-    assert torch.isfinite(loss) and float(loss) > 0  # a real masked-LM loss, not a skipped step
-    if DEVICE.type == "cuda":
-        benchmark(lambda: (case.fn(*inputs), torch.cuda.synchronize()))
-    else:
-        benchmark(case.fn, *inputs)
+    run_benchmark(benchmark, case)

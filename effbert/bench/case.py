@@ -117,3 +117,38 @@ def check_output(case, inputs):
             where = f"; worst at {list(result.index)}: {result.got!r} vs {result.want!r}"
         return fields, f"relative error {result.error:.2e} > {case.rtol:.0e}{where}"
     return fields, None
+
+
+# ------------------------------------------------------------ the pytest-benchmark files in benchmarks/
+
+
+def quick_cases(family, device=None, op=None):
+    """The quick cases of a bench ``family`` module (``effbert.bench.notes``, ...) that can run on
+    ``device`` (default: CUDA when available, else the CPU), those of ``op`` only when given: what
+    ``benchmarks/bench_<family>.py`` parametrizes over."""
+    import torch
+
+    if device is None:
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return [c for c in family.cases(device, quick=True)
+            if not c.skip_reasons and (op is None or c.op == op)]
+
+
+def case_id(case):
+    """A pytest id for ``case``: op, shape, dtype, mode and provider."""
+    return "-".join(str(v) for v in (case.op, case.shape, case.dtype, case.mode, case.provider) if v)
+
+
+def run_benchmark(benchmark, case):
+    """Check ``case`` against its reference (as ``effbert bench`` does before timing), then time it
+    with pytest-benchmark's ``benchmark`` fixture (synchronising CUDA after each call)."""
+    import torch
+
+    inputs = case.make_inputs()
+    if case.check:
+        _, problem = check_output(case, inputs)
+        assert problem is None, problem
+    if torch.cuda.is_available() and any(getattr(t, "is_cuda", False) for t in inputs):
+        benchmark(lambda: (case.fn(*inputs), torch.cuda.synchronize()))
+    else:
+        benchmark(case.fn, *inputs)
