@@ -9,7 +9,6 @@ Environment:
 import os
 import shutil
 import subprocess
-import sys
 import sysconfig
 import warnings
 from glob import glob

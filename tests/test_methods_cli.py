@@ -11,7 +11,7 @@ import shutil
 import pytest
 import torch
 
-from effbert.commands import finetune, pretrain
+from effbert.commands import finetune
 from effbert.models import load_pretrained
 from effbert.models.loading import load_finetuned
 

@@ -9,7 +9,6 @@ import torch
 
 from effbert import reference
 from effbert.calibration import exit_layers
-from effbert.losses import multi_exit_distillation_loss
 from effbert.models import TupeBertConfig, TupeBertForMaskedLM, TupeBertForSequenceClassification
 from effbert.nn import NoteDictionary
 from effbert.data.tnf import RareWordTable

@@ -158,11 +158,11 @@ def measure_ceilings(device, *, quick=False):
     ms, _, _ = time_fn(lambda: one.add_(1.0), device, quick=quick)
     out["launch_us"] = ms * 1e3
     n = (64 << 20) if device.type == "cpu" or quick else (1 << 30)
-    src = torch.randn(n // 4, device=device)
-    dst = torch.empty_like(src)
-    ms, _, _ = time_fn(lambda: dst.copy_(src), device, quick=quick)
+    buffers = [torch.randn(n // 4, device=device)]
+    buffers.append(torch.empty_like(buffers[0]))
+    ms, _, _ = time_fn(lambda: buffers[1].copy_(buffers[0]), device, quick=quick)
     out["copy_GBps"] = 2 * n / ms / 1e6
-    del src, dst
+    buffers.clear()  # the 2 x 64 MiB (GPU: 2 x 1 GiB) go before the matmuls allocate theirs
     sizes = {"cpu": {torch.float32: 1024, torch.bfloat16: 512}, "cuda": {torch.float32: 4096, torch.bfloat16: 8192}}
     for dtype, size in sizes["cuda" if device.type == "cuda" else "cpu"].items():
         if quick:

@@ -55,7 +55,6 @@ from torch import nn
 from transformers.utils import ModelOutput
 
 from ..ops import mc_candidate_loss, mc_sample_fused
-from .config import TupeBertConfig
 from .tupe_bert import TupeBertForMaskedLM, TupeBertModel, _activation, _check_ids, _check_labels, _values_in_range
 
 __all__ = ["TupeBertForMultiChoicePretraining", "MultiChoicePretrainingOutput", "controller_config",

@@ -9,7 +9,7 @@ from .. import _ext
 from .. import reference
 from .checks import FLOAT_DTYPES, check_same_device, check_tensor
 from ._dispatch import (Inputs, Support, cached_selection, declare, direct_call_ok,
-                        requested_backend, select_backend)
+                        requested_backend)
 
 __all__ = ["exit_entropy", "exit_decision", "BatchedExit", "check_criterion", "CRITERIA", "multi_exit_distillation_loss"]
 
