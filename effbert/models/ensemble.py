@@ -34,13 +34,13 @@ def load_run(path, device=None, backend="auto"):
 
 
 def check_runs_match(paths, labels, tokenizer, max_len, regression=False):
-    """Raise ``ValueError`` unless every folder of ``paths`` (``effbert finetune`` run folders) holds
-    the given ``labels`` (list of str, same order), a tokenizer equal to ``tokenizer`` (vocabulary,
-    lower-casing, special ids), the same ``max_len`` (int, pieces) and the same kind of head
-    (``regression``: bool): what ``from_run_folders`` asks of its members, checked from each
-    folder's ``config.json``, ``finetune.json`` and tokenizer files without reading its weights.
-    The message names the folder and what differs; ``FileNotFoundError`` for a folder that is not a
-    run."""
+    """Raise ``ValueError`` unless every folder of ``paths`` (``effbert finetune`` run folders)
+    holds the given ``labels`` (list of str, same order), a tokenizer equal to ``tokenizer``
+    (vocabulary, lower-casing, special ids), the same ``max_len`` (int, pieces) and the same kind
+    of head (``regression``: bool): what ``from_run_folders`` asks of its members, checked from
+    each folder's ``config.json``, ``finetune.json`` and tokenizer files without reading its
+    weights. The message names the folder and what differs; ``FileNotFoundError`` for a folder
+    that is not a complete run."""
     import json
 
     from transformers import BertTokenizerFast
@@ -50,6 +50,8 @@ def check_runs_match(paths, labels, tokenizer, max_len, regression=False):
 
     if isinstance(paths, (str, os.PathLike)) or not isinstance(paths, (list, tuple)) or not paths:
         raise ValueError(f"paths must be a non-empty list of run folders, got {paths!r}")
+    if not isinstance(labels, (list, tuple)) or not all(isinstance(x, str) for x in labels):
+        raise ValueError(f"labels must be a list of str, got {labels!r}")
     want = (list(labels), _tokenizer_key(tokenizer), max_len, bool(regression))
     for path in paths:
         for name in (CONFIG_FILE, SETTINGS_FILE, WEIGHT_FILES):

@@ -1,7 +1,7 @@
 """The training floor, below the commands: ``transformers.Trainer`` subclasses for pretraining and multi-exit
-fine-tuning (``trainers``), adversarial fine-tuning as a Trainer mixin (``adversarial``: FGM, PGD, FreeLB), the run
-folder both commands write (``run_folder``), their log and progress bar (``progress.RunLog``) and ``effbert
-pretrain``'s run, step by step (``pretrain.run``).
+fine-tuning (``trainers``), adversarial fine-tuning as a Trainer mixin (``adversarial``: FGM, PGD,
+FreeLB), the run folder both commands write (``run_folder``), their log and progress bar
+(``progress.RunLog``) and ``effbert pretrain``'s run, step by step (``pretrain.run``).
 
 Importing this package is light: the trainers (which import ``transformers.Trainer`` and with it ``accelerate``) load
 on first use, so ``effbert check`` and ``effbert bench`` run where ``accelerate`` is not installed.
@@ -9,7 +9,8 @@ on first use, so ``effbert check`` and ``effbert bench`` run where ``accelerate`
 
 _TRAINERS = ("PretrainingTrainer", "StopOnNonFinite", "NonFiniteError", "MC_METRICS", "MultiExitTrainer",
              "EXIT_LOSSES")
-_ADVERSARIAL = ("AdversarialConfig", "AdversarialTrainingMixin", "with_adversarial", "ADVERSARIAL_METHODS")
+_ADVERSARIAL = ("AdversarialConfig", "AdversarialTrainingMixin", "with_adversarial",
+                "ADVERSARIAL_METHODS")
 
 __all__ = list(_TRAINERS + _ADVERSARIAL)
 

@@ -228,8 +228,9 @@ def load_model(s, num_labels):
 
 
 def check_ensemble(s, labels, tokenizer, max_len):
-    """--ensemble's run folders hold ``labels``, ``tokenizer``, ``max_len`` and the head kind of this
-    run (``models.ensemble.check_runs_match``), else a one-line ``UsageError`` naming --ensemble."""
+    """--ensemble's run folders hold ``labels``, ``tokenizer``, ``max_len`` and the head kind of
+    this run (``models.ensemble.check_runs_match``), else a one-line ``UsageError`` naming
+    --ensemble."""
     from ..models.ensemble import check_runs_match
 
     if not getattr(s, "ensemble", None):
