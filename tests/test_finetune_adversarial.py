@@ -209,3 +209,49 @@ def test_ensemble_needs_eval(hf_dir, data, tmp_path, capsys):
     del args[i:i + 2]
     assert cli.main(args) == 2
     assert "--ensemble goes with --eval" in capsys.readouterr().err
+
+
+def test_a_regression_ensemble_row_is_the_mse_of_the_mean_output(hf_dir, tmp_path, capsys):
+    """With --regression the ensemble row is the mean squared error of the members' mean output
+    (float64 here); a classification run as a member is refused by name."""
+    import random
+
+    from effbert.data import tsv
+
+    folder = tmp_path / "data"
+    folder.mkdir()
+    rng = random.Random(3)
+    for name, n in (("train.tsv", 32), ("eval.tsv", 17)):
+        with open(folder / name, "w") as f:
+            for _ in range(n):
+                k = rng.randint(1, 6)
+                f.write(f"{k / 2}\t{' '.join(['ball'] * k)}\n")
+    regression = ["--regression", "--criterion", "patience", "--max-steps", "4"]
+    for seed in ("1", "2"):
+        assert cli.main(argv(hf_dir, folder, tmp_path / f"m{seed}", *regression, "--seed",
+                             seed)) == 0
+    out = tmp_path / "run"
+    assert cli.main(argv(hf_dir, folder, out, *regression, "--ensemble", str(tmp_path / "m1"),
+                         str(tmp_path / "m2"))) == 0
+    names, texts = tsv.read_tsv(str(folder / "eval.tsv"))
+    y = torch.tensor([float(n) for n in names], dtype=torch.float64)
+    outputs = []
+    for run in (out, tmp_path / "m1", tmp_path / "m2"):
+        model, tokenizer, _, settings = loading.load_finetuned(run, backend="eager")
+        ids, mask = encode(tokenizer, texts, settings["max_len"])
+        with torch.no_grad():
+            outputs.append(model(ids, mask).logits[:, 0].double())
+    want = float(((torch.stack(outputs).mean(0) - y) ** 2).mean())
+    row = report_of(out)["ensemble"]
+    assert row["accuracy"] == pytest.approx(want, rel=1e-6)
+    alone = float(((outputs[0] - y) ** 2).mean())
+    assert abs(want - alone) > 1e-4 * alone  # the members count
+    assert "mse" in capsys.readouterr().out.split("ensemble of this run")[1].splitlines()[0]
+    # a classification member
+    classify = tmp_path / "classify"
+    shutil.copytree(tmp_path / "m1", classify)
+    record = json.loads((classify / "finetune.json").read_text())
+    (classify / "finetune.json").write_text(json.dumps(dict(record, regression=False)))
+    assert cli.main(argv(hf_dir, folder, tmp_path / "bad", *regression, "--ensemble",
+                         str(classify))) == 2
+    assert "head (regression or not)" in capsys.readouterr().err
