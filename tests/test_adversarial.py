@@ -426,7 +426,7 @@ def test_settings_are_checked():
 def write_run(folder, seed, labels=("law", "food", "science"), vocab_extra=()):
     from transformers import BertTokenizerFast
 
-    from effbert.commands.finetune import save_finetuned
+    from effbert.models.loading import save_finetuned
 
     folder.mkdir()
     words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [f"w{i}" for i in range(35)]

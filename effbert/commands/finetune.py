@@ -19,11 +19,12 @@ from typing import Optional
 
 from . import check_backend, check_out_dir, parse_device, run_command
 from .recipes import check_optimizer_flags, checker
-from .settings import fail_if, option, parser, stderr_is_terminal
+from .settings import UsageError, fail_if, option, parser, stderr_is_terminal
 from ..models.loading import load_finetuned  # noqa: F401  (the public loader, where it was)
 from ..training.run_folder import default_backend
 
 from ..models.multi_exit import EXIT_LOSSES as LOSSES
+from ..training.adversarial import ADVERSARIAL_METHODS, NORM_TYPES
 PROJECT = ("others", "final")
 CRITERIA = ("entropy", "max_prob", "patience")
 DEFAULT_PER_DEVICE_BATCH, DEFAULT_WARMUP_RATIO = 32, 0.1
@@ -139,6 +140,28 @@ class FinetuneSettings:
         help="the early-exit report's exit rule")
     per_device_eval_batch_size: int = option(128, metavar="N",
         help="examples a batch in the early-exit report")
+    # AT-BERT: adversarial fine-tuning on the word embeddings, and an ensemble in the evaluation
+    adversarial: Optional[str] = option(None, choices=ADVERSARIAL_METHODS,
+        help="adversarial fine-tuning on the word embeddings: fgm, pgd or freelb "
+             "(docs/adversarial.md; DeeBERT: its stage 1 only; not with --grad-reg)")
+    adv_epsilon: float = option(1.0, metavar="X",
+        help="fgm: the step on the word-embedding weight; pgd: the radius of its L2 ball")
+    adv_alpha: float = option(0.3, metavar="X", help="pgd: the step of each ascent move")
+    adv_steps: int = option(3, metavar="N", help="pgd: its K moves; freelb: its ascent passes")
+    adv_lr: float = option(0.1, metavar="X", help="freelb: the ascent step size")
+    adv_init_mag: float = option(1.0, metavar="X",
+        help="freelb: the size of the random start (0: start at zero)")
+    adv_max_norm: float = option(0.6, metavar="X",
+        help="freelb: the bound on each text's perturbation norm (0: no bound)")
+    adv_norm_type: str = option("l2", choices=NORM_TYPES,
+        help="freelb: the norm of its steps and bound, l2 or linf")
+    adv_no_clean: bool = option(False,
+        help="freelb: train on the perturbed inputs only, as the published loop does (by default "
+             "a clean pass comes first)")
+    ensemble: Optional[list[str]] = option(None, metavar="DIR",
+        help="earlier effbert finetune run folders (same labels, tokenizer and "
+             "--max-seq-length) whose probabilities are averaged with this run's in the --eval "
+             "report")
 
 
 def build_parser():
@@ -211,6 +234,47 @@ def _resolve_batch_and_warmup(s):
         s.warmup_ratio = DEFAULT_WARMUP_RATIO
 
 
+# the --adv-* flags, the methods each applies to (docs/adversarial.md), and the config's field
+ADV_FLAGS = {"adv_epsilon": (("fgm", "pgd"), "epsilon"), "adv_alpha": (("pgd",), "alpha"),
+             "adv_steps": (("pgd", "freelb"), "steps"), "adv_lr": (("freelb",), "adv_lr"),
+             "adv_init_mag": (("freelb",), "adv_init_mag"),
+             "adv_max_norm": (("freelb",), "adv_max_norm"),
+             "adv_norm_type": (("freelb",), "norm_type"), "adv_no_clean": (("freelb",), None)}
+
+
+def _check_adversarial_and_ensemble(s):
+    """--adversarial and its --adv-* flags (a flag off its default goes with a method it applies to;
+    the numbers as ``AdversarialConfig`` checks them), then --ensemble's folders (that they are
+    finetune runs is checked here; their labels and tokenizer once this run's are known)."""
+    from ..training.finetune import adversarial_config
+
+    fail_if(s.adversarial is not None and s.grad_reg,
+            "--adversarial does not combine with --grad-reg (RomeBERT's projection runs its own "
+            "backward passes)")
+    defaults = FinetuneSettings.__dataclass_fields__
+    for name, (methods, _) in ADV_FLAGS.items():
+        flag = "--" + name.replace("_", "-")
+        if getattr(s, name) != defaults[name].default:
+            fail_if(s.adversarial is None, f"{flag} goes with --adversarial {'|'.join(methods)}")
+            fail_if(s.adversarial not in methods, f"{flag} applies to --adversarial "
+                    f"{' or '.join(methods)}, not {s.adversarial}")
+    try:
+        adversarial_config(s)
+    except ValueError as exc:  # the config's field, spelt as its flag
+        field, rest = str(exc).split(" ", 1)
+        flag = next((n for n, (_, f) in ADV_FLAGS.items() if f == field), field)
+        raise UsageError(f"--{flag.replace('_', '-')} {rest}") from None
+    if s.ensemble is None:
+        return
+    fail_if(s.eval is None, "--ensemble goes with --eval (the ensemble is scored there)")
+    for path in s.ensemble:
+        fail_if(not os.path.isdir(path), f"--ensemble: {path!r} is not a folder")
+        fail_if(os.path.isdir(s.out) and os.path.samefile(path, s.out),
+                f"--ensemble: {path!r} is --out, which this run replaces")
+        fail_if(not os.path.isfile(os.path.join(path, "finetune.json")),
+                f"--ensemble: {path!r} holds no finetune.json: not an effbert finetune run")
+
+
 def check(s):
     """Validate ``s`` (a ``FinetuneSettings``) before any work, in one place, and settle what the
     flags leave open (the per-device batch, the warm-up, the backend, the progress bar); then take
@@ -233,6 +297,7 @@ def check(s):
     fail_if(s.grad_reg and int(os.environ.get("WORLD_SIZE", "1")) > 1,
             "--grad-reg runs on one process: its two backward passes bypass data-parallel gradient "
             "averaging")
+    _check_adversarial_and_ensemble(s)
     device = parse_device(s.device)
     check_backend(s.backend, device)
     fail_if(s.fp16 and device.type != "cuda", "--fp16 needs a CUDA device (--bf16 runs on a CPU)")

@@ -21,17 +21,60 @@ import os
 
 import torch
 
-__all__ = ["ProbabilityEnsemble", "load_run"]
+__all__ = ["ProbabilityEnsemble", "load_run", "check_runs_match"]
 
 
 def load_run(path, device=None, backend="auto"):
     """One run folder of ``effbert finetune``: ``(model in eval mode, tokenizer, labels,
-    settings)``. The one place this floor reaches the command's loader
-    (``effbert.commands.finetune.load_finetuned``, imported here on first use); where that loader
-    moves, only this import changes."""
-    from ..commands.finetune import load_finetuned
+    settings)``, as ``effbert.models.loading.load_finetuned`` reads it (``FileNotFoundError`` for a
+    folder that is not such a run, ``ValueError`` for unreadable weights or tokenizer)."""
+    from .loading import load_finetuned
 
     return load_finetuned(path, device=device, backend=backend)
+
+
+def check_runs_match(paths, labels, tokenizer, max_len, regression=False):
+    """Raise ``ValueError`` unless every folder of ``paths`` (``effbert finetune`` run folders)
+    holds the given ``labels`` (list of str, same order), a tokenizer equal to ``tokenizer``
+    (vocabulary, lower-casing, special ids), the same ``max_len`` (int, pieces) and the same kind
+    of head (``regression``: bool): what ``from_run_folders`` asks of its members, checked from
+    each folder's ``config.json``, ``finetune.json`` and tokenizer files without reading its
+    weights. The message names the folder and what differs; ``FileNotFoundError`` for a folder
+    that is not a complete run."""
+    import json
+
+    from transformers import BertTokenizerFast
+
+    from .config import TupeBertConfig
+    from .loading import CONFIG_FILE, SETTINGS_FILE, WEIGHT_FILES
+
+    if isinstance(paths, (str, os.PathLike)) or not isinstance(paths, (list, tuple)) or not paths:
+        raise ValueError(f"paths must be a non-empty list of run folders, got {paths!r}")
+    if not isinstance(labels, (list, tuple)) or not all(isinstance(x, str) for x in labels):
+        raise ValueError(f"labels must be a list of str, got {labels!r}")
+    want = (list(labels), _tokenizer_key(tokenizer), max_len, bool(regression))
+    for path in paths:
+        for name in (CONFIG_FILE, SETTINGS_FILE, WEIGHT_FILES):
+            names = name if isinstance(name, tuple) else (name,)
+            if not any(os.path.isfile(os.path.join(path, n)) for n in names):
+                raise FileNotFoundError(f"paths: {os.fspath(path)!r} holds no {names[0]}: not "
+                                        "the folder of a complete effbert finetune run")
+        try:
+            config = TupeBertConfig.from_pretrained(path)
+            with open(os.path.join(path, SETTINGS_FILE), encoding="utf-8") as f:
+                settings = json.load(f)
+            other = BertTokenizerFast.from_pretrained(path)
+        except (OSError, ValueError) as exc:
+            raise ValueError(f"paths: {os.fspath(path)!r} cannot be read ({exc})") from None
+        got = ([config.id2label[i] for i in range(config.num_labels)], _tokenizer_key(other),
+               settings.get("max_len"), bool(settings.get("regression")))
+        names = ("labels", "tokenizer", "max_len", "head (regression or not)")
+        for what, a, b in zip(names, want, got):
+            if a != b:
+                shown = (f"{b!r}, not {a!r}" if what != "tokenizer"
+                         else "a different vocabulary or casing")
+                raise ValueError(f"paths: {os.fspath(path)!r} differs in its {what} ({shown}): "
+                                 "an ensemble needs the same")
 
 
 def _tokenizer_key(tokenizer):

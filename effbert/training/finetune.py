@@ -9,6 +9,7 @@ measure batched early exit over a range of thresholds (``effbert.calibration``).
 ``progress`` settled. Each step is a function a test can call.
 """
 
+import dataclasses
 import json
 import math
 import os
@@ -56,6 +57,8 @@ def run(s, log):
     # the encoder from --init or --hf, with an off-ramp after every layer
     model, tokenizer, cased = load_model(s, len(data.labels))
     max_len = min(s.max_seq_length, model.config.max_position_embeddings)
+    # the --ensemble runs hold this run's labels and tokenizer (their weights load at the report)
+    check_ensemble(s, data.labels, tokenizer, max_len)
     # Trainer's settings, so that its refusals (e.g. --fp16 on a CPU) come before any work
     training_args(s, os.path.join(s.out, CHECKPOINTS), device, 1)
     # the training examples, tokenized
@@ -225,6 +228,33 @@ def load_model(s, num_labels):
     return model, tokenizer, cased
 
 
+def check_ensemble(s, labels, tokenizer, max_len):
+    """--ensemble's run folders hold ``labels``, ``tokenizer``, ``max_len`` and the head kind of
+    this run (``models.ensemble.check_runs_match``), else a one-line ``UsageError`` naming
+    --ensemble."""
+    from ..models.ensemble import check_runs_match
+
+    if not getattr(s, "ensemble", None):
+        return
+    try:
+        check_runs_match(s.ensemble, labels, tokenizer, max_len, s.regression)
+    except (ValueError, OSError) as exc:
+        raise UsageError("--ensemble: " + one_line(exc).removeprefix("paths: ")) from None
+
+
+def adversarial_config(s):
+    """The ``AdversarialConfig`` of --adversarial and its --adv-* flags, or None without
+    --adversarial. Raises ``ValueError`` naming the config's field for a value out of range."""
+    from .adversarial import AdversarialConfig
+
+    if s.adversarial is None:
+        return None
+    return AdversarialConfig(s.adversarial, epsilon=s.adv_epsilon, alpha=s.adv_alpha,
+                             steps=s.adv_steps, adv_lr=s.adv_lr, adv_init_mag=s.adv_init_mag,
+                             adv_max_norm=s.adv_max_norm, norm_type=s.adv_norm_type,
+                             keep_clean=not s.adv_no_clean)
+
+
 def to_dataset_of(tokenizer, data, max_len):
     """The training examples as a tokenized ``datasets.Dataset``."""
     from ..data.tsv import to_dataset
@@ -245,6 +275,10 @@ def settings_record(s, cased, max_len):
     """The run's settings as ``finetune.json`` records them (``complete`` False until the model is
     saved)."""
     record = {name: getattr(s, name) for name in RECORDED}
+    config = adversarial_config(s)
+    # the adversarial method and its settings (DeeBERT: stage 1 only), the ensemble's runs
+    record.update(adversarial=None if config is None else dataclasses.asdict(config),
+                  ensemble=s.ensemble)
     # what a resume checks it is given again (run_folder.fingerprint: size and the ends' SHA-256)
     record.update(cased=cased, max_len=max_len, train_data=fingerprint(s.train), complete=False)
     return record
@@ -376,14 +410,18 @@ def make_trainer(s, model, tokenizer, train_ds, folder, device, stage, resume, l
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
     from . import MultiExitTrainer
+    from .adversarial import with_adversarial
     from .progress import LogOnlyBar
 
     kept = checkpoint_max_steps(resume) if resume is not None and not s.reshape_schedule else None
-    trainer = with_schedule(MultiExitTrainer, kept)(
+    # DeeBERT's stage 2 trains the off-ramps over a frozen backbone: adversarial in stage 1 only
+    adversarial = adversarial_config(s) if stage == 1 else None
+    trainer = with_schedule(with_adversarial(MultiExitTrainer), kept)(
         model=model, args=training_args(s, folder, device, stage), train_dataset=train_ds,
         data_collator=DataCollatorWithPadding(tokenizer), processing_class=tokenizer,
         callbacks=[lines], loss=s.loss, gamma=s.gamma, temperature=s.temperature,
-        gradient_equilibrium=s.ge, stage=stage, grad_reg=s.grad_reg, project=s.project)
+        gradient_equilibrium=s.ge, stage=stage, grad_reg=s.grad_reg, project=s.project,
+        adversarial=adversarial)
     trainer.remove_callback(PrinterCallback)
     if trainer.pop_callback(ProgressCallback) is not None:
         trainer.add_callback(LogOnlyBar())  # the summary lines say the loss
@@ -409,11 +447,32 @@ def describe_stage(s, trainer, model, stage, resume, kept, log):
     batch = s.per_device_train_batch_size * accum * trainer.args.world_size
     log(f"fine-tuning {model.config.num_hidden_layers} off-ramps, {head}, {count} examples: "
         f"{steps} steps of {batch} ({steps * accum / per_epoch:.2f} epochs), loss {what}"
-        + (", gradient equilibrium" if s.ge else "") + f", backend {s.backend}"
+        + (", gradient equilibrium" if s.ge else "") + adversarial_words(s, stage)
+        + f", backend {s.backend}"
         + (f", resumed from {resume}" if resume else ""))
     if resume is not None:
         log("  " + schedule_line(kept or checkpoint_max_steps(resume) or steps, steps,
                                  s.reshape_schedule))
+
+
+def adversarial_words(s, stage):
+    """What the start-of-training line says of --adversarial: the method and its settings, or
+    that DeeBERT's stage 2 trains without it ("" without --adversarial)."""
+    config = adversarial_config(s)
+    if config is None:
+        return ""
+    if stage != 1:
+        return ", no adversarial training (--adversarial applies to DeeBERT's stage 1 only)"
+    if config.method == "fgm":
+        what = f"epsilon {config.epsilon}"
+    elif config.method == "pgd":
+        what = f"epsilon {config.epsilon}, alpha {config.alpha}, {config.steps} steps"
+    else:
+        what = (f"{config.steps} steps, adv-lr {config.adv_lr}, init {config.adv_init_mag}, "
+                f"max norm {config.adv_max_norm} ({config.norm_type})"
+                + ("" if config.keep_clean else ", no clean pass"))
+    stage1 = " in DeeBERT's stage 1 only" if s.loss == "deebert" else ""
+    return f", adversarial {config.method} ({what}){stage1}"
 
 
 def train_stage(s, model, tokenizer, train_ds, folder, device, stage, log):
@@ -586,10 +645,43 @@ def evaluate(s, model, input_ids, lengths, y, device, log):
     warning = None if s.regression else cal.chance_warning(exits, y)
     if warning:
         log("  " + warning)
+    ensemble = None
+    if getattr(s, "ensemble", None):
+        ensemble = ensemble_row(s, model, input_ids, lengths, y, device, rows[0]["accuracy"], log)
     return {"criterion": s.criterion, "num_layers": depth, "num_examples": int(input_ids.shape[0]),
             "device": str(device), "metric": metric, "per_exit_accuracy": per_exit,
-            "full_depth_accuracy": rows[0]["accuracy"], "rows": rows,
+            "full_depth_accuracy": rows[0]["accuracy"], "rows": rows, "ensemble": ensemble,
             "offline_curve": None if curve is None else {k: v.tolist() for k, v in curve.items()}}
+
+
+def ensemble_row(s, model, input_ids, lengths, y, device, full, log):
+    """The ensemble of this run's ``model`` and the --ensemble runs (``ProbabilityEnsemble``: the
+    mean of their full-depth class probabilities; with --regression, of their outputs), scored on
+    ``input_ids [n, N]`` (``lengths [n]`` real pieces each) against ``y``, one line printed. Returns
+    the report's row: ``{"members": [--out, *--ensemble], "accuracy", "delta"}`` (accuracy: the
+    MSE with --regression; delta: against this run's full depth ``full``)."""
+    from .. import calibration as cal
+    from ..data.tsv import batch_rows
+    from ..models.ensemble import ProbabilityEnsemble
+
+    try:
+        others = ProbabilityEnsemble.from_run_folders(s.ensemble, device=device, backend=s.backend)
+    except (ValueError, OSError) as exc:  # changed since the check at the start
+        raise UsageError("--ensemble: " + one_line(exc).removeprefix("paths: ")) from None
+    ens = ProbabilityEnsemble([model] + others.models, regression=s.regression)
+    batch, parts = s.per_device_eval_batch_size, []
+    for start in range(0, input_ids.shape[0], batch):
+        rows = torch.arange(start, min(start + batch, input_ids.shape[0]))
+        ids, mask = batch_rows(input_ids, lengths, rows, device)
+        parts.append(ens.predict_proba(ids, mask))
+    mean = torch.cat(parts)
+    value = cal.score(mean[:, None] if s.regression else mean, y, s.regression)
+    metric = "mse" if s.regression else "accuracy"
+    log(f"\nensemble of this run and {len(others)} --ensemble run(s), the mean of their full-depth "
+        f"{'outputs' if s.regression else 'probabilities'}: {metric} {value:.4f} "
+        f"({value - full:+.4f} against this run's full depth)")
+    return {"members": [os.path.abspath(s.out)] + [os.path.abspath(p) for p in s.ensemble],
+            "accuracy": value, "delta": value - full}
 
 
 def report_on_eval(s, model, tokenizer, data, max_len, losses, device, log):
