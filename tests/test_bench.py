@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from effbert.bench import runner
+from effbert.bench import runner, suite
 from effbert.commands import bench as bench_command
 
 
@@ -259,6 +259,31 @@ def _case(op, params, provider="p"):
                 fn=torch.zeros, make_inputs=tuple, reference=torch.zeros, bytes=1, flops=0)
 
 
+def test_budget_step_skips_the_cases_free_to_run_once_the_budget_is_spent(tmp_path):
+    """effbert bench's steps called one by one: the budget marks only cases without a reason of
+    their own; the result file is written before anything is measured; the summary and the exit
+    code read the rows."""
+    group = [_case("o", {"B": 1}, "a"), _case("o", {"B": 1}, "b")]
+    group[1].skip_reasons = ["no GPU here"]
+    assert suite.skip_for_budget(group, None, 1e9) == set() and not group[0].skip_reasons
+    assert suite.skip_for_budget(group, 10.0, 9.5) == set() and not group[0].skip_reasons
+    assert suite.skip_for_budget(group, 10.0, 10.5) == {group[0].key}
+    assert group[0].skip_reasons == ["the run's --budget of 10 s was spent"]
+    assert group[1].skip_reasons == ["no GPU here"]
+    env = {"device": "cpu", "device_type": "cpu", "torch": "x", "effbert": "y", "date": "z"}
+    result = suite.start_result(tmp_path / "o", env, True, "all", group)
+    written = json.loads((tmp_path / "o" / "bench.json").read_text())
+    assert written == result and written["planned"] == [c.key for c in group]
+    assert written["complete"] is False and written["cases"] == []
+    rows = [{"status": "wrong", "provider": "torch"}, {"status": "error", "provider": "effbert"}]
+    assert suite.exit_code(rows) == 0  # a peer's wrong row or a provider that raised: reported
+    assert suite.exit_code(rows + [{"status": "wrong", "provider": "effbert-int8"}]) == 1
+    result["cases"] = rows
+    lines = suite.summary(result, tmp_path / "o", [])
+    assert lines[-1] == "2 cases failed their correctness check or raised; see the table"
+    assert "no plots: matplotlib is not installed" in lines[0]
+
+
 def test_headline_takes_one_shape_per_op_family_and_rest_the_others():
     """--headline: every provider but the compiled ones of one BERT-base shape per headline op, the fused kernels
     first and the training step last; --rest: the other cases; together every case once."""
@@ -333,10 +358,10 @@ def _stub_bench(monkeypatch, stop_after=None):
         for case in cases:
             emit(run_case(case, device, ceilings, quick))
 
-    monkeypatch.setattr(bench_command, "run_group", run_group)
-    monkeypatch.setattr(bench_command, "measure_ceilings", lambda device, quick: {"launch_us": 1.0})
-    monkeypatch.setattr(bench_command, "write_plots", lambda out, rows: [])
-    monkeypatch.setattr(bench_command, "write_seqlen_plots", lambda out, rows: [])
+    monkeypatch.setattr(suite, "run_group", run_group)
+    monkeypatch.setattr(suite, "measure_ceilings", lambda device, quick: {"launch_us": 1.0})
+    monkeypatch.setattr(suite, "write_plots", lambda out, rows: [])
+    monkeypatch.setattr(suite, "write_seqlen_plots", lambda out, rows: [])
     return ran
 
 

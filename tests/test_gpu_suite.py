@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from effbert.bench import runner
+from effbert.bench import checks
 from effbert.commands import check
 from effbert.tools import suite_report
 
@@ -208,18 +209,19 @@ def test_bad_arguments_and_a_machine_without_a_gpu_are_refused_in_one_line(tmp_p
 # ---- effbert check: --quick, and an install that cannot serve fails loudly ------------------------------------------
 
 def test_check_quick_runs_one_dtype_per_op():
-    for fn in check.CHECKS:
+    for fn in checks.CHECKS:
         rows = fn(quick=True)
         per_op = {}
         for op, backend, device, dtype, *_ in rows:
             per_op.setdefault((op, device), set()).add(dtype)
         assert rows and all(len(d) == 1 for d in per_op.values()), (fn.__name__, per_op)
-    assert check._dtypes(check.ALL_DTYPES, False) == check.ALL_DTYPES  # without --quick: every dtype
-    assert check._dtypes(check.ALL_DTYPES, True, torch.bfloat16) == (torch.bfloat16,)
+    # without --quick: every dtype
+    assert checks._dtypes(checks.ALL_DTYPES, False) == checks.ALL_DTYPES
+    assert checks._dtypes(checks.ALL_DTYPES, True, torch.bfloat16) == (torch.bfloat16,)
     with pytest.raises(ValueError, match="one must be one of"):
-        check._dtypes((torch.float32,), True, torch.float16)
+        checks._dtypes((torch.float32,), True, torch.float16)
     with pytest.raises(ValueError, match="quick must be a bool"):
-        check.check_notes(quick="yes")
+        checks.check_notes(quick="yes")
 
 
 def test_check_fails_in_one_line_when_the_kernels_or_the_cpu_extension_are_missing(monkeypatch, capsys):
@@ -234,35 +236,65 @@ def test_check_fails_in_one_line_when_the_kernels_or_the_cpu_extension_are_missi
             raise ModuleNotFoundError("No module named 'effbert.kernels.notes'")
         return real_import(name, *args)
 
-    monkeypatch.setattr(check.importlib, "import_module", no_notes)
+    monkeypatch.setattr(checks.importlib, "import_module", no_notes)
     assert check.main(["--quick"]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["effbert check: error: the Triton kernels cannot be imported (effbert.kernels.notes: "
                    "ModuleNotFoundError: No module named 'effbert.kernels.notes'); reinstall effbert "
                    "(pip install -e .)"]
-    monkeypatch.setattr(check.importlib, "import_module", real_import)
+    monkeypatch.setattr(checks.importlib, "import_module", real_import)
     monkeypatch.setattr(_ext, "load", lambda name: (None, f"effbert.{name} is not available (gone)"))
-    assert check.install_problems() == ["the install failed or never ran: effbert._C is not available (gone)"]
+    assert checks.install_problems() == ["the install failed or never ran: effbert._C is not "
+                                         "available (gone)"]
     assert check.main([]) == 1
     out = capsys.readouterr()
     assert "effbert check: error: the install failed or never ran" in out.err and "rel. error" not in out.out
 
 
 def test_check_on_a_gpu_needs_a_triton_result_for_every_op():
-    rows = [(op, "eager", "cuda", "float32", "s", 0.0, 1e-4) for op in check.TRITON_OPS]
-    assert check.missing_gpu_rows(rows, False) == []
-    assert check.missing_gpu_rows(rows, True) == list(check.TRITON_OPS)  # passed on eager alone: not served
-    rows += [(op, "triton", "cuda", "float32", "s", 0.0, 1e-4) for op in check.TRITON_OPS[1:]]
-    assert check.missing_gpu_rows(rows, True) == [check.TRITON_OPS[0]]
+    rows = [(op, "eager", "cuda", "float32", "s", 0.0, 1e-4) for op in checks.TRITON_OPS]
+    assert checks.missing_gpu_rows(rows, False) == []
+    # passed on eager alone: not served
+    assert checks.missing_gpu_rows(rows, True) == list(checks.TRITON_OPS)
+    rows += [(op, "triton", "cuda", "float32", "s", 0.0, 1e-4) for op in checks.TRITON_OPS[1:]]
+    assert checks.missing_gpu_rows(rows, True) == [checks.TRITON_OPS[0]]
     with pytest.raises(ValueError, match="cuda_available must be a bool"):
-        check.missing_gpu_rows(rows, 1)
+        checks.missing_gpu_rows(rows, 1)
+
+
+def test_a_failing_check_row_names_the_worst_index_and_both_values(monkeypatch, capsys):
+    """An eager exit entropy off by 1 at row 7: its rows fail, and the table gives the worst
+    entry (the index, the output's value, the float64 reference's), as the comparator finds it."""
+    from effbert.ops import early_exit as early_exit_ops
+
+    real = early_exit_ops.entropy_into
+
+    def off_at_7(backend, x, out):
+        result = real(backend, x, out)
+        if backend == "eager":
+            result[7] += 1.0
+        return result
+
+    monkeypatch.setattr(early_exit_ops, "entropy_into", off_at_7)
+    rows = checks.check_exit_entropy(quick=True)
+    bad = [r for r in rows if not r.error <= r.bound]
+    assert bad and {r.backend for r in bad} == {"eager"}
+    assert all(r.comparison.index == (7,) for r in bad)
+    assert all(r.comparison.got - r.comparison.want == pytest.approx(1.0, abs=1e-3) for r in bad)
+    monkeypatch.setattr(checks, "CHECKS", [checks.check_exit_entropy])
+    assert check.main(["--quick"]) == 1
+    out = capsys.readouterr().out
+    worst = re.findall(r"worst at index \[7\]: got (\S+), reference (\S+)", out)
+    assert len(worst) == len(bad) and f"{len(bad)} checks FAILED" in out
+    assert all(float(got) - float(want) == pytest.approx(1.0, abs=1e-3) for got, want in worst)
+    assert "entropy: relative error" in out
 
 
 def test_a_check_that_raises_is_a_failure_not_a_traceback(monkeypatch, capsys):
     def broken(quick=False):
         raise RuntimeError("kernel launch failed\nmore")
 
-    monkeypatch.setattr(check, "CHECKS", [check.check_multi_exit_loss, broken])
+    monkeypatch.setattr(checks, "CHECKS", [checks.check_multi_exit_loss, broken])
     assert check.main(["--quick"]) == 1
     out = capsys.readouterr().out
     assert "broken             ERROR: RuntimeError: kernel launch failed" in out and "1 checks FAILED" in out

@@ -795,10 +795,10 @@ def test_pretrain_mcbert_masking(tmp_path, monkeypatch, capsys):
 
 
 def test_check_rows_and_compile_specs():
-    from effbert.commands import check
+    from effbert.bench import checks
     from effbert.tools import compile_report
 
-    rows = check.check_mc_bert()
+    rows = checks.check_mc_bert()
     seen = {(op, backend) for op, backend, *_ in rows}
     assert {("mc_candidate_loss", "eager"), ("mc_candidate_loss", KERNEL), ("mc_sample (bits)", KERNEL),
             ("mc_sample (freq.)", "eager"), ("mc_sample (freq.)", KERNEL)} <= seen

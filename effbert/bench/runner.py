@@ -1,6 +1,6 @@
 """Suite runner: ceilings, correctness check, timing, table, JSON / Markdown / PNG, comparison with an older run.
 
-    (run through ``effbert bench``: see effbert.commands.bench)
+    (run through ``effbert bench``: effbert.commands.bench parses, effbert.bench.suite runs)
     effbert bench --index benchmarks/results     # regenerate benchmarks/RESULTS.md from the committed runs
 """
 
