@@ -11,13 +11,13 @@ steps; its final held-out loss is the target. Each grown run starts with the sch
 and grows by ``effbert.training.growth.GrowthCallback``; it is given a longer budget of its own
 (``--grown-steps``: factors of ``--steps``, one run each), with the growth at the fraction
 ``--grow-at`` of that budget, and stops early once its training CPU time passes ``--cap`` times the
-baseline's. All runs share the data order, masking seed, AdamW, and a linear schedule (10% warm-up)
-over their own budget under ``PretrainingTrainer``. Every ``--eval-every`` steps (and at the end) the
-held-out MLM loss is measured with the full (unpooled) model on one fixed masking; evaluation time
-is left out of both clocks. Reported: the training process-CPU and wall-clock time at which each run
-first reaches the target (the baseline: its end), the speed-up (baseline time / grown time), the
-final losses, the parameter and FLOP counts of each stage, and a plot of held-out loss against time
-with the growths marked.
+baseline's. All runs share the data order, masking seed, AdamW, and a linear schedule (10%
+warm-up) over their own budget under ``PretrainingTrainer``. Every ``--eval-every`` steps (and at
+the end) the held-out MLM loss is measured with the full (unpooled) model on one fixed masking;
+evaluation time is left out of both clocks. Reported: the training process-CPU and wall-clock time
+at which each run first reaches the target (the baseline: its end), the speed-up (baseline time /
+grown time), the final losses, the parameter and FLOP counts of each stage, and a plot of held-out
+loss against time with the growths marked.
 
 The growth schedule (``SCHEDULE_CHOICE`` says why) is fixed before any run: it is not tuned on the
 held-out loss reported; every grown budget tried is reported.
