@@ -159,9 +159,11 @@ setup(
     extras_require={
         # numpy < 2.4: the Triton 3.6 interpreter, which runs the kernels in the tests, breaks on numpy 2.4.
         # The peers too (about 25 s from wheels): CI runs the peer tests instead of skipping them.
-        "test": ["pytest>=7", "pytest-benchmark", "expecttest", "matplotlib", "numpy<2.4", *PEERS],
+        # scipy: the real-task benchmarks' paired t intervals, and the test that checks them
+        "test": ["pytest>=7", "pytest-benchmark", "expecttest", "matplotlib", "numpy<2.4", "scipy",
+                 *PEERS],
         "hf": [],  # kept so that `pip install -e ".[hf]"` still works: what it installed is now required
-        "bench": ["matplotlib", "tqdm", "pytest-benchmark", "psutil"],
+        "bench": ["matplotlib", "tqdm", "pytest-benchmark", "psutil", "scipy"],
         "peers": PEERS,
     },
     entry_points={"console_scripts": ["effbert = effbert.commands:main"]},
