@@ -160,10 +160,14 @@ setup(
     extras_require={
         # numpy < 2.4: the Triton 3.6 interpreter, which runs the kernels in the tests, breaks on numpy 2.4.
         # The peers too (about 25 s from wheels): CI runs the peer tests instead of skipping them.
-        "test": ["pytest>=7", "pytest-benchmark", "expecttest", "matplotlib", "numpy<2.4", *PEERS],
+        "test": ["pytest>=7", "pytest-benchmark", "expecttest", "matplotlib", "numpy<2.4", *PEERS,
+                 "sentence-transformers>=6,<7"],
         "hf": [],  # kept so that `pip install -e ".[hf]"` still works: what it installed is now required
         "bench": ["matplotlib", "tqdm", "pytest-benchmark", "psutil"],
         "peers": PEERS,
+        # effbert.integrations.sentence.EffbertTransformer: a sentence-transformers 6 module (SentenceEncoder needs
+        # only transformers)
+        "sentence": ["sentence-transformers>=6,<7"],
     },
     entry_points={"console_scripts": ["effbert = effbert.commands:main"]},
     zip_safe=False,
