@@ -1,0 +1,63 @@
+"""The bench's plain-torch and peer baselines are what their users would run, and equal the references."""
+
+import pytest
+import torch
+
+from effbert import reference
+from effbert.bench import notes as notes_bench
+
+
+def _update_case(batch, seq, dim, rows, slots, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(1, seq + 1, (batch,), generator=g)
+    spans = []
+    for _ in range(rows):
+        b = int(torch.randint(batch, (), generator=g))
+        length = int(lengths[b])
+        start = int(torch.randint(length, (), generator=g))
+        end = min(length, start + int(torch.randint(1, 4, (), generator=g)))
+        spans.append([b, start, end, int(torch.randint(slots, (), generator=g))])  # few slots: repeats
+    spans = torch.tensor(spans, dtype=torch.int64).view(-1, 4)
+    notes = torch.randn(slots, dim, generator=g, dtype=dtype)
+    counts = torch.randint(0, 2, (slots,), generator=g)
+    hidden = torch.randn(batch, seq, dim, generator=g, dtype=dtype)
+    return notes, counts, hidden, spans, lengths
+
+
+@pytest.mark.parametrize("rows", [0, 1, 7, 40])
+@pytest.mark.parametrize("window", [0, 3, 16])
+def test_plain_torch_note_update_equals_the_reference_float64(rows, window):
+    notes, counts, hidden, spans, lengths = _update_case(3, 20, 8, rows, 5, torch.float64, seed=rows + window)
+    want_n, want_c = notes.clone(), counts.clone()
+    reference.note_update_(want_n, want_c, hidden, spans, window=window, gamma=0.1, lengths=lengths)
+    got_n, got_c = notes.clone(), counts.clone()
+    out = notes_bench.plain_torch_update_(got_n, got_c, hidden, spans, window, 0.1, lengths)
+    assert out is got_n
+    torch.testing.assert_close(got_n, want_n, rtol=1e-12, atol=1e-12)
+    assert torch.equal(got_c, want_c)
+
+
+def test_plain_torch_note_update_equals_the_reference_at_bench_shapes_float32():
+    g = torch.Generator().manual_seed(1)
+    lengths = torch.randint(64, 129, (32,), generator=g)
+    spans = notes_bench.make_spans(32, 128, lengths, seed=1)
+    notes = torch.randn(notes_bench.SLOTS, 64)
+    counts = torch.randint(0, 2, (notes_bench.SLOTS,))
+    hidden = torch.randn(32, 128, 64)
+    want_n, want_c = notes.double(), counts.clone()
+    reference.note_update_(want_n, want_c, hidden.double(), spans, window=notes_bench.WINDOW,
+                           gamma=notes_bench.GAMMA, lengths=lengths)
+    got_n, got_c = notes.clone(), counts.clone()
+    notes_bench.plain_torch_update_(got_n, got_c, hidden, spans, notes_bench.WINDOW, notes_bench.GAMMA, lengths)
+    torch.testing.assert_close(got_n.double(), want_n, rtol=1e-5, atol=1e-5)
+    assert torch.equal(got_c, want_c)
+
+
+def test_window_token_rows_are_the_windows_tokens():
+    spans = torch.tensor([[0, 0, 1, 3], [1, 5, 7, 2], [1, 9, 10, 3]])
+    lengths = torch.tensor([4, 10])
+    rows, owner, width = notes_bench.window_token_rows(spans, lengths, 2, 12)
+    want = [(0, list(range(0, 3))), (1, list(range(3, 9))), (2, list(range(7, 10)))]
+    assert width.tolist() == [len(t) for _, t in want]
+    assert owner.tolist() == [r for r, t in want for _ in t]
+    assert rows.tolist() == [int(spans[r, 0]) * 12 + t for r, t in want for t in t]
