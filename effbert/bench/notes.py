@@ -76,7 +76,7 @@ def plain_torch_update_(notes, counts, hidden, spans, window, gamma, lengths):
     of m weighs gamma (1 - gamma)^(m - r)). An earlier version took prefix sums over the whole batch
     (``hidden.cumsum(1)``): it read and wrote every token, not the ~2% under a window, and torch's CPU cumsum over
     a middle dimension is strided: at B=32, N=128, Dm=256 (22 span rows) it took 7.0 ms of process CPU time against
-    0.6 ms for the reference's Python loop and 0.3-0.9 ms for this version (a loaded machine; 51 ms against 1.3 ms
+    0.6 ms for the reference's Python loop and 0.3-0.9 ms for this version (a loaded machine; 68 ms against 1.3 ms
     at B=256)."""
     B, N, D = hidden.shape
     slot = spans[:, 3]
