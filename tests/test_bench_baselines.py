@@ -61,3 +61,36 @@ def test_window_token_rows_are_the_windows_tokens():
     assert width.tolist() == [len(t) for _, t in want]
     assert owner.tolist() == [r for r, t in want for _ in t]
     assert rows.tolist() == [int(spans[r, 0]) * 12 + t for r, t in want for t in t]
+
+
+def test_early_exit_is_calibrated_on_held_out_rows_and_reports_the_exits_run():
+    from effbert.bench import cpu_inference as bench
+    from effbert.calibration import calibrate_threshold, exit_layers
+
+    heldout = bench._heldout_exit_logits(True)
+    assert heldout.shape[:2] == (bench.DEPTH, bench.HELDOUT_ROWS[True])
+    cal = bench.calibrate_heldout(6.0, True)
+    want = calibrate_threshold(heldout, criterion="entropy", target_avg_exit=6.0, num=bench.CALIBRATION_CANDIDATES)
+    assert cal.threshold == want.threshold and cal.avg_exit_layer <= 6.0 + 1e-9
+    # the fine candidate grid lands within one row's worth of the target on the held-out rows
+    assert cal.avg_exit_layer >= 6.0 - bench.DEPTH / heldout.shape[1]
+    multi = bench._models(True)[2]
+    cases = [c for c in bench.cases(torch.device("cpu"), quick=True) if c.provider == "effbert-early-exit"]
+    assert cases
+    for case in cases:
+        ids, mask = case.make_inputs()
+        state = case.early_exit_state
+        assert state["threshold"] == cal.threshold and state["heldout_avg_exit"] == cal.avg_exit_layer
+        with torch.no_grad():
+            _, layers = multi.early_exit(ids, mask, criterion="entropy", threshold=cal.threshold)
+            full = multi(ids, mask).exit_logits.float()
+        assert torch.equal(layers, exit_layers(full, "entropy", threshold=cal.threshold))
+        assert state["avg_exit"] == float(layers.double().mean())
+        assert f"this batch ran an average exit of {state['avg_exit']:.2f}" in case.note
+        assert f"average exit {cal.avg_exit_layer:.2f} of 12 on 16 held-out rows (target 6)" in case.note
+        lengths = mask.sum(1)
+        flops = sum(bench.layer_flops([int(n)], 64, 128, ids.shape[1], False) * int(l)
+                    for n, l in zip(lengths, layers))
+        assert case.flops == float(flops)
+        out, ref = case.fn(ids, mask), case.reference(ids, mask)
+        torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
