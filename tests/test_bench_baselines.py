@@ -94,3 +94,59 @@ def test_early_exit_is_calibrated_on_held_out_rows_and_reports_the_exits_run():
         assert case.flops == float(flops)
         out, ref = case.fn(ids, mask), case.reference(ids, mask)
         torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
+
+
+
+@pytest.mark.requires("transformers")
+def test_transformers_train_step_rows_run_bert_for_masked_lm_with_and_without_the_labelled_head_trick():
+    """Both transformers rows train BertForMaskedLM; the labelled-head form gives the loss and every gradient of
+    the model run as a user runs it (float64, dropout off), and the rows say what their FLOPs count."""
+    from transformers import BertForMaskedLM
+
+    from effbert.bench import train_step_padding as padding
+    from effbert.bench import train_step_transformers as bench
+
+    cpu = torch.device("cpu")
+    sizes = dict(vocab_size=300, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                 max_position_embeddings=32)
+    lengths = padding.half_padded_lengths(4, 16, seed=3)
+    ids, mask, labels = padding.mlm_rows(lengths, 16, sizes["vocab_size"], seed=3)
+    grads, losses = {}, {}
+    for labelled in (False, True):
+        trainer = bench.HFTrainer(labelled, sizes, cpu, torch.float32, dropout=0.0)
+        trainer.build()
+        assert isinstance(trainer.model, BertForMaskedLM)
+        trainer.model.double()
+        loss = trainer.loss(ids, mask, labels)
+        loss.backward()
+        losses[labelled] = loss.detach()
+        grads[labelled] = {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
+    # the loss by hand: cross-entropy of the full model's logits at the labelled slots
+    with torch.no_grad():
+        logits = trainer.model(input_ids=ids, attention_mask=mask).logits
+    rows = labels != -100
+    want = torch.nn.functional.cross_entropy(logits[rows], labels[rows])
+    torch.testing.assert_close(losses[False], want, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(losses[True], want, rtol=1e-12, atol=1e-12)
+    assert grads[True].keys() == grads[False].keys()
+    for name in grads[True]:
+        torch.testing.assert_close(grads[True][name], grads[False][name], rtol=1e-9, atol=1e-12)
+    trainer = bench.HFTrainer(True, sizes, cpu, torch.float32, dropout=0.0)
+    steps = torch.stack([trainer(ids, mask, labels) for _ in range(3)])
+    assert steps[2] < steps[0]  # it trains
+
+    cases = {c.provider: c for c in bench.cases(cpu, quick=True)}
+    assert set(cases) == {"hf-mlm", "hf-mlm-labelled-head", "effbert-padded", "effbert-unpadded"}
+    assert {c.baseline for c in cases.values()} == {"hf-mlm"} and {c.op for c in cases.values()} == {bench.OP}
+    hf = cases["hf-mlm"]
+    b, n, real = hf.params["B"], hf.params["N"], hf.params["real"]
+    inputs = hf.make_inputs()
+    assert all(c.tokens == real == int(inputs[1].sum()) for c in cases.values())
+    head, lens = int((inputs[2] != -100).sum()), inputs[1].sum(1)
+    small = padding._sizes(cpu, True)[0]
+    assert hf.flops == padding.matrix_flops(small, b * n, b * n * n, b * n)
+    assert cases["hf-mlm-labelled-head"].flops == cases["effbert-padded"].flops == padding.matrix_flops(
+        small, b * n, b * n * n, head)
+    assert cases["effbert-unpadded"].flops == padding.matrix_flops(small, real, int((lens ** 2).sum()), head)
+    for case in cases.values():
+        assert torch.isfinite(case.fn(*inputs))
