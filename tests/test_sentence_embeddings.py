@@ -221,3 +221,13 @@ def test_sentence_transformer_module_saves_and_loads(folder, reference, tmp_path
         SentenceTransformer(str(tmp_path), device="cpu")
     with pytest.raises(ValueError, match="folder"):
         sentence_transformer_from_hf_bert(tmp_path / "missing")
+
+
+def test_without_sentence_transformers_the_module_says_how_to_install(monkeypatch):
+    from effbert.integrations import sentence
+
+    monkeypatch.setattr(sentence, "_HAS_ST", False)
+    with pytest.raises(ImportError, match=r"effbert\[sentence\]"):
+        sentence.sentence_transformer_from_hf_bert("/nonexistent")
+    with pytest.raises(ImportError, match=r"effbert\[sentence\]"):
+        sentence.EffbertTransformer("/nonexistent")
