@@ -165,8 +165,8 @@ setup(
         "hf": [],  # kept so that `pip install -e ".[hf]"` still works: what it installed is now required
         "bench": ["matplotlib", "tqdm", "pytest-benchmark", "psutil"],
         "peers": PEERS,
-        # effbert.integrations.sentence.EffbertTransformer: a sentence-transformers 6 module (SentenceEncoder needs
-        # only transformers)
+        # effbert.integrations.sentence.EffbertTransformer: a sentence-transformers 6 module
+        # (SentenceEncoder needs only transformers)
         "sentence": ["sentence-transformers>=6,<7"],
     },
     entry_points={"console_scripts": ["effbert = effbert.commands:main"]},

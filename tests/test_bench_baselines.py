@@ -1,4 +1,5 @@
-"""The bench's plain-torch and peer baselines are what their users would run, and equal the references."""
+"""The bench's plain-torch and peer baselines are what their users would run, and equal the
+references."""
 
 import pytest
 import torch
@@ -16,7 +17,8 @@ def _update_case(batch, seq, dim, rows, slots, dtype, seed):
         length = int(lengths[b])
         start = int(torch.randint(length, (), generator=g))
         end = min(length, start + int(torch.randint(1, 4, (), generator=g)))
-        spans.append([b, start, end, int(torch.randint(slots, (), generator=g))])  # few slots: repeats
+        slot = int(torch.randint(slots, (), generator=g))  # few slots: repeats
+        spans.append([b, start, end, slot])
     spans = torch.tensor(spans, dtype=torch.int64).view(-1, 4)
     notes = torch.randn(slots, dim, generator=g, dtype=dtype)
     counts = torch.randint(0, 2, (slots,), generator=g)
@@ -27,7 +29,8 @@ def _update_case(batch, seq, dim, rows, slots, dtype, seed):
 @pytest.mark.parametrize("rows", [0, 1, 7, 40])
 @pytest.mark.parametrize("window", [0, 3, 16])
 def test_plain_torch_note_update_equals_the_reference_float64(rows, window):
-    notes, counts, hidden, spans, lengths = _update_case(3, 20, 8, rows, 5, torch.float64, seed=rows + window)
+    notes, counts, hidden, spans, lengths = _update_case(3, 20, 8, rows, 5, torch.float64,
+                                                         seed=rows + window)
     want_n, want_c = notes.clone(), counts.clone()
     reference.note_update_(want_n, want_c, hidden, spans, window=window, gamma=0.1, lengths=lengths)
     got_n, got_c = notes.clone(), counts.clone()
@@ -48,7 +51,8 @@ def test_plain_torch_note_update_equals_the_reference_at_bench_shapes_float32():
     reference.note_update_(want_n, want_c, hidden.double(), spans, window=notes_bench.WINDOW,
                            gamma=notes_bench.GAMMA, lengths=lengths)
     got_n, got_c = notes.clone(), counts.clone()
-    notes_bench.plain_torch_update_(got_n, got_c, hidden, spans, notes_bench.WINDOW, notes_bench.GAMMA, lengths)
+    notes_bench.plain_torch_update_(got_n, got_c, hidden, spans, notes_bench.WINDOW,
+                                    notes_bench.GAMMA, lengths)
     torch.testing.assert_close(got_n.double(), want_n, rtol=1e-5, atol=1e-5)
     assert torch.equal(got_c, want_c)
 
@@ -70,24 +74,28 @@ def test_early_exit_is_calibrated_on_held_out_rows_and_reports_the_exits_run():
     heldout = bench._heldout_exit_logits(True)
     assert heldout.shape[:2] == (bench.DEPTH, bench.HELDOUT_ROWS[True])
     cal = bench.calibrate_heldout(6.0, True)
-    want = calibrate_threshold(heldout, criterion="entropy", target_avg_exit=6.0, num=bench.CALIBRATION_CANDIDATES)
+    want = calibrate_threshold(heldout, criterion="entropy", target_avg_exit=6.0,
+                               num=bench.CALIBRATION_CANDIDATES)
     assert cal.threshold == want.threshold and cal.avg_exit_layer <= 6.0 + 1e-9
     # the fine candidate grid lands within one row's worth of the target on the held-out rows
     assert cal.avg_exit_layer >= 6.0 - bench.DEPTH / heldout.shape[1]
     multi = bench._models(True)[2]
-    cases = [c for c in bench.cases(torch.device("cpu"), quick=True) if c.provider == "effbert-early-exit"]
+    cases = [c for c in bench.cases(torch.device("cpu"), quick=True)
+             if c.provider == "effbert-early-exit"]
     assert cases
     for case in cases:
         ids, mask = case.make_inputs()
         state = case.early_exit_state
-        assert state["threshold"] == cal.threshold and state["heldout_avg_exit"] == cal.avg_exit_layer
+        assert state["threshold"] == cal.threshold
+        assert state["heldout_avg_exit"] == cal.avg_exit_layer
         with torch.no_grad():
             _, layers = multi.early_exit(ids, mask, criterion="entropy", threshold=cal.threshold)
             full = multi(ids, mask).exit_logits.float()
         assert torch.equal(layers, exit_layers(full, "entropy", threshold=cal.threshold))
         assert state["avg_exit"] == float(layers.double().mean())
         assert f"this batch ran an average exit of {state['avg_exit']:.2f}" in case.note
-        assert f"average exit {cal.avg_exit_layer:.2f} of 12 on 16 held-out rows (target 6)" in case.note
+        held = f"average exit {cal.avg_exit_layer:.2f} of 12 on 16 held-out rows (target 6)"
+        assert held in case.note
         lengths = mask.sum(1)
         flops = sum(bench.layer_flops([int(n)], 64, 128, ids.shape[1], False) * int(l)
                     for n, l in zip(lengths, layers))
@@ -98,17 +106,18 @@ def test_early_exit_is_calibrated_on_held_out_rows_and_reports_the_exits_run():
 
 
 @pytest.mark.requires("transformers")
-def test_transformers_train_step_rows_run_bert_for_masked_lm_with_and_without_the_labelled_head_trick():
-    """Both transformers rows train BertForMaskedLM; the labelled-head form gives the loss and every gradient of
-    the model run as a user runs it (float64, dropout off), and the rows say what their FLOPs count."""
+def test_transformers_rows_train_bert_for_masked_lm_with_and_without_the_labelled_head_trick():
+    """Both transformers rows train BertForMaskedLM; the labelled-head form gives the loss and every
+    gradient of the model run as a user runs it (float64, dropout off), and the rows say what their
+    FLOPs count."""
     from transformers import BertForMaskedLM
 
     from effbert.bench import train_step_padding as padding
     from effbert.bench import train_step_transformers as bench
 
     cpu = torch.device("cpu")
-    sizes = dict(vocab_size=300, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
-                 max_position_embeddings=32)
+    sizes = dict(vocab_size=300, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                 intermediate_size=64, max_position_embeddings=32)
     lengths = padding.half_padded_lengths(4, 16, seed=3)
     ids, mask, labels = padding.mlm_rows(lengths, 16, sizes["vocab_size"], seed=3)
     grads, losses = {}, {}
@@ -120,7 +129,8 @@ def test_transformers_train_step_rows_run_bert_for_masked_lm_with_and_without_th
         loss = trainer.loss(ids, mask, labels)
         loss.backward()
         losses[labelled] = loss.detach()
-        grads[labelled] = {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
+        grads[labelled] = {n: p.grad.clone() for n, p in trainer.model.named_parameters()
+                           if p.grad is not None}
     # the loss by hand: cross-entropy of the full model's logits at the labelled slots
     with torch.no_grad():
         logits = trainer.model(input_ids=ids, attention_mask=mask).logits
@@ -137,7 +147,8 @@ def test_transformers_train_step_rows_run_bert_for_masked_lm_with_and_without_th
 
     cases = {c.provider: c for c in bench.cases(cpu, quick=True)}
     assert set(cases) == {"hf-mlm", "hf-mlm-labelled-head", "effbert-padded", "effbert-unpadded"}
-    assert {c.baseline for c in cases.values()} == {"hf-mlm"} and {c.op for c in cases.values()} == {bench.OP}
+    assert {c.baseline for c in cases.values()} == {"hf-mlm"}
+    assert {c.op for c in cases.values()} == {bench.OP}
     hf = cases["hf-mlm"]
     b, n, real = hf.params["B"], hf.params["N"], hf.params["real"]
     inputs = hf.make_inputs()
@@ -145,8 +156,9 @@ def test_transformers_train_step_rows_run_bert_for_masked_lm_with_and_without_th
     head, lens = int((inputs[2] != -100).sum()), inputs[1].sum(1)
     small = padding._sizes(cpu, True)[0]
     assert hf.flops == padding.matrix_flops(small, b * n, b * n * n, b * n)
-    assert cases["hf-mlm-labelled-head"].flops == cases["effbert-padded"].flops == padding.matrix_flops(
-        small, b * n, b * n * n, head)
-    assert cases["effbert-unpadded"].flops == padding.matrix_flops(small, real, int((lens ** 2).sum()), head)
+    trick = padding.matrix_flops(small, b * n, b * n * n, head)
+    assert cases["hf-mlm-labelled-head"].flops == cases["effbert-padded"].flops == trick
+    unpadded = padding.matrix_flops(small, real, int((lens ** 2).sum()), head)
+    assert cases["effbert-unpadded"].flops == unpadded
     for case in cases.values():
         assert torch.isfinite(case.fn(*inputs))

