@@ -56,17 +56,38 @@ def plain_torch_mix(x, notes, slots, lam):
     return torch.where((slots >= 0).unsqueeze(-1), (1 - lam) * x + lam * gathered, x)
 
 
-def plain_torch_update_(notes, counts, hidden, spans, window, gamma, lengths):
-    """The best plain PyTorch version: prefix sums over the sequence for the window means, then the ordered EMA as
-    per-row weights folded in with index_add_ (occurrence r of m weighs gamma (1 - gamma)^(m - r))."""
-    B, N, D = hidden.shape
-    b, start, end, slot = spans.unbind(1)
-    csum = torch.zeros(B, N + 1, D, dtype=torch.float32, device=hidden.device)
-    csum[:, 1:] = hidden.float().cumsum(1)
+def window_token_rows(spans, lengths, window, seq):
+    """The hidden-state rows each span's window reads, flattened: ``(rows [T] int64, owner [T]
+    int64, width [M])``, ``rows`` indexing ``hidden.view(B * seq, Dm)``, ``owner`` the span row each
+    belongs to, ``width = hi - lo`` (window ``[lo, hi) = [max(0, start - window), min(length, end +
+    window))``, as ``reference.window_bounds``)."""
+    b, start, end, _ = spans.unbind(1)
     lo = (start - window).clamp_min(0)
     hi = torch.minimum(end + window, lengths[b])
-    flat = csum.view(B * (N + 1), D)  # index_select: advanced indexing is far slower on the CPU
-    c = (flat.index_select(0, b * (N + 1) + hi) - flat.index_select(0, b * (N + 1) + lo)) / (hi - lo).unsqueeze(1)
+    width = hi - lo
+    owner = torch.repeat_interleave(torch.arange(spans.shape[0], device=spans.device), width)
+    first = torch.cumsum(width, 0) - width  # where each span's tokens start in the flat list
+    offset = torch.arange(owner.shape[0], device=spans.device) - first[owner]
+    return (b * seq + lo)[owner] + offset, owner, width
+
+
+def plain_torch_update_(notes, counts, hidden, spans, window, gamma, lengths):
+    """The best plain PyTorch version: gather only the tokens under the windows (one
+    ``index_select``), sum each window with ``index_add_``, then the ordered EMA as per-row weights
+    folded in with ``index_add_`` (occurrence r of m weighs gamma (1 - gamma)^(m - r)). An earlier
+    version took prefix sums over the whole batch (``hidden.cumsum(1)``): it read and wrote every
+    token, not the ~2% under a window, and torch's CPU cumsum over a middle dimension is strided: at
+    B=32, N=128, Dm=256 (22 span rows) it took 7.0 ms of process CPU time against 0.6 ms for the
+    reference's Python loop and 0.3-0.9 ms for this version (a loaded machine; 68 ms against 1.3 ms
+    at B=256)."""
+    B, N, D = hidden.shape
+    slot = spans[:, 3]
+    rows, owner, width = window_token_rows(spans, lengths, window, N)
+    # float64 for float64 hidden states, else float32, as the reference computes
+    ct = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    picked = hidden.reshape(B * N, D).index_select(0, rows).to(ct)
+    c = torch.zeros(spans.shape[0], D, dtype=ct, device=hidden.device).index_add_(0, owner, picked)
+    c = (c / width.unsqueeze(1)).to(notes.dtype)
     sorted_slots, order = torch.sort(slot, stable=True)
     first_of = torch.searchsorted(sorted_slots, sorted_slots)
     m_sorted = torch.searchsorted(sorted_slots, sorted_slots, right=True) - first_of
@@ -76,10 +97,10 @@ def plain_torch_update_(notes, counts, hidden, spans, window, gamma, lengths):
     fresh = counts[slot] == 0
     keep = 1.0 - gamma
     weight = gamma * keep ** (m - r).double()
-    weight = torch.where(fresh & (r == 1), keep ** (m - 1).double(), weight).float()
+    weight = torch.where(fresh & (r == 1), keep ** (m - 1).double(), weight).to(notes.dtype)
     touched = torch.unique(slot)
     old_scale = torch.where(counts[touched] == 0, 0.0, keep ** torch.bincount(slot, minlength=notes.shape[0])[touched]
-                            .double()).float()
+                            .double()).to(notes.dtype)
     notes.index_copy_(0, touched, notes.index_select(0, touched) * old_scale.unsqueeze(1))
     notes.index_add_(0, slot, weight.unsqueeze(1) * c)
     counts.index_add_(0, slot, torch.ones_like(slot))

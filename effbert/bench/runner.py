@@ -18,7 +18,8 @@ from . import timing
 from .case import check_output
 
 # modules of effbert.bench that contribute cases
-FAMILIES = ("early_exit", "token_exit", "train_step", "train_step_padding", "tupe_attention", "notes", "mc_bert", "cpu_inference")
+FAMILIES = ("early_exit", "token_exit", "train_step", "train_step_padding",
+            "train_step_transformers", "tupe_attention", "notes", "mc_bert", "cpu_inference")
 
 
 def environment(device):
