@@ -305,3 +305,32 @@ def test_model_stage2_checks():
     single = make_model(multi_exit=False)
     with pytest.raises(ValueError, match="multi_exit"):
         single(ids, attention_mask=mask, labels=labels, token_exit_layer=good)
+
+
+def test_training_helpers_feed_the_model():
+    from effbert.training.token_exit import self_sampling_inputs, stage1_outputs
+    torch.manual_seed(6)
+    model = make_model()
+    ids, mask, label_mask = make_batch(model.config)
+    labels = torch.where(label_mask, torch.randint(0, 5, ids.shape), -100)
+    batch = dict(input_ids=ids, attention_mask=mask, labels=labels)
+    model.train()
+    logits, loss = stage1_outputs(model, batch)
+    assert model.training  # mode restored
+    model.eval()
+    want = model(ids, attention_mask=mask).exit_logits
+    torch.testing.assert_close(logits, want.float())
+    for i in range(len(model.exits)):
+        ce = F.cross_entropy(want[i][label_mask], labels[label_mask], reduction="none").float()
+        torch.testing.assert_close(loss[i][label_mask], ce)
+        assert loss[i][~label_mask].eq(0).all()
+    extra = self_sampling_inputs(batch, logits, loss, flooding_bias=0.1, sandwich_full=1,
+                                 generator=torch.Generator().manual_seed(0))
+    assert extra["token_exit_layer"][-1][mask[-1]].eq(len(model.exits)).all()  # the sandwich's full row
+    torch.testing.assert_close(extra["flooding_bias"], loss + 0.1)
+    out = model(**batch, **{k: v.double() if v.is_floating_point() else v for k, v in extra.items()})
+    assert torch.isfinite(out.loss)
+    with pytest.raises(ValueError, match="exit_logits"):
+        self_sampling_inputs(batch, logits[:, :2], loss)
+    with pytest.raises(ValueError, match="token_loss"):
+        self_sampling_inputs(batch, logits, loss[:2])
