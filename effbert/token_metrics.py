@@ -4,6 +4,7 @@
 layer and at the early exit, and the threshold that reaches a target average exit layer on held-out data."""
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -92,7 +93,7 @@ def _check_batches(batches):
     if not isinstance(batches, (list, tuple)) or not batches:
         raise ValueError("batches must be a non-empty list of dicts with input_ids, attention_mask, labels")
     for b in batches:
-        if not isinstance(b, dict) or not {"input_ids", "attention_mask", "labels"} <= set(b):
+        if not isinstance(b, Mapping) or not {"input_ids", "attention_mask", "labels"} <= set(b):
             raise ValueError("each batch must be a dict with input_ids, attention_mask and labels")
 
 

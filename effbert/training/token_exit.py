@@ -5,6 +5,8 @@ the stage-1 model's per-layer outputs on the training batches, computed once in 
 simulated exit layer of every token and, with flooding, the stage-1 per-token losses. The loss itself is the
 model's (``TupeBertForTokenClassification.forward`` with ``token_exit_layer``)."""
 
+from collections.abc import Mapping
+
 import torch
 import torch.nn.functional as F
 
@@ -24,7 +26,7 @@ def stage1_outputs(model, batch):
     restored. Raises ``ValueError`` naming what is missing."""
     if getattr(model, "exits", None) is None:
         raise ValueError("model must be a multi-exit token classifier (config.multi_exit=True)")
-    if not isinstance(batch, dict) or not {"input_ids", "attention_mask", "labels"} <= set(batch):
+    if not isinstance(batch, Mapping) or not {"input_ids", "attention_mask", "labels"} <= set(batch):
         raise ValueError("batch must be a dict with input_ids, attention_mask and labels")
     was_training = model.training
     model.eval()
@@ -51,7 +53,7 @@ def self_sampling_inputs(batch, exit_logits, token_loss=None, *, flooding_bias=0
     ``batch``: a dict with ``attention_mask`` and ``labels`` ``[B, N]``; ``exit_logits``, ``token_loss``: as
     ``stage1_outputs`` gives them for this batch. Returns a dict to merge into the batch. Raises ``ValueError``
     naming the argument."""
-    if not isinstance(batch, dict) or not {"attention_mask", "labels"} <= set(batch):
+    if not isinstance(batch, Mapping) or not {"attention_mask", "labels"} <= set(batch):
         raise ValueError("batch must be a dict with attention_mask and labels")
     labels = batch["labels"]
     if not isinstance(exit_logits, torch.Tensor) or exit_logits.dim() != 4 \
