@@ -54,9 +54,11 @@ def tag_text(text):
         "use Lingua::EN::Tagger; my $p = Lingua::EN::Tagger->new(); local $/; my $t = <STDIN>; "
         "print $p->add_tags($t);"
     )
-    out = subprocess.run(
-        ["perl", "-e", script], input=text, capture_output=True, text=True, check=True
-    ).stdout
+    run = subprocess.run(["perl", "-e", script], input=text, capture_output=True, text=True)
+    if run.returncode != 0:
+        sys.exit(f"Lingua::EN::Tagger failed ({run.stderr.strip()[:200]}): "
+                 "apt-get install liblingua-en-tagger-perl")
+    out = run.stdout
     return [(w, t) for t, w in re.findall(r"<([a-z$]+)>([^<]*)</\1>", out)]
 
 
