@@ -160,15 +160,17 @@ setup(
         # numpy < 2.4: the Triton 3.6 interpreter, which runs the kernels in the tests, breaks on numpy 2.4.
         # The peers too (about 25 s from wheels): CI runs the peer tests instead of skipping them.
         # scipy: the real-task benchmarks' paired t intervals, and the test that checks them;
-        # sentence-transformers: the sentence-embedding module's tests against its own encode
+        # sentence-transformers and seqeval: the sentence-embedding and entity-F1 tests
         "test": ["pytest>=7", "pytest-benchmark", "expecttest", "matplotlib", "numpy<2.4", "scipy",
-                 *PEERS, "sentence-transformers>=6,<7"],
+                 "seqeval>=1.2.2", *PEERS, "sentence-transformers>=6,<7"],
         "hf": [],  # kept so that `pip install -e ".[hf]"` still works: what it installed is now required
         "bench": ["matplotlib", "tqdm", "pytest-benchmark", "psutil", "scipy"],
         "peers": PEERS,
         # effbert.integrations.sentence.EffbertTransformer: a sentence-transformers 6 module
         # (SentenceEncoder needs only transformers)
         "sentence": ["sentence-transformers>=6,<7"],
+        # entity F1 of sequence labelling (token-level early exit: effbert.token_metrics)
+        "tokens": ["seqeval>=1.2.2"],
     },
     entry_points={"console_scripts": ["effbert = effbert.commands:main"]},
     zip_safe=False,

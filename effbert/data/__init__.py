@@ -8,7 +8,9 @@ collators that turn text into model batches. It sits beside the library (ops, nn
 - ``packing``: ``pack`` (several texts a row, ``position_ids`` restarting per text), ``pack_lengths``,
   ``text_lengths``;
 - ``collator``: ``DataCollatorForTupeMLM`` (padding, BERT's masking, TNF spans);
-- ``tnf``: ``RareWordTable``, ``build_rare_vocab``.
+- ``tnf``: ``RareWordTable``, ``build_rare_vocab``;
+- ``conll``: ``read_conll``, ``check_bio``, ``label_list``, ``encode_conll``,
+  ``token_classification_collator`` (sequence-labelling files, labels on first word pieces).
 
 The submodules are imported on demand (``from effbert.data.corpus import load_corpus``): importing ``effbert`` does
 not import ``datasets`` or ``tokenizers``. See docs/data.md."""

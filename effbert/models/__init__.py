@@ -18,11 +18,16 @@ from .quantization import QUANTIZED_DTYPES, quantize_for_cpu
 from .token_classification import (
     TOKEN_EXIT_MODES,
     MultiExitTokenClassifierOutput,
+    SelfSamplingDraw,
     TokenClassifierOutput,
     TokenExitOutput,
     TupeBertForTokenClassification,
     multi_exit_token_loss,
     published_token_thresholds,
+    draw_self_sampling,
+    self_sampling_token_exit_layers,
+    self_sampling_token_loss,
+    simulate_word_exits,
 )
 
 __all__ = ["POSITION_MODES", "TupeBertConfig", "TupeBertPreTrainedModel", "TupeBertModel", "TupeBertForMaskedLM",
@@ -31,7 +36,8 @@ __all__ = ["POSITION_MODES", "TupeBertConfig", "TupeBertPreTrainedModel", "TupeB
            "MultiExitSequenceClassifierOutput", "TupeBertForTokenClassification", "MultiExitTokenClassifierOutput",
            "TokenClassifierOutput", "TokenExitOutput", "TOKEN_EXIT_MODES", "multi_exit_token_loss",
            "published_token_thresholds", "register_auto_classes", "quantize_for_cpu",
-           "QUANTIZED_DTYPES", "load_pretrained"]
+           "QUANTIZED_DTYPES", "load_pretrained", "SelfSamplingDraw", "draw_self_sampling",
+           "simulate_word_exits", "self_sampling_token_exit_layers", "self_sampling_token_loss"]
 
 
 def register_auto_classes():

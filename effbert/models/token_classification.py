@@ -24,7 +24,10 @@ from .tupe_bert import (TupeBertModel, TupeBertPreTrainedModel, _as_requested, _
                         _values_in_range)
 
 __all__ = ["TupeBertForTokenClassification", "MultiExitTokenClassifierOutput", "TokenClassifierOutput",
-           "TokenExitOutput", "published_token_thresholds", "multi_exit_token_loss", "TOKEN_EXIT_MODES"]
+           "TokenExitOutput", "published_token_thresholds", "multi_exit_token_loss",
+           "TOKEN_EXIT_MODES", "SelfSamplingDraw", "draw_self_sampling", "simulate_word_exits",
+           "self_sampling_token_exit_layers", "self_sampling_token_loss", "SELF_SAMPLING_WINDOWS",
+           "SELF_SAMPLING_THRESHOLDS", "SELF_SAMPLING_TOKEN_THRESHOLDS"]
 
 TOKEN_EXIT_MODES = ("tokee", "sentee")
 
@@ -158,19 +161,30 @@ class TupeBertForTokenClassification(MultiExitMixin, TupeBertPreTrainedModel):
         _values_in_range("labels", labels, 0, self.config.num_labels, allow=-100)
 
     def forward(self, input_ids, attention_mask=None, token_type_ids=None, labels=None, output_hidden_states=False,
-                return_dict=None, position_ids=None):
+                return_dict=None, position_ids=None, token_exit_layer=None, flooding_bias=None):
         if labels is not None:
             self._check_token_labels(labels, tuple(input_ids.shape), input_ids.device)
+        if token_exit_layer is not None or flooding_bias is not None:
+            self._check_self_sampling(input_ids, labels, token_exit_layer, flooding_bias)
         bert = self.bert
         hidden, packing = bert.embed_packed(input_ids, attention_mask, token_type_ids, position_ids)
-        hidden, states = bert.encode(hidden, packing, output_hidden_states=output_hidden_states or
-                                     self.exits is not None)
+        if token_exit_layer is not None:
+            hidden, states = self._encode_copy(hidden, packing, packing.gather(token_exit_layer))
+        else:
+            every = output_hidden_states or self.exits is not None
+            hidden, states = bert.encode(hidden, packing, output_hidden_states=every)
         if self.exits is not None:  # every layer's classifier on that layer's packed states
             packed = torch.stack([head(self.dropout(t)) for t, head in zip(states[1:], self.exits)])
         else:
             packed = self.classifier(self.dropout(hidden))[None]
         loss = None
-        if labels is not None:
+        if labels is not None and token_exit_layer is not None:
+            bias = None
+            if flooding_bias is not None:
+                bias = torch.stack([packing.gather(f) for f in flooding_bias])
+            loss = self_sampling_token_loss(packed, packing.gather(labels).long(),
+                                            packing.gather(token_exit_layer), bias)
+        elif labels is not None:
             loss = self._token_loss(packed, packing.gather(labels).long())
         logits = torch.stack([packing.pad(z) for z in packed])
         states = tuple(packing.pad(t) for t in states) if output_hidden_states else None
@@ -180,6 +194,47 @@ class TupeBertForTokenClassification(MultiExitMixin, TupeBertPreTrainedModel):
             out = MultiExitTokenClassifierOutput(loss=loss, logits=logits[-1], exit_logits=logits,
                                                  hidden_states=states)
         return _as_requested(out, return_dict)
+
+    def _check_self_sampling(self, input_ids, labels, token_exit_layer, flooding_bias):
+        if self.exits is None:
+            raise ValueError("self-sampling fine-tuning needs a classifier per layer: build the "
+                             "model with config.multi_exit=True")
+        if token_exit_layer is None:
+            raise ValueError("flooding_bias needs token_exit_layer (the self-sampling stage)")
+        shape, depth = tuple(input_ids.shape), len(self.exits)
+        if not isinstance(token_exit_layer, torch.Tensor) \
+                or tuple(token_exit_layer.shape) != shape \
+                or token_exit_layer.dtype not in (torch.int32, torch.int64) \
+                or token_exit_layer.device != input_ids.device:
+            raise ValueError(f"token_exit_layer must be an int [B, N] = {list(shape)} tensor on "
+                             f"{input_ids.device}")
+        if bool(((token_exit_layer < 0) | (token_exit_layer > depth)).any()):
+            raise ValueError(f"token_exit_layer must be in [0, {depth}] "
+                             "(1-based layers; 0 at padding)")
+        if flooding_bias is not None and (not isinstance(flooding_bias, torch.Tensor)
+                                          or tuple(flooding_bias.shape) != (depth,) + shape
+                                          or not flooding_bias.is_floating_point()):
+            raise ValueError(f"flooding_bias must be a float [L, B, N] = {[depth, *shape]} tensor")
+        if flooding_bias is not None and labels is None:
+            raise ValueError("flooding_bias is a loss term: it needs labels")
+
+    def _encode_copy(self, hidden, packing, exit_layer):
+        """The layers with the published masked copy rule of self-sampling training: after layer
+        i (1-based) a token whose ``exit_layer`` (packed ``[T]``) is below i keeps its state,
+        ``h = where(exit_layer >= i, layer(h), h)``; every token still runs through the layer, so
+        exited tokens stay keys and values. The frozen state is the post-LayerNorm one, as
+        effbert's TOKEE inference freezes it (the published ``--keep_norm_same 0``; the README's
+        run merges before each layer's output LayerNorm instead).
+        Returns ``(hidden, states)`` as ``TupeBertModel.encode`` with every layer's states."""
+        bert = self.bert
+        rows = packing.max_seqlen if bert.config.unpad_inputs else packing.rows_len
+        pos_bias = bert.position_bias(rows)
+        states = [hidden]
+        for i, layer in enumerate(bert.encoder.layers):
+            new = bert.encoder.run_layer(layer, hidden, pos_bias, packing)
+            hidden = torch.where((exit_layer > i)[:, None], new, hidden)
+            states.append(hidden)
+        return hidden, tuple(states)
 
     # ---- early-exit inference ------------------------------------------------------------------------------
 
@@ -377,3 +432,232 @@ class TupeBertForTokenClassification(MultiExitMixin, TupeBertPreTrainedModel):
         logits_out[slots] = word_logits
         return TokenExitOutput(labels=labels_out.view(b, n), exit_layer=layers_out.view(b, n),
                                token_layers=token_layers, logits=logits_out.view(b, n, self.config.num_labels))
+
+
+# ---- self-sampling fine-tuning (stage 2)
+# --------------------------------------------------------------------------
+# Li et al. (ACL 2021), section 4.3; LeeSureman/Sequence-Labeling-Early-Exit at commit 9717770:
+# ``V0/further_train.py`` (the stage-1 model's per-layer predictions on the training set, computed
+# once in eval
+# mode: ``get_pred``), ``V0/utils.py`` (``Sample_Stop_Update_Callback.on_batch_begin``,
+# ``simulate_ee``,
+# ``inverse_pull_word_to_wordpiece``, ``exit_layers_to_should_exit``) and ``V0/modeling_bert_ee.py``
+# (``train_mode='joint_sample_copy'``: the masked copy rule, lines 369-420, and the loss, lines
+# 2101-2150).
+
+SELF_SAMPLING_WINDOWS = (3, 5, 7, 9, 11, 13, 15)
+SELF_SAMPLING_THRESHOLDS = (0.01, 0.03, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.45, 0.5)
+SELF_SAMPLING_TOKEN_THRESHOLDS = (-1.0, 0.01, 0.03, 0.05, 0.1, 0.2, 0.3)
+
+
+class SelfSamplingDraw(NamedTuple):
+    """One batch's simulated exit settings, one entry per sample (``draw_self_sampling``):
+    ``windows`` odd ints, ``thresholds`` floats (the first half's threshold; the second half's is
+    twice it), ``token_thresholds`` floats (the published ``t_level_t``, second half of the layers
+    only; -1 disables it) and ``full`` bools (the sandwich's full-depth samples: every token runs
+    every layer)."""
+
+    windows: list
+    thresholds: list
+    token_thresholds: list
+    full: list
+
+
+def _choices(values, name):
+    values = tuple(values)
+    if not values:
+        raise ValueError(f"{name} must not be empty")
+    for v in values:
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            raise ValueError(f"{name} must hold finite numbers, got {v!r}")
+    return values
+
+
+def draw_self_sampling(batch_size, *, windows=SELF_SAMPLING_WINDOWS,
+                       thresholds=SELF_SAMPLING_THRESHOLDS,
+                       token_thresholds=SELF_SAMPLING_TOKEN_THRESHOLDS, sandwich_small=2,
+                       sandwich_full=3, generator=None):
+    """Draws the simulated exit settings of one batch as the published stage 2 does
+    (``Sample_Stop_Update_Callback.on_batch_begin``): each sample gets a window, a threshold and a
+    token threshold drawn uniformly from the lists; then the "sandwich": each of the first
+    ``sandwich_small`` samples gets the most aggressive setting on one axis (a fair coin: the
+    smallest window, else the largest threshold) and the largest token threshold; the last
+    ``sandwich_full`` samples run at full depth (applied after, so they win where the two overlap in
+    a small batch).
+
+    Arguments: ``batch_size`` int >= 0; ``windows`` odd ints >= 1, ascending (the published list is
+    filtered by ``--min_win_size``/``--max_win_size``; its first entry is the smallest);
+    ``thresholds`` and ``token_thresholds`` ascending finite floats (the last is the largest);
+    ``sandwich_small``, ``sandwich_full`` ints >= 0 (published defaults 2 and 3; the README's run
+    uses 2 and 4); ``generator``: a ``torch.Generator`` or None (the published code draws with numpy
+    and ``random``).
+    Returns ``SelfSamplingDraw``. Raises ``ValueError`` naming the argument."""
+    for name, v in (("batch_size", batch_size), ("sandwich_small", sandwich_small),
+                    ("sandwich_full", sandwich_full)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+            raise ValueError(f"{name} must be an int >= 0, got {v!r}")
+    windows = _choices(windows, "windows")
+    if any(not isinstance(w, int) or w < 1 or w % 2 == 0 for w in windows):
+        raise ValueError(f"windows must be odd ints >= 1, got {windows!r}")
+    thresholds = _choices(thresholds, "thresholds")
+    token_thresholds = _choices(token_thresholds, "token_thresholds")
+    for name, values in (("windows", windows), ("thresholds", thresholds),
+                         ("token_thresholds", token_thresholds)):
+        if list(values) != sorted(values):
+            raise ValueError(f"{name} must be ascending, got {values!r}")
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise ValueError("generator must be a torch.Generator or None, got "
+                         f"{type(generator).__name__}")
+
+    def pick(values):
+        idx = torch.randint(len(values), (batch_size,), generator=generator).tolist()
+        return [values[i] for i in idx]
+
+    win, thr, tok = pick(windows), pick(thresholds), pick(token_thresholds)
+    for i in range(min(sandwich_small, batch_size)):
+        if int(torch.randint(2, (), generator=generator)) % 2:
+            win[i] = windows[0]
+        else:
+            thr[i] = thresholds[-1]
+        tok[i] = token_thresholds[-1]
+    full = [False] * batch_size
+    for i in range(min(sandwich_full, batch_size)):
+        full[batch_size - 1 - i] = True
+    return SelfSamplingDraw(win, thr, tok, full)
+
+
+def simulate_word_exits(word_logits, window, threshold, token_threshold=-1.0, *,
+                        max_threshold=1000.0):
+    """The exit layer of each word of one sentence as TOKEE would give it, from a fixed model's
+    per-layer logits (``simulate_ee`` of the published ``V0/utils.py``, the first-stage model's
+    predictions as input).
+
+    After layer ``i`` (1-based, ``i < L``): ``u = H(softmax(z_i)) / log(C)`` per word, ``u_win =
+    max_pool1d(u, window, stride 1, padding window // 2)`` over all the sentence's words (exited
+    ones included, with their layer-i ``u``, as published); a word still running exits at layer i
+    when ``u_win < t_i`` or ``u < s_i``, with ``t = published_token_thresholds(threshold, L)`` each
+    capped at ``max_threshold`` (``--max_threshold_2``) and ``s_i`` = ``token_threshold`` for the
+    second half of the layers, 0 for the first (published ``[0] * 6 + [t_level_t] * 6``). Words left
+    after layer L - 1 exit at L.
+
+    Arguments: ``word_logits`` float ``[L, n, C]`` (``n`` >= 0 words, ``C`` >= 2); ``window`` odd
+    int >= 1; ``threshold``, ``token_threshold``, ``max_threshold`` finite floats. Returns int64
+    ``[n]``, 1-based exit layers in ``[1, L]``. Raises ``ValueError`` naming the argument. The
+    published code hard-codes 12 layers
+    (``[t] * 6 + [2t] * 6``); for another depth the halves are ``published_token_thresholds``'."""
+    if not isinstance(word_logits, torch.Tensor) or word_logits.dim() != 3 \
+            or not word_logits.is_floating_point():
+        raise ValueError("word_logits must be a float [L, n, C] tensor")
+    depth, n, classes = word_logits.shape
+    if depth < 1 or classes < 2:
+        raise ValueError(f"word_logits must have L >= 1 and C >= 2, got {tuple(word_logits.shape)}")
+    if isinstance(window, bool) or not isinstance(window, int) or window < 1 or window % 2 == 0:
+        raise ValueError(f"window must be an odd int >= 1, got {window!r}")
+    for name, v in (("threshold", threshold), ("token_threshold", token_threshold),
+                    ("max_threshold", max_threshold)):
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            raise ValueError(f"{name} must be a finite float, got {v!r}")
+    exits = torch.full((n,), depth, dtype=torch.int64, device=word_logits.device)
+    if n == 0 or depth == 1:
+        return exits
+    t = torch.tensor([min(x, max_threshold) for x in published_token_thresholds(threshold, depth)],
+                     dtype=word_logits.dtype, device=word_logits.device)
+    half = depth // 2
+    s = torch.tensor([0.0] * half + [float(token_threshold)] * (depth - half),
+                     dtype=word_logits.dtype, device=word_logits.device)
+    logp = torch.log_softmax(word_logits[:-1], -1)
+    u = -(logp.exp() * logp).sum(-1) / math.log(classes)  # [L - 1, n]
+    win = F.max_pool1d(u[:, None], kernel_size=window, stride=1, padding=window // 2)[:, 0]
+    hit = (win < t[:-1, None]) | (u < s[:-1, None])  # [L - 1, n]
+    first = hit.long().argmax(0) + 1
+    return torch.where(hit.any(0), first, exits)
+
+
+def self_sampling_token_exit_layers(stage1_logits, label_mask, attention_mask, draw, *,
+                                    copy_wordpieces="all", max_threshold=1000.0):
+    """Each token's simulated exit layer for one batch of stage 2: ``simulate_word_exits`` per row
+    with that row's drawn settings on the first-stage model's logits at the row's labelled tokens
+    (the words), then spread to word pieces as ``inverse_pull_word_to_wordpiece`` does: with
+    ``copy_wordpieces="all"`` (published default) every piece of a word (its labelled token and the
+    unlabelled tokens after it up to the next labelled token or the row's last real token) takes the
+    word's layer, with ``"first"`` only the labelled one; [CLS], [SEP] and other tokens of no word
+    run every layer (L), a ``draw.full`` row too.
+
+    Arguments: ``stage1_logits`` float ``[L, B, N, C]`` (the stage-1 model's ``exit_logits``, eval
+    mode, computed once before stage 2 as the published ``get_pred`` does); ``label_mask`` bool
+    ``[B, N]`` (``labels != -100``); ``attention_mask`` ``[B, N]`` bool or 0/1 ints; ``draw`` a
+    ``SelfSamplingDraw`` of B samples. Returns int64 ``[B, N]``: 1-based exit layers in ``[1, L]``
+    at real tokens, 0 at padding (the model's
+    ``token_exit_layer`` input). Raises ``ValueError`` naming the argument."""
+    if not isinstance(stage1_logits, torch.Tensor) or stage1_logits.dim() != 4:
+        raise ValueError("stage1_logits must be a float [L, B, N, C] tensor")
+    depth, b, n, _ = stage1_logits.shape
+    for name, t in (("label_mask", label_mask), ("attention_mask", attention_mask)):
+        if not isinstance(t, torch.Tensor) or tuple(t.shape) != (b, n):
+            raise ValueError(f"{name} must be a [B, N] = {[b, n]} tensor")
+    if label_mask.dtype != torch.bool:
+        raise ValueError(f"label_mask must be bool, got {label_mask.dtype}")
+    if not isinstance(draw, SelfSamplingDraw) or any(len(x) != b for x in draw):
+        raise ValueError(f"draw must be a SelfSamplingDraw of {b} samples")
+    if copy_wordpieces not in ("all", "first"):
+        raise ValueError(f"copy_wordpieces must be 'all' or 'first', got {copy_wordpieces!r}")
+    real = attention_mask.bool()
+    if bool((label_mask & ~real).any()):
+        raise ValueError("label_mask must not mark padding (attention_mask 0) as labelled")
+    out = torch.where(real, depth, 0).to(torch.int64)
+    for r in range(b):
+        if draw.full[r]:
+            continue
+        words = label_mask[r].nonzero().flatten()
+        exits = simulate_word_exits(stage1_logits[:, r, words], draw.windows[r], draw.thresholds[r],
+                                    draw.token_thresholds[r], max_threshold=max_threshold)
+        last = int(real[r].nonzero().max()) if bool(real[r].any()) else 0
+        ends = words[1:].tolist() + [last]
+        for w, (start, end) in enumerate(zip(words.tolist(), ends)):
+            stop = start + 1 if copy_wordpieces == "first" else max(end, start + 1)
+            out[r, start:stop] = exits[w]
+    return out
+
+
+def self_sampling_token_loss(exit_logits, labels, token_exit_layer, flooding_bias=None):
+    """The published stage-2 loss (``train_mode='joint_sample_copy'``, ``true_label=1``,
+    ``joint_weighted=1``, the loss's reduction ``'none'`` as ``V0/further_train.py`` sets it): layer
+    i's (1-based) cross-entropy over the labelled tokens still running there (``token_exit_layer >=
+    i``), summed and divided by the number of labelled tokens (all of them, not only the running
+    ones); then ``sum_i i * loss_i / sum_i i``.
+
+    With ``flooding_bias`` (``--flooding 1``, the published default of stage 2) each labelled
+    token's term is ``|CE - flooding_bias[i]|`` where ``CE`` is 0 for a token that has exited (a
+    constant with no gradient then, kept as the published sum keeps it); ``flooding_bias`` is the
+    first-stage model's per-token cross-entropy at each layer plus the published ``--flooding_bias``
+    constant (0 in the README's run). The published sum also holds ``|1 - constant|`` at each padded
+    word slot (its bias is padded with -1): a gradient-free term that depends on the batch's
+    padding, left out here.
+
+    Arguments: ``exit_logits`` float ``[L, T, C]``; ``labels`` int ``[T]`` in ``[0, C)`` or -100;
+    ``token_exit_layer`` int ``[T]``, 1-based; ``flooding_bias`` None or float ``[L, T]``. Returns a
+    scalar in the logits' dtype (float32 for half types); NaN when no token has a label. Raises
+    ``ValueError`` naming the
+    argument."""
+    if not isinstance(exit_logits, torch.Tensor) or exit_logits.dim() != 3:
+        raise ValueError("exit_logits must be a float [L, T, C] tensor")
+    depth, total, _ = exit_logits.shape
+    for name, t in (("labels", labels), ("token_exit_layer", token_exit_layer)):
+        if not isinstance(t, torch.Tensor) or tuple(t.shape) != (total,):
+            raise ValueError(f"{name} must be a [T] = [{total}] tensor")
+    if flooding_bias is not None and (not isinstance(flooding_bias, torch.Tensor)
+                                      or tuple(flooding_bias.shape) != (depth, total)):
+        raise ValueError(f"flooding_bias must be None or a [L, T] = {[depth, total]} tensor")
+    dtype = torch.float64 if exit_logits.dtype == torch.float64 else torch.float32
+    labelled = labels != -100
+    count = labelled.sum().to(dtype)
+    loss = exit_logits.new_zeros((), dtype=dtype)
+    for i in range(depth):
+        running = labelled & (token_exit_layer > i)
+        target = labels.masked_fill(~running, -100)
+        ce = F.cross_entropy(exit_logits[i].to(dtype), target, ignore_index=-100, reduction="none")
+        if flooding_bias is not None:
+            flooded = (ce - flooding_bias[i].to(dtype)).abs()
+            ce = torch.where(labelled, flooded, torch.zeros_like(ce))
+        loss = loss + (i + 1) * ce.sum() / count
+    return loss / (depth * (depth + 1) / 2)
