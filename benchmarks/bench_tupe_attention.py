@@ -1,6 +1,6 @@
 """pytest-benchmark cases for TUPE attention (the same cases as `effbert bench`, small on the CPU).
 
-    pytest benchmarks/ --benchmark-json=out.json
+pytest benchmarks/ --benchmark-json=out.json
 """
 
 import pytest

@@ -215,8 +215,13 @@ def run_seed(seed, args, folder, train, collator, dev_batches, scratch):
             flush=True,
         )
         row["full_runs"].append(
-            {"lr": lr, "steps": res.global_step, "train_cpu_s": cpu, "train_wall_s": wall,
-             "dev_accuracy": acc}
+            {
+                "lr": lr,
+                "steps": res.global_step,
+                "train_cpu_s": cpu,
+                "train_wall_s": wall,
+                "dev_accuracy": acc,
+            }
         )
         full_models[lr] = model
     full = full_models[args.full_lrs[0]]  # the baseline, chosen before the runs
@@ -349,7 +354,9 @@ def paired(a, b):
     else:
         out["ci95"] = None
     out["wins_ties_losses"] = [
-        sum(d > 0 for d in diffs), sum(d == 0 for d in diffs), sum(d < 0 for d in diffs)
+        sum(d > 0 for d in diffs),
+        sum(d == 0 for d in diffs),
+        sum(d < 0 for d in diffs),
     ]
     return out
 

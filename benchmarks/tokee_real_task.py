@@ -56,8 +56,10 @@ def tag_text(text):
     )
     run = subprocess.run(["perl", "-e", script], input=text, capture_output=True, text=True)
     if run.returncode != 0:
-        sys.exit(f"Lingua::EN::Tagger failed ({run.stderr.strip()[:200]}): "
-                 "apt-get install liblingua-en-tagger-perl")
+        sys.exit(
+            f"Lingua::EN::Tagger failed ({run.stderr.strip()[:200]}): "
+            "apt-get install liblingua-en-tagger-perl"
+        )
     out = run.stdout
     return [(w, t) for t, w in re.findall(r"<([a-z$]+)>([^<]*)</\1>", out)]
 
@@ -270,7 +272,7 @@ def main(argv=None):
             platform=platform.platform(),
             torch=torch.__version__,
             threads=1,
-            note="shared CPU under load: CPU time is " "the figure to compare, wall time is noisy",
+            note="shared CPU under load: CPU time is the figure to compare, wall time is noisy",
         ),
         git=sha,
         settings=vars(a),
@@ -278,7 +280,7 @@ def main(argv=None):
             train=len(train_words),
             test=len(test_words),
             labels=names,
-            tagger="Lingua::EN::Tagger (Debian " "liblingua-en-tagger-perl)",
+            tagger="Lingua::EN::Tagger (Debian liblingua-en-tagger-perl)",
         ),
     )
     # stage 1: joint training of every layer's classifier

@@ -22,9 +22,29 @@ from .ops import (  # noqa: E402
 )
 from . import calibration, losses, nn  # noqa: E402
 
-__all__ = ["BACKENDS", "BackendNotSupportedError", "BackendStatus", "backends", "exit_entropy", "token_exit_decision",
-           "t5_relative_buckets", "tupe_position_bias", "tupe_attention", "tupe_attention_varlen", "tupe_attention_varlen_subset", "mc_sample", "mc_sample_fused", "mc_candidate_loss", "note_mix",
-           "note_update_", "calibration", "losses", "nn", "quantize_for_cpu", "__version__"]
+__all__ = [
+    "BACKENDS",
+    "BackendNotSupportedError",
+    "BackendStatus",
+    "backends",
+    "exit_entropy",
+    "token_exit_decision",
+    "t5_relative_buckets",
+    "tupe_position_bias",
+    "tupe_attention",
+    "tupe_attention_varlen",
+    "tupe_attention_varlen_subset",
+    "mc_sample",
+    "mc_sample_fused",
+    "mc_candidate_loss",
+    "note_mix",
+    "note_update_",
+    "calibration",
+    "losses",
+    "nn",
+    "quantize_for_cpu",
+    "__version__",
+]
 
 
 def __getattr__(name):

@@ -11,10 +11,24 @@ import torch
 from . import reference
 from .ops.early_exit import check_criterion, check_exit_logits, check_labels_in_range
 
-__all__ = ["Calibration", "exit_layers", "speed_accuracy_curve", "calibrate_threshold",
-           "exits_at_chance", "run_early_exit", "every_exit_logits", "threshold_candidates",
-           "early_exit_rows", "report_lines", "threshold_texts", "score", "chance_warning",
-           "speedup_note", "TIMING_ROUNDS", "NOISE_FOOTNOTE"]
+__all__ = [
+    "Calibration",
+    "exit_layers",
+    "speed_accuracy_curve",
+    "calibrate_threshold",
+    "exits_at_chance",
+    "run_early_exit",
+    "every_exit_logits",
+    "threshold_candidates",
+    "early_exit_rows",
+    "report_lines",
+    "threshold_texts",
+    "score",
+    "chance_warning",
+    "speedup_note",
+    "TIMING_ROUNDS",
+    "NOISE_FOOTNOTE",
+]
 
 
 @dataclass
@@ -47,9 +61,16 @@ def exit_layers(exit_logits, criterion, threshold=None, patience=None):
     done = torch.zeros(batch, dtype=torch.bool, device=exit_logits.device)
     prev = counter = None
     for i in range(depth):
-        exits, prev, counter = reference.exit_decision(exit_logits[i], i + 1, criterion, threshold=threshold,
-                                                       patience=patience, prev=prev, counter=counter,
-                                                       last=i == depth - 1)
+        exits, prev, counter = reference.exit_decision(
+            exit_logits[i],
+            i + 1,
+            criterion,
+            threshold=threshold,
+            patience=patience,
+            prev=prev,
+            counter=counter,
+            last=i == depth - 1,
+        )
         new = exits & ~done
         layer[new] = i + 1
         done |= exits
@@ -61,7 +82,9 @@ def _accuracy(exit_logits, layers, labels):
         return float("nan")
     chosen = exit_logits[layers - 1, torch.arange(exit_logits.shape[1], device=exit_logits.device)]
     pred = chosen.argmax(-1) if exit_logits.shape[-1] > 1 else chosen[:, 0]
-    if exit_logits.shape[-1] == 1:  # regression: report the negative mean squared error as the "accuracy"
+    if (
+        exit_logits.shape[-1] == 1
+    ):  # regression: report the negative mean squared error as the "accuracy"
         return -float(((pred.double() - labels.double()) ** 2).mean())
     return float((pred == labels).double().mean())
 
@@ -77,7 +100,9 @@ def speed_accuracy_curve(exit_logits, labels=None, *, criterion, candidates=None
             scores = _per_layer_scores(exit_logits, criterion)
             scores = scores[torch.isfinite(scores)]
             if scores.numel() == 0:
-                raise ValueError("exit_logits has no finite criterion value to calibrate on (all NaN)")
+                raise ValueError(
+                    "exit_logits has no finite criterion value to calibrate on (all NaN)"
+                )
             q = torch.linspace(0, 1, num, dtype=torch.float64, device=scores.device)
             cand = torch.quantile(scores, q).unique()
             if criterion == "entropy":  # exit when H < t: step just above each value so it counts
@@ -98,17 +123,24 @@ def speed_accuracy_curve(exit_logits, labels=None, *, criterion, candidates=None
     return {k: torch.tensor(v, dtype=torch.float64) for k, v in rows.items()}
 
 
-def calibrate_threshold(exit_logits, labels=None, *, criterion, target_avg_exit=None, max_accuracy_drop=None,
-                        num=64):
+def calibrate_threshold(
+    exit_logits, labels=None, *, criterion, target_avg_exit=None, max_accuracy_drop=None, num=64
+):
     """The threshold (patience for "patience") to use with ``MultiExitEncoder.early_exit``.
 
     ``target_avg_exit``: the most accurate candidate whose average exit layer is at most the target (the least
     early one, when there are no labels). ``max_accuracy_drop``: the fastest candidate whose accuracy is within
     that drop of the full-depth accuracy (needs ``labels``). Exactly one target is given.
     """
-    check_exit_logits(exit_logits, labels if labels is not None else
-                      torch.zeros(exit_logits.shape[1], device=exit_logits.device))
-    check_criterion(criterion, 0.5 if criterion != "patience" else None, 1 if criterion == "patience" else None)
+    check_exit_logits(
+        exit_logits,
+        labels
+        if labels is not None
+        else torch.zeros(exit_logits.shape[1], device=exit_logits.device),
+    )
+    check_criterion(
+        criterion, 0.5 if criterion != "patience" else None, 1 if criterion == "patience" else None
+    )
     if (target_avg_exit is None) == (max_accuracy_drop is None):
         raise ValueError("give exactly one of target_avg_exit and max_accuracy_drop")
     depth = exit_logits.shape[0]
@@ -120,26 +152,39 @@ def calibrate_threshold(exit_logits, labels=None, *, criterion, target_avg_exit=
         if not max_accuracy_drop >= 0:
             raise ValueError(f"max_accuracy_drop must be >= 0, got {max_accuracy_drop}")
     curve = speed_accuracy_curve(exit_logits, labels, criterion=criterion, num=num)
-    full = _accuracy(exit_logits, torch.full((exit_logits.shape[1],), depth, device=exit_logits.device), labels)
+    full = _accuracy(
+        exit_logits, torch.full((exit_logits.shape[1],), depth, device=exit_logits.device), labels
+    )
     avg, acc = curve["avg_exit_layer"], curve["accuracy"]
     if target_avg_exit is not None:
         ok = avg <= target_avg_exit + 1e-12
         if not ok.any():
-            raise ValueError(f"no candidate reaches an average exit layer of {target_avg_exit} (the earliest is "
-                             f"{float(avg.min()):.3f})")
+            raise ValueError(
+                f"no candidate reaches an average exit layer of {target_avg_exit} (the earliest is "
+                f"{float(avg.min()):.3f})"
+            )
         key = acc if labels is not None else avg
         idx = torch.nonzero(ok).flatten()
-        best = idx[torch.argmax(key[idx])]  # the most accurate (or, without labels, the latest) that is fast enough
+        best = idx[
+            torch.argmax(key[idx])
+        ]  # the most accurate (or, without labels, the latest) that is fast enough
     else:
         ok = acc >= full - max_accuracy_drop - 1e-12
         if not ok.any():
-            raise ValueError(f"no candidate stays within {max_accuracy_drop} of the full-depth accuracy {full:.4f}")
+            raise ValueError(
+                f"no candidate stays within {max_accuracy_drop} of the full-depth accuracy {full:.4f}"
+            )
         idx = torch.nonzero(ok).flatten()
         best = idx[torch.argmin(avg[idx])]
     t = float(curve["threshold"][best])
-    return Calibration(criterion=criterion, threshold=int(t) if criterion == "patience" else t,
-                       avg_exit_layer=float(avg[best]), accuracy=float(acc[best]), full_depth_accuracy=full,
-                       curve=curve)
+    return Calibration(
+        criterion=criterion,
+        threshold=int(t) if criterion == "patience" else t,
+        avg_exit_layer=float(avg[best]),
+        accuracy=float(acc[best]),
+        full_depth_accuracy=full,
+        curve=curve,
+    )
 
 
 def exits_at_chance(exit_logits, labels, margin=0.01):
@@ -150,7 +195,9 @@ def exits_at_chance(exit_logits, labels, margin=0.01):
     Raises ``ValueError`` on mismatched shapes, labels outside ``[0, C)`` or a negative ``margin``; ``TypeError``
     on non-integer labels."""
     check_exit_logits(exit_logits, labels)
-    check_labels_in_range(labels.cpu(), exit_logits.shape[-1])  # on the host: the range is checked on any device
+    check_labels_in_range(
+        labels.cpu(), exit_logits.shape[-1]
+    )  # on the host: the range is checked on any device
     if not margin >= 0:
         raise ValueError(f"margin must be >= 0, got {margin}")
     if labels.numel() == 0:
@@ -163,8 +210,10 @@ def exits_at_chance(exit_logits, labels, margin=0.01):
 # ---------------------------------------------------------------------------- the early-exit report
 
 TIMING_ROUNDS = 3  # full-depth / early-exit pairs timed per threshold
-NOISE_FOOTNOTE = ("* above the bound the layers set (full depth / average exit layer): timing "
-                  "noise on a busy machine, not a real speed-up")
+NOISE_FOOTNOTE = (
+    "* above the bound the layers set (full depth / average exit layer): timing "
+    "noise on a busy machine, not a real speed-up"
+)
 
 
 def _batches(input_ids, lengths, batch, device):
@@ -194,8 +243,7 @@ def every_exit_logits(model, input_ids, lengths, batch, device):
     a time."""
     with torch.no_grad():
         batches = _batches(input_ids, lengths, batch, device)
-        return torch.cat([model(ids, mask).exit_logits for ids, mask in batches],
-                         1)
+        return torch.cat([model(ids, mask).exit_logits for ids, mask in batches], 1)
 
 
 def threshold_candidates(exit_logits, criterion, quantiles=(0.05, 0.15, 0.3, 0.45, 0.6, 0.75, 0.9)):
@@ -235,8 +283,21 @@ def speedup_note(speedup, avg_exit_layer, depth):
     return "*" if speedup > 1.05 * depth / avg_exit_layer else ""
 
 
-def early_exit_rows(model, input_ids, lengths, y, device, *, criterion, thresholds, batch, full,
-                    regression_delta=None, depth=None, rounds=TIMING_ROUNDS):
+def early_exit_rows(
+    model,
+    input_ids,
+    lengths,
+    y,
+    device,
+    *,
+    criterion,
+    thresholds,
+    batch,
+    full,
+    regression_delta=None,
+    depth=None,
+    rounds=TIMING_ROUNDS,
+):
     """The batched early exit measured at each of ``thresholds`` (patiences for "patience") against
     ``full`` (the keyword arguments of a full-depth pass of the same loop: patience 0 or entropy
     threshold 0), one dict a row, the full-depth row first: threshold, avg_exit_layer, layers_saved,
@@ -254,9 +315,19 @@ def early_exit_rows(model, input_ids, lengths, y, device, *, criterion, threshol
     if not bool((l_full == depth).all()):
         raise ValueError(f"full={full} let samples exit early: not a full-depth pass")
     acc_full = score(z_full, y, regression)
-    rows = [dict(threshold=None, avg_exit_layer=float(depth), layers_saved=0.0, speedup=1.0,
-                 speedup_bound=1.0, above_bound=False, accuracy=acc_full, delta=0.0,
-                 seconds=None)]
+    rows = [
+        dict(
+            threshold=None,
+            avg_exit_layer=float(depth),
+            layers_saved=0.0,
+            speedup=1.0,
+            speedup_bound=1.0,
+            above_bound=False,
+            accuracy=acc_full,
+            delta=0.0,
+            seconds=None,
+        )
+    ]
     for t in thresholds:
         kw = dict(patience=int(t)) if criterion == "patience" else dict(threshold=float(t))
         if regression:
@@ -265,8 +336,9 @@ def early_exit_rows(model, input_ids, lengths, y, device, *, criterion, threshol
         out = {}
 
         def early():
-            out["z"], out["layer"] = run_early_exit(model, input_ids, lengths, batch, device,
-                                                    criterion=criterion, **kw)
+            out["z"], out["layer"] = run_early_exit(
+                model, input_ids, lengths, batch, device, criterion=criterion, **kw
+            )
 
         def full_depth():
             run_early_exit(model, input_ids, lengths, batch, device, **full)
@@ -274,9 +346,19 @@ def early_exit_rows(model, input_ids, lengths, y, device, *, criterion, threshol
         speed, t_full = paired_speedup(full_depth, early, device, rounds)
         acc, avg = score(out["z"], y, regression), float(out["layer"].double().mean())
         marked = bool(speedup_note(speed, avg, depth))
-        rows.append(dict(threshold=t, avg_exit_layer=avg, layers_saved=1 - avg / depth,
-                         speedup=speed, speedup_bound=depth / avg, above_bound=marked,
-                         accuracy=acc, delta=acc - acc_full, seconds=t_full / speed))
+        rows.append(
+            dict(
+                threshold=t,
+                avg_exit_layer=avg,
+                layers_saved=1 - avg / depth,
+                speedup=speed,
+                speedup_bound=depth / avg,
+                above_bound=marked,
+                accuracy=acc,
+                delta=acc - acc_full,
+                seconds=t_full / speed,
+            )
+        )
         rows[0]["seconds"] = t_full
     return rows
 
@@ -298,18 +380,24 @@ def report_lines(rows, *, criterion, metric, device, rounds=TIMING_ROUNDS):
     """The early-exit table of ``early_exit_rows``' rows as lines: threshold, average exit layer,
     layers saved, speed-up (``*`` when above the layers' bound), ``metric`` and its change from full
     depth, then how the speed-up was measured and, when a row is marked, the footnote saying why."""
-    lines = [f"  {'threshold':>9} {'avg exit':>9} {'layers saved':>13} {'speed-up':>9} {metric:>9} "
-             f"{'vs full':>8}"]
+    lines = [
+        f"  {'threshold':>9} {'avg exit':>9} {'layers saved':>13} {'speed-up':>9} {metric:>9} "
+        f"{'vs full':>8}"
+    ]
     texts = ["full"] + threshold_texts([r["threshold"] for r in rows[1:]], criterion)
     for t, r in zip(texts, rows):
-        lines.append(f"  {t:>9} {r['avg_exit_layer']:9.2f} {r['layers_saved']:12.1%} "
-                     f"{r['speedup']:8.2f}x "
-                     f"{r['accuracy']:9.4f} {r['delta']:+8.4f}{'  *' if r['above_bound'] else ''}")
+        lines.append(
+            f"  {t:>9} {r['avg_exit_layer']:9.2f} {r['layers_saved']:12.1%} "
+            f"{r['speedup']:8.2f}x "
+            f"{r['accuracy']:9.4f} {r['delta']:+8.4f}{'  *' if r['above_bound'] else ''}"
+        )
     full_s = rows[0]["seconds"]
-    lines.append(f"  (speed-up: {'wall' if device.type == 'cuda' else 'CPU'} time of the batched "
-                 "full-depth pass "
-                 f"over the early-exit pass, the median of {rounds} interleaved pairs"
-                 + (f"; {full_s:.2f} s full)" if full_s is not None else ")"))
+    lines.append(
+        f"  (speed-up: {'wall' if device.type == 'cuda' else 'CPU'} time of the batched "
+        "full-depth pass "
+        f"over the early-exit pass, the median of {rounds} interleaved pairs"
+        + (f"; {full_s:.2f} s full)" if full_s is not None else ")")
+    )
     if any(r["above_bound"] for r in rows):
         lines.append("  " + NOISE_FOOTNOTE)
     return lines
@@ -321,7 +409,9 @@ def chance_warning(exit_logits, labels):
     if not at_chance:
         return None
     many = len(at_chance) > 1
-    return (f"warning: off-ramp{'s' if many else ''} {', '.join(map(str, at_chance))} "
-            f"{'are' if many else 'is'} at "
-            f"chance (accuracy at most the majority class's share, {chance:.4f}): "
-            f"{'their' if many else 'its'} exits are guesses")
+    return (
+        f"warning: off-ramp{'s' if many else ''} {', '.join(map(str, at_chance))} "
+        f"{'are' if many else 'is'} at "
+        f"chance (accuracy at most the majority class's share, {chance:.4f}): "
+        f"{'their' if many else 'its'} exits are guesses"
+    )

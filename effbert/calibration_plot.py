@@ -5,8 +5,19 @@ batched early exit, full depth)."""
 __all__ = ["plot_run"]
 
 
-def plot_run(path, losses, *, points, full_accuracy, depth, criterion, curve=None,
-             loss_title="Training", loss_label="loss", smooth=False):
+def plot_run(
+    path,
+    losses,
+    *,
+    points,
+    full_accuracy,
+    depth,
+    criterion,
+    curve=None,
+    loss_title="Training",
+    loss_label="loss",
+    smooth=False,
+):
     """Write a two-panel PNG to ``path``; returns False (writing nothing) when matplotlib is not
     installed.
 
@@ -34,10 +45,16 @@ def plot_run(path, losses, *, points, full_accuracy, depth, criterion, curve=Non
     left.set_ylabel(loss_label)
     left.set_title(loss_title)
     if curve is not None:
-        right.plot(np.asarray(curve["speedup"]), np.asarray(curve["accuracy"]), ".-", lw=1,
-                   label="layer speed-up (offline)")
-    right.plot([p[0] for p in points], [p[1] for p in points], "o",
-               label="measured batched early exit")
+        right.plot(
+            np.asarray(curve["speedup"]),
+            np.asarray(curve["accuracy"]),
+            ".-",
+            lw=1,
+            label="layer speed-up (offline)",
+        )
+    right.plot(
+        [p[0] for p in points], [p[1] for p in points], "o", label="measured batched early exit"
+    )
     right.axhline(full_accuracy, color="gray", ls="--", lw=1, label="full depth")
     right.set_xlabel(f"speed-up over {depth} layers")
     right.set_ylabel("accuracy")

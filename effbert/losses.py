@@ -10,8 +10,15 @@ from .ops.checks import check_tensor
 from .ops.early_exit import check_exit_logits
 from .ops.early_exit import multi_exit_distillation_loss as _distillation_op
 
-__all__ = ["multi_exit_distillation_loss", "pabee_loss", "deebert_loss", "gradient_equilibrium",
-           "gradient_regularized_backward", "romebert_projected_parameters", "PROJECT_SIDES"]
+__all__ = [
+    "multi_exit_distillation_loss",
+    "pabee_loss",
+    "deebert_loss",
+    "gradient_equilibrium",
+    "gradient_regularized_backward",
+    "romebert_projected_parameters",
+    "PROJECT_SIDES",
+]
 
 PROJECT_SIDES = ("others", "final")
 
@@ -41,8 +48,10 @@ def gradient_equilibrium(exit_logits):
     """
     check_tensor("exit_logits", exit_logits)
     if exit_logits.dim() < 1 or exit_logits.shape[0] < 1 or not exit_logits.is_floating_point():
-        raise ValueError(f"exit_logits must be a float tensor [L, ...] with L >= 1, got {exit_logits.dtype} "
-                         f"{tuple(exit_logits.shape)}")
+        raise ValueError(
+            f"exit_logits must be a float tensor [L, ...] with L >= 1, got {exit_logits.dtype} "
+            f"{tuple(exit_logits.shape)}"
+        )
     depth = exit_logits.shape[0]
     scale = 1.0 / torch.arange(depth, 0, -1, dtype=torch.float64, device=exit_logits.device)
     return _GradientRescale.apply(exit_logits, scale)
@@ -51,8 +60,9 @@ def gradient_equilibrium(exit_logits):
 _equilibrium = gradient_equilibrium  # the losses' keyword of the same name shadows it
 
 
-def multi_exit_distillation_loss(exit_logits, labels, gamma=0.9, temperature=3.0, *, gradient_equilibrium=False,
-                                 backend="auto"):
+def multi_exit_distillation_loss(
+    exit_logits, labels, gamma=0.9, temperature=3.0, *, gradient_equilibrium=False, backend="auto"
+):
     """RomeBERT's joint self-distillation loss (``effbert.ops.early_exit.multi_exit_distillation_loss``: CE of every
     exit, ``gamma T^2 KL`` from the detached last exit with KL averaged over ``B * C`` as RomeBERT's ``KDLoss``),
     with RomeBERT's published defaults gamma 0.9 and T 3. ``gradient_equilibrium=True`` first passes the logits
@@ -68,13 +78,17 @@ def _check_task_labels(exit_logits, labels):
     if regression:
         return labels
     if labels.is_floating_point() or labels.dtype == torch.bool:
-        raise TypeError("labels must be integer class indices (float labels need a one-column regression head), "
-                        f"got {str(labels.dtype).replace('torch.', '')} with C = {exit_logits.shape[-1]}")
+        raise TypeError(
+            "labels must be integer class indices (float labels need a one-column regression head), "
+            f"got {str(labels.dtype).replace('torch.', '')} with C = {exit_logits.shape[-1]}"
+        )
     if labels.device.type == "cpu" and labels.numel():
         lo, hi = int(labels.min()), int(labels.max())
         if lo < 0 or hi >= exit_logits.shape[-1]:
-            raise ValueError(f"labels must be class indices in [0, {exit_logits.shape[-1]}), got values in "
-                             f"[{lo}, {hi}]")
+            raise ValueError(
+                f"labels must be class indices in [0, {exit_logits.shape[-1]}), got values in "
+                f"[{lo}, {hi}]"
+            )
     return labels.long()
 
 
@@ -91,7 +105,9 @@ def deebert_loss(exit_logits, labels, stage, *, gradient_equilibrium=False):
     if stage not in (1, 2) or isinstance(stage, bool):
         raise ValueError(f"stage must be 1 (backbone) or 2 (off-ramps), got {stage!r}")
     if stage == 2 and exit_logits.shape[0] < 2:
-        raise ValueError("stage 2 trains the off-ramps before the last exit: exit_logits needs L >= 2")
+        raise ValueError(
+            "stage 2 trains the off-ramps before the last exit: exit_logits needs L >= 2"
+        )
     labels = _check_task_labels(exit_logits, labels)
     if gradient_equilibrium:
         exit_logits = _equilibrium(exit_logits)
@@ -114,8 +130,10 @@ def romebert_projected_parameters(encoder):
     without LayerNorm parameters and biases (those, the last layer and the off-ramps take the plain sum)."""
     layers = getattr(encoder, "layers", None)
     if layers is None or len(layers) < 1:
-        raise TypeError(f"encoder must have a non-empty `layers` sequence (a MultiExitEncoder), got "
-                        f"{type(encoder).__name__}")
+        raise TypeError(
+            f"encoder must have a non-empty `layers` sequence (a MultiExitEncoder), got "
+            f"{type(encoder).__name__}"
+        )
     out = []
     for layer in list(layers)[:-1]:
         for mod in layer.modules():
@@ -127,7 +145,9 @@ def romebert_projected_parameters(encoder):
     return out
 
 
-def gradient_regularized_backward(final_loss, other_loss, parameters, projected, *, project="others"):
+def gradient_regularized_backward(
+    final_loss, other_loss, parameters, projected, *, project="others"
+):
     """RomeBERT's gradient regularization (its ``--gp`` block, romebert/RomeBERT ``examples/new_run_highway_glue.py``).
 
     Accumulates into ``.grad`` of ``parameters`` the gradient of ``final_loss + other_loss``, except that the
@@ -173,8 +193,11 @@ def gradient_regularized_backward(final_loss, other_loss, parameters, projected,
         # one concatenated vector per side: the sums over tensors are the dot product and norm of the concatenation
         dot = torch.stack([(moved[i].double() * ref[i].double()).sum() for i in sel]).sum()
         norm2 = torch.stack([(ref[i].double() ** 2).sum() for i in sel]).sum()
-        coef = torch.where(norm2 > 0, dot / torch.where(norm2 > 0, norm2, torch.ones_like(norm2)),
-                           torch.zeros_like(norm2)).clamp(max=0.0)
+        coef = torch.where(
+            norm2 > 0,
+            dot / torch.where(norm2 > 0, norm2, torch.ones_like(norm2)),
+            torch.zeros_like(norm2),
+        ).clamp(max=0.0)
         did = (coef < 0).to(device)
         for i in sel:
             moved[i] = moved[i] - coef.to(device=moved[i].device, dtype=moved[i].dtype) * ref[i]

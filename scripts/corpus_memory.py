@@ -41,8 +41,11 @@ def real_texts(max_file_bytes=1 << 20):
         for folder, _, files in sorted(os.walk(root)):
             for name in sorted(files):
                 path = os.path.join(folder, name)
-                if name.endswith((".gz", ".bz2", ".xz", ".zip", ".png", ".jpg", ".gif", ".pdf")) \
-                        or os.path.islink(path) or not 200 <= os.path.getsize(path) <= max_file_bytes:
+                if (
+                    name.endswith((".gz", ".bz2", ".xz", ".zip", ".png", ".jpg", ".gif", ".pdf"))
+                    or os.path.islink(path)
+                    or not 200 <= os.path.getsize(path) <= max_file_bytes
+                ):
                     continue
                 try:
                     with open(path, "rb") as f:
@@ -75,7 +78,11 @@ def build_corpus(path, mb):
                 written += len(block.encode())
                 if written >= target:
                     break
-    return {"documents": len(docs), "unique_text_mb": round(unique / 1e6, 2), "corpus_mb": round(written / 1e6, 1)}
+    return {
+        "documents": len(docs),
+        "unique_text_mb": round(unique / 1e6, 2),
+        "corpus_mb": round(written / 1e6, 1),
+    }
 
 
 class PeakMemory:
@@ -105,7 +112,10 @@ class PeakMemory:
         while not self._stop.is_set():
             total = dict.fromkeys(("VmRSS", "RssAnon", "Pss", "Pss_Anon"), 0)
             for p in [me] + me.children(recursive=True):
-                for path, names in (("status", ("VmRSS", "RssAnon")), ("smaps_rollup", ("Pss", "Pss_Anon"))):
+                for path, names in (
+                    ("status", ("VmRSS", "RssAnon")),
+                    ("smaps_rollup", ("Pss", "Pss_Anon")),
+                ):
                     for k, v in self._fields(p.pid, path, names).items():
                         total[k] += v
             self.peak_rss = max(self.peak_rss, total["VmRSS"])
@@ -120,11 +130,19 @@ class PeakMemory:
 
     def note(self, stage, seconds):
         """One progress line, so a run cut short still tells what it measured."""
-        print(json.dumps({"stage": stage, "s": round(seconds, 1), **self.peaks()}), file=sys.stderr, flush=True)
+        print(
+            json.dumps({"stage": stage, "s": round(seconds, 1), **self.peaks()}),
+            file=sys.stderr,
+            flush=True,
+        )
 
     def peaks(self):
-        return {"peak_pss_mb": round(self.peak_pss / 2**20), "peak_pss_anon_mb": round(self.peak_pss_anon / 2**20),
-                "peak_rss_mb": round(self.peak_rss / 2**20), "peak_anon_mb": round(self.peak_anon / 2**20)}
+        return {
+            "peak_pss_mb": round(self.peak_pss / 2**20),
+            "peak_pss_anon_mb": round(self.peak_pss_anon / 2**20),
+            "peak_rss_mb": round(self.peak_rss / 2**20),
+            "peak_anon_mb": round(self.peak_anon / 2**20),
+        }
 
     def __exit__(self, *exc):
         self._stop.set()
@@ -135,11 +153,27 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--mb", type=int, default=100, help="corpus size in MB (default 100)")
     p.add_argument("--num-proc", type=int, default=2, help="tokenization processes (default 2)")
-    p.add_argument("--max-length", type=int, default=128, help="pieces per text and per packed row (default 128)")
-    p.add_argument("--vocab-size", type=int, default=8000, help="WordPiece vocabulary (default 8000)")
-    p.add_argument("--train-mb", type=int, default=20, help="MB of the corpus the vocabulary is trained on (20)")
-    p.add_argument("--batches", type=int, default=200, help="collator batches of 32 rows (default 200)")
-    p.add_argument("--work", default="/tmp/effbert_corpus_memory", help="folder for the corpus and the cache")
+    p.add_argument(
+        "--max-length",
+        type=int,
+        default=128,
+        help="pieces per text and per packed row (default 128)",
+    )
+    p.add_argument(
+        "--vocab-size", type=int, default=8000, help="WordPiece vocabulary (default 8000)"
+    )
+    p.add_argument(
+        "--train-mb",
+        type=int,
+        default=20,
+        help="MB of the corpus the vocabulary is trained on (20)",
+    )
+    p.add_argument(
+        "--batches", type=int, default=200, help="collator batches of 32 rows (default 200)"
+    )
+    p.add_argument(
+        "--work", default="/tmp/effbert_corpus_memory", help="folder for the corpus and the cache"
+    )
     p.add_argument("--keep", action="store_true", help="keep the corpus and the cache")
     a = p.parse_args()
 
@@ -152,7 +186,10 @@ def main():
 
     datasets.disable_progress_bars()
     os.makedirs(a.work, exist_ok=True)
-    corpus, cache = os.path.join(a.work, f"corpus_{a.mb}mb.txt"), os.path.join(a.work, f"cache_{a.mb}mb")
+    corpus, cache = (
+        os.path.join(a.work, f"corpus_{a.mb}mb.txt"),
+        os.path.join(a.work, f"cache_{a.mb}mb"),
+    )
     shutil.rmtree(cache, ignore_errors=True)
     result = {"mb": a.mb, "num_proc": a.num_proc, "max_length": a.max_length}
     t = time.perf_counter()
@@ -194,13 +231,20 @@ def main():
         usage_self = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         usage_children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
         result.update({k: round(v, 1) for k, v in stages.items()})
-        result.update({
-            "texts": packed.texts, "rows": packed.rows, "tokens": packed.tokens,
-            "fill_rate": round(packed.fill_rate, 4), "unpacked_fill_rate": round(packed.unpacked_fill_rate, 4),
-            "distinct_words": len(counts), "rare_words": len(table),
-            **mem.peaks(),
-            "maxrss_self_mb": round(usage_self / 1024), "maxrss_children_mb": round(usage_children / 1024),
-        })
+        result.update(
+            {
+                "texts": packed.texts,
+                "rows": packed.rows,
+                "tokens": packed.tokens,
+                "fill_rate": round(packed.fill_rate, 4),
+                "unpacked_fill_rate": round(packed.unpacked_fill_rate, 4),
+                "distinct_words": len(counts),
+                "rare_words": len(table),
+                **mem.peaks(),
+                "maxrss_self_mb": round(usage_self / 1024),
+                "maxrss_children_mb": round(usage_children / 1024),
+            }
+        )
     finally:
         if not a.keep:
             shutil.rmtree(cache, ignore_errors=True)

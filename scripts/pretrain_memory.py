@@ -55,8 +55,16 @@ class TreeSampler:
 
     def __init__(self, proc, interval, log_path):
         self.proc, self.interval, self.log_path = proc, interval, log_path
-        self.peak = {"rss": 0, "anon": 0, "pss": 0, "main_rss": 0, "main_anon": 0, "main_vmhwm": 0, "procs": 0,
-                     "main_anon_training": 0}
+        self.peak = {
+            "rss": 0,
+            "anon": 0,
+            "pss": 0,
+            "main_rss": 0,
+            "main_anon": 0,
+            "main_vmhwm": 0,
+            "procs": 0,
+            "main_anon_training": 0,
+        }
         self.stage_at_main_anon_peak = ""
         self.training = False  # the command printed its "pretraining a ..." line: the data is ready
         self._stop = threading.Event()
@@ -66,8 +74,11 @@ class TreeSampler:
         try:
             with open(self.log_path, "rb") as f:
                 f.seek(max(0, os.path.getsize(self.log_path) - 4096))
-                lines = [ln for ln in f.read().decode("utf-8", "replace").replace("\r", "\n").split("\n")
-                         if ln.strip()]
+                lines = [
+                    ln
+                    for ln in f.read().decode("utf-8", "replace").replace("\r", "\n").split("\n")
+                    if ln.strip()
+                ]
             return lines[-1].strip()[:200] if lines else ""
         except OSError:
             return ""
@@ -93,7 +104,9 @@ class TreeSampler:
                 self.peak["main_rss"] = max(self.peak["main_rss"], st["VmRSS"])
                 self.peak["main_vmhwm"] = max(self.peak["main_vmhwm"], st["VmHWM"])
                 if self.training:
-                    self.peak["main_anon_training"] = max(self.peak["main_anon_training"], st["RssAnon"])
+                    self.peak["main_anon_training"] = max(
+                        self.peak["main_anon_training"], st["RssAnon"]
+                    )
                 if st["RssAnon"] > self.peak["main_anon"]:
                     self.peak["main_anon"] = st["RssAnon"]
                     self.stage_at_main_anon_peak = self._last_line()
@@ -115,28 +128,59 @@ class TreeSampler:
 
     def peaks(self):
         mb = {k: round(v / 2**20) for k, v in self.peak.items() if k != "procs"}
-        return {"peak_rss_mb": mb["rss"], "peak_anon_mb": mb["anon"], "peak_pss_mb": mb["pss"],
-                "main_peak_rss_mb": mb["main_rss"], "main_peak_anon_mb": mb["main_anon"],
-                "main_vmhwm_mb": mb["main_vmhwm"], "main_peak_anon_training_mb": mb["main_anon_training"],
-                "max_processes": self.peak["procs"],
-                "stage_at_main_anon_peak": self.stage_at_main_anon_peak}
+        return {
+            "peak_rss_mb": mb["rss"],
+            "peak_anon_mb": mb["anon"],
+            "peak_pss_mb": mb["pss"],
+            "main_peak_rss_mb": mb["main_rss"],
+            "main_peak_anon_mb": mb["main_anon"],
+            "main_vmhwm_mb": mb["main_vmhwm"],
+            "main_peak_anon_training_mb": mb["main_anon_training"],
+            "max_processes": self.peak["procs"],
+            "stage_at_main_anon_peak": self.stage_at_main_anon_peak,
+        }
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--mb", type=int, default=100, help="corpus size in MB (default 100)")
     p.add_argument("--num-proc", type=int, default=2, help="tokenization processes (default 2)")
-    p.add_argument("--max-seq-length", type=int, default=128,
-                   help="--max-seq-length of the command (default 128)")
-    p.add_argument("--vocab-size", type=int, default=8000, help="WordPiece vocabulary (default 8000)")
-    p.add_argument("--train-mb", type=int, default=20, help="MB of the corpus the vocabulary is trained on (20)")
-    p.add_argument("--interval", type=float, default=0.1, help="seconds between samples (default 0.1)")
-    p.add_argument("--note-every", type=float, default=60, help="seconds between progress lines (default 60)")
-    p.add_argument("--work", default="/tmp/effbert_pretrain_memory", help="folder for the corpus, cache and run")
+    p.add_argument(
+        "--max-seq-length",
+        type=int,
+        default=128,
+        help="--max-seq-length of the command (default 128)",
+    )
+    p.add_argument(
+        "--vocab-size", type=int, default=8000, help="WordPiece vocabulary (default 8000)"
+    )
+    p.add_argument(
+        "--train-mb",
+        type=int,
+        default=20,
+        help="MB of the corpus the vocabulary is trained on (20)",
+    )
+    p.add_argument(
+        "--interval", type=float, default=0.1, help="seconds between samples (default 0.1)"
+    )
+    p.add_argument(
+        "--note-every", type=float, default=60, help="seconds between progress lines (default 60)"
+    )
+    p.add_argument(
+        "--work",
+        default="/tmp/effbert_pretrain_memory",
+        help="folder for the corpus, cache and run",
+    )
     p.add_argument("--keep", action="store_true", help="keep the corpus and the cache")
-    p.add_argument("--reuse-cache", action="store_true", help="keep the tokenized cache of an earlier --keep run "
-                   "(measures the run after the data is ready, not the tokenization)")
-    p.add_argument("rest", nargs=argparse.REMAINDER, help="-- then more arguments of effbert pretrain")
+    p.add_argument(
+        "--reuse-cache",
+        action="store_true",
+        help="keep the tokenized cache of an earlier --keep run "
+        "(measures the run after the data is ready, not the tokenization)",
+    )
+    p.add_argument(
+        "rest", nargs=argparse.REMAINDER, help="-- then more arguments of effbert pretrain"
+    )
     a = p.parse_args()
     rest = a.rest[1:] if a.rest[:1] == ["--"] else a.rest
 
@@ -163,10 +207,29 @@ def main():
         shutil.rmtree(cache, ignore_errors=True)
     shutil.rmtree(out, ignore_errors=True)
     result["reuse_cache"] = a.reuse_cache
-    cmd = [sys.executable, "-m", "effbert.commands", "pretrain", "--data", corpus, "--vocab", vocab, "--out", out,
-           "--max-seq-length", str(a.max_seq_length), "--num-proc", str(a.num_proc),
-           "--cache-dir", cache, "--device", "cpu",
-           "--backend", "eager", *rest]
+    cmd = [
+        sys.executable,
+        "-m",
+        "effbert.commands",
+        "pretrain",
+        "--data",
+        corpus,
+        "--vocab",
+        vocab,
+        "--out",
+        out,
+        "--max-seq-length",
+        str(a.max_seq_length),
+        "--num-proc",
+        str(a.num_proc),
+        "--cache-dir",
+        cache,
+        "--device",
+        "cpu",
+        "--backend",
+        "eager",
+        *rest,
+    ]
     result["command"] = " ".join(cmd[2:])
     t = time.perf_counter()
     try:
@@ -179,9 +242,15 @@ def main():
                 time.sleep(0.5)
                 if time.perf_counter() - last >= a.note_every:
                     last = time.perf_counter()
-                    print(json.dumps({"s": round(last - t), **sampler.peaks()}), file=sys.stderr, flush=True)
+                    print(
+                        json.dumps({"s": round(last - t), **sampler.peaks()}),
+                        file=sys.stderr,
+                        flush=True,
+                    )
             sampler.stop()
-        result.update({"rc": proc.returncode, "run_s": round(time.perf_counter() - t, 1), **sampler.peaks()})
+        result.update(
+            {"rc": proc.returncode, "run_s": round(time.perf_counter() - t, 1), **sampler.peaks()}
+        )
         with open(log_path) as f:
             result["last_lines"] = [ln.strip() for ln in f.read().splitlines() if ln.strip()][-3:]
     finally:

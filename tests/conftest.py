@@ -27,7 +27,9 @@ def pytest_collection_modifyitems(config, items):
         for mark in item.iter_markers("requires"):
             missing = [name for name in mark.args if importlib.util.find_spec(name) is None]
             if missing:
-                item.add_marker(pytest.mark.skip(reason=f"needs {' and '.join(missing)}, not installed here"))
+                item.add_marker(
+                    pytest.mark.skip(reason=f"needs {' and '.join(missing)}, not installed here")
+                )
 
 
 @pytest.fixture(autouse=True)

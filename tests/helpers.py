@@ -33,7 +33,9 @@ def backend_cases(op=None):
         if ON_GPU
         else pytest.param("triton", "cpu", id="triton-interpreter")
     )
-    cases.append(pytest.param("cuda", "cuda", id="cuda", marks=[pytest.mark.gpu, pytest.mark.cuda_ext]))
+    cases.append(
+        pytest.param("cuda", "cuda", id="cuda", marks=[pytest.mark.gpu, pytest.mark.cuda_ext])
+    )
     cases.append(pytest.param("eager", "cuda", id="eager-cuda", marks=pytest.mark.gpu))
     if op is not None:
         declared = OPS[op].backends

@@ -10,8 +10,14 @@ import torch
 pytest.importorskip("transformers")
 
 from effbert.training.adversarial import (  # noqa: E402
-    AdversarialConfig, fgm_perturbation, freelb_ascent, freelb_init, project_to_ball, segment_norms,
-    with_adversarial)
+    AdversarialConfig,
+    fgm_perturbation,
+    freelb_ascent,
+    freelb_init,
+    project_to_ball,
+    segment_norms,
+    with_adversarial,
+)
 
 LABELS = torch.tensor([0, 2, 1])
 
@@ -20,10 +26,20 @@ def tiny(seed=0, dtype=torch.float64):
     from effbert.models import TupeBertConfig, TupeBertForSequenceClassification
 
     torch.manual_seed(seed)
-    cfg = TupeBertConfig(vocab_size=40, hidden_size=16, num_hidden_layers=3, num_attention_heads=2,
-                         intermediate_size=24, max_position_embeddings=32, position_mode="tupe-r",
-                         backend="eager", num_labels=3, multi_exit=True, hidden_dropout_prob=0.0,
-                         attention_probs_dropout_prob=0.0)
+    cfg = TupeBertConfig(
+        vocab_size=40,
+        hidden_size=16,
+        num_hidden_layers=3,
+        num_attention_heads=2,
+        intermediate_size=24,
+        max_position_embeddings=32,
+        position_mode="tupe-r",
+        backend="eager",
+        num_labels=3,
+        multi_exit=True,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
     return TupeBertForSequenceClassification(cfg).to(dtype).train()
 
 
@@ -35,9 +51,16 @@ def tiny_hf(seed=0):
     from effbert.integrations.hf import multi_exit_bert
 
     torch.manual_seed(seed)
-    cfg = BertConfig(vocab_size=40, hidden_size=16, num_hidden_layers=3, num_attention_heads=2,
-                     intermediate_size=24, max_position_embeddings=32, hidden_dropout_prob=0.0,
-                     attention_probs_dropout_prob=0.0)
+    cfg = BertConfig(
+        vocab_size=40,
+        hidden_size=16,
+        num_hidden_layers=3,
+        num_attention_heads=2,
+        intermediate_size=24,
+        max_position_embeddings=32,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
     bert = BertModel(cfg).to(torch.float64)
     return multi_exit_bert(bert, num_labels=3, dropout=0.0, backend="eager").train()
 
@@ -48,7 +71,7 @@ def batch(seed=1, lengths=(7, 4, 5)):
     ids = torch.randint(5, 40, (len(lengths), n), generator=g)
     mask = torch.arange(n)[None] < torch.tensor(lengths)[:, None]
     ids = ids.masked_fill(~mask, 0)
-    labels = LABELS[:len(lengths)].clone()
+    labels = LABELS[: len(lengths)].clone()
     return {"input_ids": ids, "attention_mask": mask.long(), "labels": labels}
 
 
@@ -57,8 +80,9 @@ def trainer_for(model, cfg, tmp_path, plain=False, **args):
 
     from effbert.training import MultiExitTrainer
 
-    targs = TrainingArguments(output_dir=str(tmp_path / "o"), use_cpu=True, report_to="none",
-                              **args)
+    targs = TrainingArguments(
+        output_dir=str(tmp_path / "o"), use_cpu=True, report_to="none", **args
+    )
     cls = with_adversarial(Trainer if plain else MultiExitTrainer)
     trainer = cls(model=model, args=targs, adversarial=cfg)
     # train() sets it
@@ -76,8 +100,9 @@ def ref_loss(model, b, ga=1):
 
 
 def grads(model):
-    return {n: (p.grad.clone() if p.grad is not None else None)
-            for n, p in model.named_parameters()}
+    return {
+        n: (p.grad.clone() if p.grad is not None else None) for n, p in model.named_parameters()
+    }
 
 
 def assert_grads_equal(model, ref, rtol=1e-9, atol=1e-12):
@@ -88,8 +113,9 @@ def assert_grads_equal(model, ref, rtol=1e-9, atol=1e-12):
             continue
         assert p.grad is not None, name
         err = (p.grad - q.grad).abs().max().item()
-        assert torch.allclose(p.grad, q.grad, rtol=rtol, atol=atol), \
+        assert torch.allclose(p.grad, q.grad, rtol=rtol, atol=atol), (
             f"{name}: max abs diff {err:.3e}"
+        )
 
 
 # ---------------------------------------------------------------------------------------- written-
@@ -147,8 +173,11 @@ def freelb_reference(model, b, cfg, init_padded=None):
     indices = unpad_input(mask, shape=(bsz, n), device=ids.device).indices
     if cfg.keep_clean:
         ref_loss(model, b).backward()
-    delta = (init_padded.clone() if init_padded is not None
-             else torch.zeros(bsz, n, hidden, dtype=torch.float64))
+    delta = (
+        init_padded.clone()
+        if init_padded is not None
+        else torch.zeros(bsz, n, hidden, dtype=torch.float64)
+    )
     state = {}
 
     def hook(module, args, out):
@@ -227,8 +256,9 @@ def test_freelb_step_equals_the_published_loop(tmp_path, keep_clean, make):
     model = make(seed=5)
     ref = copy.deepcopy(model)
     b = batch(seed=6)
-    cfg = AdversarialConfig("freelb", steps=3, adv_lr=0.3, adv_init_mag=0.0, adv_max_norm=0.2,
-                            keep_clean=keep_clean)
+    cfg = AdversarialConfig(
+        "freelb", steps=3, adv_lr=0.3, adv_init_mag=0.0, adv_max_norm=0.2, keep_clean=keep_clean
+    )
     trainer = trainer_for(model, cfg, tmp_path, plain=make is tiny_hf)
     trainer.training_step(model, dict(b))
     freelb_reference(ref, b, cfg)
@@ -277,8 +307,9 @@ def test_per_example_norms_follow_cu_seqlens_as_padded_rows():
     ids = torch.ones(2, 8, dtype=torch.long)
     position_ids = torch.tensor([[0, 1, 2, 3, 4, 0, 1, 2], [0, 1, 2, 3, 0, 0, 0, 0]])
     mask = torch.tensor([[1] * 8, [1] * 4 + [0] * 4])
-    indices, cu = _batch_packing({"input_ids": ids, "attention_mask": mask,
-                                  "position_ids": position_ids})
+    indices, cu = _batch_packing(
+        {"input_ids": ids, "attention_mask": mask, "position_ids": position_ids}
+    )
     assert cu.tolist() == [0, 5, 8, 12] and indices.shape[0] == 12
     delta, grad = torch.cat(texts), torch.cat(grads_)
     # padded rows, as run_glue_freelb.py holds them
@@ -298,7 +329,7 @@ def test_per_example_norms_follow_cu_seqlens_as_padded_rows():
     new = freelb_ascent(delta, grad, cu, adv_lr=0.4, adv_max_norm=bound)
     got = torch.zeros_like(pd)
     for i, n in enumerate(lengths):
-        got[i, :n] = new[cu[i]:cu[i + 1]]
+        got[i, :n] = new[cu[i] : cu[i + 1]]
     assert torch.allclose(got, want, rtol=1e-12, atol=1e-14)
 
 
@@ -363,8 +394,9 @@ def test_bf16_autocast_on_the_cpu(tmp_path, method):
     """Trainer's bf16 mixed precision (CPU autocast): the step runs, its gradients are finite and
     near the fp32 step's, and the embedding weight is restored."""
     # perturbations at the scale of the tiny model's embeddings (std 0.02 a coordinate)
-    cfg = AdversarialConfig(method, steps=2, epsilon=0.05, alpha=0.02, adv_lr=0.02,
-                            adv_init_mag=0.02, adv_max_norm=0.05)
+    cfg = AdversarialConfig(
+        method, steps=2, epsilon=0.05, alpha=0.02, adv_lr=0.02, adv_init_mag=0.02, adv_max_norm=0.05
+    )
     b = batch()
     model, ref = tiny(dtype=torch.float32), tiny(dtype=torch.float32)
     trainer = trainer_for(model, cfg, tmp_path, bf16=True)
@@ -445,13 +477,15 @@ def test_ensemble_is_the_mean_of_the_members_softmax(tmp_path):
     from effbert.models.ensemble import ProbabilityEnsemble
 
     models = [write_run(tmp_path / f"run{i}", seed=i) for i in range(3)]
-    ens = ProbabilityEnsemble.from_run_folders([tmp_path / f"run{i}" for i in range(3)],
-                                               backend="eager")
+    ens = ProbabilityEnsemble.from_run_folders(
+        [tmp_path / f"run{i}" for i in range(3)], backend="eager"
+    )
     assert len(ens) == 3 and ens.labels == ["law", "food", "science"]
     b = batch()
     with torch.no_grad():
-        want = torch.stack([m(b["input_ids"], b["attention_mask"]).logits.double().softmax(-1)
-                            for m in models]).mean(0)
+        want = torch.stack(
+            [m(b["input_ids"], b["attention_mask"]).logits.double().softmax(-1) for m in models]
+        ).mean(0)
     got = ens.predict_proba(b["input_ids"], b["attention_mask"])
     assert got.shape == (3, 3) and torch.allclose(got.double(), want, rtol=1e-5, atol=1e-7)
     texts = ["w1 w2 w3", "w4"]

@@ -29,8 +29,9 @@ def _update_case(batch, seq, dim, rows, slots, dtype, seed):
 @pytest.mark.parametrize("rows", [0, 1, 7, 40])
 @pytest.mark.parametrize("window", [0, 3, 16])
 def test_plain_torch_note_update_equals_the_reference_float64(rows, window):
-    notes, counts, hidden, spans, lengths = _update_case(3, 20, 8, rows, 5, torch.float64,
-                                                         seed=rows + window)
+    notes, counts, hidden, spans, lengths = _update_case(
+        3, 20, 8, rows, 5, torch.float64, seed=rows + window
+    )
     want_n, want_c = notes.clone(), counts.clone()
     reference.note_update_(want_n, want_c, hidden, spans, window=window, gamma=0.1, lengths=lengths)
     got_n, got_c = notes.clone(), counts.clone()
@@ -48,11 +49,19 @@ def test_plain_torch_note_update_equals_the_reference_at_bench_shapes_float32():
     counts = torch.randint(0, 2, (notes_bench.SLOTS,))
     hidden = torch.randn(32, 128, 64)
     want_n, want_c = notes.double(), counts.clone()
-    reference.note_update_(want_n, want_c, hidden.double(), spans, window=notes_bench.WINDOW,
-                           gamma=notes_bench.GAMMA, lengths=lengths)
+    reference.note_update_(
+        want_n,
+        want_c,
+        hidden.double(),
+        spans,
+        window=notes_bench.WINDOW,
+        gamma=notes_bench.GAMMA,
+        lengths=lengths,
+    )
     got_n, got_c = notes.clone(), counts.clone()
-    notes_bench.plain_torch_update_(got_n, got_c, hidden, spans, notes_bench.WINDOW,
-                                    notes_bench.GAMMA, lengths)
+    notes_bench.plain_torch_update_(
+        got_n, got_c, hidden, spans, notes_bench.WINDOW, notes_bench.GAMMA, lengths
+    )
     torch.testing.assert_close(got_n.double(), want_n, rtol=1e-5, atol=1e-5)
     assert torch.equal(got_c, want_c)
 
@@ -74,14 +83,18 @@ def test_early_exit_is_calibrated_on_held_out_rows_and_reports_the_exits_run():
     heldout = bench._heldout_exit_logits(True)
     assert heldout.shape[:2] == (bench.DEPTH, bench.HELDOUT_ROWS[True])
     cal = bench.calibrate_heldout(6.0, True)
-    want = calibrate_threshold(heldout, criterion="entropy", target_avg_exit=6.0,
-                               num=bench.CALIBRATION_CANDIDATES)
+    want = calibrate_threshold(
+        heldout, criterion="entropy", target_avg_exit=6.0, num=bench.CALIBRATION_CANDIDATES
+    )
     assert cal.threshold == want.threshold and cal.avg_exit_layer <= 6.0 + 1e-9
     # the fine candidate grid lands within one row's worth of the target on the held-out rows
     assert cal.avg_exit_layer >= 6.0 - bench.DEPTH / heldout.shape[1]
     multi = bench._models(True)[2]
-    cases = [c for c in bench.cases(torch.device("cpu"), quick=True)
-             if c.provider == "effbert-early-exit"]
+    cases = [
+        c
+        for c in bench.cases(torch.device("cpu"), quick=True)
+        if c.provider == "effbert-early-exit"
+    ]
     assert cases
     for case in cases:
         ids, mask = case.make_inputs()
@@ -97,12 +110,13 @@ def test_early_exit_is_calibrated_on_held_out_rows_and_reports_the_exits_run():
         held = f"average exit {cal.avg_exit_layer:.2f} of 12 on 16 held-out rows (target 6)"
         assert held in case.note
         lengths = mask.sum(1)
-        flops = sum(bench.layer_flops([int(n)], 64, 128, ids.shape[1], False) * int(l)
-                    for n, l in zip(lengths, layers))
+        flops = sum(
+            bench.layer_flops([int(n)], 64, 128, ids.shape[1], False) * int(l)
+            for n, l in zip(lengths, layers)
+        )
         assert case.flops == float(flops)
         out, ref = case.fn(ids, mask), case.reference(ids, mask)
         torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
-
 
 
 @pytest.mark.requires("transformers")
@@ -116,8 +130,14 @@ def test_transformers_rows_train_bert_for_masked_lm_with_and_without_the_labelle
     from effbert.bench import train_step_transformers as bench
 
     cpu = torch.device("cpu")
-    sizes = dict(vocab_size=300, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                 intermediate_size=64, max_position_embeddings=32)
+    sizes = dict(
+        vocab_size=300,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=32,
+    )
     lengths = padding.half_padded_lengths(4, 16, seed=3)
     ids, mask, labels = padding.mlm_rows(lengths, 16, sizes["vocab_size"], seed=3)
     grads, losses = {}, {}
@@ -129,8 +149,9 @@ def test_transformers_rows_train_bert_for_masked_lm_with_and_without_the_labelle
         loss = trainer.loss(ids, mask, labels)
         loss.backward()
         losses[labelled] = loss.detach()
-        grads[labelled] = {n: p.grad.clone() for n, p in trainer.model.named_parameters()
-                           if p.grad is not None}
+        grads[labelled] = {
+            n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None
+        }
     # the loss by hand: cross-entropy of the full model's logits at the labelled slots
     with torch.no_grad():
         logits = trainer.model(input_ids=ids, attention_mask=mask).logits
@@ -158,7 +179,7 @@ def test_transformers_rows_train_bert_for_masked_lm_with_and_without_the_labelle
     assert hf.flops == padding.matrix_flops(small, b * n, b * n * n, b * n)
     trick = padding.matrix_flops(small, b * n, b * n * n, head)
     assert cases["hf-mlm-labelled-head"].flops == cases["effbert-padded"].flops == trick
-    unpadded = padding.matrix_flops(small, real, int((lens ** 2).sum()), head)
+    unpadded = padding.matrix_flops(small, real, int((lens**2).sum()), head)
     assert cases["effbert-unpadded"].flops == unpadded
     for case in cases.values():
         assert torch.isfinite(case.fn(*inputs))

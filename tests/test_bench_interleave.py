@@ -17,9 +17,20 @@ def _fake_case(provider, calls, shape="s", fail=False, skip=()):
             raise RuntimeError("broke")
         return torch.ones(2)
 
-    return Case(op="o", shape=shape, dtype="float32", mode="forward", provider=provider, fn=fn,
-                make_inputs=lambda: (), reference=lambda: torch.ones(2), bytes=0, flops=0.0, baseline="A",
-                skip_reasons=list(skip))
+    return Case(
+        op="o",
+        shape=shape,
+        dtype="float32",
+        mode="forward",
+        provider=provider,
+        fn=fn,
+        make_inputs=lambda: (),
+        reference=lambda: torch.ones(2),
+        bytes=0,
+        flops=0.0,
+        baseline="A",
+        skip_reasons=list(skip),
+    )
 
 
 def test_interleave_times_the_providers_round_by_round():
@@ -54,8 +65,13 @@ def test_interleave_calls_a_fast_fn_in_blocks_and_drops_one_that_raises():
 
 def test_summary_medians_spread_and_the_noisy_flag():
     steady = timing.summarize([10.0, 10.2, 9.9, 10.1, 10.0, 10.05], [9.0] * 6)
-    assert steady["ms"] == statistics.median([10.0, 10.2, 9.9, 10.1, 10.0, 10.05]) and not steady["noisy"]
-    assert steady["cpu_ms"] == 9.0 and steady["cpu_clock"] == "process_time" and steady["rounds"] == 6
+    assert (
+        steady["ms"] == statistics.median([10.0, 10.2, 9.9, 10.1, 10.0, 10.05])
+        and not steady["noisy"]
+    )
+    assert (
+        steady["cpu_ms"] == 9.0 and steady["cpu_clock"] == "process_time" and steady["rounds"] == 6
+    )
     loaded = timing.summarize([10.0, 20.0, 10.0, 21.0, 10.5, 19.0, 11.0, 22.0], [9.0] * 8)
     assert loaded["spread"] > timing.NOISY_SPREAD and loaded["noisy"]
     assert loaded["noise"] > 0.5  # the even rounds were fast, the odd ones slow
@@ -63,11 +79,21 @@ def test_summary_medians_spread_and_the_noisy_flag():
 
 def test_run_group_interleaves_checks_and_records_load(monkeypatch):
     calls = []
-    cases = [_fake_case("A", calls), _fake_case("B", calls, skip=["not here"]), _fake_case("C", calls)]
+    cases = [
+        _fake_case("A", calls),
+        _fake_case("B", calls, skip=["not here"]),
+        _fake_case("C", calls),
+    ]
     emitted = []
     monkeypatch.setattr(timing, "MIN_ROUNDS", 3)
-    rows = runner.run_group(cases, torch.device("cpu"), {"launch_us": 1.0, "copy_GBps": 1.0}, True,
-                            emitted.append, rounds=3)
+    rows = runner.run_group(
+        cases,
+        torch.device("cpu"),
+        {"launch_us": 1.0, "copy_GBps": 1.0},
+        True,
+        emitted.append,
+        rounds=3,
+    )
     assert rows == emitted and [r["provider"] for r in rows] == ["A", "B", "C"]  # the cases' order
     assert rows[1]["status"] == "skipped" and rows[1]["reason"] == "not here"
     for r in (rows[0], rows[2]):
@@ -80,21 +106,31 @@ def test_run_group_interleaves_checks_and_records_load(monkeypatch):
 
 def test_a_provider_that_breaks_while_timed_is_an_error_row_and_the_others_are_timed():
     calls = []
-    rows = runner.run_group([_fake_case("A", calls), _fake_case("B", calls, fail=True)], torch.device("cpu"),
-                            {"launch_us": 1.0, "copy_GBps": 1.0}, True, rounds=3)
+    rows = runner.run_group(
+        [_fake_case("A", calls), _fake_case("B", calls, fail=True)],
+        torch.device("cpu"),
+        {"launch_us": 1.0, "copy_GBps": 1.0},
+        True,
+        rounds=3,
+    )
     by = {r["provider"]: r for r in rows}
-    assert by["A"]["status"] == "ok" and by["B"]["status"] == "error" and "broke" in by["B"]["reason"]
+    assert (
+        by["A"]["status"] == "ok" and by["B"]["status"] == "error" and "broke" in by["B"]["reason"]
+    )
 
 
 def test_a_peer_above_its_tolerance_fails_its_row():
     case = _fake_case("A", [])
     case.reference, case.atol = (lambda: torch.ones(2) + 0.01), 1e-3
-    row = runner.run_group([case], torch.device("cpu"), {"launch_us": 1.0, "copy_GBps": 1.0}, True, rounds=1)[0]
+    row = runner.run_group(
+        [case], torch.device("cpu"), {"launch_us": 1.0, "copy_GBps": 1.0}, True, rounds=1
+    )[0]
     assert row["status"] == "wrong" and "max abs diff 1.00e-02 > 1e-03" in row["reason"]
 
 
 def test_cpu_ceilings_take_the_best_round(monkeypatch):
     """Load only makes a round slower: each ceiling comes from its fastest round."""
+
     def fake(fns, **kwargs):
         wall = [[5.0, 1.0, 3.0] for _ in fns]  # ms per call; the best round is 1 ms
         return wall, wall, {}

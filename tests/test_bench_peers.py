@@ -20,7 +20,9 @@ def test_b1_is_one_real_sentence_of_the_median_length():
     ids, mask, lengths = cpu_inference.make_batch([length], 1000, seed=1)
     assert ids.shape == (1, length) and bool(mask.all())
     drawn = cpu_inference.real_lengths(8, seed=8)
-    assert drawn == cpu_inference.real_lengths(8, seed=8) and set(drawn) <= set(pool)  # fixed seed, real lengths
+    assert drawn == cpu_inference.real_lengths(8, seed=8) and set(drawn) <= set(
+        pool
+    )  # fixed seed, real lengths
 
 
 def test_missing_peers_are_skipped_with_the_reason(monkeypatch):
@@ -31,8 +33,11 @@ def test_missing_peers_are_skipped_with_the_reason(monkeypatch):
     assert "onnxruntime is not installed" in peers.onnxruntime_reason()[0]
     assert "openvino is not installed" in peers.openvino_reason()[0]
     assert "onnxruntime is not installed" in peers.onnxruntime_int8_reason()[0]
-    cases = [c for c in cpu_inference._bert_cases(1, quick=True)
-             if c.provider in ("onnxruntime", "openvino", "onnxruntime-int8")]
+    cases = [
+        c
+        for c in cpu_inference._bert_cases(1, quick=True)
+        if c.provider in ("onnxruntime", "openvino", "onnxruntime-int8")
+    ]
     assert len(cases) == 3 and all("pip install effbert[peers]" in c.skip_reasons[0] for c in cases)
     monkeypatch.setattr(cpu_inference, "minilm_folder", lambda: None)
     minilm = cpu_inference._minilm_cases(1, quick=True)
@@ -43,8 +48,14 @@ def _tiny_bert():
     import transformers
 
     torch.manual_seed(0)
-    cfg = transformers.BertConfig(vocab_size=500, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                                  intermediate_size=64, attn_implementation="sdpa")
+    cfg = transformers.BertConfig(
+        vocab_size=500,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        attn_implementation="sdpa",
+    )
     model = transformers.BertModel(cfg).eval()
     ids = torch.randint(1, 500, (3, 9))
     mask = (torch.arange(9)[None] < torch.tensor([9, 4, 6])[:, None]).long()
@@ -84,8 +95,18 @@ def test_onnxruntime_int8_is_quantised_and_close_to_transformers():
     model, ids, mask, ref = _tiny_bert()
     exported = peers.Exported(model, threads=1)
     out = exported.onnxruntime_int8()(ids, mask)
-    ops = {n.op_type for n in onnx.load(str(Path(exported.optimized()[0]).with_name("model.opt.int8.onnx"))).graph.node}
-    assert ops & {"QAttention", "MatMulInteger", "DynamicQuantizeLinear", "DynamicQuantizeMatMul"}, ops
+    ops = {
+        n.op_type
+        for n in onnx.load(
+            str(Path(exported.optimized()[0]).with_name("model.opt.int8.onnx"))
+        ).graph.node
+    }
+    assert ops & {
+        "QAttention",
+        "MatMulInteger",
+        "DynamicQuantizeLinear",
+        "DynamicQuantizeMatMul",
+    }, ops
     real = mask.bool()
     cos = torch.nn.functional.cosine_similarity(out[real].double(), ref[real].double(), dim=-1)
     assert float(cos.min()) >= peers.LOWP_MIN_COSINE

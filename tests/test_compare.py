@@ -67,8 +67,19 @@ def test_arguments_are_checked():
 
 
 def _case(out, ref, **kw):
-    return Case(op="o", params={"N": 2}, dtype="float32", mode="forward", provider="p",
-                fn=lambda: out, make_inputs=tuple, reference=lambda: ref, bytes=1, flops=0, **kw)
+    return Case(
+        op="o",
+        params={"N": 2},
+        dtype="float32",
+        mode="forward",
+        provider="p",
+        fn=lambda: out,
+        make_inputs=tuple,
+        reference=lambda: ref,
+        bytes=1,
+        flops=0,
+        **kw,
+    )
 
 
 def test_the_bench_check_uses_the_same_rule():
@@ -91,8 +102,16 @@ def test_case_carries_its_params_as_data():
     case = _case(torch.ones(1), torch.ones(1))
     assert case.shape == "N=2" and case.params == {"N": 2}
     assert case.matches({"N": 2}) and not case.matches({"N": 3}) and case.matches({"pad": None})
-    common = dict(dtype="float32", mode="forward", provider="p", fn=None, make_inputs=tuple,
-                  reference=None, bytes=1, flops=0)
+    common = dict(
+        dtype="float32",
+        mode="forward",
+        provider="p",
+        fn=None,
+        make_inputs=tuple,
+        reference=None,
+        bytes=1,
+        flops=0,
+    )
     labelled = Case(op="o", shape="B=1,real lengths", params={"B": 1}, **common)
     assert labelled.shape == "B=1,real lengths" and labelled.params == {"B": 1}
     with pytest.raises(ValueError, match="needs params or a shape"):

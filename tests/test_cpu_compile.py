@@ -12,14 +12,19 @@ import effbert
 from effbert import losses
 from effbert import ops as effbert_ops
 from effbert.ops import attention as attn_ops
-from effbert.models import (TupeBertConfig, TupeBertForMaskedLM, TupeBertForSequenceClassification,
-                            TupeBertModel)
+from effbert.models import (
+    TupeBertConfig,
+    TupeBertForMaskedLM,
+    TupeBertForSequenceClassification,
+    TupeBertModel,
+)
 
 from helpers import assert_close
 
 
-pytestmark = pytest.mark.skipif(not effbert.backends()["cpu"].available,
-                                reason="the C++ CPU extension is not built")
+pytestmark = pytest.mark.skipif(
+    not effbert.backends()["cpu"].available, reason="the C++ CPU extension is not built"
+)
 
 
 @pytest.fixture(autouse=True)
@@ -40,10 +45,16 @@ def _compare(fn, inputs, *, rtol=None):
     want = fn(*eager_in)
     got = torch.compile(fn, fullgraph=True, backend="inductor")(*compiled_in)
     want, got = (w if isinstance(w, tuple) else (w,) for w in (want, got))
-    loss_w = sum((w.double() * torch.linspace(-1, 1, w.numel()).view_as(w)).nansum() for w in want
-                 if w.is_floating_point())
-    loss_g = sum((g.double() * torch.linspace(-1, 1, g.numel()).view_as(g)).nansum() for g in got
-                 if g.is_floating_point())
+    loss_w = sum(
+        (w.double() * torch.linspace(-1, 1, w.numel()).view_as(w)).nansum()
+        for w in want
+        if w.is_floating_point()
+    )
+    loss_g = sum(
+        (g.double() * torch.linspace(-1, 1, g.numel()).view_as(g)).nansum()
+        for g in got
+        if g.is_floating_point()
+    )
     for i, (g, w) in enumerate(zip(got, want)):
         if w.is_floating_point():
             assert_close(g, w, rtol=rtol, what=f"output {i}")
@@ -62,7 +73,9 @@ def _compare(fn, inputs, *, rtol=None):
 def _attention_case():
     b, n, h, d = 2, 7, 2, 16
     q, k, v = (torch.randn(b, n, h, d) for _ in range(3))
-    mask = torch.tensor([[1, 1, 1, 1, 1, 0, 0], [1, 0, 1, 1, 1, 1, 1]], dtype=torch.bool)  # right pad and a hole
+    mask = torch.tensor(
+        [[1, 1, 1, 1, 1, 0, 0], [1, 0, 1, 1, 1, 1, 1]], dtype=torch.bool
+    )  # right pad and a hole
     for t in (q, k, v):
         t[~mask] = float("nan")  # nothing at a padded position may reach a real token
     pos = torch.randn(h, n, n)
@@ -100,10 +113,24 @@ def _position_bias_case():
     buckets = t5_relative_buckets(n, 8, 16)
 
     def fn(pq, pk, rel, cls_row, cls_col):
-        return effbert.tupe_position_bias(pq, pk, scale=0.25, rel_table=rel, rel_buckets=buckets, cls_row=cls_row,
-                                          cls_col=cls_col, backend="cpu")
+        return effbert.tupe_position_bias(
+            pq,
+            pk,
+            scale=0.25,
+            rel_table=rel,
+            rel_buckets=buckets,
+            cls_row=cls_row,
+            cls_col=cls_col,
+            backend="cpu",
+        )
 
-    return fn, (torch.randn(n, h, dh), torch.randn(n, h, dh), torch.randn(8, h), torch.randn(h), torch.randn(h))
+    return fn, (
+        torch.randn(n, h, dh),
+        torch.randn(n, h, dh),
+        torch.randn(8, h),
+        torch.randn(h),
+        torch.randn(h),
+    )
 
 
 def _note_mix_case():
@@ -125,10 +152,15 @@ def _distillation_case():  # no CPU kernel: "auto" runs the eager reference on C
     return (lambda z: losses.multi_exit_distillation_loss(z * 1.0, y)), (torch.randn(3, 5, 4),)
 
 
-OP_CASES = {"tupe_attention": _attention_case, "tupe_attention_no_mask": _attention_no_mask_case,
-            "tupe_attention_varlen": _varlen_case, "tupe_position_bias": _position_bias_case,
-            "note_mix": _note_mix_case, "exit_entropy": _entropy_case,
-            "multi_exit_distillation_loss": _distillation_case}
+OP_CASES = {
+    "tupe_attention": _attention_case,
+    "tupe_attention_no_mask": _attention_no_mask_case,
+    "tupe_attention_varlen": _varlen_case,
+    "tupe_position_bias": _position_bias_case,
+    "note_mix": _note_mix_case,
+    "exit_entropy": _entropy_case,
+    "multi_exit_distillation_loss": _distillation_case,
+}
 # MC-BERT's ops have no CPU kernel, and their eager path checks the candidate ids on the host (a graph break under
 # fullgraph): effbert/ops/mc_bert.py is outside this test's reach
 
@@ -165,54 +197,113 @@ def test_in_place_ops_fullgraph_inductor(seeded):
 
     batch, c = 7, 3
     x = torch.randn(batch, c)
-    states = [effbert_ops.early_exit.BatchedExit(batch, depth=2, criterion="entropy", threshold=0.8, backend="cpu")
-              for _ in range(2)]
+    states = [
+        effbert_ops.early_exit.BatchedExit(
+            batch, depth=2, criterion="entropy", threshold=0.8, backend="cpu"
+        )
+        for _ in range(2)
+    ]
     for st in states:
         st.logits = torch.full((batch, c), float("nan"))  # the exited rows' logits land here
 
     def decide(st, logits):
-        effbert_ops.exit_decision(logits * 1.0, st.row_ids, st.prev, st.counter, st.logits, st.exit_layer,
-                                  st._spare, st._local, st.count, layer=1, criterion="entropy", threshold=0.8,
-                                  backend="cpu")
+        effbert_ops.exit_decision(
+            logits * 1.0,
+            st.row_ids,
+            st.prev,
+            st.counter,
+            st.logits,
+            st.exit_layer,
+            st._spare,
+            st._local,
+            st.count,
+            layer=1,
+            criterion="entropy",
+            threshold=0.8,
+            backend="cpu",
+        )
         return st.count + 0
 
     want = decide(states[0], x)
-    got = torch.compile(lambda logits: decide(states[1], logits), fullgraph=True, backend="inductor")(x)
+    got = torch.compile(
+        lambda logits: decide(states[1], logits), fullgraph=True, backend="inductor"
+    )(x)
     assert torch.equal(got, want) and torch.equal(states[1].exit_layer, states[0].exit_layer)
     assert torch.equal(states[1].logits.isnan(), states[0].logits.isnan())
 
 
 # ---- the models ----
 
+
 def _config(**changes):
-    base = dict(vocab_size=40, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=48,
-                max_position_embeddings=16, type_vocab_size=2, hidden_dropout_prob=0.0,
-                attention_probs_dropout_prob=0.0, position_mode="tupe-r", num_buckets=8, max_distance=16,
-                num_labels=3, backend="cpu")
+    base = dict(
+        vocab_size=40,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=48,
+        max_position_embeddings=16,
+        type_vocab_size=2,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+        position_mode="tupe-r",
+        num_buckets=8,
+        max_distance=16,
+        num_labels=3,
+        backend="cpu",
+    )
     base.update(changes)
     return TupeBertConfig(**base)
 
 
 def _batch(cfg, packed=False):
     ids = torch.randint(0, cfg.vocab_size, (3, 8))
-    mask = torch.tensor([[1] * 8, [1] * 5 + [0] * 3, [0, 0] + [1] * 6])  # full, right and left padding
+    mask = torch.tensor(
+        [[1] * 8, [1] * 5 + [0] * 3, [0, 0] + [1] * 6]
+    )  # full, right and left padding
     types = torch.randint(0, 2, (3, 8))
     args = dict(input_ids=ids, attention_mask=mask, token_type_ids=types)
     if packed:  # row 0 holds three texts
-        args["position_ids"] = torch.tensor([[0, 1, 2, 0, 1, 0, 1, 2], list(range(8)), [0, 0] + list(range(6))])
+        args["position_ids"] = torch.tensor(
+            [[0, 1, 2, 0, 1, 0, 1, 2], list(range(8)), [0, 0] + list(range(6))]
+        )
     return args
 
 
 MODEL_CASES = {
     # name: (model class, config changes, packed rows, extra forward arguments)
     "TupeBertModel": (TupeBertModel, {}, False, {}),
-    "TupeBertModel-padded-layers": (TupeBertModel, dict(unpad_inputs=False, position_mode="tupe-a"), True, {}),
-    "TupeBertForMaskedLM": (TupeBertForMaskedLM, dict(position_mode="absolute"), True, dict(mlm=True)),
-    "TupeBertForMaskedLM-train-head": (TupeBertForMaskedLM, {}, False, dict(mlm=True, return_logits=False)),
-    "TupeBertForSequenceClassification": (TupeBertForSequenceClassification, {}, False, dict(cls=True)),
+    "TupeBertModel-padded-layers": (
+        TupeBertModel,
+        dict(unpad_inputs=False, position_mode="tupe-a"),
+        True,
+        {},
+    ),
+    "TupeBertForMaskedLM": (
+        TupeBertForMaskedLM,
+        dict(position_mode="absolute"),
+        True,
+        dict(mlm=True),
+    ),
+    "TupeBertForMaskedLM-train-head": (
+        TupeBertForMaskedLM,
+        {},
+        False,
+        dict(mlm=True, return_logits=False),
+    ),
+    "TupeBertForSequenceClassification": (
+        TupeBertForSequenceClassification,
+        {},
+        False,
+        dict(cls=True),
+    ),
     # the fused distillation loss has no CPU kernel: "auto" (attention on the CPU backend, the loss eager)
-    "TupeBertForSequenceClassification-multi-exit": (TupeBertForSequenceClassification,
-                                                     dict(multi_exit=True, backend="auto"), False, dict(cls=True)),
+    "TupeBertForSequenceClassification-multi-exit": (
+        TupeBertForSequenceClassification,
+        dict(multi_exit=True, backend="auto"),
+        False,
+        dict(cls=True),
+    ),
 }
 
 
@@ -225,7 +316,9 @@ def test_model_fullgraph_inductor_equals_eager(case, seeded):
     args = _batch(cfg, packed)
     extra = dict(extra)
     if extra.pop("mlm", False):
-        args["labels"] = torch.where(torch.rand(args["input_ids"].shape) < 0.5, args["input_ids"], -100)
+        args["labels"] = torch.where(
+            torch.rand(args["input_ids"].shape) < 0.5, args["input_ids"], -100
+        )
     if extra.pop("cls", False):
         args["labels"] = torch.tensor([0, 2, 1])
     args.update(extra)
@@ -233,9 +326,14 @@ def test_model_fullgraph_inductor_equals_eager(case, seeded):
     def run(m):
         model.zero_grad(set_to_none=True)
         out = m(**args)
-        fields = {k: v for k, v in out.items() if isinstance(v, torch.Tensor) and v.is_floating_point()}
-        total = sum((v.double() * torch.linspace(-1, 1, v.numel()).view_as(v)).sum() for k, v in fields.items()
-                    if k != "loss")
+        fields = {
+            k: v for k, v in out.items() if isinstance(v, torch.Tensor) and v.is_floating_point()
+        }
+        total = sum(
+            (v.double() * torch.linspace(-1, 1, v.numel()).view_as(v)).sum()
+            for k, v in fields.items()
+            if k != "loss"
+        )
         (total + (fields["loss"] if "loss" in fields else 0)).backward()
         grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
         return fields, grads
@@ -248,7 +346,9 @@ def test_model_fullgraph_inductor_equals_eager(case, seeded):
     assert set(got_grads) == set(want_grads)
     for n, g in got_grads.items():
         if n.endswith(("cls_row", "cls_col")) and want_grads[n].abs().max() < 1e-6:
-            assert g.abs().max() < 1e-5, n  # a constant added to a whole softmax row: its gradient is 0
+            assert g.abs().max() < 1e-5, (
+                n
+            )  # a constant added to a whole softmax row: its gradient is 0
             continue
         assert_close(g, want_grads[n], rtol=1e-4, what=f"d {n}")
 
@@ -258,7 +358,9 @@ def test_dispatch_compiles_without_lru_cache_warning(monkeypatch):
     import nor warns that it ignores an ``lru_cache`` ("silent incorrectness")."""
     from effbert.ops import _dispatch
 
-    monkeypatch.setattr(torch._dynamo.utils, "warn_once_cache", set())  # dynamo warns once a process otherwise
+    monkeypatch.setattr(
+        torch._dynamo.utils, "warn_once_cache", set()
+    )  # dynamo warns once a process otherwise
     _dispatch.refresh()  # nothing found out yet: the first lookup happens while tracing
     model = TupeBertModel(_config())
     args = _batch(model.config)
@@ -269,5 +371,9 @@ def test_dispatch_compiles_without_lru_cache_warning(monkeypatch):
         torch.compile(model, backend="eager")(**args)
         torch.compile(lambda q: effbert.tupe_attention(q, q, q), backend="eager")(q)
         torch.compile(lambda x: effbert.exit_entropy(x), backend="eager")(torch.randn(2, 3))
-    bad = [str(w.message) for w in caught if "lru_cache" in str(w.message) or "incorrectness" in str(w.message)]
+    bad = [
+        str(w.message)
+        for w in caught
+        if "lru_cache" in str(w.message) or "incorrectness" in str(w.message)
+    ]
     assert not bad, bad

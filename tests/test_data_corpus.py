@@ -9,13 +9,21 @@ import random
 import pytest
 
 from effbert.data import corpus as corpus_mod
-from effbert.data.corpus import check_text_file, count_words, load_corpus, rare_word_table, rare_words
+from effbert.data.corpus import (
+    check_text_file,
+    count_words,
+    load_corpus,
+    rare_word_table,
+    rare_words,
+)
 from effbert.data.tokenization import train_wordpiece
 
 pytestmark = pytest.mark.requires("datasets")
 
-WORDS = ("the a of cat dog runs running house tree walked talking quietly because under over green blue "
-         "unbelievable rarest zebra").split()
+WORDS = (
+    "the a of cat dog runs running house tree walked talking quietly because under over green blue "
+    "unbelievable rarest zebra"
+).split()
 
 
 def _write_corpus(path, seed, docs=12):
@@ -23,7 +31,9 @@ def _write_corpus(path, seed, docs=12):
     text = []
     for d in range(docs):
         for _ in range(rng.randint(1, 8)):
-            text.append(" ".join(rng.choice(WORDS) for _ in range(rng.randint(1, 14))).capitalize() + ".")
+            text.append(
+                " ".join(rng.choice(WORDS) for _ in range(rng.randint(1, 14))).capitalize() + "."
+            )
         text.append("" if d % 3 else "   ")  # blank (or whitespace-only) line: a document boundary
     path.write_text("\n".join(text) + "\n", encoding="utf-8")
     return path
@@ -32,7 +42,9 @@ def _write_corpus(path, seed, docs=12):
 @pytest.fixture(scope="module")
 def tok(tmp_path_factory):
     d = tmp_path_factory.mktemp("tok")
-    return train_wordpiece([_write_corpus(d / "train.txt", 0, docs=60)], vocab_size=120, min_frequency=1)
+    return train_wordpiece(
+        [_write_corpus(d / "train.txt", 0, docs=60)], vocab_size=120, min_frequency=1
+    )
 
 
 def _documents(path, tok):
@@ -83,14 +95,18 @@ def test_long_line_is_cut_at_word_starts(tmp_path, tok):
     assert [i for t in texts for i in t[1:-1]] == pieces + tail  # nothing lost, nothing repeated
     for t in texts:
         assert len(t) <= 16 and not cont[t[1]]  # every text starts at a word start
-    assert len(texts) > 5 and texts[-1][-1 - len(tail):-1] == tail  # the next line fills the long line's last text
+    assert (
+        len(texts) > 5 and texts[-1][-1 - len(tail) : -1] == tail
+    )  # the next line fills the long line's last text
 
 
 def test_cache_and_processes(tmp_path, tok):
     path = _write_corpus(tmp_path / "c.txt", 3)
     cache = tmp_path / "cache"
     ds = load_corpus([path], tok, 32, cache_dir=cache)
-    assert ds.cache_files and all(str(cache) in f["filename"] for f in ds.cache_files)  # memory-mapped Arrow
+    assert ds.cache_files and all(
+        str(cache) in f["filename"] for f in ds.cache_files
+    )  # memory-mapped Arrow
     again = load_corpus([path], tok, 32, cache_dir=cache)
     assert again.cache_files == ds.cache_files and list(again["input_ids"]) == list(ds["input_ids"])
     two = load_corpus([path, path], tok, 32, cache_dir=cache, num_proc=2)
@@ -111,15 +127,27 @@ def test_count_words(tmp_path, tok):
     from effbert.data.packing import pack
 
     assert count_words(pack(ds, 64).dataset, tok) == ref
-    words = rare_words(ref, tok, 1, 10 ** 9)
+    words = rare_words(ref, tok, 1, 10**9)
     assert "." not in words and all(any(c.isalnum() for c in w) for w in words)
     assert words == sorted(words, key=lambda w: (-ref[w], w))
     table = rare_word_table(words, tok)
     assert table.words == words
 
 
-@pytest.mark.parametrize("case", ["empty", "blank", "latin1", "binary", "long line", "truncated utf-8", "missing",
-                                  "directory", "fifo"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "empty",
+        "blank",
+        "latin1",
+        "binary",
+        "long line",
+        "truncated utf-8",
+        "missing",
+        "directory",
+        "fifo",
+    ],
+)
 def test_bad_files(tmp_path, tok, case, monkeypatch):
     path = tmp_path / "bad.txt"
     good = _write_corpus(tmp_path / "good.txt", 5)
@@ -205,7 +233,9 @@ def test_lines_format(tmp_path, tok):
     lines = [ln for ln in path.read_text(encoding="utf-8").split("\n") if ln.strip()]
     texts = list(ds["input_ids"])
     assert all(t[0] == cls and t[-1] == sep and 3 <= len(t) <= 16 and not cont[t[1]] for t in texts)
-    assert [i for t in texts for i in t[1:-1]] == [i for ln in lines for i in tok.encode(ln, add_special_tokens=False)]
+    assert [i for t in texts for i in t[1:-1]] == [
+        i for ln in lines for i in tok.encode(ln, add_special_tokens=False)
+    ]
     expected = []  # a text per line; a long line cut before the last word start that fits
     for ln in lines:
         ids = tok.encode(ln, add_special_tokens=False)

@@ -5,7 +5,9 @@ import random
 
 import pytest
 
-datasets = pytest.importorskip("datasets", reason="the data side needs datasets, which is not installed here")
+datasets = pytest.importorskip(
+    "datasets", reason="the data side needs datasets, which is not installed here"
+)
 
 from effbert.data.packing import pack, pack_lengths, text_lengths
 
@@ -36,7 +38,9 @@ def test_pack_lengths_is_best_fit_decreasing(seeded):
         assert fill == pytest.approx(sum(lengths) / (len(rows) * max_length))
         ref = _bfd_reference(lengths, max_length)
         # same rows as the reference, up to which of two equally full rows takes a text
-        assert sorted(sorted(lengths[i] for i in r) for r in rows) == sorted(sorted(lengths[i] for i in r) for r in ref)
+        assert sorted(sorted(lengths[i] for i in r) for r in rows) == sorted(
+            sorted(lengths[i] for i in r) for r in ref
+        )
 
 
 def test_pack_lengths_by_hand():
@@ -68,7 +72,10 @@ def test_pack_lengths_errors():
 def test_pack_dataset(tmp_path, seeded):
     rng = random.Random(seeded)
     max_length = 16
-    texts = [[2] + [rng.randint(5, 99) for _ in range(rng.randint(0, max_length - 2))] + [3] for _ in range(100)]
+    texts = [
+        [2] + [rng.randint(5, 99) for _ in range(rng.randint(0, max_length - 2))] + [3]
+        for _ in range(100)
+    ]
     ds = datasets.Dataset.from_dict({"input_ids": texts})
     packed = pack(ds, max_length, window=32)
     tokens = sum(len(t) for t in texts)
@@ -128,5 +135,7 @@ def test_length_stats_stream(monkeypatch):
     assert packing._length_stats(ds, batch_size=2) == (28, 1, 7)
     view = ds.select([0, 2, 4])
     assert packing._length_stats(view, batch_size=2) == (15, 3, 7)
-    monkeypatch.setattr(packing, "text_lengths", lambda d: (_ for _ in ()).throw(AssertionError("whole array")))
+    monkeypatch.setattr(
+        packing, "text_lengths", lambda d: (_ for _ in ()).throw(AssertionError("whole array"))
+    )
     assert pack(ds, 8).tokens == 28

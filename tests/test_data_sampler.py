@@ -36,6 +36,7 @@ def test_every_seed_and_epoch_pair_has_its_own_keys():
     """The key derivation is injective over (seed, epoch) in [0, 2**64) each: (seed << 32) ^ epoch gave seed 0 at
     epoch 2**32 the order of seed 1 at epoch 0. Pairs that a shift, xor or sum of the two would confuse, and a
     grid of small and large values, all have distinct round keys and (the colliding pairs) distinct orders."""
+
     def order(seed, epoch):
         s = ShuffleSampler(1000, seed=seed)
         s.set_epoch(epoch)
@@ -118,7 +119,9 @@ def test_pretraining_trainer_sampler_is_bounded(tmp_path):
 
     from test_pretrain import _tiny_mlm
 
-    args = TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True, data_seed=5, seed=1)
+    args = TrainingArguments(
+        output_dir=str(tmp_path), report_to=[], use_cpu=True, data_seed=5, seed=1
+    )
     trainer = PretrainingTrainer(model=_tiny_mlm(), args=args, train_dataset=_Rows(2_000_000))
     sampler = trainer._get_train_sampler()
     assert isinstance(sampler, ShuffleSampler) and sampler.seed == 5 and len(sampler) == 2_000_000
@@ -126,10 +129,16 @@ def test_pretraining_trainer_sampler_is_bounded(tmp_path):
     assert _traced_peak(lambda: next(iter(trainer._get_train_sampler()))) < 4 << 20
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    ({"data_source": -1}, "data_source"), ({"data_source": object()}, "data_source"),
-    ({"data_source": 3, "seed": -1}, "seed"), ({"data_source": 3, "chunk": 0}, "chunk"),
-    ({"data_source": True}, "data_source")])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"data_source": -1}, "data_source"),
+        ({"data_source": object()}, "data_source"),
+        ({"data_source": 3, "seed": -1}, "seed"),
+        ({"data_source": 3, "chunk": 0}, "chunk"),
+        ({"data_source": True}, "data_source"),
+    ],
+)
 def test_bad_input(kwargs, match):
     with pytest.raises(ValueError, match=match):
         ShuffleSampler(**kwargs)

@@ -8,7 +8,12 @@ import unicodedata
 
 import pytest
 
-from effbert.data.tokenization import SPECIAL_TOKENS, load_tokenizer, save_tokenizer, train_wordpiece
+from effbert.data.tokenization import (
+    SPECIAL_TOKENS,
+    load_tokenizer,
+    save_tokenizer,
+    train_wordpiece,
+)
 
 SENTENCES = [
     "",
@@ -38,9 +43,43 @@ def _vocab(rng):
     chars = "abcdefghijklmnopqrstuvwxyz0123456789.,!?'-()[]{}<>$^`~|\\:;—éüäöç中文字符我爱北京世界"
     pieces += list(chars)
     pieces += ["##" + c for c in "abcdefghijklmnopqrstuvwxyz0123456789"]
-    pieces += ["the", "quick", "brown", "fox", "jump", "##s", "##ing", "##er", "##ers", "over", "lazy", "dog",
-               "hello", "world", "run", "##n", "##able", "un", "##aff", "re", "cafe", "zurich", "naive", "resume",
-               "ecole", "strasse", "ich", "heiße", "straße", "αβγ", "привет", "##ed", "##ly", "mixed", "english"]
+    pieces += [
+        "the",
+        "quick",
+        "brown",
+        "fox",
+        "jump",
+        "##s",
+        "##ing",
+        "##er",
+        "##ers",
+        "over",
+        "lazy",
+        "dog",
+        "hello",
+        "world",
+        "run",
+        "##n",
+        "##able",
+        "un",
+        "##aff",
+        "re",
+        "cafe",
+        "zurich",
+        "naive",
+        "resume",
+        "ecole",
+        "strasse",
+        "ich",
+        "heiße",
+        "straße",
+        "αβγ",
+        "привет",
+        "##ed",
+        "##ly",
+        "mixed",
+        "english",
+    ]
     pieces = list(dict.fromkeys(pieces))
     rng.shuffle(pieces)  # the specials anywhere in the file, not only at the front
     return pieces
@@ -62,7 +101,9 @@ def _reference(path, lowercase):
 
 def _texts_for(lowercase):
     # the pure-Python form NFC-normalises cased text first, which BERT's Rust form (and tokenizers) does not
-    return SENTENCES if lowercase else [t for t in SENTENCES if unicodedata.normalize("NFC", t) == t]
+    return (
+        SENTENCES if lowercase else [t for t in SENTENCES if unicodedata.normalize("NFC", t) == t]
+    )
 
 
 @pytest.mark.parametrize("lowercase", [True, False], ids=["uncased", "cased"])
@@ -79,23 +120,37 @@ def test_load_matches_bert(tmp_path, lowercase, how, seeded):
         saved = tmp_path / "saved"
         save_tokenizer(load_tokenizer(path, lowercase=lowercase), saved)
         assert (saved / "vocab.txt").read_text(encoding="utf-8").splitlines() == vocab
-        tok = load_tokenizer(saved / "tokenizer.json") if how == "tokenizer.json" else load_tokenizer(saved)
+        tok = (
+            load_tokenizer(saved / "tokenizer.json")
+            if how == "tokenizer.json"
+            else load_tokenizer(saved)
+        )
     assert tok.get_vocab() == {p: i for i, p in enumerate(vocab)}
-    for attr, token in zip(("pad_token_id", "unk_token_id", "cls_token_id", "sep_token_id", "mask_token_id"),
-                           SPECIAL_TOKENS):
+    for attr, token in zip(
+        ("pad_token_id", "unk_token_id", "cls_token_id", "sep_token_id", "mask_token_id"),
+        SPECIAL_TOKENS,
+    ):
         assert getattr(tok, attr) == vocab.index(token)
     texts = _texts_for(lowercase)
     for text in texts:
         assert tok.tokenize(text) == ref.tokenize(text), text
         assert tok.encode(text) == ref.encode(text), text  # [CLS] ... [SEP]
-    pair = tok("the quick fox", "jumps over")  # BERT's pair: [CLS] A [SEP] B [SEP], token types 0 then 1
-    a, b = ref.encode("the quick fox", add_special_tokens=False), ref.encode("jumps over", add_special_tokens=False)
+    pair = tok(
+        "the quick fox", "jumps over"
+    )  # BERT's pair: [CLS] A [SEP] B [SEP], token types 0 then 1
+    a, b = (
+        ref.encode("the quick fox", add_special_tokens=False),
+        ref.encode("jumps over", add_special_tokens=False),
+    )
     cls, sep = vocab.index("[CLS]"), vocab.index("[SEP]")
     assert pair["input_ids"] == [cls] + a + [sep] + b + [sep]
     assert pair["token_type_ids"] == [0] * (len(a) + 2) + [1] * (len(b) + 1)
     for max_len in (2, 5, 64):
         enc = tok(texts, truncation=True, max_length=max_len, padding="longest")
-        assert enc["input_ids"] == ref(texts, truncation=True, max_length=max_len, padding="longest")["input_ids"]
+        assert (
+            enc["input_ids"]
+            == ref(texts, truncation=True, max_length=max_len, padding="longest")["input_ids"]
+        )
 
 
 @pytest.mark.parametrize("lowercase", [True, False], ids=["uncased", "cased"])
@@ -118,7 +173,10 @@ def _corpus(seed, n=300):
     rare = ["unwalkable", "rejumping", "overtalked", "treehouses", "runnings", "housewalk"]
     lines = []
     for _ in range(n):
-        words = [rng.choice(frequent) + rng.choice(["", "s", "ing", "ed"]) for _ in range(rng.randint(3, 9))]
+        words = [
+            rng.choice(frequent) + rng.choice(["", "s", "ing", "ed"])
+            for _ in range(rng.randint(3, 9))
+        ]
         if rng.random() < 0.1:
             words.insert(rng.randrange(len(words)), rng.choice(rare))
         lines.append(" ".join(words).capitalize() + rng.choice([".", "!", "?"]))
@@ -132,8 +190,13 @@ def test_train_wordpiece(tmp_path):
     tok = train_wordpiece([corpus], vocab_size=120, min_frequency=1)
     vocab = tok.convert_ids_to_tokens(list(range(len(tok))))
     assert len(vocab) == 120 and vocab[:5] == list(SPECIAL_TOKENS)  # [PAD] = 0
-    assert (tok.pad_token_id, tok.unk_token_id, tok.cls_token_id, tok.sep_token_id, tok.mask_token_id) == (
-        0, 1, 2, 3, 4)
+    assert (
+        tok.pad_token_id,
+        tok.unk_token_id,
+        tok.cls_token_id,
+        tok.sep_token_id,
+        tok.mask_token_id,
+    ) == (0, 1, 2, 3, 4)
     chars = sorted({c for line in lines for c in line.lower() if not c.isspace()})
     assert all(c in vocab for c in chars)  # every text is covered: no [UNK]
     for line in lines:
@@ -150,7 +213,9 @@ def test_train_wordpiece(tmp_path):
         assert tok.encode(text) == ref.encode(text), text
     assert load_tokenizer(tmp_path / "out").get_vocab() == tok.get_vocab()
     assert train_wordpiece(corpus, vocab_size=120, min_frequency=1).get_vocab() == tok.get_vocab()
-    big = train_wordpiece(corpus, vocab_size=100_000, min_frequency=1)  # stops at what the corpus offers
+    big = train_wordpiece(
+        corpus, vocab_size=100_000, min_frequency=1
+    )  # stops at what the corpus offers
     assert len(big) < 100_000
 
 
@@ -164,13 +229,20 @@ def test_the_same_corpus_gives_the_same_vocabulary_in_every_process(tmp_path):
     lines, _ = _corpus(0)
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("\n".join(lines * 3) + "\n", encoding="utf-8")
-    code = ("import sys; from effbert.data.tokenization import save_tokenizer, train_wordpiece; "
-            "save_tokenizer(train_wordpiece([sys.argv[1]], vocab_size=200), sys.argv[2])")
+    code = (
+        "import sys; from effbert.data.tokenization import save_tokenizer, train_wordpiece; "
+        "save_tokenizer(train_wordpiece([sys.argv[1]], vocab_size=200), sys.argv[2])"
+    )
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     for seed in ("1", "2", "3"):
         env = dict(os.environ, PYTHONHASHSEED=seed, PYTHONPATH=repo)
-        proc = subprocess.run([sys.executable, "-c", code, str(corpus), str(tmp_path / seed)], env=env,
-                              capture_output=True, text=True, timeout=300)
+        proc = subprocess.run(
+            [sys.executable, "-c", code, str(corpus), str(tmp_path / seed)],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert proc.returncode == 0, proc.stderr[-2000:]
     first = (tmp_path / "1" / "vocab.txt").read_bytes()
     assert (tmp_path / "2" / "vocab.txt").read_bytes() == first
@@ -233,7 +305,9 @@ def test_errors(tmp_path):
         fifo = tmp_path / "fifo.txt"
         os.mkfifo(fifo)
         with pytest.raises(ValueError, match=r"fifo.txt' is not a regular file"):
-            train_wordpiece([corpus, fifo], check=False)  # refused before the trainer opens (and blocks on) it
+            train_wordpiece(
+                [corpus, fifo], check=False
+            )  # refused before the trainer opens (and blocks on) it
     with pytest.raises(TypeError, match="lowercase"):
         train_wordpiece(corpus, lowercase="yes")
     with pytest.raises(TypeError, match="tokenizer"):

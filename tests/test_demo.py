@@ -32,7 +32,9 @@ def test_demo_quick_runs_to_the_end(tmp_path, capsys):
 def test_demo_results(tmp_path):
     res = demo.run(str(tmp_path), quick=True, seed=1, quiet=True)
     sizes = demo.sizes_for(__import__("torch").device("cpu"), True)
-    assert len(res["losses"]) == sizes.pretrain_steps and all(math.isfinite(x) for x in res["losses"])
+    assert len(res["losses"]) == sizes.pretrain_steps and all(
+        math.isfinite(x) for x in res["losses"]
+    )
     assert 0.0 <= res["full_accuracy"] <= 1.0
     assert len(res["points"]) == 5
     for threshold, avg_exit, speedup, acc in res["points"]:
@@ -67,7 +69,9 @@ def test_demo_bad_device_or_out_fails_first_in_one_line(tmp_path, capsys):
         assert cli.main(["demo", "--quick", *argv]) == 2
         captured = capsys.readouterr()
         lines = captured.err.strip().splitlines()
-        assert len(lines) == 1 and lines[0].startswith("effbert demo: error:") and message in lines[0], lines
+        assert (
+            len(lines) == 1 and lines[0].startswith("effbert demo: error:") and message in lines[0]
+        ), lines
         assert "MLM" not in captured.out  # nothing ran
 
 
@@ -84,21 +88,32 @@ def _fake_demo_eval(monkeypatch, early_costs, early_layer=3, depth=6, n=40, clas
     now, costs, order = [0.0], iter(early_costs), []
 
     def model(ids, mask):
-        return types.SimpleNamespace(exit_logits=exits[:, :ids.shape[0]])
+        return types.SimpleNamespace(exit_logits=exits[:, : ids.shape[0]])
 
     def run(model, ids, lengths, batch, device, criterion, threshold):
         order.append("full" if threshold == 0.0 else "early")
         now[0] += 1.0 if threshold == 0.0 else next(costs)
-        return exits[-1, :ids.shape[0]], torch.full((ids.shape[0],), depth if threshold == 0.0 else early_layer)
+        return exits[-1, : ids.shape[0]], torch.full(
+            (ids.shape[0],), depth if threshold == 0.0 else early_layer
+        )
 
     monkeypatch.setattr(calibration, "run_early_exit", run)
-    monkeypatch.setattr(timing, "time", types.SimpleNamespace(perf_counter=lambda: now[0],
-                                                              process_time=lambda: now[0]))
+    monkeypatch.setattr(
+        timing,
+        "time",
+        types.SimpleNamespace(perf_counter=lambda: now[0], process_time=lambda: now[0]),
+    )
     monkeypatch.setattr(demo, "TIMING_ROUNDS", 3)
     lines = []
-    _, points, _ = demo.evaluate(model, torch.ones(n, 8, dtype=torch.long), torch.full((n,), 8),
-                                 torch.randint(0, classes, (n,), generator=gen), types.SimpleNamespace(layers=depth),
-                                 torch.device("cpu"), lines.append)
+    _, points, _ = demo.evaluate(
+        model,
+        torch.ones(n, 8, dtype=torch.long),
+        torch.full((n,), 8),
+        torch.randint(0, classes, (n,), generator=gen),
+        types.SimpleNamespace(layers=depth),
+        torch.device("cpu"),
+        lines.append,
+    )
     return points, lines, order
 
 
@@ -107,9 +122,13 @@ def test_demo_speedup_is_the_median_of_interleaved_pairs(monkeypatch):
     so one pass slowed by another job on a shared CPU does not decide the printed figure."""
     points, lines, order = _fake_demo_eval(monkeypatch, [0.5, 10.0, 0.5] * 5)
     assert len(points) == 5 and all(p[2] == 2.0 for p in points), points
-    assert order[2:8] == ["full", "early", "early", "full", "full", "early"], order  # after the two untimed passes
+    assert order[2:8] == ["full", "early", "early", "full", "full", "early"], (
+        order
+    )  # after the two untimed passes
     assert any("median of 3 interleaved pairs" in line for line in lines)
-    assert not any(line.lstrip().startswith("*") for line in lines), "2.0x at 3 of 6 layers is within the bound"
+    assert not any(line.lstrip().startswith("*") for line in lines), (
+        "2.0x at 3 of 6 layers is within the bound"
+    )
 
 
 def test_demo_flags_a_speedup_above_the_layers_bound(monkeypatch):
@@ -144,7 +163,7 @@ def test_demo_prints_distinct_thresholds(tmp_path, capsys):
     """The quick demo's table has one row a threshold, each printed as a different number."""
     res = demo.run(str(tmp_path), quick=True, seed=0, quiet=True)
     text = capsys.readouterr().out
-    table = text[text.index("batched early exit"):].splitlines()[2:]
-    printed = [line.split()[0] for line in table[1:1 + len(res["points"])]]
+    table = text[text.index("batched early exit") :].splitlines()[2:]
+    printed = [line.split()[0] for line in table[1 : 1 + len(res["points"])]]
     assert table[0].split()[0] == "full" and len(printed) == len(res["points"])
     assert len(set(printed)) == len({p[0] for p in res["points"]}), printed

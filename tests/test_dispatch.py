@@ -10,8 +10,15 @@ import effbert
 from effbert import reference
 from effbert.ops import BackendNotSupportedError
 from effbert.ops import _dispatch
-from effbert.ops._dispatch import (OPS, Inputs, Support, declare, not_supported_reasons,
-                                   select_backend, supported_backends)
+from effbert.ops._dispatch import (
+    OPS,
+    Inputs,
+    Support,
+    declare,
+    not_supported_reasons,
+    select_backend,
+    supported_backends,
+)
 
 from helpers import FP32_RTOL, assert_close
 
@@ -23,18 +30,34 @@ CPU = torch.device("cpu")
 def toy(monkeypatch):
     """A throwaway op declaration (removed again after the test)."""
     monkeypatch.setattr(_dispatch, "OPS", dict(OPS))
-    return declare("toy_op", {
-        "triton": Support(dtypes=(torch.float32, torch.float16), head_dims=(16, 32),
-                          takes="Triton kernels take",
-                          interpreter_dtypes=(torch.float32,),
-                          limits={"window": (8, "the toy kernel keeps a window in registers: "
-                                                "window <= {limit}, "
-                                                "got {value}")}),
-        "cpu": Support(dtypes=(torch.float32, torch.float64, torch.bfloat16),
-                       grad_dtypes=(torch.float32,),
-                       tensor_dtypes={"notes": (torch.float32,)}, why="as the toy needs"),
-        "eager": Support(supports_backward=False)},
-        {"cpu": ("cpu", "eager")}, absent="toy has no {backend} kernel")
+    return declare(
+        "toy_op",
+        {
+            "triton": Support(
+                dtypes=(torch.float32, torch.float16),
+                head_dims=(16, 32),
+                takes="Triton kernels take",
+                interpreter_dtypes=(torch.float32,),
+                limits={
+                    "window": (
+                        8,
+                        "the toy kernel keeps a window in registers: "
+                        "window <= {limit}, "
+                        "got {value}",
+                    )
+                },
+            ),
+            "cpu": Support(
+                dtypes=(torch.float32, torch.float64, torch.bfloat16),
+                grad_dtypes=(torch.float32,),
+                tensor_dtypes={"notes": (torch.float32,)},
+                why="as the toy needs",
+            ),
+            "eager": Support(supports_backward=False),
+        },
+        {"cpu": ("cpu", "eager")},
+        absent="toy has no {backend} kernel",
+    )
 
 
 def test_reasons_come_from_the_declaration(toy, monkeypatch):
@@ -44,26 +67,31 @@ def test_reasons_come_from_the_declaration(toy, monkeypatch):
         inputs = Inputs(CPU, (("q", dtype), ("notes", notes)), sizes or {"head_dim": 16}, grad)
         reasons = not_supported_reasons("toy_op", backend, inputs)
         machine = _dispatch._general_reasons(backend) + _dispatch.device_reasons(backend, CPU)
-        assert reasons[:len(machine)] == machine  # this machine's facts first
-        return reasons[len(machine):]
+        assert reasons[: len(machine)] == machine  # this machine's facts first
+        return reasons[len(machine) :]
 
     assert why("cpu") == [] and why("eager") == []
     assert why("cuda") == ["toy has no cuda kernel"]
     assert why("cpu", torch.float16) == [
-        "cpu kernels take fp32/fp64/bf16 q (as the toy needs), got float16"]
+        "cpu kernels take fp32/fp64/bf16 q (as the toy needs), got float16"
+    ]
     assert why("cpu", torch.float64, grad=True) == [
-        "cpu kernels take float32 q with a gradient wanted (as the toy needs), got float64"]
+        "cpu kernels take float32 q with a gradient wanted (as the toy needs), got float64"
+    ]
     assert why("cpu", notes=torch.float64) == [
-        "cpu kernels take float32 notes (as the toy needs), got float64"]
+        "cpu kernels take float32 notes (as the toy needs), got float64"
+    ]
     assert why("eager", grad=True) == ["eager computes no gradients for toy_op"]
     # the Triton interpreter on CPU tensors: its own dtypes, and a dtype the GPU takes named as
     # computed wrongly
     assert why("triton", torch.float16) == [
-        "the Triton interpreter computes fp16 dot products wrongly"]
+        "the Triton interpreter computes fp16 dot products wrongly"
+    ]
     assert why("triton", torch.float64) == ["Triton kernels take fp32/fp16 q, got float64"]
     assert why("triton", sizes={"head_dim": 24, "window": 9}) == [
         "Triton kernels take head dims (16, 32), got 24",
-        "the toy kernel keeps a window in registers: window <= 8, got 9"]
+        "the toy kernel keeps a window in registers: window <= 8, got 9",
+    ]
 
 
 def test_selection_follows_the_declared_preference(toy):
@@ -72,8 +100,9 @@ def test_selection_follows_the_declared_preference(toy):
     single = Inputs(CPU, (("q", torch.float32),), {"head_dim": 16})
     assert select_backend("toy_op", "auto", single) == want
     assert select_backend("toy_op", "auto", half) == "eager"  # the cpu kernel refuses fp16
-    with pytest.raises(BackendNotSupportedError,
-                       match=r"toy_op: backend 'cpu' cannot serve.*got float16"):
+    with pytest.raises(
+        BackendNotSupportedError, match=r"toy_op: backend 'cpu' cannot serve.*got float16"
+    ):
         select_backend("toy_op", "cpu", half)
     with pytest.raises(BackendNotSupportedError, match=r"^renamed: backend 'cuda'"):
         select_backend("toy_op", "cuda", half, called="renamed")
@@ -92,10 +121,21 @@ def test_declare_checks_its_arguments(toy):
 
 
 def test_every_op_declares_what_it_prefers():
-    assert {"exit_entropy", "exit_decision", "multi_exit_distillation_loss", "token_exit_decision",
-            "note_mix", "note_update_", "note_window_means", "mc_sample", "mc_sample_fused",
-            "mc_candidate_loss",
-            "tupe_position_bias", "tupe_attention", "tupe_attention_varlen_subset"} <= set(OPS)
+    assert {
+        "exit_entropy",
+        "exit_decision",
+        "multi_exit_distillation_loss",
+        "token_exit_decision",
+        "note_mix",
+        "note_update_",
+        "note_window_means",
+        "mc_sample",
+        "mc_sample_fused",
+        "mc_candidate_loss",
+        "tupe_position_bias",
+        "tupe_attention",
+        "tupe_attention_varlen_subset",
+    } <= set(OPS)
     for spec in OPS.values():
         assert "eager" in spec.backends, spec.op  # the reference serves every op
         for order in spec.preference.values():
@@ -104,6 +144,7 @@ def test_every_op_declares_what_it_prefers():
 
 # --- each declaration against what its backends compute, on this machine's CPU backends
 # -------------------------
+
 
 def _entropy(dtype):
     x = (torch.randn(33, 7, dtype=torch.float64) * 3).to(dtype)
@@ -140,14 +181,24 @@ def _loss(dtype):
     return (z, y), {}, effbert.ops.multi_exit_distillation_loss, ref
 
 
-CALLS = {"exit_entropy": (_entropy, lambda args: (("logits", args[0].dtype),), lambda args: {}),
-         "tupe_position_bias": (_position_bias, lambda args: (("pos_q", args[0].dtype),),
-                                lambda args: {"num_buckets": 0, "heads": args[0].shape[1]}),
-         "tupe_attention": (_attention, lambda args: (("q", args[0].dtype),),
-                            lambda args: {"head_dim": args[0].shape[-1],
-                                          "heads": args[0].shape[-2]}),
-         "multi_exit_distillation_loss": (_loss, lambda args: (("logits", args[0].dtype),),
-                                          lambda args: {"classes": args[0].shape[-1]})}
+CALLS = {
+    "exit_entropy": (_entropy, lambda args: (("logits", args[0].dtype),), lambda args: {}),
+    "tupe_position_bias": (
+        _position_bias,
+        lambda args: (("pos_q", args[0].dtype),),
+        lambda args: {"num_buckets": 0, "heads": args[0].shape[1]},
+    ),
+    "tupe_attention": (
+        _attention,
+        lambda args: (("q", args[0].dtype),),
+        lambda args: {"head_dim": args[0].shape[-1], "heads": args[0].shape[-2]},
+    ),
+    "multi_exit_distillation_loss": (
+        _loss,
+        lambda args: (("logits", args[0].dtype),),
+        lambda args: {"classes": args[0].shape[-1]},
+    ),
+}
 
 
 @pytest.mark.parametrize("op", list(CALLS))

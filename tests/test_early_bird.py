@@ -29,7 +29,7 @@ def small_config(position_mode, **kw):
         hidden_dropout_prob=0.0,
         attention_probs_dropout_prob=0.0,
         backend="eager",
-        **kw
+        **kw,
     )
 
 

@@ -53,6 +53,7 @@ def test_random_ticket_refuses_masks_that_are_not_2d_bool(script):
 
 def test_paired_comparison_matches_a_one_sample_t_test(script):
     from scipy import stats
+
     a, b = [85.4, 84.7, 86.8, 90.0], [90.3, 90.3, 88.2, 89.0]
     got = script.paired(a, b)
     diffs = [x - y for x, y in zip(a, b)]

@@ -28,7 +28,9 @@ def test_reference_matches_definition(seeded):
     ref = reference.exit_entropy(x)
     for r in range(6):
         assert ref[r].item() == pytest.approx(loop_entropy(x[r].tolist()), rel=1e-12)
-    assert reference.exit_entropy(torch.zeros(1, 9, dtype=torch.float64)).item() == pytest.approx(math.log(9))
+    assert reference.exit_entropy(torch.zeros(1, 9, dtype=torch.float64)).item() == pytest.approx(
+        math.log(9)
+    )
 
 
 def run(backend, x):
@@ -37,7 +39,9 @@ def run(backend, x):
     ops.entropy_into(backend, x, out)
     via_api = effbert.exit_entropy(x, backend=backend)
     assert torch.equal(torch.isnan(out), torch.isnan(via_api))
-    assert torch.allclose(out, via_api, equal_nan=True, rtol=0, atol=0), "public API and kernel disagree"
+    assert torch.allclose(out, via_api, equal_nan=True, rtol=0, atol=0), (
+        "public API and kernel disagree"
+    )
     return out
 
 
@@ -63,10 +67,14 @@ def test_huge_one_hot_and_special_rows(backend, device, dtype, seeded):
         -1e4 + torch.randn(c),
         torch.full((c,), -1e4).index_fill_(0, torch.tensor([5]), 1e4),  # one-hot-like: entropy ~ 0
         torch.zeros(c),  # uniform: log C
-        torch.randn(c).index_fill_(0, torch.tensor([0, 3, 30]), float("-inf")),  # zero-probability classes
+        torch.randn(c).index_fill_(
+            0, torch.tensor([0, 3, 30]), float("-inf")
+        ),  # zero-probability classes
         torch.full((c,), float("-inf")),  # no finite logit: undefined -> NaN
         torch.randn(c).index_fill_(0, torch.tensor([7]), float("nan")),  # NaN in -> NaN out
-        torch.randn(c).index_fill_(0, torch.tensor([2]), float("inf")),  # +inf: softmax undefined -> NaN
+        torch.randn(c).index_fill_(
+            0, torch.tensor([2]), float("inf")
+        ),  # +inf: softmax undefined -> NaN
         torch.randn(c) * 2,
     ]
     x = torch.stack(rows).to(dtype).to(device)
@@ -89,15 +97,18 @@ def test_float32_relative_error_per_row_at_any_scale(backend, device, scale, col
     x = (torch.randn(64, cols, dtype=torch.float64) * scale).float()
     # rows whose entropy is tiny but normal in float32: the top logit ahead of the rest by 20..80 nats
     x[:8] = torch.randn(8, cols) + torch.linspace(20, 80, 8)[:, None] * torch.nn.functional.one_hot(
-        torch.randint(cols, (8,)), cols)
+        torch.randint(cols, (8,)), cols
+    )
     x = x.to(device)
     out = run(backend, x)
     ref = reference.exit_entropy(x.double()).cpu()
     err = (out.double().cpu() - ref).abs()
     bound = 1e-5 * ref.abs() + torch.finfo(torch.float32).tiny
     worst = int((err / bound).argmax())
-    assert (err <= bound).all(), (f"{backend} scale {scale}: row {worst} gives {out[worst].item():.9e}, float64 "
-                                  f"{ref[worst].item():.9e} (relative error {err[worst] / ref[worst]:.2e})")
+    assert (err <= bound).all(), (
+        f"{backend} scale {scale}: row {worst} gives {out[worst].item():.9e}, float64 "
+        f"{ref[worst].item():.9e} (relative error {err[worst] / ref[worst]:.2e})"
+    )
 
 
 def test_reference_float64_in_float64_out_and_exact_small_entropy():
@@ -127,7 +138,7 @@ def test_strided_layouts(backend, device, seeded):
         "every other row": base[::2, :13],
         "transposed": base[:20, :9].t(),
         "broadcast rows": torch.randn(1, 11, device=device).expand(6, 11),
-        "misaligned start": base.reshape(-1)[1:1 + 9 * 31].view(9, 31),
+        "misaligned start": base.reshape(-1)[1 : 1 + 9 * 31].view(9, 31),
     }
     for name, v in views.items():
         assert_close(run(backend, v), reference.exit_entropy(v.double()), what=f"{backend} {name}")
@@ -197,6 +208,7 @@ def test_env_var_forces_backend(monkeypatch):
 
 # ---- bad inputs: each a clear error naming the argument ----
 
+
 @pytest.mark.parametrize(
     "bad,exc,pattern",
     [
@@ -220,17 +232,23 @@ def test_bad_backend_name():
 
 
 def test_explicit_backend_that_cannot_serve_lists_reasons():
-    with pytest.raises(BackendNotSupportedError, match=r"'cpu' cannot serve.*fp32/fp16/bf16 logits, got float64"):
+    with pytest.raises(
+        BackendNotSupportedError, match=r"'cpu' cannot serve.*fp32/fp16/bf16 logits, got float64"
+    ):
         effbert.exit_entropy(torch.randn(2, 3, dtype=torch.float64), backend="cpu")
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
+@pytest.mark.skipif(
+    torch.cuda.is_available(), reason="checks the message on a machine without CUDA"
+)
 def test_cuda_tensor_without_cuda_backend():
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     with FakeTensorMode():
         x = torch.empty(4, 3, device="cuda")
-    with pytest.raises(BackendNotSupportedError, match=r"'cuda' cannot serve.*torch sees no CUDA device"):
+    with pytest.raises(
+        BackendNotSupportedError, match=r"'cuda' cannot serve.*torch sees no CUDA device"
+    ):
         ops.entropy_backend(x, "cuda")
     with pytest.raises(BackendNotSupportedError, match=r"'cpu' cannot serve.*inputs are on cuda"):
         ops.entropy_backend(x, "cpu")
@@ -262,6 +280,7 @@ def test_native_extension_rejects_bad_arguments():
 
 # ---- GPU-only checks (run by the GPU suite) ----
 
+
 @pytest.mark.gpu
 @pytest.mark.cuda_ext
 def test_cuda_on_side_stream_and_large_batch(seeded):
@@ -279,7 +298,9 @@ def test_cuda_backend_missing_is_reported(monkeypatch):
 
     from effbert.ops import _dispatch
 
-    monkeypatch.setattr(_ext, "load", lambda name: (None, f"effbert.{name} is not available (test)"))
+    monkeypatch.setattr(
+        _ext, "load", lambda name: (None, f"effbert.{name} is not available (test)")
+    )
     _dispatch.refresh()
     try:
         with pytest.raises(BackendNotSupportedError, match=r"'cuda' cannot serve.*not available"):
@@ -328,7 +349,9 @@ def test_patience_reference_counts_repeats():
     for layer, k in enumerate(preds, 1):
         z = torch.zeros(1, 3, dtype=torch.float64)
         z[0, k] = 1.0
-        ex, prev, counter = reference.exit_decision(z, layer, "patience", patience=2, prev=prev, counter=counter)
+        ex, prev, counter = reference.exit_decision(
+            z, layer, "patience", patience=2, prev=prev, counter=counter
+        )
         counters.append(int(counter[0]))
         exits.append(bool(ex[0]))
     assert counters == [0, 1, 0, 1, 2, 3]
@@ -338,8 +361,15 @@ def test_patience_reference_counts_repeats():
     prev = counter = None
     counters = []
     for layer, v in enumerate(values, 1):
-        _, prev, counter = reference.exit_decision(torch.tensor([[v]], dtype=torch.float64), layer, "patience",
-                                                   patience=5, threshold=0.1, prev=prev, counter=counter)
+        _, prev, counter = reference.exit_decision(
+            torch.tensor([[v]], dtype=torch.float64),
+            layer,
+            "patience",
+            patience=5,
+            threshold=0.1,
+            prev=prev,
+            counter=counter,
+        )
         counters.append(int(counter[0]))
     assert counters == [0, 1, 0, 1, 0, 0, 1]
 
@@ -356,8 +386,15 @@ def _decision_case(dtype, rows, batch, classes, device, nan_rows=True):
 def _reference_step(x, ids, prev, counter, layer, criterion, kw, last):
     """The decision from the reference, on float64 copies of the state."""
     ids64 = ids.long().cpu()
-    exits, pred, cnt = reference.exit_decision(x.double().cpu(), layer, criterion, prev=prev[ids64].double().cpu(),
-                                               counter=counter[ids64].long().cpu(), last=last, **kw)
+    exits, pred, cnt = reference.exit_decision(
+        x.double().cpu(),
+        layer,
+        criterion,
+        prev=prev[ids64].double().cpu(),
+        counter=counter[ids64].long().cpu(),
+        last=last,
+        **kw,
+    )
     return exits, pred, cnt
 
 
@@ -374,7 +411,9 @@ def test_decision_kernels_against_reference(backend, device, dtype, crit, rows, 
     prev = torch.full((batch,), float("nan"), device=device)
     counter = torch.zeros(batch, **i32)
     # a plausible state from earlier layers: some predictions already on record
-    prev[: batch // 2] = torch.randint(0, classes, (batch // 2,)).float() if classes > 1 else torch.randn(batch // 2)
+    prev[: batch // 2] = (
+        torch.randint(0, classes, (batch // 2,)).float() if classes > 1 else torch.randn(batch // 2)
+    )
     counter[: batch // 2] = torch.randint(0, 2, (batch // 2,), dtype=torch.int32)
     for layer, last in ((1, False), (3, False), (4, True)):
         x, ids = _decision_case(dtype, rows, batch, classes, device)
@@ -386,41 +425,66 @@ def test_decision_kernels_against_reference(backend, device, dtype, crit, rows, 
         next_rows = torch.full((rows,), -7, **i32)
         next_local = torch.full((rows,), -7, **i32)
         count = torch.full((1,), -1, **i32)
-        want_exits, want_pred, want_cnt = _reference_step(x, ids, prev, counter, layer, criterion, kw, last)
-        ops.exit_decision(x, ids, prev, counter, out_logits, out_layer, next_rows, next_local, count, layer=layer,
-                          criterion=criterion, last=last, backend=backend, **kw)
+        want_exits, want_pred, want_cnt = _reference_step(
+            x, ids, prev, counter, layer, criterion, kw, last
+        )
+        ops.exit_decision(
+            x,
+            ids,
+            prev,
+            counter,
+            out_logits,
+            out_layer,
+            next_rows,
+            next_local,
+            count,
+            layer=layer,
+            criterion=criterion,
+            last=last,
+            backend=backend,
+            **kw,
+        )
         ids64 = ids.long().cpu()
         n = int(want_exits.logical_not().sum())
         assert int(count) == n
-        assert next_rows[:n].cpu().tolist() == ids64[~want_exits].tolist(), "continuing rows not in batch order"
+        assert next_rows[:n].cpu().tolist() == ids64[~want_exits].tolist(), (
+            "continuing rows not in batch order"
+        )
         assert next_local[:n].cpu().tolist() == torch.nonzero(~want_exits).flatten().tolist()
         exited = ids64[want_exits]
         assert (out_layer.cpu()[exited] == layer).all()
         untouched = torch.ones(batch, dtype=torch.bool)
         untouched[exited] = False
         assert (out_layer.cpu()[untouched] == -1).all(), "a row that did not exit was written"
-        assert torch.equal(out_logits.cpu()[exited].view(torch.int16 if dtype != torch.float32 else torch.int32),
-                           x.cpu()[want_exits].view(torch.int16 if dtype != torch.float32 else torch.int32)), \
-            "exiting logits are not copied bit for bit"
+        assert torch.equal(
+            out_logits.cpu()[exited].view(torch.int16 if dtype != torch.float32 else torch.int32),
+            x.cpu()[want_exits].view(torch.int16 if dtype != torch.float32 else torch.int32),
+        ), "exiting logits are not copied bit for bit"
         assert torch.isnan(out_logits.cpu()[untouched]).all()
         if criterion == "patience":
             got_prev, got_cnt = prev.cpu()[ids64], counter.cpu()[ids64]
             assert got_cnt.tolist() == want_cnt.tolist()
             assert torch.equal(torch.isnan(got_prev), torch.isnan(want_pred))
-            assert torch.equal(got_prev[~torch.isnan(got_prev)].double(), want_pred[~torch.isnan(want_pred)].float()
-                               .double())
+            assert torch.equal(
+                got_prev[~torch.isnan(got_prev)].double(),
+                want_pred[~torch.isnan(want_pred)].float().double(),
+            )
 
 
 @pytest.mark.parametrize("backend,device", backend_cases())
 def test_decision_all_or_nothing_and_empty(backend, device, seeded):
     require_backend(backend, device)
     batch, c = 11, 4
-    st = ops.BatchedExit(batch, depth=3, criterion="max_prob", threshold=1.0 / c, device=device, backend=backend)
+    st = ops.BatchedExit(
+        batch, depth=3, criterion="max_prob", threshold=1.0 / c, device=device, backend=backend
+    )
     x = torch.randn(batch, c, device=device)
     assert st.step(x, 1).numel() == 0  # max prob >= 1/C always: everyone leaves at layer 1
     assert st.active == 0 and st.exit_layer.tolist() == [1] * batch
     assert torch.equal(st.logits, x)
-    st = ops.BatchedExit(batch, depth=3, criterion="entropy", threshold=1e-9, device=device, backend=backend)
+    st = ops.BatchedExit(
+        batch, depth=3, criterion="entropy", threshold=1e-9, device=device, backend=backend
+    )
     for layer in (1, 2):
         assert st.step(torch.randn(batch, c, device=device), layer) is None  # nobody is that sure
     st.step(torch.randn(batch, c, device=device), 3)
@@ -428,9 +492,21 @@ def test_decision_all_or_nothing_and_empty(backend, device, seeded):
     # no active rows left: a step over zero rows writes nothing and reports zero
     count = torch.full((1,), -1, dtype=torch.int32, device=device)
     i32 = dict(dtype=torch.int32, device=device)
-    ops.exit_decision(torch.empty(0, c, device=device), torch.empty(0, **i32), st.prev, st.counter, st.logits,
-                      st.exit_layer, torch.empty(0, **i32), torch.empty(0, **i32), count, layer=2,
-                      criterion="entropy", threshold=0.5, backend=backend)
+    ops.exit_decision(
+        torch.empty(0, c, device=device),
+        torch.empty(0, **i32),
+        st.prev,
+        st.counter,
+        st.logits,
+        st.exit_layer,
+        torch.empty(0, **i32),
+        torch.empty(0, **i32),
+        count,
+        layer=2,
+        criterion="entropy",
+        threshold=0.5,
+        backend=backend,
+    )
     assert int(count) == 0 and st.exit_layer.tolist() == [3] * batch
 
 
@@ -450,11 +526,26 @@ def test_patience_warmup_layers_need_no_row_count(monkeypatch):
 def test_decision_opcheck(seeded):
     i32 = dict(dtype=torch.int32)
     batch, rows, c = 9, 6, 3
-    args = (torch.randn(rows, c), torch.randperm(batch)[:rows].to(torch.int32), torch.full((batch,), float("nan")),
-            torch.zeros(batch, **i32), torch.zeros(batch, c), torch.zeros(batch, **i32), torch.zeros(rows, **i32),
-            torch.zeros(rows, **i32), torch.zeros(1, **i32), 2, 3, 0.0, 1, False, "cpu")
-    torch.library.opcheck(torch.ops.effbert.exit_decision.default, args,
-                          test_utils=("test_schema", "test_faketensor"))
+    args = (
+        torch.randn(rows, c),
+        torch.randperm(batch)[:rows].to(torch.int32),
+        torch.full((batch,), float("nan")),
+        torch.zeros(batch, **i32),
+        torch.zeros(batch, c),
+        torch.zeros(batch, **i32),
+        torch.zeros(rows, **i32),
+        torch.zeros(rows, **i32),
+        torch.zeros(1, **i32),
+        2,
+        3,
+        0.0,
+        1,
+        False,
+        "cpu",
+    )
+    torch.library.opcheck(
+        torch.ops.effbert.exit_decision.default, args, test_utils=("test_schema", "test_faketensor")
+    )
 
 
 def test_decision_under_torch_compile(seeded):
@@ -465,8 +556,21 @@ def test_decision_under_torch_compile(seeded):
     ref.step(x, 1)
 
     def f(logits):
-        ops.exit_decision(logits * 1.0, st.row_ids, st.prev, st.counter, st.logits, st.exit_layer, st._spare,
-                          st._local, st.count, layer=1, criterion="entropy", threshold=0.8, backend="cpu")
+        ops.exit_decision(
+            logits * 1.0,
+            st.row_ids,
+            st.prev,
+            st.counter,
+            st.logits,
+            st.exit_layer,
+            st._spare,
+            st._local,
+            st.count,
+            layer=1,
+            criterion="entropy",
+            threshold=0.8,
+            backend="cpu",
+        )
         return st.count + 0
 
     st.logits = torch.full((batch, c), float("nan"))
@@ -477,22 +581,47 @@ def test_decision_under_torch_compile(seeded):
 
 # ---- bad inputs of the decision: each a clear error naming the argument ----
 
+
 @pytest.mark.parametrize(
     "criterion,kw,classes,exc,pattern",
     [
-        ("entropy", dict(threshold=-0.1), 3, ValueError, r"threshold must be >= 0 for criterion 'entropy'"),
+        (
+            "entropy",
+            dict(threshold=-0.1),
+            3,
+            ValueError,
+            r"threshold must be >= 0 for criterion 'entropy'",
+        ),
         ("entropy", dict(), 3, ValueError, r"needs a threshold"),
         ("max_prob", dict(threshold=1.5), 3, ValueError, r"threshold must be in \(0, 1\]"),
         ("max_prob", dict(threshold=0.0), 3, ValueError, r"threshold must be in \(0, 1\]"),
         ("max_prob", dict(threshold=float("nan")), 3, ValueError, r"threshold must be finite"),
         ("entropy", dict(threshold="0.3"), 3, TypeError, r"threshold must be a float"),
-        ("entropy", dict(threshold=0.3, patience=2), 3, ValueError, r"patience applies to criterion 'patience'"),
+        (
+            "entropy",
+            dict(threshold=0.3, patience=2),
+            3,
+            ValueError,
+            r"patience applies to criterion 'patience'",
+        ),
         ("patience", dict(patience=-2), 3, ValueError, r"patience must be >= 0"),
         ("patience", dict(patience=2**31 - 1), 3, ValueError, r"patience must be < 2\*\*31 - 1"),
         ("patience", dict(patience=1.5), 3, TypeError, r"patience must be an int"),
         ("patience", dict(), 3, TypeError, r"patience must be an int"),
-        ("patience", dict(patience=2, threshold=0.1), 3, ValueError, r"one-column \(regression\) head"),
-        ("patience", dict(patience=2), 1, ValueError, r"threshold must be > 0 for criterion 'patience'"),
+        (
+            "patience",
+            dict(patience=2, threshold=0.1),
+            3,
+            ValueError,
+            r"one-column \(regression\) head",
+        ),
+        (
+            "patience",
+            dict(patience=2),
+            1,
+            ValueError,
+            r"threshold must be > 0 for criterion 'patience'",
+        ),
         ("patience", dict(patience=2, threshold=-1.0), 1, ValueError, r"threshold must be > 0"),
         ("deebert", dict(threshold=0.1), 3, ValueError, r"criterion must be one of"),
     ],
@@ -503,17 +632,35 @@ def test_bad_criterion_arguments(criterion, kw, classes, exc, pattern):
     batch = 4
     i32 = dict(dtype=torch.int32)
     with pytest.raises(exc, match=pattern):
-        ops.exit_decision(torch.randn(batch, classes), torch.arange(batch, **i32), torch.zeros(batch),
-                          torch.zeros(batch, **i32), torch.zeros(batch, classes), torch.zeros(batch, **i32),
-                          torch.zeros(batch, **i32), torch.zeros(batch, **i32), torch.zeros(1, **i32), layer=1,
-                          criterion=criterion, **kw)
+        ops.exit_decision(
+            torch.randn(batch, classes),
+            torch.arange(batch, **i32),
+            torch.zeros(batch),
+            torch.zeros(batch, **i32),
+            torch.zeros(batch, classes),
+            torch.zeros(batch, **i32),
+            torch.zeros(batch, **i32),
+            torch.zeros(batch, **i32),
+            torch.zeros(1, **i32),
+            layer=1,
+            criterion=criterion,
+            **kw,
+        )
 
 
 def _decision_args(batch=5, rows=4, c=3):
     i32 = dict(dtype=torch.int32)
-    return dict(logits=torch.randn(rows, c), row_ids=torch.arange(rows, **i32), prev=torch.zeros(batch),
-                counter=torch.zeros(batch, **i32), out_logits=torch.zeros(batch, c), out_layer=torch.zeros(batch, **i32),
-                next_rows=torch.zeros(rows, **i32), next_local=torch.zeros(rows, **i32), count=torch.zeros(1, **i32))
+    return dict(
+        logits=torch.randn(rows, c),
+        row_ids=torch.arange(rows, **i32),
+        prev=torch.zeros(batch),
+        counter=torch.zeros(batch, **i32),
+        out_logits=torch.zeros(batch, c),
+        out_layer=torch.zeros(batch, **i32),
+        next_rows=torch.zeros(rows, **i32),
+        next_local=torch.zeros(rows, **i32),
+        count=torch.zeros(1, **i32),
+    )
 
 
 @pytest.mark.parametrize(
@@ -522,16 +669,35 @@ def _decision_args(batch=5, rows=4, c=3):
         (dict(logits=torch.randn(4)), ValueError, r"logits must have 2 dimensions \[R, C\]"),
         (dict(logits=torch.randn(4, 3).long()), TypeError, r"logits must have dtype"),
         (dict(logits=torch.randn(4, 0)), ValueError, r"at least one class"),
-        (dict(logits=torch.randn(6, 3), row_ids=torch.arange(6, dtype=torch.int32)), ValueError,
-         r"logits has 6 rows but the batch \(out_logits\) has 5"),
+        (
+            dict(logits=torch.randn(6, 3), row_ids=torch.arange(6, dtype=torch.int32)),
+            ValueError,
+            r"logits has 6 rows but the batch \(out_logits\) has 5",
+        ),
         (dict(out_logits=torch.zeros(5, 4)), ValueError, r"out_logits must be \[B, 3\]"),
-        (dict(out_logits=torch.zeros(5, 3).half()), TypeError, r"out_logits must have dtype in \(float32\)"),
+        (
+            dict(out_logits=torch.zeros(5, 3).half()),
+            TypeError,
+            r"out_logits must have dtype in \(float32\)",
+        ),
         (dict(row_ids=torch.arange(4)), TypeError, r"row_ids must have dtype in \(int32\)"),
-        (dict(row_ids=torch.arange(3, dtype=torch.int32)), ValueError, r"row_ids must be a contiguous \[4\]"),
+        (
+            dict(row_ids=torch.arange(3, dtype=torch.int32)),
+            ValueError,
+            r"row_ids must be a contiguous \[4\]",
+        ),
         (dict(prev=torch.zeros(4)), ValueError, r"prev must be a contiguous \[5\]"),
         (dict(counter=torch.zeros(5)), TypeError, r"counter must have dtype in \(int32\)"),
-        (dict(next_rows=torch.zeros(2, dtype=torch.int32)), ValueError, r"next_rows must be a contiguous int32"),
-        (dict(count=torch.zeros(2, dtype=torch.int32)), ValueError, r"count must be a contiguous \[1\]"),
+        (
+            dict(next_rows=torch.zeros(2, dtype=torch.int32)),
+            ValueError,
+            r"next_rows must be a contiguous int32",
+        ),
+        (
+            dict(count=torch.zeros(2, dtype=torch.int32)),
+            ValueError,
+            r"count must be a contiguous \[1\]",
+        ),
     ],
 )
 def test_bad_decision_tensors(change, exc, pattern):
@@ -549,7 +715,9 @@ def test_bad_layer_and_native_ids():
     args["row_ids"] = torch.tensor([0, 1, 9, 2], dtype=torch.int32)
     before = args["out_layer"].clone()
     with pytest.raises(ValueError, match=r"row_ids\[2\] = 9 outside"):
-        ops.exit_decision(*args.values(), layer=1, criterion="max_prob", threshold=0.01, backend="cpu")
+        ops.exit_decision(
+            *args.values(), layer=1, criterion="max_prob", threshold=0.01, backend="cpu"
+        )
     assert torch.equal(args["out_layer"], before)
 
 
@@ -567,7 +735,9 @@ def test_row_id_outside_the_batch_raises_on_every_backend(backend, device, bad_i
         if through_op:
             torch.ops.effbert.exit_decision(*args.values(), 2, 1, 3.0, 1, False, backend)
         else:
-            ops.exit_decision(*args.values(), layer=1, criterion="patience", patience=1, backend=backend)
+            ops.exit_decision(
+                *args.values(), layer=1, criterion="patience", patience=1, backend=backend
+            )
     for k, v in args.items():
         assert torch.equal(v, before[k]), f"{k} changed before the error"
 
@@ -591,9 +761,21 @@ def test_patience_ties_take_the_first_class(backend, device, dtype):
     counter = torch.zeros(batch, **i32)
     out_layer = torch.zeros(batch, **i32)
     count = torch.full((1,), -1, **i32)
-    ops.exit_decision(x, torch.arange(batch, **i32), prev, counter, torch.zeros(batch, c, dtype=dtype, device=device),
-                      out_layer, torch.zeros(batch, **i32), torch.zeros(batch, **i32), count, layer=2,
-                      criterion="patience", patience=1, backend=backend)
+    ops.exit_decision(
+        x,
+        torch.arange(batch, **i32),
+        prev,
+        counter,
+        torch.zeros(batch, c, dtype=dtype, device=device),
+        out_layer,
+        torch.zeros(batch, **i32),
+        torch.zeros(batch, **i32),
+        count,
+        layer=2,
+        criterion="patience",
+        patience=1,
+        backend=backend,
+    )
     assert int(count) == 0 and out_layer.tolist() == [2] * 4 and counter.tolist() == [1] * 4
     assert prev.tolist() == first
 
@@ -606,7 +788,9 @@ def test_cpu_kernels_use_torchs_thread_count_not_the_hardwares(monkeypatch):
     big = 1 << 30  # enough work for every thread allowed
     assert module.parallel_threads_used(64, big, 1) == 1
     assert module.parallel_threads_used(64, big, 2) == 2
-    assert module.parallel_threads_used(64, big, 5) == 5  # what torch allows, even above this machine's cores
+    assert (
+        module.parallel_threads_used(64, big, 5) == 5
+    )  # what torch allows, even above this machine's cores
     assert module.parallel_threads_used(3, big, 8) == 3  # never more threads than items
     assert module.parallel_threads_used(64, 1000, 8) == 1  # small work stays on the calling thread
     seen = []
@@ -616,17 +800,25 @@ def test_cpu_kernels_use_torchs_thread_count_not_the_hardwares(monkeypatch):
             def call(*args):
                 seen.append((entry, args[-1]))
                 return getattr(module, entry)(*args)
+
             return call
 
-    monkeypatch.setattr(effbert._ext, "load", lambda name: (Recording(), None) if name == "_C" else (None, "no"))
+    monkeypatch.setattr(
+        effbert._ext, "load", lambda name: (Recording(), None) if name == "_C" else (None, "no")
+    )
     before = torch.get_num_threads()
     try:
         for threads in (1, 3):
             torch.set_num_threads(threads)
             x = torch.randn(4, 1000)
             assert_close(effbert.exit_entropy(x, backend="cpu"), reference.exit_entropy(x.double()))
-            effbert.note_mix(torch.randn(2, 3, 8), torch.randn(4, 8), torch.tensor([[0, -1, 1], [3, -1, -1]]), 0.5,
-                             backend="cpu")
+            effbert.note_mix(
+                torch.randn(2, 3, 8),
+                torch.randn(4, 8),
+                torch.tensor([[0, -1, 1], [3, -1, -1]]),
+                0.5,
+                backend="cpu",
+            )
             assert seen and all(t == threads for _, t in seen), seen
             assert {"exit_entropy", "note_mix"} <= {e for e, _ in seen}
             seen.clear()
@@ -652,9 +844,22 @@ def test_decision_kernel_touches_only_its_tensors():
     next_store = torch.full((batch,), -5, **i32)
     out_logits, out_layer = torch.zeros(batch, c, device=device), torch.zeros(batch, **i32)
     next_local, count = torch.zeros(batch, **i32), torch.zeros(1, **i32)
-    kernels.exit_decision(logits, ids, prev_store[:5], counter_store[:5], out_logits, out_layer, next_store[:2],
-                          next_local, count, criterion=kernels.PATIENCE, layer=1, threshold=0.0, patience=3,
-                          last=False)
+    kernels.exit_decision(
+        logits,
+        ids,
+        prev_store[:5],
+        counter_store[:5],
+        out_logits,
+        out_layer,
+        next_store[:2],
+        next_local,
+        count,
+        criterion=kernels.PATIENCE,
+        layer=1,
+        threshold=0.0,
+        patience=3,
+        last=False,
+    )
     assert (prev_store[5:] == 123.0).all() and (counter_store[5:] == 77).all()
     assert (next_store[2:] == -5).all() and next_store[:2].tolist() == [0, 2]
     assert int(count) == 4  # ids 6 and 7 are past the state: skipped

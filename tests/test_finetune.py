@@ -29,12 +29,15 @@ def installed(name):
         return False
 
 
-needs_hf = pytest.mark.skipif(not installed("transformers"),
-                              reason="transformers is not installed (pip install transformers)")
+needs_hf = pytest.mark.skipif(
+    not installed("transformers"), reason="transformers is not installed (pip install transformers)"
+)
 SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 # two topics with their own words, and shared filler words; topic words are split in pieces for some
-WORDS = {"sport": ["ball", "goal", "team", "match", "score", "coach"],
-         "food": ["bread", "soup", "salt", "cheese", "apple", "rice"]}
+WORDS = {
+    "sport": ["ball", "goal", "team", "match", "score", "coach"],
+    "food": ["bread", "soup", "salt", "cheese", "apple", "rice"],
+}
 FILLER = ["the", "a", "of", "and", "then", "was", "it"]
 SUFFIXES = ["##s", "##ed"]
 
@@ -63,8 +66,14 @@ def hf_dir(tmp_path_factory):
 
     torch.manual_seed(0)
     folder = tmp_path_factory.mktemp("tiny-bert")
-    cfg = BertConfig(vocab_size=len(vocab()), hidden_size=32, num_hidden_layers=3, num_attention_heads=2,
-                     intermediate_size=48, max_position_embeddings=32)
+    cfg = BertConfig(
+        vocab_size=len(vocab()),
+        hidden_size=32,
+        num_hidden_layers=3,
+        num_attention_heads=2,
+        intermediate_size=48,
+        max_position_embeddings=32,
+    )
     BertModel(cfg).save_pretrained(folder)
     (folder / "vocab.txt").write_text("".join(v + "\n" for v in vocab()), encoding="utf-8")
     return folder
@@ -79,27 +88,55 @@ def data(tmp_path_factory):
 
 
 def args(hf_dir, data, out, *extra):
-    return ["finetune", "--hf", str(hf_dir), "--train", str(data / "train.tsv"), "--eval", str(data / "eval.tsv"),
-            "--out", str(out), "--per-device-train-batch-size", "16", "--learning-rate", "3e-3",
-            "--logging-steps", "10", "--backend", "eager",
-            "--device", "cpu",
-            "--per-device-eval-batch-size", "16", "--quiet", *extra]
+    return [
+        "finetune",
+        "--hf",
+        str(hf_dir),
+        "--train",
+        str(data / "train.tsv"),
+        "--eval",
+        str(data / "eval.tsv"),
+        "--out",
+        str(out),
+        "--per-device-train-batch-size",
+        "16",
+        "--learning-rate",
+        "3e-3",
+        "--logging-steps",
+        "10",
+        "--backend",
+        "eager",
+        "--device",
+        "cpu",
+        "--per-device-eval-batch-size",
+        "16",
+        "--quiet",
+        *extra,
+    ]
 
 
 def check_report(out, criterion, steps):
     report = json.loads((out / "report.json").read_text())
     depth, rows = report["num_layers"], report["rows"]
     assert depth == 3 and report["criterion"] == criterion and report["labels"] == ["food", "sport"]
-    assert report["num_examples"] == 41 and report["train_steps"] == steps and len(report["losses"]) == steps
+    assert (
+        report["num_examples"] == 41
+        and report["train_steps"] == steps
+        and len(report["losses"]) == steps
+    )
     per_exit = report["per_exit_accuracy"]
     assert len(per_exit) == depth and all(0.0 <= v <= 1.0 for v in per_exit)
     assert per_exit[-1] == report["full_depth_accuracy"]
     full = rows[0]
-    assert full["threshold"] is None and full["avg_exit_layer"] == depth and full["layers_saved"] == 0
+    assert (
+        full["threshold"] is None and full["avg_exit_layer"] == depth and full["layers_saved"] == 0
+    )
     assert full["accuracy"] == report["full_depth_accuracy"]
     assert len(rows) > 1
     for r in rows[1:]:
-        assert 1.0 <= r["avg_exit_layer"] <= depth and r["speedup"] > 0 and 0.0 <= r["accuracy"] <= 1.0
+        assert (
+            1.0 <= r["avg_exit_layer"] <= depth and r["speedup"] > 0 and 0.0 <= r["accuracy"] <= 1.0
+        )
         assert r["layers_saved"] == pytest.approx(1 - r["avg_exit_layer"] / depth)
         assert r["delta"] == pytest.approx(r["accuracy"] - full["accuracy"])
     # thresholds are listed from the latest exits to the earliest
@@ -112,8 +149,14 @@ def check_report(out, criterion, steps):
 
 def encode(tokenizer, texts, max_len):
     """Right-padded ids and the attention mask (True = real token) of ``texts``, as the fast tokenizer gives them."""
-    enc = tokenizer(texts, truncation=True, max_length=max_len, padding=True, return_tensors="pt",
-                    return_token_type_ids=False)
+    enc = tokenizer(
+        texts,
+        truncation=True,
+        max_length=max_len,
+        padding=True,
+        return_tensors="pt",
+        return_token_type_ids=False,
+    )
     return enc["input_ids"], enc["attention_mask"].bool()
 
 
@@ -135,10 +178,16 @@ def check_reload(out, data, report):
         assert torch.equal(auto(input_ids=ids, attention_mask=mask.long()).exit_logits, every)
     full_logits = every[-1]
     assert float((full_logits.argmax(-1) == y).double().mean()) == report["full_depth_accuracy"]
-    assert [float((z.argmax(-1) == y).double().mean()) for z in every] == report["per_exit_accuracy"]
+    assert [float((z.argmax(-1) == y).double().mean()) for z in every] == report[
+        "per_exit_accuracy"
+    ]
     criterion = report["criterion"]
     for r in report["rows"][1:]:
-        kw = dict(patience=int(r["threshold"])) if criterion == "patience" else dict(threshold=r["threshold"])
+        kw = (
+            dict(patience=int(r["threshold"]))
+            if criterion == "patience"
+            else dict(threshold=r["threshold"])
+        )
         logits, layer = model.early_exit(ids, mask, criterion=criterion, **kw)
         assert float(layer.double().mean()) == pytest.approx(r["avg_exit_layer"])
         assert float((logits.argmax(-1) == y).double().mean()) == pytest.approx(r["accuracy"])
@@ -167,16 +216,39 @@ def test_finetune_on_the_cpu_backend(hf_dir, data, tmp_path):
 
 
 @needs_hf
-@pytest.mark.parametrize("criterion,loss", [("max_prob", "romebert"), ("patience", "pabee"),
-                                            ("entropy", "romebert --grad-reg"),
-                                            ("entropy", "romebert --grad-reg --project final --ge"),
-                                            ("patience", "pabee --shared-pooler --ge"), ("entropy", "deebert")])
+@pytest.mark.parametrize(
+    "criterion,loss",
+    [
+        ("max_prob", "romebert"),
+        ("patience", "pabee"),
+        ("entropy", "romebert --grad-reg"),
+        ("entropy", "romebert --grad-reg --project final --ge"),
+        ("patience", "pabee --shared-pooler --ge"),
+        ("entropy", "deebert"),
+    ],
+)
 def test_finetune_other_criteria_and_losses(hf_dir, data, tmp_path, capsys, criterion, loss):
     out = tmp_path / "run"
-    assert cli.main(args(hf_dir, data, out, "--max-steps", "6", "--criterion", criterion, "--loss",
-                         *loss.split())) == 0
+    assert (
+        cli.main(
+            args(
+                hf_dir,
+                data,
+                out,
+                "--max-steps",
+                "6",
+                "--criterion",
+                criterion,
+                "--loss",
+                *loss.split(),
+            )
+        )
+        == 0
+    )
     text = capsys.readouterr().out
-    assert "batched early exit" in text and ("gradient regularization:" in text) == ("--grad-reg" in loss)
+    assert "batched early exit" in text and ("gradient regularization:" in text) == (
+        "--grad-reg" in loss
+    )
     assert "every exit on 41 eval examples (accuracy):" in text
     if "--project final" in loss:
         assert "the final side projected on" in text and "gradient equilibrium" in text
@@ -206,7 +278,9 @@ def test_every_off_ramp_starts_from_the_checkpoint_pooler(hf_dir):
 
 
 @needs_hf
-def test_deebert_stage_two_leaves_backbone_and_final_classifier_alone(hf_dir, data, tmp_path, monkeypatch):
+def test_deebert_stage_two_leaves_backbone_and_final_classifier_alone(
+    hf_dir, data, tmp_path, monkeypatch
+):
     """Stage 2 changes the off-ramps only: the backbone and the final exit are those stage 1 left."""
     after_stage1 = {}
     from effbert.models.multi_exit import MultiExitMixin
@@ -223,7 +297,9 @@ def test_deebert_stage_two_leaves_backbone_and_final_classifier_alone(hf_dir, da
     assert cli.main(args(hf_dir, data, out, "--max-steps", "4", "--loss", "deebert")) == 0
     final = loading.load_finetuned(out, backend="eager")[0].state_dict()
     changed = {k for k in final if not torch.equal(final[k], after_stage1[k])}
-    assert changed and all(k.startswith("exits.") and not k.startswith("exits.2.") for k in changed), changed
+    assert changed and all(
+        k.startswith("exits.") and not k.startswith("exits.2.") for k in changed
+    ), changed
 
 
 @needs_hf
@@ -237,10 +313,29 @@ def test_finetune_regression_head(hf_dir, tmp_path, capsys):
                 k = rng.randint(1, 6)
                 f.write(f"{k / 2}\t{' '.join(rng.choice(WORDS['sport']) for _ in range(k))}\n")
     out = tmp_path / "run"
-    argv = ["finetune", "--hf", str(hf_dir), "--train", str(folder / "train.tsv"), "--eval",
-            str(folder / "eval.tsv"), "--out", str(out), "--max-steps", "8",
-            "--per-device-train-batch-size", "16", "--backend", "eager",
-            "--device", "cpu", "--quiet", "--regression", "--criterion", "patience"]
+    argv = [
+        "finetune",
+        "--hf",
+        str(hf_dir),
+        "--train",
+        str(folder / "train.tsv"),
+        "--eval",
+        str(folder / "eval.tsv"),
+        "--out",
+        str(out),
+        "--max-steps",
+        "8",
+        "--per-device-train-batch-size",
+        "16",
+        "--backend",
+        "eager",
+        "--device",
+        "cpu",
+        "--quiet",
+        "--regression",
+        "--criterion",
+        "patience",
+    ]
     assert cli.main(argv) == 0
     text = capsys.readouterr().out
     assert "every exit on 17 eval examples (mse):" in text
@@ -269,9 +364,17 @@ def write_pretrain_folder(folder, tnf_notes=True, weights_in=None):
     from effbert.models import TupeBertConfig, TupeBertForMaskedLM
 
     folder.mkdir()
-    cfg = TupeBertConfig(vocab_size=len(vocab()), hidden_size=32, num_hidden_layers=3, num_attention_heads=2,
-                         intermediate_size=48, max_position_embeddings=32, position_mode="tupe-r", backend="eager",
-                         tnf_num_notes=4 if tnf_notes else None)
+    cfg = TupeBertConfig(
+        vocab_size=len(vocab()),
+        hidden_size=32,
+        num_hidden_layers=3,
+        num_attention_heads=2,
+        intermediate_size=48,
+        max_position_embeddings=32,
+        position_mode="tupe-r",
+        backend="eager",
+        tnf_num_notes=4 if tnf_notes else None,
+    )
     mlm = TupeBertForMaskedLM(cfg)
     assert (mlm.notes is not None) == tnf_notes
     mlm.save_pretrained(folder / weights_in if weights_in else folder)
@@ -295,15 +398,36 @@ def test_finetune_from_a_pretrain_folder(tmp_path, data, capsys):
     tnf = write_pretrain_folder(tmp_path / "pre-tnf", weights_in="checkpoint-7")
     (tmp_path / "pre-tnf" / "checkpoint-3").mkdir()  # an older one, never read
     enc, tok, _ = loading.from_pretrain_folder(str(tmp_path / "pre-tnf"), 2, "eager", None)
-    assert enc.config.tnf_num_notes is None and not any(k.startswith("notes.") for k in enc.state_dict())
+    assert enc.config.tnf_num_notes is None and not any(
+        k.startswith("notes.") for k in enc.state_dict()
+    )
     assert len(tok) == len(vocab())
     assert all(torch.equal(enc.bert.state_dict()[k], v) for k, v in tnf.bert.state_dict().items())
     out = tmp_path / "run"
-    argv = ["finetune", "--init", str(tmp_path / "pre"), "--train", str(data / "train.tsv"), "--eval",
-            str(data / "eval.tsv"), "--out", str(out), "--max-steps", "4",
-            "--per-device-train-batch-size", "16", "--learning-rate", "1e-3",
-            "--backend", "eager", "--device", "cpu", "--quiet", "--per-device-eval-batch-size",
-            "16"]
+    argv = [
+        "finetune",
+        "--init",
+        str(tmp_path / "pre"),
+        "--train",
+        str(data / "train.tsv"),
+        "--eval",
+        str(data / "eval.tsv"),
+        "--out",
+        str(out),
+        "--max-steps",
+        "4",
+        "--per-device-train-batch-size",
+        "16",
+        "--learning-rate",
+        "1e-3",
+        "--backend",
+        "eager",
+        "--device",
+        "cpu",
+        "--quiet",
+        "--per-device-eval-batch-size",
+        "16",
+    ]
     assert cli.main(argv) == 0
     check_reload(out, data, check_report(out, "entropy", 4))
     argv.append("--overwrite")  # the run above is in --out
@@ -323,42 +447,120 @@ def test_a_pretrain_layout_that_never_shipped_is_refused_in_one_line(tmp_path, d
 
     folder = tmp_path / "old"
     folder.mkdir()
-    cfg = TupeBertConfig(vocab_size=len(vocab()), hidden_size=32, num_hidden_layers=3, num_attention_heads=2,
-                         intermediate_size=48, max_position_embeddings=32, position_mode="tupe-r", tnf_num_notes=4)
+    cfg = TupeBertConfig(
+        vocab_size=len(vocab()),
+        hidden_size=32,
+        num_hidden_layers=3,
+        num_attention_heads=2,
+        intermediate_size=48,
+        max_position_embeddings=32,
+        position_mode="tupe-r",
+        tnf_num_notes=4,
+    )
     (folder / "config.json").write_text(cfg.to_json())
     (folder / "vocab.txt").write_text("".join(v + "\n" for v in vocab()))
     (folder / "pretrain.json").write_text(json.dumps({"settings": {"cased": True}}))
     torch.save(TupeBertForMaskedLM(cfg).state_dict(), folder / "model.pt")
-    assert cli.main(["finetune", "--init", str(folder), "--train", str(data / "train.tsv"), "--out",
-                     str(tmp_path / "run"), "--max-steps", "1", "--backend", "eager", "--device",
-                     "cpu"]) == 2
+    assert (
+        cli.main(
+            [
+                "finetune",
+                "--init",
+                str(folder),
+                "--train",
+                str(data / "train.tsv"),
+                "--out",
+                str(tmp_path / "run"),
+                "--max-steps",
+                "1",
+                "--backend",
+                "eager",
+                "--device",
+                "cpu",
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err
     assert err.startswith("effbert finetune: error: --init:") and "holds no weights" in err, err
     assert len(err.strip().splitlines()) == 1
     assert not (tmp_path / "run" / "model.safetensors").exists()
 
 
-@pytest.mark.skipif(not installed("effbert.commands.pretrain"), reason="effbert pretrain is not in this tree")
+@pytest.mark.skipif(
+    not installed("effbert.commands.pretrain"), reason="effbert pretrain is not in this tree"
+)
 def test_finetune_after_a_real_pretrain_run(tmp_path, data, capsys):
     from effbert.commands.pretrain import load_pretrained
 
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("".join(line.split("\t", 1)[1] for line in open(data / "train.tsv")))
     pre = tmp_path / "pre"
-    assert cli.main(["pretrain", "--data", str(corpus), "--out", str(pre), "--vocab-size", "120", "--layers", "3",
-                     "--hidden", "32", "--heads", "2", "--max-seq-length", "24", "--batch-size", "8",
-                     "--max-steps", "3",
-                     "--backend", "eager", "--tnf-min-count", "3", "--quiet"]) == 0
+    assert (
+        cli.main(
+            [
+                "pretrain",
+                "--data",
+                str(corpus),
+                "--out",
+                str(pre),
+                "--vocab-size",
+                "120",
+                "--layers",
+                "3",
+                "--hidden",
+                "32",
+                "--heads",
+                "2",
+                "--max-seq-length",
+                "24",
+                "--batch-size",
+                "8",
+                "--max-steps",
+                "3",
+                "--backend",
+                "eager",
+                "--tnf-min-count",
+                "3",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     mlm, _, _ = load_pretrained(pre)
     model, _, _ = loading.from_pretrain_folder(str(pre), 2, "eager", None)
     want, got = mlm.bert.state_dict(), model.bert.state_dict()
     assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
     out = tmp_path / "run"
-    assert cli.main(["finetune", "--init", str(pre), "--train", str(data / "train.tsv"), "--eval",
-                     str(data / "eval.tsv"), "--out", str(out), "--max-steps", "4",
-                     "--per-device-train-batch-size", "16", "--learning-rate", "1e-3",
-                     "--backend", "eager", "--device", "cpu", "--quiet",
-                     "--per-device-eval-batch-size", "16"]) == 0
+    assert (
+        cli.main(
+            [
+                "finetune",
+                "--init",
+                str(pre),
+                "--train",
+                str(data / "train.tsv"),
+                "--eval",
+                str(data / "eval.tsv"),
+                "--out",
+                str(out),
+                "--max-steps",
+                "4",
+                "--per-device-train-batch-size",
+                "16",
+                "--learning-rate",
+                "1e-3",
+                "--backend",
+                "eager",
+                "--device",
+                "cpu",
+                "--quiet",
+                "--per-device-eval-batch-size",
+                "16",
+            ]
+        )
+        == 0
+    )
     capsys.readouterr()
     check_reload(out, data, check_report(out, "entropy", 4))
 
@@ -368,9 +570,17 @@ def test_finetune_from_a_classifier_checkpoint_starts_from_its_head(tmp_path, da
     from transformers import BertConfig, BertForSequenceClassification
 
     folder = tmp_path / "clf"
-    cfg = BertConfig(vocab_size=len(vocab()), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                     intermediate_size=48, max_position_embeddings=32, num_labels=2, hidden_dropout_prob=0.0,
-                     attention_probs_dropout_prob=0.0)
+    cfg = BertConfig(
+        vocab_size=len(vocab()),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=48,
+        max_position_embeddings=32,
+        num_labels=2,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
     hf_model = BertForSequenceClassification(cfg).eval()
     hf_model.save_pretrained(folder)
     (folder / "vocab.txt").write_text((hf_dir / "vocab.txt").read_text())
@@ -384,54 +594,70 @@ def test_finetune_from_a_classifier_checkpoint_starts_from_its_head(tmp_path, da
 
 
 @needs_hf
-@pytest.mark.parametrize("change,message", [
-    ({"--max-steps": "0"}, "--max-steps must be >= 1"),
-    ({"--learning-rate": "-1"}, "--learning-rate must be > 0"),
-    ({"--gamma": "2"}, "--gamma must be in [0, 1]"),
-    ({"--loss": "pabee --grad-reg"}, "--grad-reg goes with --loss romebert"),
-    ({"--loss": "deebert --grad-reg"}, "--grad-reg goes with --loss romebert"),
-    ({"--regression-delta": "0"}, "--regression-delta must be > 0"),
-    ({"--adam-beta1": "1"}, "--adam-beta1 must be in [0, 1), got 1.0"),
-    ({"--adam-beta2": "1.5"}, "--adam-beta2 must be in [0, 1), got 1.5"),
-    ({"--adam-epsilon": "0"}, "--adam-epsilon must be > 0, got 0.0"),
-    ({"--max-grad-norm": "nan"}, "--max-grad-norm must be >= 0 (0: no clipping), got nan"),
-    ({"--recipe": "tupe"}, "--recipe tupe is a recipe of effbert pretrain, not finetune (effbert finetune's: "
-                           "deebert, pabee, romebert)"),
-    ({"--recipe": "rome"}, "--recipe 'rome': no such recipe"),
-    ({"--backend": "fast"}, "--backend must be auto or one of"),
-    ({"--train": "MISSING"}, "--train: no such file"),
-    ({"--hf": "MISSING"}, "--hf:"),
-    ({"--train": "BAD"}, "has no TAB"),
-    ({"--eval": "UNKNOWN"}, "do not occur in --train"),
-    ({"--train": "ONE"}, "classification needs two"),
-    ({"--train": "LATIN1"}, "is not UTF-8 text (invalid continuation byte at byte 23"),
-    ({"--train": "SWAPPED"}, "is the file text<TAB>label?"),
-    ({"--train": "HEADER"}, "looks like a header row"),
-    ({"--device": "tpu"}, "--device must be cpu, cuda or cuda:N, got 'tpu'"),
-    ({"--out": "FILE"}, "exists and is not a folder"),
-    ({"--out": "UNDER_FILE"}, "is a file"),
-])
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        ({"--max-steps": "0"}, "--max-steps must be >= 1"),
+        ({"--learning-rate": "-1"}, "--learning-rate must be > 0"),
+        ({"--gamma": "2"}, "--gamma must be in [0, 1]"),
+        ({"--loss": "pabee --grad-reg"}, "--grad-reg goes with --loss romebert"),
+        ({"--loss": "deebert --grad-reg"}, "--grad-reg goes with --loss romebert"),
+        ({"--regression-delta": "0"}, "--regression-delta must be > 0"),
+        ({"--adam-beta1": "1"}, "--adam-beta1 must be in [0, 1), got 1.0"),
+        ({"--adam-beta2": "1.5"}, "--adam-beta2 must be in [0, 1), got 1.5"),
+        ({"--adam-epsilon": "0"}, "--adam-epsilon must be > 0, got 0.0"),
+        ({"--max-grad-norm": "nan"}, "--max-grad-norm must be >= 0 (0: no clipping), got nan"),
+        (
+            {"--recipe": "tupe"},
+            "--recipe tupe is a recipe of effbert pretrain, not finetune (effbert finetune's: "
+            "deebert, pabee, romebert)",
+        ),
+        ({"--recipe": "rome"}, "--recipe 'rome': no such recipe"),
+        ({"--backend": "fast"}, "--backend must be auto or one of"),
+        ({"--train": "MISSING"}, "--train: no such file"),
+        ({"--hf": "MISSING"}, "--hf:"),
+        ({"--train": "BAD"}, "has no TAB"),
+        ({"--eval": "UNKNOWN"}, "do not occur in --train"),
+        ({"--train": "ONE"}, "classification needs two"),
+        ({"--train": "LATIN1"}, "is not UTF-8 text (invalid continuation byte at byte 23"),
+        ({"--train": "SWAPPED"}, "is the file text<TAB>label?"),
+        ({"--train": "HEADER"}, "looks like a header row"),
+        ({"--device": "tpu"}, "--device must be cpu, cuda or cuda:N, got 'tpu'"),
+        ({"--out": "FILE"}, "exists and is not a folder"),
+        ({"--out": "UNDER_FILE"}, "is a file"),
+    ],
+)
 def test_bad_arguments_exit_2_with_a_clear_message(hf_dir, data, tmp_path, capsys, change, message):
     """Every mistake fails first, in one line, before any training (nothing is printed to stdout)."""
     (tmp_path / "bad.tsv").write_text("sport\tthe ball\nfood the soup\n")
     (tmp_path / "unknown.tsv").write_text("music\tthe song\n")
     (tmp_path / "one.tsv").write_text("food\tsoup\nfood\trice\n")
-    (tmp_path / "latin1.tsv").write_bytes("food\tsoup\nsport\tthe caf\u00e9 team\n".encode("latin-1"))
+    (tmp_path / "latin1.tsv").write_bytes(
+        "food\tsoup\nsport\tthe caf\u00e9 team\n".encode("latin-1")
+    )
     rows = (data / "train.tsv").read_text().splitlines()
-    (tmp_path / "swapped.tsv").write_text("".join("\t".join(r.split("\t")[::-1]) + "\n" for r in rows))
+    (tmp_path / "swapped.tsv").write_text(
+        "".join("\t".join(r.split("\t")[::-1]) + "\n" for r in rows)
+    )
     (tmp_path / "header.tsv").write_text("label\ttext\n" + "\n".join(rows) + "\n")
     (tmp_path / "file").write_text("not a folder")
-    files = {"MISSING": str(tmp_path / "nope.tsv"), "BAD": str(tmp_path / "bad.tsv"),
-             "UNKNOWN": str(tmp_path / "unknown.tsv"), "ONE": str(tmp_path / "one.tsv"),
-             "LATIN1": str(tmp_path / "latin1.tsv"), "SWAPPED": str(tmp_path / "swapped.tsv"),
-             "HEADER": str(tmp_path / "header.tsv"), "FILE": str(tmp_path / "file"),
-             "UNDER_FILE": str(tmp_path / "file" / "run")}
+    files = {
+        "MISSING": str(tmp_path / "nope.tsv"),
+        "BAD": str(tmp_path / "bad.tsv"),
+        "UNKNOWN": str(tmp_path / "unknown.tsv"),
+        "ONE": str(tmp_path / "one.tsv"),
+        "LATIN1": str(tmp_path / "latin1.tsv"),
+        "SWAPPED": str(tmp_path / "swapped.tsv"),
+        "HEADER": str(tmp_path / "header.tsv"),
+        "FILE": str(tmp_path / "file"),
+        "UNDER_FILE": str(tmp_path / "file" / "run"),
+    }
     argv = args(hf_dir, data, tmp_path / "out", "--max-steps", "2")
     for flag, value in change.items():
         if flag not in argv:
             argv += [flag, "x"]
         i = argv.index(flag)
-        argv[i:i + 2] = [flag, *files.get(value, value).split()]
+        argv[i : i + 2] = [flag, *files.get(value, value).split()]
     assert cli.main(argv) == 2
     captured = capsys.readouterr()
     err = captured.err
@@ -441,7 +667,9 @@ def test_bad_arguments_exit_2_with_a_clear_message(hf_dir, data, tmp_path, capsy
 
 
 def test_hf_without_transformers_says_how_to_install(data, tmp_path, capsys, monkeypatch):
-    monkeypatch.setitem(sys.modules, "transformers", None)  # import transformers now raises ImportError
+    monkeypatch.setitem(
+        sys.modules, "transformers", None
+    )  # import transformers now raises ImportError
     folder = tmp_path / "bert"
     folder.mkdir()
     (folder / "vocab.txt").write_text("".join(v + "\n" for v in vocab()))
@@ -468,9 +696,27 @@ def test_load_finetuned_never_unpickles_code(tmp_path, data, monkeypatch):
     monkeypatch.chdir(tmp_path)
     write_pretrain_folder(tmp_path / "pre", tnf_notes=False)
     out = tmp_path / "run"
-    assert cli.main(["finetune", "--init", str(tmp_path / "pre"), "--train", str(data / "train.tsv"), "--out",
-                     str(out), "--max-steps", "1", "--backend", "eager", "--device", "cpu",
-                     "--quiet"]) == 0
+    assert (
+        cli.main(
+            [
+                "finetune",
+                "--init",
+                str(tmp_path / "pre"),
+                "--train",
+                str(data / "train.tsv"),
+                "--out",
+                str(out),
+                "--max-steps",
+                "1",
+                "--backend",
+                "eager",
+                "--device",
+                "cpu",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     os.remove(out / "model.safetensors")  # weights in torch's pickle format: read as tensors only
     torch.save(_Payload(), out / "pytorch_model.bin")
     with pytest.raises(ValueError, match="cannot read the model"):
@@ -484,17 +730,36 @@ def test_out_never_destroys_another_run(tmp_path, data, capsys):
     write_pretrain_folder(tmp_path / "pre", tnf_notes=False)
 
     def argv(out, *extra):
-        return ["finetune", "--init", str(tmp_path / "pre"), "--train", str(data / "train.tsv"), "--out", str(out),
-                "--max-steps", "2", "--per-device-train-batch-size", "16", "--save-steps", "0",
-                "--backend", "eager",
-                "--device", "cpu", "--quiet", *extra]
+        return [
+            "finetune",
+            "--init",
+            str(tmp_path / "pre"),
+            "--train",
+            str(data / "train.tsv"),
+            "--out",
+            str(out),
+            "--max-steps",
+            "2",
+            "--per-device-train-batch-size",
+            "16",
+            "--save-steps",
+            "0",
+            "--backend",
+            "eager",
+            "--device",
+            "cpu",
+            "--quiet",
+            *extra,
+        ]
 
     def snapshot(folder):
         return {p.name: p.read_bytes() for p in folder.iterdir()}
 
     before = snapshot(tmp_path / "pre")
-    for out, message in ((tmp_path / "pre", "is the folder of --init"),
-                         (tmp_path / "pre" / ".." / "pre", "is the folder of --init")):
+    for out, message in (
+        (tmp_path / "pre", "is the folder of --init"),
+        (tmp_path / "pre" / ".." / "pre", "is the folder of --init"),
+    ):
         assert cli.main(argv(out)) == 2
         assert message in capsys.readouterr().err
     write_pretrain_folder(tmp_path / "pre2", tnf_notes=False)
@@ -537,20 +802,43 @@ class _Payload:
 
 
 @pytest.mark.parametrize("where", ["top", "checkpoint"])
-def test_tampered_pretrain_checkpoint_is_never_unpickled(tmp_path, data, capsys, monkeypatch, where):
+def test_tampered_pretrain_checkpoint_is_never_unpickled(
+    tmp_path, data, capsys, monkeypatch, where
+):
     """Weights that unpickle to code (torch's pickle format, in the folder or in the latest checkpoint-N of a run
     stopped early): the finetune command refuses them in one line and runs nothing."""
     monkeypatch.chdir(tmp_path)
     pre = tmp_path / "pre"
-    write_pretrain_folder(pre, tnf_notes=False, weights_in=None if where == "top" else "checkpoint-1")
+    write_pretrain_folder(
+        pre, tnf_notes=False, weights_in=None if where == "top" else "checkpoint-1"
+    )
     folder = pre if where == "top" else pre / "checkpoint-1"
     os.remove(folder / "model.safetensors")
     torch.save({"embeddings.word_embeddings.weight": _Payload()}, folder / "pytorch_model.bin")
-    assert cli.main(["finetune", "--init", str(pre), "--train", str(data / "train.tsv"), "--out",
-                     str(tmp_path / "run"), "--max-steps", "2", "--backend", "eager", "--device",
-                     "cpu"]) == 2
+    assert (
+        cli.main(
+            [
+                "finetune",
+                "--init",
+                str(pre),
+                "--train",
+                str(data / "train.tsv"),
+                "--out",
+                str(tmp_path / "run"),
+                "--max-steps",
+                "2",
+                "--backend",
+                "eager",
+                "--device",
+                "cpu",
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err
-    assert err.startswith("effbert finetune: error: --init:") and len(err.strip().splitlines()) == 1, err
+    assert (
+        err.startswith("effbert finetune: error: --init:") and len(err.strip().splitlines()) == 1
+    ), err
     assert not (tmp_path / "PWNED_DIR").exists() and not (tmp_path / "run").exists()
 
 
@@ -563,8 +851,19 @@ def test_a_suspicious_label_column_warns(tmp_path, data, capsys):
     assert len(warned) == 1  # well-formed data is quiet
 
 
-@pytest.mark.parametrize("damage", ["config-cut", "config-bad-size", "other-model-type", "weights-cut",
-                                    "weights-other", "no-vocab", "tokenizer-bad", "no-weights"])
+@pytest.mark.parametrize(
+    "damage",
+    [
+        "config-cut",
+        "config-bad-size",
+        "other-model-type",
+        "weights-cut",
+        "weights-other",
+        "no-vocab",
+        "tokenizer-bad",
+        "no-weights",
+    ],
+)
 def test_damaged_init_folder_is_one_line(tmp_path, data, capsys, damage):
     """A damaged pretraining folder, a checkpoint of another model type or a tokenizer that does not load: one line
     naming --init, exit 2, no --out folder."""
@@ -575,23 +874,50 @@ def test_damaged_init_folder_is_one_line(tmp_path, data, capsys, damage):
     config = json.loads((pre / "config.json").read_text())
     edit = {
         "config-cut": lambda: (pre / "config.json").write_text('{"hidden_size": 3'),
-        "config-bad-size": lambda: (pre / "config.json").write_text(json.dumps(dict(config, hidden_size=-4))),
-        "other-model-type": lambda: (pre / "config.json").write_text(json.dumps(dict(config, model_type="bert"))),
+        "config-bad-size": lambda: (pre / "config.json").write_text(
+            json.dumps(dict(config, hidden_size=-4))
+        ),
+        "other-model-type": lambda: (pre / "config.json").write_text(
+            json.dumps(dict(config, model_type="bert"))
+        ),
         "weights-cut": lambda: (pre / "model.safetensors").write_bytes(
-            (pre / "model.safetensors").read_bytes()[:300]),
-        "weights-other": lambda: save_file({"embeddings.word_embeddings.weight": torch.ones(2, 2)},
-                                           pre / "model.safetensors"),
+            (pre / "model.safetensors").read_bytes()[:300]
+        ),
+        "weights-other": lambda: save_file(
+            {"embeddings.word_embeddings.weight": torch.ones(2, 2)}, pre / "model.safetensors"
+        ),
         "no-vocab": lambda: os.remove(pre / "vocab.txt"),
-        "tokenizer-bad": lambda: (pre / "tokenizer.json").write_text('{"model": {"type": "WordPiece", "vocab": 3'),
+        "tokenizer-bad": lambda: (pre / "tokenizer.json").write_text(
+            '{"model": {"type": "WordPiece", "vocab": 3'
+        ),
         "no-weights": lambda: os.remove(pre / "model.safetensors"),
     }
     edit[damage]()
     capsys.readouterr()  # what building the folder printed (save_pretrained's progress bar) is not the command's
-    assert cli.main(["finetune", "--init", str(pre), "--train", str(data / "train.tsv"), "--out",
-                     str(tmp_path / "run"), "--max-steps", "2", "--backend", "eager", "--device",
-                     "cpu"]) == 2
+    assert (
+        cli.main(
+            [
+                "finetune",
+                "--init",
+                str(pre),
+                "--train",
+                str(data / "train.tsv"),
+                "--out",
+                str(tmp_path / "run"),
+                "--max-steps",
+                "2",
+                "--backend",
+                "eager",
+                "--device",
+                "cpu",
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err
-    assert err.startswith("effbert finetune: error: --init:") and len(err.strip().splitlines()) == 1, err
+    assert (
+        err.startswith("effbert finetune: error: --init:") and len(err.strip().splitlines()) == 1
+    ), err
     assert "Traceback" not in err
     if damage == "other-model-type":
         assert "model type 'bert', not 'tupe-bert'" in err and "--hf" in err
@@ -600,20 +926,29 @@ def test_damaged_init_folder_is_one_line(tmp_path, data, capsys, damage):
     assert not (tmp_path / "run").exists()
 
 
-def test_hf_folder_of_another_model_type_or_a_bad_tokenizer_is_one_line(hf_dir, data, tmp_path, capsys):
+def test_hf_folder_of_another_model_type_or_a_bad_tokenizer_is_one_line(
+    hf_dir, data, tmp_path, capsys
+):
     """--hf given an effbert checkpoint, or a BERT whose tokenizer does not load: one line, exit 2."""
     import shutil
 
     write_pretrain_folder(tmp_path / "pre", tnf_notes=False)
     assert cli.main(args(tmp_path / "pre", data, tmp_path / "out", "--max-steps", "2")) == 2
     err = capsys.readouterr().err
-    assert len(err.strip().splitlines()) == 1 and "model type 'tupe-bert', not 'bert'" in err and "--init" in err
+    assert (
+        len(err.strip().splitlines()) == 1
+        and "model type 'tupe-bert', not 'bert'" in err
+        and "--init" in err
+    )
     bad = tmp_path / "bert"
     shutil.copytree(hf_dir, bad)
     (bad / "vocab.txt").write_bytes(b"\xff\xfe\x00binary")
     assert cli.main(args(bad, data, tmp_path / "out", "--max-steps", "2")) == 2
     err = capsys.readouterr().err
-    assert err.startswith("effbert finetune: error: --hf: the tokenizer in") and len(err.strip().splitlines()) == 1
+    assert (
+        err.startswith("effbert finetune: error: --hf: the tokenizer in")
+        and len(err.strip().splitlines()) == 1
+    )
     assert not (tmp_path / "out").exists()
 
 
@@ -638,10 +973,30 @@ def test_progress_bar_only_on_a_terminal(tmp_path, data, capsys, monkeypatch, te
     screen = _Terminal()
     if terminal:
         monkeypatch.setattr(sys, "stderr", screen)
-    assert cli.main(["finetune", "--init", str(tmp_path / "pre"), "--train", str(data / "train.tsv"), "--out",
-                     str(tmp_path / "run"), "--max-steps", "4", "--logging-steps", "2",
-                     "--per-device-train-batch-size", "16", "--backend",
-                     "eager", "--device", "cpu"]) == 0
+    assert (
+        cli.main(
+            [
+                "finetune",
+                "--init",
+                str(tmp_path / "pre"),
+                "--train",
+                str(data / "train.tsv"),
+                "--out",
+                str(tmp_path / "run"),
+                "--max-steps",
+                "4",
+                "--logging-steps",
+                "2",
+                "--per-device-train-batch-size",
+                "16",
+                "--backend",
+                "eager",
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
     captured = capsys.readouterr()
     assert "step      2  loss" in captured.out and "step      4  loss" in captured.out
     if terminal:
@@ -649,7 +1004,9 @@ def test_progress_bar_only_on_a_terminal(tmp_path, data, capsys, monkeypatch, te
     else:
         assert "\r" not in captured.out + captured.err and "it/s" not in captured.err
         assert "{'loss'" not in captured.out  # Trainer's own log dicts are not printed
-        assert "MISSING" not in captured.out + captured.err  # the new off-ramps are no loading problem to report
+        assert (
+            "MISSING" not in captured.out + captured.err
+        )  # the new off-ramps are no loading problem to report
 
 
 def test_resume_from_a_checkpoint_gives_the_uninterrupted_run(tmp_path, data, capsys):
@@ -660,16 +1017,39 @@ def test_resume_from_a_checkpoint_gives_the_uninterrupted_run(tmp_path, data, ca
     write_pretrain_folder(tmp_path / "pre", tnf_notes=False)
 
     def argv(out, *extra):
-        return ["finetune", "--init", str(tmp_path / "pre"), "--train", str(data / "train.tsv"), "--eval",
-                str(data / "eval.tsv"), "--out", str(out), "--max-steps", "6", "--save-steps", "3",
-                "--per-device-train-batch-size", "8",
-                "--learning-rate", "1e-3", "--backend", "eager", "--device", "cpu", "--quiet",
-                *extra]
+        return [
+            "finetune",
+            "--init",
+            str(tmp_path / "pre"),
+            "--train",
+            str(data / "train.tsv"),
+            "--eval",
+            str(data / "eval.tsv"),
+            "--out",
+            str(out),
+            "--max-steps",
+            "6",
+            "--save-steps",
+            "3",
+            "--per-device-train-batch-size",
+            "8",
+            "--learning-rate",
+            "1e-3",
+            "--backend",
+            "eager",
+            "--device",
+            "cpu",
+            "--quiet",
+            *extra,
+        ]
 
     assert cli.main(argv(tmp_path / "whole")) == 0
     assert cli.main(argv(tmp_path / "cut")) == 0
     cut = tmp_path / "cut"
-    assert sorted(p.name for p in (cut / "checkpoints").iterdir()) == ["checkpoint-3", "checkpoint-6"]
+    assert sorted(p.name for p in (cut / "checkpoints").iterdir()) == [
+        "checkpoint-3",
+        "checkpoint-6",
+    ]
     import shutil
 
     shutil.rmtree(cut / "checkpoints" / "checkpoint-6")  # as if stopped after step 3
@@ -678,9 +1058,14 @@ def test_resume_from_a_checkpoint_gives_the_uninterrupted_run(tmp_path, data, ca
     capsys.readouterr()
     assert cli.main(argv(cut, "--resume")) == 0
     assert "resumed from" in capsys.readouterr().out
-    want, got = load_file(tmp_path / "whole" / "model.safetensors"), load_file(cut / "model.safetensors")
+    want, got = (
+        load_file(tmp_path / "whole" / "model.safetensors"),
+        load_file(cut / "model.safetensors"),
+    )
     assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
-    losses = [json.loads((d / "report.json").read_text())["losses"] for d in (tmp_path / "whole", cut)]
+    losses = [
+        json.loads((d / "report.json").read_text())["losses"] for d in (tmp_path / "whole", cut)
+    ]
     assert len(losses[0]) == 6 and losses[0] == losses[1]
     assert cli.main(argv(tmp_path / "new", "--resume")) == 2
     assert "there is no run to resume" in capsys.readouterr().err
@@ -695,19 +1080,44 @@ def test_resume_on_another_train_file_is_refused_by_name(tmp_path, data, capsys)
     shutil.copy(data / "train.tsv", train)
 
     def argv(*extra):
-        return ["finetune", "--init", str(tmp_path / "pre"), "--train", str(train), "--out", str(tmp_path / "run"),
-                "--max-steps", "2", "--save-steps", "1", "--per-device-train-batch-size", "16",
-                "--backend", "eager", "--device", "cpu",
-                "--quiet", *extra]
+        return [
+            "finetune",
+            "--init",
+            str(tmp_path / "pre"),
+            "--train",
+            str(train),
+            "--out",
+            str(tmp_path / "run"),
+            "--max-steps",
+            "2",
+            "--save-steps",
+            "1",
+            "--per-device-train-batch-size",
+            "16",
+            "--backend",
+            "eager",
+            "--device",
+            "cpu",
+            "--quiet",
+            *extra,
+        ]
 
     assert cli.main(argv()) == 0
-    assert json.loads((tmp_path / "run" / "finetune.json").read_text())["train_data"]["size"] == train.stat().st_size
+    assert (
+        json.loads((tmp_path / "run" / "finetune.json").read_text())["train_data"]["size"]
+        == train.stat().st_size
+    )
     with open(train, "a", encoding="utf-8") as f:
         f.write("sport\tOne more goal.\n")
     capsys.readouterr()
     assert cli.main(argv("--max-steps", "3", "--resume")) == 2
     err = capsys.readouterr().err
-    assert "--train:" in err and "train.tsv" in err and "bytes then" in err and len(err.strip().splitlines()) == 1
+    assert (
+        "--train:" in err
+        and "train.tsv" in err
+        and "bytes then" in err
+        and len(err.strip().splitlines()) == 1
+    )
 
 
 def test_a_longer_resume_keeps_the_schedule_unless_reshaped(tmp_path, data, capsys):
@@ -718,27 +1128,56 @@ def test_a_longer_resume_keeps_the_schedule_unless_reshaped(tmp_path, data, caps
     write_pretrain_folder(tmp_path / "pre", tnf_notes=False)
 
     def argv(out, *extra):
-        return ["finetune", "--init", str(tmp_path / "pre"), "--train", str(data / "train.tsv"), "--out", str(out),
-                "--per-device-train-batch-size", "16", "--warmup-ratio", "0", "--save-steps", "2",
-                "--backend", "eager", "--device", "cpu",
-                "--quiet", *extra]
+        return [
+            "finetune",
+            "--init",
+            str(tmp_path / "pre"),
+            "--train",
+            str(data / "train.tsv"),
+            "--out",
+            str(out),
+            "--per-device-train-batch-size",
+            "16",
+            "--warmup-ratio",
+            "0",
+            "--save-steps",
+            "2",
+            "--backend",
+            "eager",
+            "--device",
+            "cpu",
+            "--quiet",
+            *extra,
+        ]
 
     def lrs(out, step):
-        with open(out / "checkpoints" / f"checkpoint-{step}" / "trainer_state.json", encoding="utf-8") as f:
+        with open(
+            out / "checkpoints" / f"checkpoint-{step}" / "trainer_state.json", encoding="utf-8"
+        ) as f:
             return [h["learning_rate"] for h in json.load(f)["log_history"] if "learning_rate" in h]
 
     assert cli.main(argv(tmp_path / "kept", "--max-steps", "2")) == 0
     shutil.copytree(tmp_path / "kept", tmp_path / "reshaped")
     capsys.readouterr()
     assert cli.main(argv(tmp_path / "kept", "--max-steps", "4", "--resume")) == 0
-    assert "keeping the run's learning-rate schedule: linear decay to 0 at step 2" in capsys.readouterr().out
+    assert (
+        "keeping the run's learning-rate schedule: linear decay to 0 at step 2"
+        in capsys.readouterr().out
+    )
     assert lrs(tmp_path / "kept", 4)[2:] == [0.0, 0.0]
-    assert cli.main(argv(tmp_path / "reshaped", "--max-steps", "4", "--resume",
-                         "--reshape-schedule")) == 0
-    assert "reshaping the learning-rate schedule (--reshape-schedule): linear decay to 0 at step 4, was 2" in \
-        capsys.readouterr().out
+    assert (
+        cli.main(argv(tmp_path / "reshaped", "--max-steps", "4", "--resume", "--reshape-schedule"))
+        == 0
+    )
+    assert (
+        "reshaping the learning-rate schedule (--reshape-schedule): linear decay to 0 at step 4, was 2"
+        in capsys.readouterr().out
+    )
     assert cli.main(argv(tmp_path / "long", "--max-steps", "4")) == 0
-    assert lrs(tmp_path / "reshaped", 4)[2:] == lrs(tmp_path / "long", 4)[2:] and lrs(tmp_path / "long", 4)[2] > 0
+    assert (
+        lrs(tmp_path / "reshaped", 4)[2:] == lrs(tmp_path / "long", 4)[2:]
+        and lrs(tmp_path / "long", 4)[2] > 0
+    )
 
 
 def test_gradient_accumulation_equals_the_whole_batch(tmp_path, data):
@@ -749,17 +1188,43 @@ def test_gradient_accumulation_equals_the_whole_batch(tmp_path, data):
 
     torch.manual_seed(0)
     bert = tmp_path / "bert"
-    BertModel(BertConfig(vocab_size=len(vocab()), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                         intermediate_size=48, max_position_embeddings=32, hidden_dropout_prob=0.0,
-                         attention_probs_dropout_prob=0.0)).save_pretrained(bert)
+    BertModel(
+        BertConfig(
+            vocab_size=len(vocab()),
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=48,
+            max_position_embeddings=32,
+            hidden_dropout_prob=0.0,
+            attention_probs_dropout_prob=0.0,
+        )
+    ).save_pretrained(bert)
     (bert / "vocab.txt").write_text("".join(v + "\n" for v in vocab()))
     runs = {}
     accum = ["--per-device-train-batch-size", "8", "--gradient-accumulation-steps", "2"]
     for name, extra in (("whole", ["--per-device-train-batch-size", "16"]), ("accum", accum)):
-        argv = ["finetune", "--hf", str(bert), "--train", str(data / "train.tsv"), "--out", str(tmp_path / name),
-                "--max-steps", "3", "--learning-rate", "1e-3", "--warmup-ratio", "0", "--backend",
-                "eager", "--device", "cpu", "--quiet",
-                *extra]
+        argv = [
+            "finetune",
+            "--hf",
+            str(bert),
+            "--train",
+            str(data / "train.tsv"),
+            "--out",
+            str(tmp_path / name),
+            "--max-steps",
+            "3",
+            "--learning-rate",
+            "1e-3",
+            "--warmup-ratio",
+            "0",
+            "--backend",
+            "eager",
+            "--device",
+            "cpu",
+            "--quiet",
+            *extra,
+        ]
         assert cli.main(argv) == 0
         runs[name] = load_file(tmp_path / name / "model.safetensors")
     start = loading.from_hf_folder(str(bert), 2, "eager", None)[0].state_dict()
@@ -769,7 +1234,10 @@ def test_gradient_accumulation_equals_the_whole_batch(tmp_path, data):
     encoder = [k for k in start if k.startswith("bert.")]
     moved = max(float((runs["whole"][k] - start[k]).abs().max()) for k in encoder)
     apart = max(float((runs["whole"][k] - runs["accum"][k]).abs().max()) for k in encoder)
-    assert moved > 100 * apart, (moved, apart)  # training moved the weights; the two runs moved them alike
+    assert moved > 100 * apart, (
+        moved,
+        apart,
+    )  # training moved the weights; the two runs moved them alike
 
 
 @needs_hf
@@ -782,28 +1250,42 @@ def test_grad_reg_training_step_is_romebert_projection(hf_dir, tmp_path, project
 
     from transformers import TrainingArguments
 
-    from effbert.losses import (gradient_regularized_backward, multi_exit_distillation_loss,
-                                romebert_projected_parameters)
+    from effbert.losses import (
+        gradient_regularized_backward,
+        multi_exit_distillation_loss,
+        romebert_projected_parameters,
+    )
     from effbert.training import MultiExitTrainer
 
     model, tokenizer, _ = loading.from_hf_folder(str(hf_dir), 2, "eager", None)
     twin = copy.deepcopy(model)
-    trainer = MultiExitTrainer(model=model, args=TrainingArguments(output_dir=str(tmp_path / "o"), use_cpu=True,
-                                                                   report_to="none"),
-                               grad_reg=True, project=project, gradient_equilibrium=True)
+    trainer = MultiExitTrainer(
+        model=model,
+        args=TrainingArguments(output_dir=str(tmp_path / "o"), use_cpu=True, report_to="none"),
+        grad_reg=True,
+        project=project,
+        gradient_equilibrium=True,
+    )
     trainer.current_gradient_accumulation_steps = 2
     ids, mask = encode(tokenizer, ["the ball and the goal", "soup of rice and salt", "a coach"], 16)
     labels = torch.tensor([1, 0, 1])
     torch.manual_seed(5)
-    got_loss = trainer.training_step(model, {"input_ids": ids, "attention_mask": mask.long(), "labels": labels})
+    got_loss = trainer.training_step(
+        model, {"input_ids": ids, "attention_mask": mask.long(), "labels": labels}
+    )
     torch.manual_seed(5)  # the same dropout masks
     twin.train()
     z = twin(ids, mask.long()).exit_logits.float()
     loss = multi_exit_distillation_loss(z, labels, gradient_equilibrium=True, backend="eager")
     final = torch.nn.functional.cross_entropy(z[-1], labels)
     params = [p for p in twin.parameters() if p.requires_grad]
-    gradient_regularized_backward(final / 2, (loss - final) / 2, params,
-                                  romebert_projected_parameters(twin.bert.encoder), project=project)
+    gradient_regularized_backward(
+        final / 2,
+        (loss - final) / 2,
+        params,
+        romebert_projected_parameters(twin.bert.encoder),
+        project=project,
+    )
     assert torch.equal(got_loss, (loss / 2).detach())
     for (name, p), q in zip(model.named_parameters(), twin.parameters()):
         assert torch.allclose(p.grad, q.grad, rtol=1e-6, atol=1e-9), name
@@ -817,12 +1299,39 @@ def test_torchrun_two_processes_write_one_run(hf_dir, data, tmp_path):
     import subprocess
 
     out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m",
-           "effbert.commands", "finetune", "--hf", str(hf_dir), "--train", str(data / "train.tsv"), "--eval",
-           str(data / "eval.tsv"), "--out", str(out), "--max-steps", "2", "--save-steps", "2",
-           "--per-device-train-batch-size", "8",
-           "--backend", "eager", "--device", "cpu", "--logging-steps", "1",
-           "--per-device-eval-batch-size", "16"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        "2",
+        "-m",
+        "effbert.commands",
+        "finetune",
+        "--hf",
+        str(hf_dir),
+        "--train",
+        str(data / "train.tsv"),
+        "--eval",
+        str(data / "eval.tsv"),
+        "--out",
+        str(out),
+        "--max-steps",
+        "2",
+        "--save-steps",
+        "2",
+        "--per-device-train-batch-size",
+        "8",
+        "--backend",
+        "eager",
+        "--device",
+        "cpu",
+        "--logging-steps",
+        "1",
+        "--per-device-eval-batch-size",
+        "16",
+    ]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -842,10 +1351,28 @@ def test_mixed_precision_on_cuda_with_grad_reg(hf_dir, data, tmp_path, capsys, p
     """Trainer's mixed precision on a GPU, through RomeBERT's two-backward step too (fp16: both losses carry the
     loss scale): the run learns with finite losses and its folder loads."""
     out = tmp_path / "run"
-    argv = ["finetune", "--hf", str(hf_dir), "--train", str(data / "train.tsv"), "--eval", str(data / "eval.tsv"),
-            "--out", str(out), "--max-steps", "30", "--per-device-train-batch-size", "16",
-            "--learning-rate", "3e-3", "--device", "cuda", "--quiet",
-            "--grad-reg", precision]
+    argv = [
+        "finetune",
+        "--hf",
+        str(hf_dir),
+        "--train",
+        str(data / "train.tsv"),
+        "--eval",
+        str(data / "eval.tsv"),
+        "--out",
+        str(out),
+        "--max-steps",
+        "30",
+        "--per-device-train-batch-size",
+        "16",
+        "--learning-rate",
+        "3e-3",
+        "--device",
+        "cuda",
+        "--quiet",
+        "--grad-reg",
+        precision,
+    ]
     assert cli.main(argv) == 0
     assert "gradient regularization: the others side projected on" in capsys.readouterr().out
     report = json.loads((out / "report.json").read_text())
@@ -863,10 +1390,14 @@ def test_multi_exit_trainer_checks_its_arguments(hf_dir, tmp_path):
 
     model, _, _ = loading.from_hf_folder(str(hf_dir), 2, "eager", None)
     args = TrainingArguments(output_dir=str(tmp_path / "o"), use_cpu=True, report_to="none")
-    for kw, message in (({"loss": "kd"}, "loss must be one of"), ({"gamma": 1.5}, "gamma must be in"),
-                        ({"temperature": 0}, "temperature must be > 0"), ({"stage": 3}, "stage must be 1 or 2"),
-                        ({"project": "both"}, "project must be one of"),
-                        ({"loss": "pabee", "grad_reg": True}, "grad_reg goes with")):
+    for kw, message in (
+        ({"loss": "kd"}, "loss must be one of"),
+        ({"gamma": 1.5}, "gamma must be in"),
+        ({"temperature": 0}, "temperature must be > 0"),
+        ({"stage": 3}, "stage must be 1 or 2"),
+        ({"project": "both"}, "project must be one of"),
+        ({"loss": "pabee", "grad_reg": True}, "grad_reg goes with"),
+    ):
         with pytest.raises(ValueError, match=message):
             MultiExitTrainer(model=model, args=args, **kw)
     with pytest.raises(TypeError, match="gradient_equilibrium must be a bool"):
@@ -879,27 +1410,51 @@ def test_multi_exit_trainer_from_a_users_script(tmp_path):
     """The docs' script: a pretraining folder through the Auto class with off-ramps, a dataset, Trainer's collator
     and MultiExitTrainer with PABEE's loss train the off-ramps; no effbert command involved."""
     import datasets
-    from transformers import AutoModelForSequenceClassification, DataCollatorWithPadding, TrainingArguments
+    from transformers import (
+        AutoModelForSequenceClassification,
+        DataCollatorWithPadding,
+        TrainingArguments,
+    )
 
     from effbert.data.tokenization import load_tokenizer
     from effbert.training import MultiExitTrainer
 
     write_pretrain_folder(tmp_path / "pre")
-    model = AutoModelForSequenceClassification.from_pretrained(tmp_path / "pre", multi_exit=True, num_labels=2,
-                                                               tnf_num_notes=None, backend="eager")
+    model = AutoModelForSequenceClassification.from_pretrained(
+        tmp_path / "pre", multi_exit=True, num_labels=2, tnf_num_notes=None, backend="eager"
+    )
     tokenizer = load_tokenizer(tmp_path / "pre")
-    ds = datasets.Dataset.from_dict({"text": ["the ball", "the soup", "a goal", "rice"] * 4,
-                                     "labels": [1, 0, 1, 0] * 4})
-    ds = ds.map(lambda b: tokenizer(b["text"], return_token_type_ids=False), batched=True, remove_columns=["text"])
+    ds = datasets.Dataset.from_dict(
+        {"text": ["the ball", "the soup", "a goal", "rice"] * 4, "labels": [1, 0, 1, 0] * 4}
+    )
+    ds = ds.map(
+        lambda b: tokenizer(b["text"], return_token_type_ids=False),
+        batched=True,
+        remove_columns=["text"],
+    )
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    trainer = MultiExitTrainer(model=model, args=TrainingArguments(str(tmp_path / "out"), max_steps=2,
-                                                                   per_device_train_batch_size=8, use_cpu=True,
-                                                                   report_to="none", disable_tqdm=True),
-                               train_dataset=ds, data_collator=DataCollatorWithPadding(tokenizer), loss="pabee")
+    trainer = MultiExitTrainer(
+        model=model,
+        args=TrainingArguments(
+            str(tmp_path / "out"),
+            max_steps=2,
+            per_device_train_batch_size=8,
+            use_cpu=True,
+            report_to="none",
+            disable_tqdm=True,
+        ),
+        train_dataset=ds,
+        data_collator=DataCollatorWithPadding(tokenizer),
+        loss="pabee",
+    )
     trainer.train()
     after = model.state_dict()
-    assert all(not torch.equal(after[f"exits.{i}.classifier.weight"], before[f"exits.{i}.classifier.weight"])
-               for i in range(3))
+    assert all(
+        not torch.equal(
+            after[f"exits.{i}.classifier.weight"], before[f"exits.{i}.classifier.weight"]
+        )
+        for i in range(3)
+    )
     assert trainer.state.global_step == 2
 
 
@@ -919,14 +1474,38 @@ def test_a_nan_loss_stops_the_run_before_its_checkpoint(tmp_path, data, capsys, 
     write_pretrain_folder(tmp_path / "pre", tnf_notes=False)
     capsys.readouterr()
     out = tmp_path / "run"
-    assert cli.main(["finetune", "--init", str(tmp_path / "pre"), "--train", str(data / "train.tsv"), "--out",
-                     str(out), "--max-steps", "5", "--save-steps", "1",
-                     "--per-device-train-batch-size", "8", "--backend", "eager",
-                     "--device", "cpu", "--quiet"]) == 2
+    assert (
+        cli.main(
+            [
+                "finetune",
+                "--init",
+                str(tmp_path / "pre"),
+                "--train",
+                str(data / "train.tsv"),
+                "--out",
+                str(out),
+                "--max-steps",
+                "5",
+                "--save-steps",
+                "1",
+                "--per-device-train-batch-size",
+                "8",
+                "--backend",
+                "eager",
+                "--device",
+                "cpu",
+                "--quiet",
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err
     assert "the loss is nan at step 3: lower --learning-rate" in err
     assert len(err.strip().splitlines()) == 1
-    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["checkpoint-1", "checkpoint-2"]
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == [
+        "checkpoint-1",
+        "checkpoint-2",
+    ]
     assert not (out / "model.safetensors").exists()
 
 
@@ -940,23 +1519,51 @@ def test_deebert_resume_in_its_second_stage(tmp_path, data, capsys):
     write_pretrain_folder(tmp_path / "pre", tnf_notes=False)
 
     def argv(out, *extra):
-        return ["finetune", "--init", str(tmp_path / "pre"), "--train", str(data / "train.tsv"), "--eval",
-                str(data / "eval.tsv"), "--out", str(out), "--max-steps", "2", "--save-steps", "1",
-                "--per-device-train-batch-size", "8",
-                "--loss", "deebert", "--backend", "eager", "--device", "cpu", "--quiet", *extra]
+        return [
+            "finetune",
+            "--init",
+            str(tmp_path / "pre"),
+            "--train",
+            str(data / "train.tsv"),
+            "--eval",
+            str(data / "eval.tsv"),
+            "--out",
+            str(out),
+            "--max-steps",
+            "2",
+            "--save-steps",
+            "1",
+            "--per-device-train-batch-size",
+            "8",
+            "--loss",
+            "deebert",
+            "--backend",
+            "eager",
+            "--device",
+            "cpu",
+            "--quiet",
+            *extra,
+        ]
 
     assert cli.main(argv(tmp_path / "whole")) == 0
     assert cli.main(argv(tmp_path / "cut")) == 0
     cut = tmp_path / "cut"
-    shutil.rmtree(cut / "checkpoints" / "stage-2" / "checkpoint-2")  # stopped after stage 2's first step
+    shutil.rmtree(
+        cut / "checkpoints" / "stage-2" / "checkpoint-2"
+    )  # stopped after stage 2's first step
     os.remove(cut / "model.safetensors")
     capsys.readouterr()
     assert cli.main(argv(cut, "--resume")) == 0
     text = capsys.readouterr().out
     assert "stage 1 finished before the resume" in text and "resumed from" in text
-    want, got = load_file(tmp_path / "whole" / "model.safetensors"), load_file(cut / "model.safetensors")
+    want, got = (
+        load_file(tmp_path / "whole" / "model.safetensors"),
+        load_file(cut / "model.safetensors"),
+    )
     assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
-    losses = [json.loads((d / "report.json").read_text())["losses"] for d in (tmp_path / "whole", cut)]
+    losses = [
+        json.loads((d / "report.json").read_text())["losses"] for d in (tmp_path / "whole", cut)
+    ]
     assert len(losses[0]) == 4 and losses[0] == losses[1]
 
 
@@ -966,10 +1573,30 @@ def test_bf16_mixed_precision_on_the_cpu(tmp_path, data):
 
     write_pretrain_folder(tmp_path / "pre", tnf_notes=False)
     out = tmp_path / "run"
-    assert cli.main(["finetune", "--init", str(tmp_path / "pre"), "--train", str(data / "train.tsv"), "--out",
-                     str(out), "--max-steps", "2", "--per-device-train-batch-size", "8", "--bf16",
-                     "--backend", "eager", "--device", "cpu",
-                     "--quiet"]) == 0
+    assert (
+        cli.main(
+            [
+                "finetune",
+                "--init",
+                str(tmp_path / "pre"),
+                "--train",
+                str(data / "train.tsv"),
+                "--out",
+                str(out),
+                "--max-steps",
+                "2",
+                "--per-device-train-batch-size",
+                "8",
+                "--bf16",
+                "--backend",
+                "eager",
+                "--device",
+                "cpu",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     weights = load_file(out / "model.safetensors")
     assert all(w.dtype == torch.float32 and bool(torch.isfinite(w).all()) for w in weights.values())
     assert json.loads((out / "finetune.json").read_text())["complete"]
@@ -980,22 +1607,54 @@ def test_bf16_mixed_precision_on_the_cpu(tmp_path, data):
 # --weight_decay 0.0 and --warmup_steps 0 (the defaults its run script keeps).
 FINETUNE_RECIPES = {
     # castorini/DeeBERT scripts/train_highway.sh (bert): lr 2e-5, batch 8, 3 epochs (a stage), max_seq_length 128
-    "deebert": {"loss": "deebert", "criterion": "entropy", "learning_rate": 2e-5, "warmup_steps": 0,
-                "adam_beta1": 0.9, "adam_beta2": 0.999, "adam_epsilon": 1e-8, "weight_decay": 0.0,
-                "max_grad_norm": 1.0, "per_device_train_batch_size": 8, "num_train_epochs": 3.0,
-                "max_seq_length": 128},
+    "deebert": {
+        "loss": "deebert",
+        "criterion": "entropy",
+        "learning_rate": 2e-5,
+        "warmup_steps": 0,
+        "adam_beta1": 0.9,
+        "adam_beta2": 0.999,
+        "adam_epsilon": 1e-8,
+        "weight_decay": 0.0,
+        "max_grad_norm": 1.0,
+        "per_device_train_batch_size": 8,
+        "num_train_epochs": 3.0,
+        "max_seq_length": 128,
+    },
     # JetRunner/PABEE finetune_bert.sh: lr 2e-5, batch 32, 5 epochs, max_seq_length 128; one shared pooler; patience
-    "pabee": {"loss": "pabee", "shared_pooler": True, "criterion": "patience",
-              "learning_rate": 2e-5,
-              "warmup_steps": 0, "adam_beta1": 0.9, "adam_beta2": 0.999, "adam_epsilon": 1e-8,
-              "weight_decay": 0.0, "max_grad_norm": 1.0, "per_device_train_batch_size": 32,
-              "num_train_epochs": 5.0, "max_seq_length": 128},
+    "pabee": {
+        "loss": "pabee",
+        "shared_pooler": True,
+        "criterion": "patience",
+        "learning_rate": 2e-5,
+        "warmup_steps": 0,
+        "adam_beta1": 0.9,
+        "adam_beta2": 0.999,
+        "adam_epsilon": 1e-8,
+        "weight_decay": 0.0,
+        "max_grad_norm": 1.0,
+        "per_device_train_batch_size": 32,
+        "num_train_epochs": 5.0,
+        "max_seq_length": 128,
+    },
     # romebert/RomeBERT scripts/train_high.sh (bert): lr 2e-5, batch 8, 3 epochs, max_seq_length 128, gamma 0.9,
     # temper 3.0
-    "romebert": {"loss": "romebert", "gamma": 0.9, "temperature": 3.0, "criterion": "entropy",
-                 "learning_rate": 2e-5, "warmup_steps": 0, "adam_beta1": 0.9, "adam_beta2": 0.999,
-                 "adam_epsilon": 1e-8, "weight_decay": 0.0, "max_grad_norm": 1.0,
-                 "per_device_train_batch_size": 8, "num_train_epochs": 3.0, "max_seq_length": 128},
+    "romebert": {
+        "loss": "romebert",
+        "gamma": 0.9,
+        "temperature": 3.0,
+        "criterion": "entropy",
+        "learning_rate": 2e-5,
+        "warmup_steps": 0,
+        "adam_beta1": 0.9,
+        "adam_beta2": 0.999,
+        "adam_epsilon": 1e-8,
+        "weight_decay": 0.0,
+        "max_grad_norm": 1.0,
+        "per_device_train_batch_size": 8,
+        "num_train_epochs": 3.0,
+        "max_seq_length": 128,
+    },
 }
 
 
@@ -1010,14 +1669,17 @@ def test_each_recipe_sets_exactly_the_published_values(name):
     line = recipes.apply(a, "finetune", finetune.build_parser, argv)
     want = FINETUNE_RECIPES[name]
     assert {k: getattr(a, k) for k in want} == want
-    assert {k: v for k, v in vars(a).items() if k not in want and k != "recipe"} == \
-        {k: v for k, v in plain.items() if k not in want and k != "recipe"}  # nothing else
+    assert {k: v for k, v in vars(a).items() if k not in want and k != "recipe"} == {
+        k: v for k, v in plain.items() if k not in want and k != "recipe"
+    }  # nothing else
     assert line.startswith(f"recipe {name}, ") and "--learning-rate 2e-05" in line
     assert "--warmup-steps 0 " in line
 
 
 @needs_hf
-def test_a_recipe_under_the_users_flags_reaches_trainer(hf_dir, data, tmp_path, capsys, monkeypatch):
+def test_a_recipe_under_the_users_flags_reaches_trainer(
+    hf_dir, data, tmp_path, capsys, monkeypatch
+):
     """--recipe pabee with the user's --lr, --batch-size and --adam-beta2: theirs win, the recipe sets the rest,
     one line says which; Trainer and its AdamW get them; finetune.json records them."""
     from effbert.training import MultiExitTrainer
@@ -1031,24 +1693,40 @@ def test_a_recipe_under_the_users_flags_reaches_trainer(hf_dir, data, tmp_path, 
 
     monkeypatch.setattr(MultiExitTrainer, "__init__", record)
     out = tmp_path / "run"
-    assert cli.main(args(hf_dir, data, out, "--max-steps", "2", "--recipe", "pabee", "--adam-beta2",
-                         "0.98")) == 0
+    assert (
+        cli.main(
+            args(hf_dir, data, out, "--max-steps", "2", "--recipe", "pabee", "--adam-beta2", "0.98")
+        )
+        == 0
+    )
     text = capsys.readouterr().out
     assert [x for x in text.splitlines() if x.startswith("recipe ")] == [
         "recipe pabee, PABEE (Zhou et al., NeurIPS 2020): --loss pabee --shared-pooler --criterion patience "
         "--warmup-steps 0 --adam-beta1 0.9 --adam-epsilon 1e-08 --weight-decay 0 --max-grad-norm 1 "
         "--num-train-epochs 5 --max-seq-length 128; yours kept: --learning-rate 0.003 --adam-beta2 "
         "0.98 "
-        "--per-device-train-batch-size 16"]
+        "--per-device-train-batch-size 16"
+    ]
     t = seen[-1]
-    assert (t.args.learning_rate, t.args.adam_beta1, t.args.adam_beta2, t.args.adam_epsilon, t.args.weight_decay,
-            t.args.max_grad_norm, t.args.per_device_train_batch_size) == (3e-3, 0.9, 0.98, 1e-8, 0.0, 1.0, 16)
+    assert (
+        t.args.learning_rate,
+        t.args.adam_beta1,
+        t.args.adam_beta2,
+        t.args.adam_epsilon,
+        t.args.weight_decay,
+        t.args.max_grad_norm,
+        t.args.per_device_train_batch_size,
+    ) == (3e-3, 0.9, 0.98, 1e-8, 0.0, 1.0, 16)
     group = t.optimizer.param_groups[0]
     assert group["betas"] == (0.9, 0.98) and group["eps"] == 1e-8
     assert t.exit_loss["loss"] == "pabee"
     settings = json.loads((out / "finetune.json").read_text())
-    assert (settings["recipe"], settings["loss"], settings["shared_pooler"], settings["adam_beta2"]) == \
-        ("pabee", "pabee", True, 0.98)
+    assert (
+        settings["recipe"],
+        settings["loss"],
+        settings["shared_pooler"],
+        settings["adam_beta2"],
+    ) == ("pabee", "pabee", True, 0.98)
     assert "batched early exit" in text and "patience" in text
 
 
@@ -1056,14 +1734,20 @@ def test_a_recipe_under_the_users_flags_reaches_trainer(hf_dir, data, tmp_path, 
 # vocabulary and steps
 
 
-@pytest.mark.parametrize("old,new", [("--lr", "--learning-rate"), ("--steps", "--max-steps"),
-                                     ("--epochs", "--num-train-epochs"),
-                                     ("--grad-accum", "--gradient-accumulation-steps"),
-                                     ("--warmup", "--warmup-steps"), ("--save-every",
-                                                                      "--save-steps"),
-                                     ("--log-every", "--logging-steps"),
-                                     ("--eval-batch-size", "--per-device-eval-batch-size"),
-                                     ("--max-len", "--max-seq-length")])
+@pytest.mark.parametrize(
+    "old,new",
+    [
+        ("--lr", "--learning-rate"),
+        ("--steps", "--max-steps"),
+        ("--epochs", "--num-train-epochs"),
+        ("--grad-accum", "--gradient-accumulation-steps"),
+        ("--warmup", "--warmup-steps"),
+        ("--save-every", "--save-steps"),
+        ("--log-every", "--logging-steps"),
+        ("--eval-batch-size", "--per-device-eval-batch-size"),
+        ("--max-len", "--max-seq-length"),
+    ],
+)
 def test_old_spellings_are_refused_with_the_new_name(tmp_path, capsys, old, new):
     """Each old flag (also as --flag=value) is one line naming its new spelling, before anything
     runs."""
@@ -1071,16 +1755,17 @@ def test_old_spellings_are_refused_with_the_new_name(tmp_path, capsys, old, new)
         argv = ["finetune", "--hf", "b", "--train", "t.tsv", "--out", str(tmp_path / "o"), *spelled]
         assert cli.main(argv) == 2
         err = capsys.readouterr().err
-        assert err.strip() == f"effbert finetune: error: {old} is now {new}" or \
-            (err.startswith(f"effbert finetune: error: {old} is now {new}")
-             and len(err.splitlines()) == 1), err
+        assert err.strip() == f"effbert finetune: error: {old} is now {new}" or (
+            err.startswith(f"effbert finetune: error: {old} is now {new}")
+            and len(err.splitlines()) == 1
+        ), err
     assert not (tmp_path / "o").exists()
 
 
 def _checked(tmp_path, *extra):
-    s = finetune.build_parser().parse_args(["--hf", "b", "--train", "t.tsv", "--out",
-                                            str(tmp_path / "o"),
-                                            "--device", "cpu", *extra])
+    s = finetune.build_parser().parse_args(
+        ["--hf", "b", "--train", "t.tsv", "--out", str(tmp_path / "o"), "--device", "cpu", *extra]
+    )
     try:
         finetune.check(s)
     finally:
@@ -1095,16 +1780,16 @@ def test_global_batch_size_and_warmup_are_resolved_once(tmp_path):
     together."""
     s = _checked(tmp_path)
     assert (s.per_device_train_batch_size, s.warmup_ratio, s.warmup_steps) == (32, 0.1, None)
-    s = _checked(tmp_path, "--batch-size", "48", "--gradient-accumulation-steps", "3",
-                 "--warmup-steps", "7")
+    s = _checked(
+        tmp_path, "--batch-size", "48", "--gradient-accumulation-steps", "3", "--warmup-steps", "7"
+    )
     assert (s.per_device_train_batch_size, s.warmup_ratio, s.warmup_steps) == (16, None, 7)
-    for extra, message in ((["--batch-size", "10", "--gradient-accumulation-steps", "4"],
-                            "not a multiple"),
-                           (["--batch-size", "8", "--per-device-train-batch-size", "8"], "exclude "
-                                                                                         "each "
-                                                                                         "other"),
-                           (["--warmup-steps", "1", "--warmup-ratio", "0.1"], "exclude each other"),
-                           (["--warmup-ratio", "1"], "--warmup-ratio must be in [0, 1)")):
+    for extra, message in (
+        (["--batch-size", "10", "--gradient-accumulation-steps", "4"], "not a multiple"),
+        (["--batch-size", "8", "--per-device-train-batch-size", "8"], "exclude each other"),
+        (["--warmup-steps", "1", "--warmup-ratio", "0.1"], "exclude each other"),
+        (["--warmup-ratio", "1"], "--warmup-ratio must be in [0, 1)"),
+    ):
         with pytest.raises(cli.UsageError, match=re.escape(message)):
             _checked(tmp_path, *extra)
 
@@ -1120,8 +1805,9 @@ def test_help_has_a_line_for_every_option_and_each_default_once(capsys):
     text = capsys.readouterr().out
     assert "``" not in text and "--per-device-train-batch-size" in text and "--report-to" in text
     blocks = re.split(r"\n  (?=-)", text)
-    assert all(b.count("default") <= 1 for b in blocks), [b for b in blocks
-                                                          if b.count("default") > 1]
+    assert all(b.count("default") <= 1 for b in blocks), [
+        b for b in blocks if b.count("default") > 1
+    ]
     # --save-steps, --seed (0 and 1 are shown)
     assert "(default: 500)" in text and "(default: 0)" in text
 
@@ -1129,9 +1815,13 @@ def test_help_has_a_line_for_every_option_and_each_default_once(capsys):
 def _settings(tmp_path, data, **kw):
     import types
 
-    base = dict(train=str(data / "train.tsv"), eval=str(data / "eval.tsv"), out=str(tmp_path / "o"),
-                resume=False,
-                regression=False)
+    base = dict(
+        train=str(data / "train.tsv"),
+        eval=str(data / "eval.tsv"),
+        out=str(tmp_path / "o"),
+        resume=False,
+        regression=False,
+    )
     return types.SimpleNamespace(**{**base, **kw})
 
 
@@ -1146,8 +1836,9 @@ def test_read_examples_step(tmp_path, data):
     e_names, _ = tsv.read_tsv(str(data / "eval.tsv"))
     assert ex.eval_targets.tolist() == [ex.labels.index(n) for n in e_names]
     (tmp_path / "u.tsv").write_text("music\tthe song\n")
-    with pytest.raises(cli.UsageError,
-                       match="--eval: labels \\['music'\\] do not occur in --train"):
+    with pytest.raises(
+        cli.UsageError, match="--eval: labels \\['music'\\] do not occur in --train"
+    ):
         finetune_run.read_examples(_settings(tmp_path, data, eval=str(tmp_path / "u.tsv")))
     (tmp_path / "bin.tsv").write_bytes(b"a\tx\0y\n")
     with pytest.raises(cli.UsageError, match="--train: .* is binary, not text"):
@@ -1157,13 +1848,31 @@ def test_read_examples_step(tmp_path, data):
 def test_training_args_step(tmp_path, data):
     """training.finetune.training_args on its own: the settled flags reach TrainingArguments by
     Trainer's names."""
-    s = _checked(tmp_path, "--batch-size", "24", "--gradient-accumulation-steps", "2",
-                 "--warmup-steps", "5",
-                 "--save-steps", "0", "--learning-rate", "1e-4", "--max-steps", "9")
+    s = _checked(
+        tmp_path,
+        "--batch-size",
+        "24",
+        "--gradient-accumulation-steps",
+        "2",
+        "--warmup-steps",
+        "5",
+        "--save-steps",
+        "0",
+        "--learning-rate",
+        "1e-4",
+        "--max-steps",
+        "9",
+    )
     t = finetune_run.training_args(s, str(tmp_path / "ck"), torch.device("cpu"), 1)
-    assert (t.per_device_train_batch_size, t.gradient_accumulation_steps, t.warmup_steps,
-            t.learning_rate,
-            t.max_steps, t.save_strategy, t.report_to) == (12, 2, 5, 1e-4, 9, "no", [])
+    assert (
+        t.per_device_train_batch_size,
+        t.gradient_accumulation_steps,
+        t.warmup_steps,
+        t.learning_rate,
+        t.max_steps,
+        t.save_strategy,
+        t.report_to,
+    ) == (12, 2, 5, 1e-4, 9, "no", [])
     s = _checked(tmp_path)
     t = finetune_run.training_args(s, str(tmp_path / "ck"), torch.device("cpu"), 2)
     assert (t.save_steps, t.save_total_limit, t.seed) == (500, 2, 1)

@@ -24,8 +24,14 @@ def hf_dir(tmp_path_factory):
 
     torch.manual_seed(0)
     folder = tmp_path_factory.mktemp("tiny-bert")
-    cfg = BertConfig(vocab_size=len(vocab()), hidden_size=32, num_hidden_layers=2,
-                     num_attention_heads=2, intermediate_size=48, max_position_embeddings=32)
+    cfg = BertConfig(
+        vocab_size=len(vocab()),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=48,
+        max_position_embeddings=32,
+    )
     BertModel(cfg).save_pretrained(folder)
     (folder / "vocab.txt").write_text("".join(v + "\n" for v in vocab()), encoding="utf-8")
     return folder
@@ -40,10 +46,31 @@ def data(tmp_path_factory):
 
 
 def argv(hf_dir, data, out, *extra):
-    return ["finetune", "--hf", str(hf_dir), "--train", str(data / "train.tsv"), "--eval",
-            str(data / "eval.tsv"), "--out", str(out), "--per-device-train-batch-size", "8",
-            "--learning-rate", "3e-3", "--logging-steps", "2", "--backend", "eager", "--device",
-            "cpu", "--per-device-eval-batch-size", "16", "--quiet", *extra]
+    return [
+        "finetune",
+        "--hf",
+        str(hf_dir),
+        "--train",
+        str(data / "train.tsv"),
+        "--eval",
+        str(data / "eval.tsv"),
+        "--out",
+        str(out),
+        "--per-device-train-batch-size",
+        "8",
+        "--learning-rate",
+        "3e-3",
+        "--logging-steps",
+        "2",
+        "--backend",
+        "eager",
+        "--device",
+        "cpu",
+        "--per-device-eval-batch-size",
+        "16",
+        "--quiet",
+        *extra,
+    ]
 
 
 def report_of(out):
@@ -62,8 +89,10 @@ def test_fgm_changes_the_training_is_recorded_and_resumes(hf_dir, data, tmp_path
     assert cli.main(argv(hf_dir, data, tmp_path / "plain", *steps)) == 0
     assert "adversarial" not in capsys.readouterr().out
     assert cli.main(argv(hf_dir, data, tmp_path / "fgm", *steps, "--adversarial", "fgm")) == 0
-    assert "loss romebert (gamma 0.9, temperature 3.0), adversarial fgm (epsilon 1.0)" in \
-        capsys.readouterr().out
+    assert (
+        "loss romebert (gamma 0.9, temperature 3.0), adversarial fgm (epsilon 1.0)"
+        in capsys.readouterr().out
+    )
     plain, fgm = report_of(tmp_path / "plain")["losses"], report_of(tmp_path / "fgm")["losses"]
     assert len(plain) == len(fgm) == 6 and plain[0] == fgm[0]
     assert all(a != b for a, b in zip(plain[1:], fgm[1:])), (plain, fgm)
@@ -81,17 +110,27 @@ def test_fgm_changes_the_training_is_recorded_and_resumes(hf_dir, data, tmp_path
     capsys.readouterr()
     assert cli.main(argv(hf_dir, data, cut, *steps, "--adversarial", "fgm", "--resume")) == 0
     assert "resumed from" in capsys.readouterr().out
-    want, got = load_file(tmp_path / "fgm" / "model.safetensors"), load_file(cut /
-                                                                             "model.safetensors")
+    want, got = (
+        load_file(tmp_path / "fgm" / "model.safetensors"),
+        load_file(cut / "model.safetensors"),
+    )
     assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
     assert report_of(cut)["losses"] == fgm
 
 
-@pytest.mark.parametrize("extra,said", [
-    (["--adversarial", "pgd", "--adv-steps", "2", "--adv-alpha", "0.5"],
-     "adversarial pgd (epsilon 1.0, alpha 0.5, 2 steps)"),
-    (["--adversarial", "freelb", "--adv-norm-type", "linf", "--adv-no-clean"],
-     "adversarial freelb (3 steps, adv-lr 0.1, init 1.0, max norm 0.6 (linf), no clean pass)")])
+@pytest.mark.parametrize(
+    "extra,said",
+    [
+        (
+            ["--adversarial", "pgd", "--adv-steps", "2", "--adv-alpha", "0.5"],
+            "adversarial pgd (epsilon 1.0, alpha 0.5, 2 steps)",
+        ),
+        (
+            ["--adversarial", "freelb", "--adv-norm-type", "linf", "--adv-no-clean"],
+            "adversarial freelb (3 steps, adv-lr 0.1, init 1.0, max norm 0.6 (linf), no clean pass)",
+        ),
+    ],
+)
 def test_pgd_and_freelb_from_the_command_line(hf_dir, data, tmp_path, capsys, extra, said):
     out = tmp_path / "run"
     assert cli.main(argv(hf_dir, data, out, "--max-steps", "2", *extra)) == 0
@@ -104,8 +143,9 @@ def test_pgd_and_freelb_from_the_command_line(hf_dir, data, tmp_path, capsys, ex
         assert (config["steps"], config["alpha"]) == (2, 0.5)
 
 
-def test_deebert_trains_adversarially_in_its_first_stage_only(hf_dir, data, tmp_path, capsys,
-                                                              monkeypatch):
+def test_deebert_trains_adversarially_in_its_first_stage_only(
+    hf_dir, data, tmp_path, capsys, monkeypatch
+):
     """--loss deebert --adversarial fgm: the stage-1 Trainer holds the config, the stage-2 one none,
     and the log says so."""
     from effbert.training import finetune as finetune_run
@@ -119,8 +159,22 @@ def test_deebert_trains_adversarially_in_its_first_stage_only(hf_dir, data, tmp_
         return trainer, kept
 
     monkeypatch.setattr(finetune_run, "make_trainer", spy)
-    assert cli.main(argv(hf_dir, data, tmp_path / "run", "--max-steps", "2", "--loss", "deebert",
-                         "--adversarial", "fgm")) == 0
+    assert (
+        cli.main(
+            argv(
+                hf_dir,
+                data,
+                tmp_path / "run",
+                "--max-steps",
+                "2",
+                "--loss",
+                "deebert",
+                "--adversarial",
+                "fgm",
+            )
+        )
+        == 0
+    )
     text = capsys.readouterr().out
     assert [None if c is None else c.method for c in held] == ["fgm", None]
     assert "adversarial fgm (epsilon 1.0) in DeeBERT's stage 1 only" in text
@@ -133,12 +187,29 @@ def test_the_ensemble_row_is_the_mean_softmax_of_the_members(hf_dir, data, tmp_p
     from effbert.data import tsv
 
     for seed in ("1", "2"):  # members that disagree with each other and with the run
-        assert cli.main(argv(hf_dir, data, tmp_path / f"m{seed}", "--max-steps", "24", "--seed",
-                             seed)) == 0
+        assert (
+            cli.main(argv(hf_dir, data, tmp_path / f"m{seed}", "--max-steps", "24", "--seed", seed))
+            == 0
+        )
     out = tmp_path / "run"
     capsys.readouterr()
-    assert cli.main(argv(hf_dir, data, out, "--max-steps", "12", "--seed", "3", "--ensemble",
-                         str(tmp_path / "m1"), str(tmp_path / "m2"))) == 0
+    assert (
+        cli.main(
+            argv(
+                hf_dir,
+                data,
+                out,
+                "--max-steps",
+                "12",
+                "--seed",
+                "3",
+                "--ensemble",
+                str(tmp_path / "m1"),
+                str(tmp_path / "m2"),
+            )
+        )
+        == 0
+    )
     text = capsys.readouterr().out
     row = report_of(out)["ensemble"]
     names, texts = tsv.read_tsv(str(data / "eval.tsv"))
@@ -170,29 +241,53 @@ def test_the_ensemble_row_is_the_mean_softmax_of_the_members(hf_dir, data, tmp_p
     shutil.copytree(tmp_path / "m1", longer)
     record = json.loads((longer / "finetune.json").read_text())
     (longer / "finetune.json").write_text(json.dumps(dict(record, max_len=16)))
-    for member, what in ((other, "labels"), (longer, "max_len"),
-                         (tmp_path / "nothing", "is not a folder"),
-                         (data, "holds no finetune.json")):
+    for member, what in (
+        (other, "labels"),
+        (longer, "max_len"),
+        (tmp_path / "nothing", "is not a folder"),
+        (data, "holds no finetune.json"),
+    ):
         capsys.readouterr()
-        assert cli.main(argv(hf_dir, data, tmp_path / "bad", "--max-steps", "1", "--ensemble",
-                             str(tmp_path / "m1"), str(member))) == 2
+        assert (
+            cli.main(
+                argv(
+                    hf_dir,
+                    data,
+                    tmp_path / "bad",
+                    "--max-steps",
+                    "1",
+                    "--ensemble",
+                    str(tmp_path / "m1"),
+                    str(member),
+                )
+            )
+            == 2
+        )
         err = capsys.readouterr().err.strip()
         assert err.startswith("effbert finetune: error: --ensemble: ") and what in err, err
         assert len(err.splitlines()) == 1
         assert not (tmp_path / "bad").exists() or not any((tmp_path / "bad").iterdir())
 
 
-@pytest.mark.parametrize("extra,message", [
-    (["--adversarial", "fgm", "--grad-reg"], "--adversarial does not combine with --grad-reg"),
-    (["--adversarial", "gan"], "invalid choice"),
-    (["--adv-alpha", "0.5"], "--adv-alpha goes with --adversarial pgd"),
-    (["--adversarial", "fgm", "--adv-lr", "0.2"],
-     "--adv-lr applies to --adversarial freelb, not fgm"),
-    (["--adversarial", "pgd", "--adv-no-clean"], "--adv-no-clean applies to --adversarial freelb"),
-    (["--adversarial", "fgm", "--adv-epsilon", "0"], "--adv-epsilon must be > 0, got 0.0"),
-    (["--adversarial", "freelb", "--adv-steps", "0"], "--adv-steps must be >= 1, got 0"),
-    (["--adversarial", "freelb", "--adv-max-norm", "-1"], "--adv-max-norm must be >= 0"),
-])
+@pytest.mark.parametrize(
+    "extra,message",
+    [
+        (["--adversarial", "fgm", "--grad-reg"], "--adversarial does not combine with --grad-reg"),
+        (["--adversarial", "gan"], "invalid choice"),
+        (["--adv-alpha", "0.5"], "--adv-alpha goes with --adversarial pgd"),
+        (
+            ["--adversarial", "fgm", "--adv-lr", "0.2"],
+            "--adv-lr applies to --adversarial freelb, not fgm",
+        ),
+        (
+            ["--adversarial", "pgd", "--adv-no-clean"],
+            "--adv-no-clean applies to --adversarial freelb",
+        ),
+        (["--adversarial", "fgm", "--adv-epsilon", "0"], "--adv-epsilon must be > 0, got 0.0"),
+        (["--adversarial", "freelb", "--adv-steps", "0"], "--adv-steps must be >= 1, got 0"),
+        (["--adversarial", "freelb", "--adv-max-norm", "-1"], "--adv-max-norm must be >= 0"),
+    ],
+)
 def test_bad_adversarial_flags_are_one_line(hf_dir, data, tmp_path, capsys, extra, message):
     out = tmp_path / "run"
     assert cli.main(argv(hf_dir, data, out, "--max-steps", "1", *extra)) == 2
@@ -206,7 +301,7 @@ def test_bad_adversarial_flags_are_one_line(hf_dir, data, tmp_path, capsys, extr
 def test_ensemble_needs_eval(hf_dir, data, tmp_path, capsys):
     args = argv(hf_dir, data, tmp_path / "run", "--max-steps", "1", "--ensemble", str(data))
     i = args.index("--eval")
-    del args[i:i + 2]
+    del args[i : i + 2]
     assert cli.main(args) == 2
     assert "--ensemble goes with --eval" in capsys.readouterr().err
 
@@ -228,11 +323,24 @@ def test_a_regression_ensemble_row_is_the_mse_of_the_mean_output(hf_dir, tmp_pat
                 f.write(f"{k / 2}\t{' '.join(['ball'] * k)}\n")
     regression = ["--regression", "--criterion", "patience", "--max-steps", "4"]
     for seed in ("1", "2"):
-        assert cli.main(argv(hf_dir, folder, tmp_path / f"m{seed}", *regression, "--seed",
-                             seed)) == 0
+        assert (
+            cli.main(argv(hf_dir, folder, tmp_path / f"m{seed}", *regression, "--seed", seed)) == 0
+        )
     out = tmp_path / "run"
-    assert cli.main(argv(hf_dir, folder, out, *regression, "--ensemble", str(tmp_path / "m1"),
-                         str(tmp_path / "m2"))) == 0
+    assert (
+        cli.main(
+            argv(
+                hf_dir,
+                folder,
+                out,
+                *regression,
+                "--ensemble",
+                str(tmp_path / "m1"),
+                str(tmp_path / "m2"),
+            )
+        )
+        == 0
+    )
     names, texts = tsv.read_tsv(str(folder / "eval.tsv"))
     y = torch.tensor([float(n) for n in names], dtype=torch.float64)
     outputs = []
@@ -252,6 +360,8 @@ def test_a_regression_ensemble_row_is_the_mse_of_the_mean_output(hf_dir, tmp_pat
     shutil.copytree(tmp_path / "m1", classify)
     record = json.loads((classify / "finetune.json").read_text())
     (classify / "finetune.json").write_text(json.dumps(dict(record, regression=False)))
-    assert cli.main(argv(hf_dir, folder, tmp_path / "bad", *regression, "--ensemble",
-                         str(classify))) == 2
+    assert (
+        cli.main(argv(hf_dir, folder, tmp_path / "bad", *regression, "--ensemble", str(classify)))
+        == 2
+    )
     assert "head (regression or not)" in capsys.readouterr().err

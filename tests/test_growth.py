@@ -14,12 +14,21 @@ MODES = ("absolute", "tupe-a", "tupe-r")
 
 
 def tiny(mode="tupe-r", **overrides):
-    values = dict(vocab_size=41, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
-                  intermediate_size=12,
-                  max_position_embeddings=24, type_vocab_size=2, hidden_dropout_prob=0.0,
-                  attention_probs_dropout_prob=0.0, position_mode=mode, num_buckets=8,
-                  max_distance=12,
-                  backend="eager")
+    values = dict(
+        vocab_size=41,
+        hidden_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=12,
+        max_position_embeddings=24,
+        type_vocab_size=2,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+        position_mode=mode,
+        num_buckets=8,
+        max_distance=12,
+        backend="eager",
+    )
     values.update(overrides)
     torch.manual_seed(0)
     model = TupeBertForMaskedLM(TupeBertConfig(**values)).double().eval()
@@ -35,8 +44,11 @@ def batch(b=3, n=13, vocab=41, seed=1):
     ids = torch.randint(5, vocab, (b, n), generator=g)
     lengths = torch.tensor([n, n - 4, n - 7][:b])
     mask = torch.arange(n)[None] < lengths[:, None]
-    labels = torch.where((torch.rand(b, n, generator=g) < 0.3) & mask & (torch.arange(n) > 0),
-                         torch.randint(5, vocab, (b, n), generator=g), torch.full((b, n), -100))
+    labels = torch.where(
+        (torch.rand(b, n, generator=g) < 0.3) & mask & (torch.arange(n) > 0),
+        torch.randint(5, vocab, (b, n), generator=g),
+        torch.full((b, n), -100),
+    )
     labels[:, 2] = torch.where(mask[:, 2], 7, -100)  # at least one target in every row
     return ids, mask.long(), labels
 
@@ -81,13 +93,15 @@ def test_depth_stacking_copies_layer_i_mod_small(mode, tmp_path):
             assert torch.equal(big[name], p), name
     for name, rule in mapping.items():  # every rule rebuilds its parameter from the small model
         assert torch.equal(rule.apply(old[rule.source]), big[name]), name
-    assert len(set(map(id,
-                       model.parameters()))) == len(list(model.parameters()))  # no shared copies
+    assert len(set(map(id, model.parameters()))) == len(
+        list(model.parameters())
+    )  # no shared copies
     model.save_pretrained(tmp_path)
     loaded = TupeBertForMaskedLM.from_pretrained(tmp_path).double().eval()
     ids, mask, labels = batch()
-    torch.testing.assert_close(loaded(ids, mask).logits, model(ids, mask).logits, rtol=1e-12,
-                               atol=1e-15)
+    torch.testing.assert_close(
+        loaded(ids, mask).logits, model(ids, mask).logits, rtol=1e-12, atol=1e-15
+    )
 
 
 def test_operators_check_their_arguments():
@@ -105,6 +119,7 @@ def test_operators_check_their_arguments():
 
 # ------------------------------------------------------------------------------- the pooled stage
 
+
 def _layer_ref(layer, hq, hkv, pb):
     """One post-LN layer, query by query, head by head (float64)."""
     att = layer.attention
@@ -117,9 +132,12 @@ def _layer_ref(layer, hq, hkv, pb):
     for h in range(heads):
         sl = slice(h * d, (h + 1) * d)
         for i in range(hq.shape[0]):
-            logits = torch.stack([q[i, sl] @ k[j, sl] * scale + (pb[h, i, j] if pb is not None
-                                                                 else 0)
-                                  for j in range(hkv.shape[0])])
+            logits = torch.stack(
+                [
+                    q[i, sl] @ k[j, sl] * scale + (pb[h, i, j] if pb is not None else 0)
+                    for j in range(hkv.shape[0])
+                ]
+            )
             ctx[i, sl] = torch.softmax(logits, 0) @ v[:, sl]
     x = layer.attention_norm(hq + att.out(ctx))
     return layer.output_norm(x + layer.output(layer.act(layer.intermediate(x))))
@@ -137,8 +155,10 @@ def _pooled_reference(model, ids, mask, labels, k):
     for r in range(b):
         real = [i for i in range(n) if mask[r, i]]
         targets = [i for i in range(n) if mask[r, i] and labels[r, i] != -100]
-        groups = [[i for i in range(1 + g * k, min(1 + (g + 1) * k, n)) if mask[r, i]]
-                  for g in range(-(-(n - 1) // k))]
+        groups = [
+            [i for i in range(1 + g * k, min(1 + (g + 1) * k, n)) if mask[r, i]]
+            for g in range(-(-(n - 1) // k))
+        ]
         qsets = [[0]] + [grp for grp in groups if grp] + [[t] for t in targets]
         ksets = [[i] for i in real] + [[t] for t in targets]
 
@@ -148,15 +168,17 @@ def _pooled_reference(model, ids, mask, labels, k):
         def pb(qs, ks):
             if pos is None:
                 return None
-            return torch.stack([torch.stack([pos[:, a][:, :, b_].mean((1, 2)) for b_ in ks], -1)
-                                for a in qs], 1)
+            return torch.stack(
+                [torch.stack([pos[:, a][:, :, b_].mean((1, 2)) for b_ in ks], -1) for a in qs], 1
+            )
 
         hidden = _layer_ref(bert.encoder.layers[0], vec(qsets), vec(ksets), pb(qsets, ksets))
         bias = pb(qsets, qsets)
         for layer in bert.encoder.layers[1:]:
             hidden = _layer_ref(layer, hidden, hidden, bias)
-        logits = model.mlm_head(hidden[len(hidden) - len(targets):],
-                                bert.embeddings.word_embeddings.weight)
+        logits = model.mlm_head(
+            hidden[len(hidden) - len(targets) :], bert.embeddings.word_embeddings.weight
+        )
         total = total + F.cross_entropy(logits, labels[r, targets], reduction="sum")
         count += len(targets)
     return total / count
@@ -170,12 +192,14 @@ def test_pooled_forward_matches_grow_bert_per_row(mode, k):
     ref = _pooled_reference(model, ids, mask, labels, k)
     out = growth.pooled_mlm_forward(model, ids, mask, labels=labels, pool_size=k)
     torch.testing.assert_close(out.loss, ref, rtol=1e-10, atol=1e-12)
-    growth.set_input_pooling(model,
-                             k)  # the model's forward is the pooled one (k > 1) or its own (k = 1)
+    growth.set_input_pooling(
+        model, k
+    )  # the model's forward is the pooled one (k > 1) or its own (k = 1)
     assert growth.input_pooling(model) == k
     if k > 1:
-        torch.testing.assert_close(model(ids, mask, labels=labels).loss, ref, rtol=1e-10,
-                                   atol=1e-12)
+        torch.testing.assert_close(
+            model(ids, mask, labels=labels).loss, ref, rtol=1e-10, atol=1e-12
+        )
     else:
         assert "forward" not in vars(model)
 
@@ -230,6 +254,7 @@ def test_pooled_forward_needs_labels_and_one_text_per_row():
 
 # --------------------------------------------------------------------------------- Adam's state
 
+
 def _grads(model, ids, mask, labels):
     model.zero_grad()
     model(ids, mask, labels=labels).loss.backward()
@@ -245,8 +270,9 @@ def test_ffn_gradients_follow_the_operator():
     mapping = growth.grow_ffn(model, 36)
     big = _grads(model, ids, mask, labels)
     for name, rule in mapping.items():
-        torch.testing.assert_close(big[name], rule.apply(small[rule.source], "exp_avg"), rtol=1e-9,
-                                   atol=1e-13)
+        torch.testing.assert_close(
+            big[name], rule.apply(small[rule.source], "exp_avg"), rtol=1e-9, atol=1e-13
+        )
 
 
 def test_grown_adam_state_equals_a_real_adamw_step_on_the_grown_model():
@@ -264,8 +290,9 @@ def test_grown_adam_state_equals_a_real_adamw_step_on_the_grown_model():
     opt_big.step()
     for name, p in grown.named_parameters():
         for key in ("exp_avg", "exp_avg_sq", "step"):
-            torch.testing.assert_close(state[p][key], opt_big.state[p][key], rtol=1e-9, atol=1e-15,
-                                       msg=f"{name} {key}")
+            torch.testing.assert_close(
+                state[p][key], opt_big.state[p][key], rtol=1e-9, atol=1e-15, msg=f"{name} {key}"
+            )
 
 
 def test_counts():

@@ -10,9 +10,13 @@ from transformers import TrainingArguments
 from effbert.models import TupeBertConfig, TupeBertForMaskedLM
 from effbert.models import growth as ops
 from effbert.training import PretrainingTrainer
-from effbert.training.growth import (GrowthCallback, GrowthSchedule, mark_growth,
-                                     prepare_for_resume,
-                                     read_growth_log)
+from effbert.training.growth import (
+    GrowthCallback,
+    GrowthSchedule,
+    mark_growth,
+    prepare_for_resume,
+    read_growth_log,
+)
 
 SPEC = "pool=2->1@3,layers=2->4@5,ffn=12->24@5"
 
@@ -33,12 +37,19 @@ def test_spec_parses_into_stages():
         s.initial_config(TupeBertConfig(num_hidden_layers=6, intermediate_size=24))
 
 
-@pytest.mark.parametrize("spec, match", [
-    ("layers=2-4@5", "DIM=FROM->TO@STEP"), ("depth=2->4@5", "DIM must be one of"),
-    ("ffn=12->30@5", "multiple"), ("layers=4->2@5", "must grow"), ("pool=2->2@5", "pool grows"),
-    ("layers=2->4@5,layers=3->6@9", "previous growth ends at 4"), ("layers=2->4@0",
-                                                                   "step must be >= 1"),
-    ("layers=2->4@5,layers=4->6@5", "already grows")])
+@pytest.mark.parametrize(
+    "spec, match",
+    [
+        ("layers=2-4@5", "DIM=FROM->TO@STEP"),
+        ("depth=2->4@5", "DIM must be one of"),
+        ("ffn=12->30@5", "multiple"),
+        ("layers=4->2@5", "must grow"),
+        ("pool=2->2@5", "pool grows"),
+        ("layers=2->4@5,layers=3->6@9", "previous growth ends at 4"),
+        ("layers=2->4@0", "step must be >= 1"),
+        ("layers=2->4@5,layers=4->6@5", "already grows"),
+    ],
+)
 def test_bad_specs_are_refused(spec, match):
     with pytest.raises(ValueError, match=match):
         GrowthSchedule.parse(spec)
@@ -56,16 +67,29 @@ class Rows(torch.utils.data.Dataset):
         return len(self.ids)
 
     def __getitem__(self, i):
-        return {"input_ids": self.inputs[i], "attention_mask": torch.ones_like(self.ids[i]),
-                "labels": self.labels[i]}
+        return {
+            "input_ids": self.inputs[i],
+            "attention_mask": torch.ones_like(self.ids[i]),
+            "labels": self.labels[i],
+        }
 
 
 def final_config():
-    return TupeBertConfig(vocab_size=41, hidden_size=16, num_hidden_layers=4, num_attention_heads=2,
-                          intermediate_size=24, max_position_embeddings=16, type_vocab_size=0,
-                          hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
-                          position_mode="tupe-r",
-                          num_buckets=8, max_distance=12, backend="eager")
+    return TupeBertConfig(
+        vocab_size=41,
+        hidden_size=16,
+        num_hidden_layers=4,
+        num_attention_heads=2,
+        intermediate_size=24,
+        max_position_embeddings=16,
+        type_vocab_size=0,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+        position_mode="tupe-r",
+        num_buckets=8,
+        max_distance=12,
+        backend="eager",
+    )
 
 
 def small_model(schedule):
@@ -74,11 +98,21 @@ def small_model(schedule):
 
 
 def make_trainer(model, out, callback, steps=8):
-    args = TrainingArguments(output_dir=str(out), max_steps=steps, per_device_train_batch_size=4,
-                             learning_rate=1e-3, warmup_steps=2, save_steps=2,
-                             save_total_limit=None,
-                             logging_steps=1, report_to=[], seed=0, use_cpu=True, disable_tqdm=True,
-                             dataloader_num_workers=0)
+    args = TrainingArguments(
+        output_dir=str(out),
+        max_steps=steps,
+        per_device_train_batch_size=4,
+        learning_rate=1e-3,
+        warmup_steps=2,
+        save_steps=2,
+        save_total_limit=None,
+        logging_steps=1,
+        report_to=[],
+        seed=0,
+        use_cpu=True,
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+    )
     return PretrainingTrainer(model=model, args=args, train_dataset=Rows(), callbacks=[callback])
 
 
@@ -99,16 +133,20 @@ def test_trainer_grows_mid_run_and_resumes_across_the_growth(tmp_path, optimizer
     assert [e["step"] for e in callback.events] == [3, 5]
     assert callback.events[1]["params_after"] > callback.events[1]["params_before"]
     assert [e["step"] for e in read_growth_log(tmp_path / "a")] == [3, 5]
-    opt = trainer.optimizer.optimizer if hasattr(trainer.optimizer,
-                                                 "optimizer") else trainer.optimizer
+    opt = (
+        trainer.optimizer.optimizer
+        if hasattr(trainer.optimizer, "optimizer")
+        else trainer.optimizer
+    )
     in_opt = [id(p) for g in opt.param_groups for p in g["params"]]
     assert sorted(in_opt) == sorted(id(p) for p in model.parameters())
     decay = set(trainer.get_decay_parameter_names(model))
     names = {id(p): n for n, p in model.named_parameters()}
     assert all(names[id(p)] in decay for p in opt.param_groups[0]["params"])
     steps = {int(v["step"]) for v in opt.state.values()}
-    assert steps == ({3} if optimizer_state == "fresh"
-                     else {8})  # fresh: restarted at step 5; grow: kept
+    assert steps == (
+        {3} if optimizer_state == "fresh" else {8}
+    )  # fresh: restarted at step 5; grow: kept
     final = _params(model)
     # after the pooling was dropped and before the depth growth; after both growths
     for ckpt in (4, 6):

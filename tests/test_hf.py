@@ -17,7 +17,6 @@ from effbert.models import TupeBertForMaskedLM, TupeBertForSequenceClassificatio
 from helpers import FP32_RTOL, assert_close
 
 
-
 def installed(name):
     try:
         return importlib.util.find_spec(name) is not None
@@ -26,8 +25,9 @@ def installed(name):
 
 
 HAVE_HF = installed("transformers")
-needs_hf = pytest.mark.skipif(not HAVE_HF,
-                              reason="transformers is not installed (pip install transformers)")
+needs_hf = pytest.mark.skipif(
+    not HAVE_HF, reason="transformers is not installed (pip install transformers)"
+)
 ON_GPU = torch.cuda.is_available()
 DEVICE = "cuda" if ON_GPU else "cpu"
 GRAD_RTOL = FP32_RTOL * 4
@@ -37,9 +37,18 @@ BACKENDS = ["eager", "triton"]
 def hf_config(impl="eager", **overrides):
     from transformers import BertConfig
 
-    values = dict(vocab_size=61, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=37,
-                  max_position_embeddings=24, type_vocab_size=2, num_labels=3, hidden_dropout_prob=0.0,
-                  attention_probs_dropout_prob=0.0)
+    values = dict(
+        vocab_size=61,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=37,
+        max_position_embeddings=24,
+        type_vocab_size=2,
+        num_labels=3,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
     values.update(overrides)
     cfg = BertConfig(**values)
     cfg._attn_implementation = impl
@@ -69,8 +78,11 @@ def test_from_hf_bert_matches_transformers(head, backend, seeded):
 
     hf_model = getattr(transformers, head)(hf_config()).to(DEVICE).eval()
     model = hf.from_hf_bert(hf_model, backend=backend)
-    want = {"BertModel": TupeBertModel, "BertForSequenceClassification": TupeBertForSequenceClassification,
-            "BertForMaskedLM": TupeBertForMaskedLM}[head]
+    want = {
+        "BertModel": TupeBertModel,
+        "BertForSequenceClassification": TupeBertForSequenceClassification,
+        "BertForMaskedLM": TupeBertForMaskedLM,
+    }[head]
     assert type(model) is want and model.config.position_mode == "absolute" and not model.training
     ref_model = reference64(hf_model)
     for left in (False, True):
@@ -79,11 +91,17 @@ def test_from_hf_bert_matches_transformers(head, backend, seeded):
         # positions count from each row's first real token (transformers counts from slot 0 unless given them)
         positions = (mask.cumsum(1) - 1).clamp_min(0)
         with torch.no_grad():
-            ref = ref_model(input_ids=ids, attention_mask=mask, token_type_ids=types, position_ids=positions)
+            ref = ref_model(
+                input_ids=ids, attention_mask=mask, token_type_ids=types, position_ids=positions
+            )
             out = model(ids, mask, types)
         if head == "BertModel":
-            assert_close(out.last_hidden_state[real], ref.last_hidden_state[real], what="last hidden state")
-            assert_close(out.pooler_output[real[:, 0]], ref.pooler_output[real[:, 0]], what="pooler")
+            assert_close(
+                out.last_hidden_state[real], ref.last_hidden_state[real], what="last hidden state"
+            )
+            assert_close(
+                out.pooler_output[real[:, 0]], ref.pooler_output[real[:, 0]], what="pooler"
+            )
         elif head == "BertForMaskedLM":
             assert_close(out.logits[real], ref.logits[real], what="MLM logits")
         else:
@@ -102,21 +120,29 @@ def test_from_hf_bert_gradients_match_transformers(seeded):
     ref_model = reference64(hf_model)
     ids, types, mask = padded_batch(61)
     cotangent = torch.randn(3, 3, device=DEVICE)
-    (ref_model(input_ids=ids, attention_mask=mask, token_type_ids=types).logits * cotangent).sum().backward()
+    (
+        ref_model(input_ids=ids, attention_mask=mask, token_type_ids=types).logits * cotangent
+    ).sum().backward()
     (model(ids, mask, types).logits * cotangent).sum().backward()
     ref_grads = dict(ref_model.named_parameters())
     layer0 = "bert.encoder.layer.0."
-    pairs = {"bert.encoder.layers.0.attention.out.weight": layer0 + "attention.output.dense.weight",
-             "bert.encoder.layers.0.output_norm.weight": layer0 + "output.LayerNorm.weight",
-             "bert.embeddings.word_embeddings.weight": "bert.embeddings.word_embeddings.weight",
-             "bert.embeddings.position_embeddings.weight": "bert.embeddings.position_embeddings.weight",
-             "classifier.weight": "classifier.weight"}
+    pairs = {
+        "bert.encoder.layers.0.attention.out.weight": layer0 + "attention.output.dense.weight",
+        "bert.encoder.layers.0.output_norm.weight": layer0 + "output.LayerNorm.weight",
+        "bert.embeddings.word_embeddings.weight": "bert.embeddings.word_embeddings.weight",
+        "bert.embeddings.position_embeddings.weight": "bert.embeddings.position_embeddings.weight",
+        "classifier.weight": "classifier.weight",
+    }
     params = dict(model.named_parameters())
     for ours, theirs in pairs.items():
         assert_close(params[ours].grad, ref_grads[theirs].grad, rtol=GRAD_RTOL, what=f"d {ours}")
     fused = params["bert.encoder.layers.1.attention.qkv.weight"].grad
-    split = torch.cat([ref_grads[f"bert.encoder.layer.1.attention.self.{n}.weight"].grad
-                       for n in ("query", "key", "value")])
+    split = torch.cat(
+        [
+            ref_grads[f"bert.encoder.layer.1.attention.self.{n}.weight"].grad
+            for n in ("query", "key", "value")
+        ]
+    )
     assert_close(fused, split, rtol=GRAD_RTOL, what="d qkv")
 
 
@@ -133,7 +159,9 @@ def test_from_hf_bert_from_a_safetensors_folder(tmp_path, seeded):
     with torch.no_grad():
         ref = reference64(hf_model)(input_ids=ids, attention_mask=mask, token_type_ids=types)
         out = model(ids, mask, types)
-    assert_close(out.last_hidden_state[mask.bool()], ref.last_hidden_state[mask.bool()], what="from a folder")
+    assert_close(
+        out.last_hidden_state[mask.bool()], ref.last_hidden_state[mask.bool()], what="from a folder"
+    )
     with pytest.raises(ValueError, match="model_or_path"):
         hf.from_hf_bert(tmp_path / "missing")
     with pytest.raises(TypeError, match="model_or_path"):
@@ -145,21 +173,31 @@ def test_state_dict_conversion_names_and_refusals():
     from transformers import BertModel
 
     state = BertModel(hf_config(num_hidden_layers=1)).state_dict()
-    old_names = {("bert." + k).replace("LayerNorm.weight", "LayerNorm.gamma").replace("LayerNorm.bias",
-                                                                                       "LayerNorm.beta"): v
-                 for k, v in state.items()}
+    old_names = {
+        ("bert." + k)
+        .replace("LayerNorm.weight", "LayerNorm.gamma")
+        .replace("LayerNorm.bias", "LayerNorm.beta"): v
+        for k, v in state.items()
+    }
     enc_new, _ = hf.hf_state_dict_to_effbert(state)
     enc_old, _ = hf.hf_state_dict_to_effbert(old_names)
-    assert enc_new.keys() == enc_old.keys() and all(torch.equal(enc_new[k], enc_old[k]) for k in enc_new)
-    q, k, v = (state[f"encoder.layer.0.attention.self.{n}.weight"] for n in ("query", "key", "value"))
+    assert enc_new.keys() == enc_old.keys() and all(
+        torch.equal(enc_new[k], enc_old[k]) for k in enc_new
+    )
+    q, k, v = (
+        state[f"encoder.layer.0.attention.self.{n}.weight"] for n in ("query", "key", "value")
+    )
     assert torch.equal(enc_new["encoder.layers.0.attention.qkv.weight"], torch.cat([q, k, v]))
     with pytest.raises(ValueError, match="not part of a BERT"):
         hf.hf_state_dict_to_effbert({**state, "encoder.layer.0.adapter.weight": q})
     partial = {k_: v_ for k_, v_ in state.items() if "self.value" not in k_}
     with pytest.raises(ValueError, match="value"):
         hf.hf_state_dict_to_effbert(partial)
-    for bad, match in ((dict(position_embedding_type="relative_key"), "position"),
-                       (dict(is_decoder=True), "decoder"), (dict(hidden_act="silu"), "hidden_act")):
+    for bad, match in (
+        (dict(position_embedding_type="relative_key"), "position"),
+        (dict(is_decoder=True), "decoder"),
+        (dict(hidden_act="silu"), "hidden_act"),
+    ):
         with pytest.raises(ValueError, match=match):
             hf.config_from_hf(hf_config(**bad))
 
@@ -170,11 +208,15 @@ def test_state_dict_conversion_names_and_refusals():
 def test_patch_bert_attention_keeps_outputs_and_gradients(impl, backend, seeded):
     from transformers import BertForSequenceClassification
 
-    hf_model = BertForSequenceClassification(hf_config(impl)).to(DEVICE).train()  # dropout 0: train = eval
+    hf_model = (
+        BertForSequenceClassification(hf_config(impl)).to(DEVICE).train()
+    )  # dropout 0: train = eval
     ref_model = reference64(hf_model)
     keys = list(hf_model.state_dict())
     assert hf.patch_bert_attention(hf_model, backend=backend) is hf_model
-    assert list(hf_model.state_dict()) == keys  # same weights, same names: save_pretrained is unaffected
+    assert (
+        list(hf_model.state_dict()) == keys
+    )  # same weights, same names: save_pretrained is unaffected
     patched = [m for m in hf_model.modules() if getattr(m, "effbert_backend", None) == backend]
     assert len(patched) == 2 and all(m.training for m in patched)
     assert hf_model.config._attn_implementation == hf.ATTN_IMPLEMENTATION
@@ -186,13 +228,17 @@ def test_patch_bert_attention_keeps_outputs_and_gradients(impl, backend, seeded)
         outs = []
         for m in (ref_model, hf_model):
             m.zero_grad(set_to_none=True)
-            out = m(input_ids=ids, attention_mask=mask, token_type_ids=types, output_hidden_states=True)
+            out = m(
+                input_ids=ids, attention_mask=mask, token_type_ids=types, output_hidden_states=True
+            )
             (out.logits * cotangent).sum().backward()
             outs.append(out)
         ref, out = outs
         real = mask.bool()
         assert_close(out.logits, ref.logits, what="logits")
-        assert_close(out.hidden_states[-1][real], ref.hidden_states[-1][real], what="last hidden state")
+        assert_close(
+            out.hidden_states[-1][real], ref.hidden_states[-1][real], what="last hidden state"
+        )
         ref_params = dict(ref_model.named_parameters())
         for name, p in hf_model.named_parameters():
             if name.endswith("self.key.bias"):
@@ -211,9 +257,15 @@ def test_patched_attention_mask_forms_and_refusals(seeded):
     attn = model.encoder.layer[0].attention.self
     x = torch.randn(2, 5, 32, device=DEVICE)
     keep = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]], device=DEVICE).bool()
-    additive = torch.zeros(2, 1, 5, 5, device=DEVICE).masked_fill(~keep[:, None, None, :], torch.finfo().min)
-    forms = {"2-D": keep.long(), "4-D bool": keep[:, None, None, :].expand(2, 1, 5, 5),
-             "4-D additive": additive, "4-D one row": additive[:, :, :1, :]}
+    additive = torch.zeros(2, 1, 5, 5, device=DEVICE).masked_fill(
+        ~keep[:, None, None, :], torch.finfo().min
+    )
+    forms = {
+        "2-D": keep.long(),
+        "4-D bool": keep[:, None, None, :].expand(2, 1, 5, 5),
+        "4-D additive": additive,
+        "4-D one row": additive[:, :, :1, :],
+    }
     with torch.no_grad():
         expect = attn(x, attention_mask=keep)[0]
         for name, mask in forms.items():
@@ -240,7 +292,9 @@ def test_patched_model_returns_attention_probabilities(how, seeded):
     probability tensor a layer, rows summing to 1 over the real keys, and the same hidden states."""
     from transformers import BertModel
 
-    ref = BertModel(hf_config("eager")).to(DEVICE).eval()  # the attention implementation that records them
+    ref = (
+        BertModel(hf_config("eager")).to(DEVICE).eval()
+    )  # the attention implementation that records them
     # transformers refuses config.output_attentions on an sdpa model, so that case starts from an eager one
     model = BertModel(hf_config("sdpa" if how == "argument" else "eager")).to(DEVICE).eval()
     model.load_state_dict(ref.state_dict())
@@ -260,8 +314,12 @@ def test_patched_model_returns_attention_probabilities(how, seeded):
         assert a.shape == (3, 2, 9, 9)
         assert_close(a, b, what="attention probabilities")
         assert_close(a.sum(-1), torch.ones_like(a.sum(-1)), what="row sums")
-        assert bool((a.masked_fill(real[:, None, None, :], 0) == 0).all())  # no weight on padding keys
-    assert_close(got.last_hidden_state[real], want.last_hidden_state[real], what="last hidden state")
+        assert bool(
+            (a.masked_fill(real[:, None, None, :], 0) == 0).all()
+        )  # no weight on padding keys
+    assert_close(
+        got.last_hidden_state[real], want.last_hidden_state[real], what="last hidden state"
+    )
     with torch.no_grad():  # a call without the flag records nothing and runs the fused kernel again
         for m in (ref, model):
             m.config.output_attentions = False
@@ -284,9 +342,13 @@ def test_patched_model_under_inference_mode(seeded):
     assert torch.equal(got, want) and torch.equal(again, want)
     import pickle
 
-    clone = pickle.loads(pickle.dumps(model))  # a patched model pickles (torch.save of the whole model)
+    clone = pickle.loads(
+        pickle.dumps(model)
+    )  # a patched model pickles (torch.save of the whole model)
     with torch.inference_mode():
-        assert torch.equal(clone(input_ids=ids, attention_mask=mask, token_type_ids=types).last_hidden_state, want)
+        assert torch.equal(
+            clone(input_ids=ids, attention_mask=mask, token_type_ids=types).last_hidden_state, want
+        )
     with pytest.raises(ValueError, match="backend must be one of"):
         hf.patch_bert_attention(model, backend="tpu")
     backends = [m.effbert_backend for m in model.modules() if hasattr(m, "effbert_backend")]
@@ -294,9 +356,14 @@ def test_patched_model_under_inference_mode(seeded):
 
 
 def test_missing_transformers_says_how_to_install(monkeypatch):
-    monkeypatch.setitem(sys.modules, "transformers", None)  # import transformers now raises ImportError
+    monkeypatch.setitem(
+        sys.modules, "transformers", None
+    )  # import transformers now raises ImportError
     # effbert is not on PyPI: the hint names the packages themselves, and that effbert's checkout installs both
-    with pytest.raises(ImportError, match=r"pip install transformers safetensors \(both come with effbert: pip install -e \. "):
+    with pytest.raises(
+        ImportError,
+        match=r"pip install transformers safetensors \(both come with effbert: pip install -e \. ",
+    ):
         hf.from_hf_bert("/nonexistent")
     with pytest.raises(ImportError, match=r"pip install transformers safetensors"):
         hf.patch_bert_attention(torch.nn.Linear(2, 2))
@@ -322,29 +389,39 @@ def test_real_checkpoint_all_minilm_l6_v2(minilm_dir):
     from transformers import AutoTokenizer, BertModel
 
     tokenizer = AutoTokenizer.from_pretrained(str(minilm_dir), local_files_only=True)
-    sentences = ["A cat sat on the mat.",
-                 "Fused attention kernels make BERT pretraining and inference noticeably faster on GPUs.",
-                 "Hello!",
-                 "Untied positional encoding adds one positional term to the attention logits of every layer."]
+    sentences = [
+        "A cat sat on the mat.",
+        "Fused attention kernels make BERT pretraining and inference noticeably faster on GPUs.",
+        "Hello!",
+        "Untied positional encoding adds one positional term to the attention logits of every layer.",
+    ]
     batch = tokenizer(sentences, padding=True, return_tensors="pt")
     ids, mask, types = batch["input_ids"], batch["attention_mask"], batch["token_type_ids"]
-    assert len(set(mask.sum(1).tolist())) == len(sentences)  # every length differs: real padding in the batch
+    assert len(set(mask.sum(1).tolist())) == len(
+        sentences
+    )  # every length differs: real padding in the batch
     hf_model = BertModel.from_pretrained(str(minilm_dir), local_files_only=True).eval()
     real = mask.bool()
     with torch.no_grad():
-        ref = reference64(hf_model)(input_ids=ids, attention_mask=mask, token_type_ids=types).last_hidden_state
+        ref = reference64(hf_model)(
+            input_ids=ids, attention_mask=mask, token_type_ids=types
+        ).last_hidden_state
         model = hf.from_hf_bert(minilm_dir)
         assert model.config.hidden_size == 384 and model.config.num_hidden_layers == 6
         out = model(ids, mask, types).last_hidden_state
         assert_close(out[real], ref[real], what="MiniLM from_hf_bert")
 
-        def embed(h):  # the sentence embedding this checkpoint is made for: mean over real tokens, unit norm
+        def embed(
+            h,
+        ):  # the sentence embedding this checkpoint is made for: mean over real tokens, unit norm
             pooled = (h * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
             return torch.nn.functional.normalize(pooled, dim=-1)
 
         assert_close(embed(out), embed(ref), what="MiniLM sentence embeddings")
         hf.patch_bert_attention(hf_model)
-        patched = hf_model(input_ids=ids, attention_mask=mask, token_type_ids=types).last_hidden_state
+        patched = hf_model(
+            input_ids=ids, attention_mask=mask, token_type_ids=types
+        ).last_hidden_state
         assert_close(patched[real], ref[real], what="MiniLM patched")
         # the similarity structure survives: sentence 3 is closer to 1 than to the greeting
         sims = embed(out) @ embed(out).t()
@@ -357,16 +434,24 @@ def test_from_hf_bert_pretraining_heads_and_half_precision(seeded):
     from transformers import BertForMaskedLM, BertForPreTraining
 
     pre = BertForPreTraining(hf_config()).eval()
-    model = hf.from_hf_bert(pre)  # the next-sentence head has no effbert counterpart and is left out
+    model = hf.from_hf_bert(
+        pre
+    )  # the next-sentence head has no effbert counterpart and is left out
     assert isinstance(model, TupeBertForMaskedLM)
     ids, types, mask = (t.cpu() for t in padded_batch(61))
     real = mask.bool()
     with torch.no_grad():
-        ref = reference64(pre)(input_ids=ids, attention_mask=mask, token_type_ids=types).prediction_logits
+        ref = reference64(pre)(
+            input_ids=ids, attention_mask=mask, token_type_ids=types
+        ).prediction_logits
         assert_close(model(ids, mask, types).logits[real], ref[real], what="pretraining MLM logits")
         mlm = BertForMaskedLM(hf_config()).eval()
         ref = reference64(mlm)(input_ids=ids, attention_mask=mask, token_type_ids=types).logits
-        low = copy.deepcopy(mlm).half()(input_ids=ids, attention_mask=mask, token_type_ids=types).logits
+        low = (
+            copy.deepcopy(mlm)
+            .half()(input_ids=ids, attention_mask=mask, token_type_ids=types)
+            .logits
+        )
         half = hf.from_hf_bert(copy.deepcopy(mlm).half())
         assert next(half.parameters()).dtype == torch.float16
         out = half(ids, mask, types).logits
@@ -420,8 +505,9 @@ def test_packed_position_ids_are_refused_where_transformers_packs(seeded):
     pos = torch.tensor([[0, 1, 2, 0, 1]], device=DEVICE)
     with torch.no_grad():
         want = ref(input_ids=ids, position_ids=pos).last_hidden_state
-        one_text = reference64(ref)(input_ids=ids, position_ids=pos,
-                                    attention_mask=torch.ones_like(ids))
+        one_text = reference64(ref)(
+            input_ids=ids, position_ids=pos, attention_mask=torch.ones_like(ids)
+        )
         try:
             got = model(input_ids=ids, position_ids=pos).last_hidden_state
         except ValueError as exc:
@@ -466,12 +552,15 @@ def test_patched_model_unpickles_in_a_fresh_process(tmp_path, seeded):
         want = model(input_ids=ids, attention_mask=mask, token_type_ids=types).last_hidden_state
     (tmp_path / "m.pkl").write_bytes(pickle.dumps(model))
     torch.save({"ids": ids, "types": types, "mask": mask, "want": want}, tmp_path / "io.pt")
-    code = ("import pickle, torch; m = pickle.loads(open('m.pkl', 'rb').read()); "
-            "d = torch.load('io.pt'); assert m.config._attn_implementation == 'effbert'; "
-            "out = m(input_ids=d['ids'], attention_mask=d['mask'], token_type_ids=d['types']); "
-            "assert torch.equal(out.last_hidden_state, d['want'])")
-    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True,
-                          text=True, timeout=300)
+    code = (
+        "import pickle, torch; m = pickle.loads(open('m.pkl', 'rb').read()); "
+        "d = torch.load('io.pt'); assert m.config._attn_implementation == 'effbert'; "
+        "out = m(input_ids=d['ids'], attention_mask=d['mask'], token_type_ids=d['types']); "
+        "assert torch.equal(out.last_hidden_state, d['want'])"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
 
 
@@ -499,14 +588,15 @@ def test_patched_attention_dropout_in_training(seeded):
     draws, b, n, h, d = 4000, 2, 6, 2, 16
     q, k, v = (torch.randn(b, h, n, d, dtype=torch.float64) for _ in range(3))
     keep = torch.tensor([[1] * 6, [1] * 4 + [0] * 2]).bool()
-    rep = (lambda t: t.repeat(draws, *([1] * (t.dim() - 1))))
+    rep = lambda t: t.repeat(draws, *([1] * (t.dim() - 1)))
     with torch.no_grad():
-        scale = d ** -0.5
+        scale = d**-0.5
         clean, _ = hf.effbert_attention_forward(layer, q, k, v, keep, scaling=scale, dropout=0.0)
-        noisy, _ = hf.effbert_attention_forward(layer, rep(q), rep(k), rep(v), rep(keep),
-                                                scaling=scale, dropout=0.3)
+        noisy, _ = hf.effbert_attention_forward(
+            layer, rep(q), rep(k), rep(v), rep(keep), scaling=scale, dropout=0.3
+        )
     noisy = noisy.view(draws, b, n, h, d)
-    spread = noisy.std(0) / draws ** 0.5  # the standard error of the mean, per element
+    spread = noisy.std(0) / draws**0.5  # the standard error of the mean, per element
     err = (noisy.mean(0) - clean)[keep]
     worst = float((err.abs() / spread[keep]).max())
     assert bool((err.abs() <= 6 * spread[keep] + 1e-12).all()), worst

@@ -21,8 +21,9 @@ def installed(name):
         return False
 
 
-pytestmark = pytest.mark.skipif(not installed("transformers"),
-                                reason="transformers is not installed (pip install transformers)")
+pytestmark = pytest.mark.skipif(
+    not installed("transformers"), reason="transformers is not installed (pip install transformers)"
+)
 GRAD_RTOL = FP32_RTOL * 4
 VOCAB = 53
 # how the HF model runs its attention: transformers' eager / sdpa paths, or effbert's fused one patched in
@@ -32,9 +33,18 @@ VARIANTS = ["eager", "sdpa", "patched"]
 def hf_config(impl="eager", **overrides):
     from transformers import BertConfig
 
-    values = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=3, num_attention_heads=2, intermediate_size=41,
-                  max_position_embeddings=24, type_vocab_size=2, num_labels=3, hidden_dropout_prob=0.0,
-                  attention_probs_dropout_prob=0.0)
+    values = dict(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        num_hidden_layers=3,
+        num_attention_heads=2,
+        intermediate_size=41,
+        max_position_embeddings=24,
+        type_vocab_size=2,
+        num_labels=3,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
     values.update(overrides)
     cfg = BertConfig(**values)
     cfg._attn_implementation = "eager" if impl == "patched" else impl
@@ -92,8 +102,9 @@ def test_every_exit_reads_that_layers_hidden_state(variant, seeded):
     ids, types, mask = padded_batch()
     for m in (None, mask):  # with padding, and without a mask at all
         with torch.no_grad():
-            states = ref.bert(input_ids=ids, attention_mask=m, token_type_ids=types,
-                              output_hidden_states=True).hidden_states
+            states = ref.bert(
+                input_ids=ids, attention_mask=m, token_type_ids=types, output_hidden_states=True
+            ).hidden_states
             out = model(ids, m, types).exit_logits
         for i, head in enumerate(heads64):
             with torch.no_grad():
@@ -107,7 +118,9 @@ def test_bert_model_without_a_classifier(seeded):
     model = hf.multi_exit_bert(bare, 4, dropout=0.0)
     assert model.num_labels == 4 and all(h.pooler is not None for h in model.encoder.heads)
     pooled = BertModel(hf_config()).eval()
-    model = hf.multi_exit_bert(pooled)  # config.num_labels (3); the last off-ramp starts from the HF pooler
+    model = hf.multi_exit_bert(
+        pooled
+    )  # config.num_labels (3); the last off-ramp starts from the HF pooler
     assert model.num_labels == 3 and model.encoder.heads[-1].pooler is pooled.pooler.dense
     ids, types, mask = padded_batch()
     ref = copy.deepcopy(pooled).double()
@@ -126,7 +139,7 @@ def gap_threshold(scores):
     every = scores.flatten().double()
     every = every[torch.isfinite(every)]
     b = first.numel()
-    mids = (first[b // 4:(3 * b) // 4] + first[b // 4 + 1:(3 * b) // 4 + 1]) / 2
+    mids = (first[b // 4 : (3 * b) // 4] + first[b // 4 + 1 : (3 * b) // 4 + 1]) / 2
     margin = (mids[:, None] - every[None]).abs().min(1).values
     return float(mids[int(torch.argmax(margin))])
 
@@ -149,8 +162,9 @@ def test_early_exit_equals_the_per_sample_loop(variant, criterion, seeded):
     logits, layer = model.early_exit(ids, mask, types, criterion=criterion, **kw)
     with torch.no_grad():
         hidden, real = model._inputs(ids, mask, types)
-    want_logits, want_layer = reference.early_exit_loop(model.encoder.layers, model.encoder.heads, hidden, real,
-                                                        criterion=criterion, **kw)
+    want_logits, want_layer = reference.early_exit_loop(
+        model.encoder.layers, model.encoder.heads, hidden, real, criterion=criterion, **kw
+    )
     assert layer.dtype == torch.int64 and layer.tolist() == want_layer.tolist()
     assert_close(logits, want_logits, what=f"{variant} {criterion} early-exit logits")
     # and the choice is the one the full forward's off-ramps make
@@ -167,15 +181,18 @@ def test_gradients_reach_the_hf_weights(variant, seeded):
 
     hf_model = BertForSequenceClassification(hf_config(variant)).train()  # dropout 0: train = eval
     model = hf.multi_exit_bert(hf_model)
-    hf64, model64 = copy.deepcopy((hf_model, model))  # one deepcopy keeps the sharing between the two
+    hf64, model64 = copy.deepcopy(
+        (hf_model, model)
+    )  # one deepcopy keeps the sharing between the two
     hf64.double(), model64.double()
     if variant == "patched":
         hf.patch_bert_attention(hf_model, backend="eager")
     ids, types, mask = padded_batch()
     cotangent = torch.randn(3, 5, 3)
     (model(ids, mask, types).exit_logits * cotangent).sum().backward()
-    states = hf64.bert(input_ids=ids, attention_mask=mask, token_type_ids=types,
-                       output_hidden_states=True).hidden_states
+    states = hf64.bert(
+        input_ids=ids, attention_mask=mask, token_type_ids=types, output_hidden_states=True
+    ).hidden_states
     exits = torch.stack([head(states[i + 1]) for i, head in enumerate(model64.encoder.heads)])
     (exits * cotangent.double()).sum().backward()
     ref = dict(hf64.named_parameters())
@@ -192,13 +209,18 @@ def test_gradients_reach_the_hf_weights(variant, seeded):
     out = model(ids, mask, types, labels=labels)
     from effbert.losses import multi_exit_distillation_loss
 
-    want = multi_exit_distillation_loss(out.exit_logits.double(), labels, gamma=0.9, temperature=3.0, backend="eager")
+    want = multi_exit_distillation_loss(
+        out.exit_logits.double(), labels, gamma=0.9, temperature=3.0, backend="eager"
+    )
     assert_close(out.loss, want, what="RomeBERT loss")
     model.loss_type = "pabee"
     from effbert import reference as ref_ops
 
-    assert_close(model(ids, mask, types, labels=labels).loss, ref_ops.pabee_loss(out.exit_logits.double(), labels),
-                 what="PABEE loss")
+    assert_close(
+        model(ids, mask, types, labels=labels).loss,
+        ref_ops.pabee_loss(out.exit_logits.double(), labels),
+        what="PABEE loss",
+    )
 
 
 def test_bad_inputs_name_the_argument(seeded):
@@ -210,7 +232,11 @@ def test_bad_inputs_name_the_argument(seeded):
         (dict(input_ids=ids.float()), TypeError, "input_ids"),
         (dict(input_ids=ids[0]), ValueError, r"input_ids must be \[B, N\]"),
         (dict(input_ids=ids + VOCAB), ValueError, "input_ids must hold values"),
-        (dict(input_ids=torch.ones(2, 25, dtype=torch.long)), ValueError, "max_position_embeddings"),
+        (
+            dict(input_ids=torch.ones(2, 25, dtype=torch.long)),
+            ValueError,
+            "max_position_embeddings",
+        ),
         (dict(input_ids=ids, attention_mask=mask[:, :4]), ValueError, "attention_mask"),
         (dict(input_ids=ids, token_type_ids=types + 2), ValueError, "token_type_ids"),
         (dict(input_ids=ids, labels=torch.zeros(4, dtype=torch.long)), ValueError, "labels"),
@@ -252,7 +278,9 @@ def test_on_the_gpu_with_the_fused_kernels(patched, seeded):
     sharpen(model)  # the last off-ramp is HF's classifier: copy the reference after this
     ref = copy.deepcopy(hf_model).double()
     if patched:
-        hf.patch_bert_attention(hf_model)  # auto: the fused kernels, in the layers the wrapper shares
+        hf.patch_bert_attention(
+            hf_model
+        )  # auto: the fused kernels, in the layers the wrapper shares
     ids, types, mask = (t.cuda() for t in padded_batch(b=13))
     with torch.no_grad():
         want = ref(input_ids=ids, attention_mask=mask, token_type_ids=types).logits
@@ -263,13 +291,15 @@ def test_on_the_gpu_with_the_fused_kernels(patched, seeded):
     logits, layer = model.early_exit(ids, mask, types, criterion="entropy", **kw)
     with torch.no_grad():
         hidden, real = model._inputs(ids, mask, types)
-    want_logits, want_layer = reference.early_exit_loop(model.encoder.layers, model.encoder.heads, hidden, real,
-                                                        criterion="entropy", **kw)
+    want_logits, want_layer = reference.early_exit_loop(
+        model.encoder.layers, model.encoder.heads, hidden, real, criterion="entropy", **kw
+    )
     assert layer.tolist() == want_layer.tolist()
     assert_close(logits, want_logits, what="early-exit logits on the GPU")
 
 
 # ---- training as published: off-ramp poolers, regression heads, DeeBERT's stages, full depth ----
+
 
 def test_every_off_ramp_starts_from_the_checkpoint_pooler(seeded):
     """DeeBERT and RomeBERT copy the pretrained pooler into every off-ramp (init_highway_pooler); PABEE shares one."""
@@ -282,8 +312,12 @@ def test_every_off_ramp_starts_from_the_checkpoint_pooler(seeded):
     assert heads[-1].pooler is pooler
     for head in heads[:-1]:
         assert head.pooler is not pooler  # a copy each: the off-ramps then learn their own
-        assert torch.equal(head.pooler.weight, pooler.weight) and torch.equal(head.pooler.bias, pooler.bias)
-    shared = hf.multi_exit_bert(BertForSequenceClassification(hf_config()).eval(), exit_pooler="shared")
+        assert torch.equal(head.pooler.weight, pooler.weight) and torch.equal(
+            head.pooler.bias, pooler.bias
+        )
+    shared = hf.multi_exit_bert(
+        BertForSequenceClassification(hf_config()).eval(), exit_pooler="shared"
+    )
     first = shared.encoder.heads[-1].pooler
     assert all(h.pooler is first for h in shared.encoder.heads)
     with pytest.raises(ValueError, match="exit_pooler must be one of"):
@@ -301,14 +335,18 @@ def test_regression_head_trains_on_float_labels_with_mse(seeded):
         out = model(ids, mask, types, labels=y)
         z = out.exit_logits.double()
         mse = [float(((z[i, :, 0] - y.double()) ** 2).mean()) for i in range(3)]
-        want = (mse[0] + 2 * mse[1] + 3 * mse[2]) / 6  # PABEE's weighted MSE, as HF's MSE for num_labels == 1
+        want = (
+            mse[0] + 2 * mse[1] + 3 * mse[2]
+        ) / 6  # PABEE's weighted MSE, as HF's MSE for num_labels == 1
         assert out.loss.item() == pytest.approx(want, rel=1e-5) and out.loss.item() > 0
         out.loss.backward()
         assert hf_model.classifier.weight.grad is not None
     with pytest.raises(TypeError, match="labels must be float targets for a one-output"):
         model(ids, mask, types, labels=torch.zeros(5, dtype=torch.long))
     model.eval()
-    logits, layer = model.early_exit(ids, mask, types, criterion="patience", patience=1, threshold=0.05)
+    logits, layer = model.early_exit(
+        ids, mask, types, criterion="patience", patience=1, threshold=0.05
+    )
     assert logits.shape == (5, 1) and layer.min() >= 1
 
 
@@ -320,7 +358,9 @@ def test_deebert_stages_train_what_deebert_trains(seeded):
     ids, types, mask = padded_batch()
     y = torch.randint(0, 3, (5,))
     out = model(ids, mask, types, labels=y)  # stage 1: the final classifier's cross-entropy
-    assert out.loss.item() == pytest.approx(torch.nn.functional.cross_entropy(out.exit_logits[-1], y).item(), rel=1e-6)
+    assert out.loss.item() == pytest.approx(
+        torch.nn.functional.cross_entropy(out.exit_logits[-1], y).item(), rel=1e-6
+    )
     model.set_stage(2)
     out = model(ids, mask, types, labels=y)
     want = sum(torch.nn.functional.cross_entropy(out.exit_logits[i], y).item() for i in range(2))

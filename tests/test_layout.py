@@ -70,8 +70,11 @@ def test_every_path_in_the_layout_table_exists():
 def test_coming_names_do_not_exist_yet():
     _, coming = layout_paths(_design())
     landed = [_relative(p) for p, _ in coming if os.path.exists(p)]
-    assert not landed, ("marked 'Coming' in DESIGN.md's layout table but present now: "
-                        + ", ".join(landed) + " (move each before 'Coming:' in its row)")
+    assert not landed, (
+        "marked 'Coming' in DESIGN.md's layout table but present now: "
+        + ", ".join(landed)
+        + " (move each before 'Coming:' in its row)"
+    )
 
 
 def test_every_package_is_in_the_layout_table():
@@ -90,12 +93,21 @@ def test_every_package_is_in_the_layout_table():
 
 
 ROWS = [
-    ("| `effbert/training/` | `trainers.py`, `x/y.py`. Coming: `soon.py` |",
-     ["effbert/training", "effbert/training/trainers.py", "x/y.py"], ["effbert/training/soon.py"]),
-    ("| `effbert/losses.py`, `effbert/calibration.py` | losses |",
-     ["effbert/losses.py", "effbert/calibration.py"], []),
-    ("| `scripts/` | `gpu_suite.sh`; `bench_<op>.py` is a pattern, `Foo` a class |",
-     ["scripts", "scripts/gpu_suite.sh"], []),
+    (
+        "| `effbert/training/` | `trainers.py`, `x/y.py`. Coming: `soon.py` |",
+        ["effbert/training", "effbert/training/trainers.py", "x/y.py"],
+        ["effbert/training/soon.py"],
+    ),
+    (
+        "| `effbert/losses.py`, `effbert/calibration.py` | losses |",
+        ["effbert/losses.py", "effbert/calibration.py"],
+        [],
+    ),
+    (
+        "| `scripts/` | `gpu_suite.sh`; `bench_<op>.py` is a pattern, `Foo` a class |",
+        ["scripts", "scripts/gpu_suite.sh"],
+        [],
+    ),
 ]
 
 

@@ -57,7 +57,13 @@ def romebert_kdloss(z, y, gamma, t):
     loss = ce(z[-1], y)
     for i in range(z.shape[0] - 1):
         loss = loss + (1 - gamma) * ce(z[i], y)
-        loss = loss + kld(torch.log_softmax(z[i] / t, dim=1), torch.softmax(soft / t, dim=1)) * gamma * t * t
+        loss = (
+            loss
+            + kld(torch.log_softmax(z[i] / t, dim=1), torch.softmax(soft / t, dim=1))
+            * gamma
+            * t
+            * t
+        )
     return loss
 
 
@@ -66,10 +72,12 @@ def test_distillation_term_is_romebert_kldivloss_mean(backend, device, seeded):
     """The KL term is the mean over B * C (KLDivLoss's default), not the batch mean: C times smaller."""
     require_backend(backend, device)
     for c in (2, 3, 7):
-        z = (torch.randn(3, 5, c, dtype=torch.float64) * 2)
+        z = torch.randn(3, 5, c, dtype=torch.float64) * 2
         y = torch.randint(0, c, (5,))
         want = romebert_kdloss(z, y, 0.9, 3.0).item()
-        got = losses.multi_exit_distillation_loss(z.float().to(device), y.to(device), backend=backend).item()
+        got = losses.multi_exit_distillation_loss(
+            z.float().to(device), y.to(device), backend=backend
+        ).item()
         assert got == pytest.approx(want, rel=1e-5)
         assert reference.multi_exit_distillation_loss(z, y).item() == pytest.approx(want, rel=1e-12)
     # by hand, one student and its teacher, C = 2, gamma 1 (the KL term alone), T 1:
@@ -78,7 +86,9 @@ def test_distillation_term_is_romebert_kldivloss_mean(backend, device, seeded):
     y = torch.tensor([0])
     ce_last = -math.log(0.75)
     kl = 0.75 * math.log(1.5) + 0.25 * math.log(0.5)
-    got = losses.multi_exit_distillation_loss(z, y, gamma=1.0, temperature=1.0, backend="eager").item()
+    got = losses.multi_exit_distillation_loss(
+        z, y, gamma=1.0, temperature=1.0, backend="eager"
+    ).item()
     assert got == pytest.approx(ce_last + kl / 2, rel=1e-12)
 
 
@@ -92,8 +102,11 @@ def test_gradient_equilibrium_scales_exit_i_by_one_over_L_minus_i(seeded):
         assert torch.allclose(z.grad[i], w[i] / (4 - i), rtol=0, atol=1e-15)
     # as an option of the losses: the gradient of every exit is the plain gradient over (L - i)
     y = torch.randint(0, 5, (3,))
-    for fn in (lambda x, **k: losses.multi_exit_distillation_loss(x, y, backend="eager", **k),
-               lambda x, **k: losses.pabee_loss(x, y, **k), lambda x, **k: losses.deebert_loss(x, y, 2, **k)):
+    for fn in (
+        lambda x, **k: losses.multi_exit_distillation_loss(x, y, backend="eager", **k),
+        lambda x, **k: losses.pabee_loss(x, y, **k),
+        lambda x, **k: losses.deebert_loss(x, y, 2, **k),
+    ):
         a = z.detach().clone().requires_grad_()
         b = z.detach().clone().requires_grad_()
         fn(a).backward()
@@ -124,7 +137,9 @@ def test_deebert_two_stage_losses(seeded):
 
 @pytest.mark.parametrize("backend,device", LOSS_BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["float32", "float16"])
-@pytest.mark.parametrize("shape", [(1, 1, 2), (3, 7, 5), (4, 9, 97)], ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize(
+    "shape", [(1, 1, 2), (3, 7, 5), (4, 9, 97)], ids=lambda s: "x".join(map(str, s))
+)
 def test_fused_loss_and_gradient(backend, device, dtype, shape, seeded):
     require_backend(backend, device)
     depth, batch, c = shape
@@ -144,14 +159,20 @@ def test_fused_loss_and_gradient(backend, device, dtype, shape, seeded):
     # floored at 1 (loss) and 1 / B (gradient, whose entries are O(1 / B)).
     assert abs(out.item() - ref.item()) <= 1e-5 * max(abs(ref.item()), 1.0), f"{backend} loss"
     floor = w / batch
-    g_err = float((z1.grad.double().cpu() - z64.grad.cpu()).norm() / max(float(z64.grad.norm()), floor))
+    g_err = float(
+        (z1.grad.double().cpu() - z64.grad.cpu()).norm() / max(float(z64.grad.norm()), floor)
+    )
     if dtype == torch.float32:
         assert g_err <= 1e-5, f"{backend} gradient: {g_err:.3e}"
     else:
-        z16 = z.clone().float().requires_grad_()  # the eager reference in low precision: fp16 gradient
+        z16 = (
+            z.clone().float().requires_grad_()
+        )  # the eager reference in low precision: fp16 gradient
         (reference.multi_exit_distillation_loss(z16, y, gamma, t) * w).backward()
-        e_err = float((z16.grad.to(dtype).double().cpu() - z64.grad.cpu()).norm() / max(float(z64.grad.norm()),
-                                                                                       floor))
+        e_err = float(
+            (z16.grad.to(dtype).double().cpu() - z64.grad.cpu()).norm()
+            / max(float(z64.grad.norm()), floor)
+        )
         assert g_err <= 2 * e_err + 1e-5, f"{backend} fp16 gradient: {g_err:.3e} > 2 x {e_err:.3e}"
 
 
@@ -168,7 +189,9 @@ def test_fused_loss_strided_input(backend, device, seeded):
 def test_fused_loss_opcheck_and_compile(seeded):
     z = torch.randn(3, 5, 4, requires_grad=True)
     y = torch.randint(0, 4, (5,))
-    torch.library.opcheck(torch.ops.effbert.multi_exit_distillation_loss.default, (z, y, 0.9, 3.0, "triton"))
+    torch.library.opcheck(
+        torch.ops.effbert.multi_exit_distillation_loss.default, (z, y, 0.9, 3.0, "triton")
+    )
 
     def f(z, y):
         return losses.multi_exit_distillation_loss(z * 1.0, y, backend="triton")
@@ -177,14 +200,18 @@ def test_fused_loss_opcheck_and_compile(seeded):
     out.backward()
     z2 = z.detach().double().requires_grad_()
     reference.multi_exit_distillation_loss(z2, y).backward()
-    assert_close(out, reference.multi_exit_distillation_loss(z.detach().double(), y), what="compiled loss")
+    assert_close(
+        out, reference.multi_exit_distillation_loss(z.detach().double(), y), what="compiled loss"
+    )
     assert_close(z.grad, z2.grad, what="compiled gradient")
 
 
 def test_loss_backend_choice():
     z = torch.randn(2, 3, 4)
     assert ops.loss_backend(z) == "eager"  # on the CPU the fused kernel is not the fast path
-    with pytest.raises(effbert.BackendNotSupportedError, match=r"'cpu' cannot serve.*Triton kernel and the eager"):
+    with pytest.raises(
+        effbert.BackendNotSupportedError, match=r"'cpu' cannot serve.*Triton kernel and the eager"
+    ):
         ops.loss_backend(z, "cpu")
     with pytest.raises(effbert.BackendNotSupportedError, match=r"C <= 8192"):
         ops.loss_backend(torch.randn(1, 1, 9000), "triton")
@@ -193,14 +220,55 @@ def test_loss_backend_choice():
 @pytest.mark.parametrize(
     "z,y,kw,exc,pattern",
     [
-        (torch.randn(4, 3), torch.zeros(4, dtype=torch.long), {}, ValueError, r"exit_logits must have 3 dimensions"),
-        (torch.randn(2, 4, 3), torch.zeros(5, dtype=torch.long), {}, ValueError, r"labels must be \[B\] = \[4\]"),
-        (torch.randn(2, 4, 3), torch.tensor([0, 1, 3, 0]), {}, ValueError, r"labels must be class indices in \[0, 3\)"),
-        (torch.randn(2, 4, 3), torch.zeros(4), {}, TypeError, r"labels must hold integer class indices"),
-        (torch.randn(2, 4, 3), torch.zeros(4, dtype=torch.long), dict(gamma=1.5), ValueError, r"gamma must be in"),
-        (torch.randn(2, 4, 3), torch.zeros(4, dtype=torch.long), dict(temperature=0.0), ValueError,
-         r"temperature must be > 0"),
-        (torch.randn(0, 4, 3), torch.zeros(4, dtype=torch.long), {}, ValueError, r"at least one exit"),
+        (
+            torch.randn(4, 3),
+            torch.zeros(4, dtype=torch.long),
+            {},
+            ValueError,
+            r"exit_logits must have 3 dimensions",
+        ),
+        (
+            torch.randn(2, 4, 3),
+            torch.zeros(5, dtype=torch.long),
+            {},
+            ValueError,
+            r"labels must be \[B\] = \[4\]",
+        ),
+        (
+            torch.randn(2, 4, 3),
+            torch.tensor([0, 1, 3, 0]),
+            {},
+            ValueError,
+            r"labels must be class indices in \[0, 3\)",
+        ),
+        (
+            torch.randn(2, 4, 3),
+            torch.zeros(4),
+            {},
+            TypeError,
+            r"labels must hold integer class indices",
+        ),
+        (
+            torch.randn(2, 4, 3),
+            torch.zeros(4, dtype=torch.long),
+            dict(gamma=1.5),
+            ValueError,
+            r"gamma must be in",
+        ),
+        (
+            torch.randn(2, 4, 3),
+            torch.zeros(4, dtype=torch.long),
+            dict(temperature=0.0),
+            ValueError,
+            r"temperature must be > 0",
+        ),
+        (
+            torch.randn(0, 4, 3),
+            torch.zeros(4, dtype=torch.long),
+            {},
+            ValueError,
+            r"at least one exit",
+        ),
     ],
 )
 def test_bad_loss_inputs(z, y, kw, exc, pattern):
@@ -216,12 +284,15 @@ def test_pabee_loss_weights_later_exits_more(seeded):
     assert losses.pabee_loss(z, y).item() == pytest.approx(want, rel=1e-12)
     zr, yr = torch.randn(3, 5, 1, dtype=torch.float64), torch.randn(5, dtype=torch.float64)
     mse = [((zr[i, :, 0] - yr) ** 2).mean().item() for i in range(3)]
-    assert losses.pabee_loss(zr, yr).item() == pytest.approx((mse[0] + 2 * mse[1] + 3 * mse[2]) / 6, rel=1e-12)
+    assert losses.pabee_loss(zr, yr).item() == pytest.approx(
+        (mse[0] + 2 * mse[1] + 3 * mse[2]) / 6, rel=1e-12
+    )
     with pytest.raises(TypeError, match=r"labels must be integer class indices"):
         losses.pabee_loss(z, torch.zeros(6))
 
 
 # ---- RomeBERT gradient regularization ----
+
 
 class TinyLayer(nn.Module):
     def __init__(self, dm):
@@ -237,7 +308,9 @@ def test_gradient_regularization_against_direct_projection(seeded):
     """RomeBERT's --gp block: one concatenated vector of the selected gradients, one coefficient."""
     torch.manual_seed(0)
     dm, depth = 4, 3
-    enc = MultiExitEncoder([TinyLayer(dm) for _ in range(depth)], [ExitHead(dm, 3) for _ in range(depth)]).double()
+    enc = MultiExitEncoder(
+        [TinyLayer(dm) for _ in range(depth)], [ExitHead(dm, 3) for _ in range(depth)]
+    ).double()
     hidden = torch.randn(5, 2, dm, dtype=torch.float64)
     y = torch.randint(0, 3, (5,))
     projected = losses.romebert_projected_parameters(enc)
@@ -278,9 +351,15 @@ def test_gradient_regularization_against_direct_projection(seeded):
 def test_gradient_regularization_by_hand():
     """Linear losses, so the gradients are the constants: g_f = (u, v, 2), g_o = (s, t, 3) over tensors (a, b, c),
     with a and b projected."""
-    a, b, c = nn.Parameter(torch.zeros(2, dtype=torch.float64)), nn.Parameter(torch.zeros(2, dtype=torch.float64)), \
-        nn.Parameter(torch.zeros(1, dtype=torch.float64))
-    u, v = torch.tensor([1.0, 0.0], dtype=torch.float64), torch.tensor([0.0, 1.0], dtype=torch.float64)
+    a, b, c = (
+        nn.Parameter(torch.zeros(2, dtype=torch.float64)),
+        nn.Parameter(torch.zeros(2, dtype=torch.float64)),
+        nn.Parameter(torch.zeros(1, dtype=torch.float64)),
+    )
+    u, v = (
+        torch.tensor([1.0, 0.0], dtype=torch.float64),
+        torch.tensor([0.0, 1.0], dtype=torch.float64),
+    )
 
     def run(s, t, project="others"):
         for p in (a, b, c):
@@ -292,28 +371,41 @@ def test_gradient_regularization_by_hand():
 
     # a's gradients conflict (-1) but b's agree (+3): the concatenation does not conflict, nothing is projected
     # (projecting tensor by tensor would have changed a's gradient to (1, 0))
-    s, t = torch.tensor([-1.0, 0.0], dtype=torch.float64), torch.tensor([0.0, 3.0], dtype=torch.float64)
+    s, t = (
+        torch.tensor([-1.0, 0.0], dtype=torch.float64),
+        torch.tensor([0.0, 3.0], dtype=torch.float64),
+    )
     assert run(s, t) == (False, [0.0, 0.0], [0.0, 4.0], [5.0])
     # <g_o, g_f> = -2 + 1 = -1, |g_f|^2 = 2: g_o + 0.5 g_f on (a, b); c takes the plain sum
-    s, t = torch.tensor([-2.0, 0.0], dtype=torch.float64), torch.tensor([0.0, 1.0], dtype=torch.float64)
+    s, t = (
+        torch.tensor([-2.0, 0.0], dtype=torch.float64),
+        torch.tensor([0.0, 1.0], dtype=torch.float64),
+    )
     did, ga, gb, gc = run(s, t)
-    assert did and ga == pytest.approx([-0.5, 0.0]) and gb == pytest.approx([0.0, 2.5]) and gc == [5.0]
+    assert (
+        did and ga == pytest.approx([-0.5, 0.0]) and gb == pytest.approx([0.0, 2.5]) and gc == [5.0]
+    )
     # the reverse side (RomeBERT's setting outside MNLI/QQP): |g_o|^2 = 5, g_f + 0.2 g_o
     did, ga, gb, gc = run(s, t, "final")
-    assert did and ga == pytest.approx([-1.4, 0.0]) and gb == pytest.approx([0.0, 2.2]) and gc == [5.0]
+    assert (
+        did and ga == pytest.approx([-1.4, 0.0]) and gb == pytest.approx([0.0, 2.2]) and gc == [5.0]
+    )
 
 
 def test_gradient_regularization_bad_inputs():
     p = nn.Parameter(torch.randn(3))
     with pytest.raises(ValueError, match=r"other_loss must be a scalar"):
-        losses.gradient_regularized_backward((p ** 2).sum(), p * 2, [p], [])
+        losses.gradient_regularized_backward((p**2).sum(), p * 2, [p], [])
     with pytest.raises(ValueError, match=r"projected must be a subset"):
-        losses.gradient_regularized_backward((p ** 2).sum(), p.sum(), [p], [nn.Parameter(torch.ones(1))])
+        losses.gradient_regularized_backward(
+            (p**2).sum(), p.sum(), [p], [nn.Parameter(torch.ones(1))]
+        )
     with pytest.raises(ValueError, match=r"project must be one of \('others', 'final'\)"):
-        losses.gradient_regularized_backward((p ** 2).sum(), p.sum(), [p], [p], project="last")
+        losses.gradient_regularized_backward((p**2).sum(), p.sum(), [p], [p], project="last")
 
 
 # ---- threshold calibration ----
+
 
 def held_out(depth=6, batch=200, c=3):
     """Off-ramp logits that grow more confident and more accurate with depth, and their labels."""
@@ -331,8 +423,11 @@ def test_exit_layers_replay_the_batched_decisions(seeded):
     enc = make_encoder(dtype=torch.float64)
     hidden = torch.randn(19, 4, dm, dtype=torch.float64)
     z = enc(hidden).detach()
-    for criterion, kw in (("entropy", dict(threshold=0.7)), ("max_prob", dict(threshold=0.6)),
-                          ("patience", dict(patience=2))):
+    for criterion, kw in (
+        ("entropy", dict(threshold=0.7)),
+        ("max_prob", dict(threshold=0.6)),
+        ("patience", dict(patience=2)),
+    ):
         _, want = enc.early_exit(hidden, criterion=criterion, **kw)
         assert calibration.exit_layers(z, criterion, **kw).tolist() == want.tolist()
 
@@ -341,9 +436,17 @@ def test_exit_layers_replay_the_batched_decisions(seeded):
 def test_calibrate_to_a_target_average_exit(criterion, seeded):
     z, y = held_out()
     cal = calibration.calibrate_threshold(z, y, criterion=criterion, target_avg_exit=3.5)
-    layers = calibration.exit_layers(z, criterion, **({"patience": cal.threshold} if criterion == "patience"
-                                                      else {"threshold": cal.threshold}))
-    assert float(layers.double().mean()) == pytest.approx(cal.avg_exit_layer) and cal.avg_exit_layer <= 3.5
+    layers = calibration.exit_layers(
+        z,
+        criterion,
+        **(
+            {"patience": cal.threshold} if criterion == "patience" else {"threshold": cal.threshold}
+        ),
+    )
+    assert (
+        float(layers.double().mean()) == pytest.approx(cal.avg_exit_layer)
+        and cal.avg_exit_layer <= 3.5
+    )
     curve = cal.curve
     assert set(curve) == {"threshold", "avg_exit_layer", "accuracy", "speedup"}
     assert torch.allclose(curve["speedup"], 6 / curve["avg_exit_layer"])
@@ -386,7 +489,9 @@ def test_calibration_accepts_the_full_depth_settings(seeded):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_gradient_regularization_never_synchronises_with_the_host(seeded):
     """The projection decision stays on the device: no .item(), no host-side branch on a device value."""
-    enc = MultiExitEncoder([TinyLayer(8) for _ in range(3)], [ExitHead(8, 3) for _ in range(3)]).cuda()
+    enc = MultiExitEncoder(
+        [TinyLayer(8) for _ in range(3)], [ExitHead(8, 3) for _ in range(3)]
+    ).cuda()
     hidden = torch.randn(5, 4, 8, device="cuda")
     y = torch.randint(0, 3, (5,), device="cuda")
     z = enc(hidden)
@@ -395,8 +500,9 @@ def test_gradient_regularization_never_synchronises_with_the_host(seeded):
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        did = losses.gradient_regularized_backward(final, full - final, list(enc.parameters()),
-                                                   losses.romebert_projected_parameters(enc))
+        did = losses.gradient_regularized_backward(
+            final, full - final, list(enc.parameters()), losses.romebert_projected_parameters(enc)
+        )
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert did.device.type == "cuda"

@@ -28,11 +28,14 @@ def _loss_inputs(m, v, d, k, dtype=torch.float32, device=DEV):
 
 # ---- the sampler ----
 
+
 @pytest.mark.parametrize("m,v,k", [(1, 1, 1), (3, 37, 10), (7, 97, 5), (2, 129, 4)])
 def test_sample_kernel_equals_gumbel_reference(m, v, k, seeded):
     logits = torch.randn(m, v, device=DEV) * 3
     seed = ops.new_seed(logits.device)
-    out = torch.full((m, k), -7, dtype=torch.int64, device=DEV)  # poison: every slot must be written
+    out = torch.full(
+        (m, k), -7, dtype=torch.int64, device=DEV
+    )  # poison: every slot must be written
     from effbert.kernels import mc_bert as kernels
 
     kernels.mc_sample(logits, k, seed, out)
@@ -104,8 +107,10 @@ def test_sample_bad_inputs():
         effbert.mc_sample(torch.zeros(2, 5), 2, generator=3)
 
 
-@pytest.mark.parametrize("m,v,d,dtype", [(1, 1, 1, torch.float32), (19, 45, 23, torch.float32),
-                                         (33, 70, 40, torch.float16)])
+@pytest.mark.parametrize(
+    "m,v,d,dtype",
+    [(1, 1, 1, torch.float32), (19, 45, 23, torch.float32), (33, 70, 40, torch.float16)],
+)
 def test_fused_sample_equals_sampling_the_logits(m, v, d, dtype, seeded):
     hidden = torch.randn(m, d, device=DEV).to(dtype)
     weight = torch.randn(v, d, device=DEV).to(dtype)
@@ -144,7 +149,10 @@ def test_fused_sample_eager_and_bad_inputs():
 
 # ---- the candidate loss ----
 
-@pytest.mark.parametrize("m,v,d,k", [(1, 3, 1, 2), (7, 29, 19, 10), (9, 97, 64, 3), (5, 11, 300, 7)])
+
+@pytest.mark.parametrize(
+    "m,v,d,k", [(1, 3, 1, 2), (7, 29, 19, 10), (9, 97, 64, 3), (5, 11, 300, 7)]
+)
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 def test_loss_and_grads_vs_float64(m, v, d, k, reduction, seeded):
     h, e, b, c, y = _loss_inputs(m, v, d, k)
@@ -177,15 +185,23 @@ def test_loss_gradcheck_eager_float64():
     h, e, b, c, y = _loss_inputs(4, 9, 5, 3, dtype=torch.float64, device="cpu")
     b = b.double()
     args = [t.requires_grad_() for t in (h, e, b)]
-    assert torch.autograd.gradcheck(lambda *t: effbert.mc_candidate_loss(*t, c, y, backend="eager"), args)
+    assert torch.autograd.gradcheck(
+        lambda *t: effbert.mc_candidate_loss(*t, c, y, backend="eager"), args
+    )
 
 
 def test_loss_gradcheck_kernel():
     # the kernel computes in float32: finite differences in float32 with a matching tolerance
     h, e, b, c, y = _loss_inputs(3, 7, 4, 3)
     args = [t.requires_grad_() for t in (h, e, b)]
-    assert torch.autograd.gradcheck(lambda *t: effbert.mc_candidate_loss(*t, c, y, backend=KERNEL), args,
-                                    eps=1e-2, atol=2e-3, rtol=1e-2, fast_mode=True)
+    assert torch.autograd.gradcheck(
+        lambda *t: effbert.mc_candidate_loss(*t, c, y, backend=KERNEL),
+        args,
+        eps=1e-2,
+        atol=2e-3,
+        rtol=1e-2,
+        fast_mode=True,
+    )
 
 
 def test_scatter_is_bitwise_reproducible(seeded):
@@ -254,8 +270,8 @@ def test_no_cpp_backend_is_said_clearly():
         effbert.mc_candidate_loss(h, e, b, c, y, backend="cpu")
 
 
-
 # ---- +inf logits: uniform among the +inf entries, on every backend ----
+
 
 def _inf_logits(rows=4, v=9):
     logits = torch.randn(rows, v, device=DEV) * 3
@@ -309,6 +325,7 @@ def test_sample_kernel_inf_rows_equal_gumbel_reference(seeded):
 
 # ---- the registered ops check their own arguments; the kernels read inside their tensors ----
 
+
 def _run_isolated(code):
     """Run ``code`` in a fresh interpreter (a crash there is a failed test, not a dead test run)."""
     import subprocess
@@ -316,8 +333,9 @@ def _run_isolated(code):
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    return subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True,
-                          timeout=300)
+    return subprocess.run(
+        [sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True, timeout=300
+    )
 
 
 def test_registered_mc_sample_with_an_empty_seed_raises_instead_of_crashing():
@@ -328,13 +346,18 @@ def test_registered_mc_sample_with_an_empty_seed_raises_instead_of_crashing():
         "    torch.ops.effbert.mc_sample(torch.randn(3, 5, device=dev), 2,\n"
         "                                torch.empty(0, dtype=torch.int64, device=dev), 'triton')\n"
         "except ValueError as e:\n"
-        "    print('ValueError:', e)\n")
+        "    print('ValueError:', e)\n"
+    )
     assert done.returncode == 0, (done.returncode, done.stderr[-2000:])
     assert "ValueError: seed must be [1] int64" in done.stdout
 
 
 def test_registered_fused_sample_checks_the_weight_width():
-    h, w, b = torch.randn(4, 64, device=DEV), torch.randn(9, 16, device=DEV), torch.randn(9, device=DEV)
+    h, w, b = (
+        torch.randn(4, 64, device=DEV),
+        torch.randn(9, 16, device=DEV),
+        torch.randn(9, device=DEV),
+    )
     with pytest.raises(ValueError, match="weight must be"):
         torch.ops.effbert.mc_sample_fused(h, w, b, 3, ops.new_seed(h.device), KERNEL)
     with pytest.raises(ValueError, match="bias must be"):
@@ -353,11 +376,23 @@ def test_fused_sample_kernel_reads_only_inside_weight_and_bias(seeded):
     bias_store = torch.full((9,), float("nan"), device=DEV)
     bias_store[:7] = torch.randn(7, device=DEV)
     seed = ops.new_seed(hidden.device)
-    got = kernels.mc_sample_fused(hidden, weight, bias_store[:7], 6, seed,
-                                  torch.full((5, 6), -7, dtype=torch.int64, device=DEV))
+    got = kernels.mc_sample_fused(
+        hidden,
+        weight,
+        bias_store[:7],
+        6,
+        seed,
+        torch.full((5, 6), -7, dtype=torch.int64, device=DEV),
+    )
     padded = torch.cat([weight, torch.zeros(9, 16, device=DEV)], 1)
-    want = kernels.mc_sample_fused(hidden, padded, torch.cat([bias_store[:7], torch.zeros(2, device=DEV)]), 6, seed,
-                                   torch.full((5, 6), -7, dtype=torch.int64, device=DEV))
+    want = kernels.mc_sample_fused(
+        hidden,
+        padded,
+        torch.cat([bias_store[:7], torch.zeros(2, device=DEV)]),
+        6,
+        seed,
+        torch.full((5, 6), -7, dtype=torch.int64, device=DEV),
+    )
     assert (got >= 0).all() and torch.equal(got, want)
 
 
@@ -366,9 +401,16 @@ def test_registered_loss_ops_check_hidden_against_the_candidates():
     with pytest.raises(ValueError, match=r"candidates must be \[M, K\] with M = 2"):
         torch.ops.effbert.mc_candidate_loss(h[:2], e, b, c, y, "mean", True, KERNEL)
     with pytest.raises(ValueError, match=r"candidates must be \[M, K\] with M = 2"):
-        torch.ops.effbert.mc_candidate_loss_backward(torch.tensor(1.0, device=DEV), h[:2], c,
-                                                     torch.zeros(50, 8, device=DEV),
-                                                     torch.ones(50, 3, device=DEV), 7, "mean", KERNEL)
+        torch.ops.effbert.mc_candidate_loss_backward(
+            torch.tensor(1.0, device=DEV),
+            h[:2],
+            c,
+            torch.zeros(50, 8, device=DEV),
+            torch.ones(50, 3, device=DEV),
+            7,
+            "mean",
+            KERNEL,
+        )
 
 
 def test_candidate_kernels_read_only_inside_their_tensors(seeded):
@@ -384,8 +426,14 @@ def test_candidate_kernels_read_only_inside_their_tensors(seeded):
     narrow = store[:, :16]
     loss = torch.full((6,), -7.0, device=DEV)
     kernels.mc_candidate_forward(h, narrow, b, c[:4], y[:5], loss, None, None)
-    ref = reference.mc_candidate_loss(h[:4], torch.cat([e[:, :16], torch.zeros(11, 8, device=DEV)], 1), b, c[:4],
-                                      y[:4], reduction="none")
+    ref = reference.mc_candidate_loss(
+        h[:4],
+        torch.cat([e[:, :16], torch.zeros(11, 8, device=DEV)], 1),
+        b,
+        c[:4],
+        y[:4],
+        reduction="none",
+    )
     assert_close(loss[:4], ref)
     assert torch.isnan(loss[4:]).all()
 
@@ -395,12 +443,15 @@ def test_candidate_kernels_read_only_inside_their_tensors(seeded):
     grads = []
     for hid in (h_store[:2], torch.cat([h[:2], torch.zeros(4, 24, device=DEV)])):
         d_emb, d_bias = torch.zeros(11, 24, device=DEV), torch.zeros(11, device=DEV)
-        kernels.mc_candidate_scatter(hid, dscore, ops.scatter_plan(c, 24, kernels.SCATTER_CHUNK), d_emb, d_bias)
+        kernels.mc_candidate_scatter(
+            hid, dscore, ops.scatter_plan(c, 24, kernels.SCATTER_CHUNK), d_emb, d_bias
+        )
         grads.append(d_emb)
     assert torch.isfinite(grads[0]).all() and torch.equal(grads[0], grads[1])
 
 
 # ---- padding_idx: [PAD] drawn as a candidate gets no embedding gradient (MC-BERT's published lookup) ----
+
 
 @pytest.mark.parametrize("backend", ["eager", KERNEL])
 @pytest.mark.parametrize("reduction", ["mean", "none"])
@@ -410,9 +461,13 @@ def test_loss_padding_idx_gives_the_pad_row_no_gradient(backend, reduction, seed
     c[::2, 1] = pad
     c[1, :] = pad  # a row of [PAD] only
     leaves = [t.clone().requires_grad_() for t in (h, e, b)]
-    out = effbert.mc_candidate_loss(*leaves, c, y, reduction=reduction, padding_idx=pad, backend=backend)
+    out = effbert.mc_candidate_loss(
+        *leaves, c, y, reduction=reduction, padding_idx=pad, backend=backend
+    )
     ref_leaves = [t.double().requires_grad_() for t in (h, e, b)]
-    ref = reference.mc_candidate_loss(*ref_leaves, c, y, reduction=reduction)  # every row gets its gradient
+    ref = reference.mc_candidate_loss(
+        *ref_leaves, c, y, reduction=reduction
+    )  # every row gets its gradient
     assert_close(out, ref, what="loss (the pad row's score still counts)")
     w = torch.randn(out.shape, device=DEV)
     (out * w).sum().backward()
@@ -426,7 +481,10 @@ def test_loss_padding_idx_gives_the_pad_row_no_gradient(backend, reduction, seed
     assert d_b[pad] != 0
     # the reference with padding_idx is nn.Embedding's: the same zero row
     ref_pad = [t.double().requires_grad_() for t in (h, e, b)]
-    (reference.mc_candidate_loss(*ref_pad, c, y, reduction=reduction, padding_idx=pad) * w.double()).sum().backward()
+    (
+        reference.mc_candidate_loss(*ref_pad, c, y, reduction=reduction, padding_idx=pad)
+        * w.double()
+    ).sum().backward()
     assert (ref_pad[1].grad[pad] == 0).all()
     assert_close(d_e, ref_pad[1].grad, what="d embedding against the padding_idx reference")
 
@@ -457,19 +515,30 @@ def test_model_passes_its_pad_token_id(monkeypatch):
 
 # ---- registration and compilation ----
 
+
 def test_opcheck(seeded):
     h, e, b, c, y = _loss_inputs(5, 13, 8, 4)
     leaves = [t.requires_grad_() for t in (h, e, b)]
     for reduction in ("mean", "none"):
-        torch.library.opcheck(torch.ops.effbert.mc_candidate_loss.default,
-                              (*leaves, c, y, reduction, True, KERNEL))
+        torch.library.opcheck(
+            torch.ops.effbert.mc_candidate_loss.default, (*leaves, c, y, reduction, True, KERNEL)
+        )
     logits = torch.randn(4, 19, device=DEV)
-    torch.library.opcheck(torch.ops.effbert.mc_sample.default, (logits, 6, ops.new_seed(logits.device), KERNEL),
-                          test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
-    hidden, weight, bias = torch.randn(5, 16, device=DEV), torch.randn(21, 16, device=DEV), torch.randn(21, device=DEV)
-    torch.library.opcheck(torch.ops.effbert.mc_sample_fused.default,
-                          (hidden, weight, bias, 5, ops.new_seed(hidden.device), KERNEL),
-                          test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+    torch.library.opcheck(
+        torch.ops.effbert.mc_sample.default,
+        (logits, 6, ops.new_seed(logits.device), KERNEL),
+        test_utils=("test_schema", "test_faketensor", "test_autograd_registration"),
+    )
+    hidden, weight, bias = (
+        torch.randn(5, 16, device=DEV),
+        torch.randn(21, 16, device=DEV),
+        torch.randn(21, device=DEV),
+    )
+    torch.library.opcheck(
+        torch.ops.effbert.mc_sample_fused.default,
+        (hidden, weight, bias, 5, ops.new_seed(hidden.device), KERNEL),
+        test_utils=("test_schema", "test_faketensor", "test_autograd_registration"),
+    )
 
 
 def test_torch_compile_fullgraph(seeded):
@@ -499,12 +568,21 @@ def test_torch_compile_fullgraph(seeded):
 
 # ---- the model ----
 
+
 def _tiny_model(backend="eager", hidden=36, **kw):
     from effbert.models import TupeBertConfig, TupeBertForMultiChoicePretraining
 
-    cfg = TupeBertConfig(vocab_size=40, hidden_size=hidden, num_hidden_layers=2, num_attention_heads=6,
-                         intermediate_size=48, max_position_embeddings=16, hidden_dropout_prob=0.0,
-                         attention_probs_dropout_prob=0.0, backend=backend)
+    cfg = TupeBertConfig(
+        vocab_size=40,
+        hidden_size=hidden,
+        num_hidden_layers=2,
+        num_attention_heads=6,
+        intermediate_size=48,
+        max_position_embeddings=16,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+        backend=backend,
+    )
     return TupeBertForMultiChoicePretraining(cfg, mask_token_id=4, **kw)
 
 
@@ -524,11 +602,20 @@ def test_multi_choice_inputs_by_hand():
     from effbert.models.mc_bert import multi_choice_inputs
 
     input_ids = torch.tensor([4, 9, 4, 7])
-    original = torch.tensor([5, 9, 6, 8])  # positions 0, 2 masked; 3 randomly replaced (7 != 8); 1 untouched
+    original = torch.tensor(
+        [5, 9, 6, 8]
+    )  # positions 0, 2 masked; 3 randomly replaced (7 != 8); 1 untouched
     masked = torch.tensor([True, False, True, False])
     draws = torch.tensor([[11, 12, 13], [21, 22, 23], [6, 32, 33], [41, 42, 43]])
-    new_ids, cand, labels = multi_choice_inputs(input_ids, original, masked, draws, reject_token_id=4)
-    assert new_ids.tolist() == [11, 9, 6, 7]  # the first draw fills [MASK]; drawing the original (6) is no change
+    new_ids, cand, labels = multi_choice_inputs(
+        input_ids, original, masked, draws, reject_token_id=4
+    )
+    assert new_ids.tolist() == [
+        11,
+        9,
+        6,
+        7,
+    ]  # the first draw fills [MASK]; drawing the original (6) is no change
     assert labels.tolist() == [1, 0, 0, 1]
     assert cand.tolist() == [[4, 5, 13], [4, 22, 23], [4, 32, 33], [4, 8, 43]]
 
@@ -536,10 +623,17 @@ def test_multi_choice_inputs_by_hand():
 def test_controller_shape_and_shared_embeddings():
     model = _tiny_model()
     cc = model.controller_config
-    assert (cc.hidden_size, cc.num_attention_heads, cc.intermediate_size, cc.num_hidden_layers) == (12, 2, 16, 2)
+    assert (cc.hidden_size, cc.num_attention_heads, cc.intermediate_size, cc.num_hidden_layers) == (
+        12,
+        2,
+        16,
+        2,
+    )
     keys = model.state_dict().keys()
     # the controller owns no [V, hidden/3] table: it projects the main model's embeddings
-    assert not [k for k in keys if k.startswith("controller.") and k.endswith("word_embeddings.weight")]
+    assert not [
+        k for k in keys if k.startswith("controller.") and k.endswith("word_embeddings.weight")
+    ]
     assert "controller.bert.embeddings.word_embeddings.proj.weight" in keys
     # with lambda = 0 only the controller's MLM trains, and it still moves the shared embeddings and bias
     model.loss_lambda = 0.0
@@ -548,7 +642,10 @@ def test_controller_shape_and_shared_embeddings():
     out.loss.backward()
     assert model.bert.embeddings.word_embeddings.weight.grad.abs().sum() > 0
     assert model.mlm_head.bias.grad.abs().sum() > 0
-    assert model.mlm_head.dense.weight.grad is None or model.mlm_head.dense.weight.grad.abs().sum() == 0
+    assert (
+        model.mlm_head.dense.weight.grad is None
+        or model.mlm_head.dense.weight.grad.abs().sum() == 0
+    )
 
 
 def test_model_loss_and_metrics(seeded):
@@ -591,7 +688,10 @@ def test_model_choice_metrics_by_hand(monkeypatch):
     masked = (ids == 4).reshape(-1)[flat_real]
     new, cand, lab = mc.multi_choice_inputs(ids.reshape(-1)[flat_real], original, masked, draws, 4)
     feats = model._candidate_features(out.last_hidden_state.reshape(-1, 36)[flat_real]).double()
-    words, bias = model.bert.embeddings.word_embeddings.weight.double(), model.mlm_head.bias.double()
+    words, bias = (
+        model.bert.embeddings.word_embeddings.weight.double(),
+        model.mlm_head.bias.double(),
+    )
     hits, chances = [], []
     for row in (lab == 1).nonzero().squeeze(1).tolist():
         s = [float(feats[row] @ words[c] + bias[c]) for c in cand[row].tolist()]
@@ -612,7 +712,9 @@ def test_model_kernel_backend_matches_eager_losses():
     assert model.controller.bert.encoder.layers[0].attention.backend == KERNEL
     torch.manual_seed(0)
     kern = model(ids, att, labels=labels)
-    assert abs(float(kern.mlm_loss) - float(eager.mlm_loss)) < 1e-4  # before any draw: the same computation
+    assert (
+        abs(float(kern.mlm_loss) - float(eager.mlm_loss)) < 1e-4
+    )  # before any draw: the same computation
     assert torch.isfinite(kern.loss)
 
 
@@ -643,23 +745,50 @@ def test_model_bad_arguments():
 
 # ---- the command ----
 
+
 def _real_text(path):
     """Lines of this machine's licence texts: real prose, not generated."""
     import glob
     import re
 
     files = sorted(glob.glob("/usr/share/common-licenses/*"))
-    text = " ".join(open(f, encoding="utf-8", errors="ignore").read() for f in files[:6] if os.path.isfile(f))
+    text = " ".join(
+        open(f, encoding="utf-8", errors="ignore").read() for f in files[:6] if os.path.isfile(f)
+    )
     if len(text) < 5000:
-        text = (os.__doc__ or "") + " " + " ".join(m.__doc__ or "" for m in (re, glob, pytest, torch))
-    lines = [s.strip() for s in re.split(r"(?<=[.;:])\s+", re.sub(r"\s+", " ", text)) if len(s.split()) >= 4]
+        text = (
+            (os.__doc__ or "") + " " + " ".join(m.__doc__ or "" for m in (re, glob, pytest, torch))
+        )
+    lines = [
+        s.strip()
+        for s in re.split(r"(?<=[.;:])\s+", re.sub(r"\s+", " ", text))
+        if len(s.split()) >= 4
+    ]
     path.write_text("\n".join(lines[:400]) + "\n")
     return str(path)
 
 
-ARGS = ["--layers", "2", "--hidden", "36", "--heads", "3", "--max-seq-length", "24", "--batch-size",
-        "8", "--learning-rate", "2e-3",
-        "--backend", "eager", "--quiet", "--objective", "mcbert", "--device", "cpu"]
+ARGS = [
+    "--layers",
+    "2",
+    "--hidden",
+    "36",
+    "--heads",
+    "3",
+    "--max-seq-length",
+    "24",
+    "--batch-size",
+    "8",
+    "--learning-rate",
+    "2e-3",
+    "--backend",
+    "eager",
+    "--quiet",
+    "--objective",
+    "mcbert",
+    "--device",
+    "cpu",
+]
 
 
 @pytest.mark.requires("datasets", "accelerate")
@@ -676,16 +805,41 @@ def test_pretrain_mcbert_resume_and_finetune(tmp_path, capsys):
     from effbert.data.tokenization import train_wordpiece
 
     data = _real_text(tmp_path / "corpus.txt")
-    train_wordpiece([data], vocab_size=300).save_pretrained(tmp_path / "tok")  # one vocabulary for every run
-    common = ["--data", data, "--vocab", str(tmp_path / "tok"), "--cache-dir", str(tmp_path / "cache"), *ARGS,
-              "--max-steps", "4", "--save-steps", "2", "--logging-steps", "2"]
+    train_wordpiece([data], vocab_size=300).save_pretrained(
+        tmp_path / "tok"
+    )  # one vocabulary for every run
+    common = [
+        "--data",
+        data,
+        "--vocab",
+        str(tmp_path / "tok"),
+        "--cache-dir",
+        str(tmp_path / "cache"),
+        *ARGS,
+        "--max-steps",
+        "4",
+        "--save-steps",
+        "2",
+        "--logging-steps",
+        "2",
+    ]
     whole, parts = tmp_path / "whole", tmp_path / "parts"
-    assert pretrain.main([*common, "--out", str(whole), "--dump-state", str(tmp_path / "whole.pt")]) == 0
+    assert (
+        pretrain.main([*common, "--out", str(whole), "--dump-state", str(tmp_path / "whole.pt")])
+        == 0
+    )
     text = capsys.readouterr().out
     assert "objective MC-BERT (K = 10, lambda = 50" in text and "multi-choice" in text
     log = [json.loads(line) for line in (whole / "log.jsonl").read_text().splitlines()]
-    assert {"mlm_loss", "mc_loss", "mc_accuracy", "mc_replaced_accuracy", "replaced_fraction", "mc_choice_accuracy",
-            "mc_choice_chance"} <= log[-1].keys()
+    assert {
+        "mlm_loss",
+        "mc_loss",
+        "mc_accuracy",
+        "mc_replaced_accuracy",
+        "replaced_fraction",
+        "mc_choice_accuracy",
+        "mc_choice_chance",
+    } <= log[-1].keys()
     assert "cloze " in text and "chance " in text
     report = json.loads((whole / "report.json").read_text())
     assert report["mc_choice_accuracy"] == log[-1]["mc_choice_accuracy"]
@@ -699,7 +853,12 @@ def test_pretrain_mcbert_resume_and_finetune(tmp_path, capsys):
     assert pretrain.main([*common, "--out", str(parts)]) == 0
     shutil.rmtree(parts / "checkpoints" / "checkpoint-4")
     os.remove(parts / "model.safetensors")
-    assert pretrain.main([*common, "--out", str(parts), "--resume", "--dump-state", str(tmp_path / "parts.pt")]) == 0
+    assert (
+        pretrain.main(
+            [*common, "--out", str(parts), "--resume", "--dump-state", str(tmp_path / "parts.pt")]
+        )
+        == 0
+    )
     a, b = torch.load(tmp_path / "whole.pt"), torch.load(tmp_path / "parts.pt")
     assert a.keys() == b.keys() and any(k.startswith("controller.") for k in a)
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -715,12 +874,36 @@ def test_pretrain_mcbert_resume_and_finetune(tmp_path, capsys):
     mlm, tok, _ = effbert.models.load_pretrained(whole, backend="eager")
     assert type(mlm).__name__ == "TupeBertForMaskedLM"
     assert all(torch.equal(mlm.state_dict()[k], a[k]) for k in mlm.state_dict())
-    rows = [("gnu" if i % 2 else "other") + "\t" + line for i, line in
-            enumerate(open(data, encoding="utf-8").read().splitlines()[:40])]
+    rows = [
+        ("gnu" if i % 2 else "other") + "\t" + line
+        for i, line in enumerate(open(data, encoding="utf-8").read().splitlines()[:40])
+    ]
     (tmp_path / "train.tsv").write_text("\n".join(rows) + "\n")
-    assert cli.main(["finetune", "--init", str(whole), "--train", str(tmp_path / "train.tsv"), "--eval",
-                     str(tmp_path / "train.tsv"), "--out", str(tmp_path / "ft"), "--max-steps", "2", "--per-device-train-batch-size",
-                     "8", "--backend", "eager", "--device", "cpu", "--quiet"]) == 0
+    assert (
+        cli.main(
+            [
+                "finetune",
+                "--init",
+                str(whole),
+                "--train",
+                str(tmp_path / "train.tsv"),
+                "--eval",
+                str(tmp_path / "train.tsv"),
+                "--out",
+                str(tmp_path / "ft"),
+                "--max-steps",
+                "2",
+                "--per-device-train-batch-size",
+                "8",
+                "--backend",
+                "eager",
+                "--device",
+                "cpu",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
 
 
 @pytest.mark.requires("datasets", "accelerate")
@@ -735,9 +918,23 @@ def test_pretrain_mcbert_masking(tmp_path, monkeypatch, capsys):
     data = _real_text(tmp_path / "corpus.txt")
     train_wordpiece([data], vocab_size=300).save_pretrained(tmp_path / "tok")
     mask_id = load_tokenizer(tmp_path / "tok").mask_token_id
-    common = ["--data", data, "--vocab", str(tmp_path / "tok"), "--cache-dir", str(tmp_path / "cache"), *ARGS,
-              "--max-steps", "3", "--save-steps", "0", "--batch-size", "32",
-              "--max-seq-length", "48"]
+    common = [
+        "--data",
+        data,
+        "--vocab",
+        str(tmp_path / "tok"),
+        "--cache-dir",
+        str(tmp_path / "cache"),
+        *ARGS,
+        "--max-steps",
+        "3",
+        "--save-steps",
+        "0",
+        "--batch-size",
+        "32",
+        "--max-seq-length",
+        "48",
+    ]
     batches = []
     call = collator_module.DataCollatorForTupeMLM.__call__
 
@@ -745,7 +942,7 @@ def test_pretrain_mcbert_masking(tmp_path, monkeypatch, capsys):
         batch = call(self, features)
         original = torch.zeros_like(batch["input_ids"])
         for i, f in enumerate(features):
-            original[i, :len(f["input_ids"])] = torch.as_tensor(f["input_ids"])
+            original[i, : len(f["input_ids"])] = torch.as_tensor(f["input_ids"])
         batches.append((batch, original))
         return batch
 
@@ -760,18 +957,35 @@ def test_pretrain_mcbert_masking(tmp_path, monkeypatch, capsys):
         target = torch.cat([(b["labels"] != -100).reshape(-1) for b, _ in batches])
         ids = torch.cat([b["input_ids"].reshape(-1) for b, _ in batches])[target]
         orig = torch.cat([o.reshape(-1) for _, o in batches])[target]
-        return (run["mask_replace_prob"], run["random_replace_prob"], int(target.sum()),
-                float((ids == mask_id).float().mean()), float((ids == orig).float().mean()))
+        return (
+            run["mask_replace_prob"],
+            run["random_replace_prob"],
+            int(target.sum()),
+            float((ids == mask_id).float().mean()),
+            float((ids == orig).float().mean()),
+        )
 
     mask_p, random_p, n, masked, kept = shares("mc", "--save-steps", "3")
     assert (mask_p, random_p) == (1.0, 0.0) and n > 200 and masked == 1.0
-    mask_p, random_p, n, masked, kept = shares("mc811", "--mask-replace-prob", "0.8", "--random-replace-prob", "0.1")
-    assert (mask_p, random_p) == (0.8, 0.1) and n > 200 and 0.65 < masked < 0.93 and 0.03 < kept < 0.2
+    mask_p, random_p, n, masked, kept = shares(
+        "mc811", "--mask-replace-prob", "0.8", "--random-replace-prob", "0.1"
+    )
+    assert (
+        (mask_p, random_p) == (0.8, 0.1) and n > 200 and 0.65 < masked < 0.93 and 0.03 < kept < 0.2
+    )
     mask_p, random_p, n, masked, kept = shares("mlm", objective="mlm")
     assert (mask_p, random_p) == (0.8, 0.1) and 0.65 < masked < 0.93 and 0.03 < kept < 0.2
     capsys.readouterr()
-    args = [*common, "--out", str(tmp_path / "mc"), "--resume", "--max-steps", "4",
-            "--mask-replace-prob", "0.8"]
+    args = [
+        *common,
+        "--out",
+        str(tmp_path / "mc"),
+        "--resume",
+        "--max-steps",
+        "4",
+        "--mask-replace-prob",
+        "0.8",
+    ]
     assert pretrain.main(args) == 2
     assert "--mask-replace-prob 1.0 -> 0.8" in capsys.readouterr().err
     # a run file written before the shares were recorded resumes with what that version did: 80/10/10
@@ -781,15 +995,30 @@ def test_pretrain_mcbert_masking(tmp_path, monkeypatch, capsys):
     run_file.write_text(json.dumps(run))
     os.remove(tmp_path / "mc" / "model.safetensors")
     batches.clear()
-    assert pretrain.main([*common, "--out", str(tmp_path / "mc"), "--resume", "--max-steps",
-                          "4"]) == 0
+    assert (
+        pretrain.main([*common, "--out", str(tmp_path / "mc"), "--resume", "--max-steps", "4"]) == 0
+    )
     target = torch.cat([(b["labels"] != -100).reshape(-1) for b, _ in batches])
     ids = torch.cat([b["input_ids"].reshape(-1) for b, _ in batches])[target]
     assert target.sum() > 100 and 0.65 < float((ids == mask_id).float().mean()) < 0.93
-    assert pretrain.main([*common, "--out", str(tmp_path / "bad"), "--mask-replace-prob", "0.5",
-                          "--random-replace-prob", "0.6"]) == 2
+    assert (
+        pretrain.main(
+            [
+                *common,
+                "--out",
+                str(tmp_path / "bad"),
+                "--mask-replace-prob",
+                "0.5",
+                "--random-replace-prob",
+                "0.6",
+            ]
+        )
+        == 2
+    )
     assert "must be <= 1" in capsys.readouterr().err
-    assert pretrain.main([*common, "--out", str(tmp_path / "bad"), "--random-replace-prob", "2"]) == 2
+    assert (
+        pretrain.main([*common, "--out", str(tmp_path / "bad"), "--random-replace-prob", "2"]) == 2
+    )
     assert "--random-replace-prob must be in [0, 1], got 2.0" in capsys.readouterr().err
     assert not (tmp_path / "bad").exists()  # refused before anything was written
 
@@ -800,13 +1029,23 @@ def test_check_rows_and_compile_specs():
 
     rows = checks.check_mc_bert()
     seen = {(op, backend) for op, backend, *_ in rows}
-    assert {("mc_candidate_loss", "eager"), ("mc_candidate_loss", KERNEL), ("mc_sample (bits)", KERNEL),
-            ("mc_sample (freq.)", "eager"), ("mc_sample (freq.)", KERNEL)} <= seen
+    assert {
+        ("mc_candidate_loss", "eager"),
+        ("mc_candidate_loss", KERNEL),
+        ("mc_sample (bits)", KERNEL),
+        ("mc_sample (freq.)", "eager"),
+        ("mc_sample (freq.)", KERNEL),
+    } <= seen
     bad = [r for r in rows if not r[5] <= r[6]]
     assert not bad, bad
     names = [spec["name"] for _, spec in compile_report.kernel_specs(only="mc_")]
-    assert {n.split("[")[0] for n in names} == {"mc_sample", "mc_sample_fused", "mc_candidate_fwd",
-                                                "mc_candidate_scatter", "mc_candidate_fold"}
+    assert {n.split("[")[0] for n in names} == {
+        "mc_sample",
+        "mc_sample_fused",
+        "mc_candidate_fwd",
+        "mc_candidate_scatter",
+        "mc_candidate_fold",
+    }
 
 
 def test_scatter_long_segments_in_pieces(seeded, monkeypatch):
@@ -836,10 +1075,21 @@ def test_train_step_flops_of_the_mcbert_step():
     from effbert.bench import train_step
     from effbert.models import TupeBertConfig, TupeBertForMultiChoicePretraining
 
-    sizes = dict(vocab_size=60, hidden_size=48, num_hidden_layers=2, num_attention_heads=6, intermediate_size=64,
-                 max_position_embeddings=16)
-    cfg = TupeBertConfig(**sizes, position_mode="absolute", hidden_dropout_prob=0.0,
-                         attention_probs_dropout_prob=0.0, backend="eager")
+    sizes = dict(
+        vocab_size=60,
+        hidden_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=6,
+        intermediate_size=64,
+        max_position_embeddings=16,
+    )
+    cfg = TupeBertConfig(
+        **sizes,
+        position_mode="absolute",
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+        backend="eager",
+    )
     model = TupeBertForMultiChoicePretraining(cfg, mask_token_id=4)
     ids = torch.randint(5, 60, (3, 16))
     labels = torch.where(torch.rand(3, 16) < 0.3, ids, torch.full_like(ids, -100))

@@ -28,7 +28,9 @@ def _lines(script):
         import re
 
         text = " ".join(m.__doc__ or "" for m in (os, re, json, importlib.util, pytest, torch))
-        paras = [s for s in re.split(r"(?<=[.;:])\s+", " ".join(text.split())) if len(s.split()) >= 8]
+        paras = [
+            s for s in re.split(r"(?<=[.;:])\s+", " ".join(text.split())) if len(s.split()) >= 8
+        ]
     return paras
 
 
@@ -48,10 +50,35 @@ def test_script_pieces(script, tmp_path, capsys):
     corpus = tmp_path / "train.txt"
     corpus.write_text("".join(p + "\n" for p in lines[12:200]), encoding="utf-8")
     run_dir = tmp_path / "mcbert"
-    args = _flags(script, vocab_size=200, layers=1, hidden=36, heads=3, max_seq_length=32,
-                  max_steps=4, batch_size=8, warmup_steps=1, logging_steps=2, save_steps=2)
-    assert pretrain.main(["--data", str(corpus), "--out", str(run_dir), "--cache-dir", str(tmp_path / "cache"),
-                          "--backend", "eager", *args]) == 0
+    args = _flags(
+        script,
+        vocab_size=200,
+        layers=1,
+        hidden=36,
+        heads=3,
+        max_seq_length=32,
+        max_steps=4,
+        batch_size=8,
+        warmup_steps=1,
+        logging_steps=2,
+        save_steps=2,
+    )
+    assert (
+        pretrain.main(
+            [
+                "--data",
+                str(corpus),
+                "--out",
+                str(run_dir),
+                "--cache-dir",
+                str(tmp_path / "cache"),
+                "--backend",
+                "eager",
+                *args,
+            ]
+        )
+        == 0
+    )
     run = json.loads((run_dir / "pretrain.json").read_text())["settings"]
     assert run["objective"] == "mcbert" and run["mask_replace_prob"] == 1.0  # the published masking
     log, text = script.read_log(str(run_dir))
@@ -60,13 +87,17 @@ def test_script_pieces(script, tmp_path, capsys):
 
     trained, initial, tok = script.load_run(str(run_dir))
     assert type(trained).__name__ == "TupeBertForMultiChoicePretraining"
-    final = load_file(run_dir / "model.safetensors")  # the main model at the last step: the last checkpoint's
+    final = load_file(
+        run_dir / "model.safetensors"
+    )  # the main model at the last step: the last checkpoint's
     state = trained.state_dict()
     assert any(k.startswith("controller.") for k in state)
     assert all(torch.equal(final[k], state[k]) for k in final)
     moved = [k for k in final if not torch.equal(initial.state_dict()[k], state[k])]
     assert moved  # the initial weights are not the trained ones
-    again = script.load_run(str(run_dir))[1].state_dict()  # seeded with the run's seed: the same every time
+    again = script.load_run(str(run_dir))[
+        1
+    ].state_dict()  # seeded with the run's seed: the same every time
     assert all(torch.equal(again[k], v) for k, v in initial.state_dict().items())
 
     res = script.held_out_test(str(run_dir), lines[:12], seeds=(0,), batch=8)
@@ -80,8 +111,11 @@ def test_script_pieces(script, tmp_path, capsys):
     assert "held-out multi-choice test (12 paragraphs, 1 maskings" in table
     assert f"{res['trained']['mc_choice_accuracy']:.3f}" in table.splitlines()[2]
 
-    paras = [("/usr/share/common-licenses/GPL-3", "free software " * 3), ("/usr/share/common-licenses/Apache-2.0",
-             "the license " * 3), ("/usr/share/doc/x/copyright", "not a licence text")] * 5
+    paras = [
+        ("/usr/share/common-licenses/GPL-3", "free software " * 3),
+        ("/usr/share/common-licenses/Apache-2.0", "the license " * 3),
+        ("/usr/share/doc/x/copyright", "not a licence text"),
+    ] * 5
     dev = script.finetune_data(paras, str(tmp_path))
     train_rows = (tmp_path / "ft_train.tsv").read_text().splitlines()
     assert len(train_rows) == 8 and len(dev) == 2

@@ -21,8 +21,17 @@ from test_pretrain import _args, _error, _log, _run, _same, files  # noqa: F401 
 pytestmark = pytest.mark.requires("datasets", "accelerate")
 
 GROW = "layers=1->2@2,ffn=64->128@2"  # test_pretrain's model: 2 layers, FFN 4 x 32
-BIRD = ["--early-bird", "--early-bird-draw-every", "1", "--early-bird-patience", "2",
-        "--early-bird-search-steps", "6", "--early-bird-head-ratio", "0.5"]
+BIRD = [
+    "--early-bird",
+    "--early-bird-draw-every",
+    "1",
+    "--early-bird-patience",
+    "2",
+    "--early-bird-search-steps",
+    "6",
+    "--early-bird-head-ratio",
+    "0.5",
+]
 
 
 def _tensor_shapes(folder):
@@ -37,8 +46,22 @@ def _tensor_shapes(folder):
 
 def test_grow_grows_at_its_step_and_saves_the_grown_model(tmp_path, files, capsys):
     out = tmp_path / "run"
-    _run(_args(files, out, "--max-steps", "4", "--save-steps", "1", "--save-total-limit", "4",
-               "--logging-steps", "1", "--grow", GROW))
+    _run(
+        _args(
+            files,
+            out,
+            "--max-steps",
+            "4",
+            "--save-steps",
+            "1",
+            "--save-total-limit",
+            "4",
+            "--logging-steps",
+            "1",
+            "--grow",
+            GROW,
+        )
+    )
     text = capsys.readouterr().out
     assert "pretraining a 1-layer" in text  # built at the schedule's first sizes
     assert "growth after step 2: layers=1->2,ffn=64->128" in text
@@ -57,8 +80,10 @@ def test_grow_grows_at_its_step_and_saves_the_grown_model(tmp_path, files, capsy
     assert events[0]["params_after"] == sum(p.numel() for p in model.parameters())
     report = json.loads((out / "report.json").read_text())
     assert report["growths"] == events
-    assert (report["parameters_before"], report["parameters_after"]) == (events[0]["params_before"],
-                                                                         events[0]["params_after"])
+    assert (report["parameters_before"], report["parameters_after"]) == (
+        events[0]["params_before"],
+        events[0]["params_after"],
+    )
     assert json.loads((out / "pretrain.json").read_text())["settings"]["grow"] == GROW
     assert (out / "loss.png").read_bytes()[:4] == b"\x89PNG"
 
@@ -70,8 +95,19 @@ def test_resume_across_a_growth_equals_not_stopping(tmp_path, files, state):
     spec = "layers=1->2@1,ffn=64->128@1"
     whole, parts = tmp_path / "whole", tmp_path / "parts"
     common = ["--max-steps", "4", "--save-steps", "2", "--logging-steps", "1"]
-    _run(_args(files, whole, *common, "--grow", spec, "--grow-optimizer-state", state,
-               "--dump-state", str(tmp_path / "whole.pt")))
+    _run(
+        _args(
+            files,
+            whole,
+            *common,
+            "--grow",
+            spec,
+            "--grow-optimizer-state",
+            state,
+            "--dump-state",
+            str(tmp_path / "whole.pt"),
+        )
+    )
     _run(_args(files, parts, *common, "--grow", spec, "--grow-optimizer-state", state))
     shutil.rmtree(parts / "checkpoints" / "checkpoint-4")
     os.remove(parts / "model.safetensors")
@@ -84,29 +120,51 @@ def test_resume_across_a_growth_equals_not_stopping(tmp_path, files, state):
 
 def test_grow_input_pooling_runs_unpacked_without_notes(tmp_path, files):
     out = tmp_path / "run"
-    _run(_args(files, out, "--max-steps", "3", "--save-steps", "0", "--grow", "pool=2->1@2",
-               "--no-pack", "--no-tnf", tnf=False))
+    _run(
+        _args(
+            files,
+            out,
+            "--max-steps",
+            "3",
+            "--save-steps",
+            "0",
+            "--grow",
+            "pool=2->1@2",
+            "--no-pack",
+            "--no-tnf",
+            tnf=False,
+        )
+    )
     growths = json.loads((out / "report.json").read_text())["growths"]
     assert [e["growth"] for e in growths] == ["pool=2->1"]
     assert all(r["loss"] == r["loss"] for r in _log(out))
 
 
-@pytest.mark.parametrize("extra,message", [
-    (["--grow", "pool=2->1@2", "--no-tnf"], "add --no-pack"),
-    (["--grow", "pool=2->1@2", "--no-pack"], "add --no-tnf"),
-    (["--grow", GROW, "--objective", "mcbert"], "not with --objective mcbert"),
-    (["--grow", GROW, "--early-bird"], "--early-bird and --grow exclude each other"),
-    (["--grow", "layers=1->3@2"],
-     "--grow: spec ends layers at 3, but the model's num_hidden_layers is 2"),
-    (["--grow", "layers=2->1@2"], "--grow: spec item 'layers=2->1@2'"),
-    (["--grow", "depth=1->2@2"], "--grow: spec item 'depth=1->2@2'"),
-    (["--grow-optimizer-state", "grow"], "--grow-optimizer-state goes with --grow"),
-    (["--early-bird-l1", "1e-3"], "--early-bird-l1 goes with --early-bird"),
-    (["--early-bird", "--early-bird-head-ratio", "1"], "--early-bird-head-ratio must be in [0, 1)"),
-    (["--early-bird", "--early-bird-draw-every", "0"], "--early-bird-draw-every must be >= 1"),
-])
-def test_method_flags_are_refused_in_one_line_before_any_work(tmp_path, files, capsys, extra,
-                                                               message):
+@pytest.mark.parametrize(
+    "extra,message",
+    [
+        (["--grow", "pool=2->1@2", "--no-tnf"], "add --no-pack"),
+        (["--grow", "pool=2->1@2", "--no-pack"], "add --no-tnf"),
+        (["--grow", GROW, "--objective", "mcbert"], "not with --objective mcbert"),
+        (["--grow", GROW, "--early-bird"], "--early-bird and --grow exclude each other"),
+        (
+            ["--grow", "layers=1->3@2"],
+            "--grow: spec ends layers at 3, but the model's num_hidden_layers is 2",
+        ),
+        (["--grow", "layers=2->1@2"], "--grow: spec item 'layers=2->1@2'"),
+        (["--grow", "depth=1->2@2"], "--grow: spec item 'depth=1->2@2'"),
+        (["--grow-optimizer-state", "grow"], "--grow-optimizer-state goes with --grow"),
+        (["--early-bird-l1", "1e-3"], "--early-bird-l1 goes with --early-bird"),
+        (
+            ["--early-bird", "--early-bird-head-ratio", "1"],
+            "--early-bird-head-ratio must be in [0, 1)",
+        ),
+        (["--early-bird", "--early-bird-draw-every", "0"], "--early-bird-draw-every must be >= 1"),
+    ],
+)
+def test_method_flags_are_refused_in_one_line_before_any_work(
+    tmp_path, files, capsys, extra, message
+):
     out = tmp_path / "run"
     _error(capsys, _args(files, out, "--max-steps", "4", *extra), message)
     assert not out.exists()
@@ -115,11 +173,21 @@ def test_method_flags_are_refused_in_one_line_before_any_work(tmp_path, files, c
 # ------------------------------------------------------------------------------------ --early-bird
 
 
-def test_pretrain_early_bird_saves_a_pruned_model_and_a_resume_does_not_search(tmp_path, files,
-                                                                               capsys):
+def test_pretrain_early_bird_saves_a_pruned_model_and_a_resume_does_not_search(
+    tmp_path, files, capsys
+):
     out = tmp_path / "run"
-    common = ["--max-steps", "4", "--save-steps", "2", "--logging-steps", "1", "--heads", "4",
-              *BIRD]
+    common = [
+        "--max-steps",
+        "4",
+        "--save-steps",
+        "2",
+        "--logging-steps",
+        "1",
+        "--heads",
+        "4",
+        *BIRD,
+    ]
     _run(_args(files, out, *common))
     text = capsys.readouterr().out
     assert text.count("EarlyBERT search") == 2  # what it does, and where it stopped
@@ -137,17 +205,31 @@ def test_pretrain_early_bird_saves_a_pruned_model_and_a_resume_does_not_search(t
     assert report["early_bird"] == searched
     # a resume from the pruned checkpoint builds the pruned shapes and goes on without a search
     shutil.rmtree(out / "checkpoints" / "checkpoint-4")
-    _run(_args(files, out, *common[:-len(BIRD)], "--resume"))
+    _run(_args(files, out, *common[: -len(BIRD)], "--resume"))
     text = capsys.readouterr().out
     assert "EarlyBERT search" not in text and "resuming from step 2" in text
     assert load_pretrained(out)[0].config.early_bird_ticket == searched["ticket"]
     assert [r["step"] for r in _log(out)] == [1, 2, 3, 4]
     # finetune --init takes the pruned model as it is, and refuses to search a second ticket in it
     tsv = tmp_path / "train.tsv"
-    tsv.write_text("".join(f"{'ab'[i % 2]}\tthe licence {'is' if i % 2 else 'was'} here\n"
-                           for i in range(16)))
-    ft = ["--init", str(out), "--train", str(tsv), "--max-steps", "2", "--backend", "eager",
-          "--device", "cpu", "--quiet", "--save-steps", "0"]
+    tsv.write_text(
+        "".join(f"{'ab'[i % 2]}\tthe licence {'is' if i % 2 else 'was'} here\n" for i in range(16))
+    )
+    ft = [
+        "--init",
+        str(out),
+        "--train",
+        str(tsv),
+        "--max-steps",
+        "2",
+        "--backend",
+        "eager",
+        "--device",
+        "cpu",
+        "--quiet",
+        "--save-steps",
+        "0",
+    ]
     assert finetune.main([*ft, "--out", str(tmp_path / "ft")]) == 0
     tuned = load_finetuned(tmp_path / "ft", backend="eager")[0]
     assert tuned.config.early_bird_ticket == searched["ticket"]
@@ -158,11 +240,30 @@ def test_pretrain_early_bird_saves_a_pruned_model_and_a_resume_does_not_search(t
     assert "--early-bird: the model of --init is pruned already" in err
 
 
-def test_finetune_early_bird_saves_a_model_load_finetuned_loads(hf_dir, data,  # noqa: F811
-                                                                tmp_path, capsys):
+def test_finetune_early_bird_saves_a_model_load_finetuned_loads(
+    hf_dir,
+    data,  # noqa: F811
+    tmp_path,
+    capsys,
+):
     out = tmp_path / "ft"
-    assert finetune.main(finetune_args(hf_dir, data, out, "--max-steps", "4", "--save-steps", "2",
-                                       "--loss", "deebert", *BIRD)[1:]) == 0
+    assert (
+        finetune.main(
+            finetune_args(
+                hf_dir,
+                data,
+                out,
+                "--max-steps",
+                "4",
+                "--save-steps",
+                "2",
+                "--loss",
+                "deebert",
+                *BIRD,
+            )[1:]
+        )
+        == 0
+    )
     text = capsys.readouterr().out
     # DeeBERT's two stages: one search, before stage 1
     assert text.count("EarlyBERT search stopped at step") + text.count("EarlyBERT search ran") == 1
@@ -177,16 +278,33 @@ def test_finetune_early_bird_saves_a_model_load_finetuned_loads(hf_dir, data,  #
     assert json.loads((out / "report.json").read_text())["early_bird"] == searched
     # a resume in stage 2 prunes to the checkpoint's ticket and does not search again
     shutil.rmtree(out / "checkpoints" / "stage-2" / "checkpoint-4")
-    assert finetune.main(finetune_args(hf_dir, data, out, "--max-steps", "4", "--save-steps", "2",
-                                       "--loss", "deebert", "--resume", *BIRD)[1:]) == 0
+    assert (
+        finetune.main(
+            finetune_args(
+                hf_dir,
+                data,
+                out,
+                "--max-steps",
+                "4",
+                "--save-steps",
+                "2",
+                "--loss",
+                "deebert",
+                "--resume",
+                *BIRD,
+            )[1:]
+        )
+        == 0
+    )
     assert "EarlyBERT search" not in capsys.readouterr().out
     assert load_finetuned(out, backend="eager")[0].config.early_bird_ticket == searched["ticket"]
 
 
 def test_finetune_early_bird_flags_are_checked(hf_dir, data, tmp_path, capsys):  # noqa: F811
     out = tmp_path / "ft"
-    code = finetune.main(finetune_args(hf_dir, data, out, "--early-bird", "--early-bird-ffn-ratio",
-                                       "1.5")[1:])
+    code = finetune.main(
+        finetune_args(hf_dir, data, out, "--early-bird", "--early-bird-ffn-ratio", "1.5")[1:]
+    )
     err = capsys.readouterr().err
     assert code == 2 and len(err.splitlines()) == 1
     assert "--early-bird-ffn-ratio must be in [0, 1), got 1.5" in err

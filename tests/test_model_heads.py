@@ -22,9 +22,20 @@ CONT_FROM = 45  # ids >= 45 are continuation pieces
 
 
 def tiny_config(**overrides):
-    values = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=3, num_attention_heads=2, intermediate_size=37,
-                  max_position_embeddings=16, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
-                  position_mode="tupe-r", num_buckets=8, max_distance=12, num_labels=3)
+    values = dict(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        num_hidden_layers=3,
+        num_attention_heads=2,
+        intermediate_size=37,
+        max_position_embeddings=16,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+        position_mode="tupe-r",
+        num_buckets=8,
+        max_distance=12,
+        num_labels=3,
+    )
     values.update(overrides)
     return TupeBertConfig(**values)
 
@@ -47,10 +58,10 @@ def rare_batch(lengths=(11, 8, 5)):
     """A batch of plain tokens with rare words planted at known places (word starts only, ids < CONT_FROM)."""
     b, n = len(lengths), max(lengths)
     ids = torch.randint(13, CONT_FROM, (b, n))
-    ids[0, 2] = 10                          # alpha
-    ids[0, 5:7] = torch.tensor([11, 46])    # beta
+    ids[0, 2] = 10  # alpha
+    ids[0, 5:7] = torch.tensor([11, 46])  # beta
     ids[1, 1:4] = torch.tensor([12, 47, 48])  # gamma
-    ids[2, 3] = 10                          # alpha again (second occurrence of slot 0)
+    ids[2, 3] = 10  # alpha again (second occurrence of slot 0)
     lengths = torch.tensor(lengths)
     mask = (torch.arange(n)[None] < lengths[:, None]).long()
     return ids.to(DEVICE), mask.to(DEVICE), lengths.to(DEVICE)
@@ -79,7 +90,9 @@ def test_notes_change_only_for_the_batch_rare_words(backend, seeded):
     bert = ref_model.bert
     tt, pad = bert.check_inputs(ids, mask)
     x = bert.embed(ids, tt)
-    seen = torch.where((slots >= 0) & (before_counts[slots.clamp_min(0)] > 0), slots, torch.full_like(slots, -1))
+    seen = torch.where(
+        (slots >= 0) & (before_counts[slots.clamp_min(0)] > 0), slots, torch.full_like(slots, -1)
+    )
     x = reference.note_mix(x, before_notes.double(), seen, notes.lam)
     h, _ = bert.encoder(x, pos_bias=bert.position_bias(ids.shape[1]), attention_mask=pad)
     real = mask.bool()
@@ -90,12 +103,21 @@ def test_notes_change_only_for_the_batch_rare_words(backend, seeded):
 
     model.update_notes(out.last_hidden_state, spans, lengths)
     exp_notes, exp_counts = before_notes.clone(), before_counts.clone()
-    reference.note_update_(exp_notes, exp_counts, out.last_hidden_state.detach(), spans, window=2, gamma=0.3,
-                           lengths=lengths)
+    reference.note_update_(
+        exp_notes,
+        exp_counts,
+        out.last_hidden_state.detach(),
+        spans,
+        window=2,
+        gamma=0.3,
+        lengths=lengths,
+    )
     touched = torch.zeros(notes.num_slots, dtype=torch.bool)
     touched[spans[:, 3].cpu()] = True
     assert touched.tolist() == [True, True, True] + [False] * extra_slots
-    assert torch.equal(model.notes.notes[~touched], before_notes[~touched])  # untouched slots bit for bit
+    assert torch.equal(
+        model.notes.notes[~touched], before_notes[~touched]
+    )  # untouched slots bit for bit
     assert torch.equal(model.notes.counts, exp_counts)
     assert model.notes.counts.tolist()[:3] == [2, 4, 1]
     assert_close(model.notes.notes[touched], exp_notes[touched], what="updated notes")
@@ -105,18 +127,24 @@ def test_notes_change_only_for_the_batch_rare_words(backend, seeded):
 def test_notes_survive_a_state_dict_round_trip(seeded):
     cfg = tiny_config(backend="eager")
     table = rare_table()
-    model = randomize_(TupeBertForMaskedLM(cfg, NoteDictionary(len(table), cfg.hidden_size, window=1))).to(DEVICE)
+    model = randomize_(
+        TupeBertForMaskedLM(cfg, NoteDictionary(len(table), cfg.hidden_size, window=1))
+    ).to(DEVICE)
     ids, mask, lengths = rare_batch()
     spans, slots = table.find(ids, lengths)
     model.update_notes(model(ids, mask).last_hidden_state, spans, lengths)
     state = model.state_dict()
     assert "notes.notes" in state and "notes.counts" in state
-    fresh = TupeBertForMaskedLM(cfg, NoteDictionary(len(table), cfg.hidden_size, window=1)).to(DEVICE)
+    fresh = TupeBertForMaskedLM(cfg, NoteDictionary(len(table), cfg.hidden_size, window=1)).to(
+        DEVICE
+    )
     assert not torch.equal(fresh.notes.notes, model.notes.notes)
     fresh.load_state_dict(state)
     assert torch.equal(fresh.notes.notes, model.notes.notes)
     assert torch.equal(fresh.notes.counts, model.notes.counts)
-    assert torch.equal(fresh(ids, mask, note_slots=slots).logits, model(ids, mask, note_slots=slots).logits)
+    assert torch.equal(
+        fresh(ids, mask, note_slots=slots).logits, model(ids, mask, note_slots=slots).logits
+    )
 
 
 def test_note_arguments_are_checked():
@@ -129,7 +157,9 @@ def test_note_arguments_are_checked():
     with pytest.raises(ValueError, match="note_slots needs"):
         TupeBertForMaskedLM(cfg)(ids, note_slots=torch.full_like(ids, -1))
     with pytest.raises(ValueError, match="update_notes needs"):
-        TupeBertForMaskedLM(cfg).update_notes(torch.zeros(2, 5, 32), torch.zeros(0, 4, dtype=torch.long))
+        TupeBertForMaskedLM(cfg).update_notes(
+            torch.zeros(2, 5, 32), torch.zeros(0, 4, dtype=torch.long)
+        )
     model = TupeBertForMaskedLM(cfg, NoteDictionary(3, cfg.hidden_size))
     with pytest.raises(ValueError, match="note_slots must be"):
         model(ids, note_slots=torch.full((2, 4), -1))
@@ -149,16 +179,26 @@ def padded_batch(b=6, n=9):
 def test_multi_exit_forward_gives_every_exit_and_romebert_loss(backend, seeded):
     cfg = tiny_config(multi_exit=True, backend=backend)
     model = randomize_(TupeBertForSequenceClassification(cfg)).to(DEVICE).eval()
-    assert model.classifier is None and model.bert.pooler is None and len(model.exits) == cfg.num_hidden_layers
+    assert (
+        model.classifier is None
+        and model.bert.pooler is None
+        and len(model.exits) == cfg.num_hidden_layers
+    )
     ids, mask = padded_batch()
     labels = torch.randint(0, 3, (ids.shape[0],), device=DEVICE)
     out = model(ids, mask, labels=labels, output_hidden_states=True)
     assert out.exit_logits.shape == (cfg.num_hidden_layers, ids.shape[0], 3)
     ref = copy.deepcopy(model).double().set_backend("eager")
     states = ref.bert(ids, mask, output_hidden_states=True).hidden_states
-    for i, head in enumerate(ref.exits):  # exit i reads layer i's output, as the plain encoder computes it
+    for i, head in enumerate(
+        ref.exits
+    ):  # exit i reads layer i's output, as the plain encoder computes it
         assert_close(out.exit_logits[i], head(states[i + 1]), what=f"exit {i + 1} logits")
-    assert_close(out.loss, reference.multi_exit_distillation_loss(out.exit_logits.double(), labels), what="loss")
+    assert_close(
+        out.loss,
+        reference.multi_exit_distillation_loss(out.exit_logits.double(), labels),
+        what="loss",
+    )
     out.loss.backward()
     assert all(h.classifier.weight.grad is not None for h in model.exits)
 
@@ -176,12 +216,14 @@ def test_batched_early_exit_equals_each_sample_alone(criterion, backend, seeded)
         kw["patience"] = 1
     else:  # a threshold in the middle of the scores, so some samples exit early and some do not
         flat = full[:-1].reshape(-1, 3).double()
-        scores = reference.exit_entropy(flat) if criterion == "entropy" else flat.softmax(-1).amax(-1)
+        scores = (
+            reference.exit_entropy(flat) if criterion == "entropy" else flat.softmax(-1).amax(-1)
+        )
         # in the widest gap of the middle half, never on a score: a sample run alone computes its score with
         # other float rounding, and a tie at the threshold could go either way
         s = scores.sort().values
         lo, hi = len(s) // 4, 3 * len(s) // 4
-        k = lo + int((s[lo + 1:hi + 1] - s[lo:hi]).argmax())
+        k = lo + int((s[lo + 1 : hi + 1] - s[lo:hi]).argmax())
         kw["threshold"] = float((s[k] + s[k + 1]) / 2)
     calls = []
     hook = model.bert.position_encoder.register_forward_hook(lambda *a: calls.append(1))
@@ -191,7 +233,7 @@ def test_batched_early_exit_equals_each_sample_alone(criterion, backend, seeded)
     assert logits.shape == (7, 3) and layer.dtype == torch.int64
     for b in range(ids.shape[0]):
         with torch.no_grad():
-            alone = model(ids[b:b + 1], mask[b:b + 1]).exit_logits  # [L, 1, C]
+            alone = model(ids[b : b + 1], mask[b : b + 1]).exit_logits  # [L, 1, C]
         want = int(exit_layers(alone, criterion, **kw)[0])
         assert int(layer[b]) == want, f"sample {b}"
         assert_close(logits[b], alone[want - 1, 0], what=f"sample {b} logits")
@@ -220,9 +262,12 @@ def test_exit_poolers_start_from_one_pooler_or_share_it(seeded):
     model.init_exit_poolers(pooler.state_dict())
     assert len({id(h.pooler) for h in model.exits}) == 3
     for h in model.exits:
-        assert torch.equal(h.pooler.weight, pooler.weight) and torch.equal(h.pooler.bias, pooler.bias)
-    shared = TupeBertForSequenceClassification(tiny_config(multi_exit=True, shared_exit_pooler=True,
-                                                           backend="eager"))
+        assert torch.equal(h.pooler.weight, pooler.weight) and torch.equal(
+            h.pooler.bias, pooler.bias
+        )
+    shared = TupeBertForSequenceClassification(
+        tiny_config(multi_exit=True, shared_exit_pooler=True, backend="eager")
+    )
     assert len({id(h.pooler) for h in shared.exits}) == 1
     # sharing survives a save and a load into a fresh model of the same config
     again = TupeBertForSequenceClassification(shared.config)
@@ -232,11 +277,15 @@ def test_exit_poolers_start_from_one_pooler_or_share_it(seeded):
     with pytest.raises(TypeError, match="shared_exit_pooler must be a bool"):
         tiny_config(shared_exit_pooler="yes")
     with pytest.raises(ValueError, match="multi_exit=True"):
-        TupeBertForSequenceClassification(tiny_config(backend="eager")).init_exit_poolers(pooler.state_dict())
+        TupeBertForSequenceClassification(tiny_config(backend="eager")).init_exit_poolers(
+            pooler.state_dict()
+        )
 
 
 def test_full_depth_and_float_masks_in_the_model(seeded):
-    model = randomize_(TupeBertForSequenceClassification(tiny_config(multi_exit=True, backend="eager"))).eval()
+    model = randomize_(
+        TupeBertForSequenceClassification(tiny_config(multi_exit=True, backend="eager"))
+    ).eval()
     ids, mask = padded_batch(b=4)
     for kw in (dict(criterion="entropy", threshold=0.0), dict(criterion="patience", patience=0)):
         logits, layer = model.early_exit(ids, mask, **kw)

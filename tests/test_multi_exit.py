@@ -27,9 +27,13 @@ class MixLayer(nn.Module):
 
 
 def make_encoder(depth=5, dm=8, classes=3, dtype=torch.float32):
-    enc = MultiExitEncoder([MixLayer(dm) for _ in range(depth)], [ExitHead(dm, classes) for _ in range(depth)])
+    enc = MultiExitEncoder(
+        [MixLayer(dm) for _ in range(depth)], [ExitHead(dm, classes) for _ in range(depth)]
+    )
     with torch.no_grad():
-        for i, head in enumerate(enc.heads):  # later off-ramps are more confident, as trained ones are
+        for i, head in enumerate(
+            enc.heads
+        ):  # later off-ramps are more confident, as trained ones are
             head.classifier.weight.mul_(1.0 + 1.5 * i)
     return enc.to(dtype).eval()
 
@@ -43,8 +47,9 @@ CRITERIA = [
 
 def check_against_loop(enc, hidden, mask, criterion, kw, backend, expect_layers=None):
     logits, layer = enc.early_exit(hidden, mask, criterion=criterion, backend=backend, **kw)
-    want_logits, want_layer = reference.early_exit_loop(enc.layers, enc.heads, hidden, mask, criterion=criterion,
-                                                        **kw)
+    want_logits, want_layer = reference.early_exit_loop(
+        enc.layers, enc.heads, hidden, mask, criterion=criterion, **kw
+    )
     assert layer.dtype == torch.int64 and layer.tolist() == want_layer.tolist()
     assert logits.dtype == want_logits.dtype
     assert_close(logits, want_logits, rtol=1e-5, what=f"{backend} {criterion} logits")
@@ -53,8 +58,11 @@ def check_against_loop(enc, hidden, mask, criterion, kw, backend, expect_layers=
     return layer
 
 
-@pytest.mark.parametrize("backend,device", [c for c in backend_cases() if "cuda" not in c.id] +
-                         [c for c in backend_cases() if "cuda" in c.id])
+@pytest.mark.parametrize(
+    "backend,device",
+    [c for c in backend_cases() if "cuda" not in c.id]
+    + [c for c in backend_cases() if "cuda" in c.id],
+)
 @pytest.mark.parametrize("criterion,kw", CRITERIA, ids=[c for c, _ in CRITERIA])
 def test_random_exit_patterns_equal_the_loop(backend, device, criterion, kw, seeded):
     require_backend(backend, device)
@@ -72,10 +80,16 @@ def test_edge_patterns(backend, device, seeded):
     enc = make_encoder().to(device)
     hidden = torch.randn(9, 5, 8, device=device)
     # all rows at layer 1 (entropy <= log 3 < 2), none early (no off-ramp is that sure), a batch of one
-    check_against_loop(enc, hidden, None, "entropy", dict(threshold=2.0), backend, expect_layers=[1] * 9)
-    check_against_loop(enc, hidden, None, "entropy", dict(threshold=1e-12), backend, expect_layers=[5] * 9)
+    check_against_loop(
+        enc, hidden, None, "entropy", dict(threshold=2.0), backend, expect_layers=[1] * 9
+    )
+    check_against_loop(
+        enc, hidden, None, "entropy", dict(threshold=1e-12), backend, expect_layers=[5] * 9
+    )
     check_against_loop(enc, hidden[:1], None, "max_prob", dict(threshold=0.5), backend)
-    check_against_loop(enc, hidden, None, "patience", dict(patience=enc.depth), backend, expect_layers=[5] * 9)
+    check_against_loop(
+        enc, hidden, None, "patience", dict(patience=enc.depth), backend, expect_layers=[5] * 9
+    )
 
 
 @pytest.mark.parametrize("backend,device", backend_cases())
@@ -85,8 +99,14 @@ def test_nan_samples_never_exit_early(backend, device, criterion, kw, seeded):
     enc = make_encoder().to(device)
     hidden = torch.randn(11, 5, 8, device=device)
     hidden[[2, 7]] = float("nan")  # NaN stays inside its own sample through every layer
-    layers = check_against_loop(enc, hidden, None, criterion, {**kw, "threshold": 2.0} if criterion == "entropy"
-                                else kw, backend)
+    layers = check_against_loop(
+        enc,
+        hidden,
+        None,
+        criterion,
+        {**kw, "threshold": 2.0} if criterion == "entropy" else kw,
+        backend,
+    )
     assert layers[2] == enc.depth and layers[7] == enc.depth
     if criterion == "entropy":
         assert (layers[[0, 1, 3, 4, 5, 6, 8, 9, 10]] == 1).all()
@@ -105,7 +125,9 @@ def test_regression_head_uses_the_delta_rule(seeded):
     enc = make_encoder(classes=1)
     hidden = torch.randn(17, 5, 8)
     for t in (0.05, 0.5, 5.0):
-        layers = check_against_loop(enc, hidden, None, "patience", dict(patience=1, threshold=t), "cpu")
+        layers = check_against_loop(
+            enc, hidden, None, "patience", dict(patience=1, threshold=t), "cpu"
+        )
     assert (layers == 2).all()  # |delta| < 5 everywhere: one repeat at layer 2
 
 
@@ -138,8 +160,10 @@ def test_compaction_runs_later_layers_on_fewer_rows(seeded):
 
 def test_torch_encoder_layer_stack(seeded):
     dm = 16
-    layers = [TorchLayerAdapter(nn.TransformerEncoderLayer(dm, 2, 32, dropout=0.0, batch_first=True))
-              for _ in range(3)]
+    layers = [
+        TorchLayerAdapter(nn.TransformerEncoderLayer(dm, 2, 32, dropout=0.0, batch_first=True))
+        for _ in range(3)
+    ]
     enc = MultiExitEncoder(layers, [ExitHead(dm, 2) for _ in range(3)]).eval()
     hidden = torch.randn(6, 5, dm)
     mask = torch.ones(6, 5, dtype=torch.bool)
@@ -164,11 +188,14 @@ def test_bert_layer_adapter_masks_padding(seeded):
     out = adapter(hidden, mask)
     # the padded sample equals the same sample cut to its real tokens
     assert torch.allclose(out[0, :2], FakeBertLayer()(hidden[:1, :2])[0][0], atol=1e-6)
-    enc = MultiExitEncoder([BertLayerAdapter(FakeBertLayer()) for _ in range(2)], [ExitHead(3, 2) for _ in range(2)])
+    enc = MultiExitEncoder(
+        [BertLayerAdapter(FakeBertLayer()) for _ in range(2)], [ExitHead(3, 2) for _ in range(2)]
+    )
     check_against_loop(enc, hidden, mask, "max_prob", dict(threshold=0.7), "cpu")
 
 
 # ---- bad inputs ----
+
 
 def test_bad_construction():
     with pytest.raises(ValueError, match=r"equal length .* 3 layers and 2 heads"):
@@ -199,8 +226,12 @@ def test_bad_shapes():
     with pytest.raises(ValueError, match=r"hidden must have 3 dimensions \[B, N, Dm\]"):
         enc.early_exit(torch.randn(3, 8), criterion="entropy", threshold=0.5)
     with pytest.raises(ValueError, match=r"attention_mask must be \[B, N\]"):
-        enc.early_exit(torch.randn(3, 4, 8), torch.ones(3, 5, dtype=torch.bool), criterion="entropy",
-                       threshold=0.5)
+        enc.early_exit(
+            torch.randn(3, 4, 8),
+            torch.ones(3, 5, dtype=torch.bool),
+            criterion="entropy",
+            threshold=0.5,
+        )
     with pytest.raises(TypeError, match=r"attention_mask must be bool or 0/1 integers"):
         enc(torch.randn(3, 4, 8), torch.ones(3, 4))
     bad = MultiExitEncoder([MixLayer(8)], [nn.Linear(8, 2)])  # forgets to pool: [B, N, C] logits
@@ -213,6 +244,7 @@ def test_exports():
 
 
 # ---- the benchmark's synthetic setup does what its table claims ----
+
 
 def test_bench_exit_plan_and_cases_check_out():
     from effbert.bench import early_exit as bench
@@ -229,7 +261,9 @@ def test_bench_exit_plan_and_cases_check_out():
         inputs = c.make_inputs()
         if c.check:
             out, ref = c.fn(*inputs), c.reference(*inputs)
-            assert torch.allclose(out.double(), ref.double(), rtol=max(c.rtol, 1e-6), atol=1e-6), c.key
+            assert torch.allclose(out.double(), ref.double(), rtol=max(c.rtol, 1e-6), atol=1e-6), (
+                c.key
+            )
     # the synthetic off-ramps make every sample leave at its planned layer
     e2e = next(c for c in cases if c.provider == "effbert-batched")
     (hidden,) = e2e.make_inputs()
@@ -239,24 +273,38 @@ def test_bench_exit_plan_and_cases_check_out():
 
 
 def test_head_changing_width_midway_is_an_error():
-    enc = MultiExitEncoder([MixLayer(8) for _ in range(3)], [ExitHead(8, 3), ExitHead(8, 4), ExitHead(8, 3)])
+    enc = MultiExitEncoder(
+        [MixLayer(8) for _ in range(3)], [ExitHead(8, 3), ExitHead(8, 4), ExitHead(8, 3)]
+    )
     with pytest.raises(ValueError, match=r"logits must be \[\d+, 3\]"):
         enc.early_exit(torch.randn(5, 4, 8), criterion="entropy", threshold=1e-9, backend="cpu")
 
 
 # ---- full depth (threshold 0 / patience 0) and the mask convention ----
 
-@pytest.mark.parametrize("backend,device", [c for c in backend_cases() if "cuda" not in c.id] +
-                         [c for c in backend_cases() if "cuda" in c.id])
-@pytest.mark.parametrize("criterion,kw", [("entropy", dict(threshold=0.0)), ("entropy", dict(threshold=0)),
-                                          ("patience", dict(patience=0))],
-                         ids=["entropy-0.0", "entropy-0", "patience-0"])
+
+@pytest.mark.parametrize(
+    "backend,device",
+    [c for c in backend_cases() if "cuda" not in c.id]
+    + [c for c in backend_cases() if "cuda" in c.id],
+)
+@pytest.mark.parametrize(
+    "criterion,kw",
+    [
+        ("entropy", dict(threshold=0.0)),
+        ("entropy", dict(threshold=0)),
+        ("patience", dict(patience=0)),
+    ],
+    ids=["entropy-0.0", "entropy-0", "patience-0"],
+)
 def test_zero_threshold_and_zero_patience_mean_full_depth(backend, device, criterion, kw, seeded):
     """DeeBERT's and PABEE's scripts start their sweeps at threshold 0 / patience 0: the full-depth row."""
     require_backend(backend, device)
     enc = make_encoder(depth=4).to(device)
     hidden = torch.randn(9, 5, 8, device=device)
-    with torch.no_grad():  # the first off-ramp is certain: entropy 0.0 exactly (exp underflows), equal argmaxes
+    with (
+        torch.no_grad()
+    ):  # the first off-ramp is certain: entropy 0.0 exactly (exp underflows), equal argmaxes
         enc.heads[0].classifier.bias.copy_(torch.tensor([1e4, 0.0, 0.0]))
         enc.heads[0].classifier.weight.zero_()
     layers = check_against_loop(enc, hidden, None, criterion, kw, backend)
@@ -281,9 +329,15 @@ def test_attention_mask_is_true_at_real_tokens(seeded):
     with pytest.raises(ValueError, match=r"attention_mask must hold 0/1 values"):
         enc(hidden, real.long() * 2)
     # a padding mask (True = padding) passed by mistake: its first token reads as padding
-    with pytest.raises(ValueError, match=r"attention_mask\[1, 0\] is False: True/1 marks real tokens"):
-        enc.early_exit(hidden, torch.tensor([[True] * 5, [False, False, True, True, True]]), criterion="entropy",
-                       threshold=0.5)
+    with pytest.raises(
+        ValueError, match=r"attention_mask\[1, 0\] is False: True/1 marks real tokens"
+    ):
+        enc.early_exit(
+            hidden,
+            torch.tensor([[True] * 5, [False, False, True, True, True]]),
+            criterion="entropy",
+            threshold=0.5,
+        )
     with pytest.raises(ValueError, match=r"attention_mask\[0, 0\] is False"):
         enc(hidden, ~real)
 

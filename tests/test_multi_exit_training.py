@@ -7,8 +7,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from effbert.models import (TupeBertConfig, TupeBertForSequenceClassification,
-                            TupeBertForTokenClassification)
+from effbert.models import (
+    TupeBertConfig,
+    TupeBertForSequenceClassification,
+    TupeBertForTokenClassification,
+)
 from effbert.models.multi_exit import EXIT_LOSSES, exit_loss
 from helpers import assert_close
 
@@ -16,10 +19,23 @@ RTOL64 = 1e-12
 
 
 def tiny_config(**overrides):
-    values = dict(vocab_size=53, hidden_size=32, num_hidden_layers=3, num_attention_heads=2,
-                  intermediate_size=37, max_position_embeddings=16, type_vocab_size=2,
-                  hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, position_mode="tupe-r",
-                  num_buckets=8, max_distance=12, num_labels=3, backend="eager", multi_exit=True)
+    values = dict(
+        vocab_size=53,
+        hidden_size=32,
+        num_hidden_layers=3,
+        num_attention_heads=2,
+        intermediate_size=37,
+        max_position_embeddings=16,
+        type_vocab_size=2,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+        position_mode="tupe-r",
+        num_buckets=8,
+        max_distance=12,
+        num_labels=3,
+        backend="eager",
+        multi_exit=True,
+    )
     values.update(overrides)
     return TupeBertConfig(**values)
 
@@ -39,7 +55,7 @@ def distillation64(z, y, gamma, temperature):
     total = F.cross_entropy(z[-1], y)
     for zi in z[:-1]:
         kl = (teacher * (teacher.log() - F.log_softmax(zi / temperature, -1))).mean()
-        total = total + (1 - gamma) * F.cross_entropy(zi, y) + gamma * temperature ** 2 * kl
+        total = total + (1 - gamma) * F.cross_entropy(zi, y) + gamma * temperature**2 * kl
     return total
 
 
@@ -56,13 +72,18 @@ def test_exit_loss_is_the_published_formula_in_float64(loss, seeded):
         want = distillation64(z, y, 0.7, 2.5)
         got = exit_loss(z, y, loss=loss, gamma=0.7, temperature=2.5, backend="eager")
         assert_close(got, want, rtol=RTOL64, what="romebert")
-        assert_close(exit_loss(z, y), distillation64(z, y, 0.9, 3.0), rtol=RTOL64,
-                     what="defaults 0.9, 3")
+        assert_close(
+            exit_loss(z, y), distillation64(z, y, 0.9, 3.0), rtol=RTOL64, what="defaults 0.9, 3"
+        )
     elif loss == "pabee":
         assert_close(exit_loss(z, y, loss=loss), pabee64(z, y), rtol=RTOL64, what="pabee")
     else:
-        assert_close(exit_loss(z, y, loss=loss, stage=1), F.cross_entropy(z[-1], y), rtol=RTOL64,
-                     what="stage 1")
+        assert_close(
+            exit_loss(z, y, loss=loss, stage=1),
+            F.cross_entropy(z[-1], y),
+            rtol=RTOL64,
+            what="stage 1",
+        )
         want = sum(F.cross_entropy(zi, y) for zi in z[:-1])
         assert_close(exit_loss(z, y, loss=loss, stage=2), want, rtol=RTOL64, what="stage 2")
     assert exit_loss(z, y, loss=loss).dtype == torch.float64
@@ -73,11 +94,13 @@ def test_regression_head_and_gradient_equilibrium(seeded):
     z = torch.randn(3, 5, 1, dtype=torch.float64, requires_grad=True)
     y = torch.randn(5, dtype=torch.float64)
     for loss in ("romebert", "pabee"):  # RomeBERT has no regression loss: PABEE's weighted MSE
-        assert_close(exit_loss(z, y, loss=loss), pabee64(z, y), rtol=RTOL64,
-                     what=f"{loss} regression")
+        assert_close(
+            exit_loss(z, y, loss=loss), pabee64(z, y), rtol=RTOL64, what=f"{loss} regression"
+        )
     mse = [F.mse_loss(zi[:, 0], y) for zi in z]
-    assert_close(exit_loss(z, y, loss="deebert", stage=2), mse[0] + mse[1], rtol=RTOL64,
-                 what="deebert mse")
+    assert_close(
+        exit_loss(z, y, loss="deebert", stage=2), mse[0] + mse[1], rtol=RTOL64, what="deebert mse"
+    )
     # --ge: the same value, exit i's gradient scaled by 1 / (L - i)
     c = torch.randn(3, 5, 4, dtype=torch.float64, requires_grad=True)
     labels = torch.randint(0, 4, (5,))
@@ -91,17 +114,21 @@ def test_regression_head_and_gradient_equilibrium(seeded):
 
 def test_bad_settings_name_the_argument():
     z, y = torch.randn(2, 3, 4), torch.tensor([0, 1, 3])
-    for kw, error, name in ((dict(loss="kd"), ValueError, "loss must be one of"),
-                            (dict(gamma=1.5), ValueError, "gamma"),
-                            (dict(temperature=0.0), ValueError, "temperature"),
-                            (dict(temperature=float("inf")), ValueError, "temperature"),
-                            (dict(gradient_equilibrium=1), TypeError, "gradient_equilibrium"),
-                            (dict(stage=3, loss="deebert"), ValueError, "stage must be 1 or 2")):
+    for kw, error, name in (
+        (dict(loss="kd"), ValueError, "loss must be one of"),
+        (dict(gamma=1.5), ValueError, "gamma"),
+        (dict(temperature=0.0), ValueError, "temperature"),
+        (dict(temperature=float("inf")), ValueError, "temperature"),
+        (dict(gradient_equilibrium=1), TypeError, "gradient_equilibrium"),
+        (dict(stage=3, loss="deebert"), ValueError, "stage must be 1 or 2"),
+    ):
         with pytest.raises(error, match=name):
             exit_loss(z, y, **kw)
-    for kw, name in ((dict(exit_loss="kd"), "exit_loss"),
-                     (dict(exit_loss_gamma=-0.1), "exit_loss_gamma"),
-                     (dict(exit_loss_temperature=0.0), "exit_loss_temperature")):
+    for kw, name in (
+        (dict(exit_loss="kd"), "exit_loss"),
+        (dict(exit_loss_gamma=-0.1), "exit_loss_gamma"),
+        (dict(exit_loss_temperature=0.0), "exit_loss_temperature"),
+    ):
         with pytest.raises(ValueError, match=name):
             tiny_config(**kw)
     with pytest.raises(TypeError, match="exit_gradient_equilibrium"):
@@ -116,8 +143,12 @@ def test_sequence_classifier_returns_the_loss_its_config_names(loss, tmp_path, s
     y = torch.tensor([0, 2, 1, 2])
     out = model(ids, mask, labels=y)
     z = out.exit_logits
-    want = {None: distillation64(z, y, 0.6, 2.0), "romebert": distillation64(z, y, 0.6, 2.0),
-            "pabee": pabee64(z, y), "deebert": F.cross_entropy(z[-1], y)}[loss]
+    want = {
+        None: distillation64(z, y, 0.6, 2.0),
+        "romebert": distillation64(z, y, 0.6, 2.0),
+        "pabee": pabee64(z, y),
+        "deebert": F.cross_entropy(z[-1], y),
+    }[loss]
     assert_close(out.loss, want, rtol=RTOL64, what=f"{loss} loss")
     model.save_pretrained(tmp_path)
     loaded = TupeBertForSequenceClassification.from_pretrained(tmp_path)
@@ -130,8 +161,9 @@ def test_default_config_keeps_romeberts_published_loss(seeded):
     ids, mask = batch()
     y = torch.tensor([1, 0, 2, 1])
     out = model(ids, mask, labels=y)
-    assert_close(out.loss, distillation64(out.exit_logits, y, 0.9, 3.0), rtol=RTOL64,
-                 what="default loss")
+    assert_close(
+        out.loss, distillation64(out.exit_logits, y, 0.9, 3.0), rtol=RTOL64, what="default loss"
+    )
     with pytest.raises(ValueError, match="-100"):
         model(ids, mask, labels=torch.tensor([1, -100, 2, 1]))
 
@@ -177,19 +209,27 @@ def test_token_classifier_losses_and_stages(seeded):
     keep = labels != -100
     z = out.exit_logits[:, keep]  # [L, T, C] at the labelled tokens
     y = labels[keep]
-    assert_close(out.loss, multi_exit_token_loss(out.exit_logits[:, keep], y), rtol=RTOL64,
-                 what="joint")
+    assert_close(
+        out.loss, multi_exit_token_loss(out.exit_logits[:, keep], y), rtol=RTOL64, what="joint"
+    )
     assert_close(out.loss, pabee64(z, y), rtol=RTOL64, what="joint = pabee weights")
-    for loss, want in (("romebert", distillation64(z, y, 0.9, 3.0)),
-                       ("deebert", F.cross_entropy(z[-1], y))):
+    for loss, want in (
+        ("romebert", distillation64(z, y, 0.9, 3.0)),
+        ("deebert", F.cross_entropy(z[-1], y)),
+    ):
         model = TupeBertForTokenClassification(tiny_config(exit_loss=loss)).double()
         model.load_state_dict(base.state_dict())
         assert_close(model(ids, mask, labels=labels).loss, want, rtol=RTOL64, what=f"token {loss}")
     model.set_deebert_stage(2)
-    assert {n for n, p in model.named_parameters() if p.requires_grad} == \
-        {f"exits.{i}.{w}" for i in range(2) for w in ("weight", "bias")}
-    assert_close(model(ids, mask, labels=labels).loss, sum(F.cross_entropy(zi, y) for zi in z[:-1]),
-                 rtol=RTOL64, what="token stage 2")
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == {
+        f"exits.{i}.{w}" for i in range(2) for w in ("weight", "bias")
+    }
+    assert_close(
+        model(ids, mask, labels=labels).loss,
+        sum(F.cross_entropy(zi, y) for zi in z[:-1]),
+        rtol=RTOL64,
+        what="token stage 2",
+    )
     with pytest.raises(ValueError, match="multi_exit"):
         TupeBertForTokenClassification(tiny_config(multi_exit=False)).set_deebert_stage(2)
 

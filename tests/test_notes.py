@@ -23,6 +23,8 @@ def large_matrix_cases():
         marks = [m for m in case.marks if m.name != "cuda_ext"]
         out.append(pytest.param(*case.values, id=case.id, marks=marks))
     return out
+
+
 DTYPES = [torch.float32] + LOWP
 
 
@@ -32,12 +34,15 @@ def dt_id(d):
 
 # ---- the references against the definition, by hand ----
 
+
 def test_reference_update_matches_hand_computation():
     hidden = torch.arange(2 * 5 * 2, dtype=torch.float64).view(2, 5, 2)
     notes = torch.tensor([[1.0, 1.0], [5.0, -5.0], [0.0, 0.0]], dtype=torch.float64)
     counts = torch.tensor([3, 0, 7])
     spans = torch.tensor([[0, 1, 2, 0], [1, 4, 5, 1], [0, 0, 1, 1], [1, 2, 3, 0]])
-    lengths = torch.tensor([5, 4])  # row 1's span [4, 5) lies past sequence 1's length: not used here
+    lengths = torch.tensor(
+        [5, 4]
+    )  # row 1's span [4, 5) lies past sequence 1's length: not used here
     spans = spans[[0, 2, 3]]
     g, w = 0.25, 1
     reference.note_update_(notes, counts, hidden, spans, window=w, gamma=g, lengths=lengths)
@@ -67,8 +72,22 @@ def test_reference_mix_matches_definition(seeded):
 
 # ---- random cases ----
 
-def make_update_case(*, batch, seq, dim, slots, rows, dtype, device, window, lengths=True, one_slot=False,
-                     edges=False, fresh=False):
+
+def make_update_case(
+    *,
+    batch,
+    seq,
+    dim,
+    slots,
+    rows,
+    dtype,
+    device,
+    window,
+    lengths=True,
+    one_slot=False,
+    edges=False,
+    fresh=False,
+):
     """Valid random rows: spans inside each sequence's real tokens, slots repeating."""
     hidden = torch.randn(batch, seq, dim).to(dtype)
     lens = torch.randint(1, seq + 1, (batch,)) if lengths else torch.full((batch,), seq)
@@ -80,14 +99,19 @@ def make_update_case(*, batch, seq, dim, slots, rows, dtype, device, window, len
     if edges and rows:
         start[: rows // 2] = 0  # spans at the first token
         end[: rows // 2] = 1
-        end[rows // 2:] = length[rows // 2:]  # and ending at the last real token
-        start[rows // 2:] = (length[rows // 2:] - 2).clamp_min(0)
+        end[rows // 2 :] = length[rows // 2 :]  # and ending at the last real token
+        start[rows // 2 :] = (length[rows // 2 :] - 2).clamp_min(0)
     slot = torch.zeros(rows, dtype=torch.int64) if one_slot else torch.randint(0, slots, (rows,))
     spans = torch.stack([b, start, end, slot], 1)
     notes = torch.randn(slots, dim)
     counts = torch.zeros(slots, dtype=torch.int64) if fresh else torch.randint(0, 3, (slots,))
-    return (hidden.to(device), spans.to(device), (lens.to(device) if lengths else None), notes.to(device),
-            counts.to(device))
+    return (
+        hidden.to(device),
+        spans.to(device),
+        (lens.to(device) if lengths else None),
+        notes.to(device),
+        counts.to(device),
+    )
 
 
 UPDATE_CASES = {
@@ -107,8 +131,15 @@ UPDATE_CASES = {
 
 def run_reference(notes, counts, hidden, spans, window, gamma, lengths):
     n64, c64 = notes.double().cpu(), counts.clone().cpu()
-    reference.note_update_(n64, c64, hidden.double().cpu(), spans.cpu(), window=window, gamma=gamma,
-                           lengths=None if lengths is None else lengths.cpu())
+    reference.note_update_(
+        n64,
+        c64,
+        hidden.double().cpu(),
+        spans.cpu(),
+        window=window,
+        gamma=gamma,
+        lengths=None if lengths is None else lengths.cpu(),
+    )
     return n64, c64
 
 
@@ -118,30 +149,48 @@ def run_reference(notes, counts, hidden, spans, window, gamma, lengths):
 def test_update_against_loop_reference(backend, device, dtype, case, seeded):
     require_backend(backend, device)
     batch, seq, dim, slots, rows, window, extra = UPDATE_CASES[case]
-    hidden, spans, lengths, notes, counts = make_update_case(batch=batch, seq=seq, dim=dim, slots=slots, rows=rows,
-                                                             dtype=dtype, device=device, window=window, **extra)
+    hidden, spans, lengths, notes, counts = make_update_case(
+        batch=batch,
+        seq=seq,
+        dim=dim,
+        slots=slots,
+        rows=rows,
+        dtype=dtype,
+        device=device,
+        window=window,
+        **extra,
+    )
     gamma = 0.3
     n64, c64 = run_reference(notes, counts, hidden, spans, window, gamma, lengths)
     before = notes.clone()
-    effbert.note_update_(notes, counts, hidden, spans, window=window, gamma=gamma, lengths=lengths, backend=backend)
+    effbert.note_update_(
+        notes, counts, hidden, spans, window=window, gamma=gamma, lengths=lengths, backend=backend
+    )
     assert torch.equal(counts.cpu(), c64), "counts"
     assert_close(notes, n64, what=f"{backend} {case} notes")
     untouched = torch.ones(slots, dtype=torch.bool)
     untouched[spans[:, 3].cpu()] = False
-    assert torch.equal(notes.cpu()[untouched], before.cpu()[untouched]), "a slot with no row changed"
+    assert torch.equal(notes.cpu()[untouched], before.cpu()[untouched]), (
+        "a slot with no row changed"
+    )
 
 
 @pytest.mark.parametrize("backend,device", backend_cases())
 @pytest.mark.parametrize("dtype", DTYPES, ids=dt_id)
 def test_window_means_poisoned(backend, device, dtype, seeded):
     require_backend(backend, device)
-    hidden, spans, lengths, _, _ = make_update_case(batch=3, seq=17, dim=41, slots=4, rows=12, dtype=dtype,
-                                                    device=device, window=3)
+    hidden, spans, lengths, _, _ = make_update_case(
+        batch=3, seq=17, dim=41, slots=4, rows=12, dtype=dtype, device=device, window=3
+    )
     means = torch.full((12, 41), POISON, device=device)
     ops.window_means_into(backend, hidden, spans, 3, lengths, means)
-    ref = reference.note_window_means(hidden.double().cpu(), spans.cpu(), window=3, lengths=lengths.cpu())
+    ref = reference.note_window_means(
+        hidden.double().cpu(), spans.cpu(), window=3, lengths=lengths.cpu()
+    )
     assert_close(means, ref, what=f"{backend} window means")
-    via_api = effbert.ops.note_window_means(hidden, spans, window=3, lengths=lengths, backend=backend)
+    via_api = effbert.ops.note_window_means(
+        hidden, spans, window=3, lengths=lengths, backend=backend
+    )
     assert_close(via_api, ref, what=f"{backend} note_window_means")
 
 
@@ -195,7 +244,9 @@ def test_mix_against_reference(backend, device, dtype, shape, lam, seeded):
     lowp = reference.note_mix(x, notes, slots, lam) if dtype in LOWP else None
     assert_close(out, ref, lowp_eager=lowp, what=f"{backend} mix")
     common = slots < 0
-    assert torch.equal(out[common], x[common]), "tokens that are not rare words must pass through unchanged"
+    assert torch.equal(out[common], x[common]), (
+        "tokens that are not rare words must pass through unchanged"
+    )
     via_api = effbert.note_mix(x, notes, slots, lam, backend=backend)
     assert torch.equal(via_api, out)
 
@@ -219,7 +270,9 @@ def test_mix_gradcheck_float64_eager():
     x = torch.randn(2, 3, 4, dtype=torch.float64, requires_grad=True)
     notes = torch.randn(3, 4, dtype=torch.float64)
     slots = torch.tensor([[0, -1, 2], [1, 1, -1]])
-    assert torch.autograd.gradcheck(lambda t: effbert.note_mix(t, notes, slots, 0.4, backend="eager"), (x,))
+    assert torch.autograd.gradcheck(
+        lambda t: effbert.note_mix(t, notes, slots, 0.4, backend="eager"), (x,)
+    )
 
 
 @pytest.mark.parametrize("backend,device", backend_cases())
@@ -232,8 +285,10 @@ def test_opcheck(backend, device, seeded):
     hidden = torch.randn(2, 6, 8, device=device)
     spans = torch.tensor([[0, 1, 3, 2], [1, 0, 2, 2], [1, 4, 6, 0]], device=device)
     counts = torch.tensor([0, 1, 1], device=device)
-    torch.library.opcheck(torch.ops.effbert.note_update_.default,
-                          (notes, counts, hidden, spans, 2, 0.1, None, backend))
+    torch.library.opcheck(
+        torch.ops.effbert.note_update_.default,
+        (notes, counts, hidden, spans, 2, 0.1, None, backend),
+    )
 
 
 @pytest.mark.parametrize("compile_backend", ["aot_eager", "inductor"])
@@ -279,6 +334,7 @@ def test_auto_backends_on_cpu():
 
 # ---- bad inputs: a clear error, notes and counts unchanged ----
 
+
 def _good():
     hidden = torch.randn(2, 6, 4)
     spans = torch.tensor([[0, 1, 3, 1], [1, 0, 2, 0], [1, 4, 6, 2]])
@@ -293,6 +349,7 @@ def _bad_row(r, col, value):
         s = s.clone()
         s[r, col] = value
         return h, s, n, c, lengths
+
     return edit
 
 
@@ -312,14 +369,20 @@ def _lengths_cut(h, s, n, c, lengths):
     return h, s, n, c, torch.tensor([6, 5])  # row 2 ends at 6 > 5
 
 
-@pytest.mark.parametrize("backend,device", backend_cases())  # under compute-sanitizer too: no write outside
-@pytest.mark.parametrize("edit,pattern", BAD_ROWS + [(_lengths_cut, r"spans row 2 .*outside the sequence's 5")])
+@pytest.mark.parametrize(
+    "backend,device", backend_cases()
+)  # under compute-sanitizer too: no write outside
+@pytest.mark.parametrize(
+    "edit,pattern", BAD_ROWS + [(_lengths_cut, r"spans row 2 .*outside the sequence's 5")]
+)
 def test_bad_rows_raise_and_leave_notes_unchanged(backend, device, edit, pattern):
     require_backend(backend, device)
     hidden, spans, notes, counts, lengths = (t.to(device) for t in edit(*_good()))
     n0, c0 = notes.clone(), counts.clone()
     with pytest.raises(ValueError, match=pattern):
-        effbert.note_update_(notes, counts, hidden, spans, window=2, gamma=0.5, lengths=lengths, backend=backend)
+        effbert.note_update_(
+            notes, counts, hidden, spans, window=2, gamma=0.5, lengths=lengths, backend=backend
+        )
     assert torch.equal(notes, n0) and torch.equal(counts, c0)
 
 
@@ -334,82 +397,179 @@ def test_device_side_checks_leave_notes_unchanged(edit, pattern):
     assert torch.equal(notes, n0) and torch.equal(counts, c0)
 
 
-@pytest.mark.parametrize("case", ["random", "many-repeats-one-slot", "edges", "window-larger-than-sequence", "M=0"])
+@pytest.mark.parametrize(
+    "case", ["random", "many-repeats-one-slot", "edges", "window-larger-than-sequence", "M=0"]
+)
 def test_device_side_path_on_valid_rows(case, seeded):
     """The CUDA-tensor path (check kernel writing the boundary keys, no host check), run by the Triton kernels
     under the interpreter: the same result as the loop reference."""
     batch, seq, dim, slots, rows, window, extra = UPDATE_CASES[case]
-    hidden, spans, lengths, notes, counts = make_update_case(batch=batch, seq=seq, dim=dim, slots=slots, rows=rows,
-                                                             dtype=torch.float32, device="cpu", window=window,
-                                                             **extra)
+    hidden, spans, lengths, notes, counts = make_update_case(
+        batch=batch,
+        seq=seq,
+        dim=dim,
+        slots=slots,
+        rows=rows,
+        dtype=torch.float32,
+        device="cpu",
+        window=window,
+        **extra,
+    )
     n64, c64 = run_reference(notes, counts, hidden, spans, window, 0.3, lengths)
     ops.update_into("triton", notes, counts, hidden, spans, window, 0.3, lengths, host_check=False)
     assert torch.equal(counts, c64)
     assert_close(notes, n64, what=f"device path {case}")
     means = torch.full((rows, dim), POISON)
     ops.window_means_into("triton", hidden, spans, window, lengths, means, host_check=False)
-    assert_close(means, reference.note_window_means(hidden.double(), spans, window=window, lengths=lengths),
-                 what="device path means")
+    assert_close(
+        means,
+        reference.note_window_means(hidden.double(), spans, window=window, lengths=lengths),
+        what="device path means",
+    )
 
 
 def test_bad_lengths():
     hidden, spans, notes, counts, _ = _good()
     n0 = notes.clone()
     with pytest.raises(ValueError, match=r"lengths\[1\] = 9 out of range \[0, 6\]"):
-        effbert.note_update_(notes, counts, hidden, spans, window=1, gamma=0.5, lengths=torch.tensor([6, 9]))
+        effbert.note_update_(
+            notes, counts, hidden, spans, window=1, gamma=0.5, lengths=torch.tensor([6, 9])
+        )
     with pytest.raises(ValueError, match=r"lengths must be \[B\]"):
-        effbert.note_update_(notes, counts, hidden, spans, window=1, gamma=0.5, lengths=torch.tensor([6]))
+        effbert.note_update_(
+            notes, counts, hidden, spans, window=1, gamma=0.5, lengths=torch.tensor([6])
+        )
     with pytest.raises(TypeError, match=r"lengths must have dtype"):
-        effbert.note_update_(notes, counts, hidden, spans, window=1, gamma=0.5, lengths=torch.tensor([6.0, 6.0]))
+        effbert.note_update_(
+            notes, counts, hidden, spans, window=1, gamma=0.5, lengths=torch.tensor([6.0, 6.0])
+        )
     assert torch.equal(notes, n0)
 
 
 @pytest.mark.parametrize(
     "change,exc,pattern",
     [
-        (lambda a: a.update(notes=a["notes"].half()), TypeError, r"notes must have dtype in \(float32, float64\)"),
+        (
+            lambda a: a.update(notes=a["notes"].half()),
+            TypeError,
+            r"notes must have dtype in \(float32, float64\)",
+        ),
         (lambda a: a.update(notes=torch.randn(4, 3).t()), ValueError, r"notes must be contiguous"),
-        (lambda a: a.update(counts=a["counts"].int()), TypeError, r"counts must have dtype in \(int64\)"),
-        (lambda a: a.update(counts=torch.zeros(2, dtype=torch.int64)), ValueError, r"counts must be a contiguous"),
+        (
+            lambda a: a.update(counts=a["counts"].int()),
+            TypeError,
+            r"counts must have dtype in \(int64\)",
+        ),
+        (
+            lambda a: a.update(counts=torch.zeros(2, dtype=torch.int64)),
+            ValueError,
+            r"counts must be a contiguous",
+        ),
         (lambda a: a.update(hidden=a["hidden"].long()), TypeError, r"hidden must have dtype"),
-        (lambda a: a.update(hidden=torch.randn(2, 6, 5)), ValueError, r"hidden must be \[B, N, Dm\] with Dm = 4"),
-        (lambda a: a.update(spans=a["spans"].int()), TypeError, r"spans must have dtype in \(int64\)"),
+        (
+            lambda a: a.update(hidden=torch.randn(2, 6, 5)),
+            ValueError,
+            r"hidden must be \[B, N, Dm\] with Dm = 4",
+        ),
+        (
+            lambda a: a.update(spans=a["spans"].int()),
+            TypeError,
+            r"spans must have dtype in \(int64\)",
+        ),
         (lambda a: a.update(spans=a["spans"][:, :3]), ValueError, r"spans must be \[M, 4\]"),
         (lambda a: a.update(window=-1), ValueError, r"window must be an integer >= 0"),
         (lambda a: a.update(window=1.5), ValueError, r"window must be an integer"),
         (lambda a: a.update(gamma=1.5), ValueError, r"gamma must be in \[0, 1\]"),
-        (lambda a: a.update(hidden=a["hidden"].to("meta")), ValueError, r"tensors must be on one device"),
+        (
+            lambda a: a.update(hidden=a["hidden"].to("meta")),
+            ValueError,
+            r"tensors must be on one device",
+        ),
         (lambda a: a.update(backend="gpu"), ValueError, r"backend must be one of"),
     ],
 )
 def test_bad_update_arguments(change, exc, pattern):
     hidden, spans, notes, counts, _ = _good()
-    args = dict(notes=notes, counts=counts, hidden=hidden, spans=spans, window=2, gamma=0.5, backend="auto")
+    args = dict(
+        notes=notes, counts=counts, hidden=hidden, spans=spans, window=2, gamma=0.5, backend="auto"
+    )
     change(args)
     passed_notes, passed_counts = args["notes"], args["counts"]
     n0, c0 = passed_notes.clone(), passed_counts.clone()
     with pytest.raises(exc, match=pattern):
-        effbert.note_update_(args.pop("notes"), args.pop("counts"), args.pop("hidden"), args.pop("spans"), **args)
+        effbert.note_update_(
+            args.pop("notes"), args.pop("counts"), args.pop("hidden"), args.pop("spans"), **args
+        )
     assert torch.equal(passed_notes, n0) and torch.equal(passed_counts, c0)
 
 
 @pytest.mark.parametrize(
     "x,notes,slots,lam,exc,pattern",
     [
-        (torch.randn(2, 3), torch.randn(4, 3), torch.zeros(2, 3, dtype=torch.int64), 0.5, ValueError,
-         r"x must have 3 dimensions \[B, N, Dm\]"),
-        (torch.randn(1, 2, 3), torch.randn(4, 5), torch.zeros(1, 2, dtype=torch.int64), 0.5, ValueError,
-         r"notes must be \[S, Dm\] with Dm = 3"),
-        (torch.randn(1, 2, 3), torch.randn(4, 3), torch.zeros(1, 2, dtype=torch.int32), 0.5, TypeError,
-         r"slots must have dtype in \(int64\)"),
-        (torch.randn(1, 2, 3), torch.randn(4, 3), torch.zeros(2, 1, dtype=torch.int64), 0.5, ValueError,
-         r"slots must be \[B, N\] = \(1, 2\)"),
-        (torch.randn(1, 2, 3), torch.randn(4, 3), torch.tensor([[0, 4]]), 0.5, ValueError,
-         r"slots\[0, 1\] = 4 out of range: notes has 4 slots"),
-        (torch.randn(1, 2, 3), torch.randn(4, 3), torch.tensor([[0, 1]]), 1.5, ValueError, r"lam must be in \[0, 1\]"),
-        (torch.randn(1, 2, 3).long(), torch.randn(4, 3), torch.tensor([[0, 1]]), 0.5, TypeError, r"x must have dtype"),
-        (torch.randn(1, 2, 3), torch.randn(4, 3).half(), torch.tensor([[0, 1]]), 0.5, TypeError,
-         r"notes must have dtype"),
+        (
+            torch.randn(2, 3),
+            torch.randn(4, 3),
+            torch.zeros(2, 3, dtype=torch.int64),
+            0.5,
+            ValueError,
+            r"x must have 3 dimensions \[B, N, Dm\]",
+        ),
+        (
+            torch.randn(1, 2, 3),
+            torch.randn(4, 5),
+            torch.zeros(1, 2, dtype=torch.int64),
+            0.5,
+            ValueError,
+            r"notes must be \[S, Dm\] with Dm = 3",
+        ),
+        (
+            torch.randn(1, 2, 3),
+            torch.randn(4, 3),
+            torch.zeros(1, 2, dtype=torch.int32),
+            0.5,
+            TypeError,
+            r"slots must have dtype in \(int64\)",
+        ),
+        (
+            torch.randn(1, 2, 3),
+            torch.randn(4, 3),
+            torch.zeros(2, 1, dtype=torch.int64),
+            0.5,
+            ValueError,
+            r"slots must be \[B, N\] = \(1, 2\)",
+        ),
+        (
+            torch.randn(1, 2, 3),
+            torch.randn(4, 3),
+            torch.tensor([[0, 4]]),
+            0.5,
+            ValueError,
+            r"slots\[0, 1\] = 4 out of range: notes has 4 slots",
+        ),
+        (
+            torch.randn(1, 2, 3),
+            torch.randn(4, 3),
+            torch.tensor([[0, 1]]),
+            1.5,
+            ValueError,
+            r"lam must be in \[0, 1\]",
+        ),
+        (
+            torch.randn(1, 2, 3).long(),
+            torch.randn(4, 3),
+            torch.tensor([[0, 1]]),
+            0.5,
+            TypeError,
+            r"x must have dtype",
+        ),
+        (
+            torch.randn(1, 2, 3),
+            torch.randn(4, 3).half(),
+            torch.tensor([[0, 1]]),
+            0.5,
+            TypeError,
+            r"notes must have dtype",
+        ),
     ],
 )
 def test_bad_mix_arguments(x, notes, slots, lam, exc, pattern):
@@ -418,9 +578,16 @@ def test_bad_mix_arguments(x, notes, slots, lam, exc, pattern):
 
 
 def test_explicit_backend_that_cannot_serve_lists_reasons():
-    with pytest.raises(BackendNotSupportedError, match=r"'cpu' cannot serve.*float32 notes, got float64"):
-        effbert.note_mix(torch.randn(1, 2, 3), torch.randn(2, 3, dtype=torch.float64), torch.tensor([[0, 1]]), 0.5,
-                         backend="cpu")
+    with pytest.raises(
+        BackendNotSupportedError, match=r"'cpu' cannot serve.*float32 notes, got float64"
+    ):
+        effbert.note_mix(
+            torch.randn(1, 2, 3),
+            torch.randn(2, 3, dtype=torch.float64),
+            torch.tensor([[0, 1]]),
+            0.5,
+            backend="cpu",
+        )
 
 
 def test_native_extension_rejects_bad_plans():
@@ -435,8 +602,19 @@ def test_native_extension_rejects_bad_plans():
     bad_slot = torch.tensor([5])
     flag = torch.tensor([1], dtype=torch.int32)
     with pytest.raises(ValueError, match="slot 5 out of range"):
-        module.note_fold(notes.data_ptr(), counts.data_ptr(), 2, 4, means.data_ptr(), order.data_ptr(),
-                         bad_slot.data_ptr(), flag.data_ptr(), 1, 0.5, 1)
+        module.note_fold(
+            notes.data_ptr(),
+            counts.data_ptr(),
+            2,
+            4,
+            means.data_ptr(),
+            order.data_ptr(),
+            bad_slot.data_ptr(),
+            flag.data_ptr(),
+            1,
+            0.5,
+            1,
+        )
     assert torch.equal(notes, torch.zeros(2, 4))
     hidden = torch.randn(1, 3, 4)
     spans = torch.tensor([[0, 0, 2, 0]])
@@ -444,32 +622,82 @@ def test_native_extension_rejects_bad_plans():
     off = torch.tensor([0, 2])
     bad_idx = torch.tensor([0, 9])
     with pytest.raises(ValueError, match=r"boundary index 9 out of range \[0, 2\)"):
-        module.note_window_means(hidden.data_ptr(), 0, 1, 3, 4, 12, 4, spans.data_ptr(), lengths.data_ptr(), 1,
-                                 off.data_ptr(), bad_idx.data_ptr(), flag.data_ptr(), 1, means.data_ptr(), 1)
+        module.note_window_means(
+            hidden.data_ptr(),
+            0,
+            1,
+            3,
+            4,
+            12,
+            4,
+            spans.data_ptr(),
+            lengths.data_ptr(),
+            1,
+            off.data_ptr(),
+            bad_idx.data_ptr(),
+            flag.data_ptr(),
+            1,
+            means.data_ptr(),
+            1,
+        )
     bad_len, good_idx = torch.tensor([4]), torch.tensor([0, 1])
     with pytest.raises(ValueError, match=r"lengths\[0\] = 4 out of range"):
-        module.note_window_means(hidden.data_ptr(), 0, 1, 3, 4, 12, 4, spans.data_ptr(), bad_len.data_ptr(), 1,
-                                 off.data_ptr(), good_idx.data_ptr(), flag.data_ptr(), 1,
-                                 means.data_ptr(), 1)
+        module.note_window_means(
+            hidden.data_ptr(),
+            0,
+            1,
+            3,
+            4,
+            12,
+            4,
+            spans.data_ptr(),
+            bad_len.data_ptr(),
+            1,
+            off.data_ptr(),
+            good_idx.data_ptr(),
+            flag.data_ptr(),
+            1,
+            means.data_ptr(),
+            1,
+        )
     x = torch.randn(1, 4)
-    seven, zero = torch.tensor([7]), torch.tensor([0])  # kept alive: the extension takes raw addresses
+    seven, zero = (
+        torch.tensor([7]),
+        torch.tensor([0]),
+    )  # kept alive: the extension takes raw addresses
     with pytest.raises(ValueError, match=r"slots\[0\] = 7 out of range"):
-        module.note_mix(x.data_ptr(), 0, 1, 4, 4, notes.data_ptr(), 2, seven.data_ptr(), 0.5, x.data_ptr(), 4, 1)
+        module.note_mix(
+            x.data_ptr(), 0, 1, 4, 4, notes.data_ptr(), 2, seven.data_ptr(), 0.5, x.data_ptr(), 4, 1
+        )
     with pytest.raises(ValueError, match="dtype code"):
-        module.note_mix(x.data_ptr(), 9, 1, 4, 4, notes.data_ptr(), 2, zero.data_ptr(), 0.5, x.data_ptr(), 4, 1)
+        module.note_mix(
+            x.data_ptr(), 9, 1, 4, 4, notes.data_ptr(), 2, zero.data_ptr(), 0.5, x.data_ptr(), 4, 1
+        )
 
 
 def test_half_and_bf16_rounding_of_cpu_extension(seeded):
     """The host conversions in notes.h round to nearest even like torch, subnormals, overflow and NaN included."""
-    x = torch.cat([torch.randn(2000) * 10, torch.tensor([65519.0, 65520.0, 1e6, 3e-8, 6e-5, -0.0, float("inf"),
-                                                         float("nan")]), torch.randn(100) * 1e-6])
+    x = torch.cat(
+        [
+            torch.randn(2000) * 10,
+            torch.tensor([65519.0, 65520.0, 1e6, 3e-8, 6e-5, -0.0, float("inf"), float("nan")]),
+            torch.randn(100) * 1e-6,
+        ]
+    )
     slots = torch.full((1, x.numel()), -1)
     for dtype in LOWP:
         notes = torch.zeros(1, 1)
         # lam = 0 on rare tokens gives (1 - 0) * x: a float32 value rounded by the kernel's store.
         xx = x.view(1, -1, 1).to(dtype)
         out = torch.empty_like(xx)
-        ops.mix_into("cpu", x.view(1, -1, 1).float().to(dtype), notes, torch.zeros_like(slots).view(1, -1), 0.0, out)
+        ops.mix_into(
+            "cpu",
+            x.view(1, -1, 1).float().to(dtype),
+            notes,
+            torch.zeros_like(slots).view(1, -1),
+            0.0,
+            out,
+        )
         assert torch.equal(out.isnan(), xx.isnan())
         assert torch.equal(out[~xx.isnan()], xx[~xx.isnan()])
     # float32 -> half by the kernel itself: mix a float32 note into a zero half input with lam = 1.
@@ -478,11 +706,14 @@ def test_half_and_bf16_rounding_of_cpu_extension(seeded):
     n = vals.numel()
     for dtype in LOWP:
         out = torch.empty(1, n, 1, dtype=dtype)
-        ops.mix_into("cpu", torch.zeros(1, n, 1, dtype=dtype), notes, torch.arange(n).view(1, n), 1.0, out)
+        ops.mix_into(
+            "cpu", torch.zeros(1, n, 1, dtype=dtype), notes, torch.arange(n).view(1, n), 1.0, out
+        )
         assert torch.equal(out.view(-1), vals.to(dtype)), f"{dtype} rounding differs from torch"
 
 
 # ---- NoteDictionary ----
+
 
 def test_note_dictionary_mix_only_seen_slots_and_state_dict(seeded):
     nd = NoteDictionary(5, 6, window=1, gamma=0.5, lam=0.4)
@@ -494,8 +725,12 @@ def test_note_dictionary_mix_only_seen_slots_and_state_dict(seeded):
     slots = torch.tensor([[-1, 3, 0, 1, -1, 4, 3], [1, 1, -1, 2, 0, 0, 3]])
     out = nd.mix(x, slots)
     seen = torch.where(nd.counts[slots.clamp_min(0)] > 0, slots, -1)
-    assert_close(out, reference.note_mix(x.double(), nd.notes.double(), seen, 0.4), what="mix of seen slots")
-    assert torch.equal(out[0, 2], x[0, 2]) and torch.equal(out[0, 5], x[0, 5])  # slots 0 and 4: no note yet
+    assert_close(
+        out, reference.note_mix(x.double(), nd.notes.double(), seen, 0.4), what="mix of seen slots"
+    )
+    assert torch.equal(out[0, 2], x[0, 2]) and torch.equal(
+        out[0, 5], x[0, 5]
+    )  # slots 0 and 4: no note yet
     out.sum().backward()
     assert x.grad is not None and nd.notes.grad is None
     state = nd.state_dict()
@@ -510,11 +745,14 @@ def test_note_dictionary_mix_only_seen_slots_and_state_dict(seeded):
 
 
 def test_note_dictionary_update_equals_op(seeded):
-    hidden, spans, lengths, _, _ = make_update_case(batch=3, seq=10, dim=8, slots=4, rows=9, dtype=torch.float32,
-                                                    device="cpu", window=2)
+    hidden, spans, lengths, _, _ = make_update_case(
+        batch=3, seq=10, dim=8, slots=4, rows=9, dtype=torch.float32, device="cpu", window=2
+    )
     nd = NoteDictionary(4, 8, window=2, gamma=0.3)
     nd.update(hidden, spans, lengths)
-    n64, c64 = run_reference(torch.zeros(4, 8), torch.zeros(4, dtype=torch.int64), hidden, spans, 2, 0.3, lengths)
+    n64, c64 = run_reference(
+        torch.zeros(4, 8), torch.zeros(4, dtype=torch.int64), hidden, spans, 2, 0.3, lengths
+    )
     assert torch.equal(nd.counts, c64)
     assert_close(nd.notes, n64, what="NoteDictionary.update")
 
@@ -540,8 +778,15 @@ def _dp_worker(rank, world, init_file, out_dir, batches):
             raised = ""
         except ValueError as exc:
             raised = str(exc)
-        torch.save({"notes": nd.notes, "counts": nd.counts, "raised": raised,
-                    "unchanged": torch.equal(before, nd.notes)}, os.path.join(out_dir, f"rank{rank}.pt"))
+        torch.save(
+            {
+                "notes": nd.notes,
+                "counts": nd.counts,
+                "raised": raised,
+                "unchanged": torch.equal(before, nd.notes),
+            },
+            os.path.join(out_dir, f"rank{rank}.pt"),
+        )
     finally:
         dist.destroy_process_group()
 
@@ -555,12 +800,27 @@ def test_data_parallel_ranks_stay_identical(tmp_path):
     batches = []
     for rank in range(world):
         steps = []
-        for rows in ((5, 0) if rank == 0 else (3, 4)):  # a rank with no rows in a step still takes part
-            hidden, spans, lengths, _, _ = make_update_case(batch=2, seq=9, dim=5, slots=6, rows=rows,
-                                                            dtype=torch.float32, device="cpu", window=2)
+        for rows in (
+            (5, 0) if rank == 0 else (3, 4)
+        ):  # a rank with no rows in a step still takes part
+            hidden, spans, lengths, _, _ = make_update_case(
+                batch=2,
+                seq=9,
+                dim=5,
+                slots=6,
+                rows=rows,
+                dtype=torch.float32,
+                device="cpu",
+                window=2,
+            )
             steps.append((hidden, spans, lengths))
         batches.append(steps)
-    mp.spawn(_dp_worker, args=(world, str(tmp_path / "init"), str(tmp_path), batches), nprocs=world, join=True)
+    mp.spawn(
+        _dp_worker,
+        args=(world, str(tmp_path / "init"), str(tmp_path), batches),
+        nprocs=world,
+        join=True,
+    )
     results = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
     assert torch.equal(results[0]["notes"], results[1]["notes"])
     assert torch.equal(results[0]["counts"], results[1]["counts"])
@@ -569,7 +829,9 @@ def test_data_parallel_ranks_stay_identical(tmp_path):
     for step in range(2):
         for rank in range(world):
             hidden, spans, lengths = batches[rank][step]
-            reference.note_update_(notes, counts, hidden.double(), spans, window=2, gamma=0.25, lengths=lengths)
+            reference.note_update_(
+                notes, counts, hidden.double(), spans, window=2, gamma=0.25, lengths=lengths
+            )
     assert torch.equal(results[0]["counts"], counts)
     assert_close(results[0]["notes"], notes, what="data-parallel notes")
     assert "slot 99 out of range" in results[1]["raised"]
@@ -590,7 +852,9 @@ def test_bad_rows_on_device_leave_notes_unchanged(backend):
     spans[1, 3] = 1000
     n0, c0 = notes.clone(), counts.clone()
     with pytest.raises(ValueError, match=r"spans row 1 .*slot 1000 out of range"):
-        effbert.note_update_(notes, counts, hidden, spans, window=2, gamma=0.5, lengths=lengths, backend=backend)
+        effbert.note_update_(
+            notes, counts, hidden, spans, window=2, gamma=0.5, lengths=lengths, backend=backend
+        )
     torch.cuda.synchronize()
     assert torch.equal(notes, n0) and torch.equal(counts, c0)
 
@@ -599,12 +863,15 @@ def test_bad_rows_on_device_leave_notes_unchanged(backend):
 @pytest.mark.parametrize("backend", DEVICE_BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=dt_id)
 def test_pretraining_shapes_on_device(backend, dtype, seeded):
-    hidden, spans, lengths, notes, counts = make_update_case(batch=32, seq=512, dim=768, slots=500, rows=300,
-                                                             dtype=dtype, device="cuda", window=16)
+    hidden, spans, lengths, notes, counts = make_update_case(
+        batch=32, seq=512, dim=768, slots=500, rows=300, dtype=dtype, device="cuda", window=16
+    )
     n64, c64 = run_reference(notes, counts, hidden, spans, 16, 0.1, lengths)
     stream = torch.cuda.Stream()
     with torch.cuda.stream(stream):
-        effbert.note_update_(notes, counts, hidden, spans, window=16, gamma=0.1, lengths=lengths, backend=backend)
+        effbert.note_update_(
+            notes, counts, hidden, spans, window=16, gamma=0.1, lengths=lengths, backend=backend
+        )
     stream.synchronize()
     assert torch.equal(counts.cpu(), c64)
     assert_close(notes, n64, what=f"{backend} update at BERT-base shapes")
@@ -617,7 +884,10 @@ def test_bench_family_runs_and_checks(tmp_path):
 
     from effbert.commands import bench as bench_command
 
-    assert bench_command.main(["--quick", "--no-progress", "--op", "notes", "--out", str(tmp_path)]) == 0
+    assert (
+        bench_command.main(["--quick", "--no-progress", "--op", "notes", "--out", str(tmp_path)])
+        == 0
+    )
     data = json.loads((tmp_path / "bench.json").read_text())
     ok = [c for c in data["cases"] if c["status"] == "ok"]
     assert {c["op"] for c in ok} == {"note_mix", "note_update_"}
@@ -638,27 +908,40 @@ def test_degenerate_sizes_agree_on_every_backend(backend, device):
     out = effbert.note_mix(x, torch.zeros(0, 4, device=dev), never, 0.5, backend=backend)
     assert torch.equal(out, x)
     slots = torch.tensor([[1, -1, 2], [0, 0, -1]], device=dev)
-    out = effbert.note_mix(torch.randn(2, 3, 0, device=dev), torch.zeros(5, 0, device=dev), slots, 0.5,
-                           backend=backend)
+    out = effbert.note_mix(
+        torch.randn(2, 3, 0, device=dev), torch.zeros(5, 0, device=dev), slots, 0.5, backend=backend
+    )
     assert out.shape == (2, 3, 0)
-    assert effbert.note_mix(x[:, :0], torch.randn(5, 4, device=dev), slots[:, :0], 0.5, backend=backend).shape == \
-        (2, 0, 4)
+    assert effbert.note_mix(
+        x[:, :0], torch.randn(5, 4, device=dev), slots[:, :0], 0.5, backend=backend
+    ).shape == (2, 0, 4)
     notes = torch.randn(5, 4, device=dev)
-    for xv, nv, sv in ((torch.randn(1, 1, 4, device=dev).expand(2, 3, 4), notes, slots),
-                       (x, notes, torch.tensor([1, -1, 2], device=dev).expand(2, 3)),
-                       (x, torch.randn(1, 4, device=dev).expand(5, 4), slots)):
+    for xv, nv, sv in (
+        (torch.randn(1, 1, 4, device=dev).expand(2, 3, 4), notes, slots),
+        (x, notes, torch.tensor([1, -1, 2], device=dev).expand(2, 3)),
+        (x, torch.randn(1, 4, device=dev).expand(5, 4), slots),
+    ):
         want = reference.note_mix(xv.double(), nv.double(), sv, 0.5)
         assert_close(effbert.note_mix(xv, nv, sv, 0.5, backend=backend), want)
     # hidden size 0: the update still counts every row, as the reference does
     notes0, counts = torch.zeros(3, 0, device=dev), torch.zeros(3, dtype=torch.int64, device=dev)
     spans = torch.tensor([[0, 0, 1, 1], [1, 1, 3, 1], [1, 0, 1, 2]], device=dev)
-    effbert.note_update_(notes0, counts, torch.randn(2, 3, 0, device=dev), spans, window=1, gamma=0.1,
-                         backend=backend)
+    effbert.note_update_(
+        notes0,
+        counts,
+        torch.randn(2, 3, 0, device=dev),
+        spans,
+        window=1,
+        gamma=0.1,
+        backend=backend,
+    )
     assert counts.tolist() == [0, 2, 1]
     # an empty table with no rows: nothing changes; a row into it is refused by name
     empty, counts = torch.zeros(0, 4, device=dev), torch.zeros(0, dtype=torch.int64, device=dev)
     effbert.note_update_(empty, counts, x, spans[:0], window=1, gamma=0.1, backend=backend)
-    with pytest.raises(ValueError, match=r"spans row 0 = \(0, 0, 1, 1\): slot 1 out of range \[0, 0\)"):
+    with pytest.raises(
+        ValueError, match=r"spans row 0 = \(0, 0, 1, 1\): slot 1 out of range \[0, 0\)"
+    ):
         effbert.note_update_(empty, counts, x, spans[:1], window=1, gamma=0.1, backend=backend)
 
 
@@ -672,7 +955,9 @@ def test_mix_kernel_reads_only_inside_notes_and_slots(seeded):
     x = torch.randn(7, 16, device=device)
     store = torch.full((3 * 16,), float("nan"), device=device)
     store[:24] = torch.randn(24, device=device)
-    notes = store[:24].view(3, 8)  # contiguous, as the kernel takes them; its storage goes on with NaN
+    notes = store[:24].view(
+        3, 8
+    )  # contiguous, as the kernel takes them; its storage goes on with NaN
     slots = torch.tensor([0, -1, 2, 1, 0, 2, 1], device=device)
     out = torch.full_like(x, float("nan"))
     kernels.note_mix(x, notes, slots[:5], 0.25, out)

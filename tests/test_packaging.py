@@ -23,39 +23,67 @@ def test_kernels_are_a_subpackage_and_shadow_nothing():
     assert Path(kernels.__file__).resolve().parent == ROOT / "effbert" / "kernels"
     # a top-level folder named like a real package shadows it for anyone running from the checkout's root
     # (Hugging Face's `kernels`, which transformers >= 5.25 imports)
-    top_level = {p.name for p in ROOT.iterdir() if (p / "__init__.py").exists() or p.suffix == ".py"}
-    assert top_level <= {"effbert", "setup.py"}, f"top-level importable names besides effbert: {top_level}"
+    top_level = {
+        p.name for p in ROOT.iterdir() if (p / "__init__.py").exists() or p.suffix == ".py"
+    }
+    assert top_level <= {"effbert", "setup.py"}, (
+        f"top-level importable names besides effbert: {top_level}"
+    )
     for path in python_sources("effbert") + python_sources("tests") + python_sources("benchmarks"):
         text = path.read_text()
-        assert not re.search(r"^\s*(from|import)\s+kernels\b", text, re.M), f"{path} imports a top-level kernels"
+        assert not re.search(r"^\s*(from|import)\s+kernels\b", text, re.M), (
+            f"{path} imports a top-level kernels"
+        )
 
 
 def test_import_from_the_checkout_root_keeps_real_packages():
     """From the root (``python -c``, ``python -m pytest``), the cwd comes first on sys.path: nothing of ours may stand
     in for an installed package there. Hugging Face's ``kernels`` is the one transformers imports."""
-    code = ("import importlib.util, effbert; spec = importlib.util.find_spec('kernels'); "
-            "print(spec.origin if spec else 'absent')")
-    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    code = (
+        "import importlib.util, effbert; spec = importlib.util.find_spec('kernels'); "
+        "print(spec.origin if spec else 'absent')"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
     assert out.returncode == 0, out.stderr
     origin = out.stdout.strip().splitlines()[-1]
     assert origin == "absent" or not Path(origin).resolve().is_relative_to(ROOT), origin
     if origin != "absent":  # installed: it must import as itself, beside effbert
-        out = subprocess.run([sys.executable, "-c", "import effbert, kernels; print(kernels.__file__)"], cwd=ROOT,
-                             capture_output=True, text=True, timeout=300)
-        assert out.returncode == 0 and Path(out.stdout.strip()).resolve() == Path(origin).resolve(), out.stderr
+        out = subprocess.run(
+            [sys.executable, "-c", "import effbert, kernels; print(kernels.__file__)"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert (
+            out.returncode == 0 and Path(out.stdout.strip()).resolve() == Path(origin).resolve()
+        ), out.stderr
 
 
 @pytest.mark.parametrize(
     "folder,forbidden",
     [
-        ("effbert/kernels", r"^\s*(from|import)\s+(effbert(\.ops|\.nn|\.models)?\b|\.\.ops)"),  # kernels never import ops
-        ("effbert/reference", r"^\s*(from|import)\s+(effbert\.kernels|\.\.kernels|kernels)\b"),  # nor references
-        ("effbert/ops", r"^\s*(from|import)\s+(effbert\.(nn|models)|\.\.(nn|models))\b"),  # ops never import modules
+        (
+            "effbert/kernels",
+            r"^\s*(from|import)\s+(effbert(\.ops|\.nn|\.models)?\b|\.\.ops)",
+        ),  # kernels never import ops
+        (
+            "effbert/reference",
+            r"^\s*(from|import)\s+(effbert\.kernels|\.\.kernels|kernels)\b",
+        ),  # nor references
+        (
+            "effbert/ops",
+            r"^\s*(from|import)\s+(effbert\.(nn|models)|\.\.(nn|models))\b",
+        ),  # ops never import modules
     ],
 )
 def test_data_flows_one_way(folder, forbidden):
     for path in python_sources(folder):
-        assert not re.search(forbidden, path.read_text(), re.M), f"{path} imports against the data flow"
+        assert not re.search(forbidden, path.read_text(), re.M), (
+            f"{path} imports against the data flow"
+        )
 
 
 def test_csrc_has_no_torch_or_cublas_headers():
@@ -63,7 +91,9 @@ def test_csrc_has_no_torch_or_cublas_headers():
     assert sources
     for path in sources:
         includes = re.findall(r'#\s*include\s*[<"]([^>"]+)[>"]', path.read_text())
-        bad = [i for i in includes if re.match(r"(torch|ATen|c10|cublas|cusparse|cublasLt)", i, re.I)]
+        bad = [
+            i for i in includes if re.match(r"(torch|ATen|c10|cublas|cusparse|cublasLt)", i, re.I)
+        ]
         assert not bad, f"{path} includes {bad}"
 
 
@@ -99,24 +129,38 @@ def test_a_command_names_the_package_it_lacks(command, monkeypatch, capsys, tmp_
     from effbert import commands as cli
 
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec",
-                        lambda name, *a: None if name in ("datasets", "accelerate") else real(name, *a))
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *a: None if name in ("datasets", "accelerate") else real(name, *a),
+    )
     assert cli.main([command, "--out", str(tmp_path / "run")]) == 2
     err = capsys.readouterr().err.strip()
-    assert err == f"effbert {command}: error: needs datasets and accelerate, not installed here " \
-                  "(pip install datasets accelerate)"
+    assert (
+        err == f"effbert {command}: error: needs datasets and accelerate, not installed here "
+        "(pip install datasets accelerate)"
+    )
     assert not (tmp_path / "run").exists()
 
 
-@pytest.mark.skipif(importlib.util.find_spec("datasets") is not None, reason="datasets is installed here")
+@pytest.mark.skipif(
+    importlib.util.find_spec("datasets") is not None, reason="datasets is installed here"
+)
 def test_without_datasets_the_library_imports_and_pretrain_says_so():
     """Where datasets really is absent (CI's venv shaped like the GPU image): the models and the training floor
     import, and the real command line names the package."""
     code = "import effbert, effbert.models, effbert.training, effbert.data; print('ok')"
-    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
-    out = subprocess.run([sys.executable, "-m", "effbert.commands", "pretrain", "--help"], cwd=ROOT,
-                         capture_output=True, text=True, timeout=300)
+    out = subprocess.run(
+        [sys.executable, "-m", "effbert.commands", "pretrain", "--help"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1, out.stderr
     assert "needs datasets" in out.stderr
 
@@ -162,7 +206,8 @@ def test_import_effbert_registers_the_auto_classes():
         "from transformers import AutoConfig, AutoModelForMaskedLM\n"
         "cfg = AutoConfig.for_model('tupe-bert', vocab_size=11, hidden_size=8, num_hidden_layers=1,"
         " num_attention_heads=2, intermediate_size=8, max_position_embeddings=8)\n"
-        "print(type(cfg).__name__, type(AutoModelForMaskedLM.from_config(cfg)).__name__)\n")
+        "print(type(cfg).__name__, type(AutoModelForMaskedLM.from_config(cfg)).__name__)\n"
+    )
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["TupeBertConfig", "TupeBertForMaskedLM"]
 
@@ -172,6 +217,7 @@ def test_the_ops_work_without_transformers():
     done = _run_python(
         "import sys; sys.modules['transformers'] = None\n"
         "import torch, effbert\n"
-        "print(float(effbert.exit_entropy(torch.zeros(1, 2))[0]))\n")
+        "print(float(effbert.exit_entropy(torch.zeros(1, 2))[0]))\n"
+    )
     assert done.returncode == 0, done.stderr
     assert abs(float(done.stdout) - 0.6931471805599453) < 1e-6

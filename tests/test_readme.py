@@ -8,8 +8,10 @@ import re
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DOCS = sorted(["README.md"] + [os.path.join("docs", n) for n in os.listdir(os.path.join(REPO, "docs"))
-                               if n.endswith(".md")])
+DOCS = sorted(
+    ["README.md"]
+    + [os.path.join("docs", n) for n in os.listdir(os.path.join(REPO, "docs")) if n.endswith(".md")]
+)
 LINK = re.compile(r"\]\(([^)\s]+)\)")
 
 
@@ -35,7 +37,9 @@ def anchors(markdown):
 
 
 def test_anchors_follow_github():
-    text = "# A b\n## `effbert demo`\n## TNF: a note, for words\n```\n# not a heading\n```\n## A b\n"
+    text = (
+        "# A b\n## `effbert demo`\n## TNF: a note, for words\n```\n# not a heading\n```\n## A b\n"
+    )
     assert anchors(text) == {"a-b", "effbert-demo", "tnf-a-note-for-words", "a-b-1"}
 
 
@@ -43,8 +47,14 @@ def test_readme_is_short_and_in_a_users_order():
     text = _read("README.md")
     assert len(text.encode("utf-8")) <= 15 * 1024, len(text.encode("utf-8"))
     sections = re.findall(r"^## (.+)$", text, re.M)
-    order = ["Quick start", "Pretrain on your text", "Fine-tune with early exit",
-             "Use the ops and models in your code", "Measured speed-ups", "Documentation"]
+    order = [
+        "Quick start",
+        "Pretrain on your text",
+        "Fine-tune with early exit",
+        "Use the ops and models in your code",
+        "Measured speed-ups",
+        "Documentation",
+    ]
     assert sections == order
 
 

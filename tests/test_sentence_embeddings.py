@@ -9,9 +9,14 @@ import numpy as np
 import pytest
 import torch
 
-from effbert.integrations.sentence import (EffbertTransformer, SentenceEncoder, cls_pooling,
-                                           effbert_state_dict_to_hf, mean_pooling,
-                                           sentence_transformer_from_hf_bert)
+from effbert.integrations.sentence import (
+    EffbertTransformer,
+    SentenceEncoder,
+    cls_pooling,
+    effbert_state_dict_to_hf,
+    mean_pooling,
+    sentence_transformer_from_hf_bert,
+)
 
 SENTENCES = [
     "A man is playing a guitar.",
@@ -21,7 +26,7 @@ SENTENCES = [
     "Permission is hereby granted, free of charge, to any person obtaining a copy of this "
     "software.",
     "Der schnelle braune Fuchs springt über den faulen Hund.",
-    "THE SOFTWARE IS PROVIDED \"AS IS\", WITHOUT WARRANTY OF ANY KIND, EXPRESS OR IMPLIED.",
+    'THE SOFTWARE IS PROVIDED "AS IS", WITHOUT WARRANTY OF ANY KIND, EXPRESS OR IMPLIED.',
     "Two dogs run through a field of tall grass while their owner watches.",
     # longer than the checkpoint's max_seq_length (256 pieces): cut as sentence-transformers cuts it
     " ".join(["the quick brown fox jumps over the lazy dog"] * 40),
@@ -63,6 +68,7 @@ def encoder(folder):
 
 # ---- pooling (float64 against a loop) ----
 
+
 def test_mean_pooling_equals_a_loop_over_real_tokens_float64():
     g = torch.Generator().manual_seed(0)
     hidden = torch.randn(4, 7, 5, dtype=torch.float64, generator=g)
@@ -93,6 +99,7 @@ def test_pooling_rejects_bad_inputs():
 
 # ---- encode against sentence-transformers ----
 
+
 @needs_st
 def test_encode_equals_sentence_transformers_fp32(encoder, reference):
     want = reference.encode(SENTENCES, convert_to_tensor=True)
@@ -120,8 +127,9 @@ def test_encode_float64_is_tight(folder, reference):
         want = ref(dict(feats))["sentence_embedding"]
         batch = enc.tokenize(SENTENCES)
         assert torch.equal(batch["input_ids"], feats["input_ids"])
-        got = torch.nn.functional.normalize(enc(batch["input_ids"], batch["attention_mask"],
-                                                batch["token_type_ids"]), dim=1)
+        got = torch.nn.functional.normalize(
+            enc(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"]), dim=1
+        )
     assert got.dtype == torch.float64
     torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
     # unnormalised, and with CLS pooling, against sentence-transformers' own Pooling modules
@@ -182,8 +190,11 @@ def test_plain_transformers_folder_and_state_dict_round_trip(folder, tmp_path):
     from transformers import BertModel
 
     hf = BertModel.from_pretrained(str(folder), local_files_only=True)
-    want = {k: v for k, v in hf.state_dict().items()
-            if not k.endswith(("position_ids", "token_type_ids"))}
+    want = {
+        k: v
+        for k, v in hf.state_dict().items()
+        if not k.endswith(("position_ids", "token_type_ids"))
+    }
     enc = SentenceEncoder.from_pretrained(folder)
     back = effbert_state_dict_to_hf(enc.model.state_dict())
     assert set(back) == set(want)
@@ -194,14 +205,19 @@ def test_plain_transformers_folder_and_state_dict_round_trip(folder, tmp_path):
     enc.tokenizer.save_pretrained(tmp_path)
     plain = SentenceEncoder.from_pretrained(tmp_path)
     assert plain.pooling == "mean" and not plain.normalize_embeddings
-    torch.testing.assert_close(torch.nn.functional.normalize(plain.encode(SENTENCES[:3]), dim=1),
-                               enc.encode(SENTENCES[:3]), rtol=0, atol=2e-6)
+    torch.testing.assert_close(
+        torch.nn.functional.normalize(plain.encode(SENTENCES[:3]), dim=1),
+        enc.encode(SENTENCES[:3]),
+        rtol=0,
+        atol=2e-6,
+    )
     assert set(load_file(str(tmp_path / "model.safetensors"))) >= set(want)
     with pytest.raises(ValueError, match="no counterpart"):
         effbert_state_dict_to_hf({"position_encoder.weight": torch.zeros(1)})
 
 
 # ---- a model sentence-transformers loads ----
+
 
 @needs_st
 def test_sentence_transformer_module_saves_and_loads(folder, reference, tmp_path):

@@ -7,11 +7,35 @@ import pytest
 import torch
 
 from effbert.nn import NoteDictionary
-from effbert.data.tnf import RareWordTable, bpe_continuation, build_rare_vocab, wordpiece_continuation
+from effbert.data.tnf import (
+    RareWordTable,
+    bpe_continuation,
+    build_rare_vocab,
+    wordpiece_continuation,
+)
 
 # A toy WordPiece vocabulary: specials, word-start pieces, continuation pieces.
-VOCAB = ["[PAD]", "[CLS]", "[SEP]", "the", "cat", "dog", "un", "believ", "read", "ran", "a",
-         "##able", "##s", "##ing", "##y", "##ly", "##ed", "##believ", "##ably"]
+VOCAB = [
+    "[PAD]",
+    "[CLS]",
+    "[SEP]",
+    "the",
+    "cat",
+    "dog",
+    "un",
+    "believ",
+    "read",
+    "ran",
+    "a",
+    "##able",
+    "##s",
+    "##ing",
+    "##y",
+    "##ly",
+    "##ed",
+    "##believ",
+    "##ably",
+]
 IDS = {t: i for i, t in enumerate(VOCAB)}
 
 
@@ -32,7 +56,9 @@ def wordpiece(word):
 
 
 def test_build_rare_vocab_frequency_band():
-    counts = Counter({"the": 1000, "cat": 50, "dog": 50, "unbelievable": 7, "readable": 12, "zebra": 3, "x": 100})
+    counts = Counter(
+        {"the": 1000, "cat": 50, "dog": 50, "unbelievable": 7, "readable": 12, "zebra": 3, "x": 100}
+    )
     assert build_rare_vocab(counts, 5, 60) == ["cat", "dog", "readable", "unbelievable"]
     assert build_rare_vocab(counts, 5, 60, max_size=2) == ["cat", "dog"]
     assert build_rare_vocab(counts, 3, 3) == ["zebra"]
@@ -56,7 +82,9 @@ def test_table_rejects_words_that_cannot_occur():
         RareWordTable.build(["bad"], lambda w: [IDS["##s"], IDS["cat"]], cont)
     with pytest.raises(ValueError, match="outside the vocabulary"):
         RareWordTable.build(["bad"], lambda w: [999], cont)
-    table = RareWordTable.build(["cats", "cats2"], lambda w: wordpiece("cats"), cont)  # same pieces: first wins
+    table = RareWordTable.build(
+        ["cats", "cats2"], lambda w: wordpiece("cats"), cont
+    )  # same pieces: first wins
     assert table.words == ["cats"]
 
 
@@ -79,18 +107,37 @@ def loop_find(table, input_ids, lengths):
                 for p in range(t, e):
                     slots[b][p] = s
             t = e
-    return torch.tensor(spans, dtype=torch.int64).view(-1, 4), torch.tensor(slots, dtype=torch.int64)
+    return torch.tensor(spans, dtype=torch.int64).view(-1, 4), torch.tensor(
+        slots, dtype=torch.int64
+    )
 
 
 def test_find_spans_in_a_sentence():
     cont = wordpiece_continuation(VOCAB)
     table = RareWordTable.build(["unbelievable", "cats", "reading"], wordpiece, cont)
-    sentence = ["[CLS]", "the", "cats", "ran", "unbelievably", "reading", "the", "cat", "[SEP]", "[PAD]", "[PAD]"]
-    ids = torch.tensor([sum((wordpiece(w) if not w.startswith("[") else [IDS[w]] for w in sentence), [])])
+    sentence = [
+        "[CLS]",
+        "the",
+        "cats",
+        "ran",
+        "unbelievably",
+        "reading",
+        "the",
+        "cat",
+        "[SEP]",
+        "[PAD]",
+        "[PAD]",
+    ]
+    ids = torch.tensor(
+        [sum((wordpiece(w) if not w.startswith("[") else [IDS[w]] for w in sentence), [])]
+    )
     spans, slots = table.find(ids, torch.tensor([ids.shape[1] - 2]))
     # "unbelievably" = un ##believ... is not "unbelievable": a longer word never matches a prefix.
     pieces = [VOCAB[i] for i in ids[0].tolist()]
-    found = [("".join(p.replace("##", "") for p in pieces[s:e]), slot) for _, s, e, slot in spans.tolist()]
+    found = [
+        ("".join(p.replace("##", "") for p in pieces[s:e]), slot)
+        for _, s, e, slot in spans.tolist()
+    ]
     assert found == [("cats", 1), ("reading", 2)]
     want_spans, want_slots = loop_find(table, ids, torch.tensor([ids.shape[1] - 2]))
     assert torch.equal(spans, want_spans) and torch.equal(slots, want_slots)
@@ -103,11 +150,14 @@ def test_find_matches_loop_on_random_batches(with_lengths, seeded):
     starts = [i for i, t in enumerate(VOCAB) if not t.startswith("##") and not t.startswith("[")]
     conts = [i for i, t in enumerate(VOCAB) if t.startswith("##")]
     # Rare words of 1 to 3 pieces, made from the vocabulary directly.
-    rare_rows = {tuple([rng.choice(starts)] + [rng.choice(conts) for _ in range(rng.randint(0, 2))])
-                 for _ in range(12)}
+    rare_rows = {
+        tuple([rng.choice(starts)] + [rng.choice(conts) for _ in range(rng.randint(0, 2))])
+        for _ in range(12)
+    }
     rare_rows = sorted(rare_rows)
-    table = RareWordTable.build([f"w{i}" for i in range(len(rare_rows))], lambda w: list(rare_rows[int(w[1:])]),
-                                cont)
+    table = RareWordTable.build(
+        [f"w{i}" for i in range(len(rare_rows))], lambda w: list(rare_rows[int(w[1:])]), cont
+    )
     B, N = 7, 29
     ids = torch.empty(B, N, dtype=torch.int64)
     for b in range(B):
@@ -133,8 +183,12 @@ def test_find_feeds_the_ops(seeded):
     """spans and slots from a batch go straight into note_update_ and note_mix."""
     cont = wordpiece_continuation(VOCAB)
     table = RareWordTable.build(["cats", "reading", "dog"], wordpiece, cont)
-    ids = torch.tensor([[IDS["[CLS]"], IDS["cat"], IDS["##s"], IDS["dog"], IDS["[SEP]"]],
-                        [IDS["[CLS]"], IDS["read"], IDS["##ing"], IDS["[SEP]"], IDS["[PAD]"]]])
+    ids = torch.tensor(
+        [
+            [IDS["[CLS]"], IDS["cat"], IDS["##s"], IDS["dog"], IDS["[SEP]"]],
+            [IDS["[CLS]"], IDS["read"], IDS["##ing"], IDS["[SEP]"], IDS["[PAD]"]],
+        ]
+    )
     spans, slots = table.find(ids, torch.tensor([5, 4]))
     assert spans.tolist() == [[0, 1, 3, 0], [0, 3, 4, 2], [1, 1, 3, 1]]
     nd = NoteDictionary(len(table), 8, window=1)
@@ -162,7 +216,9 @@ def test_find_edge_cases():
         table.find(torch.tensor([[1.0]]))
 
 
-@pytest.mark.parametrize("lengths,bad", [([3, 4], "lengths\\[1\\] = 4"), ([-1, 2], "lengths\\[0\\] = -1")])
+@pytest.mark.parametrize(
+    "lengths,bad", [([3, 4], "lengths\\[1\\] = 4"), ([-1, 2], "lengths\\[0\\] = -1")]
+)
 def test_find_rejects_lengths_outside_the_sequence(lengths, bad):
     """A length past N (or negative) names the argument instead of silently treating the row as full (or empty)."""
     table = RareWordTable.build(["cats"], wordpiece, wordpiece_continuation(VOCAB))

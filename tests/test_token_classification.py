@@ -9,24 +9,44 @@ import torch
 import torch.nn.functional as F
 
 import effbert  # noqa: F401  (registers the Auto classes)
-from effbert.models import (MultiExitTokenClassifierOutput, TupeBertConfig, TupeBertForTokenClassification,
-                            multi_exit_token_loss, published_token_thresholds)
+from effbert.models import (
+    MultiExitTokenClassifierOutput,
+    TupeBertConfig,
+    TupeBertForTokenClassification,
+    multi_exit_token_loss,
+    published_token_thresholds,
+)
 
 DEPTH = 4
 
 
 def tiny_config(mode="tupe-r", **overrides):
-    values = dict(vocab_size=53, hidden_size=32, num_hidden_layers=DEPTH, num_attention_heads=2,
-                  intermediate_size=37, max_position_embeddings=24, type_vocab_size=2, hidden_dropout_prob=0.0,
-                  attention_probs_dropout_prob=0.0, position_mode=mode, num_buckets=8, max_distance=12,
-                  num_labels=5, multi_exit=True, backend="eager")
+    values = dict(
+        vocab_size=53,
+        hidden_size=32,
+        num_hidden_layers=DEPTH,
+        num_attention_heads=2,
+        intermediate_size=37,
+        max_position_embeddings=24,
+        type_vocab_size=2,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+        position_mode=mode,
+        num_buckets=8,
+        max_distance=12,
+        num_labels=5,
+        multi_exit=True,
+        backend="eager",
+    )
     values.update(overrides)
     return TupeBertConfig(**values)
 
 
 def make_model(mode="tupe-r", dtype=torch.float64, **overrides):
     model = TupeBertForTokenClassification(tiny_config(mode, **overrides))
-    with torch.no_grad():  # every parameter non-trivial; classifiers confident enough to spread u over [0, 1]
+    with (
+        torch.no_grad()
+    ):  # every parameter non-trivial; classifiers confident enough to spread u over [0, 1]
         for p in model.parameters():
             p.add_(0.1 * torch.randn_like(p))
         for head in model.exits or []:
@@ -51,14 +71,27 @@ def make_batch(cfg, lengths=(9, 4, 13, 1, 7, 2), n=14):
 
 # ---- the published loop: one sentence at a time, the whole layer on every token, the masked copy rule ----
 
+
 def uncertainty(logits):
     """``get_uncertainty`` of V0/utils.py: entropy of the softmax over log(C), in float64."""
     logp = torch.log_softmax(logits.double(), -1)
     return -(logp.exp() * logp).sum(-1) / math.log(logits.shape[-1])
 
 
-def published_loop(model, ids, label_mask, *, mode, thresholds, window=3, pool="max", copy_wordpieces="all",
-                   freeze=True, hf=None, token_thresholds=None):
+def published_loop(
+    model,
+    ids,
+    label_mask,
+    *,
+    mode,
+    thresholds,
+    window=3,
+    pool="max",
+    copy_wordpieces="all",
+    freeze=True,
+    hf=None,
+    token_thresholds=None,
+):
     """One sentence (its real tokens ``ids [n]``) as ``BertModel_EE.forward`` runs it with batch size 1
     (``s_level_ee`` / ``t_level_win_ee_copy``): every layer on the full ``[1, n, hidden]`` states, then
     ``h = where(running, layer(h), h)`` (exited word pieces keep their state and still give keys and values);
@@ -129,7 +162,9 @@ def quantile_thresholds(model, ids, mask, label_mask, q, window=3):
         z = model(ids, mask).exit_logits
     out = []
     for layer_logits in z:
-        u = uncertainty(layer_logits).masked_fill(~label_mask, -1.0)  # other tokens never win a window's max
+        u = uncertainty(layer_logits).masked_fill(
+            ~label_mask, -1.0
+        )  # other tokens never win a window's max
         win = F.max_pool1d(u[:, None], window, 1, window // 2)[:, 0][label_mask]
         win = torch.unique(win)  # sorted; a window's max repeats over its neighbours
         k = min(int(q * (win.numel() - 1)), win.numel() - 2)
@@ -142,20 +177,29 @@ def _first(out):
 
 
 def check_against_loop(model, ids, mask, label_mask, hf=None, **kw):
-    labels, layers, token_layers, logits = model.early_exit_token_labels(ids, mask, label_mask=label_mask, **kw)
+    labels, layers, token_layers, logits = model.early_exit_token_labels(
+        ids, mask, label_mask=label_mask, **kw
+    )
     assert labels.dtype == torch.int64 and layers.dtype == torch.int64
     assert torch.equal(labels[label_mask], logits[label_mask].argmax(-1))
     assert (labels[~label_mask] == -100).all() and (layers[~label_mask] == 0).all()
     total, mismatches, all_layers = 0, 0, []
     for r in range(ids.shape[0]):
         real = mask[r]
-        want, want_layers, want_cost, want_logits = published_loop(model, ids[r][real], label_mask[r][real], hf=hf,
-                                                                   **kw)
+        want, want_layers, want_cost, want_logits = published_loop(
+            model, ids[r][real], label_mask[r][real], hf=hf, **kw
+        )
         got, got_layers = labels[r][label_mask[r]].tolist(), layers[r][label_mask[r]].tolist()
-        mismatches += sum(a != b for a, b in zip(got, want)) + sum(a != b for a, b in zip(got_layers, want_layers))
-        assert got_layers == want_layers, f"row {r}: exit layers {got_layers}, the loop gives {want_layers}"
+        mismatches += sum(a != b for a, b in zip(got, want)) + sum(
+            a != b for a, b in zip(got_layers, want_layers)
+        )
+        assert got_layers == want_layers, (
+            f"row {r}: exit layers {got_layers}, the loop gives {want_layers}"
+        )
         # the exit layer's logits, from states built with the copy rule: any state that differs shows here
-        torch.testing.assert_close(logits[r][label_mask[r]], want_logits.to(logits.dtype), rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(
+            logits[r][label_mask[r]], want_logits.to(logits.dtype), rtol=1e-9, atol=1e-12
+        )
         total += want_cost
         all_layers += got_layers
     assert mismatches == 0
@@ -164,9 +208,9 @@ def check_against_loop(model, ids, mask, label_mask, hf=None, **kw):
 
 
 THRESHOLD_CASES = {
-    "none_exit": [0.0] * DEPTH,      # u >= 0: nobody exits before the last layer
+    "none_exit": [0.0] * DEPTH,  # u >= 0: nobody exits before the last layer
     "all_at_layer_1": [1.01] * DEPTH,  # u <= 1: every word exits at layer 1
-    "mixed": None,                     # the 0.35 quantile of each layer's uncertainties
+    "mixed": None,  # the 0.35 quantile of each layer's uncertainties
 }
 
 
@@ -179,8 +223,12 @@ def test_batched_inference_equals_the_published_loop(mode, case, position_mode):
     ids, mask, label_mask = make_batch(model.config)
     thresholds = THRESHOLD_CASES[case]
     if thresholds is None:
-        thresholds = quantile_thresholds(model, ids, mask, label_mask, 0.35 if mode == "tokee" else 0.8)
-    layers = check_against_loop(model, ids, mask, label_mask, mode=mode, thresholds=thresholds, window=3)
+        thresholds = quantile_thresholds(
+            model, ids, mask, label_mask, 0.35 if mode == "tokee" else 0.8
+        )
+    layers = check_against_loop(
+        model, ids, mask, label_mask, mode=mode, thresholds=thresholds, window=3
+    )
     if case == "none_exit":
         assert set(layers) == {DEPTH}
     elif case == "all_at_layer_1":
@@ -198,16 +246,26 @@ def test_batched_inference_equals_the_published_loop(mode, case, position_mode):
         assert changed > 0
 
 
-@pytest.mark.parametrize("window,copy_wordpieces,pool", [(1, "first", "mean"), (5, "all", "mean"),
-                                                          (3, "first", "max")])
+@pytest.mark.parametrize(
+    "window,copy_wordpieces,pool", [(1, "first", "mean"), (5, "all", "mean"), (3, "first", "max")]
+)
 def test_windows_copy_rules_and_pooling_equal_the_loop(window, copy_wordpieces, pool):
     torch.manual_seed(1)
     model = make_model("tupe-a")
     ids, mask, label_mask = make_batch(model.config, lengths=(11, 5, 14, 3, 8))
     for mode, q in (("tokee", 0.35), ("sentee", 0.8)):
         thresholds = quantile_thresholds(model, ids, mask, label_mask, q, window)
-        layers = check_against_loop(model, ids, mask, label_mask, mode=mode, thresholds=thresholds, window=window,
-                                    pool=pool, copy_wordpieces=copy_wordpieces)
+        layers = check_against_loop(
+            model,
+            ids,
+            mask,
+            label_mask,
+            mode=mode,
+            thresholds=thresholds,
+            window=window,
+            pool=pool,
+            copy_wordpieces=copy_wordpieces,
+        )
         assert len(set(layers)) >= 2, layers
 
 
@@ -223,9 +281,18 @@ def test_float32_fused_path_gives_the_float64_decisions(mode):
     fast.load_state_dict(model.state_dict())
     fast = fast.float().set_backend("auto")
     for q in (0.2, 0.5):
-        kw = dict(mode=mode, window=3, label_mask=label_mask,
-                  thresholds=quantile_thresholds(model, ids, mask, label_mask, q if mode == "tokee" else q + 0.4))
-        want, got = model.early_exit_token_labels(ids, mask, **kw), fast.early_exit_token_labels(ids, mask, **kw)
+        kw = dict(
+            mode=mode,
+            window=3,
+            label_mask=label_mask,
+            thresholds=quantile_thresholds(
+                model, ids, mask, label_mask, q if mode == "tokee" else q + 0.4
+            ),
+        )
+        want, got = (
+            model.early_exit_token_labels(ids, mask, **kw),
+            fast.early_exit_token_labels(ids, mask, **kw),
+        )
         assert torch.equal(got.exit_layer, want.exit_layer) and torch.equal(got.labels, want.labels)
         assert got.token_layers == want.token_layers
         torch.testing.assert_close(got.logits.double(), want.logits, rtol=1e-4, atol=1e-5)
@@ -277,7 +344,9 @@ def test_single_classifier_without_multi_exit():
     labels = torch.where(label_mask, torch.randint(0, 5, ids.shape), torch.full_like(ids, -100))
     out = model(ids, mask, labels=labels)
     keep = labels != -100
-    assert out.loss.item() == pytest.approx(F.cross_entropy(out.logits[keep], labels[keep]).item(), rel=1e-6)
+    assert out.loss.item() == pytest.approx(
+        F.cross_entropy(out.logits[keep], labels[keep]).item(), rel=1e-6
+    )
     with pytest.raises(ValueError, match="multi_exit=True"):
         model.early_exit_token_labels(ids, mask, thresholds=0.1)
 
@@ -288,8 +357,12 @@ def test_classifier_dropout_sets_the_exit_dropout():
     assert make_model(classifier_dropout=0.3).dropout.p == 0.3
     assert make_model(hidden_dropout_prob=0.2).dropout.p == 0.2
     torch.manual_seed(7)
-    model = make_model(dtype=torch.float32, classifier_dropout=0.5, hidden_dropout_prob=0.0,
-                       attention_probs_dropout_prob=0.0).train()
+    model = make_model(
+        dtype=torch.float32,
+        classifier_dropout=0.5,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    ).train()
     ids, mask, _ = make_batch(model.config)
     first, second = model(ids, mask).exit_logits, model(ids, mask).exit_logits
     assert not torch.equal(first, second), "the classifiers' dropout is active in training"
@@ -346,22 +419,40 @@ def test_hf_bert_encoder_equals_the_published_loop_on_its_own_layers(mode):
     from effbert.integrations.hf import token_classifier_from_hf_bert
 
     torch.manual_seed(7)
-    hf_config = transformers.BertConfig(vocab_size=53, hidden_size=32, num_hidden_layers=DEPTH, num_attention_heads=2,
-                                        intermediate_size=37, max_position_embeddings=24, hidden_dropout_prob=0.0,
-                                        attention_probs_dropout_prob=0.0, attn_implementation="eager")
+    hf_config = transformers.BertConfig(
+        vocab_size=53,
+        hidden_size=32,
+        num_hidden_layers=DEPTH,
+        num_attention_heads=2,
+        intermediate_size=37,
+        max_position_embeddings=24,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+        attn_implementation="eager",
+    )
     hf = transformers.BertModel(hf_config, add_pooling_layer=False).double().eval()
     with torch.no_grad():
         for p in hf.parameters():
             p.add_(0.1 * torch.randn_like(p))
     model = token_classifier_from_hf_bert(hf, num_labels=5, backend="eager")
-    assert model.config.position_mode == "absolute" and model.config.multi_exit and model.dtype == torch.float64
+    assert (
+        model.config.position_mode == "absolute"
+        and model.config.multi_exit
+        and model.dtype == torch.float64
+    )
     with torch.no_grad():
         for head in model.exits:
             head.weight.normal_(0.0, 0.3)
     ids, mask, label_mask = make_batch(model.config)
     q = 0.35 if mode == "tokee" else 0.8
-    for thresholds in ([0.0] * DEPTH, [1.01] * DEPTH, quantile_thresholds(model, ids, mask, label_mask, q)):
-        check_against_loop(model, ids, mask, label_mask, hf=hf, mode=mode, thresholds=thresholds, window=3)
+    for thresholds in (
+        [0.0] * DEPTH,
+        [1.01] * DEPTH,
+        quantile_thresholds(model, ids, mask, label_mask, q),
+    ):
+        check_against_loop(
+            model, ids, mask, label_mask, hf=hf, mode=mode, thresholds=thresholds, window=3
+        )
 
 
 def test_hf_token_classifier_weights_carry_over():
@@ -369,9 +460,16 @@ def test_hf_token_classifier_weights_carry_over():
     from effbert.integrations.hf import token_classifier_from_hf_bert
 
     torch.manual_seed(8)
-    hf_config = transformers.BertConfig(vocab_size=53, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                                        intermediate_size=37, max_position_embeddings=24, num_labels=3,
-                                        attn_implementation="eager")
+    hf_config = transformers.BertConfig(
+        vocab_size=53,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=37,
+        max_position_embeddings=24,
+        num_labels=3,
+        attn_implementation="eager",
+    )
     hf = transformers.BertForTokenClassification(hf_config).double().eval()
     ids = torch.randint(1, 53, (2, 6))
     mask = torch.tensor([[1] * 6, [1] * 4 + [0] * 2])
@@ -379,7 +477,11 @@ def test_hf_token_classifier_weights_carry_over():
     want = hf(input_ids=ids, attention_mask=mask).logits
     torch.testing.assert_close(single(ids, mask).logits[mask.bool()], want[mask.bool()])
     multi = token_classifier_from_hf_bert(hf, backend="eager")
-    assert multi.config.num_labels == 3 and multi.config.id2label == {0: "LABEL_0", 1: "LABEL_1", 2: "LABEL_2"}
+    assert multi.config.num_labels == 3 and multi.config.id2label == {
+        0: "LABEL_0",
+        1: "LABEL_1",
+        2: "LABEL_2",
+    }
     assert torch.equal(multi.exits[-1].weight, hf.classifier.weight)
     torch.testing.assert_close(multi(ids, mask).logits[mask.bool()], want[mask.bool()])
     with pytest.raises(ValueError, match="num_labels"):
@@ -391,17 +493,27 @@ def test_rows_without_words_or_tokens_and_an_empty_batch(mode):
     torch.manual_seed(9)
     model = make_model()
     ids = torch.randint(1, 53, (3, 6))
-    mask = torch.tensor([[1] * 6, [0] * 6, [1] * 2 + [0] * 4]).bool()  # a row of padding, a row of [CLS] [SEP]
+    mask = torch.tensor(
+        [[1] * 6, [0] * 6, [1] * 2 + [0] * 4]
+    ).bool()  # a row of padding, a row of [CLS] [SEP]
     label_mask = mask.clone()
     label_mask[0, [0, 5]] = False
     label_mask[2] = False
-    check_against_loop(model, ids[[0, 2]], mask[[0, 2]], label_mask[[0, 2]], mode=mode, thresholds=[0.5] * DEPTH)
-    labels, layers, cost, logits = model.early_exit_token_labels(ids, mask, mode=mode, thresholds=0.5)
+    check_against_loop(
+        model, ids[[0, 2]], mask[[0, 2]], label_mask[[0, 2]], mode=mode, thresholds=[0.5] * DEPTH
+    )
+    labels, layers, cost, logits = model.early_exit_token_labels(
+        ids, mask, mode=mode, thresholds=0.5
+    )
     assert (labels[1:] == -100).all() and (layers[1:] == 0).all() and (logits[1:] == 0).all()
     # only rows without words: one layer runs (the published loop returns after it), nothing is labelled
-    labels, layers, cost, logits = model.early_exit_token_labels(ids[2:], mask[2:], mode=mode, thresholds=0.5)
+    labels, layers, cost, logits = model.early_exit_token_labels(
+        ids[2:], mask[2:], mode=mode, thresholds=0.5
+    )
     assert cost == 2 and (labels == -100).all()
-    labels, layers, cost, logits = model.early_exit_token_labels(ids[:0], mask[:0], mode=mode, thresholds=0.5)
+    labels, layers, cost, logits = model.early_exit_token_labels(
+        ids[:0], mask[:0], mode=mode, thresholds=0.5
+    )
     assert labels.shape == (0, 6) and logits.shape == (0, 6, 5) and cost == 0
 
 
@@ -437,8 +549,15 @@ def test_token_thresholds_as_published_t_level_t():
     thresholds = quantile_thresholds(model, ids, mask, label_mask, 0.2)
     token_thresholds = [-1.0] * (DEPTH // 2) + [0.6] * (DEPTH - DEPTH // 2)
     base = model.early_exit_token_labels(ids, mask, label_mask=label_mask, thresholds=thresholds)
-    layers = check_against_loop(model, ids, mask, label_mask, mode="tokee", thresholds=thresholds,
-                                token_thresholds=token_thresholds)
+    layers = check_against_loop(
+        model,
+        ids,
+        mask,
+        label_mask,
+        mode="tokee",
+        thresholds=thresholds,
+        token_thresholds=token_thresholds,
+    )
     assert sum(layers) < int(base.exit_layer.sum())  # the token rule lets words leave earlier
     with pytest.raises(ValueError, match="token_thresholds"):
         model.early_exit_token_labels(ids, mask, thresholds=0.1, token_thresholds=[0.1])

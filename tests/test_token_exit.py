@@ -34,8 +34,15 @@ def safe_threshold(logits, cu, window, q=0.5, **kw):
     """A threshold near the q-quantile of the window maxima, at least 1e-3 away from every u and window maximum, so
     that float32 rounding cannot flip a decision the float64 reference makes."""
     total = logits.shape[0]
-    _, _, u = reference.token_exit_decision(logits.double().cpu(), cu.cpu(), torch.ones(total, dtype=torch.bool),
-                                            torch.zeros(total, dtype=i32), threshold=0.0, window=window, layer=1)
+    _, _, u = reference.token_exit_decision(
+        logits.double().cpu(),
+        cu.cpu(),
+        torch.ones(total, dtype=torch.bool),
+        torch.zeros(total, dtype=i32),
+        threshold=0.0,
+        window=window,
+        layer=1,
+    )
     values = torch.sort(u[torch.isfinite(u)]).values
     thr = float(torch.quantile(values, q)) if values.numel() else 0.5
     for _ in range(200):
@@ -49,13 +56,20 @@ def run(backend, logits, cu, active, exit_layer, keep=None, **params):
     """The backend's result written into poisoned outputs, so an unwritten element cannot pass; the public API must
     give the same."""
     total = logits.shape[0]
-    out = (torch.ones(total, dtype=torch.bool, device=logits.device),
-           torch.full((total,), -7, dtype=i32, device=logits.device),
-           torch.full((total,), float("nan"), dtype=torch.float32, device=logits.device))
+    out = (
+        torch.ones(total, dtype=torch.bool, device=logits.device),
+        torch.full((total,), -7, dtype=i32, device=logits.device),
+        torch.full((total,), float("nan"), dtype=torch.float32, device=logits.device),
+    )
     max_seqlen = int((cu[1:] - cu[:-1]).max())
-    p = dict(window=3, token_threshold=None, token_rule="and", exclude_exited=False, layer=1) | params
+    p = (
+        dict(window=3, token_threshold=None, token_rule="and", exclude_exited=False, layer=1)
+        | params
+    )
     ops.run_into(backend, logits, cu, max_seqlen, active, exit_layer, keep, out, **p)
-    via_api = effbert.token_exit_decision(logits, active, exit_layer, cu_seqlens=cu, keep=keep, backend=backend, **p)
+    via_api = effbert.token_exit_decision(
+        logits, active, exit_layer, cu_seqlens=cu, keep=keep, backend=backend, **p
+    )
     assert torch.equal(out[0], via_api[0]) and torch.equal(out[1], via_api[1])
     assert torch.equal(out[2].isnan(), via_api[2].isnan())
     return out
@@ -66,32 +80,47 @@ def check(backend, device, logits, cu, active, exit_layer, keep=None, slack=0.0,
     within ``slack`` of the threshold are not compared (float32 rounding may flip them; for inputs too large for
     `safe_threshold` to find a gap)."""
     got = run(backend, logits, cu, active, exit_layer, keep, **params)
-    p = dict(window=3, token_threshold=None, token_rule="and", exclude_exited=False, layer=1) | params
+    p = (
+        dict(window=3, token_threshold=None, token_rule="and", exclude_exited=False, layer=1)
+        | params
+    )
     x64, cu_h, active_h = logits.double().cpu(), cu.cpu(), active.cpu()
-    want = reference.token_exit_decision(x64, cu_h, active_h, exit_layer.cpu(),
-                                         keep=None if keep is None else keep.cpu(), **p)
+    want = reference.token_exit_decision(
+        x64, cu_h, active_h, exit_layer.cpu(), keep=None if keep is None else keep.cpu(), **p
+    )
     compared = torch.ones(logits.shape[0], dtype=torch.bool)
     if slack:
         keep_h = reference.default_keep(cu_h, logits.shape[0]) if keep is None else keep.cpu()
         takes_part = ~keep_h & (active_h if p["exclude_exited"] else True)
-        u_win = reference.window_max(reference.token_uncertainty(x64), cu_h, takes_part, p["window"])
+        u_win = reference.window_max(
+            reference.token_uncertainty(x64), cu_h, takes_part, p["window"]
+        )
         compared = ~((u_win - p["threshold"]).abs() <= slack)
-    assert torch.equal(got[0].cpu()[compared], want[0][compared]), "active differs from the reference"
-    assert torch.equal(got[1].cpu()[compared], want[1][compared]), "exit_layer differs from the reference"
+    assert torch.equal(got[0].cpu()[compared], want[0][compared]), (
+        "active differs from the reference"
+    )
+    assert torch.equal(got[1].cpu()[compared], want[1][compared]), (
+        "exit_layer differs from the reference"
+    )
     err = (got[2].double().cpu() - want[2]).abs()
     assert torch.equal(got[2].isnan().cpu(), want[2].isnan())
-    assert float(err.nan_to_num().max()) <= FP32_RTOL, f"u: max abs error {float(err.nan_to_num().max()):.3e}"
+    assert float(err.nan_to_num().max()) <= FP32_RTOL, (
+        f"u: max abs error {float(err.nan_to_num().max()):.3e}"
+    )
     return got, want
 
 
 # ---- the reference against the definition ----
+
 
 def test_reference_uncertainty_is_normalised_entropy(seeded):
     x = torch.randn(6, 9, dtype=torch.float64) * 3
     p = torch.softmax(x, -1)
     want = -(p * p.log()).sum(-1) / math.log(9)
     assert torch.allclose(reference.token_uncertainty(x), want, rtol=1e-12, atol=0)
-    assert reference.token_uncertainty(torch.zeros(1, 4, dtype=torch.float64)).item() == pytest.approx(1.0)
+    assert reference.token_uncertainty(
+        torch.zeros(1, 4, dtype=torch.float64)
+    ).item() == pytest.approx(1.0)
 
 
 def test_reference_window_is_max_pool_per_sequence(seeded):
@@ -102,20 +131,35 @@ def test_reference_window_is_max_pool_per_sequence(seeded):
     x = make_logits(sum(lengths), 4, "cpu", torch.float64)
     u = reference.token_uncertainty(x)
     for start, end in zip(cu.tolist(), cu.tolist()[1:]):
-        inner = u[start + 1:end - 1]
+        inner = u[start + 1 : end - 1]
         pooled = F.max_pool1d(inner[None, None], window, 1, window // 2)[0, 0]
         for i, t in enumerate(range(start + 1, end - 1)):
             thr = float(pooled[i])
             # exits iff u_win < threshold: just above the maximum it exits, at it it does not
-            a, _, _ = reference.token_exit_decision(x, cu, torch.ones(15, dtype=torch.bool), torch.zeros(15, dtype=i32),
-                                                    threshold=thr + 1e-12, window=window, layer=1)
+            a, _, _ = reference.token_exit_decision(
+                x,
+                cu,
+                torch.ones(15, dtype=torch.bool),
+                torch.zeros(15, dtype=i32),
+                threshold=thr + 1e-12,
+                window=window,
+                layer=1,
+            )
             assert not a[t]
-            a, _, _ = reference.token_exit_decision(x, cu, torch.ones(15, dtype=torch.bool), torch.zeros(15, dtype=i32),
-                                                    threshold=thr, window=window, layer=1)
+            a, _, _ = reference.token_exit_decision(
+                x,
+                cu,
+                torch.ones(15, dtype=torch.bool),
+                torch.zeros(15, dtype=i32),
+                threshold=thr,
+                window=window,
+                layer=1,
+            )
             assert a[t]
 
 
 # ---- every backend against the reference ----
+
 
 @pytest.mark.parametrize("backend,device", backend_cases())
 @pytest.mark.parametrize("window", [1, 3, 5])
@@ -128,10 +172,17 @@ def test_matches_reference(backend, device, window, exclude_exited, seeded):
     active = (torch.rand(total) < 0.8).to(device)
     exit_layer = torch.where(active.cpu(), -1, 1).to(i32).to(device)
     kw = dict(window=window, exclude_exited=exclude_exited, layer=2)
-    for q in (0.3, 0.5, 0.7, 0.85, 0.95):  # the window maxima sit above u: the lowest quantile that exits some
+    for q in (
+        0.3,
+        0.5,
+        0.7,
+        0.85,
+        0.95,
+    ):  # the window maxima sit above u: the lowest quantile that exits some
         thr = safe_threshold(x, cu, window, q)
-        still = reference.token_exit_decision(x.double().cpu(), cu.cpu(), active.cpu(), exit_layer.cpu(),
-                                              threshold=thr, **kw)[0]
+        still = reference.token_exit_decision(
+            x.double().cpu(), cu.cpu(), active.cpu(), exit_layer.cpu(), threshold=thr, **kw
+        )[0]
         if 0 < int((active.cpu() & ~still).sum()) < int(active.sum()) - 10:
             break
     else:
@@ -148,7 +199,16 @@ def test_low_precision_and_many_classes(backend, device, dtype, seeded):
     x = make_logits(22, 70, device, dtype)
     active = torch.ones(22, dtype=torch.bool, device=device)
     thr = safe_threshold(x, cu, 3)
-    check(backend, device, x, cu, active, torch.zeros(22, dtype=i32, device=device), threshold=thr, layer=3)
+    check(
+        backend,
+        device,
+        x,
+        cu,
+        active,
+        torch.zeros(22, dtype=i32, device=device),
+        threshold=thr,
+        layer=3,
+    )
 
 
 @pytest.mark.parametrize("backend,device", backend_cases())
@@ -161,10 +221,30 @@ def test_token_threshold(backend, device, rule, seeded):
     active = torch.ones(total, dtype=torch.bool, device=device)
     thr = safe_threshold(x, cu, 5)
     tok = safe_threshold(x, cu, 1, q=0.3)
-    got, _ = check(backend, device, x, cu, active, torch.zeros(total, dtype=i32, device=device), threshold=thr,
-                   window=5, token_threshold=tok, token_rule=rule, layer=4)
-    plain, _ = check(backend, device, x, cu, active, torch.zeros(total, dtype=i32, device=device), threshold=thr,
-                     window=5, layer=4)
+    got, _ = check(
+        backend,
+        device,
+        x,
+        cu,
+        active,
+        torch.zeros(total, dtype=i32, device=device),
+        threshold=thr,
+        window=5,
+        token_threshold=tok,
+        token_rule=rule,
+        layer=4,
+    )
+    plain, _ = check(
+        backend,
+        device,
+        x,
+        cu,
+        active,
+        torch.zeros(total, dtype=i32, device=device),
+        threshold=thr,
+        window=5,
+        layer=4,
+    )
     exits, exits_plain = ~got[0].cpu(), ~plain[0].cpu()
     if rule == "and":
         assert not (exits & ~exits_plain).any(), "'and' only adds a condition"
@@ -179,11 +259,21 @@ def test_every_token_exits_at_layer_1(backend, device, seeded):
     cu = offsets(LENGTHS, device)
     total = cu[-1].item()
     x = make_logits(total, 4, device)
-    got, _ = check(backend, device, x, cu, torch.ones(total, dtype=torch.bool, device=device),
-                   torch.zeros(total, dtype=i32, device=device), threshold=1.5, layer=1)
+    got, _ = check(
+        backend,
+        device,
+        x,
+        cu,
+        torch.ones(total, dtype=torch.bool, device=device),
+        torch.zeros(total, dtype=i32, device=device),
+        threshold=1.5,
+        layer=1,
+    )
     keep = reference.default_keep(cu.cpu(), total)
     assert torch.equal(got[0].cpu(), keep), "exactly the kept tokens go on"
-    assert torch.equal(got[1].cpu(), (~keep).to(i32)), "the exited tokens get layer 1, the kept ones keep 0"
+    assert torch.equal(got[1].cpu(), (~keep).to(i32)), (
+        "the exited tokens get layer 1, the kept ones keep 0"
+    )
 
 
 @pytest.mark.parametrize("backend,device", backend_cases())
@@ -194,7 +284,9 @@ def test_no_token_exits(backend, device, seeded):
     x = make_logits(total, 4, device)
     active = torch.ones(total, dtype=torch.bool, device=device)
     layers = torch.zeros(total, dtype=i32, device=device)
-    got, _ = check(backend, device, x, cu, active, layers, threshold=0.0, layer=5)  # u >= 0: never below 0
+    got, _ = check(
+        backend, device, x, cu, active, layers, threshold=0.0, layer=5
+    )  # u >= 0: never below 0
     assert got[0].all() and (got[1] == 0).all()
 
 
@@ -243,7 +335,9 @@ def test_exclude_exited(backend, device):
     got, _ = check(backend, device, x, cu, active, layers, threshold=0.5, layer=2)
     assert got[0].cpu().tolist() == [True, False, True, False, True]
     assert got[1].cpu().tolist() == [0, 1, 0, 2, 0]
-    got, _ = check(backend, device, x, cu, active, layers, threshold=0.5, layer=2, exclude_exited=True)
+    got, _ = check(
+        backend, device, x, cu, active, layers, threshold=0.5, layer=2, exclude_exited=True
+    )
     assert got[0].cpu().tolist() == [True, False, False, False, True]
     assert got[1].cpu().tolist() == [0, 1, 2, 2, 0]
 
@@ -255,8 +349,15 @@ def test_nan_logits_never_exit_and_block_their_window(backend, device):
     x = torch.zeros(7, 3, device=device)
     x[:, 0] = 30.0
     x[3, 1] = float("nan")
-    got, _ = check(backend, device, x, cu, torch.ones(7, dtype=torch.bool, device=device),
-                   torch.zeros(7, dtype=i32, device=device), threshold=0.5)
+    got, _ = check(
+        backend,
+        device,
+        x,
+        cu,
+        torch.ones(7, dtype=torch.bool, device=device),
+        torch.zeros(7, dtype=i32, device=device),
+        threshold=0.5,
+    )
     assert got[0].cpu().tolist() == [True, False, True, True, True, False, True]
     assert torch.isnan(got[2][3])
 
@@ -281,8 +382,9 @@ def test_packed_equals_padded(backend, device, seeded):
     thr = safe_threshold(x.reshape(-1, c)[flat], cu, 3)
     kw = dict(threshold=thr, layer=2, backend=backend)
     pa, pl, pu = effbert.token_exit_decision(x, active, layers, attention_mask=mask, **kw)
-    ka, kl, ku = effbert.token_exit_decision(x.reshape(-1, c)[flat], active.flatten()[flat], layers.flatten()[flat],
-                                             cu_seqlens=cu, **kw)
+    ka, kl, ku = effbert.token_exit_decision(
+        x.reshape(-1, c)[flat], active.flatten()[flat], layers.flatten()[flat], cu_seqlens=cu, **kw
+    )
     assert torch.equal(pa.flatten()[flat], ka) and torch.equal(pl.flatten()[flat], kl)
     assert torch.equal(pu.flatten()[flat], ku)
     assert torch.equal(pa.flatten()[~flat], active.flatten()[~flat])
@@ -295,12 +397,25 @@ def test_packed_equals_padded(backend, device, seeded):
 def test_float64_on_the_eager_backend(seeded):
     cu = offsets(LENGTHS)
     x = make_logits(44, 4, "cpu", torch.float64)
-    a, layer, u = effbert.token_exit_decision(x, torch.ones(44, dtype=torch.bool), torch.zeros(44, dtype=i32),
-                                              cu_seqlens=cu, threshold=0.5, layer=1)
+    a, layer, u = effbert.token_exit_decision(
+        x,
+        torch.ones(44, dtype=torch.bool),
+        torch.zeros(44, dtype=i32),
+        cu_seqlens=cu,
+        threshold=0.5,
+        layer=1,
+    )
     assert u.dtype == torch.float64
     with pytest.raises(BackendNotSupportedError, match="fp32/fp16/bf16 logits, got float64"):
-        effbert.token_exit_decision(x, torch.ones(44, dtype=torch.bool), torch.zeros(44, dtype=i32), cu_seqlens=cu,
-                                    threshold=0.5, layer=1, backend="triton")
+        effbert.token_exit_decision(
+            x,
+            torch.ones(44, dtype=torch.bool),
+            torch.zeros(44, dtype=i32),
+            cu_seqlens=cu,
+            threshold=0.5,
+            layer=1,
+            backend="triton",
+        )
 
 
 def test_outputs_are_not_differentiable_and_inputs_untouched(seeded):
@@ -308,7 +423,9 @@ def test_outputs_are_not_differentiable_and_inputs_untouched(seeded):
     x = torch.randn(9, 3, requires_grad=True)
     active = torch.ones(9, dtype=torch.bool)
     layers = torch.zeros(9, dtype=i32)
-    a, layer, u = effbert.token_exit_decision(x, active, layers, cu_seqlens=cu, threshold=2.0, layer=1)
+    a, layer, u = effbert.token_exit_decision(
+        x, active, layers, cu_seqlens=cu, threshold=2.0, layer=1
+    )
     assert not u.requires_grad
     assert active.all() and (layers == 0).all(), "the inputs were modified"
 
@@ -331,9 +448,16 @@ def test_backend_selection(monkeypatch):
 
 # ---- argument checks ----
 
+
 def _good(**over):
-    kw = dict(logits=torch.randn(9, 3), active=torch.ones(9, dtype=torch.bool), exit_layer=torch.zeros(9, dtype=i32),
-              cu_seqlens=offsets([4, 5]), threshold=0.5, layer=1)
+    kw = dict(
+        logits=torch.randn(9, 3),
+        active=torch.ones(9, dtype=torch.bool),
+        exit_layer=torch.zeros(9, dtype=i32),
+        cu_seqlens=offsets([4, 5]),
+        threshold=0.5,
+        layer=1,
+    )
     kw.update(over)
     return kw
 
@@ -342,22 +466,77 @@ BAD = [
     ("even window", dict(window=4), ValueError, "window must be an odd int"),
     ("zero window", dict(window=0), ValueError, "window must be an odd int"),
     ("inf threshold", dict(threshold=float("inf")), ValueError, "threshold must be a finite"),
-    ("nan token_threshold", dict(token_threshold=float("nan")), ValueError, "token_threshold must be"),
+    (
+        "nan token_threshold",
+        dict(token_threshold=float("nan")),
+        ValueError,
+        "token_threshold must be",
+    ),
     ("layer 0", dict(layer=0), ValueError, "layer must be an int >= 1"),
     ("rule", dict(token_rule="xor"), ValueError, "token_rule must be one of"),
     ("one class", dict(logits=torch.randn(9, 1)), ValueError, "C >= 2"),
-    ("int logits", dict(logits=torch.zeros(9, 3, dtype=torch.int64)), TypeError, "logits must have dtype"),
-    ("active too short", dict(active=torch.ones(8, dtype=torch.bool)), ValueError, "active must be"),
-    ("uint8 active", dict(active=torch.ones(9, dtype=torch.uint8)), TypeError, "active must have dtype"),
-    ("int64 exit_layer", dict(exit_layer=torch.zeros(9, dtype=torch.int64)), TypeError, "exit_layer must have"),
+    (
+        "int logits",
+        dict(logits=torch.zeros(9, 3, dtype=torch.int64)),
+        TypeError,
+        "logits must have dtype",
+    ),
+    (
+        "active too short",
+        dict(active=torch.ones(8, dtype=torch.bool)),
+        ValueError,
+        "active must be",
+    ),
+    (
+        "uint8 active",
+        dict(active=torch.ones(9, dtype=torch.uint8)),
+        TypeError,
+        "active must have dtype",
+    ),
+    (
+        "int64 exit_layer",
+        dict(exit_layer=torch.zeros(9, dtype=torch.int64)),
+        TypeError,
+        "exit_layer must have",
+    ),
     ("keep too long", dict(keep=torch.ones(10, dtype=torch.bool)), ValueError, "keep must be"),
-    ("int64 offsets", dict(cu_seqlens=torch.tensor([0, 4, 9])), TypeError, "cu_seqlens must have dtype"),
-    ("decreasing offsets", dict(cu_seqlens=torch.tensor([0, 5, 4, 9], dtype=i32)), ValueError, "never decrease"),
-    ("offsets past T", dict(cu_seqlens=torch.tensor([0, 4, 12], dtype=i32)), ValueError, "end at the token count"),
-    ("offsets short of T", dict(cu_seqlens=torch.tensor([0, 4, 8], dtype=i32)), ValueError, "end at the token"),
-    ("offset not at 0", dict(cu_seqlens=torch.tensor([2, 4, 9], dtype=i32)), ValueError, "start at 0"),
+    (
+        "int64 offsets",
+        dict(cu_seqlens=torch.tensor([0, 4, 9])),
+        TypeError,
+        "cu_seqlens must have dtype",
+    ),
+    (
+        "decreasing offsets",
+        dict(cu_seqlens=torch.tensor([0, 5, 4, 9], dtype=i32)),
+        ValueError,
+        "never decrease",
+    ),
+    (
+        "offsets past T",
+        dict(cu_seqlens=torch.tensor([0, 4, 12], dtype=i32)),
+        ValueError,
+        "end at the token count",
+    ),
+    (
+        "offsets short of T",
+        dict(cu_seqlens=torch.tensor([0, 4, 8], dtype=i32)),
+        ValueError,
+        "end at the token",
+    ),
+    (
+        "offset not at 0",
+        dict(cu_seqlens=torch.tensor([2, 4, 9], dtype=i32)),
+        ValueError,
+        "start at 0",
+    ),
     ("max_seqlen too small", dict(max_seqlen=3), ValueError, "max_seqlen must be >="),
-    ("both layouts", dict(attention_mask=torch.ones(1, 9, dtype=torch.bool)), ValueError, "not both or neither"),
+    (
+        "both layouts",
+        dict(attention_mask=torch.ones(1, 9, dtype=torch.bool)),
+        ValueError,
+        "not both or neither",
+    ),
     ("backend", dict(backend="gpu"), ValueError, "backend must be"),
 ]
 
@@ -370,18 +549,26 @@ def test_bad_arguments(what, over, exc, pattern):
 
 def test_bad_padded_arguments():
     x = torch.randn(2, 5, 3)
-    ok = dict(active=torch.ones(2, 5, dtype=torch.bool), exit_layer=torch.zeros(2, 5, dtype=i32), threshold=0.5,
-              layer=1)
+    ok = dict(
+        active=torch.ones(2, 5, dtype=torch.bool),
+        exit_layer=torch.zeros(2, 5, dtype=i32),
+        threshold=0.5,
+        layer=1,
+    )
     with pytest.raises(ValueError, match="attention_mask must be"):
         effbert.token_exit_decision(x, attention_mask=torch.ones(2, 4, dtype=torch.bool), **ok)
     with pytest.raises(TypeError, match="attention_mask must be bool"):
         effbert.token_exit_decision(x, attention_mask=torch.ones(2, 5), **ok)
     with pytest.raises(ValueError, match="exit_layer must have 2 dimensions"):
-        effbert.token_exit_decision(x, attention_mask=torch.ones(2, 5, dtype=torch.bool),
-                                    **(ok | dict(exit_layer=torch.zeros(5, dtype=i32))))
+        effbert.token_exit_decision(
+            x,
+            attention_mask=torch.ones(2, 5, dtype=torch.bool),
+            **(ok | dict(exit_layer=torch.zeros(5, dtype=i32))),
+        )
 
 
 # ---- GPU ----
+
 
 def many_sequences(backend, device, dtype, windows, count, longest):
     """Sequences longer than one tile or block (several programs per sequence, halos across them) against the
@@ -395,9 +582,21 @@ def many_sequences(backend, device, dtype, windows, count, longest):
     u = reference.token_uncertainty(x.double().cpu())
     for window in windows:
         thr = float(torch.quantile(u, 0.9 if window < 100 else 0.99))
-        got, want = check(backend, device, x, cu, active, torch.zeros(total, dtype=i32, device=device),
-                          threshold=thr, window=window, layer=2, slack=1e-5)
-        assert (~want[0] & active.cpu()).any(), f"window {window}: nobody exits, the case tests little"
+        got, want = check(
+            backend,
+            device,
+            x,
+            cu,
+            active,
+            torch.zeros(total, dtype=i32, device=device),
+            threshold=thr,
+            window=window,
+            layer=2,
+            slack=1e-5,
+        )
+        assert (~want[0] & active.cpu()).any(), (
+            f"window {window}: nobody exits, the case tests little"
+        )
 
 
 @pytest.mark.skipif(_ext.load("_C")[0] is None, reason="the C++ CPU extension is not built")
@@ -425,21 +624,29 @@ def test_torch_compile_fullgraph_packed_and_padded(seeded):
     active, layers = torch.ones(10, dtype=torch.bool), torch.zeros(10, dtype=i32)
 
     def packed(x, active, layers, cu):
-        return effbert.token_exit_decision(x, active, layers, cu_seqlens=cu, max_seqlen=7, threshold=0.5, layer=1)
+        return effbert.token_exit_decision(
+            x, active, layers, cu_seqlens=cu, max_seqlen=7, threshold=0.5, layer=1
+        )
 
     mask = torch.ones(2, 7, dtype=torch.bool)
     mask[0, 3:] = False
 
     def padded(x, active, layers, mask):
-        return effbert.token_exit_decision(x, active, layers, attention_mask=mask, threshold=0.5, layer=1)
+        return effbert.token_exit_decision(
+            x, active, layers, attention_mask=mask, threshold=0.5, layer=1
+        )
 
     xp = make_logits(14, 4, "cpu").view(2, 7, 4)
-    for fn, args in ((packed, (x, active, layers, cu)),
-                     (padded, (xp, active.new_ones(2, 7), layers.new_zeros(2, 7), mask))):
+    for fn, args in (
+        (packed, (x, active, layers, cu)),
+        (padded, (xp, active.new_ones(2, 7), layers.new_zeros(2, 7), mask)),
+    ):
         want = fn(*args)
         got = torch.compile(fn, fullgraph=True, backend="aot_eager")(*args)
         for g, w in zip(got, want):
-            assert torch.equal(g.isnan() if g.is_floating_point() else g, w.isnan() if w.is_floating_point() else w)
+            assert torch.equal(
+                g.isnan() if g.is_floating_point() else g, w.isnan() if w.is_floating_point() else w
+            )
             if g.is_floating_point():
                 assert torch.equal(g.nan_to_num(), w.nan_to_num())
     torch._dynamo.reset()
@@ -453,10 +660,20 @@ def test_unchecked_call_stays_in_bounds(backend, device):
     x = make_logits(9, 3, device)
     cu = torch.tensor([0, 4, 50, 2], dtype=i32, device=device)  # past T, then decreasing
     active = torch.ones(6, dtype=torch.bool, device=device)
-    out = (torch.ones(9, dtype=torch.bool, device=device), torch.full((9,), -7, dtype=i32, device=device),
-           torch.full((9,), float("nan"), device=device))
+    out = (
+        torch.ones(9, dtype=torch.bool, device=device),
+        torch.full((9,), -7, dtype=i32, device=device),
+        torch.full((9,), float("nan"), device=device),
+    )
     args = (backend, x, cu, 50, active, torch.zeros(9, dtype=i32, device=device), None, out)
-    kw = dict(threshold=0.5, window=3, token_threshold=None, token_rule="and", layer=1, exclude_exited=False)
+    kw = dict(
+        threshold=0.5,
+        window=3,
+        token_threshold=None,
+        token_rule="and",
+        layer=1,
+        exclude_exited=False,
+    )
     if backend == "eager":  # torch's indexing: an out-of-range offset is an error, never a read
         with pytest.raises(IndexError):
             ops.run_into(*args, **kw)
@@ -473,12 +690,20 @@ def test_padding_only_rows(backend, device):
     mask = torch.tensor([[1, 1, 1, 0], [0, 0, 0, 0], [1, 1, 1, 1]], dtype=torch.bool, device=device)
     active = torch.ones(3, 4, dtype=torch.bool, device=device)
     layers = torch.zeros(3, 4, dtype=i32, device=device)
-    a, layer, u = effbert.token_exit_decision(x, active, layers, attention_mask=mask, threshold=1.5, layer=1,
-                                              backend=backend)
+    a, layer, u = effbert.token_exit_decision(
+        x, active, layers, attention_mask=mask, threshold=1.5, layer=1, backend=backend
+    )
     assert a.cpu().tolist() == [[True, False, True, True], [True] * 4, [True, False, False, True]]
     assert u[1].isnan().all() and not u[0, :3].isnan().any()
-    a, layer, u = effbert.token_exit_decision(x, active, layers, attention_mask=torch.zeros_like(mask),
-                                              threshold=1.5, layer=1, backend=backend)
+    a, layer, u = effbert.token_exit_decision(
+        x,
+        active,
+        layers,
+        attention_mask=torch.zeros_like(mask),
+        threshold=1.5,
+        layer=1,
+        backend=backend,
+    )
     assert a.all() and (layer == 0).all() and u.isnan().all()
 
 
@@ -490,7 +715,9 @@ def test_token_rule_defaults_to_the_published_or(seeded):
     active = torch.ones(total, dtype=torch.bool)
     layers = torch.zeros(total, dtype=i32)
     thr, tok = safe_threshold(x, cu, 5), safe_threshold(x, cu, 1, q=0.6)
-    common = dict(threshold=thr, window=5, token_threshold=tok, layer=2, cu_seqlens=cu, backend="eager")
+    common = dict(
+        threshold=thr, window=5, token_threshold=tok, layer=2, cu_seqlens=cu, backend="eager"
+    )
     default = effbert.token_exit_decision(x, active, layers, **common)
     either = effbert.token_exit_decision(x, active, layers, token_rule="or", **common)
     both = effbert.token_exit_decision(x, active, layers, token_rule="and", **common)

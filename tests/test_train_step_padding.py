@@ -10,8 +10,14 @@ from torch.utils.flop_counter import FlopCounterMode
 from effbert.bench import train_step, train_step_padding as bench
 
 CPU = torch.device("cpu")
-TINY = dict(vocab_size=60, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=48,
-            max_position_embeddings=32)
+TINY = dict(
+    vocab_size=60,
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    intermediate_size=48,
+    max_position_embeddings=32,
+)
 
 
 def test_half_of_the_slots_are_padding():
@@ -31,9 +37,12 @@ def test_half_of_the_slots_are_padding():
 def test_flops_by_hand_and_as_the_other_training_step_counts_them():
     # one layer of hidden 4, FFN 8, vocabulary 10: tokens 3, pairs 5, head rows 2
     per_layer = 2 * 3 * (4 * 16 + 2 * 4 * 8) + 4 * 5 * 4
-    assert bench.matrix_flops(dict(hidden_size=4, intermediate_size=8, vocab_size=10, num_hidden_layers=1), 3, 5,
-                              2) == 3 * (per_layer + 2 * 2 * (16 + 40))
-    assert bench.matrix_flops(TINY, 3 * 16, 3 * 16 * 16, 7) == train_step.step_flops(TINY, 3, 16, head_rows=7)
+    assert bench.matrix_flops(
+        dict(hidden_size=4, intermediate_size=8, vocab_size=10, num_hidden_layers=1), 3, 5, 2
+    ) == 3 * (per_layer + 2 * 2 * (16 + 40))
+    assert bench.matrix_flops(TINY, 3 * 16, 3 * 16 * 16, 7) == train_step.step_flops(
+        TINY, 3, 16, head_rows=7
+    )
 
 
 def test_the_rows_flops_are_torchs_count_of_the_padded_step():
@@ -46,13 +55,20 @@ def test_the_rows_flops_are_torchs_count_of_the_padded_step():
     ids, mask, labels = bench.mlm_rows(lengths, 16, TINY["vocab_size"], seed=3)
     with FlopCounterMode(display=False) as counter:
         trainer(ids, mask, labels)
-    assert counter.get_total_flops() == bench.matrix_flops(TINY, 4 * 16, 4 * 16 * 16, int((labels != -100).sum()))
+    assert counter.get_total_flops() == bench.matrix_flops(
+        TINY, 4 * 16, 4 * 16 * 16, int((labels != -100).sum())
+    )
 
 
 def test_cases_say_what_their_flops_count():
     cases = {(c.op, c.provider): c for c in bench.cases(CPU, quick=True)}
-    assert set(cases) == {(bench.OP, "padded"), (bench.OP, "unpadded"), (bench.PACKING_OP, "padded"),
-                          (bench.PACKING_OP, "unpadded"), (bench.PACKING_OP, "packed")}
+    assert set(cases) == {
+        (bench.OP, "padded"),
+        (bench.OP, "unpadded"),
+        (bench.PACKING_OP, "padded"),
+        (bench.PACKING_OP, "unpadded"),
+        (bench.PACKING_OP, "packed"),
+    }
     padded, unpadded = cases[bench.OP, "padded"], cases[bench.OP, "unpadded"]
     b, n = 4, 64  # the quick CPU shape
     real = b * n // 2
@@ -64,7 +80,9 @@ def test_cases_say_what_their_flops_count():
     head = int((labels != -100).sum())
     assert padded.flops == bench.matrix_flops(bench._sizes(CPU, True)[0], b * n, b * n * n, head)
     lengths = mask.sum(1)
-    assert unpadded.flops == bench.matrix_flops(bench._sizes(CPU, True)[0], real, int((lengths ** 2).sum()), head)
+    assert unpadded.flops == bench.matrix_flops(
+        bench._sizes(CPU, True)[0], real, int((lengths**2).sum()), head
+    )
 
 
 def test_packing_case_packs_real_lengths_with_restarting_positions():
@@ -72,11 +90,15 @@ def test_packing_case_packs_real_lengths_with_restarting_positions():
     ids, mask, labels = cases["unpadded"].make_inputs()
     pids, pmask, plabels, position_ids = cases["packed"].make_inputs()
     assert pids.shape == ids.shape == (4, 128)
-    assert cases["packed"].tokens == int(pmask.sum()) > 2 * int(mask.sum())  # packing fills the rows
+    assert (
+        cases["packed"].tokens == int(pmask.sum()) > 2 * int(mask.sum())
+    )  # packing fills the rows
     for r in range(pids.shape[0]):
         pos = position_ids[r, pmask[r].bool()]
         starts = (pos == 0).nonzero().squeeze(1).tolist()
-        assert starts[0] == 0 and len(starts) >= 2  # several texts in a row, each starting at position 0
+        assert (
+            starts[0] == 0 and len(starts) >= 2
+        )  # several texts in a row, each starting at position 0
         for a, z in zip(starts, starts[1:] + [len(pos)]):
             assert pos[a:z].tolist() == list(range(z - a))
         assert bool((position_ids[r, ~pmask[r].bool()] == 0).all())
@@ -85,11 +107,15 @@ def test_packing_case_packs_real_lengths_with_restarting_positions():
 
 def test_the_lengths_are_real_sentences():
     lengths = bench.load_sentence_lengths()
-    assert len(lengths) > 1000 and 20 <= sorted(lengths)[len(lengths) // 2] <= 60  # BERT's sentences: 20-60 pieces
+    assert (
+        len(lengths) > 1000 and 20 <= sorted(lengths)[len(lengths) // 2] <= 60
+    )  # BERT's sentences: 20-60 pieces
     assert len(set(lengths)) > 50
 
 
-@pytest.mark.skipif(not Path("/usr/share/common-licenses/GPL-3").exists(), reason="needs the license texts")
+@pytest.mark.skipif(
+    not Path("/usr/share/common-licenses/GPL-3").exists(), reason="needs the license texts"
+)
 def test_the_committed_lengths_are_what_the_tokenizer_gives_on_the_license_texts(tmp_path):
     fresh = bench.write_sentence_lengths(tmp_path / "lengths.txt")
     committed = bench.load_sentence_lengths()
@@ -109,7 +135,9 @@ def test_padded_rows_count_every_slot_and_unpadded_rows_the_real_tokens():
     ids, mask, labels = bench.mlm_rows(lengths, 16, TINY["vocab_size"], seed=5)
     head = int((labels != -100).sum())
     for unpad, tokens in ((False, 4 * 16), (True, int(lengths.sum()))):
-        trainer = bench._Trainer(unpad, TINY, CPU, torch.float32, dropout=0.0, position_mode="absolute")
+        trainer = bench._Trainer(
+            unpad, TINY, CPU, torch.float32, dropout=0.0, position_mode="absolute"
+        )
         with FlopCounterMode(display=False) as counter:
             trainer(ids, mask, labels)
         assert counter.get_total_flops() == bench.matrix_flops(TINY, tokens, 0, head), unpad
@@ -128,13 +156,16 @@ def test_the_providers_train_the_same_model_on_the_same_data():
     assert losses[True][2] < losses[True][0]  # it trains
 
     # texts of 5, 3, 7 and 4 tokens: one per row, then packed two per row with restarting positions
-    texts = [torch.randint(5, TINY["vocab_size"], (n,), generator=torch.Generator().manual_seed(n)) for n in (5, 3, 7, 4)]
+    texts = [
+        torch.randint(5, TINY["vocab_size"], (n,), generator=torch.Generator().manual_seed(n))
+        for n in (5, 3, 7, 4)
+    ]
     marks = [torch.arange(len(t)) % 2 == 0 for t in texts]
     single = torch.zeros(4, 16, dtype=torch.int64)
     single_labels = torch.full((4, 16), -100)
     for r, (t, m) in enumerate(zip(texts, marks)):
-        single[r, :len(t)] = t
-        single_labels[r, :len(t)] = torch.where(m, t, -100)
+        single[r, : len(t)] = t
+        single_labels[r, : len(t)] = torch.where(m, t, -100)
     single_mask = (single != 0).long()
     packed = torch.zeros(2, 16, dtype=torch.int64)
     packed_labels = torch.full((2, 16), -100)
@@ -143,12 +174,15 @@ def test_the_providers_train_the_same_model_on_the_same_data():
         start = 0
         for i in pair:
             n = len(texts[i])
-            packed[r, start:start + n] = texts[i]
-            packed_labels[r, start:start + n] = single_labels[i, :n]
-            position_ids[r, start:start + n] = torch.arange(n)
+            packed[r, start : start + n] = texts[i]
+            packed_labels[r, start : start + n] = single_labels[i, :n]
+            position_ids[r, start : start + n] = torch.arange(n)
             start += n
     packed_mask = (packed != 0).long()
-    one_per_row = bench._Trainer(True, TINY, CPU, torch.float32, dropout=0.0)(single, single_mask, single_labels)
-    two_per_row = bench._Trainer(True, TINY, CPU, torch.float32, dropout=0.0)(packed, packed_mask, packed_labels,
-                                                                              position_ids)
+    one_per_row = bench._Trainer(True, TINY, CPU, torch.float32, dropout=0.0)(
+        single, single_mask, single_labels
+    )
+    two_per_row = bench._Trainer(True, TINY, CPU, torch.float32, dropout=0.0)(
+        packed, packed_mask, packed_labels, position_ids
+    )
     assert torch.allclose(one_per_row, two_per_row, rtol=1e-5), (one_per_row, two_per_row)

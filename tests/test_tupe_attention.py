@@ -24,7 +24,9 @@ def make_qkv(b, n, h, d, dtype=torch.float64):
 def padding_mask(b, n, *, dead_row=False):
     """Random lengths per sequence (at least 1), and optionally a sequence with no valid token at all."""
     lengths = torch.randint(1, n + 1, (b,))
-    lengths[0] = n  # one full sequence: with every length 1 the q and k gradients would all be exactly 0
+    lengths[0] = (
+        n  # one full sequence: with every length 1 the q and k gradients would all be exactly 0
+    )
     mask = torch.arange(n)[None, :] < lengths[:, None]
     if dead_row and b > 1:
         mask[-1] = False
@@ -38,10 +40,14 @@ def run(fn, inputs, grad):
     return out, [t.grad for t in inputs]
 
 
-def check_against_reference(backend, b, n, h, d, *, mask=None, bias=True, dtype=torch.float32, scale=None):
+def check_against_reference(
+    backend, b, n, h, d, *, mask=None, bias=True, dtype=torch.float32, scale=None
+):
     q, k, v = make_qkv(b, n, h, d)
     pos = torch.randn(h, n, n, dtype=torch.float64, device=DEVICE) if bias else None
-    leaves64 = [t.clone().requires_grad_() for t in (q, k, v)] + ([pos.clone().requires_grad_()] if bias else [])
+    leaves64 = [t.clone().requires_grad_() for t in (q, k, v)] + (
+        [pos.clone().requires_grad_()] if bias else []
+    )
     grad = torch.randn(b, n, h, d, dtype=torch.float64, device=DEVICE)
 
     def ref_fn(q_, k_, v_, p_=None):
@@ -53,12 +59,16 @@ def check_against_reference(backend, b, n, h, d, *, mask=None, bias=True, dtype=
         leaves[3] = leaves64[3].detach().float().requires_grad_()  # the cached table stays float32
 
     def fn(q_, k_, v_, p_=None):
-        return effbert.tupe_attention(q_, k_, v_, p_, attention_mask=mask, scale=scale, backend=backend)
+        return effbert.tupe_attention(
+            q_, k_, v_, p_, attention_mask=mask, scale=scale, backend=backend
+        )
 
     out, grads = run(fn, leaves, grad.to(dtype))
     assert out.dtype == dtype and out.shape == (b, n, h, d)
     assert not torch.isnan(out).any()
-    if n == 1:  # one key: the output is v, and the logits (so q, k and pos_bias) get a zero gradient
+    if (
+        n == 1
+    ):  # one key: the output is v, and the logits (so q, k and pos_bias) get a zero gradient
         for name, g in zip("q k pos_bias".split(), grads[:2] + grads[3:]):
             assert g.abs().max() < 1e-5, f"d {name} should be 0 with one key"
         grads, ref_grads = grads[2:3], ref_grads[2:3]
@@ -75,7 +85,9 @@ def check_against_reference(backend, b, n, h, d, *, mask=None, bias=True, dtype=
             low.append(leaves64[3].detach().float().requires_grad_())
         eager, eager_grads = run(ref_fn, low, grad.to(dtype))
         assert_close(out, ref, lowp_eager=eager, what="output")
-        for name, g, rg, eg in zip(names, grads, ref_grads, eager_grads[2:3] if n == 1 else eager_grads):
+        for name, g, rg, eg in zip(
+            names, grads, ref_grads, eager_grads[2:3] if n == 1 else eager_grads
+        ):
             assert_close(g, rg, lowp_eager=eg, rtol=GRAD_RTOL, what=f"d {name}")
     if mask is not None:  # padded queries output exactly 0 and send no gradient back
         assert (out[~mask] == 0).all()
@@ -138,7 +150,9 @@ def test_bias_gradient_sums_the_batch_and_is_bitwise_reproducible(seeded):
     results = []
     for _ in range(2):
         leaves = [t.clone().requires_grad_() for t in (q, k, v, pos)]
-        out = effbert.tupe_attention(*leaves, attention_mask=mask, deterministic=True, backend="triton")
+        out = effbert.tupe_attention(
+            *leaves, attention_mask=mask, deterministic=True, backend="triton"
+        )
         out.backward(grad)
         results.append([out] + [t.grad for t in leaves])
     for first, second in zip(*results):
@@ -147,9 +161,14 @@ def test_bias_gradient_sums_the_batch_and_is_bitwise_reproducible(seeded):
     per_element = []
     for i in range(b):
         p = pos.double().clone().requires_grad_()
-        o = reference.tupe_attention(q[i:i + 1].double(), k[i:i + 1].double(), v[i:i + 1].double(), p,
-                                     attention_mask=mask[i:i + 1])
-        o.backward(grad[i:i + 1].double())
+        o = reference.tupe_attention(
+            q[i : i + 1].double(),
+            k[i : i + 1].double(),
+            v[i : i + 1].double(),
+            p,
+            attention_mask=mask[i : i + 1],
+        )
+        o.backward(grad[i : i + 1].double())
         per_element.append(p.grad)
     assert_close(results[0][4], torch.stack(per_element).sum(0), rtol=GRAD_RTOL, what="d pos_bias")
 
@@ -177,8 +196,9 @@ def test_dropout_matches_the_reference_fed_the_same_mask(padded, seeded):
         assert_close(t.grad, t64.grad, rtol=GRAD_RTOL, what=f"d {name}")
     # torch.manual_seed reproduces the whole run
     torch.manual_seed(1234)
-    again = effbert.tupe_attention(*[t.detach() for t in leaves], attention_mask=mask, dropout_p=p,
-                                   backend="triton")
+    again = effbert.tupe_attention(
+        *[t.detach() for t in leaves], attention_mask=mask, dropout_p=p, backend="triton"
+    )
     assert torch.equal(again, out.detach())
 
 
@@ -186,7 +206,9 @@ def test_dropout_matches_the_reference_fed_the_same_mask(padded, seeded):
 def test_varlen_equals_padded_on_the_real_tokens(backend, seeded):
     lengths = [5, 1, 17, 9]
     h, d, s = 2, 16, 20
-    cu = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32, device=DEVICE)
+    cu = torch.tensor(
+        [0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32, device=DEVICE
+    )
     total = int(cu[-1])
     q, k, v = (torch.randn(total, h, d, device=DEVICE) for _ in range(3))
     pos = torch.randn(h, s, s, device=DEVICE)  # a table longer than the longest sequence
@@ -198,13 +220,15 @@ def test_varlen_equals_padded_on_the_real_tokens(backend, seeded):
     padded = [pad_packed(t.double(), cu, max(lengths))[0].requires_grad_() for t in (q, k, v)]
     mask = pad_packed(q, cu, max(lengths))[1]
     p64 = pos.double().clone().requires_grad_()
-    ref_pad = reference.tupe_attention(*padded, p64[:, :max(lengths), :max(lengths)], attention_mask=mask)
+    ref_pad = reference.tupe_attention(
+        *padded, p64[:, : max(lengths), : max(lengths)], attention_mask=mask
+    )
     ref_pad.backward(pad_packed(grad.double(), cu, max(lengths))[0])
     assert_close(out, unpad(ref_pad, cu))
     for name, t, p in zip("qkv", leaves, padded):
         assert_close(t.grad, unpad(p.grad, cu), rtol=GRAD_RTOL, what=f"d {name}")
     assert_close(leaves[3].grad, p64.grad, rtol=GRAD_RTOL, what="d pos_bias")
-    assert (leaves[3].grad[:, max(lengths):, :] == 0).all()
+    assert (leaves[3].grad[:, max(lengths) :, :] == 0).all()
 
 
 def test_positional_term_end_to_end_to_its_parameters(seeded):
@@ -212,21 +236,37 @@ def test_positional_term_end_to_end_to_its_parameters(seeded):
     [CLS] scalars, summed over the batch."""
     b, n, h, d = 2, 29, 2, 16
     q, k, v = make_qkv(b, n, h, d)
-    params64 = {"pos_q": torch.randn(n, h, d, dtype=torch.float64, device=DEVICE),
-                "pos_k": torch.randn(n, h, d, dtype=torch.float64, device=DEVICE),
-                "rel_table": torch.randn(32, h, dtype=torch.float64, device=DEVICE),
-                "cls_row": torch.randn(h, dtype=torch.float64, device=DEVICE),
-                "cls_col": torch.randn(h, dtype=torch.float64, device=DEVICE)}
+    params64 = {
+        "pos_q": torch.randn(n, h, d, dtype=torch.float64, device=DEVICE),
+        "pos_k": torch.randn(n, h, d, dtype=torch.float64, device=DEVICE),
+        "rel_table": torch.randn(32, h, dtype=torch.float64, device=DEVICE),
+        "cls_row": torch.randn(h, dtype=torch.float64, device=DEVICE),
+        "cls_col": torch.randn(h, dtype=torch.float64, device=DEVICE),
+    }
     buckets = effbert.t5_relative_buckets(n, device=DEVICE)
     mask = padding_mask(b, n)
     grad = torch.randn(b, n, h, d, dtype=torch.float64, device=DEVICE)
 
     def run_with(backend, params, dtype):
-        pos = effbert.tupe_position_bias(params["pos_q"], params["pos_k"], scale=(2 * d) ** -0.5,
-                                          rel_table=params["rel_table"], rel_buckets=buckets,
-                                          cls_row=params["cls_row"], cls_col=params["cls_col"], backend=backend)
-        out = effbert.tupe_attention(q.to(dtype), k.to(dtype), v.to(dtype), pos, attention_mask=mask,
-                                     scale=(2 * d) ** -0.5, backend=backend)
+        pos = effbert.tupe_position_bias(
+            params["pos_q"],
+            params["pos_k"],
+            scale=(2 * d) ** -0.5,
+            rel_table=params["rel_table"],
+            rel_buckets=buckets,
+            cls_row=params["cls_row"],
+            cls_col=params["cls_col"],
+            backend=backend,
+        )
+        out = effbert.tupe_attention(
+            q.to(dtype),
+            k.to(dtype),
+            v.to(dtype),
+            pos,
+            attention_mask=mask,
+            scale=(2 * d) ** -0.5,
+            backend=backend,
+        )
         out.backward(grad.to(dtype))
         return out
 
@@ -251,6 +291,7 @@ def test_gradcheck_float64_eager_and_triton():
     # differences take a larger step and a tolerance above float32 rounding
     tolerances = {"eager": dict(atol=1e-6), "triton": dict(eps=1e-3, atol=1e-4, rtol=1e-3)}
     for backend in ["eager"] + ([] if ON_GPU else ["triton"]):
+
         def fn(q_, k_, v_, p_, backend=backend):
             return effbert.tupe_attention(q_, k_, v_, p_, attention_mask=mask, backend=backend)
 
@@ -262,8 +303,11 @@ def test_opcheck_and_compile_fullgraph(seeded):
     q, k, v = (t.float() for t in make_qkv(b, n, h, d))
     pos = torch.randn(h, n, n, device=DEVICE)
     mask = padding_mask(b, n)
-    torch.library.opcheck(torch.ops.effbert.tupe_attention, (q, k, v, pos, mask, None, n, 0.25, 0.0, None),
-                          test_utils=("test_schema", "test_faketensor"))
+    torch.library.opcheck(
+        torch.ops.effbert.tupe_attention,
+        (q, k, v, pos, mask, None, n, 0.25, 0.0, None),
+        test_utils=("test_schema", "test_faketensor"),
+    )
 
     def fn(q_, k_, v_, p_):
         return effbert.tupe_attention(q_, k_, v_, p_, attention_mask=mask, backend="triton")
@@ -281,7 +325,9 @@ def test_opcheck_and_compile_fullgraph(seeded):
 
 
 def _packed(lengths, extra_rows=0, h=2, d=16):
-    cu = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32, device=DEVICE)
+    cu = torch.tensor(
+        [0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32, device=DEVICE
+    )
     total = int(cu[-1]) + extra_rows
     return cu, [torch.randn(total, h, d, device=DEVICE) for _ in range(3)]
 
@@ -300,7 +346,9 @@ def test_varlen_compiles_with_inductor_and_keeps_its_checks(backend, seeded):
     """torch.compile with inductor (not only aot_eager), forward and backward, packed rows with two trailing rows
     in no sequence (zeros, zero gradient); the compiled function still refuses bad offsets by name."""
     cu, (q, k, v) = _packed([5, 1, 7], extra_rows=2)
-    pos = torch.randn(2, 90, 90, device=DEVICE)  # long enough for every max_seqlen below: only the offsets are bad
+    pos = torch.randn(
+        2, 90, 90, device=DEVICE
+    )  # long enough for every max_seqlen below: only the offsets are bad
     leaves = [t.clone().requires_grad_() for t in (q, k, v, pos)]
     grad = torch.randn_like(q)
 
@@ -320,8 +368,11 @@ def test_varlen_compiles_with_inductor_and_keeps_its_checks(backend, seeded):
     assert (out[13:] == 0).all() and all((t.grad[13:] == 0).all() for t in leaves[:3])
     for bad, max_seqlen, message in BAD_OFFSETS:
         with pytest.raises(ValueError, match=message):
-            compiled(*[t.detach() for t in leaves], torch.tensor(bad, dtype=torch.int32, device=DEVICE),
-                     max_seqlen)
+            compiled(
+                *[t.detach() for t in leaves],
+                torch.tensor(bad, dtype=torch.int32, device=DEVICE),
+                max_seqlen,
+            )
 
 
 @pytest.mark.parametrize("backend", ["eager", "triton"])
@@ -353,12 +404,14 @@ def test_backward_op_stays_inside_its_buffers_with_bad_offsets():
     cu, (q, k, v) = _packed([5, 1, 7])
     out, lse = torch.ops.effbert.tupe_attention(q, k, v, None, None, cu, 7, 0.25, 0.0, None)
     dout = torch.randn_like(q)
-    good = torch.ops.effbert.tupe_attention_backward(dout, q, k, v, out, lse, None, None, cu, 7, 0.25, 0.0, None,
-                                                     False)
+    good = torch.ops.effbert.tupe_attention_backward(
+        dout, q, k, v, out, lse, None, None, cu, 7, 0.25, 0.0, None, False
+    )
     bad = cu.clone()
     bad[2] = 1000  # sequences 1 and 2 now claim rows far past the buffer
-    grads = torch.ops.effbert.tupe_attention_backward(dout, q, k, v, out, lse, None, None, bad, 7, 0.25, 0.0, None,
-                                                      False)
+    grads = torch.ops.effbert.tupe_attention_backward(
+        dout, q, k, v, out, lse, None, None, bad, 7, 0.25, 0.0, None, False
+    )
     for g, g_ok in zip(grads[:3], good[:3]):
         assert torch.equal(g[:5], g_ok[:5]) and (g[5:] == 0).all()
 
@@ -374,8 +427,10 @@ def _nan_pattern_case(where, value, b=2, n=9, h=2, d=16):
     return q, k, v, pos
 
 
-@pytest.mark.parametrize("where,value", [("q", float("nan")), ("k", float("nan")), ("bias", float("nan")),
-                                         ("bias", float("inf"))])
+@pytest.mark.parametrize(
+    "where,value",
+    [("q", float("nan")), ("k", float("nan")), ("bias", float("nan")), ("bias", float("inf"))],
+)
 def test_nan_in_gives_nan_out_on_every_backend(where, value):
     """NaN in q, k or the bias (or +inf in the bias) gives NaN, and NaN gradients, where eager does: the "row with
     no valid key gives 0" rule must not swallow a NaN row (the Triton path used to return 0)."""
@@ -389,8 +444,12 @@ def test_nan_in_gives_nan_out_on_every_backend(where, value):
         out.backward(torch.ones_like(out))
         results[backend] = [out] + [t.grad for t in leaves]
     assert torch.isnan(results["eager"][0]).any()
-    assert torch.equal(torch.isnan(results["triton"][0]), torch.isnan(results["eager"][0])), "output NaN pattern"
-    for name, a, b in zip(["d q", "d k", "d v", "d pos_bias"], results["triton"][1:], results["eager"][1:]):
+    assert torch.equal(torch.isnan(results["triton"][0]), torch.isnan(results["eager"][0])), (
+        "output NaN pattern"
+    )
+    for name, a, b in zip(
+        ["d q", "d k", "d v", "d pos_bias"], results["triton"][1:], results["eager"][1:]
+    ):
         # every NaN eager has is NaN here too (the kernels may also give NaN where only a masked pair meets it)
         assert torch.isnan(a)[torch.isnan(b)].all(), f"{name}: a NaN gradient came back finite"
         assert torch.isnan(b).any(), name
@@ -421,7 +480,9 @@ def test_non_finite_values_at_masked_positions_never_reach_real_tokens(backend, 
     q, k, v = make_qkv(b, n, h, d)
     pos = torch.randn(h, n, n, dtype=torch.float64, device=DEVICE)
     mask = padding_mask(b, n)
-    mask[:, 10:] = False  # positions 10 and up are padding in every sequence: the bias there is unused
+    mask[:, 10:] = (
+        False  # positions 10 and up are padding in every sequence: the bias there is unused
+    )
     mask[1, 9:] = False
     grad = torch.randn(b, n, h, d, dtype=torch.float64, device=DEVICE)
     clean = [t.clone().requires_grad_() for t in (q, k, v, pos)]
@@ -455,8 +516,9 @@ def test_empty_sizes_give_empty_results_on_every_backend(backend):
         out.sum().backward()
         assert out.shape == shape and q.grad.shape == shape and (pos.grad == 0).all()
     q = torch.randn(0, 2, 16, device=DEVICE, requires_grad=True)
-    out = effbert.tupe_attention_varlen(q, q, q, torch.zeros(3, dtype=torch.int32, device=DEVICE), 1,
-                                        backend=backend)
+    out = effbert.tupe_attention_varlen(
+        q, q, q, torch.zeros(3, dtype=torch.int32, device=DEVICE), 1, backend=backend
+    )
     out.sum().backward()
     assert out.shape == (0, 2, 16) and q.grad.shape == (0, 2, 16)
 
@@ -481,7 +543,9 @@ def test_bad_inputs_name_the_argument():
     with pytest.raises(ValueError, match="attention_mask must hold 0/1 values"):
         effbert.tupe_attention(q, k, v, attention_mask=torch.full((2, 8), 2, device=DEVICE))
     with pytest.raises(ValueError, match="attention_mask must be \\[B, N\\]"):
-        effbert.tupe_attention(q, k, v, attention_mask=torch.ones(2, 7, dtype=torch.bool, device=DEVICE))
+        effbert.tupe_attention(
+            q, k, v, attention_mask=torch.ones(2, 7, dtype=torch.bool, device=DEVICE)
+        )
     for p in (-0.1, 1.0, 1.5):
         with pytest.raises(ValueError, match="dropout_p must be in \\[0, 1\\)"):
             effbert.tupe_attention(q, k, v, dropout_p=p)
@@ -491,11 +555,13 @@ def test_bad_inputs_name_the_argument():
     flat = q.reshape(16, 2, 16)
     cu = torch.tensor([0, 8, 16], dtype=torch.int32, device=DEVICE)
     with pytest.raises(ValueError, match="never decrease"):
-        effbert.tupe_attention_varlen(flat, flat, flat, torch.tensor([0, 9, 8, 16], dtype=torch.int32,
-                                                                     device=DEVICE), 9)
+        effbert.tupe_attention_varlen(
+            flat, flat, flat, torch.tensor([0, 9, 8, 16], dtype=torch.int32, device=DEVICE), 9
+        )
     with pytest.raises(ValueError, match="must end at most at the packed length 16"):
-        effbert.tupe_attention_varlen(flat, flat, flat, torch.tensor([0, 8, 17], dtype=torch.int32,
-                                                                     device=DEVICE), 9)
+        effbert.tupe_attention_varlen(
+            flat, flat, flat, torch.tensor([0, 8, 17], dtype=torch.int32, device=DEVICE), 9
+        )
     with pytest.raises(TypeError, match="cu_seqlens must have dtype"):
         effbert.tupe_attention_varlen(flat, flat, flat, cu.long(), 8)
     with pytest.raises(ValueError, match="max_seqlen must be >= the longest sequence"):
@@ -508,7 +574,9 @@ def test_bad_inputs_name_the_argument():
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("b,n", [(4, 512), (16, 128), (3, 200)])
 def test_gpu_bert_shapes_low_precision(dtype, b, n):
-    check_against_reference("triton", b, n, 12, 64, mask=padding_mask(b, n), dtype=dtype, scale=128 ** -0.5)
+    check_against_reference(
+        "triton", b, n, 12, 64, mask=padding_mask(b, n), dtype=dtype, scale=128**-0.5
+    )
 
 
 @pytest.mark.gpu
@@ -543,7 +611,9 @@ def test_modules_fused_equal_eager_and_the_cache_follows_the_parameters(seeded):
         outs.append((y, {name: p.grad for name, p in named}))
     assert_close(outs[0][0], outs[1][0].double())
     for name, g_fused in outs[0][1].items():
-        if name == "cls_row":  # exactly 0 in exact arithmetic: a constant added to a whole softmax row
+        if (
+            name == "cls_row"
+        ):  # exactly 0 in exact arithmetic: a constant added to a whole softmax row
             assert g_fused.abs().max() < 1e-4
             continue
         assert_close(g_fused, outs[1][1][name].double(), rtol=GRAD_RTOL * 10, what=f"d {name}")
@@ -563,11 +633,15 @@ def test_position_bias_cache_is_opt_in_and_cannot_be_corrupted(seeded):
         for p in (mod.rel_table, mod.cls_row, mod.cls_col):
             p.normal_()
         first = mod(n)
-        mod.query.weight.data.mul_(2.0)  # not seen by version counters: without a cache it simply takes effect
+        mod.query.weight.data.mul_(
+            2.0
+        )  # not seen by version counters: without a cache it simply takes effect
         assert not torch.equal(mod(n), first)
         assert torch.equal(mod(n), mod.compute(n))
 
-    cached = TupePositionBias(32, 2, max_positions=16, backend="eager", cache=True).to(DEVICE).eval()
+    cached = (
+        TupePositionBias(32, 2, max_positions=16, backend="eager", cache=True).to(DEVICE).eval()
+    )
     with torch.no_grad():
         truth = cached.compute(n)
         p1 = cached(n)
@@ -589,21 +663,30 @@ def test_position_bias_cache_is_opt_in_and_cannot_be_corrupted(seeded):
 
 # --- the CPU backend: PyTorch's fused CPU attention per sequence (effbert/ops/_attention_cpu.py) --
 
+
 def cpu_case(b, n, h, d, mask, *, bias=True, dtype=torch.float32, poison=False, scale=None):
     """The cpu backend's output and gradients (q, k, v, pos_bias) against the float64 reference, on CPU tensors."""
     q, k, v = (torch.randn(b, n, h, d, dtype=torch.float64) for _ in range(3))
     pos = torch.randn(h, n, n, dtype=torch.float64) if bias else None
     grad = torch.randn(b, n, h, d, dtype=torch.float64)
-    ref_leaves = [t.clone().requires_grad_() for t in (q, k, v)] + ([pos.clone().requires_grad_()] if bias else [])
-    ref = reference.tupe_attention(*ref_leaves[:3], ref_leaves[3] if bias else None, attention_mask=mask,
-                                   scale=scale)
+    ref_leaves = [t.clone().requires_grad_() for t in (q, k, v)] + (
+        [pos.clone().requires_grad_()] if bias else []
+    )
+    ref = reference.tupe_attention(
+        *ref_leaves[:3], ref_leaves[3] if bias else None, attention_mask=mask, scale=scale
+    )
     ref.backward(grad)
-    if poison:  # padded keys' and queries' values must never reach a real token, forwards or backwards
+    if (
+        poison
+    ):  # padded keys' and queries' values must never reach a real token, forwards or backwards
         for t, bad in zip((q, k, v), (float("nan"), float("inf"), float("inf"))):
             t[~mask] = bad
-    leaves = [t.to(dtype).requires_grad_() for t in (q, k, v)] + ([pos.to(dtype).requires_grad_()] if bias else [])
-    out = effbert.tupe_attention(*leaves[:3], leaves[3] if bias else None, attention_mask=mask, scale=scale,
-                                 backend="cpu")
+    leaves = [t.to(dtype).requires_grad_() for t in (q, k, v)] + (
+        [pos.to(dtype).requires_grad_()] if bias else []
+    )
+    out = effbert.tupe_attention(
+        *leaves[:3], leaves[3] if bias else None, attention_mask=mask, scale=scale, backend="cpu"
+    )
     out.backward(grad.to(dtype))
     assert out.dtype == dtype and out.shape == (b, n, h, d)
     rtol = FP32_RTOL if dtype == torch.float32 else 1e-12
@@ -625,14 +708,18 @@ def test_cpu_backend_forward_and_gradients_match_float64(n, padded, dtype, seede
     b = 4
     mask = None
     if padded:
-        lengths = torch.tensor([n, max(1, n // 2), max(1, n // 2), max(1, n - 1)])  # two of one length: one call
+        lengths = torch.tensor(
+            [n, max(1, n // 2), max(1, n // 2), max(1, n - 1)]
+        )  # two of one length: one call
         mask = torch.arange(n)[None, :] < lengths[:, None]
     cpu_case(b, n, 2, 16, mask, dtype=dtype)
 
 
 def test_cpu_backend_holes_dead_rows_no_bias_and_poisoned_padding(seeded):
     n = 23
-    mask = torch.arange(n)[None, :] < torch.tensor([23, 9, 0, 17])[:, None]  # a sequence with no real token
+    mask = (
+        torch.arange(n)[None, :] < torch.tensor([23, 9, 0, 17])[:, None]
+    )  # a sequence with no real token
     mask[3, 4] = False  # a hole inside a sequence: not right padding
     out, leaves = cpu_case(4, n, 2, 16, mask, poison=True)
     assert (out[2] == 0).all()
@@ -645,7 +732,11 @@ def test_cpu_backend_nan_in_a_real_token_gives_nan(seeded):
     q, k, v = (torch.randn(2, 9, 2, 16) for _ in range(3))
     k[0, 3, 1, 5] = float("nan")
     out = effbert.tupe_attention(q, k, v, torch.randn(2, 9, 9), backend="cpu")
-    assert torch.isnan(out[0, :, 1]).all() and torch.isfinite(out[0, :, 0]).all() and torch.isfinite(out[1]).all()
+    assert (
+        torch.isnan(out[0, :, 1]).all()
+        and torch.isfinite(out[0, :, 0]).all()
+        and torch.isfinite(out[1]).all()
+    )
 
 
 def test_cpu_backend_varlen_equals_padded_and_auto_picks_it(seeded):
@@ -657,7 +748,9 @@ def test_cpu_backend_varlen_equals_padded_and_auto_picks_it(seeded):
     out = effbert.tupe_attention_varlen(q, k, v, cu, max(lengths), pos, backend="cpu")
     padded = [pad_packed(t.double(), cu, max(lengths))[0] for t in (q, k, v)]
     mask = pad_packed(q, cu, max(lengths))[1]
-    ref = reference.tupe_attention(*padded, pos.double()[:, :max(lengths), :max(lengths)], attention_mask=mask)
+    ref = reference.tupe_attention(
+        *padded, pos.double()[:, : max(lengths), : max(lengths)], attention_mask=mask
+    )
     assert_close(out, unpad(ref, cu))
     assert attention_ops.attention_backend(q) == "cpu"
     assert attention_ops.attention_backend(q.half()) == "eager"  # fp16 on the CPU: the reference
@@ -701,9 +794,14 @@ def _zero_filled_elements(fn):
 
     with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
         fn()
-    return sum(math.prod(e.input_shapes[0]) for e in prof.events()
-               if e.name in ("aten::fill_", "aten::zero_") and e.input_shapes and e.input_shapes[0]
-               and not (e.cpu_parent is not None and e.cpu_parent.name == "aten::zero_"))  # zero_ may call fill_
+    return sum(
+        math.prod(e.input_shapes[0])
+        for e in prof.events()
+        if e.name in ("aten::fill_", "aten::zero_")
+        and e.input_shapes
+        and e.input_shapes[0]
+        and not (e.cpu_parent is not None and e.cpu_parent.name == "aten::zero_")
+    )  # zero_ may call fill_
 
 
 @pytest.mark.parametrize("layout", ["right-padded", "holes", "packed"])
@@ -717,7 +815,9 @@ def test_cpu_backward_zero_fills_no_gradient_per_sequence(layout, seeded):
     mask = torch.arange(n)[None, :] < lengths[:, None]
     if layout == "holes":
         mask[:, 0] = False
-    shape = (int(lengths.sum()) + 3, h, d) if layout == "packed" else (b, n, h, d)  # + rows of no sequence
+    shape = (
+        (int(lengths.sum()) + 3, h, d) if layout == "packed" else (b, n, h, d)
+    )  # + rows of no sequence
     q, k, v = (torch.randn(shape, dtype=torch.float64, requires_grad=True) for _ in range(3))
     pos = torch.randn(h, n, n, dtype=torch.float64, requires_grad=True)
     if layout == "packed":
@@ -743,8 +843,10 @@ def test_cpu_backend_gradients_match_float64_packed_and_strided(layout, seeded):
         n = 19
         lengths = torch.tensor([19, 7, 0, 12, 7])
         mask = torch.arange(n)[None, :] < lengths[:, None]
-        q, k, v = (torch.randn(n, len(lengths), h, d, dtype=torch.float64).transpose(0, 1).requires_grad_()
-                   for _ in range(3))  # [B, N, H, D] views of [N, B, H, D]: rows interleaved
+        q, k, v = (
+            torch.randn(n, len(lengths), h, d, dtype=torch.float64).transpose(0, 1).requires_grad_()
+            for _ in range(3)
+        )  # [B, N, H, D] views of [N, B, H, D]: rows interleaved
         pos = torch.randn(h, n, n, dtype=torch.float64, requires_grad=True)
         out = effbert.tupe_attention(q, k, v, pos, attention_mask=mask, backend="cpu")
         grad = torch.randn_like(out)
@@ -758,25 +860,30 @@ def test_cpu_backend_gradients_match_float64_packed_and_strided(layout, seeded):
         assert (q.grad[~mask] == 0).all()
         return
     lengths = [5, 0, 17, 9, 9, 1]
-    lead = 2 if layout == "packed-unchecked" else 0  # offsets starting past row 0: only without the check
+    lead = (
+        2 if layout == "packed-unchecked" else 0
+    )  # offsets starting past row 0: only without the check
     cu = torch.tensor([lead] + (lead + torch.tensor(lengths).cumsum(0)).tolist(), dtype=torch.int32)
     total = int(cu[-1]) + 3
     q, k, v = (torch.randn(total, h, d, dtype=torch.float64, requires_grad=True) for _ in range(3))
     pos = torch.randn(h, 20, 20, dtype=torch.float64, requires_grad=True)
-    out = effbert.tupe_attention_varlen(q, k, v, cu, max(lengths), pos, backend="cpu",
-                                        check_offsets=layout == "packed")
+    out = effbert.tupe_attention_varlen(
+        q, k, v, cu, max(lengths), pos, backend="cpu", check_offsets=layout == "packed"
+    )
     grad = torch.randn_like(out)
     out.backward(grad)
     leaves = [t.detach().clone().requires_grad_() for t in (q, k, v, pos)]
     rows = slice(lead, int(cu[-1]))
     cu0 = cu - lead
-    ref = reference.tupe_attention_varlen(*(t[rows] for t in leaves[:3]), cu0, max(lengths), leaves[3])
+    ref = reference.tupe_attention_varlen(
+        *(t[rows] for t in leaves[:3]), cu0, max(lengths), leaves[3]
+    )
     ref.backward(grad[rows])
     assert_close(out[rows], ref, rtol=1e-12)
-    assert (out[:lead] == 0).all() and (out[int(cu[-1]):] == 0).all()
+    assert (out[:lead] == 0).all() and (out[int(cu[-1]) :] == 0).all()
     for t, r in zip((q, k, v), leaves):
         assert_close(t.grad[rows], r.grad[rows], rtol=1e-10)
-        assert (t.grad[:lead] == 0).all() and (t.grad[int(cu[-1]):] == 0).all()
+        assert (t.grad[:lead] == 0).all() and (t.grad[int(cu[-1]) :] == 0).all()
     assert_close(pos.grad, leaves[3].grad, rtol=1e-10)
 
 
@@ -826,7 +933,7 @@ def test_cpu_backend_inference_road_matches_float64(n, dtype, grad_mode, seeded)
     pos = big[:, :n, :n]  # a strided view of a larger cached table
     ref = reference.tupe_attention(q, k, v, pos, attention_mask=mask)
     cu = torch.tensor([0] + lengths.cumsum(0).tolist(), dtype=torch.int32)
-    packed = [torch.cat([t[i, :int(lengths[i])] for i in range(b)]) for t in (q, k, v)]
+    packed = [torch.cat([t[i, : int(lengths[i])] for i in range(b)]) for t in (q, k, v)]
     seen = []
 
     class Ops(TorchDispatchMode):
@@ -836,10 +943,12 @@ def test_cpu_backend_inference_road_matches_float64(n, dtype, grad_mode, seeded)
 
     ctx = torch.no_grad if grad_mode == "no_grad" else torch.inference_mode
     with ctx(), Ops():
-        out = effbert.tupe_attention(*(t.to(dtype) for t in (q, k, v)), pos.to(dtype), attention_mask=mask,
-                                     backend="cpu")
-        out_packed = effbert.tupe_attention_varlen(*(t.to(dtype) for t in packed), cu, n, pos.to(dtype),
-                                                   backend="cpu")
+        out = effbert.tupe_attention(
+            *(t.to(dtype) for t in (q, k, v)), pos.to(dtype), attention_mask=mask, backend="cpu"
+        )
+        out_packed = effbert.tupe_attention_varlen(
+            *(t.to(dtype) for t in packed), cu, n, pos.to(dtype), backend="cpu"
+        )
     rtol = FP32_RTOL if dtype == torch.float32 else 1e-12
     assert_close(out, ref, rtol=rtol, what="cpu inference output")
     assert (out[~mask] == 0).all()
@@ -847,7 +956,9 @@ def test_cpu_backend_inference_road_matches_float64(n, dtype, grad_mode, seeded)
     # the padded batch calls once per length (a length shared by several rows: one fused call over them), the
     # packed batch once per sequence
     short = [int(x) for x in lengths if x <= _attention_cpu.MATH_MAX_LEN]
-    expected = sum(1 for x in set(short) if short.count(x) == 1 and int((lengths == x).sum()) == 1) + len(short)
+    expected = sum(
+        1 for x in set(short) if short.count(x) == 1 and int((lengths == x).sum()) == 1
+    ) + len(short)
     assert sum("baddbmm" in f for f in seen) == expected, (n, sorted(set(seen)))
 
 
@@ -889,12 +1000,15 @@ def test_cpu_varlen_unchecked_offsets_leave_no_row_unwritten(seeded):
     q, k, v = (torch.randn(7, h, d) for _ in range(3))
     pos = torch.randn(h, 4, 4)
     cu = torch.tensor([2, 5], dtype=torch.int32)
-    torch.full((7, h, d), float("nan"))  # freed at once: an uninitialised output would likely reuse its NaNs
+    torch.full(
+        (7, h, d), float("nan")
+    )  # freed at once: an uninitialised output would likely reuse its NaNs
     out = effbert.tupe_attention_varlen(q, k, v, cu, 3, pos, backend="cpu", check_offsets=False)
     assert (out[:2] == 0).all() and (out[5:] == 0).all()
-    ref = reference.tupe_attention(*(t[None, 2:5].double() for t in (q, k, v)), pos[:, :3, :3].double())[0]
+    ref = reference.tupe_attention(
+        *(t[None, 2:5].double() for t in (q, k, v)), pos[:, :3, :3].double()
+    )[0]
     assert_close(out[2:5], ref)
-
 
 
 def test_batch_chunks_keep_batch_times_heads_within_cudas_grid_axis():
@@ -906,10 +1020,12 @@ def test_batch_chunks_keep_batch_times_heads_within_cudas_grid_axis():
     assert all((b1 - b0) * 12 <= MAX_GRID_YZ for b0, b1 in chunks)
     assert batch_chunks(0, 12) == [] and batch_chunks(3, 0) == [(0, 3)]
     assert len(batch_chunks(200_000, 1)) == 4 and batch_chunks(200_000, 1)[-1] == (196_605, 200_000)
-    for args, message in (((-1, 2), "batch must be a non-negative integer, got -1"),
-                          ((2.0, 2), "batch must be a non-negative integer, got 2.0"),
-                          ((2, True), "heads must be a non-negative integer, got True"),
-                          ((2, MAX_GRID_YZ + 1), f"heads must be at most {MAX_GRID_YZ}")):
+    for args, message in (
+        ((-1, 2), "batch must be a non-negative integer, got -1"),
+        ((2.0, 2), "batch must be a non-negative integer, got 2.0"),
+        ((2, True), "heads must be a non-negative integer, got True"),
+        ((2, MAX_GRID_YZ + 1), f"heads must be at most {MAX_GRID_YZ}"),
+    ):
         with pytest.raises(ValueError, match=message):
             batch_chunks(*args)
 
@@ -932,16 +1048,39 @@ def test_attention_launchers_split_batch_times_heads_above_65535(monkeypatch):
     from effbert.kernels import tupe_attention as kernels
 
     fwd, dkdv, dq, keep = (_RecordGrid() for _ in range(4))
-    for name, fake in (("tupe_attn_fwd_kernel", fwd), ("tupe_attn_bwd_dkdv_kernel", dkdv),
-                       ("tupe_attn_bwd_dq_kernel", dq), ("dropout_keep_kernel", keep)):
+    for name, fake in (
+        ("tupe_attn_fwd_kernel", fwd),
+        ("tupe_attn_bwd_dkdv_kernel", dkdv),
+        ("tupe_attn_bwd_dq_kernel", dq),
+        ("dropout_keep_kernel", keep),
+    ):
         monkeypatch.setattr(kernels, name, fake)
     b, n, h, d = 35_000, 3, 2, 16
     q = torch.zeros(b, n, h, d)
     lse = torch.zeros(h, b * n)
-    kernels.attention_forward(q, q, q, None, None, None, None, q, lse, batch=b, seq_len=n, scale=0.25,
-                              dropout_p=0.0)
-    kernels.attention_backward(q, q, q, None, None, None, None, q, lse, lse, q, q, q, None, batch=b, seq_len=n,
-                               scale=0.25, dropout_p=0.0)
+    kernels.attention_forward(
+        q, q, q, None, None, None, None, q, lse, batch=b, seq_len=n, scale=0.25, dropout_p=0.0
+    )
+    kernels.attention_backward(
+        q,
+        q,
+        q,
+        None,
+        None,
+        None,
+        None,
+        q,
+        lse,
+        lse,
+        q,
+        q,
+        q,
+        None,
+        batch=b,
+        seq_len=n,
+        scale=0.25,
+        dropout_p=0.0,
+    )
     kernels.dropout_keep_mask(torch.zeros(1, dtype=torch.int64), 35_000, 2, 1, 0.5, "cpu")
     rows = [(0, 32_767), (32_767, 35_000)]  # 65535 // 2 batch elements a launch
     assert [g[1] for g in fwd.grids] == [(b1 - b0) * h for b0, b1 in rows]
@@ -951,8 +1090,21 @@ def test_attention_launchers_split_batch_times_heads_above_65535(monkeypatch):
     assert [g[2] for g in keep.grids] == [(b1 - b0) * h for b0, b1 in rows]
     assert all(max(g[1:]) <= MAX_GRID_YZ for g in fwd.grids + dkdv.grids + dq.grids + keep.grids)
     fwd.grids.clear()
-    kernels.attention_forward(q[:9], q[:9], q[:9], None, None, None, None, q[:9], lse[:, :27], batch=9, seq_len=n,
-                              scale=0.25, dropout_p=0.0)
+    kernels.attention_forward(
+        q[:9],
+        q[:9],
+        q[:9],
+        None,
+        None,
+        None,
+        None,
+        q[:9],
+        lse[:, :27],
+        batch=9,
+        seq_len=n,
+        scale=0.25,
+        dropout_p=0.0,
+    )
     assert len(fwd.grids) == 1 and fwd.grids[0][1] == 9 * h
 
 
@@ -981,8 +1133,11 @@ def test_a_batch_split_into_several_launches_equals_the_reference(layout, monkey
     else:
         cu = torch.tensor([0] + mask.sum(1).cumsum(0).tolist(), dtype=torch.int32, device=DEVICE)
         packed = [unpad(t, cu) for t in leaves[:3]]
-        out = pad_packed(effbert.tupe_attention_varlen(*packed, cu, n, leaves[3], dropout_p=p, backend="triton"),
-                         cu, n)[0]
+        out = pad_packed(
+            effbert.tupe_attention_varlen(*packed, cu, n, leaves[3], dropout_p=p, backend="triton"),
+            cu,
+            n,
+        )[0]
         out.backward(grad.float())
     leaves64 = [t.clone().requires_grad_() for t in (q, k, v, pos)]
     ref = reference.tupe_attention(*leaves64, attention_mask=mask, dropout_p=p, dropout_mask=keep)

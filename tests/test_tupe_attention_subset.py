@@ -19,8 +19,15 @@ def _backends():
     if _ext.load("_C")[0] is not None:
         cases.append(pytest.param("cpu", "cpu", torch.float64, id="cpu-f64"))
         cases.append(pytest.param("cpu", "cpu", torch.float32, id="cpu-f32"))
-    cases.append(pytest.param("triton", KDEV, torch.float32, id="triton-f32",
-                              marks=[pytest.mark.gpu] if ON_GPU else []))
+    cases.append(
+        pytest.param(
+            "triton",
+            KDEV,
+            torch.float32,
+            id="triton-f32",
+            marks=[pytest.mark.gpu] if ON_GPU else [],
+        )
+    )
     return cases
 
 
@@ -39,12 +46,19 @@ def make_case(lens_k, active, *, device="cpu", bias_len=None):
     q_full, k, v = (torch.randn(total, H, D, dtype=torch.float64, device=device) for _ in range(3))
     n = bias_len or max(max(lens_k), 1)
     pos_bias = torch.randn(H, n, n, dtype=torch.float64, device=device)
-    cu_k = torch.tensor([0] + torch.tensor(lens_k).cumsum(0).tolist(), dtype=torch.int32, device=device)
+    cu_k = torch.tensor(
+        [0] + torch.tensor(lens_k).cumsum(0).tolist(), dtype=torch.int32, device=device
+    )
     rows = [int(cu_k[b]) + p for b, ps in enumerate(active) for p in ps]
     q = q_full[torch.tensor(rows, dtype=torch.long, device=device)]
-    cu_q = torch.tensor([0] + torch.tensor([len(a) for a in active]).cumsum(0).tolist(), dtype=torch.int32,
-                        device=device)
-    position_ids_q = torch.tensor([p for ps in active for p in ps], dtype=torch.int32, device=device)
+    cu_q = torch.tensor(
+        [0] + torch.tensor([len(a) for a in active]).cumsum(0).tolist(),
+        dtype=torch.int32,
+        device=device,
+    )
+    position_ids_q = torch.tensor(
+        [p for ps in active for p in ps], dtype=torch.int32, device=device
+    )
     return q_full, k, v, cu_k, pos_bias, q, cu_q, position_ids_q
 
 
@@ -60,28 +74,39 @@ def random_active(lens_k, gen):
 def run(backend, device, dtype, q, k, v, cu_q, cu_k, pos_ids, pos_bias, **kw):
     args = [t.to(device) for t in (q, k, v)]
     args = [t.to(dtype) for t in args]
-    return effbert.tupe_attention_varlen_subset(*args, cu_q.to(device), cu_k.to(device), pos_ids.to(device),
-                                                pos_bias.to(device, torch.float32 if dtype != torch.float64 else
-                                                            torch.float64), backend=backend, **kw)
+    return effbert.tupe_attention_varlen_subset(
+        *args,
+        cu_q.to(device),
+        cu_k.to(device),
+        pos_ids.to(device),
+        pos_bias.to(device, torch.float32 if dtype != torch.float64 else torch.float64),
+        backend=backend,
+        **kw,
+    )
 
 
 def test_reference_is_full_attention_at_the_active_rows(seeded):
     """The loop reference against an independent path: the packed (all-queries) reference's output at the active
     rows, since a query's output does not depend on the other queries."""
     lens_k = [1, 2, 3, 7, 31]
-    q_full, k, v, cu_k, pos_bias, q, cu_q, pos_ids = make_case(lens_k, random_active(lens_k, torch.Generator()))
+    q_full, k, v, cu_k, pos_bias, q, cu_q, pos_ids = make_case(
+        lens_k, random_active(lens_k, torch.Generator())
+    )
     full = reference.tupe_attention_varlen(q_full, k, v, cu_k, max(lens_k), pos_bias, scale=0.3)
     sub = reference.tupe_attention_varlen_subset(q, k, v, cu_q, cu_k, pos_ids, pos_bias, scale=0.3)
-    rows = (cu_k[:-1].long().repeat_interleave((cu_q[1:] - cu_q[:-1]).long()) + pos_ids.long())
+    rows = cu_k[:-1].long().repeat_interleave((cu_q[1:] - cu_q[:-1]).long()) + pos_ids.long()
     torch.testing.assert_close(sub, full[rows], rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("backend,device,dtype", BACKENDS)
-@pytest.mark.parametrize("lens_k", [[1, 2, 3, 7, 31], [31, 7], [1]], ids=["odd", "two", "one-token"])
+@pytest.mark.parametrize(
+    "lens_k", [[1, 2, 3, 7, 31], [31, 7], [1]], ids=["odd", "two", "one-token"]
+)
 def test_against_reference(backend, device, dtype, lens_k, seeded):
     gen = torch.Generator().manual_seed(seeded)
-    _, k, v, cu_k, pos_bias, q, cu_q, pos_ids = make_case(lens_k, random_active(lens_k, gen) if len(lens_k) > 1
-                                                          else [[0]])
+    _, k, v, cu_k, pos_bias, q, cu_q, pos_ids = make_case(
+        lens_k, random_active(lens_k, gen) if len(lens_k) > 1 else [[0]]
+    )
     ref = reference.tupe_attention_varlen_subset(q, k, v, cu_q, cu_k, pos_ids, pos_bias, scale=0.2)
     out = run(backend, device, dtype, q, k, v, cu_q, cu_k, pos_ids, pos_bias, scale=0.2)
     assert out.dtype == dtype and out.shape == q.shape
@@ -96,8 +121,9 @@ def test_all_queries_active_is_tupe_attention_varlen(backend, device, dtype, see
     cast = [t.to(device, dtype) for t in (q_full, k, v)]
     bias = pos_bias.to(device, torch.float64 if dtype == torch.float64 else torch.float32)
     full = effbert.tupe_attention_varlen(*cast, cu_k.to(device), max(lens_k), bias, backend=backend)
-    sub = effbert.tupe_attention_varlen_subset(*cast, cu_k.to(device), cu_k.to(device), pos_ids.to(device), bias,
-                                               backend=backend)
+    sub = effbert.tupe_attention_varlen_subset(
+        *cast, cu_k.to(device), cu_k.to(device), pos_ids.to(device), bias, backend=backend
+    )
     assert_close(sub, full.double(), rtol=_rtol(dtype) / 10)
 
 
@@ -121,7 +147,9 @@ def test_strided_bias_view_and_repeated_positions(backend, device, dtype, seeded
     _, k, v, cu_k, _, q, cu_q, pos_ids = make_case(lens_k, [[4, 4, 0], [2]])
     view = table[:, 3:, 5:]
     ref = reference.tupe_attention_varlen_subset(q, k, v, cu_q, cu_k, pos_ids, view)
-    out = run(backend, device, dtype, q, k, v, cu_q, cu_k, pos_ids, view, max_seqlen_q=5, max_seqlen_k=9)
+    out = run(
+        backend, device, dtype, q, k, v, cu_q, cu_k, pos_ids, view, max_seqlen_q=5, max_seqlen_k=9
+    )
     assert_close(out, ref, rtol=_rtol(dtype))
 
 
@@ -130,15 +158,19 @@ def test_strided_bias_view_and_repeated_positions(backend, device, dtype, seeded
 def test_position_out_of_range_is_refused(backend, device, dtype, bad):
     _, k, v, cu_k, pos_bias, q, cu_q, pos_ids = make_case([7, 3], [[1, 5], [0, 2]])
     pos_ids[3] = bad  # sequence 1 has 3 keys, though the table has 7 rows
-    with pytest.raises(ValueError, match=r"position_ids_q must be in \[0, that sequence's key count\): query 3"):
+    with pytest.raises(
+        ValueError, match=r"position_ids_q must be in \[0, that sequence's key count\): query 3"
+    ):
         run(backend, device, dtype, q, k, v, cu_q, cu_k, pos_ids, pos_bias)
 
 
 def test_unchecked_bad_position_stays_in_bounds():
     """check_offsets=False: the Triton kernel drops a position outside the table (no read out of bounds)."""
     _, k, v, cu_k, pos_bias, q, cu_q, pos_ids = make_case([7, 3], [[1, 5], [0, 2]])
-    pos_ids[1] = 10 ** 6
-    out = run("triton", KDEV, torch.float32, q, k, v, cu_q, cu_k, pos_ids, pos_bias, check_offsets=False)
+    pos_ids[1] = 10**6
+    out = run(
+        "triton", KDEV, torch.float32, q, k, v, cu_q, cu_k, pos_ids, pos_bias, check_offsets=False
+    )
     assert torch.isfinite(out).all()
 
 
@@ -146,8 +178,15 @@ def _bad_calls():
     def case(**change):
         def make():
             _, k, v, cu_k, pos_bias, q, cu_q, pos_ids = make_case([7, 3], [[1, 5], [0, 2]])
-            args = dict(q=q, k=k, v=v, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, position_ids_q=pos_ids,
-                        pos_bias=pos_bias)
+            args = dict(
+                q=q,
+                k=k,
+                v=v,
+                cu_seqlens_q=cu_q,
+                cu_seqlens_k=cu_k,
+                position_ids_q=pos_ids,
+                pos_bias=pos_bias,
+            )
             kw = {}
             for name, fn in change.items():
                 if name in args:
@@ -155,21 +194,55 @@ def _bad_calls():
                 else:
                     kw[name] = fn
             return list(args.values()), kw
+
         return make
 
     return [
-        ("int64 offsets", case(cu_seqlens_q=lambda t: t.long()), TypeError, "cu_seqlens_q must have dtype"),
+        (
+            "int64 offsets",
+            case(cu_seqlens_q=lambda t: t.long()),
+            TypeError,
+            "cu_seqlens_q must have dtype",
+        ),
         ("fewer key sequences", case(cu_seqlens_k=lambda t: t[:2]), ValueError, "same sequences"),
-        ("offsets short of Tq", case(cu_seqlens_q=lambda t: torch.tensor([0, 2, 3], dtype=torch.int32)),
-         ValueError, r"cu_seqlens_q must end at q.shape\[0\] = 4"),
-        ("decreasing key offsets", case(cu_seqlens_k=lambda t: torch.tensor([0, 5, 4], dtype=torch.int32)),
-         ValueError, "cu_seqlens_k must start at 0 and never decrease"),
+        (
+            "offsets short of Tq",
+            case(cu_seqlens_q=lambda t: torch.tensor([0, 2, 3], dtype=torch.int32)),
+            ValueError,
+            r"cu_seqlens_q must end at q.shape\[0\] = 4",
+        ),
+        (
+            "decreasing key offsets",
+            case(cu_seqlens_k=lambda t: torch.tensor([0, 5, 4], dtype=torch.int32)),
+            ValueError,
+            "cu_seqlens_k must start at 0 and never decrease",
+        ),
         ("k of other heads", case(k=lambda t: t[:, :1]), ValueError, "k and v must be"),
         ("v of another dtype", case(v=lambda t: t.float()), TypeError, "v must have dtype"),
-        ("positions too short", case(position_ids_q=lambda t: t[:3]), ValueError, r"position_ids_q must be \[Tq\]"),
-        ("float positions", case(position_ids_q=lambda t: t.float()), TypeError, "position_ids_q must have dtype"),
-        ("pos_bias too small", case(pos_bias=lambda t: t[:, :5, :5]), ValueError, "pos_bias must be at least"),
-        ("max_seqlen_k too small", case(max_seqlen_k=6), ValueError, "max_seqlen_k must be >= the longest"),
+        (
+            "positions too short",
+            case(position_ids_q=lambda t: t[:3]),
+            ValueError,
+            r"position_ids_q must be \[Tq\]",
+        ),
+        (
+            "float positions",
+            case(position_ids_q=lambda t: t.float()),
+            TypeError,
+            "position_ids_q must have dtype",
+        ),
+        (
+            "pos_bias too small",
+            case(pos_bias=lambda t: t[:, :5, :5]),
+            ValueError,
+            "pos_bias must be at least",
+        ),
+        (
+            "max_seqlen_k too small",
+            case(max_seqlen_k=6),
+            ValueError,
+            "max_seqlen_k must be >= the longest",
+        ),
         ("max_seqlen_q negative", case(max_seqlen_q=-1), ValueError, "max_seqlen_q must be an int"),
         ("scale inf", case(scale=float("inf")), ValueError, "scale must be"),
         ("backend", case(backend="gpu"), ValueError, "backend must be"),
@@ -187,7 +260,9 @@ def test_bad_arguments_are_named(what, make, exc, pattern):
 def test_forward_only():
     _, k, v, cu_k, pos_bias, q, cu_q, pos_ids = make_case([7, 3], [[1, 5], [0, 2]])
     with pytest.raises(RuntimeError, match="forward only"):
-        effbert.tupe_attention_varlen_subset(q.requires_grad_(), k, v, cu_q, cu_k, pos_ids, pos_bias)
+        effbert.tupe_attention_varlen_subset(
+            q.requires_grad_(), k, v, cu_q, cu_k, pos_ids, pos_bias
+        )
     with torch.no_grad():
         effbert.tupe_attention_varlen_subset(q, k, v, cu_q, cu_k, pos_ids, pos_bias)
 
@@ -197,8 +272,9 @@ def test_torch_compile_fullgraph(seeded):
     _, k, v, cu_k, pos_bias, q, cu_q, pos_ids = make_case([7, 3], [[1, 5], [0, 2]])
 
     def fn(q_, k_, v_, cq, ck, p, b):
-        return effbert.tupe_attention_varlen_subset(q_, k_, v_, cq, ck, p, b, max_seqlen_q=2, max_seqlen_k=7,
-                                                    backend="eager")
+        return effbert.tupe_attention_varlen_subset(
+            q_, k_, v_, cq, ck, p, b, max_seqlen_q=2, max_seqlen_k=7, backend="eager"
+        )
 
     torch._dynamo.reset()
     compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
@@ -215,12 +291,15 @@ def test_torch_compile_fullgraph(seeded):
 def test_gpu_low_precision(dtype, seeded):
     """fp16/bf16 Triton on the GPU: within 2x the eager reference's error in the same precision."""
     lens_k = [1, 2, 3, 7, 31, 129]
-    _, k, v, cu_k, pos_bias, q, cu_q, pos_ids = make_case(lens_k, random_active(lens_k, torch.Generator()),
-                                                          device="cuda")
+    _, k, v, cu_k, pos_bias, q, cu_q, pos_ids = make_case(
+        lens_k, random_active(lens_k, torch.Generator()), device="cuda"
+    )
     ref = reference.tupe_attention_varlen_subset(q, k, v, cu_q, cu_k, pos_ids, pos_bias)
     low = [t.to(dtype) for t in (q, k, v)]
     lowp = reference.tupe_attention_varlen_subset(*low, cu_q, cu_k, pos_ids, pos_bias.float())
-    out = effbert.tupe_attention_varlen_subset(*low, cu_q, cu_k, pos_ids, pos_bias.float(), backend="triton")
+    out = effbert.tupe_attention_varlen_subset(
+        *low, cu_q, cu_k, pos_ids, pos_bias.float(), backend="triton"
+    )
     assert_close(out, ref, lowp_eager=lowp)
 
 
@@ -228,7 +307,9 @@ def test_backends_that_cannot_serve_say_why():
     from effbert.ops import BackendNotSupportedError
 
     _, k, v, cu_k, pos_bias, q, cu_q, pos_ids = make_case([7, 3], [[1, 5], [0, 2]])
-    with pytest.raises(BackendNotSupportedError, match="no cuda kernel for tupe_attention_varlen_subset"):
+    with pytest.raises(
+        BackendNotSupportedError, match="no cuda kernel for tupe_attention_varlen_subset"
+    ):
         effbert.tupe_attention_varlen_subset(q, k, v, cu_q, cu_k, pos_ids, pos_bias, backend="cuda")
     half = [t.half() for t in (q, k, v)]
     with pytest.raises(BackendNotSupportedError, match="the CPU path takes fp32/fp64"):

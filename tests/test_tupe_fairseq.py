@@ -17,8 +17,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from effbert.integrations.tupe_fairseq import (config_from_tupe_fairseq, from_tupe_fairseq,
-                                               tupe_fairseq_state_dict_to_effbert)
+from effbert.integrations.tupe_fairseq import (
+    config_from_tupe_fairseq,
+    from_tupe_fairseq,
+    tupe_fairseq_state_dict_to_effbert,
+)
 
 from helpers import FP32_RTOL, assert_close
 
@@ -35,8 +38,11 @@ def tupe_relative_position_bucket(relative_position, num_buckets=32, max_distanc
     n = torch.abs(n)
     max_exact = num_buckets // 2
     is_small = n < max_exact
-    val_if_large = max_exact + (torch.log(n.float() / max_exact) / math.log(max_distance / max_exact)
-                                * (num_buckets - max_exact)).to(torch.long)
+    val_if_large = max_exact + (
+        torch.log(n.float() / max_exact)
+        / math.log(max_distance / max_exact)
+        * (num_buckets - max_exact)
+    ).to(torch.long)
     val_if_large = torch.min(val_if_large, torch.full_like(val_if_large, num_buckets - 1))
     return ret + torch.where(is_small, n, val_if_large)
 
@@ -58,32 +64,62 @@ def fairseq_state_dict(rel=True, seed=0, dtype=torch.float64, layout="official")
     def r(*shape, std=0.3):
         return (torch.randn(*shape, generator=g, dtype=torch.float64) * std).to(dtype)
 
-    sd = {P + "embed_tokens.weight": r(V, D), P + "pos.weight": r(MAX_LEN + 1, D),
-          P + "pos_q_linear.weight": r(D, D), P + "pos_q_linear.bias": r(D),
-          P + "pos_k_linear.weight": r(D, D), P + "pos_k_linear.bias": r(D),
-          P + "pos_ln.weight": 1 + r(D, std=0.1), P + "pos_ln.bias": r(D, std=0.1),
-          P + "emb_layer_norm.weight": 1 + r(D, std=0.1), P + "emb_layer_norm.bias": r(D, std=0.1)}
+    sd = {
+        P + "embed_tokens.weight": r(V, D),
+        P + "pos.weight": r(MAX_LEN + 1, D),
+        P + "pos_q_linear.weight": r(D, D),
+        P + "pos_q_linear.bias": r(D),
+        P + "pos_k_linear.weight": r(D, D),
+        P + "pos_k_linear.bias": r(D),
+        P + "pos_ln.weight": 1 + r(D, std=0.1),
+        P + "pos_ln.bias": r(D, std=0.1),
+        P + "emb_layer_norm.weight": 1 + r(D, std=0.1),
+        P + "emb_layer_norm.bias": r(D, std=0.1),
+    }
     if rel:
         sd[P + "relative_attention_bias.weight"] = r(BINS + 1, H, std=1.0)
     if layout == "pr20":
-        q_w, q_b, k_w, k_b = (sd.pop(P + k) for k in ("pos_q_linear.weight", "pos_q_linear.bias",
-                                                      "pos_k_linear.weight", "pos_k_linear.bias"))
-        sd[P + "pos_proj.weight"], sd[P + "pos_proj.bias"] = torch.cat([q_w, k_w]), torch.cat([q_b, k_b])
+        q_w, q_b, k_w, k_b = (
+            sd.pop(P + k)
+            for k in (
+                "pos_q_linear.weight",
+                "pos_q_linear.bias",
+                "pos_k_linear.weight",
+                "pos_k_linear.bias",
+            )
+        )
+        sd[P + "pos_proj.weight"], sd[P + "pos_proj.bias"] = (
+            torch.cat([q_w, k_w]),
+            torch.cat([q_b, k_b]),
+        )
         if rel:
             sd[P + "rp_bucket"] = tupe_rp_bucket(MAX_LEN, BINS)
     else:
         assert layout == "official"
     for i in range(L):
         q = f"{P}layers.{i}."
-        sd |= {q + "self_attn.in_proj_weight": r(3 * D, D), q + "self_attn.in_proj_bias": r(3 * D, std=0.1),
-               q + "self_attn.out_proj.weight": r(D, D), q + "self_attn.out_proj.bias": r(D, std=0.1),
-               q + "self_attn_layer_norm.weight": 1 + r(D, std=0.1), q + "self_attn_layer_norm.bias": r(D, std=0.1),
-               q + "fc1.weight": r(FFN, D), q + "fc1.bias": r(FFN, std=0.1), q + "fc2.weight": r(D, FFN),
-               q + "fc2.bias": r(D, std=0.1), q + "final_layer_norm.weight": 1 + r(D, std=0.1),
-               q + "final_layer_norm.bias": r(D, std=0.1)}
-    sd |= {"decoder.lm_head.dense.weight": r(D, D), "decoder.lm_head.dense.bias": r(D, std=0.1),
-           "decoder.lm_head.layer_norm.weight": 1 + r(D, std=0.1), "decoder.lm_head.layer_norm.bias": r(D, std=0.1),
-           "decoder.lm_head.weight": sd[P + "embed_tokens.weight"], "decoder.lm_head.bias": r(V, std=0.1)}
+        sd |= {
+            q + "self_attn.in_proj_weight": r(3 * D, D),
+            q + "self_attn.in_proj_bias": r(3 * D, std=0.1),
+            q + "self_attn.out_proj.weight": r(D, D),
+            q + "self_attn.out_proj.bias": r(D, std=0.1),
+            q + "self_attn_layer_norm.weight": 1 + r(D, std=0.1),
+            q + "self_attn_layer_norm.bias": r(D, std=0.1),
+            q + "fc1.weight": r(FFN, D),
+            q + "fc1.bias": r(FFN, std=0.1),
+            q + "fc2.weight": r(D, FFN),
+            q + "fc2.bias": r(D, std=0.1),
+            q + "final_layer_norm.weight": 1 + r(D, std=0.1),
+            q + "final_layer_norm.bias": r(D, std=0.1),
+        }
+    sd |= {
+        "decoder.lm_head.dense.weight": r(D, D),
+        "decoder.lm_head.dense.bias": r(D, std=0.1),
+        "decoder.lm_head.layer_norm.weight": 1 + r(D, std=0.1),
+        "decoder.lm_head.layer_norm.bias": r(D, std=0.1),
+        "decoder.lm_head.weight": sd[P + "embed_tokens.weight"],
+        "decoder.lm_head.bias": r(V, std=0.1),
+    }
     return sd
 
 
@@ -99,13 +135,23 @@ def fairseq_forward(sd, tokens):
     weight = ln(sd[P + "pos.weight"][: seq_len + 1], P + "pos_ln")
     pos_scaling = float(D / H * 2) ** -0.5
     if P + "pos_q_linear.weight" in sd:  # TUPE's merged code
-        pos_q = F.linear(weight, sd[P + "pos_q_linear.weight"], sd[P + "pos_q_linear.bias"]).view(
-            seq_len + 1, H, -1).transpose(0, 1) * pos_scaling
-        pos_k = F.linear(weight, sd[P + "pos_k_linear.weight"], sd[P + "pos_k_linear.bias"]).view(
-            seq_len + 1, H, -1).transpose(0, 1)
+        pos_q = (
+            F.linear(weight, sd[P + "pos_q_linear.weight"], sd[P + "pos_q_linear.bias"])
+            .view(seq_len + 1, H, -1)
+            .transpose(0, 1)
+            * pos_scaling
+        )
+        pos_k = (
+            F.linear(weight, sd[P + "pos_k_linear.weight"], sd[P + "pos_k_linear.bias"])
+            .view(seq_len + 1, H, -1)
+            .transpose(0, 1)
+        )
     else:  # pull request #20
-        pos_q, pos_k = F.linear(weight, sd[P + "pos_proj.weight"], sd[P + "pos_proj.bias"]).reshape(
-            seq_len + 1, 2, H, -1).permute(1, 2, 0, 3)
+        pos_q, pos_k = (
+            F.linear(weight, sd[P + "pos_proj.weight"], sd[P + "pos_proj.bias"])
+            .reshape(seq_len + 1, 2, H, -1)
+            .permute(1, 2, 0, 3)
+        )
         pos_q = pos_q * pos_scaling
     abs_pos_bias = torch.bmm(pos_q, pos_k.transpose(1, 2))
     cls_2_other, other_2_cls = abs_pos_bias[:, 0, 0], abs_pos_bias[:, 1, 1]
@@ -113,29 +159,44 @@ def fairseq_forward(sd, tokens):
     abs_pos_bias[:, :, 0] = other_2_cls.view(-1, 1)
     abs_pos_bias[:, 0, :] = cls_2_other.view(-1, 1)
     if P + "relative_attention_bias.weight" in sd:
-        rp = sd.get(P + "rp_bucket", tupe_rp_bucket(MAX_LEN, BINS))[:seq_len, :seq_len]  # TUPE: in code
-        abs_pos_bias = abs_pos_bias + F.embedding(rp, sd[P + "relative_attention_bias.weight"]).permute(2, 0, 1)
+        rp = sd.get(P + "rp_bucket", tupe_rp_bucket(MAX_LEN, BINS))[
+            :seq_len, :seq_len
+        ]  # TUPE: in code
+        abs_pos_bias = abs_pos_bias + F.embedding(
+            rp, sd[P + "relative_attention_bias.weight"]
+        ).permute(2, 0, 1)
     head_dim = D // H
     for i in range(L):
         q_ = f"{P}layers.{i}."
         residual = x
-        q, k, v = F.linear(x, sd[q_ + "self_attn.in_proj_weight"], sd[q_ + "self_attn.in_proj_bias"]).chunk(3, -1)
+        q, k, v = F.linear(
+            x, sd[q_ + "self_attn.in_proj_weight"], sd[q_ + "self_attn.in_proj_bias"]
+        ).chunk(3, -1)
         q = q * float(head_dim * 2) ** -0.5
         q = q.contiguous().view(seq_len, bsz * H, head_dim).transpose(0, 1)
         k = k.contiguous().view(-1, bsz * H, head_dim).transpose(0, 1)
         v = v.contiguous().view(-1, bsz * H, head_dim).transpose(0, 1)
         w = torch.bmm(q, k.transpose(1, 2)).view(bsz, H, seq_len, seq_len) + abs_pos_bias
-        w = w.masked_fill(padding_mask[:, None, None, :], float("-inf")).view(bsz * H, seq_len, seq_len)
+        w = w.masked_fill(padding_mask[:, None, None, :], float("-inf")).view(
+            bsz * H, seq_len, seq_len
+        )
         a = torch.bmm(F.softmax(w, dim=-1), v).transpose(0, 1).contiguous().view(seq_len, bsz, D)
-        x = residual + F.linear(a, sd[q_ + "self_attn.out_proj.weight"], sd[q_ + "self_attn.out_proj.bias"])
+        x = residual + F.linear(
+            a, sd[q_ + "self_attn.out_proj.weight"], sd[q_ + "self_attn.out_proj.bias"]
+        )
         x = ln(x, q_ + "self_attn_layer_norm")
         residual = x
-        x = F.linear(F.gelu(F.linear(x, sd[q_ + "fc1.weight"], sd[q_ + "fc1.bias"])), sd[q_ + "fc2.weight"],
-                     sd[q_ + "fc2.bias"])
+        x = F.linear(
+            F.gelu(F.linear(x, sd[q_ + "fc1.weight"], sd[q_ + "fc1.bias"])),
+            sd[q_ + "fc2.weight"],
+            sd[q_ + "fc2.bias"],
+        )
         x = ln(residual + x, q_ + "final_layer_norm")
     features = x.transpose(0, 1)
     h = "decoder.lm_head."
-    y = ln(F.gelu(F.linear(features, sd[h + "dense.weight"], sd[h + "dense.bias"])), h + "layer_norm")
+    y = ln(
+        F.gelu(F.linear(features, sd[h + "dense.weight"], sd[h + "dense.bias"])), h + "layer_norm"
+    )
     return features, F.linear(y, sd[h + "weight"]) + sd[h + "bias"]
 
 
@@ -165,7 +226,10 @@ def test_converted_model_equals_fairseq_forward_float64(rel, layout):
     cfg = model.config
     assert cfg.position_mode == ("tupe-r" if rel else "tupe-a") and cfg.type_vocab_size == 0
     assert cfg.layer_norm_eps == cfg.position_layer_norm_eps == 1e-5
-    assert cfg.max_position_embeddings == MAX_LEN and model.bert.embeddings.token_type_embeddings is None
+    assert (
+        cfg.max_position_embeddings == MAX_LEN
+        and model.bert.embeddings.token_type_embeddings is None
+    )
     ids = tokens_batch()
     real = ids != PAD
     want_h, want_logits = fairseq_forward(sd, ids)
@@ -194,14 +258,27 @@ def test_cls_scalars_and_rows_shifted():
     pe = "bert.position_encoder."
     assert torch.equal(out[pe + "position_embeddings.weight"], sd[P + "pos.weight"][1:])
     assert torch.equal(out[pe + "rel_table"], sd[P + "relative_attention_bias.weight"][:BINS])
-    w = F.layer_norm(sd[P + "pos.weight"][:2].double(), (D,), sd[P + "pos_ln.weight"].double(),
-                     sd[P + "pos_ln.bias"].double(), 1e-5)
-    q = F.linear(w, sd[P + "pos_q_linear.weight"].double(), sd[P + "pos_q_linear.bias"].double()).view(2, H, D // H)
-    k = F.linear(w, sd[P + "pos_k_linear.weight"].double(), sd[P + "pos_k_linear.bias"].double()).view(2, H, D // H)
+    w = F.layer_norm(
+        sd[P + "pos.weight"][:2].double(),
+        (D,),
+        sd[P + "pos_ln.weight"].double(),
+        sd[P + "pos_ln.bias"].double(),
+        1e-5,
+    )
+    q = F.linear(
+        w, sd[P + "pos_q_linear.weight"].double(), sd[P + "pos_q_linear.bias"].double()
+    ).view(2, H, D // H)
+    k = F.linear(
+        w, sd[P + "pos_k_linear.weight"].double(), sd[P + "pos_k_linear.bias"].double()
+    ).view(2, H, D // H)
     s = (2 * D // H) ** -0.5
     rel = sd[P + "relative_attention_bias.weight"].double()
-    assert_close(out[pe + "cls_row"].double(), (q[0] * k[0]).sum(-1) * s + rel[16], rtol=1e-6, what="cls_row")
-    assert_close(out[pe + "cls_col"].double(), (q[1] * k[1]).sum(-1) * s + rel[32], rtol=1e-6, what="cls_col")
+    assert_close(
+        out[pe + "cls_row"].double(), (q[0] * k[0]).sum(-1) * s + rel[16], rtol=1e-6, what="cls_row"
+    )
+    assert_close(
+        out[pe + "cls_col"].double(), (q[1] * k[1]).sum(-1) * s + rel[32], rtol=1e-6, what="cls_col"
+    )
     assert torch.equal(out[pe + "query.weight"], sd[P + "pos_q_linear.weight"])
     assert torch.equal(out[pe + "key.bias"], sd[P + "pos_k_linear.bias"])
     pr20 = tupe_fairseq_state_dict_to_effbert(fairseq_state_dict(layout="pr20"), cfg)
@@ -248,30 +325,63 @@ def train_py_checkpoint(sd, args):
     """What fairseq's checkpoint_utils.save_state writes (guolinke/TUPE's fairseq), with an OrderedDict model."""
     model = collections.OrderedDict(sd)
     model._metadata = collections.OrderedDict({"": {"version": 1}})
-    meters = collections.OrderedDict(train_loss=AverageMeter(), wps=TimeMeter(), train_wall=StopwatchMeter())
-    return {"args": args, "model": model,
-            "optimizer_history": [{"criterion_name": "MaskedLmLoss", "optimizer_name": "FairseqAdam",
-                                   "lr_scheduler_state": {"best": 2.5}, "num_updates": 1000}],
-            "extra_state": {"train_iterator": {"epoch": 2, "iterations_in_epoch": 10, "shuffle": True},
-                            "val_loss": 2.5, "best": 2.5, "train_meters": meters},
-            "last_optimizer_state": {"state": {0: {"step": 1000, "exp_avg": torch.zeros(4)}},
-                                     "param_groups": [{"lr": 1e-4, "betas": (0.9, 0.98), "params": [0]}]}}
+    meters = collections.OrderedDict(
+        train_loss=AverageMeter(), wps=TimeMeter(), train_wall=StopwatchMeter()
+    )
+    return {
+        "args": args,
+        "model": model,
+        "optimizer_history": [
+            {
+                "criterion_name": "MaskedLmLoss",
+                "optimizer_name": "FairseqAdam",
+                "lr_scheduler_state": {"best": 2.5},
+                "num_updates": 1000,
+            }
+        ],
+        "extra_state": {
+            "train_iterator": {"epoch": 2, "iterations_in_epoch": 10, "shuffle": True},
+            "val_loss": 2.5,
+            "best": 2.5,
+            "train_meters": meters,
+        },
+        "last_optimizer_state": {
+            "state": {0: {"step": 1000, "exp_avg": torch.zeros(4)}},
+            "param_groups": [{"lr": 1e-4, "betas": (0.9, 0.98), "params": [0]}],
+        },
+    }
 
 
-@pytest.mark.parametrize("zipfile", [True, False], ids=["zip", "legacy"])  # torch < 1.6 wrote the legacy format
+@pytest.mark.parametrize(
+    "zipfile", [True, False], ids=["zip", "legacy"]
+)  # torch < 1.6 wrote the legacy format
 @pytest.mark.parametrize("rel", [True, False], ids=["tupe-r", "tupe-a"])
 def test_train_py_checkpoint_file(tmp_path, rel, zipfile):
     sd = fairseq_state_dict(rel=rel)
-    args = argparse.Namespace(encoder_attention_heads=H, activation_fn="gelu", dropout=0.1, attention_dropout=0.1,
-                              rel_pos=rel, max_positions=MAX_LEN, embedding_normalize=True, arch="bert_base")
+    args = argparse.Namespace(
+        encoder_attention_heads=H,
+        activation_fn="gelu",
+        dropout=0.1,
+        attention_dropout=0.1,
+        rel_pos=rel,
+        max_positions=MAX_LEN,
+        embedding_normalize=True,
+        arch="bert_base",
+    )
     path = tmp_path / "checkpoint_best.pt"
-    save_as_fairseq_train_py(train_py_checkpoint(sd, args), path, _use_new_zipfile_serialization=zipfile)
+    save_as_fairseq_train_py(
+        train_py_checkpoint(sd, args), path, _use_new_zipfile_serialization=zipfile
+    )
     assert "fairseq" not in sys.modules
-    with pytest.raises(Exception, match="fairseq.meters"):  # what the old reader (torch's weights-only) refused
+    with pytest.raises(
+        Exception, match="fairseq.meters"
+    ):  # what the old reader (torch's weights-only) refused
         with torch.serialization.safe_globals([argparse.Namespace]):
             torch.load(path, weights_only=True)
     model = from_tupe_fairseq(path, backend="eager")
-    assert "fairseq" not in sys.modules and "fairseq.meters" not in sys.modules  # nothing was imported
+    assert (
+        "fairseq" not in sys.modules and "fairseq.meters" not in sys.modules
+    )  # nothing was imported
     assert model.config.num_attention_heads == H
     assert model.config.position_mode == ("tupe-r" if rel else "tupe-a")
     ids = tokens_batch()
@@ -287,7 +397,9 @@ def test_checkpoint_meters_load_inert(tmp_path):
     from effbert.integrations.tupe_fairseq import load_fairseq_checkpoint
 
     path = tmp_path / "checkpoint_last.pt"
-    save_as_fairseq_train_py(train_py_checkpoint(fairseq_state_dict(), argparse.Namespace(rel_pos=True)), path)
+    save_as_fairseq_train_py(
+        train_py_checkpoint(fairseq_state_dict(), argparse.Namespace(rel_pos=True)), path
+    )
     ckpt = load_fairseq_checkpoint(path)
     meter = ckpt["extra_state"]["train_meters"]["train_loss"]
     assert type(meter).__module__ == "fairseq.meters" and type(meter).__name__ == "AverageMeter"
@@ -321,7 +433,9 @@ def test_pickle_that_runs_code_is_refused(tmp_path, where):
         ckpt["args"].evil = RunsShell(marker)
     path = tmp_path / "checkpoint_best.pt"
     save_as_fairseq_train_py(ckpt, path)
-    with pytest.raises(ValueError, match=r"refusing the TUPE checkpoint .*(posix|nt)\.system.*nothing was executed"):
+    with pytest.raises(
+        ValueError, match=r"refusing the TUPE checkpoint .*(posix|nt)\.system.*nothing was executed"
+    ):
         from_tupe_fairseq(path)
     assert not marker.exists()
     torch.save({"model": fairseq_state_dict(), "x": CallsEval()}, path)
@@ -331,13 +445,21 @@ def test_pickle_that_runs_code_is_refused(tmp_path, where):
 
 
 def test_neither_position_layout_names_the_missing_keys():
-    sd = {k: v for k, v in fairseq_state_dict().items() if "pos_q_linear" not in k and "pos_k_linear" not in k}
-    with pytest.raises(ValueError, match=r"pos_q_linear\.weight.*pos_k_linear\.bias.*pos_proj\.weight") as info:
+    sd = {
+        k: v
+        for k, v in fairseq_state_dict().items()
+        if "pos_q_linear" not in k and "pos_k_linear" not in k
+    }
+    with pytest.raises(
+        ValueError, match=r"pos_q_linear\.weight.*pos_k_linear\.bias.*pos_proj\.weight"
+    ) as info:
         from_tupe_fairseq(sd)
     assert P + "pos_q_linear.weight" in str(info.value)
     partial = fairseq_state_dict() | {}
     del partial[P + "pos_k_linear.bias"]
-    with pytest.raises(ValueError, match=r"missing \['decoder\.sentence_encoder\.pos_k_linear\.bias'\]"):
+    with pytest.raises(
+        ValueError, match=r"missing \['decoder\.sentence_encoder\.pos_k_linear\.bias'\]"
+    ):
         from_tupe_fairseq(partial)
     short = fairseq_state_dict()
     del short[P + "layers.1.fc2.bias"], short[P + "pos_ln.bias"]

@@ -7,7 +7,12 @@ length under torch.compile."""
 import pytest
 import torch
 
-from effbert.models import TupeBertConfig, TupeBertForMaskedLM, TupeBertForSequenceClassification, TupeBertModel
+from effbert.models import (
+    TupeBertConfig,
+    TupeBertForMaskedLM,
+    TupeBertForSequenceClassification,
+    TupeBertModel,
+)
 from effbert.models.packing import unpad_input
 from effbert.nn import NoteDictionary
 from effbert.ops import attention as attn_ops
@@ -15,15 +20,29 @@ from effbert.ops import attention as attn_ops
 from helpers import backend_cases
 
 # float64 runs on the eager and CPU backends; the Triton kernels (fp32) get a tiny case of their own below
-CPU_CASES = [c for c in backend_cases() if not c.marks and c.values[1] == "cpu" and c.values[0] != "triton"]
+CPU_CASES = [
+    c for c in backend_cases() if not c.marks and c.values[1] == "cpu" and c.values[0] != "triton"
+]
 RTOL = 1e-10  # float64 throughout: only summation order differs
 
 
 def config(mode="tupe-r", backend="eager", **overrides):
-    values = dict(vocab_size=41, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=37,
-                  max_position_embeddings=16, type_vocab_size=2, hidden_dropout_prob=0.0,
-                  attention_probs_dropout_prob=0.0, position_mode=mode, num_buckets=8, max_distance=12,
-                  num_labels=3, backend=backend)
+    values = dict(
+        vocab_size=41,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=37,
+        max_position_embeddings=16,
+        type_vocab_size=2,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+        position_mode=mode,
+        num_buckets=8,
+        max_distance=12,
+        num_labels=3,
+        backend=backend,
+    )
     values.update(overrides)
     return TupeBertConfig(**values)
 
@@ -51,7 +70,7 @@ def right_padded(texts, n=None):
     ids = torch.zeros(len(texts), n, dtype=torch.int64)
     mask = torch.zeros(len(texts), n, dtype=torch.int64)
     for b, t in enumerate(texts):
-        ids[b, :len(t)], mask[b, :len(t)] = t, 1
+        ids[b, : len(t)], mask[b, : len(t)] = t, 1
     return ids, mask
 
 
@@ -60,7 +79,7 @@ def left_padded(texts, n=None):
     ids = torch.zeros(len(texts), n, dtype=torch.int64)
     mask = torch.zeros(len(texts), n, dtype=torch.int64)
     for b, t in enumerate(texts):
-        ids[b, n - len(t):], mask[b, n - len(t):] = t, 1
+        ids[b, n - len(t) :], mask[b, n - len(t) :] = t, 1
     return ids, mask
 
 
@@ -72,8 +91,8 @@ def packed_rows(rows, n):
     for b, texts in enumerate(rows):
         at = 0
         for t in texts:
-            ids[b, at:at + len(t)], mask[b, at:at + len(t)] = t, 1
-            pos[b, at:at + len(t)] = torch.arange(len(t))
+            ids[b, at : at + len(t)], mask[b, at : at + len(t)] = t, 1
+            pos[b, at : at + len(t)] = torch.arange(len(t))
             at += len(t)
     return ids, mask, pos
 
@@ -87,8 +106,14 @@ def mlm_step(model, ids, mask, labels, position_ids=None, return_logits=True):
     """Loss from the MLM head and a fixed projection of every real token's hidden state; returns the output and
     every parameter gradient."""
     model.zero_grad(set_to_none=True)
-    out = model(ids, mask, labels=labels, output_hidden_states=True, position_ids=position_ids,
-                return_logits=return_logits)
+    out = model(
+        ids,
+        mask,
+        labels=labels,
+        output_hidden_states=True,
+        position_ids=position_ids,
+        return_logits=return_logits,
+    )
     g = torch.Generator().manual_seed(7)
     hid = real_rows(out.last_hidden_state, mask)
     proj = torch.randn(hid.shape, generator=g, dtype=torch.float64).to(hid.device, hid.dtype)
@@ -141,15 +166,25 @@ def test_unpadded_equals_padded(backend, device, mode, layout):
     labels[mask.bool()] = labels_for(ref_ids, ref_mask)[ref_mask.bool()]
     out, grads = mlm_step(unpadded, ids, mask, labels)
     assert_same(out.loss, ref_out.loss, "loss")
-    assert_same(real_rows(out.last_hidden_state, mask), real_rows(ref_out.last_hidden_state, ref_mask), "hidden")
+    assert_same(
+        real_rows(out.last_hidden_state, mask),
+        real_rows(ref_out.last_hidden_state, ref_mask),
+        "hidden",
+    )
     for i, (s, r) in enumerate(zip(out.hidden_states, ref_out.hidden_states)):
         assert_same(real_rows(s, mask), real_rows(r, ref_mask), f"hidden_states[{i}]")
     assert_same(real_rows(out.logits, mask), real_rows(ref_out.logits, ref_mask), "logits")
-    assert bool((out.last_hidden_state[~mask.bool()] == 0).all()), "padded slots must come back as 0"
+    assert bool((out.last_hidden_state[~mask.bool()] == 0).all()), (
+        "padded slots must come back as 0"
+    )
     assert_grads(grads, ref_grads)
     # the padded path takes a left-padded batch too (it lays the texts out as right-padded rows)
     out_p, grads_p = mlm_step(padded, ids, mask, labels)
-    assert_same(real_rows(out_p.last_hidden_state, mask), real_rows(ref_out.last_hidden_state, ref_mask), "padded")
+    assert_same(
+        real_rows(out_p.last_hidden_state, mask),
+        real_rows(ref_out.last_hidden_state, ref_mask),
+        "padded",
+    )
     assert_grads(grads_p, ref_grads)
 
 
@@ -169,7 +204,9 @@ def test_packed_row_equals_texts_run_separately(backend, device, unpad):
     labels[mask.bool()] = sep_labels[sep_mask.bool()]  # row order = text order
     out, grads = mlm_step(model, ids, mask, labels, position_ids=pos)
     ref, ref_grads = mlm_step(model, sep_ids, sep_mask, sep_labels)
-    assert_same(real_rows(out.last_hidden_state, mask), real_rows(ref.last_hidden_state, sep_mask), "hidden")
+    assert_same(
+        real_rows(out.last_hidden_state, mask), real_rows(ref.last_hidden_state, sep_mask), "hidden"
+    )
     assert_same(out.loss, ref.loss, "loss")
     assert_grads(grads, ref_grads)
     # without position_ids the same row is one text of 7 tokens: different values at B's tokens
@@ -191,7 +228,9 @@ def test_packed_classifier_and_base_model(backend, device):
         model.zero_grad(set_to_none=True)
         out = model(i, m, labels=labels)
         out.loss.backward()
-        outs.append((out, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+        outs.append(
+            (out, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+        )
     assert_same(outs[0][0].logits, outs[1][0].logits, "logits")
     assert_grads(outs[0][1], outs[1][1])
     base_u, base_p = unpadded.bert, padded.bert
@@ -218,7 +257,9 @@ def test_mlm_head_on_labelled_rows_equals_full_logits(backend, device):
     # a label at a padded slot is no target (the slot has no hidden state)
     at_pad = labels.clone()
     at_pad[1, 5] = 3
-    assert_same(model(ids, mask, labels=at_pad, position_ids=pos).loss, full.loss, "label at padding")
+    assert_same(
+        model(ids, mask, labels=at_pad, position_ids=pos).loss, full.loss, "label at padding"
+    )
 
 
 def test_tnf_mix_and_update_on_packed_rows():
@@ -233,7 +274,9 @@ def test_tnf_mix_and_update_on_packed_rows():
         notes = NoteDictionary(5, cfg.hidden_size, window=3, gamma=0.5, lam=0.5)
         model, _ = pair(TupeBertForMaskedLM, cfg, note_dictionary=notes)
         with torch.no_grad():  # notes seen before, so the mix changes the inputs
-            model.notes.notes.copy_(torch.randn(5, cfg.hidden_size, generator=torch.Generator().manual_seed(2)))
+            model.notes.notes.copy_(
+                torch.randn(5, cfg.hidden_size, generator=torch.Generator().manual_seed(2))
+            )
             model.notes.counts.fill_(1)
         models.append(model)
     slots = torch.full_like(ids, -1)
@@ -243,9 +286,13 @@ def test_tnf_mix_and_update_on_packed_rows():
     labels = labels_for(ids, mask)
     sep_labels = torch.full_like(sep_ids, -100)
     sep_labels[sep_mask.bool()] = labels[mask.bool()]
-    out = models[0](ids, mask, labels=labels, note_slots=slots, position_ids=pos, return_logits=False)
+    out = models[0](
+        ids, mask, labels=labels, note_slots=slots, position_ids=pos, return_logits=False
+    )
     ref = models[1](sep_ids, sep_mask, labels=sep_labels, note_slots=sep_slots, return_logits=False)
-    assert_same(real_rows(out.last_hidden_state, mask), real_rows(ref.last_hidden_state, sep_mask), "hidden")
+    assert_same(
+        real_rows(out.last_hidden_state, mask), real_rows(ref.last_hidden_state, sep_mask), "hidden"
+    )
     # spans (row, start, end, slot): row 0's second text starts at slot 4
     spans = torch.tensor([[0, 1, 2, 0], [0, 5, 7, 3], [1, 2, 3, 0]])
     sep_spans = torch.tensor([[0, 1, 2, 0], [1, 1, 3, 3], [2, 2, 3, 0]])
@@ -259,7 +306,9 @@ def test_tnf_mix_and_update_on_packed_rows():
     start = torch.randn(5, cfg.hidden_size, generator=torch.Generator().manual_seed(2))[3].double()
     assert_same(models[0].notes.notes[3], 0.5 * start + 0.5 * h, "slot 3 by hand")
     with pytest.raises(ValueError, match="crosses a text boundary"):
-        models[0].update_notes(out.last_hidden_state, torch.tensor([[0, 3, 5, 1]]), lengths, position_ids=pos)
+        models[0].update_notes(
+            out.last_hidden_state, torch.tensor([[0, 3, 5, 1]]), lengths, position_ids=pos
+        )
 
 
 @pytest.mark.parametrize("backend,device", CPU_CASES)
@@ -267,7 +316,9 @@ def test_multi_exit_and_early_exit_unpadded(backend, device):
     """Every exit's logits and the batched early exit of the unpadded model equal the padded model's on the same
     texts (left padding and a packed row included), and every sample equals itself run alone."""
     # "auto" on the CPU runs attention on the CPU backend (the fused distillation loss has no CPU backend)
-    cfg = config("tupe-r", "auto" if backend == "cpu" else backend, multi_exit=True, num_hidden_layers=3)
+    cfg = config(
+        "tupe-r", "auto" if backend == "cpu" else backend, multi_exit=True, num_hidden_layers=3
+    )
     unpadded, padded = pair(TupeBertForSequenceClassification, cfg)
     texts = texts_of([5, 2, 7, 1], 41, seed=11)
     ids, mask = left_padded(texts, n=8)
@@ -288,8 +339,12 @@ def test_multi_exit_and_early_exit_unpadded(backend, device):
             assert_same(one[0], logits[b], f"sample {b} alone")
     assert len(set(layer.tolist())) > 1 or True  # exits may coincide; equality above is the check
     with pytest.raises(ValueError, match=r"attention_mask\[1\] has no real token"):
-        unpadded.early_exit(ids, torch.tensor([[1] * 8, [0] * 8, [1] * 8, [1] * 8]), criterion="entropy",
-                            threshold=0.5)
+        unpadded.early_exit(
+            ids,
+            torch.tensor([[1] * 8, [0] * 8, [1] * 8, [1] * 8]),
+            criterion="entropy",
+            threshold=0.5,
+        )
 
 
 def test_packing_of_a_batch():
@@ -306,15 +361,31 @@ def test_packing_of_a_batch():
     assert p.positions.tolist() == [0, 1, 2, 0, 1, 0, 1, 0, 1]
     right = torch.tensor([[1, 1, 0], [1, 1, 1]], dtype=torch.bool)
     assert unpad_input(right, None, shape=(2, 3), device="cpu").right_padded
-    with pytest.raises(ValueError, match=r"position_ids must be 0 at the first real token.*position_ids\[2, 2\] = 5"):
-        unpad_input(mask, torch.tensor([[0, 0, 1, 2], [0, 0, 1, 0], [0, 1, 5, 1]]), shape=(3, 4), device="cpu")
+    with pytest.raises(
+        ValueError,
+        match=r"position_ids must be 0 at the first real token.*position_ids\[2, 2\] = 5",
+    ):
+        unpad_input(
+            mask,
+            torch.tensor([[0, 0, 1, 2], [0, 0, 1, 0], [0, 1, 5, 1]]),
+            shape=(3, 4),
+            device="cpu",
+        )
     with pytest.raises(ValueError, match=r"position_ids\[0, 1\] = 1"):
-        unpad_input(mask, torch.tensor([[0, 1, 2, 3], [0, 0, 1, 0], [0, 1, 2, 3]]), shape=(3, 4), device="cpu")
+        unpad_input(
+            mask,
+            torch.tensor([[0, 1, 2, 3], [0, 0, 1, 0], [0, 1, 2, 3]]),
+            shape=(3, 4),
+            device="cpu",
+        )
 
 
 def _shapes(out):
-    return {k: (tuple(v.shape) if isinstance(v, torch.Tensor) else tuple(tuple(t.shape) for t in v))
-            for k, v in out.items() if v is not None}
+    return {
+        k: (tuple(v.shape) if isinstance(v, torch.Tensor) else tuple(tuple(t.shape) for t in v))
+        for k, v in out.items()
+        if v is not None
+    }
 
 
 @pytest.mark.parametrize("unpad", [True, False], ids=["unpadded", "padded-layers"])
@@ -329,26 +400,42 @@ def test_zero_rows_give_empty_outputs(backend, device, unpad):
     h, n, c, v = cfg.hidden_size, 5, cfg.num_labels, cfg.vocab_size
     ids = torch.zeros(0, n, dtype=torch.int64)
     none = torch.zeros(0, dtype=torch.int64)
-    for extra in ({}, dict(attention_mask=ids), dict(position_ids=ids), dict(attention_mask=ids, position_ids=ids)):
+    for extra in (
+        {},
+        dict(attention_mask=ids),
+        dict(position_ids=ids),
+        dict(attention_mask=ids, position_ids=ids),
+    ):
         out = TupeBertModel(cfg)(ids, output_hidden_states=True, **extra)
-        assert _shapes(out) == {"last_hidden_state": (0, n, h), "pooler_output": (0, h),
-                                "hidden_states": ((0, n, h),) * (cfg.num_hidden_layers + 1)}, extra
+        assert _shapes(out) == {
+            "last_hidden_state": (0, n, h),
+            "pooler_output": (0, h),
+            "hidden_states": ((0, n, h),) * (cfg.num_hidden_layers + 1),
+        }, extra
     mlm = TupeBertForMaskedLM(cfg)
     assert _shapes(mlm(ids)) == {"logits": (0, n, v), "last_hidden_state": (0, n, h)}
     out = mlm(ids, labels=ids, return_logits=False)
-    assert out.logits is None and float(out.loss.detach()) == 0.0  # no target: loss 0, as for any batch without one
+    assert (
+        out.logits is None and float(out.loss.detach()) == 0.0
+    )  # no target: loss 0, as for any batch without one
     out.loss.backward()
     assert _shapes(TupeBertForSequenceClassification(cfg)(ids)) == {"logits": (0, c)}
     multi = TupeBertForSequenceClassification(cfg.replace(multi_exit=True))
-    assert _shapes(multi(ids, labels=none)) == {"loss": (), "logits": (0, c), "exit_logits": (2, 0, c)}
+    assert _shapes(multi(ids, labels=none)) == {
+        "loss": (),
+        "logits": (0, c),
+        "exit_logits": (2, 0, c),
+    }
     logits, layers = multi.eval().early_exit(ids, criterion="entropy", threshold=0.5)
     assert logits.shape == (0, c) and layers.shape == (0,)
     mc = TupeBertForMultiChoicePretraining(cfg, mask_token_id=3, num_candidates=3)
     assert _shapes(mc(ids, labels=ids))["last_hidden_state"] == (0, n, h)
     # rows that are all padding, packed or not: zeros at every slot
     rows = torch.ones(2, n, dtype=torch.int64)
-    for extra in (dict(attention_mask=torch.zeros_like(rows)),
-                  dict(attention_mask=torch.zeros_like(rows), position_ids=torch.zeros_like(rows))):
+    for extra in (
+        dict(attention_mask=torch.zeros_like(rows)),
+        dict(attention_mask=torch.zeros_like(rows), position_ids=torch.zeros_like(rows)),
+    ):
         out = TupeBertModel(cfg)(rows, **extra)
         assert out.last_hidden_state.shape == (2, n, h) and not out.last_hidden_state.any(), extra
 
@@ -368,7 +455,9 @@ def test_offsets_checked_once_per_forward(monkeypatch):
     """The model builds and checks its packing once per forward: no layer reads cu_seqlens back to check it."""
     calls = []
     real = attn_ops._check_cu_seqlens_values
-    monkeypatch.setattr(attn_ops, "_check_cu_seqlens_values", lambda *a: (calls.append(1), real(*a))[1])
+    monkeypatch.setattr(
+        attn_ops, "_check_cu_seqlens_values", lambda *a: (calls.append(1), real(*a))[1]
+    )
     model, _ = pair(TupeBertModel, config(num_hidden_layers=3))
     ids, mask = right_padded(texts_of([3, 5], 41), n=6)
     model(ids, mask)
@@ -379,8 +468,15 @@ def test_offsets_checked_once_per_forward(monkeypatch):
     assert len(calls) == 1
     # unchecked bad offsets on the eager backend: an indexing error, never a read past q
     with pytest.raises(IndexError):
-        attn_ops.tupe_attention_varlen(q, q, q, torch.tensor([0, 2, 9], dtype=torch.int32), 7, backend="eager",
-                                       check_offsets=False)
+        attn_ops.tupe_attention_varlen(
+            q,
+            q,
+            q,
+            torch.tensor([0, 2, 9], dtype=torch.int32),
+            7,
+            backend="eager",
+            check_offsets=False,
+        )
     with pytest.raises(TypeError, match="check_offsets must be a bool"):
         attn_ops.tupe_attention_varlen(q, q, q, cu, 3, backend="eager", check_offsets=1)
 
@@ -395,8 +491,10 @@ def test_compiled_model_does_not_recompile_per_total(fullgraph):
     torch._dynamo.reset()
     model, _ = pair(TupeBertModel, config("tupe-r", "eager"))
     compiled = torch.compile(model, backend="eager", fullgraph=fullgraph)
-    batches = [right_padded(texts_of(lengths, 41, seed=i), n=8) for i, lengths in
-               enumerate(([5, 3], [8, 2], [1, 6]))]
+    batches = [
+        right_padded(texts_of(lengths, 41, seed=i), n=8)
+        for i, lengths in enumerate(([5, 3], [8, 2], [1, 6]))
+    ]
     with torch.no_grad():
         first = compiled(*batches[0]).last_hidden_state
         assert_same(first, model(*batches[0]).last_hidden_state, "compiled")

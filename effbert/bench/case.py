@@ -24,6 +24,7 @@ class Case:
     ``format_params(params)`` unless given (a label with words, such as "real lengths", is given).
     Raises ``ValueError`` when both are empty and ``TypeError`` for params that are not a dict with
     str keys."""
+
     op: str
     shape: str = ""
     params: dict = field(default_factory=dict)
@@ -37,7 +38,9 @@ class Case:
     flops: float  # the fewest floating-point operations the op needs (0 when memory-bound by construction)
     rtol: float = 1e-4
     skip_reasons: List[str] = field(default_factory=list)
-    baseline: str = ""  # the provider speed-ups are quoted against within this (op, shape, dtype, mode)
+    baseline: str = (
+        ""  # the provider speed-ups are quoted against within this (op, shape, dtype, mode)
+    )
     check: bool = True  # compare against the reference before timing
     tokens: int = 0  # tokens one call processes: end-to-end cases also report tokens/s
     note: str = ""  # what the row measured beyond its shape (an early-exit threshold and the layers it saved)
@@ -45,7 +48,9 @@ class Case:
     # its padded positions): the TFLOP/s and GB/s columns are rates of this work, "% of floor" stays the op's
     work_flops: Optional[float] = None
     work_bytes: Optional[int] = None
-    ratio_target: float = 0.0  # when set, the note gives this row's time over its baseline's against this target
+    ratio_target: float = (
+        0.0  # when set, the note gives this row's time over its baseline's against this target
+    )
     # when set, the check is the largest absolute difference from ``reference`` (a peer runtime against transformers'
     # eager output, in the same precision), given in the row's note; the row fails above it
     atol: Optional[float] = None
@@ -59,8 +64,9 @@ class Case:
             raise TypeError(f"params must be a dict with str keys, got {self.params!r:.80}")
         if not self.shape:
             if not self.params:
-                raise ValueError(f"a Case needs params or a shape label, got neither for op "
-                                 f"{self.op!r}")
+                raise ValueError(
+                    f"a Case needs params or a shape label, got neither for op {self.op!r}"
+                )
             self.shape = format_params(self.params)
 
     def matches(self, wanted):
@@ -130,13 +136,18 @@ def quick_cases(family, device=None, op=None):
 
     if device is None:
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return [c for c in family.cases(device, quick=True)
-            if not c.skip_reasons and (op is None or c.op == op)]
+    return [
+        c
+        for c in family.cases(device, quick=True)
+        if not c.skip_reasons and (op is None or c.op == op)
+    ]
 
 
 def case_id(case):
     """A pytest id for ``case``: op, shape, dtype, mode and provider."""
-    return "-".join(str(v) for v in (case.op, case.shape, case.dtype, case.mode, case.provider) if v)
+    return "-".join(
+        str(v) for v in (case.op, case.shape, case.dtype, case.mode, case.provider) if v
+    )
 
 
 def run_benchmark(benchmark, case):

@@ -23,9 +23,21 @@ from ..ops import notes as notes_ops
 from ..ops import position_bias as bias_ops
 from ..reference.compare import Comparison, compare
 
-__all__ = ["CheckRow", "ALL_DTYPES", "CHECKS", "KERNEL_MODULES", "TRITON_OPS", "check_exit_entropy",
-           "check_tupe", "check_exit_decision", "check_multi_exit_loss", "check_notes",
-           "check_mc_bert", "install_problems", "missing_gpu_rows"]
+__all__ = [
+    "CheckRow",
+    "ALL_DTYPES",
+    "CHECKS",
+    "KERNEL_MODULES",
+    "TRITON_OPS",
+    "check_exit_entropy",
+    "check_tupe",
+    "check_exit_decision",
+    "check_multi_exit_loss",
+    "check_notes",
+    "check_mc_bert",
+    "install_problems",
+    "missing_gpu_rows",
+]
 
 ALL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -34,6 +46,7 @@ class CheckRow(NamedTuple):
     """One line of the table: the op, the backend, the device type, the dtype's name, the shape
     label, the relative error and the bound it is held to; ``comparison``: the worst output's
     comparison (its index and both values), None where a row has none to give."""
+
     op: str
     backend: str
     device: str
@@ -47,8 +60,16 @@ class CheckRow(NamedTuple):
 def _row(op, backend, device, dtype, shape, *comparisons):
     """The row of the worst of ``comparisons`` (a failing one first, then the largest error)."""
     worst = max(comparisons, key=lambda c: (not c.ok, c.error))
-    return CheckRow(op, backend, device.type, str(dtype).replace("torch.", ""), shape, worst.error,
-                    worst.bound, worst)
+    return CheckRow(
+        op,
+        backend,
+        device.type,
+        str(dtype).replace("torch.", ""),
+        shape,
+        worst.error,
+        worst.bound,
+        worst,
+    )
 
 
 def _exact(what, out, want):
@@ -97,10 +118,18 @@ def check_exit_entropy(quick=False):
                     if not _serviceable(lambda: early_exit_ops.entropy_backend(x, backend)):
                         continue
                     out = early_exit_ops.entropy_into(
-                        backend, x, torch.full((shape[0],), float("nan"), device=device))
-                    rows.append(_row("exit_entropy", backend, device, dtype,
-                                     "x".join(map(str, shape)),
-                                     compare(out, ref, rtol=_tol(device), what="entropy")))
+                        backend, x, torch.full((shape[0],), float("nan"), device=device)
+                    )
+                    rows.append(
+                        _row(
+                            "exit_entropy",
+                            backend,
+                            device,
+                            dtype,
+                            "x".join(map(str, shape)),
+                            compare(out, ref, rtol=_tol(device), what="entropy"),
+                        )
+                    )
     return rows
 
 
@@ -110,8 +139,13 @@ def _tupe_inputs(device, b, n, h, d):
     cls = torch.randn(h, dtype=torch.float64, device=device)
     q, k, v = (torch.randn(b, n, h, d, dtype=torch.float64, device=device) for _ in range(3))
     mask = torch.arange(n, device=device)[None, :] < torch.tensor([[n], [50], [1]], device=device)
-    kw = dict(scale=(2 * d) ** -0.5, rel_table=table, cls_row=cls, cls_col=-cls,
-              rel_buckets=reference.t5_relative_buckets(n, device=device))
+    kw = dict(
+        scale=(2 * d) ** -0.5,
+        rel_table=table,
+        cls_row=cls,
+        cls_col=-cls,
+        rel_buckets=reference.t5_relative_buckets(n, device=device),
+    )
     return pq, pk, q, k, v, mask, kw
 
 
@@ -124,29 +158,63 @@ def check_tupe(quick=False):
         pq, pk, q, k, v, mask, kw = _tupe_inputs(device, b, n, h, d)
         pos_ref = reference.tupe_position_bias(pq, pk, **kw)
         att_ref = reference.tupe_attention(q, k, v, pos_ref, attention_mask=mask, scale=kw["scale"])
-        for dtype in _dtypes((torch.float32, torch.bfloat16), quick,
-                             torch.bfloat16 if device.type == "cuda" else torch.float32):
+        for dtype in _dtypes(
+            (torch.float32, torch.bfloat16),
+            quick,
+            torch.bfloat16 if device.type == "cuda" else torch.float32,
+        ):
             tol = _tol(device) if dtype == torch.float32 else 3e-2
             for backend in ("triton", "eager"):
                 low = lambda t: t.to(dtype)  # noqa: E731
                 if not _serviceable(lambda: bias_ops.position_bias_backend(low(pq), backend)):
                     continue
-                pos = effbert_ops.tupe_position_bias(low(pq), low(pk), backend=backend, **dict(
-                    kw, rel_table=low(kw["rel_table"]), cls_row=low(kw["cls_row"]),
-                    cls_col=low(kw["cls_col"])))
-                rows.append(_row("tupe_position_bias", backend, device, dtype, f"{n}x{h}x{d}",
-                                 compare(pos, pos_ref, rtol=tol, what="P")))
+                pos = effbert_ops.tupe_position_bias(
+                    low(pq),
+                    low(pk),
+                    backend=backend,
+                    **dict(
+                        kw,
+                        rel_table=low(kw["rel_table"]),
+                        cls_row=low(kw["cls_row"]),
+                        cls_col=low(kw["cls_col"]),
+                    ),
+                )
+                rows.append(
+                    _row(
+                        "tupe_position_bias",
+                        backend,
+                        device,
+                        dtype,
+                        f"{n}x{h}x{d}",
+                        compare(pos, pos_ref, rtol=tol, what="P"),
+                    )
+                )
                 if not _serviceable(lambda: attention_ops.attention_backend(low(q), backend)):
                     continue
-                out = effbert_ops.tupe_attention(low(q), low(k), low(v), pos_ref.float(),
-                                                 attention_mask=mask, scale=kw["scale"],
-                                                 backend=backend)
-                rows.append(_row("tupe_attention", backend, device, dtype, f"{b}x{n}x{h}x{d}",
-                                 compare(out, att_ref, rtol=tol, what="attention")))
+                out = effbert_ops.tupe_attention(
+                    low(q),
+                    low(k),
+                    low(v),
+                    pos_ref.float(),
+                    attention_mask=mask,
+                    scale=kw["scale"],
+                    backend=backend,
+                )
+                rows.append(
+                    _row(
+                        "tupe_attention",
+                        backend,
+                        device,
+                        dtype,
+                        f"{b}x{n}x{h}x{d}",
+                        compare(out, att_ref, rtol=tol, what="attention"),
+                    )
+                )
     return rows
 
 
 # ---- batched early exit ----
+
 
 def _decision_results(exits, cnt, criterion, out_layer, nxt, count, st_cnt):
     """The exact comparisons of one fused decision with the reference's: which rows exited, the
@@ -169,16 +237,23 @@ def check_exit_decision(quick=False):
     rows = []
     for device in _devices():
         for dtype in _dtypes(ALL_DTYPES, quick):
-            for criterion, kw in (("entropy", dict(threshold=0.5)),
-                                  ("max_prob", dict(threshold=0.6)),
-                                  ("patience", dict(patience=1))):
+            for criterion, kw in (
+                ("entropy", dict(threshold=0.5)),
+                ("max_prob", dict(threshold=0.6)),
+                ("patience", dict(patience=1)),
+            ):
                 batch, c = 97, 3
                 x = (torch.randn(batch, c) * 2).to(dtype)
                 x[5, 1] = float("nan")  # never exits early
                 prev = torch.randint(0, c, (batch,)).float()
                 exits, _, cnt = reference.exit_decision(
-                    x.double(), 2, criterion, prev=prev.double(),
-                    counter=torch.zeros(batch, dtype=torch.long), **kw)
+                    x.double(),
+                    2,
+                    criterion,
+                    prev=prev.double(),
+                    counter=torch.zeros(batch, dtype=torch.long),
+                    **kw,
+                )
                 for backend in ("cuda", "triton", "cpu", "eager"):
                     xd = x.to(device)
                     if not _serviceable(lambda: early_exit_ops.decision_backend(xd, backend)):
@@ -187,14 +262,38 @@ def check_exit_decision(quick=False):
                     st_prev, st_cnt = prev.clone().to(device), torch.zeros(batch, **i32)  # in place
                     out_logits = torch.full((batch, c), float("nan"), dtype=dtype, device=device)
                     out_layer = torch.zeros(batch, **i32)
-                    nxt, loc, count = (torch.zeros(batch, **i32), torch.zeros(batch, **i32),
-                                       torch.zeros(1, **i32))
-                    early_exit_ops.exit_decision(xd, torch.arange(batch, **i32), st_prev, st_cnt,
-                                                 out_logits, out_layer, nxt, loc, count, layer=2,
-                                                 criterion=criterion, backend=backend, **kw)
-                    rows.append(_row("exit_decision", backend, device, dtype,
-                                     f"{batch}x{c},{criterion}", *_decision_results(
-                                         exits, cnt, criterion, out_layer, nxt, count, st_cnt)))
+                    nxt, loc, count = (
+                        torch.zeros(batch, **i32),
+                        torch.zeros(batch, **i32),
+                        torch.zeros(1, **i32),
+                    )
+                    early_exit_ops.exit_decision(
+                        xd,
+                        torch.arange(batch, **i32),
+                        st_prev,
+                        st_cnt,
+                        out_logits,
+                        out_layer,
+                        nxt,
+                        loc,
+                        count,
+                        layer=2,
+                        criterion=criterion,
+                        backend=backend,
+                        **kw,
+                    )
+                    rows.append(
+                        _row(
+                            "exit_decision",
+                            backend,
+                            device,
+                            dtype,
+                            f"{batch}x{c},{criterion}",
+                            *_decision_results(
+                                exits, cnt, criterion, out_layer, nxt, count, st_cnt
+                            ),
+                        )
+                    )
     return rows
 
 
@@ -216,9 +315,17 @@ def check_multi_exit_loss(quick=False):
             loss = early_exit_ops.multi_exit_distillation_loss(z1, y, backend=backend)
             loss.backward()
             tol = _tol(device)
-            rows.append(_row("multi_exit_loss", backend, device, torch.float32, "4x33x5",
-                             compare(loss, ref, rtol=tol, what="loss"),
-                             compare(z1.grad, z64.grad, rtol=tol, what="gradient")))
+            rows.append(
+                _row(
+                    "multi_exit_loss",
+                    backend,
+                    device,
+                    torch.float32,
+                    "4x33x5",
+                    compare(loss, ref, rtol=tol, what="loss"),
+                    compare(z1.grad, z64.grad, rtol=tol, what="gradient"),
+                )
+            )
     return rows
 
 
@@ -227,8 +334,18 @@ def _notes_inputs(device, dtype, B, N, D, S):
     notes = torch.randn(S, D, device=device)
     slots = torch.randint(-1, S, (B, N), device=device)
     lengths = torch.tensor([97, 50, 1, 97, 80], device=device)
-    spans = torch.tensor([[0, 0, 3, 2], [1, 47, 50, 2], [2, 0, 1, 7], [3, 90, 97, 2],
-                          [4, 10, 11, 0], [0, 40, 42, 7], [3, 5, 9, 2]], device=device)
+    spans = torch.tensor(
+        [
+            [0, 0, 3, 2],
+            [1, 47, 50, 2],
+            [2, 0, 1, 7],
+            [3, 90, 97, 2],
+            [4, 10, 11, 0],
+            [0, 40, 42, 7],
+            [3, 5, 9, 2],
+        ],
+        device=device,
+    )
     counts0 = torch.tensor([0, 1, 3, 0, 0, 0, 0, 0, 0, 0, 0], device=device)
     return x, notes, slots, lengths, spans, counts0
 
@@ -244,21 +361,39 @@ def check_notes(quick=False):
             x, notes, slots, lengths, spans, counts0 = _notes_inputs(device, dtype, B, N, D, S)
             mix_ref = reference.note_mix(x.double(), notes.double(), slots, 0.5)
             n64, c64 = notes.double().cpu(), counts0.clone().cpu()
-            reference.note_update_(n64, c64, x.double().cpu(), spans.cpu(), window=16, gamma=0.1,
-                                   lengths=lengths.cpu())
+            reference.note_update_(
+                n64, c64, x.double().cpu(), spans.cpu(), window=16, gamma=0.1, lengths=lengths.cpu()
+            )
             lowp = None if dtype == torch.float32 else reference.note_mix(x, notes, slots, 0.5)
             for backend in ("cuda", "triton", "cpu", "eager"):
                 if not _serviceable(lambda: notes_ops.mix_backend(x, notes, backend)):
                     continue
-                out = notes_ops.mix_into(backend, x, notes, slots, 0.5,
-                                         torch.full_like(x, float("nan")))
-                rows.append(_row("note_mix", backend, device, dtype, f"{B}x{N}x{D}",
-                                 compare(out, mix_ref, rtol=tol, lowp_eager=lowp, what="mix")))
+                out = notes_ops.mix_into(
+                    backend, x, notes, slots, 0.5, torch.full_like(x, float("nan"))
+                )
+                rows.append(
+                    _row(
+                        "note_mix",
+                        backend,
+                        device,
+                        dtype,
+                        f"{B}x{N}x{D}",
+                        compare(out, mix_ref, rtol=tol, lowp_eager=lowp, what="mix"),
+                    )
+                )
                 upd, cnt = notes.clone(), counts0.clone()
                 notes_ops.update_into(backend, upd, cnt, x, spans, 16, 0.1, lengths)
-                rows.append(_row("note_update_", backend, device, dtype, f"{B}x{N}x{D}",
-                                 _exact("counts", cnt.cpu(), c64),
-                                 compare(upd, n64, rtol=tol, what="notes")))
+                rows.append(
+                    _row(
+                        "note_update_",
+                        backend,
+                        device,
+                        dtype,
+                        f"{B}x{N}x{D}",
+                        _exact("counts", cnt.cpu(), c64),
+                        compare(upd, n64, rtol=tol, what="notes"),
+                    )
+                )
     return rows
 
 
@@ -278,10 +413,21 @@ def _mc_loss_rows(device, dtype, rows):
         leaves = [t.clone().requires_grad_() for t in (h, e, b)]
         out = effbert_ops.mc_candidate_loss(*leaves, c, y, backend=backend)
         out.backward()
-        grads = [compare(t.grad, r.grad, rtol=low, what=f"d{name}")
-                 for t, r, name in zip(leaves, ref_in, ("hidden", "embeddings", "bias"))]
-        rows.append(_row("mc_candidate_loss", backend, device, dtype, f"{M}x{K}x{D}",
-                         compare(out, ref, rtol=low, what="loss"), *grads))
+        grads = [
+            compare(t.grad, r.grad, rtol=low, what=f"d{name}")
+            for t, r, name in zip(leaves, ref_in, ("hidden", "embeddings", "bias"))
+        ]
+        rows.append(
+            _row(
+                "mc_candidate_loss",
+                backend,
+                device,
+                dtype,
+                f"{M}x{K}x{D}",
+                compare(out, ref, rtol=low, what="loss"),
+                *grads,
+            )
+        )
 
 
 def _mc_sample_rows(device, rows, K=10):
@@ -294,19 +440,42 @@ def _mc_sample_rows(device, rows, K=10):
         freq = torch.bincount(draws.reshape(-1).cpu(), minlength=6).double() / draws.numel()
         bound = float(5 * (p * (1 - p) / draws.numel()).sqrt().max())
         i = int((freq - p).abs().argmax())
-        rows.append(_row("mc_sample (freq.)", backend, device, torch.float32, "64x6x40",
-                         Comparison("frequency", float((freq - p).abs().max()), bound, (i,),
-                                    float(freq[i]), float(p[i]))))
+        rows.append(
+            _row(
+                "mc_sample (freq.)",
+                backend,
+                device,
+                torch.float32,
+                "64x6x40",
+                Comparison(
+                    "frequency",
+                    float((freq - p).abs().max()),
+                    bound,
+                    (i,),
+                    float(freq[i]),
+                    float(p[i]),
+                ),
+            )
+        )
         if backend == "triton":
             x = torch.randn(33, 257, device=device)
             seed = mc_ops.new_seed(device)
             from ..kernels import mc_bert as mc_kernels  # the op draws its own seed: a known one
 
-            out = mc_kernels.mc_sample(x, K, seed,
-                                       torch.full((33, K), -7, dtype=torch.int64, device=device))
+            out = mc_kernels.mc_sample(
+                x, K, seed, torch.full((33, K), -7, dtype=torch.int64, device=device)
+            )
             want = reference.mc_sample_gumbel(x, K, int(seed))
-            rows.append(_row("mc_sample (bits)", backend, device, torch.float32, f"33x257x{K}",
-                             _exact("draws", out.cpu(), want)))
+            rows.append(
+                _row(
+                    "mc_sample (bits)",
+                    backend,
+                    device,
+                    torch.float32,
+                    f"33x257x{K}",
+                    _exact("draws", out.cpu(), want),
+                )
+            )
 
 
 def check_mc_bert(quick=False):
@@ -321,14 +490,28 @@ def check_mc_bert(quick=False):
     return rows
 
 
-CHECKS = [check_exit_entropy, check_tupe, check_notes, check_exit_decision, check_multi_exit_loss,
-          check_mc_bert]
+CHECKS = [
+    check_exit_entropy,
+    check_tupe,
+    check_notes,
+    check_exit_decision,
+    check_multi_exit_loss,
+    check_mc_bert,
+]
 
 # the ops each check covers: on a GPU every one must have a Triton row on cuda, or the install is
 # not serving
 KERNEL_MODULES = ("tupe_attention", "position_bias", "notes", "early_exit", "mc_bert")
-TRITON_OPS = ("exit_entropy", "tupe_position_bias", "tupe_attention", "note_mix", "note_update_",
-              "exit_decision", "multi_exit_loss", "mc_candidate_loss")
+TRITON_OPS = (
+    "exit_entropy",
+    "tupe_position_bias",
+    "tupe_attention",
+    "note_mix",
+    "note_update_",
+    "exit_decision",
+    "multi_exit_loss",
+    "mc_candidate_loss",
+)
 
 
 def install_problems():
@@ -345,9 +528,11 @@ def install_problems():
             try:
                 importlib.import_module(f"effbert.kernels.{name}")
             except Exception as exc:  # noqa: BLE001 - whatever breaks the import: unfit
-                problems.append(f"the Triton kernels cannot be imported (effbert.kernels.{name}: "
-                                f"{type(exc).__name__}: {exc}); reinstall effbert "
-                                "(pip install -e .)")
+                problems.append(
+                    f"the Triton kernels cannot be imported (effbert.kernels.{name}: "
+                    f"{type(exc).__name__}: {exc}); reinstall effbert "
+                    "(pip install -e .)"
+                )
                 break
     from .. import _ext
 

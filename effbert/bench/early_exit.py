@@ -64,17 +64,28 @@ def cases(device, quick):
                     reasons = provider_reasons(lambda b=backend, p=probe: ops.entropy_backend(p, b))
                 if name == "torch.compile" and device.type == "cpu" and quick:
                     reasons = ["skipped in --quick on the CPU (compile time dominates)"]
-                out.append(Case(
-                    op="exit_entropy", params={"B": rows, "C": cols},
-                    dtype=str(dtype).replace("torch.", ""),
-                    mode="forward", provider=name, fn=fn, make_inputs=make_inputs,
-                    reference=lambda x: reference.exit_entropy(x.double()), bytes=nbytes, flops=0,
-                    rtol=1e-4, skip_reasons=reasons, baseline="torch",
-                ))
+                out.append(
+                    Case(
+                        op="exit_entropy",
+                        params={"B": rows, "C": cols},
+                        dtype=str(dtype).replace("torch.", ""),
+                        mode="forward",
+                        provider=name,
+                        fn=fn,
+                        make_inputs=make_inputs,
+                        reference=lambda x: reference.exit_entropy(x.double()),
+                        bytes=nbytes,
+                        flops=0,
+                        rtol=1e-4,
+                        skip_reasons=reasons,
+                        baseline="torch",
+                    )
+                )
     return out
 
 
 # ---- the fused exit decision ----
+
 
 def decision_cases(device, quick):
     if device.type == "cuda":
@@ -88,7 +99,10 @@ def decision_cases(device, quick):
         for dtype in dtypes:
             # entropy at layer 3: about half the rows exit. patience at layer 1: every row's state is rewritten and
             # nobody can exit yet; both are fixed points, so every repeat does the same work.
-            for criterion, kw, layer in (("entropy", dict(threshold=0.3), 3), ("patience", dict(patience=2), 1)):
+            for criterion, kw, layer in (
+                ("entropy", dict(threshold=0.3), 3),
+                ("patience", dict(patience=2), 1),
+            ):
                 out += _decision_cases_for(device, rows, cols, dtype, criterion, kw, layer)
     return out
 
@@ -105,8 +119,13 @@ def _decision_inputs(device, rows, cols, dtype, criterion, kw):
     ids = torch.arange(rows, **i32)
     prev = torch.where(sure, 0.0, float("nan")).to(device)
     counter = sure.to(torch.int32).to(device)
-    bufs = (torch.full((rows, cols), float("nan"), dtype=dtype, device=device), torch.zeros(rows, **i32),
-            torch.zeros(rows, **i32), torch.zeros(rows, **i32), torch.zeros(1, **i32))
+    bufs = (
+        torch.full((rows, cols), float("nan"), dtype=dtype, device=device),
+        torch.zeros(rows, **i32),
+        torch.zeros(rows, **i32),
+        torch.zeros(rows, **i32),
+        torch.zeros(1, **i32),
+    )
     return (x, ids, prev, counter) + bufs
 
 
@@ -124,14 +143,34 @@ def _decision_cases_for(device, rows, cols, dtype, criterion, kw, layer):
 
     def run(backend):
         def fn(x, ids, prev, counter, out_logits, out_layer, next_rows, next_local, count):
-            ops.exit_decision(x, ids, prev, counter, out_logits, out_layer, next_rows, next_local, count, layer=layer,
-                              criterion=criterion, backend=backend, **kw)
+            ops.exit_decision(
+                x,
+                ids,
+                prev,
+                counter,
+                out_logits,
+                out_layer,
+                next_rows,
+                next_local,
+                count,
+                layer=layer,
+                criterion=criterion,
+                backend=backend,
+                **kw,
+            )
             return count
+
         return fn
 
     def reference_count(x, ids, prev, counter, *_):
-        exits, _, _ = reference.exit_decision(x.double().cpu(), layer, criterion, prev=prev.double().cpu(),
-                                              counter=counter.long().cpu(), **kw)
+        exits, _, _ = reference.exit_decision(
+            x.double().cpu(),
+            layer,
+            criterion,
+            prev=prev.double().cpu(),
+            counter=counter.long().cpu(),
+            **kw,
+        )
         return torch.tensor([float((~exits).sum())], dtype=torch.float64)
 
     probe = make_inputs()
@@ -157,25 +196,42 @@ def _decision_cases_for(device, rows, cols, dtype, criterion, kw, layer):
         count.fill_(keep.numel())
         return count
 
-    providers = {"effbert-cuda": run("cuda"), "effbert-triton": run("triton"), "effbert-cpu": run("cpu"),
-                 "eager-reference": run("eager"), "torch": plain_torch}
+    providers = {
+        "effbert-cuda": run("cuda"),
+        "effbert-triton": run("triton"),
+        "effbert-cpu": run("cpu"),
+        "eager-reference": run("eager"),
+        "torch": plain_torch,
+    }
     out = []
     for name, fn in providers.items():
         reasons = []
         if name.startswith("effbert-"):
             backend = name.split("-", 1)[1]
             reasons = provider_reasons(lambda b=backend: ops.decision_backend(probe[0][:1], b))
-        out.append(Case(
-            op="exit_decision", shape=f"R={rows},C={cols},{criterion},layer={layer}",
-            params={"R": rows, "C": cols, "criterion": criterion, "layer": layer},
-            dtype=str(dtype).replace("torch.", ""),
-            mode="forward", provider=name, fn=fn, make_inputs=make_inputs, reference=reference_count,
-            bytes=nbytes, flops=0, rtol=0.0, skip_reasons=reasons, baseline="torch",
-        ))
+        out.append(
+            Case(
+                op="exit_decision",
+                shape=f"R={rows},C={cols},{criterion},layer={layer}",
+                params={"R": rows, "C": cols, "criterion": criterion, "layer": layer},
+                dtype=str(dtype).replace("torch.", ""),
+                mode="forward",
+                provider=name,
+                fn=fn,
+                make_inputs=make_inputs,
+                reference=reference_count,
+                bytes=nbytes,
+                flops=0,
+                rtol=0.0,
+                skip_reasons=reasons,
+                baseline="torch",
+            )
+        )
     return out
 
 
 # ---- end-to-end batched early-exit inference of a 12-layer BERT-base-sized encoder ----
+
 
 class _PlanKeepingLayer(torch.nn.Module):
     """A torch.nn.TransformerEncoderLayer that carries one element (token 0, last channel) through unchanged: the
@@ -187,7 +243,9 @@ class _PlanKeepingLayer(torch.nn.Module):
         self.layer = layer
 
     def forward(self, hidden, attention_mask=None):
-        out = self.layer(hidden, src_key_padding_mask=None if attention_mask is None else ~attention_mask)
+        out = self.layer(
+            hidden, src_key_padding_mask=None if attention_mask is None else ~attention_mask
+        )
         out[:, 0, -1] = hidden[:, 0, -1]
         return out
 
@@ -232,10 +290,19 @@ def _encoder(device, dtype, dm, heads, dff, depth):
         from ..nn import MultiExitEncoder
 
         torch.manual_seed(0)
-        layers = [_PlanKeepingLayer(torch.nn.TransformerEncoderLayer(dm, heads, dff, dropout=0.0, activation="gelu",
-                                                                     batch_first=True)) for _ in range(depth)]
-        _ENCODERS[key] = MultiExitEncoder(layers, [_SyntheticOffRamp(dm, i) for i in range(depth)]).to(
-            device=device, dtype=dtype).eval()
+        layers = [
+            _PlanKeepingLayer(
+                torch.nn.TransformerEncoderLayer(
+                    dm, heads, dff, dropout=0.0, activation="gelu", batch_first=True
+                )
+            )
+            for _ in range(depth)
+        ]
+        _ENCODERS[key] = (
+            MultiExitEncoder(layers, [_SyntheticOffRamp(dm, i) for i in range(depth)])
+            .to(device=device, dtype=dtype)
+            .eval()
+        )
     return _ENCODERS[key]
 
 
@@ -263,7 +330,9 @@ def e2e_cases(device, quick):
 
             def batched(hidden, backend="auto"):
                 enc = _encoder(device, dtype, dm, heads, dff, depth)
-                return enc.early_exit(hidden, criterion="max_prob", threshold=threshold, backend=backend)[0]
+                return enc.early_exit(
+                    hidden, criterion="max_prob", threshold=threshold, backend=backend
+                )[0]
 
             def batched_triton(hidden):
                 return batched(hidden, "triton")
@@ -278,27 +347,48 @@ def e2e_cases(device, quick):
             def loop(hidden):
                 enc = _encoder(device, dtype, dm, heads, dff, depth)
                 with torch.no_grad():
-                    return reference.early_exit_loop(enc.layers, enc.heads, hidden, criterion="max_prob",
-                                                     threshold=threshold)[0]
+                    return reference.early_exit_loop(
+                        enc.layers, enc.heads, hidden, criterion="max_prob", threshold=threshold
+                    )[0]
 
             flops = float(plan.sum()) * _layer_flops(seq, dm, dff)
             weights = 4 * dm * dm + 2 * dm * dff
             nbytes = int(plan.max()) * weights * dtype.itemsize + batch * seq * dm * dtype.itemsize
             params = {"B": batch, "N": seq, "L": depth, "avg_exit": avg}
-            for name, fn, check in (("effbert-batched", batched, True), ("effbert-batched-triton", batched_triton, True),
-                                    ("full-depth", full_depth, False), ("batch-1-loop", loop, False)):
+            for name, fn, check in (
+                ("effbert-batched", batched, True),
+                ("effbert-batched-triton", batched_triton, True),
+                ("full-depth", full_depth, False),
+                ("batch-1-loop", loop, False),
+            ):
                 reasons = []
-                if name == "effbert-batched-triton":  # the decision on Triton instead of the auto pick (CUDA C++)
+                if (
+                    name == "effbert-batched-triton"
+                ):  # the decision on Triton instead of the auto pick (CUDA C++)
                     probe = torch.empty(1, 2, device=device, dtype=torch.float32)
                     reasons = provider_reasons(lambda p=probe: ops.decision_backend(p, "triton"))
                 if name == "batch-1-loop" and device.type == "cuda" and batch == 256 and avg != 6:
-                    reasons = ["the batch-1 loop at B=256 runs at avg_exit=6 only (it takes seconds per call)"]
-                out.append(Case(
-                    op="early_exit_inference", params=params,
-                    dtype=str(dtype).replace("torch.", ""), mode="forward",
-                    provider=name, fn=fn, make_inputs=make_inputs, reference=loop, bytes=nbytes, flops=flops,
-                    rtol=1e-2, skip_reasons=reasons, baseline="full-depth", check=check,
-                ))
+                    reasons = [
+                        "the batch-1 loop at B=256 runs at avg_exit=6 only (it takes seconds per call)"
+                    ]
+                out.append(
+                    Case(
+                        op="early_exit_inference",
+                        params=params,
+                        dtype=str(dtype).replace("torch.", ""),
+                        mode="forward",
+                        provider=name,
+                        fn=fn,
+                        make_inputs=make_inputs,
+                        reference=loop,
+                        bytes=nbytes,
+                        flops=flops,
+                        rtol=1e-2,
+                        skip_reasons=reasons,
+                        baseline="full-depth",
+                        check=check,
+                    )
+                )
     return out
 
 

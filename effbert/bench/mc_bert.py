@@ -54,8 +54,12 @@ def _train(fn):
 
 def _loss_cases(device, shapes, dtypes):
     providers = {
-        "effbert-triton": _train(lambda h, e, b, c, y: effbert.mc_candidate_loss(h, e, b, c, y, backend="triton")),
-        "eager-reference": _train(lambda h, e, b, c, y: effbert.mc_candidate_loss(h, e, b, c, y, backend="eager")),
+        "effbert-triton": _train(
+            lambda h, e, b, c, y: effbert.mc_candidate_loss(h, e, b, c, y, backend="triton")
+        ),
+        "eager-reference": _train(
+            lambda h, e, b, c, y: effbert.mc_candidate_loss(h, e, b, c, y, backend="eager")
+        ),
         "torch": _train(plain_torch_loss),
         "mlm-head": _train(mlm_head_loss),
     }
@@ -71,26 +75,44 @@ def _loss_cases(device, shapes, dtypes):
             nbytes = 2 * m * d * size + 2 * distinct * d * size + 8 * m * K + 8 * m
 
             def make_inputs(m=m, d=d, v=v, dtype=dtype, cand_cpu=cand_cpu, labels_cpu=labels_cpu):
-                return (torch.randn(m, d, device=device, dtype=dtype),
-                        (torch.randn(v, d, device=device) * 0.05).to(dtype), torch.randn(v, device=device),
-                        cand_cpu.to(device), labels_cpu.to(device))
+                return (
+                    torch.randn(m, d, device=device, dtype=dtype),
+                    (torch.randn(v, d, device=device) * 0.05).to(dtype),
+                    torch.randn(v, device=device),
+                    cand_cpu.to(device),
+                    labels_cpu.to(device),
+                )
 
             for name, fn in providers.items():
                 reasons = []
                 if name.startswith("effbert-"):
                     probe = torch.empty(1, 1, device=device, dtype=dtype)
                     reasons = provider_reasons(
-                        lambda: ops.loss_backend(probe, probe, torch.empty(1, device=device), "triton"))
+                        lambda: ops.loss_backend(
+                            probe, probe, torch.empty(1, device=device), "triton"
+                        )
+                    )
                 flops = 6.0 * m * K * d if name != "mlm-head" else 6.0 * m * v * d
-                out.append(Case(
-                    op="mc_candidate_loss", params={"M": m, "K": K, "D": d, "V": v},
-                    dtype=str(dtype).replace("torch.", ""),
-                    mode="forward+backward", provider=name, fn=fn, make_inputs=make_inputs,
-                    reference=lambda h, e, b, c, y: reference.mc_candidate_loss(h.double(), e.double(), b.double(),
-                                                                                c, y),
-                    bytes=nbytes, flops=flops, rtol=1e-2 if dtype != torch.float32 else 1e-4, skip_reasons=reasons,
-                    baseline="torch", check=name != "mlm-head",
-                ))
+                out.append(
+                    Case(
+                        op="mc_candidate_loss",
+                        params={"M": m, "K": K, "D": d, "V": v},
+                        dtype=str(dtype).replace("torch.", ""),
+                        mode="forward+backward",
+                        provider=name,
+                        fn=fn,
+                        make_inputs=make_inputs,
+                        reference=lambda h, e, b, c, y: reference.mc_candidate_loss(
+                            h.double(), e.double(), b.double(), c, y
+                        ),
+                        bytes=nbytes,
+                        flops=flops,
+                        rtol=1e-2 if dtype != torch.float32 else 1e-4,
+                        skip_reasons=reasons,
+                        baseline="torch",
+                        check=name != "mlm-head",
+                    )
+                )
     return out
 
 
@@ -112,12 +134,23 @@ def _sample_cases(device, shapes, dtypes):
                 if name.startswith("effbert-"):
                     probe = torch.empty(1, 1, device=device, dtype=dtype)
                     reasons = provider_reasons(lambda: ops.sample_backend(probe, "triton"))
-                out.append(Case(
-                    op="mc_sample", params={"M": m, "V": v, "K": K},
-                    dtype=str(dtype).replace("torch.", ""),
-                    mode="forward", provider=name, fn=fn, make_inputs=make_inputs, reference=lambda x: None,
-                    bytes=nbytes, flops=0, skip_reasons=reasons, baseline="torch", check=False,
-                ))
+                out.append(
+                    Case(
+                        op="mc_sample",
+                        params={"M": m, "V": v, "K": K},
+                        dtype=str(dtype).replace("torch.", ""),
+                        mode="forward",
+                        provider=name,
+                        fn=fn,
+                        make_inputs=make_inputs,
+                        reference=lambda x: None,
+                        bytes=nbytes,
+                        flops=0,
+                        skip_reasons=reasons,
+                        baseline="torch",
+                        check=False,
+                    )
+                )
     return out
 
 
@@ -125,10 +158,15 @@ def _fused_sample_cases(device, shapes, dtypes):
     """The controller's draws from its features ``[M, Dc]`` and output matrix ``[V, Dc]``: the fused kernel (no
     logits in memory) against the linear layer then either sampler."""
     providers = {
-        "effbert-triton-fused": lambda h, w, b: effbert.mc_sample_fused(h, w, b, K, backend="triton"),
-        "effbert-triton": lambda h, w, b: effbert.mc_sample(F.linear(h, w, b.to(h.dtype)), K, backend="triton"),
-        "torch": lambda h, w, b: torch.multinomial(torch.softmax(F.linear(h, w, b.to(h.dtype)).float(), -1), K,
-                                                   replacement=True),
+        "effbert-triton-fused": lambda h, w, b: effbert.mc_sample_fused(
+            h, w, b, K, backend="triton"
+        ),
+        "effbert-triton": lambda h, w, b: effbert.mc_sample(
+            F.linear(h, w, b.to(h.dtype)), K, backend="triton"
+        ),
+        "torch": lambda h, w, b: torch.multinomial(
+            torch.softmax(F.linear(h, w, b.to(h.dtype)).float(), -1), K, replacement=True
+        ),
     }
     out = []
     for m, v, d in shapes:
@@ -136,20 +174,34 @@ def _fused_sample_cases(device, shapes, dtypes):
             nbytes = (m + v) * d * dtype.itemsize + 4 * v + m * K * 8
 
             def make_inputs(m=m, v=v, d=d, dtype=dtype):
-                return (torch.randn(m, d, device=device, dtype=dtype),
-                        (torch.randn(v, d, device=device) * 0.1).to(dtype), torch.randn(v, device=device))
+                return (
+                    torch.randn(m, d, device=device, dtype=dtype),
+                    (torch.randn(v, d, device=device) * 0.1).to(dtype),
+                    torch.randn(v, device=device),
+                )
 
             for name, fn in providers.items():
                 reasons = []
                 if name.startswith("effbert-"):
                     probe = torch.empty(1, 1, device=device, dtype=dtype)
                     reasons = provider_reasons(lambda: ops.sample_backend(probe, "triton"))
-                out.append(Case(
-                    op="mc_sample_fused", params={"M": m, "V": v, "D": d, "K": K},
-                    dtype=str(dtype).replace("torch.", ""),
-                    mode="forward", provider=name, fn=fn, make_inputs=make_inputs, reference=lambda *x: None,
-                    bytes=nbytes, flops=2.0 * m * v * d, skip_reasons=reasons, baseline="torch", check=False,
-                ))
+                out.append(
+                    Case(
+                        op="mc_sample_fused",
+                        params={"M": m, "V": v, "D": d, "K": K},
+                        dtype=str(dtype).replace("torch.", ""),
+                        mode="forward",
+                        provider=name,
+                        fn=fn,
+                        make_inputs=make_inputs,
+                        reference=lambda *x: None,
+                        bytes=nbytes,
+                        flops=2.0 * m * v * d,
+                        skip_reasons=reasons,
+                        baseline="torch",
+                        check=False,
+                    )
+                )
     return out
 
 
@@ -163,5 +215,10 @@ def cases(device, quick):
         sample_shapes = [(512, 8000)] if not quick else [(64, 1000)]
         dtypes = [torch.float32]
     fused_shapes = [(m, v, 256) for m, v in sample_shapes]  # BERT-base's controller: hidden 768 / 3
-    return (_loss_cases(device, loss_shapes, dtypes) + _sample_cases(device, sample_shapes, dtypes)
-            + _fused_sample_cases(device, fused_shapes, [d for d in dtypes if d != torch.float32] or dtypes))
+    return (
+        _loss_cases(device, loss_shapes, dtypes)
+        + _sample_cases(device, sample_shapes, dtypes)
+        + _fused_sample_cases(
+            device, fused_shapes, [d for d in dtypes if d != torch.float32] or dtypes
+        )
+    )

@@ -46,7 +46,9 @@ def union_window_tokens(spans, lengths, window):
     """Tokens under at least one window (each is read once by an ideal kernel)."""
     covered = set()
     for b, start, end, _ in spans.tolist():
-        covered.update((b, t) for t in range(max(0, start - window), min(int(lengths[b]), end + window)))
+        covered.update(
+            (b, t) for t in range(max(0, start - window), min(int(lengths[b]), end + window))
+        )
     return len(covered)
 
 
@@ -99,8 +101,11 @@ def plain_torch_update_(notes, counts, hidden, spans, window, gamma, lengths):
     weight = gamma * keep ** (m - r).double()
     weight = torch.where(fresh & (r == 1), keep ** (m - 1).double(), weight).to(notes.dtype)
     touched = torch.unique(slot)
-    old_scale = torch.where(counts[touched] == 0, 0.0, keep ** torch.bincount(slot, minlength=notes.shape[0])[touched]
-                            .double()).to(notes.dtype)
+    old_scale = torch.where(
+        counts[touched] == 0,
+        0.0,
+        keep ** torch.bincount(slot, minlength=notes.shape[0])[touched].double(),
+    ).to(notes.dtype)
     notes.index_copy_(0, touched, notes.index_select(0, touched) * old_scale.unsqueeze(1))
     notes.index_add_(0, slot, weight.unsqueeze(1) * c)
     counts.index_add_(0, slot, torch.ones_like(slot))
@@ -127,31 +132,57 @@ def _mix_cases(device, shapes, dtypes):
             nbytes = 2 * B * N * D * dtype.itemsize + B * N * 8 + distinct * D * 4
 
             def make_inputs(B=B, N=N, D=D, dtype=dtype, slots_cpu=slots_cpu):
-                return (torch.randn(B, N, D, device=device, dtype=dtype), torch.randn(SLOTS, D, device=device),
-                        slots_cpu.to(device))
+                return (
+                    torch.randn(B, N, D, device=device, dtype=dtype),
+                    torch.randn(SLOTS, D, device=device),
+                    slots_cpu.to(device),
+                )
 
             for name, fn in providers.items():
                 reasons = []
                 if name.startswith("effbert-"):
                     probe_x = torch.empty(1, 1, 1, device=device, dtype=dtype)
                     probe_n = torch.empty(1, 1, device=device)
-                    reasons = provider_reasons(lambda b=name.split("-", 1)[1]: ops.mix_backend(probe_x, probe_n, b))
-                out.append(Case(
-                    op="note_mix", params={"B": B, "N": N, "Dm": D},
-                    dtype=str(dtype).replace("torch.", ""),
-                    mode="forward", provider=name, fn=fn, make_inputs=make_inputs,
-                    reference=lambda x, n, s: reference.note_mix(x.double(), n.double(), s, LAM), bytes=nbytes,
-                    flops=0, rtol=1e-2 if dtype != torch.float32 else 1e-4, skip_reasons=reasons, baseline="torch",
-                ))
+                    reasons = provider_reasons(
+                        lambda b=name.split("-", 1)[1]: ops.mix_backend(probe_x, probe_n, b)
+                    )
+                out.append(
+                    Case(
+                        op="note_mix",
+                        params={"B": B, "N": N, "Dm": D},
+                        dtype=str(dtype).replace("torch.", ""),
+                        mode="forward",
+                        provider=name,
+                        fn=fn,
+                        make_inputs=make_inputs,
+                        reference=lambda x, n, s: reference.note_mix(
+                            x.double(), n.double(), s, LAM
+                        ),
+                        bytes=nbytes,
+                        flops=0,
+                        rtol=1e-2 if dtype != torch.float32 else 1e-4,
+                        skip_reasons=reasons,
+                        baseline="torch",
+                    )
+                )
     return out
 
 
 def _update_cases(device, shapes, dtypes, quick):
     def run(backend):
         def fn(notes, counts, hidden, spans, lengths, notes0, counts0):
-            effbert.note_update_(notes, counts, hidden, spans, window=WINDOW, gamma=GAMMA, lengths=lengths,
-                                 backend=backend)
+            effbert.note_update_(
+                notes,
+                counts,
+                hidden,
+                spans,
+                window=WINDOW,
+                gamma=GAMMA,
+                lengths=lengths,
+                backend=backend,
+            )
             return notes
+
         return fn
 
     def torch_fn(notes, counts, hidden, spans, lengths, notes0, counts0):
@@ -159,12 +190,24 @@ def _update_cases(device, shapes, dtypes, quick):
 
     def ref(notes, counts, hidden, spans, lengths, notes0, counts0):
         n, c = notes0.double().cpu(), counts0.clone().cpu()
-        reference.note_update_(n, c, hidden.double().cpu(), spans.cpu(), window=WINDOW, gamma=GAMMA,
-                               lengths=lengths.cpu())
+        reference.note_update_(
+            n,
+            c,
+            hidden.double().cpu(),
+            spans.cpu(),
+            window=WINDOW,
+            gamma=GAMMA,
+            lengths=lengths.cpu(),
+        )
         return n
 
-    providers = {"effbert-cuda": run("cuda"), "effbert-triton": run("triton"), "effbert-cpu": run("cpu"),
-                 "eager-reference": run("eager"), "torch": torch_fn}
+    providers = {
+        "effbert-cuda": run("cuda"),
+        "effbert-triton": run("triton"),
+        "effbert-cpu": run("cpu"),
+        "eager-reference": run("eager"),
+        "torch": torch_fn,
+    }
     out = []
     for B, N, D in shapes:
         g = torch.Generator().manual_seed(1)
@@ -173,28 +216,54 @@ def _update_cases(device, shapes, dtypes, quick):
         touched = int(torch.unique(spans_cpu[:, 3]).numel()) if spans_cpu.numel() else 0
         tokens = union_window_tokens(spans_cpu, lengths_cpu, WINDOW)
         for dtype in dtypes:
-            nbytes = tokens * D * dtype.itemsize + touched * (2 * D * 4 + 16) + spans_cpu.shape[0] * 32
+            nbytes = (
+                tokens * D * dtype.itemsize + touched * (2 * D * 4 + 16) + spans_cpu.shape[0] * 32
+            )
 
-            def make_inputs(B=B, N=N, D=D, dtype=dtype, spans_cpu=spans_cpu, lengths_cpu=lengths_cpu):
+            def make_inputs(
+                B=B, N=N, D=D, dtype=dtype, spans_cpu=spans_cpu, lengths_cpu=lengths_cpu
+            ):
                 notes = torch.randn(SLOTS, D, device=device)
-                counts = torch.randint(0, 2, (SLOTS,), device=device)  # half the slots never updated yet
-                return (notes, counts, torch.randn(B, N, D, device=device, dtype=dtype), spans_cpu.to(device),
-                        lengths_cpu.to(device), notes.clone(), counts.clone())
+                counts = torch.randint(
+                    0, 2, (SLOTS,), device=device
+                )  # half the slots never updated yet
+                return (
+                    notes,
+                    counts,
+                    torch.randn(B, N, D, device=device, dtype=dtype),
+                    spans_cpu.to(device),
+                    lengths_cpu.to(device),
+                    notes.clone(),
+                    counts.clone(),
+                )
 
             for name, fn in providers.items():
                 reasons = []
                 if name.startswith("effbert-"):
                     probe_h = torch.empty(1, 1, 1, device=device, dtype=dtype)
                     probe_n = torch.empty(1, 1, device=device)
-                    reasons = provider_reasons(lambda b=name.split("-", 1)[1]: ops.update_backend(probe_n, probe_h, b))
+                    reasons = provider_reasons(
+                        lambda b=name.split("-", 1)[1]: ops.update_backend(probe_n, probe_h, b)
+                    )
                 if name == "eager-reference" and quick and device.type == "cpu":
                     reasons = ["skipped in --quick on the CPU (a Python loop over rows)"]
-                out.append(Case(
-                    op="note_update_", params={"B": B, "N": N, "Dm": D, "M": spans_cpu.shape[0]},
-                    dtype=str(dtype).replace("torch.", ""), mode="forward", provider=name, fn=fn,
-                    make_inputs=make_inputs, reference=ref, bytes=nbytes, flops=0, rtol=1e-4, skip_reasons=reasons,
-                    baseline="torch",
-                ))
+                out.append(
+                    Case(
+                        op="note_update_",
+                        params={"B": B, "N": N, "Dm": D, "M": spans_cpu.shape[0]},
+                        dtype=str(dtype).replace("torch.", ""),
+                        mode="forward",
+                        provider=name,
+                        fn=fn,
+                        make_inputs=make_inputs,
+                        reference=ref,
+                        bytes=nbytes,
+                        flops=0,
+                        rtol=1e-4,
+                        skip_reasons=reasons,
+                        baseline="torch",
+                    )
+                )
     return out
 
 

@@ -43,7 +43,9 @@ def onnxruntime_reason():
 
 def onnxruntime_int8_reason():
     """Why the ONNX Runtime int8 peer cannot run here ([] when it can)."""
-    return onnxruntime_reason() or _missing(("onnxruntime.quantization",), "onnxruntime.quantization")
+    return onnxruntime_reason() or _missing(
+        ("onnxruntime.quantization",), "onnxruntime.quantization"
+    )
 
 
 def openvino_reason():
@@ -79,8 +81,9 @@ def export_onnx(hf_model, folder):
     import transformers
 
     config = copy.deepcopy(hf_model.config)
-    eager = transformers.BertModel._from_config(config, attn_implementation="eager",
-                                                add_pooling_layer=hf_model.pooler is not None)
+    eager = transformers.BertModel._from_config(
+        config, attn_implementation="eager", add_pooling_layer=hf_model.pooler is not None
+    )
     eager.load_state_dict(hf_model.state_dict())
     # eval on the wrapper too: the exporter restores the wrapper's mode afterwards, recursively
     wrapper = _LastHidden(eager).eval()
@@ -91,8 +94,16 @@ def export_onnx(hf_model, folder):
     axes = {name: {v: k for k, v in dynamic.items()} for name in (*INPUTS, "last_hidden_state")}
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
-        torch.onnx.export(wrapper, (ids, mask), str(path), input_names=list(INPUTS),
-                          output_names=["last_hidden_state"], dynamic_axes=axes, opset_version=17, dynamo=False)
+        torch.onnx.export(
+            wrapper,
+            (ids, mask),
+            str(path),
+            input_names=list(INPUTS),
+            output_names=["last_hidden_state"],
+            dynamic_axes=axes,
+            opset_version=17,
+            dynamo=False,
+        )
     return path
 
 
@@ -103,8 +114,13 @@ def optimize_onnx(path, hf_config):
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        opt = optimize_model(str(path), model_type="bert", num_heads=hf_config.num_attention_heads,
-                             hidden_size=hf_config.hidden_size, opt_level=1)
+        opt = optimize_model(
+            str(path),
+            model_type="bert",
+            num_heads=hf_config.num_attention_heads,
+            hidden_size=hf_config.hidden_size,
+            opt_level=1,
+        )
     out = Path(path).with_name("model.opt.onnx")
     opt.save_model_to_file(str(out))
     counts = Counter(n.op_type for n in opt.model.graph.node)
@@ -122,8 +138,12 @@ def quantize_onnx(path):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         # the optimiser's com.microsoft nodes defeat ONNX shape inference: the option its error message names
-        quantize_dynamic(str(path), str(out), weight_type=QuantType.QInt8,
-                         extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
+        quantize_dynamic(
+            str(path),
+            str(out),
+            weight_type=QuantType.QInt8,
+            extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
+        )
     return out
 
 
@@ -139,7 +159,9 @@ def onnxruntime_runner(path, threads):
     session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
     def fn(ids, mask):
-        return torch.from_numpy(session.run(None, {"input_ids": ids.numpy(), "attention_mask": mask.numpy()})[0])
+        return torch.from_numpy(
+            session.run(None, {"input_ids": ids.numpy(), "attention_mask": mask.numpy()})[0]
+        )
 
     return fn
 
@@ -149,9 +171,16 @@ def openvino_runner(path, threads):
     otherwise pick bf16 where the CPU has it)."""
     import openvino as ov
 
-    compiled = ov.Core().compile_model(ov.convert_model(str(path)), "CPU", {
-        "INFERENCE_NUM_THREADS": threads, "NUM_STREAMS": 1, "INFERENCE_PRECISION_HINT": "f32",
-        "PERFORMANCE_HINT": "LATENCY"})
+    compiled = ov.Core().compile_model(
+        ov.convert_model(str(path)),
+        "CPU",
+        {
+            "INFERENCE_NUM_THREADS": threads,
+            "NUM_STREAMS": 1,
+            "INFERENCE_PRECISION_HINT": "f32",
+            "PERFORMANCE_HINT": "LATENCY",
+        },
+    )
     request = compiled.create_infer_request()
 
     def fn(ids, mask):
@@ -179,6 +208,7 @@ class Exported:
         def make():
             self._dir = tempfile.TemporaryDirectory(prefix="effbert-bench-onnx-")
             return export_onnx(self.hf_model, self._dir.name)
+
         return self._get("onnx", make)
 
     def optimized(self):
@@ -188,7 +218,9 @@ class Exported:
         return self._get("ort", lambda: onnxruntime_runner(self.optimized()[0], self.threads))
 
     def onnxruntime_int8(self):
-        return self._get("ort-int8", lambda: onnxruntime_runner(quantize_onnx(self.optimized()[0]), self.threads))
+        return self._get(
+            "ort-int8", lambda: onnxruntime_runner(quantize_onnx(self.optimized()[0]), self.threads)
+        )
 
     def openvino(self):
         return self._get("ov", lambda: openvino_runner(self.onnx(), self.threads))

@@ -1,7 +1,7 @@
 """Suite runner: ceilings, correctness check, timing, table, JSON / Markdown / PNG, comparison with an older run.
 
-    (run through ``effbert bench``: effbert.commands.bench parses, effbert.bench.suite runs)
-    effbert bench --index benchmarks/results     # regenerate benchmarks/RESULTS.md from the committed runs
+(run through ``effbert bench``: effbert.commands.bench parses, effbert.bench.suite runs)
+effbert bench --index benchmarks/results     # regenerate benchmarks/RESULTS.md from the committed runs
 """
 
 import datetime as _dt
@@ -18,8 +18,17 @@ from . import timing
 from .case import check_output
 
 # modules of effbert.bench that contribute cases
-FAMILIES = ("early_exit", "token_exit", "train_step", "train_step_padding",
-            "train_step_transformers", "tupe_attention", "notes", "mc_bert", "cpu_inference")
+FAMILIES = (
+    "early_exit",
+    "token_exit",
+    "train_step",
+    "train_step_padding",
+    "train_step_transformers",
+    "tupe_attention",
+    "notes",
+    "mc_bert",
+    "cpu_inference",
+)
 
 
 def environment(device):
@@ -28,7 +37,9 @@ def environment(device):
     env = {
         "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "device_type": device.type,
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "device": torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else platform.processor() or "cpu",
         "cpu_count": os.cpu_count(),
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
@@ -46,8 +57,12 @@ def environment(device):
         env["triton"] = None
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
-        env.update(sm_count=props.multi_processor_count, l2_bytes=props.L2_cache_size,
-                   capability=f"{props.major}.{props.minor}", driver=_driver_version())
+        env.update(
+            sm_count=props.multi_processor_count,
+            l2_bytes=props.L2_cache_size,
+            capability=f"{props.major}.{props.minor}",
+            driver=_driver_version(),
+        )
     return env
 
 
@@ -64,9 +79,15 @@ def _git_commit(root=None):
     if not (here / ".git").exists():
         return None
     try:
-        out = subprocess.run(["git", "-C", str(here), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
-        dirty = subprocess.run(["git", "-C", str(here), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=5).stdout.strip()
+        out = subprocess.run(
+            ["git", "-C", str(here), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5
+        )
+        dirty = subprocess.run(
+            ["git", "-C", str(here), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+        ).stdout.strip()
         return out.stdout.strip() + ("+dirty" if dirty else "") if out.returncode == 0 else None
     except (OSError, subprocess.SubprocessError):
         return None
@@ -74,9 +95,17 @@ def _git_commit(root=None):
 
 def _driver_version():
     try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                             capture_output=True, text=True, timeout=10)
-        return out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout.strip() else None
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+        return (
+            out.stdout.strip().splitlines()[0]
+            if out.returncode == 0 and out.stdout.strip()
+            else None
+        )
     except (OSError, subprocess.SubprocessError):
         return None
 
@@ -89,16 +118,29 @@ def collect_cases(device, quick, only=None):
     cases = []
     for family in FAMILIES:
         module = importlib.import_module(f"effbert.bench.{family}")
-        cases += [c for c in module.cases(device, quick) if names is None or c.op in names or family in names]
+        cases += [
+            c
+            for c in module.cases(device, quick)
+            if names is None or c.op in names or family in names
+        ]
     return cases
 
 
 def _prepare(case, device):
     """A case's row so far and its timed step (rotating its input sets), or ``(row, None)`` when the row is
     settled already: skipped, wrong, or raised before timing."""
-    row = {"op": case.op, "shape": case.shape, "params": dict(case.params), "dtype": case.dtype,
-           "mode": case.mode, "provider": case.provider,
-           "key": case.key, "bytes": case.bytes, "flops": case.flops, "baseline": case.baseline}
+    row = {
+        "op": case.op,
+        "shape": case.shape,
+        "params": dict(case.params),
+        "dtype": case.dtype,
+        "mode": case.mode,
+        "provider": case.provider,
+        "key": case.key,
+        "bytes": case.bytes,
+        "flops": case.flops,
+        "baseline": case.baseline,
+    }
     if case.skip_reasons:
         row.update(status="skipped", reason="; ".join(case.skip_reasons))
         return row, None
@@ -110,8 +152,12 @@ def _prepare(case, device):
             if problem is not None:
                 row.update(status="wrong", reason=f"{problem}; not timed")
                 return row, None
-        sets = [first] + [case.make_inputs() for _ in range(timing.rotation_count(case.bytes, device) - 1)]
-    except Exception as exc:  # a provider that breaks is reported in the table, not fatal to the run
+        sets = [first] + [
+            case.make_inputs() for _ in range(timing.rotation_count(case.bytes, device) - 1)
+        ]
+    except (
+        Exception
+    ) as exc:  # a provider that breaks is reported in the table, not fatal to the run
         return _error(row, exc), None
     row["input_sets"] = len(sets)
     state = {"i": 0}
@@ -125,7 +171,10 @@ def _prepare(case, device):
 
 
 def _error(row, exc):
-    row.update(status="error", reason=f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}")
+    row.update(
+        status="error",
+        reason=f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}",
+    )
     return row
 
 
@@ -135,9 +184,16 @@ def _finish(case, row, ceilings):
     row["flops"] = case.flops
     note = case.note
     if "max_abs_diff" in row:
-        note = "; ".join(filter(None, [note, f"max abs diff {row['max_abs_diff']:.1e} (<= {case.atol:g})"]))
+        note = "; ".join(
+            filter(None, [note, f"max abs diff {row['max_abs_diff']:.1e} (<= {case.atol:g})"])
+        )
     if "min_cosine" in row:
-        note = "; ".join(filter(None, [note, f"cosine >= {row['min_cosine']:.4f} per token (>= {case.min_cosine:g})"]))
+        note = "; ".join(
+            filter(
+                None,
+                [note, f"cosine >= {row['min_cosine']:.4f} per token (>= {case.min_cosine:g})"],
+            )
+        )
     if row.get("noisy"):
         note = "; ".join(filter(None, [note, f"NOISY: rounds spread {row['spread']:.2f}x"]))
     if note:
@@ -146,7 +202,17 @@ def _finish(case, row, ceilings):
         row["ratio_target"] = case.ratio_target
     if case.tokens:
         row["tokens_per_s"] = case.tokens / row["ms"] * 1e3
-    row.update(row_rates(row["ms"], case.flops, case.bytes, ceilings, case.dtype, case.work_flops, case.work_bytes))
+    row.update(
+        row_rates(
+            row["ms"],
+            case.flops,
+            case.bytes,
+            ceilings,
+            case.dtype,
+            case.work_flops,
+            case.work_bytes,
+        )
+    )
     return row
 
 
@@ -197,14 +263,21 @@ def run_group(cases, device, ceilings, quick, emit=None, rounds=None):
     ready = [(case, row, step) for case, row, step in prepared if step is not None]
     if ready:
         load_before = os.getloadavg()[0]
-        wall, cpu, errors = timing.interleave([step for _, _, step in ready], quick=quick, rounds=rounds)
+        wall, cpu, errors = timing.interleave(
+            [step for _, _, step in ready], quick=quick, rounds=rounds
+        )
         load = max(load_before, os.getloadavg()[0])
         for i, (case, row, _) in enumerate(ready):
             if i in errors:
                 _error(row, errors[i])
                 continue
-            row.update(status="ok", timing="interleaved", samples=len(wall[i]), loadavg_1min=load,
-                       **timing.summarize(wall[i], cpu[i]))
+            row.update(
+                status="ok",
+                timing="interleaved",
+                samples=len(wall[i]),
+                loadavg_1min=load,
+                **timing.summarize(wall[i], cpu[i]),
+            )
             _finish(case, row, ceilings)
     rows = [row for _, row, _ in prepared]
     for row in rows:
@@ -225,8 +298,12 @@ def row_rates(ms, flops, nbytes, ceilings, dtype, work_flops=None, work_bytes=No
     """
     work_flops = flops if work_flops is None else work_flops
     work_bytes = nbytes if work_bytes is None else work_bytes
-    out = {"work_flops": work_flops, "work_bytes": work_bytes, "GBps": work_bytes / ms / 1e6,
-           "TFLOPs": work_flops / ms / 1e9 if work_flops else None}
+    out = {
+        "work_flops": work_flops,
+        "work_bytes": work_bytes,
+        "GBps": work_bytes / ms / 1e6,
+        "TFLOPs": work_flops / ms / 1e9 if work_flops else None,
+    }
     floor_ms = max(nbytes / (ceilings["copy_GBps"] * 1e6), ceilings["launch_us"] / 1e3)
     rate = ceilings.get(f"{dtype}_matmul_TFLOPs")
     if flops and rate:
@@ -243,7 +320,9 @@ def add_speedups(rows):
     for r in rows:
         groups.setdefault((r["op"], r["shape"], r["dtype"], r["mode"]), []).append(r)
     for group in groups.values():
-        base = next((r for r in group if r["provider"] == r["baseline"] and r["status"] == "ok"), None)
+        base = next(
+            (r for r in group if r["provider"] == r["baseline"] and r["status"] == "ok"), None
+        )
         for r in group:
             if r["status"] != "ok" or base is None:
                 continue
@@ -254,8 +333,10 @@ def add_speedups(rows):
             if r.get("ratio_target") and r is not base:
                 r["time_ratio"] = r["ms"] / base["ms"]
                 verdict = "meets" if r["time_ratio"] <= r["ratio_target"] else "misses"
-                r["ratio_note"] = (f"time ratio {r['provider']}/{base['provider']} {r['time_ratio']:.2f} ({verdict} "
-                                   f"the target <= {r['ratio_target']:g})")
+                r["ratio_note"] = (
+                    f"time ratio {r['provider']}/{base['provider']} {r['time_ratio']:.2f} ({verdict} "
+                    f"the target <= {r['ratio_target']:g})"
+                )
 
 
 # What stage 1 of the GPU suite measures (`effbert bench --headline`): one shape per op family at
@@ -292,10 +373,14 @@ def select(cases, which, measured=None):
         return list(cases)
     if which not in ("headline", "rest"):
         raise ValueError(f"which must be 'all', 'headline' or 'rest', got {which!r}")
-    if measured is not None and (isinstance(measured, str) or not all(isinstance(k, str) for k in measured)):
+    if measured is not None and (
+        isinstance(measured, str) or not all(isinstance(k, str) for k in measured)
+    ):
         raise ValueError(f"measured must be a collection of case keys (str), got {measured!r:.80}")
     if measured is not None and which != "rest":
-        raise ValueError("measured is only for which='rest' (the headline cases an earlier run left)")
+        raise ValueError(
+            "measured is only for which='rest' (the headline cases an earlier run left)"
+        )
     chosen = {}
     for op, wanted in HEADLINE.items():
         mine = [c for c in cases if c.op == op]
@@ -306,7 +391,9 @@ def select(cases, which, measured=None):
     def headline(c):
         return chosen.get(c.op) == c.shape and c.provider not in COMPILED_PROVIDERS
 
-    order = list(HEADLINE)  # the most wanted figures first: a stage that runs out of time has measured them
+    order = list(
+        HEADLINE
+    )  # the most wanted figures first: a stage that runs out of time has measured them
     head = sorted((c for c in cases if headline(c)), key=lambda c: order.index(c.op))
     if which == "headline":
         return head
@@ -320,9 +407,17 @@ def settled_keys(result):
     --budget was spent, nor cases the run never reached."""
     if not isinstance(result, dict) or not isinstance(result.get("cases"), list):
         raise ValueError("result must be a parsed bench.json (a dict with a 'cases' list)")
-    return {r["key"] for r in result["cases"] if isinstance(r, dict) and "key" in r
-            and (r.get("status") in MEASURED_STATUSES
-                 or r.get("status") == "skipped" and r.get("skipped_for") != BUDGET_SKIP)}
+    return {
+        r["key"]
+        for r in result["cases"]
+        if isinstance(r, dict)
+        and "key" in r
+        and (
+            r.get("status") in MEASURED_STATUSES
+            or r.get("status") == "skipped"
+            and r.get("skipped_for") != BUDGET_SKIP
+        )
+    }
 
 
 def _notes(row):
@@ -330,13 +425,18 @@ def _notes(row):
 
 
 def format_tables(rows, ceilings, env):
-    lines = [f"device: {env['device']}  torch {env['torch']}  triton {env.get('triton')}  cuda {env.get('cuda')}  "
-             f"commit {env.get('git_commit')}",
-             "ceilings (measured now): " + ", ".join(f"{k} {v:,.1f}" for k, v in ceilings.items())]
+    lines = [
+        f"device: {env['device']}  torch {env['torch']}  triton {env.get('triton')}  cuda {env.get('cuda')}  "
+        f"commit {env.get('git_commit')}",
+        "ceilings (measured now): " + ", ".join(f"{k} {v:,.1f}" for k, v in ceilings.items()),
+    ]
     for op in dict.fromkeys(r["op"] for r in rows):
-        lines += ["", f"== {op} ==",
-                  f"{'shape':22} {'dtype':9} {'mode':16} {'provider':18} {'ms':>9} {'GB/s':>8} {'TFLOP/s':>8} "
-                  f"{'%floor':>7} {'speedup':>8}"]
+        lines += [
+            "",
+            f"== {op} ==",
+            f"{'shape':22} {'dtype':9} {'mode':16} {'provider':18} {'ms':>9} {'GB/s':>8} {'TFLOP/s':>8} "
+            f"{'%floor':>7} {'speedup':>8}",
+        ]
         for r in (r for r in rows if r["op"] == op):
             head = f"{r['shape']:22} {r['dtype']:9} {r['mode']:16} {r['provider']:18}"
             if r["status"] != "ok":
@@ -346,34 +446,57 @@ def format_tables(rows, ceilings, env):
             sp = f"{r['speedup_vs_baseline']:7.2f}x" if "speedup_vs_baseline" in r else f"{'-':>8}"
             tok = f" {r['tokens_per_s']:12,.0f} tokens/s" if "tokens_per_s" in r else ""
             tok += f"  ({_notes(r)})" if _notes(r) else ""
-            lines.append(f"{head} {r['ms']:9.4f} {r['GBps']:8.1f} {tf} {r['pct_of_floor']:6.1f}% {sp}{tok}")
-    lines.append("\n%floor: the op's floor over the measured time; the floor is the largest of its fewest bytes at the "
-                 "measured copy bandwidth, its fewest FLOPs at the measured matrix rate, and the measured launch time "
-                 "of the cheapest op (padded positions a provider computes are its own work, not the op's, so they "
-                 "lower its %floor). GB/s, TFLOP/s: rates of the work each provider does. speedup: against the "
-                 "row's baseline provider.")
+            lines.append(
+                f"{head} {r['ms']:9.4f} {r['GBps']:8.1f} {tf} {r['pct_of_floor']:6.1f}% {sp}{tok}"
+            )
+    lines.append(
+        "\n%floor: the op's floor over the measured time; the floor is the largest of its fewest bytes at the "
+        "measured copy bandwidth, its fewest FLOPs at the measured matrix rate, and the measured launch time "
+        "of the cheapest op (padded positions a provider computes are its own work, not the op's, so they "
+        "lower its %floor). GB/s, TFLOP/s: rates of the work each provider does. speedup: against the "
+        "row's baseline provider."
+    )
     return "\n".join(lines)
 
 
 def write_markdown(path, rows, ceilings, env, title="effbert benchmark"):
-    lines = [f"# {title}", "", f"- device: **{env['device']}** ({env['device_type']}), driver {env.get('driver')}, "
-             f"CUDA {env.get('cuda')}", f"- torch {env['torch']}, triton {env.get('triton')}, effbert "
-             f"{env['effbert']}, commit `{env.get('git_commit')}`, {env['date']}",
-             "- ceilings measured in the same run: " + ", ".join(f"{k} {v:,.1f}" for k, v in ceilings.items()), ""]
+    lines = [
+        f"# {title}",
+        "",
+        f"- device: **{env['device']}** ({env['device_type']}), driver {env.get('driver')}, "
+        f"CUDA {env.get('cuda')}",
+        f"- torch {env['torch']}, triton {env.get('triton')}, effbert "
+        f"{env['effbert']}, commit `{env.get('git_commit')}`, {env['date']}",
+        "- ceilings measured in the same run: "
+        + ", ".join(f"{k} {v:,.1f}" for k, v in ceilings.items()),
+        "",
+    ]
     for op in dict.fromkeys(r["op"] for r in rows):
-        lines += [f"## {op}", "", "| shape | dtype | mode | provider | ms | GB/s | TFLOP/s | % of floor | speed-up |",
-                  "|---|---|---|---|---:|---:|---:|---:|---:|"]
+        lines += [
+            f"## {op}",
+            "",
+            "| shape | dtype | mode | provider | ms | GB/s | TFLOP/s | % of floor | speed-up |",
+            "|---|---|---|---|---:|---:|---:|---:|---:|",
+        ]
         for r in (r for r in rows if r["op"] == op):
             if r["status"] != "ok":
-                lines.append(f"| {r['shape']} | {r['dtype']} | {r['mode']} | {r['provider']} | {r['status']}: "
-                             f"{r['reason']} | | | | |")
+                lines.append(
+                    f"| {r['shape']} | {r['dtype']} | {r['mode']} | {r['provider']} | {r['status']}: "
+                    f"{r['reason']} | | | | |"
+                )
                 continue
             tf = f"{r['TFLOPs']:.1f}" if r.get("TFLOPs") else "-"
-            sp = f"{r['speedup_vs_baseline']:.2f}x vs {r['baseline']}" if "speedup_vs_baseline" in r else "-"
+            sp = (
+                f"{r['speedup_vs_baseline']:.2f}x vs {r['baseline']}"
+                if "speedup_vs_baseline" in r
+                else "-"
+            )
             tok = f"; {r['tokens_per_s']:,.0f} tokens/s" if "tokens_per_s" in r else ""
             tok += f"; {_notes(r)}" if _notes(r) else ""
-            lines.append(f"| {r['shape']} | {r['dtype']} | {r['mode']} | {r['provider']} | {r['ms']:.4f} | "
-                         f"{r['GBps']:.1f} | {tf} | {r['pct_of_floor']:.1f}% | {sp}{tok} |")
+            lines.append(
+                f"| {r['shape']} | {r['dtype']} | {r['mode']} | {r['provider']} | {r['ms']:.4f} | "
+                f"{r['GBps']:.1f} | {tf} | {r['pct_of_floor']:.1f}% | {sp}{tok} |"
+            )
         lines.append("")
     Path(path).write_text("\n".join(lines))
 
@@ -407,7 +530,11 @@ def write_plots(out_dir, rows):
         for i, p in enumerate(providers):
             xs, ys = [], []
             for g_i, g in enumerate(groups):
-                match = [r for r in ok if r["provider"] == p and f"{r['shape']}\n{r['dtype']} {r['mode']}" == g]
+                match = [
+                    r
+                    for r in ok
+                    if r["provider"] == p and f"{r['shape']}\n{r['dtype']} {r['mode']}" == g
+                ]
                 if match:
                     xs.append(g_i + i * width)
                     ys.append(match[0]["speedup_vs_baseline"])
@@ -435,8 +562,9 @@ def write_seqlen_plots(out_dir, rows):
         return []
     written = []
     for op in dict.fromkeys(r["op"] for r in rows):
-        ok = [r for r in rows
-              if r["op"] == op and r["status"] == "ok" and "N" in r.get("params", {})]
+        ok = [
+            r for r in rows if r["op"] == op and r["status"] == "ok" and "N" in r.get("params", {})
+        ]
         if len({r["params"]["N"] for r in ok}) < 3:
             continue
         fig, ax = plt.subplots(figsize=(6, 4))
@@ -459,7 +587,11 @@ def write_seqlen_plots(out_dir, rows):
 
 def compare(rows, old_path):
     """Per-case ratio new/old time; a regression is slower by more than the noise both runs measured (>= 5%)."""
-    old = {r["key"]: r for r in json.loads(Path(old_path).read_text())["cases"] if r.get("status") == "ok"}
+    old = {
+        r["key"]: r
+        for r in json.loads(Path(old_path).read_text())["cases"]
+        if r.get("status") == "ok"
+    }
     out = []
     for r in rows:
         o = old.get(r["key"])
@@ -467,8 +599,16 @@ def compare(rows, old_path):
             continue
         ratio = r["ms"] / o["ms"]
         tolerance = max(0.05, 2 * (r.get("noise", 0) + o.get("noise", 0)))
-        out.append({"key": r["key"], "old_ms": o["ms"], "new_ms": r["ms"], "ratio": ratio, "tolerance": tolerance,
-                    "regression": ratio > 1 + tolerance})
+        out.append(
+            {
+                "key": r["key"],
+                "old_ms": o["ms"],
+                "new_ms": r["ms"],
+                "ratio": ratio,
+                "tolerance": tolerance,
+                "regression": ratio > 1 + tolerance,
+            }
+        )
     return out
 
 
@@ -488,9 +628,14 @@ def write_index(results_dir):
     for date, path, data in sorted(runs, key=lambda t: t[0], reverse=True):
         by_device.setdefault(data["env"]["device"], []).append((path, data))
     index = results_dir.parent / "RESULTS.md"
-    lines = ["# Benchmark results", "", "Regenerated by `effbert bench --index benchmarks/results` from the committed "
-             "runs under `benchmarks/results/`: per device, each op from the newest run that measured it. Numbers "
-             "are never edited by hand.", ""]
+    lines = [
+        "# Benchmark results",
+        "",
+        "Regenerated by `effbert bench --index benchmarks/results` from the committed "
+        "runs under `benchmarks/results/`: per device, each op from the newest run that measured it. Numbers "
+        "are never edited by hand.",
+        "",
+    ]
     for device in sorted(by_device):
         covered = set()
         for path, data in by_device[device]:
@@ -500,7 +645,9 @@ def write_index(results_dir):
                 continue
             tmp = results_dir / ".section.md"
             write_markdown(tmp, rows, data["ceilings"], data["env"], title=f"{device}")
-            section = tmp.read_text().replace(f"# {device}", f"## {device}", 1).replace("\n## ", "\n### ")
+            section = (
+                tmp.read_text().replace(f"# {device}", f"## {device}", 1).replace("\n## ", "\n### ")
+            )
             tmp.unlink()
             lines += [section, f"Source: `{path.relative_to(results_dir.parent)}`", ""]
     index.write_text("\n".join(lines))

@@ -15,12 +15,33 @@ from pathlib import Path
 
 import torch
 
-from .runner import (BUDGET_SKIP, add_speedups, compare, environment, format_tables, groups,
-                     progress, run_group, write_markdown, write_plots, write_seqlen_plots)
+from .runner import (
+    BUDGET_SKIP,
+    add_speedups,
+    compare,
+    environment,
+    format_tables,
+    groups,
+    progress,
+    run_group,
+    write_markdown,
+    write_plots,
+    write_seqlen_plots,
+)
 from .timing import measure_ceilings
 
-__all__ = ["bench_device", "selection", "write_results", "start_result", "skip_for_budget",
-           "measure", "finish", "summary", "exit_code", "run_suite"]
+__all__ = [
+    "bench_device",
+    "selection",
+    "write_results",
+    "start_result",
+    "skip_for_budget",
+    "measure",
+    "finish",
+    "summary",
+    "exit_code",
+    "run_suite",
+]
 
 
 def bench_device():
@@ -50,8 +71,15 @@ def start_result(out, env, quick, which, cases):
     stopped from outside still says which cases it never reached. Returns the dict."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    result = {"env": env, "ceilings": {}, "quick": quick, "selection": which,
-              "planned": [c.key for c in cases], "complete": False, "cases": []}
+    result = {
+        "env": env,
+        "ceilings": {},
+        "quick": quick,
+        "selection": which,
+        "planned": [c.key for c in cases],
+        "complete": False,
+        "cases": [],
+    }
     write_results(out, result)
     return result
 
@@ -85,8 +113,7 @@ def measure(cases, device, result, out, settings, started):
 
     for group in progress(groups(cases), not settings.no_progress):
         budget_skipped |= skip_for_budget(group, settings.budget, time.monotonic() - started)
-        run_group(group, device, result["ceilings"], settings.quick, emit,
-                  rounds=settings.rounds)
+        run_group(group, device, result["ceilings"], settings.quick, emit, rounds=settings.rounds)
     return rows
 
 
@@ -97,8 +124,10 @@ def finish(result, out, compare_with=None):
     result["loadavg_end"] = list(os.getloadavg())
     result["complete"] = True
     if compare_with:
-        result["compare"] = {"against": str(compare_with),
-                             "cases": compare(result["cases"], compare_with)}
+        result["compare"] = {
+            "against": str(compare_with),
+            "cases": compare(result["cases"], compare_with),
+        }
     write_results(out, result)
     return write_plots(out, result["cases"]) + write_seqlen_plots(out, result["cases"])
 
@@ -110,14 +139,20 @@ def summary(result, out, plots):
     if "compare" in result:
         matched = result["compare"]["cases"]
         bad = [c for c in matched if c["regression"]]
-        lines.append(f"\ncompare with {result['compare']['against']}: {len(matched)} cases "
-                     f"matched, {len(bad)} regressions")
-        lines += [f"  REGRESSION {c['key']}: {c['old_ms']:.4f} -> {c['new_ms']:.4f} ms "
-                  f"({c['ratio']:.2f}x, noise allowance {c['tolerance']:.0%})" for c in bad]
-    lines.append(f"\nwrote {out / 'bench.json'}, {out / 'bench.md'}"
-                 + "".join(f", {p}" for p in plots)
-                 + ("" if plots else " (no plots: matplotlib is not installed; "
-                    "pip install matplotlib)"))
+        lines.append(
+            f"\ncompare with {result['compare']['against']}: {len(matched)} cases "
+            f"matched, {len(bad)} regressions"
+        )
+        lines += [
+            f"  REGRESSION {c['key']}: {c['old_ms']:.4f} -> {c['new_ms']:.4f} ms "
+            f"({c['ratio']:.2f}x, noise allowance {c['tolerance']:.0%})"
+            for c in bad
+        ]
+    lines.append(
+        f"\nwrote {out / 'bench.json'}, {out / 'bench.md'}"
+        + "".join(f", {p}" for p in plots)
+        + ("" if plots else " (no plots: matplotlib is not installed; pip install matplotlib)")
+    )
     wrong = [r for r in rows if r["status"] in ("wrong", "error")]
     if wrong:
         lines.append(f"{len(wrong)} cases failed their correctness check or raised; see the table")
@@ -127,8 +162,11 @@ def summary(result, out, plots):
 def exit_code(rows):
     """1 when an effbert provider's row failed its correctness check, else 0 (a peer's failure or
     a provider that raised is reported, not fatal)."""
-    return 1 if any(r["status"] == "wrong" and r["provider"].startswith("effbert")
-                    for r in rows) else 0
+    return (
+        1
+        if any(r["status"] == "wrong" and r["provider"].startswith("effbert") for r in rows)
+        else 0
+    )
 
 
 def run_suite(settings, cases, log=print, started=None):
@@ -141,8 +179,10 @@ def run_suite(settings, cases, log=print, started=None):
     # the device and what the run means to measure, written before anything is measured
     device = bench_device()
     env = environment(device)
-    print(f"effbert bench on {env['device']}: measuring ceilings, then {len(cases)} cases",
-          file=sys.stderr)
+    print(
+        f"effbert bench on {env['device']}: measuring ceilings, then {len(cases)} cases",
+        file=sys.stderr,
+    )
     result = start_result(settings.out, env, settings.quick, selection(settings), cases)
     # the machine's ceilings, then every case against them
     result["ceilings"] = measure_ceilings(device, quick=settings.quick)

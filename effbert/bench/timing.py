@@ -12,8 +12,12 @@ import time
 
 import torch
 
-NOISY_SPREAD = 1.25  # a timed row whose middle half of rounds spans more than this (max/min) is marked noisy
-MIN_ROUNDS = 5  # interleaved rounds at least, however long a call takes (`effbert bench --rounds` raises it)
+NOISY_SPREAD = (
+    1.25  # a timed row whose middle half of rounds spans more than this (max/min) is marked noisy
+)
+MIN_ROUNDS = (
+    5  # interleaved rounds at least, however long a call takes (`effbert bench --rounds` raises it)
+)
 CPU_CLOCK = "process_time"  # the CPU-time clock of interleaved rows, named in their JSON
 
 
@@ -52,12 +56,21 @@ def time_fn(fn, device, *, quick=False):
 def spread(times):
     """max/min of the middle half of ``times``: how much the typical samples disagree."""
     times = sorted(times)
-    mid = times[len(times) // 4: max(len(times) // 4 + 1, 3 * len(times) // 4)]
+    mid = times[len(times) // 4 : max(len(times) // 4 + 1, 3 * len(times) // 4)]
     return mid[-1] / mid[0] if mid[0] > 0 else 1.0
 
 
-def interleave(fns, *, quick=False, rounds=None, budget_s=None, min_block_s=1e-3, warmup=True,
-               alternate=False, device=None):
+def interleave(
+    fns,
+    *,
+    quick=False,
+    rounds=None,
+    budget_s=None,
+    min_block_s=1e-3,
+    warmup=True,
+    alternate=False,
+    device=None,
+):
     """Time ``fns`` round by round (A B C A B C ...): each round times every fn once, in order,
     after warm-up calls. Runs ``rounds`` rounds when given, else at least MIN_ROUNDS and then until
     ``budget_s`` (default 0.5 s per fn, 0.05 s with ``quick``) is spent, at most 1000. A fn faster
@@ -93,16 +106,21 @@ def interleave(fns, *, quick=False, rounds=None, budget_s=None, min_block_s=1e-3
     # warm-up (first-call costs: allocation, compilation), block size
     for i in range(len(fns) if warmup else 0):
         once = call(i)
-        if once is not None and once[0] < 10 * min_block_s * 1e3:  # maybe fast: a second call to size the block
+        if (
+            once is not None and once[0] < 10 * min_block_s * 1e3
+        ):  # maybe fast: a second call to size the block
             once = call(i)
         if once is not None and once[0] > 0:
             reps[i] = int(min(10000, max(1, min_block_s * 1e3 / once[0])))
     if budget_s is None:
         budget_s = (0.05 if quick else 0.5) * len(fns)
     done, start = 0, time.perf_counter()
-    while (done < rounds if rounds is not None
-           else done < MIN_ROUNDS or (time.perf_counter() - start < budget_s and done < 1000)):
-        for i in (reversed(range(len(fns))) if alternate and done % 2 else range(len(fns))):
+    while (
+        done < rounds
+        if rounds is not None
+        else done < MIN_ROUNDS or (time.perf_counter() - start < budget_s and done < 1000)
+    ):
+        for i in reversed(range(len(fns))) if alternate and done % 2 else range(len(fns)):
             got = call(i)
             if got is not None:
                 wall[i].append(got[0])
@@ -119,8 +137,15 @@ def summarize(wall, cpu):
     ms = statistics.median(wall)
     halves = [statistics.median(wall[k::2]) for k in (0, 1)] if len(wall) > 1 else [ms, ms]
     s = spread(wall)
-    return {"ms": ms, "cpu_ms": statistics.median(cpu), "cpu_clock": CPU_CLOCK, "rounds": len(wall),
-            "spread": s, "noisy": s > NOISY_SPREAD, "noise": abs(halves[0] - halves[1]) / ms if ms > 0 else 0.0}
+    return {
+        "ms": ms,
+        "cpu_ms": statistics.median(cpu),
+        "cpu_clock": CPU_CLOCK,
+        "rounds": len(wall),
+        "spread": s,
+        "noisy": s > NOISY_SPREAD,
+        "noise": abs(halves[0] - halves[1]) / ms if ms > 0 else 0.0,
+    }
 
 
 def paired_speedup(baseline, candidate, device, rounds):
@@ -132,8 +157,9 @@ def paired_speedup(baseline, candidate, device, rounds):
     either fn propagates."""
     if not (isinstance(rounds, int) and rounds >= 1):
         raise ValueError(f"rounds must be an int >= 1, got {rounds!r}")
-    wall, cpu, errors = interleave([baseline, candidate], rounds=rounds, warmup=False,
-                                   alternate=True, device=device)
+    wall, cpu, errors = interleave(
+        [baseline, candidate], rounds=rounds, warmup=False, alternate=True, device=device
+    )
     if errors:
         raise next(iter(errors.values()))
     base, cand = wall if device.type == "cuda" else cpu
@@ -163,7 +189,10 @@ def measure_ceilings(device, *, quick=False):
     ms, _, _ = time_fn(lambda: buffers[1].copy_(buffers[0]), device, quick=quick)
     out["copy_GBps"] = 2 * n / ms / 1e6
     buffers.clear()  # the 2 x 64 MiB (GPU: 2 x 1 GiB) go before the matmuls allocate theirs
-    sizes = {"cpu": {torch.float32: 1024, torch.bfloat16: 512}, "cuda": {torch.float32: 4096, torch.bfloat16: 8192}}
+    sizes = {
+        "cpu": {torch.float32: 1024, torch.bfloat16: 512},
+        "cuda": {torch.float32: 4096, torch.bfloat16: 8192},
+    }
     for dtype, size in sizes["cuda" if device.type == "cuda" else "cpu"].items():
         if quick:
             size //= 2
@@ -184,10 +213,17 @@ def _cpu_ceilings(quick, rounds=None):
     n = 64 << 20
     src, dst = torch.randn(n // 4), torch.empty(n // 4)
     size = {torch.float32: 1024, torch.bfloat16: 512}
-    mats = {dtype: (torch.randn(s // (2 if quick else 1), s // (2 if quick else 1), dtype=dtype),) * 2
-            for dtype, s in size.items()}
+    mats = {
+        dtype: (torch.randn(s // (2 if quick else 1), s // (2 if quick else 1), dtype=dtype),) * 2
+        for dtype, s in size.items()
+    }
     fns = {"launch_us": lambda: one.add_(1.0), "copy_GBps": lambda: dst.copy_(src)}
-    fns.update({f"{str(d).replace('torch.', '')}_matmul_TFLOPs": (lambda a=a, b=b: a @ b) for d, (a, b) in mats.items()})
+    fns.update(
+        {
+            f"{str(d).replace('torch.', '')}_matmul_TFLOPs": (lambda a=a, b=b: a @ b)
+            for d, (a, b) in mats.items()
+        }
+    )
     wall, _, errors = interleave(list(fns.values()), quick=quick, rounds=rounds)
     if errors:
         raise next(iter(errors.values()))

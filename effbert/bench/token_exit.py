@@ -43,12 +43,24 @@ def _inputs(device, batch, seq, cols, dtype):
     keep_pad[:, 0] = True
     keep_pad[torch.arange(batch), lengths - 1] = True
     to = dict(device=device)
-    return (x.to(dtype).to(**to), cu.to(**to), int(lengths.max()), active.to(**to), exit_layer.to(**to),
-            padded.view(batch, seq, cols).to(dtype).to(**to), mask.to(**to), active_pad.view(batch, seq).to(**to),
-            layer_pad.view(batch, seq).to(**to), keep_pad.to(**to), index.to(**to))
+    return (
+        x.to(dtype).to(**to),
+        cu.to(**to),
+        int(lengths.max()),
+        active.to(**to),
+        exit_layer.to(**to),
+        padded.view(batch, seq, cols).to(dtype).to(**to),
+        mask.to(**to),
+        active_pad.view(batch, seq).to(**to),
+        layer_pad.view(batch, seq).to(**to),
+        keep_pad.to(**to),
+        index.to(**to),
+    )
 
 
-def plain_torch(x, cu, max_seqlen, active, exit_layer, padded, mask, active_pad, layer_pad, keep_pad, index):
+def plain_torch(
+    x, cu, max_seqlen, active, exit_layer, padded, mask, active_pad, layer_pad, keep_pad, index
+):
     """Without effbert, on the padded batch: normalised entropy, window max over real non-[CLS]/[SEP] tokens with
     max_pool1d, compare; the new flags of the real tokens returned packed, like the op's."""
     logp = torch.log_softmax(padded.float(), dim=-1)
@@ -62,48 +74,94 @@ def plain_torch(x, cu, max_seqlen, active, exit_layer, padded, mask, active_pad,
 
 def _run(backend):
     def fn(x, cu, max_seqlen, active, exit_layer, *_):
-        out, _, _ = effbert.token_exit_decision(x, active, exit_layer, cu_seqlens=cu, max_seqlen=max_seqlen,
-                                                threshold=THRESHOLD, window=WINDOW, layer=LAYER, backend=backend)
+        out, _, _ = effbert.token_exit_decision(
+            x,
+            active,
+            exit_layer,
+            cu_seqlens=cu,
+            max_seqlen=max_seqlen,
+            threshold=THRESHOLD,
+            window=WINDOW,
+            layer=LAYER,
+            backend=backend,
+        )
         return out.double()
+
     return fn
 
 
 def _reference(x, cu, max_seqlen, active, exit_layer, *_):
-    out, _, _ = reference.token_exit_decision(x.double().cpu(), cu.cpu(), active.cpu(), exit_layer.cpu(),
-                                              threshold=THRESHOLD, window=WINDOW, layer=LAYER)
+    out, _, _ = reference.token_exit_decision(
+        x.double().cpu(),
+        cu.cpu(),
+        active.cpu(),
+        exit_layer.cpu(),
+        threshold=THRESHOLD,
+        window=WINDOW,
+        layer=LAYER,
+    )
     return out.double()
 
 
 def cases(device, quick):
     if device.type == "cuda":
-        shapes = [(32, 128, 9), (256, 128, 9), (256, 512, 50)] if not quick else [(32, 128, 9), (256, 128, 9)]
+        shapes = (
+            [(32, 128, 9), (256, 128, 9), (256, 512, 50)]
+            if not quick
+            else [(32, 128, 9), (256, 128, 9)]
+        )
         dtypes = [torch.bfloat16, torch.float32] if not quick else [torch.bfloat16]
     else:
         shapes = [(32, 128, 9), (256, 128, 9)] if not quick else [(8, 64, 9)]
         dtypes = [torch.float32]
-    providers = {"effbert-triton": _run("triton"), "effbert-cuda": _run("cuda"), "effbert-cpu": _run("cpu"),
-                 "eager-reference": _run("eager"), "torch": plain_torch}
+    providers = {
+        "effbert-triton": _run("triton"),
+        "effbert-cuda": _run("cuda"),
+        "effbert-cpu": _run("cpu"),
+        "eager-reference": _run("eager"),
+        "torch": plain_torch,
+    }
     out = []
     for batch, seq, cols in shapes:
         for dtype in dtypes:
+
             def make_inputs(batch=batch, seq=seq, cols=cols, dtype=dtype):
                 return _inputs(device, batch, seq, cols, dtype)
 
             probe = make_inputs()
             total = probe[0].shape[0]
-            nbytes = total * cols * dtype.itemsize + total * (1 + 4) + 4 * (batch + 1) + total * (1 + 4 + 4)
+            nbytes = (
+                total * cols * dtype.itemsize
+                + total * (1 + 4)
+                + 4 * (batch + 1)
+                + total * (1 + 4 + 4)
+            )
             padded_bytes = batch * seq * (cols * dtype.itemsize + 1 + 1 + 1 + 4 + 4 + 4) + total * 8
             for name, fn in providers.items():
                 reasons = []
                 if name.startswith("effbert-"):
                     backend = name.split("-", 1)[1]
-                    reasons = provider_reasons(lambda b=backend: ops.token_exit_backend(probe[0][:1], WINDOW, b))
-                out.append(Case(
-                    op="token_exit_decision", shape=f"B={batch},N<={seq},T={total},C={cols},window={WINDOW}",
-                    params={"B": batch, "Nmax": seq, "T": total, "C": cols, "window": WINDOW},
-                    dtype=str(dtype).replace("torch.", ""), mode="forward", provider=name, fn=fn,
-                    make_inputs=make_inputs, reference=_reference, bytes=nbytes, flops=0, rtol=0.0,
-                    skip_reasons=reasons, baseline="torch", tokens=total,
-                    work_bytes=padded_bytes if name == "torch" else None,
-                ))
+                    reasons = provider_reasons(
+                        lambda b=backend: ops.token_exit_backend(probe[0][:1], WINDOW, b)
+                    )
+                out.append(
+                    Case(
+                        op="token_exit_decision",
+                        shape=f"B={batch},N<={seq},T={total},C={cols},window={WINDOW}",
+                        params={"B": batch, "Nmax": seq, "T": total, "C": cols, "window": WINDOW},
+                        dtype=str(dtype).replace("torch.", ""),
+                        mode="forward",
+                        provider=name,
+                        fn=fn,
+                        make_inputs=make_inputs,
+                        reference=_reference,
+                        bytes=nbytes,
+                        flops=0,
+                        rtol=0.0,
+                        skip_reasons=reasons,
+                        baseline="torch",
+                        tokens=total,
+                        work_bytes=padded_bytes if name == "torch" else None,
+                    )
+                )
     return out

@@ -29,12 +29,24 @@ OP = "bert_mlm_train_step"
 
 def _sizes(device, quick):
     if device.type == "cuda":
-        model = dict(vocab_size=30522, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
-                     intermediate_size=3072, max_position_embeddings=512)
+        model = dict(
+            vocab_size=30522,
+            hidden_size=768,
+            num_hidden_layers=12,
+            num_attention_heads=12,
+            intermediate_size=3072,
+            max_position_embeddings=512,
+        )
         shapes = [(32, 512), (128, 128)] if not quick else [(32, 512)]
         return model, shapes, torch.bfloat16
-    model = dict(vocab_size=1000, hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128,
-                 max_position_embeddings=64)
+    model = dict(
+        vocab_size=1000,
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=128,
+        max_position_embeddings=64,
+    )
     return model, [(8, 32)], torch.float32
 
 
@@ -42,11 +54,17 @@ def step_flops(model, batch, seq, head_rows=None):
     """Matrix FLOPs of one training step: 3x the forward's (the backward computes two products per forward one).
     ``head_rows``: the positions the MLM head runs at (default every one, as transformers does; effbert's training
     path runs it at the labelled positions only)."""
-    dm, dff, vocab, layers = model["hidden_size"], model["intermediate_size"], model["vocab_size"], \
-        model["num_hidden_layers"]
+    dm, dff, vocab, layers = (
+        model["hidden_size"],
+        model["intermediate_size"],
+        model["vocab_size"],
+        model["num_hidden_layers"],
+    )
     tokens = batch * seq
     per_layer = 2 * tokens * (4 * dm * dm + 2 * dm * dff) + 2 * 2 * batch * seq * seq * dm
-    head = 2 * (tokens if head_rows is None else head_rows) * (dm * dm + dm * vocab)  # transform, tied decoder
+    head = (
+        2 * (tokens if head_rows is None else head_rows) * (dm * dm + dm * vocab)
+    )  # transform, tied decoder
     return 3.0 * (layers * per_layer + head)
 
 
@@ -61,12 +79,23 @@ def mc_step_flops(model, batch, seq, masked_rows, num_candidates=10, divider=3):
     dm, vocab, k = model["hidden_size"], model["vocab_size"], num_candidates
     heads = max(1, model["num_attention_heads"] // divider)
     dc = max(heads, (dm // divider) // heads * heads)
-    small = dict(model, hidden_size=dc, intermediate_size=max(1, model["intermediate_size"] // divider))
+    small = dict(
+        model, hidden_size=dc, intermediate_size=max(1, model["intermediate_size"] // divider)
+    )
     tokens = batch * seq
-    main = step_flops(model, batch, seq, 0) + 3.0 * 2 * tokens * dm * dm + 3.0 * 2 * tokens * k * dm \
+    main = (
+        step_flops(model, batch, seq, 0)
+        + 3.0 * 2 * tokens * dm * dm
+        + 3.0 * 2 * tokens * k * dm
         + 2.0 * tokens * k * dm
-    controller = (step_flops(small, batch, seq, 0) + 3.0 * 2 * (tokens + vocab) * dm * dc
-                  + 3.0 * 2 * tokens * dc * dc + 3.0 * 2 * masked_rows * dc * vocab + 2.0 * tokens * dc * vocab)
+    )
+    controller = (
+        step_flops(small, batch, seq, 0)
+        + 3.0 * 2 * (tokens + vocab) * dm * dc
+        + 3.0 * 2 * tokens * dc * dc
+        + 3.0 * 2 * masked_rows * dc * vocab
+        + 2.0 * tokens * dc * vocab
+    )
     return main + controller
 
 
@@ -89,7 +118,9 @@ def _mlm_batch(vocab, batch, seq):
     ids = torch.randint(5, vocab, (batch, seq), generator=gen)
     target = torch.rand(batch, seq, generator=gen) < 0.15
     labels = torch.where(target, ids, torch.full_like(ids, -100))
-    ids = torch.where(target & (torch.rand(batch, seq, generator=gen) < 0.8), torch.full_like(ids, 4), ids)
+    ids = torch.where(
+        target & (torch.rand(batch, seq, generator=gen) < 0.8), torch.full_like(ids, 4), ids
+    )
     mask = torch.ones(batch, seq, dtype=torch.bool)
     spans, slots, lengths = _tnf_batch(batch, seq, _Trainer.NUM_SLOTS, seed=batch + seq)
     return ids, mask, labels, spans, slots, lengths
@@ -110,20 +141,34 @@ class _Trainer:
         if self.provider == "hf-sdpa":
             from transformers import BertConfig, BertForMaskedLM
 
-            cfg = BertConfig(**self.sizes, hidden_dropout_prob=self.dropout, attention_probs_dropout_prob=self.dropout)
+            cfg = BertConfig(
+                **self.sizes,
+                hidden_dropout_prob=self.dropout,
+                attention_probs_dropout_prob=self.dropout,
+            )
             cfg._attn_implementation = "sdpa"
             self.model = BertForMaskedLM(cfg)
         else:
-            from ..models import TupeBertConfig, TupeBertForMaskedLM, TupeBertForMultiChoicePretraining
+            from ..models import (
+                TupeBertConfig,
+                TupeBertForMaskedLM,
+                TupeBertForMultiChoicePretraining,
+            )
             from ..nn import NoteDictionary
 
             absolute = self.provider == "effbert-absolute"
-            cfg = TupeBertConfig(**self.sizes, position_mode="absolute" if absolute else "tupe-r",
-                                 hidden_dropout_prob=self.dropout, attention_probs_dropout_prob=self.dropout,
-                                 backend="eager" if self.provider == "effbert-eager" else "auto")
+            cfg = TupeBertConfig(
+                **self.sizes,
+                position_mode="absolute" if absolute else "tupe-r",
+                hidden_dropout_prob=self.dropout,
+                attention_probs_dropout_prob=self.dropout,
+                backend="eager" if self.provider == "effbert-eager" else "auto",
+            )
             notes = None if absolute else NoteDictionary(self.NUM_SLOTS, cfg.hidden_size, window=16)
             if self.provider == "effbert-mcbert":
-                self.model = TupeBertForMultiChoicePretraining(cfg, note_dictionary=notes, mask_token_id=4)
+                self.model = TupeBertForMultiChoicePretraining(
+                    cfg, note_dictionary=notes, mask_token_id=4
+                )
             else:
                 self.model = TupeBertForMaskedLM(cfg, note_dictionary=notes)
         self.model = self.model.to(self.device).train()
@@ -135,7 +180,9 @@ class _Trainer:
             self.build()
         model = self.model
         model.zero_grad(set_to_none=True)
-        with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
+        with torch.autocast(
+            self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32
+        ):
             if self.provider == "hf-sdpa":
                 out = model(input_ids=ids, attention_mask=mask, labels=labels)
             elif self.provider == "effbert-mcbert":
@@ -153,8 +200,11 @@ class _Trainer:
 
 def _transformers_reason():
     try:
-        return [] if importlib.util.find_spec("transformers") else [
-            "transformers is not installed (pip install transformers safetensors)"]
+        return (
+            []
+            if importlib.util.find_spec("transformers")
+            else ["transformers is not installed (pip install transformers safetensors)"]
+        )
     except (ImportError, ValueError):
         return ["transformers is not importable"]
 
@@ -164,6 +214,7 @@ def cases(device, quick):
     params = None
     out = []
     for batch, seq in shapes:
+
         def make_inputs(batch=batch, seq=seq):
             return tuple(t.to(device) for t in _mlm_batch(model_sizes["vocab_size"], batch, seq))
 
@@ -171,23 +222,58 @@ def cases(device, quick):
         labelled = int((b_labels != -100).sum())
         masked_rows = int((b_ids == 4).sum())
 
-        if params is None:  # BERT's parameter count without building one: embeddings, layers, MLM head
-            dm, dff, v = model_sizes["hidden_size"], model_sizes["intermediate_size"], model_sizes["vocab_size"]
-            params = (v + model_sizes["max_position_embeddings"] + 2) * dm + model_sizes["num_hidden_layers"] * (
-                4 * dm * dm + 2 * dm * dff + 9 * dm + dff) + dm * dm + 4 * dm + v
-        for provider in ("effbert", "effbert-absolute", "effbert-eager", "hf-sdpa", "effbert-mcbert"):
+        if (
+            params is None
+        ):  # BERT's parameter count without building one: embeddings, layers, MLM head
+            dm, dff, v = (
+                model_sizes["hidden_size"],
+                model_sizes["intermediate_size"],
+                model_sizes["vocab_size"],
+            )
+            params = (
+                (v + model_sizes["max_position_embeddings"] + 2) * dm
+                + model_sizes["num_hidden_layers"] * (4 * dm * dm + 2 * dm * dff + 9 * dm + dff)
+                + dm * dm
+                + 4 * dm
+                + v
+            )
+        for provider in (
+            "effbert",
+            "effbert-absolute",
+            "effbert-eager",
+            "hf-sdpa",
+            "effbert-mcbert",
+        ):
             trainer = _Trainer(provider, model_sizes, device, dtype)
-            out.append(Case(
-                op=OP, params={"B": batch, "N": seq, "L": model_sizes["num_hidden_layers"],
-                               "Dm": model_sizes["hidden_size"]},
-                dtype=str(dtype).replace("torch.", ""), mode="train step", provider=provider, fn=trainer,
-                make_inputs=make_inputs, reference=lambda *inputs: None,
-                # AdamW reads weight, gradient and both moments and writes three of them back: 28 bytes per
-                # fp32 parameter is the least a step moves; the matrix products bound it long before that
-                bytes=28 * params, tokens=batch * seq,
-                flops=(mc_step_flops(model_sizes, batch, seq, masked_rows) if provider == "effbert-mcbert" else
-                       step_flops(model_sizes, batch, seq, None if provider == "hf-sdpa" else labelled)),
-                skip_reasons=_transformers_reason() if provider == "hf-sdpa" else [], baseline="hf-sdpa",
-                check=False,
-            ))
+            out.append(
+                Case(
+                    op=OP,
+                    params={
+                        "B": batch,
+                        "N": seq,
+                        "L": model_sizes["num_hidden_layers"],
+                        "Dm": model_sizes["hidden_size"],
+                    },
+                    dtype=str(dtype).replace("torch.", ""),
+                    mode="train step",
+                    provider=provider,
+                    fn=trainer,
+                    make_inputs=make_inputs,
+                    reference=lambda *inputs: None,
+                    # AdamW reads weight, gradient and both moments and writes three of them back: 28 bytes per
+                    # fp32 parameter is the least a step moves; the matrix products bound it long before that
+                    bytes=28 * params,
+                    tokens=batch * seq,
+                    flops=(
+                        mc_step_flops(model_sizes, batch, seq, masked_rows)
+                        if provider == "effbert-mcbert"
+                        else step_flops(
+                            model_sizes, batch, seq, None if provider == "hf-sdpa" else labelled
+                        )
+                    ),
+                    skip_reasons=_transformers_reason() if provider == "hf-sdpa" else [],
+                    baseline="hf-sdpa",
+                    check=False,
+                )
+            )
     return out

@@ -50,17 +50,35 @@ PACK_WINDOW = 1000  # texts packed together, as effbert.data.packing.pack packs 
 def _sizes(device, quick):
     """(model sizes, [(B, N)] for the padding op, (B, N) for the packing op, autocast dtype)."""
     if device.type == "cuda":
-        model = dict(vocab_size=30522, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
-                     intermediate_size=3072, max_position_embeddings=512)
+        model = dict(
+            vocab_size=30522,
+            hidden_size=768,
+            num_hidden_layers=12,
+            num_attention_heads=12,
+            intermediate_size=3072,
+            max_position_embeddings=512,
+        )
         shapes = [(32, 512), (128, 128)] if not quick else [(32, 512)]
         return model, shapes, (128, 128), torch.bfloat16
     if quick:
-        model = dict(vocab_size=1000, hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
-                     intermediate_size=128, max_position_embeddings=128)
+        model = dict(
+            vocab_size=1000,
+            hidden_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=128,
+            max_position_embeddings=128,
+        )
         return model, [(4, 64)], (4, 128), torch.float32
     # wide enough that the linear layers, not the CPU attention's per-sequence calls, take most of the step
-    model = dict(vocab_size=4000, hidden_size=512, num_hidden_layers=2, num_attention_heads=8, intermediate_size=2048,
-                 max_position_embeddings=128)
+    model = dict(
+        vocab_size=4000,
+        hidden_size=512,
+        num_hidden_layers=2,
+        num_attention_heads=8,
+        intermediate_size=2048,
+        max_position_embeddings=128,
+    )
     return model, [(16, 128)], (16, 128), torch.float32
 
 
@@ -68,8 +86,12 @@ def matrix_flops(sizes, tokens, pairs, head_rows):
     """Matrix FLOPs of one training step, 3x the forward's (the backward computes two products per forward one):
     per layer the QKV, output and FFN products over ``tokens`` rows and attention's two products over ``pairs``
     query-key pairs, plus the MLM head's transform and tied decoder over ``head_rows``."""
-    dm, dff, vocab, layers = (sizes["hidden_size"], sizes["intermediate_size"], sizes["vocab_size"],
-                              sizes["num_hidden_layers"])
+    dm, dff, vocab, layers = (
+        sizes["hidden_size"],
+        sizes["intermediate_size"],
+        sizes["vocab_size"],
+        sizes["num_hidden_layers"],
+    )
     per_layer = 2 * tokens * (4 * dm * dm + 2 * dm * dff) + 2 * 2 * pairs * dm
     return 3.0 * (layers * per_layer + 2 * head_rows * (dm * dm + dm * vocab))
 
@@ -94,7 +116,9 @@ def mlm_rows(lengths, seq, vocab, seed):
     ids = torch.randint(5, vocab, (batch, seq), generator=gen)
     target = real & (torch.rand(batch, seq, generator=gen) < 0.15)
     labels = torch.where(target, ids, torch.full_like(ids, -100))
-    ids = torch.where(target & (torch.rand(batch, seq, generator=gen) < 0.8), torch.full_like(ids, MASK_ID), ids)
+    ids = torch.where(
+        target & (torch.rand(batch, seq, generator=gen) < 0.8), torch.full_like(ids, MASK_ID), ids
+    )
     return ids.masked_fill(~real, PAD_ID), real.long(), labels
 
 
@@ -108,7 +132,7 @@ def packed_rows(row_lengths, seq, vocab, seed):
     for r, texts in enumerate(row_lengths):
         start = 0
         for n in texts:
-            position_ids[r, start:start + n] = torch.arange(n)
+            position_ids[r, start : start + n] = torch.arange(n)
             start += n
     return ids, mask, labels, position_ids
 
@@ -133,7 +157,9 @@ def measure_sentence_lengths(paths, vocab_size=8000):
     for path in paths:
         for para in re.split(r"\n\s*\n", Path(path).read_text(encoding="utf-8", errors="replace")):
             text = " ".join(para.split())
-            sentences += [s for s in re.split(r"(?<=[.!?;])\s+(?=[A-Z0-9(\"])", text) if len(s.split()) >= 3]
+            sentences += [
+                s for s in re.split(r"(?<=[.!?;])\s+(?=[A-Z0-9(\"])", text) if len(s.split()) >= 3
+            ]
     with tempfile.TemporaryDirectory() as tmp:
         corpus = Path(tmp, "sentences.txt")
         corpus.write_text("\n".join(sentences) + "\n", encoding="utf-8")
@@ -157,10 +183,12 @@ def write_sentence_lengths(path=LENGTHS_FILE, folder="/usr/share/common-licenses
     """Regenerate ``sentence_lengths.txt`` from the license texts of this machine."""
     files = license_files(folder)
     lengths = measure_sentence_lengths(files)
-    head = [f"# {len(lengths)} sentence lengths in WordPiece pieces ([CLS] and [SEP] included): the sentences of "
-            f"{', '.join(p.name for p in files)} ({folder}),",
-            "# effbert.data.tokenization.train_wordpiece trained on them with vocab_size=8000 (lowercase); "
-            "written by effbert.bench.train_step_padding.write_sentence_lengths"]
+    head = [
+        f"# {len(lengths)} sentence lengths in WordPiece pieces ([CLS] and [SEP] included): the sentences of "
+        f"{', '.join(p.name for p in files)} ({folder}),",
+        "# effbert.data.tokenization.train_wordpiece trained on them with vocab_size=8000 (lowercase); "
+        "written by effbert.bench.train_step_padding.write_sentence_lengths",
+    ]
     Path(path).write_text("\n".join(head + [str(n) for n in lengths]) + "\n")
     return lengths
 
@@ -173,7 +201,9 @@ def _model_reasons(packed):
     if "unpad_inputs" not in TupeBertConfig().to_dict():
         reasons.append("this effbert's TupeBertConfig has no unpad_inputs field (no unpadded path)")
     if packed and "position_ids" not in inspect.signature(TupeBertForMaskedLM.forward).parameters:
-        reasons.append("this effbert's TupeBertForMaskedLM.forward takes no position_ids (no packing)")
+        reasons.append(
+            "this effbert's TupeBertForMaskedLM.forward takes no position_ids (no packing)"
+        )
     return reasons
 
 
@@ -181,7 +211,13 @@ class _Trainer:
     """A model, its optimizer and its step, built on first use (so that a listed case costs nothing)."""
 
     def __init__(self, unpad, sizes, device, dtype, dropout=0.1, position_mode="tupe-r"):
-        self.unpad, self.sizes, self.device, self.dtype, self.dropout = unpad, sizes, device, dtype, dropout
+        self.unpad, self.sizes, self.device, self.dtype, self.dropout = (
+            unpad,
+            sizes,
+            device,
+            dtype,
+            dropout,
+        )
         self.position_mode = position_mode
         self.model = None
 
@@ -189,8 +225,13 @@ class _Trainer:
         from ..models import TupeBertConfig, TupeBertForMaskedLM
 
         torch.manual_seed(0)  # the same weights for every provider
-        cfg = TupeBertConfig(**self.sizes, position_mode=self.position_mode, type_vocab_size=0,
-                             hidden_dropout_prob=self.dropout, attention_probs_dropout_prob=self.dropout)
+        cfg = TupeBertConfig(
+            **self.sizes,
+            position_mode=self.position_mode,
+            type_vocab_size=0,
+            hidden_dropout_prob=self.dropout,
+            attention_probs_dropout_prob=self.dropout,
+        )
         if "unpad_inputs" in cfg.to_dict():
             cfg = cfg.replace(unpad_inputs=self.unpad)
         self.model = TupeBertForMaskedLM(cfg).to(self.device).train()
@@ -202,8 +243,12 @@ class _Trainer:
             self.build()
         self.model.zero_grad(set_to_none=True)
         extra = {"position_ids": position_ids} if position_ids is not None else {}
-        with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
-            out = self.model(input_ids=ids, attention_mask=mask, labels=labels, return_logits=False, **extra)
+        with torch.autocast(
+            self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32
+        ):
+            out = self.model(
+                input_ids=ids, attention_mask=mask, labels=labels, return_logits=False, **extra
+            )
         out.loss.backward()
         self.opt.step()
         return out.loss.detach()
@@ -212,7 +257,13 @@ class _Trainer:
 def _param_bytes(sizes):
     """AdamW's least traffic: weight, gradient and both moments read, three written, fp32 (28 bytes a parameter)."""
     dm, dff, v = sizes["hidden_size"], sizes["intermediate_size"], sizes["vocab_size"]
-    params = v * dm + sizes["num_hidden_layers"] * (4 * dm * dm + 2 * dm * dff + 9 * dm + dff) + dm * dm + 4 * dm + v
+    params = (
+        v * dm
+        + sizes["num_hidden_layers"] * (4 * dm * dm + 2 * dm * dff + 9 * dm + dff)
+        + dm * dm
+        + 4 * dm
+        + v
+    )
     return 28 * params
 
 
@@ -227,20 +278,48 @@ def padding_cases(device, quick):
         real = int(lengths.sum())
 
         def make_inputs(lengths=lengths, seq=seq, batch=batch):
-            return tuple(t.to(device) for t in mlm_rows(lengths, seq, sizes["vocab_size"], seed=batch * seq))
+            return tuple(
+                t.to(device) for t in mlm_rows(lengths, seq, sizes["vocab_size"], seed=batch * seq)
+            )
 
-        common = dict(op=OP, params={"B": batch, "N": seq, "real": real,
-                                     "L": sizes["num_hidden_layers"], "Dm": sizes["hidden_size"]},
-                      dtype=dname, mode="train step", make_inputs=make_inputs, reference=lambda *a: None,
-                      bytes=_param_bytes(sizes), tokens=real, baseline="padded", check=False)
-        out.append(Case(provider="padded", fn=_Trainer(False, sizes, device, dtype),
-                        flops=matrix_flops(sizes, batch * seq, batch * seq * seq, head_rows),
-                        note=f"FLOPs over {batch * seq} padded slots; tokens/s counts the {real} real tokens",
-                        **common))
-        out.append(Case(provider="unpadded", fn=_Trainer(True, sizes, device, dtype),
-                        flops=matrix_flops(sizes, real, int((lengths ** 2).sum()), head_rows),
-                        skip_reasons=_model_reasons(False), ratio_target=RATIO_TARGET[device.type],
-                        note=f"FLOPs over the {real} real tokens", **common))
+        common = dict(
+            op=OP,
+            params={
+                "B": batch,
+                "N": seq,
+                "real": real,
+                "L": sizes["num_hidden_layers"],
+                "Dm": sizes["hidden_size"],
+            },
+            dtype=dname,
+            mode="train step",
+            make_inputs=make_inputs,
+            reference=lambda *a: None,
+            bytes=_param_bytes(sizes),
+            tokens=real,
+            baseline="padded",
+            check=False,
+        )
+        out.append(
+            Case(
+                provider="padded",
+                fn=_Trainer(False, sizes, device, dtype),
+                flops=matrix_flops(sizes, batch * seq, batch * seq * seq, head_rows),
+                note=f"FLOPs over {batch * seq} padded slots; tokens/s counts the {real} real tokens",
+                **common,
+            )
+        )
+        out.append(
+            Case(
+                provider="unpadded",
+                fn=_Trainer(True, sizes, device, dtype),
+                flops=matrix_flops(sizes, real, int((lengths**2).sum()), head_rows),
+                skip_reasons=_model_reasons(False),
+                ratio_target=RATIO_TARGET[device.type],
+                note=f"FLOPs over the {real} real tokens",
+                **common,
+            )
+        )
     return out
 
 
@@ -255,14 +334,23 @@ def packing_cases(device, quick):
     stream = [pool[i] for i in torch.randint(len(pool), (PACK_WINDOW,), generator=gen).tolist()]
     single = stream[:batch]
     packed, _ = pack_lengths(stream, seq, window=PACK_WINDOW)
-    rows = [[stream[i] for i in packed[r]] for r in torch.randperm(len(packed), generator=gen)[:batch].tolist()]
+    rows = [
+        [stream[i] for i in packed[r]]
+        for r in torch.randperm(len(packed), generator=gen)[:batch].tolist()
+    ]
     texts = [n for r in rows for n in r]
-    common = dict(op=PACKING_OP, dtype=dname, mode="train step", reference=lambda *a: None, bytes=_param_bytes(sizes),
-                  baseline="padded", check=False,
-                  shape=f"B={batch},N={seq},real-lengths,L={sizes['num_hidden_layers']},"
-                        f"Dm={sizes['hidden_size']}",
-                  params={"B": batch, "N": seq, "L": sizes["num_hidden_layers"],
-                          "Dm": sizes["hidden_size"]})
+    common = dict(
+        op=PACKING_OP,
+        dtype=dname,
+        mode="train step",
+        reference=lambda *a: None,
+        bytes=_param_bytes(sizes),
+        baseline="padded",
+        check=False,
+        shape=f"B={batch},N={seq},real-lengths,L={sizes['num_hidden_layers']},"
+        f"Dm={sizes['hidden_size']}",
+        params={"B": batch, "N": seq, "L": sizes["num_hidden_layers"], "Dm": sizes["hidden_size"]},
+    )
     single_labels = mlm_rows(single, seq, sizes["vocab_size"], seed=1)[2]
     packed_labels = packed_rows(rows, seq, sizes["vocab_size"], seed=2)[2]
 
@@ -272,22 +360,44 @@ def packing_cases(device, quick):
     def packed_inputs():
         return tuple(t.to(device) for t in packed_rows(rows, seq, sizes["vocab_size"], seed=2))
 
-    one_per_row = f"{batch} texts, one per row, {100 * sum(single) / (batch * seq):.0f}% of slots real"
+    one_per_row = (
+        f"{batch} texts, one per row, {100 * sum(single) / (batch * seq):.0f}% of slots real"
+    )
     head_single = int((single_labels != -100).sum())
     pairs_single = sum(n * n for n in single)
     return [
-        Case(provider="padded", fn=_Trainer(False, sizes, device, dtype), make_inputs=single_inputs,
-             flops=matrix_flops(sizes, batch * seq, batch * seq * seq, head_single), tokens=sum(single),
-             note=f"{one_per_row}; FLOPs over the padded slots", **common),
-        Case(provider="unpadded", fn=_Trainer(True, sizes, device, dtype), make_inputs=single_inputs,
-             flops=matrix_flops(sizes, sum(single), pairs_single, head_single), tokens=sum(single),
-             skip_reasons=_model_reasons(False), note=f"{one_per_row}; FLOPs over the real tokens", **common),
-        Case(provider="packed", fn=_Trainer(True, sizes, device, dtype), make_inputs=packed_inputs,
-             flops=matrix_flops(sizes, sum(texts), sum(n * n for n in texts),
-                                int((packed_labels != -100).sum())),
-             tokens=sum(texts), skip_reasons=reasons,
-             note=f"{len(texts)} texts packed into {batch} rows, {100 * sum(texts) / (batch * seq):.0f}% of slots "
-                  f"filled; FLOPs over the real tokens", **common),
+        Case(
+            provider="padded",
+            fn=_Trainer(False, sizes, device, dtype),
+            make_inputs=single_inputs,
+            flops=matrix_flops(sizes, batch * seq, batch * seq * seq, head_single),
+            tokens=sum(single),
+            note=f"{one_per_row}; FLOPs over the padded slots",
+            **common,
+        ),
+        Case(
+            provider="unpadded",
+            fn=_Trainer(True, sizes, device, dtype),
+            make_inputs=single_inputs,
+            flops=matrix_flops(sizes, sum(single), pairs_single, head_single),
+            tokens=sum(single),
+            skip_reasons=_model_reasons(False),
+            note=f"{one_per_row}; FLOPs over the real tokens",
+            **common,
+        ),
+        Case(
+            provider="packed",
+            fn=_Trainer(True, sizes, device, dtype),
+            make_inputs=packed_inputs,
+            flops=matrix_flops(
+                sizes, sum(texts), sum(n * n for n in texts), int((packed_labels != -100).sum())
+            ),
+            tokens=sum(texts),
+            skip_reasons=reasons,
+            note=f"{len(texts)} texts packed into {batch} rows, {100 * sum(texts) / (batch * seq):.0f}% of slots "
+            f"filled; FLOPs over the real tokens",
+            **common,
+        ),
     ]
 
 

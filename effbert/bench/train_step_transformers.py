@@ -25,8 +25,16 @@ import importlib.util
 import torch
 
 from .case import Case
-from .train_step_padding import (PAD_ID, _model_reasons, _param_bytes, _sizes, _Trainer,
-                                 half_padded_lengths, matrix_flops, mlm_rows)
+from .train_step_padding import (
+    PAD_ID,
+    _model_reasons,
+    _param_bytes,
+    _sizes,
+    _Trainer,
+    half_padded_lengths,
+    matrix_flops,
+    mlm_rows,
+)
 
 OP = "train_step_vs_transformers"
 
@@ -52,8 +60,12 @@ class HFTrainer:
         from transformers import BertConfig, BertForMaskedLM
 
         torch.manual_seed(0)
-        cfg = BertConfig(**self.sizes, hidden_dropout_prob=self.dropout,
-                         attention_probs_dropout_prob=self.dropout, pad_token_id=PAD_ID)
+        cfg = BertConfig(
+            **self.sizes,
+            hidden_dropout_prob=self.dropout,
+            attention_probs_dropout_prob=self.dropout,
+            pad_token_id=PAD_ID,
+        )
         cfg._attn_implementation = "sdpa"
         self.model = BertForMaskedLM(cfg).to(self.device).train()
         fused = {"fused": True} if self.device.type == "cuda" else {}
@@ -87,8 +99,11 @@ class HFTrainer:
 
 
 def _hf_reasons():
-    return [] if importlib.util.find_spec("transformers") else [
-        "transformers is not installed (pip install transformers safetensors)"]
+    return (
+        []
+        if importlib.util.find_spec("transformers")
+        else ["transformers is not installed (pip install transformers safetensors)"]
+    )
 
 
 def cases(device, quick):
@@ -106,30 +121,59 @@ def cases(device, quick):
             rows = mlm_rows(lengths, seq, sizes["vocab_size"], seed=batch * seq)
             return tuple(t.to(device) for t in rows)
 
-        params = {"B": batch, "N": seq, "real": real, "L": sizes["num_hidden_layers"],
-                  "Dm": sizes["hidden_size"]}
-        common = dict(op=OP, params=params, dtype=dname, mode="train step", make_inputs=make_inputs,
-                      reference=lambda *a: None, bytes=_param_bytes(sizes), tokens=real,
-                      baseline="hf-mlm", check=False)
+        params = {
+            "B": batch,
+            "N": seq,
+            "real": real,
+            "L": sizes["num_hidden_layers"],
+            "Dm": sizes["hidden_size"],
+        }
+        common = dict(
+            op=OP,
+            params=params,
+            dtype=dname,
+            mode="train step",
+            make_inputs=make_inputs,
+            reference=lambda *a: None,
+            bytes=_param_bytes(sizes),
+            tokens=real,
+            baseline="hf-mlm",
+            check=False,
+        )
         out += [
-            Case(provider="hf-mlm", fn=HFTrainer(False, sizes, device, dtype),
-                 flops=matrix_flops(sizes, slots, slots * seq, slots), skip_reasons=_hf_reasons(),
-                 note=f"transformers BertForMaskedLM as a user runs it (SDPA): every layer and "
-                      f"the MLM head on all {slots} slots; tokens/s counts the {real} real tokens",
-                 **common),
-            Case(provider="hf-mlm-labelled-head", fn=HFTrainer(True, sizes, device, dtype),
-                 flops=matrix_flops(sizes, slots, slots * seq, head_rows),
-                 skip_reasons=_hf_reasons(),
-                 note=f"the same BertForMaskedLM, its MLM head on the {head_rows} labelled rows "
-                      "only (effbert's trick), the encoder on all slots", **common),
-            Case(provider="effbert-padded", fn=_Trainer(False, sizes, device, dtype),
-                 flops=matrix_flops(sizes, slots, slots * seq, head_rows),
-                 note="TupeBertForMaskedLM (TUPE-R) on all slots, head on the labelled rows",
-                 **common),
-            Case(provider="effbert-unpadded", fn=_Trainer(True, sizes, device, dtype),
-                 flops=matrix_flops(sizes, real, int((lengths ** 2).sum()), head_rows),
-                 skip_reasons=_model_reasons(False),
-                 note="TupeBertForMaskedLM (TUPE-R) on the real tokens only, head on the labelled "
-                      "rows", **common),
+            Case(
+                provider="hf-mlm",
+                fn=HFTrainer(False, sizes, device, dtype),
+                flops=matrix_flops(sizes, slots, slots * seq, slots),
+                skip_reasons=_hf_reasons(),
+                note=f"transformers BertForMaskedLM as a user runs it (SDPA): every layer and "
+                f"the MLM head on all {slots} slots; tokens/s counts the {real} real tokens",
+                **common,
+            ),
+            Case(
+                provider="hf-mlm-labelled-head",
+                fn=HFTrainer(True, sizes, device, dtype),
+                flops=matrix_flops(sizes, slots, slots * seq, head_rows),
+                skip_reasons=_hf_reasons(),
+                note=f"the same BertForMaskedLM, its MLM head on the {head_rows} labelled rows "
+                "only (effbert's trick), the encoder on all slots",
+                **common,
+            ),
+            Case(
+                provider="effbert-padded",
+                fn=_Trainer(False, sizes, device, dtype),
+                flops=matrix_flops(sizes, slots, slots * seq, head_rows),
+                note="TupeBertForMaskedLM (TUPE-R) on all slots, head on the labelled rows",
+                **common,
+            ),
+            Case(
+                provider="effbert-unpadded",
+                fn=_Trainer(True, sizes, device, dtype),
+                flops=matrix_flops(sizes, real, int((lengths**2).sum()), head_rows),
+                skip_reasons=_model_reasons(False),
+                note="TupeBertForMaskedLM (TUPE-R) on the real tokens only, head on the labelled "
+                "rows",
+                **common,
+            ),
         ]
     return out

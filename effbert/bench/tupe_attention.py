@@ -33,7 +33,11 @@ def _bytes(b, n, heads, d, itemsize, mode):
     """q, k, v, out (and dout, dq, dk, dv in the backward) once each, plus the [H, N, N] bias (and its grad)."""
     act = b * n * heads * d * itemsize
     bias = heads * n * n * itemsize
-    return {"forward": 4 * act + bias, "backward": 8 * act + 2 * bias, "forward+backward": 12 * act + 3 * bias}[mode]
+    return {
+        "forward": 4 * act + bias,
+        "backward": 8 * act + 2 * bias,
+        "forward+backward": 12 * act + 3 * bias,
+    }[mode]
 
 
 def _sdpa(backend_name):
@@ -47,8 +51,12 @@ def _sdpa(backend_name):
         # SDPA takes [B, H, N, D]; the transposes are views of our [B, N, H, D] tensors
         with sdpa_kernel(backend) if backend is not None else contextlib.nullcontext():
             out = torch.nn.functional.scaled_dot_product_attention(
-                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                attn_mask=None if bias is None else bias.unsqueeze(0), scale=q.shape[-1] ** -0.5)
+                q.transpose(1, 2),
+                k.transpose(1, 2),
+                v.transpose(1, 2),
+                attn_mask=None if bias is None else bias.unsqueeze(0),
+                scale=q.shape[-1] ** -0.5,
+            )
         return out.transpose(1, 2)
 
     return attend
@@ -67,8 +75,13 @@ def _flex_attention(q, k, v, bias):
     def score_mod(score, b, h, q_idx, kv_idx):
         return score + bias[h, q_idx, kv_idx]
 
-    out = fn(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), score_mod=score_mod,
-             scale=q.shape[-1] ** -0.5)
+    out = fn(
+        q.transpose(1, 2),
+        k.transpose(1, 2),
+        v.transpose(1, 2),
+        score_mod=score_mod,
+        scale=q.shape[-1] ** -0.5,
+    )
     return out.transpose(1, 2)
 
 
@@ -97,31 +110,45 @@ def _optional_reasons(name, device):
     return [] if found else [f"{name} is not installed"]
 
 
-OPTIONAL = {"flash-attn-nobias": ("flash_attn", _flash_attn_nobias), "xformers": ("xformers", _xformers)}
+OPTIONAL = {
+    "flash-attn-nobias": ("flash_attn", _flash_attn_nobias),
+    "xformers": ("xformers", _xformers),
+}
 
 
 def _providers(device):
     out = {
-        "effbert-triton": lambda q, k, v, bias: effbert.tupe_attention(q, k, v, bias, backend="triton"),
+        "effbert-triton": lambda q, k, v, bias: effbert.tupe_attention(
+            q, k, v, bias, backend="triton"
+        ),
         "eager-reference": lambda q, k, v, bias: reference.tupe_attention(q, k, v, bias),
     }
     if device.type == "cuda":
-        out.update({
-            "sdpa-mem-efficient": _sdpa("EFFICIENT_ATTENTION"),
-            "sdpa-cudnn": _sdpa("CUDNN_ATTENTION"),
-            "flexattention": _flex_attention,
-            "sdpa-flash-nobias": lambda q, k, v, bias: _sdpa("FLASH_ATTENTION")(q, k, v, None),
-        })
+        out.update(
+            {
+                "sdpa-mem-efficient": _sdpa("EFFICIENT_ATTENTION"),
+                "sdpa-cudnn": _sdpa("CUDNN_ATTENTION"),
+                "flexattention": _flex_attention,
+                "sdpa-flash-nobias": lambda q, k, v, bias: _sdpa("FLASH_ATTENTION")(q, k, v, None),
+            }
+        )
     else:
-        out["effbert-cpu"] = lambda q, k, v, bias: effbert.tupe_attention(q, k, v, bias, backend="cpu")
+        out["effbert-cpu"] = lambda q, k, v, bias: effbert.tupe_attention(
+            q, k, v, bias, backend="cpu"
+        )
         out["sdpa-math"] = _sdpa("MATH")
-        out["sdpa"] = _sdpa(None)  # plain PyTorch: whichever CPU kernel SDPA picks, the bias as its attn_mask
-    out.update({name: fn for name, (_, fn) in OPTIONAL.items()})  # listed everywhere; skipped with a reason
+        out["sdpa"] = _sdpa(
+            None
+        )  # plain PyTorch: whichever CPU kernel SDPA picks, the bias as its attn_mask
+    out.update(
+        {name: fn for name, (_, fn) in OPTIONAL.items()}
+    )  # listed everywhere; skipped with a reason
     return out
 
 
 def _mode_fn(attend, mode, bias_grad):
     """fn(q, k, v, bias, dout): runs the mode and returns what the check compares (output, or d bias / d q)."""
+
     def forward(q, k, v, bias, dout):
         with torch.no_grad():
             return attend(q, k, v, bias)
@@ -168,13 +195,16 @@ def cases(device, quick):
         shapes = [(32, 512, 12, 64), (128, 128, 12, 64)] if not quick else [(8, 512, 12, 64)]
         dtype = torch.bfloat16
     else:
-        shapes = [(2, 64, 2, 16)] + ([(8, 128, 12, 64)] if not quick else [])  # the second: BERT-base inference
+        shapes = [(2, 64, 2, 16)] + (
+            [(8, 128, 12, 64)] if not quick else []
+        )  # the second: BERT-base inference
         dtype = torch.float32
     dname = str(dtype).replace("torch.", "")
     out = []
     probe = torch.empty(1, 1, 1, 64 if device.type == "cuda" else 16, device=device, dtype=dtype)
     triton_reasons = provider_reasons(lambda: attention_ops.attention_backend(probe, "triton"))
     for b, n, h, d in shapes:
+
         def make_inputs(b=b, n=n, h=h, d=d):
             q, k, v, dout = (torch.randn(b, n, h, d, device=device, dtype=dtype) for _ in range(4))
             bias = torch.randn(h, n, n, device=device, dtype=dtype)
@@ -186,18 +216,31 @@ def cases(device, quick):
                 if name in OPTIONAL:
                     reasons += _optional_reasons(OPTIONAL[name][0], device)
                 if name == "eager-reference" and n * n * b * h > (64 << 20) and mode != "forward":
-                    reasons.append("the eager backward holds several [B, H, N, N] tensors; timed in forward only")
+                    reasons.append(
+                        "the eager backward holds several [B, H, N, N] tensors; timed in forward only"
+                    )
                 has_bias = not name.endswith("-nobias")
-                out.append(Case(
-                    op="tupe_attention", params={"B": b, "N": n, "H": h, "D": d},
-                    dtype=dname, mode=mode, provider=name,
-                    fn=_mode_fn(attend, mode, has_bias), make_inputs=make_inputs, reference=_reference_fn(mode),
-                    bytes=_bytes(b, n, h, d, dtype.itemsize, mode), flops=_flops([n] * b, h, d, mode),
-                    rtol=3e-2 if dtype != torch.float32 else 1e-4, skip_reasons=reasons,
-                    baseline="sdpa-flash-nobias" if device.type == "cuda" else "eager-reference",
-                    # without the bias its output differs by construction; it is the no-bias ceiling
-                    check=has_bias,
-                ))
+                out.append(
+                    Case(
+                        op="tupe_attention",
+                        params={"B": b, "N": n, "H": h, "D": d},
+                        dtype=dname,
+                        mode=mode,
+                        provider=name,
+                        fn=_mode_fn(attend, mode, has_bias),
+                        make_inputs=make_inputs,
+                        reference=_reference_fn(mode),
+                        bytes=_bytes(b, n, h, d, dtype.itemsize, mode),
+                        flops=_flops([n] * b, h, d, mode),
+                        rtol=3e-2 if dtype != torch.float32 else 1e-4,
+                        skip_reasons=reasons,
+                        baseline="sdpa-flash-nobias"
+                        if device.type == "cuda"
+                        else "eager-reference",
+                        # without the bias its output differs by construction; it is the no-bias ceiling
+                        check=has_bias,
+                    )
+                )
     out += _varlen_cases(device, quick, dtype, triton_reasons)
     out += _seqlen_sweep(device, quick, dtype, triton_reasons)
     out += _padded_cpu_cases(device, quick)
@@ -227,12 +270,19 @@ def _padded_cpu_cases(device, quick):
         return q, k, v, torch.randn(h, n, n)
 
     def effbert_cpu(q, k, v, bias):
-        return effbert.tupe_attention(q, k, v, bias, attention_mask=mask, scale=scale, backend="cpu")[mask]
+        return effbert.tupe_attention(
+            q, k, v, bias, attention_mask=mask, scale=scale, backend="cpu"
+        )[mask]
 
     def plain(q, k, v, bias):
         keys = torch.zeros(b, 1, 1, n).masked_fill(~mask[:, None, None, :], float("-inf"))
         out = torch.nn.functional.scaled_dot_product_attention(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=bias.unsqueeze(0) + keys, scale=scale)
+            q.transpose(1, 2),
+            k.transpose(1, 2),
+            v.transpose(1, 2),
+            attn_mask=bias.unsqueeze(0) + keys,
+            scale=scale,
+        )
         return out.transpose(1, 2)[mask]
 
     def eager(q, k, v, bias):
@@ -241,23 +291,47 @@ def _padded_cpu_cases(device, quick):
     def ref(q, k, v, bias):
         return eager(q.double(), k.double(), v.double(), bias.double())
 
-    flops, padded_flops = _flops(lengths.tolist(), h, d, "forward"), _flops([n] * b, h, d, "forward")
-    common = dict(op="tupe_attention", params=params,
-                  dtype="float32", mode="forward", make_inputs=make_inputs,
-                  reference=ref, bytes=4 * real * act + bias_bytes, flops=flops, rtol=1e-4,
-                  baseline="eager-reference")
+    flops, padded_flops = (
+        _flops(lengths.tolist(), h, d, "forward"),
+        _flops([n] * b, h, d, "forward"),
+    )
+    common = dict(
+        op="tupe_attention",
+        params=params,
+        dtype="float32",
+        mode="forward",
+        make_inputs=make_inputs,
+        reference=ref,
+        bytes=4 * real * act + bias_bytes,
+        flops=flops,
+        rtol=1e-4,
+        baseline="eager-reference",
+    )
 
     def run(fn):
         def timed(*inputs):
             with torch.no_grad():
                 return fn(*inputs)
+
         return timed
 
-    return [Case(provider="effbert-cpu", fn=run(effbert_cpu), **common),
-            Case(provider="sdpa", fn=run(plain), work_flops=padded_flops, work_bytes=4 * b * n * act + bias_bytes,
-                 **common),
-            Case(provider="eager-reference", fn=run(eager), work_flops=padded_flops,
-                 work_bytes=4 * b * n * act + bias_bytes, **common)]
+    return [
+        Case(provider="effbert-cpu", fn=run(effbert_cpu), **common),
+        Case(
+            provider="sdpa",
+            fn=run(plain),
+            work_flops=padded_flops,
+            work_bytes=4 * b * n * act + bias_bytes,
+            **common,
+        ),
+        Case(
+            provider="eager-reference",
+            fn=run(eager),
+            work_flops=padded_flops,
+            work_bytes=4 * b * n * act + bias_bytes,
+            **common,
+        ),
+    ]
 
 
 def _padded_cpu_training_cases(device, quick):
@@ -293,37 +367,72 @@ def _padded_cpu_training_cases(device, quick):
             out = attend(*leaves)
             out.backward(dout)
             return out.detach() if packed else out.detach()[mask]
+
         return fn
 
     def effbert_cpu(q, k, v, bias):
-        return effbert.tupe_attention(q, k, v, bias, attention_mask=mask, scale=scale, backend="cpu")
+        return effbert.tupe_attention(
+            q, k, v, bias, attention_mask=mask, scale=scale, backend="cpu"
+        )
 
     def effbert_varlen(q, k, v, bias):
         return effbert.tupe_attention_varlen(q, k, v, cu, n, bias, scale=scale, backend="cpu")
 
     def plain(q, k, v, bias):
         out = torch.nn.functional.scaled_dot_product_attention(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=bias.unsqueeze(0) + keys, scale=scale)
+            q.transpose(1, 2),
+            k.transpose(1, 2),
+            v.transpose(1, 2),
+            attn_mask=bias.unsqueeze(0) + keys,
+            scale=scale,
+        )
         return out.transpose(1, 2)
 
     def ref_padded(q, k, v, bias, dout):
-        return reference.tupe_attention(q.double(), k.double(), v.double(), bias.double(), attention_mask=mask,
-                                        scale=scale)[mask]
+        return reference.tupe_attention(
+            q.double(), k.double(), v.double(), bias.double(), attention_mask=mask, scale=scale
+        )[mask]
 
     def ref_packed(q, k, v, bias, dout):
-        return reference.tupe_attention_varlen(q.double(), k.double(), v.double(), cu, n, bias.double(), scale=scale)
+        return reference.tupe_attention_varlen(
+            q.double(), k.double(), v.double(), cu, n, bias.double(), scale=scale
+        )
 
-    common = dict(op="tupe_attention", params={"B": b, "N": n, "H": h, "D": d, "pad": "50%"},
-                  dtype="float32",
-                  mode="forward+backward", bytes=12 * real * act + 3 * bias_bytes,
-                  flops=_flops(lengths.tolist(), h, d, "forward+backward"), rtol=1e-4, baseline="sdpa")
-    return [Case(provider="effbert-cpu", fn=train(effbert_cpu), make_inputs=make_padded, reference=ref_padded,
-                 **common),
-            Case(provider="effbert-cpu-varlen", fn=train(effbert_varlen, packed=True), make_inputs=make_packed,
-                 reference=ref_packed, **common),
-            Case(provider="sdpa", fn=train(plain), make_inputs=make_padded, reference=ref_padded,
-                 work_flops=_flops([n] * b, h, d, "forward+backward"), work_bytes=12 * b * n * act + 3 * bias_bytes,
-                 **common)]
+    common = dict(
+        op="tupe_attention",
+        params={"B": b, "N": n, "H": h, "D": d, "pad": "50%"},
+        dtype="float32",
+        mode="forward+backward",
+        bytes=12 * real * act + 3 * bias_bytes,
+        flops=_flops(lengths.tolist(), h, d, "forward+backward"),
+        rtol=1e-4,
+        baseline="sdpa",
+    )
+    return [
+        Case(
+            provider="effbert-cpu",
+            fn=train(effbert_cpu),
+            make_inputs=make_padded,
+            reference=ref_padded,
+            **common,
+        ),
+        Case(
+            provider="effbert-cpu-varlen",
+            fn=train(effbert_varlen, packed=True),
+            make_inputs=make_packed,
+            reference=ref_packed,
+            **common,
+        ),
+        Case(
+            provider="sdpa",
+            fn=train(plain),
+            make_inputs=make_padded,
+            reference=ref_padded,
+            work_flops=_flops([n] * b, h, d, "forward+backward"),
+            work_bytes=12 * b * n * act + 3 * bias_bytes,
+            **common,
+        ),
+    ]
 
 
 def _seqlen_sweep(device, quick, dtype, triton_reasons):
@@ -348,22 +457,34 @@ def _seqlen_sweep(device, quick, dtype, triton_reasons):
 
         for name in names:
             has_bias = name != "sdpa-flash-nobias"
-            out.append(Case(
-                op="tupe_attention_seqlen", params={"B": b, "N": n, "H": h, "D": d},
-                dtype=dname, mode=mode, provider=name,
-                fn=_mode_fn(providers[name], mode, has_bias), make_inputs=make_inputs, reference=_reference_fn(mode),
-                bytes=_bytes(b, n, h, d, dtype.itemsize, mode), flops=_flops([n] * b, h, d, mode),
-                rtol=3e-2 if dtype != torch.float32 else 1e-4,
-                skip_reasons=list(triton_reasons) if name == "effbert-triton" else [],
-                baseline=names[1], check=has_bias,
-            ))
+            out.append(
+                Case(
+                    op="tupe_attention_seqlen",
+                    params={"B": b, "N": n, "H": h, "D": d},
+                    dtype=dname,
+                    mode=mode,
+                    provider=name,
+                    fn=_mode_fn(providers[name], mode, has_bias),
+                    make_inputs=make_inputs,
+                    reference=_reference_fn(mode),
+                    bytes=_bytes(b, n, h, d, dtype.itemsize, mode),
+                    flops=_flops([n] * b, h, d, mode),
+                    rtol=3e-2 if dtype != torch.float32 else 1e-4,
+                    skip_reasons=list(triton_reasons) if name == "effbert-triton" else [],
+                    baseline=names[1],
+                    check=has_bias,
+                )
+            )
     return out
 
 
 def _varlen_cases(device, quick, dtype, triton_reasons):
     """Packed sequences at 50% padding against the same batch padded (with its key padding mask)."""
-    b, n, h, d = (32, 512, 12, 64) if device.type == "cuda" and not quick else (
-        (8, 512, 12, 64) if device.type == "cuda" else (2, 64, 2, 16))
+    b, n, h, d = (
+        (32, 512, 12, 64)
+        if device.type == "cuda" and not quick
+        else ((8, 512, 12, 64) if device.type == "cuda" else (2, 64, 2, 16))
+    )
     gen = torch.Generator().manual_seed(0)
     lengths = torch.randint(1, n + 1, (b,), generator=gen)
     lengths = (lengths.float() * (0.5 * b * n / lengths.sum())).round().clamp(1, n).long()
@@ -397,20 +518,39 @@ def _varlen_cases(device, quick, dtype, triton_reasons):
         return out
 
     def ref_padded(q, k, v, bias, dout):
-        return reference.tupe_attention(q.float(), k.float(), v.float(), bias.float(), attention_mask=mask)
+        return reference.tupe_attention(
+            q.float(), k.float(), v.float(), bias.float(), attention_mask=mask
+        )
 
     def ref_packed(q, k, v, bias, dout):
         return reference.tupe_attention_varlen(q.float(), k.float(), v.float(), cu, n, bias.float())
 
-    common = dict(op="tupe_attention_varlen", params=params,
-                  dtype=dname, mode="forward+backward", flops=flops,
-                  rtol=3e-2 if dtype != torch.float32 else 1e-4, skip_reasons=list(triton_reasons),
-                  baseline="effbert-triton-padded")
+    common = dict(
+        op="tupe_attention_varlen",
+        params=params,
+        dtype=dname,
+        mode="forward+backward",
+        flops=flops,
+        rtol=3e-2 if dtype != torch.float32 else 1e-4,
+        skip_reasons=list(triton_reasons),
+        baseline="effbert-triton-padded",
+    )
     act = dtype.itemsize * h * d
     return [
-        Case(provider="effbert-triton-padded", fn=run_padded, make_inputs=make_padded, reference=ref_padded,
-             bytes=12 * b * n * act + 3 * h * n * n * dtype.itemsize, **common),
-        Case(provider="effbert-triton-varlen", fn=run_packed, make_inputs=make_packed, reference=ref_packed,
-             bytes=12 * total * act + 3 * h * n * n * dtype.itemsize, **common),
+        Case(
+            provider="effbert-triton-padded",
+            fn=run_padded,
+            make_inputs=make_padded,
+            reference=ref_padded,
+            bytes=12 * b * n * act + 3 * h * n * n * dtype.itemsize,
+            **common,
+        ),
+        Case(
+            provider="effbert-triton-varlen",
+            fn=run_packed,
+            make_inputs=make_packed,
+            reference=ref_packed,
+            bytes=12 * total * act + 3 * h * n * n * dtype.itemsize,
+            **common,
+        ),
     ]
-

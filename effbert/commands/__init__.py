@@ -5,11 +5,23 @@ microbenchmark suite), ``demo`` (pretraining with TUPE and TNF, then batched ear
 import sys
 
 COMMANDS = {
-    "check": ("every op on this machine's backends against the float64 reference", "effbert.commands.check"),
+    "check": (
+        "every op on this machine's backends against the float64 reference",
+        "effbert.commands.check",
+    ),
     "bench": ("the microbenchmark suite (see effbert bench --help)", "effbert.commands.bench"),
-    "demo": ("pretrain a tiny TUPE-R BERT with TNF, then early exit (see effbert demo --help)", "effbert.commands.demo"),
-    "pretrain": ("masked-LM pretraining on your own text, with TNF (see effbert pretrain --help)", "effbert.commands.pretrain"),
-    "finetune": ("multi-exit classification on your data, then an early-exit report (see --help)", "effbert.commands.finetune"),
+    "demo": (
+        "pretrain a tiny TUPE-R BERT with TNF, then early exit (see effbert demo --help)",
+        "effbert.commands.demo",
+    ),
+    "pretrain": (
+        "masked-LM pretraining on your own text, with TNF (see effbert pretrain --help)",
+        "effbert.commands.pretrain",
+    ),
+    "finetune": (
+        "multi-exit classification on your data, then an early-exit report (see --help)",
+        "effbert.commands.finetune",
+    ),
 }
 
 
@@ -44,7 +56,9 @@ def check_backend(backend, device, flag="--backend"):
         raise UsageError(f"{flag} {backend} cannot run here: {status}")
     reasons = device_reasons(backend, device)
     if reasons:
-        raise UsageError(f"{flag} {backend} does not run with --device {device}: {'; '.join(reasons)}")
+        raise UsageError(
+            f"{flag} {backend} does not run with --device {device}: {'; '.join(reasons)}"
+        )
 
 
 def check_out_dir(path, flag="--out"):
@@ -110,8 +124,11 @@ def main(argv=None):
         return 0 if argv else 2
     missing = missing_packages(argv[0])
     if missing:
-        print(f"effbert {argv[0]}: error: needs {' and '.join(missing)}, not installed here "
-              f"(pip install {' '.join(missing)})", file=sys.stderr)
+        print(
+            f"effbert {argv[0]}: error: needs {' and '.join(missing)}, not installed here "
+            f"(pip install {' '.join(missing)})",
+            file=sys.stderr,
+        )
         return 2
     import importlib
 

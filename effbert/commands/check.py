@@ -20,17 +20,22 @@ from .settings import option, parser
 
 __all__ = ["CheckSettings", "build_parser", "main"]
 
-HEAD = (f"{'op':18} {'backend':8} {'device':6} {'dtype':9} {'shape':14} {'rel. error':>11} "
-        f"{'tolerance':>9}  result")
+HEAD = (
+    f"{'op':18} {'backend':8} {'device':6} {'dtype':9} {'shape':14} {'rel. error':>11} "
+    f"{'tolerance':>9}  result"
+)
 
 
 @dataclass
 class CheckSettings:
     """The flags of ``effbert check``."""
 
-    quick: bool = option(False, help="one dtype per op (bf16 for TUPE attention on a GPU, fp32 "
-                         "elsewhere): a fraction of the Triton JIT compiles, for a first look at a "
-                         "fresh GPU machine")
+    quick: bool = option(
+        False,
+        help="one dtype per op (bf16 for TUPE attention on a GPU, fp32 "
+        "elsewhere): a fraction of the Triton JIT compiles, for a first look at a "
+        "fresh GPU machine",
+    )
 
 
 def build_parser():
@@ -47,8 +52,10 @@ def format_row(row):
     with its worst entry: the index and both values."""
     op, backend, device, dtype, shape, err, tol = row[:7]
     ok = err <= tol
-    line = (f"{op:18} {backend:8} {device:6} {dtype:9} {shape:14} {err:11.2e} {tol:9.0e}  "
-            f"{'pass' if ok else 'FAIL'}")
+    line = (
+        f"{op:18} {backend:8} {device:6} {dtype:9} {shape:14} {err:11.2e} {tol:9.0e}  "
+        f"{'pass' if ok else 'FAIL'}"
+    )
     comparison = getattr(row, "comparison", None)
     if not ok and comparison is not None:
         line += f"\n    {comparison}"
@@ -90,12 +97,16 @@ def main(argv=None):
         return 1
     print(f"\n{HEAD}\n{'-' * len(HEAD)}")
     rows, failed = run_checks(s.quick)
-    print(f"\n({len(rows)} results in {time.monotonic() - started:.1f} s"
-          f"{', --quick' if s.quick else ''})")
+    print(
+        f"\n({len(rows)} results in {time.monotonic() - started:.1f} s"
+        f"{', --quick' if s.quick else ''})"
+    )
     missing = checks.missing_gpu_rows(rows, torch.cuda.is_available())
     if missing:
-        _error(f"no Triton result on cuda for {', '.join(missing)}: the GPU is not served by the "
-               "kernels (see the backends above)")
+        _error(
+            f"no Triton result on cuda for {', '.join(missing)}: the GPU is not served by the "
+            "kernels (see the backends above)"
+        )
         return 1
     print(f"{'all checks passed' if not failed else f'{failed} checks FAILED'}")
     return 1 if failed else 0

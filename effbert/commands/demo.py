@@ -21,14 +21,19 @@ class DemoSettings:
     quick: bool = option(False, help="a reduced size (seconds, for tests)")
     device: Optional[str] = option(None, help="cpu, cuda or cuda:N (default: cuda when available)")
     seed: int = option(0, help="seed of the generated corpus, the weights and the batches")
-    quiet: bool = option(False,
-                         help="no progress bar (there is none when stderr is not a terminal)")
+    quiet: bool = option(
+        False, help="no progress bar (there is none when stderr is not a terminal)"
+    )
 
 
 def build_parser():
     """The ``effbert demo`` parser: ``parse_args`` returns a ``DemoSettings``."""
-    return parser(DemoSettings, "effbert demo", "Pretrain a tiny TUPE-R BERT with TNF, fine-tune "
-                  "multi-exit off-ramps, run batched early exit.")
+    return parser(
+        DemoSettings,
+        "effbert demo",
+        "Pretrain a tiny TUPE-R BERT with TNF, fine-tune "
+        "multi-exit off-ramps, run batched early exit.",
+    )
 
 
 def check(s):
@@ -42,8 +47,14 @@ def body(s, log):
     """The run (``effbert.training.demo.run``), with progress bars when a person watches."""
     from ..training import demo
 
-    demo.run(s.out, quick=s.quick, device=s.device, seed=s.seed, quiet=s.quiet,
-             progress=stderr_is_terminal())
+    demo.run(
+        s.out,
+        quick=s.quick,
+        device=s.device,
+        seed=s.seed,
+        quiet=s.quiet,
+        progress=stderr_is_terminal(),
+    )
 
 
 def main(argv=None):

@@ -62,13 +62,21 @@ class _HelpFormatter(argparse.HelpFormatter):
         return super()._format_action_invocation(action)
 
     def _format_args(self, action, default_metavar):
-        return "" if getattr(action, "is_switch", False) else super()._format_args(action, default_metavar)
+        return (
+            ""
+            if getattr(action, "is_switch", False)
+            else super()._format_args(action, default_metavar)
+        )
 
     def _get_help_string(self, action):
         text = action.help or ""
         default = action.default  # by identity: 1 == True and 0 == False, but 1 and 0 are shown
-        shown = not (default is None or default is True or default is False
-                     or default in (argparse.SUPPRESS, dataclasses.MISSING, []))
+        shown = not (
+            default is None
+            or default is True
+            or default is False
+            or default in (argparse.SUPPRESS, dataclasses.MISSING, [])
+        )
         if shown and action.option_strings and "default" not in text:
             text += " (default: %(default)s)"
         return text
@@ -79,8 +87,13 @@ class SettingsParser(HfArgumentParser):
     spellings (one line on stderr and ``SystemExit(2)``, as argparse does for its own errors)."""
 
     def __init__(self, settings_class, prog, description, renamed=RENAMED):
-        super().__init__(settings_class, prog=prog, description=description, allow_abbrev=False,
-                         formatter_class=_HelpFormatter)
+        super().__init__(
+            settings_class,
+            prog=prog,
+            description=description,
+            allow_abbrev=False,
+            formatter_class=_HelpFormatter,
+        )
         for action in self._actions:
             # the dashed spelling first (both parse), and bool fields shown as plain switches
             action.option_strings.sort(key=lambda flag: ("_" in flag, flag.startswith("--no")))
@@ -94,8 +107,9 @@ class SettingsParser(HfArgumentParser):
             refuse_renamed(argv, self._renamed)
         except UsageError as exc:  # argparse's way for a command line's mistake: one line, exit 2
             self.exit(exc.code, f"{self.prog}: error: {exc}\n")
-        settings, rest = self.parse_args_into_dataclasses(args=argv, look_for_args_file=False,
-                                                          return_remaining_strings=True)
+        settings, rest = self.parse_args_into_dataclasses(
+            args=argv, look_for_args_file=False, return_remaining_strings=True
+        )
         if rest:  # argparse's own message and exit code 2, not HfArgumentParser's ValueError
             self.error(f"unrecognized arguments: {' '.join(rest)}")
         return settings

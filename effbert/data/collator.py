@@ -43,6 +43,7 @@ from .tokenization import check_tokenizer
 
 __all__ = ["DataCollatorForTupeMLM"]
 
+
 class DataCollatorForTupeMLM:
     """See the module docstring.
 
@@ -59,32 +60,62 @@ class DataCollatorForTupeMLM:
     truncated).
     """
 
-    def __init__(self, tokenizer, mlm_probability=0.15, rare_words=None, pad_to_multiple_of=None, seed=0, rank=None,
-                 mask_replace_prob=0.8, random_replace_prob=0.1):
+    def __init__(
+        self,
+        tokenizer,
+        mlm_probability=0.15,
+        rare_words=None,
+        pad_to_multiple_of=None,
+        seed=0,
+        rank=None,
+        mask_replace_prob=0.8,
+        random_replace_prob=0.1,
+    ):
         from transformers import DataCollatorForLanguageModeling
 
         check_tokenizer(tokenizer)
-        if isinstance(mlm_probability, bool) or not isinstance(mlm_probability, numbers.Real) \
-                or not 0 < mlm_probability < 1:
+        if (
+            isinstance(mlm_probability, bool)
+            or not isinstance(mlm_probability, numbers.Real)
+            or not 0 < mlm_probability < 1
+        ):
             raise ValueError(f"mlm_probability must be a number in (0, 1), got {mlm_probability!r}")
-        for name, value in (("mask_replace_prob", mask_replace_prob), ("random_replace_prob", random_replace_prob)):
-            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 <= value <= 1:
+        for name, value in (
+            ("mask_replace_prob", mask_replace_prob),
+            ("random_replace_prob", random_replace_prob),
+        ):
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, numbers.Real)
+                or not 0 <= value <= 1
+            ):
                 raise ValueError(f"{name} must be a number in [0, 1], got {value!r}")
         if mask_replace_prob + random_replace_prob > 1:
-            raise ValueError(f"mask_replace_prob + random_replace_prob must be <= 1, got {mask_replace_prob!r} + "
-                             f"{random_replace_prob!r}")
+            raise ValueError(
+                f"mask_replace_prob + random_replace_prob must be <= 1, got {mask_replace_prob!r} + "
+                f"{random_replace_prob!r}"
+            )
         if rare_words is not None and not isinstance(rare_words, RareWordTable):
-            raise TypeError(f"rare_words must be None or a RareWordTable, got {type(rare_words).__name__}")
+            raise TypeError(
+                f"rare_words must be None or a RareWordTable, got {type(rare_words).__name__}"
+            )
         for name, value in (("pad_to_multiple_of", pad_to_multiple_of), ("rank", rank)):
-            if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Integral)
-                                      or value < (1 if name == "pad_to_multiple_of" else 0)):
-                raise ValueError(f"{name} must be None or an int >= {1 if name == 'pad_to_multiple_of' else 0}, got "
-                                 f"{value!r}")
+            if value is not None and (
+                isinstance(value, bool)
+                or not isinstance(value, numbers.Integral)
+                or value < (1 if name == "pad_to_multiple_of" else 0)
+            ):
+                raise ValueError(
+                    f"{name} must be None or an int >= {1 if name == 'pad_to_multiple_of' else 0}, got "
+                    f"{value!r}"
+                )
         if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
             raise ValueError(f"seed must be an int >= 0, got {seed!r}")
         if rare_words is not None and rare_words.continuation.shape[0] < len(tokenizer):
-            raise ValueError(f"rare_words covers a vocabulary of {rare_words.continuation.shape[0]} pieces, the "
-                             f"tokenizer has {len(tokenizer)}")
+            raise ValueError(
+                f"rare_words covers a vocabulary of {rare_words.continuation.shape[0]} pieces, the "
+                f"tokenizer has {len(tokenizer)}"
+            )
         self.tokenizer = tokenizer
         self.mlm_probability = float(mlm_probability)
         self.rare_words = rare_words
@@ -94,9 +125,13 @@ class DataCollatorForTupeMLM:
         self.step = 0
         self.mask_replace_prob = float(mask_replace_prob)
         self.random_replace_prob = float(random_replace_prob)
-        self._mlm = DataCollatorForLanguageModeling(tokenizer, mlm=True, mlm_probability=self.mlm_probability,
-                                                    mask_replace_prob=self.mask_replace_prob,
-                                                    random_replace_prob=self.random_replace_prob)
+        self._mlm = DataCollatorForLanguageModeling(
+            tokenizer,
+            mlm=True,
+            mlm_probability=self.mlm_probability,
+            mask_replace_prob=self.mask_replace_prob,
+            random_replace_prob=self.random_replace_prob,
+        )
         special = torch.zeros(len(tokenizer), dtype=torch.bool)
         special[[i for i in tokenizer.all_special_ids if 0 <= i < len(tokenizer)]] = True
         self._special = special
@@ -104,11 +139,16 @@ class DataCollatorForTupeMLM:
     def _generator(self):
         rank = self.rank
         if rank is None:
-            rank = torch.distributed.get_rank() if (torch.distributed.is_available()
-                                                    and torch.distributed.is_initialized()) else 0
+            rank = (
+                torch.distributed.get_rank()
+                if (torch.distributed.is_available() and torch.distributed.is_initialized())
+                else 0
+            )
         info = torch.utils.data.get_worker_info()
         worker = 0 if info is None else info.id
-        key = np.random.SeedSequence([self.seed, rank, worker, self.step]).generate_state(2, np.uint32)
+        key = np.random.SeedSequence([self.seed, rank, worker, self.step]).generate_state(
+            2, np.uint32
+        )
         return torch.Generator().manual_seed(int(key[0]) << 31 | int(key[1]) >> 1)
 
     @staticmethod
@@ -119,18 +159,25 @@ class DataCollatorForTupeMLM:
         # floating-point ids would be truncated to ints without a word (2.7 -> 2): refused, whatever holds them
         if isinstance(value, torch.Tensor):
             if value.is_floating_point() or value.is_complex():
-                raise TypeError(f"features[{i}][{key!r}] must hold integer ids, got a {value.dtype} tensor")
+                raise TypeError(
+                    f"features[{i}][{key!r}] must hold integer ids, got a {value.dtype} tensor"
+                )
             t = value.to(torch.int64)
         else:
             try:
                 arr = np.asarray(value)
-                floating = arr.dtype.kind in "fc" and arr.size > 0  # ([] is float64 to numpy: no id, no harm)
+                floating = (
+                    arr.dtype.kind in "fc" and arr.size > 0
+                )  # ([] is float64 to numpy: no id, no harm)
                 t = None if floating else torch.as_tensor(np.asarray(value, np.int64))
             except (TypeError, ValueError, OverflowError):
-                raise ValueError(f"features[{i}][{key!r}] must be a list of ints, got {type(value).__name__}") \
-                    from None
+                raise ValueError(
+                    f"features[{i}][{key!r}] must be a list of ints, got {type(value).__name__}"
+                ) from None
             if floating:
-                raise TypeError(f"features[{i}][{key!r}] must hold integer ids, got {arr.dtype} values")
+                raise TypeError(
+                    f"features[{i}][{key!r}] must hold integer ids, got {arr.dtype} values"
+                )
         if t.dim() != 1:
             raise ValueError(f"features[{i}][{key!r}] must be 1-D, got shape {tuple(t.shape)}")
         return t
@@ -145,8 +192,10 @@ class DataCollatorForTupeMLM:
             if all(have):
                 present.append(key)
             elif any(have):
-                raise ValueError(f"features[{have.index(False)}] has no {key!r} while features[{have.index(True)}] "
-                                 f"has one: {key!r} must be in every feature of a batch or in none")
+                raise ValueError(
+                    f"features[{have.index(False)}] has no {key!r} while features[{have.index(True)}] "
+                    f"has one: {key!r} must be in every feature of a batch or in none"
+                )
         return present
 
     def __call__(self, features):
@@ -154,26 +203,34 @@ class DataCollatorForTupeMLM:
             raise ValueError("features must be a non-empty list of mappings")
         for i, f in enumerate(features):
             if not hasattr(f, "keys"):
-                raise ValueError(f"features[{i}] must be a mapping with input_ids, got {type(f).__name__}")
+                raise ValueError(
+                    f"features[{i}] must be a mapping with input_ids, got {type(f).__name__}"
+                )
         V = len(self.tokenizer)
         ids = [self._row(f, "input_ids", i) for i, f in enumerate(features)]
         for i, t in enumerate(ids):
             if t.numel() == 0:
                 raise ValueError(f"features[{i}]['input_ids'] is empty")
             if int(t.min()) < 0 or int(t.max()) >= V:
-                raise ValueError(f"features[{i}]['input_ids'] must be in [0, {V}) (the tokenizer's vocabulary)")
+                raise ValueError(
+                    f"features[{i}]['input_ids'] must be in [0, {V}) (the tokenizer's vocabulary)"
+                )
         optional = self._present(features, ("position_ids",))
         extra = {k: [self._row(f, k, i) for i, f in enumerate(features)] for k in optional}
         for k, rows in extra.items():
             for i, (t, r) in enumerate(zip(ids, rows)):
                 if r.shape != t.shape:
-                    raise ValueError(f"features[{i}][{k!r}] has {r.numel()} entries, input_ids {t.numel()}")
+                    raise ValueError(
+                        f"features[{i}][{k!r}] has {r.numel()} entries, input_ids {t.numel()}"
+                    )
         if "position_ids" in extra:
             for i, r in enumerate(extra["position_ids"]):
                 step_ok = (r[1:] == 0) | (r[1:] == r[:-1] + 1)
                 if int(r[0]) != 0 or not bool(step_ok.all()):
-                    raise ValueError(f"features[{i}]['position_ids'] must be 0, 1, 2, ... restarting at 0 at each "
-                                     "text's first token")
+                    raise ValueError(
+                        f"features[{i}]['position_ids'] must be 0, 1, 2, ... restarting at 0 at each "
+                        "text's first token"
+                    )
         lengths = torch.tensor([t.numel() for t in ids], dtype=torch.int64)
         N = int(lengths.max())
         if self.pad_to_multiple_of:
@@ -197,7 +254,9 @@ class DataCollatorForTupeMLM:
         batch["attention_mask"] = real.to(torch.int64)
         batch["labels"] = labels
         if self.rare_words is not None:
-            spans, slots = self.rare_words.find(masked, lengths, position_ids=batch.get("position_ids"))
+            spans, slots = self.rare_words.find(
+                masked, lengths, position_ids=batch.get("position_ids")
+            )
             batch["note_spans"] = spans
             batch["note_slots"] = slots
         return batch

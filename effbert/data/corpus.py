@@ -32,8 +32,15 @@ import numpy as np
 
 from .tokenization import check_tokenizer, path_problem
 
-__all__ = ["MAX_LINE_BYTES", "FORMATS", "check_text_file", "load_corpus", "count_words", "rare_words",
-           "rare_word_table"]
+__all__ = [
+    "MAX_LINE_BYTES",
+    "FORMATS",
+    "check_text_file",
+    "load_corpus",
+    "count_words",
+    "rare_words",
+    "rare_word_table",
+]
 
 # A line is a sentence or a paragraph; 1 MiB is already ~150,000 words. Longer lines mean a file that is not text
 # in this format (a dump without newlines, minified data), and one such line would be held whole in memory.
@@ -51,7 +58,9 @@ def check_text_file(path, max_line_bytes=None):
     max_line_bytes = MAX_LINE_BYTES if max_line_bytes is None else max_line_bytes
     problem = path_problem(path)
     if problem is not None:
-        raise ValueError(f"{path!r}: {problem}" if problem == "no such file" else f"{path!r} {problem}")
+        raise ValueError(
+            f"{path!r}: {problem}" if problem == "no such file" else f"{path!r} {problem}"
+        )
     decoder = codecs.getincrementaldecoder("utf-8")("strict")
     offset, line, has_text = 0, 0, False  # line: bytes since the last newline
     with open(path, "rb") as f:
@@ -61,11 +70,15 @@ def check_text_file(path, max_line_bytes=None):
                 break
             nul = chunk.find(b"\0")
             if nul >= 0:
-                raise ValueError(f"{path!r} is binary, not text (a NUL byte at byte {offset + nul})")
+                raise ValueError(
+                    f"{path!r} is binary, not text (a NUL byte at byte {offset + nul})"
+                )
             try:
                 decoder.decode(chunk)
             except UnicodeDecodeError as exc:
-                raise ValueError(f"{path!r} is not UTF-8 text ({exc.reason} at byte {offset + exc.start})") from None
+                raise ValueError(
+                    f"{path!r} is not UTF-8 text ({exc.reason} at byte {offset + exc.start})"
+                ) from None
             nl = np.flatnonzero(np.frombuffer(chunk, dtype=np.uint8) == 10)
             if nl.size == 0:
                 longest, line = line + len(chunk), line + len(chunk)
@@ -73,14 +86,18 @@ def check_text_file(path, max_line_bytes=None):
                 longest = max(line + int(nl[0]), int(np.diff(nl).max()) - 1 if nl.size > 1 else 0)
                 line = len(chunk) - int(nl[-1]) - 1
             if max(longest, line) > max_line_bytes:
-                raise ValueError(f"{path!r} has a line over {max_line_bytes} bytes (near byte {offset}): not one "
-                                 "sentence or paragraph a line")
+                raise ValueError(
+                    f"{path!r} has a line over {max_line_bytes} bytes (near byte {offset}): not one "
+                    "sentence or paragraph a line"
+                )
             has_text = has_text or not chunk.isspace()
             offset += len(chunk)
     try:
         decoder.decode(b"", final=True)
     except UnicodeDecodeError as exc:
-        raise ValueError(f"{path!r} is not UTF-8 text ({exc.reason} at the end of the file)") from None
+        raise ValueError(
+            f"{path!r} is not UTF-8 text ({exc.reason} at the end of the file)"
+        ) from None
     if not has_text:
         raise ValueError(f"{path!r} holds no text (empty, or every line is blank)")
 
@@ -100,7 +117,9 @@ def _check_int(name, value, low, allow_none=False):
     if value is None and allow_none:
         return
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
-        raise ValueError(f"{name} must be {'None or ' if allow_none else ''}an int >= {low}, got {value!r}")
+        raise ValueError(
+            f"{name} must be {'None or ' if allow_none else ''}an int >= {low}, got {value!r}"
+        )
 
 
 def _continuation(tokenizer):
@@ -195,8 +214,16 @@ class _Texts:
         return {"input_ids": out}
 
 
-def load_corpus(paths, tokenizer, max_length, *, format="documents", num_proc=None, cache_dir=None,
-                batch_size=1000):
+def load_corpus(
+    paths,
+    tokenizer,
+    max_length,
+    *,
+    format="documents",
+    num_proc=None,
+    cache_dir=None,
+    batch_size=1000,
+):
     """Text files -> a ``datasets.Dataset`` of tokenized texts (see the module docstring for the formats).
 
     ``paths``: a path or a list of paths to UTF-8 text (one sentence or paragraph a line, blank lines between
@@ -226,14 +253,25 @@ def load_corpus(paths, tokenizer, max_length, *, format="documents", num_proc=No
     for p in paths:
         check_text_file(p)
     cache_dir = None if cache_dir is None else os.fspath(cache_dir)
-    raw = datasets.load_dataset("text", data_files={"train": paths}, split="train", cache_dir=cache_dir)
+    raw = datasets.load_dataset(
+        "text", data_files={"train": paths}, split="train", cache_dir=cache_dir
+    )
     fn = _Texts(tokenizer, max_length, per_line=format == "lines")
     features = datasets.Features({"input_ids": datasets.Sequence(datasets.Value("int32"))})
-    ds = raw.map(fn, batched=True, batch_size=batch_size, remove_columns=["text"],
-                 features=features, num_proc=num_proc, desc=f"tokenizing ({format})")
+    ds = raw.map(
+        fn,
+        batched=True,
+        batch_size=batch_size,
+        remove_columns=["text"],
+        features=features,
+        num_proc=num_proc,
+        desc=f"tokenizing ({format})",
+    )
     if len(ds) == 0:
-        raise ValueError(f"{paths[0]!r}{' and the other files' if len(paths) > 1 else ''}: no text left after "
-                         "tokenization")
+        raise ValueError(
+            f"{paths[0]!r}{' and the other files' if len(paths) > 1 else ''}: no text left after "
+            "tokenization"
+        )
     return ds
 
 
@@ -242,8 +280,10 @@ def _list_column(table, name):
     import pyarrow.compute as pc
 
     col = table.column(name)
-    return (pc.list_flatten(col).to_numpy(zero_copy_only=False),
-            pc.list_value_length(col).to_numpy(zero_copy_only=False))
+    return (
+        pc.list_flatten(col).to_numpy(zero_copy_only=False),
+        pc.list_value_length(col).to_numpy(zero_copy_only=False),
+    )
 
 
 def count_words(source, tokenizer, *, batch_size=10000, num_proc=None, cache_dir=None):
@@ -301,8 +341,11 @@ def rare_words(counts, tokenizer, min_count=100, max_count=500, max_size=None):
     check_tokenizer(tokenizer)
     words = build_rare_vocab(counts, min_count, max_count, max_size)
     unk = tokenizer.unk_token_id
-    return [w for w in words if any(c.isalnum() for c in w)
-            and unk not in tokenizer.encode(w, add_special_tokens=False)]
+    return [
+        w
+        for w in words
+        if any(c.isalnum() for c in w) and unk not in tokenizer.encode(w, add_special_tokens=False)
+    ]
 
 
 def rare_word_table(words, tokenizer):

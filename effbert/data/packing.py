@@ -32,7 +32,9 @@ def _best_fit_decreasing(lengths, max_length):
     """Rows (lists of indices into ``lengths``) of one window, best-fit decreasing; among rows with equally little
     room the oldest. Open rows are kept in buckets by free room (at most ``max_length`` of them), so a text costs
     a binary search over the room values, not a pass over the rows."""
-    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])  # stable: equal lengths keep their order
+    order = sorted(
+        range(len(lengths)), key=lambda i: -lengths[i]
+    )  # stable: equal lengths keep their order
     rows = []
     rooms = []  # sorted room values that have open rows
     bucket = {}  # room -> heap of row indices
@@ -72,18 +74,27 @@ def pack_lengths(lengths, max_length, window=None):
         _check_int("window", window, 1)
     lengths = np.asarray(lengths)
     if lengths.ndim != 1 or (lengths.size and not np.issubdtype(lengths.dtype, np.integer)):
-        raise ValueError(f"lengths must be a 1-D sequence of ints, got shape {lengths.shape} {lengths.dtype}")
+        raise ValueError(
+            f"lengths must be a 1-D sequence of ints, got shape {lengths.shape} {lengths.dtype}"
+        )
     if lengths.size == 0:
         return [], 0.0
     bad = np.flatnonzero((lengths < 1) | (lengths > max_length))
     if bad.size:
-        raise ValueError(f"lengths must be in [1, max_length = {max_length}], got lengths[{bad[0]}] = "
-                         f"{int(lengths[bad[0]])}")
+        raise ValueError(
+            f"lengths must be in [1, max_length = {max_length}], got lengths[{bad[0]}] = "
+            f"{int(lengths[bad[0]])}"
+        )
     window = lengths.size if window is None else window
     values = lengths.tolist()
     rows = []
     for lo in range(0, len(values), window):
-        rows.extend([[lo + i for i in row] for row in _best_fit_decreasing(values[lo:lo + window], max_length)])
+        rows.extend(
+            [
+                [lo + i for i in row]
+                for row in _best_fit_decreasing(values[lo : lo + window], max_length)
+            ]
+        )
     return rows, float(lengths.sum()) / (len(rows) * max_length)
 
 
@@ -122,12 +133,18 @@ class _Pack:
         first = np.cumsum(n) - n  # where each placed text begins in the output
         within = np.arange(int(n.sum()), dtype=np.int64) - np.repeat(first, n)
         ids = values[np.repeat(starts[order], n) + within]
-        row_tokens = np.add.reduceat(n, np.cumsum([0] + [len(r) for r in rows[:-1]])) if rows else n[:0]
+        row_tokens = (
+            np.add.reduceat(n, np.cumsum([0] + [len(r) for r in rows[:-1]])) if rows else n[:0]
+        )
         offsets = pa.array(np.concatenate([[0], np.cumsum(row_tokens)]).astype(np.int32))
-        return pa.table({
-            "input_ids": pa.ListArray.from_arrays(offsets, pa.array(ids.astype(np.int32))),
-            "position_ids": pa.ListArray.from_arrays(offsets, pa.array(within.astype(self.pos_type))),
-        })
+        return pa.table(
+            {
+                "input_ids": pa.ListArray.from_arrays(offsets, pa.array(ids.astype(np.int32))),
+                "position_ids": pa.ListArray.from_arrays(
+                    offsets, pa.array(within.astype(self.pos_type))
+                ),
+            }
+        )
 
 
 def _lengths(ds):
@@ -161,7 +178,9 @@ def text_lengths(dataset):
     if not isinstance(dataset, datasets.Dataset):
         raise TypeError(f"dataset must be a datasets.Dataset, got {type(dataset).__name__}")
     if "input_ids" not in dataset.column_names:
-        raise ValueError(f"dataset must have an input_ids column, got columns {dataset.column_names}")
+        raise ValueError(
+            f"dataset must have an input_ids column, got columns {dataset.column_names}"
+        )
     lengths = np.asarray(_lengths(dataset).to_numpy(zero_copy_only=False), dtype=np.int64)
     if dataset._indices is not None:  # a view (select, shuffle): its rows through the index mapping
         lengths = lengths[dataset._indices.column(0).to_numpy()]
@@ -186,23 +205,41 @@ def pack(dataset, max_length, *, window=1000, num_proc=None):
     if num_proc is not None:
         _check_int("num_proc", num_proc, 1)
     if "input_ids" not in dataset.column_names:
-        raise ValueError(f"dataset must have an input_ids column, got columns {dataset.column_names}")
+        raise ValueError(
+            f"dataset must have an input_ids column, got columns {dataset.column_names}"
+        )
     other = [c for c in dataset.column_names if c != "input_ids"]
     if other:
-        raise ValueError(f"dataset must hold texts only (input_ids) to be packed, got also {other} (sentence pairs "
-                         "keep one text a row)")
+        raise ValueError(
+            f"dataset must hold texts only (input_ids) to be packed, got also {other} (sentence pairs "
+            "keep one text a row)"
+        )
     texts = len(dataset)
     if texts == 0:
         raise ValueError("dataset holds no texts")
     tokens, shortest, longest = _length_stats(dataset)
     if shortest < 1 or longest > max_length:
-        raise ValueError(f"every text must hold 1 to max_length = {max_length} tokens, got one of "
-                         f"{shortest if shortest < 1 else longest}")
+        raise ValueError(
+            f"every text must hold 1 to max_length = {max_length} tokens, got one of "
+            f"{shortest if shortest < 1 else longest}"
+        )
     pos_type = np.int16 if max_length <= 2**15 else np.int32
-    features = datasets.Features({"input_ids": datasets.Sequence(datasets.Value("int32")),
-                                  "position_ids": datasets.Sequence(datasets.Value(np.dtype(pos_type).name))})
-    packed = dataset.with_format("arrow").map(_Pack(max_length, pos_type), batched=True, batch_size=window,
-                                              features=features, num_proc=num_proc, desc="packing")
+    features = datasets.Features(
+        {
+            "input_ids": datasets.Sequence(datasets.Value("int32")),
+            "position_ids": datasets.Sequence(datasets.Value(np.dtype(pos_type).name)),
+        }
+    )
+    packed = dataset.with_format("arrow").map(
+        _Pack(max_length, pos_type),
+        batched=True,
+        batch_size=window,
+        features=features,
+        num_proc=num_proc,
+        desc="packing",
+    )
     packed = packed.with_format(None)
     rows = len(packed)
-    return Packed(packed, tokens / (rows * max_length), tokens / (texts * max_length), rows, texts, tokens)
+    return Packed(
+        packed, tokens / (rows * max_length), tokens / (texts * max_length), rows, texts, tokens
+    )

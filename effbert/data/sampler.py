@@ -23,7 +23,12 @@ __all__ = ["ShuffleSampler"]
 
 _ROUNDS = 8
 _M64 = (1 << 64) - 1
-_KEY_ROUNDS = (0x243F6A8885A308D3, 0x13198A2E03707344, 0xA4093822299F31D0, 0x082EFA98EC4E6C89)  # digits of pi
+_KEY_ROUNDS = (
+    0x243F6A8885A308D3,
+    0x13198A2E03707344,
+    0xA4093822299F31D0,
+    0x082EFA98EC4E6C89,
+)  # digits of pi
 
 
 def _splitmix64(x):
@@ -42,7 +47,9 @@ def _integer(name, value, low, high=None):
     except TypeError:
         v = None
     if v is None or v < low or (high is not None and v >= high):
-        bound = f"an int >= {low}" if high is None else f"an int in [{low}, 2**{high.bit_length() - 1})"
+        bound = (
+            f"an int >= {low}" if high is None else f"an int in [{low}, 2**{high.bit_length() - 1})"
+        )
         raise ValueError(f"{name} must be {bound}, got {value!r}")
     return v
 
@@ -71,7 +78,9 @@ class ShuffleSampler(torch.utils.data.Sampler):
     """
 
     def __init__(self, data_source, seed=0, chunk=1 << 16):
-        if isinstance(data_source, numbers.Integral) and not isinstance(data_source, (bool, np.bool_)):
+        if isinstance(data_source, numbers.Integral) and not isinstance(
+            data_source, (bool, np.bool_)
+        ):
             n = operator.index(data_source)  # numpy's ints too
         else:
             try:
@@ -79,14 +88,18 @@ class ShuffleSampler(torch.utils.data.Sampler):
             except TypeError:
                 n = None
             if n is None:
-                raise ValueError(f"data_source must be an int or have a length, got {type(data_source).__name__}")
+                raise ValueError(
+                    f"data_source must be an int or have a length, got {type(data_source).__name__}"
+                )
         if n < 0:
             raise ValueError(f"data_source must hold >= 0 rows, got {n}")
         self.n = n
         self.seed = _integer("seed", seed, 0, 1 << 64)
         self.chunk = _integer("chunk", chunk, 1)
         self.epoch = 0
-        self.half = max(1, ((n - 1).bit_length() + 1) // 2) if n > 1 else 1  # bits of each Feistel half
+        self.half = (
+            max(1, ((n - 1).bit_length() + 1) // 2) if n > 1 else 1
+        )  # bits of each Feistel half
 
     def set_epoch(self, epoch):
         self.epoch = _integer("epoch", epoch, 0, 1 << 64)

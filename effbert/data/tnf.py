@@ -22,14 +22,17 @@ def build_rare_vocab(word_counts, min_count, max_count, max_size=None):
     """Words whose count lies in ``[min_count, max_count]``, most frequent first (ties by word), at most
     ``max_size`` of them. ``word_counts``: a mapping word -> count (a ``collections.Counter`` works)."""
     if not hasattr(word_counts, "items"):
-        raise TypeError(f"word_counts must be a mapping word -> count, got {type(word_counts).__name__}")
+        raise TypeError(
+            f"word_counts must be a mapping word -> count, got {type(word_counts).__name__}"
+        )
     for name, value in (("min_count", min_count), ("max_count", max_count)):
         if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
             raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
     if min_count > max_count:
         raise ValueError(f"min_count must be <= max_count, got [{min_count}, {max_count}]")
-    if max_size is not None and (isinstance(max_size, bool) or not isinstance(max_size, numbers.Integral)
-                                 or max_size < 0):
+    if max_size is not None and (
+        isinstance(max_size, bool) or not isinstance(max_size, numbers.Integral) or max_size < 0
+    ):
         raise ValueError(f"max_size must be None or an integer >= 0, got {max_size!r}")
     if not word_counts:
         return []
@@ -44,14 +47,18 @@ def build_rare_vocab(word_counts, min_count, max_count, max_size=None):
 
 def wordpiece_continuation(tokens, prefix="##"):
     """Bool ``[V]``: True for WordPiece continuation pieces (``##ing``)."""
-    return torch.tensor([t.startswith(prefix) and len(t) > len(prefix) for t in tokens], dtype=torch.bool)
+    return torch.tensor(
+        [t.startswith(prefix) and len(t) > len(prefix) for t in tokens], dtype=torch.bool
+    )
 
 
 def bpe_continuation(tokens, word_start="\u0120", special=()):
     """Bool ``[V]``: True for byte-level BPE pieces that continue a word (no leading ``word_start`` marker, GPT-2 /
     RoBERTa style). ``special`` tokens (``<s>``, ``</s>``, ``<pad>``) always start a word."""
     special = set(special)
-    return torch.tensor([not (t.startswith(word_start) or t in special) for t in tokens], dtype=torch.bool)
+    return torch.tensor(
+        [not (t.startswith(word_start) or t in special) for t in tokens], dtype=torch.bool
+    )
 
 
 _MOD = 2**31 - 1  # a prime: two 31-bit polynomial hashes make one 62-bit key without int64 overflow
@@ -74,12 +81,20 @@ class RareWordTable:
     """Rare words as padded sub-token rows ``pieces [R, K]`` (-1 after a word's last piece); slot = row index."""
 
     def __init__(self, words, pieces, continuation):
-        if not isinstance(continuation, torch.Tensor) or continuation.dtype != torch.bool or continuation.dim() != 1:
-            raise TypeError("continuation must be a bool tensor [V] (True = the piece continues a word)")
+        if (
+            not isinstance(continuation, torch.Tensor)
+            or continuation.dtype != torch.bool
+            or continuation.dim() != 1
+        ):
+            raise TypeError(
+                "continuation must be a bool tensor [V] (True = the piece continues a word)"
+            )
         if not isinstance(pieces, torch.Tensor) or pieces.dtype != torch.int64 or pieces.dim() != 2:
             raise TypeError("pieces must be an int64 tensor [R, K]")
         if pieces.shape[0] != len(words):
-            raise ValueError(f"pieces must have one row per word ({len(words)}), got {pieces.shape[0]}")
+            raise ValueError(
+                f"pieces must have one row per word ({len(words)}), got {pieces.shape[0]}"
+            )
         self.words = list(words)
         self.pieces = pieces
         self.continuation = continuation
@@ -88,7 +103,9 @@ class RareWordTable:
         # search per word instead of a sort of the whole table.
         keys = _row_keys(pieces)
         self._keys, self._order = torch.sort(keys)
-        self._unique_keys = bool((self._keys[1:] != self._keys[:-1]).all()) if len(keys) > 1 else True
+        self._unique_keys = (
+            bool((self._keys[1:] != self._keys[:-1]).all()) if len(keys) > 1 else True
+        )
 
     @classmethod
     def build(cls, words, tokenize, continuation, max_pieces=None):
@@ -96,7 +113,9 @@ class RareWordTable:
         piece and continue with continuation pieces, else it could never be found in a batch (a ValueError says
         which). Two words with the same pieces: the first keeps the slot, the later one is dropped."""
         if not isinstance(continuation, torch.Tensor) or continuation.dtype != torch.bool:
-            raise TypeError("continuation must be a bool tensor [V] (True = the piece continues a word)")
+            raise TypeError(
+                "continuation must be a bool tensor [V] (True = the piece continues a word)"
+            )
         cont = continuation.tolist()
         kept, rows, seen = [], [], set()
         for w in words:
@@ -105,10 +124,14 @@ class RareWordTable:
                 raise ValueError(f"word {w!r} tokenizes to no pieces")
             bad = [i for i in ids if not 0 <= i < len(cont)]
             if bad:
-                raise ValueError(f"word {w!r}: piece ids {bad} outside the vocabulary of {len(cont)}")
+                raise ValueError(
+                    f"word {w!r}: piece ids {bad} outside the vocabulary of {len(cont)}"
+                )
             if cont[ids[0]] or not all(cont[i] for i in ids[1:]):
-                raise ValueError(f"word {w!r} tokenizes to {ids}: it must be one word-start piece followed by "
-                                 "continuation pieces")
+                raise ValueError(
+                    f"word {w!r} tokenizes to {ids}: it must be one word-start piece followed by "
+                    "continuation pieces"
+                )
             if tuple(ids) in seen:
                 continue
             seen.add(tuple(ids))
@@ -138,7 +161,11 @@ class RareWordTable:
         ``(batch, start, end_exclusive, slot)`` in (batch, position) order, and ``slots`` int64 ``[B, N]``: each piece of a rare word holds its slot, every other token
         -1. Both are on ``input_ids``' device.
         """
-        if not isinstance(input_ids, torch.Tensor) or input_ids.dtype != torch.int64 or input_ids.dim() != 2:
+        if (
+            not isinstance(input_ids, torch.Tensor)
+            or input_ids.dtype != torch.int64
+            or input_ids.dim() != 2
+        ):
             raise TypeError("input_ids must be an int64 tensor [B, N]")
         B, N = input_ids.shape
         dev = input_ids.device
@@ -151,17 +178,28 @@ class RareWordTable:
         else:
             lengths = torch.as_tensor(lengths, device=dev)
             if lengths.shape != (B,) or lengths.dtype not in (torch.int32, torch.int64):
-                raise ValueError(f"lengths must be an integer tensor [B] = [{B}], got {tuple(lengths.shape)} "
-                                 f"{lengths.dtype}")
+                raise ValueError(
+                    f"lengths must be an integer tensor [B] = [{B}], got {tuple(lengths.shape)} "
+                    f"{lengths.dtype}"
+                )
             if B and (int(lengths.min()) < 0 or int(lengths.max()) > N):
                 bad = int(torch.nonzero((lengths < 0) | (lengths > N))[0, 0])
-                raise ValueError(f"lengths must be in [0, N = {N}], got lengths[{bad}] = {int(lengths[bad])}")
+                raise ValueError(
+                    f"lengths must be in [0, N = {N}], got lengths[{bad}] = {int(lengths[bad])}"
+                )
             valid = pos[None, :] < lengths[:, None]
         if position_ids is not None:
-            if not isinstance(position_ids, torch.Tensor) or position_ids.shape != (B, N) \
-                    or position_ids.dtype.is_floating_point or position_ids.dtype == torch.bool:
+            if (
+                not isinstance(position_ids, torch.Tensor)
+                or position_ids.shape != (B, N)
+                or position_ids.dtype.is_floating_point
+                or position_ids.dtype == torch.bool
+            ):
                 raise ValueError(f"position_ids must be an integer tensor [B, N] = [{B}, {N}]")
-        empty = (torch.empty(0, 4, dtype=torch.int64, device=dev), torch.full((B, N), -1, dtype=torch.int64, device=dev))
+        empty = (
+            torch.empty(0, 4, dtype=torch.int64, device=dev),
+            torch.full((B, N), -1, dtype=torch.int64, device=dev),
+        )
         if B * N == 0 or len(self) == 0:
             return empty
         # index_select rather than advanced indexing throughout: several times faster on the CPU.
@@ -179,7 +217,9 @@ class RareWordTable:
         ends = torch.cat([starts[1:], torch.tensor([B * N], device=dev)])
         length = ends - starts
         K = self.max_pieces
-        k = torch.arange(B * N, device=dev) - starts.index_select(0, word_of)  # piece index inside its word
+        k = torch.arange(B * N, device=dev) - starts.index_select(
+            0, word_of
+        )  # piece index inside its word
         # Pieces past the K-th land in a spare column that is dropped (such words cannot match anyway).
         rows = torch.full((W, K + 1), -1, dtype=torch.int64, device=dev)
         rows.view(-1).scatter_(0, word_of * (K + 1) + k.clamp_max(K), ids)
@@ -194,18 +234,31 @@ class RareWordTable:
             wkeys = _row_keys(rows)
             at = torch.searchsorted(keys, wkeys).clamp_max(R - 1)
             cand = order.index_select(0, at)
-            hit = (keys.index_select(0, at) == wkeys) & (table.index_select(0, cand) == rows).all(1)  # confirmed: no false match on a collision
+            hit = (keys.index_select(0, at) == wkeys) & (table.index_select(0, cand) == rows).all(
+                1
+            )  # confirmed: no false match on a collision
             word_slot = torch.where(hit, cand, torch.full_like(cand, -1))
         else:  # two rare words share a hash (about 1e-9 for 1e5 words): exact matching by sorting everything
             _, inverse = torch.unique(torch.cat([table, rows]), dim=0, return_inverse=True)
-            slot_of_unique = torch.full((int(inverse.max()) + 1,), -1, dtype=torch.int64, device=dev)
+            slot_of_unique = torch.full(
+                (int(inverse.max()) + 1,), -1, dtype=torch.int64, device=dev
+            )
             slot_of_unique[inverse[:R]] = torch.arange(R, device=dev)
             word_slot = slot_of_unique[inverse[R:]]
         rare = word_slot >= 0
         which = torch.nonzero(rare).squeeze(1)
         s = starts.index_select(0, which)
-        spans = torch.stack([s // N, s % N, s % N + length.index_select(0, which), word_slot.index_select(0, which)],
-                            1)
-        slots = torch.where(valid.reshape(-1), word_slot.index_select(0, word_of), torch.full_like(ids, -1))
+        spans = torch.stack(
+            [
+                s // N,
+                s % N,
+                s % N + length.index_select(0, which),
+                word_slot.index_select(0, which),
+            ],
+            1,
+        )
+        slots = torch.where(
+            valid.reshape(-1), word_slot.index_select(0, word_of), torch.full_like(ids, -1)
+        )
         slots = slots.view(B, N)
         return spans.contiguous(), slots.contiguous()

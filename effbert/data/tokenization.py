@@ -15,7 +15,13 @@ import numbers
 import os
 import stat
 
-__all__ = ["SPECIAL_TOKENS", "train_wordpiece", "load_tokenizer", "save_tokenizer", "check_tokenizer"]
+__all__ = [
+    "SPECIAL_TOKENS",
+    "train_wordpiece",
+    "load_tokenizer",
+    "save_tokenizer",
+    "check_tokenizer",
+]
 
 # [PAD] first, so a trained vocabulary has pad id 0 as BERT's vocab.txt does.
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
@@ -50,12 +56,17 @@ def _check_files(files):
     for f in files:
         problem = path_problem(f)
         if problem is not None:
-            raise ValueError(f"files: {f!r} {problem}" if problem != "no such file" else f"files: no such file {f!r}")
+            raise ValueError(
+                f"files: {f!r} {problem}"
+                if problem != "no such file"
+                else f"files: no such file {f!r}"
+            )
     return files
 
 
-def train_wordpiece(files, vocab_size=30522, lowercase=True, min_frequency=2, *, limit_alphabet=1000,
-                    check=True):
+def train_wordpiece(
+    files, vocab_size=30522, lowercase=True, min_frequency=2, *, limit_alphabet=1000, check=True
+):
     """Train a WordPiece vocabulary on text files with ``tokenizers``' ``WordPieceTrainer``.
 
     ``files``: a path or a list of paths to UTF-8 text; ``vocab_size``: the most pieces (specials included; a small
@@ -66,12 +77,23 @@ def train_wordpiece(files, vocab_size=30522, lowercase=True, min_frequency=2, *,
     ``[PAD]=0 [UNK]=1 [CLS]=2 [SEP]=3 [MASK]=4``. Raises ``ValueError`` (one line naming the file) for a missing or
     bad file and ``ValueError`` for bad sizes.
     """
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from tokenizers import (
+        Tokenizer,
+        decoders,
+        models,
+        normalizers,
+        pre_tokenizers,
+        processors,
+        trainers,
+    )
     from transformers import BertTokenizerFast
 
     files = _check_files(files)
-    for name, value, low in (("vocab_size", vocab_size, len(SPECIAL_TOKENS) + 1), ("min_frequency", min_frequency, 0),
-                             ("limit_alphabet", limit_alphabet, 1)):
+    for name, value, low in (
+        ("vocab_size", vocab_size, len(SPECIAL_TOKENS) + 1),
+        ("min_frequency", min_frequency, 0),
+        ("limit_alphabet", limit_alphabet, 1),
+    ):
         if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
             raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
     if not isinstance(lowercase, bool):
@@ -81,20 +103,33 @@ def train_wordpiece(files, vocab_size=30522, lowercase=True, min_frequency=2, *,
 
         for f in files:
             check_text_file(f)
+
     def bert(vocab=None):  # BERT's pipeline around a WordPiece model
-        tok = Tokenizer(models.WordPiece(vocab=vocab, unk_token="[UNK]", continuing_subword_prefix="##",
-                                         max_input_chars_per_word=100))
-        tok.normalizer = normalizers.BertNormalizer(clean_text=True, handle_chinese_chars=True, strip_accents=None,
-                                                    lowercase=lowercase)
+        tok = Tokenizer(
+            models.WordPiece(
+                vocab=vocab,
+                unk_token="[UNK]",
+                continuing_subword_prefix="##",
+                max_input_chars_per_word=100,
+            )
+        )
+        tok.normalizer = normalizers.BertNormalizer(
+            clean_text=True, handle_chinese_chars=True, strip_accents=None, lowercase=lowercase
+        )
         tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
         tok.decoder = decoders.WordPiece(prefix="##")
         return tok
 
     def trained(specials):
         tok = bert()
-        trainer = trainers.WordPieceTrainer(vocab_size=int(vocab_size), min_frequency=int(min_frequency),
-                                            special_tokens=specials, limit_alphabet=int(limit_alphabet),
-                                            continuing_subword_prefix="##", show_progress=False)
+        trainer = trainers.WordPieceTrainer(
+            vocab_size=int(vocab_size),
+            min_frequency=int(min_frequency),
+            special_tokens=specials,
+            limit_alphabet=int(limit_alphabet),
+            continuing_subword_prefix="##",
+            show_progress=False,
+        )
         tok.train(files, trainer)
         return tok
 
@@ -102,18 +137,28 @@ def train_wordpiece(files, vocab_size=30522, lowercase=True, min_frequency=2, *,
     # to process, and breaks ties between equally frequent merges by those numbers: the same corpus gave different
     # vocabularies. So a first pass finds the ``##x`` pieces, and the second numbers them first, sorted (as
     # "special" tokens, which the trainer numbers in the order given), so every tie breaks the same way.
-    continuing = sorted(p for p in trained(list(SPECIAL_TOKENS)).get_vocab(with_added_tokens=False)
-                        if p.startswith("##") and len(p) == 3)
+    continuing = sorted(
+        p
+        for p in trained(list(SPECIAL_TOKENS)).get_vocab(with_added_tokens=False)
+        if p.startswith("##") and len(p) == 3
+    )
     vocab = trained(list(SPECIAL_TOKENS) + continuing).get_vocab(with_added_tokens=True)
     # the same pieces in a tokenizer where only BERT's five are special (a "##x" in a text is no added token)
     tok = bert(vocab)
     tok.add_special_tokens(list(SPECIAL_TOKENS))
     cls_id, sep_id = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
     tok.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", cls_id),
-                                                                                  ("[SEP]", sep_id)])
-    return BertTokenizerFast(tokenizer_object=tok, do_lower_case=lowercase, strip_accents=None,
-                             tokenize_chinese_chars=True, **dict(zip(_ATTRS, SPECIAL_TOKENS)))
+        single="[CLS] $A [SEP]",
+        pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)],
+    )
+    return BertTokenizerFast(
+        tokenizer_object=tok,
+        do_lower_case=lowercase,
+        strip_accents=None,
+        tokenize_chinese_chars=True,
+        **dict(zip(_ATTRS, SPECIAL_TOKENS)),
+    )
 
 
 def check_tokenizer(tokenizer, name="tokenizer"):
@@ -121,14 +166,18 @@ def check_tokenizer(tokenizer, name="tokenizer"):
     from transformers import PreTrainedTokenizerFast
 
     if not isinstance(tokenizer, PreTrainedTokenizerFast):
-        raise TypeError(f"{name} must be a transformers fast tokenizer (BertTokenizerFast), got "
-                        f"{type(tokenizer).__name__}")
+        raise TypeError(
+            f"{name} must be a transformers fast tokenizer (BertTokenizerFast), got "
+            f"{type(tokenizer).__name__}"
+        )
     vocab = tokenizer.get_vocab()
     for attr in _ATTRS:
         token = getattr(tokenizer, attr, None)
         if token is None or str(token) not in vocab:
-            raise ValueError(f"{name} has no {attr} in its vocabulary (BERT's five specials {SPECIAL_TOKENS} are "
-                             "needed)")
+            raise ValueError(
+                f"{name} has no {attr} in its vocabulary (BERT's five specials {SPECIAL_TOKENS} are "
+                "needed)"
+            )
     return tokenizer
 
 
@@ -154,10 +203,21 @@ def _from_vocab_txt(path, lowercase):
     missing = [t for t in SPECIAL_TOKENS if t not in vocab]
     if missing:
         raise ValueError(f"the vocabulary lacks {' '.join(missing)}")
-    wp = BertWordPieceTokenizer(vocab=vocab, lowercase=lowercase, strip_accents=None, clean_text=True,
-                                handle_chinese_chars=True, wordpieces_prefix="##")
-    return BertTokenizerFast(tokenizer_object=wp._tokenizer, do_lower_case=lowercase, strip_accents=None,
-                             tokenize_chinese_chars=True, **dict(zip(_ATTRS, SPECIAL_TOKENS)))
+    wp = BertWordPieceTokenizer(
+        vocab=vocab,
+        lowercase=lowercase,
+        strip_accents=None,
+        clean_text=True,
+        handle_chinese_chars=True,
+        wordpieces_prefix="##",
+    )
+    return BertTokenizerFast(
+        tokenizer_object=wp._tokenizer,
+        do_lower_case=lowercase,
+        strip_accents=None,
+        tokenize_chinese_chars=True,
+        **dict(zip(_ATTRS, SPECIAL_TOKENS)),
+    )
 
 
 def load_tokenizer(path, lowercase=True):

@@ -15,8 +15,17 @@ import torch
 __all__ = ["read_tsv", "check_labels", "label_numbers", "encode", "batch_rows", "to_dataset"]
 
 # a first line whose label is one of these, seen nowhere else in the file, is a header row
-_HEADER_LABELS = {"label", "labels", "class", "category", "target", "y", "sentiment", "topic",
-                  "intent"}
+_HEADER_LABELS = {
+    "label",
+    "labels",
+    "class",
+    "category",
+    "target",
+    "y",
+    "sentiment",
+    "topic",
+    "intent",
+}
 _HEADER_TEXTS = ("text", "sentence", "texts", "review")
 
 
@@ -65,8 +74,9 @@ def label_numbers(names, flag="--train"):
         except ValueError:
             v = float("nan")
         if not math.isfinite(v):
-            raise ValueError(f"{flag}: example {n} has the label {name!r}, not a finite number "
-                             "(--regression)")
+            raise ValueError(
+                f"{flag}: example {n} has the label {name!r}, not a finite number (--regression)"
+            )
         out.append(v)
     return torch.tensor(out, dtype=torch.float32)
 
@@ -76,30 +86,41 @@ def check_labels(labels, texts, path, flag="--train", warn=None):
     a header row taken for an example (``ValueError`` naming ``flag``); ``warn(msg)`` hears about
     few examples a class and about a label seen on one line only when others repeat."""
     if len(labels) != len(texts) or not labels:
-        raise ValueError(f"labels and texts must be two non-empty lists of one length, got "
-                         f"{len(labels)} and "
-                         f"{len(texts)}")
+        raise ValueError(
+            f"labels and texts must be two non-empty lists of one length, got "
+            f"{len(labels)} and "
+            f"{len(texts)}"
+        )
     counts = Counter(labels)
     n = len(labels)
     if n >= 8 and len(counts) > n // 2:
         many = f"{len(counts)} different labels in {n} examples of {path!r}"
         wordy = sum(1 for lab in counts if len(lab.split()) > 2)
         if 2 * wordy >= len(counts):
-            raise ValueError(f"{flag}: {many}, {wordy} of them several words long: is the file "
-                             "text<TAB>label? "
-                             "expected label<TAB>text")
+            raise ValueError(
+                f"{flag}: {many}, {wordy} of them several words long: is the file "
+                "text<TAB>label? "
+                "expected label<TAB>text"
+            )
         if warn is not None:
             warn(f"{flag}: {many}: few examples a class (is the first column the label?)")
     first = labels[0]
-    if counts[first] == 1 and n > 1 and (first.lower() in _HEADER_LABELS
-                                         or texts[0].strip().lower() in _HEADER_TEXTS):
-        raise ValueError(f"{flag}: line 1 of {path!r} ({first!r}<TAB>{texts[0][:20]!r}) looks like "
-                         "a header row; "
-                         "remove it (the file is label<TAB>text with no header)")
+    if (
+        counts[first] == 1
+        and n > 1
+        and (first.lower() in _HEADER_LABELS or texts[0].strip().lower() in _HEADER_TEXTS)
+    ):
+        raise ValueError(
+            f"{flag}: line 1 of {path!r} ({first!r}<TAB>{texts[0][:20]!r}) looks like "
+            "a header row; "
+            "remove it (the file is label<TAB>text with no header)"
+        )
     once = sorted(lab for lab, c in counts.items() if c == 1)
     if warn is not None and once and len(once) < len(counts) and n >= 4 * len(counts):
-        warn(f"{flag}: label(s) {once[:5]} occur on one line only in {path!r}: a typo or a stray "
-             "row?")
+        warn(
+            f"{flag}: label(s) {once[:5]} occur on one line only in {path!r}: a typo or a stray "
+            "row?"
+        )
 
 
 def encode(tokenizer, texts, max_length):
@@ -107,14 +128,19 @@ def encode(tokenizer, texts, max_length):
     the tokenizer gives it ([CLS] ... [SEP]), cut to ``max_length`` pieces."""
     if max_length < 3:
         raise ValueError(f"max_length must be >= 3 ([CLS], a piece, [SEP]), got {max_length}")
-    enc = tokenizer(list(texts), truncation=True, max_length=max_length,
-                    return_token_type_ids=False,
-                    return_attention_mask=False)["input_ids"]
+    enc = tokenizer(
+        list(texts),
+        truncation=True,
+        max_length=max_length,
+        return_token_type_ids=False,
+        return_attention_mask=False,
+    )["input_ids"]
     lengths = torch.tensor([len(x) for x in enc], dtype=torch.int64)
-    ids = torch.full((len(enc), int(lengths.max()) if enc else 0), tokenizer.pad_token_id or 0,
-                     dtype=torch.int64)
+    ids = torch.full(
+        (len(enc), int(lengths.max()) if enc else 0), tokenizer.pad_token_id or 0, dtype=torch.int64
+    )
     for i, x in enumerate(enc):
-        ids[i, :len(x)] = torch.tensor(x, dtype=torch.int64)
+        ids[i, : len(x)] = torch.tensor(x, dtype=torch.int64)
     return ids, lengths
 
 
@@ -135,9 +161,14 @@ def to_dataset(tokenizer, texts, targets, max_length):
     import datasets
 
     if len(texts) != len(targets):
-        raise ValueError(f"texts and targets must have one length, got {len(texts)} and "
-                         f"{len(targets)}")
+        raise ValueError(
+            f"texts and targets must have one length, got {len(texts)} and {len(targets)}"
+        )
     ds = datasets.Dataset.from_dict({"text": list(texts), "labels": targets.tolist()})
-    return ds.map(lambda b: tokenizer(b["text"], truncation=True, max_length=max_length,
-                                      return_token_type_ids=False), batched=True,
-                                      remove_columns=["text"])
+    return ds.map(
+        lambda b: tokenizer(
+            b["text"], truncation=True, max_length=max_length, return_token_type_ids=False
+        ),
+        batched=True,
+        remove_columns=["text"],
+    )

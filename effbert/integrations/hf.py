@@ -19,23 +19,49 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..models import (TupeBertConfig, TupeBertForMaskedLM, TupeBertForSequenceClassification,
-                      TupeBertForTokenClassification, TupeBertModel)
+from ..models import (
+    TupeBertConfig,
+    TupeBertForMaskedLM,
+    TupeBertForSequenceClassification,
+    TupeBertForTokenClassification,
+    TupeBertModel,
+)
 from ..models.multi_exit import MultiExitMixin, check_exit_loss_settings
-from ..models.tupe_bert import MultiExitSequenceClassifierOutput, _check_ids, _values_in_range, check_bert_inputs
+from ..models.tupe_bert import (
+    MultiExitSequenceClassifierOutput,
+    _check_ids,
+    _values_in_range,
+    check_bert_inputs,
+)
 from ..nn import BertLayerAdapter, ExitHead, MultiExitEncoder
 from ..ops import tupe_attention
 from ..ops import BACKENDS
 
-__all__ = ["from_hf_bert", "token_classifier_from_hf_bert", "patch_bert_attention",
-           "effbert_attention_forward", "effbert_mask", "ATTN_IMPLEMENTATION",
-           "hf_state_dict_to_effbert", "config_from_hf", "multi_exit_bert", "MultiExitBert"]
+__all__ = [
+    "from_hf_bert",
+    "token_classifier_from_hf_bert",
+    "patch_bert_attention",
+    "effbert_attention_forward",
+    "effbert_mask",
+    "ATTN_IMPLEMENTATION",
+    "hf_state_dict_to_effbert",
+    "config_from_hf",
+    "multi_exit_bert",
+    "MultiExitBert",
+]
 
-_INSTALL_HINT = ("transformers is needed for effbert.integrations.hf: pip install transformers safetensors "
-                 "(both come with effbert: pip install -e . in its checkout)")
+_INSTALL_HINT = (
+    "transformers is needed for effbert.integrations.hf: pip install transformers safetensors "
+    "(both come with effbert: pip install -e . in its checkout)"
+)
 # HF activation names -> ours (the tanh approximations are one function under several names)
-_ACTS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu_fast": "gelu_tanh",
-         "relu": "relu"}
+_ACTS = {
+    "gelu": "gelu",
+    "gelu_new": "gelu_tanh",
+    "gelu_pytorch_tanh": "gelu_tanh",
+    "gelu_fast": "gelu_tanh",
+    "relu": "relu",
+}
 
 
 def require_transformers():
@@ -49,26 +75,42 @@ def require_transformers():
 def config_from_hf(hf_config, *, backend="auto"):
     """A ``TupeBertConfig`` (``position_mode="absolute"``) with the sizes of an HF ``BertConfig``."""
     if getattr(hf_config, "model_type", None) != "bert":
-        raise ValueError(f"hf_config must be a BERT config (model_type 'bert'), got "
-                         f"{getattr(hf_config, 'model_type', None)!r}")
+        raise ValueError(
+            f"hf_config must be a BERT config (model_type 'bert'), got "
+            f"{getattr(hf_config, 'model_type', None)!r}"
+        )
     if getattr(hf_config, "position_embedding_type", "absolute") not in (None, "absolute"):
-        raise ValueError("only absolute position embeddings convert, got position_embedding_type "
-                         f"{hf_config.position_embedding_type!r}")
+        raise ValueError(
+            "only absolute position embeddings convert, got position_embedding_type "
+            f"{hf_config.position_embedding_type!r}"
+        )
     if getattr(hf_config, "is_decoder", False):
-        raise ValueError("a decoder (causal) BERT does not convert: effbert's encoder attends both ways")
+        raise ValueError(
+            "a decoder (causal) BERT does not convert: effbert's encoder attends both ways"
+        )
     act = hf_config.hidden_act
     if not isinstance(act, str) or act not in _ACTS:
-        raise ValueError(f"hidden_act {act!r} has no effbert equivalent (supported: {sorted(_ACTS)})")
+        raise ValueError(
+            f"hidden_act {act!r} has no effbert equivalent (supported: {sorted(_ACTS)})"
+        )
     return TupeBertConfig(
-        vocab_size=hf_config.vocab_size, hidden_size=hf_config.hidden_size,
-        num_hidden_layers=hf_config.num_hidden_layers, num_attention_heads=hf_config.num_attention_heads,
-        intermediate_size=hf_config.intermediate_size, max_position_embeddings=hf_config.max_position_embeddings,
-        type_vocab_size=hf_config.type_vocab_size, hidden_dropout_prob=float(hf_config.hidden_dropout_prob),
+        vocab_size=hf_config.vocab_size,
+        hidden_size=hf_config.hidden_size,
+        num_hidden_layers=hf_config.num_hidden_layers,
+        num_attention_heads=hf_config.num_attention_heads,
+        intermediate_size=hf_config.intermediate_size,
+        max_position_embeddings=hf_config.max_position_embeddings,
+        type_vocab_size=hf_config.type_vocab_size,
+        hidden_dropout_prob=float(hf_config.hidden_dropout_prob),
         attention_probs_dropout_prob=float(hf_config.attention_probs_dropout_prob),
-        layer_norm_eps=float(hf_config.layer_norm_eps), hidden_act=_ACTS[act],
+        layer_norm_eps=float(hf_config.layer_norm_eps),
+        hidden_act=_ACTS[act],
         initializer_range=float(getattr(hf_config, "initializer_range", 0.02)),
         pad_token_id=hf_config.pad_token_id if hf_config.pad_token_id is not None else 0,
-        position_mode="absolute", num_labels=int(getattr(hf_config, "num_labels", 2)), backend=backend)
+        position_mode="absolute",
+        num_labels=int(getattr(hf_config, "num_labels", 2)),
+        backend=backend,
+    )
 
 
 _LAYER_NAMES = {
@@ -94,7 +136,7 @@ def hf_state_dict_to_effbert(state):
     classifier (``classifier.*``) or the MLM head (``mlm_head.*``) when present. Unknown keys are an error."""
     encoder, head, qkv = {}, {}, {}
     for raw_key, value in state.items():
-        key = raw_key[len("bert."):] if raw_key.startswith("bert.") else raw_key
+        key = raw_key[len("bert.") :] if raw_key.startswith("bert.") else raw_key
         key = re.sub(r"LayerNorm\.gamma$", "LayerNorm.weight", key)
         key = re.sub(r"LayerNorm\.beta$", "LayerNorm.bias", key)
         if _IGNORED.match(key):
@@ -116,24 +158,30 @@ def hf_state_dict_to_effbert(state):
         if key in ("classifier.weight", "classifier.bias"):
             head[key] = value
             continue
-        mlm = {"cls.predictions.transform.dense.weight": "mlm_head.dense.weight",
-               "cls.predictions.transform.dense.bias": "mlm_head.dense.bias",
-               "cls.predictions.transform.LayerNorm.weight": "mlm_head.layer_norm.weight",
-               "cls.predictions.transform.LayerNorm.bias": "mlm_head.layer_norm.bias",
-               "cls.predictions.bias": "mlm_head.bias", "cls.predictions.decoder.bias": "mlm_head.bias",
-               "cls.predictions.decoder.weight": "mlm_head.decoder.weight"}
+        mlm = {
+            "cls.predictions.transform.dense.weight": "mlm_head.dense.weight",
+            "cls.predictions.transform.dense.bias": "mlm_head.dense.bias",
+            "cls.predictions.transform.LayerNorm.weight": "mlm_head.layer_norm.weight",
+            "cls.predictions.transform.LayerNorm.bias": "mlm_head.layer_norm.bias",
+            "cls.predictions.bias": "mlm_head.bias",
+            "cls.predictions.decoder.bias": "mlm_head.bias",
+            "cls.predictions.decoder.weight": "mlm_head.decoder.weight",
+        }
         if key in mlm:
             head[mlm[key]] = value
             continue
-        raise ValueError(f"state dict key {raw_key!r} is not part of a BERT encoder, its pooler, an MLM head or a "
-                         "sequence classifier")
+        raise ValueError(
+            f"state dict key {raw_key!r} is not part of a BERT encoder, its pooler, an MLM head or a "
+            "sequence classifier"
+        )
     for (index, kind), parts in qkv.items():
         missing = sorted({"query", "key", "value"} - set(parts))
         if missing:
             raise ValueError(f"layer {index} lacks attention.self.{missing[0]}.{kind}")
         # our qkv Linear's outputs are [3, H, D]: q rows, then k, then v, each head-major like HF's
         encoder[f"encoder.layers.{index}.attention.qkv.{kind}"] = torch.cat(
-            [parts["query"], parts["key"], parts["value"]], dim=0)
+            [parts["query"], parts["key"], parts["value"]], dim=0
+        )
     return encoder, head
 
 
@@ -141,8 +189,10 @@ def _load_path(path):
     transformers = require_transformers()
     path = Path(path)
     if not path.is_dir():
-        raise ValueError(f"model_or_path must be an HF BERT model or a local folder, got {str(path)!r} "
-                         "(not a folder)")
+        raise ValueError(
+            f"model_or_path must be an HF BERT model or a local folder, got {str(path)!r} "
+            "(not a folder)"
+        )
     hf_config = transformers.BertConfig.from_pretrained(str(path), local_files_only=True)
     if (path / "model.safetensors").exists():
         from safetensors.torch import load_file
@@ -171,14 +221,18 @@ def from_hf_bert(model_or_path, *, backend="auto"):
     if "classifier.weight" in head:
         config.num_labels = head["classifier.weight"].shape[0]
         if not has_pooler:
-            raise ValueError("a sequence classifier needs the pooler weights, which the state dict lacks")
+            raise ValueError(
+                "a sequence classifier needs the pooler weights, which the state dict lacks"
+            )
         model = TupeBertForSequenceClassification(config)
         target = {"bert." + k: v for k, v in encoder.items()} | head
     elif any(k.startswith("mlm_head.") for k in head):
         decoder = head.pop("mlm_head.decoder.weight", None)
         word = encoder.get("embeddings.word_embeddings.weight")
         if decoder is not None and word is not None and not torch.equal(decoder, word):
-            raise ValueError("the MLM decoder is not tied to the word embeddings; effbert's MLM head always is")
+            raise ValueError(
+                "the MLM decoder is not tied to the word embeddings; effbert's MLM head always is"
+            )
         model = TupeBertForMaskedLM(config)
         encoder.pop("pooler.dense.weight", None), encoder.pop("pooler.dense.bias", None)
         target = {"bert." + k: v for k, v in encoder.items()} | head
@@ -189,8 +243,10 @@ def from_hf_bert(model_or_path, *, backend="auto"):
     model.to(device=first.device, dtype=first.dtype)
     missing, unexpected = model.load_state_dict(target, strict=False)
     if missing or unexpected:
-        raise ValueError(f"the HF weights do not fill the effbert model: missing {sorted(missing)}, "
-                         f"unexpected {sorted(unexpected)}")
+        raise ValueError(
+            f"the HF weights do not fill the effbert model: missing {sorted(missing)}, "
+            f"unexpected {sorted(unexpected)}"
+        )
     return model.eval()
 
 
@@ -201,11 +257,15 @@ def _hf_weights(model_or_path):
     if isinstance(model_or_path, nn.Module) and hasattr(model_or_path, "config"):
         require_transformers()
         return model_or_path.config, model_or_path.state_dict()
-    raise TypeError(f"model_or_path must be an HF BERT model or a local folder path, got "
-                    f"{type(model_or_path).__name__}")
+    raise TypeError(
+        f"model_or_path must be an HF BERT model or a local folder path, got "
+        f"{type(model_or_path).__name__}"
+    )
 
 
-def token_classifier_from_hf_bert(model_or_path, num_labels=None, *, multi_exit=True, backend="auto"):
+def token_classifier_from_hf_bert(
+    model_or_path, num_labels=None, *, multi_exit=True, backend="auto"
+):
     """A ``TupeBertForTokenClassification`` (``position_mode="absolute"``) on the encoder of a pretrained HF BERT,
     for sequence labeling with early exit (Li et al., ACL 2021, start from a pretrained BERT this way).
 
@@ -227,7 +287,9 @@ def token_classifier_from_hf_bert(model_or_path, num_labels=None, *, multi_exit=
     if classifier:
         found = classifier["classifier.weight"].shape[0]
         if num_labels is not None and num_labels != found:
-            raise ValueError(f"num_labels ({num_labels}) must match the HF classifier's {found} classes, or be None")
+            raise ValueError(
+                f"num_labels ({num_labels}) must match the HF classifier's {found} classes, or be None"
+            )
         num_labels = found
     config.num_labels = int(num_labels if num_labels is not None else config.num_labels)
     id2label = getattr(hf_config, "id2label", None)
@@ -238,14 +300,16 @@ def token_classifier_from_hf_bert(model_or_path, num_labels=None, *, multi_exit=
     model = TupeBertForTokenClassification(config)
     target = {"bert." + k: v for k, v in encoder.items()}
     prefix = f"exits.{config.num_hidden_layers - 1}." if multi_exit else "classifier."
-    target |= {prefix + k[len("classifier."):]: v for k, v in classifier.items()}
+    target |= {prefix + k[len("classifier.") :]: v for k, v in classifier.items()}
     first = next(iter(target.values()))
     model.to(device=first.device, dtype=first.dtype)
     missing, unexpected = model.load_state_dict(target, strict=False)
     fresh = {k for k in model.state_dict() if k.startswith(("exits.", "classifier."))}
     if set(missing) - fresh or unexpected:
-        raise ValueError(f"the HF weights do not fill the effbert encoder: missing {sorted(set(missing) - fresh)}, "
-                         f"unexpected {sorted(unexpected)}")
+        raise ValueError(
+            f"the HF weights do not fill the effbert encoder: missing {sorted(set(missing) - fresh)}, "
+            f"unexpected {sorted(unexpected)}"
+        )
     return model.eval()
 
 
@@ -274,27 +338,46 @@ def _key_padding_mask(mask, batch, seq_len):
     elif mask.is_floating_point():
         valid = mask == 0
         if not torch.compiler.is_compiling() and not bool(((mask == 0) | (mask <= -1e4)).all()):
-            raise ValueError("attention_mask holds an additive bias other than 0 / large negative; "
-                             "effbert's fused attention takes key padding masks only")
+            raise ValueError(
+                "attention_mask holds an additive bias other than 0 / large negative; "
+                "effbert's fused attention takes key padding masks only"
+            )
     else:
         valid = mask != 0
     if valid.dim() == 2:
         if tuple(valid.shape) != (batch, seq_len):
-            raise ValueError(f"attention_mask must be [B, N] = [{batch}, {seq_len}], got "
-                             f"{list(valid.shape)}")
+            raise ValueError(
+                f"attention_mask must be [B, N] = [{batch}, {seq_len}], got {list(valid.shape)}"
+            )
         return valid
-    if valid.dim() != 4 or valid.shape[0] not in (1, batch) or valid.shape[-1] != seq_len \
-            or valid.shape[-2] not in (1, seq_len):
-        raise ValueError(f"attention_mask must be [B, N] or [B, 1, N or 1, N] with B = {batch}, "
-                         f"N = {seq_len}, got {list(mask.shape)}")
+    if (
+        valid.dim() != 4
+        or valid.shape[0] not in (1, batch)
+        or valid.shape[-1] != seq_len
+        or valid.shape[-2] not in (1, seq_len)
+    ):
+        raise ValueError(
+            f"attention_mask must be [B, N] or [B, 1, N or 1, N] with B = {batch}, "
+            f"N = {seq_len}, got {list(mask.shape)}"
+        )
     if not torch.compiler.is_compiling() and not bool((valid == valid[:, :1, :1, :]).all()):
-        raise ValueError("attention_mask differs between queries or heads (a causal or custom "
-                         "mask); effbert's fused attention takes key padding masks only")
+        raise ValueError(
+            "attention_mask differs between queries or heads (a causal or custom "
+            "mask); effbert's fused attention takes key padding masks only"
+        )
     return valid[:, 0, 0, :].expand(batch, seq_len).contiguous()
 
 
-def effbert_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_function=None,
-                 attention_mask=None, **kwargs):
+def effbert_mask(
+    batch_size,
+    q_length,
+    kv_length,
+    q_offset=0,
+    kv_offset=0,
+    mask_function=None,
+    attention_mask=None,
+    **kwargs,
+):
     """transformers' ``AttentionMaskInterface`` function of the ``"effbert"`` implementation: the
     key padding mask ``attention_mask [B, K]`` bool (True = real token), built once per forward for
     every layer, or None when no key is padding. Only BERT's plain bidirectional pattern is served:
@@ -303,9 +386,11 @@ def effbert_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_
     from transformers.masking_utils import bidirectional_mask_function
 
     if mask_function is not bidirectional_mask_function or q_offset or kv_offset:
-        raise ValueError("effbert's patched BERT attention takes key padding masks only "
-                         "(bidirectional, no packed sequences through position_ids, no cache "
-                         "offsets)")
+        raise ValueError(
+            "effbert's patched BERT attention takes key padding masks only "
+            "(bidirectional, no packed sequences through position_ids, no cache "
+            "offsets)"
+        )
     if attention_mask is None:
         return None
     mask = attention_mask[:, -kv_length:].to(torch.bool)
@@ -314,8 +399,9 @@ def effbert_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_
     return mask
 
 
-def effbert_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
-                              **kwargs):
+def effbert_attention_forward(
+    module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs
+):
     """transformers' ``AttentionInterface`` function of the ``"effbert"`` implementation: ``query``,
     ``key``, ``value`` ``[B, H, N, D]`` (transformers' layout) -> ``(output [B, N, H, D], None)``
     through ``effbert.tupe_attention`` (absolute positions: plain softmax attention, no positional
@@ -328,10 +414,15 @@ def effbert_attention_forward(module, query, key, value, attention_mask, scaling
     transformers' sdpa path does for eager. The backend is the layer's ``effbert_backend`` (set by
     ``patch_bert_attention``; ``"auto"``). Raises ``ValueError`` for cross-attention, a causal layer
     or a mask that is not a key padding mask."""
-    if kwargs.get("encoder_hidden_states") is not None or getattr(module, "is_causal", False) \
-            or key.shape[2] != query.shape[2]:
-        raise ValueError("effbert's patched BERT attention is encoder self-attention only "
-                         "(no cache, no cross attention, not causal)")
+    if (
+        kwargs.get("encoder_hidden_states") is not None
+        or getattr(module, "is_causal", False)
+        or key.shape[2] != query.shape[2]
+    ):
+        raise ValueError(
+            "effbert's patched BERT attention is encoder self-attention only "
+            "(no cache, no cross attention, not causal)"
+        )
     b, _, n, _ = query.shape
     mask = _key_padding_mask(attention_mask, b, n)
     wants = kwargs.get("output_attentions")
@@ -341,15 +432,25 @@ def effbert_attention_forward(module, query, key, value, attention_mask, scaling
         from transformers.models.bert.modeling_bert import eager_attention_forward
 
         additive = None
-        if mask is not None:  # HF's eager form of a padding mask: 0 to attend, the dtype's lowest to not
+        if (
+            mask is not None
+        ):  # HF's eager form of a padding mask: 0 to attend, the dtype's lowest to not
             additive = torch.zeros((b, 1, 1, n), dtype=query.dtype, device=query.device)
             additive = additive.masked_fill(~mask[:, None, None, :], torch.finfo(query.dtype).min)
-        return eager_attention_forward(module, query, key, value, additive, scaling=scaling,
-                                       dropout=dropout)
+        return eager_attention_forward(
+            module, query, key, value, additive, scaling=scaling, dropout=dropout
+        )
     # [B, H, N, D] -> [B, N, H, D]: the projections' own layout, no copy
     backend = str(getattr(module, "effbert_backend", "auto"))
-    out = tupe_attention(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2),
-                         attention_mask=mask, scale=scaling, dropout_p=dropout, backend=backend)
+    out = tupe_attention(
+        query.transpose(1, 2),
+        key.transpose(1, 2),
+        value.transpose(1, 2),
+        attention_mask=mask,
+        scale=scaling,
+        dropout_p=dropout,
+        backend=backend,
+    )
     return out, None
 
 
@@ -393,13 +494,18 @@ def patch_bert_attention(hf_model, *, backend="auto"):
     if backend not in ("auto",) + BACKENDS:
         raise ValueError(f"backend must be one of {('auto',) + BACKENDS}, got {backend!r}")
     if getattr(getattr(hf_model, "config", None), "is_decoder", False):
-        raise ValueError("hf_model is a decoder (causal) BERT; effbert's patched attention is bidirectional")
+        raise ValueError(
+            "hf_model is a decoder (causal) BERT; effbert's patched attention is bidirectional"
+        )
     layers = [m for m in hf_model.modules() if isinstance(m, BertSelfAttention)]
     if not layers:
-        raise ValueError(f"hf_model ({type(hf_model).__name__}) has no BERT self-attention to patch")
+        raise ValueError(
+            f"hf_model ({type(hf_model).__name__}) has no BERT self-attention to patch"
+        )
     if any(getattr(m.config, "is_decoder", False) for m in layers):
-        raise ValueError("hf_model holds a decoder (causal) BERT; effbert's patched attention is "
-                         "bidirectional")
+        raise ValueError(
+            "hf_model holds a decoder (causal) BERT; effbert's patched attention is bidirectional"
+        )
     _register()
     for module in layers:
         module.effbert_backend = _Backend(backend)
@@ -434,8 +540,19 @@ class MultiExitBert(MultiExitMixin, nn.Module):
       exactly what it gets alone. ``threshold=0`` (entropy) / ``patience=0``: full depth.
     """
 
-    def __init__(self, embeddings, layers, heads, *, hf_config, backend="auto", loss="romebert", gamma=0.9,
-                 temperature=3.0, gradient_equilibrium=False):
+    def __init__(
+        self,
+        embeddings,
+        layers,
+        heads,
+        *,
+        hf_config,
+        backend="auto",
+        loss="romebert",
+        gamma=0.9,
+        temperature=3.0,
+        gradient_equilibrium=False,
+    ):
         super().__init__()
         self.embeddings = embeddings
         self.encoder = MultiExitEncoder([BertLayerAdapter(layer) for layer in layers], heads)
@@ -454,8 +571,13 @@ class MultiExitBert(MultiExitMixin, nn.Module):
         return self.encoder.heads[-1].classifier.out_features
 
     def exit_loss_settings(self):
-        return dict(loss=self.loss_type, gamma=self.gamma, temperature=self.temperature,
-                    gradient_equilibrium=self.gradient_equilibrium, backend=self.backend)
+        return dict(
+            loss=self.loss_type,
+            gamma=self.gamma,
+            temperature=self.temperature,
+            gradient_equilibrium=self.gradient_equilibrium,
+            backend=self.backend,
+        )
 
     def deebert_parts(self):
         return [self.embeddings, self.encoder.layers], self.encoder.heads
@@ -472,7 +594,9 @@ class MultiExitBert(MultiExitMixin, nn.Module):
     def _inputs(self, input_ids, attention_mask, token_type_ids):
         """Checks HF-style inputs; returns ``(hidden [B, N, Dm], attention mask [B, N] bool, True = real token, or
         None)``."""
-        token_type_ids, real = check_bert_inputs(self.hf_config, input_ids, attention_mask, token_type_ids)
+        token_type_ids, real = check_bert_inputs(
+            self.hf_config, input_ids, attention_mask, token_type_ids
+        )
         hidden = self.embeddings(input_ids=input_ids, token_type_ids=token_type_ids)
         return hidden, real
 
@@ -485,8 +609,10 @@ class MultiExitBert(MultiExitMixin, nn.Module):
             raise ValueError(f"labels must be on {device}, got {labels.device}")
         if self.num_labels == 1:
             if not labels.is_floating_point():
-                raise TypeError(f"labels must be float targets for a one-output (regression) head, got "
-                                f"{str(labels.dtype).replace('torch.', '')}")
+                raise TypeError(
+                    f"labels must be float targets for a one-output (regression) head, got "
+                    f"{str(labels.dtype).replace('torch.', '')}"
+                )
             return
         _check_ids("labels", labels, None)
         _values_in_range("labels", labels, 0, self.num_labels)
@@ -501,20 +627,46 @@ class MultiExitBert(MultiExitMixin, nn.Module):
             self._check_labels(labels, input_ids.shape[0], input_ids.device)
         exit_logits = self.encoder(hidden, real)
         loss = self.compute_loss(exit_logits, labels) if labels is not None else None
-        return MultiExitSequenceClassifierOutput(loss=loss, logits=exit_logits[-1], exit_logits=exit_logits)
+        return MultiExitSequenceClassifierOutput(
+            loss=loss, logits=exit_logits[-1], exit_logits=exit_logits
+        )
 
     @torch.no_grad()
-    def early_exit(self, input_ids, attention_mask=None, token_type_ids=None, *, criterion, threshold=None,
-                   patience=None):
+    def early_exit(
+        self,
+        input_ids,
+        attention_mask=None,
+        token_type_ids=None,
+        *,
+        criterion,
+        threshold=None,
+        patience=None,
+    ):
         """Batched early-exit inference (``MultiExitEncoder.early_exit``): ``(logits [B, C], exit_layer [B])``.
         Call in eval mode."""
         hidden, real = self._inputs(input_ids, attention_mask, token_type_ids)
-        return self.encoder.early_exit(hidden, real, criterion=criterion, threshold=threshold,
-                                       patience=patience, backend=self.backend)
+        return self.encoder.early_exit(
+            hidden,
+            real,
+            criterion=criterion,
+            threshold=threshold,
+            patience=patience,
+            backend=self.backend,
+        )
 
 
-def multi_exit_bert(hf_model, num_labels=None, *, dropout=None, backend="auto", loss="romebert", gamma=0.9,
-                    temperature=3.0, gradient_equilibrium=False, exit_pooler="copy"):
+def multi_exit_bert(
+    hf_model,
+    num_labels=None,
+    *,
+    dropout=None,
+    backend="auto",
+    loss="romebert",
+    gamma=0.9,
+    temperature=3.0,
+    gradient_equilibrium=False,
+    exit_pooler="copy",
+):
     """Wrap an HF ``BertModel`` or ``BertForSequenceClassification`` for early-exit fine-tuning and inference.
 
     Returns a ``MultiExitBert`` holding the model's embeddings and layers (shared, not copied; works whether or not
@@ -541,30 +693,41 @@ def multi_exit_bert(hf_model, num_labels=None, *, dropout=None, backend="auto", 
     elif isinstance(hf_model, BertModel):
         bert, classifier = hf_model, None
     else:
-        raise TypeError(f"hf_model must be a transformers BertModel or BertForSequenceClassification, got "
-                        f"{type(hf_model).__name__}")
+        raise TypeError(
+            f"hf_model must be a transformers BertModel or BertForSequenceClassification, got "
+            f"{type(hf_model).__name__}"
+        )
     cfg = hf_model.config
     if getattr(cfg, "is_decoder", False):
-        raise ValueError("hf_model is a decoder (causal) BERT; off-ramps need a bidirectional encoder")
+        raise ValueError(
+            "hf_model is a decoder (causal) BERT; off-ramps need a bidirectional encoder"
+        )
     if num_labels is None:
         num_labels = classifier.out_features if classifier is not None else int(cfg.num_labels)
     if isinstance(num_labels, bool) or not isinstance(num_labels, int) or num_labels < 1:
         raise ValueError(f"num_labels must be an int >= 1, got {num_labels!r}")
     if classifier is not None and classifier.out_features != num_labels:
-        raise ValueError(f"num_labels ({num_labels}) differs from hf_model's classifier ({classifier.out_features} "
-                         "outputs); wrap its .bert for a new label set")
+        raise ValueError(
+            f"num_labels ({num_labels}) differs from hf_model's classifier ({classifier.out_features} "
+            "outputs); wrap its .bert for a new label set"
+        )
     if dropout is None:
         dropout = getattr(cfg, "classifier_dropout", None)
         dropout = cfg.hidden_dropout_prob if dropout is None else dropout
-    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
+    if (
+        isinstance(dropout, bool)
+        or not isinstance(dropout, (int, float))
+        or not 0.0 <= dropout < 1.0
+    ):
         raise ValueError(f"dropout must be a float in [0, 1), got {dropout!r}")
     if backend not in ("auto",) + BACKENDS:
         raise ValueError(f"backend must be one of {('auto',) + BACKENDS}, got {backend!r}")
     if exit_pooler not in EXIT_POOLERS:
         raise ValueError(f"exit_pooler must be one of {EXIT_POOLERS}, got {exit_pooler!r}")
     if not isinstance(gradient_equilibrium, bool):
-        raise TypeError(f"gradient_equilibrium must be a bool, got "
-                        f"{type(gradient_equilibrium).__name__}")
+        raise TypeError(
+            f"gradient_equilibrium must be a bool, got {type(gradient_equilibrium).__name__}"
+        )
     check_exit_loss_settings(loss, gamma, temperature, gradient_equilibrium)
     layers = list(bert.encoder.layer)
     ref = next(bert.parameters())
@@ -586,6 +749,15 @@ def multi_exit_bert(hf_model, num_labels=None, *, dropout=None, backend="auto", 
                 head.pooler.load_state_dict(pooler.state_dict())
     if classifier is not None:
         heads[-1].classifier = classifier
-    model = MultiExitBert(bert.embeddings, layers, heads, hf_config=cfg, backend=backend, loss=loss, gamma=gamma,
-                          temperature=temperature, gradient_equilibrium=gradient_equilibrium)
+    model = MultiExitBert(
+        bert.embeddings,
+        layers,
+        heads,
+        hf_config=cfg,
+        backend=backend,
+        loss=loss,
+        gamma=gamma,
+        temperature=temperature,
+        gradient_equilibrium=gradient_equilibrium,
+    )
     return model.train(hf_model.training)

@@ -32,21 +32,32 @@ from torch import nn
 
 from .hf import _LAYER_NAMES, _TOP_NAMES, from_hf_bert, require_transformers
 
-__all__ = ["mean_pooling", "cls_pooling", "POOLINGS", "SentenceEncoder", "EffbertTransformer",
-           "sentence_transformer_from_hf_bert", "effbert_state_dict_to_hf"]
+__all__ = [
+    "mean_pooling",
+    "cls_pooling",
+    "POOLINGS",
+    "SentenceEncoder",
+    "EffbertTransformer",
+    "sentence_transformer_from_hf_bert",
+    "effbert_state_dict_to_hf",
+]
 
 POOLINGS = ("mean", "cls")
-_ST_HINT = ("sentence-transformers is needed for this: pip install 'effbert[sentence]' "
-            "(or pip install sentence-transformers)")
+_ST_HINT = (
+    "sentence-transformers is needed for this: pip install 'effbert[sentence]' "
+    "(or pip install sentence-transformers)"
+)
 
 
 def _check_hidden(hidden_states):
     if not isinstance(hidden_states, torch.Tensor):
         raise TypeError(f"hidden_states must be a tensor, got {type(hidden_states).__name__}")
     if hidden_states.dim() != 3 or not hidden_states.is_floating_point():
-        raise ValueError(f"hidden_states must be a float [B, N, D] tensor, got "
-                         f"{hidden_states.dtype} "
-                         f"{list(hidden_states.shape)}")
+        raise ValueError(
+            f"hidden_states must be a float [B, N, D] tensor, got "
+            f"{hidden_states.dtype} "
+            f"{list(hidden_states.shape)}"
+        )
 
 
 def mean_pooling(hidden_states, attention_mask):
@@ -60,11 +71,14 @@ def mean_pooling(hidden_states, attention_mask):
     if not isinstance(attention_mask, torch.Tensor):
         raise TypeError(f"attention_mask must be a tensor, got {type(attention_mask).__name__}")
     if tuple(attention_mask.shape) != tuple(hidden_states.shape[:2]):
-        raise ValueError(f"attention_mask must be [B, N] = {list(hidden_states.shape[:2])}, got "
-                         f"{list(attention_mask.shape)}")
+        raise ValueError(
+            f"attention_mask must be [B, N] = {list(hidden_states.shape[:2])}, got "
+            f"{list(attention_mask.shape)}"
+        )
     if attention_mask.is_floating_point() or attention_mask.is_complex():
-        raise TypeError(f"attention_mask must be bool or integer (1 = real token), got "
-                        f"{attention_mask.dtype}")
+        raise TypeError(
+            f"attention_mask must be bool or integer (1 = real token), got {attention_mask.dtype}"
+        )
     weight = attention_mask.to(device=hidden_states.device, dtype=hidden_states.dtype).unsqueeze(-1)
     # where, not a product: whatever a padded slot holds (even inf/NaN) stays out of the sum
     total = torch.where(weight > 0, hidden_states, 0).sum(1)
@@ -96,16 +110,21 @@ def _folder_settings(folder):
                 normalize = True
             elif kind.endswith(".Pooling"):
                 cfg = json.loads((folder / entry["path"] / "config.json").read_text())
-                keys = {"mean": "pooling_mode_mean_tokens", "cls": "pooling_mode_cls_token",
-                        "max": "pooling_mode_max_tokens",
-                        "mean_sqrt_len": "pooling_mode_mean_sqrt_len_tokens"}
+                keys = {
+                    "mean": "pooling_mode_mean_tokens",
+                    "cls": "pooling_mode_cls_token",
+                    "max": "pooling_mode_max_tokens",
+                    "mean_sqrt_len": "pooling_mode_mean_sqrt_len_tokens",
+                }
                 modes = [m for m, key in keys.items() if cfg.get(key)]
                 mode = cfg.get("pooling_mode")  # newer configs name the mode directly
                 modes = [mode] if isinstance(mode, str) else modes
                 if modes != ["mean"] and modes != ["cls"]:
-                    raise ValueError(f"{str(folder)!r} pools with {modes}; effbert's sentence "
-                                     "embeddings offer "
-                                     f"{POOLINGS} only")
+                    raise ValueError(
+                        f"{str(folder)!r} pools with {modes}; effbert's sentence "
+                        "embeddings offer "
+                        f"{POOLINGS} only"
+                    )
                 pooling = modes[0]
     st_config = folder / "sentence_bert_config.json"
     if st_config.is_file():
@@ -118,8 +137,9 @@ def _check_texts(texts):
         raise TypeError(f"texts must be a list of str, got {type(texts).__name__}")
     bad = [i for i, t in enumerate(texts) if not isinstance(t, str)]
     if bad:
-        raise TypeError(f"texts must be a list of str; texts[{bad[0]}] is "
-                        f"{type(texts[bad[0]]).__name__}")
+        raise TypeError(
+            f"texts must be a list of str; texts[{bad[0]}] is {type(texts[bad[0]]).__name__}"
+        )
 
 
 def _check_int(name, value, low):
@@ -139,18 +159,22 @@ class SentenceEncoder(nn.Module):
     ``max_position_embeddings``). ``normalize_embeddings``: the default of ``encode``.
     """
 
-    def __init__(self, model, tokenizer, *, pooling="mean", max_seq_length=None,
-                 normalize_embeddings=False):
+    def __init__(
+        self, model, tokenizer, *, pooling="mean", max_seq_length=None, normalize_embeddings=False
+    ):
         super().__init__()
         from ..models import TupeBertModel
 
         if not isinstance(model, TupeBertModel):
-            raise TypeError("model must be a TupeBertModel (from_hf_bert of a BertModel "
-                            "checkpoint), got "
-                            f"{type(model).__name__}")
+            raise TypeError(
+                "model must be a TupeBertModel (from_hf_bert of a BertModel "
+                "checkpoint), got "
+                f"{type(model).__name__}"
+            )
         if not callable(tokenizer) or not hasattr(tokenizer, "pad_token_id"):
-            raise TypeError(f"tokenizer must be a transformers tokenizer, got "
-                            f"{type(tokenizer).__name__}")
+            raise TypeError(
+                f"tokenizer must be a transformers tokenizer, got {type(tokenizer).__name__}"
+            )
         if pooling not in POOLINGS:
             raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
         limit = int(model.config.max_position_embeddings)
@@ -158,19 +182,22 @@ class SentenceEncoder(nn.Module):
             max_seq_length = min(int(getattr(tokenizer, "model_max_length", limit) or limit), limit)
         _check_int("max_seq_length", max_seq_length, 2)
         if max_seq_length > limit:
-            raise ValueError(f"max_seq_length ({max_seq_length}) exceeds the model's "
-                             "max_position_embeddings "
-                             f"({limit})")
+            raise ValueError(
+                f"max_seq_length ({max_seq_length}) exceeds the model's "
+                "max_position_embeddings "
+                f"({limit})"
+            )
         if not isinstance(normalize_embeddings, bool):
-            raise TypeError(f"normalize_embeddings must be a bool, got "
-                            f"{type(normalize_embeddings).__name__}")
+            raise TypeError(
+                f"normalize_embeddings must be a bool, got {type(normalize_embeddings).__name__}"
+            )
         self.model, self.tokenizer, self.pooling = model, tokenizer, pooling
         self.max_seq_length, self.normalize_embeddings = int(max_seq_length), normalize_embeddings
 
     @classmethod
-    def from_pretrained(cls, folder, *, pooling=None, max_seq_length=None,
-                        normalize_embeddings=None,
-                        backend="auto"):
+    def from_pretrained(
+        cls, folder, *, pooling=None, max_seq_length=None, normalize_embeddings=None, backend="auto"
+    ):
         """A ``SentenceEncoder`` for a local checkpoint folder: a sentence-transformers folder (its
         pooling, ``Normalize`` module and ``max_seq_length`` are taken unless given here) or a
         transformers BERT folder (mean pooling, no normalisation by default). Raises ``ValueError``
@@ -187,24 +214,35 @@ class SentenceEncoder(nn.Module):
         if not isinstance(model, TupeBertModel):  # a checkpoint with a head: take its encoder
             model = model.bert
         tokenizer = transformers.AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
-        return cls(model, tokenizer, pooling=pooling or found_pool or "mean",
-                   max_seq_length=max_seq_length if max_seq_length is not None else found_len,
-                   normalize_embeddings=(normalize_embeddings if normalize_embeddings is not None
-                                         else bool(found_norm)))
+        return cls(
+            model,
+            tokenizer,
+            pooling=pooling or found_pool or "mean",
+            max_seq_length=max_seq_length if max_seq_length is not None else found_len,
+            normalize_embeddings=(
+                normalize_embeddings if normalize_embeddings is not None else bool(found_norm)
+            ),
+        )
 
     def tokenize(self, texts):
         """``texts`` (list of str) -> the tokenizer's ``input_ids``, ``attention_mask`` (and
         ``token_type_ids``), ``[B, N]`` int64 padded to the batch's longest, cut at
         ``max_seq_length``."""
         _check_texts(texts)
-        return self.tokenizer(list(texts), padding=True, truncation="longest_first",
-                              max_length=self.max_seq_length, return_tensors="pt")
+        return self.tokenizer(
+            list(texts),
+            padding=True,
+            truncation="longest_first",
+            max_length=self.max_seq_length,
+            return_tensors="pt",
+        )
 
     def forward(self, input_ids, attention_mask, token_type_ids=None):
         """Pooled embeddings ``[B, D]`` (model dtype) of tokenized rows
         (``input_ids``/``attention_mask`` ``[B, N]``, 1 = real token)."""
-        hidden = self.model(input_ids=input_ids, attention_mask=attention_mask,
-                            token_type_ids=token_type_ids).last_hidden_state
+        hidden = self.model(
+            input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids
+        ).last_hidden_state
         return _POOL_FNS[self.pooling](hidden, attention_mask)
 
     @torch.inference_mode()
@@ -224,17 +262,20 @@ class SentenceEncoder(nn.Module):
         if normalize_embeddings is None:
             normalize_embeddings = self.normalize_embeddings
         if not isinstance(normalize_embeddings, bool):
-            raise TypeError(f"normalize_embeddings must be a bool or None, got "
-                            f"{type(normalize_embeddings).__name__}")
+            raise TypeError(
+                f"normalize_embeddings must be a bool or None, got "
+                f"{type(normalize_embeddings).__name__}"
+            )
         if not isinstance(convert_to_numpy, bool):
-            raise TypeError(f"convert_to_numpy must be a bool, got "
-                            f"{type(convert_to_numpy).__name__}")
+            raise TypeError(
+                f"convert_to_numpy must be a bool, got {type(convert_to_numpy).__name__}"
+            )
         device = next(self.model.parameters()).device
         dim = int(self.model.config.hidden_size)
         order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
         out = torch.empty(len(texts), dim, dtype=torch.float32)
         for start in range(0, len(order), batch_size):
-            rows = order[start:start + batch_size]
+            rows = order[start : start + batch_size]
             batch = {k: v.to(device) for k, v in self.tokenize([texts[i] for i in rows]).items()}
             emb = self(batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids"))
             if normalize_embeddings:
@@ -305,20 +346,23 @@ class EffbertTransformer(_BASE):
         transformers = require_transformers()
         folder = Path(model_name_or_path)
         if not folder.is_dir():
-            raise ValueError(f"model_name_or_path must be a local BERT folder, got "
-                             f"{str(model_name_or_path)!r}")
+            raise ValueError(
+                f"model_name_or_path must be a local BERT folder, got {str(model_name_or_path)!r}"
+            )
         model = from_hf_bert(folder, backend=backend)
         from ..models import TupeBertModel
 
         self.auto_model = model if isinstance(model, TupeBertModel) else model.bert
         self.hf_config = transformers.BertConfig.from_pretrained(str(folder), local_files_only=True)
-        self.tokenizer = transformers.AutoTokenizer.from_pretrained(str(folder),
-                                                                    local_files_only=True)
+        self.tokenizer = transformers.AutoTokenizer.from_pretrained(
+            str(folder), local_files_only=True
+        )
         self.backend = backend
         limit = int(self.hf_config.max_position_embeddings)
         if max_seq_length is None:
-            max_seq_length = min(int(getattr(self.tokenizer, "model_max_length", limit) or limit),
-                                 limit)
+            max_seq_length = min(
+                int(getattr(self.tokenizer, "model_max_length", limit) or limit), limit
+            )
         _check_int("max_seq_length", max_seq_length, 2)
         self.max_seq_length = int(max_seq_length)
 
@@ -327,13 +371,22 @@ class EffbertTransformer(_BASE):
         if prompt:
             texts = [prompt + t for t in texts]
         _check_texts(texts)
-        return dict(self.tokenizer(texts, padding=True, truncation="longest_first",
-                                   max_length=self.max_seq_length, return_tensors="pt"))
+        return dict(
+            self.tokenizer(
+                texts,
+                padding=True,
+                truncation="longest_first",
+                max_length=self.max_seq_length,
+                return_tensors="pt",
+            )
+        )
 
     def forward(self, features, **kwargs):
-        out = self.auto_model(input_ids=features["input_ids"],
-                              attention_mask=features["attention_mask"],
-                              token_type_ids=features.get("token_type_ids"))
+        out = self.auto_model(
+            input_ids=features["input_ids"],
+            attention_mask=features["attention_mask"],
+            token_type_ids=features.get("token_type_ids"),
+        )
         features["token_embeddings"] = out.last_hidden_state
         return features
 
@@ -348,20 +401,34 @@ class EffbertTransformer(_BASE):
 
         Path(output_path).mkdir(parents=True, exist_ok=True)
         self.hf_config.save_pretrained(output_path)
-        state = effbert_state_dict_to_hf({k: v.detach().cpu().contiguous()
-                                          for k, v in self.auto_model.state_dict().items()})
+        state = effbert_state_dict_to_hf(
+            {k: v.detach().cpu().contiguous() for k, v in self.auto_model.state_dict().items()}
+        )
         save_file(state, str(Path(output_path) / "model.safetensors"), metadata={"format": "pt"})
         self.tokenizer.save_pretrained(output_path)
         self.save_config(output_path)
 
     @classmethod
-    def load(cls, model_name_or_path, subfolder="", token=None, cache_folder=None, revision=None,
-             local_files_only=False, init_defaults=None, **kwargs):
+    def load(
+        cls,
+        model_name_or_path,
+        subfolder="",
+        token=None,
+        cache_folder=None,
+        revision=None,
+        local_files_only=False,
+        init_defaults=None,
+        **kwargs,
+    ):
         folder = Path(model_name_or_path) / subfolder
-        config = cls.load_config(str(model_name_or_path), subfolder=subfolder,
-                                 local_files_only=True)
-        return cls(str(folder), max_seq_length=config.get("max_seq_length"),
-                   backend=config.get("backend", "auto"))
+        config = cls.load_config(
+            str(model_name_or_path), subfolder=subfolder, local_files_only=True
+        )
+        return cls(
+            str(folder),
+            max_seq_length=config.get("max_seq_length"),
+            backend=config.get("backend", "auto"),
+        )
 
 
 def sentence_transformer_from_hf_bert(folder, *, backend="auto", device="cpu"):

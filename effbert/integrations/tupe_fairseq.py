@@ -46,8 +46,12 @@ import torch
 from ..models import TupeBertConfig, TupeBertForMaskedLM
 from ..ops import t5_relative_buckets
 
-__all__ = ["from_tupe_fairseq", "tupe_fairseq_state_dict_to_effbert", "config_from_tupe_fairseq",
-           "load_fairseq_checkpoint"]
+__all__ = [
+    "from_tupe_fairseq",
+    "tupe_fairseq_state_dict_to_effbert",
+    "config_from_tupe_fairseq",
+    "load_fairseq_checkpoint",
+]
 
 FAIRSEQ_LAYER_NORM_EPS = 1e-5
 _ACTS = {"gelu": "gelu", "gelu_fast": "gelu_tanh", "gelu_accurate": "gelu_tanh", "relu": "relu"}
@@ -56,8 +60,10 @@ _ACTS = {"gelu": "gelu", "gelu_fast": "gelu_tanh", "gelu_accurate": "gelu_tanh",
 def _prefix(state):
     keys = [k for k in state if k.endswith("sentence_encoder.embed_tokens.weight")]
     if len(keys) != 1:
-        raise ValueError("state_dict must hold one TUPE fairseq encoder (a '...sentence_encoder.embed_tokens.weight' "
-                         f"key), found {len(keys)}")
+        raise ValueError(
+            "state_dict must hold one TUPE fairseq encoder (a '...sentence_encoder.embed_tokens.weight' "
+            f"key), found {len(keys)}"
+        )
     return keys[0][: -len("embed_tokens.weight")]
 
 
@@ -67,8 +73,13 @@ def _require(state, keys, what):
         raise ValueError(f"state_dict lacks {what}: missing {missing}")
 
 
-_LAYER_KEYS = [f"self_attn.{n}" for n in ("in_proj_weight", "in_proj_bias", "out_proj.weight", "out_proj.bias")] + [
-    f"{m}.{n}" for m in ("self_attn_layer_norm", "fc1", "fc2", "final_layer_norm") for n in ("weight", "bias")]
+_LAYER_KEYS = [
+    f"self_attn.{n}" for n in ("in_proj_weight", "in_proj_bias", "out_proj.weight", "out_proj.bias")
+] + [
+    f"{m}.{n}"
+    for m in ("self_attn_layer_norm", "fc1", "fc2", "final_layer_norm")
+    for n in ("weight", "bias")
+]
 _POS_QK = ["pos_q_linear.weight", "pos_q_linear.bias", "pos_k_linear.weight", "pos_k_linear.bias"]
 _POS_PROJ = ["pos_proj.weight", "pos_proj.bias"]
 
@@ -77,62 +88,108 @@ def _position_projections(sd, p, h):
     """TUPE's position query and key projections, ``(wq, bq, wk, bk)``, from either layout."""
     if all(p + k in sd for k in _POS_QK):  # guolinke/TUPE as merged and released
         wq, bq, wk, bk = (sd[p + k] for k in _POS_QK)
-    elif all(p + k in sd for k in _POS_PROJ):  # the unmerged pull request guolinke/TUPE#20: one [2h, h] linear
+    elif all(
+        p + k in sd for k in _POS_PROJ
+    ):  # the unmerged pull request guolinke/TUPE#20: one [2h, h] linear
         w, b = sd[p + "pos_proj.weight"], sd[p + "pos_proj.bias"]
         if tuple(w.shape) != (2 * h, h) or tuple(b.shape) != (2 * h,):
-            raise ValueError(f"pos_proj must be [2 * hidden, hidden] = [{2 * h}, {h}] with a [{2 * h}] bias, got "
-                             f"{list(w.shape)} and {list(b.shape)}")
+            raise ValueError(
+                f"pos_proj must be [2 * hidden, hidden] = [{2 * h}, {h}] with a [{2 * h}] bias, got "
+                f"{list(w.shape)} and {list(b.shape)}"
+            )
         wq, bq, wk, bk = w[:h], b[:h], w[h:], b[h:]
     else:
-        raise ValueError("state_dict holds no TUPE position projections: missing "
-                         f"{[p + k for k in _POS_QK if p + k not in sd]} (TUPE's layout), nor "
-                         f"{[p + k for k in _POS_PROJ if p + k not in sd]} (pull request #20's)")
-    for name, t, shape in (("pos_q_linear.weight", wq, (h, h)), ("pos_q_linear.bias", bq, (h,)),
-                           ("pos_k_linear.weight", wk, (h, h)), ("pos_k_linear.bias", bk, (h,))):
+        raise ValueError(
+            "state_dict holds no TUPE position projections: missing "
+            f"{[p + k for k in _POS_QK if p + k not in sd]} (TUPE's layout), nor "
+            f"{[p + k for k in _POS_PROJ if p + k not in sd]} (pull request #20's)"
+        )
+    for name, t, shape in (
+        ("pos_q_linear.weight", wq, (h, h)),
+        ("pos_q_linear.bias", bq, (h,)),
+        ("pos_k_linear.weight", wk, (h, h)),
+        ("pos_k_linear.bias", bk, (h,)),
+    ):
         if tuple(t.shape) != shape:
             raise ValueError(f"{name} must be {list(shape)}, got {list(t.shape)}")
     return wq, bq, wk, bk
 
 
-def config_from_tupe_fairseq(state_dict, *, num_attention_heads=None, max_distance=128, activation_fn="gelu",
-                             pad_token_id=1, dropout=0.1, attention_dropout=0.1, backend="auto"):
+def config_from_tupe_fairseq(
+    state_dict,
+    *,
+    num_attention_heads=None,
+    max_distance=128,
+    activation_fn="gelu",
+    pad_token_id=1,
+    dropout=0.1,
+    attention_dropout=0.1,
+    backend="auto",
+):
     """The ``TupeBertConfig`` of a TUPE fairseq state dict. ``num_attention_heads`` is read from the relative table
     under TUPE-R and must be given for TUPE-A. ``max_distance`` is TUPE's ``max_rel_pos`` (128 in its code)."""
     if not isinstance(state_dict, dict):
         raise TypeError(f"state_dict must be a dict, got {type(state_dict).__name__}")
     p = _prefix(state_dict)
     if p + "emb_out_layer_norm.weight" in state_dict:
-        raise ValueError("state_dict is a pre-LN TUPE encoder (emb_out_layer_norm); only post-LN converts")
+        raise ValueError(
+            "state_dict is a pre-LN TUPE encoder (emb_out_layer_norm); only post-LN converts"
+        )
     if p + "emb_layer_norm.weight" not in state_dict:
-        raise ValueError("state_dict has no emb_layer_norm (trained without --embedding-normalize); effbert's "
-                         "encoder always normalises its embeddings")
-    _require(state_dict, [p + k for k in ("pos.weight", "pos_ln.weight", "pos_ln.bias", "emb_layer_norm.bias")],
-             "TUPE's position embedding and LayerNorms")
+        raise ValueError(
+            "state_dict has no emb_layer_norm (trained without --embedding-normalize); effbert's "
+            "encoder always normalises its embeddings"
+        )
+    _require(
+        state_dict,
+        [p + k for k in ("pos.weight", "pos_ln.weight", "pos_ln.bias", "emb_layer_norm.bias")],
+        "TUPE's position embedding and LayerNorms",
+    )
     vocab, hidden = state_dict[p + "embed_tokens.weight"].shape
-    layers = len({m.group(1) for k in state_dict if (m := re.match(re.escape(p) + r"layers\.(\d+)\.", k))})
+    layers = len(
+        {m.group(1) for k in state_dict if (m := re.match(re.escape(p) + r"layers\.(\d+)\.", k))}
+    )
     if layers == 0:
         raise ValueError("state_dict holds no encoder layers")
-    _require(state_dict, [f"{p}layers.{i}.{k}" for i in range(layers) for k in _LAYER_KEYS], "encoder layer weights")
+    _require(
+        state_dict,
+        [f"{p}layers.{i}.{k}" for i in range(layers) for k in _LAYER_KEYS],
+        "encoder layer weights",
+    )
     rel = state_dict.get(p + "relative_attention_bias.weight")
     if rel is not None:
         if num_attention_heads is not None and num_attention_heads != rel.shape[1]:
-            raise ValueError(f"num_attention_heads ({num_attention_heads}) disagrees with the relative table's "
-                             f"{rel.shape[1]} heads")
+            raise ValueError(
+                f"num_attention_heads ({num_attention_heads}) disagrees with the relative table's "
+                f"{rel.shape[1]} heads"
+            )
         num_attention_heads = rel.shape[1]
     elif num_attention_heads is None:
-        raise ValueError("num_attention_heads must be given for a TUPE-A checkpoint (no relative table)")
+        raise ValueError(
+            "num_attention_heads must be given for a TUPE-A checkpoint (no relative table)"
+        )
     if activation_fn not in _ACTS:
         raise ValueError(f"activation_fn must be one of {sorted(_ACTS)}, got {activation_fn!r}")
     return TupeBertConfig(
-        vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=num_attention_heads,
+        vocab_size=vocab,
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=num_attention_heads,
         intermediate_size=state_dict[p + "layers.0.fc1.weight"].shape[0],
-        max_position_embeddings=state_dict[p + "pos.weight"].shape[0] - 1, type_vocab_size=0,
-        hidden_dropout_prob=dropout, attention_probs_dropout_prob=attention_dropout,
-        layer_norm_eps=FAIRSEQ_LAYER_NORM_EPS, position_layer_norm_eps=FAIRSEQ_LAYER_NORM_EPS,
-        hidden_act=_ACTS[activation_fn], pad_token_id=pad_token_id,
+        max_position_embeddings=state_dict[p + "pos.weight"].shape[0] - 1,
+        type_vocab_size=0,
+        hidden_dropout_prob=dropout,
+        attention_probs_dropout_prob=attention_dropout,
+        layer_norm_eps=FAIRSEQ_LAYER_NORM_EPS,
+        position_layer_norm_eps=FAIRSEQ_LAYER_NORM_EPS,
+        hidden_act=_ACTS[activation_fn],
+        pad_token_id=pad_token_id,
         position_mode="tupe-r" if rel is not None else "tupe-a",
-        num_buckets=rel.shape[0] - 1 if rel is not None else 32, max_distance=max_distance, untie_cls=True,
-        backend=backend)
+        num_buckets=rel.shape[0] - 1 if rel is not None else 32,
+        max_distance=max_distance,
+        untie_cls=True,
+        backend=backend,
+    )
 
 
 @torch.no_grad()
@@ -141,18 +198,31 @@ def tupe_fairseq_state_dict_to_effbert(state_dict, config):
     p = _prefix(state_dict)
     sd = state_dict
     h, heads, d = config.hidden_size, config.num_attention_heads, config.head_dim
-    out = {"bert.embeddings.word_embeddings.weight": sd[p + "embed_tokens.weight"],
-           "bert.embeddings.layer_norm.weight": sd[p + "emb_layer_norm.weight"],
-           "bert.embeddings.layer_norm.bias": sd[p + "emb_layer_norm.bias"]}
+    out = {
+        "bert.embeddings.word_embeddings.weight": sd[p + "embed_tokens.weight"],
+        "bert.embeddings.layer_norm.weight": sd[p + "emb_layer_norm.weight"],
+        "bert.embeddings.layer_norm.bias": sd[p + "emb_layer_norm.bias"],
+    }
     pos = sd[p + "pos.weight"]
     wq, bq, wk, bk = _position_projections(sd, p, h)
     pe = "bert.position_encoder."
-    out |= {pe + "position_embeddings.weight": pos[1:], pe + "layer_norm.weight": sd[p + "pos_ln.weight"],
-            pe + "layer_norm.bias": sd[p + "pos_ln.bias"], pe + "query.weight": wq, pe + "query.bias": bq,
-            pe + "key.weight": wk, pe + "key.bias": bk}
+    out |= {
+        pe + "position_embeddings.weight": pos[1:],
+        pe + "layer_norm.weight": sd[p + "pos_ln.weight"],
+        pe + "layer_norm.bias": sd[p + "pos_ln.bias"],
+        pe + "query.weight": wq,
+        pe + "query.bias": bq,
+        pe + "key.weight": wk,
+        pe + "key.bias": bk,
+    }
     # TUPE's [CLS] scalars, worked out in float64 from rows 0 and 1 as its forward does
-    rows = torch.nn.functional.layer_norm(pos[:2].double(), (h,), sd[p + "pos_ln.weight"].double(),
-                                          sd[p + "pos_ln.bias"].double(), FAIRSEQ_LAYER_NORM_EPS)
+    rows = torch.nn.functional.layer_norm(
+        pos[:2].double(),
+        (h,),
+        sd[p + "pos_ln.weight"].double(),
+        sd[p + "pos_ln.bias"].double(),
+        FAIRSEQ_LAYER_NORM_EPS,
+    )
     q = (rows @ wq.double().T + bq.double()).view(2, heads, d)  # [row, H, d]
     k = (rows @ wk.double().T + bk.double()).view(2, heads, d)
     scale = (2 * d) ** -0.5
@@ -162,14 +232,20 @@ def tupe_fairseq_state_dict_to_effbert(state_dict, config):
     if config.position_mode == "tupe-r":
         nb = config.num_buckets
         if rel is None or tuple(rel.shape) != (nb + 1, heads):
-            raise ValueError(f"relative_attention_bias.weight must be [num_buckets + 1, H] = [{nb + 1}, {heads}]")
+            raise ValueError(
+                f"relative_attention_bias.weight must be [num_buckets + 1, H] = [{nb + 1}, {heads}]"
+            )
         bucket = sd.get(p + "rp_bucket")
-        if bucket is not None:  # TUPE stores its bucket table: it must be T5's with [CLS] row and column reserved
+        if (
+            bucket is not None
+        ):  # TUPE stores its bucket table: it must be T5's with [CLS] row and column reserved
             n = bucket.shape[0]
             ours = t5_relative_buckets(n, nb, config.max_distance)
             if not torch.equal(bucket[1:, 1:].long().cpu(), ours[1:, 1:].cpu()):
-                raise ValueError(f"rp_bucket disagrees with T5 buckets of max_distance={config.max_distance}; "
-                                 "pass TUPE's --max-rel-pos as max_distance")
+                raise ValueError(
+                    f"rp_bucket disagrees with T5 buckets of max_distance={config.max_distance}; "
+                    "pass TUPE's --max-rel-pos as max_distance"
+                )
         cls_row = cls_row + rel[nb // 2].double()
         cls_col = cls_col + rel[nb].double()
         out[pe + "rel_table"] = rel[:nb]
@@ -177,26 +253,40 @@ def tupe_fairseq_state_dict_to_effbert(state_dict, config):
     out[pe + "cls_row"], out[pe + "cls_col"] = cls_row.to(dtype), cls_col.to(dtype)
     for i in range(config.num_hidden_layers):
         src, dst = f"{p}layers.{i}.", f"bert.encoder.layers.{i}."
-        out |= {dst + "attention.qkv.weight": sd[src + "self_attn.in_proj_weight"],
-                dst + "attention.qkv.bias": sd[src + "self_attn.in_proj_bias"],
-                dst + "attention.out.weight": sd[src + "self_attn.out_proj.weight"],
-                dst + "attention.out.bias": sd[src + "self_attn.out_proj.bias"],
-                dst + "attention_norm.weight": sd[src + "self_attn_layer_norm.weight"],
-                dst + "attention_norm.bias": sd[src + "self_attn_layer_norm.bias"],
-                dst + "intermediate.weight": sd[src + "fc1.weight"], dst + "intermediate.bias": sd[src + "fc1.bias"],
-                dst + "output.weight": sd[src + "fc2.weight"], dst + "output.bias": sd[src + "fc2.bias"],
-                dst + "output_norm.weight": sd[src + "final_layer_norm.weight"],
-                dst + "output_norm.bias": sd[src + "final_layer_norm.bias"]}
+        out |= {
+            dst + "attention.qkv.weight": sd[src + "self_attn.in_proj_weight"],
+            dst + "attention.qkv.bias": sd[src + "self_attn.in_proj_bias"],
+            dst + "attention.out.weight": sd[src + "self_attn.out_proj.weight"],
+            dst + "attention.out.bias": sd[src + "self_attn.out_proj.bias"],
+            dst + "attention_norm.weight": sd[src + "self_attn_layer_norm.weight"],
+            dst + "attention_norm.bias": sd[src + "self_attn_layer_norm.bias"],
+            dst + "intermediate.weight": sd[src + "fc1.weight"],
+            dst + "intermediate.bias": sd[src + "fc1.bias"],
+            dst + "output.weight": sd[src + "fc2.weight"],
+            dst + "output.bias": sd[src + "fc2.bias"],
+            dst + "output_norm.weight": sd[src + "final_layer_norm.weight"],
+            dst + "output_norm.bias": sd[src + "final_layer_norm.bias"],
+        }
     head = p[: -len("sentence_encoder.")] + "lm_head."
     if head + "dense.weight" not in sd:
         raise ValueError(f"state_dict holds no MLM head ({head}dense.weight)")
-    _require(sd, [head + k for k in ("dense.bias", "layer_norm.weight", "layer_norm.bias", "bias")], "MLM head weights")
+    _require(
+        sd,
+        [head + k for k in ("dense.bias", "layer_norm.weight", "layer_norm.bias", "bias")],
+        "MLM head weights",
+    )
     tied = sd.get(head + "weight")
     if tied is not None and not torch.equal(tied, sd[p + "embed_tokens.weight"]):
-        raise ValueError("the LM head's weight is not tied to embed_tokens; effbert's MLM head always is")
-    out |= {"mlm_head.dense.weight": sd[head + "dense.weight"], "mlm_head.dense.bias": sd[head + "dense.bias"],
-            "mlm_head.layer_norm.weight": sd[head + "layer_norm.weight"],
-            "mlm_head.layer_norm.bias": sd[head + "layer_norm.bias"], "mlm_head.bias": sd[head + "bias"]}
+        raise ValueError(
+            "the LM head's weight is not tied to embed_tokens; effbert's MLM head always is"
+        )
+    out |= {
+        "mlm_head.dense.weight": sd[head + "dense.weight"],
+        "mlm_head.dense.bias": sd[head + "dense.bias"],
+        "mlm_head.layer_norm.weight": sd[head + "layer_norm.weight"],
+        "mlm_head.layer_norm.bias": sd[head + "layer_norm.bias"],
+        "mlm_head.bias": sd[head + "bias"],
+    }
     return {k: v.detach().clone().contiguous() for k, v in out.items()}
 
 
@@ -224,15 +314,28 @@ _PLACEHOLDER_MODULES = ("fairseq", "fairseq_cli", "numpy")
 
 def _allowed_globals():
     u = torch._utils
-    allowed = {("collections", "OrderedDict"): collections.OrderedDict, ("argparse", "Namespace"): argparse.Namespace,
-               ("torch", "Size"): torch.Size, ("torch", "device"): torch.device, ("torch", "Tensor"): torch.Tensor,
-               ("torch.nn.parameter", "Parameter"): torch.nn.Parameter,
-               ("torch.serialization", "_get_layout"): torch.serialization._get_layout,
-               ("_codecs", "encode"): __import__("_codecs").encode,  # how protocol 2 writes bytes
-               ("builtins", "set"): set, ("builtins", "frozenset"): frozenset, ("builtins", "slice"): slice,
-               ("builtins", "complex"): complex, ("builtins", "bytearray"): bytearray}
-    for name in ("_rebuild_tensor", "_rebuild_tensor_v2", "_rebuild_tensor_v3", "_rebuild_parameter",
-                 "_rebuild_parameter_with_state"):
+    allowed = {
+        ("collections", "OrderedDict"): collections.OrderedDict,
+        ("argparse", "Namespace"): argparse.Namespace,
+        ("torch", "Size"): torch.Size,
+        ("torch", "device"): torch.device,
+        ("torch", "Tensor"): torch.Tensor,
+        ("torch.nn.parameter", "Parameter"): torch.nn.Parameter,
+        ("torch.serialization", "_get_layout"): torch.serialization._get_layout,
+        ("_codecs", "encode"): __import__("_codecs").encode,  # how protocol 2 writes bytes
+        ("builtins", "set"): set,
+        ("builtins", "frozenset"): frozenset,
+        ("builtins", "slice"): slice,
+        ("builtins", "complex"): complex,
+        ("builtins", "bytearray"): bytearray,
+    }
+    for name in (
+        "_rebuild_tensor",
+        "_rebuild_tensor_v2",
+        "_rebuild_tensor_v3",
+        "_rebuild_parameter",
+        "_rebuild_parameter_with_state",
+    ):
         if hasattr(u, name):
             allowed["torch._utils", name] = getattr(u, name)
     if hasattr(torch._tensor, "_rebuild_from_type_v2"):
@@ -262,12 +365,15 @@ class _RestrictedUnpickler(pickle.Unpickler):
         if module.split(".")[0] in _PLACEHOLDER_MODULES:
             cache = self.__dict__.setdefault("_placeholders", {})
             if (module, name) not in cache:
-                cache[module, name] = type(name, (_Inert,), {"__module__": module, "__qualname__": name})
+                cache[module, name] = type(
+                    name, (_Inert,), {"__module__": module, "__qualname__": name}
+                )
             return cache[module, name]
         raise _RefusedGlobal(
             f"refusing to unpickle the global {module}.{name}: only tensors, argparse.Namespace and inert "
             f"placeholders for {', '.join(_PLACEHOLDER_MODULES)} classes load (a checkpoint naming anything else "
-            "may run code; nothing was executed)")
+            "may run code; nothing was executed)"
+        )
 
 
 class _RestrictedPickleModule:
@@ -286,22 +392,41 @@ def load_fairseq_checkpoint(path):
     ``ValueError`` for an unreadable file or one whose pickle names any other global."""
     path = os.fspath(path)
     try:
-        return torch.load(path, map_location="cpu", pickle_module=_RestrictedPickleModule, weights_only=False)
+        return torch.load(
+            path, map_location="cpu", pickle_module=_RestrictedPickleModule, weights_only=False
+        )
     except _RefusedGlobal as exc:
         raise ValueError(f"refusing the TUPE checkpoint {path!r}: {exc}") from None
-    except (OSError, RuntimeError, pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError,
-            KeyError, IndexError) as exc:
-        raise ValueError(f"cannot read the TUPE checkpoint {path!r}: {type(exc).__name__}: {exc}") from exc
+    except (
+        OSError,
+        RuntimeError,
+        pickle.UnpicklingError,
+        EOFError,
+        ValueError,
+        TypeError,
+        AttributeError,
+        KeyError,
+        IndexError,
+    ) as exc:
+        raise ValueError(
+            f"cannot read the TUPE checkpoint {path!r}: {type(exc).__name__}: {exc}"
+        ) from exc
 
 
 def _read_checkpoint(path):
     ckpt = load_fairseq_checkpoint(path)
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get("model"), dict):
-        raise ValueError(f"{os.fspath(path)!r} is not a fairseq checkpoint (a dict with a 'model' state dict)")
+        raise ValueError(
+            f"{os.fspath(path)!r} is not a fairseq checkpoint (a dict with a 'model' state dict)"
+        )
     args = ckpt.get("args")
     if args is None and isinstance(ckpt.get("cfg"), dict):
         args = ckpt["cfg"].get("model")
-    opts = vars(args) if isinstance(args, argparse.Namespace) else (args if isinstance(args, dict) else {})
+    opts = (
+        vars(args)
+        if isinstance(args, argparse.Namespace)
+        else (args if isinstance(args, dict) else {})
+    )
     state = {k: v for k, v in ckpt["model"].items() if isinstance(v, torch.Tensor)}
     return state, opts
 
@@ -320,17 +445,26 @@ def from_tupe_fairseq(checkpoint, *, num_attention_heads=None, backend="auto"):
     elif isinstance(checkpoint, dict):
         state = checkpoint
     else:
-        raise TypeError(f"checkpoint must be a path or a state dict, got {type(checkpoint).__name__}")
+        raise TypeError(
+            f"checkpoint must be a path or a state dict, got {type(checkpoint).__name__}"
+        )
     config = config_from_tupe_fairseq(
-        state, num_attention_heads=num_attention_heads or opts.get("encoder_attention_heads"),
-        max_distance=opts.get("max_rel_pos", 128), activation_fn=opts.get("activation_fn", "gelu"),
-        dropout=opts.get("dropout", 0.1), attention_dropout=opts.get("attention_dropout", 0.1), backend=backend)
+        state,
+        num_attention_heads=num_attention_heads or opts.get("encoder_attention_heads"),
+        max_distance=opts.get("max_rel_pos", 128),
+        activation_fn=opts.get("activation_fn", "gelu"),
+        dropout=opts.get("dropout", 0.1),
+        attention_dropout=opts.get("attention_dropout", 0.1),
+        backend=backend,
+    )
     target = tupe_fairseq_state_dict_to_effbert(state, config)
     model = TupeBertForMaskedLM(config)
     first = target["bert.embeddings.word_embeddings.weight"]
     model.to(dtype=first.dtype)
     missing, unexpected = model.load_state_dict(target, strict=False)
     if missing or unexpected:
-        raise ValueError(f"the TUPE weights do not fill the effbert model: missing {sorted(missing)}, "
-                         f"unexpected {sorted(unexpected)}")
+        raise ValueError(
+            f"the TUPE weights do not fill the effbert model: missing {sorted(missing)}, "
+            f"unexpected {sorted(unexpected)}"
+        )
     return model.eval()

@@ -28,7 +28,9 @@ def batch_chunks(batch, heads):
         if not ok:
             raise ValueError(f"batch_chunks: {name} must be a non-negative integer, got {value!r}")
     if heads > MAX_GRID_YZ:
-        raise ValueError(f"batch_chunks: heads must be at most {MAX_GRID_YZ} (one grid row per head), got {heads}")
+        raise ValueError(
+            f"batch_chunks: heads must be at most {MAX_GRID_YZ} (one grid row per head), got {heads}"
+        )
     step = max(1, MAX_GRID_YZ // max(heads, 1))
     return [(b0, min(b0 + step, batch)) for b0 in range(0, batch, step)]
 

@@ -91,7 +91,14 @@ def exit_entropy(x, out):
     cfg = exit_entropy_config(cols)
     grid = (triton.cdiv(rows, cfg["ROWS"]),)
     exit_entropy_kernel[grid](
-        x, out, rows, cols, x.stride(0), BLOCK_C=cfg["BLOCK_C"], ROWS=cfg["ROWS"], num_warps=cfg["num_warps"]
+        x,
+        out,
+        rows,
+        cols,
+        x.stride(0),
+        BLOCK_C=cfg["BLOCK_C"],
+        ROWS=cfg["ROWS"],
+        num_warps=cfg["num_warps"],
     )
     return out
 
@@ -103,10 +110,21 @@ COMPILE_SPECS = [
     {
         "name": f"exit_entropy[{dt},C<={cfg['BLOCK_C'] if cols < 4096 else 'any'},rows={cfg['ROWS']}]",
         "fn": exit_entropy_kernel,
-        "signature": {"x_ptr": ptr, "out_ptr": "*fp32", "rows": "i32", "cols": "i32", "stride_row": "i32"},
+        "signature": {
+            "x_ptr": ptr,
+            "out_ptr": "*fp32",
+            "rows": "i32",
+            "cols": "i32",
+            "stride_row": "i32",
+        },
         "constexprs": {"BLOCK_C": cfg["BLOCK_C"], "ROWS": cfg["ROWS"]},
         "num_warps": cfg["num_warps"],
-        "divisible": ("x_ptr", "out_ptr", "cols", "stride_row"),  # the runtime specialisation for C % 16 == 0
+        "divisible": (
+            "x_ptr",
+            "out_ptr",
+            "cols",
+            "stride_row",
+        ),  # the runtime specialisation for C % 16 == 0
         "must_not_spill": True,
         "matrix_instructions": False,
     }
@@ -124,8 +142,25 @@ ENTROPY, MAX_PROB, PATIENCE, PATIENCE_REGRESSION = 0, 1, 2, 3
 
 @triton.jit
 def exit_decision_kernel(
-    x_ptr, ids_ptr, prev_ptr, counter_ptr, out_logits_ptr, out_layer_ptr, next_rows_ptr, next_local_ptr, count_ptr,
-    rows, cols, batch, stride_x, stride_out, layer, threshold, patience, out_cols, next_len,
+    x_ptr,
+    ids_ptr,
+    prev_ptr,
+    counter_ptr,
+    out_logits_ptr,
+    out_layer_ptr,
+    next_rows_ptr,
+    next_local_ptr,
+    count_ptr,
+    rows,
+    cols,
+    batch,
+    stride_x,
+    stride_out,
+    layer,
+    threshold,
+    patience,
+    out_cols,
+    next_len,
     CRITERION: tl.constexpr,
     LAST: tl.constexpr,
     BLOCK_R: tl.constexpr,
@@ -145,7 +180,9 @@ def exit_decision_kernel(
         offs_r = r0 + tl.arange(0, BLOCK_R)
         row_ok = offs_r < rows
         ids = tl.load(ids_ptr + offs_r, mask=row_ok, other=0)
-        row_ok = row_ok & (ids >= 0) & (ids < batch)  # an id outside the batch is skipped, never written through
+        row_ok = (
+            row_ok & (ids >= 0) & (ids < batch)
+        )  # an id outside the batch is skipped, never written through
         row_base = x_ptr + offs_r.to(tl.int64)[:, None] * stride_x
         m = tl.full([BLOCK_R], float("-inf"), tl.float32)
         s = tl.zeros([BLOCK_R], tl.float32)
@@ -173,7 +210,9 @@ def exit_decision_kernel(
             t += tl.sum(tl.where(e > 0, e * d, 0.0), axis=1)
             m = m_new
         if CRITERION == 3:
-            v = tl.load(x_ptr + offs_r.to(tl.int64) * stride_x, mask=row_ok, other=0.0).to(tl.float32)
+            v = tl.load(x_ptr + offs_r.to(tl.int64) * stride_x, mask=row_ok, other=0.0).to(
+                tl.float32
+            )
             undefined = ~(tl.abs(v) < float("inf"))
             pred = v
         else:
@@ -227,17 +266,51 @@ def exit_decision_config(cols, interpret=INTERPRET):
     return {"BLOCK_R": block_r, "BLOCK_C": block_c, "num_warps": 1 if interpret else 4}
 
 
-def exit_decision(x, ids, prev, counter, out_logits, out_layer, next_rows, next_local, count, *, criterion, layer,
-                  threshold, patience, last):
+def exit_decision(
+    x,
+    ids,
+    prev,
+    counter,
+    out_logits,
+    out_layer,
+    next_rows,
+    next_local,
+    count,
+    *,
+    criterion,
+    layer,
+    threshold,
+    patience,
+    last,
+):
     """Launch over the active rows ``x [R, C]`` (unit column stride); everything else as the op documents."""
     rows, cols = x.shape
     cfg = exit_decision_config(cols)
     batch = min(prev.shape[0], counter.shape[0], out_logits.shape[0], out_layer.shape[0])
     exit_decision_kernel[(1,)](
-        x, ids, prev, counter, out_logits, out_layer, next_rows, next_local, count,
-        min(rows, ids.shape[0]), cols, batch, x.stride(0), out_logits.stride(0), layer, threshold, patience,
-        out_logits.shape[1], min(next_rows.shape[0], next_local.shape[0]),
-        CRITERION=criterion, LAST=bool(last), BLOCK_R=cfg["BLOCK_R"], BLOCK_C=cfg["BLOCK_C"],
+        x,
+        ids,
+        prev,
+        counter,
+        out_logits,
+        out_layer,
+        next_rows,
+        next_local,
+        count,
+        min(rows, ids.shape[0]),
+        cols,
+        batch,
+        x.stride(0),
+        out_logits.stride(0),
+        layer,
+        threshold,
+        patience,
+        out_logits.shape[1],
+        min(next_rows.shape[0], next_local.shape[0]),
+        CRITERION=criterion,
+        LAST=bool(last),
+        BLOCK_R=cfg["BLOCK_R"],
+        BLOCK_C=cfg["BLOCK_C"],
         num_warps=cfg["num_warps"],
     )
     return count
@@ -248,12 +321,32 @@ COMPILE_SPECS += [
         "name": f"exit_decision[{dt},crit={crit},last={int(last)},C<={cfg['BLOCK_C']}]",
         "fn": exit_decision_kernel,
         "signature": {
-            "x_ptr": ptr, "ids_ptr": "*i32", "prev_ptr": "*fp32", "counter_ptr": "*i32", "out_logits_ptr": ptr,
-            "out_layer_ptr": "*i32", "next_rows_ptr": "*i32", "next_local_ptr": "*i32", "count_ptr": "*i32",
-            "rows": "i32", "cols": "i32", "batch": "i32", "stride_x": "i32", "stride_out": "i32", "layer": "i32",
-            "threshold": "fp32", "patience": "i32", "out_cols": "i32", "next_len": "i32",
+            "x_ptr": ptr,
+            "ids_ptr": "*i32",
+            "prev_ptr": "*fp32",
+            "counter_ptr": "*i32",
+            "out_logits_ptr": ptr,
+            "out_layer_ptr": "*i32",
+            "next_rows_ptr": "*i32",
+            "next_local_ptr": "*i32",
+            "count_ptr": "*i32",
+            "rows": "i32",
+            "cols": "i32",
+            "batch": "i32",
+            "stride_x": "i32",
+            "stride_out": "i32",
+            "layer": "i32",
+            "threshold": "fp32",
+            "patience": "i32",
+            "out_cols": "i32",
+            "next_len": "i32",
         },
-        "constexprs": {"CRITERION": crit, "LAST": last, "BLOCK_R": cfg["BLOCK_R"], "BLOCK_C": cfg["BLOCK_C"]},
+        "constexprs": {
+            "CRITERION": crit,
+            "LAST": last,
+            "BLOCK_R": cfg["BLOCK_R"],
+            "BLOCK_C": cfg["BLOCK_C"],
+        },
         "num_warps": cfg["num_warps"],
         "divisible": ("x_ptr", "out_logits_ptr"),
         "must_not_spill": True,
@@ -262,7 +355,9 @@ COMPILE_SPECS += [
     # Every criterion and both tile shapes in fp32; the 16-bit dtypes change only the loads and stores, so they are
     # covered on one criterion each (a full cross product would triple the report's time for no new code path).
     for dt, ptr in _DTYPES.items()
-    for crit in ((ENTROPY, MAX_PROB, PATIENCE, PATIENCE_REGRESSION) if dt == "fp32" else (PATIENCE,))
+    for crit in (
+        (ENTROPY, MAX_PROB, PATIENCE, PATIENCE_REGRESSION) if dt == "fp32" else (PATIENCE,)
+    )
     for last in ((False, True) if dt == "fp32" else (False,))
     for cols in ((1,) if crit == PATIENCE_REGRESSION else (2, 64) if dt == "fp32" else (2,))
     for cfg in [exit_decision_config(cols, interpret=False)]
@@ -271,10 +366,21 @@ COMPILE_SPECS += [
 
 # ---- RomeBERT's multi-exit loss and its gradient in one launch ----
 
+
 @triton.jit
 def multi_exit_loss_kernel(
-    z_ptr, labels_ptr, loss_ptr, grad_ptr,
-    n_layers, batch, cols, stride_l, stride_b, gamma, temperature, n_labels,
+    z_ptr,
+    labels_ptr,
+    loss_ptr,
+    grad_ptr,
+    n_layers,
+    batch,
+    cols,
+    stride_l,
+    stride_b,
+    gamma,
+    temperature,
+    n_labels,
     BLOCK_C: tl.constexpr,
 ):
     """One program per sample: the teacher's softened distribution once, then for every exit its cross-entropy,
@@ -295,7 +401,9 @@ def multi_exit_loss_kernel(
     stride_l64 = stride_l.to(tl.int64)  # L * B * C may pass 2**31
     batch64 = batch.to(tl.int64)
     row = z_ptr + b64 * stride_b
-    zt = tl.load(row + (n_layers - 1) * stride_l64 + offs, mask=cmask, other=float("-inf")).to(tl.float32)
+    zt = tl.load(row + (n_layers - 1) * stride_l64 + offs, mask=cmask, other=float("-inf")).to(
+        tl.float32
+    )
     zt = zt * inv_t
     mt = tl.max(zt, axis=0)
     et = tl.exp(zt - mt)
@@ -342,8 +450,20 @@ def multi_exit_loss(z, labels, loss_rows, grad, gamma, temperature):
         return loss_rows, grad
     cfg = multi_exit_loss_config(cols)
     multi_exit_loss_kernel[(batch,)](
-        z, labels, loss_rows, grad, depth, batch, cols, z.stride(0), z.stride(1), float(gamma), float(temperature),
-        labels.shape[0], BLOCK_C=cfg["BLOCK_C"], num_warps=cfg["num_warps"],
+        z,
+        labels,
+        loss_rows,
+        grad,
+        depth,
+        batch,
+        cols,
+        z.stride(0),
+        z.stride(1),
+        float(gamma),
+        float(temperature),
+        labels.shape[0],
+        BLOCK_C=cfg["BLOCK_C"],
+        num_warps=cfg["num_warps"],
     )
     return loss_rows, grad
 
@@ -352,9 +472,20 @@ COMPILE_SPECS += [
     {
         "name": f"multi_exit_loss[{dt},C<={cfg['BLOCK_C']}]",
         "fn": multi_exit_loss_kernel,
-        "signature": {"z_ptr": ptr, "labels_ptr": "*i64", "loss_ptr": "*fp32", "grad_ptr": "*fp32", "n_layers": "i32",
-                      "batch": "i32", "cols": "i32", "stride_l": "i32", "stride_b": "i32", "gamma": "fp32",
-                      "temperature": "fp32", "n_labels": "i32"},
+        "signature": {
+            "z_ptr": ptr,
+            "labels_ptr": "*i64",
+            "loss_ptr": "*fp32",
+            "grad_ptr": "*fp32",
+            "n_layers": "i32",
+            "batch": "i32",
+            "cols": "i32",
+            "stride_l": "i32",
+            "stride_b": "i32",
+            "gamma": "fp32",
+            "temperature": "fp32",
+            "n_labels": "i32",
+        },
         "constexprs": {"BLOCK_C": cfg["BLOCK_C"]},
         "num_warps": cfg["num_warps"],
         "divisible": ("z_ptr", "grad_ptr"),

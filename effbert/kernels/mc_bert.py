@@ -161,7 +161,9 @@ def mc_sample_fused_kernel(
     neg = float("-inf")
     best = tl.full([BLOCK_M, KP], neg, tl.float32)
     best_idx = tl.full([BLOCK_M, KP], -1, tl.int32)
-    inf_seen = tl.zeros([BLOCK_M], tl.int32)  # a row has met a +inf logit: from then on only those count
+    inf_seen = tl.zeros(
+        [BLOCK_M], tl.int32
+    )  # a row has met a +inf logit: from then on only those count
     nan_seen = tl.zeros([BLOCK_M], tl.int32)
     h_rows = hidden_ptr + offs_m.to(tl.int64)[:, None] * stride_h
     c1 = tl.broadcast_to(offs_m[:, None], [BLOCK_M, BLOCK_V])
@@ -175,9 +177,16 @@ def mc_sample_fused_kernel(
             offs_d = d0 + offs_d0
             d_ok = offs_d < dim
             h = tl.load(h_rows + offs_d[None, :], mask=m_ok[:, None] & d_ok[None, :], other=0.0)
-            w = tl.load(w_cols + offs_d[:, None], mask=(offs_d < w_dim)[:, None] & v_ok[None, :], other=0.0)
+            w = tl.load(
+                w_cols + offs_d[:, None], mask=(offs_d < w_dim)[:, None] & v_ok[None, :], other=0.0
+            )
             acc = tl.dot(h, w, acc)
-        x = acc + tl.load(bias_ptr + offs_v, mask=v_ok & (offs_v < bias_len), other=0.0).to(tl.float32)[None, :]
+        x = (
+            acc
+            + tl.load(bias_ptr + offs_v, mask=v_ok & (offs_v < bias_len), other=0.0).to(tl.float32)[
+                None, :
+            ]
+        )
         nan_seen |= tl.max((x != x).to(tl.int32), axis=1)
         x = tl.where(v_ok[None, :] & (x == x), x, neg)
         # +inf, as in mc_sample_kernel: a row's first block holding one drops its finite bests, and from then on
@@ -207,8 +216,11 @@ def mc_sample_fused_kernel(
                 best = tl.where(take, blk[:, None], best)
                 best_idx = tl.where(take, idx[:, None], best_idx)
     best_idx = tl.where(nan_seen[:, None] > 0, -1, best_idx).to(tl.int64)
-    tl.store(out_ptr + offs_m.to(tl.int64)[:, None] * K + offs_k[None, :], best_idx,
-             mask=m_ok[:, None] & (offs_k[None, :] < K))
+    tl.store(
+        out_ptr + offs_m.to(tl.int64)[:, None] * K + offs_k[None, :],
+        best_idx,
+        mask=m_ok[:, None] & (offs_k[None, :] < K),
+    )
 
 
 @triton.jit(do_not_specialize=["rows", "vocab", "bias_len", "cand_rows", "label_len"])
@@ -255,7 +267,11 @@ def mc_candidate_fwd_kernel(
     if ONE_BLOCK:
         d_ok = offs_d0 < dim
         h = tl.load(h_row + offs_d0, mask=d_ok, other=0.0).to(tl.float32)
-        e = tl.load(e_rows[:, None] + offs_d0[None, :], mask=ld[:, None] & (offs_d0 < e_dim)[None, :], other=0.0)
+        e = tl.load(
+            e_rows[:, None] + offs_d0[None, :],
+            mask=ld[:, None] & (offs_d0 < e_dim)[None, :],
+            other=0.0,
+        )
         e = e.to(tl.float32)
         s = tl.sum(e * h[None, :], axis=1)
     else:
@@ -264,7 +280,11 @@ def mc_candidate_fwd_kernel(
             offs_d = d0 + offs_d0
             d_ok = offs_d < dim
             h = tl.load(h_row + offs_d, mask=d_ok, other=0.0).to(tl.float32)
-            e = tl.load(e_rows[:, None] + offs_d[None, :], mask=ld[:, None] & (offs_d < e_dim)[None, :], other=0.0)
+            e = tl.load(
+                e_rows[:, None] + offs_d[None, :],
+                mask=ld[:, None] & (offs_d < e_dim)[None, :],
+                other=0.0,
+            )
             s += tl.sum(e.to(tl.float32) * h[None, :], axis=1)
     s += tl.load(bias_ptr + cand, mask=ld, other=0.0).to(tl.float32)
     s = tl.where(c_ok, s, float("nan"))
@@ -289,8 +309,11 @@ def mc_candidate_fwd_kernel(
             for d0 in range(0, dim, BLOCK_D):
                 offs_d = d0 + offs_d0
                 d_ok = offs_d < dim
-                e = tl.load(e_rows[:, None] + offs_d[None, :], mask=ld[:, None] & (offs_d < e_dim)[None, :],
-                            other=0.0)
+                e = tl.load(
+                    e_rows[:, None] + offs_d[None, :],
+                    mask=ld[:, None] & (offs_d < e_dim)[None, :],
+                    other=0.0,
+                )
                 dh = tl.sum(g[:, None] * e.to(tl.float32), axis=0)
                 tl.store(dh_row + offs_d, dh.to(dh_ptr.dtype.element_ty), mask=d_ok)
 
@@ -341,7 +364,9 @@ def mc_candidate_scatter_kernel(
         e = tl.load(order_ptr + i + j)
         e_ok = (e >= 0) & (e < n_dscore) & (e // K < h_rows)
         g = tl.load(dscore_ptr + e, mask=e_ok, other=0.0)
-        h = tl.load(hidden_ptr + (e // K) * stride_h + offs_d, mask=d_ok & e_ok, other=0.0).to(tl.float32)
+        h = tl.load(hidden_ptr + (e // K) * stride_h + offs_d, mask=d_ok & e_ok, other=0.0).to(
+            tl.float32
+        )
         acc += g * h
         acc_b += g
     single = (seg_end - first) <= CHUNK
@@ -349,7 +374,11 @@ def mc_candidate_scatter_kernel(
     piece = tl.load(piece_id_ptr + i).to(tl.int64)
     piece_ok = (piece >= 0) & (piece < parts)
     one = tl.arange(0, 1)
-    tl.store(demb_ptr + tok64 * dim + offs_d, acc.to(demb_ptr.dtype.element_ty), mask=d_ok & (n > 0) & single)
+    tl.store(
+        demb_ptr + tok64 * dim + offs_d,
+        acc.to(demb_ptr.dtype.element_ty),
+        mask=d_ok & (n > 0) & single,
+    )
     tl.store(dbias_ptr + tok64 + one, acc_b, mask=(n > 0) & single & (pid_d == 0))
     tl.store(part_ptr + piece * dim + offs_d, acc, mask=d_ok & (n > 0) & ~single & piece_ok)
     tl.store(part_bias_ptr + piece + one, acc_b, mask=(n > 0) & ~single & (pid_d == 0) & piece_ok)
@@ -392,7 +421,9 @@ def mc_candidate_fold_kernel(
         acc += tl.load(part_ptr + (p0 + p) * dim + offs_d, mask=d_ok & p_ok, other=0.0)
         acc_b += tl.load(part_bias_ptr + p0 + p + one, mask=p_ok, other=0.0)
     tok64 = tok.to(tl.int64)
-    tl.store(demb_ptr + tok64 * dim + offs_d, acc.to(demb_ptr.dtype.element_ty), mask=d_ok & (pieces > 0))
+    tl.store(
+        demb_ptr + tok64 * dim + offs_d, acc.to(demb_ptr.dtype.element_ty), mask=d_ok & (pieces > 0)
+    )
     tl.store(dbias_ptr + tok64 + one, acc_b, mask=(pieces > 0) & (pid_d == 0))
 
 
@@ -410,14 +441,23 @@ def sample_fused_config(dim, interpret=INTERPRET):
     if interpret:
         return {"BLOCK_M": 16, "BLOCK_V": 32, "BLOCK_D": 16, "num_warps": 1}
     # [16, 32] tiles: the four Philox words, the scores and the running best of a tile stay in registers
-    return {"BLOCK_M": 16, "BLOCK_V": 32, "BLOCK_D": 64 if dim >= 64 else max(16, _pow2(dim)), "num_warps": 4}
+    return {
+        "BLOCK_M": 16,
+        "BLOCK_V": 32,
+        "BLOCK_D": 64 if dim >= 64 else max(16, _pow2(dim)),
+        "num_warps": 4,
+    }
 
 
 def candidate_config(dim, num_candidates, interpret=INTERPRET):
     kp = max(2, _pow2(num_candidates))
     block_d = min(_pow2(dim), 1024 if not interpret else 256, max(16, 8192 // kp))
-    return {"KP": kp, "BLOCK_D": max(16, block_d), "ONE_BLOCK": dim <= max(16, block_d),
-            "num_warps": 1 if interpret else (8 if kp * block_d >= 8192 else 4)}
+    return {
+        "KP": kp,
+        "BLOCK_D": max(16, block_d),
+        "ONE_BLOCK": dim <= max(16, block_d),
+        "num_warps": 1 if interpret else (8 if kp * block_d >= 8192 else 4),
+    }
 
 
 def scatter_config(dim, interpret=INTERPRET):
@@ -431,8 +471,18 @@ def mc_sample(logits, num_samples, seed, out):
     if rows == 0:
         return out
     cfg = sample_config(vocab, num_samples)
-    mc_sample_kernel[(rows,)](logits, seed, out, rows, vocab, logits.stride(0), K=num_samples, KG=cfg["KG"],
-                              BLOCK_V=cfg["BLOCK_V"], num_warps=cfg["num_warps"])
+    mc_sample_kernel[(rows,)](
+        logits,
+        seed,
+        out,
+        rows,
+        vocab,
+        logits.stride(0),
+        K=num_samples,
+        KG=cfg["KG"],
+        BLOCK_V=cfg["BLOCK_V"],
+        num_warps=cfg["num_warps"],
+    )
     return out
 
 
@@ -444,10 +494,25 @@ def mc_sample_fused(hidden, weight, bias, num_samples, seed, out):
         return out
     cfg = sample_fused_config(dim)
     mc_sample_fused_kernel[(triton.cdiv(rows, cfg["BLOCK_M"]),)](
-        hidden, weight, bias, seed, out, rows, weight.shape[0], dim, weight.shape[1], bias.shape[0],
-        hidden.stride(0), weight.stride(0),
-        K=num_samples, KP=_pow2(4 * ((num_samples + 3) // 4)), BLOCK_M=cfg["BLOCK_M"], BLOCK_V=cfg["BLOCK_V"],
-        BLOCK_D=cfg["BLOCK_D"], num_warps=cfg["num_warps"])
+        hidden,
+        weight,
+        bias,
+        seed,
+        out,
+        rows,
+        weight.shape[0],
+        dim,
+        weight.shape[1],
+        bias.shape[0],
+        hidden.stride(0),
+        weight.stride(0),
+        K=num_samples,
+        KP=_pow2(4 * ((num_samples + 3) // 4)),
+        BLOCK_M=cfg["BLOCK_M"],
+        BLOCK_V=cfg["BLOCK_V"],
+        BLOCK_D=cfg["BLOCK_D"],
+        num_warps=cfg["num_warps"],
+    )
     return out
 
 
@@ -461,11 +526,30 @@ def mc_candidate_forward(hidden, embedding, bias, candidates, labels, loss, dh, 
     cfg = candidate_config(dim, k)
     need_grad = dh is not None
     mc_candidate_fwd_kernel[(rows,)](
-        hidden, embedding, bias, candidates, labels, loss, dh if need_grad else loss,
-        dscore if need_grad else loss, rows, embedding.shape[0], dim, embedding.shape[1], bias.shape[0],
-        candidates.shape[0], labels.shape[0], hidden.stride(0), embedding.stride(0), K=k,
-        KP=cfg["KP"], BLOCK_D=cfg["BLOCK_D"], ONE_BLOCK=cfg["ONE_BLOCK"], NEED_GRAD=need_grad,
-        num_warps=cfg["num_warps"])
+        hidden,
+        embedding,
+        bias,
+        candidates,
+        labels,
+        loss,
+        dh if need_grad else loss,
+        dscore if need_grad else loss,
+        rows,
+        embedding.shape[0],
+        dim,
+        embedding.shape[1],
+        bias.shape[0],
+        candidates.shape[0],
+        labels.shape[0],
+        hidden.stride(0),
+        embedding.stride(0),
+        K=k,
+        KP=cfg["KP"],
+        BLOCK_D=cfg["BLOCK_D"],
+        ONE_BLOCK=cfg["ONE_BLOCK"],
+        NEED_GRAD=need_grad,
+        num_warps=cfg["num_warps"],
+    )
     return loss
 
 
@@ -476,19 +560,55 @@ def mc_candidate_scatter(hidden, dscore, plan, demb, dbias):
     """demb [V, D] float32 and dbias [V] float32, contiguous and zeroed; dscore float32 [M, K] (already scaled by
     the upstream gradient); plan: ``scatter_plan`` of the candidates."""
     rows, dim = hidden.shape
-    entries = plan["sorted"].shape[0]  # one program per entry of the plan (the candidates', like dscore's)
+    entries = plan["sorted"].shape[
+        0
+    ]  # one program per entry of the plan (the candidates', like dscore's)
     if entries == 0:
         return demb
     cfg = scatter_config(dim)
     grid = (entries, triton.cdiv(dim, cfg["BLOCK_D"]))
     part, part_bias = plan["part"], plan["part_bias"]
     mc_candidate_scatter_kernel[grid](
-        hidden, dscore, plan["order"], plan["sorted"], plan["seg_first"], plan["seg_end"], plan["piece_id"], demb,
-        dbias, part, part_bias, entries, demb.shape[0], dim, rows, dscore.numel(), part.shape[0], hidden.stride(0),
-        K=dscore.shape[1], CHUNK=SCATTER_CHUNK, BLOCK_D=cfg["BLOCK_D"], num_warps=cfg["num_warps"])
+        hidden,
+        dscore,
+        plan["order"],
+        plan["sorted"],
+        plan["seg_first"],
+        plan["seg_end"],
+        plan["piece_id"],
+        demb,
+        dbias,
+        part,
+        part_bias,
+        entries,
+        demb.shape[0],
+        dim,
+        rows,
+        dscore.numel(),
+        part.shape[0],
+        hidden.stride(0),
+        K=dscore.shape[1],
+        CHUNK=SCATTER_CHUNK,
+        BLOCK_D=cfg["BLOCK_D"],
+        num_warps=cfg["num_warps"],
+    )
     mc_candidate_fold_kernel[grid](
-        plan["sorted"], plan["seg_first"], plan["seg_end"], plan["piece_id"], demb, dbias, part, part_bias, entries,
-        demb.shape[0], dim, part.shape[0], CHUNK=SCATTER_CHUNK, BLOCK_D=cfg["BLOCK_D"], num_warps=cfg["num_warps"])
+        plan["sorted"],
+        plan["seg_first"],
+        plan["seg_end"],
+        plan["piece_id"],
+        demb,
+        dbias,
+        part,
+        part_bias,
+        entries,
+        demb.shape[0],
+        dim,
+        part.shape[0],
+        CHUNK=SCATTER_CHUNK,
+        BLOCK_D=cfg["BLOCK_D"],
+        num_warps=cfg["num_warps"],
+    )
     return demb
 
 
@@ -499,8 +619,14 @@ COMPILE_SPECS = (
         {
             "name": f"mc_sample[{dt},K={k}]",
             "fn": mc_sample_kernel,
-            "signature": {"logits_ptr": ptr, "seed_ptr": "*i64", "out_ptr": "*i64", "rows": "i32", "vocab": "i32",
-                          "stride_l": "i32"},
+            "signature": {
+                "logits_ptr": ptr,
+                "seed_ptr": "*i64",
+                "out_ptr": "*i64",
+                "rows": "i32",
+                "vocab": "i32",
+                "stride_l": "i32",
+            },
             "constexprs": {"K": k, "KG": cfg["KG"], "BLOCK_V": cfg["BLOCK_V"]},
             "num_warps": cfg["num_warps"],
             "divisible": ("logits_ptr", "out_ptr", "stride_l"),
@@ -515,13 +641,37 @@ COMPILE_SPECS = (
         {
             "name": f"mc_sample_fused[{dt},K={k},D=256]",
             "fn": mc_sample_fused_kernel,
-            "signature": {"hidden_ptr": ptr, "weight_ptr": ptr, "bias_ptr": "*fp32", "seed_ptr": "*i64",
-                          "out_ptr": "*i64", "rows": "i32", "vocab": "i32", "dim": "i32", "w_dim": "i32",
-                          "bias_len": "i32", "stride_h": "i32", "stride_w": "i32"},
-            "constexprs": {"K": k, "KP": _pow2(4 * ((k + 3) // 4)), "BLOCK_M": cfg["BLOCK_M"],
-                           "BLOCK_V": cfg["BLOCK_V"], "BLOCK_D": cfg["BLOCK_D"]},
+            "signature": {
+                "hidden_ptr": ptr,
+                "weight_ptr": ptr,
+                "bias_ptr": "*fp32",
+                "seed_ptr": "*i64",
+                "out_ptr": "*i64",
+                "rows": "i32",
+                "vocab": "i32",
+                "dim": "i32",
+                "w_dim": "i32",
+                "bias_len": "i32",
+                "stride_h": "i32",
+                "stride_w": "i32",
+            },
+            "constexprs": {
+                "K": k,
+                "KP": _pow2(4 * ((k + 3) // 4)),
+                "BLOCK_M": cfg["BLOCK_M"],
+                "BLOCK_V": cfg["BLOCK_V"],
+                "BLOCK_D": cfg["BLOCK_D"],
+            },
             "num_warps": cfg["num_warps"],
-            "divisible": ("hidden_ptr", "weight_ptr", "out_ptr", "dim", "w_dim", "stride_h", "stride_w"),
+            "divisible": (
+                "hidden_ptr",
+                "weight_ptr",
+                "out_ptr",
+                "dim",
+                "w_dim",
+                "stride_h",
+                "stride_w",
+            ),
             "must_not_spill": True,
             "matrix_instructions": True,
         }
@@ -533,14 +683,42 @@ COMPILE_SPECS = (
         {
             "name": f"mc_candidate_fwd[{dt},K={k},D={dim},{'train' if grad else 'eval'}]",
             "fn": mc_candidate_fwd_kernel,
-            "signature": {"hidden_ptr": ptr, "emb_ptr": ptr, "bias_ptr": "*fp32", "cand_ptr": "*i64",
-                          "labels_ptr": "*i64", "loss_ptr": "*fp32", "dh_ptr": ptr, "dscore_ptr": "*fp32",
-                          "rows": "i32", "vocab": "i32", "dim": "i32", "e_dim": "i32", "bias_len": "i32",
-                          "cand_rows": "i32", "label_len": "i32", "stride_h": "i32", "stride_e": "i32"},
-            "constexprs": {"K": k, "KP": cfg["KP"], "BLOCK_D": cfg["BLOCK_D"], "ONE_BLOCK": cfg["ONE_BLOCK"],
-                           "NEED_GRAD": grad},
+            "signature": {
+                "hidden_ptr": ptr,
+                "emb_ptr": ptr,
+                "bias_ptr": "*fp32",
+                "cand_ptr": "*i64",
+                "labels_ptr": "*i64",
+                "loss_ptr": "*fp32",
+                "dh_ptr": ptr,
+                "dscore_ptr": "*fp32",
+                "rows": "i32",
+                "vocab": "i32",
+                "dim": "i32",
+                "e_dim": "i32",
+                "bias_len": "i32",
+                "cand_rows": "i32",
+                "label_len": "i32",
+                "stride_h": "i32",
+                "stride_e": "i32",
+            },
+            "constexprs": {
+                "K": k,
+                "KP": cfg["KP"],
+                "BLOCK_D": cfg["BLOCK_D"],
+                "ONE_BLOCK": cfg["ONE_BLOCK"],
+                "NEED_GRAD": grad,
+            },
             "num_warps": cfg["num_warps"],
-            "divisible": ("hidden_ptr", "emb_ptr", "dh_ptr", "dim", "e_dim", "stride_h", "stride_e"),
+            "divisible": (
+                "hidden_ptr",
+                "emb_ptr",
+                "dh_ptr",
+                "dim",
+                "e_dim",
+                "stride_h",
+                "stride_e",
+            ),
             "must_not_spill": True,
             "matrix_instructions": False,
         }
@@ -554,11 +732,26 @@ COMPILE_SPECS = (
         {
             "name": f"mc_candidate_scatter[{dt},D=768]",
             "fn": mc_candidate_scatter_kernel,
-            "signature": {"hidden_ptr": ptr, "dscore_ptr": "*fp32", "order_ptr": "*i64", "sorted_ptr": "*i64",
-                          "seg_first_ptr": "*i64", "seg_end_ptr": "*i64", "piece_id_ptr": "*i64",
-                          "demb_ptr": "*fp32", "dbias_ptr": "*fp32", "part_ptr": "*fp32", "part_bias_ptr": "*fp32",
-                          "entries": "i32", "vocab": "i32", "dim": "i32", "h_rows": "i32", "n_dscore": "i32",
-                          "parts": "i32", "stride_h": "i32"},
+            "signature": {
+                "hidden_ptr": ptr,
+                "dscore_ptr": "*fp32",
+                "order_ptr": "*i64",
+                "sorted_ptr": "*i64",
+                "seg_first_ptr": "*i64",
+                "seg_end_ptr": "*i64",
+                "piece_id_ptr": "*i64",
+                "demb_ptr": "*fp32",
+                "dbias_ptr": "*fp32",
+                "part_ptr": "*fp32",
+                "part_bias_ptr": "*fp32",
+                "entries": "i32",
+                "vocab": "i32",
+                "dim": "i32",
+                "h_rows": "i32",
+                "n_dscore": "i32",
+                "parts": "i32",
+                "stride_h": "i32",
+            },
             "constexprs": {"K": 10, "CHUNK": SCATTER_CHUNK, "BLOCK_D": cfg["BLOCK_D"]},
             "num_warps": cfg["num_warps"],
             "divisible": ("hidden_ptr", "demb_ptr", "part_ptr", "dim", "stride_h"),
@@ -572,10 +765,20 @@ COMPILE_SPECS = (
         {
             "name": "mc_candidate_fold[D=768]",
             "fn": mc_candidate_fold_kernel,
-            "signature": {"sorted_ptr": "*i64", "seg_first_ptr": "*i64", "seg_end_ptr": "*i64",
-                          "piece_id_ptr": "*i64", "demb_ptr": "*fp32", "dbias_ptr": "*fp32", "part_ptr": "*fp32",
-                          "part_bias_ptr": "*fp32", "entries": "i32", "vocab": "i32", "dim": "i32",
-                          "parts": "i32"},
+            "signature": {
+                "sorted_ptr": "*i64",
+                "seg_first_ptr": "*i64",
+                "seg_end_ptr": "*i64",
+                "piece_id_ptr": "*i64",
+                "demb_ptr": "*fp32",
+                "dbias_ptr": "*fp32",
+                "part_ptr": "*fp32",
+                "part_bias_ptr": "*fp32",
+                "entries": "i32",
+                "vocab": "i32",
+                "dim": "i32",
+                "parts": "i32",
+            },
             "constexprs": {"CHUNK": SCATTER_CHUNK, "BLOCK_D": cfg["BLOCK_D"]},
             "num_warps": cfg["num_warps"],
             "divisible": ("demb_ptr", "part_ptr", "dim"),

@@ -24,7 +24,9 @@ import triton.language as tl
 from . import INTERPRET
 
 
-@triton.jit(do_not_specialize=["tokens", "num_slots", "slot_len"])  # sizes that vary per batch: no recompiles
+@triton.jit(
+    do_not_specialize=["tokens", "num_slots", "slot_len"]
+)  # sizes that vary per batch: no recompiles
 def note_mix_kernel(
     x_ptr,
     notes_ptr,
@@ -59,12 +61,17 @@ def note_mix_kernel(
         valid = rare & (slot < num_slots)
     else:
         valid = rare
-    x = tl.load(x_ptr + offs_t.to(tl.int64)[:, None] * stride_x + offs_d[None, :], mask=mask, other=0.0)
+    x = tl.load(
+        x_ptr + offs_t.to(tl.int64)[:, None] * stride_x + offs_d[None, :], mask=mask, other=0.0
+    )
     xf = x.to(tl.float32)
     mixed = (1.0 - lam) * xf
     if HAS_NOTES:
-        note = tl.load(notes_ptr + slot.to(tl.int64)[:, None] * notes_dim + offs_d[None, :],
-                       mask=mask & valid[:, None] & (offs_d < notes_dim)[None, :], other=0.0)
+        note = tl.load(
+            notes_ptr + slot.to(tl.int64)[:, None] * notes_dim + offs_d[None, :],
+            mask=mask & valid[:, None] & (offs_d < notes_dim)[None, :],
+            other=0.0,
+        )
         mixed += lam * note
     mixed = tl.where(valid[:, None], mixed, float("nan"))
     y = tl.where(rare[:, None], mixed, xf)
@@ -107,7 +114,9 @@ def note_check_rows_kernel(
         b = tl.load(base, mask=ok_r, other=0)
         start = tl.load(base + 1, mask=ok_r, other=0)
         end = tl.load(base + 2, mask=ok_r, other=1)
-        b_ok = (b >= 0) & (b < batch) & (b < n_lengths)  # a batch index past the lengths is a bad row
+        b_ok = (
+            (b >= 0) & (b < batch) & (b < n_lengths)
+        )  # a batch index past the lengths is a bad row
         length = tl.load(lengths_ptr + b, mask=ok_r & b_ok, other=0)
         bad |= ~b_ok | (start < 0) | (start >= end) | (end > length) | (length > seq)
         if WRITE_KEYS:
@@ -165,7 +174,9 @@ def note_window_means_kernel(
         lo = tl.maximum(tl.load(spans_ptr + r * 4 + 1) - window, 0)
         hi = tl.minimum(tl.load(spans_ptr + r * 4 + 2) + window, length)
         pos = tl.where(is_hi, hi, lo)
-        pos = tl.minimum(tl.maximum(pos, 0), seq).to(tl.int32)  # the flag guarantees this; never read outside
+        pos = tl.minimum(tl.maximum(pos, 0), seq).to(
+            tl.int32
+        )  # the flag guarantees this; never read outside
         # No window open: the tokens before this boundary belong to no row, so skip them.
         t = tl.where(open_rows > 0, t, pos)
         ptr = row_base + t.to(tl.int64) * stride_n
@@ -219,8 +230,13 @@ def note_fold_kernel(
     i = tl.program_id(0)
     slot = tl.load(sorted_slots_ptr + i)
     prev = tl.load(sorted_slots_ptr + i - 1, mask=i > 0, other=-1)
-    ok = (tl.load(flag_ptr) >= rows) & ((i == 0) | (prev != slot)) & (slot >= 0) & (slot < num_slots) & \
-        (slot < n_counts)
+    ok = (
+        (tl.load(flag_ptr) >= rows)
+        & ((i == 0) | (prev != slot))
+        & (slot >= 0)
+        & (slot < num_slots)
+        & (slot < n_counts)
+    )
     # Segment length: the rows that follow with the same slot.
     m = (i * 0).to(tl.int32)
     go = ok
@@ -236,7 +252,9 @@ def note_fold_kernel(
         acc = tl.load(note_row, mask=d_ok & (m > 0), other=0.0)
         for k in range(0, m):
             r = tl.load(order_ptr + i + k)
-            c = tl.load(means_ptr + r * means_dim + offs_d, mask=d_ok & (offs_d < means_dim), other=0.0)
+            c = tl.load(
+                means_ptr + r * means_dim + offs_d, mask=d_ok & (offs_d < means_dim), other=0.0
+            )
             first = (n == 0) & (k == 0)
             acc = tl.where(first, c, (1.0 - gamma) * acc + gamma * c)
         tl.store(note_row, acc, mask=d_ok & (m > 0))
@@ -257,7 +275,10 @@ def note_mix_config(dim, interpret=INTERPRET):
 def note_update_config(dim, elem_size=4, interpret=INTERPRET):
     """One 16-byte load per thread per token row: 2 warps for fp32 rows of 256, 1 warp for 16-bit ones."""
     block_d = _block_d(dim)
-    return {"BLOCK_D": block_d, "num_warps": 1 if interpret else max(1, block_d * elem_size // (16 * 32))}
+    return {
+        "BLOCK_D": block_d,
+        "num_warps": 1 if interpret else max(1, block_d * elem_size // (16 * 32)),
+    }
 
 
 def note_mix(x2, notes, slots1, lam, out2):
@@ -270,22 +291,48 @@ def note_mix(x2, notes, slots1, lam, out2):
     grid = (triton.cdiv(tokens, cfg["ROWS"]), triton.cdiv(dim, cfg["BLOCK_D"]))
     has_notes = notes is not None
     note_mix_kernel[grid](
-        x2, notes if has_notes else x2, slots1, out2, tokens, dim, notes.shape[0] if has_notes else 0,
-        notes.shape[1] if has_notes else 0, slots1.shape[0], x2.stride(0), out2.stride(0), float(lam),
-        HAS_NOTES=has_notes, ROWS=cfg["ROWS"], BLOCK_D=cfg["BLOCK_D"], num_warps=cfg["num_warps"],
+        x2,
+        notes if has_notes else x2,
+        slots1,
+        out2,
+        tokens,
+        dim,
+        notes.shape[0] if has_notes else 0,
+        notes.shape[1] if has_notes else 0,
+        slots1.shape[0],
+        x2.stride(0),
+        out2.stride(0),
+        float(lam),
+        HAS_NOTES=has_notes,
+        ROWS=cfg["ROWS"],
+        BLOCK_D=cfg["BLOCK_D"],
+        num_warps=cfg["num_warps"],
     )
     return out2
 
 
-def note_check_rows(spans, lengths, flag, batch, seq, num_slots, check_spans, check_slots, keys=None, window=0):
+def note_check_rows(
+    spans, lengths, flag, batch, seq, num_slots, check_spans, check_slots, keys=None, window=0
+):
     rows = spans.shape[0]
     if rows == 0:
         return flag
     block = 128
     note_check_rows_kernel[(triton.cdiv(rows, block),)](
-        spans, lengths if lengths is not None else spans, flag, keys if keys is not None else spans, rows, batch,
-        seq, num_slots, window, lengths.shape[0] if lengths is not None else 0, CHECK_SPANS=check_spans,
-        CHECK_SLOTS=check_slots, WRITE_KEYS=keys is not None, BLOCK=block,
+        spans,
+        lengths if lengths is not None else spans,
+        flag,
+        keys if keys is not None else spans,
+        rows,
+        batch,
+        seq,
+        num_slots,
+        window,
+        lengths.shape[0] if lengths is not None else 0,
+        CHECK_SPANS=check_spans,
+        CHECK_SLOTS=check_slots,
+        WRITE_KEYS=keys is not None,
+        BLOCK=block,
     )
     return flag
 
@@ -300,8 +347,22 @@ def note_window_means(hidden, spans, lengths, window, plan, flag, means):
     cfg = note_update_config(dim, hidden.element_size())
     grid = (batch, triton.cdiv(dim, cfg["BLOCK_D"]))
     note_window_means_kernel[grid](
-        hidden, spans, lengths, plan["ev_off"], plan["ev_idx"], flag, means, rows, seq, dim, window,
-        lengths.shape[0], hidden.stride(0), hidden.stride(1), BLOCK_D=cfg["BLOCK_D"], num_warps=cfg["num_warps"],
+        hidden,
+        spans,
+        lengths,
+        plan["ev_off"],
+        plan["ev_idx"],
+        flag,
+        means,
+        rows,
+        seq,
+        dim,
+        window,
+        lengths.shape[0],
+        hidden.stride(0),
+        hidden.stride(1),
+        BLOCK_D=cfg["BLOCK_D"],
+        num_warps=cfg["num_warps"],
     )
     return means
 
@@ -314,8 +375,20 @@ def note_fold(notes, counts, means, plan, flag, gamma):
         return notes
     cfg = note_update_config(dim)
     note_fold_kernel[(rows,)](
-        notes, counts, means, plan["order"], plan["sorted_slots"], flag, rows, dim, num_slots, float(gamma),
-        counts.shape[0], means.shape[1], BLOCK_D=cfg["BLOCK_D"], num_warps=cfg["num_warps"],
+        notes,
+        counts,
+        means,
+        plan["order"],
+        plan["sorted_slots"],
+        flag,
+        rows,
+        dim,
+        num_slots,
+        float(gamma),
+        counts.shape[0],
+        means.shape[1],
+        BLOCK_D=cfg["BLOCK_D"],
+        num_warps=cfg["num_warps"],
     )
     return notes
 
@@ -328,13 +401,32 @@ COMPILE_SPECS = (
         {
             "name": f"note_mix[{dt},{'fwd' if has_notes else 'bwd'},D={cfg['BLOCK_D']}]",
             "fn": note_mix_kernel,
-            "signature": {"x_ptr": ptr, "notes_ptr": "*fp32", "slots_ptr": "*i64", "out_ptr": ptr, "tokens": "i32",
-                          "dim": "i32", "num_slots": "i32", "notes_dim": "i32", "slot_len": "i32", "stride_x": "i32",
-                          "stride_out": "i32", "lam": "fp32"},
+            "signature": {
+                "x_ptr": ptr,
+                "notes_ptr": "*fp32",
+                "slots_ptr": "*i64",
+                "out_ptr": ptr,
+                "tokens": "i32",
+                "dim": "i32",
+                "num_slots": "i32",
+                "notes_dim": "i32",
+                "slot_len": "i32",
+                "stride_x": "i32",
+                "stride_out": "i32",
+                "lam": "fp32",
+            },
             "constexprs": {"HAS_NOTES": has_notes, "ROWS": cfg["ROWS"], "BLOCK_D": cfg["BLOCK_D"]},
             "num_warps": cfg["num_warps"],
-            "divisible": ("x_ptr", "notes_ptr", "slots_ptr", "out_ptr", "dim", "notes_dim", "stride_x",
-                          "stride_out"),
+            "divisible": (
+                "x_ptr",
+                "notes_ptr",
+                "slots_ptr",
+                "out_ptr",
+                "dim",
+                "notes_dim",
+                "stride_x",
+                "stride_out",
+            ),
             "must_not_spill": True,
             "matrix_instructions": False,
         }
@@ -347,10 +439,22 @@ COMPILE_SPECS = (
         {
             "name": f"note_window_means[{dt},D={cfg['BLOCK_D']}]",
             "fn": note_window_means_kernel,
-            "signature": {"hidden_ptr": ptr, "spans_ptr": "*i64", "lengths_ptr": "*i64", "ev_off_ptr": "*i64",
-                          "ev_idx_ptr": "*i64", "flag_ptr": "*i32", "means_ptr": "*fp32", "rows": "i32",
-                          "seq": "i32", "dim": "i32", "window": "i32", "n_lengths": "i32", "stride_b": "i32",
-                          "stride_n": "i32"},
+            "signature": {
+                "hidden_ptr": ptr,
+                "spans_ptr": "*i64",
+                "lengths_ptr": "*i64",
+                "ev_off_ptr": "*i64",
+                "ev_idx_ptr": "*i64",
+                "flag_ptr": "*i32",
+                "means_ptr": "*fp32",
+                "rows": "i32",
+                "seq": "i32",
+                "dim": "i32",
+                "window": "i32",
+                "n_lengths": "i32",
+                "stride_b": "i32",
+                "stride_n": "i32",
+            },
             "constexprs": {"BLOCK_D": cfg["BLOCK_D"]},
             "num_warps": cfg["num_warps"],
             "divisible": ("hidden_ptr", "means_ptr", "dim", "stride_b", "stride_n"),
@@ -365,9 +469,20 @@ COMPILE_SPECS = (
         {
             "name": f"note_fold[D={cfg['BLOCK_D']}]",
             "fn": note_fold_kernel,
-            "signature": {"notes_ptr": "*fp32", "counts_ptr": "*i64", "means_ptr": "*fp32", "order_ptr": "*i64",
-                          "sorted_slots_ptr": "*i64", "flag_ptr": "*i32", "rows": "i32", "dim": "i32",
-                          "num_slots": "i32", "gamma": "fp32", "n_counts": "i32", "means_dim": "i32"},
+            "signature": {
+                "notes_ptr": "*fp32",
+                "counts_ptr": "*i64",
+                "means_ptr": "*fp32",
+                "order_ptr": "*i64",
+                "sorted_slots_ptr": "*i64",
+                "flag_ptr": "*i32",
+                "rows": "i32",
+                "dim": "i32",
+                "num_slots": "i32",
+                "gamma": "fp32",
+                "n_counts": "i32",
+                "means_dim": "i32",
+            },
             "constexprs": {"BLOCK_D": cfg["BLOCK_D"]},
             "num_warps": cfg["num_warps"],
             "divisible": ("notes_ptr", "means_ptr", "dim", "means_dim"),
@@ -381,10 +496,24 @@ COMPILE_SPECS = (
         {
             "name": "note_check_rows",
             "fn": note_check_rows_kernel,
-            "signature": {"spans_ptr": "*i64", "lengths_ptr": "*i64", "flag_ptr": "*i32", "keys_ptr": "*i64",
-                          "rows": "i32", "batch": "i32", "seq": "i32", "num_slots": "i32", "window": "i32",
-                          "n_lengths": "i32"},
-            "constexprs": {"CHECK_SPANS": True, "CHECK_SLOTS": True, "WRITE_KEYS": True, "BLOCK": 128},
+            "signature": {
+                "spans_ptr": "*i64",
+                "lengths_ptr": "*i64",
+                "flag_ptr": "*i32",
+                "keys_ptr": "*i64",
+                "rows": "i32",
+                "batch": "i32",
+                "seq": "i32",
+                "num_slots": "i32",
+                "window": "i32",
+                "n_lengths": "i32",
+            },
+            "constexprs": {
+                "CHECK_SPANS": True,
+                "CHECK_SLOTS": True,
+                "WRITE_KEYS": True,
+                "BLOCK": 128,
+            },
             "num_warps": 4,
             "must_not_spill": True,
             "matrix_instructions": False,

@@ -26,8 +26,21 @@ RULE_NONE, RULE_AND, RULE_OR = 0, 1, 2
 
 @triton.jit
 def token_exit_kernel(
-    x_ptr, cu_ptr, active_ptr, layer_in_ptr, keep_ptr, active_out_ptr, layer_out_ptr, u_ptr,
-    total, cols, stride_x, log_c, threshold, token_threshold, layer,
+    x_ptr,
+    cu_ptr,
+    active_ptr,
+    layer_in_ptr,
+    keep_ptr,
+    active_out_ptr,
+    layer_out_ptr,
+    u_ptr,
+    total,
+    cols,
+    stride_x,
+    log_c,
+    threshold,
+    token_threshold,
+    layer,
     HALF: tl.constexpr,
     BLOCK_E: tl.constexpr,
     BLOCK_C: tl.constexpr,
@@ -42,7 +55,9 @@ def token_exit_kernel(
     start = tl.minimum(tl.maximum(start, 0), total)
     end = tl.minimum(tl.maximum(end, start), total)
     offs = tl.arange(0, BLOCK_E)
-    pos = tl.program_id(1) * CORE - HALF + offs  # position inside the sequence; the core starts at lane HALF
+    pos = (
+        tl.program_id(1) * CORE - HALF + offs
+    )  # position inside the sequence; the core starts at lane HALF
     row = start + pos
     ok = (pos >= 0) & (row < end)
     base = x_ptr + row.to(tl.int64)[:, None] * stride_x
@@ -54,8 +69,9 @@ def token_exit_kernel(
     bad = tl.zeros([BLOCK_E], tl.int32)  # NaN or +inf seen
     for c0 in range(0, cols, BLOCK_C):
         offs_c = c0 + tl.arange(0, BLOCK_C)
-        z = tl.load(base + offs_c[None, :], mask=ok[:, None] & (offs_c < cols)[None, :],
-                    other=float("-inf")).to(tl.float32)
+        z = tl.load(
+            base + offs_c[None, :], mask=ok[:, None] & (offs_c < cols)[None, :], other=float("-inf")
+        ).to(tl.float32)
         bad += tl.sum(((z != z) | (z == float("inf"))).to(tl.int32), axis=1)
         m, a, w = entropy_step(z, offs_c, cols, m, a, w, BLOCK_C)
     u = entropy_finish(a, w) / log_c
@@ -98,12 +114,33 @@ def token_exit_config(window, cols, interpret=INTERPRET):
     half = window // 2
     block_e = 64 if half <= 16 else 128
     block_c = min(triton.next_power_of_2(max(cols, 1)), 512 // block_e)
-    return {"HALF": half, "BLOCK_E": block_e, "BLOCK_C": block_c,
-            "num_warps": 1 if interpret else (4 if block_e == 64 else 8)}
+    return {
+        "HALF": half,
+        "BLOCK_E": block_e,
+        "BLOCK_C": block_c,
+        "num_warps": 1 if interpret else (4 if block_e == 64 else 8),
+    }
 
 
-def token_exit(x, cu_seqlens, max_seqlen, active, exit_layer, keep, active_out, exit_layer_out, u_out, *, total,
-               threshold, window, token_threshold, rule, layer, exclude_exited):
+def token_exit(
+    x,
+    cu_seqlens,
+    max_seqlen,
+    active,
+    exit_layer,
+    keep,
+    active_out,
+    exit_layer_out,
+    u_out,
+    *,
+    total,
+    threshold,
+    window,
+    token_threshold,
+    rule,
+    layer,
+    exclude_exited,
+):
     """Launch over packed logits [T, C] (last dimension contiguous). active / keep / active_out are bool tensors,
     passed as bytes; exit_layer / exit_layer_out int32; u_out float32. total: the fewest tokens of any of them (the
     launcher's minimum), which bounds every access. Each window width compiles its own kernel (HALF is a constant):
@@ -116,11 +153,28 @@ def token_exit(x, cu_seqlens, max_seqlen, active, exit_layer, keep, active_out, 
     core = cfg["BLOCK_E"] - 2 * cfg["HALF"]
     grid = (seqs, triton.cdiv(max_seqlen, core))
     token_exit_kernel[grid](
-        x, cu_seqlens, active.view(torch.uint8), exit_layer, (active if keep is None else keep).view(torch.uint8),
-        active_out.view(torch.uint8), exit_layer_out, u_out,
-        total, cols, x.stride(0), math.log(cols), threshold, 0.0 if token_threshold is None else token_threshold,
-        layer, HALF=cfg["HALF"], BLOCK_E=cfg["BLOCK_E"], BLOCK_C=cfg["BLOCK_C"], HAS_KEEP=keep is not None,
-        RULE=rule, EXCLUDE_EXITED=bool(exclude_exited), num_warps=cfg["num_warps"],
+        x,
+        cu_seqlens,
+        active.view(torch.uint8),
+        exit_layer,
+        (active if keep is None else keep).view(torch.uint8),
+        active_out.view(torch.uint8),
+        exit_layer_out,
+        u_out,
+        total,
+        cols,
+        x.stride(0),
+        math.log(cols),
+        threshold,
+        0.0 if token_threshold is None else token_threshold,
+        layer,
+        HALF=cfg["HALF"],
+        BLOCK_E=cfg["BLOCK_E"],
+        BLOCK_C=cfg["BLOCK_C"],
+        HAS_KEEP=keep is not None,
+        RULE=rule,
+        EXCLUDE_EXITED=bool(exclude_exited),
+        num_warps=cfg["num_warps"],
     )
 
 
@@ -134,12 +188,31 @@ COMPILE_SPECS = [
     {
         "name": f"token_exit[{dt},window={window},BLOCK_E={cfg['BLOCK_E']},BLOCK_C={cfg['BLOCK_C']}]",
         "fn": token_exit_kernel,
-        "signature": {"x_ptr": ptr, "cu_ptr": "*i32", "active_ptr": "*u8", "layer_in_ptr": "*i32",
-                      "keep_ptr": "*u8", "active_out_ptr": "*u8", "layer_out_ptr": "*i32", "u_ptr": "*fp32",
-                      "total": "i32", "cols": "i32", "stride_x": "i32", "log_c": "fp32", "threshold": "fp32",
-                      "token_threshold": "fp32", "layer": "i32"},
-        "constexprs": {"HALF": cfg["HALF"], "BLOCK_E": cfg["BLOCK_E"], "BLOCK_C": cfg["BLOCK_C"],
-                       "HAS_KEEP": False, "RULE": RULE_NONE, "EXCLUDE_EXITED": False},
+        "signature": {
+            "x_ptr": ptr,
+            "cu_ptr": "*i32",
+            "active_ptr": "*u8",
+            "layer_in_ptr": "*i32",
+            "keep_ptr": "*u8",
+            "active_out_ptr": "*u8",
+            "layer_out_ptr": "*i32",
+            "u_ptr": "*fp32",
+            "total": "i32",
+            "cols": "i32",
+            "stride_x": "i32",
+            "log_c": "fp32",
+            "threshold": "fp32",
+            "token_threshold": "fp32",
+            "layer": "i32",
+        },
+        "constexprs": {
+            "HALF": cfg["HALF"],
+            "BLOCK_E": cfg["BLOCK_E"],
+            "BLOCK_C": cfg["BLOCK_C"],
+            "HAS_KEEP": False,
+            "RULE": RULE_NONE,
+            "EXCLUDE_EXITED": False,
+        },
         "num_warps": cfg["num_warps"],
         "divisible": ("x_ptr", "u_ptr"),
         "must_not_spill": True,

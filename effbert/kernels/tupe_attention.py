@@ -86,8 +86,24 @@ def _head_base(Ptr, b, h, start, sb, sn, sh, VARLEN: tl.constexpr):
 
 
 @triton.jit
-def _logits_tile(q, k, Bias, h, offs_m, offs_n, seqlen, key_real, bias_keys, sbh, sbi, sbj, scale,
-                 HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr, LOG2: tl.constexpr = False):
+def _logits_tile(
+    q,
+    k,
+    Bias,
+    h,
+    offs_m,
+    offs_n,
+    seqlen,
+    key_real,
+    bias_keys,
+    sbh,
+    sbi,
+    sbj,
+    scale,
+    HAS_BIAS: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    LOG2: tl.constexpr = False,
+):
     """scale * q k^T + bias (natural units; times log2(e) when LOG2, with ``scale`` already so multiplied), -inf at
     keys that are not real tokens. The bias is read on the sequence's rows and the keys ``bias_keys`` (the forward
     reads every key of the sequence, the backward only real ones: each keeps its kernel clear of spills); whatever a
@@ -95,7 +111,9 @@ def _logits_tile(q, k, Bias, h, offs_m, offs_n, seqlen, key_real, bias_keys, sbh
     s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale
     if HAS_BIAS:
         tile_ok = (offs_m[:, None] < seqlen) & bias_keys[None, :]
-        bias = tl.load(Bias + h * sbh + offs_m[:, None] * sbi + offs_n[None, :] * sbj, mask=tile_ok, other=0.0)
+        bias = tl.load(
+            Bias + h * sbh + offs_m[:, None] * sbi + offs_n[None, :] * sbj, mask=tile_ok, other=0.0
+        )
         if LOG2:
             s += bias.to(tl.float32) * 1.4426950408889634
         else:
@@ -114,12 +132,44 @@ def _real_tokens(Mask, b, offs, seqlen, smb, HAS_MASK: tl.constexpr):
 
 @triton.jit
 def tupe_attn_fwd_kernel(
-    Q, K, V, Bias, Mask, CuSeq, Seed, Out, Lse,
-    sqb, sqn, sqh, skb, skn, skh, svb, svn, svh, sob, son, soh,
-    sbh, sbi, sbj, smb, slh,
-    H, N, TOTAL, scale, p_drop,
-    D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, VARLEN: tl.constexpr, DROPOUT: tl.constexpr,
+    Q,
+    K,
+    V,
+    Bias,
+    Mask,
+    CuSeq,
+    Seed,
+    Out,
+    Lse,
+    sqb,
+    sqn,
+    sqh,
+    skb,
+    skn,
+    skh,
+    svb,
+    svn,
+    svh,
+    sob,
+    son,
+    soh,
+    sbh,
+    sbi,
+    sbj,
+    smb,
+    slh,
+    H,
+    N,
+    TOTAL,
+    scale,
+    p_drop,
+    D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    VARLEN: tl.constexpr,
+    DROPOUT: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -137,8 +187,11 @@ def tupe_attn_fwd_kernel(
     offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, D)
     row_ok = offs_m < seqlen
-    q = tl.load(q_base + offs_m[:, None] * sqn + offs_d[None, :],
-                mask=_real_tokens(Mask, b, offs_m, seqlen, smb, HAS_MASK)[:, None], other=0.0)
+    q = tl.load(
+        q_base + offs_m[:, None] * sqn + offs_d[None, :],
+        mask=_real_tokens(Mask, b, offs_m, seqlen, smb, HAS_MASK)[:, None],
+        other=0.0,
+    )
     if DROPOUT:
         seed = tl.load(Seed)
         keep_scale = 1.0 / (1.0 - p_drop)
@@ -150,14 +203,33 @@ def tupe_attn_fwd_kernel(
         offs_n = n0 + tl.arange(0, BLOCK_N)
         col_ok = offs_n < seqlen
         # masks that do not depend on a load keep these loads software-pipelined
-        k = tl.load(k_base + offs_n[:, None] * skn + offs_d[None, :], mask=col_ok[:, None], other=0.0)
-        v = tl.load(v_base + offs_n[:, None] * svn + offs_d[None, :], mask=col_ok[:, None], other=0.0)
+        k = tl.load(
+            k_base + offs_n[:, None] * skn + offs_d[None, :], mask=col_ok[:, None], other=0.0
+        )
+        v = tl.load(
+            v_base + offs_n[:, None] * svn + offs_d[None, :], mask=col_ok[:, None], other=0.0
+        )
         col_real = _real_tokens(Mask, b, offs_n, seqlen, smb, HAS_MASK)
         if HAS_MASK:  # a masked key's k only reaches logits that become -inf; its v would meet p = 0 as 0 * inf
             v = tl.where(col_real[:, None], v, 0.0)
         # a masked row may read any bias (even NaN): it is made dead after the loop
-        s = _logits_tile(q, k, Bias, h, offs_m, offs_n, seqlen, col_real, col_ok, sbh, sbi, sbj, scale, HAS_BIAS,
-                         DOT_PRECISION)
+        s = _logits_tile(
+            q,
+            k,
+            Bias,
+            h,
+            offs_m,
+            offs_n,
+            seqlen,
+            col_real,
+            col_ok,
+            sbh,
+            sbi,
+            sbj,
+            scale,
+            HAS_BIAS,
+            DOT_PRECISION,
+        )
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         # a row that has seen only -inf shifts by 0, so exp2(-inf - 0) = 0 instead of NaN
         m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -174,7 +246,11 @@ def tupe_attn_fwd_kernel(
     # in gives NaN out
     alive = (l_i != 0.0) & _real_tokens(Mask, b, offs_m, seqlen, smb, HAS_MASK)
     out = tl.where(alive[:, None], acc / tl.where(alive, l_i, 1.0)[:, None], 0.0)
-    tl.store(o_base + offs_m[:, None] * son + offs_d[None, :], out.to(Out.dtype.element_ty), mask=row_ok[:, None])
+    tl.store(
+        o_base + offs_m[:, None] * son + offs_d[None, :],
+        out.to(Out.dtype.element_ty),
+        mask=row_ok[:, None],
+    )
     # +inf log-sum-exp makes every recomputed probability of a dead or padded row 0 in the backward
     lse = tl.where(alive, m_i + tl.log(tl.where(alive, l_i, 1.0)), float("inf"))
     tl.store(Lse + h * slh + start + offs_m, lse, mask=row_ok)
@@ -182,10 +258,37 @@ def tupe_attn_fwd_kernel(
 
 @triton.jit
 def tupe_attn_fwd_subset_kernel(
-    Q, K, V, Bias, CuSeqQ, CuSeqK, PosQ, Out,
-    sqn, sqh, skn, skh, svn, svh, son, soh, sbh, sbi, sbj,
-    H, NQ, NK, TOTAL_Q, TOTAL_K, BIAS_I, BIAS_J, scale,
-    D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    Q,
+    K,
+    V,
+    Bias,
+    CuSeqQ,
+    CuSeqK,
+    PosQ,
+    Out,
+    sqn,
+    sqh,
+    skn,
+    skh,
+    svn,
+    svh,
+    son,
+    soh,
+    sbh,
+    sbi,
+    sbj,
+    H,
+    NQ,
+    NK,
+    TOTAL_Q,
+    TOTAL_K,
+    BIAS_I,
+    BIAS_J,
+    scale,
+    D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     """Forward of packed attention whose queries are a subset of each sequence's tokens (token-level early exit):
     one program per (query block, sequence * head) walks all the sequence's keys; each query's bias row is
@@ -202,8 +305,11 @@ def tupe_attn_fwd_subset_kernel(
     offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, D)
     row_ok = offs_m < len_q
-    q = tl.load(Q + start_q * sqn + h * sqh + offs_m[:, None] * sqn + offs_d[None, :], mask=row_ok[:, None],
-                other=0.0)
+    q = tl.load(
+        Q + start_q * sqn + h * sqh + offs_m[:, None] * sqn + offs_d[None, :],
+        mask=row_ok[:, None],
+        other=0.0,
+    )
     # a position outside the bias reads nothing (the op refuses it; a caller that skipped the check gets bias 0)
     pos = tl.load(PosQ + start_q + offs_m, mask=row_ok, other=0).to(tl.int64)
     pos_ok = row_ok & (pos >= 0) & (pos < BIAS_I)
@@ -217,11 +323,18 @@ def tupe_attn_fwd_subset_kernel(
     for n0 in range(0, len_k, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         col_ok = offs_n < len_k
-        k = tl.load(k_base + offs_n[:, None] * skn + offs_d[None, :], mask=col_ok[:, None], other=0.0)
-        v = tl.load(v_base + offs_n[:, None] * svn + offs_d[None, :], mask=col_ok[:, None], other=0.0)
+        k = tl.load(
+            k_base + offs_n[:, None] * skn + offs_d[None, :], mask=col_ok[:, None], other=0.0
+        )
+        v = tl.load(
+            v_base + offs_n[:, None] * svn + offs_d[None, :], mask=col_ok[:, None], other=0.0
+        )
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale
-        bias = tl.load(bias_rows[:, None] + offs_n[None, :] * sbj,
-                       mask=pos_ok[:, None] & (col_ok & (offs_n < BIAS_J))[None, :], other=0.0)
+        bias = tl.load(
+            bias_rows[:, None] + offs_n[None, :] * sbj,
+            mask=pos_ok[:, None] & (col_ok & (offs_n < BIAS_J))[None, :],
+            other=0.0,
+        )
         s = tl.where(col_ok[None, :], s + bias.to(tl.float32), float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         # a row that has seen only -inf shifts by 0, so exp2(-inf - 0) = 0 instead of NaN
@@ -234,17 +347,58 @@ def tupe_attn_fwd_subset_kernel(
     # l_i is 0 only with no key at all; NaN stays NaN
     alive = l_i != 0.0
     out = tl.where(alive[:, None], acc / tl.where(alive, l_i, 1.0)[:, None], 0.0)
-    tl.store(Out + start_q * son + h * soh + offs_m[:, None] * son + offs_d[None, :], out.to(Out.dtype.element_ty),
-             mask=row_ok[:, None])
+    tl.store(
+        Out + start_q * son + h * soh + offs_m[:, None] * son + offs_d[None, :],
+        out.to(Out.dtype.element_ty),
+        mask=row_ok[:, None],
+    )
 
 
 @triton.jit
-def _probs_and_dlogits(q, k, v, do, lse, delta, Bias, Seed, h, bh, offs_m, offs_n, seqlen, key_real,
-                       sbh, sbi, sbj, N, qk_scale, p_drop,
-                       HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr):
+def _probs_and_dlogits(
+    q,
+    k,
+    v,
+    do,
+    lse,
+    delta,
+    Bias,
+    Seed,
+    h,
+    bh,
+    offs_m,
+    offs_n,
+    seqlen,
+    key_real,
+    sbh,
+    sbi,
+    sbj,
+    N,
+    qk_scale,
+    p_drop,
+    HAS_BIAS: tl.constexpr,
+    DROPOUT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
     """Recompute one tile: (probabilities after dropout, gradient of the logits)."""
-    s = _logits_tile(q, k, Bias, h, offs_m, offs_n, seqlen, key_real, key_real, sbh, sbi, sbj, qk_scale,
-                     HAS_BIAS, DOT_PRECISION, LOG2=True)
+    s = _logits_tile(
+        q,
+        k,
+        Bias,
+        h,
+        offs_m,
+        offs_n,
+        seqlen,
+        key_real,
+        key_real,
+        sbh,
+        sbi,
+        sbj,
+        qk_scale,
+        HAS_BIAS,
+        DOT_PRECISION,
+        LOG2=True,
+    )
     p = tl.exp2(s - lse[:, None])
     dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
     if DROPOUT:
@@ -254,18 +408,61 @@ def _probs_and_dlogits(q, k, v, do, lse, delta, Bias, Seed, h, bh, offs_m, offs_
         dp = tl.where(keep, dp * keep_scale, 0.0)
     else:
         p_used = p
-    ds = p * (dp - delta[:, None])  # 0 at a masked key: p is 0 there and the wrapper passes its v as 0
+    ds = p * (
+        dp - delta[:, None]
+    )  # 0 at a masked key: p is 0 there and the wrapper passes its v as 0
     return p_used, ds
 
 
 @triton.jit
 def tupe_attn_bwd_dkdv_kernel(
-    Q, K, V, Bias, Mask, CuSeq, Seed, DO, Lse, Delta, DK, DV,
-    sqb, sqn, sqh, skb, skn, skh, svb, svn, svh, sdob, sdon, sdoh, sdkb, sdkn, sdkh, sdvb, sdvn, sdvh,
-    sbh, sbi, sbj, smb, slh,
-    H, N, TOTAL, scale, p_drop,
-    D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, VARLEN: tl.constexpr, DROPOUT: tl.constexpr,
+    Q,
+    K,
+    V,
+    Bias,
+    Mask,
+    CuSeq,
+    Seed,
+    DO,
+    Lse,
+    Delta,
+    DK,
+    DV,
+    sqb,
+    sqn,
+    sqh,
+    skb,
+    skn,
+    skh,
+    svb,
+    svn,
+    svh,
+    sdob,
+    sdon,
+    sdoh,
+    sdkb,
+    sdkn,
+    sdkh,
+    sdvb,
+    sdvn,
+    sdvh,
+    sbh,
+    sbi,
+    sbj,
+    smb,
+    slh,
+    H,
+    N,
+    TOTAL,
+    scale,
+    p_drop,
+    D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    VARLEN: tl.constexpr,
+    DROPOUT: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
     """dK, dV of one key block.
@@ -302,14 +499,21 @@ def tupe_attn_bwd_dkdv_kernel(
         offs_m = m0 + tl.arange(0, BLOCK_M)
         row_ok = offs_m < seqlen
         # a masked query's +inf log-sum-exp makes its probabilities 0 (the wrapper passes its q as 0)
-        q_t = tl.load(q_base + offs_m[None, :] * sqn + offs_d[:, None], mask=row_ok[None, :], other=0.0)
-        do = tl.load(do_base + offs_m[:, None] * sdon + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+        q_t = tl.load(
+            q_base + offs_m[None, :] * sqn + offs_d[:, None], mask=row_ok[None, :], other=0.0
+        )
+        do = tl.load(
+            do_base + offs_m[:, None] * sdon + offs_d[None, :], mask=row_ok[:, None], other=0.0
+        )
         lse = tl.load(Lse + h * slh + start + offs_m, mask=row_ok, other=float("inf"))
         delta = tl.load(Delta + h * slh + start + offs_m, mask=row_ok, other=0.0)
         s_t = tl.dot(k, q_t, input_precision=DOT_PRECISION) * qk_scale
         if HAS_BIAS:
-            bias_t = tl.load(Bias + h * sbh + offs_m[None, :] * sbi + offs_n[:, None] * sbj,
-                             mask=col_ok[:, None] & row_ok[None, :], other=0.0)
+            bias_t = tl.load(
+                Bias + h * sbh + offs_m[None, :] * sbi + offs_n[:, None] * sbj,
+                mask=col_ok[:, None] & row_ok[None, :],
+                other=0.0,
+            )
             s_t += bias_t.to(tl.float32) * 1.4426950408889634
         p_t = tl.where(key_ok[:, None], tl.exp2(s_t - lse[None, :]), 0.0)
         dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
@@ -322,20 +526,71 @@ def tupe_attn_bwd_dkdv_kernel(
         dv += tl.dot(p_used.to(do.dtype), do, input_precision=DOT_PRECISION)
         ds_t = p_t * (dp_t - delta[None, :])
         dk += tl.dot(ds_t.to(q_t.dtype), tl.trans(q_t), input_precision=DOT_PRECISION)
-    tl.store(dk_base + offs_n[:, None] * sdkn + offs_d[None, :], (dk * scale).to(DK.dtype.element_ty),
-             mask=col_ok[:, None])
-    tl.store(dv_base + offs_n[:, None] * sdvn + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=col_ok[:, None])
+    tl.store(
+        dk_base + offs_n[:, None] * sdkn + offs_d[None, :],
+        (dk * scale).to(DK.dtype.element_ty),
+        mask=col_ok[:, None],
+    )
+    tl.store(
+        dv_base + offs_n[:, None] * sdvn + offs_d[None, :],
+        dv.to(DV.dtype.element_ty),
+        mask=col_ok[:, None],
+    )
 
 
 @triton.jit
 def tupe_attn_bwd_dq_kernel(
-    Q, K, V, Bias, Mask, CuSeq, Seed, DO, Lse, Delta, DQ, DBias,
-    sqb, sqn, sqh, skb, skn, skh, svb, svn, svh, sdob, sdon, sdoh, sdqb, sdqn, sdqh,
-    sbh, sbi, sbj, smb, slh, sdbg, sdbh, sdbi,
-    B, H, N, TOTAL, GROUPS, scale, p_drop,
-    D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, VARLEN: tl.constexpr, DROPOUT: tl.constexpr,
-    BIAS_GRAD: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    Q,
+    K,
+    V,
+    Bias,
+    Mask,
+    CuSeq,
+    Seed,
+    DO,
+    Lse,
+    Delta,
+    DQ,
+    DBias,
+    sqb,
+    sqn,
+    sqh,
+    skb,
+    skn,
+    skh,
+    svb,
+    svn,
+    svh,
+    sdob,
+    sdon,
+    sdoh,
+    sdqb,
+    sdqn,
+    sdqh,
+    sbh,
+    sbi,
+    sbj,
+    smb,
+    slh,
+    sdbg,
+    sdbh,
+    sdbi,
+    B,
+    H,
+    N,
+    TOTAL,
+    GROUPS,
+    scale,
+    p_drop,
+    D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    VARLEN: tl.constexpr,
+    DROPOUT: tl.constexpr,
+    BIAS_GRAD: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     """dQ of one query block for the batch elements b = g, g + GROUPS, ...; with BIAS_GRAD, their summed logit
     gradient into DBias[g, h, rows of this block, :] (float32, owned by this program alone)."""
@@ -348,7 +603,9 @@ def tupe_attn_bwd_dq_kernel(
     qk_scale = scale * 1.4426950408889634
     db_base = DBias + g * sdbg + h * sdbh
     for step in range(0, tl.cdiv(B - g, GROUPS)):
-        b = g + step * GROUPS  # a tensor (program_id arithmetic) in the compiler and the interpreter alike
+        b = (
+            g + step * GROUPS
+        )  # a tensor (program_id arithmetic) in the compiler and the interpreter alike
         bh = b * H + h
         start, seqlen = _seq_bounds(CuSeq, b, N, TOTAL, VARLEN)
         if m0 < seqlen:
@@ -358,20 +615,54 @@ def tupe_attn_bwd_dq_kernel(
             v_base = _head_base(V, b, h, start, svb, svn, svh, VARLEN)
             do_base = _head_base(DO, b, h, start, sdob, sdon, sdoh, VARLEN)
             row_ok = offs_m < seqlen
-            q = tl.load(q_base + offs_m[:, None] * sqn + offs_d[None, :], mask=row_ok[:, None], other=0.0)
-            do = tl.load(do_base + offs_m[:, None] * sdon + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+            q = tl.load(
+                q_base + offs_m[:, None] * sqn + offs_d[None, :], mask=row_ok[:, None], other=0.0
+            )
+            do = tl.load(
+                do_base + offs_m[:, None] * sdon + offs_d[None, :], mask=row_ok[:, None], other=0.0
+            )
             lse = tl.load(Lse + h * slh + start + offs_m, mask=row_ok, other=float("inf"))
             delta = tl.load(Delta + h * slh + start + offs_m, mask=row_ok, other=0.0)
             dq = tl.zeros([BLOCK_M, D], tl.float32)
             for n0 in range(0, seqlen, BLOCK_N):
                 offs_n = n0 + tl.arange(0, BLOCK_N)
                 col_ok = offs_n < seqlen
-                k = tl.load(k_base + offs_n[:, None] * skn + offs_d[None, :], mask=col_ok[:, None], other=0.0)
-                v = tl.load(v_base + offs_n[:, None] * svn + offs_d[None, :], mask=col_ok[:, None], other=0.0)
+                k = tl.load(
+                    k_base + offs_n[:, None] * skn + offs_d[None, :],
+                    mask=col_ok[:, None],
+                    other=0.0,
+                )
+                v = tl.load(
+                    v_base + offs_n[:, None] * svn + offs_d[None, :],
+                    mask=col_ok[:, None],
+                    other=0.0,
+                )
                 col_real = _real_tokens(Mask, b, offs_n, seqlen, smb, HAS_MASK)
-                p_used, ds = _probs_and_dlogits(q, k, v, do, lse, delta, Bias, Seed, h, bh, offs_m, offs_n, seqlen,
-                                                col_real, sbh, sbi, sbj, N, qk_scale, p_drop,
-                                                HAS_BIAS, DROPOUT, DOT_PRECISION)
+                p_used, ds = _probs_and_dlogits(
+                    q,
+                    k,
+                    v,
+                    do,
+                    lse,
+                    delta,
+                    Bias,
+                    Seed,
+                    h,
+                    bh,
+                    offs_m,
+                    offs_n,
+                    seqlen,
+                    col_real,
+                    sbh,
+                    sbi,
+                    sbj,
+                    N,
+                    qk_scale,
+                    p_drop,
+                    HAS_BIAS,
+                    DROPOUT,
+                    DOT_PRECISION,
+                )
                 dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
                 if BIAS_GRAD:
                     tile = db_base + offs_m[:, None] * sdbi + offs_n[None, :]
@@ -379,8 +670,11 @@ def tupe_attn_bwd_dq_kernel(
                     tl.store(tile, tl.load(tile, mask=tile_ok, other=0.0) + ds, mask=tile_ok)
                     # the next batch element's load of this tile may come from other threads of the program
                     tl.debug_barrier()
-            tl.store(dq_base + offs_m[:, None] * sdqn + offs_d[None, :], (dq * scale).to(DQ.dtype.element_ty),
-                     mask=row_ok[:, None])
+            tl.store(
+                dq_base + offs_m[:, None] * sdqn + offs_d[None, :],
+                (dq * scale).to(DQ.dtype.element_ty),
+                mask=row_ok[:, None],
+            )
 
 
 @triton.jit
@@ -393,7 +687,11 @@ def dropout_keep_kernel(Seed, Keep, N, p_drop, BLOCK: tl.constexpr):
     offs_n = pid_n * BLOCK + tl.arange(0, BLOCK)
     keep = _dropout_keep(tl.load(Seed), bh, offs_m, offs_n, N, p_drop)
     ok = (offs_m[:, None] < N) & (offs_n[None, :] < N)
-    tl.store(Keep + (bh.to(tl.int64) * N + offs_m[:, None]) * N + offs_n[None, :], keep.to(tl.int8), mask=ok)
+    tl.store(
+        Keep + (bh.to(tl.int64) * N + offs_m[:, None]) * N + offs_n[None, :],
+        keep.to(tl.int8),
+        mask=ok,
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -408,7 +706,9 @@ def dropout_keep_kernel(Seed, Keep, N, p_drop, BLOCK: tl.constexpr):
 def fwd_config(d, dtype_name, interpret=INTERPRET, arch=None):
     if interpret:
         return {"BLOCK_M": 16, "BLOCK_N": 16, "num_warps": 1, "num_stages": 1}
-    if dtype_name == "fp32":  # exact fp32 products run on the FMA units: small tiles keep them in registers
+    if (
+        dtype_name == "fp32"
+    ):  # exact fp32 products run on the FMA units: small tiles keep them in registers
         return {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 4, "num_stages": 2}
     if d <= 64:
         return {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 3}
@@ -446,7 +746,12 @@ def dq_config(d, dtype_name, varlen=False, interpret=INTERPRET, arch=None):
 
 
 # float64 runs only under the interpreter (gradcheck); it takes the fp32 tiles and exact products
-_DTYPE_NAME = {"torch.float32": "fp32", "torch.float16": "fp16", "torch.bfloat16": "bf16", "torch.float64": "fp32"}
+_DTYPE_NAME = {
+    "torch.float32": "fp32",
+    "torch.float16": "fp16",
+    "torch.bfloat16": "bf16",
+    "torch.float64": "fp32",
+}
 
 
 def _layout_strides(x, varlen):
@@ -481,13 +786,32 @@ def _chunk_views(c, b0, b1, seq_len, cu_seqlens, attention_mask, seed, per_batch
     if seed is not None and c:
         seed = seed + c
     if cu_seqlens is not None:
-        return cu_seqlens[b0:b1 + 1], attention_mask, seed, per_batch, per_token
-    return (None, None if attention_mask is None else attention_mask[b0:b1], seed,
-            [t[b0:b1] for t in per_batch], [t[:, b0 * seq_len:b1 * seq_len] for t in per_token])
+        return cu_seqlens[b0 : b1 + 1], attention_mask, seed, per_batch, per_token
+    return (
+        None,
+        None if attention_mask is None else attention_mask[b0:b1],
+        seed,
+        [t[b0:b1] for t in per_batch],
+        [t[:, b0 * seq_len : b1 * seq_len] for t in per_token],
+    )
 
 
-def attention_forward(q, k, v, pos_bias, attention_mask, cu_seqlens, seed, out, lse, *, batch, seq_len, scale,
-                      dropout_p):
+def attention_forward(
+    q,
+    k,
+    v,
+    pos_bias,
+    attention_mask,
+    cu_seqlens,
+    seed,
+    out,
+    lse,
+    *,
+    batch,
+    seq_len,
+    scale,
+    dropout_p,
+):
     """Launch the forward. ``seq_len``: N (padded) or the longest sequence (packed). ``lse``: float32 [H, tokens]."""
     varlen = cu_seqlens is not None
     heads, d = q.shape[-2], q.shape[-1]
@@ -495,23 +819,63 @@ def attention_forward(q, k, v, pos_bias, attention_mask, cu_seqlens, seed, out, 
     cfg = fwd_config(d, name)
     for c, (b0, b1) in enumerate(batch_chunks(batch, heads)):
         cu_c, mask_c, seed_c, (q_c, k_c, v_c, out_c), (lse_c,) = _chunk_views(
-            c, b0, b1, seq_len, cu_seqlens, attention_mask, seed, [q, k, v, out], [lse])
-        bias, mask, cu, seed_t, (sbh, sbi, sbj), smb = _optional_args(q_c, pos_bias, mask_c, cu_c, seed_c)
+            c, b0, b1, seq_len, cu_seqlens, attention_mask, seed, [q, k, v, out], [lse]
+        )
+        bias, mask, cu, seed_t, (sbh, sbi, sbj), smb = _optional_args(
+            q_c, pos_bias, mask_c, cu_c, seed_c
+        )
         grid = (triton.cdiv(seq_len, cfg["BLOCK_M"]), (b1 - b0) * heads)
         tupe_attn_fwd_kernel[grid](
-            q_c, k_c, v_c, bias, mask, cu, seed_t, out_c, lse_c,
-            *_layout_strides(q_c, varlen), *_layout_strides(k_c, varlen), *_layout_strides(v_c, varlen),
+            q_c,
+            k_c,
+            v_c,
+            bias,
+            mask,
+            cu,
+            seed_t,
+            out_c,
+            lse_c,
+            *_layout_strides(q_c, varlen),
+            *_layout_strides(k_c, varlen),
+            *_layout_strides(v_c, varlen),
             *_layout_strides(out_c, varlen),
-            sbh, sbi, sbj, smb, lse_c.stride(0),
-            heads, seq_len, _tokens(q_c, varlen), scale, dropout_p,
-            D=d, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], HAS_BIAS=pos_bias is not None,
-            HAS_MASK=attention_mask is not None, VARLEN=varlen, DROPOUT=dropout_p > 0.0,
-            DOT_PRECISION=dot_precision(name), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+            sbh,
+            sbi,
+            sbj,
+            smb,
+            lse_c.stride(0),
+            heads,
+            seq_len,
+            _tokens(q_c, varlen),
+            scale,
+            dropout_p,
+            D=d,
+            BLOCK_M=cfg["BLOCK_M"],
+            BLOCK_N=cfg["BLOCK_N"],
+            HAS_BIAS=pos_bias is not None,
+            HAS_MASK=attention_mask is not None,
+            VARLEN=varlen,
+            DROPOUT=dropout_p > 0.0,
+            DOT_PRECISION=dot_precision(name),
+            num_warps=cfg["num_warps"],
+            num_stages=cfg["num_stages"],
         )
 
 
-def attention_forward_subset(q, k, v, pos_bias, cu_seqlens_q, cu_seqlens_k, position_ids_q, out, *, max_seqlen_q,
-                             max_seqlen_k, scale):
+def attention_forward_subset(
+    q,
+    k,
+    v,
+    pos_bias,
+    cu_seqlens_q,
+    cu_seqlens_k,
+    position_ids_q,
+    out,
+    *,
+    max_seqlen_q,
+    max_seqlen_k,
+    scale,
+):
     """Launch the query-subset forward into ``out`` (zeroed by the caller: rows in no sequence stay 0)."""
     heads, d = q.shape[-2], q.shape[-1]
     name = _DTYPE_NAME[str(q.dtype)]
@@ -520,12 +884,37 @@ def attention_forward_subset(q, k, v, pos_bias, cu_seqlens_q, cu_seqlens_k, posi
         # a chunk's offsets stay absolute: its slices of cu_seqlens address the whole packed tensors
         grid = (triton.cdiv(max_seqlen_q, cfg["BLOCK_M"]), (b1 - b0) * heads)
         tupe_attn_fwd_subset_kernel[grid](
-            q, k, v, pos_bias, cu_seqlens_q[b0:b1 + 1], cu_seqlens_k[b0:b1 + 1], position_ids_q, out,
-            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0),
-            out.stride(1), *pos_bias.stride(),
-            heads, max_seqlen_q, max_seqlen_k, q.shape[0], k.shape[0], pos_bias.shape[1], pos_bias.shape[2], scale,
-            D=d, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], DOT_PRECISION=dot_precision(name),
-            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+            q,
+            k,
+            v,
+            pos_bias,
+            cu_seqlens_q[b0 : b1 + 1],
+            cu_seqlens_k[b0 : b1 + 1],
+            position_ids_q,
+            out,
+            q.stride(0),
+            q.stride(1),
+            k.stride(0),
+            k.stride(1),
+            v.stride(0),
+            v.stride(1),
+            out.stride(0),
+            out.stride(1),
+            *pos_bias.stride(),
+            heads,
+            max_seqlen_q,
+            max_seqlen_k,
+            q.shape[0],
+            k.shape[0],
+            pos_bias.shape[1],
+            pos_bias.shape[2],
+            scale,
+            D=d,
+            BLOCK_M=cfg["BLOCK_M"],
+            BLOCK_N=cfg["BLOCK_N"],
+            DOT_PRECISION=dot_precision(name),
+            num_warps=cfg["num_warps"],
+            num_stages=cfg["num_stages"],
         )
 
 
@@ -543,8 +932,27 @@ def lse_log2(lse):
     return lse2.masked_fill_(lse2 == float("-inf"), float("inf"))
 
 
-def attention_backward(q, k, v, pos_bias, attention_mask, cu_seqlens, seed, dout, lse, delta, dq, dk, dv,
-                       dbias_groups, *, batch, seq_len, scale, dropout_p):
+def attention_backward(
+    q,
+    k,
+    v,
+    pos_bias,
+    attention_mask,
+    cu_seqlens,
+    seed,
+    dout,
+    lse,
+    delta,
+    dq,
+    dk,
+    dv,
+    dbias_groups,
+    *,
+    batch,
+    seq_len,
+    scale,
+    dropout_p,
+):
     """Launch both backward kernels. ``lse``: the backward's log2 units (`lse_log2`). ``dbias_groups``: None, or a
     zeroed float32 [G, H, S, S] buffer that receives the bias gradient summed over the batch elements b with
     b % G == g."""
@@ -555,31 +963,108 @@ def attention_backward(q, k, v, pos_bias, attention_mask, cu_seqlens, seed, dout
     qcfg = dq_config(d, name, varlen)
     for c, (b0, b1) in enumerate(batch_chunks(batch, heads)):
         # a later chunk's dQ kernel adds its bias gradient into the same group buffers, after the earlier chunk's
-        cu_c, mask_c, seed_c, (q_c, k_c, v_c, dout_c, dq_c, dk_c, dv_c), (lse_c, delta_c) = _chunk_views(
-            c, b0, b1, seq_len, cu_seqlens, attention_mask, seed, [q, k, v, dout, dq, dk, dv], [lse, delta])
-        bias, mask, cu, seed_t, (sbh, sbi, sbj), smb = _optional_args(q_c, pos_bias, mask_c, cu_c, seed_c)
-        flags = dict(D=d, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], HAS_BIAS=pos_bias is not None,
-                     HAS_MASK=attention_mask is not None, VARLEN=varlen, DROPOUT=dropout_p > 0.0,
-                     DOT_PRECISION=dot_precision(name), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
-        inputs = (*_layout_strides(q_c, varlen), *_layout_strides(k_c, varlen), *_layout_strides(v_c, varlen),
-                  *_layout_strides(dout_c, varlen))
+        cu_c, mask_c, seed_c, (q_c, k_c, v_c, dout_c, dq_c, dk_c, dv_c), (lse_c, delta_c) = (
+            _chunk_views(
+                c,
+                b0,
+                b1,
+                seq_len,
+                cu_seqlens,
+                attention_mask,
+                seed,
+                [q, k, v, dout, dq, dk, dv],
+                [lse, delta],
+            )
+        )
+        bias, mask, cu, seed_t, (sbh, sbi, sbj), smb = _optional_args(
+            q_c, pos_bias, mask_c, cu_c, seed_c
+        )
+        flags = dict(
+            D=d,
+            BLOCK_M=cfg["BLOCK_M"],
+            BLOCK_N=cfg["BLOCK_N"],
+            HAS_BIAS=pos_bias is not None,
+            HAS_MASK=attention_mask is not None,
+            VARLEN=varlen,
+            DROPOUT=dropout_p > 0.0,
+            DOT_PRECISION=dot_precision(name),
+            num_warps=cfg["num_warps"],
+            num_stages=cfg["num_stages"],
+        )
+        inputs = (
+            *_layout_strides(q_c, varlen),
+            *_layout_strides(k_c, varlen),
+            *_layout_strides(v_c, varlen),
+            *_layout_strides(dout_c, varlen),
+        )
         tupe_attn_bwd_dkdv_kernel[(triton.cdiv(seq_len, cfg["BLOCK_N"]), (b1 - b0) * heads)](
-            q_c, k_c, v_c, bias, mask, cu, seed_t, dout_c, lse_c, delta_c, dk_c, dv_c,
-            *inputs, *_layout_strides(dk_c, varlen), *_layout_strides(dv_c, varlen),
-            sbh, sbi, sbj, smb, lse_c.stride(0), heads, seq_len, _tokens(q_c, varlen), scale, dropout_p, **flags,
+            q_c,
+            k_c,
+            v_c,
+            bias,
+            mask,
+            cu,
+            seed_t,
+            dout_c,
+            lse_c,
+            delta_c,
+            dk_c,
+            dv_c,
+            *inputs,
+            *_layout_strides(dk_c, varlen),
+            *_layout_strides(dv_c, varlen),
+            sbh,
+            sbi,
+            sbj,
+            smb,
+            lse_c.stride(0),
+            heads,
+            seq_len,
+            _tokens(q_c, varlen),
+            scale,
+            dropout_p,
+            **flags,
         )
         if dbias_groups is not None:
             groups, db, db_strides = dbias_groups.shape[0], dbias_groups, dbias_groups.stride()[:3]
         else:
             groups, db, db_strides = b1 - b0, lse_c, (0, 0, 0)
-        flags.update(BLOCK_M=qcfg["BLOCK_M"], BLOCK_N=qcfg["BLOCK_N"], num_warps=qcfg["num_warps"],
-                     num_stages=qcfg["num_stages"])
+        flags.update(
+            BLOCK_M=qcfg["BLOCK_M"],
+            BLOCK_N=qcfg["BLOCK_N"],
+            num_warps=qcfg["num_warps"],
+            num_stages=qcfg["num_stages"],
+        )
         tupe_attn_bwd_dq_kernel[(triton.cdiv(seq_len, qcfg["BLOCK_M"]), heads, groups)](
-            q_c, k_c, v_c, bias, mask, cu, seed_t, dout_c, lse_c, delta_c, dq_c, db,
-            *inputs, *_layout_strides(dq_c, varlen),
-            sbh, sbi, sbj, smb, lse_c.stride(0), *db_strides, b1 - b0, heads, seq_len, _tokens(q_c, varlen), groups,
-            scale, dropout_p,
-            BIAS_GRAD=dbias_groups is not None, **flags,
+            q_c,
+            k_c,
+            v_c,
+            bias,
+            mask,
+            cu,
+            seed_t,
+            dout_c,
+            lse_c,
+            delta_c,
+            dq_c,
+            db,
+            *inputs,
+            *_layout_strides(dq_c, varlen),
+            sbh,
+            sbi,
+            sbj,
+            smb,
+            lse_c.stride(0),
+            *db_strides,
+            b1 - b0,
+            heads,
+            seq_len,
+            _tokens(q_c, varlen),
+            groups,
+            scale,
+            dropout_p,
+            BIAS_GRAD=dbias_groups is not None,
+            **flags,
         )
 
 
@@ -588,9 +1073,13 @@ def dropout_keep_mask(seed, batch, heads, seq_len, dropout_p, device):
     keep = torch.empty(batch, heads, seq_len, seq_len, dtype=torch.int8, device=device)
     block = 16 if INTERPRET else 64
     if keep.numel():
-        for c, (b0, b1) in enumerate(batch_chunks(batch, heads)):  # the attention launches' chunks and seeds
+        for c, (b0, b1) in enumerate(
+            batch_chunks(batch, heads)
+        ):  # the attention launches' chunks and seeds
             grid = (triton.cdiv(seq_len, block), triton.cdiv(seq_len, block), (b1 - b0) * heads)
-            dropout_keep_kernel[grid](seed if c == 0 else seed + c, keep[b0:b1], seq_len, dropout_p, BLOCK=block)
+            dropout_keep_kernel[grid](
+                seed if c == 0 else seed + c, keep[b0:b1], seq_len, dropout_p, BLOCK=block
+            )
     return keep.bool()
 
 
@@ -601,8 +1090,15 @@ def dot_precision(dtype_name):
 
 _PTR = {"fp32": "*fp32", "fp16": "*fp16", "bf16": "*bf16"}
 _COMMON_SIG = {
-    "sqb": "i64", "sqn": "i32", "sqh": "i32", "skb": "i64", "skn": "i32", "skh": "i32",
-    "svb": "i64", "svn": "i32", "svh": "i32",
+    "sqb": "i64",
+    "sqn": "i32",
+    "sqh": "i32",
+    "skb": "i64",
+    "skn": "i32",
+    "skh": "i32",
+    "svb": "i64",
+    "svn": "i32",
+    "svh": "i32",
 }
 
 
@@ -618,47 +1114,128 @@ def _specs(kind, dt, d, *, varlen=False, dropout=False):
     cfg80, cfg90 = _config(kind, dt, d, varlen, 80), _config(kind, dt, d, varlen, 90)
     if cfg80 == cfg90:
         return [_spec(kind, dt, d, cfg80, (80, 90), varlen=varlen, dropout=dropout)]
-    return [_spec(kind, dt, d, cfg80, (80,), varlen=varlen, dropout=dropout),
-            _spec(kind, dt, d, cfg90, (90,), varlen=varlen, dropout=dropout)]
+    return [
+        _spec(kind, dt, d, cfg80, (80,), varlen=varlen, dropout=dropout),
+        _spec(kind, dt, d, cfg90, (90,), varlen=varlen, dropout=dropout),
+    ]
 
 
 def _spec(kind, dt, d, cfg, targets, *, varlen=False, dropout=False):
     ptr = _PTR[dt]
-    common = {"Q": ptr, "K": ptr, "V": ptr, "Bias": ptr, "Mask": "*u8", "CuSeq": "*i32", "Seed": "*i64"}
+    common = {
+        "Q": ptr,
+        "K": ptr,
+        "V": ptr,
+        "Bias": ptr,
+        "Mask": "*u8",
+        "CuSeq": "*i32",
+        "Seed": "*i64",
+    }
     tail_ints = {"sbh": "i32", "sbi": "i32", "sbj": "i32", "smb": "i32", "slh": "i32"}
-    flags = {"HAS_BIAS": True, "HAS_MASK": not varlen, "VARLEN": varlen, "DROPOUT": dropout,
-             "DOT_PRECISION": dot_precision(dt), "D": d, "BLOCK_M": cfg["BLOCK_M"], "BLOCK_N": cfg["BLOCK_N"]}
+    flags = {
+        "HAS_BIAS": True,
+        "HAS_MASK": not varlen,
+        "VARLEN": varlen,
+        "DROPOUT": dropout,
+        "DOT_PRECISION": dot_precision(dt),
+        "D": d,
+        "BLOCK_M": cfg["BLOCK_M"],
+        "BLOCK_N": cfg["BLOCK_N"],
+    }
     if kind == "fwd":
         fn = tupe_attn_fwd_kernel
-        sig = {**common, "Out": ptr, "Lse": "*fp32", **_COMMON_SIG, "sob": "i64", "son": "i32", "soh": "i32",
-               **tail_ints, "H": "i32", "N": "i32", "TOTAL": "i32", "scale": "fp32", "p_drop": "fp32"}
+        sig = {
+            **common,
+            "Out": ptr,
+            "Lse": "*fp32",
+            **_COMMON_SIG,
+            "sob": "i64",
+            "son": "i32",
+            "soh": "i32",
+            **tail_ints,
+            "H": "i32",
+            "N": "i32",
+            "TOTAL": "i32",
+            "scale": "fp32",
+            "p_drop": "fp32",
+        }
     elif kind == "dkdv":
         fn = tupe_attn_bwd_dkdv_kernel
-        sig = {**common, "DO": ptr, "Lse": "*fp32", "Delta": "*fp32", "DK": ptr, "DV": ptr, **_COMMON_SIG,
-               "sdob": "i64", "sdon": "i32", "sdoh": "i32", "sdkb": "i64", "sdkn": "i32", "sdkh": "i32",
-               "sdvb": "i64", "sdvn": "i32", "sdvh": "i32", **tail_ints, "H": "i32", "N": "i32", "TOTAL": "i32",
-               "scale": "fp32",
-               "p_drop": "fp32"}
+        sig = {
+            **common,
+            "DO": ptr,
+            "Lse": "*fp32",
+            "Delta": "*fp32",
+            "DK": ptr,
+            "DV": ptr,
+            **_COMMON_SIG,
+            "sdob": "i64",
+            "sdon": "i32",
+            "sdoh": "i32",
+            "sdkb": "i64",
+            "sdkn": "i32",
+            "sdkh": "i32",
+            "sdvb": "i64",
+            "sdvn": "i32",
+            "sdvh": "i32",
+            **tail_ints,
+            "H": "i32",
+            "N": "i32",
+            "TOTAL": "i32",
+            "scale": "fp32",
+            "p_drop": "fp32",
+        }
     else:
         fn = tupe_attn_bwd_dq_kernel
-        sig = {**common, "DO": ptr, "Lse": "*fp32", "Delta": "*fp32", "DQ": ptr, "DBias": "*fp32", **_COMMON_SIG,
-               "sdob": "i64", "sdon": "i32", "sdoh": "i32", "sdqb": "i64", "sdqn": "i32", "sdqh": "i32",
-               **tail_ints, "sdbg": "i64", "sdbh": "i64",
-               "sdbi": "i32", "B": "i32", "H": "i32", "N": "i32", "TOTAL": "i32", "GROUPS": "i32", "scale": "fp32",
-               "p_drop": "fp32"}
+        sig = {
+            **common,
+            "DO": ptr,
+            "Lse": "*fp32",
+            "Delta": "*fp32",
+            "DQ": ptr,
+            "DBias": "*fp32",
+            **_COMMON_SIG,
+            "sdob": "i64",
+            "sdon": "i32",
+            "sdoh": "i32",
+            "sdqb": "i64",
+            "sdqn": "i32",
+            "sdqh": "i32",
+            **tail_ints,
+            "sdbg": "i64",
+            "sdbh": "i64",
+            "sdbi": "i32",
+            "B": "i32",
+            "H": "i32",
+            "N": "i32",
+            "TOTAL": "i32",
+            "GROUPS": "i32",
+            "scale": "fp32",
+            "p_drop": "fp32",
+        }
         flags["BIAS_GRAD"] = True
     tag = ("varlen," if varlen else "") + ("dropout," if dropout else "")
     return {
         # torch passes a contiguous cache's unit column stride, which the runtime specialises to the constant 1
         "constexprs": {**flags, "sbj": 1},
         "name": f"tupe_attn_{kind}[{dt},D={d},{tag}M={cfg['BLOCK_M']},N={cfg['BLOCK_N']}]",
-        "fn": fn, "signature": sig, "num_warps": cfg["num_warps"],
-        "num_stages": cfg["num_stages"], "targets": targets,
+        "fn": fn,
+        "signature": sig,
+        "num_warps": cfg["num_warps"],
+        "num_stages": cfg["num_stages"],
+        "targets": targets,
         # at BERT shapes every pointer and stride but the unit ones is a multiple of 16, which the runtime
         # specialisation sees too
-        "divisible": tuple(k for k in sig if k[0].isupper() and k not in ("Mask", "CuSeq", "Seed", "TOTAL")
-                           or k.startswith("s") and k != "scale"),
-        "must_not_spill": d <= 64 or targets == (90,),  # the sm_90 tiles at D=128 were chosen to fit
+        "divisible": tuple(
+            k
+            for k in sig
+            if k[0].isupper()
+            and k not in ("Mask", "CuSeq", "Seed", "TOTAL")
+            or k.startswith("s")
+            and k != "scale"
+        ),
+        "must_not_spill": d <= 64
+        or targets == (90,),  # the sm_90 tiles at D=128 were chosen to fit
         "matrix_instructions": dt != "fp32",
     }
 
@@ -669,9 +1246,15 @@ def _spec(kind, dt, d, cfg, targets, *, varlen=False, dropout=False):
 COMPILE_SPECS = [
     spec
     for kind in ("fwd", "dkdv", "dq")
-    for args, flags in ([((dt, d), {}) for dt in ("bf16", "fp16") for d in (16, 32, 64, 128)]
-                        + [(("fp32", 64), {}), (("bf16", 64), {"varlen": True}), (("bf16", 128), {"varlen": True}),
-                           (("bf16", 64), {"dropout": True})])
+    for args, flags in (
+        [((dt, d), {}) for dt in ("bf16", "fp16") for d in (16, 32, 64, 128)]
+        + [
+            (("fp32", 64), {}),
+            (("bf16", 64), {"varlen": True}),
+            (("bf16", 128), {"varlen": True}),
+            (("bf16", 64), {"dropout": True}),
+        ]
+    )
     for spec in _specs(kind, *args, **flags)
 ]
 
@@ -679,17 +1262,57 @@ COMPILE_SPECS = [
 def _subset_spec(dt, d, cfg, targets):
     """The query-subset forward (``tupe_attn_fwd_subset_kernel``), packed, with int32 positions."""
     ptr = _PTR[dt]
-    ints = ("sqn", "sqh", "skn", "skh", "svn", "svh", "son", "soh", "sbh", "sbi", "sbj",
-            "H", "NQ", "NK", "TOTAL_Q", "TOTAL_K", "BIAS_I", "BIAS_J")
-    sig = {"Q": ptr, "K": ptr, "V": ptr, "Bias": ptr, "CuSeqQ": "*i32", "CuSeqK": "*i32", "PosQ": "*i32",
-           "Out": ptr, **{k: "i32" for k in ints}, "scale": "fp32"}
+    ints = (
+        "sqn",
+        "sqh",
+        "skn",
+        "skh",
+        "svn",
+        "svh",
+        "son",
+        "soh",
+        "sbh",
+        "sbi",
+        "sbj",
+        "H",
+        "NQ",
+        "NK",
+        "TOTAL_Q",
+        "TOTAL_K",
+        "BIAS_I",
+        "BIAS_J",
+    )
+    sig = {
+        "Q": ptr,
+        "K": ptr,
+        "V": ptr,
+        "Bias": ptr,
+        "CuSeqQ": "*i32",
+        "CuSeqK": "*i32",
+        "PosQ": "*i32",
+        "Out": ptr,
+        **{k: "i32" for k in ints},
+        "scale": "fp32",
+    }
     return {
-        "constexprs": {"D": d, "BLOCK_M": cfg["BLOCK_M"], "BLOCK_N": cfg["BLOCK_N"],
-                       "DOT_PRECISION": dot_precision(dt), "sbj": 1},
+        "constexprs": {
+            "D": d,
+            "BLOCK_M": cfg["BLOCK_M"],
+            "BLOCK_N": cfg["BLOCK_N"],
+            "DOT_PRECISION": dot_precision(dt),
+            "sbj": 1,
+        },
         "name": f"tupe_attn_fwd_subset[{dt},D={d},subset,M={cfg['BLOCK_M']},N={cfg['BLOCK_N']}]",
-        "fn": tupe_attn_fwd_subset_kernel, "signature": sig, "num_warps": cfg["num_warps"],
-        "num_stages": cfg["num_stages"], "targets": targets,
-        "divisible": tuple(k for k in sig if k in ("Q", "K", "V", "Bias", "Out") or k.startswith("s") and k != "scale"),
+        "fn": tupe_attn_fwd_subset_kernel,
+        "signature": sig,
+        "num_warps": cfg["num_warps"],
+        "num_stages": cfg["num_stages"],
+        "targets": targets,
+        "divisible": tuple(
+            k
+            for k in sig
+            if k in ("Q", "K", "V", "Bias", "Out") or k.startswith("s") and k != "scale"
+        ),
         "must_not_spill": d <= 64 or targets == (90,),
         "matrix_instructions": dt != "fp32",
     }
@@ -703,5 +1326,8 @@ def _subset_specs(dt, d):
 
 
 # the query-subset forward (token-level early exit, inference) at BERT's head dims, 16-bit and fp32
-COMPILE_SPECS += [spec for dt, d in (("bf16", 64), ("fp16", 64), ("bf16", 128), ("fp32", 64))
-                  for spec in _subset_specs(dt, d)]
+COMPILE_SPECS += [
+    spec
+    for dt, d in (("bf16", 64), ("fp16", 64), ("bf16", 128), ("fp32", 64))
+    for spec in _subset_specs(dt, d)
+]

@@ -11,13 +11,41 @@ HIDDEN_ACTS = ("gelu", "gelu_tanh", "relu")
 
 # the fields of TupeBertConfig itself (not PretrainedConfig's); from_dict refuses keys outside these and
 # PretrainedConfig's own, so a typo does not pass silently
-FIELDS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
-          "max_position_embeddings", "type_vocab_size", "hidden_dropout_prob", "attention_probs_dropout_prob",
-          "layer_norm_eps", "position_layer_norm_eps", "hidden_act", "initializer_range", "pad_token_id",
-          "position_mode", "num_buckets", "max_distance", "untie_cls", "num_labels", "backend", "multi_exit",
-          "shared_exit_pooler", "unpad_inputs", "classifier_dropout",
-          "exit_loss", "exit_loss_gamma", "exit_loss_temperature", "exit_gradient_equilibrium",
-          "tnf_num_notes", "tnf_window", "tnf_gamma", "tnf_lam", "early_bird_ticket")
+FIELDS = (
+    "vocab_size",
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "intermediate_size",
+    "max_position_embeddings",
+    "type_vocab_size",
+    "hidden_dropout_prob",
+    "attention_probs_dropout_prob",
+    "layer_norm_eps",
+    "position_layer_norm_eps",
+    "hidden_act",
+    "initializer_range",
+    "pad_token_id",
+    "position_mode",
+    "num_buckets",
+    "max_distance",
+    "untie_cls",
+    "num_labels",
+    "backend",
+    "multi_exit",
+    "shared_exit_pooler",
+    "unpad_inputs",
+    "classifier_dropout",
+    "exit_loss",
+    "exit_loss_gamma",
+    "exit_loss_temperature",
+    "exit_gradient_equilibrium",
+    "tnf_num_notes",
+    "tnf_window",
+    "tnf_gamma",
+    "tnf_lam",
+    "early_bird_ticket",
+)
 
 
 def _positive_int(name, value, low=1):
@@ -77,30 +105,68 @@ class TupeBertConfig(PretrainedConfig):
 
     model_type = "tupe-bert"
 
-    def __init__(self, vocab_size=30522, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
-                 intermediate_size=3072, max_position_embeddings=512, type_vocab_size=2, hidden_dropout_prob=0.1,
-                 attention_probs_dropout_prob=0.1, layer_norm_eps=1e-12, position_layer_norm_eps=None,
-                 hidden_act="gelu", initializer_range=0.02, pad_token_id=0, position_mode="tupe-r", num_buckets=32,
-                 max_distance=128, untie_cls=True, num_labels=None, backend="auto", multi_exit=False,
-                 shared_exit_pooler=False, unpad_inputs=True, tnf_num_notes=None, tnf_window=16, tnf_gamma=0.1, tnf_lam=0.5,
-                 classifier_dropout=None, exit_loss=None, exit_loss_gamma=0.9,
-                 exit_loss_temperature=3.0, exit_gradient_equilibrium=False, early_bird_ticket=None,
-                 **kwargs):
-        for name, value in (("vocab_size", vocab_size), ("hidden_size", hidden_size),
-                            ("num_hidden_layers", num_hidden_layers), ("num_attention_heads", num_attention_heads),
-                            ("intermediate_size", intermediate_size),
-                            ("max_position_embeddings", max_position_embeddings), ("num_buckets", num_buckets),
-                            ("max_distance", max_distance)):
+    def __init__(
+        self,
+        vocab_size=30522,
+        hidden_size=768,
+        num_hidden_layers=12,
+        num_attention_heads=12,
+        intermediate_size=3072,
+        max_position_embeddings=512,
+        type_vocab_size=2,
+        hidden_dropout_prob=0.1,
+        attention_probs_dropout_prob=0.1,
+        layer_norm_eps=1e-12,
+        position_layer_norm_eps=None,
+        hidden_act="gelu",
+        initializer_range=0.02,
+        pad_token_id=0,
+        position_mode="tupe-r",
+        num_buckets=32,
+        max_distance=128,
+        untie_cls=True,
+        num_labels=None,
+        backend="auto",
+        multi_exit=False,
+        shared_exit_pooler=False,
+        unpad_inputs=True,
+        tnf_num_notes=None,
+        tnf_window=16,
+        tnf_gamma=0.1,
+        tnf_lam=0.5,
+        classifier_dropout=None,
+        exit_loss=None,
+        exit_loss_gamma=0.9,
+        exit_loss_temperature=3.0,
+        exit_gradient_equilibrium=False,
+        early_bird_ticket=None,
+        **kwargs,
+    ):
+        for name, value in (
+            ("vocab_size", vocab_size),
+            ("hidden_size", hidden_size),
+            ("num_hidden_layers", num_hidden_layers),
+            ("num_attention_heads", num_attention_heads),
+            ("intermediate_size", intermediate_size),
+            ("max_position_embeddings", max_position_embeddings),
+            ("num_buckets", num_buckets),
+            ("max_distance", max_distance),
+        ):
             _positive_int(name, value)
         if num_labels is None:  # a saved config carries its labels (id2label); 2 otherwise
             num_labels = len(kwargs["id2label"]) if kwargs.get("id2label") else 2
         _positive_int("num_labels", num_labels)
         if kwargs.get("id2label") and len(kwargs["id2label"]) != num_labels:
-            kwargs.pop("id2label"), kwargs.pop("label2id", None)  # an explicit num_labels replaces stale labels
+            (
+                kwargs.pop("id2label"),
+                kwargs.pop("label2id", None),
+            )  # an explicit num_labels replaces stale labels
         _positive_int("type_vocab_size", type_vocab_size, low=0)
         if hidden_size % num_attention_heads:
-            raise ValueError(f"hidden_size ({hidden_size}) must be a multiple of num_attention_heads "
-                             f"({num_attention_heads})")
+            raise ValueError(
+                f"hidden_size ({hidden_size}) must be a multiple of num_attention_heads "
+                f"({num_attention_heads})"
+            )
         _probability("hidden_dropout_prob", hidden_dropout_prob)
         _probability("attention_probs_dropout_prob", attention_probs_dropout_prob)
         if classifier_dropout is not None:
@@ -111,29 +177,46 @@ class TupeBertConfig(PretrainedConfig):
         _positive_float("position_layer_norm_eps", position_layer_norm_eps)
         _positive_float("initializer_range", initializer_range)
         if position_mode not in POSITION_MODES:
-            raise ValueError(f"position_mode must be one of {POSITION_MODES}, got {position_mode!r}")
+            raise ValueError(
+                f"position_mode must be one of {POSITION_MODES}, got {position_mode!r}"
+            )
         if hidden_act not in HIDDEN_ACTS:
             raise ValueError(f"hidden_act must be one of {HIDDEN_ACTS}, got {hidden_act!r}")
         if not isinstance(untie_cls, bool):
             raise TypeError(f"untie_cls must be a bool, got {type(untie_cls).__name__}")
-        for name, value in (("multi_exit", multi_exit), ("shared_exit_pooler", shared_exit_pooler),
-                            ("unpad_inputs", unpad_inputs)):
+        for name, value in (
+            ("multi_exit", multi_exit),
+            ("shared_exit_pooler", shared_exit_pooler),
+            ("unpad_inputs", unpad_inputs),
+        ):
             if not isinstance(value, bool):
                 raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
         from .multi_exit import EXIT_LOSSES
 
         if exit_loss is not None and exit_loss not in EXIT_LOSSES:
             raise ValueError(f"exit_loss must be None or one of {EXIT_LOSSES}, got {exit_loss!r}")
-        if isinstance(exit_loss_gamma, bool) or not isinstance(exit_loss_gamma, (int, float)) \
-                or not 0.0 <= exit_loss_gamma <= 1.0:
-            raise ValueError(f"exit_loss_gamma must be a real number in [0, 1], got "
-                             f"{exit_loss_gamma!r}")
+        if (
+            isinstance(exit_loss_gamma, bool)
+            or not isinstance(exit_loss_gamma, (int, float))
+            or not 0.0 <= exit_loss_gamma <= 1.0
+        ):
+            raise ValueError(
+                f"exit_loss_gamma must be a real number in [0, 1], got {exit_loss_gamma!r}"
+            )
         _positive_float("exit_loss_temperature", exit_loss_temperature)
         if not isinstance(exit_gradient_equilibrium, bool):
-            raise TypeError(f"exit_gradient_equilibrium must be a bool, got "
-                            f"{type(exit_gradient_equilibrium).__name__}")
-        if isinstance(pad_token_id, bool) or not isinstance(pad_token_id, int) or not 0 <= pad_token_id < vocab_size:
-            raise ValueError(f"pad_token_id must be an int in [0, vocab_size), got {pad_token_id!r}")
+            raise TypeError(
+                f"exit_gradient_equilibrium must be a bool, got "
+                f"{type(exit_gradient_equilibrium).__name__}"
+            )
+        if (
+            isinstance(pad_token_id, bool)
+            or not isinstance(pad_token_id, int)
+            or not 0 <= pad_token_id < vocab_size
+        ):
+            raise ValueError(
+                f"pad_token_id must be an int in [0, vocab_size), got {pad_token_id!r}"
+            )
         from ..ops import BACKENDS
 
         if backend not in ("auto",) + BACKENDS:
@@ -142,7 +225,11 @@ class TupeBertConfig(PretrainedConfig):
             _positive_int("tnf_num_notes", tnf_num_notes, low=0)
         _positive_int("tnf_window", tnf_window, low=0)
         for name, value in (("tnf_gamma", tnf_gamma), ("tnf_lam", tnf_lam)):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, (int, float))
+                or not 0.0 <= value <= 1.0
+            ):
                 raise ValueError(f"{name} must be a real number in [0, 1], got {value!r}")
         self.vocab_size = vocab_size
         self.hidden_size = hidden_size
@@ -175,8 +262,9 @@ class TupeBertConfig(PretrainedConfig):
         self.tnf_gamma = tnf_gamma
         self.tnf_lam = tnf_lam
         if early_bird_ticket is not None and not isinstance(early_bird_ticket, dict):
-            raise TypeError(f"early_bird_ticket must be a dict or None, got "
-                            f"{type(early_bird_ticket).__name__}")
+            raise TypeError(
+                f"early_bird_ticket must be a dict or None, got {type(early_bird_ticket).__name__}"
+            )
         self.early_bird_ticket = early_bird_ticket
         super().__init__(pad_token_id=pad_token_id, num_labels=num_labels, **kwargs)
 
@@ -188,8 +276,22 @@ class TupeBertConfig(PretrainedConfig):
     def _known_keys(cls):
         base = set(PretrainedConfig().to_dict())
         # use_cache: transformers.Trainer sets it on every model's config, so every folder it saves holds it
-        return base | set(FIELDS) | {"id2label", "label2id", "architectures", "transformers_version", "model_type",
-                                     "auto_map", "_name_or_path", "torch_dtype", "dtype", "use_cache"}
+        return (
+            base
+            | set(FIELDS)
+            | {
+                "id2label",
+                "label2id",
+                "architectures",
+                "transformers_version",
+                "model_type",
+                "auto_map",
+                "_name_or_path",
+                "torch_dtype",
+                "dtype",
+                "use_cache",
+            }
+        )
 
     @classmethod
     def from_dict(cls, config_dict, **kwargs):
@@ -199,7 +301,9 @@ class TupeBertConfig(PretrainedConfig):
         ``PretrainedConfig`` as they came."""
         if not isinstance(config_dict, dict):
             raise TypeError(f"config_dict must be a dict, got {type(config_dict).__name__}")
-        unknown = sorted(k for k in set(config_dict) - cls._known_keys() if not str(k).startswith("_"))
+        unknown = sorted(
+            k for k in set(config_dict) - cls._known_keys() if not str(k).startswith("_")
+        )
         if unknown:
             raise ValueError(f"unknown TupeBertConfig keys: {unknown}")
         mt = config_dict.get("model_type", cls.model_type)

@@ -47,10 +47,20 @@ from torch import nn
 
 from .tupe_bert import MaskedLMOutput, TupeBertForMaskedLM
 
-__all__ = ["ParamGrowth", "grow_depth", "grow_ffn", "grow_model", "grow_adam_state",
-           "set_input_pooling",
-           "input_pooling", "pooled_mlm_forward", "pooled_position_bias", "pooling_matrices",
-           "count_parameters", "mlm_flops_per_token"]
+__all__ = [
+    "ParamGrowth",
+    "grow_depth",
+    "grow_ffn",
+    "grow_model",
+    "grow_adam_state",
+    "set_input_pooling",
+    "input_pooling",
+    "pooled_mlm_forward",
+    "pooled_position_bias",
+    "pooling_matrices",
+    "count_parameters",
+    "mlm_flops_per_token",
+]
 
 
 @dataclass(frozen=True)
@@ -71,9 +81,12 @@ class ParamGrowth:
         """``tensor`` (the source's value or its Adam moment) made for the grown parameter; ``what``
         one of ``"param"``, ``"exp_avg"``, ``"exp_avg_sq"``, ``"copy"`` (repeat, no scaling: a step
         count)."""
-        scales = {"param": self.value_scale, "exp_avg": self.grad_scale,
-                  "exp_avg_sq": self.grad_scale ** 2,
-                  "copy": 1.0}
+        scales = {
+            "param": self.value_scale,
+            "exp_avg": self.grad_scale,
+            "exp_avg_sq": self.grad_scale**2,
+            "copy": 1.0,
+        }
         if what not in scales:
             raise ValueError(f"what must be one of {sorted(scales)}, got {what!r}")
         if self.tiles > 1 and tensor.dim() > 0:
@@ -120,7 +133,7 @@ def grow_depth(model, num_layers):
     model.config.num_hidden_layers = num_layers
     for name, _ in model.named_parameters():
         if name.startswith(_LAYERS) and name not in mapping:
-            index, rest = name[len(_LAYERS):].split(".", 1)
+            index, rest = name[len(_LAYERS) :].split(".", 1)
             mapping[name] = ParamGrowth(f"{_LAYERS}{int(index) % small}.{rest}")
     return mapping
 
@@ -135,24 +148,36 @@ def grow_ffn(model, intermediate_size):
     d = model.config.intermediate_size
     _check_int("intermediate_size", intermediate_size, d)
     if intermediate_size % d:
-        raise ValueError(f"intermediate_size must be a multiple of the current one ({d}), "
-                         f"got {intermediate_size}")
+        raise ValueError(
+            f"intermediate_size must be a multiple of the current one ({d}), "
+            f"got {intermediate_size}"
+        )
     k = intermediate_size // d
     mapping = _identity_map(model)
     if k == 1:
         return mapping
     for i, layer in enumerate(model.bert.encoder.layers):
         old_in, old_out = layer.intermediate, layer.output
-        new_in = nn.Linear(old_in.in_features, intermediate_size, device=old_in.weight.device,
-                           dtype=old_in.weight.dtype)
-        new_out = nn.Linear(intermediate_size, old_out.out_features, device=old_out.weight.device,
-                            dtype=old_out.weight.dtype)
+        new_in = nn.Linear(
+            old_in.in_features,
+            intermediate_size,
+            device=old_in.weight.device,
+            dtype=old_in.weight.dtype,
+        )
+        new_out = nn.Linear(
+            intermediate_size,
+            old_out.out_features,
+            device=old_out.weight.device,
+            dtype=old_out.weight.dtype,
+        )
         prefix = f"{_LAYERS}{i}."
         w_in = ParamGrowth(prefix + "intermediate.weight", k, 0, 1.0, 1.0 / k)
-        rules = {"intermediate.weight": w_in,
-                 "intermediate.bias": ParamGrowth(prefix + "intermediate.bias", k, 0, 1.0, 1.0 / k),
-                 "output.weight": ParamGrowth(prefix + "output.weight", k, 1, 1.0 / k, 1.0),
-                 "output.bias": ParamGrowth(prefix + "output.bias")}
+        rules = {
+            "intermediate.weight": w_in,
+            "intermediate.bias": ParamGrowth(prefix + "intermediate.bias", k, 0, 1.0, 1.0 / k),
+            "output.weight": ParamGrowth(prefix + "output.weight", k, 1, 1.0 / k, 1.0),
+            "output.bias": ParamGrowth(prefix + "output.bias"),
+        }
         with torch.no_grad():
             new_in.weight.copy_(rules["intermediate.weight"].apply(old_in.weight))
             new_in.bias.copy_(rules["intermediate.bias"].apply(old_in.bias))
@@ -173,8 +198,13 @@ def _compose(first, second):
         if base.tiles > 1 and rule.tiles > 1:
             raise ValueError(f"{name}: two tilings of one parameter in one growth are not composed")
         tiles, dim = (rule.tiles, rule.dim) if rule.tiles > 1 else (base.tiles, base.dim)
-        out[name] = ParamGrowth(base.source, tiles, dim, base.value_scale * rule.value_scale,
-                                base.grad_scale * rule.grad_scale)
+        out[name] = ParamGrowth(
+            base.source,
+            tiles,
+            dim,
+            base.value_scale * rule.value_scale,
+            base.grad_scale * rule.grad_scale,
+        )
     return out
 
 
@@ -190,8 +220,10 @@ def grow_model(model, num_layers=None, intermediate_size=None):
         d = model.config.intermediate_size
         _check_int("intermediate_size", intermediate_size, d)
         if intermediate_size % d:
-            raise ValueError(f"intermediate_size must be a multiple of the current one ({d}), "
-                             f"got {intermediate_size}")
+            raise ValueError(
+                f"intermediate_size must be a multiple of the current one ({d}), "
+                f"got {intermediate_size}"
+            )
     mapping = _identity_map(model)
     if num_layers is not None:
         mapping = _compose(mapping, grow_depth(model, num_layers))
@@ -218,8 +250,10 @@ def grow_adam_state(old_state, old_names, new_params, mapping):
     for name, param in new_params.items():
         rule = mapping[name]
         if rule.source not in old_names:
-            raise KeyError(f"mapping names source {rule.source!r} for {name!r}: not a parameter of "
-                           f"the small model")
+            raise KeyError(
+                f"mapping names source {rule.source!r} for {name!r}: not a parameter of "
+                f"the small model"
+            )
         state = old_state.get(old_names[rule.source])
         if not state:
             continue
@@ -230,9 +264,11 @@ def grow_adam_state(old_state, old_names, new_params, mapping):
             elif key in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"):
                 new[key] = rule.apply(value, "exp_avg_sq" if key != "exp_avg" else "exp_avg")
                 if tuple(new[key].shape) != tuple(param.shape):
-                    raise ValueError(f"{name}: state {key!r} grew to {tuple(new[key].shape)}, "
-                                     f"the parameter is "
-                                     f"{tuple(param.shape)}")
+                    raise ValueError(
+                        f"{name}: state {key!r} grew to {tuple(new[key].shape)}, "
+                        f"the parameter is "
+                        f"{tuple(param.shape)}"
+                    )
             else:
                 new[key] = value.clone()  # step
         out[param] = new
@@ -240,6 +276,7 @@ def grow_adam_state(old_state, old_names, new_params, mapping):
 
 
 # --------------------------------------------------------------------------------- input length
+
 
 def input_pooling(model):
     """The input pooling size in force on ``model`` (1: none)."""
@@ -282,7 +319,7 @@ def pooling_matrices(attention_mask, labels, pool_size):
     dev = attention_mask.device
     member = torch.zeros(groups, n, device=dev)
     for g in range(groups):
-        member[g, 1 + g * k: min(1 + (g + 1) * k, n)] = 1.0
+        member[g, 1 + g * k : min(1 + (g + 1) * k, n)] = 1.0
     real = mask.float()
     counts = real @ member.T  # [B, G]
     pooled = member[None] * real[:, None, :] / counts.clamp_min(1.0)[..., None]  # [B, G, N]
@@ -328,8 +365,9 @@ def _attend(layer, hq, hkv, bias, key_mask):
     q = F.linear(hq, w[0], bb[0]).view(b, m, heads, d).transpose(1, 2)
     k = F.linear(hkv, w[1], bb[1]).view(b, -1, heads, d).transpose(1, 2)
     v = F.linear(hkv, w[2], bb[2]).view(b, -1, heads, d).transpose(1, 2)
-    scale = att.scale if att.scale is not None else 1.0 / math.sqrt((2 if bias is not None
-                                                                     else 1) * d)
+    scale = (
+        att.scale if att.scale is not None else 1.0 / math.sqrt((2 if bias is not None else 1) * d)
+    )
     logits = (q @ k.transpose(-1, -2)) * scale
     if bias is not None:
         logits = logits + bias
@@ -341,9 +379,17 @@ def _attend(layer, hq, hkv, bias, key_mask):
     return layer.output_norm(hidden + layer.output_dropout(ffn))
 
 
-def pooled_mlm_forward(model, input_ids, attention_mask=None, token_type_ids=None, labels=None,
-                       pool_size=2,
-                       return_logits=True, return_dict=None, **unused):
+def pooled_mlm_forward(
+    model,
+    input_ids,
+    attention_mask=None,
+    token_type_ids=None,
+    labels=None,
+    pool_size=2,
+    return_logits=True,
+    return_dict=None,
+    **unused,
+):
     """``TupeBertForMaskedLM`` on pooled inputs (CompoundGrow's short-length stage; see the module
     docstring).
 
@@ -358,16 +404,19 @@ def pooled_mlm_forward(model, input_ids, attention_mask=None, token_type_ids=Non
     _check_int("pool_size", pool_size)
     for key, value in unused.items():
         if value is not None and value is not False:
-            raise ValueError(f"{key} is not supported while the input is pooled (one text per row, "
-                             f"no notes)")
+            raise ValueError(
+                f"{key} is not supported while the input is pooled (one text per row, no notes)"
+            )
     if labels is None:
-        raise ValueError("labels are required while the input is pooled: the targets are the extra "
-                         "queries")
+        raise ValueError(
+            "labels are required while the input is pooled: the targets are the extra queries"
+        )
     bert = model.bert
     token_type_ids, mask = bert.check_inputs(input_ids, attention_mask, token_type_ids, None)
     if tuple(labels.shape) != tuple(input_ids.shape):
-        raise ValueError(f"labels must be [B, N] = {list(input_ids.shape)}, "
-                         f"got {list(labels.shape)}")
+        raise ValueError(
+            f"labels must be [B, N] = {list(input_ids.shape)}, got {list(labels.shape)}"
+        )
     n = input_ids.shape[1]
     emb = bert.embed(input_ids, token_type_ids)  # [B, N, h]
     queries, keys0, qmask, kmask0, order, tmask = pooling_matrices(mask, labels, pool_size)
@@ -381,7 +430,7 @@ def pooled_mlm_forward(model, input_ids, attention_mask=None, token_type_ids=Non
     for layer in layers[1:]:
         hidden = _attend(layer, hidden, hidden, bias, qmask)
     t = order.shape[1]
-    target_hidden = hidden[:, hidden.shape[1] - t:]
+    target_hidden = hidden[:, hidden.shape[1] - t :]
     target_labels = labels.gather(1, order).masked_fill(~tmask, -100).long()
     logits = model.mlm_head(target_hidden, bert.embeddings.word_embeddings.weight)
     if tmask.any():
@@ -397,6 +446,7 @@ def pooled_mlm_forward(model, input_ids, attention_mask=None, token_type_ids=Non
 
 # ------------------------------------------------------------------------------------- counting
 
+
 def count_parameters(model):
     """Trainable parameters of ``model`` (the tied decoder counted once)."""
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -411,8 +461,12 @@ def mlm_flops_per_token(config, seq_len, pool_size=1, target_share=0.15):
     ``ValueError`` for a bad ``seq_len`` or ``pool_size``."""
     _check_int("seq_len", seq_len)
     _check_int("pool_size", pool_size)
-    h, d, layers, v = (config.hidden_size, config.intermediate_size, config.num_hidden_layers,
-                       config.vocab_size)
+    h, d, layers, v = (
+        config.hidden_size,
+        config.intermediate_size,
+        config.num_hidden_layers,
+        config.vocab_size,
+    )
     n = seq_len
     t = target_share * n
 

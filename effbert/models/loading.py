@@ -31,14 +31,33 @@ VOCAB_FILE = "vocab.txt"
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 FILE_MODE = 0o644  # what every file of the run folder is written with
 
-__all__ = ["from_hf_folder", "from_pretrain_folder", "save_finetuned", "load_finetuned",
-           "load_tokenizer", "load_pretrained", "newest_checkpoint", "newest_complete",
-           "check_model_folder", "read_lines", "WEIGHT_FILES", "SETTINGS_FILE", "RUN_FILE",
-           "RARE_FILE", "CHECKPOINT_DIR"]
+__all__ = [
+    "from_hf_folder",
+    "from_pretrain_folder",
+    "save_finetuned",
+    "load_finetuned",
+    "load_tokenizer",
+    "load_pretrained",
+    "newest_checkpoint",
+    "newest_complete",
+    "check_model_folder",
+    "read_lines",
+    "WEIGHT_FILES",
+    "SETTINGS_FILE",
+    "RUN_FILE",
+    "RARE_FILE",
+    "CHECKPOINT_DIR",
+]
 
 # What Trainer writes into checkpoint-N, in its order: the model, optimizer, scheduler, RNG, state (last)
-CHECKPOINT_FILES = ("config.json", "model.safetensors", "optimizer.pt", "scheduler.pt", "rng_state*.pth",
-                    "trainer_state.json")
+CHECKPOINT_FILES = (
+    "config.json",
+    "model.safetensors",
+    "optimizer.pt",
+    "scheduler.pt",
+    "rng_state*.pth",
+    "trainer_state.json",
+)
 MODEL_FILES = CHECKPOINT_FILES[:2]  # what loading the model alone needs
 
 
@@ -53,8 +72,9 @@ def load_tokenizer(path, flag, cased=None):
     from transformers import BertTokenizerFast
 
     if not any(os.path.isfile(os.path.join(path, n)) for n in (TOKENIZER_FILE, VOCAB_FILE)):
-        raise ValueError(f"{flag}: {path!r} holds neither {TOKENIZER_FILE} nor {VOCAB_FILE} (the "
-                         "tokenizer)")
+        raise ValueError(
+            f"{flag}: {path!r} holds neither {TOKENIZER_FILE} nor {VOCAB_FILE} (the tokenizer)"
+        )
     kw = {} if cased is None else {"do_lower_case": not cased}
     try:
         tok = BertTokenizerFast.from_pretrained(path, **kw)
@@ -83,10 +103,14 @@ def check_model_type(path, flag, want):
     except (ValueError, UnicodeDecodeError, AttributeError) as exc:
         raise ValueError(f"{flag}: {cfg!r} is not a JSON config ({_brief(exc, 200)})") from None
     if found != want:
-        hint = ("an effbert (tupe-bert) checkpoint goes with --init" if flag == "--hf" else
-                "a Hugging Face BERT goes with --hf")
-        raise ValueError(f"{flag}: {cfg!r} is a checkpoint of model type {found!r}, not {want!r} "
-                         f"({hint})")
+        hint = (
+            "an effbert (tupe-bert) checkpoint goes with --init"
+            if flag == "--hf"
+            else "a Hugging Face BERT goes with --hf"
+        )
+        raise ValueError(
+            f"{flag}: {cfg!r} is a checkpoint of model type {found!r}, not {want!r} ({hint})"
+        )
     return found
 
 
@@ -96,29 +120,37 @@ def multi_exit_config(config, num_labels, shared_pooler, backend):
     from .config import TupeBertConfig
 
     values = config.to_dict()
-    values.update(multi_exit=True, num_labels=num_labels, shared_exit_pooler=bool(shared_pooler),
-                  backend=backend,
-                  tnf_num_notes=None)
+    values.update(
+        multi_exit=True,
+        num_labels=num_labels,
+        shared_exit_pooler=bool(shared_pooler),
+        backend=backend,
+        tnf_num_notes=None,
+    )
     for key in ("id2label", "label2id", "architectures", "transformers_version", "model_type"):
         values.pop(key, None)
     return TupeBertConfig.from_dict(values)
 
 
-def classifier_from(encoder_model, config, num_labels, pooler=None, classifier=None,
-                    shared_pooler=False):
+def classifier_from(
+    encoder_model, config, num_labels, pooler=None, classifier=None, shared_pooler=False
+):
     """A multi-exit ``TupeBertForSequenceClassification`` with ``encoder_model``'s embeddings and
     layers; every off-ramp's pooler starts from ``pooler`` (a state dict) when given, else from the
     last off-ramp's fresh one; the last off-ramp's classifier from ``classifier`` when its shape
     fits."""
     from .tupe_bert import TupeBertForSequenceClassification
 
-    model = TupeBertForSequenceClassification(multi_exit_config(config, num_labels, shared_pooler,
-                                                                config.backend))
+    model = TupeBertForSequenceClassification(
+        multi_exit_config(config, num_labels, shared_pooler, config.backend)
+    )
     state = {k: v for k, v in encoder_model.state_dict().items() if not k.startswith("pooler.")}
     missing, unexpected = model.bert.load_state_dict(state, strict=False)
     if missing or unexpected:
-        raise ValueError(f"the encoder weights do not fit: missing {sorted(missing)}, unexpected "
-                         f"{sorted(unexpected)}")
+        raise ValueError(
+            f"the encoder weights do not fit: missing {sorted(missing)}, unexpected "
+            f"{sorted(unexpected)}"
+        )
     last = model.exits[-1]
     model.init_exit_poolers(pooler if pooler is not None else last.pooler.state_dict())
     if classifier is not None and classifier["weight"].shape[0] == num_labels:
@@ -133,8 +165,9 @@ def from_hf_folder(path, num_labels, backend, cased=None, shared_pooler=False):
     from .tupe_bert import TupeBertForSequenceClassification, TupeBertModel
 
     if not os.path.isdir(path):
-        raise FileNotFoundError(f"--hf: {path!r} is not a folder (a local Hugging Face BERT "
-                                "checkpoint)")
+        raise FileNotFoundError(
+            f"--hf: {path!r} is not a folder (a local Hugging Face BERT checkpoint)"
+        )
     try:
         require_transformers()
     except ImportError as exc:  # the message says how to install it
@@ -172,23 +205,29 @@ def from_pretrain_folder(path, num_labels, backend, cased=None, shared_pooler=Fa
     if not any(os.path.isfile(os.path.join(path, n)) for n in WEIGHT_FILES):
         weights = newest_checkpoint(path)
     if weights is None:
-        raise ValueError(f"--init: {path!r} holds no weights ({' or '.join(WEIGHT_FILES)}, or a "
-                         "checkpoint-N "
-                         "folder): not the folder of an effbert pretrain run")
+        raise ValueError(
+            f"--init: {path!r} holds no weights ({' or '.join(WEIGHT_FILES)}, or a "
+            "checkpoint-N "
+            "folder): not the folder of an effbert pretrain run"
+        )
     check_model_type(weights, "--init", want=TupeBertConfig.model_type)
     own = any(os.path.isfile(os.path.join(path, n)) for n in (TOKENIZER_FILE, VOCAB_FILE))
     tokenizer = load_tokenizer(path if own else weights, "--init")
     if cased is not None and cased == lowercases(tokenizer):
-        raise ValueError(f"--cased {'given' if cased else 'not given'}, but the pretraining run "
-                         f"{'lowercased' if lowercases(tokenizer) else 'kept case'}")
+        raise ValueError(
+            f"--cased {'given' if cased else 'not given'}, but the pretraining run "
+            f"{'lowercased' if lowercases(tokenizer) else 'kept case'}"
+        )
     verbosity = hf_logging.get_verbosity()
     # the off-ramps are new by design: checked below, not reported as missing
     hf_logging.set_verbosity_error()
     try:
-        config = multi_exit_config(TupeBertConfig.from_pretrained(weights), num_labels,
-                                   shared_pooler, backend)
-        model, info = TupeBertForSequenceClassification.from_pretrained(weights, config=config,
-                                                                        output_loading_info=True)
+        config = multi_exit_config(
+            TupeBertConfig.from_pretrained(weights), num_labels, shared_pooler, backend
+        )
+        model, info = TupeBertForSequenceClassification.from_pretrained(
+            weights, config=config, output_loading_info=True
+        )
     # a cut or foreign weights file, a config that fails its checks: one line
     except Exception as exc:
         raise ValueError(f"--init: {_brief(exc, 400)}") from None
@@ -198,9 +237,11 @@ def from_pretrain_folder(path, num_labels, backend, cased=None, shared_pooler=Fa
     unexpected = [k for k in info["unexpected_keys"] if not k.startswith(("mlm_head.", "notes."))]
     mismatched = list(info.get("mismatched_keys") or [])
     if missing or unexpected or mismatched or info.get("error_msgs"):
-        raise ValueError(f"--init: the weights in {weights!r} do not fit the model: missing "
-                         f"{missing[:5]}, "
-                         f"unexpected {unexpected[:5]}, mismatched {mismatched[:5]}")
+        raise ValueError(
+            f"--init: the weights in {weights!r} do not fit the model: missing "
+            f"{missing[:5]}, "
+            f"unexpected {unexpected[:5]}, mismatched {mismatched[:5]}"
+        )
     # no pooler in pretraining: one fresh one for all
     model.init_exit_poolers(model.exits[-1].pooler.state_dict())
     return model.train(), tokenizer, not lowercases(tokenizer)
@@ -216,8 +257,9 @@ def save_finetuned(out, model, tokenizer, labels, settings):
     if not isinstance(settings, dict):
         raise TypeError(f"settings must be a dict, got {type(settings).__name__}")
     if len(labels) != config.num_labels:
-        raise ValueError(f"labels must name the model's {config.num_labels} outputs, got "
-                         f"{len(labels)}")
+        raise ValueError(
+            f"labels must name the model's {config.num_labels} outputs, got {len(labels)}"
+        )
     os.makedirs(out, exist_ok=True)
     backend = config.backend
     config.backend = "auto"  # the run's backend belongs to the run, not the model
@@ -260,12 +302,13 @@ def load_finetuned(path, device=None, backend="auto"):
     path = os.fspath(path)
     for name in (CONFIG_FILE, SETTINGS_FILE):
         if not os.path.isfile(os.path.join(path, name)):
-            raise FileNotFoundError(f"path: {path!r} holds no {name}: not the folder of an effbert "
-                                    "finetune run")
+            raise FileNotFoundError(
+                f"path: {path!r} holds no {name}: not the folder of an effbert finetune run"
+            )
     if not any(os.path.isfile(os.path.join(path, n)) for n in WEIGHT_FILES):
-        raise FileNotFoundError(f"path: {path!r} holds no {WEIGHT_FILES[0]}: not the folder of an "
-                                "effbert "
-                                "finetune run")
+        raise FileNotFoundError(
+            f"path: {path!r} holds no {WEIGHT_FILES[0]}: not the folder of an effbert finetune run"
+        )
     with open(os.path.join(path, SETTINGS_FILE), encoding="utf-8") as f:
         settings = json.load(f)
     try:
@@ -273,8 +316,9 @@ def load_finetuned(path, device=None, backend="auto"):
     except Exception as exc:  # a cut, tampered or foreign file
         raise ValueError(f"path: cannot read the model in {path!r} ({_brief(exc)})") from None
     if not model.config.multi_exit:
-        raise ValueError(f"path: {path!r} holds a model without off-ramps (config.multi_exit is "
-                         "false)")
+        raise ValueError(
+            f"path: {path!r} holds a model without off-ramps (config.multi_exit is false)"
+        )
     labels = [model.config.id2label[i] for i in range(model.config.num_labels)]
     try:
         tokenizer = BertTokenizerFast.from_pretrained(path)
@@ -294,7 +338,11 @@ def checkpoints(root):
         names = os.listdir(root)
     except OSError:
         return []
-    found = [n for n in names if re.fullmatch(r"checkpoint-\d+", n) and os.path.isdir(os.path.join(root, n))]
+    found = [
+        n
+        for n in names
+        if re.fullmatch(r"checkpoint-\d+", n) and os.path.isdir(os.path.join(root, n))
+    ]
     return [os.path.join(root, n) for n in sorted(found, key=lambda n: int(n.split("-")[1]))]
 
 
@@ -361,8 +409,9 @@ def check_model_folder(path, what):
         raise ValueError(f"{what}: cannot read {cfg!r} ({_brief(exc)})") from None
     kind = values.get("model_type") if isinstance(values, dict) else None
     if kind != "tupe-bert":
-        raise ValueError(f"{what}: {cfg!r} is a model of type {kind!r}, not 'tupe-bert' (effbert's "
-                         "TUPE BERT)")
+        raise ValueError(
+            f"{what}: {cfg!r} is a model of type {kind!r}, not 'tupe-bert' (effbert's TUPE BERT)"
+        )
     return values
 
 
@@ -370,8 +419,9 @@ def newest_checkpoint(path):
     """The newest checkpoint of the pretraining run in ``path`` whose model loads (config and
     weights whole): ``DIR/checkpoints/checkpoint-N``, or ``DIR/checkpoint-N`` for a run of an
     earlier version; None when there is none."""
-    return (newest_complete(os.path.join(path, CHECKPOINT_DIR), need=MODEL_FILES)
-            or newest_complete(path, need=MODEL_FILES))
+    return newest_complete(os.path.join(path, CHECKPOINT_DIR), need=MODEL_FILES) or newest_complete(
+        path, need=MODEL_FILES
+    )
 
 
 def load_pretrained(path, device=None, backend="auto"):
@@ -390,16 +440,18 @@ def load_pretrained(path, device=None, backend="auto"):
         raise FileNotFoundError(f"path must be the folder of an effbert pretrain run, got {path!r}")
     path = os.fspath(path)
     if not os.path.isfile(os.path.join(path, RUN_FILE)):
-        raise FileNotFoundError(f"path: {path!r} holds no {RUN_FILE}: not the folder of an effbert "
-                                "pretrain run")
+        raise FileNotFoundError(
+            f"path: {path!r} holds no {RUN_FILE}: not the folder of an effbert pretrain run"
+        )
     with open(os.path.join(path, RUN_FILE), encoding="utf-8") as f:
         run = json.load(f)
     where = path
     if not os.path.isfile(os.path.join(path, "model.safetensors")):
         where = newest_checkpoint(path)
         if where is None:
-            raise FileNotFoundError(f"path: {path!r} holds neither model.safetensors nor a "
-                                    "complete checkpoint")
+            raise FileNotFoundError(
+                f"path: {path!r} holds neither model.safetensors nor a complete checkpoint"
+            )
     check_model_folder(where, "path")
     tokenizer = load_tokenizer(path, lowercase=not run["settings"]["cased"])
     try:

@@ -55,10 +55,21 @@ from torch import nn
 from transformers.utils import ModelOutput
 
 from ..ops import mc_candidate_loss, mc_sample_fused
-from .tupe_bert import TupeBertForMaskedLM, TupeBertModel, _activation, _check_ids, _check_labels, _values_in_range
+from .tupe_bert import (
+    TupeBertForMaskedLM,
+    TupeBertModel,
+    _activation,
+    _check_ids,
+    _check_labels,
+    _values_in_range,
+)
 
-__all__ = ["TupeBertForMultiChoicePretraining", "MultiChoicePretrainingOutput", "controller_config",
-           "multi_choice_inputs"]
+__all__ = [
+    "TupeBertForMultiChoicePretraining",
+    "MultiChoicePretrainingOutput",
+    "controller_config",
+    "multi_choice_inputs",
+]
 
 
 @dataclass
@@ -67,16 +78,28 @@ class MultiChoicePretrainingOutput(ModelOutput):
 
     loss: Optional[torch.Tensor] = None  # mlm_loss + loss_lambda * mc_loss
     # the two terms keep their graphs, so a trainer can weight each over a whole step (effbert.training does)
-    mlm_loss: Optional[torch.Tensor] = None  # the controller's masked-LM loss (mean over [MASK] positions; 0 if none)
-    mc_loss: Optional[torch.Tensor] = None  # the main model's multi-choice cross-entropy (mean over real tokens)
-    mc_accuracy: Optional[torch.Tensor] = None  # fraction of real tokens whose highest-scored candidate is the label
-    replaced_fraction: Optional[torch.Tensor] = None  # fraction of real tokens whose input differs from the original
-    mc_replaced_accuracy: Optional[torch.Tensor] = None  # accuracy at those tokens (reject counts as wrong there)
+    mlm_loss: Optional[torch.Tensor] = (
+        None  # the controller's masked-LM loss (mean over [MASK] positions; 0 if none)
+    )
+    mc_loss: Optional[torch.Tensor] = (
+        None  # the main model's multi-choice cross-entropy (mean over real tokens)
+    )
+    mc_accuracy: Optional[torch.Tensor] = (
+        None  # fraction of real tokens whose highest-scored candidate is the label
+    )
+    replaced_fraction: Optional[torch.Tensor] = (
+        None  # fraction of real tokens whose input differs from the original
+    )
+    mc_replaced_accuracy: Optional[torch.Tensor] = (
+        None  # accuracy at those tokens (reject counts as wrong there)
+    )
     # at the replaced tokens, the cloze part alone: how often the original outscores the other non-reject
     # candidates, and what a uniform pick among the distinct non-reject candidates would score (its chance level)
     mc_choice_accuracy: Optional[torch.Tensor] = None
     mc_choice_chance: Optional[torch.Tensor] = None
-    last_hidden_state: Optional[torch.Tensor] = None  # the main model's [B, N, hidden] (what update_notes folds in)
+    last_hidden_state: Optional[torch.Tensor] = (
+        None  # the main model's [B, N, hidden] (what update_notes folds in)
+    )
 
 
 def controller_config(config, size_divider=3):
@@ -86,8 +109,12 @@ def controller_config(config, size_divider=3):
         raise ValueError(f"size_divider must be an int >= 1, got {size_divider!r}")
     heads = max(1, config.num_attention_heads // size_divider)
     hidden = max(heads, (config.hidden_size // size_divider) // heads * heads)
-    return config.replace(hidden_size=hidden, num_attention_heads=heads,
-                          intermediate_size=max(1, config.intermediate_size // size_divider), multi_exit=False)
+    return config.replace(
+        hidden_size=hidden,
+        num_attention_heads=heads,
+        intermediate_size=max(1, config.intermediate_size // size_divider),
+        multi_exit=False,
+    )
 
 
 def multi_choice_inputs(input_ids, original, masked, draws, reject_token_id):
@@ -142,7 +169,8 @@ class _Controller(nn.Module):
         self.bert = TupeBertModel(ccfg, add_pooling_layer=False)
         # the controller's own [V, hidden/3] table is replaced by the projection of the shared one
         self.bert.embeddings.word_embeddings = _ProjectedEmbedding(
-            main_embeddings, nn.Linear(main_embeddings.embedding_dim, ccfg.hidden_size))
+            main_embeddings, nn.Linear(main_embeddings.embedding_dim, ccfg.hidden_size)
+        )
         self.dense = nn.Linear(ccfg.hidden_size, ccfg.hidden_size)
         self.act = _activation(ccfg.hidden_act)
         self.layer_norm = nn.LayerNorm(ccfg.hidden_size, eps=ccfg.layer_norm_eps)
@@ -153,7 +181,9 @@ class _Controller(nn.Module):
         return self.bert.embeddings.word_embeddings.proj
 
     def forward(self, input_ids, attention_mask, token_type_ids, position_ids=None):
-        hidden = self.bert(input_ids, attention_mask, token_type_ids, position_ids).last_hidden_state
+        hidden = self.bert(
+            input_ids, attention_mask, token_type_ids, position_ids
+        ).last_hidden_state
         return self.layer_norm(self.act(self.dense(hidden)))
 
 
@@ -175,18 +205,43 @@ class TupeBertForMultiChoicePretraining(TupeBertForMaskedLM):
     controller's ops too.
     """
 
-    def __init__(self, config, note_dictionary=None, *, mask_token_id, reject_token_id=None, num_candidates=10,
-                 loss_lambda=50.0, controller_size_divider=3):
+    def __init__(
+        self,
+        config,
+        note_dictionary=None,
+        *,
+        mask_token_id,
+        reject_token_id=None,
+        num_candidates=10,
+        loss_lambda=50.0,
+        controller_size_divider=3,
+    ):
         super().__init__(config, note_dictionary=note_dictionary)
         for name, value in (("mask_token_id", mask_token_id), ("reject_token_id", reject_token_id)):
             if value is None and name == "reject_token_id":
                 continue
-            if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < config.vocab_size:
-                raise ValueError(f"{name} must be a token id in [0, {config.vocab_size}), got {value!r}")
-        if isinstance(num_candidates, bool) or not isinstance(num_candidates, int) or num_candidates < 2:
-            raise ValueError(f"num_candidates must be an int >= 2 (the reject option and one more), got "
-                             f"{num_candidates!r}")
-        if isinstance(loss_lambda, bool) or not isinstance(loss_lambda, (int, float)) or not loss_lambda >= 0:
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, int)
+                or not 0 <= value < config.vocab_size
+            ):
+                raise ValueError(
+                    f"{name} must be a token id in [0, {config.vocab_size}), got {value!r}"
+                )
+        if (
+            isinstance(num_candidates, bool)
+            or not isinstance(num_candidates, int)
+            or num_candidates < 2
+        ):
+            raise ValueError(
+                f"num_candidates must be an int >= 2 (the reject option and one more), got "
+                f"{num_candidates!r}"
+            )
+        if (
+            isinstance(loss_lambda, bool)
+            or not isinstance(loss_lambda, (int, float))
+            or not loss_lambda >= 0
+        ):
             raise ValueError(f"loss_lambda must be a number >= 0, got {loss_lambda!r}")
         self.mask_token_id = mask_token_id
         self.reject_token_id = mask_token_id if reject_token_id is None else reject_token_id
@@ -208,10 +263,19 @@ class TupeBertForMultiChoicePretraining(TupeBertForMaskedLM):
         head = self.mlm_head
         return head.layer_norm(head.act(head.dense(hidden)))
 
-    def forward(self, input_ids, attention_mask=None, token_type_ids=None, labels=None, note_slots=None,
-                position_ids=None):
+    def forward(
+        self,
+        input_ids,
+        attention_mask=None,
+        token_type_ids=None,
+        labels=None,
+        note_slots=None,
+        position_ids=None,
+    ):
         if labels is None:
-            raise ValueError("labels are needed: MC-BERT's controller trains on the masked positions' originals")
+            raise ValueError(
+                "labels are needed: MC-BERT's controller trains on the masked positions' originals"
+            )
         _check_ids("labels", labels, None)
         _check_labels(labels, tuple(input_ids.shape), input_ids.device, "[B, N]")
         _values_in_range("labels", labels, 0, self.config.vocab_size, allow=-100)
@@ -221,7 +285,9 @@ class TupeBertForMultiChoicePretraining(TupeBertForMaskedLM):
         original = torch.where(labels != -100, labels, input_ids).long()
 
         # the controller: MLM at the [MASK] positions (the published criterion's masked_tokens)
-        c_feat = self.controller(input_ids, attention_mask, token_type_ids, position_ids)  # [B, N, Dc]
+        c_feat = self.controller(
+            input_ids, attention_mask, token_type_ids, position_ids
+        )  # [B, N, Dc]
         c_weight = self.controller_weight()  # [V, Dc]
         bias = self.mlm_head.bias
         masked = (input_ids == self.mask_token_id) & real
@@ -237,13 +303,22 @@ class TupeBertForMultiChoicePretraining(TupeBertForMaskedLM):
         r_idx = real.reshape(-1).nonzero().squeeze(1)
         with torch.no_grad():
             # the fused kernel draws straight from the features and proj(E): no [R, V] logits in memory
-            draws = mc_sample_fused(flat_feat[r_idx], c_weight, bias.to(c_weight.dtype), self.num_candidates,
-                                    backend=backend)  # [R, K]
+            draws = mc_sample_fused(
+                flat_feat[r_idx],
+                c_weight,
+                bias.to(c_weight.dtype),
+                self.num_candidates,
+                backend=backend,
+            )  # [R, K]
             if bool((draws < 0).any()):
                 raise FloatingPointError("the controller's logits hold NaN: no token can be drawn")
             new_r, candidates, mc_labels = multi_choice_inputs(
-                input_ids.reshape(-1)[r_idx], original.reshape(-1)[r_idx],
-                masked.reshape(-1)[r_idx], draws, self.reject_token_id)
+                input_ids.reshape(-1)[r_idx],
+                original.reshape(-1)[r_idx],
+                masked.reshape(-1)[r_idx],
+                draws,
+                self.reject_token_id,
+            )
             replaced = mc_labels == 1
             new_ids = input_ids.clone().long().reshape(-1)
             new_ids[r_idx] = new_r
@@ -251,21 +326,37 @@ class TupeBertForMultiChoicePretraining(TupeBertForMaskedLM):
 
         # the main model on the controller's input
         bert = self.bert
-        hidden, packing = bert.embed_packed(new_ids, attention_mask, token_type_ids, position_ids)  # real tokens
+        hidden, packing = bert.embed_packed(
+            new_ids, attention_mask, token_type_ids, position_ids
+        )  # real tokens
         if note_slots is not None:
             if self.notes is None:
                 raise ValueError("note_slots needs a model built with a note_dictionary")
-            if not isinstance(note_slots, torch.Tensor) or tuple(note_slots.shape) != tuple(input_ids.shape):
+            if not isinstance(note_slots, torch.Tensor) or tuple(note_slots.shape) != tuple(
+                input_ids.shape
+            ):
                 raise ValueError(f"note_slots must be a [B, N] = {list(input_ids.shape)} tensor")
-            hidden = self.notes.mix(hidden[None], packing.gather(note_slots)[None], backend=backend)[0]
+            hidden = self.notes.mix(
+                hidden[None], packing.gather(note_slots)[None], backend=backend
+            )[0]
         hidden, _ = bert.encode(hidden, packing)
         feats = self._candidate_features(hidden)  # the packed real tokens, in r_idx's order
         words = bert.embeddings.word_embeddings.weight
         # [PAD] drawn as a candidate: no gradient to its embedding row, as the published lookup with padding_idx
-        mc_loss = mc_candidate_loss(feats, words, bias, candidates, mc_labels, padding_idx=self.config.pad_token_id,
-                                    backend=backend)
+        mc_loss = mc_candidate_loss(
+            feats,
+            words,
+            bias,
+            candidates,
+            mc_labels,
+            padding_idx=self.config.pad_token_id,
+            backend=backend,
+        )
         with torch.no_grad():
-            scores = torch.einsum("md,mkd->mk", feats.float(), words.float()[candidates]) + bias.float()[candidates]
+            scores = (
+                torch.einsum("md,mkd->mk", feats.float(), words.float()[candidates])
+                + bias.float()[candidates]
+            )
             correct = (scores.argmax(-1) == mc_labels).float()
             accuracy = correct.mean() if correct.numel() else correct.sum()
             replaced_frac = replaced.float().mean() if replaced.numel() else replaced.float().sum()
@@ -273,7 +364,14 @@ class TupeBertForMultiChoicePretraining(TupeBertForMaskedLM):
             replaced_acc = hit.mean() if hit.numel() else hit.sum()
             choice_acc, choice_chance = _choice_metrics(scores[replaced], candidates[replaced])
         loss = mlm_loss + self.loss_lambda * mc_loss
-        return MultiChoicePretrainingOutput(loss=loss, mlm_loss=mlm_loss, mc_loss=mc_loss,
-                                            mc_accuracy=accuracy, replaced_fraction=replaced_frac,
-                                            mc_replaced_accuracy=replaced_acc, mc_choice_accuracy=choice_acc,
-                                            mc_choice_chance=choice_chance, last_hidden_state=packing.pad(hidden))
+        return MultiChoicePretrainingOutput(
+            loss=loss,
+            mlm_loss=mlm_loss,
+            mc_loss=mc_loss,
+            mc_accuracy=accuracy,
+            replaced_fraction=replaced_frac,
+            mc_replaced_accuracy=replaced_acc,
+            mc_choice_accuracy=choice_acc,
+            mc_choice_chance=choice_chance,
+            last_hidden_state=packing.pad(hidden),
+        )

@@ -21,8 +21,14 @@ import torch
 
 from .. import losses as _losses
 
-__all__ = ["EXIT_LOSSES", "DEEBERT_STAGES", "check_exit_loss_settings", "check_deebert_stage",
-           "exit_loss", "MultiExitMixin"]
+__all__ = [
+    "EXIT_LOSSES",
+    "DEEBERT_STAGES",
+    "check_exit_loss_settings",
+    "check_deebert_stage",
+    "exit_loss",
+    "MultiExitMixin",
+]
 
 EXIT_LOSSES = ("romebert", "pabee", "deebert")
 DEEBERT_STAGES = (1, 2)
@@ -36,12 +42,16 @@ def check_exit_loss_settings(loss, gamma, temperature, gradient_equilibrium=Fals
         raise ValueError(f"loss must be one of {EXIT_LOSSES}, got {loss!r}")
     if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not 0.0 <= gamma <= 1.0:
         raise ValueError(f"gamma must be in [0, 1], got {gamma!r}")
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) \
-            or not 0 < temperature < math.inf:
+    if (
+        isinstance(temperature, bool)
+        or not isinstance(temperature, (int, float))
+        or not 0 < temperature < math.inf
+    ):
         raise ValueError(f"temperature must be > 0 and finite, got {temperature!r}")
     if not isinstance(gradient_equilibrium, bool):
-        raise TypeError(f"gradient_equilibrium must be a bool, got "
-                        f"{type(gradient_equilibrium).__name__}")
+        raise TypeError(
+            f"gradient_equilibrium must be a bool, got {type(gradient_equilibrium).__name__}"
+        )
 
 
 def check_deebert_stage(stage):
@@ -50,8 +60,17 @@ def check_deebert_stage(stage):
         raise ValueError(f"stage must be 1 or 2, got {stage!r}")
 
 
-def exit_loss(exit_logits, labels, *, loss="romebert", gamma=0.9, temperature=3.0,
-              gradient_equilibrium=False, stage=1, backend="auto"):
+def exit_loss(
+    exit_logits,
+    labels,
+    *,
+    loss="romebert",
+    gamma=0.9,
+    temperature=3.0,
+    gradient_equilibrium=False,
+    stage=1,
+    backend="auto",
+):
     """The training loss of a multi-exit model given every exit's logits.
 
     ``exit_logits [L, B, C]`` float (first exit first; computed in float32, or float64 for float64
@@ -81,9 +100,14 @@ def exit_loss(exit_logits, labels, *, loss="romebert", gamma=0.9, temperature=3.
     # the fused loss has a Triton kernel and the eager path: the attention backends without a loss
     # kernel (cpu, cuda) leave it to the dispatcher
     backend = backend if backend in ("eager", "triton") else "auto"
-    return _losses.multi_exit_distillation_loss(x, y.long(), gamma=gamma, temperature=temperature,
-                                                gradient_equilibrium=gradient_equilibrium,
-                                                backend=backend)
+    return _losses.multi_exit_distillation_loss(
+        x,
+        y.long(),
+        gamma=gamma,
+        temperature=temperature,
+        gradient_equilibrium=gradient_equilibrium,
+        backend=backend,
+    )
 
 
 class MultiExitMixin:

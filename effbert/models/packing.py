@@ -50,7 +50,9 @@ class Packing:
 
     def gather(self, x):
         """``[B, N, ...]`` -> the real tokens ``[total, ...]``."""
-        return x.reshape((self.batch_size * self.seq_len,) + tuple(x.shape[2:])).index_select(0, self.indices)
+        return x.reshape((self.batch_size * self.seq_len,) + tuple(x.shape[2:])).index_select(
+            0, self.indices
+        )
 
     def pad(self, x):
         """``[total, ...]`` -> ``[B, N, ...]`` with zeros at the padded slots (differentiable)."""
@@ -60,7 +62,9 @@ class Packing:
 
     def first_tokens(self, x):
         """``[total, ...]`` -> ``[B, ...]``: each row's first real token (zeros for a row with none)."""
-        return torch.cat([x, x.new_zeros((1,) + tuple(x.shape[1:]))]).index_select(0, self.row_first)
+        return torch.cat([x, x.new_zeros((1,) + tuple(x.shape[1:]))]).index_select(
+            0, self.row_first
+        )
 
     # --- the padded layout: one text per row, right-padded to `rows_len` ---------------------------------------
     @property
@@ -72,8 +76,11 @@ class Packing:
         if self.right_padded:
             return self.indices
         lengths = (self.cu_seqlens[1:] - self.cu_seqlens[:-1]).long()
-        text = torch.repeat_interleave(torch.arange(self.num_texts, device=self.indices.device), lengths,
-                                       output_size=self.total)
+        text = torch.repeat_interleave(
+            torch.arange(self.num_texts, device=self.indices.device),
+            lengths,
+            output_size=self.total,
+        )
         return text * self.rows_len + self.positions
 
     def rows_layout(self):
@@ -89,7 +96,11 @@ class Packing:
     def to_rows(x, index, mask):
         """Packed ``[total, H]`` -> ``[S', L, H]`` of ``rows_layout`` (zeros at padding)."""
         rows, length = mask.shape
-        return x.new_zeros(rows * length, x.shape[-1]).index_copy(0, index, x).view(rows, length, x.shape[-1])
+        return (
+            x.new_zeros(rows * length, x.shape[-1])
+            .index_copy(0, index, x)
+            .view(rows, length, x.shape[-1])
+        )
 
     @staticmethod
     def from_rows(y, index):
@@ -99,9 +110,11 @@ class Packing:
 def _bad_position(position_ids, bad_token, indices, seq_len):
     slot = int(indices[int(bad_token)])
     b, i = divmod(slot, seq_len)
-    return (f"position_ids must be 0 at the first real token of every row and count up by one from a restart at 0 "
-            f"within each text (a restart at 0 starts a new text), got position_ids[{b}, {i}] = "
-            f"{int(position_ids[b, i])}")
+    return (
+        f"position_ids must be 0 at the first real token of every row and count up by one from a restart at 0 "
+        f"within each text (a restart at 0 starts a new text), got position_ids[{b}, {i}] = "
+        f"{int(position_ids[b, i])}"
+    )
 
 
 @torch.library.custom_op("effbert::packing_nonzero", mutates_args=())
@@ -109,7 +122,11 @@ def _nonzero_op(flags: torch.Tensor) -> torch.Tensor:
     """``flags.nonzero()`` of a 1-d bool tensor, as an op whose output length is an unbacked size under
     torch.compile: the trace goes on through the packed layers (no graph break), for any number of real tokens."""
     if not isinstance(flags, torch.Tensor) or flags.dim() != 1 or flags.dtype != torch.bool:
-        got = f"{tuple(flags.shape)} {flags.dtype}" if isinstance(flags, torch.Tensor) else type(flags).__name__
+        got = (
+            f"{tuple(flags.shape)} {flags.dtype}"
+            if isinstance(flags, torch.Tensor)
+            else type(flags).__name__
+        )
         raise ValueError(f"flags must be a 1-d bool tensor, got {got}")
     return flags.nonzero().squeeze(1)
 
@@ -124,8 +141,12 @@ def _nonzero(flags):
 
 
 def _check_positions_args(bad, positions, position_ids, indices):
-    for name, t, ndim in (("bad", bad, 1), ("positions", positions, 1), ("position_ids", position_ids, 2),
-                          ("indices", indices, 1)):
+    for name, t, ndim in (
+        ("bad", bad, 1),
+        ("positions", positions, 1),
+        ("position_ids", position_ids, 2),
+        ("indices", indices, 1),
+    ):
         if not isinstance(t, torch.Tensor) or t.dim() != ndim:
             got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
             raise ValueError(f"{name} must be a {ndim}-d tensor, got {got}")
@@ -134,29 +155,40 @@ def _check_positions_args(bad, positions, position_ids, indices):
     for name, t in (("positions", positions), ("indices", indices)):
         if t.dtype != torch.int64:
             raise TypeError(f"{name} must be int64, got {t.dtype}")
-    if position_ids.is_floating_point() or position_ids.is_complex() or position_ids.dtype == torch.bool:
+    if (
+        position_ids.is_floating_point()
+        or position_ids.is_complex()
+        or position_ids.dtype == torch.bool
+    ):
         raise TypeError(f"position_ids must hold integers, got {position_ids.dtype}")
     total = bad.shape[0]
     if positions.shape[0] != total or indices.shape[0] != total:
-        raise ValueError(f"bad, positions and indices must all be [total] = [{total}], got {tuple(positions.shape)} "
-                         f"and {tuple(indices.shape)}")
+        raise ValueError(
+            f"bad, positions and indices must all be [total] = [{total}], got {tuple(positions.shape)} "
+            f"and {tuple(indices.shape)}"
+        )
     devices = {t.device for t in (bad, positions, position_ids, indices)}
     if len(devices) > 1:
-        raise ValueError(f"bad, positions, position_ids and indices must be on one device, got "
-                         f"{sorted(map(str, devices))}")
+        raise ValueError(
+            f"bad, positions, position_ids and indices must be on one device, got "
+            f"{sorted(map(str, devices))}"
+        )
     if total and bool(((indices < 0) | (indices >= position_ids.numel())).any()):
         raise ValueError(f"indices must index position_ids' {position_ids.numel()} slots")
 
 
 @torch.library.custom_op("effbert::packing_check_positions", mutates_args=())
-def _check_positions_op(bad: torch.Tensor, positions: torch.Tensor, position_ids: torch.Tensor,
-                        indices: torch.Tensor) -> torch.Tensor:
+def _check_positions_op(
+    bad: torch.Tensor, positions: torch.Tensor, position_ids: torch.Tensor, indices: torch.Tensor
+) -> torch.Tensor:
     """The position_ids check inside a compiled graph (it runs on the real values); returns ``positions``. Its own
     arguments are checked first (it can be called directly): ``bad`` bool and ``positions`` int64, both ``[total]``;
     ``position_ids [B, N]`` integers; ``indices`` int64 ``[total]`` in ``[0, B * N)``."""
     _check_positions_args(bad, positions, position_ids, indices)
     if bool(bad.any()):
-        raise ValueError(_bad_position(position_ids, bad.nonzero()[0, 0], indices, position_ids.shape[1]))
+        raise ValueError(
+            _bad_position(position_ids, bad.nonzero()[0, 0], indices, position_ids.shape[1])
+        )
     return positions.clone()
 
 
@@ -180,7 +212,11 @@ def unpad_input(attention_mask, position_ids=None, *, shape, device, exact_max_s
     Raises ``ValueError`` naming ``position_ids`` when they do not describe texts as above.
     """
     batch, seq_len = shape
-    real = attention_mask if attention_mask is not None else torch.ones(shape, dtype=torch.bool, device=device)
+    real = (
+        attention_mask
+        if attention_mask is not None
+        else torch.ones(shape, dtype=torch.bool, device=device)
+    )
     compiling = torch.compiler.is_compiling()
     indices = _nonzero(real.reshape(-1))
     total = indices.shape[0]
@@ -189,7 +225,9 @@ def unpad_input(attention_mask, position_ids=None, *, shape, device, exact_max_s
     row_first = torch.where(lengths > 0, row_start, torch.full_like(row_start, total))
     if position_ids is None:
         cu = torch.nn.functional.pad(lengths.cumsum(0), (1, 0))
-        if batch == 0:  # no row: one empty text, so that cu_seqlens holds the two offsets attention takes
+        if (
+            batch == 0
+        ):  # no row: one empty text, so that cu_seqlens holds the two offsets attention takes
             cu = torch.zeros(2, dtype=torch.int64, device=device)
         positions = (real.long().cumsum(1) - 1).reshape(-1).index_select(0, indices)
         bad = None
@@ -207,9 +245,19 @@ def unpad_input(attention_mask, position_ids=None, *, shape, device, exact_max_s
     cu_seqlens = cu.to(torch.int32)
     if compiling:  # no host read: bounds that hold for any lengths
         if bad is not None:
-            positions = torch.ops.effbert.packing_check_positions(bad, positions, position_ids, indices)
-        return Packing(indices=indices, cu_seqlens=cu_seqlens, max_seqlen=seq_len, positions=positions,
-                       row_first=row_first, batch_size=batch, seq_len=seq_len, right_padded=False)
+            positions = torch.ops.effbert.packing_check_positions(
+                bad, positions, position_ids, indices
+            )
+        return Packing(
+            indices=indices,
+            cu_seqlens=cu_seqlens,
+            max_seqlen=seq_len,
+            positions=positions,
+            row_first=row_first,
+            batch_size=batch,
+            seq_len=seq_len,
+            right_padded=False,
+        )
     seqlens = cu[1:] - cu[:-1]
     prefix = (real == (torch.arange(seq_len, device=device) < lengths[:, None])).all()
     if bad is None:
@@ -218,12 +266,25 @@ def unpad_input(attention_mask, position_ids=None, *, shape, device, exact_max_s
         one_text = torch.zeros((), dtype=torch.bool, device=device)
     else:
         one_text = (cu[:-1] == row_start).all()
-    any_bad = bad.any() if bad is not None and total else torch.zeros((), dtype=torch.bool, device=device)
-    longest = seqlens.max() if seqlens.numel() else torch.zeros((), dtype=torch.int64, device=device)
-    longest, is_bad, is_prefix, is_one = torch.stack([longest, any_bad.long(), prefix.long(),
-                                                      one_text.long()]).tolist()  # the one host read
+    any_bad = (
+        bad.any() if bad is not None and total else torch.zeros((), dtype=torch.bool, device=device)
+    )
+    longest = (
+        seqlens.max() if seqlens.numel() else torch.zeros((), dtype=torch.int64, device=device)
+    )
+    longest, is_bad, is_prefix, is_one = torch.stack(
+        [longest, any_bad.long(), prefix.long(), one_text.long()]
+    ).tolist()  # the one host read
     if is_bad:
         raise ValueError(_bad_position(position_ids, bad.nonzero()[0, 0], indices, seq_len))
     max_seqlen = max(int(longest), 1) if exact_max_seqlen else seq_len
-    return Packing(indices=indices, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, positions=positions,
-                   row_first=row_first, batch_size=batch, seq_len=seq_len, right_padded=bool(is_prefix and is_one))
+    return Packing(
+        indices=indices,
+        cu_seqlens=cu_seqlens,
+        max_seqlen=max_seqlen,
+        positions=positions,
+        row_first=row_first,
+        batch_size=batch,
+        seq_len=seq_len,
+        right_padded=bool(is_prefix and is_one),
+    )

@@ -24,7 +24,9 @@ from torch import nn
 
 __all__ = ["quantize_for_cpu", "QUANTIZED_DTYPES", "KEEP_FLOAT"]
 
-QUANTIZED_DTYPES = (torch.qint8,)  # what quantize_for_cpu takes (float16 dynamic linears are slower than fp32 here)
+QUANTIZED_DTYPES = (
+    torch.qint8,
+)  # what quantize_for_cpu takes (float16 dynamic linears are slower than fp32 here)
 # Linear layers left in fp32 by default, by the last part of their name: the FFN's down projection
 # (``TupeBertLayer.output``), whose input (after GELU) has outliers that one per-call activation scale flattens. On
 # all-MiniLM-L6-v2 and 16 license sentences: every linear in int8 gives a worst sentence-embedding cosine of 0.96
@@ -38,9 +40,13 @@ def _linear_names(model, keep_float):
     from ..nn import TupePositionBias
 
     positional = {name for name, m in model.named_modules() if isinstance(m, TupePositionBias)}
-    return [name for name, m in model.named_modules()
-            if type(m) is nn.Linear and name.rsplit(".", 1)[-1] not in keep_float
-            and not any(name == k or name.startswith(k + ".") for k in positional)]
+    return [
+        name
+        for name, m in model.named_modules()
+        if type(m) is nn.Linear
+        and name.rsplit(".", 1)[-1] not in keep_float
+        and not any(name == k or name.startswith(k + ".") for k in positional)
+    ]
 
 
 def _default_engine():
@@ -94,20 +100,28 @@ def quantize_for_cpu(model, dtype=torch.qint8, *, engine=None, keep_float=KEEP_F
         raise TypeError(f"dtype must be one of {QUANTIZED_DTYPES}, got {dtype}")
     for name, p in model.named_parameters():
         if p.device.type != "cpu":
-            raise ValueError(f"model must be on the CPU (dynamic quantisation has CPU kernels only), but parameter "
-                             f"{name} is on {p.device}")
+            raise ValueError(
+                f"model must be on the CPU (dynamic quantisation has CPU kernels only), but parameter "
+                f"{name} is on {p.device}"
+            )
         if p.dtype != torch.float32:
             raise ValueError(f"model must be fp32 to quantise, but parameter {name} is {p.dtype}")
     if model.training:
-        raise ValueError("model must be in eval mode (model.eval()): a dynamically quantised model is for inference")
+        raise ValueError(
+            "model must be in eval mode (model.eval()): a dynamically quantised model is for inference"
+        )
     supported = torch.backends.quantized.supported_engines
     if engine is not None and engine not in supported:
         raise ValueError(f"engine must be one of {supported}, got {engine!r}")
-    if not isinstance(keep_float, (tuple, list, set, frozenset)) or not all(isinstance(k, str) for k in keep_float):
+    if not isinstance(keep_float, (tuple, list, set, frozenset)) or not all(
+        isinstance(k, str) for k in keep_float
+    ):
         raise TypeError(f"keep_float must be a tuple of module names (str), got {keep_float!r}")
     names = _linear_names(model, set(keep_float))
     if not names:
-        raise ValueError(f"model has no nn.Linear layer to quantise (keep_float={tuple(keep_float)})")
+        raise ValueError(
+            f"model has no nn.Linear layer to quantise (keep_float={tuple(keep_float)})"
+        )
     from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
 
     before = torch.backends.quantized.engine
@@ -117,8 +131,11 @@ def quantize_for_cpu(model, dtype=torch.qint8, *, engine=None, keep_float=KEEP_F
             # torch.ao.quantization warns that it moves to torchao; it is what this torch ships and maintains
             warnings.simplefilter("ignore", DeprecationWarning)
             warnings.filterwarnings("ignore", message=".*quantized tensor creation functions.*")
-            quantized = quantize_dynamic(copy.deepcopy(model), {name: per_channel_dynamic_qconfig for name in names},
-                                         dtype=dtype)
+            quantized = quantize_dynamic(
+                copy.deepcopy(model),
+                {name: per_channel_dynamic_qconfig for name in names},
+                dtype=dtype,
+            )
     finally:
         torch.backends.quantized.engine = before
     return quantized.eval()

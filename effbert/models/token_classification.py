@@ -20,14 +20,32 @@ from transformers.modeling_outputs import TokenClassifierOutput
 
 from ..ops import exit_entropy, token_exit_decision
 from .multi_exit import MultiExitMixin
-from .tupe_bert import (TupeBertModel, TupeBertPreTrainedModel, _as_requested, _check_ids, _check_labels,
-                        _values_in_range)
+from .tupe_bert import (
+    TupeBertModel,
+    TupeBertPreTrainedModel,
+    _as_requested,
+    _check_ids,
+    _check_labels,
+    _values_in_range,
+)
 
-__all__ = ["TupeBertForTokenClassification", "MultiExitTokenClassifierOutput", "TokenClassifierOutput",
-           "TokenExitOutput", "published_token_thresholds", "multi_exit_token_loss",
-           "TOKEN_EXIT_MODES", "SelfSamplingDraw", "draw_self_sampling", "simulate_word_exits",
-           "self_sampling_token_exit_layers", "self_sampling_token_loss", "SELF_SAMPLING_WINDOWS",
-           "SELF_SAMPLING_THRESHOLDS", "SELF_SAMPLING_TOKEN_THRESHOLDS"]
+__all__ = [
+    "TupeBertForTokenClassification",
+    "MultiExitTokenClassifierOutput",
+    "TokenClassifierOutput",
+    "TokenExitOutput",
+    "published_token_thresholds",
+    "multi_exit_token_loss",
+    "TOKEN_EXIT_MODES",
+    "SelfSamplingDraw",
+    "draw_self_sampling",
+    "simulate_word_exits",
+    "self_sampling_token_exit_layers",
+    "self_sampling_token_loss",
+    "SELF_SAMPLING_WINDOWS",
+    "SELF_SAMPLING_THRESHOLDS",
+    "SELF_SAMPLING_TOKEN_THRESHOLDS",
+]
 
 TOKEN_EXIT_MODES = ("tokee", "sentee")
 
@@ -59,7 +77,11 @@ def published_token_thresholds(threshold, num_layers=12):
     ``2 * threshold`` for the rest (``V0/test.py`` lines 142-146: ``[t] * 6 + [2 * t] * 6`` for 12 layers, each
     capped by ``--max_threshold``, default 100, which no normalised entropy reaches). An odd ``num_layers`` gives
     the extra layer to the second half. Returns a list of ``num_layers`` floats."""
-    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not math.isfinite(threshold):
+    if (
+        isinstance(threshold, bool)
+        or not isinstance(threshold, (int, float))
+        or not math.isfinite(threshold)
+    ):
         raise ValueError(f"threshold must be a finite float, got {threshold!r}")
     if isinstance(num_layers, bool) or not isinstance(num_layers, int) or num_layers < 1:
         raise ValueError(f"num_layers must be an int >= 1, got {num_layers!r}")
@@ -78,7 +100,9 @@ def multi_exit_token_loss(exit_logits, labels):
     depth = exit_logits.shape[0]
     dtype = torch.float64 if exit_logits.dtype == torch.float64 else torch.float32
     weights = torch.arange(1, depth + 1, dtype=dtype, device=exit_logits.device)
-    losses = torch.stack([F.cross_entropy(z.to(dtype), labels, ignore_index=-100) for z in exit_logits])
+    losses = torch.stack(
+        [F.cross_entropy(z.to(dtype), labels, ignore_index=-100) for z in exit_logits]
+    )
     return (weights * losses).sum() / weights.sum()
 
 
@@ -86,7 +110,9 @@ def _check_thresholds(thresholds, depth, name="thresholds"):
     if isinstance(thresholds, (int, float)) and not isinstance(thresholds, bool):
         thresholds = [thresholds] * depth
     if not isinstance(thresholds, (list, tuple)) or len(thresholds) != depth:
-        raise ValueError(f"{name} must be a float or a list of {depth} floats (one per layer), got {thresholds!r}")
+        raise ValueError(
+            f"{name} must be a float or a list of {depth} floats (one per layer), got {thresholds!r}"
+        )
     for t in thresholds:
         if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t):
             raise ValueError(f"{name} must hold finite floats, got {thresholds!r}")
@@ -126,8 +152,10 @@ class TupeBertForTokenClassification(MultiExitMixin, TupeBertPreTrainedModel):
         self.dropout = nn.Dropout(config.hidden_dropout_prob if dropout is None else dropout)
         if config.multi_exit:
             self.classifier = None
-            self.exits = nn.ModuleList(nn.Linear(config.hidden_size, config.num_labels)
-                                       for _ in range(config.num_hidden_layers))
+            self.exits = nn.ModuleList(
+                nn.Linear(config.hidden_size, config.num_labels)
+                for _ in range(config.num_hidden_layers)
+            )
         else:
             self.exits = None
             self.classifier = nn.Linear(config.hidden_size, config.num_labels)
@@ -135,14 +163,19 @@ class TupeBertForTokenClassification(MultiExitMixin, TupeBertPreTrainedModel):
 
     def exit_loss_settings(self):
         c = self.config
-        return dict(loss=c.exit_loss or "pabee", gamma=c.exit_loss_gamma,
-                    temperature=c.exit_loss_temperature,
-                    gradient_equilibrium=c.exit_gradient_equilibrium, backend=c.backend)
+        return dict(
+            loss=c.exit_loss or "pabee",
+            gamma=c.exit_loss_gamma,
+            temperature=c.exit_loss_temperature,
+            gradient_equilibrium=c.exit_gradient_equilibrium,
+            backend=c.backend,
+        )
 
     def deebert_parts(self):
         if self.exits is None:
-            raise ValueError("the model has no per-layer classifiers: build it with "
-                             "config.multi_exit=True")
+            raise ValueError(
+                "the model has no per-layer classifiers: build it with config.multi_exit=True"
+            )
         return [self.bert], self.exits
 
     def _token_loss(self, packed, labels):
@@ -160,8 +193,18 @@ class TupeBertForTokenClassification(MultiExitMixin, TupeBertPreTrainedModel):
         _check_ids("labels", labels, None)
         _values_in_range("labels", labels, 0, self.config.num_labels, allow=-100)
 
-    def forward(self, input_ids, attention_mask=None, token_type_ids=None, labels=None, output_hidden_states=False,
-                return_dict=None, position_ids=None, token_exit_layer=None, flooding_bias=None):
+    def forward(
+        self,
+        input_ids,
+        attention_mask=None,
+        token_type_ids=None,
+        labels=None,
+        output_hidden_states=False,
+        return_dict=None,
+        position_ids=None,
+        token_exit_layer=None,
+        flooding_bias=None,
+    ):
         if labels is not None:
             self._check_token_labels(labels, tuple(input_ids.shape), input_ids.device)
         if token_exit_layer is not None or flooding_bias is not None:
@@ -182,8 +225,9 @@ class TupeBertForTokenClassification(MultiExitMixin, TupeBertPreTrainedModel):
             bias = None
             if flooding_bias is not None:
                 bias = torch.stack([packing.gather(f) for f in flooding_bias])
-            loss = self_sampling_token_loss(packed, packing.gather(labels).long(),
-                                            packing.gather(token_exit_layer), bias)
+            loss = self_sampling_token_loss(
+                packed, packing.gather(labels).long(), packing.gather(token_exit_layer), bias
+            )
         elif labels is not None:
             loss = self._token_loss(packed, packing.gather(labels).long())
         logits = torch.stack([packing.pad(z) for z in packed])
@@ -191,29 +235,39 @@ class TupeBertForTokenClassification(MultiExitMixin, TupeBertPreTrainedModel):
         if self.exits is None:
             out = TokenClassifierOutput(loss=loss, logits=logits[0], hidden_states=states)
         else:
-            out = MultiExitTokenClassifierOutput(loss=loss, logits=logits[-1], exit_logits=logits,
-                                                 hidden_states=states)
+            out = MultiExitTokenClassifierOutput(
+                loss=loss, logits=logits[-1], exit_logits=logits, hidden_states=states
+            )
         return _as_requested(out, return_dict)
 
     def _check_self_sampling(self, input_ids, labels, token_exit_layer, flooding_bias):
         if self.exits is None:
-            raise ValueError("self-sampling fine-tuning needs a classifier per layer: build the "
-                             "model with config.multi_exit=True")
+            raise ValueError(
+                "self-sampling fine-tuning needs a classifier per layer: build the "
+                "model with config.multi_exit=True"
+            )
         if token_exit_layer is None:
             raise ValueError("flooding_bias needs token_exit_layer (the self-sampling stage)")
         shape, depth = tuple(input_ids.shape), len(self.exits)
-        if not isinstance(token_exit_layer, torch.Tensor) \
-                or tuple(token_exit_layer.shape) != shape \
-                or token_exit_layer.dtype not in (torch.int32, torch.int64) \
-                or token_exit_layer.device != input_ids.device:
-            raise ValueError(f"token_exit_layer must be an int [B, N] = {list(shape)} tensor on "
-                             f"{input_ids.device}")
+        if (
+            not isinstance(token_exit_layer, torch.Tensor)
+            or tuple(token_exit_layer.shape) != shape
+            or token_exit_layer.dtype not in (torch.int32, torch.int64)
+            or token_exit_layer.device != input_ids.device
+        ):
+            raise ValueError(
+                f"token_exit_layer must be an int [B, N] = {list(shape)} tensor on "
+                f"{input_ids.device}"
+            )
         if bool(((token_exit_layer < 0) | (token_exit_layer > depth)).any()):
-            raise ValueError(f"token_exit_layer must be in [0, {depth}] "
-                             "(1-based layers; 0 at padding)")
-        if flooding_bias is not None and (not isinstance(flooding_bias, torch.Tensor)
-                                          or tuple(flooding_bias.shape) != (depth,) + shape
-                                          or not flooding_bias.is_floating_point()):
+            raise ValueError(
+                f"token_exit_layer must be in [0, {depth}] (1-based layers; 0 at padding)"
+            )
+        if flooding_bias is not None and (
+            not isinstance(flooding_bias, torch.Tensor)
+            or tuple(flooding_bias.shape) != (depth,) + shape
+            or not flooding_bias.is_floating_point()
+        ):
             raise ValueError(f"flooding_bias must be a float [L, B, N] = {[depth, *shape]} tensor")
         if flooding_bias is not None and labels is None:
             raise ValueError("flooding_bias is a loss term: it needs labels")
@@ -245,14 +299,18 @@ class TupeBertForTokenClassification(MultiExitMixin, TupeBertPreTrainedModel):
         lengths = (packing.cu_seqlens[1:] - packing.cu_seqlens[:-1]).long()
         texts = lengths.shape[0]
         device = packing.indices.device
-        tok_sent = torch.repeat_interleave(torch.arange(texts, device=device), lengths, output_size=packing.total)
+        tok_sent = torch.repeat_interleave(
+            torch.arange(texts, device=device), lengths, output_size=packing.total
+        )
         labelled = packing.gather(label_mask)
         word_tok = labelled.nonzero().flatten()
         word_sent = tok_sent[word_tok]
         # the latest labelled token at or before each token, when it is in the same sentence
         last = labelled.long().cumsum(0) - 1
         owner = torch.where(last >= 0, last, torch.zeros_like(last))
-        same = (last >= 0) & (word_sent[owner] == tok_sent if word_tok.numel() else torch.zeros_like(labelled))
+        same = (last >= 0) & (
+            word_sent[owner] == tok_sent if word_tok.numel() else torch.zeros_like(labelled)
+        )
         is_last = torch.zeros_like(labelled)
         if packing.total:
             is_last[(packing.cu_seqlens[1:].long() - 1).clamp_min(0)[lengths > 0]] = True
@@ -260,9 +318,20 @@ class TupeBertForTokenClassification(MultiExitMixin, TupeBertPreTrainedModel):
         return tok_sent, lengths, labelled, word_tok, word_sent, owner
 
     @torch.no_grad()
-    def early_exit_token_labels(self, input_ids, attention_mask=None, token_type_ids=None, *, label_mask=None,
-                                mode="tokee", thresholds, window=3, pool="max", copy_wordpieces="all",
-                                token_thresholds=None):
+    def early_exit_token_labels(
+        self,
+        input_ids,
+        attention_mask=None,
+        token_type_ids=None,
+        *,
+        label_mask=None,
+        mode="tokee",
+        thresholds,
+        window=3,
+        pool="max",
+        copy_wordpieces="all",
+        token_thresholds=None,
+    ):
         """Batched early-exit sequence labeling on packed tokens: SENTEE or TOKEE of Li et al. (ACL 2021), each
         sentence getting exactly what the published per-sentence loop gives it (batch size 1, every layer on the
         full hidden states, exited tokens' states copied forward).
@@ -310,8 +379,10 @@ class TupeBertForTokenClassification(MultiExitMixin, TupeBertPreTrainedModel):
             or set on padding, and the checks of ``TupeBertModel.check_inputs``.
         """
         if self.exits is None:
-            raise ValueError("early_exit_token_labels needs a classifier per layer: build the model with "
-                             "config.multi_exit=True")
+            raise ValueError(
+                "early_exit_token_labels needs a classifier per layer: build the model with "
+                "config.multi_exit=True"
+            )
         if mode not in TOKEN_EXIT_MODES:
             raise ValueError(f"mode must be one of {TOKEN_EXIT_MODES}, got {mode!r}")
         if pool not in ("max", "mean"):
@@ -337,23 +408,37 @@ class TupeBertForTokenClassification(MultiExitMixin, TupeBertPreTrainedModel):
             label_mask[rows, first] = False
             label_mask[rows, last] = False
         else:
-            if not isinstance(label_mask, torch.Tensor) or label_mask.dtype != torch.bool \
-                    or tuple(label_mask.shape) != (b, n) or label_mask.device != device:
+            if (
+                not isinstance(label_mask, torch.Tensor)
+                or label_mask.dtype != torch.bool
+                or tuple(label_mask.shape) != (b, n)
+                or label_mask.device != device
+            ):
                 raise ValueError(f"label_mask must be a bool [B, N] = {[b, n]} tensor on {device}")
             if bool((label_mask & ~real).any()):
                 raise ValueError("label_mask must not mark padding (attention_mask 0) as labelled")
         labels_out = torch.full((b * n,), -100, dtype=torch.int64, device=device)
         layers_out = torch.zeros(b * n, dtype=torch.int64, device=device)
-        dtype = self.bert.embeddings.word_embeddings.weight.dtype  # exits may be quantised linears (no .weight)
+        dtype = (
+            self.bert.embeddings.word_embeddings.weight.dtype
+        )  # exits may be quantised linears (no .weight)
         logits_out = torch.zeros(b * n, self.config.num_labels, dtype=dtype, device=device)
         if b == 0:
-            return TokenExitOutput(labels=labels_out.view(b, n), exit_layer=layers_out.view(b, n), token_layers=0,
-                                   logits=logits_out.view(b, n, self.config.num_labels))
+            return TokenExitOutput(
+                labels=labels_out.view(b, n),
+                exit_layer=layers_out.view(b, n),
+                token_layers=0,
+                logits=logits_out.view(b, n, self.config.num_labels),
+            )
 
         packing = bert.packing(input_ids, real, None)
-        hidden = bert.embed(packing.gather(input_ids), packing.gather(token_type_ids), packing.positions)
+        hidden = bert.embed(
+            packing.gather(input_ids), packing.gather(token_type_ids), packing.positions
+        )
         pos_bias = bert.position_bias(n)  # once, for every layer and every compaction
-        tok_sent, lengths, labelled, word_tok, word_sent, owner = self._word_layout(packing, label_mask)
+        tok_sent, lengths, labelled, word_tok, word_sent, owner = self._word_layout(
+            packing, label_mask
+        )
         texts = lengths.shape[0]
         if copy_wordpieces == "first":
             owner = torch.where(labelled, owner, torch.full_like(owner, -1))
@@ -373,19 +458,34 @@ class TupeBertForTokenClassification(MultiExitMixin, TupeBertPreTrainedModel):
             max_k = int(lengths[live].max())
             if mode == "tokee":
                 # a token runs while its word does; [CLS], [SEP] and tokens of no word always run
-                running = live_tok if not words else live_tok & ((owner < 0) | word_active[owner.clamp_min(0)])
+                running = (
+                    live_tok
+                    if not words
+                    else live_tok & ((owner < 0) | word_active[owner.clamp_min(0)])
+                )
                 q_idx = running.nonzero().flatten()
                 q_counts = torch.bincount(tok_sent[q_idx], minlength=texts)[live]
-                new = layer.forward_subset(hidden[q_idx], hidden[tok_idx], _cu(q_counts), cu_k,
-                                           packing.positions[q_idx], pos_bias, max_seqlen_q=int(q_counts.max()),
-                                           max_seqlen_k=max_k)
+                new = layer.forward_subset(
+                    hidden[q_idx],
+                    hidden[tok_idx],
+                    _cu(q_counts),
+                    cu_k,
+                    packing.positions[q_idx],
+                    pos_bias,
+                    max_seqlen_q=int(q_counts.max()),
+                    max_seqlen_k=max_k,
+                )
             else:
                 q_idx = tok_idx
                 new = layer(hidden[tok_idx], pos_bias, None, cu_k, max_k)
-            hidden = hidden.index_copy(0, q_idx, new)  # exited tokens keep (copy forward) their state
+            hidden = hidden.index_copy(
+                0, q_idx, new
+            )  # exited tokens keep (copy forward) their state
             token_layers += int(q_idx.numel())
             live_words = live[word_sent].nonzero().flatten()
-            if live_words.numel() == 0:  # the live sentences have no words: the published loop stops here
+            if (
+                live_words.numel() == 0
+            ):  # the live sentences have no words: the published loop stops here
                 break
             logits = head(hidden[word_tok[live_words]])
             pred = logits.argmax(-1)
@@ -398,10 +498,19 @@ class TupeBertForTokenClassification(MultiExitMixin, TupeBertPreTrainedModel):
             live_counts = torch.bincount(word_sent[live_words], minlength=texts)[live]
             if mode == "tokee":
                 active, exit_layer, _ = token_exit_decision(
-                    logits, word_active[live_words], word_exit[live_words], threshold=thresholds[i], layer=step,
-                    window=window, keep=no_keep[live_words], cu_seqlens=_cu(live_counts),
-                    token_threshold=None if token_thresholds is None else token_thresholds[i], token_rule="or",
-                    max_seqlen=int(live_counts.max()), backend=self.config.backend)
+                    logits,
+                    word_active[live_words],
+                    word_exit[live_words],
+                    threshold=thresholds[i],
+                    layer=step,
+                    window=window,
+                    keep=no_keep[live_words],
+                    cu_seqlens=_cu(live_counts),
+                    token_threshold=None if token_thresholds is None else token_thresholds[i],
+                    token_rule="or",
+                    max_seqlen=int(live_counts.max()),
+                    backend=self.config.backend,
+                )
                 now = word_active[live_words] & ~active
                 word_label[live_words[now]] = pred[now]
                 word_logits[live_words[now]] = logits[now]
@@ -411,11 +520,13 @@ class TupeBertForTokenClassification(MultiExitMixin, TupeBertPreTrainedModel):
                 u = exit_entropy(logits, backend=self.config.backend) / math.log(logits.shape[-1])
                 sent = word_sent[live_words]
                 if pool == "max":
-                    pooled = torch.full((texts,), -math.inf, dtype=u.dtype, device=device).scatter_reduce(
-                        0, sent, u, "amax")
+                    pooled = torch.full(
+                        (texts,), -math.inf, dtype=u.dtype, device=device
+                    ).scatter_reduce(0, sent, u, "amax")
                 else:
-                    pooled = torch.zeros(texts, dtype=u.dtype, device=device).index_add(0, sent, u) / \
-                        torch.bincount(sent, minlength=texts).clamp_min(1)
+                    pooled = torch.zeros(texts, dtype=u.dtype, device=device).index_add(
+                        0, sent, u
+                    ) / torch.bincount(sent, minlength=texts).clamp_min(1)
                 leave = live & (pooled < thresholds[i])
                 now = leave[sent]
                 word_label[live_words[now]] = pred[now]
@@ -430,8 +541,12 @@ class TupeBertForTokenClassification(MultiExitMixin, TupeBertPreTrainedModel):
         labels_out[slots] = word_label
         layers_out[slots] = word_exit.long()
         logits_out[slots] = word_logits
-        return TokenExitOutput(labels=labels_out.view(b, n), exit_layer=layers_out.view(b, n),
-                               token_layers=token_layers, logits=logits_out.view(b, n, self.config.num_labels))
+        return TokenExitOutput(
+            labels=labels_out.view(b, n),
+            exit_layer=layers_out.view(b, n),
+            token_layers=token_layers,
+            logits=logits_out.view(b, n, self.config.num_labels),
+        )
 
 
 # ---- self-sampling fine-tuning (stage 2)
@@ -473,10 +588,16 @@ def _choices(values, name):
     return values
 
 
-def draw_self_sampling(batch_size, *, windows=SELF_SAMPLING_WINDOWS,
-                       thresholds=SELF_SAMPLING_THRESHOLDS,
-                       token_thresholds=SELF_SAMPLING_TOKEN_THRESHOLDS, sandwich_small=2,
-                       sandwich_full=3, generator=None):
+def draw_self_sampling(
+    batch_size,
+    *,
+    windows=SELF_SAMPLING_WINDOWS,
+    thresholds=SELF_SAMPLING_THRESHOLDS,
+    token_thresholds=SELF_SAMPLING_TOKEN_THRESHOLDS,
+    sandwich_small=2,
+    sandwich_full=3,
+    generator=None,
+):
     """Draws the simulated exit settings of one batch as the published stage 2 does
     (``Sample_Stop_Update_Callback.on_batch_begin``): each sample gets a window, a threshold and a
     token threshold drawn uniformly from the lists; then the "sandwich": each of the first
@@ -492,8 +613,11 @@ def draw_self_sampling(batch_size, *, windows=SELF_SAMPLING_WINDOWS,
     uses 2 and 4); ``generator``: a ``torch.Generator`` or None (the published code draws with numpy
     and ``random``).
     Returns ``SelfSamplingDraw``. Raises ``ValueError`` naming the argument."""
-    for name, v in (("batch_size", batch_size), ("sandwich_small", sandwich_small),
-                    ("sandwich_full", sandwich_full)):
+    for name, v in (
+        ("batch_size", batch_size),
+        ("sandwich_small", sandwich_small),
+        ("sandwich_full", sandwich_full),
+    ):
         if isinstance(v, bool) or not isinstance(v, int) or v < 0:
             raise ValueError(f"{name} must be an int >= 0, got {v!r}")
     windows = _choices(windows, "windows")
@@ -501,13 +625,17 @@ def draw_self_sampling(batch_size, *, windows=SELF_SAMPLING_WINDOWS,
         raise ValueError(f"windows must be odd ints >= 1, got {windows!r}")
     thresholds = _choices(thresholds, "thresholds")
     token_thresholds = _choices(token_thresholds, "token_thresholds")
-    for name, values in (("windows", windows), ("thresholds", thresholds),
-                         ("token_thresholds", token_thresholds)):
+    for name, values in (
+        ("windows", windows),
+        ("thresholds", thresholds),
+        ("token_thresholds", token_thresholds),
+    ):
         if list(values) != sorted(values):
             raise ValueError(f"{name} must be ascending, got {values!r}")
     if generator is not None and not isinstance(generator, torch.Generator):
-        raise ValueError("generator must be a torch.Generator or None, got "
-                         f"{type(generator).__name__}")
+        raise ValueError(
+            f"generator must be a torch.Generator or None, got {type(generator).__name__}"
+        )
 
     def pick(values):
         idx = torch.randint(len(values), (batch_size,), generator=generator).tolist()
@@ -526,8 +654,9 @@ def draw_self_sampling(batch_size, *, windows=SELF_SAMPLING_WINDOWS,
     return SelfSamplingDraw(win, thr, tok, full)
 
 
-def simulate_word_exits(word_logits, window, threshold, token_threshold=-1.0, *,
-                        max_threshold=1000.0):
+def simulate_word_exits(
+    word_logits, window, threshold, token_threshold=-1.0, *, max_threshold=1000.0
+):
     """The exit layer of each word of one sentence as TOKEE would give it, from a fixed model's
     per-layer logits (``simulate_ee`` of the published ``V0/utils.py``, the first-stage model's
     predictions as input).
@@ -545,26 +674,38 @@ def simulate_word_exits(word_logits, window, threshold, token_threshold=-1.0, *,
     ``[n]``, 1-based exit layers in ``[1, L]``. Raises ``ValueError`` naming the argument. The
     published code hard-codes 12 layers
     (``[t] * 6 + [2t] * 6``); for another depth the halves are ``published_token_thresholds``'."""
-    if not isinstance(word_logits, torch.Tensor) or word_logits.dim() != 3 \
-            or not word_logits.is_floating_point():
+    if (
+        not isinstance(word_logits, torch.Tensor)
+        or word_logits.dim() != 3
+        or not word_logits.is_floating_point()
+    ):
         raise ValueError("word_logits must be a float [L, n, C] tensor")
     depth, n, classes = word_logits.shape
     if depth < 1 or classes < 2:
         raise ValueError(f"word_logits must have L >= 1 and C >= 2, got {tuple(word_logits.shape)}")
     if isinstance(window, bool) or not isinstance(window, int) or window < 1 or window % 2 == 0:
         raise ValueError(f"window must be an odd int >= 1, got {window!r}")
-    for name, v in (("threshold", threshold), ("token_threshold", token_threshold),
-                    ("max_threshold", max_threshold)):
+    for name, v in (
+        ("threshold", threshold),
+        ("token_threshold", token_threshold),
+        ("max_threshold", max_threshold),
+    ):
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
             raise ValueError(f"{name} must be a finite float, got {v!r}")
     exits = torch.full((n,), depth, dtype=torch.int64, device=word_logits.device)
     if n == 0 or depth == 1:
         return exits
-    t = torch.tensor([min(x, max_threshold) for x in published_token_thresholds(threshold, depth)],
-                     dtype=word_logits.dtype, device=word_logits.device)
+    t = torch.tensor(
+        [min(x, max_threshold) for x in published_token_thresholds(threshold, depth)],
+        dtype=word_logits.dtype,
+        device=word_logits.device,
+    )
     half = depth // 2
-    s = torch.tensor([0.0] * half + [float(token_threshold)] * (depth - half),
-                     dtype=word_logits.dtype, device=word_logits.device)
+    s = torch.tensor(
+        [0.0] * half + [float(token_threshold)] * (depth - half),
+        dtype=word_logits.dtype,
+        device=word_logits.device,
+    )
     logp = torch.log_softmax(word_logits[:-1], -1)
     u = -(logp.exp() * logp).sum(-1) / math.log(classes)  # [L - 1, n]
     win = F.max_pool1d(u[:, None], kernel_size=window, stride=1, padding=window // 2)[:, 0]
@@ -573,8 +714,9 @@ def simulate_word_exits(word_logits, window, threshold, token_threshold=-1.0, *,
     return torch.where(hit.any(0), first, exits)
 
 
-def self_sampling_token_exit_layers(stage1_logits, label_mask, attention_mask, draw, *,
-                                    copy_wordpieces="all", max_threshold=1000.0):
+def self_sampling_token_exit_layers(
+    stage1_logits, label_mask, attention_mask, draw, *, copy_wordpieces="all", max_threshold=1000.0
+):
     """Each token's simulated exit layer for one batch of stage 2: ``simulate_word_exits`` per row
     with that row's drawn settings on the first-stage model's logits at the row's labelled tokens
     (the words), then spread to word pieces as ``inverse_pull_word_to_wordpiece`` does: with
@@ -609,8 +751,13 @@ def self_sampling_token_exit_layers(stage1_logits, label_mask, attention_mask, d
         if draw.full[r]:
             continue
         words = label_mask[r].nonzero().flatten()
-        exits = simulate_word_exits(stage1_logits[:, r, words], draw.windows[r], draw.thresholds[r],
-                                    draw.token_thresholds[r], max_threshold=max_threshold)
+        exits = simulate_word_exits(
+            stage1_logits[:, r, words],
+            draw.windows[r],
+            draw.thresholds[r],
+            draw.token_thresholds[r],
+            max_threshold=max_threshold,
+        )
         last = int(real[r].nonzero().max()) if bool(real[r].any()) else 0
         ends = words[1:].tolist() + [last]
         for w, (start, end) in enumerate(zip(words.tolist(), ends)):
@@ -645,8 +792,9 @@ def self_sampling_token_loss(exit_logits, labels, token_exit_layer, flooding_bia
     for name, t in (("labels", labels), ("token_exit_layer", token_exit_layer)):
         if not isinstance(t, torch.Tensor) or tuple(t.shape) != (total,):
             raise ValueError(f"{name} must be a [T] = [{total}] tensor")
-    if flooding_bias is not None and (not isinstance(flooding_bias, torch.Tensor)
-                                      or tuple(flooding_bias.shape) != (depth, total)):
+    if flooding_bias is not None and (
+        not isinstance(flooding_bias, torch.Tensor) or tuple(flooding_bias.shape) != (depth, total)
+    ):
         raise ValueError(f"flooding_bias must be None or a [L, T] = {[depth, total]} tensor")
     dtype = torch.float64 if exit_logits.dtype == torch.float64 else torch.float32
     labelled = labels != -100

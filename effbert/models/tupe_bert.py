@@ -28,8 +28,11 @@ try:  # transformers 5: initialisers that leave weights loaded by from_pretraine
 except ImportError:  # transformers 4: from_pretrained initialises before it loads
     import types
 
-    _init = types.SimpleNamespace(normal_=nn.init.normal_, zeros_=nn.init.zeros_,
-                                  copy_=lambda tensor, value: tensor.copy_(value))
+    _init = types.SimpleNamespace(
+        normal_=nn.init.normal_,
+        zeros_=nn.init.zeros_,
+        copy_=lambda tensor, value: tensor.copy_(value),
+    )
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.modeling_outputs import MaskedLMOutput as _MaskedLMOutput
 from transformers.modeling_outputs import SequenceClassifierOutput
@@ -43,9 +46,17 @@ from .config import TupeBertConfig
 from .multi_exit import MultiExitMixin
 from .packing import Packing, unpad_input
 
-__all__ = ["TupeBertConfig", "TupeBertPreTrainedModel", "TupeBertModel", "TupeBertForMaskedLM",
-           "TupeBertForSequenceClassification", "BaseModelOutputWithPooling", "MaskedLMOutput",
-           "SequenceClassifierOutput", "MultiExitSequenceClassifierOutput"]
+__all__ = [
+    "TupeBertConfig",
+    "TupeBertPreTrainedModel",
+    "TupeBertModel",
+    "TupeBertForMaskedLM",
+    "TupeBertForSequenceClassification",
+    "BaseModelOutputWithPooling",
+    "MaskedLMOutput",
+    "SequenceClassifierOutput",
+    "MultiExitSequenceClassifierOutput",
+]
 
 
 @dataclass
@@ -82,7 +93,9 @@ def _values_in_range(name, t, low, high, *, allow=None):
     lo, hi = torch.stack([vals.min(), vals.max()]).tolist()
     if lo < low or hi >= high:
         extra = f" (or {allow})" if allow is not None else ""
-        raise ValueError(f"{name} must hold values in [{low}, {high}){extra}, got values in [{lo}, {hi}]")
+        raise ValueError(
+            f"{name} must hold values in [{low}, {high}){extra}, got values in [{lo}, {hi}]"
+        )
 
 
 def _check_ids(name, t, shape):
@@ -100,12 +113,20 @@ class TupeBertEmbeddings(nn.Module):
 
     def __init__(self, config):
         super().__init__()
-        self.word_embeddings = nn.Embedding(config.vocab_size, config.hidden_size, padding_idx=config.pad_token_id)
-        self.token_type_embeddings = (nn.Embedding(config.type_vocab_size, config.hidden_size)
-                                      if config.type_vocab_size > 0 else None)
+        self.word_embeddings = nn.Embedding(
+            config.vocab_size, config.hidden_size, padding_idx=config.pad_token_id
+        )
+        self.token_type_embeddings = (
+            nn.Embedding(config.type_vocab_size, config.hidden_size)
+            if config.type_vocab_size > 0
+            else None
+        )
         # TUPE keeps positions out of the token embedding: they enter every layer's logits instead
-        self.position_embeddings = (nn.Embedding(config.max_position_embeddings, config.hidden_size)
-                                    if config.position_mode == "absolute" else None)
+        self.position_embeddings = (
+            nn.Embedding(config.max_position_embeddings, config.hidden_size)
+            if config.position_mode == "absolute"
+            else None
+        )
         self.layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
@@ -130,8 +151,12 @@ class TupeBertLayer(nn.Module):
     def __init__(self, config):
         super().__init__()
         h = config.hidden_size
-        self.attention = TupeSelfAttention(h, config.num_attention_heads, dropout=config.attention_probs_dropout_prob,
-                                           backend=config.backend)
+        self.attention = TupeSelfAttention(
+            h,
+            config.num_attention_heads,
+            dropout=config.attention_probs_dropout_prob,
+            backend=config.backend,
+        )
         self.attention_dropout = nn.Dropout(config.hidden_dropout_prob)
         self.attention_norm = nn.LayerNorm(h, eps=config.layer_norm_eps)
         self.intermediate = nn.Linear(h, config.intermediate_size)
@@ -139,36 +164,68 @@ class TupeBertLayer(nn.Module):
         self.output = nn.Linear(config.intermediate_size, h)
         self.output_dropout = nn.Dropout(config.hidden_dropout_prob)
         self.output_norm = nn.LayerNorm(h, eps=config.layer_norm_eps)
-        self.register_parameter("ffn_coef", None)  # EarlyBERT's per-neuron coefficients (models/early_bird.py)
+        self.register_parameter(
+            "ffn_coef", None
+        )  # EarlyBERT's per-neuron coefficients (models/early_bird.py)
 
     def _ffn_inner(self, hidden):
         """The activated FFN neurons ``[..., intermediate]``, scaled by ``ffn_coef`` when set."""
         inner = self.act(self.intermediate(hidden))
         return inner if self.ffn_coef is None else inner * self.ffn_coef.to(inner.dtype)
 
-    def forward(self, hidden, pos_bias=None, attention_mask=None, cu_seqlens=None, max_seqlen=None,
-                check_offsets=True):
+    def forward(
+        self,
+        hidden,
+        pos_bias=None,
+        attention_mask=None,
+        cu_seqlens=None,
+        max_seqlen=None,
+        check_offsets=True,
+    ):
         """Padded ``hidden [B, N, hidden]`` with ``attention_mask [B, N]``, or packed ``hidden [total, hidden]``
         with ``cu_seqlens`` / ``max_seqlen`` (every matmul, LayerNorm and dropout then runs on real tokens only)."""
         if cu_seqlens is not None:
-            attn = self.attention(hidden, pos_bias=pos_bias, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen,
-                                  check_offsets=check_offsets)
+            attn = self.attention(
+                hidden,
+                pos_bias=pos_bias,
+                cu_seqlens=cu_seqlens,
+                max_seqlen=max_seqlen,
+                check_offsets=check_offsets,
+            )
         else:
             attn = self.attention(hidden, pos_bias=pos_bias, attention_mask=attention_mask)
         hidden = self.attention_norm(hidden + self.attention_dropout(attn))
         ffn = self.output(self._ffn_inner(hidden))
         return self.output_norm(hidden + self.output_dropout(ffn))
 
-    def forward_subset(self, hidden_q, hidden_kv, cu_seqlens_q, cu_seqlens_k, position_ids_q, pos_bias=None,
-                       max_seqlen_q=None, max_seqlen_k=None, check_offsets=True):
+    def forward_subset(
+        self,
+        hidden_q,
+        hidden_kv,
+        cu_seqlens_q,
+        cu_seqlens_k,
+        position_ids_q,
+        pos_bias=None,
+        max_seqlen_q=None,
+        max_seqlen_k=None,
+        check_offsets=True,
+    ):
         """The layer for the active tokens only (token-level early exit, inference): ``hidden_q [Tq, hidden]``
         are the queries and the only rows that go through the residuals, LayerNorms and FFN; ``hidden_kv
         [Tk, hidden]`` (every token, exited ones frozen) gives the keys and values. Offsets and positions as
         ``TupeSelfAttention.forward_subset``. Returns the active tokens' new states ``[Tq, hidden]``. Forward only:
         call it under ``torch.no_grad()`` (the subset attention has no autograd and refuses inputs that need grad)."""
-        attn = self.attention.forward_subset(hidden_q, hidden_kv, cu_seqlens_q, cu_seqlens_k, position_ids_q,
-                                             pos_bias, max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k,
-                                             check_offsets=check_offsets)
+        attn = self.attention.forward_subset(
+            hidden_q,
+            hidden_kv,
+            cu_seqlens_q,
+            cu_seqlens_k,
+            position_ids_q,
+            pos_bias,
+            max_seqlen_q=max_seqlen_q,
+            max_seqlen_k=max_seqlen_k,
+            check_offsets=check_offsets,
+        )
         hidden = self.attention_norm(hidden_q + self.attention_dropout(attn))
         ffn = self.output(self._ffn_inner(hidden))
         return self.output_norm(hidden + self.output_dropout(ffn))
@@ -184,7 +241,9 @@ class TupeBertEncoder(nn.Module):
         super().__init__()
         self.config = config
         self.layers = nn.ModuleList(TupeBertLayer(config) for _ in range(config.num_hidden_layers))
-        self.gradient_checkpointing = False  # set by PreTrainedModel.gradient_checkpointing_enable()
+        self.gradient_checkpointing = (
+            False  # set by PreTrainedModel.gradient_checkpointing_enable()
+        )
 
     def _call(self, layer, *args):
         """One layer, recomputed in the backward pass when gradient checkpointing is on (training only)."""
@@ -195,24 +254,43 @@ class TupeBertEncoder(nn.Module):
     def run_layer(self, layer, hidden, pos_bias, packing):
         """One layer on packed tokens ``hidden [total, hidden]`` (early exit steps layer by layer)."""
         if self.config.unpad_inputs:
-            return self._call(layer, hidden, pos_bias, None, packing.cu_seqlens, packing.max_seqlen, False)
+            return self._call(
+                layer, hidden, pos_bias, None, packing.cu_seqlens, packing.max_seqlen, False
+            )
         index, mask = packing.rows_layout()
-        bias = None if pos_bias is None else pos_bias[:, :mask.shape[1], :mask.shape[1]]
-        return packing.from_rows(self._call(layer, packing.to_rows(hidden, index, mask), bias, mask), index)
+        bias = None if pos_bias is None else pos_bias[:, : mask.shape[1], : mask.shape[1]]
+        return packing.from_rows(
+            self._call(layer, packing.to_rows(hidden, index, mask), bias, mask), index
+        )
 
-    def forward(self, hidden, pos_bias=None, attention_mask=None, output_hidden_states=False, packing=None):
+    def forward(
+        self, hidden, pos_bias=None, attention_mask=None, output_hidden_states=False, packing=None
+    ):
         if packing is None:
             if hidden.dim() != 3:
-                raise ValueError(f"hidden must be [B, N, hidden] without a packing, got {tuple(hidden.shape)}")
+                raise ValueError(
+                    f"hidden must be [B, N, hidden] without a packing, got {tuple(hidden.shape)}"
+                )
             mask = as_bool_attention_mask(attention_mask, tuple(hidden.shape[:2]), hidden.device)
-            packing = unpad_input(mask, None, shape=tuple(hidden.shape[:2]), device=hidden.device,
-                                  exact_max_seqlen=not torch.compiler.is_compiling())
-            out, states = self(packing.gather(hidden), pos_bias, None, output_hidden_states, packing)
-            return packing.pad(out), (tuple(packing.pad(t) for t in states) if states is not None else None)
+            packing = unpad_input(
+                mask,
+                None,
+                shape=tuple(hidden.shape[:2]),
+                device=hidden.device,
+                exact_max_seqlen=not torch.compiler.is_compiling(),
+            )
+            out, states = self(
+                packing.gather(hidden), pos_bias, None, output_hidden_states, packing
+            )
+            return packing.pad(out), (
+                tuple(packing.pad(t) for t in states) if states is not None else None
+            )
         states = [hidden] if output_hidden_states else None
         if self.config.unpad_inputs:
             for layer in self.layers:
-                hidden = self._call(layer, hidden, pos_bias, None, packing.cu_seqlens, packing.max_seqlen, False)
+                hidden = self._call(
+                    layer, hidden, pos_bias, None, packing.cu_seqlens, packing.max_seqlen, False
+                )
                 if states is not None:
                     states.append(hidden)
             return hidden, (tuple(states) if states is not None else None)
@@ -266,8 +344,15 @@ class TupeBertPreTrainedModel(PreTrainedModel):
                 _init.normal_(module.rel_table, mean=0.0, std=std)
                 # a non-persistent buffer: from_pretrained builds the model without running its constructor's values
                 cfg = self.config
-                _init.copy_(module.rel_buckets, t5_relative_buckets(cfg.max_position_embeddings, cfg.num_buckets,
-                                                                    cfg.max_distance, device=module.rel_buckets.device))
+                _init.copy_(
+                    module.rel_buckets,
+                    t5_relative_buckets(
+                        cfg.max_position_embeddings,
+                        cfg.num_buckets,
+                        cfg.max_distance,
+                        device=module.rel_buckets.device,
+                    ),
+                )
             if module.cls_row is not None:
                 _init.zeros_(module.cls_row)
                 _init.zeros_(module.cls_col)
@@ -311,11 +396,15 @@ class TupeBertModel(TupeBertPreTrainedModel):
         self.position_encoder = None
         if config.position_mode != "absolute":
             self.position_encoder = TupePositionBias(
-                config.hidden_size, config.num_attention_heads, max_positions=config.max_position_embeddings,
+                config.hidden_size,
+                config.num_attention_heads,
+                max_positions=config.max_position_embeddings,
                 num_buckets=config.num_buckets if config.position_mode == "tupe-r" else None,
-                max_distance=config.max_distance, untie_cls=config.untie_cls,
+                max_distance=config.max_distance,
+                untie_cls=config.untie_cls,
                 layer_norm_eps=config.position_layer_norm_eps,
-                backend=config.backend)
+                backend=config.backend,
+            )
         self.encoder = TupeBertEncoder(config)
         if getattr(config, "early_bird_ticket", None):  # EarlyBERT-pruned: the ticket's layer sizes
             from .early_bird import apply_ticket_shapes
@@ -332,7 +421,9 @@ class TupeBertModel(TupeBertPreTrainedModel):
 
     def check_inputs(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None):
         """Checks the inputs; returns ``token_type_ids`` (zeros when None) and the bool key padding mask."""
-        return check_bert_inputs(self.config, input_ids, attention_mask, token_type_ids, position_ids)
+        return check_bert_inputs(
+            self.config, input_ids, attention_mask, token_type_ids, position_ids
+        )
 
     @staticmethod
     def padding_mask(attention_mask, shape, device):
@@ -349,8 +440,13 @@ class TupeBertModel(TupeBertPreTrainedModel):
 
     def packing(self, input_ids, mask, position_ids, exact_max_seqlen=True):
         """The batch's ``Packing`` (once per forward; ``mask`` from ``check_inputs``)."""
-        return unpad_input(mask, position_ids, shape=tuple(input_ids.shape), device=input_ids.device,
-                           exact_max_seqlen=exact_max_seqlen)
+        return unpad_input(
+            mask,
+            position_ids,
+            shape=tuple(input_ids.shape),
+            device=input_ids.device,
+            exact_max_seqlen=exact_max_seqlen,
+        )
 
     def embed_packed(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None):
         """Checks the inputs, packs them and embeds the real tokens only: ``(hidden [total, hidden], packing)``.
@@ -361,20 +457,32 @@ class TupeBertModel(TupeBertPreTrainedModel):
         """
         if torch.compiler.is_compiling():
             if not _traces_dynamic_output_shapes():
-                return self._embed_packed_eager(input_ids, attention_mask, token_type_ids, position_ids)
-            return self._embed_packed(input_ids, attention_mask, token_type_ids, position_ids, False)
+                return self._embed_packed_eager(
+                    input_ids, attention_mask, token_type_ids, position_ids
+                )
+            return self._embed_packed(
+                input_ids, attention_mask, token_type_ids, position_ids, False
+            )
         return self._embed_packed(input_ids, attention_mask, token_type_ids, position_ids, True)
 
-    def _embed_packed(self, input_ids, attention_mask, token_type_ids, position_ids, exact_max_seqlen):
-        token_type_ids, mask = self.check_inputs(input_ids, attention_mask, token_type_ids, position_ids)
+    def _embed_packed(
+        self, input_ids, attention_mask, token_type_ids, position_ids, exact_max_seqlen
+    ):
+        token_type_ids, mask = self.check_inputs(
+            input_ids, attention_mask, token_type_ids, position_ids
+        )
         packing = self.packing(input_ids, mask, position_ids, exact_max_seqlen=exact_max_seqlen)
-        hidden = self.embed(packing.gather(input_ids), packing.gather(token_type_ids), packing.positions)
+        hidden = self.embed(
+            packing.gather(input_ids), packing.gather(token_type_ids), packing.positions
+        )
         return hidden, packing
 
     @torch.compiler.disable
     def _embed_packed_eager(self, input_ids, attention_mask, token_type_ids, position_ids):
         # max_seqlen = N: a bound that does not change with the lengths, so the graph after it does not recompile
-        hidden, packing = self._embed_packed(input_ids, attention_mask, token_type_ids, position_ids, False)
+        hidden, packing = self._embed_packed(
+            input_ids, attention_mask, token_type_ids, position_ids, False
+        )
         for t in (hidden, packing.indices, packing.positions, packing.cu_seqlens):
             torch._dynamo.maybe_mark_dynamic(t, 0)
         return hidden, packing
@@ -382,17 +490,30 @@ class TupeBertModel(TupeBertPreTrainedModel):
     def encode(self, hidden, packing, output_hidden_states=False):
         """The layers on packed embeddings, with the positional term computed once for all of them:
         ``(hidden [total, hidden], states or None)``."""
-        pos_bias = self.position_bias(packing.max_seqlen if self.config.unpad_inputs else packing.rows_len)
-        return self.encoder(hidden, pos_bias=pos_bias, output_hidden_states=output_hidden_states, packing=packing)
+        pos_bias = self.position_bias(
+            packing.max_seqlen if self.config.unpad_inputs else packing.rows_len
+        )
+        return self.encoder(
+            hidden, pos_bias=pos_bias, output_hidden_states=output_hidden_states, packing=packing
+        )
 
-    def forward(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None,
-                output_hidden_states=False, return_dict=None):
+    def forward(
+        self,
+        input_ids,
+        attention_mask=None,
+        token_type_ids=None,
+        position_ids=None,
+        output_hidden_states=False,
+        return_dict=None,
+    ):
         hidden, packing = self.embed_packed(input_ids, attention_mask, token_type_ids, position_ids)
         hidden, states = self.encode(hidden, packing, output_hidden_states)
         pooled = self.pooler(packing.first_tokens(hidden)) if self.pooler is not None else None
         out = BaseModelOutputWithPooling(
-            last_hidden_state=packing.pad(hidden), pooler_output=pooled,
-            hidden_states=tuple(packing.pad(t) for t in states) if states is not None else None)
+            last_hidden_state=packing.pad(hidden),
+            pooler_output=pooled,
+            hidden_states=tuple(packing.pad(t) for t in states) if states is not None else None,
+        )
         return _as_requested(out, return_dict)
 
 
@@ -415,7 +536,9 @@ def _as_requested(out, return_dict):
     return out.to_tuple() if return_dict is False else out
 
 
-def check_bert_inputs(config, input_ids, attention_mask=None, token_type_ids=None, position_ids=None):
+def check_bert_inputs(
+    config, input_ids, attention_mask=None, token_type_ids=None, position_ids=None
+):
     """Checks a BERT's inputs against ``config`` (ours or a transformers ``BertConfig``: both name the sizes the
     same); returns ``token_type_ids`` (zeros when None) and the bool key padding mask (True = real token).
     ``position_ids`` is checked for type, shape and device here; its values by ``unpad_input``."""
@@ -424,21 +547,27 @@ def check_bert_inputs(config, input_ids, attention_mask=None, token_type_ids=Non
         raise ValueError(f"input_ids must be [B, N], got {list(input_ids.shape)}")
     b, n = input_ids.shape
     if not 1 <= n <= config.max_position_embeddings:
-        raise ValueError(f"input_ids must have 1 <= N <= max_position_embeddings "
-                         f"({config.max_position_embeddings}), got N = {n}")
+        raise ValueError(
+            f"input_ids must have 1 <= N <= max_position_embeddings "
+            f"({config.max_position_embeddings}), got N = {n}"
+        )
     _values_in_range("input_ids", input_ids, 0, config.vocab_size)
     if token_type_ids is None:
         token_type_ids = torch.zeros_like(input_ids)
     else:
         _check_ids("token_type_ids", token_type_ids, (b, n))
         if token_type_ids.device != input_ids.device:
-            raise ValueError(f"token_type_ids must be on {input_ids.device}, got {token_type_ids.device}")
+            raise ValueError(
+                f"token_type_ids must be on {input_ids.device}, got {token_type_ids.device}"
+            )
         # without token-type embeddings (type_vocab_size 0) only all-zero ids mean anything (what tokenizers send)
         _values_in_range("token_type_ids", token_type_ids, 0, max(config.type_vocab_size, 1))
     if position_ids is not None:
         _check_ids("position_ids", position_ids, (b, n))
         if position_ids.device != input_ids.device:
-            raise ValueError(f"position_ids must be on {input_ids.device}, got {position_ids.device}")
+            raise ValueError(
+                f"position_ids must be on {input_ids.device}, got {position_ids.device}"
+            )
     return token_type_ids, TupeBertModel.padding_mask(attention_mask, (b, n), input_ids.device)
 
 
@@ -490,28 +619,54 @@ class TupeBertForMaskedLM(TupeBertPreTrainedModel):
         super().__init__(config)
         if note_dictionary is not None:
             if not isinstance(note_dictionary, NoteDictionary):
-                raise TypeError(f"note_dictionary must be an effbert.nn.NoteDictionary or None, got "
-                                f"{type(note_dictionary).__name__}")
+                raise TypeError(
+                    f"note_dictionary must be an effbert.nn.NoteDictionary or None, got "
+                    f"{type(note_dictionary).__name__}"
+                )
             if note_dictionary.dim != config.hidden_size:
-                raise ValueError(f"note_dictionary must have dim == hidden_size ({config.hidden_size}), got "
-                                 f"{note_dictionary.dim}")
-            self.config.tnf_num_notes = note_dictionary.num_slots  # from_pretrained rebuilds it from these
+                raise ValueError(
+                    f"note_dictionary must have dim == hidden_size ({config.hidden_size}), got "
+                    f"{note_dictionary.dim}"
+                )
+            self.config.tnf_num_notes = (
+                note_dictionary.num_slots
+            )  # from_pretrained rebuilds it from these
             self.config.tnf_window, self.config.tnf_gamma, self.config.tnf_lam = (
-                note_dictionary.window, note_dictionary.gamma, note_dictionary.lam)
+                note_dictionary.window,
+                note_dictionary.gamma,
+                note_dictionary.lam,
+            )
         elif config.tnf_num_notes is not None:
-            note_dictionary = NoteDictionary(config.tnf_num_notes, config.hidden_size, window=config.tnf_window,
-                                             gamma=config.tnf_gamma, lam=config.tnf_lam)
+            note_dictionary = NoteDictionary(
+                config.tnf_num_notes,
+                config.hidden_size,
+                window=config.tnf_window,
+                gamma=config.tnf_gamma,
+                lam=config.tnf_lam,
+            )
         self.bert = TupeBertModel(config, add_pooling_layer=False)
         self.mlm_head = TupeBertMLMHead(config)
         self.notes = note_dictionary
         self.post_init()
 
-    def forward(self, input_ids, attention_mask=None, token_type_ids=None, labels=None, output_hidden_states=False,
-                note_slots=None, return_logits=True, return_dict=None, position_ids=None):
+    def forward(
+        self,
+        input_ids,
+        attention_mask=None,
+        token_type_ids=None,
+        labels=None,
+        output_hidden_states=False,
+        note_slots=None,
+        return_logits=True,
+        return_dict=None,
+        position_ids=None,
+    ):
         if not isinstance(return_logits, bool):
             raise TypeError(f"return_logits must be a bool, got {type(return_logits).__name__}")
         if not return_logits and labels is None:
-            raise ValueError("return_logits=False computes the head at the labelled positions only: it needs labels")
+            raise ValueError(
+                "return_logits=False computes the head at the labelled positions only: it needs labels"
+            )
         if labels is not None:
             _check_ids("labels", labels, None)
             _check_labels(labels, tuple(input_ids.shape), input_ids.device, "[B, N]")
@@ -521,7 +676,9 @@ class TupeBertForMaskedLM(TupeBertPreTrainedModel):
         bert = self.bert
         hidden, packing = bert.embed_packed(input_ids, attention_mask, token_type_ids, position_ids)
         if note_slots is not None:
-            hidden = self.notes.mix(hidden[None], packing.gather(note_slots)[None], backend=self.config.backend)[0]
+            hidden = self.notes.mix(
+                hidden[None], packing.gather(note_slots)[None], backend=self.config.backend
+            )[0]
         hidden, states = bert.encode(hidden, packing, output_hidden_states)
         states = tuple(packing.pad(t) for t in states) if states is not None else None
         words = bert.embeddings.word_embeddings.weight
@@ -533,16 +690,24 @@ class TupeBertForMaskedLM(TupeBertPreTrainedModel):
             picked = self.mlm_head(hidden.index_select(0, rows), words)
             total = F.cross_entropy(picked.float(), flat.index_select(0, rows), reduction="sum")
             last = packing.pad(hidden) if self.notes is not None or output_hidden_states else None
-            out = MaskedLMOutput(loss=total / max(rows.numel(), 1), logits=None, hidden_states=states,
-                                 last_hidden_state=last)
+            out = MaskedLMOutput(
+                loss=total / max(rows.numel(), 1),
+                logits=None,
+                hidden_states=states,
+                last_hidden_state=last,
+            )
             return _as_requested(out, return_dict)
         logits = self.mlm_head(hidden, words)
         loss = None
         if labels is not None:
             total = F.cross_entropy(logits.float(), flat, ignore_index=-100, reduction="sum")
             loss = total / (flat != -100).sum().clamp_min(1)  # no NaN for a batch with no target
-        out = MaskedLMOutput(loss=loss, logits=packing.pad(logits), hidden_states=states,
-                             last_hidden_state=packing.pad(hidden))
+        out = MaskedLMOutput(
+            loss=loss,
+            logits=packing.pad(logits),
+            hidden_states=states,
+            last_hidden_state=packing.pad(hidden),
+        )
         return _as_requested(out, return_dict)
 
     def _check_note_slots(self, note_slots, input_ids):
@@ -551,7 +716,9 @@ class TupeBertForMaskedLM(TupeBertPreTrainedModel):
         if not isinstance(note_slots, torch.Tensor):
             raise TypeError(f"note_slots must be a tensor, got {type(note_slots).__name__}")
         if tuple(note_slots.shape) != tuple(input_ids.shape):
-            raise ValueError(f"note_slots must be [B, N] = {list(input_ids.shape)}, got {list(note_slots.shape)}")
+            raise ValueError(
+                f"note_slots must be [B, N] = {list(input_ids.shape)}, got {list(note_slots.shape)}"
+            )
         if note_slots.device != input_ids.device:
             raise ValueError(f"note_slots must be on {input_ids.device}, got {note_slots.device}")
 
@@ -569,11 +736,21 @@ class TupeBertForMaskedLM(TupeBertPreTrainedModel):
         if self.notes is None:
             raise ValueError("update_notes needs a model built with a note_dictionary")
         if position_ids is None:
-            self.notes.update(hidden, spans, lengths, process_group=process_group, backend=self.config.backend)
+            self.notes.update(
+                hidden, spans, lengths, process_group=process_group, backend=self.config.backend
+            )
             return
-        hidden, spans, lengths = _per_text(hidden, spans, lengths, position_ids, self.notes.num_slots,
-                                           raise_here=process_group is None)
-        self.notes.update(hidden, spans, lengths, process_group=process_group, backend=self.config.backend)
+        hidden, spans, lengths = _per_text(
+            hidden,
+            spans,
+            lengths,
+            position_ids,
+            self.notes.num_slots,
+            raise_here=process_group is None,
+        )
+        self.notes.update(
+            hidden, spans, lengths, process_group=process_group, backend=self.config.backend
+        )
 
 
 def _per_text(hidden, spans, lengths, position_ids, num_slots, raise_here=True):
@@ -585,14 +762,23 @@ def _per_text(hidden, spans, lengths, position_ids, num_slots, raise_here=True):
     from ..ops import notes as note_ops
 
     if not isinstance(hidden, torch.Tensor) or hidden.dim() != 3:
-        raise ValueError(f"hidden must be a [B, N, Dm] tensor, got "
-                         f"{tuple(hidden.shape) if isinstance(hidden, torch.Tensor) else type(hidden).__name__}")
+        raise ValueError(
+            f"hidden must be a [B, N, Dm] tensor, got "
+            f"{tuple(hidden.shape) if isinstance(hidden, torch.Tensor) else type(hidden).__name__}"
+        )
     batch, seq, _ = hidden.shape
     _check_ids("position_ids", position_ids, (batch, seq))
     if position_ids.device != hidden.device:
         raise ValueError(f"position_ids must be on {hidden.device}, got {position_ids.device}")
-    if not isinstance(spans, torch.Tensor) or spans.dim() != 2 or spans.shape[1] != 4 or spans.dtype != torch.int64:
-        raise ValueError("spans must be an int64 [M, 4] tensor of rows (row, start, end_exclusive, slot)")
+    if (
+        not isinstance(spans, torch.Tensor)
+        or spans.dim() != 2
+        or spans.shape[1] != 4
+        or spans.dtype != torch.int64
+    ):
+        raise ValueError(
+            "spans must be an int64 [M, 4] tensor of rows (row, start, end_exclusive, slot)"
+        )
     if lengths is not None:
         _check_ids("lengths", lengths, None)
         if tuple(lengths.shape) != (batch,):
@@ -604,7 +790,11 @@ def _per_text(hidden, spans, lengths, position_ids, num_slots, raise_here=True):
         if raise_here:
             raise
         return hidden, spans, lengths
-    real = None if lengths is None else torch.arange(seq, device=hidden.device) < lengths.to(hidden.device)[:, None]
+    real = (
+        None
+        if lengths is None
+        else torch.arange(seq, device=hidden.device) < lengths.to(hidden.device)[:, None]
+    )
     packing = unpad_input(real, position_ids, shape=(batch, seq), device=hidden.device)
     # packed index of every slot (-1 at slots past a row's length)
     where = torch.full((batch * seq,), -1, dtype=torch.int64, device=hidden.device)
@@ -614,13 +804,22 @@ def _per_text(hidden, spans, lengths, position_ids, num_slots, raise_here=True):
     text = torch.searchsorted(cu[1:], start, right=True)
     new_start = start - cu[text.clamp(max=max(packing.num_texts - 1, 0))]
     new_end = new_start + (spans[:, 2] - spans[:, 1])
-    text_len = (cu[1:] - cu[:-1]).index_select(0, text.clamp(max=max(packing.num_texts - 1, 0))) \
-        if packing.num_texts else torch.zeros_like(start)
-    crossing = (new_end > text_len) if spans.shape[0] else torch.zeros(0, dtype=torch.bool, device=hidden.device)
+    text_len = (
+        (cu[1:] - cu[:-1]).index_select(0, text.clamp(max=max(packing.num_texts - 1, 0)))
+        if packing.num_texts
+        else torch.zeros_like(start)
+    )
+    crossing = (
+        (new_end > text_len)
+        if spans.shape[0]
+        else torch.zeros(0, dtype=torch.bool, device=hidden.device)
+    )
     if raise_here and spans.shape[0] and bool(crossing.any()):
         r = int(crossing.nonzero()[0, 0])
-        raise ValueError(f"spans[{r}] = {spans[r].tolist()} crosses a text boundary of its row (position_ids "
-                         "restart at 0 inside it)")
+        raise ValueError(
+            f"spans[{r}] = {spans[r].tolist()} crosses a text boundary of its row (position_ids "
+            "restart at 0 inside it)"
+        )
     if packing.right_padded:  # one text per row already
         return hidden, spans, lengths
     index, mask = packing.rows_layout()
@@ -668,15 +867,20 @@ class TupeBertForSequenceClassification(MultiExitMixin, TupeBertPreTrainedModel)
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
         if multi:
             self.classifier = None
-            self.exits = nn.ModuleList(ExitHead(config.hidden_size, config.num_labels, config.hidden_dropout_prob)
-                                       for _ in range(config.num_hidden_layers))
+            self.exits = nn.ModuleList(
+                ExitHead(config.hidden_size, config.num_labels, config.hidden_dropout_prob)
+                for _ in range(config.num_hidden_layers)
+            )
             if config.shared_exit_pooler:  # PABEE: one pooler before every off-ramp's classifier
                 last = config.num_hidden_layers - 1
                 for head in self.exits:
                     head.pooler = self.exits[last].pooler
                 # declared, so save_pretrained writes the shared pooler once and from_pretrained ties it again
-                self._tied_weights_keys = {f"exits.{i}.pooler.{w}": f"exits.{last}.pooler.{w}"
-                                           for i in range(last) for w in ("weight", "bias")}
+                self._tied_weights_keys = {
+                    f"exits.{i}.pooler.{w}": f"exits.{last}.pooler.{w}"
+                    for i in range(last)
+                    for w in ("weight", "bias")
+                }
         else:
             self.exits = None
             self.classifier = nn.Linear(config.hidden_size, config.num_labels)
@@ -694,9 +898,13 @@ class TupeBertForSequenceClassification(MultiExitMixin, TupeBertPreTrainedModel)
 
     def exit_loss_settings(self):
         c = self.config
-        return dict(loss=c.exit_loss or "romebert", gamma=c.exit_loss_gamma,
-                    temperature=c.exit_loss_temperature,
-                    gradient_equilibrium=c.exit_gradient_equilibrium, backend=c.backend)
+        return dict(
+            loss=c.exit_loss or "romebert",
+            gamma=c.exit_loss_gamma,
+            temperature=c.exit_loss_temperature,
+            gradient_equilibrium=c.exit_gradient_equilibrium,
+            backend=c.backend,
+        )
 
     def deebert_parts(self):
         if self.exits is None:
@@ -708,29 +916,51 @@ class TupeBertForSequenceClassification(MultiExitMixin, TupeBertPreTrainedModel)
         it owns no parameters of its own)."""
         if self.exits is None:
             raise ValueError("the model has no off-ramps: build it with config.multi_exit=True")
-        return MultiExitEncoder([_ExitLayer(layer, pos_bias) for layer in self.bert.encoder.layers], self.exits)
+        return MultiExitEncoder(
+            [_ExitLayer(layer, pos_bias) for layer in self.bert.encoder.layers], self.exits
+        )
 
     def _check_class_labels(self, labels, batch, device):
         _check_labels(labels, (batch,), device, "[B]")
         if self.config.num_labels == 1:
             if not labels.is_floating_point():
-                raise TypeError(f"labels must be float targets when num_labels == 1, got {labels.dtype}")
+                raise TypeError(
+                    f"labels must be float targets when num_labels == 1, got {labels.dtype}"
+                )
         else:
             _check_ids("labels", labels, None)
             _values_in_range("labels", labels, 0, self.config.num_labels, allow=-100)
 
-    def forward(self, input_ids, attention_mask=None, token_type_ids=None, labels=None, output_hidden_states=False,
-                return_dict=None, position_ids=None):
+    def forward(
+        self,
+        input_ids,
+        attention_mask=None,
+        token_type_ids=None,
+        labels=None,
+        output_hidden_states=False,
+        return_dict=None,
+        position_ids=None,
+    ):
         if labels is not None:
             self._check_class_labels(labels, input_ids.shape[0], input_ids.device)
         if self.exits is not None:
-            out = self._forward_exits(input_ids, attention_mask, token_type_ids, labels, output_hidden_states,
-                                      position_ids)
+            out = self._forward_exits(
+                input_ids,
+                attention_mask,
+                token_type_ids,
+                labels,
+                output_hidden_states,
+                position_ids,
+            )
             return _as_requested(out, return_dict)
         bert = self.bert
         hidden, packing = bert.embed_packed(input_ids, attention_mask, token_type_ids, position_ids)
-        hidden, states = bert.encode(hidden, packing, output_hidden_states)  # no [B, N] scatter: the pooler
-        states = tuple(packing.pad(t) for t in states) if states is not None else None  # reads one token a row
+        hidden, states = bert.encode(
+            hidden, packing, output_hidden_states
+        )  # no [B, N] scatter: the pooler
+        states = (
+            tuple(packing.pad(t) for t in states) if states is not None else None
+        )  # reads one token a row
         pooled = bert.pooler(packing.first_tokens(hidden))
         logits = self.classifier(self.dropout(pooled))
         loss = None
@@ -739,52 +969,92 @@ class TupeBertForSequenceClassification(MultiExitMixin, TupeBertPreTrainedModel)
                 loss = F.mse_loss(logits.squeeze(-1).float(), labels.float())
             else:
                 loss = F.cross_entropy(logits.float(), labels.long(), ignore_index=-100)
-        return _as_requested(SequenceClassifierOutput(loss=loss, logits=logits, hidden_states=states),
-                             return_dict)
+        return _as_requested(
+            SequenceClassifierOutput(loss=loss, logits=logits, hidden_states=states), return_dict
+        )
 
-    def _forward_exits(self, input_ids, attention_mask, token_type_ids, labels, output_hidden_states,
-                       position_ids=None):
+    def _forward_exits(
+        self,
+        input_ids,
+        attention_mask,
+        token_type_ids,
+        labels,
+        output_hidden_states,
+        position_ids=None,
+    ):
         bert = self.bert
         hidden, packing = bert.embed_packed(input_ids, attention_mask, token_type_ids, position_ids)
-        _, states = bert.encode(hidden, packing, output_hidden_states=True)  # every layer's output, packed
+        _, states = bert.encode(
+            hidden, packing, output_hidden_states=True
+        )  # every layer's output, packed
         # each off-ramp reads each row's first real token ([CLS]) of its layer's output
-        exit_logits = torch.stack([head(packing.first_tokens(t)[:, None]) for t, head in zip(states[1:], self.exits)])
+        exit_logits = torch.stack(
+            [head(packing.first_tokens(t)[:, None]) for t, head in zip(states[1:], self.exits)]
+        )
         states = tuple(packing.pad(t) for t in states) if output_hidden_states else None
         loss = None
         if labels is not None:
             # a host read, like the other value checks not made while torch.compile traces
             classes = self.config.num_labels > 1
             if classes and not torch.compiler.is_compiling() and bool((labels == -100).any()):
-                raise ValueError("labels must not hold -100 with config.multi_exit (the exit "
-                                 "losses average over every sample)")
+                raise ValueError(
+                    "labels must not hold -100 with config.multi_exit (the exit "
+                    "losses average over every sample)"
+                )
             loss = self.compute_exit_loss(exit_logits, labels)
-        return MultiExitSequenceClassifierOutput(loss=loss, logits=exit_logits[-1], exit_logits=exit_logits,
-                                                 hidden_states=states)
+        return MultiExitSequenceClassifierOutput(
+            loss=loss, logits=exit_logits[-1], exit_logits=exit_logits, hidden_states=states
+        )
 
     @torch.no_grad()
-    def early_exit(self, input_ids, attention_mask=None, token_type_ids=None, *, criterion, threshold=None,
-                   patience=None, position_ids=None):
+    def early_exit(
+        self,
+        input_ids,
+        attention_mask=None,
+        token_type_ids=None,
+        *,
+        criterion,
+        threshold=None,
+        patience=None,
+        position_ids=None,
+    ):
         """Batched early-exit inference: ``(logits [B, C], exit_layer [B] int64, 1-based)``, each sample exactly
         what it gets alone through the layers (``MultiExitEncoder.early_exit``'s contract). The positional term is
         computed once and handed to every layer; the layers run on the packed real tokens (``unpad_inputs``), the
         off-ramps read each row's first real token, and samples that exit leave the batch (their tokens leave the
         packing). Every row needs a real token. Call in eval mode."""
         if self.exits is None:
-            raise ValueError("early_exit needs off-ramps: build the model with config.multi_exit=True")
+            raise ValueError(
+                "early_exit needs off-ramps: build the model with config.multi_exit=True"
+            )
         bert = self.bert
         ee_ops.check_criterion(criterion, threshold, patience)
-        token_type_ids, mask = bert.check_inputs(input_ids, attention_mask, token_type_ids, position_ids)
+        token_type_ids, mask = bert.check_inputs(
+            input_ids, attention_mask, token_type_ids, position_ids
+        )
         if mask is not None and mask.numel() and not bool(mask.any(1).all()):
             bad = int((~mask.any(1)).nonzero()[0, 0])
-            raise ValueError(f"attention_mask[{bad}] has no real token: an off-ramp reads the row's first real token")
+            raise ValueError(
+                f"attention_mask[{bad}] has no real token: an off-ramp reads the row's first real token"
+            )
         batch = input_ids.shape[0]
-        state = ee_ops.BatchedExit(batch, depth=len(self.exits), criterion=criterion, threshold=threshold,
-                                   patience=patience, device=input_ids.device, backend=self.config.backend)
+        state = ee_ops.BatchedExit(
+            batch,
+            depth=len(self.exits),
+            criterion=criterion,
+            threshold=threshold,
+            patience=patience,
+            device=input_ids.device,
+            backend=self.config.backend,
+        )
         if batch == 0:
-            return torch.zeros(0, self.config.num_labels, device=input_ids.device), \
-                torch.zeros(0, dtype=torch.int64, device=input_ids.device)
+            return torch.zeros(0, self.config.num_labels, device=input_ids.device), torch.zeros(
+                0, dtype=torch.int64, device=input_ids.device
+            )
         hidden, packing = bert.embed_packed(input_ids, mask, token_type_ids, position_ids)
-        pos_bias = bert.position_bias(input_ids.shape[1])  # once, for every layer and every compaction
+        pos_bias = bert.position_bias(
+            input_ids.shape[1]
+        )  # once, for every layer and every compaction
         for i, (layer, head) in enumerate(zip(bert.encoder.layers, self.exits)):
             hidden = bert.encoder.run_layer(layer, hidden, pos_bias, packing)
             keep = state.step(head(packing.first_tokens(hidden)[:, None]), i + 1)
@@ -792,8 +1062,9 @@ class TupeBertForSequenceClassification(MultiExitMixin, TupeBertPreTrainedModel)
                 break
             if keep is not None:  # some rows left: their tokens only go on
                 padded = packing.pad(hidden).index_select(0, keep)
-                mask = (mask if mask is not None else torch.ones_like(input_ids, dtype=torch.bool)).index_select(
-                    0, keep)
+                mask = (
+                    mask if mask is not None else torch.ones_like(input_ids, dtype=torch.bool)
+                ).index_select(0, keep)
                 position_ids = None if position_ids is None else position_ids.index_select(0, keep)
                 input_ids = input_ids.index_select(0, keep)
                 packing = bert.packing(input_ids, mask, position_ids)

@@ -4,5 +4,12 @@ from .early_exit import BertLayerAdapter, ExitHead, MultiExitEncoder, TorchLayer
 from .notes import NoteDictionary
 from .tupe_attention import TupePositionBias, TupeSelfAttention
 
-__all__ = ["TupePositionBias", "TupeSelfAttention", "NoteDictionary", "MultiExitEncoder", "ExitHead",
-           "BertLayerAdapter", "TorchLayerAdapter"]
+__all__ = [
+    "TupePositionBias",
+    "TupeSelfAttention",
+    "NoteDictionary",
+    "MultiExitEncoder",
+    "ExitHead",
+    "BertLayerAdapter",
+    "TorchLayerAdapter",
+]

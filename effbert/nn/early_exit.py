@@ -6,7 +6,13 @@ from torch import nn
 from ..ops import early_exit as ops
 from ..ops.checks import as_bool_attention_mask, check_tensor
 
-__all__ = ["MultiExitEncoder", "ExitHead", "BertLayerAdapter", "TorchLayerAdapter", "check_attention_mask"]
+__all__ = [
+    "MultiExitEncoder",
+    "ExitHead",
+    "BertLayerAdapter",
+    "TorchLayerAdapter",
+    "check_attention_mask",
+]
 
 
 class ExitHead(nn.Module):
@@ -31,7 +37,9 @@ class TorchLayerAdapter(nn.Module):
         self.layer = layer
 
     def forward(self, hidden, attention_mask=None):
-        return self.layer(hidden, src_key_padding_mask=None if attention_mask is None else ~attention_mask)
+        return self.layer(
+            hidden, src_key_padding_mask=None if attention_mask is None else ~attention_mask
+        )
 
 
 class BertLayerAdapter(nn.Module):
@@ -45,7 +53,9 @@ class BertLayerAdapter(nn.Module):
     def forward(self, hidden, attention_mask=None):
         mask = None
         if attention_mask is not None:
-            mask = (~attention_mask)[:, None, None, :].to(hidden.dtype) * torch.finfo(hidden.dtype).min
+            mask = (~attention_mask)[:, None, None, :].to(hidden.dtype) * torch.finfo(
+                hidden.dtype
+            ).min
         out = self.layer(hidden, attention_mask=mask)
         return out[0] if isinstance(out, (tuple, list)) else out
 
@@ -60,10 +70,16 @@ def check_attention_mask(attention_mask, shape, device):
     attention_mask = as_bool_attention_mask(attention_mask, shape, device)
     if attention_mask is None:
         return None
-    if not torch.compiler.is_compiling() and attention_mask.numel() and not bool(attention_mask[:, 0].all()):
+    if (
+        not torch.compiler.is_compiling()
+        and attention_mask.numel()
+        and not bool(attention_mask[:, 0].all())
+    ):
         bad = int(torch.nonzero(~attention_mask[:, 0])[0, 0])
-        raise ValueError(f"attention_mask[{bad}, 0] is False: True/1 marks real tokens and the first token ([CLS]) of "
-                         "every row must be real (a padding mask with True = padding is the inverse)")
+        raise ValueError(
+            f"attention_mask[{bad}, 0] is False: True/1 marks real tokens and the first token ([CLS]) of "
+            "every row must be real (a padding mask with True = padding is the inverse)"
+        )
     return attention_mask
 
 
@@ -80,14 +96,18 @@ class MultiExitEncoder(nn.Module):
         super().__init__()
         layers, heads = list(layers), list(heads)
         if len(layers) != len(heads):
-            raise ValueError(f"layers and heads must have equal length (an off-ramp per layer), got {len(layers)} "
-                             f"layers and {len(heads)} heads")
+            raise ValueError(
+                f"layers and heads must have equal length (an off-ramp per layer), got {len(layers)} "
+                f"layers and {len(heads)} heads"
+            )
         if not layers:
             raise ValueError("layers must hold at least one layer")
         for name, mods in (("layers", layers), ("heads", heads)):
             for i, m in enumerate(mods):
                 if not isinstance(m, nn.Module):
-                    raise TypeError(f"{name}[{i}] must be a torch.nn.Module, got {type(m).__name__}")
+                    raise TypeError(
+                        f"{name}[{i}] must be a torch.nn.Module, got {type(m).__name__}"
+                    )
         self.layers = nn.ModuleList(layers)
         self.heads = nn.ModuleList(heads)
 
@@ -109,7 +129,16 @@ class MultiExitEncoder(nn.Module):
         return torch.stack(out)
 
     @torch.no_grad()
-    def early_exit(self, hidden, attention_mask=None, *, criterion, threshold=None, patience=None, backend="auto"):
+    def early_exit(
+        self,
+        hidden,
+        attention_mask=None,
+        *,
+        criterion,
+        threshold=None,
+        patience=None,
+        backend="auto",
+    ):
         """Batched early exit: ``(logits [B, C], exit_layer [B] int64, 1-based)``.
 
         Each sample gets exactly what it gets alone through the per-sample loop (``reference.early_exit_loop``).
@@ -121,16 +150,25 @@ class MultiExitEncoder(nn.Module):
         """
         mask = self._check(hidden, attention_mask)
         ops.check_criterion(criterion, threshold, patience)
-        state = ops.BatchedExit(hidden.shape[0], depth=self.depth, criterion=criterion, threshold=threshold,
-                                patience=patience, device=hidden.device, backend=backend)
+        state = ops.BatchedExit(
+            hidden.shape[0],
+            depth=self.depth,
+            criterion=criterion,
+            threshold=threshold,
+            patience=patience,
+            device=hidden.device,
+            backend=backend,
+        )
         if hidden.shape[0] == 0:
             return hidden.new_empty((0, 0)), torch.zeros(0, dtype=torch.int64, device=hidden.device)
         for i, (layer, head) in enumerate(zip(self.layers, self.heads)):
             hidden = layer(hidden, mask)
             logits = head(hidden)
             if logits.dim() != 2 or logits.shape[0] != hidden.shape[0]:
-                raise ValueError(f"heads[{i}] must return logits [B, C] = [{hidden.shape[0]}, C], got shape "
-                                 f"{tuple(logits.shape)}")
+                raise ValueError(
+                    f"heads[{i}] must return logits [B, C] = [{hidden.shape[0]}, C], got shape "
+                    f"{tuple(logits.shape)}"
+                )
             keep = state.step(logits, i + 1)
             if state.active == 0:
                 break

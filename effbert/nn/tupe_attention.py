@@ -5,8 +5,13 @@ import math
 import torch
 from torch import nn
 
-from ..ops import (t5_relative_buckets, tupe_attention, tupe_attention_varlen, tupe_attention_varlen_subset,
-                   tupe_position_bias)
+from ..ops import (
+    t5_relative_buckets,
+    tupe_attention,
+    tupe_attention_varlen,
+    tupe_attention_varlen_subset,
+    tupe_position_bias,
+)
 
 
 class TupePositionBias(nn.Module):
@@ -25,14 +30,30 @@ class TupePositionBias(nn.Module):
     must be the caller's choice.
     """
 
-    def __init__(self, hidden_size, num_heads, max_positions=512, num_buckets=32, max_distance=128, untie_cls=True,
-                 layer_norm_eps=1e-12, backend="auto", cache=False):
+    def __init__(
+        self,
+        hidden_size,
+        num_heads,
+        max_positions=512,
+        num_buckets=32,
+        max_distance=128,
+        untie_cls=True,
+        layer_norm_eps=1e-12,
+        backend="auto",
+        cache=False,
+    ):
         super().__init__()
         if hidden_size % num_heads:
-            raise ValueError(f"hidden_size ({hidden_size}) must be a multiple of num_heads ({num_heads})")
+            raise ValueError(
+                f"hidden_size ({hidden_size}) must be a multiple of num_heads ({num_heads})"
+            )
         if max_positions < 1:
             raise ValueError(f"max_positions must be >= 1, got {max_positions}")
-        self.num_heads, self.head_dim, self.max_positions = num_heads, hidden_size // num_heads, max_positions
+        self.num_heads, self.head_dim, self.max_positions = (
+            num_heads,
+            hidden_size // num_heads,
+            max_positions,
+        )
         self.backend = backend
         self.position_embeddings = nn.Embedding(max_positions, hidden_size)
         self.layer_norm = nn.LayerNorm(hidden_size, eps=layer_norm_eps)
@@ -40,8 +61,11 @@ class TupePositionBias(nn.Module):
         self.key = nn.Linear(hidden_size, hidden_size)
         if num_buckets is not None:
             self.rel_table = nn.Parameter(torch.zeros(num_buckets, num_heads))
-            self.register_buffer("rel_buckets", t5_relative_buckets(max_positions, num_buckets, max_distance),
-                                 persistent=False)
+            self.register_buffer(
+                "rel_buckets",
+                t5_relative_buckets(max_positions, num_buckets, max_distance),
+                persistent=False,
+            )
         else:
             self.rel_table, self.rel_buckets = None, None
         if untie_cls:
@@ -67,13 +91,26 @@ class TupePositionBias(nn.Module):
         pos_q = self.query(pos).view(n, h, d)
         pos_k = self.key(pos).view(n, h, d)
         buckets = self.rel_buckets[:n, :n] if self.rel_table is not None else None
-        return tupe_position_bias(pos_q, pos_k, scale=(2 * d) ** -0.5, rel_table=self.rel_table,
-                                  rel_buckets=buckets, cls_row=self.cls_row, cls_col=self.cls_col,
-                                  backend=self.backend)
+        return tupe_position_bias(
+            pos_q,
+            pos_k,
+            scale=(2 * d) ** -0.5,
+            rel_table=self.rel_table,
+            rel_buckets=buckets,
+            cls_row=self.cls_row,
+            cls_col=self.cls_col,
+            backend=self.backend,
+        )
 
     def forward(self, seq_len):
-        if isinstance(seq_len, bool) or not isinstance(seq_len, int) or not 1 <= seq_len <= self.max_positions:
-            raise ValueError(f"seq_len must be an int in [1, {self.max_positions}], got {seq_len!r}")
+        if (
+            isinstance(seq_len, bool)
+            or not isinstance(seq_len, int)
+            or not 1 <= seq_len <= self.max_positions
+        ):
+            raise ValueError(
+                f"seq_len must be an int in [1, {self.max_positions}], got {seq_len!r}"
+            )
         if not self.cache or self.training or torch.is_grad_enabled():
             self.clear_cache()
             return self.compute(seq_len)
@@ -97,20 +134,36 @@ class TupeSelfAttention(nn.Module):
     scale) and ``1/sqrt(head_dim)`` without one (plain BERT). Attention dropout ``dropout`` applies in training.
     """
 
-    def __init__(self, hidden_size, num_heads, dropout=0.0, scale=None, deterministic=False, backend="auto",
-                 head_dim=None):
+    def __init__(
+        self,
+        hidden_size,
+        num_heads,
+        dropout=0.0,
+        scale=None,
+        deterministic=False,
+        backend="auto",
+        head_dim=None,
+    ):
         super().__init__()
-        if head_dim is not None and (isinstance(head_dim, bool) or not isinstance(head_dim, int)
-                                     or head_dim < 1):
+        if head_dim is not None and (
+            isinstance(head_dim, bool) or not isinstance(head_dim, int) or head_dim < 1
+        ):
             raise ValueError(f"head_dim must be an int >= 1 or None, got {head_dim!r}")
         if head_dim is None and hidden_size % num_heads:
-            raise ValueError(f"hidden_size ({hidden_size}) must be a multiple of num_heads ({num_heads})")
+            raise ValueError(
+                f"hidden_size ({hidden_size}) must be a multiple of num_heads ({num_heads})"
+            )
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout}")
         # head_dim given: a head-pruned layer (effbert.models.early_bird), num_heads * head_dim < hidden_size
         self.hidden_size, self.num_heads = hidden_size, num_heads
         self.head_dim = hidden_size // num_heads if head_dim is None else head_dim
-        self.dropout, self.scale, self.deterministic, self.backend = dropout, scale, deterministic, backend
+        self.dropout, self.scale, self.deterministic, self.backend = (
+            dropout,
+            scale,
+            deterministic,
+            backend,
+        )
         width = self.num_heads * self.head_dim
         self.qkv = nn.Linear(hidden_size, 3 * width)
         self.out = nn.Linear(width, hidden_size)
@@ -137,31 +190,56 @@ class TupeSelfAttention(nn.Module):
         on row blocks of the fused weight (views, no copy): on few tokens the three are faster than one three times
         as wide (5% at 128 tokens with MKL on two cores; equal from about 600 tokens), and the CPU attention takes
         the three outputs as they are."""
-        if type(self.qkv) is not nn.Linear:  # a quantised linear (quantize_for_cpu): one int8 GEMM, no weights to cut
+        if (
+            type(self.qkv) is not nn.Linear
+        ):  # a quantised linear (quantize_for_cpu): one int8 GEMM, no weights to cut
             return self.qkv(hidden).unflatten(-1, (3, -1)).unbind(-2)
-        if hidden.device.type == "cpu" and not (torch.is_grad_enabled() and (
-                hidden.requires_grad or self.qkv.weight.requires_grad)):
-            w, bias = self.qkv.weight.chunk(3), (self.qkv.bias.chunk(3) if self.qkv.bias is not None else (None,) * 3)
+        if hidden.device.type == "cpu" and not (
+            torch.is_grad_enabled() and (hidden.requires_grad or self.qkv.weight.requires_grad)
+        ):
+            w, bias = (
+                self.qkv.weight.chunk(3),
+                (self.qkv.bias.chunk(3) if self.qkv.bias is not None else (None,) * 3),
+            )
             return tuple(nn.functional.linear(hidden, w[i], bias[i]) for i in range(3))
         return self.qkv(hidden).unflatten(-1, (3, -1)).unbind(-2)
 
-    def forward(self, hidden, pos_bias=None, attention_mask=None, cu_seqlens=None, max_seqlen=None,
-                check_offsets=True):
+    def forward(
+        self,
+        hidden,
+        pos_bias=None,
+        attention_mask=None,
+        cu_seqlens=None,
+        max_seqlen=None,
+        check_offsets=True,
+    ):
         if cu_seqlens is not None:
             if attention_mask is not None:
-                raise ValueError("give attention_mask (padded hidden) or cu_seqlens (packed hidden), not both")
+                raise ValueError(
+                    "give attention_mask (padded hidden) or cu_seqlens (packed hidden), not both"
+                )
             return self._forward_packed(hidden, cu_seqlens, max_seqlen, pos_bias, check_offsets)
         if hidden.dim() != 3 or hidden.shape[-1] != self.hidden_size:
-            raise ValueError(f"hidden must be [B, N, {self.hidden_size}], got {tuple(hidden.shape)}")
+            raise ValueError(
+                f"hidden must be [B, N, {self.hidden_size}], got {tuple(hidden.shape)}"
+            )
         b, n, _ = hidden.shape
         q, k, v = (t.view(b, n, self.num_heads, self.head_dim) for t in self._project_qkv(hidden))
         pos_bias = self._heads_pos_bias(pos_bias)
         scale = self.scale
         if scale is None:
             scale = 1.0 / math.sqrt((2 if pos_bias is not None else 1) * self.head_dim)
-        ctx = tupe_attention(q, k, v, pos_bias, attention_mask=attention_mask, scale=scale,
-                             dropout_p=self.dropout if self.training else 0.0, deterministic=self.deterministic,
-                             backend=self.backend)
+        ctx = tupe_attention(
+            q,
+            k,
+            v,
+            pos_bias,
+            attention_mask=attention_mask,
+            scale=scale,
+            dropout_p=self.dropout if self.training else 0.0,
+            deterministic=self.deterministic,
+            backend=self.backend,
+        )
         return self._project_out(ctx.reshape(b, n, self.num_heads, self.head_dim))
 
     def _forward_packed(self, hidden, cu_seqlens, max_seqlen, pos_bias=None, check_offsets=True):
@@ -178,14 +256,34 @@ class TupeSelfAttention(nn.Module):
         scale = self.scale
         if scale is None:
             scale = 1.0 / math.sqrt((2 if pos_bias is not None else 1) * self.head_dim)
-        ctx = tupe_attention_varlen(q, k, v, cu_seqlens, max_seqlen, pos_bias, scale=scale,
-                                    dropout_p=self.dropout if self.training else 0.0,
-                                    deterministic=self.deterministic, backend=self.backend,
-                                    check_offsets=check_offsets)
+        ctx = tupe_attention_varlen(
+            q,
+            k,
+            v,
+            cu_seqlens,
+            max_seqlen,
+            pos_bias,
+            scale=scale,
+            dropout_p=self.dropout if self.training else 0.0,
+            deterministic=self.deterministic,
+            backend=self.backend,
+            check_offsets=check_offsets,
+        )
         return self._project_out(ctx.reshape(t, self.num_heads, self.head_dim))
 
-    def forward_subset(self, hidden_q, hidden_kv, cu_seqlens_q, cu_seqlens_k, position_ids_q, pos_bias=None, *,
-                       max_seqlen_q=None, max_seqlen_k=None, check_offsets=True):
+    def forward_subset(
+        self,
+        hidden_q,
+        hidden_kv,
+        cu_seqlens_q,
+        cu_seqlens_k,
+        position_ids_q,
+        pos_bias=None,
+        *,
+        max_seqlen_q=None,
+        max_seqlen_k=None,
+        check_offsets=True,
+    ):
         """Inference after token-level early exit: queries from the active tokens ``hidden_q [Tq, hidden_size]``,
         keys and values from every token ``hidden_kv [Tk, hidden_size]`` (exited tokens' frozen states included,
         projected by this layer's K/V weights, as Li et al.'s published code computes them), through
@@ -201,22 +299,43 @@ class TupeSelfAttention(nn.Module):
             w = self.qkv.weight.chunk(3)
             bias = self.qkv.bias.chunk(3) if self.qkv.bias is not None else (None,) * 3
             # Q for the active tokens only; K and V for all of them
-            q = nn.functional.linear(hidden_q, w[0], bias[0]).view(-1, self.num_heads, self.head_dim)
-            k, v = (nn.functional.linear(hidden_kv, w[i], bias[i]).view(-1, self.num_heads, self.head_dim)
-                    for i in (1, 2))
+            q = nn.functional.linear(hidden_q, w[0], bias[0]).view(
+                -1, self.num_heads, self.head_dim
+            )
+            k, v = (
+                nn.functional.linear(hidden_kv, w[i], bias[i]).view(
+                    -1, self.num_heads, self.head_dim
+                )
+                for i in (1, 2)
+            )
         else:  # a quantised linear (quantize_for_cpu) has no float weight rows to cut: the fused int8 GEMM, sliced
             q = self.qkv(hidden_q)[:, :width].reshape(-1, self.num_heads, self.head_dim)
-            k, v = (x.reshape(-1, self.num_heads, self.head_dim)
-                    for x in self.qkv(hidden_kv)[:, width:].chunk(2, -1))
+            k, v = (
+                x.reshape(-1, self.num_heads, self.head_dim)
+                for x in self.qkv(hidden_kv)[:, width:].chunk(2, -1)
+            )
         scale = self.scale
         if scale is None:
             scale = 1.0 / math.sqrt((2 if pos_bias is not None else 1) * self.head_dim)
-        if pos_bias is None:  # the op always takes a positional term: a zero one is plain BERT attention
+        if (
+            pos_bias is None
+        ):  # the op always takes a positional term: a zero one is plain BERT attention
             n = hidden_kv.shape[0] if max_seqlen_k is None else max_seqlen_k
             pos_bias = hidden_kv.new_zeros(1, 1, 1).expand(self.num_heads, max(n, 1), max(n, 1))
         # no CUDA C++ kernel for the subset form: a model set to "cuda" takes the best one that serves
         backend = "auto" if self.backend == "cuda" else self.backend
-        ctx = tupe_attention_varlen_subset(q, k, v, cu_seqlens_q, cu_seqlens_k, position_ids_q, pos_bias,
-                                           max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, scale=scale,
-                                           backend=backend, check_offsets=check_offsets)
+        ctx = tupe_attention_varlen_subset(
+            q,
+            k,
+            v,
+            cu_seqlens_q,
+            cu_seqlens_k,
+            position_ids_q,
+            pos_bias,
+            max_seqlen_q=max_seqlen_q,
+            max_seqlen_k=max_seqlen_k,
+            scale=scale,
+            backend=backend,
+            check_offsets=check_offsets,
+        )
         return self._project_out(ctx.reshape(-1, self.num_heads, self.head_dim))

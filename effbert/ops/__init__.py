@@ -8,8 +8,26 @@ from .position_bias import t5_relative_buckets, tupe_position_bias
 from .token_exit import token_exit_decision
 from .attention import tupe_attention, tupe_attention_varlen, tupe_attention_varlen_subset
 
-__all__ = ["BACKENDS", "BackendNotSupportedError", "BackendStatus", "backends", "device_reasons",
-           "exit_entropy", "exit_decision", "multi_exit_distillation_loss", "token_exit_decision",
-           "mc_sample", "mc_sample_fused", "mc_candidate_loss", "note_mix", "note_update_", "note_window_means", "note_fold_",
-           "t5_relative_buckets", "tupe_position_bias", "tupe_attention", "tupe_attention_varlen",
-           "tupe_attention_varlen_subset"]
+__all__ = [
+    "BACKENDS",
+    "BackendNotSupportedError",
+    "BackendStatus",
+    "backends",
+    "device_reasons",
+    "exit_entropy",
+    "exit_decision",
+    "multi_exit_distillation_loss",
+    "token_exit_decision",
+    "mc_sample",
+    "mc_sample_fused",
+    "mc_candidate_loss",
+    "note_mix",
+    "note_update_",
+    "note_window_means",
+    "note_fold_",
+    "t5_relative_buckets",
+    "tupe_position_bias",
+    "tupe_attention",
+    "tupe_attention_varlen",
+    "tupe_attention_varlen_subset",
+]

@@ -47,13 +47,26 @@ MATH_MAX_LEN = 160  # the longest sequence the inference road takes (measured cr
 
 def _call(q, k, v, bias, scale, dropout_p):
     """Attention over ``[G, L, H, D]`` with the shared ``bias [H, L, L]`` (or None): ``[G, L, H, D]``."""
-    if (bias is not None and q.shape[0] == 1 and q.shape[1] <= MATH_MAX_LEN and dropout_p == 0.0
-            and not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad
-                                                  or bias.requires_grad))):
+    if (
+        bias is not None
+        and q.shape[0] == 1
+        and q.shape[1] <= MATH_MAX_LEN
+        and dropout_p == 0.0
+        and not (
+            torch.is_grad_enabled()
+            and (q.requires_grad or k.requires_grad or v.requires_grad or bias.requires_grad)
+        )
+    ):
         return _call_inference(q, k, v, bias.to(q.dtype), scale)
     mask = None if bias is None else bias.unsqueeze(0).to(q.dtype)
-    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
-                                         dropout_p=dropout_p, scale=scale)
+    out = F.scaled_dot_product_attention(
+        q.transpose(1, 2),
+        k.transpose(1, 2),
+        v.transpose(1, 2),
+        attn_mask=mask,
+        dropout_p=dropout_p,
+        scale=scale,
+    )
     return out.transpose(1, 2)
 
 
@@ -75,8 +88,12 @@ class _BiasBlocks(torch.autograd.Function):
     def forward(ctx, pos_bias, *blocks):
         ctx.set_materialize_grads(False)
         ctx.shape, ctx.blocks = pos_bias.shape, blocks
-        return tuple(pos_bias[:, :b, :b] if isinstance(b, int) else pos_bias.index_select(1, b).index_select(2, b)
-                     for b in blocks)
+        return tuple(
+            pos_bias[:, :b, :b]
+            if isinstance(b, int)
+            else pos_bias.index_select(1, b).index_select(2, b)
+            for b in blocks
+        )
 
     @staticmethod
     def backward(ctx, *grads):
@@ -99,8 +116,12 @@ def _bias_blocks(pos_bias, blocks):
         return [None] * len(blocks)
     if torch.is_grad_enabled() and pos_bias.requires_grad:
         return list(_BiasBlocks.apply(pos_bias, *blocks))
-    return [pos_bias[:, :b, :b] if isinstance(b, int) else pos_bias.index_select(1, b).index_select(2, b)
-            for b in blocks]
+    return [
+        pos_bias[:, :b, :b]
+        if isinstance(b, int)
+        else pos_bias.index_select(1, b).index_select(2, b)
+        for b in blocks
+    ]
 
 
 def _row_prefixes(t, lengths):
@@ -108,7 +129,9 @@ def _row_prefixes(t, lengths):
     once): indexing or slicing each sequence out of ``t`` would make autograd build a zero gradient the size of ``t``
     per sequence, most of the backward's time on a padded batch."""
     n = t.shape[1]
-    if t.shape[0] == 1 or t.stride(0) == n * t.stride(1):  # rows back to back: one split of the flattened batch
+    if t.shape[0] == 1 or t.stride(0) == n * t.stride(
+        1
+    ):  # rows back to back: one split of the flattened batch
         sizes = [s for length in lengths for s in (length, n - length)]
         return list(t.flatten(0, 1).split(sizes)[0::2])
     return [row.split([length, n - length])[0] for row, length in zip(t.unbind(0), lengths)]
@@ -141,7 +164,12 @@ def attention(q, k, v, pos_bias, attention_mask, scale, dropout_p):
                 b = rows[0]
                 results[b] = _call(qs[b][None], ks[b][None], vs[b][None], bias, scale, dropout_p)[0]
             else:  # stack's backward hands out views; unbind's is one stack
-                out = _call(*(torch.stack([t[b] for b in rows]) for t in (qs, ks, vs)), bias, scale, dropout_p)
+                out = _call(
+                    *(torch.stack([t[b] for b in rows]) for t in (qs, ks, vs)),
+                    bias,
+                    scale,
+                    dropout_p,
+                )
                 for b, r in zip(rows, out.unbind(0)):
                     results[b] = r
         pieces = []
@@ -149,20 +177,28 @@ def attention(q, k, v, pos_bias, attention_mask, scale, dropout_p):
             if length:
                 pieces.append(results[b])
             if length < n:
-                pieces.append(zeros[:n - length])
+                pieces.append(zeros[: n - length])
         return torch.cat(pieces).view(q.shape)
     rows_out = []
     qr, kr, vr = (t.unbind(0) for t in (q, k, v))
     positions = [real[b].nonzero().squeeze(1) if lengths[b] else None for b in range(batch)]
     biases = iter(_bias_blocks(pos_bias, [pos for pos in positions if pos is not None]))
-    for b, pos in enumerate(positions):  # holes in the mask: each sequence's real tokens and their bias entries
+    for b, pos in enumerate(
+        positions
+    ):  # holes in the mask: each sequence's real tokens and their bias entries
         if pos is None:
             rows_out.append(zeros)
             continue
         bias = next(biases)
         # per-row gathers and scatters: their backward's zeros are one row each, not the whole batch
-        res = _call(qr[b].index_select(0, pos)[None], kr[b].index_select(0, pos)[None],
-                    vr[b].index_select(0, pos)[None], bias, scale, dropout_p)[0]
+        res = _call(
+            qr[b].index_select(0, pos)[None],
+            kr[b].index_select(0, pos)[None],
+            vr[b].index_select(0, pos)[None],
+            bias,
+            scale,
+            dropout_p,
+        )[0]
         rows_out.append(zeros.index_copy(0, pos, res))
     return torch.stack(rows_out)
 
@@ -170,7 +206,9 @@ def attention(q, k, v, pos_bias, attention_mask, scale, dropout_p):
 def attention_varlen(q, k, v, cu_seqlens, pos_bias, scale, dropout_p):
     """Packed ``[total, H, D]`` attention, sequence ``b`` being rows ``cu_seqlens[b]:cu_seqlens[b + 1]``."""
     total = q.shape[0]
-    cu = [min(max(c, 0), total) for c in cu_seqlens.tolist()]  # unchecked offsets: rows past the end do not exist
+    cu = [
+        min(max(c, 0), total) for c in cu_seqlens.tolist()
+    ]  # unchecked offsets: rows past the end do not exist
     if not all(a <= b for a, b in zip(cu, cu[1:])):
         return _varlen_unordered(q, k, v, cu, pos_bias, scale, dropout_p)
     # offsets that never decrease cut the rows into consecutive pieces: [0, cu[0]) and [cu[-1], total) belong to no
@@ -194,8 +232,10 @@ def _varlen_unordered(q, k, v, cu, pos_bias, scale, dropout_p):
     for b in range(len(cu) - 1):
         lo, hi = cu[b], cu[b + 1]
         if hi > lo:
-            bias = None if pos_bias is None else pos_bias[:, :hi - lo, :hi - lo]
-            out[lo:hi] = _call(q[None, lo:hi], k[None, lo:hi], v[None, lo:hi], bias, scale, dropout_p)[0]
+            bias = None if pos_bias is None else pos_bias[:, : hi - lo, : hi - lo]
+            out[lo:hi] = _call(
+                q[None, lo:hi], k[None, lo:hi], v[None, lo:hi], bias, scale, dropout_p
+            )[0]
     return out
 
 
@@ -212,10 +252,18 @@ def attention_traced(q, k, v, pos_bias, attention_mask, scale, dropout_p):
         padded_query = ~real[:, None, :, None]  # [B, 1, N, 1]
         # real pairs: the bias; a real query's padded keys: -inf (no weight); a padded query: 0 everywhere (it
         # attends uniformly to zeroed values, a finite row that is discarded and passes no gradient on)
-        outside = torch.where(padded_query, zero, torch.full((), float("-inf"), dtype=q.dtype, device=q.device))
+        outside = torch.where(
+            padded_query, zero, torch.full((), float("-inf"), dtype=q.dtype, device=q.device)
+        )
         bias = torch.where(pair, bias if bias is not None else zero, outside)
-    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=bias,
-                                         dropout_p=dropout_p, scale=scale).transpose(1, 2)
+    out = F.scaled_dot_product_attention(
+        q.transpose(1, 2),
+        k.transpose(1, 2),
+        v.transpose(1, 2),
+        attn_mask=bias,
+        dropout_p=dropout_p,
+        scale=scale,
+    ).transpose(1, 2)
     if attention_mask is not None:
         out = torch.where(token, out, zero)
     return out
@@ -245,8 +293,12 @@ def attention_varlen_subset(q, k, v, cu_seqlens_q, cu_seqlens_k, position_ids_q,
         if q_hi <= q_lo or k_hi <= k_lo:
             continue
         # index_select copies: baddbmm's addend is then overwritten by the softmax without touching pos_bias
-        bias = pos_bias[:, :, :k_hi - k_lo].index_select(1, position_ids_q[q_lo:q_hi]).to(q.dtype)
-        qh, kh, vh = q[q_lo:q_hi].transpose(0, 1), k[k_lo:k_hi].transpose(0, 1), v[k_lo:k_hi].transpose(0, 1)
+        bias = pos_bias[:, :, : k_hi - k_lo].index_select(1, position_ids_q[q_lo:q_hi]).to(q.dtype)
+        qh, kh, vh = (
+            q[q_lo:q_hi].transpose(0, 1),
+            k[k_lo:k_hi].transpose(0, 1),
+            v[k_lo:k_hi].transpose(0, 1),
+        )
         logits = torch.baddbmm(bias, qh, kh.transpose(1, 2), alpha=scale)
         torch.softmax(logits, -1, out=logits)
         out[q_lo:q_hi] = torch.bmm(logits, vh).transpose(0, 1)

@@ -40,7 +40,9 @@ class BackendStatus:
     reasons: tuple = field(default_factory=tuple)
 
     def __str__(self):
-        return f"{self.name}: " + ("available" if self.available else "unavailable (" + "; ".join(self.reasons) + ")")
+        return f"{self.name}: " + (
+            "available" if self.available else "unavailable (" + "; ".join(self.reasons) + ")"
+        )
 
 
 def triton_interpreting():
@@ -143,9 +145,15 @@ def backends():
 
 
 def device_reasons(name, device):
-    if name == "triton" and device.type != "cuda" and not (device.type == "cpu" and triton_interpreting()):
-        return [f"inputs are on {device.type}; Triton kernels run on CUDA tensors (CPU tensors only under "
-                "TRITON_INTERPRET=1)"]
+    if (
+        name == "triton"
+        and device.type != "cuda"
+        and not (device.type == "cpu" and triton_interpreting())
+    ):
+        return [
+            f"inputs are on {device.type}; Triton kernels run on CUDA tensors (CPU tensors only under "
+            "TRITON_INTERPRET=1)"
+        ]
     if name == "cuda" and device.type != "cuda":
         return [f"inputs are on {device.type}; the CUDA extension takes CUDA tensors"]
     if name == "cpu" and device.type != "cpu":
@@ -153,11 +161,14 @@ def device_reasons(name, device):
     return []
 
 
-
 # ---- what each op's backends take, declared as data (xformers' SUPPORTED_DTYPES, ...) ----
 
-_SHORT_DTYPE = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16",
-                torch.float64: "fp64"}
+_SHORT_DTYPE = {
+    torch.float32: "fp32",
+    torch.float16: "fp16",
+    torch.bfloat16: "bf16",
+    torch.float64: "fp64",
+}
 
 
 def dtype_name(dtype):
@@ -192,6 +203,7 @@ class Support:
     takes: how a reason names the backend, before the dtypes ("{backend} kernels take").
     why: why the dtypes are what they are, given in the dtype reason ("" for none).
     """
+
     dtypes: tuple = None
     grad_dtypes: tuple = None
     interpreter_dtypes: tuple = None
@@ -208,6 +220,7 @@ class OpSupport:
     """One op's dispatch as data: its backends (``{name: Support}``; a backend absent there has no
     kernel for the op, and ``absent`` says so), and the order ``auto`` tries them in per device
     type, fastest first."""
+
     op: str
     backends: dict
     preference: dict
@@ -221,6 +234,7 @@ class Inputs(NamedTuple):
     """What dispatch needs to know of one call: the device, ``tensors`` as ``((label, dtype), ...)``
     (the op's floating inputs), ``sizes`` as ``{name: value}`` (those that some backend limits) and
     whether the call builds a graph."""
+
     device: torch.device
     tensors: tuple
     sizes: dict = {}
@@ -238,8 +252,9 @@ def declare(ops, backends, preference=DEFAULT_PREFERENCE, absent="no {backend} k
     Raises
     ``ValueError`` for a backend name outside BACKENDS or an op declared twice."""
     names = (ops,) if isinstance(ops, str) else tuple(ops)
-    unknown = [b for b in backends if b not in BACKENDS] + \
-        [b for order in preference.values() for b in order if b not in backends]
+    unknown = [b for b in backends if b not in BACKENDS] + [
+        b for order in preference.values() for b in order if b not in backends
+    ]
     if unknown:
         raise ValueError(f"declare: backends must be declared ones of {BACKENDS}, got {unknown}")
     for op in names:
@@ -273,13 +288,17 @@ def _op_reasons(spec, name, inputs):
                 out.append(f"the Triton interpreter computes {short} dot products wrongly")
             else:
                 listed = support.dtypes if allowed is support.interpreter_dtypes else allowed
-                out.append(f"{support.takes.format(backend=name)} {_dtype_list(listed)} {label}"
-                           f"{' with a gradient wanted' if with_grad else ''}"
-                           f"{f' ({support.why})' if support.why else ''}, got {dtype_name(dtype)}")
+                out.append(
+                    f"{support.takes.format(backend=name)} {_dtype_list(listed)} {label}"
+                    f"{' with a gradient wanted' if with_grad else ''}"
+                    f"{f' ({support.why})' if support.why else ''}, got {dtype_name(dtype)}"
+                )
     sizes = inputs.sizes
     if support.head_dims is not None and sizes.get("head_dim") not in support.head_dims:
-        out.append(f"{support.takes.format(backend=name)} head dims {support.head_dims}, got "
-                   f"{sizes.get('head_dim')}")
+        out.append(
+            f"{support.takes.format(backend=name)} head dims {support.head_dims}, got "
+            f"{sizes.get('head_dim')}"
+        )
     if support.limits:
         for size, (largest, why) in support.limits.items():
             value = sizes.get(size, 0)
@@ -294,8 +313,11 @@ def not_supported_reasons(op, backend, inputs):
     """Why ``backend`` cannot serve a call of ``op`` on ``inputs`` (an `Inputs`): a list of strings,
     empty when it can. Machine facts first (installed, a device), then the op's declaration in
     `OPS`. Raises ``KeyError`` for an op never declared."""
-    return _general_reasons(backend) + device_reasons(backend, inputs.device) + \
-        _op_reasons(OPS[op], backend, inputs)
+    return (
+        _general_reasons(backend)
+        + device_reasons(backend, inputs.device)
+        + _op_reasons(OPS[op], backend, inputs)
+    )
 
 
 def requested_backend(backend):
@@ -322,21 +344,29 @@ def select_backend(op, backend, inputs, called=None):
     spec = OPS[op]
     wanted = requested_backend(backend)
     if wanted != "auto":
-        reasons = _general_reasons(wanted) + device_reasons(wanted, inputs.device) + \
-            _op_reasons(spec, wanted, inputs)
+        reasons = (
+            _general_reasons(wanted)
+            + device_reasons(wanted, inputs.device)
+            + _op_reasons(spec, wanted, inputs)
+        )
         if reasons:
             raise BackendNotSupportedError(
-                f"{called}: backend {wanted!r} cannot serve these inputs: " + "; ".join(reasons))
+                f"{called}: backend {wanted!r} cannot serve these inputs: " + "; ".join(reasons)
+            )
         return wanted
     tried = []
     for name in spec.preferred(inputs.device):
-        reasons = _general_reasons(name) + device_reasons(name, inputs.device) + \
-            _op_reasons(spec, name, inputs)
+        reasons = (
+            _general_reasons(name)
+            + device_reasons(name, inputs.device)
+            + _op_reasons(spec, name, inputs)
+        )
         if not reasons:
             return name
         tried.append(f"{name}: " + "; ".join(reasons))
     raise BackendNotSupportedError(
-        f"{called}: no backend can serve these inputs ({' | '.join(tried)})")
+        f"{called}: no backend can serve these inputs ({' | '.join(tried)})"
+    )
 
 
 def supported_backends(op, inputs):

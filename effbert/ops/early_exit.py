@@ -8,17 +8,25 @@ import torch
 from .. import _ext
 from .. import reference
 from .checks import FLOAT_DTYPES, check_same_device, check_tensor
-from ._dispatch import (Inputs, Support, cached_selection, declare, direct_call_ok,
-                        requested_backend)
+from ._dispatch import Inputs, Support, cached_selection, declare, direct_call_ok, requested_backend
 
-__all__ = ["exit_entropy", "exit_decision", "BatchedExit", "check_criterion", "CRITERIA", "multi_exit_distillation_loss"]
+__all__ = [
+    "exit_entropy",
+    "exit_decision",
+    "BatchedExit",
+    "check_criterion",
+    "CRITERIA",
+    "multi_exit_distillation_loss",
+]
 
 _KERNEL_DTYPES = FLOAT_DTYPES
 
 
 _KERNELS = Support(dtypes=_KERNEL_DTYPES)
-declare(("exit_entropy", "exit_decision"),
-        {"triton": _KERNELS, "cuda": _KERNELS, "cpu": _KERNELS, "eager": Support()})
+declare(
+    ("exit_entropy", "exit_decision"),
+    {"triton": _KERNELS, "cuda": _KERNELS, "cpu": _KERNELS, "eager": Support()},
+)
 
 
 def _logits(logits):
@@ -37,8 +45,17 @@ def _entropy_triton(x, out):
 
 def _entropy_native(x, out, module_name):
     rows, cols = x.shape
-    _ext.launch(module_name, "exit_entropy", x.device, x.data_ptr(), _ext.dtype_code(x.dtype), rows, cols,
-                x.stride(0), out.data_ptr())
+    _ext.launch(
+        module_name,
+        "exit_entropy",
+        x.device,
+        x.data_ptr(),
+        _ext.dtype_code(x.dtype),
+        rows,
+        cols,
+        x.stride(0),
+        out.data_ptr(),
+    )
 
 
 # Each writes entropy(x) into an `out` of x.shape[0] elements on x's device (float64 for float64 logits on the
@@ -63,8 +80,9 @@ def entropy_into(backend, logits, out):
 
 def entropy_backend(logits, backend="auto"):
     """The backend that ``exit_entropy(logits, backend=backend)`` would run (raises if none can serve)."""
-    return cached_selection("exit_entropy", backend, (logits.device, logits.dtype),
-                            lambda: _logits(logits))
+    return cached_selection(
+        "exit_entropy", backend, (logits.device, logits.dtype), lambda: _logits(logits)
+    )
 
 
 def entropy_dtype(logits):
@@ -78,9 +96,13 @@ def _exit_entropy_impl(logits, backend):
 
 
 def _check_entropy_args(logits, backend):
-    check_tensor("logits", logits, ndim=2, dtypes=FLOAT_DTYPES + (torch.float64,), shape_hint="[B, C]")
+    check_tensor(
+        "logits", logits, ndim=2, dtypes=FLOAT_DTYPES + (torch.float64,), shape_hint="[B, C]"
+    )
     if logits.shape[1] < 1:
-        raise ValueError(f"logits must have at least one class (C >= 1), got shape {tuple(logits.shape)}")
+        raise ValueError(
+            f"logits must have at least one class (C >= 1), got shape {tuple(logits.shape)}"
+        )
     requested_backend(backend)  # reject a bad name here, with the argument's name, before tracing
 
 
@@ -159,18 +181,24 @@ def check_criterion(criterion, threshold=None, patience=None, classes=None):
             raise ValueError(f"threshold must be finite, got {threshold}")
     if criterion != "patience":
         if patience is not None:
-            raise ValueError(f"patience applies to criterion 'patience' only, got patience={patience!r} with "
-                             f"criterion {criterion!r}")
+            raise ValueError(
+                f"patience applies to criterion 'patience' only, got patience={patience!r} with "
+                f"criterion {criterion!r}"
+            )
         if threshold is None:
             raise ValueError(f"criterion {criterion!r} needs a threshold")
         if criterion == "entropy" and not threshold >= 0:
-            raise ValueError(f"threshold must be >= 0 for criterion 'entropy' (exit when entropy < threshold; 0: "
-                             f"full depth), got {threshold}")
+            raise ValueError(
+                f"threshold must be >= 0 for criterion 'entropy' (exit when entropy < threshold; 0: "
+                f"full depth), got {threshold}"
+            )
         if criterion == "entropy" and threshold == 0:
             return _CODES[criterion], float("-inf"), 0  # full depth: entropy is never below -inf
         if criterion == "max_prob" and not 0 < threshold <= 1:
-            raise ValueError(f"threshold must be in (0, 1] for criterion 'max_prob' (exit when the largest "
-                             f"probability >= threshold), got {threshold}")
+            raise ValueError(
+                f"threshold must be in (0, 1] for criterion 'max_prob' (exit when the largest "
+                f"probability >= threshold), got {threshold}"
+            )
         return _CODES[criterion], threshold, 0
     if isinstance(patience, bool) or not isinstance(patience, int):
         raise TypeError(f"patience must be an int >= 0 for criterion 'patience', got {patience!r}")
@@ -182,37 +210,66 @@ def check_criterion(criterion, threshold=None, patience=None, classes=None):
         patience = _NEVER  # full depth: a streak never gets that long
     if classes is None:  # the head's width is not known yet: check what can be checked
         if threshold is not None and not threshold > 0:
-            raise ValueError(f"threshold must be > 0 for criterion 'patience' (regression rule), got {threshold}")
+            raise ValueError(
+                f"threshold must be > 0 for criterion 'patience' (regression rule), got {threshold}"
+            )
         return _CODES["patience"], threshold or 0.0, patience
     if classes == 1:
         if threshold is None or not threshold > 0:
-            raise ValueError("threshold must be > 0 for criterion 'patience' on a one-column (regression) head "
-                             f"(a prediction is unchanged when |delta| < threshold), got {threshold}")
+            raise ValueError(
+                "threshold must be > 0 for criterion 'patience' on a one-column (regression) head "
+                f"(a prediction is unchanged when |delta| < threshold), got {threshold}"
+            )
         return _PATIENCE_REGRESSION, threshold, patience
     if threshold is not None:
-        raise ValueError("threshold applies to criterion 'patience' only with a one-column (regression) head; "
-                         f"got threshold={threshold} with {classes} classes")
+        raise ValueError(
+            "threshold applies to criterion 'patience' only with a one-column (regression) head; "
+            f"got threshold={threshold} with {classes} classes"
+        )
     return _CODES["patience"], 0.0, patience
 
 
 def decision_backend(logits, backend="auto"):
     """The backend that ``exit_decision`` would run for these logits (raises if none can serve)."""
-    return cached_selection("exit_decision", backend, (logits.device, logits.dtype),
-                            lambda: _logits(logits))
+    return cached_selection(
+        "exit_decision", backend, (logits.device, logits.dtype), lambda: _logits(logits)
+    )
 
 
-def _decision_eager(x, ids, prev, counter, out_logits, out_layer, next_rows, next_local, count, code, layer,
-                    threshold, patience, last):
+def _decision_eager(
+    x,
+    ids,
+    prev,
+    counter,
+    out_logits,
+    out_layer,
+    next_rows,
+    next_local,
+    count,
+    code,
+    layer,
+    threshold,
+    patience,
+    last,
+):
     batch = out_layer.shape[0]
-    ok = (ids >= 0) & (ids < batch)  # checked by the caller; the kernels skip such ids too (never write there)
+    ok = (ids >= 0) & (
+        ids < batch
+    )  # checked by the caller; the kernels skip such ids too (never write there)
     local = torch.nonzero(ok).flatten()
     x, ids = x[local], ids[local].long()
     crit = _NAMES[code]
     stateful = code >= 2
     exits, pred, cnt = reference.exit_decision(
-        x, layer, crit, threshold=threshold,
-        patience=patience, prev=prev[ids].double() if stateful else None,
-        counter=counter[ids].long() if stateful else None, last=last)
+        x,
+        layer,
+        crit,
+        threshold=threshold,
+        patience=patience,
+        prev=prev[ids].double() if stateful else None,
+        counter=counter[ids].long() if stateful else None,
+        last=last,
+    )
     if stateful:
         prev[ids] = pred.to(prev.dtype)
         counter[ids] = cnt.to(counter.dtype)
@@ -225,21 +282,85 @@ def _decision_eager(x, ids, prev, counter, out_logits, out_layer, next_rows, nex
     count.fill_(n)
 
 
-def _decision_triton(x, ids, prev, counter, out_logits, out_layer, next_rows, next_local, count, code, layer,
-                     threshold, patience, last):
+def _decision_triton(
+    x,
+    ids,
+    prev,
+    counter,
+    out_logits,
+    out_layer,
+    next_rows,
+    next_local,
+    count,
+    code,
+    layer,
+    threshold,
+    patience,
+    last,
+):
     from ..kernels import early_exit as kernels
 
-    kernels.exit_decision(x, ids, prev, counter, out_logits, out_layer, next_rows, next_local, count,
-                          criterion=code, layer=layer, threshold=threshold, patience=patience, last=last)
+    kernels.exit_decision(
+        x,
+        ids,
+        prev,
+        counter,
+        out_logits,
+        out_layer,
+        next_rows,
+        next_local,
+        count,
+        criterion=code,
+        layer=layer,
+        threshold=threshold,
+        patience=patience,
+        last=last,
+    )
 
 
-def _decision_native(module_name, x, ids, prev, counter, out_logits, out_layer, next_rows, next_local, count, code,
-                     layer, threshold, patience, last):
+def _decision_native(
+    module_name,
+    x,
+    ids,
+    prev,
+    counter,
+    out_logits,
+    out_layer,
+    next_rows,
+    next_local,
+    count,
+    code,
+    layer,
+    threshold,
+    patience,
+    last,
+):
     rows, cols = x.shape
-    _ext.launch(module_name, "exit_decision", x.device, x.data_ptr(), _ext.dtype_code(x.dtype), rows, cols,
-                x.stride(0), ids.data_ptr(), prev.data_ptr(), counter.data_ptr(), out_logits.data_ptr(),
-                out_logits.shape[0], out_logits.stride(0), out_layer.data_ptr(), next_rows.data_ptr(),
-                next_local.data_ptr(), count.data_ptr(), code, layer, threshold, patience, bool(last))
+    _ext.launch(
+        module_name,
+        "exit_decision",
+        x.device,
+        x.data_ptr(),
+        _ext.dtype_code(x.dtype),
+        rows,
+        cols,
+        x.stride(0),
+        ids.data_ptr(),
+        prev.data_ptr(),
+        counter.data_ptr(),
+        out_logits.data_ptr(),
+        out_logits.shape[0],
+        out_logits.stride(0),
+        out_layer.data_ptr(),
+        next_rows.data_ptr(),
+        next_local.data_ptr(),
+        count.data_ptr(),
+        code,
+        layer,
+        threshold,
+        patience,
+        bool(last),
+    )
 
 
 _DECISION = {
@@ -258,32 +379,78 @@ def _check_row_ids(row_ids, batch):
     bad = (row_ids < 0) | (row_ids >= batch)
     if bool(bad.any()):
         first = int(torch.nonzero(bad)[0, 0])
-        raise ValueError(f"row_ids must hold batch ids (rows of out_logits): row_ids[{first}] = "
-                         f"{int(row_ids[first])} outside [0, {batch})")
+        raise ValueError(
+            f"row_ids must hold batch ids (rows of out_logits): row_ids[{first}] = "
+            f"{int(row_ids[first])} outside [0, {batch})"
+        )
 
 
-def _decision_impl(logits, row_ids, prev, counter, out_logits, out_layer, next_rows, next_local, count, code, layer,
-                   threshold, patience, last, backend):
+def _decision_impl(
+    logits,
+    row_ids,
+    prev,
+    counter,
+    out_logits,
+    out_layer,
+    next_rows,
+    next_local,
+    count,
+    code,
+    layer,
+    threshold,
+    patience,
+    last,
+    backend,
+):
     name = decision_backend(logits, backend)
     _check_row_ids(row_ids, out_layer.shape[0])
     x = logits if logits.stride(-1) == 1 else logits.contiguous()
-    _DECISION[name](x, row_ids, prev, counter, out_logits, out_layer, next_rows, next_local, count, code, layer,
-                    threshold, patience, last)
+    _DECISION[name](
+        x,
+        row_ids,
+        prev,
+        counter,
+        out_logits,
+        out_layer,
+        next_rows,
+        next_local,
+        count,
+        code,
+        layer,
+        threshold,
+        patience,
+        last,
+    )
 
 
 def _check_decision_code(code, threshold, patience, last, cols):
     """The kernels' form of a criterion (what `check_criterion` returns), for callers of the registered op."""
     if isinstance(code, bool) or not isinstance(code, int) or code not in _NAMES:
-        raise ValueError(f"code must be a criterion code in {sorted(_NAMES)} (check_criterion's), got {code!r}")
+        raise ValueError(
+            f"code must be a criterion code in {sorted(_NAMES)} (check_criterion's), got {code!r}"
+        )
     if code == _PATIENCE_REGRESSION and cols != 1:
-        raise ValueError(f"code {code} (patience, regression rule) needs a one-column head, got {cols} columns")
-    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or math.isnan(threshold):
+        raise ValueError(
+            f"code {code} (patience, regression rule) needs a one-column head, got {cols} columns"
+        )
+    if (
+        isinstance(threshold, bool)
+        or not isinstance(threshold, (int, float))
+        or math.isnan(threshold)
+    ):
         raise ValueError(f"threshold must be a float, got {threshold!r}")
-    ok = {0: threshold == float("-inf") or (math.isfinite(threshold) and threshold >= 0),  # -inf: full depth
-          1: 0 < threshold <= 1, 2: math.isfinite(threshold), 3: math.isfinite(threshold) and threshold > 0}[code]
+    ok = {
+        0: threshold == float("-inf")
+        or (math.isfinite(threshold) and threshold >= 0),  # -inf: full depth
+        1: 0 < threshold <= 1,
+        2: math.isfinite(threshold),
+        3: math.isfinite(threshold) and threshold > 0,
+    }[code]
     if not ok:
-        raise ValueError(f"threshold {threshold} is out of range for criterion code {code} ({_NAMES[code]}; see "
-                         "check_criterion)")
+        raise ValueError(
+            f"threshold {threshold} is out of range for criterion code {code} ({_NAMES[code]}; see "
+            "check_criterion)"
+        )
     if isinstance(patience, bool) or not isinstance(patience, int) or not 0 <= patience <= _NEVER:
         raise ValueError(f"patience must be an int in [0, 2**31 - 1], got {patience!r}")
     if not isinstance(last, bool):
@@ -294,58 +461,146 @@ def _check_decision_code(code, threshold, patience, last, cols):
     "effbert::exit_decision",
     mutates_args=("prev", "counter", "out_logits", "out_layer", "next_rows", "next_local", "count"),
 )
-def _exit_decision_op(logits: torch.Tensor, row_ids: torch.Tensor, prev: torch.Tensor, counter: torch.Tensor,
-                      out_logits: torch.Tensor, out_layer: torch.Tensor, next_rows: torch.Tensor,
-                      next_local: torch.Tensor, count: torch.Tensor, code: int, layer: int, threshold: float,
-                      patience: int, last: bool, backend: str) -> None:
+def _exit_decision_op(
+    logits: torch.Tensor,
+    row_ids: torch.Tensor,
+    prev: torch.Tensor,
+    counter: torch.Tensor,
+    out_logits: torch.Tensor,
+    out_layer: torch.Tensor,
+    next_rows: torch.Tensor,
+    next_local: torch.Tensor,
+    count: torch.Tensor,
+    code: int,
+    layer: int,
+    threshold: float,
+    patience: int,
+    last: bool,
+    backend: str,
+) -> None:
     # callable directly and run on real tensors under torch.compile: every argument is checked here, the row ids'
     # range too (in _decision_impl), before any state changes
-    _check_decision_args(logits, row_ids, prev, counter, out_logits, out_layer, next_rows, next_local, count, layer)
+    _check_decision_args(
+        logits, row_ids, prev, counter, out_logits, out_layer, next_rows, next_local, count, layer
+    )
     _check_decision_code(code, threshold, patience, last, logits.shape[1])
     requested_backend(backend)
-    _decision_impl(logits, row_ids, prev, counter, out_logits, out_layer, next_rows, next_local, count, code, layer,
-                   float(threshold), patience, last, backend)
+    _decision_impl(
+        logits,
+        row_ids,
+        prev,
+        counter,
+        out_logits,
+        out_layer,
+        next_rows,
+        next_local,
+        count,
+        code,
+        layer,
+        float(threshold),
+        patience,
+        last,
+        backend,
+    )
 
 
 @_exit_decision_op.register_fake
-def _(logits, row_ids, prev, counter, out_logits, out_layer, next_rows, next_local, count, code, layer, threshold,
-      patience, last, backend):
+def _(
+    logits,
+    row_ids,
+    prev,
+    counter,
+    out_logits,
+    out_layer,
+    next_rows,
+    next_local,
+    count,
+    code,
+    layer,
+    threshold,
+    patience,
+    last,
+    backend,
+):
     return None
 
 
-def _check_decision_args(logits, row_ids, prev, counter, out_logits, out_layer, next_rows, next_local, count, layer):
-    check_tensor("logits", logits, ndim=2, dtypes=FLOAT_DTYPES + (torch.float64,), shape_hint="[R, C]")
+def _check_decision_args(
+    logits, row_ids, prev, counter, out_logits, out_layer, next_rows, next_local, count, layer
+):
+    check_tensor(
+        "logits", logits, ndim=2, dtypes=FLOAT_DTYPES + (torch.float64,), shape_hint="[R, C]"
+    )
     rows, cols = logits.shape
     if cols < 1:
-        raise ValueError(f"logits must have at least one class (C >= 1), got shape {tuple(logits.shape)}")
+        raise ValueError(
+            f"logits must have at least one class (C >= 1), got shape {tuple(logits.shape)}"
+        )
     check_tensor("out_logits", out_logits, ndim=2, dtypes=(logits.dtype,), shape_hint="[B, C]")
     batch = out_logits.shape[0]
     if out_logits.shape[1] != cols or out_logits.stride(-1) != 1:
-        raise ValueError(f"out_logits must be [B, {cols}] with unit column stride, got shape "
-                         f"{tuple(out_logits.shape)} strides {out_logits.stride()}")
+        raise ValueError(
+            f"out_logits must be [B, {cols}] with unit column stride, got shape "
+            f"{tuple(out_logits.shape)} strides {out_logits.stride()}"
+        )
     if rows > batch:
-        raise ValueError(f"logits has {rows} rows but the batch (out_logits) has {batch}: the active rows are a subset")
-    for name, t, shape, dtype in (("row_ids", row_ids, (rows,), torch.int32), ("prev", prev, (batch,), torch.float32),
-                                  ("counter", counter, (batch,), torch.int32),
-                                  ("out_layer", out_layer, (batch,), torch.int32), ("count", count, (1,), torch.int32)):
+        raise ValueError(
+            f"logits has {rows} rows but the batch (out_logits) has {batch}: the active rows are a subset"
+        )
+    for name, t, shape, dtype in (
+        ("row_ids", row_ids, (rows,), torch.int32),
+        ("prev", prev, (batch,), torch.float32),
+        ("counter", counter, (batch,), torch.int32),
+        ("out_layer", out_layer, (batch,), torch.int32),
+        ("count", count, (1,), torch.int32),
+    ):
         check_tensor(name, t, ndim=len(shape), dtypes=(dtype,))
         if tuple(t.shape) != shape or not t.is_contiguous():
-            raise ValueError(f"{name} must be a contiguous {list(shape)} tensor, got shape {tuple(t.shape)}")
+            raise ValueError(
+                f"{name} must be a contiguous {list(shape)} tensor, got shape {tuple(t.shape)}"
+            )
     for name, t in (("next_rows", next_rows), ("next_local", next_local)):
         check_tensor(name, t, ndim=1, dtypes=(torch.int32,))
         if t.shape[0] < rows or not t.is_contiguous():
-            raise ValueError(f"{name} must be a contiguous int32 tensor of at least {rows} elements, got shape "
-                             f"{tuple(t.shape)}")
-    check_same_device(logits=logits, row_ids=row_ids, prev=prev, counter=counter, out_logits=out_logits,
-                      out_layer=out_layer, next_rows=next_rows, next_local=next_local, count=count)
+            raise ValueError(
+                f"{name} must be a contiguous int32 tensor of at least {rows} elements, got shape "
+                f"{tuple(t.shape)}"
+            )
+    check_same_device(
+        logits=logits,
+        row_ids=row_ids,
+        prev=prev,
+        counter=counter,
+        out_logits=out_logits,
+        out_layer=out_layer,
+        next_rows=next_rows,
+        next_local=next_local,
+        count=count,
+    )
     if isinstance(layer, bool) or not isinstance(layer, int) or layer < 1:
         raise ValueError(f"layer must be an int >= 1 (1-based), got {layer!r}")
     if batch >= 2**31:
         raise ValueError(f"the batch must have fewer than 2**31 rows, got {batch}")
 
 
-def exit_decision(logits, row_ids, prev, counter, out_logits, out_layer, next_rows, next_local, count, *, layer,
-                  criterion, threshold=None, patience=None, last=False, backend="auto"):
+def exit_decision(
+    logits,
+    row_ids,
+    prev,
+    counter,
+    out_logits,
+    out_layer,
+    next_rows,
+    next_local,
+    count,
+    *,
+    layer,
+    criterion,
+    threshold=None,
+    patience=None,
+    last=False,
+    backend="auto",
+):
     """One layer's exit decision for the rows still in the batch, in one launch.
 
     ``logits [R, C]``: this layer's off-ramp logits of the ``R`` active rows, whose batch ids are ``row_ids [R]``
@@ -357,11 +612,30 @@ def exit_decision(logits, row_ids, prev, counter, out_logits, out_layer, next_ro
     (on CUDA tensors that check reads one flag back; `BatchedExit`, which owns its ids, runs the unchecked launch
     after its first layer). Otherwise no host synchronisation: reading ``count`` is the caller's choice.
     """
-    _check_decision_args(logits, row_ids, prev, counter, out_logits, out_layer, next_rows, next_local, count, layer)
-    code, threshold, patience = check_criterion(criterion, threshold, patience, classes=logits.shape[1])
+    _check_decision_args(
+        logits, row_ids, prev, counter, out_logits, out_layer, next_rows, next_local, count, layer
+    )
+    code, threshold, patience = check_criterion(
+        criterion, threshold, patience, classes=logits.shape[1]
+    )
     requested_backend(backend)
-    args = (logits, row_ids, prev, counter, out_logits, out_layer, next_rows, next_local, count, code, layer,
-            threshold, patience, bool(last), backend)
+    args = (
+        logits,
+        row_ids,
+        prev,
+        counter,
+        out_logits,
+        out_layer,
+        next_rows,
+        next_local,
+        count,
+        code,
+        layer,
+        threshold,
+        patience,
+        bool(last),
+        backend,
+    )
     if direct_call_ok(*args[:9]):
         return _decision_impl(*args)
     return torch.ops.effbert.exit_decision(*args)
@@ -376,13 +650,19 @@ class BatchedExit:
     row can exit: never on the last layer (everyone exits) nor, for patience, on the first ``patience`` layers.
     """
 
-    def __init__(self, batch, *, depth, criterion, threshold=None, patience=None, device=None, backend="auto"):
+    def __init__(
+        self, batch, *, depth, criterion, threshold=None, patience=None, device=None, backend="auto"
+    ):
         if isinstance(depth, bool) or not isinstance(depth, int) or depth < 1:
             raise ValueError(f"depth must be an int >= 1, got {depth!r}")
-        check_criterion(criterion, threshold, patience)  # early message; the class count is checked per step
+        check_criterion(
+            criterion, threshold, patience
+        )  # early message; the class count is checked per step
         self.batch, self.depth = int(batch), depth
         self.criterion, self.threshold, self.patience = criterion, threshold, patience
-        self.full_depth = (criterion == "entropy" and threshold == 0) or (criterion == "patience" and patience == 0)
+        self.full_depth = (criterion == "entropy" and threshold == 0) or (
+            criterion == "patience" and patience == 0
+        )
         self.backend = backend
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         i32 = dict(dtype=torch.int32, device=self.device)
@@ -390,8 +670,12 @@ class BatchedExit:
         self.counter = torch.zeros(self.batch, **i32)
         self.exit_layer = torch.zeros(self.batch, **i32)
         self.count = torch.zeros(1, **i32)
-        self._ids = torch.arange(self.batch, **i32)  # the active rows' batch ids are self._ids[:active]
-        self._spare = torch.empty(self.batch, **i32)  # the decision writes the next ids here (never in place)
+        self._ids = torch.arange(
+            self.batch, **i32
+        )  # the active rows' batch ids are self._ids[:active]
+        self._spare = torch.empty(
+            self.batch, **i32
+        )  # the decision writes the next ids here (never in place)
         self._local = torch.empty(self.batch, **i32)
         self.logits = None
         self.active = self.batch
@@ -399,34 +683,72 @@ class BatchedExit:
 
     @property
     def row_ids(self):
-        return self._ids[:self.active]
+        return self._ids[: self.active]
 
     def step(self, logits, layer):
         if logits.dim() != 2 or logits.shape[0] != self.active:
-            raise ValueError(f"logits must be [{self.active}, C] (one row per active sample), got shape "
-                             f"{tuple(logits.shape)}")
+            raise ValueError(
+                f"logits must be [{self.active}, C] (one row per active sample), got shape "
+                f"{tuple(logits.shape)}"
+            )
         if self.logits is None:
-            self.logits = torch.full((self.batch, logits.shape[1]), float("nan"), dtype=logits.dtype,
-                                     device=self.device)
+            self.logits = torch.full(
+                (self.batch, logits.shape[1]), float("nan"), dtype=logits.dtype, device=self.device
+            )
         last = layer == self.depth
-        if self._resolved is None or logits.dtype != self.logits.dtype or logits.stride(-1) != 1 \
-                or not direct_call_ok(logits):
+        if (
+            self._resolved is None
+            or logits.dtype != self.logits.dtype
+            or logits.stride(-1) != 1
+            or not direct_call_ok(logits)
+        ):
             # the first layer (and anything unusual) goes through the checked public op
-            exit_decision(logits, self.row_ids, self.prev, self.counter, self.logits, self.exit_layer, self._spare,
-                          self._local, self.count, layer=layer, criterion=self.criterion, threshold=self.threshold,
-                          patience=self.patience, last=last, backend=self.backend)
-            code, threshold, patience = check_criterion(self.criterion, self.threshold, self.patience,
-                                                        classes=logits.shape[1])
+            exit_decision(
+                logits,
+                self.row_ids,
+                self.prev,
+                self.counter,
+                self.logits,
+                self.exit_layer,
+                self._spare,
+                self._local,
+                self.count,
+                layer=layer,
+                criterion=self.criterion,
+                threshold=self.threshold,
+                patience=self.patience,
+                last=last,
+                backend=self.backend,
+            )
+            code, threshold, patience = check_criterion(
+                self.criterion, self.threshold, self.patience, classes=logits.shape[1]
+            )
             self._resolved = (decision_backend(logits, self.backend), code, threshold, patience)
         else:
             # later layers: the buffers are this object's own and were checked on the first layer, so the per-layer
             # cost is the launch alone (argument checks cost as much as the decision on a GPU)
             if logits.shape[1] != self.logits.shape[1] or logits.device != self.device:
-                raise ValueError(f"logits must be [{self.active}, {self.logits.shape[1]}] on {self.device}, got "
-                                 f"{tuple(logits.shape)} on {logits.device}")
+                raise ValueError(
+                    f"logits must be [{self.active}, {self.logits.shape[1]}] on {self.device}, got "
+                    f"{tuple(logits.shape)} on {logits.device}"
+                )
             name, code, threshold, patience = self._resolved
-            _DECISION[name](logits, self.row_ids, self.prev, self.counter, self.logits, self.exit_layer, self._spare,
-                            self._local, self.count, code, layer, threshold, patience, last)
+            _DECISION[name](
+                logits,
+                self.row_ids,
+                self.prev,
+                self.counter,
+                self.logits,
+                self.exit_layer,
+                self._spare,
+                self._local,
+                self.count,
+                code,
+                layer,
+                threshold,
+                patience,
+                last,
+            )
         if last:
             self.active = 0
             return self._local[:0]
@@ -446,19 +768,31 @@ class BatchedExit:
 
 _LOSS_MAX_C = 8192
 
-declare("multi_exit_distillation_loss", {
-    "triton": Support(dtypes=_KERNEL_DTYPES, limits={
-        "classes": (_LOSS_MAX_C, "the Triton kernel keeps a row in registers: C <= {limit}, "
-                                 "got {value}")}),
-    "eager": Support()}, {"cuda": ("triton", "eager")},
-    absent="{backend}: the fused multi-exit loss has a Triton kernel and the eager reference only")
+declare(
+    "multi_exit_distillation_loss",
+    {
+        "triton": Support(
+            dtypes=_KERNEL_DTYPES,
+            limits={
+                "classes": (
+                    _LOSS_MAX_C,
+                    "the Triton kernel keeps a row in registers: C <= {limit}, got {value}",
+                )
+            },
+        ),
+        "eager": Support(),
+    },
+    {"cuda": ("triton", "eager")},
+    absent="{backend}: the fused multi-exit loss has a Triton kernel and the eager reference only",
+)
 
 
 def loss_backend(exit_logits, backend="auto"):
     """The backend ``multi_exit_distillation_loss`` would run (raises if none can serve)."""
     key = (exit_logits.device, exit_logits.dtype, exit_logits.shape[-1] > _LOSS_MAX_C)
-    return cached_selection("multi_exit_distillation_loss", backend, key,
-                            lambda: _logits(exit_logits))
+    return cached_selection(
+        "multi_exit_distillation_loss", backend, key, lambda: _logits(exit_logits)
+    )
 
 
 def _loss_eager(z, labels, gamma, temperature):
@@ -499,13 +833,16 @@ def _loss_impl(exit_logits, labels, gamma, temperature, backend):
 
 
 @torch.library.custom_op("effbert::multi_exit_distillation_loss", mutates_args=())
-def _loss_op(exit_logits: torch.Tensor, labels: torch.Tensor, gamma: float, temperature: float,
-             backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+def _loss_op(
+    exit_logits: torch.Tensor, labels: torch.Tensor, gamma: float, temperature: float, backend: str
+) -> tuple[torch.Tensor, torch.Tensor]:
     # callable directly and run on real tensors under torch.compile: checked here, not only in the wrapper
     check_exit_logits(exit_logits, labels)
     if labels.dtype != torch.int64:
-        raise TypeError(f"labels must be int64 class indices here (the wrapper converts), got "
-                        f"{str(labels.dtype).replace('torch.', '')}")
+        raise TypeError(
+            f"labels must be int64 class indices here (the wrapper converts), got "
+            f"{str(labels.dtype).replace('torch.', '')}"
+        )
     check_labels_in_range(labels, exit_logits.shape[-1])
     gamma, temperature = _check_loss_params(gamma, temperature)
     requested_backend(backend)
@@ -515,7 +852,9 @@ def _loss_op(exit_logits: torch.Tensor, labels: torch.Tensor, gamma: float, temp
 @_loss_op.register_fake
 def _(exit_logits, labels, gamma, temperature, backend):
     dtype = torch.float64 if exit_logits.dtype == torch.float64 else torch.float32
-    return exit_logits.new_empty((), dtype=dtype), exit_logits.new_empty(exit_logits.shape, dtype=dtype)
+    return exit_logits.new_empty((), dtype=dtype), exit_logits.new_empty(
+        exit_logits.shape, dtype=dtype
+    )
 
 
 def _loss_setup_context(ctx, inputs, output):
@@ -534,26 +873,40 @@ _loss_op.register_autograd(_loss_backward, setup_context=_loss_setup_context)
 
 
 def check_exit_logits(exit_logits, labels):
-    check_tensor("exit_logits", exit_logits, ndim=3, dtypes=FLOAT_DTYPES + (torch.float64,), shape_hint="[L, B, C]")
+    check_tensor(
+        "exit_logits",
+        exit_logits,
+        ndim=3,
+        dtypes=FLOAT_DTYPES + (torch.float64,),
+        shape_hint="[L, B, C]",
+    )
     depth, batch, cols = exit_logits.shape
     if depth < 1 or cols < 1:
-        raise ValueError(f"exit_logits must have at least one exit and one class, got shape {tuple(exit_logits.shape)}")
+        raise ValueError(
+            f"exit_logits must have at least one exit and one class, got shape {tuple(exit_logits.shape)}"
+        )
     check_tensor("labels", labels, ndim=1, shape_hint="[B]")
     if labels.shape[0] != batch:
-        raise ValueError(f"labels must be [B] = [{batch}] (one per sample of exit_logits [L, B, C]), got "
-                         f"{list(labels.shape)}")
+        raise ValueError(
+            f"labels must be [B] = [{batch}] (one per sample of exit_logits [L, B, C]), got "
+            f"{list(labels.shape)}"
+        )
     check_same_device(exit_logits=exit_logits, labels=labels)
 
 
 def check_labels_in_range(labels, cols):
     """Integer class indices (TypeError otherwise) in ``[0, cols)`` (ValueError; checked for CPU tensors)."""
     if labels.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
-        raise TypeError(f"labels must hold integer class indices, got {str(labels.dtype).replace('torch.', '')}")
+        raise TypeError(
+            f"labels must hold integer class indices, got {str(labels.dtype).replace('torch.', '')}"
+        )
     # A host-side range check needs the values: done for CPU tensors (free) and not while tracing.
     if labels.device.type == "cpu" and labels.numel() and not torch.compiler.is_compiling():
         lo, hi = int(labels.min()), int(labels.max())
         if lo < 0 or hi >= cols:
-            raise ValueError(f"labels must be class indices in [0, {cols}), got values in [{lo}, {hi}]")
+            raise ValueError(
+                f"labels must be class indices in [0, {cols}), got values in [{lo}, {hi}]"
+            )
 
 
 def _check_loss_params(gamma, temperature):
@@ -567,7 +920,9 @@ def _check_loss_params(gamma, temperature):
     return float(gamma), float(temperature)
 
 
-def multi_exit_distillation_loss(exit_logits, labels, gamma=0.9, temperature=3.0, *, backend="auto"):
+def multi_exit_distillation_loss(
+    exit_logits, labels, gamma=0.9, temperature=3.0, *, backend="auto"
+):
     """RomeBERT's joint self-distillation loss over every exit (DESIGN.md, "Early exit"), differentiable.
 
     ``exit_logits [L, B, C]``: every exit's logits (``MultiExitEncoder.forward``); ``labels [B]``: class indices.
@@ -585,5 +940,6 @@ def multi_exit_distillation_loss(exit_logits, labels, gamma=0.9, temperature=3.0
     labels = labels.long()
     if direct_call_ok(exit_logits):
         return _loss_impl(exit_logits, labels, float(gamma), float(temperature), backend)[0]
-    return torch.ops.effbert.multi_exit_distillation_loss(exit_logits, labels, float(gamma), float(temperature),
-                                                          backend)[0]
+    return torch.ops.effbert.multi_exit_distillation_loss(
+        exit_logits, labels, float(gamma), float(temperature), backend
+    )[0]

@@ -22,7 +22,14 @@ from .. import reference
 from .checks import FLOAT_DTYPES, check_same_device, check_tensor
 from ._dispatch import Inputs, Support, declare, direct_call_ok, requested_backend, select_backend
 
-__all__ = ["mc_sample", "mc_sample_fused", "mc_candidate_loss", "sample_backend", "loss_backend", "REDUCTIONS"]
+__all__ = [
+    "mc_sample",
+    "mc_sample_fused",
+    "mc_candidate_loss",
+    "sample_backend",
+    "loss_backend",
+    "REDUCTIONS",
+]
 
 REDUCTIONS = ("mean", "sum", "none")
 _EAGER_DTYPES = FLOAT_DTYPES + (torch.float64,)
@@ -34,9 +41,12 @@ def _dt(dtype):
 
 # no C++ build: on the CPU the eager gather + bmm + cross-entropy and torch.multinomial are
 # vectorised already
-declare(("mc_sample", "mc_sample_fused", "mc_candidate_loss"),
-        {"triton": Support(dtypes=FLOAT_DTYPES), "eager": Support()}, {"cuda": ("triton", "eager")},
-        absent="mc_bert has no {backend} extension kernels (triton and eager only)")
+declare(
+    ("mc_sample", "mc_sample_fused", "mc_candidate_loss"),
+    {"triton": Support(dtypes=FLOAT_DTYPES), "eager": Support()},
+    {"cuda": ("triton", "eager")},
+    absent="mc_bert has no {backend} extension kernels (triton and eager only)",
+)
 
 
 def _inputs(*float_tensors):
@@ -61,7 +71,9 @@ def _size(t, dim):
 
 
 def _check_seed(seed, device):
-    check_tensor("seed", seed, ndim=1, dtypes=(torch.int64,), shape_hint="[1] int64 (the Philox key)")
+    check_tensor(
+        "seed", seed, ndim=1, dtypes=(torch.int64,), shape_hint="[1] int64 (the Philox key)"
+    )
     if seed.shape[0] != 1:
         raise ValueError(f"seed must be [1] int64 (the Philox key), got shape {tuple(seed.shape)}")
     if seed.device != device:
@@ -74,22 +86,30 @@ def _check_op_backend(op, backend, inputs, called=None):
     called = called or op
     wanted = requested_backend(backend)
     if wanted not in ("auto", "triton"):
-        raise ValueError(f"backend must be 'triton' for the registered op effbert::{called} (the "
-                         f"{wanted} backend runs in effbert.{op}, outside it), got {backend!r}")
+        raise ValueError(
+            f"backend must be 'triton' for the registered op effbert::{called} (the "
+            f"{wanted} backend runs in effbert.{op}, outside it), got {backend!r}"
+        )
     select_backend(op, "triton", inputs, called=called)
 
 
 def _check_padding_idx(padding_idx, vocab):
     if padding_idx is None:
         return None
-    if isinstance(padding_idx, bool) or not isinstance(padding_idx, numbers.Integral) or \
-            not 0 <= padding_idx < vocab:
-        raise ValueError(f"padding_idx must be None or a token id in [0, {vocab}) (embedding's rows), got "
-                         f"{padding_idx!r}")
+    if (
+        isinstance(padding_idx, bool)
+        or not isinstance(padding_idx, numbers.Integral)
+        or not 0 <= padding_idx < vocab
+    ):
+        raise ValueError(
+            f"padding_idx must be None or a token id in [0, {vocab}) (embedding's rows), got "
+            f"{padding_idx!r}"
+        )
     return int(padding_idx)
 
 
 # ---- sampling ----
+
 
 def sample_backend(logits, backend="auto"):
     """The backend ``mc_sample(logits, ...)`` would run (raises if none can serve)."""
@@ -111,7 +131,9 @@ def _sample_impl(logits, num_samples, seed, backend):
 
 
 @torch.library.custom_op("effbert::mc_sample", mutates_args=())
-def _mc_sample_op(logits: torch.Tensor, num_samples: int, seed: torch.Tensor, backend: str) -> torch.Tensor:
+def _mc_sample_op(
+    logits: torch.Tensor, num_samples: int, seed: torch.Tensor, backend: str
+) -> torch.Tensor:
     # callable directly and run on real tensors under torch.compile: the kernel trusts these for its addresses
     _check_sample_logits(logits, FLOAT_DTYPES)
     num_samples = _check_count("num_samples", num_samples, 1)
@@ -150,9 +172,13 @@ def mc_sample(logits, num_samples, *, generator=None, backend="auto"):
     num_samples = _check_count("num_samples", num_samples, 1)
     if generator is not None:
         if not isinstance(generator, torch.Generator):
-            raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+            raise TypeError(
+                f"generator must be a torch.Generator or None, got {type(generator).__name__}"
+            )
         if generator.device.type != logits.device.type:
-            raise ValueError(f"generator must be on {logits.device.type} like logits, got {generator.device}")
+            raise ValueError(
+                f"generator must be on {logits.device.type} like logits, got {generator.device}"
+            )
     name = sample_backend(logits, backend)
     logits = logits.detach()
     if name == "eager":
@@ -165,16 +191,21 @@ def mc_sample(logits, num_samples, *, generator=None, backend="auto"):
 
 # ---- sampling fused with the controller's output layer ----
 
+
 def _check_fused_args(hidden, weight, bias, num_samples, dtypes):
     check_tensor("hidden", hidden, ndim=2, dtypes=dtypes, shape_hint="[M, D]")
     check_tensor("weight", weight, ndim=2, dtypes=dtypes, shape_hint="[V, D]")
     check_tensor("bias", bias, ndim=1, dtypes=_EAGER_DTYPES, shape_hint="[V]")
     num_samples = _check_count("num_samples", num_samples, 1)
     if weight.shape[1] != hidden.shape[1] or weight.dtype != hidden.dtype:
-        raise ValueError(f"weight must be [V, D] with D = {hidden.shape[1]} and hidden's dtype {_dt(hidden.dtype)}, "
-                         f"got {tuple(weight.shape)} {_dt(weight.dtype)}")
+        raise ValueError(
+            f"weight must be [V, D] with D = {hidden.shape[1]} and hidden's dtype {_dt(hidden.dtype)}, "
+            f"got {tuple(weight.shape)} {_dt(weight.dtype)}"
+        )
     if weight.shape[0] == 0 or bias.shape[0] != weight.shape[0]:
-        raise ValueError(f"bias must be [V] = [{weight.shape[0]}] (V >= 1), got {tuple(bias.shape)}")
+        raise ValueError(
+            f"bias must be [V] = [{weight.shape[0]}] (V >= 1), got {tuple(bias.shape)}"
+        )
     check_same_device(hidden=hidden, weight=weight, bias=bias)
     return num_samples
 
@@ -183,12 +214,20 @@ def _sample_fused_impl(hidden, weight, bias, num_samples, seed, backend):
     from ..kernels import mc_bert as kernels
 
     out = torch.empty(hidden.shape[0], num_samples, dtype=torch.int64, device=hidden.device)
-    return kernels.mc_sample_fused(_rows(hidden), _rows(weight), bias.contiguous(), num_samples, seed, out)
+    return kernels.mc_sample_fused(
+        _rows(hidden), _rows(weight), bias.contiguous(), num_samples, seed, out
+    )
 
 
 @torch.library.custom_op("effbert::mc_sample_fused", mutates_args=())
-def _mc_sample_fused_op(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, num_samples: int,
-                        seed: torch.Tensor, backend: str) -> torch.Tensor:
+def _mc_sample_fused_op(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    num_samples: int,
+    seed: torch.Tensor,
+    backend: str,
+) -> torch.Tensor:
     num_samples = _check_fused_args(hidden, weight, bias, num_samples, FLOAT_DTYPES)
     _check_seed(seed, hidden.device)
     _check_op_backend("mc_sample_fused", backend, _inputs(("hidden", hidden), ("weight", weight)))
@@ -213,9 +252,12 @@ def mc_sample_fused(hidden, weight, bias, num_samples, *, generator=None, backen
     """
     num_samples = _check_fused_args(hidden, weight, bias, num_samples, _EAGER_DTYPES)
     if generator is not None and not isinstance(generator, torch.Generator):
-        raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
-    name = select_backend("mc_sample_fused", backend,
-                          _inputs(("hidden", hidden), ("weight", weight)))
+        raise TypeError(
+            f"generator must be a torch.Generator or None, got {type(generator).__name__}"
+        )
+    name = select_backend(
+        "mc_sample_fused", backend, _inputs(("hidden", hidden), ("weight", weight))
+    )
     hidden, weight, bias = hidden.detach(), weight.detach(), bias.detach()
     if name == "eager":
         dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
@@ -229,8 +271,10 @@ def mc_sample_fused(hidden, weight, bias, num_samples, *, generator=None, backen
 
 # ---- the multi-choice loss ----
 
-def _check_loss_args(hidden, embedding, bias, candidates, labels, reduction, padding_idx=None,
-                     dtypes=_EAGER_DTYPES):
+
+def _check_loss_args(
+    hidden, embedding, bias, candidates, labels, reduction, padding_idx=None, dtypes=_EAGER_DTYPES
+):
     check_tensor("hidden", hidden, ndim=2, dtypes=dtypes, shape_hint="[M, D]")
     check_tensor("embedding", embedding, ndim=2, dtypes=dtypes, shape_hint="[V, D]")
     check_tensor("bias", bias, ndim=1, dtypes=dtypes, shape_hint="[V]")
@@ -239,21 +283,31 @@ def _check_loss_args(hidden, embedding, bias, candidates, labels, reduction, pad
     m, d = hidden.shape
     v = embedding.shape[0]
     if embedding.shape[1] != d:
-        raise ValueError(f"embedding must be [V, D] with D = {d} (hidden's width), got {tuple(embedding.shape)}")
+        raise ValueError(
+            f"embedding must be [V, D] with D = {d} (hidden's width), got {tuple(embedding.shape)}"
+        )
     if embedding.dtype != hidden.dtype:
-        raise TypeError(f"embedding must have hidden's dtype {_dt(hidden.dtype)}, got {_dt(embedding.dtype)}")
+        raise TypeError(
+            f"embedding must have hidden's dtype {_dt(hidden.dtype)}, got {_dt(embedding.dtype)}"
+        )
     if bias.shape[0] != v:
         raise ValueError(f"bias must be [V] = [{v}] like embedding's rows, got {tuple(bias.shape)}")
     if candidates.shape[0] != m:
-        raise ValueError(f"candidates must be [M, K] with M = {m} (hidden's rows), got {tuple(candidates.shape)}")
+        raise ValueError(
+            f"candidates must be [M, K] with M = {m} (hidden's rows), got {tuple(candidates.shape)}"
+        )
     if candidates.shape[1] < 2:
-        raise ValueError(f"candidates must have K >= 2 columns (a choice among one candidate has no loss), got "
-                         f"{tuple(candidates.shape)}")
+        raise ValueError(
+            f"candidates must have K >= 2 columns (a choice among one candidate has no loss), got "
+            f"{tuple(candidates.shape)}"
+        )
     if labels.shape[0] != m:
         raise ValueError(f"labels must be [M] = [{m}], got {tuple(labels.shape)}")
     if not isinstance(reduction, str) or reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-    check_same_device(hidden=hidden, embedding=embedding, bias=bias, candidates=candidates, labels=labels)
+    check_same_device(
+        hidden=hidden, embedding=embedding, bias=bias, candidates=candidates, labels=labels
+    )
     return _check_padding_idx(padding_idx, v)
 
 
@@ -265,20 +319,28 @@ def _check_ranges(candidates, labels, vocab):
     if labels is None:
         lo_c, hi_c = torch.stack([candidates.min(), candidates.max()]).tolist()
     else:
-        lo_c, hi_c, lo_l, hi_l = torch.stack([candidates.min(), candidates.max(), labels.min(),
-                                              labels.max()]).tolist()
+        lo_c, hi_c, lo_l, hi_l = torch.stack(
+            [candidates.min(), candidates.max(), labels.min(), labels.max()]
+        ).tolist()
     if lo_c < 0 or hi_c >= vocab:
-        raise ValueError(f"candidates must hold token ids in [0, {vocab}) (embedding's rows), got values in "
-                         f"[{lo_c}, {hi_c}]")
+        raise ValueError(
+            f"candidates must hold token ids in [0, {vocab}) (embedding's rows), got values in "
+            f"[{lo_c}, {hi_c}]"
+        )
     k = candidates.shape[1]
     if labels is not None and (lo_l < 0 or hi_l >= k):
-        raise ValueError(f"labels must hold candidate slots in [0, {k}), got values in [{lo_l}, {hi_l}]")
+        raise ValueError(
+            f"labels must hold candidate slots in [0, {k}), got values in [{lo_l}, {hi_l}]"
+        )
 
 
 def loss_backend(hidden, embedding, bias, backend="auto"):
     """The backend ``mc_candidate_loss(hidden, embedding, bias, ...)`` would run (raises if none can serve)."""
-    return select_backend("mc_candidate_loss", backend,
-                          _inputs(("hidden", hidden), ("embedding", embedding), ("bias", bias)))
+    return select_backend(
+        "mc_candidate_loss",
+        backend,
+        _inputs(("hidden", hidden), ("embedding", embedding), ("bias", bias)),
+    )
 
 
 def _reduce(rows, reduction):
@@ -295,26 +357,55 @@ def _forward_impl(hidden, embedding, bias, candidates, labels, need_grad):
     m, d = hidden.shape
     k = candidates.shape[1]
     loss = torch.empty(m, dtype=torch.float32, device=hidden.device)
-    dh = torch.empty(m, d, dtype=hidden.dtype, device=hidden.device) if need_grad else hidden.new_empty(0, d)
-    dscore = (torch.empty(m, k, dtype=torch.float32, device=hidden.device) if need_grad
-              else hidden.new_empty(0, k, dtype=torch.float32))
-    kernels.mc_candidate_forward(_rows(hidden), _rows(embedding), bias.contiguous(), candidates.contiguous(),
-                                 labels.contiguous(), loss, dh if need_grad else None, dscore if need_grad else None)
+    dh = (
+        torch.empty(m, d, dtype=hidden.dtype, device=hidden.device)
+        if need_grad
+        else hidden.new_empty(0, d)
+    )
+    dscore = (
+        torch.empty(m, k, dtype=torch.float32, device=hidden.device)
+        if need_grad
+        else hidden.new_empty(0, k, dtype=torch.float32)
+    )
+    kernels.mc_candidate_forward(
+        _rows(hidden),
+        _rows(embedding),
+        bias.contiguous(),
+        candidates.contiguous(),
+        labels.contiguous(),
+        loss,
+        dh if need_grad else None,
+        dscore if need_grad else None,
+    )
     return loss, dh, dscore
 
 
 @torch.library.custom_op("effbert::mc_candidate_loss", mutates_args=())
-def _mc_candidate_loss_op(hidden: torch.Tensor, embedding: torch.Tensor, bias: torch.Tensor,
-                          candidates: torch.Tensor, labels: torch.Tensor, reduction: str, need_grad: bool,
-                          backend: str, padding_idx: Optional[int] = None
-                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _mc_candidate_loss_op(
+    hidden: torch.Tensor,
+    embedding: torch.Tensor,
+    bias: torch.Tensor,
+    candidates: torch.Tensor,
+    labels: torch.Tensor,
+    reduction: str,
+    need_grad: bool,
+    backend: str,
+    padding_idx: Optional[int] = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     # callable directly and run on real tensors under torch.compile: the kernel trusts these for its addresses
-    _check_loss_args(hidden, embedding, bias, candidates, labels, reduction, padding_idx, dtypes=FLOAT_DTYPES)
+    _check_loss_args(
+        hidden, embedding, bias, candidates, labels, reduction, padding_idx, dtypes=FLOAT_DTYPES
+    )
     if not isinstance(need_grad, bool):
         raise TypeError(f"need_grad must be a bool, got {type(need_grad).__name__}")
-    _check_op_backend("mc_candidate_loss", backend,
-                      _inputs(("hidden", hidden), ("embedding", embedding), ("bias", bias)))
-    rows, dh, dscore = _forward_impl(hidden, embedding, bias, candidates, labels, need_grad)  # checks the ids
+    _check_op_backend(
+        "mc_candidate_loss",
+        backend,
+        _inputs(("hidden", hidden), ("embedding", embedding), ("bias", bias)),
+    )
+    rows, dh, dscore = _forward_impl(
+        hidden, embedding, bias, candidates, labels, need_grad
+    )  # checks the ids
     return _reduce(rows, reduction), dh, dscore
 
 
@@ -332,7 +423,12 @@ def _loss_setup_context(ctx, inputs, output):
     hidden, embedding, bias, candidates, labels, reduction, need_grad, backend, padding_idx = inputs
     _, dh, dscore = output
     ctx.save_for_backward(hidden, candidates, dh, dscore)
-    ctx.reduction, ctx.vocab, ctx.backend, ctx.padding_idx = reduction, embedding.shape[0], backend, padding_idx
+    ctx.reduction, ctx.vocab, ctx.backend, ctx.padding_idx = (
+        reduction,
+        embedding.shape[0],
+        backend,
+        padding_idx,
+    )
     ctx.emb_dtype, ctx.bias_dtype = embedding.dtype, bias.dtype
     ctx.mark_non_differentiable(dh, dscore)
 
@@ -342,8 +438,19 @@ def _loss_backward(ctx, grad, _grad_dh, _grad_dscore):
     if dh.shape[0] != hidden.shape[0]:
         raise RuntimeError("mc_candidate_loss: backward through a call made without need_grad")
     d_hidden, d_emb, d_bias = torch.ops.effbert.mc_candidate_loss_backward(
-        grad, hidden, candidates, dh, dscore, ctx.vocab, ctx.reduction, ctx.backend, ctx.padding_idx)
-    return (d_hidden, d_emb.to(ctx.emb_dtype), d_bias.to(ctx.bias_dtype), None, None, None, None, None, None)
+        grad, hidden, candidates, dh, dscore, ctx.vocab, ctx.reduction, ctx.backend, ctx.padding_idx
+    )
+    return (
+        d_hidden,
+        d_emb.to(ctx.emb_dtype),
+        d_bias.to(ctx.bias_dtype),
+        None,
+        None,
+        None,
+        None,
+        None,
+        None,
+    )
 
 
 def scatter_plan(candidates, dim, chunk):
@@ -355,53 +462,85 @@ def scatter_plan(candidates, dim, chunk):
     seg_end = torch.searchsorted(sorted_ids, sorted_ids, right=True)
     idx = torch.arange(sorted_ids.numel(), device=sorted_ids.device)
     long_piece = ((idx - seg_first) % chunk == 0) & (seg_end - seg_first > chunk)
-    piece_id = torch.cumsum(long_piece, 0) - 1  # at a long segment's first entry: its first piece's slot
-    bound = 2 * sorted_ids.numel() // chunk + 1  # a long segment of n entries has ceil(n / chunk) < 2n / chunk
-    return {"order": order, "sorted": sorted_ids, "seg_first": seg_first, "seg_end": seg_end, "piece_id": piece_id,
-            "part": torch.empty(bound, dim, dtype=torch.float32, device=candidates.device),
-            "part_bias": torch.empty(bound, dtype=torch.float32, device=candidates.device)}
+    piece_id = (
+        torch.cumsum(long_piece, 0) - 1
+    )  # at a long segment's first entry: its first piece's slot
+    bound = (
+        2 * sorted_ids.numel() // chunk + 1
+    )  # a long segment of n entries has ceil(n / chunk) < 2n / chunk
+    return {
+        "order": order,
+        "sorted": sorted_ids,
+        "seg_first": seg_first,
+        "seg_end": seg_end,
+        "piece_id": piece_id,
+        "part": torch.empty(bound, dim, dtype=torch.float32, device=candidates.device),
+        "part_bias": torch.empty(bound, dtype=torch.float32, device=candidates.device),
+    }
 
 
-def _check_backward_args(grad, hidden, candidates, dh, dscore, vocab, reduction, backend, padding_idx):
+def _check_backward_args(
+    grad, hidden, candidates, dh, dscore, vocab, reduction, backend, padding_idx
+):
     check_tensor("hidden", hidden, ndim=2, dtypes=FLOAT_DTYPES, shape_hint="[M, D]")
     m, d = hidden.shape
     check_tensor("candidates", candidates, ndim=2, dtypes=(torch.int64,), shape_hint="[M, K]")
     if candidates.shape[0] != m or candidates.shape[1] < 2:
-        raise ValueError(f"candidates must be [M, K] with M = {m} (hidden's rows) and K >= 2, got "
-                         f"{tuple(candidates.shape)}")
+        raise ValueError(
+            f"candidates must be [M, K] with M = {m} (hidden's rows) and K >= 2, got "
+            f"{tuple(candidates.shape)}"
+        )
     k = candidates.shape[1]
     if not isinstance(reduction, str) or reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
     check_tensor("grad", grad, dtypes=_EAGER_DTYPES)
     want = (m,) if reduction == "none" else ()
     if tuple(grad.shape) != want:
-        raise ValueError(f"grad must be the loss' gradient, shape {list(want)} for reduction {reduction!r}, got "
-                         f"{list(grad.shape)}")
+        raise ValueError(
+            f"grad must be the loss' gradient, shape {list(want)} for reduction {reduction!r}, got "
+            f"{list(grad.shape)}"
+        )
     check_tensor("dh", dh, ndim=2, dtypes=(hidden.dtype,), shape_hint="[M, D] in hidden's dtype")
     if tuple(dh.shape) != (m, d):
-        raise ValueError(f"dh must be [M, D] = [{m}, {d}] (the forward's, with need_grad), got {tuple(dh.shape)}")
+        raise ValueError(
+            f"dh must be [M, D] = [{m}, {d}] (the forward's, with need_grad), got {tuple(dh.shape)}"
+        )
     check_tensor("dscore", dscore, ndim=2, dtypes=(torch.float32,), shape_hint="[M, K] float32")
     if tuple(dscore.shape) != (m, k):
-        raise ValueError(f"dscore must be [M, K] = [{m}, {k}] (the forward's, with need_grad), got "
-                         f"{tuple(dscore.shape)}")
+        raise ValueError(
+            f"dscore must be [M, K] = [{m}, {k}] (the forward's, with need_grad), got "
+            f"{tuple(dscore.shape)}"
+        )
     vocab = _check_count("vocab", vocab, 1)
     padding_idx = _check_padding_idx(padding_idx, vocab)
     check_same_device(grad=grad, hidden=hidden, candidates=candidates, dh=dh, dscore=dscore)
-    _check_op_backend("mc_candidate_loss", backend, _inputs(("hidden", hidden)),
-                      called="mc_candidate_loss_backward")
+    _check_op_backend(
+        "mc_candidate_loss",
+        backend,
+        _inputs(("hidden", hidden)),
+        called="mc_candidate_loss_backward",
+    )
     _check_ranges(candidates, None, vocab)
     return vocab, padding_idx
 
 
 @torch.library.custom_op("effbert::mc_candidate_loss_backward", mutates_args=())
-def _mc_candidate_loss_backward_op(grad: torch.Tensor, hidden: torch.Tensor, candidates: torch.Tensor,
-                                   dh: torch.Tensor, dscore: torch.Tensor, vocab: int, reduction: str,
-                                   backend: str, padding_idx: Optional[int] = None
-                                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _mc_candidate_loss_backward_op(
+    grad: torch.Tensor,
+    hidden: torch.Tensor,
+    candidates: torch.Tensor,
+    dh: torch.Tensor,
+    dscore: torch.Tensor,
+    vocab: int,
+    reduction: str,
+    backend: str,
+    padding_idx: Optional[int] = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     from ..kernels import mc_bert as kernels
 
-    vocab, padding_idx = _check_backward_args(grad, hidden, candidates, dh, dscore, vocab, reduction, backend,
-                                              padding_idx)
+    vocab, padding_idx = _check_backward_args(
+        grad, hidden, candidates, dh, dscore, vocab, reduction, backend, padding_idx
+    )
     m = hidden.shape[0]
     scale = grad.float()
     if reduction == "mean":
@@ -413,7 +552,9 @@ def _mc_candidate_loss_backward_op(grad: torch.Tensor, hidden: torch.Tensor, can
     d_bias = torch.zeros(vocab, dtype=torch.float32, device=hidden.device)
     plan = scatter_plan(candidates, hidden.shape[1], kernels.SCATTER_CHUNK)
     kernels.mc_candidate_scatter(_rows(hidden), dscore_s, plan, d_emb, d_bias)
-    if padding_idx is not None:  # nn.Embedding's padding_idx: the row gets no gradient (its bias entry does)
+    if (
+        padding_idx is not None
+    ):  # nn.Embedding's padding_idx: the row gets no gradient (its bias entry does)
         d_emb[padding_idx] = 0.0
     return d_hidden, d_emb, d_bias
 
@@ -421,15 +562,27 @@ def _mc_candidate_loss_backward_op(grad: torch.Tensor, hidden: torch.Tensor, can
 @_mc_candidate_loss_backward_op.register_fake
 def _(grad, hidden, candidates, dh, dscore, vocab, reduction, backend, padding_idx=None):
     vocab = max(vocab, 0)
-    return (torch.empty_like(hidden), hidden.new_empty(vocab, _size(hidden, 1), dtype=torch.float32),
-            hidden.new_empty(vocab, dtype=torch.float32))
+    return (
+        torch.empty_like(hidden),
+        hidden.new_empty(vocab, _size(hidden, 1), dtype=torch.float32),
+        hidden.new_empty(vocab, dtype=torch.float32),
+    )
 
 
 _mc_candidate_loss_op.register_autograd(_loss_backward, setup_context=_loss_setup_context)
 
 
-def mc_candidate_loss(hidden, embedding, bias, candidates, labels, *, reduction="mean", padding_idx=None,
-                      backend="auto"):
+def mc_candidate_loss(
+    hidden,
+    embedding,
+    bias,
+    candidates,
+    labels,
+    *,
+    reduction="mean",
+    padding_idx=None,
+    backend="auto",
+):
     """The multi-choice cross-entropy of MC-BERT's main model (the published ``GenLMHead`` scoring).
 
     ``hidden``: ``[M, D]`` (the transformed hidden states of the scored positions); ``embedding``: ``[V, D]`` (the
@@ -449,15 +602,25 @@ def mc_candidate_loss(hidden, embedding, bias, candidates, labels, *, reduction=
     gradient. Ids out of range raise ``ValueError`` (never read outside ``embedding``), as do bad shapes, dtypes,
     devices, ``reduction`` and ``padding_idx`` (``TypeError`` for a wrong dtype), naming the argument.
     """
-    padding_idx = _check_loss_args(hidden, embedding, bias, candidates, labels, reduction, padding_idx)
+    padding_idx = _check_loss_args(
+        hidden, embedding, bias, candidates, labels, reduction, padding_idx
+    )
     name = loss_backend(hidden, embedding, bias, backend)
     if name == "eager":
         _check_ranges(candidates, labels, embedding.shape[0])
-        return reference.mc_candidate_loss(hidden, embedding, bias, candidates, labels, reduction=reduction,
-                                           padding_idx=padding_idx)
+        return reference.mc_candidate_loss(
+            hidden,
+            embedding,
+            bias,
+            candidates,
+            labels,
+            reduction=reduction,
+            padding_idx=padding_idx,
+        )
     need_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (hidden, embedding, bias))
     if direct_call_ok(hidden, embedding, bias, candidates, labels):
         rows, _, _ = _forward_impl(hidden, embedding, bias, candidates, labels, False)
         return _reduce(rows, reduction)
-    return torch.ops.effbert.mc_candidate_loss(hidden, embedding, bias, candidates, labels, reduction, need_grad,
-                                               name, padding_idx)[0]
+    return torch.ops.effbert.mc_candidate_loss(
+        hidden, embedding, bias, candidates, labels, reduction, need_grad, name, padding_idx
+    )[0]

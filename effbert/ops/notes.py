@@ -15,8 +15,15 @@ import torch
 from .. import _ext
 from .. import reference
 from .checks import FLOAT_DTYPES, check_same_device, check_tensor
-from ._dispatch import (Inputs, Support, cached_selection, declare, direct_call_ok,
-                        requested_backend, select_backend)
+from ._dispatch import (
+    Inputs,
+    Support,
+    cached_selection,
+    declare,
+    direct_call_ok,
+    requested_backend,
+    select_backend,
+)
 
 __all__ = ["note_mix", "note_update_", "note_window_means", "note_fold_"]
 
@@ -30,6 +37,7 @@ def _dt(dtype):
 
 # ---- argument checks ----
 
+
 def _check_unit_interval(name, value):
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a real number in [0, 1], got {type(value).__name__}")
@@ -39,9 +47,13 @@ def _check_unit_interval(name, value):
 
 
 def _check_notes(notes, *, inplace):
-    check_tensor("notes", notes, ndim=2, dtypes=(torch.float32, torch.float64), shape_hint="[S, Dm]")
+    check_tensor(
+        "notes", notes, ndim=2, dtypes=(torch.float32, torch.float64), shape_hint="[S, Dm]"
+    )
     if inplace and not notes.is_contiguous():
-        raise ValueError(f"notes must be contiguous (it is updated in place), got strides {notes.stride()}")
+        raise ValueError(
+            f"notes must be contiguous (it is updated in place), got strides {notes.stride()}"
+        )
 
 
 def _check_mix_args(x, notes, slots, lam):
@@ -49,23 +61,33 @@ def _check_mix_args(x, notes, slots, lam):
     _check_notes(notes, inplace=False)
     check_tensor("slots", slots, ndim=2, dtypes=(torch.int64,), shape_hint="[B, N]")
     if tuple(slots.shape) != tuple(x.shape[:2]):
-        raise ValueError(f"slots must be [B, N] = {tuple(x.shape[:2])} like x, got {tuple(slots.shape)}")
+        raise ValueError(
+            f"slots must be [B, N] = {tuple(x.shape[:2])} like x, got {tuple(slots.shape)}"
+        )
     if notes.shape[1] != x.shape[2]:
-        raise ValueError(f"notes must be [S, Dm] with Dm = {x.shape[2]} (x's last dimension), got "
-                         f"{tuple(notes.shape)}")
+        raise ValueError(
+            f"notes must be [S, Dm] with Dm = {x.shape[2]} (x's last dimension), got "
+            f"{tuple(notes.shape)}"
+        )
     check_same_device(x=x, notes=notes, slots=slots)
     return _check_unit_interval("lam", lam)
 
 
 def _check_window_args(hidden, spans, window, lengths):
     """The arguments both halves of an update share: span rows, sequence lengths, window."""
-    check_tensor("spans", spans, ndim=2, dtypes=(torch.int64,), shape_hint="[M, 4] (batch, start, end, slot)")
+    check_tensor(
+        "spans", spans, ndim=2, dtypes=(torch.int64,), shape_hint="[M, 4] (batch, start, end, slot)"
+    )
     if spans.shape[1] != 4:
-        raise ValueError(f"spans must be [M, 4] rows (batch, start, end, slot), got {tuple(spans.shape)}")
+        raise ValueError(
+            f"spans must be [M, 4] rows (batch, start, end, slot), got {tuple(spans.shape)}"
+        )
     if lengths is not None:
         check_tensor("lengths", lengths, ndim=1, dtypes=(torch.int64,), shape_hint="[B]")
         if lengths.shape[0] != hidden.shape[0]:
-            raise ValueError(f"lengths must be [B] = [{hidden.shape[0]}], got {tuple(lengths.shape)}")
+            raise ValueError(
+                f"lengths must be [B] = [{hidden.shape[0]}], got {tuple(lengths.shape)}"
+            )
     if isinstance(window, bool) or not isinstance(window, numbers.Integral) or window < 0:
         raise ValueError(f"window must be an integer >= 0, got {window!r}")
 
@@ -74,12 +96,16 @@ def _check_update_args(notes, counts, hidden, spans, window, gamma, lengths):
     _check_notes(notes, inplace=True)
     check_tensor("counts", counts, ndim=1, dtypes=(torch.int64,), shape_hint="[S]")
     if counts.shape[0] != notes.shape[0] or not counts.is_contiguous():
-        raise ValueError(f"counts must be a contiguous [S] = [{notes.shape[0]}] tensor like notes, got shape "
-                         f"{tuple(counts.shape)} strides {counts.stride()}")
+        raise ValueError(
+            f"counts must be a contiguous [S] = [{notes.shape[0]}] tensor like notes, got shape "
+            f"{tuple(counts.shape)} strides {counts.stride()}"
+        )
     check_tensor("hidden", hidden, ndim=3, dtypes=_EAGER_DTYPES, shape_hint="[B, N, Dm]")
     if hidden.shape[2] != notes.shape[1]:
-        raise ValueError(f"hidden must be [B, N, Dm] with Dm = {notes.shape[1]} (notes' width), got "
-                         f"{tuple(hidden.shape)}")
+        raise ValueError(
+            f"hidden must be [B, N, Dm] with Dm = {notes.shape[1]} (notes' width), got "
+            f"{tuple(hidden.shape)}"
+        )
     _check_window_args(hidden, spans, window, lengths)
     tensors = dict(notes=notes, counts=counts, hidden=hidden, spans=spans)
     if lengths is not None:
@@ -98,7 +124,9 @@ def _row_problem(row, batch, seq, num_slots, lengths, check_spans=True, check_sl
         if not 0 <= length <= seq:
             return f"lengths[{b}] = {length} out of range [0, {seq}]"
         if start >= end:
-            return f"start {start} >= end {end} (spans are [start, end_exclusive), at least one token)"
+            return (
+                f"start {start} >= end {end} (spans are [start, end_exclusive), at least one token)"
+            )
         if start < 0 or end > length:
             return f"span [{start}, {end}) outside the sequence's {length} tokens"
     if check_slots and not 0 <= slot < num_slots:
@@ -126,13 +154,27 @@ def _validate_rows_host(spans, batch, seq, num_slots, lengths, check_spans=True,
     bad = torch.zeros_like(b, dtype=torch.bool)
     if check_spans:
         b_ok = (b >= 0) & (b < batch)
-        length = (torch.full_like(b, seq) if lengths is None
-                  else lengths[b.clamp(0, max(batch - 1, 0))] if batch > 0 else torch.zeros_like(b))
+        length = (
+            torch.full_like(b, seq)
+            if lengths is None
+            else lengths[b.clamp(0, max(batch - 1, 0))]
+            if batch > 0
+            else torch.zeros_like(b)
+        )
         bad |= ~b_ok | (start < 0) | (start >= end) | (end > length)
     if check_slots:
         bad |= (slot < 0) | (slot >= num_slots)
     if bool(bad.any()):
-        _raise_bad_row(spans, int(torch.nonzero(bad)[0]), batch, seq, num_slots, lengths, check_spans, check_slots)
+        _raise_bad_row(
+            spans,
+            int(torch.nonzero(bad)[0]),
+            batch,
+            seq,
+            num_slots,
+            lengths,
+            check_spans,
+            check_slots,
+        )
 
 
 # Public names for effbert.nn (data-parallel updates validate before their collectives).
@@ -142,19 +184,28 @@ validate_rows = _validate_rows_host
 
 # ---- plans: the sorting the kernels need, done with torch ----
 
+
 def boundary_keys(spans, lengths, batch, seq, window):
     """Sort keys of every row's window boundaries: ``b * (seq + 1) + lo`` for row r at r, ``... + hi`` at M + r."""
     b, start, end = spans[:, 0], spans[:, 1], spans[:, 2]
-    length = lengths.index_select(0, b.clamp(0, max(batch - 1, 0))) if batch > 0 else torch.zeros_like(b)
+    length = (
+        lengths.index_select(0, b.clamp(0, max(batch - 1, 0))) if batch > 0 else torch.zeros_like(b)
+    )
     base = b * (seq + 1)
-    return torch.cat([base + (start - window).clamp_min(0), base + torch.minimum(end + window, length)])
+    return torch.cat(
+        [base + (start - window).clamp_min(0), base + torch.minimum(end + window, length)]
+    )
 
 
 def means_plan(key, batch, seq):
     """Every row's two window boundaries sorted by (sequence, position), as indices (r: row r's lo boundary,
     M + r: its hi boundary), with per-sequence offsets, from their ``boundary_keys``."""
-    key_sorted, ev_idx = torch.sort(key, stable=True)  # a row's lo boundary sorts before its hi boundary
-    ev_off = torch.searchsorted(key_sorted, torch.arange(0, (batch + 1) * (seq + 1), seq + 1, device=key.device))
+    key_sorted, ev_idx = torch.sort(
+        key, stable=True
+    )  # a row's lo boundary sorts before its hi boundary
+    ev_off = torch.searchsorted(
+        key_sorted, torch.arange(0, (batch + 1) * (seq + 1), seq + 1, device=key.device)
+    )
     return {"ev_off": ev_off, "ev_idx": ev_idx}
 
 
@@ -165,6 +216,7 @@ def fold_plan(slots):
 
 
 # ---- backends ----
+
 
 def _extension(backend):
     return "_cuda" if backend == "cuda" else "_C"
@@ -186,9 +238,19 @@ def _mix_into(backend, x2, notes, slots1, lam, out2):
     tokens, dim = x2.shape
     if tokens == 0 or dim == 0:
         return out2
-    args = (x2.data_ptr(), _ext.dtype_code(x2.dtype), tokens, dim, x2.stride(0),
-            0 if notes is None else notes.data_ptr(), 0 if notes is None else notes.shape[0], slots1.data_ptr(),
-            float(lam), out2.data_ptr(), out2.stride(0))
+    args = (
+        x2.data_ptr(),
+        _ext.dtype_code(x2.dtype),
+        tokens,
+        dim,
+        x2.stride(0),
+        0 if notes is None else notes.data_ptr(),
+        0 if notes is None else notes.shape[0],
+        slots1.data_ptr(),
+        float(lam),
+        out2.data_ptr(),
+        out2.stride(0),
+    )
     _ext.launch(_extension(backend), "note_mix", x2.device, *args)
     return out2
 
@@ -197,19 +259,44 @@ def _new_flag(rows, device):
     return torch.full((1,), rows, dtype=torch.int32, device=device)
 
 
-def _check_rows_device(backend, spans, lengths, flag, batch, seq, num_slots, check_spans, check_slots, keys=None,
-                       window=0):
+def _check_rows_device(
+    backend,
+    spans,
+    lengths,
+    flag,
+    batch,
+    seq,
+    num_slots,
+    check_spans,
+    check_slots,
+    keys=None,
+    window=0,
+):
     """The device-side check of every row (flag = first bad row); with ``keys`` ([2M] int64) it also writes the
     window boundaries' sort keys, which saves the plan a dozen small launches."""
     if backend == "triton":
         from ..kernels import notes as kernels
 
-        kernels.note_check_rows(spans, lengths, flag, batch, seq, num_slots, check_spans, check_slots, keys, window)
+        kernels.note_check_rows(
+            spans, lengths, flag, batch, seq, num_slots, check_spans, check_slots, keys, window
+        )
     else:
-        _ext.launch("_cuda", "note_check_rows", spans.device, spans.data_ptr(),
-                    0 if lengths is None else lengths.data_ptr(), flag.data_ptr(),
-                    0 if keys is None else keys.data_ptr(), spans.shape[0], batch, seq, num_slots, window,
-                    check_spans, check_slots)
+        _ext.launch(
+            "_cuda",
+            "note_check_rows",
+            spans.device,
+            spans.data_ptr(),
+            0 if lengths is None else lengths.data_ptr(),
+            flag.data_ptr(),
+            0 if keys is None else keys.data_ptr(),
+            spans.shape[0],
+            batch,
+            seq,
+            num_slots,
+            window,
+            check_spans,
+            check_slots,
+        )
 
 
 def _means_into(backend, hidden, spans, lengths, window, plan, flag, means):
@@ -222,9 +309,23 @@ def _means_into(backend, hidden, spans, lengths, window, plan, flag, means):
     rows = means.shape[0]
     if rows == 0 or dim == 0:
         return means
-    args = (hidden.data_ptr(), _ext.dtype_code(hidden.dtype), batch, seq, dim, hidden.stride(0), hidden.stride(1),
-            spans.data_ptr(), lengths.data_ptr(), window, plan["ev_off"].data_ptr(), plan["ev_idx"].data_ptr(),
-            flag.data_ptr(), rows, means.data_ptr())
+    args = (
+        hidden.data_ptr(),
+        _ext.dtype_code(hidden.dtype),
+        batch,
+        seq,
+        dim,
+        hidden.stride(0),
+        hidden.stride(1),
+        spans.data_ptr(),
+        lengths.data_ptr(),
+        window,
+        plan["ev_off"].data_ptr(),
+        plan["ev_idx"].data_ptr(),
+        flag.data_ptr(),
+        rows,
+        means.data_ptr(),
+    )
     _ext.launch(_extension(backend), "note_window_means", hidden.device, *args)
     return means
 
@@ -238,8 +339,18 @@ def _fold_into(backend, notes, counts, means, plan, flag, gamma):
     num_slots, dim = notes.shape
     if rows == 0 or dim == 0:
         return notes
-    args = (notes.data_ptr(), counts.data_ptr(), num_slots, dim, means.data_ptr(), plan["order"].data_ptr(),
-            plan["sorted_slots"].data_ptr(), flag.data_ptr(), rows, float(gamma))
+    args = (
+        notes.data_ptr(),
+        counts.data_ptr(),
+        num_slots,
+        dim,
+        means.data_ptr(),
+        plan["order"].data_ptr(),
+        plan["sorted_slots"].data_ptr(),
+        flag.data_ptr(),
+        rows,
+        float(gamma),
+    )
     _ext.launch(_extension(backend), "note_fold", notes.device, *args)
     return notes
 
@@ -255,8 +366,10 @@ def _host_checks(backend, device, requested=None):
 # ---- dispatch ----
 
 _KERNELS = Support(dtypes=_KERNEL_DTYPES, tensor_dtypes={"notes": (torch.float32,)})
-declare(("note_mix", "note_update_", "note_window_means"),
-        {"triton": _KERNELS, "cuda": _KERNELS, "cpu": _KERNELS, "eager": Support()})
+declare(
+    ("note_mix", "note_update_", "note_window_means"),
+    {"triton": _KERNELS, "cuda": _KERNELS, "cpu": _KERNELS, "eager": Support()},
+)
 
 
 def _inputs(*float_tensors):
@@ -266,14 +379,22 @@ def _inputs(*float_tensors):
 
 def mix_backend(x, notes, backend="auto"):
     """The backend ``note_mix(x, notes, ...)`` would run (raises if none can serve)."""
-    return cached_selection("note_mix", backend, (x.device, x.dtype, notes.dtype),
-                            lambda: _inputs(("x", x), ("notes", notes)))
+    return cached_selection(
+        "note_mix",
+        backend,
+        (x.device, x.dtype, notes.dtype),
+        lambda: _inputs(("x", x), ("notes", notes)),
+    )
 
 
 def update_backend(notes, hidden, backend="auto"):
     """The backend ``note_update_(notes, counts, hidden, ...)`` would run (raises if none can serve)."""
-    return cached_selection("note_update_", backend, (hidden.device, hidden.dtype, notes.dtype),
-                            lambda: _inputs(("hidden", hidden), ("notes", notes)))
+    return cached_selection(
+        "note_update_",
+        backend,
+        (hidden.device, hidden.dtype, notes.dtype),
+        lambda: _inputs(("hidden", hidden), ("notes", notes)),
+    )
 
 
 def _as_rows(t):
@@ -303,8 +424,10 @@ def check_slots_range(slots, num_slots):
     """Slots past the notes are an error. One reduction and, on CUDA tensors, one value read back."""
     if slots.numel() and int(slots.max()) >= num_slots:
         idx = tuple(int(i) for i in torch.nonzero(slots >= num_slots)[0].tolist())
-        raise ValueError(f"slots{list(idx)} = {int(slots[idx])} out of range: notes has {num_slots} slots "
-                         "(negative = not a rare word)")
+        raise ValueError(
+            f"slots{list(idx)} = {int(slots[idx])} out of range: notes has {num_slots} slots "
+            "(negative = not a rare word)"
+        )
 
 
 def _note_mix_impl(x, notes, slots, lam, backend):
@@ -317,13 +440,21 @@ def _note_mix_impl(x, notes, slots, lam, backend):
 def _note_mix_backward_impl(grad, slots, lam, backend):
     name = select_backend("note_mix", backend, _inputs(("x", grad)))
     out = torch.empty_like(grad, memory_format=torch.contiguous_format)
-    _mix_into(name, _as_rows(grad), None, slots.reshape(-1).contiguous(), lam,
-              out.view(grad.shape[0] * grad.shape[1], grad.shape[-1]))
+    _mix_into(
+        name,
+        _as_rows(grad),
+        None,
+        slots.reshape(-1).contiguous(),
+        lam,
+        out.view(grad.shape[0] * grad.shape[1], grad.shape[-1]),
+    )
     return out
 
 
 @torch.library.custom_op("effbert::note_mix", mutates_args=())
-def _note_mix_op(x: torch.Tensor, notes: torch.Tensor, slots: torch.Tensor, lam: float, backend: str) -> torch.Tensor:
+def _note_mix_op(
+    x: torch.Tensor, notes: torch.Tensor, slots: torch.Tensor, lam: float, backend: str
+) -> torch.Tensor:
     # callable directly and run on real tensors under torch.compile: checked here too (the slots' range in the impl)
     lam = _check_mix_args(x, notes, slots, lam)
     requested_backend(backend)
@@ -344,21 +475,31 @@ def _mix_setup_context(ctx, inputs, output):
 
 def _mix_backward(ctx, grad):
     (slots,) = ctx.saved_tensors
-    return torch.ops.effbert.note_mix_backward(grad.contiguous(), slots, ctx.lam, ctx.backend), None, None, None, None
+    return (
+        torch.ops.effbert.note_mix_backward(grad.contiguous(), slots, ctx.lam, ctx.backend),
+        None,
+        None,
+        None,
+        None,
+    )
 
 
 def _check_mix_backward_args(grad, slots, lam, backend):
     check_tensor("grad", grad, ndim=3, dtypes=_EAGER_DTYPES, shape_hint="[B, N, Dm]")
     check_tensor("slots", slots, ndim=2, dtypes=(torch.int64,), shape_hint="[B, N]")
     if tuple(slots.shape) != tuple(grad.shape[:2]):
-        raise ValueError(f"slots must be [B, N] = {tuple(grad.shape[:2])} like grad, got {tuple(slots.shape)}")
+        raise ValueError(
+            f"slots must be [B, N] = {tuple(grad.shape[:2])} like grad, got {tuple(slots.shape)}"
+        )
     check_same_device(grad=grad, slots=slots)
     requested_backend(backend)
     return _check_unit_interval("lam", lam)
 
 
 @torch.library.custom_op("effbert::note_mix_backward", mutates_args=())
-def _note_mix_backward_op(grad: torch.Tensor, slots: torch.Tensor, lam: float, backend: str) -> torch.Tensor:
+def _note_mix_backward_op(
+    grad: torch.Tensor, slots: torch.Tensor, lam: float, backend: str
+) -> torch.Tensor:
     lam = _check_mix_backward_args(grad, slots, lam, backend)
     return _note_mix_backward_impl(grad, slots, lam, backend)
 
@@ -389,6 +530,7 @@ def note_mix(x, notes, slots, lam, *, backend="auto"):
 
 # ---- the update ----
 
+
 def _dims(hidden, notes):
     batch, seq, _ = hidden.shape
     return batch, seq, notes.shape[0]
@@ -403,7 +545,9 @@ def _raise_from_flag(flag, spans, batch, seq, num_slots, lengths, check_spans, c
 def window_means_into(backend, hidden, spans, window, lengths, means, *, host_check=None):
     """Window means of every span row into a caller-provided float32 ``means [M, Dm]`` (float64 on eager)."""
     batch, seq, dim = hidden.shape
-    window = min(window, seq)  # a wider window covers the same tokens; keeps the kernels' int32 arithmetic safe
+    window = min(
+        window, seq
+    )  # a wider window covers the same tokens; keeps the kernels' int32 arithmetic safe
     if dim == 0:  # nothing to average: the reference, with its host checks, on every backend
         backend, host_check = "eager", True
     host_check = _host_checks(backend, hidden.device, host_check)
@@ -421,7 +565,9 @@ def window_means_into(backend, hidden, spans, window, lengths, means, *, host_ch
         keys = boundary_keys(spans_c, lengths, batch, seq, window)
     else:
         keys = torch.empty(2 * spans.shape[0], dtype=torch.int64, device=hidden.device)
-        _check_rows_device(backend, spans_c, lengths, flag, batch, seq, 0, True, False, keys, window)
+        _check_rows_device(
+            backend, spans_c, lengths, flag, batch, seq, 0, True, False, keys, window
+        )
     plan = means_plan(keys, batch, seq)
     h = hidden if hidden.shape[2] <= 1 or hidden.stride(2) == 1 else hidden.contiguous()
     _means_into(backend, h, spans_c, lengths, window, plan, flag, means)
@@ -433,12 +579,18 @@ def window_means_into(backend, hidden, spans, window, lengths, means, *, host_ch
 def fold_into(backend, notes, counts, means, slots, gamma, *, host_check=None, flag=None):
     """The ordered EMA fold of ``means [M, Dm]`` into ``notes`` for ``slots [M]`` (in place)."""
     rows = slots.shape[0]
-    if notes.shape[1] == 0:  # empty notes: only counts move, as the reference moves them, on every backend
+    if (
+        notes.shape[1] == 0
+    ):  # empty notes: only counts move, as the reference moves them, on every backend
         backend, host_check, flag = "eager", True, None
     host_check = _host_checks(backend, notes.device, host_check)
-    spans_view = torch.stack([torch.zeros_like(slots)] * 3 + [slots], 1) if rows else slots.new_empty(0, 4)
+    spans_view = (
+        torch.stack([torch.zeros_like(slots)] * 3 + [slots], 1) if rows else slots.new_empty(0, 4)
+    )
     if host_check:
-        _validate_rows_host(spans_view, 1, 1, notes.shape[0], None, check_spans=False, check_slots=True)
+        _validate_rows_host(
+            spans_view, 1, 1, notes.shape[0], None, check_spans=False, check_slots=True
+        )
     if backend == "eager":
         reference.note_fold_(notes, counts, means, slots, gamma=gamma)
         return notes
@@ -446,7 +598,9 @@ def fold_into(backend, notes, counts, means, slots, gamma, *, host_check=None, f
     if own_flag:
         flag = _new_flag(rows, notes.device)
         if not host_check:
-            _check_rows_device(backend, spans_view.contiguous(), None, flag, 1, 1, notes.shape[0], False, True)
+            _check_rows_device(
+                backend, spans_view.contiguous(), None, flag, 1, 1, notes.shape[0], False, True
+            )
     plan = fold_plan(slots.contiguous())
     _fold_into(backend, notes, counts, means.contiguous(), plan, flag, gamma)
     if own_flag and not host_check:
@@ -458,14 +612,20 @@ def update_into(backend, notes, counts, hidden, spans, window, gamma, lengths, *
     """One concrete backend of ``note_update_``. ``host_check=False`` forces the device-side checks (tests)."""
     batch, seq, num_slots = _dims(hidden, notes)
     rows = spans.shape[0]
-    window = min(window, seq)  # a wider window covers the same tokens; keeps the kernels' int32 arithmetic safe
-    if notes.shape[1] == 0:  # hidden size 0: only counts move, as the reference moves them, on every backend
+    window = min(
+        window, seq
+    )  # a wider window covers the same tokens; keeps the kernels' int32 arithmetic safe
+    if (
+        notes.shape[1] == 0
+    ):  # hidden size 0: only counts move, as the reference moves them, on every backend
         backend, host_check = "eager", True
     host_check = _host_checks(backend, hidden.device, host_check)
     if host_check:
         _validate_rows_host(spans, batch, seq, num_slots, lengths)
     if backend == "eager":
-        reference.note_update_(notes, counts, hidden, spans, window=window, gamma=gamma, lengths=lengths)
+        reference.note_update_(
+            notes, counts, hidden, spans, window=window, gamma=gamma, lengths=lengths
+        )
         return notes
     if rows == 0:
         return notes
@@ -479,7 +639,9 @@ def update_into(backend, notes, counts, hidden, spans, window, gamma, lengths, *
     else:
         # One check of every row before either pass (both skip all work when it fails); it writes the sort keys.
         keys = torch.empty(2 * rows, dtype=torch.int64, device=hidden.device)
-        _check_rows_device(backend, spans_c, lengths, flag, batch, seq, num_slots, True, True, keys, window)
+        _check_rows_device(
+            backend, spans_c, lengths, flag, batch, seq, num_slots, True, True, keys, window
+        )
     means = torch.empty(rows, notes.shape[1], dtype=torch.float32, device=hidden.device)
     plan = means_plan(keys, batch, seq)
     h = hidden if hidden.shape[2] <= 1 or hidden.stride(2) == 1 else hidden.contiguous()
@@ -498,8 +660,16 @@ def _note_update_impl(notes, counts, hidden, spans, window, gamma, lengths, back
 
 
 @torch.library.custom_op("effbert::note_update_", mutates_args=("notes", "counts"))
-def _note_update_op(notes: torch.Tensor, counts: torch.Tensor, hidden: torch.Tensor, spans: torch.Tensor,
-                    window: int, gamma: float, lengths: Optional[torch.Tensor], backend: str) -> None:
+def _note_update_op(
+    notes: torch.Tensor,
+    counts: torch.Tensor,
+    hidden: torch.Tensor,
+    spans: torch.Tensor,
+    window: int,
+    gamma: float,
+    lengths: Optional[torch.Tensor],
+    backend: str,
+) -> None:
     # callable directly and run on real tensors under torch.compile: every argument is checked here, and the rows'
     # ranges before anything is written (update_into), so a bad call leaves notes and counts as they were
     window, gamma = _check_update_args(notes, counts, hidden, spans, window, gamma, lengths)
@@ -527,7 +697,9 @@ def note_update_(notes, counts, hidden, spans, *, window, gamma, lengths=None, b
         if direct_call_ok(notes, counts, hidden, spans, *(() if lengths is None else (lengths,))):
             _note_update_impl(notes, counts, hidden, spans, window, gamma, lengths, backend)
         else:
-            torch.ops.effbert.note_update_(notes, counts, hidden, spans, window, gamma, lengths, backend)
+            torch.ops.effbert.note_update_(
+                notes, counts, hidden, spans, window, gamma, lengths, backend
+            )
 
 
 def note_window_means(hidden, spans, *, window, lengths=None, backend="auto"):
@@ -535,7 +707,9 @@ def note_window_means(hidden, spans, *, window, lengths=None, backend="auto"):
     ranks exchange these before the fold)."""
     check_tensor("hidden", hidden, ndim=3, dtypes=_EAGER_DTYPES, shape_hint="[B, N, Dm]")
     _check_window_args(hidden, spans, window, lengths)
-    check_same_device(hidden=hidden, spans=spans, **({} if lengths is None else {"lengths": lengths}))
+    check_same_device(
+        hidden=hidden, spans=spans, **({} if lengths is None else {"lengths": lengths})
+    )
     name = select_backend("note_window_means", backend, _inputs(("hidden", hidden)))
     dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
     means = torch.empty(spans.shape[0], hidden.shape[2], dtype=dtype, device=hidden.device)
@@ -549,12 +723,18 @@ def note_fold_(notes, counts, means, slots, *, gamma, backend="auto"):
     _check_notes(notes, inplace=True)
     check_tensor("counts", counts, ndim=1, dtypes=(torch.int64,), shape_hint="[S]")
     if counts.shape[0] != notes.shape[0] or not counts.is_contiguous():
-        raise ValueError(f"counts must be a contiguous [S] = [{notes.shape[0]}] tensor like notes, got shape "
-                         f"{tuple(counts.shape)}")
-    check_tensor("means", means, ndim=2, dtypes=(torch.float32, torch.float64), shape_hint="[M, Dm]")
+        raise ValueError(
+            f"counts must be a contiguous [S] = [{notes.shape[0]}] tensor like notes, got shape "
+            f"{tuple(counts.shape)}"
+        )
+    check_tensor(
+        "means", means, ndim=2, dtypes=(torch.float32, torch.float64), shape_hint="[M, Dm]"
+    )
     check_tensor("slots", slots, ndim=1, dtypes=(torch.int64,), shape_hint="[M]")
     if means.shape[0] != slots.shape[0] or means.shape[1] != notes.shape[1]:
-        raise ValueError(f"means must be [M, Dm] = [{slots.shape[0]}, {notes.shape[1]}], got {tuple(means.shape)}")
+        raise ValueError(
+            f"means must be [M, Dm] = [{slots.shape[0]}, {notes.shape[1]}], got {tuple(means.shape)}"
+        )
     gamma = _check_unit_interval("gamma", gamma)
     check_same_device(notes=notes, counts=counts, means=means, slots=slots)
     name = update_backend(notes, means, backend)

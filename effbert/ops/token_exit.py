@@ -7,7 +7,13 @@ import torch
 
 from .. import _ext
 from ..reference import token_exit as reference
-from .checks import FLOAT_DTYPES, as_bool_attention_mask, check_offsets, check_same_device, check_tensor
+from .checks import (
+    FLOAT_DTYPES,
+    as_bool_attention_mask,
+    check_offsets,
+    check_same_device,
+    check_tensor,
+)
 from ._dispatch import Inputs, Support, cached_selection, declare, direct_call_ok, requested_backend
 
 __all__ = ["token_exit_decision", "token_exit_backend", "TOKEN_RULES"]
@@ -29,13 +35,25 @@ def _window(name):
 
 # Triton first on CUDA: its programs load [positions, classes] tiles, where the CUDA kernel reads a
 # row per thread; no GPU measurement has ordered them yet
-SUPPORT = declare("token_exit_decision", {
-    "triton": Support(dtypes=FLOAT_DTYPES, limits=_window("triton")),
-    "cuda": Support(dtypes=FLOAT_DTYPES, limits={**_window("cuda"), "max_seqlen": (
-        CUDA_MAX_SEQLEN, "the cuda kernel takes max_seqlen <= {limit}, got {value}")}),
-    "cpu": Support(dtypes=FLOAT_DTYPES),
-    "eager": Support(dtypes=FLOAT_DTYPES + (torch.float64,))},
-    {"cuda": ("triton", "cuda", "eager"), "cpu": ("cpu", "eager")})
+SUPPORT = declare(
+    "token_exit_decision",
+    {
+        "triton": Support(dtypes=FLOAT_DTYPES, limits=_window("triton")),
+        "cuda": Support(
+            dtypes=FLOAT_DTYPES,
+            limits={
+                **_window("cuda"),
+                "max_seqlen": (
+                    CUDA_MAX_SEQLEN,
+                    "the cuda kernel takes max_seqlen <= {limit}, got {value}",
+                ),
+            },
+        ),
+        "cpu": Support(dtypes=FLOAT_DTYPES),
+        "eager": Support(dtypes=FLOAT_DTYPES + (torch.float64,)),
+    },
+    {"cuda": ("triton", "cuda", "eager"), "cpu": ("cpu", "eager")},
+)
 # what each backend takes (tests derive their matrices from it)
 SUPPORTED_DTYPES = {name: support.dtypes for name, support in SUPPORT.backends.items()}
 
@@ -45,9 +63,14 @@ def token_exit_backend(logits, window=3, backend="auto", max_seqlen=0):
     can serve)."""
     # the reasons depend on sizes only through these limits: cache per side of each
     sizes = tuple(window > w for w in MAX_WINDOW.values()) + (max_seqlen > CUDA_MAX_SEQLEN,)
-    return cached_selection("token_exit_decision", backend, (logits.device, logits.dtype) + sizes,
-                            lambda: Inputs(logits.device, (("logits", logits.dtype),),
-                                           {"window": window, "max_seqlen": max_seqlen}))
+    return cached_selection(
+        "token_exit_decision",
+        backend,
+        (logits.device, logits.dtype) + sizes,
+        lambda: Inputs(
+            logits.device, (("logits", logits.dtype),), {"window": window, "max_seqlen": max_seqlen}
+        ),
+    )
 
 
 def _u_dtype(logits):
@@ -56,11 +79,21 @@ def _u_dtype(logits):
 
 # ---- backends: each writes active_out, exit_layer_out and u_out for every packed token ----
 
+
 def _run_eager(x, cu, max_seqlen, active, exit_layer, keep, out, p):
     a, layer, u = reference.token_exit_decision(
-        x, cu, active, exit_layer, threshold=p["threshold"], window=p["window"],
-        token_threshold=p["token_threshold"], token_rule=p["token_rule"], layer=p["layer"], keep=keep,
-        exclude_exited=p["exclude_exited"])
+        x,
+        cu,
+        active,
+        exit_layer,
+        threshold=p["threshold"],
+        window=p["window"],
+        token_threshold=p["token_threshold"],
+        token_rule=p["token_rule"],
+        layer=p["layer"],
+        keep=keep,
+        exclude_exited=p["exclude_exited"],
+    )
     for o, v in zip(out, (a, layer, u)):
         o.copy_(v)
 
@@ -74,30 +107,81 @@ def _tokens(x, active, exit_layer, keep, out):
 def _run_triton(x, cu, max_seqlen, active, exit_layer, keep, out, p):
     from ..kernels import token_exit as kernels
 
-    kernels.token_exit(x, cu, max_seqlen, active, exit_layer, keep, *out, total=_tokens(x, active, exit_layer, keep,
-                                                                                      out), threshold=p["threshold"],
-                       window=p["window"], token_threshold=p["token_threshold"], rule=_RULE_CODES[p["rule"]],
-                       layer=p["layer"], exclude_exited=p["exclude_exited"])
+    kernels.token_exit(
+        x,
+        cu,
+        max_seqlen,
+        active,
+        exit_layer,
+        keep,
+        *out,
+        total=_tokens(x, active, exit_layer, keep, out),
+        threshold=p["threshold"],
+        window=p["window"],
+        token_threshold=p["token_threshold"],
+        rule=_RULE_CODES[p["rule"]],
+        layer=p["layer"],
+        exclude_exited=p["exclude_exited"],
+    )
 
 
 def _run_cpu(x, cu, max_seqlen, active, exit_layer, keep, out, p):
     total, cols = _tokens(x, active, exit_layer, keep, out), x.shape[1]
     token_threshold = 0.0 if p["token_threshold"] is None else p["token_threshold"]
-    _ext.launch("_C", "token_exit_decision", x.device, x.data_ptr(), _ext.dtype_code(x.dtype), total, cols,
-                x.stride(0), cu.data_ptr(), cu.shape[0] - 1, active.data_ptr(), exit_layer.data_ptr(),
-                0 if keep is None else keep.data_ptr(), out[0].data_ptr(), out[1].data_ptr(), out[2].data_ptr(),
-                p["threshold"], p["window"], token_threshold, _RULE_CODES[p["rule"]], p["layer"],
-                p["exclude_exited"])
+    _ext.launch(
+        "_C",
+        "token_exit_decision",
+        x.device,
+        x.data_ptr(),
+        _ext.dtype_code(x.dtype),
+        total,
+        cols,
+        x.stride(0),
+        cu.data_ptr(),
+        cu.shape[0] - 1,
+        active.data_ptr(),
+        exit_layer.data_ptr(),
+        0 if keep is None else keep.data_ptr(),
+        out[0].data_ptr(),
+        out[1].data_ptr(),
+        out[2].data_ptr(),
+        p["threshold"],
+        p["window"],
+        token_threshold,
+        _RULE_CODES[p["rule"]],
+        p["layer"],
+        p["exclude_exited"],
+    )
 
 
 def _run_cuda(x, cu, max_seqlen, active, exit_layer, keep, out, p):
     total, cols = _tokens(x, active, exit_layer, keep, out), x.shape[1]
     token_threshold = 0.0 if p["token_threshold"] is None else p["token_threshold"]
-    _ext.launch("_cuda", "token_exit_decision", x.device, x.data_ptr(), _ext.dtype_code(x.dtype), total, cols,
-                x.stride(0), cu.data_ptr(), cu.shape[0] - 1, max_seqlen, active.data_ptr(), exit_layer.data_ptr(),
-                0 if keep is None else keep.data_ptr(), out[0].data_ptr(), out[1].data_ptr(), out[2].data_ptr(),
-                p["threshold"], p["window"], token_threshold, _RULE_CODES[p["rule"]], p["layer"],
-                p["exclude_exited"])
+    _ext.launch(
+        "_cuda",
+        "token_exit_decision",
+        x.device,
+        x.data_ptr(),
+        _ext.dtype_code(x.dtype),
+        total,
+        cols,
+        x.stride(0),
+        cu.data_ptr(),
+        cu.shape[0] - 1,
+        max_seqlen,
+        active.data_ptr(),
+        exit_layer.data_ptr(),
+        0 if keep is None else keep.data_ptr(),
+        out[0].data_ptr(),
+        out[1].data_ptr(),
+        out[2].data_ptr(),
+        p["threshold"],
+        p["window"],
+        token_threshold,
+        _RULE_CODES[p["rule"]],
+        p["layer"],
+        p["exclude_exited"],
+    )
 
 
 _RUN = {"eager": _run_eager, "triton": _run_triton, "cpu": _run_cpu, "cuda": _run_cuda}
@@ -110,22 +194,31 @@ def run_into(backend, logits, cu_seqlens, max_seqlen, active, exit_layer, keep, 
     p["rule"] = None if p["token_threshold"] is None else p["token_rule"]
     # kernels take a row stride and unit column stride; other layouts are copied once
     x = logits if logits.stride(-1) == 1 else logits.contiguous()
-    contiguous = [t if t is None or t.is_contiguous() else t.contiguous() for t in (cu_seqlens, active, exit_layer,
-                                                                                    keep)]
+    contiguous = [
+        t if t is None or t.is_contiguous() else t.contiguous()
+        for t in (cu_seqlens, active, exit_layer, keep)
+    ]
     _RUN[backend](x, contiguous[0], max_seqlen, contiguous[1], contiguous[2], contiguous[3], out, p)
     return out
 
 
 # ---- argument checks (inside the registered op too: it can be called directly) ----
 
+
 def _check_scalars(threshold, window, token_threshold, token_rule, layer, exclude_exited):
-    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not math.isfinite(threshold):
+    if (
+        isinstance(threshold, bool)
+        or not isinstance(threshold, (int, float))
+        or not math.isfinite(threshold)
+    ):
         raise ValueError(f"threshold must be a finite float, got {threshold!r}")
     if isinstance(window, bool) or not isinstance(window, int) or window < 1 or window % 2 == 0:
         raise ValueError(f"window must be an odd int >= 1, got {window!r}")
-    if token_threshold is not None and (isinstance(token_threshold, bool)
-                                        or not isinstance(token_threshold, (int, float))
-                                        or not math.isfinite(token_threshold)):
+    if token_threshold is not None and (
+        isinstance(token_threshold, bool)
+        or not isinstance(token_threshold, (int, float))
+        or not math.isfinite(token_threshold)
+    ):
         raise ValueError(f"token_threshold must be a finite float or None, got {token_threshold!r}")
     if token_rule not in TOKEN_RULES:
         raise ValueError(f"token_rule must be one of {TOKEN_RULES}, got {token_rule!r}")
@@ -136,62 +229,153 @@ def _check_scalars(threshold, window, token_threshold, token_rule, layer, exclud
 
 
 def _check_packed(logits, cu_seqlens, max_seqlen, active, exit_layer, keep):
-    check_tensor("logits", logits, ndim=2, dtypes=FLOAT_DTYPES + (torch.float64,), shape_hint="[T, C]")
+    check_tensor(
+        "logits", logits, ndim=2, dtypes=FLOAT_DTYPES + (torch.float64,), shape_hint="[T, C]"
+    )
     total = logits.shape[0]
     if logits.shape[1] < 2:
-        raise ValueError(f"logits must have C >= 2 classes (u divides by log C), got shape {tuple(logits.shape)}")
+        raise ValueError(
+            f"logits must have C >= 2 classes (u divides by log C), got shape {tuple(logits.shape)}"
+        )
     if total >= 2**31:
         raise ValueError(f"logits must hold fewer than 2**31 tokens, got {total}")
-    check_tensor("cu_seqlens", cu_seqlens, ndim=1, dtypes=(torch.int32,), shape_hint="[B + 1] int32")
+    check_tensor(
+        "cu_seqlens", cu_seqlens, ndim=1, dtypes=(torch.int32,), shape_hint="[B + 1] int32"
+    )
     if cu_seqlens.shape[0] < 2:
-        raise ValueError(f"cu_seqlens must hold B + 1 >= 2 offsets, got shape {tuple(cu_seqlens.shape)}")
+        raise ValueError(
+            f"cu_seqlens must hold B + 1 >= 2 offsets, got shape {tuple(cu_seqlens.shape)}"
+        )
     if isinstance(max_seqlen, bool) or not isinstance(max_seqlen, int) or max_seqlen < 0:
         raise ValueError(f"max_seqlen must be an int >= 0, got {max_seqlen!r}")
-    for name, t, dtype in (("active", active, torch.bool), ("exit_layer", exit_layer, torch.int32),
-                           ("keep", keep, torch.bool)):
+    for name, t, dtype in (
+        ("active", active, torch.bool),
+        ("exit_layer", exit_layer, torch.int32),
+        ("keep", keep, torch.bool),
+    ):
         if t is None and name == "keep":
             continue
         check_tensor(name, t, ndim=1, dtypes=(dtype,), shape_hint="[T]")
         if t.shape[0] != total:
-            raise ValueError(f"{name} must be [T] = [{total}] (one per token of logits), got {list(t.shape)}")
-    check_same_device(logits=logits, cu_seqlens=cu_seqlens, active=active, exit_layer=exit_layer,
-                      **({} if keep is None else {"keep": keep}))
+            raise ValueError(
+                f"{name} must be [T] = [{total}] (one per token of logits), got {list(t.shape)}"
+            )
+    check_same_device(
+        logits=logits,
+        cu_seqlens=cu_seqlens,
+        active=active,
+        exit_layer=exit_layer,
+        **({} if keep is None else {"keep": keep}),
+    )
     # the offsets themselves: one small device-to-host copy
-    check_offsets("cu_seqlens", cu_seqlens, total, what=f"the token count T = {total} (logits.shape[0])",
-                  max_seqlen=max_seqlen)
+    check_offsets(
+        "cu_seqlens",
+        cu_seqlens,
+        total,
+        what=f"the token count T = {total} (logits.shape[0])",
+        max_seqlen=max_seqlen,
+    )
 
 
-def _impl(logits, cu_seqlens, max_seqlen, active, exit_layer, keep, threshold, window, token_threshold, token_rule,
-          layer, exclude_exited, backend):
+def _impl(
+    logits,
+    cu_seqlens,
+    max_seqlen,
+    active,
+    exit_layer,
+    keep,
+    threshold,
+    window,
+    token_threshold,
+    token_rule,
+    layer,
+    exclude_exited,
+    backend,
+):
     name = token_exit_backend(logits, window, backend, max_seqlen)
     total = logits.shape[0]
-    out = (torch.empty(total, dtype=torch.bool, device=logits.device),
-           torch.empty(total, dtype=torch.int32, device=logits.device),
-           torch.empty(total, dtype=_u_dtype(logits), device=logits.device))
-    return run_into(name, logits, cu_seqlens, max_seqlen, active, exit_layer, keep, out, threshold=float(threshold),
-                    window=window, token_threshold=None if token_threshold is None else float(token_threshold),
-                    token_rule=token_rule, layer=layer, exclude_exited=exclude_exited)
+    out = (
+        torch.empty(total, dtype=torch.bool, device=logits.device),
+        torch.empty(total, dtype=torch.int32, device=logits.device),
+        torch.empty(total, dtype=_u_dtype(logits), device=logits.device),
+    )
+    return run_into(
+        name,
+        logits,
+        cu_seqlens,
+        max_seqlen,
+        active,
+        exit_layer,
+        keep,
+        out,
+        threshold=float(threshold),
+        window=window,
+        token_threshold=None if token_threshold is None else float(token_threshold),
+        token_rule=token_rule,
+        layer=layer,
+        exclude_exited=exclude_exited,
+    )
 
 
 @torch.library.custom_op("effbert::token_exit_decision", mutates_args=())
-def _token_exit_op(logits: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int, active: torch.Tensor,
-                   exit_layer: torch.Tensor, keep: torch.Tensor | None, threshold: float, window: int,
-                   token_threshold: float | None, token_rule: str, layer: int, exclude_exited: bool,
-                   backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _token_exit_op(
+    logits: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    max_seqlen: int,
+    active: torch.Tensor,
+    exit_layer: torch.Tensor,
+    keep: torch.Tensor | None,
+    threshold: float,
+    window: int,
+    token_threshold: float | None,
+    token_rule: str,
+    layer: int,
+    exclude_exited: bool,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     # callable directly and run on real tensors under torch.compile: checked here, not only in the wrapper
     _check_packed(logits, cu_seqlens, max_seqlen, active, exit_layer, keep)
     _check_scalars(threshold, window, token_threshold, token_rule, layer, exclude_exited)
     requested_backend(backend)
-    return _impl(logits, cu_seqlens, max_seqlen, active, exit_layer, keep, threshold, window, token_threshold,
-                 token_rule, layer, exclude_exited, backend)
+    return _impl(
+        logits,
+        cu_seqlens,
+        max_seqlen,
+        active,
+        exit_layer,
+        keep,
+        threshold,
+        window,
+        token_threshold,
+        token_rule,
+        layer,
+        exclude_exited,
+        backend,
+    )
 
 
 @_token_exit_op.register_fake
-def _(logits, cu_seqlens, max_seqlen, active, exit_layer, keep, threshold, window, token_threshold, token_rule,
-      layer, exclude_exited, backend):
+def _(
+    logits,
+    cu_seqlens,
+    max_seqlen,
+    active,
+    exit_layer,
+    keep,
+    threshold,
+    window,
+    token_threshold,
+    token_rule,
+    layer,
+    exclude_exited,
+    backend,
+):
     total = logits.shape[0]
-    return (logits.new_empty((total,), dtype=torch.bool), logits.new_empty((total,), dtype=torch.int32),
-            logits.new_empty((total,), dtype=_u_dtype(logits)))
+    return (
+        logits.new_empty((total,), dtype=torch.bool),
+        logits.new_empty((total,), dtype=torch.int32),
+        logits.new_empty((total,), dtype=_u_dtype(logits)),
+    )
 
 
 def _packed(logits, cu_seqlens, max_seqlen, active, exit_layer, keep, *scalars):
@@ -199,12 +383,28 @@ def _packed(logits, cu_seqlens, max_seqlen, active, exit_layer, keep, *scalars):
     if direct_call_ok(logits, cu_seqlens, active, exit_layer):
         _check_packed(logits, cu_seqlens, max_seqlen, active, exit_layer, keep)
         return _impl(logits, cu_seqlens, max_seqlen, active, exit_layer, keep, *scalars)
-    return torch.ops.effbert.token_exit_decision(logits, cu_seqlens, max_seqlen, active, exit_layer, keep, *scalars)
+    return torch.ops.effbert.token_exit_decision(
+        logits, cu_seqlens, max_seqlen, active, exit_layer, keep, *scalars
+    )
 
 
-def token_exit_decision(logits, active, exit_layer, *, threshold, layer, window=3, token_threshold=None,
-                        token_rule="or", keep=None, exclude_exited=False, cu_seqlens=None, max_seqlen=None,
-                        attention_mask=None, backend="auto"):
+def token_exit_decision(
+    logits,
+    active,
+    exit_layer,
+    *,
+    threshold,
+    layer,
+    window=3,
+    token_threshold=None,
+    token_rule="or",
+    keep=None,
+    exclude_exited=False,
+    cu_seqlens=None,
+    max_seqlen=None,
+    attention_mask=None,
+    backend="auto",
+):
     """One layer's token-level early-exit decision for sequence labeling, with window-based uncertainty.
 
     Li et al., "Accelerating BERT Inference for Sequence Labeling via Early-Exit" (ACL 2021); published code
@@ -266,36 +466,64 @@ def token_exit_decision(logits, active, exit_layer, *, threshold, layer, window=
     """
     _check_scalars(threshold, window, token_threshold, token_rule, layer, exclude_exited)
     requested_backend(backend)
-    scalars = (float(threshold), window, None if token_threshold is None else float(token_threshold), token_rule,
-               layer, exclude_exited, backend)
+    scalars = (
+        float(threshold),
+        window,
+        None if token_threshold is None else float(token_threshold),
+        token_rule,
+        layer,
+        exclude_exited,
+        backend,
+    )
     if (cu_seqlens is None) == (attention_mask is None):
-        raise ValueError("token_exit_decision takes either cu_seqlens (packed [T, C] logits) or attention_mask "
-                         "(padded [B, N, C] logits), not both or neither")
+        raise ValueError(
+            "token_exit_decision takes either cu_seqlens (packed [T, C] logits) or attention_mask "
+            "(padded [B, N, C] logits), not both or neither"
+        )
     if cu_seqlens is not None:
-        if isinstance(cu_seqlens, torch.Tensor) and max_seqlen is None and cu_seqlens.dim() == 1 \
-                and cu_seqlens.numel() >= 2:
+        if (
+            isinstance(cu_seqlens, torch.Tensor)
+            and max_seqlen is None
+            and cu_seqlens.dim() == 1
+            and cu_seqlens.numel() >= 2
+        ):
             max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
         return _packed(logits, cu_seqlens, max_seqlen, active, exit_layer, keep, *scalars)
     # padded: the real tokens of each row, packed; outputs scattered back
-    check_tensor("logits", logits, ndim=3, dtypes=FLOAT_DTYPES + (torch.float64,), shape_hint="[B, N, C]")
+    check_tensor(
+        "logits", logits, ndim=3, dtypes=FLOAT_DTYPES + (torch.float64,), shape_hint="[B, N, C]"
+    )
     rows, n, cols = logits.shape
     if rows * n == 0:
-        raise ValueError(f"logits must hold at least one token position, got shape {tuple(logits.shape)}")
+        raise ValueError(
+            f"logits must hold at least one token position, got shape {tuple(logits.shape)}"
+        )
     mask = as_bool_attention_mask(attention_mask, (rows, n), logits.device)
-    for name, t, dtype in (("active", active, torch.bool), ("exit_layer", exit_layer, torch.int32),
-                           ("keep", keep, torch.bool)):
+    for name, t, dtype in (
+        ("active", active, torch.bool),
+        ("exit_layer", exit_layer, torch.int32),
+        ("keep", keep, torch.bool),
+    ):
         if t is None and name == "keep":
             continue
         check_tensor(name, t, ndim=2, dtypes=(dtype,), shape_hint="[B, N]")
         if tuple(t.shape) != (rows, n):
-            raise ValueError(f"{name} must be [B, N] = {[rows, n]} (like attention_mask), got {list(t.shape)}")
+            raise ValueError(
+                f"{name} must be [B, N] = {[rows, n]} (like attention_mask), got {list(t.shape)}"
+            )
     lengths = mask.sum(1, dtype=torch.int32)
     cu = torch.nn.functional.pad(lengths.cumsum(0, dtype=torch.int32), (1, 0))
     indices = torch.nonzero(mask.flatten()).flatten()
     flat = logits.reshape(rows * n, cols)[indices]
-    a, layer_out, u = _packed(flat, cu, int(lengths.max()) if rows else 0, active.flatten()[indices],
-                              exit_layer.flatten()[indices], None if keep is None else keep.flatten()[indices],
-                              *scalars)
+    a, layer_out, u = _packed(
+        flat,
+        cu,
+        int(lengths.max()) if rows else 0,
+        active.flatten()[indices],
+        exit_layer.flatten()[indices],
+        None if keep is None else keep.flatten()[indices],
+        *scalars,
+    )
     active_out, layer_full = active.clone().flatten(), exit_layer.clone().flatten()
     u_full = torch.full((rows * n,), float("nan"), dtype=u.dtype, device=u.device)
     active_out[indices], layer_full[indices], u_full[indices] = a, layer_out, u

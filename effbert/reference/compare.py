@@ -8,7 +8,7 @@ bound is ``rtol``, or, for a low-precision output (fp16/bf16), twice the error o
 reference run in that same precision plus ``rtol`` (DESIGN.md, "Conventions": a kernel may round
 differently, but not be worse than the framework computing the same thing in the same dtype). A
 failure names the worst entry, its index and both values, as Liger-Kernel's
-``assert_verbose_allclose`` does. """
+``assert_verbose_allclose`` does."""
 
 from dataclasses import dataclass
 from typing import Optional
@@ -29,8 +29,9 @@ def _as64(name, t):
 def _pair(out, ref):
     out64, ref64 = _as64("out", out), _as64("ref", ref)
     if out64.shape != ref64.shape:
-        raise ValueError(f"out must have the reference's shape {tuple(ref64.shape)}, got "
-                         f"{tuple(out64.shape)}")
+        raise ValueError(
+            f"out must have the reference's shape {tuple(ref64.shape)}, got {tuple(out64.shape)}"
+        )
     return out64, ref64
 
 
@@ -64,6 +65,7 @@ class Comparison:
     """One output against its reference: the relative ``error``, the ``bound`` it is held to, and
     the worst entry (``index``, the output's value ``got`` and the reference's ``want``; ``index``
     is None for empty tensors)."""
+
     what: str
     error: float
     bound: float
@@ -79,8 +81,9 @@ class Comparison:
         verdict = "<=" if self.ok else ">"
         text = f"{self.what}: relative error {self.error:.3e} {verdict} {self.bound:.3e}"
         if self.index is not None:
-            text += (f"; worst at index {list(self.index)}: got {self.got!r}, "
-                     f"reference {self.want!r}")
+            text += (
+                f"; worst at index {list(self.index)}: got {self.got!r}, reference {self.want!r}"
+            )
         return text
 
 
@@ -116,8 +119,10 @@ def compare(out, ref, *, rtol, lowp_eager=None, what="output"):
     bound = float(rtol)
     if lowp_eager is not None:
         if tuple(lowp_eager.shape) != tuple(ref64.shape):
-            raise ValueError(f"lowp_eager must have the reference's shape "
-                             f"{tuple(ref64.shape)}, got {tuple(lowp_eager.shape)}")
+            raise ValueError(
+                f"lowp_eager must have the reference's shape "
+                f"{tuple(ref64.shape)}, got {tuple(lowp_eager.shape)}"
+            )
         bound += 2 * relative_error(lowp_eager, ref64)
     index, got, want = _worst(out64, ref64)
     return Comparison(what, _error(out64, ref64), bound, index, got, want)

@@ -14,7 +14,9 @@ def exit_entropy(logits):
     """
     x = logits if logits.dtype == torch.float64 else logits.float()
     undefined = torch.isnan(x).any(-1) | (x == float("inf")).any(-1) | (x == float("-inf")).all(-1)
-    x = torch.where(undefined.unsqueeze(-1), torch.zeros_like(x), x)  # undefined rows are set to NaN below
+    x = torch.where(
+        undefined.unsqueeze(-1), torch.zeros_like(x), x
+    )  # undefined rows are set to NaN below
     m, top = x.max(dim=-1, keepdim=True)
     d = m - x  # >= 0; +inf for a -inf logit
     e = torch.exp(-d)
@@ -43,8 +45,11 @@ def undefined_rows(logits):
     exits early and breaks a patience streak. A one-column (regression) row is undefined when not finite."""
     if logits.shape[-1] == 1:
         return ~torch.isfinite(logits[..., 0])
-    return (torch.isnan(logits).any(-1) | (logits == float("inf")).any(-1)
-            | (logits == float("-inf")).all(-1))
+    return (
+        torch.isnan(logits).any(-1)
+        | (logits == float("inf")).any(-1)
+        | (logits == float("-inf")).all(-1)
+    )
 
 
 def predictions(logits):
@@ -55,8 +60,9 @@ def predictions(logits):
     return torch.where(undefined_rows(logits), torch.full_like(pred, float("nan")), pred)
 
 
-def exit_decision(logits, layer, criterion, *, threshold=None, patience=None, prev=None, counter=None,
-                  last=False):
+def exit_decision(
+    logits, layer, criterion, *, threshold=None, patience=None, prev=None, counter=None, last=False
+):
     """One layer's exit decision for a batch of rows, written for clarity.
 
     ``logits [R, C]``: this layer's off-ramp logits; ``layer``: 1-based layer number; ``prev [R]`` (float64, NaN
@@ -77,8 +83,11 @@ def exit_decision(logits, layer, criterion, *, threshold=None, patience=None, pr
     if counter is None:
         counter = torch.zeros(rows, dtype=torch.int64, device=logits.device)
     if criterion == "entropy":
-        exits = exit_entropy(logits) < threshold if threshold > 0 else torch.zeros(rows, dtype=torch.bool,
-                                                                                    device=logits.device)
+        exits = (
+            exit_entropy(logits) < threshold
+            if threshold > 0
+            else torch.zeros(rows, dtype=torch.bool, device=logits.device)
+        )
     elif criterion == "max_prob":
         exits = exit_max_prob(logits) >= threshold
     elif criterion == "patience":
@@ -88,14 +97,18 @@ def exit_decision(logits, layer, criterion, *, threshold=None, patience=None, pr
             same = pred == prev
         same = same & (layer > 1)
         counter = torch.where(same, counter + 1, torch.zeros_like(counter))
-        exits = counter >= patience if patience > 0 else torch.zeros_like(same)  # patience 0: full depth
+        exits = (
+            counter >= patience if patience > 0 else torch.zeros_like(same)
+        )  # patience 0: full depth
     else:
         raise ValueError(f"criterion must be one of {CRITERIA}, got {criterion!r}")
     exits = (exits & ~bad) | last
     return exits, pred, counter
 
 
-def early_exit_loop(layers, heads, hidden, attention_mask=None, *, criterion, threshold=None, patience=None):
+def early_exit_loop(
+    layers, heads, hidden, attention_mask=None, *, criterion, threshold=None, patience=None
+):
     """The ground truth for batched early exit: each sample alone through the layers, stopping at its first exit.
 
     ``layers[i](hidden [1, N, Dm], attention_mask [1, N] (True = real token) or None)`` and
@@ -105,14 +118,22 @@ def early_exit_loop(layers, heads, hidden, attention_mask=None, *, criterion, th
     depth = len(layers)
     out_logits, out_layer = [], []
     for b in range(hidden.shape[0]):
-        h = hidden[b:b + 1]
-        m = None if attention_mask is None else attention_mask[b:b + 1]
+        h = hidden[b : b + 1]
+        m = None if attention_mask is None else attention_mask[b : b + 1]
         prev = counter = None
         for i in range(depth):
             h = layers[i](h, m)
             z = heads[i](h)
-            exits, prev, counter = exit_decision(z, i + 1, criterion, threshold=threshold, patience=patience,
-                                                 prev=prev, counter=counter, last=i == depth - 1)
+            exits, prev, counter = exit_decision(
+                z,
+                i + 1,
+                criterion,
+                threshold=threshold,
+                patience=patience,
+                prev=prev,
+                counter=counter,
+                last=i == depth - 1,
+            )
             if bool(exits[0]):
                 out_logits.append(z[0])
                 out_layer.append(i + 1)
@@ -123,6 +144,7 @@ def early_exit_loop(layers, heads, hidden, attention_mask=None, *, criterion, th
 
 
 # ---- multi-exit training losses ----
+
 
 def multi_exit_distillation_loss(exit_logits, labels, gamma=0.9, temperature=3.0):
     """RomeBERT's joint loss over every exit ``exit_logits [L, B, C]`` with integer ``labels [B]``.
@@ -139,8 +161,9 @@ def multi_exit_distillation_loss(exit_logits, labels, gamma=0.9, temperature=3.0
     teacher = torch.log_softmax(x[-1].detach() / t, dim=-1)
     for i in range(x.shape[0] - 1):
         ce = torch.nn.functional.cross_entropy(x[i], labels)
-        kd = torch.nn.functional.kl_div(torch.log_softmax(x[i] / t, dim=-1), teacher, log_target=True,
-                                        reduction="mean")
+        kd = torch.nn.functional.kl_div(
+            torch.log_softmax(x[i] / t, dim=-1), teacher, log_target=True, reduction="mean"
+        )
         loss = loss + (1 - gamma) * ce + gamma * t * t * kd
     return loss
 

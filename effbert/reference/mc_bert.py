@@ -43,7 +43,9 @@ def mc_sample(logits, num_samples, *, generator=None):
     probs = torch.softmax(x.float().masked_fill(inf_row[:, None], 0.0), dim=-1)
     probs = torch.where(inf_row[:, None], pinf.float(), probs)  # uniform over the +inf entries
     bad = _bad_rows(logits)
-    probs = torch.where(bad[:, None], torch.ones_like(probs), probs)  # any valid row; overwritten below
+    probs = torch.where(
+        bad[:, None], torch.ones_like(probs), probs
+    )  # any valid row; overwritten below
     if probs.shape[0] == 0:
         return torch.empty(0, num_samples, dtype=torch.int64, device=logits.device)
     out = torch.multinomial(probs, num_samples, replacement=True, generator=generator)
@@ -83,7 +85,7 @@ def _mulhilo(m, x):
 
 def philox_uniform(bits):
     """uint32 words (in int64) to float32 uniforms in the open interval (0, 1): the top 23 bits, centred."""
-    return (((bits >> 9).to(torch.float32) + 0.5) * (2.0 ** -23)).to(torch.float32)
+    return (((bits >> 9).to(torch.float32) + 0.5) * (2.0**-23)).to(torch.float32)
 
 
 def mc_sample_gumbel(logits, num_samples, seed):
@@ -109,7 +111,9 @@ def mc_sample_gumbel(logits, num_samples, seed):
     return out.masked_fill(_bad_rows(logits)[:, None], -1)
 
 
-def mc_candidate_loss(hidden, embedding, bias, candidates, labels, *, reduction="mean", padding_idx=None):
+def mc_candidate_loss(
+    hidden, embedding, bias, candidates, labels, *, reduction="mean", padding_idx=None
+):
     """Cross-entropy over the K candidate scores ``<hidden[m], embedding[c]> + bias[c]``.
 
     ``hidden [M, D]``, ``embedding [V, D]``, ``bias [V]``, ``candidates [M, K]`` int64, ``labels [M]`` int64 in

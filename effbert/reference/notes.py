@@ -19,7 +19,11 @@ def note_mix(x, notes, slots, lam):
     if notes.shape[0] == 0:  # an empty table: no slot can be >= 0, nothing to mix
         return x.clone()
     rare = slots >= 0
-    gathered = notes.to(ct).index_select(0, slots.clamp_min(0).reshape(-1)).view(*slots.shape, notes.shape[1])
+    gathered = (
+        notes.to(ct)
+        .index_select(0, slots.clamp_min(0).reshape(-1))
+        .view(*slots.shape, notes.shape[1])
+    )
     mixed = (1.0 - lam) * x.to(ct) + lam * gathered
     return torch.where(rare.unsqueeze(-1), mixed, x.to(ct)).to(x.dtype)
 

@@ -20,14 +20,21 @@ def t5_relative_buckets(seq_len, num_buckets=32, max_distance=128, device=None):
     exact = half // 2
     # log-spaced buckets for exact <= dist < max_distance, in float32 as T5 computes them (the truncation at bucket
     # edges then agrees with T5 checkpoints); clamp the log's argument so dist = 0 stays finite
-    far = exact + (
-        torch.log(dist.clamp_min(1).float() / exact) / math.log(max_distance / exact) * (half - exact)
-    ).long()
+    far = (
+        exact
+        + (
+            torch.log(dist.clamp_min(1).float() / exact)
+            / math.log(max_distance / exact)
+            * (half - exact)
+        ).long()
+    )
     far = far.clamp_max(half - 1)
     return bucket + torch.where(dist < exact, dist, far)
 
 
-def tupe_position_bias(pos_q, pos_k, *, scale, rel_table=None, rel_buckets=None, cls_row=None, cls_col=None):
+def tupe_position_bias(
+    pos_q, pos_k, *, scale, rel_table=None, rel_buckets=None, cls_row=None, cls_col=None
+):
     """``P[h, i, j] = scale * <pos_q[i, h], pos_k[j, h]> + rel_table[rel_buckets[i, j], h]``, then [CLS] untying:
     ``P[h, 0, :] = cls_row[h]`` and ``P[h, 1:, 0] = cls_col[h]``. Differentiable in every float input. N = 0 gives
     an empty ``[H, 0, 0]`` (zero gradients)."""
@@ -40,5 +47,7 @@ def tupe_position_bias(pos_q, pos_k, *, scale, rel_table=None, rel_buckets=None,
         col0 = row0
         # out-of-place so autograd sees the override: first row from cls_row, then column 0 below it from cls_col
         p = torch.where(row0[None, :, None], cls_row[:, None, None].to(p.dtype), p)
-        p = torch.where(col0[None, None, :] & ~row0[None, :, None], cls_col[:, None, None].to(p.dtype), p)
+        p = torch.where(
+            col0[None, None, :] & ~row0[None, :, None], cls_col[:, None, None].to(p.dtype), p
+        )
     return p

@@ -33,19 +33,34 @@ def window_max(u, cu_seqlens, takes_part, window):
     """``u_win [T]``: per token, the largest ``u`` over the tokens of its sequence within ``window // 2`` positions
     that take part (``takes_part [T]`` bool), a NaN ``u`` counting as +inf; -inf where none takes part, NaN for
     tokens outside every sequence."""
-    value = torch.where(takes_part, torch.nan_to_num(u, nan=float("inf")), torch.full_like(u, float("-inf")))
+    value = torch.where(
+        takes_part, torch.nan_to_num(u, nan=float("inf")), torch.full_like(u, float("-inf"))
+    )
     u_win = torch.full_like(u, float("nan"))
     cu = cu_seqlens.tolist()
     for start, end in zip(cu, cu[1:]):
         if end > start:
             # max_pool1d pads with -inf: positions outside the sequence never contribute
-            u_win[start:end] = F.max_pool1d(value[None, None, start:end], kernel_size=window, stride=1,
-                                            padding=window // 2)[0, 0]
+            u_win[start:end] = F.max_pool1d(
+                value[None, None, start:end], kernel_size=window, stride=1, padding=window // 2
+            )[0, 0]
     return u_win
 
 
-def token_exit_decision(logits, cu_seqlens, active, exit_layer, *, threshold, window=3, token_threshold=None,
-                        token_rule="or", layer, keep=None, exclude_exited=False):
+def token_exit_decision(
+    logits,
+    cu_seqlens,
+    active,
+    exit_layer,
+    *,
+    threshold,
+    window=3,
+    token_threshold=None,
+    token_rule="or",
+    layer,
+    keep=None,
+    exclude_exited=False,
+):
     """One layer's token-level exit decision over packed tokens, written for clarity.
 
     ``logits [T, C]``, ``cu_seqlens [B + 1]`` (sequence b is tokens ``cu_seqlens[b]:cu_seqlens[b + 1]``),

@@ -3,7 +3,9 @@
 import torch
 
 
-def tupe_attention(q, k, v, pos_bias=None, *, attention_mask=None, scale=None, dropout_p=0.0, dropout_mask=None):
+def tupe_attention(
+    q, k, v, pos_bias=None, *, attention_mask=None, scale=None, dropout_p=0.0, dropout_mask=None
+):
     """``softmax(scale * q k^T + pos_bias)`` over keys, dropout, ``@ v``; ``[B, N, H, D]`` in and out.
 
     ``attention_mask [B, N]`` (True = real token): masked keys get no weight, masked queries output 0, and a query
@@ -13,11 +15,13 @@ def tupe_attention(q, k, v, pos_bias=None, *, attention_mask=None, scale=None, d
     used; without it, ``torch.nn.functional.dropout`` draws one.
     """
     d = q.shape[-1]
-    scale = d ** -0.5 if scale is None else scale
+    scale = d**-0.5 if scale is None else scale
     if attention_mask is not None:
         # `where`, not a product: 0 * inf is NaN, and where's gradient at the masked entries is exactly 0
         real = attention_mask[:, :, None, None]
-        q, k, v = (torch.where(real, t, torch.zeros((), dtype=t.dtype, device=t.device)) for t in (q, k, v))
+        q, k, v = (
+            torch.where(real, t, torch.zeros((), dtype=t.dtype, device=t.device)) for t in (q, k, v)
+        )
     logits = scale * torch.einsum("bihd,bjhd->bhij", q, k)
     if pos_bias is not None:
         logits = logits + pos_bias.to(logits.dtype)[None]
@@ -46,7 +50,9 @@ def packed_index(cu_seqlens, total, max_seqlen):
     mask = pos[None, :] < lengths[:, None]
     src = torch.where(mask, cu[:-1, None] + pos[None, :], total)
     rows = torch.arange(total, device=cu.device)
-    seq = torch.searchsorted(cu[1:], rows, right=True)  # the sequence b with cu[b] <= row < cu[b + 1]
+    seq = torch.searchsorted(
+        cu[1:], rows, right=True
+    )  # the sequence b with cu[b] <= row < cu[b + 1]
     inside = seq < batch
     seq = seq.clamp(max=max(batch - 1, 0))
     dst = torch.where(inside, seq * max_seqlen + rows - cu[seq], batch * max_seqlen)
@@ -74,8 +80,9 @@ def unpad(x, cu_seqlens, total=None):
     return with_zero_row(x.reshape((-1,) + tuple(x.shape[2:])))[dst]
 
 
-def tupe_attention_varlen(q, k, v, cu_seqlens, max_seqlen, pos_bias=None, *, scale=None, dropout_p=0.0,
-                          dropout_mask=None):
+def tupe_attention_varlen(
+    q, k, v, cu_seqlens, max_seqlen, pos_bias=None, *, scale=None, dropout_p=0.0, dropout_mask=None
+):
     """Packed ``[total, H, D]`` tokens, sequences delimited by ``cu_seqlens``; positions restart at 0 in each
     sequence. Defined as the padded reference on the real tokens; rows after ``cu_seqlens[-1]`` (in no sequence)
     get zeros. Tensor ops only: it traces under torch.compile."""
@@ -83,12 +90,22 @@ def tupe_attention_varlen(q, k, v, cu_seqlens, max_seqlen, pos_bias=None, *, sca
     kp, _ = pad_packed(k, cu_seqlens, max_seqlen)
     vp, _ = pad_packed(v, cu_seqlens, max_seqlen)
     bias = None if pos_bias is None else pos_bias[:, :max_seqlen, :max_seqlen]
-    out = tupe_attention(qp, kp, vp, bias, attention_mask=mask, scale=scale, dropout_p=dropout_p,
-                         dropout_mask=dropout_mask)
+    out = tupe_attention(
+        qp,
+        kp,
+        vp,
+        bias,
+        attention_mask=mask,
+        scale=scale,
+        dropout_p=dropout_p,
+        dropout_mask=dropout_mask,
+    )
     return unpad(out, cu_seqlens, q.shape[0])
 
 
-def tupe_attention_varlen_subset(q, k, v, cu_seqlens_q, cu_seqlens_k, position_ids_q, pos_bias, *, scale=None):
+def tupe_attention_varlen_subset(
+    q, k, v, cu_seqlens_q, cu_seqlens_k, position_ids_q, pos_bias, *, scale=None
+):
     """Packed attention where the queries are a subset of each sequence's tokens and the keys are all of them.
 
     Sequence ``b``'s queries are ``q[cu_seqlens_q[b]:cu_seqlens_q[b+1]]``, its keys and values
@@ -104,7 +121,7 @@ def tupe_attention_varlen_subset(q, k, v, cu_seqlens_q, cu_seqlens_k, position_i
         if q_hi <= q_lo or k_hi <= k_lo:
             continue
         pos = position_ids_q[q_lo:q_hi].long()
-        bias = pos_bias[:, pos, :k_hi - k_lo].to(q.dtype)  # [H, Lq, Lk]: each query's own row of P
+        bias = pos_bias[:, pos, : k_hi - k_lo].to(q.dtype)  # [H, Lq, Lk]: each query's own row of P
         logits = scale * torch.einsum("ihd,jhd->hij", q[q_lo:q_hi], k[k_lo:k_hi]) + bias
         out[q_lo:q_hi] = torch.einsum("hij,jhd->ihd", torch.softmax(logits, dim=-1), v[k_lo:k_hi])
     return out

@@ -24,7 +24,10 @@ import sys
 import tempfile
 from pathlib import Path
 
-MATRIX_SASS = {80: ("HMMA",), 90: ("HGMMA", "HMMA")}  # what a tensor-core kernel should show per target
+MATRIX_SASS = {
+    80: ("HMMA",),
+    90: ("HGMMA", "HMMA"),
+}  # what a tensor-core kernel should show per target
 _PTXAS_REG = re.compile(r"Used (\d+) registers")
 _PTXAS_SPILL = re.compile(r"(\d+) bytes spill stores, (\d+) bytes spill loads")
 _PTXAS_STACK = re.compile(r"(\d+) bytes stack frame")
@@ -43,7 +46,9 @@ def _triton_tool(name):
 def _run(cmd):
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode != 0:
-        raise RuntimeError(f"{Path(cmd[0]).name} exited {done.returncode}: {(done.stderr or done.stdout).strip()[:500]}")
+        raise RuntimeError(
+            f"{Path(cmd[0]).name} exited {done.returncode}: {(done.stderr or done.stdout).strip()[:500]}"
+        )
     return done.stdout + done.stderr
 
 
@@ -71,13 +76,13 @@ def parse_ptxas(text):
             continue
         if current is None:
             continue
-        if (m := _PTXAS_SPILL.search(line)):
+        if m := _PTXAS_SPILL.search(line):
             rows[current]["spill_bytes"] = int(m.group(1)) + int(m.group(2))
-        if (m := _PTXAS_STACK.search(line)):
+        if m := _PTXAS_STACK.search(line):
             rows[current]["stack_bytes"] = int(m.group(1))
-        if (m := _PTXAS_REG.search(line)):
+        if m := _PTXAS_REG.search(line):
             rows[current]["registers"] = int(m.group(1))
-        if (m := _PTXAS_SMEM.search(line)):
+        if m := _PTXAS_SMEM.search(line):
             rows[current]["smem_bytes"] = int(m.group(1))
     return rows
 
@@ -92,17 +97,30 @@ def compile_triton(spec, cc, workdir):
     # Arguments the launcher guarantees 16-divisible (pointers from torch, aligned strides) get the same hint the
     # runtime specialisation gives them, so vector widths here match what runs on the GPU.
     attrs = {(fn.arg_names.index(a),): [["tt.divisibility", 16]] for a in spec.get("divisible", ())}
-    src = triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=dict(spec["constexprs"]),
-                                    attrs=attrs)
+    src = triton.compiler.ASTSource(
+        fn=fn, signature=signature, constexprs=dict(spec["constexprs"]), attrs=attrs
+    )
     options = {"num_warps": spec.get("num_warps", 4), "num_stages": spec.get("num_stages", 3)}
     compiled = triton.compile(src, target=GPUTarget("cuda", cc, 32), options=options)
     stem = Path(workdir) / re.sub(r"[^A-Za-z0-9_]+", "_", f"{spec['name']}_sm{cc}")
     ptx, cubin = stem.with_suffix(".ptx"), stem.with_suffix(".cubin")
     ptx.write_text(compiled.asm["ptx"])
     cubin.write_bytes(compiled.asm["cubin"])
-    stats = parse_ptxas(_run([_triton_tool("ptxas"), "-v", f"--gpu-name=sm_{cc}{'a' if cc == 90 else ''}", str(ptx),
-                              "-o", os.devnull]))
-    row = next(iter(stats.values()), {"registers": 0, "spill_bytes": 0, "stack_bytes": 0, "smem_bytes": 0})
+    stats = parse_ptxas(
+        _run(
+            [
+                _triton_tool("ptxas"),
+                "-v",
+                f"--gpu-name=sm_{cc}{'a' if cc == 90 else ''}",
+                str(ptx),
+                "-o",
+                os.devnull,
+            ]
+        )
+    )
+    row = next(
+        iter(stats.values()), {"registers": 0, "spill_bytes": 0, "stack_bytes": 0, "smem_bytes": 0}
+    )
     sass = _run([_triton_tool("cuobjdump"), "-sass", str(cubin)])
     row["smem_bytes"] = max(row["smem_bytes"], int(compiled.metadata.shared))
     row["matrix"] = sorted({op for op in ("HGMMA", "HMMA") if re.search(rf"\b{op}\b", sass)})
@@ -117,8 +135,14 @@ def triton_report(targets, only=None):
             for cc in targets:
                 if cc not in spec.get("targets", targets):
                     continue  # the launchers on that target pick another configuration
-                entry = {"kind": "triton", "family": family, "kernel": spec["name"], "target": f"sm_{cc}",
-                         "num_warps": spec.get("num_warps", 4), "num_stages": spec.get("num_stages", 3)}
+                entry = {
+                    "kind": "triton",
+                    "family": family,
+                    "kernel": spec["name"],
+                    "target": f"sm_{cc}",
+                    "num_warps": spec.get("num_warps", 4),
+                    "num_stages": spec.get("num_stages", 3),
+                }
                 try:
                     entry.update(compile_triton(spec, cc, tmp))
                 except Exception as exc:  # report every failure, then exit non-zero
@@ -127,9 +151,15 @@ def triton_report(targets, only=None):
                     rows.append(entry)
                     continue
                 if spec.get("must_not_spill", True) and entry["spill_bytes"] > 0:
-                    failures.append(f"{spec['name']} sm_{cc}: {entry['spill_bytes']} bytes of spills")
-                if spec.get("matrix_instructions") and not set(entry["matrix"]) & set(MATRIX_SASS[cc]):
-                    failures.append(f"{spec['name']} sm_{cc}: no {'/'.join(MATRIX_SASS[cc])} in the SASS")
+                    failures.append(
+                        f"{spec['name']} sm_{cc}: {entry['spill_bytes']} bytes of spills"
+                    )
+                if spec.get("matrix_instructions") and not set(entry["matrix"]) & set(
+                    MATRIX_SASS[cc]
+                ):
+                    failures.append(
+                        f"{spec['name']} sm_{cc}: no {'/'.join(MATRIX_SASS[cc])} in the SASS"
+                    )
                 rows.append(entry)
     return rows, failures
 
@@ -144,8 +174,20 @@ def csrc_report(targets, root):
     for src in sources:
         for cc in targets:
             cubin = Path(tmp, f"{src.stem}_sm{cc}.cubin")
-            cmd = [nvcc, "-cubin", "-std=c++17", "-O3", "-DEFFBERT_KERNELS_ONLY", f"-I{Path(root, 'csrc', 'include')}",
-                   f"-gencode=arch=compute_{cc},code=sm_{cc}", "-Xptxas", "-v", str(src), "-o", str(cubin)]
+            cmd = [
+                nvcc,
+                "-cubin",
+                "-std=c++17",
+                "-O3",
+                "-DEFFBERT_KERNELS_ONLY",
+                f"-I{Path(root, 'csrc', 'include')}",
+                f"-gencode=arch=compute_{cc},code=sm_{cc}",
+                "-Xptxas",
+                "-v",
+                str(src),
+                "-o",
+                str(cubin),
+            ]
             done = subprocess.run(cmd, capture_output=True, text=True)
             if done.returncode != 0:
                 failures.append(f"{src.name} sm_{cc}: nvcc failed:\n{done.stderr[-2000:]}")
@@ -154,11 +196,23 @@ def csrc_report(targets, root):
             for (entry_name, arch), stats in parse_ptxas(done.stderr + done.stdout).items():
                 demangled = _demangle(entry_name)
                 text = sass.get(entry_name, "")
-                stats["matrix"] = sorted({op for op in ("HGMMA", "HMMA") if re.search(rf"\b{op}\b", text)})
+                stats["matrix"] = sorted(
+                    {op for op in ("HGMMA", "HMMA") if re.search(rf"\b{op}\b", text)}
+                )
                 stats["ldg128"] = len(re.findall(r"LDG\.E\.(?:\w+\.)?128", text))
-                rows.append({"kind": "csrc", "family": src.stem, "kernel": demangled, "target": arch, **stats})
+                rows.append(
+                    {
+                        "kind": "csrc",
+                        "family": src.stem,
+                        "kernel": demangled,
+                        "target": arch,
+                        **stats,
+                    }
+                )
                 if stats["spill_bytes"] > 0:
-                    failures.append(f"{src.name}:{demangled} {arch}: {stats['spill_bytes']} bytes of spills")
+                    failures.append(
+                        f"{src.name}:{demangled} {arch}: {stats['spill_bytes']} bytes of spills"
+                    )
     return rows, failures, None
 
 
@@ -184,20 +238,28 @@ def _demangle(name):
 
 
 def format_table(rows):
-    head = (f"{'kind':6} {'kernel':58} {'target':6} {'w/s':>4} {'regs':>4} {'spill':>5} {'stack':>5} {'smem':>6} "
-            f"{'mma':>6} note")
+    head = (
+        f"{'kind':6} {'kernel':58} {'target':6} {'w/s':>4} {'regs':>4} {'spill':>5} {'stack':>5} {'smem':>6} "
+        f"{'mma':>6} note"
+    )
     lines = [head, "-" * len(head)]
     for r in rows:
         if "error" in r:
-            lines.append(f"{r['kind']:6} {r['kernel'][:58]:58} {r['target']:6} {_warps(r):>4} {'-':>4} {'-':>5} "
-                         f"{'-':>5} {'-':>6} {'-':>6} {r['error']}")
+            lines.append(
+                f"{r['kind']:6} {r['kernel'][:58]:58} {r['target']:6} {_warps(r):>4} {'-':>4} {'-':>5} "
+                f"{'-':>5} {'-':>6} {'-':>6} {r['error']}"
+            )
             continue
         mma = ",".join(r.get("matrix", [])) or "-"
         note = f"{r['ldg128']}xLDG.128" if r.get("ldg128") else ""
-        lines.append(f"{r['kind']:6} {r['kernel'][:58]:58} {r['target']:6} {_warps(r):>4} {r['registers']:>4} "
-                     f"{r['spill_bytes']:>5} {r['stack_bytes']:>5} {r['smem_bytes']:>6} {mma:>6} {note}")
-    lines.append("w/s: warps per program / pipeline stages (Triton builds); a kernel named once per target takes its "
-                 "own tile there")
+        lines.append(
+            f"{r['kind']:6} {r['kernel'][:58]:58} {r['target']:6} {_warps(r):>4} {r['registers']:>4} "
+            f"{r['spill_bytes']:>5} {r['stack_bytes']:>5} {r['smem_bytes']:>6} {mma:>6} {note}"
+        )
+    lines.append(
+        "w/s: warps per program / pipeline stages (Triton builds); a kernel named once per target takes its "
+        "own tile there"
+    )
     return "\n".join(lines)
 
 
@@ -206,8 +268,12 @@ def _warps(row):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m effbert.tools.compile_report", description=__doc__.split("\n")[0])
-    parser.add_argument("--targets", default="80,90", help="compute capabilities, comma-separated (default 80,90)")
+    parser = argparse.ArgumentParser(
+        prog="python -m effbert.tools.compile_report", description=__doc__.split("\n")[0]
+    )
+    parser.add_argument(
+        "--targets", default="80,90", help="compute capabilities, comma-separated (default 80,90)"
+    )
     parser.add_argument("--only", default=None, help="only Triton kernels whose name contains this")
     parser.add_argument("--no-csrc", action="store_true", help="skip the nvcc report of csrc/cuda")
     parser.add_argument("--json", default=None, help="also write the rows as JSON to this file")
@@ -220,7 +286,9 @@ def main(argv=None):
         parser.error(f"--targets must be among {sorted(MATRIX_SASS)}, got {args.targets!r}")
 
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
-        parser.error("TRITON_INTERPRET=1 replaces the compiler with the interpreter; unset it for the compile report")
+        parser.error(
+            "TRITON_INTERPRET=1 replaces the compiler with the interpreter; unset it for the compile report"
+        )
     rows, failures = triton_report(targets, args.only)
     note = None
     if not args.no_csrc:
@@ -231,7 +299,9 @@ def main(argv=None):
     if note:
         print(f"note: {note}")
     n_triton = sum(r["kind"] == "triton" for r in rows)
-    print(f"\n{n_triton} Triton kernel builds, {len(rows) - n_triton} csrc kernel builds, {len(failures)} problems")
+    print(
+        f"\n{n_triton} Triton kernel builds, {len(rows) - n_triton} csrc kernel builds, {len(failures)} problems"
+    )
     for f in failures:
         print(f"PROBLEM: {f}")
     if args.json:

@@ -56,14 +56,22 @@ def bench_section(step, step_status, path):
     path = Path(path)
     head = f"#### {step}: "
     if not path.is_file():
-        return [head + f"no bench.json was written (the step: {step_status}); its log is in the stage's "
-                "logs.tar.gz", ""]
+        return [
+            head
+            + f"no bench.json was written (the step: {step_status}); its log is in the stage's "
+            "logs.tar.gz",
+            "",
+        ]
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
         rows = [r for r in data["cases"] if isinstance(r, dict) and "key" in r]
         planned = list(data.get("planned") or [r["key"] for r in rows])
     except (OSError, ValueError, KeyError, TypeError) as exc:
-        return [head + f"{path.name} is unreadable ({type(exc).__name__}: {exc}); the step: {step_status}", ""]
+        return [
+            head
+            + f"{path.name} is unreadable ({type(exc).__name__}: {exc}); the step: {step_status}",
+            "",
+        ]
     by_key = {r["key"]: r for r in rows}
     keys = planned + [k for k in by_key if k not in planned]
     counts = {"measured": 0, "wrong": 0, "error": 0, "skipped": 0, "not reached": 0}
@@ -75,7 +83,9 @@ def bench_section(step, step_status, path):
             result = f"not reached: the step ended before it ({step_status})"
         else:
             status = row.get("status")
-            counts["measured" if status == "ok" else status if status in MEASURED else "skipped"] += 1
+            counts[
+                "measured" if status == "ok" else status if status in MEASURED else "skipped"
+            ] += 1
             result = _result(row)
         table.append(f"| {_cell(_case_name(key))} | {_cell(result)} |")
     measured = counts["measured"] + counts["wrong"] + counts["error"]
@@ -93,8 +103,12 @@ def junit_section(step, step_status, path):
     path = Path(path)
     head = f"#### {step}: "
     if not path.is_file():
-        return [head + f"no junit file was written (the step: {step_status}); its log is in the stage's "
-                "logs.tar.gz", ""]
+        return [
+            head
+            + f"no junit file was written (the step: {step_status}); its log is in the stage's "
+            "logs.tar.gz",
+            "",
+        ]
     try:
         root = ET.parse(path).getroot()
     except (OSError, ET.ParseError) as exc:
@@ -113,8 +127,10 @@ def junit_section(step, step_status, path):
                 message = (bad.get("message") or bad.text or "").strip().splitlines()
                 failed.append((test_id, message[0] if message else ""))
     passed = total["tests"] - total["failures"] - total["errors"] - total["skipped"]
-    line = (f"{total['tests']} tests: {passed} passed, {total['failures']} failed, {total['errors']} errors, "
-            f"{total['skipped']} skipped (the step: {step_status})")
+    line = (
+        f"{total['tests']} tests: {passed} passed, {total['failures']} failed, {total['errors']} errors, "
+        f"{total['skipped']} skipped (the step: {step_status})"
+    )
     out = [head + line, ""]
     for test_id, message in failed[:MAX_FAILURES]:
         out.append(f"- FAILED `{test_id}`: {_cell(message)[:300]}")

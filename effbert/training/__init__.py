@@ -7,10 +7,20 @@ Importing this package is light: the trainers (which import ``transformers.Train
 on first use, so ``effbert check`` and ``effbert bench`` run where ``accelerate`` is not installed.
 """
 
-_TRAINERS = ("PretrainingTrainer", "StopOnNonFinite", "NonFiniteError", "MC_METRICS", "MultiExitTrainer",
-             "EXIT_LOSSES")
-_ADVERSARIAL = ("AdversarialConfig", "AdversarialTrainingMixin", "with_adversarial",
-                "ADVERSARIAL_METHODS")
+_TRAINERS = (
+    "PretrainingTrainer",
+    "StopOnNonFinite",
+    "NonFiniteError",
+    "MC_METRICS",
+    "MultiExitTrainer",
+    "EXIT_LOSSES",
+)
+_ADVERSARIAL = (
+    "AdversarialConfig",
+    "AdversarialTrainingMixin",
+    "with_adversarial",
+    "ADVERSARIAL_METHODS",
+)
 
 __all__ = list(_TRAINERS + _ADVERSARIAL)
 

@@ -61,9 +61,19 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["ADVERSARIAL_METHODS", "NORM_TYPES", "AdversarialConfig", "AdversarialTrainingMixin",
-           "with_adversarial", "input_embedding", "fgm_perturbation", "project_to_ball",
-           "segment_norms", "freelb_init", "freelb_ascent"]
+__all__ = [
+    "ADVERSARIAL_METHODS",
+    "NORM_TYPES",
+    "AdversarialConfig",
+    "AdversarialTrainingMixin",
+    "with_adversarial",
+    "input_embedding",
+    "fgm_perturbation",
+    "project_to_ball",
+    "segment_norms",
+    "freelb_init",
+    "freelb_ascent",
+]
 
 ADVERSARIAL_METHODS = ("fgm", "pgd", "freelb")
 NORM_TYPES = ("l2", "linf")
@@ -71,8 +81,12 @@ NORM_TYPES = ("l2", "linf")
 
 def _number(name, value, low=None, low_open=False, integer=False):
     kinds = (int,) if integer else (int, float)
-    if isinstance(value, bool) or not isinstance(value, kinds) or value != value \
-            or abs(value) == float("inf"):
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, kinds)
+        or value != value
+        or abs(value) == float("inf")
+    ):
         what = "an int" if integer else "a finite number"
         raise ValueError(f"{name} must be {what}, got {value!r}")
     if low is not None and (value <= low if low_open else value < low):
@@ -153,10 +167,16 @@ def project_to_ball(r, epsilon):
 
 def _check_packed(name, x, cu_seqlens):
     if not isinstance(x, torch.Tensor) or x.dim() != 2 or not x.is_floating_point():
-        raise ValueError(f"{name} must be a floating-point [total, hidden] tensor, got "
-                         f"{list(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
-    if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1 \
-            or cu_seqlens.shape[0] < 2 or cu_seqlens.is_floating_point():
+        raise ValueError(
+            f"{name} must be a floating-point [total, hidden] tensor, got "
+            f"{list(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}"
+        )
+    if (
+        not isinstance(cu_seqlens, torch.Tensor)
+        or cu_seqlens.dim() != 1
+        or cu_seqlens.shape[0] < 2
+        or cu_seqlens.is_floating_point()
+    ):
         raise ValueError("cu_seqlens must be an integer [S + 1] tensor")
     if cu_seqlens.device != x.device:
         raise ValueError(f"cu_seqlens must be on {x.device}, got {cu_seqlens.device}")
@@ -257,8 +277,10 @@ def input_embedding(model):
     if emb is None:
         emb = getattr(getattr(core, "embeddings", None), "word_embeddings", None)
     if not isinstance(emb, torch.nn.Embedding):
-        raise ValueError(f"model ({type(core).__name__}) has no word-embedding nn.Embedding "
-                         "(get_input_embeddings() or .embeddings.word_embeddings)")
+        raise ValueError(
+            f"model ({type(core).__name__}) has no word-embedding nn.Embedding "
+            "(get_input_embeddings() or .embeddings.word_embeddings)"
+        )
     return emb
 
 
@@ -273,8 +295,9 @@ def _batch_packing(inputs):
         raise ValueError("inputs must hold input_ids [B, N] for FreeLB's per-example perturbation")
     mask = inputs.get("attention_mask")
     mask = mask.bool() if mask is not None else None
-    packing = unpad_input(mask, inputs.get("position_ids"), shape=tuple(ids.shape),
-                          device=ids.device)
+    packing = unpad_input(
+        mask, inputs.get("position_ids"), shape=tuple(ids.shape), device=ids.device
+    )
     return packing.indices, packing.cu_seqlens
 
 
@@ -294,14 +317,17 @@ class _DeltaHook:
         elif out.dim() == 3 and out.shape[0] * out.shape[1] == self.slots:
             padded = True
         else:
-            raise ValueError(f"the word-embedding output {list(out.shape)} fits neither the packed "
-                             f"real tokens [{total}, hidden] nor the padded batch ({self.slots} "
-                             "slots)")
+            raise ValueError(
+                f"the word-embedding output {list(out.shape)} fits neither the packed "
+                f"real tokens [{total}, hidden] nor the padded batch ({self.slots} "
+                "slots)"
+            )
         if self.delta is None:
             dtype = torch.float64 if out.dtype == torch.float64 else torch.float32
             like = out.new_empty((total, out.shape[-1]), dtype=dtype)
-            self.delta = freelb_init(like, self.cu_seqlens, self.config.adv_init_mag,
-                                     self.config.norm_type).requires_grad_()
+            self.delta = freelb_init(
+                like, self.cu_seqlens, self.config.adv_init_mag, self.config.norm_type
+            ).requires_grad_()
         d = self.delta.to(out.dtype)
         if not padded:
             return out + d
@@ -318,18 +344,23 @@ class AdversarialTrainingMixin:
 
     def __init__(self, *args, adversarial=None, **kwargs):
         if adversarial is not None and not isinstance(adversarial, AdversarialConfig):
-            raise ValueError("adversarial must be an AdversarialConfig or None, got "
-                             f"{type(adversarial).__name__}")
+            raise ValueError(
+                "adversarial must be an AdversarialConfig or None, got "
+                f"{type(adversarial).__name__}"
+            )
         if adversarial is not None and kwargs.get("grad_reg"):
-            raise ValueError("adversarial training does not combine with grad_reg (RomeBERT's "
-                             "projection runs its own backward passes)")
+            raise ValueError(
+                "adversarial training does not combine with grad_reg (RomeBERT's "
+                "projection runs its own backward passes)"
+            )
         super().__init__(*args, **kwargs)
         self.adversarial = adversarial
         self._loss_factor = None  # FreeLB: each pass's loss divided by the number of passes
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        out = super().compute_loss(model, inputs, return_outputs=return_outputs,
-                                   num_items_in_batch=num_items_in_batch)
+        out = super().compute_loss(
+            model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
+        )
         if self._loss_factor is None or not model.training:
             return out
         if return_outputs:
@@ -420,8 +451,9 @@ class AdversarialTrainingMixin:
                     break
                 delta = hook.delta
                 grad = delta.grad if delta.grad is not None else torch.zeros_like(delta)
-                new = freelb_ascent(delta.detach(), grad, cu_seqlens, cfg.adv_lr, cfg.adv_max_norm,
-                                    cfg.norm_type)
+                new = freelb_ascent(
+                    delta.detach(), grad, cu_seqlens, cfg.adv_lr, cfg.adv_max_norm, cfg.norm_type
+                )
                 hook.delta = new.requires_grad_()
         finally:
             handle.remove()
@@ -436,8 +468,9 @@ def with_adversarial(trainer_class):
     from transformers import Trainer
 
     if not isinstance(trainer_class, type) or not issubclass(trainer_class, Trainer):
-        raise ValueError("trainer_class must be a transformers.Trainer subclass, got "
-                         f"{trainer_class!r}")
+        raise ValueError(
+            f"trainer_class must be a transformers.Trainer subclass, got {trainer_class!r}"
+        )
     if issubclass(trainer_class, AdversarialTrainingMixin):
         return trainer_class
     name = f"Adversarial{trainer_class.__name__}"

@@ -115,7 +115,7 @@ class ToyCorpus:
 
     def continuation(self):
         cont = torch.zeros(self.vocab_size, dtype=torch.bool)
-        cont[self.first_suffix:] = True
+        cont[self.first_suffix :] = True
         return cont
 
     def pieces(self, word):
@@ -192,25 +192,38 @@ def pretrain(corpus, ids, lengths, sizes, device, backend, gen, log):
     vals = np.array(sorted(counts.values()))
     max_count = max(3, int(np.percentile(vals, 50)))
     rare = build_rare_vocab(counts, min_count=3, max_count=max_count)
-    table = RareWordTable.build(rare, lambda w: corpus.pieces(("c", int(w[1:]))),
-                                corpus.continuation())
-    cfg = TupeBertConfig(vocab_size=corpus.vocab_size, hidden_size=sizes.hidden,
-                         num_hidden_layers=sizes.layers, num_attention_heads=sizes.heads,
-                         intermediate_size=4 * sizes.hidden, max_position_embeddings=sizes.max_len,
-                         position_mode="tupe-r", num_buckets=32, max_distance=128,
-                         hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.0,
-                         backend=backend)
+    table = RareWordTable.build(
+        rare, lambda w: corpus.pieces(("c", int(w[1:]))), corpus.continuation()
+    )
+    cfg = TupeBertConfig(
+        vocab_size=corpus.vocab_size,
+        hidden_size=sizes.hidden,
+        num_hidden_layers=sizes.layers,
+        num_attention_heads=sizes.heads,
+        intermediate_size=4 * sizes.hidden,
+        max_position_embeddings=sizes.max_len,
+        position_mode="tupe-r",
+        num_buckets=32,
+        max_distance=128,
+        hidden_dropout_prob=0.1,
+        attention_probs_dropout_prob=0.0,
+        backend=backend,
+    )
     notes = NoteDictionary(len(table), sizes.hidden, window=4, gamma=0.1, lam=0.5)
     model = TupeBertForMaskedLM(cfg, note_dictionary=notes).to(device).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=2e-3 if sizes.hidden <= 64 else 5e-4,
-                            weight_decay=0.01)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=opt.param_groups[0]["lr"],
-                                                total_steps=sizes.pretrain_steps, pct_start=0.1)
+    opt = torch.optim.AdamW(
+        model.parameters(), lr=2e-3 if sizes.hidden <= 64 else 5e-4, weight_decay=0.01
+    )
+    sched = torch.optim.lr_scheduler.OneCycleLR(
+        opt, max_lr=opt.param_groups[0]["lr"], total_steps=sizes.pretrain_steps, pct_start=0.1
+    )
     millions = sum(p.numel() for p in model.parameters()) / 1e6
-    log(f"pretraining a {sizes.layers}-layer TUPE-R BERT (hidden {sizes.hidden}, {sizes.heads} "
+    log(
+        f"pretraining a {sizes.layers}-layer TUPE-R BERT (hidden {sizes.hidden}, {sizes.heads} "
         f"heads, {millions:.2f}M parameters) with TNF notes for "
         f"{len(table)} rare words, {sizes.pretrain_steps} steps of {sizes.batch} sentences, "
-        f"backend {backend}")
+        f"backend {backend}"
+    )
     losses = []
     # every piece but the specials
     maskable = torch.arange(corpus.vocab_size) >= corpus.first_function
@@ -219,8 +232,9 @@ def pretrain(corpus, ids, lengths, sizes, device, backend, gen, log):
     t0 = time.perf_counter()
     for step in range(sizes.pretrain_steps):
         rows = torch.randint(0, ids.shape[0], (sizes.batch,), generator=gen)
-        losses.append(mlm_step(model, opt, sched, table, ids[rows], lengths[rows], maskable, device,
-                               gen))
+        losses.append(
+            mlm_step(model, opt, sched, table, ids[rows], lengths[rows], maskable, device, gen)
+        )
         if bar is not None:
             bar.update(1)
             bar.set_postfix(loss=f"{losses[-1]:.3f}")
@@ -229,9 +243,11 @@ def pretrain(corpus, ids, lengths, sizes, device, backend, gen, log):
     if bar is not None:
         bar.close()
     k = max(1, len(losses) // 10)
-    log(f"MLM loss {np.mean(losses[:k]):.3f} -> {np.mean(losses[-k:]):.3f} (first / last {k} "
+    log(
+        f"MLM loss {np.mean(losses[:k]):.3f} -> {np.mean(losses[-k:]):.3f} (first / last {k} "
         f"steps), {int((model.notes.counts > 0).sum())} of {len(table)} notes taken, "
-        f"{time.perf_counter() - t0:.1f} s")
+        f"{time.perf_counter() - t0:.1f} s"
+    )
     return model, losses
 
 
@@ -247,11 +263,14 @@ def finetune(mlm, ids, lengths, labels, sizes, device, gen, log):
     model = TupeBertForSequenceClassification(TupeBertConfig.from_dict(values))
     model.bert.load_state_dict(mlm.bert.state_dict())
     model = model.to(device).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3 if sizes.hidden <= 64 else 2e-4,
-                            weight_decay=0.01)
-    log(f"fine-tuning {sizes.layers} off-ramps on {sizes.topics}-way topic classification with "
+    opt = torch.optim.AdamW(
+        model.parameters(), lr=1e-3 if sizes.hidden <= 64 else 2e-4, weight_decay=0.01
+    )
+    log(
+        f"fine-tuning {sizes.layers} off-ramps on {sizes.topics}-way topic classification with "
         f"RomeBERT's loss (gamma {FINETUNE_GAMMA}, temperature {FINETUNE_TEMPERATURE}), "
-        f"{sizes.finetune_steps} steps")
+        f"{sizes.finetune_steps} steps"
+    )
     bar = _progress(sizes.finetune_steps, "multi-exit", log.progress)
     every = max(1, sizes.finetune_steps // 5)
     losses = []
@@ -264,8 +283,12 @@ def finetune(mlm, ids, lengths, labels, sizes, device, gen, log):
         out = model(b_ids, mask)
         # RomeBERT's loss at its published values, with its KL averaged over B * C as its KDLoss
         # does
-        loss = multi_exit_distillation_loss(out.exit_logits, labels[rows].to(device),
-                                            gamma=FINETUNE_GAMMA, temperature=FINETUNE_TEMPERATURE)
+        loss = multi_exit_distillation_loss(
+            out.exit_logits,
+            labels[rows].to(device),
+            gamma=FINETUNE_GAMMA,
+            temperature=FINETUNE_TEMPERATURE,
+        )
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -291,18 +314,32 @@ def evaluate(model, ids, lengths, labels, sizes, device, log):
     depth, batch = sizes.layers, 128
     all_exits = cal.every_exit_logits(model, ids, lengths, batch, device)
     curve = cal.speed_accuracy_curve(all_exits, labels_d, criterion="entropy")
-    thresholds = cal.threshold_candidates(all_exits, "entropy",
-                                          quantiles=(0.1, 0.25, 0.4, 0.55, 0.7))
+    thresholds = cal.threshold_candidates(
+        all_exits, "entropy", quantiles=(0.1, 0.25, 0.4, 0.55, 0.7)
+    )
     # full depth: the same batched loop with threshold 0, which no sample passes (DeeBERT's
     # full-depth row)
     full = dict(criterion="entropy", threshold=0.0)
-    rows = cal.early_exit_rows(model, ids, lengths, labels_d, device, criterion="entropy",
-                               thresholds=thresholds, batch=batch, full=full, depth=depth,
-                               rounds=TIMING_ROUNDS)
-    log(f"\nbatched early exit on {ids.shape[0]} held-out sentences (entropy criterion, "
-        f"{depth} layers):")
-    for line in cal.report_lines(rows, criterion="entropy", metric="accuracy", device=device,
-                                 rounds=TIMING_ROUNDS):
+    rows = cal.early_exit_rows(
+        model,
+        ids,
+        lengths,
+        labels_d,
+        device,
+        criterion="entropy",
+        thresholds=thresholds,
+        batch=batch,
+        full=full,
+        depth=depth,
+        rounds=TIMING_ROUNDS,
+    )
+    log(
+        f"\nbatched early exit on {ids.shape[0]} held-out sentences (entropy criterion, "
+        f"{depth} layers):"
+    )
+    for line in cal.report_lines(
+        rows, criterion="entropy", metric="accuracy", device=device, rounds=TIMING_ROUNDS
+    ):
         log(line)
     warning = cal.chance_warning(all_exits, labels_d)
     if warning:
@@ -316,11 +353,18 @@ def plot(path, losses, acc_full, points, curve, depth):
     matplotlib)."""
     from ..calibration_plot import plot_run
 
-    return plot_run(path, losses, points=[(p[2], p[3]) for p in points], full_accuracy=acc_full,
-                    depth=depth,
-                    criterion="entropy", curve={k: curve[k].numpy() for k in ("speedup",
-                                                                              "accuracy")},
-                    loss_title="Pretraining (TUPE-R + TNF)", loss_label="MLM loss", smooth=True)
+    return plot_run(
+        path,
+        losses,
+        points=[(p[2], p[3]) for p in points],
+        full_accuracy=acc_full,
+        depth=depth,
+        criterion="entropy",
+        curve={k: curve[k].numpy() for k in ("speedup", "accuracy")},
+        loss_title="Pretraining (TUPE-R + TNF)",
+        loss_label="MLM loss",
+        smooth=True,
+    )
 
 
 class _Log:
@@ -331,14 +375,22 @@ class _Log:
         print(msg, flush=True)
 
 
-def run(out_dir="effbert-demo", quick=False, device=None, seed=0, quiet=False, backend=None,
-        progress=False):
+def run(
+    out_dir="effbert-demo",
+    quick=False,
+    device=None,
+    seed=0,
+    quiet=False,
+    backend=None,
+    progress=False,
+):
     """Runs the whole demo; returns a dict with the losses, the early-exit points and the plot path
     (or None). ``progress``: tqdm bars on stderr (the command passes whether a person watches);
     ``quiet`` turns them off. ``backend`` None: ``auto`` (``eager`` under the Triton
     interpreter)."""
-    device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available()
-                                                             else "cpu"))
+    device = torch.device(
+        device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu")
+    )
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     sizes = sizes_for(device, quick)
@@ -352,11 +404,13 @@ def run(out_dir="effbert-demo", quick=False, device=None, seed=0, quiet=False, b
         for w in words:
             corpus.word_counts[w] = corpus.word_counts.get(w, 0) + 1
     ids, lengths = corpus.encode(sentences)
-    log(f"effbert demo on {device}{' (quick)' if quick else ''}: {len(sentences)} generated "
+    log(
+        f"effbert demo on {device}{' (quick)' if quick else ''}: {len(sentences)} generated "
         "sentences, "
         f"{corpus.vocab_size} pieces ({sizes.content_words} Zipfian content words, the rarer ones "
         "split into "
-        f"stem + ##suffix)")
+        f"stem + ##suffix)"
+    )
     mlm, losses = pretrain(corpus, ids, lengths, sizes, device, backend, gen, log)
     train_s, train_y = corpus.build(sizes.sentences // 2)
     eval_s, eval_y = corpus.build(sizes.eval_sentences)

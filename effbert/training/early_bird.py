@@ -18,8 +18,14 @@ from transformers import TrainerCallback
 
 from ..models import early_bird as eb
 
-__all__ = ["EarlyBirdCallback", "ticket_model", "ticket_masks", "prune_like_checkpoint", "search",
-           "search_line"]
+__all__ = [
+    "EarlyBirdCallback",
+    "ticket_model",
+    "ticket_masks",
+    "prune_like_checkpoint",
+    "search",
+    "search_line",
+]
 
 
 def _unwrap(model):
@@ -188,19 +194,30 @@ def search(model, make_trainer, *, head_l1=eb.L1_COEF, ffn_l1=eb.L1_COEF, **call
     steps = trainer.state.global_step
     ticket_model(model, bird.initial_state, bird.ticket)
     heads, ffn = bird.ticket
-    return {"stopped_at": bird.stopped_at, "search_steps": steps,
-            "heads_kept": int(heads.sum()), "heads_total": heads.numel(),
-            "ffn_kept": int(ffn.sum()), "ffn_total": ffn.numel(),
-            "params_before": before, "params_after": eb.count_parameters(model),
-            "ticket": eb._encoder(model).config.early_bird_ticket,
-            "distances": [[step, d] for step, d in bird.distances]}
+    return {
+        "stopped_at": bird.stopped_at,
+        "search_steps": steps,
+        "heads_kept": int(heads.sum()),
+        "heads_total": heads.numel(),
+        "ffn_kept": int(ffn.sum()),
+        "ffn_total": ffn.numel(),
+        "params_before": before,
+        "params_after": eb.count_parameters(model),
+        "ticket": eb._encoder(model).config.early_bird_ticket,
+        "distances": [[step, d] for step, d in bird.distances],
+    }
 
 
 def search_line(summary):
     """The one line a run logs after its search (``search``'s dict)."""
     r = summary
-    stop = (f"stopped at step {r['stopped_at']} (early-bird test)" if r["stopped_at"] is not None
-            else f"ran its {r['search_steps']} steps (no early-bird stop)")
-    return (f"EarlyBERT search {stop}: heads kept {r['heads_kept']}/{r['heads_total']}, FFN kept "
-            f"{r['ffn_kept']}/{r['ffn_total']}, parameters {r['params_before'] / 1e6:.3f}M -> "
-            f"{r['params_after'] / 1e6:.3f}M")
+    stop = (
+        f"stopped at step {r['stopped_at']} (early-bird test)"
+        if r["stopped_at"] is not None
+        else f"ran its {r['search_steps']} steps (no early-bird stop)"
+    )
+    return (
+        f"EarlyBERT search {stop}: heads kept {r['heads_kept']}/{r['heads_total']}, FFN kept "
+        f"{r['ffn_kept']}/{r['ffn_total']}, parameters {r['params_before'] / 1e6:.3f}M -> "
+        f"{r['params_after'] / 1e6:.3f}M"
+    )

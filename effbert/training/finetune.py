@@ -20,18 +20,44 @@ from dataclasses import dataclass
 
 import torch
 
-from .run_folder import (RunFolder, UsageError, atomic_write, check_same_data, checkpoint_max_steps,
-                         fail_if, fingerprint, is_main_process, newest_complete, one_line,
-                         schedule_line, with_schedule)
-from ..models.loading import (CONFIG_FILE, SETTINGS_FILE, TOKENIZER_CONFIG_FILE, TOKENIZER_FILE,
-                              VOCAB_FILE, WEIGHT_FILES)
+from .run_folder import (
+    RunFolder,
+    UsageError,
+    atomic_write,
+    check_same_data,
+    checkpoint_max_steps,
+    fail_if,
+    fingerprint,
+    is_main_process,
+    newest_complete,
+    one_line,
+    schedule_line,
+    with_schedule,
+)
+from ..models.loading import (
+    CONFIG_FILE,
+    SETTINGS_FILE,
+    TOKENIZER_CONFIG_FILE,
+    TOKENIZER_FILE,
+    VOCAB_FILE,
+    WEIGHT_FILES,
+)
 
 REPORT_FILE, PLOT_FILE = "report.json", "report.png"
 EARLY_BIRD_FILE = "early_bird.json"  # --early-bird: the search's stop, the ticket, the distances
 CHECKPOINTS = "checkpoints"  # Trainer's checkpoint-N folders (--save-steps), under --out
 # the files a finetune run writes: another run's (or anything's) are never overwritten
-OUT_FILES = (CONFIG_FILE, SETTINGS_FILE, REPORT_FILE, PLOT_FILE, TOKENIZER_FILE,
-             TOKENIZER_CONFIG_FILE, CHECKPOINTS, VOCAB_FILE, EARLY_BIRD_FILE) + WEIGHT_FILES
+OUT_FILES = (
+    CONFIG_FILE,
+    SETTINGS_FILE,
+    REPORT_FILE,
+    PLOT_FILE,
+    TOKENIZER_FILE,
+    TOKENIZER_CONFIG_FILE,
+    CHECKPOINTS,
+    VOCAB_FILE,
+    EARLY_BIRD_FILE,
+) + WEIGHT_FILES
 WRITES = OUT_FILES + ("special_tokens_map.json",)
 
 
@@ -92,11 +118,17 @@ def open_run_folder(s):
     if not is_main_process():
         return None
     source = s.init if s.init is not None else s.hf
-    if source is not None and os.path.isdir(source) and os.path.isdir(s.out) \
-            and os.path.samefile(source, s.out):
-        raise UsageError(f"--out {s.out!r} is the folder of {'--init' if s.init else '--hf'}: "
-                         "fine-tuning would overwrite the model it starts from; choose another "
-                         "--out")
+    if (
+        source is not None
+        and os.path.isdir(source)
+        and os.path.isdir(s.out)
+        and os.path.samefile(source, s.out)
+    ):
+        raise UsageError(
+            f"--out {s.out!r} is the folder of {'--init' if s.init else '--hf'}: "
+            "fine-tuning would overwrite the model it starts from; choose another "
+            "--out"
+        )
     root = os.path.join(s.out, CHECKPOINTS)
     folder = RunFolder(s.out, "effbert finetune", WRITES, checkpoint_root=root)
     if not os.path.isdir(s.out):
@@ -119,18 +151,27 @@ def _check_folder_contents(s, folder):
         fail_if(s.resume, f"--resume: {s.out!r} holds no effbert finetune run")
         folder.refuse_foreign()  # new or empty, as the docs say: the user's own files stay theirs
         return
-    fail_if(os.path.exists(os.path.join(s.out, "pretrain.json")),
-            f"--out: {s.out!r} holds an effbert pretrain run; choose another folder")
-    fail_if(not os.path.isfile(os.path.join(s.out, SETTINGS_FILE)),
-            f"--out: {s.out!r} holds {', '.join(held)} of something else; choose another folder")
+    fail_if(
+        os.path.exists(os.path.join(s.out, "pretrain.json")),
+        f"--out: {s.out!r} holds an effbert pretrain run; choose another folder",
+    )
+    fail_if(
+        not os.path.isfile(os.path.join(s.out, SETTINGS_FILE)),
+        f"--out: {s.out!r} holds {', '.join(held)} of something else; choose another folder",
+    )
     folder.refuse_foreign()
     root = os.path.join(s.out, CHECKPOINTS)
     if s.resume:
-        fail_if(not any(newest_complete(d) for d in (root, os.path.join(root, "stage-1"))),
-                f"--resume: {s.out!r} holds no checkpoint (--save-steps keeps them)")
+        fail_if(
+            not any(newest_complete(d) for d in (root, os.path.join(root, "stage-1"))),
+            f"--resume: {s.out!r} holds no checkpoint (--save-steps keeps them)",
+        )
         return
-    fail_if(not s.overwrite, f"--out: {s.out!r} holds an earlier effbert finetune run; pass "
-            "--overwrite to replace it (or --resume to continue it) or choose another folder")
+    fail_if(
+        not s.overwrite,
+        f"--out: {s.out!r} holds an earlier effbert finetune run; pass "
+        "--overwrite to replace it (or --resume to continue it) or choose another folder",
+    )
 
 
 # --------------------------------------------------------------------------------- the steps of run
@@ -179,8 +220,10 @@ def read_examples(s):
         else:
             check_labels(names, texts, s.train, "--train", warn=_warn)
             labels = sorted(set(names))
-            fail_if(len(labels) < 2, f"--train: every example has the label {labels[0]!r}; "
-                    "classification needs two")
+            fail_if(
+                len(labels) < 2,
+                f"--train: every example has the label {labels[0]!r}; classification needs two",
+            )
             index = {name: i for i, name in enumerate(labels)}
             targets = torch.tensor([index[n] for n in names], dtype=torch.int64)
         data = Examples(labels, texts, targets)
@@ -188,8 +231,11 @@ def read_examples(s):
             e_names, data.eval_texts = read_tsv(s.eval, "--eval")
             unknown = [] if s.regression else sorted(set(e_names) - set(labels))
             fail_if(unknown, f"--eval: labels {unknown[:5]} do not occur in --train")
-            data.eval_targets = label_numbers(e_names, "--eval") if s.regression else \
-                torch.tensor([labels.index(n) for n in e_names], dtype=torch.int64)
+            data.eval_targets = (
+                label_numbers(e_names, "--eval")
+                if s.regression
+                else torch.tensor([labels.index(n) for n in e_names], dtype=torch.int64)
+            )
     except (ValueError, TypeError) as exc:  # the data module's errors name the flag
         raise UsageError(one_line(exc)) from None
     return data
@@ -204,8 +250,9 @@ def check_same_train(s):
             recorded = json.load(f).get("train_data")
     except (OSError, UnicodeDecodeError, ValueError, AttributeError) as exc:
         why = one_line(exc, 200)
-        raise UsageError(f"--resume: cannot read {path!r} ({why}); the run folder is damaged") \
-            from None
+        raise UsageError(
+            f"--resume: cannot read {path!r} ({why}); the run folder is damaged"
+        ) from None
     check_same_data("--train", None if recorded is None else [recorded], [s.train], s.out)
 
 
@@ -217,13 +264,17 @@ def load_model(s, num_labels):
 
     load = from_hf_folder if s.hf is not None else from_pretrain_folder
     try:
-        model, tokenizer, cased = load(s.hf or s.init, num_labels, s.backend, s.cased,
-                                       s.shared_pooler)
+        model, tokenizer, cased = load(
+            s.hf or s.init, num_labels, s.backend, s.cased, s.shared_pooler
+        )
     except (ValueError, OSError) as exc:  # the loaders' errors name the flag
         raise UsageError(one_line(exc)) from None
     source = "--hf" if s.hf is not None else "--init"
-    fail_if(len(tokenizer) > model.config.vocab_size, f"{source}: the tokenizer has "
-            f"{len(tokenizer)} pieces, more than the model's vocab_size {model.config.vocab_size}")
+    fail_if(
+        len(tokenizer) > model.config.vocab_size,
+        f"{source}: the tokenizer has "
+        f"{len(tokenizer)} pieces, more than the model's vocab_size {model.config.vocab_size}",
+    )
     model.set_backend(s.backend)
     return model, tokenizer, cased
 
@@ -249,10 +300,17 @@ def adversarial_config(s):
 
     if s.adversarial is None:
         return None
-    return AdversarialConfig(s.adversarial, epsilon=s.adv_epsilon, alpha=s.adv_alpha,
-                             steps=s.adv_steps, adv_lr=s.adv_lr, adv_init_mag=s.adv_init_mag,
-                             adv_max_norm=s.adv_max_norm, norm_type=s.adv_norm_type,
-                             keep_clean=not s.adv_no_clean)
+    return AdversarialConfig(
+        s.adversarial,
+        epsilon=s.adv_epsilon,
+        alpha=s.adv_alpha,
+        steps=s.adv_steps,
+        adv_lr=s.adv_lr,
+        adv_init_mag=s.adv_init_mag,
+        adv_max_norm=s.adv_max_norm,
+        norm_type=s.adv_norm_type,
+        keep_clean=not s.adv_no_clean,
+    )
 
 
 def to_dataset_of(tokenizer, data, max_len):
@@ -264,11 +322,32 @@ def to_dataset_of(tokenizer, data, max_len):
 
 # what finetune.json records of the settings (with cased, max_len, the --train fingerprint, steps,
 # complete)
-RECORDED = ("loss", "gamma", "temperature", "grad_reg", "project", "ge", "shared_pooler",
-            "regression", "per_device_train_batch_size", "gradient_accumulation_steps",
-            "learning_rate", "seed", "init", "hf", "train", "recipe", "adam_beta1", "adam_beta2",
-            "adam_epsilon", "max_grad_norm", "weight_decay", "warmup_steps", "warmup_ratio",
-            "early_bird")
+RECORDED = (
+    "loss",
+    "gamma",
+    "temperature",
+    "grad_reg",
+    "project",
+    "ge",
+    "shared_pooler",
+    "regression",
+    "per_device_train_batch_size",
+    "gradient_accumulation_steps",
+    "learning_rate",
+    "seed",
+    "init",
+    "hf",
+    "train",
+    "recipe",
+    "adam_beta1",
+    "adam_beta2",
+    "adam_epsilon",
+    "max_grad_norm",
+    "weight_decay",
+    "warmup_steps",
+    "warmup_ratio",
+    "early_bird",
+)
 
 
 def settings_record(s, cased, max_len):
@@ -277,8 +356,9 @@ def settings_record(s, cased, max_len):
     record = {name: getattr(s, name) for name in RECORDED}
     config = adversarial_config(s)
     # the adversarial method and its settings (DeeBERT: stage 1 only), the ensemble's runs
-    record.update(adversarial=None if config is None else dataclasses.asdict(config),
-                  ensemble=s.ensemble)
+    record.update(
+        adversarial=None if config is None else dataclasses.asdict(config), ensemble=s.ensemble
+    )
     # what a resume checks it is given again (run_folder.fingerprint: size and the ends' SHA-256)
     record.update(cased=cased, max_len=max_len, train_data=fingerprint(s.train), complete=False)
     return record
@@ -299,8 +379,10 @@ def start_folder(s, record, data, model, device, log):
     text = json.dumps(record, indent=2, sort_keys=True) + "\n"
     atomic_write(text, os.path.join(s.out, SETTINGS_FILE))
     labels = "a regression head" if s.regression else f"labels {data.labels}"
-    log(f"effbert finetune on {device}: {len(data.train_texts)} training examples, {labels}, "
-        f"{model.config.num_hidden_layers} layers, hidden {model.config.hidden_size}")
+    log(
+        f"effbert finetune on {device}: {len(data.train_texts)} training examples, {labels}, "
+        f"{model.config.num_hidden_layers} layers, hidden {model.config.hidden_size}"
+    )
     return log
 
 
@@ -308,6 +390,7 @@ def train_in_group(s, model, tokenizer, train_ds, device, log):
     """``train``, then every process leaves the process group (as pretrain does: a process that
     exited with its group alive while the first still saved and evaluated aborted at its shutdown
     under torchrun)."""
+
     def distributed():
         return torch.distributed.is_available() and torch.distributed.is_initialized()
 
@@ -326,9 +409,11 @@ def save(s, model, tokenizer, labels, record, log):
     from ..models.loading import save_finetuned
 
     save_finetuned(s.out, model, tokenizer, labels, record)
-    log(f"model saved to {os.path.abspath(s.out)} ({CONFIG_FILE}, {WEIGHT_FILES[0]}, "
+    log(
+        f"model saved to {os.path.abspath(s.out)} ({CONFIG_FILE}, {WEIGHT_FILES[0]}, "
         f"{TOKENIZER_FILE}, {SETTINGS_FILE}); AutoModelForSequenceClassification.from_pretrained "
-        "loads it")
+        "loads it"
+    )
 
 
 # ----------------------------------------------------------------------------------------- training
@@ -356,8 +441,10 @@ def loss_lines(s, log):
             step, every = state.global_step, s.logging_steps
             if state.is_world_process_zero and (step % every == 0 or step == state.max_steps):
                 recent = [h["loss"] for h in state.log_history if "loss" in h][-every:]
-                log(f"  step {step:6d}  loss {sum(recent) / len(recent):.4f}  lr "
-                    f"{logs.get('learning_rate', 0):.2e}")
+                log(
+                    f"  step {step:6d}  loss {sum(recent) / len(recent):.4f}  lr "
+                    f"{logs.get('learning_rate', 0):.2e}"
+                )
 
         def on_save(self, args, state, control, **kwargs):
             make_checkpoint_readable(args, state)
@@ -380,24 +467,38 @@ def training_args(s, output_dir, device, stage):
         warmup = {"warmup_ratio" if "warmup_ratio" in names else "warmup_steps": s.warmup_ratio}
     try:
         return TrainingArguments(
-            output_dir=output_dir, per_device_train_batch_size=s.per_device_train_batch_size,
+            output_dir=output_dir,
+            per_device_train_batch_size=s.per_device_train_batch_size,
             gradient_accumulation_steps=s.gradient_accumulation_steps,
             learning_rate=s.learning_rate,
-            weight_decay=s.weight_decay, lr_scheduler_type="linear", max_grad_norm=s.max_grad_norm,
+            weight_decay=s.weight_decay,
+            lr_scheduler_type="linear",
+            max_grad_norm=s.max_grad_norm,
             **warmup,
-            adam_beta1=s.adam_beta1, adam_beta2=s.adam_beta2, adam_epsilon=s.adam_epsilon,
+            adam_beta1=s.adam_beta1,
+            adam_beta2=s.adam_beta2,
+            adam_epsilon=s.adam_epsilon,
             num_train_epochs=s.num_train_epochs,
             max_steps=s.max_steps if s.max_steps is not None else -1,
-            seed=s.seed + stage - 1, data_seed=s.seed + stage - 1, fp16=s.fp16, bf16=s.bf16,
-            use_cpu=device.type == "cpu", logging_strategy="steps", logging_steps=1,
+            seed=s.seed + stage - 1,
+            data_seed=s.seed + stage - 1,
+            fp16=s.fp16,
+            bf16=s.bf16,
+            use_cpu=device.type == "cpu",
+            logging_strategy="steps",
+            logging_steps=1,
             logging_nan_inf_filter=False,  # a NaN loss must reach the log, which stops the run
-            save_strategy="steps" if save else "no", save_steps=s.save_steps if save else 500,
-            save_total_limit=s.save_total_limit, report_to=s.report_to or "none",
-            disable_tqdm=not getattr(s, "progress", False), remove_unused_columns=False,
+            save_strategy="steps" if save else "no",
+            save_steps=s.save_steps if save else 500,
+            save_total_limit=s.save_total_limit,
+            report_to=s.report_to or "none",
+            disable_tqdm=not getattr(s, "progress", False),
+            remove_unused_columns=False,
             dataloader_drop_last=False,
             # DeeBERT's stage 1 leaves the lower off-ramps without a gradient; the other losses use
             # every weight
-            ddp_find_unused_parameters=s.loss == "deebert")
+            ddp_find_unused_parameters=s.loss == "deebert",
+        )
     # e.g. --fp16 without a GPU: TrainingArguments says why
     except (ValueError, ImportError) as exc:
         raise UsageError(one_line(exc)) from None
@@ -417,11 +518,21 @@ def make_trainer(s, model, tokenizer, train_ds, folder, device, stage, resume, l
     # DeeBERT's stage 2 trains the off-ramps over a frozen backbone: adversarial in stage 1 only
     adversarial = adversarial_config(s) if stage == 1 else None
     trainer = with_schedule(with_adversarial(MultiExitTrainer), kept)(
-        model=model, args=training_args(s, folder, device, stage), train_dataset=train_ds,
-        data_collator=DataCollatorWithPadding(tokenizer), processing_class=tokenizer,
-        callbacks=[lines], loss=s.loss, gamma=s.gamma, temperature=s.temperature,
-        gradient_equilibrium=s.ge, stage=stage, grad_reg=s.grad_reg, project=s.project,
-        adversarial=adversarial)
+        model=model,
+        args=training_args(s, folder, device, stage),
+        train_dataset=train_ds,
+        data_collator=DataCollatorWithPadding(tokenizer),
+        processing_class=tokenizer,
+        callbacks=[lines],
+        loss=s.loss,
+        gamma=s.gamma,
+        temperature=s.temperature,
+        gradient_equilibrium=s.ge,
+        stage=stage,
+        grad_reg=s.grad_reg,
+        project=s.project,
+        adversarial=adversarial,
+    )
     trainer.remove_callback(PrinterCallback)
     if trainer.pop_callback(ProgressCallback) is not None:
         trainer.add_callback(LogOnlyBar())  # the summary lines say the loss
@@ -436,23 +547,33 @@ def describe_stage(s, trainer, model, stage, resume, kept, log):
     steps = s.max_steps
     if steps is None:
         steps = max(1, math.ceil(s.num_train_epochs * per_epoch / accum))
-    what = {"romebert": f"romebert (gamma {s.gamma}, temperature {s.temperature}"
-                        + (f", gradient projection of the {s.project} side" if s.grad_reg else "")
-                        + ")",
-            "pabee": "pabee", "deebert": f"deebert stage {stage}"}[s.loss]
+    what = {
+        "romebert": f"romebert (gamma {s.gamma}, temperature {s.temperature}"
+        + (f", gradient projection of the {s.project} side" if s.grad_reg else "")
+        + ")",
+        "pabee": "pabee",
+        "deebert": f"deebert stage {stage}",
+    }[s.loss]
     if s.regression and s.loss == "romebert":
         what = "pabee's mean squared error (a regression head)"
     head = "a regression head" if s.regression else f"{model.config.num_labels} labels"
     # examples an optimizer step
     batch = s.per_device_train_batch_size * accum * trainer.args.world_size
-    log(f"fine-tuning {model.config.num_hidden_layers} off-ramps, {head}, {count} examples: "
+    log(
+        f"fine-tuning {model.config.num_hidden_layers} off-ramps, {head}, {count} examples: "
         f"{steps} steps of {batch} ({steps * accum / per_epoch:.2f} epochs), loss {what}"
-        + (", gradient equilibrium" if s.ge else "") + adversarial_words(s, stage)
+        + (", gradient equilibrium" if s.ge else "")
+        + adversarial_words(s, stage)
         + f", backend {s.backend}"
-        + (f", resumed from {resume}" if resume else ""))
+        + (f", resumed from {resume}" if resume else "")
+    )
     if resume is not None:
-        log("  " + schedule_line(kept or checkpoint_max_steps(resume) or steps, steps,
-                                 s.reshape_schedule))
+        log(
+            "  "
+            + schedule_line(
+                kept or checkpoint_max_steps(resume) or steps, steps, s.reshape_schedule
+            )
+        )
 
 
 def adversarial_words(s, stage):
@@ -468,9 +589,11 @@ def adversarial_words(s, stage):
     elif config.method == "pgd":
         what = f"epsilon {config.epsilon}, alpha {config.alpha}, {config.steps} steps"
     else:
-        what = (f"{config.steps} steps, adv-lr {config.adv_lr}, init {config.adv_init_mag}, "
-                f"max norm {config.adv_max_norm} ({config.norm_type})"
-                + ("" if config.keep_clean else ", no clean pass"))
+        what = (
+            f"{config.steps} steps, adv-lr {config.adv_lr}, init {config.adv_init_mag}, "
+            f"max norm {config.adv_max_norm} ({config.norm_type})"
+            + ("" if config.keep_clean else ", no clean pass")
+        )
     stage1 = " in DeeBERT's stage 1 only" if s.loss == "deebert" else ""
     return f", adversarial {config.method} ({what}){stage1}"
 
@@ -480,8 +603,9 @@ def train_stage(s, model, tokenizer, train_ds, folder, device, stage, log):
     its per-step losses. A non-finite loss is a one-line ``UsageError``."""
     resume = newest_complete(folder, log) if s.resume else None
     lines = loss_lines(s, log)
-    trainer, kept = make_trainer(s, model, tokenizer, train_ds, folder, device, stage, resume,
-                                 lines)
+    trainer, kept = make_trainer(
+        s, model, tokenizer, train_ds, folder, device, stage, resume, lines
+    )
     if trainer.is_world_process_zero():
         describe_stage(s, trainer, model, stage, resume, kept, log)
     t0 = time.perf_counter()
@@ -497,8 +621,10 @@ def train_stage(s, model, tokenizer, train_ds, folder, device, stage, log):
         raise UsageError(f"the loss is {bad} at step {step}: lower --learning-rate")
     if s.grad_reg and trainer.is_world_process_zero():
         n = 0 if trainer.projected is None else int(trainer.projected)
-        log(f"gradient regularization: the {s.project} side projected on {n} of "
-            f"{trainer.state.global_step} steps" + (" (since the resume)" if resume else ""))
+        log(
+            f"gradient regularization: the {s.project} side projected on {n} of "
+            f"{trainer.state.global_step} steps" + (" (since the resume)" if resume else "")
+        )
     if trainer.is_world_process_zero():
         log(f"trained in {time.perf_counter() - t0:.1f} s")
     return [h["loss"] for h in trainer.state.log_history if "loss" in h]
@@ -521,8 +647,10 @@ def prune_for_resume(s, model, root):
 
     if not s.resume:
         return False
-    found = [newest_complete(d) for d in (os.path.join(root, "stage-2"),
-                                          os.path.join(root, "stage-1"), root)]
+    found = [
+        newest_complete(d)
+        for d in (os.path.join(root, "stage-2"), os.path.join(root, "stage-1"), root)
+    ]
     ckpt = next((c for c in found if c is not None), None)
     if ckpt is None:
         return False
@@ -530,8 +658,11 @@ def prune_for_resume(s, model, root):
         pruned = prune_like_checkpoint(model, ckpt) is not None
     except ValueError as exc:
         raise UsageError(f"--resume: {one_line(exc, 300)}") from None
-    fail_if(s.early_bird and not pruned, f"--resume --early-bird: {ckpt!r} holds an unpruned "
-            "model (the run did not use --early-bird)")
+    fail_if(
+        s.early_bird and not pruned,
+        f"--resume --early-bird: {ckpt!r} holds an unpruned "
+        "model (the run did not use --early-bird)",
+    )
     return pruned
 
 
@@ -548,10 +679,12 @@ def early_bird_search(s, model, tokenizer, train_ds, root, device, log):
     plan.max_steps = s.early_bird_search_steps or None
     plan.num_train_epochs, plan.save_steps, plan.report_to, plan.resume = 1.0, 0, None, False
     lines = loss_lines(plan, lambda msg: None)
-    log("EarlyBERT search: " + (f"at most {plan.max_steps} steps" if plan.max_steps
-                                else "at most one epoch")
+    log(
+        "EarlyBERT search: "
+        + (f"at most {plan.max_steps} steps" if plan.max_steps else "at most one epoch")
         + f", L1 {s.early_bird_l1:g} on the head and FFN coefficients, a ticket drawn every "
-        f"{s.early_bird_draw_every} steps")
+        f"{s.early_bird_draw_every} steps"
+    )
 
     def make(bird):
         trainer, _ = make_trainer(plan, model, tokenizer, train_ds, root, device, 1, None, lines)
@@ -559,16 +692,24 @@ def early_bird_search(s, model, tokenizer, train_ds, root, device, log):
         return trainer
 
     try:
-        result = search(model, make, head_l1=s.early_bird_l1, ffn_l1=s.early_bird_l1,
-                        draw_every=s.early_bird_draw_every, threshold=s.early_bird_threshold,
-                        patience=s.early_bird_patience, head_ratio=s.early_bird_head_ratio,
-                        ffn_ratio=s.early_bird_ffn_ratio)
+        result = search(
+            model,
+            make,
+            head_l1=s.early_bird_l1,
+            ffn_l1=s.early_bird_l1,
+            draw_every=s.early_bird_draw_every,
+            threshold=s.early_bird_threshold,
+            patience=s.early_bird_patience,
+            head_ratio=s.early_bird_head_ratio,
+            ffn_ratio=s.early_bird_ffn_ratio,
+        )
     except ValueError as exc:  # e.g. a ticket that leaves a layer no head
         raise UsageError(f"--early-bird: {one_line(exc, 300)}") from None
     if lines.bad is not None:
         bad, step = lines.bad
-        raise UsageError(f"the loss is {bad} at step {step} of the EarlyBERT search: lower "
-                         "--learning-rate")
+        raise UsageError(
+            f"the loss is {bad} at step {step} of the EarlyBERT search: lower --learning-rate"
+        )
     log(search_line(result))
     if is_main_process():
         atomic_write(json.dumps(result, indent=2) + "\n", os.path.join(s.out, EARLY_BIRD_FILE))
@@ -584,20 +725,25 @@ def train(s, model, tokenizer, train_ds, device, log):
     # --early-bird: a resume finds the pruned shapes in its checkpoint's config; else the search
     # (once, before DeeBERT's first stage) prunes the model the stages train
     if not prune_for_resume(s, model, root) and s.early_bird:
-        fail_if(getattr(model.config, "early_bird_ticket", None), f"--early-bird: the model of "
-                f"{'--init' if s.init else '--hf'} is pruned already (an EarlyBERT ticket); "
-                "fine-tune it without --early-bird")
+        fail_if(
+            getattr(model.config, "early_bird_ticket", None),
+            f"--early-bird: the model of "
+            f"{'--init' if s.init else '--hf'} is pruned already (an EarlyBERT ticket); "
+            "fine-tune it without --early-bird",
+        )
         if s.loss == "deebert":
             model.set_deebert_stage(1)
         early_bird_search(s, model, tokenizer, train_ds, root, device, log)
-    for stage in ([1, 2] if s.loss == "deebert" else [1]):
+    for stage in [1, 2] if s.loss == "deebert" else [1]:
         folder = root if s.loss != "deebert" else os.path.join(root, f"stage-{stage}")
         if s.loss == "deebert":
             model.set_deebert_stage(stage)
-            log("DeeBERT stage 1: the backbone and the final classifier on the last exit's loss"
-                if stage == 1 else
-                "DeeBERT stage 2: backbone and final classifier frozen, the off-ramps on the sum "
-                "of their losses")
+            log(
+                "DeeBERT stage 1: the backbone and the final classifier on the last exit's loss"
+                if stage == 1
+                else "DeeBERT stage 2: backbone and final classifier frozen, the off-ramps on the sum "
+                "of their losses"
+            )
             later = newest_complete(os.path.join(root, "stage-2"))
             if stage == 1 and s.resume and later is not None:
                 losses += _finished_stage_losses(folder)
@@ -629,17 +775,30 @@ def evaluate(s, model, input_ids, lengths, y, device, log):
     log("  " + " ".join(f"{'exit ' + str(i + 1):>8}" for i in range(depth)))
     log("  " + " ".join(f"{v:8.4f}" for v in per_exit))
     # full depth through the same batched loop: patience 0 is PABEE's full-depth row
-    full = dict(criterion="patience", patience=0,
-                **({"threshold": s.regression_delta} if s.regression else {}))
-    rows = cal.early_exit_rows(model, input_ids, lengths, y, device, criterion=s.criterion,
-                               thresholds=cal.threshold_candidates(exits, s.criterion),
-                               batch=batch, full=full,
-                               regression_delta=s.regression_delta if s.regression else None)
+    full = dict(
+        criterion="patience",
+        patience=0,
+        **({"threshold": s.regression_delta} if s.regression else {}),
+    )
+    rows = cal.early_exit_rows(
+        model,
+        input_ids,
+        lengths,
+        y,
+        device,
+        criterion=s.criterion,
+        thresholds=cal.threshold_candidates(exits, s.criterion),
+        batch=batch,
+        full=full,
+        regression_delta=s.regression_delta if s.regression else None,
+    )
     curve = None
     if depth > 1 and not s.regression:
         curve = cal.speed_accuracy_curve(exits, y, criterion=s.criterion)
-    log(f"\nbatched early exit on {input_ids.shape[0]} eval examples ({s.criterion}, {depth} "
-        f"layers, batches of {batch}):")
+    log(
+        f"\nbatched early exit on {input_ids.shape[0]} eval examples ({s.criterion}, {depth} "
+        f"layers, batches of {batch}):"
+    )
     for line in cal.report_lines(rows, criterion=s.criterion, metric=metric, device=device):
         log(line)
     warning = None if s.regression else cal.chance_warning(exits, y)
@@ -648,10 +807,18 @@ def evaluate(s, model, input_ids, lengths, y, device, log):
     ensemble = None
     if getattr(s, "ensemble", None):
         ensemble = ensemble_row(s, model, input_ids, lengths, y, device, rows[0]["accuracy"], log)
-    return {"criterion": s.criterion, "num_layers": depth, "num_examples": int(input_ids.shape[0]),
-            "device": str(device), "metric": metric, "per_exit_accuracy": per_exit,
-            "full_depth_accuracy": rows[0]["accuracy"], "rows": rows, "ensemble": ensemble,
-            "offline_curve": None if curve is None else {k: v.tolist() for k, v in curve.items()}}
+    return {
+        "criterion": s.criterion,
+        "num_layers": depth,
+        "num_examples": int(input_ids.shape[0]),
+        "device": str(device),
+        "metric": metric,
+        "per_exit_accuracy": per_exit,
+        "full_depth_accuracy": rows[0]["accuracy"],
+        "rows": rows,
+        "ensemble": ensemble,
+        "offline_curve": None if curve is None else {k: v.tolist() for k, v in curve.items()},
+    }
 
 
 def ensemble_row(s, model, input_ids, lengths, y, device, full, log):
@@ -677,11 +844,16 @@ def ensemble_row(s, model, input_ids, lengths, y, device, full, log):
     mean = torch.cat(parts)
     value = cal.score(mean[:, None] if s.regression else mean, y, s.regression)
     metric = "mse" if s.regression else "accuracy"
-    log(f"\nensemble of this run and {len(others)} --ensemble run(s), the mean of their full-depth "
+    log(
+        f"\nensemble of this run and {len(others)} --ensemble run(s), the mean of their full-depth "
         f"{'outputs' if s.regression else 'probabilities'}: {metric} {value:.4f} "
-        f"({value - full:+.4f} against this run's full depth)")
-    return {"members": [os.path.abspath(s.out)] + [os.path.abspath(p) for p in s.ensemble],
-            "accuracy": value, "delta": value - full}
+        f"({value - full:+.4f} against this run's full depth)"
+    )
+    return {
+        "members": [os.path.abspath(s.out)] + [os.path.abspath(p) for p in s.ensemble],
+        "accuracy": value,
+        "delta": value - full,
+    }
 
 
 def report_on_eval(s, model, tokenizer, data, max_len, losses, device, log):
@@ -692,8 +864,13 @@ def report_on_eval(s, model, tokenizer, data, max_len, losses, device, log):
     input_ids, lengths = encode(tokenizer, data.eval_texts, max_len)
     report = evaluate(s, model, input_ids, lengths, data.eval_targets, device, log)
     k = max(1, len(losses) // 10)
-    report.update(labels=data.labels, train_steps=len(losses), train_loss_first=sum(losses[:k]) / k,
-                  train_loss_last=sum(losses[-k:]) / k, losses=losses)
+    report.update(
+        labels=data.labels,
+        train_steps=len(losses),
+        train_loss_first=sum(losses[:k]) / k,
+        train_loss_last=sum(losses[-k:]) / k,
+        losses=losses,
+    )
     searched = os.path.join(s.out, EARLY_BIRD_FILE)
     if os.path.isfile(searched):  # --early-bird: the search and its ticket
         with open(searched, encoding="utf-8") as f:
@@ -702,10 +879,18 @@ def report_on_eval(s, model, tokenizer, data, max_len, losses, device, log):
     path = os.path.abspath(os.path.join(s.out, PLOT_FILE))
     log(f"\nreport: {os.path.abspath(os.path.join(s.out, REPORT_FILE))}")
     drawn = plot_run(
-        path, losses, points=[(r["speedup"], r["accuracy"]) for r in report["rows"][1:]],
-        full_accuracy=report["full_depth_accuracy"], depth=report["num_layers"],
+        path,
+        losses,
+        points=[(r["speedup"], r["accuracy"]) for r in report["rows"][1:]],
+        full_accuracy=report["full_depth_accuracy"],
+        depth=report["num_layers"],
         criterion=report["criterion"],
-        curve=report["offline_curve"], loss_title="Multi-exit fine-tuning")
-    log(f"plot (loss, speed-accuracy): {path}" if drawn
-        else "matplotlib is not installed: no plot written (pip install matplotlib)")
+        curve=report["offline_curve"],
+        loss_title="Multi-exit fine-tuning",
+    )
+    log(
+        f"plot (loss, speed-accuracy): {path}"
+        if drawn
+        else "matplotlib is not installed: no plot written (pip install matplotlib)"
+    )
     return report

@@ -47,8 +47,17 @@ from transformers import TrainerCallback
 
 from ..models import growth as ops
 
-__all__ = ["Growth", "GrowthSchedule", "parse_grow_spec", "GrowthCallback", "prepare_for_resume",
-           "read_growth_log", "mark_growth", "GROWTH_LOG", "DIMENSIONS"]
+__all__ = [
+    "Growth",
+    "GrowthSchedule",
+    "parse_grow_spec",
+    "GrowthCallback",
+    "prepare_for_resume",
+    "read_growth_log",
+    "mark_growth",
+    "GROWTH_LOG",
+    "DIMENSIONS",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -87,18 +96,22 @@ class GrowthSchedule:
                 if prev.step == g.step:
                     raise ValueError(f"spec item {item!r}: {g.dim} already grows at step {g.step}")
                 if prev.end != g.start:
-                    raise ValueError(f"spec item {item!r}: {g.dim} starts at {g.start}, but the "
-                                     f"previous growth "
-                                     f"ends at {prev.end}")
+                    raise ValueError(
+                        f"spec item {item!r}: {g.dim} starts at {g.start}, but the "
+                        f"previous growth "
+                        f"ends at {prev.end}"
+                    )
             if g.dim == "pool":
                 if g.end != 1 or g.start < 2:
-                    raise ValueError(f"spec item {item!r}: pool grows from a pooling size "
-                                     f">= 2 to 1 (no pooling)")
+                    raise ValueError(
+                        f"spec item {item!r}: pool grows from a pooling size >= 2 to 1 (no pooling)"
+                    )
             elif g.end <= g.start:
                 raise ValueError(f"spec item {item!r}: {g.dim} must grow (TO > FROM)")
             elif g.dim == "ffn" and g.end % g.start:
-                raise ValueError(f"spec item {item!r}: ffn grows by tiling: TO must be a multiple "
-                                 f"of FROM")
+                raise ValueError(
+                    f"spec item {item!r}: ffn grows by tiling: TO must be a multiple of FROM"
+                )
             last[g.dim] = g
         self.growths = tuple(growths)
         self.steps = tuple(sorted({g.step for g in growths}))
@@ -112,19 +125,25 @@ class GrowthSchedule:
         for raw in spec.split(","):
             m = _ITEM.match(raw)
             if not m:
-                raise ValueError(f"spec item {raw.strip()!r} must read DIM=FROM->TO@STEP "
-                                 f"(DIM one of "
-                                 f"{', '.join(DIMENSIONS)}), e.g. 'layers=3->6@500'")
+                raise ValueError(
+                    f"spec item {raw.strip()!r} must read DIM=FROM->TO@STEP "
+                    f"(DIM one of "
+                    f"{', '.join(DIMENSIONS)}), e.g. 'layers=3->6@500'"
+                )
             dim, start, end, step = m.group(1), int(m.group(2)), int(m.group(3)), int(m.group(4))
             if dim not in DIMENSIONS:
-                raise ValueError(f"spec item {raw.strip()!r}: DIM must be one of "
-                                 f"{', '.join(DIMENSIONS)}")
+                raise ValueError(
+                    f"spec item {raw.strip()!r}: DIM must be one of {', '.join(DIMENSIONS)}"
+                )
             growths.append(Growth(dim, start, end, step))
         return cls(growths)
 
     def __repr__(self):
-        return "GrowthSchedule(" + ",".join(f"{g.dim}={g.start}->{g.end}@{g.step}"
-                                            for g in self.growths) + ")"
+        return (
+            "GrowthSchedule("
+            + ",".join(f"{g.dim}={g.start}->{g.end}@{g.step}" for g in self.growths)
+            + ")"
+        )
 
     def sizes_at(self, step):
         """``{dim: size}`` in force after optimizer step ``step`` (growths at ``step`` included); a
@@ -147,8 +166,10 @@ class GrowthSchedule:
         fields = {"layers": "num_hidden_layers", "ffn": "intermediate_size"}
         for dim, field in fields.items():
             if dim in final and final[dim] != getattr(config, field):
-                raise ValueError(f"spec ends {dim} at {final[dim]}, but the model's {field} is "
-                                 f"{getattr(config, field)}")
+                raise ValueError(
+                    f"spec ends {dim} at {final[dim]}, but the model's {field} is "
+                    f"{getattr(config, field)}"
+                )
         first = self.sizes_at(0)
         small = config.__class__.from_dict(config.to_dict())
         for dim, field in fields.items():
@@ -166,16 +187,22 @@ def _apply(model, growths):
     """The growths (one step's) on ``model`` in place; returns the parameter map
     (``grow_model``)."""
     sizes = {g.dim: g for g in growths}
-    mapping = ops.grow_model(model, num_layers=sizes["layers"].end if "layers" in sizes else None,
-                             intermediate_size=sizes["ffn"].end if "ffn" in sizes else None)
+    mapping = ops.grow_model(
+        model,
+        num_layers=sizes["layers"].end if "layers" in sizes else None,
+        intermediate_size=sizes["ffn"].end if "ffn" in sizes else None,
+    )
     if "pool" in sizes:
         ops.set_input_pooling(model, sizes["pool"].end)
     return mapping
 
 
 def _shape(model):
-    return {"layers": len(model.bert.encoder.layers), "ffn": model.config.intermediate_size,
-            "pool": ops.input_pooling(model)}
+    return {
+        "layers": len(model.bert.encoder.layers),
+        "ffn": model.config.intermediate_size,
+        "pool": ops.input_pooling(model),
+    }
 
 
 def prepare_for_resume(model, schedule, checkpoint):
@@ -216,8 +243,9 @@ def _regroup(optimizer, model, old_named, mapping, optimizer_state):
     source's group, in ``model.named_parameters()`` order (the order Trainer's ``create_optimizer``
     gives, so a checkpoint's optimizer state loads by index after a resume); the state restarts or
     grows."""
-    opt = getattr(optimizer, "optimizer",
-                  optimizer)  # accelerate's AcceleratedOptimizer wraps the torch one
+    opt = getattr(
+        optimizer, "optimizer", optimizer
+    )  # accelerate's AcceleratedOptimizer wraps the torch one
     group_of = {id(p): i for i, g in enumerate(opt.param_groups) for p in g["params"]}
     groups = [[] for _ in opt.param_groups]
     new_named = {}
@@ -227,8 +255,11 @@ def _regroup(optimizer, model, old_named, mapping, optimizer_state):
             continue  # frozen: not in the optimizer
         groups[group_of[id(source)]].append(p)
         new_named[name] = p
-    state = ops.grow_adam_state(opt.state, old_named, new_named,
-                                mapping) if optimizer_state == "grow" else {}
+    state = (
+        ops.grow_adam_state(opt.state, old_named, new_named, mapping)
+        if optimizer_state == "grow"
+        else {}
+    )
     for group, params in zip(opt.param_groups, groups):
         group["params"] = params
     opt.state = defaultdict(dict, state)
@@ -250,8 +281,9 @@ class GrowthCallback(TrainerCallback):
         if isinstance(schedule, str):
             schedule = GrowthSchedule.parse(schedule)
         if not isinstance(schedule, GrowthSchedule):
-            raise TypeError(f"schedule must be a GrowthSchedule or a SPEC string, "
-                            f"got {type(schedule).__name__}")
+            raise TypeError(
+                f"schedule must be a GrowthSchedule or a SPEC string, got {type(schedule).__name__}"
+            )
         if optimizer_state not in ("fresh", "grow"):
             raise ValueError(f"optimizer_state must be 'fresh' or 'grow', got {optimizer_state!r}")
         if log_dir is not None and not isinstance(log_dir, (str, os.PathLike)):
@@ -271,10 +303,12 @@ class GrowthCallback(TrainerCallback):
             ops.set_input_pooling(model, self.schedule.sizes_at(0)["pool"])
         want = {**_shape(model), **self.schedule.sizes_at(step)}
         if _shape(model) != want:
-            raise ValueError(f"model must have the sizes {want} at step {step}, "
-                             f"got {_shape(model)}: build it with GrowthSchedule.initial_config "
-                             f"and, to resume, call "
-                             f"prepare_for_resume first")
+            raise ValueError(
+                f"model must have the sizes {want} at step {step}, "
+                f"got {_shape(model)}: build it with GrowthSchedule.initial_config "
+                f"and, to resume, call "
+                f"prepare_for_resume first"
+            )
         return control
 
     def on_step_end(self, args, state, control, model=None, optimizer=None, **kwargs):
@@ -288,12 +322,21 @@ class GrowthCallback(TrainerCallback):
         if optimizer is not None:
             _regroup(optimizer, model, old_named, mapping, self.optimizer_state)
         text = ",".join(f"{g.dim}={g.start}->{g.end}" for g in growths)
-        event = {"step": state.global_step, "growth": text, "params_before": before,
-                 "params_after": ops.count_parameters(model),
-                 "optimizer_state": self.optimizer_state}
+        event = {
+            "step": state.global_step,
+            "growth": text,
+            "params_before": before,
+            "params_after": ops.count_parameters(model),
+            "optimizer_state": self.optimizer_state,
+        }
         self.events.append(event)
-        logger.info("growth at step %d: %s (%d -> %d parameters)", state.global_step, text, before,
-                    event["params_after"])
+        logger.info(
+            "growth at step %d: %s (%d -> %d parameters)",
+            state.global_step,
+            text,
+            before,
+            event["params_after"],
+        )
         where = self.log_dir if self.log_dir is not None else args.output_dir
         if state.is_world_process_zero and where:
             os.makedirs(where, exist_ok=True)
@@ -335,6 +378,12 @@ def mark_growth(ax, events, **kwargs):
             raise TypeError(f"events must hold steps or growth records, got {e!r}")
         ax.axvline(step, **style)
         if isinstance(e, dict):
-            ax.annotate(e.get("growth", ""), (step, 1.0), xycoords=("data", "axes fraction"),
-                        fontsize=7,
-                        rotation=90, va="top", ha="right")
+            ax.annotate(
+                e.get("growth", ""),
+                (step, 1.0),
+                xycoords=("data", "axes fraction"),
+                fontsize=7,
+                rotation=90,
+                va="top",
+                ha="right",
+            )

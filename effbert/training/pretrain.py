@@ -20,10 +20,24 @@ import torch
 
 from ..models.loading import CHECKPOINT_DIR, RARE_FILE, RUN_FILE, check_model_folder, read_lines
 from .progress import RunLog, perplexity, quiet_libraries
-from .run_folder import (RunFolder, UsageError, default_backend, fail_if, one_line, parse_device,
-                         stderr_is_terminal, atomic_write, check_same_data,
-                         checkpoint_max_steps, checkpoints, fingerprint, make_readable,
-                         newest_complete, schedule_line, with_schedule)
+from .run_folder import (
+    RunFolder,
+    UsageError,
+    default_backend,
+    fail_if,
+    one_line,
+    parse_device,
+    stderr_is_terminal,
+    atomic_write,
+    check_same_data,
+    checkpoint_max_steps,
+    checkpoints,
+    fingerprint,
+    make_readable,
+    newest_complete,
+    schedule_line,
+    with_schedule,
+)
 
 __all__ = ["run", "WRITES", "MODEL_DEFAULTS", "TRAINING_DEFAULTS"]
 
@@ -31,36 +45,96 @@ LOG_FILE, REPORT_FILE, PLOT_FILE = "log.jsonl", "report.json", "loss.png"
 GROWTH_FILE, EARLY_BIRD_FILE = "growth.jsonl", "early_bird.json"  # --grow's and --early-bird's
 # What a finished or running pretraining folder holds besides the run file: never overwritten by a
 # fresh run
-OWN_FILES = ("config.json", "model.safetensors", "tokenizer.json", "vocab.txt", RARE_FILE, LOG_FILE,
-             REPORT_FILE, "finetune.json", GROWTH_FILE, EARLY_BIRD_FILE)
+OWN_FILES = (
+    "config.json",
+    "model.safetensors",
+    "tokenizer.json",
+    "vocab.txt",
+    RARE_FILE,
+    LOG_FILE,
+    REPORT_FILE,
+    "finetune.json",
+    GROWTH_FILE,
+    EARLY_BIRD_FILE,
+)
 # What a run writes at the top of --out (the tokenizer's files are save_pretrained's); anything else
 # is not ours (checkpoint-*: the checkpoints of runs of earlier versions)
-WRITES = (RUN_FILE, RARE_FILE, LOG_FILE, REPORT_FILE, PLOT_FILE, "config.json", "model.safetensors",
-          "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt",
-          CHECKPOINT_DIR, "checkpoint-*", GROWTH_FILE, EARLY_BIRD_FILE)
+WRITES = (
+    RUN_FILE,
+    RARE_FILE,
+    LOG_FILE,
+    REPORT_FILE,
+    PLOT_FILE,
+    "config.json",
+    "model.safetensors",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "vocab.txt",
+    CHECKPOINT_DIR,
+    "checkpoint-*",
+    GROWTH_FILE,
+    EARLY_BIRD_FILE,
+)
 # Settings that define the model, its vocabulary, its notes and the data: a resumed run inherits
 # them and must not change them. Nor the training settings Trainer restores from a checkpoint.
-MODEL_DEFAULTS = {"layers": 12, "hidden": 768, "heads": 12, "intermediate": None,
-                  "max_seq_length": 128, "position_mode": "tupe-r", "dropout": 0.1, "tnf": True,
-                  "tnf_min_count": 100, "tnf_max_count": 500, "tnf_window": 16, "tnf_gamma": 0.1,
-                  "tnf_lam": 0.5, "cased": False, "seed": 0, "objective": "mlm", "pack": True,
-                  "mask_replace_prob": None, "random_replace_prob": None}
+MODEL_DEFAULTS = {
+    "layers": 12,
+    "hidden": 768,
+    "heads": 12,
+    "intermediate": None,
+    "max_seq_length": 128,
+    "position_mode": "tupe-r",
+    "dropout": 0.1,
+    "tnf": True,
+    "tnf_min_count": 100,
+    "tnf_max_count": 500,
+    "tnf_window": 16,
+    "tnf_gamma": 0.1,
+    "tnf_lam": 0.5,
+    "cased": False,
+    "seed": 0,
+    "objective": "mlm",
+    "pack": True,
+    "mask_replace_prob": None,
+    "random_replace_prob": None,
+}
 # CompoundGrow (--grow) and EarlyBERT (--early-bird): kept by a resume like the model's settings;
 # a run file of an older version lacks them (it ran neither)
-METHOD_DEFAULTS = {"grow": None, "grow_optimizer_state": "fresh", "early_bird": False,
-                   "early_bird_search_steps": 0, "early_bird_l1": 1e-4,
-                   "early_bird_head_ratio": 0.333333, "early_bird_ffn_ratio": 0.4,
-                   "early_bird_draw_every": 10, "early_bird_threshold": 0.1,
-                   "early_bird_patience": 5}
+METHOD_DEFAULTS = {
+    "grow": None,
+    "grow_optimizer_state": "fresh",
+    "early_bird": False,
+    "early_bird_search_steps": 0,
+    "early_bird_l1": 1e-4,
+    "early_bird_head_ratio": 0.333333,
+    "early_bird_ffn_ratio": 0.4,
+    "early_bird_draw_every": 10,
+    "early_bird_threshold": 0.1,
+    "early_bird_patience": 5,
+}
 MODEL_DEFAULTS.update(METHOD_DEFAULTS)
 # Trainer's own defaults for the optimizer (what runs before these flags existed used)
-TRAINING_DEFAULTS = {"batch_size": 32, "gradient_accumulation_steps": 1, "learning_rate": 1e-4,
-                     "warmup_steps": None, "warmup_ratio": None, "weight_decay": 0.01,
-                     "adam_beta1": 0.9, "adam_beta2": 0.999, "adam_epsilon": 1e-8,
-                     "max_grad_norm": 1.0, "recipe": None}
+TRAINING_DEFAULTS = {
+    "batch_size": 32,
+    "gradient_accumulation_steps": 1,
+    "learning_rate": 1e-4,
+    "warmup_steps": None,
+    "warmup_ratio": None,
+    "weight_decay": 0.01,
+    "adam_beta1": 0.9,
+    "adam_beta2": 0.999,
+    "adam_epsilon": 1e-8,
+    "max_grad_norm": 1.0,
+    "recipe": None,
+}
 # The run files of earlier versions spelled these settings as their flags were then spelled
-OLD_KEYS = {"max_len": "max_seq_length", "grad_accum": "gradient_accumulation_steps",
-            "lr": "learning_rate", "warmup": "warmup_steps"}
+OLD_KEYS = {
+    "max_len": "max_seq_length",
+    "grad_accum": "gradient_accumulation_steps",
+    "lr": "learning_rate",
+    "warmup": "warmup_steps",
+}
 # The share of masked targets made [MASK] / a random piece, per objective: BERT's 80/10/10 for
 # mlm; MC-BERT's published task (github.com/MC-BERT/MC-BERT, MaskTokensDataset2) masks every
 # target with [MASK]
@@ -124,16 +198,21 @@ def read_run_file(path):
         with open(path, encoding="utf-8") as f:
             run = json.load(f)
     except (OSError, UnicodeDecodeError, ValueError) as exc:
-        raise UsageError(f"--resume: cannot read {path!r} ({one_line(exc, 300)}); the run "
-                         "folder is damaged") from None
-    ok = isinstance(run, dict) and all(isinstance(run.get(k), dict)
-                                       for k in ("settings", "config", "training"))
+        raise UsageError(
+            f"--resume: cannot read {path!r} ({one_line(exc, 300)}); the run folder is damaged"
+        ) from None
+    ok = isinstance(run, dict) and all(
+        isinstance(run.get(k), dict) for k in ("settings", "config", "training")
+    )
     if ok:
         for part in ("settings", "training"):
             run[part] = {OLD_KEYS.get(k, k): v for k, v in run[part].items()}
         run["settings"] = {**OPTIONAL_SETTINGS, **METHOD_DEFAULTS, **run["settings"]}
-    fail_if(not ok or any(k not in run["settings"] for k in MODEL_DEFAULTS), f"--resume: {path!r} "
-            "is not the run file of effbert pretrain (settings, training or config missing)")
+    fail_if(
+        not ok or any(k not in run["settings"] for k in MODEL_DEFAULTS),
+        f"--resume: {path!r} "
+        "is not the run file of effbert pretrain (settings, training or config missing)",
+    )
     return run
 
 
@@ -142,25 +221,35 @@ def prepare_out(settings, folder, log):
     fresh run; refuses a folder that holds another run, another command's files or the user's.
     ``folder``: the ``RunFolder`` of ``--out``."""
     out = settings.out
-    fail_if(os.path.exists(out) and not os.path.isdir(out),
-            f"--out: {out!r} exists and is not a folder")
+    fail_if(
+        os.path.exists(out) and not os.path.isdir(out), f"--out: {out!r} exists and is not a folder"
+    )
     run_path = os.path.join(out, RUN_FILE)
     if settings.resume:
-        fail_if(not os.path.isfile(run_path), f"--resume: {out!r} holds no {RUN_FILE}: nothing to "
-                "resume")
+        fail_if(
+            not os.path.isfile(run_path),
+            f"--resume: {out!r} holds no {RUN_FILE}: nothing to resume",
+        )
         saved = read_run_file(run_path)
         folder.refuse_foreign()
         check_same_data("--data", saved.get("data"), settings.data, out)
         # a run of an earlier version kept its checkpoints at the top of the folder
         return saved, newest_complete(folder.checkpoint_root, log) or newest_complete(out, log)
-    fail_if(os.path.isfile(run_path), f"--out: {out!r} already holds a run; pass --resume to "
-            "continue it or choose another folder")
+    fail_if(
+        os.path.isfile(run_path),
+        f"--out: {out!r} already holds a run; pass --resume to "
+        "continue it or choose another folder",
+    )
     if os.path.isdir(out):
         others = sorted(n for n in OWN_FILES if os.path.exists(os.path.join(out, n)))
-        others += [os.path.basename(p)
-                   for p in checkpoints(out) + checkpoints(folder.checkpoint_root)]
-        fail_if(others, f"--out: {out!r} holds {', '.join(others)} but no {RUN_FILE} (not a "
-                "pretraining run of this command): choose another folder")
+        others += [
+            os.path.basename(p) for p in checkpoints(out) + checkpoints(folder.checkpoint_root)
+        ]
+        fail_if(
+            others,
+            f"--out: {out!r} holds {', '.join(others)} but no {RUN_FILE} (not a "
+            "pretraining run of this command): choose another folder",
+        )
         folder.refuse_foreign()
     return None, None
 
@@ -191,8 +280,9 @@ def checkpoint_step(path):
         with open(state, encoding="utf-8") as f:
             step = json.load(f)["global_step"]
     except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as exc:
-        raise UsageError(f"--resume: cannot read {state!r} ({one_line(exc, 300)}); the checkpoint "
-                         "is damaged") from None
+        raise UsageError(
+            f"--resume: cannot read {state!r} ({one_line(exc, 300)}); the checkpoint is damaged"
+        ) from None
     fail_if(not isinstance(step, int) or step < 0, f"--resume: {state!r} holds no step")
     return step
 
@@ -211,15 +301,22 @@ def check_checkpoint(path, model):
     try:
         with safe_open(weights, framework="pt") as f:
             got = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
-            bad = [k for k in got if k in want and f.get_tensor(k).is_floating_point()
-                   and not bool(torch.isfinite(f.get_tensor(k)).all())]
+            bad = [
+                k
+                for k in got
+                if k in want
+                and f.get_tensor(k).is_floating_point()
+                and not bool(torch.isfinite(f.get_tensor(k)).all())
+            ]
     except Exception as exc:  # safetensors' own errors for a truncated or foreign file
         raise UsageError(f"--resume: cannot read {weights!r} ({one_line(exc, 300)})") from None
     diff = sorted(set(want) ^ set(got))
     diff += sorted(k for k in want.keys() & got.keys() if want[k] != got[k])
     if diff:
-        raise UsageError(f"--resume: {weights!r} does not fit the run ({len(diff)} tensors "
-                         f"differ, e.g. {diff[0]!r})")
+        raise UsageError(
+            f"--resume: {weights!r} does not fit the run ({len(diff)} tensors "
+            f"differ, e.g. {diff[0]!r})"
+        )
     if bad:
         raise UsageError(f"--resume: {weights!r} holds non-finite weights ({bad[0]})")
 
@@ -234,26 +331,41 @@ def resolve(settings, saved, world):
     values = []
     for defaults, part in ((MODEL_DEFAULTS, "settings"), (TRAINING_DEFAULTS, "training")):
         kept = saved[part] if saved is not None else {}
-        values.append({k: kept.get(k, d) if getattr(settings, k, None) is None
-                       else getattr(settings, k) for k, d in defaults.items()})
+        values.append(
+            {
+                k: kept.get(k, d) if getattr(settings, k, None) is None else getattr(settings, k)
+                for k, d in defaults.items()
+            }
+        )
     s, tr = values
     if settings.per_device_train_batch_size is not None:  # the global batch it makes
-        tr["batch_size"] = (settings.per_device_train_batch_size * world
-                            * tr["gradient_accumulation_steps"])
+        tr["batch_size"] = (
+            settings.per_device_train_batch_size * world * tr["gradient_accumulation_steps"]
+        )
     if saved is not None:
-        diff = [f"{_flag(k)} {saved[part].get(k, d)!r} -> {now[k]!r}"
-                for part, defaults, now in (("settings", MODEL_DEFAULTS, s),
-                                            ("training", TRAINING_DEFAULTS, tr))
-                for k, d in defaults.items() if saved[part].get(k, d) != now[k]]
+        diff = [
+            f"{_flag(k)} {saved[part].get(k, d)!r} -> {now[k]!r}"
+            for part, defaults, now in (
+                ("settings", MODEL_DEFAULTS, s),
+                ("training", TRAINING_DEFAULTS, tr),
+            )
+            for k, d in defaults.items()
+            if saved[part].get(k, d) != now[k]
+        ]
         fail_if(diff, "--resume with different flags than the run in --out: " + "; ".join(diff))
     masking = MASKING_DEFAULTS[s["objective"]]
     for i, k in enumerate(OPTIONAL_SETTINGS):  # a new run: the objective's (the run file has them)
         s[k] = masking[i] if s[k] is None else float(s[k])
-    fail_if(s["mask_replace_prob"] + s["random_replace_prob"] > 1, "--mask-replace-prob "
-            f"({s['mask_replace_prob']}) + --random-replace-prob ({s['random_replace_prob']}) "
-            "must be <= 1")
-    fail_if(s["tnf_min_count"] > s["tnf_max_count"], f"--tnf-min-count ({s['tnf_min_count']}) "
-            f"must be <= --tnf-max-count ({s['tnf_max_count']})")
+    fail_if(
+        s["mask_replace_prob"] + s["random_replace_prob"] > 1,
+        "--mask-replace-prob "
+        f"({s['mask_replace_prob']}) + --random-replace-prob ({s['random_replace_prob']}) "
+        "must be <= 1",
+    )
+    fail_if(
+        s["tnf_min_count"] > s["tnf_max_count"],
+        f"--tnf-min-count ({s['tnf_min_count']}) must be <= --tnf-max-count ({s['tnf_max_count']})",
+    )
     check_methods(s)
     return s, tr
 
@@ -267,15 +379,19 @@ def check_methods(s):
     if s["grow"] is None:
         return None
     fail_if(s["early_bird"], "--early-bird and --grow exclude each other: give one")
-    fail_if(s["objective"] == "mcbert", "--grow grows the masked-LM model: not with --objective "
-            "mcbert")
+    fail_if(
+        s["objective"] == "mcbert", "--grow grows the masked-LM model: not with --objective mcbert"
+    )
     try:
         schedule = GrowthSchedule.parse(s["grow"])
     except (TypeError, ValueError) as exc:
         raise UsageError(f"--grow: {exc}") from None
     if "pool" in schedule.sizes_at(0):
-        fail_if(s["pack"], "--grow pool=...: the pooled stage runs one text a row, so it cannot "
-                "pack (add --no-pack)")
+        fail_if(
+            s["pack"],
+            "--grow pool=...: the pooled stage runs one text a row, so it cannot "
+            "pack (add --no-pack)",
+        )
         fail_if(s["tnf"], "--grow pool=...: the pooled stage takes no TNF notes (add --no-tnf)")
     return schedule
 
@@ -284,8 +400,11 @@ def per_device_batch(tr, world):
     """Rows a micro-batch on each device: the global batch over the ranks and accumulation steps."""
     accum = tr["gradient_accumulation_steps"]
     per_device, rem = divmod(tr["batch_size"], world * accum)
-    fail_if(rem or per_device < 1, f"--batch-size ({tr['batch_size']}) must be a multiple of the "
-            f"ranks x --gradient-accumulation-steps ({world} x {accum})")
+    fail_if(
+        rem or per_device < 1,
+        f"--batch-size ({tr['batch_size']}) must be a multiple of the "
+        f"ranks x --gradient-accumulation-steps ({world} x {accum})",
+    )
     return per_device
 
 
@@ -330,18 +449,23 @@ def tokenizer_for(settings, s, saved):
             tok = load_tokenizer(settings.out, lowercase=not s["cased"])
         except ValueError as exc:
             raise UsageError(f"--resume: {exc}; the run folder is damaged or incomplete") from None
-        fail_if(settings.vocab is not None and given(settings.vocab).get_vocab() != tok.get_vocab(),
-                f"--vocab {settings.vocab!r} differs from the vocabulary of the run in "
-                f"{settings.out!r}")
+        fail_if(
+            settings.vocab is not None and given(settings.vocab).get_vocab() != tok.get_vocab(),
+            f"--vocab {settings.vocab!r} differs from the vocabulary of the run in "
+            f"{settings.out!r}",
+        )
         asked, size = saved.get("vocab_size"), settings.vocab_size
-        fail_if(size is not None and asked is not None and size != asked,
-                f"--vocab-size {size} differs from the run's --vocab-size {asked}")
+        fail_if(
+            size is not None and asked is not None and size != asked,
+            f"--vocab-size {size} differs from the run's --vocab-size {asked}",
+        )
         return tok
     if settings.vocab is not None:
         return given(settings.vocab)
     try:
-        return train_wordpiece(settings.data, vocab_size=settings.vocab_size or 8000,
-                               lowercase=not s["cased"])
+        return train_wordpiece(
+            settings.data, vocab_size=settings.vocab_size or 8000, lowercase=not s["cased"]
+        )
     except ValueError as exc:
         raise UsageError(f"--data: {exc}") from None
 
@@ -353,8 +477,10 @@ def tokenizer_of_run(settings, s, saved, env, log):
     from ..data.tokenization import load_tokenizer
 
     if saved is None and settings.vocab is None:
-        log(f"training a {settings.vocab_size or 8000}-piece WordPiece vocabulary on "
-            f"{len(settings.data)} file(s)")
+        log(
+            f"training a {settings.vocab_size or 8000}-piece WordPiece vocabulary on "
+            f"{len(settings.data)} file(s)"
+        )
     if env.world == 1:
         return tokenizer_for(settings, s, saved)
 
@@ -397,18 +523,27 @@ def build_config(settings, s, tokenizer, saved_config=None):
         elif settings.config is not None:
             values = _config_file(settings.config, settings.dropout)
         else:
-            values = dict(hidden_size=s["hidden"], num_hidden_layers=s["layers"],
-                          num_attention_heads=s["heads"],
-                          intermediate_size=s["intermediate"] or 4 * s["hidden"],
-                          max_position_embeddings=s["max_seq_length"],
-                          position_mode=s["position_mode"], hidden_dropout_prob=s["dropout"],
-                          attention_probs_dropout_prob=s["dropout"], type_vocab_size=0)
+            values = dict(
+                hidden_size=s["hidden"],
+                num_hidden_layers=s["layers"],
+                num_attention_heads=s["heads"],
+                intermediate_size=s["intermediate"] or 4 * s["hidden"],
+                max_position_embeddings=s["max_seq_length"],
+                position_mode=s["position_mode"],
+                hidden_dropout_prob=s["dropout"],
+                attention_probs_dropout_prob=s["dropout"],
+                type_vocab_size=0,
+            )
         if saved_config is None:
-            for key, want, what in (("vocab_size", len(tokenizer), "the vocabulary's size"),
-                                    ("pad_token_id", tokenizer.pad_token_id,
-                                     "the vocabulary's [PAD] id")):
-                fail_if(values.get(key, want) != want, f"vocab/config mismatch: the config's {key} "
-                        f"is {values.get(key)} but {what} is {want}")
+            for key, want, what in (
+                ("vocab_size", len(tokenizer), "the vocabulary's size"),
+                ("pad_token_id", tokenizer.pad_token_id, "the vocabulary's [PAD] id"),
+            ):
+                fail_if(
+                    values.get(key, want) != want,
+                    f"vocab/config mismatch: the config's {key} "
+                    f"is {values.get(key)} but {what} is {want}",
+                )
                 values[key] = want
         values["backend"] = "eager"  # the run's backend is the model's; the config stays portable
         return TupeBertConfig.from_dict(values)
@@ -427,8 +562,11 @@ def packs(settings, s):
     else:
         from ..models.tupe_bert import TupeBertForMaskedLM as cls
     takes = "position_ids" in inspect.signature(cls.forward).parameters
-    fail_if(settings.pack is True and not takes, f"--pack: the {s['objective']} model of this "
-            "version takes no position_ids, so it cannot keep packed texts apart (give --no-pack)")
+    fail_if(
+        settings.pack is True and not takes,
+        f"--pack: the {s['objective']} model of this "
+        "version takes no position_ids, so it cannot keep packed texts apart (give --no-pack)",
+    )
     return bool(s["pack"] and takes)
 
 
@@ -442,8 +580,9 @@ def load_texts(flag, files, tokenizer, max_len, settings, env):
 
     def corpus():
         try:
-            return load_corpus(files, tokenizer, max_len, num_proc=settings.num_proc,
-                               cache_dir=settings.cache_dir)
+            return load_corpus(
+                files, tokenizer, max_len, num_proc=settings.num_proc, cache_dir=settings.cache_dir
+            )
         except ValueError as exc:
             raise UsageError(f"{flag}: {exc}") from None
 
@@ -464,15 +603,19 @@ def rare_word_table_for(settings, s, texts, tokenizer, saved, env, log):
         try:
             words = read_lines(path)
         except (OSError, UnicodeDecodeError) as exc:
-            raise UsageError(f"--resume: cannot read {path!r} ({one_line(exc, 300)}); the run "
-                             "folder is damaged or incomplete") from None
+            raise UsageError(
+                f"--resume: cannot read {path!r} ({one_line(exc, 300)}); the run "
+                "folder is damaged or incomplete"
+            ) from None
     else:
         low, high = s["tnf_min_count"], s["tnf_max_count"]
         words = env.share(lambda: rare_words(count_words(texts, tokenizer), tokenizer, low, high))
     table = rare_word_table(words, tokenizer) if words else None
     if table is None and saved is None:
-        log(f"no word of the corpus occurs {s['tnf_min_count']} to {s['tnf_max_count']} times: "
-            "training without TNF notes (lower --tnf-min-count or raise --tnf-max-count for some)")
+        log(
+            f"no word of the corpus occurs {s['tnf_min_count']} to {s['tnf_max_count']} times: "
+            "training without TNF notes (lower --tnf-min-count or raise --tnf-max-count for some)"
+        )
     return table
 
 
@@ -513,12 +656,18 @@ def build_model(config, s, table, tokenizer, backend, device):
     torch.manual_seed(s["seed"])  # the initial weights
     notes = None
     if table is not None:
-        notes = NoteDictionary(len(table), config.hidden_size, window=s["tnf_window"],
-                               gamma=s["tnf_gamma"], lam=s["tnf_lam"])
+        notes = NoteDictionary(
+            len(table),
+            config.hidden_size,
+            window=s["tnf_window"],
+            gamma=s["tnf_gamma"],
+            lam=s["tnf_lam"],
+        )
     try:
         if s["objective"] == "mcbert":
-            model = TupeBertForMultiChoicePretraining(config, note_dictionary=notes,
-                                                      mask_token_id=tokenizer.mask_token_id)
+            model = TupeBertForMultiChoicePretraining(
+                config, note_dictionary=notes, mask_token_id=tokenizer.mask_token_id
+            )
         else:
             model = TupeBertForMaskedLM(config, note_dictionary=notes)
         model.set_backend(backend)
@@ -528,8 +677,10 @@ def build_model(config, s, table, tokenizer, backend, device):
         text = str(exc).lower()
         if not isinstance(exc, MemoryError) and "alloc" not in text and "out of memory" not in text:
             raise
-        raise UsageError(f"the model does not fit in memory on {device} ({one_line(exc, 300)}); "
-                         "lower --max-seq-length, --hidden or --layers") from None
+        raise UsageError(
+            f"the model does not fit in memory on {device} ({one_line(exc, 300)}); "
+            "lower --max-seq-length, --hidden or --layers"
+        ) from None
     return model
 
 
@@ -574,10 +725,12 @@ def growth_lines(grower, log):
         seen = 0
 
         def on_step_end(self, args, state, control, **kwargs):
-            for e in grower.events[self.seen:]:
-                log(f"  growth after step {e['step']}: {e['growth']} "
+            for e in grower.events[self.seen :]:
+                log(
+                    f"  growth after step {e['step']}: {e['growth']} "
                     f"({e['params_before'] / 1e6:.3f}M -> {e['params_after'] / 1e6:.3f}M "
-                    f"parameters, optimizer state {e['optimizer_state']})")
+                    f"parameters, optimizer state {e['optimizer_state']})"
+                )
             self.seen = len(grower.events)
 
     return Lines()
@@ -599,32 +752,59 @@ def early_bird_search(args, model, data, tokenizer, s, show_bar, env, log, out):
     steps = s["early_bird_search_steps"]
     share = args.warmup_steps / max(args.max_steps, 1) if args.warmup_steps >= 1 else 0.0
     search_args = dataclasses.replace(
-        args, max_steps=steps or -1, num_train_epochs=1, save_strategy="no", eval_strategy="no",
-        logging_strategy="no", report_to=[], warmup_steps=min(share, 0.999))
+        args,
+        max_steps=steps or -1,
+        num_train_epochs=1,
+        save_strategy="no",
+        eval_strategy="no",
+        logging_strategy="no",
+        report_to=[],
+        warmup_steps=min(share, 0.999),
+    )
 
     def make(bird):
-        collator = DataCollatorForTupeMLM(tokenizer, rare_words=data.table, seed=s["seed"],
-                                          mask_replace_prob=s["mask_replace_prob"],
-                                          random_replace_prob=s["random_replace_prob"])
+        collator = DataCollatorForTupeMLM(
+            tokenizer,
+            rare_words=data.table,
+            seed=s["seed"],
+            mask_replace_prob=s["mask_replace_prob"],
+            random_replace_prob=s["random_replace_prob"],
+        )
         trainer = trainer_class(None, s["objective"] != "mcbert")(
-            model=model, args=search_args, train_dataset=data.rows, data_collator=collator,
-            processing_class=tokenizer, callbacks=[bird])
+            model=model,
+            args=search_args,
+            train_dataset=data.rows,
+            data_collator=collator,
+            processing_class=tokenizer,
+            callbacks=[bird],
+        )
         trainer.remove_callback(PrinterCallback)
         if not show_bar:
             trainer.remove_callback(ProgressCallback)
         return trainer
 
-    log("EarlyBERT search: " + (f"at most {steps} steps" if steps else "at most one epoch")
+    log(
+        "EarlyBERT search: "
+        + (f"at most {steps} steps" if steps else "at most one epoch")
         + f", L1 {s['early_bird_l1']:g} on the head and FFN coefficients, a ticket drawn every "
-        f"{s['early_bird_draw_every']} steps")
+        f"{s['early_bird_draw_every']} steps"
+    )
     try:
-        result = search(model, make, head_l1=s["early_bird_l1"], ffn_l1=s["early_bird_l1"],
-                        draw_every=s["early_bird_draw_every"],
-                        threshold=s["early_bird_threshold"], patience=s["early_bird_patience"],
-                        head_ratio=s["early_bird_head_ratio"], ffn_ratio=s["early_bird_ffn_ratio"])
+        result = search(
+            model,
+            make,
+            head_l1=s["early_bird_l1"],
+            ffn_l1=s["early_bird_l1"],
+            draw_every=s["early_bird_draw_every"],
+            threshold=s["early_bird_threshold"],
+            patience=s["early_bird_patience"],
+            head_ratio=s["early_bird_head_ratio"],
+            ffn_ratio=s["early_bird_ffn_ratio"],
+        )
     except NonFiniteError as exc:
-        raise UsageError(f"{exc} in the EarlyBERT search: stopping (lower --learning-rate)") \
-            from None
+        raise UsageError(
+            f"{exc} in the EarlyBERT search: stopping (lower --learning-rate)"
+        ) from None
     except ValueError as exc:  # e.g. a ticket that leaves a layer no head
         raise UsageError(f"--early-bird: {one_line(exc, 300)}") from None
     log(search_line(result))
@@ -639,13 +819,17 @@ def write_run_files(settings, run, saved, tokenizer, table, start):
     out = settings.out
     os.makedirs(out, exist_ok=True)
     if saved is not None and settings.reshape_schedule:  # later resumes keep the reshaped schedule
-        atomic_write(json.dumps({**saved, "schedule": run["schedule"]}, indent=2, sort_keys=True)
-                     + "\n", os.path.join(out, RUN_FILE))
+        atomic_write(
+            json.dumps({**saved, "schedule": run["schedule"]}, indent=2, sort_keys=True) + "\n",
+            os.path.join(out, RUN_FILE),
+        )
     if saved is None:
         tokenizer.save_pretrained(out)
         if run["settings"]["tnf"]:
-            atomic_write("".join(w + "\n" for w in (table.words if table is not None else [])),
-                         os.path.join(out, RARE_FILE))
+            atomic_write(
+                "".join(w + "\n" for w in (table.words if table is not None else [])),
+                os.path.join(out, RARE_FILE),
+            )
         atomic_write(json.dumps(run, indent=2, sort_keys=True) + "\n", os.path.join(out, RUN_FILE))
     truncate_log(os.path.join(out, LOG_FILE), start)
     truncate_log(os.path.join(out, GROWTH_FILE), start)  # growths after the checkpoint happen again
@@ -662,24 +846,45 @@ def training_arguments(settings, s, tr, schedule, per_device, device, show_bar):
 
     every = settings.eval_steps or settings.save_steps
     return TrainingArguments(
-        output_dir=os.path.join(settings.out, CHECKPOINT_DIR), max_steps=settings.max_steps,
+        output_dir=os.path.join(settings.out, CHECKPOINT_DIR),
+        max_steps=settings.max_steps,
         per_device_train_batch_size=per_device,
         gradient_accumulation_steps=tr["gradient_accumulation_steps"],
-        learning_rate=tr["learning_rate"], weight_decay=tr["weight_decay"],
-        warmup_steps=schedule["warmup"], lr_scheduler_type="linear", optim="adamw_torch",
-        max_grad_norm=tr["max_grad_norm"], adam_beta1=tr["adam_beta1"],
-        adam_beta2=tr["adam_beta2"], adam_epsilon=tr["adam_epsilon"], logging_strategy="steps",
-        logging_steps=settings.logging_steps, logging_first_step=False,
-        save_strategy="steps" if settings.save_steps else "no", save_steps=settings.save_steps or 1,
+        learning_rate=tr["learning_rate"],
+        weight_decay=tr["weight_decay"],
+        warmup_steps=schedule["warmup"],
+        lr_scheduler_type="linear",
+        optim="adamw_torch",
+        max_grad_norm=tr["max_grad_norm"],
+        adam_beta1=tr["adam_beta1"],
+        adam_beta2=tr["adam_beta2"],
+        adam_epsilon=tr["adam_epsilon"],
+        logging_strategy="steps",
+        logging_steps=settings.logging_steps,
+        logging_first_step=False,
+        save_strategy="steps" if settings.save_steps else "no",
+        save_steps=settings.save_steps or 1,
         save_total_limit=settings.save_total_limit,
         eval_strategy="steps" if settings.eval is not None and every else "no",
-        eval_steps=every or None, prediction_loss_only=True,
+        eval_steps=every or None,
+        prediction_loss_only=True,
         per_device_eval_batch_size=settings.per_device_eval_batch_size or per_device,
-        seed=s["seed"], data_seed=s["seed"], fp16=settings.fp16, bf16=settings.bf16,
-        use_cpu=device.type == "cpu", report_to=list(settings.report_to),
-        disable_tqdm=not show_bar, ddp_broadcast_buffers=False, ddp_find_unused_parameters=False,
-        dataloader_num_workers=0, remove_unused_columns=False, logging_nan_inf_filter=False,
-        fsdp=settings.fsdp or "", deepspeed=settings.deepspeed, average_tokens_across_devices=True)
+        seed=s["seed"],
+        data_seed=s["seed"],
+        fp16=settings.fp16,
+        bf16=settings.bf16,
+        use_cpu=device.type == "cpu",
+        report_to=list(settings.report_to),
+        disable_tqdm=not show_bar,
+        ddp_broadcast_buffers=False,
+        ddp_find_unused_parameters=False,
+        dataloader_num_workers=0,
+        remove_unused_columns=False,
+        logging_nan_inf_filter=False,
+        fsdp=settings.fsdp or "",
+        deepspeed=settings.deepspeed,
+        average_tokens_across_devices=True,
+    )
 
 
 def trainer_class(schedule_steps, mlm):
@@ -720,10 +925,12 @@ def trainer_class(schedule_steps, mlm):
 def _describe_mcbert(r):
     if "mc_loss" not in r:
         return ""
-    return (f"  mlm {r['mlm_loss']:.4f}  multi-choice {r['mc_loss']:.4f}  acc "
-            f"{r['mc_accuracy']:.3f} (replaced {r['mc_replaced_accuracy']:.3f}, "
-            f"{100 * r['replaced_fraction']:.1f}% of tokens; cloze {r['mc_choice_accuracy']:.3f}, "
-            f"chance {r['mc_choice_chance']:.3f})")
+    return (
+        f"  mlm {r['mlm_loss']:.4f}  multi-choice {r['mc_loss']:.4f}  acc "
+        f"{r['mc_accuracy']:.3f} (replaced {r['mc_replaced_accuracy']:.3f}, "
+        f"{100 * r['replaced_fraction']:.1f}% of tokens; cloze {r['mc_choice_accuracy']:.3f}, "
+        f"chance {r['mc_choice_chance']:.3f})"
+    )
 
 
 def build_trainer(args, model, data, tokenizer, s, schedule, start, show_bar, out):
@@ -733,18 +940,31 @@ def build_trainer(args, model, data, tokenizer, s, schedule, start, show_bar, ou
     from .trainers import MC_METRICS
 
     def collator():
-        return DataCollatorForTupeMLM(tokenizer, rare_words=data.table, seed=s["seed"],
-                                      mask_replace_prob=s["mask_replace_prob"],
-                                      random_replace_prob=s["random_replace_prob"])
+        return DataCollatorForTupeMLM(
+            tokenizer,
+            rare_words=data.table,
+            seed=s["seed"],
+            mask_replace_prob=s["mask_replace_prob"],
+            random_replace_prob=s["random_replace_prob"],
+        )
 
     train_collator = collator()
     train_collator.step = start * args.gradient_accumulation_steps
     mcbert = s["objective"] == "mcbert"
-    run_log = RunLog(os.path.join(out, LOG_FILE), keys=("notes_taken",) + MC_METRICS,
-                     describe=_describe_mcbert if mcbert else None, show_bar=show_bar)
+    run_log = RunLog(
+        os.path.join(out, LOG_FILE),
+        keys=("notes_taken",) + MC_METRICS,
+        describe=_describe_mcbert if mcbert else None,
+        show_bar=show_bar,
+    )
     trainer = trainer_class(schedule["steps"], not mcbert)(
-        model=model, args=args, train_dataset=data.rows, eval_dataset=data.held_out,
-        data_collator=train_collator, processing_class=tokenizer)
+        model=model,
+        args=args,
+        train_dataset=data.rows,
+        eval_dataset=data.held_out,
+        data_collator=train_collator,
+        processing_class=tokenizer,
+    )
     trainer.eval_collator = collator() if data.held_out is not None else None
     return run_log.install(trainer), run_log
 
@@ -754,21 +974,34 @@ def announce(log, model, data, tokenizer, s, tr, settings, world, device, backen
     config, table, fill = model.config, data.table, data.fill
     n_params = sum(p.numel() for p in model.parameters())
     precision = "fp16" if settings.fp16 else "bf16" if settings.bf16 else "fp32"
-    log(f"pretraining a {config.num_hidden_layers}-layer {config.position_mode} BERT (hidden "
+    log(
+        f"pretraining a {config.num_hidden_layers}-layer {config.position_mode} BERT (hidden "
         f"{config.hidden_size}, {config.num_attention_heads} heads, {n_params / 1e6:.2f}M "
         f"parameters) on {len(data.texts)} texts of up to {config.max_position_embeddings} pieces, "
         f"{len(tokenizer)} pieces, "
-        + (f"TNF notes for {len(table)} rare words (the words seen {s['tnf_min_count']} to "
-           f"{s['tnf_max_count']} times in the corpus), " if table is not None else "no TNF, ")
+        + (
+            f"TNF notes for {len(table)} rare words (the words seen {s['tnf_min_count']} to "
+            f"{s['tnf_max_count']} times in the corpus), "
+            if table is not None
+            else "no TNF, "
+        )
         + f"{settings.max_steps} steps of {tr['batch_size']} rows on {world} x {device}, "
         f"backend {backend}"
-        + (f", packed {len(data.rows)} rows (fill {100 * fill[0]:.1f}%, {100 * fill[1]:.1f}% "
-           "unpacked)" if fill else "")
+        + (
+            f", packed {len(data.rows)} rows (fill {100 * fill[0]:.1f}%, {100 * fill[1]:.1f}% "
+            "unpacked)"
+            if fill
+            else ""
+        )
         + (f", precision {precision}" if precision != "fp32" else "")
         + (f", growing by --grow {s['grow']}" if s["grow"] else "")
-        + (f", objective MC-BERT (K = {model.num_candidates}, lambda = {model.loss_lambda:g}, "
-           f"controller hidden {model.controller_config.hidden_size})"
-           if s["objective"] == "mcbert" else ""))
+        + (
+            f", objective MC-BERT (K = {model.num_candidates}, lambda = {model.loss_lambda:g}, "
+            f"controller hidden {model.controller_config.hidden_size})"
+            if s["objective"] == "mcbert"
+            else ""
+        )
+    )
 
 
 def train(trainer, folder, ckpt, start, out):
@@ -783,12 +1016,17 @@ def train(trainer, folder, ckpt, start, out):
         else:
             result = trainer.train(resume_from_checkpoint=ckpt)
     except NonFiniteError as exc:
-        raise UsageError(f"{exc}: stopping (lower --learning-rate); the checkpoints in "
-                         f"{os.path.abspath(out)} are the last good ones, resume from them with "
-                         "--resume") from None
-    fail_if(not _all_finite(trainer.model), f"non-finite weights after step "
-            f"{trainer.state.global_step}: stopping (lower --learning-rate); the checkpoints in "
-            f"{os.path.abspath(out)} are the last good ones")
+        raise UsageError(
+            f"{exc}: stopping (lower --learning-rate); the checkpoints in "
+            f"{os.path.abspath(out)} are the last good ones, resume from them with "
+            "--resume"
+        ) from None
+    fail_if(
+        not _all_finite(trainer.model),
+        f"non-finite weights after step "
+        f"{trainer.state.global_step}: stopping (lower --learning-rate); the checkpoints in "
+        f"{os.path.abspath(out)} are the last good ones",
+    )
     return result
 
 
@@ -828,12 +1066,15 @@ def report(out, result, start, steps, data):
     every = [json.loads(x) for x in read_lines(path) if x.strip()] if os.path.isfile(path) else []
     losses = [r for r in every if "loss" in r]
     evals = [r for r in every if "eval_loss" in r]
-    rep = {"steps": steps, "resumed_from": start,
-           "seconds": round(result.metrics.get("train_runtime", 0.0), 3),
-           "first_loss": losses[0]["loss"] if losses else None,
-           "last_loss": losses[-1]["loss"] if losses else None,
-           "rare_words": len(data.table) if data.table is not None else 0,
-           "notes_taken": losses[-1].get("notes_taken") if losses else None}
+    rep = {
+        "steps": steps,
+        "resumed_from": start,
+        "seconds": round(result.metrics.get("train_runtime", 0.0), 3),
+        "first_loss": losses[0]["loss"] if losses else None,
+        "last_loss": losses[-1]["loss"] if losses else None,
+        "rare_words": len(data.table) if data.table is not None else 0,
+        "notes_taken": losses[-1].get("notes_taken") if losses else None,
+    }
     if data.fill:
         rep.update(fill_rate=data.fill[0], unpacked_fill_rate=data.fill[1])
     rep.update((k, losses[-1][k]) for k in MC_METRICS if losses and k in losses[-1])
@@ -856,8 +1097,11 @@ def method_report(out):
     rep = {}
     events = read_growth_log(out)
     if events:
-        rep.update(growths=events, parameters_before=events[0]["params_before"],
-                   parameters_after=events[-1]["params_after"])
+        rep.update(
+            growths=events,
+            parameters_before=events[0]["params_before"],
+            parameters_after=events[-1]["params_after"],
+        )
     path = os.path.join(out, EARLY_BIRD_FILE)
     if os.path.isfile(path):
         with open(path, encoding="utf-8") as f:
@@ -873,6 +1117,7 @@ def plot_losses(losses, evals, path, growths=None):
         return
     try:
         import matplotlib
+
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
@@ -880,8 +1125,12 @@ def plot_losses(losses, evals, path, growths=None):
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.plot([r["step"] for r in losses], [r["loss"] for r in losses], ".-", label="training loss")
     if evals:
-        ax.plot([r["step"] for r in evals], [r["eval_loss"] for r in evals], "o-",
-                label="held-out loss (--eval)")
+        ax.plot(
+            [r["step"] for r in evals],
+            [r["eval_loss"] for r in evals],
+            "o-",
+            label="held-out loss (--eval)",
+        )
         ax.legend()
     if growths:
         from .growth import mark_growth
@@ -937,8 +1186,11 @@ def _run(settings, env, log):
     per_device = per_device_batch(tr, env.world)
     args = training_arguments(settings, s, tr, schedule, per_device, device, show_bar)
     start = checkpoint_step(ckpt)
-    fail_if(start > settings.max_steps, f"--max-steps {settings.max_steps} is below the step the "
-            f"run in {settings.out!r} reached ({start}); give --max-steps >= {start}")
+    fail_if(
+        start > settings.max_steps,
+        f"--max-steps {settings.max_steps} is below the step the "
+        f"run in {settings.out!r} reached ({start}); give --max-steps >= {start}",
+    )
     # the tokenizer (trained on the corpus by rank 0) and the model's config
     tokenizer = tokenizer_of_run(settings, s, saved, env, log)
     config = build_config(settings, s, tokenizer, saved["config"] if saved else None)
@@ -955,23 +1207,39 @@ def _run(settings, env, log):
         check_checkpoint(ckpt, model)
         log(f"resuming from step {start} ({ckpt})")
     if saved is not None:
-        log(schedule_line((saved.get("schedule") or schedule)["steps"], settings.max_steps,
-                          settings.reshape_schedule, schedule["warmup"]))
+        log(
+            schedule_line(
+                (saved.get("schedule") or schedule)["steps"],
+                settings.max_steps,
+                settings.reshape_schedule,
+                schedule["warmup"],
+            )
+        )
     # the run files (rank 0), then every rank's trainer
     if env.main:
-        write_run_files(settings, run_file(settings, s, tr, config, schedule, saved), saved,
-                        tokenizer, data.table, start)
+        write_run_files(
+            settings,
+            run_file(settings, s, tr, config, schedule, saved),
+            saved,
+            tokenizer,
+            data.table,
+            start,
+        )
     env.barrier()
     # --early-bird: EarlyBERT's search and the pruned model the run trains (a resume: pruned above)
     if s["early_bird"] and not getattr(config_of(model), "early_bird_ticket", None):
         early_bird_search(args, model, data, tokenizer, s, show_bar, env, log, settings.out)
-    trainer, _ = build_trainer(args, model, data, tokenizer, s, schedule, start, show_bar,
-                               settings.out)
+    trainer, _ = build_trainer(
+        args, model, data, tokenizer, s, schedule, start, show_bar, settings.out
+    )
     if growth is not None:
         from .growth import GrowthCallback
 
-        grower = GrowthCallback(growth, optimizer_state=s["grow_optimizer_state"],
-                                log_dir=settings.out if env.main else None)
+        grower = GrowthCallback(
+            growth,
+            optimizer_state=s["grow_optimizer_state"],
+            log_dir=settings.out if env.main else None,
+        )
         trainer.add_callback(grower)
         trainer.add_callback(growth_lines(grower, log))
     announce(log, model, data, tokenizer, s, tr, settings, env.world, device, backend)
@@ -982,9 +1250,11 @@ def _run(settings, env, log):
     if env.main:
         save_final(model, tokenizer, settings.out)
         report(settings.out, result, start, settings.max_steps, data)
-        log(f"done: {settings.max_steps} steps in {time.perf_counter() - t0:.1f} s, model in "
+        log(
+            f"done: {settings.max_steps} steps in {time.perf_counter() - t0:.1f} s, model in "
             f"{os.path.abspath(settings.out)} (load it with effbert.models.load_pretrained or "
-            "AutoModelForMaskedLM.from_pretrained)")
+            "AutoModelForMaskedLM.from_pretrained)"
+        )
     dump_state(settings, model, env)
     env.barrier()
     return model
@@ -998,8 +1268,14 @@ def run_file(settings, s, tr, config, schedule, saved):
     else:
         vocab_size = None if settings.vocab else settings.vocab_size or 8000
         data = [fingerprint(f) for f in settings.data]
-    return {"settings": s, "training": tr, "config": json.loads(config.to_json()),
-            "schedule": schedule, "vocab_size": vocab_size, "data": data}
+    return {
+        "settings": s,
+        "training": tr,
+        "config": json.loads(config.to_json()),
+        "schedule": schedule,
+        "vocab_size": vocab_size,
+        "data": data,
+    }
 
 
 def dump_state(settings, model, env):

@@ -89,14 +89,20 @@ class RunLog(TrainerCallback):
         if not state.is_world_process_zero or not logs:
             return control
         if "loss" in logs:
-            record = {"step": state.global_step, "loss": logs["loss"],
-                      "lr": logs.get("learning_rate")}
+            record = {
+                "step": state.global_step,
+                "loss": logs["loss"],
+                "lr": logs.get("learning_rate"),
+            }
             record.update((k, logs[k]) for k in ("grad_norm",) + self.keys if k in logs)
             line = f"  step {record['step']:7d}  loss {record['loss']:.4f}  lr {record['lr']:.3g}"
         elif "eval_loss" in logs:
             record = {"step": state.global_step}
-            record.update((k, v) for k, v in logs.items() if k.startswith("eval_")
-                          and "runtime" not in k and "per_second" not in k)
+            record.update(
+                (k, v)
+                for k, v in logs.items()
+                if k.startswith("eval_") and "runtime" not in k and "per_second" not in k
+            )
             line = f"  step {record['step']:7d}  eval loss {record['eval_loss']:.4f}"
             if "eval_perplexity" in record:
                 line += f"  perplexity {record['eval_perplexity']:.4g}"

@@ -21,9 +21,15 @@ import os
 import signal
 import sys
 
-# Trainer's checkpoint folders: what makes one complete (one copy of the rule, beside the loaders)
-from ..models.loading import (CHECKPOINT_FILES, MODEL_FILES, checkpoints,  # noqa: F401
-                              missing_files, newest_complete)
+# Trainer's checkpoint folders: what makes one complete (one copy of the rule, beside the loaders),
+# imported by the commands and the tests from here, where the run folder uses them
+from ..models.loading import (  # noqa: F401
+    CHECKPOINT_FILES,
+    MODEL_FILES,
+    checkpoints,
+    missing_files,
+    newest_complete,
+)
 
 
 LOCK_FILE = ".effbert.lock"
@@ -80,16 +86,22 @@ def check_same_data(flag, recorded, paths, out):
     if recorded is None:
         return
     if len(recorded) != len(paths):
-        raise UsageError(f"{flag}: the run in {out!r} was trained on {len(recorded)} file(s) "
-                         f"({', '.join(os.path.basename(r['file']) for r in recorded)}), given {len(paths)}")
+        raise UsageError(
+            f"{flag}: the run in {out!r} was trained on {len(recorded)} file(s) "
+            f"({', '.join(os.path.basename(r['file']) for r in recorded)}), given {len(paths)}"
+        )
     for was, path in zip(recorded, paths):
         now = fingerprint(path)
         if now["size"] != was["size"]:
-            raise UsageError(f"{flag}: {path!r} is not the data the run in {out!r} was trained on ({was['file']!r}): "
-                             f"{was['size']} bytes then, {now['size']} now")
+            raise UsageError(
+                f"{flag}: {path!r} is not the data the run in {out!r} was trained on ({was['file']!r}): "
+                f"{was['size']} bytes then, {now['size']} now"
+            )
         if now["sha256_ends"] != was["sha256_ends"]:
-            raise UsageError(f"{flag}: {path!r} is not the data the run in {out!r} was trained on ({was['file']!r}): "
-                             "the same size, other contents")
+            raise UsageError(
+                f"{flag}: {path!r} is not the data the run in {out!r} was trained on ({was['file']!r}): "
+                "the same size, other contents"
+            )
 
 
 class RunFolder:
@@ -124,8 +136,10 @@ class RunFolder:
                     raise
                 holder = os.read(fd, 64).decode("ascii", "replace").strip() or "unknown"
                 os.close(fd)
-                raise UsageError(f"{self.flag}: {self.path!r} is in use by another effbert run (pid {holder}); wait "
-                                 "for it to end or choose another folder") from None
+                raise UsageError(
+                    f"{self.flag}: {self.path!r} is in use by another effbert run (pid {holder}); wait "
+                    "for it to end or choose another folder"
+                ) from None
             try:  # the run before removed the file after we opened it: lock the one now there
                 if os.stat(path).st_ino == os.fstat(fd).st_ino:
                     break
@@ -170,9 +184,13 @@ class RunFolder:
     def refuse_foreign(self):
         foreign = self.foreign()
         if foreign:
-            shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
-            raise UsageError(f"{self.flag}: {self.path!r} holds files {self.command} did not write ({shown}); "
-                             f"{self.flag} must be a new or empty folder, or a run of {self.command}")
+            shown = ", ".join(foreign[:5]) + (
+                f" and {len(foreign) - 5} more" if len(foreign) > 5 else ""
+            )
+            raise UsageError(
+                f"{self.flag}: {self.path!r} holds files {self.command} did not write ({shown}); "
+                f"{self.flag} must be a new or empty folder, or a run of {self.command}"
+            )
 
     def is_empty(self):
         try:
@@ -197,11 +215,15 @@ class RunFolder:
         self.trainer = trainer
         try:
             return trainer.train(resume_from_checkpoint=resume)
-        except Exception as exc:  # torch.save's full disk is a RuntimeError without errno, safetensors' its own
+        except (
+            Exception
+        ) as exc:  # torch.save's full disk is a RuntimeError without errno, safetensors' its own
             if not self._no_space(exc):
                 raise
-            raise UsageError(f"no space left on device while saving checkpoint-{trainer.state.global_step}; "
-                             f"{self.intact()}") from None
+            raise UsageError(
+                f"no space left on device while saving checkpoint-{trainer.state.global_step}; "
+                f"{self.intact()}"
+            ) from None
 
     def _no_space(self, exc):
         if getattr(exc, "errno", None) == errno.ENOSPC or "No space left on device" in str(exc):
@@ -222,6 +244,7 @@ def with_schedule(cls, steps=None):
     """``cls`` (a Trainer) whose linear schedule ends at ``steps`` (None: at its ``max_steps``), whatever its
     ``max_steps``, so that a longer resume keeps the run's schedule; the scheduler's state (its step) comes from the
     checkpoint."""
+
     class Scheduled(cls):
         def create_scheduler(self, num_training_steps, optimizer=None):
             return super().create_scheduler(steps or num_training_steps, optimizer)
@@ -233,7 +256,9 @@ def with_schedule(cls, steps=None):
             # the optimizer's saved lr is the old schedule's until the scheduler's next step: the first step after
             # a --reshape-schedule would train at it, so the lr is set from this schedule at once
             sched = self.lr_scheduler
-            lrs = [base * fn(sched.last_epoch) for base, fn in zip(sched.base_lrs, sched.lr_lambdas)]
+            lrs = [
+                base * fn(sched.last_epoch) for base, fn in zip(sched.base_lrs, sched.lr_lambdas)
+            ]
             for group, lr in zip(self.optimizer.param_groups, lrs):
                 group["lr"] = lr
             sched._last_lr = lrs
@@ -245,10 +270,17 @@ def schedule_line(kept, steps, reshape, warmup=None):
     """The one line a resume prints about its schedule: kept (ending at step ``kept``) or reshaped to ``steps``."""
     if reshape:
         return f"reshaping the learning-rate schedule (--reshape-schedule): linear decay to 0 at step {steps}, was {kept}"
-    return ("keeping the run's learning-rate schedule: " + (f"warm-up {warmup} steps, " if warmup is not None else "")
-            + f"linear decay to 0 at step {kept}" + (f" (the steps after it train at lr 0; --reshape-schedule "
-                                                     f"stretches it to --max-steps {steps})"
-                                                     if steps > kept else ""))
+    return (
+        "keeping the run's learning-rate schedule: "
+        + (f"warm-up {warmup} steps, " if warmup is not None else "")
+        + f"linear decay to 0 at step {kept}"
+        + (
+            f" (the steps after it train at lr 0; --reshape-schedule "
+            f"stretches it to --max-steps {steps})"
+            if steps > kept
+            else ""
+        )
+    )
 
 
 def checkpoint_max_steps(ckpt):
@@ -308,8 +340,11 @@ def make_readable(path):
     if not os.path.exists(path):
         raise FileNotFoundError(f"path: {path!r} does not exist")
     mode = 0o666 & ~_umask()
-    files = [path] if not os.path.isdir(path) else \
-        [os.path.join(root, n) for root, _, names in os.walk(path) for n in names]
+    files = (
+        [path]
+        if not os.path.isdir(path)
+        else [os.path.join(root, n) for root, _, names in os.walk(path) for n in names]
+    )
     changed = []
     for f in files:
         if not os.path.islink(f) and (os.stat(f).st_mode & 0o777) != mode:
@@ -340,8 +375,14 @@ def parse_device(arg, flag="--device"):
         raise UsageError(f"{flag} must be cpu, cuda or cuda:N, got {arg!r}")
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            why = "this torch is a CPU-only build" if torch.version.cuda is None else "torch sees no CUDA device"
+            why = (
+                "this torch is a CPU-only build"
+                if torch.version.cuda is None
+                else "torch sees no CUDA device"
+            )
             raise UsageError(f"{flag} {arg}: no CUDA device is available ({why})")
         if device.index is not None and device.index >= torch.cuda.device_count():
-            raise UsageError(f"{flag} {arg}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+            raise UsageError(
+                f"{flag} {arg}: this machine has {torch.cuda.device_count()} CUDA device(s)"
+            )
     return device

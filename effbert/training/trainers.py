@@ -40,10 +40,24 @@ from transformers import Trainer, TrainerCallback
 
 from ..models.multi_exit import EXIT_LOSSES
 
-__all__ = ["PretrainingTrainer", "StopOnNonFinite", "NonFiniteError", "MC_METRICS", "MultiExitTrainer", "EXIT_LOSSES"]
+__all__ = [
+    "PretrainingTrainer",
+    "StopOnNonFinite",
+    "NonFiniteError",
+    "MC_METRICS",
+    "MultiExitTrainer",
+    "EXIT_LOSSES",
+]
 
-MC_METRICS = ("mlm_loss", "mc_loss", "mc_accuracy", "mc_replaced_accuracy", "replaced_fraction",
-              "mc_choice_accuracy", "mc_choice_chance")
+MC_METRICS = (
+    "mlm_loss",
+    "mc_loss",
+    "mc_accuracy",
+    "mc_replaced_accuracy",
+    "replaced_fraction",
+    "mc_choice_accuracy",
+    "mc_choice_chance",
+)
 
 
 # transformers >= 5.2x asks a Trainer whose compute_loss already takes its share of the optimizer step to say so
@@ -59,8 +73,9 @@ def _undo_trainer_division(trainer, loss, num_items_in_batch):
     will divide it by afterwards (1 where it divides by nothing), so that exactly ``loss`` is backpropagated."""
     if _TRAINER_HAS_SCALED_FLAG:
         return loss  # the class attribute loss_is_scaled_for_ga = True: Trainer leaves it as it is
-    divides = (not trainer.model_accepts_loss_kwargs or num_items_in_batch is None) and \
-        trainer.compute_loss_func is None
+    divides = (
+        not trainer.model_accepts_loss_kwargs or num_items_in_batch is None
+    ) and trainer.compute_loss_func is None
     return loss * trainer.current_gradient_accumulation_steps if divides else loss
 
 
@@ -89,7 +104,11 @@ def _unwrap(model):
 
 def _all_finite(model):
     """True when every floating-point parameter and buffer (TNF's notes included) is finite."""
-    tensors = [t for t in list(model.parameters()) + list(model.buffers()) if t.is_floating_point() and t.numel()]
+    tensors = [
+        t
+        for t in list(model.parameters()) + list(model.buffers())
+        if t.is_floating_point() and t.numel()
+    ]
     if not tensors:
         return True
     return bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())
@@ -102,7 +121,9 @@ class StopOnNonFinite(TrainerCallback):
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
         if control.should_save and model is not None and not _all_finite(_unwrap(model)):
-            raise NonFiniteError(f"non-finite weights after step {state.global_step}", state.global_step)
+            raise NonFiniteError(
+                f"non-finite weights after step {state.global_step}", state.global_step
+            )
         return control
 
 
@@ -121,15 +142,21 @@ class PretrainingTrainer(Trainer):
 
     def __init__(self, *args, stop_on_nonfinite=True, **kwargs):
         if not isinstance(stop_on_nonfinite, bool):
-            raise TypeError(f"stop_on_nonfinite must be a bool, got {type(stop_on_nonfinite).__name__}")
+            raise TypeError(
+                f"stop_on_nonfinite must be a bool, got {type(stop_on_nonfinite).__name__}"
+            )
         super().__init__(*args, **kwargs)
         self.stop_on_nonfinite = stop_on_nonfinite
-        if stop_on_nonfinite and not any(isinstance(c, StopOnNonFinite) for c in self.callback_handler.callbacks):
+        if stop_on_nonfinite and not any(
+            isinstance(c, StopOnNonFinite) for c in self.callback_handler.callbacks
+        ):
             self.add_callback(StopOnNonFinite())
         self._metric_sums = {}
         self._metric_count = 0
         self._last_hidden = None
-        self._step_tokens = None  # MC-BERT: the real tokens of the step (the multi-choice loss's divisor)
+        self._step_tokens = (
+            None  # MC-BERT: the real tokens of the step (the multi-choice loss's divisor)
+        )
 
     def _get_train_sampler(self, train_dataset=None):
         # Trainer's RandomSampler holds every row index of an epoch as a Python list (about 36 bytes a row):
@@ -161,7 +188,11 @@ class PretrainingTrainer(Trainer):
         if batches and all(isinstance(b, dict) and "labels" in b for b in batches):
             if self._is_multi_choice(self.model):
                 mask_id = _unwrap(self.model).mask_token_id
-                count = torch.stack([torch.stack(_mc_counts(b, mask_id)) for b in batches]).sum(0).to(device)
+                count = (
+                    torch.stack([torch.stack(_mc_counts(b, mask_id)) for b in batches])
+                    .sum(0)
+                    .to(device)
+                )
             else:
                 count = sum(b["labels"].ne(-100).sum() for b in batches).to(device).reshape(1)
             if self.args.average_tokens_across_devices and self.args.world_size > 1:
@@ -181,8 +212,12 @@ class PretrainingTrainer(Trainer):
         inputs.pop("note_spans", None)
         core = _unwrap(model)
         multi_choice = self._is_multi_choice(model)
-        if not multi_choice and "return_logits" in inspect.signature(core.forward).parameters and \
-                inputs.get("labels") is not None and not return_outputs:
+        if (
+            not multi_choice
+            and "return_logits" in inspect.signature(core.forward).parameters
+            and inputs.get("labels") is not None
+            and not return_outputs
+        ):
             inputs["return_logits"] = False  # the head at the labelled positions only
         outputs = model(**inputs)
         loss = outputs["loss"] if isinstance(outputs, dict) else outputs[0]
@@ -200,12 +235,15 @@ class PretrainingTrainer(Trainer):
             step = torch.as_tensor(num_items_in_batch, device=loss.device).clamp_min(1)
             if multi_choice:  # each term over its own targets of the whole step
                 masked, real = _mc_counts(inputs, core.mask_token_id)
-                loss = outputs["mlm_loss"] * masked / step + \
-                    core.loss_lambda * outputs["mc_loss"] * real / self._step_tokens.to(loss.device).clamp_min(1)
+                loss = outputs["mlm_loss"] * masked / step + core.loss_lambda * outputs[
+                    "mc_loss"
+                ] * real / self._step_tokens.to(loss.device).clamp_min(1)
             else:
                 loss = loss * inputs["labels"].ne(-100).sum() / step
             if self.args.average_tokens_across_devices and self.args.world_size > 1:
-                loss = loss * self.args.world_size  # DDP averages the gradients over ranks; the divisor held all
+                loss = (
+                    loss * self.args.world_size
+                )  # DDP averages the gradients over ranks; the divisor held all
         loss = _undo_trainer_division(self, loss, num_items_in_batch)
         return (loss, outputs) if return_outputs else loss
 
@@ -230,39 +268,58 @@ class PretrainingTrainer(Trainer):
         step = self.state.global_step + 1
         if self.stop_on_nonfinite:
             bad = (~torch.isfinite(loss)).to(torch.float32).reshape(1)
-            if self.args.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
-                torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MAX)  # every rank stops together
+            if (
+                self.args.world_size > 1
+                and torch.distributed.is_available()
+                and torch.distributed.is_initialized()
+            ):
+                torch.distributed.all_reduce(
+                    bad, op=torch.distributed.ReduceOp.MAX
+                )  # every rank stops together
             if bool(bad.item()):
                 value = float(loss) if not bool(torch.isfinite(loss)) else float("nan")
                 raise NonFiniteError(f"the loss is {value} at step {step}", step)
         core = _unwrap(model)
         if spans is not None and getattr(core, "notes", None) is not None:
             if self._last_hidden is None:
-                raise ValueError("note_spans need the model's last_hidden_state (TupeBertForMaskedLM returns it)")
+                raise ValueError(
+                    "note_spans need the model's last_hidden_state (TupeBertForMaskedLM returns it)"
+                )
             self._update_notes(core, self._last_hidden, spans, inputs)
         self._last_hidden = None
         return loss
 
     def _update_notes(self, core, hidden, spans, inputs):
         group = None
-        if self.args.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+        if (
+            self.args.world_size > 1
+            and torch.distributed.is_available()
+            and torch.distributed.is_initialized()
+        ):
             group = torch.distributed.group.WORLD
         mask = inputs.get("attention_mask")
         lengths = mask.sum(1).to(hidden.device) if mask is not None else None  # right-padded rows
         kwargs = {}
-        if inputs.get("position_ids") is not None and \
-                "position_ids" in inspect.signature(core.update_notes).parameters:
+        if (
+            inputs.get("position_ids") is not None
+            and "position_ids" in inspect.signature(core.update_notes).parameters
+        ):
             kwargs["position_ids"] = inputs["position_ids"].to(hidden.device)
         core.update_notes(hidden, spans.to(hidden.device), lengths, process_group=group, **kwargs)
 
     # ---------------------------------------------------------------------------------------------- logging
 
     def log(self, logs, start_time=None):
-        if "loss" in logs and self._metric_count:  # a training log: add the means since the last one
+        if (
+            "loss" in logs and self._metric_count
+        ):  # a training log: add the means since the last one
             keys = sorted(self._metric_sums)
             if keys:
                 device = self._metric_sums[keys[0]].device
-                means = torch.stack([self._metric_sums[k] for k in keys]).to(device) / self._metric_count
+                means = (
+                    torch.stack([self._metric_sums[k] for k in keys]).to(device)
+                    / self._metric_count
+                )
                 if self.args.world_size > 1:
                     means = self.accelerator.gather(means.reshape(1, -1)).mean(0)
                 logs.update({k: float(v) for k, v in zip(keys, means.tolist())})
@@ -274,6 +331,7 @@ class PretrainingTrainer(Trainer):
 
 
 # ------------------------------------------------------------------------------------------------ early exit
+
 
 class MultiExitTrainer(Trainer):
     """A ``transformers.Trainer`` for a multi-exit classifier (``TupeBertForSequenceClassification`` with
@@ -301,23 +359,39 @@ class MultiExitTrainer(Trainer):
     (``new_run_highway_glue.py``), JetRunner/PABEE, castorini/DeeBERT.
     """
 
-    def __init__(self, *args, loss=None, gamma=None, temperature=None, gradient_equilibrium=None,
-                 stage=None, grad_reg=False, project="others", **kwargs):
+    def __init__(
+        self,
+        *args,
+        loss=None,
+        gamma=None,
+        temperature=None,
+        gradient_equilibrium=None,
+        stage=None,
+        grad_reg=False,
+        project="others",
+        **kwargs,
+    ):
         from ..losses import PROJECT_SIDES
         from ..models.multi_exit import check_deebert_stage, check_exit_loss_settings
 
         model = kwargs.get("model", args[0] if args else None)
         config = getattr(model, "config", None)
         core = _unwrap(model)
-        given = dict(exit_loss=loss, exit_loss_gamma=gamma, exit_loss_temperature=temperature,
-                     exit_gradient_equilibrium=gradient_equilibrium)
+        given = dict(
+            exit_loss=loss,
+            exit_loss_gamma=gamma,
+            exit_loss_temperature=temperature,
+            exit_gradient_equilibrium=gradient_equilibrium,
+        )
         given = {k: v for k, v in given.items() if v is not None}
         # every argument is checked before the model's config or parameters change
         if given:
-            check_exit_loss_settings("romebert" if loss is None else loss,
-                                     0.9 if gamma is None else gamma,
-                                     3.0 if temperature is None else temperature,
-                                     given.get("exit_gradient_equilibrium", False))
+            check_exit_loss_settings(
+                "romebert" if loss is None else loss,
+                0.9 if gamma is None else gamma,
+                3.0 if temperature is None else temperature,
+                given.get("exit_gradient_equilibrium", False),
+            )
         if stage is not None:
             check_deebert_stage(stage)
         if project not in PROJECT_SIDES:
@@ -331,8 +405,10 @@ class MultiExitTrainer(Trainer):
             raise ValueError("grad_reg goes with loss='romebert' and a classification head")
         super().__init__(*args, **kwargs)
         if grad_reg and self.args.world_size > 1:
-            raise ValueError("grad_reg runs on one process: its two backward passes bypass data-parallel gradient "
-                             "averaging")
+            raise ValueError(
+                "grad_reg runs on one process: its two backward passes bypass data-parallel gradient "
+                "averaging"
+            )
         for key, value in given.items():
             setattr(config, key, value)
         if stage is not None and effective == "deebert":
@@ -360,7 +436,9 @@ class MultiExitTrainer(Trainer):
         if loss is None:
             raise ValueError("the model returned no loss: the batch needs labels")
         if model.training:
-            loss = _undo_trainer_division(self, loss / self.current_gradient_accumulation_steps, num_items_in_batch)
+            loss = _undo_trainer_division(
+                self, loss / self.current_gradient_accumulation_steps, num_items_in_batch
+            )
         z = outputs["exit_logits"]
         return (loss, {"logits": z[-1], "exit_logits": z}) if return_outputs else loss
 
@@ -386,7 +464,12 @@ class MultiExitTrainer(Trainer):
             final, other = scaler.scale(final), scaler.scale(other)
         core = _unwrap(model)
         params = [p for p in core.parameters() if p.requires_grad]
-        did = gradient_regularized_backward(final, other, params, romebert_projected_parameters(core.bert.encoder),
-                                            project=self.project).long()
+        did = gradient_regularized_backward(
+            final,
+            other,
+            params,
+            romebert_projected_parameters(core.bert.encoder),
+            project=self.project,
+        ).long()
         self.projected = did if self.projected is None else self.projected + did
         return (loss * scale).detach()

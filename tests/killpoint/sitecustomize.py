@@ -8,7 +8,9 @@ _TARGET = os.environ.get("EFFBERT_KILL_AT")
 
 
 def _cut_if_target(path):
-    if isinstance(path, (str, os.PathLike)) and os.fspath(path).replace(os.sep, "/").endswith(_TARGET):
+    if isinstance(path, (str, os.PathLike)) and os.fspath(path).replace(os.sep, "/").endswith(
+        _TARGET
+    ):
         os.truncate(path, os.path.getsize(path) // 2)
         os._exit(9)
 
@@ -21,11 +23,16 @@ if _TARGET:
         def wrapped(*args, **kwargs):
             save(*args, **kwargs)
             _cut_if_target(args[path_arg] if len(args) > path_arg else None)
+
         return wrapped
 
     torch.save = _wrap(torch.save, 1)  # optimizer.pt, scheduler.pt, rng_state.pth
-    safetensors.torch.save_file = _wrap(safetensors.torch.save_file, 1)  # model.safetensors (bound by transformers)
+    safetensors.torch.save_file = _wrap(
+        safetensors.torch.save_file, 1
+    )  # model.safetensors (bound by transformers)
 
     from transformers.trainer_callback import TrainerState
 
-    TrainerState.save_to_json = _wrap(TrainerState.save_to_json, 1)  # trainer_state.json, written last
+    TrainerState.save_to_json = _wrap(
+        TrainerState.save_to_json, 1
+    )  # trainer_state.json, written last
