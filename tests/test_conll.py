@@ -172,7 +172,7 @@ def test_token_exit_curve_and_calibration():
         per_layer_entity_f1,
         token_exit_curve,
     )
-    from tests.test_token_classification import make_batch, make_model
+    from test_token_classification import make_batch, make_model
 
     torch.manual_seed(0)
     model = make_model(id2label={0: "O", 1: "B-A", 2: "I-A", 3: "B-B", 4: "I-B"})

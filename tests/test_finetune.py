@@ -60,16 +60,15 @@ def write_tsv(path, n, seed):
             f.write(f"{label}\t{' '.join(words).capitalize()}.\n")
 
 
-@pytest.fixture(scope="module")
-def hf_dir(tmp_path_factory):
+def save_tiny_bert(folder, layers):
+    """A tiny transformers BERT (hidden 32, 2 heads, seed 0) and its vocab.txt in ``folder``."""
     from transformers import BertConfig, BertModel
 
     torch.manual_seed(0)
-    folder = tmp_path_factory.mktemp("tiny-bert")
     cfg = BertConfig(
         vocab_size=len(vocab()),
         hidden_size=32,
-        num_hidden_layers=3,
+        num_hidden_layers=layers,
         num_attention_heads=2,
         intermediate_size=48,
         max_position_embeddings=32,
@@ -79,12 +78,21 @@ def hf_dir(tmp_path_factory):
     return folder
 
 
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("data")
-    write_tsv(folder / "train.tsv", 96, seed=1)
+def write_data(folder, train_rows):
+    """``train.tsv`` (``train_rows`` examples) and ``eval.tsv`` (41) of the two-topic task."""
+    write_tsv(folder / "train.tsv", train_rows, seed=1)
     write_tsv(folder / "eval.tsv", 41, seed=2)
     return folder
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory):
+    return save_tiny_bert(tmp_path_factory.mktemp("tiny-bert"), layers=3)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return write_data(tmp_path_factory.mktemp("data"), train_rows=96)
 
 
 def args(hf_dir, data, out, *extra):

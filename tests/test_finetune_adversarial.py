@@ -15,34 +15,17 @@ from effbert.models import loading
 
 pytestmark = pytest.mark.requires("datasets", "accelerate", "transformers")
 
-from test_finetune import encode, vocab, write_tsv  # noqa: E402  (the same tiny data)
+from test_finetune import encode, save_tiny_bert, write_data  # noqa: E402  (the same tiny data)
 
 
 @pytest.fixture(scope="module")
 def hf_dir(tmp_path_factory):
-    from transformers import BertConfig, BertModel
-
-    torch.manual_seed(0)
-    folder = tmp_path_factory.mktemp("tiny-bert")
-    cfg = BertConfig(
-        vocab_size=len(vocab()),
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=48,
-        max_position_embeddings=32,
-    )
-    BertModel(cfg).save_pretrained(folder)
-    (folder / "vocab.txt").write_text("".join(v + "\n" for v in vocab()), encoding="utf-8")
-    return folder
+    return save_tiny_bert(tmp_path_factory.mktemp("tiny-bert"), layers=2)  # 2 layers: faster
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("data")
-    write_tsv(folder / "train.tsv", 48, seed=1)
-    write_tsv(folder / "eval.tsv", 41, seed=2)
-    return folder
+    return write_data(tmp_path_factory.mktemp("data"), train_rows=48)
 
 
 def argv(hf_dir, data, out, *extra):

@@ -18,7 +18,7 @@ from effbert.models import (
     self_sampling_token_loss,
     simulate_word_exits,
 )
-from tests.test_token_classification import make_batch, make_model
+from test_token_classification import make_batch, make_model
 
 # ---- the published code, written out (numpy/random draws aside) ----
 
