@@ -25,6 +25,7 @@ __all__ = [
     "prune_like_checkpoint",
     "search",
     "search_line",
+    "start_line",
 ]
 
 
@@ -206,6 +207,16 @@ def search(model, make_trainer, *, head_l1=eb.L1_COEF, ffn_l1=eb.L1_COEF, **call
         "ticket": eb._encoder(model).config.early_bird_ticket,
         "distances": [[step, d] for step, d in bird.distances],
     }
+
+
+def start_line(max_steps, l1, draw_every):
+    """The one line a run logs before its search: its length (``max_steps``; 0 or None: one epoch),
+    the L1 weight and how often a ticket is drawn."""
+    length = f"at most {max_steps} steps" if max_steps else "at most one epoch"
+    return (
+        f"EarlyBERT search: {length}, L1 {l1:g} on the head and FFN coefficients, a ticket drawn "
+        f"every {draw_every} steps"
+    )
 
 
 def search_line(summary):

@@ -673,18 +673,13 @@ def early_bird_search(s, model, tokenizer, train_ds, root, device, log):
     writes ``early_bird.json``."""
     import copy
 
-    from .early_bird import search, search_line
+    from .early_bird import search, search_line, start_line
 
     plan = copy.copy(s)  # the run's settings, for the search's Trainer
     plan.max_steps = s.early_bird_search_steps or None
     plan.num_train_epochs, plan.save_steps, plan.report_to, plan.resume = 1.0, 0, None, False
     lines = loss_lines(plan, lambda msg: None)
-    log(
-        "EarlyBERT search: "
-        + (f"at most {plan.max_steps} steps" if plan.max_steps else "at most one epoch")
-        + f", L1 {s.early_bird_l1:g} on the head and FFN coefficients, a ticket drawn every "
-        f"{s.early_bird_draw_every} steps"
-    )
+    log(start_line(plan.max_steps, s.early_bird_l1, s.early_bird_draw_every))
 
     def make(bird):
         trainer, _ = make_trainer(plan, model, tokenizer, train_ds, root, device, 1, None, lines)

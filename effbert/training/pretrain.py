@@ -746,7 +746,7 @@ def early_bird_search(args, model, data, tokenizer, s, show_bar, env, log, out):
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
     from ..data.collator import DataCollatorForTupeMLM
-    from .early_bird import search, search_line
+    from .early_bird import search, search_line, start_line
     from .trainers import NonFiniteError
 
     steps = s["early_bird_search_steps"]
@@ -783,12 +783,7 @@ def early_bird_search(args, model, data, tokenizer, s, show_bar, env, log, out):
             trainer.remove_callback(ProgressCallback)
         return trainer
 
-    log(
-        "EarlyBERT search: "
-        + (f"at most {steps} steps" if steps else "at most one epoch")
-        + f", L1 {s['early_bird_l1']:g} on the head and FFN coefficients, a ticket drawn every "
-        f"{s['early_bird_draw_every']} steps"
-    )
+    log(start_line(steps, s["early_bird_l1"], s["early_bird_draw_every"]))
     try:
         result = search(
             model,
