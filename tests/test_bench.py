@@ -765,6 +765,38 @@ def test_index_takes_each_op_from_the_newest_run_that_measured_it(tmp_path):
     assert "b_new" not in again and all(f"### {op}\n" in again for op in ops)
 
 
+def test_index_keeps_the_providers_a_newer_partial_run_did_not_measure(tmp_path):
+    """A newer ``--providers`` run of one op replaces its providers' rows only; the older run's other providers
+    stay, in the older run's own section."""
+    from pathlib import Path
+
+    from effbert.bench.runner import write_index
+
+    committed = sorted(
+        (Path(__file__).resolve().parents[1] / "benchmarks" / "results").glob("*/*.json")
+    )
+    src = json.loads(committed[0].read_text())
+    op = src["cases"][0]["op"]
+    rows = [c for c in src["cases"] if c["op"] == op]
+    providers = sorted({c["provider"] for c in rows})
+    assert len(providers) >= 2
+    old = dict(src, cases=rows, env=dict(src["env"], date="2026-01-01T00:00:00Z"))
+    new = dict(
+        src,
+        cases=[dict(c, ms=c.get("ms")) for c in rows if c["provider"] == providers[0]],
+        env=dict(src["env"], date="2026-02-01T00:00:00Z"),
+    )
+    results = tmp_path / "results"
+    for name, run in (("a_old", old), ("b_new", new)):
+        (results / name).mkdir(parents=True)
+        (results / name / "bench.json").write_text(json.dumps(run))
+    newer, older = write_index(results).read_text().split("Source: `results/b_new/bench.json`")
+    table = [line for line in newer.splitlines() if line.startswith("| ") and "---" not in line]
+    assert {line.split(" | ")[3] for line in table[1:]} == {providers[0]}
+    old_table = [line for line in older.splitlines() if line.startswith("| ") and "---" not in line]
+    assert {line.split(" | ")[3] for line in old_table[1:]} == set(providers[1:])
+
+
 def test_a_low_precision_row_is_checked_by_cosine_and_noted():
     import torch
 
