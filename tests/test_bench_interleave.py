@@ -140,3 +140,38 @@ def test_cpu_ceilings_take_the_best_round(monkeypatch):
     assert out["launch_us"] == pytest.approx(1e3)
     assert out["copy_GBps"] == pytest.approx(2 * (64 << 20) / 1.0 / 1e6)
     assert out["float32_matmul_TFLOPs"] == pytest.approx(2 * 1024**3 / 1.0 / 1e9)
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="needs oneDNN (mkldnn)")
+def test_cpu_matmul_ceiling_is_the_faster_of_torch_mm_and_onednn(monkeypatch):
+    """oneDNN's packed linear runs ahead of torch.mm on AVX-512 CPUs: the ceiling is the faster; a oneDNN call that
+    fails leaves torch.mm's rate, and a failing torch.mm is still an error."""
+    seen = {}
+
+    def fake(fns, **kwargs):
+        seen["n"] = len(fns)
+        # launch, copy, fp32 mm, bf16 mm, fp32 oneDNN, bf16 oneDNN
+        wall = [[1.0], [1.0], [4.0], [8.0], [2.0], [16.0]]
+        return wall, wall, {}
+
+    monkeypatch.setattr(timing, "interleave", fake)
+    out = timing.measure_ceilings(torch.device("cpu"))
+    assert seen["n"] == 6
+    assert out["float32_matmul_TFLOPs"] == pytest.approx(2 * 1024**3 / 2.0 / 1e9)
+    assert out["bfloat16_matmul_TFLOPs"] == pytest.approx(2 * 512**3 / 8.0 / 1e9)
+
+    def broken_onednn(fns, **kwargs):
+        wall = [[1.0], [1.0], [4.0], [8.0], [], []]
+        return wall, wall, {4: RuntimeError("no"), 5: RuntimeError("no")}
+
+    monkeypatch.setattr(timing, "interleave", broken_onednn)
+    out = timing.measure_ceilings(torch.device("cpu"))
+    assert out["float32_matmul_TFLOPs"] == pytest.approx(2 * 1024**3 / 4.0 / 1e9)
+
+    def broken_mm(fns, **kwargs):
+        wall = [[1.0], [1.0], [], [8.0], [2.0], [16.0]]
+        return wall, wall, {2: RuntimeError("mm failed")}
+
+    monkeypatch.setattr(timing, "interleave", broken_mm)
+    with pytest.raises(RuntimeError, match="mm failed"):
+        timing.measure_ceilings(torch.device("cpu"))
