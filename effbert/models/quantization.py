@@ -35,7 +35,7 @@ KEEP_FLOAT = ("output",)
 
 
 def _linear_names(model, keep_float):
-    """Names of the ``nn.Linear`` modules to quantise: all but those inside a ``TupePositionBias`` and those whose
+    """Names of the ``nn.Linear`` modules (``effbert.nn.Linear`` included) to quantise: all but those inside a ``TupePositionBias`` and those whose
     name ends in a ``keep_float`` part."""
     from ..nn import TupePositionBias
 
@@ -43,10 +43,26 @@ def _linear_names(model, keep_float):
     return [
         name
         for name, m in model.named_modules()
-        if type(m) is nn.Linear
+        if isinstance(m, nn.Linear)
         and name.rsplit(".", 1)[-1] not in keep_float
         and not any(name == k or name.startswith(k + ".") for k in positional)
     ]
+
+
+def _as_plain_linears(model, names):
+    """Make the modules ``names`` of ``model`` plain ``nn.Linear`` sharing their parameters, in place:
+    ``quantize_dynamic`` maps modules by exact type (its default mapping holds ``nn.Linear``, and
+    ``torch.ao.nn.quantized.dynamic.Linear.from_float`` refuses a subclass), and ``effbert.nn.Linear`` is one."""
+    for name in names:
+        m = model.get_submodule(name)
+        if type(m) is nn.Linear:
+            continue
+        plain = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None, device="meta")
+        plain.weight = m.weight
+        plain.bias = m.bias
+        plain.train(m.training)
+        model.set_submodule(name, plain)
+    return model
 
 
 def _default_engine():
@@ -60,11 +76,12 @@ def quantize_for_cpu(model, dtype=torch.qint8, *, engine=None, keep_float=KEEP_F
     """A copy of ``model`` whose linear layers run in int8 on the CPU (dynamic quantisation); ``model`` is left
     unchanged.
 
-    Semantics: each ``nn.Linear`` (attention QKV and output, FFN up projection, pooler, off-ramps and classifiers,
+    Semantics: each ``nn.Linear`` (``effbert.nn.Linear`` included; attention QKV and output, FFN up projection, pooler, off-ramps and classifiers,
     MLM head) is replaced by ``torch.ao.nn.quantized.dynamic.Linear``: weights quantised once to int8, symmetric per
     output channel; activations quantised to 8 bits per call from their own min/max; int32 accumulation, fp32
     output. Embeddings, LayerNorms, the TUPE positional projections and the linears named in ``keep_float``
-    (default: the FFN down projection) stay fp32. Inputs and outputs keep their shapes and dtypes
+    (default: the FFN down projection) stay fp32, as ``effbert.nn.Linear``: in inference they run on
+    pre-packed oneDNN weights. Inputs and outputs keep their shapes and dtypes
     (``input_ids [B, N]`` int64 in, fp32 hidden states / logits out); ``forward`` and ``early_exit`` work as on the
     float model. Expect the outputs to differ from fp32 by the int8 rounding (on all-MiniLM-L6-v2, mean-pooled
     sentence embeddings at cosine >= 0.98 of fp32's with the defaults; see ``KEEP_FLOAT``).
@@ -132,7 +149,7 @@ def quantize_for_cpu(model, dtype=torch.qint8, *, engine=None, keep_float=KEEP_F
             warnings.simplefilter("ignore", DeprecationWarning)
             warnings.filterwarnings("ignore", message=".*quantized tensor creation functions.*")
             quantized = quantize_dynamic(
-                copy.deepcopy(model),
+                _as_plain_linears(copy.deepcopy(model), names),
                 {name: per_channel_dynamic_qconfig for name in names},
                 dtype=dtype,
             )
