@@ -241,8 +241,9 @@ def masked_coefficients(model, head_keep, ffn_keep):
 
 
 def _linear_rows(linear, rows, cols=None):
-    """A new linear of ``linear``'s class (``nn.Linear`` or ``effbert.nn.Linear``) holding its weight rows
-    ``rows`` (output features; None = all) and columns ``cols`` (input features; None = all)."""
+    """A new linear of ``linear``'s class (``nn.Linear`` or ``effbert.nn.Linear``) holding its
+    weight rows ``rows`` (output features; None = all) and columns ``cols`` (input features; None =
+    all)."""
     w = linear.weight
     if rows is not None:
         w = w.index_select(0, rows)

@@ -35,8 +35,8 @@ KEEP_FLOAT = ("output",)
 
 
 def _linear_names(model, keep_float):
-    """Names of the ``nn.Linear`` modules (``effbert.nn.Linear`` included) to quantise: all but those inside a ``TupePositionBias`` and those whose
-    name ends in a ``keep_float`` part."""
+    """Names of the ``nn.Linear`` modules (``effbert.nn.Linear`` included) to quantise: all but
+    those inside a ``TupePositionBias`` and those whose name ends in a ``keep_float`` part."""
     from ..nn import TupePositionBias
 
     positional = {name for name, m in model.named_modules() if isinstance(m, TupePositionBias)}
@@ -50,9 +50,10 @@ def _linear_names(model, keep_float):
 
 
 def _as_plain_linears(model, names):
-    """Make the modules ``names`` of ``model`` plain ``nn.Linear`` sharing their parameters, in place:
-    ``quantize_dynamic`` maps modules by exact type (its default mapping holds ``nn.Linear``, and
-    ``torch.ao.nn.quantized.dynamic.Linear.from_float`` refuses a subclass), and ``effbert.nn.Linear`` is one."""
+    """Make the modules ``names`` of ``model`` plain ``nn.Linear`` sharing their parameters, in
+    place: ``quantize_dynamic`` maps modules by exact type (its default mapping holds ``nn.Linear``,
+    and ``torch.ao.nn.quantized.dynamic.Linear.from_float`` refuses a subclass), and
+    ``effbert.nn.Linear`` is one."""
     for name in names:
         m = model.get_submodule(name)
         if type(m) is nn.Linear:
@@ -76,8 +77,9 @@ def quantize_for_cpu(model, dtype=torch.qint8, *, engine=None, keep_float=KEEP_F
     """A copy of ``model`` whose linear layers run in int8 on the CPU (dynamic quantisation); ``model`` is left
     unchanged.
 
-    Semantics: each ``nn.Linear`` (``effbert.nn.Linear`` included; attention QKV and output, FFN up projection, pooler, off-ramps and classifiers,
-    MLM head) is replaced by ``torch.ao.nn.quantized.dynamic.Linear``: weights quantised once to int8, symmetric per
+    Semantics: each ``nn.Linear`` (``effbert.nn.Linear`` included; attention QKV and output, FFN up
+    projection, pooler, off-ramps and classifiers, MLM head) is replaced by
+    ``torch.ao.nn.quantized.dynamic.Linear``: weights quantised once to int8, symmetric per
     output channel; activations quantised to 8 bits per call from their own min/max; int32 accumulation, fp32
     output. Embeddings, LayerNorms, the TUPE positional projections and the linears named in ``keep_float``
     (default: the FFN down projection) stay fp32, as ``effbert.nn.Linear``: in inference they run on

@@ -176,8 +176,9 @@ class TupeBertLayer(nn.Module):
         )  # EarlyBERT's per-neuron coefficients (models/early_bird.py)
 
     def _ffn_inner(self, hidden):
-        """The activated FFN neurons ``[..., intermediate]``, scaled by ``ffn_coef`` when set. GELU runs inside
-        the up projection's GEMM (``Linear.forward_gelu``; oneDNN's epilogue on the packed CPU path)."""
+        """The activated FFN neurons ``[..., intermediate]``, scaled by ``ffn_coef`` when set. GELU
+        runs inside the up projection's GEMM (``Linear.forward_gelu``; oneDNN's epilogue on the
+        packed CPU path)."""
         if isinstance(self.intermediate, Linear) and type(self.act) is nn.GELU:
             inner = self.intermediate.forward_gelu(hidden, self.act.approximate)
         else:
@@ -371,8 +372,9 @@ class TupeBertPreTrainedModel(PreTrainedModel):
             _init.zeros_(module.bias)
 
     def set_backend(self, backend):
-        """Run every effbert op of this model on ``backend`` (``"auto"``, ``"triton"``, ``"eager"``, ...);
-        ``"eager"`` also keeps every ``effbert.nn.Linear`` on ``F.linear`` (no packed CPU weights)."""
+        """Run every effbert op of this model on ``backend`` (``"auto"``, ``"triton"``, ``"eager"``,
+        ...); ``"eager"`` also keeps every ``effbert.nn.Linear`` on ``F.linear`` (no packed CPU
+        weights)."""
         if backend not in ("auto",) + BACKENDS:
             raise ValueError(f"backend must be one of {('auto',) + BACKENDS}, got {backend!r}")
         self.config.backend = backend

@@ -1,12 +1,13 @@
 """``Linear``: ``torch.nn.Linear`` that runs CPU inference on a pre-packed oneDNN weight.
 
-PyTorch's ``F.linear`` (``addmm``) on a CPU reads the weight in its plain row-major layout on every call; oneDNN's
-inner-product primitive wants it reordered into its blocked layout first. Through torch that is
-``torch.ops.mkldnn._reorder_linear_weight(weight, batch_size)`` once and
-``torch.ops.mkldnn._linear_pointwise(x, packed, bias, attr, scalars, algorithm)`` per call, the pair inductor's CPU
-freezing pass emits for ``nn.Linear`` (``torch/_inductor/fx_passes/mkldnn_fusion.py``). Measured on BERT-base
-shapes (one thread, AVX-512): 220-255 GFLOP/s against addmm's 86-112 from 31 to 512 rows, and ``attr="gelu"``
-applies BERT's GELU in the same call.
+PyTorch's ``F.linear`` (``addmm``) on a CPU reads the weight in its plain row-major layout on every
+call; oneDNN's inner-product primitive wants it reordered into its blocked layout first. Through
+torch that is ``torch.ops.mkldnn._reorder_linear_weight(weight, batch_size)`` once and
+``torch.ops.mkldnn._linear_pointwise(x, packed, bias, attr, scalars, algorithm)`` per call, the pair
+inductor's CPU freezing pass emits for ``nn.Linear``
+(``torch/_inductor/fx_passes/mkldnn_fusion.py``). Measured on BERT-base shapes (one thread,
+AVX-512): 220-255 GFLOP/s against addmm's 86-112 from 31 to 512 rows, and ``attr="gelu"`` applies
+BERT's GELU in the same call.
 """
 
 import torch
@@ -17,9 +18,9 @@ from ..ops._dispatch import requested_backend
 
 __all__ = ["Linear", "packed_linear_available", "BATCH_SIZE_HINT"]
 
-# The rows oneDNN packs the weight for. Measured (BERT-base's four weight shapes, M = 1, 31, 128, 512 rows, one
-# thread): hints 31, 128, 512 and None give the same rate at every M (within 3%); a hint of 1 is 5-20% slower from
-# 31 rows on. 128 is a short batch's token count.
+# The rows oneDNN packs the weight for. Measured (BERT-base's four weight shapes, M = 1, 31, 128,
+# 512 rows, one thread): hints 31, 128, 512 and None give the same rate at every M (within 3%); a
+# hint of 1 is 5-20% slower from 31 rows on. 128 is a short batch's token count.
 BATCH_SIZE_HINT = 128
 
 _MKLDNN = getattr(torch.ops, "mkldnn", None)
@@ -46,9 +47,9 @@ _GELU = ("none", "tanh")
 
 
 def packed_linear_available(dtype=torch.float32):
-    """Whether this torch build runs ``Linear``'s packed path for ``dtype`` (float32 or bfloat16): oneDNN is built
-    in and ``torch.ops.mkldnn._linear_pointwise`` exists (bfloat16 also needs a CPU oneDNN runs it on). False for
-    any other dtype."""
+    """Whether this torch build runs ``Linear``'s packed path for ``dtype`` (float32 or bfloat16):
+    oneDNN is built in and ``torch.ops.mkldnn._linear_pointwise`` exists (bfloat16 also needs a CPU
+    oneDNN runs it on). False for any other dtype."""
     if not isinstance(dtype, torch.dtype):
         raise TypeError(f"dtype must be a torch.dtype, got {type(dtype).__name__}")
     return _AVAILABLE.get(dtype, False)
@@ -57,34 +58,40 @@ def packed_linear_available(dtype=torch.float32):
 class Linear(nn.Linear):
     """``torch.nn.Linear`` whose CPU inference runs on a pre-packed oneDNN weight.
 
-    Same parameters, state dict, initialisation, input and output as ``nn.Linear`` (``input [..., in_features]`` ->
-    ``[..., out_features]``, the weight's dtype); ``isinstance(m, nn.Linear)`` holds. ``forward`` takes the packed
-    path (``torch.ops.mkldnn._linear_pointwise`` on ``torch.ops.mkldnn._reorder_linear_weight(weight,
-    BATCH_SIZE_HINT)``) only when all of these hold, and is exactly ``F.linear`` otherwise:
+    Same parameters, state dict, initialisation, input and output as ``nn.Linear`` (``input [...,
+    in_features]`` -> ``[..., out_features]``, the weight's dtype); ``isinstance(m, nn.Linear)``
+    holds. ``forward`` takes the packed path (``torch.ops.mkldnn._linear_pointwise`` on
+    ``torch.ops.mkldnn._reorder_linear_weight(weight, BATCH_SIZE_HINT)``) only when all of these
+    hold, and is exactly ``F.linear`` otherwise:
 
-    - ``packed`` is True (the class attribute: ``effbert.nn.Linear.packed = False`` turns it off everywhere; set on
-      one module for that module) and ``backend`` is not ``"eager"`` (after ``EFFBERT_BACKEND`` for ``"auto"``;
-      ``TupeBertPreTrainedModel.set_backend`` and ``config.backend`` set it);
-    - input, weight and bias are CPU tensors of one dtype, float32 or bfloat16 (``packed_linear_available``), the
-      input non-empty with ``in_features`` columns;
-    - no gradient is recorded: ``torch.no_grad()``, ``torch.inference_mode()``, or nothing requires grad;
+    - ``packed`` is True (the class attribute: ``effbert.nn.Linear.packed = False`` turns it off
+      everywhere; set on one module for that module) and ``backend`` is not ``"eager"`` (after
+      ``EFFBERT_BACKEND`` for ``"auto"``; ``TupeBertPreTrainedModel.set_backend`` and
+      ``config.backend`` set it);
+    - input, weight and bias are CPU tensors of one dtype, float32 or bfloat16
+      (``packed_linear_available``), the input non-empty with ``in_features`` columns;
+    - no gradient is recorded: ``torch.no_grad()``, ``torch.inference_mode()``, or nothing requires
+      grad;
     - not inside ``torch.compile`` tracing (inductor's freezing packs weights on its own).
 
-    The packed weight is a cache on the module, not a parameter or buffer: it never reaches ``state_dict``,
-    ``save_pretrained``, ``deepcopy`` or pickling. It is rebuilt when the weight changes: another tensor, another
-    storage, dtype or device, or an in-place edit torch's version counter sees (an optimizer step,
-    ``load_state_dict``, ``copy_`` under ``no_grad``). An edit through ``weight.data`` bypasses the counter: call
-    ``clear_cache()`` after one. fp32 results equal ``F.linear``'s up to summation order (both within ~1e-6
-    relative of float64 at K = 768..3072); bf16 accumulates in fp32 and rounds once, as ``F.linear`` in bf16.
+    The packed weight is a cache on the module, not a parameter or buffer: it never reaches
+    ``state_dict``, ``save_pretrained``, ``deepcopy`` or pickling. It is rebuilt when the weight
+    changes: another tensor, another storage, dtype or device, or an in-place edit torch's version
+    counter sees (an optimizer step, ``load_state_dict``, ``copy_`` under ``no_grad``). An edit
+    through ``weight.data`` bypasses the counter: call ``clear_cache()`` after one. fp32 results
+    equal ``F.linear``'s up to summation order (both within ~1e-6 relative of float64 at K =
+    768..3072); bf16 accumulates in fp32 and rounds once, as ``F.linear`` in bf16.
 
     Args (beyond ``nn.Linear``'s ``in_features, out_features, bias, device, dtype``):
-        backend: ``"auto"`` or one of ``effbert``'s backends; only ``"eager"`` (the reference) matters here: it
-            keeps ``F.linear``.
+        backend: ``"auto"`` or one of ``effbert``'s backends; only ``"eager"`` (the reference)
+            matters here: it keeps ``F.linear``.
 
-    Raises: what ``nn.Linear`` raises (bad sizes); ``ValueError`` for an unknown ``backend`` at construction.
+    Raises: what ``nn.Linear`` raises (bad sizes); ``ValueError`` for an unknown ``backend`` at
+    construction.
 
-    Source: oneDNN's inner product with a pre-reordered weight, as inductor's CPU weight prepacking calls it
-    (pytorch/pytorch, ``torch/_inductor/fx_passes/mkldnn_fusion.py``, ``_linear_pointwise``).
+    Source: oneDNN's inner product with a pre-reordered weight, as inductor's CPU weight prepacking
+    calls it (pytorch/pytorch, ``torch/_inductor/fx_passes/mkldnn_fusion.py``,
+    ``_linear_pointwise``).
     """
 
     packed = True
@@ -99,7 +106,8 @@ class Linear(nn.Linear):
 
     @classmethod
     def from_linear(cls, linear, *, backend="auto"):
-        """A ``Linear`` sharing ``linear``'s parameters (no copy). ``linear`` must be an ``nn.Linear``."""
+        """A ``Linear`` sharing ``linear``'s parameters (no copy). ``linear`` must be an
+        ``nn.Linear``."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
         requested_backend(backend)
@@ -150,9 +158,9 @@ class Linear(nn.Linear):
         )
 
     def packed_weight(self):
-        """The oneDNN-packed weight (an ``mkldnn``-layout tensor), built on first use and kept until the weight
-        changes (see the class). Raises ``RuntimeError`` when ``packed_linear_available`` is False for the
-        weight's dtype or the weight is off the CPU."""
+        """The oneDNN-packed weight (an ``mkldnn``-layout tensor), built on first use and kept until
+        the weight changes (see the class). Raises ``RuntimeError`` when ``packed_linear_available``
+        is False for the weight's dtype or the weight is off the CPU."""
         weight = self.weight
         if weight.device.type != "cpu" or not _AVAILABLE.get(weight.dtype, False):
             raise RuntimeError(
@@ -163,7 +171,7 @@ class Linear(nn.Linear):
         if cached is None or cached[0] is not weight or cached[1] != key:
             with torch.no_grad():
                 packed = _MKLDNN._reorder_linear_weight(weight.detach(), BATCH_SIZE_HINT)
-            # the weight itself is kept beside its key, so its storage cannot be freed and reused by a new one
+            # the weight is kept beside its key: its storage cannot be freed and reused by a new one
             cached = self._packed = (weight, key, packed)
         return cached[2]
 
@@ -174,8 +182,9 @@ class Linear(nn.Linear):
         return F.linear(input, self.weight, self.bias)
 
     def forward_gelu(self, input, approximate="none"):
-        """``F.gelu(self(input), approximate=approximate)``, in one oneDNN call on the packed path (GELU fused
-        into the GEMM's epilogue). ``approximate``: ``"none"`` (exact erf, BERT's) or ``"tanh"``."""
+        """``F.gelu(self(input), approximate=approximate)``, in one oneDNN call on the packed path
+        (GELU fused into the GEMM's epilogue). ``approximate``: ``"none"`` (exact erf, BERT's) or
+        ``"tanh"``."""
         if approximate not in _GELU:
             raise ValueError(f"approximate must be one of {_GELU}, got {approximate!r}")
         if self._use_packed(input):

@@ -16,8 +16,9 @@ from .linear import Linear
 
 
 class _LinearBackend:
-    """``backend`` as a property that the module's ``effbert.nn.Linear`` children follow (``"eager"`` keeps them
-    on ``F.linear``), so setting it on the module switches the whole module."""
+    """``backend`` as a property that the module's ``effbert.nn.Linear`` children follow
+    (``"eager"`` keeps them on ``F.linear``), so setting it on the module switches the whole
+    module."""
 
     @property
     def backend(self):
@@ -206,8 +207,9 @@ class TupeSelfAttention(_LinearBackend, nn.Module):
         """``q, k, v`` (each ``[..., hidden_size]``) from the fused projection. CPU inference runs it as three GEMMs
         on row blocks of the fused weight (views, no copy): on few tokens the three are faster than one three times
         as wide (5% at 128 tokens with MKL on two cores; equal from about 600 tokens), and the CPU attention takes
-        the three outputs as they are. On the packed path of ``effbert.nn.Linear`` (CPU inference) it is one
-        GEMM again: oneDNN runs the fused weight at least as fast as its three row blocks."""
+        the three outputs as they are. On the packed path of ``effbert.nn.Linear`` (CPU inference)
+        it is one GEMM again: oneDNN runs the fused weight at least as fast as its three row
+        blocks."""
         if not isinstance(self.qkv, nn.Linear) or (
             isinstance(self.qkv, Linear) and self.qkv._use_packed(hidden)
         ):  # a quantised linear (quantize_for_cpu) or a packed one: one GEMM, no weights to cut
