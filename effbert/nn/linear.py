@@ -10,11 +10,13 @@ AVX-512): 220-255 GFLOP/s against addmm's 86-112 from 31 to 512 rows, and ``attr
 BERT's GELU in the same call.
 """
 
+import os
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..ops._dispatch import requested_backend
+from ..ops._dispatch import ENV_VAR, requested_backend
 
 __all__ = ["Linear", "packed_linear_available", "BATCH_SIZE_HINT"]
 
@@ -27,7 +29,6 @@ _MKLDNN = getattr(torch.ops, "mkldnn", None)
 _HAS_OPS = _MKLDNN is not None and all(
     hasattr(_MKLDNN, name) for name in ("_linear_pointwise", "_reorder_linear_weight")
 )
-_FLOAT = (torch.float32, torch.bfloat16)
 
 
 def _bf16_supported():
@@ -131,31 +132,31 @@ class Linear(nn.Linear):
         return state
 
     def _use_packed(self, x):
+        # cheapest tests first: this runs on every call of every linear of the model
+        if not self.packed or torch.compiler.is_compiling() or type(x) is not torch.Tensor:
+            return False
         weight, bias = self.weight, self.bias
-        return (
-            self.packed
-            and not torch.compiler.is_compiling()
-            and isinstance(x, torch.Tensor)
-            and x.dtype in _FLOAT
-            and _AVAILABLE[x.dtype]
-            and x.device.type == "cpu"
-            and weight.device.type == "cpu"
-            and x.dtype == weight.dtype
-            and (bias is None or (bias.dtype == x.dtype and bias.device.type == "cpu"))
-            and x.layout == torch.strided
+        dtype = x.dtype
+        if not (
+            x.is_cpu
+            and weight.is_cpu
+            and weight.dtype is dtype
+            and _AVAILABLE.get(dtype, False)
+            and x.layout is torch.strided
             and x.dim() >= 1
             and x.shape[-1] == self.in_features
             and x.numel() > 0
-            and not (
-                torch.is_grad_enabled()
-                and (
-                    x.requires_grad
-                    or weight.requires_grad
-                    or (bias is not None and bias.requires_grad)
-                )
-            )
-            and requested_backend(self.backend) != "eager"
-        )
+            and (bias is None or (bias.dtype is dtype and bias.is_cpu))
+        ):
+            return False
+        if torch.is_grad_enabled() and (
+            x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
+        ):
+            return False
+        backend = self.backend
+        if backend == "auto":
+            backend = os.environ.get(ENV_VAR, "").strip() or "auto"
+        return backend != "eager"
 
     def packed_weight(self):
         """The oneDNN-packed weight (an ``mkldnn``-layout tensor), built on first use and kept until
