@@ -365,3 +365,54 @@ def test_models_use_effbert_linear():
         assert type(m) is Linear and isinstance(m, nn.Linear)
     assert type(model.position_encoder.query) is Linear and type(model.pooler.dense) is Linear
     assert effbert.nn.Linear is Linear
+
+
+@needs_bf16
+def test_quantize_for_cpu_keeps_float_linears_in_bf16_on_request():
+    from effbert.models import TupeBertForSequenceClassification
+    from effbert.models.quantization import _CastLinear
+
+    torch.manual_seed(0)
+    model = TupeBertForSequenceClassification(_config(multi_exit=True, num_labels=3)).eval()
+    ids = torch.randint(1, 50, (4, 10))
+    mask = torch.ones_like(ids)
+    mask[1, 6:] = 0
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    q = quantize_for_cpu(model, float_dtype=torch.bfloat16)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # untouched
+    kept = q.bert.encoder.layers[0].output
+    assert type(kept) is _CastLinear and kept.weight.dtype == torch.bfloat16
+    assert q.bert.position_encoder.query.weight.dtype == torch.float32  # positional: fp32
+    # the kept linear alone: fp32 in and out, within bf16 rounding of the fp32 layer in float64
+    fp32_layer = model.bert.encoder.layers[0].output
+    x = torch.randn(7, fp32_layer.in_features)
+    with torch.no_grad():
+        out = kept(x)
+    assert out.dtype == torch.float32 and kept._packed is not None
+    eager = F.linear(x.bfloat16(), fp32_layer.weight.bfloat16(), fp32_layer.bias.bfloat16())
+    assert_close(out.bfloat16(), _ref64(fp32_layer, x), rtol=1e-5, lowp_eager=eager)
+    # the whole model against the int8 one with fp32 kept layers; early exit runs on it
+    q32 = quantize_for_cpu(model)
+    with torch.no_grad():
+        a = q(ids, attention_mask=mask).exit_logits
+        b = q32(ids, attention_mask=mask).exit_logits
+        logits, exit_layer = q.early_exit(ids, mask, criterion="entropy", threshold=0.5)
+    assert relative_error(a, b.double()) < 2e-2
+    assert logits.shape == (4, 3) and exit_layer.shape == (4,)
+    assert ((exit_layer >= 1) & (exit_layer <= 2)).all()
+    # qkv kept too: its fused GEMM runs cast (no fp32 weight rows to cut)
+    q_qkv = quantize_for_cpu(model, keep_float=("qkv", "output"), float_dtype=torch.bfloat16)
+    with torch.no_grad():
+        c = q_qkv(ids, attention_mask=mask).exit_logits
+    assert relative_error(c, b.double()) < 5e-2
+
+
+def test_quantize_for_cpu_float_dtype_errors(monkeypatch):
+    from effbert.models import quantization
+
+    model = TupeBertModel(_config()).eval()
+    with pytest.raises(TypeError, match="float_dtype"):
+        quantize_for_cpu(model, float_dtype=torch.float16)
+    monkeypatch.setattr(quantization, "packed_linear_available", lambda dtype: False)
+    with pytest.raises(ValueError, match="float_dtype"):
+        quantize_for_cpu(model, float_dtype=torch.bfloat16)

@@ -210,9 +210,9 @@ class TupeSelfAttention(_LinearBackend, nn.Module):
         the three outputs as they are. On the packed path of ``effbert.nn.Linear`` (CPU inference)
         it is one GEMM again: oneDNN runs the fused weight at least as fast as its three row
         blocks."""
-        if not isinstance(self.qkv, nn.Linear) or (
-            isinstance(self.qkv, Linear) and self.qkv._use_packed(hidden)
-        ):  # a quantised linear (quantize_for_cpu) or a packed one: one GEMM, no weights to cut
+        kind = type(self.qkv)
+        if kind not in (nn.Linear, Linear) or (kind is Linear and self.qkv._use_packed(hidden)):
+            # quantised or cast (quantize_for_cpu) or packed: one GEMM, no weight rows to cut
             return self.qkv(hidden).unflatten(-1, (3, -1)).unbind(-2)
         if hidden.device.type == "cpu" and not (
             torch.is_grad_enabled() and (hidden.requires_grad or self.qkv.weight.requires_grad)
@@ -315,7 +315,7 @@ class TupeSelfAttention(_LinearBackend, nn.Module):
             if x.dim() != 2 or x.shape[-1] != self.hidden_size:
                 raise ValueError(f"{name} must be [T, {self.hidden_size}], got {tuple(x.shape)}")
         pos_bias = self._heads_pos_bias(pos_bias)
-        if isinstance(self.qkv, nn.Linear):
+        if type(self.qkv) in (nn.Linear, Linear):
             w = self.qkv.weight.chunk(3)
             bias = self.qkv.bias.chunk(3) if self.qkv.bias is not None else (None,) * 3
             # Q for the active tokens only; K and V for all of them
