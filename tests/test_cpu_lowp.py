@@ -62,7 +62,7 @@ def test_quantize_returns_a_new_model_and_quantises_only_the_chosen_linears():
     layer = q.bert.encoder.layers[0]
     assert type(layer.attention.qkv) is QLinear and type(layer.attention.out) is QLinear
     assert type(layer.intermediate) is QLinear
-    assert type(layer.output) is nn.Linear  # KEEP_FLOAT: the FFN down projection
+    assert type(layer.output) is effbert.nn.Linear  # KEEP_FLOAT: the FFN down projection
     assert type(q.exits[0].pooler) is QLinear and type(q.exits[0].classifier) is QLinear
     pos = (
         q.bert.position_encoder

@@ -38,6 +38,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..nn import Linear
+
 __all__ = [
     "add_coefficients",
     "remove_coefficients",
@@ -239,8 +241,9 @@ def masked_coefficients(model, head_keep, ffn_keep):
 
 
 def _linear_rows(linear, rows, cols=None):
-    """A new ``nn.Linear`` holding ``linear``'s weight rows ``rows`` (output features; None = all)
-    and columns ``cols`` (input features; None = all)."""
+    """A new linear of ``linear``'s class (``nn.Linear`` or ``effbert.nn.Linear``) holding its
+    weight rows ``rows`` (output features; None = all) and columns ``cols`` (input features; None =
+    all)."""
     w = linear.weight
     if rows is not None:
         w = w.index_select(0, rows)
@@ -250,12 +253,13 @@ def _linear_rows(linear, rows, cols=None):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         new = torch.nn.utils.skip_init(
-            nn.Linear,
+            type(linear),
             w.shape[1],
             w.shape[0],
             bias=linear.bias is not None,
             device=w.device,
             dtype=w.dtype,
+            **({"backend": linear.backend} if isinstance(linear, Linear) else {}),
         )  # every value is copied in below
     new.weight.copy_(w)
     if linear.bias is not None:
@@ -368,12 +372,13 @@ def _check_ticket(ticket, num_layers, num_heads, intermediate):
 def _empty_linear(in_features, out_features, like):
     with warnings.catch_warnings():  # 0-size weights: torch warns that their init is a no-op
         warnings.simplefilter("ignore", UserWarning)
-        return nn.Linear(
+        return type(like)(
             in_features,
             out_features,
             bias=like.bias is not None,
             device=like.weight.device,
             dtype=like.weight.dtype,
+            **({"backend": like.backend} if isinstance(like, Linear) else {}),
         )
 
 

@@ -45,6 +45,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..nn import Linear
+
 from .tupe_bert import MaskedLMOutput, TupeBertForMaskedLM
 
 __all__ = [
@@ -158,17 +160,19 @@ def grow_ffn(model, intermediate_size):
         return mapping
     for i, layer in enumerate(model.bert.encoder.layers):
         old_in, old_out = layer.intermediate, layer.output
-        new_in = nn.Linear(
+        new_in = Linear(
             old_in.in_features,
             intermediate_size,
             device=old_in.weight.device,
             dtype=old_in.weight.dtype,
+            backend=getattr(old_in, "backend", "auto"),
         )
-        new_out = nn.Linear(
+        new_out = Linear(
             intermediate_size,
             old_out.out_features,
             device=old_out.weight.device,
             dtype=old_out.weight.dtype,
+            backend=getattr(old_out, "backend", "auto"),
         )
         prefix = f"{_LAYERS}{i}."
         w_in = ParamGrowth(prefix + "intermediate.weight", k, 0, 1.0, 1.0 / k)

@@ -37,7 +37,14 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.modeling_outputs import MaskedLMOutput as _MaskedLMOutput
 from transformers.modeling_outputs import SequenceClassifierOutput
 
-from ..nn import ExitHead, MultiExitEncoder, NoteDictionary, TupePositionBias, TupeSelfAttention
+from ..nn import (
+    ExitHead,
+    Linear,
+    MultiExitEncoder,
+    NoteDictionary,
+    TupePositionBias,
+    TupeSelfAttention,
+)
 from ..ops import t5_relative_buckets
 from ..ops.checks import as_bool_attention_mask
 from ..ops import early_exit as ee_ops
@@ -159,9 +166,9 @@ class TupeBertLayer(nn.Module):
         )
         self.attention_dropout = nn.Dropout(config.hidden_dropout_prob)
         self.attention_norm = nn.LayerNorm(h, eps=config.layer_norm_eps)
-        self.intermediate = nn.Linear(h, config.intermediate_size)
+        self.intermediate = Linear(h, config.intermediate_size, backend=config.backend)
         self.act = _activation(config.hidden_act)
-        self.output = nn.Linear(config.intermediate_size, h)
+        self.output = Linear(config.intermediate_size, h, backend=config.backend)
         self.output_dropout = nn.Dropout(config.hidden_dropout_prob)
         self.output_norm = nn.LayerNorm(h, eps=config.layer_norm_eps)
         self.register_parameter(
@@ -169,8 +176,13 @@ class TupeBertLayer(nn.Module):
         )  # EarlyBERT's per-neuron coefficients (models/early_bird.py)
 
     def _ffn_inner(self, hidden):
-        """The activated FFN neurons ``[..., intermediate]``, scaled by ``ffn_coef`` when set."""
-        inner = self.act(self.intermediate(hidden))
+        """The activated FFN neurons ``[..., intermediate]``, scaled by ``ffn_coef`` when set. GELU
+        runs inside the up projection's GEMM (``Linear.forward_gelu``; oneDNN's epilogue on the
+        packed CPU path)."""
+        if isinstance(self.intermediate, Linear) and type(self.act) is nn.GELU:
+            inner = self.intermediate.forward_gelu(hidden, self.act.approximate)
+        else:
+            inner = self.act(self.intermediate(hidden))
         return inner if self.ffn_coef is None else inner * self.ffn_coef.to(inner.dtype)
 
     def forward(
@@ -308,7 +320,7 @@ class TupeBertEncoder(nn.Module):
 class TupeBertPooler(nn.Module):
     def __init__(self, config):
         super().__init__()
-        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        self.dense = Linear(config.hidden_size, config.hidden_size, backend=config.backend)
 
     def forward(self, hidden):
         """``[B, N, hidden]`` (token 0 is pooled) or each row's first token ``[B, hidden]``."""
@@ -360,12 +372,14 @@ class TupeBertPreTrainedModel(PreTrainedModel):
             _init.zeros_(module.bias)
 
     def set_backend(self, backend):
-        """Run every effbert op of this model on ``backend`` (``"auto"``, ``"triton"``, ``"eager"``, ...)."""
+        """Run every effbert op of this model on ``backend`` (``"auto"``, ``"triton"``, ``"eager"``,
+        ...); ``"eager"`` also keeps every ``effbert.nn.Linear`` on ``F.linear`` (no packed CPU
+        weights)."""
         if backend not in ("auto",) + BACKENDS:
             raise ValueError(f"backend must be one of {('auto',) + BACKENDS}, got {backend!r}")
         self.config.backend = backend
         for module in self.modules():
-            if isinstance(module, (TupeSelfAttention, TupePositionBias)):
+            if isinstance(module, (TupeSelfAttention, TupePositionBias, Linear)):
                 module.backend = backend
         return self
 
@@ -576,7 +590,7 @@ class TupeBertMLMHead(nn.Module):
 
     def __init__(self, config):
         super().__init__()
-        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        self.dense = Linear(config.hidden_size, config.hidden_size, backend=config.backend)
         self.act = _activation(config.hidden_act)
         self.layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.bias = nn.Parameter(torch.zeros(config.vocab_size))

@@ -5,6 +5,7 @@ from torch import nn
 
 from ..ops import early_exit as ops
 from ..ops.checks import as_bool_attention_mask, check_tensor
+from .linear import Linear
 
 __all__ = [
     "MultiExitEncoder",
@@ -20,7 +21,7 @@ class ExitHead(nn.Module):
 
     def __init__(self, hidden_size, num_classes, dropout=0.0):
         super().__init__()
-        self.pooler = nn.Linear(hidden_size, hidden_size)
+        self.pooler = Linear(hidden_size, hidden_size)
         self.dropout = nn.Dropout(dropout)
         self.classifier = nn.Linear(hidden_size, num_classes)
 

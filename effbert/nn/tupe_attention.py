@@ -12,9 +12,27 @@ from ..ops import (
     tupe_attention_varlen_subset,
     tupe_position_bias,
 )
+from .linear import Linear
 
 
-class TupePositionBias(nn.Module):
+class _LinearBackend:
+    """``backend`` as a property that the module's ``effbert.nn.Linear`` children follow
+    (``"eager"`` keeps them on ``F.linear``), so setting it on the module switches the whole
+    module."""
+
+    @property
+    def backend(self):
+        return self._backend
+
+    @backend.setter
+    def backend(self, value):
+        self._backend = value
+        for module in self.children():
+            if isinstance(module, Linear):
+                module.backend = value
+
+
+class TupePositionBias(_LinearBackend, nn.Module):
     """TUPE's untied positional logits ``P [H, N, N]`` for every layer of an encoder.
 
     Owns the absolute position embedding and its LayerNorm, the per-head projections U^Q and U^K, the T5 relative
@@ -57,8 +75,8 @@ class TupePositionBias(nn.Module):
         self.backend = backend
         self.position_embeddings = nn.Embedding(max_positions, hidden_size)
         self.layer_norm = nn.LayerNorm(hidden_size, eps=layer_norm_eps)
-        self.query = nn.Linear(hidden_size, hidden_size)
-        self.key = nn.Linear(hidden_size, hidden_size)
+        self.query = Linear(hidden_size, hidden_size, backend=backend)
+        self.key = Linear(hidden_size, hidden_size, backend=backend)
         if num_buckets is not None:
             self.rel_table = nn.Parameter(torch.zeros(num_buckets, num_heads))
             self.register_buffer(
@@ -124,7 +142,7 @@ class TupePositionBias(nn.Module):
         return self._cache[key].clone()  # the caller's copy: editing it cannot corrupt the cache
 
 
-class TupeSelfAttention(nn.Module):
+class TupeSelfAttention(_LinearBackend, nn.Module):
     """Fused QKV projection, ``tupe_attention`` and the output projection.
 
     ``forward(hidden [B, N, hidden_size], pos_bias=None, attention_mask=None)`` (``attention_mask [B, N]`` bool, True
@@ -165,8 +183,8 @@ class TupeSelfAttention(nn.Module):
             backend,
         )
         width = self.num_heads * self.head_dim
-        self.qkv = nn.Linear(hidden_size, 3 * width)
-        self.out = nn.Linear(width, hidden_size)
+        self.qkv = Linear(hidden_size, 3 * width, backend=backend)
+        self.out = Linear(width, hidden_size, backend=backend)
         # EarlyBERT (effbert.models.early_bird): per-head coefficients [H] scaling each head's slice of the
         # attention output, and which rows of a shared positional term this layer's heads read (None: all)
         self.register_parameter("head_coef", None)
@@ -189,10 +207,12 @@ class TupeSelfAttention(nn.Module):
         """``q, k, v`` (each ``[..., hidden_size]``) from the fused projection. CPU inference runs it as three GEMMs
         on row blocks of the fused weight (views, no copy): on few tokens the three are faster than one three times
         as wide (5% at 128 tokens with MKL on two cores; equal from about 600 tokens), and the CPU attention takes
-        the three outputs as they are."""
-        if (
-            type(self.qkv) is not nn.Linear
-        ):  # a quantised linear (quantize_for_cpu): one int8 GEMM, no weights to cut
+        the three outputs as they are. On the packed path of ``effbert.nn.Linear`` (CPU inference)
+        it is one GEMM again: oneDNN runs the fused weight at least as fast as its three row
+        blocks."""
+        kind = type(self.qkv)
+        if kind not in (nn.Linear, Linear) or (kind is Linear and self.qkv._use_packed(hidden)):
+            # quantised or cast (quantize_for_cpu) or packed: one GEMM, no weight rows to cut
             return self.qkv(hidden).unflatten(-1, (3, -1)).unbind(-2)
         if hidden.device.type == "cpu" and not (
             torch.is_grad_enabled() and (hidden.requires_grad or self.qkv.weight.requires_grad)
@@ -295,7 +315,7 @@ class TupeSelfAttention(nn.Module):
             if x.dim() != 2 or x.shape[-1] != self.hidden_size:
                 raise ValueError(f"{name} must be [T, {self.hidden_size}], got {tuple(x.shape)}")
         pos_bias = self._heads_pos_bias(pos_bias)
-        if type(self.qkv) is nn.Linear:
+        if type(self.qkv) in (nn.Linear, Linear):
             w = self.qkv.weight.chunk(3)
             bias = self.qkv.bias.chunk(3) if self.qkv.bias is not None else (None,) * 3
             # Q for the active tokens only; K and V for all of them
