@@ -484,7 +484,7 @@ def plot(result, path):
         left.plot(range(len(gaps)), gaps, label=name)
     left.set_yscale("log")
     left.set_xlabel("sentence (sorted)")
-    left.set_ylabel("1 - cosine to effbert fp32")
+    left.set_ylabel("1 - cosine to effbert fp32 (floor 1e-9)")
     left.set_title("sentence embeddings, all-MiniLM-L6-v2")
     left.legend(fontsize=8)
     rows = result["task"]["rows"]
@@ -501,9 +501,9 @@ def plot(result, path):
     )
     right.set_xticks(list(x), names, rotation=20, fontsize=7)
     right.set_ylim(80, 100.5)
-    right.set_ylabel("% of dev rows")
+    right.set_ylabel("% of rows")
     right.set_title("fine-tuned fortunes classifier (144 dev rows, 720 in all)")
-    right.legend(fontsize=8)
+    right.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
