@@ -94,11 +94,28 @@ def test_cosines_and_nearest_neighbours_match_a_float64_hand_computation(lowp):
     assert 0 < share < 1  # the case tests a partial agreement
     assert lowp.neighbour_agreement(c, b) == pytest.approx(share, abs=1e-15)
     assert lowp.neighbour_agreement(b, b) == 1.0
+    def top(rows, i, k):  # row i's k nearest others, by cosine
+        others = [j for j in range(len(rows)) if j != i]
+        return sorted(others, key=lambda j: -cos(rows[i], rows[j]))[:k]
+
+    for k in (1, 3):
+        hand = sum(nc[i] in top(rows_b, i, k) for i in range(9)) / 9
+        assert lowp.neighbour_in_top_k(c, b, k) == pytest.approx(hand, abs=1e-15)
+    assert lowp.neighbour_in_top_k(c, b, 3) > share  # the case tests k > 1 widening it
+    sims = [
+        sorted((cos(rows_b[i], rows_b[j]) for j in range(9) if j != i), reverse=True)
+        for i in range(9)
+    ]
+    spread = lowp.reference_neighbours(b)
+    assert spread["median_top1_cosine"] == pytest.approx(sorted(x[0] for x in sims)[4], abs=1e-12)
+    gaps = sorted(x[0] - x[1] for x in sims)
+    assert spread["median_gap_to_second"] == pytest.approx(gaps[4], abs=1e-12)
     row = lowp.embedding_row(c, b)
     hand = [cos(x, y) for x, y in zip(c.tolist(), rows_b)]
     assert row["mean_cosine"] == pytest.approx(sum(hand) / 9, abs=1e-12)
     assert row["min_cosine"] == pytest.approx(min(hand), abs=1e-12)
     assert row["neighbour_agreement"] == pytest.approx(share, abs=1e-15)
+    assert row["neighbour_in_fp32_top3"] == lowp.neighbour_in_top_k(c, b, 3)
 
 
 def test_accuracy_and_agreement_are_shares_of_equal_entries(lowp):
@@ -122,6 +139,8 @@ def test_bad_inputs_are_refused_naming_the_argument(lowp):
         lowp.cosines(x, torch.randn(5, 3))
     with pytest.raises(ValueError, match="at least 2 rows"):
         lowp.nearest_neighbours(torch.randn(1, 3))
+    with pytest.raises(ValueError, match="k must be"):
+        lowp.neighbour_in_top_k(x, x, 4)
     with pytest.raises(ValueError, match="values"):
         lowp.agreement(torch.tensor([0.5, 1.0]), torch.tensor([0, 1]))
     with pytest.raises(ValueError, match="same non-zero length"):
