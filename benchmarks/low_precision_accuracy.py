@@ -22,11 +22,12 @@ quantisation, both measured against fp32.
 ONNX Runtime runs what the bench gives it (``effbert.bench.peers``): a transformers ``BertModel``
 exported with dynamic batch and length, optimised by its BERT optimizer (fused Attention), quantised
 with ``onnxruntime.quantization.quantize_dynamic`` at its defaults (int8 weights per tensor, every
-linear). For the fine-tuned classifier the effbert encoder's weights are converted back to a
-transformers ``BertModel`` (``effbert_state_dict_to_hf``; its fp32 logits are checked against
-effbert's, else the run stops) and exported; that export path ends at ``last_hidden_state``, so the
-pooler and the 4-way classifier (0.15M of 22.7M parameters) run in torch fp32 on ONNX Runtime's
-output, where effbert's int8 variants quantise them too.
+linear and the embedding tables: MatMulInteger, QAttention, QEmbedLayerNormalization). For the
+fine-tuned classifier the effbert encoder's weights are converted back to a transformers
+``BertModel`` (``effbert_state_dict_to_hf``; its fp32 logits are checked against effbert's, else the
+run stops) and exported; that export path ends at ``last_hidden_state``, so the pooler and the 4-way
+classifier (0.15M of 22.7M parameters) run in torch fp32 on ONNX Runtime's output, where effbert's
+int8 variants quantise them too.
 
 One thread (torch and ONNX Runtime). Stage times are process CPU seconds (``time.process_time``)
 beside wall seconds, with the load average: the machine is shared, so wall time is noisy.
@@ -72,7 +73,8 @@ DESCRIPTIONS = {
     "effbert-int8": "quantize_for_cpu(model): FFN down projection kept fp32 (default keep_float)",
     "effbert-int8-all": "quantize_for_cpu(model, keep_float=()): every linear int8",
     "onnxruntime-fp32": "ONNX Runtime, BERT-optimised graph, fp32",
-    "onnxruntime-int8": "ONNX Runtime quantize_dynamic (defaults: QInt8 weights, every linear)",
+    "onnxruntime-int8": "ONNX Runtime quantize_dynamic (defaults: QInt8 weights per tensor, every "
+    "linear and the embedding tables)",
     HEAD_FP32: "classifier only: quantize_for_cpu(model, keep_float=KEEP_FLOAT + ('dense', "
     "'classifier')), the pooler and classifier fp32 as in the onnxruntime rows",
 }
