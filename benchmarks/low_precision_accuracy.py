@@ -410,6 +410,7 @@ def task_accuracy(folder, args, stages):
         )
     # the conversion back is exact: ONNX Runtime fp32's logits against effbert's
     from effbert.bench.peers import ATOL
+
     with torch.no_grad():
         gap = max(
             float(
@@ -445,8 +446,7 @@ def verdict(result):
     checks = {
         "min_cosine": emb[ours]["min_cosine"] >= emb[peer]["min_cosine"],
         "mean_cosine": emb[ours]["mean_cosine"] >= emb[peer]["mean_cosine"],
-        "neighbour_agreement": emb[ours]["neighbour_agreement"]
-        >= emb[peer]["neighbour_agreement"],
+        "neighbour_agreement": emb[ours]["neighbour_agreement"] >= emb[peer]["neighbour_agreement"],
         "dev_accuracy": task[ours]["accuracy"] >= task[peer]["accuracy"],
         "agreement_with_fp32": task[ours]["agreement_with_fp32"]
         >= task[peer]["agreement_with_fp32"],

@@ -105,9 +105,7 @@ def test_odd_shapes_and_layouts():
                 out = m(x)
                 assert out.shape == x.shape[:-1] + (48,)
                 assert_close(out, _ref64(m, x), rtol=1e-5)
-                assert_close(
-                    m.forward_gelu(x), F.gelu(_ref64(m, x)), rtol=1e-5, what="gelu output"
-                )
+                assert_close(m.forward_gelu(x), F.gelu(_ref64(m, x)), rtol=1e-5, what="gelu output")
         for x in (torch.randn(0, 64), torch.randn(2, 0, 64)):  # no rows: F.linear's empty output
             assert lin(x).shape == x.shape[:-1] + (48,)
             assert lin.forward_gelu(x).shape == x.shape[:-1] + (48,)

@@ -94,6 +94,7 @@ def test_cosines_and_nearest_neighbours_match_a_float64_hand_computation(lowp):
     assert 0 < share < 1  # the case tests a partial agreement
     assert lowp.neighbour_agreement(c, b) == pytest.approx(share, abs=1e-15)
     assert lowp.neighbour_agreement(b, b) == 1.0
+
     def top(rows, i, k):  # row i's k nearest others, by cosine
         others = [j for j in range(len(rows)) if j != i]
         return sorted(others, key=lambda j: -cos(rows[i], rows[j]))[:k]
@@ -159,9 +160,7 @@ def test_a_quantised_classifiers_prediction_agreement_is_what_the_function_says(
     batches = _batches(tokenizer, texts, 16)
     with torch.no_grad():  # the decision boundary through the middle of the rows' logit gaps, so
         # that int8 rounding flips some rows and leaves others
-        gap = torch.cat(
-            [model(**b).logits.diff(dim=-1)[:, 0] for b in batches]
-        ).sort().values
+        gap = torch.cat([model(**b).logits.diff(dim=-1)[:, 0] for b in batches]).sort().values
         model.classifier.bias[1] -= (gap[47] + gap[48]) / 2
     models = lowp.lower_precision(model)
     assert list(models) == list(lowp.EFFBERT_VARIANTS) and models["fp32"] is model
