@@ -104,3 +104,20 @@ def test_counted_token_layers_are_the_runs(mode, case):
         assert int(tokens.sum()) == int(want.sum()) and not has_words.all()
     if case == "all_at_layer_1":
         assert int(tokens.sum()) == int(mask.sum()) and set(sentences.tolist()) == {1}
+
+
+def test_bisection_finds_the_threshold_of_a_reduction():
+    """On a known curve, token-layers 1200 * (1 - t) for t in [0, 1): 3x fewer is t = 2/3."""
+    t, got = bench.bisect_threshold(lambda t: round(1200 * (1 - t)), 1200, 3, steps=20)
+    assert abs(t - 2 / 3) < 1e-3 and abs(got - 3) < 0.01
+    with pytest.raises(ValueError, match="full"):
+        bench.bisect_threshold(lambda t: 1, 0, 3)
+    with pytest.raises(ValueError, match="reduction"):
+        bench.bisect_threshold(lambda t: 1, 10, 0)
+    with pytest.raises(ValueError, match="lengths"):
+        bench.make_batch([], 100, 0)
+    ids, mask, label_mask = bench.make_batch([5, 2, 9], 100, seed=3)
+    assert ids.shape == (3, 9) and mask.sum(1).tolist() == [5, 2, 9]
+    # words lie between [CLS] and [SEP]: never the first or the last real token
+    assert not label_mask[:, 0].any() and not label_mask[0, 4] and not label_mask[2, 8]
+    assert label_mask[0, 1] and label_mask[2, 1] and not label_mask[1].any()

@@ -80,9 +80,13 @@ def _real_lengths(batch, seed):
 
 def make_batch(lengths, vocab, seed):
     """``(input_ids [B, N], attention_mask [B, N] bool, label_mask [B, N] bool)`` for real
-    ``lengths`` (N their
-    max): random ids, [CLS]/[SEP] at each row's ends, words of 1-3 pieces between them, drawn with
-    ``seed``."""
+    ``lengths`` (ints >= 1; N their max): random ids below ``vocab``, [CLS]/[SEP] at each row's
+    ends, words of 1-3 pieces between them, drawn with ``seed``. Raises ``ValueError`` naming the
+    argument."""
+    if not lengths or any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in lengths):
+        raise ValueError(f"lengths must be a non-empty list of ints >= 1, got {lengths!r}")
+    if isinstance(vocab, bool) or not isinstance(vocab, int) or vocab < 2:
+        raise ValueError(f"vocab must be an int >= 2, got {vocab!r}")
     g = torch.Generator().manual_seed(seed)
     rng = random.Random(seed)
     b, n = len(lengths), max(lengths)
@@ -143,9 +147,8 @@ def inference_flops(tokens, sentences, attention_mask, hidden, inter):
     tokens' query layers summed and ``L`` its layers, ``2 * Q * (2 h^2 + 2 h f)`` (Q and output
     projections, FFN on the queries) ``+ 2 * n * L * 2 h^2`` (K and V on every token of each layer
     it is in) ``+ 4 * h * n * Q`` (attention: each query against the sentence's n keys, scores and
-    weighted values), h = ``hidden``,
-    f = ``inter``. Full depth is ``Q = n * L``, ``L`` = the depth. Returns a float. Raises
-    ``ValueError``."""
+    weighted values), h = ``hidden``, f = ``inter``. Full depth is ``Q = n * L``, ``L`` = the
+    depth. Returns a float. Raises ``ValueError`` naming the argument."""
     for name, v in (("hidden", hidden), ("inter", inter)):
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise ValueError(f"{name} must be an int >= 1, got {v!r}")
@@ -265,9 +268,11 @@ def bisect_threshold(token_layers_of, full, reduction, steps=None, lo=1e-4, hi=1
 @lru_cache(maxsize=16)
 def calibrate(quick, mode, reduction, device="cpu"):
     """``bisect_threshold`` for the bench model on the held-out rows: the threshold ``t`` (TOKEE:
-    the published
-    schedule's first half) for full depth's token-layers over ``reduction``; returns ``(t, held-out
-    reduction)``."""
+    the published schedule's first half) for full depth's token-layers over ``reduction``; returns
+    ``(t, held-out reduction)``. Raises ``ValueError`` for a ``mode`` other than "tokee" or
+    "sentee"."""
+    if mode not in ("tokee", "sentee"):
+        raise ValueError(f"mode must be 'tokee' or 'sentee', got {mode!r}")
     ids, mask, label_mask = _heldout(quick, device)
     full = int(mask.sum()) * DEPTH
     before = torch.get_num_threads()
@@ -490,8 +495,8 @@ def _loop_case(batch, quick, device, common, full_flops):
 def cases(device, quick):
     """The rows of every batch size on ``device`` (a ``torch.device``: the CPU run of ``effbert
     bench`` and the GPU suite list the same rows; on CUDA the model and batches live there and each
-    call is timed between
-    synchronisations by the runner)."""
+    call is timed between synchronisations by the runner). Raises ``ValueError`` for another
+    ``device``."""
     if not isinstance(device, torch.device):
         raise ValueError(f"device must be a torch.device, got {device!r}")
     dev = device.type if device.index is None else str(device)

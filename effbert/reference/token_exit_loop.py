@@ -10,9 +10,9 @@ values); after layer i the words' normalised entropy from classifier i, then a w
 (``max_pool1d``) and a Python loop over the words (TOKEE) or the sentence's pooled value (SENTEE)
 against ``thresholds[i]``. It is the ground truth the batched
 ``TupeBertForTokenClassification.early_exit_token_labels`` is tested against, and the
-``official-loop`` provider of the ``token_exit_inference`` bench rows. It runs the model's own
-layers (on the model's backend), so it imports the models lazily and is not part of the op
-references of ``effbert.reference``.
+``official-loop`` provider of the ``token_exit_inference`` bench rows. It runs the layers of the
+model it is given (on that model's backend), so unlike the op references beside it it is not
+exported by ``effbert.reference``: import it from this module.
 """
 
 import math
@@ -24,10 +24,9 @@ __all__ = ["uncertainty", "published_token_exit_loop"]
 
 
 def uncertainty(logits):
-    """``get_uncertainty`` of ``V0/utils.py``: ``H(softmax(logits)) / log(C)`` over the last dim, in
-    float64.
-    ``logits [..., C]`` float, C >= 2; returns float64 ``[...]``. Raises ``ValueError`` for other
-    inputs."""
+    """``get_uncertainty`` of ``V0/utils.py``: ``H(softmax(logits)) / log(C)`` over the last dim,
+    in float64. ``logits [..., C]`` float, C >= 2; returns float64 ``[...]``. Raises
+    ``ValueError`` for other inputs."""
     if not isinstance(logits, torch.Tensor) or not logits.is_floating_point() or logits.dim() < 1:
         raise ValueError("logits must be a float tensor [..., C]")
     if logits.shape[-1] < 2:
