@@ -366,10 +366,8 @@ def _provider_cases(batch, quick, device):
     ids, mask, label_mask = _batch(quick, device, batch)
     lengths = mask.sum(1)
     seq = ids.shape[1]
-    full_tokens, full_sent = query_layers(
-        torch.zeros_like(ids), label_mask, mask, "full"
-    )  # every sentence DEPTH layers
-    full_sent = torch.full_like(full_sent, DEPTH)
+    # full depth: every sentence DEPTH layers, every token a query in each
+    full_sent = torch.full((ids.shape[0],), DEPTH, dtype=torch.int64, device=ids.device)
     full_flops = inference_flops(torch.where(mask, DEPTH, 0), full_sent, mask, h, f)
     params = {"B": batch, "Nmax": seq}
     shape = f"B={batch},real lengths,Nmax={seq},words={int(label_mask.sum())}"
