@@ -2,7 +2,10 @@
 all-MiniLM-L6-v2 fine-tuned with stage 1 (joint training of every layer's classifier) then stage 2
 (self-sampling), each for a time budget; the per-layer entity F1 of both stages, then TOKEE and
 SENTEE at a few thresholds (F1, average exit layer, token-layers saved) and the TOKEE threshold
-calibrated for an average exit of half the depth.
+calibrated for an average exit of half the depth; then, on the stage-2 model, full depth, SENTEE
+(2x) and TOKEE (2x, 3x, 4x fewer token-layers, thresholds calibrated on half the held-out
+sentences) with F1, the reduction, the FLOP ratio and the speed-up over full depth at B = 1, 8 and
+32 side by side, on the other half (``speed.md`` and ``tokee.json``'s ``speed``).
 
 The task (docs/token_exit.md says why): noun-phrase chunking (CoNLL-2000 style, BIO labels
 ``B-NP``/``I-NP``/ ``O``) of the English texts in ``/usr/share/common-licenses`` (real prose),
@@ -23,7 +26,7 @@ shared with other jobs, so wall time is noisy.
 
     python benchmarks/tokee_real_task.py --stage-seconds 150
 
-Writes ``benchmarks/results/<UTC>_CPU_<sha>_tokee/tokee.json``.
+Writes ``benchmarks/results/<UTC>_CPU_<sha>_tokee/tokee.json`` and ``speed.md``.
 """
 
 import argparse
@@ -194,6 +197,156 @@ def exit_rows(model, batches, thresholds, window):
     return rows
 
 
+SPEED_SETTINGS = (("full", None), ("sentee", 2), ("tokee", 2), ("tokee", 3), ("tokee", 4))
+
+
+def _pad_cat(tensors, value):
+    n = max(t.shape[1] for t in tensors)
+    pad = torch.nn.functional.pad
+    return torch.cat([pad(t, (0, n - t.shape[1]), value=value) for t in tensors])
+
+
+def _run_setting(model, batch, mode, t, window):
+    """One batch at one setting: ``TokenExitOutput`` (``mode`` None: full depth, the last layer's
+    classifier on every token after every layer, exit layer L)."""
+    from effbert.models import published_token_thresholds
+
+    depth = model.config.num_hidden_layers
+    label_mask = batch["labels"] != -100
+    if mode is None:
+        hidden = model.bert(batch["input_ids"], batch["attention_mask"]).last_hidden_state
+        labels = model.exits[-1](hidden).argmax(-1).masked_fill(~label_mask, -100)
+        exit_layer = torch.where(label_mask, depth, 0)
+        return labels, exit_layer, int(batch["attention_mask"].sum()) * depth
+    per_layer = published_token_thresholds(t, depth) if mode == "tokee" else [t] * depth
+    out = model.early_exit_token_labels(
+        batch["input_ids"],
+        batch["attention_mask"],
+        label_mask=label_mask,
+        mode=mode,
+        thresholds=per_layer,
+        window=window,
+    )
+    return out.labels, out.exit_layer, out.token_layers
+
+
+def speed_rows(model, calibration, evaluation, collate, window, id2label, log, rounds=5, timed=32):
+    """Full depth, SENTEE (2x) and TOKEE (2x, 3x, 4x fewer token-layers), thresholds bisected on
+    the ``calibration`` rows (``effbert.bench.token_exit_inference.bisect_threshold``); on the
+    ``evaluation`` rows each setting's entity F1, token-layer reduction and FLOP ratio (the bench's
+    ``inference_flops``: Q/output/FFN on each layer's queries, K/V on every token of the sentences
+    still running, attention's real query-key pairs), then its time at B = 1, 8 and 32 over the
+    first ``timed`` evaluation sentences (``effbert.bench.timing.interleave``: the settings timed
+    round by round, ``rounds`` rounds, median; wall and process CPU milliseconds per sentence) and
+    the speed-up over full depth in both clocks. Returns a list of dicts."""
+    from effbert.bench.timing import interleave
+    from effbert.bench.token_exit_inference import bisect_threshold, inference_flops, query_layers
+    from effbert.token_metrics import entity_f1
+
+    model.eval()
+    cfg = model.config
+    depth, h, f = cfg.num_hidden_layers, cfg.hidden_size, cfg.intermediate_size
+    cal = batches_of(calibration, collate, 32)
+    ev = batches_of(evaluation, collate, 32)
+    cal_full = sum(int(b["attention_mask"].sum()) for b in cal) * depth
+    rows = []
+    with torch.no_grad():
+        for mode, k in SPEED_SETTINGS:
+            t, heldout = None, 1.0
+            if mode != "full":
+                t, heldout = bisect_threshold(
+                    lambda x: sum(_run_setting(model, b, mode, x, window)[2] for b in cal),
+                    cal_full,
+                    k,
+                    steps=12,
+                    hi=1.01,
+                )
+            preds, golds, used, full, flops, full_flops = [], [], 0, 0, 0.0, 0.0
+            for b in ev:
+                labels, exit_layer, token_layers = _run_setting(
+                    model, b, None if mode == "full" else mode, t, window
+                )
+                mask, label_mask = b["attention_mask"].bool(), b["labels"] != -100
+                tok, sent = query_layers(
+                    exit_layer, label_mask, mask, "sentee" if mode == "full" else mode
+                )
+                if mode == "full":
+                    tok, sent = torch.where(mask, depth, 0), torch.full_like(sent, depth)
+                assert int(tok.sum()) == token_layers, (int(tok.sum()), token_layers)
+                flops += inference_flops(tok, sent, mask, h, f)
+                full_flops += inference_flops(
+                    torch.where(mask, depth, 0), torch.full_like(sent, depth), mask, h, f
+                )
+                used += token_layers
+                full += int(mask.sum()) * depth
+                preds.append(labels)
+                golds.append(b["labels"])
+            f1 = entity_f1(_pad_cat(preds, -100), _pad_cat(golds, -100), id2label)
+            name = "full" if mode == "full" else f"{mode}-{k}x"
+            rows.append(
+                dict(
+                    setting=name,
+                    threshold=t,
+                    calibration_reduction=heldout,
+                    f1=f1,
+                    reduction=full / used,
+                    flop_ratio=flops / full_flops,
+                )
+            )
+            log(
+                f"{name}: t={t} F1 {f1:.4f} reduction {full / used:.2f}x "
+                f"FLOP ratio {flops / full_flops:.3f}"
+            )
+        for size in (1, 8, 32):
+            batches = batches_of(evaluation[:timed], collate, size)
+
+            def runner(mode, t):
+                def fn():
+                    for b in batches:
+                        _run_setting(model, b, None if mode == "full" else mode, t, window)
+
+                return fn
+
+            fns = [runner(r["setting"].split("-")[0], r["threshold"]) for r in rows]
+            wall, cpu, errors = interleave(fns, rounds=rounds)
+            if errors:
+                raise RuntimeError(f"timing failed: {errors}")
+            per = [
+                (sorted(w)[len(w) // 2] / timed, sorted(c)[len(c) // 2] / timed)
+                for w, c in zip(wall, cpu)
+            ]
+            for r, (w, c) in zip(rows, per):
+                r[f"B{size}_wall_ms_per_sentence"] = w
+                r[f"B{size}_cpu_ms_per_sentence"] = c
+                r[f"B{size}_speedup_wall"] = per[0][0] / w
+                r[f"B{size}_speedup_cpu"] = per[0][1] / c
+            ups = ", ".join(f"{r['setting']} {r[f'B{size}_speedup_cpu']:.2f}x" for r in rows)
+            log(f"B={size}: CPU-time speed-ups {ups}")
+    return rows
+
+
+def speed_table(rows):
+    """The rows of ``speed_rows`` as a Markdown table."""
+    head = (
+        "| setting | threshold | F1 | token-layers fewer | FLOP ratio | "
+        + " | ".join(
+            f"B={b} ms/sent (wall / CPU) | B={b} speed-up (wall / CPU)" for b in (1, 8, 32)
+        )
+        + " |"
+    )
+    lines = [head, "|" + "---|" * (5 + 6)]
+    for r in rows:
+        t = "-" if r["threshold"] is None else f"{r['threshold']:.4g}"
+        cells = [r["setting"], t, f"{r['f1']:.4f}"]
+        cells += [f"{r['reduction']:.2f}x", f"{r['flop_ratio']:.3f}"]
+        for b in (1, 8, 32):
+            wall, cpu = r[f"B{b}_wall_ms_per_sentence"], r[f"B{b}_cpu_ms_per_sentence"]
+            cells.append(f"{wall:.2f} / {cpu:.2f}")
+            cells.append(f"{r[f'B{b}_speedup_wall']:.2f}x / {r[f'B{b}_speedup_cpu']:.2f}x")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument(
@@ -313,6 +466,29 @@ def main(argv=None):
     result["stage2"]["per_layer_f1"] = per_layer_f1(stage2_model, test_batches, id2label)
     log(f"stage 2 per-layer F1 {[round(x, 4) for x in result['stage2']['per_layer_f1']]}")
     result["stage2"]["exits"] = exit_rows(stage2_model, test_batches, a.thresholds, a.window)
+    # speed beside F1: the held-out sentences split in two, thresholds calibrated on the odd ones,
+    # F1 / reduction / FLOP ratio / time on the even ones
+    load0, cpu0, wall0 = os.getloadavg(), time.process_time(), time.perf_counter()
+    rows = speed_rows(
+        stage2_model, test_rows[1::2], test_rows[0::2], collate, a.window, id2label, log
+    )
+    result["speed"] = dict(
+        model="stage 2",
+        calibration_sentences=len(test_rows[1::2]),
+        evaluation_sentences=len(test_rows[0::2]),
+        timed_sentences=min(32, len(test_rows[0::2])),
+        rows=rows,
+        loadavg_before=list(load0),
+        loadavg_after=list(os.getloadavg()),
+        cpu_s=time.process_time() - cpu0,
+        wall_s=time.perf_counter() - wall0,
+    )
+    with open(os.path.join(out, "speed.md"), "w") as f:
+        f.write(
+            f"TOKEE / SENTEE speed beside F1, stage-2 model, one thread; load average "
+            f"{load0[0]:.2f} before, {os.getloadavg()[0]:.2f} after (a shared machine: wall time "
+            f"is noisy, process CPU time is the figure to compare)\n\n" + speed_table(rows)
+        )
     result["date"] = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
     with open(os.path.join(out, "tokee.json"), "w") as f:
         json.dump(result, f, indent=1)

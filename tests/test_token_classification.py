@@ -16,6 +16,8 @@ from effbert.models import (
     multi_exit_token_loss,
     published_token_thresholds,
 )
+from effbert.reference.token_exit_loop import uncertainty
+from effbert.reference.token_exit_loop import published_token_exit_loop as published_loop
 
 DEPTH = 4
 
@@ -72,87 +74,6 @@ def make_batch(cfg, lengths=(9, 4, 13, 1, 7, 2), n=14):
 # ---- the published loop: one sentence at a time, the whole layer on every token, the masked copy rule ----
 
 
-def uncertainty(logits):
-    """``get_uncertainty`` of V0/utils.py: entropy of the softmax over log(C), in float64."""
-    logp = torch.log_softmax(logits.double(), -1)
-    return -(logp.exp() * logp).sum(-1) / math.log(logits.shape[-1])
-
-
-def published_loop(
-    model,
-    ids,
-    label_mask,
-    *,
-    mode,
-    thresholds,
-    window=3,
-    pool="max",
-    copy_wordpieces="all",
-    freeze=True,
-    hf=None,
-    token_thresholds=None,
-):
-    """One sentence (its real tokens ``ids [n]``) as ``BertModel_EE.forward`` runs it with batch size 1
-    (``s_level_ee`` / ``t_level_win_ee_copy``): every layer on the full ``[1, n, hidden]`` states, then
-    ``h = where(running, layer(h), h)`` (exited word pieces keep their state and still give keys and values);
-    after layer i, the words' ``u`` from classifier i, window max (``max_pool1d``) or sentence pooling, exit
-    when below ``thresholds[i]``. Returns per word (label, exit layer 1-based) and the token-layers run.
-    ``freeze=False`` lets exited pieces run on (not the method: it shows that the tests see the copy rule).
-    ``hf``: a transformers ``BertModel`` whose own embeddings and ``BertLayer``s run the sentence (the published
-    code's encoder), with ``model.exits`` as the classifiers."""
-    bert = model.bert
-    n = ids.shape[0]
-    if hf is None:
-        h = bert.embed(ids[None], torch.zeros_like(ids)[None])
-        pos_bias = bert.position_bias(n)
-        full = torch.ones(1, n, dtype=torch.bool)
-        layers = [lambda x, layer=layer: layer(x, pos_bias, full) for layer in bert.encoder.layers]
-    else:
-        h = hf.embeddings(input_ids=ids[None])
-        layers = [lambda x, layer=layer: _first(layer(x)) for layer in hf.encoder.layer]
-    first = label_mask.nonzero().flatten().tolist()
-    # word pieces: from the labelled token up to the next one or the last token ([SEP]), exclusive
-    ends = first[1:] + [n - 1]
-    pieces = [list(range(s, max(e, s + 1))) for s, e in zip(first, ends)]
-    if copy_wordpieces == "first":
-        pieces = [[s] for s in first]
-    running = torch.ones(n, dtype=torch.bool)
-    pred, exit_layer = [None] * len(first), [0] * len(first)
-    exit_logits = [None] * len(first)
-    token_layers = 0
-    depth = len(layers)
-    for i, (layer, head) in enumerate(zip(layers, model.exits)):
-        out = layer(h)
-        token_layers += int(running.sum()) if mode == "tokee" else n
-        h = torch.where(running[None, :, None], out, h)
-        if not first:
-            break
-        logits = head(h[0, first])
-        labels = logits.argmax(-1).tolist()
-        if i + 1 == depth:
-            for j in range(len(first)):
-                if pred[j] is None:
-                    pred[j], exit_layer[j], exit_logits[j] = labels[j], i + 1, logits[j]
-            break
-        u = uncertainty(logits)
-        if mode == "sentee":
-            pooled = u.max() if pool == "max" else u.mean()
-            if pooled < thresholds[i]:
-                pred, exit_layer, exit_logits = labels, [i + 1] * len(first), list(logits)
-                break
-            continue
-        win = F.max_pool1d(u[None, None], kernel_size=window, stride=1, padding=window // 2)[0, 0]
-        for j in range(len(first)):
-            own = token_thresholds is not None and u[j] < token_thresholds[i]  # --t_level_t
-            if pred[j] is None and (win[j] < thresholds[i] or own):
-                pred[j], exit_layer[j], exit_logits[j] = labels[j], i + 1, logits[j]
-                running[pieces[j]] = not freeze
-        if all(p is not None for p in pred):
-            break
-    exit_logits = torch.stack(exit_logits) if first else torch.zeros(0, model.config.num_labels)
-    return pred, exit_layer, token_layers, exit_logits
-
-
 def quantile_thresholds(model, ids, mask, label_mask, q, window=3):
     """Per layer, about the ``q`` quantile of the words' window uncertainty in a full forward: thresholds that let
     words leave at every layer (the states change once words exit, so the spread is approximate). Each threshold
@@ -170,10 +91,6 @@ def quantile_thresholds(model, ids, mask, label_mask, q, window=3):
         k = min(int(q * (win.numel() - 1)), win.numel() - 2)
         out.append(float((win[k] + win[k + 1]) / 2))
     return out
-
-
-def _first(out):
-    return out[0] if isinstance(out, tuple) else out
 
 
 def check_against_loop(model, ids, mask, label_mask, hf=None, **kw):

@@ -352,6 +352,8 @@ HEADLINE = {
     "mc_sample_fused": (),
     "mc_candidate_loss": (),
     "early_exit_inference": ({"B": 64, "avg_exit": 6},),
+    # full depth / SENTEE / TOKEE at B=8 (the published loop only at B=1 and 32: with the rest)
+    "token_exit_inference": ({"B": 8},),
     "tupe_attention": ({"B": 32, "N": 512, "H": 12, "D": 64, "pad": None},),
     "tupe_attention_varlen": (),
     "train_step_padding": ({"B": 32, "N": 512},),

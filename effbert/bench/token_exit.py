@@ -1,5 +1,7 @@
-"""Benchmark cases of token-level early exit: ``token_exit_decision`` on packed tokens against plain PyTorch on the
-padded batch (entropy, ``max_pool1d``, compare), what a user writes without effbert.
+"""Benchmark cases of token-level early exit: ``token_exit_decision`` on packed tokens against plain
+PyTorch on the padded batch (entropy, ``max_pool1d``, compare), what a user writes without effbert;
+and the model-level rows of ``token_exit_inference`` (SENTEE / TOKEE at BERT-base sizes, see
+``effbert.bench.token_exit_inference``).
 
 Floor: the op must read each token's logits once, its ``active`` flag (1 byte) and exit layer (4), the offsets
 (4 per sequence and one), and write the new flag (1), exit layer (4) and ``u`` (4). No FLOP count matters (a few
@@ -14,6 +16,7 @@ import effbert
 from effbert.ops import token_exit as ops
 from effbert.reference import token_exit as reference
 
+from . import token_exit_inference
 from .case import Case, provider_reasons
 
 THRESHOLD, WINDOW, LAYER = 0.3, 3, 2
@@ -164,4 +167,5 @@ def cases(device, quick):
                         work_bytes=padded_bytes if name == "torch" else None,
                     )
                 )
-    return out
+    # the model-level rows: SENTEE / TOKEE against full depth and the published loop
+    return out + token_exit_inference.cases(device, quick)
