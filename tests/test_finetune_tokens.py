@@ -410,3 +410,22 @@ def test_stage_two_optimizer_has_the_published_learning_rates(hf_dir):
             decayed = p.dim() >= 2 and "norm" not in name
             assert group["weight_decay"] == (0.05 if decayed else 0.0), name
     assert sorted(seen) == sorted(names.values())
+
+
+def test_eval_without_seqeval_says_how_to_install(hf_dir, data, tmp_path, capsys, monkeypatch):
+    """The report's entity F1 needs seqeval: without it the command stops before any work, in one
+    line naming --eval and the install."""
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_seqeval(name, *args, **kwargs):
+        if name.split(".")[0] == "seqeval":
+            raise ImportError("No module named 'seqeval'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_seqeval)
+    assert cli.main(argv(hf_dir, data, tmp_path / "out")) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--eval: entity F1 needs seqeval: pip install" in err and "\n" not in err, err
+    assert not (tmp_path / "out").exists()

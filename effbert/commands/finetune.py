@@ -4,10 +4,13 @@
     effbert finetune --hf ./bert-base-uncased --train train.tsv --eval dev.tsv --out run/
     effbert finetune --init pretrain-run/ --train train.tsv --eval dev.tsv --out run/ \
         --num-train-epochs 3
+    effbert finetune --task token-classification --hf ./bert --train train.conll \
+        --eval dev.conll --out run/ --self-sampling-steps 500 --target-exit 6
 
 This module is the command line only: the settings (each flag's default and help, once), their
 validation in ``check``, then ``effbert.training.finetune.run``, which reads in the order the run
-goes (docs/finetune.md says which published setting each option reproduces). The folder it writes is
+goes (docs/finetune.md says which published setting each option reproduces; the token task is
+``effbert.training.finetune_tokens.run``, docs/token_exit.md). The folder it writes is
 ``load_finetuned``'s (``effbert.models.loading``).
 """
 
@@ -547,6 +550,13 @@ def _check_task(s):
         not all(t > 0 and math.isfinite(t) for t in s.token_exit_thresholds),
         f"--token-exit-thresholds must be > 0, got {s.token_exit_thresholds}",
     )
+    if s.eval is not None:  # the report's entity F1, before any work
+        from ..token_metrics import require_seqeval
+
+        try:
+            require_seqeval()
+        except ImportError as exc:
+            raise UsageError(f"--eval: {exc}") from None
     if s.target_exit is not None:
         fail_if(
             not (s.target_exit >= 1 and math.isfinite(s.target_exit)),
