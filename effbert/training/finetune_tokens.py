@@ -48,6 +48,7 @@ from ..models.loading import CONFIG_FILE, SETTINGS_FILE, WEIGHT_FILES
 
 TASK = "token-classification"
 STAGE_FOLDERS = ("stage-1", "stage-2")
+CALIBRATION_CANDIDATES = 25  # --target-exit's thresholds tried, 0.005 to 1 on a log scale
 TIMING_ROUNDS = 3  # full-depth / early-exit pairs timed per threshold (as the sequence report)
 TOKEN_KEYS = ("input_ids", "attention_mask", "labels")
 # what finetune.json records of the settings (with the task, cased, max_len, the --train
@@ -766,9 +767,10 @@ def exit_lines(rows, device):
 
 def calibrate(s, model, batches, device, log):
     """--target-exit: ``token_metrics.calibrate_token_threshold`` on --eval (the largest TOKEE
-    threshold whose average exit layer is at least the target). Returns the record saved with the
-    model: ``{"mode": "tokee", "threshold", "thresholds" (per layer), "window",
-    "copy_wordpieces", "target_exit", "avg_exit_layer", "token_layers_saved"}``."""
+    threshold of ``CALIBRATION_CANDIDATES`` from 0.005 to 1 whose average exit layer is at least
+    the target; the smallest when none is). Returns the record saved with the model: ``{"mode":
+    "tokee", "threshold", "thresholds" (per layer), "window", "copy_wordpieces", "target_exit",
+    "avg_exit_layer", "token_layers_saved", "reached"}``."""
     from ..models.token_classification import published_token_thresholds
     from ..token_metrics import calibrate_token_threshold
 
@@ -778,13 +780,28 @@ def calibrate(s, model, batches, device, log):
         f"--target-exit must be at most the model's {depth} layers, got {s.target_exit}",
     )
     on = [_on(b, device) for b in batches]
-    point, _ = calibrate_token_threshold(
-        model, on, s.target_exit, window=s.window, copy_wordpieces=s.copy_wordpieces
+    # 0.005 to 1 on a log scale: a normalised entropy is at most 1, so 1 lets every word out at
+    # layer 1 (the second half's doubled thresholds reach 1 from a base of 0.5)
+    candidates = torch.logspace(math.log10(0.005), 0.0, CALIBRATION_CANDIDATES).tolist()
+    point, curve = calibrate_token_threshold(
+        model,
+        on,
+        s.target_exit,
+        candidates=candidates,
+        window=s.window,
+        copy_wordpieces=s.copy_wordpieces,
     )
+    reached = point.avg_exit_layer >= s.target_exit
     log(
         f"\nTOKEE threshold calibrated on --eval for an average exit of at least {s.target_exit}: "
         f"{point.threshold:.5g} (average exit {point.avg_exit_layer:.2f}, "
         f"{point.saved:.1%} of the token-layers saved)"
+        + (
+            ""
+            if reached
+            else f"; no candidate keeps the words that late, the smallest ({candidates[0]:g}) "
+            "is taken"
+        )
     )
     return dict(
         mode="tokee",
@@ -795,6 +812,7 @@ def calibrate(s, model, batches, device, log):
         target_exit=s.target_exit,
         avg_exit_layer=point.avg_exit_layer,
         token_layers_saved=point.saved,
+        reached=reached,
     )
 
 
@@ -845,7 +863,8 @@ def report_on_eval(s, model, batches, losses, stage1_f1, calibrated, device, log
         points=[(r["speedup"], r["f1"]) for r in rows if r["mode"] == "tokee"],
         full_accuracy=rows[0]["f1"],
         depth=depth,
-        criterion="TOKEE entity F1",
+        criterion=f"TOKEE, window {s.window}",
+        metric="entity F1",
         loss_title="Stage 1" + (" then stage 2" if s.self_sampling_steps else ""),
     )
     log(
