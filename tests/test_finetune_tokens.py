@@ -256,9 +256,12 @@ def test_stage_one_only_from_a_pretrain_run(data, tmp_path, capsys):
     assert model.config.num_hidden_layers == 2 and len(model.exits) == 2
 
 
-def test_resume_in_stage_two_gives_the_uninterrupted_run(hf_dir, data, tmp_path, capsys):
-    """Stopped after stage 2's step-2 checkpoint and resumed: the weights and every loss of the run
-    never stopped (stage 1 from its last checkpoint, stage 2's draws seeded by the step)."""
+@pytest.mark.parametrize("stage", [1, 2])
+def test_resume_gives_the_uninterrupted_run(hf_dir, data, tmp_path, capsys, stage):
+    """Stopped after stage 1's step-4 checkpoint (stage 2 never started) or after stage 2's step-2
+    checkpoint, and resumed: the weights and every loss of the run never stopped (stage 1 from its
+    checkpoint; in stage 2 the stage-1 model from stage 1's last checkpoint, the draws seeded by
+    the step)."""
     from safetensors.torch import load_file
 
     extra = ("--self-sampling-steps", "4", "--save-steps", "2", "--token-exit-thresholds", "0.3")
@@ -269,13 +272,18 @@ def test_resume_in_stage_two_gives_the_uninterrupted_run(hf_dir, data, tmp_path,
     assert run(tmp_path / "whole") == 0
     cut = tmp_path / "cut"
     assert run(cut) == 0
-    shutil.rmtree(cut / "checkpoints" / "stage-2" / "checkpoint-4")
+    if stage == 1:
+        shutil.rmtree(cut / "checkpoints" / "stage-2")
+        shutil.rmtree(cut / "checkpoints" / "stage-1" / "checkpoint-6")
+    else:
+        shutil.rmtree(cut / "checkpoints" / "stage-2" / "checkpoint-4")
     for name in ("model.safetensors", "report.json"):
         (cut / name).unlink()
     capsys.readouterr()
     assert run(cut, "--resume") == 0
     text = capsys.readouterr().out
-    assert "stage 1 finished before the resume" in text and "resumed from" in text
+    assert ("stage 1 finished before the resume" in text) == (stage == 2)
+    assert f"resumed from {cut / 'checkpoints' / f'stage-{stage}'}" in text
     want, got = (load_file(d / "model.safetensors") for d in (tmp_path / "whole", cut))
     assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
     losses = [
