@@ -506,7 +506,7 @@ def describe_stage(s, plan, trainer, stage, resume, kept, log):
             f"{s.sandwich_small} + {s.sandwich_full}, "
             + ("no flooding" if s.no_flooding else f"flooding (bias {s.flooding_bias})")
             + f", learning rate {s.self_sampling_learning_rate} (encoder x "
-            f"{s.self_sampling_encoder_lr_scale})"
+            f"{s.self_sampling_encoder_lr_scale}: the step lines show the encoder's)"
         )
     log(
         f"{what}; {count} sentences, {steps} steps of {batch} ({steps * accum / per_epoch:.2f} "
