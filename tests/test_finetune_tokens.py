@@ -306,6 +306,8 @@ def test_resume_gives_the_uninterrupted_run(hf_dir, data, tmp_path, capsys, stag
         (("--target-exit", "9"), "--target-exit must be at most the model's 3 layers"),
         (("--loss", "deebert"), "--loss applies to --task sequence-classification"),
         (("--regression",), "--regression applies to --task sequence-classification"),
+        (("--no-flooding",), "--no-flooding is a stage-2 setting: it goes with --self-sampling"),
+        (("--sandwich-full", "4"), "--sandwich-full is a stage-2 setting"),
     ],
 )
 def test_bad_inputs_are_one_line_naming_the_flag(hf_dir, data, tmp_path, capsys, change, message):

@@ -503,6 +503,15 @@ TOKEN_ONLY = (
     "token_exit_thresholds",
     "target_exit",
 )
+# the settings of the self-sampling stage: refused without its steps
+STAGE_TWO = (
+    "self_sampling_learning_rate",
+    "self_sampling_encoder_lr_scale",
+    "no_flooding",
+    "flooding_bias",
+    "sandwich_small",
+    "sandwich_full",
+)
 
 
 def _flag(name):
@@ -533,6 +542,11 @@ def _check_task(s):
         s.self_sampling_steps < 0,
         f"--self-sampling-steps must be >= 0, got {s.self_sampling_steps}",
     )
+    for name in STAGE_TWO:
+        fail_if(
+            changed(name) and not s.self_sampling_steps,
+            f"{_flag(name)} is a stage-2 setting: it goes with --self-sampling-steps N",
+        )
     for flag, v in (
         ("--self-sampling-learning-rate", s.self_sampling_learning_rate),
         ("--self-sampling-encoder-lr-scale", s.self_sampling_encoder_lr_scale),
