@@ -438,3 +438,17 @@ def test_eval_without_seqeval_says_how_to_install(hf_dir, data, tmp_path, capsys
     err = capsys.readouterr().err.strip()
     assert "--eval: entity F1 needs seqeval: pip install" in err and "\n" not in err, err
     assert not (tmp_path / "out").exists()
+
+
+def test_without_eval_both_stages_train_and_save_without_a_report(hf_dir, data, tmp_path, capsys):
+    out = tmp_path / "run"
+    args = argv(hf_dir, data, out, "--self-sampling-steps", "2", "--max-steps", "2")
+    i = args.index("--eval")
+    del args[i : i + 2]
+    assert cli.main(args) == 0
+    text = capsys.readouterr().out
+    assert "stage 2: self-sampling" in text and "entity F1" not in text
+    assert not (out / "report.json").exists()
+    model, _, labels, settings = loading.load_finetuned(out)
+    assert settings["stage_steps"] == {"stage-1": 2, "stage-2": 2} and settings["steps"] == 4
+    assert labels == ["O", "B-FOOD", "B-SPORT", "I-FOOD", "I-SPORT"] and model.exits is not None
