@@ -26,7 +26,11 @@ shared with other jobs, so wall time is noisy.
 
     python benchmarks/tokee_real_task.py --stage-seconds 150
 
-Writes ``benchmarks/results/<UTC>_CPU_<sha>_tokee/tokee.json`` and ``speed.md``.
+Writes ``benchmarks/results/<UTC>_CPU_<sha>_tokee/tokee.json`` and ``speed.md``. With
+``--write-conll DIR`` it only writes the task as CoNLL files, for
+``effbert finetune --task token-classification``:
+
+    python benchmarks/tokee_real_task.py --write-conll /tmp/np-chunks
 """
 
 import argparse
@@ -362,7 +366,24 @@ def main(argv=None):
     p.add_argument(
         "--out", default=None, help="results folder (default: a new one under benchmarks/results)"
     )
+    p.add_argument(
+        "--write-conll",
+        metavar="DIR",
+        default=None,
+        help="only build the task and write it as DIR/train.conll and DIR/test.conll (the input "
+        "of effbert finetune --task token-classification), then stop",
+    )
     a = p.parse_args(argv)
+    if a.write_conll is not None:
+        task = build_task(set(a.test_files))
+        os.makedirs(a.write_conll, exist_ok=True)
+        for part, sents in task.items():
+            write_conll(os.path.join(a.write_conll, f"{part}.conll"), sents)
+        print(
+            f"{len(task['train'])} training and {len(task['test'])} held-out sentences in "
+            f"{a.write_conll}"
+        )
+        return
     torch.set_num_threads(1)
     torch.manual_seed(a.seed)
     from transformers import AutoTokenizer

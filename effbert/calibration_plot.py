@@ -17,6 +17,7 @@ def plot_run(
     loss_title="Training",
     loss_label="loss",
     smooth=False,
+    metric="accuracy",
 ):
     """Write a two-panel PNG to ``path``; returns False (writing nothing) when matplotlib is not
     installed.
@@ -24,7 +25,11 @@ def plot_run(
     ``losses``: one float per step. ``points``: ``(speed-up, accuracy)`` pairs of the measured early
     exit. ``full_accuracy``: the full-depth accuracy (a horizontal line). ``depth``: the number of
     layers. ``curve``: the offline curve (a dict with ``speedup`` and ``accuracy`` sequences) or
-    None. ``smooth``: also draw the running mean of about a twentieth of the steps."""
+    None. ``smooth``: also draw the running mean of about a twentieth of the steps. ``metric``: the
+    name of the score on the right panel's axis and title (token classification: entity F1).
+    Raises ``ValueError`` for a ``metric`` that is not a str."""
+    if not isinstance(metric, str):
+        raise ValueError(f"metric must be a str, got {type(metric).__name__}")
     try:
         import matplotlib
 
@@ -57,8 +62,8 @@ def plot_run(
     )
     right.axhline(full_accuracy, color="gray", ls="--", lw=1, label="full depth")
     right.set_xlabel(f"speed-up over {depth} layers")
-    right.set_ylabel("accuracy")
-    right.set_title(f"Early exit: speed vs accuracy ({criterion})")
+    right.set_ylabel(metric)
+    right.set_title(f"Early exit: speed vs {metric} ({criterion})")
     right.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)

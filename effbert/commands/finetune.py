@@ -4,13 +4,17 @@
     effbert finetune --hf ./bert-base-uncased --train train.tsv --eval dev.tsv --out run/
     effbert finetune --init pretrain-run/ --train train.tsv --eval dev.tsv --out run/ \
         --num-train-epochs 3
+    effbert finetune --task token-classification --hf ./bert --train train.conll \
+        --eval dev.conll --out run/ --self-sampling-steps 500 --target-exit 6
 
 This module is the command line only: the settings (each flag's default and help, once), their
 validation in ``check``, then ``effbert.training.finetune.run``, which reads in the order the run
-goes (docs/finetune.md says which published setting each option reproduces). The folder it writes is
+goes (docs/finetune.md says which published setting each option reproduces; the token task is
+``effbert.training.finetune_tokens.run``, docs/token_exit.md). The folder it writes is
 ``load_finetuned``'s (``effbert.models.loading``).
 """
 
+import dataclasses
 import math
 import os
 import sys
@@ -27,6 +31,8 @@ from ..models.multi_exit import EXIT_LOSSES as LOSSES
 from ..training.adversarial import ADVERSARIAL_METHODS, NORM_TYPES
 
 PROJECT = ("others", "final")
+TASKS = ("sequence-classification", "token-classification")
+COPY_WORDPIECES = ("all", "first")
 CRITERIA = ("entropy", "max_prob", "patience")
 DEFAULT_PER_DEVICE_BATCH, DEFAULT_WARMUP_RATIO = 32, 0.1
 
@@ -36,12 +42,24 @@ class FinetuneSettings:
     """What ``effbert finetune`` is told: one field a flag (``--per-device-train-batch-size`` is
     ``per_device_train_batch_size``), Trainer's names where Trainer has the concept."""
 
-    train: str = option(metavar="TSV", help="training examples, label<TAB>text a line")
+    train: str = option(
+        metavar="FILE",
+        help="training examples: label<TAB>text a line (TSV), or with --task token-classification "
+        "a CoNLL file (a token and its BIO label a line, a blank line between sentences)",
+    )
     out: str = option(
         metavar="DIR", help="folder for the fine-tuned model and the report (new or empty)"
     )
     eval: Optional[str] = option(
-        None, metavar="TSV", help="held-out examples for the accuracy and early-exit report"
+        None,
+        metavar="FILE",
+        help="held-out examples for the accuracy and early-exit report (as --train)",
+    )
+    task: str = option(
+        "sequence-classification",
+        choices=TASKS,
+        help="sequence-classification (a label a text) or token-classification (a BIO label a "
+        "word, TOKEE/SENTEE early exit: docs/token_exit.md)",
     )
     init: Optional[str] = option(
         None, metavar="DIR", help="an effbert pretrain output folder (or --hf)"
@@ -244,6 +262,56 @@ class FinetuneSettings:
         "--max-seq-length) whose probabilities are averaged with this run's in the --eval "
         "report",
     )
+    # token classification (Li et al., ACL 2021): stage 2 and the report (docs/token_exit.md)
+    self_sampling_steps: int = option(
+        0,
+        metavar="N",
+        help="token-classification: optimizer steps of stage 2, self-sampling fine-tuning of the "
+        "stage-1 model (0: stage 1 only)",
+    )
+    self_sampling_learning_rate: float = option(
+        1e-4, metavar="X", help="stage 2: peak learning rate of the classifiers (published --lr)"
+    )
+    self_sampling_encoder_lr_scale: float = option(
+        0.1,
+        metavar="X",
+        help="stage 2: the encoder's learning rate over the classifiers' (published --ptm_lr_rate)",
+    )
+    no_flooding: bool = option(
+        False,
+        help="stage 2 without flooding (on in the published stage 2: each term |CE - stage-1 CE "
+        "- --flooding-bias|)",
+    )
+    flooding_bias: float = option(
+        0.0, metavar="X", help="stage 2: the constant added to the flooding level"
+    )
+    sandwich_small: int = option(
+        2, metavar="N", help="stage 2: samples a batch drawn at the most aggressive exit setting"
+    )
+    sandwich_full: int = option(
+        3, metavar="N", help="stage 2: samples a batch that run at full depth"
+    )
+    copy_wordpieces: str = option(
+        "all",
+        choices=COPY_WORDPIECES,
+        help="token-classification: the pieces of an exited word that stop, all or the first",
+    )
+    window: int = option(
+        5, metavar="N", help="token-classification: TOKEE's window over words (odd)"
+    )
+    token_exit_thresholds: list[float] = option(
+        [0.05, 0.1, 0.2, 0.4],
+        metavar="X",
+        nargs="+",
+        help="token-classification: the report's thresholds (TOKEE: X for the first half of the "
+        "layers, 2X after, as published; SENTEE: X at every layer)",
+    )
+    target_exit: Optional[float] = option(
+        None,
+        metavar="X",
+        help="token-classification: calibrate the TOKEE threshold on --eval for an average exit "
+        "layer of at least X, record it in the model's folder",
+    )
 
 
 def build_parser():
@@ -403,6 +471,115 @@ def _check_adversarial_and_ensemble(s):
         )
 
 
+# the sequence task's own flags: off their default, refused with --task token-classification
+SEQUENCE_ONLY = (
+    "loss",
+    "gamma",
+    "temperature",
+    "grad_reg",
+    "project",
+    "ge",
+    "shared_pooler",
+    "regression",
+    "regression_delta",
+    "criterion",
+    "early_bird",
+    "adversarial",
+    "ensemble",
+    "recipe",
+)
+# the token task's own flags: off their default, refused with --task sequence-classification
+TOKEN_ONLY = (
+    "self_sampling_steps",
+    "self_sampling_learning_rate",
+    "self_sampling_encoder_lr_scale",
+    "no_flooding",
+    "flooding_bias",
+    "sandwich_small",
+    "sandwich_full",
+    "copy_wordpieces",
+    "window",
+    "token_exit_thresholds",
+    "target_exit",
+)
+# the settings of the self-sampling stage: refused without its steps
+STAGE_TWO = (
+    "self_sampling_learning_rate",
+    "self_sampling_encoder_lr_scale",
+    "no_flooding",
+    "flooding_bias",
+    "sandwich_small",
+    "sandwich_full",
+)
+
+
+def _flag(name):
+    return "--" + name.replace("_", "-")
+
+
+def _check_task(s):
+    """The flags of the other task left at their defaults, and the token task's numbers in range,
+    each rule one line naming its flag."""
+    fields = FinetuneSettings.__dataclass_fields__
+
+    def changed(name):
+        f = fields[name]
+        default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+        return getattr(s, name) != default
+
+    if s.task != "token-classification":
+        for name in TOKEN_ONLY:
+            fail_if(changed(name), f"{_flag(name)} goes with --task token-classification")
+        return
+    for name in SEQUENCE_ONLY:
+        fail_if(
+            changed(name),
+            f"{_flag(name)} applies to --task sequence-classification (token classification "
+            "trains the published joint loss, PABEE's weights, then self-sampling)",
+        )
+    fail_if(
+        s.self_sampling_steps < 0,
+        f"--self-sampling-steps must be >= 0, got {s.self_sampling_steps}",
+    )
+    for name in STAGE_TWO:
+        fail_if(
+            changed(name) and not s.self_sampling_steps,
+            f"{_flag(name)} is a stage-2 setting: it goes with --self-sampling-steps N",
+        )
+    for flag, v in (
+        ("--self-sampling-learning-rate", s.self_sampling_learning_rate),
+        ("--self-sampling-encoder-lr-scale", s.self_sampling_encoder_lr_scale),
+    ):
+        fail_if(not (v > 0 and math.isfinite(v)), f"{flag} must be > 0, got {v}")
+    fail_if(
+        not math.isfinite(s.flooding_bias), f"--flooding-bias must be finite, got {s.flooding_bias}"
+    )
+    for flag, v in (("--sandwich-small", s.sandwich_small), ("--sandwich-full", s.sandwich_full)):
+        fail_if(v < 0, f"{flag} must be >= 0, got {v}")
+    fail_if(
+        s.window < 1 or s.window % 2 == 0, f"--window must be an odd number >= 1, got {s.window}"
+    )
+    fail_if(
+        not all(t > 0 and math.isfinite(t) for t in s.token_exit_thresholds),
+        f"--token-exit-thresholds must be > 0, got {s.token_exit_thresholds}",
+    )
+    if s.eval is not None:  # the report's entity F1, before any work
+        from ..token_metrics import require_seqeval
+
+        try:
+            require_seqeval()
+        except ImportError as exc:
+            raise UsageError(f"--eval: {exc}") from None
+    if s.target_exit is not None:
+        fail_if(
+            not (s.target_exit >= 1 and math.isfinite(s.target_exit)),
+            f"--target-exit must be >= 1 (an average exit layer), got {s.target_exit}",
+        )
+        fail_if(
+            s.eval is None, "--target-exit goes with --eval (the threshold is calibrated there)"
+        )
+
+
 def check(s):
     """Validate ``s`` (a ``FinetuneSettings``) before any work, in one place, and settle what the
     flags leave open (the per-device batch, the warm-up, the backend, the progress bar); then take
@@ -417,6 +594,7 @@ def check(s):
     fail_if(
         s.init is not None and s.hf is not None, "--hf not allowed with --init: give one of them"
     )
+    _check_task(s)
     _check_numbers(s)
     _resolve_batch_and_warmup(s)
     fail_if(s.fp16 and s.bf16, "--fp16 and --bf16 exclude each other: give one")

@@ -45,6 +45,7 @@ FIELDS = (
     "tnf_gamma",
     "tnf_lam",
     "early_bird_ticket",
+    "token_exit",
 )
 
 
@@ -98,6 +99,11 @@ class TupeBertConfig(PretrainedConfig):
     "ffn": [[kept neuron indices] per layer]}``, written by ``models.early_bird.prune_model`` so
     that ``from_pretrained`` builds an EarlyBERT-pruned model's smaller layers.
 
+    ``token_exit`` (None: not calibrated): the TOKEE setting ``effbert finetune --target-exit``
+    calibrated on held-out data, ``{"mode", "threshold", "thresholds" (one per layer), "window",
+    "copy_wordpieces", "target_exit", "avg_exit_layer", "token_layers_saved"}``: the arguments of
+    ``TupeBertForTokenClassification.early_exit_token_labels`` and what they gave there.
+
     A bad value raises ``ValueError`` (``TypeError`` for a non-bool switch) naming the field; every float field
     must be finite (NaN and inf are refused): the probabilities in [0, 1) (``tnf_gamma`` / ``tnf_lam`` in [0, 1]),
     ``layer_norm_eps``, ``position_layer_norm_eps`` and ``initializer_range`` > 0.
@@ -140,6 +146,7 @@ class TupeBertConfig(PretrainedConfig):
         exit_loss_temperature=3.0,
         exit_gradient_equilibrium=False,
         early_bird_ticket=None,
+        token_exit=None,
         **kwargs,
     ):
         for name, value in (
@@ -266,6 +273,9 @@ class TupeBertConfig(PretrainedConfig):
                 f"early_bird_ticket must be a dict or None, got {type(early_bird_ticket).__name__}"
             )
         self.early_bird_ticket = early_bird_ticket
+        if token_exit is not None and not isinstance(token_exit, dict):
+            raise TypeError(f"token_exit must be a dict or None, got {type(token_exit).__name__}")
+        self.token_exit = token_exit
         super().__init__(pad_token_id=pad_token_id, num_labels=num_labels, **kwargs)
 
     @property

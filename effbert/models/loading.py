@@ -288,8 +288,11 @@ def save_finetuned(out, model, tokenizer, labels, settings):
 def load_finetuned(path, device=None, backend="auto"):
     """A model ``effbert finetune`` wrote to ``path``: ``(TupeBertForSequenceClassification with
     off-ramps, in eval mode; BertTokenizerFast; labels, a list of str indexed by class id; settings
-    dict, with max_len)``. The folder is also a ``transformers`` checkpoint:
-    ``AutoModelForSequenceClassification.from_pretrained(path)`` gives the same model. Raises
+    dict, with max_len)``; a ``--task token-classification`` run (``settings["task"]``) gives a
+    multi-exit ``TupeBertForTokenClassification`` instead (its calibrated TOKEE threshold, if any,
+    in ``settings["token_exit"]`` and ``config.token_exit``). The folder is also a ``transformers``
+    checkpoint: ``AutoModelForSequenceClassification.from_pretrained(path)``
+    (``AutoModelForTokenClassification`` for tokens) gives the same model. Raises
     ``FileNotFoundError`` for a folder that is not such a run and ``ValueError`` for weights or a
     tokenizer that cannot be read (weights are read as safetensors, or with ``torch.load(...,
     weights_only=True)``: never unpickled code)."""
@@ -311,8 +314,11 @@ def load_finetuned(path, device=None, backend="auto"):
         )
     with open(os.path.join(path, SETTINGS_FILE), encoding="utf-8") as f:
         settings = json.load(f)
+    cls = TupeBertForSequenceClassification
+    if isinstance(settings, dict) and settings.get("task") == "token-classification":
+        from .token_classification import TupeBertForTokenClassification as cls
     try:
-        model = TupeBertForSequenceClassification.from_pretrained(path, backend=backend)
+        model = cls.from_pretrained(path, backend=backend)
     except Exception as exc:  # a cut, tampered or foreign file
         raise ValueError(f"path: cannot read the model in {path!r} ({_brief(exc)})") from None
     if not model.config.multi_exit:

@@ -74,7 +74,12 @@ class Examples:
 
 
 def run(s, log):
-    """The whole run; returns ``(model, report dict or None)``."""
+    """The whole run; returns ``(model, report dict or None)``. ``--task token-classification``
+    is ``training.finetune_tokens.run``."""
+    if getattr(s, "task", None) == "token-classification":
+        from .finetune_tokens import run as run_tokens
+
+        return run_tokens(s, log)
     t0 = time.perf_counter()
     # where it runs: the device, and the libraries' progress bars only for a person watching
     device = setup(s)
