@@ -414,3 +414,38 @@ def test_quantize_for_cpu_float_dtype_errors(monkeypatch):
     monkeypatch.setattr(quantization, "packed_linear_available", lambda dtype: False)
     with pytest.raises(ValueError, match="float_dtype"):
         quantize_for_cpu(model, float_dtype=torch.bfloat16)
+
+
+@needs_packed
+def test_model_built_under_inference_mode_runs_and_sees_in_place_edits(monkeypatch):
+    """Parameters made under ``torch.inference_mode()`` are inference tensors with no version counter:
+    the packed path must neither crash on them nor cache a weight it cannot watch (an in-place edit inside
+    inference mode shows at once), and the TUPE positional cache must not key on them either."""
+    with torch.inference_mode():
+        torch.manual_seed(0)
+        model = TupeBertModel(_config()).eval()
+        for module in model.modules():
+            if hasattr(module, "cache") and isinstance(module.cache, bool):
+                module.cache = True
+        ids = torch.randint(1, 50, (2, 9))
+        mask = torch.ones_like(ids)
+        mask[1, 5:] = 0
+        out = model(ids, attention_mask=mask).last_hidden_state
+        ref = _unpacked(model, monkeypatch, ids, attention_mask=mask).last_hidden_state
+        assert relative_error(out, ref.double()) <= 1e-5
+    x = torch.randn(5, 64)
+    with torch.inference_mode():
+        lin = Linear(64, 32).eval()
+        first = lin(x)
+        assert (
+            relative_error(first, F.linear(x.double(), lin.weight.double(), lin.bias.double()))
+            <= 1e-5
+        )
+        lin.weight.mul_(2.0)  # no version counter: a cache would return the old product
+        second = lin(x)
+        assert lin._packed is None
+        assert (
+            relative_error(second, F.linear(x.double(), lin.weight.double(), lin.bias.double()))
+            <= 1e-5
+        )
+        assert relative_error(second, 2 * first.double() - lin.bias.double()) <= 1e-5

@@ -79,7 +79,10 @@ class Linear(nn.Linear):
     ``state_dict``, ``save_pretrained``, ``deepcopy`` or pickling. It is rebuilt when the weight
     changes: another tensor, another storage, dtype or device, or an in-place edit torch's version
     counter sees (an optimizer step, ``load_state_dict``, ``copy_`` under ``no_grad``). An edit
-    through ``weight.data`` bypasses the counter: call ``clear_cache()`` after one. fp32 results
+    through ``weight.data`` bypasses the counter: call ``clear_cache()`` after one. A weight made
+    under ``torch.inference_mode()`` has no counter: it is never cached, oneDNN runs it unpacked
+    (about twice addmm's rate still; build or load the model outside inference mode for the
+    packed rate). fp32 results
     equal ``F.linear``'s up to summation order (both within ~1e-6 relative of float64 at K =
     768..3072); bf16 accumulates in fp32 and rounds once, as ``F.linear`` in bf16.
 
@@ -167,6 +170,11 @@ class Linear(nn.Linear):
             raise RuntimeError(
                 f"no packed oneDNN linear for a {weight.dtype} weight on {weight.device}"
             )
+        if weight.is_inference():
+            # made under torch.inference_mode(): no version counter tells an in-place edit, so no
+            # cache; oneDNN takes the plain weight as it is (still about twice addmm's rate)
+            self._packed = None
+            return weight.detach()
         key = (weight.data_ptr(), weight._version, weight.dtype)
         cached = self._packed
         if cached is None or cached[0] is not weight or cached[1] != key:

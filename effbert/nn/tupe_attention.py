@@ -129,7 +129,13 @@ class TupePositionBias(_LinearBackend, nn.Module):
             raise ValueError(
                 f"seq_len must be an int in [1, {self.max_positions}], got {seq_len!r}"
             )
-        if not self.cache or self.training or torch.is_grad_enabled():
+        if (
+            not self.cache
+            or self.training
+            or torch.is_grad_enabled()
+            # parameters made under torch.inference_mode() have no version counter to key on
+            or any(p.is_inference() for p in self.parameters())
+        ):
             self.clear_cache()
             return self.compute(seq_len)
         state = self._param_state()
