@@ -124,10 +124,10 @@ def test_cache_follows_every_weight_change():
         assert_close(out, _ref64(lin, x), rtol=1e-5)
 
     check()
-    first = lin._packed[2]
+    first = lin.packed_weight()
     with torch.no_grad():
         lin(x)
-    assert lin._packed[2] is first  # reused while the weight is unchanged
+    assert lin.packed_weight() is first  # reused while the weight is unchanged
     # a training step between two inference calls
     opt = torch.optim.SGD(lin.parameters(), lr=0.5)
     lin.train()
@@ -351,7 +351,7 @@ def test_quantized_and_bf16_models_run_their_float_linears_packed():
         bf16 = copy.deepcopy(model).to(torch.bfloat16)
         with torch.no_grad():
             out = bf16(ids).last_hidden_state
-        assert bf16.encoder.layers[0].intermediate._packed[2].dtype == torch.bfloat16
+        assert bf16.encoder.layers[0].intermediate.packed_weight().dtype == torch.bfloat16
         cos = F.cosine_similarity(out.double(), fp32.double(), dim=-1)
         assert cos.min() > 0.999
 
@@ -449,3 +449,31 @@ def test_model_built_under_inference_mode_runs_and_sees_in_place_edits(monkeypat
             <= 1e-5
         )
         assert relative_error(second, 2 * first.double() - lin.bias.double()) <= 1e-5
+
+
+@needs_packed
+def test_forward_rows_is_the_row_block_and_follows_weight_changes():
+    """``forward_rows(x, a, b)`` equals ``F.linear`` on rows ``a:b`` of the weight and bias (float64
+    reference, packed and in grad mode), each block's packing rebuilt after an optimizer step."""
+    lin = _linear(96, 3 * 40)
+    x = torch.randn(7, 96)
+    for start, stop in ((0, 40), (40, 120), (0, 120), (119, 120)):
+        ref = F.linear(x.double(), lin.weight.double()[start:stop], lin.bias.double()[start:stop])
+        with torch.no_grad():
+            out = lin.forward_rows(x, start, stop)
+        assert _ran_packed(lin) and (start, stop) in lin._packed
+        assert out.shape == (7, stop - start)
+        assert relative_error(out, ref) <= 1e-5
+        grad_out = lin.forward_rows(x, start, stop)  # grad mode: F.linear on the rows
+        assert grad_out.requires_grad
+        assert relative_error(grad_out, ref) <= 1e-5
+    optimizer = torch.optim.SGD(lin.parameters(), lr=0.1)
+    lin.forward_rows(x, 0, 40).sum().backward()
+    optimizer.step()
+    with torch.no_grad():
+        out = lin.forward_rows(x, 0, 40)
+    ref = F.linear(x.double(), lin.weight.double()[:40], lin.bias.double()[:40])
+    assert relative_error(out, ref) <= 1e-5
+    for bad in ((0, 0), (-1, 4), (5, 121), (2.0, 4), (4, 2)):
+        with pytest.raises(ValueError, match="start, stop"):
+            lin.forward_rows(x, *bad)

@@ -161,28 +161,55 @@ class Linear(nn.Linear):
             backend = os.environ.get(ENV_VAR, "").strip() or "auto"
         return backend != "eager"
 
-    def packed_weight(self):
+    def packed_weight(self, start=0, stop=None):
         """The oneDNN-packed weight (an ``mkldnn``-layout tensor), built on first use and kept until
-        the weight changes (see the class). Raises ``RuntimeError`` when ``packed_linear_available``
-        is False for the weight's dtype or the weight is off the CPU."""
+        the weight changes (see the class); ``start, stop``: only output rows ``start:stop``
+        (``forward_rows``), each block packed and kept on its own. Raises ``RuntimeError`` when
+        ``packed_linear_available`` is False for the weight's dtype or the weight is off the CPU."""
         weight = self.weight
         if weight.device.type != "cpu" or not _AVAILABLE.get(weight.dtype, False):
             raise RuntimeError(
                 f"no packed oneDNN linear for a {weight.dtype} weight on {weight.device}"
             )
+        rows = (start, self.out_features if stop is None else stop)
         if weight.is_inference():
             # made under torch.inference_mode(): no version counter tells an in-place edit, so no
             # cache; oneDNN takes the plain weight as it is (still about twice addmm's rate)
             self._packed = None
-            return weight.detach()
+            return weight.detach()[rows[0] : rows[1]]
         key = (weight.data_ptr(), weight._version, weight.dtype)
-        cached = self._packed
+        blocks = self._packed if self._packed is not None else {}
+        cached = blocks.get(rows)
         if cached is None or cached[0] is not weight or cached[1] != key:
             with torch.no_grad():
-                packed = _MKLDNN._reorder_linear_weight(weight.detach(), BATCH_SIZE_HINT)
+                block = weight.detach()[rows[0] : rows[1]]
+                packed = _MKLDNN._reorder_linear_weight(block, BATCH_SIZE_HINT)
             # the weight is kept beside its key: its storage cannot be freed and reused by a new one
-            cached = self._packed = (weight, key, packed)
+            cached = blocks[rows] = (weight, key, packed)
+        self._packed = blocks
         return cached[2]
+
+    def forward_rows(self, input, start, stop):
+        """``F.linear(input, weight[start:stop], bias[start:stop])``: output features ``start`` to
+        ``stop - 1`` only (e.g. the Q block of a fused QKV projection for a subset of tokens), on
+        the packed path with that block packed once. ``input [..., in_features]`` ->
+        ``[..., stop - start]``. Raises ``ValueError`` unless ``0 <= start < stop <=
+        out_features``."""
+        if not (
+            isinstance(start, int)
+            and isinstance(stop, int)
+            and 0 <= start < stop <= self.out_features
+        ):
+            raise ValueError(
+                f"start, stop must be ints with 0 <= start < stop <= {self.out_features}, "
+                f"got {start!r}, {stop!r}"
+            )
+        bias = None if self.bias is None else self.bias[start:stop]
+        if self._use_packed(input):
+            return _MKLDNN._linear_pointwise(
+                input, self.packed_weight(start, stop), bias, "none", [], ""
+            )
+        return F.linear(input, self.weight[start:stop], bias)
 
     def forward(self, input):
         """``input [..., in_features]`` -> ``[..., out_features]``, as ``nn.Linear``."""

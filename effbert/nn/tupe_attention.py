@@ -321,7 +321,14 @@ class TupeSelfAttention(_LinearBackend, nn.Module):
             if x.dim() != 2 or x.shape[-1] != self.hidden_size:
                 raise ValueError(f"{name} must be [T, {self.hidden_size}], got {tuple(x.shape)}")
         pos_bias = self._heads_pos_bias(pos_bias)
-        if type(self.qkv) in (nn.Linear, Linear):
+        if type(self.qkv) is Linear:
+            # Q for the active tokens only; K and V (one GEMM) for all of them; packed in inference
+            q = self.qkv.forward_rows(hidden_q, 0, width).view(-1, self.num_heads, self.head_dim)
+            k, v = (
+                x.reshape(-1, self.num_heads, self.head_dim)
+                for x in self.qkv.forward_rows(hidden_kv, width, 3 * width).chunk(2, -1)
+            )
+        elif type(self.qkv) is nn.Linear:
             w = self.qkv.weight.chunk(3)
             bias = self.qkv.bias.chunk(3) if self.qkv.bias is not None else (None,) * 3
             # Q for the active tokens only; K and V for all of them
