@@ -69,7 +69,9 @@ CALIBRATION_CANDIDATES = 1024
 THREADS = 1
 
 
-def _sizes(quick):
+def model_sizes(quick):
+    """``(sizes, batches)``: BERT-base's hidden/heads/FFN/vocab and the batch sizes 1, 8, 32; with
+    ``quick`` a small model on batches 1 and 4."""
     if quick:  # a small model: the --quick suite checks that every provider runs and agrees
         return dict(hidden=64, heads=4, inter=128, vocab=1000), (1, 4)
     return dict(hidden=768, heads=12, inter=3072, vocab=30522), (1, 8, 32)
@@ -127,7 +129,7 @@ def _models(quick):
     weights, eval mode."""
     from effbert.models import TupeBertForSequenceClassification, TupeBertModel
 
-    sizes = _sizes(quick)[0]
+    sizes = model_sizes(quick)[0]
     torch.manual_seed(0)
     hf = None
     if not _transformers_reason():
@@ -326,7 +328,7 @@ def _eager_reference(model_of, ids, mask):
 
 
 def _bert_cases(batch, quick):
-    sizes, _ = _sizes(quick)
+    sizes, _ = model_sizes(quick)
     lengths = real_lengths(batch, seed=batch)
     ids, mask, lengths = make_batch(lengths, sizes["vocab"], seed=batch)
     seq = ids.shape[1]
@@ -533,7 +535,9 @@ def _heldout_exit_logits(quick):
     with torch.no_grad():
         for start in range(0, rows, 16):
             ids, mask, _ = make_batch(
-                lengths[start : start + 16], _sizes(quick)[0]["vocab"], seed=HELDOUT_SEED + start
+                lengths[start : start + 16],
+                model_sizes(quick)[0]["vocab"],
+                seed=HELDOUT_SEED + start,
             )
             out.append(multi(ids, mask).exit_logits.float())
     return torch.cat(out, dim=1)
@@ -628,7 +632,7 @@ MINILM = dict(hidden=384, heads=12, inter=1536, vocab=30522, layers=6)  # all-Mi
 def cases(device, quick):
     if device.type != "cpu":
         return []
-    batches = _sizes(quick)[1]
+    batches = model_sizes(quick)[1]
     out = []
     for batch in batches:
         out += _bert_cases(batch, quick)

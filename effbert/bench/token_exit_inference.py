@@ -43,12 +43,12 @@ between [CLS] and [SEP] are cut into words of 1 (70%), 2 (20%) or 3 (10%) pieces
 
 import math
 import random
-import statistics
 from functools import lru_cache
 
 import torch
 
 from .case import Case
+from .cpu_inference import model_sizes, real_lengths  # the same sizes and sentences
 
 DEPTH = 12
 NUM_LABELS = 9
@@ -59,23 +59,6 @@ HELDOUT_ROWS = {False: 48, True: 8}  # by quick
 HELDOUT_SEED = 7919
 BISECT_STEPS = 12
 THREADS = 1
-MAX_LEN = 128
-
-
-def _sizes(quick):
-    if quick:
-        return dict(hidden=64, heads=4, inter=128, vocab=1000), (1, 4)
-    return dict(hidden=768, heads=12, inter=3072, vocab=30522), (1, 8, 32)
-
-
-def _real_lengths(batch, seed):
-    from .train_step_padding import load_sentence_lengths
-
-    pool = [min(n, MAX_LEN) for n in load_sentence_lengths()]
-    if batch == 1:
-        return [int(statistics.median_low(pool))]
-    rng = random.Random(seed)
-    return [rng.choice(pool) for _ in range(batch)]
 
 
 def make_batch(lengths, vocab, seed):
@@ -186,7 +169,7 @@ def _model(quick, device="cpu"):
     """The random multi-exit token classifier (eval mode, fp32, ``backend="auto"``)."""
     from effbert.models import TupeBertConfig, TupeBertForTokenClassification
 
-    sizes = _sizes(quick)[0]
+    sizes = model_sizes(quick)[0]
     torch.manual_seed(0)
     cfg = TupeBertConfig(
         vocab_size=sizes["vocab"],
@@ -228,8 +211,8 @@ def _run(quick, mode, t, ids, mask, label_mask):
 @lru_cache(maxsize=2)
 def _heldout(quick, device):
     rows = HELDOUT_ROWS[quick]
-    lengths = _real_lengths(rows, HELDOUT_SEED)
-    batch = make_batch(lengths, _sizes(quick)[0]["vocab"], HELDOUT_SEED)
+    lengths = real_lengths(rows, HELDOUT_SEED)
+    batch = make_batch(lengths, model_sizes(quick)[0]["vocab"], HELDOUT_SEED)
     return tuple(t.to(device) for t in batch)
 
 
@@ -317,7 +300,7 @@ def _loop_rows(quick, device, batch, mode, t):
 
 @lru_cache(maxsize=8)
 def _batch(quick, device, batch):
-    out = make_batch(_real_lengths(batch, seed=batch), _sizes(quick)[0]["vocab"], seed=batch)
+    out = make_batch(real_lengths(batch, seed=batch), model_sizes(quick)[0]["vocab"], seed=batch)
     return tuple(t.to(device) for t in out)
 
 
@@ -365,7 +348,7 @@ def _loop(quick, t):
 
 
 def _provider_cases(batch, quick, device):
-    sizes, _ = _sizes(quick)
+    sizes, _ = model_sizes(quick)
     h, f = sizes["hidden"], sizes["inter"]
     ids, mask, label_mask = _batch(quick, device, batch)
     lengths = mask.sum(1)
@@ -410,7 +393,7 @@ def _provider_cases(batch, quick, device):
 def _early_case(mode, k, batch, quick, device, common, full_flops):
     """Calibrates when first run (make_inputs), runs once on the timed batch for its token-layers
     and FLOPs."""
-    sizes = _sizes(quick)[0]
+    sizes = model_sizes(quick)[0]
     ids, mask, label_mask = _batch(quick, device, batch)
     state = {}
 
@@ -457,7 +440,7 @@ def _early_case(mode, k, batch, quick, device, common, full_flops):
 def _loop_case(batch, quick, device, common, full_flops):
     ids, mask, label_mask = _batch(quick, device, batch)
     state = {}
-    sizes = _sizes(quick)[0]
+    sizes = model_sizes(quick)[0]
 
     def make_inputs():
         if not state:
@@ -507,6 +490,6 @@ def cases(device, quick):
         raise ValueError(f"device must be a torch.device, got {device!r}")
     dev = device.type if device.index is None else str(device)
     out = []
-    for batch in _sizes(quick)[1]:
+    for batch in model_sizes(quick)[1]:
         out += _provider_cases(batch, quick, dev)
     return out
