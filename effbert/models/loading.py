@@ -5,6 +5,8 @@
 - ``from_pretrain_folder``: an ``effbert pretrain`` output (a ``save_pretrained`` folder of
   ``TupeBertForMaskedLM`` with its tokenizer, or its newest complete ``checkpoint-N``); the
   masked-LM head and TNF's notes are left out (the TNF paper fine-tunes the plain encoder).
+  ``hf_folder_tokenizer`` and ``multi_exit_from_pretrain_folder`` are their shared steps, which the
+  token-classification task's start uses too.
 - ``save_finetuned`` / ``load_finetuned``: ``save_pretrained`` of the model and tokenizer plus
   ``finetune.json``.
 - ``load_pretrained``: the masked-LM model, its tokenizer and its rare-word table from an
@@ -34,6 +36,8 @@ FILE_MODE = 0o644  # what every file of the run folder is written with
 __all__ = [
     "from_hf_folder",
     "from_pretrain_folder",
+    "hf_folder_tokenizer",
+    "multi_exit_from_pretrain_folder",
     "save_finetuned",
     "load_finetuned",
     "load_tokenizer",
@@ -158,11 +162,11 @@ def classifier_from(
     return model
 
 
-def from_hf_folder(path, num_labels, backend, cased=None, shared_pooler=False):
-    """A local Hugging Face BERT folder: ``(multi-exit classifier, tokenizer, cased)``. ``cased``
-    None keeps the tokenizer's casing."""
-    from ..integrations.hf import from_hf_bert, require_transformers
-    from .tupe_bert import TupeBertForSequenceClassification, TupeBertModel
+def hf_folder_tokenizer(path, cased=None):
+    """The checks every ``--hf`` start makes (a folder, transformers installed, a BERT
+    ``config.json``) and the folder's tokenizer (``cased`` None keeps its casing). Raises
+    ``FileNotFoundError`` or ``ValueError`` naming ``--hf``."""
+    from ..integrations.hf import require_transformers
 
     if not os.path.isdir(path):
         raise FileNotFoundError(
@@ -173,7 +177,16 @@ def from_hf_folder(path, num_labels, backend, cased=None, shared_pooler=False):
     except ImportError as exc:  # the message says how to install it
         raise ValueError(f"--hf: {exc}") from None
     check_model_type(path, "--hf", want="bert")
-    tokenizer = load_tokenizer(path, "--hf", cased)
+    return load_tokenizer(path, "--hf", cased)
+
+
+def from_hf_folder(path, num_labels, backend, cased=None, shared_pooler=False):
+    """A local Hugging Face BERT folder: ``(multi-exit classifier, tokenizer, cased)``. ``cased``
+    None keeps the tokenizer's casing."""
+    from ..integrations.hf import from_hf_bert
+    from .tupe_bert import TupeBertForSequenceClassification, TupeBertModel
+
+    tokenizer = hf_folder_tokenizer(path, cased)
     try:
         hf = from_hf_bert(path, backend=backend)
     except (ValueError, OSError, ImportError, KeyError) as exc:
@@ -194,10 +207,29 @@ def from_pretrain_folder(path, num_labels, backend, cased=None, shared_pooler=Fa
     The weights are the run's own, or (a run stopped early) those of its newest complete
     ``checkpoint-N``; the tokenizer is the run's, else the checkpoint's. ``cased`` must match the
     run's tokenizer when given."""
+    from .tupe_bert import TupeBertForSequenceClassification
+
+    model, tokenizer = multi_exit_from_pretrain_folder(
+        TupeBertForSequenceClassification, path, num_labels, backend, cased, shared_pooler
+    )
+    # no pooler in pretraining: one fresh one for all
+    model.init_exit_poolers(model.exits[-1].pooler.state_dict())
+    return model.train(), tokenizer, not lowercases(tokenizer)
+
+
+def multi_exit_from_pretrain_folder(
+    model_class, path, num_labels, backend, cased=None, shared_pooler=False
+):
+    """``(model_class.from_pretrained(...), tokenizer)`` from an ``effbert pretrain`` output (its
+    weights, or its newest complete ``checkpoint-N``'s; its tokenizer, else the checkpoint's), as a
+    multi-exit model of ``num_labels`` outputs (``multi_exit_config``). The masked-LM head, TNF's
+    notes and what else ``model_class._keys_to_ignore_on_load_unexpected`` names are left out; any other missing, unexpected or
+    mismatched weight but the new off-ramps' raises. ``model_class``: a multi-exit effbert class
+    (``TupeBertForSequenceClassification``, ``TupeBertForTokenClassification``). Errors are one
+    line naming ``--init`` (``FileNotFoundError`` for a missing folder, else ``ValueError``)."""
     from transformers.utils import logging as hf_logging
 
     from .config import TupeBertConfig
-    from .tupe_bert import TupeBertForSequenceClassification
 
     if not os.path.isdir(path):
         raise FileNotFoundError(f"--init: {path!r} is not a folder (an effbert pretrain output)")
@@ -225,16 +257,16 @@ def from_pretrain_folder(path, num_labels, backend, cased=None, shared_pooler=Fa
         config = multi_exit_config(
             TupeBertConfig.from_pretrained(weights), num_labels, shared_pooler, backend
         )
-        model, info = TupeBertForSequenceClassification.from_pretrained(
-            weights, config=config, output_loading_info=True
-        )
+        model, info = model_class.from_pretrained(weights, config=config, output_loading_info=True)
     # a cut or foreign weights file, a config that fails its checks: one line
     except Exception as exc:
         raise ValueError(f"--init: {_brief(exc, 400)}") from None
     finally:
         hf_logging.set_verbosity(verbosity)
+    # what the class says a pretraining checkpoint may hold that it does not use (MLM head, notes)
+    left_out = [re.compile(p) for p in model_class._keys_to_ignore_on_load_unexpected or ()]
     missing = [k for k in info["missing_keys"] if not k.startswith("exits.")]
-    unexpected = [k for k in info["unexpected_keys"] if not k.startswith(("mlm_head.", "notes."))]
+    unexpected = [k for k in info["unexpected_keys"] if not any(p.match(k) for p in left_out)]
     mismatched = list(info.get("mismatched_keys") or [])
     if missing or unexpected or mismatched or info.get("error_msgs"):
         raise ValueError(
@@ -242,9 +274,7 @@ def from_pretrain_folder(path, num_labels, backend, cased=None, shared_pooler=Fa
             f"{missing[:5]}, "
             f"unexpected {unexpected[:5]}, mismatched {mismatched[:5]}"
         )
-    # no pooler in pretraining: one fresh one for all
-    model.init_exit_poolers(model.exits[-1].pooler.state_dict())
-    return model.train(), tokenizer, not lowercases(tokenizer)
+    return model, tokenizer
 
 
 def save_finetuned(out, model, tokenizer, labels, settings):

@@ -194,17 +194,10 @@ def load_token_model(s, labels):
 
 
 def _from_hf(s, num_labels):
-    from ..integrations.hf import require_transformers, token_classifier_from_hf_bert
-    from ..models.loading import check_model_type, load_tokenizer
+    from ..integrations.hf import token_classifier_from_hf_bert
+    from ..models.loading import hf_folder_tokenizer
 
-    if not os.path.isdir(s.hf):
-        raise ValueError(f"--hf: {s.hf!r} is not a folder (a local Hugging Face BERT checkpoint)")
-    try:
-        require_transformers()
-    except ImportError as exc:
-        raise ValueError(f"--hf: {exc}") from None
-    check_model_type(s.hf, "--hf", want="bert")
-    tokenizer = load_tokenizer(s.hf, "--hf", s.cased)
+    tokenizer = hf_folder_tokenizer(s.hf, s.cased)
     try:
         model = token_classifier_from_hf_bert(s.hf, num_labels, backend=s.backend)
     except (ValueError, OSError, ImportError, KeyError) as exc:
@@ -213,64 +206,12 @@ def _from_hf(s, num_labels):
 
 
 def _from_pretrain(s, num_labels):
-    from transformers.utils import logging as hf_logging
-
-    from ..models.config import TupeBertConfig
-    from ..models.loading import (
-        TOKENIZER_FILE,
-        VOCAB_FILE,
-        check_model_type,
-        load_tokenizer,
-        lowercases,
-        multi_exit_config,
-        newest_checkpoint,
-    )
+    from ..models.loading import multi_exit_from_pretrain_folder
     from ..models.token_classification import TupeBertForTokenClassification
 
-    path = s.init
-    if not os.path.isdir(path):
-        raise ValueError(f"--init: {path!r} is not a folder (an effbert pretrain output)")
-    weights = path
-    if not any(os.path.isfile(os.path.join(path, n)) for n in WEIGHT_FILES):
-        weights = newest_checkpoint(path)
-    if weights is None:
-        raise ValueError(
-            f"--init: {path!r} holds no weights ({' or '.join(WEIGHT_FILES)}, or a checkpoint-N "
-            "folder): not the folder of an effbert pretrain run"
-        )
-    check_model_type(weights, "--init", want=TupeBertConfig.model_type)
-    own = any(os.path.isfile(os.path.join(path, n)) for n in (TOKENIZER_FILE, VOCAB_FILE))
-    tokenizer = load_tokenizer(path if own else weights, "--init")
-    if s.cased is not None and s.cased == lowercases(tokenizer):
-        raise ValueError(
-            f"--cased {'given' if s.cased else 'not given'}, but the pretraining run "
-            f"{'lowercased' if lowercases(tokenizer) else 'kept case'}"
-        )
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()  # the classifiers are new by design: checked below
-    try:
-        config = multi_exit_config(
-            TupeBertConfig.from_pretrained(weights), num_labels, False, s.backend
-        )
-        model, info = TupeBertForTokenClassification.from_pretrained(
-            weights, config=config, output_loading_info=True
-        )
-    except Exception as exc:  # a cut or foreign weights file: one line
-        raise ValueError(f"--init: {' '.join(str(exc).split())[:400]}") from None
-    finally:
-        hf_logging.set_verbosity(verbosity)
-    missing = [k for k in info["missing_keys"] if not k.startswith("exits.")]
-    unexpected = [
-        k
-        for k in info["unexpected_keys"]
-        if not k.startswith(("mlm_head.", "notes.", "bert.pooler"))
-    ]
-    if missing or unexpected or info.get("mismatched_keys") or info.get("error_msgs"):
-        raise ValueError(
-            f"--init: the weights in {weights!r} do not fit the model: missing {missing[:5]}, "
-            f"unexpected {unexpected[:5]}"
-        )
-    return model, tokenizer
+    return multi_exit_from_pretrain_folder(
+        TupeBertForTokenClassification, s.init, num_labels, s.backend, s.cased
+    )
 
 
 # ------------------------------------------------------------------------------ the run folder
