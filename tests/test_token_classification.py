@@ -434,14 +434,21 @@ def test_rows_without_words_or_tokens_and_an_empty_batch(mode):
     assert labels.shape == (0, 6) and logits.shape == (0, 6, 5) and cost == 0
 
 
+@pytest.mark.parametrize("qkv", ["effbert", "plain"])
 @pytest.mark.parametrize("position_mode", ["tupe-r", "absolute"])
 @torch.no_grad()
-def test_layer_forward_subset_equals_the_full_layer_on_the_running_rows(position_mode):
+def test_layer_forward_subset_equals_the_full_layer_on_the_running_rows(position_mode, qkv):
     """``TupeBertLayer.forward_subset``: the running rows of the full layer run on the same states, exited rows
-    being keys and values only."""
+    being keys and values only; with effbert's ``Linear`` QKV projection (row blocks through
+    ``forward_rows``) and with a plain ``nn.Linear`` in its place (row slices of its weight)."""
     torch.manual_seed(10)
     model = make_model(position_mode)
     layer, bert = model.bert.encoder.layers[1], model.bert
+    if qkv == "plain":
+        fused = layer.attention.qkv
+        plain = torch.nn.Linear(fused.in_features, fused.out_features, dtype=torch.float64)
+        plain.weight, plain.bias = fused.weight, fused.bias
+        layer.attention.qkv = plain
     lengths = torch.tensor([5, 1, 8])
     cu = torch.nn.functional.pad(lengths.cumsum(0, dtype=torch.int32), (1, 0))
     hidden = torch.randn(int(lengths.sum()), 32, dtype=torch.float64)

@@ -321,32 +321,18 @@ class TupeSelfAttention(_LinearBackend, nn.Module):
             if x.dim() != 2 or x.shape[-1] != self.hidden_size:
                 raise ValueError(f"{name} must be [T, {self.hidden_size}], got {tuple(x.shape)}")
         pos_bias = self._heads_pos_bias(pos_bias)
-        if type(self.qkv) is Linear:
-            # Q for the active tokens only; K and V (one GEMM) for all of them; packed in inference
-            q = self.qkv.forward_rows(hidden_q, 0, width).view(-1, self.num_heads, self.head_dim)
-            k, v = (
-                x.reshape(-1, self.num_heads, self.head_dim)
-                for x in self.qkv.forward_rows(hidden_kv, width, 3 * width).chunk(2, -1)
-            )
+        # Q for the active tokens only, K and V (one GEMM) for all of them
+        if type(self.qkv) is Linear:  # packed row blocks of the fused weight in CPU inference
+            q = self.qkv.forward_rows(hidden_q, 0, width)
+            kv = self.qkv.forward_rows(hidden_kv, width, 3 * width)
         elif type(self.qkv) is nn.Linear:
-            w = self.qkv.weight.chunk(3)
-            bias = self.qkv.bias.chunk(3) if self.qkv.bias is not None else (None,) * 3
-            # Q for the active tokens only; K and V for all of them
-            q = nn.functional.linear(hidden_q, w[0], bias[0]).view(
-                -1, self.num_heads, self.head_dim
-            )
-            k, v = (
-                nn.functional.linear(hidden_kv, w[i], bias[i]).view(
-                    -1, self.num_heads, self.head_dim
-                )
-                for i in (1, 2)
-            )
-        else:  # a quantised linear (quantize_for_cpu) has no float weight rows to cut: the fused int8 GEMM, sliced
-            q = self.qkv(hidden_q)[:, :width].reshape(-1, self.num_heads, self.head_dim)
-            k, v = (
-                x.reshape(-1, self.num_heads, self.head_dim)
-                for x in self.qkv(hidden_kv)[:, width:].chunk(2, -1)
-            )
+            w, bias = self.qkv.weight, self.qkv.bias
+            q = nn.functional.linear(hidden_q, w[:width], None if bias is None else bias[:width])
+            kv = nn.functional.linear(hidden_kv, w[width:], None if bias is None else bias[width:])
+        else:  # a quantised or cast linear (quantize_for_cpu) has no float rows to cut: sliced
+            q, kv = self.qkv(hidden_q)[:, :width], self.qkv(hidden_kv)[:, width:]
+        q = q.reshape(-1, self.num_heads, self.head_dim)
+        k, v = (x.reshape(-1, self.num_heads, self.head_dim) for x in kv.chunk(2, -1))
         scale = self.scale
         if scale is None:
             scale = 1.0 / math.sqrt((2 if pos_bias is not None else 1) * self.head_dim)
