@@ -22,7 +22,6 @@ Writes ``benchmarks/results/<UTC date>T<HHMM>Z_CPU_<sha>_adversarial/`` (``adver
 
 import argparse
 import concurrent.futures
-import datetime
 import json
 import math
 import multiprocessing
@@ -31,7 +30,6 @@ import platform
 import random
 import re
 import statistics
-import subprocess
 import sys
 import time
 
@@ -290,15 +288,10 @@ def main(argv=None):
     )
     a = p.parse_args(argv)
     torch.set_num_threads(1)
-    sha = (
-        subprocess.run(
-            ["git", "rev-parse", "--short=7", "HEAD"], cwd=ROOT, capture_output=True, text=True
-        ).stdout.strip()
-        or "nogit"
-    )
-    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H%MZ")
-    out = a.out or os.path.join(ROOT, "benchmarks", "results", f"{stamp}_CPU_{sha}_adversarial")
-    os.makedirs(out, exist_ok=False)
+    from effbert.bench.runner import new_result_folder, short_commit
+
+    sha = short_commit(ROOT)
+    out = new_result_folder("adversarial", a.out, root=ROOT)
     a.tmp = os.path.join(out, ".tmp")
     data = read_fortunes()
     rows, probs = [], {m: [] for m in a.methods}

@@ -29,14 +29,12 @@ wall time is noisy.
 """
 
 import argparse
-import datetime
 import json
 import os
 import platform
 import random
 import re
 import statistics
-import subprocess
 import time
 from pathlib import Path
 
@@ -457,20 +455,11 @@ def main():
 
     from effbert.models import early_bird as eb
 
+    from effbert.bench.runner import new_result_folder, short_commit
+
     root = Path(__file__).resolve().parent.parent
-    sha = (
-        subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True
-        ).stdout.strip()
-        or "nogit"
-    )
-    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H%MZ")
-    out = (
-        Path(args.out)
-        if args.out
-        else root / "benchmarks" / "results" / f"{stamp}_CPU_{sha}_early_bird"
-    )
-    out.mkdir(parents=True, exist_ok=False)
+    sha = short_commit(root)
+    out = new_result_folder("early_bird", args.out, root=root)
     scratch = out / "trainer_scratch"
 
     folder = minilm_folder()

@@ -41,11 +41,9 @@ written into.
 
 import argparse
 import copy
-import datetime
 import json
 import os
 import platform
-import subprocess
 import sys
 import tempfile
 import time
@@ -571,20 +569,11 @@ def main():
     import onnxruntime
     import transformers
 
+    from effbert.bench.runner import new_result_folder, short_commit
+
     root = Path(__file__).resolve().parent.parent
-    sha = (
-        subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True
-        ).stdout.strip()
-        or "nogit"
-    )
-    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H%MZ")
-    out = (
-        Path(args.out)
-        if args.out
-        else root / "benchmarks" / "results" / f"{stamp}_CPU_{sha}_low_precision"
-    )
-    out.mkdir(parents=True, exist_ok=False)
+    sha = short_commit(root)
+    out = new_result_folder("low_precision", args.out, root=root)
     folder = real_task.minilm_folder()
     train_rows, dev_rows = real_task.fortunes_task(seed=args.data_seed)
     texts = [t for _, t in train_rows + dev_rows][: args.sentences]

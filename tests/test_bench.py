@@ -834,3 +834,38 @@ def test_a_low_precision_row_is_checked_by_cosine_and_noted():
     )
     row, step = runner._prepare(case(torch.tensor([[1.0, 1.0], [0.0, 2.0]])), torch.device("cpu"))
     assert step is None and row["status"] == "wrong" and "cosine 0.7071 < 0.99" in row["reason"]
+
+
+def test_new_result_folder_is_new_named_and_never_reused(tmp_path, monkeypatch):
+    """A real-task script's folder: ``<UTC>_CPU_<commit>_<kind>`` under the checkout's
+    benchmarks/results, created once; a second run in the same minute, or an ``out`` that exists,
+    is refused rather than written into."""
+    import re
+
+    from effbert.bench import runner
+
+    monkeypatch.delenv("EFFBERT_COMMIT", raising=False)
+    assert runner.short_commit(tmp_path) == "nogit"  # no .git there
+    monkeypatch.setenv("EFFBERT_COMMIT", "0123456789abcdef")
+    assert runner.short_commit(tmp_path) == "0123456"
+    first = runner.new_result_folder("tokee", root=tmp_path)
+    assert first.parent == tmp_path / "benchmarks" / "results" and first.is_dir()
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d{4}Z_CPU_0123456_tokee", first.name)
+    monkeypatch.setattr(runner, "short_commit", lambda root=None: "0123456")
+    stamp = first.name.split("_")[0]
+
+    class Frozen(runner._dt.datetime):
+        @classmethod
+        def now(cls, tz=None):
+            return runner._dt.datetime.strptime(stamp, "%Y-%m-%dT%H%MZ").replace(tzinfo=tz)
+
+    monkeypatch.setattr(runner._dt, "datetime", Frozen)
+    with pytest.raises(FileExistsError):
+        runner.new_result_folder("tokee", root=tmp_path)
+    chosen = runner.new_result_folder("tokee", tmp_path / "mine")
+    assert chosen == tmp_path / "mine" and chosen.is_dir()
+    with pytest.raises(FileExistsError):
+        runner.new_result_folder("tokee", tmp_path / "mine")
+    for bad in ("", "a/b", "../x", 3):
+        with pytest.raises(ValueError, match="kind"):
+            runner.new_result_folder(bad, root=tmp_path)

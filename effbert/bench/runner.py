@@ -8,6 +8,7 @@ import datetime as _dt
 import json
 import os
 import platform
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -91,6 +92,31 @@ def _git_commit(root=None):
         return out.stdout.strip() + ("+dirty" if dirty else "") if out.returncode == 0 else None
     except (OSError, subprocess.SubprocessError):
         return None
+
+
+def short_commit(root=None):
+    """The first 7 characters of ``_git_commit(root)`` (the commit a result folder is named and
+    recorded with), or ``"nogit"``."""
+    return (_git_commit(root) or "nogit")[:7]
+
+
+def new_result_folder(kind, out=None, root=None):
+    """The folder a real-task script writes its results into, created now: ``out`` when given,
+    else ``benchmarks/results/<UTC %Y-%m-%dT%H%MZ>_CPU_<commit>_<kind>`` under ``root`` (the
+    checkout; default the one effbert was imported from), ``<commit>`` its ``short_commit``.
+    Returns a ``Path``. Raises ``FileExistsError`` when the
+    folder exists (a run never writes into another run's folder, even one started the same
+    minute) and ``ValueError`` for a ``kind`` that is not a plain name."""
+    if not isinstance(kind, str) or not re.fullmatch(r"[A-Za-z0-9_]+", kind):
+        raise ValueError(f"kind must be a plain name (letters, digits, _), got {kind!r}")
+    if out is None:
+        root = Path(__file__).resolve().parents[2] if root is None else Path(root)
+        commit = short_commit(root)
+        stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H%MZ")
+        out = root / "benchmarks" / "results" / f"{stamp}_CPU_{commit}_{kind}"
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=False)
+    return out
 
 
 def _driver_version():
