@@ -272,14 +272,11 @@ def _as_rows(labels, exit_layer, label_mask):
     return torch.cat([labels[label_mask], exit_layer[label_mask]]).double()
 
 
-@lru_cache(maxsize=32)
-def _loop_rows(quick, device, batch, mode, t):
-    """The published loop's labels and exit layers on the timed batch (``t`` None: full depth)."""
+def _published_loop(model, ids, mask, label_mask, mode, thresholds):
+    """The published per-sentence loop over the rows of a padded batch: ``(labels, exit layers)``,
+    each ``[B, N]`` int64 at the labelled pieces (-100 and 0 elsewhere)."""
     from effbert.reference.token_exit_loop import published_token_exit_loop
 
-    ids, mask, label_mask = _batch(quick, device, batch)
-    model = _model(quick, ids.device.type)
-    thresholds = [0.0] * DEPTH if t is None else _thresholds(mode, t)
     labels = torch.full(ids.shape, -100, dtype=torch.int64, device=ids.device)
     layers = torch.zeros(ids.shape, dtype=torch.int64, device=ids.device)
     for r in range(ids.shape[0]):
@@ -295,7 +292,16 @@ def _loop_rows(quick, device, batch, mode, t):
         where = label_mask[r].nonzero().flatten()
         labels[r, where] = torch.tensor(got, dtype=torch.int64, device=ids.device)
         layers[r, where] = torch.tensor(got_layers, dtype=torch.int64, device=ids.device)
-    return _as_rows(labels, layers, label_mask)
+    return labels, layers
+
+
+@lru_cache(maxsize=32)
+def _loop_rows(quick, device, batch, mode, t):
+    """The published loop's labels and exit layers on the timed batch (``t`` None: full depth)."""
+    ids, mask, label_mask = _batch(quick, device, batch)
+    model = _model(quick, ids.device.type)
+    thresholds = [0.0] * DEPTH if t is None else _thresholds(mode, t)
+    return _as_rows(*_published_loop(model, ids, mask, label_mask, mode, thresholds), label_mask)
 
 
 @lru_cache(maxsize=8)
@@ -323,26 +329,12 @@ def _early(quick, mode, t):
 
 
 def _loop(quick, t):
-    from effbert.reference.token_exit_loop import published_token_exit_loop
-
     thresholds = _thresholds("tokee", t)
 
     def fn(ids, mask, label_mask):
         model = _model(quick, ids.device.type)
-        labels, layers = [], []
-        for r in range(ids.shape[0]):
-            real = mask[r]
-            got, got_layers, _, _ = published_token_exit_loop(
-                model,
-                ids[r][real],
-                label_mask[r][real],
-                mode="tokee",
-                thresholds=thresholds,
-                window=WINDOW,
-            )
-            labels += got
-            layers += got_layers
-        return torch.tensor(labels + layers, dtype=torch.float64)
+        loop = _published_loop(model, ids, mask, label_mask, "tokee", thresholds)
+        return _as_rows(*loop, label_mask)
 
     return fn
 
