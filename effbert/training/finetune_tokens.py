@@ -9,6 +9,12 @@ report on --eval: every layer's entity F1 (seqeval) after each stage, TOKEE and 
 thresholds (F1, token-layers and layers saved, the speed-up of interleaved pairs), and with
 ``--target-exit`` the TOKEE threshold calibrated for that average exit layer.
 
+Deliberate differences from the published stage 2 (docs/token_exit.md says why): Trainer's linear
+warm-up and decay instead of its inverse-square warm-up of 3000 steps, one gradient-norm clip
+(``--max-grad-norm``) instead of 1 for the encoder and 5 for the classifiers, weight decay on
+matrices and embeddings only (``stage2_optimizer``), and a length in steps
+(``--self-sampling-steps``) instead of 20 epochs: one Trainer configuration serves both stages.
+
 ``settings`` is the command's ``FinetuneSettings`` already checked (``commands.finetune.check``).
 The run folder is the sequence task's (``training.finetune``): the same files, checkpoints in
 ``checkpoints/stage-1`` and ``checkpoints/stage-2``; ``load_finetuned`` loads the result.
